@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh Debian machine: `make demo`, `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.securemig-setup
+TESTS  ?= tests
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml scripts/setup-debs.sh
+	./scripts/setup-debs.sh
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# compat mode puts the project root on sys.path, so twistd finds twisted/plugins/.
+	$(PY) -m pip install -q --config-settings editable_mode=compat -e '.[test]'
+	# Refresh Twisted's plugin cache so `twistd securemig` is listed at once.
+	$(PY) -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/securemig demo
+
+test: setup
+	$(VENV)/bin/ruff check securemig tests twisted bench
+	$(VENV)/bin/trial -j2 $(TESTS)
+
+lint: setup
+	$(VENV)/bin/ruff check securemig tests twisted bench
+	$(VENV)/bin/ruff format --check securemig tests twisted bench
+	$(VENV)/bin/mypy securemig
+
+bench: setup
+	$(VENV)/bin/securemig bench --out bench-out
+
+clean:
+	rm -rf $(VENV) _trial_temp* build *.egg-info

@@ -1,0 +1,387 @@
+"""
+The ``securemig`` command.
+
+Exit status: 0 when the work asked for is done; 1 when it failed and
+nothing was lost (for ``migrate``: the VM is still at the source, unlocked);
+2 for usage errors; 3 when ``migrate`` committed but the destination did
+not confirm the resume (see ``securemig status`` on the destination).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.python.failure import Failure
+
+from securemig import __version__, wire
+
+T = TypeVar("T")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_IN_DOUBT = 0, 1, 2, 3
+
+
+def _mib(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number of MiB")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    p = argparse.ArgumentParser(
+        prog="securemig",
+        description="Move a suspended VM and its virtual TPM to another host. "
+        "The destination runs `twistd securemig`; this command drives the source, "
+        "creates test VMs, shows the journal and runs the demo and the benchmark.",
+    )
+    p.add_argument("--version", action="version", version=f"securemig {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    vm = sub.add_parser("vm", help="create and inspect VM bundles")
+    vm_sub = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
+    create = vm_sub.add_parser(
+        "create",
+        help="create a suspended VM of the image backend (random contents)",
+        description="Create DIR/NAME/, a suspended VM whose RAM (and disk) images hold "
+        "random bytes; enough to prove that a migration moves state intact.",
+    )
+    create.add_argument("name", help="VM name (letters, digits, '.', '_', '-')")
+    create.add_argument("--dir", required=True, type=Path, help="directory holding VM bundles")
+    create.add_argument("--ram-mib", required=True, type=_mib, help="RAM image size in MiB")
+    create.add_argument("--disk-mib", type=_mib, help="disk image size in MiB (default: no disk)")
+    create.add_argument(
+        "--shared-disk", type=Path, help="create the disk image here, on storage both hosts mount"
+    )
+    listing = vm_sub.add_parser("list", help="list the VM bundles in a directory")
+    listing.add_argument("--dir", required=True, type=Path)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+
+    mig = sub.add_parser(
+        "migrate",
+        help="migrate a VM to a destination",
+        description="Migrate VM NAME from --vm-dir to the destination at --to. Before the "
+        "commit any failure leaves the VM here, unlocked and intact; after it the VM "
+        "belongs to the destination and its bundle here is removed.",
+    )
+    mig.add_argument("name", help="the VM to migrate")
+    mig.add_argument("--vm-dir", required=True, type=Path, help="directory holding the VM bundle")
+    mig.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination")
+    mig.add_argument(
+        "--insecure",
+        action="store_true",
+        help="use the insecure variant (no TLS, no attestation): for measurements",
+    )
+    mig.add_argument(
+        "--shared-storage",
+        action="store_true",
+        help="move RAM only; the disk stays on storage both hosts share",
+    )
+    mig.add_argument(
+        "--chunk-kib",
+        type=int,
+        default=wire.DEFAULT_CHUNK_SIZE // 1024,
+        help="DATA frame size in KiB (default %(default)s)",
+    )
+    mig.add_argument(
+        "--state-dir", type=Path, help="where the source journal lives (default: VM_DIR/.securemig)"
+    )
+    mig.add_argument("--idle-timeout", type=float, help="seconds without progress (default 60)")
+    mig.add_argument("--deadline", type=float, help="seconds for the whole migration (3600)")
+    mig.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    mig.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    st = sub.add_parser(
+        "status",
+        help="show the migration journal of a host",
+        description="Show recent migrations from a journal: a destination's "
+        "--state-dir, or a source's --vm-dir.",
+    )
+    where = st.add_mutually_exclusive_group(required=True)
+    where.add_argument("--state-dir", type=Path, help="a destination's state directory")
+    where.add_argument("--vm-dir", type=Path, help="a source's VM directory")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.add_argument("--limit", type=int, default=20, help="how many (default %(default)s)")
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a whole migration on loopback and explain it",
+        description="In a temporary directory on loopback: start a "
+        "destination, create a VM, migrate it, print the phases.",
+    )
+    demo.add_argument("--size-mib", type=_mib, default=256, help="RAM image size (default 256)")
+    demo.add_argument("--json", action="store_true", help="print the result as JSON")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure migration against a plain copy",
+        description="Insecure migration against a plain socket copy into "
+        "an fsynced file, same data, same run; wall time, CPU, peak RSS.",
+    )
+    bench.add_argument("--sizes", default="1024", help="comma-separated MiB (default 1024)")
+    bench.add_argument("--repeat", type=int, default=3, help="runs per size (default 3)")
+    bench.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
+    bench.add_argument("--json", type=Path, help="write the records here as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``securemig`` console script."""
+    args = build_parser().parse_args(argv)
+    handler = {
+        "vm": cmd_vm,
+        "migrate": cmd_migrate,
+        "status": cmd_status,
+        "demo": cmd_demo,
+        "bench": cmd_bench,
+    }[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("securemig: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _error(message: str) -> int:
+    print(f"securemig: error: {message}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def cmd_vm(args: argparse.Namespace) -> int:
+    """``securemig vm create|list``."""
+    from securemig.bundle import Bundle, BundleError, create_image_vm
+
+    if args.vm_command == "create":
+        try:
+            bundle = create_image_vm(
+                args.dir, args.name, args.ram_mib, args.disk_mib, args.shared_disk
+            )
+        except (BundleError, OSError) as e:
+            return _error(str(e))
+        sizes = ", ".join(f"{i.name} {i.size >> 20} MiB" for i in bundle.manifest.images)
+        shared = (
+            f", shared disk {bundle.manifest.shared_disk}" if bundle.manifest.shared_disk else ""
+        )
+        print(f"created VM {bundle.name} at {bundle.path} ({sizes}{shared})")
+        return EXIT_OK
+    rows = []
+    for path in sorted(args.dir.iterdir()) if args.dir.is_dir() else []:
+        try:
+            b = Bundle.load(path)
+        except BundleError:
+            continue
+        rows.append(
+            {
+                "name": b.name,
+                "backend": b.manifest.backend,
+                "state": b.manifest.state,
+                "images": {i.name: i.size for i in b.manifest.images},
+                "shared_disk": b.manifest.shared_disk,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(
+                f"{r['name']:<24} {r['backend']:<6} {r['state']:<10} "
+                + " ".join(f"{k}={v >> 20}MiB" for k, v in r["images"].items())
+            )
+    return EXIT_OK
+
+
+def source_state_dir(vm_dir: Path, state_dir: Path | None) -> Path:
+    """Where a source keeps its journal."""
+    return state_dir if state_dir is not None else vm_dir / ".securemig"
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """``securemig migrate``: drive one migration from the source."""
+
+    from securemig.bundle import Bundle, BundleError
+    from securemig.journal import Journal
+    from securemig.source import ConnectFailed, migrate, parse_address
+
+    if not args.insecure:
+        return _error(
+            "the secure variant is not available in this version yet; "
+            "pass --insecure for the insecure variant (no TLS, no attestation)"
+        )
+    chunk = args.chunk_kib * 1024
+    if not wire.MIN_CHUNK_SIZE <= chunk <= wire.MAX_CHUNK_SIZE:
+        return _error(
+            f"--chunk-kib must be between {wire.MIN_CHUNK_SIZE // 1024} and "
+            f"{wire.MAX_CHUNK_SIZE // 1024}"
+        )
+    try:
+        parse_address(args.to)
+        bundle = Bundle.find(args.vm_dir, args.name)
+    except (ValueError, BundleError) as e:
+        return _error(str(e))
+    variant = wire.Variant.SHARED_STORAGE if args.shared_storage else wire.Variant.FULL
+    journal = Journal(source_state_dir(args.vm_dir, args.state_dir) / "journal.sqlite")
+    outcome: dict[str, Any] = {}
+    bar: Any = None
+
+    def on_start(departure: Any) -> None:
+        nonlocal bar
+        if not args.no_progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=departure.total_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=f"migrating {bundle.name}",
+                file=sys.stderr,
+            )
+
+    def progress(n: int) -> None:
+        if bar is not None:
+            bar.update(n)
+
+    async def run(reactor: Any) -> None:
+        started = time.monotonic()
+        try:
+            departure, finished = await migrate(
+                reactor,
+                bundle,
+                args.to,
+                variant=variant,
+                journal=journal,
+                chunk_size=chunk,
+                idle_timeout=args.idle_timeout,
+                deadline=args.deadline,
+                on_progress=progress,
+                on_start=on_start,
+            )
+        except (BundleError, ConnectFailed) as e:
+            outcome["error"] = str(e)
+            return
+        outcome["departure"] = departure
+        outcome["finished"] = finished
+        outcome["seconds"] = time.monotonic() - started
+
+    run_reactor(run)
+    if bar is not None:
+        bar.close()
+    if "error" in outcome:
+        return _error(outcome["error"])
+    return _report_migration(args, journal, outcome)
+
+
+def run_reactor(main: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    """Run the global reactor until ``main(reactor)`` finishes; return its
+    result or raise its exception (unlike task.react, which exits)."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    result: list[Any] = []
+
+    def start() -> None:
+        d = Deferred.fromCoroutine(main(reactor))
+        d.addBoth(result.append)
+        d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    if isinstance(result[0], Failure):
+        result[0].raiseException()
+    value: T = result[0]
+    return value
+
+
+def _report_migration(args: argparse.Namespace, journal: Any, outcome: dict[str, Any]) -> int:
+    from securemig.session import Outcome
+
+    departure, finished = outcome["departure"], outcome["finished"]
+    record = journal.get(departure.id)
+    seconds = outcome["seconds"]
+    mib = departure.total_bytes / (1 << 20)
+    summary = {
+        "vm": args.name,
+        "to": args.to,
+        "protocol": "insecure",
+        "variant": "shared-storage" if args.shared_storage else "full",
+        "outcome": finished.outcome.value,
+        "error": f"{finished.code.name}: {finished.reason}" if finished.code else None,
+        "migration_id": record.migration_id if record else None,
+        "bytes": departure.total_bytes,
+        "seconds": round(seconds, 4),
+        "throughput_mibps": round(mib / seconds, 1) if seconds > 0 else None,
+        "phases": {k: round(v, 4) for k, v in (record.phase_times() if record else {}).items()},
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    if finished.outcome is Outcome.DONE:
+        if not args.json:
+            print(
+                f"securemig: VM {args.name} migrated to {args.to} ({summary['variant']}, "
+                f"insecure): {mib:.0f} MiB in {seconds:.2f} s "
+                f"({summary['throughput_mibps']} MiB/s), migration {summary['migration_id']}"
+            )
+        return EXIT_OK
+    if finished.outcome is Outcome.ABORTED:
+        print(
+            f"securemig: migration of VM {args.name} failed: {summary['error']}; "
+            f"the VM is still at the source, unlocked",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(
+        f"securemig: VM {args.name} was committed to {args.to} but the destination did not "
+        f"confirm: {summary['error']}; check `securemig status` there",
+        file=sys.stderr,
+    )
+    return EXIT_IN_DOUBT
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``securemig status``: the journal, newest first."""
+    from securemig.journal import Journal, dumps
+
+    state_dir = args.state_dir if args.state_dir else source_state_dir(args.vm_dir, None)
+    path = state_dir / "journal.sqlite"
+    if not path.exists():
+        return _error(f"no journal at {path}")
+    records = Journal(path).records(args.limit)
+    if args.json:
+        print(dumps(records))
+        return EXIT_OK
+    if not records:
+        print("no migrations recorded")
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started))
+        print(
+            f"{when}  {r.role:<11} {r.vm:<16} {r.protocol:<8} {r.variant:<14} "
+            f"{(r.outcome or r.phase):<13} {r.bytes >> 20:>6} MiB  peer {r.peer}"
+            + (f"\n    {r.error}" if r.error else "")
+        )
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``securemig demo``: see :mod:`securemig.demo`."""
+    from securemig import demo
+
+    return demo.run(size_mib=args.size_mib, as_json=args.json, keep=args.keep)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``securemig bench``: see :mod:`securemig.bench`."""
+    from securemig import bench
+
+    sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    return bench.run(sizes=sizes, repeat=args.repeat, work_dir=args.dir, json_path=args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,256 @@
+"""
+The destination host: admitting, staging, preparing and committing arrivals.
+
+Layout of a destination's state directory::
+
+    STATE_DIR/journal.sqlite      every migration this host took part in
+    STATE_DIR/vms/NAME/           VMs that arrived (bundle layout)
+    STATE_DIR/staging/MID/        an arrival in progress (or held in doubt)
+    STATE_DIR/locks/NAME.lock     held while VM NAME is arriving
+
+Methods of :class:`Arrival` that touch files run on the connection's disk
+thread (see :mod:`securemig.protocol`), in the order the session asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+
+from securemig import storage, wire
+from securemig.bundle import Bundle, Image, Manifest
+from securemig.hypervisor import backend_for
+from securemig.journal import Journal
+from securemig.session import Finished, Outcome
+from securemig.wire import ErrorCode, ProtocolError
+
+log = Logger()
+
+
+def variant_name(variant: wire.Variant) -> str:
+    """The variant as journaled and shown: ``full`` or ``shared-storage``."""
+    return variant.name.lower().replace("_", "-")
+
+
+class DestinationHost:
+    """One destination's state directory and the policy it applies."""
+
+    def __init__(self, state_dir: Path, backend: str = "image") -> None:
+        self.state_dir = state_dir.absolute()
+        self.vms = self.state_dir / "vms"
+        self.staging = self.state_dir / "staging"
+        self.locks = self.state_dir / "locks"
+        for d in (self.vms, self.staging, self.locks):
+            d.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(self.state_dir / "journal.sqlite")
+        self.backend = backend
+
+    def recover_staging(self) -> list[str]:
+        """Settle staging left by a crash; returns what was removed.
+
+        A staging directory whose migration never reached PREPARED cannot
+        have been committed by the source (it commits only after PREPARED),
+        so it is removed.  A prepared one is kept and marked in doubt: only
+        the source's journal can say whether it committed.
+        """
+        removed = []
+        for path in sorted(self.staging.iterdir()):
+            record = self.journal.get(path.name)
+            if record is not None and record.phase in ("prepared", "in-doubt"):
+                if record.outcome is None:
+                    self.journal.finish(
+                        path.name,
+                        Outcome.IN_DOUBT.value,
+                        error="destination restarted after PREPARED",
+                    )
+                continue
+            storage.remove_tree(path)
+            removed.append(path.name)
+            if record is not None and record.outcome is None:
+                self.journal.finish(
+                    path.name,
+                    Outcome.ABORTED.value,
+                    error="CONNECTION_LOST: destination restarted before PREPARED",
+                )
+        for record in self.journal.unfinished():
+            if record.role == "destination" and not (self.staging / record.id).exists():
+                self.journal.finish(
+                    record.id,
+                    Outcome.ABORTED.value,
+                    error="destination restarted; nothing was staged",
+                )
+        return removed
+
+    def admit(self, hello: wire.Hello, peer: str, protocol: str) -> Arrival:
+        """Accept a HELLO or raise :class:`ProtocolError` saying why not."""
+        name = hello.vm_name
+        if hello.variant is wire.Variant.SHARED_STORAGE and any(
+            image.name == "disk" for image in hello.images
+        ):
+            raise ProtocolError(
+                ErrorCode.POLICY_REFUSED, "a shared-storage migration must not carry a disk image"
+            )
+        try:
+            lock = storage.Lock(self.locks / f"{name}.lock")
+        except storage.LockBusy:
+            raise ProtocolError(ErrorCode.VM_BUSY, f"VM {name} is already arriving here") from None
+        try:
+            if (self.vms / name).exists():
+                raise ProtocolError(ErrorCode.VM_BUSY, f"VM {name} is already present here")
+            held = [
+                r.id
+                for r in self.journal.records(1000)
+                if r.vm == name
+                and r.outcome == Outcome.IN_DOUBT.value
+                and (self.staging / r.id).exists()
+            ]
+            if held:
+                raise ProtocolError(
+                    ErrorCode.VM_BUSY,
+                    f"an earlier migration of VM {name} ({held[0]}) is in doubt here; "
+                    "settle it first (securemig status)",
+                )
+            storage.check_free_space(self.state_dir, sum(i.size for i in hello.images))
+            migration_id = os.urandom(wire.MIGRATION_ID_SIZE)
+            staging = self.staging / migration_id.hex()
+            staging.mkdir()
+            self.journal.begin(
+                role="destination",
+                vm=name,
+                peer=peer,
+                variant=variant_name(hello.variant),
+                protocol=protocol,
+                id=migration_id.hex(),
+            )
+            self.journal.phase(migration_id.hex(), "admitted")
+        except BaseException:
+            lock.release()
+            raise
+        log.info(
+            "admitted VM {vm} from {peer} as migration {mid}",
+            vm=name,
+            peer=peer,
+            mid=migration_id.hex(),
+        )
+        return Arrival(self, hello, migration_id, lock, staging)
+
+
+class Arrival:
+    """One VM arriving: its staging directory, lock and journal entry."""
+
+    def __init__(
+        self,
+        host: DestinationHost,
+        hello: wire.Hello,
+        migration_id: bytes,
+        lock: storage.Lock,
+        staging: Path,
+    ) -> None:
+        self.host = host
+        self.hello = hello
+        self.migration_id = migration_id
+        self.id = migration_id.hex()
+        self.lock = lock
+        self.staging = staging
+        self.cancelled = False
+        self._file: BinaryIO | None = None
+        self._hash = hashlib.sha256()
+        self._image: wire.ImageInfo | None = None
+
+    # -- on the disk thread
+
+    def open_stream(self, index: int) -> None:
+        """Create the staging file of image ``index``."""
+        if self.cancelled:
+            return
+        self._image = self.hello.images[index]
+        self._file = open(self.staging / f"{self._image.name}.img", "xb")  # noqa: SIM115
+        self._hash = hashlib.sha256()
+
+    def write(self, chunk: bytes) -> int:
+        """Hash and append one chunk; returns its length."""
+        if not self.cancelled and self._file is not None:
+            self._hash.update(chunk)
+            self._file.write(chunk)
+        return len(chunk)
+
+    def close_stream(self, sha256: bytes) -> None:
+        """fsync the image and check its digest against the source's."""
+        if self.cancelled or self._file is None:
+            return
+        f, self._file = self._file, None
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            f.close()
+        assert self._image is not None
+        if not hmac.compare_digest(self._hash.digest(), sha256):
+            raise ProtocolError(
+                ErrorCode.STREAM_MISMATCH,
+                f"image {self._image.name}: SHA-256 of the received bytes differs from the "
+                "source's",
+            )
+
+    def prepare(self) -> None:
+        """Write the bundle manifest in staging and make it all durable."""
+        if self.cancelled:
+            return
+        manifest = Manifest(
+            name=self.hello.vm_name,
+            backend=self.host.backend,
+            images=[Image(i.name, i.size) for i in self.hello.images],
+        )
+        Bundle(self.staging, manifest).save()
+        storage.fsync_dir(self.staging)
+
+    def discard(self) -> None:
+        """Remove staging and release the name."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        storage.remove_tree(self.staging)
+        self.lock.release()
+
+    # -- on the reactor thread
+
+    def cancel(self) -> None:
+        """Make queued disk jobs do nothing; a discard follows."""
+        self.cancelled = True
+
+    def journal_phase(self, phase: str, nbytes: int) -> None:
+        """Record a phase of this arrival."""
+        self.host.journal.phase(self.id, phase, nbytes=nbytes)
+
+    @inlineCallbacks
+    def commit(self) -> Deferred[None]:  # type: ignore[misc]
+        """The source committed: move the VM into place and resume it."""
+        self.host.journal.phase(self.id, "committed")
+        target = self.host.vms / self.hello.vm_name
+        storage.rename_durably(self.staging, target)
+        bundle = Bundle.load(target)
+        yield backend_for(bundle.manifest.backend).resume(bundle)
+        self.host.journal.phase(self.id, "resumed")
+        self.lock.release()
+
+    def hold(self) -> None:
+        """Keep the prepared staging for recovery; free the lock."""
+        log.warn(
+            "migration {mid}: holding prepared staging {path} in doubt",
+            mid=self.id,
+            path=str(self.staging),
+        )
+        self.lock.release()
+
+    def finish(self, effect: Finished, nbytes: int) -> None:
+        """Journal the outcome."""
+        error = f"{effect.code.name}: {effect.reason}" if effect.code else None
+        self.host.journal.finish(self.id, effect.outcome.value, error=error, nbytes=nbytes)
+        if effect.outcome is Outcome.DONE:
+            self.host.journal.phase(self.id, "done")

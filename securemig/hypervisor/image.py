@@ -1,0 +1,41 @@
+"""The ``image`` backend: a suspended VM that is nothing but its image files.
+
+It runs nowhere, which makes it the reference for what the protocol moves:
+suspend checks the images, resume marks the bundle resumed, discard removes
+it.  QEMU and Xen backends do the same with a real VM around the images.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, maybeDeferred
+
+from securemig import storage
+from securemig.bundle import Bundle
+
+
+class ImageBackend:
+    """A VM that exists only as files."""
+
+    name = "image"
+
+    def suspend(self, bundle: Bundle) -> Deferred[None]:
+        """Already suspended; check the images are whole."""
+        return maybeDeferred(bundle.check_images)
+
+    def resume(self, bundle: Bundle) -> Deferred[None]:
+        """Check the images and record the VM as resumed."""
+
+        def run() -> None:
+            bundle.check_images()
+            bundle.manifest.state = "resumed"
+            bundle.save()
+
+        return maybeDeferred(run)
+
+    def discard(self, bundle: Bundle) -> Deferred[None]:
+        """Remove the bundle (not a shared disk, which the destination now owns)."""
+        return maybeDeferred(storage.remove_tree, bundle.path)
+
+    def status(self, bundle: Bundle) -> str:
+        """The state the manifest records."""
+        return bundle.manifest.state

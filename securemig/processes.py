@@ -1,0 +1,139 @@
+"""
+Starting and ending securemig processes on this machine.
+
+Used by ``securemig demo``, ``securemig bench`` and the end-to-end tests:
+they run a real ``twistd securemig`` and a real ``securemig migrate`` as
+separate processes.  Every process is ended by its own pid, never by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: How long a destination may take to start listening.
+START_TIMEOUT = 30.0
+
+
+def script(name: str) -> str:
+    """The path of one of our console scripts next to this Python."""
+    candidate = Path(sys.executable).parent / name
+    if not candidate.exists():
+        raise FileNotFoundError(f"{candidate} not found; run `make setup`")
+    return str(candidate)
+
+
+@dataclass
+class Rusage:
+    """CPU seconds and peak memory of one ended child process."""
+
+    cpu_s: float
+    peak_rss_mib: float
+    status: int
+
+
+@dataclass
+class Destination:
+    """A running ``twistd -n securemig`` process."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    state_dir: Path
+    log_file: Path
+    rusage: Rusage | None = field(default=None)
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:PORT``."""
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> Rusage:
+        """End the process (SIGTERM, then SIGKILL) and collect its usage."""
+        if self.rusage is None:
+            self.rusage = end_process(self.process, sig, timeout)
+        return self.rusage
+
+    def log(self) -> str:
+        """What the destination logged so far."""
+        try:
+            return self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+def start_destination(state_dir: Path, *extra: str, log_file: Path | None = None) -> Destination:
+    """Start a destination on a free loopback port and wait until it listens."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    port_file = state_dir / "port"
+    port_file.unlink(missing_ok=True)
+    log_file = log_file or state_dir / "twistd.log"
+    argv = [
+        script("twistd"),
+        "-n",
+        "--pidfile=",
+        "--logfile",
+        str(log_file),
+        "securemig",
+        "--state-dir",
+        str(state_dir),
+        "--insecure-listen",
+        "tcp:0:interface=127.0.0.1",
+        "--port-file",
+        str(port_file),
+        *extra,
+    ]
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + START_TIMEOUT
+    while not port_file.exists():
+        if process.poll() is not None:
+            err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            log = log_file.read_text(errors="replace") if log_file.exists() else ""
+            raise RuntimeError(f"destination exited with {process.returncode}: {err}{log}")
+        if time.monotonic() > deadline:
+            end_process(process, signal.SIGKILL)
+            raise RuntimeError(f"destination did not listen within {START_TIMEOUT:g} s")
+        time.sleep(0.02)
+    return Destination(process, int(port_file.read_text()), state_dir, log_file)
+
+
+def end_process(
+    process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15.0
+) -> Rusage:
+    """Signal our child by pid, wait for it, and return its resource usage."""
+    if process.returncode is None:
+        # Not yet reaped, so the pid is still ours (at worst a zombie).
+        os.kill(process.pid, sig)
+    return wait_process(process, timeout)
+
+
+def wait_process(process: subprocess.Popen[bytes], timeout: float | None = None) -> Rusage:
+    """Wait for our child (SIGKILL after ``timeout``) and return its usage."""
+    if process.returncode is not None:
+        # Already reaped (by Popen.poll): its usage is gone with it.
+        return Rusage(0.0, 0.0, process.returncode)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid == process.pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            return Rusage(
+                usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, process.returncode
+            )
+        if deadline is not None and time.monotonic() > deadline:
+            os.kill(process.pid, signal.SIGKILL)
+            deadline = None
+        time.sleep(0.01)
+
+
+def securemig(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run the ``securemig`` command to completion, capturing its output."""
+    return subprocess.run(
+        [script("securemig"), *args], capture_output=True, text=True, check=False, **kwargs
+    )  # type: ignore[call-overload]

@@ -1,0 +1,547 @@
+"""
+The Twisted shell around the sans-IO core: bytes in, effects out.
+
+``FramedProtocol`` turns received bytes into messages with
+:class:`~securemig.wire.FrameDecoder`, hands them to a session from
+:mod:`securemig.session`, and carries out the effects the session returns.
+It owns the two clocks of a connection: an *idle* timer, reset by any
+progress (bytes received, the transport taking more of our data, a disk
+write finishing), and an overall *deadline*.
+
+Data path, and why it looks like this:
+
+- The source streams each image with :class:`ImageStreamer`, a *push*
+  producer: whenever the transport wants data it reads one large chunk,
+  hashes it, and writes header and chunk with ``writeSequence`` so the chunk
+  is never copied into a frame.  (Twisted's ``FileSender`` is a pull producer
+  with 16 KiB chunks; it costs a Python round trip per 16 KiB.)
+- The destination never writes files on the reactor thread.  Each
+  connection gets its own single-thread pool (a shared pool could reorder
+  one file's writes); chunks are queued to it in order, hashed and written
+  in the same pass.  When more than ``high_water`` bytes are queued the
+  destination pauses the transport, so TCP's window pushes back on the
+  source and memory is bounded by the window, not by the image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+from typing import Protocol as TypingProtocol
+
+from twisted.internet import interfaces
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from securemig import session as s
+from securemig import storage, wire
+from securemig.wire import ErrorCode, ProtocolError
+
+T = TypeVar("T")
+
+#: Defaults for the two timers of a connection, in seconds.
+IDLE_TIMEOUT = 60.0
+DEADLINE = 3600.0
+#: Destination: pause reading when this many bytes wait for the disk.
+HIGH_WATER = 16 * 1024 * 1024
+
+
+class Executor(TypingProtocol):
+    """Runs blocking jobs in submission order and reports through Deferreds."""
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Queue ``fn(*args)``; fire with its result or failure."""
+
+    def shutdown(self) -> None:
+        """Release the executor once the queued jobs are done."""
+
+
+class ThreadExecutor:
+    """A dedicated single-thread pool: one file's writes never reorder, and
+    the reactor thread never blocks on the disk."""
+
+    def __init__(self, reactor: IReactorThreads, name: str = "securemig-disk") -> None:
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+        self._pool.start()
+        # A stopped reactor must not wait forever for an idle worker.
+        self._trigger = reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
+            "during", "shutdown", self._pool.stop
+        )
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Queue ``fn(*args)`` on the worker thread."""
+        return deferToThreadPool(self._reactor, self._pool, fn, *args)  # type: ignore[arg-type]
+
+    def shutdown(self) -> None:
+        """Stop the worker after what is queued."""
+
+        def stop(_: object) -> None:
+            self._reactor.removeSystemEventTrigger(self._trigger)  # type: ignore[attr-defined]
+            self._pool.stop()
+
+        self.submit(lambda: None).addBoth(stop)
+
+
+class InlineExecutor:
+    """Runs each job at once on the calling thread.
+
+    For the in-memory (``iosim``) protocol tests, which are about message
+    order and flow control, not threads; never used by the commands.
+    """
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run ``fn(*args)`` now."""
+        return maybeDeferred(fn, *args)
+
+    def shutdown(self) -> None:
+        """Nothing to release."""
+
+
+def failure_to_error(failure: Failure, doing: str) -> ProtocolError:
+    """Map a failure from a local job onto a protocol error with a stable code."""
+    if failure.check(ProtocolError):
+        error: ProtocolError = failure.value  # type: ignore[assignment]
+        return error
+    if failure.check(OSError):
+        return storage.io_error(failure.value, doing)  # type: ignore[arg-type]
+    return ProtocolError(ErrorCode.INTERNAL, f"{doing}: {failure.getErrorMessage()}")
+
+
+class FramedProtocol(Protocol):
+    """Common to both sides: framing, timers, and running session effects.
+
+    Subclasses define ``_do_<Effect>`` for the effects of their side.
+    """
+
+    log = Logger()
+    session: s.DestinationSession | s.SourceSession
+
+    def __init__(
+        self, clock: IReactorTime, idle_timeout: float = IDLE_TIMEOUT, deadline: float = DEADLINE
+    ) -> None:
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.deadline = deadline
+        self.decoder = wire.FrameDecoder()
+        self._idle: IDelayedCall | None = None
+        self._overall: IDelayedCall | None = None
+
+    # -- Twisted's Protocol interface
+
+    def connectionMade(self) -> None:
+        """Start both timers."""
+        self._idle = self.clock.callLater(self.idle_timeout, self._timed_out, "idle")
+        self._overall = self.clock.callLater(self.deadline, self._timed_out, "deadline")
+
+    def dataReceived(self, data: bytes) -> None:
+        """Feed bytes to the decoder and every whole message to the session."""
+        if self.session.finished:
+            return
+        self.touch()
+        self.decoder.feed(data)
+        while not self.session.finished:
+            try:
+                message = self.decoder.next_message()
+                if message is None:
+                    return
+                effects = self.session.receive(message)
+            except ProtocolError as e:
+                self.fail(e)
+                return
+            self.run(effects)
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        """Stop the timers; a session still running learns it lost its peer."""
+        self._cancel_timers()
+        if not self.session.finished:
+            self.run(self.session.connection_lost())
+
+    # -- helpers for subclasses
+
+    def touch(self) -> None:
+        """Progress was made: restart the idle timer."""
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.idle_timeout)
+
+    def fail(self, error: ProtocolError) -> None:
+        """End the session because of a local failure or a peer's violation."""
+        if not self.session.finished:
+            self.log.warn("failing: {code}: {reason}", code=error.code.name, reason=error.reason)
+            self.run(self.session.fail(error.code, error.reason))
+
+    def run(self, effects: s.Effects) -> None:
+        """Carry out effects in order."""
+        for effect in effects:
+            getattr(self, "_do_" + type(effect).__name__)(effect)
+
+    def send(self, message: Any) -> None:
+        """Write one control message."""
+        self.transport.write(wire.encode(message))  # type: ignore[union-attr]
+
+    def _do_Send(self, effect: s.Send) -> None:
+        self.send(effect.message)
+
+    def _do_Finished(self, effect: s.Finished) -> None:
+        self._cancel_timers()
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _timed_out(self, which: str) -> None:
+        if which == "idle":
+            reason = f"no progress for {self.idle_timeout:g} s in phase {self.session.phase}"
+        else:
+            reason = f"migration ran past its deadline of {self.deadline:g} s"
+        self.fail(ProtocolError(ErrorCode.TIMEOUT, reason))
+
+    def _cancel_timers(self) -> None:
+        for call in (self._idle, self._overall):
+            if call is not None and call.active():
+                call.cancel()
+
+
+# --------------------------------------------------------------------------
+# Destination
+
+
+class DestinationProtocol(FramedProtocol):
+    """One incoming migration, on a destination."""
+
+    def __init__(
+        self,
+        host: Any,
+        clock: IReactorTime,
+        executor_factory: Callable[[], Executor],
+        protocol_name: str = "insecure",
+        idle_timeout: float = IDLE_TIMEOUT,
+        deadline: float = DEADLINE,
+        high_water: int = HIGH_WATER,
+    ) -> None:
+        super().__init__(clock, idle_timeout, deadline)
+        self.session = s.DestinationSession()
+        self.host = host
+        self.protocol_name = protocol_name
+        self.executor_factory = executor_factory
+        self.high_water = high_water
+        self.arrival: Any = None
+        self.executor: Executor | None = None
+        self.queued = 0
+        self.reading_paused = False
+        self.outcome: s.Finished | None = None
+
+    def _peer(self) -> str:
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+
+    def _submit(
+        self,
+        doing: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        then: Callable[[Any], None] | None = None,
+    ) -> None:
+        assert self.executor is not None
+
+        def done(result: Any) -> None:
+            self.touch()
+            if then is not None and not self.session.finished:
+                then(result)
+
+        def failed(failure: Failure) -> None:
+            self.fail(failure_to_error(failure, doing))
+
+        self.executor.submit(fn, *args).addCallbacks(done, failed)
+
+    def _do_Admit(self, effect: s.Admit) -> None:
+        try:
+            self.arrival = self.host.admit(effect.hello, self._peer(), self.protocol_name)
+        except ProtocolError as e:
+            self.log.info("refused VM {vm}: {reason}", vm=effect.hello.vm_name, reason=e.reason)
+            self.run(self.session.refused(e.code, e.reason))
+            return
+        self.decoder.max_data = effect.hello.chunk_size
+        self.executor = self.executor_factory()
+        self.run(self.session.admitted(self.arrival.migration_id))
+
+    def _do_OpenStream(self, effect: s.OpenStream) -> None:
+        if effect.index == 0:
+            self.arrival.journal_phase("streaming", 0)
+        self._submit("opening a staging file", self.arrival.open_stream, effect.index)
+
+    def _do_WriteChunk(self, effect: s.WriteChunk) -> None:
+        n = len(effect.chunk)
+        self.queued += n
+        if self.queued > self.high_water and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._submit("writing a staging file", self.arrival.write, effect.chunk, then=self._drained)
+
+    def _drained(self, nbytes: int) -> None:
+        self.queued -= nbytes
+        if self.reading_paused and self.queued <= self.high_water // 2:
+            self.reading_paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def _do_CloseStream(self, effect: s.CloseStream) -> None:
+        self._submit("closing a staging file", self.arrival.close_stream, effect.sha256)
+
+    def _do_Prepare(self, effect: s.Prepare) -> None:
+        def prepared(_: object) -> None:
+            self.arrival.journal_phase("prepared", self.session.bytes_received)
+            self.run(self.session.prepared())
+
+        self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
+
+    def _do_CommitInPlace(self, effect: s.CommitInPlace) -> None:
+        d = maybeDeferred(self.arrival.commit)
+
+        def failed(f: Failure) -> None:
+            self.fail(ProtocolError(ErrorCode.RESUME_FAILED, f.getErrorMessage()))
+
+        d.addCallbacks(lambda _: self.run(self.session.resumed()), failed)
+
+    def _do_Discard(self, effect: s.Discard) -> None:
+        if self.arrival is not None:
+            self.arrival.cancel()
+            self._submit("removing staging", self.arrival.discard)
+
+    def _do_HoldInDoubt(self, effect: s.HoldInDoubt) -> None:
+        self.arrival.hold()
+
+    def _do_Finished(self, effect: s.Finished) -> None:
+        super()._do_Finished(effect)
+        self.outcome = effect
+        if self.reading_paused:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+        if self.arrival is not None:
+            self.arrival.finish(effect, self.session.bytes_received)
+        if self.executor is not None:
+            self.executor.shutdown()
+        vm = self.session.hello.vm_name if self.session.hello else "?"
+        self.log.info(
+            "migration of VM {vm} from {peer} ended: {outcome}{why}",
+            vm=vm,
+            peer=self._peer(),
+            outcome=effect.outcome.value,
+            why=f" ({effect.code.name}: {effect.reason})" if effect.code else "",
+        )
+
+
+class DestinationFactory(Factory):
+    """Builds a :class:`DestinationProtocol` per connection to one host."""
+
+    def __init__(
+        self,
+        host: Any,
+        clock: Any,
+        protocol_name: str = "insecure",
+        executor_factory: Callable[[], Executor] | None = None,
+        idle_timeout: float = IDLE_TIMEOUT,
+        deadline: float = DEADLINE,
+    ) -> None:
+        self.host = host
+        self.clock = clock
+        self.protocol_name = protocol_name
+        self.executor_factory = executor_factory or (lambda: ThreadExecutor(clock))
+        self.idle_timeout = idle_timeout
+        self.deadline = deadline
+
+    def buildProtocol(self, addr: Any) -> DestinationProtocol:
+        """A protocol for one incoming migration."""
+        p = DestinationProtocol(
+            self.host,
+            self.clock,
+            self.executor_factory,
+            self.protocol_name,
+            self.idle_timeout,
+            self.deadline,
+        )
+        p.factory = self
+        return p
+
+
+# --------------------------------------------------------------------------
+# Source
+
+
+@implementer(interfaces.IPushProducer)
+class ImageStreamer:
+    """A push producer writing every image as STREAM_BEGIN, DATA*, STREAM_END.
+
+    Each chunk is hashed and written in one pass; the SHA-256 that ends the
+    stream is of exactly the bytes sent.  ``images`` is a list of
+    ``(path, size)`` in manifest order.
+    """
+
+    def __init__(
+        self,
+        transport: Any,
+        images: list[tuple[Path, int]],
+        chunk_size: int,
+        on_progress: Callable[[int], None],
+        on_done: Callable[[], None],
+        on_error: Callable[[ProtocolError], None],
+    ) -> None:
+        self.transport = transport
+        self.images = images
+        self.chunk_size = chunk_size
+        self.on_progress = on_progress
+        self.on_done = on_done
+        self.on_error = on_error
+        self.paused = False
+        self.stopped = False
+        self._index = -1
+        self._file: BinaryIO | None = None
+        self._hash = hashlib.sha256()
+        self._sent = 0
+
+    def start(self) -> None:
+        """Register with the transport and begin."""
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        """Write until the transport pushes back or everything is sent."""
+        self.paused = False
+        try:
+            self._pump()
+        except OSError as e:
+            self.stopProducing()
+            self.on_error(storage.io_error(e, "reading an image"))
+        except ProtocolError as e:
+            self.stopProducing()
+            self.on_error(e)
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full."""
+        self.paused = True
+
+    def stopProducing(self) -> None:
+        """Stop for good (abort, or the connection went away)."""
+        if not self.stopped:
+            self.stopped = True
+            self._close_file()
+            self.transport.unregisterProducer()
+
+    def _pump(self) -> None:
+        while not self.paused and not self.stopped:
+            if self._file is None:
+                self._index += 1
+                if self._index == len(self.images):
+                    self.stopProducing()
+                    self.on_done()
+                    return
+                path, _ = self.images[self._index]
+                self._file = open(path, "rb")  # noqa: SIM115 - closed in _close_file
+                self._hash = hashlib.sha256()
+                self._sent = 0
+                self.transport.write(wire.encode(wire.StreamBegin(self._index)))
+            chunk = self._file.read(self.chunk_size)
+            path, size = self.images[self._index]
+            if chunk:
+                if self._sent + len(chunk) > size:
+                    raise ProtocolError(ErrorCode.IO_ERROR, f"{path} grew during the migration")
+                self._hash.update(chunk)
+                self._sent += len(chunk)
+                self.transport.writeSequence([wire.data_header(len(chunk)), chunk])
+                self.on_progress(len(chunk))
+            else:
+                if self._sent != size:
+                    raise ProtocolError(ErrorCode.IO_ERROR, f"{path} shrank during the migration")
+                self._close_file()
+                self.transport.write(wire.encode(wire.StreamEnd(self._hash.digest())))
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class SourceProtocol(FramedProtocol):
+    """The source's connection: drives one :class:`~securemig.session.SourceSession`.
+
+    ``departure`` is the host side (lock, journal, commit, roll back; see
+    :mod:`securemig.source`).  ``finished`` fires with the final
+    :class:`~securemig.session.Finished` effect.
+    """
+
+    def __init__(
+        self,
+        session: s.SourceSession,
+        departure: Any,
+        clock: IReactorTime,
+        on_progress: Callable[[int], None] = lambda n: None,
+        idle_timeout: float = IDLE_TIMEOUT,
+        deadline: float = DEADLINE,
+    ) -> None:
+        super().__init__(clock, idle_timeout, deadline)
+        self.session = session
+        self.departure = departure
+        self.on_progress = on_progress
+        self.streamer: ImageStreamer | None = None
+        self.finished: Deferred[s.Finished] = Deferred()
+        self.bytes_sent = 0
+
+    def connectionMade(self) -> None:
+        """Say HELLO."""
+        super().connectionMade()
+        self.departure.connected()
+        self.run(self.session.start())
+
+    def _do_StartStreams(self, effect: s.StartStreams) -> None:
+        self.departure.streaming(self.session.migration_id)
+
+        def progress(n: int) -> None:
+            self.bytes_sent += n
+            self.touch()
+            self.on_progress(n)
+
+        self.streamer = ImageStreamer(
+            self.transport,
+            self.departure.stream_files(),
+            self.session.hello.chunk_size,
+            progress,
+            lambda: self.run(self.session.streams_sent()),
+            self.fail,
+        )
+        self.streamer.start()
+
+    def _do_CommitLocally(self, effect: s.CommitLocally) -> None:
+        def failed(f: Failure) -> None:
+            self.fail(failure_to_error(f, "committing at the source"))
+
+        maybeDeferred(self.departure.commit).addCallbacks(
+            lambda _: self.run(self.session.committed_locally()), failed
+        )
+
+    def _do_RollBack(self, effect: s.RollBack) -> None:
+        self._stop_streaming()
+        self.departure.rollback()
+
+    def _do_Finished(self, effect: s.Finished) -> None:
+        self._stop_streaming()
+        super()._do_Finished(effect)
+        self.departure.finish(effect, self.bytes_sent)
+        self.finished.callback(effect)
+
+    def _stop_streaming(self) -> None:
+        if self.streamer is not None:
+            self.streamer.stopProducing()
+
+
+__all__ = [
+    "DestinationFactory",
+    "DestinationProtocol",
+    "ImageStreamer",
+    "InlineExecutor",
+    "SourceProtocol",
+    "ThreadExecutor",
+    "succeed",
+]

@@ -1,0 +1,636 @@
+"""
+Source and destination session state machines, sans-IO.
+
+A session takes messages from the peer and events from its host (a disk
+write finished, the VM was given up, ...) and returns *effects*: messages to
+send and things for the host to do.  It never touches a socket, a file or a
+clock; :mod:`securemig.protocol` carries effects out and feeds the results
+back in.  That is what lets ``tests/test_session.py`` run two sessions
+against each other without a reactor.
+
+The rules, in the order a migration goes (``doc/protocol.rst`` is normative)::
+
+    source                                destination
+    idle        --HELLO------------->     awaitHello -> admitting
+    awaitWelcome <-----------WELCOME--    admitting  -> awaitStream
+      [secure variant: attestation, then key transfer, go here]
+    streaming   --STREAM_BEGIN/DATA*/STREAM_END per image-->  receiving
+    awaitPrepared <---------PREPARED--    preparing  -> awaitCommit
+    committing (journal COMMITTED, give the VM up)
+    awaitDone   --COMMIT------------->    committing (move into place, resume)
+    done        <-------------DONE----    done
+
+Any input a state does not list is a protocol violation
+(:attr:`~securemig.wire.ErrorCode.UNEXPECTED_MESSAGE`).  ABORT, a local
+failure or a lost connection end the session from every state; what that
+means for the VM depends on which side of the commit point it happens:
+
+- before the source journals COMMITTED, the VM stays (or resumes) at the
+  source and the destination discards its staging;
+- after the destination sent PREPARED and before COMMIT arrived, the
+  destination cannot know whether the source committed, so it *holds* its
+  staging in doubt instead of discarding it (``securemig recover`` settles
+  it from both journals);
+- after the source committed, the destination owns the VM.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from automat import NoTransition, TypeMachineBuilder
+
+from securemig import wire
+from securemig.wire import ErrorCode, ProtocolError
+
+
+class Outcome(enum.Enum):
+    """How a session ended, as far as this side knows."""
+
+    DONE = "done"  #: the VM runs at the destination
+    ABORTED = "aborted"  #: nothing moved: the VM is (still) at the source
+    IN_DOUBT = "in-doubt"  #: the commit's outcome is unknown here; see recover
+    RESUME_FAILED = "resume-failed"  #: committed, but the destination could not resume
+
+
+# --------------------------------------------------------------------------
+# Effects: what a session asks its host to do, in order.
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send this control message to the peer."""
+
+    message: Any
+
+
+@dataclass(frozen=True)
+class Admit:
+    """Destination: check policy, free space and locks for this HELLO, then
+    call ``admitted(migration_id)`` or ``refused(code, reason)``."""
+
+    hello: wire.Hello
+
+
+@dataclass(frozen=True)
+class OpenStream:
+    """Destination: start staging image ``index`` of the manifest."""
+
+    index: int
+    image: wire.ImageInfo
+
+
+@dataclass(frozen=True)
+class WriteChunk:
+    """Destination: append this chunk to the open stream (and hash it)."""
+
+    chunk: bytes
+
+
+@dataclass(frozen=True)
+class CloseStream:
+    """Destination: finish the open stream; its SHA-256 must equal ``sha256``."""
+
+    index: int
+    sha256: bytes
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """Destination: once every stream is closed and verified, make staging
+    durable and journal PREPARED, then call ``prepared()``."""
+
+
+@dataclass(frozen=True)
+class CommitInPlace:
+    """Destination: journal the commit, move the VM into place and resume it,
+    then call ``resumed()``."""
+
+
+@dataclass(frozen=True)
+class Discard:
+    """Destination: remove staging and release locks; nothing was committed."""
+
+
+@dataclass(frozen=True)
+class HoldInDoubt:
+    """Destination: keep the prepared staging; the source may have committed."""
+
+
+@dataclass(frozen=True)
+class StartStreams:
+    """Source: stream every image in manifest order, then call ``streams_sent()``."""
+
+
+@dataclass(frozen=True)
+class CommitLocally:
+    """Source: journal COMMITTED and give the VM up, then call ``committed_locally()``.
+
+    If this fails before the journal records the commit, the host calls
+    ``fail()`` instead and the VM stays at the source."""
+
+
+@dataclass(frozen=True)
+class RollBack:
+    """Source: the VM stays (or resumes) here, unlocked and intact."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The session is over: close the connection and report the outcome."""
+
+    outcome: Outcome
+    code: ErrorCode | None = None
+    reason: str = ""
+
+
+Effect = (
+    Send
+    | Admit
+    | OpenStream
+    | WriteChunk
+    | CloseStream
+    | Prepare
+    | CommitInPlace
+    | Discard
+    | HoldInDoubt
+    | StartStreams
+    | CommitLocally
+    | RollBack
+    | Finished
+)
+Effects = list[Effect]
+
+
+def _abort(code: ErrorCode, reason: str) -> Send:
+    return Send(wire.Abort(code, reason[: wire.MAX_REASON]))
+
+
+def _named(target: Any, method: str) -> Callable[..., Effects]:
+    """A transition behaviour: record ``target`` as the phase, then run
+    ``core.<method>`` with the input's arguments."""
+
+    def behaviour(inputs: Any, core: Any, *args: Any) -> Effects:
+        core.phase = target.name
+        result: Effects = getattr(core, method)(*args)
+        return result
+
+    return behaviour
+
+
+def _build(table: list[tuple[Any, Callable[..., Any], Any]]) -> None:
+    """Register ``(state, input, next_state)`` transitions whose behaviour is
+    the core's ``on_<input>`` method."""
+    for state, input_method, target in table:
+        upon = state.upon(input_method)
+        registrar = upon.loop() if target is state else upon.to(target)
+        registrar(_named(target, "on_" + input_method.__name__))
+
+
+def _ignore_everything(inputs: type, states: list[Any]) -> None:
+    """Terminal states swallow late events (a write finishing after an abort)."""
+    names = [n for n in vars(inputs) if not n.startswith("_") and callable(getattr(inputs, n))]
+    for state in states:
+        for name in names:
+            state.upon(getattr(inputs, name)).loop()(_named(state, "on_ignore"))
+
+
+# --------------------------------------------------------------------------
+# Destination
+
+
+class DestinationInputs(Protocol):
+    """Everything that can happen to a destination session."""
+
+    def hello(self, message: wire.Hello) -> Effects: ...
+    def admitted(self, migration_id: bytes) -> Effects: ...
+    def refused(self, code: ErrorCode, reason: str) -> Effects: ...
+    def stream_begin(self, message: wire.StreamBegin) -> Effects: ...
+    def data(self, message: wire.Data) -> Effects: ...
+    def stream_end(self, message: wire.StreamEnd) -> Effects: ...
+    def last_stream_end(self, message: wire.StreamEnd) -> Effects: ...
+    def prepared(self) -> Effects: ...
+    def commit(self, message: wire.Commit) -> Effects: ...
+    def resumed(self) -> Effects: ...
+    def peer_abort(self, message: wire.Abort) -> Effects: ...
+    def fail(self, code: ErrorCode, reason: str) -> Effects: ...
+    def connection_lost(self) -> Effects: ...
+
+
+@dataclass
+class DestinationCore:
+    """What a destination session remembers; the ``on_*`` methods are the
+    behaviour of the transitions that :data:`_DESTINATION_TABLE` declares."""
+
+    phase: str = "awaitHello"
+    hello: wire.Hello | None = None
+    migration_id: bytes | None = None
+    next_index: int = 0
+    received: int = 0
+    total_received: int = 0
+
+    def on_hello(self, message: wire.Hello) -> Effects:
+        check_hello(message)
+        self.hello = message
+        return [Admit(message)]
+
+    def on_admitted(self, migration_id: bytes) -> Effects:
+        self.migration_id = migration_id
+        return [Send(wire.Welcome(migration_id))]
+
+    def on_refused(self, code: ErrorCode, reason: str) -> Effects:
+        return [_abort(code, reason), Finished(Outcome.ABORTED, code, reason)]
+
+    def on_stream_begin(self, message: wire.StreamBegin) -> Effects:
+        assert self.hello is not None
+        if message.index != self.next_index:
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"stream {message.index} began; stream {self.next_index} was due",
+            )
+        self.received = 0
+        return [OpenStream(message.index, self.hello.images[message.index])]
+
+    def on_data(self, message: wire.Data) -> Effects:
+        assert self.hello is not None
+        size = self.hello.images[self.next_index].size
+        self.received += len(message.chunk)
+        self.total_received += len(message.chunk)
+        if self.received > size:
+            raise ProtocolError(
+                ErrorCode.STREAM_MISMATCH,
+                f"stream {self.next_index} ran past its announced size of {size} bytes",
+            )
+        return [WriteChunk(message.chunk)]
+
+    def on_stream_end(self, message: wire.StreamEnd) -> Effects:
+        assert self.hello is not None
+        index = self.next_index
+        size = self.hello.images[index].size
+        if self.received != size:
+            raise ProtocolError(
+                ErrorCode.STREAM_MISMATCH,
+                f"stream {index} ended after {self.received} of {size} bytes",
+            )
+        self.next_index += 1
+        return [CloseStream(index, message.sha256)]
+
+    def on_last_stream_end(self, message: wire.StreamEnd) -> Effects:
+        return [*self.on_stream_end(message), Prepare()]
+
+    def on_prepared(self) -> Effects:
+        return [Send(wire.Prepared())]
+
+    def on_commit(self, message: wire.Commit) -> Effects:
+        return [CommitInPlace()]
+
+    def on_resumed(self) -> Effects:
+        return [Send(wire.Done()), Finished(Outcome.DONE)]
+
+    def on_peer_abort(self, message: wire.Abort) -> Effects:
+        # The source only aborts before it commits, so discarding is safe in
+        # every phase up to and including awaitCommit.
+        return [Discard(), Finished(Outcome.ABORTED, message.code, f"source: {message.reason}")]
+
+    def on_fail(self, code: ErrorCode, reason: str) -> Effects:
+        return [_abort(code, reason), Discard(), Finished(Outcome.ABORTED, code, reason)]
+
+    def on_connection_lost(self) -> Effects:
+        code, reason = ErrorCode.CONNECTION_LOST, f"connection lost in phase {self.phase}"
+        return [Discard(), Finished(Outcome.ABORTED, code, reason)]
+
+    # After PREPARED was sent, a COMMIT may be in flight: never discard.
+    def on_fail_in_doubt(self, code: ErrorCode, reason: str) -> Effects:
+        return [_abort(code, reason), HoldInDoubt(), Finished(Outcome.IN_DOUBT, code, reason)]
+
+    def on_connection_lost_in_doubt(self) -> Effects:
+        reason = "connection lost after PREPARED, before COMMIT"
+        return [HoldInDoubt(), Finished(Outcome.IN_DOUBT, ErrorCode.CONNECTION_LOST, reason)]
+
+    # After COMMIT, the destination owns the VM whatever happens to the link.
+    def on_fail_committed(self, code: ErrorCode, reason: str) -> Effects:
+        return [_abort(code, reason), Finished(Outcome.RESUME_FAILED, code, reason)]
+
+    def on_ignore(self, *args: Any) -> Effects:
+        return []
+
+
+def check_hello(message: wire.Hello) -> None:
+    """Refuse a HELLO whose parameters no destination could accept."""
+    if message.version != wire.PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {message.version}; this destination speaks {wire.PROTOCOL_VERSION}",
+        )
+    if not wire.MIN_CHUNK_SIZE <= message.chunk_size <= wire.MAX_CHUNK_SIZE:
+        raise ProtocolError(
+            ErrorCode.BAD_PARAMETER,
+            f"chunk size {message.chunk_size} outside {wire.MIN_CHUNK_SIZE}..{wire.MAX_CHUNK_SIZE}",
+        )
+    names = [image.name for image in message.images]
+    if not names:
+        raise ProtocolError(ErrorCode.BAD_PARAMETER, "HELLO announces no images")
+    if len(set(names)) != len(names):
+        raise ProtocolError(ErrorCode.BAD_PARAMETER, "HELLO names an image twice")
+
+
+def _destination_machine() -> Any:
+    b = TypeMachineBuilder(DestinationInputs, DestinationCore)
+    I = DestinationInputs  # noqa: E741
+    await_hello = b.state("awaitHello")
+    admitting = b.state("admitting")
+    await_stream = b.state("awaitStream")
+    receiving = b.state("receiving")
+    preparing = b.state("preparing")
+    await_commit = b.state("awaitCommit")
+    committing = b.state("committing")
+    done = b.state("done")
+    failed = b.state("failed")
+    before_commit_point = [await_hello, admitting, await_stream, receiving, preparing]
+    table: list[tuple[Any, Any, Any]] = [
+        (await_hello, I.hello, admitting),
+        (admitting, I.admitted, await_stream),
+        (admitting, I.refused, failed),
+        (await_stream, I.stream_begin, receiving),
+        (receiving, I.data, receiving),
+        (receiving, I.stream_end, await_stream),
+        (receiving, I.last_stream_end, preparing),
+        (preparing, I.prepared, await_commit),
+        (await_commit, I.commit, committing),
+        (committing, I.resumed, done),
+        (await_commit, I.peer_abort, failed),
+    ]
+    for state in before_commit_point:
+        table += [(state, I.peer_abort, failed), (state, I.fail, failed)]
+        table += [(state, I.connection_lost, failed)]
+    _build(table)
+    await_commit.upon(I.fail).to(failed)(_named(failed, "on_fail_in_doubt"))
+    await_commit.upon(I.connection_lost).to(failed)(_named(failed, "on_connection_lost_in_doubt"))
+    committing.upon(I.fail).to(failed)(_named(failed, "on_fail_committed"))
+    committing.upon(I.connection_lost).loop()(_named(committing, "on_ignore"))
+    committing.upon(I.peer_abort).loop()(_named(committing, "on_ignore"))
+    _ignore_everything(I, [done, failed])
+    return b.build()
+
+
+_DestinationMachine = _destination_machine()
+
+
+class _Session:
+    """Shared plumbing: run an input, turning impossible ones into errors."""
+
+    _core: Any
+    _machine: Any
+
+    @property
+    def phase(self) -> str:
+        """The name of the current state (``awaitHello``, ``streaming``, ...)."""
+        phase: str = self._core.phase
+        return phase
+
+    @property
+    def finished(self) -> bool:
+        """True once the session reached ``done`` or ``failed``."""
+        return self.phase in ("done", "failed")
+
+    def _input(self, name: str, *args: Any) -> Effects:
+        try:
+            effects: Effects = getattr(self._machine, name)(*args)
+        except NoTransition:
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE, f"{name} is not allowed in phase {self.phase}"
+            ) from None
+        return effects
+
+
+class DestinationSession(_Session):
+    """The destination's side of one migration."""
+
+    def __init__(self) -> None:
+        self._core = DestinationCore()
+        self._machine = _DestinationMachine(self._core)
+
+    @property
+    def hello(self) -> wire.Hello | None:
+        """The accepted HELLO, once there is one."""
+        return self._core.hello  # type: ignore[no-any-return]
+
+    @property
+    def bytes_received(self) -> int:
+        """Image bytes received so far, over all streams."""
+        return self._core.total_received  # type: ignore[no-any-return]
+
+    def receive(self, message: wire.Message) -> Effects:
+        """Feed one message from the source.  Raises :class:`ProtocolError`
+        for a message this phase does not allow; the caller then calls
+        :meth:`fail` with it."""
+        if isinstance(message, wire.StreamEnd):
+            hello = self._core.hello
+            last = hello is not None and self._core.next_index == len(hello.images) - 1
+            return self._input("last_stream_end" if last else "stream_end", message)
+        name = _DESTINATION_INPUT_FOR.get(type(message))
+        if name is None:
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"{type(message).__name__} is never sent to a destination",
+            )
+        return self._input(name, message)
+
+    def admitted(self, migration_id: bytes) -> Effects:
+        """The host accepted the HELLO and reserved what it needs."""
+        return self._input("admitted", migration_id)
+
+    def refused(self, code: ErrorCode, reason: str) -> Effects:
+        """The host refused the HELLO."""
+        return self._input("refused", code, reason)
+
+    def prepared(self) -> Effects:
+        """Every stream is verified and durable; PREPARED is journaled."""
+        return self._input("prepared")
+
+    def resumed(self) -> Effects:
+        """The VM is in place and resumed here."""
+        return self._input("resumed")
+
+    def fail(self, code: ErrorCode, reason: str) -> Effects:
+        """A local failure or a protocol violation ends the session."""
+        return self._input("fail", code, reason)
+
+    def connection_lost(self) -> Effects:
+        """The connection is gone."""
+        return self._input("connection_lost")
+
+
+_DESTINATION_INPUT_FOR: dict[type, str] = {
+    wire.Hello: "hello",
+    wire.StreamBegin: "stream_begin",
+    wire.Data: "data",
+    wire.Commit: "commit",
+    wire.Abort: "peer_abort",
+}
+
+
+# --------------------------------------------------------------------------
+# Source
+
+
+class SourceInputs(Protocol):
+    """Everything that can happen to a source session."""
+
+    def start(self) -> Effects: ...
+    def welcome(self, message: wire.Welcome) -> Effects: ...
+    def streams_sent(self) -> Effects: ...
+    def prepared(self, message: wire.Prepared) -> Effects: ...
+    def committed_locally(self) -> Effects: ...
+    def done(self, message: wire.Done) -> Effects: ...
+    def peer_abort(self, message: wire.Abort) -> Effects: ...
+    def fail(self, code: ErrorCode, reason: str) -> Effects: ...
+    def connection_lost(self) -> Effects: ...
+
+
+@dataclass
+class SourceCore:
+    """What a source session remembers; see :class:`DestinationCore`."""
+
+    hello: wire.Hello
+    phase: str = "idle"
+    migration_id: bytes | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def on_start(self) -> Effects:
+        return [Send(self.hello)]
+
+    def on_welcome(self, message: wire.Welcome) -> Effects:
+        # Secure variant: mutual attestation and key transfer go between
+        # WELCOME and the streams; the insecure variant passes straight on.
+        self.migration_id = message.migration_id
+        return [StartStreams()]
+
+    def on_streams_sent(self) -> Effects:
+        return []
+
+    def on_prepared(self, message: wire.Prepared) -> Effects:
+        return [CommitLocally()]
+
+    def on_committed_locally(self) -> Effects:
+        return [Send(wire.Commit())]
+
+    def on_done(self, message: wire.Done) -> Effects:
+        return [Finished(Outcome.DONE)]
+
+    def on_peer_abort(self, message: wire.Abort) -> Effects:
+        reason = f"destination: {message.reason}"
+        return [RollBack(), Finished(Outcome.ABORTED, message.code, reason)]
+
+    def on_fail(self, code: ErrorCode, reason: str) -> Effects:
+        return [_abort(code, reason), RollBack(), Finished(Outcome.ABORTED, code, reason)]
+
+    def on_connection_lost(self) -> Effects:
+        code, reason = ErrorCode.CONNECTION_LOST, f"connection lost in phase {self.phase}"
+        return [RollBack(), Finished(Outcome.ABORTED, code, reason)]
+
+    # After the local commit the VM belongs to the destination: never roll back.
+    def on_peer_abort_committed(self, message: wire.Abort) -> Effects:
+        reason = f"committed; destination reported: {message.reason}"
+        return [Finished(Outcome.IN_DOUBT, message.code, reason)]
+
+    def on_fail_committed(self, code: ErrorCode, reason: str) -> Effects:
+        return [Finished(Outcome.IN_DOUBT, code, f"committed; then {reason}")]
+
+    def on_connection_lost_committed(self) -> Effects:
+        reason = "committed; connection lost before the destination confirmed"
+        return [Finished(Outcome.IN_DOUBT, ErrorCode.CONNECTION_LOST, reason)]
+
+    def on_ignore(self, *args: Any) -> Effects:
+        return []
+
+
+def _source_machine() -> Any:
+    b = TypeMachineBuilder(SourceInputs, SourceCore)
+    I = SourceInputs  # noqa: E741
+    idle = b.state("idle")
+    await_welcome = b.state("awaitWelcome")
+    streaming = b.state("streaming")
+    await_prepared = b.state("awaitPrepared")
+    committing = b.state("committing")
+    await_done = b.state("awaitDone")
+    done = b.state("done")
+    failed = b.state("failed")
+    table: list[tuple[Any, Any, Any]] = [
+        (idle, I.start, await_welcome),
+        (await_welcome, I.welcome, streaming),
+        (streaming, I.streams_sent, await_prepared),
+        (await_prepared, I.prepared, committing),
+        (committing, I.committed_locally, await_done),
+        (await_done, I.done, done),
+    ]
+    for state in [idle, await_welcome, streaming, await_prepared, committing]:
+        table += [(state, I.peer_abort, failed), (state, I.fail, failed)]
+        table += [(state, I.connection_lost, failed)]
+    _build(table)
+    await_done.upon(I.peer_abort).to(failed)(_named(failed, "on_peer_abort_committed"))
+    await_done.upon(I.fail).to(failed)(_named(failed, "on_fail_committed"))
+    await_done.upon(I.connection_lost).to(failed)(_named(failed, "on_connection_lost_committed"))
+    _ignore_everything(I, [done, failed])
+    return b.build()
+
+
+_SourceMachine = _source_machine()
+
+
+class SourceSession(_Session):
+    """The source's side of one migration, for the VM that ``hello`` announces."""
+
+    def __init__(self, hello: wire.Hello) -> None:
+        self._core = SourceCore(hello)
+        self._machine = _SourceMachine(self._core)
+
+    @property
+    def hello(self) -> wire.Hello:
+        """The HELLO this session sends."""
+        return self._core.hello  # type: ignore[no-any-return]
+
+    @property
+    def migration_id(self) -> bytes | None:
+        """The id the destination gave this migration, once known."""
+        return self._core.migration_id  # type: ignore[no-any-return]
+
+    def start(self) -> Effects:
+        """The connection is up: say HELLO."""
+        return self._input("start")
+
+    def receive(self, message: wire.Message) -> Effects:
+        """Feed one message from the destination (see DestinationSession.receive)."""
+        name = _SOURCE_INPUT_FOR.get(type(message))
+        if name is None:
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE, f"{type(message).__name__} is never sent to a source"
+            )
+        return self._input(name, message)
+
+    def streams_sent(self) -> Effects:
+        """Every image was written to the connection."""
+        return self._input("streams_sent")
+
+    def committed_locally(self) -> Effects:
+        """COMMITTED is journaled and the VM given up here."""
+        return self._input("committed_locally")
+
+    def fail(self, code: ErrorCode, reason: str) -> Effects:
+        """A local failure or a protocol violation ends the session."""
+        return self._input("fail", code, reason)
+
+    def connection_lost(self) -> Effects:
+        """The connection is gone."""
+        return self._input("connection_lost")
+
+
+_SOURCE_INPUT_FOR: dict[type, str] = {
+    wire.Welcome: "welcome",
+    wire.Prepared: "prepared",
+    wire.Done: "done",
+    wire.Abort: "peer_abort",
+}

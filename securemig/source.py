@@ -1,0 +1,204 @@
+"""
+The source host: locking a VM, giving it up at the commit, or keeping it.
+
+The commit point of a migration is :meth:`Departure.commit`'s journal
+write: before it, every failure leaves the VM here, unlocked and intact;
+after it, the VM belongs to the destination and this side discards its copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+
+from securemig import storage, wire
+from securemig.bundle import Bundle, BundleError
+from securemig.destination import variant_name
+from securemig.hypervisor import Backend, backend_for
+from securemig.journal import Journal
+from securemig.session import Finished
+
+log = Logger()
+
+
+class VMLocked(BundleError):
+    """Another migration of this VM holds its lock."""
+
+
+class Departure:
+    """One VM leaving this host."""
+
+    def __init__(
+        self, bundle: Bundle, variant: wire.Variant, peer: str, protocol: str, journal: Journal
+    ) -> None:
+        self.bundle = bundle
+        self.variant = variant
+        self.images = bundle.streamed_images(variant)
+        self.backend: Backend = backend_for(bundle.manifest.backend)
+        self.journal = journal
+        self.lock: storage.Lock | None = None
+        self.was_running = False
+        self.committed = False
+        self.id = ""
+        self.peer = peer
+        self.protocol = protocol
+
+    @inlineCallbacks
+    def acquire(self) -> Deferred[None]:  # type: ignore[misc]
+        """Lock the VM, journal the start, and suspend it into its images."""
+        try:
+            self.lock = storage.Lock(self.bundle.lock_path)
+        except storage.LockBusy:
+            raise VMLocked(
+                f"VM {self.bundle.name} is locked by another migration ({self.bundle.lock_path})"
+            ) from None
+        self.id = self.journal.begin(
+            role="source",
+            vm=self.bundle.name,
+            peer=self.peer,
+            variant=variant_name(self.variant),
+            protocol=self.protocol,
+        )
+        try:
+            self.was_running = self.backend.status(self.bundle) == "running"
+            yield self.backend.suspend(self.bundle)
+        except BaseException:
+            self.rollback()
+            raise
+
+    def hello(self, chunk_size: int) -> wire.Hello:
+        """The HELLO announcing this VM."""
+        return wire.Hello(
+            version=wire.PROTOCOL_VERSION,
+            variant=self.variant,
+            vm_name=self.bundle.name,
+            chunk_size=chunk_size,
+            images=tuple(wire.ImageInfo(i.name, i.size) for i in self.images),
+        )
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of image data this migration streams."""
+        return sum(i.size for i in self.images)
+
+    def stream_files(self) -> list[tuple[Path, int]]:
+        """Paths and sizes of the images, in HELLO order."""
+        return [(self.bundle.image_path(i), i.size) for i in self.images]
+
+    def connected(self) -> None:
+        """The connection is up."""
+        self.journal.phase(self.id, "connected")
+
+    def streaming(self, migration_id: bytes | None) -> None:
+        """The destination admitted us; images flow."""
+        if migration_id is not None:
+            self.journal.set_migration_id(self.id, migration_id.hex())
+        self.journal.phase(self.id, "streaming")
+
+    @inlineCallbacks
+    def commit(self) -> Deferred[None]:  # type: ignore[misc]
+        """The commit point: journal COMMITTED, then give the VM up."""
+        self.journal.phase(self.id, "prepared")
+        self.journal.phase(self.id, "committed")
+        self.committed = True
+        try:
+            yield self.backend.discard(self.bundle)
+        except Exception as e:
+            # Committed is committed: the VM is the destination's now. What is
+            # left here is garbage for the operator, not a reason to roll back.
+            log.error("committed, but discarding the local copy failed: {e}", e=e)
+        self._unlock()
+
+    def rollback(self) -> None:
+        """Before the commit: keep the VM here, resumed if it was running."""
+        assert not self.committed
+        self._unlock()
+        if self.was_running:
+            self.backend.resume(self.bundle).addErrback(
+                lambda f: log.error(
+                    "could not resume VM {vm} at the source: {f}",
+                    vm=self.bundle.name,
+                    f=f.getErrorMessage(),
+                )
+            )
+
+    def finish(self, effect: Finished, nbytes: int) -> None:
+        """Journal the outcome."""
+        error = f"{effect.code.name}: {effect.reason}" if effect.code else None
+        self.journal.finish(self.id, effect.outcome.value, error=error, nbytes=nbytes)
+
+    def _unlock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+class ConnectFailed(Exception):
+    """The destination could not be reached; nothing was sent."""
+
+
+@inlineCallbacks
+def migrate(
+    reactor: object,
+    bundle: Bundle,
+    to: str,
+    *,
+    variant: wire.Variant,
+    journal: Journal,
+    chunk_size: int = wire.DEFAULT_CHUNK_SIZE,
+    idle_timeout: float | None = None,
+    deadline: float | None = None,
+    on_progress: Callable[[int], None] = lambda n: None,
+    on_start: Callable[[Departure], None] = lambda d: None,
+) -> Deferred[tuple[Departure, Finished]]:  # type: ignore[misc]
+    """Migrate ``bundle`` over the insecure variant to ``to`` (``HOST:PORT``).
+
+    Fires with the departure and the session's final effect.  Raises
+    :class:`VMLocked` or :class:`~securemig.bundle.BundleError` before
+    anything is sent, :class:`ConnectFailed` if the destination cannot be
+    reached (the VM stays here in every one of those cases).
+    """
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+
+    from securemig import protocol
+    from securemig.session import SourceSession
+
+    host, port = parse_address(to)
+    departure = Departure(bundle, variant, to, "insecure", journal)
+    yield departure.acquire()
+    on_start(departure)
+    session = SourceSession(departure.hello(chunk_size))
+    timers = {}
+    if idle_timeout is not None:
+        timers["idle_timeout"] = idle_timeout
+    if deadline is not None:
+        timers["deadline"] = deadline
+    proto = protocol.SourceProtocol(
+        session,
+        departure,
+        reactor,
+        on_progress,  # type: ignore[arg-type]
+        **timers,
+    )
+    endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+    endpoint = endpoint_type(reactor, host, port, timeout=30)
+    try:
+        yield connectProtocol(endpoint, proto)
+    except Exception as e:
+        departure.rollback()
+        departure.journal.finish(
+            departure.id, "aborted", error=f"CONNECTION_LOST: cannot connect to {to}: {e}"
+        )
+        raise ConnectFailed(f"cannot connect to {to}: {e}") from None
+    result = yield proto.finished
+    return departure, result
+
+
+def parse_address(to: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) with a clear error."""
+    host, sep, port = to.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"destination {to!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)

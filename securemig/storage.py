@@ -1,0 +1,139 @@
+"""
+Durable files: advisory locks, staging, fsync + atomic rename, free space.
+
+Everything that must survive a crash goes through here, so the rules are in
+one place: write to a file in a staging directory, fsync the file, rename it
+into place, fsync the directory that holds the new name.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+from pathlib import Path
+from types import TracebackType
+
+from securemig.wire import ErrorCode, ProtocolError
+
+#: Head room kept free beyond the announced image sizes when admitting a VM.
+SPACE_MARGIN = 64 * 1024 * 1024
+
+
+class LockBusy(Exception):
+    """Another process (or another descriptor of ours) holds the lock."""
+
+
+class Lock:
+    """An exclusive advisory lock on a file, held until :meth:`release`.
+
+    We use ``flock(2)``, not POSIX ``fcntl`` record locks: a POSIX lock is
+    owned by the process and silently dropped when the process closes *any*
+    descriptor of that file (sqlite, a backup tool, a library reading the
+    manifest), whereas a flock belongs to this open file description and
+    lives until we close it.  OFD locks would do as well; flock is simpler and
+    also conflicts between two descriptors of one process, which the tests
+    use.  Neither works across NFS reliably; shared storage for disks must
+    provide its own locking (see the operator's guide).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockBusy(str(path)) from None
+        self._fd: int | None = fd
+        # Say who holds it; only for operators looking at the file.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+
+    @property
+    def held(self) -> bool:
+        """Whether this object still holds the lock."""
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Release the lock; safe to call twice."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def is_locked(path: Path) -> bool:
+    """Whether some descriptor holds the lock at ``path`` (for status and tests)."""
+    try:
+        Lock(path).release()
+    except LockBusy:
+        return True
+    return False
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def rename_durably(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` (files or directories) and fsync both parents."""
+    os.rename(src, dst)
+    fsync_dir(dst.parent)
+    if src.parent != dst.parent:
+        fsync_dir(src.parent)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory tree if it exists, then make the removal durable."""
+    if path.exists():
+        shutil.rmtree(path)
+        fsync_dir(path.parent)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes available to us on the file system holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """Refuse with INSUFFICIENT_SPACE unless ``needed`` bytes and a margin fit."""
+    available = free_bytes(path)
+    if available < needed + SPACE_MARGIN:
+        raise ProtocolError(
+            ErrorCode.INSUFFICIENT_SPACE,
+            f"needs {needed >> 20} MiB plus {SPACE_MARGIN >> 20} MiB head room; "
+            f"{available >> 20} MiB free",
+        )
+
+
+def io_error(exc: OSError, doing: str) -> ProtocolError:
+    """Classify a local OSError: a full disk has its own code."""
+    code = ErrorCode.DISK_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ErrorCode.IO_ERROR
+    return ProtocolError(code, f"{doing}: {exc.strerror or exc}")

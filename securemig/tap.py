@@ -1,0 +1,132 @@
+"""
+``twistd securemig``: the destination service.
+
+Builds the listening service from command-line options; the plugin in
+``twisted/plugins/securemig_plugin.py`` points twistd here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import reactor as global_reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from securemig import protocol, storage
+from securemig.destination import DestinationHost
+
+log = Logger()
+
+
+class Options(usage.Options):
+    """Command-line options of ``twistd securemig``."""
+
+    synopsis = "--state-dir DIR --insecure-listen ENDPOINT [options]"
+    longdesc = (
+        "Run a securemig destination: accept migrations of VMs into STATE_DIR/vms/. "
+        "The secure variant (mutual TLS, attestation) listens with --listen; the "
+        "insecure variant, for performance evaluation only, with --insecure-listen "
+        "(for example tcp:9000:interface=127.0.0.1)."
+    )
+    optParameters = [
+        ["state-dir", None, None, "Directory for arrived VMs, staging and the journal."],
+        ["listen", None, None, "Endpoint of the secure (TLS) variant."],
+        [
+            "insecure-listen",
+            None,
+            None,
+            "Endpoint of the INSECURE variant: no TLS, no attestation, vTPM keys in clear.",
+        ],
+        ["port-file", None, None, "Write the listening port number here once bound."],
+        [
+            "idle-timeout",
+            None,
+            protocol.IDLE_TIMEOUT,
+            "Seconds without progress before a migration is aborted.",
+            float,
+        ],
+        ["deadline", None, protocol.DEADLINE, "Seconds a whole migration may take.", float],
+    ]
+
+    def postOptions(self) -> None:
+        """Check the options make a usable destination."""
+        if not self["state-dir"]:
+            raise usage.UsageError("--state-dir is required")
+        if self["listen"]:
+            raise usage.UsageError(
+                "--listen (the secure TLS variant) is not available in this version yet; "
+                "only --insecure-listen is"
+            )
+        if not self["insecure-listen"]:
+            raise usage.UsageError("give an endpoint to listen on: --insecure-listen ENDPOINT")
+        if self["idle-timeout"] <= 0 or self["deadline"] <= 0:
+            raise usage.UsageError("--idle-timeout and --deadline must be positive")
+
+
+class ListenService(service.Service):
+    """Listen on one endpoint; optionally report the bound port in a file."""
+
+    def __init__(self, endpoint: Any, factory: Any, port_file: Path | None, what: str) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port_file = port_file
+        self.what = what
+        self.port: Any = None
+
+    def startService(self) -> None:
+        """Start listening; a failure to bind stops the process with the reason."""
+        super().startService()
+        d = self.endpoint.listen(self.factory)
+
+        def listening(port: Any) -> None:
+            self.port = port
+            number = port.getHost().port
+            log.info("listening for {what} migrations on port {port}", what=self.what, port=number)
+            if self.port_file is not None:
+                storage.write_durably(self.port_file, f"{number}\n".encode())
+
+        def failed(f: Any) -> None:
+            log.failure("cannot listen for {what} migrations", f, what=self.what)
+            global_reactor.stop()  # type: ignore[attr-defined]
+
+        d.addCallbacks(listening, failed)
+
+    def stopService(self) -> Any:
+        """Stop listening."""
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
+
+
+def makeService(options: Options) -> service.IService:
+    """The destination service for these options."""
+    host = DestinationHost(Path(options["state-dir"]))
+    removed = host.recover_staging()
+    if removed:
+        log.info(
+            "removed staging of {n} interrupted migration(s): {ids}",
+            n=len(removed),
+            ids=", ".join(removed),
+        )
+    top = service.MultiService()
+    log.warn(
+        "serving the INSECURE variant on {endpoint}: no TLS, no attestation; "
+        "for performance evaluation only",
+        endpoint=options["insecure-listen"],
+    )
+    factory = protocol.DestinationFactory(
+        host,
+        global_reactor,
+        protocol_name="insecure",
+        idle_timeout=options["idle-timeout"],
+        deadline=options["deadline"],
+    )
+    endpoint = serverFromString(global_reactor, options["insecure-listen"])
+    port_file = Path(options["port-file"]) if options["port-file"] else None
+    ListenService(endpoint, factory, port_file, "insecure").setServiceParent(top)
+    return top

@@ -1,0 +1,10 @@
+"""twistd plugin: ``twistd securemig`` runs a securemig destination."""
+
+from twisted.application.service import ServiceMaker
+
+securemig = ServiceMaker(
+    "securemig",
+    "securemig.tap",
+    "Destination of secure VM + vTPM migrations (see `securemig --help`).",
+    "securemig",
+)
