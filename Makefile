@@ -22,12 +22,12 @@ demo: setup
 	$(VENV)/bin/securemig demo
 
 test: setup
-	$(VENV)/bin/ruff check securemig tests twisted bench
+	$(VENV)/bin/ruff check securemig tests twisted
 	$(VENV)/bin/trial -j2 $(TESTS)
 
 lint: setup
-	$(VENV)/bin/ruff check securemig tests twisted bench
-	$(VENV)/bin/ruff format --check securemig tests twisted bench
+	$(VENV)/bin/ruff check securemig tests twisted
+	$(VENV)/bin/ruff format --check securemig tests twisted
 	$(VENV)/bin/mypy securemig
 
 bench: setup

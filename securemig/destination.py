@@ -96,6 +96,7 @@ class DestinationHost:
             raise ProtocolError(
                 ErrorCode.POLICY_REFUSED, "a shared-storage migration must not carry a disk image"
             )
+        self._check_shared_disk(hello)
         try:
             lock = storage.Lock(self.locks / f"{name}.lock")
         except storage.LockBusy:
@@ -139,6 +140,22 @@ class DestinationHost:
             mid=migration_id.hex(),
         )
         return Arrival(self, hello, migration_id, lock, staging)
+
+    @staticmethod
+    def _check_shared_disk(hello: wire.Hello) -> None:
+        if not hello.shared_disk:
+            return
+        path = hello.shared_disk
+        if hello.variant is not wire.Variant.SHARED_STORAGE:
+            raise ProtocolError(ErrorCode.BAD_PARAMETER, "a shared disk in a full migration")
+        if not os.path.isabs(path) or os.path.normpath(path) != path:
+            raise ProtocolError(
+                ErrorCode.BAD_PARAMETER, "the shared disk path must be absolute and normalised"
+            )
+        if not os.path.isfile(path):
+            raise ProtocolError(
+                ErrorCode.POLICY_REFUSED, f"shared disk {path} is not visible on this destination"
+            )
 
 
 class Arrival:
@@ -206,6 +223,7 @@ class Arrival:
             name=self.hello.vm_name,
             backend=self.host.backend,
             images=[Image(i.name, i.size) for i in self.hello.images],
+            shared_disk=self.hello.shared_disk or None,
         )
         Bundle(self.staging, manifest).save()
         storage.fsync_dir(self.staging)

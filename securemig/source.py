@@ -77,7 +77,15 @@ class Departure:
             vm_name=self.bundle.name,
             chunk_size=chunk_size,
             images=tuple(wire.ImageInfo(i.name, i.size) for i in self.images),
+            shared_disk=self.shared_disk,
         )
+
+    @property
+    def shared_disk(self) -> str:
+        """The shared disk's path, announced in the shared-storage variant."""
+        if self.variant is wire.Variant.SHARED_STORAGE:
+            return self.bundle.manifest.shared_disk or ""
+        return ""
 
     @property
     def total_bytes(self) -> int:

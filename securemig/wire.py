@@ -50,6 +50,7 @@ MAX_IMAGE_SIZE = 1 << 44
 MIGRATION_ID_SIZE = 16
 DIGEST_SIZE = 32
 MAX_REASON = 1024
+MAX_PATH = 1024
 
 #: VM names: also used as directory names on both hosts, hence this strict form.
 VM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -294,6 +295,8 @@ class Hello:
     vm_name: str = wire(Text(64, VM_NAME_RE))
     chunk_size: int = wire(UInt(4, MAX_CHUNK_SIZE))
     images: tuple[ImageInfo, ...] = wire(Sequence(Record(ImageInfo), MAX_IMAGES))
+    #: Shared-storage variant: the disk's absolute path on the shared storage ("" if none).
+    shared_disk: str = wire(Text(MAX_PATH))
 
 
 @dataclass(frozen=True)

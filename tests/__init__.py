@@ -1,0 +1,1 @@
+"""securemig tests (trial)."""
