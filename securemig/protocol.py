@@ -32,7 +32,7 @@ from typing import Any, BinaryIO, TypeVar
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import interfaces
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThreadPool
@@ -534,14 +534,3 @@ class SourceProtocol(FramedProtocol):
     def _stop_streaming(self) -> None:
         if self.streamer is not None:
             self.streamer.stopProducing()
-
-
-__all__ = [
-    "DestinationFactory",
-    "DestinationProtocol",
-    "ImageStreamer",
-    "InlineExecutor",
-    "SourceProtocol",
-    "ThreadExecutor",
-    "succeed",
-]

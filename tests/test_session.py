@@ -101,8 +101,10 @@ def destination_in(phase: str) -> tuple[s.DestinationSession, wire.Hello]:
         ("admitting", lambda: d.receive(hello)),
         ("awaitStream", lambda: d.admitted(MID)),
         ("receiving", lambda: d.receive(wire.StreamBegin(0))),
-        ("preparing", lambda: (d.receive(wire.Data(b"abcd")),
-                               d.receive(wire.StreamEnd(b"x" * 32)))),
+        (
+            "preparing",
+            lambda: (d.receive(wire.Data(b"abcd")), d.receive(wire.StreamEnd(b"x" * 32))),
+        ),
         ("awaitCommit", lambda: d.prepared()),
         ("committing", lambda: d.receive(wire.Commit())),
     ]
@@ -128,8 +130,18 @@ class HappyPathTests(SynchronousTestCase):
         self.assertEqual(finished(link.dst_effects).outcome, s.Outcome.DONE)
         self.assertEqual(
             [k for k in kinds(link.dst_effects) if k != "Send"],
-            ["Admit", "OpenStream", "WriteChunk", "CloseStream", "OpenStream", "WriteChunk",
-             "CloseStream", "Prepare", "CommitInPlace", "Finished"],
+            [
+                "Admit",
+                "OpenStream",
+                "WriteChunk",
+                "CloseStream",
+                "OpenStream",
+                "WriteChunk",
+                "CloseStream",
+                "Prepare",
+                "CommitInPlace",
+                "Finished",
+            ],
         )
         self.assertEqual(
             kinds(link.src_effects),
@@ -144,9 +156,7 @@ class HappyPathTests(SynchronousTestCase):
         link = Link(make_hello((1,)), [b"x"])
         link.run()
         sends = [e.message for e in link.dst_effects if isinstance(e, s.Send)]
-        self.assertEqual(
-            [type(m) for m in sends], [wire.Welcome, wire.Prepared, wire.Done]
-        )
+        self.assertEqual([type(m) for m in sends], [wire.Welcome, wire.Prepared, wire.Done])
         self.assertLess(
             kinds(link.dst_effects).index("Prepare"), kinds(link.dst_effects).index("CommitInPlace")
         )

@@ -100,9 +100,7 @@ class RoundTripTests(SynchronousTestCase):
             decoder.feed(stream[i : i + 1])
             while (message := decoder.next_message()) is not None:
                 out.append(message)
-        self.assertEqual(
-            out, [*messages, wire.Data(b"0123456789"), wire.StreamEnd(b"d" * 32)]
-        )
+        self.assertEqual(out, [*messages, wire.Data(b"0123456789"), wire.StreamEnd(b"d" * 32)])
         self.assertEqual(decoder.buffered, 0)
 
     def test_large_frame_in_pieces(self) -> None:
