@@ -42,7 +42,7 @@ class InMemoryMigrationTests(SynchronousTestCase):
         """RAM and disk arrive identical; the source copy is gone; both journals say done."""
         bundle = self.env.vm(ram_mib=2, disk_mib=1)
         before = bundle_digests(bundle)
-        src, dst, departure = self.env.migrate(bundle)
+        src, _, departure = self.env.migrate(bundle)
         self.assertEqual(self.successResultOf(src.finished).outcome, Outcome.DONE)
         arrived = Bundle.load(self.env.host.vms / "vm1")
         self.assertEqual(bundle_digests(arrived), before)
