@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``securemig`` console script."""
     args = build_parser().parse_args(argv)
+    if args.command == "migrate":
+        from securemig.memory import tune_malloc
+
+        tune_malloc()
     handler = {
         "vm": cmd_vm,
         "migrate": cmd_migrate,

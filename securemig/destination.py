@@ -190,12 +190,15 @@ class Arrival:
         self._file = open(self.staging / f"{self._image.name}.img", "xb")  # noqa: SIM115
         self._hash = hashlib.sha256()
 
-    def write(self, chunk: bytes) -> int:
-        """Hash and append one chunk; returns its length."""
-        if not self.cancelled and self._file is not None:
-            self._hash.update(chunk)
-            self._file.write(chunk)
-        return len(chunk)
+    def write(self, parts: tuple[bytes | memoryview, ...]) -> int:
+        """Hash and append one chunk, given as pieces; returns its length."""
+        n = 0
+        for part in parts:
+            n += len(part)
+            if not self.cancelled and self._file is not None:
+                self._hash.update(part)
+                self._file.write(part)
+        return n
 
     def close_stream(self, sha256: bytes) -> None:
         """fsync the image and check its digest against the source's."""

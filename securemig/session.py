@@ -87,7 +87,7 @@ class OpenStream:
 class WriteChunk:
     """Destination: append this chunk to the open stream (and hash it)."""
 
-    chunk: bytes
+    data: wire.Data
 
 
 @dataclass(frozen=True)
@@ -257,14 +257,15 @@ class DestinationCore:
     def on_data(self, message: wire.Data) -> Effects:
         assert self.hello is not None
         size = self.hello.images[self.next_index].size
-        self.received += len(message.chunk)
-        self.total_received += len(message.chunk)
+        n = len(message)
+        self.received += n
+        self.total_received += n
         if self.received > size:
             raise ProtocolError(
                 ErrorCode.STREAM_MISMATCH,
                 f"stream {self.next_index} ran past its announced size of {size} bytes",
             )
-        return [WriteChunk(message.chunk)]
+        return [WriteChunk(message)]
 
     def on_stream_end(self, message: wire.StreamEnd) -> Effects:
         assert self.hello is not None

@@ -186,8 +186,9 @@ def migrate(
     proto = protocol.SourceProtocol(
         session,
         departure,
-        reactor,
-        on_progress,  # type: ignore[arg-type]
+        reactor,  # type: ignore[arg-type]
+        lambda: protocol.ThreadExecutor(reactor),  # type: ignore[arg-type]
+        on_progress,
         **timers,
     )
     endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint

@@ -18,6 +18,7 @@ from twisted.python import usage
 
 from securemig import protocol, storage
 from securemig.destination import DestinationHost
+from securemig.memory import tune_malloc
 
 log = Logger()
 
@@ -105,6 +106,7 @@ class ListenService(service.Service):
 
 def makeService(options: Options) -> service.IService:
     """The destination service for these options."""
+    tune_malloc()
     host = DestinationHost(Path(options["state-dir"]))
     removed = host.recover_staging()
     if removed:

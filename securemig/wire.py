@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import re
 import struct
+from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeAlias
 
@@ -313,11 +314,33 @@ class StreamBegin:
     index: int = wire(UInt(1, MAX_IMAGES - 1))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Data:
-    """One chunk of the current stream.  Its payload is the raw chunk."""
+    """One chunk of the current stream.  Its payload is the raw chunk.
 
-    chunk: bytes
+    The decoder hands the chunk over as the pieces it arrived in (views of
+    the received buffers) so that the bytes are never copied on the reactor
+    thread; the disk thread hashes and writes them piece by piece.
+    """
+
+    parts: tuple[bytes | memoryview, ...]
+
+    @classmethod
+    def of(cls, chunk: bytes) -> Data:
+        """A DATA message holding one contiguous chunk."""
+        return cls((chunk,))
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def tobytes(self) -> bytes:
+        """The chunk as one bytes object (a copy; for tests and small data)."""
+        return b"".join(self.parts)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Data) and self.tobytes() == other.tobytes()
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -397,7 +420,7 @@ def decode_payload(code: int, payload: bytes) -> Message:
     """Decode one frame's payload; the whole payload must be consumed."""
     cls = MESSAGES[code]
     if cls is Data:
-        return Data(payload)
+        return Data.of(payload)
     message, end = Record(cls).decode(memoryview(payload), 0)
     if end != len(payload):
         trailing = len(payload) - end
@@ -409,10 +432,11 @@ class FrameDecoder:
     """Turns a byte stream into messages, checking every bound first.
 
     Bytes go in with :meth:`feed`; :meth:`next_message` returns the next
-    whole message or ``None`` when more bytes are needed.  The buffer is a
-    bytearray consumed from the front, which CPython does in amortised
-    constant time, so a large frame arriving in many small pieces is copied
-    a bounded number of times, never quadratically.
+    whole message or ``None`` when more bytes are needed.  Received buffers
+    are kept as a queue of memoryviews and consumed from the front, so a
+    byte is never copied while it waits: a control payload is joined once
+    when whole, and a DATA payload is handed on as views of the buffers it
+    arrived in (see :class:`Data`).  Nothing is ever copied quadratically.
 
     ``max_data`` is the largest DATA payload accepted; ``None`` (the
     default, before a chunk size is agreed) refuses DATA frames outright.
@@ -420,34 +444,53 @@ class FrameDecoder:
 
     def __init__(self, max_data: int | None = None) -> None:
         self.max_data = max_data
-        self._buffer = bytearray()
+        self._pieces: deque[memoryview] = deque()
+        self._available = 0
         self._header: tuple[int, int] | None = None
 
     def feed(self, data: bytes) -> None:
-        """Append received bytes."""
-        self._buffer += data
+        """Append received bytes (kept by reference, not copied)."""
+        if data:
+            self._pieces.append(memoryview(data))
+            self._available += len(data)
 
     @property
     def buffered(self) -> int:
         """How many received bytes are not yet returned as messages."""
-        return len(self._buffer)
+        return self._available
 
     def next_message(self) -> Message | None:
         """The next complete message, or None; raises :class:`ProtocolError`."""
         if self._header is None:
-            if len(self._buffer) < HEADER.size:
+            if self._available < HEADER.size:
                 return None
-            code, length = HEADER.unpack_from(self._buffer)
+            code, length = HEADER.unpack(b"".join(self._take(HEADER.size)))
             self._check_header(code, length)
-            del self._buffer[: HEADER.size]
             self._header = (code, length)
         code, length = self._header
-        if len(self._buffer) < length:
+        if self._available < length:
             return None
-        payload = bytes(self._buffer[:length])
-        del self._buffer[:length]
         self._header = None
-        return decode_payload(code, payload)
+        parts = self._take(length)
+        if code == DATA_TYPE:
+            return Data(tuple(parts))
+        return decode_payload(code, b"".join(parts))
+
+    def _take(self, n: int) -> list[memoryview]:
+        """Remove exactly ``n`` buffered bytes from the front, as views."""
+        out = []
+        self._available -= n
+        while n:
+            piece = self._pieces[0]
+            if len(piece) <= n:
+                out.append(piece)
+                self._pieces.popleft()
+                n -= len(piece)
+            else:
+                out.append(piece[:n])
+                self._pieces[0] = piece[n:]
+                n = 0
+        return out
 
     def _check_header(self, code: int, length: int) -> None:
         if code not in MESSAGES:

@@ -91,7 +91,10 @@ class InMemory:
         departure = Departure(bundle, variant, "memory", "insecure", self.source_journal)
         departure.acquire()
         session = SourceSession(departure.hello(chunk))
-        return protocol.SourceProtocol(session, departure, self.clock, **self.timers), departure
+        proto = protocol.SourceProtocol(
+            session, departure, self.clock, protocol.InlineExecutor, **self.timers
+        )
+        return proto, departure
 
     def migrate(
         self, bundle: Bundle, variant: wire.Variant = wire.Variant.FULL

@@ -61,7 +61,7 @@ class Link:
             elif isinstance(e, s.StartStreams):
                 for i, data in enumerate(self.images):
                     digest = hashlib.sha256(data).digest()
-                    for m in (wire.StreamBegin(i), wire.Data(data), wire.StreamEnd(digest)):
+                    for m in (wire.StreamBegin(i), wire.Data.of(data), wire.StreamEnd(digest)):
                         self.queue.append(lambda m=m: self.run_dst(self.dst.receive(m)))
                 self.run_src(self.src.streams_sent())
             elif isinstance(e, s.CommitLocally):
@@ -75,7 +75,7 @@ class Link:
             elif isinstance(e, s.Admit):
                 self.run_dst(self.dst.admitted(MID))
             elif isinstance(e, s.WriteChunk):
-                self.written.append(e.chunk)
+                self.written.append(e.data.tobytes())
             elif isinstance(e, s.Prepare):
                 self.run_dst(self.dst.prepared())
             elif isinstance(e, s.CommitInPlace):
@@ -103,7 +103,7 @@ def destination_in(phase: str) -> tuple[s.DestinationSession, wire.Hello]:
         ("receiving", lambda: d.receive(wire.StreamBegin(0))),
         (
             "preparing",
-            lambda: (d.receive(wire.Data(b"abcd")), d.receive(wire.StreamEnd(b"x" * 32))),
+            lambda: (d.receive(wire.Data.of(b"abcd")), d.receive(wire.StreamEnd(b"x" * 32))),
         ),
         ("awaitCommit", lambda: d.prepared()),
         ("committing", lambda: d.receive(wire.Commit())),
@@ -176,7 +176,7 @@ class DestinationOrderTests(SynchronousTestCase):
 
     def test_data_before_stream(self) -> None:
         d, _ = destination_in("awaitStream")
-        self.assertUnexpected(d, wire.Data(b"x"))
+        self.assertUnexpected(d, wire.Data.of(b"x"))
 
     def test_commit_before_prepared(self) -> None:
         """COMMIT while images are still arriving is a violation."""
@@ -216,15 +216,15 @@ class DestinationStreamTests(SynchronousTestCase):
     def test_overrun(self) -> None:
         """More bytes than announced: refused at the DATA frame that overruns."""
         d, _ = destination_in("receiving")
-        d.receive(wire.Data(b"abc"))
+        d.receive(wire.Data.of(b"abc"))
         with self.assertRaises(ProtocolError) as cm:
-            d.receive(wire.Data(b"de"))
+            d.receive(wire.Data.of(b"de"))
         self.assertEqual(cm.exception.code, ErrorCode.STREAM_MISMATCH)
 
     def test_short_stream(self) -> None:
         """Fewer bytes than announced: refused at STREAM_END."""
         d, _ = destination_in("receiving")
-        d.receive(wire.Data(b"abc"))
+        d.receive(wire.Data.of(b"abc"))
         with self.assertRaises(ProtocolError) as cm:
             d.receive(wire.StreamEnd(b"x" * 32))
         self.assertEqual(cm.exception.code, ErrorCode.STREAM_MISMATCH)
@@ -232,7 +232,7 @@ class DestinationStreamTests(SynchronousTestCase):
     def test_digest_checked_by_host(self) -> None:
         """The session hands the source's digest to the host with the stream."""
         d, _ = destination_in("receiving")
-        d.receive(wire.Data(b"abcd"))
+        d.receive(wire.Data.of(b"abcd"))
         effects = d.receive(wire.StreamEnd(b"D" * 32))
         self.assertEqual(effects, [s.CloseStream(0, b"D" * 32), s.Prepare()])
 
@@ -325,7 +325,7 @@ class DestinationFailureTests(SynchronousTestCase):
         self.assertEqual(d.phase, "failed")
         self.assertEqual(d.prepared(), [])
         self.assertEqual(d.connection_lost(), [])
-        self.assertEqual(d.receive(wire.Data(b"x")), [])
+        self.assertEqual(d.receive(wire.Data.of(b"x")), [])
 
 
 class SourceTests(SynchronousTestCase):

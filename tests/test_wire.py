@@ -82,11 +82,11 @@ class RoundTripTests(SynchronousTestCase):
         """A DATA frame carries its chunk verbatim."""
         chunk = bytes(range(256)) * 64
         data = wire.data_header(len(chunk)) + chunk
-        self.assertEqual(decode_all(data, max_data=len(chunk)), [wire.Data(chunk)])
+        self.assertEqual(decode_all(data, max_data=len(chunk)), [wire.Data.of(chunk)])
 
     def test_encode_refuses_data(self) -> None:
         """DATA is never encoded through the control path (it would copy the chunk)."""
-        self.assertRaises(TypeError, wire.encode, wire.Data(b"x"))
+        self.assertRaises(TypeError, wire.encode, wire.Data.of(b"x"))
 
     def test_one_byte_at_a_time(self) -> None:
         """A stream fed one byte at a time yields the same messages."""
@@ -100,7 +100,7 @@ class RoundTripTests(SynchronousTestCase):
             decoder.feed(stream[i : i + 1])
             while (message := decoder.next_message()) is not None:
                 out.append(message)
-        self.assertEqual(out, [*messages, wire.Data(b"0123456789"), wire.StreamEnd(b"d" * 32)])
+        self.assertEqual(out, [*messages, wire.Data.of(b"0123456789"), wire.StreamEnd(b"d" * 32)])
         self.assertEqual(decoder.buffered, 0)
 
     def test_large_frame_in_pieces(self) -> None:
@@ -113,7 +113,7 @@ class RoundTripTests(SynchronousTestCase):
             decoder.feed(stream[i : i + 16384])
             if (m := decoder.next_message()) is not None:
                 got.append(m)
-        self.assertEqual(got, [wire.Data(chunk)])
+        self.assertEqual(got, [wire.Data.of(chunk)])
         self.assertEqual(decoder.buffered, 0)
 
 

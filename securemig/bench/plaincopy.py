@@ -1,0 +1,43 @@
+"""The baseline of ``securemig bench``: a plain socket copy into an fsynced file.
+
+``python -m securemig.bench.plaincopy recv PORT_FILE OUT`` listens on
+loopback, writes everything one connection sends into OUT and fsyncs it;
+``... send PORT FILE`` sends FILE with ``sendfile(2)``.  No framing, no
+hashing, no journal: the least any migration of the same bytes must cost.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+
+def receive(port_file: Path, out: Path) -> None:
+    """Accept one connection and store what it sends, durably."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(server.getsockname()[1]))
+        tmp.rename(port_file)
+        conn, _ = server.accept()
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        with conn, open(out, "wb") as f:
+            while n := conn.recv_into(buf):
+                f.write(view[:n])
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def send(port: int, path: Path) -> None:
+    """Send a file to the receiver."""
+    with socket.create_connection(("127.0.0.1", port)) as conn, open(path, "rb") as f:
+        conn.sendfile(f)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "recv":
+        receive(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        send(int(sys.argv[2]), Path(sys.argv[3]))
