@@ -23,6 +23,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check securemig tests twisted
+	$(VENV)/bin/mypy securemig
 	$(VENV)/bin/trial -j2 $(TESTS)
 
 lint: setup

@@ -175,7 +175,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
         )
         print(f"created VM {bundle.name} at {bundle.path} ({sizes}{shared})")
         return EXIT_OK
-    rows = []
+    rows: list[dict[str, Any]] = []
     for path in sorted(args.dir.iterdir()) if args.dir.is_dir() else []:
         try:
             b = Bundle.load(path)
@@ -285,18 +285,21 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def run_reactor(main: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
     """Run the global reactor until ``main(reactor)`` finishes; return its
     result or raise its exception (unlike task.react, which exits)."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
     from twisted.internet.defer import Deferred
 
+    reactor: Any = _reactor
     result: list[Any] = []
 
-    def start() -> None:
-        d = Deferred.fromCoroutine(main(reactor))
-        d.addBoth(result.append)
-        d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+    def finish(outcome: Any) -> None:
+        result.append(outcome)
+        reactor.stop()
 
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    def start() -> None:
+        Deferred.fromCoroutine(main(reactor)).addBoth(finish)
+
+    reactor.callWhenRunning(start)
+    reactor.run()
     if isinstance(result[0], Failure):
         result[0].raiseException()
     value: T = result[0]

@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
 from securemig import storage, wire
@@ -249,14 +248,13 @@ class Arrival:
         """Record a phase of this arrival."""
         self.host.journal.phase(self.id, phase, nbytes=nbytes)
 
-    @inlineCallbacks
-    def commit(self) -> Deferred[None]:  # type: ignore[misc]
+    async def commit(self) -> None:
         """The source committed: move the VM into place and resume it."""
         self.host.journal.phase(self.id, "committed")
         target = self.host.vms / self.hello.vm_name
         storage.rename_durably(self.staging, target)
         bundle = Bundle.load(target)
-        yield backend_for(bundle.manifest.backend).resume(bundle)
+        await backend_for(bundle.manifest.backend).resume(bundle)
         self.host.journal.phase(self.id, "resumed")
         self.lock.release()
 

@@ -200,7 +200,8 @@ class Journal:
             events = self._db.execute(
                 "SELECT phase, at FROM events WHERE migration = ? ORDER BY rowid", (row[0],)
             ).fetchall()
-            result.append(Record(*row, events=[(p, a) for p, a in events]))
+            values: list[Any] = [*row, [(p, a) for p, a in events]]
+            result.append(Record(*values))
         return result
 
 

@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 #: How long a destination may take to start listening.
 START_TIMEOUT = 30.0
@@ -113,7 +114,7 @@ def end_process(
     return wait_process(process, timeout)
 
 
-def wait_process(process: subprocess.Popen[bytes], timeout: float | None = None) -> Rusage:
+def wait_process(process: subprocess.Popen[Any], timeout: float | None = None) -> Rusage:
     """Wait for our child (SIGKILL after ``timeout``) and return its usage."""
     if process.returncode is not None:
         # Already reaped (by Popen.poll): its usage is gone with it.

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, TypeVar
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import interfaces
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -144,15 +144,21 @@ class FramedProtocol(Protocol):
     log = Logger()
     session: s.DestinationSession | s.SourceSession
 
+    @property
+    def out(self) -> Any:
+        """The transport.  Twisted declares its type through zope interfaces,
+        which mypy cannot read; this is the one place we say so."""
+        return self.transport
+
     def __init__(
         self, clock: IReactorTime, idle_timeout: float = IDLE_TIMEOUT, deadline: float = DEADLINE
     ) -> None:
-        self.clock = clock
+        self.clock: Any = clock
         self.idle_timeout = idle_timeout
         self.deadline = deadline
         self.decoder = wire.FrameDecoder()
-        self._idle: IDelayedCall | None = None
-        self._overall: IDelayedCall | None = None
+        self._idle: Any = None  # IDelayedCall
+        self._overall: Any = None
 
     # -- Twisted's Protocol interface
 
@@ -205,14 +211,14 @@ class FramedProtocol(Protocol):
 
     def send(self, message: Any) -> None:
         """Write one control message."""
-        self.transport.write(wire.encode(message))  # type: ignore[union-attr]
+        self.out.write(wire.encode(message))
 
     def _do_Send(self, effect: s.Send) -> None:
         self.send(effect.message)
 
     def _do_Finished(self, effect: s.Finished) -> None:
         self._cancel_timers()
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.out.loseConnection()
 
     def _timed_out(self, which: str) -> None:
         if which == "idle":
@@ -233,6 +239,8 @@ class FramedProtocol(Protocol):
 
 class DestinationProtocol(FramedProtocol):
     """One incoming migration, on a destination."""
+
+    session: s.DestinationSession
 
     def __init__(
         self,
@@ -257,7 +265,7 @@ class DestinationProtocol(FramedProtocol):
         self.outcome: s.Finished | None = None
 
     def _peer(self) -> str:
-        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        peer = self.out.getPeer()
         return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
 
     def _submit(
@@ -301,7 +309,7 @@ class DestinationProtocol(FramedProtocol):
         self.queued += n
         if self.queued > self.high_water and not self.reading_paused:
             self.reading_paused = True
-            self.transport.pauseProducing()  # type: ignore[union-attr]
+            self.out.pauseProducing()
         self._submit(
             "writing a staging file", self.arrival.write, effect.data.parts, then=self._drained
         )
@@ -310,7 +318,7 @@ class DestinationProtocol(FramedProtocol):
         self.queued -= nbytes
         if self.reading_paused and self.queued <= self.high_water // 2:
             self.reading_paused = False
-            self.transport.resumeProducing()  # type: ignore[union-attr]
+            self.out.resumeProducing()
 
     def _do_CloseStream(self, effect: s.CloseStream) -> None:
         self._submit("closing a staging file", self.arrival.close_stream, effect.sha256)
@@ -323,7 +331,7 @@ class DestinationProtocol(FramedProtocol):
         self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
 
     def _do_CommitInPlace(self, effect: s.CommitInPlace) -> None:
-        d = maybeDeferred(self.arrival.commit)
+        d = Deferred.fromCoroutine(self.arrival.commit())
 
         def failed(f: Failure) -> None:
             self.fail(ProtocolError(ErrorCode.RESUME_FAILED, f.getErrorMessage()))
@@ -342,7 +350,7 @@ class DestinationProtocol(FramedProtocol):
         super()._do_Finished(effect)
         self.outcome = effect
         if self.reading_paused:
-            self.transport.resumeProducing()  # type: ignore[union-attr]
+            self.out.resumeProducing()
         if self.arrival is not None:
             self.arrival.finish(effect, self.session.bytes_received)
         if self.executor is not None:
@@ -429,7 +437,7 @@ class ImageStreamer:
         self.on_error = on_error
         self.paused = False
         self.stopped = False
-        self._frames_left = self._frames()
+        self._frames_left: Generator[tuple[list[bytes], int], None, None] = self._frames()
         self._ready: deque[tuple[list[bytes], int]] = deque()
         self._in_flight = 0
         self._eof = False
@@ -459,7 +467,7 @@ class ImageStreamer:
             self.executor.submit(self._frames_left.close)
             self.executor.shutdown()
 
-    def _frames(self) -> Iterator[tuple[list[bytes], int]]:
+    def _frames(self) -> Generator[tuple[list[bytes], int], None, None]:
         """Each frame to send, as buffers for writeSequence and image bytes in it."""
         for index, (path, size) in enumerate(self.images):
             yield [wire.encode(wire.StreamBegin(index))], 0
@@ -532,6 +540,8 @@ class SourceProtocol(FramedProtocol):
     :class:`~securemig.session.Finished` effect.
     """
 
+    session: s.SourceSession
+
     def __init__(
         self,
         session: s.SourceSession,
@@ -580,7 +590,7 @@ class SourceProtocol(FramedProtocol):
         def failed(f: Failure) -> None:
             self.fail(failure_to_error(f, "committing at the source"))
 
-        maybeDeferred(self.departure.commit).addCallbacks(
+        Deferred.fromCoroutine(self.departure.commit()).addCallbacks(
             lambda _: self.run(self.session.committed_locally()), failed
         )
 

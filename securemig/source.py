@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
 from securemig import storage, wire
@@ -46,8 +45,7 @@ class Departure:
         self.peer = peer
         self.protocol = protocol
 
-    @inlineCallbacks
-    def acquire(self) -> Deferred[None]:  # type: ignore[misc]
+    async def acquire(self) -> None:
         """Lock the VM, journal the start, and suspend it into its images."""
         try:
             self.lock = storage.Lock(self.bundle.lock_path)
@@ -64,7 +62,7 @@ class Departure:
         )
         try:
             self.was_running = self.backend.status(self.bundle) == "running"
-            yield self.backend.suspend(self.bundle)
+            await self.backend.suspend(self.bundle)
         except BaseException:
             self.rollback()
             raise
@@ -106,14 +104,13 @@ class Departure:
             self.journal.set_migration_id(self.id, migration_id.hex())
         self.journal.phase(self.id, "streaming")
 
-    @inlineCallbacks
-    def commit(self) -> Deferred[None]:  # type: ignore[misc]
+    async def commit(self) -> None:
         """The commit point: journal COMMITTED, then give the VM up."""
         self.journal.phase(self.id, "prepared")
         self.journal.phase(self.id, "committed")
         self.committed = True
         try:
-            yield self.backend.discard(self.bundle)
+            await self.backend.discard(self.bundle)
         except Exception as e:
             # Committed is committed: the VM is the destination's now. What is
             # left here is garbage for the operator, not a reason to roll back.
@@ -147,8 +144,7 @@ class ConnectFailed(Exception):
     """The destination could not be reached; nothing was sent."""
 
 
-@inlineCallbacks
-def migrate(
+async def migrate(
     reactor: object,
     bundle: Bundle,
     to: str,
@@ -160,7 +156,7 @@ def migrate(
     deadline: float | None = None,
     on_progress: Callable[[int], None] = lambda n: None,
     on_start: Callable[[Departure], None] = lambda d: None,
-) -> Deferred[tuple[Departure, Finished]]:  # type: ignore[misc]
+) -> tuple[Departure, Finished]:
     """Migrate ``bundle`` over the insecure variant to ``to`` (``HOST:PORT``).
 
     Fires with the departure and the session's final effect.  Raises
@@ -175,7 +171,7 @@ def migrate(
 
     host, port = parse_address(to)
     departure = Departure(bundle, variant, to, "insecure", journal)
-    yield departure.acquire()
+    await departure.acquire()
     on_start(departure)
     session = SourceSession(departure.hello(chunk_size))
     timers = {}
@@ -194,14 +190,14 @@ def migrate(
     endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
     endpoint = endpoint_type(reactor, host, port, timeout=30)
     try:
-        yield connectProtocol(endpoint, proto)
+        await connectProtocol(endpoint, proto)
     except Exception as e:
         departure.rollback()
         departure.journal.finish(
             departure.id, "aborted", error=f"CONNECTION_LOST: cannot connect to {to}: {e}"
         )
         raise ConnectFailed(f"cannot connect to {to}: {e}") from None
-    result = yield proto.finished
+    result = await proto.finished
     return departure, result
 
 

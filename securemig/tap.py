@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import reactor as global_reactor
+from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -21,6 +21,8 @@ from securemig.destination import DestinationHost
 from securemig.memory import tune_malloc
 
 log = Logger()
+#: The global reactor, untyped (Twisted declares it through zope interfaces).
+reactor: Any = _reactor
 
 
 class Options(usage.Options):
@@ -92,7 +94,7 @@ class ListenService(service.Service):
 
         def failed(f: Any) -> None:
             log.failure("cannot listen for {what} migrations", f, what=self.what)
-            global_reactor.stop()  # type: ignore[attr-defined]
+            reactor.stop()
 
         d.addCallbacks(listening, failed)
 
@@ -104,7 +106,7 @@ class ListenService(service.Service):
         return None
 
 
-def makeService(options: Options) -> service.IService:
+def makeService(options: Options) -> service.MultiService:
     """The destination service for these options."""
     tune_malloc()
     host = DestinationHost(Path(options["state-dir"]))
@@ -123,12 +125,12 @@ def makeService(options: Options) -> service.IService:
     )
     factory = protocol.DestinationFactory(
         host,
-        global_reactor,
+        reactor,
         protocol_name="insecure",
         idle_timeout=options["idle-timeout"],
         deadline=options["deadline"],
     )
-    endpoint = serverFromString(global_reactor, options["insecure-listen"])
+    endpoint = serverFromString(reactor, options["insecure-listen"])
     port_file = Path(options["port-file"]) if options["port-file"] else None
     ListenService(endpoint, factory, port_file, "insecure").setServiceParent(top)
     return top

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.test import iosim
@@ -89,7 +90,7 @@ class InMemory:
     ) -> tuple[protocol.SourceProtocol, Departure]:
         """A source protocol for ``bundle`` whose VM is already locked."""
         departure = Departure(bundle, variant, "memory", "insecure", self.source_journal)
-        departure.acquire()
+        Deferred.fromCoroutine(departure.acquire())
         session = SourceSession(departure.hello(chunk))
         proto = protocol.SourceProtocol(
             session, departure, self.clock, protocol.InlineExecutor, **self.timers
