@@ -67,13 +67,25 @@ class Destination:
             return ""
 
 
-def start_destination(state_dir: Path, *extra: str, log_file: Path | None = None) -> Destination:
-    """Start a destination on a free loopback port and wait until it listens."""
+def start_destination(
+    state_dir: Path,
+    *extra: str,
+    log_file: Path | None = None,
+    port_file: Path | None = None,
+    wrapper: tuple[str, ...] = (),
+) -> Destination:
+    """Start a destination on a free loopback port and wait until it listens.
+
+    ``wrapper`` prefixes the command (the tests run it in a mount namespace
+    with a small tmpfs); the port and log files must then lie outside
+    ``state_dir``.
+    """
     state_dir.mkdir(parents=True, exist_ok=True)
-    port_file = state_dir / "port"
+    port_file = port_file or state_dir / "port"
     port_file.unlink(missing_ok=True)
     log_file = log_file or state_dir / "twistd.log"
     argv = [
+        *wrapper,
         script("twistd"),
         "-n",
         "--pidfile=",

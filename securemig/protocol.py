@@ -26,6 +26,7 @@ Data path, and why it looks like this:
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 from collections import deque
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -51,6 +52,10 @@ T = TypeVar("T")
 #: Defaults for the two timers of a connection, in seconds.
 IDLE_TIMEOUT = 60.0
 DEADLINE = 3600.0
+#: After ending a session, how long to keep reading (and discarding) so the
+#: peer gets our ABORT: closing a socket with unread data sends a TCP reset,
+#: which makes the peer's kernel drop what it had not yet read.
+CLOSE_GRACE = 10.0
 #: Destination: pause reading when this many bytes wait for the disk (at least
 #: two chunks, so the disk thread always has the next one queued).
 HIGH_WATER = 4 * 1024 * 1024
@@ -108,14 +113,19 @@ class InlineExecutor:
         """Nothing to release."""
 
 
-def failure_to_error(failure: Failure, doing: str) -> ProtocolError:
-    """Map a failure from a local job onto a protocol error with a stable code."""
-    if failure.check(ProtocolError):
-        error: ProtocolError = failure.value  # type: ignore[assignment]
+def failure_to_error(failure: Failure | BaseException, doing: str) -> ProtocolError:
+    """Map a local failure onto a protocol error with a stable code."""
+    error = failure.value if isinstance(failure, Failure) else failure
+    if isinstance(error, ProtocolError):
         return error
-    if failure.check(OSError):
-        return storage.io_error(failure.value, doing)  # type: ignore[arg-type]
-    return ProtocolError(ErrorCode.INTERNAL, f"{doing}: {failure.getErrorMessage()}")
+    if isinstance(error, OSError):
+        return storage.io_error(error, doing)
+    if isinstance(error, sqlite3.Error):
+        # SQLite reports a full disk as its own error, not as ENOSPC.
+        full = "full" in str(error)
+        code = ErrorCode.DISK_FULL if full else ErrorCode.IO_ERROR
+        return ProtocolError(code, f"{doing}: journal: {error}")
+    return ProtocolError(ErrorCode.INTERNAL, f"{doing}: {error}")
 
 
 #: Bytes a TCP transport reads or sends per system call (Twisted: 64 KiB / 128 KiB).
@@ -157,6 +167,7 @@ class FramedProtocol(Protocol):
         self.idle_timeout = idle_timeout
         self.deadline = deadline
         self.decoder = wire.FrameDecoder()
+        self.connection_open = True
         self._idle: Any = None  # IDelayedCall
         self._overall: Any = None
 
@@ -188,6 +199,7 @@ class FramedProtocol(Protocol):
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         """Stop the timers; a session still running learns it lost its peer."""
         self._cancel_timers()
+        self.connection_open = False
         if not self.session.finished:
             self.run(self.session.connection_lost())
 
@@ -205,9 +217,21 @@ class FramedProtocol(Protocol):
             self.run(self.session.fail(error.code, error.reason))
 
     def run(self, effects: s.Effects) -> None:
-        """Carry out effects in order."""
+        """Carry out effects in order.
+
+        An effect that raises ends the session with the error's code (a full
+        disk under the journal is DISK_FULL, not a dropped connection); the
+        rest of that batch is skipped, because it assumed success.
+        """
         for effect in effects:
-            getattr(self, "_do_" + type(effect).__name__)(effect)
+            try:
+                getattr(self, "_do_" + type(effect).__name__)(effect)
+            except Exception as e:
+                doing = type(effect).__name__
+                self.log.failure("{doing} failed", doing=doing)
+                if not self.session.finished:
+                    self.fail(failure_to_error(e, doing))
+                return
 
     def send(self, message: Any) -> None:
         """Write one control message."""
@@ -218,7 +242,17 @@ class FramedProtocol(Protocol):
 
     def _do_Finished(self, effect: s.Finished) -> None:
         self._cancel_timers()
-        self.out.loseConnection()
+        if self.connection_open:
+            self.close_gracefully()
+
+    def close_gracefully(self) -> None:
+        """Flush and half-close; drop the connection once the peer closed
+        its side too or after :data:`CLOSE_GRACE` seconds."""
+        if hasattr(self.out, "loseWriteConnection") and hasattr(self.out, "abortConnection"):
+            self.out.loseWriteConnection()
+            self._overall = self.clock.callLater(CLOSE_GRACE, self.out.abortConnection)
+        else:
+            self.out.loseConnection()
 
     def _timed_out(self, which: str) -> None:
         if which == "idle":
@@ -351,9 +385,13 @@ class DestinationProtocol(FramedProtocol):
         self.outcome = effect
         if self.reading_paused:
             self.out.resumeProducing()
-        if self.arrival is not None:
-            self.arrival.finish(effect, self.session.bytes_received)
         if self.executor is not None:
+            # Journal the outcome after queued disk work (a discard frees the
+            # space a full disk needs for the journal's own write).
+            arrival, nbytes = self.arrival, self.session.bytes_received
+            self.executor.submit(lambda: None).addBoth(
+                lambda _: self._journal_outcome(arrival, effect, nbytes)
+            )
             self.executor.shutdown()
         vm = self.session.hello.vm_name if self.session.hello else "?"
         self.log.info(
@@ -363,6 +401,12 @@ class DestinationProtocol(FramedProtocol):
             outcome=effect.outcome.value,
             why=f" ({effect.code.name}: {effect.reason})" if effect.code else "",
         )
+
+    def _journal_outcome(self, arrival: Any, effect: s.Finished, nbytes: int) -> None:
+        try:
+            arrival.finish(effect, nbytes)
+        except Exception:
+            self.log.failure("could not journal the outcome of migration {mid}", mid=arrival.id)
 
 
 class DestinationFactory(Factory):

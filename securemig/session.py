@@ -174,8 +174,11 @@ def _named(target: Any, method: str) -> Callable[..., Effects]:
     ``core.<method>`` with the input's arguments."""
 
     def behaviour(inputs: Any, core: Any, *args: Any) -> Effects:
-        core.phase = target.name
-        result: Effects = getattr(core, method)(*args)
+        # The behaviour still sees the phase it leaves (for its messages).
+        try:
+            result: Effects = getattr(core, method)(*args)
+        finally:
+            core.phase = target.name
         return result
 
     return behaviour

@@ -213,3 +213,90 @@ class CommandLineTests(TestCase):
         )
         self.assertEqual(result.returncode, 1)
         self.assertIn("no VM bundle", result.stderr)
+
+
+class DiskFullTests(TestCase):
+    """The destination's disk fills mid-stream: a clear DISK_FULL, staging
+    removed, the VM intact and unlocked at the source.
+
+    The destination runs in its own mount namespace on a 128 MiB tmpfs
+    (``unshare``, as root), so filling it touches nothing else; the test
+    reaches into that namespace through ``/proc/PID/root``.
+    """
+
+    def test_disk_full_mid_stream(self) -> None:
+        base = Path(self.mktemp()).absolute()
+        state = base / "dst"
+        state.mkdir(parents=True)
+        mount = f'mount -t tmpfs -o size=128m securemig-test "{state}" && exec "$@"'
+        destination = processes.start_destination(
+            state,
+            port_file=base / "port",
+            log_file=base / "twistd.log",
+            wrapper=("unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh"),
+        )
+        self.addCleanup(destination.stop)
+        inside = Path(f"/proc/{destination.process.pid}/root") / state.relative_to("/")
+        vm_dir = base / "src"
+        result = processes.securemig("vm", "create", "vm1", "--dir", str(vm_dir), "--ram-mib", "48")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        bundle = Bundle.find(vm_dir, "vm1")
+        before = bundle_digests(bundle)
+        migrate = subprocess.Popen(
+            [
+                processes.script("securemig"),
+                "migrate",
+                "vm1",
+                "--vm-dir",
+                str(vm_dir),
+                "--to",
+                destination.address,
+                "--insecure",
+                "--no-progress",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.addCleanup(lambda: migrate.poll() is None and migrate.kill())
+        deadline = time.monotonic() + 30
+        while not any(p.stat().st_size for p in (inside / "staging").glob("*/ram.img")):
+            self.assertLess(time.monotonic(), deadline, "the stream never started")
+            time.sleep(0.001)
+        # Admitted (48 MiB + margin fitted) and streaming: fill the disk under it.
+        destination.process.send_signal(signal.SIGSTOP)
+        with open(inside / "filler", "wb") as f:
+            f.truncate(0)
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+        destination.process.send_signal(signal.SIGCONT)
+        _, err = migrate.communicate(timeout=60)
+        self.assertEqual(migrate.returncode, 1, err)
+        self.assertIn("DISK_FULL", err)
+        self.assertEqual(bundle_digests(Bundle.load(bundle.path)), before)
+        self.assertFalse(storage.is_locked(bundle.lock_path))
+        self.assertEqual(list((inside / "staging").iterdir()), [])
+        # SQLite cannot read a live WAL through /proc/PID/root: ask from inside.
+        status = subprocess.run(
+            [
+                "nsenter",
+                "-t",
+                str(destination.process.pid),
+                "-m",
+                processes.script("securemig"),
+                "status",
+                "--state-dir",
+                str(state),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        record = json.loads(status.stdout)[0]
+        self.assertEqual(record["outcome"], "aborted")
+        self.assertIn("DISK_FULL", record["error"])

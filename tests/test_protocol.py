@@ -124,6 +124,10 @@ class HostilePeerTests(SynchronousTestCase):
         self.pump.flush()
 
     def assertAborted(self, code: ErrorCode) -> None:
+        """The destination sent ABORT with ``code``, half-closed, and dropped
+        the connection after the grace period; nothing is left staged."""
+        self.env.clock.advance(protocol.CLOSE_GRACE)
+        self.pump.flush()
         last = self.peer.messages()[-1]
         self.assertIsInstance(last, wire.Abort)
         self.assertEqual(last.code, code)  # type: ignore[union-attr]
