@@ -39,7 +39,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from automat import NoTransition, TypeMachineBuilder
 
@@ -400,6 +400,33 @@ class _Session:
         """True once the session reached ``done`` or ``failed``."""
         return self.phase in ("done", "failed")
 
+    #: Which input each message type feeds; other types are never sent to us.
+    _input_for: ClassVar[dict[type, str]]
+    _role: ClassVar[str]
+
+    def receive(self, message: wire.Message) -> Effects:
+        """Feed one message from the peer.  Raises :class:`ProtocolError` for
+        a message this phase does not allow; the caller then calls
+        :meth:`fail` with it."""
+        name = self._input_name(message)
+        if name is None:
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"{type(message).__name__} is never sent to a {self._role}",
+            )
+        return self._input(name, message)
+
+    def _input_name(self, message: wire.Message) -> str | None:
+        return self._input_for.get(type(message))
+
+    def fail(self, code: ErrorCode, reason: str) -> Effects:
+        """A local failure or a protocol violation ends the session."""
+        return self._input("fail", code, reason)
+
+    def connection_lost(self) -> Effects:
+        """The connection is gone."""
+        return self._input("connection_lost")
+
     def _input(self, name: str, *args: Any) -> Effects:
         try:
             effects: Effects = getattr(self._machine, name)(*args)
@@ -427,21 +454,23 @@ class DestinationSession(_Session):
         """Image bytes received so far, over all streams."""
         return self._core.total_received  # type: ignore[no-any-return]
 
-    def receive(self, message: wire.Message) -> Effects:
-        """Feed one message from the source.  Raises :class:`ProtocolError`
-        for a message this phase does not allow; the caller then calls
-        :meth:`fail` with it."""
+    _role = "destination"
+    _input_for: ClassVar[dict[type, str]] = {
+        wire.Hello: "hello",
+        wire.StreamBegin: "stream_begin",
+        wire.Data: "data",
+        wire.Commit: "commit",
+        wire.Abort: "peer_abort",
+    }
+
+    def _input_name(self, message: wire.Message) -> str | None:
+        # The machine needs to know which STREAM_END is the last: after it
+        # the destination prepares instead of awaiting another stream.
         if isinstance(message, wire.StreamEnd):
             hello = self._core.hello
             last = hello is not None and self._core.next_index == len(hello.images) - 1
-            return self._input("last_stream_end" if last else "stream_end", message)
-        name = _DESTINATION_INPUT_FOR.get(type(message))
-        if name is None:
-            raise ProtocolError(
-                ErrorCode.UNEXPECTED_MESSAGE,
-                f"{type(message).__name__} is never sent to a destination",
-            )
-        return self._input(name, message)
+            return "last_stream_end" if last else "stream_end"
+        return super()._input_name(message)
 
     def admitted(self, migration_id: bytes) -> Effects:
         """The host accepted the HELLO and reserved what it needs."""
@@ -458,23 +487,6 @@ class DestinationSession(_Session):
     def resumed(self) -> Effects:
         """The VM is in place and resumed here."""
         return self._input("resumed")
-
-    def fail(self, code: ErrorCode, reason: str) -> Effects:
-        """A local failure or a protocol violation ends the session."""
-        return self._input("fail", code, reason)
-
-    def connection_lost(self) -> Effects:
-        """The connection is gone."""
-        return self._input("connection_lost")
-
-
-_DESTINATION_INPUT_FOR: dict[type, str] = {
-    wire.Hello: "hello",
-    wire.StreamBegin: "stream_begin",
-    wire.Data: "data",
-    wire.Commit: "commit",
-    wire.Abort: "peer_abort",
-}
 
 
 # --------------------------------------------------------------------------
@@ -588,6 +600,14 @@ _SourceMachine = _source_machine()
 class SourceSession(_Session):
     """The source's side of one migration, for the VM that ``hello`` announces."""
 
+    _role = "source"
+    _input_for: ClassVar[dict[type, str]] = {
+        wire.Welcome: "welcome",
+        wire.Prepared: "prepared",
+        wire.Done: "done",
+        wire.Abort: "peer_abort",
+    }
+
     def __init__(self, hello: wire.Hello) -> None:
         self._core = SourceCore(hello)
         self._machine = _SourceMachine(self._core)
@@ -606,15 +626,6 @@ class SourceSession(_Session):
         """The connection is up: say HELLO."""
         return self._input("start")
 
-    def receive(self, message: wire.Message) -> Effects:
-        """Feed one message from the destination (see DestinationSession.receive)."""
-        name = _SOURCE_INPUT_FOR.get(type(message))
-        if name is None:
-            raise ProtocolError(
-                ErrorCode.UNEXPECTED_MESSAGE, f"{type(message).__name__} is never sent to a source"
-            )
-        return self._input(name, message)
-
     def streams_sent(self) -> Effects:
         """Every image was written to the connection."""
         return self._input("streams_sent")
@@ -622,19 +633,3 @@ class SourceSession(_Session):
     def committed_locally(self) -> Effects:
         """COMMITTED is journaled and the VM given up here."""
         return self._input("committed_locally")
-
-    def fail(self, code: ErrorCode, reason: str) -> Effects:
-        """A local failure or a protocol violation ends the session."""
-        return self._input("fail", code, reason)
-
-    def connection_lost(self) -> Effects:
-        """The connection is gone."""
-        return self._input("connection_lost")
-
-
-_SOURCE_INPUT_FOR: dict[type, str] = {
-    wire.Welcome: "welcome",
-    wire.Prepared: "prepared",
-    wire.Done: "done",
-    wire.Abort: "peer_abort",
-}

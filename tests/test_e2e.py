@@ -17,6 +17,29 @@ from securemig.bundle import Bundle
 from .helpers import bundle_digests
 
 
+def start_migrate(case: TestCase, vm_dir: Path, to: str) -> subprocess.Popen[str]:
+    """Start ``securemig migrate vm1 --insecure`` in the background; the test
+    ends it if it is still running."""
+    migrate = subprocess.Popen(
+        [
+            processes.script("securemig"),
+            "migrate",
+            "vm1",
+            "--vm-dir",
+            str(vm_dir),
+            "--to",
+            to,
+            "--insecure",
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    case.addCleanup(lambda: migrate.poll() is None and migrate.kill())
+    return migrate
+
+
 class EndToEndTests(TestCase):
     """Real processes; each test ends every process it started."""
 
@@ -108,23 +131,7 @@ class EndToEndTests(TestCase):
         intact and unlocked; a restarted destination removes the staging."""
         bundle = self.create_vm("--ram-mib", "128")
         before = bundle_digests(bundle)
-        migrate = subprocess.Popen(
-            [
-                processes.script("securemig"),
-                "migrate",
-                "vm1",
-                "--vm-dir",
-                str(self.vm_dir),
-                "--to",
-                self.destination.address,
-                "--insecure",
-                "--no-progress",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.addCleanup(lambda: migrate.poll() is None and migrate.kill())
+        migrate = start_migrate(self, self.vm_dir, self.destination.address)
         staging = self.state_dir / "staging"
         deadline = time.monotonic() + 30
         while not any(staging.iterdir()):
@@ -242,23 +249,7 @@ class DiskFullTests(TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         bundle = Bundle.find(vm_dir, "vm1")
         before = bundle_digests(bundle)
-        migrate = subprocess.Popen(
-            [
-                processes.script("securemig"),
-                "migrate",
-                "vm1",
-                "--vm-dir",
-                str(vm_dir),
-                "--to",
-                destination.address,
-                "--insecure",
-                "--no-progress",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.addCleanup(lambda: migrate.poll() is None and migrate.kill())
+        migrate = start_migrate(self, vm_dir, destination.address)
         deadline = time.monotonic() + 30
         while not any(p.stat().st_size for p in (inside / "staging").glob("*/ram.img")):
             self.assertLess(time.monotonic(), deadline, "the stream never started")
