@@ -1,0 +1,176 @@
+"""
+swtpm as a real part: provision TPM 2.0 simulators and run them on loopback.
+
+``provision()`` runs ``swtpm_setup --tpm2 --create-ek-cert`` with a local CA
+whose configuration and state live in a directory of ours (never the
+system's ``/var/lib/swtpm-localca``), so the EK certificates chain to a CA
+the privacy CA can be told to trust.  ``start()`` runs ``swtpm socket`` on
+free loopback ports and returns the TCTI string to reach it; the process is
+ended by its pid.  Used by the tests, the demo, and for vTPMs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+#: The Debian packages that provide what this module runs.
+PACKAGES = "swtpm swtpm-tools"
+START_TIMEOUT = 10.0
+
+
+class SwtpmMissing(RuntimeError):
+    """swtpm is not installed; the message names the Debian packages."""
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise SwtpmMissing(
+            f"{name} not found: install the Debian packages {PACKAGES} (make setup does)"
+        )
+    return path
+
+
+def local_ca(ca_dir: Path) -> Path:
+    """Configure a swtpm local CA living in ``ca_dir``; returns the
+    swtpm_setup configuration file that uses it.  The CA's keys are created
+    by ``swtpm_localca`` on first use."""
+    ca_dir.mkdir(parents=True, exist_ok=True)
+    conf = ca_dir / "localca.conf"
+    conf.write_text(
+        f"statedir = {ca_dir}\n"
+        f"signingkey = {ca_dir / 'signkey.pem'}\n"
+        f"issuercert = {ca_dir / 'issuercert.pem'}\n"
+        f"certserial = {ca_dir / 'certserial'}\n"
+    )
+    options = ca_dir / "localca.options"
+    options.write_text(
+        "--platform-manufacturer securemig\n--platform-version 2.1\n--platform-model swtpm\n"
+    )
+    setup = ca_dir / "swtpm_setup.conf"
+    setup.write_text(
+        f"create_certs_tool = {_tool('swtpm_localca')}\n"
+        f"create_certs_tool_config = {conf}\n"
+        f"create_certs_tool_options = {options}\n"
+        "active_pcr_banks = sha256\n"
+    )
+    return setup
+
+
+def ca_certificates(ca_dir: Path) -> list[Path]:
+    """The local CA's root and intermediate certificates (what a privacy CA
+    trusts as the 'TPM vendor' of these simulated TPMs)."""
+    return [ca_dir / "swtpm-localca-rootca-cert.pem", ca_dir / "issuercert.pem"]
+
+
+def provision(state_dir: Path, ca_dir: Path) -> None:
+    """Manufacture a TPM 2.0 in ``state_dir``: EK certificates from the CA in ``ca_dir``."""
+    setup = local_ca(ca_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    certs = state_dir / "ek-certs"
+    certs.mkdir(exist_ok=True)
+    result = subprocess.run(
+        [
+            _tool("swtpm_setup"),
+            "--tpm2",
+            "--tpmstate",
+            str(state_dir),
+            "--create-ek-cert",
+            "--config",
+            str(setup),
+            "--write-ek-cert-files",
+            str(certs),
+            "--overwrite",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"swtpm_setup failed ({result.returncode}): {(result.stderr or result.stdout).strip()}"
+        )
+
+
+def _free_port_pair() -> int:
+    """A port P with P and P+1 free: the swtpm TCTI expects control on P+1."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port >= 65535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
+@dataclass
+class Swtpm:
+    """A running ``swtpm socket`` process."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    ctrl_port: int
+    state_dir: Path
+
+    @property
+    def tcti(self) -> str:
+        """The TCTI string to open this TPM with."""
+        return f"swtpm:host=127.0.0.1,port={self.port}"
+
+    def stop(self) -> None:
+        """End the process by its pid (SIGTERM, then SIGKILL)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start(state_dir: Path) -> Swtpm:
+    """Run the TPM in ``state_dir`` on free loopback ports until :meth:`Swtpm.stop`."""
+    for _ in range(5):  # a port chosen free can be taken before swtpm binds it
+        port = _free_port_pair()
+        ctrl = port + 1
+        process = subprocess.Popen(
+            [
+                _tool("swtpm"),
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={state_dir}",
+                "--server",
+                f"type=tcp,port={port},bindaddr=127.0.0.1",
+                "--ctrl",
+                f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
+                "--flags",
+                "not-need-init,startup-clear",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return Swtpm(process, port, ctrl, state_dir)
+            except OSError:
+                time.sleep(0.02)
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+    raise RuntimeError(f"swtpm did not start: {err.strip()}")

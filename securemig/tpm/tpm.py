@@ -1,0 +1,349 @@
+"""
+The TPM 2.0 operations securemig needs, over tpm2-pytss.
+
+A :class:`TPM` is opened from a TCTI string (``device:/dev/tpmrm0`` on a real
+host, ``swtpm:host=127.0.0.1,port=N`` for a simulator); nothing else here
+knows which it has.  swtpm has no resource manager: objects loaded into it
+belong to the whole TPM and survive a crashed client.  So each TPM has one
+owner process, which uses it from one thread, and every operation loads
+what it needs and flushes it before returning.
+
+Keys leave the TPM only as *blobs* (:class:`KeyBlob`: the TPM-encrypted
+private part and the public area), which are useless without the TPM that
+made them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+# tpm2-tss logs expected probing failures (absent NV indices) as errors.
+os.environ.setdefault("TSS2_LOG", "all+NONE")
+
+from tpm2_pytss import (
+    ESAPI,
+    TPM2B_DIGEST,
+    TPM2B_ECC_POINT,
+    TPM2B_PRIVATE,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPM2B_SENSITIVE_DATA,
+    TPML_PCR_SELECTION,
+    TPMS_ECC_POINT,
+    TPMT_SIG_SCHEME,
+    TPMT_SYM_DEF,
+)
+from tpm2_pytss.constants import (
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_CC,
+    TPM2_SE,
+    TPMA_OBJECT,
+)
+from tpm2_pytss.utils import NVReadEK, create_ek_template
+
+logging.getLogger("tpm2_pytss").setLevel(logging.CRITICAL)
+
+#: NV indices of the EK certificates (TCG EK Credential Profile).
+EK_CERT_NV = {"rsa": 0x01C00002, "ecc": 0x01C00016}
+EK_TEMPLATES = {"rsa": "EK-RSA2048", "ecc": "EK-ECC384"}
+
+#: Attributes every attestation key must have, and the verifier checks.
+AK_ATTRIBUTES = (
+    TPMA_OBJECT.RESTRICTED
+    | TPMA_OBJECT.SIGN_ENCRYPT
+    | TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+)
+AK_TEMPLATES = {"ecc": "ecc256:ecdsa-sha256:null", "rsa": "rsa2048:rsassa-sha256:null"}
+SRK_TEMPLATE = "ecc256:aes128cfb"
+
+
+class TPMError(RuntimeError):
+    """A TPM operation failed; the message says which, never a secret."""
+
+
+@dataclass(frozen=True)
+class KeyBlob:
+    """A key that lives in one TPM: its encrypted private part and public area."""
+
+    private: bytes
+    public: bytes
+
+    @property
+    def public_area(self) -> TPM2B_PUBLIC:
+        """The parsed public area."""
+        return TPM2B_PUBLIC.unmarshal(self.public)[0]
+
+    @property
+    def name(self) -> bytes:
+        """The TPM name (nameAlg || H(public area)), computed here."""
+        return bytes(self.public_area.get_name())
+
+    def to_bytes(self) -> bytes:
+        """A self-delimiting serialisation for files."""
+        return len(self.private).to_bytes(4, "big") + self.private + self.public
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> KeyBlob:
+        """Parse :meth:`to_bytes` output."""
+        n = int.from_bytes(raw[:4], "big")
+        return cls(raw[4 : 4 + n], raw[4 + n :])
+
+
+@dataclass(frozen=True)
+class Signed:
+    """A TPMS_ATTEST structure and the TPMT_SIGNATURE over it, as the TPM
+    returned them (a quote, or a certification of a key)."""
+
+    attest: bytes
+    signature: bytes
+
+
+def pcr_selection(pcrs: Sequence[int]) -> TPML_PCR_SELECTION:
+    """A SHA-256 bank selection of ``pcrs``."""
+    if not pcrs or any(not 0 <= p <= 23 for p in pcrs):
+        raise ValueError(f"PCR selection {list(pcrs)} must be non-empty, within 0..23")
+    return TPML_PCR_SELECTION.parse("sha256:" + ",".join(str(p) for p in sorted(set(pcrs))))
+
+
+def pcr_policy_digest(pcrs: Sequence[int], values: dict[int, bytes]) -> bytes:
+    """The policy digest of TPM2_PolicyPCR over ``values``, computed in
+    software (TPM 2.0 Part 3, 23.7): what a key bound to that PCR state
+    carries as its authPolicy."""
+    selection = pcr_selection(pcrs)
+    pcr_digest = hashlib.sha256(b"".join(values[p] for p in sorted(set(pcrs)))).digest()
+    return hashlib.sha256(
+        bytes(32) + int(TPM2_CC.PolicyPCR).to_bytes(4, "big") + selection.marshal() + pcr_digest
+    ).digest()
+
+
+class TPM:
+    """A TPM opened from a TCTI string, used by one owner at a time."""
+
+    def __init__(self, tcti: str) -> None:
+        try:
+            self.esapi = ESAPI(tcti)
+        except Exception as e:
+            raise TPMError(f"cannot open TPM {tcti!r}: {e}") from None
+        self.tcti = tcti
+
+    def close(self) -> None:
+        """Release the connection to the TPM."""
+        self.esapi.close()
+
+    def __enter__(self) -> TPM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing
+
+    @contextmanager
+    def _loaded(self, handle: ESYS_TR) -> Iterator[ESYS_TR]:
+        try:
+            yield handle
+        finally:
+            self.esapi.flush_context(handle)
+
+    def _primary(self, template: str, hierarchy: ESYS_TR) -> ESYS_TR:
+        public = TPM2B_PUBLIC.parse(
+            template, objectAttributes=TPMA_OBJECT.DEFAULT_TPM2_TOOLS_CREATEPRIMARY_ATTRS
+        )
+        handle, *_ = self.esapi.create_primary(TPM2B_SENSITIVE_CREATE(), public, hierarchy)
+        return handle
+
+    @contextmanager
+    def _srk(self) -> Iterator[ESYS_TR]:
+        """The storage root key: an ECC primary, recreated identically each time."""
+        with self._loaded(self._primary(SRK_TEMPLATE, ESYS_TR.OWNER)) as srk:
+            yield srk
+
+    @contextmanager
+    def _key(self, blob: KeyBlob) -> Iterator[ESYS_TR]:
+        with self._srk() as srk:
+            private = TPM2B_PRIVATE.unmarshal(blob.private)[0]
+            handle = self.esapi.load(srk, private, blob.public_area)
+        with self._loaded(handle) as key:
+            yield key
+
+    @contextmanager
+    def _ek(self, kind: str = "rsa") -> Iterator[tuple[ESYS_TR, TPM2B_PUBLIC]]:
+        _, template = create_ek_template(EK_TEMPLATES[kind], NVReadEK(self.esapi))
+        handle, public, *_ = self.esapi.create_primary(
+            TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT
+        )
+        with self._loaded(handle):
+            yield handle, public
+
+    @contextmanager
+    def _policy_session(self, trial: bool = False) -> Iterator[ESYS_TR]:
+        session = self.esapi.start_auth_session(
+            ESYS_TR.NONE,
+            ESYS_TR.NONE,
+            TPM2_SE.TRIAL if trial else TPM2_SE.POLICY,
+            TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+            TPM2_ALG.SHA256,
+        )
+        with self._loaded(session):
+            yield session
+
+    # -- identity
+
+    def ek_certificate(self, kind: str = "rsa") -> bytes:
+        """The EK certificate (DER) the manufacturer stored in NV."""
+        handle = self.esapi.tr_from_tpmpublic(EK_CERT_NV[kind])
+        public, _ = self.esapi.nv_read_public(handle)
+        size = public.nvPublic.dataSize
+        data = b""
+        while len(data) < size:
+            data += bytes(self.esapi.nv_read(handle, min(768, size - len(data)), len(data)))
+        # NV areas may be padded: keep exactly the DER SEQUENCE.
+        return data[: _der_length(data)]
+
+    def ek_public(self, kind: str = "rsa") -> bytes:
+        """The EK's public area (TPM2B_PUBLIC), recreated from its template."""
+        with self._ek(kind) as (_, public):
+            return bytes(public.marshal())
+
+    def create_ak(self, alg: str = "ecc") -> KeyBlob:
+        """A restricted signing key under the SRK (ECC P-256 by default)."""
+        public = TPM2B_PUBLIC.parse(
+            AK_TEMPLATES[alg], objectAttributes=AK_ATTRIBUTES | TPMA_OBJECT.USERWITHAUTH
+        )
+        with self._srk() as srk:
+            private, public_out, *_ = self.esapi.create(srk, TPM2B_SENSITIVE_CREATE(), public)
+        return KeyBlob(bytes(private.marshal()), bytes(public_out.marshal()))
+
+    def activate_credential(self, ak: KeyBlob, credential_blob: bytes, secret: bytes) -> bytes:
+        """Recover a credential made (by a privacy CA) for this AK and our EK."""
+        from tpm2_pytss import TPM2B_ENCRYPTED_SECRET, TPM2B_ID_OBJECT
+
+        with self._key(ak) as key, self._ek() as (ek, _), self._policy_session() as session:
+            self.esapi.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
+            credential = self.esapi.activate_credential(
+                key,
+                ek,
+                TPM2B_ID_OBJECT.unmarshal(credential_blob)[0],
+                TPM2B_ENCRYPTED_SECRET.unmarshal(secret)[0],
+                session1=ESYS_TR.PASSWORD,
+                session2=session,
+            )
+        return bytes(credential)
+
+    # -- platform state
+
+    def pcr_read(self, pcrs: Sequence[int]) -> dict[int, bytes]:
+        """Current SHA-256 values of ``pcrs``."""
+        wanted = sorted(set(pcrs))
+        values: dict[int, bytes] = {}
+        while len(values) < len(wanted):
+            rest = [p for p in wanted if p not in values]
+            _, selection, digests = self.esapi.pcr_read(pcr_selection(rest))
+            got = [p for p in rest if _selected(selection, p)]
+            if not got:
+                raise TPMError(f"TPM returned no value for PCRs {rest}")
+            for p, digest in zip(got, digests, strict=False):
+                values[p] = bytes(digest)
+        return values
+
+    def pcr_extend(self, index: int, data: bytes) -> None:
+        """Extend PCR ``index`` (SHA-256 bank) with the SHA-256 of ``data``."""
+        from tpm2_pytss import TPML_DIGEST_VALUES, TPMT_HA
+
+        digest = TPMT_HA(hashAlg=TPM2_ALG.SHA256)
+        digest.digest.sha256 = hashlib.sha256(data).digest()
+        self.esapi.pcr_extend(ESYS_TR.PCR0 + index, TPML_DIGEST_VALUES([digest]))
+
+    def quote(self, ak: KeyBlob, pcrs: Sequence[int], qualifying: bytes) -> Signed:
+        """A quote over ``pcrs`` with ``qualifying`` as extraData."""
+        with self._key(ak) as key:
+            attest, signature = self.esapi.quote(
+                key, pcr_selection(pcrs), qualifying, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
+            )
+        return Signed(bytes(attest), bytes(signature.marshal()))
+
+    def certify(self, key: KeyBlob, ak: KeyBlob, qualifying: bytes) -> Signed:
+        """TPM2_Certify: the AK attests that ``key`` is loaded in this TPM."""
+        with self._key(key) as obj, self._key(ak) as signer:
+            attest, signature = self.esapi.certify(
+                obj, signer, qualifying, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
+            )
+        return Signed(bytes(attest), bytes(signature.marshal()))
+
+    # -- keys bound to PCR state
+
+    def _pcr_policy(self, session: ESYS_TR, pcrs: Sequence[int]) -> None:
+        self.esapi.policy_pcr(session, TPM2B_DIGEST(), pcr_selection(pcrs))
+
+    def seal(self, secret: bytes, pcrs: Sequence[int], values: dict[int, bytes]) -> KeyBlob:
+        """Seal ``secret`` (at most 128 bytes) to the PCR state ``values``."""
+        public = TPM2B_PUBLIC.parse(
+            "keyedhash", objectAttributes=TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+        )
+        public.publicArea.authPolicy = pcr_policy_digest(pcrs, values)
+        sensitive = TPM2B_SENSITIVE_CREATE()
+        sensitive.sensitive.data = TPM2B_SENSITIVE_DATA(secret)
+        with self._srk() as srk:
+            private, public_out, *_ = self.esapi.create(srk, sensitive, public)
+        return KeyBlob(bytes(private.marshal()), bytes(public_out.marshal()))
+
+    def unseal(self, blob: KeyBlob, pcrs: Sequence[int]) -> bytes:
+        """Unseal; fails unless the PCRs hold the values it was sealed to."""
+        with self._key(blob) as key, self._policy_session() as session:
+            self._pcr_policy(session, pcrs)
+            try:
+                return bytes(self.esapi.unseal(key, session1=session))
+            except Exception as e:
+                raise TPMError(f"unseal refused by the TPM: {e}") from None
+
+    def create_migration_key(self, pcrs: Sequence[int], values: dict[int, bytes]) -> KeyBlob:
+        """An ECC P-256 decryption key (ECDH), fixedTPM, usable only under
+        a PCR policy equal to ``values``."""
+        public = TPM2B_PUBLIC.parse(
+            "ecc256:ecdh-sha256",
+            objectAttributes=TPMA_OBJECT.FIXEDTPM
+            | TPMA_OBJECT.FIXEDPARENT
+            | TPMA_OBJECT.SENSITIVEDATAORIGIN
+            | TPMA_OBJECT.DECRYPT,
+        )
+        public.publicArea.authPolicy = pcr_policy_digest(pcrs, values)
+        with self._srk() as srk:
+            private, public_out, *_ = self.esapi.create(srk, TPM2B_SENSITIVE_CREATE(), public)
+        return KeyBlob(bytes(private.marshal()), bytes(public_out.marshal()))
+
+    def ecdh_zgen(self, key: KeyBlob, pcrs: Sequence[int], peer: tuple[bytes, bytes]) -> bytes:
+        """The ECDH shared x coordinate of ``key`` and the peer's point (x, y),
+        computed inside the TPM under the key's PCR policy."""
+        point = TPM2B_ECC_POINT(TPMS_ECC_POINT(x=peer[0], y=peer[1]))
+        with self._key(key) as handle, self._policy_session() as session:
+            self._pcr_policy(session, pcrs)
+            try:
+                out = self.esapi.ecdh_zgen(handle, point, session1=session)
+            except Exception as e:
+                raise TPMError(f"ECDH refused by the TPM: {e}") from None
+        return bytes(out.point.x)
+
+
+def _selected(selection: TPML_PCR_SELECTION, pcr: int) -> bool:
+    for s in selection:
+        if s.hash == TPM2_ALG.SHA256 and s.pcrSelect[pcr // 8] & (1 << (pcr % 8)):
+            return True
+    return False
+
+
+def _der_length(data: bytes) -> int:
+    """Length of the DER element at the start of ``data``."""
+    if len(data) < 2 or data[0] != 0x30:
+        raise TPMError("EK certificate in NV is not DER")
+    if data[1] < 0x80:
+        return 2 + data[1]
+    n = data[1] & 0x7F
+    return 2 + n + int.from_bytes(data[2 : 2 + n], "big")
