@@ -119,6 +119,51 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
 
+    ca = sub.add_parser("ca", help="a site CA for host TLS certificates")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
+    ca_init = ca_sub.add_parser("init", help="create a site CA in DIR (ca.key, ca.pem)")
+    ca_init.add_argument("dir", type=Path)
+    ca_init.add_argument("--name", default="securemig site CA", help="the CA's common name")
+    ca_issue = ca_sub.add_parser("issue", help="issue a TLS key and certificate for a host")
+    ca_issue.add_argument("dir", type=Path, help="the site CA's directory")
+    ca_issue.add_argument("--name", required=True, help="the host name (subjectAltName)")
+    ca_issue.add_argument(
+        "--out", type=Path, required=True, help="directory for tls.key and tls.pem"
+    )
+
+    pca = sub.add_parser("pca", help="set up a privacy CA (run it with twistd securemig-pca)")
+    pca_sub = pca.add_subparsers(dest="pca_command", required=True, metavar="ACTION")
+    pca_init = pca_sub.add_parser("init", help="create a privacy CA in DIR")
+    pca_init.add_argument("dir", type=Path)
+    pca_init.add_argument(
+        "--vendor-ca",
+        type=Path,
+        action="append",
+        required=True,
+        help="a trusted TPM-vendor CA certificate (PEM); repeatable",
+    )
+
+    host = sub.add_parser("host", help="set up this host's identity")
+    host_sub = host.add_subparsers(dest="host_command", required=True, metavar="ACTION")
+    host_init = host_sub.add_parser(
+        "init",
+        help="TLS identity, attestation key and its certificate, in DIR",
+        description="Create this host's TLS key and certificate from the site CA, an "
+        "attestation key in its TPM, and enroll it with the privacy CA.",
+    )
+    host_init.add_argument("--dir", type=Path, required=True)
+    host_init.add_argument("--name", required=True, help="this host's DNS name")
+    host_init.add_argument(
+        "--tpm", required=True, help="TCTI: device:/dev/tpmrm0, or swtpm:host=127.0.0.1,port=N"
+    )
+    host_init.add_argument(
+        "--site-ca", type=Path, required=True, help="the site CA directory (securemig ca init)"
+    )
+    host_init.add_argument("--pca", required=True, help="the privacy CA's https:// URL")
+    host_init.add_argument(
+        "--pca-ca", type=Path, required=True, help="the privacy CA's certificate (its ca.pem)"
+    )
+
     bench = sub.add_parser(
         "bench",
         help="measure migration against a plain copy",
@@ -145,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         "status": cmd_status,
         "demo": cmd_demo,
         "bench": cmd_bench,
+        "ca": cmd_ca,
+        "pca": cmd_pca,
+        "host": cmd_host,
     }[args.command]
     try:
         return handler(args)
@@ -372,6 +420,60 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{(r.outcome or r.phase):<13} {r.bytes >> 20:>6} MiB  peer {r.peer}"
             + (f"\n    {r.error}" if r.error else "")
         )
+    return EXIT_OK
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    """``securemig ca init|issue``."""
+    from securemig.identity import issue_tls
+    from securemig.pki import Authority
+
+    if args.ca_command == "init":
+        if (args.dir / "ca.key").exists():
+            return _error(f"{args.dir} already holds a CA")
+        Authority.create(args.name).save(args.dir)
+        print(f"created site CA {args.name!r} in {args.dir}")
+        return EXIT_OK
+    try:
+        authority = Authority.load(args.dir)
+    except (OSError, ValueError) as e:
+        return _error(f"cannot load the CA in {args.dir}: {e}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    issue_tls(authority, args.name, args.out)
+    print(f"issued {args.out / 'tls.pem'} for {args.name}")
+    return EXIT_OK
+
+
+def cmd_pca(args: argparse.Namespace) -> int:
+    """``securemig pca init``."""
+    from securemig.pca.core import PrivacyCA
+
+    if (args.dir / "ca.key").exists():
+        return _error(f"{args.dir} already holds a privacy CA")
+    missing = [str(p) for p in args.vendor_ca if not p.is_file()]
+    if missing:
+        return _error(f"no such vendor CA certificate: {', '.join(missing)}")
+    PrivacyCA.init(args.dir, args.vendor_ca)
+    print(f"created privacy CA in {args.dir} trusting {len(args.vendor_ca)} vendor CA(s)")
+    return EXIT_OK
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    """``securemig host init``."""
+    from securemig.identity import init_host
+    from securemig.pca.client import EnrollmentRefused
+    from securemig.tpm.tpm import TPMError
+
+    try:
+        identity = init_host(args.dir, args.name, args.tpm, args.site_ca, args.pca, args.pca_ca)
+    except EnrollmentRefused as e:
+        return _error(f"the privacy CA refused the enrollment: {e}")
+    except (TPMError, OSError, ValueError) as e:
+        return _error(str(e))
+    print(
+        f"host {identity.name} initialised in {identity.directory}: TLS certificate, "
+        "attestation key, AK certificate"
+    )
     return EXIT_OK
 
 

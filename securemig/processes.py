@@ -67,6 +67,44 @@ class Destination:
             return ""
 
 
+def start_twistd(
+    plugin: str,
+    *args: str,
+    port_file: Path,
+    log_file: Path,
+    wrapper: tuple[str, ...] = (),
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Run ``twistd -n PLUGIN ARGS --port-file F`` and wait until it listens;
+    returns the process and its port.  ``wrapper`` prefixes the command."""
+    port_file.unlink(missing_ok=True)
+    argv = [
+        *wrapper,
+        script("twistd"),
+        "-n",
+        "--pidfile=",
+        "--logfile",
+        str(log_file),
+        plugin,
+        *args,
+        "--port-file",
+        str(port_file),
+    ]
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + START_TIMEOUT
+    while not port_file.exists():
+        if process.poll() is not None:
+            err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            log = log_file.read_text(errors="replace") if log_file.exists() else ""
+            raise RuntimeError(f"twistd {plugin} exited with {process.returncode}: {err}{log}")
+        if time.monotonic() > deadline:
+            end_process(process, signal.SIGKILL)
+            raise RuntimeError(f"twistd {plugin} did not listen within {START_TIMEOUT:g} s")
+        time.sleep(0.02)
+    return process, int(port_file.read_text())
+
+
 def start_destination(
     state_dir: Path,
     *extra: str,
@@ -81,39 +119,19 @@ def start_destination(
     ``state_dir``.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
-    port_file = port_file or state_dir / "port"
-    port_file.unlink(missing_ok=True)
     log_file = log_file or state_dir / "twistd.log"
-    argv = [
-        *wrapper,
-        script("twistd"),
-        "-n",
-        "--pidfile=",
-        "--logfile",
-        str(log_file),
+    process, port = start_twistd(
         "securemig",
         "--state-dir",
         str(state_dir),
         "--insecure-listen",
         "tcp:0:interface=127.0.0.1",
-        "--port-file",
-        str(port_file),
         *extra,
-    ]
-    process = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        port_file=port_file or state_dir / "port",
+        log_file=log_file,
+        wrapper=wrapper,
     )
-    deadline = time.monotonic() + START_TIMEOUT
-    while not port_file.exists():
-        if process.poll() is not None:
-            err = process.stderr.read().decode(errors="replace") if process.stderr else ""
-            log = log_file.read_text(errors="replace") if log_file.exists() else ""
-            raise RuntimeError(f"destination exited with {process.returncode}: {err}{log}")
-        if time.monotonic() > deadline:
-            end_process(process, signal.SIGKILL)
-            raise RuntimeError(f"destination did not listen within {START_TIMEOUT:g} s")
-        time.sleep(0.02)
-    return Destination(process, int(port_file.read_text()), state_dir, log_file)
+    return Destination(process, port, state_dir, log_file)
 
 
 def end_process(

@@ -88,12 +88,12 @@ class ListenService(service.Service):
         def listening(port: Any) -> None:
             self.port = port
             number = port.getHost().port
-            log.info("listening for {what} migrations on port {port}", what=self.what, port=number)
+            log.info("listening for {what} on port {port}", what=self.what, port=number)
             if self.port_file is not None:
                 storage.write_durably(self.port_file, f"{number}\n".encode())
 
         def failed(f: Any) -> None:
-            log.failure("cannot listen for {what} migrations", f, what=self.what)
+            log.failure("cannot listen for {what}", f, what=self.what)
             reactor.stop()
 
         d.addCallbacks(listening, failed)
@@ -132,5 +132,5 @@ def makeService(options: Options) -> service.MultiService:
     )
     endpoint = serverFromString(reactor, options["insecure-listen"])
     port_file = Path(options["port-file"]) if options["port-file"] else None
-    ListenService(endpoint, factory, port_file, "insecure").setServiceParent(top)
+    ListenService(endpoint, factory, port_file, "insecure migrations").setServiceParent(top)
     return top

@@ -51,7 +51,8 @@ logging.getLogger("tpm2_pytss").setLevel(logging.CRITICAL)
 
 #: NV indices of the EK certificates (TCG EK Credential Profile).
 EK_CERT_NV = {"rsa": 0x01C00002, "ecc": 0x01C00016}
-EK_TEMPLATES = {"rsa": "EK-RSA2048", "ecc": "EK-ECC384"}
+#: tpm2-pytss recreates the RSA EK only (swtpm's ECC EK is P-384, which it lacks).
+EK_TEMPLATE = "EK-RSA2048"
 
 #: Attributes every attestation key must have, and the verifier checks.
 AK_ATTRIBUTES = (
@@ -175,8 +176,8 @@ class TPM:
             yield key
 
     @contextmanager
-    def _ek(self, kind: str = "rsa") -> Iterator[tuple[ESYS_TR, TPM2B_PUBLIC]]:
-        _, template = create_ek_template(EK_TEMPLATES[kind], NVReadEK(self.esapi))
+    def _ek(self) -> Iterator[tuple[ESYS_TR, TPM2B_PUBLIC]]:
+        _, template = create_ek_template(EK_TEMPLATE, NVReadEK(self.esapi))
         handle, public, *_ = self.esapi.create_primary(
             TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT
         )
@@ -208,9 +209,9 @@ class TPM:
         # NV areas may be padded: keep exactly the DER SEQUENCE.
         return data[: _der_length(data)]
 
-    def ek_public(self, kind: str = "rsa") -> bytes:
-        """The EK's public area (TPM2B_PUBLIC), recreated from its template."""
-        with self._ek(kind) as (_, public):
+    def ek_public(self) -> bytes:
+        """The RSA EK's public area (TPM2B_PUBLIC), recreated from its template."""
+        with self._ek() as (_, public):
             return bytes(public.marshal())
 
     def create_ak(self, alg: str = "ecc") -> KeyBlob:

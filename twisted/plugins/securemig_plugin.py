@@ -8,3 +8,10 @@ securemig = ServiceMaker(
     "Destination of secure VM + vTPM migrations (see `securemig --help`).",
     "securemig",
 )
+
+securemig_pca = ServiceMaker(
+    "securemig-pca",
+    "securemig.pca.tap",
+    "Privacy CA of securemig: certifies TPM attestation keys of enrolled hosts.",
+    "securemig-pca",
+)

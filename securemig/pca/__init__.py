@@ -1,0 +1,1 @@
+"""The privacy CA: enrollment logic (core), its HTTPS service (web), its client."""
