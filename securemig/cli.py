@@ -22,6 +22,8 @@ from twisted.python.failure import Failure
 from securemig import __version__, wire
 
 T = TypeVar("T")
+#: PCRs attested by default: firmware, firmware config, option ROMs, boot loader, secure boot.
+DEFAULT_PCRS = "0,1,2,3,4,7"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_IN_DOUBT = 0, 1, 2, 3
 
@@ -164,6 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--pca-ca", type=Path, required=True, help="the privacy CA's certificate (its ca.pem)"
     )
 
+    pol = sub.add_parser("policy", help="golden PCR values of peers")
+    pol_sub = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    for action, text in (
+        ("show", "print recorded golden values"),
+        ("record", "record a host's current PCR values from its TPM"),
+        ("forget", "remove a host's golden values"),
+    ):
+        a = pol_sub.add_parser(action, help=text)
+        a.add_argument("--policy-dir", type=Path, required=True)
+        a.add_argument("--host", required=action != "show", help="the peer's host name")
+        if action == "record":
+            a.add_argument("--tpm", required=True, help="TCTI of that host's TPM")
+            a.add_argument(
+                "--pcrs",
+                default=DEFAULT_PCRS,
+                help="comma-separated PCR indices (default %(default)s)",
+            )
+
     bench = sub.add_parser(
         "bench",
         help="measure migration against a plain copy",
@@ -193,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "ca": cmd_ca,
         "pca": cmd_pca,
         "host": cmd_host,
+        "policy": cmd_policy,
     }[args.command]
     try:
         return handler(args)
@@ -474,6 +495,38 @@ def cmd_host(args: argparse.Namespace) -> int:
         f"host {identity.name} initialised in {identity.directory}: TLS certificate, "
         "attestation key, AK certificate"
     )
+    return EXIT_OK
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    """``securemig policy show|record|forget``."""
+    from securemig.policy import PolicyStore
+
+    try:
+        store = PolicyStore(args.policy_dir)
+        if args.policy_command == "record":
+            from securemig.tpm.tpm import TPM, TPMError
+
+            pcrs = [int(p) for p in args.pcrs.split(",")]
+            try:
+                with TPM(args.tpm) as tpm:
+                    values = tpm.pcr_read(pcrs)
+            except TPMError as e:
+                return _error(str(e))
+            store.record(args.host, values)
+            print(f"recorded PCRs {args.pcrs} of {args.host}")
+        elif args.policy_command == "forget":
+            if not store.forget(args.host):
+                return _error(f"no golden values for {args.host}")
+            print(f"forgot the golden values of {args.host}")
+        else:
+            for host in [args.host] if args.host else store.hosts():
+                golden = store.get(host)
+                if golden is None:
+                    return _error(f"no golden values for {host}")
+                print(golden.to_json().decode(), end="")
+    except ValueError as e:
+        return _error(str(e))
     return EXIT_OK
 
 

@@ -22,6 +22,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from securemig import storage
 
 
+def check_host_name(host: str) -> None:
+    """Refuse anything but a DNS host name (host names become file names)."""
+    labels = host.split(".")
+    if not (0 < len(host) <= 253) or not all(
+        label and len(label) <= 63 and label.replace("-", "").isalnum() and label.isascii()
+        for label in labels
+    ):
+        raise ValueError(f"{host!r} is not a DNS host name")
+
+
 @dataclass
 class Authority:
     """A CA's key and certificate."""

@@ -36,7 +36,7 @@ from tpm2_pytss import TPM2B_PUBLIC
 from tpm2_pytss.utils import make_credential
 
 from securemig.attest import AttestationError, check_ak
-from securemig.pki import Authority
+from securemig.pki import Authority, check_host_name
 
 #: Extended key usage of an EK certificate (TCG EK Credential Profile).
 EK_CERTIFICATE_EKU = x509.ObjectIdentifier("2.23.133.8.1")
@@ -223,9 +223,7 @@ def _parse_public(raw: bytes, what: str) -> TPM2B_PUBLIC:
 
 
 def _check_host_name(host: str) -> None:
-    labels = host.split(".")
-    if not (0 < len(host) <= 253) or not all(
-        label and len(label) <= 63 and label.replace("-", "").isalnum() and label.isascii()
-        for label in labels
-    ):
-        raise EnrollmentError("host-name", f"{host!r} is not a DNS host name")
+    try:
+        check_host_name(host)
+    except ValueError as e:
+        raise EnrollmentError("host-name", str(e)) from None
