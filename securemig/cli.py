@@ -194,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=3, help="runs per size (default 3)")
     bench.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     bench.add_argument("--json", type=Path, help="write the records here as JSON")
+    bench.add_argument(
+        "--tpm",
+        action="store_true",
+        help="instead: time TPM operations on a fresh swtpm (--repeat each)",
+    )
     return p
 
 
@@ -541,6 +546,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """``securemig bench``: see :mod:`securemig.bench`."""
     from securemig import bench
 
+    if args.tpm:
+        from securemig.bench import tpm
+
+        return tpm.run(repeat=args.repeat)
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     return bench.run(sizes=sizes, repeat=args.repeat, work_dir=args.dir, json_path=args.json)
 
