@@ -119,7 +119,8 @@ class DestinationHost:
             storage.check_free_space(self.state_dir, sum(i.size for i in hello.images))
             migration_id = os.urandom(wire.MIGRATION_ID_SIZE)
             staging = self.staging / migration_id.hex()
-            staging.mkdir()
+            # Journal first: a crash between the two leaves a record without
+            # staging (recover_staging settles it), never staging unaccounted for.
             self.journal.begin(
                 role="destination",
                 vm=name,
@@ -128,6 +129,7 @@ class DestinationHost:
                 protocol=protocol,
                 id=migration_id.hex(),
             )
+            staging.mkdir()
             self.journal.phase(migration_id.hex(), "admitted")
         except BaseException:
             lock.release()
