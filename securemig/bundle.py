@@ -19,6 +19,8 @@ from securemig import storage, wire
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+#: The VM's vTPM key, sealed to this host's TPM (secure variant only).
+VTPM_KEY = "vtpm-key.sealed"
 FORMAT = 1
 
 
@@ -118,6 +120,11 @@ class Bundle:
         return self.path / f"{name}.img"
 
     @property
+    def vtpm_key_path(self) -> Path:
+        """Where the sealed vTPM key lives."""
+        return self.path / VTPM_KEY
+
+    @property
     def lock_path(self) -> Path:
         """The lock a migration of this VM holds."""
         return self.path / LOCK
@@ -170,6 +177,7 @@ def create_image_vm(
     ram_mib: int,
     disk_mib: int | None = None,
     shared_disk: Path | None = None,
+    sealed_vtpm_key: bytes | None = None,
 ) -> Bundle:
     """Create a suspended VM of the ``image`` backend with random contents.
 
@@ -198,6 +206,8 @@ def create_image_vm(
     bundle = Bundle(staging, manifest)
     for image in manifest.images:
         _fill_random(bundle.image_path(image), image.size)
+    if sealed_vtpm_key is not None:
+        storage.write_durably(bundle.vtpm_key_path, sealed_vtpm_key, mode=0o600)
     bundle.save()
     storage.rename_durably(staging, path)
     return Bundle(path, manifest)

@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--ram-mib", required=True, type=_mib, help="RAM image size in MiB")
     create.add_argument("--disk-mib", type=_mib, help="disk image size in MiB (default: no disk)")
     create.add_argument(
+        "--identity",
+        type=Path,
+        help="give the VM a vTPM key sealed to this host's TPM (needed for secure migration)",
+    )
+    create.add_argument(
         "--shared-disk", type=Path, help="create the disk image here, on storage both hosts mount"
     )
     listing = vm_sub.add_parser("list", help="list the VM bundles in a directory")
@@ -75,6 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("name", help="the VM to migrate")
     mig.add_argument("--vm-dir", required=True, type=Path, help="directory holding the VM bundle")
     mig.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination")
+    mig.add_argument(
+        "--identity", type=Path, help="this host's identity directory: the secure variant (default)"
+    )
+    mig.add_argument(
+        "--policy-dir", type=Path, help="golden values of destinations (default: IDENTITY/policy)"
+    )
+    mig.add_argument(
+        "--tofu",
+        action="store_true",
+        help="record an unknown destination's PCR values on first attestation",
+    )
+    mig.add_argument(
+        "--destination-name", help="the name the destination must prove (default: the host of --to)"
+    )
     mig.add_argument(
         "--insecure",
         action="store_true",
@@ -238,10 +257,19 @@ def cmd_vm(args: argparse.Namespace) -> int:
 
     if args.vm_command == "create":
         try:
+            sealed = None
+            if args.identity:
+                import os
+
+                from securemig.secure import open_attestor
+
+                attestor = open_attestor(args.identity, None, False)
+                sealed = attestor.seal(os.urandom(32))
+                attestor.tpm.close()
             bundle = create_image_vm(
-                args.dir, args.name, args.ram_mib, args.disk_mib, args.shared_disk
+                args.dir, args.name, args.ram_mib, args.disk_mib, args.shared_disk, sealed
             )
-        except (BundleError, OSError) as e:
+        except (BundleError, OSError, ValueError) as e:
             return _error(str(e))
         sizes = ", ".join(f"{i.name} {i.size >> 20} MiB" for i in bundle.manifest.images)
         shared = (
@@ -285,13 +313,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     from securemig.bundle import Bundle, BundleError
     from securemig.journal import Journal
-    from securemig.source import ConnectFailed, migrate, parse_address
+    from securemig.source import ConnectFailed, SecureOptions, migrate, parse_address
+    from securemig.tpm.tpm import TPMError
 
-    if not args.insecure:
+    if args.insecure == bool(args.identity):
         return _error(
-            "the secure variant is not available in this version yet; "
-            "pass --insecure for the insecure variant (no TLS, no attestation)"
+            "choose the variant: --identity DIR for the secure one, or --insecure "
+            "(no TLS, no attestation)"
         )
+    secure = None
+    if args.identity:
+        secure = SecureOptions(args.identity, args.policy_dir, args.tofu, args.destination_name)
     chunk = args.chunk_kib * 1024
     if not wire.MIN_CHUNK_SIZE <= chunk <= wire.MAX_CHUNK_SIZE:
         return _error(
@@ -340,8 +372,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 deadline=args.deadline,
                 on_progress=progress,
                 on_start=on_start,
+                secure=secure,
             )
-        except (BundleError, ConnectFailed) as e:
+        except (BundleError, ConnectFailed, TPMError, OSError) as e:
             outcome["error"] = str(e)
             return
         outcome["departure"] = departure
@@ -390,7 +423,7 @@ def _report_migration(args: argparse.Namespace, journal: Any, outcome: dict[str,
     summary = {
         "vm": args.name,
         "to": args.to,
-        "protocol": "insecure",
+        "protocol": "insecure" if args.insecure else "secure",
         "variant": "shared-storage" if args.shared_storage else "full",
         "outcome": finished.outcome.value,
         "error": f"{finished.code.name}: {finished.reason}" if finished.code else None,
@@ -406,7 +439,7 @@ def _report_migration(args: argparse.Namespace, journal: Any, outcome: dict[str,
         if not args.json:
             print(
                 f"securemig: VM {args.name} migrated to {args.to} ({summary['variant']}, "
-                f"insecure): {mib:.0f} MiB in {seconds:.2f} s "
+                f"{summary['protocol']}): {mib:.0f} MiB in {seconds:.2f} s "
                 f"({summary['throughput_mibps']} MiB/s), migration {summary['migration_id']}"
             )
         return EXIT_OK

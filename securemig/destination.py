@@ -177,6 +177,8 @@ class Arrival:
         self.lock = lock
         self.staging = staging
         self.cancelled = False
+        #: Secure variant: the vTPM key, re-sealed to this host's TPM.
+        self.sealed_vtpm_key: bytes | None = None
         self._file: BinaryIO | None = None
         self._hash = hashlib.sha256()
         self._image: wire.ImageInfo | None = None
@@ -229,7 +231,10 @@ class Arrival:
             images=[Image(i.name, i.size) for i in self.hello.images],
             shared_disk=self.hello.shared_disk or None,
         )
-        Bundle(self.staging, manifest).save()
+        bundle = Bundle(self.staging, manifest)
+        if self.sealed_vtpm_key is not None:
+            storage.write_durably(bundle.vtpm_key_path, self.sealed_vtpm_key, mode=0o600)
+        bundle.save()
         storage.fsync_dir(self.staging)
 
     def discard(self) -> None:

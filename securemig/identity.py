@@ -14,6 +14,7 @@ A host's identity directory: what ``securemig host init`` sets up, once.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,17 +72,37 @@ def init_host(
     directory: Path, name: str, tcti: str, site_ca_dir: Path, pca_url: str, pca_ca: Path
 ) -> Identity:
     """Set up a host: TLS identity, AK, enrollment with the privacy CA."""
-    directory.mkdir(parents=True, exist_ok=True)
     site_ca = Authority.load(site_ca_dir)
+    return write_identity(
+        directory,
+        name,
+        tcti,
+        site_ca,
+        pca_ca.read_bytes(),
+        lambda tpm, ak: enroll(pca_url, directory / "site-ca.pem", tpm, ak, name),
+    )
+
+
+def write_identity(
+    directory: Path,
+    name: str,
+    tcti: str,
+    site_ca: Authority,
+    pca_pem: bytes,
+    certify: Callable[[TPM, KeyBlob], bytes],
+) -> Identity:
+    """Fill an identity directory; ``certify`` obtains the AK certificate
+    (enrollment with a privacy CA, over HTTPS or, in tests, in process)."""
+    directory.mkdir(parents=True, exist_ok=True)
     issue_tls(site_ca, name, directory)
     storage.write_durably(
         directory / "site-ca.pem", site_ca.cert.public_bytes(serialization.Encoding.PEM)
     )
-    storage.write_durably(directory / "pca.pem", pca_ca.read_bytes())
+    storage.write_durably(directory / "pca.pem", pca_pem)
     with TPM(tcti) as tpm:
         ak = tpm.create_ak()
         storage.write_durably(directory / "ak.blob", ak.to_bytes())
-        cert = enroll(pca_url, directory / "site-ca.pem", tpm, ak, name)
+        cert = certify(tpm, ak)
     storage.write_durably(directory / "ak.der", cert)
     storage.write_durably(
         directory / "host.json", json.dumps({"name": name, "tpm": tcti}, indent=2).encode()

@@ -120,6 +120,13 @@ def failure_to_error(failure: Failure | BaseException, doing: str) -> ProtocolEr
         return error
     if isinstance(error, OSError):
         return storage.io_error(error, doing)
+    from securemig.attest import AttestationError
+    from securemig.secure import KeyTransferError
+
+    if isinstance(error, AttestationError):
+        return ProtocolError(ErrorCode.ATTESTATION_FAILED, str(error))
+    if isinstance(error, KeyTransferError):
+        return ProtocolError(ErrorCode.KEY_TRANSFER_FAILED, str(error))
     if isinstance(error, sqlite3.Error):
         # SQLite reports a full disk as its own error, not as ENOSPC.
         full = "full" in str(error)
@@ -240,6 +247,38 @@ class FramedProtocol(Protocol):
     def _do_Send(self, effect: s.Send) -> None:
         self.send(effect.message)
 
+    # -- the secure variant (TPM operations are quick and run in place)
+
+    security: Any = None
+
+    def migration_id(self) -> bytes:
+        """This migration's id (known once the destination admitted it)."""
+        raise NotImplementedError
+
+    def peer_name(self) -> str:
+        """The name the peer must prove (TLS and AK certificate alike)."""
+        raise NotImplementedError
+
+    def qualifying(self, role: str, nonce: bytes) -> bytes:
+        """Qualifying data bound to this TLS session and migration."""
+        from securemig.secure import qualifying_data
+        from securemig.tls import channel_binding
+
+        return qualifying_data(channel_binding(self.transport), role, nonce, self.migration_id())
+
+    def _do_Attest(self, effect: s.Attest) -> None:
+        evidence = self.security.attestor.evidence(self.qualifying(effect.role, effect.nonce))
+        self.run(self.session.attested(evidence))
+
+    def _do_VerifyPeer(self, effect: s.VerifyPeer) -> None:
+        qualifying = self.qualifying(effect.role, effect.nonce)
+        self.peer_values = self.security.attestor.verify(
+            effect.evidence, qualifying, self.peer_name()
+        )
+        self.peer_ak = effect.evidence.ak_public
+        self.log.info("{peer} attested", peer=self.peer_name())
+        self.run(self.session.peer_verified())
+
     def _do_Finished(self, effect: s.Finished) -> None:
         self._cancel_timers()
         if self.connection_open:
@@ -285,9 +324,12 @@ class DestinationProtocol(FramedProtocol):
         idle_timeout: float = IDLE_TIMEOUT,
         deadline: float = DEADLINE,
         high_water: int = HIGH_WATER,
+        security: Any = None,
     ) -> None:
         super().__init__(clock, idle_timeout, deadline)
-        self.session = s.DestinationSession()
+        self.security = security
+        self.session = s.DestinationSession(secure=security is not None)
+        self.wrapped_key: Any = None
         self.host = host
         self.protocol_name = protocol_name
         self.executor_factory = executor_factory
@@ -301,6 +343,31 @@ class DestinationProtocol(FramedProtocol):
     def _peer(self) -> str:
         peer = self.out.getPeer()
         return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+
+    def migration_id(self) -> bytes:
+        """The id this destination gave the migration."""
+        return bytes(self.arrival.migration_id)
+
+    def peer_name(self) -> str:
+        """The source's name from its verified TLS certificate."""
+        from securemig.tls import peer_names
+
+        names = peer_names(self.transport)
+        if not names:
+            raise ProtocolError(
+                ErrorCode.ATTESTATION_FAILED, "the source's certificate names no host"
+            )
+        return names[0]
+
+    def _do_OfferKey(self, effect: s.OfferKey) -> None:
+        from securemig.secure import MIGRATION_KEY_ROLE
+
+        qualifying = self.qualifying(MIGRATION_KEY_ROLE, b"")
+        offer = self.security.key.offer(self.security.attestor.identity.ak, qualifying)
+        self.run(self.session.key_offered(offer))
+
+    def _do_AcceptKey(self, effect: s.AcceptKey) -> None:
+        self.wrapped_key = effect.wrapped
 
     def _submit(
         self,
@@ -358,6 +425,12 @@ class DestinationProtocol(FramedProtocol):
         self._submit("closing a staging file", self.arrival.close_stream, effect.sha256)
 
     def _do_Prepare(self, effect: s.Prepare) -> None:
+        if self.security is not None:
+            # Unwrap inside our TPM (only in the attested PCR state) and
+            # re-seal to it; the key is never written in the clear.
+            secret = self.security.key.unwrap(self.wrapped_key, self.migration_id())
+            self.arrival.sealed_vtpm_key = self.security.attestor.seal(secret)
+
         def prepared(_: object) -> None:
             self.arrival.journal_phase("prepared", self.session.bytes_received)
             self.run(self.session.prepared())
@@ -420,8 +493,10 @@ class DestinationFactory(Factory):
         executor_factory: Callable[[], Executor] | None = None,
         idle_timeout: float = IDLE_TIMEOUT,
         deadline: float = DEADLINE,
+        security: Any = None,
     ) -> None:
         self.host = host
+        self.security = security
         self.clock = clock
         self.protocol_name = protocol_name
         self.executor_factory = executor_factory or (lambda: ThreadExecutor(clock))
@@ -437,6 +512,7 @@ class DestinationFactory(Factory):
             self.protocol_name,
             self.idle_timeout,
             self.deadline,
+            security=self.security,
         )
         p.factory = self
         return p
@@ -595,9 +671,11 @@ class SourceProtocol(FramedProtocol):
         on_progress: Callable[[int], None] = lambda n: None,
         idle_timeout: float = IDLE_TIMEOUT,
         deadline: float = DEADLINE,
+        security: Any = None,
     ) -> None:
         super().__init__(clock, idle_timeout, deadline)
         self.session = session
+        self.security = security
         self.departure = departure
         self.executor_factory = executor_factory
         self.on_progress = on_progress
@@ -629,6 +707,28 @@ class SourceProtocol(FramedProtocol):
             self.fail,
         )
         self.streamer.start()
+
+    def migration_id(self) -> bytes:
+        """The id the destination gave this migration."""
+        assert self.session.migration_id is not None
+        return self.session.migration_id
+
+    def peer_name(self) -> str:
+        """The destination's name, which TLS already checked."""
+        return str(self.security.destination_name)
+
+    def _do_WrapKey(self, effect: s.WrapKey) -> None:
+        from securemig.secure import MIGRATION_KEY_ROLE, check_offer, wrap
+
+        key = check_offer(
+            effect.offer,
+            self.peer_ak,
+            self.qualifying(MIGRATION_KEY_ROLE, b""),
+            self.security.attestor.pcrs,
+            self.peer_values,
+        )
+        wrapped = wrap(key, self.security.secret, self.migration_id())
+        self.run(self.session.key_wrapped(wrapped))
 
     def _do_CommitLocally(self, effect: s.CommitLocally) -> None:
         def failed(f: Failure) -> None:

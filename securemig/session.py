@@ -37,6 +37,7 @@ means for the VM depends on which side of the commit point it happens:
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -139,6 +140,46 @@ class RollBack:
 
 
 @dataclass(frozen=True)
+class Attest:
+    """Secure: quote our PCRs for the peer's ``nonce`` (role: who we are),
+    then call ``attested(evidence)``."""
+
+    nonce: bytes
+    role: str
+
+
+@dataclass(frozen=True)
+class VerifyPeer:
+    """Secure: verify the peer's evidence against our ``nonce`` (role: who
+    the peer is), then call ``peer_verified()``; a refusal raises."""
+
+    evidence: wire.Evidence
+    nonce: bytes
+    role: str
+
+
+@dataclass(frozen=True)
+class OfferKey:
+    """Secure, destination: certify the migration key for this session, then
+    call ``key_offered(offer)``."""
+
+
+@dataclass(frozen=True)
+class WrapKey:
+    """Secure, source: verify the offered key and wrap the vTPM key to it,
+    then call ``key_wrapped(wrapped)``."""
+
+    offer: wire.KeyOffer
+
+
+@dataclass(frozen=True)
+class AcceptKey:
+    """Secure, destination: keep the wrapped vTPM key for the commit."""
+
+    wrapped: wire.WrappedKey
+
+
+@dataclass(frozen=True)
 class Finished:
     """The session is over: close the connection and report the outcome."""
 
@@ -160,6 +201,11 @@ Effect = (
     | StartStreams
     | CommitLocally
     | RollBack
+    | Attest
+    | VerifyPeer
+    | OfferKey
+    | WrapKey
+    | AcceptKey
     | Finished
 )
 Effects = list[Effect]
@@ -211,6 +257,12 @@ class DestinationInputs(Protocol):
     def hello(self, message: wire.Hello) -> Effects: ...
     def admitted(self, migration_id: bytes) -> Effects: ...
     def refused(self, code: ErrorCode, reason: str) -> Effects: ...
+    def challenge(self, message: wire.Challenge) -> Effects: ...
+    def attested(self, evidence: wire.Evidence) -> Effects: ...
+    def evidence(self, message: wire.Evidence) -> Effects: ...
+    def peer_verified(self) -> Effects: ...
+    def key_offered(self, offer: wire.KeyOffer) -> Effects: ...
+    def wrapped_key(self, message: wire.WrappedKey) -> Effects: ...
     def stream_begin(self, message: wire.StreamBegin) -> Effects: ...
     def data(self, message: wire.Data) -> Effects: ...
     def stream_end(self, message: wire.StreamEnd) -> Effects: ...
@@ -229,6 +281,8 @@ class DestinationCore:
     behaviour of the transitions that :data:`_DESTINATION_TABLE` declares."""
 
     phase: str = "awaitHello"
+    nonce: Callable[[], bytes] = field(default=lambda: os.urandom(wire.NONCE_SIZE))
+    our_nonce: bytes = b""
     hello: wire.Hello | None = None
     migration_id: bytes | None = None
     next_index: int = 0
@@ -246,6 +300,26 @@ class DestinationCore:
 
     def on_refused(self, code: ErrorCode, reason: str) -> Effects:
         return [_abort(code, reason), Finished(Outcome.ABORTED, code, reason)]
+
+    # Secure variant: attestation both ways, then the key offer.
+    def on_challenge(self, message: wire.Challenge) -> Effects:
+        return [Attest(message.nonce, "destination")]
+
+    def on_attested(self, evidence: wire.Evidence) -> Effects:
+        self.our_nonce = self.nonce()
+        return [Send(evidence), Send(wire.Challenge(self.our_nonce))]
+
+    def on_evidence(self, message: wire.Evidence) -> Effects:
+        return [VerifyPeer(message, self.our_nonce, "source")]
+
+    def on_peer_verified(self) -> Effects:
+        return [OfferKey()]
+
+    def on_key_offered(self, offer: wire.KeyOffer) -> Effects:
+        return [Send(offer)]
+
+    def on_wrapped_key(self, message: wire.WrappedKey) -> Effects:
+        return [AcceptKey(message)]
 
     def on_stream_begin(self, message: wire.StreamBegin) -> Effects:
         assert self.hello is not None
@@ -341,12 +415,19 @@ def check_hello(message: wire.Hello) -> None:
         raise ProtocolError(ErrorCode.BAD_PARAMETER, "HELLO names an image twice")
 
 
-def _destination_machine() -> Any:
+def _destination_machine(secure: bool) -> Any:
     b = TypeMachineBuilder(DestinationInputs, DestinationCore)
     I = DestinationInputs  # noqa: E741
     await_hello = b.state("awaitHello")
     admitting = b.state("admitting")
     await_stream = b.state("awaitStream")
+    # Secure variant only: between WELCOME and the first stream.
+    await_challenge = b.state("awaitChallenge")
+    attesting = b.state("attesting")
+    await_evidence = b.state("awaitEvidence")
+    verifying = b.state("verifyingPeer")
+    offering = b.state("offeringKey")
+    await_key = b.state("awaitWrappedKey")
     receiving = b.state("receiving")
     preparing = b.state("preparing")
     await_commit = b.state("awaitCommit")
@@ -356,7 +437,7 @@ def _destination_machine() -> Any:
     before_commit_point = [await_hello, admitting, await_stream, receiving, preparing]
     table: list[tuple[Any, Any, Any]] = [
         (await_hello, I.hello, admitting),
-        (admitting, I.admitted, await_stream),
+        (admitting, I.admitted, await_challenge if secure else await_stream),
         (admitting, I.refused, failed),
         (await_stream, I.stream_begin, receiving),
         (receiving, I.data, receiving),
@@ -367,6 +448,26 @@ def _destination_machine() -> Any:
         (committing, I.resumed, done),
         (await_commit, I.peer_abort, failed),
     ]
+    if secure:
+        table += [
+            (await_challenge, I.challenge, attesting),
+            (attesting, I.attested, await_evidence),
+            (await_evidence, I.evidence, verifying),
+            (verifying, I.peer_verified, offering),
+            (offering, I.key_offered, await_key),
+            (await_key, I.wrapped_key, await_stream),
+        ]
+        before_commit_point += [
+            await_challenge,
+            attesting,
+            await_evidence,
+            verifying,
+            offering,
+            await_key,
+        ]
+    else:
+        # Unreachable states still need a way out, for Automat's completeness.
+        before_commit_point += [await_challenge]
     for state in before_commit_point:
         table += [(state, I.peer_abort, failed), (state, I.fail, failed)]
         table += [(state, I.connection_lost, failed)]
@@ -380,7 +481,7 @@ def _destination_machine() -> Any:
     return b.build()
 
 
-_DestinationMachine = _destination_machine()
+_DestinationMachines = {secure: _destination_machine(secure) for secure in (False, True)}
 
 
 class _Session:
@@ -440,9 +541,10 @@ class _Session:
 class DestinationSession(_Session):
     """The destination's side of one migration."""
 
-    def __init__(self) -> None:
+    def __init__(self, secure: bool = False) -> None:
         self._core = DestinationCore()
-        self._machine = _DestinationMachine(self._core)
+        self._machine = _DestinationMachines[secure](self._core)
+        self.secure = secure
 
     @property
     def hello(self) -> wire.Hello | None:
@@ -457,6 +559,9 @@ class DestinationSession(_Session):
     _role = "destination"
     _input_for: ClassVar[dict[type, str]] = {
         wire.Hello: "hello",
+        wire.Challenge: "challenge",
+        wire.Evidence: "evidence",
+        wire.WrappedKey: "wrapped_key",
         wire.StreamBegin: "stream_begin",
         wire.Data: "data",
         wire.Commit: "commit",
@@ -480,6 +585,18 @@ class DestinationSession(_Session):
         """The host refused the HELLO."""
         return self._input("refused", code, reason)
 
+    def attested(self, evidence: wire.Evidence) -> Effects:
+        """Secure: our evidence for the peer's challenge is ready."""
+        return self._input("attested", evidence)
+
+    def peer_verified(self) -> Effects:
+        """Secure: the peer's evidence passed every check."""
+        return self._input("peer_verified")
+
+    def key_offered(self, offer: wire.KeyOffer) -> Effects:
+        """Secure: the migration key is certified for this session."""
+        return self._input("key_offered", offer)
+
     def prepared(self) -> Effects:
         """Every stream is verified and durable; PREPARED is journaled."""
         return self._input("prepared")
@@ -498,6 +615,12 @@ class SourceInputs(Protocol):
 
     def start(self) -> Effects: ...
     def welcome(self, message: wire.Welcome) -> Effects: ...
+    def evidence(self, message: wire.Evidence) -> Effects: ...
+    def challenge(self, message: wire.Challenge) -> Effects: ...
+    def peer_verified(self) -> Effects: ...
+    def attested(self, evidence: wire.Evidence) -> Effects: ...
+    def key_offer(self, message: wire.KeyOffer) -> Effects: ...
+    def key_wrapped(self, wrapped: wire.WrappedKey) -> Effects: ...
     def streams_sent(self) -> Effects: ...
     def prepared(self, message: wire.Prepared) -> Effects: ...
     def committed_locally(self) -> Effects: ...
@@ -514,16 +637,40 @@ class SourceCore:
     hello: wire.Hello
     phase: str = "idle"
     migration_id: bytes | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    nonce: Callable[[], bytes] = field(default=lambda: os.urandom(wire.NONCE_SIZE))
+    our_nonce: bytes = b""
 
     def on_start(self) -> Effects:
         return [Send(self.hello)]
 
     def on_welcome(self, message: wire.Welcome) -> Effects:
-        # Secure variant: mutual attestation and key transfer go between
-        # WELCOME and the streams; the insecure variant passes straight on.
+        # The insecure variant streams at once; the secure one first attests
+        # both ways and transfers the key (the on_welcome_secure path).
         self.migration_id = message.migration_id
         return [StartStreams()]
+
+    def on_welcome_secure(self, message: wire.Welcome) -> Effects:
+        self.migration_id = message.migration_id
+        self.our_nonce = self.nonce()
+        return [Send(wire.Challenge(self.our_nonce))]
+
+    def on_evidence(self, message: wire.Evidence) -> Effects:
+        return [VerifyPeer(message, self.our_nonce, "destination")]
+
+    def on_peer_verified(self) -> Effects:
+        return []
+
+    def on_challenge(self, message: wire.Challenge) -> Effects:
+        return [Attest(message.nonce, "source")]
+
+    def on_attested(self, evidence: wire.Evidence) -> Effects:
+        return [Send(evidence)]
+
+    def on_key_offer(self, message: wire.KeyOffer) -> Effects:
+        return [WrapKey(message)]
+
+    def on_key_wrapped(self, wrapped: wire.WrappedKey) -> Effects:
+        return [Send(wrapped), StartStreams()]
 
     def on_streams_sent(self) -> Effects:
         return []
@@ -564,11 +711,18 @@ class SourceCore:
         return []
 
 
-def _source_machine() -> Any:
+def _source_machine(secure: bool) -> Any:
     b = TypeMachineBuilder(SourceInputs, SourceCore)
     I = SourceInputs  # noqa: E741
     idle = b.state("idle")
     await_welcome = b.state("awaitWelcome")
+    # Secure variant only: between WELCOME and the streams.
+    await_evidence = b.state("awaitEvidence")
+    verifying = b.state("verifyingPeer")
+    await_challenge = b.state("awaitChallenge")
+    attesting = b.state("attesting")
+    await_offer = b.state("awaitKeyOffer")
+    wrapping = b.state("wrappingKey")
     streaming = b.state("streaming")
     await_prepared = b.state("awaitPrepared")
     committing = b.state("committing")
@@ -577,13 +731,36 @@ def _source_machine() -> Any:
     failed = b.state("failed")
     table: list[tuple[Any, Any, Any]] = [
         (idle, I.start, await_welcome),
-        (await_welcome, I.welcome, streaming),
         (streaming, I.streams_sent, await_prepared),
         (await_prepared, I.prepared, committing),
         (committing, I.committed_locally, await_done),
         (await_done, I.done, done),
     ]
-    for state in [idle, await_welcome, streaming, await_prepared, committing]:
+    before_commit_point = [idle, await_welcome, streaming, await_prepared, committing]
+    if secure:
+        await_welcome.upon(I.welcome).to(await_evidence)(
+            _named(await_evidence, "on_welcome_secure")
+        )
+        table += [
+            (await_evidence, I.evidence, verifying),
+            (verifying, I.peer_verified, await_challenge),
+            (await_challenge, I.challenge, attesting),
+            (attesting, I.attested, await_offer),
+            (await_offer, I.key_offer, wrapping),
+            (wrapping, I.key_wrapped, streaming),
+        ]
+        before_commit_point += [
+            await_evidence,
+            verifying,
+            await_challenge,
+            attesting,
+            await_offer,
+            wrapping,
+        ]
+    else:
+        table.append((await_welcome, I.welcome, streaming))
+        before_commit_point += [await_evidence]
+    for state in before_commit_point:
         table += [(state, I.peer_abort, failed), (state, I.fail, failed)]
         table += [(state, I.connection_lost, failed)]
     _build(table)
@@ -594,7 +771,7 @@ def _source_machine() -> Any:
     return b.build()
 
 
-_SourceMachine = _source_machine()
+_SourceMachines = {secure: _source_machine(secure) for secure in (False, True)}
 
 
 class SourceSession(_Session):
@@ -603,14 +780,18 @@ class SourceSession(_Session):
     _role = "source"
     _input_for: ClassVar[dict[type, str]] = {
         wire.Welcome: "welcome",
+        wire.Evidence: "evidence",
+        wire.Challenge: "challenge",
+        wire.KeyOffer: "key_offer",
         wire.Prepared: "prepared",
         wire.Done: "done",
         wire.Abort: "peer_abort",
     }
 
-    def __init__(self, hello: wire.Hello) -> None:
+    def __init__(self, hello: wire.Hello, secure: bool = False) -> None:
         self._core = SourceCore(hello)
-        self._machine = _SourceMachine(self._core)
+        self._machine = _SourceMachines[secure](self._core)
+        self.secure = secure
 
     @property
     def hello(self) -> wire.Hello:
@@ -625,6 +806,18 @@ class SourceSession(_Session):
     def start(self) -> Effects:
         """The connection is up: say HELLO."""
         return self._input("start")
+
+    def peer_verified(self) -> Effects:
+        """Secure: the destination's evidence passed every check."""
+        return self._input("peer_verified")
+
+    def attested(self, evidence: wire.Evidence) -> Effects:
+        """Secure: our evidence for the destination's challenge is ready."""
+        return self._input("attested", evidence)
+
+    def key_wrapped(self, wrapped: wire.WrappedKey) -> Effects:
+        """Secure: the vTPM key is wrapped to the certified migration key."""
+        return self._input("key_wrapped", wrapped)
 
     def streams_sent(self) -> Effects:
         """Every image was written to the connection."""

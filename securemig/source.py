@@ -9,7 +9,9 @@ after it, the VM belongs to the destination and this side discards its copy.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -109,6 +111,10 @@ class Departure:
         self.journal.phase(self.id, "prepared")
         self.journal.phase(self.id, "committed")
         self.committed = True
+        # No cloning: the vTPM key goes first, so this copy can never run again.
+        if self.bundle.vtpm_key_path.exists():
+            self.bundle.vtpm_key_path.unlink()
+            storage.fsync_dir(self.bundle.path)
         try:
             await self.backend.discard(self.bundle)
         except Exception as e:
@@ -140,6 +146,25 @@ class Departure:
             self.lock.release()
 
 
+@dataclass
+class SecureOptions:
+    """How a source runs the secure variant."""
+
+    identity: Path
+    policy_dir: Path | None = None
+    tofu: bool = False
+    #: The name the destination must prove; default: the host of --to.
+    destination_name: str | None = None
+
+    def prepare(self, bundle: Bundle, host: str) -> Any:
+        """Open the TPM, unseal the VM's vTPM key for this migration."""
+        from securemig.secure import SourceSecurity, open_attestor
+
+        attestor = open_attestor(self.identity, self.policy_dir, self.tofu)
+        secret = attestor.unseal(bundle.vtpm_key_path.read_bytes())
+        return SourceSecurity(attestor, secret, self.destination_name or host)
+
+
 class ConnectFailed(Exception):
     """The destination could not be reached; nothing was sent."""
 
@@ -156,8 +181,11 @@ async def migrate(
     deadline: float | None = None,
     on_progress: Callable[[int], None] = lambda n: None,
     on_start: Callable[[Departure], None] = lambda d: None,
+    secure: SecureOptions | None = None,
 ) -> tuple[Departure, Finished]:
-    """Migrate ``bundle`` over the insecure variant to ``to`` (``HOST:PORT``).
+    """Migrate ``bundle`` to ``to`` (``HOST:PORT``): over mutual TLS with
+    attestation and vTPM key release when ``secure`` is given, else over the
+    insecure variant.
 
     Fires with the departure and the session's final effect.  Raises
     :class:`VMLocked` or :class:`~securemig.bundle.BundleError` before
@@ -170,10 +198,22 @@ async def migrate(
     from securemig.session import SourceSession
 
     host, port = parse_address(to)
-    departure = Departure(bundle, variant, to, "insecure", journal)
+    if secure is not None and not bundle.vtpm_key_path.exists():
+        raise BundleError(
+            f"VM {bundle.name} has no vTPM key ({bundle.vtpm_key_path}); "
+            "create it with --identity, or migrate it --insecure"
+        )
+    departure = Departure(bundle, variant, to, "secure" if secure else "insecure", journal)
     await departure.acquire()
+    security = None
+    if secure is not None:
+        try:
+            security = secure.prepare(bundle, host)
+        except BaseException:
+            departure.rollback()
+            raise
     on_start(departure)
-    session = SourceSession(departure.hello(chunk_size))
+    session = SourceSession(departure.hello(chunk_size), secure=security is not None)
     timers = {}
     if idle_timeout is not None:
         timers["idle_timeout"] = idle_timeout
@@ -186,9 +226,19 @@ async def migrate(
         lambda: protocol.ThreadExecutor(reactor),  # type: ignore[arg-type]
         on_progress,
         **timers,
+        security=security,
     )
     endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-    endpoint = endpoint_type(reactor, host, port, timeout=30)
+    endpoint: Any = endpoint_type(reactor, host, port, timeout=30)
+    if security is not None:
+        from twisted.internet.endpoints import wrapClientTLS
+
+        from securemig import tls
+
+        assert secure is not None
+        endpoint = wrapClientTLS(
+            tls.client_options(secure.identity, security.destination_name), endpoint
+        )
     try:
         await connectProtocol(endpoint, proto)
     except Exception as e:

@@ -37,14 +37,22 @@ class Options(usage.Options):
     )
     optParameters = [
         ["state-dir", None, None, "Directory for arrived VMs, staging and the journal."],
-        ["listen", None, None, "Endpoint of the secure (TLS) variant."],
+        [
+            "listen",
+            None,
+            None,
+            "Endpoint of the secure variant, e.g. tcp:9000 (mutual TLS 1.3 is added here).",
+        ],
+        ["identity", None, None, "This host's identity directory (securemig host init)."],
+        ["policy-dir", None, None, "Golden values of sources (default: IDENTITY/policy)."],
         [
             "insecure-listen",
             None,
             None,
             "Endpoint of the INSECURE variant: no TLS, no attestation, vTPM keys in clear.",
         ],
-        ["port-file", None, None, "Write the listening port number here once bound."],
+        ["port-file", None, None, "Write the (secure, else insecure) port number here."],
+        ["insecure-port-file", None, None, "Write the insecure port number here."],
         [
             "idle-timeout",
             None,
@@ -54,18 +62,25 @@ class Options(usage.Options):
         ],
         ["deadline", None, protocol.DEADLINE, "Seconds a whole migration may take.", float],
     ]
+    optFlags = [
+        ["tofu", None, "Record an unknown source's PCR values on its first attestation."],
+    ]
 
     def postOptions(self) -> None:
         """Check the options make a usable destination."""
         if not self["state-dir"]:
             raise usage.UsageError("--state-dir is required")
-        if self["listen"]:
+        if self["listen"] and not self["identity"]:
+            raise usage.UsageError("--listen (the secure variant) needs --identity DIR")
+        if self["identity"] and not (Path(self["identity"]) / "host.json").exists():
             raise usage.UsageError(
-                "--listen (the secure TLS variant) is not available in this version yet; "
-                "only --insecure-listen is"
+                f"{self['identity']} is not an identity directory (securemig host init)"
             )
-        if not self["insecure-listen"]:
-            raise usage.UsageError("give an endpoint to listen on: --insecure-listen ENDPOINT")
+        if not self["listen"] and not self["insecure-listen"]:
+            raise usage.UsageError(
+                "give an endpoint to listen on: --listen ENDPOINT "
+                "(secure) and/or --insecure-listen ENDPOINT"
+            )
         if self["idle-timeout"] <= 0 or self["deadline"] <= 0:
             raise usage.UsageError("--idle-timeout and --deadline must be positive")
 
@@ -118,19 +133,46 @@ def makeService(options: Options) -> service.MultiService:
             ids=", ".join(removed),
         )
     top = service.MultiService()
-    log.warn(
-        "serving the INSECURE variant on {endpoint}: no TLS, no attestation; "
-        "for performance evaluation only",
-        endpoint=options["insecure-listen"],
-    )
-    factory = protocol.DestinationFactory(
-        host,
-        reactor,
-        protocol_name="insecure",
-        idle_timeout=options["idle-timeout"],
-        deadline=options["deadline"],
-    )
-    endpoint = serverFromString(reactor, options["insecure-listen"])
+    timers = {"idle_timeout": options["idle-timeout"], "deadline": options["deadline"]}
     port_file = Path(options["port-file"]) if options["port-file"] else None
-    ListenService(endpoint, factory, port_file, "insecure migrations").setServiceParent(top)
+    if options["listen"]:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from securemig import tls
+        from securemig.secure import DestinationSecurity, MigrationKey, open_attestor
+
+        identity = Path(options["identity"])
+        policy_dir = Path(options["policy-dir"]) if options["policy-dir"] else None
+        attestor = open_attestor(identity, policy_dir, options["tofu"])
+        # Created once, for the PCR state the host has now; certified per session.
+        security = DestinationSecurity(attestor, MigrationKey(attestor.tpm, attestor.pcrs))
+        secure = protocol.DestinationFactory(
+            host, reactor, protocol_name="secure", security=security, **timers
+        )
+        # TLS wraps the factory in code: endpoint strings cannot require client certs.
+        server_options: Any = tls.server_options(identity)
+        factory: Any = secure
+        wrapped = TLSMemoryBIOFactory(server_options, False, factory)
+        ListenService(
+            serverFromString(reactor, options["listen"]),
+            wrapped,
+            port_file,
+            f"secure migrations as {attestor.identity.name}",
+        ).setServiceParent(top)
+        port_file = None
+    if options["insecure-listen"]:
+        log.warn(
+            "serving the INSECURE variant on {endpoint}: no TLS, no attestation; "
+            "for performance evaluation only",
+            endpoint=options["insecure-listen"],
+        )
+        insecure = protocol.DestinationFactory(host, reactor, protocol_name="insecure", **timers)
+        if options["insecure-port-file"]:
+            port_file = Path(options["insecure-port-file"])
+        ListenService(
+            serverFromString(reactor, options["insecure-listen"]),
+            insecure,
+            port_file,
+            "insecure migrations",
+        ).setServiceParent(top)
     return top

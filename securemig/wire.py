@@ -52,6 +52,11 @@ MIGRATION_ID_SIZE = 16
 DIGEST_SIZE = 32
 MAX_REASON = 1024
 MAX_PATH = 1024
+NONCE_SIZE = 32
+#: TPM structures (public areas, attestations, signatures) and certificates.
+MAX_TPM_BLOB = 2048
+MAX_CERTIFICATE = 8192
+MAX_WRAPPED_KEY = 1024
 
 #: VM names: also used as directory names on both hosts, hence this strict form.
 VM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -82,6 +87,8 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 15  #: a bug; see the log of the side that sent it
     CONNECTION_LOST = 16  #: the connection ended before the migration did
     RESUME_FAILED = 17  #: the VM could not be resumed (after commit: at the destination)
+    ATTESTATION_FAILED = 18  #: the peer's evidence failed a check (the reason names it)
+    KEY_TRANSFER_FAILED = 19  #: the migration key or the wrapped vTPM key was refused
 
 
 class ProtocolError(Exception):
@@ -373,15 +380,79 @@ class Abort:
     reason: str = wire(Text(MAX_REASON))
 
 
+@dataclass(frozen=True)
+class Challenge:
+    """Secure variant, either way: a fresh nonce the peer's quote must cover."""
+
+    nonce: bytes = wire(Fixed(NONCE_SIZE))
+
+
+@dataclass(frozen=True)
+class PcrValue:
+    """One reported PCR value (SHA-256 bank)."""
+
+    index: int = wire(UInt(1, 23))
+    value: bytes = wire(Fixed(DIGEST_SIZE))
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Secure variant, either way: a quote over the challenged nonce bound to
+    this TLS session, the PCR values it covers, and the AK with its certificate."""
+
+    attest: bytes = wire(Blob(MAX_TPM_BLOB))
+    signature: bytes = wire(Blob(MAX_TPM_BLOB))
+    pcrs: tuple[PcrValue, ...] = wire(Sequence(Record(PcrValue), 24))
+    ak_public: bytes = wire(Blob(MAX_TPM_BLOB))
+    ak_certificate: bytes = wire(Blob(MAX_CERTIFICATE))
+
+
+@dataclass(frozen=True)
+class KeyOffer:
+    """Secure variant, destination → source: the migration key's public area
+    and its TPM2_Certify by the attested AK, bound to this session."""
+
+    public: bytes = wire(Blob(MAX_TPM_BLOB))
+    attest: bytes = wire(Blob(MAX_TPM_BLOB))
+    signature: bytes = wire(Blob(MAX_TPM_BLOB))
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    """Secure variant, source → destination: the VM's vTPM key, wrapped to the
+    migration key (ECDH with an ephemeral P-256 key, HKDF-SHA256, AES-256-GCM
+    with the migration id as associated data)."""
+
+    ephemeral: bytes = wire(Fixed(65))  # uncompressed P-256 point
+    nonce: bytes = wire(Fixed(12))
+    ciphertext: bytes = wire(Blob(MAX_WRAPPED_KEY))
+
+
 Message: TypeAlias = (
-    Hello | Welcome | StreamBegin | Data | StreamEnd | Prepared | Commit | Done | Abort
+    Hello
+    | Welcome
+    | Challenge
+    | Evidence
+    | KeyOffer
+    | WrappedKey
+    | StreamBegin
+    | Data
+    | StreamEnd
+    | Prepared
+    | Commit
+    | Done
+    | Abort
 )
 
-#: The one table of message types.  Codes 0x10-0x1F are reserved for the
-#: secure variant's attestation and key-transfer messages.
+#: The one table of message types.  0x10-0x1F: the secure variant's
+#: attestation and key transfer.
 MESSAGES: dict[int, type] = {
     0x01: Hello,
     0x02: Welcome,
+    0x10: Challenge,
+    0x11: Evidence,
+    0x12: KeyOffer,
+    0x13: WrappedKey,
     0x20: StreamBegin,
     0x21: Data,
     0x22: StreamEnd,

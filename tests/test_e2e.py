@@ -176,8 +176,8 @@ class EndToEndTests(TestCase):
         self.assertIn("cannot connect", result.stderr)
         self.assertFalse(storage.is_locked(bundle.lock_path))
 
-    def test_secure_variant_not_yet_available(self) -> None:
-        """Without --insecure the command says the secure variant is missing."""
+    def test_variant_must_be_chosen(self) -> None:
+        """Neither --identity nor --insecure: the command asks for a choice."""
         self.create_vm("--ram-mib", "1")
         result = processes.securemig(
             "migrate", "vm1", "--vm-dir", str(self.vm_dir), "--to", self.destination.address

@@ -1,0 +1,234 @@
+"""
+The secure variant's host side: evidence, its verification, key release.
+
+What the session machines ask for (``Attest``, ``VerifyPeer``, ``OfferKey``,
+``WrapKey``, ``AcceptKey``) is done here, with the host's TPM, identity and
+golden values.  Every quote and certification is bound to this TLS session:
+its qualifying data is ``SHA-256(label || exporter || role || nonce ||
+migration id)``, so evidence relayed from another host or replayed from
+another session does not verify.
+
+Key release: the destination's *migration key* is an ECC P-256 decryption
+key in its TPM, fixedTPM, usable only under a PCR policy equal to the state
+it was created in (which it must prove in its quote).  The source checks the
+key's TPM2_Certify by the attested AK, its attributes and that its policy
+is exactly PolicyPCR over the values the destination just quoted, then
+wraps the vTPM key to it: ECDH with an ephemeral key, HKDF-SHA256 with the
+migration id as salt, AES-256-GCM with the migration id as associated data.
+Only that TPM, in that state, can unwrap it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from tpm2_pytss import TPM2B_PUBLIC
+from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
+
+from securemig import attest, wire
+from securemig.attest import AttestationError
+from securemig.identity import Identity
+from securemig.policy import PolicyStore
+from securemig.tpm.tpm import TPM, KeyBlob, pcr_policy_digest
+
+QUALIFYING_LABEL = b"securemig-attestation-v1"
+#: The role under which the migration key's certification is bound.
+MIGRATION_KEY_ROLE = "migration-key"
+WRAP_INFO = b"securemig vtpm key wrap v1"
+#: PCRs quoted and bound by default (firmware, its configuration, option
+#: ROMs, boot loader, secure boot policy).
+DEFAULT_PCRS = (0, 1, 2, 3, 4, 7)
+
+
+class KeyTransferError(Exception):
+    """The offered migration key, or a wrapped key, was refused."""
+
+
+def qualifying_data(exporter: bytes, role: str, nonce: bytes, migration_id: bytes) -> bytes:
+    """What a quote (or certification) must carry as extraData."""
+    return hashlib.sha256(
+        QUALIFYING_LABEL + exporter + role.encode() + b"\0" + nonce + migration_id
+    ).digest()
+
+
+@dataclass
+class Attestor:
+    """A host's side of attestation: its TPM, identity and view of peers."""
+
+    identity: Identity
+    tpm: TPM
+    policy: PolicyStore
+    pca: x509.Certificate
+    tofu: bool = False
+    pcrs: tuple[int, ...] = DEFAULT_PCRS
+
+    def evidence(self, qualifying: bytes) -> wire.Evidence:
+        """Quote our PCRs for ``qualifying``."""
+        ak = self.identity.ak
+        quote = self.tpm.quote(ak, self.pcrs, qualifying)
+        values = self.tpm.pcr_read(self.pcrs)
+        return wire.Evidence(
+            attest=quote.attest,
+            signature=quote.signature,
+            pcrs=tuple(wire.PcrValue(p, v) for p, v in sorted(values.items())),
+            ak_public=ak.public,
+            ak_certificate=self.identity.ak_certificate,
+        )
+
+    def verify(
+        self, evidence: wire.Evidence, qualifying: bytes, peer_name: str
+    ) -> dict[int, bytes]:
+        """Every check of the verifier, the AK certificate naming the TLS
+        peer, and the peer's golden values (recorded on first use with tofu).
+        Returns the verified PCR values."""
+        attest.verify_ak_certificate(
+            evidence.ak_certificate, self.pca, evidence.ak_public, peer_name
+        )
+        golden = self.policy.expected(peer_name, self.tofu)
+        values = {v.index: v.value for v in evidence.pcrs}
+        clock = attest.verify_quote(
+            evidence.ak_public,
+            evidence.attest,
+            evidence.signature,
+            qualifying=qualifying,
+            pcrs=self.pcrs,
+            values=values,
+            golden=golden.pcrs if golden else None,
+            previous=golden.clock if golden else None,
+        )
+        self.policy.seen(peer_name, values, clock)
+        return values
+
+    def seal(self, secret: bytes) -> bytes:
+        """Seal a vTPM key to this host's TPM in its current PCR state."""
+        return self.tpm.seal(secret, self.pcrs, self.tpm.pcr_read(self.pcrs)).to_bytes()
+
+    def unseal(self, sealed: bytes) -> bytes:
+        """Unseal a vTPM key sealed by :meth:`seal` on this host."""
+        return self.tpm.unseal(KeyBlob.from_bytes(sealed), self.pcrs)
+
+
+def open_attestor(identity_dir: Path, policy_dir: Path | None, tofu: bool) -> Attestor:
+    """A host's attestor from its identity directory (``securemig host init``);
+    golden values default to ``IDENTITY/policy``."""
+    identity = Identity.load(identity_dir)
+    pca = x509.load_pem_x509_certificate((identity_dir / "pca.pem").read_bytes())
+    policy = PolicyStore(policy_dir or identity_dir / "policy")
+    return Attestor(identity, TPM(identity.tpm), policy, pca, tofu)
+
+
+@dataclass
+class SourceSecurity:
+    """What a secure source needs: its attestor, the VM's vTPM key (unsealed
+    for this migration only) and the name the destination must prove."""
+
+    attestor: Attestor
+    secret: bytes
+    destination_name: str
+
+
+@dataclass
+class DestinationSecurity:
+    """What a secure destination needs: its attestor and migration key."""
+
+    attestor: Attestor
+    key: MigrationKey
+
+
+class MigrationKey:
+    """The destination's migration key, created once (at start) for the PCR
+    state of the host, and certified per session."""
+
+    def __init__(self, tpm: TPM, pcrs: tuple[int, ...]) -> None:
+        self.tpm = tpm
+        self.pcrs = pcrs
+        self.blob: KeyBlob = tpm.create_migration_key(pcrs, tpm.pcr_read(pcrs))
+
+    def offer(self, ak: KeyBlob, qualifying: bytes) -> wire.KeyOffer:
+        """The key's public area, certified by ``ak`` for this session."""
+        certified = self.tpm.certify(self.blob, ak, qualifying)
+        return wire.KeyOffer(self.blob.public, certified.attest, certified.signature)
+
+    def unwrap(self, wrapped: wire.WrappedKey, migration_id: bytes) -> bytes:
+        """Recover the vTPM key: ECDH inside the TPM (under its PCR policy)."""
+        point = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), wrapped.ephemeral)
+        numbers = point.public_numbers()
+        shared = self.tpm.ecdh_zgen(
+            self.blob, self.pcrs, (numbers.x.to_bytes(32, "big"), numbers.y.to_bytes(32, "big"))
+        )
+        try:
+            return AESGCM(_kek(shared, migration_id)).decrypt(
+                wrapped.nonce, wrapped.ciphertext, migration_id
+            )
+        except Exception:
+            raise KeyTransferError(
+                "the wrapped vTPM key does not open here (wrapped for another migration?)"
+            ) from None
+
+
+def _kek(shared: bytes, migration_id: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=migration_id, info=WRAP_INFO).derive(
+        shared
+    )
+
+
+def check_offer(
+    offer: wire.KeyOffer,
+    peer_ak: bytes,
+    qualifying: bytes,
+    pcrs: tuple[int, ...],
+    peer_values: dict[int, bytes],
+) -> ec.EllipticCurvePublicKey:
+    """The source's checks of an offered migration key; returns its public key."""
+    try:
+        public, used = TPM2B_PUBLIC.unmarshal(offer.public)
+    except Exception:
+        raise KeyTransferError("migration key does not parse") from None
+    if used != len(offer.public):
+        raise KeyTransferError("trailing bytes after the migration key")
+    try:
+        attest.verify_certification(
+            peer_ak,
+            offer.attest,
+            offer.signature,
+            qualifying=qualifying,
+            name=bytes(public.get_name()),
+        )
+    except AttestationError as e:
+        raise KeyTransferError(f"migration key not certified by the attested AK: {e}") from None
+    area = public.publicArea
+    attributes = int(area.objectAttributes)
+    required = int(TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.DECRYPT)
+    if attributes & required != required or attributes & int(TPMA_OBJECT.USERWITHAUTH):
+        raise KeyTransferError(
+            "migration key attributes are wrong "
+            "(needs fixedTPM, fixedParent, decrypt, policy-only use)"
+        )
+    if area.type != TPM2_ALG.ECC or area.parameters.eccDetail.curveID != TPM2_ECC.NIST_P256:
+        raise KeyTransferError("migration key must be ECC P-256")
+    if not hmac.compare_digest(bytes(area.authPolicy), pcr_policy_digest(pcrs, peer_values)):
+        raise KeyTransferError("migration key is not bound to the attested PCR state")
+    key = serialization.load_der_public_key(bytes(area.to_der()))
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    return key
+
+
+def wrap(key: ec.EllipticCurvePublicKey, secret: bytes, migration_id: bytes) -> wire.WrappedKey:
+    """Wrap ``secret`` to the migration key (see the module docstring)."""
+    ephemeral = ec.generate_private_key(ec.SECP256R1())
+    shared = ephemeral.exchange(ec.ECDH(), key)
+    nonce = os.urandom(12)
+    ciphertext = AESGCM(_kek(shared, migration_id)).encrypt(nonce, secret, migration_id)
+    point = ephemeral.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    return wire.WrappedKey(point, nonce, ciphertext)
