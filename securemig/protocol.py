@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from typing import Protocol as TypingProtocol
 
+from twisted.internet import error as net_error
 from twisted.internet import interfaces
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
@@ -135,6 +136,15 @@ def failure_to_error(failure: Failure | BaseException, doing: str) -> ProtocolEr
     return ProtocolError(ErrorCode.INTERNAL, f"{doing}: {error}")
 
 
+def _is_refusal(error: Exception) -> bool:
+    """An expected refusal by a security check (no traceback needed)."""
+    from securemig.attest import AttestationError
+    from securemig.secure import KeyTransferError
+    from securemig.tpm.tpm import TPMError
+
+    return isinstance(error, (AttestationError, KeyTransferError, TPMError))
+
+
 #: Bytes a TCP transport reads or sends per system call (Twisted: 64 KiB / 128 KiB).
 TRANSPORT_IO_SIZE = 1024 * 1024
 
@@ -208,7 +218,9 @@ class FramedProtocol(Protocol):
         self._cancel_timers()
         self.connection_open = False
         if not self.session.finished:
-            self.run(self.session.connection_lost())
+            clean = reason.check(net_error.ConnectionDone, net_error.ConnectionLost)
+            # A TLS refusal (bad certificate, wrong name) arrives as the reason.
+            self.run(self.session.connection_lost("" if clean else reason.getErrorMessage()))
 
     # -- helpers for subclasses
 
@@ -235,7 +247,10 @@ class FramedProtocol(Protocol):
                 getattr(self, "_do_" + type(effect).__name__)(effect)
             except Exception as e:
                 doing = type(effect).__name__
-                self.log.failure("{doing} failed", doing=doing)
+                if isinstance(e, (ProtocolError, OSError, sqlite3.Error)) or _is_refusal(e):
+                    self.log.warn("{doing} refused: {e}", doing=doing, e=e)
+                else:
+                    self.log.failure("{doing} failed", doing=doing)
                 if not self.session.finished:
                     self.fail(failure_to_error(e, doing))
                 return

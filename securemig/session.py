@@ -272,7 +272,7 @@ class DestinationInputs(Protocol):
     def resumed(self) -> Effects: ...
     def peer_abort(self, message: wire.Abort) -> Effects: ...
     def fail(self, code: ErrorCode, reason: str) -> Effects: ...
-    def connection_lost(self) -> Effects: ...
+    def connection_lost(self, detail: str) -> Effects: ...
 
 
 @dataclass
@@ -376,15 +376,15 @@ class DestinationCore:
     def on_fail(self, code: ErrorCode, reason: str) -> Effects:
         return [_abort(code, reason), Discard(), Finished(Outcome.ABORTED, code, reason)]
 
-    def on_connection_lost(self) -> Effects:
-        code, reason = ErrorCode.CONNECTION_LOST, f"connection lost in phase {self.phase}"
+    def on_connection_lost(self, detail: str) -> Effects:
+        code, reason = ErrorCode.CONNECTION_LOST, f"connection lost in phase {self.phase}{detail}"
         return [Discard(), Finished(Outcome.ABORTED, code, reason)]
 
     # After PREPARED was sent, a COMMIT may be in flight: never discard.
     def on_fail_in_doubt(self, code: ErrorCode, reason: str) -> Effects:
         return [_abort(code, reason), HoldInDoubt(), Finished(Outcome.IN_DOUBT, code, reason)]
 
-    def on_connection_lost_in_doubt(self) -> Effects:
+    def on_connection_lost_in_doubt(self, detail: str) -> Effects:
         reason = "connection lost after PREPARED, before COMMIT"
         return [HoldInDoubt(), Finished(Outcome.IN_DOUBT, ErrorCode.CONNECTION_LOST, reason)]
 
@@ -524,9 +524,9 @@ class _Session:
         """A local failure or a protocol violation ends the session."""
         return self._input("fail", code, reason)
 
-    def connection_lost(self) -> Effects:
-        """The connection is gone."""
-        return self._input("connection_lost")
+    def connection_lost(self, detail: str = "") -> Effects:
+        """The connection is gone; ``detail`` says why, if it was not a clean close."""
+        return self._input("connection_lost", f": {detail}" if detail else "")
 
     def _input(self, name: str, *args: Any) -> Effects:
         try:
@@ -627,7 +627,7 @@ class SourceInputs(Protocol):
     def done(self, message: wire.Done) -> Effects: ...
     def peer_abort(self, message: wire.Abort) -> Effects: ...
     def fail(self, code: ErrorCode, reason: str) -> Effects: ...
-    def connection_lost(self) -> Effects: ...
+    def connection_lost(self, detail: str) -> Effects: ...
 
 
 @dataclass
@@ -691,8 +691,8 @@ class SourceCore:
     def on_fail(self, code: ErrorCode, reason: str) -> Effects:
         return [_abort(code, reason), RollBack(), Finished(Outcome.ABORTED, code, reason)]
 
-    def on_connection_lost(self) -> Effects:
-        code, reason = ErrorCode.CONNECTION_LOST, f"connection lost in phase {self.phase}"
+    def on_connection_lost(self, detail: str) -> Effects:
+        code, reason = ErrorCode.CONNECTION_LOST, f"connection lost in phase {self.phase}{detail}"
         return [RollBack(), Finished(Outcome.ABORTED, code, reason)]
 
     # After the local commit the VM belongs to the destination: never roll back.
@@ -703,7 +703,7 @@ class SourceCore:
     def on_fail_committed(self, code: ErrorCode, reason: str) -> Effects:
         return [Finished(Outcome.IN_DOUBT, code, f"committed; then {reason}")]
 
-    def on_connection_lost_committed(self) -> Effects:
+    def on_connection_lost_committed(self, detail: str) -> Effects:
         reason = "committed; connection lost before the destination confirmed"
         return [Finished(Outcome.IN_DOUBT, ErrorCode.CONNECTION_LOST, reason)]
 
