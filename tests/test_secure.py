@@ -54,10 +54,10 @@ def world() -> Any:
 
             return certify
 
-        write_identity(base / "source-a", "source-a", tpm_a.tcti, site, pca_pem,
-                       enroll_as("source-a"))
-        write_identity(base / "dest-b", "dest-b", tpm_b.tcti, site, pca_pem,
-                       enroll_as("dest-b"))
+        write_identity(
+            base / "source-a", "source-a", tpm_a.tcti, site, pca_pem, enroll_as("source-a")
+        )
+        write_identity(base / "dest-b", "dest-b", tpm_b.tcti, site, pca_pem, enroll_as("dest-b"))
         _world = (base, tpm_a, TPM(tpm_b.tcti))
     return _world
 
@@ -76,32 +76,64 @@ class SecureMigrationTests(TestCase):
         state = self.base / "dst"
         state.mkdir(parents=True, exist_ok=True)
         process, port = processes.start_twistd(
-            "securemig", "--state-dir", str(state), "--listen", "tcp:0:interface=127.0.0.1",
-            "--identity", str(self.dst_id), "--policy-dir", str(self.dst_policy), *extra,
-            port_file=self.base / "port", log_file=self.base / "dst.log",
+            "securemig",
+            "--state-dir",
+            str(state),
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--identity",
+            str(self.dst_id),
+            "--policy-dir",
+            str(self.dst_policy),
+            *extra,
+            port_file=self.base / "port",
+            log_file=self.base / "dst.log",
         )
         destination = processes.Destination(process, port, state, self.base / "dst.log")
         self.addCleanup(destination.stop)
         return destination
 
     def create_vm(self, *extra: str) -> Bundle:
-        result = processes.securemig("vm", "create", "vm1", "--dir", str(self.vm_dir),
-                                     "--ram-mib", "4", "--identity", str(self.src_id), *extra)
+        result = processes.securemig(
+            "vm",
+            "create",
+            "vm1",
+            "--dir",
+            str(self.vm_dir),
+            "--ram-mib",
+            "4",
+            "--identity",
+            str(self.src_id),
+            *extra,
+        )
         self.assertEqual(result.returncode, 0, result.stderr)
         return Bundle.find(self.vm_dir, "vm1")
 
     def migrate(self, destination: processes.Destination, *extra: str) -> Any:
         return processes.securemig(
-            "migrate", "vm1", "--vm-dir", str(self.vm_dir), "--to", destination.address,
-            "--identity", str(self.src_id), "--policy-dir", str(self.src_policy),
-            "--destination-name", "dest-b", "--json", "--no-progress", *extra,
+            "migrate",
+            "vm1",
+            "--vm-dir",
+            str(self.vm_dir),
+            "--to",
+            destination.address,
+            "--identity",
+            str(self.src_id),
+            "--policy-dir",
+            str(self.src_policy),
+            "--destination-name",
+            "dest-b",
+            "--json",
+            "--no-progress",
+            *extra,
         )
 
     def vtpm_key_at_source(self, bundle: Bundle) -> bytes:
         return open_attestor(self.src_id, None, False).unseal(bundle.vtpm_key_path.read_bytes())
 
-    def assertStaysAtSource(self, bundle: Bundle, before: dict[str, str], result: Any,
-                            expected: str) -> None:
+    def assertStaysAtSource(
+        self, bundle: Bundle, before: dict[str, str], result: Any, expected: str
+    ) -> None:
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertIn(expected, result.stderr)
         self.assertEqual(bundle_digests(Bundle.load(bundle.path)), before)
@@ -163,9 +195,20 @@ class SecureMigrationTests(TestCase):
         bundle = self.create_vm()
         before = bundle_digests(bundle)
         result = processes.securemig(
-            "migrate", "vm1", "--vm-dir", str(self.vm_dir), "--to", destination.address,
-            "--identity", str(self.src_id), "--policy-dir", str(self.src_policy),
-            "--destination-name", "dest-z", "--tofu", "--no-progress",
+            "migrate",
+            "vm1",
+            "--vm-dir",
+            str(self.vm_dir),
+            "--to",
+            destination.address,
+            "--identity",
+            str(self.src_id),
+            "--policy-dir",
+            str(self.src_policy),
+            "--destination-name",
+            "dest-z",
+            "--tofu",
+            "--no-progress",
         )
         self.assertStaysAtSource(bundle, before, result, "dest-z")
 
