@@ -390,3 +390,77 @@ class SourceTests(SynchronousTestCase):
         src = self.source_in("awaitWelcome")
         with self.assertRaises(ProtocolError):
             src.receive(wire.Commit())
+
+
+EVIDENCE = wire.Evidence(b"attest", b"sig", (), b"ak", b"cert")
+OFFER = wire.KeyOffer(b"public", b"attest", b"sig")
+WRAPPED = wire.WrappedKey(b"\x04" + b"e" * 64, b"n" * 12, b"ciphertext")
+
+
+class SecureSessionTests(SynchronousTestCase):
+    """The secure variant's order: attestation both ways and key transfer
+    before any image byte (the host checks are stood in by answers here)."""
+
+    def test_full_secure_exchange(self) -> None:
+        src = s.SourceSession(make_hello((1,)), secure=True)
+        dst = s.DestinationSession(secure=True)
+        sent = src.start()
+        self.assertEqual(kinds(dst.receive(sent[0].message)), ["Admit"])
+        welcome = dst.admitted(MID)[0].message
+        challenge = src.receive(welcome)[0].message
+        self.assertIsInstance(challenge, wire.Challenge)
+        attest = dst.receive(challenge)
+        self.assertEqual(attest, [s.Attest(challenge.nonce, "destination")])
+        evidence, dst_challenge = (e.message for e in dst.attested(EVIDENCE))
+        verify = src.receive(evidence)
+        self.assertEqual(verify, [s.VerifyPeer(EVIDENCE, challenge.nonce, "destination")])
+        self.assertEqual(src.peer_verified(), [])
+        self.assertEqual(src.receive(dst_challenge), [s.Attest(dst_challenge.nonce, "source")])
+        src_evidence = src.attested(EVIDENCE)[0].message
+        self.assertEqual(dst.receive(src_evidence)[0].nonce, dst_challenge.nonce)
+        self.assertEqual(dst.peer_verified(), [s.OfferKey()])
+        offer = dst.key_offered(OFFER)[0].message
+        self.assertEqual(src.receive(offer), [s.WrapKey(OFFER)])
+        wrapped, start = src.key_wrapped(WRAPPED)
+        self.assertEqual(start, s.StartStreams())
+        self.assertEqual(dst.receive(wrapped.message), [s.AcceptKey(WRAPPED)])
+        self.assertEqual((src.phase, dst.phase), ("streaming", "awaitStream"))
+
+    def test_no_image_before_attestation(self) -> None:
+        """A source that skips attestation cannot send images."""
+        dst = s.DestinationSession(secure=True)
+        dst.receive(make_hello((1,)))
+        dst.admitted(MID)
+        with self.assertRaises(ProtocolError) as cm:
+            dst.receive(wire.StreamBegin(0))
+        self.assertEqual(cm.exception.code, ErrorCode.UNEXPECTED_MESSAGE)
+
+    def test_no_image_before_key_transfer(self) -> None:
+        dst = s.DestinationSession(secure=True)
+        dst.receive(make_hello((1,)))
+        dst.admitted(MID)
+        dst.receive(wire.Challenge(b"c" * 32))
+        dst.attested(EVIDENCE)
+        dst.receive(EVIDENCE)
+        dst.peer_verified()
+        dst.key_offered(OFFER)
+        with self.assertRaises(ProtocolError):
+            dst.receive(wire.StreamBegin(0))
+
+    def test_offer_before_source_attested(self) -> None:
+        """A key offer before the source proved itself is a violation."""
+        src = s.SourceSession(make_hello((1,)), secure=True)
+        src.start()
+        src.receive(wire.Welcome(MID))
+        with self.assertRaises(ProtocolError):
+            src.receive(OFFER)
+
+    def test_nonces_are_fresh(self) -> None:
+        a = s.SourceSession(make_hello((1,)), secure=True)
+        b = s.SourceSession(make_hello((1,)), secure=True)
+        for src in (a, b):
+            src.start()
+        na = a.receive(wire.Welcome(MID))[0].message.nonce
+        nb = b.receive(wire.Welcome(MID))[0].message.nonce
+        self.assertNotEqual(na, nb)
+        self.assertEqual(len(na), wire.NONCE_SIZE)
