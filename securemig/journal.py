@@ -46,6 +46,9 @@ PHASES = (
     "started",
     "connected",
     "admitted",
+    "peer-attested",  # secure: the peer's evidence passed every check
+    "key-offered",  # secure, source: the destination's certified migration key arrived
+    "key-received",  # secure, destination: the wrapped vTPM key arrived
     "streaming",
     "prepared",
     "committed",
@@ -55,7 +58,16 @@ PHASES = (
     "in-doubt",
 )
 
-#: What happens between a phase and the next one journaled, for phase tables.
+#: What happens between a phase and the next one journaled, for phase tables:
+#: by the pair (phase, next phase), else by the phase it starts from.
+ACTIVITY_BETWEEN = {
+    ("connected", "peer-attested"): "hello + attest destination",
+    ("peer-attested", "key-offered"): "attest source",
+    ("key-offered", "streaming"): "key transfer",
+    ("admitted", "peer-attested"): "attest both ways",
+    ("peer-attested", "key-received"): "key transfer",
+    ("key-received", "streaming"): "first stream",
+}
 ACTIVITY_AFTER = {
     "started": "connect",  # source: TCP (and TLS) set-up
     "connected": "hello",  # HELLO to WELCOME
@@ -94,8 +106,8 @@ class Record:
         """Seconds spent in each activity, from consecutive journaled phases
         (see :data:`ACTIVITY_AFTER`)."""
         times: dict[str, float] = {}
-        for (phase, at), (_, after) in zip(self.events, self.events[1:], strict=False):
-            name = ACTIVITY_AFTER.get(phase, phase)
+        for (phase, at), (following, after) in zip(self.events, self.events[1:], strict=False):
+            name = ACTIVITY_BETWEEN.get((phase, following)) or ACTIVITY_AFTER.get(phase, phase)
             times[name] = times.get(name, 0.0) + after - at
         return times
 

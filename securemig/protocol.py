@@ -270,6 +270,10 @@ class FramedProtocol(Protocol):
         """This migration's id (known once the destination admitted it)."""
         raise NotImplementedError
 
+    def journal_phase(self, phase: str) -> None:
+        """Record a phase of this migration in this side's journal."""
+        raise NotImplementedError
+
     def peer_name(self) -> str:
         """The name the peer must prove (TLS and AK certificate alike)."""
         raise NotImplementedError
@@ -292,6 +296,7 @@ class FramedProtocol(Protocol):
         )
         self.peer_ak = effect.evidence.ak_public
         self.log.info("{peer} attested", peer=self.peer_name())
+        self.journal_phase("peer-attested")
         self.run(self.session.peer_verified())
 
     def _do_Finished(self, effect: s.Finished) -> None:
@@ -383,6 +388,11 @@ class DestinationProtocol(FramedProtocol):
 
     def _do_AcceptKey(self, effect: s.AcceptKey) -> None:
         self.wrapped_key = effect.wrapped
+        self.journal_phase("key-received")
+
+    def journal_phase(self, phase: str) -> None:
+        """Record a phase in the destination's journal."""
+        self.arrival.journal_phase(phase, self.session.bytes_received)
 
     def _submit(
         self,
@@ -732,9 +742,14 @@ class SourceProtocol(FramedProtocol):
         """The destination's name, which TLS already checked."""
         return str(self.security.destination_name)
 
+    def journal_phase(self, phase: str) -> None:
+        """Record a phase in the source's journal."""
+        self.departure.journal.phase(self.departure.id, phase)
+
     def _do_WrapKey(self, effect: s.WrapKey) -> None:
         from securemig.secure import MIGRATION_KEY_ROLE, check_offer, wrap
 
+        self.journal_phase("key-offered")
         key = check_offer(
             effect.offer,
             self.peer_ak,
