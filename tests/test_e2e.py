@@ -291,3 +291,24 @@ class DiskFullTests(TestCase):
         record = json.loads(status.stdout)[0]
         self.assertEqual(record["outcome"], "aborted")
         self.assertIn("DISK_FULL", record["error"])
+
+
+class DemoTests(TestCase):
+    """`securemig demo` (what `make demo` runs) completes, with every check true."""
+
+    def test_demo(self) -> None:
+        result = processes.securemig("demo", "--json", "--size-mib", "8")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        report = json.loads(result.stdout)
+        self.assertEqual(
+            report["checks"],
+            {
+                "images_identical": True,
+                "vtpm_key_released_to_destination_tpm": True,
+                "source_copies_removed": True,
+            },
+        )
+        self.assertEqual(
+            (report["secure"]["protocol"], report["insecure"]["protocol"]), ("secure", "insecure")
+        )
+        self.assertIn("attest source", report["secure"]["phases"])
