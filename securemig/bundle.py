@@ -28,6 +28,15 @@ class BundleError(Exception):
     """A bundle is missing, malformed or unsuitable for what was asked."""
 
 
+def image_file(name: str) -> str:
+    """Where image ``name`` lives inside a bundle (derived from the name alone,
+    so a peer never chooses a path): ``NAME.img``, except the vTPM's state,
+    which is swtpm's state file in ``vtpm/``."""
+    if name == "vtpm":
+        return "vtpm/tpm2-00.permall"
+    return f"{name}.img"
+
+
 @dataclass
 class Image:
     """One image file of a bundle."""
@@ -37,8 +46,8 @@ class Image:
 
     @property
     def file(self) -> str:
-        """Its file name inside the bundle."""
-        return f"{self.name}.img"
+        """Its path inside the bundle."""
+        return image_file(self.name)
 
 
 @dataclass
@@ -50,6 +59,8 @@ class Manifest:
     images: list[Image] = field(default_factory=list)
     #: Absolute path of the disk image when it lives on shared storage.
     shared_disk: str | None = None
+    #: SHA-256 of the vTPM's EK public area: the vTPM's identity (if it has one).
+    vtpm: str | None = None
     state: str = "suspended"
     format: int = FORMAT
 
@@ -117,7 +128,7 @@ class Bundle:
     def image_path(self, image: Image | str) -> Path:
         """Where an image's bytes are."""
         name = image if isinstance(image, str) else image.name
-        return self.path / f"{name}.img"
+        return self.path / image_file(name)
 
     @property
     def vtpm_key_path(self) -> Path:
@@ -178,11 +189,14 @@ def create_image_vm(
     disk_mib: int | None = None,
     shared_disk: Path | None = None,
     sealed_vtpm_key: bytes | None = None,
+    vtpm: tuple[bytes, Path] | None = None,
 ) -> Bundle:
     """Create a suspended VM of the ``image`` backend with random contents.
 
     With ``shared_disk`` the disk image is created there (it must not exist)
-    and only recorded in the manifest.
+    and only recorded in the manifest.  With ``vtpm`` = (key, vendor CA
+    directory) the VM gets a vTPM encrypted with that key, and
+    ``sealed_vtpm_key`` is the key as sealed to this host's TPM.
     """
     check_vm_name(name)
     if ram_mib <= 0:
@@ -208,6 +222,11 @@ def create_image_vm(
         _fill_random(bundle.image_path(image), image.size)
     if sealed_vtpm_key is not None:
         storage.write_durably(bundle.vtpm_key_path, sealed_vtpm_key, mode=0o600)
+    if vtpm is not None:
+        from securemig import vtpm as vtpm_module
+
+        manifest.vtpm = vtpm_module.create(staging, *vtpm)
+        manifest.images.append(Image("vtpm", bundle.image_path("vtpm").stat().st_size))
     bundle.save()
     storage.rename_durably(staging, path)
     return Bundle(path, manifest)

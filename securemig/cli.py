@@ -257,17 +257,21 @@ def cmd_vm(args: argparse.Namespace) -> int:
 
     if args.vm_command == "create":
         try:
-            sealed = None
+            sealed = vtpm = None
             if args.identity:
                 import os
 
                 from securemig.secure import open_attestor
 
+                # The vTPM's state key: sealed to this host's TPM, handed to
+                # swtpm through a pipe, never written in the clear.
+                key = os.urandom(32)
                 attestor = open_attestor(args.identity, None, False)
-                sealed = attestor.seal(os.urandom(32))
+                sealed = attestor.seal(key)
                 attestor.tpm.close()
+                vtpm = (key, args.identity / "vtpm-ca")
             bundle = create_image_vm(
-                args.dir, args.name, args.ram_mib, args.disk_mib, args.shared_disk, sealed
+                args.dir, args.name, args.ram_mib, args.disk_mib, args.shared_disk, sealed, vtpm
             )
         except (BundleError, OSError, ValueError) as e:
             return _error(str(e))

@@ -156,6 +156,7 @@ def _migrate(work: Path, name: str, port: int, secure: bool) -> dict[str, Any]:
 
 def run(size_mib: int = 256, as_json: bool = False, keep: bool = False) -> int:
     """Run the demo; returns the process exit status."""
+    from securemig import vtpm
     from securemig.secure import open_attestor
 
     work = Path(tempfile.mkdtemp(prefix="securemig-demo-"))
@@ -168,14 +169,20 @@ def run(size_mib: int = 256, as_json: bool = False, keep: bool = False) -> int:
         source = open_attestor(work / SOURCE, None, False)
         secret = os.urandom(32)
         secure_vm = create_image_vm(
-            work / "vms", "demo-vm", size_mib, disk_mib=32, sealed_vtpm_key=source.seal(secret)
+            work / "vms",
+            "demo-vm",
+            size_mib,
+            disk_mib=32,
+            sealed_vtpm_key=source.seal(secret),
+            vtpm=(secret, work / "vtpm-ca"),
         )
         source.tpm.close()
+        vtpm_identity = secure_vm.manifest.vtpm
         plain_vm = create_image_vm(work / "vms", "demo-vm-insecure", size_mib, disk_mib=32)
         before = {"secure": _digests(secure_vm), "insecure": _digests(plain_vm)}
         say(
-            f"2. created VM demo-vm (RAM {size_mib} MiB, disk 32 MiB, vTPM key sealed to "
-            f"{SOURCE}'s TPM) and its twin demo-vm-insecure"
+            f"2. created VM demo-vm (RAM {size_mib} MiB, disk 32 MiB, a swtpm vTPM encrypted "
+            f"at rest, its key sealed to {SOURCE}'s TPM) and demo-vm-insecure (no vTPM)"
         )
         say("3. migrating demo-vm securely: mutual TLS 1.3, attestation both ways, key release")
         secure = _migrate(work, "demo-vm", ports["secure"], secure=True)
@@ -184,13 +191,13 @@ def run(size_mib: int = 256, as_json: bool = False, keep: bool = False) -> int:
         vms = ports["state"] / "vms"
         arrived = Bundle.load(vms / "demo-vm")
         destination = open_attestor(work / DESTINATION, None, False)
+        released = destination.unseal(arrived.vtpm_key_path.read_bytes())
         checks = {
             "images_identical": _digests(arrived) == before["secure"]
             and _digests(Bundle.load(vms / "demo-vm-insecure")) == before["insecure"],
-            "vtpm_key_released_to_destination_tpm": destination.unseal(
-                arrived.vtpm_key_path.read_bytes()
-            )
-            == secret,
+            "vtpm_key_released_to_destination_tpm": released == secret,
+            "same_vtpm_at_destination": arrived.manifest.vtpm == vtpm_identity is not None
+            and vtpm.identity(arrived.path / vtpm.STATE_DIR, released) == vtpm_identity,
             "source_copies_removed": not secure_vm.path.exists() and not plain_vm.path.exists(),
         }
         destination.tpm.close()

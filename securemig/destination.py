@@ -23,7 +23,7 @@ from typing import BinaryIO
 from twisted.logger import Logger
 
 from securemig import storage, wire
-from securemig.bundle import Bundle, Image, Manifest
+from securemig.bundle import Bundle, Image, Manifest, image_file
 from securemig.hypervisor import backend_for
 from securemig.journal import Journal
 from securemig.session import Finished, Outcome
@@ -177,8 +177,10 @@ class Arrival:
         self.lock = lock
         self.staging = staging
         self.cancelled = False
-        #: Secure variant: the vTPM key, re-sealed to this host's TPM.
+        #: Secure variant: the vTPM key, re-sealed to this host's TPM, and
+        #: the vTPM's identity, checked with it.
         self.sealed_vtpm_key: bytes | None = None
+        self.vtpm_identity: str | None = None
         self._file: BinaryIO | None = None
         self._hash = hashlib.sha256()
         self._image: wire.ImageInfo | None = None
@@ -190,7 +192,9 @@ class Arrival:
         if self.cancelled:
             return
         self._image = self.hello.images[index]
-        self._file = open(self.staging / f"{self._image.name}.img", "xb")  # noqa: SIM115
+        path = self.staging / image_file(self._image.name)
+        path.parent.mkdir(exist_ok=True)
+        self._file = open(path, "xb")  # noqa: SIM115
         self._hash = hashlib.sha256()
 
     def write(self, parts: tuple[bytes | memoryview, ...]) -> int:
@@ -230,6 +234,7 @@ class Arrival:
             backend=self.host.backend,
             images=[Image(i.name, i.size) for i in self.hello.images],
             shared_disk=self.hello.shared_disk or None,
+            vtpm=self.vtpm_identity,
         )
         bundle = Bundle(self.staging, manifest)
         if self.sealed_vtpm_key is not None:

@@ -406,7 +406,10 @@ class DestinationProtocol(FramedProtocol):
         def done(result: Any) -> None:
             self.touch()
             if then is not None and not self.session.finished:
-                then(result)
+                try:
+                    then(result)
+                except Exception as e:
+                    self.fail(failure_to_error(e, doing))
 
         def failed(failure: Failure) -> None:
             self.fail(failure_to_error(failure, doing))
@@ -450,17 +453,26 @@ class DestinationProtocol(FramedProtocol):
         self._submit("closing a staging file", self.arrival.close_stream, effect.sha256)
 
     def _do_Prepare(self, effect: s.Prepare) -> None:
-        if self.security is not None:
-            # Unwrap inside our TPM (only in the attested PCR state) and
-            # re-seal to it; the key is never written in the clear.
-            secret = self.security.key.unwrap(self.wrapped_key, self.migration_id())
-            self.arrival.sealed_vtpm_key = self.security.attestor.seal(secret)
-
         def prepared(_: object) -> None:
             self.arrival.journal_phase("prepared", self.session.bytes_received)
             self.run(self.session.prepared())
 
-        self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
+        def receive_key(_: object) -> None:
+            # Every stream is closed and verified now.  Unwrap inside our TPM
+            # (only in the attested PCR state), check the vTPM opens with the
+            # key and is the one announced, and re-seal the key to our TPM:
+            # it is never written in the clear.
+            secret, identity = self.security.receive(
+                self.wrapped_key, self.migration_id(), self.arrival.staging
+            )
+            self.arrival.sealed_vtpm_key = self.security.attestor.seal(secret)
+            self.arrival.vtpm_identity = identity
+            self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
+
+        if self.security is None:
+            self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
+        else:
+            self._submit("closing the streams", lambda: None, then=receive_key)
 
     def _do_CommitInPlace(self, effect: s.CommitInPlace) -> None:
         d = Deferred.fromCoroutine(self.arrival.commit())
@@ -757,7 +769,7 @@ class SourceProtocol(FramedProtocol):
             self.security.attestor.pcrs,
             self.peer_values,
         )
-        wrapped = wrap(key, self.security.secret, self.migration_id())
+        wrapped = wrap(key, self.security.key_material(), self.migration_id())
         self.run(self.session.key_wrapped(wrapped))
 
     def _do_CommitLocally(self, effect: s.CommitLocally) -> None:

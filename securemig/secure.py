@@ -129,11 +129,20 @@ def open_attestor(identity_dir: Path, policy_dir: Path | None, tofu: bool) -> At
 @dataclass
 class SourceSecurity:
     """What a secure source needs: its attestor, the VM's vTPM key (unsealed
-    for this migration only) and the name the destination must prove."""
+    for this migration only), the vTPM's identity (SHA-256 of its EK public
+    area, hex; None for a VM without a vTPM state) and the name the
+    destination must prove."""
 
     attestor: Attestor
     secret: bytes
     destination_name: str
+    vtpm_identity: str | None = None
+
+    def key_material(self) -> bytes:
+        """What is wrapped: the key, then the vTPM identity the destination
+        must find when it opens the state with it."""
+        identity = bytes.fromhex(self.vtpm_identity) if self.vtpm_identity else b""
+        return self.secret + identity
 
 
 @dataclass
@@ -142,6 +151,30 @@ class DestinationSecurity:
 
     attestor: Attestor
     key: MigrationKey
+
+    def receive(
+        self, wrapped: wire.WrappedKey, migration_id: bytes, staging: Path
+    ) -> tuple[bytes, str | None]:
+        """Unwrap the vTPM key; if a vTPM state arrived, check it opens with
+        the key and is the announced vTPM.  Returns (key, identity)."""
+        from securemig import vtpm
+
+        material = self.key.unwrap(wrapped, migration_id)
+        secret, expected = material[:32], material[32:]
+        state = staging / vtpm.STATE_DIR
+        if not expected:
+            if state.exists():
+                raise KeyTransferError("a vTPM state arrived without its identity")
+            return secret, None
+        if not state.exists():
+            raise KeyTransferError("the vTPM's identity arrived without its state")
+        try:
+            identity = vtpm.identity(state, secret)
+        except vtpm.VTPMError as e:
+            raise KeyTransferError(str(e)) from None
+        if not hmac.compare_digest(identity, expected.hex()):
+            raise KeyTransferError("the vTPM that arrived is not the one announced (EK differs)")
+        return secret, identity
 
 
 class MigrationKey:

@@ -162,7 +162,7 @@ class SecureOptions:
 
         attestor = open_attestor(self.identity, self.policy_dir, self.tofu)
         secret = attestor.unseal(bundle.vtpm_key_path.read_bytes())
-        return SourceSecurity(attestor, secret, self.destination_name or host)
+        return SourceSecurity(attestor, secret, self.destination_name or host, bundle.manifest.vtpm)
 
 
 class ConnectFailed(Exception):
@@ -202,6 +202,11 @@ async def migrate(
         raise BundleError(
             f"VM {bundle.name} has no vTPM key ({bundle.vtpm_key_path}); "
             "create it with --identity, or migrate it --insecure"
+        )
+    if secure is None and bundle.manifest.vtpm:
+        raise BundleError(
+            f"VM {bundle.name} has a vTPM; only the secure variant carries "
+            "its key (give --identity)"
         )
     departure = Departure(bundle, variant, to, "secure" if secure else "insecure", journal)
     await departure.acquire()

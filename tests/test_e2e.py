@@ -305,6 +305,7 @@ class DemoTests(TestCase):
             {
                 "images_identical": True,
                 "vtpm_key_released_to_destination_tpm": True,
+                "same_vtpm_at_destination": True,
                 "source_copies_removed": True,
             },
         )

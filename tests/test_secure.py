@@ -12,7 +12,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from twisted.trial.unittest import TestCase
 
-from securemig import processes, storage
+from securemig import processes, storage, vtpm
 from securemig.bundle import Bundle
 from securemig.identity import write_identity
 from securemig.pca.core import PrivacyCA
@@ -158,9 +158,37 @@ class SecureMigrationTests(TestCase):
         self.assertNotIn(secret, sealed)
         self.assertEqual(open_attestor(self.dst_id, None, False).unseal(sealed), secret)
         self.assertFalse(bundle.path.exists())
+        # The same vTPM arrived: its (still encrypted) state opens with the
+        # released key and has the same EK.
+        self.assertEqual(arrived.manifest.vtpm, bundle.manifest.vtpm)
+        self.assertEqual(vtpm.identity(arrived.path / vtpm.STATE_DIR, secret), bundle.manifest.vtpm)
         # Each side recorded the other's golden values on first use.
         self.assertIsNotNone(PolicyStore(self.src_policy).get("dest-b"))
         self.assertIsNotNone(PolicyStore(self.dst_policy).get("source-a"))
+
+    def test_vtpm_state_flipped_byte(self) -> None:
+        """A vTPM state with one byte flipped (before it is sent, so the
+        stream digests match) does not open at the destination: refused,
+        and the VM stays at the source."""
+        destination = self.start_destination("--tofu")
+        bundle = self.create_vm()
+        state = bundle.image_path("vtpm")
+        raw = bytearray(state.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        state.write_bytes(bytes(raw))
+        before = bundle_digests(bundle)
+        result = self.migrate(destination, "--tofu")
+        self.assertStaysAtSource(bundle, before, result, "KEY_TRANSFER_FAILED")
+        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+
+    def test_vtpm_vm_refused_over_insecure_variant(self) -> None:
+        bundle = self.create_vm()
+        result = processes.securemig(
+            "migrate", "vm1", "--vm-dir", str(self.vm_dir), "--to", "127.0.0.1:9", "--insecure"
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("has a vTPM", result.stderr)
+        self.assertTrue(bundle.vtpm_key_path.exists())
 
     def test_destination_pcr_changed(self) -> None:
         """Golden values recorded, then the destination's PCR changes: the

@@ -11,6 +11,7 @@ ended by its pid.  Used by the tests, the demo, and for vTPMs.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -69,29 +70,49 @@ def ca_certificates(ca_dir: Path) -> list[Path]:
     return [ca_dir / "swtpm-localca-rootca-cert.pem", ca_dir / "issuercert.pem"]
 
 
-def provision(state_dir: Path, ca_dir: Path) -> None:
-    """Manufacture a TPM 2.0 in ``state_dir``: EK certificates from the CA in ``ca_dir``."""
+#: State encryption of vTPMs: swtpm's strongest, with a 256-bit key.
+CIPHER = "aes-256-cbc"
+
+
+def _key_pipe(key: bytes) -> int:
+    """A pipe's read end holding ``key`` in hex, for swtpm's ``fd=`` options;
+    the key never touches a file."""
+    if len(key) != 32:
+        raise ValueError("a vTPM state key is 32 bytes")
+    read, write = os.pipe()
+    os.write(write, key.hex().encode())
+    os.close(write)
+    return read
+
+
+def provision(state_dir: Path, ca_dir: Path, key: bytes | None = None) -> None:
+    """Manufacture a TPM 2.0 in ``state_dir``: EK certificates from the CA in
+    ``ca_dir``; with ``key``, its state encrypted at rest with that key."""
     setup = local_ca(ca_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     certs = state_dir / "ek-certs"
     certs.mkdir(exist_ok=True)
-    result = subprocess.run(
-        [
-            _tool("swtpm_setup"),
-            "--tpm2",
-            "--tpmstate",
-            str(state_dir),
-            "--create-ek-cert",
-            "--config",
-            str(setup),
-            "--write-ek-cert-files",
-            str(certs),
-            "--overwrite",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    argv = [
+        _tool("swtpm_setup"),
+        "--tpm2",
+        "--tpmstate",
+        str(state_dir),
+        "--create-ek-cert",
+        "--config",
+        str(setup),
+        "--write-ek-cert-files",
+        str(certs),
+        "--overwrite",
+    ]
+    fds: tuple[int, ...] = ()
+    if key is not None:
+        fds = (_key_pipe(key),)
+        argv += ["--keyfile-fd", str(fds[0]), "--cipher", CIPHER]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, check=False, pass_fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
     if result.returncode != 0:
         raise RuntimeError(
             f"swtpm_setup failed ({result.returncode}): {(result.stderr or result.stdout).strip()}"
@@ -139,29 +160,40 @@ class Swtpm:
                 self.process.wait()
 
 
-def start(state_dir: Path) -> Swtpm:
-    """Run the TPM in ``state_dir`` on free loopback ports until :meth:`Swtpm.stop`."""
+def start(state_dir: Path, key: bytes | None = None) -> Swtpm:
+    """Run the TPM in ``state_dir`` on free loopback ports until
+    :meth:`Swtpm.stop`; ``key`` decrypts an encrypted state."""
     for _ in range(5):  # a port chosen free can be taken before swtpm binds it
         port = _free_port_pair()
         ctrl = port + 1
-        process = subprocess.Popen(
-            [
-                _tool("swtpm"),
-                "socket",
-                "--tpm2",
-                "--tpmstate",
-                f"dir={state_dir}",
-                "--server",
-                f"type=tcp,port={port},bindaddr=127.0.0.1",
-                "--ctrl",
-                f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
-                "--flags",
-                "not-need-init,startup-clear",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        argv = [
+            _tool("swtpm"),
+            "socket",
+            "--tpm2",
+            "--tpmstate",
+            f"dir={state_dir}",
+            "--server",
+            f"type=tcp,port={port},bindaddr=127.0.0.1",
+            "--ctrl",
+            f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
+            "--flags",
+            "not-need-init,startup-clear",
+        ]
+        fds: tuple[int, ...] = ()
+        if key is not None:
+            fds = (_key_pipe(key),)
+            argv += ["--key", f"fd={fds[0]},mode={CIPHER},format=hex"]
+        try:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                pass_fds=fds,
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
         deadline = time.monotonic() + START_TIMEOUT
         while process.poll() is None and time.monotonic() < deadline:
             try:
