@@ -184,10 +184,18 @@ class MigrationKey:
     def __init__(self, tpm: TPM, pcrs: tuple[int, ...]) -> None:
         self.tpm = tpm
         self.pcrs = pcrs
-        self.blob: KeyBlob = tpm.create_migration_key(pcrs, tpm.pcr_read(pcrs))
+        self.values = tpm.pcr_read(pcrs)
+        self.blob: KeyBlob = tpm.create_migration_key(pcrs, self.values)
 
     def offer(self, ak: KeyBlob, qualifying: bytes) -> wire.KeyOffer:
-        """The key's public area, certified by ``ak`` for this session."""
+        """The key's public area, certified by ``ak`` for this session.  If
+        the PCRs changed since the key was made, a new key is made for the
+        state the host has (and just quoted): the source would refuse a key
+        bound to another state anyway."""
+        values = self.tpm.pcr_read(self.pcrs)
+        if values != self.values:
+            self.values = values
+            self.blob = self.tpm.create_migration_key(self.pcrs, values)
         certified = self.tpm.certify(self.blob, ak, qualifying)
         return wire.KeyOffer(self.blob.public, certified.attest, certified.signature)
 

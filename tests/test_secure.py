@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,8 @@ class SecureMigrationTests(TestCase):
         bundle = self.create_vm("--disk-mib", "2")
         before = bundle_digests(bundle)
         secret = self.vtpm_key_at_source(bundle)
+        leftover = self.base / "copied-vtpm-state"
+        shutil.copytree(bundle.path / vtpm.STATE_DIR, leftover)
         result = self.migrate(destination, "--tofu")
         self.assertEqual(result.returncode, 0, result.stderr + destination.log()[-3000:])
         summary = json.loads(result.stdout)
@@ -165,6 +168,20 @@ class SecureMigrationTests(TestCase):
         # Each side recorded the other's golden values on first use.
         self.assertIsNotNone(PolicyStore(self.src_policy).get("dest-b"))
         self.assertIsNotNone(PolicyStore(self.dst_policy).get("source-a"))
+
+    def test_shared_storage_variant(self) -> None:
+        """RAM and vTPM travel; the disk stays on shared storage."""
+        destination = self.start_destination("--tofu")
+        shared = self.base / "shared"
+        shared.mkdir()
+        bundle = self.create_vm("--shared-disk", str(shared / "vm1.disk"))
+        before = bundle_digests(bundle)
+        result = self.migrate(destination, "--tofu", "--shared-storage")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        arrived = Bundle.load(destination.state_dir / "vms" / "vm1")
+        self.assertEqual(bundle_digests(arrived), before)
+        self.assertEqual([i.name for i in arrived.manifest.images], ["ram", "vtpm"])
+        self.assertEqual(arrived.manifest.shared_disk, str(shared / "vm1.disk"))
 
     def test_vtpm_state_flipped_byte(self) -> None:
         """A vTPM state with one byte flipped (before it is sent, so the
