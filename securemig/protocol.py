@@ -418,6 +418,8 @@ class DestinationProtocol(FramedProtocol):
 
     def _do_Admit(self, effect: s.Admit) -> None:
         try:
+            if self.security is not None:
+                self.security.check_source(self.peer_name())
             self.arrival = self.host.admit(effect.hello, self._peer(), self.protocol_name)
         except ProtocolError as e:
             self.log.info("refused VM {vm}: {reason}", vm=effect.hello.vm_name, reason=e.reason)

@@ -151,6 +151,15 @@ class DestinationSecurity:
 
     attestor: Attestor
     key: MigrationKey
+    #: Source names allowed to migrate here (None: any the site CA certified).
+    allowed_sources: frozenset[str] | None = None
+
+    def check_source(self, name: str) -> None:
+        """Refuse a source whose (TLS-verified) name is not allowed."""
+        if self.allowed_sources is not None and name not in self.allowed_sources:
+            raise wire.ProtocolError(
+                wire.ErrorCode.POLICY_REFUSED, f"source {name} is not allowed to migrate here"
+            )
 
     def receive(
         self, wrapped: wire.WrappedKey, migration_id: bytes, staging: Path

@@ -66,6 +66,10 @@ class Options(usage.Options):
         ["tofu", None, "Record an unknown source's PCR values on its first attestation."],
     ]
 
+    def opt_allow_source(self, name: str) -> None:
+        """Accept secure migrations only from this source name (repeatable)."""
+        self.setdefault("allow-source", []).append(name)
+
     def postOptions(self) -> None:
         """Check the options make a usable destination."""
         if not self["state-dir"]:
@@ -145,7 +149,12 @@ def makeService(options: Options) -> service.MultiService:
         policy_dir = Path(options["policy-dir"]) if options["policy-dir"] else None
         attestor = open_attestor(identity, policy_dir, options["tofu"])
         # Created once, for the PCR state the host has now; certified per session.
-        security = DestinationSecurity(attestor, MigrationKey(attestor.tpm, attestor.pcrs))
+        allowed = options.get("allow-source")
+        security = DestinationSecurity(
+            attestor,
+            MigrationKey(attestor.tpm, attestor.pcrs),
+            frozenset(allowed) if allowed else None,
+        )
         secure = protocol.DestinationFactory(
             host, reactor, protocol_name="secure", security=security, **timers
         )

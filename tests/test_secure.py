@@ -63,7 +63,9 @@ def world() -> Any:
     return _world
 
 
-class SecureMigrationTests(TestCase):
+class SecureBase(TestCase):
+    """Shared set-up: the two hosts, a destination per test, VM helpers."""
+
     def setUp(self) -> None:
         self.world, self.tpm_a, self.tpm_b = world()
         self.base = Path(self.mktemp()).absolute()
@@ -140,6 +142,10 @@ class SecureMigrationTests(TestCase):
         self.assertEqual(bundle_digests(Bundle.load(bundle.path)), before)
         self.assertTrue(bundle.vtpm_key_path.exists())
         self.assertFalse(storage.is_locked(bundle.lock_path))
+
+
+class SecureMigrationTests(SecureBase):
+    """Secure migrations and their refusals, each leaving the VM at the source."""
 
     def test_secure_migration(self) -> None:
         """Both attested (trust on first use), the vTPM key released to the
@@ -264,3 +270,60 @@ class SecureMigrationTests(TestCase):
         before = bundle_digests(bundle)
         result = self.migrate(destination)
         self.assertStaysAtSource(bundle, before, result, "no golden values for dest-b")
+
+
+class HostileSourceTests(SecureBase):
+    """A source that holds a genuine identity but replays old evidence, and
+    a destination that only admits named sources."""
+
+    def test_source_not_allowed(self) -> None:
+        destination = self.start_destination("--tofu", "--allow-source", "someone-else")
+        bundle = self.create_vm()
+        before = bundle_digests(bundle)
+        result = self.migrate(destination, "--tofu")
+        self.assertStaysAtSource(bundle, before, result, "source-a is not allowed")
+
+    async def test_quote_replayed_from_another_session(self) -> None:
+        """Evidence that was genuine in another TLS session is refused by the
+        destination, and the VM stays at the source.  The source here is the
+        real one with its attestor replaced by a replaying attacker."""
+        from twisted.internet import reactor
+
+        from securemig import secure, wire
+        from securemig.journal import Journal
+        from securemig.source import SecureOptions, migrate
+
+        destination = self.start_destination("--tofu")
+        bundle = self.create_vm()
+        before = bundle_digests(bundle)
+
+        class Replayer(secure.Attestor):
+            def evidence(self, qualifying: bytes) -> wire.Evidence:
+                # A quote made for another session's exporter and nonce.
+                stale = secure.qualifying_data(
+                    os.urandom(32), "source", os.urandom(32), os.urandom(16)
+                )
+                return super().evidence(stale)
+
+        class ReplayOptions(SecureOptions):
+            def prepare(self, bundle: Bundle, host: str) -> Any:
+                real = super().prepare(bundle, host)
+                a = real.attestor
+                real.attestor = Replayer(a.identity, a.tpm, a.policy, a.pca, a.tofu, a.pcrs)
+                return real
+
+        options = ReplayOptions(self.src_id, self.src_policy, True, "dest-b")
+        journal = Journal(self.base / "src-journal.sqlite")
+        _, finished = await migrate(
+            reactor,
+            bundle,
+            destination.address,
+            variant=wire.Variant.FULL,
+            journal=journal,
+            secure=options,
+        )
+        self.assertEqual(finished.code, wire.ErrorCode.ATTESTATION_FAILED)
+        self.assertIn("qualifying-data", finished.reason)
+        self.assertEqual(bundle_digests(Bundle.load(bundle.path)), before)
+        self.assertTrue(bundle.vtpm_key_path.exists())
+        self.assertFalse(storage.is_locked(bundle.lock_path))
