@@ -457,14 +457,8 @@ def _destination_machine(secure: bool) -> Any:
             (offering, I.key_offered, await_key),
             (await_key, I.wrapped_key, await_stream),
         ]
-        before_commit_point += [
-            await_challenge,
-            attesting,
-            await_evidence,
-            verifying,
-            offering,
-            await_key,
-        ]
+        # Every secure state is before the commit point.
+        before_commit_point += [state for state, _, _ in table[-6:]]
     else:
         # Unreachable states still need a way out, for Automat's completeness.
         before_commit_point += [await_challenge]
@@ -749,14 +743,7 @@ def _source_machine(secure: bool) -> Any:
             (await_offer, I.key_offer, wrapping),
             (wrapping, I.key_wrapped, streaming),
         ]
-        before_commit_point += [
-            await_evidence,
-            verifying,
-            await_challenge,
-            attesting,
-            await_offer,
-            wrapping,
-        ]
+        before_commit_point += [state for state, _, _ in table[-6:]]
     else:
         table.append((await_welcome, I.welcome, streaming))
         before_commit_point += [await_evidence]

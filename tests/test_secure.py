@@ -112,7 +112,7 @@ class SecureBase(TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         return Bundle.find(self.vm_dir, "vm1")
 
-    def migrate(self, destination: processes.Destination, *extra: str) -> Any:
+    def migrate(self, destination: processes.Destination, *extra: str, name: str = "dest-b") -> Any:
         return processes.securemig(
             "migrate",
             "vm1",
@@ -125,7 +125,7 @@ class SecureBase(TestCase):
             "--policy-dir",
             str(self.src_policy),
             "--destination-name",
-            "dest-b",
+            name,
             "--json",
             "--no-progress",
             *extra,
@@ -245,22 +245,7 @@ class SecureMigrationTests(SecureBase):
         destination = self.start_destination("--tofu")
         bundle = self.create_vm()
         before = bundle_digests(bundle)
-        result = processes.securemig(
-            "migrate",
-            "vm1",
-            "--vm-dir",
-            str(self.vm_dir),
-            "--to",
-            destination.address,
-            "--identity",
-            str(self.src_id),
-            "--policy-dir",
-            str(self.src_policy),
-            "--destination-name",
-            "dest-z",
-            "--tofu",
-            "--no-progress",
-        )
+        result = self.migrate(destination, "--tofu", name="dest-z")
         self.assertStaysAtSource(bundle, before, result, "dest-z")
 
     def test_unknown_destination_without_tofu(self) -> None:
