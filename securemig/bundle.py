@@ -190,13 +190,15 @@ def create_image_vm(
     shared_disk: Path | None = None,
     sealed_vtpm_key: bytes | None = None,
     vtpm: tuple[bytes, Path] | None = None,
+    owner: str | None = None,
 ) -> Bundle:
     """Create a suspended VM of the ``image`` backend with random contents.
 
     With ``shared_disk`` the disk image is created there (it must not exist)
     and only recorded in the manifest.  With ``vtpm`` = (key, vendor CA
     directory) the VM gets a vTPM encrypted with that key, and
-    ``sealed_vtpm_key`` is the key as sealed to this host's TPM.
+    ``sealed_vtpm_key`` is the key as sealed to this host's TPM.  ``owner``
+    (a host name) is recorded as the owner of a shared disk.
     """
     check_vm_name(name)
     if ram_mib <= 0:
@@ -215,6 +217,8 @@ def create_image_vm(
             raise BundleError(f"shared disk {shared_disk} already exists")
         _fill_random(shared_disk, (disk_mib or 64) << 20)
         manifest.shared_disk = str(shared_disk)
+        if owner is not None:
+            storage.set_disk_owner(shared_disk, owner)
     elif disk_mib:
         manifest.images.append(Image("disk", disk_mib << 20))
     bundle = Bundle(staging, manifest)

@@ -271,7 +271,14 @@ def cmd_vm(args: argparse.Namespace) -> int:
                 attestor.tpm.close()
                 vtpm = (key, args.identity / "vtpm-ca")
             bundle = create_image_vm(
-                args.dir, args.name, args.ram_mib, args.disk_mib, args.shared_disk, sealed, vtpm
+                args.dir,
+                args.name,
+                args.ram_mib,
+                args.disk_mib,
+                args.shared_disk,
+                sealed,
+                vtpm,
+                owner=attestor.identity.name if args.identity else None,
             )
         except (BundleError, OSError, ValueError) as e:
             return _error(str(e))

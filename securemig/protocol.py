@@ -477,6 +477,14 @@ class DestinationProtocol(FramedProtocol):
             self._submit("closing the streams", lambda: None, then=receive_key)
 
     def _do_CommitInPlace(self, effect: s.CommitInPlace) -> None:
+        shared = self.arrival.hello.shared_disk
+        if self.security is not None and shared:
+            # The source handed the disk over at its commit point, before COMMIT.
+            owner, me = storage.disk_owner(Path(shared)), self.security.attestor.identity.name
+            if owner not in (None, me):
+                raise ProtocolError(
+                    ErrorCode.RESUME_FAILED, f"shared disk {shared} belongs to {owner}, not to us"
+                )
         d = Deferred.fromCoroutine(self.arrival.commit())
 
         def failed(f: Failure) -> None:

@@ -43,6 +43,8 @@ class Departure:
         self.lock: storage.Lock | None = None
         self.was_running = False
         self.committed = False
+        #: Secure shared-storage variant: the host the shared disk passes to.
+        self.disk_successor: str | None = None
         self.id = ""
         self.peer = peer
         self.protocol = protocol
@@ -115,6 +117,12 @@ class Departure:
         if self.bundle.vtpm_key_path.exists():
             self.bundle.vtpm_key_path.unlink()
             storage.fsync_dir(self.bundle.path)
+        shared = self.bundle.manifest.shared_disk
+        if shared and self.disk_successor is not None:
+            record = self.journal.get(self.id)
+            storage.set_disk_owner(
+                Path(shared), self.disk_successor, record.migration_id if record else None
+            )
         try:
             await self.backend.discard(self.bundle)
         except Exception as e:
@@ -214,6 +222,13 @@ async def migrate(
     if secure is not None:
         try:
             security = secure.prepare(bundle, host)
+            shared = bundle.manifest.shared_disk
+            if variant is wire.Variant.SHARED_STORAGE and shared:
+                owner = storage.disk_owner(Path(shared))
+                me = security.attestor.identity.name
+                if owner is not None and owner != me:
+                    raise BundleError(f"shared disk {shared} belongs to {owner}, not {me}")
+                departure.disk_successor = security.destination_name
         except BaseException:
             departure.rollback()
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 from pathlib import Path
@@ -134,6 +135,27 @@ def check_free_space(path: Path, needed: int) -> None:
             f"needs {needed >> 20} MiB plus {SPACE_MARGIN >> 20} MiB head room; "
             f"{available >> 20} MiB free",
         )
+
+
+def disk_owner_path(disk: Path) -> Path:
+    """The record, beside a disk on shared storage, of which host owns it."""
+    return disk.with_name(disk.name + ".securemig-owner")
+
+
+def disk_owner(disk: Path) -> str | None:
+    """The host that owns a shared disk (may run its VM), if recorded."""
+    try:
+        return str(json.loads(disk_owner_path(disk).read_bytes())["host"])
+    except FileNotFoundError:
+        return None
+
+
+def set_disk_owner(disk: Path, host: str, migration_id: str | None = None) -> None:
+    """Hand a shared disk to ``host``, durably (the secure shared-storage
+    variant does this at the source's commit point).  Every host mounts the
+    same record, so exactly one host at a time may resume the VM on it."""
+    record = {"host": host, "migration_id": migration_id}
+    write_durably(disk_owner_path(disk), json.dumps(record).encode())
 
 
 def io_error(exc: OSError, doing: str) -> ProtocolError:

@@ -188,6 +188,21 @@ class SecureMigrationTests(SecureBase):
         self.assertEqual(bundle_digests(arrived), before)
         self.assertEqual([i.name for i in arrived.manifest.images], ["ram", "vtpm"])
         self.assertEqual(arrived.manifest.shared_disk, str(shared / "vm1.disk"))
+        # The shared disk passed from source to destination at the commit.
+        self.assertEqual(storage.disk_owner(shared / "vm1.disk"), "dest-b")
+
+    def test_shared_disk_owned_by_another_host(self) -> None:
+        """A source may not migrate a VM whose shared disk another host owns."""
+        destination = self.start_destination("--tofu")
+        shared = self.base / "shared"
+        shared.mkdir()
+        bundle = self.create_vm("--shared-disk", str(shared / "vm1.disk"))
+        self.assertEqual(storage.disk_owner(shared / "vm1.disk"), "source-a")
+        storage.set_disk_owner(shared / "vm1.disk", "host-c")
+        before = bundle_digests(bundle)
+        result = self.migrate(destination, "--tofu", "--shared-storage")
+        self.assertStaysAtSource(bundle, before, result, "belongs to host-c")
+        self.assertEqual(storage.disk_owner(shared / "vm1.disk"), "host-c")
 
     def test_vtpm_state_flipped_byte(self) -> None:
         """A vTPM state with one byte flipped (before it is sent, so the
