@@ -47,6 +47,8 @@ class Destination:
     state_dir: Path
     log_file: Path
     rusage: Rusage | None = field(default=None)
+    #: The insecure listener's port, when it has both.
+    insecure_port: int = 0
 
     @property
     def address(self) -> str:

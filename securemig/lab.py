@@ -1,0 +1,197 @@
+"""
+A lab on loopback: a site CA, a privacy CA and two enrolled hosts.
+
+``securemig demo`` and ``securemig bench`` both need the whole system on one
+machine: two swtpm host TPMs whose EK certificates come from a local
+"vendor" CA, a real ``twistd securemig-pca`` over HTTPS, both hosts set up
+with ``securemig host init`` logic (TLS identity, AK, enrollment), and
+destinations started as real ``twistd securemig`` processes.  Every process
+is ended by its pid when the lab stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from securemig import processes, storage
+from securemig.bundle import Bundle, create_image_vm
+
+SOURCE, DESTINATION = "source-a", "dest-b"
+
+
+class Lab:
+    """Two enrolled hosts in ``work``; :meth:`start` builds them, :meth:`stop`
+    ends every process."""
+
+    def __init__(self, work: Path, say: Callable[..., None] = lambda *a: None) -> None:
+        self.work = work
+        self.say = say
+        self.vm_dir = work / "vms"
+        self._stops: list[Callable[[], object]] = []
+
+    def start(self) -> None:
+        """Site CA, two host TPMs, the privacy CA, both hosts enrolled."""
+        from securemig.identity import init_host, issue_tls
+        from securemig.pca.core import PrivacyCA
+        from securemig.pki import Authority
+        from securemig.tpm import swtpm
+
+        work, started = self.work, time.monotonic()
+        site = Authority.create("lab site CA")
+        site.save(work / "site-ca")
+        vendor = work / "tpm-vendor-ca"
+        tctis = {}
+        for host in (SOURCE, DESTINATION):
+            swtpm.provision(work / f"tpm-{host}", vendor)
+            tpm = swtpm.start(work / f"tpm-{host}")
+            self._stops.append(tpm.stop)
+            tctis[host] = tpm.tcti
+        self.say(
+            f"   two swtpm host TPMs with EK certificates ({time.monotonic() - started:.1f} s)"
+        )
+        PrivacyCA.init(work / "pca", swtpm.ca_certificates(vendor))
+        tls = work / "pca-tls"
+        tls.mkdir()
+        issue_tls(site, "localhost", tls)
+        pca, port = processes.start_twistd(
+            "securemig-pca",
+            "--dir",
+            str(work / "pca"),
+            "--listen",
+            f"ssl:0:privateKey={tls / 'tls.key'}:certKey={tls / 'tls.pem'}:interface=127.0.0.1",
+            port_file=work / "pca.port",
+            log_file=work / "pca.log",
+        )
+        self._stops.append(lambda: processes.end_process(pca))
+        self.say(f"   privacy CA `twistd securemig-pca` on https://localhost:{port}")
+        for host in (SOURCE, DESTINATION):
+            t = time.monotonic()
+            init_host(
+                work / host,
+                host,
+                tctis[host],
+                work / "site-ca",
+                f"https://localhost:{port}",
+                work / "pca" / "ca.pem",
+            )
+            self.say(
+                f"   host {host}: TLS certificate, AK, enrolled (EK certificate checked, "
+                f"credential activated) in {time.monotonic() - t:.2f} s"
+            )
+
+    def stop(self) -> None:
+        """End every process the lab started."""
+        for stop in reversed(self._stops):
+            stop()
+        self._stops.clear()
+
+    def start_destination(self, keep: bool = True) -> processes.Destination:
+        """A ``twistd securemig`` for dest-b, secure and insecure listeners.
+        With ``keep`` the lab ends it at :meth:`stop`; else the caller does."""
+        state = self.work / "destination"
+        state.mkdir(exist_ok=True)
+        process, port = processes.start_twistd(
+            "securemig",
+            "--state-dir",
+            str(state),
+            "--identity",
+            str(self.work / DESTINATION),
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--insecure-listen",
+            "tcp:0:interface=127.0.0.1",
+            "--insecure-port-file",
+            str(self.work / "insecure.port"),
+            "--tofu",
+            port_file=self.work / "secure.port",
+            log_file=self.work / "destination.log",
+        )
+        destination = processes.Destination(process, port, state, self.work / "destination.log")
+        destination.insecure_port = int((self.work / "insecure.port").read_text())
+        if keep:
+            self._stops.append(destination.stop)
+        return destination
+
+    def create_vm(self, name: str, size_mib: int, disk_mib: int | None, secure: bool) -> Bundle:
+        """A VM at the source; with ``secure``, a vTPM whose key is sealed to
+        the source's TPM."""
+        from securemig.secure import open_attestor
+
+        if not secure:
+            return create_image_vm(self.vm_dir, name, size_mib, disk_mib=disk_mib)
+        key = os.urandom(32)
+        source = open_attestor(self.work / SOURCE, None, False)
+        try:
+            sealed = source.seal(key)
+        finally:
+            source.tpm.close()
+        return create_image_vm(
+            self.vm_dir,
+            name,
+            size_mib,
+            disk_mib=disk_mib,
+            sealed_vtpm_key=sealed,
+            vtpm=(key, self.work / "vtpm-ca"),
+        )
+
+    def migrate(self, destination: processes.Destination, name: str, secure: bool) -> Any:
+        """Run ``securemig migrate`` as a process; returns (summary, usage)."""
+        import subprocess
+
+        port = destination.port if secure else destination.insecure_port
+        args = [
+            processes.script("securemig"),
+            "migrate",
+            name,
+            "--vm-dir",
+            str(self.vm_dir),
+            "--to",
+            f"127.0.0.1:{port}",
+            "--json",
+            "--no-progress",
+            "--state-dir",
+            str(self.work / "source-state"),
+        ]
+        args += (
+            ["--identity", str(self.work / SOURCE), "--destination-name", DESTINATION, "--tofu"]
+            if secure
+            else ["--insecure"]
+        )
+        with tempfile.TemporaryFile() as errors:
+            source = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=errors, text=True)
+            assert source.stdout is not None
+            out = source.stdout.read()
+            usage = processes.wait_process(source)  # wait4: the source's CPU and peak RSS
+            if usage.status != 0:
+                errors.seek(0)
+                raise RuntimeError(
+                    f"securemig migrate exited with {usage.status}: "
+                    f"{errors.read().decode(errors='replace').strip()}"
+                )
+        return json.loads(out), usage
+
+    def return_vm(self, destination: processes.Destination, name: str) -> Bundle:
+        """Move an arrived VM back to the source (for repeated measurements),
+        re-sealing its vTPM key to the source's TPM."""
+        from securemig.secure import open_attestor
+
+        arrived = Bundle.load(destination.state_dir / "vms" / name)
+        if arrived.vtpm_key_path.exists():
+            dest = open_attestor(self.work / DESTINATION, None, False)
+            source = open_attestor(self.work / SOURCE, None, False)
+            try:
+                key = dest.unseal(arrived.vtpm_key_path.read_bytes())
+                storage.write_durably(arrived.vtpm_key_path, source.seal(key), mode=0o600)
+            finally:
+                dest.tpm.close()
+                source.tpm.close()
+        arrived.manifest.state = "suspended"
+        arrived.save()
+        storage.rename_durably(arrived.path, self.vm_dir / name)
+        return Bundle.load(self.vm_dir / name)
