@@ -214,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     bench.add_argument("--json", type=Path, help="write the records here as JSON")
     bench.add_argument(
+        "--protocols",
+        default="insecure,secure",
+        help="measured besides the plain copy (default %(default)s)",
+    )
+    bench.add_argument(
         "--tpm",
         action="store_true",
         help="instead: time TPM operations on a fresh swtpm (--repeat each)",
@@ -425,6 +430,7 @@ def run_reactor(main: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
 
 
 def _report_migration(args: argparse.Namespace, journal: Any, outcome: dict[str, Any]) -> int:
+    from securemig.processes import peak_rss_mib
     from securemig.session import Outcome
 
     departure, finished = outcome["departure"], outcome["finished"]
@@ -443,6 +449,7 @@ def _report_migration(args: argparse.Namespace, journal: Any, outcome: dict[str,
         "seconds": round(seconds, 4),
         "throughput_mibps": round(mib / seconds, 1) if seconds > 0 else None,
         "phases": {k: round(v, 4) for k, v in (record.phase_times() if record else {}).items()},
+        "peak_rss_mib": peak_rss_mib(),
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -595,7 +602,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         return tpm.run(repeat=args.repeat)
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
-    return bench.run(sizes=sizes, repeat=args.repeat, work_dir=args.dir, json_path=args.json)
+    protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
+    unknown = set(protocols) - {"insecure", "secure"}
+    if unknown:
+        return _error(f"unknown protocol(s) {', '.join(sorted(unknown))}: use insecure, secure")
+    return bench.run(
+        sizes=sizes, repeat=args.repeat, work_dir=args.dir, json_path=args.json, protocols=protocols
+    )
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ class Lab:
         With ``keep`` the lab ends it at :meth:`stop`; else the caller does."""
         state = self.work / "destination"
         state.mkdir(exist_ok=True)
+        insecure_port_file = self.work / "insecure.port"
+        insecure_port_file.unlink(missing_ok=True)
         process, port = processes.start_twistd(
             "securemig",
             "--state-dir",
@@ -113,7 +115,8 @@ class Lab:
             log_file=self.work / "destination.log",
         )
         destination = processes.Destination(process, port, state, self.work / "destination.log")
-        destination.insecure_port = int((self.work / "insecure.port").read_text())
+        # The two listeners bind independently: wait for the second as well.
+        destination.insecure_port = processes.wait_for_port(insecure_port_file, process)
         if keep:
             self._stops.append(destination.stop)
         return destination

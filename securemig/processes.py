@@ -29,6 +29,22 @@ def script(name: str) -> str:
     return str(candidate)
 
 
+def peak_rss_mib(pid: int | str = "self") -> float | None:
+    """Peak resident memory of a live process (VmHWM), in MiB.
+
+    ``wait4``'s ru_maxrss cannot be used for this: at exec the kernel folds
+    the *parent's* memory high-water mark into the child's, so every child
+    of a large parent appears at least as large as its parent."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 @dataclass
 class Rusage:
     """CPU seconds and peak memory of one ended child process."""
@@ -58,7 +74,10 @@ class Destination:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> Rusage:
         """End the process (SIGTERM, then SIGKILL) and collect its usage."""
         if self.rusage is None:
+            peak = peak_rss_mib(self.process.pid)
             self.rusage = end_process(self.process, sig, timeout)
+            if peak is not None:
+                self.rusage.peak_rss_mib = peak
         return self.rusage
 
     def log(self) -> str:
@@ -94,17 +113,25 @@ def start_twistd(
     process = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
+    try:
+        return process, wait_for_port(port_file, process)
+    except RuntimeError as e:
+        log = log_file.read_text(errors="replace") if log_file.exists() else ""
+        raise RuntimeError(f"twistd {plugin}: {e}{log}") from None
+
+
+def wait_for_port(port_file: Path, process: subprocess.Popen[bytes]) -> int:
+    """The port our child writes into ``port_file`` once it listens."""
     deadline = time.monotonic() + START_TIMEOUT
     while not port_file.exists():
         if process.poll() is not None:
             err = process.stderr.read().decode(errors="replace") if process.stderr else ""
-            log = log_file.read_text(errors="replace") if log_file.exists() else ""
-            raise RuntimeError(f"twistd {plugin} exited with {process.returncode}: {err}{log}")
+            raise RuntimeError(f"exited with {process.returncode}: {err}")
         if time.monotonic() > deadline:
             end_process(process, signal.SIGKILL)
-            raise RuntimeError(f"twistd {plugin} did not listen within {START_TIMEOUT:g} s")
+            raise RuntimeError(f"did not listen within {START_TIMEOUT:g} s")
         time.sleep(0.02)
-    return process, int(port_file.read_text())
+    return int(port_file.read_text())
 
 
 def start_destination(

@@ -8,6 +8,11 @@ For each size and repeat, in the same run and over the same file:
 - ``insecure``: a real ``twistd securemig`` destination and a real
   ``securemig migrate --insecure`` source move the same VM.
 
+With ``--protocols secure`` (the default runs both) a lab of two enrolled
+swtpm hosts (:mod:`securemig.lab`) runs the secure variant too, on a VM
+with a vTPM; its numbers are then directly comparable with the insecure
+twin's of the same size in the same run.
+
 Each run records wall time, CPU seconds (user + system) and peak RSS of each
 process (from ``wait4``), bytes and throughput.  Runs alternate between the
 two so a noisy machine hurts both alike; the report gives medians and the
@@ -23,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +42,24 @@ def _plain_copy(work: Path, image: Path) -> dict[str, Any]:
     out = work / "plain.out"
     port_file.unlink(missing_ok=True)
     py = [sys.executable, "-m", "securemig.bench.plaincopy"]
-    receiver = subprocess.Popen([*py, "recv", str(port_file), str(out)])
+    receiver = subprocess.Popen(
+        [*py, "recv", str(port_file), str(out)], stdout=subprocess.PIPE, text=True
+    )
     while not port_file.exists():
         if receiver.poll() is not None:
             raise RuntimeError("plain-copy receiver died")
         time.sleep(0.01)
     started = time.monotonic()
-    sender = subprocess.Popen([*py, "send", port_file.read_text(), str(image)])
+    sender = subprocess.Popen(
+        [*py, "send", port_file.read_text(), str(image)], stdout=subprocess.PIPE, text=True
+    )
+    # Read each one's report of its peak memory, then reap it with wait4 (CPU).
+    assert sender.stdout is not None and receiver.stdout is not None
+    send_peak = int(sender.stdout.read()) / 1024
     send_usage = processes.wait_process(sender)
+    recv_peak = int(receiver.stdout.read()) / 1024
     recv_usage = processes.wait_process(receiver)
+    send_usage.peak_rss_mib, recv_usage.peak_rss_mib = send_peak, recv_peak
     total = time.monotonic() - started
     if send_usage.status or recv_usage.status:
         raise RuntimeError("plain copy failed")
@@ -84,6 +100,7 @@ def _migration(work: Path, vm_dir: Path, name: str, size: int) -> dict[str, Any]
     if src_usage.status != 0:
         raise RuntimeError(f"migration failed: {out}")
     summary = json.loads(out)
+    src_usage.peak_rss_mib = summary["peak_rss_mib"]
     # Put the VM back for the next run: same bytes, same file system.
     arrived = Bundle.load(state / "vms" / name)
     arrived.manifest.state = "suspended"
@@ -139,8 +156,10 @@ def _summarise(records: list[dict[str, Any]]) -> list[str]:
     for size in sorted({r["size_mib"] for r in records if r["size_mib"]}):
         runs = [r for r in records if r["size_mib"] == size]
         base = statistics.median(r["total_s"] for r in runs if r["protocol"] == "plain-copy")
-        for protocol in ("plain-copy", "insecure"):
+        for protocol in ("plain-copy", "insecure", "secure"):
             rs = [r for r in runs if r["protocol"] == protocol]
+            if not rs:
+                continue
             med = statistics.median(r["total_s"] for r in rs)
 
             def m(key: str, side: str, rs: list[dict[str, Any]] = rs) -> float:
@@ -154,13 +173,46 @@ def _summarise(records: list[dict[str, Any]]) -> list[str]:
                 f"{m('cpu_s', 'destination'):>8.2f} {m('peak_rss_mib', 'source'):>7.1f}M "
                 f"{m('peak_rss_mib', 'destination'):>7.1f}M"
             )
+        medians = {
+            p: statistics.median(r["in_process_s"] for r in runs if r["protocol"] == p)
+            for p in ("insecure", "secure")
+            if any(r["protocol"] == p for r in runs)
+        }
+        if len(medians) == 2:
+            lines.append(
+                f"{size:>5}M secure/insecure: {medians['secure'] / medians['insecure']:.2f}"
+            )
     return lines
 
 
-def run(sizes: list[int], repeat: int, work_dir: Path | None, json_path: Path | None) -> int:
+def _secure_migration(lab: Any, name: str, size: int) -> dict[str, Any]:
+    destination = lab.start_destination(keep=False)
+    try:
+        started = time.monotonic()
+        summary, src_usage = lab.migrate(destination, name, secure=True)
+        total = time.monotonic() - started
+        src_usage.peak_rss_mib = summary["peak_rss_mib"]
+    finally:
+        dst_usage = destination.stop()
+    lab.return_vm(destination, name)
+    record = _record("secure", size, total, summary["phases"], src_usage, dst_usage)
+    record["in_process_s"] = summary["seconds"]
+    return record
+
+
+def run(
+    sizes: list[int],
+    repeat: int,
+    work_dir: Path | None,
+    json_path: Path | None,
+    protocols: tuple[str, ...] = ("insecure", "secure"),
+) -> int:
     """Run the benchmark and print its table; returns an exit status."""
+    from securemig.lab import Lab
+
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-", dir=work_dir))
     records: list[dict[str, Any]] = []
+    lab = None
     try:
         idle = _idle_destination(work)
         records.append(idle)
@@ -169,19 +221,26 @@ def run(sizes: list[int], repeat: int, work_dir: Path | None, json_path: Path | 
             f"peak RSS {idle['peak_rss_mib']['destination']:.1f} MiB",
             file=sys.stderr,
         )
+        if "secure" in protocols:
+            print("setting up two enrolled hosts with swtpm TPMs ...", file=sys.stderr)
+            lab = Lab(work / "lab")
+            lab.start()
         for size in sizes:
             vm_dir = work / "src"
             name = f"bench-{size}"
-            print(f"creating a {size} MiB VM ...", file=sys.stderr)
+            print(f"creating {size} MiB VMs ...", file=sys.stderr)
             bundle = create_image_vm(vm_dir, name, size)
-            image = bundle.image_path("ram")
+            steps: list[Callable[[], dict[str, Any]]] = [
+                partial(_plain_copy, work, bundle.image_path("ram"))
+            ]
+            if "insecure" in protocols:
+                steps.append(partial(_migration, work, vm_dir, name, size << 20))
+            if lab is not None:
+                lab.create_vm(name, size, None, secure=True)
+                steps.append(partial(_secure_migration, lab, name, size << 20))
             for i in range(repeat):
-                for step in (_plain_copy, _migration):
-                    record = (
-                        step(work, image)
-                        if step is _plain_copy
-                        else _migration(work, vm_dir, name, size << 20)
-                    )
+                for step in steps:  # alternate, so noise hurts every protocol alike
+                    record = step()
                     record["repeat"] = i
                     records.append(record)
                     print(
@@ -190,7 +249,11 @@ def run(sizes: list[int], repeat: int, work_dir: Path | None, json_path: Path | 
                         file=sys.stderr,
                     )
             shutil.rmtree(vm_dir / name)
+            if lab is not None:
+                shutil.rmtree(lab.vm_dir / name)
     finally:
+        if lab is not None:
+            lab.stop()
         shutil.rmtree(work, ignore_errors=True)
     if json_path is not None:
         json_path.write_text(json.dumps(records, indent=2))
@@ -198,6 +261,7 @@ def run(sizes: list[int], repeat: int, work_dir: Path | None, json_path: Path | 
     print(
         "time: wall seconds of the whole source command; x plain: its ratio to the plain "
         "copy's median;\nin-proc: the same ratio without the source interpreter's start-up; "
-        "CPU and RSS: per process, from wait4 (the destination's include its own start-up)."
+        "CPU: per process, from wait4; RSS: its VmHWM (the destination's include its own start-up).\n"
+        "secure/insecure: ratio of the in-process medians, same size, same run."
     )
     return 0
