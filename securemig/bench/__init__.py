@@ -261,7 +261,8 @@ def run(
     print(
         "time: wall seconds of the whole source command; x plain: its ratio to the plain "
         "copy's median;\nin-proc: the same ratio without the source interpreter's start-up; "
-        "CPU: per process, from wait4; RSS: its VmHWM (the destination's include its own start-up).\n"
+        "CPU: per process, from wait4; RSS: its VmHWM (the destination's include its own "
+        "start-up).\n"
         "secure/insecure: ratio of the in-process medians, same size, same run."
     )
     return 0
