@@ -12,8 +12,10 @@ The rules, in the order a migration goes (``doc/protocol.rst`` is normative)::
 
     source                                destination
     idle        --HELLO------------->     awaitHello -> admitting
-    awaitWelcome <-----------WELCOME--    admitting  -> awaitStream
-      [secure variant: attestation, then key transfer, go here]
+    awaitWelcome <-----------WELCOME--    admitting  -> awaitStream (insecure)
+    secure variant only, before any image byte:
+      --CHALLENGE-->  <--EVIDENCE, CHALLENGE--  --EVIDENCE-->
+      <--KEY_OFFER--  --WRAPPED_KEY-->     (host checks and TPM work are effects)
     streaming   --STREAM_BEGIN/DATA*/STREAM_END per image-->  receiving
     awaitPrepared <---------PREPARED--    preparing  -> awaitCommit
     committing (journal COMMITTED, give the VM up)
@@ -29,8 +31,8 @@ means for the VM depends on which side of the commit point it happens:
   source and the destination discards its staging;
 - after the destination sent PREPARED and before COMMIT arrived, the
   destination cannot know whether the source committed, so it *holds* its
-  staging in doubt instead of discarding it (``securemig recover`` settles
-  it from both journals);
+  staging in doubt instead of discarding it (an operator settles it from
+  both journals; see the operator's guide);
 - after the source committed, the destination owns the VM.
 """
 
