@@ -327,3 +327,41 @@ class HostileSourceTests(SecureBase):
         self.assertEqual(bundle_digests(Bundle.load(bundle.path)), before)
         self.assertTrue(bundle.vtpm_key_path.exists())
         self.assertFalse(storage.is_locked(bundle.lock_path))
+
+
+class UnauthenticatedClientTests(SecureBase):
+    """The real destination's TLS listener against clients without the
+    right certificate: refused in the handshake, nothing admitted."""
+
+    def handshake(self, destination: processes.Destination, identity: Path | None) -> str:
+        import socket
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(self.dst_id / "site-ca.pem"))
+        context.check_hostname = False  # the destination's name is not what is tested
+        if identity is not None:
+            context.load_cert_chain(identity / "tls.pem", identity / "tls.key")
+        with socket.create_connection(("127.0.0.1", destination.port), timeout=10) as raw:
+            try:
+                with context.wrap_socket(raw) as tls:
+                    # TLS 1.3: a refused client certificate shows at the first read.
+                    tls.sendall(b"\x01")
+                    tls.recv(1)
+            except (ssl.SSLError, ConnectionError) as e:
+                return str(e)
+        return "accepted"
+
+    def test_no_client_certificate(self) -> None:
+        destination = self.start_destination("--tofu")
+        self.assertIn("CERTIFICATE_REQUIRED", self.handshake(destination, None).upper())
+        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+
+    def test_certificate_from_another_ca(self) -> None:
+        destination = self.start_destination("--tofu")
+        rogue = self.base / "rogue"
+        rogue.mkdir()
+        from securemig.identity import issue_tls
+
+        issue_tls(Authority.create("rogue CA"), "source-a", rogue)
+        self.assertIn("UNKNOWN_CA", self.handshake(destination, rogue).upper())
+        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
