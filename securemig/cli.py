@@ -130,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument("--limit", type=int, default=20, help="how many (default %(default)s)")
 
+    rec = sub.add_parser(
+        "recover",
+        help="settle migrations held in doubt at a destination",
+        description="A destination that lost its source after PREPARED keeps the VM in "
+        "staging, in doubt.  Given the source's journal (copied from the source host), this "
+        "completes the migration if the source committed, or discards it if it did not.",
+    )
+    rec.add_argument("--state-dir", type=Path, required=True, help="the destination's")
+    rec.add_argument(
+        "--source-journal",
+        type=Path,
+        required=True,
+        help="the source's journal.sqlite (VM_DIR/.securemig/journal.sqlite there)",
+    )
+
     demo = sub.add_parser(
         "demo",
         help="run a whole migration on loopback and explain it",
@@ -243,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "pca": cmd_pca,
         "host": cmd_host,
         "policy": cmd_policy,
+        "recover": cmd_recover,
     }[args.command]
     try:
         return handler(args)
@@ -583,6 +599,27 @@ def cmd_policy(args: argparse.Namespace) -> int:
                 print(golden.to_json().decode(), end="")
     except ValueError as e:
         return _error(str(e))
+    return EXIT_OK
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    """``securemig recover``: settle in-doubt migrations from both journals."""
+    from securemig.destination import DestinationHost
+    from securemig.journal import Journal
+
+    if not args.source_journal.is_file():
+        return _error(f"no source journal at {args.source_journal}")
+    host = DestinationHost(args.state_dir)
+    source = Journal(args.source_journal)
+
+    async def settle(reactor: Any) -> list[tuple[str, str]]:
+        return await host.settle(source)
+
+    actions = run_reactor(settle)
+    if not actions:
+        print("nothing is in doubt here")
+    for migration_id, action in actions:
+        print(f"{migration_id}: {action}")
     return EXIT_OK
 
 

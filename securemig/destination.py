@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import os
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from twisted.logger import Logger
 
@@ -85,6 +85,59 @@ class DestinationHost:
                     error="destination restarted; nothing was staged",
                 )
         return removed
+
+    async def settle(self, source: Journal) -> list[tuple[str, str]]:
+        """Settle migrations held in doubt here from the source's journal.
+
+        The source's ``committed`` phase is the commit point of the protocol:
+        if the source journaled it, the VM is moved into place and resumed
+        here; if the source's migration ended without it, the staging is
+        discarded (the VM is still at the source).  A source record with no
+        outcome yet and no commit is left alone: the source may still be
+        deciding, and nothing is guessed.  Returns (migration id, what was
+        done) pairs.
+        """
+        actions: list[tuple[str, str]] = []
+        for staging in sorted(self.staging.iterdir()):
+            record = self.journal.get(staging.name)
+            if record is None or record.outcome not in (None, Outcome.IN_DOUBT.value):
+                continue
+            theirs = source.by_migration_id(staging.name)
+            if theirs is None:
+                actions.append((staging.name, "unknown to this source journal; left in doubt"))
+                continue
+            committed = "committed" in {phase for phase, _ in theirs.events}
+            if not committed and theirs.outcome is None:
+                actions.append((staging.name, "source has not decided yet; left in doubt"))
+                continue
+            try:
+                lock = storage.Lock(self.locks / f"{record.vm}.lock")
+            except storage.LockBusy:
+                actions.append((staging.name, f"VM {record.vm} is busy here; left in doubt"))
+                continue
+            try:
+                actions.append((staging.name, await self._settle_one(staging, record, committed)))
+            finally:
+                lock.release()
+        return actions
+
+    async def _settle_one(self, staging: Path, record: Any, committed: bool) -> str:
+        target = self.vms / record.vm
+        if not committed:
+            storage.remove_tree(staging)
+            self.journal.finish(
+                staging.name, Outcome.ABORTED.value, error="settled: the source did not commit"
+            )
+            return "source did not commit: staging discarded"
+        if target.exists():
+            return f"source committed, but {target} exists; left in doubt"
+        self.journal.phase(staging.name, "committed")
+        storage.rename_durably(staging, target)
+        bundle = Bundle.load(target)
+        await backend_for(bundle.manifest.backend).resume(bundle)
+        self.journal.phase(staging.name, "resumed")
+        self.journal.finish(staging.name, Outcome.DONE.value)
+        return f"source committed: VM {record.vm} resumed here"
 
     def admit(self, hello: wire.Hello, peer: str, protocol: str) -> Arrival:
         """Accept a HELLO or raise :class:`ProtocolError` saying why not."""

@@ -193,6 +193,11 @@ class Journal:
         rows = self._query("WHERE id = ?", (local_id,))
         return rows[0] if rows else None
 
+    def by_migration_id(self, migration_id: str) -> Record | None:
+        """The record (on a source: the latest) of the migration with this id."""
+        rows = self._query("WHERE migration_id = ? ORDER BY started DESC", (migration_id,))
+        return rows[0] if rows else None
+
     def records(self, limit: int = 50) -> list[Record]:
         """The newest migrations first."""
         return self._query("ORDER BY started DESC LIMIT ?", (limit,))

@@ -31,8 +31,8 @@ means for the VM depends on which side of the commit point it happens:
   source and the destination discards its staging;
 - after the destination sent PREPARED and before COMMIT arrived, the
   destination cannot know whether the source committed, so it *holds* its
-  staging in doubt instead of discarding it (an operator settles it from
-  both journals; see the operator's guide);
+  staging in doubt instead of discarding it (``securemig recover`` settles
+  it from both journals);
 - after the source committed, the destination owns the VM.
 """
 

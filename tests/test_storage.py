@@ -165,3 +165,69 @@ class RecoveryTests(SynchronousTestCase):
             host.admit(hello, "p", "insecure")
         self.assertEqual(cm.exception.code, ErrorCode.VM_BUSY)
         self.assertIn("in doubt", cm.exception.reason)
+
+
+class SettleTests(SynchronousTestCase):
+    """`securemig recover`: an in-doubt arrival settled from the source's
+    journal, never by guessing."""
+
+    def setUp(self) -> None:
+        from securemig.bundle import create_image_vm
+
+        base = Path(self.mktemp())
+        self.host = DestinationHost(base / "dst")
+        self.mid = "c" * 32
+        self.host.journal.begin(
+            role="destination", vm="vm1", peer="p", variant="full", protocol="secure", id=self.mid
+        )
+        self.host.journal.phase(self.mid, "prepared")
+        bundle = create_image_vm(base / "tmp", "vm1", 1)
+        os.rename(bundle.path, self.host.staging / self.mid)
+        self.host.recover_staging()  # a restart: prepared staging is held in doubt
+        self.source = Journal(base / "src.sqlite")
+        self.local = self.source.begin(
+            role="source", vm="vm1", peer="d", variant="full", protocol="secure"
+        )
+        self.source.set_migration_id(self.local, self.mid)
+
+    def settle(self) -> list[tuple[str, str]]:
+        from twisted.internet.defer import Deferred
+
+        result: list[tuple[str, str]] = self.successResultOf(
+            Deferred.fromCoroutine(self.host.settle(self.source))
+        )
+        return result
+
+    def test_source_committed(self) -> None:
+        """The source journaled COMMITTED: the VM is put in place here."""
+        self.source.phase(self.local, "committed")
+        self.source.finish(self.local, "in-doubt", error="CONNECTION_LOST")
+        self.assertIn("resumed here", self.settle()[0][1])
+        self.assertTrue((self.host.vms / "vm1" / "ram.img").exists())
+        self.assertFalse((self.host.staging / self.mid).exists())
+        self.assertEqual(self.host.journal.get(self.mid).outcome, "done")  # type: ignore
+
+    def test_source_did_not_commit(self) -> None:
+        """The source ended without committing: its VM is still there; discard."""
+        self.source.finish(self.local, "aborted", error="CONNECTION_LOST")
+        self.assertIn("discarded", self.settle()[0][1])
+        self.assertFalse((self.host.staging / self.mid).exists())
+        self.assertFalse((self.host.vms / "vm1").exists())
+
+    def test_source_undecided(self) -> None:
+        """No outcome and no commit at the source yet: nothing is done."""
+        self.assertIn("not decided", self.settle()[0][1])
+        self.assertTrue((self.host.staging / self.mid).exists())
+
+    def test_unknown_to_source(self) -> None:
+        other = Journal(Path(self.mktemp()))
+        self.source = other
+        self.assertIn("unknown", self.settle()[0][1])
+        self.assertTrue((self.host.staging / self.mid).exists())
+
+    def test_busy_name_left_alone(self) -> None:
+        """While something holds the VM's name here, nothing is moved."""
+        self.source.phase(self.local, "committed")
+        with storage.Lock(self.host.locks / "vm1.lock"):
+            self.assertIn("busy", self.settle()[0][1])
+        self.assertTrue((self.host.staging / self.mid).exists())
