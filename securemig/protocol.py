@@ -461,15 +461,24 @@ class DestinationProtocol(FramedProtocol):
 
         def receive_key(_: object) -> None:
             # Every stream is closed and verified now.  Unwrap inside our TPM
-            # (only in the attested PCR state), check the vTPM opens with the
-            # key and is the one announced, and re-seal the key to our TPM:
-            # it is never written in the clear.
-            secret, identity = self.security.receive(
-                self.wrapped_key, self.migration_id(), self.arrival.staging
+            # (only in the attested PCR state); on the disk thread, check the
+            # vTPM opens with the key and is the one announced (a swtpm start);
+            # then re-seal the key to our TPM: it is never written in the clear.
+            secret, expected = self.security.unwrap(self.wrapped_key, self.migration_id())
+
+            def checked(identity: str | None) -> None:
+                self.arrival.sealed_vtpm_key = self.security.attestor.seal(secret)
+                self.arrival.vtpm_identity = identity
+                self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
+
+            self._submit(
+                "checking the vTPM",
+                self.security.check_vtpm,
+                self.arrival.staging,
+                secret,
+                expected,
+                then=checked,
             )
-            self.arrival.sealed_vtpm_key = self.security.attestor.seal(secret)
-            self.arrival.vtpm_identity = identity
-            self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
 
         if self.security is None:
             self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)

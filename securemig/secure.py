@@ -161,20 +161,24 @@ class DestinationSecurity:
                 wire.ErrorCode.POLICY_REFUSED, f"source {name} is not allowed to migrate here"
             )
 
-    def receive(
-        self, wrapped: wire.WrappedKey, migration_id: bytes, staging: Path
-    ) -> tuple[bytes, str | None]:
-        """Unwrap the vTPM key; if a vTPM state arrived, check it opens with
-        the key and is the announced vTPM.  Returns (key, identity)."""
+    def unwrap(self, wrapped: wire.WrappedKey, migration_id: bytes) -> tuple[bytes, bytes]:
+        """The vTPM key and the identity the source announced (host TPM: call
+        from the thread that owns it)."""
+        material = self.key.unwrap(wrapped, migration_id)
+        return material[:32], material[32:]
+
+    @staticmethod
+    def check_vtpm(staging: Path, secret: bytes, expected: bytes) -> str | None:
+        """If a vTPM state arrived, check it opens with the key and is the
+        announced vTPM; returns its identity.  Uses only the vTPM's own swtpm,
+        so it may run off the reactor thread."""
         from securemig import vtpm
 
-        material = self.key.unwrap(wrapped, migration_id)
-        secret, expected = material[:32], material[32:]
         state = staging / vtpm.STATE_DIR
         if not expected:
             if state.exists():
                 raise KeyTransferError("a vTPM state arrived without its identity")
-            return secret, None
+            return None
         if not state.exists():
             raise KeyTransferError("the vTPM's identity arrived without its state")
         try:
@@ -183,7 +187,7 @@ class DestinationSecurity:
             raise KeyTransferError(str(e)) from None
         if not hmac.compare_digest(identity, expected.hex()):
             raise KeyTransferError("the vTPM that arrived is not the one announced (EK differs)")
-        return secret, identity
+        return identity
 
 
 class MigrationKey:
