@@ -154,12 +154,14 @@ def tune_transport(transport: Any) -> None:
 
     Each read is one trip around the reactor with its Python overhead; at
     64 KiB a GiB costs 16,384 of them.  ``bufferSize`` and ``SEND_LIMIT`` are
-    attributes of Twisted's TCP transports; on other transports (TLS, iosim)
-    this does nothing.
+    attributes of Twisted's TCP transports; under TLS they are on the TCP
+    transport the TLS protocol wraps; on others (iosim) this does nothing.
     """
-    if hasattr(transport, "SEND_LIMIT") and hasattr(transport, "bufferSize"):
-        transport.bufferSize = TRANSPORT_IO_SIZE
-        transport.SEND_LIMIT = TRANSPORT_IO_SIZE
+    tcp = getattr(transport, "transport", None) if hasattr(transport, "getHandle") else None
+    for candidate in (transport, tcp):
+        if hasattr(candidate, "SEND_LIMIT") and hasattr(candidate, "bufferSize"):
+            candidate.bufferSize = TRANSPORT_IO_SIZE
+            candidate.SEND_LIMIT = TRANSPORT_IO_SIZE
 
 
 class FramedProtocol(Protocol):
