@@ -157,8 +157,9 @@ def tune_transport(transport: Any) -> None:
     attributes of Twisted's TCP transports; under TLS they are on the TCP
     transport the TLS protocol wraps; on others (iosim) this does nothing.
     """
-    tcp = getattr(transport, "transport", None) if hasattr(transport, "getHandle") else None
-    for candidate in (transport, tcp):
+    tcp: Any = getattr(transport, "transport", None) if hasattr(transport, "getHandle") else None
+    candidates: tuple[Any, ...] = (transport, tcp)
+    for candidate in candidates:
         if hasattr(candidate, "SEND_LIMIT") and hasattr(candidate, "bufferSize"):
             candidate.bufferSize = TRANSPORT_IO_SIZE
             candidate.SEND_LIMIT = TRANSPORT_IO_SIZE
