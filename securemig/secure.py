@@ -38,7 +38,7 @@ from securemig import attest, wire
 from securemig.attest import AttestationError
 from securemig.identity import Identity
 from securemig.policy import PolicyStore
-from securemig.tpm.tpm import TPM, KeyBlob, pcr_policy_digest
+from securemig.tpm.tpm import TPM, KeyBlob, Malformed, pcr_policy_digest, unmarshal_exact
 
 QUALIFYING_LABEL = b"securemig-attestation-v1"
 #: The role under which the migration key's certification is bound.
@@ -244,11 +244,9 @@ def check_offer(
 ) -> ec.EllipticCurvePublicKey:
     """The source's checks of an offered migration key; returns its public key."""
     try:
-        public, used = TPM2B_PUBLIC.unmarshal(offer.public)
-    except Exception:
-        raise KeyTransferError("migration key does not parse") from None
-    if used != len(offer.public):
-        raise KeyTransferError("trailing bytes after the migration key")
+        public = unmarshal_exact(TPM2B_PUBLIC, offer.public, "the migration key")
+    except Malformed as e:
+        raise KeyTransferError(str(e)) from None
     try:
         attest.verify_certification(
             peer_ak,

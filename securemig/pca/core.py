@@ -37,6 +37,7 @@ from tpm2_pytss.utils import make_credential
 
 from securemig.attest import AttestationError, check_ak
 from securemig.pki import Authority, check_host_name
+from securemig.tpm.tpm import Malformed, unmarshal_exact
 
 #: Extended key usage of an EK certificate (TCG EK Credential Profile).
 EK_CERTIFICATE_EKU = x509.ObjectIdentifier("2.23.133.8.1")
@@ -214,12 +215,9 @@ class PrivacyCA:
 
 def _parse_public(raw: bytes, what: str) -> TPM2B_PUBLIC:
     try:
-        public, used = TPM2B_PUBLIC.unmarshal(raw)
-    except Exception:
-        raise EnrollmentError(what, f"{what} does not parse") from None
-    if used != len(raw):
-        raise EnrollmentError(what, f"trailing bytes after {what}")
-    return public
+        return unmarshal_exact(TPM2B_PUBLIC, raw, what)
+    except Malformed as e:
+        raise EnrollmentError(what, str(e)) from None
 
 
 def _check_host_name(host: str) -> None:

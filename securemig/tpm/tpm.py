@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 # tpm2-tss logs expected probing failures (absent NV indices) as errors.
 os.environ.setdefault("TSS2_LOG", "all+NONE")
@@ -68,6 +69,24 @@ SRK_TEMPLATE = "ecc256:aes128cfb"
 
 class TPMError(RuntimeError):
     """A TPM operation failed; the message says which, never a secret."""
+
+
+class Malformed(ValueError):
+    """A TPM structure from a peer does not parse exactly."""
+
+
+T = TypeVar("T")
+
+
+def unmarshal_exact(cls: type[T], raw: bytes, what: str) -> T:
+    """Parse a TPM structure a peer sent, refusing garbage and trailing bytes."""
+    try:
+        value, used = cls.unmarshal(raw)  # type: ignore[attr-defined]
+    except Exception:
+        raise Malformed(f"{what} does not parse") from None
+    if used != len(raw):
+        raise Malformed(f"trailing bytes after {what}")
+    return value  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
