@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     bench.add_argument("--json", type=Path, help="write the records here as JSON")
     bench.add_argument(
+        "--out", type=Path, help="write records.json, records.csv, report.md and PNG plots here"
+    )
+    bench.add_argument(
         "--protocols",
         default="insecure,secure",
         help="measured besides the plain copy (default %(default)s)",
@@ -644,7 +647,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown:
         return _error(f"unknown protocol(s) {', '.join(sorted(unknown))}: use insecure, secure")
     return bench.run(
-        sizes=sizes, repeat=args.repeat, work_dir=args.dir, json_path=args.json, protocols=protocols
+        sizes=sizes,
+        repeat=args.repeat,
+        work_dir=args.dir,
+        json_path=args.json,
+        protocols=protocols,
+        out=args.out,
     )
 
 

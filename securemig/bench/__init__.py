@@ -33,6 +33,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from securemig import processes
 from securemig.bundle import Bundle, create_image_vm
 
@@ -206,8 +208,10 @@ def run(
     work_dir: Path | None,
     json_path: Path | None,
     protocols: tuple[str, ...] = ("insecure", "secure"),
+    out: Path | None = None,
 ) -> int:
-    """Run the benchmark and print its table; returns an exit status."""
+    """Run the benchmark and print its table (and, with ``out``, write the
+    records, a report and plots there); returns an exit status."""
     from securemig.lab import Lab
 
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-", dir=work_dir))
@@ -220,6 +224,14 @@ def run(
             f"idle destination: {idle['cpu_s']['destination']:.2f} CPU-s to start and stop, "
             f"peak RSS {idle['peak_rss_mib']['destination']:.1f} MiB",
             file=sys.stderr,
+        )
+        total_runs = len(sizes) * repeat * (1 + len(set(protocols) & {"insecure", "secure"}))
+        progress = tqdm(
+            total=total_runs,
+            unit="run",
+            desc="bench",
+            file=sys.stderr,
+            disable=not sys.stderr.isatty(),
         )
         if "secure" in protocols:
             print("setting up two enrolled hosts with swtpm TPMs ...", file=sys.stderr)
@@ -243,7 +255,8 @@ def run(
                     record = step()
                     record["repeat"] = i
                     records.append(record)
-                    print(
+                    progress.update(1)
+                    progress.write(
                         f"  {size} MiB run {i + 1}/{repeat} {record['protocol']:<11} "
                         f"{record['total_s']:.3f} s",
                         file=sys.stderr,
@@ -251,12 +264,18 @@ def run(
             shutil.rmtree(vm_dir / name)
             if lab is not None:
                 shutil.rmtree(lab.vm_dir / name)
+        progress.close()
     finally:
         if lab is not None:
             lab.stop()
         shutil.rmtree(work, ignore_errors=True)
     if json_path is not None:
         json_path.write_text(json.dumps(records, indent=2))
+    if out is not None:
+        from securemig.bench.report import write_all
+
+        for path in write_all(records, out):
+            print(f"wrote {path}", file=sys.stderr)
     print("\n".join(_summarise(records)))
     print(
         "time: wall seconds of the whole source command; x plain: its ratio to the plain "
