@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="measure migration against a plain copy",
+        help="measure secure and insecure migration against a plain copy",
         description="Insecure migration against a plain socket copy into "
         "an fsynced file, same data, same run; wall time, CPU, peak RSS.",
     )

@@ -226,7 +226,7 @@ class DiskFullTests(TestCase):
     """The destination's disk fills mid-stream: a clear DISK_FULL, staging
     removed, the VM intact and unlocked at the source.
 
-    The destination runs in its own mount namespace on a 128 MiB tmpfs
+    The destination runs in its own mount namespace on a 256 MiB tmpfs
     (``unshare``, as root), so filling it touches nothing else; the test
     reaches into that namespace through ``/proc/PID/root``.
     """
@@ -235,7 +235,7 @@ class DiskFullTests(TestCase):
         base = Path(self.mktemp()).absolute()
         state = base / "dst"
         state.mkdir(parents=True)
-        mount = f'mount -t tmpfs -o size=128m securemig-test "{state}" && exec "$@"'
+        mount = f'mount -t tmpfs -o size=256m securemig-test "{state}" && exec "$@"'
         destination = processes.start_destination(
             state,
             port_file=base / "port",
@@ -245,7 +245,9 @@ class DiskFullTests(TestCase):
         self.addCleanup(destination.stop)
         inside = Path(f"/proc/{destination.process.pid}/root") / state.relative_to("/")
         vm_dir = base / "src"
-        result = processes.securemig("vm", "create", "vm1", "--dir", str(vm_dir), "--ram-mib", "48")
+        result = processes.securemig(
+            "vm", "create", "vm1", "--dir", str(vm_dir), "--ram-mib", "128"
+        )
         self.assertEqual(result.returncode, 0, result.stderr)
         bundle = Bundle.find(vm_dir, "vm1")
         before = bundle_digests(bundle)
@@ -254,7 +256,7 @@ class DiskFullTests(TestCase):
         while not any(p.stat().st_size for p in (inside / "staging").glob("*/ram.img")):
             self.assertLess(time.monotonic(), deadline, "the stream never started")
             time.sleep(0.001)
-        # Admitted (48 MiB + margin fitted) and streaming: fill the disk under it.
+        # Admitted (128 MiB + margin fitted) and streaming: fill the disk under it.
         destination.process.send_signal(signal.SIGSTOP)
         with open(inside / "filler", "wb") as f:
             f.truncate(0)
