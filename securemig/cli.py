@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--vm-dir", required=True, type=Path, help="directory holding the VM bundle")
     mig.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination")
     mig.add_argument(
-        "--identity", type=Path, help="this host's identity directory: the secure variant (default)"
+        "--identity",
+        type=Path,
+        help="this host's identity directory: the secure variant; with --insecure, only "
+        "to unseal a vTPM key (which then travels in the clear)",
     )
     mig.add_argument(
         "--policy-dir", type=Path, help="golden values of destinations (default: IDENTITY/policy)"
@@ -351,13 +354,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from securemig.source import ConnectFailed, SecureOptions, migrate, parse_address
     from securemig.tpm.tpm import TPMError
 
-    if args.insecure == bool(args.identity):
+    if not args.insecure and not args.identity:
         return _error(
             "choose the variant: --identity DIR for the secure one, or --insecure "
             "(no TLS, no attestation)"
         )
     secure = None
-    if args.identity:
+    if args.identity and not args.insecure:
         secure = SecureOptions(args.identity, args.policy_dir, args.tofu, args.destination_name)
     chunk = args.chunk_kib * 1024
     if not wire.MIN_CHUNK_SIZE <= chunk <= wire.MAX_CHUNK_SIZE:
@@ -408,6 +411,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 on_progress=progress,
                 on_start=on_start,
                 secure=secure,
+                unseal_with=args.identity if args.insecure else None,
             )
         except (BundleError, ConnectFailed, TPMError, OSError) as e:
             outcome["error"] = str(e)

@@ -348,9 +348,11 @@ class DestinationProtocol(FramedProtocol):
         deadline: float = DEADLINE,
         high_water: int = HIGH_WATER,
         security: Any = None,
+        sealer: Any = None,
     ) -> None:
         super().__init__(clock, idle_timeout, deadline)
         self.security = security
+        self.sealer = sealer
         self.session = s.DestinationSession(secure=security is not None)
         self.wrapped_key: Any = None
         self.host = host
@@ -423,6 +425,12 @@ class DestinationProtocol(FramedProtocol):
         try:
             if self.security is not None:
                 self.security.check_source(self.peer_name())
+            elif self.sealer is None and any(i.name == "vtpm" for i in effect.hello.images):
+                raise ProtocolError(
+                    ErrorCode.POLICY_REFUSED,
+                    "this destination has no TPM "
+                    "identity to keep a vTPM key (start it with --identity)",
+                )
             self.arrival = self.host.admit(effect.hello, self._peer(), self.protocol_name)
         except ProtocolError as e:
             self.log.info("refused VM {vm}: {reason}", vm=effect.hello.vm_name, reason=e.reason)
@@ -463,30 +471,50 @@ class DestinationProtocol(FramedProtocol):
             self.run(self.session.prepared())
 
         def receive_key(_: object) -> None:
-            # Every stream is closed and verified now.  Unwrap inside our TPM
-            # (only in the attested PCR state); on the disk thread, check the
-            # vTPM opens with the key and is the one announced (a swtpm start);
-            # then re-seal the key to our TPM: it is never written in the clear.
-            secret, expected = self.security.unwrap(self.wrapped_key, self.migration_id())
+            # Every stream is closed and verified now.  Secure: unwrap inside
+            # our TPM (only in the attested PCR state).  Then, on the disk
+            # thread, check the vTPM opens with the key and is the one
+            # announced (a swtpm start); then re-seal the key to our TPM: it
+            # is never written in the clear here.
+            from securemig.secure import KeyTransferError
+
+            key = self.wrapped_key
+            if isinstance(key, wire.WrappedKey):
+                secret, expected = self.security.unwrap(key, self.migration_id())
+            elif isinstance(key, wire.ClearKey) and len(key.material) in (32, 64):
+                secret, expected = key.material[:32], key.material[32:]
+            else:
+                raise KeyTransferError("no usable vTPM key arrived")
 
             def checked(identity: str | None) -> None:
-                self.arrival.sealed_vtpm_key = self.security.attestor.seal(secret)
+                self.arrival.sealed_vtpm_key = self.keeper().seal(secret)
                 self.arrival.vtpm_identity = identity
                 self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
 
+            from securemig.secure import DestinationSecurity
+
             self._submit(
                 "checking the vTPM",
-                self.security.check_vtpm,
+                DestinationSecurity.check_vtpm,
                 self.arrival.staging,
                 secret,
                 expected,
                 then=checked,
             )
 
-        if self.security is None:
+        if self.wrapped_key is None and self.security is None:
+            if any(i.name == "vtpm" for i in self.arrival.hello.images):
+                from securemig.secure import KeyTransferError
+
+                raise KeyTransferError("a vTPM state arrived without its key")
             self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
         else:
             self._submit("closing the streams", lambda: None, then=receive_key)
+
+    def keeper(self) -> Any:
+        """What seals vTPM keys to this host's TPM (the secure attestor, or
+        the insecure listener's ``sealer``)."""
+        return self.security.attestor if self.security is not None else self.sealer
 
     def _do_CommitInPlace(self, effect: s.CommitInPlace) -> None:
         shared = self.arrival.hello.shared_disk
@@ -553,9 +581,11 @@ class DestinationFactory(Factory):
         idle_timeout: float = IDLE_TIMEOUT,
         deadline: float = DEADLINE,
         security: Any = None,
+        sealer: Any = None,
     ) -> None:
         self.host = host
         self.security = security
+        self.sealer = sealer
         self.clock = clock
         self.protocol_name = protocol_name
         self.executor_factory = executor_factory or (lambda: ThreadExecutor(clock))
@@ -572,6 +602,7 @@ class DestinationFactory(Factory):
             self.idle_timeout,
             self.deadline,
             security=self.security,
+            sealer=self.sealer,
         )
         p.factory = self
         return p

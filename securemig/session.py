@@ -176,9 +176,10 @@ class WrapKey:
 
 @dataclass(frozen=True)
 class AcceptKey:
-    """Secure, destination: keep the wrapped vTPM key for the commit."""
+    """Destination: keep the vTPM key (wrapped, or in the clear in the
+    insecure variant) for the commit."""
 
-    wrapped: wire.WrappedKey
+    wrapped: wire.WrappedKey | wire.ClearKey
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,7 @@ class DestinationInputs(Protocol):
     def peer_verified(self) -> Effects: ...
     def key_offered(self, offer: wire.KeyOffer) -> Effects: ...
     def wrapped_key(self, message: wire.WrappedKey) -> Effects: ...
+    def clear_key(self, message: wire.ClearKey) -> Effects: ...
     def stream_begin(self, message: wire.StreamBegin) -> Effects: ...
     def data(self, message: wire.Data) -> Effects: ...
     def stream_end(self, message: wire.StreamEnd) -> Effects: ...
@@ -285,6 +287,7 @@ class DestinationCore:
     phase: str = "awaitHello"
     nonce: Callable[[], bytes] = field(default=lambda: os.urandom(wire.NONCE_SIZE))
     our_nonce: bytes = b""
+    key_received: bool = False
     hello: wire.Hello | None = None
     migration_id: bytes | None = None
     next_index: int = 0
@@ -321,6 +324,13 @@ class DestinationCore:
         return [Send(offer)]
 
     def on_wrapped_key(self, message: wire.WrappedKey) -> Effects:
+        return [AcceptKey(message)]
+
+    def on_clear_key(self, message: wire.ClearKey) -> Effects:
+        # Insecure variant: once, and before the first stream.
+        if self.next_index != 0 or self.key_received:
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "the vTPM key comes once, first")
+        self.key_received = True
         return [AcceptKey(message)]
 
     def on_stream_begin(self, message: wire.StreamBegin) -> Effects:
@@ -462,6 +472,8 @@ def _destination_machine(secure: bool) -> Any:
         # Every secure state is before the commit point.
         before_commit_point += [state for state, _, _ in table[-6:]]
     else:
+        # Insecure: the vTPM key may come in the clear, before the first stream.
+        table.append((await_stream, I.clear_key, await_stream))
         # Unreachable states still need a way out, for Automat's completeness.
         before_commit_point += [await_challenge]
     for state in before_commit_point:
@@ -558,6 +570,7 @@ class DestinationSession(_Session):
         wire.Challenge: "challenge",
         wire.Evidence: "evidence",
         wire.WrappedKey: "wrapped_key",
+        wire.ClearKey: "clear_key",
         wire.StreamBegin: "stream_begin",
         wire.Data: "data",
         wire.Commit: "commit",
@@ -635,6 +648,8 @@ class SourceCore:
     migration_id: bytes | None = None
     nonce: Callable[[], bytes] = field(default=lambda: os.urandom(wire.NONCE_SIZE))
     our_nonce: bytes = b""
+    #: Insecure variant with a vTPM: the key material sent in the clear.
+    clear_key: bytes | None = None
 
     def on_start(self) -> Effects:
         return [Send(self.hello)]
@@ -643,6 +658,8 @@ class SourceCore:
         # The insecure variant streams at once; the secure one first attests
         # both ways and transfers the key (the on_welcome_secure path).
         self.migration_id = message.migration_id
+        if self.clear_key is not None:
+            return [Send(wire.ClearKey(self.clear_key)), StartStreams()]
         return [StartStreams()]
 
     def on_welcome_secure(self, message: wire.Welcome) -> Effects:
@@ -777,8 +794,12 @@ class SourceSession(_Session):
         wire.Abort: "peer_abort",
     }
 
-    def __init__(self, hello: wire.Hello, secure: bool = False) -> None:
-        self._core = SourceCore(hello)
+    def __init__(
+        self, hello: wire.Hello, secure: bool = False, clear_key: bytes | None = None
+    ) -> None:
+        if secure and clear_key is not None:
+            raise ValueError("the secure variant never sends a key in the clear")
+        self._core = SourceCore(hello, clear_key=clear_key)
         self._machine = _SourceMachines[secure](self._core)
         self.secure = secure
 

@@ -190,6 +190,7 @@ async def migrate(
     on_progress: Callable[[int], None] = lambda n: None,
     on_start: Callable[[Departure], None] = lambda d: None,
     secure: SecureOptions | None = None,
+    unseal_with: Path | None = None,
 ) -> tuple[Departure, Finished]:
     """Migrate ``bundle`` to ``to`` (``HOST:PORT``): over mutual TLS with
     attestation and vTPM key release when ``secure`` is given, else over the
@@ -211,10 +212,10 @@ async def migrate(
             f"VM {bundle.name} has no vTPM key ({bundle.vtpm_key_path}); "
             "create it with --identity, or migrate it --insecure"
         )
-    if secure is None and bundle.manifest.vtpm:
+    if secure is None and bundle.manifest.vtpm and unseal_with is None:
         raise BundleError(
-            f"VM {bundle.name} has a vTPM; only the secure variant carries "
-            "its key (give --identity)"
+            f"VM {bundle.name} has a vTPM: give --identity to unseal its key (the insecure "
+            "variant then sends it in the clear)"
         )
     departure = Departure(bundle, variant, to, "secure" if secure else "insecure", journal)
     await departure.acquire()
@@ -233,7 +234,16 @@ async def migrate(
             departure.rollback()
             raise
     on_start(departure)
-    session = SourceSession(departure.hello(chunk_size), secure=security is not None)
+    clear_key = None
+    if secure is None and bundle.manifest.vtpm and unseal_with is not None:
+        try:
+            clear_key = unseal_vtpm_key(bundle, unseal_with)
+        except BaseException:
+            departure.rollback()
+            raise
+    session = SourceSession(
+        departure.hello(chunk_size), secure=security is not None, clear_key=clear_key
+    )
     timers = {}
     if idle_timeout is not None:
         timers["idle_timeout"] = idle_timeout
@@ -269,6 +279,19 @@ async def migrate(
         raise ConnectFailed(f"cannot connect to {to}: {e}") from None
     result = await proto.finished
     return departure, result
+
+
+def unseal_vtpm_key(bundle: Bundle, identity: Path) -> bytes:
+    """The VM's vTPM key and identity, unsealed with this host's TPM, for the
+    insecure variant (which sends them in the clear)."""
+    from securemig.secure import open_attestor
+
+    attestor = open_attestor(identity, None, False)
+    try:
+        secret = attestor.unseal(bundle.vtpm_key_path.read_bytes())
+    finally:
+        attestor.tpm.close()
+    return secret + bytes.fromhex(bundle.manifest.vtpm or "")
 
 
 def parse_address(to: str) -> tuple[str, int]:

@@ -139,15 +139,20 @@ def makeService(options: Options) -> service.MultiService:
     top = service.MultiService()
     timers = {"idle_timeout": options["idle-timeout"], "deadline": options["deadline"]}
     port_file = Path(options["port-file"]) if options["port-file"] else None
+    attestor = None
+    if options["identity"]:
+        from securemig.secure import open_attestor
+
+        policy_dir = Path(options["policy-dir"]) if options["policy-dir"] else None
+        attestor = open_attestor(Path(options["identity"]), policy_dir, options["tofu"])
     if options["listen"]:
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
         from securemig import tls
-        from securemig.secure import DestinationSecurity, MigrationKey, open_attestor
+        from securemig.secure import DestinationSecurity, MigrationKey
 
+        assert attestor is not None  # postOptions requires --identity with --listen
         identity = Path(options["identity"])
-        policy_dir = Path(options["policy-dir"]) if options["policy-dir"] else None
-        attestor = open_attestor(identity, policy_dir, options["tofu"])
         # Created once, for the PCR state the host has now; certified per session.
         allowed = options.get("allow-source")
         security = DestinationSecurity(
@@ -175,7 +180,10 @@ def makeService(options: Options) -> service.MultiService:
             "for performance evaluation only",
             endpoint=options["insecure-listen"],
         )
-        insecure = protocol.DestinationFactory(host, reactor, protocol_name="insecure", **timers)
+        # With an identity, the insecure twin can keep a vTPM key (sent in the clear).
+        insecure = protocol.DestinationFactory(
+            host, reactor, protocol_name="insecure", sealer=attestor, **timers
+        )
         if options["insecure-port-file"]:
             port_file = Path(options["insecure-port-file"])
         ListenService(

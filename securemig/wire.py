@@ -428,6 +428,15 @@ class WrappedKey:
     ciphertext: bytes = wire(Blob(MAX_WRAPPED_KEY))
 
 
+@dataclass(frozen=True)
+class ClearKey:
+    """Insecure variant only, source → destination, before the first stream:
+    the vTPM key and the vTPM's identity, in the clear (what the secure
+    variant wraps; the insecure twin exists to measure what that costs)."""
+
+    material: bytes = wire(Blob(64))
+
+
 Message: TypeAlias = (
     Hello
     | Welcome
@@ -435,6 +444,7 @@ Message: TypeAlias = (
     | Evidence
     | KeyOffer
     | WrappedKey
+    | ClearKey
     | StreamBegin
     | Data
     | StreamEnd
@@ -453,6 +463,7 @@ MESSAGES: dict[int, type] = {
     0x11: Evidence,
     0x12: KeyOffer,
     0x13: WrappedKey,
+    0x14: ClearKey,
     0x20: StreamBegin,
     0x21: Data,
     0x22: StreamEnd,

@@ -219,14 +219,65 @@ class SecureMigrationTests(SecureBase):
         self.assertStaysAtSource(bundle, before, result, "KEY_TRANSFER_FAILED")
         self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
 
-    def test_vtpm_vm_refused_over_insecure_variant(self) -> None:
+    def test_vtpm_vm_over_insecure_variant_needs_identity(self) -> None:
+        """Without --identity the source cannot unseal the vTPM key to send it."""
         bundle = self.create_vm()
         result = processes.securemig(
             "migrate", "vm1", "--vm-dir", str(self.vm_dir), "--to", "127.0.0.1:9", "--insecure"
         )
         self.assertEqual(result.returncode, 1)
-        self.assertIn("has a vTPM", result.stderr)
+        self.assertIn("has a vTPM: give --identity", result.stderr)
         self.assertTrue(bundle.vtpm_key_path.exists())
+
+    def insecure_migrate(self, port: int) -> Any:
+        return processes.securemig(
+            "migrate",
+            "vm1",
+            "--vm-dir",
+            str(self.vm_dir),
+            "--to",
+            f"127.0.0.1:{port}",
+            "--insecure",
+            "--identity",
+            str(self.src_id),
+            "--json",
+            "--no-progress",
+        )
+
+    def test_insecure_twin_carries_the_vtpm(self) -> None:
+        """The insecure variant moves the same VM: the vTPM key travels in the
+        clear, and the destination still checks the vTPM and re-seals the key."""
+        destination = self.start_destination(
+            "--tofu",
+            "--insecure-listen",
+            "tcp:0:interface=127.0.0.1",
+            "--insecure-port-file",
+            str(self.base / "insecure.port"),
+        )
+        port = processes.wait_for_port(self.base / "insecure.port", destination.process)
+        bundle = self.create_vm()
+        before = bundle_digests(bundle)
+        secret = self.vtpm_key_at_source(bundle)
+        result = self.insecure_migrate(port)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["protocol"], "insecure")
+        arrived = Bundle.load(destination.state_dir / "vms" / "vm1")
+        self.assertEqual(bundle_digests(arrived), before)
+        self.assertEqual(
+            open_attestor(self.dst_id, None, False).unseal(arrived.vtpm_key_path.read_bytes()),
+            secret,
+        )
+        self.assertEqual(arrived.manifest.vtpm, bundle.manifest.vtpm)
+        self.assertFalse(bundle.path.exists())
+
+    def test_insecure_destination_without_tpm_refuses_vtpm(self) -> None:
+        """A destination with no identity has no TPM to keep a vTPM key."""
+        destination = processes.start_destination(self.base / "plain-dst")
+        self.addCleanup(destination.stop)
+        bundle = self.create_vm()
+        before = bundle_digests(bundle)
+        result = self.insecure_migrate(destination.port)
+        self.assertStaysAtSource(bundle, before, result, "no TPM identity")
 
     def test_destination_pcr_changed(self) -> None:
         """Golden values recorded, then the destination's PCR changes: the

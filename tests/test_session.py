@@ -464,3 +464,44 @@ class SecureSessionTests(SynchronousTestCase):
         nb = b.receive(wire.Welcome(MID))[0].message.nonce
         self.assertNotEqual(na, nb)
         self.assertEqual(len(na), wire.NONCE_SIZE)
+
+
+class ClearKeyTests(SynchronousTestCase):
+    """The insecure variant's vTPM key in the clear: once, before the streams."""
+
+    def destination(self) -> s.DestinationSession:
+        d = s.DestinationSession()
+        d.receive(make_hello((1, 1)))
+        d.admitted(MID)
+        return d
+
+    def test_sent_after_welcome(self) -> None:
+        src = s.SourceSession(make_hello((1,)), clear_key=b"k" * 64)
+        src.start()
+        effects = src.receive(wire.Welcome(MID))
+        self.assertEqual(effects, [s.Send(wire.ClearKey(b"k" * 64)), s.StartStreams()])
+
+    def test_accepted_first(self) -> None:
+        d = self.destination()
+        self.assertEqual(d.receive(wire.ClearKey(b"k")), [s.AcceptKey(wire.ClearKey(b"k"))])
+
+    def test_twice_or_late(self) -> None:
+        d = self.destination()
+        d.receive(wire.ClearKey(b"k"))
+        with self.assertRaises(ProtocolError):
+            d.receive(wire.ClearKey(b"k"))
+        late = self.destination()
+        late.receive(wire.StreamBegin(0))
+        late.receive(wire.Data.of(b"x"))
+        late.receive(wire.StreamEnd(b"d" * 32))
+        with self.assertRaises(ProtocolError):
+            late.receive(wire.ClearKey(b"k"))
+
+    def test_never_in_the_secure_variant(self) -> None:
+        """A key in the clear is a protocol violation in the secure variant."""
+        d = s.DestinationSession(secure=True)
+        d.receive(make_hello((1,)))
+        d.admitted(MID)
+        with self.assertRaises(ProtocolError):
+            d.receive(wire.ClearKey(b"k"))
+        self.assertRaises(ValueError, s.SourceSession, make_hello((1,)), True, b"k")
