@@ -3,11 +3,11 @@
 
 In a temporary directory it starts a privacy CA (``twistd securemig-pca``)
 and two hosts, each with its own swtpm as host TPM, enrolled through the
-privacy CA; creates a VM with a vTPM key sealed to the source's TPM;
-migrates it securely (mutual TLS 1.3, attestation both ways, key release)
-to a real ``twistd securemig`` destination; migrates an identical VM over
-the insecure variant; checks what arrived, and prints a table of phases.
-It ends every process it started.
+privacy CA, each running a real ``twistd securemig``; creates a VM with a
+vTPM whose key is sealed to the source's TPM; migrates it securely (mutual
+TLS 1.3, attestation both ways, key release), then back over the insecure
+variant; checks what arrived each time, and prints a table of phases.  It
+ends every process it started.
 """
 
 from __future__ import annotations
@@ -53,32 +53,55 @@ def run(size_mib: int = 256, as_json: bool = False, keep: bool = False) -> int:
             f"   destination {DESTINATION} `twistd securemig`: secure on port "
             f"{destination.port}, insecure on port {destination.insecure_port}"
         )
-        secure_vm = lab.create_vm("demo-vm", size_mib, 32, secure=True)
-        source = open_attestor(work / SOURCE, None, False)
-        secret = source.unseal(secure_vm.vtpm_key_path.read_bytes())
-        source.tpm.close()
-        plain_vm = lab.create_vm("demo-vm-insecure", size_mib, 32, secure=False)
-        before = {"secure": _digests(secure_vm), "insecure": _digests(plain_vm)}
+        home = lab.start_destination(host=SOURCE)
         say(
-            f"2. created VM demo-vm (RAM {size_mib} MiB, disk 32 MiB, a swtpm vTPM encrypted "
-            f"at rest, its key sealed to {SOURCE}'s TPM) and demo-vm-insecure (no vTPM)"
+            f"   and {SOURCE} runs one too (for the way back): insecure on port "
+            f"{home.insecure_port}"
         )
-        say("3. migrating demo-vm securely: mutual TLS 1.3, attestation both ways, key release")
+        vm = lab.create_vm("demo-vm", size_mib, 32, secure=True)
+        identity = vm.manifest.vtpm
+        before = _digests(vm)
+        source = open_attestor(work / SOURCE, None, False)
+        secret = source.unseal(vm.vtpm_key_path.read_bytes())
+        source.tpm.close()
+        say(
+            f"2. created VM demo-vm at {SOURCE} (RAM {size_mib} MiB, disk 32 MiB, a swtpm "
+            f"vTPM encrypted at rest, its key sealed to {SOURCE}'s TPM)"
+        )
+        say(
+            f"3. migrating demo-vm securely to {DESTINATION}: mutual TLS 1.3, attestation "
+            "both ways, key release"
+        )
         secure, _ = lab.migrate(destination, "demo-vm", secure=True)
-        say("4. migrating demo-vm-insecure over the insecure variant")
-        insecure, _ = lab.migrate(destination, "demo-vm-insecure", secure=False)
-        vms = destination.state_dir / "vms"
-        arrived = Bundle.load(vms / "demo-vm")
+        there = Bundle.load(destination.state_dir / "vms" / "demo-vm")
         dest = open_attestor(work / DESTINATION, None, False)
-        released = dest.unseal(arrived.vtpm_key_path.read_bytes())
+        released = dest.unseal(there.vtpm_key_path.read_bytes())
         dest.tpm.close()
+        at_destination = {
+            "images": _digests(there) == before,
+            "key": released == secret,
+            "vtpm": there.manifest.vtpm == identity
+            and vtpm.identity(there.path / vtpm.STATE_DIR, released) == identity,
+            "source_copy_removed": not vm.path.exists(),
+        }
+        say(
+            f"4. migrating it back to {SOURCE} over the insecure variant (the vTPM key "
+            "travels in the clear)"
+        )
+        insecure, _ = lab.migrate(
+            home, "demo-vm", secure=False, vm_dir=there.path.parent, source=DESTINATION, to=SOURCE
+        )
+        back = Bundle.load(home.state_dir / "vms" / "demo-vm")
+        source = open_attestor(work / SOURCE, None, False)
+        returned = source.unseal(back.vtpm_key_path.read_bytes())
+        source.tpm.close()
         checks = {
-            "images_identical": _digests(arrived) == before["secure"]
-            and _digests(Bundle.load(vms / "demo-vm-insecure")) == before["insecure"],
-            "vtpm_key_released_to_destination_tpm": released == secret,
-            "same_vtpm_at_destination": arrived.manifest.vtpm == secure_vm.manifest.vtpm
-            and vtpm.identity(arrived.path / vtpm.STATE_DIR, released) == secure_vm.manifest.vtpm,
-            "source_copies_removed": not secure_vm.path.exists() and not plain_vm.path.exists(),
+            "images_identical": at_destination["images"] and _digests(back) == before,
+            "vtpm_key_released_to_destination_tpm": at_destination["key"],
+            "same_vtpm_at_destination": at_destination["vtpm"],
+            "vtpm_back_at_source": returned == secret and back.manifest.vtpm == identity,
+            "source_copies_removed": at_destination["source_copy_removed"]
+            and not there.path.exists(),
         }
         result = {"secure": secure, "insecure": insecure, "checks": checks}
         if as_json:

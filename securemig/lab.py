@@ -91,30 +91,34 @@ class Lab:
             stop()
         self._stops.clear()
 
-    def start_destination(self, keep: bool = True) -> processes.Destination:
-        """A ``twistd securemig`` for dest-b, secure and insecure listeners.
-        With ``keep`` the lab ends it at :meth:`stop`; else the caller does."""
-        state = self.work / "destination"
+    def start_destination(
+        self, keep: bool = True, host: str = DESTINATION
+    ) -> processes.Destination:
+        """A ``twistd securemig`` for ``host`` (dest-b by default), secure and
+        insecure listeners.  With ``keep`` the lab ends it at :meth:`stop`;
+        else the caller does."""
+        name = "destination" if host == DESTINATION else f"destination-{host}"
+        state = self.work / name
         state.mkdir(exist_ok=True)
-        insecure_port_file = self.work / "insecure.port"
+        insecure_port_file = self.work / f"{name}.insecure.port"
         insecure_port_file.unlink(missing_ok=True)
         process, port = processes.start_twistd(
             "securemig",
             "--state-dir",
             str(state),
             "--identity",
-            str(self.work / DESTINATION),
+            str(self.work / host),
             "--listen",
             "tcp:0:interface=127.0.0.1",
             "--insecure-listen",
             "tcp:0:interface=127.0.0.1",
             "--insecure-port-file",
-            str(self.work / "insecure.port"),
+            str(insecure_port_file),
             "--tofu",
-            port_file=self.work / "secure.port",
-            log_file=self.work / "destination.log",
+            port_file=self.work / f"{name}.port",
+            log_file=self.work / f"{name}.log",
         )
-        destination = processes.Destination(process, port, state, self.work / "destination.log")
+        destination = processes.Destination(process, port, state, self.work / f"{name}.log")
         # The two listeners bind independently: wait for the second as well.
         destination.insecure_port = processes.wait_for_port(insecure_port_file, process)
         if keep:
@@ -143,8 +147,18 @@ class Lab:
             vtpm=(key, self.work / "vtpm-ca"),
         )
 
-    def migrate(self, destination: processes.Destination, name: str, secure: bool) -> Any:
-        """Run ``securemig migrate`` as a process; returns (summary, usage)."""
+    def migrate(
+        self,
+        destination: processes.Destination,
+        name: str,
+        secure: bool,
+        vm_dir: Path | None = None,
+        source: str = SOURCE,
+        to: str = DESTINATION,
+    ) -> Any:
+        """Run ``securemig migrate`` as a process on behalf of ``source``;
+        returns (summary, usage).  The insecure variant gets the identity too,
+        to unseal a vTPM key it then sends in the clear."""
         import subprocess
 
         port = destination.port if secure else destination.insecure_port
@@ -153,24 +167,22 @@ class Lab:
             "migrate",
             name,
             "--vm-dir",
-            str(self.vm_dir),
+            str(vm_dir or self.vm_dir),
             "--to",
             f"127.0.0.1:{port}",
             "--json",
             "--no-progress",
             "--state-dir",
-            str(self.work / "source-state"),
+            str(self.work / f"{source}-state"),
+            "--identity",
+            str(self.work / source),
         ]
-        args += (
-            ["--identity", str(self.work / SOURCE), "--destination-name", DESTINATION, "--tofu"]
-            if secure
-            else ["--insecure"]
-        )
+        args += ["--destination-name", to, "--tofu"] if secure else ["--insecure"]
         with tempfile.TemporaryFile() as errors:
-            source = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=errors, text=True)
-            assert source.stdout is not None
-            out = source.stdout.read()
-            usage = processes.wait_process(source)  # wait4: the source's CPU and peak RSS
+            process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=errors, text=True)
+            assert process.stdout is not None
+            out = process.stdout.read()
+            usage = processes.wait_process(process)  # wait4: the source's CPU and peak RSS
             if usage.status != 0:
                 errors.seek(0)
                 raise RuntimeError(

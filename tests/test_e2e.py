@@ -296,7 +296,8 @@ class DiskFullTests(TestCase):
 
 
 class DemoTests(TestCase):
-    """`securemig demo` (what `make demo` runs) completes, with every check true."""
+    """`securemig demo` (what `make demo` runs): secure there, insecure back,
+    every check true."""
 
     def test_demo(self) -> None:
         result = processes.securemig("demo", "--json", "--size-mib", "8")
@@ -308,6 +309,7 @@ class DemoTests(TestCase):
                 "images_identical": True,
                 "vtpm_key_released_to_destination_tpm": True,
                 "same_vtpm_at_destination": True,
+                "vtpm_back_at_source": True,
                 "source_copies_removed": True,
             },
         )
