@@ -61,6 +61,7 @@ class Options(usage.Options):
             float,
         ],
         ["deadline", None, protocol.DEADLINE, "Seconds a whole migration may take.", float],
+        ["backend", None, "image", "Hypervisor of this host: image (files only) or xen."],
     ]
     optFlags = [
         ["tofu", None, "Record an unknown source's PCR values on its first attestation."],
@@ -80,6 +81,8 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"{self['identity']} is not an identity directory (securemig host init)"
             )
+        if self["backend"] not in ("image", "xen"):
+            raise usage.UsageError(f"unknown --backend {self['backend']}: image or xen")
         if not self["listen"] and not self["insecure-listen"]:
             raise usage.UsageError(
                 "give an endpoint to listen on: --listen ENDPOINT "
@@ -128,7 +131,7 @@ class ListenService(service.Service):
 def makeService(options: Options) -> service.MultiService:
     """The destination service for these options."""
     tune_malloc()
-    host = DestinationHost(Path(options["state-dir"]))
+    host = DestinationHost(Path(options["state-dir"]), backend=options["backend"])
     removed = host.recover_staging()
     if removed:
         log.info(

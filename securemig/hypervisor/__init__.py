@@ -38,8 +38,9 @@ class Backend(Protocol):
 def backend_for(name: str) -> Backend:
     """The backend a manifest names."""
     from securemig.hypervisor.image import ImageBackend
+    from securemig.hypervisor.xen import XenBackend
 
-    backends: dict[str, Backend] = {"image": ImageBackend()}
+    backends: dict[str, Backend] = {"image": ImageBackend(), "xen": XenBackend()}
     try:
         return backends[name]
     except KeyError:
