@@ -235,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="write records.json, records.csv, report.md and PNG plots here"
     )
     bench.add_argument(
+        "--ciphers",
+        default="",
+        help="secure runs per TLS 1.3 cipher, from aes128,aes256,chacha20 "
+        "(default: one secure run with OpenSSL's choice)",
+    )
+    bench.add_argument(
         "--protocols",
         default="insecure,secure",
         help="measured besides the plain copy (default %(default)s)",
@@ -646,7 +652,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         return tpm.run(repeat=args.repeat)
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    from securemig.tls import CIPHERS
+
     protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
+    ciphers: tuple[str | None, ...] = tuple(
+        c.strip() for c in args.ciphers.split(",") if c.strip()
+    ) or (None,)
+    if set(ciphers) - set(CIPHERS) - {None}:
+        return _error(f"--ciphers takes {', '.join(CIPHERS)}")
     unknown = set(protocols) - {"insecure", "secure"}
     if unknown:
         return _error(f"unknown protocol(s) {', '.join(sorted(unknown))}: use insecure, secure")
@@ -657,6 +670,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         json_path=args.json,
         protocols=protocols,
         out=args.out,
+        ciphers=ciphers,
     )
 
 

@@ -92,7 +92,7 @@ class Lab:
         self._stops.clear()
 
     def start_destination(
-        self, keep: bool = True, host: str = DESTINATION
+        self, keep: bool = True, host: str = DESTINATION, cipher: str | None = None
     ) -> processes.Destination:
         """A ``twistd securemig`` for ``host`` (dest-b by default), secure and
         insecure listeners.  With ``keep`` the lab ends it at :meth:`stop`;
@@ -115,6 +115,7 @@ class Lab:
             "--insecure-port-file",
             str(insecure_port_file),
             "--tofu",
+            *(["--tls-cipher", cipher] if cipher else []),
             port_file=self.work / f"{name}.port",
             log_file=self.work / f"{name}.log",
         )

@@ -62,6 +62,13 @@ class Options(usage.Options):
         ],
         ["deadline", None, protocol.DEADLINE, "Seconds a whole migration may take.", float],
         ["backend", None, "image", "Hypervisor of this host: image (files only) or xen."],
+        [
+            "tls-cipher",
+            None,
+            None,
+            "Secure variant: only this TLS 1.3 cipher suite "
+            "(aes128, aes256, chacha20; default: OpenSSL's choice).",
+        ],
     ]
     optFlags = [
         ["tofu", None, "Record an unknown source's PCR values on its first attestation."],
@@ -81,6 +88,10 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"{self['identity']} is not an identity directory (securemig host init)"
             )
+        from securemig.tls import CIPHERS
+
+        if self["tls-cipher"] and self["tls-cipher"] not in CIPHERS:
+            raise usage.UsageError(f"unknown --tls-cipher; one of {', '.join(CIPHERS)}")
         if self["backend"] not in ("image", "xen"):
             raise usage.UsageError(f"unknown --backend {self['backend']}: image or xen")
         if not self["listen"] and not self["insecure-listen"]:
@@ -167,7 +178,7 @@ def makeService(options: Options) -> service.MultiService:
             host, reactor, protocol_name="secure", security=security, **timers
         )
         # TLS wraps the factory in code: endpoint strings cannot require client certs.
-        server_options: Any = tls.server_options(identity)
+        server_options: Any = tls.server_options(identity, options["tls-cipher"])
         factory: Any = secure
         wrapped = TLSMemoryBIOFactory(server_options, False, factory)
         ListenService(

@@ -38,16 +38,32 @@ def _load(identity: Path) -> tuple[ssl.PrivateCertificate, ssl.Certificate]:
     return ssl.PrivateCertificate.loadPEM(key + cert), ca
 
 
-def server_options(identity: Path) -> ssl.CertificateOptions:
-    """TLS 1.3 server options that require a client certificate from the site CA."""
+#: TLS 1.3 cipher suites by short name (the evaluation compares them).
+CIPHERS = {
+    "aes128": "TLS_AES_128_GCM_SHA256",
+    "aes256": "TLS_AES_256_GCM_SHA384",
+    "chacha20": "TLS_CHACHA20_POLY1305_SHA256",
+}
+
+
+def server_options(identity: Path, cipher: str | None = None) -> ssl.CertificateOptions:
+    """TLS 1.3 server options that require a client certificate from the site
+    CA.  ``cipher`` (a key of :data:`CIPHERS`) restricts the cipher suite; in
+    TLS 1.3 the server's choice is the one used."""
     own, ca = _load(identity)
-    return ssl.CertificateOptions(
+    options = ssl.CertificateOptions(
         privateKey=own.privateKey.original,
         certificate=own.original,
         # A trustRoot makes the server verify, and require, a client certificate.
         trustRoot=ssl.trustRootFromCertificates([ca]),
         raiseMinimumTo=TLSVersion.TLSv1_3,
     )
+    if cipher is not None:
+        if cipher not in CIPHERS:
+            raise ValueError(f"unknown cipher {cipher!r}; one of {', '.join(CIPHERS)}")
+        # CertificateOptions keeps one context, so this applies to every connection.
+        options.getContext().set_tls13_ciphersuites(CIPHERS[cipher].encode())
+    return options
 
 
 def client_options(identity: Path, destination: str) -> Any:

@@ -43,6 +43,7 @@ class Probe(Protocol):
             "binding": tls.channel_binding(self.transport),
             "peer": tls.peer_names(self.transport),
             "version": handle.get_protocol_version_name(),
+            "cipher": handle.get_cipher_name(),
         }
         if not self.done.called:
             self.done.callback(result)
@@ -61,7 +62,9 @@ class MutualTLSTests(TestCase):
         self.destination = identity(self.base, self.ca, "dest-b")
         self.server_probe: Probe | None = None
 
-    async def connect(self, client_options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def connect(
+        self, client_options: Any, cipher: str | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         server_done: defer.Deferred[dict[str, Any]] = defer.Deferred()
 
         def build() -> Probe:
@@ -70,7 +73,7 @@ class MutualTLSTests(TestCase):
             return probe
 
         endpoint = SSL4ServerEndpoint(
-            reactor, 0, tls.server_options(self.destination), interface="127.0.0.1"
+            reactor, 0, tls.server_options(self.destination, cipher), interface="127.0.0.1"
         )
         port = await endpoint.listen(Factory.forProtocol(build))
         self.addCleanup(port.stopListening)
@@ -93,6 +96,12 @@ class MutualTLSTests(TestCase):
         self.assertEqual((client["version"], server["version"]), ("TLSv1.3", "TLSv1.3"))
         self.assertEqual(server["peer"], ["source-a"])
         self.assertEqual(client["peer"], ["dest-b"])
+
+    async def test_cipher_chosen_by_destination(self) -> None:
+        """A destination restricted to one TLS 1.3 suite gets that suite."""
+        for short, suite in tls.CIPHERS.items():
+            client, server = await self.connect(tls.client_options(self.source, "dest-b"), short)
+            self.assertEqual((client["cipher"], server["cipher"]), (suite, suite))
 
     async def test_bindings_differ_between_sessions(self) -> None:
         """A second session has another binding, so a quote cannot be replayed."""

@@ -152,13 +152,13 @@ def _idle_destination(work: Path) -> dict[str, Any]:
 
 def _summarise(records: list[dict[str, Any]]) -> list[str]:
     lines = [
-        f"{'size':>6} {'protocol':<11} {'time s':>8} {'x plain':>8} {'in-proc':>8} {'MiB/s':>7} "
+        f"{'size':>6} {'protocol':<16} {'time s':>8} {'x plain':>8} {'in-proc':>8} {'MiB/s':>7} "
         f"{'CPU src':>8} {'CPU dst':>8} {'RSS src':>8} {'RSS dst':>8}",
     ]
     for size in sorted({r["size_mib"] for r in records if r["size_mib"]}):
         runs = [r for r in records if r["size_mib"] == size]
         base = statistics.median(r["total_s"] for r in runs if r["protocol"] == "plain-copy")
-        for protocol in ("plain-copy", "insecure", "secure"):
+        for protocol in protocols_of(records):
             rs = [r for r in runs if r["protocol"] == protocol]
             if not rs:
                 continue
@@ -170,25 +170,31 @@ def _summarise(records: list[dict[str, Any]]) -> list[str]:
             inproc = [r["in_process_s"] for r in rs if "in_process_s" in r]
             inproc_ratio = f"{statistics.median(inproc) / base:>8.2f}" if inproc else f"{'':>8}"
             lines.append(
-                f"{size:>5}M {protocol:<11} {med:>8.3f} {med / base:>8.2f} {inproc_ratio} "
+                f"{size:>5}M {protocol:<16} {med:>8.3f} {med / base:>8.2f} {inproc_ratio} "
                 f"{size / med:>7.0f} {m('cpu_s', 'source'):>8.2f} "
                 f"{m('cpu_s', 'destination'):>8.2f} {m('peak_rss_mib', 'source'):>7.1f}M "
                 f"{m('peak_rss_mib', 'destination'):>7.1f}M"
             )
         medians = {
             p: statistics.median(r["in_process_s"] for r in runs if r["protocol"] == p)
-            for p in ("insecure", "secure")
-            if any(r["protocol"] == p for r in runs)
+            for p in protocols_of(records)
+            if p != "plain-copy" and any(r["protocol"] == p for r in runs)
         }
-        if len(medians) == 2:
-            lines.append(
-                f"{size:>5}M secure/insecure: {medians['secure'] / medians['insecure']:.2f}"
-            )
+        for p in medians:
+            if p.startswith("secure") and "insecure" in medians:
+                lines.append(f"{size:>5}M {p}/insecure: {medians[p] / medians['insecure']:.2f}")
     return lines
 
 
-def _secure_migration(lab: Any, name: str, size: int) -> dict[str, Any]:
-    destination = lab.start_destination(keep=False)
+def protocols_of(records: list[dict[str, Any]]) -> list[str]:
+    """The protocols measured, in table order (``secure-CIPHER`` after ``secure``)."""
+    present = {r["protocol"] for r in records if r["size_mib"]}
+    order = ["plain-copy", "insecure", "secure"]
+    return [p for p in order if p in present] + sorted(present - set(order))
+
+
+def _secure_migration(lab: Any, name: str, size: int, cipher: str | None) -> dict[str, Any]:
+    destination = lab.start_destination(keep=False, cipher=cipher)
     try:
         started = time.monotonic()
         summary, src_usage = lab.migrate(destination, name, secure=True)
@@ -197,7 +203,9 @@ def _secure_migration(lab: Any, name: str, size: int) -> dict[str, Any]:
     finally:
         dst_usage = destination.stop()
     lab.return_vm(destination, name)
-    record = _record("secure", size, total, summary["phases"], src_usage, dst_usage)
+    protocol = f"secure-{cipher}" if cipher else "secure"
+    record = _record(protocol, size, total, summary["phases"], src_usage, dst_usage)
+    record["cipher"] = cipher
     record["in_process_s"] = summary["seconds"]
     return record
 
@@ -209,6 +217,7 @@ def run(
     json_path: Path | None,
     protocols: tuple[str, ...] = ("insecure", "secure"),
     out: Path | None = None,
+    ciphers: tuple[str | None, ...] = (None,),
 ) -> int:
     """Run the benchmark and print its table (and, with ``out``, write the
     records, a report and plots there); returns an exit status."""
@@ -225,7 +234,8 @@ def run(
             f"peak RSS {idle['peak_rss_mib']['destination']:.1f} MiB",
             file=sys.stderr,
         )
-        total_runs = len(sizes) * repeat * (1 + len(set(protocols) & {"insecure", "secure"}))
+        secure_runs = len(ciphers) if "secure" in protocols else 0
+        total_runs = len(sizes) * repeat * (1 + ("insecure" in protocols) + secure_runs)
         progress = tqdm(
             total=total_runs,
             unit="run",
@@ -249,7 +259,8 @@ def run(
                 steps.append(partial(_migration, work, vm_dir, name, size << 20))
             if lab is not None:
                 lab.create_vm(name, size, None, secure=True)
-                steps.append(partial(_secure_migration, lab, name, size << 20))
+                for cipher in ciphers:
+                    steps.append(partial(_secure_migration, lab, name, size << 20, cipher))
             for i in range(repeat):
                 for step in steps:  # alternate, so noise hurts every protocol alike
                     record = step()
@@ -257,7 +268,7 @@ def run(
                     records.append(record)
                     progress.update(1)
                     progress.write(
-                        f"  {size} MiB run {i + 1}/{repeat} {record['protocol']:<11} "
+                        f"  {size} MiB run {i + 1}/{repeat} {record['protocol']:<16} "
                         f"{record['total_s']:.3f} s",
                         file=sys.stderr,
                     )

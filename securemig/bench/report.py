@@ -16,8 +16,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-PROTOCOLS = ("plain-copy", "insecure", "secure")
-
 
 def _flat(record: dict[str, Any]) -> dict[str, Any]:
     row = {k: v for k, v in record.items() if not isinstance(v, dict)}
@@ -50,6 +48,13 @@ def _stat(values: list[float], digits: int = 3) -> str:
     )
 
 
+def protocols_of(records: list[dict[str, Any]]) -> list[str]:
+    """The protocols measured, in table order."""
+    from securemig.bench import protocols_of as order
+
+    return order(records)
+
+
 def _runs(records: list[dict[str, Any]], size: int, protocol: str) -> list[dict[str, Any]]:
     return [r for r in records if r["size_mib"] == size and r["protocol"] == protocol]
 
@@ -69,7 +74,7 @@ def report(records: list[dict[str, Any]]) -> str:
         "|---:|---|---|---|---|---|---|---:|",
     ]
     for size in sizes:
-        for protocol in PROTOCOLS:
+        for protocol in protocols_of(records):
             rs = _runs(records, size, protocol)
             if not rs:
                 continue
@@ -86,14 +91,14 @@ def report(records: list[dict[str, Any]]) -> str:
         "",
         "## Ratios (medians, same size, same run)",
         "",
-        "| size MiB | insecure / plain | secure / plain | secure / insecure "
-        "| CPU secure / insecure (both sides) |",
-        "|---:|---:|---:|---:|---:|",
+        "| size MiB | secure variant | insecure / plain | secure / plain "
+        "| secure / insecure | CPU secure / insecure (both sides) |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     for size in sizes:
         med: dict[str, float] = {}
         cpu: dict[str, float] = {}
-        for protocol in PROTOCOLS:
+        for protocol in protocols_of(records):
             rs = _runs(records, size, protocol)
             if rs:
                 med[protocol] = statistics.median(r["total_s"] for r in rs)
@@ -104,11 +109,12 @@ def report(records: list[dict[str, Any]]) -> str:
         def ratio(a: str, b: str, values: dict[str, float]) -> str:
             return f"{values[a] / values[b]:.2f}" if a in values and b in values else "-"
 
-        lines.append(
-            f"| {size} | {ratio('insecure', 'plain-copy', med)} "
-            f"| {ratio('secure', 'plain-copy', med)} | {ratio('secure', 'insecure', med)} "
-            f"| {ratio('secure', 'insecure', cpu)} |"
-        )
+        for secure in [p for p in med if p.startswith("secure")]:
+            lines.append(
+                f"| {size} | {secure} | {ratio('insecure', 'plain-copy', med)} "
+                f"| {ratio(secure, 'plain-copy', med)} | {ratio(secure, 'insecure', med)} "
+                f"| {ratio(secure, 'insecure', cpu)} |"
+            )
     phases = _phase_table(records, sizes)
     if phases:
         lines += ["", "## Phases of the secure variant (median seconds)", "", *phases]
@@ -118,7 +124,7 @@ def report(records: list[dict[str, Any]]) -> str:
 def _phase_table(records: list[dict[str, Any]], sizes: list[int]) -> list[str]:
     names: list[str] = []
     for r in records:
-        if r["protocol"] == "secure":
+        if r["protocol"].startswith("secure"):
             names += [n for n in r["phases"] if n not in names]
     if not names:
         return []
@@ -172,7 +178,7 @@ def plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
     ]
     for name, label, values in charts:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for protocol in PROTOCOLS:
+        for protocol in protocols_of(records):
             for suffix, value in values:
                 xs, ys = series(protocol, value)
                 if xs:
