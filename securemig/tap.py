@@ -61,7 +61,7 @@ class Options(usage.Options):
             float,
         ],
         ["deadline", None, protocol.DEADLINE, "Seconds a whole migration may take.", float],
-        ["backend", None, "image", "Hypervisor of this host: image (files only) or xen."],
+        ["backend", None, "image", "Hypervisor of this host: image (files only), qemu or xen."],
         [
             "tls-cipher",
             None,
@@ -92,8 +92,8 @@ class Options(usage.Options):
 
         if self["tls-cipher"] and self["tls-cipher"] not in CIPHERS:
             raise usage.UsageError(f"unknown --tls-cipher; one of {', '.join(CIPHERS)}")
-        if self["backend"] not in ("image", "xen"):
-            raise usage.UsageError(f"unknown --backend {self['backend']}: image or xen")
+        if self["backend"] not in ("image", "qemu", "xen"):
+            raise usage.UsageError(f"unknown --backend {self['backend']}: image, qemu or xen")
         if not self["listen"] and not self["insecure-listen"]:
             raise usage.UsageError(
                 "give an endpoint to listen on: --listen ENDPOINT "

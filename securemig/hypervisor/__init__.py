@@ -38,9 +38,14 @@ class Backend(Protocol):
 def backend_for(name: str) -> Backend:
     """The backend a manifest names."""
     from securemig.hypervisor.image import ImageBackend
+    from securemig.hypervisor.qemu import QemuBackend
     from securemig.hypervisor.xen import XenBackend
 
-    backends: dict[str, Backend] = {"image": ImageBackend(), "xen": XenBackend()}
+    backends: dict[str, Backend] = {
+        "image": ImageBackend(),
+        "qemu": QemuBackend(),
+        "xen": XenBackend(),
+    }
     try:
         return backends[name]
     except KeyError:
