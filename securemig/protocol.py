@@ -35,7 +35,7 @@ from typing import Protocol as TypingProtocol
 
 from twisted.internet import error as net_error
 from twisted.internet import interfaces
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThreadPool
@@ -771,6 +771,7 @@ class SourceProtocol(FramedProtocol):
         self.on_progress = on_progress
         self.streamer: ImageStreamer | None = None
         self.finished: Deferred[s.Finished] = Deferred()
+        self.rolled_back: Deferred[None] | None = None
         self.bytes_sent = 0
 
     def connectionMade(self) -> None:
@@ -835,13 +836,15 @@ class SourceProtocol(FramedProtocol):
 
     def _do_RollBack(self, effect: s.RollBack) -> None:
         self._stop_streaming()
-        self.departure.rollback()
+        self.rolled_back = self.departure.rollback()
 
     def _do_Finished(self, effect: s.Finished) -> None:
         self._stop_streaming()
         super()._do_Finished(effect)
         self.departure.finish(effect, self.bytes_sent)
-        self.finished.callback(effect)
+        # Report the end only once the VM is back where it was (a resume).
+        rolled_back = self.rolled_back or succeed(None)
+        rolled_back.addBoth(lambda _: self.finished.callback(effect))
 
     def _stop_streaming(self) -> None:
         if self.streamer is not None:

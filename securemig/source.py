@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from securemig import storage, wire
 from securemig.bundle import Bundle, BundleError
@@ -68,7 +70,7 @@ class Departure:
             self.was_running = self.backend.status(self.bundle) == "running"
             await self.backend.suspend(self.bundle)
         except BaseException:
-            self.rollback()
+            await self.rollback()
             raise
 
     def hello(self, chunk_size: int) -> wire.Hello:
@@ -131,18 +133,25 @@ class Departure:
             log.error("committed, but discarding the local copy failed: {e}", e=e)
         self._unlock()
 
-    def rollback(self) -> None:
-        """Before the commit: keep the VM here, resumed if it was running."""
+    def rollback(self) -> Deferred[None]:
+        """Before the commit: keep the VM here, resumed if it was running,
+        and unlocked once that is done.  Fires when it is."""
         assert not self.committed
-        self._unlock()
-        if self.was_running:
-            self.backend.resume(self.bundle).addErrback(
-                lambda f: log.error(
-                    "could not resume VM {vm} at the source: {f}",
-                    vm=self.bundle.name,
-                    f=f.getErrorMessage(),
-                )
+        if not self.was_running:
+            self._unlock()
+            return succeed(None)
+
+        def failed(f: Failure) -> None:
+            log.error(
+                "could not resume VM {vm} at the source: {f}",
+                vm=self.bundle.name,
+                f=f.getErrorMessage(),
             )
+
+        d = self.backend.resume(self.bundle)
+        d.addErrback(failed)
+        d.addBoth(lambda _: self._unlock())
+        return d
 
     def finish(self, effect: Finished, nbytes: int) -> None:
         """Journal the outcome."""
@@ -231,7 +240,7 @@ async def migrate(
                     raise BundleError(f"shared disk {shared} belongs to {owner}, not {me}")
                 departure.disk_successor = security.destination_name
         except BaseException:
-            departure.rollback()
+            await departure.rollback()
             raise
     on_start(departure)
     clear_key = None
@@ -239,7 +248,7 @@ async def migrate(
         try:
             clear_key = unseal_vtpm_key(bundle, unseal_with)
         except BaseException:
-            departure.rollback()
+            await departure.rollback()
             raise
     session = SourceSession(
         departure.hello(chunk_size), secure=security is not None, clear_key=clear_key
@@ -272,7 +281,7 @@ async def migrate(
     try:
         await connectProtocol(endpoint, proto)
     except Exception as e:
-        departure.rollback()
+        await departure.rollback()
         departure.journal.finish(
             departure.id, "aborted", error=f"CONNECTION_LOST: cannot connect to {to}: {e}"
         )

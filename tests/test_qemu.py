@@ -57,3 +57,72 @@ class QemuBackendTests(TestCase):
         self.assertEqual(await self.read_marker(arrived), self.marker)
         await self.qemu.discard(arrived)
         self.assertFalse(target.exists())
+
+
+class QemuMigrationTests(TestCase):
+    """A running QEMU guest migrated by real `twistd securemig --backend
+    qemu` and `securemig migrate` processes (insecure variant)."""
+
+    def setUp(self) -> None:
+        from securemig import processes
+
+        qemu_binary()
+        self.base = Path(self.mktemp()).absolute()
+        self.qemu = QemuBackend(reactor)
+        self.marker = os.urandom(4096)
+        self.vm_dir = self.base / "src"
+        path = self.vm_dir / "vm1"
+        path.mkdir(parents=True)
+        (path / "marker.bin").write_bytes(self.marker)
+        self.bundle = Bundle(path, Manifest("vm1", backend="qemu", images=[Image("ram", 0)]))
+        self.bundle.save()
+        self.addCleanup(self.qemu.end, self.bundle)
+        self.destination = processes.start_destination(self.base / "dst", "--backend", "qemu")
+        self.addCleanup(self.destination.stop)
+        self.arrived_path = self.base / "dst" / "vms" / "vm1"
+        self.addCleanup(lambda: self.qemu.end(Bundle(self.arrived_path, self.bundle.manifest)))
+
+    def migrate(self) -> object:
+        from securemig import processes
+
+        return processes.securemig(
+            "migrate",
+            "vm1",
+            "--vm-dir",
+            str(self.vm_dir),
+            "--to",
+            self.destination.address,
+            "--insecure",
+        )
+
+    async def marker_of(self, bundle: Bundle) -> bytes:
+        monitor = await self.qemu.monitor(bundle)
+        out = self.base / f"marker-{os.urandom(4).hex()}"
+        await monitor.execute(
+            "pmemsave", val=MARKER_ADDRESS, size=len(self.marker), filename=str(out)
+        )
+        monitor.transport.loseConnection()  # type: ignore[union-attr]
+        return out.read_bytes()
+
+    async def test_running_guest_moves(self) -> None:
+        """The guest runs at the destination with the same RAM; no QEMU of
+        it remains at the source."""
+        await self.qemu.start(self.bundle)
+        result = self.migrate()
+        self.assertEqual(result.returncode, 0, result.stderr)  # type: ignore[attr-defined]
+        arrived = Bundle.load(self.arrived_path)
+        self.assertEqual(self.qemu.status(arrived), "running")
+        self.assertEqual(await self.marker_of(arrived), self.marker)
+        self.assertFalse(self.bundle.path.exists())
+
+    async def test_refused_migration_resumes_at_source(self) -> None:
+        """The destination refuses (the VM is already there): the guest is
+        resumed at the source from its RAM image, marker intact."""
+        self.arrived_path.mkdir(parents=True)
+        await self.qemu.start(self.bundle)
+        result = self.migrate()
+        self.assertEqual(result.returncode, 1)  # type: ignore[attr-defined]
+        self.assertIn("VM_BUSY", result.stderr)  # type: ignore[attr-defined]
+        source = Bundle.load(self.bundle.path)
+        self.assertEqual(self.qemu.status(source), "running")
+        self.assertEqual(await self.marker_of(source), self.marker)
