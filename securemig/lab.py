@@ -121,7 +121,11 @@ class Lab:
         )
         destination = processes.Destination(process, port, state, self.work / f"{name}.log")
         # The two listeners bind independently: wait for the second as well.
-        destination.insecure_port = processes.wait_for_port(insecure_port_file, process)
+        try:
+            destination.insecure_port = processes.wait_for_port(insecure_port_file, process)
+        except BaseException:
+            destination.stop()
+            raise
         if keep:
             self._stops.append(destination.stop)
         return destination
