@@ -61,6 +61,8 @@ class Manifest:
     shared_disk: str | None = None
     #: SHA-256 of the vTPM's EK public area: the vTPM's identity (if it has one).
     vtpm: str | None = None
+    #: Guest memory for hypervisor backends (QEMU), in MiB.
+    memory_mib: int | None = None
     state: str = "suspended"
     format: int = FORMAT
 
@@ -191,6 +193,7 @@ def create_image_vm(
     sealed_vtpm_key: bytes | None = None,
     vtpm: tuple[bytes, Path] | None = None,
     owner: str | None = None,
+    backend: str = "image",
 ) -> Bundle:
     """Create a suspended VM of the ``image`` backend with random contents.
 
@@ -211,6 +214,15 @@ def create_image_vm(
     storage.remove_tree(staging)
     staging.mkdir()
     manifest = Manifest(name=name, images=[Image("ram", ram_mib << 20)])
+    if backend == "qemu":
+        # A QEMU VM starts from firmware (`securemig vm start`); its RAM image
+        # is written when it is suspended.  A random marker placed in guest
+        # RAM shows that state moved.
+        manifest = Manifest(
+            name=name, backend="qemu", images=[Image("ram", 0)], memory_mib=ram_mib, state="stopped"
+        )
+    elif backend != "image":
+        raise BundleError(f"cannot create VMs of backend {backend!r} (image or qemu)")
     if shared_disk is not None:
         shared_disk = shared_disk.absolute()
         if shared_disk.exists():
@@ -224,6 +236,8 @@ def create_image_vm(
     bundle = Bundle(staging, manifest)
     for image in manifest.images:
         _fill_random(bundle.image_path(image), image.size)
+    if backend == "qemu":
+        _fill_random(staging / "marker.bin", 4096)
     if sealed_vtpm_key is not None:
         storage.write_durably(bundle.vtpm_key_path, sealed_vtpm_key, mode=0o600)
     if vtpm is not None:

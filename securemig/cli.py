@@ -56,7 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("name", help="VM name (letters, digits, '.', '_', '-')")
     create.add_argument("--dir", required=True, type=Path, help="directory holding VM bundles")
-    create.add_argument("--ram-mib", required=True, type=_mib, help="RAM image size in MiB")
+    create.add_argument(
+        "--ram-mib",
+        required=True,
+        type=_mib,
+        help="RAM image size (image backend) or guest memory (qemu) in MiB",
+    )
+    create.add_argument(
+        "--backend",
+        default="image",
+        choices=("image", "qemu"),
+        help="image: a suspended VM of random bytes; qemu: a QEMU guest "
+        "(start it with `securemig vm start`)",
+    )
     create.add_argument("--disk-mib", type=_mib, help="disk image size in MiB (default: no disk)")
     create.add_argument(
         "--identity",
@@ -66,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--shared-disk", type=Path, help="create the disk image here, on storage both hosts mount"
     )
+    for action, text in (
+        ("start", "start a QEMU VM (firmware only is enough)"),
+        ("status", "say what state a VM is in"),
+    ):
+        a = vm_sub.add_parser(action, help=text)
+        a.add_argument("name")
+        a.add_argument("--dir", required=True, type=Path, help="directory holding VM bundles")
     listing = vm_sub.add_parser("list", help="list the VM bundles in a directory")
     listing.add_argument("--dir", required=True, type=Path)
     listing.add_argument("--json", action="store_true", help="print JSON")
@@ -285,7 +304,7 @@ def _error(message: str) -> int:
 
 
 def cmd_vm(args: argparse.Namespace) -> int:
-    """``securemig vm create|list``."""
+    """``securemig vm create|start|status|list``."""
     from securemig.bundle import Bundle, BundleError, create_image_vm
 
     if args.vm_command == "create":
@@ -312,6 +331,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
                 sealed,
                 vtpm,
                 owner=attestor.identity.name if args.identity else None,
+                backend=args.backend,
             )
         except (BundleError, OSError, ValueError) as e:
             return _error(str(e))
@@ -321,6 +341,8 @@ def cmd_vm(args: argparse.Namespace) -> int:
         )
         print(f"created VM {bundle.name} at {bundle.path} ({sizes}{shared})")
         return EXIT_OK
+    if args.vm_command in ("start", "status"):
+        return _vm_control(args)
     rows: list[dict[str, Any]] = []
     for path in sorted(args.dir.iterdir()) if args.dir.is_dir() else []:
         try:
@@ -344,6 +366,32 @@ def cmd_vm(args: argparse.Namespace) -> int:
                 f"{r['name']:<24} {r['backend']:<6} {r['state']:<10} "
                 + " ".join(f"{k}={v >> 20}MiB" for k, v in r["images"].items())
             )
+    return EXIT_OK
+
+
+def _vm_control(args: argparse.Namespace) -> int:
+    from securemig.bundle import Bundle, BundleError
+    from securemig.hypervisor import backend_for
+
+    try:
+        bundle = Bundle.find(args.dir, args.name)
+        backend = backend_for(bundle.manifest.backend)
+    except BundleError as e:
+        return _error(str(e))
+    if args.vm_command == "status":
+        print(f"{bundle.name}: {backend.status(bundle)} ({bundle.manifest.backend})")
+        return EXIT_OK
+    if not hasattr(backend, "start"):
+        return _error(f"VMs of the {bundle.manifest.backend} backend are not started here")
+
+    async def start(reactor: Any) -> None:
+        await backend.start(bundle)  # type: ignore[attr-defined]
+
+    try:
+        run_reactor(start)
+    except Exception as e:
+        return _error(str(e))
+    print(f"{bundle.name}: {backend.status(bundle)}")
     return EXIT_OK
 
 

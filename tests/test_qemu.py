@@ -126,3 +126,33 @@ class QemuMigrationTests(TestCase):
         source = Bundle.load(self.bundle.path)
         self.assertEqual(self.qemu.status(source), "running")
         self.assertEqual(await self.marker_of(source), self.marker)
+
+
+class QemuCommandTests(TestCase):
+    """`securemig vm create --backend qemu`, `vm start`, `vm status`."""
+
+    def test_create_start_status(self) -> None:
+        from securemig import processes
+
+        qemu_binary()
+        vm_dir = Path(self.mktemp()).absolute()
+        created = processes.securemig(
+            "vm", "create", "q1", "--dir", str(vm_dir), "--ram-mib", "64", "--backend", "qemu"
+        )
+        self.assertEqual(created.returncode, 0, created.stderr)
+        bundle = Bundle.load(vm_dir / "q1")
+        self.assertEqual((bundle.manifest.backend, bundle.manifest.memory_mib), ("qemu", 64))
+        self.assertTrue((vm_dir / "q1" / "marker.bin").exists())
+        self.assertIn(
+            "stopped", processes.securemig("vm", "status", "q1", "--dir", str(vm_dir)).stdout
+        )
+        started = processes.securemig("vm", "start", "q1", "--dir", str(vm_dir))
+        self.addCleanup(QemuBackend(reactor).end, Bundle.load(vm_dir / "q1"))
+        self.assertEqual(started.returncode, 0, started.stderr)
+        self.assertIn(
+            "running", processes.securemig("vm", "status", "q1", "--dir", str(vm_dir)).stdout
+        )
+        QemuBackend(reactor).end(Bundle.load(vm_dir / "q1"))
+        self.assertIn(
+            "stopped", processes.securemig("vm", "status", "q1", "--dir", str(vm_dir)).stdout
+        )

@@ -107,7 +107,7 @@ class QemuBackend:
             "-accel",
             accelerator(),
             "-m",
-            str(self.memory_mib),
+            str(bundle.manifest.memory_mib or self.memory_mib),
             "-display",
             "none",
             "-nodefaults",
@@ -226,4 +226,7 @@ class QemuBackend:
 
     def status(self, bundle: Bundle) -> str:
         """``running`` while its QEMU runs, else what the manifest says."""
-        return "running" if self._pid(bundle) is not None else bundle.manifest.state
+        if self._pid(bundle) is not None:
+            return "running"
+        # The manifest may say running, but its QEMU is gone (ended, crashed).
+        return "stopped" if bundle.manifest.state == "running" else bundle.manifest.state
