@@ -133,3 +133,10 @@ def shared_tpm() -> Any:
         atexit.register(process.stop)
         _shared_tpm = (process, TPM(process.tcti), base)
     return _shared_tpm
+
+
+def migrate_vm(vm_dir: Path, to: str, *extra: str, name: str = "vm1") -> Any:
+    """Run ``securemig migrate NAME --vm-dir DIR --to TO EXTRA...`` as a process."""
+    from securemig import processes
+
+    return processes.securemig("migrate", name, "--vm-dir", str(vm_dir), "--to", to, *extra)

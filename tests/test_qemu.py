@@ -6,12 +6,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from securemig.bundle import Bundle, Image, Manifest
 from securemig.hypervisor.qemu import MARKER_ADDRESS, QemuBackend, qemu_binary
+
+from .helpers import migrate_vm
+
+
+async def read_marker(qemu: QemuBackend, bundle: Bundle, size: int, scratch: Path) -> bytes:
+    """The guest-physical bytes where the marker was loaded (QMP pmemsave)."""
+    monitor = await qemu.monitor(bundle)
+    out = scratch / f"marker-{os.urandom(4).hex()}"
+    await monitor.execute("pmemsave", val=MARKER_ADDRESS, size=size, filename=str(out))
+    monitor.transport.loseConnection()  # type: ignore[union-attr]
+    return out.read_bytes()
 
 
 class QemuBackendTests(TestCase):
@@ -28,13 +40,7 @@ class QemuBackendTests(TestCase):
         self.addCleanup(self.qemu.end, self.bundle)
 
     async def read_marker(self, bundle: Bundle) -> bytes:
-        monitor = await self.qemu.monitor(bundle)
-        out = bundle.path / "marker.out"
-        await monitor.execute(
-            "pmemsave", val=MARKER_ADDRESS, size=len(self.marker), filename=str(out)
-        )
-        monitor.transport.loseConnection()  # type: ignore[union-attr]
-        return out.read_bytes()
+        return await read_marker(self.qemu, bundle, len(self.marker), self.base)
 
     async def test_suspend_and_resume_elsewhere(self) -> None:
         await self.qemu.start(self.bundle)
@@ -82,27 +88,11 @@ class QemuMigrationTests(TestCase):
         self.arrived_path = self.base / "dst" / "vms" / "vm1"
         self.addCleanup(lambda: self.qemu.end(Bundle(self.arrived_path, self.bundle.manifest)))
 
-    def migrate(self) -> object:
-        from securemig import processes
-
-        return processes.securemig(
-            "migrate",
-            "vm1",
-            "--vm-dir",
-            str(self.vm_dir),
-            "--to",
-            self.destination.address,
-            "--insecure",
-        )
+    def migrate(self) -> Any:
+        return migrate_vm(self.vm_dir, self.destination.address, "--insecure")
 
     async def marker_of(self, bundle: Bundle) -> bytes:
-        monitor = await self.qemu.monitor(bundle)
-        out = self.base / f"marker-{os.urandom(4).hex()}"
-        await monitor.execute(
-            "pmemsave", val=MARKER_ADDRESS, size=len(self.marker), filename=str(out)
-        )
-        monitor.transport.loseConnection()  # type: ignore[union-attr]
-        return out.read_bytes()
+        return await read_marker(self.qemu, bundle, len(self.marker), self.base)
 
     async def test_running_guest_moves(self) -> None:
         """The guest runs at the destination with the same RAM; no QEMU of

@@ -23,7 +23,7 @@ from securemig.secure import open_attestor
 from securemig.tpm import swtpm
 from securemig.tpm.tpm import TPM
 
-from .helpers import bundle_digests, shared_tpm
+from .helpers import bundle_digests, migrate_vm, shared_tpm
 
 _world: Any = None
 
@@ -113,12 +113,8 @@ class SecureBase(TestCase):
         return Bundle.find(self.vm_dir, "vm1")
 
     def migrate(self, destination: processes.Destination, *extra: str, name: str = "dest-b") -> Any:
-        return processes.securemig(
-            "migrate",
-            "vm1",
-            "--vm-dir",
-            str(self.vm_dir),
-            "--to",
+        return migrate_vm(
+            self.vm_dir,
             destination.address,
             "--identity",
             str(self.src_id),
@@ -230,12 +226,8 @@ class SecureMigrationTests(SecureBase):
         self.assertTrue(bundle.vtpm_key_path.exists())
 
     def insecure_migrate(self, port: int) -> Any:
-        return processes.securemig(
-            "migrate",
-            "vm1",
-            "--vm-dir",
-            str(self.vm_dir),
-            "--to",
+        return migrate_vm(
+            self.vm_dir,
             f"127.0.0.1:{port}",
             "--insecure",
             "--identity",
