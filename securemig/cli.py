@@ -265,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="measured besides the plain copy (default %(default)s)",
     )
     bench.add_argument(
+        "--qemu",
+        action="store_true",
+        help="instead: time suspend and resume of real QEMU guests of --sizes MiB",
+    )
+    bench.add_argument(
         "--tpm",
         action="store_true",
         help="instead: time TPM operations on a fresh swtpm (--repeat each)",
@@ -699,6 +704,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from securemig.bench import tpm
 
         return tpm.run(repeat=args.repeat)
+    if args.qemu:
+        from securemig.bench import qemu
+
+        return qemu.run([int(x) for x in args.sizes.split(",") if x.strip()], args.repeat)
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     from securemig.tls import CIPHERS
 

@@ -17,6 +17,21 @@ from securemig.hypervisor.qemu import MARKER_ADDRESS, QemuBackend, qemu_binary
 from .helpers import migrate_vm
 
 
+def under_tcg(case: TestCase) -> None:
+    """Run QEMU under TCG in this test (and the processes it starts), as the
+    issue asks, even where KVM would be available."""
+    previous = os.environ.get("SECUREMIG_QEMU_ACCEL")
+    os.environ["SECUREMIG_QEMU_ACCEL"] = "tcg"
+
+    def restore() -> None:
+        if previous is None:
+            os.environ.pop("SECUREMIG_QEMU_ACCEL", None)
+        else:
+            os.environ["SECUREMIG_QEMU_ACCEL"] = previous
+
+    case.addCleanup(restore)
+
+
 async def read_marker(qemu: QemuBackend, bundle: Bundle, size: int, scratch: Path) -> bytes:
     """The guest-physical bytes where the marker was loaded (QMP pmemsave)."""
     monitor = await qemu.monitor(bundle)
@@ -29,6 +44,7 @@ async def read_marker(qemu: QemuBackend, bundle: Bundle, size: int, scratch: Pat
 class QemuBackendTests(TestCase):
     def setUp(self) -> None:
         qemu_binary()  # fails, naming the Debian package, when QEMU is missing
+        under_tcg(self)
         self.base = Path(self.mktemp()).absolute()
         self.qemu = QemuBackend(reactor)
         self.marker = os.urandom(4096)
@@ -45,6 +61,8 @@ class QemuBackendTests(TestCase):
     async def test_suspend_and_resume_elsewhere(self) -> None:
         await self.qemu.start(self.bundle)
         self.assertEqual(self.qemu.status(self.bundle), "running")
+        pid = (self.bundle.path / "qemu.pid").read_text().strip()
+        self.assertIn(b"\0tcg\0", Path(f"/proc/{pid}/cmdline").read_bytes())
         self.assertEqual(await self.read_marker(self.bundle), self.marker)
         await self.qemu.suspend(self.bundle)
         self.assertEqual(self.qemu.status(self.bundle), "suspended")
@@ -73,6 +91,7 @@ class QemuMigrationTests(TestCase):
         from securemig import processes
 
         qemu_binary()
+        under_tcg(self)
         self.base = Path(self.mktemp()).absolute()
         self.qemu = QemuBackend(reactor)
         self.marker = os.urandom(4096)
@@ -125,6 +144,7 @@ class QemuCommandTests(TestCase):
         from securemig import processes
 
         qemu_binary()
+        under_tcg(self)
         vm_dir = Path(self.mktemp()).absolute()
         created = processes.securemig(
             "vm", "create", "q1", "--dir", str(vm_dir), "--ram-mib", "64", "--backend", "qemu"

@@ -54,7 +54,11 @@ def qemu_binary() -> str:
 
 
 def accelerator() -> str:
-    """KVM where this host can use it, TCG otherwise."""
+    """KVM where this host can use it, TCG otherwise; ``SECUREMIG_QEMU_ACCEL``
+    (``kvm`` or ``tcg``) overrides, e.g. to test under TCG on a KVM host."""
+    forced = os.environ.get("SECUREMIG_QEMU_ACCEL")
+    if forced in ("kvm", "tcg"):
+        return forced
     return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
 
 
