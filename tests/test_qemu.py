@@ -4,6 +4,7 @@ from it; the marker reads back identical."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -83,9 +84,9 @@ class QemuBackendTests(TestCase):
         self.assertFalse(target.exists())
 
 
-class QemuMigrationTests(TestCase):
-    """A running QEMU guest migrated by real `twistd securemig --backend
-    qemu` and `securemig migrate` processes (insecure variant)."""
+class QemuMigrationBase(TestCase):
+    """A running QEMU guest, a real `twistd securemig --backend qemu`
+    destination, and a real `securemig migrate` (insecure variant)."""
 
     def setUp(self) -> None:
         from securemig import processes
@@ -112,6 +113,10 @@ class QemuMigrationTests(TestCase):
 
     async def marker_of(self, bundle: Bundle) -> bytes:
         return await read_marker(self.qemu, bundle, len(self.marker), self.base)
+
+
+class QemuMigrationTests(QemuMigrationBase):
+    """A running QEMU guest moves, or stays, as the protocol decides."""
 
     async def test_running_guest_moves(self) -> None:
         """The guest runs at the destination with the same RAM; no QEMU of
@@ -166,3 +171,38 @@ class QemuCommandTests(TestCase):
         self.assertIn(
             "stopped", processes.securemig("vm", "status", "q1", "--dir", str(vm_dir)).stdout
         )
+
+
+class QemuResumeFailureTests(QemuMigrationBase):
+    """QEMU fails at the destination's resume, after the commit: reported to
+    the source (exit status 3), and the VM is kept at the destination."""
+
+    def setUp(self) -> None:
+        # The destination finds a QEMU that cannot start; the source the real one.
+        broken = Path(self.mktemp()).absolute()
+        broken.mkdir()
+        fake = broken / "qemu-system-x86_64"
+        fake.write_text("#!/bin/sh\necho 'qemu: could not load the BIOS' >&2\nexit 1\n")
+        fake.chmod(0o755)
+        path = os.environ["PATH"]
+        os.environ["PATH"] = f"{broken}:{path}"
+        try:
+            super().setUp()  # starts the destination with this PATH
+        finally:
+            os.environ["PATH"] = path
+
+    async def test_resume_fails_after_commit(self) -> None:
+        """Reported to the source, which has given the VM up; the VM's files
+        stay in place at the destination, journaled as resume-failed."""
+        await self.qemu.start(self.bundle)
+        result = self.migrate()
+        self.assertEqual(result.returncode, 3, result.stderr)
+        self.assertIn("RESUME_FAILED", result.stderr)
+        self.assertIn("could not load the BIOS", result.stderr)
+        self.assertFalse(self.bundle.path.exists())
+        arrived = Bundle.load(self.arrived_path)
+        self.assertGreater(arrived.image_path("ram").stat().st_size, 0)
+        from securemig import processes
+
+        status = processes.securemig("status", "--state-dir", str(self.base / "dst"), "--json")
+        self.assertEqual(json.loads(status.stdout)[0]["outcome"], "resume-failed")
