@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size-mib", type=_mib, default=256, help="RAM image size (default 256)")
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    demo.add_argument(
+        "--backend",
+        choices=("image", "qemu"),
+        default="image",
+        help="image: a suspended VM of files (default); qemu: a running QEMU guest",
+    )
 
     ca = sub.add_parser("ca", help="a site CA for host TLS certificates")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
@@ -693,7 +699,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``securemig demo``: see :mod:`securemig.demo`."""
     from securemig import demo
 
-    return demo.run(size_mib=args.size_mib, as_json=args.json, keep=args.keep)
+    return demo.run(size_mib=args.size_mib, as_json=args.json, keep=args.keep, backend=args.backend)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,11 @@ def _digests(bundle: Bundle) -> dict[str, str]:
     return result
 
 
-def run(size_mib: int = 256, as_json: bool = False, keep: bool = False) -> int:
-    """Run the demo; returns the process exit status."""
+def run(
+    size_mib: int = 256, as_json: bool = False, keep: bool = False, backend: str = "image"
+) -> int:
+    """Run the demo (``backend="qemu"``: with a running QEMU guest); returns
+    the process exit status."""
     from securemig import vtpm
     from securemig.secure import open_attestor
 
@@ -48,25 +52,48 @@ def run(size_mib: int = 256, as_json: bool = False, keep: bool = False) -> int:
         say(f"securemig demo in {work}")
         say("1. setting up a site CA, a privacy CA and two hosts")
         lab.start()
-        destination = lab.start_destination()
+        qemu: Any = None
+        if backend == "qemu":
+            from securemig.hypervisor.qemu import QemuBackend
+
+            qemu = QemuBackend()
+        destination = lab.start_destination(backend=backend)
         say(
             f"   destination {DESTINATION} `twistd securemig`: secure on port "
             f"{destination.port}, insecure on port {destination.insecure_port}"
         )
-        home = lab.start_destination(host=SOURCE)
+        home = lab.start_destination(host=SOURCE, backend=backend)
         say(
             f"   and {SOURCE} runs one too (for the way back): insecure on port "
             f"{home.insecure_port}"
         )
-        vm = lab.create_vm("demo-vm", size_mib, 32, secure=True)
+        vm = lab.create_vm("demo-vm", size_mib, 32, secure=True, backend=backend)
+        if qemu is not None:  # end the guest wherever it is when the demo ends
+            for where in (
+                vm.path,
+                destination.state_dir / "vms" / "demo-vm",
+                home.state_dir / "vms" / "demo-vm",
+            ):
+                lab.on_stop(partial(qemu.end, Bundle(where, vm.manifest)))
         identity = vm.manifest.vtpm
-        before = _digests(vm)
+
+        def state_of(bundle: Bundle) -> Any:
+            """What must arrive intact: the images, or for a QEMU guest that it
+            runs with the same memory (its RAM image differs per suspend)."""
+            if qemu is None:
+                return _digests(bundle)
+            from securemig.hypervisor.qemu import MARKER_ADDRESS
+
+            return (qemu.status(bundle), qemu.guest_memory(bundle, MARKER_ADDRESS, 4096))
+
+        before = state_of(vm)
         source = open_attestor(work / SOURCE, None, False)
         secret = source.unseal(vm.vtpm_key_path.read_bytes())
         source.tpm.close()
+        kind = "a running QEMU guest" if qemu else "a suspended VM"
         say(
-            f"2. created VM demo-vm at {SOURCE} (RAM {size_mib} MiB, disk 32 MiB, a swtpm "
-            f"vTPM encrypted at rest, its key sealed to {SOURCE}'s TPM)"
+            f"2. created VM demo-vm at {SOURCE}: {kind} (RAM {size_mib} MiB, disk 32 MiB, a "
+            f"swtpm vTPM encrypted at rest, its key sealed to {SOURCE}'s TPM)"
         )
         say(
             f"3. migrating demo-vm securely to {DESTINATION}: mutual TLS 1.3, attestation "
@@ -78,7 +105,7 @@ def run(size_mib: int = 256, as_json: bool = False, keep: bool = False) -> int:
         released = dest.unseal(there.vtpm_key_path.read_bytes())
         dest.tpm.close()
         at_destination = {
-            "images": _digests(there) == before,
+            "images": state_of(there) == before,
             "key": released == secret,
             "vtpm": there.manifest.vtpm == identity
             and vtpm.identity(there.path / vtpm.STATE_DIR, released) == identity,
@@ -96,7 +123,10 @@ def run(size_mib: int = 256, as_json: bool = False, keep: bool = False) -> int:
         returned = source.unseal(back.vtpm_key_path.read_bytes())
         source.tpm.close()
         checks = {
-            "images_identical": at_destination["images"] and _digests(back) == before,
+            ("guest_running_with_same_memory" if qemu else "images_identical"): at_destination[
+                "images"
+            ]
+            and state_of(back) == before,
             "vtpm_key_released_to_destination_tpm": at_destination["key"],
             "same_vtpm_at_destination": at_destination["vtpm"],
             "vtpm_back_at_source": returned == secret and back.manifest.vtpm == identity,

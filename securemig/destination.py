@@ -288,6 +288,7 @@ class Arrival:
             images=[Image(i.name, i.size) for i in self.hello.images],
             shared_disk=self.hello.shared_disk or None,
             vtpm=self.vtpm_identity,
+            memory_mib=self.hello.memory_mib or None,
         )
         bundle = Bundle(self.staging, manifest)
         if self.sealed_vtpm_key is not None:

@@ -85,6 +85,10 @@ class Lab:
                 f"credential activated) in {time.monotonic() - t:.2f} s"
             )
 
+    def on_stop(self, stop: Callable[[], object]) -> None:
+        """Also do this when the lab stops (before its own processes end)."""
+        self._stops.append(stop)
+
     def stop(self) -> None:
         """End every process the lab started."""
         for stop in reversed(self._stops):
@@ -92,7 +96,11 @@ class Lab:
         self._stops.clear()
 
     def start_destination(
-        self, keep: bool = True, host: str = DESTINATION, cipher: str | None = None
+        self,
+        keep: bool = True,
+        host: str = DESTINATION,
+        cipher: str | None = None,
+        backend: str = "image",
     ) -> processes.Destination:
         """A ``twistd securemig`` for ``host`` (dest-b by default), secure and
         insecure listeners.  With ``keep`` the lab ends it at :meth:`stop`;
@@ -116,6 +124,8 @@ class Lab:
             str(insecure_port_file),
             "--tofu",
             *(["--tls-cipher", cipher] if cipher else []),
+            "--backend",
+            backend,
             port_file=self.work / f"{name}.port",
             log_file=self.work / f"{name}.log",
         )
@@ -130,27 +140,42 @@ class Lab:
             self._stops.append(destination.stop)
         return destination
 
-    def create_vm(self, name: str, size_mib: int, disk_mib: int | None, secure: bool) -> Bundle:
+    def create_vm(
+        self,
+        name: str,
+        size_mib: int,
+        disk_mib: int | None,
+        secure: bool,
+        backend: str = "image",
+    ) -> Bundle:
         """A VM at the source; with ``secure``, a vTPM whose key is sealed to
-        the source's TPM."""
+        the source's TPM; with ``backend="qemu"``, a QEMU guest, started."""
         from securemig.secure import open_attestor
 
-        if not secure:
-            return create_image_vm(self.vm_dir, name, size_mib, disk_mib=disk_mib)
-        key = os.urandom(32)
-        source = open_attestor(self.work / SOURCE, None, False)
-        try:
-            sealed = source.seal(key)
-        finally:
-            source.tpm.close()
-        return create_image_vm(
+        sealed = vtpm = None
+        if secure:
+            key = os.urandom(32)
+            source = open_attestor(self.work / SOURCE, None, False)
+            try:
+                sealed = source.seal(key)
+            finally:
+                source.tpm.close()
+            vtpm = (key, self.work / "vtpm-ca")
+        bundle = create_image_vm(
             self.vm_dir,
             name,
             size_mib,
             disk_mib=disk_mib,
             sealed_vtpm_key=sealed,
-            vtpm=(key, self.work / "vtpm-ca"),
+            vtpm=vtpm,
+            backend=backend,
         )
+        if backend == "qemu":
+            started = processes.securemig("vm", "start", name, "--dir", str(self.vm_dir))
+            if started.returncode != 0:
+                raise RuntimeError(f"securemig vm start failed: {started.stderr.strip()}")
+            bundle = Bundle.load(bundle.path)
+        return bundle
 
     def migrate(
         self,

@@ -82,6 +82,7 @@ class Departure:
             chunk_size=chunk_size,
             images=tuple(wire.ImageInfo(i.name, i.size) for i in self.images),
             shared_disk=self.shared_disk,
+            memory_mib=self.bundle.manifest.memory_mib or 0,
         )
 
     @property

@@ -305,6 +305,8 @@ class Hello:
     images: tuple[ImageInfo, ...] = wire(Sequence(Record(ImageInfo), MAX_IMAGES))
     #: Shared-storage variant: the disk's absolute path on the shared storage ("" if none).
     shared_disk: str = wire(Text(MAX_PATH))
+    #: Guest memory in MiB for hypervisors that need it to resume (QEMU); 0 if none.
+    memory_mib: int = wire(UInt(4), default=0)
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,9 @@ class RejectionTests(SynchronousTestCase):
     def test_too_many_images(self) -> None:
         """More images than MAX_IMAGES is refused while decoding the count."""
         raw = bytearray(wire.encode(hello(images=())))
-        count_at = raw.rindex(b"\x00\x00") - 1  # the u8 count before shared_disk's length
+        # header, version u16, variant u8, vm_name (u16 length + "vm1"), chunk_size u32
+        count_at = wire.HEADER.size + 2 + 1 + 2 + 3 + 4
+        self.assertEqual(raw[count_at], 0)
         raw[count_at] = wire.MAX_IMAGES + 1
         self.assertRefused(ErrorCode.BAD_PARAMETER, bytes(raw))
 

@@ -228,6 +228,34 @@ class QemuBackend:
             time.sleep(0.02)
         os.kill(pid, signal.SIGKILL)
 
+    def guest_memory(self, bundle: Bundle, address: int, size: int) -> bytes:
+        """Guest-physical memory of the running VM, read over QMP with a plain
+        blocking socket (for synchronous callers such as the demo)."""
+        import json
+        import socket
+
+        with tempfile.NamedTemporaryFile() as out, socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(30)
+            sock.connect(str(self._socket(bundle)))
+            stream = sock.makefile("rw")
+            stream.readline()  # greeting
+            for command in (
+                {"execute": "qmp_capabilities"},
+                {
+                    "execute": "pmemsave",
+                    "arguments": {"val": address, "size": size, "filename": out.name},
+                },
+            ):
+                stream.write(json.dumps(command) + "\n")
+                stream.flush()
+                while True:
+                    reply = json.loads(stream.readline())
+                    if "error" in reply:
+                        raise QemuError(reply["error"].get("desc", "QMP error"))
+                    if "return" in reply:
+                        break
+            return Path(out.name).read_bytes()
+
     def status(self, bundle: Bundle) -> str:
         """``running`` while its QEMU runs, else what the manifest says."""
         if self._pid(bundle) is not None:
