@@ -59,15 +59,7 @@ class Lab:
         tls = work / "pca-tls"
         tls.mkdir()
         issue_tls(site, "localhost", tls)
-        pca, port = processes.start_twistd(
-            "securemig-pca",
-            "--dir",
-            str(work / "pca"),
-            "--listen",
-            f"ssl:0:privateKey={tls / 'tls.key'}:certKey={tls / 'tls.pem'}:interface=127.0.0.1",
-            port_file=work / "pca.port",
-            log_file=work / "pca.log",
-        )
+        pca, port = processes.start_pca(work / "pca", tls, work)
         self._stops.append(lambda: processes.end_process(pca))
         self.say(f"   privacy CA `twistd securemig-pca` on https://localhost:{port}")
         for host in (SOURCE, DESTINATION):

@@ -134,6 +134,24 @@ def wait_for_port(port_file: Path, process: subprocess.Popen[bytes]) -> int:
     return int(port_file.read_text())
 
 
+def start_pca(pca_dir: Path, tls_dir: Path, work: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Run ``twistd securemig-pca`` over HTTPS on loopback with the key and
+    certificate in ``tls_dir`` (``tls.key``, ``tls.pem``); port and log
+    files go in ``work``."""
+    endpoint = (
+        f"ssl:0:privateKey={tls_dir / 'tls.key'}:certKey={tls_dir / 'tls.pem'}:interface=127.0.0.1"
+    )
+    return start_twistd(
+        "securemig-pca",
+        "--dir",
+        str(pca_dir),
+        "--listen",
+        endpoint,
+        port_file=work / "pca.port",
+        log_file=work / "pca.log",
+    )
+
+
 def start_destination(
     state_dir: Path,
     *extra: str,

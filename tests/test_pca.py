@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -157,32 +158,28 @@ class EnrollmentOverHTTPSTests(TestCase):
             vendor_args += ["--vendor-ca", str(cert)]
         self.assertEqual(run("pca", "init", str(base / "pca"), *vendor_args).returncode, 0)
         tls = base / "pca-tls"
-        process, port = processes.start_twistd(
-            "securemig-pca",
-            "--dir",
-            str(base / "pca"),
-            "--listen",
-            f"ssl:0:privateKey={tls / 'tls.key'}:certKey={tls / 'tls.pem'}:interface=127.0.0.1",
-            port_file=base / "pca.port",
-            log_file=base / "pca.log",
-        )
+        process, port = processes.start_pca(base / "pca", tls, base)
         self.addCleanup(processes.end_process, process)
-        host = run(
-            "host",
-            "init",
-            "--dir",
-            str(base / "host-a"),
-            "--name",
-            "host-a",
-            "--tpm",
-            tpm.tcti,
-            "--site-ca",
-            str(base / "site"),
-            "--pca",
-            f"https://localhost:{port}",
-            "--pca-ca",
-            str(base / "pca/ca.pem"),
-        )
+
+        def host_init(directory: str, tcti: str) -> Any:
+            return run(
+                "host",
+                "init",
+                "--dir",
+                str(base / directory),
+                "--name",
+                "host-a",
+                "--tpm",
+                tcti,
+                "--site-ca",
+                str(base / "site"),
+                "--pca",
+                f"https://localhost:{port}",
+                "--pca-ca",
+                str(base / "pca/ca.pem"),
+            )
+
+        host = host_init("host-a", tpm.tcti)
         self.assertEqual(host.returncode, 0, host.stderr)
         ak_cert = (base / "host-a" / "ak.der").read_bytes()
         ak = (base / "host-a" / "ak.blob").read_bytes()
@@ -196,22 +193,7 @@ class EnrollmentOverHTTPSTests(TestCase):
         swtpm.provision(second, tpm_base / "ca")
         sw2 = swtpm.start(second)
         self.addCleanup(sw2.stop)
-        again = run(
-            "host",
-            "init",
-            "--dir",
-            str(base / "host-a2"),
-            "--name",
-            "host-a",
-            "--tpm",
-            sw2.tcti,
-            "--site-ca",
-            str(base / "site"),
-            "--pca",
-            f"https://localhost:{port}",
-            "--pca-ca",
-            str(base / "pca/ca.pem"),
-        )
+        again = host_init("host-a2", sw2.tcti)
         self.assertEqual(again.returncode, 1)
         self.assertIn("host-has-other-tpm", again.stderr)
 
