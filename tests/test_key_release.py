@@ -8,7 +8,7 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from securemig import secure, wire
-from securemig.secure import KeyTransferError, MigrationKey
+from securemig.secure import DestinationSecurity, KeyTransferError, MigrationKey
 from securemig.tpm.tpm import TPMError
 
 from .helpers import shared_tpm
@@ -89,3 +89,72 @@ class KeyReleaseTests(SynchronousTestCase):
         self.tpm.pcr_extend(16, b"changed after attestation")
         with self.assertRaises(TPMError):
             self.key.unwrap(wrapped, MID)
+
+    def test_key_usable_without_the_policy(self) -> None:
+        """A genuinely certified key that the TPM would use with a plain
+        password (userWithAuth), not only under the PCR policy, is refused."""
+        from tpm2_pytss import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
+        from tpm2_pytss.constants import TPMA_OBJECT
+
+        from securemig.tpm.tpm import KeyBlob, pcr_policy_digest
+
+        public = TPM2B_PUBLIC.parse(
+            "ecc256:ecdh-sha256",
+            objectAttributes=TPMA_OBJECT.FIXEDTPM
+            | TPMA_OBJECT.FIXEDPARENT
+            | TPMA_OBJECT.SENSITIVEDATAORIGIN
+            | TPMA_OBJECT.DECRYPT
+            | TPMA_OBJECT.USERWITHAUTH,
+        )
+        public.publicArea.authPolicy = pcr_policy_digest(PCRS, self.values)
+        with self.tpm._srk() as srk:
+            private, out, *_ = self.tpm.esapi.create(srk, TPM2B_SENSITIVE_CREATE(), public)
+        loose = KeyBlob(bytes(private.marshal()), bytes(out.marshal()))
+        certified = self.tpm.certify(loose, self.ak, self.qualifying)
+        offer = wire.KeyOffer(loose.public, certified.attest, certified.signature)
+        self.assertRefused("attributes are wrong", offer=offer)
+
+
+class VTPMIdentityTests(SynchronousTestCase):
+    """The destination's check that the vTPM which arrived is the announced one."""
+
+    def setUp(self) -> None:
+        from pathlib import Path
+
+        from securemig import vtpm
+
+        _, _, tpm_base = shared_tpm()
+        self.staging = Path(self.mktemp())
+        self.staging.mkdir()
+        self.key = os.urandom(32)
+        self.identity = vtpm.create(self.staging, self.key, tpm_base / "ca")
+
+    def test_announced_vtpm(self) -> None:
+        got = DestinationSecurity.check_vtpm(self.staging, self.key, bytes.fromhex(self.identity))
+        self.assertEqual(got, self.identity)
+
+    def test_other_identity(self) -> None:
+        """A state that opens but is another vTPM (another EK) is refused."""
+        with self.assertRaises(KeyTransferError) as cm:
+            DestinationSecurity.check_vtpm(self.staging, self.key, os.urandom(32))
+        self.assertIn("not the one announced", str(cm.exception))
+
+    def test_wrong_key(self) -> None:
+        with self.assertRaises(KeyTransferError):
+            DestinationSecurity.check_vtpm(
+                self.staging, os.urandom(32), bytes.fromhex(self.identity)
+            )
+
+    def test_state_without_identity(self) -> None:
+        with self.assertRaises(KeyTransferError) as cm:
+            DestinationSecurity.check_vtpm(self.staging, self.key, b"")
+        self.assertIn("without its identity", str(cm.exception))
+
+    def test_identity_without_state(self) -> None:
+        from pathlib import Path
+
+        empty = Path(self.mktemp())
+        empty.mkdir()
+        with self.assertRaises(KeyTransferError) as cm:
+            DestinationSecurity.check_vtpm(empty, self.key, bytes.fromhex(self.identity))
+        self.assertIn("without its state", str(cm.exception))

@@ -261,3 +261,88 @@ class SourceTimeoutTests(SynchronousTestCase):
         self.assertFalse(storage.is_locked(bundle.lock_path))
         self.assertTrue(bundle.path.exists())
         self.assertEqual(env.source_journal.get(departure.id).outcome, "aborted")
+
+
+class AdmissionPolicyTests(SynchronousTestCase):
+    """Each admission check, fed the HELLO it exists to refuse."""
+
+    def refused(self, hello: wire.Hello, sealer: Any = None) -> wire.Abort:
+        env = InMemory(Path(self.mktemp()))
+        env.factory.sealer = sealer
+        peer = Recorder()
+        pump = env.connect(env.destination(), peer)
+        peer.transport.write(wire.encode(hello))
+        pump.flush()
+        abort = peer.messages()[-1]
+        assert isinstance(abort, wire.Abort)
+        self.assertEqual(list(env.host.staging.iterdir()), [])
+        return abort
+
+    def test_shared_disk_path_not_normalised(self) -> None:
+        shared = Path(self.mktemp()).absolute()
+        shared.mkdir()
+        (shared / "d.img").write_bytes(b"x")
+        sneaky = f"{shared}/../{shared.name}/d.img"
+        abort = self.refused(
+            hello_for("vm1", {"ram": 8}, variant=wire.Variant.SHARED_STORAGE, shared_disk=sneaky)
+        )
+        self.assertEqual(abort.code, ErrorCode.BAD_PARAMETER)
+
+    def test_shared_disk_in_full_variant(self) -> None:
+        abort = self.refused(hello_for("vm1", {"ram": 8}, shared_disk="/etc/hostname"))
+        self.assertEqual(abort.code, ErrorCode.BAD_PARAMETER)
+
+    def test_disk_image_in_shared_storage_variant(self) -> None:
+        hello = hello_for("vm1", {"ram": 8, "disk": 8}, variant=wire.Variant.SHARED_STORAGE)
+        self.assertEqual(self.refused(hello).code, ErrorCode.POLICY_REFUSED)
+
+    def test_vtpm_without_a_tpm_here(self) -> None:
+        """An insecure destination with no TPM identity cannot keep a vTPM key."""
+        abort = self.refused(hello_for("vm1", {"ram": 8, "vtpm": 8}))
+        self.assertEqual(abort.code, ErrorCode.POLICY_REFUSED)
+        self.assertIn("no TPM identity", abort.reason)
+
+
+class NeverSeals:
+    """Test double for a destination's TPM sealer: the refusals below must
+    happen before any key is sealed, so reaching it is a failure."""
+
+    def seal(self, secret: bytes) -> bytes:
+        raise AssertionError("a refused vTPM key was about to be sealed")
+
+
+class ClearKeyRefusalTests(SynchronousTestCase):
+    """The insecure variant's vTPM key: refused when missing or malformed."""
+
+    def run_arrival(self, key: bytes | None, image: str = "ram") -> wire.Abort:
+        env = InMemory(Path(self.mktemp()))
+        env.factory.sealer = NeverSeals()
+        peer = Recorder()
+        pump = env.connect(env.destination(), peer)
+        frames = [wire.encode(hello_for("vm1", {image: 4}))]
+        if key is not None:
+            frames.append(wire.encode(wire.ClearKey(key)))
+        data = b"abcd"
+        frames += [
+            wire.encode(wire.StreamBegin(0)),
+            wire.data_header(4) + data,
+            wire.encode(wire.StreamEnd(hashlib.sha256(data).digest())),
+        ]
+        for frame in frames:
+            peer.transport.write(frame)
+        pump.flush()
+        abort = peer.messages()[-1]
+        assert isinstance(abort, wire.Abort)
+        self.assertEqual(list(env.host.staging.iterdir()), [])
+        return abort
+
+    def test_malformed_key(self) -> None:
+        """Key material of the wrong length is refused at PREPARE."""
+        abort = self.run_arrival(b"short")
+        self.assertEqual(abort.code, ErrorCode.KEY_TRANSFER_FAILED)
+
+    def test_vtpm_state_without_key(self) -> None:
+        """A vTPM state with no key for it is refused, not stored."""
+        abort = self.run_arrival(None, image="vtpm")
+        self.assertEqual(abort.code, ErrorCode.KEY_TRANSFER_FAILED)
+        self.assertIn("without its key", abort.reason)
