@@ -363,7 +363,6 @@ class DestinationProtocol(FramedProtocol):
         self.executor: Executor | None = None
         self.queued = 0
         self.reading_paused = False
-        self.outcome: s.Finished | None = None
 
     def _peer(self) -> str:
         peer = self.out.getPeer()
@@ -542,7 +541,6 @@ class DestinationProtocol(FramedProtocol):
 
     def _do_Finished(self, effect: s.Finished) -> None:
         super()._do_Finished(effect)
-        self.outcome = effect
         if self.reading_paused:
             self.out.resumeProducing()
         if self.executor is not None:
