@@ -610,6 +610,10 @@ class DestinationFactory(Factory):
 # Source
 
 
+#: A frame to send: buffers for writeSequence, image bytes in it, ends a stream.
+Frame = tuple[list[bytes], int, bool]
+
+
 @implementer(interfaces.IPushProducer)
 class ImageStreamer:
     """A push producer writing every image as STREAM_BEGIN, DATA*, STREAM_END.
@@ -645,8 +649,9 @@ class ImageStreamer:
         self.on_error = on_error
         self.paused = False
         self.stopped = False
-        self._frames_left: Generator[tuple[list[bytes], int], None, None] = self._frames()
-        self._ready: deque[tuple[list[bytes], int]] = deque()
+        self._frames_left: Generator[Frame, None, None] = self._frames()
+        self._ready: deque[Frame] = deque()
+        self._streams_sent = 0
         self._in_flight = 0
         self._eof = False
         self._requesting = False
@@ -675,10 +680,11 @@ class ImageStreamer:
             self.executor.submit(self._frames_left.close)
             self.executor.shutdown()
 
-    def _frames(self) -> Generator[tuple[list[bytes], int], None, None]:
-        """Each frame to send, as buffers for writeSequence and image bytes in it."""
+    def _frames(self) -> Generator[Frame, None, None]:
+        """Each frame to send: buffers for writeSequence, the image bytes in it,
+        and whether it ends a stream."""
         for index, (path, size) in enumerate(self.images):
-            yield [wire.encode(wire.StreamBegin(index))], 0
+            yield [wire.encode(wire.StreamBegin(index))], 0, False
             digest = hashlib.sha256()
             sent = 0
             with open(path, "rb") as f:
@@ -687,10 +693,10 @@ class ImageStreamer:
                     if sent > size:
                         raise ProtocolError(ErrorCode.IO_ERROR, f"{path} grew during the migration")
                     digest.update(chunk)
-                    yield [wire.data_header(len(chunk)), chunk], len(chunk)
+                    yield [wire.data_header(len(chunk)), chunk], len(chunk), False
             if sent != size:
                 raise ProtocolError(ErrorCode.IO_ERROR, f"{path} shrank during the migration")
-            yield [wire.encode(wire.StreamEnd(digest.digest()))], 0
+            yield [wire.encode(wire.StreamEnd(digest.digest()))], 0, True
 
     def _request(self) -> None:
         # Guard against re-entry: an inline executor answers within submit().
@@ -709,7 +715,7 @@ class ImageStreamer:
         finally:
             self._requesting = False
 
-    def _arrived(self, frame: tuple[list[bytes], int] | None) -> None:
+    def _arrived(self, frame: Frame | None) -> None:
         self._in_flight -= 1
         if self.stopped:
             return
@@ -727,17 +733,20 @@ class ImageStreamer:
 
     def _pump(self) -> None:
         while self._ready and not self.paused and not self.stopped:
-            buffers, n = self._ready.popleft()
+            buffers, n, ends_stream = self._ready.popleft()
             self.transport.writeSequence(buffers)
             if n:
                 self.on_progress(n)
-        if self.stopped:
-            return
-        if self._eof and not self._ready and not self._in_flight:
-            self.stopProducing()
-            self.on_done()
-            return
-        self._request()
+            if ends_stream:
+                self._streams_sent += 1
+                if self._streams_sent == len(self.images):
+                    # Done the moment the last byte is written: the peer may
+                    # answer PREPARED before the reader thread says "no more".
+                    self.stopProducing()
+                    self.on_done()
+                    return
+        if not self.stopped:
+            self._request()
 
 
 class SourceProtocol(FramedProtocol):

@@ -86,15 +86,17 @@ class InMemory:
         )
 
     def source(
-        self, bundle: Bundle, variant: wire.Variant = wire.Variant.FULL, chunk: int = 65536
+        self,
+        bundle: Bundle,
+        variant: wire.Variant = wire.Variant.FULL,
+        chunk: int = 65536,
+        executor: Any = protocol.InlineExecutor,
     ) -> tuple[protocol.SourceProtocol, Departure]:
         """A source protocol for ``bundle`` whose VM is already locked."""
         departure = Departure(bundle, variant, "memory", "insecure", self.source_journal)
         Deferred.fromCoroutine(departure.acquire())
         session = SourceSession(departure.hello(chunk))
-        proto = protocol.SourceProtocol(
-            session, departure, self.clock, protocol.InlineExecutor, **self.timers
-        )
+        proto = protocol.SourceProtocol(session, departure, self.clock, executor, **self.timers)
         return proto, departure
 
     def migrate(

@@ -213,8 +213,11 @@ class ManualExecutor:
 
     def run_all(self) -> None:
         while self.jobs:
-            d, fn, args = self.jobs.pop(0)
-            d.callback(fn(*args))
+            self.run_one()
+
+    def run_one(self) -> None:
+        d, fn, args = self.jobs.pop(0)
+        d.callback(fn(*args))
 
     def shutdown(self) -> None:
         pass
@@ -346,3 +349,26 @@ class ClearKeyRefusalTests(SynchronousTestCase):
         abort = self.run_arrival(None, image="vtpm")
         self.assertEqual(abort.code, ErrorCode.KEY_TRANSFER_FAILED)
         self.assertIn("without its key", abort.reason)
+
+
+class StreamEndRaceTests(SynchronousTestCase):
+    """The source's reader thread runs ahead of the transport; once the last
+    STREAM_END is written the source must accept PREPARED at once, even if
+    the reader has not yet reported that there are no more frames."""
+
+    def test_prepared_before_reader_reports_the_end(self) -> None:
+        env = InMemory(Path(self.mktemp()))
+        bundle = env.vm(ram_mib=1)
+        reader = ManualExecutor()
+        src, _ = env.source(bundle, chunk=1 << 20, executor=lambda: reader)
+        peer = Recorder()
+        pump = env.connect(peer, src)
+        peer.transport.write(wire.encode(wire.Welcome(b"m" * 16)))
+        pump.flush()
+        while not any(isinstance(m, wire.StreamEnd) for m in peer.messages()):
+            reader.run_one()
+            pump.flush()
+        self.assertEqual(src.session.phase, "awaitPrepared")
+        peer.transport.write(wire.encode(wire.Prepared()))
+        pump.flush()
+        self.assertIsInstance(peer.messages()[-1], wire.Commit)
