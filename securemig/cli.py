@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         a = vm_sub.add_parser(action, help=text)
         a.add_argument("name")
         a.add_argument("--dir", required=True, type=Path, help="directory holding VM bundles")
+        if action == "start":
+            a.add_argument(
+                "--identity",
+                type=Path,
+                help="this host's identity directory: its TPM unseals the key of a VM's vTPM",
+            )
     listing = vm_sub.add_parser("list", help="list the VM bundles in a directory")
     listing.add_argument("--dir", required=True, type=Path)
     listing.add_argument("--json", action="store_true", help="print JSON")
@@ -160,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         "completes the migration if the source committed, or discards it if it did not.",
     )
     rec.add_argument("--state-dir", type=Path, required=True, help="the destination's")
+    rec.add_argument(
+        "--identity",
+        type=Path,
+        help="the destination's identity directory, to resume VMs with a vTPM",
+    )
     rec.add_argument(
         "--source-journal",
         type=Path,
@@ -386,7 +397,8 @@ def _vm_control(args: argparse.Namespace) -> int:
 
     try:
         bundle = Bundle.find(args.dir, args.name)
-        backend = backend_for(bundle.manifest.backend)
+        identity = getattr(args, "identity", None)
+        backend = backend_for(bundle.manifest.backend, vtpm_key=_vtpm_key(identity))
     except BundleError as e:
         return _error(str(e))
     if args.vm_command == "status":
@@ -404,6 +416,16 @@ def _vm_control(args: argparse.Namespace) -> int:
         return _error(str(e))
     print(f"{bundle.name}: {backend.status(bundle)}")
     return EXIT_OK
+
+
+def _vtpm_key(identity: Path | None) -> Callable[[Any], bytes] | None:
+    """How a VM's vTPM key is unsealed with the TPM of ``identity``."""
+    if identity is None:
+        return None
+    from securemig import vtpm
+
+    unseal = vtpm.unsealer(identity)
+    return lambda bundle: unseal(bundle.vtpm_key_path.read_bytes())
 
 
 def source_state_dir(vm_dir: Path, state_dir: Path | None) -> Path:
@@ -682,6 +704,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
     if not args.source_journal.is_file():
         return _error(f"no source journal at {args.source_journal}")
     host = DestinationHost(args.state_dir)
+    if args.identity:
+        from securemig import vtpm
+
+        host.unseal = vtpm.unsealer(args.identity)
     source = Journal(args.source_journal)
 
     async def settle(reactor: Any) -> list[tuple[str, str]]:

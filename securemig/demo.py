@@ -79,12 +79,17 @@ def run(
 
         def state_of(bundle: Bundle) -> Any:
             """What must arrive intact: the images, or for a QEMU guest that it
-            runs with the same memory (its RAM image differs per suspend)."""
+            runs with the same memory and its vTPM attached (its RAM image
+            differs per suspend)."""
             if qemu is None:
                 return _digests(bundle)
             from securemig.hypervisor.qemu import MARKER_ADDRESS
 
-            return (qemu.status(bundle), qemu.guest_memory(bundle, MARKER_ADDRESS, 4096))
+            return (
+                qemu.status(bundle),
+                qemu.vtpm_attached(bundle),
+                qemu.guest_memory(bundle, MARKER_ADDRESS, 4096),
+            )
 
         before = state_of(vm)
         source = open_attestor(work / SOURCE, None, False)
@@ -123,10 +128,9 @@ def run(
         returned = source.unseal(back.vtpm_key_path.read_bytes())
         source.tpm.close()
         checks = {
-            ("guest_running_with_same_memory" if qemu else "images_identical"): at_destination[
-                "images"
-            ]
-            and state_of(back) == before,
+            (
+                "guest_running_with_same_memory_and_vtpm" if qemu else "images_identical"
+            ): at_destination["images"] and state_of(back) == before,
             "vtpm_key_released_to_destination_tpm": at_destination["key"],
             "same_vtpm_at_destination": at_destination["vtpm"],
             "vtpm_back_at_source": returned == secret and back.manifest.vtpm == identity,

@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from securemig import storage, wire
@@ -40,7 +42,12 @@ def variant_name(variant: wire.Variant) -> str:
 class DestinationHost:
     """One destination's state directory and the policy it applies."""
 
-    def __init__(self, state_dir: Path, backend: str = "image") -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        backend: str = "image",
+        unseal: Callable[[bytes], bytes] | None = None,
+    ) -> None:
         self.state_dir = state_dir.absolute()
         self.vms = self.state_dir / "vms"
         self.staging = self.state_dir / "staging"
@@ -49,6 +56,15 @@ class DestinationHost:
             d.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(self.state_dir / "journal.sqlite")
         self.backend = backend
+        #: Unseals a vTPM key sealed to this host's TPM; None without a TPM
+        #: identity (then VMs with a vTPM cannot be resumed here).
+        self.unseal = unseal
+
+    def resume(self, bundle: Bundle) -> Deferred[None]:
+        """Resume an arrived VM with the backend its manifest names."""
+        unseal = self.unseal
+        key = None if unseal is None else lambda b: unseal(b.vtpm_key_path.read_bytes())
+        return backend_for(bundle.manifest.backend, vtpm_key=key).resume(bundle)
 
     def recover_staging(self) -> list[str]:
         """Settle staging left by a crash; returns what was removed.
@@ -134,7 +150,7 @@ class DestinationHost:
         self.journal.phase(staging.name, "committed")
         storage.rename_durably(staging, target)
         bundle = Bundle.load(target)
-        await backend_for(bundle.manifest.backend).resume(bundle)
+        await self.resume(bundle)
         self.journal.phase(staging.name, "resumed")
         self.journal.finish(staging.name, Outcome.DONE.value)
         return f"source committed: VM {record.vm} resumed here"
@@ -320,7 +336,7 @@ class Arrival:
         target = self.host.vms / self.hello.vm_name
         storage.rename_durably(self.staging, target)
         bundle = Bundle.load(target)
-        await backend_for(bundle.manifest.backend).resume(bundle)
+        await self.host.resume(bundle)
         self.host.journal.phase(self.id, "resumed")
         self.lock.release()
 

@@ -163,7 +163,15 @@ class Lab:
             backend=backend,
         )
         if backend == "qemu":
-            started = processes.securemig("vm", "start", name, "--dir", str(self.vm_dir))
+            started = processes.securemig(
+                "vm",
+                "start",
+                name,
+                "--dir",
+                str(self.vm_dir),
+                "--identity",
+                str(self.work / SOURCE),
+            )
             if started.returncode != 0:
                 raise RuntimeError(f"securemig vm start failed: {started.stderr.strip()}")
             bundle = Bundle.load(bundle.path)

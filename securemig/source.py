@@ -35,12 +35,22 @@ class Departure:
     """One VM leaving this host."""
 
     def __init__(
-        self, bundle: Bundle, variant: wire.Variant, peer: str, protocol: str, journal: Journal
+        self,
+        bundle: Bundle,
+        variant: wire.Variant,
+        peer: str,
+        protocol: str,
+        journal: Journal,
+        vtpm_key: bytes | None = None,
     ) -> None:
         self.bundle = bundle
         self.variant = variant
         self.images = bundle.streamed_images(variant)
-        self.backend: Backend = backend_for(bundle.manifest.backend)
+        # The vTPM key, unsealed before the VM is suspended, so a rollback
+        # can restart the vTPM without the host TPM (busy with the session).
+        self.backend: Backend = backend_for(
+            bundle.manifest.backend, vtpm_key=None if vtpm_key is None else lambda b: vtpm_key
+        )
         self.journal = journal
         self.lock: storage.Lock | None = None
         self.was_running = False
@@ -227,12 +237,18 @@ async def migrate(
             f"VM {bundle.name} has a vTPM: give --identity to unseal its key (the insecure "
             "variant then sends it in the clear)"
         )
-    departure = Departure(bundle, variant, to, "secure" if secure else "insecure", journal)
+    # Keys are unsealed before the VM is touched: nothing to undo if that fails.
+    security = None if secure is None else secure.prepare(bundle, host)
+    clear_key = None
+    if secure is None and bundle.manifest.vtpm and unseal_with is not None:
+        clear_key = unseal_vtpm_key(bundle, unseal_with)
+    vtpm_key = security.secret if security is not None else clear_key and clear_key[:32]
+    departure = Departure(
+        bundle, variant, to, "secure" if secure else "insecure", journal, vtpm_key or None
+    )
     await departure.acquire()
-    security = None
-    if secure is not None:
+    if security is not None:
         try:
-            security = secure.prepare(bundle, host)
             shared = bundle.manifest.shared_disk
             if variant is wire.Variant.SHARED_STORAGE and shared:
                 owner = storage.disk_owner(Path(shared))
@@ -244,13 +260,6 @@ async def migrate(
             await departure.rollback()
             raise
     on_start(departure)
-    clear_key = None
-    if secure is None and bundle.manifest.vtpm and unseal_with is not None:
-        try:
-            clear_key = unseal_vtpm_key(bundle, unseal_with)
-        except BaseException:
-            await departure.rollback()
-            raise
     session = SourceSession(
         departure.hello(chunk_size), secure=security is not None, clear_key=clear_key
     )
@@ -294,13 +303,9 @@ async def migrate(
 def unseal_vtpm_key(bundle: Bundle, identity: Path) -> bytes:
     """The VM's vTPM key and identity, unsealed with this host's TPM, for the
     insecure variant (which sends them in the clear)."""
-    from securemig.secure import open_attestor
+    from securemig import vtpm
 
-    attestor = open_attestor(identity, None, False)
-    try:
-        secret = attestor.unseal(bundle.vtpm_key_path.read_bytes())
-    finally:
-        attestor.tpm.close()
+    secret = vtpm.unsealer(identity)(bundle.vtpm_key_path.read_bytes())
     return secret + bytes.fromhex(bundle.manifest.vtpm or "")
 
 

@@ -159,6 +159,7 @@ def makeService(options: Options) -> service.MultiService:
 
         policy_dir = Path(options["policy-dir"]) if options["policy-dir"] else None
         attestor = open_attestor(Path(options["identity"]), policy_dir, options["tofu"])
+        host.unseal = attestor.unseal
     if options["listen"]:
         from twisted.protocols.tls import TLSMemoryBIOFactory
 

@@ -16,7 +16,11 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from securemig.tpm import swtpm
 from securemig.tpm.tpm import TPM
@@ -26,6 +30,10 @@ STATE_DIR = "vtpm"
 STATE_FILE = "tpm2-00.permall"
 #: The image name under which the state travels.
 IMAGE = "vtpm"
+
+
+#: HKDF label of the key swtpm encrypts its migration blobs with.
+MIGRATION_KEY_LABEL = b"securemig vtpm: swtpm migration key"
 
 
 class VTPMError(RuntimeError):
@@ -64,3 +72,26 @@ def identity(state: Path, key: bytes) -> str:
         if process is not None:
             process.stop()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def unsealer(identity: Path) -> Callable[[bytes], bytes]:
+    """Unseals vTPM keys sealed to the TPM of the host whose identity
+    directory is ``identity``; the TPM is opened for each call and closed
+    after, so a long-lived process does not hold it."""
+    from securemig.secure import open_attestor
+
+    def unseal(sealed: bytes) -> bytes:
+        attestor = open_attestor(identity, None, False)
+        try:
+            return attestor.unseal(sealed)
+        finally:
+            attestor.tpm.close()
+
+    return unseal
+
+
+def migration_key(key: bytes) -> bytes:
+    """The key swtpm's ``--migration-key`` gets for a vTPM whose state key
+    is ``key``: derived from it (HKDF-SHA256, its own label), so it is
+    sealed, wrapped and released with it and never stored on its own."""
+    return HKDF(SHA256(), 32, salt=None, info=MIGRATION_KEY_LABEL).derive(key)

@@ -6,14 +6,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from securemig.bundle import Bundle, Image, Manifest
-from securemig.hypervisor.qemu import MARKER_ADDRESS, QemuBackend, qemu_binary
+from securemig import vtpm
+from securemig.bundle import Bundle, Image, Manifest, image_file
+from securemig.hypervisor.qemu import (
+    MARKER_ADDRESS,
+    QemuBackend,
+    QemuError,
+    alive,
+    qemu_binary,
+)
+from securemig.tpm import swtpm
+from securemig.tpm.tpm import TPM
 
 from .helpers import migrate_vm
 
@@ -141,6 +151,132 @@ class QemuMigrationTests(QemuMigrationBase):
         self.assertEqual(self.qemu.status(source), "running")
         self.assertEqual(await self.marker_of(source), self.marker)
 
+    async def test_shared_storage_guest_moves(self) -> None:
+        """Shared-storage variant: only RAM travels; the destination's QEMU
+        runs the guest on the same shared disk, which nobody copied."""
+        disk = self.base / "shared" / "vm1.raw"
+        disk.parent.mkdir()
+        contents = os.urandom(4 << 20)
+        disk.write_bytes(contents)
+        self.bundle.manifest.shared_disk = str(disk)
+        self.bundle.save()
+        await self.qemu.start(self.bundle)
+        result = migrate_vm(self.vm_dir, self.destination.address, "--insecure", "--shared-storage")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        arrived = Bundle.load(self.arrived_path)
+        self.assertEqual(self.qemu.status(arrived), "running")
+        self.assertEqual(await self.marker_of(arrived), self.marker)
+        self.assertEqual(sorted(p.name for p in arrived.path.glob("*.img")), ["ram.img"])
+        pid = (arrived.path / "qemu.pid").read_text().strip()
+        self.assertIn(f"file={disk},".encode(), Path(f"/proc/{pid}/cmdline").read_bytes())
+        self.assertEqual(disk.read_bytes(), contents)
+
+
+def ek_certificate(state: Path, key: bytes) -> bytes:
+    """The EK certificate a vTPM keeps in its NV memory: a known piece of
+    its persistent state (read from a copy, so the state stays as it was)."""
+    copy = state.parent / f".copy-{os.urandom(4).hex()}"
+    shutil.copytree(state, copy)
+    process = swtpm.start(copy, key)
+    try:
+        with TPM(process.tcti) as tpm:
+            return tpm.ek_certificate()
+    finally:
+        process.stop()
+        shutil.rmtree(copy)
+
+
+class ForgetsMigrationKey(QemuBackend):
+    """Test double: the QEMU backend as it would be without swtpm's
+    ``--migration-key``, to show what the RAM image would then hold."""
+
+    def migration_key(self, key: bytes) -> bytes | None:
+        return None
+
+
+class QemuVTPMTests(TestCase):
+    """A guest with its vTPM: swtpm attached to QEMU, its state encrypted
+    in the RAM image, the same vTPM after a resume elsewhere."""
+
+    def setUp(self) -> None:
+        qemu_binary()
+        under_tcg(self)
+        self.base = Path(self.mktemp()).absolute()
+        self.key = os.urandom(32)
+        path = self.base / "source" / "vm1"
+        path.mkdir(parents=True)
+        self.identity = vtpm.create(path, self.key, self.base / "vtpm-ca")
+        state = path / vtpm.STATE_DIR
+        self.ek_cert = ek_certificate(state, self.key)
+        images = [Image("ram", 0), Image("vtpm", (state / vtpm.STATE_FILE).stat().st_size)]
+        self.bundle = Bundle(path, Manifest("vm1", "qemu", images, vtpm=self.identity))
+        self.bundle.save()
+        self.qemu = QemuBackend(reactor, vtpm_key=lambda bundle: self.key)
+        self.addCleanup(self.qemu.end, self.bundle)
+
+    def pids(self, bundle: Bundle) -> dict[str, int | None]:
+        return {p: self.qemu._pid(bundle, p) for p in ("qemu", "swtpm")}
+
+    def arrive(self, qemu: QemuBackend) -> Bundle:
+        """Deliver the suspended VM's images elsewhere, as a migration does."""
+        target = self.base / "destination" / "vm1"
+        (target / vtpm.STATE_DIR).mkdir(parents=True)
+        for image in ("ram", "vtpm"):
+            shutil.copyfile(self.bundle.image_path(image), target / image_file(image))
+        arrived = Bundle(target, Bundle.load(self.bundle.path).manifest)
+        arrived.save()
+        self.addCleanup(qemu.end, arrived)
+        return arrived
+
+    async def test_vtpm_moves_encrypted(self) -> None:
+        """Attached while running; after suspend nothing of the VM runs and
+        the RAM image holds none of the vTPM's state in clear; resumed
+        elsewhere with the same key, the same vTPM is attached again."""
+        await self.qemu.start(self.bundle)
+        running = self.pids(self.bundle)
+        self.assertTrue(self.qemu.vtpm_attached(self.bundle))
+        await self.qemu.suspend(self.bundle)
+        self.assertEqual(self.pids(self.bundle), {"qemu": None, "swtpm": None})
+        for pid in running.values():
+            assert pid is not None
+            self.assertFalse(alive(pid))
+        ram = self.bundle.image_path("ram").read_bytes()
+        self.assertNotIn(self.ek_cert[:64], ram)
+        self.assertNotIn(self.ek_cert[-64:], ram)
+        arrived = self.arrive(self.qemu)
+        await self.qemu.resume(arrived)
+        self.assertEqual(self.qemu.status(arrived), "running")
+        self.assertTrue(self.qemu.vtpm_attached(arrived))
+        self.qemu.end(arrived)
+        self.assertEqual(vtpm.identity(arrived.path / vtpm.STATE_DIR, self.key), self.identity)
+
+    async def test_without_migration_key_ram_image_holds_vtpm(self) -> None:
+        """The control for the check above: without ``--migration-key`` the
+        vTPM's persistent state (its EK certificate) is in the RAM image."""
+        forgetful = ForgetsMigrationKey(reactor, vtpm_key=lambda bundle: self.key)
+        await forgetful.start(self.bundle)
+        await forgetful.suspend(self.bundle)
+        self.assertIn(self.ek_cert, self.bundle.image_path("ram").read_bytes())
+
+    async def test_resume_with_another_key_fails(self) -> None:
+        """A vTPM key that does not open the state: the resume fails with a
+        clear error and neither QEMU nor swtpm is left running."""
+        await self.qemu.start(self.bundle)
+        await self.qemu.suspend(self.bundle)
+        wrong = QemuBackend(reactor, vtpm_key=lambda bundle: os.urandom(32))
+        arrived = self.arrive(wrong)
+        with self.assertRaises(QemuError) as caught:
+            await wrong.resume(arrived)
+        self.assertIn("vTPM", str(caught.exception))
+        self.assertEqual(self.pids(arrived), {"qemu": None, "swtpm": None})
+
+    async def test_vtpm_needs_its_key(self) -> None:
+        """A host that cannot unseal vTPM keys does not start such a VM."""
+        with self.assertRaises(QemuError) as caught:
+            await QemuBackend(reactor).start(self.bundle)
+        self.assertIn("--identity", str(caught.exception))
+        self.assertEqual(self.pids(self.bundle), {"qemu": None, "swtpm": None})
+
 
 class QemuCommandTests(TestCase):
     """`securemig vm create --backend qemu`, `vm start`, `vm status`."""
@@ -224,7 +360,7 @@ class QemuDemoTests(TestCase):
         self.assertEqual(
             checks,
             {
-                "guest_running_with_same_memory": True,
+                "guest_running_with_same_memory_and_vtpm": True,
                 "vtpm_key_released_to_destination_tpm": True,
                 "same_vtpm_at_destination": True,
                 "vtpm_back_at_source": True,

@@ -9,6 +9,7 @@ Xen's ``xl``) answer asynchronously.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
@@ -35,15 +36,16 @@ class Backend(Protocol):
         """A short word for operators: ``suspended``, ``running``, ..."""
 
 
-def backend_for(name: str) -> Backend:
-    """The backend a manifest names."""
+def backend_for(name: str, vtpm_key: Callable[[Bundle], bytes] | None = None) -> Backend:
+    """The backend a manifest names.  ``vtpm_key`` returns a VM's vTPM state
+    key (unsealed by this host's TPM), for backends that run the vTPM."""
     from securemig.hypervisor.image import ImageBackend
     from securemig.hypervisor.qemu import QemuBackend
     from securemig.hypervisor.xen import XenBackend
 
     backends: dict[str, Backend] = {
         "image": ImageBackend(),
-        "qemu": QemuBackend(),
+        "qemu": QemuBackend(vtpm_key=vtpm_key),
         "xen": XenBackend(),
     }
     try:

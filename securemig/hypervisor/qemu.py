@@ -12,8 +12,15 @@ The QEMU backend: a VM is a QEMU process driven over QMP.
 
 No guest OS is needed to show that state moved: a bundle may carry
 ``marker.bin``, which QEMU's loader device places at guest-physical
-``MARKER_ADDRESS``; tests read it back with ``pmemsave``.  Not yet here:
-the VM's vTPM attached through swtpm and its ``--migration-key``.
+``MARKER_ADDRESS``; tests read it back with ``pmemsave``.
+
+A VM with a vTPM (its manifest names one) gets a ``tpm-tis`` device backed
+by the bundle's swtpm state: swtpm starts before QEMU, with the state key
+(unsealed by the host TPM through the backend's ``vtpm_key``) and a
+``--migration-key`` derived from it, so the vTPM state blobs QEMU puts into
+the RAM image are encrypted; it ends when QEMU does.  QEMU's stream then
+carries the vTPM's volatile and persistent state; the persistent state
+also travels on its own, as the ``vtpm`` image, still encrypted.
 """
 
 from __future__ import annotations
@@ -26,19 +33,26 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
-from securemig import storage
+from securemig import storage, vtpm
 from securemig.bundle import Bundle, BundleError
 from securemig.hypervisor import qmp
+from securemig.tpm import swtpm
 
 MARKER_ADDRESS = 0x200000
 PACKAGE = "qemu-system-x86"
 MIGRATION_TIMEOUT = 300.0
+#: How long swtpm may take to end after its QEMU did.
+SWTPM_EXIT_TIMEOUT = 5.0
+
+#: Returns the 32-byte state key of a bundle's vTPM (unsealed by this host's TPM).
+VTPMKey = Callable[[Bundle], bytes]
 
 
 class QemuError(RuntimeError):
@@ -62,39 +76,54 @@ def accelerator() -> str:
     return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 class QemuBackend:
     """QEMU over QMP; one QEMU process per VM, tracked by its pid file."""
 
     name = "qemu"
 
-    def __init__(self, reactor: Any = None, memory_mib: int = 64) -> None:
+    def __init__(
+        self, reactor: Any = None, memory_mib: int = 64, vtpm_key: VTPMKey | None = None
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
         self.reactor = reactor
         self.memory_mib = memory_mib
+        #: How a VM's vTPM key is obtained; None on a host without a TPM
+        #: identity, where VMs with a vTPM cannot start.
+        self.vtpm_key = vtpm_key
 
     # -- files of a running VM
 
     @staticmethod
-    def _socket(bundle: Bundle) -> Path:
+    def _socket(bundle: Bundle, kind: str = "qmp") -> Path:
         # Unix socket paths are limited to 107 bytes: keep it short, derived
         # from the bundle's path so every command finds it.
         digest = hashlib.sha256(str(bundle.path.absolute()).encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"securemig-qmp-{digest}.sock"
+        return Path(tempfile.gettempdir()) / f"securemig-{kind}-{digest}.sock"
 
     def monitor(self, bundle: Bundle) -> Deferred[qmp.QMPProtocol]:
         """A QMP connection to the VM's QEMU."""
         return Deferred.fromCoroutine(qmp.connect(self.reactor, str(self._socket(bundle))))
 
     @staticmethod
-    def _pidfile(bundle: Bundle) -> Path:
-        return bundle.path / "qemu.pid"
+    def _pidfile(bundle: Bundle, program: str = "qemu") -> Path:
+        return bundle.path / f"{program}.pid"
 
-    def _pid(self, bundle: Bundle) -> int | None:
+    def _pid(self, bundle: Bundle, program: str = "qemu") -> int | None:
+        """The pid of the VM's QEMU (or swtpm) if it runs."""
         try:
-            pid = int(self._pidfile(bundle).read_text())
+            pid = int(self._pidfile(bundle, program).read_text())
         except (FileNotFoundError, ValueError):
             return None
         try:
@@ -102,6 +131,41 @@ class QemuBackend:
         except ProcessLookupError:
             return None
         return pid
+
+    def migration_key(self, key: bytes) -> bytes | None:
+        """The key swtpm encrypts the vTPM state in QEMU's stream with."""
+        return vtpm.migration_key(key)
+
+    def _start_vtpm(self, bundle: Bundle) -> list[str]:
+        """Start the VM's swtpm, if it has a vTPM; returns QEMU's arguments
+        that attach it."""
+        if not bundle.manifest.vtpm:
+            return []
+        if self.vtpm_key is None:
+            raise QemuError(
+                f"VM {bundle.name} has a vTPM whose key is sealed to this host's TPM: "
+                "give this host's --identity"
+            )
+        key = self.vtpm_key(bundle)
+        socket_path = self._socket(bundle, "vtpm")
+        try:
+            swtpm.start_for_qemu(
+                bundle.path / vtpm.STATE_DIR,
+                socket_path,
+                self._pidfile(bundle, "swtpm"),
+                key,
+                self.migration_key(key),
+            )
+        except RuntimeError as e:
+            raise QemuError(f"the vTPM of VM {bundle.name} did not start: {e}") from None
+        return [
+            "-chardev",
+            f"socket,id=vtpm,path={socket_path}",
+            "-tpmdev",
+            "emulator,id=vtpm0,chardev=vtpm",
+            "-device",
+            "tpm-tis,tpmdev=vtpm0",
+        ]
 
     def _argv(self, bundle: Bundle, incoming: bool) -> list[str]:
         argv = [
@@ -136,17 +200,30 @@ class QemuBackend:
         return argv
 
     def _spawn(self, bundle: Bundle, incoming: bool) -> None:
+        """Start the VM's swtpm (if any), then its QEMU; on failure neither
+        is left running."""
         self._socket(bundle).unlink(missing_ok=True)
-        result = subprocess.run(
-            self._argv(bundle, incoming), capture_output=True, text=True, check=False
-        )
+        argv = self._argv(bundle, incoming)
+        argv += self._start_vtpm(bundle)
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        except BaseException:
+            self.end(bundle)
+            raise
         if result.returncode != 0:
+            self.end(bundle)
             raise QemuError(f"QEMU did not start: {(result.stderr or result.stdout).strip()}")
 
     async def _wait_migration(self, monitor: qmp.QMPProtocol) -> None:
         deadline = time.monotonic() + MIGRATION_TIMEOUT
         while True:
-            status = (await monitor.execute("query-migrate")).get("status")
+            try:
+                status = (await monitor.execute("query-migrate")).get("status")
+            except qmp.QMPError:
+                raise QemuError(
+                    "QEMU exited during the migration (at an incoming one, a RAM image it "
+                    "cannot load, or a vTPM key that does not decrypt the vTPM state in it)"
+                ) from None
             if status == "completed":
                 return
             if status in ("failed", "cancelled"):
@@ -180,9 +257,11 @@ class QemuBackend:
         await self._wait_migration(monitor)
         await monitor.execute("quit")
         await monitor.closed
+        # swtpm ends when QEMU does; only then is the vTPM's state final.
+        await self._ended(bundle, "qemu")
+        await self._ended(bundle, "swtpm")
         for image in bundle.manifest.images:
-            if image.name == "ram":
-                image.size = ram.stat().st_size
+            image.size = bundle.image_path(image).stat().st_size
         bundle.manifest.state = "suspended"
         bundle.save()
 
@@ -201,7 +280,9 @@ class QemuBackend:
             status = await monitor.execute("query-status")
             if status.get("status") != "running":
                 raise QemuError(f"VM {bundle.name} is {status.get('status')} after resume")
+            # QEMU serves one QMP client at a time: free it for the next.
             monitor.transport.loseConnection()  # type: ignore[union-attr,misc]
+            await monitor.closed
         except BaseException:
             self.end(bundle)
             raise
@@ -216,37 +297,51 @@ class QemuBackend:
     async def _remove(self, bundle: Bundle) -> None:
         storage.remove_tree(bundle.path)
 
+    async def _ended(self, bundle: Bundle, program: str) -> None:
+        """Wait (without blocking the reactor) until ``program`` of this VM
+        has exited; end it if it takes longer than it should."""
+        pid = self._pid(bundle, program)
+        deadline = time.monotonic() + SWTPM_EXIT_TIMEOUT
+        # The pid, not the pid file: programs remove it before they are gone.
+        while pid is not None and alive(pid):
+            if time.monotonic() > deadline:
+                self._end(bundle, program)
+                return
+            await deferLater(self.reactor, 0.02, lambda: None)
+
     def end(self, bundle: Bundle) -> None:
-        """End the QEMU of this VM by the pid in its pid file (ours)."""
-        pid = self._pid(bundle)
+        """End this VM's QEMU, then its swtpm, by the pids in their pid
+        files (processes we started)."""
+        self._end(bundle, "qemu")
+        self._end(bundle, "swtpm")
+
+    def _end(self, bundle: Bundle, program: str) -> None:
+        pid = self._pid(bundle, program)
         if pid is None:
             return
         os.kill(pid, signal.SIGTERM)
         for _ in range(200):
-            if self._pid(bundle) is None:
+            if not alive(pid):
                 return
             time.sleep(0.02)
         os.kill(pid, signal.SIGKILL)
 
-    def guest_memory(self, bundle: Bundle, address: int, size: int) -> bytes:
-        """Guest-physical memory of the running VM, read over QMP with a plain
-        blocking socket (for synchronous callers such as the demo)."""
+    def query(self, bundle: Bundle, command: str, **arguments: Any) -> Any:
+        """Run one QMP command on the running VM over a plain blocking
+        socket (for synchronous callers such as the demo); its return value."""
         import json
         import socket
 
-        with tempfile.NamedTemporaryFile() as out, socket.socket(socket.AF_UNIX) as sock:
+        with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(30)
             sock.connect(str(self._socket(bundle)))
             stream = sock.makefile("rw")
             stream.readline()  # greeting
-            for command in (
+            for request in (
                 {"execute": "qmp_capabilities"},
-                {
-                    "execute": "pmemsave",
-                    "arguments": {"val": address, "size": size, "filename": out.name},
-                },
+                {"execute": command, "arguments": arguments},
             ):
-                stream.write(json.dumps(command) + "\n")
+                stream.write(json.dumps(request) + "\n")
                 stream.flush()
                 while True:
                     reply = json.loads(stream.readline())
@@ -254,7 +349,20 @@ class QemuBackend:
                         raise QemuError(reply["error"].get("desc", "QMP error"))
                     if "return" in reply:
                         break
+            return reply["return"]
+
+    def guest_memory(self, bundle: Bundle, address: int, size: int) -> bytes:
+        """Guest-physical memory of the running VM (QMP ``pmemsave``)."""
+        with tempfile.NamedTemporaryFile() as out:
+            self.query(bundle, "pmemsave", val=address, size=size, filename=out.name)
             return Path(out.name).read_bytes()
+
+    def vtpm_attached(self, bundle: Bundle) -> bool:
+        """Whether the running VM has its swtpm vTPM as a TPM device."""
+        devices = self.query(bundle, "query-tpm")
+        return any(d.get("options", {}).get("type") == "emulator" for d in devices) and (
+            self._pid(bundle, "swtpm") is not None
+        )
 
     def status(self, bundle: Bundle) -> str:
         """``running`` while its QEMU runs, else what the manifest says."""

@@ -67,6 +67,9 @@ class QMPProtocol(LineOnlyReceiver):
         if arguments:
             request["arguments"] = arguments
         d: Deferred[Any] = Deferred()
+        if self.closed.called:  # nobody will ever answer
+            d.errback(QMPError(f"QEMU closed the QMP connection before {command}"))
+            return d
         self._pending[ident] = d
         self.sendLine(json.dumps(request).encode())
         return d

@@ -206,3 +206,46 @@ def start(state_dir: Path, key: bytes | None = None) -> Swtpm:
         process.wait()
     err = process.stderr.read().decode(errors="replace") if process.stderr else ""
     raise RuntimeError(f"swtpm did not start: {err.strip()}")
+
+
+def start_for_qemu(
+    state_dir: Path, ctrl_socket: Path, pidfile: Path, key: bytes, migration_key: bytes | None
+) -> int:
+    """Run the vTPM in ``state_dir`` for a QEMU ``tpm-emulator`` on the unix
+    socket ``ctrl_socket``; returns its pid (also in ``pidfile``).
+
+    swtpm daemonizes once its socket is listening, and ends by itself when
+    QEMU closes the connection (``--terminate``).  ``key`` opens the state
+    at rest; ``migration_key`` encrypts the state blobs QEMU fetches into
+    its migration stream, so the RAM image never holds the vTPM in clear
+    (None only in the test that shows what it would hold without one).
+    Both keys reach swtpm through pipes."""
+    ctrl_socket.unlink(missing_ok=True)
+    fds = (_key_pipe(key),) + (() if migration_key is None else (_key_pipe(migration_key),))
+    argv = [
+        _tool("swtpm"),
+        "socket",
+        "--tpm2",
+        "--tpmstate",
+        f"dir={state_dir}",
+        "--ctrl",
+        f"type=unixio,path={ctrl_socket}",
+        "--key",
+        f"fd={fds[0]},mode={CIPHER},format=hex",
+        "--pid",
+        f"file={pidfile}",
+        "--terminate",
+        "--daemon",
+    ]
+    if migration_key is not None:
+        argv += ["--migration-key", f"fd={fds[1]},mode={CIPHER},format=hex"]
+    try:
+        result = subprocess.run(
+            argv, capture_output=True, text=True, check=False, pass_fds=fds, timeout=START_TIMEOUT
+        )
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if result.returncode != 0:
+        raise RuntimeError(f"swtpm did not start: {(result.stderr or result.stdout).strip()}")
+    return int(pidfile.read_text())
