@@ -29,6 +29,7 @@ import hashlib
 import sqlite3
 from collections import deque
 from collections.abc import Callable, Generator
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from typing import Protocol as TypingProtocol
@@ -165,7 +166,17 @@ def tune_transport(transport: Any) -> None:
             candidate.SEND_LIMIT = TRANSPORT_IO_SIZE
 
 
-class FramedProtocol(Protocol):
+class Connection(Protocol):
+    """A protocol whose transport is used as what it is."""
+
+    @property
+    def out(self) -> Any:
+        """The transport.  Twisted declares its type through zope interfaces,
+        which mypy cannot read; this is the one place we say so."""
+        return self.transport
+
+
+class FramedProtocol(Connection):
     """Common to both sides: framing, timers, and running session effects.
 
     Subclasses define ``_do_<Effect>`` for the effects of their side.
@@ -173,12 +184,6 @@ class FramedProtocol(Protocol):
 
     log = Logger()
     session: s.DestinationSession | s.SourceSession
-
-    @property
-    def out(self) -> Any:
-        """The transport.  Twisted declares its type through zope interfaces,
-        which mypy cannot read; this is the one place we say so."""
-        return self.transport
 
     def __init__(
         self, clock: IReactorTime, idle_timeout: float = IDLE_TIMEOUT, deadline: float = DEADLINE
@@ -210,6 +215,7 @@ class FramedProtocol(Protocol):
                 message = self.decoder.next_message()
                 if message is None:
                     return
+                self.check_control(message)
                 effects = self.session.receive(message)
             except ProtocolError as e:
                 self.fail(e)
@@ -226,6 +232,9 @@ class FramedProtocol(Protocol):
             self.run(self.session.connection_lost("" if clean else reason.getErrorMessage()))
 
     # -- helpers for subclasses
+
+    def check_control(self, message: wire.Message) -> None:
+        """Refuse a message that may not arrive on the control connection."""
 
     def touch(self) -> None:
         """Progress was made: restart the idle timer."""
@@ -349,10 +358,16 @@ class DestinationProtocol(FramedProtocol):
         high_water: int = HIGH_WATER,
         security: Any = None,
         sealer: Any = None,
+        data_listener: DataListener | None = None,
     ) -> None:
         super().__init__(clock, idle_timeout, deadline)
         self.security = security
         self.sealer = sealer
+        self.data_listener = data_listener if security is not None else None
+        #: The data channel: its listening port, then its bound connection.
+        self.data_port: Any = None
+        self.data_offered = False
+        self.data_channel: DataChannelReceiver | None = None
         self.session = s.DestinationSession(secure=security is not None)
         self.wrapped_key: Any = None
         self.host = host
@@ -438,7 +453,66 @@ class DestinationProtocol(FramedProtocol):
         self.decoder.max_data = effect.hello.chunk_size
         self.high_water = max(self.high_water, 2 * effect.hello.chunk_size)
         self.executor = self.executor_factory()
+        if self.data_listener is not None:
+            # On the address the source reached us at; a port of its own.
+            self.data_port = self.data_listener(self.out.getHost().host, DataChannelFactory(self))
+            self.session.offer_data_port(self.data_port.getHost().port)
+            self.data_offered = True
         self.run(self.session.admitted(self.arrival.migration_id))
+
+    # -- the data channel (secure variant; see securemig.records)
+
+    def check_control(self, message: wire.Message) -> None:
+        """With a data channel, images may arrive only on it."""
+        if self.data_offered and isinstance(message, STREAM_MESSAGES):
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"{type(message).__name__} on the control connection: images travel on the "
+                "data channel",
+            )
+
+    def data_opener(self) -> Any:
+        """The receiving end of the data channel, keyed from this TLS session."""
+        from securemig import records, tls
+
+        cipher = tls.cipher_suite(self.transport)
+        key = tls.exported(
+            self.transport, records.EXPORTER_LABEL, records.key_length(cipher), self.migration_id()
+        )
+        hello = self.session.hello
+        assert hello is not None
+        return records.Opener(
+            cipher, key, self.migration_id(), records.max_plaintext(hello.chunk_size)
+        )
+
+    def bind_data_channel(self, channel: DataChannelReceiver) -> bool:
+        """A data connection proved it holds the key: it is the channel, and
+        the listener closes.  False if there already is one."""
+        if self.data_channel is not None or self.session.finished:
+            return False
+        self.data_channel = channel
+        self._close_data_port()
+        return True
+
+    def stream_message(self, message: wire.Message) -> None:
+        """A message from the bound data channel: stream frames only."""
+        self.touch()
+        if not isinstance(message, STREAM_MESSAGES):
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"{type(message).__name__} on the data channel",
+            )
+        self.run(self.session.receive(message))
+
+    @property
+    def stream_transport(self) -> Any:
+        """Where image bytes arrive: the data channel, if bound."""
+        return self.data_channel.out if self.data_channel is not None else self.out
+
+    def _close_data_port(self) -> None:
+        if self.data_port is not None:
+            port, self.data_port = self.data_port, None
+            port.stopListening()
 
     def _do_OpenStream(self, effect: s.OpenStream) -> None:
         if effect.index == 0:
@@ -450,7 +524,7 @@ class DestinationProtocol(FramedProtocol):
         self.queued += n
         if self.queued > self.high_water and not self.reading_paused:
             self.reading_paused = True
-            self.out.pauseProducing()
+            self.stream_transport.pauseProducing()
         self._submit(
             "writing a staging file", self.arrival.write, effect.data.parts, then=self._drained
         )
@@ -459,7 +533,7 @@ class DestinationProtocol(FramedProtocol):
         self.queued -= nbytes
         if self.reading_paused and self.queued <= self.high_water // 2:
             self.reading_paused = False
-            self.out.resumeProducing()
+            self.stream_transport.resumeProducing()
 
     def _do_CloseStream(self, effect: s.CloseStream) -> None:
         self._submit("closing a staging file", self.arrival.close_stream, effect.sha256)
@@ -542,7 +616,10 @@ class DestinationProtocol(FramedProtocol):
     def _do_Finished(self, effect: s.Finished) -> None:
         super()._do_Finished(effect)
         if self.reading_paused:
-            self.out.resumeProducing()
+            self.stream_transport.resumeProducing()
+        self._close_data_port()
+        if self.data_channel is not None:
+            self.data_channel.out.loseConnection()
         if self.executor is not None:
             # Journal the outcome after queued disk work (a discard frees the
             # space a full disk needs for the journal's own write).
@@ -580,10 +657,12 @@ class DestinationFactory(Factory):
         deadline: float = DEADLINE,
         security: Any = None,
         sealer: Any = None,
+        data_listener: DataListener | None = None,
     ) -> None:
         self.host = host
         self.security = security
         self.sealer = sealer
+        self.data_listener = data_listener
         self.clock = clock
         self.protocol_name = protocol_name
         self.executor_factory = executor_factory or (lambda: ThreadExecutor(clock))
@@ -601,9 +680,95 @@ class DestinationFactory(Factory):
             self.deadline,
             security=self.security,
             sealer=self.sealer,
+            data_listener=self.data_listener,
         )
         p.factory = self
         return p
+
+
+#: Opens a listening port for a data channel: (interface, factory) → IListeningPort.
+DataListener = Callable[[str, Factory], Any]
+#: The frames that carry images.
+STREAM_MESSAGES = (wire.StreamBegin, wire.Data, wire.StreamEnd)
+
+
+class DataChannelReceiver(Connection):
+    """One connection to a destination's data channel port.
+
+    Until a record from it authenticates it is a stranger: anything wrong
+    just closes it (anyone can connect to a port).  Once one has, it is the
+    channel: a bad record, or a close before the END record, fails the
+    migration.
+    """
+
+    log = Logger()
+
+    def __init__(self, control: DestinationProtocol) -> None:
+        self.control = control
+        self.opener: Any = None
+        self.bound = False
+        self.decoder: wire.FrameDecoder | None = None
+
+    def connectionMade(self) -> None:
+        """Key the opener from the control connection's TLS session."""
+        tune_transport(self.transport)
+        hello = self.control.session.hello
+        if self.control.session.finished or hello is None:
+            self.out.loseConnection()
+            return
+        self.opener = self.control.data_opener()
+        self.decoder = wire.FrameDecoder(max_data=hello.chunk_size)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Open records; hand their frames to the control protocol."""
+        if self.opener is None or self.control.session.finished:
+            return
+        try:
+            self.opener.feed(data)
+            while (plain := self.opener.next_record()) is not None:
+                if not self.bound:
+                    if not self.control.bind_data_channel(self):
+                        raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "a second data channel")
+                    self.bound = True
+                assert self.decoder is not None
+                self.decoder.feed(plain)
+                while (message := self.decoder.next_message()) is not None:
+                    self.control.stream_message(message)
+                    if self.control.session.finished:
+                        return
+        except ProtocolError as e:
+            self._refuse(e)
+
+    def _refuse(self, error: ProtocolError) -> None:
+        self.opener = None
+        self.out.abortConnection()
+        if self.bound:
+            self.control.fail(error)
+        else:
+            self.log.warn(
+                "closed a data connection from {peer}: {reason}",
+                peer=self.out.getPeer(),
+                reason=error.reason,
+            )
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        """A bound channel must have ended with its END record."""
+        if self.bound and self.opener is not None and not self.control.session.finished:
+            try:
+                self.opener.closed()
+            except ProtocolError as e:
+                self.control.fail(e)
+
+
+class DataChannelFactory(Factory):
+    """Builds receivers for one migration's data channel port."""
+
+    def __init__(self, control: DestinationProtocol) -> None:
+        self.control = control
+
+    def buildProtocol(self, addr: Any) -> DataChannelReceiver:
+        """A receiver tied to the migration's control protocol."""
+        return DataChannelReceiver(self.control)
 
 
 # --------------------------------------------------------------------------
@@ -639,8 +804,11 @@ class ImageStreamer:
         on_progress: Callable[[int], None],
         on_done: Callable[[], None],
         on_error: Callable[[ProtocolError], None],
+        sealer: Any = None,
     ) -> None:
         self.transport = transport
+        #: Data channel: seals each frame into a record (on the worker thread).
+        self.sealer = sealer
         self.images = images
         self.chunk_size = chunk_size
         self.executor = executor
@@ -649,7 +817,9 @@ class ImageStreamer:
         self.on_error = on_error
         self.paused = False
         self.stopped = False
-        self._frames_left: Generator[Frame, None, None] = self._frames()
+        self._frames_left: Generator[Frame, None, None] = (
+            self._frames() if sealer is None else self._records(self._frames())
+        )
         self._ready: deque[Frame] = deque()
         self._streams_sent = 0
         self._in_flight = 0
@@ -697,6 +867,17 @@ class ImageStreamer:
             if sent != size:
                 raise ProtocolError(ErrorCode.IO_ERROR, f"{path} shrank during the migration")
             yield [wire.encode(wire.StreamEnd(digest.digest()))], 0, True
+
+    def _records(self, frames: Generator[Frame, None, None]) -> Generator[Frame, None, None]:
+        """The frames sealed into data channel records, one frame per record,
+        and the END record after the last."""
+        ended = 0
+        for buffers, n, ends_stream in frames:
+            sealed = self.sealer.seal(buffers)
+            ended += ends_stream
+            if ended == len(self.images):
+                sealed += self.sealer.end()
+            yield sealed, n, ends_stream
 
     def _request(self) -> None:
         # Guard against re-entry: an inline executor answers within submit().
@@ -769,10 +950,13 @@ class SourceProtocol(FramedProtocol):
         idle_timeout: float = IDLE_TIMEOUT,
         deadline: float = DEADLINE,
         security: Any = None,
+        data_connector: DataConnector | None = None,
     ) -> None:
         super().__init__(clock, idle_timeout, deadline)
         self.session = session
         self.security = security
+        self.data_connector = data_connector or partial(connect_data_channel, clock)
+        self.data_channel: DataChannelSender | None = None
         self.departure = departure
         self.executor_factory = executor_factory
         self.on_progress = on_progress
@@ -789,20 +973,56 @@ class SourceProtocol(FramedProtocol):
 
     def _do_StartStreams(self, effect: s.StartStreams) -> None:
         self.departure.streaming(self.session.migration_id)
+        if self.security is None or not self.session.data_port:
+            self._stream(self.transport, None)
+            return
+        from securemig import records, tls
 
+        # Keyed from this TLS session: only the attested peer can open it.
+        cipher = tls.cipher_suite(self.transport)
+        key = tls.exported(
+            self.transport, records.EXPORTER_LABEL, records.key_length(cipher), self.migration_id()
+        )
+        sealer = records.Sealer(cipher, key, self.migration_id())
+        self.data_channel = DataChannelSender(self)
+
+        def connected(channel: DataChannelSender) -> None:
+            if not self.session.finished:
+                self._stream(channel.out, sealer)
+
+        def failed(f: Failure) -> None:
+            self.fail(
+                ProtocolError(
+                    ErrorCode.CONNECTION_LOST,
+                    f"cannot open the data channel: {f.getErrorMessage()}",
+                )
+            )
+
+        self.data_connector(
+            self.out.getPeer().host, self.session.data_port, self.data_channel
+        ).addCallbacks(connected, failed)
+
+    def _stream(self, transport: Any, sealer: Any) -> None:
         def progress(n: int) -> None:
             self.bytes_sent += n
             self.touch()
             self.on_progress(n)
 
+        def done() -> None:
+            if self.data_channel is not None:
+                self.data_channel.done = True
+                self.data_channel.out.loseConnection()  # after what is queued
+            self.run(self.session.streams_sent())
+
         self.streamer = ImageStreamer(
-            self.transport,
+            transport,
             self.departure.stream_files(),
             self.session.hello.chunk_size,
             self.executor_factory(),
             progress,
-            lambda: self.run(self.session.streams_sent()),
+            done,
             self.fail,
+            sealer,
         )
         self.streamer.start()
 
@@ -856,3 +1076,47 @@ class SourceProtocol(FramedProtocol):
     def _stop_streaming(self) -> None:
         if self.streamer is not None:
             self.streamer.stopProducing()
+        channel = self.data_channel
+        if channel is not None and not channel.done and channel.transport is not None:
+            channel.done = True
+            channel.out.abortConnection()
+
+
+#: Opens the source's data connection: (host, port, protocol) → Deferred(protocol).
+DataConnector = Callable[[str, int, Protocol], Deferred[Any]]
+
+
+def connect_data_channel(reactor: Any, host: str, port: int, proto: Protocol) -> Deferred[Any]:
+    """Connect ``proto`` to a destination's data channel port over TCP."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+
+    endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+    return connectProtocol(endpoint_type(reactor, host, port, timeout=30), proto)
+
+
+class DataChannelSender(Connection):
+    """The source's data connection; it only sends (records, from the
+    :class:`ImageStreamer`).  Losing it before the streams are sent fails
+    the migration."""
+
+    def __init__(self, control: SourceProtocol) -> None:
+        self.control = control
+        self.done = False
+
+    def connectionMade(self) -> None:
+        """Send in large pieces."""
+        tune_transport(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        """The destination never sends on the data channel: a violation."""
+        self.control.fail(ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "bytes on the data channel"))
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        """Cut before the streams were all sent: the migration cannot go on."""
+        if not self.done and not self.control.session.finished:
+            self.control.fail(
+                ProtocolError(
+                    ErrorCode.CONNECTION_LOST,
+                    f"the data channel closed: {reason.getErrorMessage()}",
+                )
+            )

@@ -293,6 +293,8 @@ class DestinationCore:
     next_index: int = 0
     received: int = 0
     total_received: int = 0
+    #: Secure variant: the data channel's port, offered in WELCOME (0: none).
+    data_port: int = 0
 
     def on_hello(self, message: wire.Hello) -> Effects:
         check_hello(message)
@@ -301,7 +303,7 @@ class DestinationCore:
 
     def on_admitted(self, migration_id: bytes) -> Effects:
         self.migration_id = migration_id
-        return [Send(wire.Welcome(migration_id))]
+        return [Send(wire.Welcome(migration_id, self.data_port))]
 
     def on_refused(self, code: ErrorCode, reason: str) -> Effects:
         return [_abort(code, reason), Finished(Outcome.ABORTED, code, reason)]
@@ -564,6 +566,13 @@ class DestinationSession(_Session):
         """Image bytes received so far, over all streams."""
         return self._core.total_received  # type: ignore[no-any-return]
 
+    def offer_data_port(self, port: int) -> None:
+        """Secure variant: offer a data channel on ``port`` in WELCOME
+        (call before :meth:`admitted`)."""
+        if not self.secure:
+            raise ValueError("only the secure variant has a data channel")
+        self._core.data_port = port
+
     _role = "destination"
     _input_for: ClassVar[dict[type, str]] = {
         wire.Hello: "hello",
@@ -648,6 +657,8 @@ class SourceCore:
     migration_id: bytes | None = None
     nonce: Callable[[], bytes] = field(default=lambda: os.urandom(wire.NONCE_SIZE))
     our_nonce: bytes = b""
+    #: Secure variant: the data channel port the destination offered (0: none).
+    data_port: int = 0
     #: Insecure variant with a vTPM: the key material sent in the clear.
     clear_key: bytes | None = None
 
@@ -664,6 +675,7 @@ class SourceCore:
 
     def on_welcome_secure(self, message: wire.Welcome) -> Effects:
         self.migration_id = message.migration_id
+        self.data_port = message.data_port
         self.our_nonce = self.nonce()
         return [Send(wire.Challenge(self.our_nonce))]
 
@@ -812,6 +824,11 @@ class SourceSession(_Session):
     def migration_id(self) -> bytes | None:
         """The id the destination gave this migration, once known."""
         return self._core.migration_id  # type: ignore[no-any-return]
+
+    @property
+    def data_port(self) -> int:
+        """The data channel port the destination offered (0: none)."""
+        return self._core.data_port  # type: ignore[no-any-return]
 
     def start(self) -> Effects:
         """The connection is up: say HELLO."""

@@ -263,18 +263,14 @@ async def migrate(
     session = SourceSession(
         departure.hello(chunk_size), secure=security is not None, clear_key=clear_key
     )
-    timers = {}
-    if idle_timeout is not None:
-        timers["idle_timeout"] = idle_timeout
-    if deadline is not None:
-        timers["deadline"] = deadline
     proto = protocol.SourceProtocol(
         session,
         departure,
         reactor,  # type: ignore[arg-type]
         lambda: protocol.ThreadExecutor(reactor),  # type: ignore[arg-type]
         on_progress,
-        **timers,
+        idle_timeout=protocol.IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
+        deadline=protocol.DEADLINE if deadline is None else deadline,
         security=security,
     )
     endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint

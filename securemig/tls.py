@@ -93,12 +93,29 @@ def peer_names(transport: Any) -> list[str]:
     return list(san.get_values_for_type(x509.DNSName))
 
 
-def channel_binding(transport: Any) -> bytes:
-    """This TLS session's exporter value, for binding quotes to it."""
+def _connection(transport: Any) -> SSL.Connection:
     handle = getattr(transport, "getHandle", lambda: None)()
     if not isinstance(handle, SSL.Connection):
         raise ChannelBindingUnavailable("not a TLS connection")
-    value = handle.export_keying_material(EXPORTER_LABEL, EXPORTER_LENGTH, b"")
-    if value is None or len(value) != EXPORTER_LENGTH:
+    return handle
+
+
+def exported(transport: Any, label: bytes, length: int, context: bytes = b"") -> bytes:
+    """``length`` bytes of this TLS session's exporter (RFC 8446, 7.5)."""
+    value = _connection(transport).export_keying_material(label, length, context)
+    if value is None or len(value) != length:
         raise ChannelBindingUnavailable("TLS exporter unavailable")
     return bytes(value)
+
+
+def channel_binding(transport: Any) -> bytes:
+    """This TLS session's exporter value, for binding quotes to it."""
+    return exported(transport, EXPORTER_LABEL, EXPORTER_LENGTH)
+
+
+def cipher_suite(transport: Any) -> str:
+    """The TLS 1.3 cipher suite this session negotiated (IANA name)."""
+    name = _connection(transport).get_cipher_name()
+    if name is None:
+        raise ChannelBindingUnavailable("no cipher negotiated yet")
+    return str(name)

@@ -89,6 +89,7 @@ class ErrorCode(enum.IntEnum):
     RESUME_FAILED = 17  #: the VM could not be resumed (after commit: at the destination)
     ATTESTATION_FAILED = 18  #: the peer's evidence failed a check (the reason names it)
     KEY_TRANSFER_FAILED = 19  #: the migration key or the wrapped vTPM key was refused
+    RECORD_REFUSED = 20  #: a data channel record failed authentication, or the channel was cut
 
 
 class ProtocolError(Exception):
@@ -314,6 +315,9 @@ class Welcome:
     """Destination → source: HELLO accepted; names this migration."""
 
     migration_id: bytes = wire(Fixed(MIGRATION_ID_SIZE))
+    #: Secure variant: the TCP port of this migration's data channel (see
+    #: :mod:`securemig.records`); 0: images travel on this connection.
+    data_port: int = wire(UInt(2, 65535), default=0)
 
 
 @dataclass(frozen=True)
