@@ -36,7 +36,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from securemig.wire import HEADER, MAX_CONTROL_PAYLOAD, ErrorCode, ProtocolError
+from securemig.wire import HEADER, MAX_CONTROL_PAYLOAD, ByteQueue, ErrorCode, ProtocolError
 
 #: The TLS exporter label of the data channel's key.
 EXPORTER_LABEL = b"EXPORTER-securemig-data-channel"
@@ -127,24 +127,19 @@ class Opener(_Channel):
         super().__init__(tls_cipher, key, migration_id)
         self.max_plaintext = max_plaintext
         self.ended = False
-        self._pieces: list[bytes] = []
-        self._available = 0
+        self._queue = ByteQueue()
         self._header: tuple[Kind, int] | None = None
 
     def feed(self, data: bytes) -> None:
         """Append received bytes."""
-        if data:
-            if self.ended:
-                raise ProtocolError(ErrorCode.RECORD_REFUSED, "data after the END record")
-            self._pieces.append(data)
-            self._available += len(data)
+        if data and self.ended:
+            raise ProtocolError(ErrorCode.RECORD_REFUSED, "data after the END record")
+        self._queue.feed(data)
 
-    def _take(self, n: int) -> bytes:
-        joined = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
-        taken, rest = joined[:n], joined[n:]
-        self._pieces = [rest] if rest else []
-        self._available = len(rest)
-        return taken
+    def _take(self, n: int) -> bytes | memoryview:
+        # A record within one received buffer is decrypted in place.
+        parts = self._queue.take(n)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def next_record(self) -> bytes | None:
         """The plaintext of the next FRAMES record, or None (more bytes
@@ -152,7 +147,7 @@ class Opener(_Channel):
         if self.ended:
             return None
         if self._header is None:
-            if self._available < RECORD_HEADER.size:
+            if self._queue.available < RECORD_HEADER.size:
                 return None
             raw_kind, length = RECORD_HEADER.unpack(self._take(RECORD_HEADER.size))
             if raw_kind not in (Kind.FRAMES, Kind.END):
@@ -164,7 +159,7 @@ class Opener(_Channel):
                 )
             self._header = (Kind(raw_kind), length)
         kind, length = self._header
-        if self._available < length:
+        if self._queue.available < length:
             return None
         sealed = self._take(length)
         self._header = None
@@ -180,7 +175,7 @@ class Opener(_Channel):
             ) from None
         self.sequence += 1
         if kind is Kind.END:
-            if plain or self._available:
+            if plain or self._queue.available:
                 raise ProtocolError(ErrorCode.RECORD_REFUSED, "data after the END record")
             self.ended = True
             return None

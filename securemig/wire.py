@@ -356,6 +356,10 @@ class Data:
     __hash__ = None  # type: ignore[assignment]
 
 
+#: STREAM_END's digest on the data channel, where records are authenticated.
+UNHASHED = bytes(32)
+
+
 @dataclass(frozen=True)
 class StreamEnd:
     """Source → destination: the current stream is complete; its SHA-256."""
@@ -516,6 +520,37 @@ def decode_payload(code: int, payload: bytes) -> Message:
     return message
 
 
+class ByteQueue:
+    """Received bytes kept as a queue of memoryviews and consumed from the
+    front: a byte is never copied while it waits, and never quadratically."""
+
+    def __init__(self) -> None:
+        self._pieces: deque[memoryview] = deque()
+        self.available = 0
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes (kept by reference, not copied)."""
+        if data:
+            self._pieces.append(memoryview(data))
+            self.available += len(data)
+
+    def take(self, n: int) -> list[memoryview]:
+        """Remove exactly ``n`` buffered bytes from the front, as views."""
+        out = []
+        self.available -= n
+        while n:
+            piece = self._pieces[0]
+            if len(piece) <= n:
+                out.append(piece)
+                self._pieces.popleft()
+                n -= len(piece)
+            else:
+                out.append(piece[:n])
+                self._pieces[0] = piece[n:]
+                n = 0
+        return out
+
+
 class FrameDecoder:
     """Turns a byte stream into messages, checking every bound first.
 
@@ -532,53 +567,34 @@ class FrameDecoder:
 
     def __init__(self, max_data: int | None = None) -> None:
         self.max_data = max_data
-        self._pieces: deque[memoryview] = deque()
-        self._available = 0
+        self._queue = ByteQueue()
         self._header: tuple[int, int] | None = None
 
     def feed(self, data: bytes) -> None:
         """Append received bytes (kept by reference, not copied)."""
-        if data:
-            self._pieces.append(memoryview(data))
-            self._available += len(data)
+        self._queue.feed(data)
 
     @property
     def buffered(self) -> int:
         """How many received bytes are not yet returned as messages."""
-        return self._available
+        return self._queue.available
 
     def next_message(self) -> Message | None:
         """The next complete message, or None; raises :class:`ProtocolError`."""
         if self._header is None:
-            if self._available < HEADER.size:
+            if self._queue.available < HEADER.size:
                 return None
-            code, length = HEADER.unpack(b"".join(self._take(HEADER.size)))
+            code, length = HEADER.unpack(b"".join(self._queue.take(HEADER.size)))
             self._check_header(code, length)
             self._header = (code, length)
         code, length = self._header
-        if self._available < length:
+        if self._queue.available < length:
             return None
         self._header = None
-        parts = self._take(length)
+        parts = self._queue.take(length)
         if code == DATA_TYPE:
             return Data(tuple(parts))
         return decode_payload(code, b"".join(parts))
-
-    def _take(self, n: int) -> list[memoryview]:
-        """Remove exactly ``n`` buffered bytes from the front, as views."""
-        out = []
-        self._available -= n
-        while n:
-            piece = self._pieces[0]
-            if len(piece) <= n:
-                out.append(piece)
-                self._pieces.popleft()
-                n -= len(piece)
-            else:
-                out.append(piece[:n])
-                self._pieces[0] = piece[n:]
-                n = 0
-        return out
 
     def _check_header(self, code: int, length: int) -> None:
         if code not in MESSAGES:
