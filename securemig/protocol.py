@@ -492,6 +492,11 @@ class DestinationProtocol(FramedProtocol):
             return False
         self.data_channel = channel
         self._close_data_port()
+        self.log.info(
+            "migration {mid}: data channel from {peer} authenticated",
+            mid=self.migration_id().hex(),
+            peer=channel.out.getPeer(),
+        )
         return True
 
     def stream_message(self, message: wire.Message) -> None:

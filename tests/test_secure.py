@@ -167,9 +167,23 @@ class SecureMigrationTests(SecureBase):
         # released key and has the same EK.
         self.assertEqual(arrived.manifest.vtpm, bundle.manifest.vtpm)
         self.assertEqual(vtpm.identity(arrived.path / vtpm.STATE_DIR, secret), bundle.manifest.vtpm)
+        # The images came on the data channel (AEAD records), not through TLS.
+        self.assertIn("data channel from", destination.log())
         # Each side recorded the other's golden values on first use.
         self.assertIsNotNone(PolicyStore(self.src_policy).get("dest-b"))
         self.assertIsNotNone(PolicyStore(self.dst_policy).get("source-a"))
+
+    def test_images_inside_tls(self) -> None:
+        """A destination started with --tls-data offers no data channel: the
+        images travel inside the TLS connection, checked by SHA-256."""
+        destination = self.start_destination("--tofu", "--tls-data")
+        bundle = self.create_vm("--disk-mib", "2")
+        before = bundle_digests(bundle)
+        result = self.migrate(destination, "--tofu")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        arrived = Bundle.load(destination.state_dir / "vms" / "vm1")
+        self.assertEqual(bundle_digests(arrived), before)
+        self.assertNotIn("data channel from", destination.log())
 
     def test_shared_storage_variant(self) -> None:
         """RAM and vTPM travel; the disk stays on shared storage."""
