@@ -263,10 +263,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Insecure migration against a plain socket copy into "
         "an fsynced file, same data, same run; wall time, CPU, peak RSS.",
     )
-    bench.add_argument("--sizes", default="1024", help="comma-separated MiB (default 1024)")
+    bench.add_argument(
+        "--sizes", default="128,256,512,1024", help="comma-separated MiB (default %(default)s)"
+    )
     bench.add_argument("--repeat", type=int, default=3, help="runs per size (default 3)")
     bench.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
-    bench.add_argument("--json", type=Path, help="write the records here as JSON")
+    bench.add_argument(
+        "--json",
+        type=Path,
+        help="write the records here as JSON, and FILE-records.csv, FILE-report.md and "
+        "FILE-*.png plots beside it",
+    )
+    bench.add_argument(
+        "--variants",
+        default="full",
+        help="full (RAM and disk travel) and/or shared-storage (RAM only); default %(default)s",
+    )
+    bench.add_argument(
+        "--disk-mib",
+        type=int,
+        default=0,
+        help="disk image of each VM (travels in the full variant; on shared storage in "
+        "the other); default: none in the full variant, 64 MiB on shared storage",
+    )
     bench.add_argument(
         "--out", type=Path, help="write records.json, records.csv, report.md and PNG plots here"
     )
@@ -279,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--protocols",
         default="insecure,secure",
-        help="measured besides the plain copy (default %(default)s)",
+        help="measured besides the plain copy: insecure, secure (data channel), secure-tls "
+        "(images inside TLS, as before the data channel); default %(default)s",
     )
     bench.add_argument(
         "--qemu",
@@ -556,6 +576,7 @@ def _report_migration(args: argparse.Namespace, journal: Any, outcome: dict[str,
         "error": f"{finished.code.name}: {finished.reason}" if finished.code else None,
         "migration_id": record.migration_id if record else None,
         "bytes": departure.total_bytes,
+        "wire_bytes": departure.wire_bytes,
         "seconds": round(seconds, 4),
         "throughput_mibps": round(mib / seconds, 1) if seconds > 0 else None,
         "phases": {k: round(v, 4) for k, v in (record.phase_times() if record else {}).items()},
@@ -749,9 +770,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ) or (None,)
     if set(ciphers) - set(CIPHERS) - {None}:
         return _error(f"--ciphers takes {', '.join(CIPHERS)}")
-    unknown = set(protocols) - {"insecure", "secure"}
+    unknown = set(protocols) - set(bench.PROTOCOLS)
     if unknown:
-        return _error(f"unknown protocol(s) {', '.join(sorted(unknown))}: use insecure, secure")
+        return _error(
+            f"unknown protocol(s) {', '.join(sorted(unknown))}: use {', '.join(bench.PROTOCOLS)}"
+        )
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if not variants or set(variants) - set(bench.VARIANTS):
+        return _error(f"--variants takes {', '.join(bench.VARIANTS)}")
+    if not sizes or min(sizes) <= 0 or args.repeat <= 0:
+        return _error("--sizes and --repeat must be positive")
     return bench.run(
         sizes=sizes,
         repeat=args.repeat,
@@ -760,6 +788,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         protocols=protocols,
         out=args.out,
         ciphers=ciphers,
+        variants=variants,
+        disk_mib=args.disk_mib,
     )
 
 

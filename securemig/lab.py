@@ -93,10 +93,11 @@ class Lab:
         host: str = DESTINATION,
         cipher: str | None = None,
         backend: str = "image",
+        extra: tuple[str, ...] = (),
     ) -> processes.Destination:
         """A ``twistd securemig`` for ``host`` (dest-b by default), secure and
-        insecure listeners.  With ``keep`` the lab ends it at :meth:`stop`;
-        else the caller does."""
+        insecure listeners, ``extra`` options.  With ``keep`` the lab ends it
+        at :meth:`stop`; else the caller does."""
         name = "destination" if host == DESTINATION else f"destination-{host}"
         state = self.work / name
         state.mkdir(exist_ok=True)
@@ -118,6 +119,7 @@ class Lab:
             *(["--tls-cipher", cipher] if cipher else []),
             "--backend",
             backend,
+            *extra,
             port_file=self.work / f"{name}.port",
             log_file=self.work / f"{name}.log",
         )
@@ -139,6 +141,7 @@ class Lab:
         disk_mib: int | None,
         secure: bool,
         backend: str = "image",
+        shared_disk: Path | None = None,
     ) -> Bundle:
         """A VM at the source; with ``secure``, a vTPM whose key is sealed to
         the source's TPM; with ``backend="qemu"``, a QEMU guest, started."""
@@ -158,6 +161,8 @@ class Lab:
             name,
             size_mib,
             disk_mib=disk_mib,
+            shared_disk=shared_disk,
+            owner=SOURCE if shared_disk else None,
             sealed_vtpm_key=sealed,
             vtpm=vtpm,
             backend=backend,
@@ -185,6 +190,7 @@ class Lab:
         vm_dir: Path | None = None,
         source: str = SOURCE,
         to: str = DESTINATION,
+        extra: tuple[str, ...] = (),
     ) -> Any:
         """Run ``securemig migrate`` as a process on behalf of ``source``;
         returns (summary, usage).  The insecure variant gets the identity too,
@@ -208,6 +214,7 @@ class Lab:
             str(self.work / source),
         ]
         args += ["--destination-name", to, "--tofu"] if secure else ["--insecure"]
+        args += extra
         with tempfile.TemporaryFile() as errors:
             process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=errors, text=True)
             assert process.stdout is not None
@@ -236,6 +243,8 @@ class Lab:
             finally:
                 dest.tpm.close()
                 source.tpm.close()
+        if arrived.manifest.shared_disk:
+            storage.set_disk_owner(Path(arrived.manifest.shared_disk), SOURCE)
         arrived.manifest.state = "suspended"
         arrived.save()
         storage.rename_durably(arrived.path, self.vm_dir / name)

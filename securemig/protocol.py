@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import sys
 from collections import deque
 from collections.abc import Callable, Generator
 from functools import partial
@@ -164,6 +165,34 @@ def tune_transport(transport: Any) -> None:
         if hasattr(candidate, "SEND_LIMIT") and hasattr(candidate, "bufferSize"):
             candidate.bufferSize = TRANSPORT_IO_SIZE
             candidate.SEND_LIMIT = TRANSPORT_IO_SIZE
+
+
+def tcp_bytes_acked(transport: Any) -> int | None:
+    """Bytes this TCP connection sent that the peer acknowledged (Linux
+    ``TCP_INFO`` ``tcpi_bytes_acked``), under TLS too: what crossed the
+    wire, TLS records and all, without retransmissions.  None elsewhere."""
+    import socket
+
+    for candidate in (transport, getattr(transport, "transport", None)):
+        try:
+            # A closed Twisted TCP transport has no socket any more.
+            handle = getattr(candidate, "getHandle", lambda: None)()
+        except AttributeError:
+            return None
+        if isinstance(handle, socket.socket) and hasattr(socket, "TCP_INFO"):
+            try:
+                info = handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+            except OSError:
+                return None
+            if len(info) >= TCP_INFO_BYTES_ACKED + 8:
+                return int.from_bytes(
+                    info[TCP_INFO_BYTES_ACKED : TCP_INFO_BYTES_ACKED + 8], sys.byteorder
+                )
+    return None
+
+
+#: Offset of ``tcpi_bytes_acked`` (u64) in Linux's ``struct tcp_info`` (since 4.1).
+TCP_INFO_BYTES_ACKED = 120
 
 
 class Connection(Protocol):
@@ -975,6 +1004,9 @@ class SourceProtocol(FramedProtocol):
         self.finished: Deferred[s.Finished] = Deferred()
         self.rolled_back: Deferred[None] | None = None
         self.bytes_sent = 0
+        #: TCP payload bytes acknowledged by the destination, both
+        #: connections, when the session finished (None where unknown).
+        self.wire_bytes: int | None = None
 
     def connectionMade(self) -> None:
         """Say HELLO."""
@@ -1021,8 +1053,8 @@ class SourceProtocol(FramedProtocol):
 
         def done() -> None:
             if self.data_channel is not None:
+                # Kept open until the end, to count its bytes on the wire.
                 self.data_channel.done = True
-                self.data_channel.out.loseConnection()  # after what is queued
             self.run(self.session.streams_sent())
 
         self.streamer = ImageStreamer(
@@ -1077,20 +1109,31 @@ class SourceProtocol(FramedProtocol):
         self.rolled_back = self.departure.rollback()
 
     def _do_Finished(self, effect: s.Finished) -> None:
-        self._stop_streaming()
-        super()._do_Finished(effect)
-        self.departure.finish(effect, self.bytes_sent)
-        # Report the end only once the VM is back where it was (a resume).
-        rolled_back = self.rolled_back or succeed(None)
-        rolled_back.addBoth(lambda _: self.finished.callback(effect))
+        try:
+            counts = [tcp_bytes_acked(self.transport)]
+            if self.data_channel is not None:
+                counts.append(tcp_bytes_acked(self.data_channel.transport))
+            self.wire_bytes = None if None in counts else sum(c or 0 for c in counts)
+            self._stop_streaming()
+            super()._do_Finished(effect)
+            self.departure.finish(effect, self.bytes_sent)
+        finally:
+            # Whatever failed above, the caller must learn the outcome (nothing
+            # else would: the session has ended).  Report it only once the VM
+            # is back where it was (a resume).
+            rolled_back = self.rolled_back or succeed(None)
+            rolled_back.addBoth(lambda _: self.finished.callback(effect))
 
     def _stop_streaming(self) -> None:
         if self.streamer is not None:
             self.streamer.stopProducing()
         channel = self.data_channel
-        if channel is not None and not channel.done and channel.transport is not None:
-            channel.done = True
-            channel.out.abortConnection()
+        if channel is not None and channel.transport is not None and channel.connected:
+            if channel.done:
+                channel.out.loseConnection()
+            else:
+                channel.done = True
+                channel.out.abortConnection()
 
 
 #: Opens the source's data connection: (host, port, protocol) → Deferred(protocol).

@@ -58,6 +58,8 @@ class Departure:
         #: Secure shared-storage variant: the host the shared disk passes to.
         self.disk_successor: str | None = None
         self.id = ""
+        #: TCP payload bytes the destination acknowledged (see protocol.tcp_bytes_acked).
+        self.wire_bytes: int | None = None
         self.peer = peer
         self.protocol = protocol
 
@@ -293,6 +295,7 @@ async def migrate(
         )
         raise ConnectFailed(f"cannot connect to {to}: {e}") from None
     result = await proto.finished
+    departure.wire_bytes = proto.wire_bytes
     return departure, result
 
 

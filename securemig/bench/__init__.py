@@ -1,22 +1,24 @@
 """
 ``securemig bench``: what a migration costs, against a plain copy.
 
-For each size and repeat, in the same run and over the same file:
+A lab of two enrolled swtpm hosts (:mod:`securemig.lab`) moves the same VM
+(RAM image of each size, a vTPM, with ``--disk-mib`` a disk) between real
+``securemig migrate`` and ``twistd securemig`` processes, a fresh
+destination per run.  For each size, variant and repeat, in one run:
 
 - ``plain-copy``: :mod:`securemig.bench.plaincopy` sends the RAM image
   through a loopback socket into an fsynced file (the floor);
-- ``insecure``: a real ``twistd securemig`` destination and a real
-  ``securemig migrate --insecure`` source move the same VM.
+- ``insecure``: the insecure twin (plain TCP; the vTPM key in the clear);
+- ``secure``: mutual TLS 1.3, attestation both ways, key release, images
+  on the data channel (per ``--ciphers``, ``secure-CIPHER``);
+- ``secure-tls`` (on request): the same with the images inside TLS, as
+  before the data channel existed.
 
-With ``--protocols secure`` (the default runs both) a lab of two enrolled
-swtpm hosts (:mod:`securemig.lab`) runs the secure variant too, on a VM
-with a vTPM; its numbers are then directly comparable with the insecure
-twin's of the same size in the same run.
-
-Each run records wall time, CPU seconds (user + system) and peak RSS of each
-process (from ``wait4``), bytes and throughput.  Runs alternate between the
-two so a noisy machine hurts both alike; the report gives medians and the
-ratio to the baseline measured in the same invocation.
+Each run records wall time per phase (from the source's journal) and in
+total, CPU seconds (user + system) and peak RSS of each process, bytes
+moved and bytes on the wire (TCP_INFO), and throughput.  Runs alternate so a
+noisy machine hurts every protocol alike; the report gives medians, min-max
+and the ratios that matter, and checks the performance targets.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 from tqdm import tqdm
 
 from securemig import processes
-from securemig.bundle import Bundle, create_image_vm
+from securemig.bundle import create_image_vm
 
 
 def _plain_copy(work: Path, image: Path) -> dict[str, Any]:
@@ -68,50 +70,6 @@ def _plain_copy(work: Path, image: Path) -> dict[str, Any]:
     size = image.stat().st_size
     out.unlink()
     return _record("plain-copy", size, total, {}, send_usage, recv_usage)
-
-
-def _migration(work: Path, vm_dir: Path, name: str, size: int) -> dict[str, Any]:
-    state = work / "dst"
-    shutil.rmtree(state, ignore_errors=True)
-    destination = processes.start_destination(state)
-    try:
-        started = time.monotonic()
-        source = subprocess.Popen(
-            [
-                processes.script("securemig"),
-                "migrate",
-                name,
-                "--vm-dir",
-                str(vm_dir),
-                "--to",
-                destination.address,
-                "--insecure",
-                "--json",
-                "--no-progress",
-                "--state-dir",
-                str(work / "src-state"),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        out = source.stdout.read() if source.stdout else ""
-        src_usage = processes.wait_process(source)
-        total = time.monotonic() - started
-    finally:
-        dst_usage = destination.stop()
-    if src_usage.status != 0:
-        raise RuntimeError(f"migration failed: {out}")
-    summary = json.loads(out)
-    src_usage.peak_rss_mib = summary["peak_rss_mib"]
-    # Put the VM back for the next run: same bytes, same file system.
-    arrived = Bundle.load(state / "vms" / name)
-    arrived.manifest.state = "suspended"
-    arrived.save()
-    arrived.path.rename(vm_dir / name)
-    record = _record("insecure", size, total, summary["phases"], src_usage, dst_usage)
-    # The same run without the source interpreter's start-up (~0.3 s of imports).
-    record["in_process_s"] = summary["seconds"]
-    return record
 
 
 def _record(
@@ -152,14 +110,14 @@ def _idle_destination(work: Path) -> dict[str, Any]:
 
 def _summarise(records: list[dict[str, Any]]) -> list[str]:
     lines = [
-        f"{'size':>6} {'protocol':<16} {'time s':>8} {'x plain':>8} {'in-proc':>8} {'MiB/s':>7} "
+        f"{'size':>6} {'protocol':<20} {'time s':>8} {'x plain':>8} {'in-proc':>8} {'MiB/s':>7} "
         f"{'CPU src':>8} {'CPU dst':>8} {'RSS src':>8} {'RSS dst':>8}",
     ]
     for size in sorted({r["size_mib"] for r in records if r["size_mib"]}):
         runs = [r for r in records if r["size_mib"] == size]
-        base = statistics.median(r["total_s"] for r in runs if r["protocol"] == "plain-copy")
+        base = statistics.median(r["total_s"] for r in runs if series(r) == "plain-copy")
         for protocol in protocols_of(records):
-            rs = [r for r in runs if r["protocol"] == protocol]
+            rs = [r for r in runs if series(r) == protocol]
             if not rs:
                 continue
             med = statistics.median(r["total_s"] for r in rs)
@@ -170,44 +128,84 @@ def _summarise(records: list[dict[str, Any]]) -> list[str]:
             inproc = [r["in_process_s"] for r in rs if "in_process_s" in r]
             inproc_ratio = f"{statistics.median(inproc) / base:>8.2f}" if inproc else f"{'':>8}"
             lines.append(
-                f"{size:>5}M {protocol:<16} {med:>8.3f} {med / base:>8.2f} {inproc_ratio} "
+                f"{size:>5}M {protocol:<20} {med:>8.3f} {med / base:>8.2f} {inproc_ratio} "
                 f"{size / med:>7.0f} {m('cpu_s', 'source'):>8.2f} "
                 f"{m('cpu_s', 'destination'):>8.2f} {m('peak_rss_mib', 'source'):>7.1f}M "
                 f"{m('peak_rss_mib', 'destination'):>7.1f}M"
             )
         medians = {
-            p: statistics.median(r["in_process_s"] for r in runs if r["protocol"] == p)
+            p: statistics.median(r["in_process_s"] for r in runs if series(r) == p)
             for p in protocols_of(records)
-            if p != "plain-copy" and any(r["protocol"] == p for r in runs)
+            if p != "plain-copy" and any(series(r) == p for r in runs)
         }
         for p in medians:
-            if p.startswith("secure") and "insecure" in medians:
-                lines.append(f"{size:>5}M {p}/insecure: {medians[p] / medians['insecure']:.2f}")
+            twin = insecure_twin(p)
+            if p.startswith("secure") and twin in medians:
+                lines.append(f"{size:>5}M {p} / {twin}: {medians[p] / medians[twin]:.2f}")
     return lines
 
 
+def series(record: dict[str, Any]) -> str:
+    """A record's line in tables and plots: the protocol (``secure-CIPHER``
+    with ``--ciphers``), ``/shared`` for the shared-storage variant."""
+    suffix = "/shared" if record.get("variant") == "shared-storage" else ""
+    return f"{record['protocol']}{suffix}"
+
+
+def insecure_twin(label: str) -> str:
+    """The insecure series a secure one is compared with (same variant)."""
+    return "insecure/shared" if label.endswith("/shared") else "insecure"
+
+
 def protocols_of(records: list[dict[str, Any]]) -> list[str]:
-    """The protocols measured, in table order (``secure-CIPHER`` after ``secure``)."""
-    present = {r["protocol"] for r in records if r["size_mib"]}
-    order = ["plain-copy", "insecure", "secure"]
+    """The series measured, in table order: plain copy, insecure, secure
+    (``secure-CIPHER`` after it), each variant in turn."""
+    present = {series(r) for r in records if r["size_mib"]}
+    order = ["plain-copy", "insecure", "secure", "secure-tls"]
+    order += [f"{p}/shared" for p in order[1:]]
     return [p for p in order if p in present] + sorted(present - set(order))
 
 
-def _secure_migration(lab: Any, name: str, size: int, cipher: str | None) -> dict[str, Any]:
-    destination = lab.start_destination(keep=False, cipher=cipher)
+def _lab_migration(
+    lab: Any, name: str, size: int, protocol: str, cipher: str | None, variant: str
+) -> dict[str, Any]:
+    """One migration between the lab's two hosts, with a fresh destination
+    process (so its CPU and peak RSS are this migration's)."""
+    secure = protocol != "insecure"
+    extra = ("--tls-data",) if protocol == "secure-tls" else ()
+    destination = lab.start_destination(keep=False, cipher=cipher, extra=extra)
     try:
         started = time.monotonic()
-        summary, src_usage = lab.migrate(destination, name, secure=True)
+        summary, src_usage = lab.migrate(
+            destination,
+            name,
+            secure=secure,
+            extra=("--shared-storage",) if variant == "shared-storage" else (),
+        )
         total = time.monotonic() - started
         src_usage.peak_rss_mib = summary["peak_rss_mib"]
     finally:
         dst_usage = destination.stop()
     lab.return_vm(destination, name)
-    protocol = f"secure-{cipher}" if cipher else "secure"
-    record = _record(protocol, size, total, summary["phases"], src_usage, dst_usage)
-    record["cipher"] = cipher
-    record["in_process_s"] = summary["seconds"]
+    label = f"{protocol}-{cipher}" if cipher else protocol
+    record = _record(label, size, total, summary["phases"], src_usage, dst_usage)
+    record.update(
+        variant=variant,
+        cipher=cipher if secure else None,
+        in_process_s=summary["seconds"],
+        bytes=summary["bytes"],
+        wire_bytes=summary.get("wire_bytes"),
+        throughput_mibps=round(summary["bytes"] / (1 << 20) / total, 1),
+    )
+    streams = summary["phases"].get("streams")
+    if streams:
+        record["stream_mibps"] = round(summary["bytes"] / (1 << 20) / streams, 1)
     return record
+
+
+#: What ``--protocols`` may name besides the plain copy.
+PROTOCOLS = ("insecure", "secure", "secure-tls")
+VARIANTS = ("full", "shared-storage")
 
 
 def run(
@@ -218,14 +216,21 @@ def run(
     protocols: tuple[str, ...] = ("insecure", "secure"),
     out: Path | None = None,
     ciphers: tuple[str | None, ...] = (None,),
+    variants: tuple[str, ...] = ("full",),
+    disk_mib: int = 0,
 ) -> int:
-    """Run the benchmark and print its table (and, with ``out``, write the
-    records, a report and plots there); returns an exit status."""
+    """Run the benchmark and print its table; with ``json_path`` write the
+    records there and the CSV, report and plots beside it (with ``out``, in
+    that directory).  Returns an exit status."""
     from securemig.lab import Lab
 
+    # Where the outputs go must exist before an hour of measuring, not after.
+    for directory in (out, json_path.parent if json_path else None):
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-", dir=work_dir))
     records: list[dict[str, Any]] = []
-    lab = None
+    lab = Lab(work / "lab")
     try:
         idle = _idle_destination(work)
         records.append(idle)
@@ -234,33 +239,38 @@ def run(
             f"peak RSS {idle['peak_rss_mib']['destination']:.1f} MiB",
             file=sys.stderr,
         )
-        secure_runs = len(ciphers) if "secure" in protocols else 0
-        total_runs = len(sizes) * repeat * (1 + ("insecure" in protocols) + secure_runs)
+        per_variant = sum(len(ciphers) if p.startswith("secure") else 1 for p in protocols)
         progress = tqdm(
-            total=total_runs,
+            total=len(sizes) * repeat * (1 + len(variants) * per_variant),
             unit="run",
             desc="bench",
             file=sys.stderr,
             disable=not sys.stderr.isatty(),
         )
-        if "secure" in protocols:
-            print("setting up two enrolled hosts with swtpm TPMs ...", file=sys.stderr)
-            lab = Lab(work / "lab")
-            lab.start()
+        print("setting up two enrolled hosts with swtpm TPMs ...", file=sys.stderr)
+        lab.start()
         for size in sizes:
-            vm_dir = work / "src"
-            name = f"bench-{size}"
             print(f"creating {size} MiB VMs ...", file=sys.stderr)
-            bundle = create_image_vm(vm_dir, name, size)
+            plain = create_image_vm(work / "plain", f"plain-{size}", size)
             steps: list[Callable[[], dict[str, Any]]] = [
-                partial(_plain_copy, work, bundle.image_path("ram"))
+                partial(_plain_copy, work, plain.image_path("ram"))
             ]
-            if "insecure" in protocols:
-                steps.append(partial(_migration, work, vm_dir, name, size << 20))
-            if lab is not None:
-                lab.create_vm(name, size, None, secure=True)
-                for cipher in ciphers:
-                    steps.append(partial(_secure_migration, lab, name, size << 20, cipher))
+            names = []
+            for variant in variants:
+                name = f"bench-{size}-{variant}"
+                names.append(name)
+                shared = None
+                if variant == "shared-storage":
+                    (work / "shared").mkdir(exist_ok=True)
+                    shared = work / "shared" / f"{name}.disk"
+                lab.create_vm(name, size, disk_mib or None, secure=True, shared_disk=shared)
+                for protocol in protocols:
+                    for cipher in ciphers if protocol.startswith("secure") else (None,):
+                        steps.append(
+                            partial(
+                                _lab_migration, lab, name, size << 20, protocol, cipher, variant
+                            )
+                        )
             for i in range(repeat):
                 for step in steps:  # alternate, so noise hurts every protocol alike
                     record = step()
@@ -269,23 +279,26 @@ def run(
                     progress.update(1)
                     progress.write(
                         f"  {size} MiB run {i + 1}/{repeat} {record['protocol']:<16} "
-                        f"{record['total_s']:.3f} s",
+                        f"{record['variant']:<14} {record['total_s']:.3f} s",
                         file=sys.stderr,
                     )
-            shutil.rmtree(vm_dir / name)
-            if lab is not None:
+            shutil.rmtree(plain.path)
+            for name in names:
                 shutil.rmtree(lab.vm_dir / name)
+            shutil.rmtree(work / "shared", ignore_errors=True)
         progress.close()
     finally:
-        if lab is not None:
-            lab.stop()
+        lab.stop()
         shutil.rmtree(work, ignore_errors=True)
+    from securemig.bench.report import write_all
+
     if json_path is not None:
         json_path.write_text(json.dumps(records, indent=2))
-    if out is not None:
-        from securemig.bench.report import write_all
-
-        for path in write_all(records, out):
+        print(f"wrote {json_path}", file=sys.stderr)
+    if out is not None or json_path is not None:
+        directory = out if out is not None else json_path.parent  # type: ignore[union-attr]
+        prefix = "" if out is not None else f"{json_path.stem}-"  # type: ignore[union-attr]
+        for path in write_all(records, directory, prefix):
             print(f"wrote {path}", file=sys.stderr)
     print("\n".join(_summarise(records)))
     print(
@@ -293,6 +306,6 @@ def run(
         "copy's median;\nin-proc: the same ratio without the source interpreter's start-up; "
         "CPU: per process, from wait4; RSS: its VmHWM (the destination's include its own "
         "start-up).\n"
-        "secure/insecure: ratio of the in-process medians, same size, same run."
+        "secure/insecure: ratio of the in-process medians, same size, same variant, same run."
     )
     return 0
