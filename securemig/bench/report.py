@@ -215,11 +215,18 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
     idle = median(
         [r["cpu_s"]["destination"] for r in records if r["protocol"] == "idle-destination"]
     )
+    plain = median(
+        [
+            (r["cpu_s"]["source"] + r["cpu_s"]["destination"]) / (r["size_mib"] / 1024)
+            for r in _runs(records, big, "plain-copy")
+        ]
+    )
     if cpu is not None:
         net = f"; {cpu - (idle or 0) / (big / 1024):.2f} without the destination's start-up"
+        floor = f"; the plain copy alone: {plain:.2f} s/GiB" if plain else ""
         row(
             "secure CPU, both sides, ≤ 2.0 s/GiB",
-            f"{cpu:.2f} s/GiB at {big} MiB (whole processes){net if idle else ''}",
+            f"{cpu:.2f} s/GiB at {big} MiB (whole processes){net if idle else ''}{floor}",
             cpu <= 2.0,
         )
     if 1024 in sizes and 4096 in sizes:
