@@ -275,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
         "FILE-*.png plots beside it",
     )
     bench.add_argument(
+        "--link-mbit",
+        type=int,
+        help="root only: run the destination side in a network namespace behind a veth "
+        "link limited to N Mbit/s (tc tbf), instead of loopback",
+    )
+    bench.add_argument(
         "--variants",
         default="full",
         help="full (RAM and disk travel) and/or shared-storage (RAM only); default %(default)s",
@@ -780,17 +786,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _error(f"--variants takes {', '.join(bench.VARIANTS)}")
     if not sizes or min(sizes) <= 0 or args.repeat <= 0:
         return _error("--sizes and --repeat must be positive")
-    return bench.run(
-        sizes=sizes,
-        repeat=args.repeat,
-        work_dir=args.dir,
-        json_path=args.json,
-        protocols=protocols,
-        out=args.out,
-        ciphers=ciphers,
-        variants=variants,
-        disk_mib=args.disk_mib,
-    )
+    from securemig.bench.link import LinkError
+
+    try:
+        return bench.run(
+            sizes=sizes,
+            repeat=args.repeat,
+            work_dir=args.dir,
+            json_path=args.json,
+            protocols=protocols,
+            out=args.out,
+            ciphers=ciphers,
+            variants=variants,
+            disk_mib=args.disk_mib,
+            link_mbit=args.link_mbit,
+        )
+    except LinkError as e:
+        return _error(str(e))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,13 @@ class Lab:
     """Two enrolled hosts in ``work``; :meth:`start` builds them, :meth:`stop`
     ends every process."""
 
-    def __init__(self, work: Path, say: Callable[..., None] = lambda *a: None) -> None:
+    def __init__(
+        self, work: Path, say: Callable[..., None] = lambda *a: None, link: Any = None
+    ) -> None:
         self.work = work
         self.say = say
+        #: With a :class:`~securemig.bench.link.Link`, destinations run behind it.
+        self.link = link
         self.vm_dir = work / "vms"
         self._stops: list[Callable[[], object]] = []
 
@@ -49,7 +53,9 @@ class Lab:
         tctis = {}
         for host in (SOURCE, DESTINATION):
             swtpm.provision(work / f"tpm-{host}", vendor)
-            tpm = swtpm.start(work / f"tpm-{host}")
+            # Behind a link, the destination reaches its TPM across it.
+            tpm_ip = self.link.host_ip if self._behind_link(host) else "127.0.0.1"
+            tpm = swtpm.start(work / f"tpm-{host}", host=tpm_ip)
             self._stops.append(tpm.stop)
             tctis[host] = tpm.tcti
         self.say(
@@ -76,6 +82,13 @@ class Lab:
                 f"   host {host}: TLS certificate, AK, enrolled (EK certificate checked, "
                 f"credential activated) in {time.monotonic() - t:.2f} s"
             )
+
+    def _behind_link(self, host: str) -> bool:
+        return self.link is not None and host == DESTINATION
+
+    def address_of(self, host: str) -> str:
+        """The IP address ``host``'s destination listens on."""
+        return str(self.link.ns_ip) if self._behind_link(host) else "127.0.0.1"
 
     def on_stop(self, stop: Callable[[], object]) -> None:
         """Also do this when the lab stops (before its own processes end)."""
@@ -110,9 +123,9 @@ class Lab:
             "--identity",
             str(self.work / host),
             "--listen",
-            "tcp:0:interface=127.0.0.1",
+            f"tcp:0:interface={self.address_of(host)}",
             "--insecure-listen",
-            "tcp:0:interface=127.0.0.1",
+            f"tcp:0:interface={self.address_of(host)}",
             "--insecure-port-file",
             str(insecure_port_file),
             "--tofu",
@@ -122,6 +135,7 @@ class Lab:
             *extra,
             port_file=self.work / f"{name}.port",
             log_file=self.work / f"{name}.log",
+            wrapper=self.link.wrapper if self._behind_link(host) else (),
         )
         destination = processes.Destination(process, port, state, self.work / f"{name}.log")
         # The two listeners bind independently: wait for the second as well.
@@ -205,7 +219,7 @@ class Lab:
             "--vm-dir",
             str(vm_dir or self.vm_dir),
             "--to",
-            f"127.0.0.1:{port}",
+            f"{self.address_of(to)}:{port}",
             "--json",
             "--no-progress",
             "--state-dir",

@@ -39,15 +39,21 @@ from tqdm import tqdm
 
 from securemig import processes
 from securemig.bundle import create_image_vm
+from securemig.lab import DESTINATION
 
 
-def _plain_copy(work: Path, image: Path) -> dict[str, Any]:
+def _plain_copy(work: Path, image: Path, lab: Any) -> dict[str, Any]:
     port_file = work / "plain.port"
     out = work / "plain.out"
     port_file.unlink(missing_ok=True)
     py = [sys.executable, "-m", "securemig.bench.plaincopy"]
+    # Where a destination would be: behind the link, if there is one.
+    address = lab.address_of(DESTINATION)
+    wrapper = lab.link.wrapper if lab.link is not None else ()
     receiver = subprocess.Popen(
-        [*py, "recv", str(port_file), str(out)], stdout=subprocess.PIPE, text=True
+        [*wrapper, *py, "recv", str(port_file), str(out), address],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     while not port_file.exists():
         if receiver.poll() is not None:
@@ -55,7 +61,9 @@ def _plain_copy(work: Path, image: Path) -> dict[str, Any]:
         time.sleep(0.01)
     started = time.monotonic()
     sender = subprocess.Popen(
-        [*py, "send", port_file.read_text(), str(image)], stdout=subprocess.PIPE, text=True
+        [*py, "send", port_file.read_text(), str(image), address],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     # Read each one's report of its peak memory, then reap it with wait4 (CPU).
     assert sender.stdout is not None and receiver.stdout is not None
@@ -218,6 +226,7 @@ def run(
     ciphers: tuple[str | None, ...] = (None,),
     variants: tuple[str, ...] = ("full",),
     disk_mib: int = 0,
+    link_mbit: int | None = None,
 ) -> int:
     """Run the benchmark and print its table; with ``json_path`` write the
     records there and the CSV, report and plots beside it (with ``out``, in
@@ -228,9 +237,19 @@ def run(
     for directory in (out, json_path.parent if json_path else None):
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
+    link = None
+    if link_mbit is not None:
+        from securemig.bench.link import Link
+
+        link = Link(link_mbit)
+        print(
+            f"destination side in network namespace {link.namespace}, behind a "
+            f"{link_mbit} Mbit/s veth link (tbf)",
+            file=sys.stderr,
+        )
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-", dir=work_dir))
     records: list[dict[str, Any]] = []
-    lab = Lab(work / "lab")
+    lab = Lab(work / "lab", link=link)
     try:
         idle = _idle_destination(work)
         records.append(idle)
@@ -253,7 +272,7 @@ def run(
             print(f"creating {size} MiB VMs ...", file=sys.stderr)
             plain = create_image_vm(work / "plain", f"plain-{size}", size)
             steps: list[Callable[[], dict[str, Any]]] = [
-                partial(_plain_copy, work, plain.image_path("ram"))
+                partial(_plain_copy, work, plain.image_path("ram"), lab)
             ]
             names = []
             for variant in variants:
@@ -289,7 +308,11 @@ def run(
         progress.close()
     finally:
         lab.stop()
+        if link is not None:
+            link.close()
         shutil.rmtree(work, ignore_errors=True)
+    for record in records:
+        record["link_mbit"] = link_mbit
     from securemig.bench.report import write_all
 
     if json_path is not None:

@@ -119,17 +119,17 @@ def provision(state_dir: Path, ca_dir: Path, key: bytes | None = None) -> None:
         )
 
 
-def _free_port_pair() -> int:
+def _free_port_pair(host: str = "127.0.0.1") -> int:
     """A port P with P and P+1 free: the swtpm TCTI expects control on P+1."""
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             port = int(s.getsockname()[1])
         if port >= 65535:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
-                s.bind(("127.0.0.1", port + 1))
+                s.bind((host, port + 1))
             except OSError:
                 continue
         return port
@@ -143,11 +143,12 @@ class Swtpm:
     port: int
     ctrl_port: int
     state_dir: Path
+    host: str = "127.0.0.1"
 
     @property
     def tcti(self) -> str:
         """The TCTI string to open this TPM with."""
-        return f"swtpm:host=127.0.0.1,port={self.port}"
+        return f"swtpm:host={self.host},port={self.port}"
 
     def stop(self) -> None:
         """End the process by its pid (SIGTERM, then SIGKILL)."""
@@ -160,22 +161,23 @@ class Swtpm:
                 self.process.wait()
 
 
-def start(state_dir: Path, key: bytes | None = None) -> Swtpm:
-    """Run the TPM in ``state_dir`` on free loopback ports until
-    :meth:`Swtpm.stop`; ``key`` decrypts an encrypted state."""
+def _socket_argv(state_dir: Path) -> list[str]:
+    """``swtpm socket`` for a TPM 2.0 whose state is in ``state_dir``."""
+    return [_tool("swtpm"), "socket", "--tpm2", "--tpmstate", f"dir={state_dir}"]
+
+
+def start(state_dir: Path, key: bytes | None = None, host: str = "127.0.0.1") -> Swtpm:
+    """Run the TPM in ``state_dir`` on free ports of ``host`` (loopback by
+    default) until :meth:`Swtpm.stop`; ``key`` decrypts an encrypted state."""
     for _ in range(5):  # a port chosen free can be taken before swtpm binds it
-        port = _free_port_pair()
+        port = _free_port_pair(host)
         ctrl = port + 1
         argv = [
-            _tool("swtpm"),
-            "socket",
-            "--tpm2",
-            "--tpmstate",
-            f"dir={state_dir}",
+            *_socket_argv(state_dir),
             "--server",
-            f"type=tcp,port={port},bindaddr=127.0.0.1",
+            f"type=tcp,port={port},bindaddr={host}",
             "--ctrl",
-            f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
+            f"type=tcp,port={ctrl},bindaddr={host}",
             "--flags",
             "not-need-init,startup-clear",
         ]
@@ -197,8 +199,8 @@ def start(state_dir: Path, key: bytes | None = None) -> Swtpm:
         deadline = time.monotonic() + START_TIMEOUT
         while process.poll() is None and time.monotonic() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                return Swtpm(process, port, ctrl, state_dir)
+                socket.create_connection((host, port), timeout=0.5).close()
+                return Swtpm(process, port, ctrl, state_dir, host)
             except OSError:
                 time.sleep(0.02)
         if process.poll() is None:
@@ -223,11 +225,7 @@ def start_for_qemu(
     ctrl_socket.unlink(missing_ok=True)
     fds = (_key_pipe(key),) + (() if migration_key is None else (_key_pipe(migration_key),))
     argv = [
-        _tool("swtpm"),
-        "socket",
-        "--tpm2",
-        "--tpmstate",
-        f"dir={state_dir}",
+        *_socket_argv(state_dir),
         "--ctrl",
         f"type=unixio,path={ctrl_socket}",
         "--key",
