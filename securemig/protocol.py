@@ -21,6 +21,12 @@ Data path, and why it looks like this:
   in the same pass.  When more than ``high_water`` bytes are queued the
   destination pauses the transport, so TCP's window pushes back on the
   source and memory is bounded by the window, not by the image.
+- Secure variant: the images go on a data channel of their own
+  (:class:`DataChannelSender` → :class:`DataChannelReceiver`), sealed into
+  AEAD records by :mod:`securemig.records` on the source's reader thread;
+  Twisted's TLS would cost a Python round trip per 16 KiB record.  The
+  destination opens records on the reactor thread and hands their frames to
+  the same session as if they had come on the control connection.
 """
 
 from __future__ import annotations
