@@ -260,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="measure secure and insecure migration against a plain copy",
-        description="Insecure migration against a plain socket copy into "
-        "an fsynced file, same data, same run; wall time, CPU, peak RSS.",
+        description="Secure and insecure migrations between two enrolled swtpm hosts "
+        "against a plain socket copy into an fsynced file, same data, same run: wall time "
+        "per phase, CPU and peak RSS of each side, bytes on the wire; a report of the "
+        "ratios and targets.  See doc/performance.rst.",
     )
     bench.add_argument(
         "--sizes", default="128,256,512,1024", help="comma-separated MiB (default %(default)s)"
@@ -271,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--json",
         type=Path,
-        help="write the records here as JSON, and FILE-records.csv, FILE-report.md and "
-        "FILE-*.png plots beside it",
+        help="write the records here as JSON (e.g. out.json), and out-records.csv, "
+        "out-report.md and out-*.png plots beside it",
     )
     bench.add_argument(
         "--link-mbit",

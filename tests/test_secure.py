@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from securemig import processes, storage, vtpm
 from securemig.bundle import Bundle
-from securemig.identity import write_identity
+from securemig.identity import issue_tls, write_identity
 from securemig.pca.core import PrivacyCA
 from securemig.pki import Authority
 from securemig.policy import PolicyStore
@@ -30,7 +30,8 @@ _world: Any = None
 
 def world() -> Any:
     """Two enrolled hosts, once per test process: source-a (the shared TPM)
-    and dest-b (a second swtpm), one site CA, one privacy CA."""
+    and dest-b (a second swtpm), one site CA, one privacy CA; and a relay:
+    dest-b's TLS identity with the TPM and AK of a third enrolled host."""
     global _world
     if _world is None:
         import atexit
@@ -59,6 +60,14 @@ def world() -> Any:
             base / "source-a", "source-a", tpm_a.tcti, site, pca_pem, enroll_as("source-a")
         )
         write_identity(base / "dest-b", "dest-b", tpm_b.tcti, site, pca_pem, enroll_as("dest-b"))
+        swtpm.provision(base / "tpm-c", tpm_base / "ca")
+        tpm_c = swtpm.start(base / "tpm-c")
+        atexit.register(tpm_c.stop)
+        write_identity(base / "host-c", "host-c", tpm_c.tcti, site, pca_pem, enroll_as("host-c"))
+        relay = base / "relay"
+        shutil.copytree(base / "host-c", relay)
+        issue_tls(site, "dest-b", relay)
+        (relay / "host.json").write_text(json.dumps({"name": "dest-b", "tpm": tpm_c.tcti}))
         _world = (base, tpm_a, TPM(tpm_b.tcti))
     return _world
 
@@ -319,6 +328,19 @@ class SecureMigrationTests(SecureBase):
         before = bundle_digests(bundle)
         result = self.migrate(destination, "--tofu", name="dest-z")
         self.assertStaysAtSource(bundle, before, result, "dest-z")
+
+    def test_relay_to_another_hosts_tpm(self) -> None:
+        """A destination holding dest-b's TLS certificate whose evidence comes
+        from another enrolled host's TPM and AK (a relay) is refused: the AK
+        certificate must name the TLS peer."""
+        self.dst_id = self.world / "relay"
+        destination = self.start_destination("--tofu")
+        bundle = self.create_vm()
+        before = bundle_digests(bundle)
+        result = self.migrate(destination, "--tofu")
+        self.assertStaysAtSource(bundle, before, result, "does not name host 'dest-b'")
+        self.assertIn("ATTESTATION_FAILED", result.stderr)
+        self.assertIsNone(PolicyStore(self.src_policy).get("dest-b"))
 
     def test_unknown_destination_without_tofu(self) -> None:
         """No golden values and no --tofu: refused, nothing moves."""
