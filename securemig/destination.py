@@ -19,7 +19,7 @@ import hmac
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -250,7 +250,8 @@ class Arrival:
         #: the vTPM's identity, checked with it.
         self.sealed_vtpm_key: bytes | None = None
         self.vtpm_identity: str | None = None
-        self._file: BinaryIO | None = None
+        self._file: Any = None
+        self._behind: storage.WriteBehind | None = None
         self._hash: Any = hashlib.sha256()
         self._image: wire.ImageInfo | None = None
 
@@ -265,7 +266,8 @@ class Arrival:
         self._image = self.hello.images[index]
         path = self.staging / image_file(self._image.name)
         path.parent.mkdir(exist_ok=True)
-        self._file = open(path, "xb")  # noqa: SIM115
+        self._file = open(path, "xb", buffering=0)  # noqa: SIM115
+        self._behind = storage.WriteBehind(self._file.fileno())
         self._hash = hashlib.sha256() if hashed else None
 
     def write(self, parts: tuple[bytes | memoryview, ...]) -> int:
@@ -276,8 +278,17 @@ class Arrival:
             if not self.cancelled and self._file is not None:
                 if self._hash is not None:
                     self._hash.update(part)
-                self._file.write(part)
+                self._write_all(part)
+        if self._behind is not None and not self.cancelled:
+            self._behind.wrote(n)
         return n
+
+    def _write_all(self, part: bytes | memoryview) -> None:
+        # Unbuffered: a write may be short (a signal); finish it.
+        assert self._file is not None
+        view = memoryview(part)
+        while view:
+            view = view[self._file.write(view) :]
 
     def close_stream(self, sha256: bytes) -> None:
         """fsync the image and check its digest against the source's."""

@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from securemig.wire import ErrorCode, ProtocolError
 
@@ -162,3 +163,64 @@ def io_error(exc: OSError, doing: str) -> ProtocolError:
     """Classify a local OSError: a full disk has its own code."""
     code = ErrorCode.DISK_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ErrorCode.IO_ERROR
     return ProtocolError(code, f"{doing}: {exc.strerror or exc}")
+
+
+class WriteBehind:
+    """Write-behind for a file written front to back, such as an arriving
+    image: every :data:`WINDOW` bytes, start writing the newest window to
+    disk (``sync_file_range``), wait for the one before and drop its pages
+    from the page cache (``posix_fadvise(DONTNEED)``).
+
+    Why: measured here, writing 1 GiB into fresh page-cache pages cost
+    0.5-4.8 CPU-s from run to run, and 0.4 CPU-s steadily with this, because
+    the same few dozen MiB of page cache are reused instead of new memory
+    being filled (it also leaves the final fsync little to do).  Advisory
+    only: the fsync when the file is complete is what makes it durable, and
+    reports any error; where the calls do not exist this does nothing.
+    """
+
+    #: Bytes per window.
+    WINDOW = 16 * 1024 * 1024
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.written = 0
+        self.started = 0
+
+    def wrote(self, n: int) -> None:
+        """``n`` more bytes were written at the end of the file."""
+        self.written += n
+        while self.written - self.started >= self.WINDOW:
+            _sync_file_range(self.fd, self.started, self.WINDOW, _SYNC_WRITE)
+            if self.started >= self.WINDOW:
+                before = self.started - self.WINDOW
+                _sync_file_range(self.fd, before, self.WINDOW, _SYNC_WAIT_ALL)
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(self.fd, before, self.WINDOW, os.POSIX_FADV_DONTNEED)
+            self.started += self.WINDOW
+
+
+#: sync_file_range(2) flags: start writeback; wait before, write, wait after.
+_SYNC_WRITE = 2
+_SYNC_WAIT_ALL = 1 | 2 | 4
+
+
+def _libc_sync_file_range() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+    return function
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+
+
+def _sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
+    # Advisory (see WriteBehind): its return value is deliberately not checked.
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, flags)

@@ -231,3 +231,50 @@ class SettleTests(SynchronousTestCase):
         with storage.Lock(self.host.locks / "vm1.lock"):
             self.assertIn("busy", self.settle()[0][1])
         self.assertTrue((self.host.staging / self.mid).exists())
+
+
+def resident_bytes(path: Path) -> int:
+    """How much of a file is in the page cache (util-linux's fincore)."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("fincore")
+    if tool is None:
+        raise RuntimeError("fincore not found: install the Debian package util-linux")
+    out = subprocess.run(
+        [tool, "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip())
+
+
+class WriteBehindTests(SynchronousTestCase):
+    """An arriving image's pages leave the page cache once on disk."""
+
+    class Small(storage.WriteBehind):
+        WINDOW = 1 << 20
+
+    def write(self, behind: bool) -> tuple[Path, bytes]:
+        path = Path(self.mktemp())
+        data = os.urandom(8 << 20)
+        with open(path, "wb", buffering=0) as f:
+            writer = self.Small(f.fileno())
+            for offset in range(0, len(data), 256 << 10):
+                f.write(data[offset : offset + (256 << 10)])
+                if behind:
+                    writer.wrote(256 << 10)
+            os.fsync(f.fileno())
+        return path, data
+
+    def test_written_windows_leave_the_page_cache(self) -> None:
+        path, data = self.write(behind=True)
+        # All but the newest two windows were dropped (measured before reading).
+        self.assertLessEqual(resident_bytes(path), 2 * self.Small.WINDOW)
+        self.assertEqual(path.read_bytes(), data)
+
+    def test_control_without_write_behind(self) -> None:
+        """Without it the whole file stays cached: the check above can fail."""
+        path, data = self.write(behind=False)
+        self.assertEqual(resident_bytes(path), len(data))

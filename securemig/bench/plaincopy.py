@@ -14,6 +14,8 @@ import socket
 import sys
 from pathlib import Path
 
+from securemig.storage import WriteBehind
+
 
 def receive(port_file: Path, out: Path, address: str = "127.0.0.1") -> None:
     """Accept one connection and store what it sends, durably."""
@@ -24,10 +26,14 @@ def receive(port_file: Path, out: Path, address: str = "127.0.0.1") -> None:
         conn, _ = server.accept()
         buf = bytearray(1 << 20)
         view = memoryview(buf)
-        with conn, open(out, "wb") as f:
+        # The same write-behind as a destination's, so the floor stays a floor.
+        with conn, open(out, "wb", buffering=0) as f:
+            behind = WriteBehind(f.fileno())
             while n := conn.recv_into(buf):
-                f.write(view[:n])
-            f.flush()
+                piece = view[:n]
+                while piece:
+                    piece = piece[f.write(piece) :]
+                behind.wrote(n)
             os.fsync(f.fileno())
 
 
