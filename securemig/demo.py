@@ -181,3 +181,4 @@ def _table(say: Callable[..., None], secure: dict[str, Any], insecure: dict[str,
         )
     say(f"   {'total':<28} {secure['seconds']:9.3f} {insecure['seconds']:9.3f}")
     say(f"   {'MiB/s':<28} {secure['throughput_mibps']:>9} {insecure['throughput_mibps']:>9}")
+    say("   (one run each, the first with cold caches: `securemig bench` measures the cost)")
