@@ -260,6 +260,7 @@ class QemuBackend:
         # swtpm ends when QEMU does; only then is the vTPM's state final.
         await self._ended(bundle, "qemu")
         await self._ended(bundle, "swtpm")
+        self._remove_sockets(bundle)
         for image in bundle.manifest.images:
             image.size = bundle.image_path(image).stat().st_size
         bundle.manifest.state = "suspended"
@@ -311,9 +312,15 @@ class QemuBackend:
 
     def end(self, bundle: Bundle) -> None:
         """End this VM's QEMU, then its swtpm, by the pids in their pid
-        files (processes we started)."""
+        files (processes we started), and remove their sockets."""
         self._end(bundle, "qemu")
         self._end(bundle, "swtpm")
+        self._remove_sockets(bundle)
+
+    def _remove_sockets(self, bundle: Bundle) -> None:
+        # QEMU leaves its listening socket behind when it exits.
+        for kind in ("qmp", "vtpm"):
+            self._socket(bundle, kind).unlink(missing_ok=True)
 
     def _end(self, bundle: Bundle, program: str) -> None:
         pid = self._pid(bundle, program)
