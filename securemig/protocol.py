@@ -332,6 +332,17 @@ class FramedProtocol(Connection):
 
         return qualifying_data(channel_binding(self.transport), role, nonce, self.migration_id())
 
+    def data_channel_key(self) -> tuple[str, bytes]:
+        """The TLS cipher suite of this session and the data channel's key,
+        exported from it for this migration: only the TLS peer has it."""
+        from securemig import records, tls
+
+        cipher = tls.cipher_suite(self.transport)
+        key = tls.exported(
+            self.transport, records.EXPORTER_LABEL, records.key_length(cipher), self.migration_id()
+        )
+        return cipher, key
+
     def _do_Attest(self, effect: s.Attest) -> None:
         evidence = self.security.attestor.evidence(self.qualifying(effect.role, effect.nonce))
         self.run(self.session.attested(evidence))
@@ -508,16 +519,12 @@ class DestinationProtocol(FramedProtocol):
 
     def data_opener(self) -> Any:
         """The receiving end of the data channel, keyed from this TLS session."""
-        from securemig import records, tls
+        from securemig import records
 
-        cipher = tls.cipher_suite(self.transport)
-        key = tls.exported(
-            self.transport, records.EXPORTER_LABEL, records.key_length(cipher), self.migration_id()
-        )
         hello = self.session.hello
         assert hello is not None
         return records.Opener(
-            cipher, key, self.migration_id(), records.max_plaintext(hello.chunk_size)
+            *self.data_channel_key(), self.migration_id(), records.max_plaintext(hello.chunk_size)
         )
 
     def bind_data_channel(self, channel: DataChannelReceiver) -> bool:
@@ -1025,14 +1032,9 @@ class SourceProtocol(FramedProtocol):
         if self.security is None or not self.session.data_port:
             self._stream(self.transport, None)
             return
-        from securemig import records, tls
+        from securemig import records
 
-        # Keyed from this TLS session: only the attested peer can open it.
-        cipher = tls.cipher_suite(self.transport)
-        key = tls.exported(
-            self.transport, records.EXPORTER_LABEL, records.key_length(cipher), self.migration_id()
-        )
-        sealer = records.Sealer(cipher, key, self.migration_id())
+        sealer = records.Sealer(*self.data_channel_key(), self.migration_id())
         self.data_channel = DataChannelSender(self)
 
         def connected(channel: DataChannelSender) -> None:
