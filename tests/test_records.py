@@ -284,3 +284,28 @@ class ControlConnectionTests(TestCase):
                 control.check_control(message)
             self.assertEqual(caught.exception.code, ErrorCode.UNEXPECTED_MESSAGE)
         control.check_control(wire.Commit())
+
+    def test_control_messages_on_data_channel_refused(self) -> None:
+        """Only stream frames may come in records: a COMMIT (or HELLO) sealed
+        into the data channel is refused before the session sees it."""
+        from twisted.internet.task import Clock
+
+        from securemig.protocol import DestinationProtocol, InlineExecutor
+
+        control = DestinationProtocol(None, Clock(), InlineExecutor)
+        for message in (wire.Commit(), FakeControl.hello):
+            with self.assertRaises(ProtocolError) as caught:
+                control.stream_message(message)
+            self.assertEqual(caught.exception.code, ErrorCode.UNEXPECTED_MESSAGE)
+            self.assertEqual(control.session.phase, "awaitHello")
+
+    def test_destination_sending_on_data_channel_fails_source(self) -> None:
+        """The data channel is one-way: bytes from the destination end the
+        source's migration."""
+        from securemig.protocol import DataChannelSender
+
+        control = FakeControl(b"")
+        sender = DataChannelSender(control)  # type: ignore[arg-type]
+        sender.makeConnection(StringTransport())
+        sender.dataReceived(b"x")
+        self.assertEqual([e.code for e in control.failures], [ErrorCode.UNEXPECTED_MESSAGE])
