@@ -278,17 +278,10 @@ class Arrival:
             if not self.cancelled and self._file is not None:
                 if self._hash is not None:
                     self._hash.update(part)
-                self._write_all(part)
+                storage.write_all(self._file, part)
         if self._behind is not None and not self.cancelled:
             self._behind.wrote(n)
         return n
-
-    def _write_all(self, part: bytes | memoryview) -> None:
-        # Unbuffered: a write may be short (a signal); finish it.
-        assert self._file is not None
-        view = memoryview(part)
-        while view:
-            view = view[self._file.write(view) :]
 
     def close_stream(self, sha256: bytes) -> None:
         """fsync the image and check its digest against the source's."""

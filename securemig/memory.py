@@ -24,10 +24,20 @@ MMAP_THRESHOLD = 8 * 1024 * 1024
 TRIM_THRESHOLD = 8 * 1024 * 1024
 
 
+def glibc() -> ctypes.CDLL | None:
+    """The C library, where it is glibc (for calls Python does not wrap)."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def tune_malloc() -> bool:
     """Apply the thresholds; returns False where the C library is not glibc."""
-    if platform.libc_ver()[0] != "glibc":
+    libc = glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     return ok and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1

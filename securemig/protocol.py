@@ -157,6 +157,11 @@ def _is_refusal(error: Exception) -> bool:
 TRANSPORT_IO_SIZE = 1024 * 1024
 
 
+def _with_tcp(transport: Any) -> tuple[Any, ...]:
+    """A transport, and the TCP transport under it when it is TLS."""
+    return (transport, getattr(transport, "transport", None))
+
+
 def tune_transport(transport: Any) -> None:
     """Read and send in 1 MiB pieces instead of Twisted's 64 and 128 KiB.
 
@@ -165,9 +170,7 @@ def tune_transport(transport: Any) -> None:
     attributes of Twisted's TCP transports; under TLS they are on the TCP
     transport the TLS protocol wraps; on others (iosim) this does nothing.
     """
-    tcp: Any = getattr(transport, "transport", None) if hasattr(transport, "getHandle") else None
-    candidates: tuple[Any, ...] = (transport, tcp)
-    for candidate in candidates:
+    for candidate in _with_tcp(transport):
         if hasattr(candidate, "SEND_LIMIT") and hasattr(candidate, "bufferSize"):
             candidate.bufferSize = TRANSPORT_IO_SIZE
             candidate.SEND_LIMIT = TRANSPORT_IO_SIZE
@@ -179,7 +182,7 @@ def tcp_bytes_acked(transport: Any) -> int | None:
     wire, TLS records and all, without retransmissions.  None elsewhere."""
     import socket
 
-    for candidate in (transport, getattr(transport, "transport", None)):
+    for candidate in _with_tcp(transport):
         try:
             # A closed Twisted TCP transport has no socket any more.
             handle = getattr(candidate, "getHandle", lambda: None)()

@@ -165,6 +165,14 @@ def io_error(exc: OSError, doing: str) -> ProtocolError:
     return ProtocolError(code, f"{doing}: {exc.strerror or exc}")
 
 
+def write_all(f: Any, data: bytes | memoryview) -> None:
+    """Write all of ``data`` to an unbuffered file, finishing short writes
+    (an unbuffered ``write`` may write less, e.g. after a signal)."""
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view) :]
+
+
 class WriteBehind:
     """Write-behind for a file written front to back, such as an arriving
     image: every :data:`WINDOW` bytes, start writing the newest window to
@@ -207,13 +215,12 @@ _SYNC_WAIT_ALL = 1 | 2 | 4
 
 def _libc_sync_file_range() -> Any:
     import ctypes
-    import ctypes.util
 
-    try:
-        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+    from securemig.memory import glibc
+
+    function = getattr(glibc(), "sync_file_range", None)
+    if function is not None:
+        function.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
     return function
 
 

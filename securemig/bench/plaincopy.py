@@ -14,7 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-from securemig.storage import WriteBehind
+from securemig.storage import WriteBehind, write_all
 
 
 def receive(port_file: Path, out: Path, address: str = "127.0.0.1") -> None:
@@ -30,9 +30,7 @@ def receive(port_file: Path, out: Path, address: str = "127.0.0.1") -> None:
         with conn, open(out, "wb", buffering=0) as f:
             behind = WriteBehind(f.fileno())
             while n := conn.recv_into(buf):
-                piece = view[:n]
-                while piece:
-                    piece = piece[f.write(piece) :]
+                write_all(f, view[:n])
                 behind.wrote(n)
             os.fsync(f.fileno())
 
