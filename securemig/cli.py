@@ -452,8 +452,7 @@ def _vtpm_key(identity: Path | None) -> Callable[[Any], bytes] | None:
         return None
     from securemig import vtpm
 
-    unseal = vtpm.unsealer(identity)
-    return lambda bundle: unseal(bundle.vtpm_key_path.read_bytes())
+    return vtpm.key_reader(vtpm.unsealer(identity))
 
 
 def source_state_dir(vm_dir: Path, state_dir: Path | None) -> Path:

@@ -62,8 +62,9 @@ class DestinationHost:
 
     def resume(self, bundle: Bundle) -> Deferred[None]:
         """Resume an arrived VM with the backend its manifest names."""
-        unseal = self.unseal
-        key = None if unseal is None else lambda b: unseal(b.vtpm_key_path.read_bytes())
+        from securemig.vtpm import key_reader
+
+        key = None if self.unseal is None else key_reader(self.unseal)
         return backend_for(bundle.manifest.backend, vtpm_key=key).resume(bundle)
 
     def recover_staging(self) -> list[str]:

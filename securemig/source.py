@@ -304,7 +304,7 @@ def unseal_vtpm_key(bundle: Bundle, identity: Path) -> bytes:
     insecure variant (which sends them in the clear)."""
     from securemig import vtpm
 
-    secret = vtpm.unsealer(identity)(bundle.vtpm_key_path.read_bytes())
+    secret = vtpm.key_reader(vtpm.unsealer(identity))(bundle)
     return secret + bytes.fromhex(bundle.manifest.vtpm or "")
 
 

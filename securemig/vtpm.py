@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -88,6 +89,12 @@ def unsealer(identity: Path) -> Callable[[bytes], bytes]:
             attestor.tpm.close()
 
     return unseal
+
+
+def key_reader(unseal: Callable[[bytes], bytes]) -> Callable[[Any], bytes]:
+    """The vTPM key of a bundle, read from its sealed copy and unsealed
+    with ``unseal`` (what hypervisor backends take as ``vtpm_key``)."""
+    return lambda bundle: unseal(bundle.vtpm_key_path.read_bytes())
 
 
 def migration_key(key: bytes) -> bytes:
