@@ -131,7 +131,9 @@ def _summarise(records: list[dict[str, Any]]) -> list[str]:
         f"{'size':>6} {'protocol':<20} {'time s':>8} {'x plain':>8} {'in-proc':>8} {'MiB/s':>7} "
         f"{'CPU src':>8} {'CPU dst':>8} {'RSS src':>8} {'RSS dst':>8}",
     ]
-    for size in sorted({r["size_mib"] for r in records if r["size_mib"]}):
+    from securemig.bench.report import sizes_of
+
+    for size in sizes_of(records):
         runs = [r for r in records if r["size_mib"] == size]
         base = statistics.median(r["total_s"] for r in runs if series(r) == "plain-copy")
         for protocol in protocols_of(records):

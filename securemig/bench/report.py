@@ -55,6 +55,16 @@ def protocols_of(records: list[dict[str, Any]]) -> list[str]:
     return order(records)
 
 
+def sizes_of(records: list[dict[str, Any]]) -> list[int]:
+    """The image sizes measured, in MiB, ascending."""
+    return sorted({r["size_mib"] for r in records if r["size_mib"]})
+
+
+def cpu_s(record: dict[str, Any]) -> float:
+    """CPU seconds of a run, both sides together."""
+    return float(record["cpu_s"]["source"] + record["cpu_s"]["destination"])
+
+
 def _runs(records: list[dict[str, Any]], size: int, protocol: str) -> list[dict[str, Any]]:
     from securemig.bench import series
 
@@ -69,7 +79,7 @@ def _wire(runs: list[dict[str, Any]]) -> str:
 
 def report(records: list[dict[str, Any]]) -> str:
     """The report as Markdown."""
-    sizes = sorted({r["size_mib"] for r in records if r["size_mib"]})
+    sizes = sizes_of(records)
     lines = [
         "# securemig benchmark",
         "",
@@ -110,9 +120,7 @@ def report(records: list[dict[str, Any]]) -> str:
             rs = _runs(records, size, protocol)
             if rs:
                 med[protocol] = statistics.median(r["total_s"] for r in rs)
-                cpu[protocol] = statistics.median(
-                    r["cpu_s"]["source"] + r["cpu_s"]["destination"] for r in rs
-                )
+                cpu[protocol] = statistics.median(cpu_s(r) for r in rs)
 
         def ratio(a: str, b: str, values: dict[str, float]) -> str:
             return f"{values[a] / values[b]:.2f}" if a in values and b in values else "-"
@@ -168,7 +176,7 @@ def fixed_cost(record: dict[str, Any]) -> float:
 
 def targets(records: list[dict[str, Any]]) -> list[str]:
     """The performance targets, each with what this run measured."""
-    sizes = sorted({r["size_mib"] for r in records if r["size_mib"]})
+    sizes = sizes_of(records)
     lines = [
         "## Targets",
         "",
@@ -206,21 +214,11 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
             f"secure streams {stream or 0:.0f} MiB/s; no ssh baseline (no sshd here)",
             None,
         )
-    cpu = median(
-        [
-            (r["cpu_s"]["source"] + r["cpu_s"]["destination"]) / (r["size_mib"] / 1024)
-            for r in secure
-        ]
-    )
+    cpu = median([cpu_s(r) / (r["size_mib"] / 1024) for r in secure])
     idle = median(
         [r["cpu_s"]["destination"] for r in records if r["protocol"] == "idle-destination"]
     )
-    plain = median(
-        [
-            (r["cpu_s"]["source"] + r["cpu_s"]["destination"]) / (r["size_mib"] / 1024)
-            for r in _runs(records, big, "plain-copy")
-        ]
-    )
+    plain = median([cpu_s(r) / (r["size_mib"] / 1024) for r in _runs(records, big, "plain-copy")])
     if cpu is not None:
         net = f"; {cpu - (idle or 0) / (big / 1024):.2f} without the destination's start-up"
         floor = f"; the plain copy alone: {plain:.2f} s/GiB" if plain else ""
@@ -256,7 +254,7 @@ def plots(records: list[dict[str, Any]], out: Path, prefix: str = "") -> list[Pa
     matplotlib.use("Agg")  # no display
     import matplotlib.pyplot as plt
 
-    sizes = sorted({r["size_mib"] for r in records if r["size_mib"]})
+    sizes = sizes_of(records)
     written = []
 
     def series(protocol: str, value: Any) -> tuple[list[int], list[float]]:
