@@ -254,6 +254,13 @@ class ReceiverTests(TestCase):
         self.assertEqual([e.code for e in self.control.failures], [ErrorCode.RECORD_REFUSED])
         self.assertIn("truncated", self.control.failures[0].reason)
 
+    def test_connection_after_the_migration_ended_closed(self) -> None:
+        self.control.finished = True
+        receiver, transport = self.connect()
+        receiver.dataReceived(b"".join(sealed(Sealer(CIPHER, self.key, MID), frames())))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual((self.control.messages, self.control.bound), ([], None))
+
     def test_second_channel_refused(self) -> None:
         first, _ = self.connect()
         sealer = Sealer(CIPHER, self.key, MID)
