@@ -255,11 +255,14 @@ class QemuBackend:
         await monitor.execute("stop")
         await monitor.execute("migrate", uri=f"exec:cat > {shlex.quote(str(ram))}")
         await self._wait_migration(monitor)
+        # The pids now, while their pid files exist: both programs remove
+        # them on the way out, before they are gone.
+        pids = {program: self._pid(bundle, program) for program in ("qemu", "swtpm")}
         await monitor.execute("quit")
         await monitor.closed
         # swtpm ends when QEMU does; only then is the vTPM's state final.
-        await self._ended(bundle, "qemu")
-        await self._ended(bundle, "swtpm")
+        await self._ended(bundle, "qemu", pids["qemu"])
+        await self._ended(bundle, "swtpm", pids["swtpm"])
         self._remove_sockets(bundle)
         for image in bundle.manifest.images:
             image.size = bundle.image_path(image).stat().st_size
@@ -298,15 +301,16 @@ class QemuBackend:
     async def _remove(self, bundle: Bundle) -> None:
         storage.remove_tree(bundle.path)
 
-    async def _ended(self, bundle: Bundle, program: str) -> None:
-        """Wait (without blocking the reactor) until ``program`` of this VM
-        has exited; end it if it takes longer than it should."""
-        pid = self._pid(bundle, program)
+    async def _ended(self, bundle: Bundle, program: str, pid: int | None) -> None:
+        """Wait (without blocking the reactor) until ``program`` of this VM,
+        process ``pid``, has exited; end it if it takes longer than it should."""
         deadline = time.monotonic() + SWTPM_EXIT_TIMEOUT
         # The pid, not the pid file: programs remove it before they are gone.
         while pid is not None and alive(pid):
             if time.monotonic() > deadline:
                 self._end(bundle, program)
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
                 return
             await deferLater(self.reactor, 0.02, lambda: None)
 
