@@ -11,12 +11,13 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.test import iosim
 
-from securemig import protocol, wire
-from securemig.bundle import Bundle, create_image_vm
-from securemig.destination import DestinationHost
-from securemig.journal import Journal
-from securemig.session import SourceSession
-from securemig.source import Departure
+from securemig.host.arrival import DestinationHost
+from securemig.host.departure import Departure
+from securemig.host.journal import Journal
+from securemig.hypervisor.bundle import Bundle, create_image_vm
+from securemig.protocol import wire
+from securemig.protocol.session import SourceSession
+from securemig.transport import connection as protocol
 
 
 def digests(paths: list[Path]) -> dict[str, str]:
@@ -125,8 +126,8 @@ def shared_tpm() -> Any:
         import shutil
         import tempfile
 
-        from securemig.tpm import swtpm
-        from securemig.tpm.tpm import TPM
+        from securemig.trust.tpm import swtpm
+        from securemig.trust.tpm.tpm import TPM
 
         base = Path(tempfile.mkdtemp(prefix="securemig-test-tpm-"))
         swtpm.provision(base / "tpm", base / "ca")
@@ -139,6 +140,6 @@ def shared_tpm() -> Any:
 
 def migrate_vm(vm_dir: Path, to: str, *extra: str, name: str = "vm1") -> Any:
     """Run ``securemig migrate NAME --vm-dir DIR --to TO EXTRA...`` as a process."""
-    from securemig import processes
+    from securemig.lab import processes
 
     return processes.securemig("migrate", name, "--vm-dir", str(vm_dir), "--to", to, *extra)

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
-from securemig.bundle import Bundle, BundleError
+from securemig.hypervisor.bundle import Bundle, BundleError
 
 
 class Backend(Protocol):

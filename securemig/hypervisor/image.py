@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred, maybeDeferred
 
-from securemig import storage
-from securemig.bundle import Bundle
+from securemig.host import storage
+from securemig.hypervisor.bundle import Bundle
 
 
 class ImageBackend:

@@ -40,10 +40,11 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
-from securemig import storage, vtpm
-from securemig.bundle import Bundle, BundleError
+from securemig.host import storage
 from securemig.hypervisor import qmp
-from securemig.tpm import swtpm
+from securemig.hypervisor.bundle import Bundle, BundleError
+from securemig.trust import vtpm
+from securemig.trust.tpm import swtpm
 
 MARKER_ADDRESS = 0x200000
 PACKAGE = "qemu-system-x86"

@@ -25,8 +25,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 
-from securemig import storage
-from securemig.bundle import Bundle, BundleError
+from securemig.host import storage
+from securemig.hypervisor.bundle import Bundle, BundleError
 
 
 class XenError(RuntimeError):

@@ -4,14 +4,14 @@ from twisted.application.service import ServiceMaker
 
 securemig = ServiceMaker(
     "securemig",
-    "securemig.tap",
+    "securemig.app.service",
     "Destination of secure VM + vTPM migrations (see `securemig --help`).",
     "securemig",
 )
 
 securemig_pca = ServiceMaker(
     "securemig-pca",
-    "securemig.pca.tap",
+    "securemig.app.pca_service",
     "Privacy CA of securemig: certifies TPM attestation keys of enrolled hosts.",
     "securemig-pca",
 )

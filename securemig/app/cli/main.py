@@ -1,0 +1,811 @@
+"""
+The ``securemig`` command.
+
+Exit status: 0 when the work asked for is done; 1 when it failed and
+nothing was lost (for ``migrate``: the VM is still at the source, unlocked);
+2 for usage errors; 3 when ``migrate`` committed but the destination did
+not confirm the resume (see ``securemig status`` on the destination).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.python.failure import Failure
+
+from securemig import __version__
+from securemig.protocol import wire
+
+T = TypeVar("T")
+#: PCRs attested by default: firmware, firmware config, option ROMs, boot loader, secure boot.
+DEFAULT_PCRS = "0,1,2,3,4,7"
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_IN_DOUBT = 0, 1, 2, 3
+
+
+def _mib(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number of MiB")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    p = argparse.ArgumentParser(
+        prog="securemig",
+        description="Move a suspended VM and its virtual TPM to another host. "
+        "The destination runs `twistd securemig`; this command drives the source, "
+        "creates test VMs, shows the journal and runs the demo and the benchmark.",
+    )
+    p.add_argument("--version", action="version", version=f"securemig {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    vm = sub.add_parser("vm", help="create and inspect VM bundles")
+    vm_sub = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
+    create = vm_sub.add_parser(
+        "create",
+        help="create a suspended VM of the image backend (random contents)",
+        description="Create DIR/NAME/, a suspended VM whose RAM (and disk) images hold "
+        "random bytes; enough to prove that a migration moves state intact.",
+    )
+    create.add_argument("name", help="VM name (letters, digits, '.', '_', '-')")
+    create.add_argument("--dir", required=True, type=Path, help="directory holding VM bundles")
+    create.add_argument(
+        "--ram-mib",
+        required=True,
+        type=_mib,
+        help="RAM image size (image backend) or guest memory (qemu) in MiB",
+    )
+    create.add_argument(
+        "--backend",
+        default="image",
+        choices=("image", "qemu"),
+        help="image: a suspended VM of random bytes; qemu: a QEMU guest "
+        "(start it with `securemig vm start`)",
+    )
+    create.add_argument("--disk-mib", type=_mib, help="disk image size in MiB (default: no disk)")
+    create.add_argument(
+        "--identity",
+        type=Path,
+        help="give the VM a vTPM key sealed to this host's TPM (needed for secure migration)",
+    )
+    create.add_argument(
+        "--shared-disk", type=Path, help="create the disk image here, on storage both hosts mount"
+    )
+    for action, text in (
+        ("start", "start a QEMU VM (firmware only is enough)"),
+        ("status", "say what state a VM is in"),
+    ):
+        a = vm_sub.add_parser(action, help=text)
+        a.add_argument("name")
+        a.add_argument("--dir", required=True, type=Path, help="directory holding VM bundles")
+        if action == "start":
+            a.add_argument(
+                "--identity",
+                type=Path,
+                help="this host's identity directory: its TPM unseals the key of a VM's vTPM",
+            )
+    listing = vm_sub.add_parser("list", help="list the VM bundles in a directory")
+    listing.add_argument("--dir", required=True, type=Path)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+
+    mig = sub.add_parser(
+        "migrate",
+        help="migrate a VM to a destination",
+        description="Migrate VM NAME from --vm-dir to the destination at --to. Before the "
+        "commit any failure leaves the VM here, unlocked and intact; after it the VM "
+        "belongs to the destination and its bundle here is removed.",
+    )
+    mig.add_argument("name", help="the VM to migrate")
+    mig.add_argument("--vm-dir", required=True, type=Path, help="directory holding the VM bundle")
+    mig.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination")
+    mig.add_argument(
+        "--identity",
+        type=Path,
+        help="this host's identity directory: the secure variant; with --insecure, only "
+        "to unseal a vTPM key (which then travels in the clear)",
+    )
+    mig.add_argument(
+        "--policy-dir", type=Path, help="golden values of destinations (default: IDENTITY/policy)"
+    )
+    mig.add_argument(
+        "--tofu",
+        action="store_true",
+        help="record an unknown destination's PCR values on first attestation",
+    )
+    mig.add_argument(
+        "--destination-name", help="the name the destination must prove (default: the host of --to)"
+    )
+    mig.add_argument(
+        "--insecure",
+        action="store_true",
+        help="use the insecure variant (no TLS, no attestation): for measurements",
+    )
+    mig.add_argument(
+        "--shared-storage",
+        action="store_true",
+        help="move RAM only; the disk stays on storage both hosts share",
+    )
+    mig.add_argument(
+        "--chunk-kib",
+        type=int,
+        default=wire.DEFAULT_CHUNK_SIZE // 1024,
+        help="DATA frame size in KiB (default %(default)s)",
+    )
+    mig.add_argument(
+        "--state-dir", type=Path, help="where the source journal lives (default: VM_DIR/.securemig)"
+    )
+    mig.add_argument("--idle-timeout", type=float, help="seconds without progress (default 60)")
+    mig.add_argument("--deadline", type=float, help="seconds for the whole migration (3600)")
+    mig.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    mig.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    st = sub.add_parser(
+        "status",
+        help="show the migration journal of a host",
+        description="Show recent migrations from a journal: a destination's "
+        "--state-dir, or a source's --vm-dir.",
+    )
+    where = st.add_mutually_exclusive_group(required=True)
+    where.add_argument("--state-dir", type=Path, help="a destination's state directory")
+    where.add_argument("--vm-dir", type=Path, help="a source's VM directory")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.add_argument("--limit", type=int, default=20, help="how many (default %(default)s)")
+
+    rec = sub.add_parser(
+        "recover",
+        help="settle migrations held in doubt at a destination",
+        description="A destination that lost its source after PREPARED keeps the VM in "
+        "staging, in doubt.  Given the source's journal (copied from the source host), this "
+        "completes the migration if the source committed, or discards it if it did not.",
+    )
+    rec.add_argument("--state-dir", type=Path, required=True, help="the destination's")
+    rec.add_argument(
+        "--identity",
+        type=Path,
+        help="the destination's identity directory, to resume VMs with a vTPM",
+    )
+    rec.add_argument(
+        "--source-journal",
+        type=Path,
+        required=True,
+        help="the source's journal.sqlite (VM_DIR/.securemig/journal.sqlite there)",
+    )
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a whole migration on loopback and explain it",
+        description="In a temporary directory on loopback: start a "
+        "destination, create a VM, migrate it, print the phases.",
+    )
+    demo.add_argument("--size-mib", type=_mib, default=256, help="RAM image size (default 256)")
+    demo.add_argument("--json", action="store_true", help="print the result as JSON")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    demo.add_argument(
+        "--backend",
+        choices=("image", "qemu"),
+        default="image",
+        help="image: a suspended VM of files (default); qemu: a running QEMU guest",
+    )
+
+    ca = sub.add_parser("ca", help="a site CA for host TLS certificates")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
+    ca_init = ca_sub.add_parser("init", help="create a site CA in DIR (ca.key, ca.pem)")
+    ca_init.add_argument("dir", type=Path)
+    ca_init.add_argument("--name", default="securemig site CA", help="the CA's common name")
+    ca_issue = ca_sub.add_parser("issue", help="issue a TLS key and certificate for a host")
+    ca_issue.add_argument("dir", type=Path, help="the site CA's directory")
+    ca_issue.add_argument("--name", required=True, help="the host name (subjectAltName)")
+    ca_issue.add_argument(
+        "--out", type=Path, required=True, help="directory for tls.key and tls.pem"
+    )
+
+    pca = sub.add_parser("pca", help="set up a privacy CA (run it with twistd securemig-pca)")
+    pca_sub = pca.add_subparsers(dest="pca_command", required=True, metavar="ACTION")
+    pca_init = pca_sub.add_parser("init", help="create a privacy CA in DIR")
+    pca_init.add_argument("dir", type=Path)
+    pca_init.add_argument(
+        "--vendor-ca",
+        type=Path,
+        action="append",
+        required=True,
+        help="a trusted TPM-vendor CA certificate (PEM); repeatable",
+    )
+
+    host = sub.add_parser("host", help="set up this host's identity")
+    host_sub = host.add_subparsers(dest="host_command", required=True, metavar="ACTION")
+    host_init = host_sub.add_parser(
+        "init",
+        help="TLS identity, attestation key and its certificate, in DIR",
+        description="Create this host's TLS key and certificate from the site CA, an "
+        "attestation key in its TPM, and enroll it with the privacy CA.",
+    )
+    host_init.add_argument("--dir", type=Path, required=True)
+    host_init.add_argument("--name", required=True, help="this host's DNS name")
+    host_init.add_argument(
+        "--tpm", required=True, help="TCTI: device:/dev/tpmrm0, or swtpm:host=127.0.0.1,port=N"
+    )
+    host_init.add_argument(
+        "--site-ca", type=Path, required=True, help="the site CA directory (securemig ca init)"
+    )
+    host_init.add_argument("--pca", required=True, help="the privacy CA's https:// URL")
+    host_init.add_argument(
+        "--pca-ca", type=Path, required=True, help="the privacy CA's certificate (its ca.pem)"
+    )
+
+    pol = sub.add_parser("policy", help="golden PCR values of peers")
+    pol_sub = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    for action, text in (
+        ("show", "print recorded golden values"),
+        ("record", "record a host's current PCR values from its TPM"),
+        ("forget", "remove a host's golden values"),
+    ):
+        a = pol_sub.add_parser(action, help=text)
+        a.add_argument("--policy-dir", type=Path, required=True)
+        a.add_argument("--host", required=action != "show", help="the peer's host name")
+        if action == "record":
+            a.add_argument("--tpm", required=True, help="TCTI of that host's TPM")
+            a.add_argument(
+                "--pcrs",
+                default=DEFAULT_PCRS,
+                help="comma-separated PCR indices (default %(default)s)",
+            )
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure secure and insecure migration against a plain copy",
+        description="Secure and insecure migrations between two enrolled swtpm hosts "
+        "against a plain socket copy into an fsynced file, same data, same run: wall time "
+        "per phase, CPU and peak RSS of each side, bytes on the wire; a report of the "
+        "ratios and targets.  See doc/performance.rst.",
+    )
+    bench.add_argument(
+        "--sizes", default="128,256,512,1024", help="comma-separated MiB (default %(default)s)"
+    )
+    bench.add_argument("--repeat", type=int, default=3, help="runs per size (default 3)")
+    bench.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
+    bench.add_argument(
+        "--json",
+        type=Path,
+        help="write the records here as JSON (e.g. out.json), and out-records.csv, "
+        "out-report.md and out-*.png plots beside it",
+    )
+    bench.add_argument(
+        "--link-mbit",
+        type=int,
+        help="root only: run the destination side in a network namespace behind a veth "
+        "link limited to N Mbit/s (tc tbf), instead of loopback",
+    )
+    bench.add_argument(
+        "--variants",
+        default="full",
+        help="full (RAM and disk travel) and/or shared-storage (RAM only); default %(default)s",
+    )
+    bench.add_argument(
+        "--disk-mib",
+        type=int,
+        default=0,
+        help="disk image of each VM (travels in the full variant; on shared storage in "
+        "the other); default: none in the full variant, 64 MiB on shared storage",
+    )
+    bench.add_argument(
+        "--out", type=Path, help="write records.json, records.csv, report.md and PNG plots here"
+    )
+    bench.add_argument(
+        "--ciphers",
+        default="",
+        help="secure runs per TLS 1.3 cipher, from aes128,aes256,chacha20 "
+        "(default: one secure run with OpenSSL's choice)",
+    )
+    bench.add_argument(
+        "--protocols",
+        default="insecure,secure",
+        help="measured besides the plain copy: insecure, secure (data channel), secure-tls "
+        "(images inside TLS, as before the data channel); default %(default)s",
+    )
+    bench.add_argument(
+        "--qemu",
+        action="store_true",
+        help="instead: time suspend and resume of real QEMU guests of --sizes MiB",
+    )
+    bench.add_argument(
+        "--tpm",
+        action="store_true",
+        help="instead: time TPM operations on a fresh swtpm (--repeat each)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``securemig`` console script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "migrate":
+        from securemig.host.glibc import tune_malloc
+
+        tune_malloc()
+    handler = {
+        "vm": cmd_vm,
+        "migrate": cmd_migrate,
+        "status": cmd_status,
+        "demo": cmd_demo,
+        "bench": cmd_bench,
+        "ca": cmd_ca,
+        "pca": cmd_pca,
+        "host": cmd_host,
+        "policy": cmd_policy,
+        "recover": cmd_recover,
+    }[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("securemig: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _error(message: str) -> int:
+    print(f"securemig: error: {message}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def cmd_vm(args: argparse.Namespace) -> int:
+    """``securemig vm create|start|status|list``."""
+    from securemig.hypervisor.bundle import Bundle, BundleError, create_image_vm
+
+    if args.vm_command == "create":
+        try:
+            sealed = vtpm = None
+            if args.identity:
+                import os
+
+                from securemig.trust.keyrelease import open_attestor
+
+                # The vTPM's state key: sealed to this host's TPM, handed to
+                # swtpm through a pipe, never written in the clear.
+                key = os.urandom(32)
+                attestor = open_attestor(args.identity, None, False)
+                sealed = attestor.seal(key)
+                attestor.tpm.close()
+                vtpm = (key, args.identity / "vtpm-ca")
+            bundle = create_image_vm(
+                args.dir,
+                args.name,
+                args.ram_mib,
+                args.disk_mib,
+                args.shared_disk,
+                sealed,
+                vtpm,
+                owner=attestor.identity.name if args.identity else None,
+                backend=args.backend,
+            )
+        except (BundleError, OSError, ValueError) as e:
+            return _error(str(e))
+        sizes = ", ".join(f"{i.name} {i.size >> 20} MiB" for i in bundle.manifest.images)
+        shared = (
+            f", shared disk {bundle.manifest.shared_disk}" if bundle.manifest.shared_disk else ""
+        )
+        print(f"created VM {bundle.name} at {bundle.path} ({sizes}{shared})")
+        return EXIT_OK
+    if args.vm_command in ("start", "status"):
+        return _vm_control(args)
+    rows: list[dict[str, Any]] = []
+    for path in sorted(args.dir.iterdir()) if args.dir.is_dir() else []:
+        try:
+            b = Bundle.load(path)
+        except BundleError:
+            continue
+        rows.append(
+            {
+                "name": b.name,
+                "backend": b.manifest.backend,
+                "state": b.manifest.state,
+                "images": {i.name: i.size for i in b.manifest.images},
+                "shared_disk": b.manifest.shared_disk,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(
+                f"{r['name']:<24} {r['backend']:<6} {r['state']:<10} "
+                + " ".join(f"{k}={v >> 20}MiB" for k, v in r["images"].items())
+            )
+    return EXIT_OK
+
+
+def _vm_control(args: argparse.Namespace) -> int:
+    from securemig.hypervisor import backend_for
+    from securemig.hypervisor.bundle import Bundle, BundleError
+
+    try:
+        bundle = Bundle.find(args.dir, args.name)
+        identity = getattr(args, "identity", None)
+        backend = backend_for(bundle.manifest.backend, vtpm_key=_vtpm_key(identity))
+    except BundleError as e:
+        return _error(str(e))
+    if args.vm_command == "status":
+        print(f"{bundle.name}: {backend.status(bundle)} ({bundle.manifest.backend})")
+        return EXIT_OK
+    if not hasattr(backend, "start"):
+        return _error(f"VMs of the {bundle.manifest.backend} backend are not started here")
+
+    async def start(reactor: Any) -> None:
+        await backend.start(bundle)  # type: ignore[attr-defined]
+
+    try:
+        run_reactor(start)
+    except Exception as e:
+        return _error(str(e))
+    print(f"{bundle.name}: {backend.status(bundle)}")
+    return EXIT_OK
+
+
+def _vtpm_key(identity: Path | None) -> Callable[[Any], bytes] | None:
+    """How a VM's vTPM key is unsealed with the TPM of ``identity``."""
+    if identity is None:
+        return None
+    from securemig.trust import vtpm
+
+    return vtpm.key_reader(vtpm.unsealer(identity))
+
+
+def source_state_dir(vm_dir: Path, state_dir: Path | None) -> Path:
+    """Where a source keeps its journal."""
+    return state_dir if state_dir is not None else vm_dir / ".securemig"
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """``securemig migrate``: drive one migration from the source."""
+
+    from securemig.host.departure import ConnectFailed, SecureOptions, migrate, parse_address
+    from securemig.host.journal import Journal
+    from securemig.hypervisor.bundle import Bundle, BundleError
+    from securemig.trust.tpm.tpm import TPMError
+
+    if not args.insecure and not args.identity:
+        return _error(
+            "choose the variant: --identity DIR for the secure one, or --insecure "
+            "(no TLS, no attestation)"
+        )
+    secure = None
+    if args.identity and not args.insecure:
+        secure = SecureOptions(args.identity, args.policy_dir, args.tofu, args.destination_name)
+    chunk = args.chunk_kib * 1024
+    if not wire.MIN_CHUNK_SIZE <= chunk <= wire.MAX_CHUNK_SIZE:
+        return _error(
+            f"--chunk-kib must be between {wire.MIN_CHUNK_SIZE // 1024} and "
+            f"{wire.MAX_CHUNK_SIZE // 1024}"
+        )
+    try:
+        parse_address(args.to)
+        bundle = Bundle.find(args.vm_dir, args.name)
+    except (ValueError, BundleError) as e:
+        return _error(str(e))
+    variant = wire.Variant.SHARED_STORAGE if args.shared_storage else wire.Variant.FULL
+    journal = Journal(source_state_dir(args.vm_dir, args.state_dir) / "journal.sqlite")
+    outcome: dict[str, Any] = {}
+    bar: Any = None
+
+    def on_start(departure: Any) -> None:
+        nonlocal bar
+        if not args.no_progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=departure.total_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=f"migrating {bundle.name}",
+                file=sys.stderr,
+            )
+
+    def progress(n: int) -> None:
+        if bar is not None:
+            bar.update(n)
+
+    async def run(reactor: Any) -> None:
+        started = time.monotonic()
+        try:
+            departure, finished = await migrate(
+                reactor,
+                bundle,
+                args.to,
+                variant=variant,
+                journal=journal,
+                chunk_size=chunk,
+                idle_timeout=args.idle_timeout,
+                deadline=args.deadline,
+                on_progress=progress,
+                on_start=on_start,
+                secure=secure,
+                unseal_with=args.identity if args.insecure else None,
+            )
+        except (BundleError, ConnectFailed, TPMError, OSError) as e:
+            outcome["error"] = str(e)
+            return
+        outcome["departure"] = departure
+        outcome["finished"] = finished
+        outcome["seconds"] = time.monotonic() - started
+
+    run_reactor(run)
+    if bar is not None:
+        bar.close()
+    if "error" in outcome:
+        return _error(outcome["error"])
+    return _report_migration(args, journal, outcome)
+
+
+def run_reactor(main: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    """Run the global reactor until ``main(reactor)`` finishes; return its
+    result or raise its exception (unlike task.react, which exits)."""
+    from twisted.internet import reactor as _reactor
+    from twisted.internet.defer import Deferred
+
+    reactor: Any = _reactor
+    result: list[Any] = []
+
+    def finish(outcome: Any) -> None:
+        result.append(outcome)
+        reactor.stop()
+
+    def start() -> None:
+        Deferred.fromCoroutine(main(reactor)).addBoth(finish)
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    if isinstance(result[0], Failure):
+        result[0].raiseException()
+    value: T = result[0]
+    return value
+
+
+def _report_migration(args: argparse.Namespace, journal: Any, outcome: dict[str, Any]) -> int:
+    from securemig.lab.processes import peak_rss_mib
+    from securemig.protocol.session import Outcome
+
+    departure, finished = outcome["departure"], outcome["finished"]
+    record = journal.get(departure.id)
+    seconds = outcome["seconds"]
+    mib = departure.total_bytes / (1 << 20)
+    summary = {
+        "vm": args.name,
+        "to": args.to,
+        "protocol": "insecure" if args.insecure else "secure",
+        "variant": "shared-storage" if args.shared_storage else "full",
+        "outcome": finished.outcome.value,
+        "error": f"{finished.code.name}: {finished.reason}" if finished.code else None,
+        "migration_id": record.migration_id if record else None,
+        "bytes": departure.total_bytes,
+        "wire_bytes": departure.wire_bytes,
+        "seconds": round(seconds, 4),
+        "throughput_mibps": round(mib / seconds, 1) if seconds > 0 else None,
+        "phases": {k: round(v, 4) for k, v in (record.phase_times() if record else {}).items()},
+        "peak_rss_mib": peak_rss_mib(),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    if finished.outcome is Outcome.DONE:
+        if not args.json:
+            print(
+                f"securemig: VM {args.name} migrated to {args.to} ({summary['variant']}, "
+                f"{summary['protocol']}): {mib:.0f} MiB in {seconds:.2f} s "
+                f"({summary['throughput_mibps']} MiB/s), migration {summary['migration_id']}"
+            )
+        return EXIT_OK
+    if finished.outcome is Outcome.ABORTED:
+        print(
+            f"securemig: migration of VM {args.name} failed: {summary['error']}; "
+            f"the VM is still at the source, unlocked",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(
+        f"securemig: VM {args.name} was committed to {args.to} but the destination did not "
+        f"confirm: {summary['error']}; check `securemig status` there",
+        file=sys.stderr,
+    )
+    return EXIT_IN_DOUBT
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``securemig status``: the journal, newest first."""
+    from securemig.host.journal import Journal, dumps
+
+    state_dir = args.state_dir if args.state_dir else source_state_dir(args.vm_dir, None)
+    path = state_dir / "journal.sqlite"
+    if not path.exists():
+        return _error(f"no journal at {path}")
+    records = Journal(path).records(args.limit)
+    if args.json:
+        print(dumps(records))
+        return EXIT_OK
+    if not records:
+        print("no migrations recorded")
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started))
+        print(
+            f"{when}  {r.role:<11} {r.vm:<16} {r.protocol:<8} {r.variant:<14} "
+            f"{(r.outcome or r.phase):<13} {r.bytes >> 20:>6} MiB  peer {r.peer}"
+            + (f"\n    {r.error}" if r.error else "")
+        )
+    return EXIT_OK
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    """``securemig ca init|issue``."""
+    from securemig.trust.identity import issue_tls
+    from securemig.trust.pki import Authority
+
+    if args.ca_command == "init":
+        if (args.dir / "ca.key").exists():
+            return _error(f"{args.dir} already holds a CA")
+        Authority.create(args.name).save(args.dir)
+        print(f"created site CA {args.name!r} in {args.dir}")
+        return EXIT_OK
+    try:
+        authority = Authority.load(args.dir)
+    except (OSError, ValueError) as e:
+        return _error(f"cannot load the CA in {args.dir}: {e}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    issue_tls(authority, args.name, args.out)
+    print(f"issued {args.out / 'tls.pem'} for {args.name}")
+    return EXIT_OK
+
+
+def cmd_pca(args: argparse.Namespace) -> int:
+    """``securemig pca init``."""
+    from securemig.trust.pca.core import PrivacyCA
+
+    if (args.dir / "ca.key").exists():
+        return _error(f"{args.dir} already holds a privacy CA")
+    missing = [str(p) for p in args.vendor_ca if not p.is_file()]
+    if missing:
+        return _error(f"no such vendor CA certificate: {', '.join(missing)}")
+    PrivacyCA.init(args.dir, args.vendor_ca)
+    print(f"created privacy CA in {args.dir} trusting {len(args.vendor_ca)} vendor CA(s)")
+    return EXIT_OK
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    """``securemig host init``."""
+    from securemig.trust.identity import init_host
+    from securemig.trust.pca.client import EnrollmentRefused
+    from securemig.trust.tpm.tpm import TPMError
+
+    try:
+        identity = init_host(args.dir, args.name, args.tpm, args.site_ca, args.pca, args.pca_ca)
+    except EnrollmentRefused as e:
+        return _error(f"the privacy CA refused the enrollment: {e}")
+    except (TPMError, OSError, ValueError) as e:
+        return _error(str(e))
+    print(
+        f"host {identity.name} initialised in {identity.directory}: TLS certificate, "
+        "attestation key, AK certificate"
+    )
+    return EXIT_OK
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    """``securemig policy show|record|forget``."""
+    from securemig.trust.policy import PolicyStore
+
+    try:
+        store = PolicyStore(args.policy_dir)
+        if args.policy_command == "record":
+            from securemig.trust.tpm.tpm import TPM, TPMError
+
+            pcrs = [int(p) for p in args.pcrs.split(",")]
+            try:
+                with TPM(args.tpm) as tpm:
+                    values = tpm.pcr_read(pcrs)
+            except TPMError as e:
+                return _error(str(e))
+            store.record(args.host, values)
+            print(f"recorded PCRs {args.pcrs} of {args.host}")
+        elif args.policy_command == "forget":
+            if not store.forget(args.host):
+                return _error(f"no golden values for {args.host}")
+            print(f"forgot the golden values of {args.host}")
+        else:
+            for host in [args.host] if args.host else store.hosts():
+                golden = store.get(host)
+                if golden is None:
+                    return _error(f"no golden values for {host}")
+                print(golden.to_json().decode(), end="")
+    except ValueError as e:
+        return _error(str(e))
+    return EXIT_OK
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    """``securemig recover``: settle in-doubt migrations from both journals."""
+    from securemig.host.arrival import DestinationHost
+    from securemig.host.journal import Journal
+
+    if not args.source_journal.is_file():
+        return _error(f"no source journal at {args.source_journal}")
+    host = DestinationHost(args.state_dir)
+    if args.identity:
+        from securemig.trust import vtpm
+
+        host.unseal = vtpm.unsealer(args.identity)
+    source = Journal(args.source_journal)
+
+    async def settle(reactor: Any) -> list[tuple[str, str]]:
+        return await host.settle(source)
+
+    actions = run_reactor(settle)
+    if not actions:
+        print("nothing is in doubt here")
+    for migration_id, action in actions:
+        print(f"{migration_id}: {action}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``securemig demo``: see :mod:`securemig.lab.demo`."""
+    from securemig.lab import demo
+
+    return demo.run(size_mib=args.size_mib, as_json=args.json, keep=args.keep, backend=args.backend)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``securemig bench``: see :mod:`securemig.lab.bench`."""
+    from securemig.lab import bench
+
+    if args.tpm:
+        from securemig.lab.bench import tpm
+
+        return tpm.run(repeat=args.repeat)
+    if args.qemu:
+        from securemig.lab.bench import qemu
+
+        return qemu.run([int(x) for x in args.sizes.split(",") if x.strip()], args.repeat)
+    sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    from securemig.transport.tls import CIPHERS
+
+    protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
+    ciphers: tuple[str | None, ...] = tuple(
+        c.strip() for c in args.ciphers.split(",") if c.strip()
+    ) or (None,)
+    if set(ciphers) - set(CIPHERS) - {None}:
+        return _error(f"--ciphers takes {', '.join(CIPHERS)}")
+    unknown = set(protocols) - set(bench.PROTOCOLS)
+    if unknown:
+        return _error(
+            f"unknown protocol(s) {', '.join(sorted(unknown))}: use {', '.join(bench.PROTOCOLS)}"
+        )
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if not variants or set(variants) - set(bench.VARIANTS):
+        return _error(f"--variants takes {', '.join(bench.VARIANTS)}")
+    if not sizes or min(sizes) <= 0 or args.repeat <= 0:
+        return _error("--sizes and --repeat must be positive")
+    from securemig.lab.bench.link import LinkError
+
+    try:
+        return bench.run(
+            sizes=sizes,
+            repeat=args.repeat,
+            work_dir=args.dir,
+            json_path=args.json,
+            protocols=protocols,
+            out=args.out,
+            ciphers=ciphers,
+            variants=variants,
+            disk_mib=args.disk_mib,
+            link_mbit=args.link_mbit,
+        )
+    except LinkError as e:
+        return _error(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,52 @@
+"""``twistd securemig-pca``: the privacy CA's HTTPS service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import reactor as _reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from securemig.app.service import ListenService
+from securemig.trust.pca.core import PrivacyCA
+from securemig.trust.pca.web import site
+
+reactor: Any = _reactor
+
+
+class Options(usage.Options):
+    """Command-line options of ``twistd securemig-pca``."""
+
+    synopsis = "--dir DIR --listen ssl:PORT:privateKey=KEY:certKey=CERT[:interface=ADDR]"
+    longdesc = (
+        "Run a securemig privacy CA: certify hosts' attestation keys after checking "
+        "their EK certificates and proving, by credential activation, that each AK "
+        "lives in the TPM of that EK.  DIR is made with `securemig pca init`."
+    )
+    optParameters = [
+        ["dir", None, None, "The privacy CA's directory (securemig pca init)."],
+        ["listen", None, None, "An ssl: endpoint (HTTPS only)."],
+        ["port-file", None, None, "Write the listening port number here once bound."],
+    ]
+
+    def postOptions(self) -> None:
+        """Refuse incomplete or plain-HTTP configurations."""
+        if not self["dir"]:
+            raise usage.UsageError("--dir is required")
+        if not (Path(self["dir"]) / "ca.pem").exists():
+            raise usage.UsageError(f"{self['dir']} is not a privacy CA (securemig pca init)")
+        if not self["listen"] or not self["listen"].startswith("ssl:"):
+            raise usage.UsageError("--listen must be an ssl: endpoint (HTTPS only)")
+
+
+def makeService(options: Options) -> service.MultiService:
+    """The privacy CA service."""
+    top = service.MultiService()
+    pca = PrivacyCA(Path(options["dir"]))
+    endpoint = serverFromString(reactor, options["listen"])
+    port_file = Path(options["port-file"]) if options["port-file"] else None
+    ListenService(endpoint, site(pca), port_file, "enrollments (HTTPS)").setServiceParent(top)
+    return top

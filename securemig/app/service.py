@@ -1,0 +1,228 @@
+"""
+``twistd securemig``: the destination service.
+
+Builds the listening service from command-line options; the plugin in
+``twisted/plugins/securemig_plugin.py`` points twistd here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import reactor as _reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from securemig.host import storage
+from securemig.host.arrival import DestinationHost
+from securemig.host.glibc import tune_malloc
+from securemig.transport import connection as protocol
+
+log = Logger()
+#: The global reactor, untyped (Twisted declares it through zope interfaces).
+reactor: Any = _reactor
+
+
+class Options(usage.Options):
+    """Command-line options of ``twistd securemig``."""
+
+    synopsis = "--state-dir DIR --insecure-listen ENDPOINT [options]"
+    longdesc = (
+        "Run a securemig destination: accept migrations of VMs into STATE_DIR/vms/. "
+        "The secure variant (mutual TLS, attestation) listens with --listen; the "
+        "insecure variant, for performance evaluation only, with --insecure-listen "
+        "(for example tcp:9000:interface=127.0.0.1)."
+    )
+    optParameters = [
+        ["state-dir", None, None, "Directory for arrived VMs, staging and the journal."],
+        [
+            "listen",
+            None,
+            None,
+            "Endpoint of the secure variant, e.g. tcp:9000 (mutual TLS 1.3 is added here).",
+        ],
+        ["identity", None, None, "This host's identity directory (securemig host init)."],
+        ["policy-dir", None, None, "Golden values of sources (default: IDENTITY/policy)."],
+        [
+            "insecure-listen",
+            None,
+            None,
+            "Endpoint of the INSECURE variant: no TLS, no attestation, vTPM keys in clear.",
+        ],
+        ["port-file", None, None, "Write the (secure, else insecure) port number here."],
+        ["insecure-port-file", None, None, "Write the insecure port number here."],
+        [
+            "idle-timeout",
+            None,
+            protocol.IDLE_TIMEOUT,
+            "Seconds without progress before a migration is aborted.",
+            float,
+        ],
+        ["deadline", None, protocol.DEADLINE, "Seconds a whole migration may take.", float],
+        ["backend", None, "image", "Hypervisor of this host: image (files only), qemu or xen."],
+        [
+            "tls-cipher",
+            None,
+            None,
+            "Secure variant: only this TLS 1.3 cipher suite "
+            "(aes128, aes256, chacha20; default: OpenSSL's choice).",
+        ],
+    ]
+    optFlags = [
+        ["tofu", None, "Record an unknown source's PCR values on its first attestation."],
+        [
+            "tls-data",
+            None,
+            "Secure variant: stream images inside the TLS connection instead of on a data "
+            "channel (a second TCP connection per migration, to a free port announced in "
+            "WELCOME, with AEAD records keyed from the TLS session; much faster).",
+        ],
+    ]
+
+    def opt_allow_source(self, name: str) -> None:
+        """Accept secure migrations only from this source name (repeatable)."""
+        self.setdefault("allow-source", []).append(name)
+
+    def postOptions(self) -> None:
+        """Check the options make a usable destination."""
+        if not self["state-dir"]:
+            raise usage.UsageError("--state-dir is required")
+        if self["listen"] and not self["identity"]:
+            raise usage.UsageError("--listen (the secure variant) needs --identity DIR")
+        if self["identity"] and not (Path(self["identity"]) / "host.json").exists():
+            raise usage.UsageError(
+                f"{self['identity']} is not an identity directory (securemig host init)"
+            )
+        from securemig.transport.tls import CIPHERS
+
+        if self["tls-cipher"] and self["tls-cipher"] not in CIPHERS:
+            raise usage.UsageError(f"unknown --tls-cipher; one of {', '.join(CIPHERS)}")
+        if self["backend"] not in ("image", "qemu", "xen"):
+            raise usage.UsageError(f"unknown --backend {self['backend']}: image, qemu or xen")
+        if not self["listen"] and not self["insecure-listen"]:
+            raise usage.UsageError(
+                "give an endpoint to listen on: --listen ENDPOINT "
+                "(secure) and/or --insecure-listen ENDPOINT"
+            )
+        if self["idle-timeout"] <= 0 or self["deadline"] <= 0:
+            raise usage.UsageError("--idle-timeout and --deadline must be positive")
+
+
+class ListenService(service.Service):
+    """Listen on one endpoint; optionally report the bound port in a file."""
+
+    def __init__(self, endpoint: Any, factory: Any, port_file: Path | None, what: str) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port_file = port_file
+        self.what = what
+        self.port: Any = None
+
+    def startService(self) -> None:
+        """Start listening; a failure to bind stops the process with the reason."""
+        super().startService()
+        d = self.endpoint.listen(self.factory)
+
+        def listening(port: Any) -> None:
+            self.port = port
+            number = port.getHost().port
+            log.info("listening for {what} on port {port}", what=self.what, port=number)
+            if self.port_file is not None:
+                storage.write_durably(self.port_file, f"{number}\n".encode())
+
+        def failed(f: Any) -> None:
+            log.failure("cannot listen for {what}", f, what=self.what)
+            reactor.stop()
+
+        d.addCallbacks(listening, failed)
+
+    def stopService(self) -> Any:
+        """Stop listening."""
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
+
+
+def makeService(options: Options) -> service.MultiService:
+    """The destination service for these options."""
+    tune_malloc()
+    host = DestinationHost(Path(options["state-dir"]), backend=options["backend"])
+    removed = host.recover_staging()
+    if removed:
+        log.info(
+            "removed staging of {n} interrupted migration(s): {ids}",
+            n=len(removed),
+            ids=", ".join(removed),
+        )
+    top = service.MultiService()
+    timers = {"idle_timeout": options["idle-timeout"], "deadline": options["deadline"]}
+    port_file = Path(options["port-file"]) if options["port-file"] else None
+    attestor = None
+    if options["identity"]:
+        from securemig.trust.keyrelease import open_attestor
+
+        policy_dir = Path(options["policy-dir"]) if options["policy-dir"] else None
+        attestor = open_attestor(Path(options["identity"]), policy_dir, options["tofu"])
+        host.unseal = attestor.unseal
+    if options["listen"]:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from securemig.transport import tls
+        from securemig.trust.keyrelease import DestinationSecurity, MigrationKey
+
+        assert attestor is not None  # postOptions requires --identity with --listen
+        identity = Path(options["identity"])
+        # Created once, for the PCR state the host has now; certified per session.
+        allowed = options.get("allow-source")
+        security = DestinationSecurity(
+            attestor,
+            MigrationKey(attestor.tpm, attestor.pcrs),
+            frozenset(allowed) if allowed else None,
+        )
+
+        def data_listener(interface: str, factory: Any) -> Any:
+            # Per migration, on the address the source reached: port 0 (any free).
+            return reactor.listenTCP(0, factory, interface=interface)  # type: ignore[attr-defined]
+
+        secure = protocol.DestinationFactory(
+            host,
+            reactor,
+            protocol_name="secure",
+            security=security,
+            data_listener=None if options["tls-data"] else data_listener,
+            **timers,
+        )
+        # TLS wraps the factory in code: endpoint strings cannot require client certs.
+        server_options: Any = tls.server_options(identity, options["tls-cipher"])
+        factory: Any = secure
+        wrapped = TLSMemoryBIOFactory(server_options, False, factory)
+        ListenService(
+            serverFromString(reactor, options["listen"]),
+            wrapped,
+            port_file,
+            f"secure migrations as {attestor.identity.name}",
+        ).setServiceParent(top)
+        port_file = None
+    if options["insecure-listen"]:
+        log.warn(
+            "serving the INSECURE variant on {endpoint}: no TLS, no attestation; "
+            "for performance evaluation only",
+            endpoint=options["insecure-listen"],
+        )
+        # With an identity, the insecure twin can keep a vTPM key (sent in the clear).
+        insecure = protocol.DestinationFactory(
+            host, reactor, protocol_name="insecure", sealer=attestor, **timers
+        )
+        if options["insecure-port-file"]:
+            port_file = Path(options["insecure-port-file"])
+        ListenService(
+            serverFromString(reactor, options["insecure-listen"]),
+            insecure,
+            port_file,
+            "insecure migrations",
+        ).setServiceParent(top)
+    return top

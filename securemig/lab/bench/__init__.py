@@ -1,0 +1,347 @@
+"""
+``securemig bench``: what a migration costs, against a plain copy.
+
+A lab of two enrolled swtpm hosts (:mod:`securemig.lab.lab`) moves the same VM
+(RAM image of each size, a vTPM, with ``--disk-mib`` a disk) between real
+``securemig migrate`` and ``twistd securemig`` processes, a fresh
+destination per run.  For each size, variant and repeat, in one run:
+
+- ``plain-copy``: :mod:`securemig.lab.bench.plaincopy` sends the RAM image
+  through a loopback socket into an fsynced file (the floor);
+- ``insecure``: the insecure twin (plain TCP; the vTPM key in the clear);
+- ``secure``: mutual TLS 1.3, attestation both ways, key release, images
+  on the data channel (per ``--ciphers``, ``secure-CIPHER``);
+- ``secure-tls`` (on request): the same with the images inside TLS, as
+  before the data channel existed.
+
+Each run records wall time per phase (from the source's journal) and in
+total, CPU seconds (user + system) and peak RSS of each process, bytes
+moved and bytes on the wire (TCP_INFO), and throughput.  Runs alternate so a
+noisy machine hurts every protocol alike; the report gives medians, min-max
+and the ratios that matter, and checks the performance targets.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from securemig.hypervisor.bundle import create_image_vm
+from securemig.lab import processes
+from securemig.lab.lab import DESTINATION
+
+
+def _plain_copy(work: Path, image: Path, lab: Any) -> dict[str, Any]:
+    port_file = work / "plain.port"
+    out = work / "plain.out"
+    port_file.unlink(missing_ok=True)
+    py = [sys.executable, "-m", "securemig.lab.bench.plaincopy"]
+    # Where a destination would be: behind the link, if there is one.
+    address = lab.address_of(DESTINATION)
+    wrapper = lab.link.wrapper if lab.link is not None else ()
+    receiver = subprocess.Popen(
+        [*wrapper, *py, "recv", str(port_file), str(out), address],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    while not port_file.exists():
+        if receiver.poll() is not None:
+            raise RuntimeError("plain-copy receiver died")
+        time.sleep(0.01)
+    started = time.monotonic()
+    sender = subprocess.Popen(
+        [*py, "send", port_file.read_text(), str(image), address],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    # Read each one's report of its peak memory, then reap it with wait4 (CPU).
+    assert sender.stdout is not None and receiver.stdout is not None
+    send_peak = int(sender.stdout.read()) / 1024
+    send_usage = processes.wait_process(sender)
+    recv_peak = int(receiver.stdout.read()) / 1024
+    recv_usage = processes.wait_process(receiver)
+    send_usage.peak_rss_mib, recv_usage.peak_rss_mib = send_peak, recv_peak
+    total = time.monotonic() - started
+    if send_usage.status or recv_usage.status:
+        raise RuntimeError("plain copy failed")
+    size = image.stat().st_size
+    out.unlink()
+    return _record("plain-copy", size, total, {}, send_usage, recv_usage)
+
+
+def _warm(bundle_dir: Path) -> None:
+    """Read a VM's images once, outside the measurement: the destination of
+    the previous run dropped them from the page cache (write-behind), while
+    a VM just suspended, and the plain copy's file, are in it."""
+    for path in bundle_dir.rglob("*.img"):
+        with open(path, "rb", buffering=0) as f:
+            while f.read(1 << 20):
+                pass
+
+
+def _record(
+    protocol: str,
+    size: int,
+    total: float,
+    phases: dict[str, float],
+    source: processes.Rusage,
+    destination: processes.Rusage,
+) -> dict[str, Any]:
+    return {
+        "protocol": protocol,
+        "variant": "full",
+        "cipher": None,
+        "size_mib": size >> 20,
+        "phases": phases,
+        "total_s": round(total, 4),
+        "cpu_s": {"source": round(source.cpu_s, 3), "destination": round(destination.cpu_s, 3)},
+        "peak_rss_mib": {
+            "source": round(source.peak_rss_mib, 1),
+            "destination": round(destination.peak_rss_mib, 1),
+        },
+        "wire_bytes": size,
+        "throughput_mibps": round((size >> 20) / total, 1),
+    }
+
+
+def _idle_destination(work: Path) -> dict[str, Any]:
+    """A destination started and stopped with no migration: its fixed costs."""
+    state = work / "idle"
+    shutil.rmtree(state, ignore_errors=True)
+    started = time.monotonic()
+    usage = processes.start_destination(state).stop()
+    record = _record("idle-destination", 0, time.monotonic() - started, {}, usage, usage)
+    record["cpu_s"]["source"] = record["peak_rss_mib"]["source"] = 0.0
+    return record
+
+
+def _summarise(records: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        f"{'size':>6} {'protocol':<20} {'time s':>8} {'x plain':>8} {'in-proc':>8} {'MiB/s':>7} "
+        f"{'CPU src':>8} {'CPU dst':>8} {'RSS src':>8} {'RSS dst':>8}",
+    ]
+    from securemig.lab.bench.report import sizes_of
+
+    for size in sizes_of(records):
+        runs = [r for r in records if r["size_mib"] == size]
+        base = statistics.median(r["total_s"] for r in runs if series(r) == "plain-copy")
+        for protocol in protocols_of(records):
+            rs = [r for r in runs if series(r) == protocol]
+            if not rs:
+                continue
+            med = statistics.median(r["total_s"] for r in rs)
+
+            def m(key: str, side: str, rs: list[dict[str, Any]] = rs) -> float:
+                return statistics.median(r[key][side] for r in rs)
+
+            inproc = [r["in_process_s"] for r in rs if "in_process_s" in r]
+            inproc_ratio = f"{statistics.median(inproc) / base:>8.2f}" if inproc else f"{'':>8}"
+            lines.append(
+                f"{size:>5}M {protocol:<20} {med:>8.3f} {med / base:>8.2f} {inproc_ratio} "
+                f"{size / med:>7.0f} {m('cpu_s', 'source'):>8.2f} "
+                f"{m('cpu_s', 'destination'):>8.2f} {m('peak_rss_mib', 'source'):>7.1f}M "
+                f"{m('peak_rss_mib', 'destination'):>7.1f}M"
+            )
+        medians = {
+            p: statistics.median(r["in_process_s"] for r in runs if series(r) == p)
+            for p in protocols_of(records)
+            if p != "plain-copy" and any(series(r) == p for r in runs)
+        }
+        for p in medians:
+            twin = insecure_twin(p)
+            if p.startswith("secure") and twin in medians:
+                lines.append(f"{size:>5}M {p} / {twin}: {medians[p] / medians[twin]:.2f}")
+    return lines
+
+
+def series(record: dict[str, Any]) -> str:
+    """A record's line in tables and plots: the protocol (``secure-CIPHER``
+    with ``--ciphers``), ``/shared`` for the shared-storage variant."""
+    suffix = "/shared" if record.get("variant") == "shared-storage" else ""
+    return f"{record['protocol']}{suffix}"
+
+
+def insecure_twin(label: str) -> str:
+    """The insecure series a secure one is compared with (same variant)."""
+    return "insecure/shared" if label.endswith("/shared") else "insecure"
+
+
+def protocols_of(records: list[dict[str, Any]]) -> list[str]:
+    """The series measured, in table order: plain copy, insecure, secure
+    (``secure-CIPHER`` after it), each variant in turn."""
+    present = {series(r) for r in records if r["size_mib"]}
+    order = ["plain-copy", "insecure", "secure", "secure-tls"]
+    order += [f"{p}/shared" for p in order[1:]]
+    return [p for p in order if p in present] + sorted(present - set(order))
+
+
+def _lab_migration(
+    lab: Any, name: str, size: int, protocol: str, cipher: str | None, variant: str
+) -> dict[str, Any]:
+    """One migration between the lab's two hosts, with a fresh destination
+    process (so its CPU and peak RSS are this migration's)."""
+    secure = protocol != "insecure"
+    extra = ("--tls-data",) if protocol == "secure-tls" else ()
+    _warm(lab.vm_dir / name)
+    destination = lab.start_destination(keep=False, cipher=cipher, extra=extra)
+    try:
+        started = time.monotonic()
+        summary, src_usage = lab.migrate(
+            destination,
+            name,
+            secure=secure,
+            extra=("--shared-storage",) if variant == "shared-storage" else (),
+        )
+        total = time.monotonic() - started
+        src_usage.peak_rss_mib = summary["peak_rss_mib"]
+    finally:
+        dst_usage = destination.stop()
+    lab.return_vm(destination, name)
+    label = f"{protocol}-{cipher}" if cipher else protocol
+    record = _record(label, size, total, summary["phases"], src_usage, dst_usage)
+    record.update(
+        variant=variant,
+        cipher=cipher if secure else None,
+        in_process_s=summary["seconds"],
+        bytes=summary["bytes"],
+        wire_bytes=summary.get("wire_bytes"),
+        throughput_mibps=round(summary["bytes"] / (1 << 20) / total, 1),
+    )
+    streams = summary["phases"].get("streams")
+    if streams:
+        record["stream_mibps"] = round(summary["bytes"] / (1 << 20) / streams, 1)
+    return record
+
+
+#: What ``--protocols`` may name besides the plain copy.
+PROTOCOLS = ("insecure", "secure", "secure-tls")
+VARIANTS = ("full", "shared-storage")
+
+
+def run(
+    sizes: list[int],
+    repeat: int,
+    work_dir: Path | None,
+    json_path: Path | None,
+    protocols: tuple[str, ...] = ("insecure", "secure"),
+    out: Path | None = None,
+    ciphers: tuple[str | None, ...] = (None,),
+    variants: tuple[str, ...] = ("full",),
+    disk_mib: int = 0,
+    link_mbit: int | None = None,
+) -> int:
+    """Run the benchmark and print its table; with ``json_path`` write the
+    records there and the CSV, report and plots beside it (with ``out``, in
+    that directory).  Returns an exit status."""
+    from securemig.lab.lab import Lab
+
+    # Where the outputs go must exist before an hour of measuring, not after.
+    for directory in (out, json_path.parent if json_path else None):
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+    link = None
+    if link_mbit is not None:
+        from securemig.lab.bench.link import Link
+
+        link = Link(link_mbit)
+        print(
+            f"destination side in network namespace {link.namespace}, behind a "
+            f"{link_mbit} Mbit/s veth link (tbf)",
+            file=sys.stderr,
+        )
+    work = Path(tempfile.mkdtemp(prefix="securemig-bench-", dir=work_dir))
+    records: list[dict[str, Any]] = []
+    lab = Lab(work / "lab", link=link)
+    try:
+        idle = _idle_destination(work)
+        records.append(idle)
+        print(
+            f"idle destination: {idle['cpu_s']['destination']:.2f} CPU-s to start and stop, "
+            f"peak RSS {idle['peak_rss_mib']['destination']:.1f} MiB",
+            file=sys.stderr,
+        )
+        per_variant = sum(len(ciphers) if p.startswith("secure") else 1 for p in protocols)
+        progress = tqdm(
+            total=len(sizes) * repeat * (1 + len(variants) * per_variant),
+            unit="run",
+            desc="bench",
+            file=sys.stderr,
+            disable=not sys.stderr.isatty(),
+        )
+        print("setting up two enrolled hosts with swtpm TPMs ...", file=sys.stderr)
+        lab.start()
+        for size in sizes:
+            print(f"creating {size} MiB VMs ...", file=sys.stderr)
+            plain = create_image_vm(work / "plain", f"plain-{size}", size)
+            steps: list[Callable[[], dict[str, Any]]] = [
+                partial(_plain_copy, work, plain.image_path("ram"), lab)
+            ]
+            names = []
+            for variant in variants:
+                name = f"bench-{size}-{variant}"
+                names.append(name)
+                shared = None
+                if variant == "shared-storage":
+                    (work / "shared").mkdir(exist_ok=True)
+                    shared = work / "shared" / f"{name}.disk"
+                lab.create_vm(name, size, disk_mib or None, secure=True, shared_disk=shared)
+                for protocol in protocols:
+                    for cipher in ciphers if protocol.startswith("secure") else (None,):
+                        steps.append(
+                            partial(
+                                _lab_migration, lab, name, size << 20, protocol, cipher, variant
+                            )
+                        )
+            for i in range(repeat):
+                for step in steps:  # alternate, so noise hurts every protocol alike
+                    record = step()
+                    record["repeat"] = i
+                    records.append(record)
+                    progress.update(1)
+                    progress.write(
+                        f"  {size} MiB run {i + 1}/{repeat} {record['protocol']:<16} "
+                        f"{record['variant']:<14} {record['total_s']:.3f} s",
+                        file=sys.stderr,
+                    )
+            shutil.rmtree(plain.path)
+            for name in names:
+                shutil.rmtree(lab.vm_dir / name)
+            shutil.rmtree(work / "shared", ignore_errors=True)
+        progress.close()
+    finally:
+        lab.stop()
+        if link is not None:
+            link.close()
+        shutil.rmtree(work, ignore_errors=True)
+    for record in records:
+        record["link_mbit"] = link_mbit
+    from securemig.lab.bench.report import write_all
+
+    if json_path is not None:
+        json_path.write_text(json.dumps(records, indent=2))
+        print(f"wrote {json_path}", file=sys.stderr)
+    if out is not None or json_path is not None:
+        directory = out if out is not None else json_path.parent  # type: ignore[union-attr]
+        prefix = "" if out is not None else f"{json_path.stem}-"  # type: ignore[union-attr]
+        for path in write_all(records, directory, prefix):
+            print(f"wrote {path}", file=sys.stderr)
+    print("\n".join(_summarise(records)))
+    print(
+        "time: wall seconds of the whole source command; x plain: its ratio to the plain "
+        "copy's median;\nin-proc: the same ratio without the source interpreter's start-up; "
+        "CPU: per process, from wait4; RSS: its VmHWM (the destination's include its own "
+        "start-up).\n"
+        "secure/insecure: ratio of the in-process medians, same size, same variant, same run."
+    )
+    return 0

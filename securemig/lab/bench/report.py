@@ -1,0 +1,318 @@
+"""
+The benchmark's outputs: records as JSON and CSV, a report, and plots.
+
+The report's tables are shaped like the source thesis's: one row per size
+and protocol with the median and the min-max range of wall time, CPU time
+of each side and peak memory of each side, then the ratios that decide
+whether security is worth its cost: secure/insecure, and each against the
+plain copy of the same bytes measured in the same run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def _flat(record: dict[str, Any]) -> dict[str, Any]:
+    row = {k: v for k, v in record.items() if not isinstance(v, dict)}
+    for key in ("cpu_s", "peak_rss_mib"):
+        for side, value in record[key].items():
+            row[f"{key}_{side}"] = value
+    for phase, seconds in record.get("phases", {}).items():
+        row[f"phase_{phase}"] = seconds
+    return row
+
+
+def write_csv(records: list[dict[str, Any]], path: Path) -> None:
+    """One row per run; phases as ``phase_<name>`` columns."""
+    rows = [_flat(r) for r in records]
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _stat(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "-"
+    return (
+        f"{statistics.median(values):.{digits}f} "
+        f"({min(values):.{digits}f}-{max(values):.{digits}f})"
+    )
+
+
+def protocols_of(records: list[dict[str, Any]]) -> list[str]:
+    """The protocols measured, in table order."""
+    from securemig.lab.bench import protocols_of as order
+
+    return order(records)
+
+
+def sizes_of(records: list[dict[str, Any]]) -> list[int]:
+    """The image sizes measured, in MiB, ascending."""
+    return sorted({r["size_mib"] for r in records if r["size_mib"]})
+
+
+def cpu_s(record: dict[str, Any]) -> float:
+    """CPU seconds of a run, both sides together."""
+    return float(record["cpu_s"]["source"] + record["cpu_s"]["destination"])
+
+
+def _runs(records: list[dict[str, Any]], size: int, protocol: str) -> list[dict[str, Any]]:
+    from securemig.lab.bench import series
+
+    return [r for r in records if r["size_mib"] == size and series(r) == protocol]
+
+
+def _wire(runs: list[dict[str, Any]]) -> str:
+    """Median bytes on the wire (TCP payload, both connections), in MiB."""
+    values = [r["wire_bytes"] for r in runs if r.get("wire_bytes")]
+    return f"{statistics.median(values) / (1 << 20):.1f}" if values else "-"
+
+
+def report(records: list[dict[str, Any]]) -> str:
+    """The report as Markdown."""
+    sizes = sizes_of(records)
+    lines = [
+        "# securemig benchmark",
+        "",
+        "Medians over the repeats, (min-max).  Time: wall seconds of the whole source",
+        "command.  CPU: user+system seconds per process.  RSS: peak resident MiB per",
+        "process.  The destination's CPU and RSS include its own start-up.",
+        "",
+        "| size MiB | protocol | time s | CPU source s | CPU destination s "
+        "| RSS source | RSS destination | MiB/s | wire MiB |",
+        "|---:|---|---|---|---|---|---|---:|---:|",
+    ]
+    for size in sizes:
+        for protocol in protocols_of(records):
+            rs = _runs(records, size, protocol)
+            if not rs:
+                continue
+            total = [r["total_s"] for r in rs]
+            lines.append(
+                f"| {size} | {protocol} | {_stat(total)} "
+                f"| {_stat([r['cpu_s']['source'] for r in rs])} "
+                f"| {_stat([r['cpu_s']['destination'] for r in rs])} "
+                f"| {_stat([r['peak_rss_mib']['source'] for r in rs], 1)} "
+                f"| {_stat([r['peak_rss_mib']['destination'] for r in rs], 1)} "
+                f"| {size / statistics.median(total):.0f} | {_wire(rs)} |"
+            )
+    lines += [
+        "",
+        "## Ratios (medians, same size, same run)",
+        "",
+        "| size MiB | secure variant | insecure / plain | secure / plain "
+        "| secure / insecure | CPU secure / insecure (both sides) |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for size in sizes:
+        med: dict[str, float] = {}
+        cpu: dict[str, float] = {}
+        for protocol in protocols_of(records):
+            rs = _runs(records, size, protocol)
+            if rs:
+                med[protocol] = statistics.median(r["total_s"] for r in rs)
+                cpu[protocol] = statistics.median(cpu_s(r) for r in rs)
+
+        def ratio(a: str, b: str, values: dict[str, float]) -> str:
+            return f"{values[a] / values[b]:.2f}" if a in values and b in values else "-"
+
+        from securemig.lab.bench import insecure_twin
+
+        for secure in [p for p in med if p.startswith("secure")]:
+            twin = insecure_twin(secure)
+            lines.append(
+                f"| {size} | {secure} | {ratio(twin, 'plain-copy', med)} "
+                f"| {ratio(secure, 'plain-copy', med)} | {ratio(secure, twin, med)} "
+                f"| {ratio(secure, twin, cpu)} |"
+            )
+    phases = _phase_table(records, sizes)
+    if phases:
+        lines += ["", "## Phases (median seconds, from the source's journal)", "", *phases]
+    lines += ["", *targets(records)]
+    return "\n".join(lines) + "\n"
+
+
+def _phase_table(records: list[dict[str, Any]], sizes: list[int]) -> list[str]:
+    names: list[str] = []
+    for r in records:
+        names += [n for n in r["phases"] if n not in names]
+    if not names:
+        return []
+    lines = [
+        "| size MiB | protocol | " + " | ".join(names) + " |",
+        "|---:|---|" + "---:|" * len(names),
+    ]
+    for size in sizes:
+        for protocol in protocols_of(records):
+            rs = [r for r in _runs(records, size, protocol) if r["phases"]]
+            if rs:
+                cells = [
+                    f"{statistics.median(r['phases'][n] for r in rs):.4f}"
+                    if all(n in r["phases"] for r in rs)
+                    else "-"
+                    for n in names
+                ]
+                lines.append(f"| {size} | {protocol} | " + " | ".join(cells) + " |")
+    return lines
+
+
+#: Phases that are not the fixed cost of a migration.
+VARIABLE_PHASES = ("streams", "commit", "resume")
+
+
+def fixed_cost(record: dict[str, Any]) -> float:
+    """Seconds of a run outside its streams, commit and resume."""
+    return sum(v for k, v in record["phases"].items() if k not in VARIABLE_PHASES)
+
+
+def targets(records: list[dict[str, Any]]) -> list[str]:
+    """The performance targets, each with what this run measured."""
+    sizes = sizes_of(records)
+    lines = [
+        "## Targets",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+
+    def row(target: str, measured: str, met: bool | None) -> None:
+        verdict = "not measured" if met is None else ("yes" if met else "**no**")
+        lines.append(f"| {target} | {measured} | {verdict} |")
+
+    def median(values: list[float]) -> float | None:
+        return statistics.median(values) if values else None
+
+    big = 1024 if 1024 in sizes else (sizes[-1] if sizes else 0)
+    secure, insecure = _runs(records, big, "secure"), _runs(records, big, "insecure")
+    s = median([r.get("in_process_s", r["total_s"]) for r in secure])
+    i = median([r.get("in_process_s", r["total_s"]) for r in insecure])
+    if s is not None and i is not None:
+        row(
+            f"secure / insecure time, {big} MiB, full, ≤ 1.03",
+            f"{s / i:.3f} ({s:.2f} s / {i:.2f} s, in-process medians)",
+            s / i <= 1.03,
+        )
+    else:
+        row("secure / insecure time, 1 GiB, full, ≤ 1.03", "needs both protocols", None)
+    ssh = _runs(records, big, "ssh-cat")
+    stream = median([r["stream_mibps"] for r in secure if r.get("stream_mibps")])
+    if ssh and stream is not None:
+        base = statistics.median(r["throughput_mibps"] for r in ssh)
+        row("secure stream throughput ≥ 1.3 x ssh cat", f"{stream / base:.2f} x", stream >= base)
+    else:
+        row(
+            "secure stream throughput ≥ 1.3 x ssh cat (aes128-gcm)",
+            f"secure streams {stream or 0:.0f} MiB/s; no ssh baseline (no sshd here)",
+            None,
+        )
+    cpu = median([cpu_s(r) / (r["size_mib"] / 1024) for r in secure])
+    idle = median(
+        [r["cpu_s"]["destination"] for r in records if r["protocol"] == "idle-destination"]
+    )
+    plain = median([cpu_s(r) / (r["size_mib"] / 1024) for r in _runs(records, big, "plain-copy")])
+    if cpu is not None:
+        net = f"; {cpu - (idle or 0) / (big / 1024):.2f} without the destination's start-up"
+        floor = f"; the plain copy alone: {plain:.2f} s/GiB" if plain else ""
+        row(
+            "secure CPU, both sides, ≤ 2.0 s/GiB",
+            f"{cpu:.2f} s/GiB at {big} MiB (whole processes){net if idle else ''}{floor}",
+            cpu <= 2.0,
+        )
+    if 1024 in sizes and 4096 in sizes:
+        worst = 0.0
+        for side in ("source", "destination"):
+            a = median([r["peak_rss_mib"][side] for r in _runs(records, 1024, "secure")])
+            b = median([r["peak_rss_mib"][side] for r in _runs(records, 4096, "secure")])
+            if a and b:
+                worst = max(worst, abs(b - a) / a)
+        row("peak RSS of each side within 10 % from 1 GiB to 4 GiB", f"{worst:.1%}", worst <= 0.10)
+    else:
+        row("peak RSS of each side within 10 % from 1 GiB to 4 GiB", "needs sizes 1024,4096", None)
+    fixed = median([fixed_cost(r) for size in sizes for r in _runs(records, size, "secure")])
+    if fixed is not None:
+        row(
+            "fixed cost (all but streams, commit, resume) ≤ 150 ms",
+            f"{fixed * 1000:.0f} ms",
+            fixed <= 0.150,
+        )
+    return lines
+
+
+def plots(records: list[dict[str, Any]], out: Path, prefix: str = "") -> list[Path]:
+    """PNG plots: time, CPU per side, memory per side, throughput, by size."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display
+    import matplotlib.pyplot as plt
+
+    sizes = sizes_of(records)
+    written = []
+
+    def series(protocol: str, value: Any) -> tuple[list[int], list[float]]:
+        xs, ys = [], []
+        for size in sizes:
+            rs = _runs(records, size, protocol)
+            if rs:
+                xs.append(size)
+                ys.append(statistics.median(value(r) for r in rs))
+        return xs, ys
+
+    charts = [
+        ("time.png", "wall time (s)", [("", lambda r: r["total_s"])]),
+        ("throughput.png", "MiB/s", [("", lambda r: r["size_mib"] / r["total_s"])]),
+        (
+            "cpu.png",
+            "CPU (s)",
+            [
+                (" source", lambda r: r["cpu_s"]["source"]),
+                (" destination", lambda r: r["cpu_s"]["destination"]),
+            ],
+        ),
+        (
+            "memory.png",
+            "peak RSS (MiB)",
+            [
+                (" source", lambda r: r["peak_rss_mib"]["source"]),
+                (" destination", lambda r: r["peak_rss_mib"]["destination"]),
+            ],
+        ),
+    ]
+    for name, label, values in charts:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for protocol in protocols_of(records):
+            for suffix, value in values:
+                xs, ys = series(protocol, value)
+                if xs:
+                    ax.plot(xs, ys, marker="o", label=protocol + suffix)
+        ax.set_xlabel("image size (MiB)")
+        ax.set_ylabel(label)
+        ax.legend()
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / f"{prefix}{name}", dpi=100)
+        plt.close(fig)
+        written.append(out / f"{prefix}{name}")
+    return written
+
+
+def write_all(records: list[dict[str, Any]], out: Path, prefix: str = "") -> list[Path]:
+    """records.json (unless ``prefix``: then the caller wrote it),
+    records.csv, report.md and the plots, in ``out``, names after ``prefix``."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if not prefix:
+        (out / "records.json").write_text(json.dumps(records, indent=2))
+        written.append(out / "records.json")
+    write_csv(records, out / f"{prefix}records.csv")
+    (out / f"{prefix}report.md").write_text(report(records))
+    written += [out / f"{prefix}records.csv", out / f"{prefix}report.md"]
+    return written + plots(records, out, prefix)

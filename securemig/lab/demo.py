@@ -1,0 +1,184 @@
+"""
+``securemig demo``: the whole system in one command, on loopback.
+
+In a temporary directory it starts a privacy CA (``twistd securemig-pca``)
+and two hosts, each with its own swtpm as host TPM, enrolled through the
+privacy CA, each running a real ``twistd securemig``; creates a VM with a
+vTPM whose key is sealed to the source's TPM; migrates it securely (mutual
+TLS 1.3, attestation both ways, key release), then back over the insecure
+variant; checks what arrived each time, and prints a table of phases.  It
+ends every process it started.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from securemig.hypervisor.bundle import Bundle
+from securemig.lab.lab import DESTINATION, SOURCE, Lab
+
+
+def _digests(bundle: Bundle) -> dict[str, str]:
+    result = {}
+    for image in bundle.manifest.images:
+        h = hashlib.sha256()
+        with open(bundle.image_path(image), "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        result[image.name] = h.hexdigest()
+    return result
+
+
+def run(
+    size_mib: int = 256, as_json: bool = False, keep: bool = False, backend: str = "image"
+) -> int:
+    """Run the demo (``backend="qemu"``: with a running QEMU guest); returns
+    the process exit status."""
+    from securemig.trust import vtpm
+    from securemig.trust.keyrelease import open_attestor
+
+    work = Path(tempfile.mkdtemp(prefix="securemig-demo-"))
+    say: Callable[..., None] = (lambda *a: print(*a, file=sys.stderr)) if as_json else print
+    lab = Lab(work, say)
+    try:
+        say(f"securemig demo in {work}")
+        say("1. setting up a site CA, a privacy CA and two hosts")
+        lab.start()
+        qemu: Any = None
+        if backend == "qemu":
+            from securemig.hypervisor.qemu import QemuBackend
+
+            qemu = QemuBackend()
+        destination = lab.start_destination(backend=backend)
+        say(
+            f"   destination {DESTINATION} `twistd securemig`: secure on port "
+            f"{destination.port}, insecure on port {destination.insecure_port}"
+        )
+        home = lab.start_destination(host=SOURCE, backend=backend)
+        say(
+            f"   and {SOURCE} runs one too (for the way back): insecure on port "
+            f"{home.insecure_port}"
+        )
+        vm = lab.create_vm("demo-vm", size_mib, 32, secure=True, backend=backend)
+        if qemu is not None:  # end the guest wherever it is when the demo ends
+            for where in (
+                vm.path,
+                destination.state_dir / "vms" / "demo-vm",
+                home.state_dir / "vms" / "demo-vm",
+            ):
+                lab.on_stop(partial(qemu.end, Bundle(where, vm.manifest)))
+        identity = vm.manifest.vtpm
+
+        def state_of(bundle: Bundle) -> Any:
+            """What must arrive intact: the images, or for a QEMU guest that it
+            runs with the same memory and its vTPM attached (its RAM image
+            differs per suspend)."""
+            if qemu is None:
+                return _digests(bundle)
+            from securemig.hypervisor.qemu import MARKER_ADDRESS
+
+            return (
+                qemu.status(bundle),
+                qemu.vtpm_attached(bundle),
+                qemu.guest_memory(bundle, MARKER_ADDRESS, 4096),
+            )
+
+        before = state_of(vm)
+        source = open_attestor(work / SOURCE, None, False)
+        secret = source.unseal(vm.vtpm_key_path.read_bytes())
+        source.tpm.close()
+        kind = "a running QEMU guest" if qemu else "a suspended VM"
+        say(
+            f"2. created VM demo-vm at {SOURCE}: {kind} (RAM {size_mib} MiB, disk 32 MiB, a "
+            f"swtpm vTPM encrypted at rest, its key sealed to {SOURCE}'s TPM)"
+        )
+        say(
+            f"3. migrating demo-vm securely to {DESTINATION}: mutual TLS 1.3, attestation "
+            "both ways, key release"
+        )
+        secure, _ = lab.migrate(destination, "demo-vm", secure=True)
+        there = Bundle.load(destination.state_dir / "vms" / "demo-vm")
+        dest = open_attestor(work / DESTINATION, None, False)
+        released = dest.unseal(there.vtpm_key_path.read_bytes())
+        dest.tpm.close()
+        at_destination = {
+            "images": state_of(there) == before,
+            "key": released == secret,
+            "vtpm": there.manifest.vtpm == identity
+            and vtpm.identity(there.path / vtpm.STATE_DIR, released) == identity,
+            "source_copy_removed": not vm.path.exists(),
+        }
+        say(
+            f"4. migrating it back to {SOURCE} over the insecure variant (the vTPM key "
+            "travels in the clear)"
+        )
+        insecure, _ = lab.migrate(
+            home, "demo-vm", secure=False, vm_dir=there.path.parent, source=DESTINATION, to=SOURCE
+        )
+        back = Bundle.load(home.state_dir / "vms" / "demo-vm")
+        source = open_attestor(work / SOURCE, None, False)
+        returned = source.unseal(back.vtpm_key_path.read_bytes())
+        source.tpm.close()
+        checks = {
+            (
+                "guest_running_with_same_memory_and_vtpm" if qemu else "images_identical"
+            ): at_destination["images"] and state_of(back) == before,
+            "vtpm_key_released_to_destination_tpm": at_destination["key"],
+            "same_vtpm_at_destination": at_destination["vtpm"],
+            "vtpm_back_at_source": returned == secret and back.manifest.vtpm == identity,
+            "source_copies_removed": at_destination["source_copy_removed"]
+            and not there.path.exists(),
+        }
+        result = {"secure": secure, "insecure": insecure, "checks": checks}
+        if as_json:
+            print(json.dumps(result, indent=2))
+        else:
+            _table(say, secure, insecure)
+            for check, ok in checks.items():
+                say(f"   {check.replace('_', ' ')}: {'yes' if ok else 'NO'}")
+        ok = secure["outcome"] == insecure["outcome"] == "done" and all(checks.values())
+        return 0 if ok else 1
+    except RuntimeError as e:
+        say(f"demo failed: {e}")
+        return 1
+    finally:
+        lab.stop()
+        if keep:
+            say(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _table(say: Callable[..., None], secure: dict[str, Any], insecure: dict[str, Any]) -> None:
+    say("5. phases (seconds, from the source's journal):")
+    say(f"   {'phase':<28} {'secure':>9} {'insecure':>9}")
+    order = [
+        "connect",
+        "hello",
+        "hello + attest destination",
+        "attest source",
+        "key transfer",
+        "streams",
+        "commit",
+        "resume",
+    ]
+    seen = set(secure["phases"]) | set(insecure["phases"])
+    names = [n for n in order if n in seen] + sorted(seen - set(order))
+    for name in names:
+        s = secure["phases"].get(name)
+        i = insecure["phases"].get(name)
+        say(
+            f"   {name:<28} {'' if s is None else f'{s:9.4f}':>9} "
+            f"{'' if i is None else f'{i:9.4f}':>9}"
+        )
+    say(f"   {'total':<28} {secure['seconds']:9.3f} {insecure['seconds']:9.3f}")
+    say(f"   {'MiB/s':<28} {secure['throughput_mibps']:>9} {insecure['throughput_mibps']:>9}")
+    say("   (one run each, the first with cold caches: `securemig bench` measures the cost)")

@@ -1,0 +1,266 @@
+"""
+A lab on loopback: a site CA, a privacy CA and two enrolled hosts.
+
+``securemig demo`` and ``securemig bench`` both need the whole system on one
+machine: two swtpm host TPMs whose EK certificates come from a local
+"vendor" CA, a real ``twistd securemig-pca`` over HTTPS, both hosts set up
+with ``securemig host init`` logic (TLS identity, AK, enrollment), and
+destinations started as real ``twistd securemig`` processes.  Every process
+is ended by its pid when the lab stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from securemig.host import storage
+from securemig.hypervisor.bundle import Bundle, create_image_vm
+from securemig.lab import processes
+
+SOURCE, DESTINATION = "source-a", "dest-b"
+
+
+class Lab:
+    """Two enrolled hosts in ``work``; :meth:`start` builds them, :meth:`stop`
+    ends every process."""
+
+    def __init__(
+        self, work: Path, say: Callable[..., None] = lambda *a: None, link: Any = None
+    ) -> None:
+        self.work = work
+        self.say = say
+        #: With a :class:`~securemig.lab.bench.link.Link`, destinations run behind it.
+        self.link = link
+        self.vm_dir = work / "vms"
+        self._stops: list[Callable[[], object]] = []
+
+    def start(self) -> None:
+        """Site CA, two host TPMs, the privacy CA, both hosts enrolled."""
+        from securemig.trust.identity import init_host, issue_tls
+        from securemig.trust.pca.core import PrivacyCA
+        from securemig.trust.pki import Authority
+        from securemig.trust.tpm import swtpm
+
+        work, started = self.work, time.monotonic()
+        site = Authority.create("lab site CA")
+        site.save(work / "site-ca")
+        vendor = work / "tpm-vendor-ca"
+        tctis = {}
+        for host in (SOURCE, DESTINATION):
+            swtpm.provision(work / f"tpm-{host}", vendor)
+            # Behind a link, the destination reaches its TPM across it.
+            tpm_ip = self.link.host_ip if self._behind_link(host) else "127.0.0.1"
+            tpm = swtpm.start(work / f"tpm-{host}", host=tpm_ip)
+            self._stops.append(tpm.stop)
+            tctis[host] = tpm.tcti
+        self.say(
+            f"   two swtpm host TPMs with EK certificates ({time.monotonic() - started:.1f} s)"
+        )
+        PrivacyCA.init(work / "pca", swtpm.ca_certificates(vendor))
+        tls = work / "pca-tls"
+        tls.mkdir()
+        issue_tls(site, "localhost", tls)
+        pca, port = processes.start_pca(work / "pca", tls, work)
+        self._stops.append(lambda: processes.end_process(pca))
+        self.say(f"   privacy CA `twistd securemig-pca` on https://localhost:{port}")
+        for host in (SOURCE, DESTINATION):
+            t = time.monotonic()
+            init_host(
+                work / host,
+                host,
+                tctis[host],
+                work / "site-ca",
+                f"https://localhost:{port}",
+                work / "pca" / "ca.pem",
+            )
+            self.say(
+                f"   host {host}: TLS certificate, AK, enrolled (EK certificate checked, "
+                f"credential activated) in {time.monotonic() - t:.2f} s"
+            )
+
+    def _behind_link(self, host: str) -> bool:
+        return self.link is not None and host == DESTINATION
+
+    def address_of(self, host: str) -> str:
+        """The IP address ``host``'s destination listens on."""
+        return str(self.link.ns_ip) if self._behind_link(host) else "127.0.0.1"
+
+    def on_stop(self, stop: Callable[[], object]) -> None:
+        """Also do this when the lab stops (before its own processes end)."""
+        self._stops.append(stop)
+
+    def stop(self) -> None:
+        """End every process the lab started."""
+        for stop in reversed(self._stops):
+            stop()
+        self._stops.clear()
+
+    def start_destination(
+        self,
+        keep: bool = True,
+        host: str = DESTINATION,
+        cipher: str | None = None,
+        backend: str = "image",
+        extra: tuple[str, ...] = (),
+    ) -> processes.Destination:
+        """A ``twistd securemig`` for ``host`` (dest-b by default), secure and
+        insecure listeners, ``extra`` options.  With ``keep`` the lab ends it
+        at :meth:`stop`; else the caller does."""
+        name = "destination" if host == DESTINATION else f"destination-{host}"
+        state = self.work / name
+        state.mkdir(exist_ok=True)
+        insecure_port_file = self.work / f"{name}.insecure.port"
+        insecure_port_file.unlink(missing_ok=True)
+        process, port = processes.start_twistd(
+            "securemig",
+            "--state-dir",
+            str(state),
+            "--identity",
+            str(self.work / host),
+            "--listen",
+            f"tcp:0:interface={self.address_of(host)}",
+            "--insecure-listen",
+            f"tcp:0:interface={self.address_of(host)}",
+            "--insecure-port-file",
+            str(insecure_port_file),
+            "--tofu",
+            *(["--tls-cipher", cipher] if cipher else []),
+            "--backend",
+            backend,
+            *extra,
+            port_file=self.work / f"{name}.port",
+            log_file=self.work / f"{name}.log",
+            wrapper=self.link.wrapper if self._behind_link(host) else (),
+        )
+        destination = processes.Destination(process, port, state, self.work / f"{name}.log")
+        # The two listeners bind independently: wait for the second as well.
+        try:
+            destination.insecure_port = processes.wait_for_port(insecure_port_file, process)
+        except BaseException:
+            destination.stop()
+            raise
+        if keep:
+            self._stops.append(destination.stop)
+        return destination
+
+    def create_vm(
+        self,
+        name: str,
+        size_mib: int,
+        disk_mib: int | None,
+        secure: bool,
+        backend: str = "image",
+        shared_disk: Path | None = None,
+    ) -> Bundle:
+        """A VM at the source; with ``secure``, a vTPM whose key is sealed to
+        the source's TPM; with ``backend="qemu"``, a QEMU guest, started."""
+        from securemig.trust.keyrelease import open_attestor
+
+        sealed = vtpm = None
+        if secure:
+            key = os.urandom(32)
+            source = open_attestor(self.work / SOURCE, None, False)
+            try:
+                sealed = source.seal(key)
+            finally:
+                source.tpm.close()
+            vtpm = (key, self.work / "vtpm-ca")
+        bundle = create_image_vm(
+            self.vm_dir,
+            name,
+            size_mib,
+            disk_mib=disk_mib,
+            shared_disk=shared_disk,
+            owner=SOURCE if shared_disk else None,
+            sealed_vtpm_key=sealed,
+            vtpm=vtpm,
+            backend=backend,
+        )
+        if backend == "qemu":
+            started = processes.securemig(
+                "vm",
+                "start",
+                name,
+                "--dir",
+                str(self.vm_dir),
+                "--identity",
+                str(self.work / SOURCE),
+            )
+            if started.returncode != 0:
+                raise RuntimeError(f"securemig vm start failed: {started.stderr.strip()}")
+            bundle = Bundle.load(bundle.path)
+        return bundle
+
+    def migrate(
+        self,
+        destination: processes.Destination,
+        name: str,
+        secure: bool,
+        vm_dir: Path | None = None,
+        source: str = SOURCE,
+        to: str = DESTINATION,
+        extra: tuple[str, ...] = (),
+    ) -> Any:
+        """Run ``securemig migrate`` as a process on behalf of ``source``;
+        returns (summary, usage).  The insecure variant gets the identity too,
+        to unseal a vTPM key it then sends in the clear."""
+        import subprocess
+
+        port = destination.port if secure else destination.insecure_port
+        args = [
+            processes.script("securemig"),
+            "migrate",
+            name,
+            "--vm-dir",
+            str(vm_dir or self.vm_dir),
+            "--to",
+            f"{self.address_of(to)}:{port}",
+            "--json",
+            "--no-progress",
+            "--state-dir",
+            str(self.work / f"{source}-state"),
+            "--identity",
+            str(self.work / source),
+        ]
+        args += ["--destination-name", to, "--tofu"] if secure else ["--insecure"]
+        args += extra
+        with tempfile.TemporaryFile() as errors:
+            process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=errors, text=True)
+            assert process.stdout is not None
+            out = process.stdout.read()
+            usage = processes.wait_process(process)  # wait4: the source's CPU and peak RSS
+            if usage.status != 0:
+                errors.seek(0)
+                raise RuntimeError(
+                    f"securemig migrate exited with {usage.status}: "
+                    f"{errors.read().decode(errors='replace').strip()}"
+                )
+        return json.loads(out), usage
+
+    def return_vm(self, destination: processes.Destination, name: str) -> Bundle:
+        """Move an arrived VM back to the source (for repeated measurements),
+        re-sealing its vTPM key to the source's TPM."""
+        from securemig.trust.keyrelease import open_attestor
+
+        arrived = Bundle.load(destination.state_dir / "vms" / name)
+        if arrived.vtpm_key_path.exists():
+            dest = open_attestor(self.work / DESTINATION, None, False)
+            source = open_attestor(self.work / SOURCE, None, False)
+            try:
+                key = dest.unseal(arrived.vtpm_key_path.read_bytes())
+                storage.write_durably(arrived.vtpm_key_path, source.seal(key), mode=0o600)
+            finally:
+                dest.tpm.close()
+                source.tpm.close()
+        if arrived.manifest.shared_disk:
+            storage.set_disk_owner(Path(arrived.manifest.shared_disk), SOURCE)
+        arrived.manifest.state = "suspended"
+        arrived.save()
+        storage.rename_durably(arrived.path, self.vm_dir / name)
+        return Bundle.load(self.vm_dir / name)

@@ -1,0 +1,196 @@
+"""
+The secure variant's data channel: AEAD records on a plain TCP connection.
+
+Twisted's TLS moves bulk data one 16 KiB TLS record per Python call into
+pyOpenSSL, which makes it the bottleneck of a migration (see
+``doc/performance.rst``).  So, as DTLS-SRTP keys SRTP (RFC 5764), the images
+travel on a second connection whose records are sealed with keys exported
+from the attested TLS session of the control connection:
+
+- key: the TLS exporter with label :data:`EXPORTER_LABEL` and the migration
+  id as context; only the two ends of that TLS session can compute it, and
+  a new session gives a new key (records of one session are refused in
+  another);
+- AEAD: the one the TLS session negotiated (AES-128-GCM, AES-256-GCM or
+  ChaCha20-Poly1305), so ``--tls-cipher`` chooses both;
+- nonce: the record's sequence number (64-bit, implicit, never sent), so a
+  dropped, repeated or reordered record fails authentication;
+- associated data: a label, the migration id, the record kind and the
+  sequence number;
+- the channel ends with an authenticated END record: a connection that
+  closes without one was truncated.
+
+Each FRAMES record carries whole protocol frames (STREAM_BEGIN, DATA,
+STREAM_END) exactly as they would appear on the control connection.  This
+module is sans-IO: it turns frames into bytes to send, and received bytes
+into frames, and knows nothing of sockets.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from securemig.protocol.wire import HEADER, MAX_CONTROL_PAYLOAD, ByteQueue, ErrorCode, ProtocolError
+
+#: The TLS exporter label of the data channel's key.
+EXPORTER_LABEL = b"EXPORTER-securemig-data-channel"
+#: Record header: kind (1 byte), then the ciphertext's length (4 bytes).
+RECORD_HEADER = struct.Struct("!BI")
+#: The AEAD tag length of every cipher used here.
+TAG = 16
+#: Prefix of every record's associated data.
+AD_LABEL = b"securemig data record v1"
+
+
+class Kind(enum.IntEnum):
+    """What a record carries."""
+
+    FRAMES = 0  #: whole protocol frames
+    END = 1  #: nothing: the authenticated end of the channel
+
+
+#: TLS 1.3 cipher suite → (AEAD, key length).
+AEADS: dict[str, tuple[Any, int]] = {
+    "TLS_AES_128_GCM_SHA256": (AESGCM, 16),
+    "TLS_AES_256_GCM_SHA384": (AESGCM, 32),
+    "TLS_CHACHA20_POLY1305_SHA256": (ChaCha20Poly1305, 32),
+}
+
+
+def key_length(tls_cipher: str) -> int:
+    """How many key bytes to export for the AEAD of this TLS cipher suite."""
+    return _aead(tls_cipher)[1]
+
+
+def _aead(tls_cipher: str) -> tuple[Any, int]:
+    try:
+        return AEADS[tls_cipher]
+    except KeyError:
+        raise ProtocolError(
+            ErrorCode.BAD_PARAMETER, f"no data channel AEAD for TLS cipher {tls_cipher}"
+        ) from None
+
+
+def _nonce(sequence: int) -> bytes:
+    return sequence.to_bytes(12, "big")
+
+
+def _ad(migration_id: bytes, kind: Kind, sequence: int) -> bytes:
+    return b"".join((AD_LABEL, migration_id, bytes([kind]), sequence.to_bytes(8, "big")))
+
+
+class _Channel:
+    def __init__(self, tls_cipher: str, key: bytes, migration_id: bytes) -> None:
+        aead, length = _aead(tls_cipher)
+        if len(key) != length:
+            raise ValueError(f"{tls_cipher} needs a {length}-byte key")
+        self.aead = aead(key)
+        self.migration_id = migration_id
+        self.sequence = 0
+
+
+class Sealer(_Channel):
+    """The sending end: frames in, records out."""
+
+    def seal(self, frames: Sequence[bytes | memoryview], kind: Kind = Kind.FRAMES) -> list[bytes]:
+        """One record holding ``frames`` (joined): the buffers to write."""
+        if self.sequence >= 1 << 64:
+            raise ProtocolError(ErrorCode.INTERNAL, "data channel sequence exhausted")
+        plain = frames[0] if len(frames) == 1 else b"".join(frames)
+        sealed = self.aead.encrypt(
+            _nonce(self.sequence), plain, _ad(self.migration_id, kind, self.sequence)
+        )
+        self.sequence += 1
+        return [RECORD_HEADER.pack(kind, len(sealed)), sealed]
+
+    def end(self) -> list[bytes]:
+        """The END record: nothing may follow it."""
+        return self.seal([b""], Kind.END)
+
+
+class Opener(_Channel):
+    """The receiving end: bytes in, the frames of authentic records out.
+
+    ``max_plaintext`` bounds a record before any of it is buffered.  Any
+    record that does not authenticate (flipped, dropped, repeated,
+    reordered, from another session or migration) ends the channel with
+    :class:`~securemig.protocol.wire.ProtocolError` ``RECORD_REFUSED``.
+    """
+
+    def __init__(self, tls_cipher: str, key: bytes, migration_id: bytes, max_plaintext: int):
+        super().__init__(tls_cipher, key, migration_id)
+        self.max_plaintext = max_plaintext
+        self.ended = False
+        self._queue = ByteQueue()
+        self._header: tuple[Kind, int] | None = None
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes."""
+        if data and self.ended:
+            raise ProtocolError(ErrorCode.RECORD_REFUSED, "data after the END record")
+        self._queue.feed(data)
+
+    def _take(self, n: int) -> bytes | memoryview:
+        # A record within one received buffer is decrypted in place.
+        parts = self._queue.take(n)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def next_record(self) -> bytes | None:
+        """The plaintext of the next FRAMES record, or None (more bytes
+        needed, or the END record was read: see :attr:`ended`)."""
+        if self.ended:
+            return None
+        if self._header is None:
+            if self._queue.available < RECORD_HEADER.size:
+                return None
+            raw_kind, length = RECORD_HEADER.unpack(self._take(RECORD_HEADER.size))
+            if raw_kind not in (Kind.FRAMES, Kind.END):
+                raise ProtocolError(ErrorCode.RECORD_REFUSED, f"unknown record kind {raw_kind}")
+            if not TAG <= length <= self.max_plaintext + TAG:
+                raise ProtocolError(
+                    ErrorCode.FRAME_TOO_LARGE,
+                    f"data record of {length} bytes (at most {self.max_plaintext + TAG})",
+                )
+            self._header = (Kind(raw_kind), length)
+        kind, length = self._header
+        if self._queue.available < length:
+            return None
+        sealed = self._take(length)
+        self._header = None
+        try:
+            plain = self.aead.decrypt(
+                _nonce(self.sequence), sealed, _ad(self.migration_id, kind, self.sequence)
+            )
+        except InvalidTag:
+            raise ProtocolError(
+                ErrorCode.RECORD_REFUSED,
+                f"data record {self.sequence} does not authenticate (altered, out of order, "
+                "repeated or from another session)",
+            ) from None
+        self.sequence += 1
+        if kind is Kind.END:
+            if plain or self._queue.available:
+                raise ProtocolError(ErrorCode.RECORD_REFUSED, "data after the END record")
+            self.ended = True
+            return None
+        return plain
+
+    def closed(self) -> None:
+        """The connection ended: refuse a channel that did not end with END."""
+        if not self.ended:
+            raise ProtocolError(
+                ErrorCode.RECORD_REFUSED,
+                f"data channel closed after {self.sequence} records without its END record "
+                "(truncated)",
+            )
+
+
+def max_plaintext(chunk_size: int) -> int:
+    """The largest FRAMES record for a chunk size: one frame, DATA or not."""
+    return HEADER.size + max(chunk_size, MAX_CONTROL_PAYLOAD)

@@ -1,0 +1,244 @@
+"""
+Verifying what a peer's TPM says: quotes, key certifications, AK certificates.
+
+Everything here fails closed.  Each check that can refuse has its own name
+(:class:`Check`), so a refusal says exactly what failed, and its message
+never contains the value that was expected (a nonce, golden PCR values).
+The checklist, in the order applied to a quote:
+
+1. the AK's public area: restricted signing key with fixedTPM, fixedParent
+   and sensitiveDataOrigin, ECC P-256 or RSA-2048 (``AK_ATTRIBUTES``);
+2. the signature scheme and hash are pinned (ECDSA or RSASSA with SHA-256),
+   then the signature is verified over the attestation structure;
+3. ``magic`` is TPM_GENERATED_VALUE, ``type`` is TPM_ST_ATTEST_QUOTE;
+4. ``extraData`` equals the expected qualifying data (constant time);
+5. the signed PCR selection equals the requested one exactly;
+6. the PCR digest equals SHA-256 of the reported values, recomputed here;
+7. the reported values equal the golden values, when there are any;
+8. the clock is ``safe`` and reset/restart counters did not go backwards.
+
+This module needs no TPM: it parses with tpm2-pytss's types and verifies
+with ``cryptography``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from tpm2_pytss import TPM2B_PUBLIC, TPMS_ATTEST, TPMT_SIGNATURE
+from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPM2_GENERATED, TPM2_ST, TPMA_OBJECT
+
+from securemig.trust.tpm.tpm import AK_ATTRIBUTES, Malformed, pcr_selection, unmarshal_exact
+
+T = TypeVar("T")
+
+
+class Check(enum.Enum):
+    """The named checks of the verifier."""
+
+    AK_ATTRIBUTES = "ak-attributes"
+    HASH_ALGORITHM = "hash-algorithm"
+    SIGNATURE = "signature"
+    MAGIC = "magic"
+    TYPE = "type"
+    QUALIFYING_DATA = "qualifying-data"
+    PCR_SELECTION = "pcr-selection"
+    PCR_DIGEST = "pcr-digest"
+    GOLDEN_VALUES = "golden-values"
+    CLOCK = "clock"
+    CERTIFIED_NAME = "certified-name"
+    AK_CERTIFICATE = "ak-certificate"
+    HOST_NAME = "host-name"
+
+
+class AttestationError(Exception):
+    """Evidence failed one check; ``check`` says which."""
+
+    def __init__(self, check: Check, detail: str) -> None:
+        super().__init__(f"{check.value}: {detail}")
+        self.check = check
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ClockState:
+    """What a verifier remembers of a peer's TPM clock between attestations."""
+
+    reset_count: int
+    restart_count: int
+
+
+def _parse(cls: type[T], raw: bytes, check: Check, what: str) -> T:
+    try:
+        return unmarshal_exact(cls, raw, what)
+    except Malformed as e:
+        raise AttestationError(check, str(e)) from None
+
+
+def check_ak(ak_public: bytes) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+    """The AK's key, once its public area shows a restricted TPM signing key."""
+    area = _parse(TPM2B_PUBLIC, ak_public, Check.AK_ATTRIBUTES, "the AK public area").publicArea
+    attributes = int(area.objectAttributes)
+    if attributes & int(AK_ATTRIBUTES) != int(AK_ATTRIBUTES):
+        raise AttestationError(
+            Check.AK_ATTRIBUTES,
+            "AK must be restricted, signing, fixedTPM, fixedParent and sensitiveDataOrigin",
+        )
+    if attributes & int(TPMA_OBJECT.DECRYPT):
+        raise AttestationError(Check.AK_ATTRIBUTES, "AK must not be a decryption key")
+    if area.nameAlg != TPM2_ALG.SHA256:
+        raise AttestationError(Check.AK_ATTRIBUTES, "AK name algorithm must be SHA-256")
+    key = serialization.load_der_public_key(bytes(area.to_der()))
+    if area.type == TPM2_ALG.ECC and area.parameters.eccDetail.curveID == TPM2_ECC.NIST_P256:
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        return key
+    if area.type == TPM2_ALG.RSA and area.parameters.rsaDetail.keyBits == 2048:
+        assert isinstance(key, rsa.RSAPublicKey)
+        return key
+    raise AttestationError(Check.AK_ATTRIBUTES, "AK must be ECC P-256 or RSA-2048")
+
+
+def verify_signature(ak_public: bytes, attest: bytes, signature: bytes) -> TPMS_ATTEST:
+    """Check the AK and its signature over ``attest``; return the parsed structure."""
+    key = check_ak(ak_public)
+    sig = _parse(TPMT_SIGNATURE, signature, Check.SIGNATURE, "the signature")
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            if sig.sigAlg != TPM2_ALG.ECDSA or sig.signature.ecdsa.hash != TPM2_ALG.SHA256:
+                raise AttestationError(Check.HASH_ALGORITHM, "ECC AKs must sign with ECDSA-SHA256")
+            r = int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big")
+            s = int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big")
+            key.verify(encode_dss_signature(r, s), attest, ec.ECDSA(hashes.SHA256()))
+        else:
+            if sig.sigAlg != TPM2_ALG.RSASSA or sig.signature.rsassa.hash != TPM2_ALG.SHA256:
+                raise AttestationError(Check.HASH_ALGORITHM, "RSA AKs must sign with RSASSA-SHA256")
+            key.verify(bytes(sig.signature.rsassa.sig), attest, padding.PKCS1v15(), hashes.SHA256())
+    except InvalidSignature:
+        raise AttestationError(Check.SIGNATURE, "signature does not verify with the AK") from None
+    parsed = _parse(TPMS_ATTEST, attest, Check.TYPE, "the attestation structure")
+    if parsed.magic != TPM2_GENERATED.VALUE:
+        raise AttestationError(Check.MAGIC, "not generated by a TPM (magic)")
+    return parsed
+
+
+def _check_qualifying(parsed: TPMS_ATTEST, expected: bytes) -> None:
+    if not hmac.compare_digest(bytes(parsed.extraData), expected):
+        raise AttestationError(
+            Check.QUALIFYING_DATA, "qualifying data is not this session's (replayed or relayed?)"
+        )
+
+
+def verify_quote(
+    ak_public: bytes,
+    attest: bytes,
+    signature: bytes,
+    *,
+    qualifying: bytes,
+    pcrs: Sequence[int],
+    values: dict[int, bytes],
+    golden: dict[int, bytes] | None = None,
+    previous: ClockState | None = None,
+) -> ClockState:
+    """Verify a quote and the PCR ``values`` reported with it.
+
+    Returns the TPM's clock state to remember for this peer.  Raises
+    :class:`AttestationError` naming the first check that failed.
+    """
+    parsed = verify_signature(ak_public, attest, signature)
+    if parsed.type != TPM2_ST.ATTEST_QUOTE:
+        raise AttestationError(Check.TYPE, "not a quote")
+    _check_qualifying(parsed, qualifying)
+    quote = parsed.attested.quote
+    requested = pcr_selection(pcrs)
+    if bytes(quote.pcrSelect.marshal()) != bytes(requested.marshal()):
+        raise AttestationError(Check.PCR_SELECTION, "the quote covers other PCRs than requested")
+    wanted = sorted(set(pcrs))
+    if sorted(values) != wanted or any(len(values[p]) != 32 for p in wanted):
+        raise AttestationError(Check.PCR_DIGEST, "reported PCR values do not match the selection")
+    recomputed = hashlib.sha256(b"".join(values[p] for p in wanted)).digest()
+    if not hmac.compare_digest(bytes(quote.pcrDigest), recomputed):
+        raise AttestationError(Check.PCR_DIGEST, "reported PCR values are not the quoted ones")
+    if golden is not None:
+        differ = [
+            p for p in wanted if p not in golden or not hmac.compare_digest(golden[p], values[p])
+        ]
+        if differ or set(golden) - set(wanted):
+            raise AttestationError(
+                Check.GOLDEN_VALUES,
+                f"PCRs {differ or sorted(set(golden) - set(wanted))} differ from the golden values",
+            )
+    clock = parsed.clockInfo
+    if not clock.safe:
+        raise AttestationError(Check.CLOCK, "TPM clock is not safe (it may have gone back)")
+    state = ClockState(int(clock.resetCount), int(clock.restartCount))
+    if previous is not None and (
+        state.reset_count < previous.reset_count
+        or (
+            state.reset_count == previous.reset_count
+            and state.restart_count < previous.restart_count
+        )
+    ):
+        raise AttestationError(Check.CLOCK, "reset or restart count went backwards (replay?)")
+    return state
+
+
+def verify_certification(
+    ak_public: bytes, attest: bytes, signature: bytes, *, qualifying: bytes, name: bytes
+) -> None:
+    """Verify a TPM2_Certify by the AK of the key whose name is ``name``
+    (computed by the caller from the key's public area)."""
+    parsed = verify_signature(ak_public, attest, signature)
+    if parsed.type != TPM2_ST.ATTEST_CERTIFY:
+        raise AttestationError(Check.TYPE, "not a key certification")
+    _check_qualifying(parsed, qualifying)
+    if not hmac.compare_digest(bytes(parsed.attested.certify.name), name):
+        raise AttestationError(Check.CERTIFIED_NAME, "the certified key is not the one offered")
+
+
+def verify_ak_certificate(
+    cert_der: bytes,
+    ca_cert: x509.Certificate,
+    ak_public: bytes,
+    host: str,
+    now: datetime | None = None,
+) -> None:
+    """The AK certificate was issued by the privacy CA, is valid now, names
+    ``host`` and certifies exactly this AK."""
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+    except ValueError:
+        raise AttestationError(Check.AK_CERTIFICATE, "AK certificate does not parse") from None
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        raise AttestationError(
+            Check.AK_CERTIFICATE, "AK certificate is not issued by the privacy CA"
+        ) from None
+    now = now or datetime.now(UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise AttestationError(Check.AK_CERTIFICATE, "AK certificate is not valid now")
+    key = check_ak(ak_public)
+    der = serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(serialization.Encoding.DER, der) != key.public_bytes(
+        serialization.Encoding.DER, der
+    ):
+        raise AttestationError(Check.AK_CERTIFICATE, "AK certificate is for another key")
+    try:
+        names = cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    if host not in names:
+        raise AttestationError(Check.HOST_NAME, f"AK certificate does not name host {host!r}")

@@ -1,0 +1,67 @@
+"""Enrolling a host's AK with a privacy CA over HTTPS (used by ``securemig host``)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from securemig.trust.tpm.tpm import TPM, KeyBlob
+
+
+class EnrollmentRefused(Exception):
+    """The privacy CA refused; the message carries its reason."""
+
+
+def _post(url: str, payload: dict[str, Any], context: ssl.SSLContext) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=30) as response:
+            answer: dict[str, Any] = json.loads(response.read(1 << 20))
+            return answer
+    except urllib.error.HTTPError as e:
+        try:
+            body = json.loads(e.read(1 << 16))
+            message = f"{body.get('error')}: {body.get('detail')}"
+        except ValueError:
+            message = f"HTTP {e.code}"
+        raise EnrollmentRefused(message) from None
+
+
+def enroll(url: str, trust: Path, tpm: TPM, ak: KeyBlob, host: str) -> bytes:
+    """Run both enrollment steps; returns the AK certificate (DER).
+
+    ``trust`` is the CA certificate (PEM) that issued the PCA's HTTPS
+    certificate; the PCA's host name is checked against it.
+    """
+    context = ssl.create_default_context(cafile=str(trust))
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    url = url.rstrip("/")
+    b64 = base64.b64encode
+    challenge = _post(
+        f"{url}/v1/enroll",
+        {
+            "host": host,
+            "ek_certificate": b64(tpm.ek_certificate()).decode(),
+            "ek_public": b64(tpm.ek_public()).decode(),
+            "ak_public": b64(ak.public).decode(),
+        },
+        context,
+    )
+    secret = tpm.activate_credential(
+        ak,
+        base64.b64decode(challenge["credential_blob"]),
+        base64.b64decode(challenge["encrypted_secret"]),
+    )
+    answer = _post(
+        f"{url}/v1/activate",
+        {"enrollment_id": challenge["enrollment_id"], "secret": b64(secret).decode()},
+        context,
+    )
+    return base64.b64decode(answer["ak_certificate"])

@@ -1,0 +1,104 @@
+"""
+A VM's vTPM: a swtpm state encrypted at rest, and the key that opens it.
+
+The state lives in the bundle's ``vtpm/`` directory, encrypted by swtpm
+with a 256-bit key; the key is sealed to the host TPM (``vtpm-key.sealed``)
+and reaches swtpm only through a pipe, never a file.  The state travels as
+the bundle's ``vtpm`` image, as stored (encrypted); the key travels wrapped
+to the destination's attested TPM.  A bundle's manifest records a digest of
+the vTPM's EK public key, its identity: after a migration the destination
+checks that the state it received, opened with the key it unwrapped, is
+that same vTPM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from securemig.trust.tpm import swtpm
+from securemig.trust.tpm.tpm import TPM
+
+#: Bundle-relative directory of the vTPM state, and swtpm's state file in it.
+STATE_DIR = "vtpm"
+STATE_FILE = "tpm2-00.permall"
+#: The image name under which the state travels.
+IMAGE = "vtpm"
+
+
+#: HKDF label of the key swtpm encrypts its migration blobs with.
+MIGRATION_KEY_LABEL = b"securemig vtpm: swtpm migration key"
+
+
+class VTPMError(RuntimeError):
+    """The vTPM does not start with this key, or is not the expected one."""
+
+
+def create(bundle_dir: Path, key: bytes, vendor_ca: Path) -> str:
+    """Manufacture a vTPM in ``bundle_dir/vtpm``, encrypted with ``key``;
+    returns its identity (see :func:`identity`)."""
+    state = bundle_dir / STATE_DIR
+    swtpm.provision(state, vendor_ca, key)
+    # swtpm_setup leaves copies of the EK certificates beside the state.
+    for leftover in state.glob("ek-certs"):
+        for f in leftover.iterdir():
+            f.unlink()
+        leftover.rmdir()
+    return identity(state, key)
+
+
+def identity(state: Path, key: bytes) -> str:
+    """Start the vTPM with ``key`` and return SHA-256 of its EK public area.
+    Fails if the key does not open the state.
+
+    It runs on a copy (still encrypted) beside the state: a started TPM
+    rewrites its state, and the state must stay exactly what was migrated."""
+    process = None
+    scratch = Path(tempfile.mkdtemp(prefix=".vtpm-check-", dir=state.parent))
+    try:
+        shutil.copytree(state, scratch / "state")
+        process = swtpm.start(scratch / "state", key)
+        with TPM(process.tcti) as tpm:
+            return hashlib.sha256(tpm.ek_public()).hexdigest()
+    except Exception as e:
+        raise VTPMError(f"the vTPM in {state} does not start with its key: {e}") from None
+    finally:
+        if process is not None:
+            process.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def unsealer(identity: Path) -> Callable[[bytes], bytes]:
+    """Unseals vTPM keys sealed to the TPM of the host whose identity
+    directory is ``identity``; the TPM is opened for each call and closed
+    after, so a long-lived process does not hold it."""
+    from securemig.trust.keyrelease import open_attestor
+
+    def unseal(sealed: bytes) -> bytes:
+        attestor = open_attestor(identity, None, False)
+        try:
+            return attestor.unseal(sealed)
+        finally:
+            attestor.tpm.close()
+
+    return unseal
+
+
+def key_reader(unseal: Callable[[bytes], bytes]) -> Callable[[Any], bytes]:
+    """The vTPM key of a bundle, read from its sealed copy and unsealed
+    with ``unseal`` (what hypervisor backends take as ``vtpm_key``)."""
+    return lambda bundle: unseal(bundle.vtpm_key_path.read_bytes())
+
+
+def migration_key(key: bytes) -> bytes:
+    """The key swtpm's ``--migration-key`` gets for a vTPM whose state key
+    is ``key``: derived from it (HKDF-SHA256, its own label), so it is
+    sealed, wrapped and released with it and never stored on its own."""
+    return HKDF(SHA256(), 32, salt=None, info=MIGRATION_KEY_LABEL).derive(key)

@@ -1,0 +1,242 @@
+"""Tests for securemig.protocol.wire: framing, codecs, bounds, hostile bytes."""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from securemig.protocol import wire
+from securemig.protocol.wire import ErrorCode, FrameDecoder, ProtocolError
+
+names = st.from_regex(wire.IMAGE_NAME_RE, fullmatch=True)
+vm_names = st.from_regex(wire.VM_NAME_RE, fullmatch=True)
+images = st.lists(
+    st.builds(wire.ImageInfo, names, st.integers(0, wire.MAX_IMAGE_SIZE)),
+    max_size=wire.MAX_IMAGES,
+).map(tuple)
+hellos = st.builds(
+    wire.Hello,
+    st.integers(0, 0xFFFF),
+    st.sampled_from(wire.Variant),
+    vm_names,
+    st.integers(0, wire.MAX_CHUNK_SIZE),
+    images,
+    st.text(max_size=200),
+)
+control_messages = st.one_of(
+    hellos,
+    st.builds(wire.Welcome, st.binary(min_size=16, max_size=16)),
+    st.builds(wire.StreamBegin, st.integers(0, wire.MAX_IMAGES - 1)),
+    st.builds(wire.StreamEnd, st.binary(min_size=32, max_size=32)),
+    st.just(wire.Prepared()),
+    st.just(wire.Commit()),
+    st.just(wire.Done()),
+    st.builds(wire.Abort, st.sampled_from(ErrorCode), st.text(max_size=300)),
+)
+
+
+def decode_all(data: bytes, max_data: int | None = None) -> list[wire.Message]:
+    """Every message in ``data``; the decoder must end with nothing left over."""
+    decoder = FrameDecoder(max_data)
+    decoder.feed(data)
+    out = []
+    while (message := decoder.next_message()) is not None:
+        out.append(message)
+    return out
+
+
+def frame(code: int, payload: bytes) -> bytes:
+    return wire.HEADER.pack(code, len(payload)) + payload
+
+
+def hello(**kw: object) -> wire.Hello:
+    args: dict[str, object] = dict(
+        version=1,
+        variant=wire.Variant.FULL,
+        vm_name="vm1",
+        chunk_size=1 << 20,
+        images=(wire.ImageInfo("ram", 10),),
+        shared_disk="",
+    )
+    args.update(kw)
+    return wire.Hello(**args)  # type: ignore[arg-type]
+
+
+class RoundTripTests(SynchronousTestCase):
+    """Every declared message decodes to what was encoded."""
+
+    @given(control_messages)
+    def test_round_trip(self, message: wire.Message) -> None:
+        """Encoding then decoding any control message gives it back."""
+        self.assertEqual(decode_all(wire.encode(message)), [message])
+
+    def test_every_type_is_in_the_table_once(self) -> None:
+        """Each message class has exactly one code and codes are unique."""
+        self.assertEqual(len(set(wire.MESSAGES.values())), len(wire.MESSAGES))
+        self.assertEqual(wire.TYPE_CODES[wire.Hello], 0x01)
+
+    def test_data_frame(self) -> None:
+        """A DATA frame carries its chunk verbatim."""
+        chunk = bytes(range(256)) * 64
+        data = wire.data_header(len(chunk)) + chunk
+        self.assertEqual(decode_all(data, max_data=len(chunk)), [wire.Data.of(chunk)])
+
+    def test_encode_refuses_data(self) -> None:
+        """DATA is never encoded through the control path (it would copy the chunk)."""
+        self.assertRaises(TypeError, wire.encode, wire.Data.of(b"x"))
+
+    def test_one_byte_at_a_time(self) -> None:
+        """A stream fed one byte at a time yields the same messages."""
+        messages = [hello(), wire.Welcome(b"m" * 16), wire.StreamBegin(0)]
+        stream = b"".join(wire.encode(m) for m in messages)
+        stream += wire.data_header(10) + b"0123456789"
+        stream += wire.encode(wire.StreamEnd(b"d" * 32))
+        decoder = FrameDecoder(max_data=10)
+        out = []
+        for i in range(len(stream)):
+            decoder.feed(stream[i : i + 1])
+            while (message := decoder.next_message()) is not None:
+                out.append(message)
+        self.assertEqual(out, [*messages, wire.Data.of(b"0123456789"), wire.StreamEnd(b"d" * 32)])
+        self.assertEqual(decoder.buffered, 0)
+
+    def test_large_frame_in_pieces(self) -> None:
+        """A 4 MiB DATA frame in 16 KiB pieces decodes once, leaving nothing buffered."""
+        chunk = b"\xab" * wire.MAX_CHUNK_SIZE
+        stream = wire.data_header(len(chunk)) + chunk
+        decoder = FrameDecoder(max_data=wire.MAX_CHUNK_SIZE)
+        got = []
+        for i in range(0, len(stream), 16384):
+            decoder.feed(stream[i : i + 16384])
+            if (m := decoder.next_message()) is not None:
+                got.append(m)
+        self.assertEqual(got, [wire.Data.of(chunk)])
+        self.assertEqual(decoder.buffered, 0)
+
+
+class RejectionTests(SynchronousTestCase):
+    """Hostile or broken input raises ProtocolError with the right code."""
+
+    def assertRefused(self, code: ErrorCode, data: bytes, max_data: int | None = None) -> None:
+        with self.assertRaises(ProtocolError) as cm:
+            decode_all(data, max_data)
+        self.assertEqual(cm.exception.code, code)
+
+    @settings(max_examples=500)
+    @given(st.binary(max_size=2048))
+    def test_random_bytes_only_raise_protocol_error(self, data: bytes) -> None:
+        """Arbitrary bytes either decode or raise ProtocolError, nothing else."""
+        self.assertDecodesOrRefuses(data)
+
+    @settings(max_examples=300)
+    @given(control_messages, st.integers(0, 10_000), st.binary(min_size=1, max_size=4))
+    def test_mutated_frames_only_raise_protocol_error(
+        self, message: wire.Message, where: int, junk: bytes
+    ) -> None:
+        """A valid frame with some bytes overwritten never crashes the decoder."""
+        raw = bytearray(wire.encode(message))
+        at = where % len(raw)
+        raw[at : at + len(junk)] = junk
+        self.assertDecodesOrRefuses(bytes(raw))
+
+    def assertDecodesOrRefuses(self, data: bytes) -> None:
+        """Decode ``data``: a refusal must carry a defined code; whatever
+        decodes must be a well-formed message that encodes back to itself."""
+        try:
+            messages = decode_all(data, max_data=1024)
+        except ProtocolError as e:
+            self.assertIsInstance(e.code, ErrorCode)
+            return
+        for message in messages:
+            if not isinstance(message, wire.Data):
+                self.assertEqual(decode_all(wire.encode(message)), [message])
+
+    def test_oversize_control_frame_refused_from_header(self) -> None:
+        """A control frame longer than 64 KiB is refused on its header alone,
+        before any payload is buffered."""
+        decoder = FrameDecoder()
+        decoder.feed(wire.HEADER.pack(0x01, wire.MAX_CONTROL_PAYLOAD + 1))
+        with self.assertRaises(ProtocolError) as cm:
+            decoder.next_message()
+        self.assertEqual(cm.exception.code, ErrorCode.FRAME_TOO_LARGE)
+
+    def test_huge_length_refused(self) -> None:
+        """A 4 GiB length is refused, not allocated."""
+        self.assertRefused(ErrorCode.FRAME_TOO_LARGE, wire.HEADER.pack(0x3F, 0xFFFFFFFF))
+
+    def test_control_frame_at_limit_accepted(self) -> None:
+        """Exactly 64 KiB is still a valid length (then the payload must parse)."""
+        decoder = FrameDecoder()
+        decoder.feed(wire.HEADER.pack(0x3F, wire.MAX_CONTROL_PAYLOAD))
+        self.assertIsNone(decoder.next_message())
+
+    def test_data_over_chunk_size_refused(self) -> None:
+        """A DATA frame longer than the agreed chunk size is refused."""
+        self.assertRefused(ErrorCode.FRAME_TOO_LARGE, wire.data_header(1025), max_data=1024)
+
+    def test_data_before_chunk_size_refused(self) -> None:
+        """DATA before HELLO fixed a chunk size is refused."""
+        self.assertRefused(ErrorCode.UNEXPECTED_MESSAGE, wire.data_header(1) + b"x")
+
+    def test_unknown_type(self) -> None:
+        """An undefined frame type is refused."""
+        self.assertRefused(ErrorCode.UNKNOWN_TYPE, frame(0x7E, b""))
+
+    def test_truncated_payload(self) -> None:
+        """A frame whose fields run past its length is malformed."""
+        payload = wire.encode(hello())[wire.HEADER.size :]
+        self.assertRefused(ErrorCode.MALFORMED, frame(0x01, payload[:-3]))
+
+    def test_truncated_stream_waits(self) -> None:
+        """An incomplete frame is not an error: more bytes may come."""
+        raw = wire.encode(hello())
+        self.assertEqual(decode_all(raw[:-1]), [])
+
+    def test_trailing_bytes(self) -> None:
+        """Bytes after the last field are malformed."""
+        self.assertRefused(ErrorCode.MALFORMED, frame(0x30, b"\x00"))
+
+    def test_path_in_vm_name(self) -> None:
+        """A VM name that could escape a directory is refused."""
+        for bad in ("../etc", "a/b", ".hidden", "", "x" * 65):
+            raw = bytearray(wire.encode(hello(vm_name="placeholder")))
+            raw = raw.replace(b"\x00\x0bplaceholder", struct.pack("!H", len(bad)) + bad.encode())
+            raw[1:5] = struct.pack("!I", len(raw) - 5)
+            with self.subTest(name=bad):
+                self.assertRefused(ErrorCode.BAD_PARAMETER, bytes(raw))
+
+    def test_bad_image_name(self) -> None:
+        """Image names become file names: only [a-z][a-z0-9_-]* is allowed."""
+        raw = wire.encode(hello(images=(wire.ImageInfo("ram", 1),)))
+        raw = raw.replace(b"\x00\x03ram", b"\x00\x03../")
+        self.assertRefused(ErrorCode.BAD_PARAMETER, raw)
+
+    def test_unknown_variant(self) -> None:
+        """A variant this version does not define is refused."""
+        raw = bytearray(wire.encode(hello()))
+        raw[5 + 2] = 9  # after the header and the u16 version
+        self.assertRefused(ErrorCode.BAD_PARAMETER, bytes(raw))
+
+    def test_too_many_images(self) -> None:
+        """More images than MAX_IMAGES is refused while decoding the count."""
+        raw = bytearray(wire.encode(hello(images=())))
+        # header, version u16, variant u8, vm_name (u16 length + "vm1"), chunk_size u32
+        count_at = wire.HEADER.size + 2 + 1 + 2 + 3 + 4
+        self.assertEqual(raw[count_at], 0)
+        raw[count_at] = wire.MAX_IMAGES + 1
+        self.assertRefused(ErrorCode.BAD_PARAMETER, bytes(raw))
+
+    def test_unknown_abort_code(self) -> None:
+        """ABORT with an undefined error code is refused, not guessed."""
+        raw = bytearray(wire.encode(wire.Abort(ErrorCode.TIMEOUT, "")))
+        raw[5:7] = b"\xff\xff"
+        self.assertRefused(ErrorCode.BAD_PARAMETER, bytes(raw))
+
+    def test_error_codes_are_stable(self) -> None:
+        """Error codes are part of the protocol: their numbers never change."""
+        self.assertEqual(ErrorCode.MALFORMED, 1)
+        self.assertEqual(ErrorCode.STREAM_MISMATCH, 10)
+        self.assertEqual(ErrorCode.RESUME_FAILED, 17)
