@@ -16,10 +16,14 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from securemig.host import storage
+from securemig import files
 from securemig.host.arrival import DestinationHost
 from securemig.host.glibc import tune_malloc
 from securemig.transport import connection as protocol
+from securemig.transport import tls
+from securemig.transport.tls import CIPHERS
+from securemig.trust.attestor import open_attestor
+from securemig.trust.keyrelease import DestinationSecurity, MigrationKey
 
 log = Logger()
 #: The global reactor, untyped (Twisted declares it through zope interfaces).
@@ -96,7 +100,6 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"{self['identity']} is not an identity directory (securemig host init)"
             )
-        from securemig.transport.tls import CIPHERS
 
         if self["tls-cipher"] and self["tls-cipher"] not in CIPHERS:
             raise usage.UsageError(f"unknown --tls-cipher; one of {', '.join(CIPHERS)}")
@@ -131,7 +134,7 @@ class ListenService(service.Service):
             number = port.getHost().port
             log.info("listening for {what} on port {port}", what=self.what, port=number)
             if self.port_file is not None:
-                storage.write_durably(self.port_file, f"{number}\n".encode())
+                files.write_durably(self.port_file, f"{number}\n".encode())
 
         def failed(f: Any) -> None:
             log.failure("cannot listen for {what}", f, what=self.what)
@@ -163,16 +166,11 @@ def makeService(options: Options) -> service.MultiService:
     port_file = Path(options["port-file"]) if options["port-file"] else None
     attestor = None
     if options["identity"]:
-        from securemig.trust.keyrelease import open_attestor
-
         policy_dir = Path(options["policy-dir"]) if options["policy-dir"] else None
         attestor = open_attestor(Path(options["identity"]), policy_dir, options["tofu"])
         host.unseal = attestor.unseal
     if options["listen"]:
         from twisted.protocols.tls import TLSMemoryBIOFactory
-
-        from securemig.transport import tls
-        from securemig.trust.keyrelease import DestinationSecurity, MigrationKey
 
         assert attestor is not None  # postOptions requires --identity with --listen
         identity = Path(options["identity"])

@@ -24,13 +24,15 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from securemig import files
 from securemig.host import storage
 from securemig.host.journal import Journal
-from securemig.hypervisor import backend_for
+from securemig.hypervisor.backends import backend_for
 from securemig.hypervisor.bundle import Bundle, Image, Manifest, image_file
 from securemig.protocol import wire
+from securemig.protocol.errors import ErrorCode, ProtocolError
 from securemig.protocol.session import Finished, Outcome
-from securemig.protocol.wire import ErrorCode, ProtocolError
+from securemig.trust.vtpm import key_reader
 
 log = Logger()
 
@@ -63,7 +65,6 @@ class DestinationHost:
 
     def resume(self, bundle: Bundle) -> Deferred[None]:
         """Resume an arrived VM with the backend its manifest names."""
-        from securemig.trust.vtpm import key_reader
 
         key = None if self.unseal is None else key_reader(self.unseal)
         return backend_for(bundle.manifest.backend, vtpm_key=key).resume(bundle)
@@ -87,7 +88,7 @@ class DestinationHost:
                         error="destination restarted after PREPARED",
                     )
                 continue
-            storage.remove_tree(path)
+            files.remove_tree(path)
             removed.append(path.name)
             if record is not None and record.outcome is None:
                 self.journal.finish(
@@ -142,7 +143,7 @@ class DestinationHost:
     async def _settle_one(self, staging: Path, record: Any, committed: bool) -> str:
         target = self.vms / record.vm
         if not committed:
-            storage.remove_tree(staging)
+            files.remove_tree(staging)
             self.journal.finish(
                 staging.name, Outcome.ABORTED.value, error="settled: the source did not commit"
             )
@@ -150,7 +151,7 @@ class DestinationHost:
         if target.exists():
             return f"source committed, but {target} exists; left in doubt"
         self.journal.phase(staging.name, "committed")
-        storage.rename_durably(staging, target)
+        files.rename_durably(staging, target)
         bundle = Bundle.load(target)
         await self.resume(bundle)
         self.journal.phase(staging.name, "resumed")
@@ -280,7 +281,7 @@ class Arrival:
             if not self.cancelled and self._file is not None:
                 if self._hash is not None:
                     self._hash.update(part)
-                storage.write_all(self._file, part)
+                files.write_all(self._file, part)
         if self._behind is not None and not self.cancelled:
             self._behind.wrote(n)
         return n
@@ -317,16 +318,16 @@ class Arrival:
         )
         bundle = Bundle(self.staging, manifest)
         if self.sealed_vtpm_key is not None:
-            storage.write_durably(bundle.vtpm_key_path, self.sealed_vtpm_key, mode=0o600)
+            files.write_durably(bundle.vtpm_key_path, self.sealed_vtpm_key, mode=0o600)
         bundle.save()
-        storage.fsync_dir(self.staging)
+        files.fsync_dir(self.staging)
 
     def discard(self) -> None:
         """Remove staging and release the name."""
         if self._file is not None:
             self._file.close()
             self._file = None
-        storage.remove_tree(self.staging)
+        files.remove_tree(self.staging)
         self.lock.release()
 
     # -- on the reactor thread
@@ -343,7 +344,7 @@ class Arrival:
         """The source committed: move the VM into place and resume it."""
         self.host.journal.phase(self.id, "committed")
         target = self.host.vms / self.hello.vm_name
-        storage.rename_durably(self.staging, target)
+        files.rename_durably(self.staging, target)
         bundle = Bundle.load(target)
         await self.host.resume(bundle)
         self.host.journal.phase(self.id, "resumed")

@@ -1,23 +1,18 @@
 """
-Durable files: advisory locks, staging, fsync + atomic rename, free space.
-
-Everything that must survive a crash goes through here, so the rules are in
-one place: write to a file in a staging directory, fsync the file, rename it
-into place, fsync the directory that holds the new name.
+This host's storage: advisory locks, free space, write-behind for arriving
+images.  Durable writes themselves are :mod:`securemig.files`.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
-import json
 import os
-import shutil
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from securemig.protocol.wire import ErrorCode, ProtocolError
+from securemig.host.glibc import glibc
+from securemig.protocol.errors import ErrorCode, ProtocolError
 
 #: Head room kept free beyond the announced image sizes when admitting a VM.
 SPACE_MARGIN = 64 * 1024 * 1024
@@ -83,44 +78,6 @@ def is_locked(path: Path) -> bool:
     return False
 
 
-def fsync_dir(path: Path) -> None:
-    """Make the names in directory ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically and durably.  The file is
-    created with ``mode`` (0o600 for keys), never wider even for an instant."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def rename_durably(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst`` (files or directories) and fsync both parents."""
-    os.rename(src, dst)
-    fsync_dir(dst.parent)
-    if src.parent != dst.parent:
-        fsync_dir(src.parent)
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a directory tree if it exists, then make the removal durable."""
-    if path.exists():
-        shutil.rmtree(path)
-        fsync_dir(path.parent)
-
-
 def free_bytes(path: Path) -> int:
     """Bytes available to us on the file system holding ``path``."""
     st = os.statvfs(path)
@@ -136,41 +93,6 @@ def check_free_space(path: Path, needed: int) -> None:
             f"needs {needed >> 20} MiB plus {SPACE_MARGIN >> 20} MiB head room; "
             f"{available >> 20} MiB free",
         )
-
-
-def disk_owner_path(disk: Path) -> Path:
-    """The record, beside a disk on shared storage, of which host owns it."""
-    return disk.with_name(disk.name + ".securemig-owner")
-
-
-def disk_owner(disk: Path) -> str | None:
-    """The host that owns a shared disk (may run its VM), if recorded."""
-    try:
-        return str(json.loads(disk_owner_path(disk).read_bytes())["host"])
-    except FileNotFoundError:
-        return None
-
-
-def set_disk_owner(disk: Path, host: str, migration_id: str | None = None) -> None:
-    """Hand a shared disk to ``host``, durably (the secure shared-storage
-    variant does this at the source's commit point).  Every host mounts the
-    same record, so exactly one host at a time may resume the VM on it."""
-    record = {"host": host, "migration_id": migration_id}
-    write_durably(disk_owner_path(disk), json.dumps(record).encode())
-
-
-def io_error(exc: OSError, doing: str) -> ProtocolError:
-    """Classify a local OSError: a full disk has its own code."""
-    code = ErrorCode.DISK_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ErrorCode.IO_ERROR
-    return ProtocolError(code, f"{doing}: {exc.strerror or exc}")
-
-
-def write_all(f: Any, data: bytes | memoryview) -> None:
-    """Write all of ``data`` to an unbuffered file, finishing short writes
-    (an unbuffered ``write`` may write less, e.g. after a signal)."""
-    view = memoryview(data)
-    while view:
-        view = view[f.write(view) :]
 
 
 class WriteBehind:
@@ -215,8 +137,6 @@ _SYNC_WAIT_ALL = 1 | 2 | 4
 
 def _libc_sync_file_range() -> Any:
     import ctypes
-
-    from securemig.host.glibc import glibc
 
     function = getattr(glibc(), "sync_file_range", None)
     if function is not None:

@@ -15,8 +15,9 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from securemig.host import storage
+from securemig import files
 from securemig.protocol import wire
+from securemig.trust import vtpm as vtpm_module
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -145,7 +146,7 @@ class Bundle:
 
     def save(self) -> None:
         """Write the manifest durably."""
-        storage.write_durably(self.path / MANIFEST, self.manifest.to_json())
+        files.write_durably(self.path / MANIFEST, self.manifest.to_json())
 
     def streamed_images(self, variant: wire.Variant) -> list[Image]:
         """The images a migration of this variant sends, or a clear refusal."""
@@ -212,7 +213,7 @@ def create_image_vm(
         raise BundleError(f"{path} already exists")
     vm_dir.mkdir(parents=True, exist_ok=True)
     staging = vm_dir / f".{name}.creating"
-    storage.remove_tree(staging)
+    files.remove_tree(staging)
     staging.mkdir()
     manifest = Manifest(name=name, images=[Image("ram", ram_mib << 20)])
     if backend == "qemu":
@@ -231,7 +232,7 @@ def create_image_vm(
         _fill_random(shared_disk, (disk_mib or 64) << 20)
         manifest.shared_disk = str(shared_disk)
         if owner is not None:
-            storage.set_disk_owner(shared_disk, owner)
+            set_disk_owner(shared_disk, owner)
     elif disk_mib:
         manifest.images.append(Image("disk", disk_mib << 20))
     bundle = Bundle(staging, manifest)
@@ -240,12 +241,34 @@ def create_image_vm(
     if backend == "qemu":
         _fill_random(staging / "marker.bin", 4096)
     if sealed_vtpm_key is not None:
-        storage.write_durably(bundle.vtpm_key_path, sealed_vtpm_key, mode=0o600)
+        files.write_durably(bundle.vtpm_key_path, sealed_vtpm_key, mode=0o600)
     if vtpm is not None:
-        from securemig.trust import vtpm as vtpm_module
-
         manifest.vtpm = vtpm_module.create(staging, *vtpm)
         manifest.images.append(Image("vtpm", bundle.image_path("vtpm").stat().st_size))
     bundle.save()
-    storage.rename_durably(staging, path)
+    files.rename_durably(staging, path)
     return Bundle(path, manifest)
+
+
+# Shared storage: which host may run the VM on a shared disk.
+
+
+def disk_owner_path(disk: Path) -> Path:
+    """The record, beside a disk on shared storage, of which host owns it."""
+    return disk.with_name(disk.name + ".securemig-owner")
+
+
+def disk_owner(disk: Path) -> str | None:
+    """The host that owns a shared disk (may run its VM), if recorded."""
+    try:
+        return str(json.loads(disk_owner_path(disk).read_bytes())["host"])
+    except FileNotFoundError:
+        return None
+
+
+def set_disk_owner(disk: Path, host: str, migration_id: str | None = None) -> None:
+    """Hand a shared disk to ``host``, durably (the secure shared-storage
+    variant does this at the source's commit point).  Every host mounts the
+    same record, so exactly one host at a time may resume the VM on it."""
+    record = {"host": host, "migration_id": migration_id}
+    files.write_durably(disk_owner_path(disk), json.dumps(record).encode())

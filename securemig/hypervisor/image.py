@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred, maybeDeferred
 
-from securemig.host import storage
+from securemig import files
 from securemig.hypervisor.bundle import Bundle
 
 
@@ -34,7 +34,7 @@ class ImageBackend:
 
     def discard(self, bundle: Bundle) -> Deferred[None]:
         """Remove the bundle (not a shared disk, which the destination now owns)."""
-        return maybeDeferred(storage.remove_tree, bundle.path)
+        return maybeDeferred(files.remove_tree, bundle.path)
 
     def status(self, bundle: Bundle) -> str:
         """The state the manifest records."""

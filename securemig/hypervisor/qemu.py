@@ -40,7 +40,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
-from securemig.host import storage
+from securemig import files
 from securemig.hypervisor import qmp
 from securemig.hypervisor.bundle import Bundle, BundleError
 from securemig.trust import vtpm
@@ -300,7 +300,7 @@ class QemuBackend:
         return Deferred.fromCoroutine(self._remove(bundle))
 
     async def _remove(self, bundle: Bundle) -> None:
-        storage.remove_tree(bundle.path)
+        files.remove_tree(bundle.path)
 
     async def _ended(self, bundle: Bundle, program: str, pid: int | None) -> None:
         """Wait (without blocking the reactor) until ``program`` of this VM,

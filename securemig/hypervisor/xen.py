@@ -25,7 +25,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 
-from securemig.host import storage
+from securemig import files
 from securemig.hypervisor.bundle import Bundle, BundleError
 
 
@@ -88,7 +88,7 @@ class XenBackend:
     async def _discard(self, bundle: Bundle) -> None:
         if self._exists(bundle):
             await self._xl("destroy", bundle.name)
-        storage.remove_tree(bundle.path)
+        files.remove_tree(bundle.path)
 
     def status(self, bundle: Bundle) -> str:
         """``running`` or ``paused`` from ``xl list``, ``absent`` if no domain."""

@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from securemig.hypervisor.bundle import Bundle
+from securemig.hypervisor.qemu import MARKER_ADDRESS, QemuBackend
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
+from securemig.trust import vtpm
+from securemig.trust.attestor import open_attestor
 
 
 def _digests(bundle: Bundle) -> dict[str, str]:
@@ -42,8 +45,6 @@ def run(
 ) -> int:
     """Run the demo (``backend="qemu"``: with a running QEMU guest); returns
     the process exit status."""
-    from securemig.trust import vtpm
-    from securemig.trust.keyrelease import open_attestor
 
     work = Path(tempfile.mkdtemp(prefix="securemig-demo-"))
     say: Callable[..., None] = (lambda *a: print(*a, file=sys.stderr)) if as_json else print
@@ -54,8 +55,6 @@ def run(
         lab.start()
         qemu: Any = None
         if backend == "qemu":
-            from securemig.hypervisor.qemu import QemuBackend
-
             qemu = QemuBackend()
         destination = lab.start_destination(backend=backend)
         say(
@@ -83,7 +82,6 @@ def run(
             differs per suspend)."""
             if qemu is None:
                 return _digests(bundle)
-            from securemig.hypervisor.qemu import MARKER_ADDRESS
 
             return (
                 qemu.status(bundle),

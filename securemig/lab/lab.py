@@ -19,9 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from securemig.host import storage
-from securemig.hypervisor.bundle import Bundle, create_image_vm
+from securemig import files
+from securemig.hypervisor.bundle import Bundle, create_image_vm, set_disk_owner
 from securemig.lab import processes
+from securemig.trust.attestor import open_attestor
+from securemig.trust.identity import init_host, issue_tls
+from securemig.trust.pca.core import PrivacyCA
+from securemig.trust.pki import Authority
+from securemig.trust.tpm import swtpm
 
 SOURCE, DESTINATION = "source-a", "dest-b"
 
@@ -42,10 +47,6 @@ class Lab:
 
     def start(self) -> None:
         """Site CA, two host TPMs, the privacy CA, both hosts enrolled."""
-        from securemig.trust.identity import init_host, issue_tls
-        from securemig.trust.pca.core import PrivacyCA
-        from securemig.trust.pki import Authority
-        from securemig.trust.tpm import swtpm
 
         work, started = self.work, time.monotonic()
         site = Authority.create("lab site CA")
@@ -160,7 +161,6 @@ class Lab:
     ) -> Bundle:
         """A VM at the source; with ``secure``, a vTPM whose key is sealed to
         the source's TPM; with ``backend="qemu"``, a QEMU guest, started."""
-        from securemig.trust.keyrelease import open_attestor
 
         sealed = vtpm = None
         if secure:
@@ -246,7 +246,6 @@ class Lab:
     def return_vm(self, destination: processes.Destination, name: str) -> Bundle:
         """Move an arrived VM back to the source (for repeated measurements),
         re-sealing its vTPM key to the source's TPM."""
-        from securemig.trust.keyrelease import open_attestor
 
         arrived = Bundle.load(destination.state_dir / "vms" / name)
         if arrived.vtpm_key_path.exists():
@@ -254,13 +253,13 @@ class Lab:
             source = open_attestor(self.work / SOURCE, None, False)
             try:
                 key = dest.unseal(arrived.vtpm_key_path.read_bytes())
-                storage.write_durably(arrived.vtpm_key_path, source.seal(key), mode=0o600)
+                files.write_durably(arrived.vtpm_key_path, source.seal(key), mode=0o600)
             finally:
                 dest.tpm.close()
                 source.tpm.close()
         if arrived.manifest.shared_disk:
-            storage.set_disk_owner(Path(arrived.manifest.shared_disk), SOURCE)
+            set_disk_owner(Path(arrived.manifest.shared_disk), SOURCE)
         arrived.manifest.state = "suspended"
         arrived.save()
-        storage.rename_durably(arrived.path, self.vm_dir / name)
+        files.rename_durably(arrived.path, self.vm_dir / name)
         return Bundle.load(self.vm_dir / name)

@@ -36,7 +36,8 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from securemig.protocol.wire import HEADER, MAX_CONTROL_PAYLOAD, ByteQueue, ErrorCode, ProtocolError
+from securemig.protocol.errors import ErrorCode, PeerViolation, ProtocolError
+from securemig.protocol.wire import HEADER, MAX_CONTROL_PAYLOAD, ByteQueue
 
 #: The TLS exporter label of the data channel's key.
 EXPORTER_LABEL = b"EXPORTER-securemig-data-channel"
@@ -72,7 +73,7 @@ def _aead(tls_cipher: str) -> tuple[Any, int]:
     try:
         return AEADS[tls_cipher]
     except KeyError:
-        raise ProtocolError(
+        raise PeerViolation(
             ErrorCode.BAD_PARAMETER, f"no data channel AEAD for TLS cipher {tls_cipher}"
         ) from None
 
@@ -120,7 +121,7 @@ class Opener(_Channel):
     ``max_plaintext`` bounds a record before any of it is buffered.  Any
     record that does not authenticate (flipped, dropped, repeated,
     reordered, from another session or migration) ends the channel with
-    :class:`~securemig.protocol.wire.ProtocolError` ``RECORD_REFUSED``.
+    :class:`~securemig.protocol.ProtocolError` ``RECORD_REFUSED``.
     """
 
     def __init__(self, tls_cipher: str, key: bytes, migration_id: bytes, max_plaintext: int):
@@ -133,7 +134,7 @@ class Opener(_Channel):
     def feed(self, data: bytes) -> None:
         """Append received bytes."""
         if data and self.ended:
-            raise ProtocolError(ErrorCode.RECORD_REFUSED, "data after the END record")
+            raise PeerViolation(ErrorCode.RECORD_REFUSED, "data after the END record")
         self._queue.feed(data)
 
     def _take(self, n: int) -> bytes | memoryview:
@@ -151,9 +152,9 @@ class Opener(_Channel):
                 return None
             raw_kind, length = RECORD_HEADER.unpack(self._take(RECORD_HEADER.size))
             if raw_kind not in (Kind.FRAMES, Kind.END):
-                raise ProtocolError(ErrorCode.RECORD_REFUSED, f"unknown record kind {raw_kind}")
+                raise PeerViolation(ErrorCode.RECORD_REFUSED, f"unknown record kind {raw_kind}")
             if not TAG <= length <= self.max_plaintext + TAG:
-                raise ProtocolError(
+                raise PeerViolation(
                     ErrorCode.FRAME_TOO_LARGE,
                     f"data record of {length} bytes (at most {self.max_plaintext + TAG})",
                 )
@@ -168,7 +169,7 @@ class Opener(_Channel):
                 _nonce(self.sequence), sealed, _ad(self.migration_id, kind, self.sequence)
             )
         except InvalidTag:
-            raise ProtocolError(
+            raise PeerViolation(
                 ErrorCode.RECORD_REFUSED,
                 f"data record {self.sequence} does not authenticate (altered, out of order, "
                 "repeated or from another session)",
@@ -176,7 +177,7 @@ class Opener(_Channel):
         self.sequence += 1
         if kind is Kind.END:
             if plain or self._queue.available:
-                raise ProtocolError(ErrorCode.RECORD_REFUSED, "data after the END record")
+                raise PeerViolation(ErrorCode.RECORD_REFUSED, "data after the END record")
             self.ended = True
             return None
         return plain
@@ -184,7 +185,7 @@ class Opener(_Channel):
     def closed(self) -> None:
         """The connection ended: refuse a channel that did not end with END."""
         if not self.ended:
-            raise ProtocolError(
+            raise PeerViolation(
                 ErrorCode.RECORD_REFUSED,
                 f"data channel closed after {self.sequence} records without its END record "
                 "(truncated)",

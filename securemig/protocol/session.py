@@ -23,7 +23,7 @@ The rules, in the order a migration goes (``doc/protocol.rst`` is normative)::
     done        <-------------DONE----    done
 
 Any input a state does not list is a protocol violation
-(:attr:`~securemig.protocol.wire.ErrorCode.UNEXPECTED_MESSAGE`).  ABORT, a local
+(:attr:`~securemig.protocol.ErrorCode.UNEXPECTED_MESSAGE`).  ABORT, a local
 failure or a lost connection end the session from every state; what that
 means for the VM depends on which side of the commit point it happens:
 
@@ -47,7 +47,7 @@ from typing import Any, ClassVar, Protocol
 from automat import NoTransition, TypeMachineBuilder
 
 from securemig.protocol import wire
-from securemig.protocol.wire import ErrorCode, ProtocolError
+from securemig.protocol.errors import ErrorCode, PeerViolation
 
 
 class Outcome(enum.Enum):
@@ -331,14 +331,14 @@ class DestinationCore:
     def on_clear_key(self, message: wire.ClearKey) -> Effects:
         # Insecure variant: once, and before the first stream.
         if self.next_index != 0 or self.key_received:
-            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "the vTPM key comes once, first")
+            raise PeerViolation(ErrorCode.UNEXPECTED_MESSAGE, "the vTPM key comes once, first")
         self.key_received = True
         return [AcceptKey(message)]
 
     def on_stream_begin(self, message: wire.StreamBegin) -> Effects:
         assert self.hello is not None
         if message.index != self.next_index:
-            raise ProtocolError(
+            raise PeerViolation(
                 ErrorCode.UNEXPECTED_MESSAGE,
                 f"stream {message.index} began; stream {self.next_index} was due",
             )
@@ -352,7 +352,7 @@ class DestinationCore:
         self.received += n
         self.total_received += n
         if self.received > size:
-            raise ProtocolError(
+            raise PeerViolation(
                 ErrorCode.STREAM_MISMATCH,
                 f"stream {self.next_index} ran past its announced size of {size} bytes",
             )
@@ -363,7 +363,7 @@ class DestinationCore:
         index = self.next_index
         size = self.hello.images[index].size
         if self.received != size:
-            raise ProtocolError(
+            raise PeerViolation(
                 ErrorCode.STREAM_MISMATCH,
                 f"stream {index} ended after {self.received} of {size} bytes",
             )
@@ -413,20 +413,20 @@ class DestinationCore:
 def check_hello(message: wire.Hello) -> None:
     """Refuse a HELLO whose parameters no destination could accept."""
     if message.version != wire.PROTOCOL_VERSION:
-        raise ProtocolError(
+        raise PeerViolation(
             ErrorCode.UNSUPPORTED_VERSION,
             f"protocol version {message.version}; this destination speaks {wire.PROTOCOL_VERSION}",
         )
     if not wire.MIN_CHUNK_SIZE <= message.chunk_size <= wire.MAX_CHUNK_SIZE:
-        raise ProtocolError(
+        raise PeerViolation(
             ErrorCode.BAD_PARAMETER,
             f"chunk size {message.chunk_size} outside {wire.MIN_CHUNK_SIZE}..{wire.MAX_CHUNK_SIZE}",
         )
     names = [image.name for image in message.images]
     if not names:
-        raise ProtocolError(ErrorCode.BAD_PARAMETER, "HELLO announces no images")
+        raise PeerViolation(ErrorCode.BAD_PARAMETER, "HELLO announces no images")
     if len(set(names)) != len(names):
-        raise ProtocolError(ErrorCode.BAD_PARAMETER, "HELLO names an image twice")
+        raise PeerViolation(ErrorCode.BAD_PARAMETER, "HELLO names an image twice")
 
 
 def _destination_machine(secure: bool) -> Any:
@@ -521,7 +521,7 @@ class _Session:
         :meth:`fail` with it."""
         name = self._input_name(message)
         if name is None:
-            raise ProtocolError(
+            raise PeerViolation(
                 ErrorCode.UNEXPECTED_MESSAGE,
                 f"{type(message).__name__} is never sent to a {self._role}",
             )
@@ -542,7 +542,7 @@ class _Session:
         try:
             effects: Effects = getattr(self._machine, name)(*args)
         except NoTransition:
-            raise ProtocolError(
+            raise PeerViolation(
                 ErrorCode.UNEXPECTED_MESSAGE, f"{name} is not allowed in phase {self.phase}"
             ) from None
         return effects

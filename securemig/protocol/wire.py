@@ -32,6 +32,8 @@ from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeAlias
 
+from securemig.protocol.errors import ErrorCode, PeerViolation
+
 PROTOCOL_VERSION = 1
 
 #: Frame header: type (u8) and payload length (u32), network order.
@@ -64,47 +66,6 @@ VM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 IMAGE_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
-class ErrorCode(enum.IntEnum):
-    """Stable error codes: carried in ABORT, printed to operators, journaled.
-
-    Codes never change meaning; new ones are appended.
-    """
-
-    MALFORMED = 1  #: a frame or field does not parse
-    FRAME_TOO_LARGE = 2  #: a length over the bound for its frame type
-    UNKNOWN_TYPE = 3  #: a frame type this version does not define
-    UNEXPECTED_MESSAGE = 4  #: a valid message in a state that does not allow it
-    UNSUPPORTED_VERSION = 5  #: HELLO with a protocol version we do not speak
-    BAD_PARAMETER = 6  #: a field out of its allowed range (chunk size, names, ...)
-    POLICY_REFUSED = 7  #: the destination's policy does not allow this migration
-    VM_BUSY = 8  #: the VM is locked by another migration, or already present
-    INSUFFICIENT_SPACE = 9  #: not enough free space for the announced images
-    STREAM_MISMATCH = 10  #: a stream's size or SHA-256 differs from what was announced
-    TIMEOUT = 11  #: the peer stalled (idle) or the migration ran past its deadline
-    DISK_FULL = 12  #: the disk filled while writing
-    IO_ERROR = 13  #: any other local I/O failure
-    CANCELLED = 14  #: an operator stopped the migration
-    INTERNAL = 15  #: a bug; see the log of the side that sent it
-    CONNECTION_LOST = 16  #: the connection ended before the migration did
-    RESUME_FAILED = 17  #: the VM could not be resumed (after commit: at the destination)
-    ATTESTATION_FAILED = 18  #: the peer's evidence failed a check (the reason names it)
-    KEY_TRANSFER_FAILED = 19  #: the migration key or the wrapped vTPM key was refused
-    RECORD_REFUSED = 20  #: a data channel record failed authentication, or the channel was cut
-
-
-class ProtocolError(Exception):
-    """The one error type of the protocol layer: a stable code and a reason.
-
-    The reason is shown to operators and may be sent to the peer, so it must
-    never contain a secret.
-    """
-
-    def __init__(self, code: ErrorCode, reason: str) -> None:
-        super().__init__(f"{code.name}: {reason}")
-        self.code = code
-        self.reason = reason
-
-
 class Variant(enum.IntEnum):
     """What travels: RAM and disk (full) or RAM only (shared storage)."""
 
@@ -129,7 +90,7 @@ class Codec:
     @staticmethod
     def _need(view: memoryview, offset: int, n: int) -> None:
         if offset + n > len(view):
-            raise ProtocolError(ErrorCode.MALFORMED, "field runs past the end of the frame")
+            raise PeerViolation(ErrorCode.MALFORMED, "field runs past the end of the frame")
 
 
 class UInt(Codec):
@@ -150,7 +111,7 @@ class UInt(Codec):
         self._need(view, offset, self.struct.size)
         (value,) = self.struct.unpack_from(view, offset)
         if value > self.maximum:
-            raise ProtocolError(ErrorCode.BAD_PARAMETER, f"value {value} over {self.maximum}")
+            raise PeerViolation(ErrorCode.BAD_PARAMETER, f"value {value} over {self.maximum}")
         return value, offset + self.struct.size
 
 
@@ -170,7 +131,7 @@ class Enum(UInt):
             return self.enum_type(raw), offset
         except ValueError:
             name = self.enum_type.__name__
-            raise ProtocolError(ErrorCode.BAD_PARAMETER, f"unknown {name} {raw}") from None
+            raise PeerViolation(ErrorCode.BAD_PARAMETER, f"unknown {name} {raw}") from None
 
 
 class Fixed(Codec):
@@ -207,7 +168,7 @@ class Blob(Codec):
         self._need(view, offset, 2)
         (n,) = self._LEN.unpack_from(view, offset)
         if n > self.maximum:
-            raise ProtocolError(ErrorCode.BAD_PARAMETER, f"field of {n} bytes over {self.maximum}")
+            raise PeerViolation(ErrorCode.BAD_PARAMETER, f"field of {n} bytes over {self.maximum}")
         offset += 2
         self._need(view, offset, n)
         return bytes(view[offset : offset + n]), offset + n
@@ -228,9 +189,9 @@ class Text(Blob):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise ProtocolError(ErrorCode.MALFORMED, "text field is not UTF-8") from None
+            raise PeerViolation(ErrorCode.MALFORMED, "text field is not UTF-8") from None
         if self.pattern is not None and not self.pattern.fullmatch(text):
-            raise ProtocolError(ErrorCode.BAD_PARAMETER, f"name {text!r} is not allowed")
+            raise PeerViolation(ErrorCode.BAD_PARAMETER, f"name {text!r} is not allowed")
         return text, offset
 
 
@@ -269,7 +230,7 @@ class Sequence(Codec):
         self._need(view, offset, 1)
         n = view[offset]
         if n > self.maximum:
-            raise ProtocolError(ErrorCode.BAD_PARAMETER, f"{n} items over {self.maximum}")
+            raise PeerViolation(ErrorCode.BAD_PARAMETER, f"{n} items over {self.maximum}")
         offset += 1
         items = []
         for _ in range(n):
@@ -516,7 +477,7 @@ def decode_payload(code: int, payload: bytes) -> Message:
     message, end = Record(cls).decode(memoryview(payload), 0)
     if end != len(payload):
         trailing = len(payload) - end
-        raise ProtocolError(ErrorCode.MALFORMED, f"{trailing} trailing bytes in {cls.__name__}")
+        raise PeerViolation(ErrorCode.MALFORMED, f"{trailing} trailing bytes in {cls.__name__}")
     return message
 
 
@@ -598,17 +559,17 @@ class FrameDecoder:
 
     def _check_header(self, code: int, length: int) -> None:
         if code not in MESSAGES:
-            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type 0x{code:02x}")
+            raise PeerViolation(ErrorCode.UNKNOWN_TYPE, f"unknown frame type 0x{code:02x}")
         if code == DATA_TYPE:
             if self.max_data is None:
-                raise ProtocolError(
+                raise PeerViolation(
                     ErrorCode.UNEXPECTED_MESSAGE, "DATA before a chunk size was agreed"
                 )
             limit = self.max_data
         else:
             limit = MAX_CONTROL_PAYLOAD
         if length > limit:
-            raise ProtocolError(
+            raise PeerViolation(
                 ErrorCode.FRAME_TOO_LARGE,
                 f"{MESSAGES[code].__name__} frame of {length} bytes over the limit of {limit}",
             )

@@ -52,10 +52,22 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from securemig.host import storage
+from securemig.hypervisor.bundle import disk_owner
+from securemig.protocol import records, wire
 from securemig.protocol import session as s
-from securemig.protocol import wire
-from securemig.protocol.wire import ErrorCode, ProtocolError
+from securemig.protocol.errors import ErrorCode, ProtocolError, io_error
+from securemig.transport import tls
+from securemig.transport.tls import channel_binding, peer_names
+from securemig.trust.attest import AttestationError
+from securemig.trust.keyrelease import (
+    MIGRATION_KEY_ROLE,
+    DestinationSecurity,
+    KeyTransferError,
+    check_offer,
+    qualifying_data,
+    wrap,
+)
+from securemig.trust.tpm.tpm import TPMError
 
 T = TypeVar("T")
 
@@ -129,9 +141,7 @@ def failure_to_error(failure: Failure | BaseException, doing: str) -> ProtocolEr
     if isinstance(error, ProtocolError):
         return error
     if isinstance(error, OSError):
-        return storage.io_error(error, doing)
-    from securemig.trust.attest import AttestationError
-    from securemig.trust.keyrelease import KeyTransferError
+        return io_error(error, doing)
 
     if isinstance(error, AttestationError):
         return ProtocolError(ErrorCode.ATTESTATION_FAILED, str(error))
@@ -147,9 +157,6 @@ def failure_to_error(failure: Failure | BaseException, doing: str) -> ProtocolEr
 
 def _is_refusal(error: Exception) -> bool:
     """An expected refusal by a security check (no traceback needed)."""
-    from securemig.trust.attest import AttestationError
-    from securemig.trust.keyrelease import KeyTransferError
-    from securemig.trust.tpm.tpm import TPMError
 
     return isinstance(error, (AttestationError, KeyTransferError, TPMError))
 
@@ -331,16 +338,12 @@ class FramedProtocol(Connection):
 
     def qualifying(self, role: str, nonce: bytes) -> bytes:
         """Qualifying data bound to this TLS session and migration."""
-        from securemig.transport.tls import channel_binding
-        from securemig.trust.keyrelease import qualifying_data
 
         return qualifying_data(channel_binding(self.transport), role, nonce, self.migration_id())
 
     def data_channel_key(self) -> tuple[str, bytes]:
         """The TLS cipher suite of this session and the data channel's key,
         exported from it for this migration: only the TLS peer has it."""
-        from securemig.protocol import records
-        from securemig.transport import tls
 
         cipher = tls.cipher_suite(self.transport)
         key = tls.exported(
@@ -440,7 +443,6 @@ class DestinationProtocol(FramedProtocol):
 
     def peer_name(self) -> str:
         """The source's name from its verified TLS certificate."""
-        from securemig.transport.tls import peer_names
 
         names = peer_names(self.transport)
         if not names:
@@ -450,7 +452,6 @@ class DestinationProtocol(FramedProtocol):
         return names[0]
 
     def _do_OfferKey(self, effect: s.OfferKey) -> None:
-        from securemig.trust.keyrelease import MIGRATION_KEY_ROLE
 
         qualifying = self.qualifying(MIGRATION_KEY_ROLE, b"")
         offer = self.security.key.offer(self.security.attestor.identity.ak, qualifying)
@@ -524,7 +525,6 @@ class DestinationProtocol(FramedProtocol):
 
     def data_opener(self) -> Any:
         """The receiving end of the data channel, keyed from this TLS session."""
-        from securemig.protocol import records
 
         hello = self.session.hello
         assert hello is not None
@@ -603,7 +603,6 @@ class DestinationProtocol(FramedProtocol):
             # thread, check the vTPM opens with the key and is the one
             # announced (a swtpm start); then re-seal the key to our TPM: it
             # is never written in the clear here.
-            from securemig.trust.keyrelease import KeyTransferError
 
             key = self.wrapped_key
             if isinstance(key, wire.WrappedKey):
@@ -618,8 +617,6 @@ class DestinationProtocol(FramedProtocol):
                 self.arrival.vtpm_identity = identity
                 self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
 
-            from securemig.trust.keyrelease import DestinationSecurity
-
             self._submit(
                 "checking the vTPM",
                 DestinationSecurity.check_vtpm,
@@ -631,8 +628,6 @@ class DestinationProtocol(FramedProtocol):
 
         if self.wrapped_key is None and self.security is None:
             if any(i.name == "vtpm" for i in self.arrival.hello.images):
-                from securemig.trust.keyrelease import KeyTransferError
-
                 raise KeyTransferError("a vTPM state arrived without its key")
             self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
         else:
@@ -647,7 +642,7 @@ class DestinationProtocol(FramedProtocol):
         shared = self.arrival.hello.shared_disk
         if self.security is not None and shared:
             # The source handed the disk over at its commit point, before COMMIT.
-            owner, me = storage.disk_owner(Path(shared)), self.security.attestor.identity.name
+            owner, me = disk_owner(Path(shared)), self.security.attestor.identity.name
             if owner not in (None, me):
                 raise ProtocolError(
                     ErrorCode.RESUME_FAILED, f"shared disk {shared} belongs to {owner}, not to us"
@@ -1037,7 +1032,6 @@ class SourceProtocol(FramedProtocol):
         if self.security is None or not self.session.data_port:
             self._stream(self.transport, None)
             return
-        from securemig.protocol import records
 
         sealer = records.Sealer(*self.data_channel_key(), self.migration_id())
         self.data_channel = DataChannelSender(self)
@@ -1096,7 +1090,6 @@ class SourceProtocol(FramedProtocol):
         self.departure.journal.phase(self.departure.id, phase)
 
     def _do_WrapKey(self, effect: s.WrapKey) -> None:
-        from securemig.trust.keyrelease import MIGRATION_KEY_ROLE, check_offer, wrap
 
         self.journal_phase("key-offered")
         key = check_offer(

@@ -21,7 +21,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from securemig.host import storage
+from securemig import files
 from securemig.trust.pca.client import enroll
 from securemig.trust.pki import Authority
 from securemig.trust.tpm.tpm import TPM, KeyBlob
@@ -55,7 +55,7 @@ class Identity:
 def issue_tls(site_ca: Authority, name: str, directory: Path) -> None:
     """A TLS key (0600) and certificate for ``name`` from the site CA."""
     key = ec.generate_private_key(ec.SECP256R1())
-    storage.write_durably(
+    files.write_durably(
         directory / "tls.key",
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -65,7 +65,7 @@ def issue_tls(site_ca: Authority, name: str, directory: Path) -> None:
         mode=0o600,
     )
     cert = site_ca.issue(key.public_key(), name)
-    storage.write_durably(directory / "tls.pem", cert.public_bytes(serialization.Encoding.PEM))
+    files.write_durably(directory / "tls.pem", cert.public_bytes(serialization.Encoding.PEM))
 
 
 def init_host(
@@ -95,16 +95,16 @@ def write_identity(
     (enrollment with a privacy CA, over HTTPS or, in tests, in process)."""
     directory.mkdir(parents=True, exist_ok=True)
     issue_tls(site_ca, name, directory)
-    storage.write_durably(
+    files.write_durably(
         directory / "site-ca.pem", site_ca.cert.public_bytes(serialization.Encoding.PEM)
     )
-    storage.write_durably(directory / "pca.pem", pca_pem)
+    files.write_durably(directory / "pca.pem", pca_pem)
     with TPM(tcti) as tpm:
         ak = tpm.create_ak()
-        storage.write_durably(directory / "ak.blob", ak.to_bytes())
+        files.write_durably(directory / "ak.blob", ak.to_bytes())
         cert = certify(tpm, ak)
-    storage.write_durably(directory / "ak.der", cert)
-    storage.write_durably(
+    files.write_durably(directory / "ak.der", cert)
+    files.write_durably(
         directory / "host.json", json.dumps({"name": name, "tpm": tcti}, indent=2).encode()
     )
     return Identity(directory, name, tcti)

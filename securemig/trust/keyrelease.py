@@ -26,7 +26,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -35,19 +34,16 @@ from tpm2_pytss import TPM2B_PUBLIC
 from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
 
 from securemig.protocol import wire
-from securemig.trust import attest
+from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.trust import attest, vtpm
 from securemig.trust.attest import AttestationError
-from securemig.trust.identity import Identity
-from securemig.trust.policy import PolicyStore
+from securemig.trust.attestor import Attestor
 from securemig.trust.tpm.tpm import TPM, KeyBlob, Malformed, pcr_policy_digest, unmarshal_exact
 
 QUALIFYING_LABEL = b"securemig-attestation-v1"
 #: The role under which the migration key's certification is bound.
 MIGRATION_KEY_ROLE = "migration-key"
 WRAP_INFO = b"securemig vtpm key wrap v1"
-#: PCRs quoted and bound by default (firmware, its configuration, option
-#: ROMs, boot loader, secure boot policy).
-DEFAULT_PCRS = (0, 1, 2, 3, 4, 7)
 
 
 class KeyTransferError(Exception):
@@ -59,72 +55,6 @@ def qualifying_data(exporter: bytes, role: str, nonce: bytes, migration_id: byte
     return hashlib.sha256(
         QUALIFYING_LABEL + exporter + role.encode() + b"\0" + nonce + migration_id
     ).digest()
-
-
-@dataclass
-class Attestor:
-    """A host's side of attestation: its TPM, identity and view of peers."""
-
-    identity: Identity
-    tpm: TPM
-    policy: PolicyStore
-    pca: x509.Certificate
-    tofu: bool = False
-    pcrs: tuple[int, ...] = DEFAULT_PCRS
-
-    def evidence(self, qualifying: bytes) -> wire.Evidence:
-        """Quote our PCRs for ``qualifying``."""
-        ak = self.identity.ak
-        quote = self.tpm.quote(ak, self.pcrs, qualifying)
-        values = self.tpm.pcr_read(self.pcrs)
-        return wire.Evidence(
-            attest=quote.attest,
-            signature=quote.signature,
-            pcrs=tuple(wire.PcrValue(p, v) for p, v in sorted(values.items())),
-            ak_public=ak.public,
-            ak_certificate=self.identity.ak_certificate,
-        )
-
-    def verify(
-        self, evidence: wire.Evidence, qualifying: bytes, peer_name: str
-    ) -> dict[int, bytes]:
-        """Every check of the verifier, the AK certificate naming the TLS
-        peer, and the peer's golden values (recorded on first use with tofu).
-        Returns the verified PCR values."""
-        attest.verify_ak_certificate(
-            evidence.ak_certificate, self.pca, evidence.ak_public, peer_name
-        )
-        golden = self.policy.expected(peer_name, self.tofu)
-        values = {v.index: v.value for v in evidence.pcrs}
-        clock = attest.verify_quote(
-            evidence.ak_public,
-            evidence.attest,
-            evidence.signature,
-            qualifying=qualifying,
-            pcrs=self.pcrs,
-            values=values,
-            golden=golden.pcrs if golden else None,
-            previous=golden.clock if golden else None,
-        )
-        self.policy.seen(peer_name, values, clock)
-        return values
-
-    def seal(self, secret: bytes) -> bytes:
-        """Seal a vTPM key to this host's TPM in its current PCR state."""
-        return self.tpm.seal(secret, self.pcrs, self.tpm.pcr_read(self.pcrs)).to_bytes()
-
-    def unseal(self, sealed: bytes) -> bytes:
-        """Unseal a vTPM key sealed by :meth:`seal` on this host."""
-        return self.tpm.unseal(KeyBlob.from_bytes(sealed), self.pcrs)
-
-
-def open_attestor(identity_dir: Path, policy_dir: Path | None, tofu: bool) -> Attestor:
-    """A host's attestor from its identity directory (``securemig host init``);
-    golden values default to ``IDENTITY/policy``."""
-    identity = Identity.load(identity_dir)
-    pca = x509.load_pem_x509_certificate((identity_dir / "pca.pem").read_bytes())
-    policy = PolicyStore(policy_dir or identity_dir / "policy")
-    return Attestor(identity, TPM(identity.tpm), policy, pca, tofu)
 
 
 @dataclass
@@ -158,8 +88,8 @@ class DestinationSecurity:
     def check_source(self, name: str) -> None:
         """Refuse a source whose (TLS-verified) name is not allowed."""
         if self.allowed_sources is not None and name not in self.allowed_sources:
-            raise wire.ProtocolError(
-                wire.ErrorCode.POLICY_REFUSED, f"source {name} is not allowed to migrate here"
+            raise ProtocolError(
+                ErrorCode.POLICY_REFUSED, f"source {name} is not allowed to migrate here"
             )
 
     def unwrap(self, wrapped: wire.WrappedKey, migration_id: bytes) -> tuple[bytes, bytes]:
@@ -173,8 +103,6 @@ class DestinationSecurity:
         """If a vTPM state arrived, check it opens with the key and is the
         announced vTPM; returns its identity.  Uses only the vTPM's own swtpm,
         so it may run off the reactor thread."""
-        from securemig.trust import vtpm
-
         state = staging / vtpm.STATE_DIR
         if not expected:
             if state.exists():

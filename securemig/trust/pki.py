@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from securemig.host import storage
+from securemig import files
 
 
 def check_host_name(host: str) -> None:
@@ -110,8 +110,8 @@ class Authority:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        storage.write_durably(directory / "ca.key", key_pem, mode=0o600)
-        storage.write_durably(
+        files.write_durably(directory / "ca.key", key_pem, mode=0o600)
+        files.write_durably(
             directory / "ca.pem", self.cert.public_bytes(serialization.Encoding.PEM)
         )
 

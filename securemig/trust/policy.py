@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from securemig.host import storage
+from securemig import files
 from securemig.trust.attest import AttestationError, Check, ClockState
 from securemig.trust.pki import check_host_name
 
@@ -93,7 +93,7 @@ class PolicyStore:
     def record(self, host: str, pcrs: dict[int, bytes], clock: ClockState | None = None) -> Golden:
         """Record (or replace) ``host``'s golden values."""
         golden = Golden(host, dict(pcrs), clock, time.time())
-        storage.write_durably(self._path(host), golden.to_json())
+        files.write_durably(self._path(host), golden.to_json())
         return golden
 
     def forget(self, host: str) -> bool:
@@ -102,7 +102,7 @@ class PolicyStore:
         if not path.exists():
             return False
         path.unlink()
-        storage.fsync_dir(self.directory)
+        files.fsync_dir(self.directory)
         return True
 
     def expected(self, host: str, tofu: bool) -> Golden | None:

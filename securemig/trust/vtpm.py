@@ -23,6 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from securemig.trust.attestor import open_attestor
 from securemig.trust.tpm import swtpm
 from securemig.trust.tpm.tpm import TPM
 
@@ -79,7 +80,6 @@ def unsealer(identity: Path) -> Callable[[bytes], bytes]:
     """Unseals vTPM keys sealed to the TPM of the host whose identity
     directory is ``identity``; the TPM is opened for each call and closed
     after, so a long-lived process does not hold it."""
-    from securemig.trust.keyrelease import open_attestor
 
     def unseal(sealed: bytes) -> bytes:
         attestor = open_attestor(identity, None, False)

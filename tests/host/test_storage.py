@@ -8,12 +8,13 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from securemig import files
 from securemig.host import storage
 from securemig.host.arrival import DestinationHost
 from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, BundleError, Manifest, create_image_vm
 from securemig.protocol import wire
-from securemig.protocol.wire import ErrorCode, ProtocolError
+from securemig.protocol.errors import ErrorCode, ProtocolError, io_error
 
 
 class LockTests(SynchronousTestCase):
@@ -40,8 +41,8 @@ class DurableFileTests(SynchronousTestCase):
     def test_write_durably_replaces(self) -> None:
         path = Path(self.mktemp())
         path.parent.mkdir(parents=True, exist_ok=True)
-        storage.write_durably(path, b"one")
-        storage.write_durably(path, b"two")
+        files.write_durably(path, b"one")
+        files.write_durably(path, b"two")
         self.assertEqual(path.read_bytes(), b"two")
         self.assertEqual([p.name for p in path.parent.iterdir()], [path.name])
 
@@ -53,8 +54,8 @@ class DurableFileTests(SynchronousTestCase):
 
     def test_io_error_codes(self) -> None:
         """ENOSPC is DISK_FULL; other errors are IO_ERROR."""
-        full = storage.io_error(OSError(errno.ENOSPC, "No space left on device"), "writing")
-        other = storage.io_error(OSError(errno.EIO, "Input/output error"), "writing")
+        full = io_error(OSError(errno.ENOSPC, "No space left on device"), "writing")
+        other = io_error(OSError(errno.EIO, "Input/output error"), "writing")
         self.assertEqual((full.code, other.code), (ErrorCode.DISK_FULL, ErrorCode.IO_ERROR))
 
 

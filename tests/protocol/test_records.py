@@ -17,8 +17,8 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
 from securemig.protocol import records, wire
+from securemig.protocol.errors import ErrorCode, ProtocolError
 from securemig.protocol.records import AEADS, Kind, Opener, Sealer
-from securemig.protocol.wire import ErrorCode, ProtocolError
 from securemig.transport.connection import DataChannelReceiver
 
 CIPHER = "TLS_AES_256_GCM_SHA384"

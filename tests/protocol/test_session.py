@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from securemig.protocol import session as s
 from securemig.protocol import wire
-from securemig.protocol.wire import ErrorCode, ProtocolError
+from securemig.protocol.errors import ErrorCode, ProtocolError
 
 MID = b"M" * 16
 

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from securemig.protocol import wire
-from securemig.protocol.wire import ErrorCode, FrameDecoder, ProtocolError
+from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.protocol.wire import FrameDecoder
 
 names = st.from_regex(wire.IMAGE_NAME_RE, fullmatch=True)
 vm_names = st.from_regex(wire.VM_NAME_RE, fullmatch=True)

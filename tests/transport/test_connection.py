@@ -14,8 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from securemig.host import storage
 from securemig.hypervisor.bundle import Bundle
 from securemig.protocol import wire
+from securemig.protocol.errors import ErrorCode
 from securemig.protocol.session import Outcome
-from securemig.protocol.wire import ErrorCode
 from securemig.transport import connection as protocol
 
 from ..helpers import InMemory, Recorder, bundle_digests

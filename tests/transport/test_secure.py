@@ -13,12 +13,13 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from twisted.trial.unittest import TestCase
 
+from securemig import files
 from securemig.host import storage
-from securemig.hypervisor.bundle import Bundle
+from securemig.hypervisor.bundle import Bundle, disk_owner, set_disk_owner
 from securemig.lab import processes
 from securemig.trust import vtpm
+from securemig.trust.attestor import Attestor, open_attestor
 from securemig.trust.identity import issue_tls, write_identity
-from securemig.trust.keyrelease import open_attestor
 from securemig.trust.pca.core import PrivacyCA
 from securemig.trust.pki import Authority
 from securemig.trust.policy import PolicyStore
@@ -210,7 +211,7 @@ class SecureMigrationTests(SecureBase):
         self.assertEqual([i.name for i in arrived.manifest.images], ["ram", "vtpm"])
         self.assertEqual(arrived.manifest.shared_disk, str(shared / "vm1.disk"))
         # The shared disk passed from source to destination at the commit.
-        self.assertEqual(storage.disk_owner(shared / "vm1.disk"), "dest-b")
+        self.assertEqual(disk_owner(shared / "vm1.disk"), "dest-b")
 
     def test_shared_disk_owned_by_another_host(self) -> None:
         """A source may not migrate a VM whose shared disk another host owns."""
@@ -218,12 +219,12 @@ class SecureMigrationTests(SecureBase):
         shared = self.base / "shared"
         shared.mkdir()
         bundle = self.create_vm("--shared-disk", str(shared / "vm1.disk"))
-        self.assertEqual(storage.disk_owner(shared / "vm1.disk"), "source-a")
-        storage.set_disk_owner(shared / "vm1.disk", "host-c")
+        self.assertEqual(disk_owner(shared / "vm1.disk"), "source-a")
+        set_disk_owner(shared / "vm1.disk", "host-c")
         before = bundle_digests(bundle)
         result = self.migrate(destination, "--tofu", "--shared-storage")
         self.assertStaysAtSource(bundle, before, result, "belongs to host-c")
-        self.assertEqual(storage.disk_owner(shared / "vm1.disk"), "host-c")
+        self.assertEqual(disk_owner(shared / "vm1.disk"), "host-c")
 
     def test_vtpm_state_flipped_byte(self) -> None:
         """A vTPM state with one byte flipped (before it is sent, so the
@@ -317,7 +318,7 @@ class SecureMigrationTests(SecureBase):
         self.tpm_a.pcr_extend(4, b"rootkit " + os.urandom(8))
         # Sealed to the old state, the vTPM key no longer unseals at the source
         # either; record a fresh VM key for the new state to reach the refusal.
-        storage.remove_tree(bundle.path)
+        files.remove_tree(bundle.path)
         bundle = self.create_vm()
         before = bundle_digests(bundle)
         result = self.migrate(destination, "--tofu")
@@ -370,16 +371,17 @@ class HostileSourceTests(SecureBase):
         real one with its attestor replaced by a replaying attacker."""
         from twisted.internet import reactor
 
-        from securemig.host.departure import SecureOptions, migrate
         from securemig.host.journal import Journal
         from securemig.protocol import wire
+        from securemig.protocol.errors import ErrorCode
+        from securemig.transport.client import SecureOptions, migrate
         from securemig.trust import keyrelease as secure
 
         destination = self.start_destination("--tofu")
         bundle = self.create_vm()
         before = bundle_digests(bundle)
 
-        class Replayer(secure.Attestor):
+        class Replayer(Attestor):
             def evidence(self, qualifying: bytes) -> wire.Evidence:
                 # A quote made for another session's exporter and nonce.
                 stale = secure.qualifying_data(
@@ -404,7 +406,7 @@ class HostileSourceTests(SecureBase):
             journal=journal,
             secure=options,
         )
-        self.assertEqual(finished.code, wire.ErrorCode.ATTESTATION_FAILED)
+        self.assertEqual(finished.code, ErrorCode.ATTESTATION_FAILED)
         self.assertIn("qualifying-data", finished.reason)
         self.assertEqual(bundle_digests(Bundle.load(bundle.path)), before)
         self.assertTrue(bundle.vtpm_key_path.exists())

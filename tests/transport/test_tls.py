@@ -14,7 +14,7 @@ from twisted.internet.ssl import TLSVersion, optionsForClientTLS
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from securemig.host import storage
+from securemig import files
 from securemig.transport import tls
 from securemig.trust.identity import issue_tls
 from securemig.trust.pki import Authority
@@ -25,9 +25,7 @@ def identity(base: Path, ca: Authority, name: str) -> Path:
     directory = base / name
     directory.mkdir(parents=True)
     issue_tls(ca, name, directory)
-    storage.write_durably(
-        directory / "site-ca.pem", ca.cert.public_bytes(serialization.Encoding.PEM)
-    )
+    files.write_durably(directory / "site-ca.pem", ca.cert.public_bytes(serialization.Encoding.PEM))
     return directory
 
 

@@ -13,14 +13,33 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.python.failure import Failure
-
 from securemig import __version__
+from securemig.host.arrival import DestinationHost
+from securemig.host.glibc import tune_malloc
+from securemig.host.journal import Journal, dumps
+from securemig.hypervisor.backends import backend_for
+from securemig.hypervisor.bundle import Bundle, BundleError, create_image_vm
+from securemig.lab import bench, demo
+from securemig.lab.bench import qemu, tpm
+from securemig.lab.bench.link import LinkError
+from securemig.lab.processes import peak_rss_mib
 from securemig.protocol import wire
+from securemig.protocol.session import Outcome
+from securemig.transport.client import ConnectFailed, SecureOptions, migrate, parse_address
+from securemig.transport.reactor import run_reactor
+from securemig.transport.tls import CIPHERS
+from securemig.trust import vtpm
+from securemig.trust.attestor import open_attestor
+from securemig.trust.identity import init_host, issue_tls
+from securemig.trust.pca.client import EnrollmentRefused
+from securemig.trust.pca.core import PrivacyCA
+from securemig.trust.pki import Authority
+from securemig.trust.policy import PolicyStore
+from securemig.trust.tpm.tpm import TPM, TPMError
 
 T = TypeVar("T")
 #: PCRs attested by default: firmware, firmware config, option ROMs, boot loader, secure boot.
@@ -327,8 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``securemig`` console script."""
     args = build_parser().parse_args(argv)
     if args.command == "migrate":
-        from securemig.host.glibc import tune_malloc
-
         tune_malloc()
     handler = {
         "vm": cmd_vm,
@@ -356,15 +373,12 @@ def _error(message: str) -> int:
 
 def cmd_vm(args: argparse.Namespace) -> int:
     """``securemig vm create|start|status|list``."""
-    from securemig.hypervisor.bundle import Bundle, BundleError, create_image_vm
 
     if args.vm_command == "create":
         try:
             sealed = vtpm = None
             if args.identity:
                 import os
-
-                from securemig.trust.keyrelease import open_attestor
 
                 # The vTPM's state key: sealed to this host's TPM, handed to
                 # swtpm through a pipe, never written in the clear.
@@ -421,8 +435,6 @@ def cmd_vm(args: argparse.Namespace) -> int:
 
 
 def _vm_control(args: argparse.Namespace) -> int:
-    from securemig.hypervisor import backend_for
-    from securemig.hypervisor.bundle import Bundle, BundleError
 
     try:
         bundle = Bundle.find(args.dir, args.name)
@@ -451,7 +463,6 @@ def _vtpm_key(identity: Path | None) -> Callable[[Any], bytes] | None:
     """How a VM's vTPM key is unsealed with the TPM of ``identity``."""
     if identity is None:
         return None
-    from securemig.trust import vtpm
 
     return vtpm.key_reader(vtpm.unsealer(identity))
 
@@ -463,11 +474,6 @@ def source_state_dir(vm_dir: Path, state_dir: Path | None) -> Path:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """``securemig migrate``: drive one migration from the source."""
-
-    from securemig.host.departure import ConnectFailed, SecureOptions, migrate, parse_address
-    from securemig.host.journal import Journal
-    from securemig.hypervisor.bundle import Bundle, BundleError
-    from securemig.trust.tpm.tpm import TPMError
 
     if not args.insecure and not args.identity:
         return _error(
@@ -543,33 +549,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return _report_migration(args, journal, outcome)
 
 
-def run_reactor(main: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
-    """Run the global reactor until ``main(reactor)`` finishes; return its
-    result or raise its exception (unlike task.react, which exits)."""
-    from twisted.internet import reactor as _reactor
-    from twisted.internet.defer import Deferred
-
-    reactor: Any = _reactor
-    result: list[Any] = []
-
-    def finish(outcome: Any) -> None:
-        result.append(outcome)
-        reactor.stop()
-
-    def start() -> None:
-        Deferred.fromCoroutine(main(reactor)).addBoth(finish)
-
-    reactor.callWhenRunning(start)
-    reactor.run()
-    if isinstance(result[0], Failure):
-        result[0].raiseException()
-    value: T = result[0]
-    return value
-
-
 def _report_migration(args: argparse.Namespace, journal: Any, outcome: dict[str, Any]) -> int:
-    from securemig.lab.processes import peak_rss_mib
-    from securemig.protocol.session import Outcome
 
     departure, finished = outcome["departure"], outcome["finished"]
     record = journal.get(departure.id)
@@ -617,7 +597,6 @@ def _report_migration(args: argparse.Namespace, journal: Any, outcome: dict[str,
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``securemig status``: the journal, newest first."""
-    from securemig.host.journal import Journal, dumps
 
     state_dir = args.state_dir if args.state_dir else source_state_dir(args.vm_dir, None)
     path = state_dir / "journal.sqlite"
@@ -641,8 +620,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_ca(args: argparse.Namespace) -> int:
     """``securemig ca init|issue``."""
-    from securemig.trust.identity import issue_tls
-    from securemig.trust.pki import Authority
 
     if args.ca_command == "init":
         if (args.dir / "ca.key").exists():
@@ -662,7 +639,6 @@ def cmd_ca(args: argparse.Namespace) -> int:
 
 def cmd_pca(args: argparse.Namespace) -> int:
     """``securemig pca init``."""
-    from securemig.trust.pca.core import PrivacyCA
 
     if (args.dir / "ca.key").exists():
         return _error(f"{args.dir} already holds a privacy CA")
@@ -676,9 +652,6 @@ def cmd_pca(args: argparse.Namespace) -> int:
 
 def cmd_host(args: argparse.Namespace) -> int:
     """``securemig host init``."""
-    from securemig.trust.identity import init_host
-    from securemig.trust.pca.client import EnrollmentRefused
-    from securemig.trust.tpm.tpm import TPMError
 
     try:
         identity = init_host(args.dir, args.name, args.tpm, args.site_ca, args.pca, args.pca_ca)
@@ -695,13 +668,10 @@ def cmd_host(args: argparse.Namespace) -> int:
 
 def cmd_policy(args: argparse.Namespace) -> int:
     """``securemig policy show|record|forget``."""
-    from securemig.trust.policy import PolicyStore
 
     try:
         store = PolicyStore(args.policy_dir)
         if args.policy_command == "record":
-            from securemig.trust.tpm.tpm import TPM, TPMError
-
             pcrs = [int(p) for p in args.pcrs.split(",")]
             try:
                 with TPM(args.tpm) as tpm:
@@ -727,15 +697,11 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     """``securemig recover``: settle in-doubt migrations from both journals."""
-    from securemig.host.arrival import DestinationHost
-    from securemig.host.journal import Journal
 
     if not args.source_journal.is_file():
         return _error(f"no source journal at {args.source_journal}")
     host = DestinationHost(args.state_dir)
     if args.identity:
-        from securemig.trust import vtpm
-
         host.unseal = vtpm.unsealer(args.identity)
     source = Journal(args.source_journal)
 
@@ -752,25 +718,18 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``securemig demo``: see :mod:`securemig.lab.demo`."""
-    from securemig.lab import demo
 
     return demo.run(size_mib=args.size_mib, as_json=args.json, keep=args.keep, backend=args.backend)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``securemig bench``: see :mod:`securemig.lab.bench`."""
-    from securemig.lab import bench
 
     if args.tpm:
-        from securemig.lab.bench import tpm
-
         return tpm.run(repeat=args.repeat)
     if args.qemu:
-        from securemig.lab.bench import qemu
-
         return qemu.run([int(x) for x in args.sizes.split(",") if x.strip()], args.repeat)
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
-    from securemig.transport.tls import CIPHERS
 
     protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
     ciphers: tuple[str | None, ...] = tuple(
@@ -788,7 +747,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _error(f"--variants takes {', '.join(bench.VARIANTS)}")
     if not sizes or min(sizes) <= 0 or args.repeat <= 0:
         return _error("--sizes and --repeat must be positive")
-    from securemig.lab.bench.link import LinkError
 
     try:
         return bench.run(

@@ -39,7 +39,9 @@ from tqdm import tqdm
 
 from securemig.hypervisor.bundle import create_image_vm
 from securemig.lab import processes
-from securemig.lab.lab import DESTINATION
+from securemig.lab.bench.link import Link
+from securemig.lab.bench.report import insecure_twin, protocols_of, series, sizes_of, write_all
+from securemig.lab.lab import DESTINATION, Lab
 
 
 def _plain_copy(work: Path, image: Path, lab: Any) -> dict[str, Any]:
@@ -131,7 +133,6 @@ def _summarise(records: list[dict[str, Any]]) -> list[str]:
         f"{'size':>6} {'protocol':<20} {'time s':>8} {'x plain':>8} {'in-proc':>8} {'MiB/s':>7} "
         f"{'CPU src':>8} {'CPU dst':>8} {'RSS src':>8} {'RSS dst':>8}",
     ]
-    from securemig.lab.bench.report import sizes_of
 
     for size in sizes_of(records):
         runs = [r for r in records if r["size_mib"] == size]
@@ -163,27 +164,6 @@ def _summarise(records: list[dict[str, Any]]) -> list[str]:
             if p.startswith("secure") and twin in medians:
                 lines.append(f"{size:>5}M {p} / {twin}: {medians[p] / medians[twin]:.2f}")
     return lines
-
-
-def series(record: dict[str, Any]) -> str:
-    """A record's line in tables and plots: the protocol (``secure-CIPHER``
-    with ``--ciphers``), ``/shared`` for the shared-storage variant."""
-    suffix = "/shared" if record.get("variant") == "shared-storage" else ""
-    return f"{record['protocol']}{suffix}"
-
-
-def insecure_twin(label: str) -> str:
-    """The insecure series a secure one is compared with (same variant)."""
-    return "insecure/shared" if label.endswith("/shared") else "insecure"
-
-
-def protocols_of(records: list[dict[str, Any]]) -> list[str]:
-    """The series measured, in table order: plain copy, insecure, secure
-    (``secure-CIPHER`` after it), each variant in turn."""
-    present = {series(r) for r in records if r["size_mib"]}
-    order = ["plain-copy", "insecure", "secure", "secure-tls"]
-    order += [f"{p}/shared" for p in order[1:]]
-    return [p for p in order if p in present] + sorted(present - set(order))
 
 
 def _lab_migration(
@@ -244,7 +224,6 @@ def run(
     """Run the benchmark and print its table; with ``json_path`` write the
     records there and the CSV, report and plots beside it (with ``out``, in
     that directory).  Returns an exit status."""
-    from securemig.lab.lab import Lab
 
     # Where the outputs go must exist before an hour of measuring, not after.
     for directory in (out, json_path.parent if json_path else None):
@@ -252,8 +231,6 @@ def run(
             directory.mkdir(parents=True, exist_ok=True)
     link = None
     if link_mbit is not None:
-        from securemig.lab.bench.link import Link
-
         link = Link(link_mbit)
         print(
             f"destination side in network namespace {link.namespace}, behind a "
@@ -326,7 +303,6 @@ def run(
         shutil.rmtree(work, ignore_errors=True)
     for record in records:
         record["link_mbit"] = link_mbit
-    from securemig.lab.bench.report import write_all
 
     if json_path is not None:
         json_path.write_text(json.dumps(records, indent=2))

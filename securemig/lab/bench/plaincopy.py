@@ -14,7 +14,8 @@ import socket
 import sys
 from pathlib import Path
 
-from securemig.host.storage import WriteBehind, write_all
+from securemig.files import write_all
+from securemig.host.storage import WriteBehind
 
 
 def receive(port_file: Path, out: Path, address: str = "127.0.0.1") -> None:

@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from securemig.hypervisor.bundle import create_image_vm
+from securemig.hypervisor.qemu import QemuBackend, accelerator
+from securemig.transport.reactor import run_reactor
 
 
 def run(sizes: list[int], repeat: int) -> int:
     """Print the table; returns an exit status."""
     from twisted.internet.defer import Deferred
-
-    from securemig.app.cli.main import run_reactor
-    from securemig.hypervisor.qemu import QemuBackend, accelerator
 
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-qemu-"))
     rows: list[tuple[int, float, float, int]] = []

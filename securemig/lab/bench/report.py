@@ -48,11 +48,25 @@ def _stat(values: list[float], digits: int = 3) -> str:
     )
 
 
-def protocols_of(records: list[dict[str, Any]]) -> list[str]:
-    """The protocols measured, in table order."""
-    from securemig.lab.bench import protocols_of as order
+def series(record: dict[str, Any]) -> str:
+    """A record's line in tables and plots: the protocol (``secure-CIPHER``
+    with ``--ciphers``), ``/shared`` for the shared-storage variant."""
+    suffix = "/shared" if record.get("variant") == "shared-storage" else ""
+    return f"{record['protocol']}{suffix}"
 
-    return order(records)
+
+def insecure_twin(label: str) -> str:
+    """The insecure series a secure one is compared with (same variant)."""
+    return "insecure/shared" if label.endswith("/shared") else "insecure"
+
+
+def protocols_of(records: list[dict[str, Any]]) -> list[str]:
+    """The series measured, in table order: plain copy, insecure, secure
+    (``secure-CIPHER`` after it), each variant in turn."""
+    present = {series(r) for r in records if r["size_mib"]}
+    order = ["plain-copy", "insecure", "secure", "secure-tls"]
+    order += [f"{p}/shared" for p in order[1:]]
+    return [p for p in order if p in present] + sorted(present - set(order))
 
 
 def sizes_of(records: list[dict[str, Any]]) -> list[int]:
@@ -66,7 +80,6 @@ def cpu_s(record: dict[str, Any]) -> float:
 
 
 def _runs(records: list[dict[str, Any]], size: int, protocol: str) -> list[dict[str, Any]]:
-    from securemig.lab.bench import series
 
     return [r for r in records if r["size_mib"] == size and series(r) == protocol]
 
@@ -124,8 +137,6 @@ def report(records: list[dict[str, Any]]) -> str:
 
         def ratio(a: str, b: str, values: dict[str, float]) -> str:
             return f"{values[a] / values[b]:.2f}" if a in values and b in values else "-"
-
-        from securemig.lab.bench import insecure_twin
 
         for secure in [p for p in med if p.startswith("secure")]:
             twin = insecure_twin(secure)

@@ -1,0 +1,60 @@
+"""
+Durable file operations, for every layer above the sans-IO protocol.
+
+Everything that must survive a crash is written the same way, so the rules
+are in one place: write to a temporary file beside the target, fsync it,
+rename it into place, fsync the directory that holds the new name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` atomically and durably.  The file is
+    created with ``mode`` (0o600 for keys), never wider even for an instant."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def rename_durably(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` (files or directories) and fsync both parents."""
+    os.rename(src, dst)
+    fsync_dir(dst.parent)
+    if src.parent != dst.parent:
+        fsync_dir(src.parent)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory tree if it exists, then make the removal durable."""
+    if path.exists():
+        shutil.rmtree(path)
+        fsync_dir(path.parent)
+
+
+def write_all(f: Any, data: bytes | memoryview) -> None:
+    """Write all of ``data`` to an unbuffered file, finishing short writes
+    (an unbuffered ``write`` may write less, e.g. after a signal)."""
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view) :]

@@ -1,0 +1,140 @@
+"""
+The package's layering, checked: no import cycles, arrows only point down.
+
+Every import of a securemig module counts, also one inside a function
+(those are how cycles hide).  ``doc/architecture.rst`` explains the layers.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+import securemig
+
+ROOT = Path(securemig.__file__).parent
+
+#: Bottom to top; a module may import its own layer and those below it.
+LAYERS = (
+    "securemig.protocol",
+    "securemig.files",
+    "securemig.trust",
+    "securemig.hypervisor",
+    "securemig.host",
+    "securemig.transport",
+    "securemig.lab",
+    "securemig.app",
+)
+
+#: What the sans-IO layer must never import.
+NOT_IN_PROTOCOL = ("twisted", "socket", "securemig.host", "securemig.transport", "shutil")
+
+
+def module_name(path: Path) -> str:
+    """The dotted name of a module file of the package."""
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> list[tuple[str, bool]]:
+    """Every module ``path`` imports, and whether the import is inside a function."""
+    return imports_of_source(path.read_text())
+
+
+def imports_of_source(source: str) -> list[tuple[str, bool]]:
+    """Every module ``source`` imports, and whether the import is inside a function."""
+    tree = ast.parse(source)
+    found: list[tuple[str, bool]] = []
+
+    def visit(node: ast.AST, local: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = local or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
+            if isinstance(child, ast.Import):
+                found.extend((alias.name, inner) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.module and not child.level:
+                found.append((child.module, inner))
+                # ``from securemig.x import y`` may import a module y.
+                found.extend((f"{child.module}.{a.name}", inner) for a in child.names)
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    """Module -> the securemig modules it imports."""
+    modules = {module_name(p): p for p in ROOT.rglob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges[name] = {m for m, _ in imports(path) if m in modules and m != name}
+    return edges
+
+
+def layer(module: str) -> int:
+    """The index of the layer ``module`` belongs to."""
+    for index, prefix in enumerate(LAYERS):
+        if module == prefix or module.startswith(prefix + "."):
+            return index
+    raise AssertionError(f"{module} is in no layer")
+
+
+def find_cycles(edges: dict[str, set[str]]) -> list[str]:
+    """Every path by which a module reaches itself."""
+    cycles = []
+    for start in edges:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in edges.get(node, ()):
+                if nxt == start:
+                    cycles.append(" -> ".join([*path, nxt]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+    return cycles
+
+
+class LayerTests(SynchronousTestCase):
+    def test_no_cycles(self) -> None:
+        """No module reaches itself through imports, function-local ones included."""
+        self.assertEqual(find_cycles(graph()), [])
+
+    def test_checker_sees_local_imports_and_cycles(self) -> None:
+        """Control: a function-local import counts, and a cycle through it is found."""
+        found = imports_of_source("def f():\n    from securemig.host import journal\n")
+        self.assertEqual(found[0], ("securemig.host", True))
+        self.assertEqual(
+            find_cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}), ["a -> b -> a", "b -> a -> b"]
+        )
+
+    def test_arrows_point_down(self) -> None:
+        """A module imports only its own layer and the layers below."""
+        wrong = [
+            f"{a} -> {b}"
+            for a, targets in graph().items()
+            for b in targets
+            if a != "securemig" and b != "securemig" and layer(b) > layer(a)
+        ]
+        self.assertEqual(wrong, [])
+
+    def test_no_function_local_imports_of_our_own(self) -> None:
+        """securemig modules are imported at the top, where a reader sees them."""
+        local = [
+            f"{module_name(p)}: {m}"
+            for p in ROOT.rglob("*.py")
+            for m, inner in imports(p)
+            if inner and m.startswith("securemig")
+        ]
+        self.assertEqual(local, [])
+
+    def test_protocol_layer_is_sans_io(self) -> None:
+        """The sans-IO core imports no reactor, socket, file helper or host code."""
+        bad = [
+            f"{module_name(p)}: {m}"
+            for p in (ROOT / "protocol").rglob("*.py")
+            for m, _ in imports(p)
+            if m.split(".")[0] in NOT_IN_PROTOCOL or m.startswith(NOT_IN_PROTOCOL)
+        ]
+        self.assertEqual(bad, [])
