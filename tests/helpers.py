@@ -17,7 +17,9 @@ from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, create_image_vm
 from securemig.protocol import wire
 from securemig.protocol.session import SourceSession
-from securemig.transport import connection as protocol
+from securemig.transport.destination import DestinationFactory, DestinationProtocol
+from securemig.transport.executor import InlineExecutor
+from securemig.transport.source import SourceProtocol
 
 
 def digests(paths: list[Path]) -> dict[str, str]:
@@ -64,15 +66,15 @@ class InMemory:
         self.vm_dir = base / "src"
         self.source_journal = Journal(base / "src-journal.sqlite")
         self.timers = timers
-        self.factory = protocol.DestinationFactory(
-            self.host, self.clock, executor_factory=protocol.InlineExecutor, **timers
+        self.factory = DestinationFactory(
+            self.host, self.clock, executor_factory=InlineExecutor, **timers
         )
 
     def vm(self, name: str = "vm1", ram_mib: int = 1, **kw: Any) -> Bundle:
         """Create a test VM in the source directory."""
         return create_image_vm(self.vm_dir, name, ram_mib, **kw)
 
-    def destination(self) -> protocol.DestinationProtocol:
+    def destination(self) -> DestinationProtocol:
         """A fresh destination protocol for one connection."""
         return self.factory.buildProtocol(None)
 
@@ -91,18 +93,18 @@ class InMemory:
         bundle: Bundle,
         variant: wire.Variant = wire.Variant.FULL,
         chunk: int = 65536,
-        executor: Any = protocol.InlineExecutor,
-    ) -> tuple[protocol.SourceProtocol, Departure]:
+        executor: Any = InlineExecutor,
+    ) -> tuple[SourceProtocol, Departure]:
         """A source protocol for ``bundle`` whose VM is already locked."""
         departure = Departure(bundle, variant, "memory", "insecure", self.source_journal)
         Deferred.fromCoroutine(departure.acquire())
         session = SourceSession(departure.hello(chunk))
-        proto = protocol.SourceProtocol(session, departure, self.clock, executor, **self.timers)
+        proto = SourceProtocol(session, departure, self.clock, executor, **self.timers)
         return proto, departure
 
     def migrate(
         self, bundle: Bundle, variant: wire.Variant = wire.Variant.FULL
-    ) -> tuple[protocol.SourceProtocol, protocol.DestinationProtocol, Departure]:
+    ) -> tuple[SourceProtocol, DestinationProtocol, Departure]:
         """Run a whole migration in memory."""
         src, departure = self.source(bundle, variant)
         dst = self.destination()

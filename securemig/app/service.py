@@ -19,8 +19,9 @@ from twisted.python import usage
 from securemig import files
 from securemig.host.arrival import DestinationHost
 from securemig.host.glibc import tune_malloc
-from securemig.transport import connection as protocol
 from securemig.transport import tls
+from securemig.transport.control import DEADLINE, IDLE_TIMEOUT
+from securemig.transport.destination import DestinationFactory
 from securemig.transport.tls import CIPHERS
 from securemig.trust.attestor import open_attestor
 from securemig.trust.keyrelease import DestinationSecurity, MigrationKey
@@ -61,11 +62,11 @@ class Options(usage.Options):
         [
             "idle-timeout",
             None,
-            protocol.IDLE_TIMEOUT,
+            IDLE_TIMEOUT,
             "Seconds without progress before a migration is aborted.",
             float,
         ],
-        ["deadline", None, protocol.DEADLINE, "Seconds a whole migration may take.", float],
+        ["deadline", None, DEADLINE, "Seconds a whole migration may take.", float],
         ["backend", None, "image", "Hypervisor of this host: image (files only), qemu or xen."],
         [
             "tls-cipher",
@@ -186,7 +187,7 @@ def makeService(options: Options) -> service.MultiService:
             # Per migration, on the address the source reached: port 0 (any free).
             return reactor.listenTCP(0, factory, interface=interface)  # type: ignore[attr-defined]
 
-        secure = protocol.DestinationFactory(
+        secure = DestinationFactory(
             host,
             reactor,
             protocol_name="secure",
@@ -212,7 +213,7 @@ def makeService(options: Options) -> service.MultiService:
             endpoint=options["insecure-listen"],
         )
         # With an identity, the insecure twin can keep a vTPM key (sent in the clear).
-        insecure = protocol.DestinationFactory(
+        insecure = DestinationFactory(
             host, reactor, protocol_name="insecure", sealer=attestor, **timers
         )
         if options["insecure-port-file"]:

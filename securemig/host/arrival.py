@@ -9,7 +9,7 @@ Layout of a destination's state directory::
     STATE_DIR/locks/NAME.lock     held while VM NAME is arriving
 
 Methods of :class:`Arrival` that touch files run on the connection's disk
-thread (see :mod:`securemig.transport.connection`), in the order the session asked.
+thread (see :mod:`securemig.transport.control`), in the order the session asked.
 """
 
 from __future__ import annotations

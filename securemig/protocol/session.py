@@ -4,7 +4,7 @@ Source and destination session state machines, sans-IO.
 A session takes messages from the peer and events from its host (a disk
 write finished, the VM was given up, ...) and returns *effects*: messages to
 send and things for the host to do.  It never touches a socket, a file or a
-clock; :mod:`securemig.transport.connection` carries effects out and feeds the results
+clock; :mod:`securemig.transport.control` carries effects out and feeds the results
 back in.  That is what lets ``tests/protocol/test_session.py`` run two sessions
 against each other without a reactor.
 

@@ -26,8 +26,10 @@ from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, BundleError, disk_owner
 from securemig.protocol import wire
 from securemig.protocol.session import Finished, SourceSession
-from securemig.transport import connection as protocol
 from securemig.transport import tls
+from securemig.transport.control import DEADLINE, IDLE_TIMEOUT
+from securemig.transport.executor import ThreadExecutor
+from securemig.transport.source import SourceProtocol
 from securemig.trust.attestor import open_attestor
 from securemig.trust.keyrelease import SourceSecurity
 
@@ -114,14 +116,14 @@ async def migrate(
     session = SourceSession(
         departure.hello(chunk_size), secure=security is not None, clear_key=clear_key
     )
-    proto = protocol.SourceProtocol(
+    proto = SourceProtocol(
         session,
         departure,
         reactor,  # type: ignore[arg-type]
-        lambda: protocol.ThreadExecutor(reactor),  # type: ignore[arg-type]
+        lambda: ThreadExecutor(reactor),  # type: ignore[arg-type]
         on_progress,
-        idle_timeout=protocol.IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
-        deadline=protocol.DEADLINE if deadline is None else deadline,
+        idle_timeout=IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
+        deadline=DEADLINE if deadline is None else deadline,
         security=security,
     )
     endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint

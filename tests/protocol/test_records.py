@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from securemig.protocol import records, wire
 from securemig.protocol.errors import ErrorCode, ProtocolError
 from securemig.protocol.records import AEADS, Kind, Opener, Sealer
-from securemig.transport.connection import DataChannelReceiver
+from securemig.transport.destination import DataChannelReceiver
 
 CIPHER = "TLS_AES_256_GCM_SHA384"
 CHUNK = 4096
@@ -280,7 +280,8 @@ class ControlConnectionTests(TestCase):
         messages are not."""
         from twisted.internet.task import Clock
 
-        from securemig.transport.connection import DestinationProtocol, InlineExecutor
+        from securemig.transport.destination import DestinationProtocol
+        from securemig.transport.executor import InlineExecutor
 
         control = DestinationProtocol(None, Clock(), InlineExecutor)
         for message in (wire.StreamBegin(0), wire.StreamEnd(wire.UNHASHED)):
@@ -297,7 +298,8 @@ class ControlConnectionTests(TestCase):
         into the data channel is refused before the session sees it."""
         from twisted.internet.task import Clock
 
-        from securemig.transport.connection import DestinationProtocol, InlineExecutor
+        from securemig.transport.destination import DestinationProtocol
+        from securemig.transport.executor import InlineExecutor
 
         control = DestinationProtocol(None, Clock(), InlineExecutor)
         for message in (wire.Commit(), FakeControl.hello):
@@ -309,7 +311,7 @@ class ControlConnectionTests(TestCase):
     def test_destination_sending_on_data_channel_fails_source(self) -> None:
         """The data channel is one-way: bytes from the destination end the
         source's migration."""
-        from securemig.transport.connection import DataChannelSender
+        from securemig.transport.source import DataChannelSender
 
         control = FakeControl(b"")
         sender = DataChannelSender(control)  # type: ignore[arg-type]

@@ -16,7 +16,8 @@ from securemig.hypervisor.bundle import Bundle
 from securemig.protocol import wire
 from securemig.protocol.errors import ErrorCode
 from securemig.protocol.session import Outcome
-from securemig.transport import connection as protocol
+from securemig.transport.control import CLOSE_GRACE
+from securemig.transport.destination import DestinationProtocol
 
 from ..helpers import InMemory, Recorder, bundle_digests
 
@@ -128,7 +129,7 @@ class HostilePeerTests(SynchronousTestCase):
     def assertAborted(self, code: ErrorCode) -> None:
         """The destination sent ABORT with ``code``, half-closed, and dropped
         the connection after the grace period; nothing is left staged."""
-        self.env.clock.advance(protocol.CLOSE_GRACE)
+        self.env.clock.advance(CLOSE_GRACE)
         self.pump.flush()
         last = self.peer.messages()[-1]
         self.assertIsInstance(last, wire.Abort)
@@ -231,9 +232,7 @@ class FlowControlTests(SynchronousTestCase):
     def test_pause_above_high_water(self) -> None:
         env = InMemory(Path(self.mktemp()))
         executor = ManualExecutor()
-        dst = protocol.DestinationProtocol(
-            env.host, env.clock, lambda: executor, high_water=3 * 4096
-        )
+        dst = DestinationProtocol(env.host, env.clock, lambda: executor, high_water=3 * 4096)
         transport = StringTransport()
         dst.makeConnection(transport)
         chunk = b"z" * 4096

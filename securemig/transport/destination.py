@@ -1,0 +1,490 @@
+"""
+The destination's Twisted shell: one incoming migration and its data channel.
+
+``FramedProtocol`` turns received bytes into messages with
+:class:`~securemig.protocol.wire.FrameDecoder`, hands them to a session from
+:mod:`securemig.protocol.session`, and carries out the effects the session returns.
+It owns the two clocks of a connection: an *idle* timer, reset by any
+progress (bytes received, the transport taking more of our data, a disk
+write finishing), and an overall *deadline*.
+
+Data path, and why it looks like this:
+
+- The source streams each image with :class:`ImageStreamer`, a *push*
+  producer: whenever the transport wants data it reads one large chunk,
+  hashes it, and writes header and chunk with ``writeSequence`` so the chunk
+  is never copied into a frame.  (Twisted's ``FileSender`` is a pull producer
+  with 16 KiB chunks; it costs a Python round trip per 16 KiB.)
+- The destination never writes files on the reactor thread.  Each
+  connection gets its own single-thread pool (a shared pool could reorder
+  one file's writes); chunks are queued to it in order, hashed and written
+  in the same pass.  When more than ``high_water`` bytes are queued the
+  destination pauses the transport, so TCP's window pushes back on the
+  source and memory is bounded by the window, not by the image.
+- Secure variant: the images go on a data channel of their own
+  (:class:`DataChannelSender` → :class:`DataChannelReceiver`), sealed into
+  AEAD records by :mod:`securemig.protocol.records` on the source's reader thread;
+  Twisted's TLS would cost a Python round trip per 16 KiB record.  The
+  destination opens records on the reactor thread and hands their frames to
+  the same session as if they had come on the control connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from securemig.hypervisor.bundle import disk_owner
+from securemig.protocol import records, wire
+from securemig.protocol import session as s
+from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.transport.control import (
+    DEADLINE,
+    IDLE_TIMEOUT,
+    Connection,
+    FramedProtocol,
+    failure_to_error,
+)
+from securemig.transport.executor import Executor, ThreadExecutor
+from securemig.transport.tcp import tune_transport
+from securemig.transport.tls import peer_names
+from securemig.trust.keyrelease import (
+    MIGRATION_KEY_ROLE,
+    DestinationSecurity,
+    KeyTransferError,
+)
+
+#: Destination: pause reading when this many bytes wait for the disk (at least
+#: two chunks, so the disk thread always has the next one queued).
+HIGH_WATER = 4 * 1024 * 1024
+
+
+class DestinationProtocol(FramedProtocol):
+    """One incoming migration, on a destination."""
+
+    session: s.DestinationSession
+
+    def __init__(
+        self,
+        host: Any,
+        clock: IReactorTime,
+        executor_factory: Callable[[], Executor],
+        protocol_name: str = "insecure",
+        idle_timeout: float = IDLE_TIMEOUT,
+        deadline: float = DEADLINE,
+        high_water: int = HIGH_WATER,
+        security: Any = None,
+        sealer: Any = None,
+        data_listener: DataListener | None = None,
+    ) -> None:
+        super().__init__(clock, idle_timeout, deadline)
+        self.security = security
+        self.sealer = sealer
+        self.data_listener = data_listener if security is not None else None
+        #: The data channel: its listening port, then its bound connection.
+        self.data_port: Any = None
+        self.data_offered = False
+        self.data_channel: DataChannelReceiver | None = None
+        self.session = s.DestinationSession(secure=security is not None)
+        self.wrapped_key: Any = None
+        self.host = host
+        self.protocol_name = protocol_name
+        self.executor_factory = executor_factory
+        self.high_water = high_water
+        self.arrival: Any = None
+        self.executor: Executor | None = None
+        self.queued = 0
+        self.reading_paused = False
+
+    def _peer(self) -> str:
+        peer = self.out.getPeer()
+        return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+
+    def migration_id(self) -> bytes:
+        """The id this destination gave the migration."""
+        return bytes(self.arrival.migration_id)
+
+    def peer_name(self) -> str:
+        """The source's name from its verified TLS certificate."""
+
+        names = peer_names(self.transport)
+        if not names:
+            raise ProtocolError(
+                ErrorCode.ATTESTATION_FAILED, "the source's certificate names no host"
+            )
+        return names[0]
+
+    def _do_OfferKey(self, effect: s.OfferKey) -> None:
+
+        qualifying = self.qualifying(MIGRATION_KEY_ROLE, b"")
+        offer = self.security.key.offer(self.security.attestor.identity.ak, qualifying)
+        self.run(self.session.key_offered(offer))
+
+    def _do_AcceptKey(self, effect: s.AcceptKey) -> None:
+        self.wrapped_key = effect.wrapped
+        self.journal_phase("key-received")
+
+    def journal_phase(self, phase: str) -> None:
+        """Record a phase in the destination's journal."""
+        self.arrival.journal_phase(phase, self.session.bytes_received)
+
+    def _submit(
+        self,
+        doing: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        then: Callable[[Any], None] | None = None,
+    ) -> None:
+        assert self.executor is not None
+
+        def done(result: Any) -> None:
+            self.touch()
+            if then is not None and not self.session.finished:
+                try:
+                    then(result)
+                except Exception as e:
+                    self.fail(failure_to_error(e, doing))
+
+        def failed(failure: Failure) -> None:
+            self.fail(failure_to_error(failure, doing))
+
+        self.executor.submit(fn, *args).addCallbacks(done, failed)
+
+    def _do_Admit(self, effect: s.Admit) -> None:
+        try:
+            if self.security is not None:
+                self.security.check_source(self.peer_name())
+            elif self.sealer is None and any(i.name == "vtpm" for i in effect.hello.images):
+                raise ProtocolError(
+                    ErrorCode.POLICY_REFUSED,
+                    "this destination has no TPM "
+                    "identity to keep a vTPM key (start it with --identity)",
+                )
+            self.arrival = self.host.admit(effect.hello, self._peer(), self.protocol_name)
+        except ProtocolError as e:
+            self.log.info("refused VM {vm}: {reason}", vm=effect.hello.vm_name, reason=e.reason)
+            self.run(self.session.refused(e.code, e.reason))
+            return
+        self.decoder.max_data = effect.hello.chunk_size
+        self.high_water = max(self.high_water, 2 * effect.hello.chunk_size)
+        self.executor = self.executor_factory()
+        if self.data_listener is not None:
+            # On the address the source reached us at; a port of its own.
+            self.data_port = self.data_listener(self.out.getHost().host, DataChannelFactory(self))
+            self.session.offer_data_port(self.data_port.getHost().port)
+            self.data_offered = True
+        self.run(self.session.admitted(self.arrival.migration_id))
+
+    # -- the data channel (secure variant; see securemig.protocol.records)
+
+    def check_control(self, message: wire.Message) -> None:
+        """With a data channel, images may arrive only on it."""
+        if self.data_offered and isinstance(message, STREAM_MESSAGES):
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"{type(message).__name__} on the control connection: images travel on the "
+                "data channel",
+            )
+
+    def data_opener(self) -> Any:
+        """The receiving end of the data channel, keyed from this TLS session."""
+
+        hello = self.session.hello
+        assert hello is not None
+        return records.Opener(
+            *self.data_channel_key(), self.migration_id(), records.max_plaintext(hello.chunk_size)
+        )
+
+    def bind_data_channel(self, channel: DataChannelReceiver) -> bool:
+        """A data connection proved it holds the key: it is the channel, and
+        the listener closes.  False if there already is one."""
+        if self.data_channel is not None or self.session.finished:
+            return False
+        self.data_channel = channel
+        self._close_data_port()
+        self.log.info(
+            "migration {mid}: data channel from {peer} authenticated",
+            mid=self.migration_id().hex(),
+            peer=channel.out.getPeer(),
+        )
+        return True
+
+    def stream_message(self, message: wire.Message) -> None:
+        """A message from the bound data channel: stream frames only."""
+        self.touch()
+        if not isinstance(message, STREAM_MESSAGES):
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"{type(message).__name__} on the data channel",
+            )
+        self.run(self.session.receive(message))
+
+    @property
+    def stream_transport(self) -> Any:
+        """Where image bytes arrive: the data channel, if bound."""
+        return self.data_channel.out if self.data_channel is not None else self.out
+
+    def _close_data_port(self) -> None:
+        if self.data_port is not None:
+            port, self.data_port = self.data_port, None
+            port.stopListening()
+
+    def _do_OpenStream(self, effect: s.OpenStream) -> None:
+        if effect.index == 0:
+            self.arrival.journal_phase("streaming", 0)
+        # Images on the data channel are authenticated by its records.
+        hashed = self.data_channel is None
+        self._submit("opening a staging file", self.arrival.open_stream, effect.index, hashed)
+
+    def _do_WriteChunk(self, effect: s.WriteChunk) -> None:
+        n = len(effect.data)
+        self.queued += n
+        if self.queued > self.high_water and not self.reading_paused:
+            self.reading_paused = True
+            self.stream_transport.pauseProducing()
+        self._submit(
+            "writing a staging file", self.arrival.write, effect.data.parts, then=self._drained
+        )
+
+    def _drained(self, nbytes: int) -> None:
+        self.queued -= nbytes
+        if self.reading_paused and self.queued <= self.high_water // 2:
+            self.reading_paused = False
+            self.stream_transport.resumeProducing()
+
+    def _do_CloseStream(self, effect: s.CloseStream) -> None:
+        self._submit("closing a staging file", self.arrival.close_stream, effect.sha256)
+
+    def _do_Prepare(self, effect: s.Prepare) -> None:
+        def prepared(_: object) -> None:
+            self.arrival.journal_phase("prepared", self.session.bytes_received)
+            self.run(self.session.prepared())
+
+        def receive_key(_: object) -> None:
+            # Every stream is closed and verified now.  Secure: unwrap inside
+            # our TPM (only in the attested PCR state).  Then, on the disk
+            # thread, check the vTPM opens with the key and is the one
+            # announced (a swtpm start); then re-seal the key to our TPM: it
+            # is never written in the clear here.
+
+            key = self.wrapped_key
+            if isinstance(key, wire.WrappedKey):
+                secret, expected = self.security.unwrap(key, self.migration_id())
+            elif isinstance(key, wire.ClearKey) and len(key.material) in (32, 64):
+                secret, expected = key.material[:32], key.material[32:]
+            else:
+                raise KeyTransferError("no usable vTPM key arrived")
+
+            def checked(identity: str | None) -> None:
+                self.arrival.sealed_vtpm_key = self.keeper().seal(secret)
+                self.arrival.vtpm_identity = identity
+                self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
+
+            self._submit(
+                "checking the vTPM",
+                DestinationSecurity.check_vtpm,
+                self.arrival.staging,
+                secret,
+                expected,
+                then=checked,
+            )
+
+        if self.wrapped_key is None and self.security is None:
+            if any(i.name == "vtpm" for i in self.arrival.hello.images):
+                raise KeyTransferError("a vTPM state arrived without its key")
+            self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
+        else:
+            self._submit("closing the streams", lambda: None, then=receive_key)
+
+    def keeper(self) -> Any:
+        """What seals vTPM keys to this host's TPM (the secure attestor, or
+        the insecure listener's ``sealer``)."""
+        return self.security.attestor if self.security is not None else self.sealer
+
+    def _do_CommitInPlace(self, effect: s.CommitInPlace) -> None:
+        shared = self.arrival.hello.shared_disk
+        if self.security is not None and shared:
+            # The source handed the disk over at its commit point, before COMMIT.
+            owner, me = disk_owner(Path(shared)), self.security.attestor.identity.name
+            if owner not in (None, me):
+                raise ProtocolError(
+                    ErrorCode.RESUME_FAILED, f"shared disk {shared} belongs to {owner}, not to us"
+                )
+        d = Deferred.fromCoroutine(self.arrival.commit())
+
+        def failed(f: Failure) -> None:
+            self.fail(ProtocolError(ErrorCode.RESUME_FAILED, f.getErrorMessage()))
+
+        d.addCallbacks(lambda _: self.run(self.session.resumed()), failed)
+
+    def _do_Discard(self, effect: s.Discard) -> None:
+        if self.arrival is not None:
+            self.arrival.cancel()
+            self._submit("removing staging", self.arrival.discard)
+
+    def _do_HoldInDoubt(self, effect: s.HoldInDoubt) -> None:
+        self.arrival.hold()
+
+    def _do_Finished(self, effect: s.Finished) -> None:
+        super()._do_Finished(effect)
+        if self.reading_paused:
+            self.stream_transport.resumeProducing()
+        self._close_data_port()
+        if self.data_channel is not None:
+            self.data_channel.out.loseConnection()
+        if self.executor is not None:
+            # Journal the outcome after queued disk work (a discard frees the
+            # space a full disk needs for the journal's own write).
+            arrival, nbytes = self.arrival, self.session.bytes_received
+            self.executor.submit(lambda: None).addBoth(
+                lambda _: self._journal_outcome(arrival, effect, nbytes)
+            )
+            self.executor.shutdown()
+        vm = self.session.hello.vm_name if self.session.hello else "?"
+        self.log.info(
+            "migration of VM {vm} from {peer} ended: {outcome}{why}",
+            vm=vm,
+            peer=self._peer(),
+            outcome=effect.outcome.value,
+            why=f" ({effect.code.name}: {effect.reason})" if effect.code else "",
+        )
+
+    def _journal_outcome(self, arrival: Any, effect: s.Finished, nbytes: int) -> None:
+        try:
+            arrival.finish(effect, nbytes)
+        except Exception:
+            self.log.failure("could not journal the outcome of migration {mid}", mid=arrival.id)
+
+
+class DestinationFactory(Factory):
+    """Builds a :class:`DestinationProtocol` per connection to one host."""
+
+    def __init__(
+        self,
+        host: Any,
+        clock: Any,
+        protocol_name: str = "insecure",
+        executor_factory: Callable[[], Executor] | None = None,
+        idle_timeout: float = IDLE_TIMEOUT,
+        deadline: float = DEADLINE,
+        security: Any = None,
+        sealer: Any = None,
+        data_listener: DataListener | None = None,
+    ) -> None:
+        self.host = host
+        self.security = security
+        self.sealer = sealer
+        self.data_listener = data_listener
+        self.clock = clock
+        self.protocol_name = protocol_name
+        self.executor_factory = executor_factory or (lambda: ThreadExecutor(clock))
+        self.idle_timeout = idle_timeout
+        self.deadline = deadline
+
+    def buildProtocol(self, addr: Any) -> DestinationProtocol:
+        """A protocol for one incoming migration."""
+        p = DestinationProtocol(
+            self.host,
+            self.clock,
+            self.executor_factory,
+            self.protocol_name,
+            self.idle_timeout,
+            self.deadline,
+            security=self.security,
+            sealer=self.sealer,
+            data_listener=self.data_listener,
+        )
+        p.factory = self
+        return p
+
+
+#: Opens a listening port for a data channel: (interface, factory) → IListeningPort.
+DataListener = Callable[[str, Factory], Any]
+#: The frames that carry images.
+STREAM_MESSAGES = (wire.StreamBegin, wire.Data, wire.StreamEnd)
+
+
+class DataChannelReceiver(Connection):
+    """One connection to a destination's data channel port.
+
+    Until a record from it authenticates it is a stranger: anything wrong
+    just closes it (anyone can connect to a port).  Once one has, it is the
+    channel: a bad record, or a close before the END record, fails the
+    migration.
+    """
+
+    log = Logger()
+
+    def __init__(self, control: DestinationProtocol) -> None:
+        self.control = control
+        self.opener: Any = None
+        self.bound = False
+        self.decoder: wire.FrameDecoder | None = None
+
+    def connectionMade(self) -> None:
+        """Key the opener from the control connection's TLS session."""
+        tune_transport(self.transport)
+        hello = self.control.session.hello
+        if self.control.session.finished or hello is None:
+            self.out.loseConnection()
+            return
+        self.opener = self.control.data_opener()
+        self.decoder = wire.FrameDecoder(max_data=hello.chunk_size)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Open records; hand their frames to the control protocol."""
+        if self.opener is None or self.control.session.finished:
+            return
+        try:
+            self.opener.feed(data)
+            while (plain := self.opener.next_record()) is not None:
+                if not self.bound:
+                    if not self.control.bind_data_channel(self):
+                        raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "a second data channel")
+                    self.bound = True
+                assert self.decoder is not None
+                self.decoder.feed(plain)
+                while (message := self.decoder.next_message()) is not None:
+                    self.control.stream_message(message)
+                    if self.control.session.finished:
+                        return
+        except ProtocolError as e:
+            self._refuse(e)
+
+    def _refuse(self, error: ProtocolError) -> None:
+        self.opener = None
+        self.out.abortConnection()
+        if self.bound:
+            self.control.fail(error)
+        else:
+            self.log.warn(
+                "closed a data connection from {peer}: {reason}",
+                peer=self.out.getPeer(),
+                reason=error.reason,
+            )
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        """A bound channel must have ended with its END record."""
+        if self.bound and self.opener is not None and not self.control.session.finished:
+            try:
+                self.opener.closed()
+            except ProtocolError as e:
+                self.control.fail(e)
+
+
+class DataChannelFactory(Factory):
+    """Builds receivers for one migration's data channel port."""
+
+    def __init__(self, control: DestinationProtocol) -> None:
+        self.control = control
+
+    def buildProtocol(self, addr: Any) -> DataChannelReceiver:
+        """A receiver tied to the migration's control protocol."""
+        return DataChannelReceiver(self.control)

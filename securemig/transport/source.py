@@ -1,0 +1,232 @@
+"""
+The source's Twisted shell: one outgoing migration and its data channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+from securemig.protocol import records
+from securemig.protocol import session as s
+from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.transport.control import (
+    DEADLINE,
+    IDLE_TIMEOUT,
+    Connection,
+    FramedProtocol,
+    failure_to_error,
+)
+from securemig.transport.executor import Executor
+from securemig.transport.streamer import ImageStreamer
+from securemig.transport.tcp import tcp_bytes_acked, tune_transport
+from securemig.trust.keyrelease import (
+    MIGRATION_KEY_ROLE,
+    check_offer,
+    wrap,
+)
+
+
+class SourceProtocol(FramedProtocol):
+    """The source's connection: drives one :class:`~securemig.protocol.session.SourceSession`.
+
+    ``departure`` is the host side (lock, journal, commit, roll back; see
+    :mod:`securemig.host.departure`).  ``finished`` fires with the final
+    :class:`~securemig.protocol.session.Finished` effect.
+    """
+
+    session: s.SourceSession
+
+    def __init__(
+        self,
+        session: s.SourceSession,
+        departure: Any,
+        clock: IReactorTime,
+        executor_factory: Callable[[], Executor],
+        on_progress: Callable[[int], None] = lambda n: None,
+        idle_timeout: float = IDLE_TIMEOUT,
+        deadline: float = DEADLINE,
+        security: Any = None,
+        data_connector: DataConnector | None = None,
+    ) -> None:
+        super().__init__(clock, idle_timeout, deadline)
+        self.session = session
+        self.security = security
+        self.data_connector = data_connector or partial(connect_data_channel, clock)
+        self.data_channel: DataChannelSender | None = None
+        self.departure = departure
+        self.executor_factory = executor_factory
+        self.on_progress = on_progress
+        self.streamer: ImageStreamer | None = None
+        self.finished: Deferred[s.Finished] = Deferred()
+        self.rolled_back: Deferred[None] | None = None
+        self.bytes_sent = 0
+        #: TCP payload bytes acknowledged by the destination, both
+        #: connections, when the session finished (None where unknown).
+        self.wire_bytes: int | None = None
+
+    def connectionMade(self) -> None:
+        """Say HELLO."""
+        super().connectionMade()
+        self.departure.connected()
+        self.run(self.session.start())
+
+    def _do_StartStreams(self, effect: s.StartStreams) -> None:
+        self.departure.streaming(self.session.migration_id)
+        if self.security is None or not self.session.data_port:
+            self._stream(self.transport, None)
+            return
+
+        sealer = records.Sealer(*self.data_channel_key(), self.migration_id())
+        self.data_channel = DataChannelSender(self)
+
+        def connected(channel: DataChannelSender) -> None:
+            if not self.session.finished:
+                self._stream(channel.out, sealer)
+
+        def failed(f: Failure) -> None:
+            self.fail(
+                ProtocolError(
+                    ErrorCode.CONNECTION_LOST,
+                    f"cannot open the data channel: {f.getErrorMessage()}",
+                )
+            )
+
+        self.data_connector(
+            self.out.getPeer().host, self.session.data_port, self.data_channel
+        ).addCallbacks(connected, failed)
+
+    def _stream(self, transport: Any, sealer: Any) -> None:
+        def progress(n: int) -> None:
+            self.bytes_sent += n
+            self.touch()
+            self.on_progress(n)
+
+        def done() -> None:
+            if self.data_channel is not None:
+                # Kept open until the end, to count its bytes on the wire.
+                self.data_channel.done = True
+            self.run(self.session.streams_sent())
+
+        self.streamer = ImageStreamer(
+            transport,
+            self.departure.stream_files(),
+            self.session.hello.chunk_size,
+            self.executor_factory(),
+            progress,
+            done,
+            self.fail,
+            sealer,
+        )
+        self.streamer.start()
+
+    def migration_id(self) -> bytes:
+        """The id the destination gave this migration."""
+        assert self.session.migration_id is not None
+        return self.session.migration_id
+
+    def peer_name(self) -> str:
+        """The destination's name, which TLS already checked."""
+        return str(self.security.destination_name)
+
+    def journal_phase(self, phase: str) -> None:
+        """Record a phase in the source's journal."""
+        self.departure.journal.phase(self.departure.id, phase)
+
+    def _do_WrapKey(self, effect: s.WrapKey) -> None:
+
+        self.journal_phase("key-offered")
+        key = check_offer(
+            effect.offer,
+            self.peer_ak,
+            self.qualifying(MIGRATION_KEY_ROLE, b""),
+            self.security.attestor.pcrs,
+            self.peer_values,
+        )
+        wrapped = wrap(key, self.security.key_material(), self.migration_id())
+        self.run(self.session.key_wrapped(wrapped))
+
+    def _do_CommitLocally(self, effect: s.CommitLocally) -> None:
+        def failed(f: Failure) -> None:
+            self.fail(failure_to_error(f, "committing at the source"))
+
+        Deferred.fromCoroutine(self.departure.commit()).addCallbacks(
+            lambda _: self.run(self.session.committed_locally()), failed
+        )
+
+    def _do_RollBack(self, effect: s.RollBack) -> None:
+        self._stop_streaming()
+        self.rolled_back = self.departure.rollback()
+
+    def _do_Finished(self, effect: s.Finished) -> None:
+        try:
+            counts = [tcp_bytes_acked(self.transport)]
+            if self.data_channel is not None:
+                counts.append(tcp_bytes_acked(self.data_channel.transport))
+            self.wire_bytes = None if None in counts else sum(c or 0 for c in counts)
+            self._stop_streaming()
+            super()._do_Finished(effect)
+            self.departure.finish(effect, self.bytes_sent)
+        finally:
+            # Whatever failed above, the caller must learn the outcome (nothing
+            # else would: the session has ended).  Report it only once the VM
+            # is back where it was (a resume).
+            rolled_back = self.rolled_back or succeed(None)
+            rolled_back.addBoth(lambda _: self.finished.callback(effect))
+
+    def _stop_streaming(self) -> None:
+        if self.streamer is not None:
+            self.streamer.stopProducing()
+        channel = self.data_channel
+        if channel is not None and channel.transport is not None and channel.connected:
+            if channel.done:
+                channel.out.loseConnection()
+            else:
+                channel.done = True
+                channel.out.abortConnection()
+
+
+#: Opens the source's data connection: (host, port, protocol) → Deferred(protocol).
+DataConnector = Callable[[str, int, Protocol], Deferred[Any]]
+
+
+def connect_data_channel(reactor: Any, host: str, port: int, proto: Protocol) -> Deferred[Any]:
+    """Connect ``proto`` to a destination's data channel port over TCP."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+
+    endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+    return connectProtocol(endpoint_type(reactor, host, port, timeout=30), proto)
+
+
+class DataChannelSender(Connection):
+    """The source's data connection; it only sends (records, from the
+    :class:`ImageStreamer`).  Losing it before the streams are sent fails
+    the migration."""
+
+    def __init__(self, control: SourceProtocol) -> None:
+        self.control = control
+        self.done = False
+
+    def connectionMade(self) -> None:
+        """Send in large pieces."""
+        tune_transport(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        """The destination never sends on the data channel: a violation."""
+        self.control.fail(ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "bytes on the data channel"))
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        """Cut before the streams were all sent: the migration cannot go on."""
+        if not self.done and not self.control.session.finished:
+            self.control.fail(
+                ProtocolError(
+                    ErrorCode.CONNECTION_LOST,
+                    f"the data channel closed: {reason.getErrorMessage()}",
+                )
+            )

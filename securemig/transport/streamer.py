@@ -1,0 +1,178 @@
+"""
+The source's image streamer: a push producer of stream frames (or records).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import interfaces
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from securemig.protocol import wire
+from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.transport.control import failure_to_error
+from securemig.transport.executor import Executor
+
+#: A frame to send: buffers for writeSequence, image bytes in it, ends a stream.
+Frame = tuple[list[bytes], int, bool]
+
+
+@implementer(interfaces.IPushProducer)
+class ImageStreamer:
+    """A push producer writing every image as STREAM_BEGIN, DATA*, STREAM_END.
+
+    Reading and hashing happen on a worker thread, a few chunks ahead of the
+    transport, so the reactor thread only writes: the two overlap instead of
+    taking turns.  The frames come from :meth:`_frames`, a generator that
+    the worker advances one frame at a time (never two at once: the worker
+    is a single thread), so the SHA-256 that ends a stream is of exactly the
+    bytes read for it.  ``images`` is a list of ``(path, size)`` in manifest
+    order.
+    """
+
+    #: How many frames may be read ahead of the transport.
+    READ_AHEAD = 4
+
+    def __init__(
+        self,
+        transport: Any,
+        images: list[tuple[Path, int]],
+        chunk_size: int,
+        executor: Executor,
+        on_progress: Callable[[int], None],
+        on_done: Callable[[], None],
+        on_error: Callable[[ProtocolError], None],
+        sealer: Any = None,
+    ) -> None:
+        self.transport = transport
+        #: Data channel: seals each frame into a record (on the worker thread).
+        self.sealer = sealer
+        self.images = images
+        self.chunk_size = chunk_size
+        self.executor = executor
+        self.on_progress = on_progress
+        self.on_done = on_done
+        self.on_error = on_error
+        self.paused = False
+        self.stopped = False
+        self._frames_left: Generator[Frame, None, None] = (
+            self._frames() if sealer is None else self._records(self._frames())
+        )
+        self._ready: deque[Frame] = deque()
+        self._streams_sent = 0
+        self._in_flight = 0
+        self._eof = False
+        self._requesting = False
+
+    def start(self) -> None:
+        """Register with the transport and begin reading ahead."""
+        self.transport.registerProducer(self, True)
+        self._request()
+
+    def resumeProducing(self) -> None:
+        """The transport wants more."""
+        self.paused = False
+        self._pump()
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full."""
+        self.paused = True
+
+    def stopProducing(self) -> None:
+        """Stop for good (abort, or the connection went away)."""
+        if not self.stopped:
+            self.stopped = True
+            self._ready.clear()
+            self.transport.unregisterProducer()
+            # Close the generator (and its open file) on the thread that runs it.
+            self.executor.submit(self._frames_left.close)
+            self.executor.shutdown()
+
+    def _frames(self) -> Generator[Frame, None, None]:
+        """Each frame to send: buffers for writeSequence, the image bytes in it,
+        and whether it ends a stream."""
+        for index, (path, size) in enumerate(self.images):
+            yield [wire.encode(wire.StreamBegin(index))], 0, False
+            # On the data channel the records' AEAD already authenticates
+            # every byte, their order and the end: no second hash.
+            digest = hashlib.sha256() if self.sealer is None else None
+            sent = 0
+            with open(path, "rb") as f:
+                while chunk := f.read(self.chunk_size):
+                    sent += len(chunk)
+                    if sent > size:
+                        raise ProtocolError(ErrorCode.IO_ERROR, f"{path} grew during the migration")
+                    if digest is not None:
+                        digest.update(chunk)
+                    yield [wire.data_header(len(chunk)), chunk], len(chunk), False
+            if sent != size:
+                raise ProtocolError(ErrorCode.IO_ERROR, f"{path} shrank during the migration")
+            end = wire.StreamEnd(wire.UNHASHED if digest is None else digest.digest())
+            yield [wire.encode(end)], 0, True
+
+    def _records(self, frames: Generator[Frame, None, None]) -> Generator[Frame, None, None]:
+        """The frames sealed into data channel records, one frame per record,
+        and the END record after the last."""
+        ended = 0
+        for buffers, n, ends_stream in frames:
+            sealed = self.sealer.seal(buffers)
+            ended += ends_stream
+            if ended == len(self.images):
+                sealed += self.sealer.end()
+            yield sealed, n, ends_stream
+
+    def _request(self) -> None:
+        # Guard against re-entry: an inline executor answers within submit().
+        if self._requesting:
+            return
+        self._requesting = True
+        try:
+            while (
+                not self.stopped
+                and not self._eof
+                and self._in_flight + len(self._ready) < self.READ_AHEAD
+            ):
+                self._in_flight += 1
+                d = self.executor.submit(next, self._frames_left, None)
+                d.addCallbacks(self._arrived, self._failed)
+        finally:
+            self._requesting = False
+
+    def _arrived(self, frame: Frame | None) -> None:
+        self._in_flight -= 1
+        if self.stopped:
+            return
+        if frame is None:
+            self._eof = True
+        else:
+            self._ready.append(frame)
+        self._pump()
+
+    def _failed(self, failure: Failure) -> None:
+        self._in_flight -= 1
+        if not self.stopped:
+            self.stopProducing()
+            self.on_error(failure_to_error(failure, "reading an image"))
+
+    def _pump(self) -> None:
+        while self._ready and not self.paused and not self.stopped:
+            buffers, n, ends_stream = self._ready.popleft()
+            self.transport.writeSequence(buffers)
+            if n:
+                self.on_progress(n)
+            if ends_stream:
+                self._streams_sent += 1
+                if self._streams_sent == len(self.images):
+                    # Done the moment the last byte is written: the peer may
+                    # answer PREPARED before the reader thread says "no more".
+                    self.stopProducing()
+                    self.on_done()
+                    return
+        if not self.stopped:
+            self._request()
