@@ -16,7 +16,7 @@ from securemig.host.departure import Departure
 from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, create_image_vm
 from securemig.protocol import wire
-from securemig.protocol.session import SourceSession
+from securemig.protocol.source import SourceSession
 from securemig.transport.destination import DestinationFactory, DestinationProtocol
 from securemig.transport.executor import InlineExecutor
 from securemig.transport.source import SourceProtocol

@@ -30,8 +30,8 @@ from securemig.host.journal import Journal
 from securemig.hypervisor.backends import backend_for
 from securemig.hypervisor.bundle import Bundle, Image, Manifest, image_file
 from securemig.protocol import wire
+from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, ProtocolError
-from securemig.protocol.session import Finished, Outcome
 from securemig.trust.vtpm import key_reader
 
 log = Logger()

@@ -21,7 +21,8 @@ from securemig.host.journal import Journal
 from securemig.hypervisor.backends import Backend, backend_for
 from securemig.hypervisor.bundle import Bundle, BundleError, set_disk_owner
 from securemig.protocol import wire
-from securemig.protocol.session import Finished
+from securemig.protocol.effects import Finished
+from securemig.protocol.errors import ErrorCode
 from securemig.trust import vtpm
 
 log = Logger()
@@ -29,6 +30,8 @@ log = Logger()
 
 class VMLocked(BundleError):
     """Another migration of this VM holds its lock."""
+
+    default_code = ErrorCode.VM_BUSY
 
 
 class Departure:

@@ -12,14 +12,16 @@ from types import TracebackType
 from typing import Any
 
 from securemig.host.glibc import glibc
-from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.protocol.errors import ErrorCode, LocalFault, ProtocolError
 
 #: Head room kept free beyond the announced image sizes when admitting a VM.
 SPACE_MARGIN = 64 * 1024 * 1024
 
 
-class LockBusy(Exception):
+class LockBusy(LocalFault):
     """Another process (or another descriptor of ours) holds the lock."""
+
+    default_code = ErrorCode.VM_BUSY
 
 
 class Lock:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from securemig import files
 from securemig.protocol import wire
+from securemig.protocol.errors import ErrorCode, LocalFault
 from securemig.trust import vtpm as vtpm_module
 
 MANIFEST = "manifest.json"
@@ -26,8 +27,10 @@ VTPM_KEY = "vtpm-key.sealed"
 FORMAT = 1
 
 
-class BundleError(Exception):
+class BundleError(LocalFault):
     """A bundle is missing, malformed or unsuitable for what was asked."""
+
+    default_code = ErrorCode.IO_ERROR
 
 
 def image_file(name: str) -> str:

@@ -43,6 +43,7 @@ from twisted.internet.task import deferLater
 from securemig import files
 from securemig.hypervisor import qmp
 from securemig.hypervisor.bundle import Bundle, BundleError
+from securemig.protocol.errors import ErrorCode, LocalFault
 from securemig.trust import vtpm
 from securemig.trust.tpm import swtpm
 
@@ -56,8 +57,10 @@ SWTPM_EXIT_TIMEOUT = 5.0
 VTPMKey = Callable[[Bundle], bytes]
 
 
-class QemuError(RuntimeError):
+class QemuError(LocalFault, RuntimeError):
     """QEMU could not do what was asked; the message says what and why."""
+
+    default_code = ErrorCode.HYPERVISOR_FAILED
 
 
 def qemu_binary() -> str:

@@ -16,9 +16,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.protocols.basic import LineOnlyReceiver
 
+from securemig.protocol.errors import ErrorCode, LocalFault
 
-class QMPError(RuntimeError):
+
+class QMPError(LocalFault, RuntimeError):
     """QEMU refused a command; the message is QEMU's."""
+
+    default_code = ErrorCode.HYPERVISOR_FAILED
 
 
 class QMPProtocol(LineOnlyReceiver):

@@ -27,10 +27,13 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from securemig import files
 from securemig.hypervisor.bundle import Bundle, BundleError
+from securemig.protocol.errors import ErrorCode, LocalFault
 
 
-class XenError(RuntimeError):
+class XenError(LocalFault, RuntimeError):
     """``xl`` failed; the message carries its error output verbatim."""
+
+    default_code = ErrorCode.HYPERVISOR_FAILED
 
 
 class XenBackend:

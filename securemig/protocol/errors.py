@@ -53,6 +53,7 @@ class ErrorCode(enum.IntEnum):
     KEY_TRANSFER_FAILED = 19  #: the migration key or the wrapped vTPM key was refused
     RECORD_REFUSED = 20  #: a data channel record failed authentication, or the channel was cut
     TPM_FAILED = 21  #: this side's TPM failed or refused an operation (the reason names it)
+    HYPERVISOR_FAILED = 22  #: the hypervisor could not suspend, load or run the VM here
 
 
 class MigrationError(Exception):

@@ -165,7 +165,7 @@ class Opener(_Channel):
         sealed = self._take(length)
         self._header = None
         try:
-            plain = self.aead.decrypt(
+            plain: bytes = self.aead.decrypt(
                 _nonce(self.sequence), sealed, _ad(self.migration_id, kind, self.sequence)
             )
         except InvalidTag:

@@ -474,6 +474,8 @@ def decode_payload(code: int, payload: bytes) -> Message:
     cls = MESSAGES[code]
     if cls is Data:
         return Data.of(payload)
+    message: Message
+    # Any: a Record's codec returns whatever dataclass it was built for (cls).
     message, end = Record(cls).decode(memoryview(payload), 0)
     if end != len(payload):
         trailing = len(payload) - end

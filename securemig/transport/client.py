@@ -25,7 +25,9 @@ from securemig.host.departure import Departure, unseal_vtpm_key
 from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, BundleError, disk_owner
 from securemig.protocol import wire
-from securemig.protocol.session import Finished, SourceSession
+from securemig.protocol.effects import Finished
+from securemig.protocol.errors import ErrorCode, LocalFault
+from securemig.protocol.source import SourceSession
 from securemig.transport import tls
 from securemig.transport.control import DEADLINE, IDLE_TIMEOUT
 from securemig.transport.executor import ThreadExecutor
@@ -51,8 +53,10 @@ class SecureOptions:
         return SourceSecurity(attestor, secret, self.destination_name or host, bundle.manifest.vtpm)
 
 
-class ConnectFailed(Exception):
+class ConnectFailed(LocalFault):
     """The destination could not be reached; nothing was sent."""
+
+    default_code = ErrorCode.CONNECTION_LOST
 
 
 async def migrate(

@@ -14,7 +14,9 @@ and an overall *deadline*.
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, Generic, TypeVar, assert_never, cast
 
 from twisted.internet import error as net_error
 from twisted.internet.interfaces import IReactorTime
@@ -23,17 +25,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from securemig.protocol import records, wire
-from securemig.protocol import session as s
-from securemig.protocol.errors import ErrorCode, ProtocolError, io_error
+from securemig.protocol.effects import Attest, CommonEffect, Finished, Send, VerifyPeer
+from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError, io_error
+from securemig.protocol.session import Session
 from securemig.transport import tls
 from securemig.transport.tcp import tune_transport
 from securemig.transport.tls import channel_binding
-from securemig.trust.attest import AttestationError
-from securemig.trust.keyrelease import (
-    KeyTransferError,
-    qualifying_data,
-)
-from securemig.trust.tpm.tpm import TPMError
+from securemig.trust.keyrelease import qualifying_data
+
+E = TypeVar("E")
 
 #: Defaults for the two timers of a connection, in seconds.
 IDLE_TIMEOUT = 60.0
@@ -44,18 +44,15 @@ DEADLINE = 3600.0
 CLOSE_GRACE = 10.0
 
 
-def failure_to_error(failure: Failure | BaseException, doing: str) -> ProtocolError:
-    """Map a local failure onto a protocol error with a stable code."""
+def failure_to_error(failure: Failure | BaseException, doing: str) -> MigrationError:
+    """The coded error for a local failure: our own errors carry their code;
+    OS and SQLite errors are classified (a full disk has its own); anything
+    else is a bug (INTERNAL)."""
     error = failure.value if isinstance(failure, Failure) else failure
-    if isinstance(error, ProtocolError):
+    if isinstance(error, MigrationError):
         return error
     if isinstance(error, OSError):
         return io_error(error, doing)
-
-    if isinstance(error, AttestationError):
-        return ProtocolError(ErrorCode.ATTESTATION_FAILED, str(error))
-    if isinstance(error, KeyTransferError):
-        return ProtocolError(ErrorCode.KEY_TRANSFER_FAILED, str(error))
     if isinstance(error, sqlite3.Error):
         # SQLite reports a full disk as its own error, not as ENOSPC.
         full = "full" in str(error)
@@ -64,10 +61,10 @@ def failure_to_error(failure: Failure | BaseException, doing: str) -> ProtocolEr
     return ProtocolError(ErrorCode.INTERNAL, f"{doing}: {error}")
 
 
-def _is_refusal(error: Exception) -> bool:
-    """An expected refusal by a security check (no traceback needed)."""
-
-    return isinstance(error, (AttestationError, KeyTransferError, TPMError))
+def expected(error: BaseException) -> bool:
+    """A failure securemig anticipates (a refusal, a full disk): logged as a
+    sentence, without a traceback."""
+    return isinstance(error, MigrationError | OSError | sqlite3.Error)
 
 
 class Connection(Protocol):
@@ -80,14 +77,16 @@ class Connection(Protocol):
         return self.transport
 
 
-class FramedProtocol(Connection):
+class FramedProtocol(Connection, Generic[E]):
     """Common to both sides: framing, timers, and running session effects.
 
-    Subclasses define ``_do_<Effect>`` for the effects of their side.
+    Each role's :meth:`carry_out` matches every effect of its union
+    (``DestinationEffect``, ``SourceEffect``) and ends in ``assert_never``,
+    so mypy proves that no effect lacks a handler.
     """
 
     log = Logger()
-    session: s.DestinationSession | s.SourceSession
+    session: Session[E]
 
     def __init__(
         self, clock: IReactorTime, idle_timeout: float = IDLE_TIMEOUT, deadline: float = DEADLINE
@@ -145,38 +144,72 @@ class FramedProtocol(Connection):
         if self._idle is not None and self._idle.active():
             self._idle.reset(self.idle_timeout)
 
-    def fail(self, error: ProtocolError) -> None:
+    def fail(self, error: MigrationError) -> None:
         """End the session because of a local failure or a peer's violation."""
         if not self.session.finished:
             self.log.warn("failing: {code}: {reason}", code=error.code.name, reason=error.reason)
             self.run(self.session.fail(error.code, error.reason))
 
-    def run(self, effects: s.Effects) -> None:
-        """Carry out effects in order.
+    def run(self, batch: Sequence[E]) -> None:
+        """Carry out a batch of effects in order.
 
         An effect that raises ends the session with the error's code (a full
         disk under the journal is DISK_FULL, not a dropped connection); the
-        rest of that batch is skipped, because it assumed success.
+        rest of that batch is skipped, because it assumed success, except
+        the session's end: when the batch itself ended the session (an
+        effect before its :class:`Finished` raised), that end is still
+        carried out, so the outcome is journaled and reported.
         """
-        for effect in effects:
+        for index, effect in enumerate(batch):
             try:
-                getattr(self, "_do_" + type(effect).__name__)(effect)
+                self.carry_out(effect)
             except Exception as e:
-                doing = type(effect).__name__
-                if isinstance(e, (ProtocolError, OSError, sqlite3.Error)) or _is_refusal(e):
-                    self.log.warn("{doing} refused: {e}", doing=doing, e=e)
-                else:
-                    self.log.failure("{doing} failed", doing=doing)
+                error = self._fault(e, type(effect).__name__)
                 if not self.session.finished:
-                    self.fail(failure_to_error(e, doing))
+                    self.fail(error)
+                    return
+                for later in batch[index + 1 :]:
+                    if isinstance(later, Finished):
+                        self._end_anyway(later, error)
                 return
+
+    def _fault(self, e: Exception, doing: str) -> MigrationError:
+        if expected(e):
+            self.log.warn("{doing} refused: {e}", doing=doing, e=e)
+        else:
+            self.log.failure("{doing} failed", doing=doing)
+        return failure_to_error(e, doing)
+
+    def _end_anyway(self, end: Finished, error: MigrationError) -> None:
+        """Carry out the session's end after an effect before it failed; the
+        outcome stays what the session decided, the reason says what failed."""
+        reason = f"{end.reason}; then {error}" if end.reason else str(error)
+        try:
+            self.carry_out(cast(E, replace(end, code=end.code or error.code, reason=reason)))
+        except Exception as e:
+            self._fault(e, "Finished")
+
+    def carry_out(self, effect: E) -> None:
+        """Carry out one effect of this role (see the subclasses)."""
+        raise NotImplementedError
+
+    def carry_out_common(self, effect: CommonEffect) -> None:
+        """The effects both roles share."""
+        match effect:
+            case Send():
+                self.send(effect.message)
+            case Attest():
+                self._attest(effect)
+            case VerifyPeer():
+                self._verify_peer(effect)
+            case Finished():
+                self._close(effect)
+            case _:
+                assert_never(effect)
 
     def send(self, message: Any) -> None:
         """Write one control message."""
         self.out.write(wire.encode(message))
-
-    def _do_Send(self, effect: s.Send) -> None:
-        self.send(effect.message)
 
     # -- the secure variant (TPM operations are quick and run in place)
 
@@ -209,11 +242,11 @@ class FramedProtocol(Connection):
         )
         return cipher, key
 
-    def _do_Attest(self, effect: s.Attest) -> None:
+    def _attest(self, effect: Attest) -> None:
         evidence = self.security.attestor.evidence(self.qualifying(effect.role, effect.nonce))
         self.run(self.session.attested(evidence))
 
-    def _do_VerifyPeer(self, effect: s.VerifyPeer) -> None:
+    def _verify_peer(self, effect: VerifyPeer) -> None:
         qualifying = self.qualifying(effect.role, effect.nonce)
         self.peer_values = self.security.attestor.verify(
             effect.evidence, qualifying, self.peer_name()
@@ -223,7 +256,8 @@ class FramedProtocol(Connection):
         self.journal_phase("peer-attested")
         self.run(self.session.peer_verified())
 
-    def _do_Finished(self, effect: s.Finished) -> None:
+    def _close(self, effect: Finished) -> None:
+        """The session is over: stop the timers, close the connection."""
         self._cancel_timers()
         if self.connection_open:
             self.close_gracefully()

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -42,8 +42,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from securemig.hypervisor.bundle import disk_owner
-from securemig.protocol import records, wire
-from securemig.protocol import session as s
+from securemig.protocol import destination as destination_session
+from securemig.protocol import effects, records, wire
+from securemig.protocol.effects import DestinationEffect
 from securemig.protocol.errors import ErrorCode, ProtocolError
 from securemig.transport.control import (
     DEADLINE,
@@ -66,10 +67,10 @@ from securemig.trust.keyrelease import (
 HIGH_WATER = 4 * 1024 * 1024
 
 
-class DestinationProtocol(FramedProtocol):
+class DestinationProtocol(FramedProtocol[DestinationEffect]):
     """One incoming migration, on a destination."""
 
-    session: s.DestinationSession
+    session: destination_session.DestinationSession
 
     def __init__(
         self,
@@ -92,7 +93,7 @@ class DestinationProtocol(FramedProtocol):
         self.data_port: Any = None
         self.data_offered = False
         self.data_channel: DataChannelReceiver | None = None
-        self.session = s.DestinationSession(secure=security is not None)
+        self.session = destination_session.DestinationSession(secure=security is not None)
         self.wrapped_key: Any = None
         self.host = host
         self.protocol_name = protocol_name
@@ -121,13 +122,43 @@ class DestinationProtocol(FramedProtocol):
             )
         return names[0]
 
-    def _do_OfferKey(self, effect: s.OfferKey) -> None:
+    def carry_out(self, effect: DestinationEffect) -> None:
+        """Carry out one effect of the destination's session."""
+        match effect:
+            case effects.Send() | effects.Attest() | effects.VerifyPeer():
+                self.carry_out_common(effect)
+            case effects.Finished():
+                self._do_Finished(effect)
+            case effects.Admit():
+                self._do_Admit(effect)
+            case effects.OfferKey():
+                self._do_OfferKey(effect)
+            case effects.AcceptKey():
+                self._do_AcceptKey(effect)
+            case effects.OpenStream():
+                self._do_OpenStream(effect)
+            case effects.WriteChunk():
+                self._do_WriteChunk(effect)
+            case effects.CloseStream():
+                self._do_CloseStream(effect)
+            case effects.Prepare():
+                self._do_Prepare(effect)
+            case effects.CommitInPlace():
+                self._do_CommitInPlace(effect)
+            case effects.Discard():
+                self._do_Discard(effect)
+            case effects.HoldInDoubt():
+                self._do_HoldInDoubt(effect)
+            case _:
+                assert_never(effect)
+
+    def _do_OfferKey(self, effect: effects.OfferKey) -> None:
 
         qualifying = self.qualifying(MIGRATION_KEY_ROLE, b"")
         offer = self.security.key.offer(self.security.attestor.identity.ak, qualifying)
         self.run(self.session.key_offered(offer))
 
-    def _do_AcceptKey(self, effect: s.AcceptKey) -> None:
+    def _do_AcceptKey(self, effect: effects.AcceptKey) -> None:
         self.wrapped_key = effect.wrapped
         self.journal_phase("key-received")
 
@@ -157,7 +188,7 @@ class DestinationProtocol(FramedProtocol):
 
         self.executor.submit(fn, *args).addCallbacks(done, failed)
 
-    def _do_Admit(self, effect: s.Admit) -> None:
+    def _do_Admit(self, effect: effects.Admit) -> None:
         try:
             if self.security is not None:
                 self.security.check_source(self.peer_name())
@@ -236,14 +267,14 @@ class DestinationProtocol(FramedProtocol):
             port, self.data_port = self.data_port, None
             port.stopListening()
 
-    def _do_OpenStream(self, effect: s.OpenStream) -> None:
+    def _do_OpenStream(self, effect: effects.OpenStream) -> None:
         if effect.index == 0:
             self.arrival.journal_phase("streaming", 0)
         # Images on the data channel are authenticated by its records.
         hashed = self.data_channel is None
         self._submit("opening a staging file", self.arrival.open_stream, effect.index, hashed)
 
-    def _do_WriteChunk(self, effect: s.WriteChunk) -> None:
+    def _do_WriteChunk(self, effect: effects.WriteChunk) -> None:
         n = len(effect.data)
         self.queued += n
         if self.queued > self.high_water and not self.reading_paused:
@@ -259,10 +290,10 @@ class DestinationProtocol(FramedProtocol):
             self.reading_paused = False
             self.stream_transport.resumeProducing()
 
-    def _do_CloseStream(self, effect: s.CloseStream) -> None:
+    def _do_CloseStream(self, effect: effects.CloseStream) -> None:
         self._submit("closing a staging file", self.arrival.close_stream, effect.sha256)
 
-    def _do_Prepare(self, effect: s.Prepare) -> None:
+    def _do_Prepare(self, effect: effects.Prepare) -> None:
         def prepared(_: object) -> None:
             self.arrival.journal_phase("prepared", self.session.bytes_received)
             self.run(self.session.prepared())
@@ -308,7 +339,7 @@ class DestinationProtocol(FramedProtocol):
         the insecure listener's ``sealer``)."""
         return self.security.attestor if self.security is not None else self.sealer
 
-    def _do_CommitInPlace(self, effect: s.CommitInPlace) -> None:
+    def _do_CommitInPlace(self, effect: effects.CommitInPlace) -> None:
         shared = self.arrival.hello.shared_disk
         if self.security is not None and shared:
             # The source handed the disk over at its commit point, before COMMIT.
@@ -324,16 +355,16 @@ class DestinationProtocol(FramedProtocol):
 
         d.addCallbacks(lambda _: self.run(self.session.resumed()), failed)
 
-    def _do_Discard(self, effect: s.Discard) -> None:
+    def _do_Discard(self, effect: effects.Discard) -> None:
         if self.arrival is not None:
             self.arrival.cancel()
             self._submit("removing staging", self.arrival.discard)
 
-    def _do_HoldInDoubt(self, effect: s.HoldInDoubt) -> None:
+    def _do_HoldInDoubt(self, effect: effects.HoldInDoubt) -> None:
         self.arrival.hold()
 
-    def _do_Finished(self, effect: s.Finished) -> None:
-        super()._do_Finished(effect)
+    def _do_Finished(self, effect: effects.Finished) -> None:
+        self._close(effect)
         if self.reading_paused:
             self.stream_transport.resumeProducing()
         self._close_data_port()
@@ -356,7 +387,7 @@ class DestinationProtocol(FramedProtocol):
             why=f" ({effect.code.name}: {effect.reason})" if effect.code else "",
         )
 
-    def _journal_outcome(self, arrival: Any, effect: s.Finished, nbytes: int) -> None:
+    def _journal_outcome(self, arrival: Any, effect: effects.Finished, nbytes: int) -> None:
         try:
             arrival.finish(effect, nbytes)
         except Exception:

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, assert_never
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
-from securemig.protocol import records
-from securemig.protocol import session as s
+from securemig.protocol import effects, records
+from securemig.protocol import source as source_session
+from securemig.protocol.effects import SourceEffect
 from securemig.protocol.errors import ErrorCode, ProtocolError
 from securemig.transport.control import (
     DEADLINE,
@@ -33,7 +34,7 @@ from securemig.trust.keyrelease import (
 )
 
 
-class SourceProtocol(FramedProtocol):
+class SourceProtocol(FramedProtocol[SourceEffect]):
     """The source's connection: drives one :class:`~securemig.protocol.session.SourceSession`.
 
     ``departure`` is the host side (lock, journal, commit, roll back; see
@@ -41,11 +42,11 @@ class SourceProtocol(FramedProtocol):
     :class:`~securemig.protocol.session.Finished` effect.
     """
 
-    session: s.SourceSession
+    session: source_session.SourceSession
 
     def __init__(
         self,
-        session: s.SourceSession,
+        session: source_session.SourceSession,
         departure: Any,
         clock: IReactorTime,
         executor_factory: Callable[[], Executor],
@@ -64,7 +65,7 @@ class SourceProtocol(FramedProtocol):
         self.executor_factory = executor_factory
         self.on_progress = on_progress
         self.streamer: ImageStreamer | None = None
-        self.finished: Deferred[s.Finished] = Deferred()
+        self.finished: Deferred[effects.Finished] = Deferred()
         self.rolled_back: Deferred[None] | None = None
         self.bytes_sent = 0
         #: TCP payload bytes acknowledged by the destination, both
@@ -77,7 +78,25 @@ class SourceProtocol(FramedProtocol):
         self.departure.connected()
         self.run(self.session.start())
 
-    def _do_StartStreams(self, effect: s.StartStreams) -> None:
+    def carry_out(self, effect: SourceEffect) -> None:
+        """Carry out one effect of the source's session."""
+        match effect:
+            case effects.Send() | effects.Attest() | effects.VerifyPeer():
+                self.carry_out_common(effect)
+            case effects.Finished():
+                self._do_Finished(effect)
+            case effects.StartStreams():
+                self._do_StartStreams(effect)
+            case effects.WrapKey():
+                self._do_WrapKey(effect)
+            case effects.CommitLocally():
+                self._do_CommitLocally(effect)
+            case effects.RollBack():
+                self._do_RollBack(effect)
+            case _:
+                assert_never(effect)
+
+    def _do_StartStreams(self, effect: effects.StartStreams) -> None:
         self.departure.streaming(self.session.migration_id)
         if self.security is None or not self.session.data_port:
             self._stream(self.transport, None)
@@ -139,7 +158,7 @@ class SourceProtocol(FramedProtocol):
         """Record a phase in the source's journal."""
         self.departure.journal.phase(self.departure.id, phase)
 
-    def _do_WrapKey(self, effect: s.WrapKey) -> None:
+    def _do_WrapKey(self, effect: effects.WrapKey) -> None:
 
         self.journal_phase("key-offered")
         key = check_offer(
@@ -152,7 +171,7 @@ class SourceProtocol(FramedProtocol):
         wrapped = wrap(key, self.security.key_material(), self.migration_id())
         self.run(self.session.key_wrapped(wrapped))
 
-    def _do_CommitLocally(self, effect: s.CommitLocally) -> None:
+    def _do_CommitLocally(self, effect: effects.CommitLocally) -> None:
         def failed(f: Failure) -> None:
             self.fail(failure_to_error(f, "committing at the source"))
 
@@ -160,18 +179,18 @@ class SourceProtocol(FramedProtocol):
             lambda _: self.run(self.session.committed_locally()), failed
         )
 
-    def _do_RollBack(self, effect: s.RollBack) -> None:
+    def _do_RollBack(self, effect: effects.RollBack) -> None:
         self._stop_streaming()
         self.rolled_back = self.departure.rollback()
 
-    def _do_Finished(self, effect: s.Finished) -> None:
+    def _do_Finished(self, effect: effects.Finished) -> None:
         try:
             counts = [tcp_bytes_acked(self.transport)]
             if self.data_channel is not None:
                 counts.append(tcp_bytes_acked(self.data_channel.transport))
             self.wire_bytes = None if None in counts else sum(c or 0 for c in counts)
             self._stop_streaming()
-            super()._do_Finished(effect)
+            self._close(effect)
             self.departure.finish(effect, self.bytes_sent)
         finally:
             # Whatever failed above, the caller must learn the outcome (nothing

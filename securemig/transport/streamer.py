@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securemig.protocol import wire
-from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.transport.control import failure_to_error
 from securemig.transport.executor import Executor
 
@@ -47,7 +47,7 @@ class ImageStreamer:
         executor: Executor,
         on_progress: Callable[[int], None],
         on_done: Callable[[], None],
-        on_error: Callable[[ProtocolError], None],
+        on_error: Callable[[MigrationError], None],
         sealer: Any = None,
     ) -> None:
         self.transport = transport

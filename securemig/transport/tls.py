@@ -21,13 +21,17 @@ from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.ssl import TLSVersion
 
+from securemig.protocol.errors import ErrorCode, LocalFault
+
 #: Label of the exporter that binds attestation to the TLS session.
 EXPORTER_LABEL = b"EXPORTER-securemig-attestation-v1"
 EXPORTER_LENGTH = 32
 
 
-class ChannelBindingUnavailable(Exception):
+class ChannelBindingUnavailable(LocalFault):
     """The transport is not TLS (or the handshake is not complete)."""
+
+    default_code = ErrorCode.ATTESTATION_FAILED
 
 
 def _load(identity: Path) -> tuple[ssl.PrivateCertificate, ssl.Certificate]:

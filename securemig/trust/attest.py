@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss import TPM2B_PUBLIC, TPMS_ATTEST, TPMT_SIGNATURE
 from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPM2_GENERATED, TPM2_ST, TPMA_OBJECT
 
+from securemig.protocol.errors import ErrorCode, Refused
 from securemig.trust.tpm.tpm import AK_ATTRIBUTES, Malformed, pcr_selection, unmarshal_exact
 
 T = TypeVar("T")
@@ -62,8 +63,10 @@ class Check(enum.Enum):
     HOST_NAME = "host-name"
 
 
-class AttestationError(Exception):
+class AttestationError(Refused):
     """Evidence failed one check; ``check`` says which."""
+
+    default_code = ErrorCode.ATTESTATION_FAILED
 
     def __init__(self, check: Check, detail: str) -> None:
         super().__init__(f"{check.value}: {detail}")

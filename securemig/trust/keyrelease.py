@@ -34,11 +34,18 @@ from tpm2_pytss import TPM2B_PUBLIC
 from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
 
 from securemig.protocol import wire
-from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.protocol.errors import ErrorCode, ProtocolError, Refused
 from securemig.trust import attest, vtpm
 from securemig.trust.attest import AttestationError
 from securemig.trust.attestor import Attestor
-from securemig.trust.tpm.tpm import TPM, KeyBlob, Malformed, pcr_policy_digest, unmarshal_exact
+from securemig.trust.tpm.tpm import (
+    TPM,
+    KeyBlob,
+    Malformed,
+    TPMError,
+    pcr_policy_digest,
+    unmarshal_exact,
+)
 
 QUALIFYING_LABEL = b"securemig-attestation-v1"
 #: The role under which the migration key's certification is bound.
@@ -46,8 +53,10 @@ MIGRATION_KEY_ROLE = "migration-key"
 WRAP_INFO = b"securemig vtpm key wrap v1"
 
 
-class KeyTransferError(Exception):
+class KeyTransferError(Refused):
     """The offered migration key, or a wrapped key, was refused."""
+
+    default_code = ErrorCode.KEY_TRANSFER_FAILED
 
 
 def qualifying_data(exporter: bytes, role: str, nonce: bytes, migration_id: bytes) -> bytes:
@@ -95,7 +104,11 @@ class DestinationSecurity:
     def unwrap(self, wrapped: wire.WrappedKey, migration_id: bytes) -> tuple[bytes, bytes]:
         """The vTPM key and the identity the source announced (host TPM: call
         from the thread that owns it)."""
-        material = self.key.unwrap(wrapped, migration_id)
+        try:
+            material = self.key.unwrap(wrapped, migration_id)
+        except TPMError as e:
+            # E.g. a policy check failed: a PCR moved since the attestation.
+            raise KeyTransferError(f"unwrapping the vTPM key: {e}") from None
         return material[:32], material[32:]
 
     @staticmethod

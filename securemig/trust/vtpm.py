@@ -23,6 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from securemig.protocol.errors import ErrorCode, LocalFault
 from securemig.trust.attestor import open_attestor
 from securemig.trust.tpm import swtpm
 from securemig.trust.tpm.tpm import TPM
@@ -38,8 +39,10 @@ IMAGE = "vtpm"
 MIGRATION_KEY_LABEL = b"securemig vtpm: swtpm migration key"
 
 
-class VTPMError(RuntimeError):
+class VTPMError(LocalFault, RuntimeError):
     """The vTPM does not start with this key, or is not the expected one."""
+
+    default_code = ErrorCode.TPM_FAILED
 
 
 def create(bundle_dir: Path, key: bytes, vendor_ca: Path) -> str:

@@ -12,7 +12,9 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from securemig.protocol import session as s
+from securemig.protocol import destination as destination_session
+from securemig.protocol import effects as fx
+from securemig.protocol import source as source_session
 from securemig.protocol import wire
 from securemig.protocol.errors import ErrorCode, ProtocolError
 
@@ -39,8 +41,8 @@ class Link:
     a reply never overtakes the rest of the sender's work."""
 
     def __init__(self, hello: wire.Hello, images: list[bytes]) -> None:
-        self.src = s.SourceSession(hello)
-        self.dst = s.DestinationSession()
+        self.src = source_session.SourceSession(hello)
+        self.dst = destination_session.DestinationSession()
         self.images = images
         self.src_effects: list[Any] = []
         self.dst_effects: list[Any] = []
@@ -53,32 +55,32 @@ class Link:
         while self.queue:
             self.queue.pop(0)()
 
-    def run_src(self, effects: s.Effects) -> None:
-        for e in effects:
+    def run_src(self, batch: fx.SourceEffects) -> None:
+        for e in batch:
             self.src_effects.append(e)
-            if isinstance(e, s.Send):
+            if isinstance(e, fx.Send):
                 self.queue.append(lambda m=e.message: self.run_dst(self.dst.receive(m)))
-            elif isinstance(e, s.StartStreams):
+            elif isinstance(e, fx.StartStreams):
                 for i, data in enumerate(self.images):
                     digest = hashlib.sha256(data).digest()
                     for m in (wire.StreamBegin(i), wire.Data.of(data), wire.StreamEnd(digest)):
                         self.queue.append(lambda m=m: self.run_dst(self.dst.receive(m)))
                 self.run_src(self.src.streams_sent())
-            elif isinstance(e, s.CommitLocally):
+            elif isinstance(e, fx.CommitLocally):
                 self.run_src(self.src.committed_locally())
 
-    def run_dst(self, effects: s.Effects) -> None:
-        for e in effects:
+    def run_dst(self, batch: fx.DestinationEffects) -> None:
+        for e in batch:
             self.dst_effects.append(e)
-            if isinstance(e, s.Send):
+            if isinstance(e, fx.Send):
                 self.queue.append(lambda m=e.message: self.run_src(self.src.receive(m)))
-            elif isinstance(e, s.Admit):
+            elif isinstance(e, fx.Admit):
                 self.run_dst(self.dst.admitted(MID))
-            elif isinstance(e, s.WriteChunk):
+            elif isinstance(e, fx.WriteChunk):
                 self.written.append(e.data.tobytes())
-            elif isinstance(e, s.Prepare):
+            elif isinstance(e, fx.Prepare):
                 self.run_dst(self.dst.prepared())
-            elif isinstance(e, s.CommitInPlace):
+            elif isinstance(e, fx.CommitInPlace):
                 self.run_dst(self.dst.resumed())
 
 
@@ -86,16 +88,16 @@ def kinds(effects: list[Any]) -> list[str]:
     return [type(e).__name__ for e in effects]
 
 
-def finished(effects: list[Any]) -> s.Finished:
-    done = [e for e in effects if isinstance(e, s.Finished)]
+def finished(effects: list[Any]) -> fx.Finished:
+    done = [e for e in effects if isinstance(e, fx.Finished)]
     assert len(done) == 1, effects
     return done[0]
 
 
-def destination_in(phase: str) -> tuple[s.DestinationSession, wire.Hello]:
+def destination_in(phase: str) -> tuple[destination_session.DestinationSession, wire.Hello]:
     """A destination session driven to ``phase`` by a well-behaved source."""
     hello = make_hello((4,))
-    d = s.DestinationSession()
+    d = destination_session.DestinationSession()
     steps: list[Any] = [
         ("awaitHello", None),
         ("admitting", lambda: d.receive(hello)),
@@ -126,8 +128,8 @@ class HappyPathTests(SynchronousTestCase):
         link.run()
         self.assertEqual(link.src.phase, "done")
         self.assertEqual(link.dst.phase, "done")
-        self.assertEqual(finished(link.src_effects).outcome, s.Outcome.DONE)
-        self.assertEqual(finished(link.dst_effects).outcome, s.Outcome.DONE)
+        self.assertEqual(finished(link.src_effects).outcome, fx.Outcome.DONE)
+        self.assertEqual(finished(link.dst_effects).outcome, fx.Outcome.DONE)
         self.assertEqual(
             [k for k in kinds(link.dst_effects) if k != "Send"],
             [
@@ -155,7 +157,7 @@ class HappyPathTests(SynchronousTestCase):
         """The source's commit comes after the destination's PREPARED was sent."""
         link = Link(make_hello((1,)), [b"x"])
         link.run()
-        sends = [e.message for e in link.dst_effects if isinstance(e, s.Send)]
+        sends = [e.message for e in link.dst_effects if isinstance(e, fx.Send)]
         self.assertEqual([type(m) for m in sends], [wire.Welcome, wire.Prepared, wire.Done])
         self.assertLess(
             kinds(link.dst_effects).index("Prepare"), kinds(link.dst_effects).index("CommitInPlace")
@@ -165,7 +167,7 @@ class HappyPathTests(SynchronousTestCase):
 class DestinationOrderTests(SynchronousTestCase):
     """Every message out of order is refused with UNEXPECTED_MESSAGE."""
 
-    def assertUnexpected(self, d: s.DestinationSession, message: Any) -> None:
+    def assertUnexpected(self, d: destination_session.DestinationSession, message: Any) -> None:
         with self.assertRaises(ProtocolError) as cm:
             d.receive(message)
         self.assertEqual(cm.exception.code, ErrorCode.UNEXPECTED_MESSAGE)
@@ -193,7 +195,7 @@ class DestinationOrderTests(SynchronousTestCase):
 
     def test_stream_out_of_order(self) -> None:
         """Streams must come in manifest order."""
-        d = s.DestinationSession()
+        d = destination_session.DestinationSession()
         d.receive(make_hello((1, 1)))
         d.admitted(MID)
         self.assertUnexpected(d, wire.StreamBegin(1))
@@ -234,7 +236,7 @@ class DestinationStreamTests(SynchronousTestCase):
         d, _ = destination_in("receiving")
         d.receive(wire.Data.of(b"abcd"))
         effects = d.receive(wire.StreamEnd(b"D" * 32))
-        self.assertEqual(effects, [s.CloseStream(0, b"D" * 32), s.Prepare()])
+        self.assertEqual(effects, [fx.CloseStream(0, b"D" * 32), fx.Prepare()])
 
 
 class HelloCheckTests(SynchronousTestCase):
@@ -242,7 +244,7 @@ class HelloCheckTests(SynchronousTestCase):
 
     def assertRefused(self, code: ErrorCode, hello: wire.Hello) -> None:
         with self.assertRaises(ProtocolError) as cm:
-            s.DestinationSession().receive(hello)
+            destination_session.DestinationSession().receive(hello)
         self.assertEqual(cm.exception.code, code)
 
     def test_version(self) -> None:
@@ -270,7 +272,7 @@ class DestinationFailureTests(SynchronousTestCase):
             with self.subTest(phase=phase):
                 self.assertEqual(kinds(effects), ["Send", "Discard", "Finished"])
                 self.assertEqual(effects[0].message.code, ErrorCode.IO_ERROR)
-                self.assertEqual(finished(effects).outcome, s.Outcome.ABORTED)
+                self.assertEqual(finished(effects).outcome, fx.Outcome.ABORTED)
 
     def test_lost_before_prepared_discards(self) -> None:
         for phase in ("awaitStream", "receiving", "preparing"):
@@ -284,7 +286,7 @@ class DestinationFailureTests(SynchronousTestCase):
         effects = d.connection_lost()
         self.assertNotIn("Discard", kinds(effects))
         self.assertEqual(kinds(effects), ["HoldInDoubt", "Finished"])
-        self.assertEqual(finished(effects).outcome, s.Outcome.IN_DOUBT)
+        self.assertEqual(finished(effects).outcome, fx.Outcome.IN_DOUBT)
 
     def test_timeout_after_prepared_holds(self) -> None:
         """A local failure while awaiting COMMIT holds staging too."""
@@ -304,19 +306,19 @@ class DestinationFailureTests(SynchronousTestCase):
         d, _ = destination_in("committing")
         effects = d.fail(ErrorCode.RESUME_FAILED, "qemu died")
         self.assertNotIn("Discard", kinds(effects))
-        self.assertEqual(finished(effects).outcome, s.Outcome.RESUME_FAILED)
+        self.assertEqual(finished(effects).outcome, fx.Outcome.RESUME_FAILED)
 
     def test_lost_while_committing_continues(self) -> None:
         """The link dropping during the commit does not stop the resume."""
         d, _ = destination_in("committing")
         self.assertEqual(d.connection_lost(), [])
-        self.assertEqual(finished(d.resumed()).outcome, s.Outcome.DONE)
+        self.assertEqual(finished(d.resumed()).outcome, fx.Outcome.DONE)
 
     def test_refused(self) -> None:
         """A refused HELLO sends ABORT with the host's code."""
         d, _ = destination_in("admitting")
         effects = d.refused(ErrorCode.VM_BUSY, "already here")
-        self.assertEqual(effects[0], s.Send(wire.Abort(ErrorCode.VM_BUSY, "already here")))
+        self.assertEqual(effects[0], fx.Send(wire.Abort(ErrorCode.VM_BUSY, "already here")))
 
     def test_terminal_states_ignore_late_events(self) -> None:
         """A disk write finishing after an abort changes nothing."""
@@ -331,8 +333,8 @@ class DestinationFailureTests(SynchronousTestCase):
 class SourceTests(SynchronousTestCase):
     """The source rolls back before its commit and never after."""
 
-    def source_in(self, phase: str) -> s.SourceSession:
-        src = s.SourceSession(make_hello((1,)))
+    def source_in(self, phase: str) -> source_session.SourceSession:
+        src = source_session.SourceSession(make_hello((1,)))
         steps = [
             ("awaitWelcome", src.start),
             ("streaming", lambda: src.receive(wire.Welcome(MID))),
@@ -357,7 +359,7 @@ class SourceTests(SynchronousTestCase):
                 }[event]()
                 with self.subTest(phase=phase, event=event):
                     self.assertIn("RollBack", kinds(effects))
-                    self.assertEqual(finished(effects).outcome, s.Outcome.ABORTED)
+                    self.assertEqual(finished(effects).outcome, fx.Outcome.ABORTED)
 
     def test_no_rollback_after_commit(self) -> None:
         """Once COMMITTED is journaled the VM is the destination's."""
@@ -370,7 +372,7 @@ class SourceTests(SynchronousTestCase):
             }[event]()
             with self.subTest(event=event):
                 self.assertNotIn("RollBack", kinds(effects))
-                self.assertEqual(finished(effects).outcome, s.Outcome.IN_DOUBT)
+                self.assertEqual(finished(effects).outcome, fx.Outcome.IN_DOUBT)
 
     def test_prepared_before_streams_sent(self) -> None:
         """PREPARED before the source finished sending is a violation."""
@@ -402,33 +404,35 @@ class SecureSessionTests(SynchronousTestCase):
     before any image byte (the host checks are stood in by answers here)."""
 
     def test_full_secure_exchange(self) -> None:
-        src = s.SourceSession(make_hello((1,)), secure=True)
-        dst = s.DestinationSession(secure=True)
+        src = source_session.SourceSession(make_hello((1,)), secure=True)
+        dst = destination_session.DestinationSession(secure=True)
         sent = src.start()
         self.assertEqual(kinds(dst.receive(sent[0].message)), ["Admit"])
         welcome = dst.admitted(MID)[0].message
         challenge = src.receive(welcome)[0].message
         self.assertIsInstance(challenge, wire.Challenge)
         attest = dst.receive(challenge)
-        self.assertEqual(attest, [s.Attest(challenge.nonce, "destination")])
+        self.assertEqual(attest, [fx.Attest(challenge.nonce, "destination")])
         evidence, dst_challenge = (e.message for e in dst.attested(EVIDENCE))
         verify = src.receive(evidence)
-        self.assertEqual(verify, [s.VerifyPeer(EVIDENCE, challenge.nonce, "destination")])
+        self.assertEqual(verify, [fx.VerifyPeer(EVIDENCE, challenge.nonce, "destination")])
         self.assertEqual(src.peer_verified(), [])
-        self.assertEqual(src.receive(dst_challenge), [s.Attest(dst_challenge.nonce, "source")])
+        self.assertEqual(
+            src.receive(dst_challenge), [fx.Attest(dst_challenge.nonce, "source")]
+        )
         src_evidence = src.attested(EVIDENCE)[0].message
         self.assertEqual(dst.receive(src_evidence)[0].nonce, dst_challenge.nonce)
-        self.assertEqual(dst.peer_verified(), [s.OfferKey()])
+        self.assertEqual(dst.peer_verified(), [fx.OfferKey()])
         offer = dst.key_offered(OFFER)[0].message
-        self.assertEqual(src.receive(offer), [s.WrapKey(OFFER)])
+        self.assertEqual(src.receive(offer), [fx.WrapKey(OFFER)])
         wrapped, start = src.key_wrapped(WRAPPED)
-        self.assertEqual(start, s.StartStreams())
-        self.assertEqual(dst.receive(wrapped.message), [s.AcceptKey(WRAPPED)])
+        self.assertEqual(start, fx.StartStreams())
+        self.assertEqual(dst.receive(wrapped.message), [fx.AcceptKey(WRAPPED)])
         self.assertEqual((src.phase, dst.phase), ("streaming", "awaitStream"))
 
     def test_no_image_before_attestation(self) -> None:
         """A source that skips attestation cannot send images."""
-        dst = s.DestinationSession(secure=True)
+        dst = destination_session.DestinationSession(secure=True)
         dst.receive(make_hello((1,)))
         dst.admitted(MID)
         with self.assertRaises(ProtocolError) as cm:
@@ -436,7 +440,7 @@ class SecureSessionTests(SynchronousTestCase):
         self.assertEqual(cm.exception.code, ErrorCode.UNEXPECTED_MESSAGE)
 
     def test_no_image_before_key_transfer(self) -> None:
-        dst = s.DestinationSession(secure=True)
+        dst = destination_session.DestinationSession(secure=True)
         dst.receive(make_hello((1,)))
         dst.admitted(MID)
         dst.receive(wire.Challenge(b"c" * 32))
@@ -449,15 +453,15 @@ class SecureSessionTests(SynchronousTestCase):
 
     def test_offer_before_source_attested(self) -> None:
         """A key offer before the source proved itself is a violation."""
-        src = s.SourceSession(make_hello((1,)), secure=True)
+        src = source_session.SourceSession(make_hello((1,)), secure=True)
         src.start()
         src.receive(wire.Welcome(MID))
         with self.assertRaises(ProtocolError):
             src.receive(OFFER)
 
     def test_nonces_are_fresh(self) -> None:
-        a = s.SourceSession(make_hello((1,)), secure=True)
-        b = s.SourceSession(make_hello((1,)), secure=True)
+        a = source_session.SourceSession(make_hello((1,)), secure=True)
+        b = source_session.SourceSession(make_hello((1,)), secure=True)
         for src in (a, b):
             src.start()
         na = a.receive(wire.Welcome(MID))[0].message.nonce
@@ -469,21 +473,21 @@ class SecureSessionTests(SynchronousTestCase):
 class ClearKeyTests(SynchronousTestCase):
     """The insecure variant's vTPM key in the clear: once, before the streams."""
 
-    def destination(self) -> s.DestinationSession:
-        d = s.DestinationSession()
+    def destination(self) -> destination_session.DestinationSession:
+        d = destination_session.DestinationSession()
         d.receive(make_hello((1, 1)))
         d.admitted(MID)
         return d
 
     def test_sent_after_welcome(self) -> None:
-        src = s.SourceSession(make_hello((1,)), clear_key=b"k" * 64)
+        src = source_session.SourceSession(make_hello((1,)), clear_key=b"k" * 64)
         src.start()
         effects = src.receive(wire.Welcome(MID))
-        self.assertEqual(effects, [s.Send(wire.ClearKey(b"k" * 64)), s.StartStreams()])
+        self.assertEqual(effects, [fx.Send(wire.ClearKey(b"k" * 64)), fx.StartStreams()])
 
     def test_accepted_first(self) -> None:
         d = self.destination()
-        self.assertEqual(d.receive(wire.ClearKey(b"k")), [s.AcceptKey(wire.ClearKey(b"k"))])
+        self.assertEqual(d.receive(wire.ClearKey(b"k")), [fx.AcceptKey(wire.ClearKey(b"k"))])
 
     def test_twice_or_late(self) -> None:
         d = self.destination()
@@ -499,9 +503,9 @@ class ClearKeyTests(SynchronousTestCase):
 
     def test_never_in_the_secure_variant(self) -> None:
         """A key in the clear is a protocol violation in the secure variant."""
-        d = s.DestinationSession(secure=True)
+        d = destination_session.DestinationSession(secure=True)
         d.receive(make_hello((1,)))
         d.admitted(MID)
         with self.assertRaises(ProtocolError):
             d.receive(wire.ClearKey(b"k"))
-        self.assertRaises(ValueError, s.SourceSession, make_hello((1,)), True, b"k")
+        self.assertRaises(ValueError, source_session.SourceSession, make_hello((1,)), True, b"k")

@@ -28,7 +28,7 @@ from securemig.lab.bench import qemu, tpm
 from securemig.lab.bench.link import LinkError
 from securemig.lab.processes import peak_rss_mib
 from securemig.protocol import wire
-from securemig.protocol.session import Outcome
+from securemig.protocol.effects import Outcome
 from securemig.transport.client import ConnectFailed, SecureOptions, migrate, parse_address
 from securemig.transport.reactor import run_reactor
 from securemig.transport.tls import CIPHERS

@@ -20,13 +20,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from securemig.protocol.errors import ErrorCode, LocalFault
+
 #: The Debian packages that provide what this module runs.
 PACKAGES = "swtpm swtpm-tools"
 START_TIMEOUT = 10.0
 
 
-class SwtpmMissing(RuntimeError):
+class SwtpmMissing(LocalFault, RuntimeError):
     """swtpm is not installed; the message names the Debian packages."""
+
+    default_code = ErrorCode.TPM_FAILED
 
 
 def _tool(name: str) -> str:

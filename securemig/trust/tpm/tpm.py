@@ -48,6 +48,8 @@ from tpm2_pytss.constants import (
 )
 from tpm2_pytss.utils import NVReadEK, create_ek_template
 
+from securemig.protocol.errors import ErrorCode, LocalFault, PeerViolation
+
 logging.getLogger("tpm2_pytss").setLevel(logging.CRITICAL)
 
 #: NV indices of the EK certificates (TCG EK Credential Profile).
@@ -67,12 +69,17 @@ AK_TEMPLATES = {"ecc": "ecc256:ecdsa-sha256:null", "rsa": "rsa2048:rsassa-sha256
 SRK_TEMPLATE = "ecc256:aes128cfb"
 
 
-class TPMError(RuntimeError):
+class TPMError(LocalFault, RuntimeError):
     """A TPM operation failed; the message says which, never a secret."""
 
+    default_code = ErrorCode.TPM_FAILED
 
-class Malformed(ValueError):
+
+class Malformed(PeerViolation, ValueError):
     """A TPM structure from a peer does not parse exactly."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(ErrorCode.MALFORMED, reason)
 
 
 T = TypeVar("T")

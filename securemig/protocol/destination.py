@@ -1,0 +1,406 @@
+"""
+The destination's session state machine, sans-IO.
+
+The rules, in the order a migration goes (``doc/protocol.rst`` is normative)::
+
+    source                                destination
+    --HELLO------------->                 awaitHello -> admitting
+    <-----------WELCOME--                 admitting  -> awaitStream (insecure)
+    secure variant only, before any image byte:
+      --CHALLENGE-->  <--EVIDENCE, CHALLENGE--  --EVIDENCE-->
+      <--KEY_OFFER--  --WRAPPED_KEY-->     (host checks and TPM work are effects)
+    --STREAM_BEGIN/DATA*/STREAM_END per image-->  receiving
+    <---------PREPARED--                  preparing  -> awaitCommit
+    --COMMIT------------->                committing (move into place, resume)
+    <-------------DONE----                done
+
+Any input a state does not list is a protocol violation
+(:attr:`~securemig.protocol.errors.ErrorCode.UNEXPECTED_MESSAGE`).  ABORT, a
+local failure or a lost connection end the session from every state; what
+that means for the VM depends on which side of the commit point it happens:
+
+- before PREPARED is sent, the destination discards its staging;
+- after the destination sent PREPARED and before COMMIT arrived, it cannot
+  know whether the source committed, so it *holds* its staging in doubt
+  instead of discarding it (recovery settles it from the source's journal);
+- after COMMIT, the destination owns the VM whatever happens to the link.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from automat import TypeMachineBuilder
+
+from securemig.protocol import wire
+from securemig.protocol.effects import (
+    AcceptKey,
+    Admit,
+    Attest,
+    CloseStream,
+    CommitInPlace,
+    DestinationEffect,
+    DestinationEffects,
+    Discard,
+    Finished,
+    HoldInDoubt,
+    OfferKey,
+    OpenStream,
+    Outcome,
+    Prepare,
+    Send,
+    VerifyPeer,
+    WriteChunk,
+    abort,
+)
+from securemig.protocol.errors import ErrorCode, PeerViolation
+from securemig.protocol.session import Core, Session, Transition, build, ignore_everything, step
+
+
+class DestinationInputs(Protocol):
+    """Everything that can happen to a destination session."""
+
+    def hello(self, message: wire.Hello) -> DestinationEffects: ...
+    def admitted(self, migration_id: bytes) -> DestinationEffects: ...
+    def refused(self, code: ErrorCode, reason: str) -> DestinationEffects: ...
+    def challenge(self, message: wire.Challenge) -> DestinationEffects: ...
+    def attested(self, evidence: wire.Evidence) -> DestinationEffects: ...
+    def evidence(self, message: wire.Evidence) -> DestinationEffects: ...
+    def peer_verified(self) -> DestinationEffects: ...
+    def key_offered(self, offer: wire.KeyOffer) -> DestinationEffects: ...
+    def wrapped_key(self, message: wire.WrappedKey) -> DestinationEffects: ...
+    def clear_key(self, message: wire.ClearKey) -> DestinationEffects: ...
+    def stream_begin(self, message: wire.StreamBegin) -> DestinationEffects: ...
+    def data(self, message: wire.Data) -> DestinationEffects: ...
+    def stream_end(self, message: wire.StreamEnd) -> DestinationEffects: ...
+    def last_stream_end(self, message: wire.StreamEnd) -> DestinationEffects: ...
+    def prepared(self) -> DestinationEffects: ...
+    def commit(self, message: wire.Commit) -> DestinationEffects: ...
+    def resumed(self) -> DestinationEffects: ...
+    def peer_abort(self, message: wire.Abort) -> DestinationEffects: ...
+    def fail(self, code: ErrorCode, reason: str) -> DestinationEffects: ...
+    def connection_lost(self, detail: str) -> DestinationEffects: ...
+
+
+@dataclass
+class DestinationCore(Core):
+    """What a destination session remembers; its ``on_*`` methods are the
+    behaviours that :func:`_destination_machine`'s table names."""
+
+    phase: str = "awaitHello"
+    nonce: Callable[[], bytes] = field(default=lambda: os.urandom(wire.NONCE_SIZE))
+    our_nonce: bytes = b""
+    key_received: bool = False
+    hello: wire.Hello | None = None
+    migration_id: bytes | None = None
+    next_index: int = 0
+    received: int = 0
+    total_received: int = 0
+    #: Secure variant: the data channel's port, offered in WELCOME (0: none).
+    data_port: int = 0
+
+    def on_hello(self, message: wire.Hello) -> DestinationEffects:
+        check_hello(message)
+        self.hello = message
+        return [Admit(message)]
+
+    def on_admitted(self, migration_id: bytes) -> DestinationEffects:
+        self.migration_id = migration_id
+        return [Send(wire.Welcome(migration_id, self.data_port))]
+
+    def on_refused(self, code: ErrorCode, reason: str) -> DestinationEffects:
+        return [abort(code, reason), Finished(Outcome.ABORTED, code, reason)]
+
+    # Secure variant: attestation both ways, then the key offer.
+    def on_challenge(self, message: wire.Challenge) -> DestinationEffects:
+        return [Attest(message.nonce, "destination")]
+
+    def on_attested(self, evidence: wire.Evidence) -> DestinationEffects:
+        self.our_nonce = self.nonce()
+        return [Send(evidence), Send(wire.Challenge(self.our_nonce))]
+
+    def on_evidence(self, message: wire.Evidence) -> DestinationEffects:
+        return [VerifyPeer(message, self.our_nonce, "source")]
+
+    def on_peer_verified(self) -> DestinationEffects:
+        return [OfferKey()]
+
+    def on_key_offered(self, offer: wire.KeyOffer) -> DestinationEffects:
+        return [Send(offer)]
+
+    def on_wrapped_key(self, message: wire.WrappedKey) -> DestinationEffects:
+        return [AcceptKey(message)]
+
+    def on_clear_key(self, message: wire.ClearKey) -> DestinationEffects:
+        # Insecure variant: once, and before the first stream.
+        if self.next_index != 0 or self.key_received:
+            raise PeerViolation(ErrorCode.UNEXPECTED_MESSAGE, "the vTPM key comes once, first")
+        self.key_received = True
+        return [AcceptKey(message)]
+
+    def on_stream_begin(self, message: wire.StreamBegin) -> DestinationEffects:
+        assert self.hello is not None
+        if message.index != self.next_index:
+            raise PeerViolation(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"stream {message.index} began; stream {self.next_index} was due",
+            )
+        self.received = 0
+        return [OpenStream(message.index, self.hello.images[message.index])]
+
+    def on_data(self, message: wire.Data) -> DestinationEffects:
+        assert self.hello is not None
+        size = self.hello.images[self.next_index].size
+        n = len(message)
+        self.received += n
+        self.total_received += n
+        if self.received > size:
+            raise PeerViolation(
+                ErrorCode.STREAM_MISMATCH,
+                f"stream {self.next_index} ran past its announced size of {size} bytes",
+            )
+        return [WriteChunk(message)]
+
+    def on_stream_end(self, message: wire.StreamEnd) -> DestinationEffects:
+        assert self.hello is not None
+        index = self.next_index
+        size = self.hello.images[index].size
+        if self.received != size:
+            raise PeerViolation(
+                ErrorCode.STREAM_MISMATCH,
+                f"stream {index} ended after {self.received} of {size} bytes",
+            )
+        self.next_index += 1
+        return [CloseStream(index, message.sha256)]
+
+    def on_last_stream_end(self, message: wire.StreamEnd) -> DestinationEffects:
+        return [*self.on_stream_end(message), Prepare()]
+
+    def on_prepared(self) -> DestinationEffects:
+        return [Send(wire.Prepared())]
+
+    def on_commit(self, message: wire.Commit) -> DestinationEffects:
+        return [CommitInPlace()]
+
+    def on_resumed(self) -> DestinationEffects:
+        return [Send(wire.Done()), Finished(Outcome.DONE)]
+
+    def on_peer_abort(self, message: wire.Abort) -> DestinationEffects:
+        # The source only aborts before it commits, so discarding is safe in
+        # every phase up to and including awaitCommit.
+        return [Discard(), Finished(Outcome.ABORTED, message.code, f"source: {message.reason}")]
+
+    def on_fail(self, code: ErrorCode, reason: str) -> DestinationEffects:
+        return [abort(code, reason), Discard(), Finished(Outcome.ABORTED, code, reason)]
+
+    def on_connection_lost(self, detail: str) -> DestinationEffects:
+        code, reason = ErrorCode.CONNECTION_LOST, f"connection lost in phase {self.phase}{detail}"
+        return [Discard(), Finished(Outcome.ABORTED, code, reason)]
+
+    # After PREPARED was sent, a COMMIT may be in flight: never discard.
+    def on_fail_in_doubt(self, code: ErrorCode, reason: str) -> DestinationEffects:
+        return [abort(code, reason), HoldInDoubt(), Finished(Outcome.IN_DOUBT, code, reason)]
+
+    def on_connection_lost_in_doubt(self, detail: str) -> DestinationEffects:
+        reason = "connection lost after PREPARED, before COMMIT"
+        return [HoldInDoubt(), Finished(Outcome.IN_DOUBT, ErrorCode.CONNECTION_LOST, reason)]
+
+    # After COMMIT, the destination owns the VM whatever happens to the link.
+    def on_fail_committed(self, code: ErrorCode, reason: str) -> DestinationEffects:
+        return [abort(code, reason), Finished(Outcome.RESUME_FAILED, code, reason)]
+
+    def on_ignore(self, *args: Any) -> DestinationEffects:
+        return []
+
+
+def check_hello(message: wire.Hello) -> None:
+    """Refuse a HELLO whose parameters no destination could accept."""
+    if message.version != wire.PROTOCOL_VERSION:
+        raise PeerViolation(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {message.version}; this destination speaks {wire.PROTOCOL_VERSION}",
+        )
+    if not wire.MIN_CHUNK_SIZE <= message.chunk_size <= wire.MAX_CHUNK_SIZE:
+        raise PeerViolation(
+            ErrorCode.BAD_PARAMETER,
+            f"chunk size {message.chunk_size} outside {wire.MIN_CHUNK_SIZE}..{wire.MAX_CHUNK_SIZE}",
+        )
+    names = [image.name for image in message.images]
+    if not names:
+        raise PeerViolation(ErrorCode.BAD_PARAMETER, "HELLO announces no images")
+    if len(set(names)) != len(names):
+        raise PeerViolation(ErrorCode.BAD_PARAMETER, "HELLO names an image twice")
+
+
+def _destination_machine(secure: bool) -> Any:
+    b = TypeMachineBuilder(DestinationInputs, DestinationCore)
+    I = DestinationInputs  # noqa: E741
+    C = DestinationCore
+    await_hello = b.state("awaitHello")
+    admitting = b.state("admitting")
+    await_stream = b.state("awaitStream")
+    # Secure variant only: between WELCOME and the first stream.
+    await_challenge = b.state("awaitChallenge")
+    attesting = b.state("attesting")
+    await_evidence = b.state("awaitEvidence")
+    verifying = b.state("verifyingPeer")
+    offering = b.state("offeringKey")
+    await_key = b.state("awaitWrappedKey")
+    receiving = b.state("receiving")
+    preparing = b.state("preparing")
+    await_commit = b.state("awaitCommit")
+    committing = b.state("committing")
+    done = b.state("done")
+    failed = b.state("failed")
+    before_commit_point = [await_hello, admitting, await_stream, receiving, preparing]
+    table: list[Transition] = [
+        (await_hello, I.hello, admitting, C.on_hello),
+        (admitting, I.admitted, await_challenge if secure else await_stream, C.on_admitted),
+        (admitting, I.refused, failed, C.on_refused),
+        (await_stream, I.stream_begin, receiving, C.on_stream_begin),
+        (receiving, I.data, receiving, C.on_data),
+        (receiving, I.stream_end, await_stream, C.on_stream_end),
+        (receiving, I.last_stream_end, preparing, C.on_last_stream_end),
+        (preparing, I.prepared, await_commit, C.on_prepared),
+        (await_commit, I.commit, committing, C.on_commit),
+        (committing, I.resumed, done, C.on_resumed),
+        (await_commit, I.peer_abort, failed, C.on_peer_abort),
+    ]
+    if secure:
+        table += [
+            (await_challenge, I.challenge, attesting, C.on_challenge),
+            (attesting, I.attested, await_evidence, C.on_attested),
+            (await_evidence, I.evidence, verifying, C.on_evidence),
+            (verifying, I.peer_verified, offering, C.on_peer_verified),
+            (offering, I.key_offered, await_key, C.on_key_offered),
+            (await_key, I.wrapped_key, await_stream, C.on_wrapped_key),
+        ]
+        # Every secure state is before the commit point.
+        before_commit_point += [state for state, _, _, _ in table[-6:]]
+    else:
+        # Insecure: the vTPM key may come in the clear, before the first stream.
+        table.append((await_stream, I.clear_key, await_stream, C.on_clear_key))
+        # Unreachable states still need a way out, for Automat's completeness.
+        before_commit_point += [await_challenge]
+    for state in before_commit_point:
+        table += [
+            (state, I.peer_abort, failed, C.on_peer_abort),
+            (state, I.fail, failed, C.on_fail),
+        ]
+        table += [(state, I.connection_lost, failed, C.on_connection_lost)]
+    build(table)
+    await_commit.upon(I.fail).to(failed)(step(failed, C.on_fail_in_doubt))
+    await_commit.upon(I.connection_lost).to(failed)(step(failed, C.on_connection_lost_in_doubt))
+    committing.upon(I.fail).to(failed)(step(failed, C.on_fail_committed))
+    committing.upon(I.connection_lost).loop()(step(committing, C.on_ignore))
+    committing.upon(I.peer_abort).loop()(step(committing, C.on_ignore))
+    ignore_everything(I, [done, failed], C.on_ignore)
+    return b.build()
+
+
+_DestinationMachines = {secure: _destination_machine(secure) for secure in (False, True)}
+
+
+class DestinationSession(Session[DestinationEffect]):
+    """The destination's side of one migration."""
+
+    _role = "destination"
+
+    def __init__(self, secure: bool = False) -> None:
+        self._core: DestinationCore = DestinationCore()
+        self._machine: DestinationInputs = _DestinationMachines[secure](self._core)
+        self.secure = secure
+
+    @property
+    def hello(self) -> wire.Hello | None:
+        """The accepted HELLO, once there is one."""
+        return self._core.hello
+
+    @property
+    def bytes_received(self) -> int:
+        """Image bytes received so far, over all streams."""
+        return self._core.total_received
+
+    def offer_data_port(self, port: int) -> None:
+        """Secure variant: offer a data channel on ``port`` in WELCOME
+        (call before :meth:`admitted`)."""
+        if not self.secure:
+            raise ValueError("only the secure variant has a data channel")
+        self._core.data_port = port
+
+    def receive(self, message: wire.Message) -> DestinationEffects:
+        """Feed one message from the peer.  Raises :class:`PeerViolation` for
+        a message this phase does not allow; the caller then calls
+        :meth:`fail` with it."""
+        m = self._machine
+        match message:
+            case wire.Hello():
+                return self._run("hello", lambda: m.hello(message))
+            case wire.Challenge():
+                return self._run("challenge", lambda: m.challenge(message))
+            case wire.Evidence():
+                return self._run("evidence", lambda: m.evidence(message))
+            case wire.WrappedKey():
+                return self._run("wrapped_key", lambda: m.wrapped_key(message))
+            case wire.ClearKey():
+                return self._run("clear_key", lambda: m.clear_key(message))
+            case wire.StreamBegin():
+                return self._run("stream_begin", lambda: m.stream_begin(message))
+            case wire.Data():
+                return self._run("data", lambda: m.data(message))
+            case wire.StreamEnd() if self._is_last_stream():
+                # After the last stream the destination prepares instead of
+                # awaiting another one.
+                return self._run("last_stream_end", lambda: m.last_stream_end(message))
+            case wire.StreamEnd():
+                return self._run("stream_end", lambda: m.stream_end(message))
+            case wire.Commit():
+                return self._run("commit", lambda: m.commit(message))
+            case wire.Abort():
+                return self._run("peer_abort", lambda: m.peer_abort(message))
+            case _:
+                raise self._never_sent(message)
+
+    def _is_last_stream(self) -> bool:
+        hello = self._core.hello
+        return hello is not None and self._core.next_index == len(hello.images) - 1
+
+    def fail(self, code: ErrorCode, reason: str) -> DestinationEffects:
+        """A local failure or a protocol violation ends the session."""
+        return self._run("fail", lambda: self._machine.fail(code, reason))
+
+    def connection_lost(self, detail: str = "") -> DestinationEffects:
+        """The connection is gone; ``detail`` says why, if it was not a clean close."""
+        why = f": {detail}" if detail else ""
+        return self._run("connection_lost", lambda: self._machine.connection_lost(why))
+
+    def admitted(self, migration_id: bytes) -> DestinationEffects:
+        """The host accepted the HELLO and reserved what it needs."""
+        return self._run("admitted", lambda: self._machine.admitted(migration_id))
+
+    def refused(self, code: ErrorCode, reason: str) -> DestinationEffects:
+        """The host refused the HELLO."""
+        return self._run("refused", lambda: self._machine.refused(code, reason))
+
+    def attested(self, evidence: wire.Evidence) -> DestinationEffects:
+        """Secure: our evidence for the peer's challenge is ready."""
+        return self._run("attested", lambda: self._machine.attested(evidence))
+
+    def peer_verified(self) -> DestinationEffects:
+        """Secure: the peer's evidence passed every check."""
+        return self._run("peer_verified", self._machine.peer_verified)
+
+    def key_offered(self, offer: wire.KeyOffer) -> DestinationEffects:
+        """Secure: the migration key is certified for this session."""
+        return self._run("key_offered", lambda: self._machine.key_offered(offer))
+
+    def prepared(self) -> DestinationEffects:
+        """Every stream is verified and durable; PREPARED is journaled."""
+        return self._run("prepared", self._machine.prepared)
+
+    def resumed(self) -> DestinationEffects:
+        """The VM is in place and resumed here."""
+        return self._run("resumed", self._machine.resumed)
