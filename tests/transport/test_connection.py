@@ -373,3 +373,57 @@ class StreamEndRaceTests(SynchronousTestCase):
         peer.transport.write(wire.encode(wire.Prepared()))
         pump.flush()
         self.assertIsInstance(peer.messages()[-1], wire.Commit)
+
+
+class EndDespiteFailureTests(SynchronousTestCase):
+    """A session's end is carried out even when an effect before it raised."""
+
+    def setUp(self) -> None:
+        self.env = InMemory(Path(self.mktemp()))
+
+    def test_hold_in_doubt_raises(self) -> None:
+        """Destination: the connection drops after PREPARED and holding the
+        staging fails with an OSError; the outcome is still journaled (in
+        doubt, with the error) and the staging is kept."""
+        dst, peer = self.env.destination(), Recorder()
+        pump = self.env.connect(dst, peer)
+        peer.transport.write(
+            wire.encode(hello_for("vm1", {"ram": 8}))
+            + wire.encode(wire.StreamBegin(0))
+            + wire.data_header(8)
+            + b"12345678"
+            + wire.encode(wire.StreamEnd(hashlib.sha256(b"12345678").digest()))
+        )
+        pump.flush()
+        self.assertIsInstance(peer.messages()[-1], wire.Prepared)
+
+        def hold() -> None:
+            raise OSError(5, "Input/output error")
+
+        dst.arrival.hold = hold
+        peer.transport.loseConnection()
+        pump.flush()
+        record = self.env.host.journal.records()[0]
+        self.assertEqual(record.outcome, "in-doubt")
+        self.assertIn("Input/output error", record.error)
+        self.assertEqual(len(list(self.env.host.staging.iterdir())), 1)
+
+    def test_rollback_raises(self) -> None:
+        """Source: the destination refuses and rolling back raises; the
+        caller still learns the outcome (``finished`` fires: ``migrate``
+        would otherwise hang) and the journal records it."""
+        bundle = self.env.vm()
+        src, departure = self.env.source(bundle)
+
+        def rollback() -> Deferred[None]:
+            raise OSError(5, "Input/output error")
+
+        departure.rollback = rollback  # type: ignore[method-assign]
+        peer = Recorder()
+        peer_pump = self.env.connect(src, peer)
+        peer.transport.write(wire.encode(wire.Abort(ErrorCode.VM_BUSY, "already here")))
+        peer_pump.flush()
+        finished = self.successResultOf(src.finished)
+        self.assertEqual(finished.outcome, Outcome.ABORTED)
+        self.assertIn("Input/output error", finished.reason)
+        self.assertEqual(self.env.source_journal.get(departure.id).outcome, "aborted")

@@ -8,6 +8,9 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from securemig.protocol import wire
+from securemig.protocol.destination import DestinationSession
+from securemig.protocol.errors import ErrorCode
+from securemig.transport.control import failure_to_error
 from securemig.trust import keyrelease as secure
 from securemig.trust.keyrelease import DestinationSecurity, KeyTransferError, MigrationKey
 from securemig.trust.tpm.tpm import TPMError
@@ -90,6 +93,22 @@ class KeyReleaseTests(SynchronousTestCase):
         self.tpm.pcr_extend(16, b"changed after attestation")
         with self.assertRaises(TPMError):
             self.key.unwrap(wrapped, MID)
+
+    def test_policy_refusal_reaches_the_peer_with_its_code(self) -> None:
+        """A PCR moved between attestation and unwrap: the TPM's policy
+        refusal is KEY_TRANSFER_FAILED in the ABORT the peer gets, never
+        INTERNAL (which the protocol reserves for bugs)."""
+        wrapped = secure.wrap(self.check(), b"k" * 32, MID)  # type: ignore[arg-type]
+        self.tpm.pcr_extend(16, b"changed after attestation")
+        security = DestinationSecurity(attestor=None, key=self.key)  # type: ignore[arg-type]
+        with self.assertRaises(KeyTransferError) as cm:
+            security.unwrap(wrapped, MID)
+        error = failure_to_error(cm.exception, "Prepare")
+        self.assertEqual(error.code, ErrorCode.KEY_TRANSFER_FAILED)
+        self.assertIn("policy", error.reason)
+        session = DestinationSession()
+        abort = session.fail(error.code, error.reason)[0]
+        self.assertEqual(abort.message.code, ErrorCode.KEY_TRANSFER_FAILED)  # type: ignore[union-attr]
 
     def test_key_usable_without_the_policy(self) -> None:
         """A genuinely certified key that the TPM would use with a plain
