@@ -20,6 +20,7 @@ ROOT = Path(securemig.__file__).parent
 LAYERS = (
     "securemig.protocol",
     "securemig.files",
+    "securemig.crashpoint",
     "securemig.trust",
     "securemig.hypervisor",
     "securemig.host",

@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -155,13 +156,19 @@ def makeService(options: Options) -> service.MultiService:
     """The destination service for these options."""
     tune_malloc()
     host = DestinationHost(Path(options["state-dir"]), backend=options["backend"])
-    removed = host.recover_staging()
-    if removed:
-        log.info(
-            "removed staging of {n} interrupted migration(s): {ids}",
-            n=len(removed),
-            ids=", ".join(removed),
-        )
+
+    def recover() -> None:
+        def report(actions: list[tuple[str, str]]) -> None:
+            for mid, what in actions:
+                log.info("recovery of migration {mid}: {what}", mid=mid, what=what)
+
+        def failed(f: Any) -> None:
+            log.failure("recovery of unfinished arrivals failed", f)
+
+        Deferred.fromCoroutine(host.recover()).addCallbacks(report, failed)
+
+    # Once the reactor runs: rolling a commit forward resumes a VM.
+    reactor.callWhenRunning(recover)  # type: ignore[attr-defined]
     top = service.MultiService()
     timers = {"idle_timeout": options["idle-timeout"], "deadline": options["deadline"]}
     port_file = Path(options["port-file"]) if options["port-file"] else None

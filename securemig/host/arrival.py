@@ -24,7 +24,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from securemig import files
+from securemig import crashpoint, files
 from securemig.host import storage
 from securemig.host.journal import Journal
 from securemig.hypervisor.backends import backend_for
@@ -69,41 +69,127 @@ class DestinationHost:
         key = None if self.unseal is None else key_reader(self.unseal)
         return backend_for(bundle.manifest.backend, vtpm_key=key).resume(bundle)
 
-    def recover_staging(self) -> list[str]:
-        """Settle staging left by a crash; returns what was removed.
+    async def recover(self) -> list[tuple[str, str]]:
+        """Redo, after a restart, what each unfinished arrival journaled; returns
+        (migration id, what was done) pairs.
 
-        A staging directory whose migration never reached PREPARED cannot
-        have been committed by the source (it commits only after PREPARED),
-        so it is removed.  A prepared one is kept and marked in doubt: only
-        the source's journal can say whether it committed.
+        Each journaled phase is a durable step (``doc/protocol.rst``, "Journal
+        states and recovery"), redone idempotently:
+
+        - before PREPARED: the source cannot have committed (it commits only
+          after PREPARED), so staging is removed and the arrival is aborted;
+        - PREPARED (or already in doubt): only the source knows whether it
+          committed; the staging is kept in doubt until its RESOLVE;
+        - COMMIT journaled: the source had committed; the move into place,
+          the resume and DONE are rolled forward;
+        - resumed, or the VM already in place: the arrival is done.
         """
-        removed = []
-        for path in sorted(self.staging.iterdir()):
-            record = self.journal.get(path.name)
-            if record is not None and record.phase in ("prepared", "in-doubt"):
-                if record.outcome is None:
-                    self.journal.finish(
-                        path.name,
-                        Outcome.IN_DOUBT.value,
-                        error="destination restarted after PREPARED",
-                    )
-                continue
-            files.remove_tree(path)
-            removed.append(path.name)
-            if record is not None and record.outcome is None:
-                self.journal.finish(
-                    path.name,
-                    Outcome.ABORTED.value,
-                    error="CONNECTION_LOST: destination restarted before PREPARED",
-                )
+        actions: list[tuple[str, str]] = []
         for record in self.journal.unfinished():
-            if record.role == "destination" and not (self.staging / record.id).exists():
-                self.journal.finish(
-                    record.id,
-                    Outcome.ABORTED.value,
-                    error="destination restarted; nothing was staged",
+            if record.role == "destination":
+                actions.append((record.id, await self._recover_one(record)))
+        for path in sorted(self.staging.iterdir()):
+            # Staging the journal does not know (a crash between the journal's
+            # begin and mkdir cannot make this; a hand-made copy can).
+            if self.journal.get(path.name) is None:
+                files.remove_tree(path)
+                actions.append((path.name, "unknown staging removed"))
+        return actions
+
+    async def _recover_one(self, record: Any) -> str:
+        staging = self.staging / record.id
+        in_place = (self.vms / record.vm).exists() and not staging.exists()
+        if record.reached("committed") or record.reached("resumed"):
+            if staging.exists():
+                return await self._roll_forward(record, "destination restarted after COMMIT")
+            if in_place:
+                self.journal.finish(record.id, Outcome.DONE.value)
+                return f"VM {record.vm} was in place: done"
+        if record.phase in ("prepared", "in-doubt") and staging.exists():
+            self.journal.finish(
+                record.id, Outcome.IN_DOUBT.value, error="destination restarted after PREPARED"
+            )
+            return "prepared: held in doubt until the source resolves it"
+        files.remove_tree(staging)
+        self.journal.finish(
+            record.id,
+            Outcome.ABORTED.value,
+            error="CONNECTION_LOST: destination restarted before PREPARED",
+        )
+        return "restarted before PREPARED: staging removed"
+
+    async def _roll_forward(self, record: Any, why: str) -> str:
+        """The source committed: move the staged VM into place (if it is not
+        there yet), resume it and journal DONE.  Idempotent."""
+        staging, target = self.staging / record.id, self.vms / record.vm
+        if not record.reached("committed"):
+            self.journal.phase(record.id, "committed")
+        if staging.exists():
+            if target.exists():
+                raise ProtocolError(
+                    ErrorCode.VM_BUSY,
+                    f"the source committed, but {target} exists: resolve by hand",
                 )
-        return removed
+            files.rename_durably(staging, target)
+        bundle = Bundle.load(target)
+        if self.backend_status(bundle) != "running":
+            await self.resume(bundle)
+        self.journal.phase(record.id, "resumed")
+        self.journal.finish(record.id, Outcome.DONE.value)
+        self.journal.phase(record.id, "done")
+        log.info(
+            "migration {mid}: {why}: VM {vm} rolled forward", mid=record.id, why=why, vm=record.vm
+        )
+        return f"source committed: VM {record.vm} resumed here"
+
+    def backend_status(self, bundle: Bundle) -> str:
+        """The VM's state as its backend reports it."""
+        return backend_for(bundle.manifest.backend).status(bundle)
+
+    async def resolve(self, message: wire.Resolve, peer_name: str, protocol: str) -> wire.Resolved:
+        """Carry out the source's decision for one of our arrivals (RESOLVE),
+        accepted only from the peer that started it, over the same variant."""
+        mid = message.migration_id
+
+        def answer(settled: wire.Settled, reason: str) -> wire.Resolved:
+            return wire.Resolved(mid, settled, reason[: wire.MAX_REASON])
+
+        record = self.journal.get(mid.hex())
+        if record is None or record.role != "destination":
+            return answer(wire.Settled.UNKNOWN, "no such migration here")
+        if record.protocol != protocol or record.peer_name != peer_name:
+            log.warn(
+                "refused RESOLVE of migration {mid} from {peer}: it was started by another source",
+                mid=mid.hex(),
+                peer=peer_name,
+            )
+            return answer(wire.Settled.REFUSED, "this migration was started by another source")
+        staging = self.staging / record.id
+        if record.outcome == Outcome.DONE.value:
+            return answer(wire.Settled.DONE, f"VM {record.vm} is in place here")
+        if message.decision is wire.Decision.COMMITTED:
+            if record.outcome == Outcome.ABORTED.value and not staging.exists():
+                # The source says committed, yet we discarded: only possible if
+                # we discarded before PREPARED, which the source never commits.
+                return answer(wire.Settled.FAILED, "aborted here before PREPARED; nothing kept")
+            try:
+                lock = storage.Lock(self.locks / f"{record.vm}.lock")
+            except storage.LockBusy:
+                return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
+            try:
+                await self._roll_forward(record, "RESOLVE committed")
+            finally:
+                lock.release()
+            return answer(wire.Settled.DONE, f"VM {record.vm} resumed here")
+        if record.reached("committed"):
+            return answer(wire.Settled.FAILED, "COMMIT was journaled here: the VM is ours")
+        if staging.exists():
+            files.remove_tree(staging)
+        if record.outcome != Outcome.ABORTED.value:
+            self.journal.finish(
+                record.id, Outcome.ABORTED.value, error="resolved: the source did not commit"
+            )
+        return answer(wire.Settled.ABORTED, "staging discarded")
 
     async def settle(self, source: Journal) -> list[tuple[str, str]]:
         """Settle migrations held in doubt here from the source's journal.
@@ -158,7 +244,9 @@ class DestinationHost:
         self.journal.finish(staging.name, Outcome.DONE.value)
         return f"source committed: VM {record.vm} resumed here"
 
-    def admit(self, hello: wire.Hello, peer: str, protocol: str) -> Arrival:
+    def admit(
+        self, hello: wire.Hello, peer: str, protocol: str, peer_name: str | None = None
+    ) -> Arrival:
         """Accept a HELLO or raise :class:`ProtocolError` saying why not."""
         name = hello.vm_name
         if hello.variant is wire.Variant.SHARED_STORAGE and any(
@@ -200,6 +288,7 @@ class DestinationHost:
                 variant=variant_name(hello.variant),
                 protocol=protocol,
                 id=migration_id.hex(),
+                peer_name=peer_name,
             )
             staging.mkdir()
             self.journal.phase(migration_id.hex(), "admitted")
@@ -343,12 +432,14 @@ class Arrival:
     async def commit(self) -> None:
         """The source committed: move the VM into place and resume it."""
         self.host.journal.phase(self.id, "committed")
+        crashpoint.reached("destination-commit-journaled")
         target = self.host.vms / self.hello.vm_name
         files.rename_durably(self.staging, target)
         bundle = Bundle.load(target)
         await self.host.resume(bundle)
         self.host.journal.phase(self.id, "resumed")
         self.lock.release()
+        crashpoint.reached("destination-resumed")
 
     def hold(self) -> None:
         """Keep the prepared staging for recovery; free the lock."""

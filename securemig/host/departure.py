@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from securemig import files
+from securemig import crashpoint, files
 from securemig.host import storage
 from securemig.host.arrival import variant_name
 from securemig.host.journal import Journal
@@ -45,6 +45,7 @@ class Departure:
         protocol: str,
         journal: Journal,
         vtpm_key: bytes | None = None,
+        peer_name: str | None = None,
     ) -> None:
         self.bundle = bundle
         self.variant = variant
@@ -64,6 +65,8 @@ class Departure:
         #: TCP payload bytes the destination acknowledged (see protocol.tcp_bytes_acked).
         self.wire_bytes: int | None = None
         self.peer = peer
+        #: The name the destination proves (secure variant), for RESOLVE later.
+        self.peer_name = peer_name
         self.protocol = protocol
 
     async def acquire(self) -> None:
@@ -80,10 +83,15 @@ class Departure:
             peer=self.peer,
             variant=variant_name(self.variant),
             protocol=self.protocol,
+            peer_name=self.peer_name,
+            bundle=str(self.bundle.path),
         )
         try:
             self.was_running = self.backend.status(self.bundle) == "running"
             await self.backend.suspend(self.bundle)
+            if self.was_running:
+                # Recovery resumes the VM here if this migration never commits.
+                self.journal.phase(self.id, "suspended")
         except BaseException:
             await self.rollback()
             raise
@@ -128,26 +136,20 @@ class Departure:
 
     async def commit(self) -> None:
         """The commit point: journal COMMITTED, then give the VM up."""
+        crashpoint.reached("source-prepared-received")
         self.journal.phase(self.id, "prepared")
         self.journal.phase(self.id, "committed")
         self.committed = True
-        # No cloning: the vTPM key goes first, so this copy can never run again.
-        if self.bundle.vtpm_key_path.exists():
-            self.bundle.vtpm_key_path.unlink()
-            files.fsync_dir(self.bundle.path)
+        crashpoint.reached("source-committed")
+        record = self.journal.get(self.id)
         shared = self.bundle.manifest.shared_disk
         if shared and self.disk_successor is not None:
-            record = self.journal.get(self.id)
             set_disk_owner(
                 Path(shared), self.disk_successor, record.migration_id if record else None
             )
-        try:
-            await self.backend.discard(self.bundle)
-        except Exception as e:
-            # Committed is committed: the VM is the destination's now. What is
-            # left here is garbage for the operator, not a reason to roll back.
-            log.error("committed, but discarding the local copy failed: {e}", e=e)
+        await release(self.journal, self.id, self.bundle)
         self._unlock()
+        crashpoint.reached("source-released")
 
     def rollback(self) -> Deferred[None]:
         """Before the commit: keep the VM here, resumed if it was running,
@@ -169,14 +171,37 @@ class Departure:
         d.addBoth(lambda _: self._unlock())
         return d
 
-    def finish(self, effect: Finished, nbytes: int) -> None:
-        """Journal the outcome."""
+    def finish(self, effect: Finished, nbytes: int, peer_settled: bool = False) -> None:
+        """Journal the outcome; ``peer_settled``: the destination told us its
+        own (DONE, or its ABORT), so no RESOLVE is owed."""
         error = f"{effect.code.name}: {effect.reason}" if effect.code else None
         self.journal.finish(self.id, effect.outcome.value, error=error, nbytes=nbytes)
+        if peer_settled:
+            self.journal.set_peer_settled(self.id)
 
     def _unlock(self) -> None:
         if self.lock is not None:
             self.lock.release()
+
+
+async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
+    """After a durable COMMITTED: give the VM up here for good.  The vTPM
+    key goes first (without it this copy can never run again), then the
+    bundle; journaled ``released``.  Idempotent: recovery redoes it."""
+    if bundle.vtpm_key_path.exists():
+        bundle.vtpm_key_path.unlink()
+        files.fsync_dir(bundle.path)
+    if bundle.path.exists():
+        try:
+            await backend_for(bundle.manifest.backend).discard(bundle)
+        except Exception as e:
+            # Committed is committed: the VM is the destination's now.  What
+            # is left here is garbage for the operator, not a reason to roll
+            # back; without its key it cannot run.
+            log.error("committed, but discarding the local copy failed: {e}", e=e)
+    record = journal.get(local_id)
+    if record is not None and not record.reached("released"):
+        journal.phase(local_id, "released")
 
 
 def unseal_vtpm_key(bundle: Bundle, identity: Path) -> bytes:

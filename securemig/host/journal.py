@@ -9,6 +9,7 @@ survives a crash.  The commit point of the whole protocol is the source's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -31,7 +32,10 @@ CREATE TABLE IF NOT EXISTS migrations (
     error        TEXT,               -- code and reason of a failure
     bytes        INTEGER NOT NULL DEFAULT 0,
     started      REAL NOT NULL,
-    updated      REAL NOT NULL
+    updated      REAL NOT NULL,
+    peer_name    TEXT,               -- the peer's attested (TLS) name, secure variant
+    bundle       TEXT,               -- source: the VM bundle's directory
+    peer_settled INTEGER NOT NULL DEFAULT 0  -- source: the destination confirmed its outcome
 );
 CREATE TABLE IF NOT EXISTS events (
     migration TEXT NOT NULL REFERENCES migrations(id),
@@ -41,9 +45,18 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_migration ON events(migration);
 """
 
+#: Columns added after the first release, with their definitions: an older
+#: journal gains them when opened.
+ADDED_COLUMNS = {
+    "peer_name": "TEXT",
+    "bundle": "TEXT",
+    "peer_settled": "INTEGER NOT NULL DEFAULT 0",
+}
+
 #: Phases both sides journal, in protocol order (see doc/protocol.rst).
 PHASES = (
     "started",
+    "suspended",  # source: a running VM was suspended for this migration
     "connected",
     "admitted",
     "peer-attested",  # secure: the peer's evidence passed every check
@@ -52,6 +65,7 @@ PHASES = (
     "streaming",
     "prepared",
     "committed",
+    "released",  # source: after COMMITTED, the vTPM key and the bundle are gone
     "resumed",
     "done",
     "aborted",
@@ -96,7 +110,14 @@ class Record:
     bytes: int
     started: float
     updated: float
+    peer_name: str | None
+    bundle: str | None
+    peer_settled: bool
     events: list[tuple[str, float]]
+
+    def reached(self, phase: str) -> bool:
+        """Whether this migration ever journaled ``phase``."""
+        return any(p == phase for p, _ in self.events)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (``securemig status --json``)."""
@@ -122,11 +143,35 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a phase the journal reports survives power loss, not just a crash.
         self._db.execute("PRAGMA synchronous=FULL")
+        # Another process (the daemon and `securemig migrate` share a host's
+        # journal) may hold the write lock for a moment.
+        self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(migrations)")}
+        for column, definition in ADDED_COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE migrations ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
-        """Close the database."""
+        """Fold the write-ahead log into the database file, then close it:
+        afterwards ``journal.sqlite`` alone holds everything."""
+        # Another connection may be reading; its own close checkpoints then.
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
+
+    def export(self, target: Path) -> None:
+        """A consistent copy of the whole journal in ``target`` (SQLite's
+        backup API: safe while migrations run), in a single file that needs
+        no write-ahead log beside it."""
+        if target.exists():
+            raise FileExistsError(f"{target} exists; not overwriting it")
+        copy = sqlite3.connect(target)
+        try:
+            self._db.backup(copy)
+            copy.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            copy.close()
 
     def begin(
         self,
@@ -137,6 +182,8 @@ class Journal:
         variant: str,
         protocol: str,
         id: str | None = None,
+        peer_name: str | None = None,
+        bundle: str | None = None,
     ) -> str:
         """Record a new migration; returns its local id."""
         local_id = id or uuid.uuid4().hex
@@ -144,8 +191,9 @@ class Journal:
         with self._db:
             self._db.execute(
                 "INSERT INTO migrations (id, migration_id, role, vm, peer, variant, protocol,"
-                " phase, started, updated) VALUES (?, ?, ?, ?, ?, ?, ?, 'started', ?, ?)",
-                (local_id, id, role, vm, peer, variant, protocol, now, now),
+                " phase, started, updated, peer_name, bundle)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?)",
+                (local_id, id, role, vm, peer, variant, protocol, now, now, peer_name, bundle),
             )
             self._db.execute("INSERT INTO events VALUES (?, 'started', ?)", (local_id, now))
         return local_id
@@ -161,6 +209,16 @@ class Journal:
                 (phase, now, nbytes, local_id),
             )
             self._db.execute("INSERT INTO events VALUES (?, ?, ?)", (local_id, phase, now))
+
+    def set_peer_name(self, local_id: str, name: str) -> None:
+        """Record the peer's attested name (it is known after the TLS handshake)."""
+        with self._db:
+            self._db.execute("UPDATE migrations SET peer_name = ? WHERE id = ?", (name, local_id))
+
+    def set_peer_settled(self, local_id: str) -> None:
+        """Source: the destination confirmed how it settled this migration."""
+        with self._db:
+            self._db.execute("UPDATE migrations SET peer_settled = 1 WHERE id = ?", (local_id,))
 
     def set_migration_id(self, local_id: str, migration_id: str) -> None:
         """Record the id the destination chose."""
@@ -206,10 +264,32 @@ class Journal:
         """Migrations with no outcome yet (interrupted by a crash)."""
         return self._query("WHERE outcome IS NULL ORDER BY started", ())
 
+    def departures(self) -> list[Record]:
+        """Source records recovery may still have work for: no outcome yet,
+        in doubt, or reached PREPARED without the destination confirming."""
+        return self._query(
+            "WHERE role = 'source' AND (outcome IS NULL OR outcome = 'in-doubt'"
+            " OR (peer_settled = 0 AND migration_id IS NOT NULL"
+            " AND id IN (SELECT migration FROM events WHERE phase = 'prepared')))"
+            " ORDER BY started",
+            (),
+        )
+
+    def given_away(self, vm: str) -> Record | None:
+        """The migration that gave VM ``vm`` away from this host, if it has
+        not come back since (a later arrival of it here that is done)."""
+        rows = self._query("WHERE vm = ? ORDER BY started DESC", (vm,))
+        for record in rows:
+            if record.role == "destination" and record.outcome == "done":
+                return None
+            if record.role == "source" and record.reached("committed"):
+                return record
+        return None
+
     def _query(self, where: str, args: tuple[Any, ...]) -> list[Record]:
         columns = (
             "id, migration_id, role, vm, peer, variant, protocol, phase, outcome, error,"
-            " bytes, started, updated"
+            " bytes, started, updated, peer_name, bundle, peer_settled"
         )
         rows = self._db.execute(f"SELECT {columns} FROM migrations {where}", args).fetchall()
         result = []
@@ -217,7 +297,7 @@ class Journal:
             events = self._db.execute(
                 "SELECT phase, at FROM events WHERE migration = ? ORDER BY rowid", (row[0],)
             ).fetchall()
-            values: list[Any] = [*row, [(p, a) for p, a in events]]
+            values: list[Any] = [*row[:-1], bool(row[-1]), [(p, a) for p, a in events]]
             result.append(Record(*values))
         return result
 

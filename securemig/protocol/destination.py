@@ -52,6 +52,7 @@ from securemig.protocol.effects import (
     Outcome,
     Prepare,
     Send,
+    Settle,
     VerifyPeer,
     WriteChunk,
     abort,
@@ -64,6 +65,8 @@ class DestinationInputs(Protocol):
     """Everything that can happen to a destination session."""
 
     def hello(self, message: wire.Hello) -> DestinationEffects: ...
+    def resolve(self, message: wire.Resolve) -> DestinationEffects: ...
+    def settled(self, answer: wire.Resolved) -> DestinationEffects: ...
     def admitted(self, migration_id: bytes) -> DestinationEffects: ...
     def refused(self, code: ErrorCode, reason: str) -> DestinationEffects: ...
     def challenge(self, message: wire.Challenge) -> DestinationEffects: ...
@@ -106,6 +109,16 @@ class DestinationCore(Core):
         check_hello(message)
         self.hello = message
         return [Admit(message)]
+
+    # Recovery: a fresh connection that carries only the source's decision.
+    def on_resolve(self, message: wire.Resolve) -> DestinationEffects:
+        return [Settle(message)]
+
+    def on_settled(self, answer: wire.Resolved) -> DestinationEffects:
+        ok = answer.settled in (wire.Settled.DONE, wire.Settled.ABORTED)
+        outcome = Outcome.DONE if answer.settled is wire.Settled.DONE else Outcome.ABORTED
+        code = None if ok else ErrorCode.POLICY_REFUSED
+        return [Send(answer), Finished(outcome, code, f"resolve: {answer.reason}")]
 
     def on_admitted(self, migration_id: bytes) -> DestinationEffects:
         self.migration_id = migration_id
@@ -240,6 +253,7 @@ def _destination_machine(secure: bool) -> Any:
     I = DestinationInputs  # noqa: E741
     C = DestinationCore
     await_hello = b.state("awaitHello")
+    settling = b.state("settling")
     admitting = b.state("admitting")
     await_stream = b.state("awaitStream")
     # Secure variant only: between WELCOME and the first stream.
@@ -255,9 +269,11 @@ def _destination_machine(secure: bool) -> Any:
     committing = b.state("committing")
     done = b.state("done")
     failed = b.state("failed")
-    before_commit_point = [await_hello, admitting, await_stream, receiving, preparing]
+    before_commit_point = [await_hello, admitting, await_stream, receiving, preparing, settling]
     table: list[Transition] = [
         (await_hello, I.hello, admitting, C.on_hello),
+        (await_hello, I.resolve, settling, C.on_resolve),
+        (settling, I.settled, done, C.on_settled),
         (admitting, I.admitted, await_challenge if secure else await_stream, C.on_admitted),
         (admitting, I.refused, failed, C.on_refused),
         (await_stream, I.stream_begin, receiving, C.on_stream_begin),
@@ -361,6 +377,8 @@ class DestinationSession(Session[DestinationEffect]):
                 return self._run("commit", lambda: m.commit(message))
             case wire.Abort():
                 return self._run("peer_abort", lambda: m.peer_abort(message))
+            case wire.Resolve():
+                return self._run("resolve", lambda: m.resolve(message))
             case _:
                 raise self._never_sent(message)
 
@@ -404,3 +422,7 @@ class DestinationSession(Session[DestinationEffect]):
     def resumed(self) -> DestinationEffects:
         """The VM is in place and resumed here."""
         return self._run("resumed", self._machine.resumed)
+
+    def settled(self, answer: wire.Resolved) -> DestinationEffects:
+        """Recovery: the host carried out (or refused) a RESOLVE."""
+        return self._run("settled", lambda: self._machine.settled(answer))

@@ -149,12 +149,23 @@ class AcceptKey:
 
 
 @dataclass(frozen=True)
+class Settle:
+    """Destination, recovery: carry out the source's decision for a migration
+    (roll a commit forward, or discard), then call ``settled(answer)``."""
+
+    resolve: wire.Resolve
+
+
+@dataclass(frozen=True)
 class Finished:
     """The session is over: close the connection and report the outcome."""
 
     outcome: Outcome
     code: ErrorCode | None = None
     reason: str = ""
+    #: Source: the destination told us how it ended (DONE, or its own ABORT
+    #: before the commit), so recovery owes it no RESOLVE.
+    peer_settled: bool = False
 
 
 #: Effects either role may be asked to carry out.
@@ -172,6 +183,7 @@ DestinationEffect = (
     | HoldInDoubt
     | OfferKey
     | AcceptKey
+    | Settle
 )
 #: Everything a source session may ask for.
 SourceEffect = CommonEffect | StartStreams | CommitLocally | RollBack | WrapKey

@@ -127,11 +127,11 @@ class SourceCore(Core):
         return [Send(wire.Commit())]
 
     def on_done(self, message: wire.Done) -> SourceEffects:
-        return [Finished(Outcome.DONE)]
+        return [Finished(Outcome.DONE, peer_settled=True)]
 
     def on_peer_abort(self, message: wire.Abort) -> SourceEffects:
         reason = f"destination: {message.reason}"
-        return [RollBack(), Finished(Outcome.ABORTED, message.code, reason)]
+        return [RollBack(), Finished(Outcome.ABORTED, message.code, reason, peer_settled=True)]
 
     def on_fail(self, code: ErrorCode, reason: str) -> SourceEffects:
         return [abort(code, reason), RollBack(), Finished(Outcome.ABORTED, code, reason)]

@@ -408,6 +408,41 @@ class ClearKey:
     material: bytes = wire(Blob(64))
 
 
+class Decision(enum.IntEnum):
+    """The coordinator's decision on a migration, as RESOLVE carries it."""
+
+    COMMITTED = 1  #: the source journaled COMMITTED: the VM is the destination's
+    ABORTED = 2  #: the source never committed: the VM stays at the source
+
+
+class Settled(enum.IntEnum):
+    """What a destination did for a RESOLVE, as RESOLVED carries it."""
+
+    DONE = 1  #: the VM is in place here (moved and resumed now, or already)
+    ABORTED = 2  #: nothing is kept here (staging discarded now, or already)
+    UNKNOWN = 3  #: this destination has no record of that migration
+    REFUSED = 4  #: the RESOLVE does not come from the source of that migration
+    FAILED = 5  #: the decision could not be carried out here (the reason says why)
+
+
+@dataclass(frozen=True)
+class Resolve:
+    """Source → destination, alone on a fresh connection (recovery): the
+    coordinator's decision for a migration that ended without DONE."""
+
+    migration_id: bytes = wire(Fixed(MIGRATION_ID_SIZE))
+    decision: Decision = wire(Enum(Decision))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Destination → source, the answer to RESOLVE: what it did."""
+
+    migration_id: bytes = wire(Fixed(MIGRATION_ID_SIZE))
+    settled: Settled = wire(Enum(Settled))
+    reason: str = wire(Text(MAX_REASON))
+
+
 Message: TypeAlias = (
     Hello
     | Welcome
@@ -423,10 +458,12 @@ Message: TypeAlias = (
     | Commit
     | Done
     | Abort
+    | Resolve
+    | Resolved
 )
 
 #: The one table of message types.  0x10-0x1F: the secure variant's
-#: attestation and key transfer.
+#: attestation and key transfer; 0x40-0x4F: recovery.
 MESSAGES: dict[int, type] = {
     0x01: Hello,
     0x02: Welcome,
@@ -442,6 +479,8 @@ MESSAGES: dict[int, type] = {
     0x31: Commit,
     0x32: Done,
     0x3F: Abort,
+    0x40: Resolve,
+    0x41: Resolved,
 }
 TYPE_CODES: dict[type, int] = {cls: code for code, cls in MESSAGES.items()}
 DATA_TYPE = TYPE_CODES[Data]

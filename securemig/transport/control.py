@@ -24,6 +24,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from securemig import crashpoint
 from securemig.protocol import records, wire
 from securemig.protocol.effects import Attest, CommonEffect, Finished, Send, VerifyPeer
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError, io_error
@@ -247,6 +248,8 @@ class FramedProtocol(Connection, Generic[E]):
         self.run(self.session.attested(evidence))
 
     def _verify_peer(self, effect: VerifyPeer) -> None:
+        if effect.role == "destination":
+            crashpoint.reached("source-attesting")
         qualifying = self.qualifying(effect.role, effect.nonce)
         self.peer_values = self.security.attestor.verify(
             effect.evidence, qualifying, self.peer_name()

@@ -41,6 +41,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from securemig import crashpoint
 from securemig.hypervisor.bundle import disk_owner
 from securemig.protocol import destination as destination_session
 from securemig.protocol import effects, records, wire
@@ -149,8 +150,27 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 self._do_Discard(effect)
             case effects.HoldInDoubt():
                 self._do_HoldInDoubt(effect)
+            case effects.Settle():
+                self._do_Settle(effect)
             case _:
                 assert_never(effect)
+
+    def source_identity(self) -> str:
+        """Who the source is, as RESOLVE must prove again: its attested TLS
+        name (secure variant), or only its address (the insecure twin)."""
+        if self.security is not None:
+            return self.peer_name()
+        return str(getattr(self.out.getPeer(), "host", ""))
+
+    def _do_Settle(self, effect: effects.Settle) -> None:
+        d = Deferred.fromCoroutine(
+            self.host.resolve(effect.resolve, self.source_identity(), self.protocol_name)
+        )
+
+        def failed(f: Failure) -> None:
+            self.fail(failure_to_error(f, "settling a migration"))
+
+        d.addCallbacks(lambda answer: self.run(self.session.settled(answer)), failed)
 
     def _do_OfferKey(self, effect: effects.OfferKey) -> None:
 
@@ -198,7 +218,9 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                     "this destination has no TPM "
                     "identity to keep a vTPM key (start it with --identity)",
                 )
-            self.arrival = self.host.admit(effect.hello, self._peer(), self.protocol_name)
+            self.arrival = self.host.admit(
+                effect.hello, self._peer(), self.protocol_name, self.source_identity()
+            )
         except ProtocolError as e:
             self.log.info("refused VM {vm}: {reason}", vm=effect.hello.vm_name, reason=e.reason)
             self.run(self.session.refused(e.code, e.reason))
@@ -211,6 +233,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             self.data_port = self.data_listener(self.out.getHost().host, DataChannelFactory(self))
             self.session.offer_data_port(self.data_port.getHost().port)
             self.data_offered = True
+        crashpoint.reached("destination-admitted")
         self.run(self.session.admitted(self.arrival.migration_id))
 
     # -- the data channel (secure variant; see securemig.protocol.records)
@@ -296,6 +319,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _do_Prepare(self, effect: effects.Prepare) -> None:
         def prepared(_: object) -> None:
             self.arrival.journal_phase("prepared", self.session.bytes_received)
+            crashpoint.reached("destination-prepared")
             self.run(self.session.prepared())
 
         def receive_key(_: object) -> None:

@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
+from securemig import crashpoint
 from securemig.protocol import effects, records
 from securemig.protocol import source as source_session
 from securemig.protocol.effects import SourceEffect
@@ -169,6 +170,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self.peer_values,
         )
         wrapped = wrap(key, self.security.key_material(), self.migration_id())
+        crashpoint.reached("source-key-wrapped")
         self.run(self.session.key_wrapped(wrapped))
 
     def _do_CommitLocally(self, effect: effects.CommitLocally) -> None:
@@ -191,7 +193,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self.wire_bytes = None if None in counts else sum(c or 0 for c in counts)
             self._stop_streaming()
             self._close(effect)
-            self.departure.finish(effect, self.bytes_sent)
+            self.departure.finish(effect, self.bytes_sent, effect.peer_settled)
         finally:
             # Whatever failed above, the caller must learn the outcome (nothing
             # else would: the session has ended).  Report it only once the VM

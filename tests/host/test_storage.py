@@ -6,6 +6,7 @@ import errno
 import os
 from pathlib import Path
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from securemig import files
@@ -147,10 +148,16 @@ class RecoveryTests(SynchronousTestCase):
         (path / "ram.img").write_bytes(b"x")
         return path
 
+    def recover(self, host: DestinationHost | None = None) -> list[tuple[str, str]]:
+        """Restart: what ``twistd securemig`` does first."""
+        host = host or DestinationHost(self.state)
+        result: list[tuple[str, str]] = self.successResultOf(Deferred.fromCoroutine(host.recover()))
+        return result
+
     def test_unprepared_staging_removed(self) -> None:
         """Never PREPARED: the source cannot have committed; remove it."""
         path = self.stage("a" * 32, "streaming")
-        self.assertEqual(DestinationHost(self.state).recover_staging(), ["a" * 32])
+        self.assertIn("staging removed", self.recover()[0][1])
         self.assertFalse(path.exists())
         self.assertEqual(self.host.journal.get("a" * 32).outcome, "aborted")  # type: ignore
 
@@ -159,7 +166,7 @@ class RecoveryTests(SynchronousTestCase):
         refuse a new arrival of that VM until it is settled."""
         path = self.stage("b" * 32, "prepared")
         host = DestinationHost(self.state)
-        self.assertEqual(host.recover_staging(), [])
+        self.assertIn("held in doubt", self.recover(host)[0][1])
         self.assertTrue(path.exists())
         self.assertEqual(host.journal.get("b" * 32).outcome, "in-doubt")  # type: ignore
         hello = wire.Hello(1, wire.Variant.FULL, "vm1", 4096, (wire.ImageInfo("ram", 1),), "")
@@ -167,6 +174,109 @@ class RecoveryTests(SynchronousTestCase):
             host.admit(hello, "p", "insecure")
         self.assertEqual(cm.exception.code, ErrorCode.VM_BUSY)
         self.assertIn("in doubt", cm.exception.reason)
+
+    def stage_vm(self, mid: str, *phases: str) -> Path:
+        """A real (image backend) VM staged by migration ``mid``."""
+        self.host.journal.begin(
+            role="destination", vm="vm1", peer="p", variant="full", protocol="insecure", id=mid
+        )
+        for phase in phases:
+            self.host.journal.phase(mid, phase)
+        bundle = create_image_vm(self.state / "tmp", "vm1", 1)
+        os.rename(bundle.path, self.host.staging / mid)
+        return self.host.staging / mid
+
+    def test_journaled_commit_rolled_forward(self) -> None:
+        """COMMIT journaled, crash before the move: the restart moves the VM
+        into place, resumes it and journals DONE (the old rule discarded it,
+        and the source had already given its copy up: the VM was lost)."""
+        ram = (self.stage_vm("d" * 32, "prepared", "committed") / "ram.img").read_bytes()
+        self.assertIn("resumed here", self.recover()[0][1])
+        self.assertEqual((self.host.vms / "vm1" / "ram.img").read_bytes(), ram)
+        self.assertEqual(list(self.host.staging.iterdir()), [])
+        record = self.host.journal.get("d" * 32)
+        assert record is not None
+        self.assertEqual(record.outcome, "done")
+
+    def test_resumed_before_done_is_done(self) -> None:
+        """Crash after the move and resume, before DONE: the VM is in place,
+        and the journal says done, not aborted."""
+        staged = self.stage_vm("e" * 32, "prepared", "committed")
+        os.rename(staged, self.host.vms / "vm1")
+        self.host.journal.phase("e" * 32, "resumed")
+        self.recover()
+        record = self.host.journal.get("e" * 32)
+        assert record is not None
+        self.assertEqual(record.outcome, "done")
+        self.assertTrue((self.host.vms / "vm1").exists())
+
+
+class ResolveTests(SynchronousTestCase):
+    """RESOLVE: the source's decision for an arrival held in doubt, accepted
+    only from the peer that started it."""
+
+    def setUp(self) -> None:
+        base = Path(self.mktemp())
+        self.host = DestinationHost(base / "dst")
+        self.mid = bytes.fromhex("f" * 32)
+        self.host.journal.begin(
+            role="destination",
+            vm="vm1",
+            peer="10.0.0.1:5555",
+            variant="full",
+            protocol="secure",
+            id=self.mid.hex(),
+            peer_name="src-a",
+        )
+        self.host.journal.phase(self.mid.hex(), "prepared")
+        bundle = create_image_vm(base / "tmp", "vm1", 1)
+        self.ram = bundle.image_path("ram").read_bytes()
+        os.rename(bundle.path, self.host.staging / self.mid.hex())
+        self.successResultOf(Deferred.fromCoroutine(self.host.recover()))
+
+    def resolve(
+        self, decision: wire.Decision, peer: str = "src-a", protocol: str = "secure"
+    ) -> wire.Resolved:
+        message = wire.Resolve(self.mid, decision)
+        answer: wire.Resolved = self.successResultOf(
+            Deferred.fromCoroutine(self.host.resolve(message, peer, protocol))
+        )
+        return answer
+
+    def test_committed_rolls_forward(self) -> None:
+        """COMMITTED: the VM is put in place and resumed; a repeat is idempotent."""
+        self.assertEqual(self.resolve(wire.Decision.COMMITTED).settled, wire.Settled.DONE)
+        self.assertEqual((self.host.vms / "vm1" / "ram.img").read_bytes(), self.ram)
+        self.assertEqual(list(self.host.staging.iterdir()), [])
+        self.assertEqual(self.resolve(wire.Decision.COMMITTED).settled, wire.Settled.DONE)
+        record = self.host.journal.get(self.mid.hex())
+        assert record is not None
+        self.assertEqual(record.outcome, "done")
+
+    def test_aborted_discards(self) -> None:
+        """ABORTED: staging is removed and the arrival journaled aborted."""
+        self.assertEqual(self.resolve(wire.Decision.ABORTED).settled, wire.Settled.ABORTED)
+        self.assertEqual(list(self.host.staging.iterdir()), [])
+        self.assertFalse((self.host.vms / "vm1").exists())
+        self.assertEqual(self.resolve(wire.Decision.ABORTED).settled, wire.Settled.ABORTED)
+
+    def test_from_another_source_refused(self) -> None:
+        """Another (attested) host cannot decide this migration."""
+        self.assertEqual(
+            self.resolve(wire.Decision.ABORTED, peer="src-b").settled, wire.Settled.REFUSED
+        )
+        self.assertEqual(
+            self.resolve(wire.Decision.COMMITTED, protocol="insecure").settled,
+            wire.Settled.REFUSED,
+        )
+        self.assertTrue((self.host.staging / self.mid.hex()).exists())
+
+    def test_unknown_migration(self) -> None:
+        message = wire.Resolve(b"\0" * 16, wire.Decision.COMMITTED)
+        answer = self.successResultOf(
+            Deferred.fromCoroutine(self.host.resolve(message, "src-a", "secure"))
+        )
+        self.assertEqual(answer.settled, wire.Settled.UNKNOWN)
 
 
 class SettleTests(SynchronousTestCase):
@@ -185,7 +295,8 @@ class SettleTests(SynchronousTestCase):
         self.host.journal.phase(self.mid, "prepared")
         bundle = create_image_vm(base / "tmp", "vm1", 1)
         os.rename(bundle.path, self.host.staging / self.mid)
-        self.host.recover_staging()  # a restart: prepared staging is held in doubt
+        # A restart: prepared staging is held in doubt.
+        self.successResultOf(Deferred.fromCoroutine(self.host.recover()))
         self.source = Journal(base / "src.sqlite")
         self.local = self.source.begin(
             role="source", vm="vm1", peer="d", variant="full", protocol="secure"

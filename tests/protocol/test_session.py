@@ -417,9 +417,7 @@ class SecureSessionTests(SynchronousTestCase):
         verify = src.receive(evidence)
         self.assertEqual(verify, [fx.VerifyPeer(EVIDENCE, challenge.nonce, "destination")])
         self.assertEqual(src.peer_verified(), [])
-        self.assertEqual(
-            src.receive(dst_challenge), [fx.Attest(dst_challenge.nonce, "source")]
-        )
+        self.assertEqual(src.receive(dst_challenge), [fx.Attest(dst_challenge.nonce, "source")])
         src_evidence = src.attested(EVIDENCE)[0].message
         self.assertEqual(dst.receive(src_evidence)[0].nonce, dst_challenge.nonce)
         self.assertEqual(dst.peer_verified(), [fx.OfferKey()])

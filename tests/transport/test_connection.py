@@ -58,7 +58,8 @@ class InMemoryMigrationTests(SynchronousTestCase):
         self.assertEqual(self.env.source_journal.get(departure.id).outcome, "done")
         phases = [p for p, _ in self.env.source_journal.get(departure.id).events]
         self.assertEqual(
-            phases, ["started", "connected", "streaming", "prepared", "committed", "done"]
+            phases,
+            ["started", "connected", "streaming", "prepared", "committed", "released", "done"],
         )
 
     def test_shared_storage_variant(self) -> None:

@@ -1,0 +1,144 @@
+"""
+The source's recovery: finish what this host's unfinished departures
+journaled, and say which decisions the destinations must still hear.
+
+The source coordinates the commit, so its journal decides (``doc/protocol.rst``,
+"Journal states and recovery").  For each departure the journal still has
+work for:
+
+- COMMITTED is durable: the VM is the destination's.  The vTPM key and the
+  bundle are destroyed here (again, if a crash came in between), and the
+  destination is owed RESOLVE(committed) until it confirms.
+- COMMITTED never happened, and no process holds the VM's lock any more (the
+  ``securemig migrate`` that drove it is gone): the migration is aborted and
+  the VM made resumable here; a VM that ran before it is resumed from its
+  saved state (a QEMU guest from its RAM image, never cold-booted).  The
+  destination is owed RESOLVE(aborted) so it discards any staging it holds.
+
+Nothing is guessed: a record whose VM is still locked belongs to a migration
+in progress and is left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from twisted.logger import Logger
+
+from securemig.host import storage
+from securemig.host.departure import release
+from securemig.host.journal import Journal, Record
+from securemig.hypervisor.backends import backend_for
+from securemig.hypervisor.bundle import LOCK, Bundle
+from securemig.protocol import wire
+from securemig.protocol.effects import Outcome
+from securemig.protocol.errors import MigrationError
+from securemig.trust.vtpm import key_reader
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class Owed:
+    """A decision a destination has not confirmed yet."""
+
+    record: Record
+    decision: wire.Decision
+
+    @property
+    def migration_id(self) -> bytes:
+        """The destination's id of the migration."""
+        assert self.record.migration_id is not None
+        return bytes.fromhex(self.record.migration_id)
+
+
+async def settle_departures(
+    journal: Journal, unseal: Callable[[bytes], bytes] | None = None
+) -> tuple[list[str], list[Owed]]:
+    """Settle this host's unfinished departures.  ``unseal`` opens a vTPM key
+    sealed to this host's TPM (to resume a VM with a vTPM); without it such
+    a VM is left suspended, resumable with ``securemig vm start --identity``.
+
+    Returns what was done (sentences for the log and the operator) and the
+    decisions still owed to destinations.
+    """
+    done: list[str] = []
+    owed: list[Owed] = []
+    for record in journal.departures():
+        if record.reached("committed"):
+            done += await _finish_commit(journal, record)
+            decision = wire.Decision.COMMITTED
+        else:
+            did = await _abort(journal, record, unseal)
+            if did is None:
+                continue  # a migration in progress
+            done += did
+            decision = wire.Decision.ABORTED
+        if record.migration_id is not None and not record.peer_settled:
+            owed.append(Owed(record, decision))
+    return done, owed
+
+
+async def _finish_commit(journal: Journal, record: Record) -> list[str]:
+    said = []
+    if not record.reached("released") and record.bundle and Path(record.bundle).exists():
+        await release(journal, record.id, Bundle.load(Path(record.bundle)))
+        said.append(f"VM {record.vm} was committed to {record.peer}: its copy here removed")
+    elif not record.reached("released"):
+        journal.phase(record.id, "released")
+    if record.outcome is None:
+        journal.finish(
+            record.id,
+            Outcome.IN_DOUBT.value,
+            error="CONNECTION_LOST: source restarted after COMMITTED, before DONE",
+        )
+        said.append(f"VM {record.vm}: committed to {record.peer}, confirmation pending")
+    return said
+
+
+async def _abort(
+    journal: Journal, record: Record, unseal: Callable[[bytes], bytes] | None
+) -> list[str] | None:
+    if record.outcome is not None:
+        return []  # aborted already; only the destination's confirmation is owed
+    bundle_dir = Path(record.bundle) if record.bundle else None
+    lock = None
+    if bundle_dir is not None and bundle_dir.exists():
+        try:
+            lock = storage.Lock(bundle_dir / LOCK)
+        except storage.LockBusy:
+            return None
+    try:
+        journal.finish(
+            record.id,
+            Outcome.ABORTED.value,
+            error="CONNECTION_LOST: source restarted before COMMITTED",
+        )
+        said = [f"VM {record.vm}: migration to {record.peer} never committed: aborted"]
+        if bundle_dir is not None and bundle_dir.exists() and record.reached("suspended"):
+            said.append(await _resume(Bundle.load(bundle_dir), unseal))
+        return said
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+async def _resume(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> str:
+    """Run a VM again from its saved state, as it ran before the migration."""
+    if bundle.manifest.vtpm and unseal is None:
+        return (
+            f"VM {bundle.name} has a vTPM: resume it with "
+            "`securemig vm start --identity DIR` (from its saved state)"
+        )
+    key = None if unseal is None else key_reader(unseal)
+    backend = backend_for(bundle.manifest.backend, vtpm_key=key)
+    if backend.status(bundle) == "running":
+        return f"VM {bundle.name} runs here"
+    try:
+        await backend.resume(bundle)
+    except (MigrationError, OSError) as e:
+        log.error("could not resume VM {vm}: {e}", vm=bundle.name, e=e)
+        return f"VM {bundle.name} could not be resumed here: {e}"
+    return f"VM {bundle.name} resumed here from its saved state"

@@ -1,0 +1,214 @@
+"""
+Telling a destination the coordinator's decision: RESOLVE on a fresh
+connection, over the variant (and, secure, the mutual TLS identities) of the
+migration it settles; the answer is RESOLVED.
+
+:func:`resolve` sends one; :class:`Resolver` is the daemon's loop that sends
+every decision this host's journal still owes, with back-off, until each
+destination confirms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from securemig.host.journal import Journal
+from securemig.host.recovery import Owed, settle_departures
+from securemig.protocol import wire
+from securemig.protocol.errors import ErrorCode, PeerViolation, ProtocolError
+from securemig.transport import tls
+from securemig.transport.control import Connection
+
+log = Logger()
+
+#: Seconds to wait for a destination's answer.
+RESOLVE_TIMEOUT = 30.0
+#: Back-off between attempts for one migration: doubles from the first to the last.
+FIRST_RETRY, LAST_RETRY = 1.0, 60.0
+
+
+class ResolveProtocol(Connection):
+    """Sends one RESOLVE and fires ``answer`` with the RESOLVED it gets."""
+
+    def __init__(self, message: wire.Resolve) -> None:
+        self.message = message
+        self.decoder = wire.FrameDecoder()
+        self.answer: Deferred[wire.Resolved] = Deferred()
+
+    def connectionMade(self) -> None:
+        """Say it."""
+        self.out.write(wire.encode(self.message))
+
+    def dataReceived(self, data: bytes) -> None:
+        """The first whole message must be RESOLVED for our migration (or ABORT)."""
+        if self.answer.called:
+            return
+        try:
+            self.decoder.feed(data)
+            message = self.decoder.next_message()
+            if message is None:
+                return
+            if isinstance(message, wire.Abort):
+                raise ProtocolError(message.code, f"destination: {message.reason}")
+            if not (
+                isinstance(message, wire.Resolved)
+                and message.migration_id == self.message.migration_id
+            ):
+                raise PeerViolation(ErrorCode.UNEXPECTED_MESSAGE, "not a RESOLVED for us")
+        except ProtocolError as e:
+            self.answer.errback(Failure(e))
+        else:
+            self.answer.callback(message)
+        self.out.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        """Gone before it answered."""
+        if not self.answer.called:
+            self.answer.errback(
+                Failure(ProtocolError(ErrorCode.CONNECTION_LOST, reason.getErrorMessage()))
+            )
+
+
+async def resolve(
+    reactor: Any, owed: Owed, identity: Path | None, timeout: float = RESOLVE_TIMEOUT
+) -> wire.Resolved:
+    """Send one decision to the destination the journal names; returns its answer.
+
+    A secure migration is resolved over mutual TLS with ``identity`` (this
+    host's), checking the destination's name as the migration did.
+    """
+    record = owed.record
+    host, _, port = record.peer.rpartition(":")
+    host = host.strip("[]")
+    endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+    endpoint: Any = endpoint_type(reactor, host, int(port), timeout=timeout)
+    if record.protocol == "secure":
+        if identity is None:
+            raise ProtocolError(
+                ErrorCode.BAD_PARAMETER, "a secure migration is resolved with --identity"
+            )
+        endpoint = wrapClientTLS(tls.client_options(identity, record.peer_name or host), endpoint)
+    proto = ResolveProtocol(wire.Resolve(owed.migration_id, owed.decision))
+    await connectProtocol(endpoint, proto)
+    timer = reactor.callLater(timeout, proto.out.abortConnection)
+    try:
+        return await proto.answer
+    finally:
+        if timer.active():
+            timer.cancel()
+
+
+def confirmed(journal: Journal, owed: Owed, answer: wire.Resolved) -> bool:
+    """Journal the destination's answer; True if nothing more is owed."""
+    record = owed.record
+    if answer.settled in (wire.Settled.DONE, wire.Settled.ABORTED):
+        journal.set_peer_settled(record.id)
+        if owed.decision is wire.Decision.COMMITTED and answer.settled is wire.Settled.DONE:
+            journal.finish(record.id, "done")
+        return True
+    if answer.settled is wire.Settled.UNKNOWN and owed.decision is wire.Decision.ABORTED:
+        # It never kept anything of a migration that did not commit.
+        journal.set_peer_settled(record.id)
+        return True
+    return False
+
+
+class Resolver:
+    """The daemon's side of recovery as a source: settle this host's
+    departures at start and every ``interval`` seconds (a ``securemig
+    migrate`` may die at any time), and send each owed decision until its
+    destination confirms, backing off from 1 s to 60 s per migration."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        journal: Journal,
+        identity: Path | None,
+        unseal: Callable[[bytes], bytes] | None,
+        interval: float = 5.0,
+    ) -> None:
+        self.reactor = reactor
+        self.journal = journal
+        self.identity = identity
+        self.unseal = unseal
+        self.interval = interval
+        self._next: dict[str, tuple[float, float]] = {}  # record id -> (when, delay)
+        self._busy = False
+        self._call: Any = None
+
+    def start(self) -> None:
+        """Begin: a first round now."""
+        self._call = self.reactor.callLater(0, self._round)
+
+    def stop(self) -> None:
+        """No more rounds."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _round(self) -> None:
+        if self._busy:
+            return
+        self._busy = True
+
+        def again(_: object) -> None:
+            self._busy = False
+            if self._call is not None:
+                self._call = self.reactor.callLater(self.interval, self._round)
+
+        Deferred.fromCoroutine(self.run_once()).addErrback(
+            lambda f: log.failure("recovery round failed", f)
+        ).addBoth(again)
+
+    async def run_once(self) -> None:
+        """One round: settle locally, then send what is due."""
+        did, owed = await settle_departures(self.journal, self.unseal)
+        for sentence in did:
+            log.info("recovery: {what}", what=sentence)
+        now = self.reactor.seconds()
+        for item in owed:
+            when, delay = self._next.get(item.record.id, (0.0, FIRST_RETRY))
+            if when > now:
+                continue
+            try:
+                answer = await resolve(self.reactor, item, self.identity)
+            except Exception as e:
+                self._next[item.record.id] = (now + delay, min(delay * 2, LAST_RETRY))
+                log.warn(
+                    "RESOLVE {decision} of migration {mid} to {peer} failed ({e}); "
+                    "retrying in {delay:g} s",
+                    decision=item.decision.name,
+                    mid=item.record.migration_id,
+                    peer=item.record.peer,
+                    e=e,
+                    delay=delay,
+                )
+                continue
+            if confirmed(self.journal, item, answer):
+                self._next.pop(item.record.id, None)
+                log.info(
+                    "migration {mid} of VM {vm}: destination {peer} settled it: {how}",
+                    mid=item.record.migration_id,
+                    vm=item.record.vm,
+                    peer=item.record.peer,
+                    how=f"{answer.settled.name.lower()} ({answer.reason})",
+                )
+            else:
+                self._next[item.record.id] = (now + delay, min(delay * 2, LAST_RETRY))
+                log.warn(
+                    "migration {mid}: destination answered {how}; retrying",
+                    mid=item.record.migration_id,
+                    how=f"{answer.settled.name} ({answer.reason})",
+                )
