@@ -26,7 +26,8 @@ one copy is left, where that outcome says, nothing staged, locked or pending).
 Bound in ``make test``: 2 crashes per side and 1 network fault (loss,
 duplicate, early delivery or early timeout): 27,407 states in about 3 s.
 ``SECUREMIG_EXPLORE_BOUND=C,F`` (or ``N`` for both) sets it: ``2,2`` is
-150,395 states in 29 s, ``3,2`` 273,928 states in 47 s; none violates anything.
+150,395 states in 29 s, ``3,2`` 273,928 states in 47 s, ``3,3``
+1,244,714 states in 312 s; none violates anything.
 
 The source host model lets its journal win over its session: SourceSession
 treats ``committing`` as before the commit point, so a failure, a timeout or
