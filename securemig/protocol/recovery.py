@@ -1,0 +1,263 @@
+"""
+Journal states and recovery rules of both sides, pure.
+
+Each side of a migration journals durable steps (:mod:`securemig.host.journal`
+writes them with ``synchronous=FULL``).  This module names those steps as
+states and says, as pure functions of them, what a side does
+
+- when it restarts with a migration unfinished (:func:`source_restart`,
+  :func:`destination_restart`);
+- when the coordinator's decision reaches a destination as
+  RESOLVE(migration id, committed|aborted) (:func:`resolve`);
+- what the source answers when a destination asks (:func:`answer`), and what
+  it does with the destination's reply to its own RESOLVE (:func:`acknowledged`).
+
+The rules (``doc/protocol.rst``, "Journal states and recovery"):
+
+- the source's durable COMMITTED is the commit point.  Before it, any failure
+  leaves the VM at the source (resumable) and the destination discards;
+- the destination rolls a journaled COMMIT forward (move into place, resume,
+  DONE) and reports a VM already in place as done, never as aborted;
+- the source destroys its vTPM key and bundle only after COMMITTED is
+  durable, and redoes that on every restart;
+- nothing is guessed: a question with no durable answer yet gets ``None``
+  ("ask again"), never a default.
+
+Every step an action lists is idempotent, so a crash in the middle of an
+action is recovered by running the restart rule again.  No I/O here: the
+host (``securemig.host``) carries the steps out.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection
+from dataclasses import dataclass
+
+
+class Decision(enum.Enum):
+    """The outcome of a migration, as RESOLVE carries it."""
+
+    COMMITTED = "committed"  #: the VM belongs to the destination
+    ABORTED = "aborted"  #: the VM stays at the source
+
+
+class SourceState(enum.Enum):
+    """The source's journal state of one migration (its last durable step)."""
+
+    STARTED = "started"  #: VM locked and suspended; no migration id yet
+    STREAMING = "streaming"  #: the destination's WELCOME (and id) journaled
+    PREPARED_RECEIVED = "prepared"  #: the destination's PREPARED arrived
+    COMMITTED = "committed"  #: the commit point; the copy here is garbage
+    DONE = "done"  #: the destination has the COMMIT durably
+    ABORTED = "aborted"  #: the VM stays here
+
+    @classmethod
+    def from_journal(cls, phases: Collection[str], outcome: str | None) -> SourceState:
+        """The state of a source record from its journaled phases and outcome.
+
+        ``committed`` wins over any later outcome: older hosts journaled
+        ``aborted`` or ``in-doubt`` after it, but the commit stays made.
+        """
+        if outcome == "done":
+            return cls.DONE
+        if "committed" in phases:
+            return cls.COMMITTED
+        if outcome is not None:  # aborted (an in-doubt source never committed)
+            return cls.ABORTED
+        if "prepared" in phases:
+            return cls.PREPARED_RECEIVED
+        if "streaming" in phases:
+            return cls.STREAMING
+        return cls.STARTED
+
+
+class DestinationState(enum.Enum):
+    """The destination's journal state of one migration."""
+
+    ADMITTED = "admitted"  #: record and empty staging exist
+    STREAMING = "streaming"  #: images are being staged (partial staging)
+    PREPARED = "prepared"  #: staging complete and durable; PREPARED may be sent
+    COMMIT_RECEIVED = "committed"  #: the COMMIT journaled, before the move
+    RESUMED = "resumed"  #: the VM is in place and was resumed
+    DONE = "done"  #: finished here
+    ABORTED = "aborted"  #: staging discarded (or being discarded)
+    IN_DOUBT = "in-doubt"  #: prepared, and the source's decision is unknown here
+
+    @classmethod
+    def from_journal(cls, phases: Collection[str], outcome: str | None) -> DestinationState:
+        """The state of a destination record from its phases and outcome.
+
+        A journaled COMMIT wins over a later ``aborted`` or ``resume-failed``:
+        the VM is this host's from then on, and recovery rolls it forward.
+        """
+        if outcome == "done":
+            return cls.DONE
+        if "resumed" in phases:
+            return cls.RESUMED
+        if "committed" in phases:
+            return cls.COMMIT_RECEIVED
+        if outcome == "in-doubt":
+            return cls.IN_DOUBT
+        if outcome is not None:
+            return cls.ABORTED
+        if "prepared" in phases:
+            return cls.PREPARED
+        if "streaming" in phases:
+            return cls.STREAMING
+        return cls.ADMITTED
+
+
+class SourceStep(enum.Enum):
+    """One idempotent thing a source host does, in an action's order."""
+
+    JOURNAL_ABORTED = "journal aborted"
+    #: Unlock the VM and make it resumable here (a QEMU guest from its saved RAM).
+    MAKE_RESUMABLE = "make the VM resumable here"
+    #: Delete the vTPM key first (the copy can never run again), then the bundle.
+    DESTROY_COPY = "destroy the vTPM key and the bundle"
+    #: Send RESOLVE(committed) to the destination until it answers.
+    TELL_COMMITTED = "tell the destination: committed"
+    #: Send RESOLVE(aborted) to the destination until it answers (needs the id).
+    TELL_ABORTED = "tell the destination: aborted"
+    JOURNAL_DONE = "journal done"
+
+
+class DestinationStep(enum.Enum):
+    """One idempotent thing a destination host does, in an action's order."""
+
+    JOURNAL_COMMIT = "journal the COMMIT"
+    #: Rename staging to ``vms/NAME``; nothing to do if it is there already.
+    MOVE_INTO_PLACE = "move the VM into place"
+    RESUME = "resume the VM (if it is not running)"
+    JOURNAL_DONE = "journal done"
+    DISCARD_STAGING = "remove staging (if any) and release the name"
+    JOURNAL_ABORTED = "journal aborted"
+    JOURNAL_IN_DOUBT = "journal in doubt"
+    #: Ask the source for its decision (pull) until it answers.
+    ASK_SOURCE = "ask the source"
+
+
+@dataclass(frozen=True)
+class SourceAction:
+    """What a source host does: ``steps`` in order, and why."""
+
+    steps: tuple[SourceStep, ...]
+    why: str
+
+
+@dataclass(frozen=True)
+class DestinationAction:
+    """What a destination host does: ``steps`` in order, and why.  No steps
+    and a ``why`` naming an operator: a state the protocol never produces."""
+
+    steps: tuple[DestinationStep, ...]
+    why: str
+
+
+_S = SourceStep
+_D = DestinationStep
+_ROLL_FORWARD = (_D.MOVE_INTO_PLACE, _D.RESUME, _D.JOURNAL_DONE)
+_DISCARD = (_D.DISCARD_STAGING, _D.JOURNAL_ABORTED)
+
+
+def source_decision(state: SourceState) -> Decision | None:
+    """The decision a source state has durably made, if any."""
+    if state in (SourceState.COMMITTED, SourceState.DONE):
+        return Decision.COMMITTED
+    if state is SourceState.ABORTED:
+        return Decision.ABORTED
+    return None
+
+
+def destination_decision(state: DestinationState) -> Decision | None:
+    """The decision a destination state has durably adopted, if any
+    (``None`` while it may still go either way: in doubt or before)."""
+    if state in (DestinationState.COMMIT_RECEIVED, DestinationState.RESUMED, DestinationState.DONE):
+        return Decision.COMMITTED
+    if state is DestinationState.ABORTED:
+        return Decision.ABORTED
+    return None
+
+
+def answer(state: SourceState) -> Decision | None:
+    """What the source answers a destination asking about this migration.
+
+    ``None`` means "not decided yet, ask again": the source is still running
+    that migration (a restart journals ``aborted`` before it answers)."""
+    return source_decision(state)
+
+
+def source_restart(state: SourceState) -> SourceAction:
+    """What a restarting source does for a migration in ``state``."""
+    if state is SourceState.COMMITTED:
+        # The crash may have come between COMMITTED and the end of the destroy.
+        return SourceAction((_S.DESTROY_COPY, _S.TELL_COMMITTED), "committed: finish giving up")
+    if state is SourceState.DONE:
+        return SourceAction((), "done")
+    why = "aborted" if state is SourceState.ABORTED else f"restarted in {state.value}: abort"
+    # Journal first: once the VM may run here, no restart may commit it.
+    steps: tuple[SourceStep, ...] = (_S.MAKE_RESUMABLE, _S.TELL_ABORTED)
+    if state is not SourceState.ABORTED:
+        steps = (_S.JOURNAL_ABORTED, *steps)
+    return SourceAction(steps, why)
+
+
+def acknowledged(state: SourceState, reply: Decision | None) -> SourceAction:
+    """What the source does with the destination's reply to its RESOLVE.
+
+    ``reply`` is the decision the destination has durably adopted (``None``:
+    not yet, e.g. busy with a live session)."""
+    decision = source_decision(state)
+    if reply is None:
+        tell = _S.TELL_COMMITTED if decision is Decision.COMMITTED else _S.TELL_ABORTED
+        return SourceAction((tell,), "the destination has not adopted it yet: ask again")
+    if reply is not decision:
+        return SourceAction((), f"the destination says {reply.value}: an operator must look")
+    if state is SourceState.COMMITTED:
+        return SourceAction((_S.JOURNAL_DONE,), "the destination has the COMMIT durably")
+    return SourceAction((), "settled")
+
+
+def destination_restart(
+    state: DestinationState, vm_in_place: bool, staging_complete: bool
+) -> DestinationAction:
+    """What a restarting destination does for a migration in ``state``;
+    ``vm_in_place``: ``vms/NAME`` exists; ``staging_complete``: the staging
+    of this migration holds every verified image."""
+    if state in (DestinationState.ADMITTED, DestinationState.STREAMING):
+        # The source commits only after PREPARED, which was never sent.
+        return DestinationAction(_DISCARD, "restarted before PREPARED")
+    if state is DestinationState.PREPARED:
+        return DestinationAction((_D.JOURNAL_IN_DOUBT, _D.ASK_SOURCE), "prepared: in doubt")
+    if state is DestinationState.IN_DOUBT:
+        return DestinationAction((_D.ASK_SOURCE,), "in doubt")
+    if state in (DestinationState.COMMIT_RECEIVED, DestinationState.RESUMED):
+        if vm_in_place:
+            return DestinationAction(_ROLL_FORWARD[1:], "committed and in place: resume")
+        if staging_complete and state is DestinationState.COMMIT_RECEIVED:
+            return DestinationAction(_ROLL_FORWARD, "committed: roll forward")
+        return DestinationAction((), "committed, but neither staging nor VM: an operator must look")
+    if state is DestinationState.ABORTED:
+        return DestinationAction((_D.DISCARD_STAGING,), "aborted: clean up")
+    return DestinationAction((), "done")
+
+
+def resolve(state: DestinationState, decision: Decision) -> DestinationAction:
+    """What a destination in ``state`` does when the source's decision
+    arrives (RESOLVE, or the source's answer to ASK_SOURCE)."""
+    mine = destination_decision(state)
+    if mine is not None and mine is not decision:
+        # The two journals disagree: only a bug or a lost disk does that.
+        return DestinationAction((), f"journal says {mine.value}, source {decision.value}")
+    if decision is Decision.ABORTED:
+        return DestinationAction(_DISCARD if mine is None else (), "the source aborted")
+    if state in (DestinationState.ADMITTED, DestinationState.STREAMING):
+        return DestinationAction((), "committed before PREPARED: an operator must look")
+    if state in (DestinationState.PREPARED, DestinationState.IN_DOUBT):
+        return DestinationAction((_D.JOURNAL_COMMIT, *_ROLL_FORWARD), "the source committed")
+    if state is DestinationState.COMMIT_RECEIVED:
+        return DestinationAction(_ROLL_FORWARD, "the source committed: roll forward")
+    if state is DestinationState.RESUMED:
+        return DestinationAction(_ROLL_FORWARD[1:], "the source committed: finish")
+    return DestinationAction((), "done")
