@@ -34,12 +34,10 @@ import enum
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from securemig.protocol import wire
 
-class Decision(enum.Enum):
-    """The outcome of a migration, as RESOLVE carries it."""
-
-    COMMITTED = "committed"  #: the VM belongs to the destination
-    ABORTED = "aborted"  #: the VM stays at the source
+#: The coordinator's decision, as RESOLVE carries it (declared once, in wire).
+Decision = wire.Decision
 
 
 class SourceState(enum.Enum):

@@ -62,6 +62,7 @@ class SourceInputs(Protocol):
     def streams_sent(self) -> SourceEffects: ...
     def prepared(self, message: wire.Prepared) -> SourceEffects: ...
     def committed_locally(self) -> SourceEffects: ...
+    def commit_failed(self, code: ErrorCode, reason: str) -> SourceEffects: ...
     def done(self, message: wire.Done) -> SourceEffects: ...
     def peer_abort(self, message: wire.Abort) -> SourceEffects: ...
     def fail(self, code: ErrorCode, reason: str) -> SourceEffects: ...
@@ -182,7 +183,7 @@ def _source_machine(secure: bool) -> Any:
         (committing, I.committed_locally, await_done, C.on_committed_locally),
         (await_done, I.done, done, C.on_done),
     ]
-    before_commit_point = [idle, await_welcome, streaming, await_prepared, committing]
+    before_commit_point = [idle, await_welcome, streaming, await_prepared]
     if secure:
         await_welcome.upon(I.welcome).to(await_evidence)(step(await_evidence, C.on_welcome_secure))
         table += [
@@ -204,9 +205,14 @@ def _source_machine(secure: bool) -> Any:
         ]
         table += [(state, I.connection_lost, failed, C.on_connection_lost)]
     build(table)
-    await_done.upon(I.peer_abort).to(failed)(step(failed, C.on_peer_abort_committed))
-    await_done.upon(I.fail).to(failed)(step(failed, C.on_fail_committed))
-    await_done.upon(I.connection_lost).to(failed)(step(failed, C.on_connection_lost_committed))
+    # From ``committing`` on, COMMITTED may be durable: a failure leaves the
+    # migration in doubt (recovery settles it from the journal), never rolls
+    # back; only a commit whose journal write itself failed aborts.
+    committing.upon(I.commit_failed).to(failed)(step(failed, C.on_fail))
+    for state in (committing, await_done):
+        state.upon(I.peer_abort).to(failed)(step(failed, C.on_peer_abort_committed))
+        state.upon(I.fail).to(failed)(step(failed, C.on_fail_committed))
+        state.upon(I.connection_lost).to(failed)(step(failed, C.on_connection_lost_committed))
     ignore_everything(I, [done, failed], C.on_ignore)
     return b.build()
 
@@ -298,3 +304,7 @@ class SourceSession(Session[SourceEffect]):
     def committed_locally(self) -> SourceEffects:
         """COMMITTED is journaled and the VM given up here."""
         return self._run("committed_locally", self._machine.committed_locally)
+
+    def commit_failed(self, code: ErrorCode, reason: str) -> SourceEffects:
+        """Journaling COMMITTED failed: nothing was committed, the VM stays here."""
+        return self._run("commit_failed", lambda: self._machine.commit_failed(code, reason))

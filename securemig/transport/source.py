@@ -175,7 +175,12 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
 
     def _do_CommitLocally(self, effect: effects.CommitLocally) -> None:
         def failed(f: Failure) -> None:
-            self.fail(failure_to_error(f, "committing at the source"))
+            error = failure_to_error(f, "committing at the source")
+            if self.departure.committed:
+                self.fail(error)  # after the commit point: in doubt
+            elif not self.session.finished:
+                self.log.warn("commit failed: {e}", e=error)
+                self.run(self.session.commit_failed(error.code, error.reason))
 
         Deferred.fromCoroutine(self.departure.commit()).addCallbacks(
             lambda _: self.run(self.session.committed_locally()), failed

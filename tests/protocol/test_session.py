@@ -349,7 +349,7 @@ class SourceTests(SynchronousTestCase):
         raise AssertionError(phase)
 
     def test_rollback_before_commit(self) -> None:
-        for phase in ("awaitWelcome", "streaming", "awaitPrepared", "committing"):
+        for phase in ("awaitWelcome", "streaming", "awaitPrepared"):
             for event in ("lost", "abort", "fail"):
                 src = self.source_in(phase)
                 effects = {
@@ -361,17 +361,30 @@ class SourceTests(SynchronousTestCase):
                     self.assertIn("RollBack", kinds(effects))
                     self.assertEqual(finished(effects).outcome, fx.Outcome.ABORTED)
 
+    def test_commit_whose_journal_write_failed_rolls_back(self) -> None:
+        """Committing, the journal write of COMMITTED fails: nothing was
+        committed, so the VM stays (ABORT, RollBack)."""
+        src = self.source_in("committing")
+        effects = src.commit_failed(ErrorCode.DISK_FULL, "journal: database or disk is full")
+        self.assertEqual(kinds(effects), ["Send", "RollBack", "Finished"])
+        self.assertEqual(finished(effects).outcome, fx.Outcome.ABORTED)
+
     def test_no_rollback_after_commit(self) -> None:
-        """Once COMMITTED is journaled the VM is the destination's."""
-        for event in ("lost", "abort", "fail"):
-            src = self.source_in("awaitDone")
+        """From ``committing`` on COMMITTED may be durable: the VM is the
+        destination's, and no failure rolls back or sends ABORT (which would
+        make a destination awaiting COMMIT discard the only copy)."""
+        for phase, event in [
+            (p, e) for p in ("committing", "awaitDone") for e in ("lost", "abort", "fail")
+        ]:
+            src = self.source_in(phase)
             effects = {
                 "lost": src.connection_lost,
                 "abort": lambda src=src: src.receive(wire.Abort(ErrorCode.RESUME_FAILED, "x")),
                 "fail": lambda src=src: src.fail(ErrorCode.TIMEOUT, "idle"),
             }[event]()
-            with self.subTest(event=event):
+            with self.subTest(phase=phase, event=event):
                 self.assertNotIn("RollBack", kinds(effects))
+                self.assertNotIn("Send", kinds(effects))
                 self.assertEqual(finished(effects).outcome, fx.Outcome.IN_DOUBT)
 
     def test_prepared_before_streams_sent(self) -> None:
