@@ -23,6 +23,7 @@ from securemig.host.glibc import tune_malloc
 from securemig.transport import tls
 from securemig.transport.control import DEADLINE, IDLE_TIMEOUT
 from securemig.transport.destination import DestinationFactory
+from securemig.transport.resolve import Resolver
 from securemig.transport.tls import CIPHERS
 from securemig.trust.attestor import open_attestor
 from securemig.trust.keyrelease import DestinationSecurity, MigrationKey
@@ -68,6 +69,14 @@ class Options(usage.Options):
             float,
         ],
         ["deadline", None, DEADLINE, "Seconds a whole migration may take.", float],
+        [
+            "resolve-interval",
+            None,
+            5.0,
+            "Seconds between rounds of settling this host's own unfinished departures "
+            "(its STATE_DIR journal is also the journal of `securemig migrate --state-dir`).",
+            float,
+        ],
         ["backend", None, "image", "Hypervisor of this host: image (files only), qemu or xen."],
         [
             "tls-cipher",
@@ -112,8 +121,52 @@ class Options(usage.Options):
                 "give an endpoint to listen on: --listen ENDPOINT "
                 "(secure) and/or --insecure-listen ENDPOINT"
             )
-        if self["idle-timeout"] <= 0 or self["deadline"] <= 0:
-            raise usage.UsageError("--idle-timeout and --deadline must be positive")
+        if self["idle-timeout"] <= 0 or self["deadline"] <= 0 or self["resolve-interval"] <= 0:
+            raise usage.UsageError(
+                "--idle-timeout, --deadline and --resolve-interval must be positive"
+            )
+
+
+class RecoveryService(service.Service):
+    """This host's recovery, both roles: at start, redo what each unfinished
+    arrival journaled (roll a journaled COMMIT forward, hold a PREPARED one
+    in doubt); then, as the coordinator of its own departures, settle them
+    and send each destination the RESOLVE it is owed, every ``interval``
+    seconds, until it confirms."""
+
+    def __init__(self, host: DestinationHost, interval: float) -> None:
+        self.host = host
+        self.interval = interval
+        self.identity: Path | None = None
+        self.resolver: Resolver | None = None
+
+    def startService(self) -> None:
+        """Recover arrivals, then start the resolver."""
+        super().startService()
+
+        def report(actions: list[tuple[str, str]]) -> None:
+            for mid, what in actions:
+                log.info("recovery of migration {mid}: {what}", mid=mid, what=what)
+
+        def failed(f: Any) -> None:
+            log.failure("recovery of unfinished arrivals failed", f)
+
+        def resolve(_: object) -> None:
+            if self.running:
+                self.resolver = Resolver(
+                    reactor, self.host.journal, self.identity, self.host.unseal, self.interval
+                )
+                self.resolver.start()
+
+        d = Deferred.fromCoroutine(self.host.recover())
+        d.addCallbacks(report, failed).addBoth(resolve)
+
+    def stopService(self) -> Any:
+        """No more resolver rounds."""
+        super().stopService()
+        if self.resolver is not None:
+            self.resolver.stop()
+        return None
 
 
 class ListenService(service.Service):
@@ -156,20 +209,9 @@ def makeService(options: Options) -> service.MultiService:
     """The destination service for these options."""
     tune_malloc()
     host = DestinationHost(Path(options["state-dir"]), backend=options["backend"])
-
-    def recover() -> None:
-        def report(actions: list[tuple[str, str]]) -> None:
-            for mid, what in actions:
-                log.info("recovery of migration {mid}: {what}", mid=mid, what=what)
-
-        def failed(f: Any) -> None:
-            log.failure("recovery of unfinished arrivals failed", f)
-
-        Deferred.fromCoroutine(host.recover()).addCallbacks(report, failed)
-
-    # Once the reactor runs: rolling a commit forward resumes a VM.
-    reactor.callWhenRunning(recover)  # type: ignore[attr-defined]
     top = service.MultiService()
+    recovery = RecoveryService(host, options["resolve-interval"])
+    recovery.setServiceParent(top)
     timers = {"idle_timeout": options["idle-timeout"], "deadline": options["deadline"]}
     port_file = Path(options["port-file"]) if options["port-file"] else None
     attestor = None
@@ -177,6 +219,7 @@ def makeService(options: Options) -> service.MultiService:
         policy_dir = Path(options["policy-dir"]) if options["policy-dir"] else None
         attestor = open_attestor(Path(options["identity"]), policy_dir, options["tofu"])
         host.unseal = attestor.unseal
+        recovery.identity = Path(options["identity"])
     if options["listen"]:
         from twisted.protocols.tls import TLSMemoryBIOFactory
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -35,7 +36,8 @@ CREATE TABLE IF NOT EXISTS migrations (
     updated      REAL NOT NULL,
     peer_name    TEXT,               -- the peer's attested (TLS) name, secure variant
     bundle       TEXT,               -- source: the VM bundle's directory
-    peer_settled INTEGER NOT NULL DEFAULT 0  -- source: the destination confirmed its outcome
+    peer_settled INTEGER NOT NULL DEFAULT 0, -- source: the destination confirmed its outcome
+    owner        TEXT                -- the process driving it: "pid:start time"
 );
 CREATE TABLE IF NOT EXISTS events (
     migration TEXT NOT NULL REFERENCES migrations(id),
@@ -51,7 +53,36 @@ ADDED_COLUMNS = {
     "peer_name": "TEXT",
     "bundle": "TEXT",
     "peer_settled": "INTEGER NOT NULL DEFAULT 0",
+    "owner": "TEXT",
 }
+
+
+def this_process() -> str:
+    """This process as an owner: its pid and start time (a pid alone can be
+    reused by another process after we die)."""
+    return f"{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def owner_alive(owner: str | None) -> bool:
+    """Whether the process that journaled ``owner`` still runs (not a zombie)."""
+    if not owner:
+        return False
+    pid, _, started = owner.partition(":")
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (OSError, ValueError):
+        return False
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0] != "Z" and fields[19] == started
+
 
 #: Phases both sides journal, in protocol order (see doc/protocol.rst).
 PHASES = (
@@ -113,6 +144,7 @@ class Record:
     peer_name: str | None
     bundle: str | None
     peer_settled: bool
+    owner: str | None
     events: list[tuple[str, float]]
 
     def reached(self, phase: str) -> bool:
@@ -191,9 +223,22 @@ class Journal:
         with self._db:
             self._db.execute(
                 "INSERT INTO migrations (id, migration_id, role, vm, peer, variant, protocol,"
-                " phase, started, updated, peer_name, bundle)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?)",
-                (local_id, id, role, vm, peer, variant, protocol, now, now, peer_name, bundle),
+                " phase, started, updated, peer_name, bundle, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?, ?)",
+                (
+                    local_id,
+                    id,
+                    role,
+                    vm,
+                    peer,
+                    variant,
+                    protocol,
+                    now,
+                    now,
+                    peer_name,
+                    bundle,
+                    this_process(),
+                ),
             )
             self._db.execute("INSERT INTO events VALUES (?, 'started', ?)", (local_id, now))
         return local_id
@@ -266,11 +311,12 @@ class Journal:
 
     def departures(self) -> list[Record]:
         """Source records recovery may still have work for: no outcome yet,
-        in doubt, or reached PREPARED without the destination confirming."""
+        in doubt, or admitted by a destination that has not confirmed how it
+        ended (it may hold staging in doubt: it sent PREPARED, which a cut
+        connection may have lost)."""
         return self._query(
             "WHERE role = 'source' AND (outcome IS NULL OR outcome = 'in-doubt'"
-            " OR (peer_settled = 0 AND migration_id IS NOT NULL"
-            " AND id IN (SELECT migration FROM events WHERE phase = 'prepared')))"
+            " OR (peer_settled = 0 AND migration_id IS NOT NULL AND outcome != 'done'))"
             " ORDER BY started",
             (),
         )
@@ -289,7 +335,7 @@ class Journal:
     def _query(self, where: str, args: tuple[Any, ...]) -> list[Record]:
         columns = (
             "id, migration_id, role, vm, peer, variant, protocol, phase, outcome, error,"
-            " bytes, started, updated, peer_name, bundle, peer_settled"
+            " bytes, started, updated, peer_name, bundle, peer_settled, owner"
         )
         rows = self._db.execute(f"SELECT {columns} FROM migrations {where}", args).fetchall()
         result = []
@@ -297,7 +343,7 @@ class Journal:
             events = self._db.execute(
                 "SELECT phase, at FROM events WHERE migration = ? ORDER BY rowid", (row[0],)
             ).fetchall()
-            values: list[Any] = [*row[:-1], bool(row[-1]), [(p, a) for p, a in events]]
+            values: list[Any] = [*row[:-2], bool(row[-2]), row[-1], [(p, a) for p, a in events]]
             result.append(Record(*values))
         return result
 

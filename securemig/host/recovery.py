@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from securemig.host import storage
 from securemig.host.departure import release
-from securemig.host.journal import Journal, Record
+from securemig.host.journal import Journal, Record, owner_alive
 from securemig.hypervisor.backends import backend_for
 from securemig.hypervisor.bundle import LOCK, Bundle
 from securemig.protocol import wire
@@ -67,6 +67,8 @@ async def settle_departures(
     done: list[str] = []
     owed: list[Owed] = []
     for record in journal.departures():
+        if record.outcome is None and owner_alive(record.owner):
+            continue  # its `securemig migrate` still runs: not ours to settle
         if record.reached("committed"):
             done += await _finish_commit(journal, record)
             decision = wire.Decision.COMMITTED

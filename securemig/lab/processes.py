@@ -94,9 +94,11 @@ def start_twistd(
     port_file: Path,
     log_file: Path,
     wrapper: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Run ``twistd -n PLUGIN ARGS --port-file F`` and wait until it listens;
-    returns the process and its port.  ``wrapper`` prefixes the command."""
+    returns the process and its port.  ``wrapper`` prefixes the command;
+    ``env`` adds to this process's environment."""
     port_file.unlink(missing_ok=True)
     argv = [
         *wrapper,
@@ -111,7 +113,11 @@ def start_twistd(
         str(port_file),
     ]
     process = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=None if env is None else {**os.environ, **env},
     )
     try:
         return process, wait_for_port(port_file, process)
@@ -158,6 +164,8 @@ def start_destination(
     log_file: Path | None = None,
     port_file: Path | None = None,
     wrapper: tuple[str, ...] = (),
+    listen: str = "tcp:0:interface=127.0.0.1",
+    env: dict[str, str] | None = None,
 ) -> Destination:
     """Start a destination on a free loopback port and wait until it listens.
 
@@ -172,11 +180,12 @@ def start_destination(
         "--state-dir",
         str(state_dir),
         "--insecure-listen",
-        "tcp:0:interface=127.0.0.1",
+        listen,
         *extra,
         port_file=port_file or state_dir / "port",
         log_file=log_file,
         wrapper=wrapper,
+        env=env,
     )
     return Destination(process, port, state_dir, log_file)
 

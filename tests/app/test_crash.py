@@ -1,0 +1,212 @@
+"""
+Crash points: a real process killed (SIGKILL) at each step of the commit,
+restarted as an operator would, and the VM checked to end on exactly one
+host, byte-identical, where the coordinator's journal says.
+
+Each cell runs two real ``twistd securemig`` daemons (the destination, and
+the source host's own, which shares the source's ``--state-dir`` journal
+and settles its unfinished departures) and a real ``securemig migrate``.
+The process named by the cell is started with ``SECUREMIG_CRASH_POINTS=1``
+and ``SECUREMIG_CRASH_AT=POINT`` (see :mod:`securemig.crashpoint`) and kills
+itself there; a killed daemon is restarted on the same port.  Then, within
+:data:`SETTLE_TIMEOUT` and with nothing done by hand:
+
+- the VM exists on exactly one host, its images byte-identical;
+- that host is the one the source's journal names (committed: the
+  destination; otherwise: the source);
+- nothing is left in staging or locked, and both journals have an outcome;
+- a following migration (onwards from wherever the VM is) succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from securemig.host import storage
+from securemig.host.journal import Journal
+from securemig.hypervisor.bundle import Bundle
+from securemig.lab import processes
+from securemig.lab.processes import Destination
+
+from ..helpers import bundle_digests
+
+#: Seconds a cell may take to settle itself once every process runs again.
+SETTLE_TIMEOUT = 30.0
+#: How often the source's daemon settles its departures in these tests.
+RESOLVE_INTERVAL = "0.3"
+
+
+def crash_env(point: str) -> dict[str, str]:
+    """The environment that makes a process die at ``point``."""
+    return {"SECUREMIG_CRASH_POINTS": "1", "SECUREMIG_CRASH_AT": point}
+
+
+class CrashPointTests(TestCase):
+    """Each test is one cell: which process dies, and where."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).absolute()
+        self.vm_dir = self.base / "src-vms"
+        self.src_state = self.base / "src-state"
+        self.dst_state = self.base / "dst-state"
+        created = processes.securemig(
+            "vm", "create", "vm1", "--dir", str(self.vm_dir), "--ram-mib", "4", "--disk-mib", "1"
+        )
+        self.assertEqual(created.returncode, 0, created.stderr)
+        self.before = bundle_digests(Bundle.find(self.vm_dir, "vm1"))
+        self.source_daemon = self.daemon(self.src_state)
+
+    def daemon(self, state: Path, env: dict[str, str] | None = None, port: int = 0) -> Destination:
+        """A ``twistd securemig`` on ``state``, ended by the test."""
+        process = processes.start_destination(
+            state,
+            "--resolve-interval",
+            RESOLVE_INTERVAL,
+            listen=f"tcp:{port}:interface=127.0.0.1",
+            env=env,
+            log_file=state.parent / f"{state.name}-{time.monotonic_ns()}.log",
+        )
+        self.addCleanup(process.stop)
+        return process
+
+    def migrate(
+        self, vm_dir: Path, state: Path, to: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``securemig migrate vm1`` as a process (insecure variant)."""
+        return processes.securemig(
+            "migrate",
+            "vm1",
+            "--vm-dir",
+            str(vm_dir),
+            "--state-dir",
+            str(state),
+            "--to",
+            to,
+            "--insecure",
+            "--json",
+            "--no-progress",
+            env=None if env is None else {**os.environ, **env},
+        )
+
+    def wait_dead(self, daemon: Destination) -> None:
+        deadline = time.monotonic() + 30
+        while daemon.process.poll() is None:
+            self.assertLess(time.monotonic(), deadline, "the daemon did not reach its crash point")
+            time.sleep(0.05)
+        self.assertEqual(daemon.process.returncode, -signal.SIGKILL, daemon.log())
+
+    # -- the checks every cell makes
+
+    def settled(self) -> tuple[str, str] | None:
+        """(where the VM is, what the source decided) once settled, else None."""
+        source = Journal(self.src_state / "journal.sqlite")
+        destination = Journal(self.dst_state / "journal.sqlite")
+        try:
+            mine = [r for r in source.records() if r.role == "source"]
+            theirs = [r for r in destination.records() if r.role == "destination"]
+            if not mine or any(r.outcome in (None, "in-doubt") for r in mine + theirs):
+                return None
+            if mine[0].reached("committed") and not mine[0].peer_settled:
+                return None
+            committed = mine[0].reached("committed")
+        finally:
+            source.close()
+            destination.close()
+        if list((self.dst_state / "staging").iterdir()):
+            return None
+        at_source = (self.vm_dir / "vm1").exists()
+        at_destination = (self.dst_state / "vms" / "vm1").exists()
+        self.assertFalse(at_source and at_destination, "the VM is on both hosts")
+        if not (at_source or at_destination):
+            return None
+        return ("destination" if at_destination else "source", "committed" if committed else "")
+
+    def assertSettles(self, *logs: Destination) -> str:
+        """Wait until the cell settles; check the VM is whole and where the
+        coordinator's journal says; return where it is."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while (result := self.settled()) is None:
+            if time.monotonic() > deadline:
+                self.fail("did not settle:\n" + "\n".join(d.log()[-3000:] for d in logs))
+            time.sleep(0.2)
+        where, decided = result
+        self.assertEqual(where, "destination" if decided == "committed" else "source")
+        bundle = Bundle.load(
+            self.dst_state / "vms" / "vm1" if where == "destination" else self.vm_dir / "vm1"
+        )
+        self.assertEqual(bundle_digests(bundle), self.before)
+        self.assertFalse(storage.is_locked(self.dst_state / "locks" / "vm1.lock"))
+        self.assertFalse(storage.is_locked(bundle.lock_path))
+        return where
+
+    def assertNextMigrationSucceeds(self, where: str, destination: Destination) -> None:
+        """From wherever the VM is, onwards: to the other host."""
+        if where == "source":
+            result = self.migrate(self.vm_dir, self.src_state, destination.address)
+        else:
+            result = self.migrate(
+                self.dst_state / "vms", self.dst_state, self.source_daemon.address
+            )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["outcome"], "done")
+
+    # -- cells: the source's `securemig migrate` dies
+
+    def source_dies(self, point: str) -> None:
+        destination = self.daemon(self.dst_state)
+        result = self.migrate(self.vm_dir, self.src_state, destination.address, crash_env(point))
+        self.assertEqual(result.returncode, -signal.SIGKILL, result.stderr)
+        where = self.assertSettles(destination, self.source_daemon)
+        self.assertNextMigrationSucceeds(where, destination)
+
+    def test_source_dies_prepared_received(self) -> None:
+        """PREPARED arrived, COMMITTED not journaled: the VM stays at the source."""
+        self.source_dies("source-prepared-received")
+
+    def test_source_dies_committed(self) -> None:
+        """COMMITTED journaled, key and bundle still here, COMMIT not sent: the
+        source's daemon removes the copy and the destination rolls forward."""
+        self.source_dies("source-committed")
+
+    def test_source_dies_released(self) -> None:
+        """The copy is gone, COMMIT not sent: RESOLVE commits at the destination."""
+        self.source_dies("source-released")
+
+    # -- cells: the destination daemon dies, and is restarted on its port
+
+    def destination_dies(self, point: str) -> None:
+        destination = self.daemon(self.dst_state, crash_env(point))
+        result = self.migrate(self.vm_dir, self.src_state, destination.address)
+        self.assertNotEqual(result.returncode, 0, result.stdout)
+        self.wait_dead(destination)
+        again = self.daemon(self.dst_state, port=destination.port)
+        where = self.assertSettles(again, self.source_daemon)
+        self.assertNextMigrationSucceeds(where, again)
+
+    def test_destination_dies_admitted(self) -> None:
+        """Before WELCOME: nothing moved."""
+        self.destination_dies("destination-admitted")
+
+    def test_destination_dies_prepared(self) -> None:
+        """PREPARED journaled, not sent: the source never commits; RESOLVE
+        (aborted) makes the restarted destination discard its staging."""
+        self.destination_dies("destination-prepared")
+
+    def test_destination_dies_commit_journaled(self) -> None:
+        """COMMIT journaled, VM not moved: the restart rolls it forward (the
+        old restart rule discarded it and the VM was lost)."""
+        self.destination_dies("destination-commit-journaled")
+
+    def test_destination_dies_resumed(self) -> None:
+        """Resumed, DONE not sent: the restart journals done, the source's
+        RESOLVE is answered done."""
+        self.destination_dies("destination-resumed")
