@@ -26,6 +26,7 @@ POINTS = frozenset(
         "source-prepared-received",  # PREPARED received, COMMITTED not journaled
         "source-committed",  # COMMITTED journaled, key and bundle still here, COMMIT not sent
         "source-released",  # key and bundle gone, COMMIT not sent
+        "source-streaming",  # the first image bytes are written to the connection
         "source-attesting",  # secure: the destination's evidence arrived, not verified
         "source-key-wrapped",  # secure: WRAPPED_KEY about to be sent
     }

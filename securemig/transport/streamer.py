@@ -14,6 +14,7 @@ from twisted.internet import interfaces
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from securemig import crashpoint
 from securemig.protocol import wire
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.transport.control import failure_to_error
@@ -166,6 +167,7 @@ class ImageStreamer:
             self.transport.writeSequence(buffers)
             if n:
                 self.on_progress(n)
+                crashpoint.reached("source-streaming")
             if ends_stream:
                 self._streams_sent += 1
                 if self._streams_sent == len(self.images):

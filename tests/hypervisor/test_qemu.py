@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from securemig.hypervisor.bundle import Bundle, Image, Manifest, image_file
@@ -367,3 +369,47 @@ class QemuDemoTests(TestCase):
                 "source_copies_removed": True,
             },
         )
+
+
+class QemuSourceCrashTests(QemuMigrationBase):
+    """The source's `securemig migrate` is killed mid-stream, after QEMU
+    saved the guest into its RAM image and quit: the source host's recovery
+    resumes the guest from that image (not a cold boot), memory intact, and
+    the destination keeps nothing."""
+
+    async def test_killed_mid_stream_resumes_at_source(self) -> None:
+        from securemig.lab import processes
+
+        await self.qemu.start(self.bundle)
+        state = self.base / "src-state"
+        result = processes.securemig(
+            "migrate",
+            "vm1",
+            "--vm-dir",
+            str(self.vm_dir),
+            "--state-dir",
+            str(state),
+            "--to",
+            self.destination.address,
+            "--insecure",
+            env={
+                **os.environ,
+                "SECUREMIG_CRASH_POINTS": "1",
+                "SECUREMIG_CRASH_AT": "source-streaming",
+            },
+        )
+        self.assertEqual(result.returncode, -9, result.stderr)
+        self.assertNotEqual(self.qemu.status(Bundle.load(self.bundle.path)), "running")
+        # The operator starts the source host's daemon (or runs any command
+        # that settles): it finds the dead migration and resumes the guest.
+        daemon = processes.start_destination(state, "--resolve-interval", "0.3")
+        self.addCleanup(daemon.stop)
+        deadline = time.monotonic() + 60
+        while self.qemu.status(Bundle.load(self.bundle.path)) != "running":
+            self.assertLess(time.monotonic(), deadline, daemon.log())
+            await deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(await self.marker_of(Bundle.load(self.bundle.path)), self.marker)
+        while list((self.base / "dst" / "staging").iterdir()):
+            self.assertLess(time.monotonic(), deadline, daemon.log())
+            await deferLater(reactor, 0.2, lambda: None)
+        self.assertFalse(self.arrived_path.exists())
