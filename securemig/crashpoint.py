@@ -20,6 +20,7 @@ import sys
 POINTS = frozenset(
     {
         "destination-admitted",  # HELLO admitted and journaled, WELCOME not sent
+        "destination-streaming",  # past half of the first image
         "destination-prepared",  # PREPARED journaled, not sent
         "destination-commit-journaled",  # COMMIT journaled, VM not moved into place
         "destination-resumed",  # VM moved and resumed, DONE not sent

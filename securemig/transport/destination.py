@@ -298,6 +298,8 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         self._submit("opening a staging file", self.arrival.open_stream, effect.index, hashed)
 
     def _do_WriteChunk(self, effect: effects.WriteChunk) -> None:
+        if self.session.bytes_received > self.arrival.hello.images[0].size // 2:
+            crashpoint.reached("destination-streaming")
         n = len(effect.data)
         self.queued += n
         if self.queued > self.high_water and not self.reading_paused:

@@ -34,8 +34,9 @@ from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle
 from securemig.lab import processes
 from securemig.lab.processes import Destination
+from securemig.protocol import wire
 
-from ..helpers import bundle_digests
+from ..helpers import CuttingProxy, bundle_digests
 
 #: Seconds a cell may take to settle itself once every process runs again.
 SETTLE_TIMEOUT = 30.0
@@ -181,6 +182,10 @@ class CrashPointTests(TestCase):
         """The copy is gone, COMMIT not sent: RESOLVE commits at the destination."""
         self.source_dies("source-released")
 
+    def test_source_dies_streaming(self) -> None:
+        """Mid-stream (the first image bytes sent): the VM stays at the source."""
+        self.source_dies("source-streaming")
+
     # -- cells: the destination daemon dies, and is restarted on its port
 
     def destination_dies(self, point: str) -> None:
@@ -196,6 +201,10 @@ class CrashPointTests(TestCase):
         """Before WELCOME: nothing moved."""
         self.destination_dies("destination-admitted")
 
+    def test_destination_dies_streaming(self) -> None:
+        """Mid-stream (past half of the RAM image): staging is removed at restart."""
+        self.destination_dies("destination-streaming")
+
     def test_destination_dies_prepared(self) -> None:
         """PREPARED journaled, not sent: the source never commits; RESOLVE
         (aborted) makes the restarted destination discard its staging."""
@@ -210,3 +219,29 @@ class CrashPointTests(TestCase):
         """Resumed, DONE not sent: the restart journals done, the source's
         RESOLVE is answered done."""
         self.destination_dies("destination-resumed")
+
+    # -- cells: the connection is cut just before one message crosses it
+
+    def connection_cut(self, frame: type, direction: str) -> None:
+        destination = self.daemon(self.dst_state)
+        proxy = CuttingProxy(("127.0.0.1", destination.port), wire.TYPE_CODES[frame], direction)
+        self.addCleanup(proxy.close)
+        result = self.migrate(self.vm_dir, self.src_state, proxy.address)
+        self.assertTrue(proxy.cut.is_set(), result.stderr)
+        self.assertNotEqual(json.loads(result.stdout or "{}").get("outcome"), "done")
+        where = self.assertSettles(destination, self.source_daemon)
+        self.assertNextMigrationSucceeds(where, destination)
+
+    def test_prepared_cut(self) -> None:
+        """PREPARED never reaches the source: it aborts and resumes the VM;
+        the destination, in doubt, discards on RESOLVE (aborted)."""
+        self.connection_cut(wire.Prepared, "to-source")
+
+    def test_commit_cut(self) -> None:
+        """COMMIT never reaches the destination: the source has committed;
+        the destination, in doubt, rolls forward on RESOLVE (committed)."""
+        self.connection_cut(wire.Commit, "to-destination")
+
+    def test_done_cut(self) -> None:
+        """DONE never reaches the source: RESOLVE is answered done."""
+        self.connection_cut(wire.Done, "to-source")
