@@ -101,7 +101,13 @@ async def migrate(
         clear_key = unseal_vtpm_key(bundle, unseal_with)
     vtpm_key = security.secret if security is not None else clear_key and clear_key[:32]
     departure = Departure(
-        bundle, variant, to, "secure" if secure else "insecure", journal, vtpm_key or None
+        bundle,
+        variant,
+        to,
+        "secure" if secure else "insecure",
+        journal,
+        vtpm_key or None,
+        peer_name=security.destination_name if security is not None else None,
     )
     await departure.acquire()
     if security is not None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from securemig import files
 from securemig.host import storage
+from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, disk_owner, set_disk_owner
 from securemig.lab import processes
 from securemig.trust import vtpm
@@ -449,3 +452,80 @@ class UnauthenticatedClientTests(SecureBase):
         issue_tls(Authority.create("rogue CA"), "source-a", rogue)
         self.assertIn("UNKNOWN_CA", self.handshake(destination, rogue).upper())
         self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+
+
+class SecureCrashPointTests(SecureBase):
+    """The secure variant's crash points (see tests/app/test_crash.py for the
+    cells of the commit itself): the source's `securemig migrate` dies
+    during attestation, at the key transfer, mid data channel, and right
+    after COMMITTED; the operator restarts the source host's daemon (same
+    --state-dir, its identity), which settles the migration and tells the
+    destination over mutual TLS.  The VM ends on one host, whole."""
+
+    timeout = 120
+
+    def source_dies(self, point: str) -> str:
+        destination = self.start_destination("--tofu")
+        bundle = self.create_vm("--disk-mib", "1")
+        before = bundle_digests(bundle)
+        state = self.base / "src-state"
+        env = {**os.environ, "SECUREMIG_CRASH_POINTS": "1", "SECUREMIG_CRASH_AT": point}
+        result = processes.securemig(
+            "migrate",
+            "vm1",
+            "--vm-dir",
+            str(self.vm_dir),
+            "--state-dir",
+            str(state),
+            "--to",
+            destination.address,
+            "--identity",
+            str(self.src_id),
+            "--policy-dir",
+            str(self.src_policy),
+            "--destination-name",
+            "dest-b",
+            "--tofu",
+            "--no-progress",
+            env=env,
+        )
+        self.assertEqual(result.returncode, -signal.SIGKILL, result.stderr)
+        daemon = processes.start_destination(
+            state, "--identity", str(self.src_id), "--resolve-interval", "0.3"
+        )
+        self.addCleanup(daemon.stop)
+        deadline = time.monotonic() + 30
+        while True:
+            journal = Journal(state / "journal.sqlite")
+            record = journal.records()[0]
+            journal.close()
+            staged = list((destination.state_dir / "staging").iterdir())
+            if record.outcome not in (None, "in-doubt") and record.peer_settled and not staged:
+                break
+            if record.outcome == "aborted" and record.migration_id is None and not staged:
+                break  # the destination never admitted it far enough to hold anything
+            self.assertLess(time.monotonic(), deadline, daemon.log()[-3000:])
+            time.sleep(0.2)
+        at_source = (self.vm_dir / "vm1").exists()
+        at_destination = (destination.state_dir / "vms" / "vm1").exists()
+        self.assertNotEqual(at_source, at_destination, "the VM must be on exactly one host")
+        self.assertEqual(at_destination, record.reached("committed"))
+        where = destination.state_dir / "vms" / "vm1" if at_destination else bundle.path
+        self.assertEqual(bundle_digests(Bundle.load(where)), before)
+        if at_source:
+            self.assertTrue(bundle.vtpm_key_path.exists())
+        else:
+            self.assertFalse(bundle.vtpm_key_path.exists())
+        return "destination" if at_destination else "source"
+
+    def test_dies_during_attestation(self) -> None:
+        self.assertEqual(self.source_dies("source-attesting"), "source")
+
+    def test_dies_at_key_transfer(self) -> None:
+        self.assertEqual(self.source_dies("source-key-wrapped"), "source")
+
+    def test_dies_mid_data_channel(self) -> None:
+        self.assertEqual(self.source_dies("source-streaming"), "source")
+
+    def test_dies_after_committed(self) -> None:
+        self.assertEqual(self.source_dies("source-committed"), "destination")
