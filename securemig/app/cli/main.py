@@ -13,16 +13,16 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from securemig import __version__
+from securemig.app.cli import vm
+from securemig.app.cli.common import EXIT_FAILED, EXIT_IN_DOUBT, EXIT_OK, _mib, error
 from securemig.host.arrival import DestinationHost
 from securemig.host.glibc import tune_malloc
 from securemig.host.journal import Journal, dumps
-from securemig.hypervisor.backends import backend_for
-from securemig.hypervisor.bundle import Bundle, BundleError, create_image_vm
+from securemig.hypervisor.bundle import Bundle, BundleError
 from securemig.lab import bench, demo
 from securemig.lab.bench import qemu, tpm
 from securemig.lab.bench.link import LinkError
@@ -33,7 +33,6 @@ from securemig.transport.client import ConnectFailed, SecureOptions, migrate, pa
 from securemig.transport.reactor import run_reactor
 from securemig.transport.tls import CIPHERS
 from securemig.trust import vtpm
-from securemig.trust.attestor import open_attestor
 from securemig.trust.identity import init_host, issue_tls
 from securemig.trust.pca.client import EnrollmentRefused
 from securemig.trust.pca.core import PrivacyCA
@@ -41,18 +40,8 @@ from securemig.trust.pki import Authority
 from securemig.trust.policy import PolicyStore
 from securemig.trust.tpm.tpm import TPM, TPMError
 
-T = TypeVar("T")
 #: PCRs attested by default: firmware, firmware config, option ROMs, boot loader, secure boot.
 DEFAULT_PCRS = "0,1,2,3,4,7"
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_IN_DOUBT = 0, 1, 2, 3
-
-
-def _mib(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive number of MiB")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,55 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"securemig {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    vm = sub.add_parser("vm", help="create and inspect VM bundles")
-    vm_sub = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
-    create = vm_sub.add_parser(
-        "create",
-        help="create a suspended VM of the image backend (random contents)",
-        description="Create DIR/NAME/, a suspended VM whose RAM (and disk) images hold "
-        "random bytes; enough to prove that a migration moves state intact.",
-    )
-    create.add_argument("name", help="VM name (letters, digits, '.', '_', '-')")
-    create.add_argument("--dir", required=True, type=Path, help="directory holding VM bundles")
-    create.add_argument(
-        "--ram-mib",
-        required=True,
-        type=_mib,
-        help="RAM image size (image backend) or guest memory (qemu) in MiB",
-    )
-    create.add_argument(
-        "--backend",
-        default="image",
-        choices=("image", "qemu"),
-        help="image: a suspended VM of random bytes; qemu: a QEMU guest "
-        "(start it with `securemig vm start`)",
-    )
-    create.add_argument("--disk-mib", type=_mib, help="disk image size in MiB (default: no disk)")
-    create.add_argument(
-        "--identity",
-        type=Path,
-        help="give the VM a vTPM key sealed to this host's TPM (needed for secure migration)",
-    )
-    create.add_argument(
-        "--shared-disk", type=Path, help="create the disk image here, on storage both hosts mount"
-    )
-    for action, text in (
-        ("start", "start a QEMU VM (firmware only is enough)"),
-        ("status", "say what state a VM is in"),
-    ):
-        a = vm_sub.add_parser(action, help=text)
-        a.add_argument("name")
-        a.add_argument("--dir", required=True, type=Path, help="directory holding VM bundles")
-        if action == "start":
-            a.add_argument(
-                "--identity",
-                type=Path,
-                help="this host's identity directory: its TPM unseals the key of a VM's vTPM",
-            )
-    listing = vm_sub.add_parser("list", help="list the VM bundles in a directory")
-    listing.add_argument("--dir", required=True, type=Path)
-    listing.add_argument("--json", action="store_true", help="print JSON")
-
+    vm.add_parser(sub)
     mig = sub.add_parser(
         "migrate",
         help="migrate a VM to a destination",
@@ -347,124 +288,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "migrate":
         tune_malloc()
-    handler = {
-        "vm": cmd_vm,
-        "migrate": cmd_migrate,
-        "status": cmd_status,
-        "demo": cmd_demo,
-        "bench": cmd_bench,
-        "ca": cmd_ca,
-        "pca": cmd_pca,
-        "host": cmd_host,
-        "policy": cmd_policy,
-        "recover": cmd_recover,
-    }[args.command]
+    handler = (
+        getattr(args, "func", None)
+        or {
+            "migrate": cmd_migrate,
+            "status": cmd_status,
+            "demo": cmd_demo,
+            "bench": cmd_bench,
+            "ca": cmd_ca,
+            "pca": cmd_pca,
+            "host": cmd_host,
+            "policy": cmd_policy,
+            "recover": cmd_recover,
+        }[args.command]
+    )
     try:
         return handler(args)
     except KeyboardInterrupt:
         print("securemig: interrupted", file=sys.stderr)
         return EXIT_FAILED
-
-
-def _error(message: str) -> int:
-    print(f"securemig: error: {message}", file=sys.stderr)
-    return EXIT_FAILED
-
-
-def cmd_vm(args: argparse.Namespace) -> int:
-    """``securemig vm create|start|status|list``."""
-
-    if args.vm_command == "create":
-        try:
-            sealed = vtpm = None
-            if args.identity:
-                import os
-
-                # The vTPM's state key: sealed to this host's TPM, handed to
-                # swtpm through a pipe, never written in the clear.
-                key = os.urandom(32)
-                attestor = open_attestor(args.identity, None, False)
-                sealed = attestor.seal(key)
-                attestor.tpm.close()
-                vtpm = (key, args.identity / "vtpm-ca")
-            bundle = create_image_vm(
-                args.dir,
-                args.name,
-                args.ram_mib,
-                args.disk_mib,
-                args.shared_disk,
-                sealed,
-                vtpm,
-                owner=attestor.identity.name if args.identity else None,
-                backend=args.backend,
-            )
-        except (BundleError, OSError, ValueError) as e:
-            return _error(str(e))
-        sizes = ", ".join(f"{i.name} {i.size >> 20} MiB" for i in bundle.manifest.images)
-        shared = (
-            f", shared disk {bundle.manifest.shared_disk}" if bundle.manifest.shared_disk else ""
-        )
-        print(f"created VM {bundle.name} at {bundle.path} ({sizes}{shared})")
-        return EXIT_OK
-    if args.vm_command in ("start", "status"):
-        return _vm_control(args)
-    rows: list[dict[str, Any]] = []
-    for path in sorted(args.dir.iterdir()) if args.dir.is_dir() else []:
-        try:
-            b = Bundle.load(path)
-        except BundleError:
-            continue
-        rows.append(
-            {
-                "name": b.name,
-                "backend": b.manifest.backend,
-                "state": b.manifest.state,
-                "images": {i.name: i.size for i in b.manifest.images},
-                "shared_disk": b.manifest.shared_disk,
-            }
-        )
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            print(
-                f"{r['name']:<24} {r['backend']:<6} {r['state']:<10} "
-                + " ".join(f"{k}={v >> 20}MiB" for k, v in r["images"].items())
-            )
-    return EXIT_OK
-
-
-def _vm_control(args: argparse.Namespace) -> int:
-
-    try:
-        bundle = Bundle.find(args.dir, args.name)
-        identity = getattr(args, "identity", None)
-        backend = backend_for(bundle.manifest.backend, vtpm_key=_vtpm_key(identity))
-    except BundleError as e:
-        return _error(str(e))
-    if args.vm_command == "status":
-        print(f"{bundle.name}: {backend.status(bundle)} ({bundle.manifest.backend})")
-        return EXIT_OK
-    if not hasattr(backend, "start"):
-        return _error(f"VMs of the {bundle.manifest.backend} backend are not started here")
-
-    async def start(reactor: Any) -> None:
-        await backend.start(bundle)  # type: ignore[attr-defined]
-
-    try:
-        run_reactor(start)
-    except Exception as e:
-        return _error(str(e))
-    print(f"{bundle.name}: {backend.status(bundle)}")
-    return EXIT_OK
-
-
-def _vtpm_key(identity: Path | None) -> Callable[[Any], bytes] | None:
-    """How a VM's vTPM key is unsealed with the TPM of ``identity``."""
-    if identity is None:
-        return None
-
-    return vtpm.key_reader(vtpm.unsealer(identity))
 
 
 def source_state_dir(vm_dir: Path, state_dir: Path | None) -> Path:
@@ -476,7 +318,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     """``securemig migrate``: drive one migration from the source."""
 
     if not args.insecure and not args.identity:
-        return _error(
+        return error(
             "choose the variant: --identity DIR for the secure one, or --insecure "
             "(no TLS, no attestation)"
         )
@@ -485,7 +327,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         secure = SecureOptions(args.identity, args.policy_dir, args.tofu, args.destination_name)
     chunk = args.chunk_kib * 1024
     if not wire.MIN_CHUNK_SIZE <= chunk <= wire.MAX_CHUNK_SIZE:
-        return _error(
+        return error(
             f"--chunk-kib must be between {wire.MIN_CHUNK_SIZE // 1024} and "
             f"{wire.MAX_CHUNK_SIZE // 1024}"
         )
@@ -493,7 +335,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         parse_address(args.to)
         bundle = Bundle.find(args.vm_dir, args.name)
     except (ValueError, BundleError) as e:
-        return _error(str(e))
+        return error(str(e))
     variant = wire.Variant.SHARED_STORAGE if args.shared_storage else wire.Variant.FULL
     journal = Journal(source_state_dir(args.vm_dir, args.state_dir) / "journal.sqlite")
     outcome: dict[str, Any] = {}
@@ -545,7 +387,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     if "error" in outcome:
-        return _error(outcome["error"])
+        return error(outcome["error"])
     return _report_migration(args, journal, outcome)
 
 
@@ -601,7 +443,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     state_dir = args.state_dir if args.state_dir else source_state_dir(args.vm_dir, None)
     path = state_dir / "journal.sqlite"
     if not path.exists():
-        return _error(f"no journal at {path}")
+        return error(f"no journal at {path}")
     records = Journal(path).records(args.limit)
     if args.json:
         print(dumps(records))
@@ -623,14 +465,14 @@ def cmd_ca(args: argparse.Namespace) -> int:
 
     if args.ca_command == "init":
         if (args.dir / "ca.key").exists():
-            return _error(f"{args.dir} already holds a CA")
+            return error(f"{args.dir} already holds a CA")
         Authority.create(args.name).save(args.dir)
         print(f"created site CA {args.name!r} in {args.dir}")
         return EXIT_OK
     try:
         authority = Authority.load(args.dir)
     except (OSError, ValueError) as e:
-        return _error(f"cannot load the CA in {args.dir}: {e}")
+        return error(f"cannot load the CA in {args.dir}: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
     issue_tls(authority, args.name, args.out)
     print(f"issued {args.out / 'tls.pem'} for {args.name}")
@@ -641,10 +483,10 @@ def cmd_pca(args: argparse.Namespace) -> int:
     """``securemig pca init``."""
 
     if (args.dir / "ca.key").exists():
-        return _error(f"{args.dir} already holds a privacy CA")
+        return error(f"{args.dir} already holds a privacy CA")
     missing = [str(p) for p in args.vendor_ca if not p.is_file()]
     if missing:
-        return _error(f"no such vendor CA certificate: {', '.join(missing)}")
+        return error(f"no such vendor CA certificate: {', '.join(missing)}")
     PrivacyCA.init(args.dir, args.vendor_ca)
     print(f"created privacy CA in {args.dir} trusting {len(args.vendor_ca)} vendor CA(s)")
     return EXIT_OK
@@ -656,9 +498,9 @@ def cmd_host(args: argparse.Namespace) -> int:
     try:
         identity = init_host(args.dir, args.name, args.tpm, args.site_ca, args.pca, args.pca_ca)
     except EnrollmentRefused as e:
-        return _error(f"the privacy CA refused the enrollment: {e}")
+        return error(f"the privacy CA refused the enrollment: {e}")
     except (TPMError, OSError, ValueError) as e:
-        return _error(str(e))
+        return error(str(e))
     print(
         f"host {identity.name} initialised in {identity.directory}: TLS certificate, "
         "attestation key, AK certificate"
@@ -677,21 +519,21 @@ def cmd_policy(args: argparse.Namespace) -> int:
                 with TPM(args.tpm) as tpm:
                     values = tpm.pcr_read(pcrs)
             except TPMError as e:
-                return _error(str(e))
+                return error(str(e))
             store.record(args.host, values)
             print(f"recorded PCRs {args.pcrs} of {args.host}")
         elif args.policy_command == "forget":
             if not store.forget(args.host):
-                return _error(f"no golden values for {args.host}")
+                return error(f"no golden values for {args.host}")
             print(f"forgot the golden values of {args.host}")
         else:
             for host in [args.host] if args.host else store.hosts():
                 golden = store.get(host)
                 if golden is None:
-                    return _error(f"no golden values for {host}")
+                    return error(f"no golden values for {host}")
                 print(golden.to_json().decode(), end="")
     except ValueError as e:
-        return _error(str(e))
+        return error(str(e))
     return EXIT_OK
 
 
@@ -699,7 +541,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     """``securemig recover``: settle in-doubt migrations from both journals."""
 
     if not args.source_journal.is_file():
-        return _error(f"no source journal at {args.source_journal}")
+        return error(f"no source journal at {args.source_journal}")
     host = DestinationHost(args.state_dir)
     if args.identity:
         host.unseal = vtpm.unsealer(args.identity)
@@ -736,17 +578,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         c.strip() for c in args.ciphers.split(",") if c.strip()
     ) or (None,)
     if set(ciphers) - set(CIPHERS) - {None}:
-        return _error(f"--ciphers takes {', '.join(CIPHERS)}")
+        return error(f"--ciphers takes {', '.join(CIPHERS)}")
     unknown = set(protocols) - set(bench.PROTOCOLS)
     if unknown:
-        return _error(
+        return error(
             f"unknown protocol(s) {', '.join(sorted(unknown))}: use {', '.join(bench.PROTOCOLS)}"
         )
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if not variants or set(variants) - set(bench.VARIANTS):
-        return _error(f"--variants takes {', '.join(bench.VARIANTS)}")
+        return error(f"--variants takes {', '.join(bench.VARIANTS)}")
     if not sizes or min(sizes) <= 0 or args.repeat <= 0:
-        return _error("--sizes and --repeat must be positive")
+        return error("--sizes and --repeat must be positive")
 
     try:
         return bench.run(
@@ -762,7 +604,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             link_mbit=args.link_mbit,
         )
     except LinkError as e:
-        return _error(str(e))
+        return error(str(e))
 
 
 if __name__ == "__main__":
