@@ -10,29 +10,16 @@ not confirm the resume (see ``securemig status`` on the destination).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 from securemig import __version__
-from securemig.app.cli import vm
-from securemig.app.cli.common import EXIT_FAILED, EXIT_IN_DOUBT, EXIT_OK, _mib, error
-from securemig.host.arrival import DestinationHost
-from securemig.host.glibc import tune_malloc
-from securemig.host.journal import Journal, dumps
-from securemig.hypervisor.bundle import Bundle, BundleError
+from securemig.app.cli import journal, migrate, vm
+from securemig.app.cli.common import EXIT_FAILED, EXIT_OK, _mib, error
 from securemig.lab import bench, demo
 from securemig.lab.bench import qemu, tpm
 from securemig.lab.bench.link import LinkError
-from securemig.lab.processes import peak_rss_mib
-from securemig.protocol import wire
-from securemig.protocol.effects import Outcome
-from securemig.transport.client import ConnectFailed, SecureOptions, migrate, parse_address
-from securemig.transport.reactor import run_reactor
 from securemig.transport.tls import CIPHERS
-from securemig.trust import vtpm
 from securemig.trust.identity import init_host, issue_tls
 from securemig.trust.pca.client import EnrollmentRefused
 from securemig.trust.pca.core import PrivacyCA
@@ -56,89 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     vm.add_parser(sub)
-    mig = sub.add_parser(
-        "migrate",
-        help="migrate a VM to a destination",
-        description="Migrate VM NAME from --vm-dir to the destination at --to. Before the "
-        "commit any failure leaves the VM here, unlocked and intact; after it the VM "
-        "belongs to the destination and its bundle here is removed.",
-    )
-    mig.add_argument("name", help="the VM to migrate")
-    mig.add_argument("--vm-dir", required=True, type=Path, help="directory holding the VM bundle")
-    mig.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination")
-    mig.add_argument(
-        "--identity",
-        type=Path,
-        help="this host's identity directory: the secure variant; with --insecure, only "
-        "to unseal a vTPM key (which then travels in the clear)",
-    )
-    mig.add_argument(
-        "--policy-dir", type=Path, help="golden values of destinations (default: IDENTITY/policy)"
-    )
-    mig.add_argument(
-        "--tofu",
-        action="store_true",
-        help="record an unknown destination's PCR values on first attestation",
-    )
-    mig.add_argument(
-        "--destination-name", help="the name the destination must prove (default: the host of --to)"
-    )
-    mig.add_argument(
-        "--insecure",
-        action="store_true",
-        help="use the insecure variant (no TLS, no attestation): for measurements",
-    )
-    mig.add_argument(
-        "--shared-storage",
-        action="store_true",
-        help="move RAM only; the disk stays on storage both hosts share",
-    )
-    mig.add_argument(
-        "--chunk-kib",
-        type=int,
-        default=wire.DEFAULT_CHUNK_SIZE // 1024,
-        help="DATA frame size in KiB (default %(default)s)",
-    )
-    mig.add_argument(
-        "--state-dir", type=Path, help="where the source journal lives (default: VM_DIR/.securemig)"
-    )
-    mig.add_argument("--idle-timeout", type=float, help="seconds without progress (default 60)")
-    mig.add_argument("--deadline", type=float, help="seconds for the whole migration (3600)")
-    mig.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    mig.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    st = sub.add_parser(
-        "status",
-        help="show the migration journal of a host",
-        description="Show recent migrations from a journal: a destination's "
-        "--state-dir, or a source's --vm-dir.",
-    )
-    where = st.add_mutually_exclusive_group(required=True)
-    where.add_argument("--state-dir", type=Path, help="a destination's state directory")
-    where.add_argument("--vm-dir", type=Path, help="a source's VM directory")
-    st.add_argument("--json", action="store_true", help="print JSON")
-    st.add_argument("--limit", type=int, default=20, help="how many (default %(default)s)")
-
-    rec = sub.add_parser(
-        "recover",
-        help="settle migrations held in doubt at a destination",
-        description="A destination that lost its source after PREPARED keeps the VM in "
-        "staging, in doubt.  Given the source's journal (copied from the source host), this "
-        "completes the migration if the source committed, or discards it if it did not.",
-    )
-    rec.add_argument("--state-dir", type=Path, required=True, help="the destination's")
-    rec.add_argument(
-        "--identity",
-        type=Path,
-        help="the destination's identity directory, to resume VMs with a vTPM",
-    )
-    rec.add_argument(
-        "--source-journal",
-        type=Path,
-        required=True,
-        help="the source's journal.sqlite (VM_DIR/.securemig/journal.sqlite there)",
-    )
-
+    migrate.add_parser(sub)
+    journal.add_parser(sub)  # status, recover
     demo = sub.add_parser(
         "demo",
         help="run a whole migration on loopback and explain it",
@@ -286,20 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``securemig`` console script."""
     args = build_parser().parse_args(argv)
-    if args.command == "migrate":
-        tune_malloc()
     handler = (
         getattr(args, "func", None)
         or {
-            "migrate": cmd_migrate,
-            "status": cmd_status,
             "demo": cmd_demo,
             "bench": cmd_bench,
             "ca": cmd_ca,
             "pca": cmd_pca,
             "host": cmd_host,
             "policy": cmd_policy,
-            "recover": cmd_recover,
         }[args.command]
     )
     try:
@@ -307,157 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("securemig: interrupted", file=sys.stderr)
         return EXIT_FAILED
-
-
-def source_state_dir(vm_dir: Path, state_dir: Path | None) -> Path:
-    """Where a source keeps its journal."""
-    return state_dir if state_dir is not None else vm_dir / ".securemig"
-
-
-def cmd_migrate(args: argparse.Namespace) -> int:
-    """``securemig migrate``: drive one migration from the source."""
-
-    if not args.insecure and not args.identity:
-        return error(
-            "choose the variant: --identity DIR for the secure one, or --insecure "
-            "(no TLS, no attestation)"
-        )
-    secure = None
-    if args.identity and not args.insecure:
-        secure = SecureOptions(args.identity, args.policy_dir, args.tofu, args.destination_name)
-    chunk = args.chunk_kib * 1024
-    if not wire.MIN_CHUNK_SIZE <= chunk <= wire.MAX_CHUNK_SIZE:
-        return error(
-            f"--chunk-kib must be between {wire.MIN_CHUNK_SIZE // 1024} and "
-            f"{wire.MAX_CHUNK_SIZE // 1024}"
-        )
-    try:
-        parse_address(args.to)
-        bundle = Bundle.find(args.vm_dir, args.name)
-    except (ValueError, BundleError) as e:
-        return error(str(e))
-    variant = wire.Variant.SHARED_STORAGE if args.shared_storage else wire.Variant.FULL
-    journal = Journal(source_state_dir(args.vm_dir, args.state_dir) / "journal.sqlite")
-    outcome: dict[str, Any] = {}
-    bar: Any = None
-
-    def on_start(departure: Any) -> None:
-        nonlocal bar
-        if not args.no_progress and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=departure.total_bytes,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=f"migrating {bundle.name}",
-                file=sys.stderr,
-            )
-
-    def progress(n: int) -> None:
-        if bar is not None:
-            bar.update(n)
-
-    async def run(reactor: Any) -> None:
-        started = time.monotonic()
-        try:
-            departure, finished = await migrate(
-                reactor,
-                bundle,
-                args.to,
-                variant=variant,
-                journal=journal,
-                chunk_size=chunk,
-                idle_timeout=args.idle_timeout,
-                deadline=args.deadline,
-                on_progress=progress,
-                on_start=on_start,
-                secure=secure,
-                unseal_with=args.identity if args.insecure else None,
-            )
-        except (BundleError, ConnectFailed, TPMError, OSError) as e:
-            outcome["error"] = str(e)
-            return
-        outcome["departure"] = departure
-        outcome["finished"] = finished
-        outcome["seconds"] = time.monotonic() - started
-
-    run_reactor(run)
-    if bar is not None:
-        bar.close()
-    if "error" in outcome:
-        return error(outcome["error"])
-    return _report_migration(args, journal, outcome)
-
-
-def _report_migration(args: argparse.Namespace, journal: Any, outcome: dict[str, Any]) -> int:
-
-    departure, finished = outcome["departure"], outcome["finished"]
-    record = journal.get(departure.id)
-    seconds = outcome["seconds"]
-    mib = departure.total_bytes / (1 << 20)
-    summary = {
-        "vm": args.name,
-        "to": args.to,
-        "protocol": "insecure" if args.insecure else "secure",
-        "variant": "shared-storage" if args.shared_storage else "full",
-        "outcome": finished.outcome.value,
-        "error": f"{finished.code.name}: {finished.reason}" if finished.code else None,
-        "migration_id": record.migration_id if record else None,
-        "bytes": departure.total_bytes,
-        "wire_bytes": departure.wire_bytes,
-        "seconds": round(seconds, 4),
-        "throughput_mibps": round(mib / seconds, 1) if seconds > 0 else None,
-        "phases": {k: round(v, 4) for k, v in (record.phase_times() if record else {}).items()},
-        "peak_rss_mib": peak_rss_mib(),
-    }
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    if finished.outcome is Outcome.DONE:
-        if not args.json:
-            print(
-                f"securemig: VM {args.name} migrated to {args.to} ({summary['variant']}, "
-                f"{summary['protocol']}): {mib:.0f} MiB in {seconds:.2f} s "
-                f"({summary['throughput_mibps']} MiB/s), migration {summary['migration_id']}"
-            )
-        return EXIT_OK
-    if finished.outcome is Outcome.ABORTED:
-        print(
-            f"securemig: migration of VM {args.name} failed: {summary['error']}; "
-            f"the VM is still at the source, unlocked",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
-    print(
-        f"securemig: VM {args.name} was committed to {args.to} but the destination did not "
-        f"confirm: {summary['error']}; check `securemig status` there",
-        file=sys.stderr,
-    )
-    return EXIT_IN_DOUBT
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    """``securemig status``: the journal, newest first."""
-
-    state_dir = args.state_dir if args.state_dir else source_state_dir(args.vm_dir, None)
-    path = state_dir / "journal.sqlite"
-    if not path.exists():
-        return error(f"no journal at {path}")
-    records = Journal(path).records(args.limit)
-    if args.json:
-        print(dumps(records))
-        return EXIT_OK
-    if not records:
-        print("no migrations recorded")
-    for r in records:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started))
-        print(
-            f"{when}  {r.role:<11} {r.vm:<16} {r.protocol:<8} {r.variant:<14} "
-            f"{(r.outcome or r.phase):<13} {r.bytes >> 20:>6} MiB  peer {r.peer}"
-            + (f"\n    {r.error}" if r.error else "")
-        )
-    return EXIT_OK
 
 
 def cmd_ca(args: argparse.Namespace) -> int:
@@ -534,27 +284,6 @@ def cmd_policy(args: argparse.Namespace) -> int:
                 print(golden.to_json().decode(), end="")
     except ValueError as e:
         return error(str(e))
-    return EXIT_OK
-
-
-def cmd_recover(args: argparse.Namespace) -> int:
-    """``securemig recover``: settle in-doubt migrations from both journals."""
-
-    if not args.source_journal.is_file():
-        return error(f"no source journal at {args.source_journal}")
-    host = DestinationHost(args.state_dir)
-    if args.identity:
-        host.unseal = vtpm.unsealer(args.identity)
-    source = Journal(args.source_journal)
-
-    async def settle(reactor: Any) -> list[tuple[str, str]]:
-        return await host.settle(source)
-
-    actions = run_reactor(settle)
-    if not actions:
-        print("nothing is in doubt here")
-    for migration_id, action in actions:
-        print(f"{migration_id}: {action}")
     return EXIT_OK
 
 
