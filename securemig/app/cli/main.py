@@ -14,21 +14,12 @@ import sys
 from pathlib import Path
 
 from securemig import __version__
-from securemig.app.cli import journal, migrate, vm
-from securemig.app.cli.common import EXIT_FAILED, EXIT_OK, _mib, error
+from securemig.app.cli import identity, journal, migrate, policy, vm
+from securemig.app.cli.common import EXIT_FAILED, _mib, error
 from securemig.lab import bench, demo
 from securemig.lab.bench import qemu, tpm
 from securemig.lab.bench.link import LinkError
 from securemig.transport.tls import CIPHERS
-from securemig.trust.identity import init_host, issue_tls
-from securemig.trust.pca.client import EnrollmentRefused
-from securemig.trust.pca.core import PrivacyCA
-from securemig.trust.pki import Authority
-from securemig.trust.policy import PolicyStore
-from securemig.trust.tpm.tpm import TPM, TPMError
-
-#: PCRs attested by default: firmware, firmware config, option ROMs, boot loader, secure boot.
-DEFAULT_PCRS = "0,1,2,3,4,7"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,69 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="image: a suspended VM of files (default); qemu: a running QEMU guest",
     )
 
-    ca = sub.add_parser("ca", help="a site CA for host TLS certificates")
-    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
-    ca_init = ca_sub.add_parser("init", help="create a site CA in DIR (ca.key, ca.pem)")
-    ca_init.add_argument("dir", type=Path)
-    ca_init.add_argument("--name", default="securemig site CA", help="the CA's common name")
-    ca_issue = ca_sub.add_parser("issue", help="issue a TLS key and certificate for a host")
-    ca_issue.add_argument("dir", type=Path, help="the site CA's directory")
-    ca_issue.add_argument("--name", required=True, help="the host name (subjectAltName)")
-    ca_issue.add_argument(
-        "--out", type=Path, required=True, help="directory for tls.key and tls.pem"
-    )
-
-    pca = sub.add_parser("pca", help="set up a privacy CA (run it with twistd securemig-pca)")
-    pca_sub = pca.add_subparsers(dest="pca_command", required=True, metavar="ACTION")
-    pca_init = pca_sub.add_parser("init", help="create a privacy CA in DIR")
-    pca_init.add_argument("dir", type=Path)
-    pca_init.add_argument(
-        "--vendor-ca",
-        type=Path,
-        action="append",
-        required=True,
-        help="a trusted TPM-vendor CA certificate (PEM); repeatable",
-    )
-
-    host = sub.add_parser("host", help="set up this host's identity")
-    host_sub = host.add_subparsers(dest="host_command", required=True, metavar="ACTION")
-    host_init = host_sub.add_parser(
-        "init",
-        help="TLS identity, attestation key and its certificate, in DIR",
-        description="Create this host's TLS key and certificate from the site CA, an "
-        "attestation key in its TPM, and enroll it with the privacy CA.",
-    )
-    host_init.add_argument("--dir", type=Path, required=True)
-    host_init.add_argument("--name", required=True, help="this host's DNS name")
-    host_init.add_argument(
-        "--tpm", required=True, help="TCTI: device:/dev/tpmrm0, or swtpm:host=127.0.0.1,port=N"
-    )
-    host_init.add_argument(
-        "--site-ca", type=Path, required=True, help="the site CA directory (securemig ca init)"
-    )
-    host_init.add_argument("--pca", required=True, help="the privacy CA's https:// URL")
-    host_init.add_argument(
-        "--pca-ca", type=Path, required=True, help="the privacy CA's certificate (its ca.pem)"
-    )
-
-    pol = sub.add_parser("policy", help="golden PCR values of peers")
-    pol_sub = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
-    for action, text in (
-        ("show", "print recorded golden values"),
-        ("record", "record a host's current PCR values from its TPM"),
-        ("forget", "remove a host's golden values"),
-    ):
-        a = pol_sub.add_parser(action, help=text)
-        a.add_argument("--policy-dir", type=Path, required=True)
-        a.add_argument("--host", required=action != "show", help="the peer's host name")
-        if action == "record":
-            a.add_argument("--tpm", required=True, help="TCTI of that host's TPM")
-            a.add_argument(
-                "--pcrs",
-                default=DEFAULT_PCRS,
-                help="comma-separated PCR indices (default %(default)s)",
-            )
-
+    identity.add_parser(sub)  # ca, pca, host
+    policy.add_parser(sub)
     bench = sub.add_parser(
         "bench",
         help="measure secure and insecure migration against a plain copy",
@@ -197,10 +127,6 @@ def main(argv: list[str] | None = None) -> int:
         or {
             "demo": cmd_demo,
             "bench": cmd_bench,
-            "ca": cmd_ca,
-            "pca": cmd_pca,
-            "host": cmd_host,
-            "policy": cmd_policy,
         }[args.command]
     )
     try:
@@ -208,83 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("securemig: interrupted", file=sys.stderr)
         return EXIT_FAILED
-
-
-def cmd_ca(args: argparse.Namespace) -> int:
-    """``securemig ca init|issue``."""
-
-    if args.ca_command == "init":
-        if (args.dir / "ca.key").exists():
-            return error(f"{args.dir} already holds a CA")
-        Authority.create(args.name).save(args.dir)
-        print(f"created site CA {args.name!r} in {args.dir}")
-        return EXIT_OK
-    try:
-        authority = Authority.load(args.dir)
-    except (OSError, ValueError) as e:
-        return error(f"cannot load the CA in {args.dir}: {e}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    issue_tls(authority, args.name, args.out)
-    print(f"issued {args.out / 'tls.pem'} for {args.name}")
-    return EXIT_OK
-
-
-def cmd_pca(args: argparse.Namespace) -> int:
-    """``securemig pca init``."""
-
-    if (args.dir / "ca.key").exists():
-        return error(f"{args.dir} already holds a privacy CA")
-    missing = [str(p) for p in args.vendor_ca if not p.is_file()]
-    if missing:
-        return error(f"no such vendor CA certificate: {', '.join(missing)}")
-    PrivacyCA.init(args.dir, args.vendor_ca)
-    print(f"created privacy CA in {args.dir} trusting {len(args.vendor_ca)} vendor CA(s)")
-    return EXIT_OK
-
-
-def cmd_host(args: argparse.Namespace) -> int:
-    """``securemig host init``."""
-
-    try:
-        identity = init_host(args.dir, args.name, args.tpm, args.site_ca, args.pca, args.pca_ca)
-    except EnrollmentRefused as e:
-        return error(f"the privacy CA refused the enrollment: {e}")
-    except (TPMError, OSError, ValueError) as e:
-        return error(str(e))
-    print(
-        f"host {identity.name} initialised in {identity.directory}: TLS certificate, "
-        "attestation key, AK certificate"
-    )
-    return EXIT_OK
-
-
-def cmd_policy(args: argparse.Namespace) -> int:
-    """``securemig policy show|record|forget``."""
-
-    try:
-        store = PolicyStore(args.policy_dir)
-        if args.policy_command == "record":
-            pcrs = [int(p) for p in args.pcrs.split(",")]
-            try:
-                with TPM(args.tpm) as tpm:
-                    values = tpm.pcr_read(pcrs)
-            except TPMError as e:
-                return error(str(e))
-            store.record(args.host, values)
-            print(f"recorded PCRs {args.pcrs} of {args.host}")
-        elif args.policy_command == "forget":
-            if not store.forget(args.host):
-                return error(f"no golden values for {args.host}")
-            print(f"forgot the golden values of {args.host}")
-        else:
-            for host in [args.host] if args.host else store.hosts():
-                golden = store.get(host)
-                if golden is None:
-                    return error(f"no golden values for {host}")
-                print(golden.to_json().decode(), end="")
-    except ValueError as e:
-        return error(str(e))
-    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
