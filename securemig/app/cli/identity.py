@@ -1,0 +1,117 @@
+"""``securemig ca``, ``securemig pca`` and ``securemig host``: the site CA,
+the privacy CA and a host's identity (TLS, attestation key)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from securemig.app.cli.common import EXIT_OK, Subparsers, error
+from securemig.trust.identity import init_host, issue_tls
+from securemig.trust.pca.client import EnrollmentRefused
+from securemig.trust.pca.core import PrivacyCA
+from securemig.trust.pki import Authority
+from securemig.trust.tpm.tpm import TPMError
+
+
+def add_parser(subparsers: Subparsers) -> None:
+    """Register ``securemig ca``, ``securemig pca`` and ``securemig host``."""
+    ca = subparsers.add_parser("ca", help="a site CA for host TLS certificates")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
+    ca_init = ca_sub.add_parser("init", help="create a site CA in DIR (ca.key, ca.pem)")
+    ca_init.add_argument("dir", type=Path)
+    ca_init.add_argument("--name", default="securemig site CA", help="the CA's common name")
+    ca_init.set_defaults(func=cmd_ca_init)
+    ca_issue = ca_sub.add_parser("issue", help="issue a TLS key and certificate for a host")
+    ca_issue.add_argument("dir", type=Path, help="the site CA's directory")
+    ca_issue.add_argument("--name", required=True, help="the host name (subjectAltName)")
+    ca_issue.add_argument(
+        "--out", type=Path, required=True, help="directory for tls.key and tls.pem"
+    )
+    ca_issue.set_defaults(func=cmd_ca_issue)
+
+    pca = subparsers.add_parser(
+        "pca", help="set up a privacy CA (run it with twistd securemig-pca)"
+    )
+    pca_sub = pca.add_subparsers(dest="pca_command", required=True, metavar="ACTION")
+    pca_init = pca_sub.add_parser("init", help="create a privacy CA in DIR")
+    pca_init.add_argument("dir", type=Path)
+    pca_init.add_argument(
+        "--vendor-ca",
+        type=Path,
+        action="append",
+        required=True,
+        help="a trusted TPM-vendor CA certificate (PEM); repeatable",
+    )
+    pca_init.set_defaults(func=cmd_pca_init)
+
+    host = subparsers.add_parser("host", help="set up this host's identity")
+    host_sub = host.add_subparsers(dest="host_command", required=True, metavar="ACTION")
+    host_init = host_sub.add_parser(
+        "init",
+        help="TLS identity, attestation key and its certificate, in DIR",
+        description="Create this host's TLS key and certificate from the site CA, an "
+        "attestation key in its TPM, and enroll it with the privacy CA.",
+    )
+    host_init.add_argument("--dir", type=Path, required=True)
+    host_init.add_argument("--name", required=True, help="this host's DNS name")
+    host_init.add_argument(
+        "--tpm", required=True, help="TCTI: device:/dev/tpmrm0, or swtpm:host=127.0.0.1,port=N"
+    )
+    host_init.add_argument(
+        "--site-ca", type=Path, required=True, help="the site CA directory (securemig ca init)"
+    )
+    host_init.add_argument("--pca", required=True, help="the privacy CA's https:// URL")
+    host_init.add_argument(
+        "--pca-ca", type=Path, required=True, help="the privacy CA's certificate (its ca.pem)"
+    )
+    host_init.set_defaults(func=cmd_host_init)
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    """``securemig ca init``: a new site CA in a directory that holds none."""
+    if (args.dir / "ca.key").exists():
+        return error(f"{args.dir} already holds a CA")
+    Authority.create(args.name).save(args.dir)
+    print(f"created site CA {args.name!r} in {args.dir}")
+    return EXIT_OK
+
+
+def cmd_ca_issue(args: argparse.Namespace) -> int:
+    """``securemig ca issue``: a host's TLS key and certificate from the site CA."""
+    try:
+        authority = Authority.load(args.dir)
+    except (OSError, ValueError) as e:
+        return error(f"cannot load the CA in {args.dir}: {e}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    issue_tls(authority, args.name, args.out)
+    print(f"issued {args.out / 'tls.pem'} for {args.name}")
+    return EXIT_OK
+
+
+def cmd_pca_init(args: argparse.Namespace) -> int:
+    """``securemig pca init``: a new privacy CA trusting the given TPM-vendor CAs."""
+    if (args.dir / "ca.key").exists():
+        return error(f"{args.dir} already holds a privacy CA")
+    missing = [str(p) for p in args.vendor_ca if not p.is_file()]
+    if missing:
+        return error(f"no such vendor CA certificate: {', '.join(missing)}")
+    PrivacyCA.init(args.dir, args.vendor_ca)
+    print(f"created privacy CA in {args.dir} trusting {len(args.vendor_ca)} vendor CA(s)")
+    return EXIT_OK
+
+
+def cmd_host_init(args: argparse.Namespace) -> int:
+    """``securemig host init``: this host's TLS identity and attestation key,
+    enrolled with the privacy CA."""
+    try:
+        identity = init_host(args.dir, args.name, args.tpm, args.site_ca, args.pca, args.pca_ca)
+    except EnrollmentRefused as e:
+        return error(f"the privacy CA refused the enrollment: {e}")
+    except (TPMError, OSError, ValueError) as e:
+        return error(str(e))
+    print(
+        f"host {identity.name} initialised in {identity.directory}: TLS certificate, "
+        "attestation key, AK certificate"
+    )
+    return EXIT_OK

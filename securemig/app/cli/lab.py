@@ -1,0 +1,153 @@
+"""``securemig demo`` and ``securemig bench``: the lab, on this machine.
+
+Two registrars rather than one ``add_parser``: ``securemig --help`` lists
+``demo`` after ``recover`` and ``bench`` last, and keeps that order.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from securemig.app.cli.common import Subparsers, _mib, error
+from securemig.lab import bench, demo
+from securemig.lab.bench import qemu, tpm
+from securemig.lab.bench.link import LinkError
+from securemig.transport.tls import CIPHERS
+
+
+def add_demo_parser(subparsers: Subparsers) -> None:
+    """Register ``securemig demo``."""
+    p = subparsers.add_parser(
+        "demo",
+        help="run a whole migration on loopback and explain it",
+        description="In a temporary directory on loopback: start a "
+        "destination, create a VM, migrate it, print the phases.",
+    )
+    p.add_argument("--size-mib", type=_mib, default=256, help="RAM image size (default 256)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument(
+        "--backend",
+        choices=("image", "qemu"),
+        default="image",
+        help="image: a suspended VM of files (default); qemu: a running QEMU guest",
+    )
+    p.set_defaults(func=cmd_demo)
+
+
+def add_bench_parser(subparsers: Subparsers) -> None:
+    """Register ``securemig bench``."""
+    p = subparsers.add_parser(
+        "bench",
+        help="measure secure and insecure migration against a plain copy",
+        description="Secure and insecure migrations between two enrolled swtpm hosts "
+        "against a plain socket copy into an fsynced file, same data, same run: wall time "
+        "per phase, CPU and peak RSS of each side, bytes on the wire; a report of the "
+        "ratios and targets.  See doc/performance.rst.",
+    )
+    p.add_argument(
+        "--sizes", default="128,256,512,1024", help="comma-separated MiB (default %(default)s)"
+    )
+    p.add_argument("--repeat", type=int, default=3, help="runs per size (default 3)")
+    p.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        help="write the records here as JSON (e.g. out.json), and out-records.csv, "
+        "out-report.md and out-*.png plots beside it",
+    )
+    p.add_argument(
+        "--link-mbit",
+        type=int,
+        help="root only: run the destination side in a network namespace behind a veth "
+        "link limited to N Mbit/s (tc tbf), instead of loopback",
+    )
+    p.add_argument(
+        "--variants",
+        default="full",
+        help="full (RAM and disk travel) and/or shared-storage (RAM only); default %(default)s",
+    )
+    p.add_argument(
+        "--disk-mib",
+        type=int,
+        default=0,
+        help="disk image of each VM (travels in the full variant; on shared storage in "
+        "the other); default: none in the full variant, 64 MiB on shared storage",
+    )
+    p.add_argument(
+        "--out", type=Path, help="write records.json, records.csv, report.md and PNG plots here"
+    )
+    p.add_argument(
+        "--ciphers",
+        default="",
+        help="secure runs per TLS 1.3 cipher, from aes128,aes256,chacha20 "
+        "(default: one secure run with OpenSSL's choice)",
+    )
+    p.add_argument(
+        "--protocols",
+        default="insecure,secure",
+        help="measured besides the plain copy: insecure, secure (data channel), secure-tls "
+        "(images inside TLS, as before the data channel); default %(default)s",
+    )
+    p.add_argument(
+        "--qemu",
+        action="store_true",
+        help="instead: time suspend and resume of real QEMU guests of --sizes MiB",
+    )
+    p.add_argument(
+        "--tpm",
+        action="store_true",
+        help="instead: time TPM operations on a fresh swtpm (--repeat each)",
+    )
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``securemig demo``: see :mod:`securemig.lab.demo`."""
+    return demo.run(size_mib=args.size_mib, as_json=args.json, keep=args.keep, backend=args.backend)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``securemig bench``: see :mod:`securemig.lab.bench`."""
+    if args.tpm:
+        return tpm.run(repeat=args.repeat)
+    sizes = [int(x) for x in _items(args.sizes)]
+    if args.qemu:
+        return qemu.run(sizes, args.repeat)
+
+    protocols = _items(args.protocols)
+    ciphers: tuple[str | None, ...] = _items(args.ciphers) or (None,)
+    if set(ciphers) - set(CIPHERS) - {None}:
+        return error(f"--ciphers takes {', '.join(CIPHERS)}")
+    unknown = set(protocols) - set(bench.PROTOCOLS)
+    if unknown:
+        return error(
+            f"unknown protocol(s) {', '.join(sorted(unknown))}: use {', '.join(bench.PROTOCOLS)}"
+        )
+    variants = _items(args.variants)
+    if not variants or set(variants) - set(bench.VARIANTS):
+        return error(f"--variants takes {', '.join(bench.VARIANTS)}")
+    if not sizes or min(sizes) <= 0 or args.repeat <= 0:
+        return error("--sizes and --repeat must be positive")
+
+    try:
+        return bench.run(
+            sizes=sizes,
+            repeat=args.repeat,
+            work_dir=args.dir,
+            json_path=args.json,
+            protocols=protocols,
+            out=args.out,
+            ciphers=ciphers,
+            variants=variants,
+            disk_mib=args.disk_mib,
+            link_mbit=args.link_mbit,
+        )
+    except LinkError as e:
+        return error(str(e))
+
+
+def _items(text: str) -> tuple[str, ...]:
+    """The items of a comma-separated option, stripped, empty ones left out."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())

@@ -1,0 +1,218 @@
+"""``securemig migrate``: drive one migration from the source, show its
+progress and report how it ended."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from securemig.app.cli.common import EXIT_FAILED, EXIT_IN_DOUBT, EXIT_OK, Subparsers, error
+from securemig.app.cli.journal import source_state_dir
+from securemig.host.glibc import tune_malloc
+from securemig.host.journal import Journal
+from securemig.hypervisor.bundle import Bundle, BundleError
+from securemig.lab.processes import peak_rss_mib
+from securemig.protocol import wire
+from securemig.protocol.effects import Outcome
+from securemig.transport.client import ConnectFailed, SecureOptions, migrate, parse_address
+from securemig.transport.reactor import run_reactor
+from securemig.trust.tpm.tpm import TPMError
+
+
+def add_parser(subparsers: Subparsers) -> None:
+    """Register ``securemig migrate``."""
+    mig = subparsers.add_parser(
+        "migrate",
+        help="migrate a VM to a destination",
+        description="Migrate VM NAME from --vm-dir to the destination at --to. Before the "
+        "commit any failure leaves the VM here, unlocked and intact; after it the VM "
+        "belongs to the destination and its bundle here is removed.",
+    )
+    mig.add_argument("name", help="the VM to migrate")
+    mig.add_argument("--vm-dir", required=True, type=Path, help="directory holding the VM bundle")
+    mig.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination")
+    mig.add_argument(
+        "--identity",
+        type=Path,
+        help="this host's identity directory: the secure variant; with --insecure, only "
+        "to unseal a vTPM key (which then travels in the clear)",
+    )
+    mig.add_argument(
+        "--policy-dir", type=Path, help="golden values of destinations (default: IDENTITY/policy)"
+    )
+    mig.add_argument(
+        "--tofu",
+        action="store_true",
+        help="record an unknown destination's PCR values on first attestation",
+    )
+    mig.add_argument(
+        "--destination-name", help="the name the destination must prove (default: the host of --to)"
+    )
+    mig.add_argument(
+        "--insecure",
+        action="store_true",
+        help="use the insecure variant (no TLS, no attestation): for measurements",
+    )
+    mig.add_argument(
+        "--shared-storage",
+        action="store_true",
+        help="move RAM only; the disk stays on storage both hosts share",
+    )
+    mig.add_argument(
+        "--chunk-kib",
+        type=int,
+        default=wire.DEFAULT_CHUNK_SIZE // 1024,
+        help="DATA frame size in KiB (default %(default)s)",
+    )
+    mig.add_argument(
+        "--state-dir", type=Path, help="where the source journal lives (default: VM_DIR/.securemig)"
+    )
+    mig.add_argument("--idle-timeout", type=float, help="seconds without progress (default 60)")
+    mig.add_argument("--deadline", type=float, help="seconds for the whole migration (3600)")
+    mig.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    mig.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mig.set_defaults(func=cmd_migrate)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """``securemig migrate``: drive one migration from the source."""
+    tune_malloc()
+    if not args.insecure and not args.identity:
+        return error(
+            "choose the variant: --identity DIR for the secure one, or --insecure "
+            "(no TLS, no attestation)"
+        )
+    secure = None
+    if args.identity and not args.insecure:
+        secure = SecureOptions(args.identity, args.policy_dir, args.tofu, args.destination_name)
+    chunk = args.chunk_kib * 1024
+    if not wire.MIN_CHUNK_SIZE <= chunk <= wire.MAX_CHUNK_SIZE:
+        return error(
+            f"--chunk-kib must be between {wire.MIN_CHUNK_SIZE // 1024} and "
+            f"{wire.MAX_CHUNK_SIZE // 1024}"
+        )
+    try:
+        parse_address(args.to)
+        bundle = Bundle.find(args.vm_dir, args.name)
+    except (ValueError, BundleError) as e:
+        return error(str(e))
+    variant = wire.Variant.SHARED_STORAGE if args.shared_storage else wire.Variant.FULL
+    journal = Journal(source_state_dir(args.vm_dir, args.state_dir) / "journal.sqlite")
+    outcome: dict[str, Any] = {}
+    bar = _ProgressBar(f"migrating {bundle.name}", shown=not args.no_progress)
+
+    async def run(reactor: Any) -> None:
+        started = time.monotonic()
+        try:
+            departure, finished = await migrate(
+                reactor,
+                bundle,
+                args.to,
+                variant=variant,
+                journal=journal,
+                chunk_size=chunk,
+                idle_timeout=args.idle_timeout,
+                deadline=args.deadline,
+                on_progress=bar.update,
+                on_start=bar.start,
+                secure=secure,
+                unseal_with=args.identity if args.insecure else None,
+            )
+        except (BundleError, ConnectFailed, TPMError, OSError) as e:
+            outcome["error"] = str(e)
+            return
+        outcome["departure"] = departure
+        outcome["finished"] = finished
+        outcome["seconds"] = time.monotonic() - started
+
+    run_reactor(run)
+    bar.close()
+    if "error" in outcome:
+        return error(outcome["error"])
+    return _report(args, journal, outcome)
+
+
+class _ProgressBar:
+    """A progress bar of the bytes sent on stderr, if it is a terminal and
+    the bar is wanted; otherwise nothing."""
+
+    def __init__(self, description: str, shown: bool) -> None:
+        self.description = description
+        self.shown = shown
+        self.bar: Any = None
+
+    def start(self, departure: Any) -> None:
+        """The migration has started: ``departure.total_bytes`` will travel."""
+        if self.shown and sys.stderr.isatty():
+            # tqdm is imported only when a bar is drawn.
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=departure.total_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=self.description,
+                file=sys.stderr,
+            )
+
+    def update(self, n: int) -> None:
+        """``n`` more bytes have been sent."""
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        """The migration has ended."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _report(args: argparse.Namespace, journal: Journal, outcome: dict[str, Any]) -> int:
+    """Say how the migration ended (a line, or the summary as JSON with
+    ``--json``) and return the exit status that tells it."""
+    departure, finished = outcome["departure"], outcome["finished"]
+    record = journal.get(departure.id)
+    seconds = outcome["seconds"]
+    mib = departure.total_bytes / (1 << 20)
+    summary = {
+        "vm": args.name,
+        "to": args.to,
+        "protocol": "insecure" if args.insecure else "secure",
+        "variant": "shared-storage" if args.shared_storage else "full",
+        "outcome": finished.outcome.value,
+        "error": f"{finished.code.name}: {finished.reason}" if finished.code else None,
+        "migration_id": record.migration_id if record else None,
+        "bytes": departure.total_bytes,
+        "wire_bytes": departure.wire_bytes,
+        "seconds": round(seconds, 4),
+        "throughput_mibps": round(mib / seconds, 1) if seconds > 0 else None,
+        "phases": {k: round(v, 4) for k, v in (record.phase_times() if record else {}).items()},
+        "peak_rss_mib": peak_rss_mib(),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    if finished.outcome is Outcome.DONE:
+        if not args.json:
+            print(
+                f"securemig: VM {args.name} migrated to {args.to} ({summary['variant']}, "
+                f"{summary['protocol']}): {mib:.0f} MiB in {seconds:.2f} s "
+                f"({summary['throughput_mibps']} MiB/s), migration {summary['migration_id']}"
+            )
+        return EXIT_OK
+    if finished.outcome is Outcome.ABORTED:
+        print(
+            f"securemig: migration of VM {args.name} failed: {summary['error']}; "
+            f"the VM is still at the source, unlocked",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(
+        f"securemig: VM {args.name} was committed to {args.to} but the destination did not "
+        f"confirm: {summary['error']}; check `securemig status` there",
+        file=sys.stderr,
+    )
+    return EXIT_IN_DOUBT

@@ -1,0 +1,178 @@
+"""``securemig vm create|start|status|list``: VM bundles on this host."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from securemig.app.cli.common import EXIT_OK, Subparsers, _mib, error
+from securemig.hypervisor.backends import Backend, backend_for
+from securemig.hypervisor.bundle import Bundle, BundleError, create_image_vm
+from securemig.transport.reactor import run_reactor
+from securemig.trust import vtpm
+from securemig.trust.attestor import open_attestor
+
+
+def add_parser(subparsers: Subparsers) -> None:
+    """Register ``securemig vm`` and its actions."""
+    vm = subparsers.add_parser("vm", help="create and inspect VM bundles")
+    vm_sub = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
+    create = vm_sub.add_parser(
+        "create",
+        help="create a suspended VM of the image backend (random contents)",
+        description="Create DIR/NAME/, a suspended VM whose RAM (and disk) images hold "
+        "random bytes; enough to prove that a migration moves state intact.",
+    )
+    create.add_argument("name", help="VM name (letters, digits, '.', '_', '-')")
+    create.add_argument("--dir", required=True, type=Path, help="directory holding VM bundles")
+    create.add_argument(
+        "--ram-mib",
+        required=True,
+        type=_mib,
+        help="RAM image size (image backend) or guest memory (qemu) in MiB",
+    )
+    create.add_argument(
+        "--backend",
+        default="image",
+        choices=("image", "qemu"),
+        help="image: a suspended VM of random bytes; qemu: a QEMU guest "
+        "(start it with `securemig vm start`)",
+    )
+    create.add_argument("--disk-mib", type=_mib, help="disk image size in MiB (default: no disk)")
+    create.add_argument(
+        "--identity",
+        type=Path,
+        help="give the VM a vTPM key sealed to this host's TPM (needed for secure migration)",
+    )
+    create.add_argument(
+        "--shared-disk", type=Path, help="create the disk image here, on storage both hosts mount"
+    )
+    create.set_defaults(func=cmd_vm_create)
+    for action, text, func in (
+        ("start", "start a QEMU VM (firmware only is enough)", cmd_vm_start),
+        ("status", "say what state a VM is in", cmd_vm_status),
+    ):
+        a = vm_sub.add_parser(action, help=text)
+        a.add_argument("name")
+        a.add_argument("--dir", required=True, type=Path, help="directory holding VM bundles")
+        if action == "start":
+            a.add_argument(
+                "--identity",
+                type=Path,
+                help="this host's identity directory: its TPM unseals the key of a VM's vTPM",
+            )
+        a.set_defaults(func=func)
+    listing = vm_sub.add_parser("list", help="list the VM bundles in a directory")
+    listing.add_argument("--dir", required=True, type=Path)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=cmd_vm_list)
+
+
+def cmd_vm_create(args: argparse.Namespace) -> int:
+    """``securemig vm create``: a new VM bundle, with a sealed vTPM key given
+    ``--identity``."""
+    try:
+        sealed = key_and_ca = owner = None
+        if args.identity:
+            # The vTPM's state key: sealed to this host's TPM, handed to
+            # swtpm through a pipe, never written in the clear.
+            key = os.urandom(32)
+            with open_attestor(args.identity, None, False) as attestor:
+                sealed = attestor.seal(key)
+                owner = attestor.identity.name
+            key_and_ca = (key, args.identity / "vtpm-ca")
+        bundle = create_image_vm(
+            args.dir,
+            args.name,
+            args.ram_mib,
+            args.disk_mib,
+            args.shared_disk,
+            sealed,
+            key_and_ca,
+            owner=owner,
+            backend=args.backend,
+        )
+    except (BundleError, OSError, ValueError) as e:
+        return error(str(e))
+    sizes = ", ".join(f"{i.name} {i.size >> 20} MiB" for i in bundle.manifest.images)
+    shared = f", shared disk {bundle.manifest.shared_disk}" if bundle.manifest.shared_disk else ""
+    print(f"created VM {bundle.name} at {bundle.path} ({sizes}{shared})")
+    return EXIT_OK
+
+
+def cmd_vm_list(args: argparse.Namespace) -> int:
+    """``securemig vm list``: the VM bundles in ``--dir`` (none if it is no
+    directory), as a table or JSON."""
+    rows: list[dict[str, Any]] = []
+    for path in sorted(args.dir.iterdir()) if args.dir.is_dir() else []:
+        try:
+            b = Bundle.load(path)
+        except BundleError:
+            continue
+        rows.append(
+            {
+                "name": b.name,
+                "backend": b.manifest.backend,
+                "state": b.manifest.state,
+                "images": {i.name: i.size for i in b.manifest.images},
+                "shared_disk": b.manifest.shared_disk,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(
+                f"{r['name']:<24} {r['backend']:<6} {r['state']:<10} "
+                + " ".join(f"{k}={v >> 20}MiB" for k, v in r["images"].items())
+            )
+    return EXIT_OK
+
+
+def cmd_vm_status(args: argparse.Namespace) -> int:
+    """``securemig vm status``: what state a VM is in, by its backend."""
+    try:
+        bundle, backend = _find(args.dir, args.name, None)
+    except BundleError as e:
+        return error(str(e))
+    print(f"{bundle.name}: {backend.status(bundle)} ({bundle.manifest.backend})")
+    return EXIT_OK
+
+
+def cmd_vm_start(args: argparse.Namespace) -> int:
+    """``securemig vm start``: start a VM whose backend runs VMs here (QEMU),
+    its vTPM key unsealed with ``--identity``."""
+    try:
+        bundle, backend = _find(args.dir, args.name, args.identity)
+    except BundleError as e:
+        return error(str(e))
+    if not hasattr(backend, "start"):
+        return error(f"VMs of the {bundle.manifest.backend} backend are not started here")
+
+    async def start(reactor: Any) -> None:
+        await backend.start(bundle)  # type: ignore[attr-defined]
+
+    try:
+        run_reactor(start)
+    except Exception as e:
+        return error(str(e))
+    print(f"{bundle.name}: {backend.status(bundle)}")
+    return EXIT_OK
+
+
+def _find(vm_dir: Path, name: str, identity: Path | None) -> tuple[Bundle, Backend]:
+    """VM ``name`` in ``vm_dir`` and its backend, which unseals vTPM keys
+    with the TPM of ``identity`` if given."""
+    bundle = Bundle.find(vm_dir, name)
+    return bundle, backend_for(bundle.manifest.backend, vtpm_key=_vtpm_key(identity))
+
+
+def _vtpm_key(identity: Path | None) -> Callable[[Any], bytes] | None:
+    """How a VM's vTPM key is unsealed with the TPM of ``identity``."""
+    if identity is None:
+        return None
+    return vtpm.key_reader(vtpm.unsealer(identity))

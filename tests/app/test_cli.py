@@ -1,0 +1,59 @@
+"""The ``securemig`` command's parser, assembled from one module per
+command group: every command reaches a ``cmd_*``, in the documented order."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from securemig.app.cli.common import EXIT_FAILED
+from securemig.app.cli.main import build_parser, main
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The commands (or actions) of ``parser`` by name; empty for a leaf."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def leaves(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = (), func: object = None
+) -> list[tuple[tuple[str, ...], object]]:
+    """Every runnable command line's words, and the ``func`` it dispatches to."""
+    func = parser.get_default("func") or func
+    children = subparsers(parser)
+    if not children:
+        return [(path, func)]
+    return [leaf for name, child in children.items() for leaf in leaves(child, (*path, name), func)]
+
+
+class ParserTests(SynchronousTestCase):
+    def test_commands_in_order(self) -> None:
+        """``securemig --help`` lists the commands in the order they always had."""
+        self.assertEqual(
+            list(subparsers(build_parser())),
+            ["vm", "migrate", "status", "recover", "demo", "ca", "pca", "host", "policy", "bench"],
+        )
+
+    def test_every_command_has_a_handler(self) -> None:
+        """Each command and action sets ``func`` to a ``cmd_*`` of its module."""
+        found = leaves(build_parser())
+        self.assertEqual(len(found), 16)
+        for path, func in found:
+            self.assertTrue(callable(func), path)
+            self.assertTrue(getattr(func, "__name__", "").startswith("cmd_"), path)
+
+    def test_operator_mistake_exits_1(self) -> None:
+        """A mistake the parser cannot see is one error line and exit status 1."""
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            status = main(["bench", "--ciphers", "rot13"])
+        self.assertEqual(status, EXIT_FAILED)
+        self.assertEqual(
+            stderr.getvalue(), "securemig: error: --ciphers takes aes128, aes256, chacha20\n"
+        )
