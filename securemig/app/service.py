@@ -7,6 +7,7 @@ Builds the listening service from command-line options; the plugin in
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from securemig import files
+from securemig.host import storage
 from securemig.host.arrival import DestinationHost
 from securemig.host.glibc import tune_malloc
 from securemig.transport import tls
@@ -105,6 +107,20 @@ class Options(usage.Options):
         """Check the options make a usable destination."""
         if not self["state-dir"]:
             raise usage.UsageError("--state-dir is required")
+        # One daemon per state directory: a second one would settle (and
+        # delete) the staging of migrations arriving at the first.  Held for
+        # the life of the process (a flock survives twistd's fork).
+        state = Path(self["state-dir"])
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+            self.lock = storage.Lock(state / DAEMON_LOCK)
+        except storage.LockBusy:
+            holder = (state / DAEMON_LOCK).read_text().strip()
+            raise usage.UsageError(
+                f"another twistd securemig (pid {holder or '?'}) runs on {state}"
+            ) from None
+        except OSError as e:
+            raise usage.UsageError(f"cannot use --state-dir {state}: {e.strerror or e}") from None
         if self["listen"] and not self["identity"]:
             raise usage.UsageError("--listen (the secure variant) needs --identity DIR")
         if self["identity"] and not (Path(self["identity"]) / "host.json").exists():
@@ -125,6 +141,10 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--idle-timeout, --deadline and --resolve-interval must be positive"
             )
+
+
+#: Held by the daemon in its state directory (see Options.postOptions).
+DAEMON_LOCK = "daemon.lock"
 
 
 class RecoveryService(service.Service):
@@ -192,8 +212,16 @@ class ListenService(service.Service):
                 files.write_durably(self.port_file, f"{number}\n".encode())
 
         def failed(f: Any) -> None:
-            log.failure("cannot listen for {what}", f, what=self.what)
-            reactor.stop()
+            # A supervisor must see a service that cannot serve as failed.
+            log.critical(
+                "cannot listen for {what}: {reason}; exiting with status 1",
+                what=self.what,
+                reason=f.getErrorMessage(),
+            )
+            reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            # The bind may fail before the reactor runs (startService): stop
+            # it once it does.
+            reactor.callWhenRunning(reactor.stop)
 
         d.addCallbacks(listening, failed)
 

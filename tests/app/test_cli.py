@@ -37,13 +37,25 @@ class ParserTests(SynchronousTestCase):
         """``securemig --help`` lists the commands in the order they always had."""
         self.assertEqual(
             list(subparsers(build_parser())),
-            ["vm", "migrate", "status", "recover", "demo", "ca", "pca", "host", "policy", "bench"],
+            [
+                "vm",
+                "migrate",
+                "status",
+                "recover",
+                "journal",
+                "demo",
+                "ca",
+                "pca",
+                "host",
+                "policy",
+                "bench",
+            ],
         )
 
     def test_every_command_has_a_handler(self) -> None:
         """Each command and action sets ``func`` to a ``cmd_*`` of its module."""
         found = leaves(build_parser())
-        self.assertEqual(len(found), 16)
+        self.assertEqual(len(found), 17)
         for path, func in found:
             self.assertTrue(callable(func), path)
             self.assertTrue(getattr(func, "__name__", "").startswith("cmd_"), path)

@@ -49,8 +49,9 @@ def crash_env(point: str) -> dict[str, str]:
     return {"SECUREMIG_CRASH_POINTS": "1", "SECUREMIG_CRASH_AT": point}
 
 
-class CrashPointTests(TestCase):
-    """Each test is one cell: which process dies, and where."""
+class CrashBase(TestCase):
+    """Two daemons (the source host's own, and the destination's), a VM at
+    the source, and the checks every cell makes."""
 
     timeout = 120
 
@@ -160,6 +161,10 @@ class CrashPointTests(TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(json.loads(result.stdout)["outcome"], "done")
 
+
+class CrashPointTests(CrashBase):
+    """Each test is one cell: which process dies (or which message is cut), and where."""
+
     # -- cells: the source's `securemig migrate` dies
 
     def source_dies(self, point: str) -> None:
@@ -245,3 +250,71 @@ class CrashPointTests(TestCase):
     def test_done_cut(self) -> None:
         """DONE never reaches the source: RESOLVE is answered done."""
         self.connection_cut(wire.Done, "to-source")
+
+
+class ManualRecoveryTests(CrashBase):
+    """The source host is gone for good (no daemon will ever RESOLVE): the
+    operator exports its journal and settles the destination by hand; and a
+    VM this host gave away is refused by `migrate` and `vm start`."""
+
+    def test_export_and_recover(self) -> None:
+        """COMMIT cut, the source daemon down: `journal export` on the source,
+        `recover --source-journal` on the destination rolls it forward."""
+        self.source_daemon.stop()
+        destination = self.daemon(self.dst_state)
+        proxy = CuttingProxy(
+            ("127.0.0.1", destination.port), wire.TYPE_CODES[wire.Commit], "to-destination"
+        )
+        self.addCleanup(proxy.close)
+        result = self.migrate(self.vm_dir, self.src_state, proxy.address)
+        self.assertEqual(json.loads(result.stdout)["outcome"], "in-doubt", result.stderr)
+        self.assertEqual(len(list((self.dst_state / "staging").iterdir())), 1)
+        copy = self.base / "exported.sqlite"
+        exported = processes.securemig(
+            "journal", "export", str(copy), "--state-dir", str(self.src_state)
+        )
+        self.assertEqual(exported.returncode, 0, exported.stderr)
+        self.assertFalse(Path(f"{copy}-wal").exists())
+        recovered = processes.securemig(
+            "recover", "--state-dir", str(self.dst_state), "--source-journal", str(copy)
+        )
+        self.assertEqual(recovered.returncode, 0, recovered.stderr)
+        self.assertIn("resumed here", recovered.stdout)
+        arrived = Bundle.load(self.dst_state / "vms" / "vm1")
+        self.assertEqual(bundle_digests(arrived), self.before)
+        self.assertEqual(list((self.dst_state / "staging").iterdir()), [])
+
+    def test_garbage_source_journal(self) -> None:
+        """A file that is no journal: one sentence, exit 1, nothing created."""
+        junk = self.base / "junk.sqlite"
+        junk.write_bytes(b"not a database at all" * 100)
+        result = processes.securemig(
+            "recover", "--state-dir", str(self.base / "fresh"), "--source-journal", str(junk)
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("is not a securemig journal", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertFalse((self.base / "fresh").exists())
+
+    def test_given_away_vm_refused(self) -> None:
+        """After a committed migration whose bundle a crash left behind (and
+        before any recovery), `migrate` settles first: the copy is removed
+        and the VM is refused with where it went, never sent to a third host."""
+        self.source_daemon.stop()
+        destination = self.daemon(self.dst_state)
+        result = self.migrate(
+            self.vm_dir, self.src_state, destination.address, crash_env("source-committed")
+        )
+        self.assertEqual(result.returncode, -signal.SIGKILL)
+        self.assertTrue((self.vm_dir / "vm1").exists())  # the crash left the copy
+        third = self.daemon(self.base / "third")
+        again = self.migrate(self.vm_dir, self.src_state, third.address)
+        self.assertEqual(again.returncode, 1)
+        self.assertIn("was migrated to", again.stderr)
+        self.assertFalse((self.vm_dir / "vm1").exists())
+        self.assertFalse((self.base / "third" / "vms" / "vm1").exists())
+        start = processes.securemig(
+            "vm", "start", "vm1", "--dir", str(self.vm_dir), "--state-dir", str(self.src_state)
+        )
+        self.assertEqual(start.returncode, 1)
+        self.assertIn("was migrated to", start.stderr)

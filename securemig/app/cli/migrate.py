@@ -11,16 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from securemig.app.cli.common import EXIT_FAILED, EXIT_IN_DOUBT, EXIT_OK, Subparsers, error
-from securemig.app.cli.journal import source_state_dir
+from securemig.app.cli.journal import given_away, settle_here, source_state_dir
 from securemig.host.glibc import tune_malloc
 from securemig.host.journal import Journal
-from securemig.hypervisor.bundle import Bundle, BundleError
+from securemig.hypervisor.bundle import Bundle, BundleError, check_vm_name
 from securemig.lab.processes import peak_rss_mib
 from securemig.protocol import wire
 from securemig.protocol.effects import Outcome
-from securemig.transport.client import ConnectFailed, SecureOptions, migrate, parse_address
+from securemig.protocol.errors import MigrationError
+from securemig.transport.client import SecureOptions, migrate, parse_address
 from securemig.transport.reactor import run_reactor
-from securemig.trust.tpm.tpm import TPMError
 
 
 def add_parser(subparsers: Subparsers) -> None:
@@ -97,17 +97,24 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         )
     try:
         parse_address(args.to)
-        bundle = Bundle.find(args.vm_dir, args.name)
+        check_vm_name(args.name)
     except (ValueError, BundleError) as e:
         return error(str(e))
     variant = wire.Variant.SHARED_STORAGE if args.shared_storage else wire.Variant.FULL
     journal = Journal(source_state_dir(args.vm_dir, args.state_dir) / "journal.sqlite")
     outcome: dict[str, Any] = {}
-    bar = _ProgressBar(f"migrating {bundle.name}", shown=not args.no_progress)
+    bar = _ProgressBar(f"migrating {args.name}", shown=not args.no_progress)
 
     async def run(reactor: Any) -> None:
         started = time.monotonic()
         try:
+            # What an earlier migrate that died left unfinished comes first:
+            # it may give this VM back, or show that it was given away.
+            await settle_here(journal, args.identity)
+            gone = given_away(journal, args.name, args.vm_dir)
+            if gone is not None:
+                raise BundleError(gone)
+            bundle = Bundle.find(args.vm_dir, args.name)
             departure, finished = await migrate(
                 reactor,
                 bundle,
@@ -122,7 +129,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 secure=secure,
                 unseal_with=args.identity if args.insecure else None,
             )
-        except (BundleError, ConnectFailed, TPMError, OSError) as e:
+        except (MigrationError, OSError) as e:
             outcome["error"] = str(e)
             return
         outcome["departure"] = departure

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from securemig.app.cli.common import EXIT_OK, Subparsers, _mib, error
+from securemig.app.cli.journal import given_away, settle_here, source_state_dir
+from securemig.host.journal import Journal
 from securemig.hypervisor.backends import Backend, backend_for
 from securemig.hypervisor.bundle import Bundle, BundleError, create_image_vm
 from securemig.transport.reactor import run_reactor
@@ -59,6 +61,12 @@ def add_parser(subparsers: Subparsers) -> None:
         a = vm_sub.add_parser(action, help=text)
         a.add_argument("name")
         a.add_argument("--dir", required=True, type=Path, help="directory holding VM bundles")
+        a.add_argument(
+            "--state-dir",
+            type=Path,
+            help="this host's state directory, whose journal is settled first "
+            "(default: $SECUREMIG_STATE_DIR, else DIR/.securemig)",
+        )
         if action == "start":
             a.add_argument(
                 "--identity",
@@ -135,10 +143,12 @@ def cmd_vm_list(args: argparse.Namespace) -> int:
 
 def cmd_vm_status(args: argparse.Namespace) -> int:
     """``securemig vm status``: what state a VM is in, by its backend."""
+    _settle(args, None)
     try:
         bundle, backend = _find(args.dir, args.name, None)
     except BundleError as e:
-        return error(str(e))
+        gone = given_away(_journal(args), args.name, args.dir)
+        return error(gone or str(e))
     print(f"{bundle.name}: {backend.status(bundle)} ({bundle.manifest.backend})")
     return EXIT_OK
 
@@ -146,22 +156,49 @@ def cmd_vm_status(args: argparse.Namespace) -> int:
 def cmd_vm_start(args: argparse.Namespace) -> int:
     """``securemig vm start``: start a VM whose backend runs VMs here (QEMU),
     its vTPM key unsealed with ``--identity``."""
-    try:
-        bundle, backend = _find(args.dir, args.name, args.identity)
-    except BundleError as e:
-        return error(str(e))
-    if not hasattr(backend, "start"):
-        return error(f"VMs of the {bundle.manifest.backend} backend are not started here")
+    journal = _journal(args)
+    found: list[Any] = []
 
     async def start(reactor: Any) -> None:
-        await backend.start(bundle)  # type: ignore[attr-defined]
+        await settle_here(journal, args.identity)
+        gone = given_away(journal, args.name, args.dir)
+        if gone is not None:
+            raise BundleError(gone)
+        bundle, backend = _find(args.dir, args.name, args.identity)
+        found[:] = [bundle, backend]
+        if not hasattr(backend, "start"):
+            raise BundleError(f"VMs of the {bundle.manifest.backend} backend are not started here")
+        if backend.status(bundle) == "running":
+            return
+        if bundle.manifest.state == "suspended" and bundle.image_path("ram").exists():
+            # Saved by a suspend (a migration that did not happen): resume
+            # from the RAM image; a cold boot would discard the guest's memory.
+            await backend.resume(bundle)
+        else:
+            await backend.start(bundle)  # type: ignore[attr-defined]
 
     try:
         run_reactor(start)
     except Exception as e:
         return error(str(e))
+    bundle, backend = found
     print(f"{bundle.name}: {backend.status(bundle)}")
     return EXIT_OK
+
+
+def _journal(args: argparse.Namespace) -> Journal:
+    """This host's journal, as ``vm start|status --state-dir`` names it."""
+    return Journal(source_state_dir(args.dir, args.state_dir) / "journal.sqlite")
+
+
+def _settle(args: argparse.Namespace, identity: Path | None) -> None:
+    """Settle this host's unfinished departures (a VM a dead migrate left)."""
+    journal = _journal(args)
+
+    async def settle(reactor: Any) -> None:
+        await settle_here(journal, identity)
+
+    run_reactor(settle)
 
 
 def _find(vm_dir: Path, name: str, identity: Path | None) -> tuple[Bundle, Backend]:
