@@ -90,9 +90,8 @@ def run(
             )
 
         before = state_of(vm)
-        source = open_attestor(work / SOURCE, None, False)
-        secret = source.unseal(vm.vtpm_key_path.read_bytes())
-        source.tpm.close()
+        with open_attestor(work / SOURCE, None, False) as source:
+            secret = source.unseal(vm.vtpm_key_path.read_bytes())
         kind = "a running QEMU guest" if qemu else "a suspended VM"
         say(
             f"2. created VM demo-vm at {SOURCE}: {kind} (RAM {size_mib} MiB, disk 32 MiB, a "
@@ -104,9 +103,8 @@ def run(
         )
         secure, _ = lab.migrate(destination, "demo-vm", secure=True)
         there = Bundle.load(destination.state_dir / "vms" / "demo-vm")
-        dest = open_attestor(work / DESTINATION, None, False)
-        released = dest.unseal(there.vtpm_key_path.read_bytes())
-        dest.tpm.close()
+        with open_attestor(work / DESTINATION, None, False) as dest:
+            released = dest.unseal(there.vtpm_key_path.read_bytes())
         at_destination = {
             "images": state_of(there) == before,
             "key": released == secret,
@@ -122,9 +120,8 @@ def run(
             home, "demo-vm", secure=False, vm_dir=there.path.parent, source=DESTINATION, to=SOURCE
         )
         back = Bundle.load(home.state_dir / "vms" / "demo-vm")
-        source = open_attestor(work / SOURCE, None, False)
-        returned = source.unseal(back.vtpm_key_path.read_bytes())
-        source.tpm.close()
+        with open_attestor(work / SOURCE, None, False) as source:
+            returned = source.unseal(back.vtpm_key_path.read_bytes())
         checks = {
             (
                 "guest_running_with_same_memory_and_vtpm" if qemu else "images_identical"

@@ -165,11 +165,8 @@ class Lab:
         sealed = vtpm = None
         if secure:
             key = os.urandom(32)
-            source = open_attestor(self.work / SOURCE, None, False)
-            try:
+            with open_attestor(self.work / SOURCE, None, False) as source:
                 sealed = source.seal(key)
-            finally:
-                source.tpm.close()
             vtpm = (key, self.work / "vtpm-ca")
         bundle = create_image_vm(
             self.vm_dir,
@@ -249,14 +246,10 @@ class Lab:
 
         arrived = Bundle.load(destination.state_dir / "vms" / name)
         if arrived.vtpm_key_path.exists():
-            dest = open_attestor(self.work / DESTINATION, None, False)
-            source = open_attestor(self.work / SOURCE, None, False)
-            try:
+            with open_attestor(self.work / DESTINATION, None, False) as dest:
                 key = dest.unseal(arrived.vtpm_key_path.read_bytes())
+            with open_attestor(self.work / SOURCE, None, False) as source:
                 files.write_durably(arrived.vtpm_key_path, source.seal(key), mode=0o600)
-            finally:
-                dest.tpm.close()
-                source.tpm.close()
         if arrived.manifest.shared_disk:
             set_disk_owner(Path(arrived.manifest.shared_disk), SOURCE)
         arrived.manifest.state = "suspended"

@@ -85,11 +85,8 @@ def unsealer(identity: Path) -> Callable[[bytes], bytes]:
     after, so a long-lived process does not hold it."""
 
     def unseal(sealed: bytes) -> bytes:
-        attestor = open_attestor(identity, None, False)
-        try:
+        with open_attestor(identity, None, False) as attestor:
             return attestor.unseal(sealed)
-        finally:
-            attestor.tpm.close()
 
     return unseal
 
