@@ -125,7 +125,7 @@ ACTIVITY_AFTER = {
 
 
 @dataclass
-class Record:
+class MigrationRecord:
     """One migration as the journal knows it."""
 
     id: str
@@ -291,25 +291,25 @@ class Journal:
                 self._db.execute("UPDATE migrations SET phase = ? WHERE id = ?", (phase, local_id))
                 self._db.execute("INSERT INTO events VALUES (?, ?, ?)", (local_id, phase, now))
 
-    def get(self, local_id: str) -> Record | None:
+    def get(self, local_id: str) -> MigrationRecord | None:
         """One migration, with its events."""
         rows = self._query("WHERE id = ?", (local_id,))
         return rows[0] if rows else None
 
-    def by_migration_id(self, migration_id: str) -> Record | None:
+    def by_migration_id(self, migration_id: str) -> MigrationRecord | None:
         """The record (on a source: the latest) of the migration with this id."""
         rows = self._query("WHERE migration_id = ? ORDER BY started DESC", (migration_id,))
         return rows[0] if rows else None
 
-    def records(self, limit: int = 50) -> list[Record]:
+    def records(self, limit: int = 50) -> list[MigrationRecord]:
         """The newest migrations first."""
         return self._query("ORDER BY started DESC LIMIT ?", (limit,))
 
-    def unfinished(self) -> list[Record]:
+    def unfinished(self) -> list[MigrationRecord]:
         """Migrations with no outcome yet (interrupted by a crash)."""
         return self._query("WHERE outcome IS NULL ORDER BY started", ())
 
-    def departures(self) -> list[Record]:
+    def departures(self) -> list[MigrationRecord]:
         """Source records recovery may still have work for: no outcome yet,
         in doubt, or admitted by a destination that has not confirmed how it
         ended (it may hold staging in doubt: it sent PREPARED, which a cut
@@ -321,7 +321,7 @@ class Journal:
             (),
         )
 
-    def given_away(self, vm: str) -> Record | None:
+    def given_away(self, vm: str) -> MigrationRecord | None:
         """The migration that gave VM ``vm`` away from this host, if it has
         not come back since (a later arrival of it here that is done)."""
         rows = self._query("WHERE vm = ? ORDER BY started DESC", (vm,))
@@ -332,7 +332,7 @@ class Journal:
                 return record
         return None
 
-    def _query(self, where: str, args: tuple[Any, ...]) -> list[Record]:
+    def _query(self, where: str, args: tuple[Any, ...]) -> list[MigrationRecord]:
         columns = (
             "id, migration_id, role, vm, peer, variant, protocol, phase, outcome, error,"
             " bytes, started, updated, peer_name, bundle, peer_settled, owner"
@@ -344,10 +344,10 @@ class Journal:
                 "SELECT phase, at FROM events WHERE migration = ? ORDER BY rowid", (row[0],)
             ).fetchall()
             values: list[Any] = [*row[:-2], bool(row[-2]), row[-1], [(p, a) for p, a in events]]
-            result.append(Record(*values))
+            result.append(MigrationRecord(*values))
         return result
 
 
-def dumps(records: list[Record]) -> str:
+def dumps(records: list[MigrationRecord]) -> str:
     """Records as JSON text."""
     return json.dumps([r.as_dict() for r in records], indent=2)

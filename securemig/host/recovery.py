@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from securemig.host import storage
 from securemig.host.departure import release
-from securemig.host.journal import Journal, Record, owner_alive
+from securemig.host.journal import Journal, MigrationRecord, owner_alive
 from securemig.hypervisor.backends import backend_for
 from securemig.hypervisor.bundle import LOCK, Bundle
 from securemig.protocol import wire
@@ -44,7 +44,7 @@ log = Logger()
 class Owed:
     """A decision a destination has not confirmed yet."""
 
-    record: Record
+    record: MigrationRecord
     decision: wire.Decision
 
     @property
@@ -83,7 +83,7 @@ async def settle_departures(
     return done, owed
 
 
-async def _finish_commit(journal: Journal, record: Record) -> list[str]:
+async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]:
     said = []
     if not record.reached("released") and record.bundle and Path(record.bundle).exists():
         await release(journal, record.id, Bundle.load(Path(record.bundle)))
@@ -101,7 +101,7 @@ async def _finish_commit(journal: Journal, record: Record) -> list[str]:
 
 
 async def _abort(
-    journal: Journal, record: Record, unseal: Callable[[bytes], bytes] | None
+    journal: Journal, record: MigrationRecord, unseal: Callable[[bytes], bytes] | None
 ) -> list[str] | None:
     if record.outcome is not None:
         return []  # aborted already; only the destination's confirmation is owed

@@ -136,9 +136,9 @@ class QemuBackend:
             return None
         return pid
 
-    def migration_key(self, key: bytes) -> bytes | None:
+    def stream_key(self, key: bytes) -> bytes | None:
         """The key swtpm encrypts the vTPM state in QEMU's stream with."""
-        return vtpm.migration_key(key)
+        return vtpm.stream_key(key)
 
     def _start_vtpm(self, bundle: Bundle) -> list[str]:
         """Start the VM's swtpm, if it has a vTPM; returns QEMU's arguments
@@ -158,7 +158,7 @@ class QemuBackend:
                 socket_path,
                 self._pidfile(bundle, "swtpm"),
                 key,
-                self.migration_key(key),
+                self.stream_key(key),
             )
         except RuntimeError as e:
             raise QemuError(f"the vTPM of VM {bundle.name} did not start: {e}") from None

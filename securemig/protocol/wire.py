@@ -195,7 +195,7 @@ class Text(Blob):
         return text, offset
 
 
-class Record(Codec):
+class Nested(Codec):
     """A nested dataclass whose fields carry codecs, like a message's."""
 
     def __init__(self, cls: type) -> None:
@@ -264,7 +264,7 @@ class Hello:
     variant: Variant = wire(Enum(Variant))
     vm_name: str = wire(Text(64, VM_NAME_RE))
     chunk_size: int = wire(UInt(4, MAX_CHUNK_SIZE))
-    images: tuple[ImageInfo, ...] = wire(Sequence(Record(ImageInfo), MAX_IMAGES))
+    images: tuple[ImageInfo, ...] = wire(Sequence(Nested(ImageInfo), MAX_IMAGES))
     #: Shared-storage variant: the disk's absolute path on the shared storage ("" if none).
     shared_disk: str = wire(Text(MAX_PATH))
     #: Guest memory in MiB for hypervisors that need it to resume (QEMU); 0 if none.
@@ -373,7 +373,7 @@ class Evidence:
 
     attest: bytes = wire(Blob(MAX_TPM_BLOB))
     signature: bytes = wire(Blob(MAX_TPM_BLOB))
-    pcrs: tuple[PcrValue, ...] = wire(Sequence(Record(PcrValue), 24))
+    pcrs: tuple[PcrValue, ...] = wire(Sequence(Nested(PcrValue), 24))
     ak_public: bytes = wire(Blob(MAX_TPM_BLOB))
     ak_certificate: bytes = wire(Blob(MAX_CERTIFICATE))
 
@@ -492,7 +492,7 @@ def encode(message: Any) -> bytes:
     if cls is Data:
         raise TypeError("DATA frames are written with data_header() and the raw chunk")
     parts: list[bytes] = []
-    Record(cls).encode(message, parts)
+    Nested(cls).encode(message, parts)
     payload = b"".join(parts)
     if len(payload) > MAX_CONTROL_PAYLOAD:
         raise ValueError(f"{cls.__name__} payload of {len(payload)} bytes over the limit")
@@ -514,8 +514,8 @@ def decode_payload(code: int, payload: bytes) -> Message:
     if cls is Data:
         return Data.of(payload)
     message: Message
-    # Any: a Record's codec returns whatever dataclass it was built for (cls).
-    message, end = Record(cls).decode(memoryview(payload), 0)
+    # Any: a Nested codec returns whatever dataclass it was built for (cls).
+    message, end = Nested(cls).decode(memoryview(payload), 0)
     if end != len(payload):
         trailing = len(payload) - end
         raise PeerViolation(ErrorCode.MALFORMED, f"{trailing} trailing bytes in {cls.__name__}")

@@ -36,7 +36,10 @@ IMAGE = "vtpm"
 
 
 #: HKDF label of the key swtpm encrypts its migration blobs with.
-MIGRATION_KEY_LABEL = b"securemig vtpm: swtpm migration key"
+#: The key of swtpm's --migration-key (it encrypts the vTPM blobs inside QEMU's own
+#: stream), derived from the vTPM state key; named apart from the TPM migration key
+#: of key release (securemig.trust.keyrelease.MigrationKey).
+STREAM_KEY_LABEL = b"securemig vtpm: swtpm migration key"
 
 
 class VTPMError(LocalFault, RuntimeError):
@@ -97,8 +100,8 @@ def key_reader(unseal: Callable[[bytes], bytes]) -> Callable[[Any], bytes]:
     return lambda bundle: unseal(bundle.vtpm_key_path.read_bytes())
 
 
-def migration_key(key: bytes) -> bytes:
+def stream_key(key: bytes) -> bytes:
     """The key swtpm's ``--migration-key`` gets for a vTPM whose state key
     is ``key``: derived from it (HKDF-SHA256, its own label), so it is
     sealed, wrapped and released with it and never stored on its own."""
-    return HKDF(SHA256(), 32, salt=None, info=MIGRATION_KEY_LABEL).derive(key)
+    return HKDF(SHA256(), 32, salt=None, info=STREAM_KEY_LABEL).derive(key)

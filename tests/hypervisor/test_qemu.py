@@ -192,7 +192,7 @@ class ForgetsMigrationKey(QemuBackend):
     """Test double: the QEMU backend as it would be without swtpm's
     ``--migration-key``, to show what the RAM image would then hold."""
 
-    def migration_key(self, key: bytes) -> bytes | None:
+    def stream_key(self, key: bytes) -> bytes | None:
         return None
 
 
