@@ -58,7 +58,15 @@ from securemig.protocol.effects import (
     abort,
 )
 from securemig.protocol.errors import ErrorCode, PeerViolation
-from securemig.protocol.session import Core, Session, Transition, build, ignore_everything, step
+from securemig.protocol.session import (
+    Core,
+    Session,
+    Transition,
+    build,
+    ends_before_commit,
+    ignore_everything,
+    step,
+)
 
 
 class DestinationInputs(Protocol):
@@ -301,12 +309,7 @@ def _destination_machine(secure: bool) -> Any:
         table.append((await_stream, I.clear_key, await_stream, C.on_clear_key))
         # Unreachable states still need a way out, for Automat's completeness.
         before_commit_point += [await_challenge]
-    for state in before_commit_point:
-        table += [
-            (state, I.peer_abort, failed, C.on_peer_abort),
-            (state, I.fail, failed, C.on_fail),
-        ]
-        table += [(state, I.connection_lost, failed, C.on_connection_lost)]
+    table += ends_before_commit(before_commit_point, I, C, failed)
     build(table)
     await_commit.upon(I.fail).to(failed)(step(failed, C.on_fail_in_doubt))
     await_commit.upon(I.connection_lost).to(failed)(step(failed, C.on_connection_lost_in_doubt))

@@ -61,6 +61,19 @@ def build(table: list[Transition]) -> None:
         registrar(step(target, behaviour))
 
 
+def ends_before_commit(states: list[Any], inputs: Any, core: Any, failed: Any) -> list[Transition]:
+    """Before the commit point an ABORT, a local failure or a lost connection
+    end the session from each of ``states``, with the core's ``on_peer_abort``,
+    ``on_fail`` and ``on_connection_lost`` (``inputs``/``core``: the role's
+    inputs protocol and core class)."""
+    endings = (
+        (inputs.peer_abort, core.on_peer_abort),
+        (inputs.fail, core.on_fail),
+        (inputs.connection_lost, core.on_connection_lost),
+    )
+    return [(state, i, failed, behaviour) for state in states for i, behaviour in endings]
+
+
 def ignore_everything(inputs: type, states: list[Any], ignore: Callable[..., Any]) -> None:
     """Terminal states swallow late events (a write finishing after an abort):
     every input of the ``inputs`` protocol loops with behaviour ``ignore``."""

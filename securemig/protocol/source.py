@@ -45,7 +45,15 @@ from securemig.protocol.effects import (
     abort,
 )
 from securemig.protocol.errors import ErrorCode
-from securemig.protocol.session import Core, Session, Transition, build, ignore_everything, step
+from securemig.protocol.session import (
+    Core,
+    Session,
+    Transition,
+    build,
+    ends_before_commit,
+    ignore_everything,
+    step,
+)
 
 
 class SourceInputs(Protocol):
@@ -198,12 +206,7 @@ def _source_machine(secure: bool) -> Any:
     else:
         table.append((await_welcome, I.welcome, streaming, C.on_welcome))
         before_commit_point += [await_evidence]
-    for state in before_commit_point:
-        table += [
-            (state, I.peer_abort, failed, C.on_peer_abort),
-            (state, I.fail, failed, C.on_fail),
-        ]
-        table += [(state, I.connection_lost, failed, C.on_connection_lost)]
+    table += ends_before_commit(before_commit_point, I, C, failed)
     build(table)
     # From ``committing`` on, COMMITTED may be durable: a failure leaves the
     # migration in doubt (recovery settles it from the journal), never rolls
