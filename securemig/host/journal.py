@@ -112,6 +112,7 @@ ACTIVITY_BETWEEN = {
     ("admitted", "peer-attested"): "attest both ways",
     ("peer-attested", "key-received"): "key transfer",
     ("key-received", "streaming"): "first stream",
+    ("committed", "released"): "release copy",  # source: vTPM key and bundle removed
 }
 ACTIVITY_AFTER = {
     "started": "connect",  # source: TCP (and TLS) set-up
@@ -121,6 +122,7 @@ ACTIVITY_AFTER = {
     "prepared": "commit",  # source: journal COMMITTED, give the VM up
     "committed": "resume",  # destination moves the VM into place and resumes it
     "resumed": "confirm",
+    "released": "resume",  # source: from giving the VM up to DONE
 }
 
 
