@@ -60,7 +60,8 @@ VTPMKey = Callable[[Bundle], bytes]
 class QemuError(LocalFault, RuntimeError):
     """QEMU could not do what was asked; the message says what and why."""
 
-    default_code = ErrorCode.HYPERVISOR_FAILED
+    # The hypervisor fails where a VM is resumed or loaded (the reason says which).
+    default_code = ErrorCode.RESUME_FAILED
 
 
 def qemu_binary() -> str:

@@ -22,7 +22,8 @@ from securemig.protocol.errors import ErrorCode, LocalFault
 class QMPError(LocalFault, RuntimeError):
     """QEMU refused a command; the message is QEMU's."""
 
-    default_code = ErrorCode.HYPERVISOR_FAILED
+    # The hypervisor fails where a VM is resumed or loaded (the reason says which).
+    default_code = ErrorCode.RESUME_FAILED
 
 
 class QMPProtocol(LineOnlyReceiver):

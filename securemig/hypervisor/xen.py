@@ -33,7 +33,8 @@ from securemig.protocol.errors import ErrorCode, LocalFault
 class XenError(LocalFault, RuntimeError):
     """``xl`` failed; the message carries its error output verbatim."""
 
-    default_code = ErrorCode.HYPERVISOR_FAILED
+    # The hypervisor fails where a VM is resumed or loaded (the reason says which).
+    default_code = ErrorCode.RESUME_FAILED
 
 
 class XenBackend:

@@ -29,7 +29,10 @@ from typing import ClassVar
 class ErrorCode(enum.IntEnum):
     """Stable error codes: carried in ABORT, printed to operators, journaled.
 
-    Codes never change meaning; new ones are appended.
+    Codes never change meaning.  A version-1 receiver refuses a code it
+    does not know (ABORT would then lose its reason), so a new code needs a
+    new protocol version; until then a failure is reported with the nearest
+    existing code and the reason says exactly what failed.
     """
 
     MALFORMED = 1  #: a frame or field does not parse
@@ -52,8 +55,6 @@ class ErrorCode(enum.IntEnum):
     ATTESTATION_FAILED = 18  #: the peer's evidence failed a check (the reason names it)
     KEY_TRANSFER_FAILED = 19  #: the migration key or the wrapped vTPM key was refused
     RECORD_REFUSED = 20  #: a data channel record failed authentication, or the channel was cut
-    TPM_FAILED = 21  #: this side's TPM failed or refused an operation (the reason names it)
-    HYPERVISOR_FAILED = 22  #: the hypervisor could not suspend, load or run the VM here
 
 
 class MigrationError(Exception):

@@ -147,11 +147,14 @@ class MigrationKey:
         the PCRs changed since the key was made, a new key is made for the
         state the host has (and just quoted): the source would refuse a key
         bound to another state anyway."""
-        values = self.tpm.pcr_read(self.pcrs)
-        if values != self.values:
-            self.values = values
-            self.blob = self.tpm.create_migration_key(self.pcrs, values)
-        certified = self.tpm.certify(self.blob, ak, qualifying)
+        try:
+            values = self.tpm.pcr_read(self.pcrs)
+            if values != self.values:
+                self.values = values
+                self.blob = self.tpm.create_migration_key(self.pcrs, values)
+            certified = self.tpm.certify(self.blob, ak, qualifying)
+        except TPMError as e:
+            raise KeyTransferError(f"certifying the migration key: {e}") from None
         return wire.KeyOffer(self.blob.public, certified.attest, certified.signature)
 
     def unwrap(self, wrapped: wire.WrappedKey, migration_id: bytes) -> bytes:

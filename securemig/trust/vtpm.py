@@ -45,7 +45,8 @@ STREAM_KEY_LABEL = b"securemig vtpm: swtpm migration key"
 class VTPMError(LocalFault, RuntimeError):
     """The vTPM does not start with this key, or is not the expected one."""
 
-    default_code = ErrorCode.TPM_FAILED
+    # The vTPM does not open with the key that came with it.
+    default_code = ErrorCode.KEY_TRANSFER_FAILED
 
 
 def create(bundle_dir: Path, key: bytes, vendor_ca: Path) -> str:

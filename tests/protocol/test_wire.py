@@ -241,3 +241,23 @@ class RejectionTests(SynchronousTestCase):
         self.assertEqual(ErrorCode.MALFORMED, 1)
         self.assertEqual(ErrorCode.STREAM_MISMATCH, 10)
         self.assertEqual(ErrorCode.RESUME_FAILED, 17)
+
+
+class VersionOneStabilityTests(SynchronousTestCase):
+    """What a version-1 peer (an older securemig) can decode."""
+
+    def test_error_codes_are_version_one(self) -> None:
+        """A version-1 receiver refuses an unknown ABORT code (and loses the
+        reason): the codes stay exactly 1-20 within version 1.  (Two codes
+        added in a restructuring were found by an old peer this way.)"""
+        self.assertEqual(sorted(int(c) for c in ErrorCode), list(range(1, 21)))
+
+    def test_message_types_of_a_migration_are_version_one(self) -> None:
+        """A migration uses only version-1 types; RESOLVE/RESOLVED (0x40-0x41)
+        travel only on recovery connections, which an older destination
+        refuses as an unknown first frame without harm."""
+        self.assertEqual(
+            sorted(wire.MESSAGES),
+            [0x01, 0x02, 0x10, 0x11, 0x12, 0x13, 0x14, 0x20, 0x21, 0x22, 0x30, 0x31, 0x32, 0x3F]
+            + [0x40, 0x41],
+        )

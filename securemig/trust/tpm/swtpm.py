@@ -30,7 +30,7 @@ START_TIMEOUT = 10.0
 class SwtpmMissing(LocalFault, RuntimeError):
     """swtpm is not installed; the message names the Debian packages."""
 
-    default_code = ErrorCode.TPM_FAILED
+    default_code = ErrorCode.IO_ERROR
 
 
 def _tool(name: str) -> str:

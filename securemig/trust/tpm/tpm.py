@@ -72,7 +72,9 @@ SRK_TEMPLATE = "ecc256:aes128cfb"
 class TPMError(LocalFault, RuntimeError):
     """A TPM operation failed; the message says which, never a secret."""
 
-    default_code = ErrorCode.TPM_FAILED
+    # Quotes and verification are the TPM's work a peer meets first; key
+    # release wraps its TPM errors as KEY_TRANSFER_FAILED (keyrelease).
+    default_code = ErrorCode.ATTESTATION_FAILED
 
 
 class Malformed(PeerViolation, ValueError):
