@@ -24,12 +24,15 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check securemig tests twisted
 	$(VENV)/bin/mypy securemig
+	# The sans-IO layer is held to --strict (doc/architecture.rst).
+	$(VENV)/bin/mypy --strict securemig/protocol
 	$(VENV)/bin/trial -j2 $(TESTS)
 
 lint: setup
 	$(VENV)/bin/ruff check securemig tests twisted
 	$(VENV)/bin/ruff format --check securemig tests twisted
 	$(VENV)/bin/mypy securemig
+	$(VENV)/bin/mypy --strict securemig/protocol
 
 bench: setup
 	$(VENV)/bin/securemig bench --out bench-out
