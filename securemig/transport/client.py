@@ -32,7 +32,7 @@ from securemig.transport import tls
 from securemig.transport.control import DEADLINE, IDLE_TIMEOUT
 from securemig.transport.executor import ThreadExecutor
 from securemig.transport.source import SourceProtocol
-from securemig.trust.attestor import open_attestor
+from securemig.trust.attestor import open_attestor, warn_on_stderr
 from securemig.trust.keyrelease import SourceSecurity
 
 
@@ -48,7 +48,8 @@ class SecureOptions:
 
     def prepare(self, bundle: Bundle, host: str) -> Any:
         """Open the TPM, unseal the VM's vTPM key for this migration."""
-        attestor = open_attestor(self.identity, self.policy_dir, self.tofu)
+        # The source runs on the operator's terminal: trust on first use says so there.
+        attestor = open_attestor(self.identity, self.policy_dir, self.tofu, warn_on_stderr)
         secret = attestor.unseal(bundle.vtpm_key_path.read_bytes())
         return SourceSecurity(attestor, secret, self.destination_name or host, bundle.manifest.vtpm)
 

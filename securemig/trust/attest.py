@@ -112,6 +112,15 @@ def check_ak(ak_public: bytes) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
     raise AttestationError(Check.AK_ATTRIBUTES, "AK must be ECC P-256 or RSA-2048")
 
 
+def ak_name(ak_public: bytes) -> bytes:
+    """The TPM name of an AK (nameAlg || SHA-256 of its public area), computed
+    here, once :func:`check_ak` accepts it: what the verifier keys the AK's
+    clock history by, and what the privacy CA certified."""
+    check_ak(ak_public)
+    area = _parse(TPM2B_PUBLIC, ak_public, Check.AK_ATTRIBUTES, "the AK public area")
+    return bytes(area.get_name())
+
+
 def verify_signature(ak_public: bytes, attest: bytes, signature: bytes) -> TPMS_ATTEST:
     """Check the AK and its signature over ``attest``; return the parsed structure."""
     key = check_ak(ak_public)

@@ -14,6 +14,7 @@ A host's identity directory: what ``securemig host init`` sets up, once.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +46,29 @@ class Identity:
         """The AK certificate (DER)."""
         return (self.directory / "ak.der").read_bytes()
 
+    def attestation_key(self) -> tuple[KeyBlob, bytes]:
+        """The AK and its certificate, read from one version of the directory:
+        both through one directory descriptor, so a renewal swapping the
+        directory between the two reads cannot pair a new AK with the old
+        certificate."""
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            blob, cert = (_read_at(fd, name) for name in ("ak.blob", "ak.der"))
+        finally:
+            os.close(fd)
+        return KeyBlob.from_bytes(blob), cert
+
     @classmethod
     def load(cls, directory: Path) -> Identity:
         """Read ``host.json``."""
         data = json.loads((directory / "host.json").read_text())
         return cls(directory, data["name"], data["tpm"])
+
+
+def _read_at(dir_fd: int, name: str) -> bytes:
+    fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 def issue_tls(site_ca: Authority, name: str, directory: Path) -> None:

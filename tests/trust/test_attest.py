@@ -204,6 +204,21 @@ class QuoteTests(SynchronousTestCase):
     def test_garbage_ak(self) -> None:
         self.assertRefused(Check.AK_ATTRIBUTES, ak_public=b"\x00\x01garbage")
 
+    def test_ak_name(self) -> None:
+        """The name the verifier keys an AK's counters by is the TPM's own
+        (nameAlg SHA-256 || digest), computed from the public area."""
+        name = attest.ak_name(self.ak.public)
+        self.assertEqual(name, self.ak.name)
+        self.assertEqual((name[:2], len(name)), (b"\x00\x0b", 34))
+        self.assertNotEqual(name, attest.ak_name(self.tpm.create_ak().public))
+
+    def test_ak_name_of_a_non_ak_refused(self) -> None:
+        """No name (so no clock history) for a key that is not an AK."""
+        loose = int(AK_ATTRIBUTES & ~TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.USERWITHAUTH)
+        with self.assertRaises(AttestationError) as cm:
+            attest.ak_name(Forger.create(attributes=loose).public)
+        self.assertEqual(cm.exception.check, Check.AK_ATTRIBUTES)
+
 
 class CertificationTests(SynchronousTestCase):
     """TPM2_Certify of a migration key by the AK."""
