@@ -1,5 +1,6 @@
 """
-A host's identity directory: what ``securemig host init`` sets up, once.
+A host's identity directory: what ``securemig host init`` sets up and
+``securemig host renew`` renews.
 
 ::
 
@@ -9,12 +10,33 @@ A host's identity directory: what ``securemig host init`` sets up, once.
     DIR/ak.blob          the attestation key (usable only in this TPM)
     DIR/ak.der           its certificate from the privacy CA
     DIR/pca.pem          the privacy CA, to check peers' AK certificates
+    DIR/policy/          golden values of peers, by default (not made here)
+
+An identity is never changed file by file: a reader could see a new AK with
+the old AK's certificate, or a half-made directory after a crash.  It is
+built in a temporary directory next to DIR and swapped in with one rename
+(``renameat2(RENAME_EXCHANGE)`` where the file system has it, so DIR never
+disappears; else two renames).  What it replaces is kept aside as
+``DIR.old-TIMESTAMP``, for the operator to remove once satisfied (it holds
+the old TLS private key).
+
+``host init`` refuses a directory that already holds anything, unless told
+to replace it (``force``).  ``host renew`` keeps the host's name and TPM and
+gives it a new AK (enrolled again, so a new AK certificate) and a new TLS key
+and certificate; everything else in DIR (the ``policy/`` directory of peers'
+golden values) moves into the new identity, so peers' values and their AKs'
+counters survive.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import shutil
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +48,14 @@ from securemig import files
 from securemig.trust.pca.client import enroll
 from securemig.trust.pki import Authority
 from securemig.trust.tpm.tpm import TPM, KeyBlob
+
+#: The files an identity consists of; anything else in DIR is the operator's
+#: (``policy/``) and moves along on renewal.
+IDENTITY_FILES = ("host.json", "tls.key", "tls.pem", "site-ca.pem", "ak.blob", "ak.der", "pca.pem")
+
+
+class IdentityExists(Exception):
+    """``host init`` into a directory that already holds something."""
 
 
 @dataclass
@@ -87,10 +117,25 @@ def issue_tls(site_ca: Authority, name: str, directory: Path) -> None:
     files.write_durably(directory / "tls.pem", cert.public_bytes(serialization.Encoding.PEM))
 
 
+def _pca_enrollment(pca_url: str, site_ca_dir: Path, name: str) -> Callable[[TPM, KeyBlob], bytes]:
+    # The PCA's HTTPS certificate is checked against the site CA's certificate.
+    return lambda tpm, ak: enroll(pca_url, site_ca_dir / "ca.pem", tpm, ak, name)
+
+
 def init_host(
-    directory: Path, name: str, tcti: str, site_ca_dir: Path, pca_url: str, pca_ca: Path
+    directory: Path,
+    name: str,
+    tcti: str,
+    site_ca_dir: Path,
+    pca_url: str,
+    pca_ca: Path,
+    *,
+    force: bool = False,
 ) -> Identity:
-    """Set up a host: TLS identity, AK, enrollment with the privacy CA."""
+    """Set up a host: TLS identity, AK, enrollment with the privacy CA.
+    Refuses a ``directory`` that holds anything unless ``force`` (it is then
+    kept aside, see :func:`write_identity`)."""
+    check_replaceable(directory, force)
     site_ca = Authority.load(site_ca_dir)
     return write_identity(
         directory,
@@ -98,7 +143,25 @@ def init_host(
         tcti,
         site_ca,
         pca_ca.read_bytes(),
-        lambda tpm, ak: enroll(pca_url, directory / "site-ca.pem", tpm, ak, name),
+        _pca_enrollment(pca_url, site_ca_dir, name),
+        force=force,
+    )
+
+
+def check_replaceable(directory: Path, force: bool) -> None:
+    """Raise :class:`IdentityExists` if ``directory`` holds anything and
+    ``force`` is not given (an empty directory is fine); a non-directory
+    is never replaced."""
+    if not directory.exists() and not directory.is_symlink():
+        return
+    if not directory.is_dir() or directory.is_symlink():
+        raise IdentityExists(f"{directory} exists and is not a directory")
+    if force or not any(directory.iterdir()):
+        return
+    what = "an identity" if (directory / "host.json").exists() else "files"
+    raise IdentityExists(
+        f"{directory} already holds {what}; to renew this host's AK and TLS certificate, "
+        "use `securemig host renew`; to replace it, --force (the old one is kept aside)"
     )
 
 
@@ -109,10 +172,98 @@ def write_identity(
     site_ca: Authority,
     pca_pem: bytes,
     certify: Callable[[TPM, KeyBlob], bytes],
+    *,
+    force: bool = False,
 ) -> Identity:
-    """Fill an identity directory; ``certify`` obtains the AK certificate
-    (enrollment with a privacy CA, over HTTPS or, in tests, in process)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Make an identity directory; ``certify`` obtains the AK certificate
+    (enrollment with a privacy CA, over HTTPS or, in tests, in process).
+
+    Built in a temporary directory, then renamed into place: a failure leaves
+    ``directory`` as it was.  A ``directory`` holding anything is refused
+    (:class:`IdentityExists`) unless ``force``; it is then renamed aside
+    (:func:`kept_aside` returns where) as a whole, ``policy/`` included."""
+    check_replaceable(directory, force)
+    new = _staging(directory)
+    try:
+        _fill(new, name, tcti, site_ca, pca_pem, certify)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if directory.is_dir() and any(directory.iterdir()):
+        _swap(new, directory)
+    else:
+        # Absent or empty: rename(2) replaces an empty directory in one step.
+        os.rename(new, directory)
+        files.fsync_dir(directory.parent)
+    return Identity(directory, name, tcti)
+
+
+def renew_host(
+    directory: Path, site_ca_dir: Path, pca_url: str, pca_ca: Path | None = None
+) -> Identity:
+    """``securemig host renew``: a new AK enrolled with the privacy CA (so a
+    new AK certificate) and a new TLS key and certificate from the site CA,
+    for the same host name and TPM; swapped in atomically, the old identity
+    kept aside.  ``pca_ca`` defaults to the identity's ``pca.pem``."""
+    old = Identity.load(directory)
+    site_ca = Authority.load(site_ca_dir)
+    pca_pem = (pca_ca or directory / "pca.pem").read_bytes()
+    return renew_identity(
+        directory, site_ca, pca_pem, _pca_enrollment(pca_url, site_ca_dir, old.name)
+    )
+
+
+def renew_identity(
+    directory: Path,
+    site_ca: Authority,
+    pca_pem: bytes,
+    certify: Callable[[TPM, KeyBlob], bytes],
+) -> Identity:
+    """Renew the identity in ``directory`` (see :func:`renew_host`), with
+    ``certify`` obtaining the new AK's certificate."""
+    old = Identity.load(directory)
+    new = _staging(directory)
+    try:
+        _fill(new, old.name, old.tpm, site_ca, pca_pem, certify)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    aside = _swap(new, directory)
+    # The operator's files (policy/) move into the new identity: peers'
+    # golden values and their AKs' counters belong to the host, not to its
+    # key.  Moved after the swap, so that nothing written to them until then
+    # is lost, and nothing of them is ever removed.
+    for entry in sorted(p.name for p in aside.iterdir() if p.name not in IDENTITY_FILES):
+        try:
+            os.rename(aside / entry, directory / entry)
+        except OSError as e:
+            raise OSError(
+                e.errno, f"{e.strerror}: move {aside / entry} into {directory} by hand"
+            ) from None
+    files.fsync_dir(directory)
+    return Identity(directory, old.name, old.tpm)
+
+
+def _staging(directory: Path) -> Path:
+    """A new temporary directory next to ``directory`` (same file system, so
+    it can be renamed into place)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f".{directory.name}.new-", dir=directory.parent))
+    # mkdtemp makes it 0700; give it the mode a plain mkdir would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+    return path
+
+
+def _fill(
+    directory: Path,
+    name: str,
+    tcti: str,
+    site_ca: Authority,
+    pca_pem: bytes,
+    certify: Callable[[TPM, KeyBlob], bytes],
+) -> None:
     issue_tls(site_ca, name, directory)
     files.write_durably(
         directory / "site-ca.pem", site_ca.cert.public_bytes(serialization.Encoding.PEM)
@@ -126,4 +277,77 @@ def write_identity(
     files.write_durably(
         directory / "host.json", json.dumps({"name": name, "tpm": tcti}, indent=2).encode()
     )
-    return Identity(directory, name, tcti)
+
+
+def kept_aside(directory: Path) -> list[Path]:
+    """The old identities kept aside next to ``directory``, oldest first."""
+    return sorted(directory.parent.glob(f"{directory.name}.old-*"))
+
+
+def _aside_path(directory: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    candidate = directory.with_name(f"{directory.name}.old-{stamp}")
+    n = 1
+    # Two renewals within one second get -1, -2, ...; sorted names stay in order.
+    while candidate.exists() or candidate.is_symlink():
+        candidate = directory.with_name(f"{directory.name}.old-{stamp}-{n}")
+        n += 1
+    return candidate
+
+
+def _swap(new: Path, directory: Path) -> Path:
+    """Put ``new`` in place of ``directory``, which goes to
+    ``DIR.old-TIMESTAMP`` (returned); ``directory`` never stops existing
+    where the file system can exchange two names atomically.  ``new`` is
+    removed if the swap fails."""
+    try:
+        aside = _aside_path(directory)
+        swapped = _exchange(new, directory)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    _after_swap(new, directory, aside, swapped)
+    return aside
+
+
+def _after_swap(new: Path, directory: Path, aside: Path, swapped: bool) -> None:
+    if swapped:
+        # ``new`` names the old identity now: it is kept, whatever happens.
+        try:
+            os.rename(new, aside)
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror}; the old identity is in {new}") from None
+    else:
+        try:
+            os.rename(directory, aside)
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        try:
+            os.rename(new, directory)
+        except BaseException:
+            os.rename(aside, directory)
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+    files.fsync_dir(directory.parent)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with ``renameat2(RENAME_EXCHANGE)``; False
+    where the C library or the file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    result = renameat2(
+        _AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), ctypes.c_uint(_RENAME_EXCHANGE)
+    )
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))

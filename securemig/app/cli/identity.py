@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 
 from securemig.app.cli.common import EXIT_OK, Subparsers, error
-from securemig.trust.identity import init_host, issue_tls
+from securemig.trust.attest import ak_name
+from securemig.trust.identity import IdentityExists, init_host, issue_tls, kept_aside, renew_host
 from securemig.trust.pca.client import EnrollmentRefused
 from securemig.trust.pca.core import PrivacyCA
 from securemig.trust.pki import Authority
@@ -65,7 +66,34 @@ def add_parser(subparsers: Subparsers) -> None:
     host_init.add_argument(
         "--pca-ca", type=Path, required=True, help="the privacy CA's certificate (its ca.pem)"
     )
+    host_init.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing identity in DIR (kept aside as DIR.old-TIMESTAMP, "
+        "its policy/ too)",
+    )
     host_init.set_defaults(func=cmd_host_init)
+    host_renew = host_sub.add_parser(
+        "renew",
+        help="a new attestation key and TLS certificate for this host, in place",
+        description="Give the host of an identity directory a new attestation key, "
+        "enrolled with the privacy CA (a new AK certificate), and a new TLS key and "
+        "certificate from the site CA; same name, same TPM.  The new identity replaces "
+        "the old one in one rename, the old one is kept as DIR.old-TIMESTAMP; peers' "
+        "golden values (DIR/policy) stay.  Restart `twistd securemig` to serve the new "
+        "TLS certificate.",
+    )
+    host_renew.add_argument(
+        "--identity", type=Path, required=True, help="the identity directory (host init --dir)"
+    )
+    host_renew.add_argument(
+        "--site-ca", type=Path, required=True, help="the site CA directory (securemig ca init)"
+    )
+    host_renew.add_argument("--pca", required=True, help="the privacy CA's https:// URL")
+    host_renew.add_argument(
+        "--pca-ca", type=Path, help="the privacy CA's certificate (default: IDENTITY/pca.pem)"
+    )
+    host_renew.set_defaults(func=cmd_host_renew)
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
@@ -103,15 +131,43 @@ def cmd_pca_init(args: argparse.Namespace) -> int:
 
 def cmd_host_init(args: argparse.Namespace) -> int:
     """``securemig host init``: this host's TLS identity and attestation key,
-    enrolled with the privacy CA."""
+    enrolled with the privacy CA; refuses an existing identity without
+    ``--force``."""
     try:
-        identity = init_host(args.dir, args.name, args.tpm, args.site_ca, args.pca, args.pca_ca)
+        identity = init_host(
+            args.dir, args.name, args.tpm, args.site_ca, args.pca, args.pca_ca, force=args.force
+        )
+    except IdentityExists as e:
+        return error(str(e))
     except EnrollmentRefused as e:
         return error(f"the privacy CA refused the enrollment: {e}")
     except (TPMError, OSError, ValueError) as e:
         return error(str(e))
+    replaced = kept_aside(identity.directory) if args.force else []
     print(
         f"host {identity.name} initialised in {identity.directory}: TLS certificate, "
         "attestation key, AK certificate"
+        + (f"; the identity it replaced is in {replaced[-1]}" if replaced else "")
+    )
+    return EXIT_OK
+
+
+def cmd_host_renew(args: argparse.Namespace) -> int:
+    """``securemig host renew``: a new AK (and AK certificate) and a new TLS
+    key and certificate, swapped in atomically."""
+    if not (args.identity / "host.json").is_file():
+        return error(f"{args.identity} is not an identity directory (securemig host init)")
+    try:
+        identity = renew_host(args.identity, args.site_ca, args.pca, args.pca_ca)
+    except EnrollmentRefused as e:
+        return error(f"the privacy CA refused the enrollment: {e} (the identity is unchanged)")
+    except (TPMError, OSError, ValueError) as e:
+        return error(str(e))
+    ak, _ = identity.attestation_key()
+    print(
+        f"host {identity.name} renewed in {identity.directory}: new attestation key "
+        f"{ak_name(ak.public).hex()[:16]} and its certificate, new TLS certificate; "
+        f"the old identity is in {kept_aside(identity.directory)[-1]}. "
+        "Restart `twistd securemig` to serve the new TLS certificate."
     )
     return EXIT_OK
