@@ -137,6 +137,9 @@ class PolicyStore:
         return golden
 
     def _write(self, golden: Golden) -> None:
+        # The directory may have gone since __init__ (an identity replaced
+        # under a running daemon, whose IDENTITY/policy went aside with it).
+        self.directory.mkdir(parents=True, exist_ok=True)
         files.write_durably(self._path(golden.host), golden.to_json())
 
     def forget(self, host: str) -> bool:

@@ -160,3 +160,14 @@ class RecordedFromTPMTests(TestCase):
         self.assertEqual(cm.exception.check, Check.GOLDEN_VALUES)
         shown = processes.securemig("policy", "show", "--policy-dir", str(policy_dir))
         self.assertIn('"host": "host-a"', shown.stdout)
+
+
+class PolicyDirectoryGoneTests(SynchronousTestCase):
+    def test_directory_removed_under_a_store(self) -> None:
+        """An identity replaced under a running daemon takes IDENTITY/policy
+        aside: the store starts a new one rather than failing."""
+        directory = Path(self.mktemp())
+        store = PolicyStore(directory)
+        directory.rmdir()
+        store.seen("host-a", AK1, values(b"x"), ClockState(1, 0))
+        self.assertIsNotNone(PolicyStore(directory).get("host-a"))
