@@ -133,6 +133,7 @@ def cmd_host_init(args: argparse.Namespace) -> int:
     """``securemig host init``: this host's TLS identity and attestation key,
     enrolled with the privacy CA; refuses an existing identity without
     ``--force``."""
+    earlier = set(kept_aside(args.dir))
     try:
         identity = init_host(
             args.dir, args.name, args.tpm, args.site_ca, args.pca, args.pca_ca, force=args.force
@@ -143,11 +144,11 @@ def cmd_host_init(args: argparse.Namespace) -> int:
         return error(f"the privacy CA refused the enrollment: {e}")
     except (TPMError, OSError, ValueError) as e:
         return error(str(e))
-    replaced = kept_aside(identity.directory) if args.force else []
+    replaced = sorted(set(kept_aside(identity.directory)) - earlier)
     print(
         f"host {identity.name} initialised in {identity.directory}: TLS certificate, "
         "attestation key, AK certificate"
-        + (f"; the identity it replaced is in {replaced[-1]}" if replaced else "")
+        + (f"; the identity it replaced is in {replaced[0]}" if replaced else "")
     )
     return EXIT_OK
 
@@ -157,17 +158,20 @@ def cmd_host_renew(args: argparse.Namespace) -> int:
     key and certificate, swapped in atomically."""
     if not (args.identity / "host.json").is_file():
         return error(f"{args.identity} is not an identity directory (securemig host init)")
+    earlier = set(kept_aside(args.identity))
     try:
         identity = renew_host(args.identity, args.site_ca, args.pca, args.pca_ca)
     except EnrollmentRefused as e:
         return error(f"the privacy CA refused the enrollment: {e} (the identity is unchanged)")
+    except KeyError as e:
+        return error(f"{args.identity}/host.json lacks {e}")
     except (TPMError, OSError, ValueError) as e:
         return error(str(e))
     ak, _ = identity.attestation_key()
     print(
         f"host {identity.name} renewed in {identity.directory}: new attestation key "
         f"{ak_name(ak.public).hex()[:16]} and its certificate, new TLS certificate; "
-        f"the old identity is in {kept_aside(identity.directory)[-1]}. "
+        f"the old identity is in {sorted(set(kept_aside(identity.directory)) - earlier)[0]}. "
         "Restart `twistd securemig` to serve the new TLS certificate."
     )
     return EXIT_OK
