@@ -80,16 +80,27 @@ class Manifest:
         """Parse a stored manifest, refusing unknown formats and bad names."""
         try:
             data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
             if data.get("format") != FORMAT:
                 raise BundleError(f"manifest format {data.get('format')!r}, expected {FORMAT}")
+            if not isinstance(data.get("images"), list):
+                raise ValueError("'images' is not a list")
             data["images"] = [Image(**image) for image in data["images"]]
             manifest = cls(**data)
         except (ValueError, TypeError, KeyError) as e:
             raise BundleError(f"malformed manifest: {e}") from None
+        if not isinstance(manifest.name, str):
+            raise BundleError(f"malformed manifest: name {manifest.name!r} is not a string")
         check_vm_name(manifest.name)
         for image in manifest.images:
-            if not wire.IMAGE_NAME_RE.fullmatch(image.name):
+            if not isinstance(image.name, str) or not wire.IMAGE_NAME_RE.fullmatch(image.name):
                 raise BundleError(f"bad image name {image.name!r} in manifest")
+            if not isinstance(image.size, int) or isinstance(image.size, bool) or image.size < 0:
+                raise BundleError(f"bad size {image.size!r} of image {image.name} in manifest")
+        for key in ("backend", "state"):
+            if not isinstance(getattr(manifest, key), str):
+                raise BundleError(f"malformed manifest: {key} is not a string")
         return manifest
 
 

@@ -9,7 +9,7 @@ import io
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from securemig.app.cli.common import EXIT_FAILED
+from securemig.app.cli.common import EXIT_FAILED, EXIT_USAGE
 from securemig.app.cli.main import build_parser, main
 
 
@@ -60,12 +60,28 @@ class ParserTests(SynchronousTestCase):
             self.assertTrue(callable(func), path)
             self.assertTrue(getattr(func, "__name__", "").startswith("cmd_"), path)
 
-    def test_operator_mistake_exits_1(self) -> None:
-        """A mistake the parser cannot see is one error line and exit status 1."""
+    def test_usage_mistake_exits_2(self) -> None:
+        """A usage mistake the parser cannot see is one error line and exit
+        status 2, as the parser's own are."""
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
             status = main(["bench", "--ciphers", "rot13"])
-        self.assertEqual(status, EXIT_FAILED)
+        self.assertEqual(status, EXIT_USAGE)
         self.assertEqual(
             stderr.getvalue(), "securemig: error: --ciphers takes aes128, aes256, chacha20\n"
         )
+
+    def test_operator_mistake_exits_1(self) -> None:
+        """A right command line that cannot be carried out is one error line
+        and exit status 1."""
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            status = main(["status", "--state-dir", self.mktemp()])
+        self.assertEqual(status, EXIT_FAILED)
+        self.assertRegex(stderr.getvalue(), r"^securemig: error: no journal at \S+\n$")
+
+    def test_help_lists_exit_statuses(self) -> None:
+        """``securemig --help`` ends with the exit statuses."""
+        text = build_parser().format_help()
+        for line in ("exit status:", "  0  done", "  2  usage error", "  3  migrate committed"):
+            self.assertIn(line, text)

@@ -178,12 +178,13 @@ class EndToEndTests(TestCase):
         self.assertFalse(storage.is_locked(bundle.lock_path))
 
     def test_variant_must_be_chosen(self) -> None:
-        """Neither --identity nor --insecure: the command asks for a choice."""
+        """Neither --identity nor --insecure: the command asks for a choice
+        (a usage error: exit status 2)."""
         self.create_vm("--ram-mib", "1")
         result = processes.securemig(
             "migrate", "vm1", "--vm-dir", str(self.vm_dir), "--to", self.destination.address
         )
-        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.returncode, 2)
         self.assertIn("--insecure", result.stderr)
         self.assertTrue((self.vm_dir / "vm1").exists())
 
@@ -212,7 +213,7 @@ class CommandLineTests(TestCase):
         result = processes.securemig(
             "vm", "create", "../evil", "--dir", self.mktemp(), "--ram-mib", "1"
         )
-        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.returncode, 2)
         self.assertIn("bad VM name", result.stderr)
 
     def test_unknown_vm(self) -> None:

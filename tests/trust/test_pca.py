@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from securemig.lab import processes
 from securemig.trust import attest
-from securemig.trust.pca.core import EnrollmentError, PrivacyCA
+from securemig.trust.pca.core import EnrollmentError, PrivacyCA, VendorCAError
 from securemig.trust.pki import Authority
 from securemig.trust.tpm import swtpm
 from securemig.trust.tpm.tpm import TPM
@@ -25,6 +25,44 @@ from .test_attest import Forger
 
 def new_pca(base: Path, vendors: list[Path]) -> PrivacyCA:
     return PrivacyCA.init(base / "pca", vendors)
+
+
+class VendorCATests(SynchronousTestCase):
+    """``PrivacyCA.init`` trusts only CA certificates, and creates nothing
+    when one given is not."""
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp())
+        self.base.mkdir()
+        self.ca = Authority.create("vendor")
+
+    def write(self, name: str, data: bytes) -> Path:
+        path = self.base / name
+        path.write_bytes(data)
+        return path
+
+    def assertNotVendorCA(self, path: Path, words: str) -> None:
+        with self.assertRaises(VendorCAError) as cm:
+            new_pca(self.base, [path])
+        self.assertIn(words, str(cm.exception))
+        self.assertFalse((self.base / "pca").exists())
+
+    def test_ca_accepted(self) -> None:
+        pem = self.ca.cert.public_bytes(serialization.Encoding.PEM)
+        pca = new_pca(self.base, [self.write("vendor.pem", pem)])
+        self.assertEqual(pca.vendors, [self.ca.cert])
+
+    def test_not_a_certificate(self) -> None:
+        self.assertNotVendorCA(self.write("hostname", b"myhost\n"), "holds no PEM certificate")
+
+    def test_der(self) -> None:
+        der = self.ca.cert.public_bytes(serialization.Encoding.DER)
+        self.assertNotVendorCA(self.write("vendor.der", der), "convert it to PEM")
+
+    def test_leaf_certificate(self) -> None:
+        leaf = self.ca.issue(Authority.create("x").key.public_key(), "host-a")
+        pem = leaf.public_bytes(serialization.Encoding.PEM)
+        self.assertNotVendorCA(self.write("leaf.pem", pem), "is not a CA certificate")
 
 
 class EnrollmentTests(SynchronousTestCase):

@@ -10,7 +10,7 @@ from securemig.app.cli.common import EXIT_OK, Subparsers, error
 from securemig.trust.attest import ak_name
 from securemig.trust.identity import IdentityExists, init_host, issue_tls, kept_aside, renew_host
 from securemig.trust.pca.client import EnrollmentRefused
-from securemig.trust.pca.core import PrivacyCA
+from securemig.trust.pca.core import PrivacyCA, VendorCAError
 from securemig.trust.pki import Authority
 from securemig.trust.tpm.tpm import TPMError
 
@@ -124,7 +124,10 @@ def cmd_pca_init(args: argparse.Namespace) -> int:
     missing = [str(p) for p in args.vendor_ca if not p.is_file()]
     if missing:
         return error(f"no such vendor CA certificate: {', '.join(missing)}")
-    PrivacyCA.init(args.dir, args.vendor_ca)
+    try:
+        PrivacyCA.init(args.dir, args.vendor_ca)
+    except VendorCAError as e:
+        return error(f"{e} (nothing was created)")
     print(f"created privacy CA in {args.dir} trusting {len(args.vendor_ca)} vendor CA(s)")
     return EXIT_OK
 

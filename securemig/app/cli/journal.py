@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from securemig.app.cli.common import EXIT_OK, Subparsers, error
+from securemig.app.cli.common import EXIT_OK, CommandError, Subparsers, describe, error
 from securemig.host.arrival import DestinationHost
 from securemig.host.journal import Journal, dumps
 from securemig.host.recovery import settle_departures
@@ -74,6 +74,21 @@ def add_parser(subparsers: Subparsers) -> None:
 #: Names this host's state directory when no --state-dir is given (the
 #: systemd units set it to the daemon's, /var/lib/securemig).
 STATE_DIR_ENV = "SECUREMIG_STATE_DIR"
+
+
+def host_journal(vm_dir: Path, state_dir: Path | None) -> Journal:
+    """This host's journal in :func:`source_state_dir`, created if need be;
+    :class:`~securemig.app.cli.common.CommandError` if that directory cannot
+    hold it (not writable, not a directory, a file that is no journal)."""
+    directory = source_state_dir(vm_dir, state_dir)
+    try:
+        return Journal(directory / "journal.sqlite")
+    except (OSError, sqlite3.Error) as e:
+        reason = describe(e) if isinstance(e, OSError) else str(e)
+        raise CommandError(
+            f"cannot keep this host's journal in {directory} ({reason}); give --state-dir "
+            f"(or ${STATE_DIR_ENV}) a writable directory"
+        ) from None
 
 
 def source_state_dir(vm_dir: Path, state_dir: Path | None) -> Path:

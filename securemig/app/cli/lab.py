@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from securemig.app.cli.common import Subparsers, _mib, error
+from securemig.app.cli.common import Subparsers, _mib, error, int_list, usage_error
 from securemig.lab import bench, demo
 from securemig.lab.bench import qemu, tpm
 from securemig.lab.bench.link import LinkError
@@ -110,26 +110,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``securemig bench``: see :mod:`securemig.lab.bench`."""
+    if args.repeat <= 0:
+        return usage_error("--repeat must be a positive number")
     if args.tpm:
         return tpm.run(repeat=args.repeat)
-    sizes = [int(x) for x in _items(args.sizes)]
+    sizes = int_list(args.sizes, "--sizes", minimum=1)
     if args.qemu:
         return qemu.run(sizes, args.repeat)
 
     protocols = _items(args.protocols)
     ciphers: tuple[str | None, ...] = _items(args.ciphers) or (None,)
     if set(ciphers) - set(CIPHERS) - {None}:
-        return error(f"--ciphers takes {', '.join(CIPHERS)}")
+        return usage_error(f"--ciphers takes {', '.join(CIPHERS)}")
     unknown = set(protocols) - set(bench.PROTOCOLS)
-    if unknown:
-        return error(
+    if not protocols or unknown:
+        return usage_error(
             f"unknown protocol(s) {', '.join(sorted(unknown))}: use {', '.join(bench.PROTOCOLS)}"
+            if unknown
+            else f"--protocols takes {', '.join(bench.PROTOCOLS)}"
         )
     variants = _items(args.variants)
     if not variants or set(variants) - set(bench.VARIANTS):
-        return error(f"--variants takes {', '.join(bench.VARIANTS)}")
-    if not sizes or min(sizes) <= 0 or args.repeat <= 0:
-        return error("--sizes and --repeat must be positive")
+        return usage_error(f"--variants takes {', '.join(bench.VARIANTS)}")
+    if args.disk_mib < 0 or (args.link_mbit is not None and args.link_mbit <= 0):
+        return usage_error("--disk-mib must not be negative, nor --link-mbit below 1")
 
     try:
         return bench.run(

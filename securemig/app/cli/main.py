@@ -3,8 +3,16 @@ The ``securemig`` command.
 
 Exit status: 0 when the work asked for is done; 1 when it failed and
 nothing was lost (for ``migrate``: the VM is still at the source, unlocked);
-2 for usage errors; 3 when ``migrate`` committed but the destination did
-not confirm the resume (see ``securemig status`` on the destination).
+2 for usage errors, argparse's own and those it cannot see (a missing
+variant, a bad chunk size, a malformed list: :class:`.common.UsageError`);
+3 when ``migrate`` committed but the destination did not confirm the resume
+(see ``securemig status`` on the destination).
+
+No operator mistake ends in a traceback: :func:`main` reports every error
+securemig expects (:class:`~securemig.protocol.errors.MigrationError`,
+``OSError``, ``sqlite3.Error``, :class:`.common.CommandError`) as one line,
+``securemig: error: ...``; anything else is a bug, reported as an internal
+error.  ``securemig --debug COMMAND`` shows the traceback of either.
 
 Each command group lives in a module of this package that registers its
 commands with ``add_parser`` and sets ``func``, the ``cmd_*`` that runs one.
@@ -13,12 +21,21 @@ commands with ``add_parser`` and sets ``func``, the ``cmd_*`` that runs one.
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
+import traceback
 from collections.abc import Callable
 
 from securemig import __version__
 from securemig.app.cli import identity, journal, lab, migrate, policy, vm
-from securemig.app.cli.common import EXIT_FAILED
+from securemig.app.cli.common import (
+    EXIT_FAILED,
+    EXIT_STATUS_HELP,
+    CommandError,
+    describe,
+    error,
+)
+from securemig.protocol.errors import MigrationError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Move a suspended VM and its virtual TPM to another host. "
         "The destination runs `twistd securemig`; this command drives the source, "
         "creates test VMs, shows the journal and runs the demo and the benchmark.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"securemig {__version__}")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error (before the command: securemig --debug migrate ...)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # In the order `securemig --help` lists them.
     vm.add_parser(sub)  # vm
@@ -43,14 +67,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``securemig`` console script."""
+    """Entry point of the ``securemig`` console script: run one command and
+    turn whatever it raises into one error line and its exit status."""
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)
+    except CommandError as e:
+        _debug(args)
+        print(f"securemig: error: {e}", file=sys.stderr)
+        return e.status
+    except (MigrationError, OSError, sqlite3.Error) as e:
+        _debug(args)
+        return error(describe(e))
     except KeyboardInterrupt:
+        _debug(args)
         print("securemig: interrupted", file=sys.stderr)
         return EXIT_FAILED
+    except Exception as e:
+        # Not an operator's mistake but a bug: still no traceback unless asked.
+        _debug(args)
+        return error(
+            f"internal error: {type(e).__name__}: {e} (run again with --debug for the "
+            "traceback, and report it)"
+        )
+
+
+def _debug(args: argparse.Namespace) -> None:
+    """With ``--debug``, print the traceback of the exception being handled."""
+    if args.debug:
+        traceback.print_exc()
 
 
 if __name__ == "__main__":

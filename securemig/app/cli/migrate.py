@@ -10,17 +10,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from securemig.app.cli.common import EXIT_FAILED, EXIT_IN_DOUBT, EXIT_OK, Subparsers, error
-from securemig.app.cli.journal import given_away, settle_here, source_state_dir
+from securemig.app.cli.common import (
+    EXIT_FAILED,
+    EXIT_IN_DOUBT,
+    EXIT_OK,
+    EXIT_STATUS_HELP,
+    Subparsers,
+    check_identity,
+    describe,
+    error,
+    run_interruptible,
+    usage_error,
+)
+from securemig.app.cli.journal import given_away, host_journal, settle_here
 from securemig.host.glibc import tune_malloc
 from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, BundleError, check_vm_name
 from securemig.lab.processes import peak_rss_mib
 from securemig.protocol import wire
 from securemig.protocol.effects import Outcome
-from securemig.protocol.errors import MigrationError
+from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.transport.client import SecureOptions, migrate, parse_address
-from securemig.transport.reactor import run_reactor
+from securemig.transport.source import SourceProtocol
 
 
 def add_parser(subparsers: Subparsers) -> None:
@@ -30,7 +41,10 @@ def add_parser(subparsers: Subparsers) -> None:
         help="migrate a VM to a destination",
         description="Migrate VM NAME from --vm-dir to the destination at --to. Before the "
         "commit any failure leaves the VM here, unlocked and intact; after it the VM "
-        "belongs to the destination and its bundle here is removed.",
+        "belongs to the destination and its bundle here is removed.  Ctrl-C cancels "
+        "the migration (before the commit: the VM stays here).",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mig.add_argument("name", help="the VM to migrate")
     mig.add_argument("--vm-dir", required=True, type=Path, help="directory holding the VM bundle")
@@ -82,16 +96,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     """``securemig migrate``: drive one migration from the source."""
     tune_malloc()
     if not args.insecure and not args.identity:
-        return error(
+        return usage_error(
             "choose the variant: --identity DIR for the secure one, or --insecure "
             "(no TLS, no attestation)"
         )
-    secure = None
-    if args.identity and not args.insecure:
-        secure = SecureOptions(args.identity, args.policy_dir, args.tofu, args.destination_name)
     chunk = args.chunk_kib * 1024
     if not wire.MIN_CHUNK_SIZE <= chunk <= wire.MAX_CHUNK_SIZE:
-        return error(
+        return usage_error(
             f"--chunk-kib must be between {wire.MIN_CHUNK_SIZE // 1024} and "
             f"{wire.MAX_CHUNK_SIZE // 1024}"
         )
@@ -99,9 +110,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         parse_address(args.to)
         check_vm_name(args.name)
     except (ValueError, BundleError) as e:
-        return error(str(e))
+        return usage_error(str(e))
+    if args.identity:
+        check_identity(args.identity)
+    secure = None
+    if args.identity and not args.insecure:
+        secure = SecureOptions(args.identity, args.policy_dir, args.tofu, args.destination_name)
     variant = wire.Variant.SHARED_STORAGE if args.shared_storage else wire.Variant.FULL
-    journal = Journal(source_state_dir(args.vm_dir, args.state_dir) / "journal.sqlite")
+    journal = host_journal(args.vm_dir, args.state_dir)
     outcome: dict[str, Any] = {}
     bar = _ProgressBar(f"migrating {args.name}", shown=not args.no_progress)
 
@@ -130,17 +146,63 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 unseal_with=args.identity if args.insecure else None,
             )
         except (MigrationError, OSError) as e:
-            outcome["error"] = str(e)
+            outcome["error"] = describe(e)
             return
+        finally:
+            outcome["over"] = True
         outcome["departure"] = departure
         outcome["finished"] = finished
         outcome["seconds"] = time.monotonic() - started
 
-    run_reactor(run)
+    def interrupted(reactor: Any) -> None:
+        print(
+            "securemig: interrupted: cancelling the migration; the VM stays here "
+            "(Ctrl-C again to exit at once)",
+            file=sys.stderr,
+        )
+        _cancel(reactor, outcome)
+
+    run_interruptible(run, interrupted)
     bar.close()
     if "error" in outcome:
         return error(outcome["error"])
     return _report(args, journal, outcome)
+
+
+#: The reason a migration cancelled with Ctrl-C ends with.
+INTERRUPTED = "interrupted by the operator (Ctrl-C)"
+
+
+def _cancel(reactor: Any, outcome: dict[str, Any]) -> None:
+    """Cancel the migration this process runs, as a timeout would end it:
+    the session fails with CANCELLED, tells the destination (ABORT), rolls
+    back and is journaled.  Not connected yet: try again shortly, until the
+    migration is over."""
+    sessions = _control_connections(reactor)
+    for proto in sessions:
+        proto.fail(ProtocolError(ErrorCode.CANCELLED, INTERRUPTED))
+    if not sessions and not outcome.get("over"):
+        reactor.callLater(0.1, _cancel, reactor, outcome)
+
+
+def _control_connections(reactor: Any) -> list[SourceProtocol]:
+    """The unfinished source sessions on this reactor's connections: the
+    protocol inside the TLS layer (``wrappedProtocol``) and inside the
+    endpoint's wrapper (``_wrappedProtocol``, Twisted's own name for it).
+    (:func:`~securemig.transport.client.migrate` gives no handle on its
+    session; ``test_misuse`` checks this still finds it.)"""
+    found = []
+    for selectable in {*reactor.getReaders(), *reactor.getWriters()}:
+        proto = getattr(selectable, "protocol", None)
+        for _ in range(4):
+            if proto is None or isinstance(proto, SourceProtocol):
+                break
+            proto = getattr(proto, "wrappedProtocol", None) or getattr(
+                proto, "_wrappedProtocol", None
+            )
+        if isinstance(proto, SourceProtocol) and not proto.session.finished:
+            found.append(proto)
+    return found
 
 
 class _ProgressBar:

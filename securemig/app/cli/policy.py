@@ -6,13 +6,15 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from securemig.app.cli.common import EXIT_OK, Subparsers, error
+from securemig.app.cli.common import EXIT_OK, Subparsers, UsageError, error, int_list
 from securemig.trust import attestor
 from securemig.trust.policy import PolicyStore
 from securemig.trust.tpm.tpm import TPM, TPMError
 
 #: PCRs attested by default: firmware, firmware config, option ROMs, boot loader, secure boot.
 DEFAULT_PCRS = ",".join(str(p) for p in attestor.DEFAULT_PCRS)
+#: The highest PCR index of a TPM 2.0 PC client (24 PCRs).
+MAX_PCR = 23
 
 
 def add_parser(subparsers: Subparsers) -> None:
@@ -63,7 +65,9 @@ def _show(store: PolicyStore, args: argparse.Namespace) -> int:
 def _record(store: PolicyStore, args: argparse.Namespace) -> int:
     """Record the current values of ``--pcrs`` in the TPM at ``--tpm`` as
     the golden values of ``--host``."""
-    pcrs = [int(p) for p in args.pcrs.split(",")]
+    pcrs = int_list(args.pcrs, "--pcrs")
+    if max(pcrs) > MAX_PCR:
+        raise UsageError(f"--pcrs takes PCR indices from 0 to {MAX_PCR}, not {max(pcrs)}")
     try:
         with TPM(args.tpm) as tpm:
             values = tpm.pcr_read(pcrs)

@@ -5,18 +5,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from securemig.app.cli.common import EXIT_OK, Subparsers, _mib, error
-from securemig.app.cli.journal import given_away, settle_here, source_state_dir
+from securemig.app.cli.common import (
+    EXIT_OK,
+    Subparsers,
+    _mib,
+    check_identity,
+    describe,
+    error,
+    run_interruptible,
+    usage_error,
+)
+from securemig.app.cli.journal import given_away, host_journal, settle_here
 from securemig.host.journal import Journal
 from securemig.hypervisor.backends import Backend, backend_for
-from securemig.hypervisor.bundle import Bundle, BundleError, create_image_vm
-from securemig.transport.reactor import run_reactor
+from securemig.hypervisor.bundle import (
+    MANIFEST,
+    Bundle,
+    BundleError,
+    check_vm_name,
+    create_image_vm,
+)
+from securemig.protocol.errors import MigrationError
 from securemig.trust import vtpm
 from securemig.trust.attestor import open_attestor
+from securemig.trust.tpm.tpm import TPMError
 
 
 def add_parser(subparsers: Subparsers) -> None:
@@ -84,15 +101,28 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
     """``securemig vm create``: a new VM bundle, with a sealed vTPM key given
     ``--identity``."""
     try:
-        sealed = key_and_ca = owner = None
-        if args.identity:
-            # The vTPM's state key: sealed to this host's TPM, handed to
-            # swtpm through a pipe, never written in the clear.
-            key = os.urandom(32)
+        check_vm_name(args.name)
+    except BundleError as e:
+        return usage_error(str(e))
+    sealed = key_and_ca = owner = None
+    if args.identity:
+        check_identity(args.identity)
+        # The vTPM's state key: sealed to this host's TPM, handed to
+        # swtpm through a pipe, never written in the clear.
+        key = os.urandom(32)
+        try:
             with open_attestor(args.identity, None, False) as attestor:
                 sealed = attestor.seal(key)
                 owner = attestor.identity.name
-            key_and_ca = (key, args.identity / "vtpm-ca")
+        except TPMError as e:
+            return error(
+                f"{e}; the host TPM that {args.identity / 'host.json'} names must be running "
+                "(nothing was created)"
+            )
+        except ValueError as e:
+            return error(f"cannot use the identity in {args.identity}: {e}")
+        key_and_ca = (key, args.identity / "vtpm-ca")
+    try:
         bundle = create_image_vm(
             args.dir,
             args.name,
@@ -105,7 +135,7 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
             backend=args.backend,
         )
     except (BundleError, OSError, ValueError) as e:
-        return error(str(e))
+        return error(describe(e))
     sizes = ", ".join(f"{i.name} {i.size >> 20} MiB" for i in bundle.manifest.images)
     shared = f", shared disk {bundle.manifest.shared_disk}" if bundle.manifest.shared_disk else ""
     print(f"created VM {bundle.name} at {bundle.path} ({sizes}{shared})")
@@ -114,12 +144,19 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
 
 def cmd_vm_list(args: argparse.Namespace) -> int:
     """``securemig vm list``: the VM bundles in ``--dir`` (none if it is no
-    directory), as a table or JSON."""
+    directory), as a table or JSON; a bundle whose manifest is unusable is
+    left out, saying why on stderr."""
     rows: list[dict[str, Any]] = []
     for path in sorted(args.dir.iterdir()) if args.dir.is_dir() else []:
+        if not (path / MANIFEST).exists():
+            continue  # not a bundle (the journal's .securemig, say)
         try:
             b = Bundle.load(path)
-        except BundleError:
+        except BundleError as e:
+            print(f"securemig: warning: skipping {path}: {e}", file=sys.stderr)
+            continue
+        except OSError as e:
+            print(f"securemig: warning: skipping {path}: {describe(e)}", file=sys.stderr)
             continue
         rows.append(
             {
@@ -177,10 +214,12 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
         else:
             await backend.start(bundle)  # type: ignore[attr-defined]
 
+    if args.identity:
+        check_identity(args.identity)
     try:
-        run_reactor(start)
-    except Exception as e:
-        return error(str(e))
+        run_interruptible(start)
+    except (MigrationError, OSError) as e:
+        return error(describe(e))
     bundle, backend = found
     print(f"{bundle.name}: {backend.status(bundle)}")
     return EXIT_OK
@@ -188,7 +227,7 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
 
 def _journal(args: argparse.Namespace) -> Journal:
     """This host's journal, as ``vm start|status --state-dir`` names it."""
-    return Journal(source_state_dir(args.dir, args.state_dir) / "journal.sqlite")
+    return host_journal(args.dir, args.state_dir)
 
 
 def _settle(args: argparse.Namespace, identity: Path | None) -> None:
@@ -198,7 +237,7 @@ def _settle(args: argparse.Namespace, identity: Path | None) -> None:
     async def settle(reactor: Any) -> None:
         await settle_here(journal, identity)
 
-    run_reactor(settle)
+    run_interruptible(settle)
 
 
 def _find(vm_dir: Path, name: str, identity: Path | None) -> tuple[Bundle, Backend]:

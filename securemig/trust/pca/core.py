@@ -73,6 +73,57 @@ class _Pending:
     expires: float
 
 
+class VendorCAError(ValueError):
+    """A file given as a trusted TPM-vendor CA is not a CA certificate; the
+    message says what it is instead."""
+
+
+def check_vendor_ca(path: Path) -> list[x509.Certificate]:
+    """The certificates in PEM file ``path``, each a CA certificate
+    (basicConstraints CA:TRUE, and keyCertSign if it states its key usage),
+    or :class:`VendorCAError` saying why ``path`` cannot be a TPM-vendor CA."""
+    todo = (
+        "give the TPM vendor's root or intermediate CA certificate (PEM) "
+        "that issues EK certificates"
+    )
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise VendorCAError(f"cannot read vendor CA {path}: {e.strerror or e}") from None
+    try:
+        certs = x509.load_pem_x509_certificates(raw)
+    except ValueError:
+        try:
+            x509.load_der_x509_certificate(raw)
+        except ValueError:
+            raise VendorCAError(f"{path} holds no PEM certificate; {todo}") from None
+        raise VendorCAError(
+            f"{path} is a DER certificate; convert it to PEM "
+            f"(openssl x509 -inform der -in {path} -out {path.stem}.pem)"
+        ) from None
+    for cert in certs:
+        subject = cert.subject.rfc4514_string() or "(no subject)"
+        try:
+            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            constraints = None
+        if constraints is None or not constraints.ca:
+            raise VendorCAError(
+                f"{path}: certificate {subject!r} is not a CA certificate (no basicConstraints "
+                f"CA:TRUE); {todo}"
+            )
+        try:
+            usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            usage = None
+        if usage is not None and not usage.key_cert_sign:
+            raise VendorCAError(
+                f"{path}: CA certificate {subject!r} may not sign certificates (its key usage "
+                f"lacks keyCertSign); {todo}"
+            )
+    return certs
+
+
 def load_vendor_cas(directory: Path) -> list[x509.Certificate]:
     """Every certificate in ``directory/*.pem`` (the trusted TPM vendors)."""
     certs: list[x509.Certificate] = []
@@ -100,7 +151,11 @@ class PrivacyCA:
     def init(
         cls, directory: Path, vendor_cas: list[Path], name: str = "securemig privacy CA"
     ) -> PrivacyCA:
-        """Create a new privacy CA trusting ``vendor_cas``."""
+        """Create a new privacy CA trusting ``vendor_cas``, each checked to
+        be a CA certificate first (:class:`VendorCAError`; nothing is
+        created then)."""
+        for path in vendor_cas:
+            check_vendor_ca(path)
         Authority.create(name).save(directory)
         vendors = directory / "vendors"
         vendors.mkdir(parents=True, exist_ok=True)
