@@ -137,10 +137,26 @@ class Options(usage.Options):
                 "give an endpoint to listen on: --listen ENDPOINT "
                 "(secure) and/or --insecure-listen ENDPOINT"
             )
+        for option in ("listen", "insecure-listen"):
+            if self[option]:
+                check_endpoint(option, self[option])
         if self["idle-timeout"] <= 0 or self["deadline"] <= 0 or self["resolve-interval"] <= 0:
             raise usage.UsageError(
                 "--idle-timeout, --deadline and --resolve-interval must be positive"
             )
+
+
+def check_endpoint(option: str, description: str) -> None:
+    """Refuse an endpoint string twistd could not listen on (``9000``
+    without ``tcp:``, a port that is no number) as a usage error, before
+    anything starts."""
+    try:
+        serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise usage.UsageError(
+            f"--{option} {description!r} is not an endpoint ({e}); "
+            "write it as tcp:PORT or tcp:PORT:interface=ADDRESS, e.g. tcp:9000"
+        ) from None
 
 
 #: Held by the daemon in its state directory (see Options.postOptions).

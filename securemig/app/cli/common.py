@@ -172,9 +172,9 @@ def check_identity(directory: Path) -> Path:
         raise CommandError(f"{directory / 'host.json'} is not JSON ({e}); {todo}") from None
     if not isinstance(data, dict):
         raise CommandError(f"{directory / 'host.json'} is not a JSON object; {todo}")
-    for key in ("name", "tpm"):
+    for key, what in (("name", "the host"), ("tpm", "its TPM")):
         if not isinstance(data.get(key), str) or not data[key]:
-            raise CommandError(f"{directory / 'host.json'} does not name the host's {key}; {todo}")
+            raise CommandError(f"{directory / 'host.json'} does not name {what} ({key!r}); {todo}")
     if not (directory / "pca.pem").is_file():
         raise CommandError(f"{what}: pca.pem is missing; {todo}")
     return directory

@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from securemig.app.cli.common import EXIT_OK, Subparsers, error
+from securemig.app.cli.common import EXIT_OK, Subparsers, describe, error, usage_error
 from securemig.trust.attest import ak_name
 from securemig.trust.identity import IdentityExists, init_host, issue_tls, kept_aside, renew_host
 from securemig.trust.pca.client import EnrollmentRefused
 from securemig.trust.pca.core import PrivacyCA, VendorCAError
-from securemig.trust.pki import Authority
+from securemig.trust.pki import Authority, check_host_name
 from securemig.trust.tpm.tpm import TPMError
 
 
@@ -100,7 +100,10 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
     """``securemig ca init``: a new site CA in a directory that holds none."""
     if (args.dir / "ca.key").exists():
         return error(f"{args.dir} already holds a CA")
-    Authority.create(args.name).save(args.dir)
+    try:
+        Authority.create(args.name).save(args.dir)
+    except OSError as e:
+        return error(f"cannot create a CA in {args.dir}: {describe(e)}")
     print(f"created site CA {args.name!r} in {args.dir}")
     return EXIT_OK
 
@@ -108,11 +111,24 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
 def cmd_ca_issue(args: argparse.Namespace) -> int:
     """``securemig ca issue``: a host's TLS key and certificate from the site CA."""
     try:
+        check_host_name(args.name)
+    except ValueError as e:
+        return usage_error(f"--name: {e}")
+    try:
         authority = Authority.load(args.dir)
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        return error(
+            f"cannot load the CA in {args.dir}: {describe(e)} (securemig ca init makes one)"
+        )
+    except ValueError as e:
         return error(f"cannot load the CA in {args.dir}: {e}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    issue_tls(authority, args.name, args.out)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        issue_tls(authority, args.name, args.out)
+    except OSError as e:
+        return error(f"cannot write the TLS key and certificate into {args.out}: {describe(e)}")
+    except ValueError as e:
+        return usage_error(f"cannot issue a certificate for {args.name!r}: {e}")
     print(f"issued {args.out / 'tls.pem'} for {args.name}")
     return EXIT_OK
 
@@ -121,6 +137,8 @@ def cmd_pca_init(args: argparse.Namespace) -> int:
     """``securemig pca init``: a new privacy CA trusting the given TPM-vendor CAs."""
     if (args.dir / "ca.key").exists():
         return error(f"{args.dir} already holds a privacy CA")
+    if args.dir.exists() and not args.dir.is_dir():
+        return error(f"cannot create a privacy CA in {args.dir}: it is not a directory")
     missing = [str(p) for p in args.vendor_ca if not p.is_file()]
     if missing:
         return error(f"no such vendor CA certificate: {', '.join(missing)}")

@@ -11,11 +11,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from securemig.app.cli.common import EXIT_OK, CommandError, Subparsers, describe, error
+from securemig.app.cli.common import (
+    EXIT_OK,
+    CommandError,
+    Subparsers,
+    describe,
+    error,
+    run_interruptible,
+)
 from securemig.host.arrival import DestinationHost
 from securemig.host.journal import Journal, dumps
 from securemig.host.recovery import settle_departures
-from securemig.transport.reactor import run_reactor
 from securemig.trust import vtpm
 
 
@@ -84,6 +90,11 @@ def host_journal(vm_dir: Path, state_dir: Path | None) -> Journal:
     try:
         return Journal(directory / "journal.sqlite")
     except (OSError, sqlite3.Error) as e:
+        if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
+            raise CommandError(
+                f"{directory / 'journal.sqlite'} is not a securemig journal ({e}); move it "
+                "away, or give --state-dir this host's state directory"
+            ) from None
         reason = describe(e) if isinstance(e, OSError) else str(e)
         raise CommandError(
             f"cannot keep this host's journal in {directory} ({reason}); give --state-dir "
@@ -146,7 +157,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     async def settle(reactor: Any) -> None:
         await settle_here(journal, None)
 
-    run_reactor(settle)
+    run_interruptible(settle)
     records = journal.records(args.limit)
     if args.json:
         print(dumps(records))
@@ -206,7 +217,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     async def settle(reactor: Any) -> list[tuple[str, str]]:
         return await host.settle(source)
 
-    actions = run_reactor(settle)
+    actions = run_interruptible(settle)
     if not actions:
         print("nothing is in doubt here")
     for migration_id, action in actions:

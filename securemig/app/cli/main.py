@@ -10,9 +10,11 @@ variant, a bad chunk size, a malformed list: :class:`.common.UsageError`);
 
 No operator mistake ends in a traceback: :func:`main` reports every error
 securemig expects (:class:`~securemig.protocol.errors.MigrationError`,
-``OSError``, ``sqlite3.Error``, :class:`.common.CommandError`) as one line,
-``securemig: error: ...``; anything else is a bug, reported as an internal
-error.  ``securemig --debug COMMAND`` shows the traceback of either.
+``OSError``, ``sqlite3.Error``, a TPM's own refusal,
+:class:`.common.CommandError`) as one line, ``securemig: error: ...``;
+anything else is a bug, reported as an internal error.  ``securemig --debug
+COMMAND`` shows the traceback of either.  ``tests/app/test_misuse.py`` runs
+a table of operator mistakes against the real command.
 
 Each command group lives in a module of this package that registers its
 commands with ``add_parser`` and sets ``func``, the ``cmd_*`` that runs one.
@@ -25,6 +27,8 @@ import sqlite3
 import sys
 import traceback
 from collections.abc import Callable
+
+from tpm2_pytss import TSS2_Exception
 
 from securemig import __version__
 from securemig.app.cli import identity, journal, lab, migrate, policy, vm
@@ -80,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     except (MigrationError, OSError, sqlite3.Error) as e:
         _debug(args)
         return error(describe(e))
+    except TSS2_Exception as e:
+        _debug(args)
+        return error(
+            f"the TPM refused: {e}; a key made by another TPM does not load here: is "
+            "--identity this host's own identity directory?"
+        )
     except KeyboardInterrupt:
         _debug(args)
         print("securemig: interrupted", file=sys.stderr)
