@@ -1,0 +1,451 @@
+"""Operator mistakes, against the real ``securemig`` (and ``twistd
+securemig``) processes: each row of :data:`ROWS` is one mistake and asserts
+its exit status, a piece of its message, that stderr holds no traceback,
+and, where a VM is involved, that the VM is intact (same digests) and
+unlocked.  Every row is its own test (``test_<row name>``)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from twisted.trial.unittest import TestCase
+
+from securemig.host import storage
+from securemig.host.journal import Journal
+from securemig.hypervisor.bundle import Bundle, create_image_vm
+from securemig.lab import processes
+from securemig.trust.pki import Authority
+
+from ..helpers import bundle_digests
+
+
+class Scene:
+    """What a row's command line is made from, in a test's temporary
+    directory: a VM directory with VM ``vm1`` (1 MiB of RAM image), files
+    that are wrong in the ways operators get them wrong, and a port where
+    nothing listens."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.vms = base / "vms"
+        self.bundle = create_image_vm(self.vms, "vm1", 1)
+        self.digests = bundle_digests(self.bundle)
+        self.missing = base / "missing"
+        self.a_file = base / "a-file"
+        self.a_file.write_text("not a directory\n")
+        self.garbage = base / "garbage.sqlite"
+        self.garbage.write_bytes(b"this is not a database\n" * 100)
+        self.garbage_state = base / "garbage-state"
+        self.garbage_state.mkdir()
+        (self.garbage_state / "journal.sqlite").write_bytes(self.garbage.read_bytes())
+        self.down_tpm = self.identity(
+            "down-tpm", name="host-a", tpm=f"swtpm:host=127.0.0.1,port={free_port()}"
+        )
+        self.nameless = self.identity("nameless", tpm="device:/dev/tpmrm0")
+        self.hostname = base / "hostname"
+        self.hostname.write_text("host-a\n")
+        ca = Authority.create("site")
+        leaf = ca.issue(Authority.create("other").key.public_key(), "host-a")
+        self.leaf = base / "leaf.pem"
+        self.leaf.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+        self.closed = f"127.0.0.1:{free_port()}"
+
+    def identity(self, directory_name: str, **host: str) -> Path:
+        """An identity directory whose host.json holds ``host``."""
+        directory = self.base / directory_name
+        directory.mkdir()
+        (directory / "host.json").write_text(json.dumps(host))
+        (directory / "pca.pem").write_bytes(Authority.create("pca").cert.public_bytes(PEM))
+        return directory
+
+    def migrate(self, *extra: str, name: str = "vm1", to: str | None = None) -> list[str]:
+        """``securemig migrate`` of ``vm1`` from the VM directory."""
+        return ["migrate", name, "--vm-dir", str(self.vms), "--to", to or self.closed, *extra]
+
+    def bad_manifest(self) -> None:
+        """A second bundle whose manifest is valid JSON of the wrong shape."""
+        create_image_vm(self.vms, "vm2", 1)
+        (self.vms / "vm2" / "manifest.json").write_text('["not", "a", "manifest"]\n')
+
+
+PEM = serialization.Encoding.PEM
+
+
+def free_port() -> int:
+    """A loopback TCP port where nothing listens (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@dataclass
+class Row:
+    """One operator mistake and what it must give."""
+
+    name: str
+    argv: Callable[[Scene], list[str]]
+    status: int
+    message: str
+    #: Whether the row involves vm1: it must then be intact and unlocked.
+    vm: bool = False
+    #: Runs before the command, to make the mistake.
+    prepare: Callable[[Scene], None] = field(default=lambda s: None)
+    #: Checked after the command (what must not have been made, say).
+    then: Callable[[Scene, subprocess.CompletedProcess[str]], bool] = field(
+        default=lambda s, r: True
+    )
+    #: The command run: securemig, or twistd (its usage errors exit 1).
+    program: str = "securemig"
+
+
+ROWS = [
+    # -- migrate: usage errors (2), and failures that leave the VM here (1)
+    Row(
+        "migrate_no_variant",
+        lambda s: s.migrate(),
+        2,
+        "choose the variant: --identity DIR for the secure one, or --insecure",
+        vm=True,
+    ),
+    Row(
+        "migrate_bad_chunk",
+        lambda s: s.migrate("--insecure", "--chunk-kib", "0"),
+        2,
+        "--chunk-kib must be between 4 and 4096",
+        vm=True,
+    ),
+    Row(
+        "migrate_no_port",
+        lambda s: s.migrate("--insecure", to="127.0.0.1"),
+        2,
+        "destination '127.0.0.1' is not HOST:PORT",
+        vm=True,
+    ),
+    Row("migrate_bad_vm_name", lambda s: s.migrate("--insecure", name="../vm1"), 2, "bad VM name"),
+    Row(
+        "migrate_missing_option",
+        lambda s: ["migrate", "vm1", "--to", s.closed, "--insecure"],
+        2,
+        "the following arguments are required: --vm-dir",
+        vm=True,
+    ),
+    Row("migrate_unknown_vm", lambda s: s.migrate("--insecure", name="vm9"), 1, "no VM bundle at"),
+    Row(
+        "migrate_state_dir_not_writable",
+        lambda s: s.migrate("--insecure", "--state-dir", str(s.a_file / "state")),
+        1,
+        "cannot keep this host's journal in",
+        vm=True,
+    ),
+    Row(
+        "migrate_garbage_journal",
+        lambda s: s.migrate("--insecure", "--state-dir", str(s.garbage_state)),
+        1,
+        "journal.sqlite is not a securemig journal",
+        vm=True,
+    ),
+    Row(
+        "migrate_missing_identity",
+        lambda s: s.migrate("--identity", str(s.missing)),
+        1,
+        "is not a host identity directory: it does not exist",
+        vm=True,
+    ),
+    Row(
+        "migrate_nobody_listens",
+        lambda s: s.migrate("--insecure", "--no-progress"),
+        1,
+        "cannot connect to 127.0.0.1:",
+        vm=True,
+    ),
+    # -- vm
+    Row(
+        "vm_create_tpm_down",
+        lambda s: (
+            [
+                "vm",
+                "create",
+                "vm3",
+                "--dir",
+                str(s.vms),
+                "--ram-mib",
+                "1",
+                "--identity",
+                str(s.down_tpm),
+            ]
+        ),
+        1,
+        "must be running (nothing was created)",
+        then=lambda s, r: not (s.vms / "vm3").exists(),
+    ),
+    Row(
+        "vm_create_host_json_without_name",
+        lambda s: (
+            [
+                "vm",
+                "create",
+                "vm3",
+                "--dir",
+                str(s.vms),
+                "--ram-mib",
+                "1",
+                "--identity",
+                str(s.nameless),
+            ]
+        ),
+        1,
+        "host.json does not name the host ('name')",
+        then=lambda s, r: not (s.vms / "vm3").exists(),
+    ),
+    Row(
+        "vm_create_missing_identity",
+        lambda s: (
+            [
+                "vm",
+                "create",
+                "vm3",
+                "--dir",
+                str(s.vms),
+                "--ram-mib",
+                "1",
+                "--identity",
+                str(s.missing),
+            ]
+        ),
+        1,
+        "is not a host identity directory",
+        then=lambda s, r: not (s.vms / "vm3").exists(),
+    ),
+    Row(
+        "vm_create_bad_name",
+        lambda s: ["vm", "create", "a/b", "--dir", str(s.vms), "--ram-mib", "1"],
+        2,
+        "bad VM name 'a/b'",
+    ),
+    Row(
+        "vm_list_wrong_shape_manifest",
+        lambda s: ["vm", "list", "--dir", str(s.vms)],
+        0,
+        "skipping",
+        vm=True,
+        prepare=Scene.bad_manifest,
+        then=lambda s, r: r.stdout.startswith("vm1 ") and "vm2" not in r.stdout,
+    ),
+    # -- journals
+    Row(
+        "status_garbage_journal",
+        lambda s: ["status", "--state-dir", str(s.garbage_state)],
+        1,
+        "is not a securemig journal (file is not a database)",
+    ),
+    Row(
+        "recover_garbage_source_journal",
+        lambda s: (
+            ["recover", "--state-dir", str(s.base / "dst"), "--source-journal", str(s.garbage)]
+        ),
+        1,
+        "garbage.sqlite is not a securemig journal",
+    ),
+    Row(
+        "journal_export_over_a_file",
+        lambda s: ["journal", "export", str(s.a_file), "--vm-dir", str(s.vms)],
+        1,
+        "no journal at",
+    ),
+    # -- bench, policy: malformed lists are usage errors
+    Row("bench_sizes_not_numbers", lambda s: ["bench", "--sizes", "abc"], 2, "--sizes takes"),
+    Row("bench_unknown_variant", lambda s: ["bench", "--variants", "half"], 2, "--variants takes"),
+    Row(
+        "bench_repeat_zero",
+        lambda s: ["bench", "--repeat", "0"],
+        2,
+        "--repeat must be a positive number",
+    ),
+    Row(
+        "policy_pcrs_not_numbers",
+        lambda s: (
+            [
+                "policy",
+                "record",
+                "--policy-dir",
+                str(s.base / "policy"),
+                "--host",
+                "host-a",
+                "--tpm",
+                "device:/dev/tpmrm0",
+                "--pcrs",
+                "a",
+            ]
+        ),
+        2,
+        "--pcrs takes comma-separated whole numbers",
+    ),
+    # -- identities and CAs
+    Row(
+        "pca_init_vendor_ca_not_a_certificate",
+        lambda s: ["pca", "init", str(s.base / "pca"), "--vendor-ca", str(s.hostname)],
+        1,
+        "holds no PEM certificate",
+        then=lambda s, r: not (s.base / "pca").exists(),
+    ),
+    Row(
+        "pca_init_vendor_ca_not_a_ca",
+        lambda s: ["pca", "init", str(s.base / "pca"), "--vendor-ca", str(s.leaf)],
+        1,
+        "is not a CA certificate",
+        then=lambda s, r: not (s.base / "pca").exists(),
+    ),
+    Row(
+        "ca_issue_bad_host_name",
+        lambda s: ["ca", "issue", str(s.base), "--name", "not a name", "--out", str(s.base)],
+        2,
+        "'not a name' is not a DNS host name",
+    ),
+    # -- twistd securemig
+    Row(
+        "twistd_listen_without_tcp",
+        lambda s: (
+            [
+                "-n",
+                "--pidfile=",
+                "securemig",
+                "--state-dir",
+                str(s.base / "dst"),
+                "--insecure-listen",
+                "9000",
+            ]
+        ),
+        1,
+        "--insecure-listen '9000' is not an endpoint",
+        program="twistd",
+    ),
+]
+
+
+#: How many rows run at once (each is a Python process starting up).
+PARALLEL = 4
+
+_results: dict[str, tuple[Scene, subprocess.CompletedProcess[str]]] = {}
+
+
+def results() -> dict[str, tuple[Scene, subprocess.CompletedProcess[str]]]:
+    """Every row's scene and what its command gave, run :data:`PARALLEL` at
+    a time the first time a row's test asks (each row has its own scene, in
+    a directory of trial's working directory), so the table takes seconds."""
+    if not _results:
+        base = Path(tempfile.mkdtemp(prefix="misuse-", dir=Path.cwd()))
+        pending = list(ROWS)
+        running: list[tuple[Row, Scene, subprocess.Popen[str]]] = []
+        while pending or running:
+            while pending and len(running) < PARALLEL:
+                row = pending.pop(0)
+                scene = Scene(base / row.name)
+                row.prepare(scene)
+                process = subprocess.Popen(
+                    [processes.script(row.program), *row.argv(scene)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                running.append((row, scene, process))
+            row, scene, process = running.pop(0)
+            out, err = process.communicate(timeout=60)
+            _results[row.name] = (
+                scene,
+                subprocess.CompletedProcess(process.args, process.returncode, out, err),
+            )
+    return _results
+
+
+class MisuseTests(TestCase):
+    """One test per row of :data:`ROWS`, and Ctrl-C during a migration."""
+
+    def check(self, row: Row) -> None:
+        """Check what ``row``'s command gave."""
+        scene, result = results()[row.name]
+        said = result.stdout + result.stderr
+        self.assertNotIn("Traceback", said)
+        self.assertNotIn("internal error", said)
+        self.assertIn(row.message, said)
+        self.assertEqual(result.returncode, row.status, said)
+        self.assertTrue(row.then(scene, result), said)
+        if row.vm:
+            self.assertVMIntact(scene)
+
+    def assertVMIntact(self, scene: Scene) -> None:
+        """vm1 is still here, with the same images, and unlocked."""
+        bundle = Bundle.find(scene.vms, "vm1")
+        self.assertEqual(bundle_digests(bundle), scene.digests)
+        self.assertFalse(storage.is_locked(bundle.lock_path))
+
+    def test_debug_shows_the_traceback(self) -> None:
+        """``--debug`` is how to see the traceback of an error."""
+        result = processes.securemig("--debug", "bench", "--sizes", "abc")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("Traceback", result.stderr)
+        self.assertIn("UsageError", result.stderr)
+
+    def test_interrupted_migration(self) -> None:
+        """Ctrl-C while the images stream: the migration is cancelled (the
+        destination is told), the VM stays here intact and unlocked, and the
+        journal says so; no traceback."""
+        scene = Scene(Path(self.mktemp()).absolute())
+        destination = processes.start_destination(scene.base / "dst")
+        self.addCleanup(destination.stop)
+        big = create_image_vm(scene.vms, "big", 64)
+        digests = bundle_digests(big)
+        argv = scene.migrate(
+            "--insecure", "--no-progress", "--chunk-kib", "4", name="big", to=destination.address
+        )
+        migrate = subprocess.Popen(
+            [processes.script("securemig"), *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.addCleanup(lambda: migrate.poll() is None and migrate.kill())
+        journal_path = scene.vms / ".securemig" / "journal.sqlite"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if journal_path.exists():
+                records = Journal(journal_path).records(1)
+                if records and records[0].phase == "streaming":
+                    break
+            time.sleep(0.02)
+        else:
+            self.fail("the migration never started streaming")
+        migrate.send_signal(signal.SIGINT)
+        _, err = migrate.communicate(timeout=30)
+        self.assertNotIn("Traceback", err)
+        self.assertIn("interrupted: cancelling the migration", err)
+        self.assertIn("CANCELLED: interrupted by the operator (Ctrl-C)", err)
+        self.assertIn("the VM is still at the source, unlocked", err)
+        self.assertEqual(migrate.returncode, 1)
+        bundle = Bundle.find(scene.vms, "big")
+        self.assertEqual(bundle_digests(bundle), digests)
+        self.assertFalse(storage.is_locked(bundle.lock_path))
+        record = Journal(journal_path).records(1)[0]
+        self.assertEqual(record.outcome, "aborted")
+
+
+def _row_test(row: Row) -> Callable[[MisuseTests], None]:
+    def test(self: MisuseTests) -> None:
+        self.check(row)
+
+    test.__doc__ = f"Misuse: {row.name.replace('_', ' ')} -> exit {row.status}."
+    return test
+
+
+for _row in ROWS:
+    setattr(MisuseTests, f"test_{_row.name}", _row_test(_row))
