@@ -15,6 +15,7 @@ from securemig.app.cli.common import (
     EXIT_OK,
     CommandError,
     Subparsers,
+    check_identity,
     describe,
     error,
     run_interruptible,
@@ -212,6 +213,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
         return error(str(e))
     host = DestinationHost(args.state_dir)
     if args.identity:
+        check_identity(args.identity)
         host.unseal = vtpm.unsealer(args.identity)
 
     async def settle(reactor: Any) -> list[tuple[str, str]]:
