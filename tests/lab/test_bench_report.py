@@ -66,3 +66,22 @@ class ReportTests(SynchronousTestCase):
         self.assertEqual(len(rows), len(RECORDS))
         self.assertEqual(rows[2]["cpu_s_destination"], "1.5")
         self.assertTrue((out / "time.png").read_bytes().startswith(b"\x89PNG"))
+
+    def test_ssh_baselines(self) -> None:
+        """The ssh baselines are rows of their own, after the plain copy,
+        and every migration is compared with them."""
+        records = [*RECORDS, record("ssh-aes128-gcm", 256, 2.5), record("ssh-chacha20", 256, 3.1)]
+        for r in records[-2:]:
+            r["phases"], r["wire_bytes"] = {}, None
+        self.assertEqual(
+            report.protocols_of(records),
+            ["plain-copy", "ssh-aes128-gcm", "ssh-chacha20", "insecure", "secure"],
+        )
+        text = report.report(records)
+        # 2.5 s at 256 MiB; CPU 2.5 s for 0.25 GiB.
+        self.assertIn("| 256 | ssh-aes128-gcm | 2.500 (2.500-2.500) |", text)
+        self.assertIn("| 10.00 |", text)
+        # secure's median 3.1 s: ssh-aes128-gcm takes 0.81 of it, chacha20 1.00.
+        self.assertIn("| 256 | secure | 0.81 | 1.00 |", text)
+        self.assertIn("| 256 | insecure | 1.56 | 1.94 |", text)
+        self.assertIn("secure ≥ 1.3 x ssh aes128-gcm, 256 MiB (whole-process time) | 0.81 x", text)

@@ -8,7 +8,11 @@ destination per run.  For each size, variant and repeat, in one run:
 
 - ``plain-copy``: :mod:`securemig.lab.bench.plaincopy` sends the RAM image
   through a loopback socket into an fsynced file (the floor);
-- ``insecure``: the insecure twin (plain TCP; the vTPM key in the clear);
+- ``ssh-aes128-gcm``, ``ssh-chacha20``: the same file through OpenSSH
+  (``ssh -c CIPHER 'cat > F && sync F'``) to an sshd of the bench's own
+  (:mod:`securemig.lab.bench.ssh`), what moving an image by hand costs;
+- ``insecure``: the insecure twin (plain TCP, no cryptography: no TLS, no
+  hash; the vTPM key in the clear);
 - ``secure``: mutual TLS 1.3, attestation both ways, key release, images
   on the data channel (per ``--ciphers``, ``secure-CIPHER``);
 - ``secure-tls`` (on request): the same with the images inside TLS, as
@@ -40,7 +44,16 @@ from tqdm import tqdm
 from securemig.hypervisor.bundle import create_image_vm
 from securemig.lab import processes
 from securemig.lab.bench.link import Link
-from securemig.lab.bench.report import insecure_twin, protocols_of, series, sizes_of, write_all
+from securemig.lab.bench.report import (
+    cpu_per_gib,
+    insecure_twin,
+    protocols_of,
+    series,
+    sizes_of,
+    write_all,
+)
+from securemig.lab.bench.ssh import CIPHERS as SSH_CIPHERS
+from securemig.lab.bench.ssh import Sshd, SshError
 from securemig.lab.lab import DESTINATION, Lab
 
 
@@ -80,6 +93,19 @@ def _plain_copy(work: Path, image: Path, lab: Any) -> dict[str, Any]:
     size = image.stat().st_size
     out.unlink()
     return _record("plain-copy", size, total, {}, send_usage, recv_usage)
+
+
+def _ssh_copy(sshd: Sshd, protocol: str, work: Path, image: Path) -> dict[str, Any]:
+    """The same image through ``ssh -c CIPHER`` into an fsynced file."""
+    out = work / "ssh.out"
+    out.unlink(missing_ok=True)
+    copy = sshd.copy(image, out, SSH_CIPHERS[protocol])
+    out.unlink()
+    server = processes.Rusage(copy.server_cpu_s, copy.server_peak_rss_mib, 0)
+    record = _record(protocol, image.stat().st_size, copy.seconds, {}, copy.client, server)
+    # Not counted: ssh's framing, padding and MACs are its own business.
+    record.update(cipher=SSH_CIPHERS[protocol], wire_bytes=None)
+    return record
 
 
 def _warm(bundle_dir: Path) -> None:
@@ -131,7 +157,7 @@ def _idle_destination(work: Path) -> dict[str, Any]:
 def _summarise(records: list[dict[str, Any]]) -> list[str]:
     lines = [
         f"{'size':>6} {'protocol':<20} {'time s':>8} {'x plain':>8} {'in-proc':>8} {'MiB/s':>7} "
-        f"{'CPU src':>8} {'CPU dst':>8} {'RSS src':>8} {'RSS dst':>8}",
+        f"{'CPU src':>8} {'CPU dst':>8} {'CPU/GiB':>8} {'RSS src':>8} {'RSS dst':>8}",
     ]
 
     for size in sizes_of(records):
@@ -151,13 +177,15 @@ def _summarise(records: list[dict[str, Any]]) -> list[str]:
             lines.append(
                 f"{size:>5}M {protocol:<20} {med:>8.3f} {med / base:>8.2f} {inproc_ratio} "
                 f"{size / med:>7.0f} {m('cpu_s', 'source'):>8.2f} "
-                f"{m('cpu_s', 'destination'):>8.2f} {m('peak_rss_mib', 'source'):>7.1f}M "
+                f"{m('cpu_s', 'destination'):>8.2f} "
+                f"{statistics.median(cpu_per_gib(r) for r in rs):>8.2f} "
+                f"{m('peak_rss_mib', 'source'):>7.1f}M "
                 f"{m('peak_rss_mib', 'destination'):>7.1f}M"
             )
         medians = {
             p: statistics.median(r["in_process_s"] for r in runs if series(r) == p)
             for p in protocols_of(records)
-            if p != "plain-copy" and any(series(r) == p for r in runs)
+            if any(series(r) == p and "in_process_s" in r for r in runs)
         }
         for p in medians:
             twin = insecure_twin(p)
@@ -240,7 +268,12 @@ def run(
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-", dir=work_dir))
     records: list[dict[str, Any]] = []
     lab = Lab(work / "lab", link=link)
+    sshd: Sshd | None = None
     try:
+        # Before the lab's minutes of set-up: sshd and ssh must be installed.
+        # Where a destination would be, as for the plain copy.
+        wrapper = link.wrapper if link is not None else ()
+        sshd = Sshd(work / "sshd", lab.address_of(DESTINATION), wrapper)
         idle = _idle_destination(work)
         records.append(idle)
         print(
@@ -250,7 +283,7 @@ def run(
         )
         per_variant = sum(len(ciphers) if p.startswith("secure") else 1 for p in protocols)
         progress = tqdm(
-            total=len(sizes) * repeat * (1 + len(variants) * per_variant),
+            total=len(sizes) * repeat * (1 + len(SSH_CIPHERS) + len(variants) * per_variant),
             unit="run",
             desc="bench",
             file=sys.stderr,
@@ -258,11 +291,17 @@ def run(
         )
         print("setting up two enrolled hosts with swtpm TPMs ...", file=sys.stderr)
         lab.start()
+        sshd.start()
+        print(f"sshd (pid {sshd.pid}) on {sshd.address} port {sshd.port}", file=sys.stderr)
         for size in sizes:
             print(f"creating {size} MiB VMs ...", file=sys.stderr)
             plain = create_image_vm(work / "plain", f"plain-{size}", size)
             steps: list[Callable[[], dict[str, Any]]] = [
                 partial(_plain_copy, work, plain.image_path("ram"), lab)
+            ]
+            steps += [
+                partial(_ssh_copy, sshd, protocol, work, plain.image_path("ram"))
+                for protocol in SSH_CIPHERS
             ]
             names = []
             for variant in variants:
@@ -296,7 +335,12 @@ def run(
                 shutil.rmtree(lab.vm_dir / name)
             shutil.rmtree(work / "shared", ignore_errors=True)
         progress.close()
+    except SshError as e:
+        print(f"securemig: error: the ssh baseline: {e}", file=sys.stderr)
+        return 1  # the CLI's EXIT_FAILED
     finally:
+        if sshd is not None:
+            sshd.close()
         lab.stop()
         if link is not None:
             link.close()
@@ -316,8 +360,9 @@ def run(
     print(
         "time: wall seconds of the whole source command; x plain: its ratio to the plain "
         "copy's median;\nin-proc: the same ratio without the source interpreter's start-up; "
-        "CPU: per process, from wait4; RSS: its VmHWM (the destination's include its own "
-        "start-up).\n"
+        "CPU: per process, from wait4 (ssh's server side: every per-connection process sshd "
+        "reaped); CPU/GiB: both sides per GiB; RSS: its VmHWM (the destination's include its "
+        "own start-up).\n"
         "secure/insecure: ratio of the in-process medians, same size, same variant, same run."
     )
     return 0
