@@ -352,7 +352,8 @@ class Arrival:
     def open_stream(self, index: int, hashed: bool = True) -> None:
         """Create the staging file of image ``index``; ``hashed``: check its
         SHA-256 at the end (not on the data channel, whose records are
-        authenticated one by one)."""
+        authenticated one by one, nor on the insecure twin, which does no
+        cryptography: there only the sizes are checked)."""
         if self.cancelled:
             return
         self._image = self.hello.images[index]

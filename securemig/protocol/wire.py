@@ -317,7 +317,8 @@ class Data:
     __hash__ = None  # type: ignore[assignment]
 
 
-#: STREAM_END's digest on the data channel, where records are authenticated.
+#: STREAM_END's digest on the data channel, where records are authenticated,
+#: and in the insecure variant, which does no cryptography.
 UNHASHED = bytes(32)
 
 

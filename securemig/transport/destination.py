@@ -293,8 +293,9 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _do_OpenStream(self, effect: effects.OpenStream) -> None:
         if effect.index == 0:
             self.arrival.journal_phase("streaming", 0)
-        # Images on the data channel are authenticated by its records.
-        hashed = self.data_channel is None
+        # Images on the data channel are authenticated by its records; the
+        # insecure twin does no cryptography (its source sends no hash).
+        hashed = self.data_channel is None and self.security is not None
         self._submit("opening a staging file", self.arrival.open_stream, effect.index, hashed)
 
     def _do_WriteChunk(self, effect: effects.WriteChunk) -> None:

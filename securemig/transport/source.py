@@ -143,6 +143,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             done,
             self.fail,
             sealer,
+            hashed=self.security is not None,
         )
         self.streamer.start()
 

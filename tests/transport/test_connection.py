@@ -15,7 +15,7 @@ from securemig.host import storage
 from securemig.hypervisor.bundle import Bundle
 from securemig.protocol import wire
 from securemig.protocol.effects import Outcome
-from securemig.protocol.errors import ErrorCode
+from securemig.protocol.errors import ErrorCode, ProtocolError
 from securemig.transport.control import CLOSE_GRACE
 from securemig.transport.destination import DestinationProtocol
 
@@ -138,17 +138,48 @@ class HostilePeerTests(SynchronousTestCase):
         self.assertTrue(self.peer.lost, "the destination did not drop the connection")
         self.assertEqual(list(self.env.host.staging.iterdir()), [])
 
-    def test_digest_mismatch(self) -> None:
-        """Right sizes, wrong SHA-256: refused, staging removed, name unlocked."""
+    def test_insecure_twin_checks_sizes_not_digests(self) -> None:
+        """The insecure twin does no cryptography: a stream of the right size
+        is prepared whatever its digest field says."""
         self.send(
             hello_for("vm1", {"ram": 8}),
             wire.StreamBegin(0),
             wire.data_header(8) + b"12345678",
-            wire.StreamEnd(b"\0" * 32),
+            wire.StreamEnd(wire.UNHASHED),
+        )
+        self.assertIsInstance(self.peer.messages()[-1], wire.Prepared)
+
+    def test_short_stream(self) -> None:
+        """Fewer bytes than announced: refused, staging removed, name unlocked."""
+        self.send(
+            hello_for("vm1", {"ram": 8}),
+            wire.StreamBegin(0),
+            wire.data_header(7) + b"1234567",
+            wire.StreamEnd(wire.UNHASHED),
         )
         self.assertAborted(ErrorCode.STREAM_MISMATCH)
         self.assertFalse(storage.is_locked(self.env.host.locks / "vm1.lock"))
         self.assertEqual(self.env.host.journal.records()[0].outcome, "aborted")
+
+    def test_long_stream(self) -> None:
+        """More bytes than announced: refused at the DATA frame that overruns."""
+        self.send(
+            hello_for("vm1", {"ram": 8}),
+            wire.StreamBegin(0),
+            wire.data_header(9) + b"123456789",
+        )
+        self.assertAborted(ErrorCode.STREAM_MISMATCH)
+
+    def test_digest_mismatch(self) -> None:
+        """A hashed stream (images inside TLS) of the right size whose SHA-256
+        differs is refused when it is closed."""
+        arrival = self.env.host.admit(hello_for("vm1", {"ram": 8}), "peer", "secure")
+        arrival.open_stream(0, hashed=True)
+        arrival.write((b"1234", memoryview(b"5678")))
+        with self.assertRaises(ProtocolError) as cm:
+            arrival.close_stream(wire.UNHASHED)
+        self.assertEqual(cm.exception.code, ErrorCode.STREAM_MISMATCH)
+        arrival.discard()
 
     def test_oversize_frame(self) -> None:
         """A frame length over the bound is refused from its header."""
@@ -351,6 +382,21 @@ class ClearKeyRefusalTests(SynchronousTestCase):
         abort = self.run_arrival(None, image="vtpm")
         self.assertEqual(abort.code, ErrorCode.KEY_TRANSFER_FAILED)
         self.assertIn("without its key", abort.reason)
+
+
+class InsecureSourceTests(SynchronousTestCase):
+    def test_sends_no_hash(self) -> None:
+        """The insecure twin's source does no cryptography: every STREAM_END
+        carries wire.UNHASHED."""
+        env = InMemory(Path(self.mktemp()))
+        src, _ = env.source(env.vm(ram_mib=1))
+        peer = Recorder()
+        pump = env.connect(peer, src)
+        peer.transport.write(wire.encode(wire.Welcome(b"m" * 16)))
+        pump.flush()
+        ends = [m for m in peer.messages() if isinstance(m, wire.StreamEnd)]
+        self.assertTrue(ends)
+        self.assertEqual({m.sha256 for m in ends}, {wire.UNHASHED})
 
 
 class StreamEndRaceTests(SynchronousTestCase):
