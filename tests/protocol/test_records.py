@@ -145,6 +145,19 @@ class RecordTests(TestCase):
         stream = sealed(sealer, frames())
         self.assertRefused(opener, b"".join(stream) + b"x", ErrorCode.RECORD_REFUSED)
 
+    def test_data_after_end_in_a_later_read_refused(self) -> None:
+        """Bytes arriving after the END record was read: feed() takes them
+        (it never raises, so a caller may hold bytes unread) and the next
+        read refuses them."""
+        sealer, opener = pair()
+        open_all(opener, b"".join(sealed(sealer, frames())))
+        self.assertTrue(opener.ended)
+        opener.feed(b"x")
+        self.assertEqual(opener.buffered, 1)
+        with self.assertRaises(ProtocolError) as caught:
+            opener.next_record()
+        self.assertEqual(caught.exception.code, ErrorCode.RECORD_REFUSED)
+
     def test_oversize_record_refused_from_its_header(self) -> None:
         """Refused on the header alone: nothing of it is buffered first."""
         _, opener = pair()
