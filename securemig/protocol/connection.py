@@ -32,7 +32,11 @@ every timeout is tested without a reactor.  The clocks of a connection:
 - *close grace*: after the session ended, the shell half-closes and keeps
   reading (and discarding) for :data:`CLOSE_GRACE` so the peer gets our
   ABORT (closing a socket with unread data sends a TCP reset, which makes
-  the peer's kernel drop what it had not yet read); then :class:`CloseNow`.
+  the peer's kernel drop what it had not yet read); then :class:`CloseNow`;
+- source only, *data channel grace*: when the destination ends the data
+  channel, its reason (an ABORT) travels on the control connection and may
+  arrive later; the source waits up to :data:`DATA_CHANNEL_GRACE` for it
+  before it reports ``CONNECTION_LOST``.
 
 Every failure found here (a violation in the peer's bytes, a timeout) ends
 the session through its ``fail`` input, so the effects returned include the
@@ -60,6 +64,10 @@ IDLE_TIMEOUT = 60.0
 DEADLINE = 3600.0
 #: After ending a session, how long to keep reading so the peer gets our ABORT.
 CLOSE_GRACE = 10.0
+#: Source: how long the destination's ABORT may trail the end of the data
+#: channel it caused.  A control segment lost once is resent after about
+#: 200 ms (Linux's minimum RTO); a few such losses fit.
+DATA_CHANNEL_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -236,7 +244,12 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
 
     Channel rules: with a data channel offered, stream frames on the
     control connection are refused; in records only stream frames are
-    allowed; a second authenticated data connection is dropped.
+    allowed; a second authenticated data connection is dropped; and no data
+    connection is read while the wrapped key is pending
+    (:attr:`data_channel_held`).  The shell keeps the data transports
+    paused while it is True; bytes that still arrive (a transport that
+    does not pause) wait unread, at most one record of the largest size
+    per connection, beyond which the connection is dropped.
     """
 
     session: DestinationSession
@@ -267,6 +280,12 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
         self.session.offer_data_port(port)
         self.data_offered = True
 
+    @property
+    def data_channel_held(self) -> bool:
+        """True while no data connection may be read: the wrapped key is
+        not accepted yet (see :mod:`securemig.protocol.channels`)."""
+        return channels.key_pending(self.session.phase)
+
     def data_connection(
         self, tls_cipher: str, key: bytes, migration_id: bytes
     ) -> DataConnection | None:
@@ -293,10 +312,18 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
     ) -> DestinationEffects | DataChannelEvent | None:
         """What the next piece of a data connection asks for: an event for
         the shell, or the effects of one stream message; None when more
-        bytes are needed, or nothing more is read."""
+        bytes are needed, the channel is held, or nothing more is read."""
         if connection.dropped or self.session.finished:
             return None
         reader = connection.reader
+        if self.data_channel_held:
+            if reader.buffered > reader.hold_limit:
+                return self._drop(
+                    connection,
+                    f"{reader.buffered} bytes arrived before the vTPM key was accepted "
+                    f"(at most {reader.hold_limit} wait unread)",
+                )
+            return None
         message, connection._pending = connection._pending, None
         if message is None:
             try:
@@ -353,6 +380,43 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
 
 
 class SourceConnection(MigrationConnection[SourceEffect]):
-    """The source's connection object: the control connection."""
+    """The source's connection object: the control connection, and the
+    ordering rule for a data channel the destination ended (its ABORT,
+    on the control connection, wins over the data channel's end)."""
 
     session: SourceSession
+
+    def __init__(
+        self,
+        session: SourceSession,
+        idle_timeout: float = IDLE_TIMEOUT,
+        deadline: float = DEADLINE,
+        data_channel_grace: float = DATA_CHANNEL_GRACE,
+    ) -> None:
+        super().__init__(session, idle_timeout, deadline)
+        self.data_channel_grace = data_channel_grace
+        self._data_channel_lost: tuple[float, str] | None = None
+
+    def data_channel_lost(self, detail: str, now: float) -> None:
+        """The data channel ended before every stream was sent.  The
+        destination ends it when it refuses the migration, and its ABORT
+        may still be on its way: fail with ``CONNECTION_LOST`` only if the
+        session has not ended within the grace."""
+        if not self.session.finished and self._data_channel_lost is None:
+            self._data_channel_lost = (now + self.data_channel_grace, detail)
+
+    def extra_timers(self) -> list[float]:
+        """The data channel grace, while it runs."""
+        return [self._data_channel_lost[0]] if self._data_channel_lost is not None else []
+
+    def handle_extra_timers(self, now: float) -> list[SourceEffect]:
+        """The grace ran out and no ABORT came: the data channel was cut."""
+        if self._data_channel_lost is None or now < self._data_channel_lost[0]:
+            return []
+        detail = self._data_channel_lost[1]
+        self._data_channel_lost = None
+        reason = (
+            f"the data channel closed: {detail} (and no ABORT from the destination "
+            f"within {self.data_channel_grace:g} s)"
+        )
+        return self.fail(ProtocolError(ErrorCode.CONNECTION_LOST, reason))

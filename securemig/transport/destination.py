@@ -27,6 +27,9 @@ Data path, and why it looks like this:
   destination opens records on the reactor thread
   (:class:`~securemig.protocol.channels.DataChannelReader`) and hands their
   frames to the same session as if they had come on the control connection.
+  Until the wrapped key is accepted no data connection is read: each is
+  paused from the moment it connects, and resumed when WRAPPED_KEY (which
+  travels on the other connection, and may come later) has been accepted.
 """
 
 from __future__ import annotations
@@ -243,18 +246,26 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
 
     # -- the data channel (secure variant; see securemig.protocol.channels)
 
+    def dataReceived(self, data: bytes) -> None:
+        """Control bytes; once they brought the wrapped key, read the data channel."""
+        super().dataReceived(data)
+        self._read_data_channel()
+
     def data_connection_made(self, receiver: DataChannelReceiver) -> DataConnection | None:
         """A connection to the data port: its records keyed from this TLS
-        session.  None: close it."""
+        session; paused while the wrapped key is pending.  None: close it."""
         if self.session.finished or self.arrival is None:
             return None
         connection = self.connection.data_connection(*self.data_channel_key(), self.migration_id())
         if connection is not None:
             self.data_receivers.append(receiver)
+            if self.connection.data_channel_held:
+                receiver.out.pauseProducing()
+                receiver.held = True
         return connection
 
     def data_received(self, receiver: DataChannelReceiver, data: bytes) -> None:
-        """Bytes from a data connection."""
+        """Bytes from a data connection, read now unless it is held."""
         assert receiver.channel is not None
         self.connection.data_received(receiver.channel, data, self.clock.seconds())
         self._drain_data(receiver)
@@ -266,6 +277,17 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         assert receiver.channel is not None
         self._run_reporting(self.connection.data_connection_lost(receiver.channel))
         self._schedule()
+
+    def _read_data_channel(self) -> None:
+        # WRAPPED_KEY accepted: resume the connections held since they
+        # connected, and read what a transport that did not pause delivered.
+        if self.connection.data_channel_held:
+            return
+        for receiver in list(self.data_receivers):
+            if receiver.held:
+                receiver.held = False
+                receiver.out.resumeProducing()
+                self._drain_data(receiver)
 
     def _drain_data(self, receiver: DataChannelReceiver) -> None:
         assert receiver.channel is not None
@@ -495,6 +517,8 @@ class DataChannelReceiver(Connection):
     def __init__(self, control: DestinationProtocol) -> None:
         self.control = control
         self.channel: DataConnection | None = None
+        #: Paused because the wrapped key is pending.
+        self.held = False
 
     def connectionMade(self) -> None:
         """Ask the control protocol for this connection's place (or close)."""

@@ -145,6 +145,11 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         )
         self.streamer.start()
 
+    def data_channel_lost(self, detail: str) -> None:
+        """The data channel ended before every stream was sent."""
+        self.connection.data_channel_lost(detail, self.clock.seconds())
+        self._schedule()
+
     def migration_id(self) -> bytes:
         """The id the destination gave this migration."""
         assert self.session.migration_id is not None
@@ -247,11 +252,8 @@ class DataChannelSender(Connection):
         self.control.fail(ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "bytes on the data channel"))
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
-        """Cut before the streams were all sent: the migration cannot go on."""
-        if not self.done and not self.control.session.finished:
-            self.control.fail(
-                ProtocolError(
-                    ErrorCode.CONNECTION_LOST,
-                    f"the data channel closed: {reason.getErrorMessage()}",
-                )
-            )
+        """Cut before the streams were all sent: the migration cannot go on.
+        The destination cuts it when it refuses, so its ABORT may still be
+        on the control connection: the connection object waits for it."""
+        if not self.done:
+            self.control.data_channel_lost(reason.getErrorMessage())

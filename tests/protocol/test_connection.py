@@ -2,7 +2,8 @@
 reactor or a Clock: bytes and times in, effects out.
 
 The channel rules of a secure destination (control connection and data
-connections), and the timers."""
+connections), the timers of both roles, and the source's wait for the
+destination's ABORT when the data channel ends."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from securemig.protocol import effects as fx
-from securemig.protocol import wire
+from securemig.protocol import records, wire
 from securemig.protocol.connection import (
     CLOSE_GRACE,
     CloseNow,
@@ -108,7 +109,6 @@ class DestinationChannelTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.d = SecureDestination()
-        self.d.accept_key()
 
     def assertFailed(self, effects: list[Any], code: ErrorCode) -> wire.Abort:
         """The migration ended: ABORT with ``code`` sent, staging discarded."""
@@ -122,12 +122,14 @@ class DestinationChannelTests(SynchronousTestCase):
 
     def test_stream_message_on_control_with_a_data_channel(self) -> None:
         """STREAM_BEGIN on the control connection, a data channel offered."""
+        self.d.accept_key()
         abort = self.assertFailed(self.d.control(wire.StreamBegin(0)), ErrorCode.UNEXPECTED_MESSAGE)
         self.assertIn("StreamBegin on the control connection", abort.reason)
 
     def test_control_message_inside_a_record(self) -> None:
         """A COMMIT sealed into a genuine record: the channel binds (the
         record authenticated), then the migration fails."""
+        self.d.accept_key()
         channel = self.d.connect()
         effects = self.d.data(channel, self.d.record(wire.encode(wire.Commit())))
         abort = self.assertFailed(effects, ErrorCode.UNEXPECTED_MESSAGE)
@@ -136,6 +138,7 @@ class DestinationChannelTests(SynchronousTestCase):
 
     def test_oversize_frame_in_a_record(self) -> None:
         """A DATA frame over the chunk size, inside a record within its bound."""
+        self.d.accept_key()
         channel = self.d.connect()
         frames = stream_frames(b"x" * (CHUNK + 1))[:2]
         effects = self.d.data(channel, self.d.record(*frames))
@@ -143,6 +146,7 @@ class DestinationChannelTests(SynchronousTestCase):
 
     def test_record_after_end(self) -> None:
         """The whole stream, END, then one more genuine record."""
+        self.d.accept_key()
         channel = self.d.connect()
         records_ = [self.d.record(f) for f in stream_frames(b"d" * CHUNK)]
         effects = self.d.data(channel, b"".join(records_) + b"".join(self.d.sealer.end()))
@@ -157,6 +161,7 @@ class DestinationChannelTests(SynchronousTestCase):
         """A second connection with a genuine record (a second sealer starts
         at sequence 0 too) is dropped; the first stays the channel and the
         migration goes on."""
+        self.d.accept_key()
         first, second = self.d.connect(), self.d.connect()
         begin = wire.encode(wire.StreamBegin(0))
         self.assertEqual(
@@ -179,6 +184,7 @@ class DestinationChannelTests(SynchronousTestCase):
     def test_stranger_dropped_migration_goes_on(self) -> None:
         """Anyone can connect to the port: a connection whose first record
         does not authenticate is dropped and fails nothing."""
+        self.d.accept_key()
         stranger = self.d.connect()
         stream = b"".join(self.d.record(f) for f in stream_frames(b"d" * CHUNK))
         forged = self.d.record(b"x", sealer=Sealer(CIPHER, os.urandom(32), MID))
@@ -194,6 +200,7 @@ class DestinationChannelTests(SynchronousTestCase):
         )
 
     def test_channel_cut_before_end(self) -> None:
+        self.d.accept_key()
         channel = self.d.connect()
         self.d.data(channel, self.d.record(wire.encode(wire.StreamBegin(0))))
         effects = self.d.conn.data_connection_lost(channel)
@@ -201,6 +208,7 @@ class DestinationChannelTests(SynchronousTestCase):
         self.assertIn("truncated", abort.reason)
 
     def test_tampered_record_on_the_bound_channel(self) -> None:
+        self.d.accept_key()
         channel = self.d.connect()
         self.d.data(channel, self.d.record(wire.encode(wire.StreamBegin(0))))
         record = bytearray(self.d.record(wire.data_header(4) + b"abcd"))
@@ -237,6 +245,52 @@ class DestinationChannelTests(SynchronousTestCase):
         conn.start(0.0)
         conn.receive_data(wire.data_header(4), 0.0)
         self.assertEqual(abort_of(drain(conn)).code, ErrorCode.UNEXPECTED_MESSAGE)
+
+
+class DataChannelOrderTests(SynchronousTestCase):
+    """The data channel is not read before the wrapped key is accepted."""
+
+    def setUp(self) -> None:
+        self.d = SecureDestination()
+
+    def test_first_record_before_wrapped_key(self) -> None:
+        """The first records arrive while WRAPPED_KEY is still on its way:
+        they wait unread, and are read the moment it is accepted."""
+        channel = self.d.connect()
+        self.assertTrue(self.d.conn.data_channel_held)
+        first = self.d.record(wire.encode(wire.StreamBegin(0)))
+        self.assertEqual(self.d.data(channel, first), [])
+        self.assertFalse(channel.bound)
+        self.assertEqual(self.d.conn.session.phase, "awaitWrappedKey")
+        self.d.accept_key()
+        self.assertFalse(self.d.conn.data_channel_held)
+        self.assertEqual(
+            [type(e) for e in self.d.data(channel, b"")], [DataChannelBound, fx.OpenStream]
+        )
+
+    def test_held_bytes_bounded_by_one_record(self) -> None:
+        """A data connection that sends more than one largest record while
+        the key is pending (a transport that ignores the pause) is dropped,
+        unread: nothing is ever buffered without bound."""
+        channel = self.d.connect()
+        limit = records.max_record(CHUNK)
+        self.assertEqual(self.d.data(channel, b"\0" * limit), [])
+        [dropped] = self.d.data(channel, b"\0")
+        self.assertIsInstance(dropped, DropDataConnection)
+        self.assertIn("before the vTPM key was accepted", dropped.reason)
+        self.assertFalse(self.d.conn.session.finished)
+        self.d.accept_key()
+        self.assertEqual(self.d.data(channel, b""), [])
+
+    def test_failure_while_held(self) -> None:
+        """The migration fails while a data connection waits: nothing more
+        is read from it."""
+        channel = self.d.connect()
+        self.d.data(channel, self.d.record(wire.encode(wire.StreamBegin(0))))
+        self.d.control(wire.Abort(ErrorCode.CANCELLED, "operator"))
+        self.assertTrue(self.d.conn.session.finished)
+        self.assertEqual(self.d.data(channel, b""), [])
+        self.assertEqual(self.d.conn.data_connection_lost(channel), [])
 
 
 class TimerTests(SynchronousTestCase):
@@ -325,14 +379,60 @@ class TimerTests(SynchronousTestCase):
         self.assertIsNone(conn.next_batch())
 
 
-class SourceConnectionTests(SynchronousTestCase):
-    def test_source_refuses_data_frames(self) -> None:
-        """The source never agreed to receive DATA: refused from its header."""
+class SourceDataChannelTests(SynchronousTestCase):
+    """The destination's reason wins over the end of the data channel."""
+
+    def streaming(self) -> SourceConnection:
         session = SourceSession(make_hello((CHUNK,)))
-        conn = SourceConnection(session)
+        conn = SourceConnection(session, idle_timeout=60.0, deadline=3600.0, data_channel_grace=5.0)
         conn.start(0.0)
         session.start()
         conn.receive_data(wire.encode(wire.Welcome(MID)), 0.0)
         self.assertEqual(drain(conn), [fx.StartStreams()])
+        return conn
+
+    def test_abort_after_the_data_channel_closed(self) -> None:
+        """The data channel is cut, then the destination's ABORT arrives on
+        the control connection: the outcome carries its code and reason."""
+        conn = self.streaming()
+        conn.data_channel_lost("Connection was reset", 1.0)
+        self.assertEqual(conn.get_timer(), 6.0)
+        self.assertEqual(conn.handle_timer(5.9), [])
+        self.assertFalse(conn.session.finished)
+        conn.receive_data(wire.encode(wire.Abort(ErrorCode.DISK_FULL, "staging: no space")), 2.0)
+        effects = drain(conn)
+        self.assertEqual(
+            effects,
+            [
+                fx.RollBack(),
+                fx.Finished(
+                    fx.Outcome.ABORTED,
+                    ErrorCode.DISK_FULL,
+                    "destination: staging: no space",
+                    peer_settled=True,
+                ),
+            ],
+        )
+        self.assertIsNone(conn.get_timer())
+
+    def test_no_abort_within_the_grace(self) -> None:
+        """No ABORT follows: CONNECTION_LOST, naming the data channel."""
+        conn = self.streaming()
+        conn.data_channel_lost("Connection was reset", 1.0)
+        effects = list(conn.handle_timer(6.0))
+        abort = abort_of(effects)
+        self.assertEqual(abort.code, ErrorCode.CONNECTION_LOST)
+        self.assertIn("the data channel closed: Connection was reset", abort.reason)
+        self.assertEqual(effects[-1].code, ErrorCode.CONNECTION_LOST)
+
+    def test_lost_after_the_end_changes_nothing(self) -> None:
+        conn = self.streaming()
+        conn.fail(ProtocolError(ErrorCode.CANCELLED, "stop"))
+        conn.data_channel_lost("closed", 1.0)
+        self.assertIsNone(conn.get_timer())
+
+    def test_source_refuses_data_frames(self) -> None:
+        """The source never agreed to receive DATA: refused from its header."""
+        conn = self.streaming()
         conn.receive_data(wire.data_header(4), 0.0)
         self.assertEqual(abort_of(drain(conn)).code, ErrorCode.UNEXPECTED_MESSAGE)
