@@ -132,10 +132,14 @@ class Opener(_Channel):
         self._header: tuple[Kind, int] | None = None
 
     def feed(self, data: bytes) -> None:
-        """Append received bytes."""
-        if data and self.ended:
-            raise PeerViolation(ErrorCode.RECORD_REFUSED, "data after the END record")
+        """Append received bytes.  Never raises: bytes after the END record
+        are refused by the next :meth:`next_record`."""
         self._queue.feed(data)
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes not yet opened."""
+        return self._queue.available
 
     def _take(self, n: int) -> bytes | memoryview:
         # A record within one received buffer is decrypted in place.
@@ -146,6 +150,8 @@ class Opener(_Channel):
         """The plaintext of the next FRAMES record, or None (more bytes
         needed, or the END record was read: see :attr:`ended`)."""
         if self.ended:
+            if self._queue.available:
+                raise PeerViolation(ErrorCode.RECORD_REFUSED, "data after the END record")
             return None
         if self._header is None:
             if self._queue.available < RECORD_HEADER.size:
@@ -195,3 +201,8 @@ class Opener(_Channel):
 def max_plaintext(chunk_size: int) -> int:
     """The largest FRAMES record for a chunk size: one frame, DATA or not."""
     return HEADER.size + max(chunk_size, MAX_CONTROL_PAYLOAD)
+
+
+def max_record(chunk_size: int) -> int:
+    """The largest record on the wire for a chunk size, header and tag included."""
+    return RECORD_HEADER.size + max_plaintext(chunk_size) + TAG

@@ -25,11 +25,11 @@ from securemig.host.departure import Departure, unseal_vtpm_key
 from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, BundleError, disk_owner
 from securemig.protocol import wire
+from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT
 from securemig.protocol.effects import Finished
 from securemig.protocol.errors import ErrorCode, LocalFault
 from securemig.protocol.source import SourceSession
 from securemig.transport import tls
-from securemig.transport.control import DEADLINE, IDLE_TIMEOUT
 from securemig.transport.executor import ThreadExecutor
 from securemig.transport.source import SourceProtocol
 from securemig.trust.attestor import open_attestor, warn_on_stderr

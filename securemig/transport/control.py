@@ -1,14 +1,16 @@
 """
 The control connection's Twisted shell, common to both roles.
 
-:class:`FramedProtocol` feeds received bytes to the frame decoder and the
-session, and carries out the effects the session returns through a typed
+:class:`FramedProtocol` is a thin adapter around a sans-IO connection object
+(:mod:`securemig.protocol.connection`): it feeds it received bytes and the
+clock's time, and carries out the effects it returns through a typed
 dispatch (each role's :meth:`carry_out` matches every effect it can get;
 mypy proves none is missing).  The session's end (:class:`Finished`) is
-carried out even when an earlier effect of its batch raised.  It owns the
-two clocks of a connection: an *idle* timer, reset by any progress (bytes
-received, the transport taking more of our data, a disk write finishing),
-and an overall *deadline*.
+carried out even when an earlier effect of its batch raised.
+
+Time: the connection object owns every clock (idle, deadline, close grace,
+the source's data channel grace); this shell keeps one ``callLater`` at
+``get_timer()`` and, when it fires, feeds ``handle_timer(clock.seconds())``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from twisted.python.failure import Failure
 
 from securemig import crashpoint
 from securemig.protocol import records, wire
+
+# The clocks' defaults live with the clocks; re-exported for the services' options.
+from securemig.protocol.connection import DEADLINE as DEADLINE
+from securemig.protocol.connection import IDLE_TIMEOUT as IDLE_TIMEOUT
+from securemig.protocol.connection import CloseNow, MigrationConnection
 from securemig.protocol.effects import Attest, CommonEffect, Finished, Send, VerifyPeer
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError, io_error
 from securemig.protocol.session import Session
@@ -35,14 +42,6 @@ from securemig.transport.tls import channel_binding
 from securemig.trust.keyrelease import qualifying_data
 
 E = TypeVar("E")
-
-#: Defaults for the two timers of a connection, in seconds.
-IDLE_TIMEOUT = 60.0
-DEADLINE = 3600.0
-#: After ending a session, how long to keep reading (and discarding) so the
-#: peer gets our ABORT: closing a socket with unread data sends a TCP reset,
-#: which makes the peer's kernel drop what it had not yet read.
-CLOSE_GRACE = 10.0
 
 
 def failure_to_error(failure: Failure | BaseException, doing: str) -> MigrationError:
@@ -79,7 +78,8 @@ class Connection(Protocol):
 
 
 class FramedProtocol(Connection, Generic[E]):
-    """Common to both sides: framing, timers, and running session effects.
+    """Common to both sides: bytes and time into the connection object,
+    its effects carried out.
 
     Each role's :meth:`carry_out` matches every effect of its union
     (``DestinationEffect``, ``SourceEffect``) and ends in ``assert_never``,
@@ -87,71 +87,91 @@ class FramedProtocol(Connection, Generic[E]):
     """
 
     log = Logger()
-    session: Session[E]
+    connection: MigrationConnection[E]
 
-    def __init__(
-        self, clock: IReactorTime, idle_timeout: float = IDLE_TIMEOUT, deadline: float = DEADLINE
-    ) -> None:
+    def __init__(self, clock: IReactorTime, connection: MigrationConnection[E]) -> None:
         self.clock: Any = clock
-        self.idle_timeout = idle_timeout
-        self.deadline = deadline
-        self.decoder = wire.FrameDecoder()
+        self.connection = connection
         self.connection_open = True
-        self._idle: Any = None  # IDelayedCall
-        self._overall: Any = None
+        self._timer: Any = None  # IDelayedCall
+
+    @property
+    def session(self) -> Session[E]:
+        """The session the connection object drives."""
+        return self.connection.session
 
     # -- Twisted's Protocol interface
 
     def connectionMade(self) -> None:
-        """Start both timers; let the transport move bulk data in large pieces."""
+        """Start the clocks; let the transport move bulk data in large pieces."""
         tune_transport(self.transport)
-        self._idle = self.clock.callLater(self.idle_timeout, self._timed_out, "idle")
-        self._overall = self.clock.callLater(self.deadline, self._timed_out, "deadline")
+        self.connection.start(self.clock.seconds())
+        self._schedule()
 
     def dataReceived(self, data: bytes) -> None:
-        """Feed bytes to the decoder and every whole message to the session."""
-        if self.session.finished:
-            return
-        self.touch()
-        self.decoder.feed(data)
-        while not self.session.finished:
-            try:
-                message = self.decoder.next_message()
-                if message is None:
-                    return
-                self.check_control(message)
-                effects = self.session.receive(message)
-            except ProtocolError as e:
-                self.fail(e)
-                return
-            self.run(effects)
+        """Feed bytes to the connection object and carry out the effects of
+        each whole message before the next is decoded."""
+        self.connection.receive_data(data, self.clock.seconds())
+        self.drain()
+
+    def drain(self) -> None:
+        """Carry out the effects of every whole message received so far."""
+        while (batch := self.connection.next_batch()) is not None:
+            self._run_reporting(batch)
+        self._schedule()
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
-        """Stop the timers; a session still running learns it lost its peer."""
-        self._cancel_timers()
+        """No clock runs any more; a session still running learns it lost its peer."""
         self.connection_open = False
-        if not self.session.finished:
-            clean = reason.check(net_error.ConnectionDone, net_error.ConnectionLost)
-            # A TLS refusal (bad certificate, wrong name) arrives as the reason.
-            self.run(self.session.connection_lost("" if clean else reason.getErrorMessage()))
+        clean = reason.check(net_error.ConnectionDone, net_error.ConnectionLost)
+        # A TLS refusal (bad certificate, wrong name) arrives as the reason.
+        batch = self.connection.connection_lost("" if clean else reason.getErrorMessage())
+        self._schedule()
+        self.run(batch)
 
     # -- helpers for subclasses
 
-    def check_control(self, message: wire.Message) -> None:
-        """Refuse a message that may not arrive on the control connection."""
-
     def touch(self) -> None:
         """Progress was made: restart the idle timer."""
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(self.idle_timeout)
+        self.connection.progress(self.clock.seconds())
+        # The pending call may now fire early; handle_timer then finds
+        # nothing due and the next one is scheduled (no reset per chunk).
+        self._schedule()
 
     def fail(self, error: MigrationError) -> None:
         """End the session because of a local failure or a peer's violation."""
-        if not self.session.finished:
-            self.log.warn("failing: {code}: {reason}", code=error.code.name, reason=error.reason)
-            self.run(self.session.fail(error.code, error.reason))
+        self._run_reporting(self.connection.fail(error))
 
-    def run(self, batch: Sequence[E]) -> None:
+    def _run_reporting(self, batch: Sequence[E | CloseNow]) -> None:
+        """Run a batch; if the connection object ended the session with an
+        error just now (a violation, a timeout, a local failure), say so."""
+        error = self.connection.error
+        if error is not None and error is not self._reported:
+            self._reported = error
+            self.log.warn("failing: {code}: {reason}", code=error.code.name, reason=error.reason)
+        self.run(batch)
+
+    _reported: MigrationError | None = None
+
+    def _schedule(self) -> None:
+        """Keep one call at the connection object's next timer."""
+        when = self.connection.get_timer()
+        call = self._timer
+        if call is not None and call.active():
+            if when is not None and call.getTime() <= when:
+                return
+            call.cancel()
+        self._timer = None
+        if when is not None:
+            delay = max(0.0, when - self.clock.seconds())
+            self._timer = self.clock.callLater(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._run_reporting(self.connection.handle_timer(self.clock.seconds()))
+        self._schedule()
+
+    def run(self, batch: Sequence[E | CloseNow]) -> None:
         """Carry out a batch of effects in order.
 
         An effect that raises ends the session with the error's code (a full
@@ -163,7 +183,10 @@ class FramedProtocol(Connection, Generic[E]):
         """
         for index, effect in enumerate(batch):
             try:
-                self.carry_out(effect)
+                if isinstance(effect, CloseNow):
+                    self.out.abortConnection()
+                else:
+                    self.carry_out(effect)
             except Exception as e:
                 error = self._fault(e, type(effect).__name__)
                 if not self.session.finished:
@@ -260,28 +283,16 @@ class FramedProtocol(Connection, Generic[E]):
         self.run(self.session.peer_verified())
 
     def _close(self, effect: Finished) -> None:
-        """The session is over: stop the timers, close the connection."""
-        self._cancel_timers()
+        """The session is over: close the connection."""
         if self.connection_open:
             self.close_gracefully()
+        self._schedule()
 
     def close_gracefully(self) -> None:
         """Flush and half-close; drop the connection once the peer closed
-        its side too or after :data:`CLOSE_GRACE` seconds."""
+        its side too or when the connection object's close grace ends."""
         if hasattr(self.out, "loseWriteConnection") and hasattr(self.out, "abortConnection"):
             self.out.loseWriteConnection()
-            self._overall = self.clock.callLater(CLOSE_GRACE, self.out.abortConnection)
+            self.connection.closing(self.clock.seconds())
         else:
             self.out.loseConnection()
-
-    def _timed_out(self, which: str) -> None:
-        if which == "idle":
-            reason = f"no progress for {self.idle_timeout:g} s in phase {self.session.phase}"
-        else:
-            reason = f"migration ran past its deadline of {self.deadline:g} s"
-        self.fail(ProtocolError(ErrorCode.TIMEOUT, reason))
-
-    def _cancel_timers(self) -> None:
-        for call in (self._idle, self._overall):
-            if call is not None and call.active():
-                call.cancel()

@@ -1,12 +1,11 @@
 """
 The destination's Twisted shell: one incoming migration and its data channel.
 
-``FramedProtocol`` turns received bytes into messages with
-:class:`~securemig.protocol.wire.FrameDecoder`, hands them to a session from
-:mod:`securemig.protocol.session`, and carries out the effects the session returns.
-It owns the two clocks of a connection: an *idle* timer, reset by any
-progress (bytes received, the transport taking more of our data, a disk
-write finishing), and an overall *deadline*.
+:class:`DestinationProtocol` feeds the bytes of the control connection, and
+of every connection to the data port, to one
+:class:`~securemig.protocol.connection.DestinationConnection` (sans-IO: the
+decoders, the session, the channel rules, the clocks), and carries out the
+effects it returns.
 
 Data path, and why it looks like this:
 
@@ -25,8 +24,12 @@ Data path, and why it looks like this:
   (:class:`DataChannelSender` → :class:`DataChannelReceiver`), sealed into
   AEAD records by :mod:`securemig.protocol.records` on the source's reader thread;
   Twisted's TLS would cost a Python round trip per 16 KiB record.  The
-  destination opens records on the reactor thread and hands their frames to
-  the same session as if they had come on the control connection.
+  destination opens records on the reactor thread
+  (:class:`~securemig.protocol.channels.DataChannelReader`) and hands their
+  frames to the same session as if they had come on the control connection.
+  Until the wrapped key is accepted no data connection is read: each is
+  paused from the moment it connects, and resumed when WRAPPED_KEY (which
+  travels on the other connection, and may come later) has been accepted.
 """
 
 from __future__ import annotations
@@ -38,22 +41,23 @@ from typing import Any, assert_never
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from securemig import crashpoint
 from securemig.hypervisor.bundle import disk_owner
 from securemig.protocol import destination as destination_session
-from securemig.protocol import effects, records, wire
-from securemig.protocol.effects import DestinationEffect
-from securemig.protocol.errors import ErrorCode, ProtocolError
-from securemig.transport.control import (
+from securemig.protocol import effects, wire
+from securemig.protocol.connection import (
     DEADLINE,
     IDLE_TIMEOUT,
-    Connection,
-    FramedProtocol,
-    failure_to_error,
+    DataChannelBound,
+    DataConnection,
+    DestinationConnection,
+    DropDataConnection,
 )
+from securemig.protocol.effects import DestinationEffect
+from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.transport.control import Connection, FramedProtocol, failure_to_error
 from securemig.transport.executor import Executor, ThreadExecutor
 from securemig.transport.tcp import tune_transport
 from securemig.transport.tls import peer_names
@@ -71,7 +75,7 @@ HIGH_WATER = 4 * 1024 * 1024
 class DestinationProtocol(FramedProtocol[DestinationEffect]):
     """One incoming migration, on a destination."""
 
-    session: destination_session.DestinationSession
+    connection: DestinationConnection
 
     def __init__(
         self,
@@ -86,15 +90,16 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         sealer: Any = None,
         data_listener: DataListener | None = None,
     ) -> None:
-        super().__init__(clock, idle_timeout, deadline)
+        session = destination_session.DestinationSession(secure=security is not None)
+        super().__init__(clock, DestinationConnection(session, idle_timeout, deadline))
         self.security = security
         self.sealer = sealer
         self.data_listener = data_listener if security is not None else None
-        #: The data channel: its listening port, then its bound connection.
+        #: The data channel: its listening port, the connections to it not
+        #: yet dropped, and the one that proved it holds the key.
         self.data_port: Any = None
-        self.data_offered = False
+        self.data_receivers: list[DataChannelReceiver] = []
         self.data_channel: DataChannelReceiver | None = None
-        self.session = destination_session.DestinationSession(secure=security is not None)
         self.wrapped_key: Any = None
         self.host = host
         self.protocol_name = protocol_name
@@ -104,6 +109,11 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         self.executor: Executor | None = None
         self.queued = 0
         self.reading_paused = False
+
+    @property
+    def session(self) -> destination_session.DestinationSession:
+        """The destination session the connection object drives."""
+        return self.connection.session
 
     def _peer(self) -> str:
         peer = self.out.getPeer()
@@ -225,60 +235,92 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             self.log.info("refused VM {vm}: {reason}", vm=effect.hello.vm_name, reason=e.reason)
             self.run(self.session.refused(e.code, e.reason))
             return
-        self.decoder.max_data = effect.hello.chunk_size
         self.high_water = max(self.high_water, 2 * effect.hello.chunk_size)
         self.executor = self.executor_factory()
         if self.data_listener is not None:
             # On the address the source reached us at; a port of its own.
             self.data_port = self.data_listener(self.out.getHost().host, DataChannelFactory(self))
-            self.session.offer_data_port(self.data_port.getHost().port)
-            self.data_offered = True
+            self.connection.offer_data_channel(self.data_port.getHost().port)
         crashpoint.reached("destination-admitted")
         self.run(self.session.admitted(self.arrival.migration_id))
 
-    # -- the data channel (secure variant; see securemig.protocol.records)
+    # -- the data channel (secure variant; see securemig.protocol.channels)
 
-    def check_control(self, message: wire.Message) -> None:
-        """With a data channel, images may arrive only on it."""
-        if self.data_offered and isinstance(message, STREAM_MESSAGES):
-            raise ProtocolError(
-                ErrorCode.UNEXPECTED_MESSAGE,
-                f"{type(message).__name__} on the control connection: images travel on the "
-                "data channel",
-            )
+    def dataReceived(self, data: bytes) -> None:
+        """Control bytes; once they brought the wrapped key, read the data channel."""
+        super().dataReceived(data)
+        self._read_data_channel()
 
-    def data_opener(self) -> Any:
-        """The receiving end of the data channel, keyed from this TLS session."""
+    def data_connection_made(self, receiver: DataChannelReceiver) -> DataConnection | None:
+        """A connection to the data port: its records keyed from this TLS
+        session; paused while the wrapped key is pending.  None: close it."""
+        if self.session.finished or self.arrival is None:
+            return None
+        connection = self.connection.data_connection(*self.data_channel_key(), self.migration_id())
+        if connection is not None:
+            self.data_receivers.append(receiver)
+            if self.connection.data_channel_held:
+                receiver.out.pauseProducing()
+                receiver.held = True
+        return connection
 
-        hello = self.session.hello
-        assert hello is not None
-        return records.Opener(
-            *self.data_channel_key(), self.migration_id(), records.max_plaintext(hello.chunk_size)
-        )
+    def data_received(self, receiver: DataChannelReceiver, data: bytes) -> None:
+        """Bytes from a data connection, read now unless it is held."""
+        assert receiver.channel is not None
+        self.connection.data_received(receiver.channel, data, self.clock.seconds())
+        self._drain_data(receiver)
 
-    def bind_data_channel(self, channel: DataChannelReceiver) -> bool:
-        """A data connection proved it holds the key: it is the channel, and
-        the listener closes.  False if there already is one."""
-        if self.data_channel is not None or self.session.finished:
-            return False
-        self.data_channel = channel
+    def data_connection_lost(self, receiver: DataChannelReceiver) -> None:
+        """A data connection ended (the data channel must have sent END)."""
+        if receiver in self.data_receivers:
+            self.data_receivers.remove(receiver)
+        assert receiver.channel is not None
+        self._run_reporting(self.connection.data_connection_lost(receiver.channel))
+        self._schedule()
+
+    def _read_data_channel(self) -> None:
+        # WRAPPED_KEY accepted: resume the connections held since they
+        # connected, and read what a transport that did not pause delivered.
+        if self.connection.data_channel_held:
+            return
+        for receiver in list(self.data_receivers):
+            if receiver.held:
+                receiver.held = False
+                receiver.out.resumeProducing()
+                self._drain_data(receiver)
+
+    def _drain_data(self, receiver: DataChannelReceiver) -> None:
+        assert receiver.channel is not None
+        while (batch := self.connection.next_data_batch(receiver.channel)) is not None:
+            match batch:
+                case DataChannelBound():
+                    self._bind(receiver)
+                case DropDataConnection(reason=reason):
+                    self._drop(receiver, reason)
+                    return
+                case _:
+                    self._run_reporting(batch)
+        self._schedule()
+
+    def _bind(self, receiver: DataChannelReceiver) -> None:
+        # It proved it holds the key: it is the channel; the port closes.
+        self.data_channel = receiver
         self._close_data_port()
         self.log.info(
             "migration {mid}: data channel from {peer} authenticated",
             mid=self.migration_id().hex(),
-            peer=channel.out.getPeer(),
+            peer=receiver.out.getPeer(),
         )
-        return True
 
-    def stream_message(self, message: wire.Message) -> None:
-        """A message from the bound data channel: stream frames only."""
-        self.touch()
-        if not isinstance(message, STREAM_MESSAGES):
-            raise ProtocolError(
-                ErrorCode.UNEXPECTED_MESSAGE,
-                f"{type(message).__name__} on the data channel",
-            )
-        self.run(self.session.receive(message))
+    def _drop(self, receiver: DataChannelReceiver, reason: str) -> None:
+        if receiver in self.data_receivers:
+            self.data_receivers.remove(receiver)
+        receiver.out.abortConnection()
+        self.log.warn(
+            "closed a data connection from {peer}: {reason}",
+            peer=receiver.out.getPeer(),
+            reason=reason,
+        )
 
     @property
     def stream_transport(self) -> Any:
@@ -395,8 +437,8 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         if self.reading_paused:
             self.stream_transport.resumeProducing()
         self._close_data_port()
-        if self.data_channel is not None:
-            self.data_channel.out.loseConnection()
+        for receiver in list(self.data_receivers):
+            receiver.out.loseConnection()
         if self.executor is not None:
             # Journal the outcome after queued disk work (a discard frees the
             # space a full disk needs for the journal's own write).
@@ -465,76 +507,36 @@ class DestinationFactory(Factory):
 
 #: Opens a listening port for a data channel: (interface, factory) → IListeningPort.
 DataListener = Callable[[str, Factory], Any]
-#: The frames that carry images.
-STREAM_MESSAGES = (wire.StreamBegin, wire.Data, wire.StreamEnd)
 
 
 class DataChannelReceiver(Connection):
-    """One connection to a destination's data channel port.
-
-    Until a record from it authenticates it is a stranger: anything wrong
-    just closes it (anyone can connect to a port).  Once one has, it is the
-    channel: a bad record, or a close before the END record, fails the
-    migration.
-    """
-
-    log = Logger()
+    """One connection to a destination's data channel port: a thin adapter
+    that hands its bytes to the control protocol's connection object, which
+    decides what they are (:class:`~securemig.protocol.connection.DataConnection`:
+    a stranger until a record authenticates; the channel after)."""
 
     def __init__(self, control: DestinationProtocol) -> None:
         self.control = control
-        self.opener: Any = None
-        self.bound = False
-        self.decoder: wire.FrameDecoder | None = None
+        self.channel: DataConnection | None = None
+        #: Paused because the wrapped key is pending.
+        self.held = False
 
     def connectionMade(self) -> None:
-        """Key the opener from the control connection's TLS session."""
+        """Ask the control protocol for this connection's place (or close)."""
         tune_transport(self.transport)
-        hello = self.control.session.hello
-        if self.control.session.finished or hello is None:
+        self.channel = self.control.data_connection_made(self)
+        if self.channel is None:
             self.out.loseConnection()
-            return
-        self.opener = self.control.data_opener()
-        self.decoder = wire.FrameDecoder(max_data=hello.chunk_size)
 
     def dataReceived(self, data: bytes) -> None:
-        """Open records; hand their frames to the control protocol."""
-        if self.opener is None or self.control.session.finished:
-            return
-        try:
-            self.opener.feed(data)
-            while (plain := self.opener.next_record()) is not None:
-                if not self.bound:
-                    if not self.control.bind_data_channel(self):
-                        raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "a second data channel")
-                    self.bound = True
-                assert self.decoder is not None
-                self.decoder.feed(plain)
-                while (message := self.decoder.next_message()) is not None:
-                    self.control.stream_message(message)
-                    if self.control.session.finished:
-                        return
-        except ProtocolError as e:
-            self._refuse(e)
-
-    def _refuse(self, error: ProtocolError) -> None:
-        self.opener = None
-        self.out.abortConnection()
-        if self.bound:
-            self.control.fail(error)
-        else:
-            self.log.warn(
-                "closed a data connection from {peer}: {reason}",
-                peer=self.out.getPeer(),
-                reason=error.reason,
-            )
+        """Bytes for the connection object."""
+        if self.channel is not None:
+            self.control.data_received(self, data)
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         """A bound channel must have ended with its END record."""
-        if self.bound and self.opener is not None and not self.control.session.finished:
-            try:
-                self.opener.closed()
-            except ProtocolError as e:
-                self.control.fail(e)
+        if self.channel is not None:
+            self.control.data_connection_lost(self)
 
 
 class DataChannelFactory(Factory):

@@ -16,15 +16,10 @@ from twisted.python.failure import Failure
 from securemig import crashpoint
 from securemig.protocol import effects, records
 from securemig.protocol import source as source_session
+from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT, SourceConnection
 from securemig.protocol.effects import SourceEffect
 from securemig.protocol.errors import ErrorCode, ProtocolError
-from securemig.transport.control import (
-    DEADLINE,
-    IDLE_TIMEOUT,
-    Connection,
-    FramedProtocol,
-    failure_to_error,
-)
+from securemig.transport.control import Connection, FramedProtocol, failure_to_error
 from securemig.transport.executor import Executor
 from securemig.transport.streamer import ImageStreamer
 from securemig.transport.tcp import tcp_bytes_acked, tune_transport
@@ -43,7 +38,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
     :class:`~securemig.protocol.session.Finished` effect.
     """
 
-    session: source_session.SourceSession
+    connection: SourceConnection
 
     def __init__(
         self,
@@ -57,8 +52,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         security: Any = None,
         data_connector: DataConnector | None = None,
     ) -> None:
-        super().__init__(clock, idle_timeout, deadline)
-        self.session = session
+        super().__init__(clock, SourceConnection(session, idle_timeout, deadline))
         self.security = security
         self.data_connector = data_connector or partial(connect_data_channel, clock)
         self.data_channel: DataChannelSender | None = None
@@ -72,6 +66,11 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         #: TCP payload bytes acknowledged by the destination, both
         #: connections, when the session finished (None where unknown).
         self.wire_bytes: int | None = None
+
+    @property
+    def session(self) -> source_session.SourceSession:
+        """The source session the connection object drives."""
+        return self.connection.session
 
     def connectionMade(self) -> None:
         """Say HELLO."""
@@ -146,6 +145,11 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             hashed=self.security is not None,
         )
         self.streamer.start()
+
+    def data_channel_lost(self, detail: str) -> None:
+        """The data channel ended before every stream was sent."""
+        self.connection.data_channel_lost(detail, self.clock.seconds())
+        self._schedule()
 
     def migration_id(self) -> bytes:
         """The id the destination gave this migration."""
@@ -249,11 +253,8 @@ class DataChannelSender(Connection):
         self.control.fail(ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "bytes on the data channel"))
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
-        """Cut before the streams were all sent: the migration cannot go on."""
-        if not self.done and not self.control.session.finished:
-            self.control.fail(
-                ProtocolError(
-                    ErrorCode.CONNECTION_LOST,
-                    f"the data channel closed: {reason.getErrorMessage()}",
-                )
-            )
+        """Cut before the streams were all sent: the migration cannot go on.
+        The destination cuts it when it refuses, so its ABORT may still be
+        on the control connection: the connection object waits for it."""
+        if not self.done:
+            self.control.data_channel_lost(reason.getErrorMessage())

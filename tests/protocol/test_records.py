@@ -1,5 +1,7 @@
 """The data channel's record layer (:mod:`securemig.protocol.records`), without a
-reactor; then its Twisted receiver over an in-memory transport.
+reactor.  What the records may carry, and which connection is the channel:
+``test_channels`` and ``test_connection``; the Twisted ends:
+``tests/transport/test_data_channel.py``.
 
 Every way a record can be tampered with in transit — flipped, dropped,
 reordered, repeated, replayed from another session or migration, cut short —
@@ -8,18 +10,14 @@ must be refused."""
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
 from securemig.protocol import records, wire
 from securemig.protocol.errors import ErrorCode, ProtocolError
 from securemig.protocol.records import AEADS, Kind, Opener, Sealer
-from securemig.transport.destination import DataChannelReceiver
 
 CIPHER = "TLS_AES_256_GCM_SHA384"
 CHUNK = 4096
@@ -145,6 +143,19 @@ class RecordTests(TestCase):
         stream = sealed(sealer, frames())
         self.assertRefused(opener, b"".join(stream) + b"x", ErrorCode.RECORD_REFUSED)
 
+    def test_data_after_end_in_a_later_read_refused(self) -> None:
+        """Bytes arriving after the END record was read: feed() takes them
+        (it never raises, so a caller may hold bytes unread) and the next
+        read refuses them."""
+        sealer, opener = pair()
+        open_all(opener, b"".join(sealed(sealer, frames())))
+        self.assertTrue(opener.ended)
+        opener.feed(b"x")
+        self.assertEqual(opener.buffered, 1)
+        with self.assertRaises(ProtocolError) as caught:
+            opener.next_record()
+        self.assertEqual(caught.exception.code, ErrorCode.RECORD_REFUSED)
+
     def test_oversize_record_refused_from_its_header(self) -> None:
         """Refused on the header alone: nothing of it is buffered first."""
         _, opener = pair()
@@ -171,150 +182,3 @@ class RecordTests(TestCase):
             pass
         else:
             self.fail("random bytes made a complete channel")
-
-
-class FakeControl:
-    """Test double of the destination's control protocol: what the data
-    channel receiver needs from it, recording what it is told."""
-
-    def __init__(self, key: bytes) -> None:
-        self.key = key
-        self.messages: list[Any] = []
-        self.failures: list[ProtocolError] = []
-        self.bound: Any = None
-        self.session = self
-
-    # the session's part
-    finished = False
-    hello = wire.Hello(
-        wire.PROTOCOL_VERSION, wire.Variant.FULL, "vm1", CHUNK, (wire.ImageInfo("ram", CHUNK),), ""
-    )
-
-    def data_opener(self) -> Opener:
-        return Opener(CIPHER, self.key, MID, records.max_plaintext(CHUNK))
-
-    def bind_data_channel(self, channel: Any) -> bool:
-        if self.bound is not None:
-            return False
-        self.bound = channel
-        return True
-
-    def stream_message(self, message: Any) -> None:
-        self.messages.append(message)
-
-    def fail(self, error: ProtocolError) -> None:
-        self.failures.append(error)
-        self.finished = True
-
-
-class ReceiverTests(TestCase):
-    """The Twisted receiver of the data channel, over an in-memory transport."""
-
-    def setUp(self) -> None:
-        self.key = os.urandom(32)
-        self.control = FakeControl(self.key)
-
-    def connect(self) -> tuple[DataChannelReceiver, StringTransport]:
-        receiver = DataChannelReceiver(self.control)  # type: ignore[arg-type]
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-        receiver.makeConnection(transport)
-        return receiver, transport
-
-    def test_stranger_is_dropped_and_the_migration_goes_on(self) -> None:
-        """Anyone can connect to the port: a connection whose first record
-        does not authenticate is closed, and fails nothing."""
-        stranger, transport = self.connect()
-        stranger.dataReceived(sealed(Sealer(CIPHER, os.urandom(32), MID), frames())[0])
-        self.assertTrue(transport.disconnecting or transport.disconnected)
-        self.assertEqual((self.control.failures, self.control.bound), ([], None))
-        receiver, _ = self.connect()
-        stream = sealed(Sealer(CIPHER, self.key, MID), frames())
-        receiver.dataReceived(b"".join(stream))
-        self.assertIs(self.control.bound, receiver)
-        self.assertEqual(
-            [type(m) for m in self.control.messages],
-            [wire.StreamBegin, wire.Data, wire.Data, wire.StreamEnd],
-        )
-        self.assertEqual(self.control.failures, [])
-
-    def test_tampered_record_on_bound_channel_fails_migration(self) -> None:
-        receiver, _ = self.connect()
-        stream = sealed(Sealer(CIPHER, self.key, MID), frames())
-        record = bytearray(stream[1])
-        record[-3] ^= 0x80
-        receiver.dataReceived(stream[0] + bytes(record))
-        self.assertEqual([e.code for e in self.control.failures], [ErrorCode.RECORD_REFUSED])
-        self.assertEqual(len(self.control.messages), 1)  # STREAM_BEGIN only
-
-    def test_truncated_channel_fails_migration(self) -> None:
-        receiver, _ = self.connect()
-        stream = sealed(Sealer(CIPHER, self.key, MID), frames())
-        receiver.dataReceived(b"".join(stream[:3]))
-        receiver.connectionLost()
-        self.assertEqual([e.code for e in self.control.failures], [ErrorCode.RECORD_REFUSED])
-        self.assertIn("truncated", self.control.failures[0].reason)
-
-    def test_connection_after_the_migration_ended_closed(self) -> None:
-        self.control.finished = True
-        receiver, transport = self.connect()
-        receiver.dataReceived(b"".join(sealed(Sealer(CIPHER, self.key, MID), frames())))
-        self.assertTrue(transport.disconnecting)
-        self.assertEqual((self.control.messages, self.control.bound), ([], None))
-
-    def test_second_channel_refused(self) -> None:
-        first, _ = self.connect()
-        sealer = Sealer(CIPHER, self.key, MID)
-        first.dataReceived(b"".join(sealer.seal([frames()[0]])))
-        second, transport = self.connect()
-        # A valid record (a second sealer starts at sequence 0 too) cannot
-        # open a second channel.
-        second.dataReceived(b"".join(Sealer(CIPHER, self.key, MID).seal([frames()[0]])))
-        self.assertTrue(transport.disconnecting or transport.disconnected)
-        self.assertIs(self.control.bound, first)
-
-
-class ControlConnectionTests(TestCase):
-    def test_images_on_control_connection_refused(self) -> None:
-        """Once a data channel is offered, stream frames on the control
-        connection are refused (they would bypass the records); other
-        messages are not."""
-        from twisted.internet.task import Clock
-
-        from securemig.transport.destination import DestinationProtocol
-        from securemig.transport.executor import InlineExecutor
-
-        control = DestinationProtocol(None, Clock(), InlineExecutor)
-        for message in (wire.StreamBegin(0), wire.StreamEnd(wire.UNHASHED)):
-            control.check_control(message)  # no data channel: allowed
-        control.data_offered = True
-        for message in (wire.StreamBegin(0), wire.StreamEnd(wire.UNHASHED)):
-            with self.assertRaises(ProtocolError) as caught:
-                control.check_control(message)
-            self.assertEqual(caught.exception.code, ErrorCode.UNEXPECTED_MESSAGE)
-        control.check_control(wire.Commit())
-
-    def test_control_messages_on_data_channel_refused(self) -> None:
-        """Only stream frames may come in records: a COMMIT (or HELLO) sealed
-        into the data channel is refused before the session sees it."""
-        from twisted.internet.task import Clock
-
-        from securemig.transport.destination import DestinationProtocol
-        from securemig.transport.executor import InlineExecutor
-
-        control = DestinationProtocol(None, Clock(), InlineExecutor)
-        for message in (wire.Commit(), FakeControl.hello):
-            with self.assertRaises(ProtocolError) as caught:
-                control.stream_message(message)
-            self.assertEqual(caught.exception.code, ErrorCode.UNEXPECTED_MESSAGE)
-            self.assertEqual(control.session.phase, "awaitHello")
-
-    def test_destination_sending_on_data_channel_fails_source(self) -> None:
-        """The data channel is one-way: bytes from the destination end the
-        source's migration."""
-        from securemig.transport.source import DataChannelSender
-
-        control = FakeControl(b"")
-        sender = DataChannelSender(control)  # type: ignore[arg-type]
-        sender.makeConnection(StringTransport())
-        sender.dataReceived(b"x")
-        self.assertEqual([e.code for e in control.failures], [ErrorCode.UNEXPECTED_MESSAGE])

@@ -14,9 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from securemig.host import storage
 from securemig.hypervisor.bundle import Bundle
 from securemig.protocol import wire
+from securemig.protocol.connection import CLOSE_GRACE
 from securemig.protocol.effects import Outcome
 from securemig.protocol.errors import ErrorCode, ProtocolError
-from securemig.transport.control import CLOSE_GRACE
 from securemig.transport.destination import DestinationProtocol
 
 from ..helpers import InMemory, Recorder, bundle_digests
