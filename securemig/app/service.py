@@ -308,7 +308,7 @@ def makeService(options: Options) -> service.MultiService:
         )
         # With an identity, the insecure twin can keep a vTPM key (sent in the clear).
         insecure = DestinationFactory(
-            host, reactor, protocol_name="insecure", sealer=attestor, **timers
+            host, reactor, protocol_name="insecure", key_keeper=attestor, **timers
         )
         if options["insecure-port-file"]:
             port_file = Path(options["insecure-port-file"])

@@ -87,13 +87,13 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         deadline: float = DEADLINE,
         high_water: int = HIGH_WATER,
         security: Any = None,
-        sealer: Any = None,
+        key_keeper: Any = None,
         data_listener: DataListener | None = None,
     ) -> None:
         session = destination_session.DestinationSession(secure=security is not None)
         super().__init__(clock, DestinationConnection(session, idle_timeout, deadline))
         self.security = security
-        self.sealer = sealer
+        self.key_keeper = key_keeper
         self.data_listener = data_listener if security is not None else None
         #: The data channel: its listening port, the connections to it not
         #: yet dropped, and the one that proved it holds the key.
@@ -222,7 +222,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         try:
             if self.security is not None:
                 self.security.check_source(self.peer_name())
-            elif self.sealer is None and any(i.name == "vtpm" for i in effect.hello.images):
+            elif self.key_keeper is None and any(i.name == "vtpm" for i in effect.hello.images):
                 raise ProtocolError(
                     ErrorCode.POLICY_REFUSED,
                     "this destination has no TPM "
@@ -405,8 +405,8 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
 
     def keeper(self) -> Any:
         """What seals vTPM keys to this host's TPM (the secure attestor, or
-        the insecure listener's ``sealer``)."""
-        return self.security.attestor if self.security is not None else self.sealer
+        the insecure listener's ``key_keeper``: the host attestor that seals vTPM keys)."""
+        return self.security.attestor if self.security is not None else self.key_keeper
 
     def _do_CommitInPlace(self, effect: effects.CommitInPlace) -> None:
         shared = self.arrival.hello.shared_disk
@@ -475,12 +475,12 @@ class DestinationFactory(Factory):
         idle_timeout: float = IDLE_TIMEOUT,
         deadline: float = DEADLINE,
         security: Any = None,
-        sealer: Any = None,
+        key_keeper: Any = None,
         data_listener: DataListener | None = None,
     ) -> None:
         self.host = host
         self.security = security
-        self.sealer = sealer
+        self.key_keeper = key_keeper
         self.data_listener = data_listener
         self.clock = clock
         self.protocol_name = protocol_name
@@ -498,7 +498,7 @@ class DestinationFactory(Factory):
             self.idle_timeout,
             self.deadline,
             security=self.security,
-            sealer=self.sealer,
+            key_keeper=self.key_keeper,
             data_listener=self.data_listener,
         )
         p.factory = self

@@ -304,7 +304,7 @@ class AdmissionPolicyTests(SynchronousTestCase):
 
     def refused(self, hello: wire.Hello, sealer: Any = None) -> wire.Abort:
         env = InMemory(Path(self.mktemp()))
-        env.factory.sealer = sealer
+        env.factory.key_keeper = sealer
         peer = Recorder()
         pump = env.connect(env.destination(), peer)
         peer.transport.write(wire.encode(hello))
@@ -352,7 +352,7 @@ class ClearKeyRefusalTests(SynchronousTestCase):
 
     def run_arrival(self, key: bytes | None, image: str = "ram") -> wire.Abort:
         env = InMemory(Path(self.mktemp()))
-        env.factory.sealer = NeverSeals()
+        env.factory.key_keeper = NeverSeals()
         peer = Recorder()
         pump = env.connect(env.destination(), peer)
         frames = [wire.encode(hello_for("vm1", {image: 4}))]
