@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -309,8 +310,14 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
 
 
 def plots(records: list[dict[str, Any]], out: Path, prefix: str = "") -> list[Path]:
-    """PNG plots: time, CPU per side, memory per side, throughput, by size."""
-    import matplotlib
+    """PNG plots: time, CPU per side, memory per side, throughput, by size;
+    none (said on stderr) without matplotlib, the optional ``bench`` extra."""
+    # Imported here: matplotlib is an optional, heavy dependency of plots only.
+    try:
+        import matplotlib
+    except ImportError:
+        print("no plots: matplotlib is missing (pip install 'securemig[bench]')", file=sys.stderr)
+        return []
 
     matplotlib.use("Agg")  # no display
     import matplotlib.pyplot as plt
