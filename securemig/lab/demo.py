@@ -27,6 +27,7 @@ from securemig.hypervisor.qemu import MARKER_ADDRESS, QemuBackend
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
 from securemig.trust import vtpm
 from securemig.trust.attestor import open_attestor
+from securemig.trust.policy import PolicyStore
 
 
 def _digests(bundle: Bundle) -> dict[str, str]:
@@ -102,6 +103,21 @@ def run(
             "both ways, key release"
         )
         secure, _ = lab.migrate(destination, "demo-vm", secure=True)
+        attested = {
+            f"{SOURCE} saw {DESTINATION}": _attested(work / SOURCE, DESTINATION),
+            f"{DESTINATION} saw {SOURCE}": _attested(work / DESTINATION, SOURCE),
+        }
+        for who, seen in attested.items():
+            say(
+                f"   {who}: AK {seen['ak']}, PCRs "
+                + ", ".join(f"{i}={v[:12]}…" for i, v in seen["pcrs"].items())
+                + (
+                    "  (recorded on first use: trust on first use, nobody checked them; a "
+                    "site records golden values with `securemig policy record`)"
+                    if seen["first_use"]
+                    else ""
+                )
+            )
         there = Bundle.load(destination.state_dir / "vms" / "demo-vm")
         with open_attestor(work / DESTINATION, None, False) as dest:
             released = dest.unseal(there.vtpm_key_path.read_bytes())
@@ -132,7 +148,33 @@ def run(
             "source_copies_removed": at_destination["source_copy_removed"]
             and not there.path.exists(),
         }
-        result = {"secure": secure, "insecure": insecure, "checks": checks}
+        say(
+            f"5. a refusal: {DESTINATION}'s PCR 7 (secure boot policy) is extended, then "
+            f"demo-vm is sent there securely again"
+        )
+        with open_attestor(work / DESTINATION, None, False) as dest:
+            dest.tpm.pcr_extend(7, b"securemig demo: a changed boot policy")
+        held = state_of(back)
+        try:
+            lab.migrate(destination, "demo-vm", secure=True, vm_dir=back.path.parent)
+            refusal = "NOT REFUSED"
+        except RuntimeError as e:
+            refusal = str(e).rsplit("securemig: ", 1)[-1]
+        say(f"   refused: {refusal}")
+        checks["refused_after_a_pcr_change_vm_intact_at_source"] = (
+            refusal != "NOT REFUSED"
+            and "7" in refusal
+            and Bundle.load(back.path).vtpm_key_path.exists()
+            and state_of(Bundle.load(back.path)) == held
+        )
+        result = {
+            "backend": backend,
+            "secure": secure,
+            "insecure": insecure,
+            "attested": attested,
+            "refusal": refusal,
+            "checks": checks,
+        }
         if as_json:
             print(json.dumps(result, indent=2))
         else:
@@ -152,8 +194,23 @@ def run(
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _attested(identity: Path, peer: str) -> dict[str, Any]:
+    """What the host of ``identity`` recorded of ``peer``'s attestation: its
+    PCR values (hex), its AK's name (short hex) and whether trust on first
+    use recorded them."""
+    golden = PolicyStore(identity / "policy").get(peer)
+    if golden is None:
+        return {"pcrs": {}, "ak": "?", "first_use": False}
+    aks = [name.hex()[:16] for name in golden.clocks]
+    return {
+        "pcrs": {i: v.hex() for i, v in sorted(golden.pcrs.items())},
+        "ak": aks[-1] if aks else "?",
+        "first_use": golden.first_use,
+    }
+
+
 def _table(say: Callable[..., None], secure: dict[str, Any], insecure: dict[str, Any]) -> None:
-    say("5. phases (seconds, from the source's journal):")
+    say("6. phases of the two migrations (seconds, from the source's journal):")
     say(f"   {'phase':<28} {'secure':>9} {'insecure':>9}")
     order = [
         "connect",

@@ -313,9 +313,17 @@ class DemoTests(TestCase):
                 "same_vtpm_at_destination": True,
                 "vtpm_back_at_source": True,
                 "source_copies_removed": True,
+                "refused_after_a_pcr_change_vm_intact_at_source": True,
             },
         )
         self.assertEqual(
             (report["secure"]["protocol"], report["insecure"]["protocol"]), ("secure", "insecure")
         )
         self.assertIn("attest source", report["secure"]["phases"])
+        # It shows what was attested (by trust on first use, and says so)
+        # and that a changed PCR is refused by name.
+        seen = report["attested"]["source-a saw dest-b"]
+        self.assertEqual(sorted(seen["pcrs"]), ["0", "1", "2", "3", "4", "7"])
+        self.assertTrue(seen["first_use"])
+        self.assertIn("PCRs [7] differ", report["refusal"])
+        self.assertEqual(report["backend"], "image")

@@ -367,6 +367,7 @@ class QemuDemoTests(TestCase):
                 "same_vtpm_at_destination": True,
                 "vtpm_back_at_source": True,
                 "source_copies_removed": True,
+                "refused_after_a_pcr_change_vm_intact_at_source": True,
             },
         )
 
