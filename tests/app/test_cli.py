@@ -6,11 +6,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
+import signal
+import subprocess
+from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from securemig.app.cli.common import EXIT_FAILED, EXIT_USAGE
 from securemig.app.cli.main import build_parser, main
+from securemig.lab import processes
+from securemig.trust.tpm.tpm import TPM
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -48,6 +54,7 @@ class ParserTests(SynchronousTestCase):
                 "pca",
                 "host",
                 "policy",
+                "tpm",
                 "bench",
             ],
         )
@@ -55,7 +62,7 @@ class ParserTests(SynchronousTestCase):
     def test_every_command_has_a_handler(self) -> None:
         """Each command and action sets ``func`` to a ``cmd_*`` of its module."""
         found = leaves(build_parser())
-        self.assertEqual(len(found), 18)
+        self.assertEqual(len(found), 19)
         for path, func in found:
             self.assertTrue(callable(func), path)
             self.assertTrue(getattr(func, "__name__", "").startswith("cmd_"), path)
@@ -85,3 +92,37 @@ class ParserTests(SynchronousTestCase):
         text = build_parser().format_help()
         for line in ("exit status:", "  0  done", "  2  usage error", "  3  migrate committed"):
             self.assertIn(line, text)
+
+
+class TpmSimulateTests(SynchronousTestCase):
+    """`securemig tpm simulate DIR`: a host TPM an operator can enroll."""
+
+    def test_simulate_then_stop(self) -> None:
+        """It manufactures a TPM with EK certificates from a vendor CA, runs it,
+        prints a TCTI that opens it and the vendor CA for `pca init`, and
+        SIGTERM ends it and its swtpm."""
+        base = Path(self.mktemp()).absolute()
+        sim = subprocess.Popen(
+            [processes.script("securemig"), "tpm", "simulate", str(base)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.addCleanup(lambda: sim.poll() is None and sim.kill())
+        assert sim.stdout is not None
+        lines = []
+        while not (line := sim.stdout.readline()).startswith("running as pid"):
+            if not line:  # it ended before it ran the TPM: say why
+                self.fail(sim.stderr.read() if sim.stderr else "no output")
+            lines.append(line)
+        tcti = next(x for x in lines if x.startswith("TCTI: ")).split(": ", 1)[1].strip()
+        vendor = next(x for x in lines if "--vendor-ca" in x)
+        self.assertIn("issuercert.pem", vendor)
+        swtpm_pid = int(line.split()[3].rstrip(";"))
+        tpm = TPM(tcti)
+        self.assertTrue(tpm.ek_certificate())
+        tpm.close()
+        sim.send_signal(signal.SIGTERM)
+        self.assertEqual(sim.wait(20), 0)
+        with self.assertRaises(ProcessLookupError):
+            os.kill(swtpm_pid, 0)

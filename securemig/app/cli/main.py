@@ -31,7 +31,7 @@ from collections.abc import Callable
 from tpm2_pytss import TSS2_Exception
 
 from securemig import __version__
-from securemig.app.cli import identity, journal, lab, migrate, policy, vm
+from securemig.app.cli import identity, journal, lab, migrate, policy, tpm, vm
 from securemig.app.cli.common import (
     EXIT_FAILED,
     EXIT_STATUS_HELP,
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_demo_parser(sub)  # demo
     identity.add_parser(sub)  # ca, pca, host
     policy.add_parser(sub)  # policy
+    tpm.add_parser(sub)  # tpm
     lab.add_bench_parser(sub)  # bench
     return p
 

@@ -1,0 +1,57 @@
+"""``securemig tpm simulate``: a simulated host TPM (swtpm) for a test site,
+made and run the way the lab and the demo do it."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+from securemig.app.cli.common import EXIT_OK, Subparsers
+from securemig.trust.tpm import swtpm
+
+
+def add_parser(subparsers: Subparsers) -> None:
+    """Register ``securemig tpm simulate``."""
+    tpm = subparsers.add_parser("tpm", help="a simulated host TPM (swtpm) for test sites")
+    tpm_sub = tpm.add_subparsers(dest="tpm_command", required=True, metavar="ACTION")
+    sim = tpm_sub.add_parser(
+        "simulate",
+        help="create (once) and run a swtpm host TPM in DIR until interrupted",
+        description="Manufactures a TPM 2.0 in DIR/state (first run only) with EK "
+        "certificates from a local 'vendor' CA in DIR/vendor-ca, runs it on loopback, "
+        "and prints the TCTI to put in `securemig host init --tpm` and the vendor CA "
+        "certificates to give `securemig pca init --vendor-ca`.  Ctrl-C (or SIGTERM) "
+        "ends it; its state stays in DIR for the next run.  A simulator, for tests and "
+        "demonstrations: a production host uses its real TPM (device:/dev/tpmrm0).",
+    )
+    sim.add_argument("dir", type=Path, help="where the TPM's state and its vendor CA live")
+    sim.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default %(default)s)"
+    )
+    sim.set_defaults(func=cmd_tpm_simulate)
+
+
+def cmd_tpm_simulate(args: argparse.Namespace) -> int:
+    """``securemig tpm simulate``: provision (once) and run a swtpm host TPM."""
+    state, ca = args.dir / "state", args.dir / "vendor-ca"
+    if not (state / "tpm2-00.permall").exists():
+        swtpm.provision(state, ca)
+        print(f"manufactured a TPM 2.0 in {state} (EK certificates from {ca})")
+    process = swtpm.start(state, host=args.host)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        print(f"TCTI: {process.tcti}")
+        vendor = " ".join(f"--vendor-ca {p}" for p in swtpm.ca_certificates(ca))
+        print(f"for `securemig pca init`: {vendor}")
+        print(f"running as pid {process.process.pid}; Ctrl-C ends it", flush=True)
+        while not stop.wait(0.5):
+            if process.process.poll() is not None:
+                print(f"swtpm exited with {process.process.returncode}")
+                return 1
+    finally:
+        process.stop()
+    return EXIT_OK
