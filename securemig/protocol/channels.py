@@ -50,6 +50,13 @@ KEY_PENDING = frozenset(
 )
 
 
+#: The first record of a data channel holds exactly one STREAM_BEGIN frame
+#: (the source seals one frame per record).  A connection is a stranger
+#: until that record authenticates, so until then no longer record is
+#: accepted: a stranger cannot make the destination buffer a chunk's worth.
+FIRST_RECORD_PLAINTEXT = len(wire.encode(wire.StreamBegin(0)))
+
+
 def check_control(message: wire.Message, data_channel_offered: bool) -> None:
     """Refuse a message that may not arrive on the control connection: with
     a data channel offered, images travel only on it (a stream frame here
@@ -92,6 +99,10 @@ class DataChannelReader:
         self.decoder = wire.FrameDecoder(max_data=chunk_size)
         #: The most a caller should hold unread: one record of the largest size.
         self.hold_limit = records.max_record(chunk_size)
+        # Until the first record opened, only one of STREAM_BEGIN's size is
+        # accepted (checked from its header, before anything is buffered).
+        self._max_plaintext = opener.max_plaintext
+        opener.max_plaintext = FIRST_RECORD_PLAINTEXT
 
     @property
     def authenticated(self) -> bool:
@@ -123,6 +134,8 @@ class DataChannelReader:
             plain = self.opener.next_record()
             if plain is None:
                 return None
+            # Authenticated: records of any size the chunk size allows follow.
+            self.opener.max_plaintext = self._max_plaintext
             self.decoder.feed(plain)
 
     def closed(self) -> None:

@@ -52,7 +52,12 @@ from typing import Generic, TypeVar
 from securemig.protocol import channels, records, wire
 from securemig.protocol.channels import DataChannelReader
 from securemig.protocol.destination import DestinationSession
-from securemig.protocol.effects import DestinationEffect, DestinationEffects, SourceEffect
+from securemig.protocol.effects import (
+    DestinationEffect,
+    DestinationEffects,
+    Prepare,
+    SourceEffect,
+)
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.protocol.session import Session
 from securemig.protocol.source import SourceSession
@@ -68,6 +73,15 @@ CLOSE_GRACE = 10.0
 #: channel it caused.  A control segment lost once is resent after about
 #: 200 ms (Linux's minimum RTO); a few such losses fit.
 DATA_CHANNEL_GRACE = 5.0
+#: Destination: how long a connection to the data port has, from the moment
+#: it can be read, to send its first (authenticated) record.  The source
+#: sends it at once; anyone else is a stranger and is closed.
+FIRST_RECORD_TIMEOUT = 5.0
+#: Destination: how many connections to one migration's data port may wait
+#: for their first record at once.  Above it the oldest is closed: the
+#: source connects exactly when it streams, so the newest is the likeliest
+#: to be it, and a stranger cannot hold the source out by connecting first.
+MAX_PENDING_DATA_CONNECTIONS = 8
 
 
 @dataclass(frozen=True)
@@ -212,13 +226,19 @@ class DataConnection:
     stranger until a record from it authenticates, and then, if it is the
     first, it is *the* data channel."""
 
-    def __init__(self, reader: DataChannelReader) -> None:
+    def __init__(self, reader: DataChannelReader, opened: float = 0.0) -> None:
         self.reader = reader
+        #: When it connected (its first-record clock starts then, or when
+        #: the data channel may first be read, whichever is later).
+        self.opened = opened
         #: True once this connection is the migration's data channel.
         self.bound = False
         #: True once it was dropped: nothing more is read from it.
         self.dropped = False
         self._pending: wire.Message | None = None
+        #: The last stream's PREPARE (and what follows it), held until the
+        #: END record authenticates the channel's end.
+        self._after_end: DestinationEffects | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +270,24 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
     paused while it is True; bytes that still arrive (a transport that
     does not pause) wait unread, at most one record of the largest size
     per connection, beyond which the connection is dropped.
+
+    Strangers (connections without an authenticated record): each gets
+    :data:`FIRST_RECORD_TIMEOUT` from when it can be read, and a first
+    record no larger than one STREAM_BEGIN; at most
+    :data:`MAX_PENDING_DATA_CONNECTIONS` wait at once; all are closed when
+    the channel binds and when the session ends.  Only the bound channel's
+    bytes count as the migration's progress.  The connections to close are
+    collected in :meth:`take_drops`, which the shell calls after every input.
+
+    The END record: on the data channel the last STREAM_END's PREPARE waits
+    for the channel's authenticated END record; a channel that ends without
+    it (or with an altered one) fails the migration, one that withholds it
+    stalls into the idle timeout.
+
+    Peer check (secure variant, ``check_peer``): no control byte is decoded
+    before :meth:`peer_allowed` says the TLS peer's certificate passed the
+    source rules (the shell checks it when the handshake completes); bytes
+    before that end the session unread.
     """
 
     session: DestinationSession
@@ -259,11 +297,51 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
         session: DestinationSession,
         idle_timeout: float = IDLE_TIMEOUT,
         deadline: float = DEADLINE,
+        check_peer: bool = False,
+        first_record_timeout: float = FIRST_RECORD_TIMEOUT,
+        max_pending: int = MAX_PENDING_DATA_CONNECTIONS,
     ) -> None:
         super().__init__(session, idle_timeout, deadline)
         self.data_offered = False
         #: The data channel, once a connection proved it holds the key.
         self.data_channel: DataConnection | None = None
+        #: False until the TLS peer passed the source rules (secure variant).
+        self.peer_checked = not check_peer
+        self._unchecked_bytes = False
+        self.first_record_timeout = first_record_timeout
+        self.max_pending = max_pending
+        #: Data connections waiting for their first record, oldest first.
+        self.strangers: list[DataConnection] = []
+        self._drops: list[tuple[DataConnection, str]] = []
+        #: When the data channel could first be read (the key accepted).
+        self._readable_since: float | None = None
+
+    # -- the peer check
+
+    def peer_allowed(self) -> None:
+        """The TLS peer's certificate passed the source rules: decode its bytes."""
+        self.peer_checked = True
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Control bytes; before the peer check they are never decoded."""
+        if not self.peer_checked:
+            self._unchecked_bytes = True
+            return
+        super().receive_data(data, now)
+
+    def next_batch(self) -> list[DestinationEffect] | None:
+        """As the base class; and notes when the data channel became readable."""
+        if self._unchecked_bytes and not self.session.finished:
+            self._unchecked_bytes = False
+            return self.fail(
+                ProtocolError(
+                    ErrorCode.POLICY_REFUSED, "bytes before the source's certificate was checked"
+                )
+            )
+        batch = super().next_batch()
+        if self._readable_since is None and self.data_offered and not self.data_channel_held:
+            self._readable_since = self._last_progress
+        return batch
 
     def max_data(self) -> int | None:
         """DATA is bounded by the chunk size the HELLO announced."""
@@ -287,25 +365,79 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
         return channels.key_pending(self.session.phase)
 
     def data_connection(
-        self, tls_cipher: str, key: bytes, migration_id: bytes
+        self, tls_cipher: str, key: bytes, migration_id: bytes, now: float = 0.0
     ) -> DataConnection | None:
         """A new connection to the data port, its records keyed with ``key``
         (exported from the control connection's TLS session); None when
-        none is expected (no data channel offered, or the migration ended)."""
+        none is expected (no data channel offered, the channel bound, or the
+        migration ended).  Above the pending cap the oldest stranger is
+        dropped (see :meth:`take_drops`)."""
         hello = self.session.hello
-        if not self.data_offered or self.session.finished or hello is None:
+        if (
+            not self.data_offered
+            or self.session.finished
+            or hello is None
+            or self.data_channel is not None
+        ):
             return None
         opener = records.Opener(
             tls_cipher, key, migration_id, records.max_plaintext(hello.chunk_size)
         )
-        return DataConnection(DataChannelReader(opener, hello.chunk_size))
+        connection = DataConnection(DataChannelReader(opener, hello.chunk_size), now)
+        while len(self.strangers) >= self.max_pending:
+            self._drop_later(
+                self.strangers[0],
+                f"more than {self.max_pending} data connections waiting for a first record",
+            )
+        self.strangers.append(connection)
+        return connection
 
     def data_received(self, connection: DataConnection, data: bytes, now: float) -> None:
-        """Bytes arrived on a data connection; read them with :meth:`next_data_batch`."""
+        """Bytes arrived on a data connection; read them with :meth:`next_data_batch`.
+        A stranger's bytes are no progress of the migration (else anyone
+        could keep it from its idle timeout)."""
         if connection.dropped or self.session.finished:
             return
-        self.progress(now)
+        if connection.bound:
+            self.progress(now)
         connection.reader.feed(data)
+
+    def take_drops(self) -> list[tuple[DataConnection, str]]:
+        """The data connections to close now, and why.  Once the session
+        ended, every stranger is among them."""
+        if self.session.finished:
+            for stranger in list(self.strangers):
+                self._drop_later(stranger, "the migration ended")
+        drops, self._drops = self._drops, []
+        return drops
+
+    def _first_record_due(self, connection: DataConnection) -> float | None:
+        if self._readable_since is None:
+            return None  # held: nothing can be read from it yet
+        return max(connection.opened, self._readable_since) + self.first_record_timeout
+
+    def extra_timers(self) -> list[float]:
+        """The first-record deadline of the oldest stranger that can be read."""
+        due = [self._first_record_due(c) for c in self.strangers]
+        return [min(d for d in due if d is not None)] if any(d is not None for d in due) else []
+
+    def handle_extra_timers(self, now: float) -> list[DestinationEffect]:
+        """Strangers past their first-record deadline are dropped (no effect
+        on the migration)."""
+        for stranger in list(self.strangers):
+            due = self._first_record_due(stranger)
+            if due is not None and now >= due:
+                self._drop_later(
+                    stranger, f"no authenticated record within {self.first_record_timeout:g} s"
+                )
+        return []
+
+    def _drop_later(self, connection: DataConnection, reason: str) -> None:
+        if connection in self.strangers:
+            self.strangers.remove(connection)
+        if not connection.dropped:
+            connection.dropped = True
+            self._drops.append((connection, reason))
 
     def next_data_batch(
         self, connection: DataConnection
@@ -333,16 +465,40 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
             if not connection.bound and reader.authenticated:
                 if self.data_channel is not None:
                     return self._drop(connection, "a second data channel")
-                connection.bound = True
-                self.data_channel = connection
+                self._bind(connection)
                 connection._pending = message
                 return DataChannelBound()
             if message is None:
+                if reader.ended and connection._after_end is not None:
+                    # The END record authenticated: now the destination prepares.
+                    batch, connection._after_end = connection._after_end, None
+                    return batch
                 return None
         try:
-            return self.session.receive(message)
+            batch = self.session.receive(message)
         except ProtocolError as e:
             return self.fail(e)
+        return self._until_end(connection, batch)
+
+    def _bind(self, connection: DataConnection) -> None:
+        # It is the channel: no other connection to the port is needed.
+        connection.bound = True
+        self.data_channel = connection
+        if connection in self.strangers:
+            self.strangers.remove(connection)
+        for stranger in list(self.strangers):
+            self._drop_later(stranger, "the data channel is bound")
+
+    @staticmethod
+    def _until_end(connection: DataConnection, batch: DestinationEffects) -> DestinationEffects:
+        # The last STREAM_END asks to prepare; on the data channel that
+        # waits for the END record, so a channel cut (or altered) after its
+        # last frame is not taken for a complete one.
+        for index, effect in enumerate(batch):
+            if isinstance(effect, Prepare) and not connection.reader.ended:
+                connection._after_end = list(batch[index:])
+                return list(batch[:index])
+        return batch
 
     def data_connection_lost(self, connection: DataConnection) -> DestinationEffects:
         """A data connection ended: the data channel must have ended with
@@ -364,13 +520,13 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
         if connection is self.data_channel or (
             self.data_channel is None and connection.reader.authenticated
         ):
-            connection.bound = True
-            self.data_channel = connection
+            self._bind(connection)
             return self.fail(error)
         return self._drop(connection, error.reason)
 
-    @staticmethod
-    def _drop(connection: DataConnection, reason: str) -> DropDataConnection:
+    def _drop(self, connection: DataConnection, reason: str) -> DropDataConnection:
+        if connection in self.strangers:
+            self.strangers.remove(connection)
         connection.dropped = True
         return DropDataConnection(reason)
 

@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any, assert_never
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from securemig import crashpoint
 from securemig.hypervisor.bundle import disk_owner
@@ -72,8 +73,17 @@ from securemig.trust.keyrelease import (
 HIGH_WATER = 4 * 1024 * 1024
 
 
+@implementer(IHandshakeListener)
 class DestinationProtocol(FramedProtocol[DestinationEffect]):
-    """One incoming migration, on a destination."""
+    """One incoming migration, on a destination.
+
+    Secure variant: the source rules that its TLS certificate alone can
+    settle (``--allow-source``; a certificate that names no host, which the
+    AK certificate's host name must equal) are checked when the handshake
+    completes (:meth:`handshakeCompleted`, called by Twisted's TLS before it
+    delivers any application byte); until they pass the connection object
+    decodes nothing.
+    """
 
     connection: DestinationConnection
 
@@ -91,7 +101,10 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         data_listener: DataListener | None = None,
     ) -> None:
         session = destination_session.DestinationSession(secure=security is not None)
-        super().__init__(clock, DestinationConnection(session, idle_timeout, deadline))
+        connection = DestinationConnection(
+            session, idle_timeout, deadline, check_peer=security is not None
+        )
+        super().__init__(clock, connection)
         self.security = security
         self.key_keeper = key_keeper
         self.data_listener = data_listener if security is not None else None
@@ -132,6 +145,19 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 ErrorCode.ATTESTATION_FAILED, "the source's certificate names no host"
             )
         return names[0]
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: refuse a source the certificate rules do not allow,
+        before any of its bytes is decoded (it learns nothing of the
+        decoder; it gets an ABORT with the reason and the connection closes)."""
+        try:
+            self.security.check_source(self.peer_name())
+        except ProtocolError as e:
+            self.log.info("refused source {peer}: {reason}", peer=self._peer(), reason=e.reason)
+            self._run_reporting(self.connection.fail(e))
+            self._schedule()
+            return
+        self.connection.peer_allowed()
 
     def carry_out(self, effect: DestinationEffect) -> None:
         """Carry out one effect of the destination's session."""
@@ -220,9 +246,12 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
 
     def _do_Admit(self, effect: effects.Admit) -> None:
         try:
-            if self.security is not None:
-                self.security.check_source(self.peer_name())
-            elif self.key_keeper is None and any(i.name == "vtpm" for i in effect.hello.images):
+            # Secure: the source rules were checked at the handshake.
+            if (
+                self.security is None
+                and self.key_keeper is None
+                and any(i.name == "vtpm" for i in effect.hello.images)
+            ):
                 raise ProtocolError(
                     ErrorCode.POLICY_REFUSED,
                     "this destination has no TPM "
@@ -256,7 +285,10 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         session; paused while the wrapped key is pending.  None: close it."""
         if self.session.finished or self.arrival is None:
             return None
-        connection = self.connection.data_connection(*self.data_channel_key(), self.migration_id())
+        connection = self.connection.data_connection(
+            *self.data_channel_key(), self.migration_id(), self.clock.seconds()
+        )
+        self._apply_drops()
         if connection is not None:
             self.data_receivers.append(receiver)
             if self.connection.data_channel_held:
@@ -300,7 +332,22 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                     return
                 case _:
                     self._run_reporting(batch)
+        self._apply_drops()
         self._schedule()
+
+    def _apply_drops(self) -> None:
+        # Close what the connection object let go: strangers past their
+        # first-record deadline, above the cap, or after the channel bound
+        # or the migration ended.
+        for connection, reason in self.connection.take_drops():
+            for receiver in self.data_receivers:
+                if receiver.channel is connection:
+                    self._drop(receiver, reason)
+                    break
+
+    def _on_timer(self) -> None:
+        super()._on_timer()
+        self._apply_drops()
 
     def _bind(self, receiver: DataChannelReceiver) -> None:
         # It proved it holds the key: it is the channel; the port closes.
@@ -437,6 +484,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         if self.reading_paused:
             self.stream_transport.resumeProducing()
         self._close_data_port()
+        self._apply_drops()
         for receiver in list(self.data_receivers):
             receiver.out.loseConnection()
         if self.executor is not None:

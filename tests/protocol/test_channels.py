@@ -109,7 +109,7 @@ class DataChannelReaderTests(SynchronousTestCase):
 
     def test_one_byte_at_a_time(self) -> None:
         reader, sealer = reader_and_sealer()
-        data = b"".join(sealer.seal([b"".join(STREAM)])) + b"".join(sealer.end())
+        data = b"".join(b"".join(sealer.seal([f])) for f in STREAM) + b"".join(sealer.end())
         got = []
         for byte in data:
             got += messages(reader, bytes([byte]))

@@ -14,8 +14,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from securemig.protocol import effects as fx
 from securemig.protocol import records, wire
+from securemig.protocol.channels import FIRST_RECORD_PLAINTEXT
 from securemig.protocol.connection import (
     CLOSE_GRACE,
+    FIRST_RECORD_TIMEOUT,
+    MAX_PENDING_DATA_CONNECTIONS,
     CloseNow,
     DataChannelBound,
     DataConnection,
@@ -140,8 +143,8 @@ class DestinationChannelTests(SynchronousTestCase):
         """A DATA frame over the chunk size, inside a record within its bound."""
         self.d.accept_key()
         channel = self.d.connect()
-        frames = stream_frames(b"x" * (CHUNK + 1))[:2]
-        effects = self.d.data(channel, self.d.record(*frames))
+        begin, data = stream_frames(b"x" * (CHUNK + 1))[:2]
+        effects = self.d.data(channel, self.d.record(begin) + self.d.record(data))
         self.assertFailed(effects, ErrorCode.FRAME_TOO_LARGE)
 
     def test_record_after_end(self) -> None:
@@ -168,12 +171,11 @@ class DestinationChannelTests(SynchronousTestCase):
             [type(e) for e in self.d.data(first, self.d.record(begin))],
             [DataChannelBound, fx.OpenStream],
         )
-        other = Sealer(CIPHER, self.d.key, MID)
-        self.assertEqual(
-            self.d.data(second, self.d.record(begin, sealer=other)),
-            [DropDataConnection("a second data channel")],
-        )
+        # The channel bound: every other connection is let go at once.
+        self.assertEqual(self.d.conn.take_drops(), [(second, "the data channel is bound")])
         self.assertTrue(second.dropped)
+        other = Sealer(CIPHER, self.d.key, MID)
+        self.assertEqual(self.d.data(second, self.d.record(begin, sealer=other)), [])
         self.assertIs(self.d.conn.data_channel, first)
         self.assertFalse(self.d.conn.session.finished)
         self.assertEqual(self.d.data(second, b"more"), [])
@@ -187,6 +189,7 @@ class DestinationChannelTests(SynchronousTestCase):
         self.d.accept_key()
         stranger = self.d.connect()
         stream = b"".join(self.d.record(f) for f in stream_frames(b"d" * CHUNK))
+        stream += b"".join(self.d.sealer.end())
         forged = self.d.record(b"x", sealer=Sealer(CIPHER, os.urandom(32), MID))
         [dropped] = self.d.data(stranger, forged)
         self.assertIsInstance(dropped, DropDataConnection)
@@ -436,3 +439,141 @@ class SourceDataChannelTests(SynchronousTestCase):
         conn = self.streaming()
         conn.receive_data(wire.data_header(4), 0.0)
         self.assertEqual(abort_of(drain(conn)).code, ErrorCode.UNEXPECTED_MESSAGE)
+
+
+class StrangerTests(SynchronousTestCase):
+    """Connections to the data port that never prove themselves: a short
+    clock from when they can be read, a first record of STREAM_BEGIN's
+    size, a cap, and all let go when the channel binds or the session ends."""
+
+    def setUp(self) -> None:
+        self.d = SecureDestination()
+
+    def connect(self, now: float) -> DataConnection:
+        connection = self.d.conn.data_connection(CIPHER, self.d.key, MID, now)
+        assert connection is not None
+        return connection
+
+    def test_no_clock_while_held(self) -> None:
+        """Before the key is accepted nothing can be read, so no stranger's
+        clock runs; it starts when the key is accepted."""
+        stranger = self.connect(1.0)
+        self.assertEqual(self.d.conn.get_timer(), 10.0)  # the idle timer only
+        self.d.control(WRAPPED, now=3.0)
+        self.assertEqual(self.d.conn.get_timer(), 3.0 + FIRST_RECORD_TIMEOUT)
+        self.assertEqual(self.d.conn.handle_timer(3.0 + FIRST_RECORD_TIMEOUT), [])
+        [(dropped, reason)] = self.d.conn.take_drops()
+        self.assertIs(dropped, stranger)
+        self.assertIn("no authenticated record", reason)
+        self.assertFalse(self.d.conn.session.finished)
+
+    def test_idle_and_partial_first_record(self) -> None:
+        """An idle stranger and one with half a record: both dropped at their deadline."""
+        self.d.control(WRAPPED, now=0.0)
+        idle, partial = self.connect(1.0), self.connect(2.0)
+        half = self.d.record(wire.encode(wire.StreamBegin(0)))[:10]
+        self.assertEqual(self.d.data(partial, half, now=2.5), [])
+        self.d.conn.handle_timer(1.0 + FIRST_RECORD_TIMEOUT)
+        self.assertEqual(self.d.conn.take_drops()[0][0], idle)
+        self.assertEqual(self.d.conn.get_timer(), 2.0 + FIRST_RECORD_TIMEOUT)
+        self.d.conn.handle_timer(2.0 + FIRST_RECORD_TIMEOUT)
+        self.assertEqual([c for c, _ in self.d.conn.take_drops()], [partial])
+        self.assertEqual(self.d.conn.strangers, [])
+
+    def test_stranger_bytes_are_no_progress(self) -> None:
+        """A stranger's bytes do not keep the migration from its idle timeout."""
+        self.d.control(WRAPPED, now=0.0)
+        stranger = self.connect(0.0)
+        self.d.data(stranger, b"\x00", now=9.0)
+        self.assertEqual(self.d.conn.get_timer(), FIRST_RECORD_TIMEOUT)
+        self.d.conn.handle_timer(FIRST_RECORD_TIMEOUT)
+        abort_of(list(self.d.conn.handle_timer(10.0)))
+        self.assertEqual(self.d.conn.error.code, ErrorCode.TIMEOUT)  # type: ignore[union-attr]
+
+    def test_first_record_capped_before_buffering(self) -> None:
+        """A first record announcing more than one STREAM_BEGIN is refused
+        from its header: the stranger is dropped, nothing is buffered."""
+        self.d.accept_key()
+        stranger = self.connect(0.0)
+        header = records.RECORD_HEADER.pack(records.Kind.FRAMES, 1 << 20)
+        [dropped] = self.d.data(stranger, header)
+        self.assertIsInstance(dropped, DropDataConnection)
+        self.assertIn(f"at most {FIRST_RECORD_PLAINTEXT + records.TAG}", dropped.reason)
+        self.assertFalse(self.d.conn.session.finished)
+
+    def test_cap_drops_the_oldest(self) -> None:
+        first = self.connect(0.0)
+        for _ in range(MAX_PENDING_DATA_CONNECTIONS):
+            self.connect(0.0)
+        [(dropped, reason)] = self.d.conn.take_drops()
+        self.assertIs(dropped, first)
+        self.assertIn("waiting for a first record", reason)
+        self.assertEqual(len(self.d.conn.strangers), MAX_PENDING_DATA_CONNECTIONS)
+
+    def test_all_let_go_at_bind_and_at_the_end(self) -> None:
+        self.d.accept_key()
+        strangers = [self.connect(0.0) for _ in range(3)]
+        channel = self.connect(0.0)
+        self.d.data(channel, self.d.record(wire.encode(wire.StreamBegin(0))))
+        self.assertEqual([c for c, _ in self.d.conn.take_drops()], strangers)
+        self.assertIsNone(self.d.conn.data_connection(CIPHER, self.d.key, MID, 0.0))
+
+    def test_all_let_go_when_the_session_ends(self) -> None:
+        strangers = [self.connect(0.0) for _ in range(3)]
+        self.d.conn.fail(ProtocolError(ErrorCode.INTERNAL, "test"))
+        drops = self.d.conn.take_drops()
+        self.assertEqual([c for c, _ in drops], strangers)
+        self.assertEqual({r for _, r in drops}, {"the migration ended"})
+
+
+class EndRecordTests(SynchronousTestCase):
+    """The destination prepares only after the channel's authenticated END."""
+
+    def setUp(self) -> None:
+        self.d = SecureDestination()
+        self.d.accept_key()
+        self.channel = self.d.connect()
+        stream = b"".join(self.d.record(f) for f in stream_frames(b"d" * CHUNK))
+        self.assertEqual(
+            [type(e) for e in self.d.data(self.channel, stream)],
+            [DataChannelBound, fx.OpenStream, fx.WriteChunk, fx.CloseStream],
+        )
+
+    def test_prepare_after_end(self) -> None:
+        self.assertEqual(self.d.data(self.channel, b"".join(self.d.sealer.end())), [fx.Prepare()])
+
+    def test_withheld_end_fails_when_the_channel_closes(self) -> None:
+        abort = abort_of(self.d.conn.data_connection_lost(self.channel))
+        self.assertEqual(abort.code, ErrorCode.RECORD_REFUSED)
+        self.assertIn("without its END record", abort.reason)
+
+    def test_withheld_end_on_an_open_channel_times_out(self) -> None:
+        abort = abort_of(list(self.d.conn.handle_timer(10.0)))
+        self.assertEqual(abort.code, ErrorCode.TIMEOUT)
+
+    def test_altered_end_fails(self) -> None:
+        end = bytearray(b"".join(self.d.sealer.end()))
+        end[-1] ^= 1
+        effects = self.d.data(self.channel, bytes(end))
+        self.assertNotIn(fx.Prepare(), effects)
+        self.assertEqual(abort_of(effects).code, ErrorCode.RECORD_REFUSED)
+
+
+class PeerCheckTests(SynchronousTestCase):
+    """Secure: no control byte is decoded before the peer's certificate passed."""
+
+    def test_bytes_before_the_check_are_never_decoded(self) -> None:
+        conn = DestinationConnection(DestinationSession(secure=True), check_peer=True)
+        conn.start(0.0)
+        conn.receive_data(wire.encode(make_hello((CHUNK,), chunk_size=CHUNK)), 0.0)
+        self.assertEqual(conn.decoder.buffered, 0)
+        abort = abort_of(drain(conn))
+        self.assertEqual(abort.code, ErrorCode.POLICY_REFUSED)
+        self.assertIsNone(conn.session.hello)
+
+    def test_allowed_peer_is_decoded(self) -> None:
+        conn = DestinationConnection(DestinationSession(secure=True), check_peer=True)
+        conn.start(0.0)
+        conn.peer_allowed()
+        conn.receive_data(wire.encode(make_hello((CHUNK,), chunk_size=CHUNK)), 0.0)
+        self.assertEqual([type(e) for e in drain(conn)], [fx.Admit])
