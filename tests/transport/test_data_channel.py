@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -29,7 +30,8 @@ from securemig.host.arrival import DestinationHost
 from securemig.host.departure import Departure
 from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, create_image_vm
-from securemig.protocol import wire
+from securemig.protocol import records, wire
+from securemig.protocol.connection import FIRST_RECORD_TIMEOUT, IDLE_TIMEOUT
 from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, ProtocolError
 from securemig.protocol.source import SourceSession
@@ -180,12 +182,13 @@ class SecureInMemory:
         self.link.source_phase = lambda: self.src.session.phase
         return succeed(proto)
 
-    def build(self, bundle: Bundle) -> None:
+    def build(self, bundle: Bundle, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.dst = DestinationProtocol(
             self.host,
             self.clock,
             InlineExecutor,
             "secure",
+            idle_timeout=idle_timeout,
             security=self.security,
             data_listener=self.listen,
         )
@@ -338,3 +341,180 @@ class DataChannelSenderTests(SynchronousTestCase):
         sender.done = True
         sender.connectionLost()
         self.assertEqual(len(control.lost), 1)
+
+
+class Stranger(Protocol):
+    """Someone who connects to a data port and does not hold the key."""
+
+    def __init__(self, port: FakePort, first: bytes = b"") -> None:
+        self.receiver = port.factory.buildProtocol(None)
+        self.transport_ = StringTransport(peerAddress=IPv4Address("TCP", LOOPBACK, 50999))
+        self.receiver.makeConnection(self.transport_)
+        if first:
+            self.receiver.dataReceived(first)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport_.disconnecting)
+
+
+#: What strangers send: nothing, half of a plausible first record, garbage.
+HALF_RECORD = records.RECORD_HEADER.pack(records.Kind.FRAMES, 20)[:3]
+GARBAGE = b"GET / HTTP/1.1\r\n\r\n"
+
+
+class StrangerTests(SynchronousTestCase):
+    """Strangers on a data port are let go (their first-record deadline,
+    the channel binding, the migration's end) while the migration succeeds."""
+
+    def setUp(self) -> None:
+        self.env = SecureInMemory(Path(self.mktemp()).absolute())
+        self.addCleanup(self.env.close)
+        self.strangers: list[Stranger] = []
+        listen = self.env.listen
+
+        def listen_and_be_found(interface: str, factory: Factory) -> FakePort:
+            # The port is found at once (as soon as it is offered): three
+            # strangers connect before the source does, and are held, as it
+            # would be, until the key arrives.
+            port = listen(interface, factory)
+
+            def connect() -> None:
+                self.strangers.extend(
+                    [Stranger(port), Stranger(port, HALF_RECORD), Stranger(port, GARBAGE)]
+                )
+
+            self.env.clock.callLater(0, connect)
+            return port
+
+        self.env.listen = listen_and_be_found  # type: ignore[method-assign]
+
+    def assertDone(self) -> None:
+        result = self.successResultOf(self.env.src.finished)
+        self.assertEqual((result.outcome, result.code, result.reason), (Outcome.DONE, None, ""))
+
+    def test_strangers_closed_when_the_channel_binds(self) -> None:
+        bundle = self.env.vm()
+        before = bundle_digests(bundle)
+        self.env.build(bundle)
+        self.env.run()
+        self.assertDone()
+        self.assertEqual(len(self.strangers), 3)
+        self.assertEqual([s.closed for s in self.strangers], [True, True, True])
+        self.assertEqual(self.env.dst.data_receivers, [])
+        self.assertEqual(self.env.dst.connection.strangers, [])
+        self.assertEqual(bundle_digests(Bundle.load(self.env.host.vms / "vm1")), before)
+
+    def test_strangers_closed_within_the_deadline(self) -> None:
+        """The source's data connection is late: the strangers have
+        FIRST_RECORD_TIMEOUT from when the key is accepted, then are closed;
+        one that comes later is closed when the channel binds."""
+        connect = self.env.connect_data
+        late: list[Any] = []
+
+        def connect_late(host: str, port: int, proto: Protocol) -> Deferred[Any]:
+            connected: Deferred[Any] = Deferred()
+            late.append(lambda: connect(host, port, proto).chainDeferred(connected))
+            return connected
+
+        self.env.connect_data = connect_late  # type: ignore[method-assign]
+        self.env.build(self.env.vm())
+        self.env.run()
+        self.assertEqual(self.env.dst.session.phase, "awaitStream")
+        # The garbage is refused as soon as it can be read; the others wait.
+        self.assertEqual([s.closed for s in self.strangers], [False, False, True])
+        self.env.clock.advance(FIRST_RECORD_TIMEOUT - 0.5)
+        assert self.env.port is not None
+        after = Stranger(self.env.port)
+        self.env.clock.advance(0.5)
+        self.assertEqual([s.closed for s in self.strangers], [True, True, True])
+        self.assertFalse(after.closed)
+        [connect_now] = late
+        connect_now()
+        self.env.run()
+        self.assertDone()
+        self.assertTrue(after.closed)
+        self.assertEqual(self.env.dst.data_receivers, [])
+
+
+class EndRecordTests(SynchronousTestCase):
+    """The destination prepares only after the data channel's END record."""
+
+    def setUp(self) -> None:
+        self.env = SecureInMemory(Path(self.mktemp()).absolute())
+        self.addCleanup(self.env.close)
+
+    def assertStaysAtSource(self, bundle: Bundle, before: Any, code: ErrorCode) -> Finished:
+        result: Finished = self.successResultOf(self.env.src.finished)
+        self.assertEqual((result.outcome, result.code), (Outcome.ABORTED, code))
+        self.assertEqual(bundle_digests(Bundle.load(bundle.path)), before)
+        self.assertEqual(list(self.env.host.staging.iterdir()), [])
+        self.assertEqual(self.env.host.journal.records()[0].outcome, "aborted")
+        self.assertFalse((self.env.host.vms / "vm1").exists())
+        return result
+
+    def test_withheld_end(self) -> None:
+        """No END record (the channel stays open): the destination never
+        prepares and its idle timeout fails the migration."""
+        self.patch(records.Sealer, "end", lambda self: [])
+        bundle = self.env.vm()
+        before = bundle_digests(bundle)
+        self.env.build(bundle, idle_timeout=10.0)
+        self.env.run()
+        self.assertEqual(self.env.dst.session.phase, "preparing")
+        # Not prepared: the vTPM key was not unwrapped.
+        self.assertIsNone(self.env.dst.arrival.sealed_vtpm_key)
+        self.env.clock.advance(10.0)
+        self.env.run()
+        result = self.assertStaysAtSource(bundle, before, ErrorCode.TIMEOUT)
+        self.assertIn("no progress for 10 s", result.reason)
+
+    def test_altered_end(self) -> None:
+        seal = records.Sealer.seal
+
+        def altered_end(self: records.Sealer) -> list[bytes]:
+            header, sealed = seal(self, [b""], records.Kind.END)
+            return [header, sealed[:-1] + bytes([sealed[-1] ^ 1])]
+
+        self.patch(records.Sealer, "end", altered_end)
+        bundle = self.env.vm()
+        before = bundle_digests(bundle)
+        self.env.build(bundle)
+        self.env.run()
+        result = self.assertStaysAtSource(bundle, before, ErrorCode.RECORD_REFUSED)
+        self.assertIn("does not authenticate", result.reason)
+
+
+class SourceRulesTests(SynchronousTestCase):
+    """--allow-source is enforced when the handshake completes: the
+    decoder never sees a byte of a disallowed source."""
+
+    def setUp(self) -> None:
+        self.env = SecureInMemory(Path(self.mktemp()).absolute())
+        self.addCleanup(self.env.close)
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def test_disallowed_source_refused_before_any_frame(self) -> None:
+        self.env.security.allowed_sources = frozenset({"someone-else"})
+        admitted: list[Any] = []
+        self.env.host.admit = lambda *a: admitted.append(a)  # type: ignore[method-assign]
+        bundle = self.env.vm()
+        before = bundle_digests(bundle)
+        self.env.build(bundle)
+        fed: list[bytes] = []
+        decoder = self.env.dst.connection.decoder
+        feed = decoder.feed
+        decoder.feed = lambda data: (fed.append(data), feed(data))  # type: ignore[method-assign]
+        self.env.run()
+        result: Finished = self.successResultOf(self.env.src.finished)
+        self.assertEqual((result.outcome, result.code), (Outcome.ABORTED, ErrorCode.POLICY_REFUSED))
+        self.assertIn("source-a is not allowed", result.reason)
+        # The HELLO the source sent (which an allowed source's would have
+        # been admitted with) never reached the decoder or the session.
+        self.assertEqual(fed, [])
+        self.assertIsNone(self.env.dst.session.hello)
+        self.assertEqual(admitted, [])
+        self.assertEqual(bundle_digests(Bundle.load(bundle.path)), before)
+        self.assertEqual([e for e in self.events if e.get("log_failure")], [])
