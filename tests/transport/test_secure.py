@@ -145,6 +145,13 @@ class SecureBase(TestCase):
     def vtpm_key_at_source(self, bundle: Bundle) -> bytes:
         return open_attestor(self.src_id, None, False).unseal(bundle.vtpm_key_path.read_bytes())
 
+    def assertNoUnhandledError(self, destination: processes.Destination) -> None:
+        """Twisted logs an exception that escaped a protocol or a Deferred
+        as "Unhandled Error"; a refusal is an expected outcome, never that."""
+        log = destination.log()
+        self.assertNotIn("Unhandled Error", log, log[-3000:])
+        self.assertNotIn("Traceback", log, log[-3000:])
+
     def assertStaysAtSource(
         self, bundle: Bundle, before: dict[str, str], result: Any, expected: str
     ) -> None:
@@ -367,6 +374,10 @@ class HostileSourceTests(SecureBase):
         before = bundle_digests(bundle)
         result = self.migrate(destination, "--tofu")
         self.assertStaysAtSource(bundle, before, result, "source-a is not allowed")
+        # Refused when the handshake completed, before its HELLO was read.
+        self.assertIn("refused source", destination.log())
+        self.assertNotIn("admitted VM", destination.log())
+        self.assertNoUnhandledError(destination)
 
     async def test_quote_replayed_from_another_session(self) -> None:
         """Evidence that was genuine in another TLS session is refused by the
@@ -437,6 +448,39 @@ class UnauthenticatedClientTests(SecureBase):
             except (ssl.SSLError, ConnectionError) as e:
                 return str(e)
         return "accepted"
+
+    def test_disallowed_clients_leave_no_unhandled_error(self) -> None:
+        """Site-CA certified but not allowed: refused after the handshake
+        however the client behaves (it sends garbage and closes, closes at
+        once, or resets), and the destination logs no Twisted "Unhandled
+        Error" (the TLS layer's flush after our close once raised one)."""
+        destination = self.start_destination("--tofu", "--allow-source", "someone-else")
+        for _ in range(3):
+            self.handshake(destination, self.src_id)
+            self.reset_after_handshake(destination)
+        # One allowed attempt's worth of time for the refusals to be logged.
+        deadline = time.monotonic() + 10
+        while destination.log().count("refused source") < 6 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertEqual(destination.log().count("refused source"), 6, destination.log())
+        time.sleep(0.5)
+        self.assertNoUnhandledError(destination)
+        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+
+    def reset_after_handshake(self, destination: processes.Destination) -> None:
+        """Complete the handshake and close with a TCP reset (SO_LINGER 0)."""
+        import socket
+        import ssl
+        import struct
+
+        context = ssl.create_default_context(cafile=str(self.dst_id / "site-ca.pem"))
+        context.check_hostname = False
+        context.load_cert_chain(self.src_id / "tls.pem", self.src_id / "tls.key")
+        raw = socket.create_connection(("127.0.0.1", destination.port), timeout=10)
+        tls = context.wrap_socket(raw)
+        tls.sendall(b"\x00" * 7)
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        tls.close()
 
     def test_no_client_certificate(self) -> None:
         destination = self.start_destination("--tofu")
