@@ -25,6 +25,12 @@ from securemig.host.glibc import tune_malloc
 from securemig.transport import tls
 from securemig.transport.control import DEADLINE, IDLE_TIMEOUT
 from securemig.transport.destination import DestinationFactory
+from securemig.transport.limits import (
+    HANDSHAKE_TIMEOUT,
+    Caps,
+    LimitedTLSFactory,
+    raise_descriptor_limit,
+)
 from securemig.transport.resolve import Resolver
 from securemig.transport.tls import CIPHERS
 from securemig.trust.attestor import open_attestor
@@ -78,6 +84,32 @@ class Options(usage.Options):
             "Seconds between rounds of settling this host's own unfinished departures "
             "(its STATE_DIR journal is also the journal of `securemig migrate --state-dir`).",
             float,
+        ],
+        [
+            "handshake-timeout",
+            None,
+            HANDSHAKE_TIMEOUT,
+            "Secure variant: seconds a connection has to complete its TLS handshake "
+            "(as OpenSSH's LoginGraceTime).",
+            float,
+        ],
+        [
+            "max-startups",
+            None,
+            None,
+            "Secure variant: START:RATE:FULL for connections not yet through the TLS "
+            "handshake: above START, each new one closes a random pending one with "
+            "probability RATE %, rising to 100 % at FULL (default: derived from the "
+            "descriptor limit, FULL = a quarter of it, at most 1000; START = FULL/2; RATE 30).",
+        ],
+        [
+            "per-source-max-startups",
+            None,
+            None,
+            "Secure variant: at most this many connections from one address before "
+            "their TLS handshake completes; more are refused at once (default: FULL/10, "
+            "at least 4).",
+            int,
         ],
         ["backend", None, "image", "Hypervisor of this host: image (files only), qemu or xen."],
         [
@@ -140,6 +172,19 @@ class Options(usage.Options):
         for option in ("listen", "insecure-listen"):
             if self[option]:
                 check_endpoint(option, self[option])
+        if self["max-startups"]:
+            try:
+                self.startups: tuple[int, int, int] | None = Caps.parse_startups(
+                    self["max-startups"]
+                )
+            except ValueError as e:
+                raise usage.UsageError(f"--max-startups {self['max-startups']!r}: {e}") from None
+        else:
+            self.startups = None
+        if self["per-source-max-startups"] is not None and self["per-source-max-startups"] < 1:
+            raise usage.UsageError("--per-source-max-startups must be at least 1")
+        if self["handshake-timeout"] <= 0:
+            raise usage.UsageError("--handshake-timeout must be positive")
         if self["idle-timeout"] <= 0 or self["deadline"] <= 0 or self["resolve-interval"] <= 0:
             raise usage.UsageError(
                 "--idle-timeout, --deadline and --resolve-interval must be positive"
@@ -249,9 +294,22 @@ class ListenService(service.Service):
         return None
 
 
+def preauth_caps(options: Options, nofile: int) -> Caps:
+    """The pre-authentication caps: derived from the descriptor limit
+    ``nofile``, unless the options give them."""
+    caps = Caps.from_descriptors(nofile, options["handshake-timeout"])
+    start, rate, full = getattr(options, "startups", None) or (caps.start, caps.rate, caps.full)
+    per_address = options["per-source-max-startups"] or max(4, full // 10)
+    return Caps(start, rate, full, per_address, options["handshake-timeout"])
+
+
 def makeService(options: Options) -> service.MultiService:
     """The destination service for these options."""
     tune_malloc()
+    # Before anything opens a descriptor: a flood of idle sockets must meet
+    # the pre-authentication caps, not EMFILE.
+    nofile = raise_descriptor_limit()
+    log.info("descriptor limit (RLIMIT_NOFILE): {nofile}", nofile=nofile)
     host = DestinationHost(Path(options["state-dir"]), backend=options["backend"])
     top = service.MultiService()
     recovery = RecoveryService(host, options["resolve-interval"])
@@ -265,8 +323,6 @@ def makeService(options: Options) -> service.MultiService:
         host.unseal = attestor.unseal
         recovery.identity = Path(options["identity"])
     if options["listen"]:
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
         assert attestor is not None  # postOptions requires --identity with --listen
         identity = Path(options["identity"])
         # Created once, for the PCR state the host has now; certified per session.
@@ -292,7 +348,17 @@ def makeService(options: Options) -> service.MultiService:
         # TLS wraps the factory in code: endpoint strings cannot require client certs.
         server_options: Any = tls.server_options(identity, options["tls-cipher"])
         factory: Any = secure
-        wrapped = TLSMemoryBIOFactory(server_options, False, factory)
+        wrapped = LimitedTLSFactory(server_options, factory, preauth_caps(options, nofile), reactor)
+        caps = wrapped.limits.caps
+        log.info(
+            "before the TLS handshake: {timeout:g} s to complete it, at most {per} per "
+            "address, random drop above {start} (from {rate} %), at most {full}",
+            timeout=caps.handshake_timeout,
+            per=caps.per_address,
+            start=caps.start,
+            rate=caps.rate,
+            full=caps.full,
+        )
         ListenService(
             serverFromString(reactor, options["listen"]),
             wrapped,

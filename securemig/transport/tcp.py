@@ -12,8 +12,16 @@ TRANSPORT_IO_SIZE = 1024 * 1024
 
 
 def _with_tcp(transport: Any) -> tuple[Any, ...]:
-    """A transport, and the TCP transport under it when it is TLS."""
-    return (transport, getattr(transport, "transport", None))
+    """A transport, and the transports under it: under TLS the TCP
+    transport, and between them a wrapper such as the pre-authentication
+    guard (``transport/limits.py``)."""
+    chain = [transport]
+    for _ in range(3):
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            break
+        chain.append(transport)
+    return tuple(chain)
 
 
 def tune_transport(transport: Any) -> None:
