@@ -4,9 +4,25 @@ The TPM 2.0 operations securemig needs, over tpm2-pytss.
 A :class:`TPM` is opened from a TCTI string (``device:/dev/tpmrm0`` on a real
 host, ``swtpm:host=127.0.0.1,port=N`` for a simulator); nothing else here
 knows which it has.  swtpm has no resource manager: objects loaded into it
-belong to the whole TPM and survive a crashed client.  So each TPM has one
-owner process, which uses it from one thread, and every operation loads
-what it needs and flushes it before returning.
+belong to the whole TPM (three slots) and survive a crashed client.  So
+every operation loads what it needs and flushes it in ``finally``, and all
+operations on one TPM take turns (:class:`Turns`): in a process, a lock per
+TCTI, whichever thread asks; across processes (a host's daemon and its
+``securemig migrate`` runs share the host TPM), an exclusive ``flock`` on a
+lock file named after the TCTI.  Concurrent migrations then wait their turn
+(an operation takes milliseconds; an RSA key half a second) instead of
+failing with "out of memory for object contexts".
+
+Production hosts use the kernel's resource manager (``device:/dev/tpmrm0``),
+which gives each open file its own virtual slots and flushes them when it is
+closed, so slots cannot run out across processes there.  The turns still
+keep every operation whole (no other client's command between a policy
+session's PolicyPCR and the Unseal or ECDH it authorises, none of which
+the RM would break, but which keeps the load on the TPM to one command
+stream) and keep a host's TPM load bounded by one operation at a time.
+
+Every failure of the TSS becomes a :class:`TPMError` (a LocalFault with a
+wire code), never a bare ``TSS2_Exception``.
 
 Keys leave the TPM only as *blobs* (:class:`KeyBlob`: the TPM-encrypted
 private part and the public area), which are useless without the TPM that
@@ -15,13 +31,18 @@ made them.
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 # tpm2-tss logs expected probing failures (absent NV indices) as errors.
 os.environ.setdefault("TSS2_LOG", "all+NONE")
@@ -38,6 +59,7 @@ from tpm2_pytss import (
     TPMS_ECC_POINT,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
+    TSS2_Exception,
 )
 from tpm2_pytss.constants import (
     ESYS_TR,
@@ -85,6 +107,95 @@ class Malformed(PeerViolation, ValueError):
 
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def lock_path(tcti: str) -> Path:
+    """The lock file every process of this host uses for the TPM at ``tcti``."""
+    digest = hashlib.sha256(tcti.encode()).hexdigest()[:16]
+    return Path(os.environ.get("SECUREMIG_TPM_LOCK_DIR", tempfile.gettempdir())) / (
+        f"securemig-tpm-{digest}.lock"
+    )
+
+
+class Turns:
+    """One TPM's queue: whoever holds the turn is the only one using the TPM.
+
+    Re-entrant in a thread (an operation may call another); the ``flock``
+    is taken by the outermost turn only, so the inner ones cost nothing.
+    A waiter blocks its thread; on the destination that is the reactor
+    thread, for at most the few operations ahead of it."""
+
+    _by_tcti: dict[str, Turns] = {}
+    _guard = threading.Lock()
+
+    def __init__(self, tcti: str) -> None:
+        self.tcti = tcti
+        self.path = lock_path(tcti)
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._fd: int | None = None
+        #: Operations that had to wait for another process or thread.
+        self.waited = 0
+
+    @classmethod
+    def of(cls, tcti: str) -> Turns:
+        """The queue of the TPM at ``tcti``, shared by every TPM object of this process."""
+        with cls._guard:
+            turns = cls._by_tcti.get(tcti)
+            if turns is None:
+                turns = cls._by_tcti[tcti] = Turns(tcti)
+            return turns
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        if not self._lock.acquire(blocking=False):
+            self.waited += 1
+            self._lock.acquire()
+        try:
+            if self._depth == 0:
+                self._lock_file()
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._fd is not None:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._lock.release()
+
+    def _lock_file(self) -> None:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+            except OSError as e:
+                raise TPMError(f"cannot open the TPM's lock file {self.path}: {e}") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.waited += 1
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+
+def operation(what: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """A TPM operation: run in the TPM's turn, and any TSS failure turned
+    into a :class:`TPMError` saying which operation failed (a LocalFault
+    with a wire code: the peer gets an ABORT, the log one line)."""
+
+    def wrap(method: Callable[P, T]) -> Callable[P, T]:
+        @functools.wraps(method)
+        def run(*args: P.args, **kwargs: P.kwargs) -> T:
+            tpm: Any = args[0]
+            with tpm.turns.turn():
+                try:
+                    return method(*args, **kwargs)
+                except TSS2_Exception as e:
+                    raise TPMError(f"the TPM refused {what}: {e}") from None
+
+        return run
+
+    return wrap
 
 
 def unmarshal_exact(cls: type[T], raw: bytes, what: str) -> T:
@@ -162,6 +273,7 @@ class TPM:
         except Exception as e:
             raise TPMError(f"cannot open TPM {tcti!r}: {e}") from None
         self.tcti = tcti
+        self.turns = Turns.of(tcti)
 
     def close(self) -> None:
         """Release the connection to the TPM."""
@@ -199,7 +311,13 @@ class TPM:
     def _key(self, blob: KeyBlob) -> Iterator[ESYS_TR]:
         with self._srk() as srk:
             private = TPM2B_PRIVATE.unmarshal(blob.private)[0]
-            handle = self.esapi.load(srk, private, blob.public_area)
+            try:
+                handle = self.esapi.load(srk, private, blob.public_area)
+            except TSS2_Exception as e:
+                raise TPMError(
+                    f"a key does not load into this TPM ({e}); one made by another TPM "
+                    "never does: is this host's own identity directory in use?"
+                ) from None
         with self._loaded(handle) as key:
             yield key
 
@@ -226,6 +344,7 @@ class TPM:
 
     # -- identity
 
+    @operation("to read the EK certificate")
     def ek_certificate(self, kind: str = "rsa") -> bytes:
         """The EK certificate (DER) the manufacturer stored in NV."""
         handle = self.esapi.tr_from_tpmpublic(EK_CERT_NV[kind])
@@ -237,11 +356,13 @@ class TPM:
         # NV areas may be padded: keep exactly the DER SEQUENCE.
         return data[: _der_length(data)]
 
+    @operation("to recreate the EK")
     def ek_public(self) -> bytes:
         """The RSA EK's public area (TPM2B_PUBLIC), recreated from its template."""
         with self._ek() as (_, public):
             return bytes(public.marshal())
 
+    @operation("to create an AK")
     def create_ak(self, alg: str = "ecc") -> KeyBlob:
         """A restricted signing key under the SRK (ECC P-256 by default)."""
         public = TPM2B_PUBLIC.parse(
@@ -251,6 +372,7 @@ class TPM:
             private, public_out, *_ = self.esapi.create(srk, TPM2B_SENSITIVE_CREATE(), public)
         return KeyBlob(bytes(private.marshal()), bytes(public_out.marshal()))
 
+    @operation("ActivateCredential")
     def activate_credential(self, ak: KeyBlob, credential_blob: bytes, secret: bytes) -> bytes:
         """Recover a credential made (by a privacy CA) for this AK and our EK."""
         from tpm2_pytss import TPM2B_ENCRYPTED_SECRET, TPM2B_ID_OBJECT
@@ -269,6 +391,7 @@ class TPM:
 
     # -- platform state
 
+    @operation("to read PCRs")
     def pcr_read(self, pcrs: Sequence[int]) -> dict[int, bytes]:
         """Current SHA-256 values of ``pcrs``."""
         wanted = sorted(set(pcrs))
@@ -283,6 +406,7 @@ class TPM:
                 values[p] = bytes(digest)
         return values
 
+    @operation("to extend a PCR")
     def pcr_extend(self, index: int, data: bytes) -> None:
         """Extend PCR ``index`` (SHA-256 bank) with the SHA-256 of ``data``."""
         from tpm2_pytss import TPML_DIGEST_VALUES, TPMT_HA
@@ -291,6 +415,7 @@ class TPM:
         digest.digest.sha256 = hashlib.sha256(data).digest()
         self.esapi.pcr_extend(ESYS_TR.PCR0 + index, TPML_DIGEST_VALUES([digest]))
 
+    @operation("a quote")
     def quote(self, ak: KeyBlob, pcrs: Sequence[int], qualifying: bytes) -> Signed:
         """A quote over ``pcrs`` with ``qualifying`` as extraData."""
         with self._key(ak) as key:
@@ -299,6 +424,7 @@ class TPM:
             )
         return Signed(bytes(attest), bytes(signature.marshal()))
 
+    @operation("to certify a key")
     def certify(self, key: KeyBlob, ak: KeyBlob, qualifying: bytes) -> Signed:
         """TPM2_Certify: the AK attests that ``key`` is loaded in this TPM."""
         with self._key(key) as obj, self._key(ak) as signer:
@@ -312,6 +438,7 @@ class TPM:
     def _pcr_policy(self, session: ESYS_TR, pcrs: Sequence[int]) -> None:
         self.esapi.policy_pcr(session, TPM2B_DIGEST(), pcr_selection(pcrs))
 
+    @operation("to seal")
     def seal(self, secret: bytes, pcrs: Sequence[int], values: dict[int, bytes]) -> KeyBlob:
         """Seal ``secret`` (at most 128 bytes) to the PCR state ``values``."""
         public = TPM2B_PUBLIC.parse(
@@ -324,6 +451,7 @@ class TPM:
             private, public_out, *_ = self.esapi.create(srk, sensitive, public)
         return KeyBlob(bytes(private.marshal()), bytes(public_out.marshal()))
 
+    @operation("to unseal")
     def unseal(self, blob: KeyBlob, pcrs: Sequence[int]) -> bytes:
         """Unseal; fails unless the PCRs hold the values it was sealed to."""
         with self._key(blob) as key, self._policy_session() as session:
@@ -333,6 +461,7 @@ class TPM:
             except Exception as e:
                 raise TPMError(f"unseal refused by the TPM: {e}") from None
 
+    @operation("to create the migration key")
     def create_migration_key(self, pcrs: Sequence[int], values: dict[int, bytes]) -> KeyBlob:
         """An ECC P-256 decryption key (ECDH), fixedTPM, usable only under
         a PCR policy equal to ``values``."""
@@ -348,6 +477,7 @@ class TPM:
             private, public_out, *_ = self.esapi.create(srk, TPM2B_SENSITIVE_CREATE(), public)
         return KeyBlob(bytes(private.marshal()), bytes(public_out.marshal()))
 
+    @operation("ECDH")
     def ecdh_zgen(self, key: KeyBlob, pcrs: Sequence[int], peer: tuple[bytes, bytes]) -> bytes:
         """The ECDH shared x coordinate of ``key`` and the peer's point (x, y),
         computed inside the TPM under the key's PCR policy."""
