@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,10 @@ def fsync_dir(path: Path) -> None:
 def write_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` atomically and durably.  The file is
     created with ``mode`` (0o600 for keys), never wider even for an instant."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A temporary name of its own per writer: concurrent writers of one
+    # file (migrations recording a peer's values on first use) must not
+    # unlink or rename each other's half-written file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     with os.fdopen(fd, "wb") as f:
