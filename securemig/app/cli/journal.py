@@ -27,7 +27,7 @@ from securemig.trust import vtpm
 
 
 def add_parser(subparsers: Subparsers) -> None:
-    """Register ``securemig status`` and ``securemig recover``."""
+    """Register ``securemig status``, ``securemig recover`` and ``securemig journal``."""
     st = subparsers.add_parser(
         "status",
         help="show the migration journal of a host",
