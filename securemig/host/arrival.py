@@ -172,9 +172,8 @@ class DestinationHost:
                 # The source says committed, yet we discarded: only possible if
                 # we discarded before PREPARED, which the source never commits.
                 return answer(wire.Settled.FAILED, "aborted here before PREPARED; nothing kept")
-            try:
-                lock = storage.Lock(self.locks / f"{record.vm}.lock")
-            except storage.LockBusy:
+            lock = self._try_lock(record.vm)
+            if lock is None:
                 return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
             try:
                 await self._roll_forward(record, "RESOLVE committed")
@@ -184,12 +183,29 @@ class DestinationHost:
         if record.reached("committed"):
             return answer(wire.Settled.FAILED, "COMMIT was journaled here: the VM is ours")
         if staging.exists():
-            files.remove_tree(staging)
+            # The name's lock, as for a commit: while this migration's own
+            # session still runs (it holds the lock until it ends or holds its
+            # staging in doubt) its staging is not removed under it.
+            lock = self._try_lock(record.vm)
+            if lock is None:
+                return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
+            try:
+                files.remove_tree(staging)
+            finally:
+                lock.release()
         if record.outcome != Outcome.ABORTED.value:
             self.journal.finish(
                 record.id, Outcome.ABORTED.value, error="resolved: the source did not commit"
             )
         return answer(wire.Settled.ABORTED, "staging discarded")
+
+    def _try_lock(self, vm: str) -> storage.Lock | None:
+        """VM ``vm``'s name here, or None while something (an arrival of it,
+        the session of the migration being settled) holds it."""
+        try:
+            return storage.Lock(self.locks / f"{vm}.lock")
+        except storage.LockBusy:
+            return None
 
     async def settle(self, source: Journal) -> list[tuple[str, str]]:
         """Settle migrations held in doubt here from the source's journal.
@@ -215,9 +231,8 @@ class DestinationHost:
             if not committed and theirs.outcome is None:
                 actions.append((staging.name, "source has not decided yet; left in doubt"))
                 continue
-            try:
-                lock = storage.Lock(self.locks / f"{record.vm}.lock")
-            except storage.LockBusy:
+            lock = self._try_lock(record.vm)
+            if lock is None:
                 actions.append((staging.name, f"VM {record.vm} is busy here; left in doubt"))
                 continue
             try:

@@ -260,6 +260,15 @@ class ResolveTests(SynchronousTestCase):
         self.assertFalse((self.host.vms / "vm1").exists())
         self.assertEqual(self.resolve(wire.Decision.ABORTED).settled, wire.Settled.ABORTED)
 
+    def test_not_under_a_running_session(self) -> None:
+        """While the name is locked (this migration's session still runs),
+        neither decision touches the staging: FAILED, try again."""
+        with storage.Lock(self.host.locks / "vm1.lock"):
+            for decision in (wire.Decision.ABORTED, wire.Decision.COMMITTED):
+                self.assertEqual(self.resolve(decision).settled, wire.Settled.FAILED)
+        self.assertTrue((self.host.staging / self.mid.hex()).exists())
+        self.assertEqual(self.resolve(wire.Decision.ABORTED).settled, wire.Settled.ABORTED)
+
     def test_from_another_source_refused(self) -> None:
         """Another (attested) host cannot decide this migration."""
         self.assertEqual(
