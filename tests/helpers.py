@@ -141,11 +141,12 @@ def shared_tpm() -> Any:
     return _shared_tpm
 
 
-def migrate_vm(vm_dir: Path, to: str, *extra: str, name: str = "vm1") -> Any:
-    """Run ``securemig migrate NAME --vm-dir DIR --to TO EXTRA...`` as a process."""
+def migrate_vm(vm_dir: Path, to: str, *extra: str, name: str = "vm1", **run: Any) -> Any:
+    """Run ``securemig migrate NAME --vm-dir DIR --to TO EXTRA...`` as a
+    process (``run``: more arguments of subprocess.run, e.g. ``env``)."""
     from securemig.lab import processes
 
-    return processes.securemig("migrate", name, "--vm-dir", str(vm_dir), "--to", to, *extra)
+    return processes.securemig("migrate", name, "--vm-dir", str(vm_dir), "--to", to, *extra, **run)
 
 
 class CuttingProxy:

@@ -127,7 +127,15 @@ class SecureBase(TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         return Bundle.find(self.vm_dir, "vm1")
 
-    def migrate(self, destination: processes.Destination, *extra: str, name: str = "dest-b") -> Any:
+    def migrate(
+        self,
+        destination: processes.Destination,
+        *extra: str,
+        name: str = "dest-b",
+        vm: str = "vm1",
+        **run: Any,
+    ) -> Any:
+        """``securemig migrate VM`` securely to ``destination`` (as dest-b)."""
         return migrate_vm(
             self.vm_dir,
             destination.address,
@@ -140,6 +148,8 @@ class SecureBase(TestCase):
             "--json",
             "--no-progress",
             *extra,
+            name=vm,
+            **run,
         )
 
     def vtpm_key_at_source(self, bundle: Bundle) -> bytes:
@@ -514,25 +524,7 @@ class SecureCrashPointTests(SecureBase):
         before = bundle_digests(bundle)
         state = self.base / "src-state"
         env = {**os.environ, "SECUREMIG_CRASH_POINTS": "1", "SECUREMIG_CRASH_AT": point}
-        result = processes.securemig(
-            "migrate",
-            "vm1",
-            "--vm-dir",
-            str(self.vm_dir),
-            "--state-dir",
-            str(state),
-            "--to",
-            destination.address,
-            "--identity",
-            str(self.src_id),
-            "--policy-dir",
-            str(self.src_policy),
-            "--destination-name",
-            "dest-b",
-            "--tofu",
-            "--no-progress",
-            env=env,
-        )
+        result = self.migrate(destination, "--state-dir", str(state), "--tofu", env=env)
         self.assertEqual(result.returncode, -signal.SIGKILL, result.stderr)
         daemon = processes.start_destination(
             state, "--identity", str(self.src_id), "--resolve-interval", "0.3"

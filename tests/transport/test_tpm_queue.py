@@ -41,23 +41,7 @@ class ConcurrentMigrationTests(SecureBase):
         results: dict[str, Any] = {}
 
         def run(name: str) -> None:
-            results[name] = processes.securemig(
-                "migrate",
-                name,
-                "--vm-dir",
-                str(self.vm_dir),
-                "--to",
-                destination.address,
-                "--identity",
-                str(self.src_id),
-                "--policy-dir",
-                str(self.src_policy),
-                "--destination-name",
-                "dest-b",
-                "--json",
-                "--no-progress",
-                "--tofu",
-            )
+            results[name] = self.migrate(destination, "--tofu", vm=name)
 
         threads = [threading.Thread(target=run, args=(n,)) for n in names]
         for t in threads:
