@@ -51,39 +51,52 @@ class Lab:
         work, started = self.work, time.monotonic()
         site = Authority.create("lab site CA")
         site.save(work / "site-ca")
-        vendor = work / "tpm-vendor-ca"
-        tctis = {}
-        for host in (SOURCE, DESTINATION):
-            swtpm.provision(work / f"tpm-{host}", vendor)
-            # Behind a link, the destination reaches its TPM across it.
-            tpm_ip = self.link.host_ip if self._behind_link(host) else "127.0.0.1"
-            tpm = swtpm.start(work / f"tpm-{host}", host=tpm_ip)
-            self._stops.append(tpm.stop)
-            tctis[host] = tpm.tcti
+        tctis = {host: self._host_tpm(host) for host in (SOURCE, DESTINATION)}
         self.say(
             f"   two swtpm host TPMs with EK certificates ({time.monotonic() - started:.1f} s)"
         )
-        PrivacyCA.init(work / "pca", swtpm.ca_certificates(vendor))
+        PrivacyCA.init(work / "pca", swtpm.ca_certificates(self._vendor))
         tls = work / "pca-tls"
         tls.mkdir()
         issue_tls(site, "localhost", tls)
         pca, port = processes.start_pca(work / "pca", tls, work)
         self._stops.append(lambda: processes.end_process(pca))
-        self.say(f"   privacy CA `twistd securemig-pca` on https://localhost:{port}")
+        self.pca_url = f"https://localhost:{port}"
+        self.say(f"   privacy CA `twistd securemig-pca` on {self.pca_url}")
         for host in (SOURCE, DESTINATION):
-            t = time.monotonic()
-            init_host(
-                work / host,
-                host,
-                tctis[host],
-                work / "site-ca",
-                f"https://localhost:{port}",
-                work / "pca" / "ca.pem",
-            )
-            self.say(
-                f"   host {host}: TLS certificate, AK, enrolled (EK certificate checked, "
-                f"credential activated) in {time.monotonic() - t:.2f} s"
-            )
+            self._enroll(host, tctis[host])
+
+    @property
+    def _vendor(self) -> Path:
+        return self.work / "tpm-vendor-ca"
+
+    def _host_tpm(self, host: str) -> str:
+        """Provision and start ``host``'s swtpm host TPM; returns its TCTI."""
+        swtpm.provision(self.work / f"tpm-{host}", self._vendor)
+        # Behind a link, the destination reaches its TPM across it.
+        tpm_ip = self.link.host_ip if self._behind_link(host) else "127.0.0.1"
+        tpm = swtpm.start(self.work / f"tpm-{host}", host=tpm_ip)
+        self._stops.append(tpm.stop)
+        return tpm.tcti
+
+    def _enroll(self, host: str, tcti: str) -> None:
+        t = time.monotonic()
+        work = self.work
+        init_host(work / host, host, tcti, work / "site-ca", self.pca_url, work / "pca" / "ca.pem")
+        self.say(
+            f"   host {host}: TLS certificate, AK, enrolled (EK certificate checked, "
+            f"credential activated) in {time.monotonic() - t:.2f} s"
+        )
+
+    def add_host(self, host: str) -> None:
+        """One more host (after :meth:`start`): its own swtpm host TPM, TLS
+        identity and AK, enrolled with the lab's privacy CA.  A source named
+        other than :data:`SOURCE` keeps its VMs in :meth:`vm_dir_of`."""
+        self._enroll(host, self._host_tpm(host))
+
+    def vm_dir_of(self, source: str) -> Path:
+        """Where ``source``'s VMs live."""
+        return self.vm_dir if source == SOURCE else self.work / f"vms-{source}"
 
     def _behind_link(self, host: str) -> bool:
         return self.link is not None and host == DESTINATION
@@ -158,23 +171,24 @@ class Lab:
         secure: bool,
         backend: str = "image",
         shared_disk: Path | None = None,
+        source: str = SOURCE,
     ) -> Bundle:
-        """A VM at the source; with ``secure``, a vTPM whose key is sealed to
+        """A VM at ``source``; with ``secure``, a vTPM whose key is sealed to
         the source's TPM; with ``backend="qemu"``, a QEMU guest, started."""
 
         sealed = vtpm = None
         if secure:
             key = os.urandom(32)
-            with open_attestor(self.work / SOURCE, None, False) as source:
-                sealed = source.seal(key)
+            with open_attestor(self.work / source, None, False) as attestor:
+                sealed = attestor.seal(key)
             vtpm = (key, self.work / "vtpm-ca")
         bundle = create_image_vm(
-            self.vm_dir,
+            self.vm_dir_of(source),
             name,
             size_mib,
             disk_mib=disk_mib,
             shared_disk=shared_disk,
-            owner=SOURCE if shared_disk else None,
+            owner=source if shared_disk else None,
             sealed_vtpm_key=sealed,
             vtpm=vtpm,
             backend=backend,
@@ -185,9 +199,9 @@ class Lab:
                 "start",
                 name,
                 "--dir",
-                str(self.vm_dir),
+                str(self.vm_dir_of(source)),
                 "--identity",
-                str(self.work / SOURCE),
+                str(self.work / source),
             )
             if started.returncode != 0:
                 raise RuntimeError(f"securemig vm start failed: {started.stderr.strip()}")
@@ -215,7 +229,7 @@ class Lab:
             "migrate",
             name,
             "--vm-dir",
-            str(vm_dir or self.vm_dir),
+            str(vm_dir or self.vm_dir_of(source)),
             "--to",
             f"{self.address_of(to)}:{port}",
             "--json",
