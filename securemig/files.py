@@ -26,19 +26,60 @@ def fsync_dir(path: Path) -> None:
 
 def write_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` atomically and durably.  The file is
-    created with ``mode`` (0o600 for keys), never wider even for an instant."""
+    created with ``mode`` (0o600 for keys), never wider even for an instant.
+    A failed write (disk full) leaves ``path`` as it was and no temporary
+    file; those of writers that died mid-write are removed here too."""
     # A temporary name of its own per writer: concurrent writers of one
     # file (migrations recording a peer's values on first use) must not
     # unlink or rename each other's half-written file.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    remove_stale_temporaries(path)
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(path: Path) -> int:
+    """Remove the temporary files of :func:`write_durably` for ``path``
+    whose writer process no longer exists (killed mid-write); returns how
+    many.  A live writer's file, or one whose pid cannot be read, is kept."""
+    removed = 0
+    prefix = f".{path.name}."
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return 0
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid_text = name[len(prefix) :].split(".", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        try:
+            os.unlink(path.parent / name)
+            removed += 1
+        except FileNotFoundError:
+            pass  # another writer removed it first
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
 
 
 def rename_durably(src: Path, dst: Path) -> None:
