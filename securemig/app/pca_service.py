@@ -10,14 +10,14 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
-from securemig.app.service import ListenService
+from securemig.app.service import ListenService, ServiceOptions
 from securemig.trust.pca.core import PrivacyCA
 from securemig.trust.pca.web import site
 
 reactor: Any = _reactor
 
 
-class Options(usage.Options):
+class Options(ServiceOptions):
     """Command-line options of ``twistd securemig-pca``."""
 
     synopsis = "--dir DIR --listen ssl:PORT:privateKey=KEY:certKey=CERT[:interface=ADDR]"

@@ -41,7 +41,26 @@ log = Logger()
 reactor: Any = _reactor
 
 
-class Options(usage.Options):
+#: The exit statuses of ``twistd securemig`` and ``twistd securemig-pca``,
+#: as the end of their ``--help`` lists them.
+EXIT_STATUS_HELP = """\
+exit status:
+  0  stopped by SIGTERM or Ctrl-C (SIGINT)
+  1  did not start: a usage error (the last line says which), or a state
+     directory it cannot use or a port it cannot bind (logged as CRITICAL)
+"""
+
+
+class ServiceOptions(usage.Options):
+    """Options of a securemig twistd service: its ``--help`` ends with
+    :data:`EXIT_STATUS_HELP`, as written (twistd rewraps ``longdesc``)."""
+
+    def getUsage(self, width: int | None = None) -> str:
+        """twistd's usage text, then the exit statuses."""
+        return super().getUsage(width) + "\n" + EXIT_STATUS_HELP
+
+
+class Options(ServiceOptions):
     """Command-line options of ``twistd securemig``."""
 
     synopsis = "--state-dir DIR --insecure-listen ENDPOINT [options]"

@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
@@ -26,12 +26,41 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_IN_DOUBT = 0, 1, 2, 3
 EXIT_STATUS_HELP = """\
 exit status:
   0  done
-  1  failed, and nothing was lost (migrate: the VM is still here, intact, unlocked)
+  1  failed, and nothing was lost (migrate: the VM is still here, intact,
+     unlocked)
   2  usage error: the command line is wrong (nothing was done)
   3  migrate committed, but the destination did not confirm the resume
      (see `securemig status` there)
 
 Add --debug (before the command) to see the traceback of an error."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """The layout of every ``securemig`` help: argparse's, except that a
+    text with line breaks (the exit statuses) was laid out by hand and is
+    printed as written; a text without is wrapped to the terminal."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def walk_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every subcommand's parser below it, depth first in the
+    order ``--help`` lists them (each once, aliases not repeated); their
+    ``prog`` is the command as typed, e.g. ``securemig vm create``.  The
+    exit statuses of every help and the command reference (``doc/commands.rst``)
+    are made from it."""
+    yield parser
+    seen: set[int] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if id(sub) not in seen:
+                    seen.add(id(sub))
+                    yield from walk_parsers(sub)
+
 
 #: What ``ArgumentParser.add_subparsers`` returns; each command module adds
 #: its commands to it.

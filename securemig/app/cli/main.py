@@ -36,8 +36,10 @@ from securemig.app.cli.common import (
     EXIT_FAILED,
     EXIT_STATUS_HELP,
     CommandError,
+    HelpFormatter,
     describe,
     error,
+    walk_parsers,
 )
 from securemig.protocol.errors import MigrationError
 
@@ -49,8 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Move a suspended VM and its virtual TPM to another host. "
         "The destination runs `twistd securemig`; this command drives the source, "
         "creates test VMs, shows the journal and runs the demo and the benchmark.",
-        epilog=EXIT_STATUS_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"securemig {__version__}")
     p.add_argument(
@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_parser(sub)  # policy
     tpm.add_parser(sub)  # tpm
     lab.add_bench_parser(sub)  # bench
+    # Every command's --help ends with the exit statuses, laid out the same way.
+    for parser in walk_parsers(p):
+        parser.formatter_class = HelpFormatter
+        if parser.epilog is None:
+            parser.epilog = EXIT_STATUS_HELP
     return p
 
 

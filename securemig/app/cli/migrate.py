@@ -14,7 +14,6 @@ from securemig.app.cli.common import (
     EXIT_FAILED,
     EXIT_IN_DOUBT,
     EXIT_OK,
-    EXIT_STATUS_HELP,
     Subparsers,
     check_identity,
     describe,
@@ -43,8 +42,6 @@ def add_parser(subparsers: Subparsers) -> None:
         "commit any failure leaves the VM here, unlocked and intact; after it the VM "
         "belongs to the destination and its bundle here is removed.  Ctrl-C cancels "
         "the migration (before the commit: the VM stays here).",
-        epilog=EXIT_STATUS_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mig.add_argument("name", help="the VM to migrate")
     mig.add_argument("--vm-dir", required=True, type=Path, help="directory holding the VM bundle")

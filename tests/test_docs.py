@@ -1,0 +1,146 @@
+"""The rendered documentation (``make docs``) and the help it is made from:
+the command reference holds every command's ``--help`` as the command
+prints it, and every help ends with its exit statuses."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from securemig.app import service
+from securemig.app.cli.common import EXIT_STATUS_HELP, walk_parsers
+from securemig.app.cli.main import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+#: What the command reference renders at (doc/_ext/commandref.py, WIDTH).
+COLUMNS = {"COLUMNS": "80"}
+SERVICES = ("securemig", "securemig-pca")
+
+
+def flat(text: str) -> str:
+    """``text`` with every run of whitespace one space: a help as it reads,
+    whatever indentation a builder gives its literal blocks."""
+    return " ".join(text.split())
+
+
+def helps() -> dict[str, str]:
+    """Each ``securemig`` command (``securemig vm create``) and its help at 80 columns."""
+    before = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "80"
+    try:
+        return {p.prog: p.format_help() for p in walk_parsers(build_parser())}
+    finally:
+        if before is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = before
+
+
+def twistd_help(plugin: str) -> subprocess.CompletedProcess[str]:
+    """Run the real ``twistd PLUGIN --help`` (outside the checkout, so the
+    plugin is found as an operator's twistd finds it)."""
+    return subprocess.run(
+        [str(BIN / "twistd"), plugin, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tempfile.gettempdir(),
+        env={**os.environ, **COLUMNS},
+        timeout=60,
+    )
+
+
+@functools.cache
+def build_docs() -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """Build doc/ once per test process, as text, with warnings as errors,
+    into trial's working directory; the output directory and how it went."""
+    out = Path("docs-text").absolute()
+    sphinx = [sys.executable, "-m", "sphinx", "-q", "-E", "-W", "--keep-going", "-b", "text"]
+    done = subprocess.run(
+        [*sphinx, str(ROOT / "doc"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return out, done
+
+
+class CommandReferenceTests(SynchronousTestCase):
+    """doc/commands.rst, built by Sphinx, says what the commands say."""
+
+    def setUp(self) -> None:
+        self.out, self.build = build_docs()
+
+    def reference(self) -> str:
+        """The rendered command reference (the build must have succeeded)."""
+        self.assertEqual(
+            self.build.returncode,
+            0,
+            f"sphinx-build failed (pip install -e '.[test]' installs Sphinx):\n"
+            f"{self.build.stdout}{self.build.stderr}",
+        )
+        return (self.out / "commands.txt").read_text()
+
+    def test_builds_without_warnings(self) -> None:
+        """The whole of doc/ builds with -W: no warning, nothing missing from the toctree."""
+        self.reference()
+        self.assertEqual(self.build.stderr, "")
+        for page in ("operators-guide", "protocol", "performance", "commands"):
+            self.assertTrue((self.out / f"{page}.txt").exists(), page)
+
+    def test_every_command_is_in_the_reference(self) -> None:
+        """Every command the parser knows (walked here, not by the extension)
+        has a section titled with it holding its whole help text."""
+        text = self.reference()
+        commands = helps()
+        # The groups, their subcommands, and the commands of the operator's guide.
+        for expected in ("securemig", "securemig migrate", "securemig vm create"):
+            self.assertIn(expected, commands)
+        for command, help_text in commands.items():
+            # The text builder quotes the literal of each section's title.
+            self.assertIn(f'\n"{command}"\n', text, f"no section for {command}")
+            self.assertIn(flat(help_text), flat(text), f"{command} --help differs from the docs")
+
+    def test_services_are_in_the_reference(self) -> None:
+        """What the real ``twistd securemig --help`` (and -pca) prints is in the reference."""
+        text = self.reference()
+        for plugin in SERVICES:
+            shown = twistd_help(plugin)
+            self.assertEqual(shown.returncode, 0, shown.stderr)
+            self.assertIn(f'\n"twistd {plugin}"\n', text, f"no section for twistd {plugin}")
+            self.assertIn(flat(shown.stdout), flat(text), f"twistd {plugin} --help differs")
+
+
+class ExitStatusHelpTests(SynchronousTestCase):
+    """Every help says how the command ends."""
+
+    def test_every_securemig_help_ends_with_the_exit_statuses(self) -> None:
+        """``securemig --help`` and each subcommand's help end with
+        EXIT_STATUS_HELP, as laid out."""
+        self.assertIn("exit status:\n  0  done\n", EXIT_STATUS_HELP)
+        for command, help_text in helps().items():
+            self.assertTrue(
+                help_text.rstrip().endswith(EXIT_STATUS_HELP.rstrip()),
+                f"{command} --help does not end with the exit statuses",
+            )
+
+    def test_descriptions_are_still_wrapped(self) -> None:
+        """A one-line description is wrapped to the terminal, not printed as one long line."""
+        for command, help_text in helps().items():
+            for line in help_text.splitlines():
+                self.assertLessEqual(len(line), 80, f"{command}: {line!r}")
+
+    def test_services_help_ends_with_their_exit_statuses(self) -> None:
+        """``twistd securemig --help`` and ``twistd securemig-pca --help`` list
+        their exit statuses, as laid out (twistd rewraps longdesc)."""
+        self.assertIn("exit status:\n  0  ", service.EXIT_STATUS_HELP)
+        for plugin in SERVICES:
+            shown = twistd_help(plugin)
+            self.assertEqual(shown.returncode, 0, shown.stderr)
+            self.assertTrue(shown.stdout.rstrip().endswith(service.EXIT_STATUS_HELP.rstrip()))
