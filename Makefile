@@ -8,12 +8,15 @@ TESTS  ?= tests
 
 setup: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml scripts/setup-debs.sh
+$(STAMP): pyproject.toml scripts/setup-debs.sh
 	./scripts/setup-debs.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# compat mode puts the project root on sys.path, so twistd finds twisted/plugins/.
-	$(PY) -m pip install -q --config-settings editable_mode=compat -e '.[test]'
+	# An editable install (PEP 660) that is a .pth file naming this directory
+	# (pyproject.toml, package-dir), so twistd finds twisted/plugins/ on sys.path.
+	$(PY) -m pip install -q -e '.[test]'
+	# Wheels of the dependencies, for the wheel test's fresh venv (offline).
+	$(PY) -m pip wheel -q --wheel-dir $(VENV)/wheelhouse .
 	# Refresh Twisted's plugin cache so `twistd securemig` is listed at once.
 	$(PY) -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 	touch $(STAMP)

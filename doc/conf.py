@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent / "_ext"))
 
 project = "securemig"
-author = "the securemig authors"
-copyright = "the securemig authors, MIT licence"
+author = "the securemig developers"
+copyright = "2026 the securemig developers (MIT License)"
 # The installed distribution's version: said once, in securemig/__init__.py.
 release = _version("securemig")
 version = release
