@@ -126,3 +126,23 @@ class TpmSimulateTests(SynchronousTestCase):
         self.assertEqual(sim.wait(20), 0)
         with self.assertRaises(ProcessLookupError):
             os.kill(swtpm_pid, 0)
+        # The next run serves the same TPM on the same port: the TCTI that
+        # host init recorded still opens it.
+        again = subprocess.Popen(
+            [processes.script("securemig"), "tpm", "simulate", str(base)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.addCleanup(lambda: again.poll() is None and again.kill())
+        out, err = [], ""
+        assert again.stdout is not None
+        while not (line := again.stdout.readline()).startswith("running as pid"):
+            if not line:
+                err = again.stderr.read() if again.stderr else "no output"
+                break
+            out.append(line)
+        again.send_signal(signal.SIGTERM)
+        self.assertEqual(again.wait(20), 0, err)
+        self.assertIn(f"TCTI: {tcti}\n", out)
+        self.assertFalse(any(x.startswith("manufactured") for x in out), out)

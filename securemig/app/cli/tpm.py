@@ -8,7 +8,7 @@ import signal
 import threading
 from pathlib import Path
 
-from securemig.app.cli.common import EXIT_OK, Subparsers
+from securemig.app.cli.common import EXIT_OK, CommandError, Subparsers
 from securemig.trust.tpm import swtpm
 
 
@@ -23,12 +23,19 @@ def add_parser(subparsers: Subparsers) -> None:
         "certificates from a local 'vendor' CA in DIR/vendor-ca, runs it on loopback, "
         "and prints the TCTI to put in `securemig host init --tpm` and the vendor CA "
         "certificates to give `securemig pca init --vendor-ca`.  Ctrl-C (or SIGTERM) "
-        "ends it; its state stays in DIR for the next run.  A simulator, for tests and "
+        "ends it; its state stays in DIR for the next run, and so does its port "
+        "(DIR/port), so the TCTI stays the same.  A simulator, for tests and "
         "demonstrations: a production host uses its real TPM (device:/dev/tpmrm0).",
     )
     sim.add_argument("dir", type=Path, help="where the TPM's state and its vendor CA live")
     sim.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default %(default)s)"
+    )
+    sim.add_argument(
+        "--port",
+        type=int,
+        help="TCP port of the TPM (its control port is the next one; default: the "
+        "port of the previous run, else a free one)",
     )
     sim.set_defaults(func=cmd_tpm_simulate)
 
@@ -39,7 +46,16 @@ def cmd_tpm_simulate(args: argparse.Namespace) -> int:
     if not (state / "tpm2-00.permall").exists():
         swtpm.provision(state, ca)
         print(f"manufactured a TPM 2.0 in {state} (EK certificates from {ca})")
-    process = swtpm.start(state, host=args.host)
+    # The TCTI names the port, and host init keeps the TCTI: keep the port too.
+    port_file = args.dir / "port"
+    port = args.port or (int(port_file.read_text()) if port_file.exists() else None)
+    try:
+        process = swtpm.start(state, host=args.host, port=port)
+    except RuntimeError as e:
+        raise CommandError(
+            f"{e}; are ports {port} and {port + 1} taken? give another --port" if port else str(e)
+        ) from None
+    port_file.write_text(f"{process.port}\n")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -170,11 +170,16 @@ def _socket_argv(state_dir: Path) -> list[str]:
     return [_tool("swtpm"), "socket", "--tpm2", "--tpmstate", f"dir={state_dir}"]
 
 
-def start(state_dir: Path, key: bytes | None = None, host: str = "127.0.0.1") -> Swtpm:
+def start(
+    state_dir: Path, key: bytes | None = None, host: str = "127.0.0.1", port: int | None = None
+) -> Swtpm:
     """Run the TPM in ``state_dir`` on free ports of ``host`` (loopback by
-    default) until :meth:`Swtpm.stop`; ``key`` decrypts an encrypted state."""
-    for _ in range(5):  # a port chosen free can be taken before swtpm binds it
-        port = _free_port_pair(host)
+    default), or on ``port`` and ``port + 1``, until :meth:`Swtpm.stop`;
+    ``key`` decrypts an encrypted state."""
+    wanted = port
+    # A port chosen free can be taken before swtpm binds it: choose again.
+    for _ in range(1 if wanted else 5):
+        port = wanted or _free_port_pair(host)
         ctrl = port + 1
         argv = [
             *_socket_argv(state_dir),
