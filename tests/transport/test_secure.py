@@ -373,6 +373,34 @@ class SecureMigrationTests(SecureBase):
         result = self.migrate(destination)
         self.assertStaysAtSource(bundle, before, result, "no golden values for dest-b")
 
+    def test_policies_by_selection_and_class(self) -> None:
+        """Each side judges the other by a policy `securemig policy record`
+        wrote, and the quotes ask exactly for its selection: the source's
+        own policy for dest-b selects PCRs 0-5,7; the destination's class
+        policy for source-* selects 0,7 (before, both failed "PCRs [..]
+        differ").  A change in source-a's PCR 16, outside that selection, is
+        ignored; nothing is trusted on first use."""
+        for args in (
+            ["--policy-dir", str(self.src_policy), "--host", "dest-b", "--tpm", self.tpm_b.tcti],
+            ["--policy-dir", str(self.dst_policy), "--class", "sources", "--hosts", "source-*"],
+        ):
+            pcrs = "0-5,7" if "--host" in args else "0,7"
+            tpm = [] if "--tpm" in args else ["--tpm", self.tpm_a.tcti]
+            result = processes.securemig("policy", "record", *args, *tpm, "--pcrs", pcrs)
+            self.assertEqual(result.returncode, 0, result.stderr)
+        self.tpm_a.pcr_extend(16, b"outside the selection " + os.urandom(8))
+        destination = self.start_destination()
+        bundle = self.create_vm()
+        before = bundle_digests(bundle)
+        result = self.migrate(destination)
+        self.assertEqual(result.returncode, 0, result.stderr + destination.log()[-3000:])
+        self.assertEqual(bundle_digests(Bundle.load(destination.state_dir / "vms" / "vm1")), before)
+        self.assertNotIn("trust on first use", result.stderr + destination.log())
+        # The destination kept source-a's counters only: the class judges it.
+        golden = PolicyStore(self.dst_policy).get("source-a")
+        assert golden is not None
+        self.assertIsNone(golden.policy)
+
 
 class HostileSourceTests(SecureBase):
     """A source that holds a genuine identity but replays old evidence, and
@@ -406,12 +434,14 @@ class HostileSourceTests(SecureBase):
         before = bundle_digests(bundle)
 
         class Replayer(Attestor):
-            def evidence(self, qualifying: bytes) -> wire.Evidence:
+            def evidence(
+                self, qualifying: bytes, request: wire.QuoteRequest = wire.DEFAULT_QUOTE_REQUEST
+            ) -> wire.Evidence:
                 # A quote made for another session's exporter and nonce.
                 stale = secure.qualifying_data(
                     os.urandom(32), "source", os.urandom(32), os.urandom(16)
                 )
-                return super().evidence(stale)
+                return super().evidence(stale, request)
 
         class ReplayOptions(SecureOptions):
             def prepare(self, bundle: Bundle, host: str) -> Any:
