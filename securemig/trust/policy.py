@@ -435,13 +435,19 @@ class PolicyStore:
     def policy_for(self, host: str) -> Policy | None:
         """The policy that judges ``host`` (see the module's precedence), or
         None when none applies.  Two that apply equally: refused."""
-        golden = self.get(host)
-        if golden is not None and golden.policy is not None:
-            return golden.policy
-        labels = self.labels(host)
+        try:
+            golden = self.get(host)
+            if golden is not None and golden.policy is not None:
+                return golden.policy
+            labels, classes = self.labels(host), self.classes()
+        except (ValueError, KeyError, TypeError) as e:
+            # A policy file an operator broke: refuse (fail closed), saying which.
+            raise AttestationError(
+                Check.GOLDEN_VALUES, f"unreadable policy for {host}: {e}"
+            ) from None
         ranked = [
             (rank, policy)
-            for policy in self.classes().values()
+            for policy in classes.values()
             if (rank := policy.applies(host, labels)) is not None
         ]
         if not ranked:

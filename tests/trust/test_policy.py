@@ -504,3 +504,16 @@ class ExportImportTests(TestCase):
             "policy", "show", "--policy-dir", str(verifier.policy.directory)
         )
         self.assertIn('"class": "compute"', shown.stdout)
+
+
+class BrokenPolicyFileTests(SynchronousTestCase):
+    def test_unreadable_class_policy_refuses(self) -> None:
+        """A class policy file an operator broke: peers are refused (fail
+        closed) with a reason naming the file, not a crash."""
+        store = PolicyStore(Path(self.mktemp()))
+        store.classes_dir.mkdir()
+        (store.classes_dir / "compute.json").write_text('{"selection": {"sha256": "0"}}')
+        with self.assertRaises(AttestationError) as cm:
+            store.expected("compute-1", tofu=True)
+        self.assertEqual(cm.exception.check, Check.GOLDEN_VALUES)
+        self.assertIn("compute.json", str(cm.exception))
