@@ -194,7 +194,7 @@ class Policy:
             if values.get((alg, pcr)) not in accepted
         ]
         if differ:
-            which = f"policy {self.name!r}" if self.name else f"the policy of {peer}"
+            which = f"class policy {self.name!r}" if self.name else "its own policy"
             raise AttestationError(
                 Check.GOLDEN_VALUES, f"PCRs {', '.join(differ)} of {peer} differ from {which}"
             )
