@@ -104,6 +104,10 @@ class DestinationCore(Core):
     phase: str = "awaitHello"
     nonce: Callable[[], bytes] = field(default=lambda: os.urandom(wire.NONCE_SIZE))
     our_nonce: bytes = b""
+    #: Secure variant: what to ask the source to quote (the destination's
+    #: policy for it), asked when the challenge is sent.
+    request: Callable[[], wire.QuoteRequest] = field(default=lambda: wire.DEFAULT_QUOTE_REQUEST)
+    our_request: wire.QuoteRequest = wire.DEFAULT_QUOTE_REQUEST
     key_received: bool = False
     hello: wire.Hello | None = None
     migration_id: bytes | None = None
@@ -137,14 +141,15 @@ class DestinationCore(Core):
 
     # Secure variant: attestation both ways, then the key offer.
     def on_challenge(self, message: wire.Challenge) -> DestinationEffects:
-        return [Attest(message.nonce, "destination")]
+        return [Attest(message.nonce, "destination", message.request)]
 
     def on_attested(self, evidence: wire.Evidence) -> DestinationEffects:
         self.our_nonce = self.nonce()
-        return [Send(evidence), Send(wire.Challenge(self.our_nonce))]
+        self.our_request = self.request()
+        return [Send(evidence), Send(wire.Challenge(self.our_nonce, self.our_request))]
 
     def on_evidence(self, message: wire.Evidence) -> DestinationEffects:
-        return [VerifyPeer(message, self.our_nonce, "source")]
+        return [VerifyPeer(message, self.our_nonce, "source", self.our_request)]
 
     def on_peer_verified(self) -> DestinationEffects:
         return [OfferKey()]
@@ -328,8 +333,12 @@ class DestinationSession(Session[DestinationEffect]):
 
     _role = "destination"
 
-    def __init__(self, secure: bool = False) -> None:
+    def __init__(
+        self, secure: bool = False, request: Callable[[], wire.QuoteRequest] | None = None
+    ) -> None:
         self._core: DestinationCore = DestinationCore()
+        if request is not None:
+            self._core.request = request
         self._machine: DestinationInputs = _DestinationMachines[secure](self._core)
         self.secure = secure
 

@@ -109,11 +109,12 @@ class RollBack:
 
 @dataclass(frozen=True)
 class Attest:
-    """Secure: quote our PCRs for the peer's ``nonce`` (role: who we are),
-    then call ``attested(evidence)``."""
+    """Secure: quote what the peer's challenge requests for its
+    ``nonce`` (role: who we are), then call ``attested(evidence)``."""
 
     nonce: bytes
     role: str
+    request: wire.QuoteRequest = wire.DEFAULT_QUOTE_REQUEST
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,8 @@ class VerifyPeer:
     evidence: wire.Evidence
     nonce: bytes
     role: str
+    #: What our challenge asked the peer to quote.
+    request: wire.QuoteRequest = wire.DEFAULT_QUOTE_REQUEST
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,10 @@ class SourceCore(Core):
     migration_id: bytes | None = None
     nonce: Callable[[], bytes] = field(default=lambda: os.urandom(wire.NONCE_SIZE))
     our_nonce: bytes = b""
+    #: Secure variant: what to ask the destination to quote (the source's
+    #: policy for it), asked when the challenge is sent.
+    request: Callable[[], wire.QuoteRequest] = field(default=lambda: wire.DEFAULT_QUOTE_REQUEST)
+    our_request: wire.QuoteRequest = wire.DEFAULT_QUOTE_REQUEST
     #: Secure variant: the data channel port the destination offered (0: none).
     data_port: int = 0
     #: Insecure variant with a vTPM: the key material sent in the clear.
@@ -106,16 +110,17 @@ class SourceCore(Core):
         self.migration_id = message.migration_id
         self.data_port = message.data_port
         self.our_nonce = self.nonce()
-        return [Send(wire.Challenge(self.our_nonce))]
+        self.our_request = self.request()
+        return [Send(wire.Challenge(self.our_nonce, self.our_request))]
 
     def on_evidence(self, message: wire.Evidence) -> SourceEffects:
-        return [VerifyPeer(message, self.our_nonce, "destination")]
+        return [VerifyPeer(message, self.our_nonce, "destination", self.our_request)]
 
     def on_peer_verified(self) -> SourceEffects:
         return []
 
     def on_challenge(self, message: wire.Challenge) -> SourceEffects:
-        return [Attest(message.nonce, "source")]
+        return [Attest(message.nonce, "source", message.request)]
 
     def on_attested(self, evidence: wire.Evidence) -> SourceEffects:
         return [Send(evidence)]
@@ -229,11 +234,17 @@ class SourceSession(Session[SourceEffect]):
     _role = "source"
 
     def __init__(
-        self, hello: wire.Hello, secure: bool = False, clear_key: bytes | None = None
+        self,
+        hello: wire.Hello,
+        secure: bool = False,
+        clear_key: bytes | None = None,
+        request: Callable[[], wire.QuoteRequest] | None = None,
     ) -> None:
         if secure and clear_key is not None:
             raise ValueError("the secure variant never sends a key in the clear")
         self._core: SourceCore = SourceCore(hello, clear_key=clear_key)
+        if request is not None:
+            self._core.request = request
         self._machine: SourceInputs = _SourceMachines[secure](self._core)
         self.secure = secure
 

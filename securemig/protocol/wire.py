@@ -59,6 +59,12 @@ NONCE_SIZE = 32
 MAX_TPM_BLOB = 2048
 MAX_CERTIFICATE = 8192
 MAX_WRAPPED_KEY = 1024
+#: PCRs of a TPM 2.0 PC client bank (0..23), as a CHALLENGE's bitmaps name them.
+PCR_COUNT = 24
+#: Largest measured-boot event log an EVIDENCE may carry (a PC's log is
+#: typically 10-60 KB); only EVIDENCE frames may exceed MAX_CONTROL_PAYLOAD,
+#: by this much.
+MAX_EVENT_LOG = 256 * 1024
 
 #: VM names: also used as directory names on both hosts, hence this strict form.
 VM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -170,6 +176,31 @@ class Blob(Codec):
         if n > self.maximum:
             raise PeerViolation(ErrorCode.BAD_PARAMETER, f"field of {n} bytes over {self.maximum}")
         offset += 2
+        self._need(view, offset, n)
+        return bytes(view[offset : offset + n]), offset + n
+
+
+class LongBlob(Codec):
+    """Opaque bytes with a u32 length prefix, at most ``maximum`` long (the
+    length is checked before anything is sliced)."""
+
+    _LEN = struct.Struct("!I")
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+
+    def encode(self, value: Any, out: list[bytes]) -> None:
+        if len(value) > self.maximum:
+            raise ValueError(f"{len(value)} bytes over {self.maximum}")
+        out.append(self._LEN.pack(len(value)))
+        out.append(bytes(value))
+
+    def decode(self, view: memoryview, offset: int) -> tuple[Any, int]:
+        self._need(view, offset, 4)
+        (n,) = self._LEN.unpack_from(view, offset)
+        if n > self.maximum:
+            raise PeerViolation(ErrorCode.BAD_PARAMETER, f"field of {n} bytes over {self.maximum}")
+        offset += 4
         self._need(view, offset, n)
         return bytes(view[offset : offset + n]), offset + n
 
@@ -352,31 +383,91 @@ class Abort:
     reason: str = wire(Text(MAX_REASON))
 
 
+class HashAlg(enum.IntEnum):
+    """The PCR banks a CHALLENGE may name, by their TPM_ALG_ID, and
+    (:data:`DIGEST_SIZES`) the size of their values."""
+
+    SHA1 = 0x0004
+    SHA256 = 0x000B
+    SHA384 = 0x000C
+    SHA512 = 0x000D
+    SM3_256 = 0x0012
+
+
+#: The size of a PCR value of each bank.
+DIGEST_SIZES: dict[HashAlg, int] = {
+    HashAlg.SHA1: 20,
+    HashAlg.SHA256: 32,
+    HashAlg.SHA384: 48,
+    HashAlg.SHA512: 64,
+    HashAlg.SM3_256: 32,
+}
+
+
+@dataclass(frozen=True)
+class PcrBank:
+    """One bank of a PCR selection: its hash algorithm and the PCRs chosen in
+    it, as a bitmap (bit n: PCR n)."""
+
+    alg: HashAlg = wire(Enum(HashAlg, size=2))
+    pcrs: int = wire(UInt(4, (1 << PCR_COUNT) - 1))
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        """The chosen PCR indices, ascending."""
+        return tuple(p for p in range(PCR_COUNT) if self.pcrs >> p & 1)
+
+    @classmethod
+    def of(cls, alg: HashAlg, pcrs: tuple[int, ...] | list[int]) -> PcrBank:
+        """The bank ``alg`` with ``pcrs`` chosen."""
+        return cls(alg, sum(1 << p for p in set(pcrs)))
+
+
+@dataclass(frozen=True)
+class QuoteRequest:
+    """What a verifier asks the attester to quote: the PCR selection of its
+    policy for that peer, and whether to send the measured-boot event log."""
+
+    banks: tuple[PcrBank, ...] = wire(Sequence(Nested(PcrBank), len(HashAlg)))
+    event_log: int = wire(UInt(1, 1), default=0)
+
+
+#: What a verifier without a policy for its peer asks (trust on first use):
+#: SHA-256 PCRs 0-4 and 7 (``doc/attestation.rst`` says what they cover).
+DEFAULT_QUOTE_REQUEST = QuoteRequest((PcrBank.of(HashAlg.SHA256, (0, 1, 2, 3, 4, 7)),))
+
+
 @dataclass(frozen=True)
 class Challenge:
-    """Secure variant, either way: a fresh nonce the peer's quote must cover."""
+    """Secure variant, either way: a fresh nonce the peer's quote must cover,
+    and what it must quote."""
 
     nonce: bytes = wire(Fixed(NONCE_SIZE))
+    request: QuoteRequest = wire(Nested(QuoteRequest), default=DEFAULT_QUOTE_REQUEST)
 
 
 @dataclass(frozen=True)
 class PcrValue:
-    """One reported PCR value (SHA-256 bank)."""
+    """One reported PCR value, of the bank ``alg``."""
 
-    index: int = wire(UInt(1, 23))
-    value: bytes = wire(Fixed(DIGEST_SIZE))
+    index: int = wire(UInt(1, PCR_COUNT - 1))
+    value: bytes = wire(Blob(max(DIGEST_SIZES.values())))
+    alg: HashAlg = wire(Enum(HashAlg, size=2), default=HashAlg.SHA256)
 
 
 @dataclass(frozen=True)
 class Evidence:
     """Secure variant, either way: a quote over the challenged nonce bound to
-    this TLS session, the PCR values it covers, and the AK with its certificate."""
+    this TLS session, the PCR values it covers, the AK with its certificate,
+    and the measured-boot event log when the challenge asked for it (empty:
+    none sent)."""
 
     attest: bytes = wire(Blob(MAX_TPM_BLOB))
     signature: bytes = wire(Blob(MAX_TPM_BLOB))
-    pcrs: tuple[PcrValue, ...] = wire(Sequence(Nested(PcrValue), 24))
+    pcrs: tuple[PcrValue, ...] = wire(Sequence(Nested(PcrValue), PCR_COUNT * len(HashAlg)))
     ak_public: bytes = wire(Blob(MAX_TPM_BLOB))
     ak_certificate: bytes = wire(Blob(MAX_CERTIFICATE))
+    event_log: bytes = wire(LongBlob(MAX_EVENT_LOG), default=b"")
 
 
 @dataclass(frozen=True)
@@ -487,6 +578,14 @@ TYPE_CODES: dict[type, int] = {cls: code for code, cls in MESSAGES.items()}
 DATA_TYPE = TYPE_CODES[Data]
 
 
+def payload_limit(code: int) -> int:
+    """The largest payload of a control frame of type ``code``: EVIDENCE may
+    carry an event log on top of :data:`MAX_CONTROL_PAYLOAD`."""
+    if MESSAGES[code] is Evidence:
+        return MAX_CONTROL_PAYLOAD + MAX_EVENT_LOG
+    return MAX_CONTROL_PAYLOAD
+
+
 def encode(message: Any) -> bytes:
     """Encode a control message as one frame (header and payload)."""
     cls = type(message)
@@ -495,7 +594,7 @@ def encode(message: Any) -> bytes:
     parts: list[bytes] = []
     Nested(cls).encode(message, parts)
     payload = b"".join(parts)
-    if len(payload) > MAX_CONTROL_PAYLOAD:
+    if len(payload) > payload_limit(TYPE_CODES[cls]):
         raise ValueError(f"{cls.__name__} payload of {len(payload)} bytes over the limit")
     return HEADER.pack(TYPE_CODES[cls], len(payload)) + payload
 
@@ -609,7 +708,7 @@ class FrameDecoder:
                 )
             limit = self.max_data
         else:
-            limit = MAX_CONTROL_PAYLOAD
+            limit = payload_limit(code)
         if length > limit:
             raise PeerViolation(
                 ErrorCode.FRAME_TOO_LARGE,

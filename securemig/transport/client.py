@@ -125,7 +125,16 @@ async def migrate(
             raise
     on_start(departure)
     session = SourceSession(
-        departure.hello(chunk_size), secure=security is not None, clear_key=clear_key
+        departure.hello(chunk_size),
+        secure=security is not None,
+        clear_key=clear_key,
+        # What to ask the destination to quote: the source's policy for it,
+        # and the PCRs its migration key is bound to.
+        request=(
+            (lambda: security.attestor.request_for(security.destination_name, binding=True))
+            if security is not None
+            else None
+        ),
     )
     proto = SourceProtocol(
         session,

@@ -267,7 +267,9 @@ class FramedProtocol(Connection, Generic[E]):
         return cipher, key
 
     def _attest(self, effect: Attest) -> None:
-        evidence = self.security.attestor.evidence(self.qualifying(effect.role, effect.nonce))
+        evidence = self.security.attestor.evidence(
+            self.qualifying(effect.role, effect.nonce), effect.request
+        )
         self.run(self.session.attested(evidence))
 
     def _verify_peer(self, effect: VerifyPeer) -> None:
@@ -275,7 +277,7 @@ class FramedProtocol(Connection, Generic[E]):
             crashpoint.reached("source-attesting")
         qualifying = self.qualifying(effect.role, effect.nonce)
         self.peer_values = self.security.attestor.verify(
-            effect.evidence, qualifying, self.peer_name()
+            effect.evidence, qualifying, self.peer_name(), effect.request
         )
         self.peer_ak = effect.evidence.ak_public
         self.log.info("{peer} attested", peer=self.peer_name())

@@ -100,7 +100,11 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         key_keeper: Any = None,
         data_listener: DataListener | None = None,
     ) -> None:
-        session = destination_session.DestinationSession(secure=security is not None)
+        session = destination_session.DestinationSession(
+            secure=security is not None,
+            # What to ask the source to quote: this host's policy for it.
+            request=lambda: self.security.attestor.request_for(self.peer_name()),
+        )
         connection = DestinationConnection(
             session, idle_timeout, deadline, check_peer=security is not None
         )

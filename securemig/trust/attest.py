@@ -12,10 +12,13 @@ The checklist, in the order applied to a quote:
    then the signature is verified over the attestation structure;
 3. ``magic`` is TPM_GENERATED_VALUE, ``type`` is TPM_ST_ATTEST_QUOTE;
 4. ``extraData`` equals the expected qualifying data (constant time);
-5. the signed PCR selection equals the requested one exactly;
+5. the signed PCR selection equals the requested one exactly (banks, their
+   order and PCRs: what the verifier's policy asked for in its CHALLENGE);
 6. the PCR digest equals SHA-256 of the reported values, recomputed here;
-7. the reported values equal the golden values, when there are any;
-8. the clock is ``safe`` and reset/restart counters did not go backwards.
+7. the clock is ``safe`` and reset/restart counters did not go backwards;
+8. the reported values satisfy the policy (:mod:`securemig.trust.policy`:
+   accepted values, or a measured-boot event log that replays to them and
+   whose named events it allows: :mod:`securemig.trust.eventlog`).
 
 This module needs no TPM: it parses with tpm2-pytss's types and verifies
 with ``cryptography``.
@@ -26,7 +29,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -40,7 +43,13 @@ from tpm2_pytss import TPM2B_PUBLIC, TPMS_ATTEST, TPMT_SIGNATURE
 from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPM2_GENERATED, TPM2_ST, TPMA_OBJECT
 
 from securemig.protocol.errors import ErrorCode, Refused
-from securemig.trust.tpm.tpm import AK_ATTRIBUTES, Malformed, pcr_selection, unmarshal_exact
+from securemig.protocol.wire import DIGEST_SIZES, HashAlg, PcrBank
+from securemig.trust.tpm.tpm import (
+    AK_ATTRIBUTES,
+    Malformed,
+    bank_selection,
+    unmarshal_exact,
+)
 
 T = TypeVar("T")
 
@@ -57,6 +66,7 @@ class Check(enum.Enum):
     PCR_SELECTION = "pcr-selection"
     PCR_DIGEST = "pcr-digest"
     GOLDEN_VALUES = "golden-values"
+    EVENT_LOG = "event-log"
     CLOCK = "clock"
     CERTIFIED_NAME = "certified-name"
     AK_CERTIFICATE = "ak-certificate"
@@ -151,20 +161,21 @@ def _check_qualifying(parsed: TPMS_ATTEST, expected: bytes) -> None:
         )
 
 
-def verify_quote(
+def check_quote(
     ak_public: bytes,
     attest: bytes,
     signature: bytes,
     *,
     qualifying: bytes,
-    pcrs: Sequence[int],
-    values: dict[int, bytes],
-    golden: dict[int, bytes] | None = None,
+    banks: Sequence[PcrBank],
+    values: Mapping[tuple[int, int], bytes],
     previous: ClockState | None = None,
 ) -> ClockState:
-    """Verify a quote and the PCR ``values`` reported with it.
+    """Verify a quote over the PCR selection ``banks`` and the PCR
+    ``values`` (by bank algorithm and PCR) reported with it: checks 1 to 7
+    of the module's list; the policy (8) is the caller's.
 
-    Returns the TPM's clock state to remember for this peer.  Raises
+    Returns the TPM's clock state to remember for this AK.  Raises
     :class:`AttestationError` naming the first check that failed.
     """
     parsed = verify_signature(ak_public, attest, signature)
@@ -172,24 +183,16 @@ def verify_quote(
         raise AttestationError(Check.TYPE, "not a quote")
     _check_qualifying(parsed, qualifying)
     quote = parsed.attested.quote
-    requested = pcr_selection(pcrs)
-    if bytes(quote.pcrSelect.marshal()) != bytes(requested.marshal()):
+    if bytes(quote.pcrSelect.marshal()) != bytes(bank_selection(banks).marshal()):
         raise AttestationError(Check.PCR_SELECTION, "the quote covers other PCRs than requested")
-    wanted = sorted(set(pcrs))
-    if sorted(values) != wanted or any(len(values[p]) != 32 for p in wanted):
+    wanted = [(int(b.alg), p) for b in banks for p in b.indices]
+    if sorted(values) != sorted(wanted) or any(
+        len(values[k]) != DIGEST_SIZES[HashAlg(k[0])] for k in wanted
+    ):
         raise AttestationError(Check.PCR_DIGEST, "reported PCR values do not match the selection")
-    recomputed = hashlib.sha256(b"".join(values[p] for p in wanted)).digest()
+    recomputed = hashlib.sha256(b"".join(values[k] for k in wanted)).digest()
     if not hmac.compare_digest(bytes(quote.pcrDigest), recomputed):
         raise AttestationError(Check.PCR_DIGEST, "reported PCR values are not the quoted ones")
-    if golden is not None:
-        differ = [
-            p for p in wanted if p not in golden or not hmac.compare_digest(golden[p], values[p])
-        ]
-        if differ or set(golden) - set(wanted):
-            raise AttestationError(
-                Check.GOLDEN_VALUES,
-                f"PCRs {differ or sorted(set(golden) - set(wanted))} differ from the golden values",
-            )
     clock = parsed.clockInfo
     if not clock.safe:
         raise AttestationError(Check.CLOCK, "TPM clock is not safe (it may have gone back)")
@@ -202,6 +205,44 @@ def verify_quote(
         )
     ):
         raise AttestationError(Check.CLOCK, "reset or restart count went backwards (replay?)")
+    return state
+
+
+def verify_quote(
+    ak_public: bytes,
+    attest: bytes,
+    signature: bytes,
+    *,
+    qualifying: bytes,
+    pcrs: Sequence[int],
+    values: dict[int, bytes],
+    golden: dict[int, bytes] | None = None,
+    previous: ClockState | None = None,
+) -> ClockState:
+    """:func:`check_quote` for a selection of SHA-256 PCRs, then the
+    ``golden`` values of those PCRs (a golden value of a PCR outside the
+    selection is ignored; PCRs that differ are named, and only they)."""
+    bank = PcrBank.of(HashAlg.SHA256, list(pcrs))
+    sha256 = int(HashAlg.SHA256)
+    state = check_quote(
+        ak_public,
+        attest,
+        signature,
+        qualifying=qualifying,
+        banks=[bank],
+        values={(sha256, p): v for p, v in values.items()},
+        previous=previous,
+    )
+    if golden is not None:
+        differ = [
+            p
+            for p in bank.indices
+            if p not in golden or not hmac.compare_digest(golden[p], values[p])
+        ]
+        if differ:
+            raise AttestationError(
+                Check.GOLDEN_VALUES, f"PCRs {differ} differ from the golden values"
+            )
     return state
 
 

@@ -23,14 +23,18 @@ from cryptography import x509
 from twisted.logger import Logger
 
 from securemig.protocol import wire
+from securemig.protocol.errors import ErrorCode, LocalFault, PeerViolation
 from securemig.trust import attest
 from securemig.trust.identity import Identity
 from securemig.trust.policy import PolicyStore
 from securemig.trust.tpm.tpm import TPM, KeyBlob
 
-#: PCRs quoted and bound by default (firmware, its configuration, option
+#: PCRs a host seals its vTPM keys and binds its migration key to, and
+#: quotes when a verifier has no policy (firmware, its configuration, option
 #: ROMs, boot loader, secure boot policy).
-DEFAULT_PCRS = (0, 1, 2, 3, 4, 7)
+DEFAULT_PCRS = wire.DEFAULT_QUOTE_REQUEST.banks[0].indices
+#: Where Linux publishes the measured-boot event log of the first TPM.
+SYSFS_EVENT_LOG = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
 
 _log = Logger()
 
@@ -89,47 +93,111 @@ class Attestor:
     pcrs: tuple[int, ...] = DEFAULT_PCRS
     #: Told each time ``tofu`` records a peer's values unverified.
     on_first_use: Callable[[FirstUse], None] = log_first_use
+    #: This host's measured-boot event log, sent when a verifier asks.
+    event_log: Path | None = None
 
-    def evidence(self, qualifying: bytes) -> wire.Evidence:
-        """Quote our PCRs for ``qualifying``."""
+    def request_for(self, peer_name: str, *, binding: bool = False) -> wire.QuoteRequest:
+        """What to ask ``peer_name`` to quote: exactly the selection of the
+        policy that judges it (the default when none does).  ``binding``
+        (the source verifying a destination) adds the SHA-256 PCRs the
+        destination's migration key is bound to, which the key release
+        checks against the quoted values; the policy ignores them."""
+        try:
+            policy = self.policy.policy_for(peer_name)
+        except (attest.AttestationError, ValueError):
+            policy = None  # refused, naming why, when the evidence is verified
+        request = policy.request() if policy else wire.DEFAULT_QUOTE_REQUEST
+        if not binding:
+            return request
+        banks = {b.alg: set(b.indices) for b in request.banks}
+        banks.setdefault(wire.HashAlg.SHA256, set()).update(self.pcrs)
+        return wire.QuoteRequest(
+            tuple(wire.PcrBank.of(a, sorted(p)) for a, p in sorted(banks.items())),
+            request.event_log,
+        )
+
+    def evidence(
+        self, qualifying: bytes, request: wire.QuoteRequest = wire.DEFAULT_QUOTE_REQUEST
+    ) -> wire.Evidence:
+        """Quote what a verifier's ``request`` asks (once :func:`check_request`
+        finds it sensible) for ``qualifying``; the event log if asked."""
+        check_request(request)
         ak, certificate = self.identity.attestation_key()
-        quote = self.tpm.quote(ak, self.pcrs, qualifying)
-        values = self.tpm.pcr_read(self.pcrs)
+        quote = self.tpm.quote(ak, request.banks, qualifying)
+        values = self.tpm.pcr_values(request.banks)
         return wire.Evidence(
             attest=quote.attest,
             signature=quote.signature,
-            pcrs=tuple(wire.PcrValue(p, v) for p, v in sorted(values.items())),
+            pcrs=tuple(
+                wire.PcrValue(p, v, wire.HashAlg(a)) for (a, p), v in sorted(values.items())
+            ),
             ak_public=ak.public,
             ak_certificate=certificate,
+            event_log=self._event_log() if request.event_log else b"",
         )
 
+    def _event_log(self) -> bytes:
+        """This host's event log; empty when it has none (the verifier
+        whose policy needs one then refuses, saying so)."""
+        if self.event_log is None:
+            return b""
+        try:
+            raw = self.event_log.read_bytes()
+        except FileNotFoundError:
+            return b""
+        except OSError as e:
+            raise LocalFault(
+                f"cannot read the event log {self.event_log}: {e.strerror}",
+                ErrorCode.IO_ERROR,
+            ) from None
+        if len(raw) > wire.MAX_EVENT_LOG:
+            raise LocalFault(
+                f"the event log {self.event_log} has {len(raw)} bytes, over the protocol's "
+                f"limit of {wire.MAX_EVENT_LOG}",
+                ErrorCode.ATTESTATION_FAILED,
+            )
+        return raw
+
     def verify(
-        self, evidence: wire.Evidence, qualifying: bytes, peer_name: str
+        self,
+        evidence: wire.Evidence,
+        qualifying: bytes,
+        peer_name: str,
+        request: wire.QuoteRequest = wire.DEFAULT_QUOTE_REQUEST,
     ) -> dict[int, bytes]:
-        """Every check of the verifier, the AK certificate naming the TLS
-        peer, and the peer's golden values (recorded on first use with tofu,
-        which :attr:`on_first_use` is told).  The clock counters are compared
-        with those last seen from this very AK.  Returns the verified PCR
+        """Every check of the verifier on a quote of what we requested,
+        the AK certificate naming the TLS peer, and the policy that judges
+        the peer (values recorded on first use with tofu, which
+        :attr:`on_first_use` is told).  The clock counters are compared with
+        those last seen from this very AK.  Returns the verified SHA-256 PCR
         values."""
         attest.verify_ak_certificate(
             evidence.ak_certificate, self.pca, evidence.ak_public, peer_name
         )
         ak_name = attest.ak_name(evidence.ak_public)
-        golden = self.policy.expected(peer_name, self.tofu)
-        values = {v.index: v.value for v in evidence.pcrs}
-        clock = attest.verify_quote(
+        policy = self.policy.expected(peer_name, self.tofu)
+        values: dict[tuple[int, int], bytes] = {}
+        for v in evidence.pcrs:
+            if (int(v.alg), v.index) in values:
+                raise attest.AttestationError(
+                    attest.Check.PCR_DIGEST, f"PCR {v.index} of {v.alg.name} reported twice"
+                )
+            values[(int(v.alg), v.index)] = v.value
+        clock = attest.check_quote(
             evidence.ak_public,
             evidence.attest,
             evidence.signature,
             qualifying=qualifying,
-            pcrs=self.pcrs,
+            banks=request.banks,
             values=values,
-            golden=golden.pcrs if golden else None,
-            previous=golden.clocks.get(ak_name) if golden else None,
+            previous=self.policy.previous(peer_name, ak_name),
         )
-        if self.policy.seen(peer_name, ak_name, values, clock):
-            self.on_first_use(FirstUse(peer_name, ak_name, values))
-        return values
+        if policy is not None:
+            policy.check(values, evidence.event_log, peer_name)
+        sha256 = {p: v for (a, p), v in values.items() if a == wire.HashAlg.SHA256}
+        if self.policy.seen(peer_name, ak_name, values, clock, record=policy is None):
+            self.on_first_use(FirstUse(peer_name, ak_name, sha256))
+        return sha256
 
     def seal(self, secret: bytes) -> bytes:
         """Seal a vTPM key to this host's TPM in its current PCR state."""
@@ -161,4 +229,37 @@ def open_attestor(
     identity = Identity.load(identity_dir)
     pca = x509.load_pem_x509_certificate((identity_dir / "pca.pem").read_bytes())
     policy = PolicyStore(policy_dir or identity_dir / "policy")
-    return Attestor(identity, TPM(identity.tpm), policy, pca, tofu, on_first_use=on_first_use)
+    return Attestor(
+        identity,
+        TPM(identity.tpm),
+        policy,
+        pca,
+        tofu,
+        on_first_use=on_first_use,
+        event_log=event_log_path(identity_dir, identity.tpm),
+    )
+
+
+def event_log_path(identity_dir: Path, tcti: str) -> Path | None:
+    """Where this host's event log is: ``IDENTITY/event-log`` if there is
+    one (a file, or a link to the kernel's), else the kernel's for a TPM
+    device, else none (a simulator has no firmware that measured)."""
+    own = identity_dir / "event-log"
+    if own.exists():
+        return own
+    return SYSFS_EVENT_LOG if tcti.startswith("device") else None
+
+
+def check_request(request: wire.QuoteRequest) -> None:
+    """Refuse a selection no sensible verifier asks for: no bank, a bank
+    twice, or a bank with no PCR.  (The wire format already bounds the
+    banks to known algorithms, one each, and PCRs to 0..23.)"""
+    algs = [b.alg for b in request.banks]
+    if not algs:
+        raise PeerViolation(ErrorCode.BAD_PARAMETER, "the challenge selects no PCR bank")
+    if len(set(algs)) != len(algs):
+        raise PeerViolation(ErrorCode.BAD_PARAMETER, "the challenge selects a PCR bank twice")
+    if any(not b.pcrs for b in request.banks):
+        raise PeerViolation(ErrorCode.BAD_PARAMETER, "the challenge selects a bank with no PCR")
+    if list(algs) != sorted(algs):
+        raise PeerViolation(ErrorCode.BAD_PARAMETER, "the challenge's banks are out of order")

@@ -325,5 +325,5 @@ class DemoTests(TestCase):
         seen = report["attested"]["source-a saw dest-b"]
         self.assertEqual(sorted(seen["pcrs"]), ["0", "1", "2", "3", "4", "7"])
         self.assertTrue(seen["first_use"])
-        self.assertIn("PCRs [7] differ", report["refusal"])
+        self.assertIn("PCRs sha256:7 of dest-b differ", report["refusal"])
         self.assertEqual(report["backend"], "image")

@@ -88,6 +88,20 @@ def free_port() -> int:
     return port
 
 
+def policy_record(s: Scene) -> list[str]:
+    """``policy record`` of a peer's own policy, all but ``--pcrs``."""
+    return [
+        "policy",
+        "record",
+        "--policy-dir",
+        str(s.base / "policy"),
+        "--host",
+        "host-a",
+        "--tpm",
+        "device:/dev/tpmrm0",
+    ]
+
+
 @dataclass
 class Row:
     """One operator mistake and what it must give."""
@@ -288,7 +302,46 @@ ROWS = [
             ]
         ),
         2,
-        "--pcrs takes comma-separated whole numbers",
+        "--pcrs takes a selection like sha256:0-5,7",
+    ),
+    Row(
+        "policy_pcrs_unknown_bank",
+        lambda s: [*policy_record(s), "--pcrs", "md5:0,7"],
+        2,
+        "unknown PCR bank 'md5'",
+    ),
+    Row(
+        "policy_pcr_over_23",
+        lambda s: [*policy_record(s), "--pcrs", "sha256:0,24"],
+        2,
+        "must name PCRs 0..23",
+    ),
+    Row(
+        "policy_class_applies_to_nothing",
+        lambda s: [
+            "policy",
+            "record",
+            "--policy-dir",
+            str(s.base / "policy"),
+            "--class",
+            "compute",
+            "--tpm",
+            "device:/dev/tpmrm0",
+        ],
+        2,
+        "a class policy needs --hosts patterns or --labels",
+    ),
+    Row(
+        "policy_import_not_a_policy",
+        lambda s: ["policy", "import", "--policy-dir", str(s.base / "policy"), str(s.a_file)],
+        1,
+        "is not a policy file",
+    ),
+    Row(
+        "policy_without_a_directory",
+        lambda s: ["policy", "show"],
+        2,
+        "give --policy-dir, or --identity",
     ),
     # -- identities and CAs
     Row(

@@ -260,3 +260,73 @@ class VersionOneStabilityTests(SynchronousTestCase):
             sorted(wire.MESSAGES),
             [1, 2, 16, 17, 18, 19, 20, 32, 33, 34, 48, 49, 50, 63, 64, 65],
         )
+
+
+class QuoteRequestWireTests(SynchronousTestCase):
+    """CHALLENGE carries the verifier's PCR selection and whether it wants
+    the event log; EVIDENCE values of any bank and the log, bounded."""
+
+    def assertRefused(self, code: ErrorCode, data: bytes) -> None:
+        with self.assertRaises(ProtocolError) as cm:
+            decode_all(data)
+        self.assertEqual(cm.exception.code, code)
+
+    def test_round_trip(self) -> None:
+        request = wire.QuoteRequest(
+            (
+                wire.PcrBank.of(wire.HashAlg.SHA1, [0]),
+                wire.PcrBank.of(wire.HashAlg.SHA256, [0, 1, 2, 3, 4, 5, 7, 23]),
+            ),
+            1,
+        )
+        challenge = wire.Challenge(b"n" * 32, request)
+        self.assertEqual(decode_all(wire.encode(challenge)), [challenge])
+        self.assertEqual(request.banks[1].indices, (0, 1, 2, 3, 4, 5, 7, 23))
+        evidence = wire.Evidence(
+            b"a",
+            b"s",
+            (wire.PcrValue(0, b"\x01" * 20, wire.HashAlg.SHA1), wire.PcrValue(7, b"\x07" * 32)),
+            b"k",
+            b"c",
+            b"log" * 30000,
+        )
+        self.assertEqual(decode_all(wire.encode(evidence)), [evidence])
+
+    def test_default_request(self) -> None:
+        """What a verifier without a policy asks: SHA-256 PCRs 0-4 and 7, no log."""
+        self.assertEqual(wire.Challenge(b"n" * 32).request, wire.DEFAULT_QUOTE_REQUEST)
+        (bank,) = wire.DEFAULT_QUOTE_REQUEST.banks
+        self.assertEqual((bank.alg, bank.indices), (wire.HashAlg.SHA256, (0, 1, 2, 3, 4, 7)))
+        self.assertEqual(wire.DEFAULT_QUOTE_REQUEST.event_log, 0)
+
+    def test_unknown_bank_refused(self) -> None:
+        payload = b"n" * 32 + bytes((1,)) + struct.pack("!HI", 0x0001, 1) + b"\x00"
+        self.assertRefused(ErrorCode.BAD_PARAMETER, frame(0x10, payload))
+
+    def test_pcr_over_23_refused(self) -> None:
+        payload = b"n" * 32 + bytes((1,)) + struct.pack("!HI", 0x000B, 1 << 24) + b"\x00"
+        self.assertRefused(ErrorCode.BAD_PARAMETER, frame(0x10, payload))
+
+    def test_more_banks_than_algorithms_refused(self) -> None:
+        bank = struct.pack("!HI", 0x000B, 1)
+        payload = b"n" * 32 + bytes((len(wire.HashAlg) + 1,)) + bank * 6 + b"\x00"
+        self.assertRefused(ErrorCode.BAD_PARAMETER, frame(0x10, payload))
+
+    def test_event_log_flag_is_a_bit(self) -> None:
+        payload = b"n" * 32 + bytes((1,)) + struct.pack("!HI", 0x000B, 1) + b"\x02"
+        self.assertRefused(ErrorCode.BAD_PARAMETER, frame(0x10, payload))
+
+    def test_event_log_over_its_bound_refused(self) -> None:
+        """A log length over MAX_EVENT_LOG is refused from the length field,
+        and a frame over EVIDENCE's limit from the header."""
+        head = wire.encode(wire.Evidence(b"", b"", (), b"", b""))[wire.HEADER.size : -4]
+        payload = head + struct.pack("!I", wire.MAX_EVENT_LOG + 1)
+        self.assertRefused(ErrorCode.BAD_PARAMETER, frame(0x11, payload))
+        limit = wire.MAX_CONTROL_PAYLOAD + wire.MAX_EVENT_LOG
+        self.assertRefused(ErrorCode.FRAME_TOO_LARGE, wire.HEADER.pack(0x11, limit + 1))
+        # Other control frames keep the 64 KiB bound.
+        self.assertRefused(
+            ErrorCode.FRAME_TOO_LARGE, wire.HEADER.pack(0x10, wire.MAX_CONTROL_PAYLOAD + 1)
+        )
+        with self.assertRaises(ValueError):
+            wire.encode(wire.Evidence(b"", b"", (), b"", b"", b"x" * (wire.MAX_EVENT_LOG + 1)))

@@ -4,6 +4,7 @@ another, mutual TLS 1.3, mutual attestation, vTPM key release."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,18 +21,21 @@ from securemig.host import storage
 from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, disk_owner, set_disk_owner
 from securemig.lab import processes
-from securemig.trust import vtpm
+from securemig.protocol import wire
+from securemig.trust import eventlog, vtpm
 from securemig.trust.attestor import Attestor, open_attestor
 from securemig.trust.identity import issue_tls, write_identity
 from securemig.trust.pca.core import PrivacyCA
 from securemig.trust.pki import Authority
-from securemig.trust.policy import PolicyStore
+from securemig.trust.policy import Policy, PolicyStore
 from securemig.trust.tpm import swtpm
 from securemig.trust.tpm.tpm import TPM
 
 from ..helpers import bundle_digests, migrate_vm, shared_tpm
 
 _world: Any = None
+#: Whether dest-b's TPM was extended with test_event_log_policy's events.
+_booted_b: list[bool] = []
 
 
 def world() -> Any:
@@ -373,6 +377,78 @@ class SecureMigrationTests(SecureBase):
         result = self.migrate(destination)
         self.assertStaysAtSource(bundle, before, result, "no golden values for dest-b")
 
+    def test_policies_by_selection_and_class(self) -> None:
+        """Each side judges the other by a policy `securemig policy record`
+        wrote, and the quotes ask exactly for its selection: the source's
+        own policy for dest-b selects PCRs 0-5,7; the destination's class
+        policy for source-* selects 0,7 (before, both failed "PCRs [..]
+        differ").  A change in source-a's PCR 16, outside that selection, is
+        ignored; nothing is trusted on first use."""
+        for args in (
+            ["--policy-dir", str(self.src_policy), "--host", "dest-b", "--tpm", self.tpm_b.tcti],
+            ["--policy-dir", str(self.dst_policy), "--class", "sources", "--hosts", "source-*"],
+        ):
+            pcrs = "0-5,7" if "--host" in args else "0,7"
+            tpm = [] if "--tpm" in args else ["--tpm", self.tpm_a.tcti]
+            result = processes.securemig("policy", "record", *args, *tpm, "--pcrs", pcrs)
+            self.assertEqual(result.returncode, 0, result.stderr)
+        self.tpm_a.pcr_extend(16, b"outside the selection " + os.urandom(8))
+        destination = self.start_destination()
+        bundle = self.create_vm()
+        before = bundle_digests(bundle)
+        result = self.migrate(destination)
+        self.assertEqual(result.returncode, 0, result.stderr + destination.log()[-3000:])
+        self.assertEqual(bundle_digests(Bundle.load(destination.state_dir / "vms" / "vm1")), before)
+        self.assertNotIn("trust on first use", result.stderr + destination.log())
+        # The destination kept source-a's counters only: the class judges it.
+        golden = PolicyStore(self.dst_policy).get("source-a")
+        assert golden is not None
+        self.assertIsNone(golden.policy)
+
+    def test_event_log_policy(self) -> None:
+        """The source judges dest-b's PCRs 8 and 9 (GRUB's commands, the
+        files it loaded) by the measured-boot event log dest-b's daemon
+        sends with its quote: a policy that allows another kernel refuses
+        it naming the event; one that allows this kernel and initrd accepts
+        it, over the real wire and TLS."""
+        ipl = eventlog.EVENT_TYPES["EV_IPL"]
+        events = [
+            (8, ipl, b"grub_cmd: linux /vmlinuz-6.1.0-28-amd64 root=/dev/vda1\0"),
+            (9, ipl, b"/boot/vmlinuz-6.1.0-28-amd64\0"),
+            (9, ipl, b"/boot/initrd.img-6.1.0-28-amd64\0"),
+        ]
+        sha256 = wire.HashAlg.SHA256
+        log = eventlog.spec_id_event([sha256]) + b"".join(
+            eventlog.event2(p, t, {sha256: hashlib.sha256(d).digest()}, d) for p, t, d in events
+        )
+        if not _booted_b:  # dest-b's TPM boots once per test process
+            for pcr, _, data in events:
+                self.tpm_b.pcr_extend(pcr, data)
+            _booted_b.append(True)
+        (self.dst_id / "event-log").write_bytes(log)
+        self.addCleanup((self.dst_id / "event-log").unlink)
+        firmware = self.tpm_b.pcr_values([wire.PcrBank.of(sha256, [0, 1, 2, 3, 4, 7])])
+
+        def allow(*files: bytes) -> Policy:
+            rule = eventlog.EventRule(9, ipl, frozenset(hashlib.sha256(f).digest() for f in files))
+            return Policy(
+                (wire.PcrBank.of(sha256, [0, 1, 2, 3, 4, 7, 8, 9]),),
+                {k: frozenset((v,)) for k, v in firmware.items()},
+                eventlog.EventLogPolicy((8, 9), (rule,)),
+            )
+
+        store = PolicyStore(self.src_policy)
+        store.record("dest-b", allow(b"/boot/vmlinuz-6.2.0-other\0", events[2][2]))
+        destination = self.start_destination("--tofu")
+        bundle = self.create_vm()
+        before = bundle_digests(bundle)
+        result = self.migrate(destination)
+        self.assertStaysAtSource(bundle, before, result, "event 2 (PCR 9, EV_IPL) digest")
+        store.record("dest-b", allow(events[1][2], events[2][2]))
+        result = self.migrate(destination)
+        self.assertEqual(result.returncode, 0, result.stderr + destination.log()[-3000:])
+        self.assertEqual(bundle_digests(Bundle.load(destination.state_dir / "vms" / "vm1")), before)
+
 
 class HostileSourceTests(SecureBase):
     """A source that holds a genuine identity but replays old evidence, and
@@ -406,12 +482,14 @@ class HostileSourceTests(SecureBase):
         before = bundle_digests(bundle)
 
         class Replayer(Attestor):
-            def evidence(self, qualifying: bytes) -> wire.Evidence:
+            def evidence(
+                self, qualifying: bytes, request: wire.QuoteRequest = wire.DEFAULT_QUOTE_REQUEST
+            ) -> wire.Evidence:
                 # A quote made for another session's exporter and nonce.
                 stale = secure.qualifying_data(
                     os.urandom(32), "source", os.urandom(32), os.urandom(16)
                 )
-                return super().evidence(stale)
+                return super().evidence(stale, request)
 
         class ReplayOptions(SecureOptions):
             def prepare(self, bundle: Bundle, host: str) -> Any:

@@ -239,10 +239,10 @@ class PolicyShowTests(SynchronousTestCase):
         shown = processes.securemig("policy", "show", "--policy-dir", str(store.directory))
         self.assertEqual(shown.returncode, 0, shown.stderr)
         by_host = {o["host"]: o for o in _objects(shown.stdout)}
-        self.assertIs(by_host[PEER]["recorded_on_first_use"], True)
-        self.assertIn("not verified", by_host[PEER]["warning"])
-        self.assertIs(by_host["host-c"]["recorded_on_first_use"], False)
-        self.assertNotIn("warning", by_host["host-c"])
+        self.assertIs(by_host[PEER]["policy"]["recorded_on_first_use"], True)
+        self.assertIn("not verified", by_host[PEER]["policy"]["warning"])
+        self.assertIs(by_host["host-c"]["policy"]["recorded_on_first_use"], False)
+        self.assertNotIn("warning", by_host["host-c"]["policy"])
 
 
 def _objects(text: str) -> list[dict[str, Any]]:

@@ -89,9 +89,13 @@ def _key_pipe(key: bytes) -> int:
     return read
 
 
-def provision(state_dir: Path, ca_dir: Path, key: bytes | None = None) -> None:
+def provision(
+    state_dir: Path, ca_dir: Path, key: bytes | None = None, pcr_banks: str | None = None
+) -> None:
     """Manufacture a TPM 2.0 in ``state_dir``: EK certificates from the CA in
-    ``ca_dir``; with ``key``, its state encrypted at rest with that key."""
+    ``ca_dir``; with ``key``, its state encrypted at rest with that key;
+    ``pcr_banks`` (e.g. ``sha1,sha256``) its active PCR banks (SHA-256 only
+    by default)."""
     setup = local_ca(ca_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     certs = state_dir / "ek-certs"
@@ -108,6 +112,8 @@ def provision(state_dir: Path, ca_dir: Path, key: bytes | None = None) -> None:
         str(certs),
         "--overwrite",
     ]
+    if pcr_banks is not None:
+        argv += ["--pcr-banks", pcr_banks]
     fds: tuple[int, ...] = ()
     if key is not None:
         fds = (_key_pipe(key),)

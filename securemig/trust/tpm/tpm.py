@@ -71,6 +71,7 @@ from tpm2_pytss.constants import (
 from tpm2_pytss.utils import NVReadEK, create_ek_template
 
 from securemig.protocol.errors import ErrorCode, LocalFault, PeerViolation
+from securemig.protocol.wire import HashAlg, PcrBank
 
 logging.getLogger("tpm2_pytss").setLevel(logging.CRITICAL)
 
@@ -253,6 +254,16 @@ def pcr_selection(pcrs: Sequence[int]) -> TPML_PCR_SELECTION:
     return TPML_PCR_SELECTION.parse("sha256:" + ",".join(str(p) for p in sorted(set(pcrs))))
 
 
+def bank_selection(banks: Sequence[PcrBank]) -> TPML_PCR_SELECTION:
+    """A selection of the PCRs of each of ``banks``, in their order (the
+    order a quote's PCR digest concatenates their values in)."""
+    if not banks or any(not b.pcrs for b in banks):
+        raise ValueError("a PCR selection must choose at least one PCR in each bank")
+    return TPML_PCR_SELECTION.parse(
+        "+".join(f"{b.alg.name.lower()}:" + ",".join(map(str, b.indices)) for b in banks)
+    )
+
+
 def pcr_policy_digest(pcrs: Sequence[int], values: dict[int, bytes]) -> bytes:
     """The policy digest of TPM2_PolicyPCR over ``values``, computed in
     software (TPM 2.0 Part 3, 23.7): what a key bound to that PCR state
@@ -406,21 +417,58 @@ class TPM:
                 values[p] = bytes(digest)
         return values
 
-    @operation("to extend a PCR")
+    @operation("to read PCRs")
+    def pcr_values(self, banks: Sequence[PcrBank]) -> dict[tuple[int, int], bytes]:
+        """Current values of the PCRs of ``banks``, by (bank algorithm, PCR).
+        A bank this TPM does not have is an error that names it."""
+        values: dict[tuple[int, int], bytes] = {}
+        for bank in banks:
+            wanted = list(bank.indices)
+            while wanted:
+                _, selection, digests = self.esapi.pcr_read(
+                    bank_selection([PcrBank.of(bank.alg, wanted)])
+                )
+                got = [p for p in wanted if _selected(selection, p, bank.alg)]
+                if not got:
+                    raise TPMError(
+                        f"this TPM has no {bank.alg.name.lower()} PCR bank (or PCRs {wanted})"
+                    )
+                for p, digest in zip(got, digests, strict=False):
+                    values[(int(bank.alg), p)] = bytes(digest)
+                wanted = [p for p in wanted if (int(bank.alg), p) not in values]
+        return values
+
     def pcr_extend(self, index: int, data: bytes) -> None:
         """Extend PCR ``index`` (SHA-256 bank) with the SHA-256 of ``data``."""
+        self.pcr_extend_digests(index, {int(TPM2_ALG.SHA256): hashlib.sha256(data).digest()})
+
+    @operation("to extend a PCR")
+    def pcr_extend_digests(self, index: int, digests: dict[int, bytes]) -> None:
+        """Extend PCR ``index`` with one digest per bank (by algorithm id),
+        as firmware does for each event of a measured boot."""
         from tpm2_pytss import TPML_DIGEST_VALUES, TPMT_HA
 
-        digest = TPMT_HA(hashAlg=TPM2_ALG.SHA256)
-        digest.digest.sha256 = hashlib.sha256(data).digest()
-        self.esapi.pcr_extend(ESYS_TR.PCR0 + index, TPML_DIGEST_VALUES([digest]))
+        values = []
+        for alg, value in digests.items():
+            digest = TPMT_HA(hashAlg=alg)
+            setattr(digest.digest, HashAlg(alg).name.lower(), value)
+            values.append(digest)
+        self.esapi.pcr_extend(ESYS_TR.PCR0 + index, TPML_DIGEST_VALUES(values))
 
     @operation("a quote")
-    def quote(self, ak: KeyBlob, pcrs: Sequence[int], qualifying: bytes) -> Signed:
-        """A quote over ``pcrs`` with ``qualifying`` as extraData."""
+    def quote(
+        self, ak: KeyBlob, pcrs: Sequence[int] | Sequence[PcrBank], qualifying: bytes
+    ) -> Signed:
+        """A quote over ``pcrs`` (SHA-256 PCR indices, or banks) with
+        ``qualifying`` as extraData."""
+        selection = (
+            bank_selection(pcrs)  # type: ignore[arg-type]
+            if pcrs and isinstance(pcrs[0], PcrBank)
+            else pcr_selection(pcrs)  # type: ignore[arg-type]
+        )
         with self._key(ak) as key:
             attest, signature = self.esapi.quote(
-                key, pcr_selection(pcrs), qualifying, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
+                key, selection, qualifying, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
             )
         return Signed(bytes(attest), bytes(signature.marshal()))
 
@@ -491,11 +539,8 @@ class TPM:
         return bytes(out.point.x)
 
 
-def _selected(selection: TPML_PCR_SELECTION, pcr: int) -> bool:
-    for s in selection:
-        if s.hash == TPM2_ALG.SHA256 and s.pcrSelect[pcr // 8] & (1 << (pcr % 8)):
-            return True
-    return False
+def _selected(selection: TPML_PCR_SELECTION, pcr: int, alg: int = TPM2_ALG.SHA256) -> bool:
+    return any(s.hash == alg and s.pcrSelect[pcr // 8] & (1 << (pcr % 8)) for s in selection)
 
 
 def _der_length(data: bytes) -> int:
