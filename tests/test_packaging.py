@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import tomllib
 import zipfile
 from email.parser import Parser
@@ -40,13 +42,23 @@ def built() -> tuple[Path, Path]:
     """Build the wheel from this tree and install it, with its dependencies
     from :data:`WHEELHOUSE` only, into a new venv in trial's working
     directory (once per test process); the wheel and the venv."""
-    work = Path("packaging").absolute()
-    work.mkdir()
+    # A directory of its own per call: trial -j2 may run these tests in two
+    # workers at once, and setuptools builds in the source tree's build/,
+    # so each builds from its own copy of the tree.
+    work = Path(tempfile.mkdtemp(prefix="packaging-", dir=".")).absolute()
     if not WHEELHOUSE.is_dir():
         raise AssertionError(f"no {WHEELHOUSE}: run `make setup` (it builds the wheelhouse)")
+    source = work / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".cache", "_trial_temp*", "build", "*.egg-info", "_build", "bench-out"
+        ),
+    )
     made = run(
         sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-        "--wheel-dir", work / "dist", ROOT, cwd=work,
+        "--wheel-dir", work / "dist", source, cwd=work,
     )  # fmt: skip
     if made.returncode:
         raise AssertionError(f"pip wheel failed:\n{made.stdout}{made.stderr}")
