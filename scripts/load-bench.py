@@ -194,7 +194,6 @@ def main() -> int:
         total_s = time.monotonic() - t
         stop_sampling.set()
         sampler.join()
-        strangers.stop()
         usage = destination.stop()
     finally:
         if strangers is not None:

@@ -157,7 +157,8 @@ class Fixed(Codec):
 
 
 class Blob(Codec):
-    """Opaque bytes with a u16 length prefix, at most ``maximum`` long."""
+    """Opaque bytes with a u16 length prefix, at most ``maximum`` long (the
+    length is checked before anything is sliced)."""
 
     _LEN = struct.Struct("!H")
 
@@ -171,38 +172,20 @@ class Blob(Codec):
         out.append(bytes(value))
 
     def decode(self, view: memoryview, offset: int) -> tuple[Any, int]:
-        self._need(view, offset, 2)
+        self._need(view, offset, self._LEN.size)
         (n,) = self._LEN.unpack_from(view, offset)
         if n > self.maximum:
             raise PeerViolation(ErrorCode.BAD_PARAMETER, f"field of {n} bytes over {self.maximum}")
-        offset += 2
+        offset += self._LEN.size
         self._need(view, offset, n)
         return bytes(view[offset : offset + n]), offset + n
 
 
-class LongBlob(Codec):
-    """Opaque bytes with a u32 length prefix, at most ``maximum`` long (the
-    length is checked before anything is sliced)."""
+class LongBlob(Blob):
+    """Opaque bytes with a u32 length prefix (the event log), at most
+    ``maximum`` long."""
 
     _LEN = struct.Struct("!I")
-
-    def __init__(self, maximum: int) -> None:
-        self.maximum = maximum
-
-    def encode(self, value: Any, out: list[bytes]) -> None:
-        if len(value) > self.maximum:
-            raise ValueError(f"{len(value)} bytes over {self.maximum}")
-        out.append(self._LEN.pack(len(value)))
-        out.append(bytes(value))
-
-    def decode(self, view: memoryview, offset: int) -> tuple[Any, int]:
-        self._need(view, offset, 4)
-        (n,) = self._LEN.unpack_from(view, offset)
-        if n > self.maximum:
-            raise PeerViolation(ErrorCode.BAD_PARAMETER, f"field of {n} bytes over {self.maximum}")
-        offset += 4
-        self._need(view, offset, n)
-        return bytes(view[offset : offset + n]), offset + n
 
 
 class Text(Blob):

@@ -97,11 +97,9 @@ class ParserTests(SynchronousTestCase):
 class TpmSimulateTests(SynchronousTestCase):
     """`securemig tpm simulate DIR`: a host TPM an operator can enroll."""
 
-    def test_simulate_then_stop(self) -> None:
-        """It manufactures a TPM with EK certificates from a vendor CA, runs it,
-        prints a TCTI that opens it and the vendor CA for `pca init`, and
-        SIGTERM ends it and its swtpm."""
-        base = Path(self.mktemp()).absolute()
+    def simulate(self, base: Path) -> tuple[subprocess.Popen[str], list[str], str]:
+        """Start ``securemig tpm simulate BASE``; its process, the lines it
+        printed before it ran the TPM, and that ``running as pid`` line."""
         sim = subprocess.Popen(
             [processes.script("securemig"), "tpm", "simulate", str(base)],
             stdout=subprocess.PIPE,
@@ -115,6 +113,14 @@ class TpmSimulateTests(SynchronousTestCase):
             if not line:  # it ended before it ran the TPM: say why
                 self.fail(sim.stderr.read() if sim.stderr else "no output")
             lines.append(line)
+        return sim, lines, line
+
+    def test_simulate_then_stop(self) -> None:
+        """It manufactures a TPM with EK certificates from a vendor CA, runs it,
+        prints a TCTI that opens it and the vendor CA for `pca init`, and
+        SIGTERM ends it and its swtpm."""
+        base = Path(self.mktemp()).absolute()
+        sim, lines, line = self.simulate(base)
         tcti = next(x for x in lines if x.startswith("TCTI: ")).split(": ", 1)[1].strip()
         vendor = next(x for x in lines if "--vendor-ca" in x)
         self.assertIn("issuercert.pem", vendor)
@@ -128,21 +134,8 @@ class TpmSimulateTests(SynchronousTestCase):
             os.kill(swtpm_pid, 0)
         # The next run serves the same TPM on the same port: the TCTI that
         # host init recorded still opens it.
-        again = subprocess.Popen(
-            [processes.script("securemig"), "tpm", "simulate", str(base)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.addCleanup(lambda: again.poll() is None and again.kill())
-        out, err = [], ""
-        assert again.stdout is not None
-        while not (line := again.stdout.readline()).startswith("running as pid"):
-            if not line:
-                err = again.stderr.read() if again.stderr else "no output"
-                break
-            out.append(line)
+        again, out, _ = self.simulate(base)
         again.send_signal(signal.SIGTERM)
-        self.assertEqual(again.wait(20), 0, err)
+        self.assertEqual(again.wait(20), 0)
         self.assertIn(f"TCTI: {tcti}\n", out)
         self.assertFalse(any(x.startswith("manufactured") for x in out), out)

@@ -287,20 +287,7 @@ ROWS = [
     ),
     Row(
         "policy_pcrs_not_numbers",
-        lambda s: (
-            [
-                "policy",
-                "record",
-                "--policy-dir",
-                str(s.base / "policy"),
-                "--host",
-                "host-a",
-                "--tpm",
-                "device:/dev/tpmrm0",
-                "--pcrs",
-                "a",
-            ]
-        ),
+        lambda s: [*policy_record(s), "--pcrs", "a"],
         2,
         "--pcrs takes a selection like sha256:0-5,7",
     ),
