@@ -406,7 +406,12 @@ class QemuSourceCrashTests(QemuMigrationBase):
         daemon = processes.start_destination(state, "--resolve-interval", "0.3")
         self.addCleanup(daemon.stop)
         deadline = time.monotonic() + 60
-        while self.qemu.status(Bundle.load(self.bundle.path)) != "running":
+        # Running, and resumed: QEMU writes its pid file before it opens its
+        # monitor, and the daemon saves the manifest only after `cont`.
+        while (
+            self.qemu.status(Bundle.load(self.bundle.path)) != "running"
+            or Bundle.load(self.bundle.path).manifest.state != "running"
+        ):
             self.assertLess(time.monotonic(), deadline, daemon.log())
             await deferLater(reactor, 0.2, lambda: None)
         self.assertEqual(await self.marker_of(Bundle.load(self.bundle.path)), self.marker)
