@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.securemig-setup
 TESTS  ?= tests
 
-.PHONY: setup demo test lint docs bench clean
+.PHONY: setup demo test lint docs bench clean install-units
 
 setup: $(STAMP)
 
@@ -45,6 +45,17 @@ docs: setup
 
 bench: setup
 	$(VENV)/bin/securemig bench --out bench-out
+
+# The systemd units of contrib/systemd, running this checkout's twistd:
+# make install-units [DESTDIR=/some/root] [UNITDIR=/etc/systemd/system]
+UNITDIR ?= /etc/systemd/system
+install-units: setup
+	install -d $(DESTDIR)$(UNITDIR)
+	for unit in contrib/systemd/*.service; do \
+	  sed 's|/opt/securemig/.venv|$(abspath $(VENV))|' $$unit > $(DESTDIR)$(UNITDIR)/$$(basename $$unit) && \
+	  chmod 644 $(DESTDIR)$(UNITDIR)/$$(basename $$unit) || exit 1; \
+	done
+	@echo "installed in $(DESTDIR)$(UNITDIR); then: systemctl daemon-reload && systemctl enable --now securemig"
 
 clean:
 	rm -rf $(VENV) _trial_temp* build *.egg-info doc/_build

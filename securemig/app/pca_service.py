@@ -34,6 +34,7 @@ class Options(ServiceOptions):
 
     def postOptions(self) -> None:
         """Refuse incomplete or plain-HTTP configurations."""
+        super().postOptions()
         if not self["dir"]:
             raise usage.UsageError("--dir is required")
         if not (Path(self["dir"]) / "ca.pem").exists():

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from securemig import files
+from securemig.app import logformat
 from securemig.host import storage
 from securemig.host.arrival import DestinationHost
 from securemig.host.glibc import tune_malloc
@@ -55,9 +56,16 @@ class ServiceOptions(usage.Options):
     """Options of a securemig twistd service: its ``--help`` ends with
     :data:`EXIT_STATUS_HELP`, as written (twistd rewraps ``longdesc``)."""
 
+    # Both services' (twistd gathers optParameters along the class tree).
+    optParameters = [logformat.OPTION]
+
     def getUsage(self, width: int | None = None) -> str:
         """twistd's usage text, then the exit statuses."""
         return super().getUsage(width) + "\n" + EXIT_STATUS_HELP
+
+    def postOptions(self) -> None:
+        """The options both services share: ``--log-format``."""
+        logformat.choose(self)
 
 
 class Options(ServiceOptions):
@@ -156,6 +164,7 @@ class Options(ServiceOptions):
 
     def postOptions(self) -> None:
         """Check the options make a usable destination."""
+        super().postOptions()
         if not self["state-dir"]:
             raise usage.UsageError("--state-dir is required")
         # One daemon per state directory: a second one would settle (and

@@ -4,12 +4,19 @@ process."""
 
 from __future__ import annotations
 
+import configparser
+import shlex
+import shutil
 import socket
 import subprocess
 from pathlib import Path
 
+from twisted.logger import eventFromJSON, formatEvent
+from twisted.python import usage
+from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import TestCase
 
+from securemig.app import pca_service, service
 from securemig.lab import processes
 
 
@@ -75,3 +82,102 @@ class ServiceTests(TestCase):
         text = log.read_text()
         self.assertIn("cannot listen for insecure migrations", text)
         self.assertNotIn("Traceback", text)
+
+
+class LogFormatTests(TestCase):
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).absolute()
+
+    def test_json_logs_one_event_per_line(self) -> None:
+        """--log-format json: every line of the log is one eventAsJSON object
+        (no text lines, no record separators), and the events are the service's."""
+        destination = processes.start_destination(self.base / "state", "--log-format", "json")
+        destination.stop()
+        lines = destination.log().splitlines()
+        self.assertTrue(lines)
+        events = [eventFromJSON(line) for line in lines]
+        texts = [formatEvent(e) for e in events]
+        self.assertTrue(any("listening for insecure migrations" in t for t in texts), texts)
+        self.assertNotIn("\x1e", destination.log())
+
+    def test_unknown_log_format_is_a_usage_error(self) -> None:
+        result = twistd(
+            "--log-format",
+            "xml",
+            "--state-dir",
+            str(self.base / "state"),
+            "--insecure-listen",
+            "tcp:0:interface=127.0.0.1",
+            log_file=self.base / "d.log",
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("--log-format 'xml': one of text, json", result.stdout + result.stderr)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def test_pca_takes_log_format(self) -> None:
+        self.assertIn("log-format=", pca_service.Options().longOpt)
+
+
+class UnitFileTests(TestCase):
+    """contrib/systemd, installed by `make install-units`: systemd accepts
+    them, and every option of their ExecStart is one twistd and the plugin
+    have."""
+
+    def test_units_install_and_verify(self) -> None:
+        root = Path(self.mktemp()).absolute()
+        checkout = Path(__file__).resolve().parents[2]
+        result = subprocess.run(
+            [
+                "make",
+                "--no-print-directory",
+                "-C",
+                str(checkout),
+                "install-units",
+                f"DESTDIR={root}",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        units = sorted((root / "etc/systemd/system").glob("*.service"))
+        self.assertEqual([u.name for u in units], ["securemig-pca.service", "securemig.service"])
+        analyze = shutil.which("systemd-analyze")
+        if analyze is None:
+            self.fail("systemd-analyze is missing: apt-get install systemd")
+        verify = subprocess.run(
+            [analyze, "verify", *map(str, units)], capture_output=True, text=True, check=False
+        )
+        self.assertEqual((verify.returncode, verify.stderr, verify.stdout), (0, "", ""))
+        for unit in units:
+            argv = exec_start(unit)
+            self.assertEqual(Path(argv[0]), checkout / ".venv/bin/twistd")
+            plugin = next(a for a in argv[1:] if a.startswith("securemig"))
+            here = argv.index(plugin)
+            self.assertIn("--nodaemon", argv[:here])
+            self.assertEqual(argv[here + 1 : here + 3], ["--log-format", "json"])
+            self.assertEqual(unknown_options(ServerOptions(), argv[1:here]), [])
+            options = {"securemig": service.Options, "securemig-pca": pca_service.Options}[plugin]
+            self.assertEqual(unknown_options(options(), argv[here + 1 :]), [])
+
+    def test_unknown_option_is_noticed(self) -> None:
+        """The check above would see a misspelt option."""
+        self.assertEqual(
+            unknown_options(service.Options(), ["--state-dir", "x", "--listne", "tcp:1"]),
+            ["--listne"],
+        )
+
+
+def exec_start(unit: Path) -> list[str]:
+    """The ExecStart command line of a unit file (continuation lines joined)."""
+    text = unit.read_text().replace("\\\n", " ")
+    parser = configparser.ConfigParser(strict=True, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(text)
+    return shlex.split(parser["Service"]["ExecStart"])
+
+
+def unknown_options(options: usage.Options, argv: list[str]) -> list[str]:
+    """The ``--long`` options in ``argv`` that ``options`` does not declare."""
+    known = {o.rstrip("=") for o in options.longOpt}
+    return [a for a in argv if a.startswith("--") and a[2:].split("=")[0] not in known]
