@@ -33,6 +33,7 @@ from securemig.transport.limits import (
     raise_descriptor_limit,
 )
 from securemig.transport.resolve import Resolver
+from securemig.transport.tcp import listen_in_range, parse_port_range
 from securemig.transport.tls import CIPHERS
 from securemig.trust.attestor import open_attestor
 from securemig.trust.keyrelease import DestinationSecurity, MigrationKey
@@ -138,6 +139,13 @@ class Options(ServiceOptions):
             "at least 4).",
             int,
         ],
+        [
+            "data-ports",
+            None,
+            None,
+            "Secure variant: LOW-HIGH, the ports a migration's data channel may listen on "
+            "(for firewalls; default: any free port). A migration finding all taken fails.",
+        ],
         ["backend", None, "image", "Hypervisor of this host: image (files only), qemu or xen."],
         [
             "tls-cipher",
@@ -209,6 +217,12 @@ class Options(ServiceOptions):
                 raise usage.UsageError(f"--max-startups {self['max-startups']!r}: {e}") from None
         else:
             self.startups = None
+        self.data_ports: range | None = None
+        if self["data-ports"]:
+            try:
+                self.data_ports = parse_port_range(self["data-ports"])
+            except ValueError as e:
+                raise usage.UsageError(f"--data-ports {self['data-ports']!r}: {e}") from None
         if self["per-source-max-startups"] is not None and self["per-source-max-startups"] < 1:
             raise usage.UsageError("--per-source-max-startups must be at least 1")
         if self["handshake-timeout"] <= 0:
@@ -361,9 +375,12 @@ def makeService(options: Options) -> service.MultiService:
             frozenset(allowed) if allowed else None,
         )
 
+        ports = getattr(options, "data_ports", None)
+
         def data_listener(interface: str, factory: Any) -> Any:
-            # Per migration, on the address the source reached: port 0 (any free).
-            return reactor.listenTCP(0, factory, interface=interface)  # type: ignore[attr-defined]
+            # Per migration, on the address the source reached: any free
+            # port, or one of --data-ports.
+            return listen_in_range(reactor, ports, factory, interface)
 
         secure = DestinationFactory(
             host,

@@ -273,7 +273,13 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         if self.data_listener is not None:
             # On the address the source reached us at; a port of its own.
             self.data_port = self.data_listener(self.out.getHost().host, DataChannelFactory(self))
-            self.connection.offer_data_channel(self.data_port.getHost().port)
+            port = self.data_port.getHost().port
+            self.log.info(
+                "data channel of migration {mid} on port {port}",
+                mid=self.arrival.migration_id.hex(),
+                port=port,
+            )
+            self.connection.offer_data_channel(port)
         crashpoint.reached("destination-admitted")
         self.run(self.session.admitted(self.arrival.migration_id))
 

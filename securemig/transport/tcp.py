@@ -4,8 +4,13 @@ TCP tuning and accounting under Twisted's transports (TLS or not).
 
 from __future__ import annotations
 
+import random
 import sys
 from typing import Any
+
+from twisted.internet.error import CannotListenError
+
+from securemig.protocol.errors import ErrorCode, LocalFault
 
 #: Bytes a TCP transport reads or sends per system call (Twisted: 64 KiB / 128 KiB).
 TRANSPORT_IO_SIZE = 1024 * 1024
@@ -64,3 +69,40 @@ def tcp_bytes_acked(transport: Any) -> int | None:
 
 #: Offset of ``tcpi_bytes_acked`` (u64) in Linux's ``struct tcp_info`` (since 4.1).
 TCP_INFO_BYTES_ACKED = 120
+
+
+class NoFreePort(LocalFault):
+    """Every port of the destination's ``--data-ports`` range is taken."""
+
+    default_code = ErrorCode.IO_ERROR
+
+
+def parse_port_range(text: str) -> range:
+    """``LOW-HIGH`` (both included, 1-65535, LOW <= HIGH) as a range, or
+    ValueError saying what is wrong with it."""
+    low, sep, high = text.partition("-")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+        raise ValueError("write it as LOW-HIGH, e.g. 40000-40099")
+    first, last = int(low), int(high)
+    if not 0 < first <= last < 65536:
+        raise ValueError("ports are 1-65535, LOW at most HIGH")
+    return range(first, last + 1)
+
+
+def listen_in_range(reactor: Any, ports: range | None, factory: Any, interface: str) -> Any:
+    """Listen for ``factory`` on ``interface``: on any free port, or on the
+    first free one of ``ports`` (tried from a random place in the range, so
+    concurrent migrations do not all probe the same taken ports first);
+    :class:`NoFreePort` when all are taken."""
+    if ports is None:
+        return reactor.listenTCP(0, factory, interface=interface)
+    offset = random.randrange(len(ports))
+    for i in range(len(ports)):
+        try:
+            return reactor.listenTCP(ports[(offset + i) % len(ports)], factory, interface=interface)
+        except CannotListenError:
+            continue
+    raise NoFreePort(
+        f"no free data channel port: all of {ports[0]}-{ports[-1]} (--data-ports) are in use; "
+        "widen the range or let running migrations end"
+    )
