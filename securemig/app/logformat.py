@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, jsonFileLogObserver
+from twisted.logger import jsonFileLogObserver
 from twisted.python import usage
 from twisted.python.logfile import LogFile
 
@@ -22,7 +22,7 @@ from twisted.python.logfile import LogFile
 LOG_FORMATS = ("text", "json")
 
 #: The option, as both services declare it.
-OPTION = [
+OPTION: list[Any] = [
     "log-format",
     None,
     "text",
@@ -57,9 +57,10 @@ def choose(options: usage.Options) -> None:
     parent["logger"] = f"{__name__}.json_observer"
 
 
-def json_observer() -> ILogObserver:
+def json_observer() -> Any:
     """Twisted's JSON log observer, one event per line (no record
-    separator), on twistd's log file or stdout."""
+    separator), on twistd's log file or stdout: an ``ILogObserver``
+    (Twisted declares it through zope, which mypy does not see)."""
     path, nodaemon = _destination
     out: IO[Any]
     if path == "-" or (nodaemon and not path):

@@ -58,7 +58,7 @@ class ServiceOptions(usage.Options):
     :data:`EXIT_STATUS_HELP`, as written (twistd rewraps ``longdesc``)."""
 
     # Both services' (twistd gathers optParameters along the class tree).
-    optParameters = [logformat.OPTION]
+    optParameters: list[list[Any]] = [logformat.OPTION]
 
     def getUsage(self, width: int | None = None) -> str:
         """twistd's usage text, then the exit statuses."""
