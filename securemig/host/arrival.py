@@ -304,6 +304,7 @@ class DestinationHost:
                 protocol=protocol,
                 id=migration_id.hex(),
                 peer_name=peer_name,
+                total=sum(i.size for i in hello.images),
             )
             staging.mkdir()
             self.journal.phase(migration_id.hex(), "admitted")
@@ -444,6 +445,10 @@ class Arrival:
     def journal_phase(self, phase: str, nbytes: int) -> None:
         """Record a phase of this arrival."""
         self.host.journal.phase(self.id, phase, nbytes=nbytes)
+
+    def journal_progress(self, nbytes: int) -> None:
+        """Record the bytes received so far (for ``securemig jobs``)."""
+        self.host.journal.progress(self.id, nbytes)
 
     async def commit(self) -> None:
         """The source committed: move the VM into place and resume it."""

@@ -85,6 +85,7 @@ class Departure:
             protocol=self.protocol,
             peer_name=self.peer_name,
             bundle=str(self.bundle.path),
+            total=self.total_bytes,
         )
         try:
             self.was_running = self.backend.status(self.bundle) == "running"

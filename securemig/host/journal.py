@@ -45,6 +45,18 @@ CREATE TABLE IF NOT EXISTS events (
     at        REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_migration ON events(migration);
+CREATE TABLE IF NOT EXISTS abort_requests (  -- `securemig abort`, read by the source's process
+    migration TEXT PRIMARY KEY REFERENCES migrations(id),
+    at        REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS refusals (  -- destination: arrivals refused before admission
+    at        REAL NOT NULL,
+    peer      TEXT NOT NULL,      -- address:port
+    peer_name TEXT,               -- the source's attested (TLS) name, secure variant
+    vm        TEXT,
+    code      TEXT NOT NULL,
+    reason    TEXT NOT NULL
+);
 """
 
 #: Columns added after the first release, with their definitions: an older
@@ -54,7 +66,17 @@ ADDED_COLUMNS = {
     "bundle": "TEXT",
     "peer_settled": "INTEGER NOT NULL DEFAULT 0",
     "owner": "TEXT",
+    "total": "INTEGER",
 }
+
+#: How many refused arrivals the journal keeps (the newest): a source that
+#: is refused again and again cannot grow it without bound.
+MAX_REFUSALS = 1000
+
+#: Seconds between the journal updates of a running migration's bytes (and
+#: the source's look for an abort request): live for ``securemig jobs``,
+#: at most two journal writes a second per migration.
+PROGRESS_INTERVAL = 0.5
 
 
 def this_process() -> str:
@@ -147,6 +169,8 @@ class MigrationRecord:
     bundle: str | None
     peer_settled: bool
     owner: str | None
+    #: Bytes of images the migration streams (None in journals from before).
+    total: int | None
     events: list[tuple[str, float]]
 
     def reached(self, phase: str) -> bool:
@@ -218,6 +242,7 @@ class Journal:
         id: str | None = None,
         peer_name: str | None = None,
         bundle: str | None = None,
+        total: int | None = None,
     ) -> str:
         """Record a new migration; returns its local id."""
         local_id = id or uuid.uuid4().hex
@@ -225,8 +250,8 @@ class Journal:
         with self._db:
             self._db.execute(
                 "INSERT INTO migrations (id, migration_id, role, vm, peer, variant, protocol,"
-                " phase, started, updated, peer_name, bundle, owner)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?, ?)",
+                " phase, started, updated, peer_name, bundle, owner, total)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?, ?, ?)",
                 (
                     local_id,
                     id,
@@ -240,6 +265,7 @@ class Journal:
                     peer_name,
                     bundle,
                     this_process(),
+                    total,
                 ),
             )
             self._db.execute("INSERT INTO events VALUES (?, 'started', ?)", (local_id, now))
@@ -256,6 +282,57 @@ class Journal:
                 (phase, now, nbytes, local_id),
             )
             self._db.execute("INSERT INTO events VALUES (?, ?, ?)", (local_id, phase, now))
+
+    def progress(self, local_id: str, nbytes: int) -> None:
+        """Record the bytes a running migration has streamed so far (at most
+        every :data:`PROGRESS_INTERVAL`; no event)."""
+        with self._db:
+            self._db.execute(
+                "UPDATE migrations SET bytes = ?, updated = ? WHERE id = ?",
+                (nbytes, time.time(), local_id),
+            )
+
+    def request_abort(self, local_id: str) -> None:
+        """Ask the process driving a migration to abort it (``securemig abort``)."""
+        with self._db:
+            self._db.execute(
+                "INSERT OR IGNORE INTO abort_requests VALUES (?, ?)", (local_id, time.time())
+            )
+
+    def abort_requested(self, local_id: str) -> bool:
+        """Whether ``securemig abort`` asked for this migration to end."""
+        row = self._db.execute(
+            "SELECT 1 FROM abort_requests WHERE migration = ?", (local_id,)
+        ).fetchone()
+        return row is not None
+
+    def refused(
+        self, *, peer: str, peer_name: str | None, vm: str | None, code: str, reason: str
+    ) -> None:
+        """Destination: record an arrival refused before it was admitted
+        (the newest :data:`MAX_REFUSALS` are kept)."""
+        with self._db:
+            self._db.execute(
+                "INSERT INTO refusals VALUES (?, ?, ?, ?, ?, ?)",
+                (time.time(), peer, peer_name, vm, code, reason),
+            )
+            self._db.execute(
+                "DELETE FROM refusals WHERE rowid <= (SELECT MAX(rowid) FROM refusals) - ?",
+                (MAX_REFUSALS,),
+            )
+
+    def refusals(self, limit: int = 20) -> list[Refusal]:
+        """The newest refused arrivals first."""
+        rows = self._db.execute(
+            "SELECT at, peer, peer_name, vm, code, reason FROM refusals"
+            " ORDER BY rowid DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [Refusal(*row) for row in rows]
+
+    def running(self) -> list[MigrationRecord]:
+        """Migrations with no outcome whose process still runs (``securemig jobs``)."""
+        return [r for r in self.unfinished() if owner_alive(r.owner)]
 
     def set_peer_name(self, local_id: str, name: str) -> None:
         """Record the peer's attested name (it is known after the TLS handshake)."""
@@ -337,7 +414,7 @@ class Journal:
     def _query(self, where: str, args: tuple[Any, ...]) -> list[MigrationRecord]:
         columns = (
             "id, migration_id, role, vm, peer, variant, protocol, phase, outcome, error,"
-            " bytes, started, updated, peer_name, bundle, peer_settled, owner"
+            " bytes, started, updated, peer_name, bundle, peer_settled, owner, total"
         )
         rows = self._db.execute(f"SELECT {columns} FROM migrations {where}", args).fetchall()
         result = []
@@ -345,9 +422,27 @@ class Journal:
             events = self._db.execute(
                 "SELECT phase, at FROM events WHERE migration = ? ORDER BY rowid", (row[0],)
             ).fetchall()
-            values: list[Any] = [*row[:-2], bool(row[-2]), row[-1], [(p, a) for p, a in events]]
+            values: list[Any] = [
+                *row[:-3],
+                bool(row[-3]),
+                row[-2],
+                row[-1],
+                [(p, a) for p, a in events],
+            ]
             result.append(MigrationRecord(*values))
         return result
+
+
+@dataclass
+class Refusal:
+    """An arrival a destination refused before admitting it."""
+
+    at: float
+    peer: str
+    peer_name: str | None
+    vm: str | None
+    code: str
+    reason: str
 
 
 def dumps(records: list[MigrationRecord]) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
@@ -74,6 +75,7 @@ async def migrate(
     on_start: Callable[[Departure], None] = lambda d: None,
     secure: SecureOptions | None = None,
     unseal_with: Path | None = None,
+    bandwidth: float | None = None,
 ) -> tuple[Departure, Finished]:
     """Migrate ``bundle`` to ``to`` (``HOST:PORT``): over mutual TLS with
     attestation and vTPM key release when ``secure`` is given, else over the
@@ -82,7 +84,8 @@ async def migrate(
     Fires with the departure and the session's final effect.  Raises
     :class:`VMLocked` or :class:`~securemig.hypervisor.bundle.BundleError` before
     anything is sent, :class:`ConnectFailed` if the destination cannot be
-    reached (the VM stays here in every one of those cases).
+    reached (the VM stays here in every one of those cases).  ``bandwidth``
+    limits the image bytes sent a second.
     """
     host, port = parse_address(to)
     if secure is not None and not bundle.vtpm_key_path.exists():
@@ -145,6 +148,7 @@ async def migrate(
         idle_timeout=IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
         deadline=DEADLINE if deadline is None else deadline,
         security=security,
+        bandwidth=bandwidth,
     )
     endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
     endpoint: Any = endpoint_type(reactor, host, port, timeout=30)
@@ -162,8 +166,22 @@ async def migrate(
         )
         raise ConnectFailed(f"cannot connect to {to}: {e}") from None
     result = await proto.finished
+    # Twisted sends what was written on a later turn of the reactor: a
+    # caller that stops it at once (securemig migrate) would lose an ABORT
+    # from a timer (securemig abort, Ctrl-C) or the last COMMIT.  The
+    # connection is closed once they are out; not waiting longer than
+    # CLOSE_WAIT for a peer that does not close.
+    closed = proto.closed
+    closed.addTimeout(CLOSE_WAIT, reactor)  # type: ignore[arg-type]
+    closed.addErrback(lambda f: f.trap(defer.TimeoutError))
+    await closed
     departure.wire_bytes = proto.wire_bytes
     return departure, result
+
+
+#: Seconds :func:`migrate` waits, after the session's end, for its control
+#: connection to close (its last message flushed).
+CLOSE_WAIT = 3.0
 
 
 def parse_address(to: str) -> tuple[str, int]:

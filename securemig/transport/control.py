@@ -37,7 +37,7 @@ from securemig.protocol.effects import Attest, CommonEffect, Finished, Send, Ver
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError, io_error
 from securemig.protocol.session import Session
 from securemig.transport import tls
-from securemig.transport.tcp import tune_transport
+from securemig.transport.tcp import flush_tls, tune_transport
 from securemig.transport.tls import channel_binding
 from securemig.trust.keyrelease import qualifying_data
 
@@ -294,6 +294,11 @@ class FramedProtocol(Connection, Generic[E]):
         """Flush and half-close; drop the connection once the peer closed
         its side too or when the connection object's close grace ends."""
         if hasattr(self.out, "loseWriteConnection") and hasattr(self.out, "abortConnection"):
+            # Under TLS, loseWriteConnection reaches the TCP transport
+            # directly (Twisted's TLS wrapper passes unknown attributes
+            # down), past TLS's own buffer of small writes: the last ABORT
+            # would be dropped unless that buffer is written out first.
+            flush_tls(self.out)
             self.out.loseWriteConnection()
             self.connection.closing(self.clock.seconds())
         else:

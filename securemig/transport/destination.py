@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securemig import crashpoint
+from securemig.host.journal import PROGRESS_INTERVAL
 from securemig.hypervisor.bundle import disk_owner
 from securemig.protocol import destination as destination_session
 from securemig.protocol import effects, wire
@@ -126,6 +127,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         self.executor: Executor | None = None
         self.queued = 0
         self.reading_paused = False
+        self.progress_journaled = 0.0
 
     @property
     def session(self) -> destination_session.DestinationSession:
@@ -266,6 +268,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             )
         except ProtocolError as e:
             self.log.info("refused VM {vm}: {reason}", vm=effect.hello.vm_name, reason=e.reason)
+            self._journal_refusal(effect.hello.vm_name, e)
             self.run(self.session.refused(e.code, e.reason))
             return
         self.high_water = max(self.high_water, 2 * effect.hello.chunk_size)
@@ -282,6 +285,20 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             self.connection.offer_data_channel(port)
         crashpoint.reached("destination-admitted")
         self.run(self.session.admitted(self.arrival.migration_id))
+
+    def _journal_refusal(self, vm: str, e: ProtocolError) -> None:
+        """Journal an arrival refused before admission (``securemig status``
+        shows it); a journal that cannot take it is logged, the refusal stands."""
+        try:
+            self.host.journal.refused(
+                peer=self._peer(),
+                peer_name=self.peer_name() if self.security is not None else None,
+                vm=vm,
+                code=e.code.name,
+                reason=e.reason,
+            )
+        except Exception as failure:
+            self.log.error("cannot journal the refusal: {e}", e=failure)
 
     # -- the data channel (secure variant; see securemig.protocol.channels)
 
@@ -402,6 +419,11 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             crashpoint.reached("destination-streaming")
         n = len(effect.data)
         self.queued += n
+        now = self.clock.seconds()
+        if now - self.progress_journaled >= PROGRESS_INTERVAL:
+            # Live bytes for `securemig jobs`, at a bounded rate.
+            self.progress_journaled = now
+            self.arrival.journal_progress(self.session.bytes_received)
         if self.queued > self.high_water and not self.reading_paused:
             self.reading_paused = True
             self.stream_transport.pauseProducing()

@@ -4,6 +4,7 @@ The source's Twisted shell: one outgoing migration and its data channel.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from functools import partial
 from typing import Any, assert_never
@@ -14,6 +15,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from securemig import crashpoint
+from securemig.host.journal import PROGRESS_INTERVAL
 from securemig.protocol import effects, records
 from securemig.protocol import source as source_session
 from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT, SourceConnection
@@ -28,6 +30,9 @@ from securemig.trust.keyrelease import (
     check_offer,
     wrap,
 )
+
+#: The reason a migration ended by ``securemig abort`` ends with.
+ABORTED = "aborted by the operator (securemig abort)"
 
 
 class SourceProtocol(FramedProtocol[SourceEffect]):
@@ -51,6 +56,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         deadline: float = DEADLINE,
         security: Any = None,
         data_connector: DataConnector | None = None,
+        bandwidth: float | None = None,
     ) -> None:
         super().__init__(clock, SourceConnection(session, idle_timeout, deadline))
         self.security = security
@@ -59,13 +65,20 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         self.departure = departure
         self.executor_factory = executor_factory
         self.on_progress = on_progress
+        #: Image bytes a second at most (None: no limit).
+        self.bandwidth = bandwidth
         self.streamer: ImageStreamer | None = None
         self.finished: Deferred[effects.Finished] = Deferred()
+        #: Fires when the control connection is closed: what was written
+        #: to it (the last ABORT or COMMIT) has left this process.
+        self.closed: Deferred[None] = Deferred()
         self.rolled_back: Deferred[None] | None = None
         self.bytes_sent = 0
         #: TCP payload bytes acknowledged by the destination, both
         #: connections, when the session finished (None where unknown).
         self.wire_bytes: int | None = None
+        self._watch: Any = None
+        self._bytes_journaled = 0
 
     @property
     def session(self) -> source_session.SourceSession:
@@ -76,7 +89,39 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         """Say HELLO."""
         super().connectionMade()
         self.departure.connected()
+        self._watch = self.clock.callLater(PROGRESS_INTERVAL, self._look_at_journal)
         self.run(self.session.start())
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        """Also fire :attr:`closed`."""
+        try:
+            super().connectionLost(reason)
+        finally:
+            if not self.closed.called:
+                self.closed.callback(None)
+
+    def _look_at_journal(self) -> None:
+        """Every :data:`PROGRESS_INTERVAL` until the commit: journal the
+        bytes sent (``securemig jobs``) and end the migration if ``securemig
+        abort`` asked for it: the session fails with CANCELLED, which sends
+        the destination ABORT and rolls back, as Ctrl-C does."""
+        self._watch = None
+        if self.session.finished or self.departure.committed:
+            return
+        journal, local_id = self.departure.journal, self.departure.id
+        try:
+            if self.bytes_sent != self._bytes_journaled:
+                self._bytes_journaled = self.bytes_sent
+                journal.progress(local_id, self.bytes_sent)
+            aborted = journal.abort_requested(local_id)
+        except sqlite3.Error as e:
+            # Only the live view is late; the phases still go to the journal.
+            self.log.warn("cannot read or update the journal: {e}", e=e)
+            aborted = False
+        if aborted:
+            self.fail(ProtocolError(ErrorCode.CANCELLED, ABORTED))
+            return
+        self._watch = self.clock.callLater(PROGRESS_INTERVAL, self._look_at_journal)
 
     def carry_out(self, effect: SourceEffect) -> None:
         """Carry out one effect of the source's session."""
@@ -143,6 +188,8 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self.fail,
             sealer,
             hashed=self.security is not None,
+            bandwidth=self.bandwidth,
+            clock=self.clock,
         )
         self.streamer.start()
 
@@ -196,6 +243,8 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         self.rolled_back = self.departure.rollback()
 
     def _do_Finished(self, effect: effects.Finished) -> None:
+        if self._watch is not None and self._watch.active():
+            self._watch.cancel()
         try:
             counts = [tcp_bytes_acked(self.transport)]
             if self.data_channel is not None:
@@ -215,12 +264,26 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         if self.streamer is not None:
             self.streamer.stopProducing()
         channel = self.data_channel
-        if channel is not None and channel.transport is not None and channel.connected:
+        if (
+            channel is not None
+            and channel.transport is not None
+            and channel.connected
+            and not channel.cutting
+        ):
             if channel.done:
                 channel.out.loseConnection()
             else:
-                channel.done = True
-                channel.out.abortConnection()
+                # Cut short: the destination must learn why from our ABORT,
+                # so the data channel is cut only once the control connection
+                # (which carries it) has closed; cut first, it would be taken
+                # for a truncated stream.
+                channel.done = channel.cutting = True
+
+                def cut(_: object) -> None:
+                    if channel.connected:
+                        channel.out.abortConnection()
+
+                self.closed.addBoth(cut)
 
 
 #: Opens the source's data connection: (host, port, protocol) → Deferred(protocol).
@@ -243,6 +306,8 @@ class DataChannelSender(Connection):
     def __init__(self, control: SourceProtocol) -> None:
         self.control = control
         self.done = False
+        #: To be cut once the control connection closed (see _stop_streaming).
+        self.cutting = False
 
     def connectionMade(self) -> None:
         """Send in large pieces."""

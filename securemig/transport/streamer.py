@@ -51,8 +51,17 @@ class ImageStreamer:
         on_error: Callable[[MigrationError], None],
         sealer: Any = None,
         hashed: bool = True,
+        bandwidth: float | None = None,
+        clock: Any = None,
     ) -> None:
         self.transport = transport
+        #: At most this many image bytes a second (``migrate --bandwidth``),
+        #: paced on ``clock``; None: as fast as the transport takes them.
+        self.bandwidth = bandwidth
+        self.clock = clock
+        self._paced_from: float | None = None
+        self._paced_bytes = 0
+        self._pacing: Any = None
         #: Whether STREAM_END carries each image's SHA-256 (TLS without the
         #: data channel); else :data:`wire.UNHASHED`.
         self.hashed = hashed and sealer is None
@@ -93,6 +102,8 @@ class ImageStreamer:
         """Stop for good (abort, or the connection went away)."""
         if not self.stopped:
             self.stopped = True
+            if self._pacing is not None and self._pacing.active():
+                self._pacing.cancel()
             self._ready.clear()
             self.transport.unregisterProducer()
             # Close the generator (and its open file) on the thread that runs it.
@@ -167,8 +178,26 @@ class ImageStreamer:
             self.stopProducing()
             self.on_error(failure_to_error(failure, "reading an image"))
 
+    def _wait_for_bandwidth(self, n: int) -> bool:
+        """With a bandwidth limit: whether sending ``n`` more bytes now would
+        exceed it; if so, :meth:`_pump` is called again when it would not."""
+        if self.bandwidth is None or not n:
+            return False
+        now = self.clock.seconds()
+        if self._paced_from is None:
+            self._paced_from = now
+        due = self._paced_from + self._paced_bytes / self.bandwidth
+        if now < due:
+            if self._pacing is None or not self._pacing.active():
+                self._pacing = self.clock.callLater(due - now, self._pump)
+            return True
+        self._paced_bytes += n
+        return False
+
     def _pump(self) -> None:
         while self._ready and not self.paused and not self.stopped:
+            if self._wait_for_bandwidth(self._ready[0][1]):
+                return
             buffers, n, ends_stream = self._ready.popleft()
             self.transport.writeSequence(buffers)
             if n:

@@ -47,6 +47,8 @@ class ParserTests(SynchronousTestCase):
                 "vm",
                 "migrate",
                 "status",
+                "jobs",
+                "abort",
                 "recover",
                 "journal",
                 "demo",
@@ -62,7 +64,7 @@ class ParserTests(SynchronousTestCase):
     def test_every_command_has_a_handler(self) -> None:
         """Each command and action sets ``func`` to a ``cmd_*`` of its module."""
         found = leaves(build_parser())
-        self.assertEqual(len(found), 21)
+        self.assertEqual(len(found), 23)
         for path, func in found:
             self.assertTrue(callable(func), path)
             self.assertTrue(getattr(func, "__name__", "").startswith("cmd_"), path)

@@ -7,9 +7,14 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import time
 from typing import Any
 
+from securemig.host import storage
+from securemig.hypervisor.bundle import Bundle
 from securemig.lab import processes
+from securemig.protocol import wire
 from tests.helpers import bundle_digests
 from tests.transport.test_secure import SecureBase
 
@@ -31,6 +36,12 @@ class DataPortsTests(SecureBase):
         self.assertEqual(result.returncode, 0, result.stderr)
         ports = re.findall(r"data channel of migration \w+ on port (\d+)", destination.log())
         self.assertEqual(ports, [str(port)])
+        # Both journals name the peer by the name it attested, not its address.
+        [departure] = status("--vm-dir", str(self.vm_dir))
+        [arrival] = status("--state-dir", str(destination.state_dir))
+        self.assertEqual((departure["peer_name"], arrival["peer_name"]), ("dest-b", "source-a"))
+        self.assertEqual(departure["total"], arrival["total"])
+        self.assertEqual(departure["bytes"], departure["total"])
 
     def test_range_exhausted(self) -> None:
         """Its one port taken: the migration fails with a sentence naming the
@@ -70,5 +81,118 @@ class DataPortsTests(SecureBase):
 
 def status(*where: str) -> Any:
     result = processes.securemig("status", *where, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+class RefusalJournalTests(SecureBase):
+    def test_refused_arrival_journaled_with_reason(self) -> None:
+        """An arrival refused at HELLO (the VM is already there) leaves no
+        migration behind but a refusal row: who (attested name), which VM, why."""
+        destination = self.start_destination("--tofu")
+        (destination.state_dir / "vms" / "vm1").mkdir(parents=True)
+        self.create_vm()
+        result = self.migrate(destination, "--tofu")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        shown = processes.securemig("status", "--state-dir", str(destination.state_dir))
+        self.assertEqual(shown.returncode, 0, shown.stderr)
+        self.assertRegex(
+            shown.stdout,
+            r"refused arrivals:\n.*VM vm1 from source-a \(127\.0\.0\.1:\d+\): "
+            r"VM_BUSY: VM vm1 is already present here",
+        )
+
+
+class JobControlTests(SecureBase):
+    def test_jobs_live_and_abort(self) -> None:
+        """`securemig jobs` shows a running migration's bytes rising (on both
+        hosts); `securemig abort` from another process ends it: the
+        destination is told and discards its staging, the VM stays at the
+        source, byte-identical and unlocked."""
+        destination = self.start_destination("--tofu")
+        bundle = self.create_vm("--ram-mib", "24")
+        before = bundle_digests(bundle)
+        total = sum(i.size for i in bundle.streamed_images(wire.Variant.FULL))
+        state = self.base / "src-state"
+        migrate = subprocess.Popen(
+            [
+                processes.script("securemig"),
+                "migrate",
+                "vm1",
+                "--vm-dir",
+                str(self.vm_dir),
+                "--to",
+                destination.address,
+                "--identity",
+                str(self.src_id),
+                "--policy-dir",
+                str(self.src_policy),
+                "--destination-name",
+                "dest-b",
+                "--tofu",
+                "--no-progress",
+                "--state-dir",
+                str(state),
+                # About 6 s for the images: time to look twice, then abort.
+                "--bandwidth",
+                "4",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.addCleanup(lambda: migrate.poll() is None and migrate.kill())
+        seen: list[int] = []
+        deadline = time.monotonic() + 60
+        while len(seen) < 2:
+            self.assertIsNone(migrate.poll(), "migrate ended before jobs saw it stream")
+            self.assertLess(time.monotonic(), deadline)
+            # (No journal yet until migrate has started.)
+            jobs = jobs_of("--state-dir", str(state)) if (state / "journal.sqlite").exists() else []
+            if jobs and jobs[0]["phase"] == "streaming" and jobs[0]["bytes"] > max(seen, default=0):
+                seen.append(jobs[0]["bytes"])
+            time.sleep(0.3)
+        [job] = jobs
+        self.assertEqual((job["role"], job["vm"], job["total"]), ("source", "vm1", total))
+        self.assertTrue(job["peer"].startswith("dest-b ("), job)
+        self.assertLess(job["bytes"], total)
+        self.assertGreater(job["rate_mibps"], 0)
+        [arriving] = jobs_of("--state-dir", str(destination.state_dir))
+        self.assertEqual((arriving["role"], arriving["total"]), ("destination", total))
+        self.assertTrue(arriving["peer"].startswith("source-a ("), arriving)
+        text = processes.securemig("jobs", "--state-dir", str(state))
+        self.assertIn(f"{job['id'][:12]}  source      vm1", text.stdout)
+        self.assertIn(f"/ {total / (1 << 20):.1f} MiB", text.stdout)
+
+        abort = processes.securemig("abort", job["id"][:8], "--state-dir", str(state))
+        self.assertEqual(abort.returncode, 0, abort.stderr)
+        self.assertIn(
+            f"migration {job['id'][:12]} of VM vm1 aborted: the VM stays here", abort.stdout
+        )
+        _, err = migrate.communicate(timeout=60)
+        self.assertEqual(migrate.returncode, 1, err)
+        self.assertIn("CANCELLED: aborted by the operator (securemig abort)", err)
+        self.assertEqual(bundle_digests(Bundle.load(bundle.path)), before)
+        self.assertTrue(bundle.vtpm_key_path.exists())
+        self.assertFalse(storage.is_locked(bundle.lock_path))
+        # The ABORT reached the destination: it ended the arrival as cancelled.
+        deadline = time.monotonic() + 20
+        while True:
+            [arrival] = status("--state-dir", str(destination.state_dir))
+            if arrival["outcome"] is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        self.assertEqual(arrival["outcome"], "aborted")
+        self.assertIn("CANCELLED", arrival["error"])
+        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertFalse((destination.state_dir / "vms" / "vm1").exists())
+        self.assertEqual(jobs_of("--state-dir", str(state)), [])
+        again = processes.securemig("abort", job["id"], "--state-dir", str(state))
+        self.assertEqual(again.returncode, 1)
+        self.assertIn("has already ended: aborted", again.stderr)
+
+
+def jobs_of(*where: str) -> Any:
+    result = processes.securemig("jobs", *where, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)

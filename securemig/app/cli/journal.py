@@ -4,6 +4,7 @@ journal, and settling what it holds in doubt."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sqlite3
 import sys
@@ -12,22 +13,24 @@ from pathlib import Path
 from typing import Any
 
 from securemig.app.cli.common import (
+    EXIT_FAILED,
     EXIT_OK,
     CommandError,
     Subparsers,
+    UsageError,
     check_identity,
     describe,
     error,
     run_interruptible,
 )
 from securemig.host.arrival import DestinationHost
-from securemig.host.journal import Journal, dumps
+from securemig.host.journal import Journal, MigrationRecord, dumps, owner_alive
 from securemig.host.recovery import settle_departures
 from securemig.trust import vtpm
 
 
 def add_parser(subparsers: Subparsers) -> None:
-    """Register ``securemig status``, ``securemig recover`` and ``securemig journal``."""
+    """Register ``securemig status``, ``jobs``, ``abort``, ``recover`` and ``journal``."""
     st = subparsers.add_parser(
         "status",
         help="show the migration journal of a host",
@@ -40,6 +43,47 @@ def add_parser(subparsers: Subparsers) -> None:
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument("--limit", type=int, default=20, help="how many (default %(default)s)")
     st.set_defaults(func=cmd_status)
+
+    jobs = subparsers.add_parser(
+        "jobs",
+        help="show the migrations running on a host, live",
+        description="Show the migrations running now (their process alive) in one or more "
+        "journals: a destination's --state-dir, a source's --vm-dir or host state directory "
+        "(default $SECUREMIG_STATE_DIR), with phase, bytes done and total, and the rate since "
+        "streaming began.  The bytes are journaled every half second.",
+    )
+    jobs.add_argument(
+        "--state-dir", type=Path, action="append", help="a host state directory (repeatable)"
+    )
+    jobs.add_argument("--vm-dir", type=Path, action="append", help="a source's VM directory")
+    jobs.add_argument("--json", action="store_true", help="print JSON")
+    jobs.add_argument(
+        "--watch",
+        type=float,
+        metavar="SECONDS",
+        help="print again every SECONDS until none runs or Ctrl-C",
+    )
+    jobs.set_defaults(func=cmd_jobs)
+
+    ab = subparsers.add_parser(
+        "abort",
+        help="abort a running migration from another shell",
+        description="Ask the source process driving migration ID (its id in `securemig jobs`, "
+        "or a unique prefix of it or of the destination's migration id) to abort it: it "
+        "tells the destination (ABORT) and keeps the VM here, intact and unlocked.  Too late "
+        "once the source has committed.  Waits for the migration to end.",
+    )
+    ab.add_argument("id", help="the migration (a prefix of at least 4 characters will do)")
+    abw = ab.add_mutually_exclusive_group()
+    abw.add_argument("--state-dir", type=Path, help="the source's host state directory")
+    abw.add_argument("--vm-dir", type=Path, help="the source's VM directory")
+    ab.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the migration to end (default %(default)s; 0: do not wait)",
+    )
+    ab.set_defaults(func=cmd_abort)
 
     rec = subparsers.add_parser(
         "recover",
@@ -169,10 +213,163 @@ def cmd_status(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started))
         print(
             f"{when}  {r.role:<11} {r.vm:<16} {r.protocol:<8} {r.variant:<14} "
-            f"{(r.outcome or r.phase):<13} {r.bytes >> 20:>6} MiB  peer {r.peer}"
+            f"{(r.outcome or r.phase):<13} {r.bytes >> 20:>6} MiB  peer {peer_of(r)}"
             + (f"\n    {r.error}" if r.error else "")
         )
+    refusals = journal.refusals(args.limit)
+    if refusals:
+        print("refused arrivals:")
+    for f in refusals:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f.at))
+        who = f"{f.peer_name} ({f.peer})" if f.peer_name else f.peer
+        print(f"{when}  VM {f.vm or '?'} from {who}: {f.code}: {f.reason}")
     return EXIT_OK
+
+
+def peer_of(record: MigrationRecord) -> str:
+    """The peer as the operator knows it: its attested name and address
+    (secure variant), else its address."""
+    if record.peer_name and record.peer_name not in record.peer:
+        return f"{record.peer_name} ({record.peer})"
+    return record.peer
+
+
+def job_journals(args: argparse.Namespace) -> list[tuple[Path, Journal]]:
+    """The journals ``jobs`` reads: each ``--state-dir`` and ``--vm-dir``
+    given, else ``$SECUREMIG_STATE_DIR``; :class:`UsageError` if none."""
+    dirs = list(args.state_dir or []) + [source_state_dir(v, None) for v in args.vm_dir or []]
+    if not dirs and os.environ.get(STATE_DIR_ENV):
+        dirs = [Path(os.environ[STATE_DIR_ENV])]
+    if not dirs:
+        raise UsageError(f"give --state-dir DIR or --vm-dir DIR (or set ${STATE_DIR_ENV})")
+    journals = []
+    for directory in dirs:
+        try:
+            journals.append((directory, open_journal(directory / "journal.sqlite")))
+        except JournalError as e:
+            raise CommandError(str(e)) from None
+    return journals
+
+
+def job(record: MigrationRecord, now: float) -> dict[str, Any]:
+    """What ``jobs`` shows of a running migration."""
+    streaming = next((at for phase, at in record.events if phase == "streaming"), None)
+    rate = None
+    if streaming is not None and record.updated > streaming and record.bytes:
+        rate = record.bytes / (record.updated - streaming)
+    return {
+        "id": record.id,
+        "migration_id": record.migration_id,
+        "role": record.role,
+        "vm": record.vm,
+        "peer": peer_of(record),
+        "protocol": record.protocol,
+        "phase": record.phase,
+        "bytes": record.bytes,
+        "total": record.total,
+        "rate_mibps": None if rate is None else round(rate / (1 << 20), 2),
+        "seconds": round(now - record.started, 1),
+    }
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """``securemig jobs``: the running migrations of one or more journals."""
+    journals = job_journals(args)
+    if args.watch is not None and args.watch <= 0:
+        raise UsageError("--watch takes a positive number of seconds")
+    try:
+        while True:
+            now = time.time()
+            jobs = [job(r, now) for _, j in journals for r in j.running()]
+            _print_jobs(jobs, args.json)
+            if args.watch is None or not jobs:
+                return EXIT_OK
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _print_jobs(jobs: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(jobs, indent=2))
+        return
+    if not jobs:
+        print("no migration is running")
+        return
+    print(f"{'ID':<12}  {'ROLE':<11} {'VM':<16} {'PHASE':<13} {'DONE / TOTAL':>22}  RATE")
+    for j in jobs:
+        total = j["total"]
+        done = f"{j['bytes'] / (1 << 20):.1f}"
+        if total:
+            done += f" / {total / (1 << 20):.1f} MiB {100 * j['bytes'] // total:>3}%"
+        else:
+            done += " MiB"
+        rate = f"{j['rate_mibps']:.1f} MiB/s" if j["rate_mibps"] is not None else "-"
+        print(
+            f"{j['id'][:12]:<12}  {j['role']:<11} {j['vm']:<16} {j['phase']:<13} {done:>22}  "
+            f"{rate}  {j['seconds']:.0f} s  peer {j['peer']}"
+        )
+
+
+def cmd_abort(args: argparse.Namespace) -> int:
+    """``securemig abort``: ask the process driving a migration to abort it."""
+    state_dir = args.state_dir
+    if state_dir is None:
+        if args.vm_dir is None and not os.environ.get(STATE_DIR_ENV):
+            raise UsageError(f"give --state-dir DIR or --vm-dir DIR (or set ${STATE_DIR_ENV})")
+        state_dir = source_state_dir(args.vm_dir or Path("."), None)
+    if len(args.id) < 4:
+        raise UsageError("give at least 4 characters of the migration id")
+    try:
+        journal = open_journal(state_dir / "journal.sqlite")
+    except JournalError as e:
+        raise CommandError(str(e)) from None
+    record = _find(journal, args.id)
+    name = f"migration {record.id[:12]} of VM {record.vm}"
+    if record.role != "source":
+        raise CommandError(
+            f"{name} arrives here from {peer_of(record)}; abort it at its source "
+            "(securemig abort there): the source decides"
+        )
+    if record.outcome is not None:
+        raise CommandError(f"{name} has already ended: {record.outcome}")
+    if record.reached("committed"):
+        raise CommandError(f"{name} has committed: the VM belongs to {peer_of(record)} now")
+    if not owner_alive(record.owner):
+        raise CommandError(
+            f"{name} is not running (its process is gone); this host's twistd securemig "
+            "settles it, or any securemig command on this journal (securemig status)"
+        )
+    journal.request_abort(record.id)
+    deadline = time.monotonic() + args.timeout
+    while True:
+        current = journal.get(record.id)
+        assert current is not None
+        if current.outcome is not None or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if current.outcome is None:
+        print(f"asked {name} to abort; it has not ended yet (see securemig jobs)")
+        return EXIT_OK if args.timeout == 0 else EXIT_FAILED
+    if current.outcome == "aborted":
+        print(f"{name} aborted: the VM stays here ({current.error})")
+        return EXIT_OK
+    raise CommandError(f"{name} ended {current.outcome} before the abort took effect")
+
+
+def _find(journal: Journal, prefix: str) -> MigrationRecord:
+    """The one migration whose local or migration id starts with ``prefix``."""
+    found = {
+        r.id: r
+        for r in journal.records(1000)
+        if r.id.startswith(prefix) or (r.migration_id or "").startswith(prefix)
+    }
+    if not found:
+        raise CommandError(f"no migration {prefix} in {journal.path} (see securemig jobs)")
+    if len(found) > 1:
+        raise UsageError(f"{prefix} names {len(found)} migrations; give more of its id")
+    return next(iter(found.values()))
 
 
 def open_journal(path: Path) -> Journal:

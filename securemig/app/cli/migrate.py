@@ -84,6 +84,12 @@ def add_parser(subparsers: Subparsers) -> None:
     )
     mig.add_argument("--idle-timeout", type=float, help="seconds without progress (default 60)")
     mig.add_argument("--deadline", type=float, help="seconds for the whole migration (3600)")
+    mig.add_argument(
+        "--bandwidth",
+        type=_bandwidth,
+        metavar="MIB/S",
+        help="send at most this many MiB of images a second (default: no limit)",
+    )
     mig.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     mig.add_argument("--no-progress", action="store_true", help="no progress bar")
     mig.set_defaults(func=cmd_migrate)
@@ -141,6 +147,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 on_start=bar.start,
                 secure=secure,
                 unseal_with=args.identity if args.insecure else None,
+                bandwidth=args.bandwidth * (1 << 20) if args.bandwidth else None,
             )
         except (MigrationError, OSError) as e:
             outcome["error"] = describe(e)
@@ -164,6 +171,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if "error" in outcome:
         return error(outcome["error"])
     return _report(args, journal, outcome)
+
+
+def _bandwidth(text: str) -> float:
+    """An argument type: a positive number of MiB a second."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB/s") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number of MiB/s")
+    return value
 
 
 #: The reason a migration cancelled with Ctrl-C ends with.
