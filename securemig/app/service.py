@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from securemig import files
-from securemig.app import logformat
+from securemig.app import config, logformat
 from securemig.host import storage
 from securemig.host.arrival import DestinationHost
 from securemig.host.glibc import tune_malloc
@@ -80,6 +80,13 @@ class Options(ServiceOptions):
         "(for example tcp:9000:interface=127.0.0.1)."
     )
     optParameters = [
+        [
+            "config",
+            None,
+            None,
+            f"The configuration file ([service] and [paths]; default: ${config.CONFIG_ENV}, "
+            f"else {config.DEFAULT_PATH} if it exists); options given here override it.",
+        ],
         ["state-dir", None, None, "Directory for arrived VMs, staging and the journal."],
         [
             "listen",
@@ -166,12 +173,40 @@ class Options(ServiceOptions):
         ],
     ]
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse, keeping the command line to tell which options it gave
+        (those override the configuration file)."""
+        self.command_line = list(options or [])
+        super().parseOptions(options)
+
+    def apply_config(self) -> None:
+        """The configuration file's ``[service]`` and ``[paths]`` values, for
+        the options the command line did not give."""
+        try:
+            loaded = config.load(self["config"])
+        except config.ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        words = {w[2:].partition("=")[0] for w in self.command_line if w.startswith("--")}
+        for name, value in loaded.defaults_for("service").items():
+            # twistd (getopt) takes unambiguous prefixes of long options.
+            if any(w and name.startswith(w) for w in words):
+                continue
+            if name == "allow-source":
+                self[name] = list(value)
+            elif isinstance(value, bool):
+                self[name] = int(value)
+            elif isinstance(value, Path):
+                self[name] = str(value)
+            else:
+                self[name] = value
+
     def opt_allow_source(self, name: str) -> None:
         """Accept secure migrations only from this source name (repeatable)."""
         self.setdefault("allow-source", []).append(name)
 
     def postOptions(self) -> None:
         """Check the options make a usable destination."""
+        self.apply_config()
         super().postOptions()
         if not self["state-dir"]:
             raise usage.UsageError("--state-dir is required")

@@ -51,6 +51,7 @@ class ParserTests(SynchronousTestCase):
                 "abort",
                 "recover",
                 "journal",
+                "config",
                 "demo",
                 "ca",
                 "pca",
@@ -64,7 +65,7 @@ class ParserTests(SynchronousTestCase):
     def test_every_command_has_a_handler(self) -> None:
         """Each command and action sets ``func`` to a ``cmd_*`` of its module."""
         found = leaves(build_parser())
-        self.assertEqual(len(found), 23)
+        self.assertEqual(len(found), 24)
         for path, func in found:
             self.assertTrue(callable(func), path)
             self.assertTrue(getattr(func, "__name__", "").startswith("cmd_"), path)

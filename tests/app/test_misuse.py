@@ -71,6 +71,12 @@ class Scene:
         """``securemig migrate`` of ``vm1`` from the VM directory."""
         return ["migrate", name, "--vm-dir", str(self.vms), "--to", to or self.closed, *extra]
 
+    def config(self, text: str) -> str:
+        """A configuration file holding ``text``; its path."""
+        path = self.base / "securemig.toml"
+        path.write_text(text)
+        return str(path)
+
     def bad_manifest(self) -> None:
         """A second bundle whose manifest is valid JSON of the wrong shape."""
         create_image_vm(self.vms, "vm2", 1)
@@ -367,6 +373,58 @@ ROWS = [
         ),
         1,
         "--insecure-listen '9000' is not an endpoint",
+        program="twistd",
+    ),
+    # -- the configuration file: a mistake in it is a usage error
+    Row(
+        "config_unknown_key",
+        lambda s: ["--config", s.config("[migrate]\nbandwith = 5\n"), *s.migrate("--insecure")],
+        2,
+        "securemig.toml: unknown key 'bandwith' in [migrate]; known: destination,",
+        vm=True,
+    ),
+    Row(
+        "config_unknown_section",
+        lambda s: ["--config", s.config("[migration]\ntofu = true\n"), "status"],
+        2,
+        "securemig.toml: unknown section [migration]; sections are [paths], [migrate], [service]",
+    ),
+    Row(
+        "config_wrong_type",
+        lambda s: [
+            "--config",
+            s.config('[migrate]\nbandwidth = "fast"\n'),
+            *s.migrate("--insecure"),
+        ],
+        2,
+        "securemig.toml: [migrate] bandwidth must be a number, not 'fast'",
+        vm=True,
+    ),
+    Row(
+        "config_not_toml",
+        lambda s: ["--config", s.config("[paths\n"), "jobs"],
+        2,
+        "securemig.toml is not TOML: Expected ']'",
+    ),
+    Row(
+        "config_missing",
+        lambda s: ["--config", str(s.missing), "jobs"],
+        2,
+        "no configuration file",
+    ),
+    Row(
+        "twistd_config_wrong_type",
+        lambda s: [
+            "-n",
+            "--pidfile=",
+            "securemig",
+            "--config",
+            s.config('[service]\nallow-source = "source-a"\n'),
+            "--state-dir",
+            str(s.base / "dst"),
+        ],
+        1,
+        "[service] allow-source must be a list of strings, not 'source-a'",
         program="twistd",
     ),
 ]

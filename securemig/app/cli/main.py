@@ -31,10 +31,13 @@ from collections.abc import Callable
 from tpm2_pytss import TSS2_Exception
 
 from securemig import __version__
-from securemig.app.cli import identity, journal, lab, migrate, policy, tpm, vm
+from securemig.app import config
+from securemig.app.cli import config as config_cmd
+from securemig.app.cli import identity, journal, lab, migrate, policy, settings, tpm, vm
 from securemig.app.cli.common import (
     EXIT_FAILED,
     EXIT_STATUS_HELP,
+    EXIT_USAGE,
     CommandError,
     HelpFormatter,
     describe,
@@ -58,11 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show the traceback of an error (before the command: securemig --debug migrate ...)",
     )
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"the configuration file (default: ${config.CONFIG_ENV}, else "
+        f"{config.DEFAULT_PATH} if it exists); options given here override it",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # In the order `securemig --help` lists them.
     vm.add_parser(sub)  # vm
     migrate.add_parser(sub)  # migrate
-    journal.add_parser(sub)  # status, recover
+    journal.add_parser(sub)  # status, jobs, abort, recover, journal
+    config_cmd.add_parser(sub)  # config
     lab.add_demo_parser(sub)  # demo
     identity.add_parser(sub)  # ca, pca, host
     policy.add_parser(sub)  # policy
@@ -79,7 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``securemig`` console script: run one command and
     turn whatever it raises into one error line and its exit status."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    given = _config_option(argv)
+    try:
+        loaded = config.load(given)
+    except config.ConfigError as e:
+        print(f"securemig: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def parse(line: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
+        parser = build_parser()
+        settings.prepare(parser, loaded)
+        parsed = parser.parse_args(line)
+        return parsed, settings.fill(parsed, loaded)
+
+    args, origins = parse(argv)
+    args._config, args._config_given, args._origins, args._parse = loaded, given, origins, parse
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)
@@ -107,6 +132,30 @@ def main(argv: list[str] | None = None) -> int:
             f"internal error: {type(e).__name__}: {e} (run again with --debug for the "
             "traceback, and report it)"
         )
+
+
+def _config_option(argv: list[str]) -> str | None:
+    """The ``--config PATH`` before the command, if given (the file must be
+    read before the command line is parsed: it changes the defaults)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--debug", action="store_true")
+    known, _ = pre.parse_known_args(argv[: _command_index(argv)])
+    return known.config
+
+
+def _command_index(argv: list[str]) -> int:
+    """Where the command starts: the first word that is no option of
+    ``securemig`` itself or its value."""
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--config":
+            i += 2
+        elif argv[i].startswith("-"):
+            i += 1
+        else:
+            return i
+    return i
 
 
 def _debug(args: argparse.Namespace) -> None:
