@@ -65,9 +65,7 @@ def fill(args: argparse.Namespace, config: Config) -> dict[str, str]:
             continue
         excluded = any(
             action in g._group_actions
-            and any(
-                o is not action and _given(args, o, on_command_line) for o in g._group_actions
-            )
+            and any(o is not action and _given(args, o, on_command_line) for o in g._group_actions)
             for g in parser._mutually_exclusive_groups
         )
         if excluded:
