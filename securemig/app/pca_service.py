@@ -26,6 +26,7 @@ class Options(ServiceOptions):
         "their EK certificates and proving, by credential activation, that each AK "
         "lives in the TPM of that EK.  DIR is made with `securemig pca init`."
     )
+    directory_option = "dir"
     optParameters = [
         ["dir", None, None, "The privacy CA's directory (securemig pca init)."],
         ["listen", None, None, "An ssl: endpoint (HTTPS only)."],

@@ -64,9 +64,19 @@ class ServiceOptions(usage.Options):
         """twistd's usage text, then the exit statuses."""
         return super().getUsage(width) + "\n" + EXIT_STATUS_HELP
 
+    #: The option naming the service's own directory (its pidfile goes there).
+    directory_option = "state-dir"
+
     def postOptions(self) -> None:
-        """The options both services share: ``--log-format``."""
+        """The options both services share: ``--log-format``; and twistd's
+        pidfile, unless ``--pidfile`` was given, in the service's directory
+        instead of the working directory (two services started from one
+        directory would refuse each other over ``./twistd.pid``)."""
         logformat.choose(self)
+        parent: Any = getattr(self, "parent", None)
+        directory = self[self.directory_option]
+        if parent is not None and directory and parent.get("pidfile") == "twistd.pid":
+            parent["pidfile"] = str(Path(directory).absolute() / "twistd.pid")
 
 
 class Options(ServiceOptions):

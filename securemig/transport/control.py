@@ -125,7 +125,7 @@ class FramedProtocol(Connection, Generic[E]):
         self.connection_open = False
         clean = reason.check(net_error.ConnectionDone, net_error.ConnectionLost)
         # A TLS refusal (bad certificate, wrong name) arrives as the reason.
-        batch = self.connection.connection_lost("" if clean else reason.getErrorMessage())
+        batch = self.connection.connection_lost("" if clean else tls.describe_failure(reason))
         self._schedule()
         self.run(batch)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
+from service_identity.exceptions import DNSMismatch, IPAddressMismatch, VerificationError
 from twisted.internet import ssl
 from twisted.internet.ssl import TLSVersion
 
@@ -123,3 +124,34 @@ def cipher_suite(transport: Any) -> str:
     if name is None:
         raise ChannelBindingUnavailable("no cipher negotiated yet")
     return str(name)
+
+
+def describe_failure(reason: Any) -> str:
+    """A connection's end as a sentence: a TLS name check that failed says
+    which name the peer's certificate did not match and what to give (not
+    service-identity's ``VerificationError(errors=[DNSMismatch(...)])``);
+    anything else as its message."""
+    error = getattr(reason, "value", reason)
+    if not isinstance(error, VerificationError):
+        return str(reason.getErrorMessage() if hasattr(reason, "getErrorMessage") else reason)
+    sentences = []
+    for mismatch in error.errors:
+        # The ids are service-identity's DNS_ID and IPAddress_ID (typed as
+        # their base, which declares neither attribute).
+        wanted: Any = mismatch.mismatched_id
+        if isinstance(mismatch, IPAddressMismatch):
+            sentences.append(
+                f"the destination's TLS certificate names a host, not the address "
+                f"{wanted.ip}: give --destination-name HOST, the host name "
+                "it was issued for (securemig host init --name there)"
+            )
+        elif isinstance(mismatch, DNSMismatch):
+            name = wanted.hostname.decode("ascii", "replace")
+            sentences.append(
+                f"the destination's TLS certificate is not for {name!r}: check "
+                "--destination-name (default: the host of --to) against the name it was "
+                "issued for (securemig host init --name there)"
+            )
+        else:
+            sentences.append(f"the destination's TLS certificate does not match: {mismatch}")
+    return "; ".join(sentences)

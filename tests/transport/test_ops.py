@@ -15,7 +15,7 @@ from securemig.host import storage
 from securemig.hypervisor.bundle import Bundle
 from securemig.lab import processes
 from securemig.protocol import wire
-from tests.helpers import bundle_digests
+from tests.helpers import bundle_digests, migrate_vm
 from tests.transport.test_secure import SecureBase
 
 
@@ -196,3 +196,41 @@ def jobs_of(*where: str) -> Any:
     result = processes.securemig("jobs", *where, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+class NameMismatchTests(SecureBase):
+    def test_address_without_destination_name(self) -> None:
+        """--to IP:PORT and no --destination-name: the destination's
+        certificate names a host, not that address; one sentence says so
+        and what to give (not a VerificationError repr)."""
+        destination = self.start_destination("--tofu")
+        bundle = self.create_vm()
+        before = bundle_digests(bundle)
+        result = migrate_vm(
+            self.vm_dir,
+            destination.address,
+            "--identity",
+            str(self.src_id),
+            "--policy-dir",
+            str(self.src_policy),
+            "--tofu",
+            "--no-progress",
+        )
+        self.assertNotIn("VerificationError", result.stderr)
+        self.assertStaysAtSource(
+            bundle,
+            before,
+            result,
+            "the destination's TLS certificate names a host, not the address 127.0.0.1: "
+            "give --destination-name HOST",
+        )
+
+    def test_wrong_destination_name(self) -> None:
+        destination = self.start_destination("--tofu")
+        bundle = self.create_vm()
+        before = bundle_digests(bundle)
+        result = self.migrate(destination, "--tofu", name="host-z")
+        self.assertNotIn("VerificationError", result.stderr)
+        self.assertStaysAtSource(
+            bundle, before, result, "the destination's TLS certificate is not for 'host-z'"
+        )
