@@ -56,6 +56,7 @@ KEYS: dict[str, dict[str, Key]] = {
                 "vm start": "identity",
                 "migrate": "identity",
                 "recover": "identity",
+                "host init": "dir",
                 "host renew": "identity",
                 "policy *": "identity",
                 "service": "identity",

@@ -20,7 +20,7 @@ reactor: Any = _reactor
 class Options(ServiceOptions):
     """Command-line options of ``twistd securemig-pca``."""
 
-    synopsis = "--dir DIR --listen ssl:PORT:privateKey=KEY:certKey=CERT[:interface=ADDR]"
+    synopsis = "--dir DIR --listen ssl:PORT[:privateKey=KEY:certKey=CERT][:interface=ADDR]"
     longdesc = (
         "Run a securemig privacy CA: certify hosts' attestation keys after checking "
         "their EK certificates and proving, by credential activation, that each AK "
@@ -29,7 +29,13 @@ class Options(ServiceOptions):
     directory_option = "dir"
     optParameters = [
         ["dir", None, None, "The privacy CA's directory (securemig pca init)."],
-        ["listen", None, None, "An ssl: endpoint (HTTPS only)."],
+        [
+            "listen",
+            None,
+            None,
+            "An ssl: endpoint (HTTPS only); without privateKey= and certKey=, DIR/tls.key "
+            "and DIR/tls.pem (securemig pca init --tls-name).",
+        ],
         ["port-file", None, None, "Write the listening port number here once bound."],
     ]
 
@@ -42,6 +48,15 @@ class Options(ServiceOptions):
             raise usage.UsageError(f"{self['dir']} is not a privacy CA (securemig pca init)")
         if not self["listen"] or not self["listen"].startswith("ssl:"):
             raise usage.UsageError("--listen must be an ssl: endpoint (HTTPS only)")
+        tls = Path(self["dir"]).absolute()
+        if "privateKey=" not in self["listen"]:
+            if not (tls / "tls.key").is_file():
+                raise usage.UsageError(
+                    f"--listen needs privateKey=KEY:certKey=CERT, or {tls}/tls.key and tls.pem "
+                    "(securemig pca init --tls-name NAME --site-ca DIR makes them)"
+                )
+            # The HTTPS key and certificate pca init --tls-name made.
+            self["listen"] += f":privateKey={tls / 'tls.key'}:certKey={tls / 'tls.pem'}"
 
 
 def makeService(options: Options) -> service.MultiService:

@@ -100,11 +100,11 @@ class ParserTests(SynchronousTestCase):
 class TpmSimulateTests(SynchronousTestCase):
     """`securemig tpm simulate DIR`: a host TPM an operator can enroll."""
 
-    def simulate(self, base: Path) -> tuple[subprocess.Popen[str], list[str], str]:
-        """Start ``securemig tpm simulate BASE``; its process, the lines it
-        printed before it ran the TPM, and that ``running as pid`` line."""
+    def simulate(self, *dirs: Path) -> tuple[subprocess.Popen[str], list[str], str]:
+        """Start ``securemig tpm simulate DIRS``; its process, the lines it
+        printed before it ran the TPMs, and that ``running as pid`` line."""
         sim = subprocess.Popen(
-            [processes.script("securemig"), "tpm", "simulate", str(base)],
+            [processes.script("securemig"), "tpm", "simulate", *map(str, dirs)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -142,3 +142,23 @@ class TpmSimulateTests(SynchronousTestCase):
         self.assertEqual(again.wait(20), 0)
         self.assertIn(f"TCTI: {tcti}\n", out)
         self.assertFalse(any(x.startswith("manufactured") for x in out), out)
+
+    def test_several_tpms_one_vendor(self) -> None:
+        """`tpm simulate A B`: two TPMs made by A's vendor CA, which `pca init
+        --vendor-ca A/vendor-ca` (a directory) trusts with its two certificates."""
+        base = Path(self.mktemp()).absolute()
+        sim, lines, _ = self.simulate(base / "a", base / "b")
+        tctis = [x.split()[1] for x in lines if x.startswith("TCTI: ")]
+        self.assertEqual(len(set(tctis)), 2, lines)
+        self.assertFalse((base / "b" / "vendor-ca").exists())
+        made = processes.securemig(
+            "pca", "init", str(base / "pca"), "--vendor-ca", str(base / "a" / "vendor-ca")
+        )
+        self.assertEqual(made.returncode, 0, made.stderr)
+        self.assertIn("trusting 2 vendor CA(s)", made.stdout)
+        for tcti in tctis:
+            tpm = TPM(tcti)
+            self.assertTrue(tpm.ek_certificate())
+            tpm.close()
+        sim.send_signal(signal.SIGTERM)
+        self.assertEqual(sim.wait(20), 0)

@@ -42,8 +42,16 @@ def add_parser(subparsers: Subparsers) -> None:
         type=Path,
         action="append",
         required=True,
-        help="a trusted TPM-vendor CA certificate (PEM); repeatable",
+        help="a trusted TPM-vendor CA certificate (PEM), or a directory: every "
+        "certificate in its *.pem files (e.g. the vendor CA of securemig tpm simulate); "
+        "repeatable",
     )
+    pca_init.add_argument(
+        "--tls-name",
+        help="also issue the privacy CA's HTTPS key and certificate for this host name, "
+        "from --site-ca, into DIR/tls.key and DIR/tls.pem (twistd securemig-pca uses them)",
+    )
+    pca_init.add_argument("--site-ca", type=Path, help="the site CA's directory, for --tls-name")
     pca_init.set_defaults(func=cmd_pca_init)
 
     host = subparsers.add_parser("host", help="set up this host's identity")
@@ -139,15 +147,50 @@ def cmd_pca_init(args: argparse.Namespace) -> int:
         return error(f"{args.dir} already holds a privacy CA")
     if args.dir.exists() and not args.dir.is_dir():
         return error(f"cannot create a privacy CA in {args.dir}: it is not a directory")
-    missing = [str(p) for p in args.vendor_ca if not p.is_file()]
-    if missing:
-        return error(f"no such vendor CA certificate: {', '.join(missing)}")
+    if bool(args.tls_name) != bool(args.site_ca):
+        return usage_error("--tls-name and --site-ca go together")
+    if args.tls_name:
+        try:
+            check_host_name(args.tls_name)
+        except ValueError as e:
+            return usage_error(f"--tls-name: {e}")
+    vendor_cas = []
+    for given in args.vendor_ca:
+        if given.is_dir():
+            found = certificates_in(given)
+            if not found:
+                return error(f"no certificate in the *.pem files of {given}")
+            vendor_cas += found
+        elif given.is_file():
+            vendor_cas.append(given)
+        else:
+            return error(f"no such vendor CA certificate: {given}")
+    site = None
+    if args.site_ca:
+        try:
+            site = Authority.load(args.site_ca)
+        except (OSError, ValueError) as e:
+            reason = describe(e) if isinstance(e, OSError) else str(e)
+            return error(f"cannot load the site CA in {args.site_ca}: {reason}")
     try:
-        PrivacyCA.init(args.dir, args.vendor_ca)
+        PrivacyCA.init(args.dir, vendor_cas)
     except VendorCAError as e:
         return error(f"{e} (nothing was created)")
-    print(f"created privacy CA in {args.dir} trusting {len(args.vendor_ca)} vendor CA(s)")
+    print(f"created privacy CA in {args.dir} trusting {len(vendor_cas)} vendor CA(s)")
+    if site is not None:
+        issue_tls(site, args.tls_name, args.dir)
+        print(f"issued {args.dir / 'tls.pem'} for {args.tls_name} (its HTTPS certificate)")
     return EXIT_OK
+
+
+def certificates_in(directory: Path) -> list[Path]:
+    """The ``*.pem`` files of ``directory`` that hold a certificate (not
+    the keys beside them), in name order."""
+    return [
+        p
+        for p in sorted(directory.glob("*.pem"))
+        if p.is_file() and b"-----BEGIN CERTIFICATE-----" in p.read_bytes()[: 1 << 16]
+    ]
 
 
 def cmd_host_init(args: argparse.Namespace) -> int:

@@ -56,7 +56,11 @@ def add_parser(subparsers: Subparsers) -> None:
             a.add_argument("--class", dest="class_name", help="a class policy's name")
         if action == "record":
             a.add_argument(
-                "--tpm", help="TCTI of the host's TPM (default: this host's, from --identity)"
+                "--tpm",
+                help="read the values from the TPM at this TCTI (default: this host's own "
+                "TPM, from --identity).  They are read as they are now, not attested by a "
+                "quote: run this on the known-good host itself (or on a TPM you trust); "
+                "the policy is stored in --policy-dir of --identity either way",
             )
             a.add_argument(
                 "--pcrs",

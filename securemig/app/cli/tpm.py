@@ -8,7 +8,7 @@ import signal
 import threading
 from pathlib import Path
 
-from securemig.app.cli.common import EXIT_OK, CommandError, Subparsers
+from securemig.app.cli.common import EXIT_OK, CommandError, Subparsers, UsageError
 from securemig.trust.tpm import swtpm
 
 
@@ -27,7 +27,13 @@ def add_parser(subparsers: Subparsers) -> None:
         "(DIR/port), so the TCTI stays the same.  A simulator, for tests and "
         "demonstrations: a production host uses its real TPM (device:/dev/tpmrm0).",
     )
-    sim.add_argument("dir", type=Path, help="where the TPM's state and its vendor CA live")
+    sim.add_argument(
+        "dir",
+        type=Path,
+        nargs="+",
+        help="where the TPM's state and its vendor CA live; several: one TPM each, all "
+        "made by the first one's vendor CA (one per host of a test site)",
+    )
     sim.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default %(default)s)"
     )
@@ -35,39 +41,62 @@ def add_parser(subparsers: Subparsers) -> None:
         "--port",
         type=int,
         help="TCP port of the TPM (its control port is the next one; default: the "
-        "port of the previous run, else a free one)",
+        "port of the previous run, else a free one); one DIR only",
+    )
+    sim.add_argument(
+        "--vendor-ca",
+        type=Path,
+        metavar="CA_DIR",
+        help="the 'vendor' CA directory to manufacture with (default: the first "
+        "DIR/vendor-ca; made if absent): give every simulated TPM of a site the same one, "
+        "and `pca init` needs only its certificates (start the first TPM before others)",
     )
     sim.set_defaults(func=cmd_tpm_simulate)
 
 
 def cmd_tpm_simulate(args: argparse.Namespace) -> int:
-    """``securemig tpm simulate``: provision (once) and run a swtpm host TPM."""
-    state, ca = args.dir / "state", args.dir / "vendor-ca"
+    """``securemig tpm simulate``: provision (once) and run swtpm host TPMs."""
+    if args.port and len(args.dir) > 1:
+        raise UsageError("--port is for one DIR (each TPM keeps its own port in DIR/port)")
+    ca = args.vendor_ca or args.dir[0] / "vendor-ca"
+    running = []
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        for directory in args.dir:
+            running.append(_start(directory, ca, args.host, args.port, len(args.dir) > 1))
+        vendor = " ".join(f"--vendor-ca {p}" for p in swtpm.ca_certificates(ca))
+        print(f"for `securemig pca init`: {vendor} (or: --vendor-ca {ca})")
+        pids = ", ".join(str(p.process.pid) for p in running)
+        print(f"running as pid {pids}; Ctrl-C ends it", flush=True)
+        while not stop.wait(0.5):
+            for process in running:
+                if process.process.poll() is not None:
+                    print(f"swtpm exited with {process.process.returncode}")
+                    return 1
+    finally:
+        for process in running:
+            process.stop()
+    return EXIT_OK
+
+
+def _start(directory: Path, ca: Path, host: str, port: int | None, several: bool) -> swtpm.Swtpm:
+    """Provision (once) and start the TPM in ``directory``; prints its TCTI
+    (and, of several, its directory)."""
+    state = directory / "state"
     if not (state / "tpm2-00.permall").exists():
         swtpm.provision(state, ca)
         print(f"manufactured a TPM 2.0 in {state} (EK certificates from {ca})")
     # The TCTI names the port, and host init keeps the TCTI: keep the port too.
-    port_file = args.dir / "port"
-    port = args.port or (int(port_file.read_text()) if port_file.exists() else None)
+    port_file = directory / "port"
+    port = port or (int(port_file.read_text()) if port_file.exists() else None)
     try:
-        process = swtpm.start(state, host=args.host, port=port)
+        process = swtpm.start(state, host=host, port=port)
     except RuntimeError as e:
         raise CommandError(
             f"{e}; are ports {port} and {port + 1} taken? give another --port" if port else str(e)
         ) from None
     port_file.write_text(f"{process.port}\n")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        print(f"TCTI: {process.tcti}")
-        vendor = " ".join(f"--vendor-ca {p}" for p in swtpm.ca_certificates(ca))
-        print(f"for `securemig pca init`: {vendor}")
-        print(f"running as pid {process.process.pid}; Ctrl-C ends it", flush=True)
-        while not stop.wait(0.5):
-            if process.process.poll() is not None:
-                print(f"swtpm exited with {process.process.returncode}")
-                return 1
-    finally:
-        process.stop()
-    return EXIT_OK
+    print(f"TCTI: {process.tcti}" + (f"  ({directory})" if several else ""), flush=True)
+    return process
