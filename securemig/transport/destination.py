@@ -160,6 +160,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             self.security.check_source(self.peer_name())
         except ProtocolError as e:
             self.log.info("refused source {peer}: {reason}", peer=self._peer(), reason=e.reason)
+            self._journal_refusal(None, e)
             self._run_reporting(self.connection.fail(e))
             self._schedule()
             return
@@ -286,13 +287,20 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         crashpoint.reached("destination-admitted")
         self.run(self.session.admitted(self.arrival.migration_id))
 
-    def _journal_refusal(self, vm: str, e: ProtocolError) -> None:
-        """Journal an arrival refused before admission (``securemig status``
-        shows it); a journal that cannot take it is logged, the refusal stands."""
+    def _journal_refusal(self, vm: str | None, e: ProtocolError) -> None:
+        """Journal an arrival refused before admission (at the handshake, by
+        ``--allow-source``: no VM named yet; or at HELLO); ``securemig status``
+        shows it.  A journal that cannot take it is logged; the refusal stands."""
+        name = None
+        if self.security is not None:
+            try:
+                name = self.peer_name()
+            except ProtocolError:
+                name = None  # a certificate naming no host: its address only
         try:
             self.host.journal.refused(
                 peer=self._peer(),
-                peer_name=self.peer_name() if self.security is not None else None,
+                peer_name=name,
                 vm=vm,
                 code=e.code.name,
                 reason=e.reason,

@@ -102,6 +102,21 @@ class RefusalJournalTests(SecureBase):
             r"VM_BUSY: VM vm1 is already present here",
         )
 
+    def test_source_not_allowed_journaled(self) -> None:
+        """Refused at the TLS handshake by --allow-source: journaled with the
+        source's attested name, no VM named (its HELLO was never read)."""
+        destination = self.start_destination("--tofu", "--allow-source", "someone-else")
+        self.create_vm()
+        result = self.migrate(destination, "--tofu")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        shown = processes.securemig("status", "--state-dir", str(destination.state_dir))
+        self.assertRegex(
+            shown.stdout,
+            r"VM \? from source-a \(127\.0\.0\.1:\d+\): POLICY_REFUSED: source source-a "
+            r"is not allowed to migrate here",
+        )
+        self.assertIn("no migrations recorded", shown.stdout)
+
 
 class JobControlTests(SecureBase):
     def test_jobs_live_and_abort(self) -> None:
@@ -110,7 +125,7 @@ class JobControlTests(SecureBase):
         destination is told and discards its staging, the VM stays at the
         source, byte-identical and unlocked."""
         destination = self.start_destination("--tofu")
-        bundle = self.create_vm("--ram-mib", "24")
+        bundle = self.create_vm("--ram-mib", "32")
         before = bundle_digests(bundle)
         total = sum(i.size for i in bundle.streamed_images(wire.Variant.FULL))
         state = self.base / "src-state"
@@ -133,9 +148,11 @@ class JobControlTests(SecureBase):
                 "--no-progress",
                 "--state-dir",
                 str(state),
-                # About 6 s for the images: time to look twice, then abort.
+                # About 16 s for the images: time to look on both hosts
+                # (each look a process start, slow on a loaded machine), then
+                # abort; the abort ends it early.
                 "--bandwidth",
-                "4",
+                "2",
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
