@@ -55,7 +55,10 @@ class Lab:
         self.say(
             f"   two swtpm host TPMs with EK certificates ({time.monotonic() - started:.1f} s)"
         )
-        PrivacyCA.init(work / "pca", swtpm.ca_certificates(self._vendor))
+        # Hosts enroll with their site-CA TLS certificates (mutual TLS to the PCA).
+        PrivacyCA.init(
+            work / "pca", swtpm.ca_certificates(self._vendor), site_ca=work / "site-ca" / "ca.pem"
+        )
         tls = work / "pca-tls"
         tls.mkdir()
         issue_tls(site, "localhost", tls)

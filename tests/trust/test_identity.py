@@ -20,7 +20,7 @@ from securemig.trust.identity import (
     renew_identity,
     write_identity,
 )
-from securemig.trust.pca.core import PrivacyCA
+from securemig.trust.pca.core import Authorization, PrivacyCA
 from securemig.trust.pki import Authority
 from securemig.trust.tpm import swtpm
 from securemig.trust.tpm.tpm import TPM, KeyBlob
@@ -54,12 +54,14 @@ class IdentityTests(SynchronousTestCase):
         self.pca_pem = self.pca.authority.cert.public_bytes(serialization.Encoding.PEM)
         self.dir = self.base / "identity"
 
-    def certify(self, tpm: TPM, ak: KeyBlob) -> bytes:
-        c = self.pca.begin("host-a", tpm.ek_certificate(), tpm.ek_public(), ak.public)
+    def certify(self, tpm: TPM, ak: KeyBlob, tls_dir: Path) -> bytes:
+        c = self.pca.begin(
+            "host-a", tpm.ek_certificate(), tpm.ek_public(), ak.public, Authorization(("host-a",))
+        )
         secret = tpm.activate_credential(ak, c.credential_blob, c.encrypted_secret)
         return self.pca.finish(c.enrollment_id, secret)
 
-    def refuse(self, tpm: TPM, ak: KeyBlob) -> bytes:
+    def refuse(self, tpm: TPM, ak: KeyBlob, tls_dir: Path) -> bytes:
         raise Refused("no")
 
     def init(self, **kw: Any) -> Identity:

@@ -88,7 +88,11 @@ AK_ATTRIBUTES = (
     | TPMA_OBJECT.FIXEDPARENT
     | TPMA_OBJECT.SENSITIVEDATAORIGIN
 )
-AK_TEMPLATES = {"ecc": "ecc256:ecdsa-sha256:null", "rsa": "rsa2048:rsassa-sha256:null"}
+AK_TEMPLATES = {
+    "ecc": "ecc256:ecdsa-sha256:null",
+    "rsa": "rsa2048:rsassa-sha256:null",
+    "rsa-pss": "rsa2048:rsapss-sha256:null",
+}
 SRK_TEMPLATE = "ecc256:aes128cfb"
 
 
@@ -374,10 +378,17 @@ class TPM:
             return bytes(public.marshal())
 
     @operation("to create an AK")
-    def create_ak(self, alg: str = "ecc") -> KeyBlob:
-        """A restricted signing key under the SRK (ECC P-256 by default)."""
+    def create_ak(
+        self, alg: str = "ecc", template: str | None = None, name_alg: str = "sha256"
+    ) -> KeyBlob:
+        """A restricted signing key under the SRK: one of :data:`AK_TEMPLATES`
+        (ECC P-256 by default), or ``template`` (a tpm2-tools algorithm
+        string) with ``name_alg``: what tests use to make AKs a verifier
+        must refuse."""
         public = TPM2B_PUBLIC.parse(
-            AK_TEMPLATES[alg], objectAttributes=AK_ATTRIBUTES | TPMA_OBJECT.USERWITHAUTH
+            template or AK_TEMPLATES[alg],
+            objectAttributes=AK_ATTRIBUTES | TPMA_OBJECT.USERWITHAUTH,
+            nameAlg=name_alg,
         )
         with self._srk() as srk:
             private, public_out, *_ = self.esapi.create(srk, TPM2B_SENSITIVE_CREATE(), public)
