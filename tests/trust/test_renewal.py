@@ -24,6 +24,9 @@ FIRST_USE = "securemig: WARNING: trust on first use: recorded the PCR values of"
 class LabBase(TestCase):
     """A lab per test, a destination on each host, one secure VM at source-a."""
 
+    #: More options of both hosts' ``twistd securemig``.
+    daemon_options: tuple[str, ...] = ()
+
     def setUp(self) -> None:
         self.work = Path(self.mktemp()).absolute()
         self.work.mkdir(parents=True)
@@ -32,8 +35,8 @@ class LabBase(TestCase):
         self.lab.start()
         self.pca_url = f"https://localhost:{int((self.work / 'pca.port').read_text())}"
         self.at = {
-            DESTINATION: self.lab.start_destination(),
-            SOURCE: self.lab.start_destination(host=SOURCE, keep=False),
+            DESTINATION: self.lab.start_destination(extra=self.daemon_options),
+            SOURCE: self.lab.start_destination(host=SOURCE, keep=False, extra=self.daemon_options),
         }
         self.addCleanup(lambda: self.at[SOURCE].stop())
         self.lab.create_vm("vm1", 4, 2, secure=True)
@@ -42,8 +45,19 @@ class LabBase(TestCase):
     def migrate(self, source: str, to: str) -> subprocess.CompletedProcess[str]:
         """`securemig migrate` vm1 from wherever it is at ``source`` to the
         destination daemon of ``to``, secure, with --tofu (as the lab does)."""
+        result = self.try_migrate(source, to)
         destination = self.at[to]
-        result = processes.securemig(
+        self.assertEqual(
+            result.returncode, 0, f"{source} -> {to}: {result.stderr}{destination.log()[-3000:]}"
+        )
+        self.assertEqual(json.loads(result.stdout)["outcome"], "done")
+        self.vm_dir[to] = destination.state_dir / "vms"
+        return result
+
+    def try_migrate(self, source: str, to: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        """:meth:`migrate`, whatever its outcome, with ``extra`` options."""
+        destination = self.at[to]
+        return processes.securemig(
             "migrate",
             "vm1",
             "--vm-dir",
@@ -59,13 +73,8 @@ class LabBase(TestCase):
             str(self.work / f"{source}-state"),
             "--identity",
             str(self.work / source),
+            *extra,
         )
-        self.assertEqual(
-            result.returncode, 0, f"{source} -> {to}: {result.stderr}{destination.log()[-3000:]}"
-        )
-        self.assertEqual(json.loads(result.stdout)["outcome"], "done")
-        self.vm_dir[to] = destination.state_dir / "vms"
-        return result
 
     def round_trip(self) -> tuple[str, str]:
         """vm1 to dest-b and back; the two sources' stderr."""
@@ -76,7 +85,9 @@ class LabBase(TestCase):
     def restart_home(self) -> None:
         """Restart source-a's daemon (to serve its new TLS certificate)."""
         self.at[SOURCE].stop()
-        self.at[SOURCE] = self.lab.start_destination(host=SOURCE, keep=False)
+        self.at[SOURCE] = self.lab.start_destination(
+            host=SOURCE, keep=False, extra=self.daemon_options
+        )
 
     def renew(self) -> Any:
         result = processes.securemig(
