@@ -4,7 +4,9 @@ A host's identity directory: what ``securemig host init`` sets up and
 
 ::
 
-    DIR/host.json        {"name": HOST, "tpm": TCTI, "pca": URL, "ak": ALG}
+    DIR/host.json        {"name": HOST, "tpm": TCTI, "pca": URL, "ak": ALG, "ek": KIND}
+    DIR/ek-chain.pem     the TPM vendor's intermediate CAs of its EK certificate
+                         (optional: sent with each enrollment)
     DIR/tls.key, tls.pem the host's TLS key and certificate (site CA)
     DIR/site-ca.pem      the site CA, to check peers' TLS certificates
     DIR/ak.blob          the attestation key (usable only in this TPM)
@@ -41,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -49,9 +52,20 @@ from securemig.trust.pca.client import enroll
 from securemig.trust.pki import Authority
 from securemig.trust.tpm.tpm import TPM, KeyBlob
 
+#: The TPM vendor's intermediate CA certificates (PEM) of the EK certificate.
+EK_CHAIN = "ek-chain.pem"
 #: The files an identity consists of; anything else in DIR is the operator's
 #: (``policy/``) and moves along on renewal.
-IDENTITY_FILES = ("host.json", "tls.key", "tls.pem", "site-ca.pem", "ak.blob", "ak.der", "pca.pem")
+IDENTITY_FILES = (
+    "host.json",
+    "tls.key",
+    "tls.pem",
+    "site-ca.pem",
+    "ak.blob",
+    "ak.der",
+    "pca.pem",
+    EK_CHAIN,
+)
 
 
 class IdentityExists(Exception):
@@ -75,6 +89,17 @@ class Identity:
     pca_url: str | None = None
     #: The kind of AK (:data:`securemig.trust.tpm.tpm.AK_TEMPLATES`).
     ak_alg: str = "ecc"
+    #: The EK it enrolls with (:data:`securemig.trust.tpm.tpm.EK_KINDS`).
+    ek_kind: str = "rsa"
+    #: The vendor's intermediate CA certificates of the EK's (PEM; may be empty).
+    ek_chain: bytes = b""
+
+    def ek_chain_der(self) -> list[bytes]:
+        """:attr:`ek_chain` as DER certificates, for the enrollment."""
+        if not self.ek_chain:
+            return []
+        certs = x509.load_pem_x509_certificates(self.ek_chain)
+        return [c.public_bytes(serialization.Encoding.DER) for c in certs]
 
     @property
     def ak(self) -> KeyBlob:
@@ -102,7 +127,16 @@ class Identity:
     def load(cls, directory: Path) -> Identity:
         """Read ``host.json``."""
         data = json.loads((directory / "host.json").read_text())
-        return cls(directory, data["name"], data["tpm"], data.get("pca"), data.get("ak", "ecc"))
+        chain = directory / EK_CHAIN
+        return cls(
+            directory,
+            data["name"],
+            data["tpm"],
+            data.get("pca"),
+            data.get("ak", "ecc"),
+            data.get("ek", "rsa"),
+            chain.read_bytes() if chain.exists() else b"",
+        )
 
 
 def _read_at(dir_fd: int, name: str) -> bytes:
@@ -128,7 +162,7 @@ def issue_tls(site_ca: Authority, name: str, directory: Path) -> None:
 
 
 def _pca_enrollment(
-    pca_url: str, site_ca_dir: Path, name: str, token: str | None = None
+    pca_url: str, site_ca_dir: Path, identity: Identity, token: str | None = None
 ) -> Certify:
     # The PCA's HTTPS certificate is checked against the site CA's
     # certificate.  The host's new site-CA TLS certificate authorizes the
@@ -140,9 +174,11 @@ def _pca_enrollment(
         site_ca_dir / "ca.pem",
         tpm,
         ak,
-        name,
+        identity.name,
         client=None if token else tls_dir,
         token=token,
+        ek_kind=identity.ek_kind,
+        ek_chain=identity.ek_chain_der(),
     )
 
 
@@ -157,23 +193,34 @@ def init_host(
     force: bool = False,
     token: str | None = None,
     ak_alg: str = "ecc",
+    ek_kind: str = "rsa",
+    ek_chain: Path | None = None,
 ) -> Identity:
     """Set up a host: TLS identity, AK (``ak_alg``), enrollment with the
-    privacy CA (authorized by the new TLS certificate or by ``token``).
+    privacy CA (authorized by the new TLS certificate or by ``token``) with
+    the TPM's EK of ``ek_kind`` and the vendor's intermediates ``ek_chain``.
     Refuses a ``directory`` that holds anything unless ``force`` (it is then
     kept aside, see :func:`write_identity`)."""
     check_replaceable(directory, force)
     site_ca = Authority.load(site_ca_dir)
+    identity = Identity(
+        directory,
+        name,
+        tcti,
+        pca_url,
+        ak_alg,
+        ek_kind,
+        ek_chain.read_bytes() if ek_chain else b"",
+    )
     return write_identity(
         directory,
         name,
         tcti,
         site_ca,
         pca_ca.read_bytes(),
-        _pca_enrollment(pca_url, site_ca_dir, name, token),
+        _pca_enrollment(pca_url, site_ca_dir, identity, token),
         force=force,
-        pca_url=pca_url,
-        ak_alg=ak_alg,
+        like=identity,
     )
 
 
@@ -203,18 +250,20 @@ def write_identity(
     certify: Certify,
     *,
     force: bool = False,
-    pca_url: str | None = None,
-    ak_alg: str = "ecc",
+    like: Identity | None = None,
 ) -> Identity:
     """Make an identity directory; ``certify`` obtains the AK certificate
-    (enrollment with a privacy CA, over HTTPS or, in tests, in process).
+    (enrollment with a privacy CA, over HTTPS or, in tests, in process);
+    ``like`` gives its other attributes (PCA URL, kinds of AK and EK).
 
     Built in a temporary directory, then renamed into place: a failure leaves
     ``directory`` as it was.  A ``directory`` holding anything is refused
     (:class:`IdentityExists`) unless ``force``; it is then renamed aside
     (:func:`kept_aside` returns where) as a whole, ``policy/`` included."""
     check_replaceable(directory, force)
-    identity = Identity(directory, name, tcti, pca_url, ak_alg)
+    identity = Identity(directory, name, tcti)
+    if like is not None:
+        identity = like
     new = _staging(directory)
     try:
         _fill(new, identity, site_ca, pca_pem, certify)
@@ -241,7 +290,7 @@ def renew_host(
     site_ca = Authority.load(site_ca_dir)
     pca_pem = (pca_ca or directory / "pca.pem").read_bytes()
     return renew_identity(
-        directory, site_ca, pca_pem, _pca_enrollment(pca_url, site_ca_dir, old.name), pca_url
+        directory, site_ca, pca_pem, _pca_enrollment(pca_url, site_ca_dir, old), pca_url
     )
 
 
@@ -308,9 +357,16 @@ def _fill(
         files.write_durably(directory / "ak.blob", ak.to_bytes())
         cert = certify(tpm, ak, directory)
     files.write_durably(directory / "ak.der", cert)
-    record = {"name": identity.name, "tpm": identity.tpm, "ak": identity.ak_alg}
+    record = {
+        "name": identity.name,
+        "tpm": identity.tpm,
+        "ak": identity.ak_alg,
+        "ek": identity.ek_kind,
+    }
     if identity.pca_url:
         record["pca"] = identity.pca_url
+    if identity.ek_chain:
+        files.write_durably(directory / EK_CHAIN, identity.ek_chain)
     files.write_durably(directory / "host.json", json.dumps(record, indent=2).encode())
 
 

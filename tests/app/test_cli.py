@@ -11,6 +11,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+from cryptography import x509
 from twisted.trial.unittest import SynchronousTestCase
 
 from securemig.app.cli.common import EXIT_FAILED, EXIT_USAGE
@@ -62,7 +63,7 @@ class ParserTests(SynchronousTestCase):
     def test_every_command_has_a_handler(self) -> None:
         """Each command and action sets ``func`` to a ``cmd_*`` of its module."""
         found = leaves(build_parser())
-        self.assertEqual(len(found), 21)
+        self.assertEqual(len(found), 25)  # pca: init, authorize, replace, revoke, list
         for path, func in found:
             self.assertTrue(callable(func), path)
             self.assertTrue(getattr(func, "__name__", "").startswith("cmd_"), path)
@@ -97,11 +98,11 @@ class ParserTests(SynchronousTestCase):
 class TpmSimulateTests(SynchronousTestCase):
     """`securemig tpm simulate DIR`: a host TPM an operator can enroll."""
 
-    def simulate(self, base: Path) -> tuple[subprocess.Popen[str], list[str], str]:
+    def simulate(self, base: Path, *extra: str) -> tuple[subprocess.Popen[str], list[str], str]:
         """Start ``securemig tpm simulate BASE``; its process, the lines it
         printed before it ran the TPM, and that ``running as pid`` line."""
         sim = subprocess.Popen(
-            [processes.script("securemig"), "tpm", "simulate", str(base)],
+            [processes.script("securemig"), "tpm", "simulate", str(base), *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -139,3 +140,20 @@ class TpmSimulateTests(SynchronousTestCase):
         self.assertEqual(again.wait(20), 0)
         self.assertIn(f"TCTI: {tcti}\n", out)
         self.assertFalse(any(x.startswith("manufactured") for x in out), out)
+
+    def test_simulate_ecc_ek(self) -> None:
+        """--ek ecc: an ECC P-256 EK certificate from a vendor intermediate,
+        and the arguments that enroll it (the root for pca init, the chain
+        for host init)."""
+        base = Path(self.mktemp()).absolute()
+        sim, lines, _ = self.simulate(base, "--ek", "ecc")
+        self.addCleanup(lambda: sim.poll() is None and (sim.terminate(), sim.wait(20)))
+        tcti = next(x for x in lines if x.startswith("TCTI: ")).split(": ", 1)[1].strip()
+        vendor = next(x for x in lines if "--vendor-ca" in x)
+        self.assertIn("ecc-root/ca.pem", vendor)
+        self.assertNotIn("issuercert.pem", vendor)
+        chain = next(x for x in lines if "--ek-chain" in x).split("--ek-chain ", 1)[1].strip()
+        intermediate = x509.load_pem_x509_certificate(Path(chain).read_bytes())
+        with TPM(tcti) as tpm:
+            ek = x509.load_der_x509_certificate(tpm.ek_certificate("ecc"))
+        self.assertEqual(ek.issuer, intermediate.subject)

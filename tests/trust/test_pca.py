@@ -20,7 +20,7 @@ from securemig.trust.pca.client import EnrollmentRefused, enroll
 from securemig.trust.pca.core import Authorization, EnrollmentError, PrivacyCA, VendorCAError
 from securemig.trust.pki import Authority
 from securemig.trust.tpm import swtpm
-from securemig.trust.tpm.tpm import TPM, KeyBlob
+from securemig.trust.tpm.tpm import TPM, KeyBlob, TPMError
 
 from ..helpers import shared_tpm
 from .test_attest import Forger
@@ -300,6 +300,50 @@ class EnrollmentTests(SynchronousTestCase):
 
     # -- algorithms (item 7)
 
+    def test_ecc_ek_through_an_intermediate(self) -> None:
+        """An ECC P-256 EK whose certificate a vendor intermediate issued:
+        a PCA trusting the vendor's root only enrolls it when the host sends
+        the intermediate; not without it, nor with a non-CA certificate in
+        its place; the EK must then activate the credential."""
+        vendor = self.base / "ecc-vendor"
+        chain = swtpm.certify_ecc_ek(self.tpm.tcti, vendor)
+        pca = PrivacyCA.init(self.base / "ecc-pca", [vendor / "ecc-root" / "ca.pem"])
+        intermediate = x509.load_pem_x509_certificate(chain.read_bytes())
+        der = intermediate.public_bytes(serialization.Encoding.DER)
+        ek = self.tpm.ek_certificate("ecc")
+        self.assertEqual(x509.load_der_x509_certificate(ek).issuer, intermediate.subject)
+        begin = dict(ek_cert=ek, ek_public=self.tpm.ek_public("ecc"), ak_public=self.ak.public)
+        self.assertRefused("ek-certificate", pca.begin, "host-a", **begin)
+        leaf = Authority.create("x").issue(Authority.create("y").key.public_key(), "host-a")
+        self.assertRefused(
+            "ek-certificate",
+            pca.begin,
+            "host-a",
+            ek_intermediates=[leaf.public_bytes(serialization.Encoding.DER)],
+            **begin,
+        )
+        challenge = pca.begin(
+            "host-a", **begin, authorization=Authorization(("host-a",)), ek_intermediates=[der]
+        )
+        # The RSA EK cannot answer a challenge made for the ECC EK.
+        self.assertRaises(
+            TPMError,
+            self.tpm.activate_credential,
+            self.ak,
+            challenge.credential_blob,
+            challenge.encrypted_secret,
+        )
+        challenge = pca.begin(
+            "host-a", **begin, authorization=Authorization(("host-a",)), ek_intermediates=[der]
+        )
+        secret = self.tpm.activate_credential(
+            self.ak, challenge.credential_blob, challenge.encrypted_secret, "ecc"
+        )
+        cert = pca.finish(challenge.enrollment_id, secret)
+        attest.verify_ak_certificate(cert, pca.authority.cert, self.ak.public, "host-a")
+        # The RSA EK's certificate (another vendor) is not trusted by this PCA.
+        self.assertRefused("ek-certificate", self.begin, pca)
+
     def test_sha1_ak_refused(self) -> None:
         """The PCA certifies no AK whose quotes the verifier would refuse: a
         SHA-1 signing scheme, or a SHA-1 name algorithm (real swtpm keys)."""
@@ -358,7 +402,13 @@ class EnrollmentOverHTTPSTests(TestCase):
         )
         self.assertEqual(issued.returncode, 0, issued.stderr)
         vendor_args = []
-        for cert in swtpm.ca_certificates(self.tpm_base / "ca"):
+        # The swtpm vendor's CAs, and the root of an ECC EK vendor.
+        self.ecc_vendor = base / "ecc-vendor"
+        swtpm.ecc_vendor_chain(self.ecc_vendor)
+        for cert in [
+            *swtpm.ca_certificates(self.tpm_base / "ca"),
+            self.ecc_vendor / "ecc-root/ca.pem",
+        ]:
             vendor_args += ["--vendor-ca", str(cert)]
         made = run(
             "pca",
@@ -452,6 +502,41 @@ class EnrollmentOverHTTPSTests(TestCase):
                 enroll(self.url, trust, self.tpm, ak, "host-c", client=client)
             self.assertIn("not-authorized", str(cm.exception))
             self.assertIn(words, str(cm.exception))
+
+    def test_ecc_ek_through_an_intermediate(self) -> None:
+        """`host init --ek ecc --ek-chain` over HTTPS: the ECC EK's
+        certificate comes from a vendor intermediate the PCA does not trust
+        (only the vendor's root); sent along, it enrolls; without it, the
+        PCA refuses."""
+        chain = swtpm.certify_ecc_ek(self.tpm.tcti, self.ecc_vendor)
+        refused = self.host_init("host-e", self.tpm.tcti, "--ek", "ecc", name="host-e")
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("ek-certificate", refused.stderr)
+        enrolled = self.host_init(
+            "host-e", self.tpm.tcti, "--ek", "ecc", "--ek-chain", str(chain), name="host-e"
+        )
+        self.assertEqual(enrolled.returncode, 0, enrolled.stderr)
+        identity = json.loads((self.base / "host-e" / "host.json").read_text())
+        self.assertEqual(identity["ek"], "ecc")
+        self.assertEqual((self.base / "host-e" / "ek-chain.pem").read_bytes(), chain.read_bytes())
+        renewed = processes.securemig(
+            "host",
+            "renew",
+            "--identity",
+            str(self.base / "host-e"),
+            "--site-ca",
+            str(self.base / "site"),
+            "--pca",
+            self.url,
+        )
+        self.assertEqual(renewed.returncode, 0, renewed.stderr)
+        (listed,) = [h for h in json.loads(self.pca("list", "--json").stdout)]
+        self.assertEqual(len(listed["aks"]), 2)
+        bad = self.base / "not-a-ca.pem"
+        bad.write_text("hello\n")
+        wrong = self.host_init("host-f", self.tpm.tcti, "--ek-chain", str(bad), name="host-f")
+        self.assertEqual(wrong.returncode, 1)
+        self.assertIn("--ek-chain:", wrong.stderr)
 
     def test_token(self) -> None:
         """`pca authorize` prints a token once; `host init --enroll-token`

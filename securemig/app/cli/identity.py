@@ -22,9 +22,15 @@ from securemig.app.cli.common import (
 from securemig.trust.attest import ak_name
 from securemig.trust.identity import IdentityExists, init_host, issue_tls, kept_aside, renew_host
 from securemig.trust.pca.client import EnrollmentRefused
-from securemig.trust.pca.core import MAX_TOKEN_TTL, TOKEN_TTL, PrivacyCA, VendorCAError
+from securemig.trust.pca.core import (
+    MAX_TOKEN_TTL,
+    TOKEN_TTL,
+    PrivacyCA,
+    VendorCAError,
+    check_vendor_ca,
+)
 from securemig.trust.pki import Authority, check_host_name
-from securemig.trust.tpm.tpm import AK_TEMPLATES, TPMError
+from securemig.trust.tpm.tpm import AK_TEMPLATES, EK_KINDS, TPMError
 
 
 def add_parser(subparsers: Subparsers) -> None:
@@ -154,6 +160,19 @@ def add_parser(subparsers: Subparsers) -> None:
         default="ecc",
         help="the attestation key: ECC P-256 with ECDSA, RSA-2048 with RSASSA, or "
         "RSA-2048 with RSASSA-PSS (default %(default)s; host renew keeps it)",
+    )
+    host_init.add_argument(
+        "--ek",
+        choices=EK_KINDS,
+        default="rsa",
+        help="the TPM's endorsement key to enroll with: RSA-2048 or ECC P-256 "
+        "(default %(default)s; host renew keeps it)",
+    )
+    host_init.add_argument(
+        "--ek-chain",
+        type=Path,
+        help="the TPM vendor's intermediate CA certificates (PEM) between its EK "
+        "certificate and the vendor root the privacy CA trusts; sent with each enrollment",
     )
     host_init.set_defaults(func=cmd_host_init)
     host_renew = host_sub.add_parser(
@@ -342,6 +361,11 @@ def cmd_host_init(args: argparse.Namespace) -> int:
     enrolled with the privacy CA; refuses an existing identity without
     ``--force``."""
     earlier = set(kept_aside(args.dir))
+    if args.ek_chain is not None:
+        try:
+            check_vendor_ca(args.ek_chain)
+        except VendorCAError as e:
+            return error(f"--ek-chain: {e}")
     try:
         identity = init_host(
             args.dir,
@@ -353,6 +377,8 @@ def cmd_host_init(args: argparse.Namespace) -> int:
             force=args.force,
             token=args.enroll_token,
             ak_alg=args.ak,
+            ek_kind=args.ek,
+            ek_chain=args.ek_chain,
         )
     except IdentityExists as e:
         return error(str(e))

@@ -37,6 +37,14 @@ def add_parser(subparsers: Subparsers) -> None:
         help="TCP port of the TPM (its control port is the next one; default: the "
         "port of the previous run, else a free one)",
     )
+    sim.add_argument(
+        "--ek",
+        choices=("rsa", "ecc"),
+        default="rsa",
+        help="rsa: the RSA-2048 EK certificate swtpm_setup makes; ecc: also an ECC P-256 "
+        "EK certificate from a vendor root -> intermediate chain in DIR/vendor-ca "
+        "(for host init --ek ecc --ek-chain)",
+    )
     sim.set_defaults(func=cmd_tpm_simulate)
 
 
@@ -61,7 +69,12 @@ def cmd_tpm_simulate(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         print(f"TCTI: {process.tcti}")
-        vendor = " ".join(f"--vendor-ca {p}" for p in swtpm.ca_certificates(ca))
+        vendors = swtpm.ca_certificates(ca)
+        if args.ek == "ecc":
+            chain = swtpm.certify_ecc_ek(process.tcti, ca)
+            vendors = [ca / "ecc-root" / "ca.pem"]
+            print(f"for `securemig host init`: --ek ecc --ek-chain {chain}")
+        vendor = " ".join(f"--vendor-ca {p}" for p in vendors)
         print(f"for `securemig pca init`: {vendor}")
         print(f"running as pid {process.process.pid}; Ctrl-C ends it", flush=True)
         while not stop.wait(0.5):

@@ -7,6 +7,7 @@ import json
 import ssl
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ def enroll(
     *,
     client: Path | None = None,
     token: str | None = None,
+    ek_kind: str = "rsa",
+    ek_chain: Sequence[bytes] = (),
 ) -> bytes:
     """Run both enrollment steps; returns the AK certificate (DER).
 
@@ -61,16 +64,19 @@ def enroll(
     certificate; the PCA's host name is checked against it.  The PCA needs
     an authorization: the site-CA TLS certificate for ``host`` in
     ``client`` (``tls.key``, ``tls.pem``), or a ``token`` from
-    ``securemig pca authorize``.
+    ``securemig pca authorize``.  The TPM's EK of ``ek_kind`` (rsa, ecc)
+    is used, its certificate sent with the vendor's intermediate CA
+    certificates ``ek_chain`` (DER).
     """
     context = https_context(trust, client)
     url = url.rstrip("/")
     b64 = base64.b64encode
     request = {
         "host": host,
-        "ek_certificate": b64(tpm.ek_certificate()).decode(),
-        "ek_public": b64(tpm.ek_public()).decode(),
+        "ek_certificate": b64(tpm.ek_certificate(ek_kind)).decode(),
+        "ek_public": b64(tpm.ek_public(ek_kind)).decode(),
         "ak_public": b64(ak.public).decode(),
+        "ek_intermediates": [b64(c).decode() for c in ek_chain],
     }
     if token is not None:
         request["token"] = token
@@ -79,6 +85,7 @@ def enroll(
         ak,
         base64.b64decode(challenge["credential_blob"]),
         base64.b64decode(challenge["encrypted_secret"]),
+        ek_kind,
     )
     answer = _post(
         f"{url}/v1/activate",

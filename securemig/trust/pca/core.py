@@ -54,11 +54,11 @@ from tpm2_pytss import TPM2B_PUBLIC
 from tpm2_pytss.utils import make_credential
 
 from securemig.trust.attest import AttestationError, check_ak
-from securemig.trust.pki import Authority, check_host_name
+from securemig.trust.pki import EK_CERTIFICATE_EKU, Authority, check_host_name
 from securemig.trust.tpm.tpm import Malformed, unmarshal_exact
 
-#: Extended key usage of an EK certificate (TCG EK Credential Profile).
-EK_CERTIFICATE_EKU = x509.ObjectIdentifier("2.23.133.8.1")
+#: The most intermediate CA certificates an EK certificate may come with.
+MAX_EK_INTERMEDIATES = 4
 #: How long a host has to answer its credential challenge.
 CHALLENGE_TTL = 120.0
 SECRET_SIZE = 32
@@ -348,11 +348,13 @@ class PrivacyCA:
         ek_public: bytes,
         ak_public: bytes,
         authorization: Authorization = Authorization(),
+        ek_intermediates: Sequence[bytes] = (),
     ) -> Challenge:
-        """Check the EK, the AK and the authorization, and challenge the TPM;
-        see the module docstring."""
+        """Check the EK (its certificate chained to a trusted vendor CA,
+        through ``ek_intermediates`` if need be; RSA or ECC), the AK and the
+        authorization, and challenge the TPM; see the module docstring."""
         _check_host_name(host)
-        cert = self._verify_ek_certificate(ek_cert)
+        cert = self._verify_ek_certificate(ek_cert, ek_intermediates)
         ek = _parse_public(ek_public, "ek-public")
         ek_key = serialization.load_der_public_key(bytes(ek.publicArea.to_der()))
         spki = serialization.PublicFormat.SubjectPublicKeyInfo
@@ -478,7 +480,11 @@ class PrivacyCA:
         for key in [k for k, p in self._pending.items() if p.expires < now]:
             del self._pending[key]
 
-    def _verify_ek_certificate(self, der: bytes) -> x509.Certificate:
+    def _verify_ek_certificate(
+        self, der: bytes, intermediates: Sequence[bytes] = ()
+    ) -> x509.Certificate:
+        """The EK certificate, once it chains to a trusted vendor CA, directly
+        or through the vendor's ``intermediates`` (DER) the host sent."""
         try:
             cert = x509.load_der_x509_certificate(der)
         except ValueError:
@@ -492,19 +498,52 @@ class PrivacyCA:
         now = datetime.now(UTC)
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise EnrollmentError("ek-certificate", "EK certificate is not valid now")
+        if len(intermediates) > MAX_EK_INTERMEDIATES:
+            raise EnrollmentError(
+                "ek-certificate", f"more than {MAX_EK_INTERMEDIATES} intermediate certificates"
+            )
+        try:
+            chain = [x509.load_der_x509_certificate(c) for c in intermediates]
+        except ValueError:
+            raise EnrollmentError(
+                "ek-certificate", "an intermediate certificate does not parse"
+            ) from None
         # Every certificate in vendors/ is a trust anchor (roots and the
-        # intermediates that issue EK certificates alike).
-        for issuer in self.vendors:
-            if issuer.subject != cert.issuer:
-                continue
-            try:
-                cert.verify_directly_issued_by(issuer)
-            except (ValueError, TypeError, InvalidSignature):
-                continue
-            return cert
+        # intermediates that issue EK certificates alike); the host's
+        # intermediates are not, and each must be a valid CA certificate.
+        current, below = cert, 0
+        for _ in range(MAX_EK_INTERMEDIATES + 1):
+            if any(_issued(current, anchor, below) for anchor in self.vendors):
+                return cert
+            step = next((c for c in chain if _issued(current, c, below, now)), None)
+            if step is None:
+                break
+            current, below = step, below + 1
         raise EnrollmentError(
-            "ek-certificate", "EK certificate is not issued by a trusted TPM vendor CA"
+            "ek-certificate",
+            "EK certificate is not issued by a trusted TPM vendor CA"
+            + (" (nor through the intermediates sent)" if chain else ""),
         )
+
+
+def _issued(
+    cert: x509.Certificate, issuer: x509.Certificate, below: int, now: datetime | None = None
+) -> bool:
+    """Whether CA certificate ``issuer`` signed ``cert``, with ``below`` CA
+    certificates under it in the chain (its path length constraint); with
+    ``now``, also whether ``issuer`` is valid then."""
+    if issuer.subject != cert.issuer:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+        constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
+        return False
+    if not constraints.ca or (
+        constraints.path_length is not None and below > constraints.path_length
+    ):
+        return False
+    return now is None or issuer.not_valid_before_utc <= now <= issuer.not_valid_after_utc
 
 
 #: The site CA's certificate in a PCA's directory (``pca init --site-ca``).

@@ -1,7 +1,8 @@
 """
 The privacy CA's HTTPS+JSON service (twisted.web) over :class:`PrivacyCA`.
 
-``POST /v1/enroll``   ``{"host", "ek_certificate", "ek_public", "ak_public"[, "token"]}``
+``POST /v1/enroll``   ``{"host", "ek_certificate", "ek_public", "ak_public"[, "token"]``
+                      ``[, "ek_intermediates": [...]]}``
                       → ``{"enrollment_id", "credential_blob", "encrypted_secret"}``
 ``POST /v1/activate`` ``{"enrollment_id", "secret"}`` → ``{"ak_certificate"}``
 ``GET /v1/crl``       the revocation list, DER (``application/pkix-crl``)
@@ -25,7 +26,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from securemig.trust.pca.core import MAX_TOKEN_LENGTH, Authorization, EnrollmentError, PrivacyCA
+from securemig.trust.pca.core import (
+    MAX_EK_INTERMEDIATES,
+    MAX_TOKEN_LENGTH,
+    Authorization,
+    EnrollmentError,
+    PrivacyCA,
+)
 
 MAX_BODY = 64 * 1024
 log = Logger()
@@ -38,6 +45,14 @@ def _b64(value: Any, field: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise EnrollmentError("malformed", f"{field} is not base64") from None
+
+
+def _b64_list(value: Any, field: str) -> list[bytes]:
+    if not isinstance(value, list) or len(value) > MAX_EK_INTERMEDIATES:
+        raise EnrollmentError(
+            "malformed", f"{field} must be a list of at most {MAX_EK_INTERMEDIATES}"
+        )
+    return [_b64(v, field) for v in value]
 
 
 class _Endpoint(resource.Resource):
@@ -106,6 +121,7 @@ class Enroll(_Endpoint):
             _b64(data.get("ek_public"), "ek_public"),
             _b64(data.get("ak_public"), "ak_public"),
             Authorization(client_names(request), token),
+            _b64_list(data.get("ek_intermediates", []), "ek_intermediates"),
         )
         log.info(
             "enrollment {id} of host {host}, authorized by a {proof}: challenge sent",
