@@ -87,8 +87,9 @@ class Lab:
         work = self.work
         init_host(work / host, host, tcti, work / "site-ca", self.pca_url, work / "pca" / "ca.pem")
         self.say(
-            f"   host {host}: TLS certificate, AK, enrolled (EK certificate checked, "
-            f"credential activated) in {time.monotonic() - t:.2f} s"
+            f"   host {host}: TLS certificate, AK, enrolled (authorized by its site-CA "
+            f"TLS certificate, EK certificate checked, credential activated) in "
+            f"{time.monotonic() - t:.2f} s"
         )
 
     def add_host(self, host: str) -> None:

@@ -11,12 +11,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from tpm2_pytss.constants import TPM2_ALG
 from twisted.trial.unittest import TestCase
 
 from securemig.lab import processes
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
 from securemig.trust.identity import kept_aside
 from securemig.trust.policy import PolicyStore
+from securemig.trust.tpm.tpm import KeyBlob
 
 FIRST_USE = "securemig: WARNING: trust on first use: recorded the PCR values of"
 
@@ -203,3 +205,43 @@ class TrustOnFirstUseTests(LabBase):
         self.assertIn('"recorded_on_first_use": true', shown.stdout)
         out, back = self.round_trip()
         self.assertNotIn("trust on first use", out + back)
+
+
+class AlgorithmTests(LabBase):
+    def test_pss_ak_end_to_end(self) -> None:
+        """source-a re-initialised with an RSASSA-PSS AK (`host init --force
+        --ak rsa-pss`): enrolled over HTTPS, its quotes accepted by dest-b
+        and its view of dest-b intact, both ways; `host renew` keeps PSS."""
+        self.round_trip()
+        args = [
+            "host",
+            "init",
+            "--dir",
+            str(self.work / SOURCE),
+            "--name",
+            SOURCE,
+            "--tpm",
+            json.loads((self.work / SOURCE / "host.json").read_text())["tpm"],
+            "--site-ca",
+            str(self.work / "site-ca"),
+            "--pca",
+            self.pca_url,
+            "--pca-ca",
+            str(self.work / "pca" / "ca.pem"),
+            "--force",
+            "--ak",
+            "rsa-pss",
+        ]
+        forced = processes.securemig(*args)
+        self.assertEqual(forced.returncode, 0, forced.stderr)
+        self.assertEqual(self.ak_scheme(), "rsapss")
+        self.restart_home()
+        self.round_trip()
+        self.renew()
+        self.assertEqual(self.ak_scheme(), "rsapss")
+        self.round_trip()
+
+    def ak_scheme(self) -> str:
+        blob = KeyBlob.from_bytes((self.work / SOURCE / "ak.blob").read_bytes())
+        area = blob.public_area.publicArea
+        return str(TPM2_ALG(area.parameters.rsaDetail.scheme.scheme))
