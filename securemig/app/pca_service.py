@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import crypto
 from twisted.application import service
 from twisted.internet import reactor as _reactor
+from twisted.internet import ssl
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
@@ -24,7 +27,10 @@ class Options(ServiceOptions):
     longdesc = (
         "Run a securemig privacy CA: certify hosts' attestation keys after checking "
         "their EK certificates and proving, by credential activation, that each AK "
-        "lives in the TPM of that EK.  DIR is made with `securemig pca init`."
+        "lives in the TPM of that EK, and only for a host name the operator authorized "
+        "(a TLS client certificate for it from the site CA of `pca init --site-ca`, or "
+        "a token from `securemig pca authorize`); publish the revocation list at "
+        "/v1/crl.  DIR is made with `securemig pca init`."
     )
     directory_option = "dir"
     optParameters = [
@@ -64,6 +70,26 @@ def makeService(options: Options) -> service.MultiService:
     top = service.MultiService()
     pca = PrivacyCA(Path(options["dir"]))
     endpoint = serverFromString(reactor, options["listen"])
+    if pca.site_ca is not None:
+        ask_for_client_certificates(endpoint, pca.site_ca.public_bytes(Encoding.PEM))
     port_file = Path(options["port-file"]) if options["port-file"] else None
     ListenService(endpoint, site(pca), port_file, "enrollments (HTTPS)").setServiceParent(top)
     return top
+
+
+def ask_for_client_certificates(endpoint: Any, site_ca_pem: bytes) -> None:
+    """Make the ssl: ``endpoint`` ask clients for a TLS certificate, verified
+    against the site CA, but not require one (a client with a token has
+    none).  Endpoint strings cannot say this, so the context factory that
+    twistd parsed from ``--listen`` is remade with the same key and
+    certificate."""
+    parsed = endpoint._sslContextFactory
+    endpoint._sslContextFactory = ssl.CertificateOptions(
+        privateKey=parsed.privateKey,
+        certificate=parsed.certificate,
+        extraCertChain=parsed.extraCertChain,
+        verify=True,
+        caCerts=[crypto.load_certificate(crypto.FILETYPE_PEM, site_ca_pem)],
+        requireCertificate=False,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_3,
+    )

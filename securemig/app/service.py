@@ -15,6 +15,8 @@ from twisted.application import service
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -36,7 +38,10 @@ from securemig.transport.resolve import Resolver
 from securemig.transport.tcp import listen_in_range, parse_port_range
 from securemig.transport.tls import CIPHERS
 from securemig.trust.attestor import open_attestor
+from securemig.trust.identity import Identity
 from securemig.trust.keyrelease import DestinationSecurity, MigrationKey
+from securemig.trust.revocation import CRL_MAX_AGE, CRL_REFRESH, CRLError, RevocationList
+from securemig.trust.revocation import for_identity as revocation_for
 
 log = Logger()
 #: The global reactor, untyped (Twisted declares it through zope interfaces).
@@ -163,6 +168,28 @@ class Options(ServiceOptions):
             "Secure variant: LOW-HIGH, the ports a migration's data channel may listen on "
             "(for firewalls; default: any free port). A migration finding all taken fails.",
         ],
+        [
+            "crl",
+            None,
+            None,
+            "The privacy CA's https:// URL to fetch its revocation list (/v1/crl) from "
+            "(default: the one IDENTITY enrolled with).",
+        ],
+        [
+            "crl-refresh",
+            None,
+            CRL_REFRESH,
+            "Seconds between fetches of the privacy CA's revocation list.",
+            float,
+        ],
+        [
+            "crl-max-age",
+            None,
+            CRL_MAX_AGE,
+            "Seconds after its signing past which the revocation list held is stale "
+            "and every source is refused (fail closed).",
+            float,
+        ],
         ["backend", None, "image", "Hypervisor of this host: image (files only), qemu or xen."],
         [
             "tls-cipher",
@@ -276,6 +303,10 @@ class Options(ServiceOptions):
             raise usage.UsageError(
                 "--idle-timeout, --deadline and --resolve-interval must be positive"
             )
+        if self["crl-refresh"] <= 0 or self["crl-max-age"] <= 0:
+            raise usage.UsageError("--crl-refresh and --crl-max-age must be positive")
+        if self["crl"] and not self["crl"].startswith("https://"):
+            raise usage.UsageError("--crl must be the privacy CA's https:// URL")
 
 
 def check_endpoint(option: str, description: str) -> None:
@@ -334,6 +365,54 @@ class RecoveryService(service.Service):
         super().stopService()
         if self.resolver is not None:
             self.resolver.stop()
+        return None
+
+
+class RevocationService(service.Service):
+    """Fetch the privacy CA's revocation list every ``interval`` seconds (in
+    a thread: it is a blocking HTTPS request); a failed fetch keeps the list
+    held, which fails closed once it is older than its max age."""
+
+    def __init__(self, revocation: RevocationList, interval: float) -> None:
+        self.revocation = revocation
+        self.loop = LoopingCall(self._fetch)
+        self.interval = interval
+        self._said: str | None = None
+
+    def startService(self) -> None:
+        """The first fetch now, in this thread, so that the first source is
+        judged by a current list; then every interval."""
+        super().startService()
+        try:
+            self.revocation.fetch()
+        except CRLError as e:
+            self._report(str(e))
+        self.loop.start(self.interval, now=False)
+
+    def _fetch(self) -> Any:
+        d = deferToThread(self.revocation.fetch)
+        d.addCallbacks(lambda _: self._report(None), lambda f: self._report(f.getErrorMessage()))
+        return d
+
+    def _report(self, problem: str | None) -> None:
+        # Each change is logged once, not every round.
+        if problem == self._said:
+            return
+        self._said = problem
+        if problem is None:
+            log.info("revocation list from {url} fetched", url=self.revocation.url)
+        else:
+            log.warn(
+                "revocation list: {problem}; keeping the one held (sources are refused "
+                "once it is older than --crl-max-age)",
+                problem=problem,
+            )
+
+    def stopService(self) -> Any:
+        """No more fetches."""
+        super().stopService()
+        if self.loop.running:
+            self.loop.stop()
         return None
 
 
@@ -406,7 +485,22 @@ def makeService(options: Options) -> service.MultiService:
     attestor = None
     if options["identity"]:
         policy_dir = Path(options["policy-dir"]) if options["policy-dir"] else None
-        attestor = open_attestor(Path(options["identity"]), policy_dir, options["tofu"])
+        identity_dir = Path(options["identity"])
+        revocation = revocation_for(
+            identity_dir,
+            options["crl"],
+            Identity.load(identity_dir).pca_url,
+            options["crl-max-age"],
+        )
+        if revocation is None:
+            log.warn(
+                "{identity} names no privacy CA URL: sources' AK certificates are NOT "
+                "checked for revocation (give --crl URL, or renew the identity)",
+                identity=identity_dir,
+            )
+        else:
+            RevocationService(revocation, options["crl-refresh"]).setServiceParent(top)
+        attestor = open_attestor(identity_dir, policy_dir, options["tofu"], revocation=revocation)
         host.unseal = attestor.unseal
         recovery.identity = Path(options["identity"])
     if options["listen"]:

@@ -23,9 +23,10 @@ from securemig import files
 from securemig.hypervisor.bundle import Bundle, create_image_vm, set_disk_owner
 from securemig.lab import processes
 from securemig.trust.attestor import open_attestor
-from securemig.trust.identity import init_host, issue_tls
+from securemig.trust.identity import Identity, init_host, issue_tls
 from securemig.trust.pca.core import PrivacyCA
 from securemig.trust.pki import Authority
+from securemig.trust.revocation import for_identity as revocation_for
 from securemig.trust.tpm import swtpm
 
 SOURCE, DESTINATION = "source-a", "dest-b"
@@ -55,7 +56,10 @@ class Lab:
         self.say(
             f"   two swtpm host TPMs with EK certificates ({time.monotonic() - started:.1f} s)"
         )
-        PrivacyCA.init(work / "pca", swtpm.ca_certificates(self._vendor))
+        # Hosts enroll with their site-CA TLS certificates (mutual TLS to the PCA).
+        PrivacyCA.init(
+            work / "pca", swtpm.ca_certificates(self._vendor), site_ca=work / "site-ca" / "ca.pem"
+        )
         tls = work / "pca-tls"
         tls.mkdir()
         issue_tls(site, "localhost", tls)
@@ -84,8 +88,9 @@ class Lab:
         work = self.work
         init_host(work / host, host, tcti, work / "site-ca", self.pca_url, work / "pca" / "ca.pem")
         self.say(
-            f"   host {host}: TLS certificate, AK, enrolled (EK certificate checked, "
-            f"credential activated) in {time.monotonic() - t:.2f} s"
+            f"   host {host}: TLS certificate, AK, enrolled (authorized by its site-CA "
+            f"TLS certificate, EK certificate checked, credential activated) in "
+            f"{time.monotonic() - t:.2f} s"
         )
 
     def add_host(self, host: str) -> None:
@@ -127,6 +132,14 @@ class Lab:
         insecure listeners, ``extra`` options.  With ``keep`` the lab ends it
         at :meth:`stop`; else the caller does."""
         name = "destination" if host == DESTINATION else f"destination-{host}"
+        if self._behind_link(host):
+            # Behind the link the daemon cannot reach the privacy CA on this
+            # side's loopback: it judges sources by the revocation list
+            # fetched here for it (fresh for its --crl-max-age).
+            identity = Identity.load(self.work / host)
+            revocation = revocation_for(identity.directory, None, identity.pca_url)
+            assert revocation is not None  # init_host records the PCA's URL
+            revocation.fetch()
         state = self.work / name
         state.mkdir(exist_ok=True)
         insecure_port_file = self.work / f"{name}.insecure.port"

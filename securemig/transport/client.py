@@ -35,6 +35,7 @@ from securemig.transport.executor import ThreadExecutor
 from securemig.transport.source import SourceProtocol
 from securemig.trust.attestor import open_attestor, warn_on_stderr
 from securemig.trust.keyrelease import SourceSecurity
+from securemig.trust.revocation import RevocationList
 
 
 @dataclass
@@ -46,11 +47,16 @@ class SecureOptions:
     tofu: bool = False
     #: The name the destination must prove; default: the host of --to.
     destination_name: str | None = None
+    #: The revocation list the destination's AK certificate is checked
+    #: against (:func:`securemig.trust.revocation.for_identity`).
+    revocation: RevocationList | None = None
 
     def prepare(self, bundle: Bundle, host: str) -> Any:
         """Open the TPM, unseal the VM's vTPM key for this migration."""
         # The source runs on the operator's terminal: trust on first use says so there.
-        attestor = open_attestor(self.identity, self.policy_dir, self.tofu, warn_on_stderr)
+        attestor = open_attestor(
+            self.identity, self.policy_dir, self.tofu, warn_on_stderr, self.revocation
+        )
         secret = attestor.unseal(bundle.vtpm_key_path.read_bytes())
         return SourceSecurity(attestor, secret, self.destination_name or host, bundle.manifest.vtpm)
 

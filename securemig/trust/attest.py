@@ -7,9 +7,12 @@ never contains the value that was expected (a nonce, golden PCR values).
 The checklist, in the order applied to a quote:
 
 1. the AK's public area: restricted signing key with fixedTPM, fixedParent
-   and sensitiveDataOrigin, ECC P-256 or RSA-2048 (``AK_ATTRIBUTES``);
-2. the signature scheme and hash are pinned (ECDSA or RSASSA with SHA-256),
-   then the signature is verified over the attestation structure;
+   and sensitiveDataOrigin, ECC P-256 or RSA-2048 (``AK_ATTRIBUTES``), name
+   algorithm SHA-256, and a signing scheme of :data:`AK_SCHEMES` with
+   SHA-256 (the privacy CA certifies no other: :func:`check_ak`);
+2. the signature scheme and hash are pinned (ECDSA, or RSASSA or RSASSA-PSS,
+   with SHA-256, and the AK's own scheme), then the signature is verified
+   over the attestation structure;
 3. ``magic`` is TPM_GENERATED_VALUE, ``type`` is TPM_ST_ATTEST_QUOTE;
 4. ``extraData`` equals the expected qualifying data (constant time);
 5. the signed PCR selection equals the requested one exactly (banks, their
@@ -71,6 +74,14 @@ class Check(enum.Enum):
     CERTIFIED_NAME = "certified-name"
     AK_CERTIFICATE = "ak-certificate"
     HOST_NAME = "host-name"
+    REVOKED = "revoked"
+
+
+#: The signing schemes an AK may have, by key type (all with SHA-256).
+AK_SCHEMES = {
+    TPM2_ALG.ECC: (TPM2_ALG.ECDSA,),
+    TPM2_ALG.RSA: (TPM2_ALG.RSASSA, TPM2_ALG.RSAPSS),
+}
 
 
 class AttestationError(Refused):
@@ -111,7 +122,22 @@ def check_ak(ak_public: bytes) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
     if attributes & int(TPMA_OBJECT.DECRYPT):
         raise AttestationError(Check.AK_ATTRIBUTES, "AK must not be a decryption key")
     if area.nameAlg != TPM2_ALG.SHA256:
-        raise AttestationError(Check.AK_ATTRIBUTES, "AK name algorithm must be SHA-256")
+        raise AttestationError(
+            Check.HASH_ALGORITHM,
+            f"the AK's name algorithm is {_alg(area.nameAlg)}; it must be SHA256",
+        )
+    if area.type in AK_SCHEMES:
+        detail = (
+            area.parameters.eccDetail if area.type == TPM2_ALG.ECC else area.parameters.rsaDetail
+        )
+        scheme, scheme_hash = detail.scheme.scheme, detail.scheme.details.anySig.hashAlg
+        if scheme not in AK_SCHEMES[area.type] or scheme_hash != TPM2_ALG.SHA256:
+            allowed = " or ".join(_alg(a) for a in AK_SCHEMES[area.type])
+            raise AttestationError(
+                Check.HASH_ALGORITHM,
+                f"the AK's signing scheme is {_alg(scheme)}-{_alg(scheme_hash)}; "
+                f"it must be {allowed} with SHA256",
+            )
     key = serialization.load_der_public_key(bytes(area.to_der()))
     if area.type == TPM2_ALG.ECC and area.parameters.eccDetail.curveID == TPM2_ECC.NIST_P256:
         assert isinstance(key, ec.EllipticCurvePublicKey)
@@ -120,6 +146,14 @@ def check_ak(ak_public: bytes) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
         assert isinstance(key, rsa.RSAPublicKey)
         return key
     raise AttestationError(Check.AK_ATTRIBUTES, "AK must be ECC P-256 or RSA-2048")
+
+
+def _alg(alg: int) -> str:
+    try:
+        name = str(TPM2_ALG(alg)).upper()
+        return "SHA1" if name == "SHA" else name
+    except ValueError:
+        return f"0x{int(alg):04x}"
 
 
 def ak_name(ak_public: bytes) -> bytes:
@@ -143,9 +177,21 @@ def verify_signature(ak_public: bytes, attest: bytes, signature: bytes) -> TPMS_
             s = int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big")
             key.verify(encode_dss_signature(r, s), attest, ec.ECDSA(hashes.SHA256()))
         else:
-            if sig.sigAlg != TPM2_ALG.RSASSA or sig.signature.rsassa.hash != TPM2_ALG.SHA256:
-                raise AttestationError(Check.HASH_ALGORITHM, "RSA AKs must sign with RSASSA-SHA256")
-            key.verify(bytes(sig.signature.rsassa.sig), attest, padding.PKCS1v15(), hashes.SHA256())
+            scheme = _parse(TPM2B_PUBLIC, ak_public, Check.AK_ATTRIBUTES, "the AK public area")
+            own = scheme.publicArea.parameters.rsaDetail.scheme.scheme
+            if sig.sigAlg != own or sig.signature.rsassa.hash != TPM2_ALG.SHA256:
+                raise AttestationError(
+                    Check.HASH_ALGORITHM, f"this RSA AK must sign with {_alg(own)}-SHA256"
+                )
+            # RSASSA and RSAPSS signatures share one layout (TPMS_SIGNATURE_RSA).
+            pad: padding.AsymmetricPadding = (
+                padding.PKCS1v15()
+                if own == TPM2_ALG.RSASSA
+                # The TPM's salt is as long as the digest (or longest for
+                # its FIPS mode): accept the length the signature has.
+                else padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.AUTO)
+            )
+            key.verify(bytes(sig.signature.rsassa.sig), attest, pad, hashes.SHA256())
     except InvalidSignature:
         raise AttestationError(Check.SIGNATURE, "signature does not verify with the AK") from None
     parsed = _parse(TPMS_ATTEST, attest, Check.TYPE, "the attestation structure")

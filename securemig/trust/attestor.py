@@ -27,6 +27,7 @@ from securemig.protocol.errors import ErrorCode, LocalFault, PeerViolation
 from securemig.trust import attest
 from securemig.trust.identity import Identity
 from securemig.trust.policy import PolicyStore
+from securemig.trust.revocation import RevocationList
 from securemig.trust.tpm.tpm import TPM, KeyBlob
 
 #: PCRs a host seals its vTPM keys and binds its migration key to, and
@@ -95,6 +96,9 @@ class Attestor:
     on_first_use: Callable[[FirstUse], None] = log_first_use
     #: This host's measured-boot event log, sent when a verifier asks.
     event_log: Path | None = None
+    #: The privacy CA's revocation list every peer's AK certificate is
+    #: checked against (None: an identity that knows no privacy CA URL).
+    revocation: RevocationList | None = None
 
     def request_for(self, peer_name: str, *, binding: bool = False) -> wire.QuoteRequest:
         """What to ask ``peer_name`` to quote: exactly the selection of the
@@ -174,6 +178,8 @@ class Attestor:
         attest.verify_ak_certificate(
             evidence.ak_certificate, self.pca, evidence.ak_public, peer_name
         )
+        if self.revocation is not None:
+            self.revocation.check(evidence.ak_certificate, peer_name)
         ak_name = attest.ak_name(evidence.ak_public)
         policy = self.policy.expected(peer_name, self.tofu)
         values: dict[tuple[int, int], bytes] = {}
@@ -223,9 +229,11 @@ def open_attestor(
     policy_dir: Path | None,
     tofu: bool,
     on_first_use: Callable[[FirstUse], None] = log_first_use,
+    revocation: RevocationList | None = None,
 ) -> Attestor:
     """A host's attestor from its identity directory (``securemig host init``);
-    golden values default to ``IDENTITY/policy``."""
+    golden values default to ``IDENTITY/policy``; peers' AK certificates are
+    checked against ``revocation`` when given."""
     identity = Identity.load(identity_dir)
     pca = x509.load_pem_x509_certificate((identity_dir / "pca.pem").read_bytes())
     policy = PolicyStore(policy_dir or identity_dir / "policy")
@@ -237,6 +245,7 @@ def open_attestor(
         tofu,
         on_first_use=on_first_use,
         event_log=event_log_path(identity_dir, identity.tpm),
+        revocation=revocation,
     )
 
 

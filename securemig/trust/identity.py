@@ -4,7 +4,9 @@ A host's identity directory: what ``securemig host init`` sets up and
 
 ::
 
-    DIR/host.json        {"name": HOST, "tpm": TCTI}
+    DIR/host.json        {"name": HOST, "tpm": TCTI, "pca": URL, "ak": ALG, "ek": KIND}
+    DIR/ek-chain.pem     the TPM vendor's intermediate CAs of its EK certificate
+                         (optional: sent with each enrollment)
     DIR/tls.key, tls.pem the host's TLS key and certificate (site CA)
     DIR/site-ca.pem      the site CA, to check peers' TLS certificates
     DIR/ak.blob          the attestation key (usable only in this TPM)
@@ -41,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -49,13 +52,29 @@ from securemig.trust.pca.client import enroll
 from securemig.trust.pki import Authority
 from securemig.trust.tpm.tpm import TPM, KeyBlob
 
+#: The TPM vendor's intermediate CA certificates (PEM) of the EK certificate.
+EK_CHAIN = "ek-chain.pem"
 #: The files an identity consists of; anything else in DIR is the operator's
 #: (``policy/``) and moves along on renewal.
-IDENTITY_FILES = ("host.json", "tls.key", "tls.pem", "site-ca.pem", "ak.blob", "ak.der", "pca.pem")
+IDENTITY_FILES = (
+    "host.json",
+    "tls.key",
+    "tls.pem",
+    "site-ca.pem",
+    "ak.blob",
+    "ak.der",
+    "pca.pem",
+    EK_CHAIN,
+)
 
 
 class IdentityExists(Exception):
     """``host init`` into a directory that already holds something."""
+
+
+#: Given to the enrollment: the TPM, the new AK, and the directory holding
+#: the host's new TLS key and certificate (to present to the PCA).
+Certify = Callable[[TPM, KeyBlob, Path], bytes]
 
 
 @dataclass
@@ -65,6 +84,22 @@ class Identity:
     directory: Path
     name: str
     tpm: str
+    #: The privacy CA's URL it enrolled with (where its CRL is); None for
+    #: identities made before it was recorded.
+    pca_url: str | None = None
+    #: The kind of AK (:data:`securemig.trust.tpm.tpm.AK_TEMPLATES`).
+    ak_alg: str = "ecc"
+    #: The EK it enrolls with (:data:`securemig.trust.tpm.tpm.EK_KINDS`).
+    ek_kind: str = "rsa"
+    #: The vendor's intermediate CA certificates of the EK's (PEM; may be empty).
+    ek_chain: bytes = b""
+
+    def ek_chain_der(self) -> list[bytes]:
+        """:attr:`ek_chain` as DER certificates, for the enrollment."""
+        if not self.ek_chain:
+            return []
+        certs = x509.load_pem_x509_certificates(self.ek_chain)
+        return [c.public_bytes(serialization.Encoding.DER) for c in certs]
 
     @property
     def ak(self) -> KeyBlob:
@@ -92,7 +127,16 @@ class Identity:
     def load(cls, directory: Path) -> Identity:
         """Read ``host.json``."""
         data = json.loads((directory / "host.json").read_text())
-        return cls(directory, data["name"], data["tpm"])
+        chain = directory / EK_CHAIN
+        return cls(
+            directory,
+            data["name"],
+            data["tpm"],
+            data.get("pca"),
+            data.get("ak", "ecc"),
+            data.get("ek", "rsa"),
+            chain.read_bytes() if chain.exists() else b"",
+        )
 
 
 def _read_at(dir_fd: int, name: str) -> bytes:
@@ -117,9 +161,25 @@ def issue_tls(site_ca: Authority, name: str, directory: Path) -> None:
     files.write_durably(directory / "tls.pem", cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _pca_enrollment(pca_url: str, site_ca_dir: Path, name: str) -> Callable[[TPM, KeyBlob], bytes]:
-    # The PCA's HTTPS certificate is checked against the site CA's certificate.
-    return lambda tpm, ak: enroll(pca_url, site_ca_dir / "ca.pem", tpm, ak, name)
+def _pca_enrollment(
+    pca_url: str, site_ca_dir: Path, identity: Identity, token: str | None = None
+) -> Certify:
+    # The PCA's HTTPS certificate is checked against the site CA's
+    # certificate.  The host's new site-CA TLS certificate authorizes the
+    # enrollment (when the PCA trusts the site CA), or the token: then no
+    # certificate is presented (a PCA that trusts another site CA would
+    # refuse the handshake).
+    return lambda tpm, ak, tls_dir: enroll(
+        pca_url,
+        site_ca_dir / "ca.pem",
+        tpm,
+        ak,
+        identity.name,
+        client=None if token else tls_dir,
+        token=token,
+        ek_kind=identity.ek_kind,
+        ek_chain=identity.ek_chain_der(),
+    )
 
 
 def init_host(
@@ -131,20 +191,36 @@ def init_host(
     pca_ca: Path,
     *,
     force: bool = False,
+    token: str | None = None,
+    ak_alg: str = "ecc",
+    ek_kind: str = "rsa",
+    ek_chain: Path | None = None,
 ) -> Identity:
-    """Set up a host: TLS identity, AK, enrollment with the privacy CA.
+    """Set up a host: TLS identity, AK (``ak_alg``), enrollment with the
+    privacy CA (authorized by the new TLS certificate or by ``token``) with
+    the TPM's EK of ``ek_kind`` and the vendor's intermediates ``ek_chain``.
     Refuses a ``directory`` that holds anything unless ``force`` (it is then
     kept aside, see :func:`write_identity`)."""
     check_replaceable(directory, force)
     site_ca = Authority.load(site_ca_dir)
+    identity = Identity(
+        directory,
+        name,
+        tcti,
+        pca_url,
+        ak_alg,
+        ek_kind,
+        ek_chain.read_bytes() if ek_chain else b"",
+    )
     return write_identity(
         directory,
         name,
         tcti,
         site_ca,
         pca_ca.read_bytes(),
-        _pca_enrollment(pca_url, site_ca_dir, name),
+        _pca_enrollment(pca_url, site_ca_dir, identity, token),
         force=force,
+        like=identity,
     )
 
 
@@ -171,21 +247,26 @@ def write_identity(
     tcti: str,
     site_ca: Authority,
     pca_pem: bytes,
-    certify: Callable[[TPM, KeyBlob], bytes],
+    certify: Certify,
     *,
     force: bool = False,
+    like: Identity | None = None,
 ) -> Identity:
     """Make an identity directory; ``certify`` obtains the AK certificate
-    (enrollment with a privacy CA, over HTTPS or, in tests, in process).
+    (enrollment with a privacy CA, over HTTPS or, in tests, in process);
+    ``like`` gives its other attributes (PCA URL, kinds of AK and EK).
 
     Built in a temporary directory, then renamed into place: a failure leaves
     ``directory`` as it was.  A ``directory`` holding anything is refused
     (:class:`IdentityExists`) unless ``force``; it is then renamed aside
     (:func:`kept_aside` returns where) as a whole, ``policy/`` included."""
     check_replaceable(directory, force)
+    identity = Identity(directory, name, tcti)
+    if like is not None:
+        identity = like
     new = _staging(directory)
     try:
-        _fill(new, name, tcti, site_ca, pca_pem, certify)
+        _fill(new, identity, site_ca, pca_pem, certify)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
@@ -195,7 +276,7 @@ def write_identity(
         # Absent or empty: rename(2) replaces an empty directory in one step.
         os.rename(new, directory)
         files.fsync_dir(directory.parent)
-    return Identity(directory, name, tcti)
+    return identity
 
 
 def renew_host(
@@ -209,7 +290,7 @@ def renew_host(
     site_ca = Authority.load(site_ca_dir)
     pca_pem = (pca_ca or directory / "pca.pem").read_bytes()
     return renew_identity(
-        directory, site_ca, pca_pem, _pca_enrollment(pca_url, site_ca_dir, old.name)
+        directory, site_ca, pca_pem, _pca_enrollment(pca_url, site_ca_dir, old), pca_url
     )
 
 
@@ -217,14 +298,17 @@ def renew_identity(
     directory: Path,
     site_ca: Authority,
     pca_pem: bytes,
-    certify: Callable[[TPM, KeyBlob], bytes],
+    certify: Certify,
+    pca_url: str | None = None,
 ) -> Identity:
     """Renew the identity in ``directory`` (see :func:`renew_host`), with
-    ``certify`` obtaining the new AK's certificate."""
+    ``certify`` obtaining the new AK's certificate (from ``pca_url``, which
+    the new identity records; default: the one it had)."""
     old = Identity.load(directory)
+    old.pca_url = pca_url or old.pca_url
     new = _staging(directory)
     try:
-        _fill(new, old.name, old.tpm, site_ca, pca_pem, certify)
+        _fill(new, old, site_ca, pca_pem, certify)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
@@ -241,7 +325,7 @@ def renew_identity(
                 e.errno, f"{e.strerror}: move {aside / entry} into {directory} by hand"
             ) from None
     files.fsync_dir(directory)
-    return Identity(directory, old.name, old.tpm)
+    return old
 
 
 def _staging(directory: Path) -> Path:
@@ -258,25 +342,32 @@ def _staging(directory: Path) -> Path:
 
 def _fill(
     directory: Path,
-    name: str,
-    tcti: str,
+    identity: Identity,
     site_ca: Authority,
     pca_pem: bytes,
-    certify: Callable[[TPM, KeyBlob], bytes],
+    certify: Certify,
 ) -> None:
-    issue_tls(site_ca, name, directory)
+    issue_tls(site_ca, identity.name, directory)
     files.write_durably(
         directory / "site-ca.pem", site_ca.cert.public_bytes(serialization.Encoding.PEM)
     )
     files.write_durably(directory / "pca.pem", pca_pem)
-    with TPM(tcti) as tpm:
-        ak = tpm.create_ak()
+    with TPM(identity.tpm) as tpm:
+        ak = tpm.create_ak(identity.ak_alg)
         files.write_durably(directory / "ak.blob", ak.to_bytes())
-        cert = certify(tpm, ak)
+        cert = certify(tpm, ak, directory)
     files.write_durably(directory / "ak.der", cert)
-    files.write_durably(
-        directory / "host.json", json.dumps({"name": name, "tpm": tcti}, indent=2).encode()
-    )
+    record = {
+        "name": identity.name,
+        "tpm": identity.tpm,
+        "ak": identity.ak_alg,
+        "ek": identity.ek_kind,
+    }
+    if identity.pca_url:
+        record["pca"] = identity.pca_url
+    if identity.ek_chain:
+        files.write_durably(directory / EK_CHAIN, identity.ek_chain)
+    files.write_durably(directory / "host.json", json.dumps(record, indent=2).encode())
 
 
 def kept_aside(directory: Path) -> list[Path]:

@@ -21,6 +21,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from securemig import files
 
+#: Extended key usage of an EK certificate (TCG EK Credential Profile).
+EK_CERTIFICATE_EKU = x509.ObjectIdentifier("2.23.133.8.1")
+
 
 def check_host_name(host: str) -> None:
     """Refuse anything but a DNS host name (host names become file names)."""
@@ -40,8 +43,8 @@ class Authority:
     cert: x509.Certificate
 
     @classmethod
-    def create(cls, name: str, days: int = 3650) -> Authority:
-        """A new self-signed CA."""
+    def create(cls, name: str, days: int = 3650, path_length: int = 0) -> Authority:
+        """A new self-signed CA; ``path_length`` CAs may be below it."""
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = datetime.now(UTC)
@@ -53,7 +56,7 @@ class Authority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - timedelta(minutes=5))
             .not_valid_after(now + timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
             .add_extension(
                 x509.KeyUsage(False, False, False, False, False, True, True, False, False),
                 critical=True,
@@ -64,6 +67,32 @@ class Authority:
             .sign(key, hashes.SHA256())
         )
         return cls(key, cert)
+
+    def intermediate(self, name: str, days: int = 3650) -> Authority:
+        """A new CA whose certificate this one issues (a vendor's root ->
+        intermediate chain)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.now(UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                critical=True,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        return Authority(key, cert)
 
     def issue(
         self,

@@ -11,6 +11,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+from cryptography import x509
 from twisted.trial.unittest import SynchronousTestCase
 
 from securemig.app.cli.common import EXIT_FAILED, EXIT_USAGE
@@ -65,7 +66,7 @@ class ParserTests(SynchronousTestCase):
     def test_every_command_has_a_handler(self) -> None:
         """Each command and action sets ``func`` to a ``cmd_*`` of its module."""
         found = leaves(build_parser())
-        self.assertEqual(len(found), 24)
+        self.assertEqual(len(found), 28)  # pca: init, authorize, replace, revoke, list
         for path, func in found:
             self.assertTrue(callable(func), path)
             self.assertTrue(getattr(func, "__name__", "").startswith("cmd_"), path)
@@ -100,11 +101,12 @@ class ParserTests(SynchronousTestCase):
 class TpmSimulateTests(SynchronousTestCase):
     """`securemig tpm simulate DIR`: a host TPM an operator can enroll."""
 
-    def simulate(self, *dirs: Path) -> tuple[subprocess.Popen[str], list[str], str]:
-        """Start ``securemig tpm simulate DIRS``; its process, the lines it
-        printed before it ran the TPMs, and that ``running as pid`` line."""
+    def simulate(self, *args: Path | str) -> tuple[subprocess.Popen[str], list[str], str]:
+        """Start ``securemig tpm simulate ARGS`` (directories, options); its
+        process, the lines it printed before it ran the TPMs, and that
+        ``running as pid`` line."""
         sim = subprocess.Popen(
-            [processes.script("securemig"), "tpm", "simulate", *map(str, dirs)],
+            [processes.script("securemig"), "tpm", "simulate", *map(str, args)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -162,3 +164,20 @@ class TpmSimulateTests(SynchronousTestCase):
             tpm.close()
         sim.send_signal(signal.SIGTERM)
         self.assertEqual(sim.wait(20), 0)
+
+    def test_simulate_ecc_ek(self) -> None:
+        """--ek ecc: an ECC P-256 EK certificate from a vendor intermediate,
+        and the arguments that enroll it (the root for pca init, the chain
+        for host init)."""
+        base = Path(self.mktemp()).absolute()
+        sim, lines, _ = self.simulate(base, "--ek", "ecc")
+        self.addCleanup(lambda: sim.poll() is None and (sim.terminate(), sim.wait(20)))
+        tcti = next(x for x in lines if x.startswith("TCTI: ")).split(": ", 1)[1].strip()
+        vendor = next(x for x in lines if "--vendor-ca" in x)
+        self.assertIn("ecc-root/ca.pem", vendor)
+        self.assertNotIn("issuercert.pem", vendor)
+        chain = next(x for x in lines if "--ek-chain" in x).split("--ek-chain ", 1)[1].strip()
+        intermediate = x509.load_pem_x509_certificate(Path(chain).read_bytes())
+        with TPM(tcti) as tpm:
+            ek = x509.load_der_x509_certificate(tpm.ek_certificate("ecc"))
+        self.assertEqual(ek.issuer, intermediate.subject)

@@ -25,7 +25,7 @@ from securemig.protocol import wire
 from securemig.trust import eventlog, vtpm
 from securemig.trust.attestor import Attestor, open_attestor
 from securemig.trust.identity import issue_tls, write_identity
-from securemig.trust.pca.core import PrivacyCA
+from securemig.trust.pca.core import Authorization, PrivacyCA
 from securemig.trust.pki import Authority
 from securemig.trust.policy import Policy, PolicyStore
 from securemig.trust.tpm import swtpm
@@ -59,8 +59,10 @@ def world() -> Any:
         pca_pem = pca.authority.cert.public_bytes(serialization.Encoding.PEM)
 
         def enroll_as(name: str) -> Any:
-            def certify(tpm: TPM, ak: Any) -> bytes:
-                c = pca.begin(name, tpm.ek_certificate(), tpm.ek_public(), ak.public)
+            def certify(tpm: TPM, ak: Any, tls_dir: Path) -> bytes:
+                c = pca.begin(
+                    name, tpm.ek_certificate(), tpm.ek_public(), ak.public, Authorization((name,))
+                )
                 secret = tpm.activate_credential(ak, c.credential_blob, c.encrypted_secret)
                 return pca.finish(c.enrollment_id, secret)
 

@@ -39,12 +39,21 @@ class Forger:
     public: bytes
 
     @classmethod
-    def create(cls, attributes: int = int(AK_ATTRIBUTES | TPMA_OBJECT.USERWITHAUTH)) -> Forger:
+    def create(
+        cls,
+        attributes: int = int(AK_ATTRIBUTES | TPMA_OBJECT.USERWITHAUTH),
+        scheme: TPM2_ALG = TPM2_ALG.ECDSA,
+    ) -> Forger:
+        """A key whose public area claims what a genuine AK's does (its
+        signing scheme ECDSA-SHA256 unless told otherwise)."""
         key = ec.generate_private_key(ec.SECP256R1())
         pem = key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         public = TPM2B_PUBLIC.from_pem(pem, objectAttributes=attributes)
+        ecc = public.publicArea.parameters.eccDetail
+        ecc.scheme.scheme = scheme
+        ecc.scheme.details.anySig.hashAlg = TPM2_ALG.SHA256
         return cls(key, bytes(public.marshal()))
 
     def sign(self, data: bytes, hash_alg: TPM2_ALG = TPM2_ALG.SHA256) -> bytes:
@@ -149,6 +158,16 @@ class QuoteTests(SynchronousTestCase):
         values = dict(self.values)
         del values[16]
         self.assertRefused(Check.PCR_DIGEST, values=values)
+
+    def test_ak_without_scheme(self) -> None:
+        """An AK whose public area fixes no signing scheme (no genuine
+        restricted signing key has none) is refused before its signature
+        is looked at."""
+        forger = Forger.create(scheme=TPM2_ALG.NULL)
+        with self.assertRaises(attest.AttestationError) as cm:
+            self.verify(ak_public=forger.public, signature=forger.sign(self.quote.attest))
+        self.assertEqual(cm.exception.check, Check.HASH_ALGORITHM)
+        self.assertIn("signing scheme is NULL", cm.exception.detail)
 
     def test_hash_algorithm(self) -> None:
         """A signature claiming another hash algorithm is refused as such."""

@@ -20,7 +20,7 @@ from securemig.trust.identity import (
     renew_identity,
     write_identity,
 )
-from securemig.trust.pca.core import PrivacyCA
+from securemig.trust.pca.core import Authorization, PrivacyCA
 from securemig.trust.pki import Authority
 from securemig.trust.tpm import swtpm
 from securemig.trust.tpm.tpm import TPM, KeyBlob
@@ -54,12 +54,14 @@ class IdentityTests(SynchronousTestCase):
         self.pca_pem = self.pca.authority.cert.public_bytes(serialization.Encoding.PEM)
         self.dir = self.base / "identity"
 
-    def certify(self, tpm: TPM, ak: KeyBlob) -> bytes:
-        c = self.pca.begin("host-a", tpm.ek_certificate(), tpm.ek_public(), ak.public)
+    def certify(self, tpm: TPM, ak: KeyBlob, tls_dir: Path) -> bytes:
+        c = self.pca.begin(
+            "host-a", tpm.ek_certificate(), tpm.ek_public(), ak.public, Authorization(("host-a",))
+        )
         secret = tpm.activate_credential(ak, c.credential_blob, c.encrypted_secret)
         return self.pca.finish(c.enrollment_id, secret)
 
-    def refuse(self, tpm: TPM, ak: KeyBlob) -> bytes:
+    def refuse(self, tpm: TPM, ak: KeyBlob, tls_dir: Path) -> bytes:
         raise Refused("no")
 
     def init(self, **kw: Any) -> Identity:
@@ -88,7 +90,9 @@ class IdentityTests(SynchronousTestCase):
     def test_init(self) -> None:
         made = self.init()
         self.assertEqual((made.name, made.tpm), ("host-a", self.tpm.tcti))
-        self.assertEqual(sorted(os.listdir(self.dir)), sorted(identity.IDENTITY_FILES))
+        # All but the optional EK chain (an RSA EK straight from the vendor CA).
+        wanted = set(identity.IDENTITY_FILES) - {identity.EK_CHAIN}
+        self.assertEqual(sorted(os.listdir(self.dir)), sorted(wanted))
         self.assertEqual(self.dir.stat().st_mode & 0o7777, 0o777 & ~_umask())
         self.assertEqual((self.dir / "tls.key").stat().st_mode & 0o777, 0o600)
         self.ak_name()

@@ -11,18 +11,23 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from tpm2_pytss.constants import TPM2_ALG
 from twisted.trial.unittest import TestCase
 
 from securemig.lab import processes
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
 from securemig.trust.identity import kept_aside
 from securemig.trust.policy import PolicyStore
+from securemig.trust.tpm.tpm import KeyBlob
 
 FIRST_USE = "securemig: WARNING: trust on first use: recorded the PCR values of"
 
 
 class LabBase(TestCase):
     """A lab per test, a destination on each host, one secure VM at source-a."""
+
+    #: More options of both hosts' ``twistd securemig``.
+    daemon_options: tuple[str, ...] = ()
 
     def setUp(self) -> None:
         self.work = Path(self.mktemp()).absolute()
@@ -32,8 +37,8 @@ class LabBase(TestCase):
         self.lab.start()
         self.pca_url = f"https://localhost:{int((self.work / 'pca.port').read_text())}"
         self.at = {
-            DESTINATION: self.lab.start_destination(),
-            SOURCE: self.lab.start_destination(host=SOURCE, keep=False),
+            DESTINATION: self.lab.start_destination(extra=self.daemon_options),
+            SOURCE: self.lab.start_destination(host=SOURCE, keep=False, extra=self.daemon_options),
         }
         self.addCleanup(lambda: self.at[SOURCE].stop())
         self.lab.create_vm("vm1", 4, 2, secure=True)
@@ -42,8 +47,19 @@ class LabBase(TestCase):
     def migrate(self, source: str, to: str) -> subprocess.CompletedProcess[str]:
         """`securemig migrate` vm1 from wherever it is at ``source`` to the
         destination daemon of ``to``, secure, with --tofu (as the lab does)."""
+        result = self.try_migrate(source, to)
         destination = self.at[to]
-        result = processes.securemig(
+        self.assertEqual(
+            result.returncode, 0, f"{source} -> {to}: {result.stderr}{destination.log()[-3000:]}"
+        )
+        self.assertEqual(json.loads(result.stdout)["outcome"], "done")
+        self.vm_dir[to] = destination.state_dir / "vms"
+        return result
+
+    def try_migrate(self, source: str, to: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        """:meth:`migrate`, whatever its outcome, with ``extra`` options."""
+        destination = self.at[to]
+        return processes.securemig(
             "migrate",
             "vm1",
             "--vm-dir",
@@ -59,13 +75,8 @@ class LabBase(TestCase):
             str(self.work / f"{source}-state"),
             "--identity",
             str(self.work / source),
+            *extra,
         )
-        self.assertEqual(
-            result.returncode, 0, f"{source} -> {to}: {result.stderr}{destination.log()[-3000:]}"
-        )
-        self.assertEqual(json.loads(result.stdout)["outcome"], "done")
-        self.vm_dir[to] = destination.state_dir / "vms"
-        return result
 
     def round_trip(self) -> tuple[str, str]:
         """vm1 to dest-b and back; the two sources' stderr."""
@@ -76,7 +87,9 @@ class LabBase(TestCase):
     def restart_home(self) -> None:
         """Restart source-a's daemon (to serve its new TLS certificate)."""
         self.at[SOURCE].stop()
-        self.at[SOURCE] = self.lab.start_destination(host=SOURCE, keep=False)
+        self.at[SOURCE] = self.lab.start_destination(
+            host=SOURCE, keep=False, extra=self.daemon_options
+        )
 
     def renew(self) -> Any:
         result = processes.securemig(
@@ -192,3 +205,43 @@ class TrustOnFirstUseTests(LabBase):
         self.assertIn('"recorded_on_first_use": true', shown.stdout)
         out, back = self.round_trip()
         self.assertNotIn("trust on first use", out + back)
+
+
+class AlgorithmTests(LabBase):
+    def test_pss_ak_end_to_end(self) -> None:
+        """source-a re-initialised with an RSASSA-PSS AK (`host init --force
+        --ak rsa-pss`): enrolled over HTTPS, its quotes accepted by dest-b
+        and its view of dest-b intact, both ways; `host renew` keeps PSS."""
+        self.round_trip()
+        args = [
+            "host",
+            "init",
+            "--dir",
+            str(self.work / SOURCE),
+            "--name",
+            SOURCE,
+            "--tpm",
+            json.loads((self.work / SOURCE / "host.json").read_text())["tpm"],
+            "--site-ca",
+            str(self.work / "site-ca"),
+            "--pca",
+            self.pca_url,
+            "--pca-ca",
+            str(self.work / "pca" / "ca.pem"),
+            "--force",
+            "--ak",
+            "rsa-pss",
+        ]
+        forced = processes.securemig(*args)
+        self.assertEqual(forced.returncode, 0, forced.stderr)
+        self.assertEqual(self.ak_scheme(), "rsapss")
+        self.restart_home()
+        self.round_trip()
+        self.renew()
+        self.assertEqual(self.ak_scheme(), "rsapss")
+        self.round_trip()
+
+    def ak_scheme(self) -> str:
+        blob = KeyBlob.from_bytes((self.work / SOURCE / "ak.blob").read_bytes())
+        area = blob.public_area.publicArea
+        return str(TPM2_ALG(area.parameters.rsaDetail.scheme.scheme))

@@ -31,6 +31,9 @@ from securemig.protocol.effects import Outcome
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.transport.client import SecureOptions, migrate, parse_address
 from securemig.transport.source import SourceProtocol
+from securemig.trust.identity import Identity
+from securemig.trust.revocation import CRL_MAX_AGE, CRLError, RevocationList
+from securemig.trust.revocation import for_identity as revocation_for
 
 
 def add_parser(subparsers: Subparsers) -> None:
@@ -62,6 +65,19 @@ def add_parser(subparsers: Subparsers) -> None:
     )
     mig.add_argument(
         "--destination-name", help="the name the destination must prove (default: the host of --to)"
+    )
+    mig.add_argument(
+        "--crl",
+        metavar="URL",
+        help="the privacy CA's https:// URL to fetch its revocation list from before "
+        "migrating (default: the one IDENTITY enrolled with)",
+    )
+    mig.add_argument(
+        "--crl-max-age",
+        type=float,
+        default=CRL_MAX_AGE,
+        help="seconds after its signing past which a revocation list is stale and the "
+        "destination refused, when no newer one can be fetched (default %(default)g)",
     )
     mig.add_argument(
         "--insecure",
@@ -116,9 +132,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return usage_error(str(e))
     if args.identity:
         check_identity(args.identity)
+    if args.crl_max_age <= 0:
+        return usage_error("--crl-max-age must be positive")
+    if args.crl and not args.crl.startswith("https://"):
+        return usage_error("--crl must be the privacy CA's https:// URL")
     secure = None
     if args.identity and not args.insecure:
-        secure = SecureOptions(args.identity, args.policy_dir, args.tofu, args.destination_name)
+        secure = SecureOptions(
+            args.identity,
+            args.policy_dir,
+            args.tofu,
+            args.destination_name,
+            _revocation(args),
+        )
     variant = wire.Variant.SHARED_STORAGE if args.shared_storage else wire.Variant.FULL
     journal = host_journal(args.vm_dir, args.state_dir)
     outcome: dict[str, Any] = {}
@@ -182,6 +208,27 @@ def _bandwidth(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError("must be a positive number of MiB/s")
     return value
+
+
+def _revocation(args: argparse.Namespace) -> RevocationList | None:
+    """The revocation list to judge the destination by, fetched now; a
+    failed fetch is said on stderr, and the list held (IDENTITY/crl.der)
+    is used while it is not older than --crl-max-age."""
+    revocation = revocation_for(
+        args.identity, args.crl, Identity.load(args.identity).pca_url, args.crl_max_age
+    )
+    if revocation is None:
+        print(
+            f"securemig: WARNING: {args.identity} names no privacy CA URL: the destination's "
+            "AK certificate is NOT checked for revocation (give --crl URL)",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        revocation.fetch()
+    except CRLError as e:
+        print(f"securemig: WARNING: revocation list: {e}", file=sys.stderr)
+    return revocation
 
 
 #: The reason a migration cancelled with Ctrl-C ends with.

@@ -51,6 +51,14 @@ def add_parser(subparsers: Subparsers) -> None:
         "DIR/vendor-ca; made if absent): give every simulated TPM of a site the same one, "
         "and `pca init` needs only its certificates (start the first TPM before others)",
     )
+    sim.add_argument(
+        "--ek",
+        choices=("rsa", "ecc"),
+        default="rsa",
+        help="rsa: the RSA-2048 EK certificate swtpm_setup makes; ecc: also an ECC P-256 "
+        "EK certificate from a vendor root -> intermediate chain in DIR/vendor-ca "
+        "(for host init --ek ecc --ek-chain)",
+    )
     sim.set_defaults(func=cmd_tpm_simulate)
 
 
@@ -66,8 +74,17 @@ def cmd_tpm_simulate(args: argparse.Namespace) -> int:
     try:
         for directory in args.dir:
             running.append(_start(directory, ca, args.host, args.port, len(args.dir) > 1))
-        vendor = " ".join(f"--vendor-ca {p}" for p in swtpm.ca_certificates(ca))
-        print(f"for `securemig pca init`: {vendor} (or: --vendor-ca {ca})")
+        vendors = swtpm.ca_certificates(ca)
+        if args.ek == "ecc":
+            # One vendor intermediate certifies every TPM's ECC EK.
+            chains = {swtpm.certify_ecc_ek(process.tcti, ca) for process in running}
+            print(f"for `securemig host init`: --ek ecc --ek-chain {' '.join(map(str, chains))}")
+            vendors = [ca / "ecc-root" / "ca.pem"]
+        vendor = " ".join(f"--vendor-ca {p}" for p in vendors)
+        print(
+            f"for `securemig pca init`: {vendor}"
+            + ("" if args.ek == "ecc" else f" (or: --vendor-ca {ca})")
+        )
         pids = ", ".join(str(p.process.pid) for p in running)
         print(f"running as pid {pids}; Ctrl-C ends it", flush=True)
         while not stop.wait(0.5):

@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from securemig.trust import attest
-from securemig.trust.pca.core import PrivacyCA
+from securemig.trust.pca.core import Authorization, PrivacyCA
 from securemig.trust.tpm import swtpm
 from securemig.trust.tpm.tpm import TPM
 
@@ -95,7 +95,11 @@ def run(repeat: int = 50) -> int:
 
             def enroll() -> None:
                 challenge = pca.begin(
-                    "bench-host", tpm.ek_certificate(), tpm.ek_public(), ak.public
+                    "bench-host",
+                    tpm.ek_certificate(),
+                    tpm.ek_public(),
+                    ak.public,
+                    Authorization(("bench-host",)),
                 )
                 secret = tpm.activate_credential(
                     ak, challenge.credential_blob, challenge.encrypted_secret

@@ -7,6 +7,7 @@ import json
 import ssl
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,30 +35,57 @@ def _post(url: str, payload: dict[str, Any], context: ssl.SSLContext) -> dict[st
         raise EnrollmentRefused(message) from None
 
 
-def enroll(url: str, trust: Path, tpm: TPM, ak: KeyBlob, host: str) -> bytes:
+def https_context(trust: Path, client: Path | None = None) -> ssl.SSLContext:
+    """TLS 1.3 to the PCA, whose certificate is checked against ``trust``
+    (the CA that issued it, PEM); with ``client`` (a directory holding
+    ``tls.key`` and ``tls.pem``), that certificate is presented."""
+    context = ssl.create_default_context(cafile=str(trust))
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    if client is not None:
+        context.load_cert_chain(client / "tls.pem", client / "tls.key")
+    return context
+
+
+def enroll(
+    url: str,
+    trust: Path,
+    tpm: TPM,
+    ak: KeyBlob,
+    host: str,
+    *,
+    client: Path | None = None,
+    token: str | None = None,
+    ek_kind: str = "rsa",
+    ek_chain: Sequence[bytes] = (),
+) -> bytes:
     """Run both enrollment steps; returns the AK certificate (DER).
 
     ``trust`` is the CA certificate (PEM) that issued the PCA's HTTPS
-    certificate; the PCA's host name is checked against it.
+    certificate; the PCA's host name is checked against it.  The PCA needs
+    an authorization: the site-CA TLS certificate for ``host`` in
+    ``client`` (``tls.key``, ``tls.pem``), or a ``token`` from
+    ``securemig pca authorize``.  The TPM's EK of ``ek_kind`` (rsa, ecc)
+    is used, its certificate sent with the vendor's intermediate CA
+    certificates ``ek_chain`` (DER).
     """
-    context = ssl.create_default_context(cafile=str(trust))
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context = https_context(trust, client)
     url = url.rstrip("/")
     b64 = base64.b64encode
-    challenge = _post(
-        f"{url}/v1/enroll",
-        {
-            "host": host,
-            "ek_certificate": b64(tpm.ek_certificate()).decode(),
-            "ek_public": b64(tpm.ek_public()).decode(),
-            "ak_public": b64(ak.public).decode(),
-        },
-        context,
-    )
+    request = {
+        "host": host,
+        "ek_certificate": b64(tpm.ek_certificate(ek_kind)).decode(),
+        "ek_public": b64(tpm.ek_public(ek_kind)).decode(),
+        "ak_public": b64(ak.public).decode(),
+        "ek_intermediates": [b64(c).decode() for c in ek_chain],
+    }
+    if token is not None:
+        request["token"] = token
+    challenge = _post(f"{url}/v1/enroll", request, context)
     secret = tpm.activate_credential(
         ak,
         base64.b64decode(challenge["credential_blob"]),
         base64.b64decode(challenge["encrypted_secret"]),
+        ek_kind,
     )
     answer = _post(
         f"{url}/v1/activate",

@@ -18,9 +18,16 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from tpm2_pytss import TPM2B_PUBLIC
+
 from securemig.protocol.errors import ErrorCode, LocalFault
+from securemig.trust.pki import EK_CERTIFICATE_EKU, Authority
+from securemig.trust.tpm.tpm import TPM, unmarshal_exact
 
 #: The Debian packages that provide what this module runs.
 PACKAGES = "swtpm swtpm-tools"
@@ -72,6 +79,55 @@ def ca_certificates(ca_dir: Path) -> list[Path]:
     """The local CA's root and intermediate certificates (what a privacy CA
     trusts as the 'TPM vendor' of these simulated TPMs)."""
     return [ca_dir / "swtpm-localca-rootca-cert.pem", ca_dir / "issuercert.pem"]
+
+
+def ecc_vendor_chain(ca_dir: Path) -> tuple[Authority, Authority]:
+    """A 'TPM vendor' for ECC EKs in ``ca_dir/ecc-root`` and
+    ``ca_dir/ecc-intermediate`` (made on first use): a root CA and the
+    intermediate it certifies, which issues EK certificates.  A privacy CA
+    trusts the root only (``ecc-root/ca.pem``); the host sends the
+    intermediate (``ecc-intermediate/ca.pem``) with its enrollment."""
+    root_dir, intermediate_dir = ca_dir / "ecc-root", ca_dir / "ecc-intermediate"
+    if not (intermediate_dir / "ca.key").exists():
+        root = Authority.create("securemig simulated TPM vendor root", path_length=1)
+        root.save(root_dir)
+        root.intermediate("securemig simulated TPM vendor EK CA").save(intermediate_dir)
+    return Authority.load(root_dir), Authority.load(intermediate_dir)
+
+
+def certify_ecc_ek(tcti: str, ca_dir: Path) -> Path:
+    """Give the TPM at ``tcti`` an ECC P-256 EK certificate (in NV, where a
+    vendor puts it) issued by the intermediate of :func:`ecc_vendor_chain`;
+    returns the intermediate's certificate (PEM), for ``host init
+    --ek-chain``.  swtpm_setup makes only RSA-2048 and P-384 EK
+    certificates."""
+    _, intermediate = ecc_vendor_chain(ca_dir)
+    with TPM(tcti) as tpm:
+        public = unmarshal_exact(TPM2B_PUBLIC, tpm.ek_public("ecc"), "the ECC EK")
+        key = serialization.load_der_public_key(bytes(public.publicArea.to_der()))
+        now = datetime.now(UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(intermediate.cert.subject)
+            .public_key(key)  # type: ignore[arg-type]
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, True, False, False, False, False),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([EK_CERTIFICATE_EKU]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(intermediate.key.public_key()),
+                critical=False,
+            )
+            .sign(intermediate.key, hashes.SHA256())
+        )
+        tpm.write_ek_certificate("ecc", cert.public_bytes(serialization.Encoding.DER))
+    return ca_dir / "ecc-intermediate" / "ca.pem"
 
 
 #: State encryption of vTPMs: swtpm's strongest, with a 256-bit key.

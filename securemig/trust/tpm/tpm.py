@@ -31,6 +31,7 @@ made them.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -49,14 +50,17 @@ os.environ.setdefault("TSS2_LOG", "all+NONE")
 
 from tpm2_pytss import (
     ESAPI,
+    TPM2B_AUTH,
     TPM2B_DIGEST,
     TPM2B_ECC_POINT,
+    TPM2B_NV_PUBLIC,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
     TPM2B_SENSITIVE_DATA,
     TPML_PCR_SELECTION,
     TPMS_ECC_POINT,
+    TPMS_NV_PUBLIC,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
     TSS2_Exception,
@@ -66,6 +70,7 @@ from tpm2_pytss.constants import (
     TPM2_ALG,
     TPM2_CC,
     TPM2_SE,
+    TPMA_NV,
     TPMA_OBJECT,
 )
 from tpm2_pytss.utils import NVReadEK, create_ek_template
@@ -75,10 +80,16 @@ from securemig.protocol.wire import HashAlg, PcrBank
 
 logging.getLogger("tpm2_pytss").setLevel(logging.CRITICAL)
 
-#: NV indices of the EK certificates (TCG EK Credential Profile).
-EK_CERT_NV = {"rsa": 0x01C00002, "ecc": 0x01C00016}
-#: tpm2-pytss recreates the RSA EK only (swtpm's ECC EK is P-384, which it lacks).
-EK_TEMPLATE = "EK-RSA2048"
+#: NV indices of the EK certificates (TCG EK Credential Profile, low range:
+#: RSA-2048 and ECC P-256).
+EK_CERT_NV = {"rsa": 0x01C00002, "ecc": 0x01C0000A}
+#: The EK templates of those certificates (TCG's templates L-1 and L-2).
+#: swtpm_setup makes an RSA-2048 EK and a P-384 one (at 0x01C00016, which
+#: tpm2-pytss cannot recreate); an ECC P-256 EK certificate is written by
+#: :func:`securemig.trust.tpm.swtpm.certify_ecc_ek`, or by a TPM's vendor.
+EK_TEMPLATES = {"rsa": "EK-RSA2048", "ecc": "EK-ECC256"}
+#: The kinds of EK a host may enroll with.
+EK_KINDS = tuple(EK_TEMPLATES)
 
 #: Attributes every attestation key must have, and the verifier checks.
 AK_ATTRIBUTES = (
@@ -88,7 +99,11 @@ AK_ATTRIBUTES = (
     | TPMA_OBJECT.FIXEDPARENT
     | TPMA_OBJECT.SENSITIVEDATAORIGIN
 )
-AK_TEMPLATES = {"ecc": "ecc256:ecdsa-sha256:null", "rsa": "rsa2048:rsassa-sha256:null"}
+AK_TEMPLATES = {
+    "ecc": "ecc256:ecdsa-sha256:null",
+    "rsa": "rsa2048:rsassa-sha256:null",
+    "rsa-pss": "rsa2048:rsapss-sha256:null",
+}
 SRK_TEMPLATE = "ecc256:aes128cfb"
 
 
@@ -333,8 +348,8 @@ class TPM:
             yield key
 
     @contextmanager
-    def _ek(self) -> Iterator[tuple[ESYS_TR, TPM2B_PUBLIC]]:
-        _, template = create_ek_template(EK_TEMPLATE, NVReadEK(self.esapi))
+    def _ek(self, kind: str = "rsa") -> Iterator[tuple[ESYS_TR, TPM2B_PUBLIC]]:
+        _, template = create_ek_template(EK_TEMPLATES[kind], NVReadEK(self.esapi))
         handle, public, *_ = self.esapi.create_primary(
             TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT
         )
@@ -368,27 +383,65 @@ class TPM:
         return data[: _der_length(data)]
 
     @operation("to recreate the EK")
-    def ek_public(self) -> bytes:
-        """The RSA EK's public area (TPM2B_PUBLIC), recreated from its template."""
-        with self._ek() as (_, public):
+    def ek_public(self, kind: str = "rsa") -> bytes:
+        """The EK's public area (TPM2B_PUBLIC), recreated from its template:
+        the RSA-2048 EK, or the ECC P-256 one (``kind``)."""
+        with self._ek(kind) as (_, public):
             return bytes(public.marshal())
 
+    @operation("to write an EK certificate")
+    def write_ek_certificate(self, kind: str, der: bytes) -> None:
+        """Store ``der`` as the EK certificate of ``kind`` in NV, replacing
+        one there: what a TPM's manufacturer does (used for simulators)."""
+        index = EK_CERT_NV[kind]
+        with contextlib.suppress(TSS2_Exception):
+            old = self.esapi.tr_from_tpmpublic(index)
+            self.esapi.nv_undefine_space(old, ESYS_TR.RH_OWNER)
+        public = TPM2B_NV_PUBLIC(
+            nvPublic=TPMS_NV_PUBLIC(
+                nvIndex=index,
+                nameAlg=TPM2_ALG.SHA256,
+                attributes=TPMA_NV.OWNERWRITE
+                | TPMA_NV.AUTHREAD
+                | TPMA_NV.OWNERREAD
+                | TPMA_NV.NO_DA,
+                dataSize=len(der),
+            )
+        )
+        handle = self.esapi.nv_define_space(TPM2B_AUTH(), public, ESYS_TR.RH_OWNER)
+        for offset in range(0, len(der), 768):
+            self.esapi.nv_write(handle, der[offset : offset + 768], offset, ESYS_TR.RH_OWNER)
+
     @operation("to create an AK")
-    def create_ak(self, alg: str = "ecc") -> KeyBlob:
-        """A restricted signing key under the SRK (ECC P-256 by default)."""
+    def create_ak(
+        self, alg: str = "ecc", template: str | None = None, name_alg: str = "sha256"
+    ) -> KeyBlob:
+        """A restricted signing key under the SRK: one of :data:`AK_TEMPLATES`
+        (ECC P-256 by default), or ``template`` (a tpm2-tools algorithm
+        string) with ``name_alg``: what tests use to make AKs a verifier
+        must refuse."""
         public = TPM2B_PUBLIC.parse(
-            AK_TEMPLATES[alg], objectAttributes=AK_ATTRIBUTES | TPMA_OBJECT.USERWITHAUTH
+            template or AK_TEMPLATES[alg],
+            objectAttributes=AK_ATTRIBUTES | TPMA_OBJECT.USERWITHAUTH,
+            nameAlg=name_alg,
         )
         with self._srk() as srk:
             private, public_out, *_ = self.esapi.create(srk, TPM2B_SENSITIVE_CREATE(), public)
         return KeyBlob(bytes(private.marshal()), bytes(public_out.marshal()))
 
     @operation("ActivateCredential")
-    def activate_credential(self, ak: KeyBlob, credential_blob: bytes, secret: bytes) -> bytes:
-        """Recover a credential made (by a privacy CA) for this AK and our EK."""
+    def activate_credential(
+        self, ak: KeyBlob, credential_blob: bytes, secret: bytes, ek_kind: str = "rsa"
+    ) -> bytes:
+        """Recover a credential made (by a privacy CA) for this AK and our
+        EK (of ``ek_kind``)."""
         from tpm2_pytss import TPM2B_ENCRYPTED_SECRET, TPM2B_ID_OBJECT
 
-        with self._key(ak) as key, self._ek() as (ek, _), self._policy_session() as session:
+        with (
+            self._key(ak) as key,
+            self._ek(ek_kind) as (ek, _),
+            self._policy_session() as session,
+        ):
             self.esapi.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
             credential = self.esapi.activate_credential(
                 key,
