@@ -3,10 +3,15 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.securemig-setup
 TESTS  ?= tests
+# The Linux guest (Debian kernel + busybox-static), built once, cached here.
+GUEST  := .cache/guest/initrd.cpio
 
 .PHONY: setup demo test lint docs bench clean install-units
 
-setup: $(STAMP)
+setup: $(STAMP) $(GUEST)
+
+$(GUEST): $(STAMP) securemig/hypervisor/guest.py
+	$(PY) -m securemig.hypervisor.guest
 
 $(STAMP): pyproject.toml scripts/setup-debs.sh
 	./scripts/setup-debs.sh

@@ -421,6 +421,8 @@ class Arrival:
             shared_disk=self.hello.shared_disk or None,
             vtpm=self.vtpm_identity,
             memory_mib=self.hello.memory_mib or None,
+            guest=self.hello.guest or "firmware",
+            guest_cmdline=self.hello.guest_cmdline,
         )
         bundle = Bundle(self.staging, manifest)
         if self.sealed_vtpm_key is not None:

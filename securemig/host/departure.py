@@ -107,6 +107,8 @@ class Departure:
             images=tuple(wire.ImageInfo(i.name, i.size) for i in self.images),
             shared_disk=self.shared_disk,
             memory_mib=self.bundle.manifest.memory_mib or 0,
+            guest="linux" if self.bundle.manifest.guest == "linux" else "",
+            guest_cmdline=self.bundle.manifest.guest_cmdline,
         )
 
     @property

@@ -68,6 +68,10 @@ class Manifest:
     vtpm: str | None = None
     #: Guest memory for hypervisor backends (QEMU), in MiB.
     memory_mib: int | None = None
+    #: QEMU: ``firmware`` (no OS; a marker in RAM) or ``linux`` (the built
+    #: Linux guest, :mod:`securemig.hypervisor.guest`) and its kernel command line.
+    guest: str = "firmware"
+    guest_cmdline: str = ""
     state: str = "suspended"
     format: int = FORMAT
 
@@ -98,7 +102,7 @@ class Manifest:
                 raise BundleError(f"bad image name {image.name!r} in manifest")
             if not isinstance(image.size, int) or isinstance(image.size, bool) or image.size < 0:
                 raise BundleError(f"bad size {image.size!r} of image {image.name} in manifest")
-        for key in ("backend", "state"):
+        for key in ("backend", "state", "guest", "guest_cmdline"):
             if not isinstance(getattr(manifest, key), str):
                 raise BundleError(f"malformed manifest: {key} is not a string")
         return manifest
@@ -210,6 +214,8 @@ def create_image_vm(
     vtpm: tuple[bytes, Path] | None = None,
     owner: str | None = None,
     backend: str = "image",
+    guest: str = "firmware",
+    guest_cmdline: str = "",
 ) -> Bundle:
     """Create a suspended VM of the ``image`` backend with random contents.
 
@@ -217,7 +223,9 @@ def create_image_vm(
     and only recorded in the manifest.  With ``vtpm`` = (key, vendor CA
     directory) the VM gets a vTPM encrypted with that key, and
     ``sealed_vtpm_key`` is the key as sealed to this host's TPM.  ``owner``
-    (a host name) is recorded as the owner of a shared disk.
+    (a host name) is recorded as the owner of a shared disk.  A QEMU VM's
+    ``guest`` is ``firmware`` (a random marker in RAM) or ``linux`` (booted
+    with ``guest_cmdline``).
     """
     check_vm_name(name)
     if ram_mib <= 0:
@@ -235,10 +243,18 @@ def create_image_vm(
         # is written when it is suspended.  A random marker placed in guest
         # RAM shows that state moved.
         manifest = Manifest(
-            name=name, backend="qemu", images=[Image("ram", 0)], memory_mib=ram_mib, state="stopped"
+            name=name,
+            backend="qemu",
+            images=[Image("ram", 0)],
+            memory_mib=ram_mib,
+            state="stopped",
+            guest=guest,
+            guest_cmdline=guest_cmdline,
         )
     elif backend != "image":
         raise BundleError(f"cannot create VMs of backend {backend!r} (image or qemu)")
+    if guest not in ("firmware", "linux") or (guest == "linux" and backend != "qemu"):
+        raise BundleError(f"guest {guest!r}: a VM of the qemu backend is firmware or linux")
     if shared_disk is not None:
         shared_disk = shared_disk.absolute()
         if shared_disk.exists():
@@ -252,7 +268,7 @@ def create_image_vm(
     bundle = Bundle(staging, manifest)
     for image in manifest.images:
         _fill_random(bundle.image_path(image), image.size)
-    if backend == "qemu":
+    if backend == "qemu" and guest == "firmware":
         _fill_random(staging / "marker.bin", 4096)
     if sealed_vtpm_key is not None:
         files.write_durably(bundle.vtpm_key_path, sealed_vtpm_key, mode=0o600)

@@ -41,6 +41,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from securemig import files
+from securemig.hypervisor import guest as linux_guest
 from securemig.hypervisor import qmp
 from securemig.hypervisor.bundle import Bundle, BundleError
 from securemig.protocol.errors import ErrorCode, LocalFault
@@ -79,6 +80,30 @@ def accelerator() -> str:
     if forced in ("kvm", "tcg"):
         return forced
     return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+
+
+def guest_accelerator(bundle: Bundle) -> str:
+    """The accelerator for this VM: :func:`accelerator`, except that the
+    Linux guest gets KVM only where it was seen to boot under it (probed once,
+    cached; ``SECUREMIG_QEMU_ACCEL`` still overrides)."""
+    chosen = accelerator()
+    if bundle.manifest.guest != "linux" or os.environ.get("SECUREMIG_QEMU_ACCEL"):
+        return chosen
+    try:
+        return linux_guest.guest_accelerator(linux_guest.find(), qemu_binary(), chosen == "kvm")
+    except linux_guest.GuestError as e:
+        raise QemuError(str(e)) from None
+
+
+def heartbeat_path(bundle: Bundle) -> Path:
+    """Where a Linux guest's QEMU appends the guest's heartbeat lines
+    (its second serial port)."""
+    return bundle.path / "heartbeat.log"
+
+
+def console_path(bundle: Bundle) -> Path:
+    """Where a Linux guest's QEMU appends its console (first serial port)."""
+    return bundle.path / "console.log"
 
 
 def alive(pid: int) -> bool:
@@ -178,14 +203,13 @@ class QemuBackend:
             "-machine",
             "pc",
             "-accel",
-            accelerator(),
+            guest_accelerator(bundle),
             "-m",
             str(bundle.manifest.memory_mib or self.memory_mib),
             "-display",
             "none",
             "-nodefaults",
-            "-serial",
-            "none",
+            *self._guest_argv(bundle),
             "-qmp",
             f"unix:{self._socket(bundle)},server=on,wait=off",
             "-pidfile",
@@ -203,6 +227,34 @@ class QemuBackend:
         if incoming:
             argv += ["-incoming", "defer", "-S"]
         return argv
+
+    @staticmethod
+    def _guest_argv(bundle: Bundle) -> list[str]:
+        """The Linux guest's kernel, initramfs, command line and two serial
+        ports (console, heartbeat) appended to files in the bundle; none for
+        a firmware-only guest."""
+        if bundle.manifest.guest != "linux":
+            return ["-serial", "none"]
+        try:
+            built = linux_guest.find()
+        except linux_guest.GuestError as e:
+            raise QemuError(str(e)) from None
+        return [
+            "-kernel",
+            str(built.kernel),
+            "-initrd",
+            str(built.initrd),
+            "-append",
+            bundle.manifest.guest_cmdline or linux_guest.cmdline(),
+            "-chardev",
+            f"file,id=console,path={console_path(bundle)},append=on",
+            "-serial",
+            "chardev:console",
+            "-chardev",
+            f"file,id=heartbeat,path={heartbeat_path(bundle)},append=on",
+            "-serial",
+            "chardev:heartbeat",
+        ]
 
     def _spawn(self, bundle: Bundle, incoming: bool) -> None:
         """Start the VM's swtpm (if any), then its QEMU; on failure neither
@@ -240,7 +292,7 @@ class QemuBackend:
     # -- the backend interface
 
     def start(self, bundle: Bundle) -> Deferred[None]:
-        """Boot the VM (firmware only is enough) and let it run."""
+        """Boot the VM (firmware only, or the Linux guest) and let it run."""
         return Deferred.fromCoroutine(self._start(bundle))
 
     async def _start(self, bundle: Bundle) -> None:

@@ -54,6 +54,10 @@ MIGRATION_ID_SIZE = 16
 DIGEST_SIZE = 32
 MAX_REASON = 1024
 MAX_PATH = 1024
+#: A guest kernel command line: printable ASCII, bounded as Linux bounds it on x86.
+MAX_CMDLINE = 2048
+CMDLINE_RE = re.compile(r"[ -~]*")
+GUEST_RE = re.compile(r"|linux")
 NONCE_SIZE = 32
 #: TPM structures (public areas, attestations, signatures) and certificates.
 MAX_TPM_BLOB = 2048
@@ -283,6 +287,10 @@ class Hello:
     shared_disk: str = wire(Text(MAX_PATH))
     #: Guest memory in MiB for hypervisors that need it to resume (QEMU); 0 if none.
     memory_mib: int = wire(UInt(4), default=0)
+    #: The QEMU guest kind ("linux": the built Linux guest; "" for firmware only) and
+    #: its kernel command line: the destination's QEMU must be started as the source's.
+    guest: str = wire(Text(16, GUEST_RE), default="")
+    guest_cmdline: str = wire(Text(MAX_CMDLINE, CMDLINE_RE), default="")
 
 
 @dataclass(frozen=True)

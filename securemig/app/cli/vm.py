@@ -22,6 +22,7 @@ from securemig.app.cli.common import (
 )
 from securemig.app.cli.journal import given_away, host_journal, settle_here
 from securemig.host.journal import Journal
+from securemig.hypervisor import guest as linux_guest
 from securemig.hypervisor.backends import Backend, backend_for
 from securemig.hypervisor.bundle import (
     MANIFEST,
@@ -60,6 +61,30 @@ def add_parser(subparsers: Subparsers) -> None:
         choices=("image", "qemu"),
         help="image: a suspended VM of random bytes; qemu: a QEMU guest "
         "(start it with `securemig vm start`)",
+    )
+    create.add_argument(
+        "--guest",
+        default="firmware",
+        choices=("firmware", "linux"),
+        help="qemu: firmware only (a marker in RAM; fast) or the Linux guest built by "
+        "`make setup` (vTPM use, a memory workload, a heartbeat)",
+    )
+    create.add_argument(
+        "--pcr16",
+        type=_pcr16,
+        help="linux guest: the 32-byte value (64 hex digits) it extends its vTPM's PCR 16 with",
+    )
+    create.add_argument(
+        "--dirty-mib-s",
+        type=int,
+        default=0,
+        help="linux guest: MiB of memory its workload rewrites per second (default 0)",
+    )
+    create.add_argument(
+        "--wss-mib",
+        type=_mib,
+        default=32,
+        help="linux guest: the workload's working set in MiB (default 32)",
     )
     create.add_argument("--disk-mib", type=_mib, help="disk image size in MiB (default: no disk)")
     create.add_argument(
@@ -104,6 +129,21 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
         check_vm_name(args.name)
     except BundleError as e:
         return usage_error(str(e))
+    cmdline = ""
+    if args.guest == "linux":
+        if args.backend != "qemu":
+            return usage_error("--guest linux needs --backend qemu")
+        if args.wss_mib * 2 + 48 > args.ram_mib:
+            return usage_error(
+                f"--ram-mib {args.ram_mib} is too small for a {args.wss_mib} MiB working set "
+                f"(at least {args.wss_mib * 2 + 48})"
+            )
+        try:
+            cmdline = linux_guest.cmdline(
+                args.pcr16 or linux_guest.DEFAULT_PCR16, args.dirty_mib_s, args.wss_mib
+            )
+        except linux_guest.GuestError as e:
+            return usage_error(str(e))
     sealed = key_and_ca = owner = None
     if args.identity:
         check_identity(args.identity)
@@ -133,6 +173,8 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
             key_and_ca,
             owner=owner,
             backend=args.backend,
+            guest=args.guest,
+            guest_cmdline=cmdline,
         )
     except (BundleError, OSError, ValueError) as e:
         return error(describe(e))
@@ -140,6 +182,14 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
     shared = f", shared disk {bundle.manifest.shared_disk}" if bundle.manifest.shared_disk else ""
     print(f"created VM {bundle.name} at {bundle.path} ({sizes}{shared})")
     return EXIT_OK
+
+
+def _pcr16(text: str) -> str:
+    """``--pcr16``: 64 hex digits, lowercased."""
+    value = text.lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise argparse.ArgumentTypeError("give 64 hex digits (32 bytes)")
+    return value
 
 
 def cmd_vm_list(args: argparse.Namespace) -> int:
