@@ -25,6 +25,7 @@ also travels on its own, as the ``vtpm`` image, still encrypted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shlex
@@ -34,6 +35,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,10 @@ PACKAGE = "qemu-system-x86"
 MIGRATION_TIMEOUT = 300.0
 #: How long swtpm may take to end after its QEMU did.
 SWTPM_EXIT_TIMEOUT = 5.0
+
+#: Defaults of a live migration's QEMU parameters.
+LIVE_DOWNTIME_LIMIT_MS = 300
+LIVE_MAX_BANDWIDTH = 1 << 30  # bytes per second: no practical limit on loopback
 
 #: Returns the 32-byte state key of a bundle's vTPM (unsealed by this host's TPM).
 VTPMKey = Callable[[Bundle], bytes]
@@ -156,11 +162,8 @@ class QemuBackend:
             pid = int(self._pidfile(bundle, program).read_text())
         except (FileNotFoundError, ValueError):
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        return pid
+        # A killed daemonized QEMU may linger as a zombie until it is reaped.
+        return pid if alive(pid) else None
 
     def stream_key(self, key: bytes) -> bytes | None:
         """The key swtpm encrypts the vTPM state in QEMU's stream with."""
@@ -380,7 +383,7 @@ class QemuBackend:
 
     def _remove_sockets(self, bundle: Bundle) -> None:
         # QEMU leaves its listening socket behind when it exits.
-        for kind in ("qmp", "vtpm"):
+        for kind in ("qmp", "vtpm", "live"):
             self._socket(bundle, kind).unlink(missing_ok=True)
 
     def _end(self, bundle: Bundle, program: str) -> None:
@@ -393,6 +396,25 @@ class QemuBackend:
                 return
             time.sleep(0.02)
         os.kill(pid, signal.SIGKILL)
+
+    def live_source(
+        self,
+        bundle: Bundle,
+        uri: str,
+        downtime_limit_ms: int = LIVE_DOWNTIME_LIMIT_MS,
+        max_bandwidth: int = LIVE_MAX_BANDWIDTH,
+    ) -> Deferred[LiveMigration]:
+        """Start a live migration of the running VM to ``uri`` (``unix:PATH``
+        of a socket securemig listens on): QEMU's pre-copy begins, the guest
+        runs on."""
+        return Deferred.fromCoroutine(
+            _live_source(self, bundle, uri, downtime_limit_ms, max_bandwidth)
+        )
+
+    def live_destination(self, bundle: Bundle) -> Deferred[LiveMigration]:
+        """Start the VM's swtpm (with the released key) and QEMU paused,
+        waiting for a live migration on :func:`live_socket`."""
+        return Deferred.fromCoroutine(_live_destination(self, bundle))
 
     def query(self, bundle: Bundle, command: str, **arguments: Any) -> Any:
         """Run one QMP command on the running VM over a plain blocking
@@ -438,3 +460,168 @@ class QemuBackend:
             return "running"
         # The manifest may say running, but its QEMU is gone (ended, crashed).
         return "stopped" if bundle.manifest.state == "running" else bundle.manifest.state
+
+
+# -- live migration (issue 16): the guest runs while its memory is copied
+
+
+@dataclass(frozen=True)
+class LiveStats:
+    """What QEMU reports of a completed (or failed) live migration."""
+
+    status: str
+    total_ms: int
+    downtime_ms: int
+    setup_ms: int
+    transferred: int
+    iterations: int
+    dirty_pages_rate: int
+
+    @classmethod
+    def of(cls, info: dict[str, Any]) -> LiveStats:
+        """From ``query-migrate``'s answer at the source."""
+        ram = info.get("ram", {})
+        return cls(
+            status=str(info.get("status", "")),
+            total_ms=int(info.get("total-time", 0)),
+            downtime_ms=int(info.get("downtime", info.get("expected-downtime", 0))),
+            setup_ms=int(info.get("setup-time", 0)),
+            transferred=int(ram.get("transferred", 0)),
+            iterations=int(ram.get("dirty-sync-count", 0)),
+            dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
+        )
+
+
+class LiveMigration:
+    """The QEMU side of one live migration of a running VM, at the source
+    (:meth:`QemuBackend.live_source`) or the destination
+    (:meth:`QemuBackend.live_destination`).
+
+    The order is the two-phase commit's: the destination's QEMU waits
+    paused (``-incoming defer -S``) on a unix socket; the source's QEMU
+    sends its pre-copy stream to a unix socket securemig listens on (and
+    relays); :meth:`wait` returns when QEMU says completed (source paused
+    in ``postmigrate``, destination loaded and paused).  Then exactly one
+    of: the destination :meth:`cont` (after the commit) and the source
+    :meth:`finish` (its QEMU and swtpm end), or, before the commit, the
+    source :meth:`cont` (the guest goes on where it was) and the
+    destination :meth:`abandon` (its QEMU ends)."""
+
+    def __init__(self, backend: QemuBackend, bundle: Bundle, monitor: qmp.QMPProtocol) -> None:
+        self.backend = backend
+        self.bundle = bundle
+        self.monitor = monitor
+
+    async def query(self) -> dict[str, Any]:
+        """``query-migrate``; a QEMU that exited says so."""
+        try:
+            info: dict[str, Any] = await self.monitor.execute("query-migrate")
+        except qmp.QMPError:
+            raise QemuError(
+                f"the QEMU of VM {self.bundle.name} exited during the migration"
+            ) from None
+        return info
+
+    async def wait(self, timeout: float = MIGRATION_TIMEOUT) -> LiveStats:
+        """Until QEMU says the migration completed; its numbers.  QemuError
+        if it failed, was cancelled, or QEMU exited."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await self.query()
+            status = info.get("status")
+            if status == "completed":
+                return LiveStats.of(info)
+            if status in ("failed", "cancelled"):
+                reason = info.get("error-desc", status)
+                raise QemuError(f"QEMU live migration of VM {self.bundle.name} {status}: {reason}")
+            if time.monotonic() > deadline:
+                raise QemuError(
+                    f"QEMU live migration of VM {self.bundle.name} did not complete in time"
+                )
+            await deferLater(self.backend.reactor, 0.02, lambda: None)
+
+    async def run_state(self) -> str:
+        """QEMU's run state: ``running``, ``paused``, ``postmigrate``, ..."""
+        return str((await self.monitor.execute("query-status")).get("status"))
+
+    async def cont(self) -> None:
+        """Let the guest run (here): at the destination after the commit, at
+        the source when the migration is abandoned before it."""
+        if await self.run_state() != "running":
+            await self.monitor.execute("cont")
+        if await self.run_state() != "running":
+            raise QemuError(f"VM {self.bundle.name} does not run after cont")
+        self.bundle.manifest.state = "running"
+        self.bundle.save()
+
+    async def cancel(self) -> None:
+        """At the source, before the commit: stop sending (if QEMU still is)
+        and let the guest go on here."""
+        with contextlib.suppress(qmp.QMPError):
+            if (await self.query()).get("status") in (
+                "setup",
+                "active",
+                "pre-switchover",
+                "device",
+            ):
+                await self.monitor.execute("migrate_cancel")
+                for _ in range(250):
+                    if (await self.query()).get("status") not in ("active", "cancelling"):
+                        break
+                    await deferLater(self.backend.reactor, 0.02, lambda: None)
+        await self.cont()
+
+    def abandon(self) -> None:
+        """At the destination, before the commit: end its QEMU and swtpm."""
+        self.monitor.transport.loseConnection()  # type: ignore[union-attr,misc]
+        self.backend.end(self.bundle)
+
+    async def finish(self) -> None:
+        """At the source, after the commit: end its QEMU, then its swtpm."""
+        pids = {program: self.backend._pid(self.bundle, program) for program in ("qemu", "swtpm")}
+        with contextlib.suppress(qmp.QMPError):
+            await self.monitor.execute("quit")
+        await self.backend._ended(self.bundle, "qemu", pids["qemu"])
+        await self.backend._ended(self.bundle, "swtpm", pids["swtpm"])
+        self.backend.end(self.bundle)
+
+    def release(self) -> None:
+        """Let go of the QMP connection (QEMU serves one client at a time)."""
+        self.monitor.transport.loseConnection()  # type: ignore[union-attr,misc]
+
+
+def live_socket(bundle: Bundle) -> Path:
+    """The unix socket of a live migration's stream for this VM: where the
+    destination's QEMU listens, or where securemig listens for the source's."""
+    return QemuBackend._socket(bundle, "live")
+
+
+async def _live_source(
+    backend: QemuBackend,
+    bundle: Bundle,
+    uri: str,
+    downtime_limit_ms: int,
+    max_bandwidth: int,
+) -> LiveMigration:
+    if backend._pid(bundle) is None:
+        raise BundleError(f"VM {bundle.name} is not running under QEMU")
+    monitor = await backend.monitor(bundle)
+    await monitor.execute(
+        "migrate-set-parameters",
+        **{"downtime-limit": downtime_limit_ms, "max-bandwidth": max_bandwidth},
+    )
+    await monitor.execute("migrate", uri=uri)
+    return LiveMigration(backend, bundle, monitor)
+
+
+async def _live_destination(backend: QemuBackend, bundle: Bundle) -> LiveMigration:
+    (bundle.path / vtpm.STATE_DIR).mkdir(exist_ok=True)
+    live_socket(bundle).unlink(missing_ok=True)
+    backend._spawn(bundle, incoming=True)
+    try:
+        monitor = await backend.monitor(bundle)
+        await monitor.execute("migrate-incoming", uri=f"unix:{live_socket(bundle)}")
+    except BaseException:
+        backend.end(bundle)
+        raise
+    return LiveMigration(backend, bundle, monitor)

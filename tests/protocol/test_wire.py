@@ -215,6 +215,17 @@ class RejectionTests(SynchronousTestCase):
         raw = raw.replace(b"\x00\x03ram", b"\x00\x03../")
         self.assertRefused(ErrorCode.BAD_PARAMETER, raw)
 
+    def test_unknown_guest_and_unprintable_cmdline(self) -> None:
+        """HELLO's guest is "" or "linux" and its command line printable
+        ASCII (it reaches QEMU's -append): anything else is refused."""
+        for field, bad in (("guest", "linux"), ("guest_cmdline", "quiet")):
+            raw = wire.encode(hello(**{field: bad}))
+            replacement = {"guest": b"\x00\x05linuz", "guest_cmdline": b"\x00\x05qu\net"}[field]
+            with self.subTest(field=field):
+                self.assertRefused(
+                    ErrorCode.BAD_PARAMETER, raw.replace(b"\x00\x05" + bad.encode(), replacement)
+                )
+
     def test_unknown_variant(self) -> None:
         """A variant this version does not define is refused."""
         raw = bytearray(wire.encode(hello()))
