@@ -10,7 +10,15 @@ The QEMU backend: a VM is a QEMU process driven over QMP.
 - discard: end the VM's QEMU (by the pid in its pid file) and remove the
   bundle.
 
-No guest OS is needed to show that state moved: a bundle may carry
+- live (issue 16): :meth:`QemuBackend.live_destination` waits paused on a
+  unix socket, :meth:`QemuBackend.live_source` sends QEMU's pre-copy
+  stream to one securemig listens on; :class:`LiveMigration` then waits
+  for completion and continues the guest on exactly one side.
+
+A manifest's ``guest`` is ``firmware`` or ``linux``: the Linux guest of
+:mod:`securemig.hypervisor.guest` boots with its kernel command line and
+two serial ports appended to files (console, heartbeat).  A firmware-only
+guest needs no OS to show that state moved: a bundle may carry
 ``marker.bin``, which QEMU's loader device places at guest-physical
 ``MARKER_ADDRESS``; tests read it back with ``pmemsave``.
 
