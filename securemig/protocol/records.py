@@ -41,6 +41,9 @@ from securemig.protocol.wire import HEADER, MAX_CONTROL_PAYLOAD, ByteQueue
 
 #: The TLS exporter label of the data channel's key.
 EXPORTER_LABEL = b"EXPORTER-securemig-data-channel"
+#: The TLS exporter label of a live migration's stream key (QEMU's own
+#: stream in records): its own label, so its key is never the image streams'.
+LIVE_EXPORTER_LABEL = b"EXPORTER-securemig-live-stream"
 #: Record header: kind (1 byte), then the ciphertext's length (4 bytes).
 RECORD_HEADER = struct.Struct("!BI")
 #: The AEAD tag length of every cipher used here.

@@ -22,7 +22,8 @@ from securemig.hypervisor.qemu import (
     live_socket,
     qemu_binary,
 )
-from securemig.transport.live import Relay
+from securemig.protocol import records
+from securemig.transport.live import LIVE_RECORD_PLAINTEXT, LiveReceiver, LiveSender, Relay
 
 from .test_guest import extended, linux_bundle
 from .test_qemu import under_tcg
@@ -90,6 +91,64 @@ class LiveMigrationTests(TestCase):
         # The guest saw at least QEMU's downtime, and far less than a suspend's.
         self.assertGreaterEqual(watch.largest_gap_ms() + 25, stats.downtime_ms)
         self.assertLess(watch.largest_gap_ms(), 5000)
+
+    def sealed(self, receiver_key: bytes | None = None) -> tuple[LiveSender, LiveReceiver, str]:
+        """The sealed stream: the source's QEMU -> records on loopback TCP ->
+        the destination's QEMU, both ends keyed as one session's would be."""
+        cipher, key, migration_id = "TLS_AES_128_GCM_SHA256", os.urandom(16), os.urandom(16)
+        opener = records.Opener(cipher, receiver_key or key, migration_id, LIVE_RECORD_PLAINTEXT)
+        receiver = LiveReceiver(reactor, str(live_socket(self.destination)), opener)
+        self.addCleanup(receiver.cut)
+        live_socket(self.source).unlink(missing_ok=True)
+        sender = LiveSender(
+            reactor,
+            str(live_socket(self.source)),
+            *receiver.address,
+            records.Sealer(cipher, key, migration_id),
+        )
+        self.addCleanup(sender.cut)
+        return sender, receiver, f"unix:{live_socket(self.source)}"
+
+    async def test_sealed_live_migration(self) -> None:
+        """The same through AEAD records: every byte QEMU sent reached the
+        destination's QEMU, which runs the guest on in sequence, PCR 16 kept."""
+        watch = await self.boot()
+        incoming = await self.qemu.live_destination(self.destination)
+        watch.follow(heartbeat_path(self.destination))
+        sender, receiver, uri = self.sealed()
+        outgoing = await self.qemu.live_source(self.source, uri, downtime_limit_ms=100)
+        stats = await outgoing.wait()
+        await incoming.wait()
+        await incoming.cont()
+        await outgoing.finish()
+        incoming.release()
+        await receiver.done
+        self.assertIsNone(receiver.error)
+        self.assertEqual(receiver.delivered, sender.sent)
+        self.assertGreaterEqual(sender.sent, stats.transferred)
+        last = await threads.deferToThread(watch.wait, 5, 60.0, 1)
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+        self.assertEqual(last.pcr16, extended(self.pcr16))
+
+    async def test_records_of_another_key_never_reach_qemu(self) -> None:
+        """A destination whose key is not this session's (a stream altered,
+        replayed or from another session) refuses the first record: not a
+        byte reaches its QEMU, QEMU's migration fails and the source's
+        guest, never paused, goes on in sequence after ``cancel``."""
+        watch = await self.boot()
+        incoming = await self.qemu.live_destination(self.destination)
+        _, receiver, uri = self.sealed(receiver_key=os.urandom(16))
+        outgoing = await self.qemu.live_source(self.source, uri)
+        with self.assertRaises(QemuError):
+            await outgoing.wait()
+        await receiver.done
+        self.assertIn("does not authenticate", str(receiver.error))
+        self.assertEqual(receiver.delivered, 0)
+        incoming.abandon()
+        await outgoing.cancel()
+        outgoing.release()
+        await threads.deferToThread(watch.wait, 5, 30.0)
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
 
     async def test_cut_mid_precopy_guest_stays_at_source(self) -> None:
         """The stream breaks while pre-copy runs (the destination gone):
