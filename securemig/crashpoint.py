@@ -30,6 +30,10 @@ POINTS = frozenset(
         "source-streaming",  # the first image bytes are written to the connection
         "source-attesting",  # secure: the destination's evidence arrived, not verified
         "source-key-wrapped",  # secure: WRAPPED_KEY about to be sent
+        # Live mode (issue 16):
+        "destination-incoming",  # its QEMU waits paused with the vTPM, LIVE_READY not sent
+        "source-live-started",  # QEMU's pre-copy runs, the guest still runs here
+        "source-live-ended",  # COMMITTED journaled, its QEMU and swtpm ended, key still here
     }
 )
 

@@ -29,6 +29,7 @@ from securemig.host import storage
 from securemig.host.journal import Journal
 from securemig.hypervisor.backends import backend_for
 from securemig.hypervisor.bundle import Bundle, Image, Manifest, image_file
+from securemig.hypervisor.qemu import QemuBackend
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, ProtocolError
@@ -40,6 +41,14 @@ log = Logger()
 def variant_name(variant: wire.Variant) -> str:
     """The variant as journaled and shown: ``full`` or ``shared-storage``."""
     return variant.name.lower().replace("_", "-")
+
+
+def remove_staging(staging: Path) -> None:
+    """Remove a staging directory, first ending the QEMU and swtpm a live
+    arrival may have started in it (by their pid files there)."""
+    if staging.is_dir():
+        QemuBackend().end(Bundle(staging, Manifest(name="staging")))
+    files.remove_tree(staging)
 
 
 class DestinationHost:
@@ -92,7 +101,7 @@ class DestinationHost:
             # Staging the journal does not know (a crash between the journal's
             # begin and mkdir cannot make this; a hand-made copy can).
             if self.journal.get(path.name) is None:
-                files.remove_tree(path)
+                remove_staging(path)
                 actions.append((path.name, "unknown staging removed"))
         return actions
 
@@ -110,7 +119,7 @@ class DestinationHost:
                 record.id, Outcome.IN_DOUBT.value, error="destination restarted after PREPARED"
             )
             return "prepared: held in doubt until the source resolves it"
-        files.remove_tree(staging)
+        remove_staging(staging)
         self.journal.finish(
             record.id,
             Outcome.ABORTED.value,
@@ -190,7 +199,7 @@ class DestinationHost:
             if lock is None:
                 return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
             try:
-                files.remove_tree(staging)
+                remove_staging(staging)
             finally:
                 lock.release()
         if record.outcome != Outcome.ABORTED.value:
@@ -244,7 +253,7 @@ class DestinationHost:
     async def _settle_one(self, staging: Path, record: Any, committed: bool) -> str:
         target = self.vms / record.vm
         if not committed:
-            files.remove_tree(staging)
+            remove_staging(staging)
             self.journal.finish(
                 staging.name, Outcome.ABORTED.value, error="settled: the source did not commit"
             )
@@ -358,6 +367,8 @@ class Arrival:
         #: the vTPM's identity, checked with it.
         self.sealed_vtpm_key: bytes | None = None
         self.vtpm_identity: str | None = None
+        #: Live mode: the destination QEMU's side of the migration.
+        self.live: Any = None
         self._file: Any = None
         self._behind: storage.WriteBehind | None = None
         self._hash: Any = hashlib.sha256()
@@ -410,11 +421,9 @@ class Arrival:
                 "source's",
             )
 
-    def prepare(self) -> None:
-        """Write the bundle manifest in staging and make it all durable."""
-        if self.cancelled:
-            return
-        manifest = Manifest(
+    def manifest(self) -> Manifest:
+        """The arriving VM's manifest, from its HELLO."""
+        return Manifest(
             name=self.hello.vm_name,
             backend=self.host.backend,
             images=[Image(i.name, i.size) for i in self.hello.images],
@@ -423,19 +432,25 @@ class Arrival:
             memory_mib=self.hello.memory_mib or None,
             guest=self.hello.guest or "firmware",
             guest_cmdline=self.hello.guest_cmdline,
+            state="running" if self.live is not None else "suspended",
         )
-        bundle = Bundle(self.staging, manifest)
+
+    def prepare(self) -> None:
+        """Write the bundle manifest in staging and make it all durable."""
+        if self.cancelled:
+            return
+        bundle = Bundle(self.staging, self.manifest())
         if self.sealed_vtpm_key is not None:
             files.write_durably(bundle.vtpm_key_path, self.sealed_vtpm_key, mode=0o600)
         bundle.save()
         files.fsync_dir(self.staging)
 
     def discard(self) -> None:
-        """Remove staging and release the name."""
+        """Remove staging (ending a live arrival's QEMU) and release the name."""
         if self._file is not None:
             self._file.close()
             self._file = None
-        files.remove_tree(self.staging)
+        remove_staging(self.staging)
         self.lock.release()
 
     # -- on the reactor thread
@@ -452,13 +467,31 @@ class Arrival:
         """Record the bytes received so far (for ``securemig jobs``)."""
         self.host.journal.progress(self.id, nbytes)
 
+    async def start_incoming(self, key: bytes) -> Any:
+        """Live mode: start the VM's vTPM with its released state ``key`` and
+        its QEMU paused, waiting for the stream, in staging; journaled
+        ``incoming``.  The QEMU side of the migration."""
+        if self.host.backend != "qemu":
+            raise ProtocolError(
+                ErrorCode.POLICY_REFUSED, "this destination runs no QEMU: no live migration here"
+            )
+        bundle = Bundle(self.staging, self.manifest())
+        bundle.save()
+        backend = QemuBackend(vtpm_key=lambda b: key)
+        self.live = await backend.live_destination(bundle)
+        self.host.journal.phase(self.id, "incoming")
+        return self.live
+
     async def commit(self) -> None:
-        """The source committed: move the VM into place and resume it."""
+        """The source committed: move the VM into place and resume it (live
+        mode: continue its loaded, paused QEMU)."""
         self.host.journal.phase(self.id, "committed")
         crashpoint.reached("destination-commit-journaled")
         target = self.host.vms / self.hello.vm_name
         files.rename_durably(self.staging, target)
         bundle = Bundle.load(target)
+        if self.live is not None:
+            self.live.release()  # the QMP socket moved with the bundle: reconnect there
         await self.host.resume(bundle)
         self.host.journal.phase(self.id, "resumed")
         self.lock.release()

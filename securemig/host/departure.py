@@ -8,7 +8,9 @@ after it, the VM belongs to the destination and this side discards its copy.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -20,9 +22,10 @@ from securemig.host.arrival import variant_name
 from securemig.host.journal import Journal
 from securemig.hypervisor.backends import Backend, backend_for
 from securemig.hypervisor.bundle import Bundle, BundleError, set_disk_owner
+from securemig.hypervisor.qemu import LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished
-from securemig.protocol.errors import ErrorCode
+from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.trust import vtpm
 
 log = Logger()
@@ -46,10 +49,22 @@ class Departure:
         journal: Journal,
         vtpm_key: bytes | None = None,
         peer_name: str | None = None,
+        live: bool = False,
     ) -> None:
         self.bundle = bundle
         self.variant = variant
-        self.images = bundle.streamed_images(variant)
+        #: Live mode: QEMU's own stream moves memory (and the vTPM) while the
+        #: guest runs; no image is streamed, and the disk must be shared.
+        self.live = live
+        if live:
+            check_live(bundle, variant)
+        self.images = [] if live else bundle.streamed_images(variant)
+        #: Live mode: the source QEMU's side of the migration, once started,
+        #: and QEMU's numbers when it completed.
+        self.live_migration: Any = None
+        self.live_stats: Any = None
+        #: Live mode: QEMU's downtime limit (ms) and bandwidth (bytes/s).
+        self.live_options: tuple[int, int] = (LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH)
         # The vTPM key, unsealed before the VM is suspended, so a rollback
         # can restart the vTPM without the host TPM (busy with the session).
         self.backend: Backend = backend_for(
@@ -89,6 +104,16 @@ class Departure:
         )
         try:
             self.was_running = self.backend.status(self.bundle) == "running"
+            if self.live:
+                if not self.was_running:
+                    raise BundleError(
+                        f"VM {self.bundle.name} is not running: live migration moves a "
+                        "running guest (migrate it without --live)"
+                    )
+                # Recovery continues the guest here if this migration never
+                # commits (its QEMU may be left paused, after the stream).
+                self.journal.phase(self.id, "live")
+                return
             await self.backend.suspend(self.bundle)
             if self.was_running:
                 # Recovery resumes the VM here if this migration never commits.
@@ -98,9 +123,9 @@ class Departure:
             raise
 
     def hello(self, chunk_size: int) -> wire.Hello:
-        """The HELLO announcing this VM."""
-        return wire.Hello(
-            version=wire.PROTOCOL_VERSION,
+        """The HELLO announcing this VM (version 1 unless it needs version 2's fields)."""
+        hello = wire.Hello(
+            version=1,
             variant=self.variant,
             vm_name=self.bundle.name,
             chunk_size=chunk_size,
@@ -109,7 +134,9 @@ class Departure:
             memory_mib=self.bundle.manifest.memory_mib or 0,
             guest="linux" if self.bundle.manifest.guest == "linux" else "",
             guest_cmdline=self.bundle.manifest.guest_cmdline,
+            mode=wire.Mode.LIVE if self.live else wire.Mode.SUSPENDED,
         )
+        return replace(hello, version=2) if wire.has_tail(hello) else hello
 
     @property
     def shared_disk(self) -> str:
@@ -138,12 +165,22 @@ class Departure:
         self.journal.phase(self.id, "streaming")
 
     async def commit(self) -> None:
-        """The commit point: journal COMMITTED, then give the VM up."""
+        """The commit point: journal COMMITTED, then give the VM up.  Live
+        mode: only once this side's QEMU too says the stream completed (it
+        is paused in postmigrate); after the commit it ends, with its vTPM."""
         crashpoint.reached("source-prepared-received")
+        if self.live_migration is not None:
+            try:
+                self.live_stats = await self.live_migration.wait(timeout=30.0)
+            except MigrationError as e:
+                raise ProtocolError(ErrorCode.LIVE_FAILED, str(e)) from None
         self.journal.phase(self.id, "prepared")
         self.journal.phase(self.id, "committed")
         self.committed = True
         crashpoint.reached("source-committed")
+        if self.live_migration is not None:
+            await self.live_migration.finish()
+            crashpoint.reached("source-live-ended")
         record = self.journal.get(self.id)
         shared = self.bundle.manifest.shared_disk
         if shared and self.disk_successor is not None:
@@ -161,6 +198,9 @@ class Departure:
         if not self.was_running:
             self._unlock()
             return succeed(None)
+        if self.live:
+            # The guest never stopped here, or waits in postmigrate: it goes on.
+            return self._live_rollback()
 
         def failed(f: Failure) -> None:
             log.error(
@@ -173,6 +213,19 @@ class Departure:
         d.addErrback(failed)
         d.addBoth(lambda _: self._unlock())
         return d
+
+    def _live_rollback(self) -> Deferred[None]:
+        async def go_on() -> None:
+            try:
+                if self.live_migration is not None:
+                    await self.live_migration.cancel()
+                    self.live_migration.release()
+            except Exception as e:
+                log.error("could not continue VM {vm} here: {e}", vm=self.bundle.name, e=e)
+            finally:
+                self._unlock()
+
+        return Deferred.fromCoroutine(go_on())
 
     def finish(self, effect: Finished, nbytes: int, peer_settled: bool = False) -> None:
         """Journal the outcome; ``peer_settled``: the destination told us its
@@ -205,6 +258,21 @@ async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
     record = journal.get(local_id)
     if record is not None and not record.reached("released"):
         journal.phase(local_id, "released")
+
+
+def check_live(bundle: Bundle, variant: wire.Variant) -> None:
+    """Refuse a live migration this VM cannot make, saying why."""
+    if bundle.manifest.backend != "qemu":
+        raise BundleError(f"VM {bundle.name} is not a QEMU guest: only those migrate live")
+    if variant is not wire.Variant.SHARED_STORAGE or any(
+        image.name == "disk" for image in bundle.manifest.images
+    ):
+        # Copying a disk while the guest writes it is a second stream with
+        # its own convergence and failure cases (QEMU's block mirror): not here.
+        raise BundleError(
+            f"VM {bundle.name}: live migration moves RAM only; its disk must be on shared "
+            "storage (--shared-storage, a VM created with --shared-disk or without a disk)"
+        )
 
 
 def unseal_vtpm_key(bundle: Bundle, identity: Path) -> bytes:

@@ -123,6 +123,9 @@ PHASES = (
     "done",
     "aborted",
     "in-doubt",
+    # Live mode (issue 16), appended: phase names are journaled data.
+    "live",  # source: a live migration of the running VM began (it keeps running)
+    "incoming",  # destination: the VM's vTPM and QEMU wait paused for the stream
 )
 
 #: What happens between a phase and the next one journaled, for phase tables:

@@ -119,7 +119,11 @@ async def _abort(
             error="CONNECTION_LOST: source restarted before COMMITTED",
         )
         said = [f"VM {record.vm}: migration to {record.peer} never committed: aborted"]
-        if bundle_dir is not None and bundle_dir.exists() and record.reached("suspended"):
+        if (
+            bundle_dir is not None
+            and bundle_dir.exists()
+            and (record.reached("suspended") or record.reached("live"))
+        ):
             said.append(await _resume(Bundle.load(bundle_dir), unseal))
         return said
     finally:

@@ -68,6 +68,9 @@ SWTPM_EXIT_TIMEOUT = 5.0
 LIVE_DOWNTIME_LIMIT_MS = 300
 LIVE_MAX_BANDWIDTH = 1 << 30  # bytes per second: no practical limit on loopback
 
+#: The file in a bundle that names its running QEMU's sockets.
+SOCKET_ID = "sockets.id"
+
 #: Returns the 32-byte state key of a bundle's vTPM (unsealed by this host's TPM).
 VTPMKey = Callable[[Bundle], bytes]
 
@@ -152,8 +155,13 @@ class QemuBackend:
     @staticmethod
     def _socket(bundle: Bundle, kind: str = "qmp") -> Path:
         # Unix socket paths are limited to 107 bytes: keep it short, derived
-        # from the bundle's path so every command finds it.
-        digest = hashlib.sha256(str(bundle.path.absolute()).encode()).hexdigest()[:16]
+        # from the bundle's path so every command finds it -- the path it
+        # had when its QEMU started (SOCKET_ID), so a bundle moved into place
+        # with its QEMU running (a live arrival) still finds its sockets.
+        try:
+            digest = (bundle.path / SOCKET_ID).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            digest = hashlib.sha256(str(bundle.path.absolute()).encode()).hexdigest()[:16]
         return Path(tempfile.gettempdir()) / f"securemig-{kind}-{digest}.sock"
 
     def monitor(self, bundle: Bundle) -> Deferred[qmp.QMPProtocol]:
@@ -270,6 +278,9 @@ class QemuBackend:
     def _spawn(self, bundle: Bundle, incoming: bool) -> None:
         """Start the VM's swtpm (if any), then its QEMU; on failure neither
         is left running."""
+        (bundle.path / SOCKET_ID).unlink(missing_ok=True)
+        digest = hashlib.sha256(str(bundle.path.absolute()).encode()).hexdigest()[:16]
+        (bundle.path / SOCKET_ID).write_text(digest + "\n")
         self._socket(bundle).unlink(missing_ok=True)
         argv = self._argv(bundle, incoming)
         argv += self._start_vtpm(bundle)
@@ -338,10 +349,18 @@ class QemuBackend:
         bundle.save()
 
     def resume(self, bundle: Bundle) -> Deferred[None]:
-        """Start QEMU from the RAM image and let the VM run."""
+        """Start QEMU from the RAM image and let the VM run (a QEMU of this
+        VM that is already running, paused, is continued instead)."""
         return Deferred.fromCoroutine(self._resume(bundle))
 
     async def _resume(self, bundle: Bundle) -> None:
+        if self._pid(bundle) is not None:
+            # Its QEMU runs already, loaded and paused: a live arrival (or the
+            # source of a live migration that did not commit). Continue it.
+            monitor = await self.monitor(bundle)
+            await LiveMigration(self, bundle, monitor).cont()
+            monitor.transport.loseConnection()  # type: ignore[union-attr,misc]
+            return
         self._spawn(bundle, incoming=True)
         try:
             monitor = await self.monitor(bundle)

@@ -10,6 +10,9 @@ The rules, in the order a migration goes (``doc/protocol.rst`` is normative)::
       --CHALLENGE-->  <--EVIDENCE, CHALLENGE--  --EVIDENCE-->
       <--KEY_OFFER--  --WRAPPED_KEY-->     (host checks and TPM work are effects)
     --STREAM_BEGIN/DATA*/STREAM_END per image-->  receiving
+    live mode instead (secure variant, QEMU): after WRAPPED_KEY
+      (start the vTPM and QEMU paused)    startingIncoming
+      <--LIVE_READY--  QEMU's stream on its own sealed channel  receivingLive
     <---------PREPARED--                  preparing  -> awaitCommit
     --COMMIT------------->                committing (move into place, resume)
     <-------------DONE----                done
@@ -53,6 +56,7 @@ from securemig.protocol.effects import (
     Prepare,
     Send,
     Settle,
+    StartIncoming,
     VerifyPeer,
     WriteChunk,
     abort,
@@ -84,6 +88,9 @@ class DestinationInputs(Protocol):
     def key_offered(self, offer: wire.KeyOffer) -> DestinationEffects: ...
     def wrapped_key(self, message: wire.WrappedKey) -> DestinationEffects: ...
     def clear_key(self, message: wire.ClearKey) -> DestinationEffects: ...
+    def wrapped_key_live(self, message: wire.WrappedKey) -> DestinationEffects: ...
+    def incoming_ready(self, port: int) -> DestinationEffects: ...
+    def incoming_loaded(self) -> DestinationEffects: ...
     def stream_begin(self, message: wire.StreamBegin) -> DestinationEffects: ...
     def data(self, message: wire.Data) -> DestinationEffects: ...
     def stream_end(self, message: wire.StreamEnd) -> DestinationEffects: ...
@@ -159,6 +166,16 @@ class DestinationCore(Core):
 
     def on_wrapped_key(self, message: wire.WrappedKey) -> DestinationEffects:
         return [AcceptKey(message)]
+
+    # Live mode: the key starts the vTPM now; QEMU's stream replaces the images.
+    def on_wrapped_key_live(self, message: wire.WrappedKey) -> DestinationEffects:
+        return [AcceptKey(message), StartIncoming()]
+
+    def on_incoming_ready(self, port: int) -> DestinationEffects:
+        return [Send(wire.LiveReady(port))]
+
+    def on_incoming_loaded(self) -> DestinationEffects:
+        return [Prepare()]
 
     def on_clear_key(self, message: wire.ClearKey) -> DestinationEffects:
         # Insecure variant: once, and before the first stream.
@@ -244,17 +261,27 @@ class DestinationCore(Core):
 
 def check_hello(message: wire.Hello) -> None:
     """Refuse a HELLO whose parameters no destination could accept."""
-    if message.version != wire.PROTOCOL_VERSION:
+    if message.version not in wire.VERSIONS:
         raise PeerViolation(
             ErrorCode.UNSUPPORTED_VERSION,
-            f"protocol version {message.version}; this destination speaks {wire.PROTOCOL_VERSION}",
+            f"protocol version {message.version}; this destination speaks "
+            f"{', '.join(map(str, wire.VERSIONS))}",
         )
+    if message.version == 1 and wire.has_tail(message):
+        raise PeerViolation(ErrorCode.BAD_PARAMETER, "a version-1 HELLO with version-2 fields")
     if not wire.MIN_CHUNK_SIZE <= message.chunk_size <= wire.MAX_CHUNK_SIZE:
         raise PeerViolation(
             ErrorCode.BAD_PARAMETER,
             f"chunk size {message.chunk_size} outside {wire.MIN_CHUNK_SIZE}..{wire.MAX_CHUNK_SIZE}",
         )
     names = [image.name for image in message.images]
+    if message.mode is wire.Mode.LIVE:
+        # Live: guest memory and the vTPM travel inside QEMU's own stream.
+        if names or message.variant is not wire.Variant.SHARED_STORAGE:
+            raise PeerViolation(
+                ErrorCode.BAD_PARAMETER, "a live migration streams no images and shares storage"
+            )
+        return
     if not names:
         raise PeerViolation(ErrorCode.BAD_PARAMETER, "HELLO announces no images")
     if len(set(names)) != len(names):
@@ -277,6 +304,9 @@ def _destination_machine(secure: bool) -> Any:
     offering = b.state("offeringKey")
     await_key = b.state("awaitWrappedKey")
     receiving = b.state("receiving")
+    # Live mode only: between WRAPPED_KEY and PREPARED.
+    starting_incoming = b.state("startingIncoming")
+    receiving_live = b.state("receivingLive")
     preparing = b.state("preparing")
     await_commit = b.state("awaitCommit")
     committing = b.state("committing")
@@ -306,14 +336,18 @@ def _destination_machine(secure: bool) -> Any:
             (verifying, I.peer_verified, offering, C.on_peer_verified),
             (offering, I.key_offered, await_key, C.on_key_offered),
             (await_key, I.wrapped_key, await_stream, C.on_wrapped_key),
+            (await_key, I.wrapped_key_live, starting_incoming, C.on_wrapped_key_live),
+            (starting_incoming, I.incoming_ready, receiving_live, C.on_incoming_ready),
+            (receiving_live, I.incoming_loaded, preparing, C.on_incoming_loaded),
         ]
         # Every secure state is before the commit point.
-        before_commit_point += [state for state, _, _, _ in table[-6:]]
+        before_commit_point += [state for state, _, _, _ in table[-9:-3]]
+        before_commit_point += [starting_incoming, receiving_live]
     else:
         # Insecure: the vTPM key may come in the clear, before the first stream.
         table.append((await_stream, I.clear_key, await_stream, C.on_clear_key))
         # Unreachable states still need a way out, for Automat's completeness.
-        before_commit_point += [await_challenge]
+        before_commit_point += [await_challenge, starting_incoming, receiving_live]
     table += ends_before_commit(before_commit_point, I, C, failed)
     build(table)
     await_commit.upon(I.fail).to(failed)(step(failed, C.on_fail_in_doubt))
@@ -371,6 +405,8 @@ class DestinationSession(Session[DestinationEffect]):
                 return self._run("challenge", lambda: m.challenge(message))
             case wire.Evidence():
                 return self._run("evidence", lambda: m.evidence(message))
+            case wire.WrappedKey() if self.live:
+                return self._run("wrapped_key", lambda: m.wrapped_key_live(message))
             case wire.WrappedKey():
                 return self._run("wrapped_key", lambda: m.wrapped_key(message))
             case wire.ClearKey():
@@ -393,6 +429,20 @@ class DestinationSession(Session[DestinationEffect]):
                 return self._run("resolve", lambda: m.resolve(message))
             case _:
                 raise self._never_sent(message)
+
+    @property
+    def live(self) -> bool:
+        """Whether the accepted HELLO asked for live mode."""
+        hello = self._core.hello
+        return hello is not None and hello.mode is wire.Mode.LIVE
+
+    def incoming_ready(self, port: int) -> DestinationEffects:
+        """Live: QEMU waits paused; the stream's records go to ``port``."""
+        return self._run("incoming_ready", lambda: self._machine.incoming_ready(port))
+
+    def incoming_loaded(self) -> DestinationEffects:
+        """Live: QEMU loaded the whole stream and waits paused."""
+        return self._run("incoming_loaded", self._machine.incoming_loaded)
 
     def _is_last_stream(self) -> bool:
         hello = self._core.hello

@@ -95,6 +95,22 @@ class StartStreams:
 
 
 @dataclass(frozen=True)
+class StartLive:
+    """Source, live mode: start QEMU's live migration into records sent to
+    the destination's ``port``; the guest keeps running.  Nothing to call
+    back: the destination's PREPARED (its QEMU loaded everything) is next."""
+
+    port: int
+
+
+@dataclass(frozen=True)
+class StartIncoming:
+    """Destination, live mode: with the key just accepted, start the VM's
+    vTPM and QEMU paused, waiting for the stream, then call
+    ``incoming_ready(port)``; when QEMU has loaded it, ``incoming_loaded()``."""
+
+
+@dataclass(frozen=True)
 class CommitLocally:
     """Source: journal COMMITTED and give the VM up, then call ``committed_locally()``.
 
@@ -187,9 +203,10 @@ DestinationEffect = (
     | OfferKey
     | AcceptKey
     | Settle
+    | StartIncoming
 )
 #: Everything a source session may ask for.
-SourceEffect = CommonEffect | StartStreams | CommitLocally | RollBack | WrapKey
+SourceEffect = CommonEffect | StartStreams | CommitLocally | RollBack | WrapKey | StartLive
 DestinationEffects = list[DestinationEffect]
 SourceEffects = list[SourceEffect]
 

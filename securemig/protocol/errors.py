@@ -55,6 +55,7 @@ class ErrorCode(enum.IntEnum):
     ATTESTATION_FAILED = 18  #: the peer's evidence failed a check (the reason names it)
     KEY_TRANSFER_FAILED = 19  #: the migration key or the wrapped vTPM key was refused
     RECORD_REFUSED = 20  #: a data channel record failed authentication, or the channel was cut
+    LIVE_FAILED = 21  #: QEMU's live migration failed or did not complete (the reason says why)
 
 
 class MigrationError(Exception):

@@ -9,6 +9,8 @@ The source drives a migration and decides its commit::
       awaitEvidence <--EVIDENCE--  (verifyingPeer)  awaitChallenge <--CHALLENGE--
       (attesting) --EVIDENCE-->  awaitKeyOffer <--KEY_OFFER--  (wrappingKey) --WRAPPED_KEY-->
     streaming     --STREAM_BEGIN/DATA*/STREAM_END per image-->
+    live mode instead (secure variant, QEMU): after WRAPPED_KEY
+      awaitLiveReady <--LIVE_READY--  (QEMU's pre-copy stream, the guest running)
     awaitPrepared <--PREPARED--
     committing    (journal COMMITTED, give the VM up: the commit point)
     awaitDone     --COMMIT-->  <--DONE--
@@ -39,6 +41,7 @@ from securemig.protocol.effects import (
     Send,
     SourceEffect,
     SourceEffects,
+    StartLive,
     StartStreams,
     VerifyPeer,
     WrapKey,
@@ -68,6 +71,7 @@ class SourceInputs(Protocol):
     def key_offer(self, message: wire.KeyOffer) -> SourceEffects: ...
     def key_wrapped(self, wrapped: wire.WrappedKey) -> SourceEffects: ...
     def streams_sent(self) -> SourceEffects: ...
+    def live_ready(self, message: wire.LiveReady) -> SourceEffects: ...
     def prepared(self, message: wire.Prepared) -> SourceEffects: ...
     def committed_locally(self) -> SourceEffects: ...
     def commit_failed(self, code: ErrorCode, reason: str) -> SourceEffects: ...
@@ -134,6 +138,13 @@ class SourceCore(Core):
     def on_streams_sent(self) -> SourceEffects:
         return []
 
+    # Live mode: the guest runs on while QEMU streams; no images.
+    def on_key_wrapped_live(self, wrapped: wire.WrappedKey) -> SourceEffects:
+        return [Send(wrapped)]
+
+    def on_live_ready(self, message: wire.LiveReady) -> SourceEffects:
+        return [StartLive(message.port)]
+
     def on_prepared(self, message: wire.Prepared) -> SourceEffects:
         return [CommitLocally()]
 
@@ -170,7 +181,7 @@ class SourceCore(Core):
         return []
 
 
-def _source_machine(secure: bool) -> Any:
+def _source_machine(secure: bool, live: bool = False) -> Any:
     b = TypeMachineBuilder(SourceInputs, SourceCore)
     I = SourceInputs  # noqa: E741
     C = SourceCore
@@ -184,6 +195,8 @@ def _source_machine(secure: bool) -> Any:
     await_offer = b.state("awaitKeyOffer")
     wrapping = b.state("wrappingKey")
     streaming = b.state("streaming")
+    # Live mode only: between WRAPPED_KEY and PREPARED.
+    await_live_ready = b.state("awaitLiveReady")
     await_prepared = b.state("awaitPrepared")
     committing = b.state("committing")
     await_done = b.state("awaitDone")
@@ -205,12 +218,21 @@ def _source_machine(secure: bool) -> Any:
             (await_challenge, I.challenge, attesting, C.on_challenge),
             (attesting, I.attested, await_offer, C.on_attested),
             (await_offer, I.key_offer, wrapping, C.on_key_offer),
-            (wrapping, I.key_wrapped, streaming, C.on_key_wrapped),
         ]
-        before_commit_point += [state for state, _, _, _ in table[-6:]]
+        if live:
+            table += [
+                (wrapping, I.key_wrapped, await_live_ready, C.on_key_wrapped_live),
+                (await_live_ready, I.live_ready, await_prepared, C.on_live_ready),
+            ]
+        else:
+            table.append((wrapping, I.key_wrapped, streaming, C.on_key_wrapped))
+        before_commit_point += [await_evidence, verifying, await_challenge, attesting]
+        before_commit_point += [await_offer, wrapping]
     else:
         table.append((await_welcome, I.welcome, streaming, C.on_welcome))
         before_commit_point += [await_evidence]
+    # Unreachable in a machine without live mode, but it needs a way out.
+    before_commit_point.append(await_live_ready)
     table += ends_before_commit(before_commit_point, I, C, failed)
     build(table)
     # From ``committing`` on, COMMITTED may be durable: a failure leaves the
@@ -225,7 +247,10 @@ def _source_machine(secure: bool) -> Any:
     return b.build()
 
 
-_SourceMachines = {secure: _source_machine(secure) for secure in (False, True)}
+_SourceMachines = {
+    (secure, live): _source_machine(secure, live)
+    for secure, live in ((False, False), (True, False), (True, True))
+}
 
 
 class SourceSession(Session[SourceEffect]):
@@ -242,10 +267,13 @@ class SourceSession(Session[SourceEffect]):
     ) -> None:
         if secure and clear_key is not None:
             raise ValueError("the secure variant never sends a key in the clear")
+        live = hello.mode is wire.Mode.LIVE
+        if live and not secure:
+            raise ValueError("live mode is secure only")
         self._core: SourceCore = SourceCore(hello, clear_key=clear_key)
         if request is not None:
             self._core.request = request
-        self._machine: SourceInputs = _SourceMachines[secure](self._core)
+        self._machine: SourceInputs = _SourceMachines[secure, live](self._core)
         self.secure = secure
 
     @property
@@ -277,6 +305,8 @@ class SourceSession(Session[SourceEffect]):
                 return self._run("challenge", lambda: m.challenge(message))
             case wire.KeyOffer():
                 return self._run("key_offer", lambda: m.key_offer(message))
+            case wire.LiveReady():
+                return self._run("live_ready", lambda: m.live_ready(message))
             case wire.Prepared():
                 return self._run("prepared", lambda: m.prepared(message))
             case wire.Done():

@@ -34,7 +34,12 @@ from typing import Any, ClassVar, TypeAlias
 
 from securemig.protocol.errors import ErrorCode, PeerViolation
 
-PROTOCOL_VERSION = 1
+#: The newest protocol version; a destination speaks every one of :data:`VERSIONS`.
+#: Version 2 adds HELLO's tail (``guest``, ``guest_cmdline``, ``mode``), live mode
+#: (LIVE_READY, ``LIVE_FAILED``); a source says version 1 whenever its HELLO
+#: needs none of it, so an older destination still takes it.
+PROTOCOL_VERSION = 2
+VERSIONS = (1, 2)
 
 #: Frame header: type (u8) and payload length (u32), network order.
 HEADER = struct.Struct("!BI")
@@ -81,6 +86,15 @@ class Variant(enum.IntEnum):
 
     FULL = 1
     SHARED_STORAGE = 2
+
+
+class Mode(enum.IntEnum):
+    """How the VM moves: suspended (its images stream, then it resumes) or
+    live (QEMU's own pre-copy stream while the guest runs; secure variant,
+    QEMU only)."""
+
+    SUSPENDED = 1
+    LIVE = 2
 
 
 # --------------------------------------------------------------------------
@@ -221,11 +235,15 @@ class Nested(Codec):
 
     def encode(self, value: Any, out: list[bytes]) -> None:
         for f in fields(value):
+            if f.metadata.get("tail") and not has_tail(value):
+                break
             f.metadata["codec"].encode(getattr(value, f.name), out)
 
     def decode(self, view: memoryview, offset: int) -> tuple[Any, int]:
         values = {}
         for f in fields(self.cls):
+            if f.metadata.get("tail") and offset == len(view):
+                break  # a message without its (version-2) tail: the defaults
             values[f.name], offset = f.metadata["codec"].decode(view, offset)
         return self.cls(**values), offset
 
@@ -257,9 +275,18 @@ class Sequence(Codec):
         return tuple(items), offset
 
 
-def wire(codec: Codec, **kwargs: Any) -> Any:
-    """Declare a dataclass field together with its wire codec."""
-    return field(metadata={"codec": codec}, **kwargs)
+def wire(codec: Codec, tail: bool = False, **kwargs: Any) -> Any:
+    """Declare a dataclass field together with its wire codec.  ``tail``:
+    one of a top-level message's last fields, sent only when one of them
+    differs from its default (what a version-1 peer never sends nor reads)."""
+    return field(metadata={"codec": codec, "tail": tail}, **kwargs)
+
+
+def has_tail(message: Any) -> bool:
+    """Whether any tail field of ``message`` differs from its default."""
+    return any(
+        f.metadata.get("tail") and getattr(message, f.name) != f.default for f in fields(message)
+    )
 
 
 # --------------------------------------------------------------------------
@@ -289,8 +316,10 @@ class Hello:
     memory_mib: int = wire(UInt(4), default=0)
     #: The QEMU guest kind ("linux": the built Linux guest; "" for firmware only) and
     #: its kernel command line: the destination's QEMU must be started as the source's.
-    guest: str = wire(Text(16, GUEST_RE), default="")
-    guest_cmdline: str = wire(Text(MAX_CMDLINE, CMDLINE_RE), default="")
+    #: (Version 2, the tail.)
+    guest: str = wire(Text(16, GUEST_RE), tail=True, default="")
+    guest_cmdline: str = wire(Text(MAX_CMDLINE, CMDLINE_RE), tail=True, default="")
+    mode: Mode = wire(Enum(Mode), tail=True, default=Mode.SUSPENDED)
 
 
 @dataclass(frozen=True)
@@ -349,6 +378,15 @@ class StreamEnd:
     """Source → destination: the current stream is complete; its SHA-256."""
 
     sha256: bytes = wire(Fixed(DIGEST_SIZE))
+
+
+@dataclass(frozen=True)
+class LiveReady:
+    """Destination → source, live mode: the destination's QEMU waits paused
+    for the stream, whose sealed records go to TCP ``port`` (see
+    :mod:`securemig.protocol.records`, :data:`~securemig.protocol.records.LIVE_EXPORTER_LABEL`)."""
+
+    port: int = wire(UInt(2, 65535))
 
 
 @dataclass(frozen=True)
@@ -543,10 +581,11 @@ Message: TypeAlias = (
     | Abort
     | Resolve
     | Resolved
+    | LiveReady
 )
 
 #: The one table of message types.  0x10-0x1F: the secure variant's
-#: attestation and key transfer; 0x40-0x4F: recovery.
+#: attestation and key transfer; 0x40-0x4F: recovery; 0x50-0x5F: live mode.
 MESSAGES: dict[int, type] = {
     0x01: Hello,
     0x02: Welcome,
@@ -564,6 +603,7 @@ MESSAGES: dict[int, type] = {
     0x3F: Abort,
     0x40: Resolve,
     0x41: Resolved,
+    0x50: LiveReady,
 }
 TYPE_CODES: dict[type, int] = {cls: code for code, cls in MESSAGES.items()}
 DATA_TYPE = TYPE_CODES[Data]

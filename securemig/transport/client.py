@@ -82,6 +82,7 @@ async def migrate(
     secure: SecureOptions | None = None,
     unseal_with: Path | None = None,
     bandwidth: float | None = None,
+    live: tuple[int, int] | None = None,
 ) -> tuple[Departure, Finished]:
     """Migrate ``bundle`` to ``to`` (``HOST:PORT``): over mutual TLS with
     attestation and vTPM key release when ``secure`` is given, else over the
@@ -91,9 +92,12 @@ async def migrate(
     :class:`VMLocked` or :class:`~securemig.hypervisor.bundle.BundleError` before
     anything is sent, :class:`ConnectFailed` if the destination cannot be
     reached (the VM stays here in every one of those cases).  ``bandwidth``
-    limits the image bytes sent a second.
+    limits the image bytes sent a second.  ``live``: (downtime limit in ms,
+    bandwidth in bytes/s) for a live migration (secure, QEMU, RAM only).
     """
     host, port = parse_address(to)
+    if live is not None and secure is None:
+        raise BundleError("live migration is secure only: give --identity, not --insecure")
     if secure is not None and not bundle.vtpm_key_path.exists():
         raise BundleError(
             f"VM {bundle.name} has no vTPM key ({bundle.vtpm_key_path}); "
@@ -118,7 +122,10 @@ async def migrate(
         journal,
         vtpm_key or None,
         peer_name=security.destination_name if security is not None else None,
+        live=live is not None,
     )
+    if live is not None:
+        departure.live_options = live
     await departure.acquire()
     if security is not None:
         try:

@@ -256,14 +256,13 @@ class FramedProtocol(Connection, Generic[E]):
 
         return qualifying_data(channel_binding(self.transport), role, nonce, self.migration_id())
 
-    def data_channel_key(self) -> tuple[str, bytes]:
+    def data_channel_key(self, label: bytes = records.EXPORTER_LABEL) -> tuple[str, bytes]:
         """The TLS cipher suite of this session and the data channel's key,
-        exported from it for this migration: only the TLS peer has it."""
+        exported from it for this migration: only the TLS peer has it.
+        ``label``: :data:`records.LIVE_EXPORTER_LABEL` for a live stream's key."""
 
         cipher = tls.cipher_suite(self.transport)
-        key = tls.exported(
-            self.transport, records.EXPORTER_LABEL, records.key_length(cipher), self.migration_id()
-        )
+        key = tls.exported(self.transport, label, records.key_length(cipher), self.migration_id())
         return cipher, key
 
     def _attest(self, effect: Attest) -> None:

@@ -47,8 +47,9 @@ from zope.interface import implementer
 from securemig import crashpoint
 from securemig.host.journal import PROGRESS_INTERVAL
 from securemig.hypervisor.bundle import disk_owner
+from securemig.hypervisor.qemu import live_socket
 from securemig.protocol import destination as destination_session
-from securemig.protocol import effects, wire
+from securemig.protocol import effects, records, wire
 from securemig.protocol.connection import (
     DEADLINE,
     IDLE_TIMEOUT,
@@ -58,9 +59,10 @@ from securemig.protocol.connection import (
     DropDataConnection,
 )
 from securemig.protocol.effects import DestinationEffect
-from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.transport.control import Connection, FramedProtocol, failure_to_error
 from securemig.transport.executor import Executor, ThreadExecutor
+from securemig.transport.live import LIVE_RECORD_PLAINTEXT, LiveReceiver
 from securemig.transport.tcp import tune_transport
 from securemig.transport.tls import peer_names
 from securemig.trust.keyrelease import (
@@ -119,6 +121,9 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         self.data_receivers: list[DataChannelReceiver] = []
         self.data_channel: DataChannelReceiver | None = None
         self.wrapped_key: Any = None
+        #: Live mode: the unwrapped vTPM key and identity, and the stream's receiver.
+        self.live_key: Any = None
+        self.live_receiver: LiveReceiver | None = None
         self.host = host
         self.protocol_name = protocol_name
         self.executor_factory = executor_factory
@@ -195,6 +200,8 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 self._do_HoldInDoubt(effect)
             case effects.Settle():
                 self._do_Settle(effect)
+            case effects.StartIncoming():
+                self._do_StartIncoming(effect)
             case _:
                 assert_never(effect)
 
@@ -220,6 +227,47 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         qualifying = self.qualifying(MIGRATION_KEY_ROLE, b"")
         offer = self.security.key.offer(self.security.attestor.identity.ak, qualifying)
         self.run(self.session.key_offered(offer))
+
+    def _do_StartIncoming(self, effect: effects.StartIncoming) -> None:
+        # Live: the key is released to us now (unwrapped inside our TPM, in
+        # the attested state), to start the vTPM the stream will fill.
+        key = self.wrapped_key
+        if not isinstance(key, wire.WrappedKey):
+            raise KeyTransferError("live mode needs the wrapped vTPM key")
+        self.live_key = self.security.unwrap(key, self.migration_id())
+        cipher, stream_key = self.data_channel_key(records.LIVE_EXPORTER_LABEL)
+        opener = records.Opener(cipher, stream_key, self.migration_id(), LIVE_RECORD_PLAINTEXT)
+
+        # The vTPM device is part of QEMU's machine: the manifest names it.
+        self.arrival.vtpm_identity = self.live_key[1].hex() or None
+
+        async def start() -> None:
+            live = await self.arrival.start_incoming(self.live_key[0])
+            if self.session.finished:
+                return  # ended meanwhile: the discard ends this QEMU too
+            receiver = LiveReceiver(
+                self.clock,
+                str(live_socket(live.bundle)),
+                opener,
+                interface=self.out.getHost().host,
+                on_progress=lambda n: self.touch(),
+            )
+            self.live_receiver = receiver
+            crashpoint.reached("destination-incoming")
+            self.run(self.session.incoming_ready(receiver.address[1]))
+            try:
+                await live.wait()
+            except MigrationError as e:
+                refused = f" ({receiver.error})" if receiver.error is not None else ""
+                raise ProtocolError(ErrorCode.LIVE_FAILED, f"{e}{refused}") from None
+            if not self.session.finished:
+                self.run(self.session.incoming_loaded())
+
+        def failed(f: Failure) -> None:
+            if not self.session.finished:
+                self.fail(failure_to_error(f, "receiving the live stream"))
+
+        Deferred.fromCoroutine(start()).addErrback(failed)
 
     def _do_AcceptKey(self, effect: effects.AcceptKey) -> None:
         self.wrapped_key = effect.wrapped
@@ -274,7 +322,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             return
         self.high_water = max(self.high_water, 2 * effect.hello.chunk_size)
         self.executor = self.executor_factory()
-        if self.data_listener is not None:
+        if self.data_listener is not None and effect.hello.mode is not wire.Mode.LIVE:
             # On the address the source reached us at; a port of its own.
             self.data_port = self.data_listener(self.out.getHost().host, DataChannelFactory(self))
             port = self.data_port.getHost().port
@@ -462,6 +510,15 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             # is never written in the clear here.
 
             key = self.wrapped_key
+            if self.live_key is not None:
+                # Live: unwrapped when the vTPM started; its state came in
+                # QEMU's stream, encrypted with the migration key derived
+                # from this one, and is in the running swtpm, not in staging.
+                secret, expected = self.live_key
+                self.arrival.sealed_vtpm_key = self.keeper().seal(secret)
+                self.arrival.vtpm_identity = expected.hex() or None
+                self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
+                return
             if isinstance(key, wire.WrappedKey):
                 secret, expected = self.security.unwrap(key, self.migration_id())
             elif isinstance(key, wire.ClearKey) and len(key.material) in (32, 64):
@@ -512,6 +569,8 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         d.addCallbacks(lambda _: self.run(self.session.resumed()), failed)
 
     def _do_Discard(self, effect: effects.Discard) -> None:
+        if self.live_receiver is not None:
+            self.live_receiver.cut()
         if self.arrival is not None:
             self.arrival.cancel()
             self._submit("removing staging", self.arrival.discard)

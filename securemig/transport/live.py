@@ -13,6 +13,7 @@ can be cut, which is how a test breaks a migration mid-pre-copy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -164,9 +165,18 @@ class LiveSender:
     (it completed) the END record follows.  Flow control end to end: a full
     socket to the destination pauses the reads from QEMU."""
 
-    def __init__(self, reactor: Any, listen_path: str, host: str, port: int, sealer: Any) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        listen_path: str,
+        host: str,
+        port: int,
+        sealer: Any,
+        on_progress: Callable[[int], None] = lambda n: None,
+    ) -> None:
         self.reactor = reactor
         self.sealer = sealer
+        self.on_progress = on_progress
         self.sent = 0
         self.done: Deferred[None] = Deferred()
         self._qemu: _SealingSide | None = None
@@ -208,6 +218,7 @@ class LiveSender:
 
     def _from_qemu(self, data: bytes) -> None:
         self.sent += len(data)
+        self.on_progress(len(data))
         sealed = self.sealer.seal([data])
         if self._out is None:
             self._pending.append(sealed)
@@ -255,8 +266,14 @@ class LiveReceiver:
     the refusal."""
 
     def __init__(
-        self, reactor: Any, qemu_path: str, opener: Any, interface: str = "127.0.0.1"
+        self,
+        reactor: Any,
+        qemu_path: str,
+        opener: Any,
+        interface: str = "127.0.0.1",
+        on_progress: Callable[[int], None] = lambda n: None,
     ) -> None:
+        self.on_progress = on_progress
         self.reactor = reactor
         self.qemu_path = qemu_path
         self.opener = opener
@@ -307,6 +324,7 @@ class LiveReceiver:
         try:
             while (plain := self.opener.next_record()) is not None:
                 self.delivered += len(plain)
+                self.on_progress(len(plain))
                 assert self._qemu is not None
                 self._qemu.transport.write(plain)
         except Exception as e:  # a refused record: nothing more reaches QEMU

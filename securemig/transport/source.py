@@ -16,13 +16,15 @@ from twisted.python.failure import Failure
 
 from securemig import crashpoint
 from securemig.host.journal import PROGRESS_INTERVAL
+from securemig.hypervisor.qemu import live_socket
 from securemig.protocol import effects, records
 from securemig.protocol import source as source_session
 from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT, SourceConnection
 from securemig.protocol.effects import SourceEffect
-from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.transport.control import Connection, FramedProtocol, failure_to_error
 from securemig.transport.executor import Executor
+from securemig.transport.live import LiveSender
 from securemig.transport.streamer import ImageStreamer
 from securemig.transport.tcp import tcp_bytes_acked, tune_transport
 from securemig.trust.keyrelease import (
@@ -68,6 +70,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         #: Image bytes a second at most (None: no limit).
         self.bandwidth = bandwidth
         self.streamer: ImageStreamer | None = None
+        self.live_sender: LiveSender | None = None
         self.finished: Deferred[effects.Finished] = Deferred()
         #: Fires when the control connection is closed: what was written
         #: to it (the last ABORT or COMMIT) has left this process.
@@ -138,6 +141,8 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
                 self._do_CommitLocally(effect)
             case effects.RollBack():
                 self._do_RollBack(effect)
+            case effects.StartLive():
+                self._do_StartLive(effect)
             case _:
                 assert_never(effect)
 
@@ -165,6 +170,42 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         self.data_connector(
             self.out.getPeer().host, self.session.data_port, self.data_channel
         ).addCallbacks(connected, failed)
+
+    def _do_StartLive(self, effect: effects.StartLive) -> None:
+        # The destination's QEMU waits paused: start ours sending, through
+        # records keyed for this session's live stream, to the port it named.
+        self.departure.streaming(self.session.migration_id)
+        cipher, key = self.data_channel_key(records.LIVE_EXPORTER_LABEL)
+        sealer = records.Sealer(cipher, key, self.migration_id())
+        bundle = self.departure.bundle
+        listen = live_socket(bundle)
+        listen.unlink(missing_ok=True)
+
+        def progress(n: int) -> None:
+            self.bytes_sent += n
+            self.touch()
+            self.on_progress(n)
+
+        self.live_sender = LiveSender(
+            self.clock, str(listen), self.out.getPeer().host, effect.port, sealer, progress
+        )
+        options = self.departure.live_options
+
+        async def start() -> None:
+            backend = self.departure.backend
+            live = await backend.live_source(bundle, f"unix:{listen}", *options)
+            self.departure.live_migration = live
+            crashpoint.reached("source-live-started")
+            try:
+                self.departure.live_stats = await live.wait()
+            except MigrationError as e:
+                if not self.session.finished:
+                    self.fail(ProtocolError(ErrorCode.LIVE_FAILED, str(e)))
+
+        def failed(f: Failure) -> None:
+            self.fail(ProtocolError(ErrorCode.LIVE_FAILED, f.getErrorMessage()))
+
+        Deferred.fromCoroutine(start()).addErrback(failed)
 
     def _stream(self, transport: Any, sealer: Any) -> None:
         def progress(n: int) -> None:
@@ -263,6 +304,8 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
     def _stop_streaming(self) -> None:
         if self.streamer is not None:
             self.streamer.stopProducing()
+        if self.live_sender is not None and not self.departure.committed:
+            self.live_sender.cut()
         channel = self.data_channel
         if (
             channel is not None

@@ -248,7 +248,20 @@ class HelloCheckTests(SynchronousTestCase):
         self.assertEqual(cm.exception.code, code)
 
     def test_version(self) -> None:
-        self.assertRefused(ErrorCode.UNSUPPORTED_VERSION, make_hello(version=2))
+        self.assertRefused(ErrorCode.UNSUPPORTED_VERSION, make_hello(version=3))
+        self.assertRefused(ErrorCode.UNSUPPORTED_VERSION, make_hello(version=0))
+
+    def test_version_one_has_no_tail(self) -> None:
+        """Version 2's fields in a version-1 HELLO: refused, not half-read."""
+        self.assertRefused(ErrorCode.BAD_PARAMETER, make_hello(version=1, guest="linux"))
+
+    def test_live_streams_no_images_and_shares_storage(self) -> None:
+        """Live mode moves memory in QEMU's own stream: a live HELLO that
+        announces images, or the full variant (a disk copy), is refused."""
+        live = wire.Mode.LIVE
+        shared = wire.Variant.SHARED_STORAGE
+        self.assertRefused(ErrorCode.BAD_PARAMETER, make_hello(mode=live, variant=shared))
+        self.assertRefused(ErrorCode.BAD_PARAMETER, make_hello(sizes=(), mode=live))
 
     def test_chunk_too_small(self) -> None:
         self.assertRefused(ErrorCode.BAD_PARAMETER, make_hello(chunk_size=wire.MIN_CHUNK_SIZE - 1))
@@ -520,3 +533,78 @@ class ClearKeyTests(SynchronousTestCase):
         with self.assertRaises(ProtocolError):
             d.receive(wire.ClearKey(b"k"))
         self.assertRaises(ValueError, source_session.SourceSession, make_hello((1,)), True, b"k")
+
+
+def live_hello() -> wire.Hello:
+    return make_hello(
+        (), version=2, variant=wire.Variant.SHARED_STORAGE, mode=wire.Mode.LIVE, guest="linux"
+    )
+
+
+class LiveSessionTests(SynchronousTestCase):
+    """Live mode's order: attestation and key release as in the secure
+    variant, then the destination's QEMU is started (with the released key)
+    and says LIVE_READY, only then does the source start QEMU's stream;
+    PREPARED once the destination's QEMU loaded it, then the same commit."""
+
+    def exchange(
+        self,
+    ) -> tuple[source_session.SourceSession, destination_session.DestinationSession, Any]:
+        """Both sides driven up to the source's WRAPPED_KEY; its effects."""
+        src = source_session.SourceSession(live_hello(), secure=True)
+        dst = destination_session.DestinationSession(secure=True)
+        dst.receive(src.start()[0].message)
+        challenge = src.receive(dst.admitted(MID)[0].message)[0].message
+        dst.receive(challenge)
+        evidence, dst_challenge = (e.message for e in dst.attested(EVIDENCE))
+        src.receive(evidence)
+        src.peer_verified()
+        src.receive(dst_challenge)
+        dst.receive(src.attested(EVIDENCE)[0].message)
+        dst.peer_verified()
+        src.receive(dst.key_offered(OFFER)[0].message)
+        return src, dst, src.key_wrapped(WRAPPED)
+
+    def test_live_exchange(self) -> None:
+        src, dst, (wrapped,) = self.exchange()
+        self.assertEqual(src.phase, "awaitLiveReady")
+        self.assertEqual(dst.receive(wrapped.message), [fx.AcceptKey(WRAPPED), fx.StartIncoming()])
+        (ready,) = dst.incoming_ready(4242)
+        self.assertEqual(ready.message, wire.LiveReady(4242))
+        self.assertEqual(src.receive(ready.message), [fx.StartLive(4242)])
+        self.assertEqual(dst.incoming_loaded(), [fx.Prepare()])
+        prepared = dst.prepared()[0].message
+        self.assertEqual(src.receive(prepared), [fx.CommitLocally()])
+        commit = src.committed_locally()[0].message
+        self.assertEqual(dst.receive(commit), [fx.CommitInPlace()])
+        self.assertEqual(kinds(src.receive(dst.resumed()[0].message)), ["Finished"])
+        self.assertEqual((src.phase, dst.phase), ("done", "done"))
+
+    def test_no_stream_before_live_ready(self) -> None:
+        """PREPARED before the destination said LIVE_READY is a violation;
+        the live source never streams images."""
+        src, _, effects = self.exchange()
+        self.assertNotIn("StartStreams", kinds(effects))
+        with self.assertRaises(ProtocolError):
+            src.receive(wire.Prepared())
+
+    def test_live_ready_only_in_live_mode(self) -> None:
+        """A suspended-mode source refuses LIVE_READY."""
+        src = source_session.SourceSession(make_hello((1,)), secure=True)
+        src.start()
+        src.receive(wire.Welcome(MID))
+        with self.assertRaises(ProtocolError):
+            src.receive(wire.LiveReady(1))
+
+    def test_failure_before_commit_rolls_back_and_discards(self) -> None:
+        """A failure while the stream runs: the source rolls back (its guest
+        goes on), the destination discards (its QEMU ends)."""
+        src, dst, (wrapped,) = self.exchange()
+        dst.receive(wrapped.message)
+        src.receive(dst.incoming_ready(1)[0].message)
+        self.assertIn("RollBack", kinds(src.fail(ErrorCode.LIVE_FAILED, "QEMU failed")))
+        self.assertIn("Discard", kinds(dst.connection_lost()))
+
+    def test_insecure_live_refused(self) -> None:
+        with self.assertRaises(ValueError):
+            source_session.SourceSession(live_hello())

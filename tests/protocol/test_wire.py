@@ -260,17 +260,32 @@ class VersionOneStabilityTests(SynchronousTestCase):
     def test_error_codes_are_version_one(self) -> None:
         """A version-1 receiver refuses an unknown ABORT code (and loses the
         reason): the codes stay exactly 1-20 within version 1.  (Two codes
-        added in a restructuring were found by an old peer this way.)"""
-        self.assertEqual(sorted(int(c) for c in ErrorCode), list(range(1, 21)))
+        added in a restructuring were found by an old peer this way.)  21,
+        LIVE_FAILED, is raised only in live mode, a version-2 session."""
+        self.assertEqual(sorted(int(c) for c in ErrorCode), list(range(1, 22)))
+        self.assertEqual(ErrorCode.LIVE_FAILED, 21)
 
     def test_message_types_of_a_migration_are_version_one(self) -> None:
         """A migration uses only version-1 types; RESOLVE/RESOLVED (0x40-0x41)
         travel only on recovery connections, which an older destination
-        refuses as an unknown first frame without harm."""
+        refuses as an unknown first frame without harm; LIVE_READY (0x50)
+        only in live mode (version 2)."""
         self.assertEqual(
             sorted(wire.MESSAGES),
-            [1, 2, 16, 17, 18, 19, 20, 32, 33, 34, 48, 49, 50, 63, 64, 65],
+            [1, 2, 16, 17, 18, 19, 20, 32, 33, 34, 48, 49, 50, 63, 64, 65, 80],
         )
+
+    def test_version_one_hello_is_unchanged(self) -> None:
+        """A HELLO that needs none of version 2 is encoded without its tail,
+        byte for byte what a version-1 peer sends and reads; one that needs
+        it carries the tail and decodes to itself."""
+        plain = hello(version=1, memory_mib=64)
+        raw = wire.encode(plain)
+        self.assertTrue(raw.endswith(struct.pack("!I", 64)))
+        self.assertEqual(decode_all(raw), [plain])
+        live = hello(version=2, guest="linux", guest_cmdline="quiet", mode=wire.Mode.LIVE)
+        self.assertEqual(decode_all(wire.encode(live)), [live])
+        self.assertGreater(len(wire.encode(live)), len(raw))
 
 
 class QuoteRequestWireTests(SynchronousTestCase):

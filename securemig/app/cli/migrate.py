@@ -25,6 +25,7 @@ from securemig.app.cli.journal import given_away, host_journal, settle_here
 from securemig.host.glibc import tune_malloc
 from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, BundleError, check_vm_name
+from securemig.hypervisor.qemu import LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH
 from securemig.lab.processes import peak_rss_mib
 from securemig.protocol import wire
 from securemig.protocol.effects import Outcome
@@ -90,6 +91,25 @@ def add_parser(subparsers: Subparsers) -> None:
         help="move RAM only; the disk stays on storage both hosts share",
     )
     mig.add_argument(
+        "--live",
+        action="store_true",
+        help="live migration (secure, QEMU guests, RAM only): the guest keeps running "
+        "while QEMU copies its memory, and stops only for the last dirty pages",
+    )
+    mig.add_argument(
+        "--downtime-ms",
+        type=int,
+        default=LIVE_DOWNTIME_LIMIT_MS,
+        help="--live: the downtime QEMU aims for (migrate-set-parameters "
+        "downtime-limit; default %(default)s)",
+    )
+    mig.add_argument(
+        "--bandwidth-mib",
+        type=int,
+        default=LIVE_MAX_BANDWIDTH >> 20,
+        help="--live: QEMU's bandwidth limit in MiB/s (default %(default)s)",
+    )
+    mig.add_argument(
         "--chunk-kib",
         type=int,
         default=wire.DEFAULT_CHUNK_SIZE // 1024,
@@ -125,6 +145,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             f"--chunk-kib must be between {wire.MIN_CHUNK_SIZE // 1024} and "
             f"{wire.MAX_CHUNK_SIZE // 1024}"
         )
+    if args.live and args.insecure:
+        return usage_error("--live is secure only: drop --insecure")
+    if args.downtime_ms <= 0 or args.bandwidth_mib <= 0:
+        return usage_error("--downtime-ms and --bandwidth-mib must be positive")
     try:
         parse_address(args.to)
         check_vm_name(args.name)
@@ -145,7 +169,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             args.destination_name,
             _revocation(args),
         )
-    variant = wire.Variant.SHARED_STORAGE if args.shared_storage else wire.Variant.FULL
+    # Live migration moves RAM only (the disk, if any, stays on shared storage).
+    shared = args.shared_storage or args.live
+    variant = wire.Variant.SHARED_STORAGE if shared else wire.Variant.FULL
+    live = (args.downtime_ms, args.bandwidth_mib << 20) if args.live else None
     journal = host_journal(args.vm_dir, args.state_dir)
     outcome: dict[str, Any] = {}
     bar = _ProgressBar(f"migrating {args.name}", shown=not args.no_progress)
@@ -174,6 +201,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 secure=secure,
                 unseal_with=args.identity if args.insecure else None,
                 bandwidth=args.bandwidth * (1 << 20) if args.bandwidth else None,
+                live=live,
             )
         except (MigrationError, OSError) as e:
             outcome["error"] = describe(e)
@@ -283,7 +311,7 @@ class _ProgressBar:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=departure.total_bytes,
+                total=departure.total_bytes or None,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1024,
@@ -313,7 +341,8 @@ def _report(args: argparse.Namespace, journal: Journal, outcome: dict[str, Any])
         "vm": args.name,
         "to": args.to,
         "protocol": "insecure" if args.insecure else "secure",
-        "variant": "shared-storage" if args.shared_storage else "full",
+        "variant": "shared-storage" if args.shared_storage or args.live else "full",
+        "mode": "live" if args.live else "suspended",
         "outcome": finished.outcome.value,
         "error": f"{finished.code.name}: {finished.reason}" if finished.code else None,
         "migration_id": record.migration_id if record else None,
@@ -324,10 +353,30 @@ def _report(args: argparse.Namespace, journal: Journal, outcome: dict[str, Any])
         "phases": {k: round(v, 4) for k, v in (record.phase_times() if record else {}).items()},
         "peak_rss_mib": peak_rss_mib(),
     }
+    if departure.live_stats is not None:
+        stats = departure.live_stats
+        # QEMU's own numbers (query-migrate at the source).
+        summary.update(
+            downtime_ms=stats.downtime_ms,
+            qemu_total_ms=stats.total_ms,
+            qemu_setup_ms=stats.setup_ms,
+            iterations=stats.iterations,
+            dirty_pages_rate=stats.dirty_pages_rate,
+            transferred=stats.transferred,
+        )
     if args.json:
         print(json.dumps(summary, indent=2))
     if finished.outcome is Outcome.DONE:
         if not args.json:
+            if departure.live_stats is not None:
+                stats = departure.live_stats
+                print(
+                    f"securemig: VM {args.name} migrated live to {args.to} (secure): "
+                    f"{stats.transferred / (1 << 20):.0f} MiB in {seconds:.2f} s, downtime "
+                    f"{stats.downtime_ms} ms (QEMU), {stats.iterations} rounds, migration "
+                    f"{summary['migration_id']}"
+                )
+                return EXIT_OK
             print(
                 f"securemig: VM {args.name} migrated to {args.to} ({summary['variant']}, "
                 f"{summary['protocol']}): {mib:.0f} MiB in {seconds:.2f} s "
