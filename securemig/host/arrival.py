@@ -141,7 +141,9 @@ class DestinationHost:
                 )
             files.rename_durably(staging, target)
         bundle = Bundle.load(target)
-        if self.backend_status(bundle) != "running":
+        # A QEMU that runs may wait paused after a live stream: its resume
+        # continues it (and leaves a running one alone).
+        if self.backend_status(bundle) != "running" or bundle.manifest.backend == "qemu":
             await self.resume(bundle)
         self.journal.phase(record.id, "resumed")
         self.journal.finish(record.id, Outcome.DONE.value)

@@ -140,7 +140,9 @@ async def _resume(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> st
         )
     key = None if unseal is None else key_reader(unseal)
     backend = backend_for(bundle.manifest.backend, vtpm_key=key)
-    if backend.status(bundle) == "running":
+    # A QEMU that runs may be paused after a live stream: its resume continues
+    # it (and leaves a running one alone), so it is always asked.
+    if backend.status(bundle) == "running" and bundle.manifest.backend != "qemu":
         return f"VM {bundle.name} runs here"
     try:
         await backend.resume(bundle)

@@ -576,6 +576,9 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             self._submit("removing staging", self.arrival.discard)
 
     def _do_HoldInDoubt(self, effect: effects.HoldInDoubt) -> None:
+        if self.arrival.live is not None:
+            # QEMU serves one QMP client: recovery continues (or ends) it later.
+            self.arrival.live.release()
         self.arrival.hold()
 
     def _do_Finished(self, effect: effects.Finished) -> None:

@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import threads
 
+from securemig.host.journal import Journal
 from securemig.hypervisor import guest as linux_guest
 from securemig.hypervisor.bundle import Bundle
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.qemu import QemuBackend, alive, heartbeat_path, qemu_binary
 from securemig.lab import processes
+from securemig.trust.policy import PolicyStore
 
+from ..app.test_crash import crash_env
 from ..hypervisor.test_guest import extended
 from ..hypervisor.test_qemu import under_tcg
 from .test_secure import SecureBase
@@ -82,3 +88,165 @@ class LiveSecureMigrationTests(LiveSecureBase):
         self.assertFalse(bundle.path.exists())
         self.assertEqual(QemuBackend().status(arrived), "running")
         self.assertNoUnhandledError(destination)
+
+
+class LiveSecureFailureTests(LiveSecureBase):
+    """Before the commit a live migration that fails leaves the guest
+    running at the source, never restarted."""
+
+    async def test_destination_with_extended_pcr_refused_before_memory_moves(self) -> None:
+        """Golden values recorded, then the destination's PCR 7 extended:
+        refused at attestation; the destination never started a QEMU (its
+        journal never reached ``incoming``), and the source's guest beats on
+        in sequence, never paused."""
+        PolicyStore(self.src_policy).record("dest-b", self.tpm_b.pcr_read([0, 1, 2, 3, 4, 7]))
+        self.tpm_b.pcr_extend(7, b"untrusted boot component " + os.urandom(8))
+        destination = self.start_destination("--tofu", "--backend", "qemu")
+        bundle, watch = self.start_guest()
+        await threads.deferToThread(watch.wait, 3, 120.0)
+        result = await threads.deferToThread(self.migrate_live, destination)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("golden-values", result.stderr)
+        journal = Journal(destination.state_dir / "journal.sqlite")
+        self.addCleanup(journal.close)
+        self.assertFalse(any(r.reached("incoming") for r in journal.records()))
+        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        await threads.deferToThread(watch.wait, 5, 30.0)
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+        self.assertEqual(QemuBackend().status(Bundle.load(bundle.path)), "running")
+        self.assertTrue(bundle.vtpm_key_path.exists())
+
+    async def test_destination_killed_mid_precopy(self) -> None:
+        """The destination host's daemon and QEMU killed while the pre-copy
+        runs (a slow stream): the migration fails, the guest at the source
+        never stopped, its heartbeat goes on in sequence."""
+        destination = self.start_destination("--tofu", "--backend", "qemu")
+        bundle, watch = self.start_guest(dirty=16)
+        await threads.deferToThread(watch.wait, 3, 120.0)
+        running = threads.deferToThread(self.migrate_live, destination, "--bandwidth-mib", "4")
+        staged = await threads.deferToThread(self.wait_incoming, destination)
+        await threads.deferToThread(time.sleep, 1.0)  # a second of pre-copy
+        destination.process.kill()
+        os.kill(int((staged / "qemu.pid").read_text()), signal.SIGKILL)
+        result = await running
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["outcome"], "aborted")
+        await threads.deferToThread(watch.wait, 5, 30.0)
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+        self.assertEqual(QemuBackend().status(Bundle.load(bundle.path)), "running")
+
+    def wait_incoming(self, destination: processes.Destination) -> Path:
+        """The staging directory of an arrival whose QEMU waits for the stream."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for staged in (destination.state_dir / "staging").iterdir():
+                if (staged / "qemu.pid").exists():
+                    return staged
+            time.sleep(0.05)
+        raise AssertionError("the destination never started its QEMU")
+
+
+class LiveCrashPointTests(LiveSecureBase):
+    """A process killed (SIGKILL) at each step of the live commit; the
+    source host's daemon (and a restarted destination) settle it.  After
+    that the guest runs on exactly one host, the one the source's journal
+    names, its heartbeat in sequence (never rebooted)."""
+
+    timeout = 180
+
+    def daemon(
+        self, state: Path, *extra: str, env: dict[str, str] | None = None, port: int = 0
+    ) -> processes.Destination:
+        process, bound = processes.start_twistd(
+            "securemig", "--state-dir", str(state), "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--resolve-interval", "0.3", *extra,
+            port_file=state.parent / f"{state.name}.port",
+            log_file=state.parent / f"{state.name}-{time.monotonic_ns()}.log",
+            env=None if env is None else {**os.environ, **env},
+        )  # fmt: skip
+        daemon = processes.Destination(process, bound, state, state.parent / "unused.log")
+        self.addCleanup(daemon.stop)
+        return daemon
+
+    def destination_daemon(
+        self, env: dict[str, str] | None = None, port: int = 0
+    ) -> processes.Destination:
+        state = self.base / "dst"
+        state.mkdir(parents=True, exist_ok=True)
+        return self.daemon(
+            state, "--identity", str(self.dst_id), "--policy-dir", str(self.dst_policy),
+            "--tofu", "--backend", "qemu", env=env, port=port,
+        )  # fmt: skip
+
+    def source_daemon(self) -> processes.Destination:
+        state = self.base / "src-state"
+        state.mkdir(parents=True, exist_ok=True)
+        return self.daemon(state, "--identity", str(self.src_id), "--backend", "qemu")
+
+    async def cell(self, point: str, dies: str) -> str:
+        env = crash_env(point)
+        destination = self.destination_daemon(env if dies == "destination" else None)
+        bundle, watch = self.start_guest()
+        await threads.deferToThread(watch.wait, 3, 120.0)
+        arrived = self.arrived(destination)
+        watch.follow(heartbeat_path(arrived))
+        state = ("--state-dir", str(self.base / "src-state"))
+        result = await threads.deferToThread(
+            self.migrate, destination, "--live", "--tofu", *state,
+            env={**os.environ, **env} if dies == "source" else None,
+        )  # fmt: skip
+        if dies == "source":
+            self.assertEqual(result.returncode, -signal.SIGKILL, result.stderr)
+        else:
+            self.assertNotEqual(result.returncode, 0, result.stdout)
+            await threads.deferToThread(destination.process.wait)
+            destination = self.destination_daemon(port=destination.port)
+        self.source_daemon()
+        record = await threads.deferToThread(self.settle, destination)
+        at_source = bundle.path.exists()
+        at_destination = arrived.path.exists()
+        self.assertNotEqual(at_source, at_destination, "the VM must be on exactly one host")
+        self.assertEqual(at_destination, record.reached("committed"))
+        here = arrived if at_destination else Bundle.load(bundle.path)
+        await threads.deferToThread(watch.wait, 5, 60.0, 1 if at_destination else 0)
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+        self.assertEqual(QemuBackend().status(here), "running")
+        other = bundle if at_destination else arrived
+        self.assertIsNone(QemuBackend()._pid(other) if other.path.exists() else None)
+        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        return "destination" if at_destination else "source"
+
+    def settle(self, destination: processes.Destination) -> Any:
+        """The source's record, once both journals are settled."""
+        deadline = time.monotonic() + 45
+        while True:
+            journal = Journal(self.base / "src-state" / "journal.sqlite")
+            record = journal.records()[0]
+            journal.close()
+            staged = list((destination.state_dir / "staging").iterdir())
+            if record.outcome not in (None, "in-doubt") and record.peer_settled and not staged:
+                return record
+            if time.monotonic() > deadline:
+                raise AssertionError(f"did not settle: {record}")
+            time.sleep(0.2)
+
+    async def test_source_dies_prepared_received(self) -> None:
+        """Its QEMU waits in postmigrate: the source's daemon continues it."""
+        self.assertEqual(await self.cell("source-prepared-received", "source"), "source")
+
+    async def test_source_dies_committed(self) -> None:
+        """COMMITTED, its QEMU still paused here: the daemon ends it, the
+        destination continues its own on RESOLVE (committed)."""
+        self.assertEqual(await self.cell("source-committed", "source"), "destination")
+
+    async def test_destination_dies_prepared(self) -> None:
+        """PREPARED journaled, not sent: the source continues its guest; the
+        restarted destination ends its paused QEMU on RESOLVE (aborted)."""
+        self.assertEqual(await self.cell("destination-prepared", "destination"), "source")
+
+    async def test_destination_dies_commit_journaled(self) -> None:
+        """COMMIT journaled, the guest not continued: the restart rolls it
+        forward, continuing the QEMU that waits loaded and paused."""
+        self.assertEqual(
+            await self.cell("destination-commit-journaled", "destination"), "destination"
+        )
