@@ -153,7 +153,7 @@ class QemuBackend:
     # -- files of a running VM
 
     @staticmethod
-    def _socket(bundle: Bundle, kind: str = "qmp") -> Path:
+    def _socket(bundle: Bundle, kind: str = "qmp", suffix: str = ".sock") -> Path:
         # Unix socket paths are limited to 107 bytes: keep it short, derived
         # from the bundle's path so every command finds it -- the path it
         # had when its QEMU started (SOCKET_ID), so a bundle moved into place
@@ -162,7 +162,7 @@ class QemuBackend:
             digest = (bundle.path / SOCKET_ID).read_text().strip()
         except (FileNotFoundError, NotADirectoryError):
             digest = hashlib.sha256(str(bundle.path.absolute()).encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"securemig-{kind}-{digest}.sock"
+        return Path(tempfile.gettempdir()) / f"securemig-{kind}-{digest}{suffix}"
 
     def monitor(self, bundle: Bundle) -> Deferred[qmp.QMPProtocol]:
         """A QMP connection to the VM's QEMU."""
@@ -197,9 +197,13 @@ class QemuBackend:
             )
         key = self.vtpm_key(bundle)
         socket_path = self._socket(bundle, "vtpm")
+        # swtpm opens its state files by the directory's path each time: it
+        # gets a link that follows the bundle when it moves with the VM
+        # running (a live arrival moved into place).
+        self._point_vtpm_link(bundle)
         try:
             swtpm.start_for_qemu(
-                bundle.path / vtpm.STATE_DIR,
+                self._vtpm_link(bundle),
                 socket_path,
                 self._pidfile(bundle, "swtpm"),
                 key,
@@ -215,6 +219,17 @@ class QemuBackend:
             "-device",
             "tpm-tis,tpmdev=vtpm0",
         ]
+
+    def _vtpm_link(self, bundle: Bundle) -> Path:
+        return self._socket(bundle, "vtpm-state", "")
+
+    def _point_vtpm_link(self, bundle: Bundle) -> None:
+        """(Re)point the vTPM state link at this bundle's vTPM directory."""
+        link = self._vtpm_link(bundle)
+        fresh = link.with_name(link.name + ".new")
+        fresh.unlink(missing_ok=True)
+        fresh.symlink_to((bundle.path / vtpm.STATE_DIR).absolute())
+        os.replace(fresh, link)
 
     def _argv(self, bundle: Bundle, incoming: bool) -> list[str]:
         argv = [
@@ -356,7 +371,10 @@ class QemuBackend:
     async def _resume(self, bundle: Bundle) -> None:
         if self._pid(bundle) is not None:
             # Its QEMU runs already, loaded and paused: a live arrival (or the
-            # source of a live migration that did not commit). Continue it.
+            # source of a live migration that did not commit). Continue it,
+            # its vTPM's state where the bundle now is.
+            if bundle.manifest.vtpm:
+                self._point_vtpm_link(bundle)
             monitor = await self.monitor(bundle)
             await LiveMigration(self, bundle, monitor).cont()
             monitor.transport.loseConnection()  # type: ignore[union-attr,misc]
@@ -412,6 +430,7 @@ class QemuBackend:
         # QEMU leaves its listening socket behind when it exits.
         for kind in ("qmp", "vtpm", "live"):
             self._socket(bundle, kind).unlink(missing_ok=True)
+        self._vtpm_link(bundle).unlink(missing_ok=True)
 
     def _end(self, bundle: Bundle, program: str) -> None:
         pid = self._pid(bundle, program)

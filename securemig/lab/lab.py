@@ -185,9 +185,11 @@ class Lab:
         backend: str = "image",
         shared_disk: Path | None = None,
         source: str = SOURCE,
+        guest_cmdline: str | None = None,
     ) -> Bundle:
         """A VM at ``source``; with ``secure``, a vTPM whose key is sealed to
-        the source's TPM; with ``backend="qemu"``, a QEMU guest, started."""
+        the source's TPM; with ``backend="qemu"``, a QEMU guest, started
+        (the Linux guest with this kernel command line, if one is given)."""
 
         sealed = vtpm = None
         if secure:
@@ -205,6 +207,8 @@ class Lab:
             sealed_vtpm_key=sealed,
             vtpm=vtpm,
             backend=backend,
+            guest="firmware" if guest_cmdline is None else "linux",
+            guest_cmdline=guest_cmdline or "",
         )
         if backend == "qemu":
             started = processes.securemig(

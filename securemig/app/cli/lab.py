@@ -33,6 +33,12 @@ def add_demo_parser(subparsers: Subparsers) -> None:
         default="image",
         help="image: a suspended VM of files (default); qemu: a running QEMU guest",
     )
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="with --backend qemu: a running Linux guest under load, migrated live, "
+        "securely, there and back; its downtime, heartbeat and PCR 16",
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -105,6 +111,10 @@ def add_bench_parser(subparsers: Subparsers) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``securemig demo``: see :mod:`securemig.lab.demo`."""
+    if args.live:
+        if args.backend != "qemu":
+            return usage_error("--live needs --backend qemu (a running guest)")
+        return demo.run_live(as_json=args.json, keep=args.keep)
     return demo.run(size_mib=args.size_mib, as_json=args.json, keep=args.keep, backend=args.backend)
 
 
