@@ -11,7 +11,7 @@ from pathlib import Path
 
 from securemig.app.cli.common import Subparsers, _mib, error, int_list, usage_error
 from securemig.lab import bench, demo
-from securemig.lab.bench import qemu, tpm
+from securemig.lab.bench import live, qemu, tpm
 from securemig.lab.bench.link import LinkError
 from securemig.transport.tls import CIPHERS
 
@@ -56,6 +56,21 @@ def add_bench_parser(subparsers: Subparsers) -> None:
         "--sizes", default="128,256,512,1024", help="comma-separated MiB (default %(default)s)"
     )
     p.add_argument("--repeat", type=int, default=3, help="runs per size (default 3)")
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="instead: a running Linux guest migrated live, alternating securemig's secure "
+        "live migration, QEMU's own TLS migration and QEMU's plain one (--repeat each)",
+    )
+    p.add_argument(
+        "--live-mib", type=int, default=512, help="--live: guest memory (default %(default)s)"
+    )
+    p.add_argument(
+        "--dirty-mib-s",
+        type=int,
+        default=32,
+        help="--live: MiB per second the guest rewrites (default %(default)s)",
+    )
     p.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     p.add_argument(
         "--json",
@@ -127,6 +142,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sizes = int_list(args.sizes, "--sizes", minimum=1)
     if args.qemu:
         return qemu.run(sizes, args.repeat)
+    if args.live:
+        if args.live_mib < 64 or args.dirty_mib_s < 0:
+            return usage_error("--live-mib must be at least 64 and --dirty-mib-s not negative")
+        return live.run(args.live_mib, args.dirty_mib_s, args.repeat, json_path=args.json)
 
     protocols = _items(args.protocols)
     ciphers: tuple[str | None, ...] = _items(args.ciphers) or (None,)
