@@ -123,7 +123,7 @@ class LiveSecureFailureTests(LiveSecureBase):
         destination = self.start_destination("--tofu", "--backend", "qemu")
         bundle, watch = self.start_guest(dirty=16)
         await threads.deferToThread(watch.wait, 3, 120.0)
-        running = threads.deferToThread(self.migrate_live, destination, "--bandwidth-mib", "4")
+        running = threads.deferToThread(self.migrate_live, destination, "--bandwidth", "4")
         staged = await threads.deferToThread(self.wait_incoming, destination)
         await threads.deferToThread(time.sleep, 1.0)  # a second of pre-copy
         destination.process.kill()

@@ -104,12 +104,6 @@ def add_parser(subparsers: Subparsers) -> None:
         "downtime-limit; default %(default)s)",
     )
     mig.add_argument(
-        "--bandwidth-mib",
-        type=int,
-        default=LIVE_MAX_BANDWIDTH >> 20,
-        help="--live: QEMU's bandwidth limit in MiB/s (default %(default)s)",
-    )
-    mig.add_argument(
         "--chunk-kib",
         type=int,
         default=wire.DEFAULT_CHUNK_SIZE // 1024,
@@ -124,7 +118,8 @@ def add_parser(subparsers: Subparsers) -> None:
         "--bandwidth",
         type=_bandwidth,
         metavar="MIB/S",
-        help="send at most this many MiB of images a second (default: no limit)",
+        help="send at most this many MiB of images a second (with --live: QEMU's "
+        "max-bandwidth for its stream; default: no limit)",
     )
     mig.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     mig.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -147,8 +142,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         )
     if args.live and args.insecure:
         return usage_error("--live is secure only: drop --insecure")
-    if args.downtime_ms <= 0 or args.bandwidth_mib <= 0:
-        return usage_error("--downtime-ms and --bandwidth-mib must be positive")
+    if args.downtime_ms <= 0:
+        return usage_error("--downtime-ms must be positive")
     try:
         parse_address(args.to)
         check_vm_name(args.name)
@@ -172,7 +167,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     # Live migration moves RAM only (the disk, if any, stays on shared storage).
     shared = args.shared_storage or args.live
     variant = wire.Variant.SHARED_STORAGE if shared else wire.Variant.FULL
-    live = (args.downtime_ms, args.bandwidth_mib << 20) if args.live else None
+    # --live: --bandwidth is QEMU's max-bandwidth for its stream.
+    limit = int(args.bandwidth * (1 << 20)) if args.bandwidth else LIVE_MAX_BANDWIDTH
+    live = (args.downtime_ms, limit) if args.live else None
     journal = host_journal(args.vm_dir, args.state_dir)
     outcome: dict[str, Any] = {}
     bar = _ProgressBar(f"migrating {args.name}", shown=not args.no_progress)
