@@ -201,17 +201,27 @@ class Journal:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None)
+        # Another process (the daemon and `securemig migrate` share a host's
+        # journal) may hold the write lock for a moment: first, so that even
+        # the switch to WAL waits for it.
+        self._db.execute("PRAGMA busy_timeout=10000")
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a phase the journal reports survives power loss, not just a crash.
         self._db.execute("PRAGMA synchronous=FULL")
-        # Another process (the daemon and `securemig migrate` share a host's
-        # journal) may hold the write lock for a moment.
-        self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(SCHEMA)
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(migrations)")}
-        for column, definition in ADDED_COLUMNS.items():
-            if column not in have:
-                self._db.execute(f"ALTER TABLE migrations ADD COLUMN {column} {definition}")
+        # Under the write lock: processes opening one new journal at once
+        # would otherwise each see a column missing and each add it (the
+        # second fails, "duplicate column name").
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(migrations)")}
+            for column, definition in ADDED_COLUMNS.items():
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE migrations ADD COLUMN {column} {definition}")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         """Fold the write-ahead log into the database file, then close it:
