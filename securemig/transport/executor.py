@@ -46,6 +46,10 @@ class ThreadExecutor:
         """Queue ``fn(*args)`` on the worker thread."""
         return deferToThreadPool(self._reactor, self._pool, fn, *args)  # type: ignore[arg-type]
 
+    def call_from_thread(self, fn: Callable[..., object], *args: Any) -> None:
+        """From the worker: run ``fn(*args)`` on the reactor thread, in order."""
+        self._reactor.callFromThread(fn, *args)  # type: ignore[attr-defined]
+
     def shutdown(self) -> None:
         """Stop the worker after what is queued."""
 
