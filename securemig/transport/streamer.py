@@ -49,9 +49,10 @@ class ImageStreamer:
     a buffer behind its DATA header, seals that into a second buffer and
     sends it on a duplicate of the socket's descriptor, with no copy in
     Python and nothing per byte on the reactor thread, which only counts
-    progress.  The two buffers are reused for every record, and the reads,
-    the AEAD and the sends release the GIL, so the source's two threads
-    run on both cores.  The records are the same bytes either way.
+    progress.  The two buffers are reused for every record (no fresh
+    memory per chunk), and the reads and sends release the GIL, so the
+    source's two threads do not take turns.  The records are the same
+    bytes either way.
     """
 
     #: How many frames may be read ahead of the transport.
