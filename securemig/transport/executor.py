@@ -41,6 +41,7 @@ class ThreadExecutor:
         self._trigger = reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
             "during", "shutdown", self._pool.stop
         )
+        self._shut_down = False
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """Queue ``fn(*args)`` on the worker thread."""
@@ -51,10 +52,16 @@ class ThreadExecutor:
         self._reactor.callFromThread(fn, *args)  # type: ignore[attr-defined]
 
     def shutdown(self) -> None:
-        """Stop the worker after what is queued."""
+        """Stop the worker after what is queued (once, however often asked)."""
+        if self._shut_down:
+            return
+        self._shut_down = True
 
         def stop(_: object) -> None:
-            self._reactor.removeSystemEventTrigger(self._trigger)  # type: ignore[attr-defined]
+            try:
+                self._reactor.removeSystemEventTrigger(self._trigger)  # type: ignore[attr-defined]
+            except ValueError:
+                return  # the reactor's shutdown ran the trigger: the pool is stopped
             self._pool.stop()
 
         self.submit(lambda: None).addBoth(stop)

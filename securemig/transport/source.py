@@ -231,6 +231,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             hashed=self.security is not None,
             bandwidth=self.bandwidth,
             clock=self.clock,
+            send_timeout=self.connection.idle_timeout,
         )
         self.streamer.start()
 

@@ -71,6 +71,7 @@ class ImageStreamer:
         hashed: bool = True,
         bandwidth: float | None = None,
         clock: Any = None,
+        send_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.transport = transport
         #: At most this many image bytes a second (``migrate --bandwidth``),
@@ -85,6 +86,9 @@ class ImageStreamer:
         self.hashed = hashed and sealer is None
         #: Data channel: seals each frame into a record (on the worker thread).
         self.sealer = sealer
+        #: The sending thread waits this long at most for room to send
+        #: (the session's idle timeout).
+        self.send_timeout = send_timeout
         self.images = images
         self.chunk_size = chunk_size
         self.executor = executor
@@ -195,7 +199,7 @@ class ImageStreamer:
             # Non-blocking (shared with Twisted's descriptor): sendall waits
             # for room, at most this long.  A stalled peer stops the
             # progress first, which the session's idle timer notices.
-            sock.settimeout(IDLE_TIMEOUT)
+            sock.settimeout(self.send_timeout)
             for index, (path, size) in enumerate(self.images):
                 send(memoryview(wire.encode(wire.StreamBegin(index))))
                 sent = 0

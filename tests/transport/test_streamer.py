@@ -5,6 +5,7 @@ the very records the reactor-thread path makes, and open."""
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -145,3 +147,30 @@ class SealedSenderTests(TestCase):
         await server.lost
         self.assertFalse(done.called)
         self.assertLess(len(server.data), len(data))
+
+
+class ThreadExecutorTests(TestCase):
+    async def settle(self) -> None:
+        await deferLater(reactor, 0.2, lambda: None)
+        gc.collect()  # an unhandled failure is logged when its Deferred goes
+
+    async def test_shutdown_twice(self) -> None:
+        """Asked twice, the executor stops its pool once and logs no error
+        (a second removal of its shutdown trigger raises ValueError)."""
+        executor = ThreadExecutor(reactor)  # type: ignore[arg-type]
+        executor.shutdown()
+        executor.shutdown()
+        await self.settle()
+        self.assertFalse(executor._pool.started)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_shutdown_as_the_reactor_shuts_down(self) -> None:
+        """The reactor's shutdown trigger ran (and stopped the pool) before
+        the executor's own stop: that is no error either."""
+        executor = ThreadExecutor(reactor)  # type: ignore[arg-type]
+        executor.shutdown()
+        # What firing the "during shutdown" trigger does.
+        reactor.removeSystemEventTrigger(executor._trigger)
+        executor._pool.stop()
+        await self.settle()
+        self.assertEqual(self.flushLoggedErrors(), [])
