@@ -324,6 +324,8 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
                 channel.done = channel.cutting = True
 
                 def cut(_: object) -> None:
+                    if self.streamer is not None:
+                        self.streamer.cut()
                     if channel.connected:
                         channel.out.abortConnection()
 

@@ -52,7 +52,8 @@ class ImageStreamer:
     progress.  The two buffers are reused for every record (no fresh
     memory per chunk), and the reads and sends release the GIL, so the
     source's two threads do not take turns.  The records are the same
-    bytes either way.
+    bytes either way.  With a ``bandwidth`` limit the reactor's timers pace
+    the frames, so that path is taken instead.
     """
 
     #: How many frames may be read ahead of the transport.
@@ -142,10 +143,9 @@ class ImageStreamer:
             if self._pacing is not None and self._pacing.active():
                 self._pacing.cancel()
             if self._socket is not None:
-                # Wake the sending thread from its send (the duplicate
-                # keeps the socket open after Twisted closes its own).
-                with contextlib.suppress(OSError):
-                    self._socket.shutdown(socket.SHUT_RDWR)
+                # The sending thread stops after the record it is sending
+                # (whole records only); the connection stays open until the
+                # caller cuts it (:meth:`cut`).
                 self.executor.shutdown()
                 return
             self._ready.clear()
@@ -153,6 +153,15 @@ class ImageStreamer:
             # Close the generator (and its open file) on the thread that runs it.
             self.executor.submit(self._frames_left.close)
             self.executor.shutdown()
+
+    def cut(self) -> None:
+        """The data channel is being cut: end the sending thread's send at
+        once (its duplicate descriptor would keep the socket open, and the
+        thread waiting for room, after Twisted closed its own)."""
+        self.stopped = True
+        if self._socket is not None:
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RDWR)
 
     def _frames(self) -> Generator[Frame, None, None]:
         """Each frame to send: buffers for writeSequence, the image bytes in it,

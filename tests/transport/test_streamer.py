@@ -131,10 +131,11 @@ class SealedSenderTests(TestCase):
         self.assertFalse(opener.ended)
         self.assertEqual(opener.sequence, 3)  # STREAM_BEGIN and two DATA
 
-    async def test_stop_ends_the_sending_thread(self) -> None:
-        """Stopped mid-stream (an abort), the thread stops sending and the
-        peer sees the connection end without END, though the duplicate
-        descriptor would have kept it open."""
+    async def test_stop_leaves_the_channel_open_for_the_cut(self) -> None:
+        """Stopped mid-stream (an abort), the thread stops after whole
+        records and leaves the connection open (the destination must learn
+        why from ABORT on the control connection first); the cut ends it,
+        without END."""
         key = os.urandom(16)
         server, client = await self.connected()
         data = os.urandom(256 * CHUNK)
@@ -143,10 +144,44 @@ class SealedSenderTests(TestCase):
         )
         streamer.start()
         streamer.stopProducing()
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(server.lost.called, "the channel was cut before the caller cut it")
+        self.assertLess(len(server.data), len(data))
+        streamer.cut()
         client.transport.abortConnection()
         await server.lost
         self.assertFalse(done.called)
-        self.assertLess(len(server.data), len(data))
+        opener = records.Opener(CIPHER, key, MID, records.max_plaintext(CHUNK))
+        opener.feed(bytes(server.data))
+        while opener.next_record() is not None:  # whole records, all authentic
+            pass
+        self.assertEqual(opener.buffered, 0)
+        self.assertFalse(opener.ended)
+
+    async def test_cut_wakes_a_blocked_send(self) -> None:
+        """A peer that stopped reading leaves the thread waiting for room
+        to send; stopping alone cannot end that, the cut does at once."""
+        key = os.urandom(16)
+        server, client = await self.connected()
+        server.transport.pauseProducing()  # reads nothing: the send blocks
+        data = os.urandom(1024 * CHUNK)
+        streamer, done, _ = self.streamer(
+            client.transport, [(self.image("a", data), len(data))], key
+        )
+        streamer.start()
+        await deferLater(reactor, 0.3, lambda: None)
+        streamer.stopProducing()
+        await deferLater(reactor, 0.3, lambda: None)
+        sock = streamer._socket
+        assert sock is not None
+        self.assertNotEqual(sock.fileno(), -1, "the thread ended without the cut")
+        streamer.cut()
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(sock.fileno(), -1, "the cut did not end the thread")
+        client.transport.abortConnection()
+        server.transport.resumeProducing()
+        await server.lost
+        self.assertFalse(done.called)
 
 
 class ThreadExecutorTests(TestCase):
