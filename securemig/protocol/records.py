@@ -113,6 +113,25 @@ class Sealer(_Channel):
         self.sequence += 1
         return [RECORD_HEADER.pack(kind, len(sealed)), sealed]
 
+    def seal_into(self, plain: memoryview, out: memoryview, kind: Kind = Kind.FRAMES) -> int:
+        """Seal ``plain`` as one record into ``out``, allocating nothing: the
+        same bytes as :meth:`seal`, header first.  ``out`` holds at least
+        ``RECORD_HEADER.size + len(plain) + TAG`` bytes and is not ``plain``;
+        returns the record's length."""
+        if self.sequence >= 1 << 64:
+            raise ProtocolError(ErrorCode.INTERNAL, "data channel sequence exhausted")
+        length = len(plain) + TAG
+        RECORD_HEADER.pack_into(out, 0, kind, length)
+        end = RECORD_HEADER.size + length
+        self.aead.encrypt_into(
+            _nonce(self.sequence),
+            plain,
+            _ad(self.migration_id, kind, self.sequence),
+            out[RECORD_HEADER.size : end],
+        )
+        self.sequence += 1
+        return end
+
     def end(self) -> list[bytes]:
         """The END record: nothing may follow it."""
         return self.seal([b""], Kind.END)

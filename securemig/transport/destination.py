@@ -22,8 +22,10 @@ Data path, and why it looks like this:
   source and memory is bounded by the window, not by the image.
 - Secure variant: the images go on a data channel of their own
   (:class:`DataChannelSender` → :class:`DataChannelReceiver`), sealed into
-  AEAD records by :mod:`securemig.protocol.records` on the source's reader thread;
-  Twisted's TLS would cost a Python round trip per 16 KiB record.  The
+  AEAD records by :mod:`securemig.protocol.records` on the source's worker
+  thread, which also sends them (on a duplicate of the socket's descriptor,
+  from buffers it reuses); Twisted's TLS would cost a Python round trip per
+  16 KiB record.  The
   destination opens records on the reactor thread
   (:class:`~securemig.protocol.channels.DataChannelReader`) and hands their
   frames to the same session as if they had come on the control connection.

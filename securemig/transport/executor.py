@@ -41,16 +41,27 @@ class ThreadExecutor:
         self._trigger = reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
             "during", "shutdown", self._pool.stop
         )
+        self._shut_down = False
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """Queue ``fn(*args)`` on the worker thread."""
         return deferToThreadPool(self._reactor, self._pool, fn, *args)  # type: ignore[arg-type]
 
+    def call_from_thread(self, fn: Callable[..., object], *args: Any) -> None:
+        """From the worker: run ``fn(*args)`` on the reactor thread, in order."""
+        self._reactor.callFromThread(fn, *args)  # type: ignore[attr-defined]
+
     def shutdown(self) -> None:
-        """Stop the worker after what is queued."""
+        """Stop the worker after what is queued (once, however often asked)."""
+        if self._shut_down:
+            return
+        self._shut_down = True
 
         def stop(_: object) -> None:
-            self._reactor.removeSystemEventTrigger(self._trigger)  # type: ignore[attr-defined]
+            try:
+                self._reactor.removeSystemEventTrigger(self._trigger)  # type: ignore[attr-defined]
+            except ValueError:
+                return  # the reactor's shutdown ran the trigger: the pool is stopped
             self._pool.stop()
 
         self.submit(lambda: None).addBoth(stop)

@@ -231,6 +231,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             hashed=self.security is not None,
             bandwidth=self.bandwidth,
             clock=self.clock,
+            send_timeout=self.connection.idle_timeout,
         )
         self.streamer.start()
 
@@ -323,6 +324,8 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
                 channel.done = channel.cutting = True
 
                 def cut(_: object) -> None:
+                    if self.streamer is not None:
+                        self.streamer.cut()
                     if channel.connected:
                         channel.out.abortConnection()
 

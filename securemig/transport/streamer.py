@@ -4,7 +4,9 @@ The source's image streamer: a push producer of stream frames (or records).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import socket
 from collections import deque
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -15,13 +17,19 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securemig import crashpoint
-from securemig.protocol import wire
+from securemig.protocol import records, wire
+from securemig.protocol.connection import IDLE_TIMEOUT
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.transport.control import failure_to_error
-from securemig.transport.executor import Executor
+from securemig.transport.executor import Executor, ThreadExecutor
+from securemig.transport.tcp import dup_socket
 
 #: A frame to send: buffers for writeSequence, image bytes in it, ends a stream.
 Frame = tuple[list[bytes], int, bool]
+
+
+class _SendFailed(Exception):
+    """The data channel's socket refused a send (the connection is gone)."""
 
 
 @implementer(interfaces.IPushProducer)
@@ -35,6 +43,17 @@ class ImageStreamer:
     is a single thread), so the SHA-256 that ends a stream is of exactly the
     bytes read for it.  ``images`` is a list of ``(path, size)`` in manifest
     order.
+
+    On the data channel over TCP (a ``sealer`` and a real socket) the worker
+    does it all instead, in :meth:`_send_sealed`: it reads each chunk into
+    a buffer behind its DATA header, seals that into a second buffer and
+    sends it on a duplicate of the socket's descriptor, with no copy in
+    Python and nothing per byte on the reactor thread, which only counts
+    progress.  The two buffers are reused for every record (no fresh
+    memory per chunk), and the reads and sends release the GIL, so the
+    source's two threads do not take turns.  The records are the same
+    bytes either way.  With a ``bandwidth`` limit the reactor's timers pace
+    the frames, so that path is taken instead.
     """
 
     #: How many frames may be read ahead of the transport.
@@ -53,6 +72,7 @@ class ImageStreamer:
         hashed: bool = True,
         bandwidth: float | None = None,
         clock: Any = None,
+        send_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.transport = transport
         #: At most this many image bytes a second (``migrate --bandwidth``),
@@ -67,6 +87,9 @@ class ImageStreamer:
         self.hashed = hashed and sealer is None
         #: Data channel: seals each frame into a record (on the worker thread).
         self.sealer = sealer
+        #: The sending thread waits this long at most for room to send
+        #: (the session's idle timeout).
+        self.send_timeout = send_timeout
         self.images = images
         self.chunk_size = chunk_size
         self.executor = executor
@@ -83,9 +106,24 @@ class ImageStreamer:
         self._in_flight = 0
         self._eof = False
         self._requesting = False
+        #: The sending thread's socket (data channel over TCP), else None.
+        self._socket: socket.socket | None = None
 
     def start(self) -> None:
-        """Register with the transport and begin reading ahead."""
+        """Register with the transport and begin reading ahead; on the data
+        channel over TCP, start the sending thread instead."""
+        # Paced (--bandwidth): the reactor's timers pace the frames instead.
+        if (
+            self.sealer is not None
+            and self.bandwidth is None
+            and isinstance(self.executor, ThreadExecutor)
+        ):
+            self._socket = dup_socket(self.transport)
+        if self._socket is not None:
+            self.executor.submit(self._send_sealed, self._socket).addCallbacks(
+                self._sent, self._send_failed
+            )
+            return
         self.transport.registerProducer(self, True)
         self._request()
 
@@ -104,11 +142,26 @@ class ImageStreamer:
             self.stopped = True
             if self._pacing is not None and self._pacing.active():
                 self._pacing.cancel()
+            if self._socket is not None:
+                # The sending thread stops after the record it is sending
+                # (whole records only); the connection stays open until the
+                # caller cuts it (:meth:`cut`).
+                self.executor.shutdown()
+                return
             self._ready.clear()
             self.transport.unregisterProducer()
             # Close the generator (and its open file) on the thread that runs it.
             self.executor.submit(self._frames_left.close)
             self.executor.shutdown()
+
+    def cut(self) -> None:
+        """The data channel is being cut: end the sending thread's send at
+        once (its duplicate descriptor would keep the socket open, and the
+        thread waiting for room, after Twisted closed its own)."""
+        self.stopped = True
+        if self._socket is not None:
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RDWR)
 
     def _frames(self) -> Generator[Frame, None, None]:
         """Each frame to send: buffers for writeSequence, the image bytes in it,
@@ -133,6 +186,76 @@ class ImageStreamer:
                 raise ProtocolError(ErrorCode.IO_ERROR, f"{path} shrank during the migration")
             end = wire.StreamEnd(wire.UNHASHED if digest is None else digest.digest())
             yield [wire.encode(end)], 0, True
+
+    def _send_sealed(self, sock: socket.socket) -> None:
+        """The sending thread of the data channel: every stream, sealed into
+        the same records :meth:`_records` makes, then the END record."""
+        assert isinstance(self.executor, ThreadExecutor)
+        call = self.executor.call_from_thread
+        header = wire.HEADER.size
+        frame = memoryview(bytearray(header + self.chunk_size))
+        record = memoryview(bytearray(records.max_record(self.chunk_size)))
+        chunk = frame[header:]
+
+        def send(plain: memoryview, kind: records.Kind = records.Kind.FRAMES) -> None:
+            n = self.sealer.seal_into(plain, record, kind)
+            try:
+                sock.sendall(record[:n])
+            except OSError as e:
+                raise _SendFailed(str(e)) from None
+
+        try:
+            # Non-blocking (shared with Twisted's descriptor): sendall waits
+            # for room, at most this long.  A stalled peer stops the
+            # progress first, which the session's idle timer notices.
+            sock.settimeout(self.send_timeout)
+            for index, (path, size) in enumerate(self.images):
+                send(memoryview(wire.encode(wire.StreamBegin(index))))
+                sent = 0
+                with open(path, "rb", buffering=0) as f:
+                    while not self.stopped and (n := f.readinto(chunk)):
+                        sent += n
+                        if sent > size:
+                            raise ProtocolError(
+                                ErrorCode.IO_ERROR, f"{path} grew during the migration"
+                            )
+                        frame[:header] = wire.data_header(n)
+                        send(frame[: header + n])
+                        call(self._sent_chunk, n)
+                if self.stopped:
+                    return
+                if sent != size:
+                    raise ProtocolError(ErrorCode.IO_ERROR, f"{path} shrank during the migration")
+                send(memoryview(wire.encode(wire.StreamEnd(wire.UNHASHED))))
+            send(memoryview(b""), records.Kind.END)
+        finally:
+            sock.close()
+
+    def _sent_chunk(self, n: int) -> None:
+        if not self.stopped:
+            self.on_progress(n)
+            crashpoint.reached("source-streaming")
+
+    def _sent(self, _: object) -> None:
+        # Every record is in the kernel's send buffer: the peer may answer
+        # PREPARED now.  Twisted's descriptor stays open, to close gracefully.
+        if not self.stopped:
+            self.stopped = True
+            self.executor.shutdown()
+            self.on_done()
+
+    def _send_failed(self, failure: Failure) -> None:
+        if self.stopped:
+            return
+        if failure.check(_SendFailed):
+            # The connection is gone: its loss (and the destination's ABORT,
+            # which may follow on the control connection) is what Twisted's
+            # side reports; abort it, so it is reported at once.
+            self.stopProducing()
+            self.transport.abortConnection()
+            return
+        self.stopProducing()
+        self.on_error(failure_to_error(failure, "reading an image"))
 
     def _records(self, frames: Generator[Frame, None, None]) -> Generator[Frame, None, None]:
         """The frames sealed into data channel records, one frame per record,

@@ -5,9 +5,11 @@ TCP tuning and accounting under Twisted's transports (TLS or not).
 from __future__ import annotations
 
 import random
+import socket
 import sys
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.error import CannotListenError
 
 from securemig.protocol.errors import ErrorCode, LocalFault
@@ -55,12 +57,21 @@ def tune_transport(transport: Any) -> None:
             candidate.SEND_LIMIT = TRANSPORT_IO_SIZE
 
 
+def dup_socket(transport: Any) -> socket.socket | None:
+    """A second descriptor of a plain TCP transport's socket, for a thread
+    that sends on it while Twisted keeps the connection (its reads, its
+    close); None for any other transport (TLS, iosim).  The duplicate shares
+    the socket's non-blocking mode, so give it a timeout, not blocking."""
+    if not isinstance(transport, tcp.Connection) or not transport.connected:
+        return None
+    handle = transport.getHandle()
+    return handle.dup() if isinstance(handle, socket.socket) else None
+
+
 def tcp_bytes_acked(transport: Any) -> int | None:
     """Bytes this TCP connection sent that the peer acknowledged (Linux
     ``TCP_INFO`` ``tcpi_bytes_acked``), under TLS too: what crossed the
     wire, TLS records and all, without retransmissions.  None elsewhere."""
-    import socket
-
     for candidate in _with_tcp(transport):
         try:
             # A closed Twisted TCP transport has no socket any more.

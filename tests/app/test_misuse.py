@@ -286,6 +286,12 @@ ROWS = [
     Row("bench_sizes_not_numbers", lambda s: ["bench", "--sizes", "abc"], 2, "--sizes takes"),
     Row("bench_unknown_variant", lambda s: ["bench", "--variants", "half"], 2, "--variants takes"),
     Row(
+        "bench_concurrency_zero",
+        lambda s: ["bench", "--concurrency", "0"],
+        2,
+        "--concurrency takes 1 to",
+    ),
+    Row(
         "bench_repeat_zero",
         lambda s: ["bench", "--repeat", "0"],
         2,

@@ -85,3 +85,86 @@ class ReportTests(SynchronousTestCase):
         self.assertIn("| 256 | secure | 0.81 | 1.00 |", text)
         self.assertIn("| 256 | insecure | 1.56 | 1.94 |", text)
         self.assertIn("secure ≥ 1.3 x ssh aes128-gcm, 256 MiB (whole-process time) | 0.81 x", text)
+
+
+class ConcurrencyTableTests(SynchronousTestCase):
+    def together(self) -> dict[str, Any]:
+        r = record("secure", 256, 4.2)
+        r.update(
+            concurrency=4,
+            per_migration_s=[3.0, 3.5, 4.0, 4.2],
+            cpu_s={"source": 4.0, "destination": 2.0},
+        )
+        return r
+
+    def test_against_one_alone(self) -> None:
+        """Four at once against the median of one alone (3.1 s): aggregate
+        MiB/s of all four, each one's time over the one alone, CPU per GiB
+        of all the bytes the four moved."""
+        text = report.report([*RECORDS, self.together()])
+        self.assertIn("## Migrations at once", text)
+        # 4 x 256 MiB in 4.2 s: 244 MiB/s; alone 256 / 3.1 = 83; each 3.75 s / 3.1.
+        self.assertIn(
+            "| 256 | 4 x secure | 4.200 (4.200-4.200) | 3.750 (3.000-4.200) | 3.100 "
+            "| 1.21 | 244 | 83 | 2.95 | 4.00 | 2.00 | 6.00 |",
+            text,
+        )
+
+    def test_kept_out_of_the_single_tables(self) -> None:
+        """Runs at once are not runs alone: not a series of the main table,
+        the ratios or the targets."""
+        records = [*RECORDS, self.together()]
+        self.assertEqual(report.protocols_of(records), report.protocols_of(RECORDS))
+        self.assertEqual(report.series(records[-1]), "secure x4")
+        self.assertEqual(report.targets(records), report.targets(RECORDS))
+        self.assertEqual(report.concurrency_table(RECORDS), [])
+
+
+class ThesisTableTests(SynchronousTestCase):
+    def test_our_numbers_beside_the_thesis(self) -> None:
+        """Client and server CPU per size, disk image and cipher; secure /
+        insecure beside it; the thesis's 1024 MB numbers where we have them,
+        and "not in the repository" where we do not (never invented)."""
+        records = [
+            *RECORDS,
+            record("insecure", 1024, 4.0),
+            record("secure", 1024, 5.0),
+        ]
+        records[-1]["cipher"] = "TLS_AES_128_GCM_SHA256"
+        text = "\n".join(report.thesis_table(records))
+        # 256 MiB: medians 1.6 s (0.8 + 0.8 CPU) and 3.1 s (1.55 + 1.55).
+        self.assertIn(
+            "| 256 | 0 | insecure | none | 0.80 | 0.80 | - | - "
+            "| not in the repository | not in the repository | - |",
+            text,
+        )
+        self.assertIn(
+            "| 256 | 0 | secure | default (OpenSSL's choice) | 1.55 | 1.55 | 1.94 | 1.94 |", text
+        )
+        self.assertIn("| 1024 | 0 | insecure | none | 2.00 | 2.00 | - | - | 13.1 | 18.3 |", text)
+        self.assertIn(
+            "| 1024 | 0 | secure | TLS_AES_128_GCM_SHA256 | 2.50 | 2.50 | 1.25 | 1.25 "
+            "| 25.8 | 36.5 | time ~1.10 (above 512 MB), CPU 1.98",
+            text,
+        )
+
+    def test_disk_image_rows_apart(self) -> None:
+        """With a disk image the rows are their own, compared with the twin
+        that moved the same disk, and the thesis's numbers are not claimed."""
+        with_disk = [record("insecure", 1024, 6.0), record("secure", 1024, 9.0)]
+        for r in with_disk:
+            r["disk_mib"] = 64
+        text = "\n".join(
+            report.thesis_table(
+                [record("insecure", 1024, 4.0), record("secure", 1024, 5.0), *with_disk]
+            )
+        )
+        self.assertIn(
+            "| 1024 | 64 | secure | default (OpenSSL's choice) | 4.50 | 4.50 | 1.50 | 1.50 "
+            "| not in the repository |",
+            text,
+        )
+        self.assertIn(
+            "| 1024 | 0 | secure | default (OpenSSL's choice) | 2.50 | 2.50 | 1.25 | 1.25 | 25.8 |",
+            text,
+        )

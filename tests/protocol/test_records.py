@@ -69,6 +69,30 @@ class RecordTests(TestCase):
             self.assertTrue(opener.ended)
             opener.closed()  # ended properly: no error
 
+    def test_seal_into_is_seal(self) -> None:
+        """Sealing into a reused buffer gives the very bytes of :meth:`Sealer.seal`
+        (the records on the wire do not change), for every cipher and kind, and
+        writes nothing past the record."""
+        for cipher in AEADS:
+            key = os.urandom(records.key_length(cipher))
+            a, b = Sealer(cipher, key, MID), Sealer(cipher, key, MID)
+            out = bytearray(b"\xee" * records.max_record(CHUNK))
+            for plain, kind in [*((f, Kind.FRAMES) for f in frames()), (b"", Kind.END)]:
+                n = b.seal_into(memoryview(plain), memoryview(out), kind)
+                self.assertEqual(bytes(out[:n]), b"".join(a.seal([plain], kind)))
+                self.assertEqual(n, records.RECORD_HEADER.size + len(plain) + records.TAG)
+                self.assertEqual(out[n:], b"\xee" * (len(out) - n))
+                out[:] = b"\xee" * len(out)
+            self.assertEqual(a.sequence, b.sequence)
+
+    def test_seal_into_a_short_buffer_refused(self) -> None:
+        """A buffer without room for the tag is refused, not overrun."""
+        sealer = pair()[0]
+        plain = frames()[1]
+        out = bytearray(records.RECORD_HEADER.size + len(plain) + records.TAG - 1)
+        with self.assertRaises(ValueError):
+            sealer.seal_into(memoryview(plain), memoryview(out))
+
     def test_one_byte_at_a_time(self) -> None:
         sealer, opener = pair()
         plain = frames()

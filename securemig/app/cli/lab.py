@@ -42,6 +42,11 @@ def add_demo_parser(subparsers: Subparsers) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+#: The most ``--concurrency`` takes: each migration is a process and a VM
+#: of each size on disk at both ends.
+MAX_CONCURRENCY = 64
+
+
 def add_bench_parser(subparsers: Subparsers) -> None:
     """Register ``securemig bench``."""
     p = subparsers.add_parser(
@@ -112,6 +117,14 @@ def add_bench_parser(subparsers: Subparsers) -> None:
         "(images inside TLS, as before the data channel); default %(default)s",
     )
     p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="also N secure migrations of distinct VMs at once into one destination, "
+        "per size and repeat: aggregate throughput and per-migration time against one "
+        "alone (default 1: none)",
+    )
+    p.add_argument(
         "--qemu",
         action="store_true",
         help="instead: time suspend and resume of real QEMU guests of --sizes MiB",
@@ -137,6 +150,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """``securemig bench``: see :mod:`securemig.lab.bench`."""
     if args.repeat <= 0:
         return usage_error("--repeat must be a positive number")
+    if not 1 <= args.concurrency <= MAX_CONCURRENCY:
+        return usage_error(f"--concurrency takes 1 to {MAX_CONCURRENCY}")
     if args.tpm:
         return tpm.run(repeat=args.repeat)
     sizes = int_list(args.sizes, "--sizes", minimum=1)
@@ -176,6 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             variants=variants,
             disk_mib=args.disk_mib,
             link_mbit=args.link_mbit,
+            concurrency=args.concurrency,
         )
     except LinkError as e:
         return error(str(e))

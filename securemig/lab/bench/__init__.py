@@ -16,7 +16,10 @@ destination per run.  For each size, variant and repeat, in one run:
 - ``secure``: mutual TLS 1.3, attestation both ways, key release, images
   on the data channel (per ``--ciphers``, ``secure-CIPHER``);
 - ``secure-tls`` (on request): the same with the images inside TLS, as
-  before the data channel existed.
+  before the data channel existed;
+- with ``--concurrency N``, also ``secure xN``: N secure migrations of
+  distinct VMs at once into one destination (:func:`_concurrent_migrations`),
+  against one alone.
 
 Each run records wall time per phase (from the source's journal) and in
 total, CPU seconds (user + system) and peak RSS of each process, bytes
@@ -35,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ from securemig.hypervisor.bundle import create_image_vm
 from securemig.lab import processes
 from securemig.lab.bench.link import Link
 from securemig.lab.bench.report import (
+    concurrency_table,
     cpu_per_gib,
     insecure_twin,
     protocols_of,
@@ -191,6 +196,9 @@ def _summarise(records: list[dict[str, Any]]) -> list[str]:
             twin = insecure_twin(p)
             if p.startswith("secure") and twin in medians:
                 lines.append(f"{size:>5}M {p} / {twin}: {medians[p] / medians[twin]:.2f}")
+    together = concurrency_table(records)
+    if together:
+        lines += ["migrations at once:", *together]
     return lines
 
 
@@ -232,6 +240,51 @@ def _lab_migration(
     return record
 
 
+def _concurrent_migrations(
+    lab: Any, names: list[str], size: int, protocol: str, cipher: str | None
+) -> dict[str, Any]:
+    """``len(names)`` migrations at once, each its own ``securemig migrate``
+    process, into one fresh destination process: the wall time until the
+    last ended, each one's own time, the CPU of all sources together and of
+    the destination."""
+    secure = protocol != "insecure"
+    for name in names:
+        _warm(lab.vm_dir / name)
+    destination = lab.start_destination(keep=False, cipher=cipher)
+
+    def one(name: str) -> tuple[float, Any, Any]:
+        started = time.monotonic()
+        summary, usage = lab.migrate(destination, name, secure=secure)
+        return time.monotonic() - started, summary, usage
+
+    try:
+        started = time.monotonic()
+        with ThreadPoolExecutor(len(names)) as pool:
+            results = list(pool.map(one, names))
+        total = time.monotonic() - started
+    finally:
+        dst_usage = destination.stop()
+    for name in names:
+        lab.return_vm(destination, name)
+    sources = processes.Rusage(
+        sum(u.cpu_s for _, _, u in results),
+        max(summary["peak_rss_mib"] for _, summary, _ in results),
+        0,
+    )
+    label = f"{protocol}-{cipher}" if cipher else protocol
+    record = _record(label, size, total, {}, sources, dst_usage)
+    moved = sum(summary["bytes"] for _, summary, _ in results)
+    record.update(
+        cipher=cipher if secure else None,
+        concurrency=len(names),
+        per_migration_s=[round(t, 4) for t, _, _ in results],
+        bytes=moved,
+        wire_bytes=None,
+        throughput_mibps=round(moved / (1 << 20) / total, 1),
+    )
+    return record
+
+
 #: What ``--protocols`` may name besides the plain copy.
 PROTOCOLS = ("insecure", "secure", "secure-tls")
 VARIANTS = ("full", "shared-storage")
@@ -248,10 +301,12 @@ def run(
     variants: tuple[str, ...] = ("full",),
     disk_mib: int = 0,
     link_mbit: int | None = None,
+    concurrency: int = 1,
 ) -> int:
     """Run the benchmark and print its table; with ``json_path`` write the
     records there and the CSV, report and plots beside it (with ``out``, in
-    that directory).  Returns an exit status."""
+    that directory); with ``concurrency`` above 1, also that many secure
+    migrations at once per size and repeat.  Returns an exit status."""
 
     # Where the outputs go must exist before an hour of measuring, not after.
     for directory in (out, json_path.parent if json_path else None):
@@ -282,8 +337,11 @@ def run(
             file=sys.stderr,
         )
         per_variant = sum(len(ciphers) if p.startswith("secure") else 1 for p in protocols)
+        concurrent = concurrency > 1
         progress = tqdm(
-            total=len(sizes) * repeat * (1 + len(SSH_CIPHERS) + len(variants) * per_variant),
+            total=len(sizes)
+            * repeat
+            * (1 + len(SSH_CIPHERS) + len(variants) * per_variant + concurrent),
             unit="run",
             desc="bench",
             file=sys.stderr,
@@ -319,6 +377,14 @@ def run(
                                 _lab_migration, lab, name, size << 20, protocol, cipher, variant
                             )
                         )
+            if concurrent:
+                together = [f"bench-{size}-c{i}" for i in range(concurrency)]
+                for name in together:
+                    lab.create_vm(name, size, disk_mib or None, secure=True)
+                names += together
+                steps.append(
+                    partial(_concurrent_migrations, lab, together, size << 20, "secure", None)
+                )
             for i in range(repeat):
                 for step in steps:  # alternate, so noise hurts every protocol alike
                     record = step()
@@ -326,7 +392,7 @@ def run(
                     records.append(record)
                     progress.update(1)
                     progress.write(
-                        f"  {size} MiB run {i + 1}/{repeat} {record['protocol']:<16} "
+                        f"  {size} MiB run {i + 1}/{repeat} {series(record):<16} "
                         f"{record['variant']:<14} {record['total_s']:.3f} s",
                         file=sys.stderr,
                     )
@@ -347,6 +413,9 @@ def run(
         shutil.rmtree(work, ignore_errors=True)
     for record in records:
         record["link_mbit"] = link_mbit
+        # The disk image that travelled (none on shared storage).
+        moved_disk = record["protocol"] not in ("plain-copy", "idle-destination", *SSH_CIPHERS)
+        record["disk_mib"] = disk_mib if moved_disk and record["variant"] == "full" else 0
 
     if json_path is not None:
         json_path.write_text(json.dumps(records, indent=2))
