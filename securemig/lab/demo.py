@@ -107,21 +107,7 @@ def run(
             "both ways, key release"
         )
         secure, _ = lab.migrate(destination, "demo-vm", secure=True)
-        attested = {
-            f"{SOURCE} saw {DESTINATION}": _attested(work / SOURCE, DESTINATION),
-            f"{DESTINATION} saw {SOURCE}": _attested(work / DESTINATION, SOURCE),
-        }
-        for who, seen in attested.items():
-            say(
-                f"   {who}: AK {seen['ak']}, PCRs "
-                + ", ".join(f"{i}={v[:12]}…" for i, v in seen["pcrs"].items())
-                + (
-                    "  (recorded on first use: trust on first use, nobody checked them; a "
-                    "site records golden values with `securemig policy record`)"
-                    if seen["first_use"]
-                    else ""
-                )
-            )
+        attested = _say_attested(say, work, tofu_note=True)
         there = Bundle.load(destination.state_dir / "vms" / "demo-vm")
         with open_attestor(work / DESTINATION, None, False) as dest:
             released = dest.unseal(there.vtpm_key_path.read_bytes())
@@ -196,6 +182,29 @@ def run(
             say(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _say_attested(
+    say: Callable[..., None], work: Path, tofu_note: bool
+) -> dict[str, dict[str, Any]]:
+    """Say what each side attested of the other (AK, PCR values), marking
+    values trusted on first use when ``tofu_note``; returns them."""
+    attested = {
+        f"{SOURCE} saw {DESTINATION}": _attested(work / SOURCE, DESTINATION),
+        f"{DESTINATION} saw {SOURCE}": _attested(work / DESTINATION, SOURCE),
+    }
+    for who, seen in attested.items():
+        say(
+            f"   {who}: AK {seen['ak']}, PCRs "
+            + ", ".join(f"{i}={v[:12]}…" for i, v in seen["pcrs"].items())
+            + (
+                "  (recorded on first use: trust on first use, nobody checked them; a "
+                "site records golden values with `securemig policy record`)"
+                if tofu_note and seen["first_use"]
+                else ""
+            )
+        )
+    return attested
 
 
 def _attested(identity: Path, peer: str) -> dict[str, Any]:
@@ -314,15 +323,7 @@ def run_live(as_json: bool = False, keep: bool = False) -> int:
                 f"(now {last.seq}), PCR 16 "
                 f"{'the same' if summary['guest_vtpm_preserved'] else 'CHANGED'}"
             )
-        attested = {
-            f"{SOURCE} saw {DESTINATION}": _attested(work / SOURCE, DESTINATION),
-            f"{DESTINATION} saw {SOURCE}": _attested(work / DESTINATION, SOURCE),
-        }
-        for who, seen in attested.items():
-            say(
-                f"   {who}: AK {seen['ak']}, PCRs "
-                + ", ".join(f"{i}={v[:12]}…" for i, v in seen["pcrs"].items())
-            )
+        attested = _say_attested(say, work, tofu_note=False)
         at_home = Bundle.load(back)
         checks = {
             "mode_live": all(m["mode"] == "live" for m in moves),

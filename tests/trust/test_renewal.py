@@ -78,6 +78,26 @@ class LabBase(TestCase):
             *extra,
         )
 
+    def source_init_args(self) -> list[str]:
+        """`securemig host init` of the source host, as the lab made it
+        (its TPM, site CA and privacy CA)."""
+        return [
+            "host",
+            "init",
+            "--dir",
+            str(self.work / SOURCE),
+            "--name",
+            SOURCE,
+            "--tpm",
+            json.loads((self.work / SOURCE / "host.json").read_text())["tpm"],
+            "--site-ca",
+            str(self.work / "site-ca"),
+            "--pca",
+            self.pca_url,
+            "--pca-ca",
+            str(self.work / "pca" / "ca.pem"),
+        ]
+
     def round_trip(self) -> tuple[str, str]:
         """vm1 to dest-b and back; the two sources' stderr."""
         out = self.migrate(SOURCE, DESTINATION)
@@ -143,22 +163,7 @@ class RenewalTests(LabBase):
         """`host init` again on an initialised host: refused; with --force,
         a new identity (new AK) that peers accept; the old one aside."""
         self.round_trip()
-        args = [
-            "host",
-            "init",
-            "--dir",
-            str(self.work / SOURCE),
-            "--name",
-            SOURCE,
-            "--tpm",
-            json.loads((self.work / SOURCE / "host.json").read_text())["tpm"],
-            "--site-ca",
-            str(self.work / "site-ca"),
-            "--pca",
-            self.pca_url,
-            "--pca-ca",
-            str(self.work / "pca" / "ca.pem"),
-        ]
+        args = self.source_init_args()
         before = (self.work / SOURCE / "ak.blob").read_bytes()
         refused = processes.securemig(*args)
         self.assertEqual(refused.returncode, 1, refused.stderr)
@@ -213,25 +218,7 @@ class AlgorithmTests(LabBase):
         --ak rsa-pss`): enrolled over HTTPS, its quotes accepted by dest-b
         and its view of dest-b intact, both ways; `host renew` keeps PSS."""
         self.round_trip()
-        args = [
-            "host",
-            "init",
-            "--dir",
-            str(self.work / SOURCE),
-            "--name",
-            SOURCE,
-            "--tpm",
-            json.loads((self.work / SOURCE / "host.json").read_text())["tpm"],
-            "--site-ca",
-            str(self.work / "site-ca"),
-            "--pca",
-            self.pca_url,
-            "--pca-ca",
-            str(self.work / "pca" / "ca.pem"),
-            "--force",
-            "--ak",
-            "rsa-pss",
-        ]
+        args = [*self.source_init_args(), "--force", "--ak", "rsa-pss"]
         forced = processes.securemig(*args)
         self.assertEqual(forced.returncode, 0, forced.stderr)
         self.assertEqual(self.ak_scheme(), "rsapss")
