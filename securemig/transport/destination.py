@@ -238,7 +238,10 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             raise KeyTransferError("live mode needs the wrapped vTPM key")
         self.live_key = self.security.unwrap(key, self.migration_id())
         cipher, stream_key = self.data_channel_key(records.LIVE_EXPORTER_LABEL)
-        opener = records.Opener(cipher, stream_key, self.migration_id(), LIVE_RECORD_PLAINTEXT)
+        migration_id = self.migration_id()
+
+        def new_opener() -> records.Opener:
+            return records.Opener(cipher, stream_key, migration_id, LIVE_RECORD_PLAINTEXT)
 
         # The vTPM device is part of QEMU's machine: the manifest names it.
         self.arrival.vtpm_identity = self.live_key[1].hex() or None
@@ -250,11 +253,12 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             receiver = LiveReceiver(
                 self.clock,
                 str(live_socket(live.bundle)),
-                opener,
+                new_opener,
                 interface=self.out.getHost().host,
                 on_progress=lambda n: self.touch(),
             )
             self.live_receiver = receiver
+            receiver.done.addCallback(lambda _: self._live_unbound(receiver))
             crashpoint.reached("destination-incoming")
             self.run(self.session.incoming_ready(receiver.address[1]))
             try:
@@ -270,6 +274,12 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 self.fail(failure_to_error(f, "receiving the live stream"))
 
         Deferred.fromCoroutine(start()).addErrback(failed)
+
+    def _live_unbound(self, receiver: LiveReceiver) -> None:
+        # No connection proved the key in time: QEMU's incoming socket was
+        # never connected, so its migration would wait; the session ends.
+        if receiver.error is not None and not receiver.reached_qemu and not self.session.finished:
+            self.fail(ProtocolError(ErrorCode.LIVE_FAILED, str(receiver.error)))
 
     def _do_AcceptKey(self, effect: effects.AcceptKey) -> None:
         self.wrapped_key = effect.wrapped

@@ -16,8 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.logger import Logger
+
+from securemig.protocol.connection import FIRST_RECORD_TIMEOUT, MAX_PENDING_DATA_CONNECTIONS
+
+log = Logger()
 
 
 class _Side(Protocol):
@@ -118,6 +123,13 @@ class Relay:
 #: QEMU reads and writes its stream in pieces of at most this size here
 #: (Twisted's unix read size); a record holds one such piece.
 LIVE_RECORD_PLAINTEXT = 1 << 20
+#: The sender's first record is empty: it only proves the key.  Until it
+#: authenticates, a connection to the live port may send no longer record
+#: (a stranger cannot make the destination buffer a megabyte).
+LIVE_OPENING_PLAINTEXT = 0
+#: Seconds the live port listens for the source's authenticated connection
+#: (the sender connects as LIVE_READY arrives; its connect timeout too).
+LIVE_ACCEPT_TIMEOUT = 30.0
 
 
 class _SealingSide(Protocol):
@@ -181,7 +193,8 @@ class LiveSender:
         self.done: Deferred[None] = Deferred()
         self._qemu: _SealingSide | None = None
         self._out: _WireSide | None = None
-        self._pending: list[bytes] = []
+        # The opening record goes first: it proves the key to the receiver.
+        self._pending: list[list[bytes]] = [sealer.seal([b""])]
         self._qemu_ended = False
         sender = self
 
@@ -198,7 +211,7 @@ class LiveSender:
             def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
                 sender._destination_lost(reason)
 
-        reactor.connectTCP(host, port, ToDestination(), timeout=30)
+        reactor.connectTCP(host, port, ToDestination(), timeout=LIVE_ACCEPT_TIMEOUT)
 
     def _wired(self, out: _WireSide) -> None:
         self._out = out
@@ -257,40 +270,72 @@ class LiveSender:
 
 class LiveReceiver:
     """The destination's end of a sealed live stream: listens on loopback
-    TCP (``port``) for one connection, opens its records with ``opener``
-    and writes their plaintext into its QEMU's ``migrate-incoming`` unix
-    socket (``qemu_path``).  A record that does not authenticate (altered,
+    TCP (``port``) for the source's :class:`LiveSender`, opens its records
+    with an opener from ``new_opener`` (one per connection) and writes their
+    plaintext into its QEMU's ``migrate-incoming`` unix socket
+    (``qemu_path``).
+
+    The port is the data channel's kind of port: anyone may connect, so a
+    connection is a *stranger* until its first record, the sender's empty
+    opening record (:data:`LIVE_OPENING_PLAINTEXT`), authenticates under the
+    live stream's key.  A stranger has ``first_record_timeout`` seconds and
+    one record of :data:`LIVE_OPENING_PLAINTEXT` bytes (checked from its
+    header, before anything is buffered) to do that, at most
+    ``max_pending`` of them wait at once (above it the oldest is closed),
+    and one that fails is closed while the port listens on for the source,
+    for up to ``accept_timeout`` seconds in all.  The first connection that
+    authenticates is the stream; the port then closes, the other strangers
+    too, and only then is QEMU's socket connected: a stranger's byte never
+    reaches it.  After that, a record that does not authenticate (altered,
     replayed, another session's key) or a stream cut without END ends both
     connections, so QEMU's incoming migration fails and the source's QEMU
     stops sending: nothing forged reaches QEMU's loader.  ``error`` is then
-    the refusal."""
+    the refusal (or, no stream bound in time, the last stranger's)."""
 
     def __init__(
         self,
         reactor: Any,
         qemu_path: str,
-        opener: Any,
+        new_opener: Callable[[], Any],
         interface: str = "127.0.0.1",
         on_progress: Callable[[int], None] = lambda n: None,
+        accept_timeout: float = LIVE_ACCEPT_TIMEOUT,
+        first_record_timeout: float = FIRST_RECORD_TIMEOUT,
+        max_pending: int = MAX_PENDING_DATA_CONNECTIONS,
     ) -> None:
         self.on_progress = on_progress
         self.reactor = reactor
         self.qemu_path = qemu_path
-        self.opener = opener
+        self.new_opener = new_opener
+        self.accept_timeout = accept_timeout
+        self.first_record_timeout = first_record_timeout
+        self.max_pending = max_pending
+        #: The bound stream's opener (None until a connection authenticated).
+        self.opener: Any = None
         self.delivered = 0
         self.error: Exception | None = None
+        #: Why the last stranger was closed (None: none was).
+        self.last_refusal: str | None = None
+        #: Connections closed before their first record authenticated.
+        self.strangers_closed = 0
         self.done: Deferred[None] = Deferred()
         self._in: _WireSide | None = None
         self._qemu: _WireSide | None = None
+        # Strangers, oldest first: their openers and first-record timers.
+        self._strangers: dict[_WireSide, tuple[Any, Any]] = {}
+        self._listening = True
+        #: Fires once the port no longer listens (after the stream bound or ended).
+        self.port_closed: Deferred[None] | None = None
         receiver = self
 
         class FromSource(Factory):
             def buildProtocol(self, addr: Any) -> _WireSide | None:
-                if receiver._in is not None:
+                if receiver._in is not None or receiver.done.called:
                     return None
-                return _WireSide(receiver._from_source, receiver._source_lost, receiver._accepted)
+                return receiver._stranger()
 
         self.port = reactor.listenTCP(0, FromSource(), interface=interface)
+        self._accept_timer = reactor.callLater(accept_timeout, self._accept_expired)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -298,9 +343,73 @@ class LiveReceiver:
         host = self.port.getHost()
         return host.host, host.port
 
-    def _accepted(self, side: _WireSide) -> None:
+    def _stranger(self) -> _WireSide:
+        side = _WireSide(None, None, None)
+        side.on_data = lambda data: self._from_source(side, data)
+        side.on_lost = lambda reason: self._source_lost(side, reason)
+        side.on_made = self._stranger_made
+        return side
+
+    def _stranger_made(self, side: _WireSide) -> None:
+        while len(self._strangers) >= self.max_pending:
+            oldest = next(iter(self._strangers))
+            self._drop(
+                oldest,
+                f"more than {self.max_pending} live stream connections waiting for a first record",
+            )
+        opener = self.new_opener()
+        opener.max_plaintext = LIVE_OPENING_PLAINTEXT
+        reason = f"no authenticated record within {self.first_record_timeout:g} s"
+        timer = self.reactor.callLater(self.first_record_timeout, self._drop, side, reason)
+        self._strangers[side] = (opener, timer)
+
+    def _drop(self, side: _WireSide, reason: str) -> None:
+        # A stranger goes; the port listens on for the source.
+        entry = self._strangers.pop(side, None)
+        if entry is None:
+            return
+        if entry[1].active():
+            entry[1].cancel()
+        self.last_refusal = reason
+        self.strangers_closed += 1
+        log.warn(
+            "closed a live stream connection from {peer}: {reason}",
+            peer=side.transport.getPeer(),
+            reason=reason,
+        )
+        side.transport.abortConnection()
+
+    def _from_source(self, side: _WireSide, data: bytes) -> None:
+        if side is self._in:
+            self.opener.feed(data)
+            self._deliver()
+            return
+        entry = self._strangers.get(side)
+        if entry is None:
+            return  # closed already
+        opener = entry[0]
+        opener.feed(data)
+        try:
+            opener.next_record()
+        except Exception as e:  # not the source: it goes, the port stays
+            self._drop(side, str(e))
+            return
+        if opener.sequence > 0:
+            self._bind(side, opener)
+
+    def _bind(self, side: _WireSide, opener: Any) -> None:
+        # It holds the live stream's key: the source.  Only now is QEMU's
+        # socket connected; what else waits is closed and so is the port.
+        _, timer = self._strangers.pop(side)
+        timer.cancel()
+        for other in list(self._strangers):
+            self._drop(other, "the live stream is bound")
+        if self._accept_timer.active():
+            self._accept_timer.cancel()
         self._in = side
-        self.port.stopListening()
+        self.opener = opener
+        opener.max_plaintext = LIVE_RECORD_PLAINTEXT
+        self._stop_listening()
         side.transport.pauseProducing()
         receiver = self
 
@@ -318,22 +427,30 @@ class LiveReceiver:
         assert self._in is not None
         side.transport.registerProducer(self._in.transport, True)
         self._in.transport.resumeProducing()
+        self._deliver()  # what arrived with the opening record
 
-    def _from_source(self, data: bytes) -> None:
-        self.opener.feed(data)
+    def _deliver(self) -> None:
+        if self._qemu is None:
+            return  # held in the opener until QEMU's socket is connected
         try:
             while (plain := self.opener.next_record()) is not None:
                 self.delivered += len(plain)
                 self.on_progress(len(plain))
-                assert self._qemu is not None
                 self._qemu.transport.write(plain)
         except Exception as e:  # a refused record: nothing more reaches QEMU
             self._refuse(e)
             return
-        if self.opener.ended and self._qemu is not None:
+        if self.opener.ended:
+            # Nothing more comes: a registered producer would hold the close.
+            self._qemu.transport.unregisterProducer()
             self._qemu.transport.loseConnection()
 
-    def _source_lost(self, reason: Any) -> None:
+    def _source_lost(self, side: _WireSide, reason: Any) -> None:
+        if side is not self._in:
+            entry = self._strangers.pop(side, None)
+            if entry is not None and entry[1].active():
+                entry[1].cancel()
+            return
         if not self.opener.ended:
             try:
                 self.opener.closed()
@@ -347,6 +464,15 @@ class LiveReceiver:
             self._in.transport.abortConnection()
         self._finish()
 
+    def _accept_expired(self) -> None:
+        last = f" (the last connection: {self.last_refusal})" if self.last_refusal else ""
+        self._refuse(
+            RuntimeError(
+                f"no connection to the live stream port authenticated within "
+                f"{self.accept_timeout:g} s{last}"
+            )
+        )
+
     def _refuse(self, error: Exception) -> None:
         if self.error is None:
             self.error = error
@@ -354,13 +480,28 @@ class LiveReceiver:
         self._finish()
 
     def _finish(self) -> None:
+        if self._accept_timer.active():
+            self._accept_timer.cancel()
         if not self.done.called:
             self.done.callback(None)
 
+    def _stop_listening(self) -> None:
+        if self._listening:
+            self._listening = False
+            self.port_closed = maybeDeferred(self.port.stopListening)
+
+    @property
+    def reached_qemu(self) -> bool:
+        """True once QEMU's incoming socket was connected."""
+        return self._qemu is not None
+
     def cut(self) -> None:
-        """Break the stream both ways."""
+        """Break the stream both ways; close the port and every stranger."""
+        for stranger in list(self._strangers):
+            self._drop(stranger, "the live stream ended")
         for side in (self._in, self._qemu):
             if side is not None and side.transport is not None:
                 side.transport.abortConnection()
+        self._stop_listening()
         if self._in is None:
-            self.port.stopListening()
+            self._finish()

@@ -6,6 +6,7 @@ moves; a stream broken mid-pre-copy leaves it running at the source."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from twisted.internet import reactor, threads
@@ -92,13 +93,26 @@ class LiveMigrationTests(TestCase):
         self.assertGreaterEqual(watch.largest_gap_ms() + 25, stats.downtime_ms)
         self.assertLess(watch.largest_gap_ms(), 5000)
 
-    def sealed(self, receiver_key: bytes | None = None) -> tuple[LiveSender, LiveReceiver, str]:
+    def sealed(
+        self, receiver_key: bytes | None = None, accept_timeout: float = 30.0, stranger: bytes = b""
+    ) -> tuple[LiveSender, LiveReceiver, str]:
         """The sealed stream: the source's QEMU -> records on loopback TCP ->
         the destination's QEMU, both ends keyed as one session's would be."""
         cipher, key, migration_id = "TLS_AES_128_GCM_SHA256", os.urandom(16), os.urandom(16)
-        opener = records.Opener(cipher, receiver_key or key, migration_id, LIVE_RECORD_PLAINTEXT)
-        receiver = LiveReceiver(reactor, str(live_socket(self.destination)), opener)
+        receiver = LiveReceiver(
+            reactor,
+            str(live_socket(self.destination)),
+            lambda: records.Opener(
+                cipher, receiver_key or key, migration_id, LIVE_RECORD_PLAINTEXT
+            ),
+            accept_timeout=accept_timeout,
+        )
         self.addCleanup(receiver.cut)
+        if stranger:
+            # Connected and sent before the sender exists: accepted first.
+            s = socket.create_connection(receiver.address)
+            self.addCleanup(s.close)
+            s.sendall(stranger)
         live_socket(self.source).unlink(missing_ok=True)
         sender = LiveSender(
             reactor,
@@ -130,6 +144,33 @@ class LiveMigrationTests(TestCase):
         self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
         self.assertEqual(last.pcr16, extended(self.pcr16))
 
+    async def test_stranger_first_on_the_live_port(self) -> None:
+        """A stranger connects to the destination's live port before the
+        source and sends a well-formed record under another key: it is
+        closed, the port listens on, and the source's stream that follows
+        migrates the guest, every byte delivered, none of the stranger's."""
+        watch = await self.boot()
+        incoming = await self.qemu.live_destination(self.destination)
+        watch.follow(heartbeat_path(self.destination))
+        forged = b"".join(
+            records.Sealer("TLS_AES_128_GCM_SHA256", os.urandom(16), os.urandom(16)).seal([b""])
+        )
+        sender, receiver, uri = self.sealed(stranger=forged)
+        outgoing = await self.qemu.live_source(self.source, uri, downtime_limit_ms=100)
+        await outgoing.wait()
+        await incoming.wait()
+        await incoming.cont()
+        await outgoing.finish()
+        incoming.release()
+        await receiver.done
+        self.assertIsNone(receiver.error)
+        self.assertEqual(receiver.strangers_closed, 1)
+        self.assertIn("does not authenticate", str(receiver.last_refusal))
+        self.assertEqual(receiver.delivered, sender.sent)
+        last = await threads.deferToThread(watch.wait, 5, 60.0, 1)
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+        self.assertEqual(last.pcr16, extended(self.pcr16))
+
     async def test_records_of_another_key_never_reach_qemu(self) -> None:
         """A destination whose key is not this session's (a stream altered,
         replayed or from another session) refuses the first record: not a
@@ -137,12 +178,13 @@ class LiveMigrationTests(TestCase):
         guest, never paused, goes on in sequence after ``cancel``."""
         watch = await self.boot()
         incoming = await self.qemu.live_destination(self.destination)
-        _, receiver, uri = self.sealed(receiver_key=os.urandom(16))
+        _, receiver, uri = self.sealed(receiver_key=os.urandom(16), accept_timeout=5.0)
         outgoing = await self.qemu.live_source(self.source, uri)
         with self.assertRaises(QemuError):
             await outgoing.wait()
         await receiver.done
         self.assertIn("does not authenticate", str(receiver.error))
+        self.assertEqual(receiver.strangers_closed, 1)
         self.assertEqual(receiver.delivered, 0)
         incoming.abandon()
         await outgoing.cancel()
