@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from securemig import files
-from securemig.hypervisor.bundle import Bundle, create_image_vm, set_disk_owner
+from securemig.hypervisor.bundle import Bundle, Manifest, create_image_vm, set_disk_owner
+from securemig.hypervisor.qemu import QemuBackend
 from securemig.lab import processes
 from securemig.trust.attestor import open_attestor
 from securemig.trust.identity import Identity, init_host, issue_tls
@@ -115,10 +116,14 @@ class Lab:
         self._stops.append(stop)
 
     def stop(self) -> None:
-        """End every process the lab started."""
+        """End every process the lab started, and then the QEMUs and swtpms
+        a live arrival left in its hosts' staging (by the pid files there): it
+        outlives the daemon that started it when a run fails."""
         for stop in reversed(self._stops):
             stop()
         self._stops.clear()
+        for staged in sorted(self.work.glob("*/staging/*/qemu.pid")):
+            QemuBackend().end(Bundle(staged.parent, Manifest(name="staging")))
 
     def start_destination(
         self,
