@@ -20,7 +20,7 @@ from securemig import crashpoint, files
 from securemig.host import storage
 from securemig.host.arrival import variant_name
 from securemig.host.journal import Journal
-from securemig.hypervisor.backends import Backend, backend_for
+from securemig.hypervisor.backends import Backend, backend_for, capabilities
 from securemig.hypervisor.bundle import Bundle, BundleError, set_disk_owner
 from securemig.hypervisor.qemu import LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH
 from securemig.protocol import wire
@@ -262,8 +262,11 @@ async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
 
 def check_live(bundle: Bundle, variant: wire.Variant) -> None:
     """Refuse a live migration this VM cannot make, saying why."""
-    if bundle.manifest.backend != "qemu":
-        raise BundleError(f"VM {bundle.name} is not a QEMU guest: only those migrate live")
+    if not capabilities(bundle.manifest.backend).live_source:
+        raise BundleError(
+            f"VM {bundle.name} is a {bundle.manifest.backend} VM: that backend does not "
+            "migrate live (migrate it without --live)"
+        )
     if variant is not wire.Variant.SHARED_STORAGE or any(
         image.name == "disk" for image in bundle.manifest.images
     ):

@@ -63,6 +63,8 @@ MAX_PATH = 1024
 MAX_CMDLINE = 2048
 CMDLINE_RE = re.compile(r"[ -~]*")
 GUEST_RE = re.compile(r"|linux")
+#: A backend kind as HELLO names it ("" when the source does not say).
+BACKEND_RE = re.compile(r"|[a-z][a-z0-9_]{0,15}")
 NONCE_SIZE = 32
 #: TPM structures (public areas, attestations, signatures) and certificates.
 MAX_TPM_BLOB = 2048
