@@ -278,6 +278,17 @@ class DestinationHost:
     ) -> Arrival:
         """Accept a HELLO or raise :class:`ProtocolError` saying why not."""
         name = hello.vm_name
+        # First, before anything is locked, journaled or staged: a VM this
+        # host's backend cannot run would move, commit, and then not run.
+        mismatch = backends.refusal(
+            self.backend,
+            hello.backend,
+            live=hello.mode is wire.Mode.LIVE,
+            guest=hello.guest,
+            vtpm=bool(hello.vtpm),
+        )
+        if mismatch is not None:
+            raise ProtocolError(ErrorCode.BACKEND_MISMATCH, mismatch)
         if hello.variant is wire.Variant.SHARED_STORAGE and any(
             image.name == "disk" for image in hello.images
         ):
@@ -432,7 +443,9 @@ class Arrival:
         """The arriving VM's manifest, from its HELLO."""
         return Manifest(
             name=self.hello.vm_name,
-            backend=self.host.backend,
+            # A source that names its VM's backend was admitted only if this
+            # host's runs it; an older one's VM takes this host's, as before.
+            backend=self.hello.backend or self.host.backend,
             images=[Image(i.name, i.size) for i in self.hello.images],
             shared_disk=self.hello.shared_disk or None,
             vtpm=self.vtpm_identity,

@@ -123,7 +123,9 @@ class Departure:
             raise
 
     def hello(self, chunk_size: int) -> wire.Hello:
-        """The HELLO announcing this VM (version 1 unless it needs version 2's fields)."""
+        """The HELLO announcing this VM: version 2, whose tail says what the VM
+        is (its backend, vTPM) so a destination that cannot run it refuses it
+        at admission."""
         hello = wire.Hello(
             version=1,
             variant=self.variant,
@@ -135,6 +137,8 @@ class Departure:
             guest="linux" if self.bundle.manifest.guest == "linux" else "",
             guest_cmdline=self.bundle.manifest.guest_cmdline,
             mode=wire.Mode.LIVE if self.live else wire.Mode.SUSPENDED,
+            backend=self.bundle.manifest.backend,
+            vtpm=1 if self.bundle.manifest.vtpm else 0,
         )
         return replace(hello, version=2) if wire.has_tail(hello) else hello
 

@@ -135,13 +135,13 @@ def refusal(
         return None
     if kind not in kinds():
         return (
-            f"the VM is a {kind} VM, a backend this destination does not know; "
-            f"it runs {destination} VMs"
+            f"the VM's backend is {kind}, which this destination does not know "
+            f"(its backend is {destination})"
         )
     if kind != destination:
         return (
-            f"the VM is a {kind} VM and this destination's backend is {destination}: "
-            f"it cannot run it (migrate it to a host whose daemon runs --backend {kind})"
+            f"the VM's backend is {kind} and this destination's is {destination}: "
+            f"it cannot run the VM (migrate it to a host whose daemon runs --backend {kind})"
         )
     caps = capabilities(destination)
     if live and not caps.live_destination:
