@@ -40,6 +40,9 @@ SETTLE_TIMEOUT = 30.0
 class RegistryTests(SynchronousTestCase):
     """The registry is the one place backends are known by."""
 
+    def setUp(self) -> None:
+        toy.registered(self)
+
     def test_shipped_backends_and_their_capabilities(self) -> None:
         """The shipped kinds, what each can do, and a backend object that is
         the kind it was asked for."""
@@ -108,6 +111,7 @@ class ToyBase(TestCase):
         previous = os.environ.get(backends.MODULES_ENV)
         os.environ[backends.MODULES_ENV] = toy.MODULE
         self.addCleanup(self._restore, previous)
+        toy.registered(self)
 
     @staticmethod
     def _restore(previous: str | None) -> None:

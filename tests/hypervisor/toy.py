@@ -8,7 +8,10 @@ A toy VM is its image files plus ``toy.log``, in which the backend writes
 one line per operation and the pid of the process that did it: a test reads
 there that the toy (and not the ``image`` backend) ran, and in which process
 (a daemon, ``securemig migrate``, ``securemig recover``).  Other processes
-import this module through ``SECUREMIG_BACKEND_MODULES=tests.hypervisor.toy``.
+import this module through ``SECUREMIG_BACKEND_MODULES=tests.hypervisor.toy``
+and the toy registers at once; in the test process, which imports every test
+module, the tests that use it register it for their own time only
+(:func:`registered`), so the others see the shipped backends alone.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import os
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.trial.unittest import SynchronousTestCase as TestCase
 
 from securemig import files
 from securemig.hypervisor import backends
@@ -69,4 +73,16 @@ class ToyBackend(Backend):
         return bundle.manifest.state
 
 
-backends.register(KIND, lambda key: ToyBackend(), Capabilities(creatable=True, startable=True))
+def register() -> None:
+    """The one registry call a new backend needs."""
+    backends.register(KIND, lambda key: ToyBackend(), Capabilities(creatable=True, startable=True))
+
+
+def registered(case: TestCase) -> None:
+    """Register the toy for the time of test ``case``."""
+    register()
+    case.addCleanup(backends.unregister, KIND)
+
+
+if MODULE in os.environ.get(backends.MODULES_ENV, "").split(","):
+    register()
