@@ -483,6 +483,7 @@ def makeService(options: Options) -> service.MultiService:
     timers = {"idle_timeout": options["idle-timeout"], "deadline": options["deadline"]}
     port_file = Path(options["port-file"]) if options["port-file"] else None
     attestor = None
+    caps: Caps | None = None
     if options["identity"]:
         policy_dir = Path(options["policy-dir"]) if options["policy-dir"] else None
         identity_dir = Path(options["identity"])
@@ -568,4 +569,48 @@ def makeService(options: Options) -> service.MultiService:
             port_file,
             "insecure migrations",
         ).setServiceParent(top)
+    log_startup(options, nofile, caps)
     return top
+
+
+def log_startup(options: Options, nofile: int, caps: Caps | None) -> None:
+    """One line that says how this daemon runs: version, backend, trust
+    mode, listeners, limits."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("securemig")
+    except PackageNotFoundError:
+        release = "?"
+    trust = []
+    if options["listen"]:
+        policies = options["policy-dir"] or f"{options['identity']}/policy"
+        trust.append(f"secure: mutual TLS + attestation, golden values from {policies}")
+        if options["tofu"]:
+            trust.append("TRUST ON FIRST USE of unknown sources")
+        allowed = options.get("allow-source")
+        trust.append(f"sources allowed: {', '.join(allowed) if allowed else 'any of the site CA'}")
+    if options["insecure-listen"]:
+        trust.append("INSECURE variant served (no TLS, no attestation)")
+    listeners = [f"secure {options['listen']}"] if options["listen"] else []
+    if options["insecure-listen"]:
+        listeners.append(f"insecure {options['insecure-listen']}")
+    limits = (
+        f"idle {options['idle-timeout']:g} s, deadline {options['deadline']:g} s, "
+        f"{nofile} descriptors"
+    )
+    if caps is not None:
+        limits += (
+            f", handshake {caps.handshake_timeout:g} s, pending {caps.per_address} per "
+            f"address and {caps.full} in all"
+        )
+    log.info(
+        "securemig {release} starting: backend {backend}; trust: {trust}; listening: "
+        "{listeners}; state {state}; limits: {limits}",
+        release=release,
+        backend=options["backend"],
+        trust="; ".join(trust),
+        listeners=", ".join(listeners) or "none",
+        state=options["state-dir"],
+        limits=limits,
+    )

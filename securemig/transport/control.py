@@ -100,6 +100,11 @@ class FramedProtocol(Connection, Generic[E]):
         """The session the connection object drives."""
         return self.connection.session
 
+    def log_context(self) -> dict[str, str | None]:
+        """What every log line of this connection names (the migration id,
+        VM, peer, role; see :mod:`securemig.app.logformat`)."""
+        return {}
+
     # -- Twisted's Protocol interface
 
     def connectionMade(self) -> None:

@@ -141,6 +141,23 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         """The destination session the connection object drives."""
         return self.connection.session
 
+    def log_context(self) -> dict[str, str | None]:
+        """The arrival's migration id, VM and source (address, and name once verified)."""
+        hello = self.session.hello
+        name = self._name_or_none() if self.security is not None else None
+        return {
+            "role": "destination",
+            "migration_id": self.arrival.migration_id.hex() if self.arrival else None,
+            "vm": hello.vm_name if hello else None,
+            "peer": f"{name} ({self._peer()})" if name else self._peer(),
+        }
+
+    def _name_or_none(self) -> str | None:
+        try:
+            return self.peer_name()
+        except Exception:
+            return None
+
     def _peer(self) -> str:
         peer = self.out.getPeer()
         return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
@@ -615,6 +632,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             vm=vm,
             peer=self._peer(),
             outcome=effect.outcome.value,
+            code=effect.code.name if effect.code else None,
             why=f" ({effect.code.name}: {effect.reason})" if effect.code else "",
         )
 

@@ -100,6 +100,18 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         self._watch = self.clock.callLater(PROGRESS_INTERVAL, self._look_at_journal)
         self.run(self.session.start())
 
+    def log_context(self) -> dict[str, str | None]:
+        """The departure's migration id (the destination's, once WELCOME
+        gave it), journal id, VM and destination."""
+        mid = self.session.migration_id
+        return {
+            "role": "source",
+            "migration_id": mid.hex() if mid else None,
+            "journal_id": self.departure.id,
+            "vm": self.departure.bundle.name,
+            "peer": self.departure.peer,
+        }
+
     #: Secure: whether the TLS handshake completed (Twisted's TLS says so).
     handshake_done = False
 

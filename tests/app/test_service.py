@@ -5,13 +5,13 @@ process."""
 from __future__ import annotations
 
 import configparser
+import json
 import shlex
 import shutil
 import socket
 import subprocess
 from pathlib import Path
 
-from twisted.logger import eventFromJSON, formatEvent
 from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import TestCase
@@ -89,16 +89,23 @@ class LogFormatTests(TestCase):
         self.base = Path(self.mktemp()).absolute()
 
     def test_json_logs_one_event_per_line(self) -> None:
-        """--log-format json: every line of the log is one eventAsJSON object
+        """--log-format json: every line of the log is one flat JSON object
         (no text lines, no record separators), and the events are the service's."""
         destination = processes.start_destination(self.base / "state", "--log-format", "json")
         destination.stop()
         lines = destination.log().splitlines()
         self.assertTrue(lines)
-        events = [eventFromJSON(line) for line in lines]
-        texts = [formatEvent(e) for e in events]
+        events = [json.loads(line) for line in lines]
+        texts = [e["message"] for e in events]
         self.assertTrue(any("listening for insecure migrations" in t for t in texts), texts)
+        self.assertTrue(
+            any(
+                "INSECURE" in t and e["level"] == "warning"
+                for t, e in zip(texts, events, strict=True)
+            )
+        )
         self.assertNotIn("\x1e", destination.log())
+        self.assertNotIn("log_format", destination.log())
 
     def test_unknown_log_format_is_a_usage_error(self) -> None:
         result = twistd(
