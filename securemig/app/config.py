@@ -131,6 +131,7 @@ KEYS: dict[str, dict[str, Key]] = {
             "int", "pending connections per address", {"service": "per-source-max-startups"}
         ),
         "log-format": Key("str", "text, json or journal", {"service": "log-format"}),
+        "metrics": Key("str", "endpoint of the Prometheus metrics", {"service": "metrics"}),
     },
 }
 

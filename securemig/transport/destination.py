@@ -46,7 +46,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from securemig import crashpoint
+from securemig import crashpoint, metrics
 from securemig.host.journal import PROGRESS_INTERVAL
 from securemig.hypervisor.bundle import disk_owner
 from securemig.hypervisor.qemu import live_socket
@@ -368,6 +368,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         """Journal an arrival refused before admission (at the handshake, by
         ``--allow-source``: no VM named yet; or at HELLO); ``securemig status``
         shows it.  A journal that cannot take it is logged; the refusal stands."""
+        metrics.REFUSALS.labels(e.code.name).inc()
         name = None
         if self.security is not None:
             try:
