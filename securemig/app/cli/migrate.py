@@ -93,8 +93,12 @@ def add_parser(subparsers: Subparsers) -> None:
     mig.add_argument(
         "--live",
         action="store_true",
-        help="live migration (secure, QEMU guests, RAM only): the guest keeps running "
-        "while QEMU copies its memory, and stops only for the last dirty pages",
+        help="live migration: the running guest keeps running while QEMU copies its "
+        "memory (pre-copy, inside securemig's sealed stream) and stops only for the last "
+        "dirty pages (--downtime-ms).  Needs the secure variant (--identity), a running "
+        "QEMU guest, twistd securemig --backend qemu at the destination and the disk on "
+        "storage both hosts mount (RAM and vTPM travel; implies --shared-storage).  Not "
+        "yet: copying a disk (block mirror), post-copy, other backends",
     )
     mig.add_argument(
         "--downtime-ms",
