@@ -105,6 +105,37 @@ class Scene:
         PrivacyCA.init(self.base / "pca", [vendor])
         Authority.create("site").save(self.base / "site")
 
+    def departure(self, *phases: str, outcome: str) -> None:
+        """A source record of vm1 in the VM directory's journal."""
+        journal = Journal(self.vms / ".securemig" / "journal.sqlite")
+        mid = journal.begin(
+            role="source",
+            vm="vm1",
+            peer="127.0.0.1:9",
+            variant="full",
+            protocol="secure",
+            peer_name="dest-b",
+        )
+        journal.set_migration_id(mid, "ab" * 16)
+        for phase in phases:
+            journal.phase(mid, phase)
+        journal.finish(mid, outcome)
+        journal.close()
+
+    def in_doubt(self) -> None:
+        """vm1's migration reached PREPARED and its outcome is in doubt."""
+        self.departure("connected", "admitted", "streaming", "prepared", outcome="in-doubt")
+
+    def given_away(self) -> None:
+        """vm1 was committed to dest-b; its bundle's removal did not finish."""
+        self.departure(
+            "connected", "admitted", "streaming", "prepared", "committed", outcome="done"
+        )
+
+    def lock_vm(self) -> None:
+        """A migration holds vm1's lock."""
+        self.lock = storage.Lock(self.bundle.lock_path)
+
     def bad_manifest(self) -> None:
         """A second bundle whose manifest is valid JSON of the wrong shape."""
         create_image_vm(self.vms, "vm2", 1)
@@ -429,6 +460,53 @@ ROWS = [
         1,
         "host host-a is not enrolled",
         prepare=Scene.pca_and_site_ca,
+    ),
+    # -- vm stop / vm delete refuse what could lose a VM
+    Row(
+        "vm_delete_in_doubt",
+        lambda s: ["vm", "delete", "vm1", "--dir", str(s.vms)],
+        1,
+        "VM vm1 is in doubt in migration abababab",
+        vm=True,
+        prepare=Scene.in_doubt,
+    ),
+    Row(
+        "vm_stop_in_doubt",
+        lambda s: ["vm", "stop", "vm1", "--dir", str(s.vms)],
+        1,
+        "settle it first",
+        vm=True,
+        prepare=Scene.in_doubt,
+    ),
+    Row(
+        "vm_delete_given_away",
+        lambda s: ["vm", "delete", "vm1", "--dir", str(s.vms)],
+        1,
+        "VM vm1 was migrated to dest-b",
+        prepare=Scene.given_away,
+        then=lambda s, r: s.bundle.path.exists(),
+    ),
+    Row(
+        "vm_delete_locked",
+        lambda s: ["vm", "delete", "vm1", "--dir", str(s.vms)],
+        1,
+        "VM vm1 is locked by a migration under way",
+        prepare=Scene.lock_vm,
+        then=lambda s, r: bundle_digests(s.bundle) == s.digests,
+    ),
+    Row(
+        "vm_stop_not_running",
+        lambda s: ["vm", "stop", "vm1", "--dir", str(s.vms)],
+        1,
+        "VM vm1 is not running (suspended)",
+        vm=True,
+    ),
+    Row(
+        "vm_delete",
+        lambda s: ["vm", "delete", "vm1", "--dir", str(s.vms)],
+        0,
+        "deleted VM vm1",
+        then=lambda s, r: not s.bundle.path.exists(),
     ),
     # -- twistd securemig
     Row(
