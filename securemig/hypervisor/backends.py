@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 
 from securemig.hypervisor.bundle import Bundle, BundleError
 from securemig.hypervisor.image import ImageBackend
+from securemig.hypervisor.libvirt import LibvirtBackend
 from securemig.hypervisor.qemu import QemuBackend
 from securemig.hypervisor.xen import XenBackend
 
@@ -47,6 +48,7 @@ def backend_for(name: str, vtpm_key: Callable[[Bundle], bytes] | None = None) ->
         "image": ImageBackend(),
         "qemu": QemuBackend(vtpm_key=vtpm_key),
         "xen": XenBackend(),
+        "libvirt": LibvirtBackend(vtpm_key=vtpm_key),
     }
     try:
         return backends[name]
