@@ -27,6 +27,8 @@ from securemig.hypervisor.libvirt import (
     require_libvirt,
     secret_held,
 )
+from securemig.lab import processes
+from securemig.lab.lab import SOURCE, Lab
 from securemig.lab.libvirt import LibvirtHost, define_guest, guest_domain_xml
 from securemig.trust.attestor import DEFAULT_PCRS
 from securemig.trust.tpm.tpm import KeyBlob
@@ -225,3 +227,68 @@ class LibvirtBackendTests(TestCase):
             self.assertEqual(self._secret_files(secret_uuid), [])
             1 / 0  # noqa: B018
         self.assert_no_secret(secret_uuid)
+
+
+class AdoptCommandTests(TestCase):
+    """``securemig vm adopt|start|status`` as an operator runs them, with a
+    lab host identity whose swtpm host TPM seals the secret."""
+
+    timeout = 600
+
+    def setUp(self) -> None:
+        self.host = shared_host()
+        self.work = Path(self.mktemp()).absolute()
+        self.work.mkdir(parents=True)
+        self.lab = Lab(self.work)
+        self.addCleanup(self.lab.stop)
+        self.lab.start()
+
+    def securemig(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return processes.securemig(*args)
+
+    def test_adopt_start_status(self) -> None:
+        """Adopted by the CLI, the domain's secret is sealed by the host's
+        TPM and gone from libvirt; `vm status` says libvirt's state; `vm
+        start` runs the guest with its vTPM and leaves no secret behind.
+        An unknown domain is refused with a sentence."""
+        libvirt = require_libvirt()
+        pcr16 = os.urandom(32).hex()
+        domain = define_guest(self.host, "cli-guest", pcr16=pcr16, persistent_secret=True)
+        conn = libvirt.open(self.host.uri)
+        self.addCleanup(conn.close)
+        self.addCleanup(_remove_domain, conn, "cli-guest")
+        identity = str(self.work / SOURCE)
+        vms = str(self.work / "vms")
+        where = ("--dir", vms, "--connect", self.host.uri)
+
+        unknown = self.securemig("vm", "adopt", "nosuch", *where, "--identity", identity)
+        self.assertEqual(unknown.returncode, 1, unknown.stderr)
+        self.assertIn("has no domain nosuch", unknown.stderr)
+
+        adopted = self.securemig("vm", "adopt", "cli-guest", *where, "--identity", identity)
+        self.assertEqual(adopted.returncode, 0, adopted.stderr)
+        self.assertIn("sealed to this host", adopted.stdout)
+        with self.assertRaises(libvirt.libvirtError):
+            conn.secretLookupByUUIDString(domain.secret_uuid)
+        status = self.securemig("vm", "status", "cli-guest", "--dir", vms)
+        self.assertEqual(status.stdout.strip(), "cli-guest: shutoff (libvirt)", status.stderr)
+
+        watch = Watch(self.host.path(domain.heartbeat))
+        self.addCleanup(watch.stop)
+        started = self.securemig("vm", "start", "cli-guest", "--dir", vms, "--identity", identity)
+        self.assertEqual(started.returncode, 0, started.stderr)
+        self.assertEqual(started.stdout.strip(), "cli-guest: running")
+        self.assertEqual(watch.wait(3, 120).pcr16, extended(pcr16))
+        self.assertNotEqual(virsh_secret_value(self.host, domain.secret_uuid).returncode, 0)
+
+
+def _remove_domain(conn: Any, name: str) -> None:
+    """Destroy and undefine a test's domain (with its vTPM state) if left."""
+    libvirt = require_libvirt()
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return
+    if dom.isActive():
+        dom.destroy()
+    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
