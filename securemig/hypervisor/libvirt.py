@@ -37,6 +37,7 @@ Every libvirt call blocks: they run on one dedicated thread
 
 from __future__ import annotations
 
+import hashlib
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -64,6 +65,10 @@ DEFAULT_URI = "qemu:///system"
 DOMAIN_FILE = "libvirt.json"
 #: A TPM sealed object holds at most 128 bytes.
 MAX_SECRET = 128
+#: libvirt's runtime directory, as libvirt sees it.
+RUN_DIR = Path("/run/libvirt")
+#: Per-migration socket directories live under RUN_DIR/MIGRATIONS/ID.
+MIGRATIONS = "securemig"
 
 #: What this backend can do (for the backend registry; issue 23).
 CAPABILITIES = frozenset({"start", "suspend", "resume", "adopt", "vtpm"})
@@ -191,6 +196,132 @@ def secret_held(conn: Any, secret_uuid: str, domain: str, value: bytes) -> Itera
                 raise
 
 
+# -- live migration (issue 23): libvirt's own, its sockets carried by securemig
+
+
+@dataclass(frozen=True)
+class SocketPaths:
+    """A migration's UNIX socket paths: the same path names on both hosts
+    (``/run/libvirt/securemig/ID/NAME.sock`` as libvirt sees them), each
+    host's own files."""
+
+    #: The directory as libvirt and QEMU see it.
+    libvirt_dir: str
+    #: The same directory as this securemig process sees it.
+    local_dir: Path
+
+    def libvirt(self, name: str) -> str:
+        """Socket ``name`` (``libvirt``, ``qemu``, ``nbd``) as libvirt sees it."""
+        return f"{self.libvirt_dir}/{name}.sock"
+
+    def local(self, name: str) -> Path:
+        """Socket ``name`` as this process sees it."""
+        return self.local_dir / f"{name}.sock"
+
+
+def socket_paths(run_dir: Path, migration_id: str) -> SocketPaths:
+    """The per-migration sockets of migration ``migration_id`` (hex) on a
+    host whose libvirt runtime directory securemig sees at ``run_dir``:
+    unique per migration (libvirt's source stats and chowns the NBD socket;
+    a reused path fails)."""
+    if not migration_id or any(c not in "0123456789abcdef" for c in migration_id):
+        raise ValueError("a migration id is lowercase hex")
+    return SocketPaths(
+        f"{RUN_DIR}/{MIGRATIONS}/{migration_id}", run_dir / MIGRATIONS / migration_id
+    )
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A disk of a migrating domain: its path (as libvirt sees it), format
+    and capacity in bytes; the destination creates it empty before the copy."""
+
+    path: str
+    format: str
+    capacity: int
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """What the destination needs before libvirt's Prepare: the domain and
+    secret, and the disks to create."""
+
+    domain: str
+    domain_uuid: str
+    secret_uuid: str
+    disks: tuple[Disk, ...]
+
+
+def domain_disks(domain: Any) -> tuple[Disk, ...]:
+    """The domain's file-backed disks with their format and capacity."""
+    found = []
+    for disk in ET.fromstring(domain.XMLDesc(0)).iterfind("devices/disk"):
+        source = disk.find("source")
+        driver = disk.find("driver")
+        if disk.get("device", "disk") != "disk" or source is None or not source.get("file"):
+            continue
+        path = str(source.get("file"))
+        fmt = driver.get("type", "raw") if driver is not None else "raw"
+        found.append(Disk(path, fmt, int(domain.blockInfo(path)[0])))
+    return tuple(found)
+
+
+def _migration_flags(libvirt: Any, copy_storage: bool, parallel: int) -> int:
+    """Live, peer to peer (the source's libvirtd opens the destination URI,
+    so its RPC goes through the carried socket too), persistent at the
+    destination, and ``PAUSED``: the destination does not run the guest
+    until securemig's commit.  The source's definition is kept (no
+    ``UNDEFINE_SOURCE``): it goes, with its vTPM state, only after
+    COMMITTED."""
+    flags = (
+        libvirt.VIR_MIGRATE_LIVE
+        | libvirt.VIR_MIGRATE_PEER2PEER
+        | libvirt.VIR_MIGRATE_PERSIST_DEST
+        | libvirt.VIR_MIGRATE_PAUSED
+    )
+    if copy_storage:
+        flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
+    if parallel:
+        flags |= libvirt.VIR_MIGRATE_PARALLEL
+    return int(flags)
+
+
+def _create_volume(conn: Any, disk: Disk) -> None:
+    """An empty disk at ``disk.path`` (libvirt's view) through a transient
+    libvirt storage pool, so libvirt creates it where it sees it."""
+    libvirt = require_libvirt()
+    directory, _, name = disk.path.rpartition("/")
+    if disk.format not in ("raw", "qcow2"):
+        raise BundleError(f"disk {disk.path}: format {disk.format} (raw or qcow2 are copied)")
+    pool_name = "securemig-" + hashlib.sha256(directory.encode()).hexdigest()[:16]
+    try:
+        pool = conn.storagePoolLookupByName(pool_name)
+        created = False
+    except libvirt.libvirtError:
+        pool = conn.storagePoolCreateXML(
+            f"<pool type='dir'><name>{pool_name}</name>"
+            f"<target><path>{escape(directory)}</path></target></pool>",
+            0,
+        )
+        created = True
+    try:
+        pool.refresh(0)
+        try:
+            pool.storageVolLookupByName(name)
+            return  # there already (shared storage, or a retried migration)
+        except libvirt.libvirtError:
+            pass
+        pool.createXML(
+            f"<volume><name>{escape(name)}</name><capacity unit='bytes'>{disk.capacity}"
+            f"</capacity><allocation>0</allocation><target><format type='{disk.format}'/>"
+            "</target></volume>",
+            0,
+        )
+    finally:
+        if created:
+            pool.destroy()
+
+
 class LibvirtBackend:
     """Adopted libvirt domains; each bundle names its domain and URI."""
 
@@ -202,6 +333,7 @@ class LibvirtBackend:
         reactor: Any = None,
         vtpm_key: Callable[[Bundle], bytes] | None = None,
         connect: str | None = None,
+        run_dir: Path = RUN_DIR,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -213,6 +345,9 @@ class LibvirtBackend:
         self.vtpm_key = vtpm_key
         #: Overrides the URI a bundle was adopted on.
         self.connect = connect
+        #: Where securemig sees what libvirt sees as ``/run/libvirt`` (the
+        #: same directory, except for a lab host in its mount namespace).
+        self.run_dir = run_dir
         self._pool: ThreadPool | None = None
 
     # -- blocking calls, on the backend's own thread
@@ -463,3 +598,196 @@ class LibvirtBackend:
             return STATES.get(domain.state()[0], "unknown")
         finally:
             conn.close()
+
+    # -- live migration (issue 23)
+
+    def outgoing(self, bundle: Bundle) -> Deferred[Outgoing]:
+        """Source, before anything is sent: the domain's secret and disks."""
+        return self._call(self._outgoing, bundle)
+
+    def _outgoing(self, bundle: Bundle) -> Outgoing:
+        record = DomainRecord.load(bundle)
+        conn = self._open(self._uri(record))
+        try:
+            domain = self._domain(conn, record)
+            if not domain.isActive():
+                raise BundleError(f"domain {record.domain} does not run: nothing to migrate live")
+            return Outgoing(
+                record.domain, record.domain_uuid, record.secret_uuid, domain_disks(domain)
+            )
+        finally:
+            conn.close()
+
+    def migrate_out(
+        self, bundle: Bundle, paths: SocketPaths, copy_storage: bool, parallel: int = 0
+    ) -> Deferred[None]:
+        """Source: libvirt's live migration of the domain to the destination
+        whose libvirt, QEMU and NBD sockets are carried at ``paths`` (each
+        must already be listened on here).  Returns when libvirt completed:
+        the destination holds the domain paused, this host's QEMU ended, its
+        definition and vTPM state kept (see :meth:`finish_out`).  If it
+        fails, libvirt let the guest run on here."""
+        return self._call(self._migrate_out, bundle, paths, copy_storage, parallel)
+
+    def _migrate_out(
+        self, bundle: Bundle, paths: SocketPaths, copy_storage: bool, parallel: int
+    ) -> None:
+        libvirt = require_libvirt()
+        record = DomainRecord.load(bundle)
+        params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_URI: "unix://" + paths.libvirt("qemu")}
+        if copy_storage:
+            params[libvirt.VIR_MIGRATE_PARAM_DISKS_URI] = "unix://" + paths.libvirt("nbd")
+        if parallel:
+            params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = parallel
+        conn = self._open(self._uri(record))
+        try:
+            domain = self._domain(conn, record)
+            try:
+                domain.migrateToURI3(
+                    "qemu+unix:///system?socket=" + paths.libvirt("libvirt"),
+                    params,
+                    _migration_flags(libvirt, copy_storage, parallel),
+                )
+            except libvirt.libvirtError as e:
+                raise LibvirtError(
+                    f"libvirt's migration of domain {record.domain} failed: "
+                    f"{e.get_error_message()}",
+                    ErrorCode.LIVE_FAILED,
+                ) from None
+        finally:
+            conn.close()
+
+    def finish_out(self, bundle: Bundle) -> Deferred[None]:
+        """Source, after COMMITTED: the domain's definition and vTPM state
+        (the rollback copy) undefined here, the bundle with its sealed
+        secret removed.  A domain that runs here again is left alone (it
+        did not move)."""
+        return self._call(self._finish_out, bundle)
+
+    def _finish_out(self, bundle: Bundle) -> None:
+        libvirt = require_libvirt()
+        record = DomainRecord.load(bundle)
+        conn = self._open(self._uri(record))
+        try:
+            try:
+                domain = conn.lookupByUUIDString(record.domain_uuid)
+            except libvirt.libvirtError:
+                domain = None
+            if domain is not None:
+                if domain.isActive():
+                    raise LibvirtError(
+                        f"domain {record.domain} runs here: it was not migrated, nothing removed"
+                    )
+                domain.undefineFlags(
+                    libvirt.VIR_DOMAIN_UNDEFINE_TPM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                )
+        finally:
+            conn.close()
+        files.remove_tree(bundle.path)
+
+    # -- destination
+
+    def prepare_in(
+        self, outgoing: Outgoing, value: bytes, paths: SocketPaths, copy_storage: bool
+    ) -> Deferred[None]:
+        """Destination, after attestation and key release: the socket
+        directory, the disks to copy into (empty, same size and format) and
+        the secret -- same UUID, the released value, ephemeral and private --
+        which libvirt's Prepare needs to start swtpm.  The secret stays
+        defined until :meth:`end_in` (the migration's end, whatever it was)."""
+        return self._call(self._prepare_in, outgoing, value, paths, copy_storage)
+
+    def _prepare_in(
+        self, outgoing: Outgoing, value: bytes, paths: SocketPaths, copy_storage: bool
+    ) -> None:
+        libvirt = require_libvirt()
+        paths.local_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        conn = self._open(self.connect or DEFAULT_URI)
+        try:
+            try:
+                conn.lookupByUUIDString(outgoing.domain_uuid)
+                raise BundleError(f"domain {outgoing.domain} is defined here already")
+            except libvirt.libvirtError:
+                pass
+            if copy_storage:
+                for disk in outgoing.disks:
+                    _create_volume(conn, disk)
+            if secret_defined(conn, outgoing.secret_uuid):
+                conn.secretLookupByUUIDString(outgoing.secret_uuid).undefine()
+            secret = conn.secretDefineXML(secret_xml(outgoing.secret_uuid, outgoing.domain))
+            secret.setValue(value)
+        finally:
+            conn.close()
+
+    def end_in(self, outgoing: Outgoing, paths: SocketPaths) -> Deferred[None]:
+        """Destination, once libvirt's migration ended (swtpm holds the key,
+        or it failed): the secret undefined, the socket directory removed."""
+        return self._call(self._end_in, outgoing, paths)
+
+    def _end_in(self, outgoing: Outgoing, paths: SocketPaths) -> None:
+        conn = self._open(self.connect or DEFAULT_URI)
+        try:
+            if secret_defined(conn, outgoing.secret_uuid):
+                conn.secretLookupByUUIDString(outgoing.secret_uuid).undefine()
+        finally:
+            conn.close()
+        files.remove_tree(paths.local_dir)
+
+    def arrived_state(self, outgoing: Outgoing) -> Deferred[str]:
+        """Destination: libvirt's state of the arriving domain here."""
+        return self._call(self._arrived_state, outgoing)
+
+    def _arrived_state(self, outgoing: Outgoing) -> str:
+        libvirt = require_libvirt()
+        conn = self._open(self.connect or DEFAULT_URI)
+        try:
+            try:
+                domain = conn.lookupByUUIDString(outgoing.domain_uuid)
+            except libvirt.libvirtError:
+                return "undefined"
+            return STATES.get(domain.state()[0], "unknown")
+        finally:
+            conn.close()
+
+    def commit_in(self, vm_dir: Path, outgoing: Outgoing, sealed: bytes) -> Deferred[Bundle]:
+        """Destination, at COMMIT: the bundle (the secret sealed to this
+        host's TPM, ``sealed``) written durably, then the paused domain
+        resumed."""
+        return self._call(self._commit_in, vm_dir, outgoing, sealed)
+
+    def _commit_in(self, vm_dir: Path, outgoing: Outgoing, sealed: bytes) -> Bundle:
+        uri = self.connect or DEFAULT_URI
+        record = DomainRecord(outgoing.domain, outgoing.domain_uuid, outgoing.secret_uuid, uri)
+        if not (vm_dir / record.domain).exists():
+            self._write_bundle(vm_dir, record, sealed, "running")
+        conn = self._open(uri)
+        try:
+            domain = self._domain(conn, record)
+            if domain.state()[0] != 1:
+                domain.resume()
+        finally:
+            conn.close()
+        return Bundle.find(vm_dir, record.domain)
+
+    def abort_in(self, outgoing: Outgoing, paths: SocketPaths) -> Deferred[None]:
+        """Destination, before COMMIT: a domain libvirt left here (paused,
+        half-defined) destroyed and undefined with its new vTPM state; the
+        secret undefined."""
+        return self._call(self._abort_in, outgoing, paths)
+
+    def _abort_in(self, outgoing: Outgoing, paths: SocketPaths) -> None:
+        libvirt = require_libvirt()
+        conn = self._open(self.connect or DEFAULT_URI)
+        try:
+            try:
+                domain = conn.lookupByUUIDString(outgoing.domain_uuid)
+            except libvirt.libvirtError:
+                domain = None
+            if domain is not None:
+                if domain.isActive():
+                    domain.destroy()
+                if domain.isPersistent():
+                    domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
+        finally:
+            conn.close()
+        self._end_in(outgoing, paths)

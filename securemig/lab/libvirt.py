@@ -154,6 +154,12 @@ class LibvirtHost:
         raise ValueError(f"{inside} is not under one of this host's trees")
 
     @property
+    def run_dir(self) -> Path:
+        """This host's ``/run/libvirt``, from the root namespace (the
+        backend's ``run_dir``)."""
+        return self.directory / "run"
+
+    @property
     def socket(self) -> Path:
         """libvirtd's read-write socket."""
         return self.directory / "run" / "libvirt-sock"
