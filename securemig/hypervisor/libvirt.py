@@ -266,7 +266,9 @@ def domain_disks(domain: Any) -> tuple[Disk, ...]:
     return tuple(found)
 
 
-def _migration_flags(libvirt: Any, copy_storage: bool, parallel: int) -> int:
+def _migration_flags(
+    libvirt: Any, copy_storage: bool, parallel: int, unchecked_shared: bool = False
+) -> int:
     """Live, peer to peer (the source's libvirtd opens the destination URI,
     so its RPC goes through the carried socket too), persistent at the
     destination, and ``PAUSED``: the destination does not run the guest
@@ -283,6 +285,11 @@ def _migration_flags(libvirt: Any, copy_storage: bool, parallel: int) -> int:
         flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
     if parallel:
         flags |= libvirt.VIR_MIGRATE_PARALLEL
+    if unchecked_shared:
+        # libvirt recognises shared storage by its file system (NFS, Ceph,
+        # ...); storage the operator knows is shared but libvirt cannot tell
+        # (the lab's, one machine) needs its check waived.
+        flags |= libvirt.VIR_MIGRATE_UNSAFE
     return int(flags)
 
 
@@ -619,18 +626,33 @@ class LibvirtBackend:
             conn.close()
 
     def migrate_out(
-        self, bundle: Bundle, paths: SocketPaths, copy_storage: bool, parallel: int = 0
+        self,
+        bundle: Bundle,
+        paths: SocketPaths,
+        copy_storage: bool,
+        parallel: int = 0,
+        unchecked_shared: bool = False,
     ) -> Deferred[None]:
         """Source: libvirt's live migration of the domain to the destination
         whose libvirt, QEMU and NBD sockets are carried at ``paths`` (each
         must already be listened on here).  Returns when libvirt completed:
         the destination holds the domain paused, this host's QEMU ended, its
         definition and vTPM state kept (see :meth:`finish_out`).  If it
-        fails, libvirt let the guest run on here."""
-        return self._call(self._migrate_out, bundle, paths, copy_storage, parallel)
+        fails, libvirt let the guest run on here.  ``parallel``: QEMU's
+        multifd channels (each one more carried connection);
+        ``unchecked_shared``: storage both hosts share that libvirt cannot
+        recognise as shared (``VIR_MIGRATE_UNSAFE``)."""
+        return self._call(
+            self._migrate_out, bundle, paths, copy_storage, parallel, unchecked_shared
+        )
 
     def _migrate_out(
-        self, bundle: Bundle, paths: SocketPaths, copy_storage: bool, parallel: int
+        self,
+        bundle: Bundle,
+        paths: SocketPaths,
+        copy_storage: bool,
+        parallel: int,
+        unchecked_shared: bool,
     ) -> None:
         libvirt = require_libvirt()
         record = DomainRecord.load(bundle)
@@ -646,7 +668,7 @@ class LibvirtBackend:
                 domain.migrateToURI3(
                     "qemu+unix:///system?socket=" + paths.libvirt("libvirt"),
                     params,
-                    _migration_flags(libvirt, copy_storage, parallel),
+                    _migration_flags(libvirt, copy_storage, parallel, unchecked_shared),
                 )
             except libvirt.libvirtError as e:
                 raise LibvirtError(

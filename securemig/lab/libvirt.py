@@ -146,12 +146,14 @@ class LibvirtHost:
     # -- where things are, seen from the root namespace
 
     def path(self, inside: str) -> Path:
-        """The root namespace's path of ``inside`` (a path under one of the
-        bind-mounted trees, as this host's libvirt and QEMUs see it)."""
+        """The root namespace's path of ``inside`` (a path as this host's
+        libvirt and QEMUs see it): under one of the bind-mounted trees, this
+        host's own file; elsewhere the same path (shared by every host)."""
         for tree, mount in MOUNTS:
             if inside == mount or inside.startswith(mount + "/"):
                 return self.directory / tree / inside[len(mount) :].lstrip("/")
-        raise ValueError(f"{inside} is not under one of this host's trees")
+        # Elsewhere both namespaces see the same files (the lab's shared storage).
+        return Path(inside)
 
     @property
     def run_dir(self) -> Path:
@@ -361,14 +363,17 @@ def define_guest(
     pcr16: str = linux_guest.DEFAULT_PCR16,
     vtpm: bool = True,
     persistent_secret: bool = False,
+    disk: str | None = None,
 ) -> GuestDomain:
     """Define the Linux guest on ``host`` the way an operator's domain
     would be before securemig adopts it: its disk created, its vTPM secret
     defined with a fresh random value (``persistent_secret``: non-ephemeral,
-    written to ``/etc/libvirt/secrets`` as libvirt does by default).  Not
-    started."""
+    written to ``/etc/libvirt/secrets`` as libvirt does by default).  The
+    disk is the host's own unless ``disk`` names a path outside its trees
+    (storage every lab host sees).  Not started."""
     libvirt = require_libvirt()
-    disk = f"/var/lib/libvirt/images/{name}.{'qcow2' if disk_format == 'qcow2' else 'img'}"
+    if disk is None:
+        disk = f"/var/lib/libvirt/images/{name}.{'qcow2' if disk_format == 'qcow2' else 'img'}"
     create_disk(host, disk, disk_format, disk_mib)
     secret_uuid = str(uuid.uuid4()) if vtpm else None
     conn = libvirt.open(host.uri)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -195,6 +197,53 @@ class LiveMigrationTests(TestCase):
             f"gap {watch.largest_gap_ms():.0f} ms, carried "
             + ", ".join(f"{n} {sender.carried[n]}" for n in SOCKETS)
         )
+
+    async def test_live_parallel_shared_storage(self) -> None:
+        """Shared storage (a qcow2 disk both hosts see; nothing copied) and
+        QEMU's multifd with 2 channels: each channel is one more carried
+        connection; the guest arrives, paused until the commit, and runs on
+        in sequence with PCR 16 kept."""
+        pcr16 = os.urandom(32).hex()
+        shared = Path(tempfile.mkdtemp(prefix="smlv-shared-", dir="/tmp"))
+        self.addCleanup(shutil.rmtree, shared, True)
+        domain = define_guest(
+            self.a,
+            "sharer",
+            disk_format="qcow2",
+            pcr16=pcr16,
+            persistent_secret=True,
+            disk=str(shared / "sharer.qcow2"),
+        )
+        for conn in self.conns:
+            self.addCleanup(_remove_domain, conn, "sharer")
+        bundle = await self.source.adopt(Path(self.mktemp()), "sharer", self.a.uri, seal)
+        await self.source.start(bundle)
+        watch = Watch(self.a.path(domain.heartbeat))
+        self.addCleanup(watch.stop)
+        await deferToThread(watch.wait, 3, 120.0)
+
+        outgoing = await self.source.outgoing(bundle)
+        value = unseal(bundle)
+        await self.destination.prepare_in(outgoing, value, self.dst_paths, copy_storage=False)
+        sender, receiver = self.carriers()
+        await self.source.migrate_out(
+            bundle, self.src_paths, copy_storage=False, parallel=2, unchecked_shared=True
+        )
+        await self.destination.end_in(outgoing, self.dst_paths)
+        self.assertEqual(await self.destination.arrived_state(outgoing), "paused")
+        self.assertGreaterEqual(sender.accepted["qemu"], 3)
+        self.assertEqual(sender.accepted["nbd"], 0)
+        self.assertEqual(receiver.errors + sender.errors, [])
+
+        watch.follow(self.b.path(domain.heartbeat))
+        await self.destination.commit_in(Path(self.mktemp()), outgoing, seal(value))
+        last = await deferToThread(watch.wait, 10, 120.0, 1)
+        await self.source.finish_out(bundle)
+        self.assertEqual(last.pcr16, extended(pcr16))
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats][-40:])
+        for conn in self.conns:
+            with self.assertRaises(self.libvirt.libvirtError):
+                conn.secretLookupByUUIDString(domain.secret_uuid)
 
     async def test_no_secret_at_destination(self) -> None:
         """A destination that never received the secret (its attestation
