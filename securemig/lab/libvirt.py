@@ -1,8 +1,8 @@
 """
 libvirt hosts for the lab: one system-mode ``libvirtd`` per host, each in
-its own mount namespace (``doc/operators-guide.rst``, "securemig with
-libvirt"; the measured recipe is
-``libvirt-recipe.md`` of the project's shared notes).
+its own mount namespace (``doc/backend-libvirt.rst``, "The lab's libvirt
+hosts"; the measured recipe is ``libvirt-recipe.md`` of the project's
+shared notes).
 
 A :class:`LibvirtHost` owns a short directory (unix socket paths are limited
 to 107 bytes) holding one tree per path libvirt insists on: ``etc``,

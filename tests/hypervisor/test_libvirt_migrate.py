@@ -10,7 +10,7 @@ in ``securemig migrate``), libvirt's RPC, QEMU's stream and NBD travel as
 sealed records over per-migration sockets, the destination waits paused
 for the commit, and the source's copy goes only after it.  The attested
 session around it (HELLO, attestation, key release, COMMIT) is not wired to
-libvirt domains yet (doc/backend-libvirt notes in doc/operators-guide.rst).
+libvirt domains yet (doc/backend-libvirt.rst, "Not yet done").
 """
 
 from __future__ import annotations
