@@ -529,7 +529,8 @@ class LibvirtBackend:
 
     def resume(self, bundle: Bundle) -> Deferred[None]:
         """libvirt's ``restore`` from the bundle's RAM image, the secret
-        defined only for it; a domain already running is left as it is."""
+        defined only for it; a paused domain is resumed, a running one left
+        as it is."""
         return self._call(self._resume, bundle)
 
     def _resume(self, bundle: Bundle) -> None:
@@ -539,7 +540,12 @@ class LibvirtBackend:
         conn = self._open(self._uri(record))
         try:
             domain = self._domain(conn, record)
-            if not domain.isActive():
+            if domain.isActive():
+                # Paused (a live arrival waiting for its commit, or the
+                # operator's pause): it continues with the memory it has.
+                if domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                    domain.resume()
+            else:
                 value = self._key(bundle)
                 with secret_held(conn, record.secret_uuid, record.domain, value):
                     try:
@@ -782,14 +788,9 @@ class LibvirtBackend:
         record = DomainRecord(outgoing.domain, outgoing.domain_uuid, outgoing.secret_uuid, uri)
         if not (vm_dir / record.domain).exists():
             self._write_bundle(vm_dir, record, sealed, "running")
-        conn = self._open(uri)
-        try:
-            domain = self._domain(conn, record)
-            if domain.state()[0] != 1:
-                domain.resume()
-        finally:
-            conn.close()
-        return Bundle.find(vm_dir, record.domain)
+        bundle = Bundle.find(vm_dir, record.domain)
+        self._resume(bundle)
+        return bundle
 
     def abort_in(self, outgoing: Outgoing, paths: SocketPaths) -> Deferred[None]:
         """Destination, before COMMIT: a domain libvirt left here (paused,

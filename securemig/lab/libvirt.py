@@ -257,6 +257,13 @@ class LibvirtHost:
             self.process.kill()
             self.process.wait()
 
+    def restart(self) -> str:
+        """Start libvirtd again after :meth:`kill_daemon` (same trees, same
+        host UUID): it finds the domains whose QEMU ran on and settles their
+        interrupted jobs."""
+        self.kill_daemon()
+        return self.start()
+
     def stop(self) -> None:
         """End libvirtd by its pid, then what it started; idempotent."""
         if self.process is not None:

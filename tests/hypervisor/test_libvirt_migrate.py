@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -89,8 +90,8 @@ class SecretWatch:
         self._thread.join()
 
 
-class LiveMigrationTests(TestCase):
-    """A domain moves live between two real libvirtds through carried sockets."""
+class MigrationCase(TestCase):
+    """Two lab libvirtds, a backend for each, a migration's socket paths."""
 
     timeout = 900
 
@@ -135,6 +136,10 @@ class LiveMigrationTests(TestCase):
         sender = CarrierSource(reactor, listen, *receiver.address, CIPHER, self.key, mid)
         self.addCleanup(sender.close)
         return sender, receiver
+
+
+class LiveMigrationTests(MigrationCase):
+    """A domain moves live between two real libvirtds through carried sockets."""
 
     async def test_live_with_disk_copy(self) -> None:
         """The guest moves live with its disk copied over NBD: the
@@ -275,6 +280,66 @@ class LiveMigrationTests(TestCase):
         for conn in self.conns[1:]:
             with self.assertRaises(self.libvirt.libvirtError):
                 conn.secretLookupByUUIDString(domain.secret_uuid)
+
+
+class LibvirtdKilledTests(MigrationCase):
+    """Crash cells at libvirt's level: either ``libvirtd`` killed
+    (``SIGKILL``) while QEMU's stream is carried, then started again.  After
+    each the guest runs on exactly one host -- the source -- with its memory
+    (heartbeat in sequence, PCR 16 kept), the destination has no domain, and
+    neither host holds the secret (an ephemeral secret dies with the daemon
+    that held it)."""
+
+    async def kill_mid_stream(self, victim: LibvirtHost, name: str) -> None:
+        pcr16 = os.urandom(32).hex()
+        domain, bundle = await self.running_guest(name, pcr16)
+        watch = Watch(self.a.path(domain.heartbeat))
+        self.addCleanup(watch.stop)
+        await deferToThread(watch.wait, 3, 120.0)
+        outgoing = await self.source.outgoing(bundle)
+        await self.destination.prepare_in(
+            outgoing, unseal(bundle), self.dst_paths, copy_storage=True
+        )
+        sender, _ = self.carriers()
+        migrating = self.source.migrate_out(bundle, self.src_paths, copy_storage=True)
+        while sender.carried["qemu"] < 8 << 20 and not migrating.called:
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertFalse(migrating.called, "the migration ended before the kill")
+        victim.kill_daemon()
+        with self.assertRaises(LibvirtError):
+            await migrating
+        await deferToThread(victim.start)
+        for conn_index in (0, 1):
+            self.conns[conn_index] = self.libvirt.open((self.a, self.b)[conn_index].uri)
+            self.addCleanup(self.conns[conn_index].close)
+        # What securemig's recovery does before the commit point.
+        await self.destination.abort_in(outgoing, self.dst_paths)
+        for _ in range(500):
+            if await self.source.state(bundle) == "running":
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(await self.source.state(bundle), "running")
+        self.assertEqual(await self.destination.arrived_state(outgoing), "undefined")
+        after = await deferToThread(watch.wait, 10, 120.0)
+        self.assertEqual(after.pcr16, extended(pcr16))
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats][-40:])
+        for conn in self.conns:
+            with self.assertRaises(self.libvirt.libvirtError):
+                conn.secretLookupByUUIDString(domain.secret_uuid)
+        self.assertTrue(self.a.path(f"/var/lib/libvirt/swtpm/{outgoing.domain_uuid}").exists())
+        # The vTPM state on exactly one host: none left at the destination.
+        self.assertFalse(self.b.path(f"/var/lib/libvirt/swtpm/{outgoing.domain_uuid}").exists())
+
+    async def test_destination_libvirtd_killed(self) -> None:
+        """The destination's libvirtd dies mid-stream: the source's libvirt
+        fails the migration and the guest runs on there."""
+        await self.kill_mid_stream(self.b, "dkill")
+
+    async def test_source_libvirtd_killed(self) -> None:
+        """The source's libvirtd dies mid-stream (its QEMU runs on); started
+        again, it settles the interrupted outgoing job and the guest runs
+        on there."""
+        await self.kill_mid_stream(self.a, "skill")
 
 
 def _qemu_alive(host: LibvirtHost) -> bool:
