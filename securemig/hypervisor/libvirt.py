@@ -54,6 +54,7 @@ from twisted.python.threadpool import ThreadPool
 
 from securemig import files
 from securemig.hypervisor.bundle import Bundle, BundleError, Image, Manifest, check_vm_name
+from securemig.hypervisor.contract import Backend, Capabilities
 from securemig.protocol.errors import ErrorCode, LocalFault
 
 #: What to install when libvirt-python is missing.
@@ -70,8 +71,20 @@ RUN_DIR = Path("/run/libvirt")
 #: Per-migration socket directories live under RUN_DIR/MIGRATIONS/ID.
 MIGRATIONS = "securemig"
 
-#: What this backend can do (for the backend registry; issue 23).
-CAPABILITIES = frozenset({"start", "suspend", "resume", "adopt", "vtpm"})
+#: What this backend can do (:mod:`securemig.hypervisor.backends`).  Not
+#: yet a source or destination of ``securemig migrate``, live or suspended:
+#: libvirt's migration with carried sockets exists below but the protocol
+#: does not drive it, and a saved domain's file alone does not make it
+#: elsewhere (its disks and vTPM state stay here; doc/backend-libvirt.rst).
+#: Its status says ``paused`` of a paused domain, so recovery does not
+#: count on resume_continues.
+CAPABILITIES = Capabilities(
+    suspend=False,
+    runs_guest=True,
+    startable=True,
+    vtpm=True,
+    disks=frozenset({"raw", "qcow2"}),
+)
 
 #: libvirt's domain states (``virDomainState``) as operators read them.
 STATES = {
@@ -202,7 +215,8 @@ def secret_held(conn: Any, secret_uuid: str, domain: str, value: bytes) -> Itera
 @dataclass(frozen=True)
 class SocketPaths:
     """A migration's UNIX socket paths: the same path names on both hosts
-    (``/run/libvirt/securemig/ID/NAME.sock`` as libvirt sees them), each
+    (``/run/libvirt/securemig/ID/NAME.sock`` as libvirt sees them, NAME one
+    of :data:`securemig.transport.carried.SOCKETS`), each
     host's own files."""
 
     #: The directory as libvirt and QEMU see it.
@@ -211,7 +225,8 @@ class SocketPaths:
     local_dir: Path
 
     def libvirt(self, name: str) -> str:
-        """Socket ``name`` (``libvirt``, ``qemu``, ``nbd``) as libvirt sees it."""
+        """Socket ``name`` (``rpc``: libvirt's; ``memory``: QEMU's stream;
+        ``disk``: NBD) as libvirt sees it."""
         return f"{self.libvirt_dir}/{name}.sock"
 
     def local(self, name: str) -> Path:
@@ -329,7 +344,7 @@ def _create_volume(conn: Any, disk: Disk) -> None:
             pool.destroy()
 
 
-class LibvirtBackend:
+class LibvirtBackend(Backend):
     """Adopted libvirt domains; each bundle names its domain and URI."""
 
     name = "libvirt"
@@ -662,9 +677,11 @@ class LibvirtBackend:
     ) -> None:
         libvirt = require_libvirt()
         record = DomainRecord.load(bundle)
-        params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_URI: "unix://" + paths.libvirt("qemu")}
+        params: dict[str, Any] = {
+            libvirt.VIR_MIGRATE_PARAM_URI: "unix://" + paths.libvirt("memory")
+        }
         if copy_storage:
-            params[libvirt.VIR_MIGRATE_PARAM_DISKS_URI] = "unix://" + paths.libvirt("nbd")
+            params[libvirt.VIR_MIGRATE_PARAM_DISKS_URI] = "unix://" + paths.libvirt("disk")
         if parallel:
             params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = parallel
         conn = self._open(self._uri(record))
@@ -672,7 +689,7 @@ class LibvirtBackend:
             domain = self._domain(conn, record)
             try:
                 domain.migrateToURI3(
-                    "qemu+unix:///system?socket=" + paths.libvirt("libvirt"),
+                    "qemu+unix:///system?socket=" + paths.libvirt("rpc"),
                     params,
                     _migration_flags(libvirt, copy_storage, parallel, unchecked_shared),
                 )

@@ -1,8 +1,8 @@
 """
 Carried sockets: every connection a hypervisor makes to a per-migration
 UNIX socket at the source travels, as sealed records, to the same-named
-socket at the destination (issue 23: libvirt's RPC, QEMU's stream and its
-multifd channels, the NBD disk copy).
+socket at the destination (issue 23: ``rpc``, libvirt's RPC; ``memory``,
+QEMU's stream and its multifd channels; ``disk``, the NBD disk copy).
 
 It is :mod:`securemig.transport.live` made two-way and many-connection, the
 shape of KubeVirt's migration proxy (one listener per socket, one dial per
@@ -46,8 +46,10 @@ log = Logger()
 #: The TLS exporter label of the carried sockets' key (its own label: its
 #: keys are never the image streams' or QEMU's live stream's).
 CARRIED_EXPORTER_LABEL = b"EXPORTER-securemig-carried-sockets"
-#: The sockets a migration may carry, by index (the preamble's first byte).
-SOCKETS = ("libvirt", "qemu", "nbd")
+#: The sockets a migration may carry, by index (the preamble's first byte):
+#: the hypervisors' RPC (libvirt's), the guest's memory stream (QEMU's, and
+#: each of its multifd channels) and the disk copy (NBD).
+SOCKETS = ("rpc", "memory", "disk")
 #: Preamble: socket index (1 byte), connection number (4 bytes).
 PREAMBLE = struct.Struct("!BI")
 #: A record holds at most this much of a socket's bytes.

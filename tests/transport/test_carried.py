@@ -89,13 +89,13 @@ class CarriedTests(TestCase):
         self.echo = Factory.forProtocol(Echo)
         self.echo.connections = 0  # type: ignore[attr-defined]
         self.echo.received = b""  # type: ignore[attr-defined]
-        port = reactor.listenUNIX(str(base / "dst-qemu.sock"), self.echo)
+        port = reactor.listenUNIX(str(base / "dst-memory.sock"), self.echo)
         self.addCleanup(port.stopListening)
         self.key = os.urandom(16)
         self.mid = os.urandom(8)
         self.receiver = CarrierDestination(
             reactor,
-            {"qemu": str(base / "dst-qemu.sock")},
+            {"memory": str(base / "dst-memory.sock")},
             CIPHER,
             self.key,
             self.mid,
@@ -104,7 +104,7 @@ class CarriedTests(TestCase):
         self.addCleanup(self.receiver.close)
         self.sender = CarrierSource(
             reactor,
-            {"qemu": str(base / "src-qemu.sock")},
+            {"memory": str(base / "src-memory.sock")},
             *self.receiver.address,
             CIPHER,
             self.key,
@@ -119,7 +119,7 @@ class CarriedTests(TestCase):
             def buildProtocol(self, addr: Any) -> Client:
                 return client
 
-        reactor.connectUNIX(str(self.base / "src-qemu.sock"), F())
+        reactor.connectUNIX(str(self.base / "src-memory.sock"), F())
         return await client.done
 
     async def test_each_connection_carried_both_ways(self) -> None:
@@ -129,7 +129,7 @@ class CarriedTests(TestCase):
         answers = [await d for d in [Deferred.fromCoroutine(self.call(p)) for p in payloads]]
         self.assertEqual(answers, [p.upper() for p in payloads])
         self.assertEqual(self.echo.connections, 3)  # type: ignore[attr-defined]
-        self.assertEqual(self.sender.accepted["qemu"], 3)
+        self.assertEqual(self.sender.accepted["memory"], 3)
         self.assertEqual(self.receiver.errors, [])
 
     async def stranger(self, data: bytes) -> None:
@@ -146,8 +146,8 @@ class CarriedTests(TestCase):
         """A preamble and a first record under another key: the connection
         is closed, the destination's socket never dialed; the real source's
         connection is carried after it."""
-        wrong = records.Sealer(CIPHER, connection_key(os.urandom(16), "qemu", 0, True), b"x")
-        await self.stranger(PREAMBLE.pack(SOCKETS.index("qemu"), 0) + b"".join(wrong.seal([b""])))
+        wrong = records.Sealer(CIPHER, connection_key(os.urandom(16), "memory", 0, True), b"x")
+        await self.stranger(PREAMBLE.pack(SOCKETS.index("memory"), 0) + b"".join(wrong.seal([b""])))
         self.assertEqual(self.echo.connections, 0)  # type: ignore[attr-defined]
         self.assertEqual(self.receiver.strangers_closed, 1)
         self.assertEqual(await self.call(b"after"), b"AFTER")
@@ -157,15 +157,15 @@ class CarriedTests(TestCase):
         silent stranger is closed after the first-record timeout; an
         oversized first record is refused from its header."""
         self.assertEqual(await self.call(b"one"), b"ONE")
-        await self.stranger(PREAMBLE.pack(SOCKETS.index("qemu"), 0))
+        await self.stranger(PREAMBLE.pack(SOCKETS.index("memory"), 0))
         await self.stranger(b"")
         big = records.Sealer(
             CIPHER,
-            connection_key(self.key, "qemu", 5, True),
-            b"%s/qemu/5/d" % self.mid,
+            connection_key(self.key, "memory", 5, True),
+            b"%s/memory/5/d" % self.mid,
         )
         await self.stranger(
-            PREAMBLE.pack(SOCKETS.index("qemu"), 5) + b"".join(big.seal([b"x" * 64]))
+            PREAMBLE.pack(SOCKETS.index("memory"), 5) + b"".join(big.seal([b"x" * 64]))
         )
         await deferLater(reactor, 0, lambda: None)
         self.assertEqual(self.echo.connections, 1)  # type: ignore[attr-defined]
