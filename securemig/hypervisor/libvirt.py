@@ -52,7 +52,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from securemig import files
+from securemig import crashpoint, files
 from securemig.hypervisor.bundle import Bundle, BundleError, Image, Manifest, check_vm_name
 from securemig.hypervisor.contract import Backend, Capabilities
 from securemig.protocol.errors import ErrorCode, LocalFault
@@ -432,7 +432,7 @@ class LibvirtBackend(Backend):
         check_vm_name(domain_name)
         path = vm_dir / domain_name
         if path.exists():
-            raise BundleError(f"{path} already exists: domain {domain_name} is adopted already")
+            return self._adopted_already(path, domain_name)
         conn = self._open(connect)
         try:
             try:
@@ -471,11 +471,29 @@ class LibvirtBackend(Backend):
             del value
             running = domain.state()[0] in (1, 3)
             self._write_bundle(vm_dir, record, sealed, "running" if running else "stopped")
-            # Only once the sealed copy is durable: libvirt's copy goes.
+            # Only once the sealed copy is durable: libvirt's copy goes.  A
+            # crash between the two is finished by adopting again.
+            crashpoint.reached("adopt-sealed")
             secret.undefine()
             return Bundle.find(vm_dir, domain_name)
         finally:
             conn.close()
+
+    def _adopted_already(self, path: Path, domain_name: str) -> Bundle:
+        """Adopting an adopted domain again: an adoption interrupted after its
+        bundle was durable (libvirt's secret still defined) is finished --
+        the secret undefined -- and its bundle returned; a complete one is
+        refused."""
+        bundle = Bundle.find(path.parent, domain_name)
+        record = DomainRecord.load(bundle)
+        conn = self._open(self.connect or record.connect)
+        try:
+            if not secret_defined(conn, record.secret_uuid):
+                raise BundleError(f"{path} already exists: domain {domain_name} is adopted already")
+            conn.secretLookupByUUIDString(record.secret_uuid).undefine()
+        finally:
+            conn.close()
+        return bundle
 
     @staticmethod
     def _write_bundle(vm_dir: Path, record: DomainRecord, sealed: bytes, state: str) -> None:

@@ -248,8 +248,10 @@ class AdoptCommandTests(TestCase):
 
     def test_adopt_start_status(self) -> None:
         """Adopted by the CLI, the domain's secret is sealed by the host's
-        TPM and gone from libvirt; `vm status` says libvirt's state; `vm
-        start` runs the guest with its vTPM and leaves no secret behind.
+        TPM and gone from libvirt (an adoption killed between the two is
+        finished by adopting again; a complete one is refused); `vm status`
+        says libvirt's state; `vm start` runs the guest with its vTPM and
+        leaves no secret behind.
         An unknown domain is refused with a sentence."""
         libvirt = require_libvirt()
         pcr16 = os.urandom(32).hex()
@@ -265,9 +267,21 @@ class AdoptCommandTests(TestCase):
         self.assertEqual(unknown.returncode, 1, unknown.stderr)
         self.assertIn("has no domain nosuch", unknown.stderr)
 
+        # Killed between the durable bundle and undefining libvirt's secret:
+        # the secret is still there; adopting again finishes the adoption.
+        crash = {**os.environ, "SECUREMIG_CRASH_POINTS": "1", "SECUREMIG_CRASH_AT": "adopt-sealed"}
+        killed = processes.securemig(
+            "vm", "adopt", "cli-guest", *where, "--identity", identity, env=crash
+        )
+        self.assertEqual(killed.returncode, -9, killed.stderr)
+        self.assertTrue((self.work / "vms" / "cli-guest" / "vtpm-key.sealed").exists())
+        conn.secretLookupByUUIDString(domain.secret_uuid)
         adopted = self.securemig("vm", "adopt", "cli-guest", *where, "--identity", identity)
         self.assertEqual(adopted.returncode, 0, adopted.stderr)
         self.assertIn("sealed to this host", adopted.stdout)
+        again = self.securemig("vm", "adopt", "cli-guest", *where, "--identity", identity)
+        self.assertEqual(again.returncode, 1, again.stderr)
+        self.assertIn("adopted already", again.stderr)
         with self.assertRaises(libvirt.libvirtError):
             conn.secretLookupByUUIDString(domain.secret_uuid)
         status = self.securemig("vm", "status", "cli-guest", "--dir", vms)
