@@ -67,8 +67,8 @@ class ParserTests(SynchronousTestCase):
         """Each command and action sets ``func`` to a ``cmd_*`` of its module."""
         found = leaves(build_parser())
         self.assertEqual(
-            len(found), 30
-        )  # pca: init, authorize, replace, revoke, list; vm: +stop, delete
+            len(found), 31
+        )  # pca: init, authorize, replace, revoke, list; vm: +stop, delete, adopt
         for path, func in found:
             self.assertTrue(callable(func), path)
             self.assertTrue(getattr(func, "__name__", "").startswith("cmd_"), path)
