@@ -26,6 +26,7 @@ from securemig.app.metrics_service import metrics_site
 from securemig.host import storage
 from securemig.host.arrival import DestinationHost
 from securemig.host.glibc import tune_malloc
+from securemig.hypervisor import backends
 from securemig.transport import tls
 from securemig.transport.control import DEADLINE, IDLE_TIMEOUT
 from securemig.transport.destination import DestinationFactory
@@ -199,7 +200,14 @@ class Options(ServiceOptions):
             "and every source is refused (fail closed).",
             float,
         ],
-        ["backend", None, "image", "Hypervisor of this host: image (files only), qemu or xen."],
+        [
+            "backend",
+            None,
+            backends.DEFAULT,
+            "Hypervisor backend of this host: "
+            + ", ".join(backends.kinds())
+            + " (image: files only).",
+        ],
         [
             "tls-cipher",
             None,
@@ -279,8 +287,10 @@ class Options(ServiceOptions):
 
         if self["tls-cipher"] and self["tls-cipher"] not in CIPHERS:
             raise usage.UsageError(f"unknown --tls-cipher; one of {', '.join(CIPHERS)}")
-        if self["backend"] not in ("image", "qemu", "xen"):
-            raise usage.UsageError(f"unknown --backend {self['backend']}: image, qemu or xen")
+        if self["backend"] not in backends.kinds():
+            raise usage.UsageError(
+                f"unknown --backend {self['backend']}: {', '.join(backends.kinds())}"
+            )
         if not self["listen"] and not self["insecure-listen"]:
             raise usage.UsageError(
                 "give an endpoint to listen on: --listen ENDPOINT "

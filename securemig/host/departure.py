@@ -20,7 +20,7 @@ from securemig import crashpoint, files
 from securemig.host import storage
 from securemig.host.arrival import variant_name
 from securemig.host.journal import Journal
-from securemig.hypervisor.backends import Backend, backend_for
+from securemig.hypervisor.backends import Backend, backend_for, capabilities
 from securemig.hypervisor.bundle import Bundle, BundleError, set_disk_owner
 from securemig.hypervisor.qemu import LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH
 from securemig.protocol import wire
@@ -134,7 +134,9 @@ class Departure:
         self.journal.finish(self.id, "aborted", error=f"{code}: {error}", nbytes=0)
 
     def hello(self, chunk_size: int) -> wire.Hello:
-        """The HELLO announcing this VM (version 1 unless it needs version 2's fields)."""
+        """The HELLO announcing this VM: version 2, whose tail says what the VM
+        is (its backend, vTPM) so a destination that cannot run it refuses it
+        at admission."""
         hello = wire.Hello(
             version=1,
             variant=self.variant,
@@ -146,6 +148,8 @@ class Departure:
             guest="linux" if self.bundle.manifest.guest == "linux" else "",
             guest_cmdline=self.bundle.manifest.guest_cmdline,
             mode=wire.Mode.LIVE if self.live else wire.Mode.SUSPENDED,
+            backend=self.bundle.manifest.backend,
+            vtpm=1 if self.bundle.manifest.vtpm else 0,
         )
         return replace(hello, version=2) if wire.has_tail(hello) else hello
 
@@ -273,8 +277,11 @@ async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
 
 def check_live(bundle: Bundle, variant: wire.Variant) -> None:
     """Refuse a live migration this VM cannot make, saying why."""
-    if bundle.manifest.backend != "qemu":
-        raise BundleError(f"VM {bundle.name} is not a QEMU guest: only those migrate live")
+    if not capabilities(bundle.manifest.backend).live_source:
+        raise BundleError(
+            f"VM {bundle.name} is a {bundle.manifest.backend} VM: that backend does not "
+            "migrate live (migrate it without --live)"
+        )
     if variant is not wire.Variant.SHARED_STORAGE or any(
         image.name == "disk" for image in bundle.manifest.images
     ):

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from securemig.host import storage
 from securemig.host.departure import release
 from securemig.host.journal import Journal, MigrationRecord, owner_alive
-from securemig.hypervisor.backends import backend_for
+from securemig.hypervisor.backends import backend_for, capabilities
 from securemig.hypervisor.bundle import LOCK, Bundle
 from securemig.protocol import wire
 from securemig.protocol.effects import Outcome
@@ -140,9 +140,12 @@ async def _resume(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> st
         )
     key = None if unseal is None else key_reader(unseal)
     backend = backend_for(bundle.manifest.backend, vtpm_key=key)
-    # A QEMU that runs may be paused after a live stream: its resume continues
-    # it (and leaves a running one alone), so it is always asked.
-    if backend.status(bundle) == "running" and bundle.manifest.backend != "qemu":
+    # A guest that runs may be paused after a live stream: a backend whose
+    # resume continues it (and leaves a running one alone) is always asked.
+    if (
+        backend.status(bundle) == "running"
+        and not capabilities(bundle.manifest.backend).resume_continues
+    ):
         return f"VM {bundle.name} runs here"
     try:
         await backend.resume(bundle)

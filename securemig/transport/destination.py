@@ -48,8 +48,7 @@ from zope.interface import implementer
 
 from securemig import crashpoint, metrics
 from securemig.host.journal import PROGRESS_INTERVAL
-from securemig.hypervisor.bundle import disk_owner
-from securemig.hypervisor.qemu import live_socket
+from securemig.hypervisor.bundle import VTPM_IMAGE, disk_owner
 from securemig.protocol import destination as destination_session
 from securemig.protocol import effects, records, wire
 from securemig.protocol.connection import (
@@ -269,7 +268,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 return  # ended meanwhile: the discard ends this QEMU too
             receiver = LiveReceiver(
                 self.clock,
-                str(live_socket(live.bundle)),
+                str(self.arrival.live_socket),
                 new_opener,
                 interface=self.out.getHost().host,
                 on_progress=lambda n: self.touch(),
@@ -334,7 +333,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             if (
                 self.security is None
                 and self.key_keeper is None
-                and any(i.name == "vtpm" for i in effect.hello.images)
+                and any(i.name == VTPM_IMAGE for i in effect.hello.images)
             ):
                 raise ProtocolError(
                     ErrorCode.POLICY_REFUSED,
@@ -571,7 +570,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             )
 
         if self.wrapped_key is None and self.security is None:
-            if any(i.name == "vtpm" for i in self.arrival.hello.images):
+            if any(i.name == VTPM_IMAGE for i in self.arrival.hello.images):
                 raise KeyTransferError("a vTPM state arrived without its key")
             self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
         else:

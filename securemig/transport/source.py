@@ -19,7 +19,6 @@ from zope.interface import implementer
 
 from securemig import crashpoint
 from securemig.host.journal import PROGRESS_INTERVAL
-from securemig.hypervisor.qemu import live_socket
 from securemig.protocol import effects, records
 from securemig.protocol import source as source_session
 from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT, SourceConnection
@@ -228,7 +227,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         cipher, key = self.data_channel_key(records.LIVE_EXPORTER_LABEL)
         sealer = records.Sealer(cipher, key, self.migration_id())
         bundle = self.departure.bundle
-        listen = live_socket(bundle)
+        listen = self.departure.backend.live_socket(bundle)
         listen.unlink(missing_ok=True)
 
         def progress(n: int) -> None:

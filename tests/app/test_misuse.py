@@ -22,11 +22,14 @@ from twisted.trial.unittest import TestCase
 from securemig.host import storage
 from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, create_image_vm
+from securemig.hypervisor.qemu import QemuBackend, qemu_binary
 from securemig.lab import processes
 from securemig.trust.pca.core import PrivacyCA
 from securemig.trust.pki import Authority
 
 from ..helpers import bundle_digests
+from ..hypervisor.test_qemu import under_tcg
+from ..transport.test_secure import SecureBase
 
 
 class Scene:
@@ -698,3 +701,93 @@ def _row_test(row: Row) -> Callable[[MisuseTests], None]:
 
 for _row in ROWS:
     setattr(MisuseTests, f"test_{_row.name}", _row_test(_row))
+
+
+class BackendMismatchTests(SecureBase):
+    """A VM offered to a destination whose backend cannot run it (issue 21):
+    refused at admission with BACKEND_MISMATCH and a sentence naming both
+    backends, before PREPARED (before attestation: HELLO is answered first);
+    the VM runs on at the source, nothing is staged or arrives at the
+    destination, ``migrate`` exits 1 saying so.  Real daemons, real QEMU."""
+
+    timeout = 180
+
+    def qemu_guest(self) -> Bundle:
+        """A running QEMU guest (firmware only) with a vTPM at the source."""
+        qemu_binary()
+        bundle = self.create_vm("--backend", "qemu", "--ram-mib", "64")
+        self.addCleanup(QemuBackend().end, bundle)
+        started = processes.securemig(
+            "vm", "start", "vm1", "--dir", str(self.vm_dir), "--identity", str(self.src_id)
+        )
+        self.assertEqual(started.returncode, 0, started.stderr)
+        return Bundle.load(bundle.path)
+
+    def assertRefused(
+        self, result: subprocess.CompletedProcess[str], destination: processes.Destination,
+        vm: str, dest: str,
+    ) -> None:  # fmt: skip
+        """Exit 1 with the code and a sentence naming both backends; the
+        source journal never reached PREPARED; the destination staged and
+        keeps nothing, and journaled the refusal."""
+        said = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 1, said)
+        self.assertNotIn("Traceback", said)
+        self.assertIn(
+            f"failed: BACKEND_MISMATCH: destination: the VM's backend is {vm} and this "
+            f"destination's is {dest}: it cannot run the VM",
+            result.stderr,
+        )
+        self.assertIn("the VM is still at the source, unlocked", result.stderr)
+        source = Journal(self.vm_dir / ".securemig" / "journal.sqlite")
+        self.addCleanup(source.close)
+        [mine] = source.records()
+        self.assertEqual(mine.outcome, "aborted")
+        self.assertFalse(mine.reached("prepared"))
+        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertFalse((destination.state_dir / "vms" / "vm1").exists())
+        theirs = Journal(destination.state_dir / "journal.sqlite")
+        self.addCleanup(theirs.close)
+        # Refused before admission: no migration record, one refusal.
+        self.assertEqual(theirs.records(), [])
+        [refusal] = theirs.refusals()
+        self.assertEqual((refusal.vm, refusal.code), ("vm1", "BACKEND_MISMATCH"))
+        self.assertNoUnhandledError(destination)
+
+    def test_live_qemu_vm_to_an_image_destination(self) -> None:
+        """``migrate --live`` of a running QEMU guest to an image daemon: the
+        guest never stops (same QEMU process, QMP says running)."""
+        under_tcg(self)
+        destination = self.start_destination("--tofu")
+        bundle = self.qemu_guest()
+        pid = int((bundle.path / "qemu.pid").read_text())
+        result = self.migrate(destination, "--live", "--tofu")
+        self.assertRefused(result, destination, "qemu", "image")
+        self.assertEqual(int((bundle.path / "qemu.pid").read_text()), pid)
+        self.assertEqual(QemuBackend().query(bundle, "query-status")["status"], "running")
+        self.assertTrue(bundle.vtpm_key_path.exists())
+
+    def test_suspended_qemu_vm_to_an_image_destination(self) -> None:
+        """A suspended migration of a running QEMU guest to an image daemon:
+        refused; the guest runs again at the source from its saved state (QMP
+        says running), its vTPM key kept."""
+        under_tcg(self)
+        destination = self.start_destination("--tofu")
+        bundle = self.qemu_guest()
+        result = self.migrate(destination, "--tofu")
+        self.assertRefused(result, destination, "qemu", "image")
+        self.assertEqual(QemuBackend().query(bundle, "query-status")["status"], "running")
+        self.assertEqual(Bundle.load(bundle.path).manifest.state, "running")
+        self.assertTrue(bundle.vtpm_key_path.exists())
+
+    def test_image_vm_to_a_qemu_destination(self) -> None:
+        """The reverse (before: committed, then RESUME_FAILED, exit 3): an
+        image VM offered to a QEMU daemon is refused; its images are intact
+        and unlocked at the source."""
+        destination = self.start_destination("--tofu", "--backend", "qemu")
+        bundle = self.create_vm()
+        before = bundle_digests(bundle)
+        result = self.migrate(destination, "--tofu")
+        self.assertRefused(result, destination, "image", "qemu")
+        self.assertEqual(bundle_digests(Bundle.load(bundle.path)), before)
+        self.assertFalse(storage.is_locked(bundle.lock_path))

@@ -24,15 +24,10 @@ from securemig.app.cli.common import (
 from securemig.app.cli.journal import given_away, host_journal, settle_here
 from securemig.host import storage
 from securemig.host.journal import Journal
+from securemig.hypervisor import backends
 from securemig.hypervisor import guest as linux_guest
-from securemig.hypervisor.backends import Backend, backend_for
-from securemig.hypervisor.bundle import (
-    MANIFEST,
-    Bundle,
-    BundleError,
-    check_vm_name,
-    create_image_vm,
-)
+from securemig.hypervisor.backends import Backend, backend_for, capabilities
+from securemig.hypervisor.bundle import MANIFEST, Bundle, BundleError, check_vm_name
 from securemig.protocol.errors import MigrationError
 from securemig.trust import vtpm
 from securemig.trust.attestor import open_attestor
@@ -55,14 +50,14 @@ def add_parser(subparsers: Subparsers) -> None:
         "--ram-mib",
         required=True,
         type=_mib,
-        help="RAM image size (image backend) or guest memory (qemu) in MiB",
+        help="RAM image size (a backend that runs no guest) or guest memory in MiB",
     )
     create.add_argument(
         "--backend",
-        default="image",
-        choices=("image", "qemu"),
-        help="image: a suspended VM of random bytes; qemu: a QEMU guest "
-        "(start it with `securemig vm start`)",
+        default=backends.DEFAULT,
+        choices=backends.kinds(lambda c: c.creatable),
+        help="the VM's hypervisor backend: image (default): a suspended VM of random bytes; "
+        "a backend that runs guests (qemu): a stopped guest (start it with `securemig vm start`)",
     )
     create.add_argument(
         "--guest",
@@ -168,8 +163,9 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
         return usage_error(str(e))
     cmdline = ""
     if args.guest == "linux":
-        if args.backend != "qemu":
-            return usage_error("--guest linux needs --backend qemu")
+        if args.guest not in capabilities(args.backend).guests:
+            able = backends.kinds(lambda c: args.guest in c.guests)
+            return usage_error(f"--guest {args.guest} needs --backend {' or '.join(able)}")
         if args.wss_mib * 2 + 48 > args.ram_mib:
             return usage_error(
                 f"--ram-mib {args.ram_mib} is too small for a {args.wss_mib} MiB working set "
@@ -200,17 +196,17 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
             return error(f"cannot use the identity in {args.identity}: {e}")
         key_and_ca = (key, args.identity / "vtpm-ca")
     try:
-        bundle = create_image_vm(
+        bundle = backends.create_vm(
             args.dir,
             args.name,
             args.ram_mib,
-            args.disk_mib,
-            args.shared_disk,
-            sealed,
-            key_and_ca,
-            owner=owner,
-            backend=args.backend,
+            kind=args.backend,
             guest=args.guest,
+            disk_mib=args.disk_mib,
+            shared_disk=args.shared_disk,
+            sealed_vtpm_key=sealed,
+            vtpm=key_and_ca,
+            owner=owner,
             guest_cmdline=cmdline,
         )
     except (BundleError, OSError, ValueError) as e:
@@ -290,7 +286,7 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
             raise BundleError(gone)
         bundle, backend = _find(args.dir, args.name, args.identity)
         found[:] = [bundle, backend]
-        if not hasattr(backend, "start"):
+        if not capabilities(bundle.manifest.backend).startable:
             raise BundleError(f"VMs of the {bundle.manifest.backend} backend are not started here")
         if backend.status(bundle) == "running":
             return
@@ -299,7 +295,7 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
             # from the RAM image; a cold boot would discard the guest's memory.
             await backend.resume(bundle)
         else:
-            await backend.start(bundle)  # type: ignore[attr-defined]
+            await backend.start(bundle)
 
     if args.identity:
         check_identity(args.identity)
