@@ -26,7 +26,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from securemig import crashpoint
+from securemig import crashpoint, logcontext
 from securemig.protocol import records, wire
 
 # The clocks' defaults live with the clocks; re-exported for the services' options.
@@ -116,8 +116,9 @@ class FramedProtocol(Connection, Generic[E]):
     def dataReceived(self, data: bytes) -> None:
         """Feed bytes to the connection object and carry out the effects of
         each whole message before the next is decoded."""
-        self.connection.receive_data(data, self.clock.seconds())
-        self.drain()
+        with logcontext.of(self.log_context):
+            self.connection.receive_data(data, self.clock.seconds())
+            self.drain()
 
     def drain(self) -> None:
         """Carry out the effects of every whole message received so far."""
@@ -132,7 +133,8 @@ class FramedProtocol(Connection, Generic[E]):
         # A TLS refusal (bad certificate, wrong name) arrives as the reason.
         batch = self.connection.connection_lost("" if clean else tls.describe_failure(reason))
         self._schedule()
-        self.run(batch)
+        with logcontext.of(self.log_context):
+            self.run(batch)
 
     # -- helpers for subclasses
 
@@ -173,7 +175,8 @@ class FramedProtocol(Connection, Generic[E]):
 
     def _on_timer(self) -> None:
         self._timer = None
-        self._run_reporting(self.connection.handle_timer(self.clock.seconds()))
+        with logcontext.of(self.log_context):
+            self._run_reporting(self.connection.handle_timer(self.clock.seconds()))
         self._schedule()
 
     def run(self, batch: Sequence[E | CloseNow]) -> None:
