@@ -22,6 +22,7 @@ LAYERS = (
     "securemig.protocol",
     "securemig.files",
     "securemig.crashpoint",
+    "securemig.metrics",
     "securemig.trust",
     "securemig.hypervisor",
     "securemig.host",

@@ -140,7 +140,8 @@ KEYS: dict[str, dict[str, Key]] = {
         "per-source-max-startups": Key(
             "int", "pending connections per address", {"service": "per-source-max-startups"}
         ),
-        "log-format": Key("str", "text or json", {"service": "log-format"}),
+        "log-format": Key("str", "text, json or journal", {"service": "log-format"}),
+        "metrics": Key("str", "endpoint of the Prometheus metrics", {"service": "metrics"}),
     },
 }
 

@@ -22,6 +22,7 @@ from twisted.python import usage
 
 from securemig import files
 from securemig.app import config, logformat
+from securemig.app.metrics_service import metrics_site
 from securemig.host import storage
 from securemig.host.arrival import DestinationHost
 from securemig.host.glibc import tune_malloc
@@ -119,6 +120,14 @@ class Options(ServiceOptions):
             "Endpoint of the INSECURE variant: no TLS, no attestation, vTPM keys in clear.",
         ],
         ["port-file", None, None, "Write the (secure, else insecure) port number here."],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics (GET /metrics) on this endpoint, e.g. "
+            "tcp:9464:interface=127.0.0.1 (no authentication: loopback or a management "
+            "network); off by default.",
+        ],
         ["insecure-port-file", None, None, "Write the insecure port number here."],
         [
             "idle-timeout",
@@ -493,6 +502,8 @@ def makeService(options: Options) -> service.MultiService:
     timers = {"idle_timeout": options["idle-timeout"], "deadline": options["deadline"]}
     port_file = Path(options["port-file"]) if options["port-file"] else None
     attestor = None
+    caps: Caps | None = None
+    limits = None
     if options["identity"]:
         policy_dir = Path(options["policy-dir"]) if options["policy-dir"] else None
         identity_dir = Path(options["identity"])
@@ -544,6 +555,7 @@ def makeService(options: Options) -> service.MultiService:
         factory: Any = secure
         wrapped = LimitedTLSFactory(server_options, factory, preauth_caps(options, nofile), reactor)
         caps = wrapped.limits.caps
+        limits = wrapped.limits
         log.info(
             "before the TLS handshake: {timeout:g} s to complete it, at most {per} per "
             "address, random drop above {start} (from {rate} %), at most {full}",
@@ -578,4 +590,57 @@ def makeService(options: Options) -> service.MultiService:
             port_file,
             "insecure migrations",
         ).setServiceParent(top)
+    if options["metrics"]:
+        ListenService(
+            serverFromString(reactor, options["metrics"]),
+            metrics_site(Path(options["state-dir"]), limits),
+            None,
+            "Prometheus scrapes (/metrics)",
+        ).setServiceParent(top)
+    log_startup(options, nofile, caps)
     return top
+
+
+def log_startup(options: Options, nofile: int, caps: Caps | None) -> None:
+    """One line that says how this daemon runs: version, backend, trust
+    mode, listeners, limits."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("securemig")
+    except PackageNotFoundError:
+        release = "?"
+    trust = []
+    if options["listen"]:
+        policies = options["policy-dir"] or f"{options['identity']}/policy"
+        trust.append(f"secure: mutual TLS + attestation, golden values from {policies}")
+        if options["tofu"]:
+            trust.append("TRUST ON FIRST USE of unknown sources")
+        allowed = options.get("allow-source")
+        trust.append(f"sources allowed: {', '.join(allowed) if allowed else 'any of the site CA'}")
+    if options["insecure-listen"]:
+        trust.append("INSECURE variant served (no TLS, no attestation)")
+    listeners = [f"secure {options['listen']}"] if options["listen"] else []
+    if options["insecure-listen"]:
+        listeners.append(f"insecure {options['insecure-listen']}")
+    if options["metrics"]:
+        listeners.append(f"metrics {options['metrics']}")
+    limits = (
+        f"idle {options['idle-timeout']:g} s, deadline {options['deadline']:g} s, "
+        f"{nofile} descriptors"
+    )
+    if caps is not None:
+        limits += (
+            f", handshake {caps.handshake_timeout:g} s, pending {caps.per_address} per "
+            f"address and {caps.full} in all"
+        )
+    log.info(
+        "securemig {release} starting: backend {backend}; trust: {trust}; listening: "
+        "{listeners}; state {state}; limits: {limits}",
+        release=release,
+        backend=options["backend"],
+        trust="; ".join(trust),
+        listeners=", ".join(listeners) or "none",
+        state=options["state-dir"],
+        limits=limits,
+    )

@@ -123,9 +123,20 @@ class Departure:
             if self.was_running:
                 # Recovery resumes the VM here if this migration never commits.
                 self.journal.phase(self.id, "suspended")
-        except BaseException:
+        except BaseException as e:
             await self.rollback()
+            self.refused(e)
             raise
+
+    def refused(self, error: BaseException) -> None:
+        """Journal the end of a migration refused here before anything was
+        sent (the VM stays, unlocked): its record is closed, not left
+        ``started`` for recovery to settle as a lost connection."""
+        if isinstance(error, MigrationError):
+            code = error.code.name
+        else:
+            code = "IO_ERROR" if isinstance(error, OSError) else "INTERNAL"
+        self.journal.finish(self.id, "aborted", error=f"{code}: {error}", nbytes=0)
 
     def hello(self, chunk_size: int) -> wire.Hello:
         """The HELLO announcing this VM: version 2, whose tail says what the VM

@@ -55,6 +55,7 @@ __all__ = [
     "kinds",
     "refusal",
     "register",
+    "unregister",
 ]
 
 #: The backend of a host that names none: a VM is its image files.
@@ -88,6 +89,11 @@ def register(kind: str, factory: Factory, capabilities: Capabilities) -> None:
         # As HELLO carries it (and manifests and --backend spell it).
         raise ValueError(f"backend kind {kind!r}: a-z, then a-z, 0-9 or '_', at most 16")
     _REGISTRY[kind] = Registration(kind, factory, capabilities)
+
+
+def unregister(kind: str) -> None:
+    """Forget backend ``kind`` (a test's own backend, once the test ends)."""
+    _REGISTRY.pop(kind, None)
 
 
 def _registry() -> dict[str, Registration]:

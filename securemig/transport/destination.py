@@ -46,7 +46,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from securemig import crashpoint
+from securemig import crashpoint, metrics
 from securemig.host.journal import PROGRESS_INTERVAL
 from securemig.hypervisor.bundle import VTPM_IMAGE, disk_owner
 from securemig.protocol import destination as destination_session
@@ -139,6 +139,23 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def session(self) -> destination_session.DestinationSession:
         """The destination session the connection object drives."""
         return self.connection.session
+
+    def log_context(self) -> dict[str, str | None]:
+        """The arrival's migration id, VM and source (address, and name once verified)."""
+        hello = self.session.hello
+        name = self._name_or_none() if self.security is not None else None
+        return {
+            "role": "destination",
+            "migration_id": self.arrival.migration_id.hex() if self.arrival else None,
+            "vm": hello.vm_name if hello else None,
+            "peer": f"{name} ({self._peer()})" if name else self._peer(),
+        }
+
+    def _name_or_none(self) -> str | None:
+        try:
+            return self.peer_name()
+        except Exception:
+            return None
 
     def _peer(self) -> str:
         peer = self.out.getPeer()
@@ -350,6 +367,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         """Journal an arrival refused before admission (at the handshake, by
         ``--allow-source``: no VM named yet; or at HELLO); ``securemig status``
         shows it.  A journal that cannot take it is logged; the refusal stands."""
+        metrics.REFUSALS.labels(e.code.name).inc()
         name = None
         if self.security is not None:
             try:
@@ -614,6 +632,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             vm=vm,
             peer=self._peer(),
             outcome=effect.outcome.value,
+            code=effect.code.name if effect.code else None,
             why=f" ({effect.code.name}: {effect.reason})" if effect.code else "",
         )
 
