@@ -23,6 +23,7 @@ POINTS = frozenset(
         "destination-streaming",  # past half of the first image
         "destination-prepared",  # PREPARED journaled, not sent
         "destination-commit-journaled",  # COMMIT journaled, VM not moved into place
+        "destination-in-place",  # VM moved into place, not resumed (live: not continued)
         "destination-resumed",  # VM moved and resumed, DONE not sent
         "source-prepared-received",  # PREPARED received, COMMITTED not journaled
         "source-committed",  # COMMITTED journaled, key and bundle still here, COMMIT not sent

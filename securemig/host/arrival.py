@@ -96,7 +96,12 @@ class DestinationHost:
         actions: list[tuple[str, str]] = []
         for record in self.journal.unfinished():
             if record.role == "destination":
-                actions.append((record.id, await self._recover_one(record)))
+                try:
+                    actions.append((record.id, await self._recover_one(record)))
+                except Exception as e:
+                    # One record that cannot be settled now does not stop the others.
+                    log.error("recovery of migration {mid} failed: {e}", mid=record.id, e=e)
+                    actions.append((record.id, f"not settled: {e}"))
         for path in sorted(self.staging.iterdir()):
             # Staging the journal does not know (a crash between the journal's
             # begin and mkdir cannot make this; a hand-made copy can).
@@ -108,12 +113,12 @@ class DestinationHost:
     async def _recover_one(self, record: Any) -> str:
         staging = self.staging / record.id
         in_place = (self.vms / record.vm).exists() and not staging.exists()
-        if record.reached("committed") or record.reached("resumed"):
-            if staging.exists():
-                return await self._roll_forward(record, "destination restarted after COMMIT")
-            if in_place:
-                self.journal.finish(record.id, Outcome.DONE.value)
-                return f"VM {record.vm} was in place: done"
+        committed = record.reached("committed") or record.reached("resumed")
+        if committed and (staging.exists() or in_place):
+            # In place is not done: the crash may have come before the resume
+            # (a live arrival's QEMU waits paused), and the rule
+            # (protocol.recovery.destination_restart) is to resume it.
+            return await self._roll_forward(record, "destination restarted after COMMIT")
         if record.phase in ("prepared", "in-doubt") and staging.exists():
             self.journal.finish(
                 record.id, Outcome.IN_DOUBT.value, error="destination restarted after PREPARED"
@@ -141,9 +146,17 @@ class DestinationHost:
                 )
             files.rename_durably(staging, target)
         bundle = Bundle.load(target)
+        if record.reached("resumed") and self.backend_status(bundle) == "stopped":
+            # It ran here and its QEMU has ended since: starting it again from
+            # the RAM image would run an older state of the guest a second time.
+            log.error(
+                "migration {mid}: VM {vm} was resumed here and its QEMU has ended since",
+                mid=record.id,
+                vm=record.vm,
+            )
         # A QEMU that runs may wait paused after a live stream: its resume
         # continues it (and leaves a running one alone).
-        if self.backend_status(bundle) != "running" or bundle.manifest.backend == "qemu":
+        elif self.backend_status(bundle) != "running" or bundle.manifest.backend == "qemu":
             await self.resume(bundle)
         self.journal.phase(record.id, "resumed")
         self.journal.finish(record.id, Outcome.DONE.value)
@@ -491,6 +504,7 @@ class Arrival:
         crashpoint.reached("destination-commit-journaled")
         target = self.host.vms / self.hello.vm_name
         files.rename_durably(self.staging, target)
+        crashpoint.reached("destination-in-place")
         bundle = Bundle.load(target)
         if self.live is not None:
             self.live.release()  # the QMP socket moved with the bundle: reconnect there

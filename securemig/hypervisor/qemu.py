@@ -379,10 +379,17 @@ class QemuBackend:
             await LiveMigration(self, bundle, monitor).cont()
             monitor.transport.loseConnection()  # type: ignore[union-attr,misc]
             return
+        ram = bundle.image_path("ram")
+        if not ram.exists():
+            # A live arrival has no RAM image: its state was only in the QEMU
+            # that loaded the stream.  A QEMU started to read a missing image
+            # would wait (and spin) until MIGRATION_TIMEOUT with the VM locked.
+            raise QemuError(
+                f"VM {bundle.name} has no running QEMU and no RAM image ({ram}) to resume from"
+            )
         self._spawn(bundle, incoming=True)
         try:
             monitor = await self.monitor(bundle)
-            ram = bundle.image_path("ram")
             await monitor.execute("migrate-incoming", uri=f"exec:cat {shlex.quote(str(ram))}")
             await self._wait_migration(monitor)
             await monitor.execute("cont")

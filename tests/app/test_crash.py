@@ -193,14 +193,19 @@ class CrashPointTests(CrashBase):
 
     # -- cells: the destination daemon dies, and is restarted on its port
 
-    def destination_dies(self, point: str) -> None:
+    def destination_dies(self, point: str) -> str:
         destination = self.daemon(self.dst_state, crash_env(point))
         result = self.migrate(self.vm_dir, self.src_state, destination.address)
         self.assertNotEqual(result.returncode, 0, result.stdout)
         self.wait_dead(destination)
         again = self.daemon(self.dst_state, port=destination.port)
         where = self.assertSettles(again, self.source_daemon)
+        if where == "destination":
+            # Settled means resumed there, not only in place.
+            arrived = Bundle.load(self.dst_state / "vms" / "vm1")
+            self.assertEqual(arrived.manifest.state, "resumed")
         self.assertNextMigrationSucceeds(where, again)
+        return where
 
     def test_destination_dies_admitted(self) -> None:
         """Before WELCOME: nothing moved."""
@@ -219,6 +224,11 @@ class CrashPointTests(CrashBase):
         """COMMIT journaled, VM not moved: the restart rolls it forward (the
         old restart rule discarded it and the VM was lost)."""
         self.destination_dies("destination-commit-journaled")
+
+    def test_destination_dies_in_place(self) -> None:
+        """COMMIT journaled, VM moved into place, not resumed: the restart
+        resumes it (it used to journal done and leave it suspended)."""
+        self.assertEqual(self.destination_dies("destination-in-place"), "destination")
 
     def test_destination_dies_resumed(self) -> None:
         """Resumed, DONE not sent: the restart journals done, the source's

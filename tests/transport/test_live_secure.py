@@ -267,6 +267,12 @@ class LiveCrashPointTests(LiveSecureBase):
         restarted destination ends its paused QEMU on RESOLVE (aborted)."""
         self.assertEqual(await self.cell("destination-prepared", "destination"), "source")
 
+    async def test_destination_dies_in_place(self) -> None:
+        """Moved into place, not continued: the restart continues the QEMU
+        that waits paused (it used to journal done and leave it paused, the
+        guest's heartbeat stopped for good)."""
+        self.assertEqual(await self.cell("destination-in-place", "destination"), "destination")
+
     async def test_destination_dies_commit_journaled(self) -> None:
         """COMMIT journaled, the guest not continued: the restart rolls it
         forward, continuing the QEMU that waits loaded and paused."""
