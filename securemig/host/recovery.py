@@ -55,11 +55,18 @@ class Owed:
 
 
 async def settle_departures(
-    journal: Journal, unseal: Callable[[bytes], bytes] | None = None
+    journal: Journal, unseal: Callable[[bytes], bytes] | None = None, defer: bool = False
 ) -> tuple[list[str], list[Owed]]:
     """Settle this host's unfinished departures.  ``unseal`` opens a vTPM key
-    sealed to this host's TPM (to resume a VM with a vTPM); without it such
-    a VM is left suspended, resumable with ``securemig vm start --identity``.
+    sealed to this host's TPM (to resume a VM with a vTPM from its saved
+    state; continuing a QEMU that still runs, paused, needs no key).
+
+    Without ``unseal`` a VM that needs its key to run again is left
+    suspended: with ``defer`` (a command run without the host's TPM, e.g.
+    ``securemig status``) its record is left unsettled for this host's
+    daemon or ``securemig vm start --identity``; without it (a daemon with
+    no TPM identity) the migration is aborted and the operator told how to
+    resume it.  Never is a guest left paused by settling.
 
     Returns what was done (sentences for the log and the operator) and the
     decisions still owed to destinations.
@@ -73,9 +80,9 @@ async def settle_departures(
             done += await _finish_commit(journal, record)
             decision = wire.Decision.COMMITTED
         else:
-            did = await _abort(journal, record, unseal)
+            did = await _abort(journal, record, unseal, defer)
             if did is None:
-                continue  # a migration in progress
+                continue  # a migration in progress, or left for the daemon
             done += did
             decision = wire.Decision.ABORTED
         if record.migration_id is not None and not record.peer_settled:
@@ -101,7 +108,10 @@ async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]
 
 
 async def _abort(
-    journal: Journal, record: MigrationRecord, unseal: Callable[[bytes], bytes] | None
+    journal: Journal,
+    record: MigrationRecord,
+    unseal: Callable[[bytes], bytes] | None,
+    defer: bool = False,
 ) -> list[str] | None:
     if record.outcome is not None:
         return []  # aborted already; only the destination's confirmation is owed
@@ -113,35 +123,52 @@ async def _abort(
         except storage.LockBusy:
             return None
     try:
+        ran = (
+            bundle_dir is not None
+            and bundle_dir.exists()
+            and (record.reached("suspended") or record.reached("live"))
+        )
+        bundle = Bundle.load(bundle_dir) if ran and bundle_dir is not None else None
+        if bundle is not None and defer and _needs_key(bundle, unseal):
+            # Aborting here would leave it stopped, and the daemon skips an
+            # aborted record: leave it unsettled for one that has the key.
+            return None
         journal.finish(
             record.id,
             Outcome.ABORTED.value,
             error="CONNECTION_LOST: source restarted before COMMITTED",
         )
         said = [f"VM {record.vm}: migration to {record.peer} never committed: aborted"]
-        if (
-            bundle_dir is not None
-            and bundle_dir.exists()
-            and (record.reached("suspended") or record.reached("live"))
-        ):
-            said.append(await _resume(Bundle.load(bundle_dir), unseal))
+        if bundle is not None:
+            said.append(await _resume(bundle, unseal))
         return said
     finally:
         if lock is not None:
             lock.release()
 
 
+def _needs_key(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> bool:
+    """Whether running ``bundle`` again here needs its vTPM key, which
+    ``unseal`` cannot give: it has a vTPM and no process of it is left to
+    continue (a QEMU paused after a live stream is continued without it)."""
+    if not bundle.manifest.vtpm or unseal is not None:
+        return False
+    backend = backend_for(bundle.manifest.backend)
+    return not (hasattr(backend, "has_process") and backend.has_process(bundle))
+
+
 async def _resume(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> str:
-    """Run a VM again from its saved state, as it ran before the migration."""
-    if bundle.manifest.vtpm and unseal is None:
+    """Run a VM again from its saved state, as it ran before the migration
+    (a QEMU that still runs, paused after a live stream, is continued)."""
+    if _needs_key(bundle, unseal):
         return (
             f"VM {bundle.name} has a vTPM: resume it with "
             "`securemig vm start --identity DIR` (from its saved state)"
         )
     key = None if unseal is None else key_reader(unseal)
     backend = backend_for(bundle.manifest.backend, vtpm_key=key)
-    # A QEMU that runs may be paused after a live stream: its resume continues
-    # it (and leaves a running one alone), so it is always asked.
+    # A QEMU that runs may be paused after a live stream (or still sending
+    # it): its resume cancels the stream and continues it, so it is always asked.
     if backend.status(bundle) == "running" and bundle.manifest.backend != "qemu":
         return f"VM {bundle.name} runs here"
     try:

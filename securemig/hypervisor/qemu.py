@@ -63,6 +63,8 @@ PACKAGE = "qemu-system-x86"
 MIGRATION_TIMEOUT = 300.0
 #: How long swtpm may take to end after its QEMU did.
 SWTPM_EXIT_TIMEOUT = 5.0
+#: How long :meth:`QemuBackend.status` waits for QMP's answer.
+STATUS_TIMEOUT = 3.0
 
 #: Defaults of a live migration's QEMU parameters.
 LIVE_DOWNTIME_LIMIT_MS = 300
@@ -376,8 +378,11 @@ class QemuBackend:
             if bundle.manifest.vtpm:
                 self._point_vtpm_link(bundle)
             monitor = await self.monitor(bundle)
-            await LiveMigration(self, bundle, monitor).cont()
-            monitor.transport.loseConnection()  # type: ignore[union-attr,misc]
+            try:
+                # An outgoing stream its migrate left running is cancelled first.
+                await LiveMigration(self, bundle, monitor).cancel()
+            finally:
+                monitor.transport.loseConnection()  # type: ignore[union-attr,misc]
             return
         ram = bundle.image_path("ram")
         if not ram.exists():
@@ -469,14 +474,14 @@ class QemuBackend:
         waiting for a live migration on :func:`live_socket`."""
         return Deferred.fromCoroutine(_live_destination(self, bundle))
 
-    def query(self, bundle: Bundle, command: str, **arguments: Any) -> Any:
+    def query(self, bundle: Bundle, command: str, timeout: float = 30.0, **arguments: Any) -> Any:
         """Run one QMP command on the running VM over a plain blocking
         socket (for synchronous callers such as the demo); its return value."""
         import json
         import socket
 
         with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(30)
+            sock.settimeout(timeout)
             sock.connect(str(self._socket(bundle)))
             stream = sock.makefile("rw")
             stream.readline()  # greeting
@@ -508,11 +513,24 @@ class QemuBackend:
         )
 
     def status(self, bundle: Bundle) -> str:
-        """``running`` while its QEMU runs, else what the manifest says."""
+        """``running`` while QMP says its guest runs; ``paused`` while its
+        QEMU runs with the guest stopped (``paused``, ``postmigrate`` after a
+        live stream, ``inmigrate`` waiting for one, ...); ``busy`` while its
+        QMP does not answer (QEMU serves one client at a time: a migration
+        holds it); else what the manifest says (``stopped`` if it says
+        running but its QEMU is gone)."""
         if self._pid(bundle) is not None:
-            return "running"
+            try:
+                state = self.query(bundle, "query-status", timeout=STATUS_TIMEOUT).get("status")
+            except (OSError, ValueError, QemuError):
+                return "busy" if self._pid(bundle) is not None else self.status(bundle)
+            return "running" if state == "running" else "paused"
         # The manifest may say running, but its QEMU is gone (ended, crashed).
         return "stopped" if bundle.manifest.state == "running" else bundle.manifest.state
+
+    def has_process(self, bundle: Bundle) -> bool:
+        """Whether a QEMU of this VM runs (its guest running or paused)."""
+        return self._pid(bundle) is not None
 
 
 # -- live migration (issue 16): the guest runs while its memory is copied

@@ -239,6 +239,41 @@ class LiveCrashPointTests(LiveSecureBase):
         """Its QEMU waits in postmigrate: the source's daemon continues it."""
         self.assertEqual(await self.cell("source-prepared-received", "source"), "source")
 
+    async def test_status_after_source_dies_continues_guest(self) -> None:
+        """``securemig migrate`` dies with PREPARED received (its QEMU paused
+        in postmigrate), no daemon runs at the source, and the operator runs
+        ``securemig status`` (no --identity): it continues the guest at once
+        (no key needed for a QEMU that still runs), never aborts and leaves
+        it paused; the daemon, started later, settles the destination."""
+        destination = self.destination_daemon()
+        bundle, watch = self.start_guest()
+        await threads.deferToThread(watch.wait, 3, 120.0)
+        state = self.base / "src-state"
+        state.mkdir(parents=True, exist_ok=True)
+        result = await threads.deferToThread(
+            self.migrate, destination, "--live", "--tofu", "--state-dir", str(state),
+            env={**os.environ, **crash_env("source-prepared-received")},
+        )  # fmt: skip
+        self.assertEqual(result.returncode, -signal.SIGKILL, result.stderr)
+        status = await threads.deferToThread(
+            processes.securemig, "status", "--state-dir", str(state)
+        )
+        self.assertEqual(status.returncode, 0, status.stderr)
+        # Running now, by QMP, before any daemon: the guest beats on in sequence.
+        self.assertEqual(QemuBackend().status(Bundle.load(bundle.path)), "running")
+        await threads.deferToThread(watch.wait, 5, 60.0)
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+        vm_status = await threads.deferToThread(
+            processes.securemig, "vm", "status", "vm1", "--dir", str(self.vm_dir)
+        )
+        self.assertIn("vm1: running", vm_status.stdout, vm_status.stderr)
+        self.source_daemon()
+        record = await threads.deferToThread(self.settle, destination)
+        self.assertFalse(record.reached("committed"))
+        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertFalse((destination.state_dir / "vms" / "vm1").exists())
+        self.assertTrue(bundle.vtpm_key_path.exists())
+
     async def test_source_dies_committed(self) -> None:
         """COMMITTED, its QEMU still paused here: the daemon ends it, the
         destination continues its own on RESOLVE (committed)."""

@@ -21,6 +21,7 @@ from securemig.app.cli.common import (
     usage_error,
 )
 from securemig.app.cli.journal import given_away, host_journal, settle_here
+from securemig.host import storage
 from securemig.host.journal import Journal
 from securemig.hypervisor import guest as linux_guest
 from securemig.hypervisor.backends import Backend, backend_for
@@ -255,14 +256,32 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
         found[:] = [bundle, backend]
         if not hasattr(backend, "start"):
             raise BundleError(f"VMs of the {bundle.manifest.backend} backend are not started here")
-        if backend.status(bundle) == "running":
-            return
-        if bundle.manifest.state == "suspended" and bundle.image_path("ram").exists():
-            # Saved by a suspend (a migration that did not happen): resume
-            # from the RAM image; a cold boot would discard the guest's memory.
-            await backend.resume(bundle)
-        else:
-            await backend.start(bundle)  # type: ignore[attr-defined]
+        try:
+            # The migration's lock: a VM that a migration (or the daemon's
+            # recovery) is moving is not started under it.
+            lock = storage.Lock(bundle.lock_path)
+        except storage.LockBusy:
+            raise BundleError(
+                f"VM {bundle.name} is locked by a migration ({bundle.lock_path}); "
+                "see `securemig jobs`"
+            ) from None
+        try:
+            state = backend.status(bundle)
+            if state == "running":
+                return
+            if state == "busy":
+                raise BundleError(f"VM {bundle.name}: its QEMU does not answer on QMP; try again")
+            if state == "paused" or (
+                bundle.manifest.state == "suspended" and bundle.image_path("ram").exists()
+            ):
+                # Paused (e.g. after a live stream): continued, no key needed.
+                # Saved by a suspend (a migration that did not happen): resumed
+                # from the RAM image; a cold boot would discard the guest's memory.
+                await backend.resume(bundle)
+            else:
+                await backend.start(bundle)  # type: ignore[attr-defined]
+        finally:
+            lock.release()
 
     if args.identity:
         check_identity(args.identity)
