@@ -37,7 +37,7 @@ from securemig.protocol.effects import Attest, CommonEffect, Finished, Send, Ver
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError, io_error
 from securemig.protocol.session import Session
 from securemig.transport import tls
-from securemig.transport.tcp import flush_tls, tune_transport
+from securemig.transport.tcp import flush_tls, tune_transport, under_tls
 from securemig.transport.tls import channel_binding
 from securemig.trust.keyrelease import qualifying_data
 
@@ -292,12 +292,17 @@ class FramedProtocol(Connection, Generic[E]):
     def close_gracefully(self) -> None:
         """Flush and half-close; drop the connection once the peer closed
         its side too or when the connection object's close grace ends."""
-        if hasattr(self.out, "loseWriteConnection") and hasattr(self.out, "abortConnection"):
-            # Under TLS, loseWriteConnection reaches the TCP transport
-            # directly (Twisted's TLS wrapper passes unknown attributes
-            # down), past TLS's own buffer of small writes: the last ABORT
-            # would be dropped unless that buffer is written out first.
+        if under_tls(self.out):
+            # TLS's own close is the half-close: what is buffered, then
+            # close_notify; it reads on until the peer's close_notify and only
+            # then closes TCP.  (A TCP half-close under TLS made Twisted close
+            # TCP from inside its read of the peer's close_notify and then
+            # touch the TLS connection it had just dropped: "Unhandled Error
+            # ... 'NoneType' object has no attribute 'bio_read'".)
             flush_tls(self.out)
+            self.out.loseConnection()
+            self.connection.closing(self.clock.seconds())
+        elif hasattr(self.out, "loseWriteConnection") and hasattr(self.out, "abortConnection"):
             self.out.loseWriteConnection()
             self.connection.closing(self.clock.seconds())
         else:

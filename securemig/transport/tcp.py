@@ -31,6 +31,13 @@ def _with_tcp(transport: Any) -> tuple[Any, ...]:
     return tuple(chain)
 
 
+def under_tls(transport: Any) -> bool:
+    """Whether Twisted's TLS is one of the layers of this transport."""
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    return any(isinstance(t, TLSMemoryBIOProtocol) for t in _with_tcp(transport))
+
+
 def flush_tls(transport: Any) -> None:
     """Write out what a TLS transport holds back.  Twisted's TLS
     (``BufferingTLSTransport``) gathers small writes and sends them on the
