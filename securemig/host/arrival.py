@@ -110,10 +110,40 @@ class DestinationHost:
                 actions.append((path.name, "unknown staging removed"))
         return actions
 
+    def live_qemu(self, record: Any) -> bool | None:
+        """A live arrival (it reached ``incoming``): whether its QEMU still
+        runs, in staging or in place; None for an arrival that is not live."""
+        if not record.reached("incoming"):
+            return None
+        staging = self.staging / record.id
+        path = staging if staging.exists() else self.vms / record.vm
+        return QemuBackend().has_process(Bundle(path, Manifest(name=record.vm)))
+
+    def _lose(self, record: Any, why: str) -> None:
+        """A live arrival whose QEMU ended before the COMMIT was journaled
+        here: it never ran here; journal LOST, remove staging, journal aborted."""
+        self.journal.phase(record.id, "lost")
+        remove_staging(self.staging / record.id)
+        self.journal.finish(record.id, Outcome.ABORTED.value, error=f"LIVE_FAILED: {why}")
+        log.warn("migration {mid}: VM {vm}: {why}: lost here", mid=record.id, vm=record.vm, why=why)
+
     async def _recover_one(self, record: Any) -> str:
         staging = self.staging / record.id
         in_place = (self.vms / record.vm).exists() and not staging.exists()
         committed = record.reached("committed") or record.reached("resumed")
+        if record.reached("lost"):
+            remove_staging(staging)
+            if record.outcome is None:
+                self.journal.finish(record.id, Outcome.ABORTED.value, error="LIVE_FAILED: lost")
+            return "lost here (its QEMU ended before the guest ran): staging removed"
+        if (
+            not committed
+            and record.phase in ("prepared", "in-doubt")
+            and staging.exists()
+            and self.live_qemu(record) is False
+        ):
+            self._lose(record, "its QEMU ended before the guest ran here")
+            return "its QEMU ended before the guest ran here: lost here; the source continues it"
         if committed and (staging.exists() or in_place):
             # In place is not done: the crash may have come before the resume
             # (a live arrival's QEMU waits paused), and the rule
@@ -191,6 +221,24 @@ class DestinationHost:
         staging = self.staging / record.id
         if record.outcome == Outcome.DONE.value:
             return answer(wire.Settled.DONE, f"VM {record.vm} is in place here")
+        lost = "its QEMU ended before the guest ran here; nothing kept"
+        if record.reached("lost"):
+            committed = message.decision is wire.Decision.COMMITTED
+            return answer(wire.Settled.LOST if committed else wire.Settled.ABORTED, lost)
+        if (
+            message.decision is wire.Decision.COMMITTED
+            and not record.reached("committed")
+            and staging.exists()
+            and self.live_qemu(record) is False
+        ):
+            lock = self._try_lock(record.vm)
+            if lock is None:
+                return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
+            try:
+                self._lose(record, "its QEMU ended before the guest ran here")
+            finally:
+                lock.release()
+            return answer(wire.Settled.LOST, lost)
         if message.decision is wire.Decision.COMMITTED:
             if record.outcome == Outcome.ABORTED.value and not staging.exists():
                 # The source says committed, yet we discarded: only possible if
@@ -384,6 +432,8 @@ class Arrival:
         self.vtpm_identity: str | None = None
         #: Live mode: the destination QEMU's side of the migration.
         self.live: Any = None
+        #: Live mode: LOST journaled (its QEMU ended before the guest ran here).
+        self.lost = False
         self._file: Any = None
         self._behind: storage.WriteBehind | None = None
         self._hash: Any = hashlib.sha256()
@@ -465,6 +515,8 @@ class Arrival:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self.live is not None and self.live.socket is not None:
+            self.live.socket.unlink(missing_ok=True)
         remove_staging(self.staging)
         self.lock.release()
 
@@ -493,13 +545,27 @@ class Arrival:
         bundle = Bundle(self.staging, self.manifest())
         bundle.save()
         backend = QemuBackend(vtpm_key=lambda b: key)
-        self.live = await backend.live_destination(bundle)
+        self.live = await backend.live_destination(bundle, f"{self.id}-d")
         self.host.journal.phase(self.id, "incoming")
         return self.live
 
     async def commit(self) -> None:
         """The source committed: move the VM into place and resume it (live
-        mode: continue its loaded, paused QEMU)."""
+        mode: continue its loaded, paused QEMU).
+
+        Live mode: the COMMIT journaled here is the last durable step before
+        ``cont``.  If the QEMU that loaded the stream has ended before it,
+        the guest never ran here and never can (its state was only in that
+        QEMU): LOST is journaled instead, staging removed, and the source
+        (which kept its paused QEMU) continues the guest when it learns it."""
+        if self.live is not None and not await self.live.waits_loaded():
+            crashpoint.reached("destination-live-lost")
+            self.lose()
+            raise ProtocolError(
+                ErrorCode.RESUME_FAILED,
+                f"the QEMU of VM {self.hello.vm_name} ended before its guest ran here: "
+                "nothing kept here (LOST); the source continues it",
+            )
         self.host.journal.phase(self.id, "committed")
         crashpoint.reached("destination-commit-journaled")
         target = self.host.vms / self.hello.vm_name
@@ -508,10 +574,33 @@ class Arrival:
         bundle = Bundle.load(target)
         if self.live is not None:
             self.live.release()  # the QMP socket moved with the bundle: reconnect there
-        await self.host.resume(bundle)
+        try:
+            await self.host.resume(bundle)
+        finally:
+            # Resumed or not (RESUME_FAILED), the VM stays in place: its name
+            # is free for whatever an operator does next.
+            self.lock.release()
         self.host.journal.phase(self.id, "resumed")
-        self.lock.release()
         crashpoint.reached("destination-resumed")
+
+    def qemu_pidfile(self) -> Path | None:
+        """Live mode: the pid file of the arriving VM's QEMU (for crash points)."""
+        return self.staging / "qemu.pid" if self.live is not None else None
+
+    def lose(self) -> None:
+        """Live mode, before the COMMIT is journaled here: its QEMU ended, so
+        the guest never ran here; journal LOST, remove staging, free the name."""
+        self.lost = True
+        self.host.journal.phase(self.id, "lost")
+        if self.live is not None:
+            self.live.release()
+        remove_staging(self.staging)
+        self.lock.release()
+        log.warn(
+            "migration {mid}: the QEMU of VM {vm} ended before its guest ran here: lost here",
+            mid=self.id,
+            vm=self.hello.vm_name,
+        )
 
     def hold(self) -> None:
         """Keep the prepared staging for recovery; free the lock."""
@@ -523,8 +612,9 @@ class Arrival:
         self.lock.release()
 
     def finish(self, effect: Finished, nbytes: int) -> None:
-        """Journal the outcome."""
+        """Journal the outcome (a LOST arrival: aborted, nothing kept here)."""
         error = f"{effect.code.name}: {effect.reason}" if effect.code else None
-        self.host.journal.finish(self.id, effect.outcome.value, error=error, nbytes=nbytes)
+        outcome = Outcome.ABORTED if self.lost else effect.outcome
+        self.host.journal.finish(self.id, outcome.value, error=error, nbytes=nbytes)
         if effect.outcome is Outcome.DONE:
             self.host.journal.phase(self.id, "done")

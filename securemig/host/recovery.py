@@ -31,7 +31,7 @@ from securemig.host import storage
 from securemig.host.departure import release
 from securemig.host.journal import Journal, MigrationRecord, owner_alive
 from securemig.hypervisor.backends import backend_for
-from securemig.hypervisor.bundle import LOCK, Bundle
+from securemig.hypervisor.bundle import LOCK, Bundle, disk_owner, disk_owner_path
 from securemig.protocol import wire
 from securemig.protocol.effects import Outcome
 from securemig.protocol.errors import MigrationError
@@ -76,6 +76,9 @@ async def settle_departures(
     for record in journal.departures():
         if record.outcome is None and owner_alive(record.owner):
             continue  # its `securemig migrate` still runs: not ours to settle
+        if record.reached("reclaimed"):
+            done += await reclaim(journal, record)
+            continue
         if record.reached("committed"):
             done += await _finish_commit(journal, record)
             decision = wire.Decision.COMMITTED
@@ -90,8 +93,31 @@ async def settle_departures(
     return done, owed
 
 
+def live_qemu(record: MigrationRecord) -> bool | None:
+    """A live departure: whether its QEMU (the guest, running or paused)
+    still runs here; None for one that is not live or has no bundle."""
+    if not record.reached("live") or not record.bundle or not Path(record.bundle).exists():
+        return None
+    bundle = Bundle.load(Path(record.bundle))
+    backend = backend_for(bundle.manifest.backend)
+    return bool(hasattr(backend, "has_process") and backend.has_process(bundle))
+
+
 async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]:
     said = []
+    if live_qemu(record) and not record.reached("released"):
+        # Kept paused until the destination says its guest runs (DONE), or
+        # that its QEMU ended before it ran there (LOST): then it goes on here.
+        if record.outcome is None:
+            journal.finish(
+                record.id,
+                Outcome.IN_DOUBT.value,
+                error="CONNECTION_LOST: source restarted after COMMITTED, before DONE",
+            )
+        return [
+            f"VM {record.vm}: committed to {record.peer}; its paused QEMU is kept here "
+            "until the destination confirms"
+        ]
     if not record.reached("released") and record.bundle and Path(record.bundle).exists():
         await release(journal, record.id, Bundle.load(Path(record.bundle)))
         said.append(f"VM {record.vm} was committed to {record.peer}: its copy here removed")
@@ -119,7 +145,7 @@ async def _abort(
     lock = None
     if bundle_dir is not None and bundle_dir.exists():
         try:
-            lock = storage.Lock(bundle_dir / LOCK)
+            lock = storage.VMLock(bundle_dir / LOCK)
         except storage.LockBusy:
             return None
     try:
@@ -177,3 +203,69 @@ async def _resume(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> st
         log.error("could not resume VM {vm}: {e}", vm=bundle.name, e=e)
         return f"VM {bundle.name} could not be resumed here: {e}"
     return f"VM {bundle.name} resumed here from its saved state"
+
+
+async def acknowledge(journal: Journal, owed: Owed, answer: wire.Resolved) -> bool:
+    """Carry out the destination's answer to a RESOLVE (``protocol.recovery.
+    acknowledged``); True if nothing more is owed to it.
+
+    DONE to a commit: the VM runs there; a live departure's paused QEMU,
+    its key and bundle go (again, if a crash came in between), then done is
+    journaled.  LOST to a commit: the destination's QEMU ended before the
+    guest ran there, journaled there; the guest is continued here."""
+    record = owed.record
+    committed = owed.decision is wire.Decision.COMMITTED
+    if answer.settled is wire.Settled.LOST:
+        journal.set_peer_settled(record.id)
+        if committed:
+            journal.phase(record.id, "reclaimed")
+            fresh = journal.get(record.id)
+            await reclaim(journal, fresh if fresh is not None else record)
+        return True
+    if answer.settled in (wire.Settled.DONE, wire.Settled.ABORTED):
+        if committed and answer.settled is wire.Settled.DONE:
+            if not record.reached("released") and record.bundle and Path(record.bundle).exists():
+                await release(journal, record.id, Bundle.load(Path(record.bundle)))
+            journal.set_peer_settled(record.id)
+            journal.finish(record.id, "done")
+        else:
+            journal.set_peer_settled(record.id)
+        return True
+    if answer.settled is wire.Settled.UNKNOWN and not committed:
+        # It never kept anything of a migration that did not commit.
+        journal.set_peer_settled(record.id)
+        return True
+    return False
+
+
+async def reclaim(journal: Journal, record: MigrationRecord) -> list[str]:
+    """Live, committed, and the destination journaled LOST: continue the
+    guest's paused QEMU here (no key needed) and journal the migration
+    aborted.  Idempotent: a restart after ``reclaimed`` redoes it."""
+    said: list[str] = []
+    bundle_dir = Path(record.bundle) if record.bundle else None
+    if bundle_dir is None or not bundle_dir.exists():
+        said.append(f"VM {record.vm}: reclaimed, but its bundle is gone here")
+    else:
+        bundle = Bundle.load(bundle_dir)
+        shared = bundle.manifest.shared_disk
+        if shared and disk_owner(Path(shared)) == record.peer_name:
+            # Handed over at the commit; it never ran there.
+            disk_owner_path(Path(shared)).unlink(missing_ok=True)
+        try:
+            lock = storage.VMLock(bundle_dir / LOCK)
+        except storage.LockBusy:
+            return [f"VM {record.vm}: reclaimed; its lock is busy, continued later"]
+        try:
+            said.append(await _resume(bundle, None))
+        finally:
+            lock.release()
+    if record.outcome in (None, Outcome.IN_DOUBT.value):
+        journal.finish(
+            record.id,
+            Outcome.ABORTED.value,
+            error="LIVE_FAILED: the destination's QEMU ended before its guest ran there "
+            "(LOST); the guest continued here",
+        )
+    log.warn("migration {mid} of VM {vm}: reclaimed here", mid=record.migration_id, vm=record.vm)
+    return said

@@ -469,10 +469,10 @@ class QemuBackend:
             _live_source(self, bundle, uri, downtime_limit_ms, max_bandwidth)
         )
 
-    def live_destination(self, bundle: Bundle) -> Deferred[LiveMigration]:
+    def live_destination(self, bundle: Bundle, tag: str = "") -> Deferred[LiveMigration]:
         """Start the VM's swtpm (with the released key) and QEMU paused,
-        waiting for a live migration on :func:`live_socket`."""
-        return Deferred.fromCoroutine(_live_destination(self, bundle))
+        waiting for a live migration on :func:`live_socket` (``tag``: see there)."""
+        return Deferred.fromCoroutine(_live_destination(self, bundle, tag))
 
     def query(self, bundle: Bundle, command: str, timeout: float = 30.0, **arguments: Any) -> Any:
         """Run one QMP command on the running VM over a plain blocking
@@ -582,6 +582,8 @@ class LiveMigration:
         self.backend = backend
         self.bundle = bundle
         self.monitor = monitor
+        #: At the destination: the unix socket its QEMU listens on for the stream.
+        self.socket: Path | None = None
 
     async def query(self) -> dict[str, Any]:
         """``query-migrate``; a QEMU that exited says so."""
@@ -615,6 +617,17 @@ class LiveMigration:
         """QEMU's run state: ``running``, ``paused``, ``postmigrate``, ..."""
         return str((await self.monitor.execute("query-status")).get("status"))
 
+    async def waits_loaded(self) -> bool:
+        """At the destination, before the commit: whether its QEMU is still
+        there with the loaded guest paused (never run)."""
+        if not self.backend.has_process(self.bundle):
+            return False
+        try:
+            await self.run_state()
+        except qmp.QMPError:
+            return False
+        return self.backend.has_process(self.bundle)
+
     async def cont(self) -> None:
         """Let the guest run (here): at the destination after the commit, at
         the source when the migration is abandoned before it."""
@@ -644,7 +657,7 @@ class LiveMigration:
 
     def abandon(self) -> None:
         """At the destination, before the commit: end its QEMU and swtpm."""
-        self.monitor.transport.loseConnection()  # type: ignore[union-attr,misc]
+        self.release()
         self.backend.end(self.bundle)
 
     async def finish(self) -> None:
@@ -657,13 +670,21 @@ class LiveMigration:
         self.backend.end(self.bundle)
 
     def release(self) -> None:
-        """Let go of the QMP connection (QEMU serves one client at a time)."""
+        """Let go of the QMP connection (QEMU serves one client at a time),
+        and of the stream's socket (the stream is over)."""
         self.monitor.transport.loseConnection()  # type: ignore[union-attr,misc]
+        if self.socket is not None:
+            self.socket.unlink(missing_ok=True)
 
 
-def live_socket(bundle: Bundle) -> Path:
+def live_socket(bundle: Bundle, tag: str = "") -> Path:
     """The unix socket of a live migration's stream for this VM: where the
-    destination's QEMU listens, or where securemig listens for the source's."""
+    destination's QEMU listens, or where securemig listens for the source's.
+    ``tag`` (the migration id and the side) makes it one migration's own: a
+    name derived from the bundle alone is the same for the source of a VM
+    and an arrival of it that was moved into place there."""
+    if tag:
+        return Path(tempfile.gettempdir()) / f"securemig-live-{tag}.sock"
     return QemuBackend._socket(bundle, "live")
 
 
@@ -685,14 +706,18 @@ async def _live_source(
     return LiveMigration(backend, bundle, monitor)
 
 
-async def _live_destination(backend: QemuBackend, bundle: Bundle) -> LiveMigration:
+async def _live_destination(backend: QemuBackend, bundle: Bundle, tag: str) -> LiveMigration:
     (bundle.path / vtpm.STATE_DIR).mkdir(exist_ok=True)
-    live_socket(bundle).unlink(missing_ok=True)
+    socket = live_socket(bundle, tag)
+    socket.unlink(missing_ok=True)
     backend._spawn(bundle, incoming=True)
     try:
         monitor = await backend.monitor(bundle)
-        await monitor.execute("migrate-incoming", uri=f"unix:{live_socket(bundle)}")
+        await monitor.execute("migrate-incoming", uri=f"unix:{socket}")
     except BaseException:
         backend.end(bundle)
+        socket.unlink(missing_ok=True)
         raise
-    return LiveMigration(backend, bundle, monitor)
+    live = LiveMigration(backend, bundle, monitor)
+    live.socket = socket
+    return live

@@ -258,7 +258,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 return  # ended meanwhile: the discard ends this QEMU too
             receiver = LiveReceiver(
                 self.clock,
-                str(live_socket(live.bundle)),
+                str(live.socket or live_socket(live.bundle)),
                 new_opener,
                 interface=self.out.getHost().host,
                 on_progress=lambda n: self.touch(),
@@ -517,7 +517,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _do_Prepare(self, effect: effects.Prepare) -> None:
         def prepared(_: object) -> None:
             self.arrival.journal_phase("prepared", self.session.bytes_received)
-            crashpoint.reached("destination-prepared")
+            crashpoint.reached("destination-prepared", self.arrival.qemu_pidfile())
             self.run(self.session.prepared())
 
         def receive_key(_: object) -> None:

@@ -294,6 +294,27 @@ class ManualRecoveryTests(CrashBase):
         self.assertEqual(bundle_digests(arrived), self.before)
         self.assertEqual(list((self.dst_state / "staging").iterdir()), [])
 
+    def test_cli_takes_the_daemons_lock(self) -> None:
+        """`migrate` of a VM in a daemon's state directory is refused while
+        that daemon holds its name lock (resuming it): the CLI and the daemon
+        take the same lock (issue 22: it used to go ahead)."""
+        self.source_daemon.stop()
+        vms = self.dst_state / "vms"
+        created = processes.securemig(
+            "vm", "create", "vm2", "--dir", str(vms), "--ram-mib", "4", "--disk-mib", "1"
+        )
+        self.assertEqual(created.returncode, 0, created.stderr)
+        (self.dst_state / "locks").mkdir(parents=True, exist_ok=True)
+        held = storage.Lock(self.dst_state / "locks" / "vm2.lock")
+        self.addCleanup(held.release)
+        result = processes.securemig(
+            "migrate", "vm2", "--vm-dir", str(vms), "--state-dir", str(self.dst_state),
+            "--to", "127.0.0.1:9", "--insecure",
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertIn("locked", result.stderr)
+        self.assertFalse(storage.is_locked(vms / "vm2" / ".lock"))
+
     def test_garbage_source_journal(self) -> None:
         """A file that is no journal: one sentence, exit 1, nothing created."""
         junk = self.base / "junk.sqlite"

@@ -259,7 +259,7 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
         try:
             # The migration's lock: a VM that a migration (or the daemon's
             # recovery) is moving is not started under it.
-            lock = storage.Lock(bundle.lock_path)
+            lock = storage.VMLock(bundle.lock_path)
         except storage.LockBusy:
             raise BundleError(
                 f"VM {bundle.name} is locked by a migration ({bundle.lock_path}); "
