@@ -276,6 +276,10 @@ class QemuBackend:
         except linux_guest.GuestError as e:
             raise QemuError(str(e)) from None
         return [
+            # A guest kernel that panics (panic=-1: "reboot at once") makes its
+            # QEMU exit instead of booting it again: a panic never looks like
+            # a guest that restarted (its console says "Kernel panic").
+            "-no-reboot",
             "-kernel",
             str(built.kernel),
             "-initrd",

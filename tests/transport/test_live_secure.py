@@ -49,6 +49,8 @@ class LiveSecureBase(SecureBase):
         self.assertEqual(result.returncode, 0, result.stderr)
         watch = Watch(heartbeat_path(bundle))
         self.addCleanup(watch.stop)
+        # Kept (in the test's temporary directory) whatever happens to the bundles.
+        self.addCleanup(watch.save, self.base / "consoles")
         return bundle, watch
 
     def arrived(self, destination: processes.Destination) -> Bundle:
