@@ -54,13 +54,16 @@ bench: setup
 # The systemd units of contrib/systemd, running this checkout's twistd:
 # make install-units [DESTDIR=/some/root] [UNITDIR=/etc/systemd/system]
 UNITDIR ?= /etc/systemd/system
+SYSUSERSDIR ?= /etc/sysusers.d
 install-units: setup
 	install -d $(DESTDIR)$(UNITDIR)
 	for unit in contrib/systemd/*.service; do \
 	  sed 's|/opt/securemig/.venv|$(abspath $(VENV))|' $$unit > $(DESTDIR)$(UNITDIR)/$$(basename $$unit) && \
 	  chmod 644 $(DESTDIR)$(UNITDIR)/$$(basename $$unit) || exit 1; \
 	done
-	@echo "installed in $(DESTDIR)$(UNITDIR); then: systemctl daemon-reload && systemctl enable --now securemig"
+	install -d $(DESTDIR)$(SYSUSERSDIR)
+	install -m 644 contrib/systemd/securemig.sysusers $(DESTDIR)$(SYSUSERSDIR)/securemig.conf
+	@echo "installed in $(DESTDIR)$(UNITDIR); then: systemd-sysusers && systemctl daemon-reload && systemctl enable --now securemig"
 
 clean:
 	rm -rf $(VENV) _trial_temp* build *.egg-info doc/_build

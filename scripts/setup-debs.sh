@@ -3,6 +3,8 @@
 # Idempotent: does nothing (and needs no network) when all are present.
 set -eu
 want="swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config qemu-system-x86"
+# systemd-analyze (verify, security --offline) checks contrib/systemd in the tests.
+want="$want systemd"
 # The benchmark's OpenSSH baseline runs its own sshd (no system service is started).
 want="$want openssh-server openssh-client"
 # A Python without venv/ensurepip (Debian's python3 before python3-venv) cannot build .venv.

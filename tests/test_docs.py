@@ -144,3 +144,23 @@ class ExitStatusHelpTests(SynchronousTestCase):
             shown = twistd_help(plugin)
             self.assertEqual(shown.returncode, 0, shown.stderr)
             self.assertTrue(shown.stdout.rstrip().endswith(service.EXIT_STATUS_HELP.rstrip()))
+
+
+class LiveFrontDoorTests(SynchronousTestCase):
+    """Live migration is in the front door: what it does, what it needs,
+    what it does not do yet (issue 24)."""
+
+    def test_help_readme_and_guide_say_it(self) -> None:
+        main = flat(build_parser().format_help())
+        migrate = flat(helps()["securemig migrate"])
+        readme = flat((ROOT / "README.rst").read_text())
+        guide = flat((ROOT / "doc/operators-guide.rst").read_text())
+        for text in (main, readme, guide):
+            self.assertIn("--live", text)
+        for text in (main, migrate, readme, guide):
+            # What it does, what it needs, what it does not do yet.
+            self.assertRegex(text, r"keeps running")
+            self.assertRegex(text, r"secure variant")
+            self.assertRegex(text, r"shared storage|storage both hosts mount")
+            self.assertRegex(text, r"(?i)(does not|not yet)[^.]*(copy a disk|copying a disk)")
+        self.assertNotIn("Move a suspended VM", main)

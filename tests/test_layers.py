@@ -13,6 +13,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 import securemig
+from securemig.hypervisor import backends
 
 ROOT = Path(securemig.__file__).parent
 
@@ -21,6 +22,7 @@ LAYERS = (
     "securemig.protocol",
     "securemig.files",
     "securemig.crashpoint",
+    "securemig.metrics",
     "securemig.trust",
     "securemig.hypervisor",
     "securemig.host",
@@ -28,6 +30,27 @@ LAYERS = (
     "securemig.lab",
     "securemig.app",
 )
+
+#: Where backends and the vTPM may be named by string: the layers that
+#: implement them.  Everywhere else asks the registry and its capabilities
+#: (``securemig.hypervisor.backends``), so a new backend touches no module
+#: above ``hypervisor/``.
+NAMING_BACKENDS = ("securemig/hypervisor/", "securemig/trust/")
+
+#: Names no other module spells as a string literal: every registered
+#: backend kind, the ones to come, and the vTPM's names.
+BACKEND_NAMES = frozenset({"libvirt", "swtpm", "vtpm"})
+
+#: The modules above ``hypervisor/`` that name a backend on purpose, and why.
+BACKEND_NAME_EXEMPT = {
+    # The demo shows QEMU's own features: the marker in guest RAM read back
+    # over QMP, the attached vTPM, and its live variant is QEMU's.
+    "securemig/lab/demo.py": "the QEMU demo",
+    # Times QEMU's own suspend and resume.
+    "securemig/lab/bench/qemu.py": "a benchmark of QEMU itself",
+    # Compares securemig's live migration with QEMU's own TLS and plain ones.
+    "securemig/lab/bench/live.py": "a benchmark against QEMU's own migration",
+}
 
 #: What the sans-IO layer must never import.
 NOT_IN_PROTOCOL = ("twisted", "socket", "securemig.host", "securemig.transport", "shutil")
@@ -62,6 +85,18 @@ def imports_of_source(source: str) -> list[tuple[str, bool]]:
 
     visit(tree, False)
     return found
+
+
+def backend_literals(source: str, names: frozenset[str]) -> list[tuple[int, str]]:
+    """(line, literal) of every string constant of ``source`` that is exactly
+    one of ``names`` (case aside): ``backend == "qemu"``, ``default="image"``."""
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value.lower() in names
+    ]
 
 
 def graph() -> dict[str, set[str]]:
@@ -139,3 +174,31 @@ class LayerTests(SynchronousTestCase):
             if m.split(".")[0] in NOT_IN_PROTOCOL or m.startswith(NOT_IN_PROTOCOL)
         ]
         self.assertEqual(bad, [])
+
+    def test_no_backend_names_above_hypervisor(self) -> None:
+        """Outside hypervisor/ and trust/ (and the exempt modules, each with its
+        reason) no string literal names a backend kind or the vTPM: the
+        registry and its capabilities answer instead."""
+        names = BACKEND_NAMES | frozenset(backends.kinds())
+        found = []
+        for path in sorted(ROOT.rglob("*.py")):
+            where = path.relative_to(ROOT.parent).as_posix()
+            if where.startswith(NAMING_BACKENDS) or where in BACKEND_NAME_EXEMPT:
+                continue
+            found += [f"{where}:{n}: {v!r}" for n, v in backend_literals(path.read_text(), names)]
+        self.assertEqual(found, [])
+
+    def test_backend_literal_checker_finds_them(self) -> None:
+        """Control: the checker sees a comparison, a default and a choice, and
+        passes a sentence that merely mentions a backend."""
+        source = (
+            'def f(backend="image"):\n'
+            '    if backend == "QEMU":\n'
+            '        return ("xen", "a qemu guest")\n'
+        )
+        self.assertEqual(
+            backend_literals(source, frozenset({"image", "qemu", "xen"})),
+            [(1, "image"), (2, "QEMU"), (3, "xen")],
+        )
+        for exempt in BACKEND_NAME_EXEMPT:
+            self.assertTrue((ROOT.parent / exempt).exists(), exempt)

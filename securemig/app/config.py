@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from securemig.hypervisor import backends
 
 #: Where the configuration file is looked for by default.
 DEFAULT_PATH = Path("/etc/securemig/securemig.toml")
@@ -38,11 +40,14 @@ class Key:
     ``bool``, ``list``: of strings), what it is, and the options it is the
     default of: ``securemig`` commands by their name (``migrate``, ``vm
     create``, ``policy *`` for every policy action) with the argparse
-    destination, and ``service`` with the ``twistd securemig`` option."""
+    destination, and ``service`` with the ``twistd securemig`` option.
+    ``choices``, if given, returns the values the key takes (asked when a
+    file is checked, so a registry filled later is seen)."""
 
     type: str
     help: str
     commands: Mapping[str, str] = field(default_factory=dict)
+    choices: Callable[[], Iterable[str]] | None = None
 
 
 #: Every key, by section and name.
@@ -113,7 +118,12 @@ KEYS: dict[str, dict[str, Key]] = {
         "data-ports": Key("str", "LOW-HIGH ports of data channels", {"service": "data-ports"}),
         "tls-data": Key("bool", "images inside TLS, no data channel", {"service": "tls-data"}),
         "tls-cipher": Key("str", "the one TLS 1.3 cipher suite", {"service": "tls-cipher"}),
-        "backend": Key("str", "hypervisor: image, qemu or xen", {"service": "backend"}),
+        "backend": Key(
+            "str",
+            "hypervisor backend: a registered kind (image, qemu, ...)",
+            {"service": "backend"},
+            choices=backends.kinds,
+        ),
         "allow-source": Key("list", "source host names accepted", {"service": "allow-source"}),
         "tofu": Key("bool", "trust a source's values on first use", {"service": "tofu"}),
         "idle-timeout": Key("float", "seconds without progress", {"service": "idle-timeout"}),
@@ -130,7 +140,8 @@ KEYS: dict[str, dict[str, Key]] = {
         "per-source-max-startups": Key(
             "int", "pending connections per address", {"service": "per-source-max-startups"}
         ),
-        "log-format": Key("str", "text or json", {"service": "log-format"}),
+        "log-format": Key("str", "text, json or journal", {"service": "log-format"}),
+        "metrics": Key("str", "endpoint of the Prometheus metrics", {"service": "metrics"}),
     },
 }
 
@@ -221,6 +232,10 @@ def check(path: Path, data: dict[str, Any]) -> dict[tuple[str, str], Any]:
                     + ", ".join(KEYS[section])
                 )
             values[(section, name)] = _typed(path, f"[{section}] {name}", key.type, value)
+            if key.choices is not None and value not in (known := tuple(key.choices())):
+                raise ConfigError(
+                    f"{path}: [{section}] {name} must be one of {', '.join(known)}, not {value!r}"
+                )
     return values
 
 

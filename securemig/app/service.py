@@ -22,9 +22,11 @@ from twisted.python import usage
 
 from securemig import files
 from securemig.app import config, logformat
+from securemig.app.metrics_service import metrics_site
 from securemig.host import storage
 from securemig.host.arrival import DestinationHost
 from securemig.host.glibc import tune_malloc
+from securemig.hypervisor import backends
 from securemig.transport import tls
 from securemig.transport.control import DEADLINE, IDLE_TIMEOUT
 from securemig.transport.destination import DestinationFactory
@@ -118,6 +120,14 @@ class Options(ServiceOptions):
             "Endpoint of the INSECURE variant: no TLS, no attestation, vTPM keys in clear.",
         ],
         ["port-file", None, None, "Write the (secure, else insecure) port number here."],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics (GET /metrics) on this endpoint, e.g. "
+            "tcp:9464:interface=127.0.0.1 (no authentication: loopback or a management "
+            "network); off by default.",
+        ],
         ["insecure-port-file", None, None, "Write the insecure port number here."],
         [
             "idle-timeout",
@@ -190,7 +200,14 @@ class Options(ServiceOptions):
             "and every source is refused (fail closed).",
             float,
         ],
-        ["backend", None, "image", "Hypervisor of this host: image (files only), qemu or xen."],
+        [
+            "backend",
+            None,
+            backends.DEFAULT,
+            "Hypervisor backend of this host: "
+            + ", ".join(backends.kinds())
+            + " (image: files only).",
+        ],
         [
             "tls-cipher",
             None,
@@ -270,8 +287,10 @@ class Options(ServiceOptions):
 
         if self["tls-cipher"] and self["tls-cipher"] not in CIPHERS:
             raise usage.UsageError(f"unknown --tls-cipher; one of {', '.join(CIPHERS)}")
-        if self["backend"] not in ("image", "qemu", "xen"):
-            raise usage.UsageError(f"unknown --backend {self['backend']}: image, qemu or xen")
+        if self["backend"] not in backends.kinds():
+            raise usage.UsageError(
+                f"unknown --backend {self['backend']}: {', '.join(backends.kinds())}"
+            )
         if not self["listen"] and not self["insecure-listen"]:
             raise usage.UsageError(
                 "give an endpoint to listen on: --listen ENDPOINT "
@@ -483,6 +502,8 @@ def makeService(options: Options) -> service.MultiService:
     timers = {"idle_timeout": options["idle-timeout"], "deadline": options["deadline"]}
     port_file = Path(options["port-file"]) if options["port-file"] else None
     attestor = None
+    caps: Caps | None = None
+    limits = None
     if options["identity"]:
         policy_dir = Path(options["policy-dir"]) if options["policy-dir"] else None
         identity_dir = Path(options["identity"])
@@ -534,6 +555,7 @@ def makeService(options: Options) -> service.MultiService:
         factory: Any = secure
         wrapped = LimitedTLSFactory(server_options, factory, preauth_caps(options, nofile), reactor)
         caps = wrapped.limits.caps
+        limits = wrapped.limits
         log.info(
             "before the TLS handshake: {timeout:g} s to complete it, at most {per} per "
             "address, random drop above {start} (from {rate} %), at most {full}",
@@ -568,4 +590,57 @@ def makeService(options: Options) -> service.MultiService:
             port_file,
             "insecure migrations",
         ).setServiceParent(top)
+    if options["metrics"]:
+        ListenService(
+            serverFromString(reactor, options["metrics"]),
+            metrics_site(Path(options["state-dir"]), limits),
+            None,
+            "Prometheus scrapes (/metrics)",
+        ).setServiceParent(top)
+    log_startup(options, nofile, caps)
     return top
+
+
+def log_startup(options: Options, nofile: int, caps: Caps | None) -> None:
+    """One line that says how this daemon runs: version, backend, trust
+    mode, listeners, limits."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("securemig")
+    except PackageNotFoundError:
+        release = "?"
+    trust = []
+    if options["listen"]:
+        policies = options["policy-dir"] or f"{options['identity']}/policy"
+        trust.append(f"secure: mutual TLS + attestation, golden values from {policies}")
+        if options["tofu"]:
+            trust.append("TRUST ON FIRST USE of unknown sources")
+        allowed = options.get("allow-source")
+        trust.append(f"sources allowed: {', '.join(allowed) if allowed else 'any of the site CA'}")
+    if options["insecure-listen"]:
+        trust.append("INSECURE variant served (no TLS, no attestation)")
+    listeners = [f"secure {options['listen']}"] if options["listen"] else []
+    if options["insecure-listen"]:
+        listeners.append(f"insecure {options['insecure-listen']}")
+    if options["metrics"]:
+        listeners.append(f"metrics {options['metrics']}")
+    limits = (
+        f"idle {options['idle-timeout']:g} s, deadline {options['deadline']:g} s, "
+        f"{nofile} descriptors"
+    )
+    if caps is not None:
+        limits += (
+            f", handshake {caps.handshake_timeout:g} s, pending {caps.per_address} per "
+            f"address and {caps.full} in all"
+        )
+    log.info(
+        "securemig {release} starting: backend {backend}; trust: {trust}; listening: "
+        "{listeners}; state {state}; limits: {limits}",
+        release=release,
+        backend=options["backend"],
+        trust="; ".join(trust),
+        listeners=", ".join(listeners) or "none",
+        state=options["state-dir"],
+        limits=limits,
+    )

@@ -27,9 +27,9 @@ from twisted.logger import Logger
 from securemig import crashpoint, files
 from securemig.host import storage
 from securemig.host.journal import Journal
-from securemig.hypervisor.backends import backend_for
+from securemig.hypervisor import backends
+from securemig.hypervisor.backends import backend_for, capabilities
 from securemig.hypervisor.bundle import Bundle, Image, Manifest, image_file
-from securemig.hypervisor.qemu import QemuBackend
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, ProtocolError
@@ -44,10 +44,10 @@ def variant_name(variant: wire.Variant) -> str:
 
 
 def remove_staging(staging: Path) -> None:
-    """Remove a staging directory, first ending the QEMU and swtpm a live
-    arrival may have started in it (by their pid files there)."""
+    """Remove a staging directory, first ending what a live arrival may have
+    started in it (its backend's guest and vTPM, by their records there)."""
     if staging.is_dir():
-        QemuBackend().end(Bundle(staging, Manifest(name="staging")))
+        backends.end_started(staging)
     files.remove_tree(staging)
 
 
@@ -57,7 +57,7 @@ class DestinationHost:
     def __init__(
         self,
         state_dir: Path,
-        backend: str = "image",
+        backend: str = backends.DEFAULT,
         unseal: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self.state_dir = state_dir.absolute()
@@ -117,7 +117,7 @@ class DestinationHost:
             return None
         staging = self.staging / record.id
         path = staging if staging.exists() else self.vms / record.vm
-        return QemuBackend().has_process(Bundle(path, Manifest(name=record.vm)))
+        return backend_for(self.backend).has_process(Bundle(path, Manifest(name=record.vm)))
 
     def _lose(self, record: Any, why: str) -> None:
         """A live arrival whose QEMU ended before the COMMIT was journaled
@@ -177,16 +177,19 @@ class DestinationHost:
             files.rename_durably(staging, target)
         bundle = Bundle.load(target)
         if record.reached("resumed") and self.backend_status(bundle) == "stopped":
-            # It ran here and its QEMU has ended since: starting it again from
-            # the RAM image would run an older state of the guest a second time.
+            # It ran here and its guest has ended since: starting it again from
+            # a saved state would run an older state of the guest a second time.
             log.error(
-                "migration {mid}: VM {vm} was resumed here and its QEMU has ended since",
+                "migration {mid}: VM {vm} was resumed here and its guest has ended since",
                 mid=record.id,
                 vm=record.vm,
             )
-        # A QEMU that runs may wait paused after a live stream: its resume
-        # continues it (and leaves a running one alone).
-        elif self.backend_status(bundle) != "running" or bundle.manifest.backend == "qemu":
+        # A guest that runs may wait paused after a live stream: a backend
+        # whose resume continues it (and leaves a running one alone) is asked.
+        elif (
+            self.backend_status(bundle) != "running"
+            or capabilities(bundle.manifest.backend).resume_continues
+        ):
             await self.resume(bundle)
         self.journal.phase(record.id, "resumed")
         self.journal.finish(record.id, Outcome.DONE.value)
@@ -336,6 +339,17 @@ class DestinationHost:
     ) -> Arrival:
         """Accept a HELLO or raise :class:`ProtocolError` saying why not."""
         name = hello.vm_name
+        # First, before anything is locked, journaled or staged: a VM this
+        # host's backend cannot run would move, commit, and then not run.
+        mismatch = backends.refusal(
+            self.backend,
+            hello.backend,
+            live=hello.mode is wire.Mode.LIVE,
+            guest=hello.guest,
+            vtpm=bool(hello.vtpm),
+        )
+        if mismatch is not None:
+            raise ProtocolError(ErrorCode.BACKEND_MISMATCH, mismatch)
         if hello.variant is wire.Variant.SHARED_STORAGE and any(
             image.name == "disk" for image in hello.images
         ):
@@ -430,10 +444,12 @@ class Arrival:
         #: the vTPM's identity, checked with it.
         self.sealed_vtpm_key: bytes | None = None
         self.vtpm_identity: str | None = None
-        #: Live mode: the destination QEMU's side of the migration.
+        #: Live mode: the destination guest's side of the migration, and the
+        #: unix socket its stream goes to.
         self.live: Any = None
         #: Live mode: LOST journaled (its QEMU ended before the guest ran here).
         self.lost = False
+        self.live_socket: Path | None = None
         self._file: Any = None
         self._behind: storage.WriteBehind | None = None
         self._hash: Any = hashlib.sha256()
@@ -490,7 +506,9 @@ class Arrival:
         """The arriving VM's manifest, from its HELLO."""
         return Manifest(
             name=self.hello.vm_name,
-            backend=self.host.backend,
+            # A source that names its VM's backend was admitted only if this
+            # host's runs it; an older one's VM takes this host's, as before.
+            backend=self.hello.backend or self.host.backend,
             images=[Image(i.name, i.size) for i in self.hello.images],
             shared_disk=self.hello.shared_disk or None,
             vtpm=self.vtpm_identity,
@@ -515,8 +533,8 @@ class Arrival:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self.live is not None and self.live.socket is not None:
-            self.live.socket.unlink(missing_ok=True)
+        if self.live_socket is not None:
+            self.live_socket.unlink(missing_ok=True)
         remove_staging(self.staging)
         self.lock.release()
 
@@ -536,16 +554,21 @@ class Arrival:
 
     async def start_incoming(self, key: bytes) -> Any:
         """Live mode: start the VM's vTPM with its released state ``key`` and
-        its QEMU paused, waiting for the stream, in staging; journaled
-        ``incoming``.  The QEMU side of the migration."""
-        if self.host.backend != "qemu":
+        its guest paused, waiting for the stream, in staging; journaled
+        ``incoming``.  The backend's side of the migration."""
+        if not capabilities(self.host.backend).live_destination:
             raise ProtocolError(
-                ErrorCode.POLICY_REFUSED, "this destination runs no QEMU: no live migration here"
+                ErrorCode.POLICY_REFUSED,
+                f"this destination's {self.host.backend} backend takes no live migration",
             )
         bundle = Bundle(self.staging, self.manifest())
         bundle.save()
-        backend = QemuBackend(vtpm_key=lambda b: key)
-        self.live = await backend.live_destination(bundle, f"{self.id}-d")
+        backend = backend_for(self.host.backend, vtpm_key=lambda b: key)
+        # Per migration: a name from the bundle alone is the same for the
+        # source of a VM and an arrival of it moved into place there.
+        tag = f"{self.id}-d"
+        self.live_socket = backend.live_socket(bundle, tag)
+        self.live = await backend.live_destination(bundle, tag)
         self.host.journal.phase(self.id, "incoming")
         return self.live
 

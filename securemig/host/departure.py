@@ -20,7 +20,7 @@ from securemig import crashpoint, files
 from securemig.host import storage
 from securemig.host.arrival import variant_name
 from securemig.host.journal import Journal
-from securemig.hypervisor.backends import Backend, backend_for
+from securemig.hypervisor.backends import Backend, backend_for, capabilities
 from securemig.hypervisor.bundle import Bundle, BundleError, set_disk_owner
 from securemig.hypervisor.qemu import LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH
 from securemig.protocol import wire
@@ -118,12 +118,25 @@ class Departure:
             if self.was_running:
                 # Recovery resumes the VM here if this migration never commits.
                 self.journal.phase(self.id, "suspended")
-        except BaseException:
+        except BaseException as e:
             await self.rollback()
+            self.refused(e)
             raise
 
+    def refused(self, error: BaseException) -> None:
+        """Journal the end of a migration refused here before anything was
+        sent (the VM stays, unlocked): its record is closed, not left
+        ``started`` for recovery to settle as a lost connection."""
+        if isinstance(error, MigrationError):
+            code = error.code.name
+        else:
+            code = "IO_ERROR" if isinstance(error, OSError) else "INTERNAL"
+        self.journal.finish(self.id, "aborted", error=f"{code}: {error}", nbytes=0)
+
     def hello(self, chunk_size: int) -> wire.Hello:
-        """The HELLO announcing this VM (version 1 unless it needs version 2's fields)."""
+        """The HELLO announcing this VM: version 2, whose tail says what the VM
+        is (its backend, vTPM) so a destination that cannot run it refuses it
+        at admission."""
         hello = wire.Hello(
             version=1,
             variant=self.variant,
@@ -135,6 +148,8 @@ class Departure:
             guest="linux" if self.bundle.manifest.guest == "linux" else "",
             guest_cmdline=self.bundle.manifest.guest_cmdline,
             mode=wire.Mode.LIVE if self.live else wire.Mode.SUSPENDED,
+            backend=self.bundle.manifest.backend,
+            vtpm=1 if self.bundle.manifest.vtpm else 0,
         )
         return replace(hello, version=2) if wire.has_tail(hello) else hello
 
@@ -208,8 +223,7 @@ class Departure:
 
     def live_qemu_alive(self) -> bool:
         """Live mode: whether this VM's QEMU still runs here."""
-        has_process = getattr(self.backend, "has_process", None)
-        return bool(has_process is not None and has_process(self.bundle))
+        return self.backend.has_process(self.bundle)
 
     async def hand_over(self) -> None:
         """Live mode, after COMMITTED: the destination said DONE (its guest
@@ -301,8 +315,11 @@ async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
 
 def check_live(bundle: Bundle, variant: wire.Variant) -> None:
     """Refuse a live migration this VM cannot make, saying why."""
-    if bundle.manifest.backend != "qemu":
-        raise BundleError(f"VM {bundle.name} is not a QEMU guest: only those migrate live")
+    if not capabilities(bundle.manifest.backend).live_source:
+        raise BundleError(
+            f"VM {bundle.name} is a {bundle.manifest.backend} VM: that backend does not "
+            "migrate live (migrate it without --live)"
+        )
     if variant is not wire.Variant.SHARED_STORAGE or any(
         image.name == "disk" for image in bundle.manifest.images
     ):

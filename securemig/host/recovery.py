@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from securemig.host import storage
 from securemig.host.departure import release
 from securemig.host.journal import Journal, MigrationRecord, owner_alive
-from securemig.hypervisor.backends import backend_for
+from securemig.hypervisor.backends import backend_for, capabilities
 from securemig.hypervisor.bundle import LOCK, Bundle, disk_owner, disk_owner_path
 from securemig.protocol import wire
 from securemig.protocol.effects import Outcome
@@ -100,7 +100,7 @@ def live_qemu(record: MigrationRecord) -> bool | None:
         return None
     bundle = Bundle.load(Path(record.bundle))
     backend = backend_for(bundle.manifest.backend)
-    return bool(hasattr(backend, "has_process") and backend.has_process(bundle))
+    return backend.has_process(bundle)
 
 
 async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]:
@@ -180,7 +180,7 @@ def _needs_key(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> bool:
     if not bundle.manifest.vtpm or unseal is not None:
         return False
     backend = backend_for(bundle.manifest.backend)
-    return not (hasattr(backend, "has_process") and backend.has_process(bundle))
+    return not backend.has_process(bundle)
 
 
 async def _resume(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> str:
@@ -193,9 +193,13 @@ async def _resume(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> st
         )
     key = None if unseal is None else key_reader(unseal)
     backend = backend_for(bundle.manifest.backend, vtpm_key=key)
-    # A QEMU that runs may be paused after a live stream (or still sending
-    # it): its resume cancels the stream and continues it, so it is always asked.
-    if backend.status(bundle) == "running" and bundle.manifest.backend != "qemu":
+    # A guest that runs may be paused after a live stream (or still sending
+    # it): a backend whose resume continues it (and cancels the stream) is
+    # always asked.
+    if (
+        backend.status(bundle) == "running"
+        and not capabilities(bundle.manifest.backend).resume_continues
+    ):
         return f"VM {bundle.name} runs here"
     try:
         await backend.resume(bundle)

@@ -24,6 +24,8 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 #: The VM's vTPM key, sealed to this host's TPM (secure variant only).
 VTPM_KEY = "vtpm-key.sealed"
+#: The image that carries a VM's vTPM state (swtpm's, still encrypted).
+VTPM_IMAGE = "vtpm"
 FORMAT = 1
 
 
@@ -37,7 +39,7 @@ def image_file(name: str) -> str:
     """Where image ``name`` lives inside a bundle (derived from the name alone,
     so a peer never chooses a path): ``NAME.img``, except the vTPM's state,
     which is swtpm's state file in ``vtpm/``."""
-    if name == "vtpm":
+    if name == VTPM_IMAGE:
         return "vtpm/tpm2-00.permall"
     return f"{name}.img"
 
@@ -216,8 +218,9 @@ def create_image_vm(
     backend: str = "image",
     guest: str = "firmware",
     guest_cmdline: str = "",
+    guest_vm: bool | None = None,
 ) -> Bundle:
-    """Create a suspended VM of the ``image`` backend with random contents.
+    """Create a suspended VM of backend ``backend`` with random contents.
 
     With ``shared_disk`` the disk image is created there (it must not exist)
     and only recorded in the manifest.  With ``vtpm`` = (key, vendor CA
@@ -225,7 +228,10 @@ def create_image_vm(
     ``sealed_vtpm_key`` is the key as sealed to this host's TPM.  ``owner``
     (a host name) is recorded as the owner of a shared disk.  A QEMU VM's
     ``guest`` is ``firmware`` (a random marker in RAM) or ``linux`` (booted
-    with ``guest_cmdline``).
+    with ``guest_cmdline``).  ``guest_vm``: the backend runs guests, so a
+    stopped guest of ``ram_mib`` MiB is created (booted later by its
+    backend); by default for ``qemu`` only: callers that know the registry
+    (:func:`securemig.hypervisor.backends.create_vm`) say it.
     """
     check_vm_name(name)
     if ram_mib <= 0:
@@ -237,24 +243,24 @@ def create_image_vm(
     staging = vm_dir / f".{name}.creating"
     files.remove_tree(staging)
     staging.mkdir()
-    manifest = Manifest(name=name, images=[Image("ram", ram_mib << 20)])
-    if backend == "qemu":
-        # A QEMU VM starts from firmware (`securemig vm start`); its RAM image
+    if guest_vm is None:
+        guest_vm = backend == "qemu"
+    manifest = Manifest(name=name, backend=backend, images=[Image("ram", ram_mib << 20)])
+    if guest_vm:
+        # A guest starts from firmware (`securemig vm start`); its RAM image
         # is written when it is suspended.  A random marker placed in guest
         # RAM shows that state moved.
         manifest = Manifest(
             name=name,
-            backend="qemu",
+            backend=backend,
             images=[Image("ram", 0)],
             memory_mib=ram_mib,
             state="stopped",
             guest=guest,
             guest_cmdline=guest_cmdline,
         )
-    elif backend != "image":
-        raise BundleError(f"cannot create VMs of backend {backend!r} (image or qemu)")
-    if guest not in ("firmware", "linux") or (guest == "linux" and backend != "qemu"):
-        raise BundleError(f"guest {guest!r}: a VM of the qemu backend is firmware or linux")
+    if guest not in ("firmware", "linux") or (guest == "linux" and not guest_vm):
+        raise BundleError(f"guest {guest!r}: a VM that runs a guest is firmware or linux")
     if shared_disk is not None:
         shared_disk = shared_disk.absolute()
         if shared_disk.exists():
@@ -268,7 +274,7 @@ def create_image_vm(
     bundle = Bundle(staging, manifest)
     for image in manifest.images:
         _fill_random(bundle.image_path(image), image.size)
-    if backend == "qemu" and guest == "firmware":
+    if guest_vm and guest == "firmware":
         _fill_random(staging / "marker.bin", 4096)
     if sealed_vtpm_key is not None:
         files.write_durably(bundle.vtpm_key_path, sealed_vtpm_key, mode=0o600)

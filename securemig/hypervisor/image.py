@@ -11,9 +11,10 @@ from twisted.internet.defer import Deferred, maybeDeferred
 
 from securemig import files
 from securemig.hypervisor.bundle import Bundle
+from securemig.hypervisor.contract import Backend
 
 
-class ImageBackend:
+class ImageBackend(Backend):
     """A VM that exists only as files."""
 
     name = "image"

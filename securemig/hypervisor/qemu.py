@@ -54,6 +54,7 @@ from securemig import files
 from securemig.hypervisor import guest as linux_guest
 from securemig.hypervisor import qmp
 from securemig.hypervisor.bundle import Bundle, BundleError
+from securemig.hypervisor.contract import Backend
 from securemig.protocol.errors import ErrorCode, LocalFault
 from securemig.trust import vtpm
 from securemig.trust.tpm import swtpm
@@ -134,7 +135,7 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-class QemuBackend:
+class QemuBackend(Backend):
     """QEMU over QMP; one QEMU process per VM, tracked by its pid file."""
 
     name = "qemu"
@@ -472,6 +473,10 @@ class QemuBackend:
         return Deferred.fromCoroutine(
             _live_source(self, bundle, uri, downtime_limit_ms, max_bandwidth)
         )
+
+    def live_socket(self, bundle: Bundle, tag: str = "") -> Path:
+        """The unix socket of this VM's live stream (:func:`live_socket`)."""
+        return live_socket(bundle, tag)
 
     def live_destination(self, bundle: Bundle, tag: str = "") -> Deferred[LiveMigration]:
         """Start the VM's swtpm (with the released key) and QEMU paused,

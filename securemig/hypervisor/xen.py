@@ -27,6 +27,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from securemig import files
 from securemig.hypervisor.bundle import Bundle, BundleError
+from securemig.hypervisor.contract import Backend
 from securemig.protocol.errors import ErrorCode, LocalFault
 
 
@@ -37,7 +38,7 @@ class XenError(LocalFault, RuntimeError):
     default_code = ErrorCode.RESUME_FAILED
 
 
-class XenBackend:
+class XenBackend(Backend):
     """Xen through ``xl`` (the path may be given, e.g. for the contract tests)."""
 
     name = "xen"

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from securemig import files
-from securemig.hypervisor.bundle import Bundle, Manifest, create_image_vm, set_disk_owner
-from securemig.hypervisor.qemu import QemuBackend
+from securemig.hypervisor import backends
+from securemig.hypervisor.bundle import Bundle, set_disk_owner
 from securemig.lab import processes
 from securemig.trust.attestor import open_attestor
 from securemig.trust.identity import Identity, init_host, issue_tls
@@ -116,21 +116,21 @@ class Lab:
         self._stops.append(stop)
 
     def stop(self) -> None:
-        """End every process the lab started, and then the QEMUs and swtpms
-        a live arrival left in its hosts' staging (by the pid files there): it
-        outlives the daemon that started it when a run fails."""
+        """End every process the lab started, and then the guests (QEMUs and
+        swtpms) a live arrival left in its hosts' staging (by the records
+        there): it outlives the daemon that started it when a run fails."""
         for stop in reversed(self._stops):
             stop()
         self._stops.clear()
-        for staged in sorted(self.work.glob("*/staging/*/qemu.pid")):
-            QemuBackend().end(Bundle(staged.parent, Manifest(name="staging")))
+        for staged in sorted(self.work.glob("*/staging/*/")):
+            backends.end_started(staged)
 
     def start_destination(
         self,
         keep: bool = True,
         host: str = DESTINATION,
         cipher: str | None = None,
-        backend: str = "image",
+        backend: str = backends.DEFAULT,
         extra: tuple[str, ...] = (),
     ) -> processes.Destination:
         """A ``twistd securemig`` for ``host`` (dest-b by default), secure and
@@ -187,7 +187,7 @@ class Lab:
         size_mib: int,
         disk_mib: int | None,
         secure: bool,
-        backend: str = "image",
+        backend: str = backends.DEFAULT,
         shared_disk: Path | None = None,
         source: str = SOURCE,
         guest_cmdline: str | None = None,
@@ -202,20 +202,20 @@ class Lab:
             with open_attestor(self.work / source, None, False) as attestor:
                 sealed = attestor.seal(key)
             vtpm = (key, self.work / "vtpm-ca")
-        bundle = create_image_vm(
+        bundle = backends.create_vm(
             self.vm_dir_of(source),
             name,
             size_mib,
+            kind=backend,
             disk_mib=disk_mib,
             shared_disk=shared_disk,
             owner=source if shared_disk else None,
             sealed_vtpm_key=sealed,
             vtpm=vtpm,
-            backend=backend,
             guest="firmware" if guest_cmdline is None else "linux",
             guest_cmdline=guest_cmdline or "",
         )
-        if backend == "qemu":
+        if backends.capabilities(backend).startable:
             started = processes.securemig(
                 "vm",
                 "start",

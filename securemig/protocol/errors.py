@@ -56,6 +56,9 @@ class ErrorCode(enum.IntEnum):
     KEY_TRANSFER_FAILED = 19  #: the migration key or the wrapped vTPM key was refused
     RECORD_REFUSED = 20  #: a data channel record failed authentication, or the channel was cut
     LIVE_FAILED = 21  #: QEMU's live migration failed or did not complete (the reason says why)
+    #: The destination's backend cannot run this VM (the reason names both
+    #: backends); only ever sent to a source whose HELLO named its backend.
+    BACKEND_MISMATCH = 22
 
 
 class MigrationError(Exception):

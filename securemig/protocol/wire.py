@@ -35,9 +35,11 @@ from typing import Any, ClassVar, TypeAlias
 from securemig.protocol.errors import ErrorCode, PeerViolation
 
 #: The newest protocol version; a destination speaks every one of :data:`VERSIONS`.
-#: Version 2 adds HELLO's tail (``guest``, ``guest_cmdline``, ``mode``), live mode
-#: (LIVE_READY, ``LIVE_FAILED``); a source says version 1 whenever its HELLO
-#: needs none of it, so an older destination still takes it.
+#: Version 2 adds HELLO's tail (``guest``, ``guest_cmdline``, ``mode``, then
+#: ``backend`` and ``vtpm``: what the VM is and needs), live mode (LIVE_READY,
+#: ``LIVE_FAILED``) and ``BACKEND_MISMATCH``.  A tail may end early (the fields
+#: it leaves out take their defaults): the first version-2 sources sent no
+#: ``backend``.  A source that names its VM's backend says version 2.
 PROTOCOL_VERSION = 2
 VERSIONS = (1, 2)
 
@@ -63,6 +65,8 @@ MAX_PATH = 1024
 MAX_CMDLINE = 2048
 CMDLINE_RE = re.compile(r"[ -~]*")
 GUEST_RE = re.compile(r"|linux")
+#: A backend kind as HELLO names it ("" when the source does not say).
+BACKEND_RE = re.compile(r"|[a-z][a-z0-9_]{0,15}")
 NONCE_SIZE = 32
 #: TPM structures (public areas, attestations, signatures) and certificates.
 MAX_TPM_BLOB = 2048
@@ -320,6 +324,12 @@ class Hello:
     guest: str = wire(Text(16, GUEST_RE), tail=True, default="")
     guest_cmdline: str = wire(Text(MAX_CMDLINE, CMDLINE_RE), tail=True, default="")
     mode: Mode = wire(Enum(Mode), tail=True, default=Mode.SUSPENDED)
+    #: What the VM is: its hypervisor backend's kind ("" from a source that
+    #: does not say, whose VM takes the destination's backend), and whether it
+    #: has a vTPM its backend must run (1) or not (0).  The destination
+    #: refuses a VM its backend cannot run (BACKEND_MISMATCH) at admission.
+    backend: str = wire(Text(16, BACKEND_RE), tail=True, default="")
+    vtpm: int = wire(UInt(1, 1), tail=True, default=0)
 
 
 @dataclass(frozen=True)

@@ -141,8 +141,9 @@ async def migrate(
                 if owner is not None and owner != me:
                     raise BundleError(f"shared disk {shared} belongs to {owner}, not {me}")
                 departure.disk_successor = security.destination_name
-        except BaseException:
+        except BaseException as e:
             await departure.rollback()
+            departure.refused(e)
             raise
     on_start(departure)
     session = SourceSession(

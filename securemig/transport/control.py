@@ -100,6 +100,11 @@ class FramedProtocol(Connection, Generic[E]):
         """The session the connection object drives."""
         return self.connection.session
 
+    def log_context(self) -> dict[str, str | None]:
+        """What every log line of this connection names (the migration id,
+        VM, peer, role; see :mod:`securemig.app.logformat`)."""
+        return {}
+
     # -- Twisted's Protocol interface
 
     def connectionMade(self) -> None:
@@ -184,7 +189,11 @@ class FramedProtocol(Connection, Generic[E]):
         for index, effect in enumerate(batch):
             try:
                 if isinstance(effect, CloseNow):
-                    self.out.abortConnection()
+                    # Not once the connection is lost: Twisted's TLS layer
+                    # has dropped its OpenSSL connection by then and an
+                    # abort would reach it ('NoneType' ... 'bio_read').
+                    if self.connection_open:
+                        self.out.abortConnection()
                 else:
                     self.carry_out(effect)
             except Exception as e:
@@ -292,6 +301,10 @@ class FramedProtocol(Connection, Generic[E]):
     def close_gracefully(self) -> None:
         """Flush and half-close; drop the connection once the peer closed
         its side too or when the connection object's close grace ends."""
+        if not self.connection_open or getattr(self.out, "disconnecting", False):
+            # Lost, or already closing (an abort, TLS's own shutdown): a
+            # half-close now would reach a TCP transport TLS has let go of.
+            return
         if under_tls(self.out):
             # TLS's own close is the half-close: what is buffered, then
             # close_notify; it reads on until the peer's close_notify and only

@@ -46,10 +46,9 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from securemig import crashpoint
+from securemig import crashpoint, metrics
 from securemig.host.journal import PROGRESS_INTERVAL
-from securemig.hypervisor.bundle import disk_owner
-from securemig.hypervisor.qemu import live_socket
+from securemig.hypervisor.bundle import VTPM_IMAGE, disk_owner
 from securemig.protocol import destination as destination_session
 from securemig.protocol import effects, records, wire
 from securemig.protocol.connection import (
@@ -142,6 +141,23 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def session(self) -> destination_session.DestinationSession:
         """The destination session the connection object drives."""
         return self.connection.session
+
+    def log_context(self) -> dict[str, str | None]:
+        """The arrival's migration id, VM and source (address, and name once verified)."""
+        hello = self.session.hello
+        name = self._name_or_none() if self.security is not None else None
+        return {
+            "role": "destination",
+            "migration_id": self.arrival.migration_id.hex() if self.arrival else None,
+            "vm": hello.vm_name if hello else None,
+            "peer": f"{name} ({self._peer()})" if name else self._peer(),
+        }
+
+    def _name_or_none(self) -> str | None:
+        try:
+            return self.peer_name()
+        except Exception:
+            return None
 
     def _peer(self) -> str:
         peer = self.out.getPeer()
@@ -258,7 +274,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 return  # ended meanwhile: the discard ends this QEMU too
             receiver = LiveReceiver(
                 self.clock,
-                str(live.socket or live_socket(live.bundle)),
+                str(self.arrival.live_socket),
                 new_opener,
                 interface=self.out.getHost().host,
                 on_progress=lambda n: self.touch(),
@@ -323,7 +339,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             if (
                 self.security is None
                 and self.key_keeper is None
-                and any(i.name == "vtpm" for i in effect.hello.images)
+                and any(i.name == VTPM_IMAGE for i in effect.hello.images)
             ):
                 raise ProtocolError(
                     ErrorCode.POLICY_REFUSED,
@@ -357,6 +373,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         """Journal an arrival refused before admission (at the handshake, by
         ``--allow-source``: no VM named yet; or at HELLO); ``securemig status``
         shows it.  A journal that cannot take it is logged; the refusal stands."""
+        metrics.REFUSALS.labels(e.code.name).inc()
         name = None
         if self.security is not None:
             try:
@@ -559,7 +576,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             )
 
         if self.wrapped_key is None and self.security is None:
-            if any(i.name == "vtpm" for i in self.arrival.hello.images):
+            if any(i.name == VTPM_IMAGE for i in self.arrival.hello.images):
                 raise KeyTransferError("a vTPM state arrived without its key")
             self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
         else:
@@ -634,6 +651,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             vm=vm,
             peer=self._peer(),
             outcome=effect.outcome.value,
+            code=effect.code.name if effect.code else None,
             why=f" ({effect.code.name}: {effect.reason})" if effect.code else "",
         )
 

@@ -9,19 +9,22 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, assert_never
 
+from service_identity import VerificationError
+from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from securemig import crashpoint
 from securemig.host.journal import PROGRESS_INTERVAL
-from securemig.hypervisor.qemu import live_socket
 from securemig.protocol import effects, records
 from securemig.protocol import source as source_session
 from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT, SourceConnection
 from securemig.protocol.effects import SourceEffect
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
+from securemig.transport import tls
 from securemig.transport.control import Connection, FramedProtocol, failure_to_error
 from securemig.transport.executor import Executor
 from securemig.transport.live import LiveSender
@@ -37,6 +40,7 @@ from securemig.trust.keyrelease import (
 ABORTED = "aborted by the operator (securemig abort)"
 
 
+@implementer(IHandshakeListener)
 class SourceProtocol(FramedProtocol[SourceEffect]):
     """The source's connection: drives one :class:`~securemig.protocol.session.SourceSession`.
 
@@ -95,9 +99,54 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         self._watch = self.clock.callLater(PROGRESS_INTERVAL, self._look_at_journal)
         self.run(self.session.start())
 
+    def log_context(self) -> dict[str, str | None]:
+        """The departure's migration id (the destination's, once WELCOME
+        gave it), journal id, VM and destination."""
+        mid = self.session.migration_id
+        return {
+            "role": "source",
+            "migration_id": mid.hex() if mid else None,
+            "journal_id": self.departure.id,
+            "vm": self.departure.bundle.name,
+            "peer": self.departure.peer,
+        }
+
+    #: Secure: whether the TLS handshake completed (Twisted's TLS says so).
+    handshake_done = False
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: a connection lost from now on is not a refusal of it."""
+        self.handshake_done = True
+
+    def _tls_refusal(self, reason: Failure) -> MigrationError | None:
+        """Secure: a connection that ended before TLS was up, as the coded
+        refusal it is: the destination's certificate failed its name check
+        (ATTESTATION_FAILED), or the destination closed it before the
+        handshake completed (its pre-authentication caps, e.g. the
+        per-address one; CONNECTION_LOST saying so)."""
+        if self.security is None or self.handshake_done or self.session.finished:
+            return None
+        if reason.check(VerificationError):
+            return ProtocolError(ErrorCode.ATTESTATION_FAILED, tls.describe_failure(reason))
+        if not reason.check(net_error.ConnectionDone, net_error.ConnectionLost):
+            return ProtocolError(
+                ErrorCode.CONNECTION_LOST,
+                f"the TLS handshake failed: {tls.describe_failure(reason)}",
+            )
+        return ProtocolError(
+            ErrorCode.CONNECTION_LOST,
+            "the destination closed the connection before the TLS handshake completed: "
+            "it is at its cap of pending connections from this address (or of all), or "
+            "it is not a securemig destination; try again later",
+        )
+
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         """Also fire :attr:`closed`."""
         try:
+            refusal = self._tls_refusal(reason)
+            if refusal is not None:
+                self.connection_open = False
+                self.fail(refusal)
             super().connectionLost(reason)
         finally:
             if not self.closed.called:
@@ -178,7 +227,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         cipher, key = self.data_channel_key(records.LIVE_EXPORTER_LABEL)
         sealer = records.Sealer(cipher, key, self.migration_id())
         bundle = self.departure.bundle
-        listen = live_socket(bundle, f"{self.migration_id().hex()}-s")
+        listen = self.departure.backend.live_socket(bundle, f"{self.migration_id().hex()}-s")
         listen.unlink(missing_ok=True)
 
         def progress(n: int) -> None:

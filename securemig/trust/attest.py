@@ -107,7 +107,7 @@ def _parse(cls: type[T], raw: bytes, check: Check, what: str) -> T:
     try:
         return unmarshal_exact(cls, raw, what)
     except Malformed as e:
-        raise AttestationError(check, str(e)) from None
+        raise AttestationError(check, e.reason) from None
 
 
 def check_ak(ak_public: bytes) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:

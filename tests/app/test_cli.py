@@ -66,7 +66,9 @@ class ParserTests(SynchronousTestCase):
     def test_every_command_has_a_handler(self) -> None:
         """Each command and action sets ``func`` to a ``cmd_*`` of its module."""
         found = leaves(build_parser())
-        self.assertEqual(len(found), 28)  # pca: init, authorize, replace, revoke, list
+        self.assertEqual(
+            len(found), 30
+        )  # pca: init, authorize, replace, revoke, list; vm: +stop, delete
         for path, func in found:
             self.assertTrue(callable(func), path)
             self.assertTrue(getattr(func, "__name__", "").startswith("cmd_"), path)

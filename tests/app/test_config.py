@@ -124,6 +124,8 @@ class ConfigTests(TestCase):
             "[service]\nallow-source = [1]\n": "allow-source must be a list of strings",
             "migrate = 1\n": "migrate must be a section, [migrate], not a value",
             "[x]\n": "unknown section [x]",
+            # The backends are the registry's (securemig.hypervisor.backends).
+            "[service]\nbackend = 'bogus'\n": "[service] backend must be one of image, qemu",
             "[paths\n": "is not TOML",
         }
         for text, message in cases.items():
@@ -139,18 +141,18 @@ class ConfigTests(TestCase):
 
     def test_twistd_reads_it_and_flags_win(self) -> None:
         """twistd securemig takes [paths] and [service] from the file; a flag
-        overrides the file (the file's backend would be refused)."""
+        overrides the file (the file's handshake timeout would be refused)."""
         state = self.base / "state"
         self.file.write_text(
             f'[paths]\nstate-dir = "{state}"\n'
-            '[service]\ninsecure-listen = "tcp:0:interface=127.0.0.1"\nbackend = "bogus"\n'
+            '[service]\ninsecure-listen = "tcp:0:interface=127.0.0.1"\nhandshake-timeout = 0\n'
         )
         process, _ = processes.start_twistd(
             "securemig",
             "--config",
             str(self.file),
-            "--backend",
-            "image",
+            "--handshake-timeout",
+            "10",
             port_file=self.base / "port",
             log_file=self.base / "d.log",
         )

@@ -22,10 +22,14 @@ from twisted.trial.unittest import TestCase
 from securemig.host import storage
 from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, create_image_vm
+from securemig.hypervisor.qemu import QemuBackend, qemu_binary
 from securemig.lab import processes
+from securemig.trust.pca.core import PrivacyCA
 from securemig.trust.pki import Authority
 
 from ..helpers import bundle_digests
+from ..hypervisor.test_qemu import under_tcg
+from ..transport.test_secure import SecureBase
 
 
 class Scene:
@@ -76,6 +80,64 @@ class Scene:
         path = self.base / "securemig.toml"
         path.write_text(text)
         return str(path)
+
+    def hold_port(self) -> None:
+        """Something else listens on a port (and the next): ``self.held``."""
+        self.listeners = []
+        while len(self.listeners) < 2:
+            for listener in self.listeners:
+                listener.close()
+            first = socket.socket()
+            first.bind(("127.0.0.1", 0))
+            first.listen()
+            second = socket.socket()
+            try:
+                second.bind(("127.0.0.1", first.getsockname()[1] + 1))
+            except OSError:
+                first.close()
+                second.close()
+                continue
+            second.listen()
+            self.listeners = [first, second]
+        self.held = int(self.listeners[0].getsockname()[1])
+
+    def pca_and_site_ca(self) -> None:
+        """A privacy CA (``pca``, host-a not enrolled) and a site CA (``site``)."""
+        vendor = self.base / "vendor.pem"
+        vendor.write_bytes(Authority.create("vendor").cert.public_bytes(PEM))
+        PrivacyCA.init(self.base / "pca", [vendor])
+        Authority.create("site").save(self.base / "site")
+
+    def departure(self, *phases: str, outcome: str) -> None:
+        """A source record of vm1 in the VM directory's journal."""
+        journal = Journal(self.vms / ".securemig" / "journal.sqlite")
+        mid = journal.begin(
+            role="source",
+            vm="vm1",
+            peer="127.0.0.1:9",
+            variant="full",
+            protocol="secure",
+            peer_name="dest-b",
+        )
+        journal.set_migration_id(mid, "ab" * 16)
+        for phase in phases:
+            journal.phase(mid, phase)
+        journal.finish(mid, outcome)
+        journal.close()
+
+    def in_doubt(self) -> None:
+        """vm1's migration reached PREPARED and its outcome is in doubt."""
+        self.departure("connected", "admitted", "streaming", "prepared", outcome="in-doubt")
+
+    def given_away(self) -> None:
+        """vm1 was committed to dest-b; its bundle's removal did not finish."""
+        self.departure(
+            "connected", "admitted", "streaming", "prepared", "committed", outcome="done"
+        )
+
+    def lock_vm(self) -> None:
+        """A migration holds vm1's lock."""
+        self.lock = storage.Lock(self.bundle.lock_path)
 
     def bad_manifest(self) -> None:
         """A second bundle whose manifest is valid JSON of the wrong shape."""
@@ -363,6 +425,92 @@ ROWS = [
         2,
         "'not a name' is not a DNS host name",
     ),
+    # -- issue 24: misuse cases that ended wrong
+    Row(
+        "tpm_simulate_on_a_port_in_use",
+        lambda s: ["tpm", "simulate", str(s.base / "tpm"), "--port", str(s.held)],
+        1,
+        "swtpm did not start on 127.0.0.1 ports",
+        prepare=Scene.hold_port,
+        # The other listener is not taken for the swtpm: no TCTI, no DIR/port.
+        then=lambda s, r: "TCTI" not in r.stdout and not (s.base / "tpm" / "port").exists(),
+    ),
+    Row(
+        "abort_negative_timeout",
+        lambda s: ["abort", "abcd", "--vm-dir", str(s.vms), "--timeout", "-1"],
+        2,
+        "--timeout: must be 0 or more seconds, not -1",
+    ),
+    Row(
+        "pca_revoke_in_a_site_ca",
+        lambda s: ["pca", "revoke", "host-a", "--dir", str(s.base / "site")],
+        1,
+        "is not a privacy CA (it holds a CA, but no pca.sqlite: a site CA?)",
+        prepare=Scene.pca_and_site_ca,
+        then=lambda s, r: not (s.base / "site" / "pca.sqlite").exists(),
+    ),
+    Row(
+        "pca_revoke_empty_ak",
+        lambda s: ["pca", "revoke", "host-a", "--dir", str(s.base / "pca"), "--ak", ""],
+        2,
+        "--ak '' is not an AK name",
+        prepare=Scene.pca_and_site_ca,
+        then=lambda s, r: "not enrolled" not in r.stderr,
+    ),
+    Row(
+        "pca_revoke_host_not_enrolled",
+        lambda s: ["pca", "revoke", "host-a", "--dir", str(s.base / "pca"), "--ak", "abcd"],
+        1,
+        "host host-a is not enrolled",
+        prepare=Scene.pca_and_site_ca,
+    ),
+    # -- vm stop / vm delete refuse what could lose a VM
+    Row(
+        "vm_delete_in_doubt",
+        lambda s: ["vm", "delete", "vm1", "--dir", str(s.vms)],
+        1,
+        "VM vm1 is in doubt in migration abababab",
+        vm=True,
+        prepare=Scene.in_doubt,
+    ),
+    Row(
+        "vm_stop_in_doubt",
+        lambda s: ["vm", "stop", "vm1", "--dir", str(s.vms)],
+        1,
+        "settle it first",
+        vm=True,
+        prepare=Scene.in_doubt,
+    ),
+    Row(
+        "vm_delete_given_away",
+        lambda s: ["vm", "delete", "vm1", "--dir", str(s.vms)],
+        1,
+        "VM vm1 was migrated to dest-b",
+        prepare=Scene.given_away,
+        then=lambda s, r: s.bundle.path.exists(),
+    ),
+    Row(
+        "vm_delete_locked",
+        lambda s: ["vm", "delete", "vm1", "--dir", str(s.vms)],
+        1,
+        "VM vm1 is locked by a migration under way",
+        prepare=Scene.lock_vm,
+        then=lambda s, r: bundle_digests(s.bundle) == s.digests,
+    ),
+    Row(
+        "vm_stop_not_running",
+        lambda s: ["vm", "stop", "vm1", "--dir", str(s.vms)],
+        1,
+        "VM vm1 is not running (suspended)",
+        vm=True,
+    ),
+    Row(
+        "vm_delete",
+        lambda s: ["vm", "delete", "vm1", "--dir", str(s.vms)],
+        0,
+        "deleted VM vm1",
+        then=lambda s, r: not s.bundle.path.exists(),
+    ),
     # -- twistd securemig
     Row(
         "twistd_listen_without_tcp",
@@ -553,3 +701,93 @@ def _row_test(row: Row) -> Callable[[MisuseTests], None]:
 
 for _row in ROWS:
     setattr(MisuseTests, f"test_{_row.name}", _row_test(_row))
+
+
+class BackendMismatchTests(SecureBase):
+    """A VM offered to a destination whose backend cannot run it (issue 21):
+    refused at admission with BACKEND_MISMATCH and a sentence naming both
+    backends, before PREPARED (before attestation: HELLO is answered first);
+    the VM runs on at the source, nothing is staged or arrives at the
+    destination, ``migrate`` exits 1 saying so.  Real daemons, real QEMU."""
+
+    timeout = 180
+
+    def qemu_guest(self) -> Bundle:
+        """A running QEMU guest (firmware only) with a vTPM at the source."""
+        qemu_binary()
+        bundle = self.create_vm("--backend", "qemu", "--ram-mib", "64")
+        self.addCleanup(QemuBackend().end, bundle)
+        started = processes.securemig(
+            "vm", "start", "vm1", "--dir", str(self.vm_dir), "--identity", str(self.src_id)
+        )
+        self.assertEqual(started.returncode, 0, started.stderr)
+        return Bundle.load(bundle.path)
+
+    def assertRefused(
+        self, result: subprocess.CompletedProcess[str], destination: processes.Destination,
+        vm: str, dest: str,
+    ) -> None:  # fmt: skip
+        """Exit 1 with the code and a sentence naming both backends; the
+        source journal never reached PREPARED; the destination staged and
+        keeps nothing, and journaled the refusal."""
+        said = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 1, said)
+        self.assertNotIn("Traceback", said)
+        self.assertIn(
+            f"failed: BACKEND_MISMATCH: destination: the VM's backend is {vm} and this "
+            f"destination's is {dest}: it cannot run the VM",
+            result.stderr,
+        )
+        self.assertIn("the VM is still at the source, unlocked", result.stderr)
+        source = Journal(self.vm_dir / ".securemig" / "journal.sqlite")
+        self.addCleanup(source.close)
+        [mine] = source.records()
+        self.assertEqual(mine.outcome, "aborted")
+        self.assertFalse(mine.reached("prepared"))
+        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertFalse((destination.state_dir / "vms" / "vm1").exists())
+        theirs = Journal(destination.state_dir / "journal.sqlite")
+        self.addCleanup(theirs.close)
+        # Refused before admission: no migration record, one refusal.
+        self.assertEqual(theirs.records(), [])
+        [refusal] = theirs.refusals()
+        self.assertEqual((refusal.vm, refusal.code), ("vm1", "BACKEND_MISMATCH"))
+        self.assertNoUnhandledError(destination)
+
+    def test_live_qemu_vm_to_an_image_destination(self) -> None:
+        """``migrate --live`` of a running QEMU guest to an image daemon: the
+        guest never stops (same QEMU process, QMP says running)."""
+        under_tcg(self)
+        destination = self.start_destination("--tofu")
+        bundle = self.qemu_guest()
+        pid = int((bundle.path / "qemu.pid").read_text())
+        result = self.migrate(destination, "--live", "--tofu")
+        self.assertRefused(result, destination, "qemu", "image")
+        self.assertEqual(int((bundle.path / "qemu.pid").read_text()), pid)
+        self.assertEqual(QemuBackend().query(bundle, "query-status")["status"], "running")
+        self.assertTrue(bundle.vtpm_key_path.exists())
+
+    def test_suspended_qemu_vm_to_an_image_destination(self) -> None:
+        """A suspended migration of a running QEMU guest to an image daemon:
+        refused; the guest runs again at the source from its saved state (QMP
+        says running), its vTPM key kept."""
+        under_tcg(self)
+        destination = self.start_destination("--tofu")
+        bundle = self.qemu_guest()
+        result = self.migrate(destination, "--tofu")
+        self.assertRefused(result, destination, "qemu", "image")
+        self.assertEqual(QemuBackend().query(bundle, "query-status")["status"], "running")
+        self.assertEqual(Bundle.load(bundle.path).manifest.state, "running")
+        self.assertTrue(bundle.vtpm_key_path.exists())
+
+    def test_image_vm_to_a_qemu_destination(self) -> None:
+        """The reverse (before: committed, then RESUME_FAILED, exit 3): an
+        image VM offered to a QEMU daemon is refused; its images are intact
+        and unlocked at the source."""
+        destination = self.start_destination("--tofu", "--backend", "qemu")
+        bundle = self.create_vm()
+        before = bundle_digests(bundle)
+        result = self.migrate(destination, "--tofu")
+        self.assertRefused(result, destination, "image", "qemu")
+        self.assertEqual(bundle_digests(Bundle.load(bundle.path)), before)
+        self.assertFalse(storage.is_locked(bundle.lock_path))

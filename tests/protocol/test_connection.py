@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from securemig.hypervisor import backends
 from securemig.protocol import effects as fx
 from securemig.protocol import records, wire
 from securemig.protocol.channels import FIRST_RECORD_PLAINTEXT
@@ -577,3 +578,83 @@ class PeerCheckTests(SynchronousTestCase):
         conn.peer_allowed()
         conn.receive_data(wire.encode(make_hello((CHUNK,), chunk_size=CHUNK)), 0.0)
         self.assertEqual([type(e) for e in drain(conn)], [fx.Admit])
+
+
+class BackendAdmissionTests(SynchronousTestCase):
+    """HELLO says what the VM is; a destination whose backend cannot run it
+    refuses at admission (BACKEND_MISMATCH, a reason naming both backends),
+    before WELCOME and so before attestation or any byte of the VM.  Two
+    connection objects joined by their bytes; the shell's admission is stood
+    in by the registry's rule (:func:`securemig.hypervisor.backends.refusal`)."""
+
+    def exchange(self, hello: wire.Hello, backend: str) -> tuple[list[Any], list[Any]]:
+        """The source's effects and the destination's, once HELLO was answered
+        by a destination whose backend is ``backend``."""
+        source = SourceConnection(
+            SourceSession(hello, secure=True),
+            idle_timeout=60.0,
+            deadline=3600.0,
+            data_channel_grace=5.0,
+        )
+        source.start(0.0)
+        destination = DestinationConnection(DestinationSession(secure=True), 10.0, 100.0)
+        destination.start(0.0)
+        for effect in source.session.start():
+            assert isinstance(effect, fx.Send), effect
+            destination.receive_data(wire.encode(effect.message), 0.0)
+        [admit] = drain(destination)
+        assert isinstance(admit, fx.Admit), admit
+        said = admit.hello
+        why = backends.refusal(
+            backend, said.backend, live=said.mode is wire.Mode.LIVE, guest=said.guest,
+            vtpm=bool(said.vtpm),
+        )  # fmt: skip
+        answer = (
+            destination.session.admitted(MID)
+            if why is None
+            else destination.session.refused(ErrorCode.BACKEND_MISMATCH, why)
+        )
+        for effect in answer:
+            if isinstance(effect, fx.Send):
+                source.receive_data(wire.encode(effect.message), 0.0)
+        return drain(source), answer
+
+    def live_qemu_hello(self, **kw: Any) -> wire.Hello:
+        return make_hello(
+            (), variant=wire.Variant.SHARED_STORAGE, mode=wire.Mode.LIVE, memory_mib=128,
+            guest="linux", backend="qemu", vtpm=1, **kw,
+        )  # fmt: skip
+
+    def assertRefusedBefore(self, src: list[Any], dst: list[Any], *names: str) -> None:
+        sent = [e.message for e in dst if isinstance(e, fx.Send)]
+        self.assertEqual([type(m) for m in sent], [wire.Abort])
+        self.assertEqual(sent[0].code, ErrorCode.BACKEND_MISMATCH)
+        for name in names:
+            self.assertIn(name, sent[0].reason)
+        end = [e for e in src if isinstance(e, fx.Finished)]
+        self.assertEqual(len(end), 1, src)
+        self.assertEqual((end[0].outcome, end[0].code), (fx.Outcome.ABORTED, sent[0].code))
+        # The source rolls back (its VM goes on) and never starts a stream.
+        self.assertIn(fx.RollBack(), src)
+        self.assertFalse([e for e in src if isinstance(e, fx.StartStreams | fx.StartLive)])
+
+    def test_live_qemu_vm_refused_by_an_image_destination(self) -> None:
+        src, dst = self.exchange(self.live_qemu_hello(), "image")
+        self.assertRefusedBefore(src, dst, "backend is qemu", "destination's is image")
+
+    def test_image_vm_refused_by_a_qemu_destination(self) -> None:
+        src, dst = self.exchange(make_hello((CHUNK,), backend="image"), "qemu")
+        self.assertRefusedBefore(src, dst, "backend is image", "destination's is qemu")
+
+    def test_matching_backend_admitted(self) -> None:
+        src, dst = self.exchange(self.live_qemu_hello(), "qemu")
+        self.assertEqual([type(e.message) for e in dst if isinstance(e, fx.Send)], [wire.Welcome])
+        self.assertFalse([e for e in src if isinstance(e, fx.Finished)])
+
+    def test_version_one_source_is_not_judged(self) -> None:
+        """A version-1 HELLO (an older source: no tail, so no backend) is
+        admitted as before; its VM takes the destination's backend."""
+        old = make_hello((CHUNK,), version=1, memory_mib=64)
+        self.assertFalse(wire.has_tail(old))
+        _, dst = self.exchange(old, "qemu")
+        self.assertEqual([type(e.message) for e in dst if isinstance(e, fx.Send)], [wire.Welcome])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -261,9 +262,11 @@ class VersionOneStabilityTests(SynchronousTestCase):
         """A version-1 receiver refuses an unknown ABORT code (and loses the
         reason): the codes stay exactly 1-20 within version 1.  (Two codes
         added in a restructuring were found by an old peer this way.)  21,
-        LIVE_FAILED, is raised only in live mode, a version-2 session."""
-        self.assertEqual(sorted(int(c) for c in ErrorCode), list(range(1, 22)))
+        LIVE_FAILED, is raised only in live mode, a version-2 session; 22,
+        BACKEND_MISMATCH, only to a source whose HELLO named its backend."""
+        self.assertEqual(sorted(int(c) for c in ErrorCode), list(range(1, 23)))
         self.assertEqual(ErrorCode.LIVE_FAILED, 21)
+        self.assertEqual(ErrorCode.BACKEND_MISMATCH, 22)
 
     def test_message_types_of_a_migration_are_version_one(self) -> None:
         """A migration uses only version-1 types; RESOLVE/RESOLVED (0x40-0x41)
@@ -356,3 +359,33 @@ class QuoteRequestWireTests(SynchronousTestCase):
         )
         with self.assertRaises(ValueError):
             wire.encode(wire.Evidence(b"", b"", (), b"", b"", b"x" * (wire.MAX_EVENT_LOG + 1)))
+
+
+class HelloTailTests(SynchronousTestCase):
+    """HELLO's version-2 tail says what the VM is (backend, vTPM); a tail that
+    ends early (the first version-2 sources) leaves them at their defaults."""
+
+    def test_backend_and_vtpm_round_trip(self) -> None:
+        said = hello(version=2, memory_mib=64, backend="qemu", vtpm=1)
+        self.assertTrue(wire.has_tail(said))
+        self.assertEqual(decode_all(wire.encode(said)), [said])
+
+    def test_tail_without_backend_decodes_to_unknown(self) -> None:
+        """The bytes of a first version-2 HELLO (its tail ends after ``mode``)
+        decode with ``backend`` "" (not said) and no vTPM: admitted as before."""
+        full = hello(version=2, guest="linux", guest_cmdline="quiet", mode=wire.Mode.LIVE)
+        raw = wire.encode(replace(full, backend="qemu"))
+        # Without backend text(16) (u16 length + 4 bytes) and vtpm u8.
+        payload = raw[wire.HEADER.size : -(2 + 4 + 1)]
+        old = wire.HEADER.pack(wire.TYPE_CODES[wire.Hello], len(payload)) + payload
+        self.assertEqual(decode_all(old), [full])
+
+    def test_backend_names_are_bounded(self) -> None:
+        """A backend name is a short lowercase word, like a registered kind."""
+        for bad in ("QEMU", "q" * 17, "../x", "1abc"):
+            raw = wire.encode(hello(version=2, backend="image"))
+            payload = raw[wire.HEADER.size : -(2 + 5 + 1)] + struct.pack("!H", len(bad))
+            payload += bad.encode() + b"\x00"
+            with self.assertRaises(ProtocolError, msg=bad) as cm:
+                decode_all(wire.HEADER.pack(wire.TYPE_CODES[wire.Hello], len(payload)) + payload)
+            self.assertEqual(cm.exception.code, ErrorCode.BAD_PARAMETER)

@@ -558,6 +558,24 @@ class UnauthenticatedClientTests(SecureBase):
         self.assertNoUnhandledError(destination)
         self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
 
+    def test_disallowed_client_sending_data_with_its_handshake(self) -> None:
+        """A disallowed source whose application data comes in the same
+        segment as its handshake's end (as a real source's HELLO can): the
+        refusal leaves no "Unhandled Error" (the half-close under TLS once
+        left Twisted's TLS layer reading a connection it had dropped:
+        'NoneType' object has no attribute 'bio_read')."""
+        destination = self.start_destination("--tofu", "--allow-source", "someone-else")
+        for then in ("read", "close", "half-close", "sleep", "flood", "flood", "flood"):
+            handshake_then_data(
+                destination.port, self.dst_id / "site-ca.pem", self.src_id, b"\x00" * 16384, then
+            )
+        deadline = time.monotonic() + 10
+        while destination.log().count("refused source") < 7 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertEqual(destination.log().count("refused source"), 7, destination.log())
+        time.sleep(0.5)
+        self.assertNoUnhandledError(destination)
+
     def reset_after_handshake(self, destination: processes.Destination) -> None:
         """Complete the handshake and close with a TCP reset (SO_LINGER 0)."""
         import socket
@@ -685,3 +703,48 @@ class SecureCrashPointTests(SecureBase):
         self.assertNotIn("Unhandled Error", log)
         self.assertNotIn("POLICY_REFUSED", log)
         self.assertNotIn("ended: aborted", log)
+
+
+def handshake_then_data(
+    port: int, site_ca: Path, identity: Path, data: bytes = b"\x00" * 4096, then: str = "read"
+) -> None:
+    """A TLS 1.3 client (memory BIOs) whose last handshake flight and
+    ``data`` leave in one ``send``: the server's TLS layer reads the
+    application data in the same turn as the handshake's end."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(site_ca))
+    context.check_hostname = False
+    context.load_cert_chain(identity / "tls.pem", identity / "tls.key")
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                chunk = raw.recv(65536)
+                if not chunk:
+                    return
+                incoming.write(chunk)
+        tls.write(data)
+        try:
+            raw.sendall(outgoing.read())
+            if then == "read":
+                while raw.recv(65536):
+                    pass
+            elif then == "half-close":
+                raw.shutdown(socket.SHUT_WR)
+                while raw.recv(65536):
+                    pass
+            elif then == "sleep":
+                time.sleep(0.3)
+            elif then == "flood":
+                for _ in range(64):
+                    tls.write(data)
+                    raw.sendall(outgoing.read())
+        except OSError:
+            pass

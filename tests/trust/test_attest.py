@@ -374,3 +374,19 @@ class PCRPolicyTests(SynchronousTestCase):
             tpm.esapi.policy_pcr(session, b"", pcr_selection([16, 23]))
             digest = bytes(tpm.esapi.policy_get_digest(session))
         self.assertEqual(digest, pcr_policy_digest([16, 23], values))
+
+
+class MalformedStructureTests(SynchronousTestCase):
+    def test_code_appears_once(self) -> None:
+        """A structure that does not parse is one ATTESTATION_FAILED naming
+        the check, not ``ATTESTATION_FAILED: ...: MALFORMED: ...`` (issue 24)."""
+        from securemig.protocol.errors import ErrorCode, ProtocolError
+
+        with self.assertRaises(AttestationError) as caught:
+            attest.check_ak(b"\x00\x05junk")
+        error = caught.exception
+        self.assertEqual(error.code, ErrorCode.ATTESTATION_FAILED)
+        said = str(ProtocolError(error.code, error.reason))
+        self.assertTrue(said.startswith("ATTESTATION_FAILED: "), said)
+        self.assertNotIn("MALFORMED", said)
+        self.assertEqual(said.count("ATTESTATION_FAILED"), 1, said)

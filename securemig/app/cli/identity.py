@@ -312,8 +312,13 @@ def duration(text: str) -> float:
 
 
 def _open_pca(directory: Path) -> PrivacyCA:
-    if not (directory / "ca.key").is_file():
-        raise CommandError(f"{directory} is not a privacy CA (securemig pca init makes one)")
+    """The privacy CA in ``directory``; a directory that is not one (a site
+    CA's also holds ``ca.key``) is refused before anything is written there."""
+    if not (directory / "ca.key").is_file() or not (directory / "pca.sqlite").is_file():
+        kind = " (it holds a CA, but no pca.sqlite: a site CA?)" * (directory / "ca.key").exists()
+        raise CommandError(
+            f"{directory} is not a privacy CA{kind}; give the directory `securemig pca init` made"
+        )
     return PrivacyCA(directory)
 
 
@@ -354,11 +359,20 @@ def cmd_pca_replace(args: argparse.Namespace) -> int:
 
 def cmd_pca_revoke(args: argparse.Namespace) -> int:
     """``securemig pca revoke``: put a host's AK certificates on the CRL."""
+    if args.ak is not None and (
+        not args.ak or not all(c in "0123456789abcdef" for c in args.ak.lower())
+    ):
+        return usage_error(
+            f"--ak {args.ak!r} is not an AK name: give its name, or its start, in hex "
+            "(securemig pca list shows them); without --ak, every AK of the host is revoked"
+        )
+    pca = _open_pca(args.dir)
+    if args.host not in {h.host for h in pca.hosts()}:
+        return error(f"host {args.host} is not enrolled (securemig pca list)")
     try:
-        revoked = _open_pca(args.dir).revoke(args.host, args.ak)
+        revoked = pca.revoke(args.host, args.ak)
     except KeyError:
-        what = f"AK {args.ak} of host {args.host}" if args.ak else f"host {args.host}"
-        return error(f"{what} is not enrolled (securemig pca list)")
+        return error(f"host {args.host} has no AK {args.ak} (securemig pca list)")
     what = f"AK {args.ak} of {args.host}" if args.ak else f"every AK of {args.host}"
     print(
         f"revoked {what} ({revoked} certificate(s) newly revoked); peers refuse it once "

@@ -79,7 +79,7 @@ def add_parser(subparsers: Subparsers) -> None:
     abw.add_argument("--vm-dir", type=Path, help="the source's VM directory")
     ab.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=30.0,
         help="seconds to wait for the migration to end (default %(default)s; 0: do not wait)",
     )
@@ -424,3 +424,14 @@ def cmd_recover(args: argparse.Namespace) -> int:
     for migration_id, action in actions:
         print(f"{migration_id}: {action}")
     return EXIT_OK
+
+
+def _seconds(text: str) -> float:
+    """An argument type: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
+    return value

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from securemig.app.cli.common import Subparsers, _mib, error, int_list, usage_error
+from securemig.hypervisor import backends
 from securemig.lab import bench, demo
 from securemig.lab.bench import live, qemu, tpm
 from securemig.lab.bench.link import LinkError
@@ -29,9 +30,10 @@ def add_demo_parser(subparsers: Subparsers) -> None:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument(
         "--backend",
-        choices=("image", "qemu"),
-        default="image",
-        help="image: a suspended VM of files (default); qemu: a running QEMU guest",
+        choices=backends.kinds(lambda c: c.creatable),
+        default=backends.DEFAULT,
+        help="image: a suspended VM of files (default); a backend that runs guests "
+        "(qemu): a running guest",
     )
     p.add_argument(
         "--live",
@@ -140,8 +142,9 @@ def add_bench_parser(subparsers: Subparsers) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """``securemig demo``: see :mod:`securemig.lab.demo`."""
     if args.live:
-        if args.backend != "qemu":
-            return usage_error("--live needs --backend qemu (a running guest)")
+        if not backends.capabilities(args.backend).live:
+            able = " or ".join(backends.kinds(lambda c: c.live))
+            return usage_error(f"--live needs --backend {able} (a running guest)")
         return demo.run_live(as_json=args.json, keep=args.keep)
     return demo.run(size_mib=args.size_mib, as_json=args.json, keep=args.keep, backend=args.backend)
 

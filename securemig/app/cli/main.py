@@ -51,9 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(
         prog="securemig",
-        description="Move a suspended VM and its virtual TPM to another host. "
-        "The destination runs `twistd securemig`; this command drives the source, "
-        "creates test VMs, shows the journal and runs the demo and the benchmark.",
+        description="Move a VM and its virtual TPM to another host, only to an attested "
+        "one: suspended (stopped, streamed, resumed there), or live with `migrate --live` "
+        "(a running QEMU guest keeps running while its memory is copied and stops only "
+        "for the last dirty pages; needs the secure variant, the QEMU backend on both "
+        "hosts and the disk on shared storage; it does not copy a disk).  The destination "
+        "runs `twistd securemig`; this command drives the source, creates test VMs, shows "
+        "the journal and runs the demo and the benchmark.",
     )
     p.add_argument("--version", action="version", version=f"securemig {__version__}")
     p.add_argument(

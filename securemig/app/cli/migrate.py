@@ -93,8 +93,12 @@ def add_parser(subparsers: Subparsers) -> None:
     mig.add_argument(
         "--live",
         action="store_true",
-        help="live migration (secure, QEMU guests, RAM only): the guest keeps running "
-        "while QEMU copies its memory, and stops only for the last dirty pages",
+        help="live migration: the running guest keeps running while QEMU copies its "
+        "memory (pre-copy, inside securemig's sealed stream) and stops only for the last "
+        "dirty pages (--downtime-ms).  Needs the secure variant (--identity), a running "
+        "QEMU guest, twistd securemig --backend qemu at the destination and the disk on "
+        "storage both hosts mount (RAM and vTPM travel; implies --shared-storage).  Not "
+        "yet: copying a disk (block mirror), post-copy, other backends",
     )
     mig.add_argument(
         "--downtime-ms",
@@ -184,6 +188,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             if gone is not None:
                 raise BundleError(gone)
             bundle = Bundle.find(args.vm_dir, args.name)
+            # From here on a failure leaves the VM here, unlocked.
+            outcome["stays"] = True
             departure, finished = await migrate(
                 reactor,
                 bundle,
@@ -202,6 +208,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             )
         except (MigrationError, OSError) as e:
             outcome["error"] = describe(e)
+            outcome["code"] = e.code.name if isinstance(e, MigrationError) else "IO_ERROR"
             return
         finally:
             outcome["over"] = True
@@ -220,8 +227,32 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     run_interruptible(run, interrupted)
     bar.close()
     if "error" in outcome:
-        return error(outcome["error"])
+        return _report_refused(args, outcome)
     return _report(args, journal, outcome)
+
+
+def _report_refused(args: argparse.Namespace, outcome: dict[str, Any]) -> int:
+    """A migration that failed before anything was sent (a key that does
+    not unseal, a locked VM, no destination): said on stderr, where the VM
+    is, and with ``--json`` also the summary (nothing moved)."""
+    stays = outcome.get("stays", False)
+    message = outcome["error"] + ("; the VM is still here, unlocked" if stays else "")
+    if args.json:
+        summary = {
+            "vm": args.name,
+            "to": args.to,
+            "protocol": "insecure" if args.insecure else "secure",
+            "variant": "shared-storage" if args.shared_storage or args.live else "full",
+            "mode": "live" if args.live else "suspended",
+            "outcome": "aborted",
+            "error": f"{outcome['code']}: {outcome['error']}",
+            "vm_here": stays,
+            "migration_id": None,
+            "bytes": 0,
+            "seconds": 0,
+        }
+        print(json.dumps(summary, indent=2))
+    return error(message)
 
 
 def _bandwidth(text: str) -> float:
@@ -333,7 +364,12 @@ def _report(args: argparse.Namespace, journal: Journal, outcome: dict[str, Any])
     departure, finished = outcome["departure"], outcome["finished"]
     record = journal.get(departure.id)
     seconds = outcome["seconds"]
-    mib = departure.total_bytes / (1 << 20)
+    # What moved: all of it when done; of an aborted migration, what was
+    # sent before it ended (the journal's count), not the total.
+    moved = departure.total_bytes
+    if finished.outcome is not Outcome.DONE and record is not None:
+        moved = record.bytes
+    mib = moved / (1 << 20)
     summary = {
         "vm": args.name,
         "to": args.to,
@@ -343,7 +379,8 @@ def _report(args: argparse.Namespace, journal: Journal, outcome: dict[str, Any])
         "outcome": finished.outcome.value,
         "error": f"{finished.code.name}: {finished.reason}" if finished.code else None,
         "migration_id": record.migration_id if record else None,
-        "bytes": departure.total_bytes,
+        "bytes": moved,
+        "total_bytes": departure.total_bytes,
         "wire_bytes": departure.wire_bytes,
         "seconds": round(seconds, 4),
         "throughput_mibps": round(mib / seconds, 1) if seconds > 0 else None,

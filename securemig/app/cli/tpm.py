@@ -90,8 +90,10 @@ def cmd_tpm_simulate(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             for process in running:
                 if process.process.poll() is not None:
-                    print(f"swtpm exited with {process.process.returncode}")
-                    return 1
+                    raise CommandError(
+                        f"swtpm (pid {process.process.pid}, {process.tcti}) exited with "
+                        f"{process.process.returncode}"
+                    )
     finally:
         for process in running:
             process.stop()
@@ -112,7 +114,10 @@ def _start(directory: Path, ca: Path, host: str, port: int | None, several: bool
         process = swtpm.start(state, host=host, port=port)
     except RuntimeError as e:
         raise CommandError(
-            f"{e}; are ports {port} and {port + 1} taken? give another --port" if port else str(e)
+            f"{e}; are ports {port} and {port + 1} taken (by another simulator of "
+            f"{directory}, or anything else)? give another --port"
+            if port
+            else str(e)
         ) from None
     port_file.write_text(f"{process.port}\n")
     print(f"TCTI: {process.tcti}" + (f"  ({directory})" if several else ""), flush=True)

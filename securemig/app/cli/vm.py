@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,15 +24,10 @@ from securemig.app.cli.common import (
 from securemig.app.cli.journal import given_away, host_journal, settle_here
 from securemig.host import storage
 from securemig.host.journal import Journal
+from securemig.hypervisor import backends
 from securemig.hypervisor import guest as linux_guest
-from securemig.hypervisor.backends import Backend, backend_for
-from securemig.hypervisor.bundle import (
-    MANIFEST,
-    Bundle,
-    BundleError,
-    check_vm_name,
-    create_image_vm,
-)
+from securemig.hypervisor.backends import Backend, backend_for, capabilities
+from securemig.hypervisor.bundle import MANIFEST, Bundle, BundleError, check_vm_name
 from securemig.protocol.errors import MigrationError
 from securemig.trust import vtpm
 from securemig.trust.attestor import open_attestor
@@ -54,14 +50,14 @@ def add_parser(subparsers: Subparsers) -> None:
         "--ram-mib",
         required=True,
         type=_mib,
-        help="RAM image size (image backend) or guest memory (qemu) in MiB",
+        help="RAM image size (a backend that runs no guest) or guest memory in MiB",
     )
     create.add_argument(
         "--backend",
-        default="image",
-        choices=("image", "qemu"),
-        help="image: a suspended VM of random bytes; qemu: a QEMU guest "
-        "(start it with `securemig vm start`)",
+        default=backends.DEFAULT,
+        choices=backends.kinds(lambda c: c.creatable),
+        help="the VM's hypervisor backend: image (default): a suspended VM of random bytes; "
+        "a backend that runs guests (qemu): a stopped guest (start it with `securemig vm start`)",
     )
     create.add_argument(
         "--guest",
@@ -117,6 +113,41 @@ def add_parser(subparsers: Subparsers) -> None:
                 help="this host's identity directory: its TPM unseals the key of a VM's vTPM",
             )
         a.set_defaults(func=func)
+    for action, text, description, func in (
+        (
+            "stop",
+            "stop a running QEMU VM, its state saved (vm start resumes it)",
+            "Suspend the running VM into its RAM image (QEMU and its vTPM's swtpm then "
+            "exit); `securemig vm start` resumes it where it was.  --force ends QEMU "
+            "instead, losing the guest's memory (a power cut).  Refused, with the reason, "
+            "while a migration holds the VM, while a migration of it is in doubt, and for "
+            "a VM this host gave away.",
+            cmd_vm_stop,
+        ),
+        (
+            "delete",
+            "delete a stopped VM's bundle",
+            "Remove DIR/NAME (images, vTPM state, sealed key).  Refused, with the reason, "
+            "for a running VM (vm stop first), while a migration holds it or one of it is "
+            "in doubt, and for a VM this host gave away (its bundle here may be the only "
+            "copy until the destination confirms).  A shared disk is left where it is.",
+            cmd_vm_delete,
+        ),
+    ):
+        a = vm_sub.add_parser(action, help=text, description=description)
+        a.add_argument("name")
+        a.add_argument("--dir", required=True, type=Path, help="directory holding VM bundles")
+        a.add_argument(
+            "--state-dir",
+            type=Path,
+            help="this host's state directory, whose journal is settled and read first "
+            "(default: $SECUREMIG_STATE_DIR, else DIR/.securemig)",
+        )
+        if action == "stop":
+            a.add_argument(
+                "--force", action="store_true", help="end QEMU without saving (memory lost)"
+            )
+        a.set_defaults(func=func)
     listing = vm_sub.add_parser("list", help="list the VM bundles in a directory")
     listing.add_argument("--dir", required=True, type=Path)
     listing.add_argument("--json", action="store_true", help="print JSON")
@@ -132,8 +163,9 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
         return usage_error(str(e))
     cmdline = ""
     if args.guest == "linux":
-        if args.backend != "qemu":
-            return usage_error("--guest linux needs --backend qemu")
+        if args.guest not in capabilities(args.backend).guests:
+            able = backends.kinds(lambda c: args.guest in c.guests)
+            return usage_error(f"--guest {args.guest} needs --backend {' or '.join(able)}")
         if args.wss_mib * 2 + 48 > args.ram_mib:
             return usage_error(
                 f"--ram-mib {args.ram_mib} is too small for a {args.wss_mib} MiB working set "
@@ -164,17 +196,17 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
             return error(f"cannot use the identity in {args.identity}: {e}")
         key_and_ca = (key, args.identity / "vtpm-ca")
     try:
-        bundle = create_image_vm(
+        bundle = backends.create_vm(
             args.dir,
             args.name,
             args.ram_mib,
-            args.disk_mib,
-            args.shared_disk,
-            sealed,
-            key_and_ca,
-            owner=owner,
-            backend=args.backend,
+            kind=args.backend,
             guest=args.guest,
+            disk_mib=args.disk_mib,
+            shared_disk=args.shared_disk,
+            sealed_vtpm_key=sealed,
+            vtpm=key_and_ca,
+            owner=owner,
             guest_cmdline=cmdline,
         )
     except (BundleError, OSError, ValueError) as e:
@@ -254,7 +286,7 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
             raise BundleError(gone)
         bundle, backend = _find(args.dir, args.name, args.identity)
         found[:] = [bundle, backend]
-        if not hasattr(backend, "start"):
+        if not capabilities(bundle.manifest.backend).startable:
             raise BundleError(f"VMs of the {bundle.manifest.backend} backend are not started here")
         try:
             # The migration's lock: a VM that a migration (or the daemon's
@@ -270,7 +302,7 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
             if state == "running":
                 return
             if state == "busy":
-                raise BundleError(f"VM {bundle.name}: its QEMU does not answer on QMP; try again")
+                raise BundleError(f"VM {bundle.name} does not answer its monitor; try again")
             if state == "paused" or (
                 bundle.manifest.state == "suspended" and bundle.image_path("ram").exists()
             ):
@@ -279,7 +311,7 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
                 # from the RAM image; a cold boot would discard the guest's memory.
                 await backend.resume(bundle)
             else:
-                await backend.start(bundle)  # type: ignore[attr-defined]
+                await backend.start(bundle)
         finally:
             lock.release()
 
@@ -321,3 +353,89 @@ def _vtpm_key(identity: Path | None) -> Callable[[Any], bytes] | None:
     if identity is None:
         return None
     return vtpm.key_reader(vtpm.unsealer(identity))
+
+
+def _held(journal: Journal, bundle: Bundle, vm_dir: Path) -> storage.VMLock:
+    """VM ``bundle``'s lock, taken for a lifecycle action, after the checks
+    that refuse one which could lose the VM: a migration holds it, one of it
+    is in doubt (or unfinished), or this host gave it away."""
+    gone = given_away(journal, bundle.name, vm_dir)
+    if gone is not None:
+        raise BundleError(gone)
+    try:
+        lock = storage.VMLock(bundle.lock_path)
+    except storage.LockBusy:
+        raise BundleError(
+            f"VM {bundle.name} is locked by a migration under way (securemig jobs): "
+            "abort it or let it end first"
+        ) from None
+    for record in journal.departures() + journal.unfinished():
+        if (
+            record.vm == bundle.name
+            and record.role == "source"
+            and record.outcome in (None, "in-doubt")
+        ):
+            lock.release()
+            raise BundleError(
+                f"VM {bundle.name} is in doubt in migration {record.migration_id or record.id} "
+                f"to {record.peer_name or record.peer}: it may be committed there; settle it "
+                "first (twistd securemig on this state directory does, or securemig status)"
+            )
+    return lock
+
+
+def cmd_vm_stop(args: argparse.Namespace) -> int:
+    """``securemig vm stop``: suspend a running VM into its images (or
+    end it with ``--force``)."""
+    journal = _journal(args)
+    said: list[str] = []
+
+    async def stop(reactor: Any) -> None:
+        await settle_here(journal, None)
+        bundle, backend = _find(args.dir, args.name, None)
+        lock = _held(journal, bundle, args.dir)
+        try:
+            state = backend.status(bundle)
+            if state not in ("running", "paused"):  # paused: its QEMU runs, the guest stopped
+                raise BundleError(f"VM {bundle.name} is not running ({state})")
+            if args.force:
+                backend.end(bundle)  # type: ignore[attr-defined]
+                bundle.manifest.state = "stopped"
+                bundle.save()
+                said.append(f"{bundle.name}: stopped (ended; its memory is lost)")
+            else:
+                await backend.suspend(bundle)
+                said.append(f"{bundle.name}: suspended (securemig vm start resumes it)")
+        finally:
+            lock.release()
+
+    try:
+        run_interruptible(stop)
+    except (MigrationError, OSError) as e:
+        return error(describe(e))
+    print(said[0])
+    return EXIT_OK
+
+
+def cmd_vm_delete(args: argparse.Namespace) -> int:
+    """``securemig vm delete``: remove a stopped VM's bundle."""
+    journal = _journal(args)
+
+    async def settle(reactor: Any) -> None:
+        await settle_here(journal, None)
+
+    try:
+        run_interruptible(settle)
+        bundle, backend = _find(args.dir, args.name, None)
+        lock = _held(journal, bundle, args.dir)
+        try:
+            if backend.status(bundle) == "running" or backend.has_process(bundle):
+                raise BundleError(f"VM {bundle.name} is running: securemig vm stop it first")
+            shutil.rmtree(bundle.path)
+        finally:
+            lock.release()
+    except (MigrationError, OSError) as e:
+        return error(describe(e))
+    shared = bundle.manifest.shared_disk
+    print(f"deleted VM {bundle.name}" + (f" (its shared disk {shared} is kept)" if shared else ""))
+    return EXIT_OK

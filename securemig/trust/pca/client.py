@@ -18,6 +18,14 @@ class EnrollmentRefused(Exception):
     """The privacy CA refused; the message carries its reason."""
 
 
+class PCAUnreachable(OSError):
+    """The privacy CA could not be reached (down, wrong URL, TLS failure);
+    the message names it and its URL."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def _post(url: str, payload: dict[str, Any], context: ssl.SSLContext) -> dict[str, Any]:
     request = urllib.request.Request(
         url, data=json.dumps(payload).encode(), headers={"content-type": "application/json"}
@@ -33,6 +41,13 @@ def _post(url: str, payload: dict[str, Any], context: ssl.SSLContext) -> dict[st
         except ValueError:
             message = f"HTTP {e.code}"
         raise EnrollmentRefused(message) from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        origin = url.rsplit("/v1/", 1)[0]
+        raise PCAUnreachable(
+            f"cannot reach the privacy CA at {origin}: {reason} (is twistd securemig-pca "
+            "running there? check --pca)"
+        ) from None
 
 
 def https_context(trust: Path, client: Path | None = None) -> ssl.SSLContext:

@@ -201,6 +201,60 @@ def _free_port_pair(host: str = "127.0.0.1") -> int:
         return port
 
 
+def _proc_address(host: str, port: int) -> set[str]:
+    """How ``/proc/net/tcp{,6}`` writes a local address ``host:port`` (and
+    the wildcard address on that port)."""
+    hexport = f"{port:04X}"
+    if ":" in host:
+        packed = socket.inet_pton(socket.AF_INET6, host)
+        words = [packed[i : i + 4][::-1].hex().upper() for i in range(0, 16, 4)]
+        return {"".join(words) + ":" + hexport, "0" * 32 + ":" + hexport}
+    packed = socket.inet_aton(host)
+    return {packed[::-1].hex().upper() + ":" + hexport, "00000000:" + hexport}
+
+
+def listening_inodes(host: str, port: int) -> set[str]:
+    """The socket inodes listening on ``host:port`` (TCP) in this network
+    namespace, from ``/proc/net/tcp`` and ``/proc/net/tcp6``."""
+    wanted = _proc_address(host, port)
+    found: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # sl, local_address, rem_address, st (0A: LISTEN), ..., inode
+            if len(fields) > 9 and fields[3] == "0A" and fields[1] in wanted:
+                found.add(fields[9])
+    return found
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process ``pid`` holds open (its
+    ``/proc/PID/fd`` links ``socket:[INODE]``); empty once it is gone."""
+    inodes: set[str] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def listens_on(pid: int, host: str, port: int) -> bool:
+    """Whether process ``pid`` itself owns the socket listening on
+    ``host:port`` (not merely: something accepts connections there)."""
+    return bool(listening_inodes(host, port) & socket_inodes(pid))
+
+
 @dataclass
 class Swtpm:
     """A running ``swtpm socket`` process."""
@@ -268,17 +322,20 @@ def start(
             for fd in fds:
                 os.close(fd)
         deadline = time.monotonic() + START_TIMEOUT
+        # The proof that the listener is this swtpm: its pid owns both
+        # listening sockets (something else on the port would accept too).
         while process.poll() is None and time.monotonic() < deadline:
-            try:
-                socket.create_connection((host, port), timeout=0.5).close()
+            if listens_on(process.pid, host, port) and listens_on(process.pid, host, ctrl):
                 return Swtpm(process, port, ctrl, state_dir, host)
-            except OSError:
-                time.sleep(0.02)
+            time.sleep(0.02)
         if process.poll() is None:
             process.kill()
         process.wait()
-    err = process.stderr.read().decode(errors="replace") if process.stderr else ""
-    raise RuntimeError(f"swtpm did not start: {err.strip()}")
+    err = process.stderr.read().decode(errors="replace").strip() if process.stderr else ""
+    raise RuntimeError(
+        f"swtpm did not start on {host} ports {port} and {ctrl}"
+        + (f" (it exited with {process.returncode}: {err})" if err else "")
+    )
 
 
 def start_for_qemu(

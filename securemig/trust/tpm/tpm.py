@@ -39,6 +39,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ from tpm2_pytss.constants import (
 )
 from tpm2_pytss.utils import NVReadEK, create_ek_template
 
+from securemig import metrics
 from securemig.protocol.errors import ErrorCode, LocalFault, PeerViolation
 from securemig.protocol.wire import HashAlg, PcrBank
 
@@ -165,12 +167,14 @@ class Turns:
 
     @contextmanager
     def turn(self) -> Iterator[None]:
+        asked = time.monotonic()
         if not self._lock.acquire(blocking=False):
             self.waited += 1
             self._lock.acquire()
         try:
             if self._depth == 0:
                 self._lock_file()
+                metrics.TPM_QUEUE_WAIT.observe(time.monotonic() - asked)
             self._depth += 1
             try:
                 yield

@@ -1,0 +1,166 @@
+"""
+The backend contract: what securemig asks of a hypervisor, and what each
+backend says it can do.
+
+:class:`Backend` is everything the layers above ``hypervisor/`` call on a
+backend; :class:`Capabilities` is what a backend can do, as data, so that
+``host/``, ``transport/`` and ``app/`` ask "can it run a live arrival?"
+instead of "is it QEMU?".  The registry that pairs a backend's kind with its
+factory and capabilities is :mod:`securemig.hypervisor.backends`; a backend
+module implements this contract and needs no import of the registry (which
+imports it), so this module sits apart from it.
+
+Operations a backend lacks (``start``, the live ones, ``live_socket``) have
+default bodies here that raise :class:`Unsupported`: a backend subclasses
+:class:`Backend` and overrides what its :class:`Capabilities` promise.
+Callers query the capabilities first; the error is the backstop that names
+the backend and the operation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+
+from securemig.hypervisor.bundle import Bundle, BundleError
+
+#: Returns the 32-byte state key of a bundle's vTPM (unsealed by this host's TPM).
+VTPMKey = Callable[[Bundle], bytes]
+
+
+class Unsupported(BundleError):
+    """A backend was asked for an operation its capabilities do not offer."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, as data; every CLI choice, daemon option and
+    admission check is derived from these (:mod:`securemig.hypervisor.backends`)."""
+
+    #: Suspends a running VM into its images and resumes it from them (the
+    #: suspended migration); every backend so far.
+    suspend: bool = True
+    #: Sends a running guest's memory while it runs (``migrate --live``).
+    live_source: bool = False
+    #: Takes a live arrival: a guest waits paused for the stream.
+    live_destination: bool = False
+    #: A VM it calls ``running`` really runs a guest here (a process, a
+    #: domain), rather than files whose manifest says so.
+    runs_guest: bool = False
+    #: ``securemig vm start`` boots a VM of this kind here.
+    startable: bool = False
+    #: ``securemig vm create --backend KIND`` makes one (the demo too).
+    creatable: bool = False
+    #: Runs the VM's vTPM (swtpm) attached to its guest; a backend without it
+    #: only carries the vTPM's state as files.
+    vtpm: bool = False
+    #: Its ``status`` says ``running`` also of a guest waiting paused (after a
+    #: live stream), and its ``resume`` continues such a guest and leaves a
+    #: running one alone: recovery always asks it to resume.
+    resume_continues: bool = False
+    #: Guest kinds it runs (a manifest's ``guest``).
+    guests: frozenset[str] = frozenset({"firmware"})
+    #: Disk image formats it accepts.
+    disks: frozenset[str] = frozenset({"raw"})
+
+    @property
+    def live(self) -> bool:
+        """Migrates live in both roles."""
+        return self.live_source and self.live_destination
+
+
+class LiveSide(Protocol):
+    """One side of a live migration, as a backend started it
+    (:meth:`Backend.live_source`, :meth:`Backend.live_destination`)."""
+
+    bundle: Bundle
+
+    async def wait(self, timeout: float = ...) -> Any:
+        """Until the backend says the stream completed; its numbers."""
+
+    async def cont(self) -> None:
+        """Let the guest run here."""
+
+    async def cancel(self) -> None:
+        """Source, before the commit: stop sending, the guest goes on here."""
+
+    def abandon(self) -> None:
+        """Destination, before the commit: end the waiting guest."""
+
+    async def finish(self) -> None:
+        """Source, after the commit: end the guest here."""
+
+    def release(self) -> None:
+        """Let go of the backend's control connection."""
+
+
+def _unsupported(backend: Backend, operation: str) -> Unsupported:
+    return Unsupported(f"the {backend.name} backend does not {operation}")
+
+
+class Backend(Protocol):
+    """What securemig needs from a hypervisor.  Every operation that waits on
+    the hypervisor returns a Deferred; ``status`` and ``end`` are immediate."""
+
+    #: The kind manifests name and the registry knows it by.
+    name: str
+
+    def suspend(self, bundle: Bundle) -> Deferred[None]:
+        """Stop the VM and leave its state in the bundle's images."""
+        ...
+
+    def resume(self, bundle: Bundle) -> Deferred[None]:
+        """Run the VM from the bundle's images (here, at the destination, or
+        back at the source after a failed migration)."""
+        ...
+
+    def discard(self, bundle: Bundle) -> Deferred[None]:
+        """Remove the VM from this host; it has moved elsewhere."""
+        ...
+
+    def status(self, bundle: Bundle) -> str:
+        """A short word for operators: ``suspended``, ``running``, ..."""
+        ...
+
+    def start(self, bundle: Bundle) -> Deferred[None]:
+        """Boot the VM (``Capabilities.startable``)."""
+        raise _unsupported(self, "start VMs")
+
+    def end(self, bundle: Bundle) -> None:
+        """End whatever of this VM runs here (processes it started, by their
+        records in the bundle's directory); nothing by default."""
+        return None
+
+    def live_socket(self, bundle: Bundle, tag: str = "") -> Path:
+        """The unix socket of a live stream of this VM: where the
+        destination's guest listens, or where securemig listens for the
+        source's (``Capabilities.live_source`` / ``live_destination``);
+        ``tag`` (migration id and side) makes it one migration's own."""
+        raise _unsupported(self, "migrate live")
+
+    def live_source(
+        self, bundle: Bundle, uri: str, downtime_limit_ms: int, max_bandwidth: int
+    ) -> Deferred[Any]:
+        """Start sending the running VM to ``uri``; fires with its
+        :class:`LiveSide` (``Capabilities.live_source``)."""
+        raise _unsupported(self, "send live migrations")
+
+    def live_destination(self, bundle: Bundle, tag: str = "") -> Deferred[Any]:
+        """Start the VM paused, waiting for a live stream on
+        :meth:`live_socket` (with ``tag``); fires with its :class:`LiveSide`
+        (``Capabilities.live_destination``)."""
+        raise _unsupported(self, "take live migrations")
+
+    def has_process(self, bundle: Bundle) -> bool:
+        """Whether a process of this VM runs here (its guest running or
+        paused: continuing it needs no key); False for backends without."""
+        return False
+
+    def vtpm_attached(self, bundle: Bundle) -> bool:
+        """Whether the running VM has its vTPM as a TPM device (only a
+        backend with ``Capabilities.vtpm`` attaches one)."""
+        return False
