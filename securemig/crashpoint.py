@@ -46,7 +46,7 @@ POINTS = frozenset(
 def reached(name: str, qemu: Path | None = None) -> None:
     """A crash point: die here if this test process was told to.
 
-    With ``SECUREMIG_CRASH_KILL=qemu`` as well, the process lives on and
+    With ``SECUREMIG_CRASH_KILL=guest`` as well, the process lives on and
     SIGKILLs instead the QEMU whose pid file ``qemu`` names (a point of a
     live migration passes its VM's), so that a test kills a QEMU at an exact
     step; a point reached without one does nothing then."""
@@ -55,7 +55,7 @@ def reached(name: str, qemu: Path | None = None) -> None:
         return
     if name not in os.environ.get("SECUREMIG_CRASH_AT", "").split(","):
         return
-    if os.environ.get("SECUREMIG_CRASH_KILL") == "qemu":
+    if os.environ.get("SECUREMIG_CRASH_KILL") == "guest":
         if qemu is not None:
             _kill(qemu, name)
         return

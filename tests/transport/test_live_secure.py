@@ -193,7 +193,7 @@ class LiveCrashPointTests(LiveSecureBase):
         that reaches ``point``, which lives on)."""
         env = crash_env(point)
         if dies.endswith("-qemu"):
-            env["SECUREMIG_CRASH_KILL"] = "qemu"
+            env["SECUREMIG_CRASH_KILL"] = "guest"
         at = dies.removesuffix("-qemu")
         destination = self.destination_daemon(env if at == "destination" else None)
         bundle, watch = self.start_guest()
