@@ -281,7 +281,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             )
             self.live_receiver = receiver
             receiver.done.addCallback(lambda _: self._live_unbound(receiver))
-            crashpoint.reached("destination-incoming")
+            crashpoint.reached("destination-incoming", self.arrival.qemu_pidfile())
             self.run(self.session.incoming_ready(receiver.address[1]))
             try:
                 await live.wait()

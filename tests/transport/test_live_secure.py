@@ -211,10 +211,12 @@ class LiveCrashPointTests(LiveSecureBase):
             self.assertNotEqual(result.returncode, 0, result.stdout)
             await threads.deferToThread(destination.process.wait)
             destination = self.destination_daemon(port=destination.port)
-        elif dies == "destination-qemu":
+        elif dies == "destination-qemu" and point == "destination-prepared":
             # The destination said LOST; migrate asked once and went on here.
             self.assertEqual(result.returncode, 1, result.stderr)
             self.assertIn("continued here", result.stderr)
+        elif dies == "destination-qemu":
+            self.assertEqual(result.returncode, 1, result.stderr)
         self.source_daemon()
         record = await threads.deferToThread(self.settle, destination)
         at_source = bundle.path.exists()
@@ -331,6 +333,11 @@ class LiveCrashPointTests(LiveSecureBase):
         (reclaimed).  Before issue 22 the source ended its QEMU at COMMITTED
         and the guest was lost."""
         self.assertEqual(await self.cell("destination-prepared", "destination-qemu"), "source")
+
+    async def test_destination_qemu_dies_incoming(self) -> None:
+        """The destination's QEMU killed as it waits for the stream (before
+        LIVE_READY): the source's guest never stopped and goes on there."""
+        self.assertEqual(await self.cell("destination-incoming", "destination-qemu"), "source")
 
     async def test_source_qemu_dies_prepared_received(self) -> None:
         """The source's QEMU killed (paused in postmigrate) when PREPARED
