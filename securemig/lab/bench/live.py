@@ -43,6 +43,7 @@ from securemig.hypervisor import guest as linux_guest
 from securemig.hypervisor.bundle import Bundle
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.qemu import LiveMigration, QemuBackend, heartbeat_path
+from securemig.lab.bench.provenance import provenance
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
 from securemig.transport.reactor import run_reactor
 from securemig.trust.attestor import open_attestor
@@ -150,13 +151,14 @@ async def _qemu_move(
 def run(memory_mib: int, dirty_mib_s: int, repeat: int, json_path: Path | None = None) -> int:
     """Run the live bench and print its report; returns an exit status."""
     linux_guest.find()
+    info = provenance()  # before the bench loads the machine
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-live-"))
     say = partial(print, file=sys.stderr)
     lab = Lab(work, say)
     try:
         lab.start()
         records = run_reactor(partial(_measure, lab, work, memory_mib, dirty_mib_s, repeat))
-        return _report(records, memory_mib, dirty_mib_s, repeat, json_path)
+        return _report(records, memory_mib, dirty_mib_s, repeat, json_path, info)
     except (RuntimeError, TimeoutError) as e:
         say(f"bench --live failed: {e}")
         return 1
@@ -279,7 +281,12 @@ def _free_port() -> int:
 
 
 def _report(
-    records: list[dict[str, Any]], memory_mib: int, dirty: int, repeat: int, json_path: Path | None
+    records: list[dict[str, Any]],
+    memory_mib: int,
+    dirty: int,
+    repeat: int,
+    json_path: Path | None,
+    info: dict[str, Any] | None = None,
 ) -> int:
     medians: dict[str, dict[str, float]] = {}
     for protocol in PROTOCOLS:
@@ -294,7 +301,11 @@ def _report(
         k: round(secure[k] / tls[k], 2) if tls[k] else None
         for k in ("total_s", "downtime_ms", "guest_downtime_ms", "cpu_s")
     }
+    info = info or provenance()
+    for record in records:
+        record["provenance"] = info
     report = {
+        "provenance": info,
         "memory_mib": memory_mib,
         "dirty_mib_s": dirty,
         "repeat": repeat,
