@@ -622,6 +622,27 @@ class LibvirtBackend(Backend):
             conn.close()
         files.remove_tree(bundle.path)
 
+    def end(self, bundle: Bundle) -> None:
+        """Power the domain off here (``destroy``: its memory is lost, its
+        vTPM state stays); nothing for a bundle that is no adopted domain
+        (a staging directory another backend's VM left).  Immediate, as the
+        contract's ``end``: it blocks on libvirt."""
+        try:
+            record = DomainRecord.load(bundle)
+        except BundleError:
+            return
+        libvirt = require_libvirt()
+        conn = self._open(self._uri(record))
+        try:
+            try:
+                domain = conn.lookupByUUIDString(record.domain_uuid)
+            except libvirt.libvirtError:
+                return
+            if domain.isActive():
+                domain.destroy()
+        finally:
+            conn.close()
+
     # -- status
 
     def state(self, bundle: Bundle) -> Deferred[str]:
