@@ -189,7 +189,7 @@ class ToyCommandTests(ToyBase):
         self.assertIn("unknown --backend toy: image, qemu, xen", refused.stdout + refused.stderr)
         shown = self.cli("--config", str(config), "config", "show")
         self.assertEqual(shown.returncode, 2)
-        self.assertIn("backend must be one of image, qemu, xen, not 'toy'", shown.stderr)
+        self.assertIn("backend must be one of image, qemu, xen, libvirt, not 'toy'", shown.stderr)
 
 
 class ToyMigrationTests(ToyBase):
