@@ -23,6 +23,7 @@ LAYERS = (
     "securemig.files",
     "securemig.crashpoint",
     "securemig.metrics",
+    "securemig.logcontext",
     "securemig.trust",
     "securemig.hypervisor",
     "securemig.host",

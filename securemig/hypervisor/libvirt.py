@@ -643,6 +643,23 @@ class LibvirtBackend(Backend):
         finally:
             conn.close()
 
+    def has_process(self, bundle: Bundle) -> bool:
+        """Whether libvirt runs the domain here (running or paused); False
+        for a bundle that is no adopted domain.  Blocks on libvirt."""
+        try:
+            record = DomainRecord.load(bundle)
+        except BundleError:
+            return False
+        libvirt = require_libvirt()
+        conn = self._open(self._uri(record))
+        try:
+            try:
+                return bool(conn.lookupByUUIDString(record.domain_uuid).isActive())
+            except libvirt.libvirtError:
+                return False
+        finally:
+            conn.close()
+
     # -- status
 
     def state(self, bundle: Bundle) -> Deferred[str]:

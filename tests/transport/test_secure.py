@@ -31,6 +31,7 @@ from securemig.trust.policy import Policy, PolicyStore
 from securemig.trust.tpm import swtpm
 from securemig.trust.tpm.tpm import TPM
 
+from ..app.test_crash import crash_env
 from ..helpers import bundle_digests, migrate_vm, shared_tpm
 
 _world: Any = None
@@ -564,7 +565,7 @@ class UnauthenticatedClientTests(SecureBase):
         left Twisted's TLS layer reading a connection it had dropped:
         'NoneType' object has no attribute 'bio_read')."""
         destination = self.start_destination("--tofu", "--allow-source", "someone-else")
-        for then in ("read", "close", "half-close", "sleep", "flood", "flood", "flood"):
+        for then in ("after-eof", "read", "close", "half-close", "sleep", "flood", "after-eof"):
             handshake_then_data(
                 destination.port, self.dst_id / "site-ca.pem", self.src_id, b"\x00" * 16384, then
             )
@@ -664,6 +665,45 @@ class SecureCrashPointTests(SecureBase):
     def test_dies_after_committed(self) -> None:
         self.assertEqual(self.source_dies("source-committed"), "destination")
 
+    def test_busy_resolve_is_logged_as_busy(self) -> None:
+        """While the VM's name is locked at the destination (its session, or
+        another arrival), RESOLVE is answered "busy, try again" over mutual
+        TLS: the destination logs that as busy, never as an aborted
+        migration, and no Unhandled Error comes of closing the connection
+        (it used to log Twisted TLS's "'NoneType' object has no attribute
+        'bio_read'"); once the name is free the migration settles."""
+        destination = self.start_destination("--tofu")
+        self.create_vm("--disk-mib", "1")
+        state = self.base / "src-state"
+        env = {**os.environ, **crash_env("source-committed")}
+        result = self.migrate(destination, "--state-dir", str(state), "--tofu", env=env)
+        self.assertEqual(result.returncode, -signal.SIGKILL, result.stderr)
+        deadline = time.monotonic() + 30
+        while True:  # until the destination holds the migration in doubt
+            try:
+                lock = storage.Lock(destination.state_dir / "locks" / "vm1.lock")
+                break
+            except storage.LockBusy:
+                self.assertLess(time.monotonic(), deadline, destination.log()[-3000:])
+                time.sleep(0.1)
+        daemon = processes.start_destination(
+            state, "--identity", str(self.src_id), "--resolve-interval", "0.3"
+        )
+        self.addCleanup(daemon.stop)
+        while destination.log().count("busy") < 3:
+            self.assertLess(time.monotonic(), deadline, destination.log()[-3000:])
+            time.sleep(0.2)
+        time.sleep(0.5)  # a refused connection's close grace
+        lock.release()
+        while not (destination.state_dir / "vms" / "vm1").exists():
+            self.assertLess(time.monotonic(), deadline + 30, daemon.log()[-3000:])
+            time.sleep(0.2)
+        time.sleep(1.0)
+        log = destination.log()
+        self.assertNotIn("Unhandled Error", log)
+        self.assertNotIn("POLICY_REFUSED", log)
+        self.assertNotIn("ended: aborted", log)
+
 
 def handshake_then_data(
     port: int, site_ca: Path, identity: Path, data: bytes = b"\x00" * 4096, then: str = "read"
@@ -671,6 +711,7 @@ def handshake_then_data(
     """A TLS 1.3 client (memory BIOs) whose last handshake flight and
     ``data`` leave in one ``send``: the server's TLS layer reads the
     application data in the same turn as the handshake's end."""
+    import contextlib
     import socket
     import ssl
 
@@ -690,6 +731,23 @@ def handshake_then_data(
                 if not chunk:
                     return
                 incoming.write(chunk)
+        if then == "after-eof":
+            # The handshake's last flight; only once the destination's
+            # refusal and its half-close came: data, then a TLS
+            # close_notify, in one segment.
+            raw.sendall(outgoing.read())
+            with contextlib.suppress(OSError):
+                while chunk := raw.recv(65536):
+                    incoming.write(chunk)
+            with contextlib.suppress(ssl.SSLError):
+                tls.read(65536)
+            tls.write(data)
+            with contextlib.suppress(ssl.SSLError):
+                tls.unwrap()
+            with contextlib.suppress(OSError):
+                raw.sendall(outgoing.read())
+                time.sleep(0.2)
+            return
         tls.write(data)
         try:
             raw.sendall(outgoing.read())

@@ -294,14 +294,32 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
         found[:] = [bundle, backend]
         if not capabilities(bundle.manifest.backend).startable:
             raise BundleError(f"VMs of the {bundle.manifest.backend} backend are not started here")
-        if backend.status(bundle) == "running":
-            return
-        if bundle.manifest.state == "suspended" and bundle.image_path("ram").exists():
-            # Saved by a suspend (a migration that did not happen): resume
-            # from the RAM image; a cold boot would discard the guest's memory.
-            await backend.resume(bundle)
-        else:
-            await backend.start(bundle)
+        try:
+            # The migration's lock: a VM that a migration (or the daemon's
+            # recovery) is moving is not started under it.
+            lock = storage.VMLock(bundle.lock_path)
+        except storage.LockBusy:
+            raise BundleError(
+                f"VM {bundle.name} is locked by a migration ({bundle.lock_path}); "
+                "see `securemig jobs`"
+            ) from None
+        try:
+            state = backend.status(bundle)
+            if state == "running":
+                return
+            if state == "busy":
+                raise BundleError(f"VM {bundle.name} does not answer its monitor; try again")
+            if state == "paused" or (
+                bundle.manifest.state == "suspended" and bundle.image_path("ram").exists()
+            ):
+                # Paused (e.g. after a live stream): continued, no key needed.
+                # Saved by a suspend (a migration that did not happen): resumed
+                # from the RAM image; a cold boot would discard the guest's memory.
+                await backend.resume(bundle)
+            else:
+                await backend.start(bundle)
+        finally:
+            lock.release()
 
     if args.identity:
         check_identity(args.identity)
@@ -349,7 +367,7 @@ def _vtpm_key(identity: Path | None) -> Callable[[Any], bytes] | None:
     return vtpm.key_reader(vtpm.unsealer(identity))
 
 
-def _held(journal: Journal, bundle: Bundle, vm_dir: Path) -> storage.Lock:
+def _held(journal: Journal, bundle: Bundle, vm_dir: Path) -> storage.VMLock:
     """VM ``bundle``'s lock, taken for a lifecycle action, after the checks
     that refuse one which could lose the VM: a migration holds it, one of it
     is in doubt (or unfinished), or this host gave it away."""
@@ -357,7 +375,7 @@ def _held(journal: Journal, bundle: Bundle, vm_dir: Path) -> storage.Lock:
     if gone is not None:
         raise BundleError(gone)
     try:
-        lock = storage.Lock(bundle.lock_path)
+        lock = storage.VMLock(bundle.lock_path)
     except storage.LockBusy:
         raise BundleError(
             f"VM {bundle.name} is locked by a migration under way (securemig jobs): "
@@ -390,10 +408,10 @@ def cmd_vm_stop(args: argparse.Namespace) -> int:
         lock = _held(journal, bundle, args.dir)
         try:
             state = backend.status(bundle)
-            if state != "running":
+            if state not in ("running", "paused"):  # paused: its QEMU runs, the guest stopped
                 raise BundleError(f"VM {bundle.name} is not running ({state})")
             if args.force:
-                backend.end(bundle)  # type: ignore[attr-defined]
+                backend.end(bundle)
                 bundle.manifest.state = "stopped"
                 bundle.save()
                 said.append(f"{bundle.name}: stopped (ended; its memory is lost)")
@@ -423,9 +441,8 @@ def cmd_vm_delete(args: argparse.Namespace) -> int:
         found.append(bundle)
         lock = _held(journal, bundle, args.dir)
         try:
-            state = backend.status(bundle)
-            if state in ("running", "paused"):
-                raise BundleError(f"VM {bundle.name} is {state}: securemig vm stop it first")
+            if backend.status(bundle) == "running" or backend.has_process(bundle):
+                raise BundleError(f"VM {bundle.name} is running: securemig vm stop it first")
             # The backend removes the VM with its bundle (a libvirt domain's
             # definition and vTPM state too: its bundle holds the only copy
             # of the vTPM's secret).
