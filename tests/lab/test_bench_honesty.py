@@ -137,6 +137,8 @@ class FloorTests(TestCase):
         self.assertFalse((work / "plain.out").exists())  # removed after the copy
         # A C sender: far less CPU than an interpreter's start-up (~50 ms).
         self.assertLess(result["cpu_s"]["source"], 0.05)
+        # cat's own peak memory, not wait4's (at least this test process's).
+        self.assertLess(result["peak_rss_mib"]["source"], 20)
 
 
 def _run_json(case: TestCase, *argv: str) -> dict[str, Any]:

@@ -34,6 +34,7 @@ record carries its provenance (:mod:`securemig.lab.bench.provenance`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -96,7 +97,12 @@ def _plain_copy(work: Path, image: Path, lab: Any) -> dict[str, Any]:
     sender = subprocess.Popen(
         ["bash", "-c", SEND, "plain-copy", str(image), address, str(port)],
     )
+    send_peak = _peak_of_exec(sender.pid, "cat")
     send_usage = processes.wait_process(sender)
+    # wait4's ru_maxrss of a child of this (large) process is at least this
+    # process's own (see processes.peak_rss_mib): cat's own VmHWM instead.
+    if send_peak is not None:
+        send_usage.peak_rss_mib = send_peak
     # The receiver's report of its peak memory, then reap it with wait4 (CPU).
     assert receiver.stdout is not None
     recv_peak = int(receiver.stdout.read()) / 1024
@@ -110,7 +116,25 @@ def _plain_copy(work: Path, image: Path, lab: Any) -> dict[str, Any]:
     record = _record("plain-copy", size, total, {}, send_usage, recv_usage)
     # Nothing but the copy runs in the sender: its whole process is in process.
     record.update(floor=FLOOR, in_process_s=record["total_s"])
+    if send_peak is None:  # cat ended between two looks: only an upper bound
+        record["peak_rss_note"] = "source: wait4's ru_maxrss, an upper bound"
     return record
+
+
+def _peak_of_exec(pid: int, name: str) -> float | None:
+    """The peak RSS (VmHWM, MiB) of our child ``pid`` once it is the
+    program ``name``, sampled until it exits; left unreaped for wait4."""
+    peak = None
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            comm = ""
+        value = processes.peak_rss_mib(pid) if comm == name else None
+        if value is not None:
+            peak = max(peak or 0.0, value)
+        time.sleep(0.002)
+    return peak
 
 
 def _ssh_copy(sshd: Sshd, protocol: str, work: Path, image: Path) -> dict[str, Any]:
