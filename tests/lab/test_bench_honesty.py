@@ -151,6 +151,13 @@ def _run_json(case: TestCase, *argv: str) -> dict[str, Any]:
     for r in document["records"]:
         case.assertLessEqual(PROVENANCE, set(r["provenance"]))
     case.assertIn(" ".join(["bench", *argv]), document["provenance"]["command_line"])
+    # The printed table starts with where and how it was measured.
+    case.assertTrue(
+        result.stdout.startswith(
+            f"securemig {document['provenance']['securemig_version']} (commit "
+        )
+    )
+    case.assertIn(f"host {document['provenance']['hostname']}", result.stdout.splitlines()[0])
     document["stdout"] = result.stdout
     return document
 

@@ -52,7 +52,7 @@ from tqdm import tqdm
 from securemig.hypervisor.bundle import create_image_vm
 from securemig.lab import processes
 from securemig.lab.bench.link import Link
-from securemig.lab.bench.provenance import provenance
+from securemig.lab.bench.provenance import one_line, provenance
 from securemig.lab.bench.report import (
     FLOOR,
     IN_PROCESS,
@@ -483,6 +483,7 @@ def run(
         prefix = "" if out is not None else f"{json_path.stem}-"  # type: ignore[union-attr]
         for path in write_all(records, directory, prefix):
             print(f"wrote {path}", file=sys.stderr)
+    print(one_line(info))
     print("\n".join(_summarise(records)))
     print(
         "time: wall seconds of the whole source command; x plain: its ratio to the plain "

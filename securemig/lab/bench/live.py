@@ -43,7 +43,7 @@ from securemig.hypervisor import guest as linux_guest
 from securemig.hypervisor.bundle import Bundle
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.qemu import LiveMigration, QemuBackend, heartbeat_path
-from securemig.lab.bench.provenance import provenance
+from securemig.lab.bench.provenance import one_line, provenance
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
 from securemig.transport.reactor import run_reactor
 from securemig.trust.attestor import open_attestor
@@ -315,6 +315,7 @@ def _report(
     }
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(one_line(info))
     print(f"live migration, {memory_mib} MiB guest rewriting {dirty} MiB/s, medians of {repeat}")
     header = ("total s", 8), ("downtime ms", 12), ("guest ms", 9), ("cpu s", 7), ("MiB", 7)
     print(f"{'protocol':<12} " + " ".join(f"{name:>{width}}" for name, width in header))

@@ -91,3 +91,15 @@ def header_lines(info: dict[str, Any]) -> list[str]:
         "- load average at start " + (" ".join(str(x) for x in load) if load else "unknown"),
         f"- command line `{info.get('command_line')}`",
     ]
+
+
+def one_line(info: dict[str, Any]) -> str:
+    """The provenance on one line, for the top of a printed table."""
+    load = info.get("load_average")
+    return (
+        f"securemig {info.get('securemig_version')} "
+        f"(commit {(info.get('git_commit') or 'unknown')[:12]}), {info.get('date')}, "
+        f"host {info.get('hostname')}, {info.get('cpu_model')} x{info.get('cpus')}, "
+        f"kernel {info.get('kernel')}, load "
+        + (" ".join(str(x) for x in load) if load else "unknown")
+    )

@@ -23,7 +23,7 @@ from typing import Any
 
 from securemig.hypervisor.bundle import create_image_vm
 from securemig.hypervisor.qemu import QemuBackend, accelerator
-from securemig.lab.bench.provenance import provenance
+from securemig.lab.bench.provenance import one_line, provenance
 from securemig.transport.reactor import run_reactor
 
 
@@ -59,6 +59,7 @@ def run(sizes: list[int], repeat: int, json_path: Path | None = None) -> int:
         run_reactor(measure)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print(one_line(info))
     print(f"QEMU, accelerator {accelerator()}, medians of {repeat}")
     print(f"{'guest MiB':>9} {'suspend s':>10} {'resume s':>9} {'RAM image':>12}")
     for size, suspend_s, resume_s, image in rows:

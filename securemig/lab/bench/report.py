@@ -218,7 +218,9 @@ def _against_ssh(records: list[dict[str, Any]], sizes: list[int]) -> list[str]:
     (whole-process wall time: ssh's includes its own start-up and key
     exchange, as securemig's does)."""
     lines = [
-        "| size MiB | protocol | " + " | ".join(f"{s} time / its" for s in SSH_SERIES) + " |",
+        "| size MiB | protocol | "
+        + " | ".join(f"{s} time / its (whole process)" for s in SSH_SERIES)
+        + " |",
         "|---:|---|" + "---:|" * len(SSH_SERIES),
     ]
     for size in sizes:

@@ -30,7 +30,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from securemig.lab.bench.provenance import provenance
+from securemig.lab.bench.provenance import one_line, provenance
 from securemig.trust import attest
 from securemig.trust.pca.core import Authorization, PrivacyCA
 from securemig.trust.tpm import swtpm
@@ -143,6 +143,7 @@ def _report(
     json_path: Path | None,
     enrolled: bool,
 ) -> int:
+    print(one_line(info))
     print(f"TPM timed: {what}; medians of {repeat}")
     print(f"{'operation':<30} {'median ms':>10} {'min ms':>9} {'max ms':>9}")
     for name, (median, low, high) in rows:
