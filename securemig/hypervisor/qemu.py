@@ -314,7 +314,7 @@ class QemuBackend(Backend):
         while True:
             try:
                 status = (await monitor.execute("query-migrate")).get("status")
-            except qmp.QMPError:
+            except qmp.Interrupted:
                 raise QemuError(
                     "QEMU exited during the migration (at an incoming one, a RAM image it "
                     "cannot load, or a vTPM key that does not decrypt the vTPM state in it)"
@@ -567,7 +567,7 @@ class LiveMigration:
         """``query-migrate``; a QEMU that exited says so."""
         try:
             info: dict[str, Any] = await self.monitor.execute("query-migrate")
-        except qmp.QMPError:
+        except qmp.Interrupted:
             raise QemuError(
                 f"the QEMU of VM {self.bundle.name} exited during the migration"
             ) from None
@@ -608,7 +608,7 @@ class LiveMigration:
     async def cancel(self) -> None:
         """At the source, before the commit: stop sending (if QEMU still is)
         and let the guest go on here."""
-        with contextlib.suppress(qmp.QMPError):
+        with contextlib.suppress(qmp.QMPFailure):
             if (await self.query()).get("status") in (
                 "setup",
                 "active",
@@ -630,7 +630,7 @@ class LiveMigration:
     async def finish(self) -> None:
         """At the source, after the commit: end its QEMU, then its swtpm."""
         pids = {program: self.backend._pid(self.bundle, program) for program in ("qemu", "swtpm")}
-        with contextlib.suppress(qmp.QMPError):
+        with contextlib.suppress(qmp.QMPFailure):
             await self.monitor.execute("quit")
         await self.backend._ended(self.bundle, "qemu", pids["qemu"])
         await self.backend._ended(self.bundle, "swtpm", pids["swtpm"])
