@@ -469,28 +469,9 @@ class QemuBackend(Backend):
 
     def query(self, bundle: Bundle, command: str, **arguments: Any) -> Any:
         """Run one QMP command on the running VM over a plain blocking
-        socket (for synchronous callers such as the demo); its return value."""
-        import json
-        import socket
-
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(30)
-            sock.connect(str(self._socket(bundle)))
-            stream = sock.makefile("rw")
-            stream.readline()  # greeting
-            for request in (
-                {"execute": "qmp_capabilities"},
-                {"execute": command, "arguments": arguments},
-            ):
-                stream.write(json.dumps(request) + "\n")
-                stream.flush()
-                while True:
-                    reply = json.loads(stream.readline())
-                    if "error" in reply:
-                        raise QemuError(reply["error"].get("desc", "QMP error"))
-                    if "return" in reply:
-                        break
-            return reply["return"]
+        socket (for synchronous callers such as the demo); its return value
+        (:class:`qmp.QMPError` if QEMU refuses it)."""
+        return qmp.query(str(self._socket(bundle)), command, **arguments)
 
     def guest_memory(self, bundle: Bundle, address: int, size: int) -> bytes:
         """Guest-physical memory of the running VM (QMP ``pmemsave``)."""

@@ -1,5 +1,8 @@
 """
-A Twisted client for QEMU's QMP: JSON lines over a unix socket.
+QEMU's QMP: JSON lines over a unix socket, with a Twisted client
+(:class:`QMPProtocol`) and a blocking one (:func:`query`, for synchronous
+callers) sharing one framing and parsing (:func:`encode`, :func:`decode`,
+:func:`result`).
 
 QEMU greets, the client negotiates capabilities, then each command carries
 an ``id`` so replies can be matched even with asynchronous events in
@@ -23,6 +26,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -212,3 +216,37 @@ async def connect(reactor: Any, path: str) -> QMPProtocol:
     await protocol.greeted
     await protocol.execute("qmp_capabilities")
     return protocol
+
+
+# -- the blocking client (for synchronous callers such as the demo)
+
+
+def query(path: str, command: str, timeout: float = 30, **arguments: Any) -> Any:
+    """Connect to the QMP socket at ``path``, run one command, return its
+    ``return`` value: the same framing and parsing as :class:`QMPProtocol`,
+    over a plain blocking socket."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        stream = sock.makefile("rwb")
+
+        def message() -> dict[str, Any]:
+            line = stream.readline(MAX_LINE + 1)
+            if not line:
+                raise Interrupted(f"QEMU closed the QMP connection while {command} waited")
+            return decode(line.rstrip(b"\r\n"))
+
+        greeting = message()
+        if "QMP" not in greeting:
+            raise QMPProtocolError("QMP connection without a greeting")
+        answer: Any = None
+        for n, (name, args) in enumerate((("qmp_capabilities", {}), (command, arguments))):
+            ident = f"securemig-{n + 1}"
+            stream.write(encode(name, ident, **args) + b"\n")
+            stream.flush()
+            while True:
+                reply = message()
+                if reply.get("id") == ident and ("return" in reply or "error" in reply):
+                    answer = result(reply, name)
+                    break
+        return answer

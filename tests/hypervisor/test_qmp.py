@@ -8,6 +8,9 @@ Twisted's string transport."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import threading
 from typing import Any
 
 from twisted.internet.error import ConnectionLost
@@ -144,3 +147,67 @@ class FramingTests(TestCase):
         self.assertEqual(
             (raised.exception.error_class, str(raised.exception)), ("GenericError", "x: bad")
         )
+
+
+class BlockingQueryTests(TestCase):
+    """The blocking client against a scripted QMP server on a real unix
+    socket (a thread serves one connection)."""
+
+    def serve(self, answer: list[bytes]) -> str:
+        """A QMP server that greets, answers qmp_capabilities (after an event
+        and a reply with an id not ours), then sends ``answer`` to the command."""
+        path = os.path.join(self.mktemp() + ".sock")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(path)
+        server.listen(1)
+        self.addCleanup(server.close)
+        self.requests: list[dict[str, Any]] = []
+
+        def run() -> None:
+            conn, _ = server.accept()
+            with conn, conn.makefile("rwb") as stream:
+                stream.write(line({"QMP": {"version": {}, "capabilities": []}}))
+                stream.flush()
+                request = json.loads(stream.readline())
+                self.requests.append(request)
+                stream.write(line({"event": "RESUME"}))
+                stream.write(line({"return": {}, "id": "someone-else"}))
+                stream.write(line({"return": {}, "id": request["id"]}))
+                stream.flush()
+                request = json.loads(stream.readline())
+                self.requests.append(request)
+                for data in answer:
+                    stream.write(data.replace(b"ID", request["id"].encode()))
+                stream.flush()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        return path
+
+    def test_return(self) -> None:
+        path = self.serve([b'{"return": {"status": "running"}, "id": "ID"}\n'])
+        self.assertEqual(qmp.query(path, "query-status", timeout=10), {"status": "running"})
+        self.assertEqual(
+            [r["execute"] for r in self.requests], ["qmp_capabilities", "query-status"]
+        )
+
+    def test_arguments(self) -> None:
+        path = self.serve([b'{"return": {}, "id": "ID"}\n'])
+        qmp.query(path, "pmemsave", timeout=10, val=1, size=2, filename="f")
+        self.assertEqual(self.requests[1]["arguments"], {"val": 1, "size": 2, "filename": "f"})
+
+    def test_error_reply(self) -> None:
+        path = self.serve([b'{"error": {"class": "GenericError", "desc": "no"}, "id": "ID"}\n'])
+        with self.assertRaises(qmp.QMPError) as raised:
+            qmp.query(path, "cont", timeout=10)
+        self.assertEqual(raised.exception.error_class, "GenericError")
+
+    def test_malformed(self) -> None:
+        path = self.serve([b'{"return": \n'])
+        self.assertRaises(qmp.QMPProtocolError, qmp.query, path, "cont", timeout=10)
+
+    def test_closed(self) -> None:
+        path = self.serve([])
+        self.assertRaises(qmp.Interrupted, qmp.query, path, "cont", timeout=10)
