@@ -43,11 +43,20 @@ def variant_name(variant: wire.Variant) -> str:
     return variant.name.lower().replace("_", "-")
 
 
-def remove_staging(staging: Path) -> None:
+async def remove_staging(staging: Path) -> None:
     """Remove a staging directory, first ending what a live arrival may have
-    started in it (its backend's guest and vTPM, by their records there)."""
+    started in it (its backend's guest and vTPM, by their records there),
+    without blocking the reactor thread."""
     if staging.is_dir():
-        backends.end_started(staging)
+        await backends.end_started(staging)
+    files.remove_tree(staging)
+
+
+def remove_staging_blocking(staging: Path) -> None:
+    """:func:`remove_staging`, blocking: off the reactor thread (the disk
+    executor's worker)."""
+    if staging.is_dir():
+        backends.end_started_blocking(staging)
     files.remove_tree(staging)
 
 
@@ -101,7 +110,7 @@ class DestinationHost:
             # Staging the journal does not know (a crash between the journal's
             # begin and mkdir cannot make this; a hand-made copy can).
             if self.journal.get(path.name) is None:
-                remove_staging(path)
+                await remove_staging(path)
                 actions.append((path.name, "unknown staging removed"))
         return actions
 
@@ -119,7 +128,7 @@ class DestinationHost:
                 record.id, Outcome.IN_DOUBT.value, error="destination restarted after PREPARED"
             )
             return "prepared: held in doubt until the source resolves it"
-        remove_staging(staging)
+        await remove_staging(staging)
         self.journal.finish(
             record.id,
             Outcome.ABORTED.value,
@@ -204,7 +213,7 @@ class DestinationHost:
             if lock is None:
                 return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
             try:
-                remove_staging(staging)
+                await remove_staging(staging)
             finally:
                 lock.release()
         if record.outcome != Outcome.ABORTED.value:
@@ -258,7 +267,7 @@ class DestinationHost:
     async def _settle_one(self, staging: Path, record: Any, committed: bool) -> str:
         target = self.vms / record.vm
         if not committed:
-            remove_staging(staging)
+            await remove_staging(staging)
             self.journal.finish(
                 staging.name, Outcome.ABORTED.value, error="settled: the source did not commit"
             )
@@ -470,7 +479,7 @@ class Arrival:
         if self._file is not None:
             self._file.close()
             self._file = None
-        remove_staging(self.staging)
+        remove_staging_blocking(self.staging)
         self.lock.release()
 
     # -- on the reactor thread

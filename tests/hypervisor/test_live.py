@@ -186,7 +186,7 @@ class LiveMigrationTests(TestCase):
         self.assertIn("does not authenticate", str(receiver.error))
         self.assertEqual(receiver.strangers_closed, 1)
         self.assertEqual(receiver.delivered, 0)
-        incoming.abandon()
+        await incoming.abandon()
         await outgoing.cancel()
         outgoing.release()
         await threads.deferToThread(watch.wait, 5, 30.0)
@@ -207,7 +207,7 @@ class LiveMigrationTests(TestCase):
         os.kill(self.qemu._pid(self.destination) or 0, 9)
         with self.assertRaises(QemuError):
             await outgoing.wait()
-        incoming.abandon()
+        await incoming.abandon()
         await outgoing.cancel()
         self.assertEqual(await outgoing.run_state(), "running")
         outgoing.release()

@@ -381,7 +381,7 @@ def cmd_vm_stop(args: argparse.Namespace) -> int:
             if state != "running":
                 raise BundleError(f"VM {bundle.name} is not running ({state})")
             if args.force:
-                backend.end(bundle)  # type: ignore[attr-defined]
+                await backend.end(bundle)
                 bundle.manifest.state = "stopped"
                 bundle.save()
                 said.append(f"{bundle.name}: stopped (ended; its memory is lost)")
