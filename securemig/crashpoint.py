@@ -34,6 +34,8 @@ POINTS = frozenset(
         "destination-incoming",  # its QEMU waits paused with the vTPM, LIVE_READY not sent
         "source-live-started",  # QEMU's pre-copy runs, the guest still runs here
         "source-live-ended",  # COMMITTED journaled, its QEMU and swtpm ended, key still here
+        # libvirt domains (issue 23):
+        "adopt-sealed",  # vm adopt: the sealed secret's bundle durable, libvirt's still defined
     }
 )
 
