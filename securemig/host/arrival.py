@@ -8,8 +8,15 @@ Layout of a destination's state directory::
     STATE_DIR/staging/MID/        an arrival in progress (or held in doubt)
     STATE_DIR/locks/NAME.lock     held while VM NAME is arriving
 
-Methods of :class:`Arrival` that touch files run on the connection's disk
-thread (see :mod:`securemig.transport.control`), in the order the session asked.
+:class:`DestinationHost` admits arrivals and, on the reactor thread,
+settles what its journal left unfinished (after a restart, a source's
+RESOLVE, or ``settle``).  The methods of :class:`Arrival` under "on the disk
+thread" run on the connection's disk executor
+(:class:`~securemig.transport.executor.ThreadExecutor`, fed by
+:class:`~securemig.transport.destination.DestinationProtocol`), in the order
+the session asked; the others run on the reactor thread, and none of those
+blocks it (a live arrival's guest is ended with the backend's asynchronous
+``end``).
 """
 
 from __future__ import annotations
