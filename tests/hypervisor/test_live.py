@@ -24,8 +24,9 @@ from securemig.hypervisor.qemu import (
     qemu_binary,
 )
 from securemig.protocol import records
-from securemig.transport.live import LIVE_RECORD_PLAINTEXT, LiveReceiver, LiveSender, Relay
+from securemig.transport.live import LIVE_RECORD_PLAINTEXT, LiveReceiver, LiveSender
 
+from .relay import Relay
 from .test_guest import extended, linux_bundle
 from .test_qemu import under_tcg
 
