@@ -514,11 +514,15 @@ class QemuBackend(Backend):
         waiting for a live migration on :func:`live_socket`."""
         return Deferred.fromCoroutine(_live_destination(self, bundle))
 
-    def query(self, bundle: Bundle, command: str, **arguments: Any) -> Any:
+    def query(self, bundle: Bundle, command: str, timeout: float = 30.0, **arguments: Any) -> Any:
         """Run one QMP command on the running VM over a plain blocking
-        socket (for synchronous callers such as the demo); its return value
-        (:class:`qmp.QMPError` if QEMU refuses it)."""
-        return qmp.query(str(self._socket(bundle)), command, **arguments)
+        socket (for synchronous callers such as the demo); its return value.
+        QemuError if QEMU refuses it or breaks QMP (the cause says which),
+        OSError if its socket does."""
+        try:
+            return qmp.query(str(self._socket(bundle)), command, timeout, **arguments)
+        except qmp.QMPError as e:
+            raise QemuError(str(e)) from e
 
     def guest_memory(self, bundle: Bundle, address: int, size: int) -> bytes:
         """Guest-physical memory of the running VM (QMP ``pmemsave``)."""
@@ -636,7 +640,7 @@ class LiveMigration:
     async def cancel(self) -> None:
         """At the source, before the commit: stop sending (if QEMU still is)
         and let the guest go on here."""
-        with contextlib.suppress(qmp.QMPFailure):
+        with contextlib.suppress(qmp.QMPError):
             if (await self.query()).get("status") in (
                 "setup",
                 "active",
@@ -658,7 +662,7 @@ class LiveMigration:
     async def finish(self) -> None:
         """At the source, after the commit: end its QEMU, then its swtpm."""
         pids = {program: self.backend._pid(self.bundle, program) for program in ("qemu", "swtpm")}
-        with contextlib.suppress(qmp.QMPFailure):
+        with contextlib.suppress(qmp.QMPError):
             await self.monitor.execute("quit")
         await self.backend._ended(self.bundle, "qemu", pids["qemu"])
         await self.backend._ended(self.bundle, "swtpm", pids["swtpm"])

@@ -6,9 +6,10 @@ callers) sharing one framing and parsing (:func:`encode`, :func:`decode`,
 
 QEMU greets, the client negotiates capabilities, then each command carries
 an ``id`` so replies can be matched even with asynchronous events in
-between.  The failures follow ``qemu.qmp`` (QEMU's own client):
+between.  The failures follow ``qemu.qmp`` (QEMU's own client), all of
+them a :class:`QMPError`:
 
-- :class:`QMPError`: QEMU answered a command with an error; it carries
+- :class:`ExecuteError`: QEMU answered a command with an error; it carries
   QEMU's ``error_class`` and description;
 - :class:`Interrupted`: the connection was lost (QEMU exited, or it broke
   the protocol) while the command waited for its reply;
@@ -41,14 +42,14 @@ MAX_LINE = 1 << 20
 EVENT_BACKLOG = 256
 
 
-class QMPFailure(LocalFault, RuntimeError):
+class QMPError(LocalFault, RuntimeError):
     """Any failure of a QMP command or connection."""
 
     # The hypervisor fails where a VM is resumed or loaded (the reason says which).
     default_code = ErrorCode.RESUME_FAILED
 
 
-class QMPError(QMPFailure):
+class ExecuteError(QMPError):
     """QEMU refused a command: its ``error_class`` and description."""
 
     def __init__(self, error_class: str, description: str, command: str = "") -> None:
@@ -58,11 +59,11 @@ class QMPError(QMPFailure):
         self.command = command
 
 
-class Interrupted(QMPFailure):
+class Interrupted(QMPError):
     """The connection was lost before the command's reply came."""
 
 
-class QMPProtocolError(QMPFailure):
+class QMPProtocolError(QMPError):
     """QEMU sent what QMP does not allow (not a JSON object, a line too long)."""
 
 
@@ -94,12 +95,12 @@ def decode(line: bytes) -> dict[str, Any]:
 
 
 def result(message: dict[str, Any], command: str) -> Any:
-    """The ``return`` of a reply, or its error as :class:`QMPError`."""
+    """The ``return`` of a reply, or its error as :class:`ExecuteError`."""
     if "error" in message:
         error = message["error"]
         if not isinstance(error, dict):
             error = {"desc": str(error)}
-        raise QMPError(
+        raise ExecuteError(
             str(error.get("class", "GenericError")), str(error.get("desc", "QMP error")), command
         )
     return message.get("return")
@@ -146,7 +147,7 @@ class QMPProtocol(LineOnlyReceiver):
                 command, d = self._pending.pop(ident)
                 try:
                     value = result(message, command)
-                except QMPError as e:
+                except ExecuteError as e:
                     d.errback(e)
                 else:
                     d.callback(value)
@@ -186,7 +187,7 @@ class QMPProtocol(LineOnlyReceiver):
 
     def execute(self, command: str, **arguments: Any) -> Deferred[Any]:
         """Run a command; fires with its ``return`` value, or fails with
-        :class:`QMPError` (QEMU's answer) or :class:`Interrupted`."""
+        :class:`ExecuteError` (QEMU's answer) or :class:`Interrupted`."""
         ident = f"securemig-{next(self._ids)}"
         d: Deferred[Any] = Deferred()
         if self.closed.called or self.error is not None:  # nobody will ever answer
@@ -225,10 +226,11 @@ def query(path: str, command: str, timeout: float = 30, **arguments: Any) -> Any
     """Connect to the QMP socket at ``path``, run one command, return its
     ``return`` value: the same framing and parsing as :class:`QMPProtocol`,
     over a plain blocking socket."""
-    with socket.socket(socket.AF_UNIX) as sock:
+    # The file too is closed on the way out (an exception's traceback
+    # would keep it, and with it the connection QEMU serves alone, open).
+    with socket.socket(socket.AF_UNIX) as sock, sock.makefile("rwb") as stream:
         sock.settimeout(timeout)
         sock.connect(path)
-        stream = sock.makefile("rwb")
 
         def message() -> dict[str, Any]:
             line = stream.readline(MAX_LINE + 1)

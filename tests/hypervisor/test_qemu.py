@@ -4,6 +4,7 @@ from it; the marker reads back identical."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from twisted.internet import reactor, threads
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.trial.unittest import TestCase
 
+from securemig.hypervisor import qmp
 from securemig.hypervisor.bundle import Bundle, Image, Manifest, image_file
 from securemig.hypervisor.qemu import (
     MARKER_ADDRESS,
@@ -95,6 +97,31 @@ class QemuBackendTests(TestCase):
         self.assertEqual(await self.read_marker(arrived), self.marker)
         await self.qemu.discard(arrived)
         self.assertFalse(target.exists())
+
+    async def test_qmp_errors_from_a_real_qemu(self) -> None:
+        """QEMU's error class reaches both clients: the Twisted one raises
+        ExecuteError, the blocking one (through the backend) QemuError
+        caused by it; after QEMU quits, a command is Interrupted."""
+        await self.qemu.start(self.bundle)
+        monitor = await self.qemu.monitor(self.bundle)
+        with self.assertRaises(qmp.ExecuteError) as raised:
+            await monitor.execute("no-such-command")
+        self.assertEqual(raised.exception.error_class, "CommandNotFound")
+        monitor.transport.loseConnection()  # type: ignore[union-attr]
+        await monitor.closed
+        with self.assertRaises(QemuError) as blocking:
+            self.qemu.query(self.bundle, "no-such-command")
+        cause = blocking.exception.__cause__
+        assert isinstance(cause, qmp.ExecuteError)
+        self.assertEqual(cause.error_class, "CommandNotFound")
+        self.assertEqual(self.qemu.query(self.bundle, "query-status")["status"], "running")
+        monitor = await self.qemu.monitor(self.bundle)
+        quitting = monitor.execute("quit")
+        await monitor.closed
+        with contextlib.suppress(qmp.Interrupted):  # QEMU may close before its reply
+            await quitting
+        with self.assertRaises(qmp.Interrupted):
+            await monitor.execute("query-status")
 
     async def _ending(self, bundle: Bundle) -> tuple[float, float]:
         """End ``bundle``'s QEMU while a 10 ms LoopingCall watches the

@@ -55,7 +55,7 @@ class QMPProtocolTests(TestCase):
         self.protocol.dataReceived(
             line({"error": {"class": "DeviceNotFound", "desc": "no such"}, "id": request["id"]})
         )
-        error = self.failureResultOf(d, qmp.QMPError).value
+        error = self.failureResultOf(d, qmp.ExecuteError).value
         self.assertEqual(error.error_class, "DeviceNotFound")
         self.assertEqual(error.description, "no such")
         self.assertEqual(error.command, "cont")
@@ -65,7 +65,7 @@ class QMPProtocolTests(TestCase):
         d = self.protocol.execute("query-migrate")
         self.lose()
         error = self.failureResultOf(d, qmp.Interrupted).value
-        self.assertNotIsInstance(error, qmp.QMPError)
+        self.assertNotIsInstance(error, qmp.ExecuteError)
         self.assertIn("query-migrate", str(error))
         # Nobody will answer a command sent after the end.
         self.failureResultOf(self.protocol.execute("cont"), qmp.Interrupted)
@@ -142,7 +142,7 @@ class FramingTests(TestCase):
 
     def test_result(self) -> None:
         self.assertEqual(qmp.result({"return": 3}, "x"), 3)
-        with self.assertRaises(qmp.QMPError) as raised:
+        with self.assertRaises(qmp.ExecuteError) as raised:
             qmp.result({"error": {"class": "GenericError", "desc": "bad"}}, "x")
         self.assertEqual(
             (raised.exception.error_class, str(raised.exception)), ("GenericError", "x: bad")
@@ -200,7 +200,7 @@ class BlockingQueryTests(TestCase):
 
     def test_error_reply(self) -> None:
         path = self.serve([b'{"error": {"class": "GenericError", "desc": "no"}, "id": "ID"}\n'])
-        with self.assertRaises(qmp.QMPError) as raised:
+        with self.assertRaises(qmp.ExecuteError) as raised:
             qmp.query(path, "cont", timeout=10)
         self.assertEqual(raised.exception.error_class, "GenericError")
 
