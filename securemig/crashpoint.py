@@ -12,9 +12,12 @@ variables nothing happens; no configuration file or flag can set them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 #: Every point the product defines, so a test (and a typo) can be checked.
 POINTS = frozenset(
@@ -23,6 +26,7 @@ POINTS = frozenset(
         "destination-streaming",  # past half of the first image
         "destination-prepared",  # PREPARED journaled, not sent
         "destination-commit-journaled",  # COMMIT journaled, VM not moved into place
+        "destination-in-place",  # VM moved into place, not resumed (live: not continued)
         "destination-resumed",  # VM moved and resumed, DONE not sent
         "source-prepared-received",  # PREPARED received, COMMITTED not journaled
         "source-committed",  # COMMITTED journaled, key and bundle still here, COMMIT not sent
@@ -33,19 +37,50 @@ POINTS = frozenset(
         # Live mode (issue 16):
         "destination-incoming",  # its QEMU waits paused with the vTPM, LIVE_READY not sent
         "source-live-started",  # QEMU's pre-copy runs, the guest still runs here
-        "source-live-ended",  # COMMITTED journaled, its QEMU and swtpm ended, key still here
+        "source-live-ended",  # DONE received, its paused QEMU and swtpm ended, key still here
+        "destination-live-lost",  # COMMIT received, its QEMU found ended, LOST not journaled
         # libvirt domains (issue 23):
         "adopt-sealed",  # vm adopt: the sealed secret's bundle durable, libvirt's still defined
     }
 )
 
 
-def reached(name: str) -> None:
-    """A crash point: die here if this test process was told to."""
+def reached(name: str, qemu: Path | None = None) -> None:
+    """A crash point: die here if this test process was told to.
+
+    With ``SECUREMIG_CRASH_KILL=guest`` as well, the process lives on and
+    SIGKILLs instead the QEMU whose pid file ``qemu`` names (a point of a
+    live migration passes its VM's), so that a test kills a QEMU at an exact
+    step; a point reached without one does nothing then."""
     assert name in POINTS, name
     if os.environ.get("SECUREMIG_CRASH_POINTS") != "1":
         return
-    if name in os.environ.get("SECUREMIG_CRASH_AT", "").split(","):
-        sys.stderr.write(f"securemig: crash point {name} reached; killing this process\n")
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+    if name not in os.environ.get("SECUREMIG_CRASH_AT", "").split(","):
+        return
+    if os.environ.get("SECUREMIG_CRASH_KILL") == "guest":
+        if qemu is not None:
+            _kill(qemu, name)
+        return
+    sys.stderr.write(f"securemig: crash point {name} reached; killing this process\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill(pidfile: Path, name: str) -> None:
+    """SIGKILL the process ``pidfile`` names and wait until it is gone."""
+    try:
+        pid = int(pidfile.read_text())
+    except (OSError, ValueError):
+        return
+    sys.stderr.write(f"securemig: crash point {name} reached; killing QEMU {pid}\n")
+    sys.stderr.flush()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    for _ in range(500):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return
+        if state == "Z":
+            return
+        time.sleep(0.01)

@@ -112,7 +112,12 @@ class DestinationHost:
         actions: list[tuple[str, str]] = []
         for record in self.journal.unfinished():
             if record.role == "destination":
-                actions.append((record.id, await self._recover_one(record)))
+                try:
+                    actions.append((record.id, await self._recover_one(record)))
+                except Exception as e:
+                    # One record that cannot be settled now does not stop the others.
+                    log.error("recovery of migration {mid} failed: {e}", mid=record.id, e=e)
+                    actions.append((record.id, f"not settled: {e}"))
         for path in sorted(self.staging.iterdir()):
             # Staging the journal does not know (a crash between the journal's
             # begin and mkdir cannot make this; a hand-made copy can).
@@ -121,15 +126,45 @@ class DestinationHost:
                 actions.append((path.name, "unknown staging removed"))
         return actions
 
+    def live_qemu(self, record: Any) -> bool | None:
+        """A live arrival (it reached ``incoming``): whether its QEMU still
+        runs, in staging or in place; None for an arrival that is not live."""
+        if not record.reached("incoming"):
+            return None
+        staging = self.staging / record.id
+        path = staging if staging.exists() else self.vms / record.vm
+        return backend_for(self.backend).has_process(Bundle(path, Manifest(name=record.vm)))
+
+    async def _lose(self, record: Any, why: str) -> None:
+        """A live arrival whose QEMU ended before the COMMIT was journaled
+        here: it never ran here; journal LOST, remove staging, journal aborted."""
+        self.journal.phase(record.id, "lost")
+        await remove_staging(self.staging / record.id)
+        self.journal.finish(record.id, Outcome.ABORTED.value, error=f"LIVE_FAILED: {why}")
+        log.warn("migration {mid}: VM {vm}: {why}: lost here", mid=record.id, vm=record.vm, why=why)
+
     async def _recover_one(self, record: Any) -> str:
         staging = self.staging / record.id
         in_place = (self.vms / record.vm).exists() and not staging.exists()
-        if record.reached("committed") or record.reached("resumed"):
-            if staging.exists():
-                return await self._roll_forward(record, "destination restarted after COMMIT")
-            if in_place:
-                self.journal.finish(record.id, Outcome.DONE.value)
-                return f"VM {record.vm} was in place: done"
+        committed = record.reached("committed") or record.reached("resumed")
+        if record.reached("lost"):
+            await remove_staging(staging)
+            if record.outcome is None:
+                self.journal.finish(record.id, Outcome.ABORTED.value, error="LIVE_FAILED: lost")
+            return "lost here (its QEMU ended before the guest ran): staging removed"
+        if (
+            not committed
+            and record.phase in ("prepared", "in-doubt")
+            and staging.exists()
+            and self.live_qemu(record) is False
+        ):
+            await self._lose(record, "its QEMU ended before the guest ran here")
+            return "its QEMU ended before the guest ran here: lost here; the source continues it"
+        if committed and (staging.exists() or in_place):
+            # In place is not done: the crash may have come before the resume
+            # (a live arrival's QEMU waits paused), and the rule
+            # (protocol.recovery.destination_restart) is to resume it.
+            return await self._roll_forward(record, "destination restarted after COMMIT")
         if record.phase in ("prepared", "in-doubt") and staging.exists():
             self.journal.finish(
                 record.id, Outcome.IN_DOUBT.value, error="destination restarted after PREPARED"
@@ -157,9 +192,17 @@ class DestinationHost:
                 )
             files.rename_durably(staging, target)
         bundle = Bundle.load(target)
+        if record.reached("resumed") and self.backend_status(bundle) == "stopped":
+            # It ran here and its guest has ended since: starting it again from
+            # a saved state would run an older state of the guest a second time.
+            log.error(
+                "migration {mid}: VM {vm} was resumed here and its guest has ended since",
+                mid=record.id,
+                vm=record.vm,
+            )
         # A guest that runs may wait paused after a live stream: a backend
         # whose resume continues it (and leaves a running one alone) is asked.
-        if (
+        elif (
             self.backend_status(bundle) != "running"
             or capabilities(bundle.manifest.backend).resume_continues
         ):
@@ -197,6 +240,24 @@ class DestinationHost:
         staging = self.staging / record.id
         if record.outcome == Outcome.DONE.value:
             return answer(wire.Settled.DONE, f"VM {record.vm} is in place here")
+        lost = "its QEMU ended before the guest ran here; nothing kept"
+        if record.reached("lost"):
+            committed = message.decision is wire.Decision.COMMITTED
+            return answer(wire.Settled.LOST if committed else wire.Settled.ABORTED, lost)
+        if (
+            message.decision is wire.Decision.COMMITTED
+            and not record.reached("committed")
+            and staging.exists()
+            and self.live_qemu(record) is False
+        ):
+            lock = self._try_lock(record.vm)
+            if lock is None:
+                return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
+            try:
+                await self._lose(record, "its QEMU ended before the guest ran here")
+            finally:
+                lock.release()
+            return answer(wire.Settled.LOST, lost)
         if message.decision is wire.Decision.COMMITTED:
             if record.outcome == Outcome.ABORTED.value and not staging.exists():
                 # The source says committed, yet we discarded: only possible if
@@ -402,6 +463,8 @@ class Arrival:
         #: Live mode: the destination guest's side of the migration, and the
         #: unix socket its stream goes to.
         self.live: Any = None
+        #: Live mode: LOST journaled (its QEMU ended before the guest ran here).
+        self.lost = False
         self.live_socket: Path | None = None
         self._file: Any = None
         self._behind: storage.WriteBehind | None = None
@@ -486,6 +549,8 @@ class Arrival:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self.live_socket is not None:
+            self.live_socket.unlink(missing_ok=True)
         remove_staging_blocking(self.staging)
         self.lock.release()
 
@@ -515,25 +580,66 @@ class Arrival:
         bundle = Bundle(self.staging, self.manifest())
         bundle.save()
         backend = backend_for(self.host.backend, vtpm_key=lambda b: key)
-        self.live_socket = backend.live_socket(bundle)
-        self.live = await backend.live_destination(bundle)
+        # Per migration: a name from the bundle alone is the same for the
+        # source of a VM and an arrival of it moved into place there.
+        tag = f"{self.id}-d"
+        self.live_socket = backend.live_socket(bundle, tag)
+        self.live = await backend.live_destination(bundle, tag)
         self.host.journal.phase(self.id, "incoming")
         return self.live
 
     async def commit(self) -> None:
         """The source committed: move the VM into place and resume it (live
-        mode: continue its loaded, paused QEMU)."""
+        mode: continue its loaded, paused QEMU).
+
+        Live mode: the COMMIT journaled here is the last durable step before
+        ``cont``.  If the QEMU that loaded the stream has ended before it,
+        the guest never ran here and never can (its state was only in that
+        QEMU): LOST is journaled instead, staging removed, and the source
+        (which kept its paused QEMU) continues the guest when it learns it."""
+        if self.live is not None and not await self.live.waits_loaded():
+            crashpoint.reached("destination-live-lost")
+            await self.lose()
+            raise ProtocolError(
+                ErrorCode.RESUME_FAILED,
+                f"the QEMU of VM {self.hello.vm_name} ended before its guest ran here: "
+                "nothing kept here (LOST); the source continues it",
+            )
         self.host.journal.phase(self.id, "committed")
         crashpoint.reached("destination-commit-journaled")
         target = self.host.vms / self.hello.vm_name
         files.rename_durably(self.staging, target)
+        crashpoint.reached("destination-in-place")
         bundle = Bundle.load(target)
         if self.live is not None:
             self.live.release()  # the QMP socket moved with the bundle: reconnect there
-        await self.host.resume(bundle)
+        try:
+            await self.host.resume(bundle)
+        finally:
+            # Resumed or not (RESUME_FAILED), the VM stays in place: its name
+            # is free for whatever an operator does next.
+            self.lock.release()
         self.host.journal.phase(self.id, "resumed")
-        self.lock.release()
         crashpoint.reached("destination-resumed")
+
+    def qemu_pidfile(self) -> Path | None:
+        """Live mode: the pid file of the arriving VM's QEMU (for crash points)."""
+        return self.staging / "qemu.pid" if self.live is not None else None
+
+    async def lose(self) -> None:
+        """Live mode, before the COMMIT is journaled here: its QEMU ended, so
+        the guest never ran here; journal LOST, remove staging, free the name."""
+        self.lost = True
+        self.host.journal.phase(self.id, "lost")
+        if self.live is not None:
+            self.live.release()
+        await remove_staging(self.staging)
+        self.lock.release()
+        log.warn(
+            "migration {mid}: the QEMU of VM {vm} ended before its guest ran here: lost here",
+            mid=self.id,
+            vm=self.hello.vm_name,
+        )
 
     def hold(self) -> None:
         """Keep the prepared staging for recovery; free the lock."""
@@ -545,8 +651,9 @@ class Arrival:
         self.lock.release()
 
     def finish(self, effect: Finished, nbytes: int) -> None:
-        """Journal the outcome."""
+        """Journal the outcome (a LOST arrival: aborted, nothing kept here)."""
         error = f"{effect.code.name}: {effect.reason}" if effect.code else None
-        self.host.journal.finish(self.id, effect.outcome.value, error=error, nbytes=nbytes)
+        outcome = Outcome.ABORTED if self.lost else effect.outcome
+        self.host.journal.finish(self.id, outcome.value, error=error, nbytes=nbytes)
         if effect.outcome is Outcome.DONE:
             self.host.journal.phase(self.id, "done")

@@ -71,7 +71,7 @@ class Departure:
             bundle.manifest.backend, vtpm_key=None if vtpm_key is None else lambda b: vtpm_key
         )
         self.journal = journal
-        self.lock: storage.Lock | None = None
+        self.lock: storage.VMLock | None = None
         self.was_running = False
         self.committed = False
         #: Secure shared-storage variant: the host the shared disk passes to.
@@ -87,7 +87,7 @@ class Departure:
     async def acquire(self) -> None:
         """Lock the VM, journal the start, and suspend it into its images."""
         try:
-            self.lock = storage.Lock(self.bundle.lock_path)
+            self.lock = storage.VMLock(self.bundle.lock_path)
         except storage.LockBusy:
             raise VMLocked(
                 f"VM {self.bundle.name} is locked by another migration ({self.bundle.lock_path})"
@@ -185,31 +185,69 @@ class Departure:
         self.journal.phase(self.id, "streaming")
 
     async def commit(self) -> None:
-        """The commit point: journal COMMITTED, then give the VM up.  Live
-        mode: only once this side's QEMU too says the stream completed (it
-        is paused in postmigrate); after the commit it ends, with its vTPM."""
-        crashpoint.reached("source-prepared-received")
+        """The commit point: journal COMMITTED, then give the VM up.
+
+        Live mode: only once this side's QEMU too says the stream completed
+        (paused in postmigrate), or is gone (PREPARED says the destination
+        loaded the whole stream: it holds the only copy, and aborting would
+        lose it).  After the commit the paused QEMU, its vTPM key and the
+        bundle stay (and the lock) until the destination's guest runs
+        (:meth:`hand_over`, on DONE): if the destination's QEMU ends before
+        that, this one continues the guest (``protocol.recovery``)."""
+        crashpoint.reached("source-prepared-received", self.qemu_pidfile())
         if self.live_migration is not None:
             try:
                 self.live_stats = await self.live_migration.wait(timeout=30.0)
             except MigrationError as e:
-                raise ProtocolError(ErrorCode.LIVE_FAILED, str(e)) from None
+                if self.live_qemu_alive():
+                    raise ProtocolError(ErrorCode.LIVE_FAILED, str(e)) from None
+                log.warn(
+                    "VM {vm}: its QEMU ended after the stream; the destination loaded it "
+                    "all (PREPARED): committing",
+                    vm=self.bundle.name,
+                )
         self.journal.phase(self.id, "prepared")
         self.journal.phase(self.id, "committed")
         self.committed = True
-        crashpoint.reached("source-committed")
-        if self.live_migration is not None:
-            await self.live_migration.finish()
-            crashpoint.reached("source-live-ended")
+        crashpoint.reached("source-committed", self.qemu_pidfile())
         record = self.journal.get(self.id)
         shared = self.bundle.manifest.shared_disk
         if shared and self.disk_successor is not None:
             set_disk_owner(
                 Path(shared), self.disk_successor, record.migration_id if record else None
             )
+        if self.live_migration is not None and self.live_qemu_alive():
+            return  # kept until DONE: hand_over()
         await release(self.journal, self.id, self.bundle)
         self._unlock()
         crashpoint.reached("source-released")
+
+    def qemu_pidfile(self) -> Path | None:
+        """Live mode: the pid file of this VM's QEMU (for crash points)."""
+        return self.bundle.path / "qemu.pid" if self.live else None
+
+    def live_qemu_alive(self) -> bool:
+        """Live mode: whether this VM's QEMU still runs here."""
+        return self.backend.has_process(self.bundle)
+
+    async def hand_over(self) -> None:
+        """Live mode, after COMMITTED: the destination said DONE (its guest
+        runs, QMP says so): end the paused QEMU and its swtpm here, then
+        destroy the key and the bundle.  Idempotent (recovery redoes it)."""
+        if self.live_migration is not None:
+            await self.live_migration.finish()
+            crashpoint.reached("source-live-ended")
+        await release(self.journal, self.id, self.bundle)
+        self._unlock()
+        crashpoint.reached("source-released")
+
+    def keep_paused(self) -> None:
+        """Live mode, after COMMITTED, the destination's DONE not seen: the
+        paused QEMU stays for recovery (RESOLVE tells whether the guest runs
+        there, or never did); let go of its QMP socket and the lock."""
+        if self.live_migration is not None:
+            self.live_migration.release()
+        self._unlock()
 
     def rollback(self) -> Deferred[None]:
         """Before the commit: keep the VM here, resumed if it was running,

@@ -126,6 +126,9 @@ PHASES = (
     # Live mode (issue 16), appended: phase names are journaled data.
     "live",  # source: a live migration of the running VM began (it keeps running)
     "incoming",  # destination: the VM's vTPM and QEMU wait paused for the stream
+    # Issue 22, appended:
+    "lost",  # destination, live: its QEMU ended before the COMMIT was journaled (never ran)
+    "reclaimed",  # source, live: committed, the destination lost; the guest goes on here
 )
 
 #: What happens between a phase and the next one journaled, for phase tables:
@@ -420,6 +423,8 @@ class Journal:
         for record in rows:
             if record.role == "destination" and record.outcome == "done":
                 return None
+            if record.role == "source" and record.reached("reclaimed"):
+                return None  # the destination's QEMU ended before the guest ran there
             if record.role == "source" and record.reached("committed"):
                 return record
         return None

@@ -31,7 +31,7 @@ from securemig.host import storage
 from securemig.host.departure import release
 from securemig.host.journal import Journal, MigrationRecord, owner_alive
 from securemig.hypervisor.backends import backend_for, capabilities
-from securemig.hypervisor.bundle import LOCK, Bundle
+from securemig.hypervisor.bundle import LOCK, Bundle, disk_owner, disk_owner_path
 from securemig.protocol import wire
 from securemig.protocol.effects import Outcome
 from securemig.protocol.errors import MigrationError
@@ -55,11 +55,18 @@ class Owed:
 
 
 async def settle_departures(
-    journal: Journal, unseal: Callable[[bytes], bytes] | None = None
+    journal: Journal, unseal: Callable[[bytes], bytes] | None = None, defer: bool = False
 ) -> tuple[list[str], list[Owed]]:
     """Settle this host's unfinished departures.  ``unseal`` opens a vTPM key
-    sealed to this host's TPM (to resume a VM with a vTPM); without it such
-    a VM is left suspended, resumable with ``securemig vm start --identity``.
+    sealed to this host's TPM (to resume a VM with a vTPM from its saved
+    state; continuing a QEMU that still runs, paused, needs no key).
+
+    Without ``unseal`` a VM that needs its key to run again is left
+    suspended: with ``defer`` (a command run without the host's TPM, e.g.
+    ``securemig status``) its record is left unsettled for this host's
+    daemon or ``securemig vm start --identity``; without it (a daemon with
+    no TPM identity) the migration is aborted and the operator told how to
+    resume it.  Never is a guest left paused by settling.
 
     Returns what was done (sentences for the log and the operator) and the
     decisions still owed to destinations.
@@ -69,13 +76,16 @@ async def settle_departures(
     for record in journal.departures():
         if record.outcome is None and owner_alive(record.owner):
             continue  # its `securemig migrate` still runs: not ours to settle
+        if record.reached("reclaimed"):
+            done += await reclaim(journal, record)
+            continue
         if record.reached("committed"):
             done += await _finish_commit(journal, record)
             decision = wire.Decision.COMMITTED
         else:
-            did = await _abort(journal, record, unseal)
+            did = await _abort(journal, record, unseal, defer)
             if did is None:
-                continue  # a migration in progress
+                continue  # a migration in progress, or left for the daemon
             done += did
             decision = wire.Decision.ABORTED
         if record.migration_id is not None and not record.peer_settled:
@@ -83,8 +93,31 @@ async def settle_departures(
     return done, owed
 
 
+def live_qemu(record: MigrationRecord) -> bool | None:
+    """A live departure: whether its QEMU (the guest, running or paused)
+    still runs here; None for one that is not live or has no bundle."""
+    if not record.reached("live") or not record.bundle or not Path(record.bundle).exists():
+        return None
+    bundle = Bundle.load(Path(record.bundle))
+    backend = backend_for(bundle.manifest.backend)
+    return backend.has_process(bundle)
+
+
 async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]:
     said = []
+    if live_qemu(record) and not record.reached("released"):
+        # Kept paused until the destination says its guest runs (DONE), or
+        # that its QEMU ended before it ran there (LOST): then it goes on here.
+        if record.outcome is None:
+            journal.finish(
+                record.id,
+                Outcome.IN_DOUBT.value,
+                error="CONNECTION_LOST: source restarted after COMMITTED, before DONE",
+            )
+        return [
+            f"VM {record.vm}: committed to {record.peer}; its paused QEMU is kept here "
+            "until the destination confirms"
+        ]
     if not record.reached("released") and record.bundle and Path(record.bundle).exists():
         await release(journal, record.id, Bundle.load(Path(record.bundle)))
         said.append(f"VM {record.vm} was committed to {record.peer}: its copy here removed")
@@ -101,7 +134,10 @@ async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]
 
 
 async def _abort(
-    journal: Journal, record: MigrationRecord, unseal: Callable[[bytes], bytes] | None
+    journal: Journal,
+    record: MigrationRecord,
+    unseal: Callable[[bytes], bytes] | None,
+    defer: bool = False,
 ) -> list[str] | None:
     if record.outcome is not None:
         return []  # aborted already; only the destination's confirmation is owed
@@ -109,39 +145,57 @@ async def _abort(
     lock = None
     if bundle_dir is not None and bundle_dir.exists():
         try:
-            lock = storage.Lock(bundle_dir / LOCK)
+            lock = storage.VMLock(bundle_dir / LOCK)
         except storage.LockBusy:
             return None
     try:
+        ran = (
+            bundle_dir is not None
+            and bundle_dir.exists()
+            and (record.reached("suspended") or record.reached("live"))
+        )
+        bundle = Bundle.load(bundle_dir) if ran and bundle_dir is not None else None
+        if bundle is not None and defer and _needs_key(bundle, unseal):
+            # Aborting here would leave it stopped, and the daemon skips an
+            # aborted record: leave it unsettled for one that has the key.
+            return None
         journal.finish(
             record.id,
             Outcome.ABORTED.value,
             error="CONNECTION_LOST: source restarted before COMMITTED",
         )
         said = [f"VM {record.vm}: migration to {record.peer} never committed: aborted"]
-        if (
-            bundle_dir is not None
-            and bundle_dir.exists()
-            and (record.reached("suspended") or record.reached("live"))
-        ):
-            said.append(await _resume(Bundle.load(bundle_dir), unseal))
+        if bundle is not None:
+            said.append(await _resume(bundle, unseal))
         return said
     finally:
         if lock is not None:
             lock.release()
 
 
+def _needs_key(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> bool:
+    """Whether running ``bundle`` again here needs its vTPM key, which
+    ``unseal`` cannot give: it has a vTPM and no process of it is left to
+    continue (a QEMU paused after a live stream is continued without it)."""
+    if not bundle.manifest.vtpm or unseal is not None:
+        return False
+    backend = backend_for(bundle.manifest.backend)
+    return not backend.has_process(bundle)
+
+
 async def _resume(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> str:
-    """Run a VM again from its saved state, as it ran before the migration."""
-    if bundle.manifest.vtpm and unseal is None:
+    """Run a VM again from its saved state, as it ran before the migration
+    (a QEMU that still runs, paused after a live stream, is continued)."""
+    if _needs_key(bundle, unseal):
         return (
             f"VM {bundle.name} has a vTPM: resume it with "
             "`securemig vm start --identity DIR` (from its saved state)"
         )
     key = None if unseal is None else key_reader(unseal)
     backend = backend_for(bundle.manifest.backend, vtpm_key=key)
-    # A guest that runs may be paused after a live stream: a backend whose
-    # resume continues it (and leaves a running one alone) is always asked.
+    # A guest that runs may be paused after a live stream (or still sending
+    # it): a backend whose resume continues it (and cancels the stream) is
+    # always asked.
     if (
         backend.status(bundle) == "running"
         and not capabilities(bundle.manifest.backend).resume_continues
@@ -153,3 +207,69 @@ async def _resume(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> st
         log.error("could not resume VM {vm}: {e}", vm=bundle.name, e=e)
         return f"VM {bundle.name} could not be resumed here: {e}"
     return f"VM {bundle.name} resumed here from its saved state"
+
+
+async def acknowledge(journal: Journal, owed: Owed, answer: wire.Resolved) -> bool:
+    """Carry out the destination's answer to a RESOLVE (``protocol.recovery.
+    acknowledged``); True if nothing more is owed to it.
+
+    DONE to a commit: the VM runs there; a live departure's paused QEMU,
+    its key and bundle go (again, if a crash came in between), then done is
+    journaled.  LOST to a commit: the destination's QEMU ended before the
+    guest ran there, journaled there; the guest is continued here."""
+    record = owed.record
+    committed = owed.decision is wire.Decision.COMMITTED
+    if answer.settled is wire.Settled.LOST:
+        journal.set_peer_settled(record.id)
+        if committed:
+            journal.phase(record.id, "reclaimed")
+            fresh = journal.get(record.id)
+            await reclaim(journal, fresh if fresh is not None else record)
+        return True
+    if answer.settled in (wire.Settled.DONE, wire.Settled.ABORTED):
+        if committed and answer.settled is wire.Settled.DONE:
+            if not record.reached("released") and record.bundle and Path(record.bundle).exists():
+                await release(journal, record.id, Bundle.load(Path(record.bundle)))
+            journal.set_peer_settled(record.id)
+            journal.finish(record.id, "done")
+        else:
+            journal.set_peer_settled(record.id)
+        return True
+    if answer.settled is wire.Settled.UNKNOWN and not committed:
+        # It never kept anything of a migration that did not commit.
+        journal.set_peer_settled(record.id)
+        return True
+    return False
+
+
+async def reclaim(journal: Journal, record: MigrationRecord) -> list[str]:
+    """Live, committed, and the destination journaled LOST: continue the
+    guest's paused QEMU here (no key needed) and journal the migration
+    aborted.  Idempotent: a restart after ``reclaimed`` redoes it."""
+    said: list[str] = []
+    bundle_dir = Path(record.bundle) if record.bundle else None
+    if bundle_dir is None or not bundle_dir.exists():
+        said.append(f"VM {record.vm}: reclaimed, but its bundle is gone here")
+    else:
+        bundle = Bundle.load(bundle_dir)
+        shared = bundle.manifest.shared_disk
+        if shared and disk_owner(Path(shared)) == record.peer_name:
+            # Handed over at the commit; it never ran there.
+            disk_owner_path(Path(shared)).unlink(missing_ok=True)
+        try:
+            lock = storage.VMLock(bundle_dir / LOCK)
+        except storage.LockBusy:
+            return [f"VM {record.vm}: reclaimed; its lock is busy, continued later"]
+        try:
+            said.append(await _resume(bundle, None))
+        finally:
+            lock.release()
+    if record.outcome in (None, Outcome.IN_DOUBT.value):
+        journal.finish(
+            record.id,
+            Outcome.ABORTED.value,
+            error="LIVE_FAILED: the destination's QEMU ended before its guest ran there "
+            "(LOST); the guest continued here",
+        )
+    log.warn("migration {mid} of VM {vm}: reclaimed here", mid=record.migration_id, vm=record.vm)
+    return said

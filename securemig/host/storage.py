@@ -71,6 +71,42 @@ class Lock:
         self.release()
 
 
+def name_lock(bundle: Path) -> Path | None:
+    """The name lock of a VM in a host's state directory (``STATE/vms/NAME``):
+    ``STATE/locks/NAME.lock``, which that host's daemon holds while the VM
+    arrives, is moved into place, resumed or settled; None elsewhere."""
+    vms = bundle.absolute().parent
+    locks = vms.parent / "locks"
+    if vms.name == "vms" and locks.is_dir():
+        return locks / f"{bundle.name}.lock"
+    return None
+
+
+class VMLock:
+    """A VM's lock, as every command and the daemon take it: its bundle's
+    ``.lock`` and, for a VM in a host's state directory, its name lock too
+    (:func:`name_lock`), so that a ``securemig migrate`` or ``vm start`` of a
+    VM the daemon is still resuming is refused.  Taken in that order (the
+    daemon takes only the name lock: no cycle); :class:`LockBusy` if either
+    is held."""
+
+    def __init__(self, lock_path: Path) -> None:
+        self.path = lock_path
+        self._locks = [Lock(lock_path)]
+        name = name_lock(lock_path.parent)
+        if name is not None:
+            try:
+                self._locks.append(Lock(name))
+            except LockBusy:
+                self.release()
+                raise
+
+    def release(self) -> None:
+        """Release both; safe to call twice."""
+        for lock in reversed(self._locks):
+            lock.release()
+
+
 def is_locked(path: Path) -> bool:
     """Whether some descriptor holds the lock at ``path`` (for status and tests)."""
     try:

@@ -143,10 +143,11 @@ class Backend(Protocol):
         synchronous stop).  Nothing by default."""
         return None
 
-    def live_socket(self, bundle: Bundle) -> Path:
+    def live_socket(self, bundle: Bundle, tag: str = "") -> Path:
         """The unix socket of a live stream of this VM: where the
         destination's guest listens, or where securemig listens for the
-        source's (``Capabilities.live_source`` / ``live_destination``)."""
+        source's (``Capabilities.live_source`` / ``live_destination``);
+        ``tag`` (migration id and side) makes it one migration's own."""
         raise _unsupported(self, "migrate live")
 
     def live_source(
@@ -156,11 +157,16 @@ class Backend(Protocol):
         :class:`LiveSide` (``Capabilities.live_source``)."""
         raise _unsupported(self, "send live migrations")
 
-    def live_destination(self, bundle: Bundle) -> Deferred[Any]:
+    def live_destination(self, bundle: Bundle, tag: str = "") -> Deferred[Any]:
         """Start the VM paused, waiting for a live stream on
-        :meth:`live_socket`; fires with its :class:`LiveSide`
+        :meth:`live_socket` (with ``tag``); fires with its :class:`LiveSide`
         (``Capabilities.live_destination``)."""
         raise _unsupported(self, "take live migrations")
+
+    def has_process(self, bundle: Bundle) -> bool:
+        """Whether a process of this VM runs here (its guest running or
+        paused: continuing it needs no key); False for backends without."""
+        return False
 
     def vtpm_attached(self, bundle: Bundle) -> bool:
         """Whether the running VM has its vTPM as a TPM device (only a

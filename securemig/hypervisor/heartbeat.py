@@ -25,6 +25,15 @@ from pathlib import Path
 POLL_INTERVAL = 0.005
 #: A heartbeat line is short; longer ones are not the guest's and are skipped.
 MAX_LINE = 256
+#: How much of each console the watch keeps (its end).
+CONSOLE_KEPT = 64 * 1024
+#: What the guest's kernel prints on its console when it panics.
+PANIC = b"Kernel panic"
+
+
+class GuestPanic(TimeoutError):
+    """The guest's kernel panicked (its console says so): no heartbeat will
+    come, and a restart would not be the migration's doing."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,10 @@ class Watch:
         #: Files followed but not yet written to: the guest's first bytes
         #: there may end a line it began on the previous host.
         self._fresh: set[int] = set()
+        #: The end of the console next to each heartbeat file (``console.log``),
+        #: kept here: a bundle given up after a migration takes its files along.
+        self._consoles: dict[Path, bytes] = {}
+        self._console_offsets: dict[Path, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="heartbeat")
@@ -76,9 +89,49 @@ class Watch:
             self._stop.wait(POLL_INTERVAL)
         self._poll()
 
+    def _poll_consoles(self) -> None:
+        for path in self._paths:
+            console = path.with_name("console.log")
+            offset = self._console_offsets.get(console, 0)
+            try:
+                with open(console, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read(1 << 20)
+            except FileNotFoundError:
+                continue
+            if chunk:
+                self._console_offsets[console] = offset + len(chunk)
+                kept = self._consoles.get(console, b"") + chunk
+                self._consoles[console] = kept[-CONSOLE_KEPT:]
+
+    def panic(self) -> str | None:
+        """The console line where the guest's kernel panicked, if it did."""
+        with self._lock:
+            self._poll_consoles()
+            for text in self._consoles.values():
+                at = text.find(PANIC)
+                if at >= 0:
+                    return text[at : text.find(b"\n", at)].decode(errors="replace").strip()
+        return None
+
+    def consoles(self) -> dict[Path, bytes]:
+        """The end of each console seen, by its path."""
+        with self._lock:
+            self._poll_consoles()
+            return dict(self._consoles)
+
+    def save(self, directory: Path) -> None:
+        """Keep the consoles seen in ``directory`` (for a test that failed:
+        the bundles they came from may be gone)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for i, (path, text) in enumerate(self.consoles().items()):
+            (directory / f"console-{i}-{path.parent.name}.log").write_bytes(text)
+
     def _poll(self) -> None:
         now = time.monotonic()
         with self._lock:
+            if int(now / POLL_INTERVAL) % 100 == 0:
+                self._poll_consoles()
             for i, path in enumerate(self._paths):
                 try:
                     with open(path, "rb") as f:
@@ -116,6 +169,11 @@ class Watch:
             if len(seen) >= start + count:
                 return seen[-1]
             time.sleep(POLL_INTERVAL)
+        panic = self.panic()
+        if panic is not None:
+            raise GuestPanic(
+                f"no heartbeat from the guest in {timeout:.0f} s: it panicked: {panic}"
+            )
         raise TimeoutError(f"no heartbeat from the guest in {timeout:.0f} s")
 
     def _matching(self, source: int | None) -> list[Beat]:

@@ -68,6 +68,8 @@ SWTPM_EXIT_TIMEOUT = 5.0
 END_GRACE = 4.0
 #: How often an ending program is looked at.
 END_POLL = 0.02
+#: How long :meth:`QemuBackend.status` waits for QMP's answer.
+STATUS_TIMEOUT = 3.0
 
 #: Defaults of a live migration's QEMU parameters.
 LIVE_DOWNTIME_LIMIT_MS = 300
@@ -299,6 +301,10 @@ class QemuBackend(Backend):
         except linux_guest.GuestError as e:
             raise QemuError(str(e)) from None
         return [
+            # A guest kernel that panics (panic=-1: "reboot at once") makes its
+            # QEMU exit instead of booting it again: a panic never looks like
+            # a guest that restarted (its console says "Kernel panic").
+            "-no-reboot",
             "-kernel",
             str(built.kernel),
             "-initrd",
@@ -401,13 +407,23 @@ class QemuBackend(Backend):
             if bundle.manifest.vtpm:
                 self._point_vtpm_link(bundle)
             monitor = await self.monitor(bundle)
-            await LiveMigration(self, bundle, monitor).cont()
-            monitor.transport.loseConnection()  # type: ignore[union-attr,misc]
+            try:
+                # An outgoing stream its migrate left running is cancelled first.
+                await LiveMigration(self, bundle, monitor).cancel()
+            finally:
+                monitor.transport.loseConnection()  # type: ignore[union-attr,misc]
             return
+        ram = bundle.image_path("ram")
+        if not ram.exists():
+            # A live arrival has no RAM image: its state was only in the QEMU
+            # that loaded the stream.  A QEMU started to read a missing image
+            # would wait (and spin) until MIGRATION_TIMEOUT with the VM locked.
+            raise QemuError(
+                f"VM {bundle.name} has no running QEMU and no RAM image ({ram}) to resume from"
+            )
         await self._spawn(bundle, incoming=True)
         try:
             monitor = await self.monitor(bundle)
-            ram = bundle.image_path("ram")
             await monitor.execute("migrate-incoming", uri=f"exec:cat {shlex.quote(str(ram))}")
             await self._wait_migration(monitor)
             await monitor.execute("cont")
@@ -505,14 +521,14 @@ class QemuBackend(Backend):
             _live_source(self, bundle, uri, downtime_limit_ms, max_bandwidth)
         )
 
-    def live_socket(self, bundle: Bundle) -> Path:
+    def live_socket(self, bundle: Bundle, tag: str = "") -> Path:
         """The unix socket of this VM's live stream (:func:`live_socket`)."""
-        return live_socket(bundle)
+        return live_socket(bundle, tag)
 
-    def live_destination(self, bundle: Bundle) -> Deferred[LiveMigration]:
+    def live_destination(self, bundle: Bundle, tag: str = "") -> Deferred[LiveMigration]:
         """Start the VM's swtpm (with the released key) and QEMU paused,
-        waiting for a live migration on :func:`live_socket`."""
-        return Deferred.fromCoroutine(_live_destination(self, bundle))
+        waiting for a live migration on :func:`live_socket` (``tag``: see there)."""
+        return Deferred.fromCoroutine(_live_destination(self, bundle, tag))
 
     def query(self, bundle: Bundle, command: str, timeout: float = 30.0, **arguments: Any) -> Any:
         """Run one QMP command on the running VM over a plain blocking
@@ -538,11 +554,24 @@ class QemuBackend(Backend):
         )
 
     def status(self, bundle: Bundle) -> str:
-        """``running`` while its QEMU runs, else what the manifest says."""
+        """``running`` while QMP says its guest runs; ``paused`` while its
+        QEMU runs with the guest stopped (``paused``, ``postmigrate`` after a
+        live stream, ``inmigrate`` waiting for one, ...); ``busy`` while its
+        QMP does not answer (QEMU serves one client at a time: a migration
+        holds it); else what the manifest says (``stopped`` if it says
+        running but its QEMU is gone)."""
         if self._pid(bundle) is not None:
-            return "running"
+            try:
+                state = self.query(bundle, "query-status", timeout=STATUS_TIMEOUT).get("status")
+            except (OSError, ValueError, QemuError):
+                return "busy" if self._pid(bundle) is not None else self.status(bundle)
+            return "running" if state == "running" else "paused"
         # The manifest may say running, but its QEMU is gone (ended, crashed).
         return "stopped" if bundle.manifest.state == "running" else bundle.manifest.state
+
+    def has_process(self, bundle: Bundle) -> bool:
+        """Whether a QEMU of this VM runs (its guest running or paused)."""
+        return self._pid(bundle) is not None
 
 
 # -- live migration (issue 16): the guest runs while its memory is copied
@@ -594,6 +623,8 @@ class LiveMigration:
         self.backend = backend
         self.bundle = bundle
         self.monitor = monitor
+        #: At the destination: the unix socket its QEMU listens on for the stream.
+        self.socket: Path | None = None
 
     async def query(self) -> dict[str, Any]:
         """``query-migrate``; a QEMU that exited says so."""
@@ -627,6 +658,17 @@ class LiveMigration:
         """QEMU's run state: ``running``, ``paused``, ``postmigrate``, ..."""
         return str((await self.monitor.execute("query-status")).get("status"))
 
+    async def waits_loaded(self) -> bool:
+        """At the destination, before the commit: whether its QEMU is still
+        there with the loaded guest paused (never run)."""
+        if not self.backend.has_process(self.bundle):
+            return False
+        try:
+            await self.run_state()
+        except qmp.QMPError:
+            return False
+        return self.backend.has_process(self.bundle)
+
     async def cont(self) -> None:
         """Let the guest run (here): at the destination after the commit, at
         the source when the migration is abandoned before it."""
@@ -656,7 +698,7 @@ class LiveMigration:
 
     def abandon(self) -> Deferred[None]:
         """At the destination, before the commit: end its QEMU and swtpm."""
-        self.monitor.transport.loseConnection()  # type: ignore[union-attr,misc]
+        self.release()
         return self.backend.end(self.bundle)
 
     async def finish(self) -> None:
@@ -669,13 +711,21 @@ class LiveMigration:
         await self.backend.end(self.bundle)
 
     def release(self) -> None:
-        """Let go of the QMP connection (QEMU serves one client at a time)."""
+        """Let go of the QMP connection (QEMU serves one client at a time),
+        and of the stream's socket (the stream is over)."""
         self.monitor.transport.loseConnection()  # type: ignore[union-attr,misc]
+        if self.socket is not None:
+            self.socket.unlink(missing_ok=True)
 
 
-def live_socket(bundle: Bundle) -> Path:
+def live_socket(bundle: Bundle, tag: str = "") -> Path:
     """The unix socket of a live migration's stream for this VM: where the
-    destination's QEMU listens, or where securemig listens for the source's."""
+    destination's QEMU listens, or where securemig listens for the source's.
+    ``tag`` (the migration id and the side) makes it one migration's own: a
+    name derived from the bundle alone is the same for the source of a VM
+    and an arrival of it that was moved into place there."""
+    if tag:
+        return Path(tempfile.gettempdir()) / f"securemig-live-{tag}.sock"
     return QemuBackend._socket(bundle, "live")
 
 
@@ -697,14 +747,18 @@ async def _live_source(
     return LiveMigration(backend, bundle, monitor)
 
 
-async def _live_destination(backend: QemuBackend, bundle: Bundle) -> LiveMigration:
+async def _live_destination(backend: QemuBackend, bundle: Bundle, tag: str) -> LiveMigration:
     (bundle.path / vtpm.STATE_DIR).mkdir(exist_ok=True)
-    live_socket(bundle).unlink(missing_ok=True)
+    socket = live_socket(bundle, tag)
+    socket.unlink(missing_ok=True)
     await backend._spawn(bundle, incoming=True)
     try:
         monitor = await backend.monitor(bundle)
-        await monitor.execute("migrate-incoming", uri=f"unix:{live_socket(bundle)}")
+        await monitor.execute("migrate-incoming", uri=f"unix:{socket}")
     except BaseException:
         await backend.end(bundle)
+        socket.unlink(missing_ok=True)
         raise
-    return LiveMigration(backend, bundle, monitor)
+    live = LiveMigration(backend, bundle, monitor)
+    live.socket = socket
+    return live

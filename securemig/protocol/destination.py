@@ -134,7 +134,7 @@ class DestinationCore(Core):
         return [Settle(message)]
 
     def on_settled(self, answer: wire.Resolved) -> DestinationEffects:
-        ok = answer.settled in (wire.Settled.DONE, wire.Settled.ABORTED)
+        ok = answer.settled in (wire.Settled.DONE, wire.Settled.ABORTED, wire.Settled.LOST)
         outcome = Outcome.DONE if answer.settled is wire.Settled.DONE else Outcome.ABORTED
         code = None if ok else ErrorCode.POLICY_REFUSED
         return [Send(answer), Finished(outcome, code, f"resolve: {answer.reason}")]

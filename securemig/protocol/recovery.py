@@ -20,6 +20,17 @@ The rules (``doc/protocol.rst``, "Journal states and recovery"):
   DONE) and reports a VM already in place as done, never as aborted;
 - the source destroys its vTPM key and bundle only after COMMITTED is
   durable, and redoes that on every restart;
+- live mode (the guest's memory is only in QEMU processes): the source keeps
+  its paused QEMU, key and bundle after COMMITTED until the destination
+  confirms its guest runs (DONE, sent after ``cont`` and QMP said running).
+  A destination whose QEMU ended before it journaled the COMMIT (the last
+  durable step before ``cont``) knows the guest never ran there: it journals
+  LOST and discards; told LOST, a committed source continues its own paused
+  QEMU (RECLAIMED).  So the guest never runs on both hosts (the destination
+  runs it only after journaling the COMMIT, never after LOST; the source
+  continues it after COMMITTED only on LOST) and is lost only with the QEMU
+  that runs it, or may run it: a source QEMU that dies before PREPARED
+  arrived, a destination QEMU that dies after its COMMIT was journaled;
 - nothing is guessed: a question with no durable answer yet gets ``None``
   ("ask again"), never a default.
 
@@ -49,6 +60,9 @@ class SourceState(enum.Enum):
     COMMITTED = "committed"  #: the commit point; the copy here is garbage
     DONE = "done"  #: the destination has the COMMIT durably
     ABORTED = "aborted"  #: the VM stays here
+    #: Live: committed, then the destination journaled LOST (its QEMU ended
+    #: before the guest ran there): the guest continues here.
+    RECLAIMED = "reclaimed"
 
     @classmethod
     def from_journal(cls, phases: Collection[str], outcome: str | None) -> SourceState:
@@ -59,6 +73,8 @@ class SourceState(enum.Enum):
         """
         if outcome == "done":
             return cls.DONE
+        if "reclaimed" in phases:
+            return cls.RECLAIMED
         if "committed" in phases:
             return cls.COMMITTED
         if outcome is not None:  # aborted (an in-doubt source never committed)
@@ -81,6 +97,9 @@ class DestinationState(enum.Enum):
     DONE = "done"  #: finished here
     ABORTED = "aborted"  #: staging discarded (or being discarded)
     IN_DOUBT = "in-doubt"  #: prepared, and the source's decision is unknown here
+    #: Live: its QEMU ended before the COMMIT was journaled here (so before
+    #: any ``cont``): the guest never ran here and never will; nothing kept.
+    LOST = "lost"
 
     @classmethod
     def from_journal(cls, phases: Collection[str], outcome: str | None) -> DestinationState:
@@ -91,6 +110,8 @@ class DestinationState(enum.Enum):
         """
         if outcome == "done":
             return cls.DONE
+        if "lost" in phases:
+            return cls.LOST
         if "resumed" in phases:
             return cls.RESUMED
         if "committed" in phases:
@@ -119,6 +140,11 @@ class SourceStep(enum.Enum):
     #: Send RESOLVE(aborted) to the destination until it answers (needs the id).
     TELL_ABORTED = "tell the destination: aborted"
     JOURNAL_DONE = "journal done"
+    #: Live: PREPARED arrived and this host's QEMU is gone: the destination
+    #: holds the only copy, so commit (aborting would lose the guest).
+    JOURNAL_COMMITTED = "journal committed"
+    #: Live: the destination journaled LOST; the guest is this host's again.
+    JOURNAL_RECLAIMED = "journal reclaimed"
 
 
 class DestinationStep(enum.Enum):
@@ -134,6 +160,8 @@ class DestinationStep(enum.Enum):
     JOURNAL_IN_DOUBT = "journal in doubt"
     #: Ask the source for its decision (pull) until it answers.
     ASK_SOURCE = "ask the source"
+    #: Live: its QEMU ended before the COMMIT was journaled: never runs here.
+    JOURNAL_LOST = "journal lost"
 
 
 @dataclass(frozen=True)
@@ -157,11 +185,13 @@ _S = SourceStep
 _D = DestinationStep
 _ROLL_FORWARD = (_D.MOVE_INTO_PLACE, _D.RESUME, _D.JOURNAL_DONE)
 _DISCARD = (_D.DISCARD_STAGING, _D.JOURNAL_ABORTED)
+_LOSE = (_D.JOURNAL_LOST, _D.DISCARD_STAGING)
 
 
 def source_decision(state: SourceState) -> Decision | None:
-    """The decision a source state has durably made, if any."""
-    if state in (SourceState.COMMITTED, SourceState.DONE):
+    """The decision a source state has durably made, if any (a RECLAIMED
+    source committed; the destination's LOST undid nothing it had)."""
+    if state in (SourceState.COMMITTED, SourceState.DONE, SourceState.RECLAIMED):
         return Decision.COMMITTED
     if state is SourceState.ABORTED:
         return Decision.ABORTED
@@ -170,7 +200,8 @@ def source_decision(state: SourceState) -> Decision | None:
 
 def destination_decision(state: DestinationState) -> Decision | None:
     """The decision a destination state has durably adopted, if any
-    (``None`` while it may still go either way: in doubt or before)."""
+    (``None`` while it may still go either way: in doubt or before; and
+    LOST, which is no decision but a fact either decision accepts)."""
     if state in (DestinationState.COMMIT_RECEIVED, DestinationState.RESUMED, DestinationState.DONE):
         return Decision.COMMITTED
     if state is DestinationState.ABORTED:
@@ -186,13 +217,28 @@ def answer(state: SourceState) -> Decision | None:
     return source_decision(state)
 
 
-def source_restart(state: SourceState) -> SourceAction:
-    """What a restarting source does for a migration in ``state``."""
+def source_restart(state: SourceState, live_qemu: bool | None = None) -> SourceAction:
+    """What a restarting source does for a migration in ``state``.
+    ``live_qemu``: a live migration, and whether its QEMU (the guest,
+    running or paused) is still there; None: not live."""
     if state is SourceState.COMMITTED:
+        if live_qemu:
+            # Kept paused until the destination's guest demonstrably runs:
+            # if its QEMU ended before that, this one continues the guest.
+            return SourceAction((_S.TELL_COMMITTED,), "committed: its paused QEMU kept until DONE")
         # The crash may have come between COMMITTED and the end of the destroy.
         return SourceAction((_S.DESTROY_COPY, _S.TELL_COMMITTED), "committed: finish giving up")
     if state is SourceState.DONE:
         return SourceAction((), "done")
+    if state is SourceState.RECLAIMED:
+        return SourceAction((_S.MAKE_RESUMABLE,), "reclaimed: continue it here")
+    if state is SourceState.PREPARED_RECEIVED and live_qemu is False:
+        # Nothing left here to continue; the destination loaded the whole
+        # stream (it sent PREPARED) and holds it until told: commit.
+        return SourceAction(
+            (_S.JOURNAL_COMMITTED, _S.DESTROY_COPY, _S.TELL_COMMITTED),
+            "prepared, and its QEMU is gone: commit",
+        )
     why = "aborted" if state is SourceState.ABORTED else f"restarted in {state.value}: abort"
     # Journal first: once the VM may run here, no restart may commit it.
     steps: tuple[SourceStep, ...] = (_S.MAKE_RESUMABLE, _S.TELL_ABORTED)
@@ -201,31 +247,56 @@ def source_restart(state: SourceState) -> SourceAction:
     return SourceAction(steps, why)
 
 
-def acknowledged(state: SourceState, reply: Decision | None) -> SourceAction:
+def acknowledged(state: SourceState, reply: Decision | None, lost: bool = False) -> SourceAction:
     """What the source does with the destination's reply to its RESOLVE.
 
     ``reply`` is the decision the destination has durably adopted (``None``:
-    not yet, e.g. busy with a live session)."""
+    not yet, e.g. busy with a live session); ``lost``: it journaled LOST
+    (live: its QEMU ended before the guest ran there)."""
     decision = source_decision(state)
+    if lost:
+        if state is SourceState.COMMITTED:
+            return SourceAction(
+                (_S.JOURNAL_RECLAIMED, _S.MAKE_RESUMABLE),
+                "the guest never ran at the destination: continue it here",
+            )
+        return SourceAction((), "nothing kept at the destination")
     if reply is None:
         tell = _S.TELL_COMMITTED if decision is Decision.COMMITTED else _S.TELL_ABORTED
         return SourceAction((tell,), "the destination has not adopted it yet: ask again")
     if reply is not decision:
         return SourceAction((), f"the destination says {reply.value}: an operator must look")
     if state is SourceState.COMMITTED:
-        return SourceAction((_S.JOURNAL_DONE,), "the destination has the COMMIT durably")
+        # Live: the paused QEMU kept until now goes (a copy already gone: nothing).
+        return SourceAction(
+            (_S.DESTROY_COPY, _S.JOURNAL_DONE), "the destination has the COMMIT durably"
+        )
     return SourceAction((), "settled")
 
 
 def destination_restart(
-    state: DestinationState, vm_in_place: bool, staging_complete: bool
+    state: DestinationState,
+    vm_in_place: bool,
+    staging_complete: bool,
+    live_qemu: bool | None = None,
 ) -> DestinationAction:
     """What a restarting destination does for a migration in ``state``;
     ``vm_in_place``: ``vms/NAME`` exists; ``staging_complete``: the staging
-    of this migration holds every verified image."""
+    of this migration holds every verified image; ``live_qemu``: a live
+    arrival, and whether its QEMU (the loaded guest) is still there."""
     if state in (DestinationState.ADMITTED, DestinationState.STREAMING):
         # The source commits only after PREPARED, which was never sent.
         return DestinationAction(_DISCARD, "restarted before PREPARED")
+    if state is DestinationState.LOST:
+        return DestinationAction((_D.DISCARD_STAGING,), "lost: clean up")
+    if state in (DestinationState.PREPARED, DestinationState.IN_DOUBT) and live_qemu is False:
+        # No COMMIT journaled, so no cont was ever sent: it never ran here.
+        return DestinationAction(_LOSE, "its QEMU ended before the guest ran here")
+    if state is DestinationState.COMMIT_RECEIVED and live_qemu is False:
+        return DestinationAction((), "committed, and its QEMU ended: an operator must look")
+    if state is DestinationState.RESUMED and live_qemu is False:
+        # It ran here; its QEMU has ended since (a crash of the running guest).
+        return DestinationAction((_D.JOURNAL_DONE,), "resumed; its QEMU has ended since")
     if state is DestinationState.PREPARED:
         return DestinationAction((_D.JOURNAL_IN_DOUBT, _D.ASK_SOURCE), "prepared: in doubt")
     if state is DestinationState.IN_DOUBT:
@@ -241,9 +312,14 @@ def destination_restart(
     return DestinationAction((), "done")
 
 
-def resolve(state: DestinationState, decision: Decision) -> DestinationAction:
+def resolve(
+    state: DestinationState, decision: Decision, live_qemu: bool | None = None
+) -> DestinationAction:
     """What a destination in ``state`` does when the source's decision
-    arrives (RESOLVE, or the source's answer to ASK_SOURCE)."""
+    arrives (RESOLVE, or the source's answer to ASK_SOURCE); ``live_qemu``
+    as for :func:`destination_restart`."""
+    if state is DestinationState.LOST:
+        return DestinationAction((), "lost here: nothing kept, it never ran here")
     mine = destination_decision(state)
     if mine is not None and mine is not decision:
         # The two journals disagree: only a bug or a lost disk does that.
@@ -253,8 +329,12 @@ def resolve(state: DestinationState, decision: Decision) -> DestinationAction:
     if state in (DestinationState.ADMITTED, DestinationState.STREAMING):
         return DestinationAction((), "committed before PREPARED: an operator must look")
     if state in (DestinationState.PREPARED, DestinationState.IN_DOUBT):
+        if live_qemu is False:
+            return DestinationAction(_LOSE, "its QEMU ended before the guest ran here")
         return DestinationAction((_D.JOURNAL_COMMIT, *_ROLL_FORWARD), "the source committed")
     if state is DestinationState.COMMIT_RECEIVED:
+        if live_qemu is False:
+            return DestinationAction((), "committed, and its QEMU ended: an operator must look")
         return DestinationAction(_ROLL_FORWARD, "the source committed: roll forward")
     if state is DestinationState.RESUMED:
         return DestinationAction(_ROLL_FORWARD[1:], "the source committed: finish")

@@ -558,6 +558,10 @@ class Settled(enum.IntEnum):
     UNKNOWN = 3  #: this destination has no record of that migration
     REFUSED = 4  #: the RESOLVE does not come from the source of that migration
     FAILED = 5  #: the decision could not be carried out here (the reason says why)
+    #: A live arrival whose QEMU ended before its guest ever ran here, journaled
+    #: here: nothing is kept and the guest never runs here (the source, which
+    #: kept its paused QEMU, continues it).
+    LOST = 6
 
 
 @dataclass(frozen=True)

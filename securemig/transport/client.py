@@ -16,22 +16,27 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.endpoints import connectProtocol, wrapClientTLS
+from twisted.logger import Logger
 
 from securemig.host.departure import Departure, unseal_vtpm_key
 from securemig.host.journal import Journal
+from securemig.host.recovery import Owed, acknowledge
 from securemig.hypervisor.bundle import Bundle, BundleError, disk_owner
 from securemig.protocol import wire
 from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT
-from securemig.protocol.effects import Finished
+from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, LocalFault
 from securemig.protocol.source import SourceSession
 from securemig.transport import tls
 from securemig.transport.executor import ThreadExecutor
+from securemig.transport.resolve import resolve
 from securemig.transport.source import SourceProtocol
 from securemig.transport.tcp import client_endpoint
 from securemig.trust.attestor import open_attestor, warn_on_stderr
 from securemig.trust.keyrelease import SourceSecurity
 from securemig.trust.revocation import RevocationList
+
+log = Logger()
 
 
 @dataclass
@@ -185,7 +190,48 @@ async def migrate(
     closed.addErrback(lambda f: f.trap(defer.TimeoutError))
     await closed
     departure.wire_bytes = proto.wire_bytes
+    if live is not None and departure.committed and result.outcome is not Outcome.DONE:
+        assert secure is not None
+        result = await _settle_live_now(reactor, departure, result, secure.identity)
     return departure, result
+
+
+async def _settle_live_now(
+    reactor: Any, departure: Departure, result: Finished, identity: Path
+) -> Finished:
+    """Live, committed, no DONE: the paused QEMU is kept here.  Ask the
+    destination at once (one RESOLVE) rather than leave the guest paused
+    until this host's daemon does: ``done`` (its guest runs) gives this copy
+    up; ``lost`` (its QEMU ended before the guest ran there) continues the
+    guest here.  Anything else: in doubt, for the daemon, as before."""
+    if not departure.live_qemu_alive():
+        return result
+    record = departure.journal.get(departure.id)
+    if record is None or record.migration_id is None:
+        return result
+    owed = Owed(record, wire.Decision.COMMITTED)
+    try:
+        answer = await resolve(reactor, owed, identity, timeout=RESOLVE_NOW_TIMEOUT)
+        settled = await acknowledge(departure.journal, owed, answer)
+    except Exception as e:
+        log.warn("committed, in doubt: {e}; this host's daemon settles it", e=e)
+        return result
+    if not settled:
+        return result
+    if answer.settled is wire.Settled.LOST:
+        return Finished(
+            Outcome.ABORTED,
+            ErrorCode.LIVE_FAILED,
+            "the destination's QEMU ended before its guest ran there; the guest continued here",
+            peer_settled=True,
+        )
+    if answer.settled is wire.Settled.DONE:
+        return Finished(Outcome.DONE, peer_settled=True)
+    return result
+
+
+#: Seconds the source waits for the one RESOLVE it sends itself (live, no DONE).
+RESOLVE_NOW_TIMEOUT = 10.0
 
 
 #: Seconds :func:`migrate` waits, after the session's end, for its control

@@ -126,6 +126,8 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         #: Live mode: the unwrapped vTPM key and identity, and the stream's receiver.
         self.live_key: Any = None
         self.live_receiver: LiveReceiver | None = None
+        #: A recovery connection: the RESOLVE and the answer it got.
+        self.resolved: tuple[wire.Resolve, wire.Resolved] | None = None
         self.host = host
         self.protocol_name = protocol_name
         self.executor_factory = executor_factory
@@ -239,7 +241,11 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         def failed(f: Failure) -> None:
             self.fail(failure_to_error(f, "settling a migration"))
 
-        d.addCallbacks(lambda answer: self.run(self.session.settled(answer)), failed)
+        def answered(answer: wire.Resolved) -> None:
+            self.resolved = (effect.resolve, answer)
+            self.run(self.session.settled(answer))
+
+        d.addCallbacks(answered, failed)
 
     def _do_OfferKey(self, effect: effects.OfferKey) -> None:
 
@@ -276,7 +282,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             )
             self.live_receiver = receiver
             receiver.done.addCallback(lambda _: self._live_unbound(receiver))
-            crashpoint.reached("destination-incoming")
+            crashpoint.reached("destination-incoming", self.arrival.qemu_pidfile())
             self.run(self.session.incoming_ready(receiver.address[1]))
             try:
                 await live.wait()
@@ -529,7 +535,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _do_Prepare(self, effect: effects.Prepare) -> None:
         def prepared(_: object) -> None:
             self.arrival.journal_phase("prepared", self.session.bytes_received)
-            crashpoint.reached("destination-prepared")
+            crashpoint.reached("destination-prepared", self.arrival.qemu_pidfile())
             self.run(self.session.prepared())
 
         def receive_key(_: object) -> None:
@@ -627,6 +633,19 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 lambda _: self._journal_outcome(arrival, effect, nbytes)
             )
             self.executor.shutdown()
+        if self.resolved is not None:
+            # A recovery connection: say what the RESOLVE got, not an outcome
+            # of a migration ("busy, try again" is no abort).
+            asked, answer = self.resolved
+            self.log.info(
+                "RESOLVE {decision} of migration {mid} from {peer}: answered {settled} ({why})",
+                decision=asked.decision.name.lower(),
+                mid=asked.migration_id.hex(),
+                peer=self._peer(),
+                settled=answer.settled.name.lower(),
+                why=answer.reason,
+            )
+            return
         vm = self.session.hello.vm_name if self.session.hello else "?"
         self.log.info(
             "migration of VM {vm} from {peer} ended: {outcome}{why}",

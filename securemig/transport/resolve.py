@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from securemig.host.journal import Journal
-from securemig.host.recovery import Owed, settle_departures
+from securemig.host.recovery import Owed, acknowledge, settle_departures
 from securemig.protocol import wire
 from securemig.protocol.errors import ErrorCode, PeerViolation, ProtocolError
 from securemig.transport import tls
@@ -105,19 +105,10 @@ async def resolve(
             timer.cancel()
 
 
-def confirmed(journal: Journal, owed: Owed, answer: wire.Resolved) -> bool:
-    """Journal the destination's answer; True if nothing more is owed."""
-    record = owed.record
-    if answer.settled in (wire.Settled.DONE, wire.Settled.ABORTED):
-        journal.set_peer_settled(record.id)
-        if owed.decision is wire.Decision.COMMITTED and answer.settled is wire.Settled.DONE:
-            journal.finish(record.id, "done")
-        return True
-    if answer.settled is wire.Settled.UNKNOWN and owed.decision is wire.Decision.ABORTED:
-        # It never kept anything of a migration that did not commit.
-        journal.set_peer_settled(record.id)
-        return True
-    return False
+async def confirmed(journal: Journal, owed: Owed, answer: wire.Resolved) -> bool:
+    """Carry out and journal the destination's answer (see
+    :func:`securemig.host.recovery.acknowledge`); True if nothing more is owed."""
+    return await acknowledge(journal, owed, answer)
 
 
 class Resolver:
@@ -191,7 +182,7 @@ class Resolver:
                     delay=delay,
                 )
                 continue
-            if confirmed(self.journal, item, answer):
+            if await confirmed(self.journal, item, answer):
                 self._next.pop(item.record.id, None)
                 log.info(
                     "migration {mid} of VM {vm}: destination {peer} settled it: {how}",

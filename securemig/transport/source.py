@@ -227,7 +227,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         cipher, key = self.data_channel_key(records.LIVE_EXPORTER_LABEL)
         sealer = records.Sealer(cipher, key, self.migration_id())
         bundle = self.departure.bundle
-        listen = self.departure.backend.live_socket(bundle)
+        listen = self.departure.backend.live_socket(bundle, f"{self.migration_id().hex()}-s")
         listen.unlink(missing_ok=True)
 
         def progress(n: int) -> None:
@@ -343,13 +343,35 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self.wire_bytes = None if None in counts else sum(c or 0 for c in counts)
             self._stop_streaming()
             self._close(effect)
-            self.departure.finish(effect, self.bytes_sent, effect.peer_settled)
+            if self.departure.committed and self.departure.live_qemu_alive():
+                # Live, after COMMITTED: the paused QEMU was kept until now.
+                self.rolled_back = self._settle_live(effect)
+            else:
+                self.departure.finish(effect, self.bytes_sent, effect.peer_settled)
         finally:
             # Whatever failed above, the caller must learn the outcome (nothing
             # else would: the session has ended).  Report it only once the VM
             # is back where it was (a resume).
             rolled_back = self.rolled_back or succeed(None)
             rolled_back.addBoth(lambda _: self.finished.callback(effect))
+
+    def _settle_live(self, effect: effects.Finished) -> Deferred[None]:
+        """DONE: the destination's guest runs; end ours and give the VM up,
+        then journal done.  Anything else: keep ours paused for recovery
+        (RESOLVE learns whether the guest runs there or never did)."""
+
+        async def settle() -> None:
+            try:
+                if effect.outcome is effects.Outcome.DONE:
+                    await self.departure.hand_over()
+                else:
+                    self.departure.keep_paused()
+            except Exception as e:
+                self.log.error("after the commit: {e}", e=e)
+            finally:
+                self.departure.finish(effect, self.bytes_sent, effect.peer_settled)
+
+        return Deferred.fromCoroutine(settle())
 
     def _stop_streaming(self) -> None:
         if self.streamer is not None:

@@ -193,14 +193,19 @@ class CrashPointTests(CrashBase):
 
     # -- cells: the destination daemon dies, and is restarted on its port
 
-    def destination_dies(self, point: str) -> None:
+    def destination_dies(self, point: str) -> str:
         destination = self.daemon(self.dst_state, crash_env(point))
         result = self.migrate(self.vm_dir, self.src_state, destination.address)
         self.assertNotEqual(result.returncode, 0, result.stdout)
         self.wait_dead(destination)
         again = self.daemon(self.dst_state, port=destination.port)
         where = self.assertSettles(again, self.source_daemon)
+        if where == "destination":
+            # Settled means resumed there, not only in place.
+            arrived = Bundle.load(self.dst_state / "vms" / "vm1")
+            self.assertEqual(arrived.manifest.state, "resumed")
         self.assertNextMigrationSucceeds(where, again)
+        return where
 
     def test_destination_dies_admitted(self) -> None:
         """Before WELCOME: nothing moved."""
@@ -219,6 +224,11 @@ class CrashPointTests(CrashBase):
         """COMMIT journaled, VM not moved: the restart rolls it forward (the
         old restart rule discarded it and the VM was lost)."""
         self.destination_dies("destination-commit-journaled")
+
+    def test_destination_dies_in_place(self) -> None:
+        """COMMIT journaled, VM moved into place, not resumed: the restart
+        resumes it (it used to journal done and leave it suspended)."""
+        self.assertEqual(self.destination_dies("destination-in-place"), "destination")
 
     def test_destination_dies_resumed(self) -> None:
         """Resumed, DONE not sent: the restart journals done, the source's
@@ -283,6 +293,27 @@ class ManualRecoveryTests(CrashBase):
         arrived = Bundle.load(self.dst_state / "vms" / "vm1")
         self.assertEqual(bundle_digests(arrived), self.before)
         self.assertEqual(list((self.dst_state / "staging").iterdir()), [])
+
+    def test_cli_takes_the_daemons_lock(self) -> None:
+        """`migrate` of a VM in a daemon's state directory is refused while
+        that daemon holds its name lock (resuming it): the CLI and the daemon
+        take the same lock (issue 22: it used to go ahead)."""
+        self.source_daemon.stop()
+        vms = self.dst_state / "vms"
+        created = processes.securemig(
+            "vm", "create", "vm2", "--dir", str(vms), "--ram-mib", "4", "--disk-mib", "1"
+        )
+        self.assertEqual(created.returncode, 0, created.stderr)
+        (self.dst_state / "locks").mkdir(parents=True, exist_ok=True)
+        held = storage.Lock(self.dst_state / "locks" / "vm2.lock")
+        self.addCleanup(held.release)
+        result = processes.securemig(
+            "migrate", "vm2", "--vm-dir", str(vms), "--state-dir", str(self.dst_state),
+            "--to", "127.0.0.1:9", "--insecure",
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertIn("locked", result.stderr)
+        self.assertFalse(storage.is_locked(vms / "vm2" / ".lock"))
 
     def test_garbage_source_journal(self) -> None:
         """A file that is no journal: one sentence, exit 1, nothing created."""

@@ -42,6 +42,36 @@ class LockTests(SynchronousTestCase):
         self.assertFalse(storage.is_locked(path))
 
 
+class VMLockTests(SynchronousTestCase):
+    """The CLI and the daemon take the same lock for a VM (issue 22)."""
+
+    def test_vm_in_a_state_dir_is_locked_by_its_name_too(self) -> None:
+        """A VM in ``STATE/vms/NAME`` is refused while the daemon holds
+        ``STATE/locks/NAME.lock`` (resuming it), and takes both locks."""
+        state = Path(self.mktemp())
+        (state / "locks").mkdir(parents=True)
+        bundle = state / "vms" / "vm1"
+        bundle.mkdir(parents=True)
+        daemons = storage.Lock(state / "locks" / "vm1.lock")
+        with self.assertRaises(storage.LockBusy):
+            storage.VMLock(bundle / ".lock")
+        self.assertFalse(storage.is_locked(bundle / ".lock"))  # nothing half-taken
+        daemons.release()
+        lock = storage.VMLock(bundle / ".lock")
+        self.assertTrue(storage.is_locked(state / "locks" / "vm1.lock"))
+        self.assertTrue(storage.is_locked(bundle / ".lock"))
+        lock.release()
+        self.assertFalse(storage.is_locked(state / "locks" / "vm1.lock"))
+
+    def test_vm_elsewhere_is_locked_by_its_bundle(self) -> None:
+        """A VM in any other directory has only its bundle's lock."""
+        vms = Path(self.mktemp()) / "vms"
+        (vms / "vm1").mkdir(parents=True)
+        lock = storage.VMLock(vms / "vm1" / ".lock")
+        self.assertIsNone(storage.name_lock(vms / "vm1"))
+        lock.release()
+
+
 class DurableFileTests(SynchronousTestCase):
     def test_write_durably_replaces(self) -> None:
         path = Path(self.mktemp())

@@ -15,8 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from securemig.hypervisor import guest as linux_guest
 from securemig.hypervisor.bundle import Bundle, Image, Manifest, image_file
-from securemig.hypervisor.heartbeat import Watch
-from securemig.hypervisor.qemu import QemuBackend, heartbeat_path, qemu_binary
+from securemig.hypervisor.heartbeat import GuestPanic, Watch
+from securemig.hypervisor.qemu import QemuBackend, alive, heartbeat_path, qemu_binary
 from securemig.trust import vtpm
 
 from .test_qemu import under_tcg
@@ -141,6 +141,29 @@ class LinuxGuestTests(TestCase):
         self.assertEqual(last.pcr16, extended(self.pcr16))
         self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
         self.assertGreater(last.seq, first.seq)
+
+    async def test_panic_is_reported_as_a_panic(self) -> None:
+        """A guest kernel panic (here an NMI with ``unknown_nmi_panic=1``)
+        ends its QEMU (``-no-reboot``) instead of booting the guest again, so
+        it never passes for a restart (heartbeat from 1); waiting for a
+        heartbeat says it panicked, from its console, kept by the watch."""
+        self.bundle.manifest.guest_cmdline = (
+            f"{self.bundle.manifest.guest_cmdline or linux_guest.cmdline()} unknown_nmi_panic=1"
+        )
+        self.bundle.save()
+        await self.qemu.start(self.bundle)
+        watch = Watch(heartbeat_path(self.bundle))
+        self.addCleanup(watch.stop)
+        await threads.deferToThread(watch.wait, 3, 90.0)
+        pid = self.qemu._pid(self.bundle)
+        assert pid is not None
+        self.qemu.query(self.bundle, "inject-nmi")
+        with self.assertRaises(GuestPanic) as raised:
+            await threads.deferToThread(watch.wait, 1, 20.0)
+        self.assertIn("Kernel panic", str(raised.exception))
+        self.assertFalse(alive(pid))
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+        self.assertIsNotNone(watch.panic())
 
 
 class LinuxGuestMigrationTests(TestCase):

@@ -401,6 +401,34 @@ class QemuCommandTests(TestCase):
             "stopped", processes.securemig("vm", "status", "q1", "--dir", str(vm_dir)).stdout
         )
 
+    def test_paused_is_not_running_and_start_continues_it(self) -> None:
+        """A QEMU whose guest is paused (as after a live stream) is ``paused``
+        by QMP, not ``running`` because its pid lives; ``vm start`` continues
+        that QEMU (the same process, no second one, no key needed)."""
+        from securemig.lab import processes
+
+        qemu_binary()
+        under_tcg(self)
+        vm_dir = Path(self.mktemp()).absolute()
+        created = processes.securemig(
+            "vm", "create", "q1", "--dir", str(vm_dir), "--ram-mib", "64", "--backend", "qemu"
+        )
+        self.assertEqual(created.returncode, 0, created.stderr)
+        started = processes.securemig("vm", "start", "q1", "--dir", str(vm_dir))
+        self.assertEqual(started.returncode, 0, started.stderr)
+        bundle = Bundle.load(vm_dir / "q1")
+        qemu = QemuBackend(reactor)
+        self.addCleanup(qemu.end, bundle)
+        pid = qemu._pid(bundle)
+        qemu.query(bundle, "stop")
+        status = processes.securemig("vm", "status", "q1", "--dir", str(vm_dir))
+        self.assertIn("q1: paused", status.stdout, status.stderr)
+        again = processes.securemig("vm", "start", "q1", "--dir", str(vm_dir))
+        self.assertEqual(again.returncode, 0, again.stderr)
+        self.assertIn("q1: running", again.stdout)
+        self.assertEqual(qemu.query(bundle, "query-status")["status"], "running")
+        self.assertEqual(qemu._pid(bundle), pid)
+
 
 class QemuResumeFailureTests(QemuMigrationBase):
     """QEMU fails at the destination's resume, after the commit: reported to

@@ -31,6 +31,7 @@ from securemig.trust.policy import Policy, PolicyStore
 from securemig.trust.tpm import swtpm
 from securemig.trust.tpm.tpm import TPM
 
+from ..app.test_crash import crash_env
 from ..helpers import bundle_digests, migrate_vm, shared_tpm
 
 _world: Any = None
@@ -663,6 +664,45 @@ class SecureCrashPointTests(SecureBase):
 
     def test_dies_after_committed(self) -> None:
         self.assertEqual(self.source_dies("source-committed"), "destination")
+
+    def test_busy_resolve_is_logged_as_busy(self) -> None:
+        """While the VM's name is locked at the destination (its session, or
+        another arrival), RESOLVE is answered "busy, try again" over mutual
+        TLS: the destination logs that as busy, never as an aborted
+        migration, and no Unhandled Error comes of closing the connection
+        (it used to log Twisted TLS's "'NoneType' object has no attribute
+        'bio_read'"); once the name is free the migration settles."""
+        destination = self.start_destination("--tofu")
+        self.create_vm("--disk-mib", "1")
+        state = self.base / "src-state"
+        env = {**os.environ, **crash_env("source-committed")}
+        result = self.migrate(destination, "--state-dir", str(state), "--tofu", env=env)
+        self.assertEqual(result.returncode, -signal.SIGKILL, result.stderr)
+        deadline = time.monotonic() + 30
+        while True:  # until the destination holds the migration in doubt
+            try:
+                lock = storage.Lock(destination.state_dir / "locks" / "vm1.lock")
+                break
+            except storage.LockBusy:
+                self.assertLess(time.monotonic(), deadline, destination.log()[-3000:])
+                time.sleep(0.1)
+        daemon = processes.start_destination(
+            state, "--identity", str(self.src_id), "--resolve-interval", "0.3"
+        )
+        self.addCleanup(daemon.stop)
+        while destination.log().count("busy") < 3:
+            self.assertLess(time.monotonic(), deadline, destination.log()[-3000:])
+            time.sleep(0.2)
+        time.sleep(0.5)  # a refused connection's close grace
+        lock.release()
+        while not (destination.state_dir / "vms" / "vm1").exists():
+            self.assertLess(time.monotonic(), deadline + 30, daemon.log()[-3000:])
+            time.sleep(0.2)
+        time.sleep(1.0)
+        log = destination.log()
+        self.assertNotIn("Unhandled Error", log)
+        self.assertNotIn("POLICY_REFUSED", log)
+        self.assertNotIn("ended: aborted", log)
 
 
 def handshake_then_data(

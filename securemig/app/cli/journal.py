@@ -163,7 +163,9 @@ async def settle_here(journal: Journal, identity: Path | None) -> None:
     """Settle this host's unfinished departures before a command acts (see
     :mod:`securemig.host.recovery`), saying what was done on stderr."""
     unseal = vtpm.unsealer(identity) if identity is not None else None
-    did, owed = await settle_departures(journal, unseal)
+    # Without the host's TPM a VM that needs its key is left for the daemon,
+    # never aborted and left stopped (a paused QEMU is continued: no key).
+    did, owed = await settle_departures(journal, unseal, defer=unseal is None)
     for sentence in did:
         print(f"recovery: {sentence}", file=sys.stderr)
     if owed:

@@ -295,14 +295,32 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
         found[:] = [bundle, backend]
         if not capabilities(bundle.manifest.backend).startable:
             raise BundleError(f"VMs of the {bundle.manifest.backend} backend are not started here")
-        if backend.status(bundle) == "running":
-            return
-        if bundle.manifest.state == "suspended" and bundle.image_path("ram").exists():
-            # Saved by a suspend (a migration that did not happen): resume
-            # from the RAM image; a cold boot would discard the guest's memory.
-            await backend.resume(bundle)
-        else:
-            await backend.start(bundle)
+        try:
+            # The migration's lock: a VM that a migration (or the daemon's
+            # recovery) is moving is not started under it.
+            lock = storage.VMLock(bundle.lock_path)
+        except storage.LockBusy:
+            raise BundleError(
+                f"VM {bundle.name} is locked by a migration ({bundle.lock_path}); "
+                "see `securemig jobs`"
+            ) from None
+        try:
+            state = backend.status(bundle)
+            if state == "running":
+                return
+            if state == "busy":
+                raise BundleError(f"VM {bundle.name} does not answer its monitor; try again")
+            if state == "paused" or (
+                bundle.manifest.state == "suspended" and bundle.image_path("ram").exists()
+            ):
+                # Paused (e.g. after a live stream): continued, no key needed.
+                # Saved by a suspend (a migration that did not happen): resumed
+                # from the RAM image; a cold boot would discard the guest's memory.
+                await backend.resume(bundle)
+            else:
+                await backend.start(bundle)
+        finally:
+            lock.release()
 
     if args.identity:
         check_identity(args.identity)
@@ -350,7 +368,7 @@ def _vtpm_key(identity: Path | None) -> Callable[[Any], bytes] | None:
     return vtpm.key_reader(vtpm.unsealer(identity))
 
 
-def _held(journal: Journal, bundle: Bundle, vm_dir: Path) -> storage.Lock:
+def _held(journal: Journal, bundle: Bundle, vm_dir: Path) -> storage.VMLock:
     """VM ``bundle``'s lock, taken for a lifecycle action, after the checks
     that refuse one which could lose the VM: a migration holds it, one of it
     is in doubt (or unfinished), or this host gave it away."""
@@ -358,7 +376,7 @@ def _held(journal: Journal, bundle: Bundle, vm_dir: Path) -> storage.Lock:
     if gone is not None:
         raise BundleError(gone)
     try:
-        lock = storage.Lock(bundle.lock_path)
+        lock = storage.VMLock(bundle.lock_path)
     except storage.LockBusy:
         raise BundleError(
             f"VM {bundle.name} is locked by a migration under way (securemig jobs): "
@@ -391,7 +409,7 @@ def cmd_vm_stop(args: argparse.Namespace) -> int:
         lock = _held(journal, bundle, args.dir)
         try:
             state = backend.status(bundle)
-            if state != "running":
+            if state not in ("running", "paused"):  # paused: its QEMU runs, the guest stopped
                 raise BundleError(f"VM {bundle.name} is not running ({state})")
             if args.force:
                 await backend.end(bundle)
@@ -424,7 +442,7 @@ def cmd_vm_delete(args: argparse.Namespace) -> int:
         bundle, backend = _find(args.dir, args.name, None)
         lock = _held(journal, bundle, args.dir)
         try:
-            if backend.status(bundle) == "running":
+            if backend.status(bundle) == "running" or backend.has_process(bundle):
                 raise BundleError(f"VM {bundle.name} is running: securemig vm stop it first")
             shutil.rmtree(bundle.path)
         finally:
