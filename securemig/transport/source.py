@@ -29,7 +29,7 @@ from securemig.transport.control import Connection, FramedProtocol, failure_to_e
 from securemig.transport.executor import Executor
 from securemig.transport.live import LiveSender
 from securemig.transport.streamer import ImageStreamer
-from securemig.transport.tcp import tcp_bytes_acked, tune_transport
+from securemig.transport.tcp import client_endpoint, tcp_bytes_acked, tune_transport
 from securemig.trust.keyrelease import (
     MIGRATION_KEY_ROLE,
     check_offer,
@@ -409,10 +409,9 @@ DataConnector = Callable[[str, int, Protocol], Deferred[Any]]
 
 def connect_data_channel(reactor: Any, host: str, port: int, proto: Protocol) -> Deferred[Any]:
     """Connect ``proto`` to a destination's data channel port over TCP."""
-    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+    from twisted.internet.endpoints import connectProtocol
 
-    endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-    return connectProtocol(endpoint_type(reactor, host, port, timeout=30), proto)
+    return connectProtocol(client_endpoint(reactor, host, port), proto)
 
 
 class DataChannelSender(Connection):

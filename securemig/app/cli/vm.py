@@ -411,7 +411,7 @@ def cmd_vm_stop(args: argparse.Namespace) -> int:
             if state not in ("running", "paused"):  # paused: its QEMU runs, the guest stopped
                 raise BundleError(f"VM {bundle.name} is not running ({state})")
             if args.force:
-                backend.end(bundle)
+                await backend.end(bundle)
                 bundle.manifest.state = "stopped"
                 bundle.save()
                 said.append(f"{bundle.name}: stopped (ended; its memory is lost)")

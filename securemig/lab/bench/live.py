@@ -99,7 +99,7 @@ async def _qemu_move(
     try:
         started = time.monotonic()
         before = _cpu(_pids(src))
-        backend._spawn(dst, incoming=True)
+        await backend._spawn(dst, incoming=True)
         incoming_monitor = await backend.monitor(dst)
         outgoing_monitor = await backend.monitor(src)
         uri = f"tcp:127.0.0.1:{port}"
@@ -195,8 +195,8 @@ async def _measure(
             hosts[host].state_dir / "vms" / "bench-vm",
             work / f"scratch-{host}" / "bench-vm",
         ):
-            lab.on_stop(partial(qemu.end, Bundle(path, vm.manifest)))
-    lab.on_stop(partial(qemu.end, Bundle(vm.path, vm.manifest)))
+            lab.on_stop(partial(qemu.end_blocking, Bundle(path, vm.manifest)))
+    lab.on_stop(partial(qemu.end_blocking, Bundle(vm.path, vm.manifest)))
     first = Watch(heartbeat_path(vm))
     first.wait(5, timeout=120.0)
     first.stop()

@@ -51,7 +51,7 @@ def run(sizes: list[int], repeat: int, json_path: Path | None = None) -> int:
                     await Deferred.fromCoroutine(qemu._resume(bundle))
                     resume.append(time.perf_counter() - t)
             finally:
-                qemu.end(bundle)
+                await qemu.end(bundle)
             image = bundle.image_path("ram").stat().st_size
             rows.append((size, statistics.median(suspend), statistics.median(resume), image))
 
