@@ -7,6 +7,11 @@ want="swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config qemu-system-x86"
 want="$want systemd"
 # The benchmark's OpenSSH baseline runs its own sshd (no system service is started).
 want="$want openssh-server openssh-client"
+# The libvirt backend: system-mode libvirtd (the -sysv flavour, so no systemd-container comes in),
+# virsh, and the headers libvirt-python builds against (pip has only its sdist).
+want="$want libvirt-daemon-system libvirt-daemon-system-sysv libvirt-clients libvirt-dev"
+# qemu-img: qcow2 disks of libvirt domains.
+want="$want qemu-utils"
 # A Python without venv/ensurepip (Debian's python3 before python3-venv) cannot build .venv.
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     want="$want python3-venv"

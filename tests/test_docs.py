@@ -164,3 +164,16 @@ class LiveFrontDoorTests(SynchronousTestCase):
             self.assertRegex(text, r"shared storage|storage both hosts mount")
             self.assertRegex(text, r"(?i)(does not|not yet)[^.]*(copy a disk|copying a disk)")
         self.assertNotIn("Move a suspended VM", main)
+
+
+class TroubleshootingTests(SynchronousTestCase):
+    def test_every_code_and_exit_status(self) -> None:
+        """doc/troubleshooting.rst says what every error code and exit status
+        means (a code added to the protocol must be explained there)."""
+        from securemig.protocol.errors import ErrorCode
+
+        text = (ROOT / "doc/troubleshooting.rst").read_text()
+        for code in ErrorCode:
+            self.assertIn(f"``{code.name}``", text)
+        for status in "0123":
+            self.assertRegex(text, rf"(?m)^{status}  \S")

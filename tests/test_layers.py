@@ -23,6 +23,7 @@ LAYERS = (
     "securemig.files",
     "securemig.crashpoint",
     "securemig.metrics",
+    "securemig.logcontext",
     "securemig.trust",
     "securemig.hypervisor",
     "securemig.host",
@@ -50,6 +51,8 @@ BACKEND_NAME_EXEMPT = {
     "securemig/lab/bench/qemu.py": "a benchmark of QEMU itself",
     # Compares securemig's live migration with QEMU's own TLS and plain ones.
     "securemig/lab/bench/live.py": "a benchmark against QEMU's own migration",
+    # Runs libvirtd itself: the run directory of libvirt's QEMU driver is "qemu".
+    "securemig/lab/libvirt.py": "the lab's libvirt hosts, libvirt's own directories",
 }
 
 #: What the sans-IO layer must never import.

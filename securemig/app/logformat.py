@@ -26,7 +26,8 @@ no ``--logfile``, stdout; under systemd that is the journal):
 An event's migration fields come from the event (``vm=``, ``peer=``,
 ``mid=``, ...) and, for events of a migration's connection, from its
 ``log_context()`` (Twisted's ``Logger`` on an instance makes the instance
-the event's ``log_source``).
+the event's ``log_source``), or for lines logged by code it called (the
+attestor, the host's arrival), from :data:`securemig.logcontext.CURRENT`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from twisted.internet.interfaces import IAddress
 from twisted.logger import LogLevel, eventAsText, formatEvent
 from twisted.python import usage
 from twisted.python.logfile import LogFile
+
+from securemig import logcontext
 
 #: The values of ``--log-format``, the default first.
 LOG_FORMATS = ("text", "json", "journal")
@@ -220,6 +223,10 @@ def migration_fields(event: dict[str, Any]) -> dict[str, str]:
     found: dict[str, str] = {}
     source = event.get("log_source")
     context = getattr(source, "log_context", None)
+    if not callable(context):
+        # Logged by code a migration's connection called (the attestor, the
+        # host's arrival or departure): the migration it works for.
+        context = logcontext.CURRENT.get()
     if callable(context):
         # A context is a convenience: never lose the event over it.
         with contextlib.suppress(Exception):

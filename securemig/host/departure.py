@@ -114,6 +114,11 @@ class Departure:
                 # commits (its QEMU may be left paused, after the stream).
                 self.journal.phase(self.id, "live")
                 return
+            if not capabilities(self.bundle.manifest.backend).suspend:
+                raise BundleError(
+                    f"VM {self.bundle.name} is a {self.bundle.manifest.backend} VM: that "
+                    "backend does not migrate suspended"
+                )
             await self.backend.suspend(self.bundle)
             if self.was_running:
                 # Recovery resumes the VM here if this migration never commits.

@@ -36,6 +36,8 @@ from securemig.hypervisor.bundle import (
 )
 from securemig.hypervisor.contract import Backend, Capabilities, LiveSide, Unsupported, VTPMKey
 from securemig.hypervisor.image import ImageBackend
+from securemig.hypervisor.libvirt import CAPABILITIES as LIBVIRT_CAPABILITIES
+from securemig.hypervisor.libvirt import LibvirtBackend
 from securemig.hypervisor.qemu import QemuBackend
 from securemig.hypervisor.xen import XenBackend
 from securemig.protocol import wire
@@ -223,3 +225,4 @@ register(
     ),
 )
 register("xen", lambda key: XenBackend(), Capabilities(runs_guest=True))
+register("libvirt", lambda key: LibvirtBackend(vtpm_key=key), LIBVIRT_CAPABILITIES)

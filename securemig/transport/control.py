@@ -26,7 +26,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from securemig import crashpoint
+from securemig import crashpoint, logcontext
 from securemig.protocol import records, wire
 
 # The clocks' defaults live with the clocks; re-exported for the services' options.
@@ -37,7 +37,7 @@ from securemig.protocol.effects import Attest, CommonEffect, Finished, Send, Ver
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError, io_error
 from securemig.protocol.session import Session
 from securemig.transport import tls
-from securemig.transport.tcp import flush_tls, tune_transport, under_tls
+from securemig.transport.tcp import tune_transport
 from securemig.transport.tls import channel_binding
 from securemig.trust.keyrelease import qualifying_data
 
@@ -116,8 +116,9 @@ class FramedProtocol(Connection, Generic[E]):
     def dataReceived(self, data: bytes) -> None:
         """Feed bytes to the connection object and carry out the effects of
         each whole message before the next is decoded."""
-        self.connection.receive_data(data, self.clock.seconds())
-        self.drain()
+        with logcontext.of(self.log_context):
+            self.connection.receive_data(data, self.clock.seconds())
+            self.drain()
 
     def drain(self) -> None:
         """Carry out the effects of every whole message received so far."""
@@ -132,7 +133,8 @@ class FramedProtocol(Connection, Generic[E]):
         # A TLS refusal (bad certificate, wrong name) arrives as the reason.
         batch = self.connection.connection_lost("" if clean else tls.describe_failure(reason))
         self._schedule()
-        self.run(batch)
+        with logcontext.of(self.log_context):
+            self.run(batch)
 
     # -- helpers for subclasses
 
@@ -173,7 +175,8 @@ class FramedProtocol(Connection, Generic[E]):
 
     def _on_timer(self) -> None:
         self._timer = None
-        self._run_reporting(self.connection.handle_timer(self.clock.seconds()))
+        with logcontext.of(self.log_context):
+            self._run_reporting(self.connection.handle_timer(self.clock.seconds()))
         self._schedule()
 
     def run(self, batch: Sequence[E | CloseNow]) -> None:
@@ -299,20 +302,20 @@ class FramedProtocol(Connection, Generic[E]):
         self._schedule()
 
     def close_gracefully(self) -> None:
-        """Flush and half-close; drop the connection once the peer closed
-        its side too or when the connection object's close grace ends."""
+        """Flush and close our side; drop the connection once the peer
+        closed its side too or when the connection object's close grace ends.
+
+        Under TLS that is TLS's own close (a close_notify after what is
+        buffered; reading goes on), never a TCP half-close: with the TCP
+        write side shut, a peer's close_notify makes Twisted's TLS close the
+        TCP connection synchronously inside its own read loop, which then
+        reads the OpenSSL connection it just dropped ('NoneType' object has
+        no attribute 'bio_read': an "Unhandled Error" for a refused client
+        that sends data and closes).  Plain TCP half-closes."""
         if not self.connection_open or getattr(self.out, "disconnecting", False):
-            # Lost, or already closing (an abort, TLS's own shutdown): a
-            # half-close now would reach a TCP transport TLS has let go of.
+            # Lost, or already closing (an abort, TLS's own shutdown).
             return
-        if under_tls(self.out):
-            # TLS's own close is the half-close: what is buffered, then
-            # close_notify; it reads on until the peer's close_notify and only
-            # then closes TCP.  (A TCP half-close under TLS made Twisted close
-            # TCP from inside its read of the peer's close_notify and then
-            # touch the TLS connection it had just dropped: "Unhandled Error
-            # ... 'NoneType' object has no attribute 'bio_read'".)
-            flush_tls(self.out)
+        if tls.is_tls(self.out):
             self.out.loseConnection()
             self.connection.closing(self.clock.seconds())
         elif hasattr(self.out, "loseWriteConnection") and hasattr(self.out, "abortConnection"):

@@ -31,25 +31,6 @@ def _with_tcp(transport: Any) -> tuple[Any, ...]:
     return tuple(chain)
 
 
-def under_tls(transport: Any) -> bool:
-    """Whether Twisted's TLS is one of the layers of this transport."""
-    from twisted.protocols.tls import TLSMemoryBIOProtocol
-
-    return any(isinstance(t, TLSMemoryBIOProtocol) for t in _with_tcp(transport))
-
-
-def flush_tls(transport: Any) -> None:
-    """Write out what a TLS transport holds back.  Twisted's TLS
-    (``BufferingTLSTransport``) gathers small writes and sends them on the
-    next turn of the reactor; only its ``loseConnection`` flushes them, and
-    a half-close or a reactor stopped at once would lose them.  (Its
-    aggregator is private: there is no public flush.)"""
-    for candidate in _with_tcp(transport):
-        aggregator = getattr(candidate, "_aggregator", None)
-        if aggregator is not None and hasattr(aggregator, "flush"):
-            aggregator.flush()
-
-
 def tune_transport(transport: Any) -> None:
     """Read and send in 1 MiB pieces instead of Twisted's 64 and 128 KiB.
 

@@ -105,6 +105,12 @@ def _connection(transport: Any) -> SSL.Connection:
     return handle
 
 
+def is_tls(transport: Any) -> bool:
+    """Whether ``transport`` (or the transport it wraps) is Twisted's TLS."""
+    handle = getattr(transport, "getHandle", lambda: None)()
+    return isinstance(handle, SSL.Connection)
+
+
 def exported(transport: Any, label: bytes, length: int, context: bytes = b"") -> bytes:
     """``length`` bytes of this TLS session's exporter (RFC 8446, 7.5)."""
     value = _connection(transport).export_keying_material(label, length, context)

@@ -66,9 +66,8 @@ class ParserTests(SynchronousTestCase):
     def test_every_command_has_a_handler(self) -> None:
         """Each command and action sets ``func`` to a ``cmd_*`` of its module."""
         found = leaves(build_parser())
-        self.assertEqual(
-            len(found), 30
-        )  # pca: init, authorize, replace, revoke, list; vm: +stop, delete
+        # pca: init, authorize, replace, revoke, list; vm: +stop, delete, adopt
+        self.assertEqual(len(found), 31)
         for path, func in found:
             self.assertTrue(callable(func), path)
             self.assertTrue(getattr(func, "__name__", "").startswith("cmd_"), path)

@@ -63,8 +63,10 @@ class LogTests(SecureBase):
         self.assertEqual(ended["outcome"], "done")
         self.assertIn("source-a", ended["peer"])
         self.assertEqual(ended["role"], "destination")
-        # The TOFU recording is a warning a collector can select.
-        self.assertTrue(any(x["level"] == "warning" for x in lines), lines)
+        # The TOFU recording (logged by the attestor, which knows no
+        # migration) is a warning a collector can select, with the migration.
+        [tofu] = [x for x in lines if x["message"].startswith("trust on first use")]
+        self.assertEqual((tofu["level"], tofu.get("migration_id")), ("warning", mid), tofu)
 
     def test_text_names_the_migration_and_no_reprs(self) -> None:
         destination, summary = self.secure_migration()

@@ -565,7 +565,7 @@ class UnauthenticatedClientTests(SecureBase):
         left Twisted's TLS layer reading a connection it had dropped:
         'NoneType' object has no attribute 'bio_read')."""
         destination = self.start_destination("--tofu", "--allow-source", "someone-else")
-        for then in ("read", "close", "half-close", "sleep", "flood", "flood", "flood"):
+        for then in ("after-eof", "read", "close", "half-close", "sleep", "flood", "after-eof"):
             handshake_then_data(
                 destination.port, self.dst_id / "site-ca.pem", self.src_id, b"\x00" * 16384, then
             )
@@ -711,6 +711,7 @@ def handshake_then_data(
     """A TLS 1.3 client (memory BIOs) whose last handshake flight and
     ``data`` leave in one ``send``: the server's TLS layer reads the
     application data in the same turn as the handshake's end."""
+    import contextlib
     import socket
     import ssl
 
@@ -730,6 +731,23 @@ def handshake_then_data(
                 if not chunk:
                     return
                 incoming.write(chunk)
+        if then == "after-eof":
+            # The handshake's last flight; only once the destination's
+            # refusal and its half-close came: data, then a TLS
+            # close_notify, in one segment.
+            raw.sendall(outgoing.read())
+            with contextlib.suppress(OSError):
+                while chunk := raw.recv(65536):
+                    incoming.write(chunk)
+            with contextlib.suppress(ssl.SSLError):
+                tls.read(65536)
+            tls.write(data)
+            with contextlib.suppress(ssl.SSLError):
+                tls.unwrap()
+            with contextlib.suppress(OSError):
+                raw.sendall(outgoing.read())
+                time.sleep(0.2)
+            return
         tls.write(data)
         try:
             raw.sendall(outgoing.read())

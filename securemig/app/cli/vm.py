@@ -22,6 +22,7 @@ from securemig.app.cli.common import (
     usage_error,
 )
 from securemig.app.cli.journal import given_away, host_journal, settle_here
+from securemig.app.cli.vm_libvirt import add_adopt_parser
 from securemig.host import storage
 from securemig.host.journal import Journal
 from securemig.hypervisor import backends
@@ -93,8 +94,9 @@ def add_parser(subparsers: Subparsers) -> None:
         "--shared-disk", type=Path, help="create the disk image here, on storage both hosts mount"
     )
     create.set_defaults(func=cmd_vm_create)
+    add_adopt_parser(vm_sub)
     for action, text, func in (
-        ("start", "start a QEMU VM (firmware only is enough)", cmd_vm_start),
+        ("start", "start a QEMU VM or an adopted libvirt domain", cmd_vm_start),
         ("status", "say what state a VM is in", cmd_vm_status),
     ):
         a = vm_sub.add_parser(action, help=text)
@@ -105,6 +107,11 @@ def add_parser(subparsers: Subparsers) -> None:
             type=Path,
             help="this host's state directory, whose journal is settled first "
             "(default: $SECUREMIG_STATE_DIR, else DIR/.securemig)",
+        )
+        a.add_argument(
+            "--connect",
+            metavar="URI",
+            help="libvirt domains: the libvirt connection (default: the one it was adopted on)",
         )
         if action == "start":
             a.add_argument(
@@ -265,7 +272,7 @@ def cmd_vm_status(args: argparse.Namespace) -> int:
     """``securemig vm status``: what state a VM is in, by its backend."""
     _settle(args, None)
     try:
-        bundle, backend = _find(args.dir, args.name, None)
+        bundle, backend = _find(args.dir, args.name, None, args.connect)
     except BundleError as e:
         gone = given_away(_journal(args), args.name, args.dir)
         return error(gone or str(e))
@@ -284,7 +291,7 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
         gone = given_away(journal, args.name, args.dir)
         if gone is not None:
             raise BundleError(gone)
-        bundle, backend = _find(args.dir, args.name, args.identity)
+        bundle, backend = _find(args.dir, args.name, args.identity, args.connect)
         found[:] = [bundle, backend]
         if not capabilities(bundle.manifest.backend).startable:
             raise BundleError(f"VMs of the {bundle.manifest.backend} backend are not started here")
@@ -341,11 +348,17 @@ def _settle(args: argparse.Namespace, identity: Path | None) -> None:
     run_interruptible(settle)
 
 
-def _find(vm_dir: Path, name: str, identity: Path | None) -> tuple[Bundle, Backend]:
+def _find(
+    vm_dir: Path, name: str, identity: Path | None, connect: str | None = None
+) -> tuple[Bundle, Backend]:
     """VM ``name`` in ``vm_dir`` and its backend, which unseals vTPM keys
-    with the TPM of ``identity`` if given."""
+    with the TPM of ``identity`` if given (a libvirt domain's on ``connect``
+    if given)."""
     bundle = Bundle.find(vm_dir, name)
-    return bundle, backend_for(bundle.manifest.backend, vtpm_key=_vtpm_key(identity))
+    backend = backend_for(bundle.manifest.backend, vtpm_key=_vtpm_key(identity))
+    if connect is not None and hasattr(backend, "connect"):
+        backend.connect = connect
+    return bundle, backend
 
 
 def _vtpm_key(identity: Path | None) -> Callable[[Any], bytes] | None:
@@ -399,7 +412,7 @@ def cmd_vm_stop(args: argparse.Namespace) -> int:
             if state not in ("running", "paused"):  # paused: its QEMU runs, the guest stopped
                 raise BundleError(f"VM {bundle.name} is not running ({state})")
             if args.force:
-                backend.end(bundle)  # type: ignore[attr-defined]
+                backend.end(bundle)
                 bundle.manifest.state = "stopped"
                 bundle.save()
                 said.append(f"{bundle.name}: stopped (ended; its memory is lost)")

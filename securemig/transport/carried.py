@@ -1,0 +1,462 @@
+"""
+Carried sockets: every connection a hypervisor makes to a per-migration
+UNIX socket at the source travels, as sealed records, to the same-named
+socket at the destination (issue 23: ``rpc``, libvirt's RPC; ``memory``,
+QEMU's stream and its multifd channels; ``disk``, the NBD disk copy).
+
+It is :mod:`securemig.transport.live` made two-way and many-connection, the
+shape of KubeVirt's migration proxy (one listener per socket, one dial per
+accepted connection) with the data channel's AEAD records in place of TLS:
+
+- the source listens on one UNIX path per socket name; each connection
+  accepted there dials the destination's carrier port (loopback TCP here, the
+  data channel's network in production) and sends a clear preamble: the
+  socket's index in :data:`SOCKETS` and the connection's number;
+- both directions of that connection get their own key, derived (HKDF) from
+  the migration's carried-socket key (the TLS exporter of the attested
+  session, label :data:`CARRIED_EXPORTER_LABEL`) with the socket, the
+  connection number and the direction; each record's associated data names
+  them too, so a record moved to another connection or direction fails;
+- the first record is empty and proves the key; until it authenticates the
+  connection is a stranger (one record of 0 plaintext bytes, a few seconds,
+  at most a few at once), and a (socket, number) binds once: a replayed
+  preamble is refused.  Only then does the destination dial its local UNIX
+  socket of that name: no stranger's byte reaches libvirt, QEMU or NBD;
+- either side's close sends the authenticated END record; a connection cut
+  without it (truncation) or a record that fails aborts both ends, so the
+  hypervisor sees an error, never a clean end of a forged stream.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.logger import Logger
+
+from securemig.protocol import records
+from securemig.protocol.connection import FIRST_RECORD_TIMEOUT, MAX_PENDING_DATA_CONNECTIONS
+
+log = Logger()
+
+#: The TLS exporter label of the carried sockets' key (its own label: its
+#: keys are never the image streams' or QEMU's live stream's).
+CARRIED_EXPORTER_LABEL = b"EXPORTER-securemig-carried-sockets"
+#: The sockets a migration may carry, by index (the preamble's first byte):
+#: the hypervisors' RPC (libvirt's), the guest's memory stream (QEMU's, and
+#: each of its multifd channels) and the disk copy (NBD).
+SOCKETS = ("rpc", "memory", "disk")
+#: Preamble: socket index (1 byte), connection number (4 bytes).
+PREAMBLE = struct.Struct("!BI")
+#: A record holds at most this much of a socket's bytes.
+CARRIED_RECORD_PLAINTEXT = 1 << 20
+#: Connections per socket name and migration (multifd channels, disks).
+MAX_CONNECTIONS = 64
+
+
+def connection_key(key: bytes, name: str, number: int, to_destination: bool) -> bytes:
+    """The key of one direction of one carried connection."""
+    info = b"securemig carried socket %s %d %s" % (
+        name.encode(),
+        number,
+        b"to-destination" if to_destination else b"to-source",
+    )
+    return HKDF(SHA256(), len(key), salt=None, info=info).derive(key)
+
+
+def _channel_id(migration_id: bytes, name: str, number: int, to_destination: bool) -> bytes:
+    return b"%s/%s/%d/%s" % (migration_id, name.encode(), number, b"d" if to_destination else b"s")
+
+
+def _sealer(
+    cipher: str, key: bytes, mid: bytes, name: str, number: int, to_destination: bool
+) -> records.Sealer:
+    return records.Sealer(
+        cipher,
+        connection_key(key, name, number, to_destination),
+        _channel_id(mid, name, number, to_destination),
+    )
+
+
+def _opener(
+    cipher: str, key: bytes, mid: bytes, name: str, number: int, to_destination: bool
+) -> records.Opener:
+    return records.Opener(
+        cipher,
+        connection_key(key, name, number, to_destination),
+        _channel_id(mid, name, number, to_destination),
+        0,
+    )
+
+
+class _End(Protocol):
+    """One end of a carried connection (UNIX or TCP); its owner does the rest."""
+
+    transport: Any
+
+    def __init__(self, pair: _Pair, wire: bool) -> None:
+        self.pair = pair
+        self.wire = wire
+
+    def connectionMade(self) -> None:
+        self.pair.made(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.pair.received(self, data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.pair.lost(self)
+
+
+class _Pair:
+    """A carried connection: a local UNIX end and a TCP wire end, sealing
+    what goes onto the wire and opening what comes off it."""
+
+    def __init__(
+        self,
+        owner: Any,
+        sealer: records.Sealer | None,
+        opener: records.Opener | None,
+        name: str,
+    ) -> None:
+        self.owner = owner
+        self.sealer = sealer
+        self.opener = opener
+        self.name = name
+        self.local: _End | None = None
+        self.wire: _End | None = None
+        self.bound = False
+        self.ended = False
+        self.pending: list[bytes] = []
+        #: The connection's number among its socket's (from the preamble).
+        self.number = 0
+        #: Preamble bytes received so far (destination).
+        self.buffer = b""
+
+    # -- wiring
+
+    def made(self, end: _End) -> None:
+        if end.wire:
+            self.wire = end
+        else:
+            self.local = end
+        self.owner._made(self, end)
+
+    def join(self) -> None:
+        """Both ends are there and the wire authenticated: flow both ways,
+        each side's full buffer pausing the other's reads."""
+        assert self.local is not None and self.wire is not None
+        self.bound = True
+        self.local.transport.registerProducer(self.wire.transport, True)
+        self.wire.transport.registerProducer(self.local.transport, True)
+        for data in self.pending:
+            self.local.transport.write(data)
+        self.pending = []
+        self.local.transport.resumeProducing()
+        self.wire.transport.resumeProducing()
+        self.deliver()
+
+    # -- data
+
+    def received(self, end: _End, data: bytes) -> None:
+        if not end.wire:
+            assert self.sealer is not None and self.wire is not None
+            self.owner.carried[self.name] += len(data)
+            self.wire.transport.writeSequence(self.sealer.seal([data]))
+            return
+        if self.opener is None:
+            self.owner._preamble(self, data)
+            return
+        self.opener.feed(data)
+        if self.bound:
+            self.deliver()
+        else:
+            self.owner._first_record(self)
+
+    def deliver(self) -> None:
+        """Open what arrived and write it to the local socket."""
+        assert self.opener is not None and self.local is not None
+        try:
+            while (plain := self.opener.next_record()) is not None:
+                self.local.transport.write(plain)
+        except Exception as e:  # refused: nothing more reaches the hypervisor
+            self.fail(str(e))
+            return
+        if self.opener.ended:
+            self.close()
+
+    # -- ends
+
+    def lost(self, end: _End) -> None:
+        if self.ended:
+            return
+        if end.wire:
+            if self.opener is not None and self.bound:
+                try:
+                    self.opener.closed()
+                except Exception as e:
+                    self.fail(str(e))
+                    return
+            self.close()
+        else:
+            self.close()
+
+    def close(self) -> None:
+        """An orderly end: END onto the wire if it is still open, both closed."""
+        if self.ended:
+            return
+        self.ended = True
+        if self.wire is not None and self.wire.transport is not None:
+            if self.sealer is not None and self.bound:
+                self.wire.transport.unregisterProducer()
+                self.wire.transport.writeSequence(self.sealer.end())
+            self.wire.transport.loseConnection()
+        if self.local is not None and self.local.transport is not None:
+            self.local.transport.unregisterProducer()
+            self.local.transport.loseConnection()
+        self.owner._ended(self)
+
+    def fail(self, reason: str) -> None:
+        """A refused record, a truncation: both ends aborted."""
+        if not self.ended:
+            log.warn("carried {name} connection refused: {reason}", name=self.name, reason=reason)
+            self.owner.errors.append(f"{self.name}: {reason}")
+        self.ended = True
+        for end in (self.wire, self.local):
+            if end is not None and end.transport is not None:
+                end.transport.abortConnection()
+        self.owner._ended(self)
+
+
+class CarrierSource:
+    """The source's end: listens on ``listen[name]`` (UNIX paths) and
+    carries each accepted connection to the destination's
+    :class:`CarrierDestination` at ``host:port``."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        listen: dict[str, str],
+        host: str,
+        port: int,
+        tls_cipher: str,
+        key: bytes,
+        migration_id: bytes,
+    ) -> None:
+        self.reactor = reactor
+        self.host, self.port = host, port
+        self.cipher, self.key, self.migration_id = tls_cipher, key, migration_id
+        #: Plaintext bytes carried so far, by socket (source to destination).
+        self.carried: dict[str, int] = dict.fromkeys(SOCKETS, 0)
+        #: Connections accepted so far, by socket.
+        self.accepted: dict[str, int] = dict.fromkeys(SOCKETS, 0)
+        self.errors: list[str] = []
+        self._pairs: set[_Pair] = set()
+        self._ports = []
+        for name, path in listen.items():
+            if name not in SOCKETS:
+                raise ValueError(f"unknown carried socket {name!r}")
+            self._ports.append(reactor.listenUNIX(path, self._factory(name)))
+
+    def _factory(self, name: str) -> Factory:
+        source = self
+
+        class Accept(Factory):
+            def buildProtocol(self, addr: Any) -> _End | None:
+                number = source.accepted[name]
+                if number >= MAX_CONNECTIONS:
+                    return None
+                source.accepted[name] += 1
+                pair = _Pair(
+                    source,
+                    _sealer(source.cipher, source.key, source.migration_id, name, number, True),
+                    _opener(source.cipher, source.key, source.migration_id, name, number, False),
+                    name,
+                )
+                pair.opener.max_plaintext = CARRIED_RECORD_PLAINTEXT  # type: ignore[union-attr]
+                pair.number = number
+                source._pairs.add(pair)
+                return _End(pair, wire=False)
+
+        return Accept()
+
+    def _made(self, pair: _Pair, end: _End) -> None:
+        if not end.wire:
+            # Nothing is read from the hypervisor until the wire is there.
+            end.transport.pauseProducing()
+
+            class Dial(ClientFactory):
+                def buildProtocol(self, addr: Any) -> _End:
+                    return _End(pair, wire=True)
+
+                def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+                    pair.fail(f"cannot reach the destination's carrier: {reason.getErrorMessage()}")
+
+            self.reactor.connectTCP(self.host, self.port, Dial(), timeout=30)
+            return
+        number = pair.number
+        end.transport.write(PREAMBLE.pack(SOCKETS.index(pair.name), number))
+        assert pair.sealer is not None
+        end.transport.writeSequence(pair.sealer.seal([b""]))
+        pair.join()
+
+    def _preamble(self, pair: _Pair, data: bytes) -> None:
+        raise AssertionError("the source has its opener from the start")
+
+    def _first_record(self, pair: _Pair) -> None:
+        raise AssertionError("the source's pairs are bound from the start")
+
+    def _ended(self, pair: _Pair) -> None:
+        self._pairs.discard(pair)
+
+    def close(self) -> None:
+        """Stop listening; abort what is still carried."""
+        for port in self._ports:
+            port.stopListening()
+        self._ports = []
+        for pair in list(self._pairs):
+            pair.fail("the migration ended")
+
+
+class CarrierDestination:
+    """The destination's end: listens on loopback TCP for the source's
+    connections, authenticates each by its first record, then dials
+    ``targets[name]`` (the local UNIX socket of that name) and carries the
+    connection both ways."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        targets: dict[str, str],
+        tls_cipher: str,
+        key: bytes,
+        migration_id: bytes,
+        interface: str = "127.0.0.1",
+        first_record_timeout: float = FIRST_RECORD_TIMEOUT,
+        max_pending: int = MAX_PENDING_DATA_CONNECTIONS,
+    ) -> None:
+        self.reactor = reactor
+        self.targets = targets
+        self.cipher, self.key, self.migration_id = tls_cipher, key, migration_id
+        self.first_record_timeout = first_record_timeout
+        self.max_pending = max_pending
+        self.carried: dict[str, int] = dict.fromkeys(SOCKETS, 0)
+        self.errors: list[str] = []
+        #: (socket, number) pairs that authenticated: each binds once.
+        self.bound: set[tuple[str, int]] = set()
+        self.strangers_closed = 0
+        self._strangers: dict[_Pair, Any] = {}
+        self._pairs: set[_Pair] = set()
+        destination = self
+
+        class Accept(Factory):
+            def buildProtocol(self, addr: Any) -> _End:
+                pair = _Pair(destination, None, None, "stranger")
+                destination._pairs.add(pair)
+                return _End(pair, wire=True)
+
+        self.port = reactor.listenTCP(0, Accept(), interface=interface)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the source's :class:`CarrierSource` connects."""
+        host = self.port.getHost()
+        return host.host, host.port
+
+    def _made(self, pair: _Pair, end: _End) -> None:
+        if end.wire:
+            while len(self._strangers) >= self.max_pending:
+                self._drop(next(iter(self._strangers)), "too many connections waiting")
+            timer = self.reactor.callLater(
+                self.first_record_timeout,
+                self._drop,
+                pair,
+                f"no authenticated record within {self.first_record_timeout:g} s",
+            )
+            self._strangers[pair] = timer
+            pair.buffer = b""
+            return
+        # The local socket answered: carry both ways.
+        pair.join()
+
+    def _preamble(self, pair: _Pair, data: bytes) -> None:
+        buffered = pair.buffer + data
+        if len(buffered) < PREAMBLE.size:
+            pair.buffer = buffered
+            return
+        index, number = PREAMBLE.unpack(buffered[: PREAMBLE.size])
+        rest = buffered[PREAMBLE.size :]
+        if index >= len(SOCKETS) or SOCKETS[index] not in self.targets:
+            self._drop(pair, f"no carried socket number {index}")
+            return
+        name = SOCKETS[index]
+        if (name, number) in self.bound or number >= MAX_CONNECTIONS:
+            self._drop(pair, f"{name} connection {number} is bound already or out of range")
+            return
+        pair.name = name
+        pair.number = number
+        pair.opener = _opener(self.cipher, self.key, self.migration_id, name, number, True)
+        pair.sealer = _sealer(self.cipher, self.key, self.migration_id, name, number, False)
+        if rest:
+            pair.received(pair.wire, rest)  # type: ignore[arg-type]
+
+    def _first_record(self, pair: _Pair) -> None:
+        assert pair.opener is not None
+        try:
+            pair.opener.next_record()
+        except Exception as e:
+            self._drop(pair, str(e))
+            return
+        if pair.opener.sequence == 0:
+            return  # more bytes needed
+        key = (pair.name, pair.number)
+        if key in self.bound:
+            self._drop(pair, f"{pair.name} connection {key[1]} is bound already")
+            return
+        self.bound.add(key)
+        timer = self._strangers.pop(pair)
+        if timer.active():
+            timer.cancel()
+        pair.opener.max_plaintext = CARRIED_RECORD_PLAINTEXT
+        assert pair.wire is not None
+        pair.wire.transport.pauseProducing()
+        destination = self
+
+        class Dial(ClientFactory):
+            def buildProtocol(self, addr: Any) -> _End:
+                return _End(pair, wire=False)
+
+            def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+                pair.fail(f"the local {pair.name} socket does not answer")
+
+        self.reactor.connectUNIX(destination.targets[pair.name], Dial())
+
+    def _drop(self, pair: _Pair, reason: str) -> None:
+        timer = self._strangers.pop(pair, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.strangers_closed += 1
+        log.warn("closed a carrier connection: {reason}", reason=reason)
+        pair.ended = True
+        self._pairs.discard(pair)
+        if pair.wire is not None and pair.wire.transport is not None:
+            pair.wire.transport.abortConnection()
+
+    def _ended(self, pair: _Pair) -> None:
+        timer = self._strangers.pop(pair, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._pairs.discard(pair)
+
+    def close(self) -> Deferred[None]:
+        """Stop listening; abort what is still carried."""
+        for pair in list(self._pairs):
+            if pair in self._strangers:
+                self._drop(pair, "the migration ended")
+            else:
+                pair.fail("the migration ended")
+        return self.port.stopListening()  # type: ignore[no-any-return]
