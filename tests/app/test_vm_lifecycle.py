@@ -4,6 +4,7 @@ running VM and removes a stopped one (issue 24)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
@@ -37,3 +38,52 @@ class VMLifecycleTests(TestCase):
         self.assertIn("vm1: stopped", self.vm("status"))
         self.assertIn("deleted VM vm1", self.vm("delete"))
         self.assertFalse((self.dir / "vm1").exists())
+
+
+class DaemonRestartTests(TestCase):
+    def test_guest_survives_the_daemons_stop_and_restart(self) -> None:
+        """What ``KillMode=process`` gives under systemd, shown without it: a
+        guest that arrived at ``twistd securemig --backend qemu`` runs in its
+        own session (QEMU daemonizes), not the daemon's process group, and
+        stopping the daemon (SIGTERM to its process, as systemctl restart
+        sends it) leaves it running; the restarted daemon finds it running."""
+        base = Path(self.mktemp()).absolute()
+        src = base / "src"
+        result = processes.securemig(
+            "vm", "create", "vm1", "--dir", str(src), "--ram-mib", "32", "--backend", "qemu"
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(processes.securemig("vm", "start", "vm1", "--dir", str(src)).returncode, 0)
+        state = base / "dst"
+        first = processes.start_destination(state, "--backend", "qemu")
+        self.addCleanup(first.stop)
+        arrived = state / "vms"
+        self.addCleanup(
+            lambda: processes.securemig("vm", "stop", "vm1", "--dir", str(arrived), "--force")
+        )
+        result = processes.securemig(
+            "migrate",
+            "vm1",
+            "--vm-dir",
+            str(src),
+            "--to",
+            first.address,
+            "--insecure",
+            "--no-progress",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr + first.log()[-2000:])
+        pid = int((arrived / "vm1" / "qemu.pid").read_text())
+        self.assertNotEqual(os.getsid(pid), os.getsid(first.process.pid))
+        self.assertNotEqual(os.getpgid(pid), os.getpgid(first.process.pid))
+        first.stop()
+        os.kill(pid, 0)  # still running
+        status = processes.securemig("vm", "status", "vm1", "--dir", str(arrived))
+        self.assertIn("vm1: running", status.stdout)
+        second = processes.start_destination(state, "--backend", "qemu")
+        self.addCleanup(second.stop)
+        second.stop()
+        os.kill(pid, 0)
+        self.assertIn(
+            "vm1: running",
+            processes.securemig("vm", "status", "vm1", "--dir", str(arrived)).stdout,
+        )

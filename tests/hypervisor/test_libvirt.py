@@ -309,6 +309,24 @@ class AdoptCommandTests(TestCase):
         self.assertEqual(watch.wait(3, 60).pcr16, extended(pcr16))
         self.assertTrue(watch.continuous())
 
+        # vm delete refuses a running domain; vm stop --force powers it off;
+        # vm delete then removes the domain with its vTPM state and the
+        # bundle (never the bundle alone: it holds the only copy of the secret).
+        refused = self.securemig("vm", "delete", "cli-guest", "--dir", vms)
+        self.assertIn("is running: securemig vm stop it first", refused.stderr)
+        ended = self.securemig("vm", "stop", "cli-guest", "--dir", vms, "--force")
+        self.assertEqual(ended.returncode, 0, ended.stderr)
+        status = self.securemig("vm", "status", "cli-guest", "--dir", vms)
+        self.assertEqual(status.stdout.strip(), "cli-guest: shutoff (libvirt)", status.stderr)
+        uuid_ = conn.lookupByName("cli-guest").UUIDString()
+        self.assertTrue(self.host.path(f"/var/lib/libvirt/swtpm/{uuid_}").exists())
+        deleted = self.securemig("vm", "delete", "cli-guest", "--dir", vms)
+        self.assertEqual(deleted.returncode, 0, deleted.stderr)
+        with self.assertRaises(libvirt.libvirtError):
+            conn.lookupByName("cli-guest")
+        self.assertFalse(self.host.path(f"/var/lib/libvirt/swtpm/{uuid_}").exists())
+        self.assertFalse((self.work / "vms" / "cli-guest").exists())
+
 
 def _remove_domain(conn: Any, name: str) -> None:
     """Destroy and undefine a test's domain (with its vTPM state) if left."""

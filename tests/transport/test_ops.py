@@ -148,11 +148,12 @@ class JobControlTests(SecureBase):
                 "--no-progress",
                 "--state-dir",
                 str(state),
-                # About 16 s for the images: time to look on both hosts
-                # (each look a process start, slow on a loaded machine), then
+                # About 32 s for the images: time to look on both hosts
+                # (each look a process start, several seconds on a loaded
+                # machine: at 2 MiB/s it finished first under load), then
                 # abort; the abort ends it early.
                 "--bandwidth",
-                "2",
+                "1",
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -434,21 +433,28 @@ def cmd_vm_delete(args: argparse.Namespace) -> int:
     """``securemig vm delete``: remove a stopped VM's bundle."""
     journal = _journal(args)
 
-    async def settle(reactor: Any) -> None:
-        await settle_here(journal, None)
+    found: list[Bundle] = []
 
-    try:
-        run_interruptible(settle)
+    async def delete(reactor: Any) -> None:
+        await settle_here(journal, None)
         bundle, backend = _find(args.dir, args.name, None)
+        found.append(bundle)
         lock = _held(journal, bundle, args.dir)
         try:
             if backend.status(bundle) == "running" or backend.has_process(bundle):
                 raise BundleError(f"VM {bundle.name} is running: securemig vm stop it first")
-            shutil.rmtree(bundle.path)
+            # The backend removes the VM with its bundle (a libvirt domain's
+            # definition and vTPM state too: its bundle holds the only copy
+            # of the vTPM's secret).
+            await backend.discard(bundle)
         finally:
             lock.release()
+
+    try:
+        run_interruptible(delete)
     except (MigrationError, OSError) as e:
         return error(describe(e))
+    bundle = found[0]
     shared = bundle.manifest.shared_disk
     print(f"deleted VM {bundle.name}" + (f" (its shared disk {shared} is kept)" if shared else ""))
     return EXIT_OK
