@@ -163,6 +163,12 @@ class Backend(Protocol):
         (``Capabilities.live_destination``)."""
         raise _unsupported(self, "take live migrations")
 
+    def console(self, bundle: Bundle) -> Path | None:
+        """The file this host keeps the VM's console in (its first serial
+        port, appended while it runs), for ``securemig vm console``; None
+        for a backend, or a guest, that keeps none."""
+        return None
+
     def has_process(self, bundle: Bundle) -> bool:
         """Whether a process of this VM runs here (its guest running or
         paused: continuing it needs no key); False for backends without."""

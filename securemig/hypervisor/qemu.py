@@ -546,6 +546,10 @@ class QemuBackend(Backend):
             self.query(bundle, "pmemsave", val=address, size=size, filename=out.name)
             return Path(out.name).read_bytes()
 
+    def console(self, bundle: Bundle) -> Path | None:
+        """A Linux guest's console file (a firmware guest prints nothing)."""
+        return console_path(bundle) if bundle.manifest.guest == "linux" else None
+
     def vtpm_attached(self, bundle: Bundle) -> bool:
         """Whether the running VM has its swtpm vTPM as a TPM device."""
         devices = self.query(bundle, "query-tpm")
