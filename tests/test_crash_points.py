@@ -25,13 +25,7 @@ from twisted.trial.unittest import TestCase
 from securemig.crashpoint import POINTS
 
 #: Points with no cell, each with the honest reason why.
-EXEMPT: dict[str, str] = {
-    "destination-live-lost": (
-        "a cell needs the destination's QEMU killed after PREPARED and its daemon"
-        " killed at this point in one run, which SECUREMIG_CRASH_KILL=guest"
-        " (all listed points kill the guest) cannot express yet"
-    ),
-}
+EXEMPT: dict[str, str] = {}
 
 #: The test suite's root.
 TESTS = Path(__file__).parent
@@ -98,9 +92,20 @@ def collect(sources: Iterable[str]) -> set[str]:
         if isinstance(value, ast.Name):
             for function in reversed(enclosing):
                 params = _params(function)
-                if value.id in params and function.name not in sinks:
+                if value.id in params:
+                    if function.name in sinks:
+                        return False
                     sinks[function.name] = (params.index(value.id), value.id)
                     return True
+                # A local name given a literal (``point = "..."``).
+                for node in ast.walk(function):
+                    if (
+                        isinstance(node, ast.Assign)
+                        and any(isinstance(t, ast.Name) and t.id == value.id for t in node.targets)
+                        and isinstance(node.value, ast.Constant)
+                        and isinstance(node.value.value, str)
+                    ):
+                        points.update(_names(node.value.value))
         return False
 
     def visit(node: ast.AST, enclosing: list[ast.FunctionDef | ast.AsyncFunctionDef]) -> bool:
@@ -146,8 +151,8 @@ class CrashPointCellTests(TestCase):
 
     def test_collector_finds_names(self) -> None:
         """The collector sees a literal in ``SECUREMIG_CRASH_AT``, in
-        ``crash_env``, and through helpers that forward their parameter;
-        not a string used otherwise."""
+        ``crash_env``, through helpers that forward their parameter, and in a
+        local name given a literal; not a string used otherwise."""
         sample = """
 def crash_env(point):
     return {"SECUREMIG_CRASH_POINTS": "1", "SECUREMIG_CRASH_AT": point}
@@ -171,6 +176,10 @@ class Cells:
     def test_d(self):
         crash_env("point-e")
         print("not-a-point")
+
+    def test_e(self):
+        point = "point-f,point-g:guest"
+        self.dies("destination", point)
 """
-        self.assertEqual(collect([sample]), {"point-a", "point-b", "point-c", "point-d", "point-e"})
+        self.assertEqual(collect([sample]), {f"point-{c}" for c in "abcdefg"})
         self.assertEqual(collect(['x = {"OTHER": "point-z"}']), set())
