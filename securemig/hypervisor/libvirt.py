@@ -619,11 +619,15 @@ class LibvirtBackend(Backend):
                 conn.secretLookupByUUIDString(record.secret_uuid).undefine()
         files.remove_tree(bundle.path)
 
-    def end(self, bundle: Bundle) -> None:
+    def end(self, bundle: Bundle) -> Deferred[None]:
         """Power the domain off here (``destroy``: its memory is lost, its
         vTPM state stays); nothing for a bundle that is no adopted domain
-        (a staging directory another backend's VM left).  Immediate, as the
-        contract's ``end``: it blocks on libvirt."""
+        (a staging directory another backend's VM left).  On the backend's
+        thread: the reactor thread never waits on libvirt."""
+        return self._call(self.end_blocking, bundle)
+
+    def end_blocking(self, bundle: Bundle) -> None:
+        """:meth:`end` on the calling thread (off the reactor thread only)."""
         try:
             record = DomainRecord.load(bundle)
         except BundleError:
