@@ -621,13 +621,13 @@ class LibvirtBackend(Backend):
 
     def end(self, bundle: Bundle) -> Deferred[None]:
         """Power the domain off here (``destroy``: its memory is lost, its
-        vTPM state stays); nothing for a bundle that is no adopted domain
-        (a staging directory another backend's VM left).  On the backend's
-        thread: the reactor thread never waits on libvirt."""
+        vTPM state stays), on the backend's own thread; nothing for a bundle
+        that is no adopted domain (a staging directory another backend's VM
+        left)."""
         return self._call(self.end_blocking, bundle)
 
     def end_blocking(self, bundle: Bundle) -> None:
-        """:meth:`end` on the calling thread (off the reactor thread only)."""
+        """:meth:`end`, blocking the calling thread (never the reactor's)."""
         try:
             record = DomainRecord.load(bundle)
         except BundleError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any, assert_never
 
 from service_identity import VerificationError
@@ -75,6 +76,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         self.bandwidth = bandwidth
         self.streamer: ImageStreamer | None = None
         self.live_sender: LiveSender | None = None
+        self.live_listen: Path | None = None
         self.finished: Deferred[effects.Finished] = Deferred()
         #: Fires when the control connection is closed: what was written
         #: to it (the last ABORT or COMMIT) has left this process.
@@ -229,6 +231,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         bundle = self.departure.bundle
         listen = self.departure.backend.live_socket(bundle, f"{self.migration_id().hex()}-s")
         listen.unlink(missing_ok=True)
+        self.live_listen = listen
 
         def progress(n: int) -> None:
             self.bytes_sent += n
@@ -336,6 +339,9 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
     def _do_Finished(self, effect: effects.Finished) -> None:
         if self._watch is not None and self._watch.active():
             self._watch.cancel()
+        if self.live_listen is not None:
+            # This migration's own socket (the stream is over either way).
+            self.live_listen.unlink(missing_ok=True)
         try:
             counts = [tcp_bytes_acked(self.transport)]
             if self.data_channel is not None:
