@@ -102,7 +102,8 @@ class LibvirtBackendTests(TestCase):
         secret is undefined again; saved and restored, the same guest runs
         on (heartbeat in sequence, PCR 16 kept).  A wrong value does not
         start it and leaves no secret behind; the right one still does.
-        Discarded, the domain, its vTPM state and the bundle are gone."""
+        Ended, it is off; started again, it runs.  Discarded, the domain,
+        its vTPM state and the bundle are gone."""
         pcr16 = os.urandom(32).hex()
         domain = define_guest(self.host, "adoptee", pcr16=pcr16, persistent_secret=True)
         value = self.conn.secretLookupByUUIDString(domain.secret_uuid).value()
@@ -145,6 +146,11 @@ class LibvirtBackendTests(TestCase):
         self.assertIsInstance(failure.value, LibvirtError)
         self.assertNotIn(value.hex(), str(failure.value))
         self.assert_no_secret(domain.secret_uuid)
+        self.assertEqual(await self.backend.state(bundle), "shutoff")
+        await self.backend.start(bundle)
+        self.assertEqual(await self.backend.state(bundle), "running")
+        # The contract's end (vm stop --force): off the reactor thread, a Deferred.
+        await self.backend.end(bundle)
         self.assertEqual(await self.backend.state(bundle), "shutoff")
         await self.backend.start(bundle)
         self.assertEqual(await self.backend.state(bundle), "running")
