@@ -48,7 +48,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 from xml.sax.saxutils import escape
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -623,7 +623,9 @@ class LibvirtBackend(Backend):
         """Power the domain off here (``destroy``: its memory is lost, its
         vTPM state stays), on the backend's own thread; nothing for a bundle
         that is no adopted domain (a staging directory another backend's VM
-        left)."""
+        left: answered at once, with no thread)."""
+        if not (bundle.path / DOMAIN_FILE).exists():
+            return succeed(None)
         return self._call(self.end_blocking, bundle)
 
     def end_blocking(self, bundle: Bundle) -> None:
