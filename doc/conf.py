@@ -20,7 +20,9 @@ copyright = "2026 the securemig developers (MIT License)"
 release = _version("securemig")
 version = release
 
-extensions = ["commandref"]
+extensions = ["commandref", "sphinx.ext.autosectionlabel"]
+# Sections are link targets as :ref:`document:Section title`.
+autosectionlabel_prefix_document = True
 root_doc = "index"
 exclude_patterns = ["_build"]
 # The documents write ``--option`` and ``'quotes'`` as they are typed.

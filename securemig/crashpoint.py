@@ -8,6 +8,10 @@ where a crash matters.  A process started with both
 itself with SIGKILL (no cleanup, no atexit, exactly as a power cut or the
 OOM killer would) when it reaches one of those names.  Without both
 variables nothing happens; no configuration file or flag can set them.
+
+A name written ``NAME:guest`` kills, at that point only, the QEMU the point
+passes (as ``SECUREMIG_CRASH_KILL=guest`` does at every listed point), so
+that one run can kill a QEMU at one point and its process at a later one.
 """
 
 from __future__ import annotations
@@ -48,16 +52,19 @@ POINTS = frozenset(
 def reached(name: str, qemu: Path | None = None) -> None:
     """A crash point: die here if this test process was told to.
 
-    With ``SECUREMIG_CRASH_KILL=guest`` as well, the process lives on and
+    With ``SECUREMIG_CRASH_KILL=guest`` as well (or the name listed as
+    ``NAME:guest``), the process lives on and
     SIGKILLs instead the QEMU whose pid file ``qemu`` names (a point of a
     live migration passes its VM's), so that a test kills a QEMU at an exact
     step; a point reached without one does nothing then."""
     assert name in POINTS, name
     if os.environ.get("SECUREMIG_CRASH_POINTS") != "1":
         return
-    if name not in os.environ.get("SECUREMIG_CRASH_AT", "").split(","):
+    at = os.environ.get("SECUREMIG_CRASH_AT", "").split(",")
+    modes = dict(entry.partition(":")[::2] for entry in at)  # {name: mode}
+    if name not in modes:
         return
-    if os.environ.get("SECUREMIG_CRASH_KILL") == "guest":
+    if modes[name] == "guest" or os.environ.get("SECUREMIG_CRASH_KILL") == "guest":
         if qemu is not None:
             _kill(qemu, name)
         return

@@ -51,6 +51,8 @@ BACKEND_NAME_EXEMPT = {
     "securemig/lab/bench/qemu.py": "a benchmark of QEMU itself",
     # Compares securemig's live migration with QEMU's own TLS and plain ones.
     "securemig/lab/bench/live.py": "a benchmark against QEMU's own migration",
+    # Times a TPM and records which: a fresh swtpm of its own or the one given.
+    "securemig/lab/bench/tpm.py": "a benchmark naming the TPM it timed",
     # Runs libvirtd itself: the run directory of libvirt's QEMU driver is "qemu".
     "securemig/lab/libvirt.py": "the lab's libvirt hosts, libvirt's own directories",
 }

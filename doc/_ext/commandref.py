@@ -10,10 +10,17 @@ operator).  The text is exactly what the command prints at 80 columns: the
 documentation cannot disagree with ``--help``, and a command added to the
 parser appears here without anyone writing it down
 (``tests/test_docs.py`` checks both).
+
+Each command is an entry of its own: a section with a one-line summary (its
+description's first sentence), a label ``command-<command>`` that
+``:ref:`` reaches from any page (``:ref:`securemig migrate
+<command-securemig-migrate>```), an index entry, and a line in the list of
+commands at the top of the reference.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -22,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from docutils import nodes
+from sphinx import addnodes
 from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 from twisted.scripts.twistd import ServerOptions
@@ -47,10 +55,41 @@ def _columns() -> Iterator[None]:
             os.environ["COLUMNS"] = before
 
 
-def securemig_helps() -> list[tuple[str, str]]:
-    """(command, its ``--help`` text) for ``securemig`` and each subcommand."""
+def summary(text: str | None) -> str:
+    """The first sentence of a description, on one line."""
+    flat = " ".join((text or "").split())
+    for end in (".  ", ". ", ": "):
+        if end in flat:
+            return flat.split(end, 1)[0] + "."
+    return flat
+
+
+def label(command: str) -> str:
+    """The ``:ref:`` label of a command's entry: ``command-securemig-vm-create``."""
+    return nodes.make_id("command-" + command)
+
+
+def securemig_helps() -> list[tuple[str, str, str]]:
+    """(command, its ``--help`` text, its summary) for ``securemig`` and
+    each subcommand."""
+    parsers = list(walk_parsers(build_parser()))
+    # The one line each command's parent lists it with (its ``help=``).
+    listed: dict[int, str] = {}
+    for parser in parsers:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    if choice.help:
+                        listed[id(action.choices[choice.dest])] = choice.help
     with _columns():
-        return [(p.prog, p.format_help()) for p in walk_parsers(build_parser())]
+        return [
+            (
+                p.prog,
+                p.format_help(),
+                summary(listed[id(p)]) if id(p) in listed else summary(p.description),
+            )
+            for p in parsers
+        ]
 
 
 def twistd_help(plugin: str) -> str:
@@ -81,18 +120,47 @@ class CommandReferenceDirective(SphinxDirective):
         if self.arguments == ["securemig"]:
             helps = securemig_helps()
         elif len(self.arguments) == 2 and self.arguments[0] == "twistd":
-            helps = [(" ".join(self.arguments), twistd_help(self.arguments[1]))]
+            text = twistd_help(self.arguments[1])
+            # twistd's synopsis line, then the plugin's description.
+            paragraphs = [" ".join(p.split()) for p in text.split("\n\n")[1:] if p.strip()]
+            first = summary(paragraphs[0]) if paragraphs else ""
+            helps = [(" ".join(self.arguments), text, first)]
         else:
             raise self.error("command-reference takes 'securemig' or 'twistd PLUGIN'")
-        return [self._section(command, text) for command, text in helps]
+        result: list[nodes.Node] = []
+        if len(helps) > 1:
+            result.append(self._contents(helps))
+        return result + [self._section(*entry) for entry in helps]
 
-    def _section(self, command: str, text: str) -> nodes.section:
-        """A section titled with ``command``, its help as a literal block."""
-        section_id = nodes.make_id("command-" + command)
+    def _contents(self, helps: list[tuple[str, str, str]]) -> nodes.bullet_list:
+        """One line per command: a link to its entry and its summary."""
+        items = nodes.bullet_list()
+        for command, _, first in helps:
+            para = nodes.paragraph()
+            link = nodes.reference("", "", internal=True, refid=label(command))
+            link += nodes.literal(command, command)
+            para += link
+            if first:
+                para += nodes.Text(f" — {first}")
+            items += nodes.list_item("", para)
+        return items
+
+    def _section(self, command: str, text: str, first: str) -> nodes.section:
+        """A section titled with ``command``: its summary, its help as a
+        literal block; a ``:ref:`` label and an index entry."""
+        section_id = label(command)
         section = nodes.section(ids=[section_id], names=[nodes.fully_normalize_name(command)])
         section += nodes.title(command, "", nodes.literal(command, command))
+        section += addnodes.index(
+            entries=[("single", f"{command} (command)", section_id, "", None)]
+        )
+        if first:
+            section += nodes.paragraph(first, first)
         section += nodes.literal_block(text, text, language="text")
         self.state.document.note_implicit_target(section, section)
+        self.env.get_domain("std").note_hyperlink_target(  # type: ignore[attr-defined]
+            section_id, self.env.docname, section_id, command
+        )
         return section
 
 

@@ -8,8 +8,15 @@ Layout of a destination's state directory::
     STATE_DIR/staging/MID/        an arrival in progress (or held in doubt)
     STATE_DIR/locks/NAME.lock     held while VM NAME is arriving
 
-Methods of :class:`Arrival` that touch files run on the connection's disk
-thread (see :mod:`securemig.transport.control`), in the order the session asked.
+:class:`DestinationHost` admits arrivals and, on the reactor thread,
+settles what its journal left unfinished (after a restart, a source's
+RESOLVE, or ``settle``).  The methods of :class:`Arrival` under "on the disk
+thread" run on the connection's disk executor
+(:class:`~securemig.transport.executor.ThreadExecutor`, fed by
+:class:`~securemig.transport.destination.DestinationProtocol`), in the order
+the session asked; the others run on the reactor thread, and none of those
+blocks it (a live arrival's guest is ended with the backend's asynchronous
+``end``).
 """
 
 from __future__ import annotations
@@ -43,11 +50,20 @@ def variant_name(variant: wire.Variant) -> str:
     return variant.name.lower().replace("_", "-")
 
 
-def remove_staging(staging: Path) -> None:
+async def remove_staging(staging: Path) -> None:
     """Remove a staging directory, first ending what a live arrival may have
-    started in it (its backend's guest and vTPM, by their records there)."""
+    started in it (its backend's guest and vTPM, by their records there),
+    without blocking the reactor thread."""
     if staging.is_dir():
-        backends.end_started(staging)
+        await backends.end_started(staging)
+    files.remove_tree(staging)
+
+
+def remove_staging_blocking(staging: Path) -> None:
+    """:func:`remove_staging`, blocking: off the reactor thread (the disk
+    executor's worker)."""
+    if staging.is_dir():
+        backends.end_started_blocking(staging)
     files.remove_tree(staging)
 
 
@@ -106,7 +122,7 @@ class DestinationHost:
             # Staging the journal does not know (a crash between the journal's
             # begin and mkdir cannot make this; a hand-made copy can).
             if self.journal.get(path.name) is None:
-                remove_staging(path)
+                await remove_staging(path)
                 actions.append((path.name, "unknown staging removed"))
         return actions
 
@@ -119,11 +135,11 @@ class DestinationHost:
         path = staging if staging.exists() else self.vms / record.vm
         return backend_for(self.backend).has_process(Bundle(path, Manifest(name=record.vm)))
 
-    def _lose(self, record: Any, why: str) -> None:
+    async def _lose(self, record: Any, why: str) -> None:
         """A live arrival whose QEMU ended before the COMMIT was journaled
         here: it never ran here; journal LOST, remove staging, journal aborted."""
         self.journal.phase(record.id, "lost")
-        remove_staging(self.staging / record.id)
+        await remove_staging(self.staging / record.id)
         self.journal.finish(record.id, Outcome.ABORTED.value, error=f"LIVE_FAILED: {why}")
         log.warn("migration {mid}: VM {vm}: {why}: lost here", mid=record.id, vm=record.vm, why=why)
 
@@ -132,7 +148,7 @@ class DestinationHost:
         in_place = (self.vms / record.vm).exists() and not staging.exists()
         committed = record.reached("committed") or record.reached("resumed")
         if record.reached("lost"):
-            remove_staging(staging)
+            await remove_staging(staging)
             if record.outcome is None:
                 self.journal.finish(record.id, Outcome.ABORTED.value, error="LIVE_FAILED: lost")
             return "lost here (its QEMU ended before the guest ran): staging removed"
@@ -142,7 +158,7 @@ class DestinationHost:
             and staging.exists()
             and self.live_qemu(record) is False
         ):
-            self._lose(record, "its QEMU ended before the guest ran here")
+            await self._lose(record, "its QEMU ended before the guest ran here")
             return "its QEMU ended before the guest ran here: lost here; the source continues it"
         if committed and (staging.exists() or in_place):
             # In place is not done: the crash may have come before the resume
@@ -154,7 +170,7 @@ class DestinationHost:
                 record.id, Outcome.IN_DOUBT.value, error="destination restarted after PREPARED"
             )
             return "prepared: held in doubt until the source resolves it"
-        remove_staging(staging)
+        await remove_staging(staging)
         self.journal.finish(
             record.id,
             Outcome.ABORTED.value,
@@ -238,7 +254,7 @@ class DestinationHost:
             if lock is None:
                 return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
             try:
-                self._lose(record, "its QEMU ended before the guest ran here")
+                await self._lose(record, "its QEMU ended before the guest ran here")
             finally:
                 lock.release()
             return answer(wire.Settled.LOST, lost)
@@ -265,7 +281,7 @@ class DestinationHost:
             if lock is None:
                 return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
             try:
-                remove_staging(staging)
+                await remove_staging(staging)
             finally:
                 lock.release()
         if record.outcome != Outcome.ABORTED.value:
@@ -319,7 +335,7 @@ class DestinationHost:
     async def _settle_one(self, staging: Path, record: Any, committed: bool) -> str:
         target = self.vms / record.vm
         if not committed:
-            remove_staging(staging)
+            await remove_staging(staging)
             self.journal.finish(
                 staging.name, Outcome.ABORTED.value, error="settled: the source did not commit"
             )
@@ -535,7 +551,7 @@ class Arrival:
             self._file = None
         if self.live_socket is not None:
             self.live_socket.unlink(missing_ok=True)
-        remove_staging(self.staging)
+        remove_staging_blocking(self.staging)
         self.lock.release()
 
     # -- on the reactor thread
@@ -583,7 +599,7 @@ class Arrival:
         (which kept its paused QEMU) continues the guest when it learns it."""
         if self.live is not None and not await self.live.waits_loaded():
             crashpoint.reached("destination-live-lost")
-            self.lose()
+            await self.lose()
             raise ProtocolError(
                 ErrorCode.RESUME_FAILED,
                 f"the QEMU of VM {self.hello.vm_name} ended before its guest ran here: "
@@ -610,14 +626,14 @@ class Arrival:
         """Live mode: the pid file of the arriving VM's QEMU (for crash points)."""
         return self.staging / "qemu.pid" if self.live is not None else None
 
-    def lose(self) -> None:
+    async def lose(self) -> None:
         """Live mode, before the COMMIT is journaled here: its QEMU ended, so
         the guest never ran here; journal LOST, remove staging, free the name."""
         self.lost = True
         self.host.journal.phase(self.id, "lost")
         if self.live is not None:
             self.live.release()
-        remove_staging(self.staging)
+        await remove_staging(self.staging)
         self.lock.release()
         log.warn(
             "migration {mid}: the QEMU of VM {vm} ended before its guest ran here: lost here",

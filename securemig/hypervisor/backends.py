@@ -52,6 +52,7 @@ __all__ = [
     "capabilities",
     "create_vm",
     "end_started",
+    "end_started_blocking",
     "kinds",
     "refusal",
     "register",
@@ -192,20 +193,35 @@ def create_vm(
     )
 
 
-def end_started(path: Path) -> None:
-    """End whatever a backend started for the bundle (or staging) at
-    ``path``, e.g. a live arrival's guest in staging: by the backend its
-    manifest names, or, with no readable manifest, by asking every backend
-    (each ends only what its own records there name)."""
+def _started(path: Path) -> list[tuple[Backend, Bundle]]:
+    """Who to ask to end what was started at ``path``: the backend its
+    manifest names, or, with no readable manifest, every backend (each ends
+    only what its own records there name)."""
     try:
         found: Bundle | None = Bundle.load(path) if (path / MANIFEST).exists() else None
     except BundleError:
         found = None
     if found is not None and found.manifest.backend in kinds():
-        backend_for(found.manifest.backend).end(found)
-        return
-    for kind in kinds():
-        backend_for(kind).end(Bundle(path, Manifest(name="staging", backend=kind)))
+        return [(backend_for(found.manifest.backend), found)]
+    return [
+        (backend_for(kind), Bundle(path, Manifest(name="staging", backend=kind)))
+        for kind in kinds()
+    ]
+
+
+async def end_started(path: Path) -> None:
+    """End whatever a backend started for the bundle (or staging) at
+    ``path``, e.g. a live arrival's guest in staging, without blocking the
+    reactor thread (:meth:`Backend.end`)."""
+    for backend, bundle in _started(path):
+        await backend.end(bundle)
+
+
+def end_started_blocking(path: Path) -> None:
+    """:func:`end_started`, blocking: only off the reactor thread
+    (:meth:`Backend.end_blocking`)."""
+    for backend, bundle in _started(path):
+        backend.end_blocking(bundle)
 
 
 # The shipped backends.  A new one: its module, and one line here.

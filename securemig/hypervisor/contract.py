@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from securemig.hypervisor.bundle import Bundle, BundleError
 
@@ -88,7 +88,7 @@ class LiveSide(Protocol):
     async def cancel(self) -> None:
         """Source, before the commit: stop sending, the guest goes on here."""
 
-    def abandon(self) -> None:
+    def abandon(self) -> Deferred[None]:
         """Destination, before the commit: end the waiting guest."""
 
     async def finish(self) -> None:
@@ -104,7 +104,8 @@ def _unsupported(backend: Backend, operation: str) -> Unsupported:
 
 class Backend(Protocol):
     """What securemig needs from a hypervisor.  Every operation that waits on
-    the hypervisor returns a Deferred; ``status`` and ``end`` are immediate."""
+    the hypervisor returns a Deferred, and none blocks the reactor thread;
+    ``status`` is immediate."""
 
     #: The kind manifests name and the registry knows it by.
     name: str
@@ -130,9 +131,16 @@ class Backend(Protocol):
         """Boot the VM (``Capabilities.startable``)."""
         raise _unsupported(self, "start VMs")
 
-    def end(self, bundle: Bundle) -> None:
+    def end(self, bundle: Bundle) -> Deferred[None]:
         """End whatever of this VM runs here (processes it started, by their
-        records in the bundle's directory); nothing by default."""
+        records in the bundle's directory), without blocking the reactor
+        thread; fires once they are gone.  Nothing by default."""
+        return succeed(None)
+
+    def end_blocking(self, bundle: Bundle) -> None:
+        """:meth:`end`, blocking the calling thread until done: only for
+        callers off the reactor thread (the disk executor's worker, the lab's
+        synchronous stop).  Nothing by default."""
         return None
 
     def live_socket(self, bundle: Bundle, tag: str = "") -> Path:
@@ -154,6 +162,12 @@ class Backend(Protocol):
         :meth:`live_socket` (with ``tag``); fires with its :class:`LiveSide`
         (``Capabilities.live_destination``)."""
         raise _unsupported(self, "take live migrations")
+
+    def console(self, bundle: Bundle) -> Path | None:
+        """The file this host keeps the VM's console in (its first serial
+        port, appended while it runs), for ``securemig vm console``; None
+        for a backend, or a guest, that keeps none."""
+        return None
 
     def has_process(self, bundle: Bundle) -> bool:
         """Whether a process of this VM runs here (its guest running or

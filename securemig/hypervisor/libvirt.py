@@ -175,6 +175,15 @@ def secret_xml(secret_uuid: str, domain: str) -> str:
     )
 
 
+def _lookup(conn: Any, domain_uuid: str) -> Any | None:
+    """The domain of this UUID on ``conn``, or None if libvirt has none."""
+    libvirt = require_libvirt()
+    try:
+        return conn.lookupByUUIDString(domain_uuid)
+    except libvirt.libvirtError:
+        return None
+
+
 def secret_defined(conn: Any, secret_uuid: str) -> bool:
     """Whether libvirt on ``conn`` has a secret of this UUID."""
     libvirt = require_libvirt()
@@ -394,6 +403,15 @@ class LibvirtBackend(Backend):
         except libvirt.libvirtError as e:
             raise LibvirtError(f"cannot connect to libvirt at {uri}: {e}") from None
 
+    @contextmanager
+    def _connection(self, uri: str) -> Iterator[Any]:
+        """A connection to libvirt at ``uri``, closed when the block ends."""
+        conn = self._open(uri)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
     def _uri(self, record: DomainRecord) -> str:
         return self.connect or record.connect
 
@@ -433,8 +451,7 @@ class LibvirtBackend(Backend):
         path = vm_dir / domain_name
         if path.exists():
             return self._adopted_already(path, domain_name)
-        conn = self._open(connect)
-        try:
+        with self._connection(connect) as conn:
             try:
                 domain = conn.lookupByName(domain_name)
             except libvirt.libvirtError:
@@ -476,8 +493,6 @@ class LibvirtBackend(Backend):
             crashpoint.reached("adopt-sealed")
             secret.undefine()
             return Bundle.find(vm_dir, domain_name)
-        finally:
-            conn.close()
 
     def _adopted_already(self, path: Path, domain_name: str) -> Bundle:
         """Adopting an adopted domain again: an adoption interrupted after its
@@ -486,13 +501,10 @@ class LibvirtBackend(Backend):
         refused."""
         bundle = Bundle.find(path.parent, domain_name)
         record = DomainRecord.load(bundle)
-        conn = self._open(self.connect or record.connect)
-        try:
+        with self._connection(self.connect or record.connect) as conn:
             if not secret_defined(conn, record.secret_uuid):
                 raise BundleError(f"{path} already exists: domain {domain_name} is adopted already")
             conn.secretLookupByUUIDString(record.secret_uuid).undefine()
-        finally:
-            conn.close()
         return bundle
 
     @staticmethod
@@ -518,8 +530,7 @@ class LibvirtBackend(Backend):
     def _start(self, bundle: Bundle) -> None:
         libvirt = require_libvirt()
         record = DomainRecord.load(bundle)
-        conn = self._open(self._uri(record))
-        try:
+        with self._connection(self._uri(record)) as conn:
             domain = self._domain(conn, record)
             if domain.isActive():
                 return
@@ -531,8 +542,6 @@ class LibvirtBackend(Backend):
                     raise LibvirtError(
                         f"libvirt did not start domain {record.domain}: {e.get_error_message()}"
                     ) from None
-        finally:
-            conn.close()
         bundle.manifest.state = "running"
         bundle.save()
 
@@ -545,8 +554,7 @@ class LibvirtBackend(Backend):
         libvirt = require_libvirt()
         record = DomainRecord.load(bundle)
         ram = bundle.image_path("ram").absolute()
-        conn = self._open(self._uri(record))
-        try:
+        with self._connection(self._uri(record)) as conn:
             domain = self._domain(conn, record)
             try:
                 domain.save(str(ram))
@@ -554,8 +562,6 @@ class LibvirtBackend(Backend):
                 raise LibvirtError(
                     f"libvirt did not save domain {record.domain}: {e.get_error_message()}"
                 ) from None
-        finally:
-            conn.close()
         bundle.manifest.images = [Image("ram", ram.stat().st_size)]
         bundle.manifest.state = "suspended"
         bundle.save()
@@ -570,8 +576,7 @@ class LibvirtBackend(Backend):
         libvirt = require_libvirt()
         record = DomainRecord.load(bundle)
         ram = bundle.image_path("ram").absolute()
-        conn = self._open(self._uri(record))
-        try:
+        with self._connection(self._uri(record)) as conn:
             domain = self._domain(conn, record)
             if domain.isActive():
                 # Paused (a live arrival waiting for its commit, or the
@@ -588,8 +593,6 @@ class LibvirtBackend(Backend):
                             f"libvirt did not restore domain {record.domain}: "
                             f"{e.get_error_message()}"
                         ) from None
-        finally:
-            conn.close()
         ram.unlink(missing_ok=True)
         bundle.manifest.images = []
         bundle.manifest.state = "running"
@@ -603,12 +606,8 @@ class LibvirtBackend(Backend):
     def _discard(self, bundle: Bundle) -> None:
         libvirt = require_libvirt()
         record = DomainRecord.load(bundle)
-        conn = self._open(self._uri(record))
-        try:
-            try:
-                domain = conn.lookupByUUIDString(record.domain_uuid)
-            except libvirt.libvirtError:
-                domain = None
+        with self._connection(self._uri(record)) as conn:
+            domain = _lookup(conn, record.domain_uuid)
             if domain is not None:
                 if domain.isActive():
                     domain.destroy()
@@ -618,9 +617,36 @@ class LibvirtBackend(Backend):
                     )
             if secret_defined(conn, record.secret_uuid):
                 conn.secretLookupByUUIDString(record.secret_uuid).undefine()
-        finally:
-            conn.close()
         files.remove_tree(bundle.path)
+
+    def end(self, bundle: Bundle) -> Deferred[None]:
+        """Power the domain off here (``destroy``: its memory is lost, its
+        vTPM state stays), on the backend's own thread; nothing for a bundle
+        that is no adopted domain (a staging directory another backend's VM
+        left)."""
+        return self._call(self.end_blocking, bundle)
+
+    def end_blocking(self, bundle: Bundle) -> None:
+        """:meth:`end`, blocking the calling thread (never the reactor's)."""
+        try:
+            record = DomainRecord.load(bundle)
+        except BundleError:
+            return
+        with self._connection(self._uri(record)) as conn:
+            domain = _lookup(conn, record.domain_uuid)
+            if domain is not None and domain.isActive():
+                domain.destroy()
+
+    def has_process(self, bundle: Bundle) -> bool:
+        """Whether libvirt runs the domain here (running or paused); False
+        for a bundle that is no adopted domain.  Blocks on libvirt."""
+        try:
+            record = DomainRecord.load(bundle)
+        except BundleError:
+            return False
+        with self._connection(self._uri(record)) as conn:
+            domain = _lookup(conn, record.domain_uuid)
+            return domain is not None and bool(domain.isActive())
 
     # -- status
 
@@ -633,17 +659,15 @@ class LibvirtBackend(Backend):
         ``shutoff``, ...; ``undefined`` if libvirt has no such domain.
         Blocks (the backend contract's status is synchronous; the CLI calls
         it without a reactor); :meth:`state` is the asynchronous one."""
-        libvirt = require_libvirt()
         record = DomainRecord.load(bundle)
-        conn = self._open(self._uri(record))
-        try:
-            try:
-                domain = conn.lookupByUUIDString(record.domain_uuid)
-            except libvirt.libvirtError:
+        return self._state_at(self._uri(record), record.domain_uuid)
+
+    def _state_at(self, uri: str, domain_uuid: str) -> str:
+        with self._connection(uri) as conn:
+            domain = _lookup(conn, domain_uuid)
+            if domain is None:
                 return "undefined"
             return STATES.get(domain.state()[0], "unknown")
-        finally:
-            conn.close()
 
     # -- live migration (issue 23)
 
@@ -653,16 +677,13 @@ class LibvirtBackend(Backend):
 
     def _outgoing(self, bundle: Bundle) -> Outgoing:
         record = DomainRecord.load(bundle)
-        conn = self._open(self._uri(record))
-        try:
+        with self._connection(self._uri(record)) as conn:
             domain = self._domain(conn, record)
             if not domain.isActive():
                 raise BundleError(f"domain {record.domain} does not run: nothing to migrate live")
             return Outgoing(
                 record.domain, record.domain_uuid, record.secret_uuid, domain_disks(domain)
             )
-        finally:
-            conn.close()
 
     def migrate_out(
         self,
@@ -702,8 +723,7 @@ class LibvirtBackend(Backend):
             params[libvirt.VIR_MIGRATE_PARAM_DISKS_URI] = "unix://" + paths.libvirt("disk")
         if parallel:
             params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = parallel
-        conn = self._open(self._uri(record))
-        try:
+        with self._connection(self._uri(record)) as conn:
             domain = self._domain(conn, record)
             try:
                 domain.migrateToURI3(
@@ -717,8 +737,6 @@ class LibvirtBackend(Backend):
                     f"{e.get_error_message()}",
                     ErrorCode.LIVE_FAILED,
                 ) from None
-        finally:
-            conn.close()
 
     def finish_out(self, bundle: Bundle) -> Deferred[None]:
         """Source, after COMMITTED: the domain's definition and vTPM state
@@ -730,12 +748,8 @@ class LibvirtBackend(Backend):
     def _finish_out(self, bundle: Bundle) -> None:
         libvirt = require_libvirt()
         record = DomainRecord.load(bundle)
-        conn = self._open(self._uri(record))
-        try:
-            try:
-                domain = conn.lookupByUUIDString(record.domain_uuid)
-            except libvirt.libvirtError:
-                domain = None
+        with self._connection(self._uri(record)) as conn:
+            domain = _lookup(conn, record.domain_uuid)
             if domain is not None:
                 if domain.isActive():
                     raise LibvirtError(
@@ -744,8 +758,6 @@ class LibvirtBackend(Backend):
                 domain.undefineFlags(
                     libvirt.VIR_DOMAIN_UNDEFINE_TPM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                 )
-        finally:
-            conn.close()
         files.remove_tree(bundle.path)
 
     # -- destination
@@ -763,15 +775,11 @@ class LibvirtBackend(Backend):
     def _prepare_in(
         self, outgoing: Outgoing, value: bytes, paths: SocketPaths, copy_storage: bool
     ) -> None:
-        libvirt = require_libvirt()
+        require_libvirt()
         paths.local_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        conn = self._open(self.connect or DEFAULT_URI)
-        try:
-            try:
-                conn.lookupByUUIDString(outgoing.domain_uuid)
+        with self._connection(self.connect or DEFAULT_URI) as conn:
+            if _lookup(conn, outgoing.domain_uuid) is not None:
                 raise BundleError(f"domain {outgoing.domain} is defined here already")
-            except libvirt.libvirtError:
-                pass
             if copy_storage:
                 for disk in outgoing.disks:
                     _create_volume(conn, disk)
@@ -779,8 +787,6 @@ class LibvirtBackend(Backend):
                 conn.secretLookupByUUIDString(outgoing.secret_uuid).undefine()
             secret = conn.secretDefineXML(secret_xml(outgoing.secret_uuid, outgoing.domain))
             secret.setValue(value)
-        finally:
-            conn.close()
 
     def end_in(self, outgoing: Outgoing, paths: SocketPaths) -> Deferred[None]:
         """Destination, once libvirt's migration ended (swtpm holds the key,
@@ -788,12 +794,9 @@ class LibvirtBackend(Backend):
         return self._call(self._end_in, outgoing, paths)
 
     def _end_in(self, outgoing: Outgoing, paths: SocketPaths) -> None:
-        conn = self._open(self.connect or DEFAULT_URI)
-        try:
+        with self._connection(self.connect or DEFAULT_URI) as conn:
             if secret_defined(conn, outgoing.secret_uuid):
                 conn.secretLookupByUUIDString(outgoing.secret_uuid).undefine()
-        finally:
-            conn.close()
         files.remove_tree(paths.local_dir)
 
     def arrived_state(self, outgoing: Outgoing) -> Deferred[str]:
@@ -801,16 +804,7 @@ class LibvirtBackend(Backend):
         return self._call(self._arrived_state, outgoing)
 
     def _arrived_state(self, outgoing: Outgoing) -> str:
-        libvirt = require_libvirt()
-        conn = self._open(self.connect or DEFAULT_URI)
-        try:
-            try:
-                domain = conn.lookupByUUIDString(outgoing.domain_uuid)
-            except libvirt.libvirtError:
-                return "undefined"
-            return STATES.get(domain.state()[0], "unknown")
-        finally:
-            conn.close()
+        return self._state_at(self.connect or DEFAULT_URI, outgoing.domain_uuid)
 
     def commit_in(self, vm_dir: Path, outgoing: Outgoing, sealed: bytes) -> Deferred[Bundle]:
         """Destination, at COMMIT: the bundle (the secret sealed to this
@@ -835,17 +829,11 @@ class LibvirtBackend(Backend):
 
     def _abort_in(self, outgoing: Outgoing, paths: SocketPaths) -> None:
         libvirt = require_libvirt()
-        conn = self._open(self.connect or DEFAULT_URI)
-        try:
-            try:
-                domain = conn.lookupByUUIDString(outgoing.domain_uuid)
-            except libvirt.libvirtError:
-                domain = None
+        with self._connection(self.connect or DEFAULT_URI) as conn:
+            domain = _lookup(conn, outgoing.domain_uuid)
             if domain is not None:
                 if domain.isActive():
                     domain.destroy()
                 if domain.isPersistent():
                     domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
-        finally:
-            conn.close()
         self._end_in(outgoing, paths)

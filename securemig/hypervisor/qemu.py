@@ -42,7 +42,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,10 @@ PACKAGE = "qemu-system-x86"
 MIGRATION_TIMEOUT = 300.0
 #: How long swtpm may take to end after its QEMU did.
 SWTPM_EXIT_TIMEOUT = 5.0
+#: How long QEMU or swtpm may take to end after SIGTERM before SIGKILL.
+END_GRACE = 4.0
+#: How often an ending program is looked at.
+END_POLL = 0.02
 #: How long :meth:`QemuBackend.status` waits for QMP's answer.
 STATUS_TIMEOUT = 3.0
 
@@ -76,6 +80,24 @@ SOCKET_ID = "sockets.id"
 
 #: Returns the 32-byte state key of a bundle's vTPM (unsealed by this host's TPM).
 VTPMKey = Callable[[Bundle], bytes]
+
+#: Waits for a number of seconds: on the reactor's clock, or blocking.
+Sleep = Callable[[float], Awaitable[None]]
+
+
+async def _sleep_blocking(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _run_blocking(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine that never yields to an event loop (it only awaits
+    :func:`_sleep_blocking`) to its end, here."""
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    coroutine.close()
+    raise RuntimeError("a blocking coroutine yielded to an event loop")
 
 
 class QemuError(LocalFault, RuntimeError):
@@ -152,6 +174,8 @@ class QemuBackend(Backend):
         #: How a VM's vTPM key is obtained; None on a host without a TPM
         #: identity, where VMs with a vTPM cannot start.
         self.vtpm_key = vtpm_key
+        #: How long an ending QEMU or swtpm may take after SIGTERM.
+        self.end_grace = END_GRACE
 
     # -- files of a running VM
 
@@ -297,7 +321,7 @@ class QemuBackend(Backend):
             "chardev:heartbeat",
         ]
 
-    def _spawn(self, bundle: Bundle, incoming: bool) -> None:
+    async def _spawn(self, bundle: Bundle, incoming: bool) -> None:
         """Start the VM's swtpm (if any), then its QEMU; on failure neither
         is left running."""
         (bundle.path / SOCKET_ID).unlink(missing_ok=True)
@@ -309,10 +333,10 @@ class QemuBackend(Backend):
         try:
             result = subprocess.run(argv, capture_output=True, text=True, check=False)
         except BaseException:
-            self.end(bundle)
+            await self.end(bundle)
             raise
         if result.returncode != 0:
-            self.end(bundle)
+            await self.end(bundle)
             raise QemuError(f"QEMU did not start: {(result.stderr or result.stdout).strip()}")
 
     async def _wait_migration(self, monitor: qmp.QMPProtocol) -> None:
@@ -320,7 +344,7 @@ class QemuBackend(Backend):
         while True:
             try:
                 status = (await monitor.execute("query-migrate")).get("status")
-            except qmp.QMPError:
+            except qmp.Interrupted:
                 raise QemuError(
                     "QEMU exited during the migration (at an incoming one, a RAM image it "
                     "cannot load, or a vTPM key that does not decrypt the vTPM state in it)"
@@ -340,7 +364,7 @@ class QemuBackend(Backend):
         return Deferred.fromCoroutine(self._start(bundle))
 
     async def _start(self, bundle: Bundle) -> None:
-        self._spawn(bundle, incoming=False)
+        await self._spawn(bundle, incoming=False)
         bundle.manifest.state = "running"
         bundle.save()
 
@@ -397,7 +421,7 @@ class QemuBackend(Backend):
             raise QemuError(
                 f"VM {bundle.name} has no running QEMU and no RAM image ({ram}) to resume from"
             )
-        self._spawn(bundle, incoming=True)
+        await self._spawn(bundle, incoming=True)
         try:
             monitor = await self.monitor(bundle)
             await monitor.execute("migrate-incoming", uri=f"exec:cat {shlex.quote(str(ram))}")
@@ -410,17 +434,17 @@ class QemuBackend(Backend):
             monitor.transport.loseConnection()  # type: ignore[union-attr,misc]
             await monitor.closed
         except BaseException:
-            self.end(bundle)
+            await self.end(bundle)
             raise
         bundle.manifest.state = "running"
         bundle.save()
 
     def discard(self, bundle: Bundle) -> Deferred[None]:
         """End the VM's QEMU, if any, and remove the bundle."""
-        self.end(bundle)
-        return Deferred.fromCoroutine(self._remove(bundle))
+        return Deferred.fromCoroutine(self._discard(bundle))
 
-    async def _remove(self, bundle: Bundle) -> None:
+    async def _discard(self, bundle: Bundle) -> None:
+        await self.end(bundle)
         files.remove_tree(bundle.path)
 
     async def _ended(self, bundle: Bundle, program: str, pid: int | None) -> None:
@@ -430,17 +454,31 @@ class QemuBackend(Backend):
         # The pid, not the pid file: programs remove it before they are gone.
         while pid is not None and alive(pid):
             if time.monotonic() > deadline:
-                self._end(bundle, program)
+                await self._end(bundle, program, self._sleep)
                 if alive(pid):
                     os.kill(pid, signal.SIGKILL)
                 return
-            await deferLater(self.reactor, 0.02, lambda: None)
+            await self._sleep(END_POLL)
 
-    def end(self, bundle: Bundle) -> None:
+    def _sleep(self, seconds: float) -> Deferred[None]:
+        """Wait on the reactor's clock."""
+        return deferLater(self.reactor, seconds, lambda: None)
+
+    def end(self, bundle: Bundle) -> Deferred[None]:
         """End this VM's QEMU, then its swtpm, by the pids in their pid
-        files (processes we started), and remove their sockets."""
-        self._end(bundle, "qemu")
-        self._end(bundle, "swtpm")
+        files (processes we started), and remove their sockets: SIGTERM,
+        then SIGKILL after :attr:`end_grace`, waiting on the reactor's clock
+        (the reactor thread never sleeps)."""
+        return Deferred.fromCoroutine(self._end_all(bundle, self._sleep))
+
+    def end_blocking(self, bundle: Bundle) -> None:
+        """:meth:`end`, sleeping on this thread: only off the reactor thread
+        (the disk executor's worker, the lab's synchronous stop)."""
+        _run_blocking(self._end_all(bundle, _sleep_blocking))
+
+    async def _end_all(self, bundle: Bundle, sleep: Sleep) -> None:
+        await self._end(bundle, "qemu", sleep)
+        await self._end(bundle, "swtpm", sleep)
         self._remove_sockets(bundle)
 
     def _remove_sockets(self, bundle: Bundle) -> None:
@@ -449,16 +487,25 @@ class QemuBackend(Backend):
             self._socket(bundle, kind).unlink(missing_ok=True)
         self._vtpm_link(bundle).unlink(missing_ok=True)
 
-    def _end(self, bundle: Bundle, program: str) -> None:
+    async def _end(self, bundle: Bundle, program: str, sleep: Sleep) -> None:
+        """SIGTERM ``program`` of this VM, wait up to :attr:`end_grace` for it
+        to exit, then SIGKILL it (and wait until it is gone)."""
         pid = self._pid(bundle, program)
         if pid is None:
             return
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(200):
-            if not alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.end_grace
+        while alive(pid):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                for _ in range(int(1 / END_POLL)):  # gone at once, unless uninterruptible
+                    if not alive(pid):
+                        return
+                    await sleep(END_POLL)
                 return
-            time.sleep(0.02)
-        os.kill(pid, signal.SIGKILL)
+            await sleep(END_POLL)
 
     def live_source(
         self,
@@ -485,34 +532,23 @@ class QemuBackend(Backend):
 
     def query(self, bundle: Bundle, command: str, timeout: float = 30.0, **arguments: Any) -> Any:
         """Run one QMP command on the running VM over a plain blocking
-        socket (for synchronous callers such as the demo); its return value."""
-        import json
-        import socket
-
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(self._socket(bundle)))
-            stream = sock.makefile("rw")
-            stream.readline()  # greeting
-            for request in (
-                {"execute": "qmp_capabilities"},
-                {"execute": command, "arguments": arguments},
-            ):
-                stream.write(json.dumps(request) + "\n")
-                stream.flush()
-                while True:
-                    reply = json.loads(stream.readline())
-                    if "error" in reply:
-                        raise QemuError(reply["error"].get("desc", "QMP error"))
-                    if "return" in reply:
-                        break
-            return reply["return"]
+        socket (for synchronous callers such as the demo); its return value.
+        QemuError if QEMU refuses it or breaks QMP (the cause says which),
+        OSError if its socket does."""
+        try:
+            return qmp.query(str(self._socket(bundle)), command, timeout, **arguments)
+        except qmp.QMPError as e:
+            raise QemuError(str(e)) from e
 
     def guest_memory(self, bundle: Bundle, address: int, size: int) -> bytes:
         """Guest-physical memory of the running VM (QMP ``pmemsave``)."""
         with tempfile.NamedTemporaryFile() as out:
             self.query(bundle, "pmemsave", val=address, size=size, filename=out.name)
             return Path(out.name).read_bytes()
+
+    def console(self, bundle: Bundle) -> Path | None:
+        """A Linux guest's console file (a firmware guest prints nothing)."""
+        return console_path(bundle) if bundle.manifest.guest == "linux" else None
 
     def vtpm_attached(self, bundle: Bundle) -> bool:
         """Whether the running VM has its swtpm vTPM as a TPM device."""
@@ -598,7 +634,7 @@ class LiveMigration:
         """``query-migrate``; a QEMU that exited says so."""
         try:
             info: dict[str, Any] = await self.monitor.execute("query-migrate")
-        except qmp.QMPError:
+        except qmp.Interrupted:
             raise QemuError(
                 f"the QEMU of VM {self.bundle.name} exited during the migration"
             ) from None
@@ -664,10 +700,10 @@ class LiveMigration:
                     await deferLater(self.backend.reactor, 0.02, lambda: None)
         await self.cont()
 
-    def abandon(self) -> None:
+    def abandon(self) -> Deferred[None]:
         """At the destination, before the commit: end its QEMU and swtpm."""
         self.release()
-        self.backend.end(self.bundle)
+        return self.backend.end(self.bundle)
 
     async def finish(self) -> None:
         """At the source, after the commit: end its QEMU, then its swtpm."""
@@ -676,7 +712,7 @@ class LiveMigration:
             await self.monitor.execute("quit")
         await self.backend._ended(self.bundle, "qemu", pids["qemu"])
         await self.backend._ended(self.bundle, "swtpm", pids["swtpm"])
-        self.backend.end(self.bundle)
+        await self.backend.end(self.bundle)
 
     def release(self) -> None:
         """Let go of the QMP connection (QEMU serves one client at a time),
@@ -719,12 +755,12 @@ async def _live_destination(backend: QemuBackend, bundle: Bundle, tag: str) -> L
     (bundle.path / vtpm.STATE_DIR).mkdir(exist_ok=True)
     socket = live_socket(bundle, tag)
     socket.unlink(missing_ok=True)
-    backend._spawn(bundle, incoming=True)
+    await backend._spawn(bundle, incoming=True)
     try:
         monitor = await backend.monitor(bundle)
         await monitor.execute("migrate-incoming", uri=f"unix:{socket}")
     except BaseException:
-        backend.end(bundle)
+        await backend.end(bundle)
         socket.unlink(missing_ok=True)
         raise
     live = LiveMigration(backend, bundle, monitor)

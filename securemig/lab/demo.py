@@ -78,7 +78,7 @@ def run(
                 destination.state_dir / "vms" / "demo-vm",
                 home.state_dir / "vms" / "demo-vm",
             ):
-                lab.on_stop(partial(qemu.end, Bundle(where, vm.manifest)))
+                lab.on_stop(partial(qemu.end_blocking, Bundle(where, vm.manifest)))
         identity = vm.manifest.vtpm
 
         def state_of(bundle: Bundle) -> Any:
@@ -280,7 +280,7 @@ def run_live(as_json: bool = False, keep: bool = False) -> int:
         there = destination.state_dir / "vms" / "demo-vm"
         back = home.state_dir / "vms" / "demo-vm"
         for where in (vm.path, there, back):
-            lab.on_stop(partial(qemu.end, Bundle(where, vm.manifest)))
+            lab.on_stop(partial(qemu.end_blocking, Bundle(where, vm.manifest)))
         expected = hashlib.sha256(bytes(32) + bytes.fromhex(pcr16)).hexdigest()
         watch = Watch(heartbeat_path(vm))
         watches.append(watch)

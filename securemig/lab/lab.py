@@ -123,7 +123,7 @@ class Lab:
             stop()
         self._stops.clear()
         for staged in sorted(self.work.glob("*/staging/*/")):
-            backends.end_started(staged)
+            backends.end_started_blocking(staged)
 
     def start_destination(
         self,

@@ -54,14 +54,18 @@ class OpenStream:
 
 @dataclass(frozen=True)
 class WriteChunk:
-    """Destination: append this chunk to the open stream (and hash it)."""
+    """Destination: append this chunk to the open stream (hashed too where
+    the stream's SHA-256 is checked: see :class:`CloseStream`)."""
 
     data: wire.Data
 
 
 @dataclass(frozen=True)
 class CloseStream:
-    """Destination: finish the open stream; its SHA-256 must equal ``sha256``."""
+    """Destination: finish the open stream.  Its SHA-256 must equal
+    ``sha256`` on the secure variant's control connection; a data channel's
+    records are authenticated one by one and the insecure twin checks sizes
+    only, so there the shell does not hash it."""
 
     index: int
     sha256: bytes

@@ -354,8 +354,12 @@ class Data:
     """One chunk of the current stream.  Its payload is the raw chunk.
 
     The decoder hands the chunk over as the pieces it arrived in (views of
-    the received buffers) so that the bytes are never copied on the reactor
-    thread; the disk thread hashes and writes them piece by piece.
+    the buffers it was fed: the received bytes on the control connection,
+    an opened record's plaintext on the data channel), so the decoder never
+    copies it; the disk thread writes them piece by piece, and hashes them
+    only where the stream's SHA-256 is checked (the secure variant's control
+    connection: a data channel's records are authenticated one by one, and
+    the insecure twin checks sizes only).
     """
 
     parts: tuple[bytes | memoryview, ...]

@@ -14,12 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    connectProtocol,
-    wrapClientTLS,
-)
+from twisted.internet.endpoints import connectProtocol, wrapClientTLS
 from twisted.logger import Logger
 
 from securemig.host.departure import Departure, unseal_vtpm_key
@@ -35,6 +30,7 @@ from securemig.transport.executor import ThreadExecutor
 from securemig.transport.options import SourceOptions
 from securemig.transport.resolve import resolve
 from securemig.transport.source import SourceProtocol
+from securemig.transport.tcp import client_endpoint
 
 log = Logger()
 
@@ -134,8 +130,7 @@ async def migrate(
         security=security,
         bandwidth=options.bandwidth,
     )
-    endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-    endpoint: Any = endpoint_type(reactor, host, port, timeout=30)
+    endpoint: Any = client_endpoint(reactor, host, port)
     if security is not None:
         assert secure is not None
         endpoint = wrapClientTLS(

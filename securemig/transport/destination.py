@@ -16,10 +16,11 @@ Data path, and why it looks like this:
   with 16 KiB chunks; it costs a Python round trip per 16 KiB.)
 - The destination never writes files on the reactor thread.  Each
   connection gets its own single-thread pool (a shared pool could reorder
-  one file's writes); chunks are queued to it in order, hashed and written
-  in the same pass.  When more than ``high_water`` bytes are queued the
-  destination pauses the transport, so TCP's window pushes back on the
-  source and memory is bounded by the window, not by the image.
+  one file's writes); chunks are queued to it in order, written (and
+  hashed, where the stream's SHA-256 is checked) in the same pass.  When
+  more than ``high_water`` bytes are queued the destination pauses the
+  transport, so TCP's window pushes back on the source and memory is
+  bounded by the window, not by the image.
 - Secure variant: the images go on a data channel of their own
   (:class:`DataChannelSender` → :class:`DataChannelReceiver`), sealed into
   AEAD records by :mod:`securemig.protocol.records` on the source's worker

@@ -15,12 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    connectProtocol,
-    wrapClientTLS,
-)
+from twisted.internet.endpoints import connectProtocol, wrapClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -30,6 +25,7 @@ from securemig.protocol import wire
 from securemig.protocol.errors import ErrorCode, PeerViolation, ProtocolError
 from securemig.transport import tls
 from securemig.transport.control import Connection
+from securemig.transport.tcp import client_endpoint
 
 log = Logger()
 
@@ -92,8 +88,7 @@ async def resolve(
     record = owed.record
     host, _, port = record.peer.rpartition(":")
     host = host.strip("[]")
-    endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-    endpoint: Any = endpoint_type(reactor, host, int(port), timeout=timeout)
+    endpoint: Any = client_endpoint(reactor, host, int(port), timeout=timeout)
     if record.protocol == "secure":
         if identity is None:
             raise ProtocolError(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any, assert_never
 
 from service_identity import VerificationError
@@ -29,7 +30,7 @@ from securemig.transport.control import Connection, FramedProtocol, failure_to_e
 from securemig.transport.executor import Executor
 from securemig.transport.live import LiveSender
 from securemig.transport.streamer import ImageStreamer
-from securemig.transport.tcp import tcp_bytes_acked, tune_transport
+from securemig.transport.tcp import client_endpoint, tcp_bytes_acked, tune_transport
 from securemig.trust.keyrelease import (
     MIGRATION_KEY_ROLE,
     check_offer,
@@ -75,6 +76,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         self.bandwidth = bandwidth
         self.streamer: ImageStreamer | None = None
         self.live_sender: LiveSender | None = None
+        self.live_listen: Path | None = None
         self.finished: Deferred[effects.Finished] = Deferred()
         #: Fires when the control connection is closed: what was written
         #: to it (the last ABORT or COMMIT) has left this process.
@@ -229,6 +231,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         bundle = self.departure.bundle
         listen = self.departure.backend.live_socket(bundle, f"{self.migration_id().hex()}-s")
         listen.unlink(missing_ok=True)
+        self.live_listen = listen
 
         def progress(n: int) -> None:
             self.bytes_sent += n
@@ -336,6 +339,9 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
     def _do_Finished(self, effect: effects.Finished) -> None:
         if self._watch is not None and self._watch.active():
             self._watch.cancel()
+        if self.live_listen is not None:
+            # This migration's own socket (the stream is over either way).
+            self.live_listen.unlink(missing_ok=True)
         try:
             counts = [tcp_bytes_acked(self.transport)]
             if self.data_channel is not None:
@@ -409,10 +415,9 @@ DataConnector = Callable[[str, int, Protocol], Deferred[Any]]
 
 def connect_data_channel(reactor: Any, host: str, port: int, proto: Protocol) -> Deferred[Any]:
     """Connect ``proto`` to a destination's data channel port over TCP."""
-    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+    from twisted.internet.endpoints import connectProtocol
 
-    endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-    return connectProtocol(endpoint_type(reactor, host, port, timeout=30), proto)
+    return connectProtocol(client_endpoint(reactor, host, port), proto)
 
 
 class DataChannelSender(Connection):

@@ -1,5 +1,5 @@
 """
-TCP tuning and accounting under Twisted's transports (TLS or not).
+TCP endpoints, tuning and accounting under Twisted's transports (TLS or not).
 """
 
 from __future__ import annotations
@@ -10,12 +10,25 @@ import sys
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import CannotListenError
 
 from securemig.protocol.errors import ErrorCode, LocalFault
 
 #: Bytes a TCP transport reads or sends per system call (Twisted: 64 KiB / 128 KiB).
 TRANSPORT_IO_SIZE = 1024 * 1024
+#: How long a TCP connection may take to be established.
+CONNECT_TIMEOUT = 30.0
+
+
+def client_endpoint(
+    reactor: Any, host: str, port: int, timeout: float = CONNECT_TIMEOUT
+) -> TCP4ClientEndpoint | TCP6ClientEndpoint:
+    """The TCP client endpoint to ``host`` (an IPv4 or IPv6 address, without
+    brackets, or a name) and ``port``: every connection securemig opens
+    (control, data, RESOLVE) is made here."""
+    endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+    return endpoint_type(reactor, host, port, timeout=timeout)
 
 
 def _with_tcp(transport: Any) -> tuple[Any, ...]:

@@ -66,8 +66,8 @@ class ParserTests(SynchronousTestCase):
     def test_every_command_has_a_handler(self) -> None:
         """Each command and action sets ``func`` to a ``cmd_*`` of its module."""
         found = leaves(build_parser())
-        # pca: init, authorize, replace, revoke, list; vm: +stop, delete, adopt
-        self.assertEqual(len(found), 31)
+        # pca: init, authorize, replace, revoke, list; vm: +stop, delete, adopt, console
+        self.assertEqual(len(found), 32)
         for path, func in found:
             self.assertTrue(callable(func), path)
             self.assertTrue(getattr(func, "__name__", "").startswith("cmd_"), path)

@@ -78,7 +78,8 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(str(cm.exception), "the image backend does not migrate live")
         with self.assertRaises(Unsupported):
             image.start(bundle)
-        image.end(bundle)
+        self.successResultOf(image.end(bundle))
+        image.end_blocking(bundle)
         self.assertFalse(image.vtpm_attached(bundle))
 
     def test_refusal_names_both_backends(self) -> None:

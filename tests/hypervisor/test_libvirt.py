@@ -102,7 +102,8 @@ class LibvirtBackendTests(TestCase):
         secret is undefined again; saved and restored, the same guest runs
         on (heartbeat in sequence, PCR 16 kept).  A wrong value does not
         start it and leaves no secret behind; the right one still does.
-        Discarded, the domain, its vTPM state and the bundle are gone."""
+        Ended, it is off; started again, it runs.  Discarded, the domain,
+        its vTPM state and the bundle are gone."""
         pcr16 = os.urandom(32).hex()
         domain = define_guest(self.host, "adoptee", pcr16=pcr16, persistent_secret=True)
         value = self.conn.secretLookupByUUIDString(domain.secret_uuid).value()
@@ -145,6 +146,11 @@ class LibvirtBackendTests(TestCase):
         self.assertIsInstance(failure.value, LibvirtError)
         self.assertNotIn(value.hex(), str(failure.value))
         self.assert_no_secret(domain.secret_uuid)
+        self.assertEqual(await self.backend.state(bundle), "shutoff")
+        await self.backend.start(bundle)
+        self.assertEqual(await self.backend.state(bundle), "running")
+        # The contract's end (vm stop --force): off the reactor thread, a Deferred.
+        await self.backend.end(bundle)
         self.assertEqual(await self.backend.state(bundle), "shutoff")
         await self.backend.start(bundle)
         self.assertEqual(await self.backend.state(bundle), "running")
@@ -308,6 +314,24 @@ class AdoptCommandTests(TestCase):
         self.assertEqual(status.stdout.strip(), "cli-guest: running (libvirt)", status.stderr)
         self.assertEqual(watch.wait(3, 60).pcr16, extended(pcr16))
         self.assertTrue(watch.continuous())
+
+        # vm delete refuses a running domain; vm stop --force powers it off;
+        # vm delete then removes the domain with its vTPM state and the
+        # bundle (never the bundle alone: it holds the only copy of the secret).
+        refused = self.securemig("vm", "delete", "cli-guest", "--dir", vms)
+        self.assertIn("is running: securemig vm stop it first", refused.stderr)
+        ended = self.securemig("vm", "stop", "cli-guest", "--dir", vms, "--force")
+        self.assertEqual(ended.returncode, 0, ended.stderr)
+        status = self.securemig("vm", "status", "cli-guest", "--dir", vms)
+        self.assertEqual(status.stdout.strip(), "cli-guest: shutoff (libvirt)", status.stderr)
+        uuid_ = conn.lookupByName("cli-guest").UUIDString()
+        self.assertTrue(self.host.path(f"/var/lib/libvirt/swtpm/{uuid_}").exists())
+        deleted = self.securemig("vm", "delete", "cli-guest", "--dir", vms)
+        self.assertEqual(deleted.returncode, 0, deleted.stderr)
+        with self.assertRaises(libvirt.libvirtError):
+            conn.lookupByName("cli-guest")
+        self.assertFalse(self.host.path(f"/var/lib/libvirt/swtpm/{uuid_}").exists())
+        self.assertFalse((self.work / "vms" / "cli-guest").exists())
 
 
 def _remove_domain(conn: Any, name: str) -> None:

@@ -24,8 +24,9 @@ from securemig.hypervisor.qemu import (
     qemu_binary,
 )
 from securemig.protocol import records
-from securemig.transport.live import LIVE_RECORD_PLAINTEXT, LiveReceiver, LiveSender, Relay
+from securemig.transport.live import LIVE_RECORD_PLAINTEXT, LiveReceiver, LiveSender
 
+from .relay import Relay
 from .test_guest import extended, linux_bundle
 from .test_qemu import under_tcg
 
@@ -186,7 +187,7 @@ class LiveMigrationTests(TestCase):
         self.assertIn("does not authenticate", str(receiver.error))
         self.assertEqual(receiver.strangers_closed, 1)
         self.assertEqual(receiver.delivered, 0)
-        incoming.abandon()
+        await incoming.abandon()
         await outgoing.cancel()
         outgoing.release()
         await threads.deferToThread(watch.wait, 5, 30.0)
@@ -207,7 +208,7 @@ class LiveMigrationTests(TestCase):
         os.kill(self.qemu._pid(self.destination) or 0, 9)
         with self.assertRaises(QemuError):
             await outgoing.wait()
-        incoming.abandon()
+        await incoming.abandon()
         await outgoing.cancel()
         self.assertEqual(await outgoing.run_state(), "running")
         outgoing.release()

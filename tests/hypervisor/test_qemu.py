@@ -4,17 +4,20 @@ from it; the marker reads back identical."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet import reactor, threads
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.trial.unittest import TestCase
 
+from securemig.hypervisor import qmp
 from securemig.hypervisor.bundle import Bundle, Image, Manifest, image_file
 from securemig.hypervisor.qemu import (
     MARKER_ADDRESS,
@@ -94,6 +97,94 @@ class QemuBackendTests(TestCase):
         self.assertEqual(await self.read_marker(arrived), self.marker)
         await self.qemu.discard(arrived)
         self.assertFalse(target.exists())
+
+    async def test_qmp_errors_from_a_real_qemu(self) -> None:
+        """QEMU's error class reaches both clients: the Twisted one raises
+        ExecuteError, the blocking one (through the backend) QemuError
+        caused by it; after QEMU quits, a command is Interrupted."""
+        await self.qemu.start(self.bundle)
+        monitor = await self.qemu.monitor(self.bundle)
+        with self.assertRaises(qmp.ExecuteError) as raised:
+            await monitor.execute("no-such-command")
+        self.assertEqual(raised.exception.error_class, "CommandNotFound")
+        monitor.transport.loseConnection()  # type: ignore[union-attr]
+        await monitor.closed
+        with self.assertRaises(QemuError) as blocking:
+            self.qemu.query(self.bundle, "no-such-command")
+        cause = blocking.exception.__cause__
+        assert isinstance(cause, qmp.ExecuteError)
+        self.assertEqual(cause.error_class, "CommandNotFound")
+        self.assertEqual(self.qemu.query(self.bundle, "query-status")["status"], "running")
+        monitor = await self.qemu.monitor(self.bundle)
+        quitting = monitor.execute("quit")
+        await monitor.closed
+        with contextlib.suppress(qmp.Interrupted):  # QEMU may close before its reply
+            await quitting
+        with self.assertRaises(qmp.Interrupted):
+            await monitor.execute("query-status")
+
+    async def _ending(self, bundle: Bundle) -> tuple[float, float]:
+        """End ``bundle``'s QEMU while a 10 ms LoopingCall watches the
+        reactor; how long it took, and the longest the reactor was away."""
+        last = time.monotonic()
+        gaps: list[float] = []
+
+        def tick() -> None:
+            nonlocal last
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+        loop = LoopingCall(tick)
+        loop.clock = reactor
+        started = time.monotonic()
+        loop.start(0.01)
+        try:
+            await self.qemu.end(bundle)
+            took = time.monotonic() - started
+            await deferLater(reactor, 0.03, lambda: None)  # its next tick sees the last gap
+        finally:
+            loop.stop()
+        return took, max(gaps)
+
+    async def _stopped_qemu(self) -> int:
+        """A running QEMU, stopped (SIGSTOP): SIGTERM waits until it continues."""
+        await self.qemu.start(self.bundle)
+        pid = self.qemu._pid(self.bundle)
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(lambda: alive(pid) and os.kill(pid, signal.SIGCONT))
+        return pid
+
+    async def test_end_does_not_block_the_reactor(self) -> None:
+        """A QEMU that does not act on SIGTERM for 0.6 s (stopped, then
+        continued) is waited for on the reactor's clock: it ran every 10 ms,
+        never away for more than 100 ms (the old ``end`` slept 0.6 s)."""
+        pid = await self._stopped_qemu()
+        reactor.callLater(0.6, os.kill, pid, signal.SIGCONT)
+        took, gap = await self._ending(self.bundle)
+        self.assertFalse(alive(pid))
+        self.assertGreater(took, 0.5)
+        self.assertLess(gap, 0.1)
+        self.assertEqual(self.qemu.status(self.bundle), "stopped")
+
+    async def test_end_kills_after_the_grace(self) -> None:
+        """A QEMU that never acts on SIGTERM is killed after the grace,
+        the reactor still free meanwhile."""
+        self.qemu.end_grace = 0.5
+        pid = await self._stopped_qemu()
+        took, gap = await self._ending(self.bundle)
+        self.assertFalse(alive(pid))
+        self.assertGreater(took, 0.5)
+        self.assertLess(gap, 0.1)
+
+    async def test_end_blocking_off_the_reactor_thread(self) -> None:
+        """The blocking form (the disk executor's worker, the lab) ends it too."""
+        await self.qemu.start(self.bundle)
+        pid = self.qemu._pid(self.bundle)
+        assert pid is not None
+        await threads.deferToThread(self.qemu.end_blocking, self.bundle)
+        self.assertFalse(alive(pid))
 
 
 class QemuMigrationBase(TestCase):
@@ -249,7 +340,7 @@ class QemuVTPMTests(TestCase):
         await self.qemu.resume(arrived)
         self.assertEqual(self.qemu.status(arrived), "running")
         self.assertTrue(self.qemu.vtpm_attached(arrived))
-        self.qemu.end(arrived)
+        await self.qemu.end(arrived)
         self.assertEqual(vtpm.identity(arrived.path / vtpm.STATE_DIR, self.key), self.identity)
 
     async def test_without_migration_key_ram_image_holds_vtpm(self) -> None:
@@ -283,7 +374,7 @@ class QemuVTPMTests(TestCase):
 class QemuCommandTests(TestCase):
     """`securemig vm create --backend qemu`, `vm start`, `vm status`."""
 
-    def test_create_start_status(self) -> None:
+    async def test_create_start_status(self) -> None:
         from securemig.lab import processes
 
         qemu_binary()
@@ -305,7 +396,7 @@ class QemuCommandTests(TestCase):
         self.assertIn(
             "running", processes.securemig("vm", "status", "q1", "--dir", str(vm_dir)).stdout
         )
-        QemuBackend(reactor).end(Bundle.load(vm_dir / "q1"))
+        await QemuBackend(reactor).end(Bundle.load(vm_dir / "q1"))
         self.assertIn(
             "stopped", processes.securemig("vm", "status", "q1", "--dir", str(vm_dir)).stdout
         )

@@ -334,6 +334,20 @@ class LiveCrashPointTests(LiveSecureBase):
         and the guest was lost."""
         self.assertEqual(await self.cell("destination-prepared", "destination-qemu"), "source")
 
+    async def test_destination_dies_live_lost(self) -> None:
+        """The destination's QEMU killed after PREPARED, and its daemon
+        killed at the COMMIT that finds it ended, LOST not journaled: the
+        restarted destination finds the QEMU gone before any COMMIT was
+        journaled there and journals LOST; the source's daemon continues
+        its own paused QEMU (reclaimed)."""
+        point = "destination-prepared:guest,destination-live-lost"
+        self.assertEqual(await self.cell(point, "destination"), "source")
+        journal = Journal(self.base / "src-state" / "journal.sqlite")
+        record = journal.records()[0]
+        journal.close()
+        self.assertTrue(record.reached("committed"), record)  # COMMIT was sent
+        self.assertTrue(record.reached("reclaimed"), record)
+
     async def test_destination_qemu_dies_incoming(self) -> None:
         """The destination's QEMU killed as it waits for the stream (before
         LIVE_READY): the source's guest never stopped and goes on there."""

@@ -134,7 +134,13 @@ def add_bench_parser(subparsers: Subparsers) -> None:
     p.add_argument(
         "--tpm",
         action="store_true",
-        help="instead: time TPM operations on a fresh swtpm (--repeat each)",
+        help="instead: time TPM operations on a fresh swtpm, or with --tcti on the "
+        "TPM given (--repeat each)",
+    )
+    p.add_argument(
+        "--tcti",
+        help="--tpm: time the TPM at this TCTI (e.g. device:/dev/tpmrm0, the host's) "
+        "instead of a fresh swtpm; the output says which TPM it timed",
     )
     p.set_defaults(func=cmd_bench)
 
@@ -155,11 +161,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return usage_error("--repeat must be a positive number")
     if not 1 <= args.concurrency <= MAX_CONCURRENCY:
         return usage_error(f"--concurrency takes 1 to {MAX_CONCURRENCY}")
+    if args.tcti is not None and not args.tpm:
+        return usage_error("--tcti goes with --tpm")
     if args.tpm:
-        return tpm.run(repeat=args.repeat)
+        if args.tcti is not None and not args.tcti.strip():
+            return usage_error("--tcti takes a TCTI, e.g. device:/dev/tpmrm0")
+        return tpm.run(repeat=args.repeat, json_path=args.json, tcti=args.tcti)
     sizes = int_list(args.sizes, "--sizes", minimum=1)
     if args.qemu:
-        return qemu.run(sizes, args.repeat)
+        return qemu.run(sizes, args.repeat, json_path=args.json)
     if args.live:
         if args.live_mib < 64 or args.dirty_mib_s < 0:
             return usage_error("--live-mib must be at least 64 and --dirty-mib-s not negative")

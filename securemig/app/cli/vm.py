@@ -1,12 +1,13 @@
-"""``securemig vm create|start|status|list``: VM bundles on this host."""
+"""``securemig vm create|adopt|start|status|stop|delete|console|list``: VM
+bundles on this host."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,23 @@ def add_parser(subparsers: Subparsers) -> None:
                 "--force", action="store_true", help="end QEMU without saving (memory lost)"
             )
         a.set_defaults(func=func)
+    console = vm_sub.add_parser(
+        "console",
+        help="show a VM's console output",
+        description="Print what the VM's guest wrote on its console (its first serial "
+        "port), as this host keeps it: the last --lines lines, then with --follow what "
+        "it writes next until interrupted (Ctrl-C).  Read-only: the console takes no "
+        "input.  A libvirt domain's console is libvirt's: virsh console DOMAIN.",
+    )
+    console.add_argument("name")
+    console.add_argument("--dir", required=True, type=Path, help="directory holding VM bundles")
+    console.add_argument(
+        "--lines", type=_count, default=50, metavar="N", help="how many last lines (default 50)"
+    )
+    console.add_argument(
+        "--follow", action="store_true", help="keep printing what the guest writes next"
+    )
+    console.set_defaults(func=cmd_vm_console)
     listing = vm_sub.add_parser("list", help="list the VM bundles in a directory")
     listing.add_argument("--dir", required=True, type=Path)
     listing.add_argument("--json", action="store_true", help="print JSON")
@@ -277,6 +295,59 @@ def cmd_vm_status(args: argparse.Namespace) -> int:
         gone = given_away(_journal(args), args.name, args.dir)
         return error(gone or str(e))
     print(f"{bundle.name}: {backend.status(bundle)} ({bundle.manifest.backend})")
+    return EXIT_OK
+
+
+def _count(text: str) -> int:
+    """A non-negative whole number of lines, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of lines (0 or more)")
+    return value
+
+
+#: How often ``vm console --follow`` looks for more output.
+CONSOLE_POLL_S = 0.2
+
+
+def cmd_vm_console(args: argparse.Namespace) -> int:
+    """``securemig vm console``: the guest's console output, as its backend
+    keeps it here; with ``--follow``, what comes next until interrupted."""
+    try:
+        bundle, backend = _find(args.dir, args.name, None)
+    except BundleError as e:
+        return error(str(e))
+    path = backend.console(bundle)
+    if path is None:
+        return error(
+            f"VM {bundle.name} ({bundle.manifest.backend}, guest {bundle.manifest.guest}) "
+            "has no console kept by securemig on this host (a firmware guest prints "
+            "none; an adopted libvirt domain's console is virsh console DOMAIN)"
+        )
+    try:
+        while args.follow and not path.exists():
+            # A VM that has not started yet: its console is followed from
+            # its first line.
+            time.sleep(CONSOLE_POLL_S)
+        with open(path, "rb") as f:
+            tail = f.read().splitlines(keepends=True)[-args.lines :] if args.lines else []
+            out = sys.stdout.buffer
+            out.write(b"".join(tail))
+            out.flush()
+            while args.follow:
+                chunk = f.read(1 << 16)
+                if chunk:
+                    out.write(chunk)
+                    out.flush()
+                else:
+                    time.sleep(CONSOLE_POLL_S)
+    except FileNotFoundError:
+        return error(f"VM {bundle.name} has written no console yet ({path} does not exist)")
+    except KeyboardInterrupt:
+        pass
     return EXIT_OK
 
 
@@ -412,7 +483,7 @@ def cmd_vm_stop(args: argparse.Namespace) -> int:
             if state not in ("running", "paused"):  # paused: its QEMU runs, the guest stopped
                 raise BundleError(f"VM {bundle.name} is not running ({state})")
             if args.force:
-                backend.end(bundle)
+                await backend.end(bundle)
                 bundle.manifest.state = "stopped"
                 bundle.save()
                 said.append(f"{bundle.name}: stopped (ended; its memory is lost)")
@@ -434,21 +505,28 @@ def cmd_vm_delete(args: argparse.Namespace) -> int:
     """``securemig vm delete``: remove a stopped VM's bundle."""
     journal = _journal(args)
 
-    async def settle(reactor: Any) -> None:
-        await settle_here(journal, None)
+    found: list[Bundle] = []
 
-    try:
-        run_interruptible(settle)
+    async def delete(reactor: Any) -> None:
+        await settle_here(journal, None)
         bundle, backend = _find(args.dir, args.name, None)
+        found.append(bundle)
         lock = _held(journal, bundle, args.dir)
         try:
             if backend.status(bundle) == "running" or backend.has_process(bundle):
                 raise BundleError(f"VM {bundle.name} is running: securemig vm stop it first")
-            shutil.rmtree(bundle.path)
+            # The backend removes the VM with its bundle (a libvirt domain's
+            # definition and vTPM state too: its bundle holds the only copy
+            # of the vTPM's secret).
+            await backend.discard(bundle)
         finally:
             lock.release()
+
+    try:
+        run_interruptible(delete)
     except (MigrationError, OSError) as e:
         return error(describe(e))
+    bundle = found[0]
     shared = bundle.manifest.shared_disk
     print(f"deleted VM {bundle.name}" + (f" (its shared disk {shared} is kept)" if shared else ""))
     return EXIT_OK

@@ -6,8 +6,10 @@ A lab of two enrolled swtpm hosts (:mod:`securemig.lab.lab`) moves the same VM
 ``securemig migrate`` and ``twistd securemig`` processes, a fresh
 destination per run.  For each size, variant and repeat, in one run:
 
-- ``plain-copy``: :mod:`securemig.lab.bench.plaincopy` sends the RAM image
-  through a loopback socket into an fsynced file (the floor);
+- ``plain-copy`` (the floor): ``cat IMAGE > /dev/tcp/ADDRESS/PORT``, a C
+  tool with no interpreter on the clock, into the receiver of
+  :mod:`securemig.lab.bench.plaincopy`, started before the clock as a
+  destination daemon is (the destination's write-behind, then fsync);
 - ``ssh-aes128-gcm``, ``ssh-chacha20``: the same file through OpenSSH
   (``ssh -c CIPHER 'cat > F && sync F'``) to an sshd of the bench's own
   (:mod:`securemig.lab.bench.ssh`), what moving an image by hand costs;
@@ -25,12 +27,14 @@ Each run records wall time per phase (from the source's journal) and in
 total, CPU seconds (user + system) and peak RSS of each process, bytes
 moved and bytes on the wire (TCP_INFO), and throughput.  Runs alternate so a
 noisy machine hurts every protocol alike; the report gives medians, min-max
-and the ratios that matter, and checks the performance targets.
+and the ratios that matter, and checks the performance targets.  Every
+record carries its provenance (:mod:`securemig.lab.bench.provenance`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -48,7 +52,11 @@ from tqdm import tqdm
 from securemig.hypervisor.bundle import create_image_vm
 from securemig.lab import processes
 from securemig.lab.bench.link import Link
+from securemig.lab.bench.provenance import one_line, provenance
 from securemig.lab.bench.report import (
+    FLOOR,
+    IN_PROCESS,
+    WHOLE,
     concurrency_table,
     cpu_per_gib,
     insecure_twin,
@@ -61,17 +69,20 @@ from securemig.lab.bench.ssh import CIPHERS as SSH_CIPHERS
 from securemig.lab.bench.ssh import Sshd, SshError
 from securemig.lab.lab import DESTINATION, Lab
 
+PLAIN_COPY = "securemig.lab.bench.plaincopy"
+#: The floor's sender: bash opens the connection, then cat copies (no interpreter).
+SEND = 'exec cat -- "$1" > "/dev/tcp/$2/$3"'
+
 
 def _plain_copy(work: Path, image: Path, lab: Any) -> dict[str, Any]:
     port_file = work / "plain.port"
     out = work / "plain.out"
     port_file.unlink(missing_ok=True)
-    py = [sys.executable, "-m", "securemig.lab.bench.plaincopy"]
     # Where a destination would be: behind the link, if there is one.
     address = lab.address_of(DESTINATION)
     wrapper = lab.link.wrapper if lab.link is not None else ()
     receiver = subprocess.Popen(
-        [*wrapper, *py, "recv", str(port_file), str(out), address],
+        [*wrapper, sys.executable, "-m", PLAIN_COPY, "recv", str(port_file), str(out), address],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -79,25 +90,51 @@ def _plain_copy(work: Path, image: Path, lab: Any) -> dict[str, Any]:
         if receiver.poll() is not None:
             raise RuntimeError("plain-copy receiver died")
         time.sleep(0.01)
+    port = int(port_file.read_text())
     started = time.monotonic()
+    # The sender: cat (C), no interpreter start-up on the clock; bash's
+    # /dev/tcp connects and execs nothing but cat's copy loop.
     sender = subprocess.Popen(
-        [*py, "send", port_file.read_text(), str(image), address],
-        stdout=subprocess.PIPE,
-        text=True,
+        ["bash", "-c", SEND, "plain-copy", str(image), address, str(port)],
     )
-    # Read each one's report of its peak memory, then reap it with wait4 (CPU).
-    assert sender.stdout is not None and receiver.stdout is not None
-    send_peak = int(sender.stdout.read()) / 1024
+    send_peak = _peak_of_exec(sender.pid, "cat")
     send_usage = processes.wait_process(sender)
+    # wait4's ru_maxrss of a child of this (large) process is at least this
+    # process's own (see processes.peak_rss_mib): cat's own VmHWM instead.
+    if send_peak is not None:
+        send_usage.peak_rss_mib = send_peak
+    # The receiver's report of its peak memory, then reap it with wait4 (CPU).
+    assert receiver.stdout is not None
     recv_peak = int(receiver.stdout.read()) / 1024
     recv_usage = processes.wait_process(receiver)
-    send_usage.peak_rss_mib, recv_usage.peak_rss_mib = send_peak, recv_peak
+    recv_usage.peak_rss_mib = recv_peak
     total = time.monotonic() - started
     if send_usage.status or recv_usage.status:
         raise RuntimeError("plain copy failed")
     size = image.stat().st_size
     out.unlink()
-    return _record("plain-copy", size, total, {}, send_usage, recv_usage)
+    record = _record("plain-copy", size, total, {}, send_usage, recv_usage)
+    # Nothing but the copy runs in the sender: its whole process is in process.
+    record.update(floor=FLOOR, in_process_s=record["total_s"])
+    if send_peak is None:  # cat ended between two looks: only an upper bound
+        record["peak_rss_note"] = "source: wait4's ru_maxrss, an upper bound"
+    return record
+
+
+def _peak_of_exec(pid: int, name: str) -> float | None:
+    """The peak RSS (VmHWM, MiB) of our child ``pid`` once it is the
+    program ``name``, sampled until it exits; left unreaped for wait4."""
+    peak = None
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            comm = ""
+        value = processes.peak_rss_mib(pid) if comm == name else None
+        if value is not None:
+            peak = max(peak or 0.0, value)
+        time.sleep(0.002)
+    return peak
 
 
 def _ssh_copy(sshd: Sshd, protocol: str, work: Path, image: Path) -> dict[str, Any]:
@@ -161,13 +198,16 @@ def _idle_destination(work: Path) -> dict[str, Any]:
 
 def _summarise(records: list[dict[str, Any]]) -> list[str]:
     lines = [
-        f"{'size':>6} {'protocol':<20} {'time s':>8} {'x plain':>8} {'in-proc':>8} {'MiB/s':>7} "
-        f"{'CPU src':>8} {'CPU dst':>8} {'CPU/GiB':>8} {'RSS src':>8} {'RSS dst':>8}",
+        f"{'size':>6} {'protocol':<20} {'time s':>8} {'x plain':>8} {'x plain ip':>10} "
+        f"{'MiB/s':>7} {'CPU src':>8} {'CPU dst':>8} {'CPU/GiB':>8} {'RSS src':>8} {'RSS dst':>8}",
     ]
 
     for size in sizes_of(records):
         runs = [r for r in records if r["size_mib"] == size]
         base = statistics.median(r["total_s"] for r in runs if series(r) == "plain-copy")
+        base_inproc = statistics.median(
+            r.get("in_process_s", r["total_s"]) for r in runs if series(r) == "plain-copy"
+        )
         for protocol in protocols_of(records):
             rs = [r for r in runs if series(r) == protocol]
             if not rs:
@@ -178,7 +218,11 @@ def _summarise(records: list[dict[str, Any]]) -> list[str]:
                 return statistics.median(r[key][side] for r in rs)
 
             inproc = [r["in_process_s"] for r in rs if "in_process_s" in r]
-            inproc_ratio = f"{statistics.median(inproc) / base:>8.2f}" if inproc else f"{'':>8}"
+            inproc_ratio = (
+                f"{statistics.median(inproc) / base_inproc:>10.2f}"
+                if inproc and base_inproc and len(inproc) == len(rs)
+                else f"{'-':>10}"
+            )
             lines.append(
                 f"{size:>5}M {protocol:<20} {med:>8.3f} {med / base:>8.2f} {inproc_ratio} "
                 f"{size / med:>7.0f} {m('cpu_s', 'source'):>8.2f} "
@@ -187,15 +231,27 @@ def _summarise(records: list[dict[str, Any]]) -> list[str]:
                 f"{m('peak_rss_mib', 'source'):>7.1f}M "
                 f"{m('peak_rss_mib', 'destination'):>7.1f}M"
             )
+        whole = {
+            p: statistics.median(r["total_s"] for r in runs if series(r) == p)
+            for p in protocols_of(records)
+            if any(series(r) == p for r in runs)
+        }
         medians = {
             p: statistics.median(r["in_process_s"] for r in runs if series(r) == p)
             for p in protocols_of(records)
-            if any(series(r) == p and "in_process_s" in r for r in runs)
+            if any(series(r) == p for r in runs)
+            and all("in_process_s" in r for r in runs if series(r) == p)
         }
-        for p in medians:
+        for p in whole:
             twin = insecure_twin(p)
-            if p.startswith("secure") and twin in medians:
-                lines.append(f"{size:>5}M {p} / {twin}: {medians[p] / medians[twin]:.2f}")
+            if p.startswith("secure") and twin in whole:
+                inproc_text = (
+                    f"{medians[p] / medians[twin]:.2f}" if p in medians and twin in medians else "-"
+                )
+                lines.append(
+                    f"{size:>5}M {p} vs {twin}: {WHOLE} {whole[p] / whole[twin]:.2f}, "
+                    f"{IN_PROCESS} {inproc_text}"
+                )
     together = concurrency_table(records)
     if together:
         lines += ["migrations at once:", *together]
@@ -320,6 +376,7 @@ def run(
             f"{link_mbit} Mbit/s veth link (tbf)",
             file=sys.stderr,
         )
+    info = provenance()
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-", dir=work_dir))
     records: list[dict[str, Any]] = []
     lab = Lab(work / "lab", link=link)
@@ -412,6 +469,7 @@ def run(
             link.close()
         shutil.rmtree(work, ignore_errors=True)
     for record in records:
+        record["provenance"] = info
         record["link_mbit"] = link_mbit
         # The disk image that travelled (none on shared storage).
         moved_disk = record["protocol"] not in ("plain-copy", "idle-destination", *SSH_CIPHERS)
@@ -425,13 +483,17 @@ def run(
         prefix = "" if out is not None else f"{json_path.stem}-"  # type: ignore[union-attr]
         for path in write_all(records, directory, prefix):
             print(f"wrote {path}", file=sys.stderr)
+    print(one_line(info))
     print("\n".join(_summarise(records)))
     print(
         "time: wall seconds of the whole source command; x plain: its ratio to the plain "
-        "copy's median;\nin-proc: the same ratio without the source interpreter's start-up; "
+        "copy's median;\nx plain ip: the same ratio in process (without the source "
+        "interpreter's start-up); "
         "CPU: per process, from wait4 (ssh's server side: every per-connection process sshd "
         "reaped); CPU/GiB: both sides per GiB; RSS: its VmHWM (the destination's include its "
         "own start-up).\n"
-        "secure/insecure: ratio of the in-process medians, same size, same variant, same run."
+        f"{WHOLE}: ratio of the whole-process medians; {IN_PROCESS}: of the in-process "
+        "medians; same size, same variant, same run.\n"
+        f"{FLOOR}."
     )
     return 0

@@ -43,6 +43,7 @@ from securemig.hypervisor import guest as linux_guest
 from securemig.hypervisor.bundle import Bundle
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.qemu import LiveMigration, QemuBackend, heartbeat_path
+from securemig.lab.bench.provenance import one_line, provenance
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
 from securemig.transport.reactor import run_reactor
 from securemig.trust.attestor import open_attestor
@@ -98,7 +99,7 @@ async def _qemu_move(
     try:
         started = time.monotonic()
         before = _cpu(_pids(src))
-        backend._spawn(dst, incoming=True)
+        await backend._spawn(dst, incoming=True)
         incoming_monitor = await backend.monitor(dst)
         outgoing_monitor = await backend.monitor(src)
         uri = f"tcp:127.0.0.1:{port}"
@@ -150,13 +151,14 @@ async def _qemu_move(
 def run(memory_mib: int, dirty_mib_s: int, repeat: int, json_path: Path | None = None) -> int:
     """Run the live bench and print its report; returns an exit status."""
     linux_guest.find()
+    info = provenance()  # before the bench loads the machine
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-live-"))
     say = partial(print, file=sys.stderr)
     lab = Lab(work, say)
     try:
         lab.start()
         records = run_reactor(partial(_measure, lab, work, memory_mib, dirty_mib_s, repeat))
-        return _report(records, memory_mib, dirty_mib_s, repeat, json_path)
+        return _report(records, memory_mib, dirty_mib_s, repeat, json_path, info)
     except (RuntimeError, TimeoutError) as e:
         say(f"bench --live failed: {e}")
         return 1
@@ -193,8 +195,8 @@ async def _measure(
             hosts[host].state_dir / "vms" / "bench-vm",
             work / f"scratch-{host}" / "bench-vm",
         ):
-            lab.on_stop(partial(qemu.end, Bundle(path, vm.manifest)))
-    lab.on_stop(partial(qemu.end, Bundle(vm.path, vm.manifest)))
+            lab.on_stop(partial(qemu.end_blocking, Bundle(path, vm.manifest)))
+    lab.on_stop(partial(qemu.end_blocking, Bundle(vm.path, vm.manifest)))
     first = Watch(heartbeat_path(vm))
     first.wait(5, timeout=120.0)
     first.stop()
@@ -279,7 +281,12 @@ def _free_port() -> int:
 
 
 def _report(
-    records: list[dict[str, Any]], memory_mib: int, dirty: int, repeat: int, json_path: Path | None
+    records: list[dict[str, Any]],
+    memory_mib: int,
+    dirty: int,
+    repeat: int,
+    json_path: Path | None,
+    info: dict[str, Any] | None = None,
 ) -> int:
     medians: dict[str, dict[str, float]] = {}
     for protocol in PROTOCOLS:
@@ -294,7 +301,11 @@ def _report(
         k: round(secure[k] / tls[k], 2) if tls[k] else None
         for k in ("total_s", "downtime_ms", "guest_downtime_ms", "cpu_s")
     }
+    info = info or provenance()
+    for record in records:
+        record["provenance"] = info
     report = {
+        "provenance": info,
         "memory_mib": memory_mib,
         "dirty_mib_s": dirty,
         "repeat": repeat,
@@ -304,6 +315,7 @@ def _report(
     }
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(one_line(info))
     print(f"live migration, {memory_mib} MiB guest rewriting {dirty} MiB/s, medians of {repeat}")
     header = ("total s", 8), ("downtime ms", 12), ("guest ms", 9), ("cpu s", 7), ("MiB", 7)
     print(f"{'protocol':<12} " + " ".join(f"{name:>{width}}" for name, width in header))

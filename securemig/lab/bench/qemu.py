@@ -6,13 +6,16 @@ For each guest memory size: create a QEMU VM (firmware only, a random
 marker in RAM), start it, then time ``suspend`` (stop + migrate into the RAM
 image + quit) and ``resume`` (start with ``-incoming defer``, load the
 image, continue), medians over ``repeat`` cycles.  The image is small for an
-idle guest: QEMU does not write zero pages.
+idle guest: QEMU does not write zero pages.  With ``--json`` the rows, with
+the run's provenance, go to a file too.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,13 +23,16 @@ from typing import Any
 
 from securemig.hypervisor.bundle import create_image_vm
 from securemig.hypervisor.qemu import QemuBackend, accelerator
+from securemig.lab.bench.provenance import one_line, provenance
 from securemig.transport.reactor import run_reactor
 
 
-def run(sizes: list[int], repeat: int) -> int:
-    """Print the table; returns an exit status."""
+def run(sizes: list[int], repeat: int, json_path: Path | None = None) -> int:
+    """Print the table (with ``json_path``, write it there as JSON too);
+    returns an exit status."""
     from twisted.internet.defer import Deferred
 
+    info = provenance()
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-qemu-"))
     rows: list[tuple[int, float, float, int]] = []
 
@@ -45,7 +51,7 @@ def run(sizes: list[int], repeat: int) -> int:
                     await Deferred.fromCoroutine(qemu._resume(bundle))
                     resume.append(time.perf_counter() - t)
             finally:
-                qemu.end(bundle)
+                await qemu.end(bundle)
             image = bundle.image_path("ram").stat().st_size
             rows.append((size, statistics.median(suspend), statistics.median(resume), image))
 
@@ -53,8 +59,29 @@ def run(sizes: list[int], repeat: int) -> int:
         run_reactor(measure)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print(one_line(info))
     print(f"QEMU, accelerator {accelerator()}, medians of {repeat}")
     print(f"{'guest MiB':>9} {'suspend s':>10} {'resume s':>9} {'RAM image':>12}")
     for size, suspend_s, resume_s, image in rows:
         print(f"{size:>9} {suspend_s:>10.3f} {resume_s:>9.3f} {image / (1 << 20):>10.2f} MiB")
+    if json_path is not None:
+        document = {
+            "mode": "qemu",
+            "accelerator": accelerator(),
+            "repeat": repeat,
+            "provenance": info,
+            "records": [
+                {
+                    "guest_mib": size,
+                    "suspend_s": round(suspend_s, 4),
+                    "resume_s": round(resume_s, 4),
+                    "ram_image_bytes": image,
+                    "provenance": info,
+                }
+                for size, suspend_s, resume_s, image in rows
+            ],
+        }
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {json_path}", file=sys.stderr)
     return 0
