@@ -42,6 +42,8 @@ from securemig import metrics
 
 #: Upper bounds (s) of the migration duration histogram.
 DURATION_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+#: Bounds of the live downtime histogram, in seconds.
+DOWNTIME_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 
 #: The labels of a migration: role, variant, protocol (secure or insecure), mode.
 LABELS = ["role", "variant", "protocol", "mode"]
@@ -50,7 +52,7 @@ _ROWS = """
 SELECT m.role, m.variant, m.protocol,
        EXISTS (SELECT 1 FROM events e WHERE e.migration = m.id
                AND e.phase IN ('live', 'incoming')) AS live,
-       m.phase, m.outcome, m.error, m.bytes, m.started, m.updated
+       m.phase, m.outcome, m.error, m.bytes, m.started, m.updated, m.downtime_ms
 FROM migrations m
 """
 
@@ -61,6 +63,18 @@ def _code(error: str | None) -> str:
         return ""
     head = error.split(":", 1)[0].strip()
     return head if head.isupper() and head.replace("_", "").isalpha() else "UNKNOWN"
+
+
+def _buckets(
+    values: list[float], bounds: tuple[float, ...]
+) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative histogram buckets of ``values`` (Prometheus' ``le``
+    bounds, then ``+Inf``) and their sum."""
+    buckets: list[tuple[str, float]] = [
+        (str(bound), sum(1 for v in values if v <= bound)) for bound in bounds
+    ]
+    buckets.append(("+Inf", len(values)))
+    return buckets, sum(values)
 
 
 class JournalCollector(Collector):
@@ -86,6 +100,7 @@ class JournalCollector(Collector):
         ended: Counter[tuple[str, ...]] = Counter()
         moved: Counter[tuple[str, ...]] = Counter()
         durations: dict[tuple[str, ...], list[float]] = {}
+        downtimes: dict[tuple[str, ...], list[float]] = {}
         running: Counter[str] = Counter()
         in_doubt: Counter[str] = Counter()
         oldest_doubt = 0.0
@@ -101,6 +116,7 @@ class JournalCollector(Collector):
             nbytes,
             begun,
             updated,
+            downtime_ms,
         ) in self._rows():
             labels: tuple[str, ...] = (role, variant, protocol, "live" if live else "suspended")
             started[labels] += 1
@@ -115,6 +131,8 @@ class JournalCollector(Collector):
             ended[(*labels, outcome, _code(error))] += 1
             if outcome in ("done", "aborted"):
                 durations.setdefault(labels, []).append(max(0.0, updated - begun))
+            if downtime_ms is not None:
+                downtimes.setdefault(labels, []).append(downtime_ms / 1000)
         family = CounterMetricFamily(
             "securemig_migrations_started",
             "Migrations begun on this host (journaled), by role, variant, protocol and mode",
@@ -147,11 +165,16 @@ class JournalCollector(Collector):
             labels=LABELS,
         )
         for key, seconds in sorted(durations.items()):
-            buckets = [
-                (str(bound), sum(1 for s in seconds if s <= bound)) for bound in DURATION_BUCKETS
-            ]
-            buckets.append(("+Inf", len(seconds)))
-            histogram.add_metric(list(key), buckets, sum(seconds))
+            histogram.add_metric(list(key), *_buckets(seconds, DURATION_BUCKETS))
+        yield histogram
+        histogram = HistogramMetricFamily(
+            "securemig_migration_downtime_seconds",
+            "QEMU's downtime of live migrations (source: the guest paused for the last "
+            "pages), journaled once the destination's guest runs",
+            labels=LABELS,
+        )
+        for key, seconds in sorted(downtimes.items()):
+            histogram.add_metric(list(key), *_buckets(seconds, DOWNTIME_BUCKETS))
         yield histogram
         gauge = GaugeMetricFamily(
             "securemig_migrations_running", "Migrations under way now, by role", labels=["role"]

@@ -237,6 +237,10 @@ class Departure:
         if self.live_migration is not None:
             await self.live_migration.finish()
             crashpoint.reached("source-live-ended")
+        if self.live_stats is not None:
+            # Journaled only now, with the guest running there: nothing
+            # written between QEMU's completion and the destination's cont.
+            self.journal.set_downtime(self.id, self.live_stats.downtime_ms)
         await release(self.journal, self.id, self.bundle)
         self._unlock()
         crashpoint.reached("source-released")

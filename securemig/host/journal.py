@@ -67,6 +67,8 @@ ADDED_COLUMNS = {
     "peer_settled": "INTEGER NOT NULL DEFAULT 0",
     "owner": "TEXT",
     "total": "INTEGER",
+    #: Live mode, source: QEMU's downtime of the migration (ms), once known.
+    "downtime_ms": "INTEGER",
 }
 
 #: How many refused arrivals the journal keeps (the newest): a source that
@@ -306,6 +308,13 @@ class Journal:
             self._db.execute(
                 "UPDATE migrations SET bytes = ?, updated = ? WHERE id = ?",
                 (nbytes, time.time(), local_id),
+            )
+
+    def set_downtime(self, local_id: str, downtime_ms: int) -> None:
+        """Record QEMU's downtime of a live migration (source; no event)."""
+        with self._db:
+            self._db.execute(
+                "UPDATE migrations SET downtime_ms = ? WHERE id = ?", (downtime_ms, local_id)
             )
 
     def request_abort(self, local_id: str) -> None:

@@ -8,11 +8,14 @@ import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.trial.unittest import SynchronousTestCase
 
 from securemig.app.metrics_service import JournalCollector
+from securemig.host.journal import Journal
 from securemig.lab import processes
 from tests.transport.test_secure import SecureBase
 
@@ -153,3 +156,37 @@ class MetricsTests(SecureBase):
         # Kept beside the test's other files, to be read.
         self.base.mkdir(parents=True, exist_ok=True)
         (self.base / "scrape.txt").write_text(text)
+
+
+class DowntimeHistogramTests(SynchronousTestCase):
+    def test_live_downtime_from_the_journal(self) -> None:
+        """A live migration whose source journaled QEMU's downtime (120 ms)
+        is one observation of securemig_migration_downtime_seconds, in the
+        0.2 s bucket and not the 0.1 s one; a suspended migration, with no
+        downtime journaled, is none."""
+        path = Path(self.mktemp()) / "journal.sqlite"
+        path.parent.mkdir()
+        journal = Journal(path)
+        live = journal.begin(
+            role="source", vm="vm1", peer="127.0.0.1:1", variant="shared", protocol="secure"
+        )
+        journal.phase(live, "live")
+        journal.set_downtime(live, 120)
+        journal.finish(live, "done")
+        suspended = journal.begin(
+            role="source", vm="vm2", peer="127.0.0.1:1", variant="full", protocol="secure"
+        )
+        journal.finish(suspended, "done")
+        journal.close()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for m in JournalCollector(path).collect()
+            for s in m.samples
+        }
+        name = "securemig_migration_downtime_seconds"
+        self.assertEqual(value(samples, name + "_count"), 1)
+        self.assertEqual(value(samples, name + "_count", mode="live"), 1)
+        self.assertAlmostEqual(value(samples, name + "_sum"), 0.12)
+        self.assertEqual(value(samples, name + "_bucket", le="0.1"), 0)
+        self.assertEqual(value(samples, name + "_bucket", le="0.2"), 1)
+        self.assertEqual(value(samples, name + "_bucket", le="+Inf"), 1)

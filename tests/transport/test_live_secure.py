@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,11 @@ class LiveSecureMigrationTests(LiveSecureBase):
         self.assertEqual((summary["outcome"], summary["mode"]), ("done", "live"))
         self.assertGreater(summary["transferred"], 16 << 20)
         self.assertIsInstance(summary["downtime_ms"], int)
+        # QEMU's downtime journaled at the source, once the guest ran there
+        # (the metrics' downtime histogram reads it).
+        with closing(sqlite3.connect(self.vm_dir / ".securemig" / "journal.sqlite")) as db:
+            journaled = db.execute("SELECT downtime_ms FROM migrations").fetchall()
+        self.assertEqual(journaled, [(summary["downtime_ms"],)])
         last = await threads.deferToThread(watch.wait, 5, 60.0, 1)
         self.assertEqual(last.pcr16, extended(self.pcr16))
         self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
