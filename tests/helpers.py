@@ -20,6 +20,7 @@ from securemig.protocol import wire
 from securemig.protocol.source import SourceSession
 from securemig.transport.destination import DestinationFactory, DestinationProtocol
 from securemig.transport.executor import InlineExecutor
+from securemig.transport.options import DestinationOptions
 from securemig.transport.source import SourceProtocol
 
 
@@ -68,7 +69,7 @@ class InMemory:
         self.source_journal = Journal(base / "src-journal.sqlite")
         self.timers = timers
         self.factory = DestinationFactory(
-            self.host, self.clock, executor_factory=InlineExecutor, **timers
+            self.host, self.clock, DestinationOptions(**timers), executor_factory=InlineExecutor
         )
 
     def vm(self, name: str = "vm1", ram_mib: int = 1, **kw: Any) -> Bundle:

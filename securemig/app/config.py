@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from securemig.hypervisor import backends
+from securemig.protocol import wire
 
 #: Where the configuration file is looked for by default.
 DEFAULT_PATH = Path("/etc/securemig/securemig.toml")
@@ -34,6 +35,47 @@ CONFIG_ENV = "SECUREMIG_CONFIG"
 MAX_SIZE = 1 << 20
 
 
+def positive(value: float) -> str | None:
+    """A validator: a number above zero."""
+    return None if value > 0 else "must be positive"
+
+
+def https_url(value: str) -> str | None:
+    """A validator: the privacy CA's URL (``--crl``)."""
+    return None if value.startswith("https://") else "must be the privacy CA's https:// URL"
+
+
+def chunk_kib(value: int) -> str | None:
+    """A validator: a DATA frame size in KiB the wire takes."""
+    low, high = wire.MIN_CHUNK_SIZE // 1024, wire.MAX_CHUNK_SIZE // 1024
+    return None if low <= value <= high else f"must be between {low} and {high}"
+
+
+#: A validator: a problem with a value (``must be positive``), or None.
+Validator = Callable[[Any], str | None]
+
+#: Validators of options that have no key in the file (the same for every
+#: command that takes the option).
+OPTION_CHECKS: dict[str, Validator] = {"crl": https_url, "crl-max-age": positive}
+
+
+def refusal(option: str, value: Any, check: Validator | None) -> str | None:
+    """The sentence refusing ``value`` of ``--option`` (the same from
+    ``securemig`` and ``twistd securemig``), or None when ``check`` takes it
+    (or there is no value)."""
+    if check is None or value is None:
+        return None
+    problem = check(value)
+    return None if problem is None else f"--{option} {problem}"
+
+
+def refusal_of(section: str, name: str, value: Any) -> str | None:
+    """:func:`refusal` with the validator of key ``[section] name`` (its
+    option is spelled as the key), or of :data:`OPTION_CHECKS`."""
+    key = KEYS.get(section, {}).get(name)
+    return refusal(name, value, key.check if key is not None else OPTION_CHECKS.get(name))
+
+
 @dataclass(frozen=True)
 class Key:
     """One key of the file: its type (``path``, ``str``, ``int``, ``float``,
@@ -42,12 +84,16 @@ class Key:
     create``, ``policy *`` for every policy action) with the argparse
     destination, and ``service`` with the ``twistd securemig`` option.
     ``choices``, if given, returns the values the key takes (asked when a
-    file is checked, so a registry filled later is seen)."""
+    file is checked, so a registry filled later is seen); ``check``, if
+    given, is the validator of the options it stands for (:func:`refusal`),
+    applied to their effective value: a flag may override a bad value in the
+    file."""
 
     type: str
     help: str
     commands: Mapping[str, str] = field(default_factory=dict)
     choices: Callable[[], Iterable[str]] | None = None
+    check: Validator | None = None
 
 
 #: Every key, by section and name.
@@ -105,10 +151,16 @@ KEYS: dict[str, dict[str, Key]] = {
             "str", "the name the destination must prove", {"migrate": "destination_name"}
         ),
         "bandwidth": Key("float", "MiB/s of images at most", {"migrate": "bandwidth"}),
-        "chunk-kib": Key("int", "DATA frame size in KiB", {"migrate": "chunk_kib"}),
+        "chunk-kib": Key(
+            "int", "DATA frame size in KiB", {"migrate": "chunk_kib"}, check=chunk_kib
+        ),
         "tofu": Key("bool", "trust a destination's values on first use", {"migrate": "tofu"}),
-        "idle-timeout": Key("float", "seconds without progress", {"migrate": "idle_timeout"}),
-        "deadline": Key("float", "seconds for a whole migration", {"migrate": "deadline"}),
+        "idle-timeout": Key(
+            "float", "seconds without progress", {"migrate": "idle_timeout"}, check=positive
+        ),
+        "deadline": Key(
+            "float", "seconds for a whole migration", {"migrate": "deadline"}, check=positive
+        ),
     },
     "service": {
         "listen": Key("str", "endpoint of the secure variant", {"service": "listen"}),
@@ -126,13 +178,20 @@ KEYS: dict[str, dict[str, Key]] = {
         ),
         "allow-source": Key("list", "source host names accepted", {"service": "allow-source"}),
         "tofu": Key("bool", "trust a source's values on first use", {"service": "tofu"}),
-        "idle-timeout": Key("float", "seconds without progress", {"service": "idle-timeout"}),
-        "deadline": Key("float", "seconds for a whole migration", {"service": "deadline"}),
+        "idle-timeout": Key(
+            "float", "seconds without progress", {"service": "idle-timeout"}, check=positive
+        ),
+        "deadline": Key(
+            "float", "seconds for a whole migration", {"service": "deadline"}, check=positive
+        ),
         "resolve-interval": Key(
-            "float", "seconds between recovery rounds", {"service": "resolve-interval"}
+            "float",
+            "seconds between recovery rounds",
+            {"service": "resolve-interval"},
+            check=positive,
         ),
         "handshake-timeout": Key(
-            "float", "seconds for a TLS handshake", {"service": "handshake-timeout"}
+            "float", "seconds for a TLS handshake", {"service": "handshake-timeout"}, check=positive
         ),
         "max-startups": Key(
             "str", "START:RATE:FULL before the handshake", {"service": "max-startups"}

@@ -8,6 +8,7 @@ Builds the listening service from command-line options; the plugin in
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from securemig.transport.limits import (
     LimitedTLSFactory,
     raise_descriptor_limit,
 )
+from securemig.transport.options import DestinationOptions
 from securemig.transport.resolve import Resolver
 from securemig.transport.tcp import listen_in_range, parse_port_range
 from securemig.transport.tls import CIPHERS
@@ -316,16 +318,13 @@ class Options(ServiceOptions):
                 raise usage.UsageError(f"--data-ports {self['data-ports']!r}: {e}") from None
         if self["per-source-max-startups"] is not None and self["per-source-max-startups"] < 1:
             raise usage.UsageError("--per-source-max-startups must be at least 1")
-        if self["handshake-timeout"] <= 0:
-            raise usage.UsageError("--handshake-timeout must be positive")
-        if self["idle-timeout"] <= 0 or self["deadline"] <= 0 or self["resolve-interval"] <= 0:
-            raise usage.UsageError(
-                "--idle-timeout, --deadline and --resolve-interval must be positive"
-            )
-        if self["crl-refresh"] <= 0 or self["crl-max-age"] <= 0:
-            raise usage.UsageError("--crl-refresh and --crl-max-age must be positive")
-        if self["crl"] and not self["crl"].startswith("https://"):
-            raise usage.UsageError("--crl must be the privacy CA's https:// URL")
+        # The validators securemig migrate shares (app/config.py): one sentence each.
+        for option in ("handshake-timeout", "idle-timeout", "deadline", "resolve-interval", "crl"):
+            if problem := config.refusal_of("service", option, self[option]):
+                raise usage.UsageError(problem)
+        for option in ("crl-refresh", "crl-max-age"):
+            if problem := config.refusal(option, self[option], config.positive):
+                raise usage.UsageError(problem)
 
 
 def check_endpoint(option: str, description: str) -> None:
@@ -499,7 +498,8 @@ def makeService(options: Options) -> service.MultiService:
     top = service.MultiService()
     recovery = RecoveryService(host, options["resolve-interval"])
     recovery.setServiceParent(top)
-    timers = {"idle_timeout": options["idle-timeout"], "deadline": options["deadline"]}
+    # What every incoming migration is told, built once; each listener adds its variant's part.
+    base = DestinationOptions(idle_timeout=options["idle-timeout"], deadline=options["deadline"])
     port_file = Path(options["port-file"]) if options["port-file"] else None
     attestor = None
     caps: Caps | None = None
@@ -545,10 +545,12 @@ def makeService(options: Options) -> service.MultiService:
         secure = DestinationFactory(
             host,
             reactor,
-            protocol_name="secure",
-            security=security,
-            data_listener=None if options["tls-data"] else data_listener,
-            **timers,
+            replace(
+                base,
+                protocol_name="secure",
+                security=security,
+                data_listener=None if options["tls-data"] else data_listener,
+            ),
         )
         # TLS wraps the factory in code: endpoint strings cannot require client certs.
         server_options: Any = tls.server_options(identity, options["tls-cipher"])
@@ -580,7 +582,7 @@ def makeService(options: Options) -> service.MultiService:
         )
         # With an identity, the insecure twin can keep a vTPM key (sent in the clear).
         insecure = DestinationFactory(
-            host, reactor, protocol_name="insecure", key_keeper=attestor, **timers
+            host, reactor, replace(base, protocol_name="insecure", key_keeper=attestor)
         )
         if options["insecure-port-file"]:
             port_file = Path(options["insecure-port-file"])

@@ -62,6 +62,14 @@ from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.protocol.session import Session
 from securemig.protocol.source import SourceSession
 
+# The data port's strangers follow the rules of every port anyone may
+# connect to; their defaults are re-exported for the ports' callers.
+from securemig.protocol.strangers import FIRST_RECORD_TIMEOUT as FIRST_RECORD_TIMEOUT
+from securemig.protocol.strangers import (
+    MAX_PENDING_DATA_CONNECTIONS as MAX_PENDING_DATA_CONNECTIONS,
+)
+from securemig.protocol.strangers import CloseStranger, StrangerPool
+
 E = TypeVar("E")
 
 #: Defaults for the two clocks of a connection, in seconds.
@@ -73,15 +81,6 @@ CLOSE_GRACE = 10.0
 #: channel it caused.  A control segment lost once is resent after about
 #: 200 ms (Linux's minimum RTO); a few such losses fit.
 DATA_CHANNEL_GRACE = 5.0
-#: Destination: how long a connection to the data port has, from the moment
-#: it can be read, to send its first (authenticated) record.  The source
-#: sends it at once; anyone else is a stranger and is closed.
-FIRST_RECORD_TIMEOUT = 5.0
-#: Destination: how many connections to one migration's data port may wait
-#: for their first record at once.  Above it the oldest is closed: the
-#: source connects exactly when it streams, so the newest is the likeliest
-#: to be it, and a stranger cannot hold the source out by connecting first.
-MAX_PENDING_DATA_CONNECTIONS = 8
 
 
 @dataclass(frozen=True)
@@ -271,9 +270,10 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
     does not pause) wait unread, at most one record of the largest size
     per connection, beyond which the connection is dropped.
 
-    Strangers (connections without an authenticated record): each gets
-    :data:`FIRST_RECORD_TIMEOUT` from when it can be read, and a first
-    record no larger than one STREAM_BEGIN; at most
+    Strangers (connections without an authenticated record) are kept by a
+    :class:`~securemig.protocol.strangers.StrangerPool`, held until the key
+    is accepted: each gets :data:`FIRST_RECORD_TIMEOUT` from when it can be
+    read, and a first record no larger than one STREAM_BEGIN; at most
     :data:`MAX_PENDING_DATA_CONNECTIONS` wait at once; all are closed when
     the channel binds and when the session ends.  Only the bound channel's
     bytes count as the migration's progress.  The connections to close are
@@ -308,13 +308,17 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
         #: False until the TLS peer passed the source rules (secure variant).
         self.peer_checked = not check_peer
         self._unchecked_bytes = False
-        self.first_record_timeout = first_record_timeout
-        self.max_pending = max_pending
-        #: Data connections waiting for their first record, oldest first.
-        self.strangers: list[DataConnection] = []
+        #: Data connections waiting for their first record; held (no clock
+        #: runs) until the data channel can first be read (the key accepted).
+        self.pool: StrangerPool[DataConnection] = StrangerPool(
+            "data connections", first_record_timeout, max_pending, held=True
+        )
         self._drops: list[tuple[DataConnection, str]] = []
-        #: When the data channel could first be read (the key accepted).
-        self._readable_since: float | None = None
+
+    @property
+    def strangers(self) -> list[DataConnection]:
+        """The data connections waiting for their first record, oldest first."""
+        return list(self.pool)
 
     # -- the peer check
 
@@ -339,8 +343,8 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
                 )
             )
         batch = super().next_batch()
-        if self._readable_since is None and self.data_offered and not self.data_channel_held:
-            self._readable_since = self._last_progress
+        if self.data_offered and not self.data_channel_held:
+            self.pool.release(self._last_progress)
         return batch
 
     def max_data(self) -> int | None:
@@ -384,12 +388,7 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
             tls_cipher, key, migration_id, records.max_plaintext(hello.chunk_size)
         )
         connection = DataConnection(DataChannelReader(opener, hello.chunk_size), now)
-        while len(self.strangers) >= self.max_pending:
-            self._drop_later(
-                self.strangers[0],
-                f"more than {self.max_pending} data connections waiting for a first record",
-            )
-        self.strangers.append(connection)
+        self._closing(self.pool.admit(connection, now))
         return connection
 
     def data_received(self, connection: DataConnection, data: bytes, now: float) -> None:
@@ -406,38 +405,28 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
         """The data connections to close now, and why.  Once the session
         ended, every stranger is among them."""
         if self.session.finished:
-            for stranger in list(self.strangers):
-                self._drop_later(stranger, "the migration ended")
+            self._closing(self.pool.close_all("the migration ended"))
         drops, self._drops = self._drops, []
         return drops
 
-    def _first_record_due(self, connection: DataConnection) -> float | None:
-        if self._readable_since is None:
-            return None  # held: nothing can be read from it yet
-        return max(connection.opened, self._readable_since) + self.first_record_timeout
-
     def extra_timers(self) -> list[float]:
         """The first-record deadline of the oldest stranger that can be read."""
-        due = [self._first_record_due(c) for c in self.strangers]
-        return [min(d for d in due if d is not None)] if any(d is not None for d in due) else []
+        due = self.pool.get_timer()
+        return [] if due is None else [due]
 
     def handle_extra_timers(self, now: float) -> list[DestinationEffect]:
         """Strangers past their first-record deadline are dropped (no effect
         on the migration)."""
-        for stranger in list(self.strangers):
-            due = self._first_record_due(stranger)
-            if due is not None and now >= due:
-                self._drop_later(
-                    stranger, f"no authenticated record within {self.first_record_timeout:g} s"
-                )
+        self._closing(self.pool.handle_timer(now))
         return []
 
-    def _drop_later(self, connection: DataConnection, reason: str) -> None:
-        if connection in self.strangers:
-            self.strangers.remove(connection)
-        if not connection.dropped:
-            connection.dropped = True
-            self._drops.append((connection, reason))
+    def _closing(self, closes: list[CloseStranger[DataConnection]]) -> None:
+        # The pool's closes, for take_drops.
+        for close in closes:
+            connection = close.conn_id
+            if not connection.dropped:
+                connection.dropped = True
+                self._drops.append((connection, close.reason))
 
     def next_data_batch(
         self, connection: DataConnection
@@ -484,10 +473,8 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
         # It is the channel: no other connection to the port is needed.
         connection.bound = True
         self.data_channel = connection
-        if connection in self.strangers:
-            self.strangers.remove(connection)
-        for stranger in list(self.strangers):
-            self._drop_later(stranger, "the data channel is bound")
+        self.pool.record_received(connection)
+        self._closing(self.pool.close_all("the data channel is bound"))
 
     @staticmethod
     def _until_end(connection: DataConnection, batch: DestinationEffects) -> DestinationEffects:
@@ -525,8 +512,7 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
         return self._drop(connection, error.reason)
 
     def _drop(self, connection: DataConnection, reason: str) -> DropDataConnection:
-        if connection in self.strangers:
-            self.strangers.remove(connection)
+        self.pool.refuse(connection, reason)  # returned to the shell at once, not via take_drops
         connection.dropped = True
         return DropDataConnection(reason)
 

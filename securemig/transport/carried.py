@@ -39,7 +39,13 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 
 from securemig.protocol import records
-from securemig.protocol.connection import FIRST_RECORD_TIMEOUT, MAX_PENDING_DATA_CONNECTIONS
+from securemig.protocol.strangers import (
+    FIRST_RECORD_TIMEOUT,
+    MAX_PENDING_DATA_CONNECTIONS,
+    CloseStranger,
+    StrangerPool,
+)
+from securemig.transport.strangers import PoolTimer
 
 log = Logger()
 
@@ -342,14 +348,16 @@ class CarrierDestination:
         self.reactor = reactor
         self.targets = targets
         self.cipher, self.key, self.migration_id = tls_cipher, key, migration_id
-        self.first_record_timeout = first_record_timeout
-        self.max_pending = max_pending
+        #: Connections waiting for their first record, and their clocks
+        #: (the rules of every such port, :mod:`securemig.protocol.strangers`).
+        self.pool: StrangerPool[_Pair] = StrangerPool(
+            "carrier connections", first_record_timeout, max_pending
+        )
+        self._timer = PoolTimer(reactor, self.pool, self._close_stranger)
         self.carried: dict[str, int] = dict.fromkeys(SOCKETS, 0)
         self.errors: list[str] = []
         #: (socket, number) pairs that authenticated: each binds once.
         self.bound: set[tuple[str, int]] = set()
-        self.strangers_closed = 0
-        self._strangers: dict[_Pair, Any] = {}
         self._pairs: set[_Pair] = set()
         destination = self
 
@@ -367,18 +375,15 @@ class CarrierDestination:
         host = self.port.getHost()
         return host.host, host.port
 
+    @property
+    def strangers_closed(self) -> int:
+        """Connections closed before their first record authenticated."""
+        return self.pool.closed
+
     def _made(self, pair: _Pair, end: _End) -> None:
         if end.wire:
-            while len(self._strangers) >= self.max_pending:
-                self._drop(next(iter(self._strangers)), "too many connections waiting")
-            timer = self.reactor.callLater(
-                self.first_record_timeout,
-                self._drop,
-                pair,
-                f"no authenticated record within {self.first_record_timeout:g} s",
-            )
-            self._strangers[pair] = timer
             pair.buffer = b""
+            self._timer.run(self.pool.admit(pair, self.reactor.seconds()))
             return
         # The local socket answered: carry both ways.
         pair.join()
@@ -418,9 +423,8 @@ class CarrierDestination:
             self._drop(pair, f"{pair.name} connection {key[1]} is bound already")
             return
         self.bound.add(key)
-        timer = self._strangers.pop(pair)
-        if timer.active():
-            timer.cancel()
+        self.pool.record_received(pair)
+        self._timer.schedule()
         pair.opener.max_plaintext = CARRIED_RECORD_PLAINTEXT
         assert pair.wire is not None
         pair.wire.transport.pauseProducing()
@@ -436,10 +440,10 @@ class CarrierDestination:
         self.reactor.connectUNIX(destination.targets[pair.name], Dial())
 
     def _drop(self, pair: _Pair, reason: str) -> None:
-        timer = self._strangers.pop(pair, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-        self.strangers_closed += 1
+        self._timer.run(self.pool.refuse(pair, reason))
+
+    def _close_stranger(self, close: CloseStranger[_Pair]) -> None:
+        pair, reason = close.conn_id, close.reason
         log.warn("closed a carrier connection: {reason}", reason=reason)
         pair.ended = True
         self._pairs.discard(pair)
@@ -447,16 +451,13 @@ class CarrierDestination:
             pair.wire.transport.abortConnection()
 
     def _ended(self, pair: _Pair) -> None:
-        timer = self._strangers.pop(pair, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self.pool.forget(pair)
+        self._timer.schedule()
         self._pairs.discard(pair)
 
     def close(self) -> Deferred[None]:
         """Stop listening; abort what is still carried."""
+        self._timer.run(self.pool.close_all("the migration ended"))
         for pair in list(self._pairs):
-            if pair in self._strangers:
-                self._drop(pair, "the migration ended")
-            else:
-                pair.fail("the migration ended")
+            pair.fail("the migration ended")
         return self.port.stopListening()  # type: ignore[no-any-return]

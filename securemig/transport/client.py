@@ -10,7 +10,6 @@ session ends.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,43 +22,17 @@ from securemig.host.journal import Journal
 from securemig.host.recovery import Owed, acknowledge
 from securemig.hypervisor.bundle import Bundle, BundleError, disk_owner
 from securemig.protocol import wire
-from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT
 from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, LocalFault
 from securemig.protocol.source import SourceSession
 from securemig.transport import tls
 from securemig.transport.executor import ThreadExecutor
+from securemig.transport.options import SourceOptions
 from securemig.transport.resolve import resolve
 from securemig.transport.source import SourceProtocol
 from securemig.transport.tcp import client_endpoint
-from securemig.trust.attestor import open_attestor, warn_on_stderr
-from securemig.trust.keyrelease import SourceSecurity
-from securemig.trust.revocation import RevocationList
 
 log = Logger()
-
-
-@dataclass
-class SecureOptions:
-    """How a source runs the secure variant."""
-
-    identity: Path
-    policy_dir: Path | None = None
-    tofu: bool = False
-    #: The name the destination must prove; default: the host of --to.
-    destination_name: str | None = None
-    #: The revocation list the destination's AK certificate is checked
-    #: against (:func:`securemig.trust.revocation.for_identity`).
-    revocation: RevocationList | None = None
-
-    def prepare(self, bundle: Bundle, host: str) -> Any:
-        """Open the TPM, unseal the VM's vTPM key for this migration."""
-        # The source runs on the operator's terminal: trust on first use says so there.
-        attestor = open_attestor(
-            self.identity, self.policy_dir, self.tofu, warn_on_stderr, self.revocation
-        )
-        secret = attestor.unseal(bundle.vtpm_key_path.read_bytes())
-        return SourceSecurity(attestor, secret, self.destination_name or host, bundle.manifest.vtpm)
 
 
 class ConnectFailed(LocalFault):
@@ -71,31 +44,23 @@ class ConnectFailed(LocalFault):
 async def migrate(
     reactor: object,
     bundle: Bundle,
-    to: str,
+    options: SourceOptions,
     *,
-    variant: wire.Variant,
     journal: Journal,
-    chunk_size: int = wire.DEFAULT_CHUNK_SIZE,
-    idle_timeout: float | None = None,
-    deadline: float | None = None,
     on_progress: Callable[[int], None] = lambda n: None,
     on_start: Callable[[Departure], None] = lambda d: None,
-    secure: SecureOptions | None = None,
-    unseal_with: Path | None = None,
-    bandwidth: float | None = None,
-    live: tuple[int, int] | None = None,
 ) -> tuple[Departure, Finished]:
-    """Migrate ``bundle`` to ``to`` (``HOST:PORT``): over mutual TLS with
-    attestation and vTPM key release when ``secure`` is given, else over the
-    insecure variant.
+    """Migrate ``bundle`` to ``options.to`` (``HOST:PORT``): over mutual TLS
+    with attestation and vTPM key release when ``options.secure`` is given,
+    else over the insecure variant.
 
     Fires with the departure and the session's final effect.  Raises
     :class:`VMLocked` or :class:`~securemig.hypervisor.bundle.BundleError` before
     anything is sent, :class:`ConnectFailed` if the destination cannot be
-    reached (the VM stays here in every one of those cases).  ``bandwidth``
-    limits the image bytes sent a second.  ``live``: (downtime limit in ms,
-    bandwidth in bytes/s) for a live migration (secure, QEMU, RAM only).
+    reached (the VM stays here in every one of those cases).
     """
+    to, variant, secure = options.to, options.variant, options.secure
+    unseal_with, live = options.unseal_with, options.live
     host, port = parse_address(to)
     if live is not None and secure is None:
         raise BundleError("live migration is secure only: give --identity, not --insecure")
@@ -143,7 +108,7 @@ async def migrate(
             raise
     on_start(departure)
     session = SourceSession(
-        departure.hello(chunk_size),
+        departure.hello(options.chunk_size),
         secure=security is not None,
         clear_key=clear_key,
         # What to ask the destination to quote: the source's policy for it,
@@ -160,10 +125,10 @@ async def migrate(
         reactor,  # type: ignore[arg-type]
         lambda: ThreadExecutor(reactor),  # type: ignore[arg-type]
         on_progress,
-        idle_timeout=IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
-        deadline=DEADLINE if deadline is None else deadline,
+        idle_timeout=options.idle_timeout,
+        deadline=options.deadline,
         security=security,
-        bandwidth=bandwidth,
+        bandwidth=options.bandwidth,
     )
     endpoint: Any = client_endpoint(reactor, host, port)
     if security is not None:

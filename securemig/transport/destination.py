@@ -53,8 +53,6 @@ from securemig.hypervisor.bundle import VTPM_IMAGE, disk_owner
 from securemig.protocol import destination as destination_session
 from securemig.protocol import effects, records, wire
 from securemig.protocol.connection import (
-    DEADLINE,
-    IDLE_TIMEOUT,
     DataChannelBound,
     DataConnection,
     DestinationConnection,
@@ -65,6 +63,7 @@ from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.transport.control import Connection, FramedProtocol, failure_to_error
 from securemig.transport.executor import Executor, ThreadExecutor
 from securemig.transport.live import LIVE_RECORD_PLAINTEXT, LiveReceiver
+from securemig.transport.options import DestinationOptions
 from securemig.transport.tcp import tune_transport
 from securemig.transport.tls import peer_names
 from securemig.trust.keyrelease import (
@@ -72,10 +71,6 @@ from securemig.trust.keyrelease import (
     DestinationSecurity,
     KeyTransferError,
 )
-
-#: Destination: pause reading when this many bytes wait for the disk (at least
-#: two chunks, so the disk thread always has the next one queued).
-HIGH_WATER = 4 * 1024 * 1024
 
 
 @implementer(IHandshakeListener)
@@ -97,26 +92,22 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         host: Any,
         clock: IReactorTime,
         executor_factory: Callable[[], Executor],
-        protocol_name: str = "insecure",
-        idle_timeout: float = IDLE_TIMEOUT,
-        deadline: float = DEADLINE,
-        high_water: int = HIGH_WATER,
-        security: Any = None,
-        key_keeper: Any = None,
-        data_listener: DataListener | None = None,
+        options: DestinationOptions = DestinationOptions(),  # noqa: B008 (frozen)
     ) -> None:
+        security = options.security
         session = destination_session.DestinationSession(
             secure=security is not None,
             # What to ask the source to quote: this host's policy for it.
             request=lambda: self.security.attestor.request_for(self.peer_name()),
         )
         connection = DestinationConnection(
-            session, idle_timeout, deadline, check_peer=security is not None
+            session, options.idle_timeout, options.deadline, check_peer=security is not None
         )
         super().__init__(clock, connection)
+        self.options = options
         self.security = security
-        self.key_keeper = key_keeper
-        self.data_listener = data_listener if security is not None else None
+        self.key_keeper = options.key_keeper
+        self.data_listener = options.data_listener if security is not None else None
         #: The data channel: its listening port, the connections to it not
         #: yet dropped, and the one that proved it holds the key.
         self.data_port: Any = None
@@ -129,9 +120,9 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         #: A recovery connection: the RESOLVE and the answer it got.
         self.resolved: tuple[wire.Resolve, wire.Resolved] | None = None
         self.host = host
-        self.protocol_name = protocol_name
+        self.protocol_name = options.protocol_name
         self.executor_factory = executor_factory
-        self.high_water = high_water
+        self.high_water = options.high_water
         self.arrival: Any = None
         self.executor: Executor | None = None
         self.queued = 0
@@ -664,49 +655,26 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
 
 
 class DestinationFactory(Factory):
-    """Builds a :class:`DestinationProtocol` per connection to one host."""
+    """Builds a :class:`DestinationProtocol` per connection to one host,
+    each with the same :class:`~securemig.transport.options.DestinationOptions`."""
 
     def __init__(
         self,
         host: Any,
         clock: Any,
-        protocol_name: str = "insecure",
+        options: DestinationOptions = DestinationOptions(),  # noqa: B008 (frozen)
         executor_factory: Callable[[], Executor] | None = None,
-        idle_timeout: float = IDLE_TIMEOUT,
-        deadline: float = DEADLINE,
-        security: Any = None,
-        key_keeper: Any = None,
-        data_listener: DataListener | None = None,
     ) -> None:
         self.host = host
-        self.security = security
-        self.key_keeper = key_keeper
-        self.data_listener = data_listener
         self.clock = clock
-        self.protocol_name = protocol_name
+        self.options = options
         self.executor_factory = executor_factory or (lambda: ThreadExecutor(clock))
-        self.idle_timeout = idle_timeout
-        self.deadline = deadline
 
     def buildProtocol(self, addr: Any) -> DestinationProtocol:
         """A protocol for one incoming migration."""
-        p = DestinationProtocol(
-            self.host,
-            self.clock,
-            self.executor_factory,
-            self.protocol_name,
-            self.idle_timeout,
-            self.deadline,
-            security=self.security,
-            key_keeper=self.key_keeper,
-            data_listener=self.data_listener,
-        )
+        p = DestinationProtocol(self.host, self.clock, self.executor_factory, self.options)
         p.factory = self
         return p
-
-
-#: Opens a listening port for a data channel: (interface, factory) → IListeningPort.
-DataListener = Callable[[str, Factory], Any]
 
 
 class DataChannelReceiver(Connection):

@@ -17,7 +17,13 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 
-from securemig.protocol.connection import FIRST_RECORD_TIMEOUT, MAX_PENDING_DATA_CONNECTIONS
+from securemig.protocol.strangers import (
+    FIRST_RECORD_TIMEOUT,
+    MAX_PENDING_DATA_CONNECTIONS,
+    CloseStranger,
+    StrangerPool,
+)
+from securemig.transport.strangers import PoolTimer
 
 log = Logger()
 
@@ -182,7 +188,9 @@ class LiveReceiver:
     The port is the data channel's kind of port: anyone may connect, so a
     connection is a *stranger* until its first record, the sender's empty
     opening record (:data:`LIVE_OPENING_PLAINTEXT`), authenticates under the
-    live stream's key.  A stranger has ``first_record_timeout`` seconds and
+    live stream's key (the rules of every such port,
+    :class:`~securemig.protocol.strangers.StrangerPool`).  A stranger has
+    ``first_record_timeout`` seconds and
     one record of :data:`LIVE_OPENING_PLAINTEXT` bytes (checked from its
     header, before anything is buffered) to do that, at most
     ``max_pending`` of them wait at once (above it the oldest is closed),
@@ -212,21 +220,22 @@ class LiveReceiver:
         self.qemu_path = qemu_path
         self.new_opener = new_opener
         self.accept_timeout = accept_timeout
-        self.first_record_timeout = first_record_timeout
-        self.max_pending = max_pending
+        #: Connections waiting for their first record, and their clocks.
+        self.pool: StrangerPool[_WireSide] = StrangerPool(
+            "live stream connections", first_record_timeout, max_pending
+        )
+        self._timer = PoolTimer(reactor, self.pool, self._close_stranger)
         #: The bound stream's opener (None until a connection authenticated).
         self.opener: Any = None
         self.delivered = 0
         self.error: Exception | None = None
         #: Why the last stranger was closed (None: none was).
         self.last_refusal: str | None = None
-        #: Connections closed before their first record authenticated.
-        self.strangers_closed = 0
         self.done: Deferred[None] = Deferred()
         self._in: _WireSide | None = None
         self._qemu: _WireSide | None = None
-        # Strangers, oldest first: their openers and first-record timers.
-        self._strangers: dict[_WireSide, tuple[Any, Any]] = {}
+        # Each stranger's opener.
+        self._openers: dict[_WireSide, Any] = {}
         self._listening = True
         #: Fires once the port no longer listens (after the stream bound or ended).
         self.port_closed: Deferred[None] | None = None
@@ -254,32 +263,26 @@ class LiveReceiver:
         side.on_made = self._stranger_made
         return side
 
+    @property
+    def strangers_closed(self) -> int:
+        """Connections closed before their first record authenticated."""
+        return self.pool.closed
+
     def _stranger_made(self, side: _WireSide) -> None:
-        while len(self._strangers) >= self.max_pending:
-            oldest = next(iter(self._strangers))
-            self._drop(
-                oldest,
-                f"more than {self.max_pending} live stream connections waiting for a first record",
-            )
         opener = self.new_opener()
         opener.max_plaintext = LIVE_OPENING_PLAINTEXT
-        reason = f"no authenticated record within {self.first_record_timeout:g} s"
-        timer = self.reactor.callLater(self.first_record_timeout, self._drop, side, reason)
-        self._strangers[side] = (opener, timer)
+        self._openers[side] = opener
+        self._timer.run(self.pool.admit(side, self.reactor.seconds()))
 
-    def _drop(self, side: _WireSide, reason: str) -> None:
+    def _close_stranger(self, close: CloseStranger[_WireSide]) -> None:
         # A stranger goes; the port listens on for the source.
-        entry = self._strangers.pop(side, None)
-        if entry is None:
-            return
-        if entry[1].active():
-            entry[1].cancel()
-        self.last_refusal = reason
-        self.strangers_closed += 1
+        side = close.conn_id
+        self._openers.pop(side, None)
+        self.last_refusal = close.reason
         log.warn(
             "closed a live stream connection from {peer}: {reason}",
             peer=side.transport.getPeer(),
-            reason=reason,
+            reason=close.reason,
         )
         side.transport.abortConnection()
 
@@ -288,15 +291,14 @@ class LiveReceiver:
             self.opener.feed(data)
             self._deliver()
             return
-        entry = self._strangers.get(side)
-        if entry is None:
+        if side not in self.pool:
             return  # closed already
-        opener = entry[0]
+        opener = self._openers[side]
         opener.feed(data)
         try:
             opener.next_record()
         except Exception as e:  # not the source: it goes, the port stays
-            self._drop(side, str(e))
+            self._timer.run(self.pool.refuse(side, str(e)))
             return
         if opener.sequence > 0:
             self._bind(side, opener)
@@ -304,10 +306,9 @@ class LiveReceiver:
     def _bind(self, side: _WireSide, opener: Any) -> None:
         # It holds the live stream's key: the source.  Only now is QEMU's
         # socket connected; what else waits is closed and so is the port.
-        _, timer = self._strangers.pop(side)
-        timer.cancel()
-        for other in list(self._strangers):
-            self._drop(other, "the live stream is bound")
+        self.pool.record_received(side)
+        self._openers.pop(side, None)
+        self._timer.run(self.pool.close_all("the live stream is bound"))
         if self._accept_timer.active():
             self._accept_timer.cancel()
         self._in = side
@@ -351,9 +352,9 @@ class LiveReceiver:
 
     def _source_lost(self, side: _WireSide, reason: Any) -> None:
         if side is not self._in:
-            entry = self._strangers.pop(side, None)
-            if entry is not None and entry[1].active():
-                entry[1].cancel()
+            self.pool.forget(side)
+            self._openers.pop(side, None)
+            self._timer.schedule()
             return
         if not self.opener.ended:
             try:
@@ -401,8 +402,7 @@ class LiveReceiver:
 
     def cut(self) -> None:
         """Break the stream both ways; close the port and every stranger."""
-        for stranger in list(self._strangers):
-            self._drop(stranger, "the live stream ended")
+        self._timer.run(self.pool.close_all("the live stream ended"))
         for side in (self._in, self._qemu):
             if side is not None and side.transport is not None:
                 side.transport.abortConnection()

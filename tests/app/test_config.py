@@ -159,3 +159,107 @@ class ConfigTests(TestCase):
         processes.end_process(process)
         self.assertTrue((state / "journal.sqlite").exists())
         self.assertIn("listening for insecure migrations", (self.base / "d.log").read_text())
+
+
+def twistd_option_names() -> set[str]:
+    """Every option ``twistd securemig`` takes (twistd gathers them along
+    the class tree; ``opt_*`` methods are options too)."""
+    from securemig.app.service import Options
+
+    names: set[str] = set()
+    for cls in Options.__mro__:
+        for row in [*vars(cls).get("optParameters", []), *vars(cls).get("optFlags", [])]:
+            names.add(row[0])
+        names |= {n[4:].replace("_", "-") for n in vars(cls) if n.startswith("opt_")}
+    return names
+
+
+class KeysNameRealOptionsTests(TestCase):
+    """Each key of the file stands for options that exist, and a bad value
+    is refused with one sentence by both programs."""
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).absolute()
+        self.base.mkdir()
+        self.patch(config, "DEFAULT_PATH", self.base / "absent.toml")
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != config.CONFIG_ENV})
+
+    def test_every_key_names_a_real_option(self) -> None:
+        """Every (command, destination) of every key is an option of that
+        securemig command's parser (``policy *``: of every policy action),
+        and every ``service`` one an option of ``twistd securemig``."""
+        from securemig.app.cli.common import walk_parsers
+        from securemig.app.cli.main import build_parser
+        from securemig.app.cli.settings import Parser, command_of
+
+        parsers = [p for p in walk_parsers(build_parser()) if isinstance(p, Parser)]
+        twistd = twistd_option_names()
+        for section, keys in config.KEYS.items():
+            for name, key in keys.items():
+                for command, dest in key.commands.items():
+                    where = f"[{section}] {name} -> {command}: {dest}"
+                    if command == "service":
+                        self.assertIn(dest, twistd, where)
+                        continue
+                    matching = [
+                        p
+                        for p in parsers
+                        if command_of(p) == command
+                        or (command.endswith(" *") and command_of(p).startswith(command[:-1]))
+                    ]
+                    self.assertTrue(matching, f"{where}: no such command")
+                    for parser in matching:
+                        self.assertIn(dest, {a.dest for a in parser.options}, where)
+
+    def migrate_refuses(self, *words: str, file: str | None = None) -> str:
+        """The error line of ``securemig migrate`` (insecure, nothing reachable)."""
+        given: list[str] = []
+        if file is not None:
+            path = self.base / "m.toml"
+            path.write_text(file)
+            given = ["--config", str(path)]
+        line = [*given, "migrate", "vm1", "--vm-dir", str(self.base), "--to", "127.0.0.1:1"]
+        status, _, err = run(*line, "--insecure", *words)
+        self.assertEqual(status, 2, err)
+        prefix = "securemig: error: "
+        self.assertTrue(err.startswith(prefix), err)
+        return err[len(prefix) :].strip()
+
+    def twistd_refuses(self, *words: str, file: str | None = None) -> str:
+        """The usage error of ``twistd securemig``'s options."""
+        from twisted.python import usage
+
+        from securemig.app.service import Options
+
+        state = Path(self.mktemp()).absolute()
+        line = ["--state-dir", str(state), "--insecure-listen", "tcp:0", *words]
+        if file is not None:
+            path = self.base / "s.toml"
+            path.write_text(file)
+            line += ["--config", str(path)]
+        options = Options()
+        with self.assertRaises(usage.UsageError) as caught:
+            options.parseOptions(line)
+        lock = getattr(options, "lock", None)
+        if lock is not None:
+            lock.release()
+        return str(caught.exception)
+
+    def test_bad_values_refused_with_one_sentence(self) -> None:
+        """The keys both programs take (and --crl, --crl-max-age): the same
+        sentence from securemig migrate and twistd securemig, whether the
+        value came from a flag or from the file."""
+        for option, bad, sentence in [
+            ("idle-timeout", "0", "--idle-timeout must be positive"),
+            ("deadline", "-1", "--deadline must be positive"),
+            ("crl-max-age", "0", "--crl-max-age must be positive"),
+            ("crl", "http://pca", "--crl must be the privacy CA's https:// URL"),
+        ]:
+            flag = (f"--{option}", bad)
+            self.assertEqual(self.migrate_refuses(*flag), sentence)
+            self.assertEqual(self.twistd_refuses(*flag), sentence)
+            if (option in config.KEYS["migrate"]) and (option in config.KEYS["service"]):
+                from_file = self.migrate_refuses(file=f"[migrate]\n{option} = {bad}\n")
+                self.assertEqual(from_file, sentence)
+                from_file = self.twistd_refuses(file=f"[service]\n{option} = {bad}\n")
+                self.assertEqual(from_file, sentence)

@@ -18,6 +18,7 @@ from securemig.protocol.connection import CLOSE_GRACE
 from securemig.protocol.effects import Outcome
 from securemig.protocol.errors import ErrorCode, ProtocolError
 from securemig.transport.destination import DestinationProtocol
+from securemig.transport.options import DestinationOptions
 
 from ..helpers import InMemory, Recorder, bundle_digests
 
@@ -264,7 +265,9 @@ class FlowControlTests(SynchronousTestCase):
     def test_pause_above_high_water(self) -> None:
         env = InMemory(Path(self.mktemp()))
         executor = ManualExecutor()
-        dst = DestinationProtocol(env.host, env.clock, lambda: executor, high_water=3 * 4096)
+        dst = DestinationProtocol(
+            env.host, env.clock, lambda: executor, DestinationOptions(high_water=3 * 4096)
+        )
         transport = StringTransport()
         dst.makeConnection(transport)
         chunk = b"z" * 4096
@@ -304,7 +307,7 @@ class AdmissionPolicyTests(SynchronousTestCase):
 
     def refused(self, hello: wire.Hello, sealer: Any = None) -> wire.Abort:
         env = InMemory(Path(self.mktemp()))
-        env.factory.key_keeper = sealer
+        env.factory.options = DestinationOptions(key_keeper=sealer)
         peer = Recorder()
         pump = env.connect(env.destination(), peer)
         peer.transport.write(wire.encode(hello))
@@ -352,7 +355,7 @@ class ClearKeyRefusalTests(SynchronousTestCase):
 
     def run_arrival(self, key: bytes | None, image: str = "ram") -> wire.Abort:
         env = InMemory(Path(self.mktemp()))
-        env.factory.key_keeper = NeverSeals()
+        env.factory.options = DestinationOptions(key_keeper=NeverSeals())
         peer = Recorder()
         pump = env.connect(env.destination(), peer)
         frames = [wire.encode(hello_for("vm1", {image: 4}))]

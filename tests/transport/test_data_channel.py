@@ -38,6 +38,7 @@ from securemig.protocol.source import SourceSession
 from securemig.transport import tls
 from securemig.transport.destination import DestinationProtocol
 from securemig.transport.executor import InlineExecutor
+from securemig.transport.options import DestinationOptions
 from securemig.transport.source import DataChannelSender, SourceProtocol
 from securemig.trust.attestor import open_attestor
 from securemig.trust.keyrelease import DestinationSecurity, MigrationKey, SourceSecurity
@@ -187,10 +188,12 @@ class SecureInMemory:
             self.host,
             self.clock,
             InlineExecutor,
-            "secure",
-            idle_timeout=idle_timeout,
-            security=self.security,
-            data_listener=self.listen,
+            DestinationOptions(
+                "secure",
+                idle_timeout=idle_timeout,
+                security=self.security,
+                data_listener=self.listen,
+            ),
         )
         self.departure = Departure(
             bundle, wire.Variant.FULL, "memory", "secure", Journal(self.base / "src.sqlite")

@@ -156,12 +156,12 @@ class LivePortTests(TestCase):
         oldest is closed; the newer ones wait on."""
         receiver = self.receiver(max_pending=2)
         oldest = self.stranger(receiver)
-        await self.until(lambda: len(receiver._strangers) == 1)
+        await self.until(lambda: len(receiver.pool) == 1)
         self.stranger(receiver)
         self.stranger(receiver)
         await self.closed(oldest)
         self.assertIn("more than 2 live stream connections", str(receiver.last_refusal))
-        await self.until(lambda: len(receiver._strangers) == 2)
+        await self.until(lambda: len(receiver.pool) == 2)
 
     async def test_no_source_in_time(self) -> None:
         """Only strangers until the accept deadline: the receiver ends with an

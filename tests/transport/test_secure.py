@@ -477,7 +477,8 @@ class HostileSourceTests(SecureBase):
         from securemig.host.journal import Journal
         from securemig.protocol import wire
         from securemig.protocol.errors import ErrorCode
-        from securemig.transport.client import SecureOptions, migrate
+        from securemig.transport.client import migrate
+        from securemig.transport.options import SecureOptions, SourceOptions
         from securemig.trust import keyrelease as secure
 
         destination = self.start_destination("--tofu")
@@ -506,10 +507,8 @@ class HostileSourceTests(SecureBase):
         _, finished = await migrate(
             reactor,
             bundle,
-            destination.address,
-            variant=wire.Variant.FULL,
+            SourceOptions(destination.address, wire.Variant.FULL, secure=options),
             journal=journal,
-            secure=options,
         )
         self.assertEqual(finished.code, ErrorCode.ATTESTATION_FAILED)
         self.assertIn("qualifying-data", finished.reason)

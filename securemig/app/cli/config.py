@@ -85,8 +85,8 @@ def _options_of(args: argparse.Namespace) -> list[dict[str, Any]]:
             "value": _plain(getattr(inner, a.dest)),
             "from": origins.get(a.dest, "default"),
         }
-        for a in parser._actions
-        if a.option_strings and a.dest != "help"
+        for a in parser.options
+        if a.dest != "help"
     ]
 
 

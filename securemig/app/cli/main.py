@@ -47,9 +47,15 @@ from securemig.app.cli.common import (
 from securemig.protocol.errors import MigrationError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    p = argparse.ArgumentParser(
+def build_parser(
+    loaded: config.Config | None = None, probe: bool = False
+) -> argparse.ArgumentParser:
+    """The argument parser of every subcommand, its options' defaults taken
+    from the configuration file ``loaded`` (see :mod:`settings`; ``probe``:
+    its probe parser)."""
+    p = settings.Parser(
+        config=loaded,
+        probe=probe,
         prog="securemig",
         description="Move a VM and its virtual TPM to another host, only to an attested "
         "one: suspended (stopped, streamed, resumed there), or live with `migrate --live` "
@@ -102,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     def parse(line: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
-        parser = build_parser()
-        settings.prepare(parser, loaded)
-        parsed = parser.parse_args(line)
-        return parsed, settings.fill(parsed, loaded)
+        parsed = build_parser(loaded).parse_args(line)
+        # The same line again, to tell what it gave from what the file did.
+        probe = build_parser(loaded, probe=True).parse_args(line)
+        return parsed, settings.origins(parsed, probe)
 
     args, origins = parse(argv)
     args._config, args._config_given, args._origins, args._parse = loaded, given, origins, parse

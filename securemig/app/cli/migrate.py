@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from securemig.app import config
 from securemig.app.cli.common import (
     EXIT_FAILED,
     EXIT_IN_DOUBT,
@@ -28,9 +29,11 @@ from securemig.hypervisor.bundle import Bundle, BundleError, check_vm_name
 from securemig.hypervisor.qemu import LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH
 from securemig.lab.processes import peak_rss_mib
 from securemig.protocol import wire
+from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT
 from securemig.protocol.effects import Outcome
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
-from securemig.transport.client import SecureOptions, migrate, parse_address
+from securemig.transport.client import migrate, parse_address
+from securemig.transport.options import SecureOptions, SourceOptions
 from securemig.transport.source import SourceProtocol
 from securemig.trust.identity import Identity
 from securemig.trust.revocation import CRL_MAX_AGE, CRLError, RevocationList
@@ -138,12 +141,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             "choose the variant: --identity DIR for the secure one, or --insecure "
             "(no TLS, no attestation)"
         )
-    chunk = args.chunk_kib * 1024
-    if not wire.MIN_CHUNK_SIZE <= chunk <= wire.MAX_CHUNK_SIZE:
-        return usage_error(
-            f"--chunk-kib must be between {wire.MIN_CHUNK_SIZE // 1024} and "
-            f"{wire.MAX_CHUNK_SIZE // 1024}"
-        )
+    # The validators twistd securemig shares (app/config.py): one sentence each.
+    for option in ("chunk-kib", "idle-timeout", "deadline", "crl-max-age", "crl"):
+        if problem := config.refusal_of("migrate", option, getattr(args, option.replace("-", "_"))):
+            return usage_error(problem)
     if args.live and args.insecure:
         return usage_error("--live is secure only: drop --insecure")
     if args.downtime_ms <= 0:
@@ -155,25 +156,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return usage_error(str(e))
     if args.identity:
         check_identity(args.identity)
-    if args.crl_max_age <= 0:
-        return usage_error("--crl-max-age must be positive")
-    if args.crl and not args.crl.startswith("https://"):
-        return usage_error("--crl must be the privacy CA's https:// URL")
-    secure = None
-    if args.identity and not args.insecure:
-        secure = SecureOptions(
-            args.identity,
-            args.policy_dir,
-            args.tofu,
-            args.destination_name,
-            _revocation(args),
-        )
-    # Live migration moves RAM only (the disk, if any, stays on shared storage).
-    shared = args.shared_storage or args.live
-    variant = wire.Variant.SHARED_STORAGE if shared else wire.Variant.FULL
-    # --live: --bandwidth is QEMU's max-bandwidth for its stream.
-    limit = int(args.bandwidth * (1 << 20)) if args.bandwidth else LIVE_MAX_BANDWIDTH
-    live = (args.downtime_ms, limit) if args.live else None
+    options = source_options(args)
     journal = host_journal(args.vm_dir, args.state_dir)
     outcome: dict[str, Any] = {}
     bar = _ProgressBar(f"migrating {args.name}", shown=not args.no_progress)
@@ -193,18 +176,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             departure, finished = await migrate(
                 reactor,
                 bundle,
-                args.to,
-                variant=variant,
+                options,
                 journal=journal,
-                chunk_size=chunk,
-                idle_timeout=args.idle_timeout,
-                deadline=args.deadline,
                 on_progress=bar.update,
                 on_start=bar.start,
-                secure=secure,
-                unseal_with=args.identity if args.insecure else None,
-                bandwidth=args.bandwidth * (1 << 20) if args.bandwidth else None,
-                live=live,
             )
         except (MigrationError, OSError) as e:
             outcome["error"] = describe(e)
@@ -229,6 +204,35 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if "error" in outcome:
         return _report_refused(args, outcome)
     return _report(args, journal, outcome)
+
+
+def source_options(args: argparse.Namespace) -> SourceOptions:
+    """The migration the checked command line (and configuration file) asks
+    for, built once (the revocation list is fetched here)."""
+    secure = None
+    if args.identity and not args.insecure:
+        secure = SecureOptions(
+            args.identity,
+            args.policy_dir,
+            args.tofu,
+            args.destination_name,
+            _revocation(args),
+        )
+    # Live migration moves RAM only (the disk, if any, stays on shared storage).
+    shared = args.shared_storage or args.live
+    # --live: --bandwidth is QEMU's max-bandwidth for its stream.
+    limit = int(args.bandwidth * (1 << 20)) if args.bandwidth else LIVE_MAX_BANDWIDTH
+    return SourceOptions(
+        args.to,
+        variant=wire.Variant.SHARED_STORAGE if shared else wire.Variant.FULL,
+        chunk_size=args.chunk_kib * 1024,
+        idle_timeout=IDLE_TIMEOUT if args.idle_timeout is None else args.idle_timeout,
+        deadline=DEADLINE if args.deadline is None else args.deadline,
+        secure=secure,
+        unseal_with=args.identity if args.insecure else None,
+        bandwidth=args.bandwidth * (1 << 20) if args.bandwidth else None,
+        live=(args.downtime_ms, limit) if args.live else None,
+    )
 
 
 def _report_refused(args: argparse.Namespace, outcome: dict[str, Any]) -> int:

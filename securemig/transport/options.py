@@ -1,0 +1,96 @@
+"""
+What a migration's two ends are told, as typed values built once.
+
+``securemig migrate`` builds a :class:`SourceOptions`, ``twistd securemig``
+a :class:`DestinationOptions` per listener (both in ``app/``, from the
+command line and the configuration file, after their checks); the shell
+hands them down whole instead of repeating their parameters on every
+Protocol, Factory and function (as aioquic's ``QuicConfiguration``).  A new
+option is a field here, its flag in ``app/`` and its key in
+``app/config.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.protocol import Factory
+
+from securemig.protocol import wire
+from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT
+from securemig.trust.attestor import open_attestor, warn_on_stderr
+from securemig.trust.keyrelease import SourceSecurity
+from securemig.trust.revocation import RevocationList
+
+#: Destination: pause reading when this many bytes wait for the disk (at least
+#: two chunks, so the disk thread always has the next one queued).
+HIGH_WATER = 4 * 1024 * 1024
+
+#: Opens a listening port for a data channel: (interface, factory) → IListeningPort.
+DataListener = Callable[[str, Factory], Any]
+
+
+@dataclass(frozen=True)
+class SecureOptions:
+    """How a source runs the secure variant."""
+
+    identity: Path
+    policy_dir: Path | None = None
+    tofu: bool = False
+    #: The name the destination must prove; default: the host of --to.
+    destination_name: str | None = None
+    #: The revocation list the destination's AK certificate is checked
+    #: against (:func:`securemig.trust.revocation.for_identity`).
+    revocation: RevocationList | None = None
+
+    def prepare(self, bundle: Any, host: str) -> Any:
+        """Open the TPM, unseal the VM's vTPM key for this migration."""
+        # The source runs on the operator's terminal: trust on first use says so there.
+        attestor = open_attestor(
+            self.identity, self.policy_dir, self.tofu, warn_on_stderr, self.revocation
+        )
+        secret = attestor.unseal(bundle.vtpm_key_path.read_bytes())
+        return SourceSecurity(attestor, secret, self.destination_name or host, bundle.manifest.vtpm)
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """One migration as the source runs it (:func:`securemig.transport.client.migrate`)."""
+
+    #: ``HOST:PORT`` of the destination.
+    to: str
+    variant: wire.Variant = wire.Variant.FULL
+    chunk_size: int = wire.DEFAULT_CHUNK_SIZE
+    idle_timeout: float = IDLE_TIMEOUT
+    deadline: float = DEADLINE
+    #: The secure variant; None: the insecure one.
+    secure: SecureOptions | None = None
+    #: Insecure variant: the identity that unseals a vTPM key (sent in the clear).
+    unseal_with: Path | None = None
+    #: Image bytes a second at most (None: no limit).
+    bandwidth: float | None = None
+    #: Live migration: (downtime limit in ms, QEMU's bandwidth in bytes/s).
+    live: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class DestinationOptions:
+    """How a destination's listener runs each incoming migration
+    (:class:`securemig.transport.destination.DestinationFactory`)."""
+
+    #: ``secure`` or ``insecure``: what the journal records.
+    protocol_name: str = "insecure"
+    idle_timeout: float = IDLE_TIMEOUT
+    deadline: float = DEADLINE
+    #: Pause reading when this many bytes wait for the disk.
+    high_water: int = HIGH_WATER
+    #: The secure variant's :class:`~securemig.trust.keyrelease.DestinationSecurity`.
+    security: Any = None
+    #: Insecure variant: what keeps a vTPM key that arrives in the clear.
+    key_keeper: Any = None
+    #: Secure variant: opens a migration's data channel port (None: images
+    #: inside TLS).
+    data_listener: DataListener | None = None
