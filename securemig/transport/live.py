@@ -323,7 +323,13 @@ class LiveReceiver:
                 return _WireSide(lambda data: None, receiver._qemu_lost, receiver._qemu_made)
 
             def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
-                receiver._refuse(RuntimeError(f"the destination's QEMU is not listening: {reason}"))
+                # The message, not the Failure's repr (which reads "Traceback
+                # (failure with no frames)" in the log for an expected case).
+                receiver._refuse(
+                    RuntimeError(
+                        f"the destination's QEMU is not listening: {reason.getErrorMessage()}"
+                    )
+                )
 
         self.reactor.connectUNIX(self.qemu_path, ToQemu())
 
