@@ -77,6 +77,26 @@ def _buckets(
     return buckets, sum(values)
 
 
+def _counter(
+    name: str, text: str, labels: list[str], counts: Counter[tuple[str, ...]]
+) -> CounterMetricFamily:
+    """A counter family with one sample per label tuple of ``counts``."""
+    family = CounterMetricFamily(name, text, labels=labels)
+    for key, n in sorted(counts.items()):
+        family.add_metric(list(key), n)
+    return family
+
+
+def _histogram(
+    name: str, text: str, values: dict[tuple[str, ...], list[float]], bounds: tuple[float, ...]
+) -> HistogramMetricFamily:
+    """A histogram family (by :data:`LABELS`) of the observations in ``values``."""
+    family = HistogramMetricFamily(name, text, labels=LABELS)
+    for key, observed in sorted(values.items()):
+        family.add_metric(list(key), *_buckets(observed, bounds))
+    return family
+
+
 class JournalCollector(Collector):
     """Migration counts, durations, bytes and in-doubt ones, read from the
     journal at ``path`` at each scrape (read-only, its own connection: a
@@ -133,49 +153,39 @@ class JournalCollector(Collector):
                 durations.setdefault(labels, []).append(max(0.0, updated - begun))
             if downtime_ms is not None:
                 downtimes.setdefault(labels, []).append(downtime_ms / 1000)
-        family = CounterMetricFamily(
+        yield _counter(
             "securemig_migrations_started",
             "Migrations begun on this host (journaled), by role, variant, protocol and mode",
-            labels=LABELS,
+            LABELS,
+            started,
         )
-        for key, n in sorted(started.items()):
-            family.add_metric(list(key), n)
-        yield family
-        family = CounterMetricFamily(
+        yield _counter(
             "securemig_migrations_ended",
             "Migrations ended, by role, variant, protocol, mode, outcome (done, aborted, "
             "in-doubt) and error code (empty when done)",
-            labels=[*LABELS, "outcome", "code"],
+            [*LABELS, "outcome", "code"],
+            ended,
         )
-        for key, n in sorted(ended.items()):
-            family.add_metric(list(key), n)
-        yield family
-        family = CounterMetricFamily(
+        yield _counter(
             "securemig_migration_bytes",
             "Image bytes sent (source) or received (destination), by role, variant, "
             "protocol and mode",
-            labels=LABELS,
+            LABELS,
+            moved,
         )
-        for key, n in sorted(moved.items()):
-            family.add_metric(list(key), n)
-        yield family
-        histogram = HistogramMetricFamily(
+        yield _histogram(
             "securemig_migration_duration_seconds",
             "Duration of ended migrations (done or aborted), from their start to their end",
-            labels=LABELS,
+            durations,
+            DURATION_BUCKETS,
         )
-        for key, seconds in sorted(durations.items()):
-            histogram.add_metric(list(key), *_buckets(seconds, DURATION_BUCKETS))
-        yield histogram
-        histogram = HistogramMetricFamily(
+        yield _histogram(
             "securemig_migration_downtime_seconds",
             "QEMU's downtime of live migrations (source: the guest paused for the last "
             "pages), journaled once the destination's guest runs",
-            labels=LABELS,
+            downtimes,
+            DOWNTIME_BUCKETS,
         )
-        for key, seconds in sorted(downtimes.items()):
-            histogram.add_metric(list(key), *_buckets(seconds, DOWNTIME_BUCKETS))
-        yield histogram
         gauge = GaugeMetricFamily(
             "securemig_migrations_running", "Migrations under way now, by role", labels=["role"]
         )
