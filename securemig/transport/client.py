@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from securemig.host.departure import Departure, unseal_vtpm_key
 from securemig.host.journal import Journal
 from securemig.host.recovery import Owed, acknowledge
-from securemig.hypervisor.bundle import Bundle, BundleError, disk_owner
+from securemig.hypervisor.bundle import Bundle, BundleError
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, LocalFault
@@ -95,13 +95,7 @@ async def migrate(
     await departure.acquire()
     if security is not None:
         try:
-            shared = bundle.manifest.shared_disk
-            if variant is wire.Variant.SHARED_STORAGE and shared:
-                owner = disk_owner(Path(shared))
-                me = security.attestor.identity.name
-                if owner is not None and owner != me:
-                    raise BundleError(f"shared disk {shared} belongs to {owner}, not {me}")
-                departure.disk_successor = security.destination_name
+            departure.hand_shared_disk(security.attestor.identity.name, security.destination_name)
         except BaseException as e:
             await departure.rollback()
             departure.refused(e)
