@@ -23,6 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar, assert_never, cast
 from twisted.internet import error as net_error
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -135,10 +136,10 @@ class FramedProtocol(Connection, Generic[E]):
             self._run_reporting(batch)
         self._schedule()
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """No clock runs any more; a session still running learns it lost its peer."""
         self.connection_open = False
-        clean = reason.check(net_error.ConnectionDone, net_error.ConnectionLost)
+        clean = isinstance(reason.value, net_error.ConnectionDone | net_error.ConnectionLost)
         # A TLS refusal (bad certificate, wrong name) arrives as the reason.
         batch = self.connection.connection_lost("" if clean else tls.describe_failure(reason))
         self._schedule()

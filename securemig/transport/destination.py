@@ -42,7 +42,7 @@ from typing import Any, assert_never
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -680,7 +680,7 @@ class DataChannelReceiver(Connection):
         if self.channel is not None:
             self.control.data_received(self, data)
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """A bound channel must have ended with its END record."""
         if self.channel is not None:
             self.control.data_connection_lost(self)

@@ -14,7 +14,7 @@ from service_identity import VerificationError
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -31,7 +31,7 @@ from securemig.transport.control import Connection, FramedProtocol, failure_to_e
 from securemig.transport.executor import Executor
 from securemig.transport.live import LiveSender
 from securemig.transport.streamer import ImageStreamer
-from securemig.transport.tcp import client_endpoint, tcp_bytes_acked, tune_transport
+from securemig.transport.tcp import client_endpoint, connect, tcp_bytes_acked, tune_transport
 from securemig.trust.keyrelease import MIGRATION_KEY_ROLE, SourceSecurity, check_offer, wrap
 
 #: The reason a migration ended by ``securemig abort`` ends with.
@@ -126,9 +126,9 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         per-address one; CONNECTION_LOST saying so)."""
         if self.security is None or self.handshake_done or self.session.finished:
             return None
-        if reason.check(VerificationError):
+        if isinstance(reason.value, VerificationError):
             return ProtocolError(ErrorCode.ATTESTATION_FAILED, tls.describe_failure(reason))
-        if not reason.check(net_error.ConnectionDone, net_error.ConnectionLost):
+        if not isinstance(reason.value, net_error.ConnectionDone | net_error.ConnectionLost):
             return ProtocolError(
                 ErrorCode.CONNECTION_LOST,
                 f"the TLS handshake failed: {tls.describe_failure(reason)}",
@@ -140,7 +140,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             "it is not a securemig destination; try again later",
         )
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Also fire :attr:`closed`."""
         try:
             refusal = self._tls_refusal(reason)
@@ -409,14 +409,14 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
 
 
 #: Opens the source's data connection: (host, port, protocol) → Deferred(protocol).
-DataConnector = Callable[[str, int, Protocol], Deferred[Any]]
+DataConnector = Callable[[str, int, "DataChannelSender"], Deferred["DataChannelSender"]]
 
 
-def connect_data_channel(reactor: Any, host: str, port: int, proto: Protocol) -> Deferred[Any]:
+def connect_data_channel(
+    reactor: Any, host: str, port: int, proto: DataChannelSender
+) -> Deferred[DataChannelSender]:
     """Connect ``proto`` to a destination's data channel port over TCP."""
-    from twisted.internet.endpoints import connectProtocol
-
-    return connectProtocol(client_endpoint(reactor, host, port), proto)
+    return connect(client_endpoint(reactor, host, port), proto)
 
 
 class DataChannelSender(Connection):
@@ -438,7 +438,7 @@ class DataChannelSender(Connection):
         """The destination never sends on the data channel: a violation."""
         self.control.fail(ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "bytes on the data channel"))
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Cut before the streams were all sent: the migration cannot go on.
         The destination cuts it when it refuses, so its ABORT may still be
         on the control connection: the connection object waits for it."""

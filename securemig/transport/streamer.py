@@ -248,7 +248,7 @@ class ImageStreamer:
     def _send_failed(self, failure: Failure) -> None:
         if self.stopped:
             return
-        if failure.check(_SendFailed):
+        if isinstance(failure.value, _SendFailed):
             # The connection is gone: its loss (and the destination's ABORT,
             # which may follow on the control connection) is what Twisted's
             # side reports; abort it, so it is reported at once.
