@@ -51,6 +51,7 @@ class Departure:
         vtpm_key: bytes | None = None,
         peer_name: str | None = None,
         live: bool = False,
+        live_options: tuple[int, int] | None = None,
     ) -> None:
         self.bundle = bundle
         self.variant = variant
@@ -65,7 +66,10 @@ class Departure:
         self.live_migration: LiveSide | None = None
         self.live_stats: LiveStats | None = None
         #: Live mode: QEMU's downtime limit (ms) and bandwidth (bytes/s).
-        self.live_options: tuple[int, int] = (LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH)
+        self.live_options: tuple[int, int] = live_options or (
+            LIVE_DOWNTIME_LIMIT_MS,
+            LIVE_MAX_BANDWIDTH,
+        )
         # The vTPM key, unsealed before the VM is suspended, so a rollback
         # can restart the vTPM without the host TPM (busy with the session).
         self.backend: Backend = backend_for(

@@ -90,9 +90,8 @@ async def migrate(
         vtpm_key or None,
         peer_name=security.destination_name if security is not None else None,
         live=live is not None,
+        live_options=live,
     )
-    if live is not None:
-        departure.live_options = live
     await departure.acquire()
     if security is not None:
         try:

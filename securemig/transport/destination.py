@@ -38,7 +38,7 @@ Data path, and why it looks like this:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, assert_never
+from typing import Any, TypeVar, assert_never
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
@@ -66,6 +66,8 @@ from securemig.transport.options import DestinationOptions, ListeningPort
 from securemig.transport.tcp import tune_transport
 from securemig.transport.tls import peer_names
 from securemig.trust.keyrelease import MIGRATION_KEY_ROLE, DestinationSecurity
+
+T = TypeVar("T")
 
 
 @implementer(IHandshakeListener)
@@ -308,13 +310,16 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _submit(
         self,
         doing: str,
-        fn: Callable[..., Any],
-        *args: Any,
-        then: Callable[[Any], None] | None = None,
+        fn: Callable[..., T],
+        *args: object,
+        then: Callable[[T], None] | None = None,
     ) -> None:
+        """Run ``fn(*args)`` on the disk executor, then ``then(result)`` on
+        the reactor thread unless the session has ended meanwhile; a failure
+        of either fails the session, saying what was being done."""
         assert self.executor is not None
 
-        def done(result: Any) -> None:
+        def done(result: T) -> None:
             self.touch()
             if then is not None and not self.session.finished:
                 try:
