@@ -16,7 +16,17 @@ thread" run on the connection's disk executor
 :class:`~securemig.transport.destination.DestinationProtocol`), in the order
 the session asked; the others run on the reactor thread, and none of those
 blocks it (a live arrival's guest is ended with the backend's asynchronous
-``end``).
+``end``).  The shell is typed against :mod:`securemig.host.contract`
+(``ArrivalHost``, ``ArrivingVM``), never against these classes.
+
+The vTPM key's way through an arrival: it arrives wrapped
+(:meth:`Arrival.accept_key`, journaled ``key-received``); once every stream
+is verified it is released, unwrapped inside this host's TPM in the attested
+state (:meth:`Arrival.release_key`; a live arrival's already when its vTPM
+starts, :meth:`Arrival.start_incoming`); the vTPM that arrived is checked to
+open with it and to be the one announced (:meth:`Arrival.check_vtpm`, disk
+thread); it is re-sealed to this host's TPM (:meth:`Arrival.keep_key`) and
+only that sealed form is written, by :meth:`Arrival.prepare`.
 """
 
 from __future__ import annotations
