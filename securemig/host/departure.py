@@ -360,6 +360,26 @@ async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
         journal.phase(local_id, "released")
 
 
+def check_keys(bundle: Bundle, *, secure: bool, live: bool, unseal_with: Path | None) -> None:
+    """Before anything is touched: refuse a migration whose vTPM key this
+    host cannot hand over as asked, saying how to ask.  Secure: the VM's key,
+    sealed to this host's TPM, is released to the destination (and live
+    migration is secure only); insecure: a VM with a vTPM needs the
+    identity (``unseal_with``) that unseals its key, sent in the clear."""
+    if live and not secure:
+        raise BundleError("live migration is secure only: give --identity, not --insecure")
+    if secure and not bundle.vtpm_key_path.exists():
+        raise BundleError(
+            f"VM {bundle.name} has no vTPM key ({bundle.vtpm_key_path}); "
+            "create it with --identity, or migrate it --insecure"
+        )
+    if not secure and bundle.manifest.vtpm and unseal_with is None:
+        raise BundleError(
+            f"VM {bundle.name} has a vTPM: give --identity to unseal its key (the insecure "
+            "variant then sends it in the clear)"
+        )
+
+
 def check_live(bundle: Bundle, variant: wire.Variant) -> None:
     """Refuse a live migration this VM cannot make, saying why."""
     if not capabilities(bundle.manifest.backend).live_source:
