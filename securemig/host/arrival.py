@@ -602,6 +602,7 @@ class Arrival:
     def cancel(self) -> None:
         """Make queued disk jobs do nothing; a discard follows."""
         self.cancelled = True
+        self.vtpm_key = None
 
     def journal_phase(self, phase: str, nbytes: int) -> None:
         """Record a phase of this arrival."""
@@ -654,6 +655,8 @@ class Arrival:
         in the clear here), with the vTPM's ``identity``, for :meth:`prepare`."""
         self.sealed_vtpm_key = sealer.seal(key.secret)
         self.vtpm_identity = identity
+        # Sealed now: this object keeps no clear key longer than it must.
+        self.vtpm_key = None
 
     def prepared(self, nbytes: int) -> None:
         """Staging is durable: journal PREPARED."""

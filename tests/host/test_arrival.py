@@ -13,7 +13,13 @@ from securemig.host.arrival import Arrival, DestinationHost
 from securemig.host.contract import VtpmKey
 from securemig.protocol import wire
 from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.trust.attestor import Attestor
+from securemig.trust.identity import Identity
 from securemig.trust.keyrelease import KeyTransferError
+from securemig.trust.pki import Authority
+from securemig.trust.policy import PolicyStore
+
+from ..helpers import shared_tpm
 
 SECRET = bytes(range(32))
 IDENTITY = bytes(range(32, 64))
@@ -63,6 +69,30 @@ class KeyTests(SynchronousTestCase):
         self.assertEqual((key.secret, key.identity), (SECRET, IDENTITY))
         arrival.accept_key(wire.ClearKey(bytes(64)), 8)
         self.assertIs(arrival.release_key(None), key)
+
+    def test_clear_key_resealed_then_dropped(self) -> None:
+        """The key is re-sealed to this host's TPM (a real swtpm: it unseals
+        to the same secret, and the sealed form does not contain it); the
+        arrival then holds the sealed key and the identity for the prepare,
+        and no longer the clear key."""
+        _, tpm, _ = shared_tpm()
+        attestor = Attestor(
+            Identity(Path("unused"), "dest-b", "unused"),
+            tpm,
+            PolicyStore(Path(self.mktemp())),
+            Authority.create("test privacy CA").cert,
+            False,
+        )
+        arrival = self.admit("ram")
+        arrival.accept_key(wire.ClearKey(SECRET + IDENTITY), 0)
+        key = arrival.release_key(None)
+        arrival.keep_key(attestor, key, IDENTITY.hex())
+        sealed = arrival.sealed_vtpm_key
+        assert sealed is not None
+        self.assertNotIn(SECRET, sealed)
+        self.assertEqual(attestor.unseal(sealed), SECRET)
+        self.assertEqual(arrival.vtpm_identity, IDENTITY.hex())
+        self.assertIsNone(arrival.vtpm_key)
 
     def test_unusable_keys_refused(self) -> None:
         """A clear key of the wrong length, a wrapped key without this
