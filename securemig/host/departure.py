@@ -26,6 +26,7 @@ from securemig.hypervisor.qemu import LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
+from securemig.protocol.phases import Phase
 from securemig.trust import vtpm
 
 log = Logger()
@@ -112,7 +113,7 @@ class Departure:
                     )
                 # Recovery continues the guest here if this migration never
                 # commits (its QEMU may be left paused, after the stream).
-                self.journal.phase(self.id, "live")
+                self.journal.phase(self.id, Phase.LIVE)
                 return
             if not capabilities(self.bundle.manifest.backend).suspend:
                 raise BundleError(
@@ -122,7 +123,7 @@ class Departure:
             await self.backend.suspend(self.bundle)
             if self.was_running:
                 # Recovery resumes the VM here if this migration never commits.
-                self.journal.phase(self.id, "suspended")
+                self.journal.phase(self.id, Phase.SUSPENDED)
         except BaseException as e:
             await self.rollback()
             self.refused(e)
@@ -176,13 +177,13 @@ class Departure:
 
     def connected(self) -> None:
         """The connection is up."""
-        self.journal.phase(self.id, "connected")
+        self.journal.phase(self.id, Phase.CONNECTED)
 
     def streaming(self, migration_id: bytes | None) -> None:
         """The destination admitted us; images flow."""
         if migration_id is not None:
             self.journal.set_migration_id(self.id, migration_id.hex())
-        self.journal.phase(self.id, "streaming")
+        self.journal.phase(self.id, Phase.STREAMING)
 
     async def commit(self) -> None:
         """The commit point: journal COMMITTED, then give the VM up.
@@ -206,8 +207,8 @@ class Departure:
                     "all (PREPARED): committing",
                     vm=self.bundle.name,
                 )
-        self.journal.phase(self.id, "prepared")
-        self.journal.phase(self.id, "committed")
+        self.journal.phase(self.id, Phase.PREPARED)
+        self.journal.phase(self.id, Phase.COMMITTED)
         self.committed = True
         crashpoint.reached("source-committed", self.qemu_pidfile())
         record = self.journal.get(self.id)
@@ -318,8 +319,8 @@ async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
             # back; without its key it cannot run.
             log.error("committed, but discarding the local copy failed: {e}", e=e)
     record = journal.get(local_id)
-    if record is not None and not record.reached("released"):
-        journal.phase(local_id, "released")
+    if record is not None and not record.reached(Phase.RELEASED):
+        journal.phase(local_id, Phase.RELEASED)
 
 
 def check_live(bundle: Bundle, variant: wire.Variant) -> None:

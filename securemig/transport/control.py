@@ -35,6 +35,7 @@ from securemig.protocol.connection import IDLE_TIMEOUT as IDLE_TIMEOUT
 from securemig.protocol.connection import CloseNow, MigrationConnection
 from securemig.protocol.effects import Attest, CommonEffect, Finished, Send, VerifyPeer
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError, io_error
+from securemig.protocol.phases import Phase
 from securemig.protocol.session import Session
 from securemig.transport import tls
 from securemig.transport.tcp import tune_transport
@@ -255,7 +256,7 @@ class FramedProtocol(Connection, Generic[E]):
         """This migration's id (known once the destination admitted it)."""
         raise NotImplementedError
 
-    def journal_phase(self, phase: str) -> None:
+    def journal_phase(self, phase: Phase) -> None:
         """Record a phase of this migration in this side's journal."""
         raise NotImplementedError
 
@@ -292,7 +293,7 @@ class FramedProtocol(Connection, Generic[E]):
         )
         self.peer_ak = effect.evidence.ak_public
         self.log.info("{peer} attested", peer=self.peer_name())
-        self.journal_phase("peer-attested")
+        self.journal_phase(Phase.PEER_ATTESTED)
         self.run(self.session.peer_verified())
 
     def _close(self, effect: Finished) -> None:

@@ -60,6 +60,7 @@ from securemig.protocol.connection import (
 )
 from securemig.protocol.effects import DestinationEffect
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
+from securemig.protocol.phases import Phase
 from securemig.transport.control import Connection, FramedProtocol, failure_to_error
 from securemig.transport.executor import Executor, ThreadExecutor
 from securemig.transport.live import LIVE_RECORD_PLAINTEXT, LiveReceiver
@@ -297,9 +298,9 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
 
     def _do_AcceptKey(self, effect: effects.AcceptKey) -> None:
         self.wrapped_key = effect.wrapped
-        self.journal_phase("key-received")
+        self.journal_phase(Phase.KEY_RECEIVED)
 
-    def journal_phase(self, phase: str) -> None:
+    def journal_phase(self, phase: Phase) -> None:
         """Record a phase in the destination's journal."""
         self.arrival.journal_phase(phase, self.session.bytes_received)
 
@@ -491,7 +492,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
 
     def _do_OpenStream(self, effect: effects.OpenStream) -> None:
         if effect.index == 0:
-            self.arrival.journal_phase("streaming", 0)
+            self.arrival.journal_phase(Phase.STREAMING, 0)
         # Images on the data channel are authenticated by its records; the
         # insecure twin does no cryptography (its source sends no hash).
         hashed = self.data_channel is None and self.security is not None
@@ -525,7 +526,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
 
     def _do_Prepare(self, effect: effects.Prepare) -> None:
         def prepared(_: object) -> None:
-            self.arrival.journal_phase("prepared", self.session.bytes_received)
+            self.arrival.journal_phase(Phase.PREPARED, self.session.bytes_received)
             crashpoint.reached("destination-prepared", self.arrival.qemu_pidfile())
             self.run(self.session.prepared())
 

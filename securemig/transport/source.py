@@ -25,6 +25,7 @@ from securemig.protocol import source as source_session
 from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT, SourceConnection
 from securemig.protocol.effects import SourceEffect
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
+from securemig.protocol.phases import Phase
 from securemig.transport import tls
 from securemig.transport.control import Connection, FramedProtocol, failure_to_error
 from securemig.transport.executor import Executor
@@ -301,13 +302,13 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         """The destination's name, which TLS already checked."""
         return str(self.security.destination_name)
 
-    def journal_phase(self, phase: str) -> None:
+    def journal_phase(self, phase: Phase) -> None:
         """Record a phase in the source's journal."""
         self.departure.journal.phase(self.departure.id, phase)
 
     def _do_WrapKey(self, effect: effects.WrapKey) -> None:
 
-        self.journal_phase("key-offered")
+        self.journal_phase(Phase.KEY_OFFERED)
         key = check_offer(
             effect.offer,
             self.peer_ak,
