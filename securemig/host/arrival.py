@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from securemig import crashpoint, files
+from securemig.crashpoint import CrashPoint
 from securemig.host import storage
 from securemig.host.journal import Journal
 from securemig.hypervisor import backends
@@ -599,7 +600,7 @@ class Arrival:
         QEMU): LOST is journaled instead, staging removed, and the source
         (which kept its paused QEMU) continues the guest when it learns it."""
         if self.live is not None and not await self.live.waits_loaded():
-            crashpoint.reached("destination-live-lost")
+            crashpoint.reached(CrashPoint.DESTINATION_LIVE_LOST)
             await self.lose()
             raise ProtocolError(
                 ErrorCode.RESUME_FAILED,
@@ -607,10 +608,10 @@ class Arrival:
                 "nothing kept here (LOST); the source continues it",
             )
         self.host.journal.phase(self.id, Phase.COMMITTED)
-        crashpoint.reached("destination-commit-journaled")
+        crashpoint.reached(CrashPoint.DESTINATION_COMMIT_JOURNALED)
         target = self.host.vms / self.hello.vm_name
         files.rename_durably(self.staging, target)
-        crashpoint.reached("destination-in-place")
+        crashpoint.reached(CrashPoint.DESTINATION_IN_PLACE)
         bundle = Bundle.load(target)
         if self.live is not None:
             self.live.release()  # the QMP socket moved with the bundle: reconnect there
@@ -621,7 +622,7 @@ class Arrival:
             # is free for whatever an operator does next.
             self.lock.release()
         self.host.journal.phase(self.id, Phase.RESUMED)
-        crashpoint.reached("destination-resumed")
+        crashpoint.reached(CrashPoint.DESTINATION_RESUMED)
 
     def qemu_pidfile(self) -> Path | None:
         """Live mode: the pid file of the arriving VM's QEMU (for crash points)."""

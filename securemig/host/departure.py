@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from securemig import crashpoint, files
+from securemig.crashpoint import CrashPoint
 from securemig.host import storage
 from securemig.host.arrival import variant_name
 from securemig.host.journal import Journal
@@ -195,7 +196,7 @@ class Departure:
         bundle stay (and the lock) until the destination's guest runs
         (:meth:`hand_over`, on DONE): if the destination's QEMU ends before
         that, this one continues the guest (``protocol.recovery``)."""
-        crashpoint.reached("source-prepared-received", self.qemu_pidfile())
+        crashpoint.reached(CrashPoint.SOURCE_PREPARED_RECEIVED, self.qemu_pidfile())
         if self.live_migration is not None:
             try:
                 self.live_stats = await self.live_migration.wait(timeout=30.0)
@@ -210,7 +211,7 @@ class Departure:
         self.journal.phase(self.id, Phase.PREPARED)
         self.journal.phase(self.id, Phase.COMMITTED)
         self.committed = True
-        crashpoint.reached("source-committed", self.qemu_pidfile())
+        crashpoint.reached(CrashPoint.SOURCE_COMMITTED, self.qemu_pidfile())
         record = self.journal.get(self.id)
         shared = self.bundle.manifest.shared_disk
         if shared and self.disk_successor is not None:
@@ -221,7 +222,7 @@ class Departure:
             return  # kept until DONE: hand_over()
         await release(self.journal, self.id, self.bundle)
         self._unlock()
-        crashpoint.reached("source-released")
+        crashpoint.reached(CrashPoint.SOURCE_RELEASED)
 
     def qemu_pidfile(self) -> Path | None:
         """Live mode: the pid file of this VM's QEMU (for crash points)."""
@@ -237,14 +238,14 @@ class Departure:
         destroy the key and the bundle.  Idempotent (recovery redoes it)."""
         if self.live_migration is not None:
             await self.live_migration.finish()
-            crashpoint.reached("source-live-ended")
+            crashpoint.reached(CrashPoint.SOURCE_LIVE_ENDED)
         if self.live_stats is not None:
             # Journaled only now, with the guest running there: nothing
             # written between QEMU's completion and the destination's cont.
             self.journal.set_downtime(self.id, self.live_stats.downtime_ms)
         await release(self.journal, self.id, self.bundle)
         self._unlock()
-        crashpoint.reached("source-released")
+        crashpoint.reached(CrashPoint.SOURCE_RELEASED)
 
     def keep_paused(self) -> None:
         """Live mode, after COMMITTED, the destination's DONE not seen: the

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from securemig import crashpoint, logcontext
+from securemig.crashpoint import CrashPoint
 from securemig.protocol import records, wire
 
 # The clocks' defaults live with the clocks; re-exported for the services' options.
@@ -286,7 +287,7 @@ class FramedProtocol(Connection, Generic[E]):
 
     def _verify_peer(self, effect: VerifyPeer) -> None:
         if effect.role == "destination":
-            crashpoint.reached("source-attesting")
+            crashpoint.reached(CrashPoint.SOURCE_ATTESTING)
         qualifying = self.qualifying(effect.role, effect.nonce)
         self.peer_values = self.security.attestor.verify(
             effect.evidence, qualifying, self.peer_name(), effect.request

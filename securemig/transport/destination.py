@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securemig import crashpoint, metrics
+from securemig.crashpoint import CrashPoint
 from securemig.host.journal import PROGRESS_INTERVAL
 from securemig.hypervisor.bundle import VTPM_IMAGE, disk_owner
 from securemig.protocol import destination as destination_session
@@ -274,7 +275,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             )
             self.live_receiver = receiver
             receiver.done.addCallback(lambda _: self._live_unbound(receiver))
-            crashpoint.reached("destination-incoming", self.arrival.qemu_pidfile())
+            crashpoint.reached(CrashPoint.DESTINATION_INCOMING, self.arrival.qemu_pidfile())
             self.run(self.session.incoming_ready(receiver.address[1]))
             try:
                 await live.wait()
@@ -359,7 +360,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 port=port,
             )
             self.connection.offer_data_channel(port)
-        crashpoint.reached("destination-admitted")
+        crashpoint.reached(CrashPoint.DESTINATION_ADMITTED)
         self.run(self.session.admitted(self.arrival.migration_id))
 
     def _journal_refusal(self, vm: str | None, e: ProtocolError) -> None:
@@ -500,7 +501,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
 
     def _do_WriteChunk(self, effect: effects.WriteChunk) -> None:
         if self.session.bytes_received > self.arrival.hello.images[0].size // 2:
-            crashpoint.reached("destination-streaming")
+            crashpoint.reached(CrashPoint.DESTINATION_STREAMING)
         n = len(effect.data)
         self.queued += n
         now = self.clock.seconds()
@@ -527,7 +528,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _do_Prepare(self, effect: effects.Prepare) -> None:
         def prepared(_: object) -> None:
             self.arrival.journal_phase(Phase.PREPARED, self.session.bytes_received)
-            crashpoint.reached("destination-prepared", self.arrival.qemu_pidfile())
+            crashpoint.reached(CrashPoint.DESTINATION_PREPARED, self.arrival.qemu_pidfile())
             self.run(self.session.prepared())
 
         def receive_key(_: object) -> None:

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securemig import crashpoint
+from securemig.crashpoint import CrashPoint
 from securemig.host.journal import PROGRESS_INTERVAL
 from securemig.protocol import effects, records
 from securemig.protocol import source as source_session
@@ -248,7 +249,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             backend = self.departure.backend
             live = await backend.live_source(bundle, f"unix:{listen}", *options)
             self.departure.live_migration = live
-            crashpoint.reached("source-live-started")
+            crashpoint.reached(CrashPoint.SOURCE_LIVE_STARTED)
             try:
                 self.departure.live_stats = await live.wait()
             except MigrationError as e:
@@ -317,7 +318,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self.peer_values,
         )
         wrapped = wrap(key, self.security.key_material(), self.migration_id())
-        crashpoint.reached("source-key-wrapped")
+        crashpoint.reached(CrashPoint.SOURCE_KEY_WRAPPED)
         self.run(self.session.key_wrapped(wrapped))
 
     def _do_CommitLocally(self, effect: effects.CommitLocally) -> None:
