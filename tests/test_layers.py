@@ -16,6 +16,7 @@ import securemig
 from securemig.hypervisor import backends
 
 ROOT = Path(securemig.__file__).parent
+TESTS = Path(__file__).parent
 
 #: Bottom to top; a module may import its own layer and those below it.
 LAYERS = (
@@ -90,6 +91,33 @@ def imports_of_source(source: str) -> list[tuple[str, bool]]:
 
     visit(tree, False)
     return found
+
+
+def imports_of_test_module(path: Path) -> list[str]:
+    """Every ``tests`` module the test-tree file ``path`` imports."""
+    parts = path.relative_to(TESTS.parent).with_suffix("").parts
+    package = parts if parts[-1] == "__init__" else parts[:-1]
+    return imports_of_test_source(path.read_text(), package)
+
+
+def imports_of_test_source(source: str, package: tuple[str, ...]) -> list[str]:
+    """Every ``tests`` module ``source``, a module of ``package``, imports,
+    relative imports resolved (``from ..support import x`` in ``tests.app``:
+    ``tests.support`` and ``tests.support.x``)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            found += [module, *(f"{module}.{a.name}" for a in node.names)]
+    return [m for m in found if m == "tests" or m.startswith("tests.")]
+
+
+def is_test_module(name: str) -> bool:
+    """Whether the dotted ``name`` is a test module (``tests.x.test_y``)."""
+    return name.split(".")[-1].startswith("test_")
 
 
 def backend_literals(source: str, names: frozenset[str]) -> list[tuple[int, str]]:
@@ -207,3 +235,37 @@ class LayerTests(SynchronousTestCase):
         )
         for exempt in BACKEND_NAME_EXEMPT:
             self.assertTrue((ROOT.parent / exempt).exists(), exempt)
+
+
+class TestTreeTests(SynchronousTestCase):
+    """The test tree mirrors the package: what test modules share lives in
+    ``tests/support/``, and no test module imports another (it would run
+    that module's set-up, and its tests where a class was imported, in the
+    wrong place; and a fixture would be found only by knowing its user)."""
+
+    def test_no_test_module_imports_another(self) -> None:
+        """Every import of a test module from anywhere in ``tests/`` (a
+        function-local one too) is listed; there are none."""
+        found = [
+            f"{path.relative_to(TESTS.parent)}: {name}"
+            for path in sorted(TESTS.rglob("*.py"))
+            for name in imports_of_test_module(path)
+            if any(is_test_module(part) for part in name.split(".")[:3])
+        ]
+        self.assertEqual(found, [])
+
+    def test_checker_resolves_relative_imports(self) -> None:
+        """Control: relative imports of test modules, at the top or inside a
+        function, are seen with their absolute names."""
+        source = (
+            "from ..hypervisor.test_qemu import under_tcg\n"
+            "def f():\n"
+            "    from .test_crash import x\n"
+            "    from tests.support import qemu\n"
+        )
+        found = imports_of_test_source(source, ("tests", "app"))
+        self.assertIn("tests.hypervisor.test_qemu", found)
+        self.assertIn("tests.app.test_crash", found)
+        self.assertIn("tests.support.qemu", found)
+        self.assertTrue(is_test_module("tests.app.test_crash"))
+        self.assertFalse(is_test_module("tests.support.qemu"))
