@@ -8,12 +8,15 @@ Every import of a securemig module counts, also one inside a function
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
 import securemig
-from securemig.hypervisor import backends
+from securemig.hypervisor import backends, bundle
+from securemig.trust import vtpm
+from securemig.trust.tpm import swtpm
 
 ROOT = Path(securemig.__file__).parent
 TESTS = Path(__file__).parent
@@ -42,6 +45,13 @@ NAMING_BACKENDS = ("securemig/hypervisor/", "securemig/trust/")
 #: Names no other module spells as a string literal: every registered
 #: backend kind, the ones to come, and the vTPM's names.
 BACKEND_NAMES = frozenset({"libvirt", "swtpm", "vtpm"})
+
+#: Words that make any literal without spaces a vTPM name ("vtpm-ca",
+#: "vtpm_key", "swtpm.log"), and the vTPM's file names that have neither
+#: (swtpm's state file, the sealed key): where its files are and what they
+#: are called is trust/'s and hypervisor/'s to say.
+VTPM_WORDS = frozenset({"vtpm", "swtpm"})
+VTPM_FILES = frozenset({swtpm.STATE_FILE, bundle.VTPM_KEY, vtpm.CA_DIR})
 
 #: The modules above ``hypervisor/`` that name a backend on purpose, and why.
 BACKEND_NAME_EXEMPT = {
@@ -122,14 +132,26 @@ def is_test_module(name: str) -> bool:
 
 def backend_literals(source: str, names: frozenset[str]) -> list[tuple[int, str]]:
     """(line, literal) of every string constant of ``source`` that is exactly
-    one of ``names`` (case aside): ``backend == "qemu"``, ``default="image"``."""
+    one of ``names`` (case aside): ``backend == "qemu"``, ``default="image"``;
+    or a vTPM name: a literal without spaces with a word of
+    :data:`VTPM_WORDS` (``"vtpm-ca"``), or one of :data:`VTPM_FILES`.  A
+    sentence that mentions them passes (an f-string's parts are literals)."""
     return [
         (node.lineno, node.value)
         for node in ast.walk(ast.parse(source))
         if isinstance(node, ast.Constant)
         and isinstance(node.value, str)
-        and node.value.lower() in names
+        and (node.value.lower() in names or is_vtpm_name(node.value))
     ]
+
+
+def is_vtpm_name(literal: str) -> bool:
+    """Whether ``literal`` names the vTPM or one of its files (not a sentence)."""
+    if literal in VTPM_FILES:
+        return True
+    if re.search(r"\s", literal):
+        return False
+    return bool(VTPM_WORDS & set(re.split(r"[^a-z0-9]+", literal.lower())))
 
 
 def graph() -> dict[str, set[str]]:
@@ -223,7 +245,9 @@ class LayerTests(SynchronousTestCase):
 
     def test_backend_literal_checker_finds_them(self) -> None:
         """Control: the checker sees a comparison, a default and a choice, and
-        passes a sentence that merely mentions a backend."""
+        passes a sentence that merely mentions a backend; it sees vTPM names
+        and file names, also inside a path or an f-string, and passes a
+        sentence about the vTPM and a name that merely contains "tpm"."""
         source = (
             'def f(backend="image"):\n'
             '    if backend == "QEMU":\n'
@@ -232,6 +256,18 @@ class LayerTests(SynchronousTestCase):
         self.assertEqual(
             backend_literals(source, frozenset({"image", "qemu", "xen"})),
             [(1, "image"), (2, "QEMU"), (3, "xen")],
+        )
+        vtpm_source = (
+            'CA = "vtpm-ca"\n'
+            'key = d / "vtpm_key.sealed"\n'
+            'state = d / "tpm2-00.permall"\n'
+            'log = f"{d}/swtpm.log"\n'
+            'print("the vTPM key, swtpm and the vtpm-ca directory")\n'
+            'metric = "securemig_tpm_queue"\n'
+        )
+        self.assertEqual(
+            backend_literals(vtpm_source, frozenset()),
+            [(1, "vtpm-ca"), (2, "vtpm_key.sealed"), (3, "tpm2-00.permall"), (4, "/swtpm.log")],
         )
         for exempt in BACKEND_NAME_EXEMPT:
             self.assertTrue((ROOT.parent / exempt).exists(), exempt)
