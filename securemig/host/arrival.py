@@ -534,8 +534,11 @@ class Arrival:
             state="running" if self.live is not None else "suspended",
         )
 
-    def prepare(self) -> None:
-        """Write the bundle manifest in staging and make it all durable."""
+    def prepare(self, vtpm_key: bytes | None = None) -> None:
+        """Write the bundle manifest in staging and make it all durable;
+        then, for a suspended arrival, let its backend make it ready to
+        resume (:meth:`Backend.ready_blocking`; ``vtpm_key``: the released
+        key, for a backend that loads the VM now)."""
         if self.cancelled:
             return
         bundle = Bundle(self.staging, self.manifest())
@@ -543,6 +546,9 @@ class Arrival:
             files.write_durably(bundle.vtpm_key_path, self.sealed_vtpm_key, mode=0o600)
         bundle.save()
         files.fsync_dir(self.staging)
+        if self.live is None:
+            key = None if vtpm_key is None else (lambda b: vtpm_key)
+            backend_for(bundle.manifest.backend, vtpm_key=key).ready_blocking(bundle)
 
     def discard(self) -> None:
         """Remove staging (ending a live arrival's QEMU) and release the name."""

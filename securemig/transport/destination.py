@@ -556,7 +556,9 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             def checked(identity: str | None) -> None:
                 self.arrival.sealed_vtpm_key = self.keeper().seal(secret)
                 self.arrival.vtpm_identity = identity
-                self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
+                self._submit(
+                    "preparing the VM in staging", self.arrival.prepare, secret, then=prepared
+                )
 
             self._submit(
                 "checking the vTPM",
