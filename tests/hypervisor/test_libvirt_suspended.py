@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from securemig.hypervisor.bundle import Bundle
 from securemig.hypervisor.heartbeat import Watch
-from securemig.hypervisor.libvirt import require_libvirt
+from securemig.hypervisor.libvirt import LibvirtBackend, LibvirtError, require_libvirt
 from securemig.lab import processes
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
 from securemig.lab.libvirt import LibvirtHost, define_guest
 from securemig.trust.attestor import open_attestor
-from tests.hypervisor.test_libvirt import extended, virsh_secret_value
+from tests.hypervisor.test_libvirt import extended, seal, unseal, virsh_secret_value
 from tests.hypervisor.test_libvirt_migrate import SecretWatch
 
 _hosts: list[LibvirtHost] = []
@@ -191,6 +193,85 @@ class SuspendedMigrationTests(TestCase):
         self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
         self.assertTrue(Bundle.load(home_vms / name).vtpm_key_path.exists())
         self.assert_no_secret(guest.secret_uuid)
+
+
+class ArrivalReadyTests(TestCase):
+    """The destination's restore before PREPARED (``ready_blocking``), at
+    the backend's level: what a save file the destination cannot load
+    leaves, on either host."""
+
+    timeout = 600
+
+    async def test_wrong_secret_fails_before_the_commit(self) -> None:
+        """An arrival whose secret is wrong (a tampered bundle, a bug: key
+        release gives the right one) fails in ``ready_blocking``, before any
+        commit: nothing defined or running at the destination, no secret
+        left there, and staging's removal takes its disk directory.  The
+        source then restores the domain from its save file: it runs with
+        its memory (heartbeat in sequence, PCR 16 kept)."""
+        a, b = shared_hosts()
+        libvirt = require_libvirt()
+        name = "ready"
+        pcr16 = os.urandom(32).hex()
+        disk = a.directory / "disks" / f"{name}.img"
+        guest = define_guest(a, name, pcr16=pcr16, persistent_secret=True, disk=str(disk))
+        for host in (a, b):
+            self.addCleanup(_remove_domain, host, name)
+        source = LibvirtBackend(reactor, vtpm_key=unseal)
+        destination = LibvirtBackend(reactor, connect=b.uri, vtpm_key=lambda _: os.urandom(32))
+        for backend in (source, destination):
+            self.addCleanup(backend.close)
+        vms = Path(self.mktemp()).absolute()
+        bundle = await source.adopt(vms, name, a.uri, seal)
+        await source.start(bundle)
+        watch = Watch(a.path(guest.heartbeat))
+        self.addCleanup(watch.stop)
+        first = watch.wait(3, 180)
+        await source.suspend(bundle)
+        self.assertEqual([i.name for i in bundle.manifest.images], ["ram", "disk"])
+        # What a suspended arrival's staging holds once its streams are in.
+        state = Path(self.mktemp()).absolute()
+        staging = state / "staging" / "0123abcd"
+        staging.mkdir(parents=True)
+        for image in bundle.manifest.images:
+            shutil.copyfile(bundle.image_path(image), staging / image.file)
+        arrived = Bundle(staging, bundle.manifest)
+        arrived.save()
+        with self.assertRaises(LibvirtError) as failed:
+            destination.ready_blocking(arrived)
+        self.assertIn("did not restore domain ready here", str(failed.exception))
+        conn_b = libvirt.open(b.uri)
+        self.addCleanup(conn_b.close)
+        self.assertEqual(conn_b.listSecrets(), [])
+        with self.assertRaises(libvirt.libvirtError):
+            conn_b.lookupByName(name)
+        self.assertTrue((state / "disks" / "0123abcd" / "disk.img").exists())
+        destination.end_blocking(arrived)  # what staging's removal asks of it
+        self.assertFalse((state / "disks" / "0123abcd").exists())
+
+        # Control: the same arrival with the right secret is restored paused,
+        # transient (defined only at the commit); ended, it leaves nothing.
+        (staging / "libvirt.json").unlink()
+        shutil.copyfile(bundle.image_path("disk"), staging / "disk.img")
+        value = unseal(bundle)
+        right = LibvirtBackend(reactor, connect=b.uri, vtpm_key=lambda _: value)
+        self.addCleanup(right.close)
+        right.ready_blocking(arrived)
+        domain = conn_b.lookupByName(name)
+        self.assertEqual(domain.state()[0], libvirt.VIR_DOMAIN_PAUSED)
+        self.assertFalse(domain.isPersistent())
+        self.assertEqual(conn_b.listSecrets(), [])
+        right.end_blocking(arrived)
+        with self.assertRaises(libvirt.libvirtError):
+            conn_b.lookupByName(name)
+        self.assertFalse((state / "disks" / "0123abcd").exists())
+
+        await source.resume(bundle)
+        again = watch.wait(3, 180)
+        self.assertEqual(again.pcr16, extended(pcr16))
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+        self.assertGreater(again.seq, first.seq)
+        self.assertEqual(sorted(p.name for p in bundle.path.iterdir() if p.suffix == ".img"), [])
 
 
 def _remove_domain(host: LibvirtHost, name: str) -> None:
