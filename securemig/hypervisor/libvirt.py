@@ -62,6 +62,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from securemig import crashpoint, files
+from securemig.crashpoint import CrashPoint
 from securemig.hypervisor.bundle import Bundle, BundleError, Image, Manifest, check_vm_name
 from securemig.hypervisor.contract import Backend, Capabilities
 from securemig.protocol.errors import ErrorCode, LocalFault
@@ -582,7 +583,7 @@ class LibvirtBackend(Backend):
             self._write_bundle(vm_dir, record, sealed, "running" if running else "stopped")
             # Only once the sealed copy is durable: libvirt's copy goes.  A
             # crash between the two is finished by adopting again.
-            crashpoint.reached("adopt-sealed")
+            crashpoint.reached(CrashPoint.ADOPT_SEALED)
             secret.undefine()
             return Bundle.find(vm_dir, domain_name)
 
