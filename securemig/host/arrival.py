@@ -580,7 +580,10 @@ class Arrival:
         )
 
     def prepare(self) -> None:
-        """Write the bundle manifest in staging and make it all durable."""
+        """Write the bundle manifest in staging and make it all durable;
+        then, for a suspended arrival, let its backend make it ready to
+        resume (:meth:`Backend.ready_blocking`, given the released key: a
+        backend that loads the VM now needs it)."""
         if self.cancelled:
             return
         bundle = Bundle(self.staging, self.manifest())
@@ -588,6 +591,10 @@ class Arrival:
             files.write_durably(bundle.vtpm_key_path, self.sealed_vtpm_key, mode=0o600)
         bundle.save()
         files.fsync_dir(self.staging)
+        if self.live is None:
+            released = self.vtpm_key
+            key = None if released is None else (lambda b: released.secret)
+            backend_for(bundle.manifest.backend, vtpm_key=key).ready_blocking(bundle)
 
     def discard(self) -> None:
         """Remove staging (ending a live arrival's QEMU) and release the name."""

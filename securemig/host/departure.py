@@ -127,6 +127,9 @@ class Departure:
                     "backend does not migrate suspended"
                 )
             await self.backend.suspend(self.bundle)
+            # What the suspend wrote (a libvirt domain's save file and disks
+            # exist only now): the images HELLO announces.
+            self.images = self.bundle.streamed_images(self.variant)
             if self.was_running:
                 # Recovery resumes the VM here if this migration never commits.
                 self.journal.phase(self.id, Phase.SUSPENDED)
