@@ -39,7 +39,8 @@ from securemig.hypervisor.libvirt import (
 )
 from securemig.lab.libvirt import LibvirtHost, create_disk, define_guest
 from securemig.transport.carried import SOCKETS, CarrierDestination, CarrierSource
-from tests.hypervisor.test_libvirt import extended, seal, unseal
+from tests.support.libvirt import seal, unseal
+from tests.support.qemu import extended
 
 CIPHER = "TLS_AES_128_GCM_SHA256"
 
