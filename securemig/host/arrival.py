@@ -591,10 +591,12 @@ class Arrival:
             files.write_durably(bundle.vtpm_key_path, self.sealed_vtpm_key, mode=0o600)
         bundle.save()
         files.fsync_dir(self.staging)
+        released = self.vtpm_key
         if self.live is None:
-            released = self.vtpm_key
             key = None if released is None else (lambda b: released.secret)
             backend_for(bundle.manifest.backend, vtpm_key=key).ready_blocking(bundle)
+        # Prepared: only the sealed key is kept from here on, not the clear one.
+        self.vtpm_key = None
 
     def discard(self) -> None:
         """Remove staging (ending a live arrival's QEMU) and release the name."""
@@ -664,8 +666,6 @@ class Arrival:
         in the clear here), with the vTPM's ``identity``, for :meth:`prepare`."""
         self.sealed_vtpm_key = sealer.seal(key.secret)
         self.vtpm_identity = identity
-        # Sealed now: this object keeps no clear key longer than it must.
-        self.vtpm_key = None
 
     def prepared(self, nbytes: int) -> None:
         """Staging is durable: journal PREPARED."""

@@ -17,7 +17,7 @@ from securemig.host import storage
 from securemig.host.arrival import Arrival, DestinationHost
 from securemig.host.contract import VtpmKey
 from securemig.host.journal import Journal
-from securemig.hypervisor.bundle import create_image_vm
+from securemig.hypervisor.bundle import Bundle, create_image_vm
 from securemig.protocol import wire
 from securemig.protocol.errors import ErrorCode, ProtocolError
 from securemig.trust.attestor import Attestor
@@ -25,8 +25,7 @@ from securemig.trust.identity import Identity
 from securemig.trust.keyrelease import KeyTransferError
 from securemig.trust.pki import Authority
 from securemig.trust.policy import PolicyStore
-
-from ..helpers import shared_tpm
+from tests.support.tpm import shared_tpm
 
 SECRET = bytes(range(32))
 IDENTITY = bytes(range(32, 64))
@@ -80,8 +79,8 @@ class KeyTests(SynchronousTestCase):
     def test_clear_key_resealed_then_dropped(self) -> None:
         """The key is re-sealed to this host's TPM (a real swtpm: it unseals
         to the same secret, and the sealed form does not contain it); the
-        arrival then holds the sealed key and the identity for the prepare,
-        and no longer the clear key."""
+        prepare writes only the sealed key, and the arrival keeps no clear
+        key after it (a backend that loads the VM at the prepare had it)."""
         _, tpm, _ = shared_tpm()
         attestor = Attestor(
             Identity(Path("unused"), "dest-b", "unused"),
@@ -99,6 +98,10 @@ class KeyTests(SynchronousTestCase):
         self.assertNotIn(SECRET, sealed)
         self.assertEqual(attestor.unseal(sealed), SECRET)
         self.assertEqual(arrival.vtpm_identity, IDENTITY.hex())
+        self.assertIs(arrival.vtpm_key, key)
+        arrival.prepare()
+        written = Bundle.load(arrival.staging).vtpm_key_path.read_bytes()
+        self.assertEqual(written, sealed)
         self.assertIsNone(arrival.vtpm_key)
 
     def test_unusable_keys_refused(self) -> None:
