@@ -37,6 +37,7 @@ from securemig.host.journal import Journal
 from securemig.hypervisor import backends
 from securemig.hypervisor.backends import backend_for, capabilities
 from securemig.hypervisor.bundle import Bundle, Image, Manifest, image_file
+from securemig.hypervisor.contract import BACKEND_INFO_FILE
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, ProtocolError
@@ -580,6 +581,14 @@ class Arrival:
         bundle = Bundle(self.staging, self.manifest())
         bundle.save()
         backend = backend_for(self.host.backend, vtpm_key=lambda b: key)
+        if capabilities(self.host.backend).carried:
+            # The hypervisor's own migration makes the guest here, through
+            # sockets of this migration's id (the same name on both hosts);
+            # its backend learns what arrives from HELLO.
+            files.write_durably(self.staging / BACKEND_INFO_FILE, self.hello.backend_info)
+            self.live = await backend.live_destination(bundle, self.id)
+            self.host.journal.phase(self.id, "incoming")
+            return self.live
         # Per migration: a name from the bundle alone is the same for the
         # source of a VM and an arrival of it moved into place there.
         tag = f"{self.id}-d"

@@ -65,6 +65,12 @@ class Departure:
         self.live_stats: Any = None
         #: Live mode: QEMU's downtime limit (ms) and bandwidth (bytes/s).
         self.live_options: tuple[int, int] = (LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH)
+        #: Live mode, a backend whose stream is carried sockets: copy the
+        #: disks too (non-shared storage), extra memory channels; and what
+        #: HELLO tells the destination's backend (``backend_info``).
+        self.copy_storage = False
+        self.parallel = 0
+        self.backend_info = b""
         # The vTPM key, unsealed before the VM is suspended, so a rollback
         # can restart the vTPM without the host TPM (busy with the session).
         self.backend: Backend = backend_for(
@@ -109,6 +115,15 @@ class Departure:
                     raise BundleError(
                         f"VM {self.bundle.name} is not running: live migration moves a "
                         "running guest (migrate it without --live)"
+                    )
+                if capabilities(self.bundle.manifest.backend).carried:
+                    self.backend_info = await self.backend.live_info(
+                        self.bundle, self.copy_storage, self.parallel
+                    )
+                elif self.copy_storage or self.parallel:
+                    raise BundleError(
+                        f"VM {self.bundle.name}: --copy-storage and --parallel are for "
+                        "backends whose migration carries its own disk and memory channels"
                     )
                 # Recovery continues the guest here if this migration never
                 # commits (its QEMU may be left paused, after the stream).
@@ -155,6 +170,7 @@ class Departure:
             mode=wire.Mode.LIVE if self.live else wire.Mode.SUSPENDED,
             backend=self.bundle.manifest.backend,
             vtpm=1 if self.bundle.manifest.vtpm else 0,
+            backend_info=self.backend_info,
         )
         return replace(hello, version=2) if wire.has_tail(hello) else hello
 

@@ -92,6 +92,7 @@ async def migrate(
     )
     if live is not None:
         departure.live_options = live
+        departure.copy_storage, departure.parallel = options.copy_storage, options.parallel
     await departure.acquire()
     if security is not None:
         try:

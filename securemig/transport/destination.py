@@ -49,6 +49,8 @@ from zope.interface import implementer
 
 from securemig import crashpoint, metrics
 from securemig.host.journal import PROGRESS_INTERVAL
+from securemig.hypervisor import backends
+from securemig.hypervisor.backends import capabilities
 from securemig.hypervisor.bundle import VTPM_IMAGE, disk_owner
 from securemig.protocol import destination as destination_session
 from securemig.protocol import effects, records, wire
@@ -60,6 +62,7 @@ from securemig.protocol.connection import (
 )
 from securemig.protocol.effects import DestinationEffect
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
+from securemig.transport.carried import CARRIED_EXPORTER_LABEL, CarrierDestination
 from securemig.transport.control import Connection, FramedProtocol, failure_to_error
 from securemig.transport.executor import Executor, ThreadExecutor
 from securemig.transport.live import LIVE_RECORD_PLAINTEXT, LiveReceiver
@@ -117,6 +120,8 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         #: Live mode: the unwrapped vTPM key and identity, and the stream's receiver.
         self.live_key: Any = None
         self.live_receiver: LiveReceiver | None = None
+        #: Live, a carried backend: the carried sockets' destination end.
+        self.carrier: CarrierDestination | None = None
         #: A recovery connection: the RESOLVE and the answer it got.
         self.resolved: tuple[wire.Resolve, wire.Resolved] | None = None
         self.host = host
@@ -257,6 +262,9 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         def new_opener() -> records.Opener:
             return records.Opener(cipher, stream_key, migration_id, LIVE_RECORD_PLAINTEXT)
 
+        if capabilities(self.host.backend).carried:
+            self._start_carried()
+            return
         # The vTPM device is part of QEMU's machine: the manifest names it.
         self.arrival.vtpm_identity = self.live_key[1].hex() or None
 
@@ -286,6 +294,49 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         def failed(f: Failure) -> None:
             if not self.session.finished:
                 self.fail(failure_to_error(f, "receiving the live stream"))
+
+        Deferred.fromCoroutine(start()).addErrback(failed)
+
+    def _start_carried(self) -> None:
+        # The hypervisor's own migration: its backend takes the released
+        # secret whole (libvirt's is 1 to 128 bytes, with no vTPM identity
+        # after it), then the carrier dials its sockets for what the source
+        # carries, keyed from this TLS session.
+        secret = b"".join(self.live_key)
+        self.live_key = (secret, b"")
+        self.arrival.vtpm_identity = None
+        cipher, key = self.data_channel_key(CARRIED_EXPORTER_LABEL)
+        migration_id = self.migration_id()
+
+        async def start() -> None:
+            live = await self.arrival.start_incoming(secret)
+            if self.session.finished:
+                return  # ended meanwhile: the discard removes what libvirt made
+            backend = backends.backend_for(self.host.backend)
+            targets = backend.carried_sockets(self.arrival.id, destination=True)
+            carrier = CarrierDestination(
+                self.clock,
+                targets,
+                cipher,
+                key,
+                migration_id,
+                interface=self.out.getHost().host,
+                on_progress=lambda n: self.touch(),
+            )
+            self.carrier = carrier
+            crashpoint.reached("destination-incoming")
+            self.run(self.session.incoming_ready(carrier.address[1]))
+            try:
+                await live.wait()
+            except MigrationError as e:
+                refused = f" ({'; '.join(carrier.errors)})" if carrier.errors else ""
+                raise ProtocolError(ErrorCode.LIVE_FAILED, f"{e}{refused}") from None
+            if not self.session.finished:
+                self.run(self.session.incoming_loaded())
+
+        def failed(f: Failure) -> None:
+            if not self.session.finished:
+                self.fail(failure_to_error(f, "receiving the live migration"))
 
         Deferred.fromCoroutine(start()).addErrback(failed)
 
@@ -598,6 +649,8 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _do_Discard(self, effect: effects.Discard) -> None:
         if self.live_receiver is not None:
             self.live_receiver.cut()
+        if self.carrier is not None:
+            self.carrier.close()
         if self.arrival is not None:
             self.arrival.cancel()
             self._submit("removing staging", self.arrival.discard)
@@ -610,6 +663,8 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
 
     def _do_Finished(self, effect: effects.Finished) -> None:
         self._close(effect)
+        if self.carrier is not None:
+            self.carrier.close()
         if self.reading_paused:
             self.stream_transport.resumeProducing()
         self._close_data_port()

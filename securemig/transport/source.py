@@ -20,12 +20,14 @@ from zope.interface import implementer
 
 from securemig import crashpoint
 from securemig.host.journal import PROGRESS_INTERVAL
+from securemig.hypervisor.backends import capabilities
 from securemig.protocol import effects, records
 from securemig.protocol import source as source_session
 from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT, SourceConnection
 from securemig.protocol.effects import SourceEffect
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.transport import tls
+from securemig.transport.carried import CARRIED_EXPORTER_LABEL, CarrierSource
 from securemig.transport.control import Connection, FramedProtocol, failure_to_error
 from securemig.transport.executor import Executor
 from securemig.transport.live import LiveSender
@@ -76,6 +78,8 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         self.bandwidth = bandwidth
         self.streamer: ImageStreamer | None = None
         self.live_sender: LiveSender | None = None
+        #: Live, a carried backend: the carried sockets' source end.
+        self.carrier: CarrierSource | None = None
         self.live_listen: Path | None = None
         self.finished: Deferred[effects.Finished] = Deferred()
         #: Fires when the control connection is closed: what was written
@@ -226,6 +230,9 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         # The destination's QEMU waits paused: start ours sending, through
         # records keyed for this session's live stream, to the port it named.
         self.departure.streaming(self.session.migration_id)
+        if capabilities(self.departure.bundle.manifest.backend).carried:
+            self._start_carried(effect)
+            return
         cipher, key = self.data_channel_key(records.LIVE_EXPORTER_LABEL)
         sealer = records.Sealer(cipher, key, self.migration_id())
         bundle = self.departure.bundle
@@ -253,6 +260,65 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             except MigrationError as e:
                 if not self.session.finished:
                     self.fail(ProtocolError(ErrorCode.LIVE_FAILED, str(e)))
+
+        def failed(f: Failure) -> None:
+            self.fail(ProtocolError(ErrorCode.LIVE_FAILED, f.getErrorMessage()))
+
+        Deferred.fromCoroutine(start()).addErrback(failed)
+
+    def _start_carried(self, effect: effects.StartLive) -> None:
+        # The destination's backend is ready (its secret defined, after key
+        # release): listen on this migration's sockets, carry each connection
+        # to the carrier port it named, keyed from this TLS session, and let
+        # the hypervisor's own migration run through them.
+        departure, bundle = self.departure, self.departure.bundle
+        backend = departure.backend
+        tag = self.migration_id().hex()
+        cipher, key = self.data_channel_key(CARRIED_EXPORTER_LABEL)
+
+        def progress(n: int) -> None:
+            self.bytes_sent += n
+            self.touch()
+            self.on_progress(n)
+
+        try:
+            listen = backend.carried_sockets(tag, destination=False)
+            for path in listen.values():
+                Path(path).unlink(missing_ok=True)
+            self.carrier = CarrierSource(
+                self.clock,
+                listen,
+                self.out.getPeer().host,
+                effect.port,
+                cipher,
+                key,
+                self.migration_id(),
+                on_progress=progress,
+            )
+        except Exception as e:
+            self.fail(ProtocolError(ErrorCode.LIVE_FAILED, f"cannot carry the migration: {e}"))
+            return
+
+        async def start() -> None:
+            live = await backend.live_source(  # type: ignore[call-arg]
+                bundle,
+                tag,
+                *departure.live_options,
+                copy_storage=departure.copy_storage,
+                parallel=departure.parallel,
+            )
+            departure.live_migration = live
+            crashpoint.reached("source-live-started")
+            try:
+                departure.live_stats = await live.wait()
+            except MigrationError as e:
+                if not self.session.finished:
+                    errors = "; ".join(self.carrier.errors) if self.carrier else ""
+                    self.fail(
+                        ProtocolError(
+                            ErrorCode.LIVE_FAILED, f"{e}{f' ({errors})' if errors else ''}"
+                        )
+                    )
 
         def failed(f: Failure) -> None:
             self.fail(ProtocolError(ErrorCode.LIVE_FAILED, f.getErrorMessage()))
@@ -384,6 +450,8 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self.streamer.stopProducing()
         if self.live_sender is not None and not self.departure.committed:
             self.live_sender.cut()
+        if self.carrier is not None and (self.session.finished or not self.departure.committed):
+            self.carrier.close()
         channel = self.data_channel
         if (
             channel is not None
