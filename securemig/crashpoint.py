@@ -43,6 +43,8 @@ POINTS = frozenset(
         "source-live-started",  # QEMU's pre-copy runs, the guest still runs here
         "source-live-ended",  # DONE received, its paused QEMU and swtpm ended, key still here
         "destination-live-lost",  # COMMIT received, its QEMU found ended, LOST not journaled
+        # Live through the hypervisor's own migration (carried sockets, issue 23):
+        "destination-loaded",  # the hypervisor completed here (paused), PREPARED not journaled
         # libvirt domains (issue 23):
         "adopt-sealed",  # vm adopt: the sealed secret's bundle durable, libvirt's still defined
     }

@@ -24,7 +24,7 @@ from securemig.hypervisor.backends import Backend, backend_for, capabilities
 from securemig.hypervisor.bundle import Bundle, BundleError, set_disk_owner
 from securemig.hypervisor.qemu import LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH
 from securemig.protocol import wire
-from securemig.protocol.effects import Finished
+from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.trust import vtpm
 
@@ -298,6 +298,8 @@ class Departure:
                 if self.live_migration is not None:
                     await self.live_migration.cancel()
                     self.live_migration.release()
+                    if self.moved_by_hypervisor():
+                        await self._committed_by_hypervisor()
             except Exception as e:
                 log.error("could not continue VM {vm} here: {e}", vm=self.bundle.name, e=e)
             finally:
@@ -305,11 +307,50 @@ class Departure:
 
         return Deferred.fromCoroutine(go_on())
 
+    def moved_by_hypervisor(self) -> bool:
+        """Live, a backend whose hypervisor migrates on its own (libvirt,
+        peer to peer): its migration completed, so the guest is no longer
+        here -- it waits paused at the destination, the only copy of its
+        memory -- and cancelling cannot bring it back."""
+        if self.live_migration is None or not capabilities(self.bundle.manifest.backend).carried:
+            return False
+        if getattr(self.live_migration, "completed", False):
+            return True
+        try:
+            return self.backend.moved_away(self.bundle)
+        except Exception as e:
+            log.warn("VM {vm}: cannot tell where it is: {e}", vm=self.bundle.name, e=e)
+            return False
+
+    async def _committed_by_hypervisor(self) -> None:
+        """The session failed after the hypervisor completed (before
+        PREPARED, or before COMMITTED was journaled): aborting would discard
+        the only copy at the destination.  The hypervisor decided: COMMITTED
+        is journaled here, this copy given up, and the destination owes
+        RESOLVE(committed) its roll forward (it holds the arrived guest in
+        doubt, ``DestinationHost``).  In doubt until it confirms."""
+        log.warn(
+            "VM {vm}: the hypervisor's migration completed before the commit; the guest "
+            "waits at the destination: committing",
+            vm=self.bundle.name,
+        )
+        self.journal.phase(self.id, "committed")
+        self.committed = True
+        crashpoint.reached("source-committed")
+        await release(self.journal, self.id, self.bundle)
+
     def finish(self, effect: Finished, nbytes: int, peer_settled: bool = False) -> None:
         """Journal the outcome; ``peer_settled``: the destination told us its
-        own (DONE, or its ABORT), so no RESOLVE is owed."""
+        own (DONE, or its ABORT), so no RESOLVE is owed.  A session that
+        failed after this side committed (the hypervisor moved the guest) is
+        in doubt, not aborted."""
         error = f"{effect.code.name}: {effect.reason}" if effect.code else None
-        self.journal.finish(self.id, effect.outcome.value, error=error, nbytes=nbytes)
+        outcome = effect.outcome
+        if self.committed and outcome is Outcome.ABORTED:
+            # Its ABORT said it discarded, but it holds the arrived guest:
+            # it is owed RESOLVE(committed) all the same.
+            outcome, peer_settled = Outcome.IN_DOUBT, False
+        self.journal.finish(self.id, outcome.value, error=error, nbytes=nbytes)
         if peer_settled:
             self.journal.set_peer_settled(self.id)
 

@@ -189,6 +189,21 @@ class Backend(Protocol):
         dials (``Capabilities.carried``)."""
         raise _unsupported(self, "migrate live over carried sockets")
 
+    def arrived(self, bundle: Bundle) -> bool:
+        """Destination, a live arrival in staging (``Capabilities.carried``):
+        whether the hypervisor's own migration completed here -- its guest
+        waits loaded and paused, and the source's has ended, so this copy
+        is the only one and must not be discarded before the source decides.
+        Blocks; False by default."""
+        return False
+
+    def moved_away(self, bundle: Bundle) -> bool:
+        """Source, a live departure (``Capabilities.carried``): whether the
+        hypervisor's own migration completed -- the guest left this host
+        (its process here ended because it moved), so the source's recovery
+        commits rather than aborts.  Blocks; False by default."""
+        return False
+
     def console(self, bundle: Bundle) -> Path | None:
         """The file this host keeps the VM's console in (its first serial
         port, appended while it runs), for ``securemig vm console``; None

@@ -54,6 +54,7 @@ from xml.sax.saxutils import escape
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from securemig import crashpoint, files
@@ -95,6 +96,8 @@ INCOMING_POLL = 0.1
 #: libvirt's ``VIR_DOMAIN_PAUSED_USER``: paused by request (``PAUSED``
 #: migration flag at its Finish), as opposed to paused while it arrives.
 PAUSED_USER = 1
+#: libvirt's ``VIR_DOMAIN_SHUTOFF_MIGRATED``: shut off because it migrated.
+SHUTOFF_MIGRATED = 4
 #: At most this many disks, and QEMU multifd channels, per migration.
 MAX_DISKS = 8
 MAX_PARALLEL = 16
@@ -130,6 +133,8 @@ STATES = {
 }
 
 T = TypeVar("T")
+
+log = Logger()
 
 
 class LibvirtError(LocalFault, RuntimeError):
@@ -713,8 +718,13 @@ class LibvirtBackend(Backend):
                             f"{e.get_error_message()}"
                         ) from None
         ram.unlink(missing_ok=True)
-        # An arrival resumed (committed): no longer one to abort.
-        (bundle.path / INCOMING_FILE).unlink(missing_ok=True)
+        # An arrival resumed (committed): no longer one to abort, and its
+        # secret (if a crash left it defined) goes.
+        if (bundle.path / INCOMING_FILE).exists():
+            with self._connection(self._uri(record)) as conn:
+                if secret_defined(conn, record.secret_uuid):
+                    conn.secretLookupByUUIDString(record.secret_uuid).undefine()
+            (bundle.path / INCOMING_FILE).unlink()
         bundle.manifest.images = []
         bundle.manifest.state = "running"
         bundle.save()
@@ -769,6 +779,39 @@ class LibvirtBackend(Backend):
             domain = _lookup(conn, record.domain_uuid)
             if domain is not None and domain.isActive():
                 domain.destroy()
+
+    def arrived(self, bundle: Bundle) -> bool:
+        """A live arrival in staging: libvirt's migration finished here (the
+        domain paused by request, persistent), the source's QEMU ended.
+        Blocks on libvirt."""
+        if not (bundle.path / INCOMING_FILE).exists():
+            return False
+        try:
+            incoming, _ = _read_incoming(bundle)
+        except BundleError:
+            return False
+        if self._incoming_state(incoming.outgoing) != (3, PAUSED_USER):
+            return False
+        # Its swtpm holds the key: libvirt's copy goes (a crash may have come
+        # between the arrival and end_in).
+        with self._connection(self.connect or DEFAULT_URI) as conn:
+            if secret_defined(conn, incoming.outgoing.secret_uuid):
+                conn.secretLookupByUUIDString(incoming.outgoing.secret_uuid).undefine()
+        return True
+
+    def moved_away(self, bundle: Bundle) -> bool:
+        """The domain is shut off here because libvirt migrated it
+        (``VIR_DOMAIN_SHUTOFF_MIGRATED``): its Confirm phase ended this
+        QEMU after the destination's Finish.  Blocks on libvirt."""
+        try:
+            record = DomainRecord.load(bundle)
+        except BundleError:
+            return False
+        with self._connection(self._uri(record)) as conn:
+            domain = _lookup(conn, record.domain_uuid)
+            state = None if domain is None else tuple(domain.state())
+            log.info("domain {d} at the source: libvirt state {s}", d=record.domain, s=state)
+            return state == (5, SHUTOFF_MIGRATED)
 
     def has_process(self, bundle: Bundle) -> bool:
         """Whether libvirt runs the domain here (running or paused); False
@@ -1170,16 +1213,24 @@ class LibvirtOutgoing:
         record = DomainRecord.load(self.bundle)
         await self.backend.resume_domain(self.backend._uri(record), record.domain_uuid)
 
+    @property
+    def completed(self) -> bool:
+        """libvirt's migration returned success: the destination holds the
+        guest (paused) and this QEMU has ended."""
+        return self.ended and self.error is None
+
     async def cancel(self) -> None:
         """Before the commit: abort libvirt's job if it still runs; the guest
         goes on here.  A migration libvirt completed meanwhile cannot be
-        cancelled (this QEMU has ended): LibvirtError says so."""
+        cancelled (this QEMU has ended): :attr:`completed` says so, and
+        nothing is continued here."""
         if not self.ended:
             await self.backend.abort_job(self.bundle)
         # Cancelled, or failed: either way the guest is (still) here.
         with suppress(LibvirtError):
             await self.wait(timeout=120.0)
-        await self.cont()
+        if not self.completed:
+            await self.cont()
 
     def abandon(self) -> Deferred[None]:
         """Nothing at the source."""
@@ -1205,6 +1256,8 @@ class LibvirtIncoming:
         self.bundle = bundle
         self.outgoing = outgoing
         self.paths = paths
+        #: The pid file libvirt keeps of the domain's QEMU here (crash points).
+        self.pidfile = backend.run_dir / "qemu" / f"{outgoing.domain}.pid"
 
     async def wait(self, timeout: float = INCOMING_TIMEOUT) -> None:
         """Until libvirt's migration finished here (the domain paused by

@@ -305,6 +305,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         secret = b"".join(self.live_key)
         self.live_key = (secret, b"")
         self.arrival.vtpm_identity = None
+        self.arrival.sealed_vtpm_key = self.keeper().seal(secret)
         cipher, key = self.data_channel_key(CARRIED_EXPORTER_LABEL)
         migration_id = self.migration_id()
 
@@ -331,6 +332,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             except MigrationError as e:
                 refused = f" ({'; '.join(carrier.errors)})" if carrier.errors else ""
                 raise ProtocolError(ErrorCode.LIVE_FAILED, f"{e}{refused}") from None
+            crashpoint.reached("destination-loaded", getattr(live, "pidfile", None))
             if not self.session.finished:
                 self.run(self.session.incoming_loaded())
 

@@ -418,6 +418,13 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             if self.departure.committed and self.departure.live_qemu_alive():
                 # Live, after COMMITTED: the paused QEMU was kept until now.
                 self.rolled_back = self._settle_live(effect)
+            elif self.carrier is not None and self.rolled_back is not None:
+                # The rollback learns whether the hypervisor moved the guest
+                # anyway (then it commits): journal the outcome after it.
+                nbytes = self.bytes_sent
+                self.rolled_back.addBoth(
+                    lambda _: self.departure.finish(effect, nbytes, effect.peer_settled)
+                )
             else:
                 self.departure.finish(effect, self.bytes_sent, effect.peer_settled)
         finally:

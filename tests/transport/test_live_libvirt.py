@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import threads
@@ -25,7 +28,12 @@ from twisted.internet import threads
 from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle
 from securemig.hypervisor.heartbeat import Watch
-from securemig.hypervisor.libvirt import CONNECT_ENV, RUN_DIR_ENV, require_libvirt
+from securemig.hypervisor.libvirt import (
+    CONNECT_ENV,
+    RUN_DIR_ENV,
+    UNSAFE_SHARED_ENV,
+    require_libvirt,
+)
 from securemig.lab import processes
 from securemig.lab.libvirt import LibvirtHost, define_guest
 from securemig.trust.policy import PolicyStore
@@ -70,10 +78,21 @@ class LibvirtLiveBase(SecureBase):
         self.addCleanup(destination.stop)
         return destination
 
-    def adopted_guest(self, name: str) -> tuple[Any, Bundle, Watch]:
+    def adopted_guest(self, name: str, shared_disk: str | None = None) -> tuple[Any, Bundle, Watch]:
         """The Linux guest defined at source-a, adopted (its secret sealed to
-        source-a's TPM, libvirt's copy undefined) and started."""
-        domain = define_guest(self.a, name, pcr16=self.pcr16, persistent_secret=True)
+        source-a's TPM, libvirt's copy undefined) and started; its disk the
+        host's own, or a qcow2 at ``shared_disk`` both hosts see."""
+        if shared_disk is None:
+            domain = define_guest(self.a, name, pcr16=self.pcr16, persistent_secret=True)
+        else:
+            domain = define_guest(
+                self.a,
+                name,
+                disk_format="qcow2",
+                pcr16=self.pcr16,
+                persistent_secret=True,
+                disk=shared_disk,
+            )
         for host in (self.a, self.b):
             self.addCleanup(_remove_domain, host, name)
         adopt = processes.securemig(
@@ -89,15 +108,21 @@ class LibvirtLiveBase(SecureBase):
         self.addCleanup(watch.stop)
         return domain, Bundle.find(self.vm_dir, name), watch
 
-    def migrate_live(self, destination: processes.Destination, name: str, *extra: str) -> Any:
-        return self.migrate(
-            destination,
-            "--live",
-            "--tofu",
-            *extra,
-            vm=name,
-            env={**os.environ, **self.env(self.a)},
-        )
+    def migrate_domain(
+        self,
+        destination: processes.Destination,
+        name: str,
+        *extra: str,
+        unsafe_shared: bool = False,
+        dying: dict[str, str] | None = None,
+    ) -> Any:
+        """``securemig migrate NAME --live`` from source-a; ``unsafe_shared``:
+        the disk is shared, which libvirt cannot tell on one machine;
+        ``dying``: a crash point's environment."""
+        env = {**os.environ, **self.env(self.a), **(dying or {})}
+        if unsafe_shared:
+            env[UNSAFE_SHARED_ENV] = "1"
+        return self.migrate(destination, "--live", "--tofu", *extra, vm=name, env=env)
 
     def state_at(self, host: LibvirtHost, name: str) -> str:
         conn = self.libvirt.open(host.uri)
@@ -138,7 +163,7 @@ class LibvirtLiveMigrationTests(LibvirtLiveBase):
         self.addCleanup(secrets.stop)
         watch.follow(self.b.path(domain.heartbeat))
         result = await threads.deferToThread(
-            self.migrate_live, destination, "lvm1", "--copy-storage"
+            self.migrate_domain, destination, "lvm1", "--copy-storage"
         )
         self.assertEqual(result.returncode, 0, result.stderr + destination.log()[-4000:])
         summary = json.loads(result.stdout)
@@ -165,6 +190,36 @@ class LibvirtLiveMigrationTests(LibvirtLiveBase):
             f"guest-observed gap {watch.largest_gap_ms():.0f} ms"
         )
 
+    async def test_live_parallel_shared_storage(self) -> None:
+        """A qcow2 disk on storage both hosts see (nothing copied) and
+        ``--parallel 2``: QEMU's multifd channels each carried sealed; the
+        guest runs on at dest-b in sequence with PCR 16 kept, the disk the
+        same file, the secret defined nowhere."""
+        shared = Path(tempfile.mkdtemp(prefix="smlv-shared-", dir="/tmp"))
+        self.addCleanup(shutil.rmtree, shared, True)
+        destination = self.start_libvirt_destination()
+        domain, bundle, watch = await threads.deferToThread(
+            self.adopted_guest, "lvm3", str(shared / "lvm3.qcow2")
+        )
+        first = await threads.deferToThread(watch.wait, 3, 120.0)
+        watch.follow(self.b.path(domain.heartbeat))
+        result = await threads.deferToThread(
+            self.migrate_domain, destination, "lvm3", "--parallel", "2", unsafe_shared=True
+        )
+        self.assertEqual(result.returncode, 0, result.stderr + destination.log()[-4000:])
+        self.assertEqual(json.loads(result.stdout)["outcome"], "done")
+        last = await threads.deferToThread(watch.wait, 5, 120.0, 1)
+        self.assertEqual(last.pcr16, extended(self.pcr16))
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats][-40:])
+        self.assertGreater(last.seq, first.seq)
+        self.assertEqual(self.state_at(self.b, "lvm3"), "1")
+        self.assertEqual(self.state_at(self.a, "lvm3"), "undefined")
+        self.assertFalse(bundle.path.exists())
+        # Nothing was copied: the disk is the one shared file, still there.
+        self.assertEqual([p.name for p in shared.iterdir()], ["lvm3.qcow2"])
+        self.assertSecretNowhere(domain.secret_uuid)
+        self.assertNoUnhandledError(destination)
+
 
 class LibvirtLiveRefusalTests(LibvirtLiveBase):
     async def test_destination_with_extended_pcr_never_gets_the_secret(self) -> None:
@@ -178,7 +233,7 @@ class LibvirtLiveRefusalTests(LibvirtLiveBase):
         domain, bundle, watch = await threads.deferToThread(self.adopted_guest, "lvm2")
         await threads.deferToThread(watch.wait, 3, 120.0)
         result = await threads.deferToThread(
-            self.migrate_live, destination, "lvm2", "--copy-storage"
+            self.migrate_domain, destination, "lvm2", "--copy-storage"
         )
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertIn("golden-values", result.stderr)
