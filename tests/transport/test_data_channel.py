@@ -42,9 +42,8 @@ from securemig.transport.options import DestinationOptions
 from securemig.transport.source import DataChannelSender, SourceProtocol
 from securemig.trust.attestor import open_attestor
 from securemig.trust.keyrelease import DestinationSecurity, MigrationKey, SourceSecurity
-
-from ..helpers import bundle_digests
-from .test_secure import world
+from tests.support.bundles import bundle_digests
+from tests.support.secure import world
 
 LOOPBACK = "127.0.0.1"
 #: The data channel's pieces, as TCP reads deliver them, and how many bytes
@@ -284,8 +283,8 @@ class ChannelOrderTests(SynchronousTestCase):
         def full_disk(parts: Any) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        def admit_with_a_full_disk(*args: Any) -> Any:
-            arrival = admit(*args)
+        def admit_with_a_full_disk(*args: Any, **kwargs: Any) -> Any:
+            arrival = admit(*args, **kwargs)
             arrival.write = full_disk
             return arrival
 

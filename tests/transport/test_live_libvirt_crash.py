@@ -31,10 +31,9 @@ from twisted.internet import threads
 
 from securemig.host.journal import Journal
 from securemig.lab import processes
-
-from ..app.test_crash import crash_env
-from ..hypervisor.test_guest import extended
-from .test_live_libvirt import LibvirtLiveBase
+from tests.support.commands import crash_env
+from tests.support.libvirt_live import LibvirtLiveBase
+from tests.support.qemu import extended
 
 #: Seconds a cell may take to settle once every process runs again.
 SETTLE_TIMEOUT = 120.0
