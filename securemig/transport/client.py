@@ -81,6 +81,7 @@ async def migrate(
         live=live is not None,
         live_options=live,
     )
+    departure.copy_storage, departure.parallel = options.copy_storage, options.parallel
     await departure.acquire()
     if security is not None:
         try:
@@ -138,6 +139,10 @@ async def migrate(
     closed.addErrback(_late_close)
     await closed
     departure.wire_bytes = proto.wire_bytes
+    if departure.committed and result.outcome is Outcome.ABORTED:
+        # The hypervisor moved the guest before the session could commit
+        # (Departure.moved_by_hypervisor): committed here, in doubt there.
+        result = Finished(Outcome.IN_DOUBT, result.code, result.reason)
     if live is not None and departure.committed and result.outcome is not Outcome.DONE:
         assert secure is not None
         result = await _settle_live_now(reactor, departure, result, secure.identity)
@@ -152,7 +157,7 @@ async def _settle_live_now(
     until this host's daemon does: ``done`` (its guest runs) gives this copy
     up; ``lost`` (its QEMU ended before the guest ran there) continues the
     guest here.  Anything else: in doubt, for the daemon, as before."""
-    if not departure.live_qemu_alive():
+    if not departure.live_qemu_alive() and not departure.moved_by_hypervisor():
         return result
     record = departure.journal.get(departure.id)
     if record is None or record.migration_id is None:
