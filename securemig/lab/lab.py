@@ -133,11 +133,14 @@ class Lab:
         backend: str = backends.DEFAULT,
         extra: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        port: int = 0,
     ) -> processes.Destination:
         """A ``twistd securemig`` for ``host`` (dest-b by default), secure and
         insecure listeners, ``extra`` options, ``env`` added to its
-        environment (a lab libvirt host's ``LIBVIRT_DEFAULT_URI``).  With
-        ``keep`` the lab ends it at :meth:`stop`; else the caller does."""
+        environment (a lab libvirt host's ``LIBVIRT_DEFAULT_URI``), its
+        secure listener on ``port`` (0: any; a daemon restarted after a
+        crash takes its old one).  With ``keep`` the lab ends it at
+        :meth:`stop`; else the caller does."""
         name = "destination" if host == DESTINATION else f"destination-{host}"
         if self._behind_link(host):
             # Behind the link the daemon cannot reach the privacy CA on this
@@ -158,7 +161,7 @@ class Lab:
             "--identity",
             str(self.work / host),
             "--listen",
-            f"tcp:0:interface={self.address_of(host)}",
+            f"tcp:{port}:interface={self.address_of(host)}",
             "--insecure-listen",
             f"tcp:0:interface={self.address_of(host)}",
             "--insecure-port-file",

@@ -18,18 +18,22 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
+from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.libvirt import LibvirtBackend, LibvirtError, require_libvirt
 from securemig.lab import processes
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
 from securemig.lab.libvirt import LibvirtHost, define_guest
+from securemig.protocol.phases import Phase
 from securemig.trust.attestor import open_attestor
 from tests.hypervisor.test_libvirt import extended, seal, unseal, virsh_secret_value
 from tests.hypervisor.test_libvirt_migrate import SecretWatch
@@ -272,6 +276,143 @@ class ArrivalReadyTests(TestCase):
         self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
         self.assertGreater(again.seq, first.seq)
         self.assertEqual(sorted(p.name for p in bundle.path.iterdir() if p.suffix == ".img"), [])
+
+
+#: How long a crash cell may take to settle once every process runs again.
+SETTLE_TIMEOUT = 120.0
+
+
+class SuspendedCrashTests(TestCase):
+    """Crash cells of the suspended migration of a libvirt domain: the
+    destination's ``twistd securemig`` killed (SIGKILL) at a step of the
+    commit, restarted on its port as an operator would; the source host's
+    daemon shares ``securemig migrate``'s state directory and settles its
+    departures.  After each: the domain runs on exactly one host -- the one
+    the source's journal names -- with its memory (heartbeat in sequence,
+    PCR 16 kept), is defined there only, no secret is defined in either
+    libvirt, nothing is left in the destination's staging or disk
+    directory."""
+
+    timeout = 1200
+
+    def setUp(self) -> None:
+        self.a, self.b = shared_hosts()
+        self.libvirt = require_libvirt()
+        self.work = Path(self.mktemp()).absolute()
+        self.work.mkdir(parents=True)
+        self.lab = Lab(self.work)
+        self.addCleanup(self.lab.stop)
+        self.lab.start()
+
+    def cell(self, point: str) -> str:
+        """Kill the destination's daemon at ``point``; returns where the
+        domain settled (``source`` or ``destination``)."""
+        name = "crash" + point.split("-")[1][:4]
+        pcr16 = os.urandom(32).hex()
+        disk = self.a.directory / "disks" / f"{name}.img"
+        guest = define_guest(self.a, name, pcr16=pcr16, persistent_secret=True, disk=str(disk))
+        for host in (self.a, self.b):
+            self.addCleanup(_remove_domain, host, name)
+        vms = self.work / "vms"
+        identity = ("--identity", str(self.work / SOURCE))
+        for args in (("adopt", name, "--dir", str(vms), "--connect", self.a.uri, *identity),
+                     ("start", name, "--dir", str(vms), *identity)):  # fmt: skip
+            done = processes.securemig("vm", *args)
+            self.assertEqual(done.returncode, 0, done.stderr)
+        watch = Watch(self.a.path(guest.heartbeat))
+        self.addCleanup(watch.stop)
+        first = watch.wait(3, 180)
+        uuid_ = self.libvirt.open(self.a.uri).lookupByName(name).UUIDString()
+
+        resolve = ("--resolve-interval", "0.3")
+        source_daemon = self.lab.start_destination(
+            host=SOURCE, backend="libvirt", env={"LIBVIRT_DEFAULT_URI": self.a.uri}, extra=resolve
+        )
+        env_b = {"LIBVIRT_DEFAULT_URI": self.b.uri}
+        crash = {**env_b, "SECUREMIG_CRASH_POINTS": "1", "SECUREMIG_CRASH_AT": point}
+        dying = self.lab.start_destination(backend="libvirt", env=crash, extra=resolve)
+        with self.assertRaises(RuntimeError):
+            self.lab.migrate(
+                dying, name, True, vm_dir=vms, extra=("--state-dir", str(source_daemon.state_dir))
+            )
+        deadline = time.monotonic() + 60
+        while dying.process.poll() is None:
+            self.assertLess(time.monotonic(), deadline, "the daemon did not reach " + point)
+            time.sleep(0.1)
+        self.assertEqual(dying.process.returncode, -signal.SIGKILL, dying.log()[-2000:])
+        again = self.lab.start_destination(
+            backend="libvirt", env=env_b, extra=resolve, port=dying.port
+        )
+
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while (where := self.settled(name, uuid_, source_daemon, again)) is None:
+            if time.monotonic() > deadline:
+                self.fail(f"did not settle:\n{again.log()[-3000:]}\n{source_daemon.log()[-3000:]}")
+            time.sleep(0.5)
+        host = self.a if where == "source" else self.b
+        if where == "destination":
+            watch.follow(self.b.path(guest.heartbeat))
+        beat = watch.wait(3, 180, source=0 if where == "source" else 1)
+        self.assertEqual(beat.pcr16, extended(pcr16))
+        self.assertGreater(beat.seq, first.seq)
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+        for each in (self.a, self.b):
+            conn = self.libvirt.open(each.uri)
+            try:
+                self.assertEqual(conn.listSecrets(), [], each.name)
+                defined = [d.UUIDString() for d in conn.listAllDomains()]
+                self.assertEqual(uuid_ in defined, each is host, each.name)
+            finally:
+                conn.close()
+        self.assertEqual(list((again.state_dir / "staging").iterdir()), [])
+        disks = again.state_dir / "disks"
+        held = [d for d in disks.iterdir() if any(d.iterdir())] if disks.exists() else []
+        self.assertEqual(len(held), 1 if where == "destination" else 0, held)
+        return where
+
+    def settled(self, name: str, uuid_: str, source: Any, destination: Any) -> str | None:
+        """Where the domain is once both journals have an outcome and it
+        runs on one host, else None."""
+        source_journal = Journal(source.state_dir / "journal.sqlite")
+        dest_journal = Journal(destination.state_dir / "journal.sqlite")
+        try:
+            mine = [r for r in source_journal.records() if r.role == "source" and r.vm == name]
+            theirs = [r for r in dest_journal.records() if r.role == "destination"]
+            if not mine or any(r.outcome in (None, "in-doubt") for r in mine + theirs):
+                return None
+            committed = mine[-1].reached(Phase.COMMITTED)
+        finally:
+            source_journal.close()
+            dest_journal.close()
+        running = []
+        for where, host in (("source", self.a), ("destination", self.b)):
+            conn = self.libvirt.open(host.uri)
+            try:
+                domain = conn.lookupByUUIDString(uuid_)
+                if domain.state()[0] == self.libvirt.VIR_DOMAIN_RUNNING:
+                    running.append(where)
+            except self.libvirt.libvirtError:
+                pass
+            finally:
+                conn.close()
+        if len(running) != 1:
+            self.assertLess(len(running), 2, "the domain runs on both hosts")
+            return None
+        self.assertEqual(running[0], "destination" if committed else "source")
+        return running[0]
+
+    def test_destination_dies_prepared(self) -> None:
+        """PREPARED journaled at the destination (the domain restored
+        paused there, transient), not sent: the source never commits and
+        restores the domain; the restarted destination learns it was
+        aborted and ends its paused copy and disks."""
+        self.assertEqual(self.cell("destination-prepared"), "source")
+
+    def test_destination_dies_commit_journaled(self) -> None:
+        """COMMIT journaled at the destination, staging not yet in place:
+        the restart rolls it forward (the paused domain resumed and defined
+        there); the source undefined its copy after COMMITTED."""
+        self.assertEqual(self.cell("destination-commit-journaled"), "destination")
 
 
 def _remove_domain(host: LibvirtHost, name: str) -> None:
