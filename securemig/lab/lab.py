@@ -245,10 +245,12 @@ class Lab:
         source: str = SOURCE,
         to: str = DESTINATION,
         extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> Any:
-        """Run ``securemig migrate`` as a process on behalf of ``source``;
-        returns (summary, usage).  The insecure variant gets the identity too,
-        to unseal a vTPM key it then sends in the clear."""
+        """Run ``securemig migrate`` as a process on behalf of ``source``
+        (``env`` added to its environment); returns (summary, usage).  The
+        insecure variant gets the identity too, to unseal a vTPM key it then
+        sends in the clear."""
         import subprocess
 
         port = destination.port if secure else destination.insecure_port
@@ -270,7 +272,13 @@ class Lab:
         args += ["--destination-name", to, "--tofu"] if secure else ["--insecure"]
         args += extra
         with tempfile.TemporaryFile() as errors:
-            process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=errors, text=True)
+            process = subprocess.Popen(
+                args,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+                env=None if env is None else {**os.environ, **env},
+            )
             assert process.stdout is not None
             out = process.stdout.read()
             usage = processes.wait_process(process)  # wait4: the source's CPU and peak RSS

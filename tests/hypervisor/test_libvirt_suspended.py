@@ -305,9 +305,11 @@ class SuspendedCrashTests(TestCase):
         self.lab.start()
 
     def cell(self, point: str) -> str:
-        """Kill the destination's daemon at ``point``; returns where the
-        domain settled (``source`` or ``destination``)."""
-        name = "crash" + point.split("-")[1][:4]
+        """Kill the process ``point`` names (``destination-*``: the
+        destination's daemon, restarted on its port; ``source-*``: ``securemig
+        migrate``) there; returns where the domain settled (``source`` or
+        ``destination``)."""
+        name = "crash" + "".join(word[:3] for word in point.split("-"))[:12]
         pcr16 = os.urandom(32).hex()
         disk = self.a.directory / "disks" / f"{name}.img"
         guest = define_guest(self.a, name, pcr16=pcr16, persistent_secret=True, disk=str(disk))
@@ -329,20 +331,32 @@ class SuspendedCrashTests(TestCase):
             host=SOURCE, backend="libvirt", env={"LIBVIRT_DEFAULT_URI": self.a.uri}, extra=resolve
         )
         env_b = {"LIBVIRT_DEFAULT_URI": self.b.uri}
-        crash = {**env_b, "SECUREMIG_CRASH_POINTS": "1", "SECUREMIG_CRASH_AT": point}
-        dying = self.lab.start_destination(backend="libvirt", env=crash, extra=resolve)
-        with self.assertRaises(RuntimeError):
-            self.lab.migrate(
-                dying, name, True, vm_dir=vms, extra=("--state-dir", str(source_daemon.state_dir))
-            )
-        deadline = time.monotonic() + 60
-        while dying.process.poll() is None:
-            self.assertLess(time.monotonic(), deadline, "the daemon did not reach " + point)
-            time.sleep(0.1)
-        self.assertEqual(dying.process.returncode, -signal.SIGKILL, dying.log()[-2000:])
-        again = self.lab.start_destination(
-            backend="libvirt", env=env_b, extra=resolve, port=dying.port
+        crash = {"SECUREMIG_CRASH_POINTS": "1", "SECUREMIG_CRASH_AT": point}
+        daemon_dies = point.startswith("destination-")
+        dying = self.lab.start_destination(
+            backend="libvirt", env={**env_b, **crash} if daemon_dies else env_b, extra=resolve
         )
+        with self.assertRaises(RuntimeError) as failed:
+            self.lab.migrate(
+                dying,
+                name,
+                True,
+                vm_dir=vms,
+                extra=("--state-dir", str(source_daemon.state_dir)),
+                env=None if daemon_dies else crash,
+            )
+        if not daemon_dies:
+            self.assertIn("exited with -9", str(failed.exception))
+            again = dying
+        else:
+            deadline = time.monotonic() + 60
+            while dying.process.poll() is None:
+                self.assertLess(time.monotonic(), deadline, "the daemon did not reach " + point)
+                time.sleep(0.1)
+            self.assertEqual(dying.process.returncode, -signal.SIGKILL, dying.log()[-2000:])
+            again = self.lab.start_destination(
+                backend="libvirt", env=env_b, extra=resolve, port=dying.port
+            )
 
         deadline = time.monotonic() + SETTLE_TIMEOUT
         while (where := self.settled(name, uuid_, source_daemon, again)) is None:
@@ -407,6 +421,20 @@ class SuspendedCrashTests(TestCase):
         restores the domain; the restarted destination learns it was
         aborted and ends its paused copy and disks."""
         self.assertEqual(self.cell("destination-prepared"), "source")
+
+    def test_source_dies_prepared_received(self) -> None:
+        """``securemig migrate`` killed once PREPARED arrived, COMMITTED not
+        journaled: the source's daemon restores the domain here from its
+        save file (the secret unsealed by this host's TPM, defined only for
+        the restore); the destination, told it was aborted, ends its paused
+        copy."""
+        self.assertEqual(self.cell("source-prepared-received"), "source")
+
+    def test_source_dies_committed(self) -> None:
+        """``securemig migrate`` killed right after journaling COMMITTED:
+        the source's daemon undefines its copy and tells the destination,
+        which resumes the paused domain and defines it there."""
+        self.assertEqual(self.cell("source-committed"), "destination")
 
     def test_destination_dies_commit_journaled(self) -> None:
         """COMMIT journaled at the destination, staging not yet in place:
