@@ -29,6 +29,7 @@ from securemig.trust.pca.core import PrivacyCA
 from securemig.trust.pki import Authority
 from securemig.trust.revocation import for_identity as revocation_for
 from securemig.trust.tpm import swtpm
+from securemig.trust.vtpm import CA_DIR as VTPM_CA_DIR
 
 SOURCE, DESTINATION = "source-a", "dest-b"
 
@@ -207,7 +208,7 @@ class Lab:
             key = os.urandom(32)
             with open_attestor(self.work / source, None, False) as attestor:
                 sealed = attestor.seal(key)
-            vtpm = (key, self.work / "vtpm-ca")
+            vtpm = (key, self.work / VTPM_CA_DIR)
         bundle = backends.create_vm(
             self.vm_dir_of(source),
             name,
