@@ -53,8 +53,8 @@ def shared_hosts() -> list[LibvirtHost]:
     return _hosts
 
 
-class SuspendedMigrationTests(TestCase):
-    """``securemig migrate DOMAIN --to HOST`` (not live) of an adopted domain."""
+class LabCase(TestCase):
+    """Two lab libvirtds, two enrolled hosts, and the checks of the secret."""
 
     timeout = 1200
 
@@ -81,6 +81,10 @@ class SuspendedMigrationTests(TestCase):
                 conn.secretLookupByUUIDString(secret_uuid)
             self.assertEqual(list((host.directory / "etc" / "secrets").glob("*")), [])
             self.assertNotEqual(virsh_secret_value(host, secret_uuid).returncode, 0)
+
+
+class SuspendedMigrationTests(LabCase):
+    """``securemig migrate DOMAIN --to HOST`` (not live) of an adopted domain."""
 
     def test_suspended_there_back_and_refused(self) -> None:
         """The domain moves A -> B suspended: at B it runs with its memory
@@ -116,6 +120,8 @@ class SuspendedMigrationTests(TestCase):
         self.assert_no_secret(guest.secret_uuid)
         conn_a, conn_b = self.on_host(self.a), self.on_host(self.b)
         domain_uuid = conn_a.lookupByName(name).UUIDString()
+        with open_attestor(self.work / SOURCE, None, False) as a_tpm:
+            value = a_tpm.unseal((vms / name / "vtpm-key.sealed").read_bytes())
 
         at_b = self.lab.start_destination(
             backend="libvirt", env={"LIBVIRT_DEFAULT_URI": self.b.uri}
@@ -155,8 +161,10 @@ class SuspendedMigrationTests(TestCase):
         self.assertFalse((vms / name).exists())
         self.assertFalse(bundle_b.image_path("ram").exists())
         self.assert_no_secret(guest.secret_uuid)
+        # The same value, now sealed to B's TPM (B's TPM is needed to read it).
         with open_attestor(self.work / DESTINATION, None, False) as b_tpm:
-            self.assertEqual(len(b_tpm.unseal(bundle_b.vtpm_key_path.read_bytes())), 32)
+            self.assertEqual(b_tpm.unseal(bundle_b.vtpm_key_path.read_bytes()), value)
+        self.assertNotIn(value, bundle_b.vtpm_key_path.read_bytes())
 
         # B -> A: the way back (B's copy goes only after A's commit).
         back, _ = self.lab.migrate(
@@ -196,6 +204,62 @@ class SuspendedMigrationTests(TestCase):
         self.assertEqual(again.pcr16, extended(pcr16))
         self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
         self.assertTrue(Bundle.load(home_vms / name).vtpm_key_path.exists())
+        self.assert_no_secret(guest.secret_uuid)
+
+
+class Qcow2Tests(LabCase):
+    """The same with what else a site's domain has."""
+
+    def test_qcow2_disk_two_vcpus_and_a_nic(self) -> None:
+        """A domain with a qcow2 disk, 2 vCPUs and a NIC
+        moves A -> B suspended: it runs there with its memory, its disk
+        arrives as the same qcow2 image (format kept in its definition),
+        its vCPUs and NIC kept."""
+        name = "qcow"
+        pcr16 = os.urandom(32).hex()
+        disk = self.a.directory / "disks" / f"{name}.qcow2"
+        guest = define_guest(
+            self.a, name, pcr16=pcr16, persistent_secret=True, disk=str(disk), disk_format="qcow2"
+        )
+        for host in (self.a, self.b):
+            self.addCleanup(_remove_domain, host, name)
+        conn_a, conn_b = self.on_host(self.a), self.on_host(self.b)
+        # Two vCPUs: as the operator would set them, in the definition.
+        xml = (
+            conn_a.lookupByName(name)
+            .XMLDesc(0)
+            .replace("<vcpu placement='static'>1</vcpu>", "<vcpu placement='static'>2</vcpu>")
+        )
+        conn_a.defineXML(xml)
+        vms = self.work / "vms"
+        identity = ("--identity", str(self.work / SOURCE))
+        for args in (("adopt", name, "--dir", str(vms), "--connect", self.a.uri, *identity),
+                     ("start", name, "--dir", str(vms), *identity)):  # fmt: skip
+            done = processes.securemig("vm", *args)
+            self.assertEqual(done.returncode, 0, done.stderr)
+        watch = Watch(self.a.path(guest.heartbeat))
+        self.addCleanup(watch.stop)
+        first = watch.wait(3, 180)
+        before = disk.read_bytes()
+        at_b = self.lab.start_destination(
+            backend="libvirt", env={"LIBVIRT_DEFAULT_URI": self.b.uri}
+        )
+        summary, _ = self.lab.migrate(at_b, name, True, vm_dir=vms)
+        self.assertEqual(summary["outcome"], "done", summary)
+        watch.follow(self.b.path(guest.heartbeat))
+        there = watch.wait(3, 180, source=1)
+        self.assertEqual(there.pcr16, extended(pcr16))
+        self.assertGreater(there.seq, first.seq)
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+        arrived = conn_b.lookupByName(name)
+        self.assertEqual(arrived.info()[3], 2)  # vCPUs
+        defined = arrived.XMLDesc(self.libvirt.VIR_DOMAIN_XML_INACTIVE)
+        self.assertIn("type='qcow2'", defined)
+        self.assertIn("<interface type='user'>", defined)
+        copied = list((at_b.state_dir / "disks").glob("*/disk.img"))
+        self.assertEqual(len(copied), 1, copied)
+        self.assertEqual(copied[0].read_bytes()[:4], b"QFI\xfb")  # qcow2's magic
+        self.assertEqual(copied[0].read_bytes(), before)
         self.assert_no_secret(guest.secret_uuid)
 
 
