@@ -67,6 +67,11 @@ BACKEND_NAME_EXEMPT = {
     "securemig/lab/bench/tpm.py": "a benchmark naming the TPM it timed",
     # Runs libvirtd itself: the run directory of libvirt's QEMU driver is "qemu".
     "securemig/lab/libvirt.py": "the lab's libvirt hosts, libvirt's own directories",
+    # Shows libvirt's own parts: its secret (virsh secret-get-value), its
+    # domain definitions on two libvirtds, LIBVIRT_DEFAULT_URI per daemon.
+    "securemig/lab/demo_libvirt.py": "the libvirt demo",
+    # Compares securemig with libvirt's own migration, TLS and plain.
+    "securemig/lab/bench/libvirt.py": "a benchmark against libvirt's own migration",
 }
 
 #: What the sans-IO layer must never import.

@@ -16,7 +16,17 @@ thread" run on the connection's disk executor
 :class:`~securemig.transport.destination.DestinationProtocol`), in the order
 the session asked; the others run on the reactor thread, and none of those
 blocks it (a live arrival's guest is ended with the backend's asynchronous
-``end``).
+``end``).  The shell is typed against :mod:`securemig.host.contract`
+(``ArrivalHost``, ``ArrivingVM``), never against these classes.
+
+The vTPM key's way through an arrival: it arrives wrapped
+(:meth:`Arrival.accept_key`, journaled ``key-received``); once every stream
+is verified it is released, unwrapped inside this host's TPM in the attested
+state (:meth:`Arrival.release_key`; a live arrival's already when its vTPM
+starts, :meth:`Arrival.start_incoming`); the vTPM that arrived is checked to
+open with it and to be the one announced (:meth:`Arrival.check_vtpm`, disk
+thread); it is re-sealed to this host's TPM (:meth:`Arrival.keep_key`) and
+only that sealed form is written, by :meth:`Arrival.prepare`.
 """
 
 from __future__ import annotations
@@ -32,14 +42,20 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from securemig import crashpoint, files
+from securemig.crashpoint import CrashPoint
 from securemig.host import storage
+from securemig.host.contract import KeySealer, KeyUnwrapper, VtpmKey
 from securemig.host.journal import Journal
+from securemig.host.shareddisk import foreign_owner
 from securemig.hypervisor import backends
 from securemig.hypervisor.backends import backend_for, capabilities
-from securemig.hypervisor.bundle import Bundle, Image, Manifest, image_file
+from securemig.hypervisor.bundle import VTPM_IMAGE, Bundle, Image, Manifest, image_file
+from securemig.hypervisor.contract import LiveSide
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished, Outcome
-from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
+from securemig.protocol.phases import Phase
+from securemig.trust.keyrelease import DestinationSecurity, KeyTransferError
 from securemig.trust.vtpm import key_reader
 
 log = Logger()
@@ -129,7 +145,7 @@ class DestinationHost:
     def live_qemu(self, record: Any) -> bool | None:
         """A live arrival (it reached ``incoming``): whether its QEMU still
         runs, in staging or in place; None for an arrival that is not live."""
-        if not record.reached("incoming"):
+        if not record.reached(Phase.INCOMING):
             return None
         staging = self.staging / record.id
         path = staging if staging.exists() else self.vms / record.vm
@@ -138,7 +154,7 @@ class DestinationHost:
     async def _lose(self, record: Any, why: str) -> None:
         """A live arrival whose QEMU ended before the COMMIT was journaled
         here: it never ran here; journal LOST, remove staging, journal aborted."""
-        self.journal.phase(record.id, "lost")
+        self.journal.phase(record.id, Phase.LOST)
         await remove_staging(self.staging / record.id)
         self.journal.finish(record.id, Outcome.ABORTED.value, error=f"LIVE_FAILED: {why}")
         log.warn("migration {mid}: VM {vm}: {why}: lost here", mid=record.id, vm=record.vm, why=why)
@@ -146,15 +162,15 @@ class DestinationHost:
     async def _recover_one(self, record: Any) -> str:
         staging = self.staging / record.id
         in_place = (self.vms / record.vm).exists() and not staging.exists()
-        committed = record.reached("committed") or record.reached("resumed")
-        if record.reached("lost"):
+        committed = record.reached(Phase.COMMITTED) or record.reached(Phase.RESUMED)
+        if record.reached(Phase.LOST):
             await remove_staging(staging)
             if record.outcome is None:
                 self.journal.finish(record.id, Outcome.ABORTED.value, error="LIVE_FAILED: lost")
             return "lost here (its QEMU ended before the guest ran): staging removed"
         if (
             not committed
-            and record.phase in ("prepared", "in-doubt")
+            and record.phase in (Phase.PREPARED, Phase.IN_DOUBT)
             and staging.exists()
             and self.live_qemu(record) is False
         ):
@@ -165,7 +181,7 @@ class DestinationHost:
             # (a live arrival's QEMU waits paused), and the rule
             # (protocol.recovery.destination_restart) is to resume it.
             return await self._roll_forward(record, "destination restarted after COMMIT")
-        if record.phase in ("prepared", "in-doubt") and staging.exists():
+        if record.phase in (Phase.PREPARED, Phase.IN_DOUBT) and staging.exists():
             self.journal.finish(
                 record.id, Outcome.IN_DOUBT.value, error="destination restarted after PREPARED"
             )
@@ -182,8 +198,8 @@ class DestinationHost:
         """The source committed: move the staged VM into place (if it is not
         there yet), resume it and journal DONE.  Idempotent."""
         staging, target = self.staging / record.id, self.vms / record.vm
-        if not record.reached("committed"):
-            self.journal.phase(record.id, "committed")
+        if not record.reached(Phase.COMMITTED):
+            self.journal.phase(record.id, Phase.COMMITTED)
         if staging.exists():
             if target.exists():
                 raise ProtocolError(
@@ -192,7 +208,7 @@ class DestinationHost:
                 )
             files.rename_durably(staging, target)
         bundle = Bundle.load(target)
-        if record.reached("resumed") and self.backend_status(bundle) == "stopped":
+        if record.reached(Phase.RESUMED) and self.backend_status(bundle) == "stopped":
             # It ran here and its guest has ended since: starting it again from
             # a saved state would run an older state of the guest a second time.
             log.error(
@@ -207,9 +223,9 @@ class DestinationHost:
             or capabilities(bundle.manifest.backend).resume_continues
         ):
             await self.resume(bundle)
-        self.journal.phase(record.id, "resumed")
+        self.journal.phase(record.id, Phase.RESUMED)
         self.journal.finish(record.id, Outcome.DONE.value)
-        self.journal.phase(record.id, "done")
+        self.journal.phase(record.id, Phase.DONE)
         log.info(
             "migration {mid}: {why}: VM {vm} rolled forward", mid=record.id, why=why, vm=record.vm
         )
@@ -241,12 +257,12 @@ class DestinationHost:
         if record.outcome == Outcome.DONE.value:
             return answer(wire.Settled.DONE, f"VM {record.vm} is in place here")
         lost = "its QEMU ended before the guest ran here; nothing kept"
-        if record.reached("lost"):
+        if record.reached(Phase.LOST):
             committed = message.decision is wire.Decision.COMMITTED
             return answer(wire.Settled.LOST if committed else wire.Settled.ABORTED, lost)
         if (
             message.decision is wire.Decision.COMMITTED
-            and not record.reached("committed")
+            and not record.reached(Phase.COMMITTED)
             and staging.exists()
             and self.live_qemu(record) is False
         ):
@@ -271,7 +287,7 @@ class DestinationHost:
             finally:
                 lock.release()
             return answer(wire.Settled.DONE, f"VM {record.vm} resumed here")
-        if record.reached("committed"):
+        if record.reached(Phase.COMMITTED):
             return answer(wire.Settled.FAILED, "COMMIT was journaled here: the VM is ours")
         if staging.exists():
             # The name's lock, as for a commit: while this migration's own
@@ -318,7 +334,7 @@ class DestinationHost:
             if theirs is None:
                 actions.append((staging.name, "unknown to this source journal; left in doubt"))
                 continue
-            committed = "committed" in {phase for phase, _ in theirs.events}
+            committed = Phase.COMMITTED in {phase for phase, _ in theirs.events}
             if not committed and theirs.outcome is None:
                 actions.append((staging.name, "source has not decided yet; left in doubt"))
                 continue
@@ -342,19 +358,33 @@ class DestinationHost:
             return "source did not commit: staging discarded"
         if target.exists():
             return f"source committed, but {target} exists; left in doubt"
-        self.journal.phase(staging.name, "committed")
+        self.journal.phase(staging.name, Phase.COMMITTED)
         files.rename_durably(staging, target)
         bundle = Bundle.load(target)
         await self.resume(bundle)
-        self.journal.phase(staging.name, "resumed")
+        self.journal.phase(staging.name, Phase.RESUMED)
         self.journal.finish(staging.name, Outcome.DONE.value)
         return f"source committed: VM {record.vm} resumed here"
 
     def admit(
-        self, hello: wire.Hello, peer: str, protocol: str, peer_name: str | None = None
+        self,
+        hello: wire.Hello,
+        peer: str,
+        protocol: str,
+        peer_name: str | None = None,
+        *,
+        keeps_keys: bool = True,
     ) -> Arrival:
-        """Accept a HELLO or raise :class:`ProtocolError` saying why not."""
+        """Accept a HELLO or raise :class:`ProtocolError` saying why not.
+        ``keeps_keys``: the listener has a TPM identity to re-seal a vTPM key
+        to (the secure variant's attestor; the insecure one's ``--identity``)."""
         name = hello.vm_name
+        if not keeps_keys and any(i.name == VTPM_IMAGE for i in hello.images):
+            raise ProtocolError(
+                ErrorCode.POLICY_REFUSED,
+                "this destination has no TPM "
+                "identity to keep a vTPM key (start it with --identity)",
+            )
         # First, before anything is locked, journaled or staged: a VM this
         # host's backend cannot run would move, commit, and then not run.
         mismatch = backends.refusal(
@@ -409,7 +439,7 @@ class DestinationHost:
                 total=sum(i.size for i in hello.images),
             )
             staging.mkdir()
-            self.journal.phase(migration_id.hex(), "admitted")
+            self.journal.phase(migration_id.hex(), Phase.ADMITTED)
         except BaseException:
             lock.release()
             raise
@@ -456,13 +486,18 @@ class Arrival:
         self.lock = lock
         self.staging = staging
         self.cancelled = False
-        #: Secure variant: the vTPM key, re-sealed to this host's TPM, and
-        #: the vTPM's identity, checked with it.
+        #: The vTPM key as it arrived (wrapped, or in the clear in the
+        #: insecure variant), then as released to this host (unwrapped in its
+        #: TPM: at the prepare, or when a live arrival's vTPM starts).
+        self.accepted_key: wire.WrappedKey | wire.ClearKey | None = None
+        self.vtpm_key: VtpmKey | None = None
+        #: The vTPM key, re-sealed to this host's TPM, and the vTPM's
+        #: identity, checked with it.
         self.sealed_vtpm_key: bytes | None = None
         self.vtpm_identity: str | None = None
         #: Live mode: the destination guest's side of the migration, and the
         #: unix socket its stream goes to.
-        self.live: Any = None
+        self.live: LiveSide | None = None
         #: Live mode: LOST journaled (its QEMU ended before the guest ran here).
         self.lost = False
         self.live_socket: Path | None = None
@@ -518,6 +553,16 @@ class Arrival:
                 "source's",
             )
 
+    def check_vtpm(self, key: VtpmKey) -> str | None:
+        """Check the vTPM that arrived opens with ``key`` and is the one the
+        source announced (a swtpm start); returns its identity (hex), None
+        for a VM without a vTPM state.  A live arrival's vTPM state came in
+        its guest's stream, into the swtpm that runs with this key, and is
+        not in staging: its announced identity stands."""
+        if self.live is not None:
+            return key.identity.hex() or None
+        return DestinationSecurity.check_vtpm(self.staging, key.secret, key.identity)
+
     def manifest(self) -> Manifest:
         """The arriving VM's manifest, from its HELLO."""
         return Manifest(
@@ -535,7 +580,10 @@ class Arrival:
         )
 
     def prepare(self) -> None:
-        """Write the bundle manifest in staging and make it all durable."""
+        """Write the bundle manifest in staging and make it all durable;
+        then, for a suspended arrival, let its backend make it ready to
+        resume (:meth:`Backend.ready_blocking`, given the released key: a
+        backend that loads the VM now needs it)."""
         if self.cancelled:
             return
         bundle = Bundle(self.staging, self.manifest())
@@ -543,6 +591,10 @@ class Arrival:
             files.write_durably(bundle.vtpm_key_path, self.sealed_vtpm_key, mode=0o600)
         bundle.save()
         files.fsync_dir(self.staging)
+        if self.live is None:
+            released = self.vtpm_key
+            key = None if released is None else (lambda b: released.secret)
+            backend_for(bundle.manifest.backend, vtpm_key=key).ready_blocking(bundle)
 
     def discard(self) -> None:
         """Remove staging (ending a live arrival's QEMU) and release the name."""
@@ -560,7 +612,7 @@ class Arrival:
         """Make queued disk jobs do nothing; a discard follows."""
         self.cancelled = True
 
-    def journal_phase(self, phase: str, nbytes: int) -> None:
+    def journal_phase(self, phase: Phase, nbytes: int) -> None:
         """Record a phase of this arrival."""
         self.host.journal.phase(self.id, phase, nbytes=nbytes)
 
@@ -568,10 +620,64 @@ class Arrival:
         """Record the bytes received so far (for ``securemig jobs``)."""
         self.host.journal.progress(self.id, nbytes)
 
-    async def start_incoming(self, key: bytes) -> Any:
-        """Live mode: start the VM's vTPM with its released state ``key`` and
-        its guest paused, waiting for the stream, in staging; journaled
-        ``incoming``.  The backend's side of the migration."""
+    def accept_key(self, key: wire.WrappedKey | wire.ClearKey, nbytes: int) -> None:
+        """Keep the vTPM key that arrived, as it arrived (still wrapped: it is
+        released only at the prepare, or when a live vTPM starts); journaled
+        ``key-received``."""
+        self.accepted_key = key
+        self.journal_phase(Phase.KEY_RECEIVED, nbytes)
+
+    def key_expected(self, secure: bool) -> bool:
+        """Whether a vTPM key is to be released, checked and re-sealed before
+        :meth:`prepare`: the secure variant always has one; the insecure one
+        if the source sent one.  Raises :class:`KeyTransferError` for a vTPM
+        state that came without its key."""
+        if self.accepted_key is not None or secure:
+            return True
+        if any(i.name == VTPM_IMAGE for i in self.hello.images):
+            raise KeyTransferError("a vTPM state arrived without its key")
+        return False
+
+    def release_key(self, unwrapper: KeyUnwrapper | None, *, live: bool = False) -> VtpmKey:
+        """The vTPM key: unwrapped by ``unwrapper`` inside this host's TPM
+        (only in the attested PCR state; call from the thread that owns the
+        TPM), or as the insecure variant sent it.  Released once: a live
+        arrival's key, released (``live``: it must have come wrapped) for
+        :meth:`start_incoming`, is the one the prepare re-seals."""
+        if self.vtpm_key is not None:
+            return self.vtpm_key
+        key = self.accepted_key
+        if live and not isinstance(key, wire.WrappedKey):
+            raise KeyTransferError("live mode needs the wrapped vTPM key")
+        if isinstance(key, wire.WrappedKey) and unwrapper is not None:
+            secret, identity = unwrapper.unwrap(key, self.migration_id)
+        elif isinstance(key, wire.ClearKey) and len(key.material) in (32, 64):
+            secret, identity = key.material[:32], key.material[32:]
+        else:
+            raise KeyTransferError("no usable vTPM key arrived")
+        self.vtpm_key = VtpmKey(secret, identity)
+        return self.vtpm_key
+
+    def keep_key(self, sealer: KeySealer, key: VtpmKey, identity: str | None) -> None:
+        """Re-seal the checked key to this host's TPM (it is never written
+        in the clear here), with the vTPM's ``identity``, for :meth:`prepare`."""
+        self.sealed_vtpm_key = sealer.seal(key.secret)
+        self.vtpm_identity = identity
+
+    def prepared(self, nbytes: int) -> None:
+        """Staging is durable: journal PREPARED."""
+        self.journal_phase(Phase.PREPARED, nbytes)
+        crashpoint.reached(CrashPoint.DESTINATION_PREPARED, self.qemu_pidfile())
+
+    async def start_incoming(self, released: VtpmKey) -> None:
+        """Live mode: start the VM's vTPM with its ``released`` key
+        (:meth:`release_key`) and its guest paused, waiting for the stream
+        at :attr:`live_socket`, in staging; journaled ``incoming``.  The
+        backend's side of the migration (a backend that keeps the key in its
+        own manager defines it there first)."""
+        key = released.secret
+        # The vTPM device is part of the guest's machine: the manifest names it.
+        self.vtpm_identity = released.identity.hex() or None
         if not capabilities(self.host.backend).live_destination:
             raise ProtocolError(
                 ErrorCode.POLICY_REFUSED,
@@ -585,8 +691,32 @@ class Arrival:
         tag = f"{self.id}-d"
         self.live_socket = backend.live_socket(bundle, tag)
         self.live = await backend.live_destination(bundle, tag)
-        self.host.journal.phase(self.id, "incoming")
-        return self.live
+        self.host.journal.phase(self.id, Phase.INCOMING)
+
+    def incoming_started(self) -> None:
+        """Live mode: the stream's receiver listens; the guest waits for it."""
+        crashpoint.reached(CrashPoint.DESTINATION_INCOMING, self.qemu_pidfile())
+
+    async def wait_loaded(self) -> None:
+        """Live mode: until the guest here has loaded the whole stream (paused,
+        not yet running); raises :class:`MigrationError` if it failed."""
+        if self.live is None:
+            raise MigrationError("no live arrival was started")
+        await self.live.wait()
+
+    def check_shared_disk(self, me: str) -> None:
+        """Secure shared-storage variant, before the commit: the source
+        handed the shared disk to us (host ``me``) at its commit point,
+        before it sent COMMIT; a disk another host owns is not resumed here
+        (:mod:`securemig.host.shareddisk`)."""
+        shared = self.hello.shared_disk
+        if not shared:
+            return
+        owner = foreign_owner(Path(shared), me)
+        if owner is not None:
+            raise ProtocolError(
+                ErrorCode.RESUME_FAILED, f"shared disk {shared} belongs to {owner}, not to us"
+            )
 
     async def commit(self) -> None:
         """The source committed: move the VM into place and resume it (live
@@ -598,18 +728,18 @@ class Arrival:
         QEMU): LOST is journaled instead, staging removed, and the source
         (which kept its paused QEMU) continues the guest when it learns it."""
         if self.live is not None and not await self.live.waits_loaded():
-            crashpoint.reached("destination-live-lost")
+            crashpoint.reached(CrashPoint.DESTINATION_LIVE_LOST)
             await self.lose()
             raise ProtocolError(
                 ErrorCode.RESUME_FAILED,
                 f"the QEMU of VM {self.hello.vm_name} ended before its guest ran here: "
                 "nothing kept here (LOST); the source continues it",
             )
-        self.host.journal.phase(self.id, "committed")
-        crashpoint.reached("destination-commit-journaled")
+        self.host.journal.phase(self.id, Phase.COMMITTED)
+        crashpoint.reached(CrashPoint.DESTINATION_COMMIT_JOURNALED)
         target = self.host.vms / self.hello.vm_name
         files.rename_durably(self.staging, target)
-        crashpoint.reached("destination-in-place")
+        crashpoint.reached(CrashPoint.DESTINATION_IN_PLACE)
         bundle = Bundle.load(target)
         if self.live is not None:
             self.live.release()  # the QMP socket moved with the bundle: reconnect there
@@ -619,8 +749,8 @@ class Arrival:
             # Resumed or not (RESUME_FAILED), the VM stays in place: its name
             # is free for whatever an operator does next.
             self.lock.release()
-        self.host.journal.phase(self.id, "resumed")
-        crashpoint.reached("destination-resumed")
+        self.host.journal.phase(self.id, Phase.RESUMED)
+        crashpoint.reached(CrashPoint.DESTINATION_RESUMED)
 
     def qemu_pidfile(self) -> Path | None:
         """Live mode: the pid file of the arriving VM's QEMU (for crash points)."""
@@ -630,7 +760,7 @@ class Arrival:
         """Live mode, before the COMMIT is journaled here: its QEMU ended, so
         the guest never ran here; journal LOST, remove staging, free the name."""
         self.lost = True
-        self.host.journal.phase(self.id, "lost")
+        self.host.journal.phase(self.id, Phase.LOST)
         if self.live is not None:
             self.live.release()
         await remove_staging(self.staging)
@@ -642,7 +772,11 @@ class Arrival:
         )
 
     def hold(self) -> None:
-        """Keep the prepared staging for recovery; free the lock."""
+        """Keep the prepared staging for recovery; free the lock (and a live
+        arrival's QMP socket: its QEMU serves one client, and recovery
+        continues or ends it later)."""
+        if self.live is not None:
+            self.live.release()
         log.warn(
             "migration {mid}: holding prepared staging {path} in doubt",
             mid=self.id,
@@ -656,4 +790,4 @@ class Arrival:
         outcome = Outcome.ABORTED if self.lost else effect.outcome
         self.host.journal.finish(self.id, outcome.value, error=error, nbytes=nbytes)
         if effect.outcome is Outcome.DONE:
-            self.host.journal.phase(self.id, "done")
+            self.host.journal.phase(self.id, Phase.DONE)

@@ -10,22 +10,25 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from securemig import crashpoint, files
+from securemig.crashpoint import CrashPoint
 from securemig.host import storage
 from securemig.host.arrival import variant_name
 from securemig.host.journal import Journal
+from securemig.host.shareddisk import foreign_owner
 from securemig.hypervisor.backends import Backend, backend_for, capabilities
 from securemig.hypervisor.bundle import Bundle, BundleError, set_disk_owner
-from securemig.hypervisor.qemu import LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH
+from securemig.hypervisor.contract import LiveSide
+from securemig.hypervisor.qemu import LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH, LiveStats
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
+from securemig.protocol.phases import Phase
 from securemig.trust import vtpm
 
 log = Logger()
@@ -50,6 +53,7 @@ class Departure:
         vtpm_key: bytes | None = None,
         peer_name: str | None = None,
         live: bool = False,
+        live_options: tuple[int, int] | None = None,
     ) -> None:
         self.bundle = bundle
         self.variant = variant
@@ -61,10 +65,13 @@ class Departure:
         self.images = [] if live else bundle.streamed_images(variant)
         #: Live mode: the source QEMU's side of the migration, once started,
         #: and QEMU's numbers when it completed.
-        self.live_migration: Any = None
-        self.live_stats: Any = None
+        self.live_migration: LiveSide | None = None
+        self.live_stats: LiveStats | None = None
         #: Live mode: QEMU's downtime limit (ms) and bandwidth (bytes/s).
-        self.live_options: tuple[int, int] = (LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH)
+        self.live_options: tuple[int, int] = live_options or (
+            LIVE_DOWNTIME_LIMIT_MS,
+            LIVE_MAX_BANDWIDTH,
+        )
         # The vTPM key, unsealed before the VM is suspended, so a rollback
         # can restart the vTPM without the host TPM (busy with the session).
         self.backend: Backend = backend_for(
@@ -112,7 +119,7 @@ class Departure:
                     )
                 # Recovery continues the guest here if this migration never
                 # commits (its QEMU may be left paused, after the stream).
-                self.journal.phase(self.id, "live")
+                self.journal.phase(self.id, Phase.LIVE)
                 return
             if not capabilities(self.bundle.manifest.backend).suspend:
                 raise BundleError(
@@ -120,9 +127,12 @@ class Departure:
                     "backend does not migrate suspended"
                 )
             await self.backend.suspend(self.bundle)
+            # What the suspend wrote (a libvirt domain's save file and disks
+            # exist only now): the images HELLO announces.
+            self.images = self.bundle.streamed_images(self.variant)
             if self.was_running:
                 # Recovery resumes the VM here if this migration never commits.
-                self.journal.phase(self.id, "suspended")
+                self.journal.phase(self.id, Phase.SUSPENDED)
         except BaseException as e:
             await self.rollback()
             self.refused(e)
@@ -158,6 +168,19 @@ class Departure:
         )
         return replace(hello, version=2) if wire.has_tail(hello) else hello
 
+    def hand_shared_disk(self, me: str, successor: str) -> None:
+        """Secure shared-storage variant, before anything moves: check that
+        the shared disk is ours (host ``me``) to hand over, and hand it to
+        ``successor`` at the commit point (:mod:`securemig.host.shareddisk`).
+        Raises :class:`BundleError` naming the owner otherwise."""
+        shared = self.shared_disk
+        if not shared:
+            return
+        owner = foreign_owner(Path(shared), me)
+        if owner is not None:
+            raise BundleError(f"shared disk {shared} belongs to {owner}, not {me}")
+        self.disk_successor = successor
+
     @property
     def shared_disk(self) -> str:
         """The shared disk's path, announced in the shared-storage variant."""
@@ -176,13 +199,13 @@ class Departure:
 
     def connected(self) -> None:
         """The connection is up."""
-        self.journal.phase(self.id, "connected")
+        self.journal.phase(self.id, Phase.CONNECTED)
 
     def streaming(self, migration_id: bytes | None) -> None:
         """The destination admitted us; images flow."""
         if migration_id is not None:
             self.journal.set_migration_id(self.id, migration_id.hex())
-        self.journal.phase(self.id, "streaming")
+        self.journal.phase(self.id, Phase.STREAMING)
 
     async def commit(self) -> None:
         """The commit point: journal COMMITTED, then give the VM up.
@@ -194,7 +217,7 @@ class Departure:
         bundle stay (and the lock) until the destination's guest runs
         (:meth:`hand_over`, on DONE): if the destination's QEMU ends before
         that, this one continues the guest (``protocol.recovery``)."""
-        crashpoint.reached("source-prepared-received", self.qemu_pidfile())
+        crashpoint.reached(CrashPoint.SOURCE_PREPARED_RECEIVED, self.qemu_pidfile())
         if self.live_migration is not None:
             try:
                 self.live_stats = await self.live_migration.wait(timeout=30.0)
@@ -206,10 +229,10 @@ class Departure:
                     "all (PREPARED): committing",
                     vm=self.bundle.name,
                 )
-        self.journal.phase(self.id, "prepared")
-        self.journal.phase(self.id, "committed")
+        self.journal.phase(self.id, Phase.PREPARED)
+        self.journal.phase(self.id, Phase.COMMITTED)
         self.committed = True
-        crashpoint.reached("source-committed", self.qemu_pidfile())
+        crashpoint.reached(CrashPoint.SOURCE_COMMITTED, self.qemu_pidfile())
         record = self.journal.get(self.id)
         shared = self.bundle.manifest.shared_disk
         if shared and self.disk_successor is not None:
@@ -220,7 +243,27 @@ class Departure:
             return  # kept until DONE: hand_over()
         await release(self.journal, self.id, self.bundle)
         self._unlock()
-        crashpoint.reached("source-released")
+        crashpoint.reached(CrashPoint.SOURCE_RELEASED)
+
+    def live_socket(self, tag: str) -> Path:
+        """Live mode: the unix socket securemig listens on for this VM's
+        stream (``tag``: the migration's own), not yet there."""
+        path = self.backend.live_socket(self.bundle, tag)
+        path.unlink(missing_ok=True)
+        return path
+
+    async def start_live(self, uri: str) -> None:
+        """Live mode: start the guest's own stream to ``uri`` while it runs,
+        with this migration's downtime limit and bandwidth."""
+        self.live_migration = await self.backend.live_source(self.bundle, uri, *self.live_options)
+        crashpoint.reached(CrashPoint.SOURCE_LIVE_STARTED)
+
+    async def live_sent(self) -> None:
+        """Live mode: until the backend says the stream completed (its guest
+        paused here); its numbers are kept for the journal (:meth:`hand_over`)."""
+        if self.live_migration is None:
+            raise MigrationError("no live migration was started")
+        self.live_stats = await self.live_migration.wait()
 
     def qemu_pidfile(self) -> Path | None:
         """Live mode: the pid file of this VM's QEMU (for crash points)."""
@@ -236,14 +279,14 @@ class Departure:
         destroy the key and the bundle.  Idempotent (recovery redoes it)."""
         if self.live_migration is not None:
             await self.live_migration.finish()
-            crashpoint.reached("source-live-ended")
+            crashpoint.reached(CrashPoint.SOURCE_LIVE_ENDED)
         if self.live_stats is not None:
             # Journaled only now, with the guest running there: nothing
             # written between QEMU's completion and the destination's cont.
             self.journal.set_downtime(self.id, self.live_stats.downtime_ms)
         await release(self.journal, self.id, self.bundle)
         self._unlock()
-        crashpoint.reached("source-released")
+        crashpoint.reached(CrashPoint.SOURCE_RELEASED)
 
     def keep_paused(self) -> None:
         """Live mode, after COMMITTED, the destination's DONE not seen: the
@@ -318,8 +361,8 @@ async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
             # back; without its key it cannot run.
             log.error("committed, but discarding the local copy failed: {e}", e=e)
     record = journal.get(local_id)
-    if record is not None and not record.reached("released"):
-        journal.phase(local_id, "released")
+    if record is not None and not record.reached(Phase.RELEASED):
+        journal.phase(local_id, Phase.RELEASED)
 
 
 def check_live(bundle: Bundle, variant: wire.Variant) -> None:

@@ -85,6 +85,10 @@ class LiveSide(Protocol):
     async def cont(self) -> None:
         """Let the guest run here."""
 
+    async def waits_loaded(self) -> bool:
+        """Destination, after the stream: whether the guest still waits here,
+        loaded and paused (False: its process has ended)."""
+
     async def cancel(self) -> None:
         """Source, before the commit: stop sending, the guest goes on here."""
 
@@ -141,6 +145,14 @@ class Backend(Protocol):
         """:meth:`end`, blocking the calling thread until done: only for
         callers off the reactor thread (the disk executor's worker, the lab's
         synchronous stop).  Nothing by default."""
+        return None
+
+    def ready_blocking(self, bundle: Bundle) -> None:
+        """Destination, a suspended arrival complete in staging, before
+        PREPARED, blocking the calling thread (the disk executor's, never
+        the reactor's): make the VM ready to resume (libvirt: restore it
+        paused), so a VM this host cannot run fails before the source
+        commits.  Nothing by default."""
         return None
 
     def live_socket(self, bundle: Bundle, tag: str = "") -> Path:

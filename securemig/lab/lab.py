@@ -139,10 +139,12 @@ class Lab:
         cipher: str | None = None,
         backend: str = backends.DEFAULT,
         extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> processes.Destination:
         """A ``twistd securemig`` for ``host`` (dest-b by default), secure and
-        insecure listeners, ``extra`` options.  With ``keep`` the lab ends it
-        at :meth:`stop`; else the caller does."""
+        insecure listeners, ``extra`` options, ``env`` added to its
+        environment (a lab libvirt host's ``LIBVIRT_DEFAULT_URI``).  With
+        ``keep`` the lab ends it at :meth:`stop`; else the caller does."""
         name = "destination" if host == DESTINATION else f"destination-{host}"
         if self._behind_link(host):
             # Behind the link the daemon cannot reach the privacy CA on this
@@ -176,6 +178,7 @@ class Lab:
             port_file=self.work / f"{name}.port",
             log_file=self.work / f"{name}.log",
             wrapper=self.link.wrapper if self._behind_link(host) else (),
+            env=env,
         )
         destination = processes.Destination(process, port, state, self.work / f"{name}.log")
         # The two listeners bind independently: wait for the second as well.
