@@ -29,19 +29,8 @@ from securemig.hypervisor.libvirt import (
 from securemig.lab import processes
 from securemig.lab.lab import SOURCE, Lab
 from securemig.lab.libvirt import LibvirtHost, define_guest, guest_domain_xml
-from tests.support.libvirt import seal, unseal
+from tests.support.libvirt import seal, unseal, virsh_secret_value
 from tests.support.qemu import extended
-
-
-def virsh_secret_value(host: LibvirtHost, secret_uuid: str) -> subprocess.CompletedProcess[str]:
-    """``virsh secret-get-value`` as any root user of the host would try."""
-    return subprocess.run(
-        ["virsh", "-c", host.uri, "secret-get-value", secret_uuid],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
 
 _host: LibvirtHost | None = None
 

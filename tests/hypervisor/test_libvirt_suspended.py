@@ -31,8 +31,8 @@ from securemig.lab import processes
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
 from securemig.lab.libvirt import LibvirtHost, define_guest
 from securemig.trust.attestor import open_attestor
-from tests.hypervisor.test_libvirt import extended, seal, unseal, virsh_secret_value
-from tests.hypervisor.test_libvirt_migrate import SecretWatch
+from tests.support.libvirt import SecretWatch, seal, unseal, virsh_secret_value
+from tests.support.qemu import extended
 
 _hosts: list[LibvirtHost] = []
 
