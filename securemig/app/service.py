@@ -396,10 +396,12 @@ class RecoveryService(service.Service):
         d.addCallbacks(report, failed).addBoth(clean).addBoth(resolve)
 
     def stopService(self) -> Any:
-        """No more resolver rounds."""
+        """No more resolver rounds; the runtime directory goes if nothing is
+        in it (twistd ends itself with its signal: no atexit runs)."""
         super().stopService()
         if self.resolver is not None:
             self.resolver.stop()
+        runtime.remove_if_empty(runtime.for_state_dir(self.host.state_dir))
         return None
 
 

@@ -130,6 +130,10 @@ class Lab:
         self._stops.clear()
         for staged in sorted(self.work.glob("*/staging/*/")):
             backends.end_started_blocking(staged)
+        # The runtime directories of its hosts' state directories that are
+        # not inside them (a deep work directory): empty once all ended.
+        for journal in sorted(self.work.glob("**/journal.sqlite")):
+            runtime.remove_if_empty(runtime.for_state_dir(journal.parent))
         self._locks.close()
 
     def start_destination(
