@@ -352,6 +352,20 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             if self.departure.committed and self.departure.live_qemu_alive():
                 # Live, after COMMITTED: the paused QEMU was kept until now.
                 self.rolled_back = self._settle_live(effect)
+            elif self.departure.releasing is not None:
+                # After the commit the bundle's removal may still be under
+                # way (it overlapped the destination's resume): journal the
+                # outcome, and report it, once it is done.
+                departure, nbytes = self.departure, self.bytes_sent
+                self.rolled_back = (
+                    departure.released()
+                    .addCallback(lambda _: departure.finish(effect, nbytes, effect.peer_settled))
+                    .addErrback(
+                        lambda f: self.log.error(
+                            "cannot journal the outcome: {e}", e=f.getErrorMessage()
+                        )
+                    )
+                )
             else:
                 self.departure.finish(effect, self.bytes_sent, effect.peer_settled)
         finally:
