@@ -85,6 +85,10 @@ class LiveSide(Protocol):
     async def cont(self) -> None:
         """Let the guest run here."""
 
+    async def waits_loaded(self) -> bool:
+        """Destination, after the stream: whether the guest still waits here,
+        loaded and paused (False: its process has ended)."""
+
     async def cancel(self) -> None:
         """Source, before the commit: stop sending, the guest goes on here."""
 
