@@ -11,10 +11,11 @@ from pathlib import Path
 
 from securemig.app.cli.common import Subparsers, _mib, error, int_list, usage_error
 from securemig.hypervisor import backends
-from securemig.lab import bench, demo
-from securemig.lab.bench import live, qemu, tpm
-from securemig.lab.bench.link import LinkError
 from securemig.transport.tls import CIPHERS
+
+# The lab's modules (plots, statistics, the lab itself) are imported by the
+# commands that run them: every other command, `migrate` first, would pay
+# for them at each start (about a tenth of the CLI's import time).
 
 
 def add_demo_parser(subparsers: Subparsers) -> None:
@@ -147,6 +148,8 @@ def add_bench_parser(subparsers: Subparsers) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``securemig demo``: see :mod:`securemig.lab.demo`."""
+    from securemig.lab import demo
+
     if args.live:
         if not backends.capabilities(args.backend).live:
             able = " or ".join(backends.kinds(lambda c: c.live))
@@ -157,6 +160,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``securemig bench``: see :mod:`securemig.lab.bench`."""
+    from securemig.lab import bench
+    from securemig.lab.bench import live, qemu, tpm
+    from securemig.lab.bench.link import LinkError
+
     if args.repeat <= 0:
         return usage_error("--repeat must be a positive number")
     if not 1 <= args.concurrency <= MAX_CONCURRENCY:
