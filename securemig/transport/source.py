@@ -412,6 +412,18 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
                 self.rolled_back.addBoth(
                     lambda _: self.departure.finish(effect, nbytes, effect.peer_settled)
                 )
+            elif (releasing := self.departure.released()) is not None:
+                # After the commit the bundle's removal may still be under
+                # way (it overlapped the destination's resume): journal the
+                # outcome, and report it, once it is done.
+                departure, nbytes = self.departure, self.bytes_sent
+                self.rolled_back = releasing.addCallback(
+                    lambda _: departure.finish(effect, nbytes, effect.peer_settled)
+                ).addErrback(
+                    lambda f: self.log.error(
+                        "cannot journal the outcome: {e}", e=f.getErrorMessage()
+                    )
+                )
             else:
                 self.departure.finish(effect, self.bytes_sent, effect.peer_settled)
         finally:
