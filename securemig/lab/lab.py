@@ -145,11 +145,14 @@ class Lab:
         backend: str = backends.DEFAULT,
         extra: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        port: int = 0,
     ) -> processes.Destination:
         """A ``twistd securemig`` for ``host`` (dest-b by default), secure and
         insecure listeners, ``extra`` options, ``env`` added to its
-        environment (a lab libvirt host's ``LIBVIRT_DEFAULT_URI``).  With
-        ``keep`` the lab ends it at :meth:`stop`; else the caller does."""
+        environment (a lab libvirt host's ``LIBVIRT_DEFAULT_URI``), its
+        secure listener on ``port`` (0: any; a daemon restarted after a
+        crash takes its old one).  With ``keep`` the lab ends it at
+        :meth:`stop`; else the caller does."""
         name = "destination" if host == DESTINATION else f"destination-{host}"
         if self._behind_link(host):
             # Behind the link the daemon cannot reach the privacy CA on this
@@ -170,7 +173,7 @@ class Lab:
             "--identity",
             str(self.work / host),
             "--listen",
-            f"tcp:0:interface={self.address_of(host)}",
+            f"tcp:{port}:interface={self.address_of(host)}",
             "--insecure-listen",
             f"tcp:0:interface={self.address_of(host)}",
             "--insecure-port-file",
@@ -254,10 +257,12 @@ class Lab:
         source: str = SOURCE,
         to: str = DESTINATION,
         extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> Any:
-        """Run ``securemig migrate`` as a process on behalf of ``source``;
-        returns (summary, usage).  The insecure variant gets the identity too,
-        to unseal a vTPM key it then sends in the clear."""
+        """Run ``securemig migrate`` as a process on behalf of ``source``
+        (``env`` added to its environment); returns (summary, usage).  The
+        insecure variant gets the identity too, to unseal a vTPM key it then
+        sends in the clear."""
         import subprocess
 
         port = destination.port if secure else destination.insecure_port
@@ -279,7 +284,13 @@ class Lab:
         args += ["--destination-name", to, "--tofu"] if secure else ["--insecure"]
         args += extra
         with tempfile.TemporaryFile() as errors:
-            process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=errors, text=True)
+            process = subprocess.Popen(
+                args,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+                env=None if env is None else {**os.environ, **env},
+            )
             assert process.stdout is not None
             out = process.stdout.read()
             usage = processes.wait_process(process)  # wait4: the source's CPU and peak RSS
