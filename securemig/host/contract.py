@@ -256,6 +256,10 @@ class LeavingVM(Protocol):
         """The commit point: journal COMMITTED, then give the VM up."""
         ...
 
+    def keeps_copy(self) -> bool:
+        """Live, after COMMITTED: whether a copy is kept here until DONE."""
+        ...
+
     def live_qemu_alive(self) -> bool:
         """Live mode: whether this VM's guest process still runs here."""
         ...
