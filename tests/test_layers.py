@@ -25,6 +25,7 @@ TESTS = Path(__file__).parent
 LAYERS = (
     "securemig.protocol",
     "securemig.files",
+    "securemig.runtime",
     "securemig.crashpoint",
     "securemig.metrics",
     "securemig.logcontext",

@@ -11,6 +11,7 @@ is ended by its pid when the lab stops.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from securemig import files
+from securemig import files, runtime
 from securemig.hypervisor import backends
 from securemig.hypervisor.bundle import Bundle, set_disk_owner
 from securemig.lab import processes
@@ -47,11 +48,15 @@ class Lab:
         self.link = link
         self.vm_dir = work / "vms"
         self._stops: list[Callable[[], object]] = []
+        #: The lab's TPMs are its own: their lock files go to its run
+        #: directory, not the machine's temporary directory (runtime.own_tpm_locks).
+        self._locks = contextlib.ExitStack()
 
     def start(self) -> None:
         """Site CA, two host TPMs, the privacy CA, both hosts enrolled."""
 
         work, started = self.work, time.monotonic()
+        self._locks.enter_context(runtime.own_tpm_locks(work))
         site = Authority.create("lab site CA")
         site.save(work / "site-ca")
         tctis = {host: self._host_tpm(host) for host in (SOURCE, DESTINATION)}
@@ -125,6 +130,11 @@ class Lab:
         self._stops.clear()
         for staged in sorted(self.work.glob("*/staging/*/")):
             backends.end_started_blocking(staged)
+        # The runtime directories of its hosts' state directories that are
+        # not inside them (a deep work directory): empty once all ended.
+        for journal in sorted(self.work.glob("**/journal.sqlite")):
+            runtime.remove_if_empty(runtime.for_state_dir(journal.parent))
+        self._locks.close()
 
     def start_destination(
         self,
