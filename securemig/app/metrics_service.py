@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from twisted.web.server import Site
 
 from securemig import metrics
+from securemig.protocol.phases import Phase
 
 #: Upper bounds (s) of the migration duration histogram.
 DURATION_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -142,11 +143,11 @@ class JournalCollector(Collector):
             labels: tuple[str, ...] = (role, variant, protocol, "live" if live else "suspended")
             started[labels] += 1
             moved[labels] += nbytes or 0
-            if outcome == "in-doubt" or phase == "in-doubt":
+            if outcome == "in-doubt" or phase == Phase.IN_DOUBT:
                 in_doubt[role] += 1
                 oldest_doubt = max(oldest_doubt, now - begun)
             if outcome is None:
-                if phase != "in-doubt":
+                if phase != Phase.IN_DOUBT:
                     running[role] += 1
                 continue
             ended[(*labels, outcome, _code(error))] += 1

@@ -42,6 +42,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from securemig import crashpoint, files
+from securemig.crashpoint import CrashPoint
 from securemig.host import storage
 from securemig.host.contract import KeySealer, KeyUnwrapper, VtpmKey
 from securemig.host.journal import Journal
@@ -53,6 +54,7 @@ from securemig.hypervisor.contract import LiveSide
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
+from securemig.protocol.phases import Phase
 from securemig.trust.keyrelease import DestinationSecurity, KeyTransferError
 from securemig.trust.vtpm import key_reader
 
@@ -143,7 +145,7 @@ class DestinationHost:
     def live_qemu(self, record: Any) -> bool | None:
         """A live arrival (it reached ``incoming``): whether its QEMU still
         runs, in staging or in place; None for an arrival that is not live."""
-        if not record.reached("incoming"):
+        if not record.reached(Phase.INCOMING):
             return None
         staging = self.staging / record.id
         path = staging if staging.exists() else self.vms / record.vm
@@ -152,7 +154,7 @@ class DestinationHost:
     async def _lose(self, record: Any, why: str) -> None:
         """A live arrival whose QEMU ended before the COMMIT was journaled
         here: it never ran here; journal LOST, remove staging, journal aborted."""
-        self.journal.phase(record.id, "lost")
+        self.journal.phase(record.id, Phase.LOST)
         await remove_staging(self.staging / record.id)
         self.journal.finish(record.id, Outcome.ABORTED.value, error=f"LIVE_FAILED: {why}")
         log.warn("migration {mid}: VM {vm}: {why}: lost here", mid=record.id, vm=record.vm, why=why)
@@ -160,15 +162,15 @@ class DestinationHost:
     async def _recover_one(self, record: Any) -> str:
         staging = self.staging / record.id
         in_place = (self.vms / record.vm).exists() and not staging.exists()
-        committed = record.reached("committed") or record.reached("resumed")
-        if record.reached("lost"):
+        committed = record.reached(Phase.COMMITTED) or record.reached(Phase.RESUMED)
+        if record.reached(Phase.LOST):
             await remove_staging(staging)
             if record.outcome is None:
                 self.journal.finish(record.id, Outcome.ABORTED.value, error="LIVE_FAILED: lost")
             return "lost here (its QEMU ended before the guest ran): staging removed"
         if (
             not committed
-            and record.phase in ("prepared", "in-doubt")
+            and record.phase in (Phase.PREPARED, Phase.IN_DOUBT)
             and staging.exists()
             and self.live_qemu(record) is False
         ):
@@ -179,7 +181,7 @@ class DestinationHost:
             # (a live arrival's QEMU waits paused), and the rule
             # (protocol.recovery.destination_restart) is to resume it.
             return await self._roll_forward(record, "destination restarted after COMMIT")
-        if record.phase in ("prepared", "in-doubt") and staging.exists():
+        if record.phase in (Phase.PREPARED, Phase.IN_DOUBT) and staging.exists():
             self.journal.finish(
                 record.id, Outcome.IN_DOUBT.value, error="destination restarted after PREPARED"
             )
@@ -196,8 +198,8 @@ class DestinationHost:
         """The source committed: move the staged VM into place (if it is not
         there yet), resume it and journal DONE.  Idempotent."""
         staging, target = self.staging / record.id, self.vms / record.vm
-        if not record.reached("committed"):
-            self.journal.phase(record.id, "committed")
+        if not record.reached(Phase.COMMITTED):
+            self.journal.phase(record.id, Phase.COMMITTED)
         if staging.exists():
             if target.exists():
                 raise ProtocolError(
@@ -206,7 +208,7 @@ class DestinationHost:
                 )
             files.rename_durably(staging, target)
         bundle = Bundle.load(target)
-        if record.reached("resumed") and self.backend_status(bundle) == "stopped":
+        if record.reached(Phase.RESUMED) and self.backend_status(bundle) == "stopped":
             # It ran here and its guest has ended since: starting it again from
             # a saved state would run an older state of the guest a second time.
             log.error(
@@ -221,9 +223,9 @@ class DestinationHost:
             or capabilities(bundle.manifest.backend).resume_continues
         ):
             await self.resume(bundle)
-        self.journal.phase(record.id, "resumed")
+        self.journal.phase(record.id, Phase.RESUMED)
         self.journal.finish(record.id, Outcome.DONE.value)
-        self.journal.phase(record.id, "done")
+        self.journal.phase(record.id, Phase.DONE)
         log.info(
             "migration {mid}: {why}: VM {vm} rolled forward", mid=record.id, why=why, vm=record.vm
         )
@@ -255,12 +257,12 @@ class DestinationHost:
         if record.outcome == Outcome.DONE.value:
             return answer(wire.Settled.DONE, f"VM {record.vm} is in place here")
         lost = "its QEMU ended before the guest ran here; nothing kept"
-        if record.reached("lost"):
+        if record.reached(Phase.LOST):
             committed = message.decision is wire.Decision.COMMITTED
             return answer(wire.Settled.LOST if committed else wire.Settled.ABORTED, lost)
         if (
             message.decision is wire.Decision.COMMITTED
-            and not record.reached("committed")
+            and not record.reached(Phase.COMMITTED)
             and staging.exists()
             and self.live_qemu(record) is False
         ):
@@ -285,7 +287,7 @@ class DestinationHost:
             finally:
                 lock.release()
             return answer(wire.Settled.DONE, f"VM {record.vm} resumed here")
-        if record.reached("committed"):
+        if record.reached(Phase.COMMITTED):
             return answer(wire.Settled.FAILED, "COMMIT was journaled here: the VM is ours")
         if staging.exists():
             # The name's lock, as for a commit: while this migration's own
@@ -332,7 +334,7 @@ class DestinationHost:
             if theirs is None:
                 actions.append((staging.name, "unknown to this source journal; left in doubt"))
                 continue
-            committed = "committed" in {phase for phase, _ in theirs.events}
+            committed = Phase.COMMITTED in {phase for phase, _ in theirs.events}
             if not committed and theirs.outcome is None:
                 actions.append((staging.name, "source has not decided yet; left in doubt"))
                 continue
@@ -356,11 +358,11 @@ class DestinationHost:
             return "source did not commit: staging discarded"
         if target.exists():
             return f"source committed, but {target} exists; left in doubt"
-        self.journal.phase(staging.name, "committed")
+        self.journal.phase(staging.name, Phase.COMMITTED)
         files.rename_durably(staging, target)
         bundle = Bundle.load(target)
         await self.resume(bundle)
-        self.journal.phase(staging.name, "resumed")
+        self.journal.phase(staging.name, Phase.RESUMED)
         self.journal.finish(staging.name, Outcome.DONE.value)
         return f"source committed: VM {record.vm} resumed here"
 
@@ -437,7 +439,7 @@ class DestinationHost:
                 total=sum(i.size for i in hello.images),
             )
             staging.mkdir()
-            self.journal.phase(migration_id.hex(), "admitted")
+            self.journal.phase(migration_id.hex(), Phase.ADMITTED)
         except BaseException:
             lock.release()
             raise
@@ -578,7 +580,10 @@ class Arrival:
         )
 
     def prepare(self) -> None:
-        """Write the bundle manifest in staging and make it all durable."""
+        """Write the bundle manifest in staging and make it all durable;
+        then, for a suspended arrival, let its backend make it ready to
+        resume (:meth:`Backend.ready_blocking`, given the released key: a
+        backend that loads the VM now needs it)."""
         if self.cancelled:
             return
         bundle = Bundle(self.staging, self.manifest())
@@ -586,6 +591,10 @@ class Arrival:
             files.write_durably(bundle.vtpm_key_path, self.sealed_vtpm_key, mode=0o600)
         bundle.save()
         files.fsync_dir(self.staging)
+        if self.live is None:
+            released = self.vtpm_key
+            key = None if released is None else (lambda b: released.secret)
+            backend_for(bundle.manifest.backend, vtpm_key=key).ready_blocking(bundle)
 
     def discard(self) -> None:
         """Remove staging (ending a live arrival's QEMU) and release the name."""
@@ -603,7 +612,7 @@ class Arrival:
         """Make queued disk jobs do nothing; a discard follows."""
         self.cancelled = True
 
-    def journal_phase(self, phase: str, nbytes: int) -> None:
+    def journal_phase(self, phase: Phase, nbytes: int) -> None:
         """Record a phase of this arrival."""
         self.host.journal.phase(self.id, phase, nbytes=nbytes)
 
@@ -616,7 +625,7 @@ class Arrival:
         released only at the prepare, or when a live vTPM starts); journaled
         ``key-received``."""
         self.accepted_key = key
-        self.journal_phase("key-received", nbytes)
+        self.journal_phase(Phase.KEY_RECEIVED, nbytes)
 
     def key_expected(self, secure: bool) -> bool:
         """Whether a vTPM key is to be released, checked and re-sealed before
@@ -657,8 +666,8 @@ class Arrival:
 
     def prepared(self, nbytes: int) -> None:
         """Staging is durable: journal PREPARED."""
-        self.journal_phase("prepared", nbytes)
-        crashpoint.reached("destination-prepared", self.qemu_pidfile())
+        self.journal_phase(Phase.PREPARED, nbytes)
+        crashpoint.reached(CrashPoint.DESTINATION_PREPARED, self.qemu_pidfile())
 
     async def start_incoming(self, released: VtpmKey) -> None:
         """Live mode: start the VM's vTPM with its ``released`` key
@@ -682,11 +691,11 @@ class Arrival:
         tag = f"{self.id}-d"
         self.live_socket = backend.live_socket(bundle, tag)
         self.live = await backend.live_destination(bundle, tag)
-        self.host.journal.phase(self.id, "incoming")
+        self.host.journal.phase(self.id, Phase.INCOMING)
 
     def incoming_started(self) -> None:
         """Live mode: the stream's receiver listens; the guest waits for it."""
-        crashpoint.reached("destination-incoming", self.qemu_pidfile())
+        crashpoint.reached(CrashPoint.DESTINATION_INCOMING, self.qemu_pidfile())
 
     async def wait_loaded(self) -> None:
         """Live mode: until the guest here has loaded the whole stream (paused,
@@ -719,18 +728,18 @@ class Arrival:
         QEMU): LOST is journaled instead, staging removed, and the source
         (which kept its paused QEMU) continues the guest when it learns it."""
         if self.live is not None and not await self.live.waits_loaded():
-            crashpoint.reached("destination-live-lost")
+            crashpoint.reached(CrashPoint.DESTINATION_LIVE_LOST)
             await self.lose()
             raise ProtocolError(
                 ErrorCode.RESUME_FAILED,
                 f"the QEMU of VM {self.hello.vm_name} ended before its guest ran here: "
                 "nothing kept here (LOST); the source continues it",
             )
-        self.host.journal.phase(self.id, "committed")
-        crashpoint.reached("destination-commit-journaled")
+        self.host.journal.phase(self.id, Phase.COMMITTED)
+        crashpoint.reached(CrashPoint.DESTINATION_COMMIT_JOURNALED)
         target = self.host.vms / self.hello.vm_name
         files.rename_durably(self.staging, target)
-        crashpoint.reached("destination-in-place")
+        crashpoint.reached(CrashPoint.DESTINATION_IN_PLACE)
         bundle = Bundle.load(target)
         if self.live is not None:
             self.live.release()  # the QMP socket moved with the bundle: reconnect there
@@ -740,8 +749,8 @@ class Arrival:
             # Resumed or not (RESUME_FAILED), the VM stays in place: its name
             # is free for whatever an operator does next.
             self.lock.release()
-        self.host.journal.phase(self.id, "resumed")
-        crashpoint.reached("destination-resumed")
+        self.host.journal.phase(self.id, Phase.RESUMED)
+        crashpoint.reached(CrashPoint.DESTINATION_RESUMED)
 
     def qemu_pidfile(self) -> Path | None:
         """Live mode: the pid file of the arriving VM's QEMU (for crash points)."""
@@ -751,7 +760,7 @@ class Arrival:
         """Live mode, before the COMMIT is journaled here: its QEMU ended, so
         the guest never ran here; journal LOST, remove staging, free the name."""
         self.lost = True
-        self.host.journal.phase(self.id, "lost")
+        self.host.journal.phase(self.id, Phase.LOST)
         if self.live is not None:
             self.live.release()
         await remove_staging(self.staging)
@@ -781,4 +790,4 @@ class Arrival:
         outcome = Outcome.ABORTED if self.lost else effect.outcome
         self.host.journal.finish(self.id, outcome.value, error=error, nbytes=nbytes)
         if effect.outcome is Outcome.DONE:
-            self.host.journal.phase(self.id, "done")
+            self.host.journal.phase(self.id, Phase.DONE)

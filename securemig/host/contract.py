@@ -38,6 +38,7 @@ from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished
+from securemig.protocol.phases import Phase
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class ArrivingVM(Protocol):
     #: Live mode: the unix socket the backend's guest takes the stream on.
     live_socket: Path | None
 
-    def journal_phase(self, phase: str, nbytes: int) -> None:
+    def journal_phase(self, phase: Phase, nbytes: int) -> None:
         """Record a phase of this arrival."""
         ...
 

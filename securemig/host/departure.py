@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from securemig import crashpoint, files
+from securemig.crashpoint import CrashPoint
 from securemig.host import storage
 from securemig.host.arrival import variant_name
 from securemig.host.journal import Journal
@@ -27,6 +28,7 @@ from securemig.hypervisor.qemu import LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
+from securemig.protocol.phases import Phase
 from securemig.trust import vtpm
 
 log = Logger()
@@ -120,7 +122,7 @@ class Departure:
                     )
                 # Recovery continues the guest here if this migration never
                 # commits (its QEMU may be left paused, after the stream).
-                self.journal.phase(self.id, "live")
+                self.journal.phase(self.id, Phase.LIVE)
                 return
             if not capabilities(self.bundle.manifest.backend).suspend:
                 raise BundleError(
@@ -128,9 +130,12 @@ class Departure:
                     "backend does not migrate suspended"
                 )
             await self.backend.suspend(self.bundle)
+            # What the suspend wrote (a libvirt domain's save file and disks
+            # exist only now): the images HELLO announces.
+            self.images = self.bundle.streamed_images(self.variant)
             if self.was_running:
                 # Recovery resumes the VM here if this migration never commits.
-                self.journal.phase(self.id, "suspended")
+                self.journal.phase(self.id, Phase.SUSPENDED)
         except BaseException as e:
             await self.rollback()
             self.refused(e)
@@ -197,13 +202,13 @@ class Departure:
 
     def connected(self) -> None:
         """The connection is up."""
-        self.journal.phase(self.id, "connected")
+        self.journal.phase(self.id, Phase.CONNECTED)
 
     def streaming(self, migration_id: bytes | None) -> None:
         """The destination admitted us; images flow."""
         if migration_id is not None:
             self.journal.set_migration_id(self.id, migration_id.hex())
-        self.journal.phase(self.id, "streaming")
+        self.journal.phase(self.id, Phase.STREAMING)
 
     async def commit(self) -> None:
         """The commit point: journal COMMITTED, then give the VM up.
@@ -215,7 +220,7 @@ class Departure:
         bundle stay (and the lock) until the destination's guest runs
         (:meth:`hand_over`, on DONE): if the destination's QEMU ends before
         that, this one continues the guest (``protocol.recovery``)."""
-        crashpoint.reached("source-prepared-received", self.qemu_pidfile())
+        crashpoint.reached(CrashPoint.SOURCE_PREPARED_RECEIVED, self.qemu_pidfile())
         if self.live_migration is not None:
             try:
                 self.live_stats = await self.live_migration.wait(timeout=30.0)
@@ -227,10 +232,10 @@ class Departure:
                     "all (PREPARED): committing",
                     vm=self.bundle.name,
                 )
-        self.journal.phase(self.id, "prepared")
-        self.journal.phase(self.id, "committed")
+        self.journal.phase(self.id, Phase.PREPARED)
+        self.journal.phase(self.id, Phase.COMMITTED)
         self.committed = True
-        crashpoint.reached("source-committed", self.qemu_pidfile())
+        crashpoint.reached(CrashPoint.SOURCE_COMMITTED, self.qemu_pidfile())
         record = self.journal.get(self.id)
         shared = self.bundle.manifest.shared_disk
         if shared and self.disk_successor is not None:
@@ -250,7 +255,7 @@ class Departure:
     async def _release(self) -> None:
         await release(self.journal, self.id, self.bundle)
         self._unlock()
-        crashpoint.reached("source-released")
+        crashpoint.reached(CrashPoint.SOURCE_RELEASED)
 
     def released(self) -> Deferred[None] | None:
         """After a suspended migration's commit: fires once the VM is given
@@ -281,7 +286,7 @@ class Departure:
         """Live mode: start the guest's own stream to ``uri`` while it runs,
         with this migration's downtime limit and bandwidth."""
         self.live_migration = await self.backend.live_source(self.bundle, uri, *self.live_options)
-        crashpoint.reached("source-live-started")
+        crashpoint.reached(CrashPoint.SOURCE_LIVE_STARTED)
 
     async def live_sent(self) -> None:
         """Live mode: until the backend says the stream completed (its guest
@@ -304,14 +309,14 @@ class Departure:
         destroy the key and the bundle.  Idempotent (recovery redoes it)."""
         if self.live_migration is not None:
             await self.live_migration.finish()
-            crashpoint.reached("source-live-ended")
+            crashpoint.reached(CrashPoint.SOURCE_LIVE_ENDED)
         if self.live_stats is not None:
             # Journaled only now, with the guest running there: nothing
             # written between QEMU's completion and the destination's cont.
             self.journal.set_downtime(self.id, self.live_stats.downtime_ms)
         await release(self.journal, self.id, self.bundle)
         self._unlock()
-        crashpoint.reached("source-released")
+        crashpoint.reached(CrashPoint.SOURCE_RELEASED)
 
     def keep_paused(self) -> None:
         """Live mode, after COMMITTED, the destination's DONE not seen: the
@@ -392,8 +397,8 @@ async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
             # back; without its key it cannot run.
             log.error("committed, but discarding the local copy failed: {e}", e=e)
     record = journal.get(local_id)
-    if record is not None and not record.reached("released"):
-        journal.phase(local_id, "released")
+    if record is not None and not record.reached(Phase.RELEASED):
+        journal.phase(local_id, Phase.RELEASED)
 
 
 def check_live(bundle: Bundle, variant: wire.Variant) -> None:

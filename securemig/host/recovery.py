@@ -35,6 +35,7 @@ from securemig.hypervisor.bundle import LOCK, Bundle, disk_owner, disk_owner_pat
 from securemig.protocol import wire
 from securemig.protocol.effects import Outcome
 from securemig.protocol.errors import MigrationError
+from securemig.protocol.phases import Phase
 from securemig.trust.vtpm import key_reader
 
 log = Logger()
@@ -76,10 +77,10 @@ async def settle_departures(
     for record in journal.departures():
         if record.outcome is None and owner_alive(record.owner):
             continue  # its `securemig migrate` still runs: not ours to settle
-        if record.reached("reclaimed"):
+        if record.reached(Phase.RECLAIMED):
             done += await reclaim(journal, record)
             continue
-        if record.reached("committed"):
+        if record.reached(Phase.COMMITTED):
             done += await _finish_commit(journal, record)
             decision = wire.Decision.COMMITTED
         else:
@@ -96,7 +97,7 @@ async def settle_departures(
 def live_qemu(record: MigrationRecord) -> bool | None:
     """A live departure: whether its QEMU (the guest, running or paused)
     still runs here; None for one that is not live or has no bundle."""
-    if not record.reached("live") or not record.bundle or not Path(record.bundle).exists():
+    if not record.reached(Phase.LIVE) or not record.bundle or not Path(record.bundle).exists():
         return None
     bundle = Bundle.load(Path(record.bundle))
     backend = backend_for(bundle.manifest.backend)
@@ -105,7 +106,7 @@ def live_qemu(record: MigrationRecord) -> bool | None:
 
 async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]:
     said = []
-    if live_qemu(record) and not record.reached("released"):
+    if live_qemu(record) and not record.reached(Phase.RELEASED):
         # Kept paused until the destination says its guest runs (DONE), or
         # that its QEMU ended before it ran there (LOST): then it goes on here.
         if record.outcome is None:
@@ -118,11 +119,11 @@ async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]
             f"VM {record.vm}: committed to {record.peer}; its paused QEMU is kept here "
             "until the destination confirms"
         ]
-    if not record.reached("released") and record.bundle and Path(record.bundle).exists():
+    if not record.reached(Phase.RELEASED) and record.bundle and Path(record.bundle).exists():
         await release(journal, record.id, Bundle.load(Path(record.bundle)))
         said.append(f"VM {record.vm} was committed to {record.peer}: its copy here removed")
-    elif not record.reached("released"):
-        journal.phase(record.id, "released")
+    elif not record.reached(Phase.RELEASED):
+        journal.phase(record.id, Phase.RELEASED)
     if record.outcome is None:
         journal.finish(
             record.id,
@@ -152,7 +153,7 @@ async def _abort(
         ran = (
             bundle_dir is not None
             and bundle_dir.exists()
-            and (record.reached("suspended") or record.reached("live"))
+            and (record.reached(Phase.SUSPENDED) or record.reached(Phase.LIVE))
         )
         bundle = Bundle.load(bundle_dir) if ran and bundle_dir is not None else None
         if bundle is not None and defer and _needs_key(bundle, unseal):
@@ -222,13 +223,17 @@ async def acknowledge(journal: Journal, owed: Owed, answer: wire.Resolved) -> bo
     if answer.settled is wire.Settled.LOST:
         journal.set_peer_settled(record.id)
         if committed:
-            journal.phase(record.id, "reclaimed")
+            journal.phase(record.id, Phase.RECLAIMED)
             fresh = journal.get(record.id)
             await reclaim(journal, fresh if fresh is not None else record)
         return True
     if answer.settled in (wire.Settled.DONE, wire.Settled.ABORTED):
         if committed and answer.settled is wire.Settled.DONE:
-            if not record.reached("released") and record.bundle and Path(record.bundle).exists():
+            if (
+                not record.reached(Phase.RELEASED)
+                and record.bundle
+                and Path(record.bundle).exists()
+            ):
                 await release(journal, record.id, Bundle.load(Path(record.bundle)))
             journal.set_peer_settled(record.id)
             journal.finish(record.id, "done")

@@ -147,6 +147,14 @@ class Backend(Protocol):
         synchronous stop).  Nothing by default."""
         return None
 
+    def ready_blocking(self, bundle: Bundle) -> None:
+        """Destination, a suspended arrival complete in staging, before
+        PREPARED, blocking the calling thread (the disk executor's, never
+        the reactor's): make the VM ready to resume (libvirt: restore it
+        paused), so a VM this host cannot run fails before the source
+        commits.  Nothing by default."""
+        return None
+
     def live_socket(self, bundle: Bundle, tag: str = "") -> Path:
         """The unix socket of a live stream of this VM: where the
         destination's guest listens, or where securemig listens for the

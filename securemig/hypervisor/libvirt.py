@@ -24,7 +24,13 @@ call ``secret-get-value`` (unless private).  Under securemig:
 - :meth:`LibvirtBackend.suspend` / :meth:`LibvirtBackend.resume` are
   libvirt's ``save`` into the bundle's RAM image (the vTPM blob inside is
   encrypted by the secret; guest RAM is not) and ``restore`` with the secret
-  defined only for the restore;
+  defined only for the restore.  ``save`` also puts the domain's file disks
+  in the bundle (hard links, no copy), so the suspended migration streams
+  them as the images ``disk``, ``disk2``, ...; at a destination the arrived
+  domain is restored paused from staging before PREPARED
+  (:meth:`LibvirtBackend.ready_blocking`: a save file this host cannot load
+  fails before the commit), its disks being the bundle's own files, and at
+  the commit it is resumed and only then defined (persistent) here;
 - status is libvirt's domain state.
 
 A bundle (``DIR/NAME/``, NAME the domain's name) holds the manifest
@@ -37,12 +43,15 @@ Every libvirt call blocks: they run on one dedicated thread
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import shutil
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -53,6 +62,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from securemig import crashpoint, files
+from securemig.crashpoint import CrashPoint
 from securemig.hypervisor.bundle import Bundle, BundleError, Image, Manifest, check_vm_name
 from securemig.hypervisor.contract import Backend, Capabilities
 from securemig.protocol.errors import ErrorCode, LocalFault
@@ -71,15 +81,15 @@ RUN_DIR = Path("/run/libvirt")
 #: Per-migration socket directories live under RUN_DIR/MIGRATIONS/ID.
 MIGRATIONS = "securemig"
 
-#: What this backend can do (:mod:`securemig.hypervisor.backends`).  Not
-#: yet a source or destination of ``securemig migrate``, live or suspended:
-#: libvirt's migration with carried sockets exists below but the protocol
-#: does not drive it, and a saved domain's file alone does not make it
-#: elsewhere (its disks and vTPM state stay here; doc/backend-libvirt.rst).
-#: Its status says ``paused`` of a paused domain, so recovery does not
-#: count on resume_continues.
+#: What this backend can do (:mod:`securemig.hypervisor.backends`): the
+#: suspended migration (``save`` with the domain's disks, streamed, restored
+#: paused at the destination, resumed at the commit).  Not yet a live source
+#: or destination of ``securemig migrate``: libvirt's migration with carried
+#: sockets exists below but the protocol does not drive it
+#: (doc/backend-libvirt.rst).  Its status says ``paused`` of a paused
+#: domain, so recovery does not count on resume_continues.
 CAPABILITIES = Capabilities(
-    suspend=False,
+    suspend=True,
     runs_guest=True,
     startable=True,
     vtpm=True,
@@ -99,6 +109,14 @@ STATES = {
 }
 
 T = TypeVar("T")
+
+
+def default_uri() -> str:
+    """The libvirt a host's daemon works with when a domain names none (an
+    arriving one): ``LIBVIRT_DEFAULT_URI`` if set -- libvirt's own clients'
+    convention, how the lab points each daemon at its host's libvirtd --
+    else :data:`DEFAULT_URI`."""
+    return os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
 
 
 class LibvirtError(LocalFault, RuntimeError):
@@ -134,13 +152,24 @@ class DomainRecord:
     domain_uuid: str
     secret_uuid: str
     connect: str
+    #: A domain that arrived suspended: the directory securemig made for its
+    #: disks (outside the bundle, whose directory is renamed at the commit
+    #: while QEMU, which reopens a disk by its path, runs on); removed with
+    #: the domain.  Empty for an adopted domain: its disks are the operator's.
+    disk_dir: str = ""
 
     @classmethod
     def load(cls, bundle: Bundle) -> DomainRecord:
         """The bundle's record, or a clear refusal."""
         try:
             data = json.loads((bundle.path / DOMAIN_FILE).read_bytes())
-            return cls(**{k: str(data[k]) for k in cls.__dataclass_fields__})
+            return cls(
+                **{
+                    k: str(data[k])
+                    for k, f in cls.__dataclass_fields__.items()
+                    if k in data or f.default is MISSING
+                }
+            )
         except FileNotFoundError:
             raise BundleError(f"VM {bundle.name} is no adopted libvirt domain") from None
         except (ValueError, TypeError, KeyError) as e:
@@ -163,6 +192,70 @@ def vtpm_secret_uuid(domain_xml: str) -> str | None:
         if encryption is not None and encryption.get("secret"):
             return encryption.get("secret")
     return None
+
+
+def file_disks(domain_xml: str) -> list[tuple[str, str]]:
+    """The domain's file-backed disks as (image name, path as libvirt sees
+    it), in the XML's order: ``disk``, ``disk2``, ``disk3``, ...  Both sides
+    of a suspended migration name them the same way from the same XML."""
+    found: list[tuple[str, str]] = []
+    for disk in ET.fromstring(domain_xml).iterfind("devices/disk"):
+        source = disk.find("source")
+        if disk.get("device", "disk") != "disk" or source is None or not source.get("file"):
+            continue
+        name = "disk" if not found else f"disk{len(found) + 1}"
+        found.append((name, str(source.get("file"))))
+    return found
+
+
+def with_disks(domain_xml: str, paths: dict[str, str]) -> str:
+    """``domain_xml`` with the source of each file disk named in ``paths``
+    (by its image name, :func:`file_disks`) set to the path given."""
+    root = ET.fromstring(domain_xml)
+    index = 0
+    for disk in root.iterfind("devices/disk"):
+        source = disk.find("source")
+        if disk.get("device", "disk") != "disk" or source is None or not source.get("file"):
+            continue
+        index += 1
+        name = "disk" if index == 1 else f"disk{index}"
+        if name in paths:
+            source.set("file", paths[name])
+    return ET.tostring(root, encoding="unicode")
+
+
+def arrival_disks(domain_xml: str, record: DomainRecord, bundle: Bundle) -> dict[str, str]:
+    """Where an arrived domain's disks are: its record's disk directory
+    (``NAME.img`` each), or, without one, the bundle's images."""
+    if record.disk_dir:
+        return {n: f"{record.disk_dir}/{n}.img" for n, _ in file_disks(domain_xml)}
+    return {n: str(bundle.image_path(n).absolute()) for n, _ in file_disks(domain_xml)}
+
+
+def record_from_xml(domain_xml: str, connect: str) -> DomainRecord:
+    """The record of a domain from its XML (an arrived save file's): its
+    name, UUID and vTPM secret; refused without an encrypted vTPM."""
+    root = ET.fromstring(domain_xml)
+    name, uuid_ = root.findtext("name"), root.findtext("uuid")
+    secret_uuid = vtpm_secret_uuid(domain_xml)
+    if not name or not uuid_ or secret_uuid is None:
+        raise BundleError(
+            "the arrived save file holds no domain with an emulator vTPM encrypted by a secret"
+        )
+    return DomainRecord(name, uuid_, secret_uuid, connect)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` the same file as ``source`` (a hard link: no copy, the
+    disk stays where the domain's definition says), or a copy across file
+    systems."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM):
+            raise
+        shutil.copyfile(source, target)
 
 
 def secret_xml(secret_uuid: str, domain: str) -> str:
@@ -490,7 +583,7 @@ class LibvirtBackend(Backend):
             self._write_bundle(vm_dir, record, sealed, "running" if running else "stopped")
             # Only once the sealed copy is durable: libvirt's copy goes.  A
             # crash between the two is finished by adopting again.
-            crashpoint.reached("adopt-sealed")
+            crashpoint.reached(CrashPoint.ADOPT_SEALED)
             secret.undefine()
             return Bundle.find(vm_dir, domain_name)
 
@@ -547,7 +640,9 @@ class LibvirtBackend(Backend):
 
     def suspend(self, bundle: Bundle) -> Deferred[None]:
         """libvirt's ``save`` of the domain into the bundle's RAM image (the
-        domain stops; its vTPM blob inside is encrypted by the secret)."""
+        domain stops, still defined here; its vTPM blob inside is encrypted
+        by the secret), its file disks put in the bundle as images beside
+        it: what a suspended migration streams."""
         return self._call(self._suspend, bundle)
 
     def _suspend(self, bundle: Bundle) -> None:
@@ -556,20 +651,92 @@ class LibvirtBackend(Backend):
         ram = bundle.image_path("ram").absolute()
         with self._connection(self._uri(record)) as conn:
             domain = self._domain(conn, record)
+            # The definition's disks: a running arrival's live XML still
+            # names the staging directory its bundle was renamed from.
+            # A disk this process does not see at libvirt's path (a lab host's
+            # own tree) stays out: saved and restored here it needs no copy;
+            # a destination then cannot restore the domain and says so
+            # before the commit.
+            disks = [
+                (name, path)
+                for name, path in file_disks(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+                if Path(path).is_file()
+            ]
             try:
                 domain.save(str(ram))
             except libvirt.libvirtError as e:
                 raise LibvirtError(
                     f"libvirt did not save domain {record.domain}: {e.get_error_message()}"
                 ) from None
-        bundle.manifest.images = [Image("ram", ram.stat().st_size)]
+        images = [Image("ram", ram.stat().st_size)]
+        for name, path in disks:
+            target = bundle.image_path(name).absolute()
+            if Path(path).absolute() != target:
+                _link_or_copy(Path(path), target)
+            images.append(Image(name, target.stat().st_size))
+        bundle.manifest.images = images
         bundle.manifest.state = "suspended"
         bundle.save()
 
+    def ready_blocking(self, bundle: Bundle) -> None:
+        """Destination, a suspended arrival in staging, before PREPARED (off
+        the reactor thread): the domain restored from the arrived save file,
+        **paused**, the secret defined only for the restore.  A save file
+        this host cannot load (a wrong secret cannot open its vTPM blob, a
+        missing emulator...) fails here, before the source commits.  Its
+        disks move out of staging into a directory of their own beside it
+        (``disks/ID/``: staging is renamed at the commit, and QEMU reopens a
+        disk by its path when it saves).  The domain stays transient (not
+        defined here) until the commit (:meth:`resume`)."""
+        libvirt = require_libvirt()
+        ram = bundle.image_path("ram").absolute()
+        if bundle.manifest.state != "suspended" or not ram.exists():
+            return
+        uri = self.connect or default_uri()
+        with self._connection(uri) as conn:
+            try:
+                saved = conn.saveImageGetXMLDesc(str(ram), 0)
+            except libvirt.libvirtError as e:
+                raise LibvirtError(
+                    f"libvirt cannot read the arrived save file: {e.get_error_message()}"
+                ) from None
+            record = record_from_xml(saved, uri)
+            if record.domain != bundle.name:
+                raise BundleError(
+                    f"the arrived save file holds domain {record.domain}, not {bundle.name}"
+                )
+            if _lookup(conn, record.domain_uuid) is not None:
+                raise BundleError(f"domain {record.domain} is defined here already")
+            disk_dir = bundle.path.absolute().parent.parent / "disks" / bundle.path.name
+            record = replace(record, disk_dir=str(disk_dir))
+            # Written first: whoever removes staging ends the domain, and its
+            # disks, by it.
+            files.write_durably(bundle.path / DOMAIN_FILE, record.to_json())
+            disks = arrival_disks(saved, record, bundle)
+            disk_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for name, target in disks.items():
+                if bundle.image_path(name).exists():
+                    os.rename(bundle.image_path(name), target)
+            files.fsync_dir(disk_dir)
+            value = self._key(bundle)
+            with secret_held(conn, record.secret_uuid, record.domain, value):
+                try:
+                    conn.restoreFlags(
+                        str(ram), with_disks(saved, disks), libvirt.VIR_DOMAIN_SAVE_PAUSED
+                    )
+                except libvirt.libvirtError as e:
+                    raise LibvirtError(
+                        f"libvirt did not restore domain {record.domain} here: "
+                        f"{e.get_error_message()}"
+                    ) from None
+
     def resume(self, bundle: Bundle) -> Deferred[None]:
-        """libvirt's ``restore`` from the bundle's RAM image, the secret
-        defined only for it; a paused domain is resumed, a running one left
-        as it is."""
+        """Run the domain again: a paused one (restored paused at its
+        arrival, a live arrival waiting for its commit, the operator's
+        pause) continues, a running one is left as it is, a saved one is
+        restored from the bundle's RAM image with the secret defined only
+        for the restore.  A domain that is not defined here (an arrival) is
+        defined now, its disks the bundle's files."""
         return self._call(self._resume, bundle)
 
     def _resume(self, bundle: Bundle) -> None:
@@ -577,24 +744,51 @@ class LibvirtBackend(Backend):
         record = DomainRecord.load(bundle)
         ram = bundle.image_path("ram").absolute()
         with self._connection(self._uri(record)) as conn:
-            domain = self._domain(conn, record)
-            if domain.isActive():
-                # Paused (a live arrival waiting for its commit, or the
-                # operator's pause): it continues with the memory it has.
+            domain = _lookup(conn, record.domain_uuid)
+            if domain is not None and domain.isActive():
                 if domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
                     domain.resume()
+            elif not ram.exists():
+                raise BundleError(
+                    f"libvirt at {self._uri(record)} has no domain {record.domain} "
+                    f"(UUID {record.domain_uuid}) and the bundle no saved one"
+                )
             else:
+                # Defined here (the source after a rollback): the disks of its
+                # definition.  Not (an arrival whose QEMU ended): the bundle's.
+                saved = conn.saveImageGetXMLDesc(str(ram), 0)
+                if domain is None:
+                    dxml = with_disks(saved, arrival_disks(saved, record, bundle))
+                else:
+                    defined = domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                    dxml = with_disks(saved, dict(file_disks(defined)))
                 value = self._key(bundle)
                 with secret_held(conn, record.secret_uuid, record.domain, value):
                     try:
-                        conn.restore(str(ram))
+                        conn.restoreFlags(str(ram), dxml, 0)
                     except libvirt.libvirtError as e:
                         raise LibvirtError(
                             f"libvirt did not restore domain {record.domain}: "
                             f"{e.get_error_message()}"
                         ) from None
+            domain = self._domain(conn, record)
+            if not domain.isPersistent():
+                # An arrival: defined here only now, after the commit.
+                conn.defineXML(
+                    domain.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE)
+                )
+            used = {path for _, path in file_disks(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))}
         ram.unlink(missing_ok=True)
-        bundle.manifest.images = []
+        kept = []
+        for image in bundle.manifest.images:
+            path = bundle.image_path(image)
+            if image.name == "ram":
+                continue
+            if str(path.absolute()) in used:
+                kept.append(image)  # the domain's own disk (an arrival's)
+            else:
+                path.unlink(missing_ok=True)  # a link to the domain's disk, made by save
+        bundle.manifest.images = kept
         bundle.manifest.state = "running"
         bundle.save()
 
@@ -617,6 +811,8 @@ class LibvirtBackend(Backend):
                     )
             if secret_defined(conn, record.secret_uuid):
                 conn.secretLookupByUUIDString(record.secret_uuid).undefine()
+        if record.disk_dir:
+            files.remove_tree(Path(record.disk_dir))
         files.remove_tree(bundle.path)
 
     def end(self, bundle: Bundle) -> Deferred[None]:
@@ -638,6 +834,11 @@ class LibvirtBackend(Backend):
             domain = _lookup(conn, record.domain_uuid)
             if domain is not None and domain.isActive():
                 domain.destroy()
+        if record.disk_dir and Path(record.disk_dir).name == bundle.path.name:
+            # Still the staging directory the disks came from: an arrival
+            # that never committed, its transient domain gone with destroy;
+            # nothing will use these disks again.
+            files.remove_tree(Path(record.disk_dir))
 
     def has_process(self, bundle: Bundle) -> bool:
         """Whether libvirt runs the domain here (running or paused); False
@@ -779,7 +980,7 @@ class LibvirtBackend(Backend):
     ) -> None:
         require_libvirt()
         paths.local_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with self._connection(self.connect or DEFAULT_URI) as conn:
+        with self._connection(self.connect or default_uri()) as conn:
             if _lookup(conn, outgoing.domain_uuid) is not None:
                 raise BundleError(f"domain {outgoing.domain} is defined here already")
             if copy_storage:
@@ -796,7 +997,7 @@ class LibvirtBackend(Backend):
         return self._call(self._end_in, outgoing, paths)
 
     def _end_in(self, outgoing: Outgoing, paths: SocketPaths) -> None:
-        with self._connection(self.connect or DEFAULT_URI) as conn:
+        with self._connection(self.connect or default_uri()) as conn:
             if secret_defined(conn, outgoing.secret_uuid):
                 conn.secretLookupByUUIDString(outgoing.secret_uuid).undefine()
         files.remove_tree(paths.local_dir)
@@ -806,7 +1007,7 @@ class LibvirtBackend(Backend):
         return self._call(self._arrived_state, outgoing)
 
     def _arrived_state(self, outgoing: Outgoing) -> str:
-        return self._state_at(self.connect or DEFAULT_URI, outgoing.domain_uuid)
+        return self._state_at(self.connect or default_uri(), outgoing.domain_uuid)
 
     def commit_in(self, vm_dir: Path, outgoing: Outgoing, sealed: bytes) -> Deferred[Bundle]:
         """Destination, at COMMIT: the bundle (the secret sealed to this
@@ -815,7 +1016,7 @@ class LibvirtBackend(Backend):
         return self._call(self._commit_in, vm_dir, outgoing, sealed)
 
     def _commit_in(self, vm_dir: Path, outgoing: Outgoing, sealed: bytes) -> Bundle:
-        uri = self.connect or DEFAULT_URI
+        uri = self.connect or default_uri()
         record = DomainRecord(outgoing.domain, outgoing.domain_uuid, outgoing.secret_uuid, uri)
         if not (vm_dir / record.domain).exists():
             self._write_bundle(vm_dir, record, sealed, "running")
@@ -831,7 +1032,7 @@ class LibvirtBackend(Backend):
 
     def _abort_in(self, outgoing: Outgoing, paths: SocketPaths) -> None:
         libvirt = require_libvirt()
-        with self._connection(self.connect or DEFAULT_URI) as conn:
+        with self._connection(self.connect or default_uri()) as conn:
             domain = _lookup(conn, outgoing.domain_uuid)
             if domain is not None:
                 if domain.isActive():

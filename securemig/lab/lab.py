@@ -29,6 +29,7 @@ from securemig.trust.pca.core import PrivacyCA
 from securemig.trust.pki import Authority
 from securemig.trust.revocation import for_identity as revocation_for
 from securemig.trust.tpm import swtpm
+from securemig.trust.vtpm import CA_DIR as VTPM_CA_DIR
 
 SOURCE, DESTINATION = "source-a", "dest-b"
 
@@ -132,10 +133,12 @@ class Lab:
         cipher: str | None = None,
         backend: str = backends.DEFAULT,
         extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> processes.Destination:
         """A ``twistd securemig`` for ``host`` (dest-b by default), secure and
-        insecure listeners, ``extra`` options.  With ``keep`` the lab ends it
-        at :meth:`stop`; else the caller does."""
+        insecure listeners, ``extra`` options, ``env`` added to its
+        environment (a lab libvirt host's ``LIBVIRT_DEFAULT_URI``).  With
+        ``keep`` the lab ends it at :meth:`stop`; else the caller does."""
         name = "destination" if host == DESTINATION else f"destination-{host}"
         if self._behind_link(host):
             # Behind the link the daemon cannot reach the privacy CA on this
@@ -169,6 +172,7 @@ class Lab:
             port_file=self.work / f"{name}.port",
             log_file=self.work / f"{name}.log",
             wrapper=self.link.wrapper if self._behind_link(host) else (),
+            env=env,
         )
         destination = processes.Destination(process, port, state, self.work / f"{name}.log")
         # The two listeners bind independently: wait for the second as well.
@@ -201,7 +205,7 @@ class Lab:
             key = os.urandom(32)
             with open_attestor(self.work / source, None, False) as attestor:
                 sealed = attestor.seal(key)
-            vtpm = (key, self.work / "vtpm-ca")
+            vtpm = (key, self.work / VTPM_CA_DIR)
         bundle = backends.create_vm(
             self.vm_dir_of(source),
             name,

@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securemig import crashpoint, metrics
+from securemig.crashpoint import CrashPoint
 from securemig.host.contract import ArrivalHost, ArrivingVM, KeySealer, VtpmKey
 from securemig.host.journal import PROGRESS_INTERVAL
 from securemig.protocol import destination as destination_session
@@ -59,6 +60,7 @@ from securemig.protocol.connection import (
 )
 from securemig.protocol.effects import DestinationEffect
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
+from securemig.protocol.phases import Phase
 from securemig.transport.control import Connection, FramedProtocol, failure_to_error
 from securemig.transport.executor import Executor, ThreadExecutor
 from securemig.transport.live import LIVE_RECORD_PLAINTEXT, LiveReceiver
@@ -296,7 +298,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _do_AcceptKey(self, effect: effects.AcceptKey) -> None:
         self.admitted().accept_key(effect.wrapped, self.session.bytes_received)
 
-    def journal_phase(self, phase: str) -> None:
+    def journal_phase(self, phase: Phase) -> None:
         """Record a phase in the destination's journal."""
         self.admitted().journal_phase(phase, self.session.bytes_received)
 
@@ -360,7 +362,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 port=port,
             )
             self.connection.offer_data_channel(port)
-        crashpoint.reached("destination-admitted")
+        crashpoint.reached(CrashPoint.DESTINATION_ADMITTED)
         self.run(self.session.admitted(arrival.migration_id))
 
     def _journal_refusal(self, vm: str | None, e: ProtocolError) -> None:
@@ -494,7 +496,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _do_OpenStream(self, effect: effects.OpenStream) -> None:
         arrival = self.admitted()
         if effect.index == 0:
-            arrival.journal_phase("streaming", 0)
+            arrival.journal_phase(Phase.STREAMING, 0)
         # Images on the data channel are authenticated by its records; the
         # insecure twin does no cryptography (its source sends no hash).
         hashed = self.data_channel is None and self.security is not None
@@ -503,7 +505,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _do_WriteChunk(self, effect: effects.WriteChunk) -> None:
         arrival = self.admitted()
         if self.session.bytes_received > arrival.hello.images[0].size // 2:
-            crashpoint.reached("destination-streaming")
+            crashpoint.reached(CrashPoint.DESTINATION_STREAMING)
         n = len(effect.data)
         self.queued += n
         now = self.clock.seconds()

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securemig import crashpoint
+from securemig.crashpoint import CrashPoint
 from securemig.host.contract import LeavingVM
 from securemig.host.journal import PROGRESS_INTERVAL
 from securemig.protocol import effects, records
@@ -26,6 +27,7 @@ from securemig.protocol import source as source_session
 from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT, SourceConnection
 from securemig.protocol.effects import SourceEffect
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
+from securemig.protocol.phases import Phase
 from securemig.transport import tls
 from securemig.transport.control import Connection, FramedProtocol, failure_to_error
 from securemig.transport.executor import Executor
@@ -300,13 +302,13 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             raise ProtocolError(ErrorCode.INTERNAL, "the insecure variant wraps no key")
         return self.security
 
-    def journal_phase(self, phase: str) -> None:
+    def journal_phase(self, phase: Phase) -> None:
         """Record a phase in the source's journal."""
         self.departure.journal.phase(self.departure.id, phase)
 
     def _do_WrapKey(self, effect: effects.WrapKey) -> None:
 
-        self.journal_phase("key-offered")
+        self.journal_phase(Phase.KEY_OFFERED)
         key = check_offer(
             effect.offer,
             self.peer_ak,
@@ -315,7 +317,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self.peer_values,
         )
         wrapped = wrap(key, self.secure().key_material(), self.migration_id())
-        crashpoint.reached("source-key-wrapped")
+        crashpoint.reached(CrashPoint.SOURCE_KEY_WRAPPED)
         self.run(self.session.key_wrapped(wrapped))
 
     def _do_CommitLocally(self, effect: effects.CommitLocally) -> None:

@@ -29,8 +29,8 @@ from securemig.hypervisor.bundle import Bundle, BundleError, Manifest
 from securemig.lab import processes
 from securemig.lab.lab import Lab
 from securemig.protocol.errors import ErrorCode
+from tests.support.commands import RESOLVE_INTERVAL, crash_env
 
-from ..app.test_crash import RESOLVE_INTERVAL, crash_env
 from . import toy
 
 #: Seconds a crashed migration may take to settle itself.

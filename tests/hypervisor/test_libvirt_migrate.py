@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,8 @@ from securemig.hypervisor.libvirt import (
 )
 from securemig.lab.libvirt import LibvirtHost, create_disk, define_guest
 from securemig.transport.carried import SOCKETS, CarrierDestination, CarrierSource
-from tests.hypervisor.test_libvirt import extended, seal, unseal
+from tests.support.libvirt import SecretWatch, seal, unseal
+from tests.support.qemu import extended
 
 CIPHER = "TLS_AES_128_GCM_SHA256"
 
@@ -56,37 +56,6 @@ def shared_hosts() -> list[LibvirtHost]:
             host.start()
             _hosts.append(host)
     return _hosts
-
-
-class SecretWatch:
-    """Asks ``virsh secret-get-value`` on every host, over and over, from a
-    thread, for the whole migration: what any root user could try.  Records
-    every answer that printed a value."""
-
-    def __init__(self, hosts: list[LibvirtHost], secret_uuid: str) -> None:
-        self.leaks: list[str] = []
-        self.asked = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(hosts, secret_uuid), daemon=True)
-        self._thread.start()
-
-    def _run(self, hosts: list[LibvirtHost], secret_uuid: str) -> None:
-        while not self._stop.is_set():
-            for host in hosts:
-                answer = subprocess.run(
-                    ["virsh", "-c", host.uri, "secret-get-value", secret_uuid],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-                self.asked += 1
-                if answer.returncode == 0 or answer.stdout.strip():
-                    self.leaks.append(f"{host.name}: {answer.stdout.strip()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 class MigrationCase(TestCase):

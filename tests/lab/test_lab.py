@@ -11,8 +11,7 @@ from twisted.trial.unittest import TestCase
 from securemig.hypervisor.bundle import Bundle, Image, Manifest
 from securemig.hypervisor.qemu import QemuBackend, alive, qemu_binary
 from securemig.lab.lab import Lab
-
-from ..hypervisor.test_qemu import under_tcg
+from tests.support.qemu import under_tcg
 
 
 class LabStopTests(TestCase):

@@ -13,8 +13,7 @@ from securemig.protocol.channels import DataChannelReader
 from securemig.protocol.destination import DestinationSession
 from securemig.protocol.errors import ErrorCode, PeerViolation
 from securemig.protocol.records import Opener, Sealer
-
-from .test_session import EVIDENCE, OFFER, WRAPPED, make_hello
+from tests.support.messages import EVIDENCE, OFFER, WRAPPED, make_hello
 
 CIPHER = "TLS_AES_128_GCM_SHA256"
 CHUNK = wire.MIN_CHUNK_SIZE

@@ -17,22 +17,9 @@ from securemig.protocol import effects as fx
 from securemig.protocol import source as source_session
 from securemig.protocol import wire
 from securemig.protocol.errors import ErrorCode, ProtocolError
+from tests.support.messages import EVIDENCE, OFFER, WRAPPED, make_hello
 
 MID = b"M" * 16
-
-
-def make_hello(sizes: tuple[int, ...] = (5, 3), **kw: Any) -> wire.Hello:
-    names = ["ram", "disk", "extra"]
-    args: dict[str, Any] = dict(
-        version=wire.PROTOCOL_VERSION,
-        variant=wire.Variant.FULL,
-        vm_name="vm1",
-        chunk_size=wire.MIN_CHUNK_SIZE,
-        images=tuple(wire.ImageInfo(names[i], n) for i, n in enumerate(sizes)),
-        shared_disk="",
-    )
-    args.update(kw)
-    return wire.Hello(**args)
 
 
 class Link:
@@ -418,11 +405,6 @@ class SourceTests(SynchronousTestCase):
         src = self.source_in("awaitWelcome")
         with self.assertRaises(ProtocolError):
             src.receive(wire.Commit())
-
-
-EVIDENCE = wire.Evidence(b"attest", b"sig", (), b"ak", b"cert")
-OFFER = wire.KeyOffer(b"public", b"attest", b"sig")
-WRAPPED = wire.WrappedKey(b"\x04" + b"e" * 64, b"n" * 12, b"ciphertext")
 
 
 class SecureSessionTests(SynchronousTestCase):

@@ -20,8 +20,8 @@ from securemig.protocol.effects import Outcome
 from securemig.protocol.errors import ErrorCode, ProtocolError
 from securemig.transport.destination import DestinationProtocol
 from securemig.transport.options import DestinationOptions
-
-from ..helpers import InMemory, Recorder, bundle_digests
+from tests.support.bundles import bundle_digests
+from tests.support.memory import InMemory, Recorder
 
 
 def hello_for(name: str, sizes: dict[str, int], chunk: int = 4096, **kw: Any) -> wire.Hello:

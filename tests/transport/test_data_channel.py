@@ -43,9 +43,8 @@ from securemig.transport.options import DestinationOptions
 from securemig.transport.source import DataChannelSender, SourceProtocol
 from securemig.trust.attestor import open_attestor
 from securemig.trust.keyrelease import DestinationSecurity, MigrationKey, SourceSecurity
-
-from ..helpers import bundle_digests
-from .test_secure import world
+from tests.support.bundles import bundle_digests
+from tests.support.secure import world
 
 LOOPBACK = "127.0.0.1"
 #: The data channel's pieces, as TCP reads deliver them, and how many bytes

@@ -22,11 +22,9 @@ from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.qemu import QemuBackend, alive, heartbeat_path, qemu_binary
 from securemig.lab import processes
 from securemig.trust.policy import PolicyStore
-
-from ..app.test_crash import crash_env
-from ..hypervisor.test_guest import extended
-from ..hypervisor.test_qemu import under_tcg
-from .test_secure import SecureBase
+from tests.support.commands import crash_env
+from tests.support.qemu import extended, under_tcg
+from tests.support.secure import SecureBase
 
 
 class LiveSecureBase(SecureBase):

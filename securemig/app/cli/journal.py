@@ -26,6 +26,7 @@ from securemig.app.cli.common import (
 from securemig.host.arrival import DestinationHost
 from securemig.host.journal import Journal, MigrationRecord, dumps, owner_alive
 from securemig.host.recovery import settle_departures
+from securemig.protocol.phases import Phase
 from securemig.trust import vtpm
 
 
@@ -184,7 +185,7 @@ def given_away(journal: Journal, name: str, vm_dir: Path) -> str | None:
     record = journal.given_away(name)
     if record is None:
         return None
-    if (vm_dir / name).exists() and record.reached("released"):
+    if (vm_dir / name).exists() and record.reached(Phase.RELEASED):
         return None
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.updated))
     return (
@@ -255,7 +256,7 @@ def job_journals(args: argparse.Namespace) -> list[tuple[Path, Journal]]:
 
 def job(record: MigrationRecord, now: float) -> dict[str, Any]:
     """What ``jobs`` shows of a running migration."""
-    streaming = next((at for phase, at in record.events if phase == "streaming"), None)
+    streaming = next((at for phase, at in record.events if phase == Phase.STREAMING), None)
     rate = None
     if streaming is not None and record.updated > streaming and record.bytes:
         rate = record.bytes / (record.updated - streaming)
@@ -336,7 +337,7 @@ def cmd_abort(args: argparse.Namespace) -> int:
         )
     if record.outcome is not None:
         raise CommandError(f"{name} has already ended: {record.outcome}")
-    if record.reached("committed"):
+    if record.reached(Phase.COMMITTED):
         raise CommandError(f"{name} has committed: the VM belongs to {peer_of(record)} now")
     if not owner_alive(record.owner):
         raise CommandError(

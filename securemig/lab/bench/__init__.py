@@ -49,6 +49,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+import securemig
 from securemig.hypervisor.bundle import create_image_vm
 from securemig.lab import processes
 from securemig.lab.bench.link import Link
@@ -268,8 +269,6 @@ def _byte_compile() -> None:
     be written (a system install) it is compiled already; nothing is said.
     """
     import compileall
-
-    import securemig
 
     compileall.compile_dir(Path(securemig.__file__).parent, quiet=2)
 
