@@ -56,6 +56,9 @@ class CrashPoint(enum.StrEnum):
     SOURCE_LIVE_ENDED = "source-live-ended"
     #: COMMIT received, its QEMU found ended, LOST not journaled
     DESTINATION_LIVE_LOST = "destination-live-lost"
+    # Live through the hypervisor's own migration (carried sockets, issue 23):
+    #: the hypervisor completed here (guest paused), PREPARED not journaled
+    DESTINATION_LOADED = "destination-loaded"
     # libvirt domains (issue 23):
     #: vm adopt: the sealed secret's bundle durable, libvirt's still defined
     ADOPT_SEALED = "adopt-sealed"

@@ -53,10 +53,12 @@ LABELS = ["role", "variant", "protocol", "mode"]
 _ROWS = """
 SELECT m.role, m.variant, m.protocol,
        EXISTS (SELECT 1 FROM events e WHERE e.migration = m.id
-               AND e.phase IN ('live', 'incoming')) AS live,
+               AND e.phase IN (?, ?)) AS live,
        m.phase, m.outcome, m.error, m.bytes, m.started, m.updated, m.downtime_ms
 FROM migrations m
 """
+#: The phases that mark a live migration, on either side (``_ROWS``'s parameters).
+_LIVE_PHASES = (Phase.LIVE, Phase.INCOMING)
 
 
 def _code(error: str | None) -> str:
@@ -113,7 +115,7 @@ class JournalCollector(Collector):
             return []
         db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
         try:
-            return db.execute(_ROWS).fetchall()
+            return db.execute(_ROWS, _LIVE_PHASES).fetchall()
         finally:
             db.close()
 

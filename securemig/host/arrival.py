@@ -50,7 +50,7 @@ from securemig.host.shareddisk import foreign_owner
 from securemig.hypervisor import backends
 from securemig.hypervisor.backends import backend_for, capabilities
 from securemig.hypervisor.bundle import VTPM_IMAGE, Bundle, Image, Manifest, image_file
-from securemig.hypervisor.contract import LiveSide
+from securemig.hypervisor.contract import BACKEND_INFO_FILE, LiveSide
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
@@ -151,6 +151,18 @@ class DestinationHost:
         path = staging if staging.exists() else self.vms / record.vm
         return backend_for(self.backend).has_process(Bundle(path, Manifest(name=record.vm)))
 
+    def arrived(self, record: Any) -> bool:
+        """A live arrival in staging that its hypervisor's own migration
+        completed here (``Backend.arrived``); blocks on the hypervisor."""
+        if not record.reached(Phase.INCOMING) or not capabilities(self.backend).carried:
+            return False
+        staging = self.staging / record.id
+        try:
+            return backend_for(self.backend).arrived(Bundle.load(staging))
+        except Exception as e:
+            log.warn("migration {mid}: cannot tell whether it arrived: {e}", mid=record.id, e=e)
+            return True  # unknown: kept, never lost by guessing
+
     async def _lose(self, record: Any, why: str) -> None:
         """A live arrival whose QEMU ended before the COMMIT was journaled
         here: it never ran here; journal LOST, remove staging, journal aborted."""
@@ -186,6 +198,16 @@ class DestinationHost:
                 record.id, Outcome.IN_DOUBT.value, error="destination restarted after PREPARED"
             )
             return "prepared: held in doubt until the source resolves it"
+        if staging.exists() and self.arrived(record):
+            # Before PREPARED, yet the hypervisor's own migration completed
+            # here: the source's guest has ended, this is the only copy, and
+            # the source decides (it commits what its hypervisor moved).
+            self.journal.finish(
+                record.id,
+                Outcome.IN_DOUBT.value,
+                error="destination restarted after the hypervisor's migration completed here",
+            )
+            return "arrived (the hypervisor completed): held in doubt until the source resolves it"
         await remove_staging(staging)
         self.journal.finish(
             record.id,
@@ -500,6 +522,9 @@ class Arrival:
         self.live: LiveSide | None = None
         #: Live mode: LOST journaled (its QEMU ended before the guest ran here).
         self.lost = False
+        #: Live, a carried backend: discarded before PREPARED, but the
+        #: hypervisor had completed: held in doubt (see :meth:`discard`).
+        self.held = False
         self.live_socket: Path | None = None
         self._file: Any = None
         self._behind: storage.WriteBehind | None = None
@@ -591,26 +616,55 @@ class Arrival:
             files.write_durably(bundle.vtpm_key_path, self.sealed_vtpm_key, mode=0o600)
         bundle.save()
         files.fsync_dir(self.staging)
+        released = self.vtpm_key
         if self.live is None:
-            released = self.vtpm_key
             key = None if released is None else (lambda b: released.secret)
             backend_for(bundle.manifest.backend, vtpm_key=key).ready_blocking(bundle)
+        # Prepared: only the sealed key is kept from here on, not the clear one.
+        self.vtpm_key = None
 
     def discard(self) -> None:
-        """Remove staging (ending a live arrival's QEMU) and release the name."""
+        """Remove staging (ending a live arrival's QEMU) and release the name.
+        A live arrival the hypervisor's own migration completed here (the
+        source's guest has ended: this is the only copy) is held in doubt
+        instead, for the source's decision (RESOLVE)."""
         if self._file is not None:
             self._file.close()
             self._file = None
         if self.live_socket is not None:
             self.live_socket.unlink(missing_ok=True)
+        if self.live is not None and self.arrived_here():
+            self.held = True
+            log.warn(
+                "migration {mid}: VM {vm} arrived (the hypervisor completed) before the "
+                "commit: held in doubt until the source decides",
+                mid=self.id,
+                vm=self.hello.vm_name,
+            )
+            self.lock.release()
+            return
         remove_staging_blocking(self.staging)
         self.lock.release()
+
+    def arrived_here(self) -> bool:
+        """Whether this live arrival's guest was made complete here by the
+        hypervisor's own migration (``Backend.arrived``).  Blocks."""
+        if not capabilities(self.host.backend).carried:
+            return False
+        bundle = Bundle(self.staging, self.manifest())
+        try:
+            return backend_for(self.host.backend).arrived(bundle)
+        except Exception as e:
+            log.warn("migration {mid}: cannot tell whether it arrived: {e}", mid=self.id, e=e)
+            # Unknown: keep it rather than lose the only copy; recovery asks again.
+            return True
 
     # -- on the reactor thread
 
     def cancel(self) -> None:
         """Make queued disk jobs do nothing; a discard follows."""
         self.cancelled = True
+        self.vtpm_key = None
 
     def journal_phase(self, phase: Phase, nbytes: int) -> None:
         """Record a phase of this arrival."""
@@ -678,6 +732,14 @@ class Arrival:
         key = released.secret
         # The vTPM device is part of the guest's machine: the manifest names it.
         self.vtpm_identity = released.identity.hex() or None
+        carried = capabilities(self.host.backend).carried
+        if carried:
+            # The hypervisor's own migration: the whole released material is
+            # its secret's value (libvirt's is 1 to 128 bytes, and no vTPM
+            # identity follows it); the key the prepare re-seals is that.
+            key = released.secret + released.identity
+            self.vtpm_key = VtpmKey(key, b"")
+            self.vtpm_identity = None
         if not capabilities(self.host.backend).live_destination:
             raise ProtocolError(
                 ErrorCode.POLICY_REFUSED,
@@ -686,12 +748,39 @@ class Arrival:
         bundle = Bundle(self.staging, self.manifest())
         bundle.save()
         backend = backend_for(self.host.backend, vtpm_key=lambda b: key)
+        if carried:
+            # The hypervisor's own migration makes the guest here, through
+            # sockets of this migration's id (the same name on both hosts);
+            # its backend learns what arrives from HELLO.  The key, sealed to
+            # this host's TPM, is in staging from now: once the hypervisor
+            # completed, this copy may have to be rolled forward before
+            # PREPARED (see discard).
+            if self.sealed_vtpm_key is not None:
+                files.write_durably(bundle.vtpm_key_path, self.sealed_vtpm_key, mode=0o600)
+            files.write_durably(self.staging / BACKEND_INFO_FILE, self.hello.backend_info)
+            self.live = await backend.live_destination(bundle, self.id)
+            self.host.journal.phase(self.id, Phase.INCOMING)
+            return
         # Per migration: a name from the bundle alone is the same for the
         # source of a VM and an arrival of it moved into place there.
         tag = f"{self.id}-d"
         self.live_socket = backend.live_socket(bundle, tag)
         self.live = await backend.live_destination(bundle, tag)
         self.host.journal.phase(self.id, Phase.INCOMING)
+
+    @property
+    def carried(self) -> bool:
+        """Live through the hypervisor's own migration, its sockets carried
+        (``Capabilities.carried``), rather than one QEMU stream."""
+        return capabilities(self.host.backend).carried
+
+    def carried_sockets(self) -> dict[str, str]:
+        """Live, carried: the local sockets the carrier dials, by name."""
+        return backend_for(self.host.backend).carried_sockets(self.id, destination=True)
+
+    def loaded(self) -> None:
+        """Live, carried: the hypervisor completed here (the guest paused)."""
+        crashpoint.reached(CrashPoint.DESTINATION_LOADED, getattr(self.live, "pidfile", None))
 
     def incoming_started(self) -> None:
         """Live mode: the stream's receiver listens; the guest waits for it."""
@@ -788,6 +877,8 @@ class Arrival:
         """Journal the outcome (a LOST arrival: aborted, nothing kept here)."""
         error = f"{effect.code.name}: {effect.reason}" if effect.code else None
         outcome = Outcome.ABORTED if self.lost else effect.outcome
+        if self.held:
+            outcome = Outcome.IN_DOUBT
         self.host.journal.finish(self.id, outcome.value, error=error, nbytes=nbytes)
         if effect.outcome is Outcome.DONE:
             self.host.journal.phase(self.id, Phase.DONE)

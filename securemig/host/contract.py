@@ -149,6 +149,19 @@ class ArrivingVM(Protocol):
         waiting for the stream at :attr:`live_socket`."""
         ...
 
+    @property
+    def carried(self) -> bool:
+        """Live through the hypervisor's own migration, its sockets carried."""
+        ...
+
+    def carried_sockets(self) -> dict[str, str]:
+        """Live, carried: the local sockets the carrier dials, by name."""
+        ...
+
+    def loaded(self) -> None:
+        """Live, carried: the hypervisor completed here (its guest paused)."""
+        ...
+
     def incoming_started(self) -> None:
         """Live mode: the stream's receiver listens (a crash point)."""
         ...
@@ -220,6 +233,15 @@ class LeavingVM(Protocol):
 
     def live_socket(self, tag: str) -> Path:
         """Live mode: where this host listens for its guest's stream."""
+        ...
+
+    @property
+    def carried(self) -> bool:
+        """Live through the hypervisor's own migration, its sockets carried."""
+        ...
+
+    def carried_sockets(self, tag: str) -> dict[str, str]:
+        """Live, carried: the sockets to listen on for migration ``tag``."""
         ...
 
     async def start_live(self, uri: str) -> None:

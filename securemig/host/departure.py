@@ -26,7 +26,7 @@ from securemig.hypervisor.bundle import Bundle, BundleError, set_disk_owner
 from securemig.hypervisor.contract import LiveSide
 from securemig.hypervisor.qemu import LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH, LiveStats
 from securemig.protocol import wire
-from securemig.protocol.effects import Finished
+from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.protocol.phases import Phase
 from securemig.trust import vtpm
@@ -72,6 +72,12 @@ class Departure:
             LIVE_DOWNTIME_LIMIT_MS,
             LIVE_MAX_BANDWIDTH,
         )
+        #: Live mode, a backend whose stream is carried sockets: copy the
+        #: disks too (non-shared storage), extra memory channels; and what
+        #: HELLO tells the destination's backend (``backend_info``).
+        self.copy_storage = False
+        self.parallel = 0
+        self.backend_info = b""
         # The vTPM key, unsealed before the VM is suspended, so a rollback
         # can restart the vTPM without the host TPM (busy with the session).
         self.backend: Backend = backend_for(
@@ -119,6 +125,15 @@ class Departure:
                     raise BundleError(
                         f"VM {self.bundle.name} is not running: live migration moves a "
                         "running guest (migrate it without --live)"
+                    )
+                if capabilities(self.bundle.manifest.backend).carried:
+                    self.backend_info = await self.backend.live_info(
+                        self.bundle, self.copy_storage, self.parallel
+                    )
+                elif self.copy_storage or self.parallel:
+                    raise BundleError(
+                        f"VM {self.bundle.name}: --copy-storage and --parallel are for "
+                        "backends whose migration carries its own disk and memory channels"
                     )
                 # Recovery continues the guest here if this migration never
                 # commits (its QEMU may be left paused, after the stream).
@@ -168,6 +183,7 @@ class Departure:
             mode=wire.Mode.LIVE if self.live else wire.Mode.SUSPENDED,
             backend=self.bundle.manifest.backend,
             vtpm=1 if self.bundle.manifest.vtpm else 0,
+            backend_info=self.backend_info,
         )
         return replace(hello, version=2) if wire.has_tail(hello) else hello
 
@@ -282,10 +298,37 @@ class Departure:
         path.unlink(missing_ok=True)
         return path
 
+    @property
+    def carried(self) -> bool:
+        """Live through the hypervisor's own migration, its sockets carried
+        (``Capabilities.carried``), rather than one QEMU stream."""
+        return capabilities(self.bundle.manifest.backend).carried
+
+    def carried_sockets(self, tag: str) -> dict[str, str]:
+        """Live, carried: the sockets securemig listens on for migration
+        ``tag`` (its id), by name; none of them left from before."""
+        sockets = self.backend.carried_sockets(tag, destination=False)
+        for path in sockets.values():
+            Path(path).unlink(missing_ok=True)
+        return sockets
+
     async def start_live(self, uri: str) -> None:
         """Live mode: start the guest's own stream to ``uri`` while it runs,
-        with this migration's downtime limit and bandwidth."""
-        self.live_migration = await self.backend.live_source(self.bundle, uri, *self.live_options)
+        with this migration's downtime limit and bandwidth (carried: ``uri``
+        is the migration's tag, and the disks are copied and memory channels
+        added as asked)."""
+        if self.carried:
+            self.live_migration = await self.backend.live_source(
+                self.bundle,
+                uri,
+                *self.live_options,
+                copy_storage=self.copy_storage,  # type: ignore[call-arg]
+                parallel=self.parallel,
+            )
+        else:
+            self.live_migration = await self.backend.live_source(
+                self.bundle, uri, *self.live_options
+            )
         crashpoint.reached(CrashPoint.SOURCE_LIVE_STARTED)
 
     async def live_sent(self) -> None:
@@ -355,6 +398,8 @@ class Departure:
                 if self.live_migration is not None:
                     await self.live_migration.cancel()
                     self.live_migration.release()
+                    if self.moved_by_hypervisor():
+                        await self._committed_by_hypervisor()
             except Exception as e:
                 log.error("could not continue VM {vm} here: {e}", vm=self.bundle.name, e=e)
             finally:
@@ -362,11 +407,50 @@ class Departure:
 
         return Deferred.fromCoroutine(go_on())
 
+    def moved_by_hypervisor(self) -> bool:
+        """Live, a backend whose hypervisor migrates on its own (libvirt,
+        peer to peer): its migration completed, so the guest is no longer
+        here -- it waits paused at the destination, the only copy of its
+        memory -- and cancelling cannot bring it back."""
+        if self.live_migration is None or not capabilities(self.bundle.manifest.backend).carried:
+            return False
+        if getattr(self.live_migration, "completed", False):
+            return True
+        try:
+            return self.backend.moved_away(self.bundle)
+        except Exception as e:
+            log.warn("VM {vm}: cannot tell where it is: {e}", vm=self.bundle.name, e=e)
+            return False
+
+    async def _committed_by_hypervisor(self) -> None:
+        """The session failed after the hypervisor completed (before
+        PREPARED, or before COMMITTED was journaled): aborting would discard
+        the only copy at the destination.  The hypervisor decided: COMMITTED
+        is journaled here, this copy given up, and the destination owes
+        RESOLVE(committed) its roll forward (it holds the arrived guest in
+        doubt, ``DestinationHost``).  In doubt until it confirms."""
+        log.warn(
+            "VM {vm}: the hypervisor's migration completed before the commit; the guest "
+            "waits at the destination: committing",
+            vm=self.bundle.name,
+        )
+        self.journal.phase(self.id, Phase.COMMITTED)
+        self.committed = True
+        crashpoint.reached(CrashPoint.SOURCE_COMMITTED)
+        await release(self.journal, self.id, self.bundle)
+
     def finish(self, effect: Finished, nbytes: int, peer_settled: bool = False) -> None:
         """Journal the outcome; ``peer_settled``: the destination told us its
-        own (DONE, or its ABORT), so no RESOLVE is owed."""
+        own (DONE, or its ABORT), so no RESOLVE is owed.  A session that
+        failed after this side committed (the hypervisor moved the guest) is
+        in doubt, not aborted."""
         error = f"{effect.code.name}: {effect.reason}" if effect.code else None
-        self.journal.finish(self.id, effect.outcome.value, error=error, nbytes=nbytes)
+        outcome = effect.outcome
+        if self.committed and outcome is Outcome.ABORTED:
+            # Its ABORT said it discarded, but it holds the arrived guest:
+            # it is owed RESOLVE(committed) all the same.
+            outcome, peer_settled = Outcome.IN_DOUBT, False
+        self.journal.finish(self.id, outcome.value, error=error, nbytes=nbytes)
         if peer_settled:
             self.journal.set_peer_settled(self.id)
 
@@ -399,6 +483,26 @@ async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
     record = journal.get(local_id)
     if record is not None and not record.reached(Phase.RELEASED):
         journal.phase(local_id, Phase.RELEASED)
+
+
+def check_keys(bundle: Bundle, *, secure: bool, live: bool, unseal_with: Path | None) -> None:
+    """Before anything is touched: refuse a migration whose vTPM key this
+    host cannot hand over as asked, saying how to ask.  Secure: the VM's key,
+    sealed to this host's TPM, is released to the destination (and live
+    migration is secure only); insecure: a VM with a vTPM needs the
+    identity (``unseal_with``) that unseals its key, sent in the clear."""
+    if live and not secure:
+        raise BundleError("live migration is secure only: give --identity, not --insecure")
+    if secure and not bundle.vtpm_key_path.exists():
+        raise BundleError(
+            f"VM {bundle.name} has no vTPM key ({bundle.vtpm_key_path}); "
+            "create it with --identity, or migrate it --insecure"
+        )
+    if not secure and bundle.manifest.vtpm and unseal_with is None:
+        raise BundleError(
+            f"VM {bundle.name} has a vTPM: give --identity to unseal its key (the insecure "
+            "variant then sends it in the clear)"
+        )
 
 
 def check_live(bundle: Bundle, variant: wire.Variant) -> None:

@@ -80,6 +80,16 @@ async def settle_departures(
         if record.reached(Phase.RECLAIMED):
             done += await reclaim(journal, record)
             continue
+        if not record.reached(Phase.COMMITTED) and moved_away(record):
+            # Its hypervisor's own migration completed before COMMITTED was
+            # journaled: the guest left (it waits at the destination, the
+            # only copy), so aborting cannot bring it back.  Committed.
+            journal.phase(record.id, Phase.COMMITTED)
+            done.append(
+                f"VM {record.vm}: its hypervisor moved it to {record.peer} before the commit: "
+                "committed"
+            )
+            record = journal.get(record.id) or record
         if record.reached(Phase.COMMITTED):
             done += await _finish_commit(journal, record)
             decision = wire.Decision.COMMITTED
@@ -102,6 +112,21 @@ def live_qemu(record: MigrationRecord) -> bool | None:
     bundle = Bundle.load(Path(record.bundle))
     backend = backend_for(bundle.manifest.backend)
     return backend.has_process(bundle)
+
+
+def moved_away(record: MigrationRecord) -> bool:
+    """A live departure whose hypervisor's own migration completed (the
+    guest left this host: ``Backend.moved_away``)."""
+    if not record.reached(Phase.LIVE) or not record.bundle or not Path(record.bundle).exists():
+        return False
+    bundle = Bundle.load(Path(record.bundle))
+    if not capabilities(bundle.manifest.backend).carried:
+        return False
+    try:
+        return backend_for(bundle.manifest.backend).moved_away(bundle)
+    except Exception as e:
+        log.warn("VM {vm}: cannot tell whether it moved: {e}", vm=record.vm, e=e)
+        return False
 
 
 async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]:

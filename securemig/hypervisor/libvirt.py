@@ -47,10 +47,12 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import MISSING, asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -58,13 +60,15 @@ from typing import Any, TypeVar
 from xml.sax.saxutils import escape
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from securemig import crashpoint, files
 from securemig.crashpoint import CrashPoint
 from securemig.hypervisor.bundle import Bundle, BundleError, Image, Manifest, check_vm_name
-from securemig.hypervisor.contract import Backend, Capabilities
+from securemig.hypervisor.contract import BACKEND_INFO_FILE, Backend, Capabilities
 from securemig.protocol.errors import ErrorCode, LocalFault
 
 #: What to install when libvirt-python is missing.
@@ -80,16 +84,44 @@ MAX_SECRET = 128
 RUN_DIR = Path("/run/libvirt")
 #: Per-migration socket directories live under RUN_DIR/MIGRATIONS/ID.
 MIGRATIONS = "securemig"
+#: libvirt's own clients' variable naming the URI to use when none is
+#: given: this host's libvirt for arrivals (:func:`default_uri`).
+CONNECT_ENV = "LIBVIRT_DEFAULT_URI"
+#: Where this process sees what libvirt sees as ``/run/libvirt`` (a lab host
+#: in its own mount namespace); default :data:`RUN_DIR`.
+RUN_DIR_ENV = "SECUREMIG_LIBVIRT_RUN_DIR"
+#: Set to 1 where both hosts share the disks' storage but libvirt cannot
+#: tell (the lab's hosts on one machine): libvirt's safety check waived
+#: (``VIR_MIGRATE_UNSAFE``) for a migration without ``--copy-storage``.
+UNSAFE_SHARED_ENV = "SECUREMIG_LIBVIRT_UNSAFE_SHARED"
+#: The file of an arrival's staging naming the domain that arrives (from
+#: HELLO's ``backend_info``) and the migration's socket tag.
+INCOMING_FILE = BACKEND_INFO_FILE
+#: An incoming domain waits this long at most for libvirt's migration.
+INCOMING_TIMEOUT = 3600.0
+#: How often the destination asks libvirt whether the domain arrived.
+INCOMING_POLL = 0.1
+#: libvirt's ``VIR_DOMAIN_PAUSED_USER``: paused by request (``PAUSED``
+#: migration flag at its Finish), as opposed to paused while it arrives.
+PAUSED_USER = 1
+#: libvirt's ``VIR_DOMAIN_SHUTOFF_MIGRATED``: shut off because it migrated.
+SHUTOFF_MIGRATED = 4
+#: At most this many disks, and QEMU multifd channels, per migration.
+MAX_DISKS = 8
+MAX_PARALLEL = 16
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 #: What this backend can do (:mod:`securemig.hypervisor.backends`): the
 #: suspended migration (``save`` with the domain's disks, streamed, restored
-#: paused at the destination, resumed at the commit).  Not yet a live source
-#: or destination of ``securemig migrate``: libvirt's migration with carried
-#: sockets exists below but the protocol does not drive it
-#: (doc/backend-libvirt.rst).  Its status says ``paused`` of a paused
+#: paused at the destination, resumed at the commit) and the live one
+#: through carried sockets (libvirt's own migration, peer to peer;
+#: doc/backend-libvirt.rst).  Its status says ``paused`` of a paused
 #: domain, so recovery does not count on resume_continues.
 CAPABILITIES = Capabilities(
     suspend=True,
+    live_source=True,
+    live_destination=True,
+    carried=True,
     runs_guest=True,
     startable=True,
     vtpm=True,
@@ -110,13 +142,15 @@ STATES = {
 
 T = TypeVar("T")
 
+log = Logger()
+
 
 def default_uri() -> str:
     """The libvirt a host's daemon works with when a domain names none (an
     arriving one): ``LIBVIRT_DEFAULT_URI`` if set -- libvirt's own clients'
     convention, how the lab points each daemon at its host's libvirtd --
     else :data:`DEFAULT_URI`."""
-    return os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+    return os.environ.get(CONNECT_ENV) or DEFAULT_URI
 
 
 class LibvirtError(LocalFault, RuntimeError):
@@ -369,6 +403,92 @@ class Outgoing:
     disks: tuple[Disk, ...]
 
 
+@dataclass(frozen=True)
+class Incoming:
+    """HELLO's ``backend_info`` of a libvirt domain: what arrives and how."""
+
+    outgoing: Outgoing
+    copy_storage: bool
+    parallel: int
+
+    def to_json(self) -> bytes:
+        """As HELLO carries it."""
+        o = self.outgoing
+        return json.dumps(
+            {
+                "domain": o.domain,
+                "domain_uuid": o.domain_uuid,
+                "secret_uuid": o.secret_uuid,
+                "disks": [[d.path, d.format, d.capacity] for d in o.disks],
+                "copy_storage": self.copy_storage,
+                "parallel": self.parallel,
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def parse(cls, data: bytes) -> Incoming:
+        """From a source's HELLO: every field checked (a source is attested,
+        not trusted to name paths freely); BundleError saying what is wrong."""
+        try:
+            raw = json.loads(data)
+            domain = str(raw["domain"])
+            check_vm_name(domain)
+            uuids = str(raw["domain_uuid"]), str(raw["secret_uuid"])
+            if not all(UUID_RE.fullmatch(u) for u in uuids):
+                raise ValueError("a UUID is malformed")
+            disks = []
+            if len(raw["disks"]) > MAX_DISKS:
+                raise ValueError(f"more than {MAX_DISKS} disks")
+            for path, fmt, capacity in raw["disks"]:
+                path, fmt = str(path), str(fmt)
+                if not os.path.isabs(path) or os.path.normpath(path) != path:
+                    raise ValueError(f"disk path {path!r} is not absolute and normalised")
+                if fmt not in ("raw", "qcow2"):
+                    raise ValueError(f"disk format {fmt!r}")
+                if not isinstance(capacity, int) or not 0 < capacity <= 1 << 44:
+                    raise ValueError(f"disk capacity {capacity!r}")
+                disks.append(Disk(path, fmt, capacity))
+            parallel = raw["parallel"]
+            if not isinstance(parallel, int) or not 0 <= parallel <= MAX_PARALLEL:
+                raise ValueError(f"parallel {parallel!r}")
+            return cls(
+                Outgoing(domain, uuids[0], uuids[1], tuple(disks)),
+                bool(raw["copy_storage"]),
+                parallel,
+            )
+        except BundleError as e:
+            raise BundleError(f"the arriving libvirt domain: {e}") from None
+        except (ValueError, TypeError, KeyError) as e:
+            raise BundleError(f"the arriving libvirt domain is described wrongly: {e}") from None
+
+
+@dataclass(frozen=True)
+class LibvirtStats:
+    """libvirt's numbers of a completed outgoing migration (its job
+    statistics at the source), named as QEMU's LiveStats are."""
+
+    status: str = "completed"
+    total_ms: int = 0
+    downtime_ms: int = 0
+    setup_ms: int = 0
+    transferred: int = 0
+    iterations: int = 0
+    dirty_pages_rate: int = 0
+
+    @classmethod
+    def of(cls, stats: dict[str, Any]) -> LibvirtStats:
+        """From ``virDomainGetJobStats(COMPLETED)``."""
+        return cls(
+            total_ms=int(stats.get("time_elapsed", 0)),
+            downtime_ms=int(stats.get("downtime", 0)),
+            setup_ms=int(stats.get("setup_time", 0)),
+            transferred=int(stats.get("data_processed", 0)),
+            iterations=int(stats.get("memory_iteration", 0)),
+            dirty_pages_rate=int(stats.get("memory_dirty_rate", 0)),
+        )
+
+
 def domain_disks(domain: Any) -> tuple[Disk, ...]:
     """The domain's file-backed disks with their format and capacity."""
     found = []
@@ -457,7 +577,7 @@ class LibvirtBackend(Backend):
         reactor: Any = None,
         vtpm_key: Callable[[Bundle], bytes] | None = None,
         connect: str | None = None,
-        run_dir: Path = RUN_DIR,
+        run_dir: Path | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -471,6 +591,8 @@ class LibvirtBackend(Backend):
         self.connect = connect
         #: Where securemig sees what libvirt sees as ``/run/libvirt`` (the
         #: same directory, except for a lab host in its mount namespace).
+        if run_dir is None:
+            run_dir = Path(os.environ.get(RUN_DIR_ENV) or RUN_DIR)
         self.run_dir = run_dir
         self._pool: ThreadPool | None = None
 
@@ -789,6 +911,13 @@ class LibvirtBackend(Backend):
             else:
                 path.unlink(missing_ok=True)  # a link to the domain's disk, made by save
         bundle.manifest.images = kept
+        # An arrival resumed (committed): no longer one to abort, and its
+        # secret (if a crash left it defined) goes.
+        if (bundle.path / INCOMING_FILE).exists():
+            with self._connection(self._uri(record)) as conn:
+                if secret_defined(conn, record.secret_uuid):
+                    conn.secretLookupByUUIDString(record.secret_uuid).undefine()
+            (bundle.path / INCOMING_FILE).unlink()
         bundle.manifest.state = "running"
         bundle.save()
 
@@ -820,12 +949,22 @@ class LibvirtBackend(Backend):
         vTPM state stays), on the backend's own thread; nothing for a bundle
         that is no adopted domain (a staging directory another backend's VM
         left: answered at once, with no thread)."""
-        if not (bundle.path / DOMAIN_FILE).exists():
+        if not (bundle.path / DOMAIN_FILE).exists() and not (bundle.path / INCOMING_FILE).exists():
             return succeed(None)
         return self._call(self.end_blocking, bundle)
 
     def end_blocking(self, bundle: Bundle) -> None:
-        """:meth:`end`, blocking the calling thread (never the reactor's)."""
+        """:meth:`end`, blocking the calling thread (never the reactor's).
+        An arrival's staging (a live arrival not committed): the domain
+        libvirt made here destroyed and undefined with its new vTPM state,
+        the secret undefined (:meth:`abort_in`)."""
+        if (bundle.path / INCOMING_FILE).exists():
+            try:
+                incoming, tag = _read_incoming(bundle)
+            except BundleError:
+                return
+            self._abort_in(incoming.outgoing, socket_paths(self.run_dir, tag))
+            return
         try:
             record = DomainRecord.load(bundle)
         except BundleError:
@@ -839,6 +978,39 @@ class LibvirtBackend(Backend):
             # that never committed, its transient domain gone with destroy;
             # nothing will use these disks again.
             files.remove_tree(Path(record.disk_dir))
+
+    def arrived(self, bundle: Bundle) -> bool:
+        """A live arrival in staging: libvirt's migration finished here (the
+        domain paused by request, persistent), the source's QEMU ended.
+        Blocks on libvirt."""
+        if not (bundle.path / INCOMING_FILE).exists():
+            return False
+        try:
+            incoming, _ = _read_incoming(bundle)
+        except BundleError:
+            return False
+        if self._incoming_state(incoming.outgoing) != (3, PAUSED_USER):
+            return False
+        # Its swtpm holds the key: libvirt's copy goes (a crash may have come
+        # between the arrival and end_in).
+        with self._connection(self.connect or default_uri()) as conn:
+            if secret_defined(conn, incoming.outgoing.secret_uuid):
+                conn.secretLookupByUUIDString(incoming.outgoing.secret_uuid).undefine()
+        return True
+
+    def moved_away(self, bundle: Bundle) -> bool:
+        """The domain is shut off here because libvirt migrated it
+        (``VIR_DOMAIN_SHUTOFF_MIGRATED``): its Confirm phase ended this
+        QEMU after the destination's Finish.  Blocks on libvirt."""
+        try:
+            record = DomainRecord.load(bundle)
+        except BundleError:
+            return False
+        with self._connection(self._uri(record)) as conn:
+            domain = _lookup(conn, record.domain_uuid)
+            state = None if domain is None else tuple(domain.state())
+            log.info("domain {d} at the source: libvirt state {s}", d=record.domain, s=state)
+            return state == (5, SHUTOFF_MIGRATED)
 
     def has_process(self, bundle: Bundle) -> bool:
         """Whether libvirt runs the domain here (running or paused); False
@@ -1040,3 +1212,304 @@ class LibvirtBackend(Backend):
                 if domain.isPersistent():
                     domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
         self._end_in(outgoing, paths)
+
+    # -- securemig migrate --live (the backend contract's carried live migration)
+
+    def live_info(self, bundle: Bundle, copy_storage: bool, parallel: int) -> Deferred[bytes]:
+        """Source: HELLO's ``backend_info`` (:class:`Incoming`)."""
+        if not 0 <= parallel <= MAX_PARALLEL:
+            raise BundleError(f"--parallel: 0 to {MAX_PARALLEL} channels")
+
+        def info() -> bytes:
+            return Incoming(self._outgoing(bundle), copy_storage, parallel).to_json()
+
+        return self._call(info)
+
+    def carried_sockets(self, tag: str, destination: bool) -> dict[str, str]:
+        """The migration's sockets: at the source the paths securemig
+        listens on (their directory made, private), at the destination what
+        it dials (its libvirtd's socket for ``rpc``; the paths libvirt's
+        QEMU and NBD server listen on for ``memory`` and ``disk``)."""
+        paths = socket_paths(self.run_dir, tag)
+        names = ("rpc", "memory", "disk")
+        if destination:
+            sockets = {name: str(paths.local(name)) for name in names}
+            sockets["rpc"] = str(self.run_dir / "libvirt-sock")
+            return sockets
+        paths.local_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return {name: str(paths.local(name)) for name in names}
+
+    def live_source(
+        self,
+        bundle: Bundle,
+        uri: str,
+        downtime_limit_ms: int = 0,
+        max_bandwidth: int = 0,
+        copy_storage: bool = False,
+        parallel: int = 0,
+    ) -> Deferred[Any]:
+        """Source: start libvirt's migration of the domain through the
+        carried sockets of migration ``uri`` (its tag,
+        :meth:`carried_sockets`); fires at once with its
+        :class:`LibvirtOutgoing`.  (libvirt sets its own downtime limit and
+        bandwidth; the QEMU-only options are not passed.)"""
+        unsafe = not copy_storage and os.environ.get(UNSAFE_SHARED_ENV) == "1"
+        paths = socket_paths(self.run_dir, uri)
+        done = self._call(self._migrate_out_stats, bundle, paths, copy_storage, parallel, unsafe)
+        return succeed(LibvirtOutgoing(self, bundle, done))
+
+    def _migrate_out_stats(
+        self,
+        bundle: Bundle,
+        paths: SocketPaths,
+        copy_storage: bool,
+        parallel: int,
+        unsafe: bool,
+    ) -> LibvirtStats:
+        libvirt = require_libvirt()
+        self._migrate_out(bundle, paths, copy_storage, parallel, unsafe)
+        record = DomainRecord.load(bundle)
+        try:
+            with self._connection(self._uri(record)) as conn:
+                domain = self._domain(conn, record)
+                return LibvirtStats.of(domain.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED))
+        except (libvirt.libvirtError, BundleError):
+            return LibvirtStats()  # the numbers are a report only
+
+    def abort_job(self, bundle: Bundle) -> Deferred[None]:
+        """Source, before the commit: abort libvirt's running migration job
+        (on a thread of its own: the backend's is busy with the migration)."""
+
+        def abort() -> None:
+            libvirt = require_libvirt()
+            record = DomainRecord.load(bundle)
+            with self._connection(self._uri(record)) as conn:
+                domain = _lookup(conn, record.domain_uuid)
+                if domain is not None:
+                    # No job is no error: it ended meanwhile.
+                    with suppress(libvirt.libvirtError):
+                        domain.abortJob()
+
+        return deferToThread(abort)
+
+    def live_destination(self, bundle: Bundle, tag: str = "") -> Deferred[Any]:
+        """Destination, after attestation and key release: from the arrival's
+        ``INCOMING_FILE`` (HELLO's ``backend_info``) the bundle's record, the
+        disks to copy into and the secret with the released value
+        (:meth:`prepare_in`); fires with the :class:`LibvirtIncoming` that
+        waits for libvirt's migration."""
+        return self._call(self._live_destination, bundle, tag)
+
+    def _live_destination(self, bundle: Bundle, tag: str) -> LibvirtIncoming:
+        incoming = Incoming.parse((bundle.path / INCOMING_FILE).read_bytes())
+        outgoing = incoming.outgoing
+        if outgoing.domain != bundle.name:
+            raise BundleError(
+                f"the arriving domain is {outgoing.domain}, but HELLO named VM {bundle.name}"
+            )
+        files.write_durably(
+            bundle.path / INCOMING_FILE,
+            json.dumps({"info": incoming.to_json().decode(), "tag": tag}).encode(),
+        )
+        record = DomainRecord(
+            outgoing.domain,
+            outgoing.domain_uuid,
+            outgoing.secret_uuid,
+            self.connect or default_uri(),
+        )
+        files.write_durably(bundle.path / DOMAIN_FILE, record.to_json())
+        paths = socket_paths(self.run_dir, tag)
+        self._prepare_in(outgoing, self._key(bundle), paths, incoming.copy_storage)
+        return LibvirtIncoming(self, bundle, outgoing, paths)
+
+    def incoming_state(self, outgoing: Outgoing) -> Deferred[tuple[int, int] | None]:
+        """Destination: libvirt's (state, reason) of the arriving domain, or
+        None while (or once) it has none."""
+        return self._call(self._incoming_state, outgoing)
+
+    def _incoming_state(self, outgoing: Outgoing) -> tuple[int, int] | None:
+        with self._connection(self.connect or default_uri()) as conn:
+            domain = _lookup(conn, outgoing.domain_uuid)
+            if domain is None:
+                return None
+            state, reason = domain.state()
+            return int(state), int(reason)
+
+    def resume_domain(self, record_uri: str, domain_uuid: str) -> Deferred[None]:
+        """Resume a paused domain (left running if it runs)."""
+
+        def resume() -> None:
+            libvirt = require_libvirt()
+            with self._connection(record_uri) as conn:
+                domain = _lookup(conn, domain_uuid)
+                if domain is None or not domain.isActive():
+                    raise LibvirtError("the domain does not run here: nothing to continue")
+                if domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                    domain.resume()
+
+        return self._call(resume)
+
+
+def _read_incoming(bundle: Bundle) -> tuple[Incoming, str]:
+    """An arrival's incoming file: what arrives, and the migration's tag."""
+    try:
+        data = (bundle.path / INCOMING_FILE).read_bytes()
+        raw = json.loads(data)
+        if "tag" not in raw:
+            # As the arrival wrote it (HELLO's bytes), before live_destination
+            # added the tag: a staging directory is named by the migration id.
+            return Incoming.parse(data), bundle.path.name
+        return Incoming.parse(raw["info"].encode()), str(raw["tag"])
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise BundleError(f"{bundle.path / INCOMING_FILE}: {e}") from None
+
+
+class LibvirtOutgoing:
+    """The source's side of one libvirt migration (a LiveSide): libvirt's
+    ``migrateToURI3`` running on the backend's thread.
+
+    When it returns libvirt has completed: the destination holds the domain
+    paused, and the source's QEMU has ended (libvirt's Confirm phase ends it
+    in the same call; peer to peer, nothing lets the source keep it).  The
+    definition, vTPM state and sealed secret stay here until COMMITTED."""
+
+    def __init__(self, backend: LibvirtBackend, bundle: Bundle, done: Deferred[Any]) -> None:
+        self.backend = backend
+        self.bundle = bundle
+        self.stats: LibvirtStats | None = None
+        self.error: BaseException | None = None
+        self.ended = False
+
+        def ok(stats: LibvirtStats) -> None:
+            self.stats = stats
+            self.ended = True
+
+        def failed(f: Any) -> None:
+            self.error = f.value
+            self.ended = True
+
+        done.addCallbacks(ok, failed)
+
+    async def wait(self, timeout: float = INCOMING_TIMEOUT) -> LibvirtStats:
+        """Until libvirt's migration returned; its numbers, or its error."""
+        deadline = time.monotonic() + timeout
+        while not self.ended:
+            if time.monotonic() > deadline:
+                raise LibvirtError(
+                    f"libvirt's migration of domain {self.bundle.name} did not complete in time",
+                    ErrorCode.LIVE_FAILED,
+                )
+            await deferLater(self.backend.reactor, INCOMING_POLL, lambda: None)
+        if self.error is not None:
+            if isinstance(self.error, LibvirtError):
+                raise self.error
+            raise LibvirtError(str(self.error), ErrorCode.LIVE_FAILED)
+        assert self.stats is not None
+        return self.stats
+
+    async def cont(self) -> None:
+        """Let the guest run here (paused by libvirt after a failure)."""
+        record = DomainRecord.load(self.bundle)
+        await self.backend.resume_domain(self.backend._uri(record), record.domain_uuid)
+
+    @property
+    def completed(self) -> bool:
+        """libvirt's migration returned success: the destination holds the
+        guest (paused) and this QEMU has ended."""
+        return self.ended and self.error is None
+
+    async def cancel(self) -> None:
+        """Before the commit: abort libvirt's job if it still runs; the guest
+        goes on here.  A migration libvirt completed meanwhile cannot be
+        cancelled (this QEMU has ended): :attr:`completed` says so, and
+        nothing is continued here."""
+        if not self.ended:
+            await self.backend.abort_job(self.bundle)
+        # Cancelled, or failed: either way the guest is (still) here.
+        with suppress(LibvirtError):
+            await self.wait(timeout=120.0)
+        if not self.completed:
+            await self.cont()
+
+    def abandon(self) -> Deferred[None]:
+        """Nothing at the source."""
+        return succeed(None)
+
+    async def finish(self) -> None:
+        """After the commit: the definition and vTPM state removed here."""
+        await self.backend.finish_out(self.bundle)
+
+    def release(self) -> None:
+        """Nothing held (each call opens its own connection)."""
+
+
+class LibvirtIncoming:
+    """The destination's side of one libvirt migration (a LiveSide): the
+    domain libvirt makes here from the source's stream, paused until the
+    commit (``VIR_MIGRATE_PAUSED``)."""
+
+    def __init__(
+        self, backend: LibvirtBackend, bundle: Bundle, outgoing: Outgoing, paths: SocketPaths
+    ) -> None:
+        self.backend = backend
+        self.bundle = bundle
+        self.outgoing = outgoing
+        self.paths = paths
+        #: The pid file libvirt keeps of the domain's QEMU here (crash points).
+        self.pidfile = backend.run_dir / "qemu" / f"{outgoing.domain}.pid"
+
+    async def wait(self, timeout: float = INCOMING_TIMEOUT) -> None:
+        """Until libvirt's migration finished here (the domain paused by
+        request, not paused arriving); then the secret is undefined (swtpm
+        holds it).  LibvirtError if the domain, once seen, is gone (libvirt
+        failed the migration and removed it)."""
+        deadline = time.monotonic() + timeout
+        seen = False
+        while True:
+            state = await self.backend.incoming_state(self.outgoing)
+            if state is None and seen:
+                raise LibvirtError(
+                    f"libvirt's incoming migration of domain {self.outgoing.domain} failed "
+                    "(the domain is gone here)",
+                    ErrorCode.LIVE_FAILED,
+                )
+            if state is not None:
+                seen = True
+                if state == (3, PAUSED_USER):
+                    break
+                if state[0] != 3:
+                    raise LibvirtError(
+                        f"the arriving domain {self.outgoing.domain} is "
+                        f"{STATES.get(state[0], 'unknown')}, not paused",
+                        ErrorCode.LIVE_FAILED,
+                    )
+            if time.monotonic() > deadline:
+                raise LibvirtError(
+                    f"domain {self.outgoing.domain} did not arrive in time", ErrorCode.LIVE_FAILED
+                )
+            await deferLater(self.backend.reactor, INCOMING_POLL, lambda: None)
+        await self.backend.end_in(self.outgoing, self.paths)
+
+    async def waits_loaded(self) -> bool:
+        """Whether the arrived domain is still here, paused (never run)."""
+        state = await self.backend.incoming_state(self.outgoing)
+        return state is not None and state[0] == 3
+
+    async def cont(self) -> None:
+        """Let the guest run here."""
+        await self.backend.resume_domain(
+            self.backend.connect or default_uri(), self.outgoing.domain_uuid
+        )
+
+    async def cancel(self) -> None:
+        """Nothing to cancel at the destination (the source's job is)."""
+
+    def abandon(self) -> Deferred[None]:
+        """Before the commit: the domain libvirt made here goes (:meth:`abort_in`)."""
+        return self.backend.abort_in(self.outgoing, self.paths)
+
+    async def finish(self) -> None:
+        """Nothing at the destination."""
+
+    def release(self) -> None:
+        """Nothing held (each call opens its own connection)."""

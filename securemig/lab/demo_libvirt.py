@@ -89,7 +89,7 @@ class _Demo:
         return done.stdout.strip()
 
     def migrate(self, destination: Any, vm_dir: Path, source: str, to: str) -> dict[str, Any]:
-        extra = ("--live", "--shared-storage") if self.live else ()
+        extra = ("--live",) if self.live else ()
         summary, _ = self.lab.migrate(
             destination, DOMAIN, True, vm_dir=vm_dir, source=source, to=to, extra=extra
         )

@@ -38,7 +38,7 @@ from securemig.protocol.connection import CloseNow, MigrationConnection
 from securemig.protocol.effects import Attest, CommonEffect, Finished, Send, VerifyPeer
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError, io_error
 from securemig.protocol.phases import Phase
-from securemig.protocol.session import Session
+from securemig.protocol.session import Session, SessionState
 from securemig.transport import tls
 from securemig.transport.tcp import tune_transport
 from securemig.transport.tls import channel_binding
@@ -108,7 +108,7 @@ class FramedProtocol(Connection, Generic[E]):
         self._timer: Any = None  # IDelayedCall
 
     @property
-    def session(self) -> Session[E]:
+    def session(self) -> Session[E, SessionState]:
         """The session the connection object drives."""
         return self.connection.session
 

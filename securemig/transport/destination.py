@@ -61,6 +61,7 @@ from securemig.protocol.connection import (
 from securemig.protocol.effects import DestinationEffect
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.protocol.phases import Phase
+from securemig.transport.carried import CARRIED_EXPORTER_LABEL, CarrierDestination
 from securemig.transport.control import Connection, FramedProtocol, failure_to_error
 from securemig.transport.executor import Executor, ThreadExecutor
 from securemig.transport.live import LIVE_RECORD_PLAINTEXT, LiveReceiver
@@ -115,6 +116,8 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         self.data_channel: DataChannelReceiver | None = None
         #: Live mode: the stream's receiver.
         self.live_receiver: LiveReceiver | None = None
+        #: Live, a carried backend: the carried sockets' destination end.
+        self.carrier: CarrierDestination | None = None
         #: A recovery connection: the RESOLVE and the answer it got.
         self.resolved: tuple[wire.Resolve, wire.Resolved] | None = None
         self.host = host
@@ -260,6 +263,10 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         def new_opener() -> records.Opener:
             return records.Opener(cipher, stream_key, migration_id, LIVE_RECORD_PLAINTEXT)
 
+        if arrival.carried:
+            self._start_carried(arrival, released)
+            return
+
         async def start() -> None:
             await arrival.start_incoming(released)
             if self.session.finished:
@@ -286,6 +293,50 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         def failed(f: Failure) -> None:
             if not self.session.finished:
                 self.fail(failure_to_error(f, "receiving the live stream"))
+
+        Deferred.fromCoroutine(start()).addErrback(failed)
+
+    def _start_carried(self, arrival: ArrivingVM, released: VtpmKey) -> None:
+        # The hypervisor's own migration: its backend takes the released
+        # material whole as its secret (libvirt's is 1 to 128 bytes, with no
+        # vTPM identity after it), sealed to our TPM at once (staging holds it
+        # from the start: a completed arrival may be rolled forward before
+        # PREPARED); then the carrier dials its sockets for what the source
+        # carries, keyed from this TLS session.
+        arrival.keep_key(
+            self.keeper_or_refuse(), VtpmKey(released.secret + released.identity, b""), None
+        )
+        cipher, key = self.data_channel_key(CARRIED_EXPORTER_LABEL)
+        migration_id = self.migration_id()
+
+        async def start() -> None:
+            await arrival.start_incoming(released)
+            if self.session.finished:
+                return  # ended meanwhile: the discard removes what the hypervisor made
+            carrier = CarrierDestination(
+                self.clock,
+                arrival.carried_sockets(),
+                cipher,
+                key,
+                migration_id,
+                interface=self.out.getHost().host,
+                on_progress=lambda n: self.touch(),
+            )
+            self.carrier = carrier
+            arrival.incoming_started()
+            self.run(self.session.incoming_ready(carrier.address[1]))
+            try:
+                await arrival.wait_loaded()
+            except MigrationError as e:
+                refused = f" ({'; '.join(carrier.errors)})" if carrier.errors else ""
+                raise ProtocolError(ErrorCode.LIVE_FAILED, f"{e}{refused}") from None
+            arrival.loaded()
+            if not self.session.finished:
+                self.run(self.session.incoming_loaded())
+
+        def failed(f: Failure) -> None:
+            if not self.session.finished:
+                self.fail(failure_to_error(f, "receiving the live migration"))
 
         Deferred.fromCoroutine(start()).addErrback(failed)
 
@@ -586,6 +637,8 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _do_Discard(self, effect: effects.Discard) -> None:
         if self.live_receiver is not None:
             self.live_receiver.cut()
+        if self.carrier is not None:
+            self.carrier.close()
         if self.arrival is not None:
             self.arrival.cancel()
             self._submit("removing staging", self.arrival.discard)
@@ -595,6 +648,8 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
 
     def _do_Finished(self, effect: effects.Finished) -> None:
         self._close(effect)
+        if self.carrier is not None:
+            self.carrier.close()
         if self.reading_paused:
             self.stream_transport.resumeProducing()
         self._close_data_port()

@@ -123,14 +123,16 @@ class ParserTests(SynchronousTestCase):
         # main() did not return: the process ended in it.
         self.assertNotIn("returned", result.stderr)
 
-    def test_daemon_start_up_leaves_out_the_web(self) -> None:
-        """The daemon's start (and the bench counts its CPU in every
-        migration) does not pay for twisted.web (and through it
-        twisted.spread and decimal), which only --metrics uses."""
+    def test_start_up_leaves_out_what_it_does_not_run(self) -> None:
+        """What every start of ``securemig`` (above all ``migrate``) and of
+        the daemon pays for: not the lab and bench (plots, statistics),
+        nor twisted.web (the daemon's optional --metrics endpoint)."""
         script = (
             "import sys\n"
-            "import securemig.app.service\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('twisted.web', 'decimal'))))\n"
+            "import securemig.app.cli.main, securemig.app.service\n"
+            "print(sorted(m for m in sys.modules if m.startswith("
+            "('securemig.lab.bench', 'securemig.lab.demo', 'securemig.lab.lab', "
+            "'twisted.web', 'tqdm', 'statistics', 'decimal'))))\n"
         )
         result = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, check=False

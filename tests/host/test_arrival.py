@@ -17,10 +17,15 @@ from securemig.host import storage
 from securemig.host.arrival import Arrival, DestinationHost
 from securemig.host.contract import VtpmKey
 from securemig.host.journal import Journal
-from securemig.hypervisor.bundle import create_image_vm
+from securemig.hypervisor.bundle import Bundle, create_image_vm
 from securemig.protocol import wire
 from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.trust.attestor import Attestor
+from securemig.trust.identity import Identity
 from securemig.trust.keyrelease import KeyTransferError
+from securemig.trust.pki import Authority
+from securemig.trust.policy import PolicyStore
+from tests.support.tpm import shared_tpm
 
 SECRET = bytes(range(32))
 IDENTITY = bytes(range(32, 64))
@@ -70,6 +75,34 @@ class KeyTests(SynchronousTestCase):
         self.assertEqual((key.secret, key.identity), (SECRET, IDENTITY))
         arrival.accept_key(wire.ClearKey(bytes(64)), 8)
         self.assertIs(arrival.release_key(None), key)
+
+    def test_clear_key_resealed_then_dropped(self) -> None:
+        """The key is re-sealed to this host's TPM (a real swtpm: it unseals
+        to the same secret, and the sealed form does not contain it); the
+        prepare writes only the sealed key, and the arrival keeps no clear
+        key after it (a backend that loads the VM at the prepare had it)."""
+        _, tpm, _ = shared_tpm()
+        attestor = Attestor(
+            Identity(Path("unused"), "dest-b", "unused"),
+            tpm,
+            PolicyStore(Path(self.mktemp())),
+            Authority.create("test privacy CA").cert,
+            False,
+        )
+        arrival = self.admit("ram")
+        arrival.accept_key(wire.ClearKey(SECRET + IDENTITY), 0)
+        key = arrival.release_key(None)
+        arrival.keep_key(attestor, key, IDENTITY.hex())
+        sealed = arrival.sealed_vtpm_key
+        assert sealed is not None
+        self.assertNotIn(SECRET, sealed)
+        self.assertEqual(attestor.unseal(sealed), SECRET)
+        self.assertEqual(arrival.vtpm_identity, IDENTITY.hex())
+        self.assertIs(arrival.vtpm_key, key)
+        arrival.prepare()
+        written = Bundle.load(arrival.staging).vtpm_key_path.read_bytes()
+        self.assertEqual(written, sealed)
+        self.assertIsNone(arrival.vtpm_key)
 
     def test_unusable_keys_refused(self) -> None:
         """A clear key of the wrong length, a wrapped key without this

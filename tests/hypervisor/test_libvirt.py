@@ -271,9 +271,11 @@ class AdoptCommandTests(TestCase):
         self.assertEqual(watch.wait(3, 120).pcr16, extended(pcr16))
         self.assertNotEqual(virsh_secret_value(self.host, domain.secret_uuid).returncode, 0)
 
-        # `securemig migrate --live` does not drive libvirt domains yet:
-        # refused before anything moves; the guest runs on.  (The suspended
-        # migration: tests/hypervisor/test_libvirt_suspended.py.)
+        # `securemig migrate --live` to a destination whose backend is not
+        # libvirt: refused at admission, before anything moves; the guest
+        # runs on.  (The suspended migration:
+        # tests/hypervisor/test_libvirt_suspended.py; live to a libvirt
+        # destination: tests/transport/test_live_libvirt.py.)
         destination = self.lab.start_destination()
         with self.assertRaises(RuntimeError) as caught:
             self.lab.migrate(
@@ -281,9 +283,9 @@ class AdoptCommandTests(TestCase):
                 "cli-guest",
                 True,
                 vm_dir=self.work / "vms",
-                extra=("--live", "--shared-storage"),
+                extra=("--live",),
             )
-        self.assertIn("that backend does not migrate", str(caught.exception))
+        self.assertIn("BACKEND_MISMATCH", str(caught.exception))
         status = self.securemig("vm", "status", "cli-guest", "--dir", vms)
         self.assertEqual(status.stdout.strip(), "cli-guest: running (libvirt)", status.stderr)
         self.assertEqual(watch.wait(3, 60).pcr16, extended(pcr16))

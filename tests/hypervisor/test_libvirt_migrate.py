@@ -15,7 +15,6 @@ libvirt domains yet (doc/backend-libvirt.rst, "Not yet done").
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import subprocess
@@ -38,24 +37,10 @@ from securemig.hypervisor.libvirt import (
 )
 from securemig.lab.libvirt import LibvirtHost, create_disk, define_guest
 from securemig.transport.carried import SOCKETS, CarrierDestination, CarrierSource
-from tests.support.libvirt import SecretWatch, seal, unseal
+from tests.support.libvirt import SecretWatch, remove_domain, seal, shared_hosts, unseal
 from tests.support.qemu import extended
 
 CIPHER = "TLS_AES_128_GCM_SHA256"
-
-_hosts: list[LibvirtHost] = []
-
-
-def shared_hosts() -> list[LibvirtHost]:
-    """Two lab libvirtds for this module's tests (started once per test
-    process), stopped with what they started at exit."""
-    if not _hosts:
-        for name, index in (("ma", 3), ("mb", 4)):
-            host = LibvirtHost(name, index)
-            atexit.register(host.remove)
-            host.start()
-            _hosts.append(host)
-    return _hosts
 
 
 class MigrationCase(TestCase):
@@ -81,7 +66,7 @@ class MigrationCase(TestCase):
     async def running_guest(self, name: str, pcr16: str) -> Any:
         domain = define_guest(self.a, name, pcr16=pcr16, persistent_secret=True)
         for host in (self.a, self.b):
-            self.addCleanup(_remove_domain, host, name)
+            self.addCleanup(remove_domain, host, name)
         vm_dir = Path(self.mktemp())
         bundle = await self.source.adopt(vm_dir, name, self.a.uri, seal)
         await self.source.start(bundle)
@@ -188,7 +173,7 @@ class LiveMigrationTests(MigrationCase):
             disk=str(shared / "sharer.qcow2"),
         )
         for host in (self.a, self.b):
-            self.addCleanup(_remove_domain, host, "sharer")
+            self.addCleanup(remove_domain, host, "sharer")
         bundle = await self.source.adopt(Path(self.mktemp()), "sharer", self.a.uri, seal)
         await self.source.start(bundle)
         watch = Watch(self.a.path(domain.heartbeat))
@@ -318,20 +303,3 @@ def _qemu_alive(host: LibvirtHost, name: str) -> bool:
     except (FileNotFoundError, ValueError):
         return False
     return pid in host.children()
-
-
-def _remove_domain(host: LibvirtHost, name: str) -> None:
-    """Destroy and undefine a test's domain (with its vTPM state) if left,
-    over a fresh connection (the host's libvirtd may have been restarted)."""
-    libvirt = require_libvirt()
-    conn = libvirt.open(host.uri)
-    try:
-        try:
-            dom = conn.lookupByName(name)
-        except libvirt.libvirtError:
-            return
-        if dom.isActive():
-            dom.destroy()
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
-    finally:
-        conn.close()

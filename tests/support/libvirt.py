@@ -1,13 +1,16 @@
 """A libvirt domain's secret sealed to, and unsealed by, the shared TPM;
-and what any root user of a lab libvirt host would try to read it."""
+what any root user of a lab libvirt host would try to read it; the two lab
+libvirt hosts the migration tests share, and a domain's removal."""
 
 from __future__ import annotations
 
+import atexit
 import subprocess
 import threading
 import time
 
 from securemig.hypervisor.bundle import Bundle
+from securemig.hypervisor.libvirt import require_libvirt
 from securemig.lab.libvirt import LibvirtHost
 from securemig.trust.attestor import DEFAULT_PCRS
 from securemig.trust.tpm.tpm import KeyBlob
@@ -66,3 +69,35 @@ class SecretWatch:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+_hosts: list[LibvirtHost] = []
+
+
+def shared_hosts() -> list[LibvirtHost]:
+    """Two lab libvirtds for the migration tests (started once per test
+    process), stopped with what they started at exit."""
+    if not _hosts:
+        for name, index in (("ma", 3), ("mb", 4)):
+            host = LibvirtHost(name, index)
+            atexit.register(host.remove)
+            host.start()
+            _hosts.append(host)
+    return _hosts
+
+
+def remove_domain(host: LibvirtHost, name: str) -> None:
+    """Destroy and undefine a test's domain (with its vTPM state) if left,
+    over a fresh connection (the host's libvirtd may have been restarted)."""
+    libvirt = require_libvirt()
+    conn = libvirt.open(host.uri)
+    try:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return
+        if dom.isActive():
+            dom.destroy()
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
+    finally:
+        conn.close()

@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.test import iosim
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase as TestCase
 
 from securemig.host.arrival import DestinationHost
 from securemig.host.departure import Departure
@@ -53,7 +53,7 @@ class InMemory:
     connected over ``iosim`` with a shared :class:`Clock`.  No reactor
     runs: the image backend's file work is done inline (``test``'s patch)."""
 
-    def __init__(self, base: Path, test: SynchronousTestCase, **timers: float) -> None:
+    def __init__(self, base: Path, test: TestCase, **timers: float) -> None:
         test.patch(image, "run_blocking", maybeDeferred)
         self.base = base
         self.clock = Clock()

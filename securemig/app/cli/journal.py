@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from securemig import runtime
 from securemig.app.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -134,7 +135,12 @@ def host_journal(vm_dir: Path, state_dir: Path | None) -> Journal:
     hold it (not writable, not a directory, a file that is no journal)."""
     directory = source_state_dir(vm_dir, state_dir)
     try:
-        return Journal(directory / "journal.sqlite")
+        journal = Journal(directory / "journal.sqlite")
+        # The sockets and links of the programs this command starts (a
+        # QEMU, a live stream's listener) go to this state directory's
+        # runtime directory, where its daemon cleans up after a crash.
+        runtime.use(directory)
+        return journal
     except (OSError, sqlite3.Error) as e:
         if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
             raise CommandError(

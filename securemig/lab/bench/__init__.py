@@ -49,7 +49,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-import securemig
 from securemig.hypervisor.bundle import create_image_vm
 from securemig.lab import processes
 from securemig.lab.bench.link import Link
@@ -270,7 +269,7 @@ def _byte_compile() -> None:
     """
     import compileall
 
-    compileall.compile_dir(Path(securemig.__file__).parent, quiet=2)
+    compileall.compile_dir(Path(__file__).parents[2], quiet=2)
 
 
 def _lab_migration(
