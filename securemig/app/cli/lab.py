@@ -47,7 +47,7 @@ def add_demo_parser(subparsers: Subparsers) -> None:
         action="store_true",
         help="with --backend qemu: a running Linux guest under load, migrated live, "
         "securely, there and back; its downtime, heartbeat and PCR 16; with --backend "
-        f"{demo_libvirt.KIND}: its domain migrated live",
+        f"{'/'.join(CARRIED_DEMOS)}: its domain migrated live",
     )
     p.set_defaults(func=cmd_demo)
 
