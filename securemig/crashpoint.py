@@ -12,6 +12,11 @@ variables nothing happens; no configuration file or flag can set them.
 A name written ``NAME:guest`` kills, at that point only, the QEMU the point
 passes (as ``SECUREMIG_CRASH_KILL=guest`` does at every listed point), so
 that one run can kill a QEMU at one point and its process at a later one.
+
+A name written ``NAME:other`` kills, at that point, the process whose pid
+file ``SECUREMIG_CRASH_PIDFILE`` names instead: a destination's daemon can
+so kill the source's QEMU at an exact step of the destination (both run on
+one machine in the tests).
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ POINTS = frozenset(
         "source-live-started",  # QEMU's pre-copy runs, the guest still runs here
         "source-live-ended",  # DONE received, its paused QEMU and swtpm ended, key still here
         "destination-live-lost",  # COMMIT received, its QEMU found ended, LOST not journaled
+        "destination-continuing",  # live: continuing journaled (in place), cont not sent
+        # The source host's daemon (or a read command) settling a departure:
+        "source-settle-aborted",  # an uncommitted departure journaled aborted, not continued
+        "source-settle-released",  # committed: the copy here destroyed, done not journaled
+        "source-settle-reclaimed",  # live: reclaimed journaled, its paused QEMU not continued
         # libvirt domains (issue 23):
         "adopt-sealed",  # vm adopt: the sealed secret's bundle durable, libvirt's still defined
     }
@@ -63,6 +73,11 @@ def reached(name: str, qemu: Path | None = None) -> None:
     at = os.environ.get("SECUREMIG_CRASH_AT", "").split(",")
     modes = dict(entry.partition(":")[::2] for entry in at)  # {name: mode}
     if name not in modes:
+        return
+    if modes[name] == "other":
+        other = os.environ.get("SECUREMIG_CRASH_PIDFILE")
+        if other:
+            _kill(Path(other), name)
         return
     if modes[name] == "guest" or os.environ.get("SECUREMIG_CRASH_KILL") == "guest":
         if qemu is not None:

@@ -136,28 +136,48 @@ class DestinationHost:
         return backend_for(self.backend).has_process(Bundle(path, Manifest(name=record.vm)))
 
     async def _lose(self, record: Any, why: str) -> None:
-        """A live arrival whose QEMU ended before the COMMIT was journaled
-        here: it never ran here; journal LOST, remove staging, journal aborted."""
+        """A live arrival whose QEMU ended before CONTINUING was journaled
+        here: it never ran here; journal LOST, remove staging (or the VM
+        this migration moved into place: ``committed`` journaled, staging
+        gone), journal aborted."""
         self.journal.phase(record.id, "lost")
-        await remove_staging(self.staging / record.id)
+        await self._discard_unrun(record)
         self.journal.finish(record.id, Outcome.ABORTED.value, error=f"LIVE_FAILED: {why}")
         log.warn("migration {mid}: VM {vm}: {why}: lost here", mid=record.id, vm=record.vm, why=why)
+
+    def _unrun(self, record: Any) -> bool:
+        """A live arrival that never sent ``cont`` here (``protocol.recovery``
+        ``_unrun``): prepared (staged), or COMMIT journaled and CONTINUING
+        not (staged, or moved into place), and no outcome yet."""
+        if not record.reached("incoming") or record.reached("continuing"):
+            return False
+        if record.reached("resumed") or record.reached("lost") or record.outcome == "done":
+            return False
+        if record.reached("committed"):
+            return (self.staging / record.id).exists() or (self.vms / record.vm).exists()
+        return record.phase in ("prepared", "in-doubt") and (self.staging / record.id).exists()
+
+    async def _discard_unrun(self, record: Any) -> None:
+        """Remove what a LOST arrival left: its staging, or, if its COMMIT
+        was journaled and staging is gone, the VM it moved into place (no
+        other arrival of that name can have come since: it kept the name's
+        lock until LOST, and a LOST record is settled before any new one)."""
+        staging = self.staging / record.id
+        if staging.exists() or not record.reached("committed"):
+            await remove_staging(staging)
+        else:
+            await remove_staging(self.vms / record.vm)
 
     async def _recover_one(self, record: Any) -> str:
         staging = self.staging / record.id
         in_place = (self.vms / record.vm).exists() and not staging.exists()
         committed = record.reached("committed") or record.reached("resumed")
         if record.reached("lost"):
-            await remove_staging(staging)
+            await self._discard_unrun(record)
             if record.outcome is None:
                 self.journal.finish(record.id, Outcome.ABORTED.value, error="LIVE_FAILED: lost")
             return "lost here (its QEMU ended before the guest ran): staging removed"
-        if (
-            not committed
-            and record.phase in ("prepared", "in-doubt")
-            and staging.exists()
-            and self.live_qemu(record) is False
-        ):
+        if self._unrun(record) and self.live_qemu(record) is False:
             await self._lose(record, "its QEMU ended before the guest ran here")
             return "its QEMU ended before the guest ran here: lost here; the source continues it"
         if committed and (staging.exists() or in_place):
@@ -192,7 +212,13 @@ class DestinationHost:
                 )
             files.rename_durably(staging, target)
         bundle = Bundle.load(target)
-        if record.reached("resumed") and self.backend_status(bundle) == "stopped":
+        # Live: from CONTINUING on, cont may have been sent (it may have run).
+        ran = record.reached("resumed") or record.reached("continuing")
+        if record.reached("incoming"):
+            gone = self.live_qemu(record) is False
+        else:
+            gone = self.backend_status(bundle) == "stopped"
+        if ran and gone:
             # It ran here and its guest has ended since: starting it again from
             # a saved state would run an older state of the guest a second time.
             log.error(
@@ -206,6 +232,10 @@ class DestinationHost:
             self.backend_status(bundle) != "running"
             or capabilities(bundle.manifest.backend).resume_continues
         ):
+            if record.reached("incoming") and not record.reached("continuing"):
+                # The last durable step before cont (its QEMU is there:
+                # an ended one was LOST before the roll forward).
+                self.journal.phase(record.id, "continuing")
             await self.resume(bundle)
         self.journal.phase(record.id, "resumed")
         self.journal.finish(record.id, Outcome.DONE.value)
@@ -246,8 +276,7 @@ class DestinationHost:
             return answer(wire.Settled.LOST if committed else wire.Settled.ABORTED, lost)
         if (
             message.decision is wire.Decision.COMMITTED
-            and not record.reached("committed")
-            and staging.exists()
+            and self._unrun(record)
             and self.live_qemu(record) is False
         ):
             lock = self._try_lock(record.vm)
@@ -592,27 +621,31 @@ class Arrival:
         """The source committed: move the VM into place and resume it (live
         mode: continue its loaded, paused QEMU).
 
-        Live mode: the COMMIT journaled here is the last durable step before
-        ``cont``.  If the QEMU that loaded the stream has ended before it,
-        the guest never ran here and never can (its state was only in that
-        QEMU): LOST is journaled instead, staging removed, and the source
-        (which kept its paused QEMU) continues the guest when it learns it."""
+        Live mode: CONTINUING, journaled once the VM is in place with its
+        QEMU still there, is the last durable step before ``cont``.  If the
+        QEMU that loaded the stream has ended before it (checked as the
+        COMMIT arrives and again just before CONTINUING), the guest never
+        ran here and never can (its state was only in that QEMU): LOST is
+        journaled instead, staging (or the VM moved into place) removed, and
+        the source (which kept its paused QEMU) continues the guest when it
+        learns it."""
         if self.live is not None and not await self.live.waits_loaded():
             crashpoint.reached("destination-live-lost")
             await self.lose()
-            raise ProtocolError(
-                ErrorCode.RESUME_FAILED,
-                f"the QEMU of VM {self.hello.vm_name} ended before its guest ran here: "
-                "nothing kept here (LOST); the source continues it",
-            )
+            raise self._lost()
         self.host.journal.phase(self.id, "committed")
-        crashpoint.reached("destination-commit-journaled")
+        crashpoint.reached("destination-commit-journaled", self.qemu_pidfile())
         target = self.host.vms / self.hello.vm_name
         files.rename_durably(self.staging, target)
-        crashpoint.reached("destination-in-place")
+        crashpoint.reached("destination-in-place", target / "qemu.pid" if self.live else None)
         bundle = Bundle.load(target)
         if self.live is not None:
             self.live.release()  # the QMP socket moved with the bundle: reconnect there
+            if not backend_for(bundle.manifest.backend).has_process(bundle):
+                await self.lose(target)
+                raise self._lost()
+            self.host.journal.phase(self.id, "continuing")
+            crashpoint.reached("destination-continuing", target / "qemu.pid")
         try:
             await self.host.resume(bundle)
         finally:
@@ -626,14 +659,24 @@ class Arrival:
         """Live mode: the pid file of the arriving VM's QEMU (for crash points)."""
         return self.staging / "qemu.pid" if self.live is not None else None
 
-    async def lose(self) -> None:
-        """Live mode, before the COMMIT is journaled here: its QEMU ended, so
-        the guest never ran here; journal LOST, remove staging, free the name."""
+    def _lost(self) -> ProtocolError:
+        return ProtocolError(
+            ErrorCode.RESUME_FAILED,
+            f"the QEMU of VM {self.hello.vm_name} ended before its guest ran here: "
+            "nothing kept here (LOST); the source continues it",
+        )
+
+    async def lose(self, in_place: Path | None = None) -> None:
+        """Live mode, before CONTINUING is journaled here: its QEMU ended, so
+        the guest never ran here; journal LOST, remove staging (or the VM
+        this migration moved ``in_place``, which never ran), free the name."""
         self.lost = True
         self.host.journal.phase(self.id, "lost")
         if self.live is not None:
             self.live.release()
         await remove_staging(self.staging)
+        if in_place is not None:
+            await remove_staging(in_place)
         self.lock.release()
         log.warn(
             "migration {mid}: the QEMU of VM {vm} ended before its guest ran here: lost here",

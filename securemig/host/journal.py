@@ -69,6 +69,11 @@ ADDED_COLUMNS = {
     "total": "INTEGER",
     #: Live mode, source: QEMU's downtime of the migration (ms), once known.
     "downtime_ms": "INTEGER",
+    #: Live mode, source: QEMU's total time (ms) and bytes transferred, and
+    #: the guest's downtime bounded here (stop to the destination's DONE, ms).
+    "qemu_total_ms": "INTEGER",
+    "qemu_bytes": "INTEGER",
+    "guest_downtime_ms": "INTEGER",
 }
 
 #: How many refused arrivals the journal keeps (the newest): a source that
@@ -129,8 +134,9 @@ PHASES = (
     "live",  # source: a live migration of the running VM began (it keeps running)
     "incoming",  # destination: the VM's vTPM and QEMU wait paused for the stream
     # Issue 22, appended:
-    "lost",  # destination, live: its QEMU ended before the COMMIT was journaled (never ran)
+    "lost",  # destination, live: its QEMU ended before CONTINUING was journaled (never ran)
     "reclaimed",  # source, live: committed, the destination lost; the guest goes on here
+    "continuing",  # destination, live: in place, its QEMU there; the last step before cont
 )
 
 #: What happens between a phase and the next one journaled, for phase tables:
@@ -151,6 +157,7 @@ ACTIVITY_AFTER = {
     "streaming": "streams",  # every image sent, received, verified and fsynced
     "prepared": "commit",  # source: journal COMMITTED, give the VM up
     "committed": "resume",  # destination moves the VM into place and resumes it
+    "continuing": "resume",  # destination, live: cont
     "resumed": "confirm",
     "released": "resume",  # source: from giving the VM up to DONE
 }
@@ -315,6 +322,24 @@ class Journal:
         with self._db:
             self._db.execute(
                 "UPDATE migrations SET downtime_ms = ? WHERE id = ?", (downtime_ms, local_id)
+            )
+
+    def set_live_numbers(
+        self,
+        local_id: str,
+        downtime_ms: int,
+        total_ms: int,
+        transferred: int,
+        guest_downtime_ms: int | None,
+    ) -> None:
+        """Record QEMU's numbers of a live migration (its downtime, total
+        time, bytes transferred) and the guest's downtime as the source
+        bounds it (source, once the destination's guest runs; no event)."""
+        with self._db:
+            self._db.execute(
+                "UPDATE migrations SET downtime_ms = ?, qemu_total_ms = ?, qemu_bytes = ?,"
+                " guest_downtime_ms = ? WHERE id = ?",
+                (downtime_ms, total_ms, transferred, guest_downtime_ms, local_id),
             )
 
     def request_abort(self, local_id: str) -> None:

@@ -270,6 +270,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 new_opener,
                 interface=self.out.getHost().host,
                 on_progress=lambda n: self.touch(),
+                listen=self.options.live_listener,
             )
             self.live_receiver = receiver
             receiver.done.addCallback(lambda _: self._live_unbound(receiver))
@@ -540,11 +541,27 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             if self.live_key is not None:
                 # Live: unwrapped when the vTPM started; its state came in
                 # QEMU's stream, encrypted with the migration key derived
-                # from this one, and is in the running swtpm, not in staging.
+                # from this one, and the running swtpm stored it in staging
+                # as it loaded it: checked there (on a copy, as for a
+                # suspended arrival) to be the vTPM the source announced.
                 secret, expected = self.live_key
-                self.arrival.sealed_vtpm_key = self.keeper().seal(secret)
-                self.arrival.vtpm_identity = expected.hex() or None
-                self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
+
+                def live_checked(identity: str | None) -> None:
+                    self.arrival.sealed_vtpm_key = self.keeper().seal(secret)
+                    self.arrival.vtpm_identity = identity
+                    self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
+
+                if not expected:
+                    live_checked(None)
+                    return
+                self._submit(
+                    "checking the vTPM",
+                    DestinationSecurity.check_vtpm,
+                    self.arrival.staging,
+                    secret,
+                    expected,
+                    then=live_checked,
+                )
                 return
             if isinstance(key, wire.WrappedKey):
                 secret, expected = self.security.unwrap(key, self.migration_id())

@@ -349,8 +349,10 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self.wire_bytes = None if None in counts else sum(c or 0 for c in counts)
             self._stop_streaming()
             self._close(effect)
-            if self.departure.committed and self.departure.live_qemu_alive():
-                # Live, after COMMITTED: the paused QEMU was kept until now.
+            if self.departure.committed and self.departure.live_migration is not None:
+                # Live, after COMMITTED: the paused QEMU was kept until now
+                # (on DONE its copy goes even if that QEMU has ended since:
+                # the key and bundle must not outlive the hand-over).
                 self.rolled_back = self._settle_live(effect)
             else:
                 self.departure.finish(effect, self.bytes_sent, effect.peer_settled)
