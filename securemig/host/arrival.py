@@ -16,7 +16,17 @@ thread" run on the connection's disk executor
 :class:`~securemig.transport.destination.DestinationProtocol`), in the order
 the session asked; the others run on the reactor thread, and none of those
 blocks it (a live arrival's guest is ended with the backend's asynchronous
-``end``).
+``end``).  The shell is typed against :mod:`securemig.host.contract`
+(``ArrivalHost``, ``ArrivingVM``), never against these classes.
+
+The vTPM key's way through an arrival: it arrives wrapped
+(:meth:`Arrival.accept_key`, journaled ``key-received``); once every stream
+is verified it is released, unwrapped inside this host's TPM in the attested
+state (:meth:`Arrival.release_key`; a live arrival's already when its vTPM
+starts, :meth:`Arrival.start_incoming`); the vTPM that arrived is checked to
+open with it and to be the one announced (:meth:`Arrival.check_vtpm`, disk
+thread); it is re-sealed to this host's TPM (:meth:`Arrival.keep_key`) and
+only that sealed form is written, by :meth:`Arrival.prepare`.
 """
 
 from __future__ import annotations
@@ -33,13 +43,17 @@ from twisted.logger import Logger
 
 from securemig import crashpoint, files
 from securemig.host import storage
-from securemig.host.journal import Journal
+from securemig.host.contract import KeySealer, KeyUnwrapper, VtpmKey
+from securemig.host.journal import Journal, MigrationRecord
+from securemig.host.shareddisk import foreign_owner
 from securemig.hypervisor import backends
 from securemig.hypervisor.backends import backend_for, capabilities
-from securemig.hypervisor.bundle import Bundle, Image, Manifest, image_file
+from securemig.hypervisor.bundle import VTPM_IMAGE, Bundle, Image, Manifest, image_file
+from securemig.hypervisor.contract import LiveSide
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished, Outcome
-from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
+from securemig.trust.keyrelease import DestinationSecurity, KeyTransferError
 from securemig.trust.vtpm import key_reader
 
 log = Logger()
@@ -145,7 +159,7 @@ class DestinationHost:
         self.journal.finish(record.id, Outcome.ABORTED.value, error=f"LIVE_FAILED: {why}")
         log.warn("migration {mid}: VM {vm}: {why}: lost here", mid=record.id, vm=record.vm, why=why)
 
-    def _unrun(self, record: Any) -> bool:
+    def _unrun(self, record: MigrationRecord) -> bool:
         """A live arrival that never sent ``cont`` here (``protocol.recovery``
         ``_unrun``): prepared (staged), or COMMIT journaled and CONTINUING
         not (staged, or moved into place), and no outcome yet."""
@@ -155,9 +169,10 @@ class DestinationHost:
             return False
         if record.reached("committed"):
             return (self.staging / record.id).exists() or (self.vms / record.vm).exists()
-        return record.phase in ("prepared", "in-doubt") and (self.staging / record.id).exists()
+        staged = (self.staging / record.id).exists()
+        return staged and record.phase in ("prepared", "in-doubt")
 
-    async def _discard_unrun(self, record: Any) -> None:
+    async def _discard_unrun(self, record: MigrationRecord) -> None:
         """Remove what a LOST arrival left: its staging, or, if its COMMIT
         was journaled and staging is gone, the VM it moved into place (no
         other arrival of that name can have come since: it kept the name's
@@ -380,10 +395,24 @@ class DestinationHost:
         return f"source committed: VM {record.vm} resumed here"
 
     def admit(
-        self, hello: wire.Hello, peer: str, protocol: str, peer_name: str | None = None
+        self,
+        hello: wire.Hello,
+        peer: str,
+        protocol: str,
+        peer_name: str | None = None,
+        *,
+        keeps_keys: bool = True,
     ) -> Arrival:
-        """Accept a HELLO or raise :class:`ProtocolError` saying why not."""
+        """Accept a HELLO or raise :class:`ProtocolError` saying why not.
+        ``keeps_keys``: the listener has a TPM identity to re-seal a vTPM key
+        to (the secure variant's attestor; the insecure one's ``--identity``)."""
         name = hello.vm_name
+        if not keeps_keys and any(i.name == VTPM_IMAGE for i in hello.images):
+            raise ProtocolError(
+                ErrorCode.POLICY_REFUSED,
+                "this destination has no TPM "
+                "identity to keep a vTPM key (start it with --identity)",
+            )
         # First, before anything is locked, journaled or staged: a VM this
         # host's backend cannot run would move, commit, and then not run.
         mismatch = backends.refusal(
@@ -485,13 +514,18 @@ class Arrival:
         self.lock = lock
         self.staging = staging
         self.cancelled = False
-        #: Secure variant: the vTPM key, re-sealed to this host's TPM, and
-        #: the vTPM's identity, checked with it.
+        #: The vTPM key as it arrived (wrapped, or in the clear in the
+        #: insecure variant), then as released to this host (unwrapped in its
+        #: TPM: at the prepare, or when a live arrival's vTPM starts).
+        self.accepted_key: wire.WrappedKey | wire.ClearKey | None = None
+        self.vtpm_key: VtpmKey | None = None
+        #: The vTPM key, re-sealed to this host's TPM, and the vTPM's
+        #: identity, checked with it.
         self.sealed_vtpm_key: bytes | None = None
         self.vtpm_identity: str | None = None
         #: Live mode: the destination guest's side of the migration, and the
         #: unix socket its stream goes to.
-        self.live: Any = None
+        self.live: LiveSide | None = None
         #: Live mode: LOST journaled (its QEMU ended before the guest ran here).
         self.lost = False
         self.live_socket: Path | None = None
@@ -547,6 +581,17 @@ class Arrival:
                 "source's",
             )
 
+    def check_vtpm(self, key: VtpmKey) -> str | None:
+        """Check the vTPM that arrived opens with ``key`` and is the one the
+        source announced (a swtpm start); returns its identity (hex), None
+        for a VM without a vTPM state.  A live arrival's vTPM state came in
+        its guest's stream, into the swtpm that runs with this key, which
+        stored it in staging as it loaded it: checked there alike (on a
+        copy; a swtpm start on the switchover path, before PREPARED)."""
+        if self.live is not None and not key.identity:
+            return None  # no vTPM (its QEMU's empty state directory is no state)
+        return DestinationSecurity.check_vtpm(self.staging, key.secret, key.identity)
+
     def manifest(self) -> Manifest:
         """The arriving VM's manifest, from its HELLO."""
         return Manifest(
@@ -597,10 +642,64 @@ class Arrival:
         """Record the bytes received so far (for ``securemig jobs``)."""
         self.host.journal.progress(self.id, nbytes)
 
-    async def start_incoming(self, key: bytes) -> Any:
-        """Live mode: start the VM's vTPM with its released state ``key`` and
-        its guest paused, waiting for the stream, in staging; journaled
-        ``incoming``.  The backend's side of the migration."""
+    def accept_key(self, key: wire.WrappedKey | wire.ClearKey, nbytes: int) -> None:
+        """Keep the vTPM key that arrived, as it arrived (still wrapped: it is
+        released only at the prepare, or when a live vTPM starts); journaled
+        ``key-received``."""
+        self.accepted_key = key
+        self.journal_phase("key-received", nbytes)
+
+    def key_expected(self, secure: bool) -> bool:
+        """Whether a vTPM key is to be released, checked and re-sealed before
+        :meth:`prepare`: the secure variant always has one; the insecure one
+        if the source sent one.  Raises :class:`KeyTransferError` for a vTPM
+        state that came without its key."""
+        if self.accepted_key is not None or secure:
+            return True
+        if any(i.name == VTPM_IMAGE for i in self.hello.images):
+            raise KeyTransferError("a vTPM state arrived without its key")
+        return False
+
+    def release_key(self, unwrapper: KeyUnwrapper | None, *, live: bool = False) -> VtpmKey:
+        """The vTPM key: unwrapped by ``unwrapper`` inside this host's TPM
+        (only in the attested PCR state; call from the thread that owns the
+        TPM), or as the insecure variant sent it.  Released once: a live
+        arrival's key, released (``live``: it must have come wrapped) for
+        :meth:`start_incoming`, is the one the prepare re-seals."""
+        if self.vtpm_key is not None:
+            return self.vtpm_key
+        key = self.accepted_key
+        if live and not isinstance(key, wire.WrappedKey):
+            raise KeyTransferError("live mode needs the wrapped vTPM key")
+        if isinstance(key, wire.WrappedKey) and unwrapper is not None:
+            secret, identity = unwrapper.unwrap(key, self.migration_id)
+        elif isinstance(key, wire.ClearKey) and len(key.material) in (32, 64):
+            secret, identity = key.material[:32], key.material[32:]
+        else:
+            raise KeyTransferError("no usable vTPM key arrived")
+        self.vtpm_key = VtpmKey(secret, identity)
+        return self.vtpm_key
+
+    def keep_key(self, sealer: KeySealer, key: VtpmKey, identity: str | None) -> None:
+        """Re-seal the checked key to this host's TPM (it is never written
+        in the clear here), with the vTPM's ``identity``, for :meth:`prepare`."""
+        self.sealed_vtpm_key = sealer.seal(key.secret)
+        self.vtpm_identity = identity
+
+    def prepared(self, nbytes: int) -> None:
+        """Staging is durable: journal PREPARED."""
+        self.journal_phase("prepared", nbytes)
+        crashpoint.reached("destination-prepared", self.qemu_pidfile())
+
+    async def start_incoming(self, released: VtpmKey) -> None:
+        """Live mode: start the VM's vTPM with its ``released`` key
+        (:meth:`release_key`) and its guest paused, waiting for the stream
+        at :attr:`live_socket`, in staging; journaled ``incoming``.  The
+        backend's side of the migration (a backend that keeps the key in its
+        own manager defines it there first)."""
+        key = released.secret
+        # The vTPM device is part of the guest's machine: the manifest names it.
+        self.vtpm_identity = released.identity.hex() or None
         if not capabilities(self.host.backend).live_destination:
             raise ProtocolError(
                 ErrorCode.POLICY_REFUSED,
@@ -615,7 +714,31 @@ class Arrival:
         self.live_socket = backend.live_socket(bundle, tag)
         self.live = await backend.live_destination(bundle, tag)
         self.host.journal.phase(self.id, "incoming")
-        return self.live
+
+    def incoming_started(self) -> None:
+        """Live mode: the stream's receiver listens; the guest waits for it."""
+        crashpoint.reached("destination-incoming", self.qemu_pidfile())
+
+    async def wait_loaded(self) -> None:
+        """Live mode: until the guest here has loaded the whole stream (paused,
+        not yet running); raises :class:`MigrationError` if it failed."""
+        if self.live is None:
+            raise MigrationError("no live arrival was started")
+        await self.live.wait()
+
+    def check_shared_disk(self, me: str) -> None:
+        """Secure shared-storage variant, before the commit: the source
+        handed the shared disk to us (host ``me``) at its commit point,
+        before it sent COMMIT; a disk another host owns is not resumed here
+        (:mod:`securemig.host.shareddisk`)."""
+        shared = self.hello.shared_disk
+        if not shared:
+            return
+        owner = foreign_owner(Path(shared), me)
+        if owner is not None:
+            raise ProtocolError(
+                ErrorCode.RESUME_FAILED, f"shared disk {shared} belongs to {owner}, not to us"
+            )
 
     async def commit(self) -> None:
         """The source committed: move the VM into place and resume it (live
@@ -685,7 +808,11 @@ class Arrival:
         )
 
     def hold(self) -> None:
-        """Keep the prepared staging for recovery; free the lock."""
+        """Keep the prepared staging for recovery; free the lock (and a live
+        arrival's QMP socket: its QEMU serves one client, and recovery
+        continues or ends it later)."""
+        if self.live is not None:
+            self.live.release()
         log.warn(
             "migration {mid}: holding prepared staging {path} in doubt",
             mid=self.id,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -21,9 +20,11 @@ from securemig import crashpoint, files
 from securemig.host import storage
 from securemig.host.arrival import variant_name
 from securemig.host.journal import Journal
+from securemig.host.shareddisk import foreign_owner
 from securemig.hypervisor.backends import Backend, backend_for, capabilities
 from securemig.hypervisor.bundle import Bundle, BundleError, set_disk_owner
-from securemig.hypervisor.qemu import LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH
+from securemig.hypervisor.contract import LiveSide
+from securemig.hypervisor.qemu import LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH, LiveStats
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
@@ -51,6 +52,7 @@ class Departure:
         vtpm_key: bytes | None = None,
         peer_name: str | None = None,
         live: bool = False,
+        live_options: tuple[int, int] | None = None,
     ) -> None:
         self.bundle = bundle
         self.variant = variant
@@ -62,13 +64,16 @@ class Departure:
         self.images = [] if live else bundle.streamed_images(variant)
         #: Live mode: the source QEMU's side of the migration, once started,
         #: and QEMU's numbers when it completed.
-        self.live_migration: Any = None
-        self.live_stats: Any = None
+        self.live_migration: LiveSide | None = None
+        self.live_stats: LiveStats | None = None
         #: Live mode: the guest's downtime bounded at the source (ms), from
         #: its stop to the destination's DONE (``LiveStats.guest_downtime_ms``).
         self.guest_downtime_ms: int | None = None
         #: Live mode: QEMU's downtime limit (ms) and bandwidth (bytes/s).
-        self.live_options: tuple[int, int] = (LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH)
+        self.live_options: tuple[int, int] = live_options or (
+            LIVE_DOWNTIME_LIMIT_MS,
+            LIVE_MAX_BANDWIDTH,
+        )
         # The vTPM key, unsealed before the VM is suspended, so a rollback
         # can restart the vTPM without the host TPM (busy with the session).
         self.backend: Backend = backend_for(
@@ -162,6 +167,19 @@ class Departure:
         )
         return replace(hello, version=2) if wire.has_tail(hello) else hello
 
+    def hand_shared_disk(self, me: str, successor: str) -> None:
+        """Secure shared-storage variant, before anything moves: check that
+        the shared disk is ours (host ``me``) to hand over, and hand it to
+        ``successor`` at the commit point (:mod:`securemig.host.shareddisk`).
+        Raises :class:`BundleError` naming the owner otherwise."""
+        shared = self.shared_disk
+        if not shared:
+            return
+        owner = foreign_owner(Path(shared), me)
+        if owner is not None:
+            raise BundleError(f"shared disk {shared} belongs to {owner}, not {me}")
+        self.disk_successor = successor
+
     @property
     def shared_disk(self) -> str:
         """The shared disk's path, announced in the shared-storage variant."""
@@ -235,9 +253,34 @@ class Departure:
         self._unlock()
         crashpoint.reached("source-released")
 
+    def live_socket(self, tag: str) -> Path:
+        """Live mode: the unix socket securemig listens on for this VM's
+        stream (``tag``: the migration's own), not yet there."""
+        path = self.backend.live_socket(self.bundle, tag)
+        path.unlink(missing_ok=True)
+        return path
+
+    async def start_live(self, uri: str) -> None:
+        """Live mode: start the guest's own stream to ``uri`` while it runs,
+        with this migration's downtime limit and bandwidth."""
+        self.live_migration = await self.backend.live_source(self.bundle, uri, *self.live_options)
+        crashpoint.reached("source-live-started")
+
+    async def live_sent(self) -> None:
+        """Live mode: until the backend says the stream completed (its guest
+        paused here); its numbers are kept for the journal (:meth:`hand_over`)."""
+        if self.live_migration is None:
+            raise MigrationError("no live migration was started")
+        self.live_stats = await self.live_migration.wait()
+
     def qemu_pidfile(self) -> Path | None:
         """Live mode: the pid file of this VM's QEMU (for crash points)."""
         return self.bundle.path / "qemu.pid" if self.live else None
+
+    def live_started(self) -> bool:
+        """Live mode: whether the backend's migration was started (its QEMU,
+        paused after the stream, is kept after COMMITTED until DONE)."""
+        return self.live_migration is not None
 
     def live_qemu_alive(self) -> bool:
         """Live mode: whether this VM's QEMU still runs here."""

@@ -39,5 +39,5 @@ def tune_malloc() -> bool:
     libc = glibc()
     if libc is None:
         return False
-    ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    return ok and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    ok: bool = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    return ok and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)

@@ -78,12 +78,19 @@ class LiveSide(Protocol):
     (:meth:`Backend.live_source`, :meth:`Backend.live_destination`)."""
 
     bundle: Bundle
+    #: Source: ``time.monotonic()`` just before the backend was told to
+    #: migrate (its total time counts from then); None if it does not say.
+    started: float | None
 
     async def wait(self, timeout: float = ...) -> Any:
         """Until the backend says the stream completed; its numbers."""
 
     async def cont(self) -> None:
         """Let the guest run here."""
+
+    async def waits_loaded(self) -> bool:
+        """Destination, after the stream: whether the guest still waits here,
+        loaded and paused (False: its process has ended)."""
 
     async def cancel(self) -> None:
         """Source, before the commit: stop sending, the guest goes on here."""

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from securemig.host.departure import Departure, unseal_vtpm_key
 from securemig.host.journal import Journal
 from securemig.host.recovery import Owed, acknowledge
-from securemig.hypervisor.bundle import Bundle, BundleError, disk_owner
+from securemig.hypervisor.bundle import Bundle, BundleError
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, LocalFault
@@ -30,7 +31,7 @@ from securemig.transport.executor import ThreadExecutor
 from securemig.transport.options import SourceOptions
 from securemig.transport.resolve import resolve
 from securemig.transport.source import SourceProtocol
-from securemig.transport.tcp import client_endpoint
+from securemig.transport.tcp import client_endpoint, connect
 
 log = Logger()
 
@@ -89,19 +90,12 @@ async def migrate(
         vtpm_key or None,
         peer_name=security.destination_name if security is not None else None,
         live=live is not None,
+        live_options=live,
     )
-    if live is not None:
-        departure.live_options = live
     await departure.acquire()
     if security is not None:
         try:
-            shared = bundle.manifest.shared_disk
-            if variant is wire.Variant.SHARED_STORAGE and shared:
-                owner = disk_owner(Path(shared))
-                me = security.attestor.identity.name
-                if owner is not None and owner != me:
-                    raise BundleError(f"shared disk {shared} belongs to {owner}, not {me}")
-                departure.disk_successor = security.destination_name
+            departure.hand_shared_disk(security.attestor.identity.name, security.destination_name)
         except BaseException as e:
             await departure.rollback()
             departure.refused(e)
@@ -137,7 +131,7 @@ async def migrate(
             tls.client_options(secure.identity, security.destination_name), endpoint
         )
     try:
-        await connectProtocol(endpoint, proto)
+        await connect(endpoint, proto)
     except Exception as e:
         await departure.rollback()
         departure.journal.finish(
@@ -152,7 +146,7 @@ async def migrate(
     # CLOSE_WAIT for a peer that does not close.
     closed = proto.closed
     closed.addTimeout(CLOSE_WAIT, reactor)  # type: ignore[arg-type]
-    closed.addErrback(lambda f: f.trap(defer.TimeoutError))
+    closed.addErrback(_late_close)
     await closed
     departure.wire_bytes = proto.wire_bytes
     if live is not None and departure.committed and result.outcome is not Outcome.DONE:
@@ -193,6 +187,11 @@ async def _settle_live_now(
     if answer.settled is wire.Settled.DONE:
         return Finished(Outcome.DONE, peer_settled=True)
     return result
+
+
+def _late_close(failure: Failure) -> Failure | None:
+    """Not closed within :data:`CLOSE_WAIT`: go on (any other failure stays one)."""
+    return None if isinstance(failure.value, defer.TimeoutError) else failure
 
 
 #: Seconds the source waits for the one RESOLVE it sends itself (live, no DONE).

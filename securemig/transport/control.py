@@ -18,11 +18,12 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Generic, TypeVar, assert_never, cast
+from typing import Any, Generic, Protocol, TypeVar, assert_never, cast
 
 from twisted.internet import error as net_error
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -39,9 +40,18 @@ from securemig.protocol.session import Session
 from securemig.transport import tls
 from securemig.transport.tcp import tune_transport
 from securemig.transport.tls import channel_binding
+from securemig.trust.attestor import Attestor
 from securemig.trust.keyrelease import qualifying_data
 
 E = TypeVar("E")
+
+
+class Attesting(Protocol):
+    """A side's security in the secure variant (a
+    :class:`~securemig.trust.keyrelease.SourceSecurity` or
+    :class:`~securemig.trust.keyrelease.DestinationSecurity`): its attestor."""
+
+    attestor: Attestor
 
 
 def failure_to_error(failure: Failure | BaseException, doing: str) -> MigrationError:
@@ -67,7 +77,7 @@ def expected(error: BaseException) -> bool:
     return isinstance(error, MigrationError | OSError | sqlite3.Error)
 
 
-class Connection(Protocol):
+class Connection(TwistedProtocol):
     """A protocol whose transport is used as what it is."""
 
     @property
@@ -126,10 +136,10 @@ class FramedProtocol(Connection, Generic[E]):
             self._run_reporting(batch)
         self._schedule()
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """No clock runs any more; a session still running learns it lost its peer."""
         self.connection_open = False
-        clean = reason.check(net_error.ConnectionDone, net_error.ConnectionLost)
+        clean = isinstance(reason.value, net_error.ConnectionDone | net_error.ConnectionLost)
         # A TLS refusal (bad certificate, wrong name) arrives as the reason.
         batch = self.connection.connection_lost("" if clean else tls.describe_failure(reason))
         self._schedule()
@@ -249,7 +259,14 @@ class FramedProtocol(Connection, Generic[E]):
 
     # -- the secure variant (TPM operations are quick and run in place)
 
-    security: Any = None
+    #: This side's security (None: the insecure variant); each role narrows it.
+    security: Attesting | None = None
+
+    def attestor(self) -> Attestor:
+        """This host's attestor (only the secure variant attests)."""
+        if self.security is None:
+            raise ProtocolError(ErrorCode.INTERNAL, "the insecure variant does not attest")
+        return self.security.attestor
 
     def migration_id(self) -> bytes:
         """This migration's id (known once the destination admitted it)."""
@@ -278,7 +295,7 @@ class FramedProtocol(Connection, Generic[E]):
         return cipher, key
 
     def _attest(self, effect: Attest) -> None:
-        evidence = self.security.attestor.evidence(
+        evidence = self.attestor().evidence(
             self.qualifying(effect.role, effect.nonce), effect.request
         )
         self.run(self.session.attested(evidence))
@@ -287,7 +304,7 @@ class FramedProtocol(Connection, Generic[E]):
         if effect.role == "destination":
             crashpoint.reached("source-attesting")
         qualifying = self.qualifying(effect.role, effect.nonce)
-        self.peer_values = self.security.attestor.verify(
+        self.peer_values = self.attestor().verify(
             effect.evidence, qualifying, self.peer_name(), effect.request
         )
         self.peer_ak = effect.evidence.ak_public

@@ -38,18 +38,17 @@ Data path, and why it looks like this:
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, assert_never
+from typing import Any, TypeVar, assert_never
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securemig import crashpoint, metrics
+from securemig.host.contract import ArrivalHost, ArrivingVM, KeySealer, VtpmKey
 from securemig.host.journal import PROGRESS_INTERVAL
-from securemig.hypervisor.bundle import VTPM_IMAGE, disk_owner
 from securemig.protocol import destination as destination_session
 from securemig.protocol import effects, records, wire
 from securemig.protocol.connection import (
@@ -63,14 +62,12 @@ from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.transport.control import Connection, FramedProtocol, failure_to_error
 from securemig.transport.executor import Executor, ThreadExecutor
 from securemig.transport.live import LIVE_RECORD_PLAINTEXT, LiveReceiver
-from securemig.transport.options import DestinationOptions
+from securemig.transport.options import DestinationOptions, ListeningPort
 from securemig.transport.tcp import tune_transport
 from securemig.transport.tls import peer_names
-from securemig.trust.keyrelease import (
-    MIGRATION_KEY_ROLE,
-    DestinationSecurity,
-    KeyTransferError,
-)
+from securemig.trust.keyrelease import MIGRATION_KEY_ROLE, DestinationSecurity
+
+T = TypeVar("T")
 
 
 @implementer(IHandshakeListener)
@@ -86,10 +83,11 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     """
 
     connection: DestinationConnection
+    security: DestinationSecurity | None
 
     def __init__(
         self,
-        host: Any,
+        host: ArrivalHost,
         clock: IReactorTime,
         executor_factory: Callable[[], Executor],
         options: DestinationOptions = DestinationOptions(),  # noqa: B008 (frozen)
@@ -98,7 +96,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         session = destination_session.DestinationSession(
             secure=security is not None,
             # What to ask the source to quote: this host's policy for it.
-            request=lambda: self.security.attestor.request_for(self.peer_name()),
+            request=lambda: self.attestor().request_for(self.peer_name()),
         )
         connection = DestinationConnection(
             session, options.idle_timeout, options.deadline, check_peer=security is not None
@@ -110,12 +108,10 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         self.data_listener = options.data_listener if security is not None else None
         #: The data channel: its listening port, the connections to it not
         #: yet dropped, and the one that proved it holds the key.
-        self.data_port: Any = None
+        self.data_port: ListeningPort | None = None
         self.data_receivers: list[DataChannelReceiver] = []
         self.data_channel: DataChannelReceiver | None = None
-        self.wrapped_key: Any = None
-        #: Live mode: the unwrapped vTPM key and identity, and the stream's receiver.
-        self.live_key: Any = None
+        #: Live mode: the stream's receiver.
         self.live_receiver: LiveReceiver | None = None
         #: A recovery connection: the RESOLVE and the answer it got.
         self.resolved: tuple[wire.Resolve, wire.Resolved] | None = None
@@ -123,7 +119,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         self.protocol_name = options.protocol_name
         self.executor_factory = executor_factory
         self.high_water = options.high_water
-        self.arrival: Any = None
+        self.arrival: ArrivingVM | None = None
         self.executor: Executor | None = None
         self.queued = 0
         self.reading_paused = False
@@ -140,7 +136,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         name = self._name_or_none() if self.security is not None else None
         return {
             "role": "destination",
-            "migration_id": self.arrival.migration_id.hex() if self.arrival else None,
+            "migration_id": self.arrival.id if self.arrival else None,
             "vm": hello.vm_name if hello else None,
             "peer": f"{name} ({self._peer()})" if name else self._peer(),
         }
@@ -157,7 +153,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
 
     def migration_id(self) -> bytes:
         """The id this destination gave the migration."""
-        return bytes(self.arrival.migration_id)
+        return self.admitted().migration_id
 
     def peer_name(self) -> str:
         """The source's name from its verified TLS certificate."""
@@ -174,7 +170,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         before any of its bytes is decoded (it learns nothing of the
         decoder; it gets an ABORT with the reason and the connection closes)."""
         try:
-            self.security.check_source(self.peer_name())
+            self.secure().check_source(self.peer_name())
         except ProtocolError as e:
             self.log.info("refused source {peer}: {reason}", peer=self._peer(), reason=e.reason)
             self._journal_refusal(None, e)
@@ -217,6 +213,13 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             case _:
                 assert_never(effect)
 
+    def secure(self) -> DestinationSecurity:
+        """This listener's security (the handshake and the key offer are
+        the secure variant's)."""
+        if self.security is None:
+            raise ProtocolError(ErrorCode.INTERNAL, "the insecure variant has no TLS peer")
+        return self.security
+
     def source_identity(self) -> str:
         """Who the source is, as RESOLVE must prove again: its attested TLS
         name (secure variant), or only its address (the insecure twin)."""
@@ -241,32 +244,27 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _do_OfferKey(self, effect: effects.OfferKey) -> None:
 
         qualifying = self.qualifying(MIGRATION_KEY_ROLE, b"")
-        offer = self.security.key.offer(self.security.attestor.identity.ak, qualifying)
+        offer = self.secure().key.offer(self.attestor().identity.ak, qualifying)
         self.run(self.session.key_offered(offer))
 
     def _do_StartIncoming(self, effect: effects.StartIncoming) -> None:
         # Live: the key is released to us now (unwrapped inside our TPM, in
         # the attested state), to start the vTPM the stream will fill.
-        key = self.wrapped_key
-        if not isinstance(key, wire.WrappedKey):
-            raise KeyTransferError("live mode needs the wrapped vTPM key")
-        self.live_key = self.security.unwrap(key, self.migration_id())
+        arrival = self.admitted()
+        released = arrival.release_key(self.security, live=True)
         cipher, stream_key = self.data_channel_key(records.LIVE_EXPORTER_LABEL)
         migration_id = self.migration_id()
 
         def new_opener() -> records.Opener:
             return records.Opener(cipher, stream_key, migration_id, LIVE_RECORD_PLAINTEXT)
 
-        # The vTPM device is part of QEMU's machine: the manifest names it.
-        self.arrival.vtpm_identity = self.live_key[1].hex() or None
-
         async def start() -> None:
-            live = await self.arrival.start_incoming(self.live_key[0])
+            await arrival.start_incoming(released)
             if self.session.finished:
-                return  # ended meanwhile: the discard ends this QEMU too
+                return  # ended meanwhile: the discard ends this guest too
             receiver = LiveReceiver(
                 self.clock,
-                str(self.arrival.live_socket),
+                str(arrival.live_socket),
                 new_opener,
                 interface=self.out.getHost().host,
                 on_progress=lambda n: self.touch(),
@@ -274,10 +272,10 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             )
             self.live_receiver = receiver
             receiver.done.addCallback(lambda _: self._live_unbound(receiver))
-            crashpoint.reached("destination-incoming", self.arrival.qemu_pidfile())
+            arrival.incoming_started()
             self.run(self.session.incoming_ready(receiver.address[1]))
             try:
-                await live.wait()
+                await arrival.wait_loaded()
             except MigrationError as e:
                 refused = f" ({receiver.error})" if receiver.error is not None else ""
                 raise ProtocolError(ErrorCode.LIVE_FAILED, f"{e}{refused}") from None
@@ -297,23 +295,32 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             self.fail(ProtocolError(ErrorCode.LIVE_FAILED, str(receiver.error)))
 
     def _do_AcceptKey(self, effect: effects.AcceptKey) -> None:
-        self.wrapped_key = effect.wrapped
-        self.journal_phase("key-received")
+        self.admitted().accept_key(effect.wrapped, self.session.bytes_received)
 
     def journal_phase(self, phase: str) -> None:
         """Record a phase in the destination's journal."""
-        self.arrival.journal_phase(phase, self.session.bytes_received)
+        self.admitted().journal_phase(phase, self.session.bytes_received)
+
+    def admitted(self) -> ArrivingVM:
+        """The arrival this connection admitted (an effect that needs one
+        comes only after the admission)."""
+        if self.arrival is None:
+            raise ProtocolError(ErrorCode.INTERNAL, "no arrival was admitted")
+        return self.arrival
 
     def _submit(
         self,
         doing: str,
-        fn: Callable[..., Any],
-        *args: Any,
-        then: Callable[[Any], None] | None = None,
+        fn: Callable[..., T],
+        *args: object,
+        then: Callable[[T], None] | None = None,
     ) -> None:
+        """Run ``fn(*args)`` on the disk executor, then ``then(result)`` on
+        the reactor thread unless the session has ended meanwhile; a failure
+        of either fails the session, saying what was being done."""
         assert self.executor is not None
 
-        def done(result: Any) -> None:
+        def done(result: T) -> None:
             self.touch()
             if then is not None and not self.session.finished:
                 try:
@@ -329,24 +336,19 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _do_Admit(self, effect: effects.Admit) -> None:
         try:
             # Secure: the source rules were checked at the handshake.
-            if (
-                self.security is None
-                and self.key_keeper is None
-                and any(i.name == VTPM_IMAGE for i in effect.hello.images)
-            ):
-                raise ProtocolError(
-                    ErrorCode.POLICY_REFUSED,
-                    "this destination has no TPM "
-                    "identity to keep a vTPM key (start it with --identity)",
-                )
-            self.arrival = self.host.admit(
-                effect.hello, self._peer(), self.protocol_name, self.source_identity()
+            arrival = self.host.admit(
+                effect.hello,
+                self._peer(),
+                self.protocol_name,
+                self.source_identity(),
+                keeps_keys=self.keeper() is not None,
             )
         except ProtocolError as e:
             self.log.info("refused VM {vm}: {reason}", vm=effect.hello.vm_name, reason=e.reason)
             self._journal_refusal(effect.hello.vm_name, e)
             self.run(self.session.refused(e.code, e.reason))
             return
+        self.arrival = arrival
         self.high_water = max(self.high_water, 2 * effect.hello.chunk_size)
         self.executor = self.executor_factory()
         if self.data_listener is not None and effect.hello.mode is not wire.Mode.LIVE:
@@ -355,12 +357,12 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             port = self.data_port.getHost().port
             self.log.info(
                 "data channel of migration {mid} on port {port}",
-                mid=self.arrival.migration_id.hex(),
+                mid=arrival.id,
                 port=port,
             )
             self.connection.offer_data_channel(port)
         crashpoint.reached("destination-admitted")
-        self.run(self.session.admitted(self.arrival.migration_id))
+        self.run(self.session.admitted(arrival.migration_id))
 
     def _journal_refusal(self, vm: str | None, e: ProtocolError) -> None:
         """Journal an arrival refused before admission (at the handshake, by
@@ -491,15 +493,17 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             port.stopListening()
 
     def _do_OpenStream(self, effect: effects.OpenStream) -> None:
+        arrival = self.admitted()
         if effect.index == 0:
-            self.arrival.journal_phase("streaming", 0)
+            arrival.journal_phase("streaming", 0)
         # Images on the data channel are authenticated by its records; the
         # insecure twin does no cryptography (its source sends no hash).
         hashed = self.data_channel is None and self.security is not None
-        self._submit("opening a staging file", self.arrival.open_stream, effect.index, hashed)
+        self._submit("opening a staging file", arrival.open_stream, effect.index, hashed)
 
     def _do_WriteChunk(self, effect: effects.WriteChunk) -> None:
-        if self.session.bytes_received > self.arrival.hello.images[0].size // 2:
+        arrival = self.admitted()
+        if self.session.bytes_received > arrival.hello.images[0].size // 2:
             crashpoint.reached("destination-streaming")
         n = len(effect.data)
         self.queued += n
@@ -507,13 +511,11 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         if now - self.progress_journaled >= PROGRESS_INTERVAL:
             # Live bytes for `securemig jobs`, at a bounded rate.
             self.progress_journaled = now
-            self.arrival.journal_progress(self.session.bytes_received)
+            arrival.journal_progress(self.session.bytes_received)
         if self.queued > self.high_water and not self.reading_paused:
             self.reading_paused = True
             self.stream_transport.pauseProducing()
-        self._submit(
-            "writing a staging file", self.arrival.write, effect.data.parts, then=self._drained
-        )
+        self._submit("writing a staging file", arrival.write, effect.data.parts, then=self._drained)
 
     def _drained(self, nbytes: int) -> None:
         self.queued -= nbytes
@@ -522,90 +524,58 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             self.stream_transport.resumeProducing()
 
     def _do_CloseStream(self, effect: effects.CloseStream) -> None:
-        self._submit("closing a staging file", self.arrival.close_stream, effect.sha256)
+        self._submit("closing a staging file", self.admitted().close_stream, effect.sha256)
 
     def _do_Prepare(self, effect: effects.Prepare) -> None:
+        # Every stream is closed and verified once the disk thread has done
+        # what is queued.  Then: release the key (secure: unwrapped inside our
+        # TPM, only in the attested PCR state), check on the disk thread that
+        # the vTPM opens with it and is the one announced, re-seal it to our
+        # TPM, and make staging durable there.
+        arrival = self.admitted()
+
         def prepared(_: object) -> None:
-            self.arrival.journal_phase("prepared", self.session.bytes_received)
-            crashpoint.reached("destination-prepared", self.arrival.qemu_pidfile())
+            arrival.prepared(self.session.bytes_received)
             self.run(self.session.prepared())
 
-        def receive_key(_: object) -> None:
-            # Every stream is closed and verified now.  Secure: unwrap inside
-            # our TPM (only in the attested PCR state).  Then, on the disk
-            # thread, check the vTPM opens with the key and is the one
-            # announced (a swtpm start); then re-seal the key to our TPM: it
-            # is never written in the clear here.
+        def keep(key: VtpmKey, identity: str | None) -> None:
+            arrival.keep_key(self.keeper_or_refuse(), key, identity)
+            self._submit("preparing the VM in staging", arrival.prepare, then=prepared)
 
-            key = self.wrapped_key
-            if self.live_key is not None:
-                # Live: unwrapped when the vTPM started; its state came in
-                # QEMU's stream, encrypted with the migration key derived
-                # from this one, and the running swtpm stored it in staging
-                # as it loaded it: checked there (on a copy, as for a
-                # suspended arrival) to be the vTPM the source announced.
-                secret, expected = self.live_key
-
-                def live_checked(identity: str | None) -> None:
-                    self.arrival.sealed_vtpm_key = self.keeper().seal(secret)
-                    self.arrival.vtpm_identity = identity
-                    self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
-
-                if not expected:
-                    live_checked(None)
-                    return
-                self._submit(
-                    "checking the vTPM",
-                    DestinationSecurity.check_vtpm,
-                    self.arrival.staging,
-                    secret,
-                    expected,
-                    then=live_checked,
-                )
-                return
-            if isinstance(key, wire.WrappedKey):
-                secret, expected = self.security.unwrap(key, self.migration_id())
-            elif isinstance(key, wire.ClearKey) and len(key.material) in (32, 64):
-                secret, expected = key.material[:32], key.material[32:]
-            else:
-                raise KeyTransferError("no usable vTPM key arrived")
-
-            def checked(identity: str | None) -> None:
-                self.arrival.sealed_vtpm_key = self.keeper().seal(secret)
-                self.arrival.vtpm_identity = identity
-                self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
-
+        def release(_: object) -> None:
+            key = arrival.release_key(self.security)
             self._submit(
                 "checking the vTPM",
-                DestinationSecurity.check_vtpm,
-                self.arrival.staging,
-                secret,
-                expected,
-                then=checked,
+                arrival.check_vtpm,
+                key,
+                then=lambda identity: keep(key, identity),
             )
 
-        if self.wrapped_key is None and self.security is None:
-            if any(i.name == VTPM_IMAGE for i in self.arrival.hello.images):
-                raise KeyTransferError("a vTPM state arrived without its key")
-            self._submit("preparing the VM in staging", self.arrival.prepare, then=prepared)
+        if arrival.key_expected(secure=self.security is not None):
+            self._submit("closing the streams", lambda: None, then=release)
         else:
-            self._submit("closing the streams", lambda: None, then=receive_key)
+            self._submit("preparing the VM in staging", arrival.prepare, then=prepared)
 
-    def keeper(self) -> Any:
+    def keeper(self) -> KeySealer | None:
         """What seals vTPM keys to this host's TPM (the secure attestor, or
-        the insecure listener's ``key_keeper``: the host attestor that seals vTPM keys)."""
+        the insecure listener's ``key_keeper``: the host attestor that seals
+        vTPM keys); None: this listener cannot keep one."""
         return self.security.attestor if self.security is not None else self.key_keeper
 
+    def keeper_or_refuse(self) -> KeySealer:
+        """:meth:`keeper`, which admission made sure of for a VM with a key."""
+        keeper = self.keeper()
+        if keeper is None:
+            raise ProtocolError(
+                ErrorCode.POLICY_REFUSED, "this destination has no TPM identity to keep a vTPM key"
+            )
+        return keeper
+
     def _do_CommitInPlace(self, effect: effects.CommitInPlace) -> None:
-        shared = self.arrival.hello.shared_disk
-        if self.security is not None and shared:
-            # The source handed the disk over at its commit point, before COMMIT.
-            owner, me = disk_owner(Path(shared)), self.security.attestor.identity.name
-            if owner not in (None, me):
-                raise ProtocolError(
-                    ErrorCode.RESUME_FAILED, f"shared disk {shared} belongs to {owner}, not to us"
-                )
-        d = Deferred.fromCoroutine(self.arrival.commit())
+        arrival = self.admitted()
+        if self.security is not None:
+            arrival.check_shared_disk(self.security.attestor.identity.name)
+        d = Deferred.fromCoroutine(arrival.commit())
 
         def failed(f: Failure) -> None:
             self.fail(ProtocolError(ErrorCode.RESUME_FAILED, f.getErrorMessage()))
@@ -620,10 +590,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             self._submit("removing staging", self.arrival.discard)
 
     def _do_HoldInDoubt(self, effect: effects.HoldInDoubt) -> None:
-        if self.arrival.live is not None:
-            # QEMU serves one QMP client: recovery continues (or ends) it later.
-            self.arrival.live.release()
-        self.arrival.hold()
+        self.admitted().hold()
 
     def _do_Finished(self, effect: effects.Finished) -> None:
         self._close(effect)
@@ -635,8 +602,9 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             receiver.out.loseConnection()
         if self.executor is not None:
             # Journal the outcome after queued disk work (a discard frees the
-            # space a full disk needs for the journal's own write).
-            arrival, nbytes = self.arrival, self.session.bytes_received
+            # space a full disk needs for the journal's own write).  The
+            # executor exists once an arrival was admitted.
+            arrival, nbytes = self.admitted(), self.session.bytes_received
             self.executor.submit(lambda: None).addBoth(
                 lambda _: self._journal_outcome(arrival, effect, nbytes)
             )
@@ -664,7 +632,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             why=f" ({effect.code.name}: {effect.reason})" if effect.code else "",
         )
 
-    def _journal_outcome(self, arrival: Any, effect: effects.Finished, nbytes: int) -> None:
+    def _journal_outcome(self, arrival: ArrivingVM, effect: effects.Finished, nbytes: int) -> None:
         try:
             arrival.finish(effect, nbytes)
         except Exception:
@@ -677,8 +645,8 @@ class DestinationFactory(Factory):
 
     def __init__(
         self,
-        host: Any,
-        clock: Any,
+        host: ArrivalHost,
+        clock: IReactorTime,
         options: DestinationOptions = DestinationOptions(),  # noqa: B008 (frozen)
         executor_factory: Callable[[], Executor] | None = None,
     ) -> None:
@@ -718,7 +686,7 @@ class DataChannelReceiver(Connection):
         if self.channel is not None:
             self.control.data_received(self, data)
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """A bound channel must have ended with its END record."""
         if self.channel is not None:
             self.control.data_connection_lost(self)

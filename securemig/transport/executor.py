@@ -38,18 +38,18 @@ class ThreadExecutor:
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
         self._pool.start()
         # A stopped reactor must not wait forever for an idle worker.
-        self._trigger = reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
+        self._trigger = reactor.addSystemEventTrigger(  # type: ignore[attr-defined, unused-ignore]
             "during", "shutdown", self._pool.stop
         )
         self._shut_down = False
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """Queue ``fn(*args)`` on the worker thread."""
-        return deferToThreadPool(self._reactor, self._pool, fn, *args)  # type: ignore[arg-type]
+        return deferToThreadPool(self._reactor, self._pool, fn, *args)  # type: ignore[arg-type, unused-ignore]
 
     def call_from_thread(self, fn: Callable[..., object], *args: Any) -> None:
         """From the worker: run ``fn(*args)`` on the reactor thread, in order."""
-        self._reactor.callFromThread(fn, *args)  # type: ignore[attr-defined]
+        self._reactor.callFromThread(fn, *args)  # type: ignore[attr-defined, unused-ignore]
 
     def shutdown(self) -> None:
         """Stop the worker after what is queued (once, however often asked)."""
@@ -59,7 +59,7 @@ class ThreadExecutor:
 
         def stop(_: object) -> None:
             try:
-                self._reactor.removeSystemEventTrigger(self._trigger)  # type: ignore[attr-defined]
+                self._reactor.removeSystemEventTrigger(self._trigger)  # type: ignore[attr-defined, unused-ignore]
             except ValueError:
                 return  # the reactor's shutdown ran the trigger: the pool is stopped
             self._pool.stop()

@@ -194,7 +194,7 @@ class PreAuthGuard(ProtocolWrapper):
         self._deadline = self.limits.clock.callLater(
             self.limits.caps.handshake_timeout, self._expired
         )
-        super().makeConnection(transport)
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]  # Twisted does not annotate it
 
     def _release(self) -> None:
         if self.is_pending:
@@ -224,7 +224,7 @@ class PreAuthGuard(ProtocolWrapper):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._release()
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # Twisted does not annotate it
 
 
 class LimitedTLSFactory(TLSMemoryBIOFactory):

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 
+from securemig.protocol import records
 from securemig.protocol.strangers import (
     FIRST_RECORD_TIMEOUT,
     MAX_PENDING_DATA_CONNECTIONS,
@@ -93,7 +94,7 @@ class LiveSender:
         listen_path: str,
         host: str,
         port: int,
-        sealer: Any,
+        sealer: records.Sealer,
         on_progress: Callable[[int], None] = lambda n: None,
     ) -> None:
         self.reactor = reactor
@@ -208,7 +209,7 @@ class LiveReceiver:
         self,
         reactor: Any,
         qemu_path: str,
-        new_opener: Callable[[], Any],
+        new_opener: Callable[[], records.Opener],
         interface: str = "127.0.0.1",
         on_progress: Callable[[int], None] = lambda n: None,
         accept_timeout: float = LIVE_ACCEPT_TIMEOUT,
@@ -227,7 +228,7 @@ class LiveReceiver:
         )
         self._timer = PoolTimer(reactor, self.pool, self._close_stranger)
         #: The bound stream's opener (None until a connection authenticated).
-        self.opener: Any = None
+        self.opener: records.Opener | None = None
         self.delivered = 0
         self.error: Exception | None = None
         #: Why the last stranger was closed (None: none was).
@@ -236,7 +237,7 @@ class LiveReceiver:
         self._in: _WireSide | None = None
         self._qemu: _WireSide | None = None
         # Each stranger's opener.
-        self._openers: dict[_WireSide, Any] = {}
+        self._openers: dict[_WireSide, records.Opener] = {}
         self._listening = True
         #: Fires once the port no longer listens (after the stream bound or ended).
         self.port_closed: Deferred[None] | None = None
@@ -291,9 +292,15 @@ class LiveReceiver:
         )
         side.transport.abortConnection()
 
+    def _opener(self) -> records.Opener:
+        # The bound stream's (only called once a connection bound: _in is set).
+        if self.opener is None:
+            raise RuntimeError("no live stream is bound")
+        return self.opener
+
     def _from_source(self, side: _WireSide, data: bytes) -> None:
         if side is self._in:
-            self.opener.feed(data)
+            self._opener().feed(data)
             self._deliver()
             return
         if side not in self.pool:
@@ -308,7 +315,7 @@ class LiveReceiver:
         if opener.sequence > 0:
             self._bind(side, opener)
 
-    def _bind(self, side: _WireSide, opener: Any) -> None:
+    def _bind(self, side: _WireSide, opener: records.Opener) -> None:
         # It holds the live stream's key: the source.  Only now is QEMU's
         # socket connected; what else waits is closed and so is the port.
         self.pool.record_received(side)
@@ -349,14 +356,14 @@ class LiveReceiver:
         if self._qemu is None:
             return  # held in the opener until QEMU's socket is connected
         try:
-            while (plain := self.opener.next_record()) is not None:
+            while (plain := self._opener().next_record()) is not None:
                 self.delivered += len(plain)
                 self.on_progress(len(plain))
                 self._qemu.transport.write(plain)
         except Exception as e:  # a refused record: nothing more reaches QEMU
             self._refuse(e)
             return
-        if self.opener.ended:
+        if self._opener().ended:
             # Nothing more comes: a registered producer would hold the close.
             self._qemu.transport.unregisterProducer()
             self._qemu.transport.loseConnection()
@@ -367,16 +374,16 @@ class LiveReceiver:
             self._openers.pop(side, None)
             self._timer.schedule()
             return
-        if not self.opener.ended:
+        if not self._opener().ended:
             try:
-                self.opener.closed()
+                self._opener().closed()
             except Exception as e:
                 self._refuse(e)
                 return
         self._finish()
 
     def _qemu_lost(self, reason: Any) -> None:
-        if self._in is not None and self._in.transport is not None and not self.opener.ended:
+        if self._in is not None and self._in.transport is not None and not self._opener().ended:
             self._in.transport.abortConnection()
         self._finish()
 

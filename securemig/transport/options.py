@@ -15,22 +15,38 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.protocol import Factory
 
+from securemig.host.contract import KeySealer
+from securemig.hypervisor.bundle import Bundle
 from securemig.protocol import wire
 from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT
 from securemig.trust.attestor import open_attestor, warn_on_stderr
-from securemig.trust.keyrelease import SourceSecurity
+from securemig.trust.keyrelease import DestinationSecurity, SourceSecurity
 from securemig.trust.revocation import RevocationList
 
 #: Destination: pause reading when this many bytes wait for the disk (at least
 #: two chunks, so the disk thread always has the next one queued).
 HIGH_WATER = 4 * 1024 * 1024
 
-#: Opens a listening port for a data channel: (interface, factory) → IListeningPort.
-DataListener = Callable[[str, Factory], Any]
+
+class ListeningPort(Protocol):
+    """A listening port (Twisted's ``IListeningPort``, which mypy cannot
+    read from its zope interface)."""
+
+    def getHost(self) -> Any:
+        """The address it listens on (an ``IPv4Address``: ``.host``, ``.port``)."""
+        ...
+
+    def stopListening(self) -> object:
+        """Stop accepting connections."""
+        ...
+
+
+#: Opens a listening port for a data channel: (interface, factory) → its port.
+DataListener = Callable[[str, Factory], ListeningPort]
 
 
 @dataclass(frozen=True)
@@ -46,7 +62,7 @@ class SecureOptions:
     #: against (:func:`securemig.trust.revocation.for_identity`).
     revocation: RevocationList | None = None
 
-    def prepare(self, bundle: Any, host: str) -> Any:
+    def prepare(self, bundle: Bundle, host: str) -> SourceSecurity:
         """Open the TPM, unseal the VM's vTPM key for this migration."""
         # The source runs on the operator's terminal: trust on first use says so there.
         attestor = open_attestor(
@@ -88,9 +104,10 @@ class DestinationOptions:
     #: Pause reading when this many bytes wait for the disk.
     high_water: int = HIGH_WATER
     #: The secure variant's :class:`~securemig.trust.keyrelease.DestinationSecurity`.
-    security: Any = None
-    #: Insecure variant: what keeps a vTPM key that arrives in the clear.
-    key_keeper: Any = None
+    security: DestinationSecurity | None = None
+    #: Insecure variant: what keeps a vTPM key that arrives in the clear
+    #: (this host's attestor, which seals it to its TPM).
+    key_keeper: KeySealer | None = None
     #: Secure variant: opens a migration's data channel port (None: images
     #: inside TLS).
     data_listener: DataListener | None = None

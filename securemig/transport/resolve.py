@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -25,7 +26,7 @@ from securemig.protocol import wire
 from securemig.protocol.errors import ErrorCode, PeerViolation, ProtocolError
 from securemig.transport import tls
 from securemig.transport.control import Connection
-from securemig.transport.tcp import client_endpoint
+from securemig.transport.tcp import client_endpoint, connect
 
 log = Logger()
 
@@ -64,17 +65,15 @@ class ResolveProtocol(Connection):
             ):
                 raise PeerViolation(ErrorCode.UNEXPECTED_MESSAGE, "not a RESOLVED for us")
         except ProtocolError as e:
-            self.answer.errback(Failure(e))
+            self.answer.errback(e)
         else:
             self.answer.callback(message)
         self.out.loseConnection()
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Gone before it answered."""
         if not self.answer.called:
-            self.answer.errback(
-                Failure(ProtocolError(ErrorCode.CONNECTION_LOST, reason.getErrorMessage()))
-            )
+            self.answer.errback(ProtocolError(ErrorCode.CONNECTION_LOST, reason.getErrorMessage()))
 
 
 async def resolve(
@@ -96,7 +95,7 @@ async def resolve(
             )
         endpoint = wrapClientTLS(tls.client_options(identity, record.peer_name or host), endpoint)
     proto = ResolveProtocol(wire.Resolve(owed.migration_id, owed.decision))
-    await connectProtocol(endpoint, proto)
+    await connect(endpoint, proto)
     timer = reactor.callLater(timeout, proto.out.abortConnection)
     try:
         return await proto.answer

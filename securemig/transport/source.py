@@ -14,11 +14,12 @@ from service_identity import VerificationError
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securemig import crashpoint
+from securemig.host.contract import LeavingVM
 from securemig.host.journal import PROGRESS_INTERVAL
 from securemig.protocol import effects, records
 from securemig.protocol import source as source_session
@@ -30,12 +31,8 @@ from securemig.transport.control import Connection, FramedProtocol, failure_to_e
 from securemig.transport.executor import Executor
 from securemig.transport.live import LiveSender
 from securemig.transport.streamer import ImageStreamer
-from securemig.transport.tcp import client_endpoint, tcp_bytes_acked, tune_transport
-from securemig.trust.keyrelease import (
-    MIGRATION_KEY_ROLE,
-    check_offer,
-    wrap,
-)
+from securemig.transport.tcp import client_endpoint, connect, tcp_bytes_acked, tune_transport
+from securemig.trust.keyrelease import MIGRATION_KEY_ROLE, SourceSecurity, check_offer, wrap
 
 #: The reason a migration ended by ``securemig abort`` ends with.
 ABORTED = "aborted by the operator (securemig abort)"
@@ -51,17 +48,18 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
     """
 
     connection: SourceConnection
+    security: SourceSecurity | None
 
     def __init__(
         self,
         session: source_session.SourceSession,
-        departure: Any,
+        departure: LeavingVM,
         clock: IReactorTime,
         executor_factory: Callable[[], Executor],
         on_progress: Callable[[int], None] = lambda n: None,
         idle_timeout: float = IDLE_TIMEOUT,
         deadline: float = DEADLINE,
-        security: Any = None,
+        security: SourceSecurity | None = None,
         data_connector: DataConnector | None = None,
         bandwidth: float | None = None,
     ) -> None:
@@ -128,9 +126,9 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         per-address one; CONNECTION_LOST saying so)."""
         if self.security is None or self.handshake_done or self.session.finished:
             return None
-        if reason.check(VerificationError):
+        if isinstance(reason.value, VerificationError):
             return ProtocolError(ErrorCode.ATTESTATION_FAILED, tls.describe_failure(reason))
-        if not reason.check(net_error.ConnectionDone, net_error.ConnectionLost):
+        if not isinstance(reason.value, net_error.ConnectionDone | net_error.ConnectionLost):
             return ProtocolError(
                 ErrorCode.CONNECTION_LOST,
                 f"the TLS handshake failed: {tls.describe_failure(reason)}",
@@ -142,7 +140,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             "it is not a securemig destination; try again later",
         )
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Also fire :attr:`closed`."""
         try:
             refusal = self._tls_refusal(reason)
@@ -225,12 +223,11 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
     def _do_StartLive(self, effect: effects.StartLive) -> None:
         # The destination's QEMU waits paused: start ours sending, through
         # records keyed for this session's live stream, to the port it named.
-        self.departure.streaming(self.session.migration_id)
+        departure = self.departure
+        departure.streaming(self.session.migration_id)
         cipher, key = self.data_channel_key(records.LIVE_EXPORTER_LABEL)
         sealer = records.Sealer(cipher, key, self.migration_id())
-        bundle = self.departure.bundle
-        listen = self.departure.backend.live_socket(bundle, f"{self.migration_id().hex()}-s")
-        listen.unlink(missing_ok=True)
+        listen = departure.live_socket(f"{self.migration_id().hex()}-s")
         self.live_listen = listen
 
         def progress(n: int) -> None:
@@ -241,15 +238,11 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         self.live_sender = LiveSender(
             self.clock, str(listen), self.out.getPeer().host, effect.port, sealer, progress
         )
-        options = self.departure.live_options
 
         async def start() -> None:
-            backend = self.departure.backend
-            live = await backend.live_source(bundle, f"unix:{listen}", *options)
-            self.departure.live_migration = live
-            crashpoint.reached("source-live-started")
+            await departure.start_live(f"unix:{listen}")
             try:
-                self.departure.live_stats = await live.wait()
+                await departure.live_sent()
             except MigrationError as e:
                 if not self.session.finished:
                     self.fail(ProtocolError(ErrorCode.LIVE_FAILED, str(e)))
@@ -259,7 +252,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
 
         Deferred.fromCoroutine(start()).addErrback(failed)
 
-    def _stream(self, transport: Any, sealer: Any) -> None:
+    def _stream(self, transport: Any, sealer: records.Sealer | None) -> None:
         def progress(n: int) -> None:
             self.bytes_sent += n
             self.touch()
@@ -299,7 +292,13 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
 
     def peer_name(self) -> str:
         """The destination's name, which TLS already checked."""
-        return str(self.security.destination_name)
+        return self.secure().destination_name
+
+    def secure(self) -> SourceSecurity:
+        """This migration's security (key wrapping is the secure variant's)."""
+        if self.security is None:
+            raise ProtocolError(ErrorCode.INTERNAL, "the insecure variant wraps no key")
+        return self.security
 
     def journal_phase(self, phase: str) -> None:
         """Record a phase in the source's journal."""
@@ -312,10 +311,10 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             effect.offer,
             self.peer_ak,
             self.qualifying(MIGRATION_KEY_ROLE, b""),
-            self.security.attestor.pcrs,
+            self.attestor().pcrs,
             self.peer_values,
         )
-        wrapped = wrap(key, self.security.key_material(), self.migration_id())
+        wrapped = wrap(key, self.secure().key_material(), self.migration_id())
         crashpoint.reached("source-key-wrapped")
         self.run(self.session.key_wrapped(wrapped))
 
@@ -349,7 +348,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self.wire_bytes = None if None in counts else sum(c or 0 for c in counts)
             self._stop_streaming()
             self._close(effect)
-            if self.departure.committed and self.departure.live_migration is not None:
+            if self.departure.committed and self.departure.live_started():
                 # Live, after COMMITTED: the paused QEMU was kept until now
                 # (on DONE its copy goes even if that QEMU has ended since:
                 # the key and bundle must not outlive the hand-over).
@@ -412,14 +411,14 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
 
 
 #: Opens the source's data connection: (host, port, protocol) → Deferred(protocol).
-DataConnector = Callable[[str, int, Protocol], Deferred[Any]]
+DataConnector = Callable[[str, int, "DataChannelSender"], Deferred["DataChannelSender"]]
 
 
-def connect_data_channel(reactor: Any, host: str, port: int, proto: Protocol) -> Deferred[Any]:
+def connect_data_channel(
+    reactor: Any, host: str, port: int, proto: DataChannelSender
+) -> Deferred[DataChannelSender]:
     """Connect ``proto`` to a destination's data channel port over TCP."""
-    from twisted.internet.endpoints import connectProtocol
-
-    return connectProtocol(client_endpoint(reactor, host, port), proto)
+    return connect(client_endpoint(reactor, host, port), proto)
 
 
 class DataChannelSender(Connection):
@@ -441,7 +440,7 @@ class DataChannelSender(Connection):
         """The destination never sends on the data channel: a violation."""
         self.control.fail(ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "bytes on the data channel"))
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Cut before the streams were all sent: the migration cannot go on.
         The destination cuts it when it refuses, so its ABORT may still be
         on the control connection: the connection object waits for it."""

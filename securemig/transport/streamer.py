@@ -68,7 +68,7 @@ class ImageStreamer:
         on_progress: Callable[[int], None],
         on_done: Callable[[], None],
         on_error: Callable[[MigrationError], None],
-        sealer: Any = None,
+        sealer: records.Sealer | None = None,
         hashed: bool = True,
         bandwidth: float | None = None,
         clock: Any = None,
@@ -192,13 +192,14 @@ class ImageStreamer:
         the same records :meth:`_records` makes, then the END record."""
         assert isinstance(self.executor, ThreadExecutor)
         call = self.executor.call_from_thread
+        sealer = self._sealer()
         header = wire.HEADER.size
         frame = memoryview(bytearray(header + self.chunk_size))
         record = memoryview(bytearray(records.max_record(self.chunk_size)))
         chunk = frame[header:]
 
         def send(plain: memoryview, kind: records.Kind = records.Kind.FRAMES) -> None:
-            n = self.sealer.seal_into(plain, record, kind)
+            n = sealer.seal_into(plain, record, kind)
             try:
                 sock.sendall(record[:n])
             except OSError as e:
@@ -247,7 +248,7 @@ class ImageStreamer:
     def _send_failed(self, failure: Failure) -> None:
         if self.stopped:
             return
-        if failure.check(_SendFailed):
+        if isinstance(failure.value, _SendFailed):
             # The connection is gone: its loss (and the destination's ABORT,
             # which may follow on the control connection) is what Twisted's
             # side reports; abort it, so it is reported at once.
@@ -257,15 +258,22 @@ class ImageStreamer:
         self.stopProducing()
         self.on_error(failure_to_error(failure, "reading an image"))
 
+    def _sealer(self) -> records.Sealer:
+        # Only the data channel's paths seal (sealer given).
+        if self.sealer is None:
+            raise RuntimeError("this stream is not sealed")
+        return self.sealer
+
     def _records(self, frames: Generator[Frame, None, None]) -> Generator[Frame, None, None]:
         """The frames sealed into data channel records, one frame per record,
         and the END record after the last."""
         ended = 0
+        sealer = self._sealer()
         for buffers, n, ends_stream in frames:
-            sealed = self.sealer.seal(buffers)
+            sealed = sealer.seal(buffers)
             ended += ends_stream
             if ended == len(self.images):
-                sealed += self.sealer.end()
+                sealed += sealer.end()
             yield sealed, n, ends_stream
 
     def _request(self) -> None:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import random
 import socket
 import sys
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import tcp
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Protocol
 
 from securemig.protocol.errors import ErrorCode, LocalFault
 
@@ -29,6 +31,16 @@ def client_endpoint(
     (control, data, RESOLVE) is made here."""
     endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
     return endpoint_type(reactor, host, port, timeout=timeout)
+
+
+P = TypeVar("P", bound=Protocol)
+
+
+def connect(endpoint: Any, proto: P) -> Deferred[P]:
+    """Connect ``proto`` through ``endpoint``; fires with it once connected.
+    Twisted's ``connectProtocol``, typed (Twisted does not annotate it)."""
+    connected: Deferred[P] = connectProtocol(endpoint, proto)  # type: ignore[no-untyped-call]
+    return connected
 
 
 def _with_tcp(transport: Any) -> tuple[Any, ...]:

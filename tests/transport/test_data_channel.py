@@ -284,8 +284,8 @@ class ChannelOrderTests(SynchronousTestCase):
         def full_disk(parts: Any) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        def admit_with_a_full_disk(*args: Any) -> Any:
-            arrival = admit(*args)
+        def admit_with_a_full_disk(*args: Any, **kwargs: Any) -> Any:
+            arrival = admit(*args, **kwargs)
             arrival.write = full_disk
             return arrival
 
