@@ -258,6 +258,8 @@ class DestinationHost:
         log.info(
             "migration {mid}: {why}: VM {vm} rolled forward", mid=record.id, why=why, vm=record.vm
         )
+        if ran and gone:
+            return f"source committed: VM {record.vm} ran here and its guest has ended since"
         return f"source committed: VM {record.vm} resumed here"
 
     def backend_status(self, bundle: Bundle) -> str:
@@ -311,10 +313,10 @@ class DestinationHost:
             if lock is None:
                 return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
             try:
-                await self._roll_forward(record, "RESOLVE committed")
+                said = await self._roll_forward(record, "RESOLVE committed")
             finally:
                 lock.release()
-            return answer(wire.Settled.DONE, f"VM {record.vm} resumed here")
+            return answer(wire.Settled.DONE, said.removeprefix("source committed: "))
         if record.reached("committed"):
             return answer(wire.Settled.FAILED, "COMMIT was journaled here: the VM is ours")
         if staging.exists():

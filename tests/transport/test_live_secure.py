@@ -275,6 +275,9 @@ class LiveCrashPointTests(LiveSecureBase):
             # the guest with it.
             expected = 1 if point == "destination-incoming" else 0
             self.assertEqual(result.returncode, expected, result.stderr)
+        elif dies == "destination-qemu" and point == "destination-continuing":
+            # Done (the commit holds), said as a guest that ended there.
+            self.assertIn("its guest has ended since", destination.log())
         elif dies == "destination-qemu" and point != "destination-incoming":
             # The destination said LOST; migrate asked once and went on here.
             self.assertEqual(result.returncode, 1, result.stderr)
@@ -295,6 +298,18 @@ class LiveCrashPointTests(LiveSecureBase):
             self.assertFalse(arrived.path.exists())
             self.assertEqual(QemuBackend().status(Bundle.load(bundle.path)), "stopped")
             self.assertTrue(bundle.vtpm_key_path.exists())
+            self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+            self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+            self.assertNoUnhandledError(destination)
+            return "nowhere"
+        if dies == "destination-qemu" and point == "destination-continuing":
+            # ``cont`` may have been sent: the guest may have run there, and
+            # ended with that QEMU.  Nothing runs it again: the source's
+            # paused copy and key went on the destination's done.
+            self.assertTrue(record.reached("committed"))
+            self.assertFalse(record.reached("reclaimed"))
+            self.assertFalse(bundle.path.exists())
+            self.assertIsNone(QemuBackend()._pid(arrived))
             self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
             self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
             self.assertNoUnhandledError(destination)
@@ -490,6 +505,14 @@ class LiveCrashPointTests(LiveSecureBase):
         ``cont``: its restart continues the QEMU waiting in place."""
         self.assertEqual(await self.cell("destination-continuing", "destination"), "destination")
 
+    async def test_destination_qemu_dies_continuing(self) -> None:
+        """The one window left: the destination's QEMU killed with
+        CONTINUING journaled (``cont`` may have been sent): counted as a
+        crash of the running guest, answered done ("ran here and its guest
+        has ended since"); nothing runs it a second time (the source gives
+        its paused copy up)."""
+        self.assertEqual(await self.cell("destination-continuing", "destination-qemu"), "nowhere")
+
     # -- the source's QEMU killed at the destination's steps (by its daemon)
 
     async def test_source_qemu_dies_destination_incoming(self) -> None:
@@ -512,6 +535,10 @@ class LiveCrashPointTests(LiveSecureBase):
     async def test_source_qemu_dies_destination_in_place(self) -> None:
         """Killed with the destination's VM in place, not continued."""
         self.assertEqual(await self.cell("destination-in-place", "source-qemu"), "destination")
+
+    async def test_source_qemu_dies_destination_continuing(self) -> None:
+        """Killed as the destination journals CONTINUING: it goes on there."""
+        self.assertEqual(await self.cell("destination-continuing", "source-qemu"), "destination")
 
     async def test_source_qemu_dies_destination_resumed(self) -> None:
         """Killed after the destination's guest runs, DONE not sent: the
