@@ -22,44 +22,67 @@ one machine in the tests).
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-#: Every point the product defines, so a test (and a typo) can be checked.
-POINTS = frozenset(
-    {
-        "destination-admitted",  # HELLO admitted and journaled, WELCOME not sent
-        "destination-streaming",  # past half of the first image
-        "destination-prepared",  # PREPARED journaled, not sent
-        "destination-commit-journaled",  # COMMIT journaled, VM not moved into place
-        "destination-in-place",  # VM moved into place, not resumed (live: not continued)
-        "destination-resumed",  # VM moved and resumed, DONE not sent
-        "source-prepared-received",  # PREPARED received, COMMITTED not journaled
-        "source-committed",  # COMMITTED journaled, key and bundle still here, COMMIT not sent
-        "source-released",  # key and bundle gone, COMMIT not sent
-        "source-streaming",  # the first image bytes are written to the connection
-        "source-attesting",  # secure: the destination's evidence arrived, not verified
-        "source-key-wrapped",  # secure: WRAPPED_KEY about to be sent
-        # Live mode (issue 16):
-        "destination-incoming",  # its QEMU waits paused with the vTPM, LIVE_READY not sent
-        "source-live-started",  # QEMU's pre-copy runs, the guest still runs here
-        "source-live-ended",  # DONE received, its paused QEMU and swtpm ended, key still here
-        "destination-live-lost",  # COMMIT received, its QEMU found ended, LOST not journaled
-        "destination-continuing",  # live: continuing journaled (in place), cont not sent
-        # The source host's daemon (or a read command) settling a departure:
-        "source-settle-aborted",  # an uncommitted departure journaled aborted, not continued
-        "source-settle-released",  # committed: the copy here destroyed, done not journaled
-        "source-settle-reclaimed",  # live: reclaimed journaled, its paused QEMU not continued
-        # libvirt domains (issue 23):
-        "adopt-sealed",  # vm adopt: the sealed secret's bundle durable, libvirt's still defined
-    }
-)
+
+class CrashPoint(enum.StrEnum):
+    """A named step where a test build may kill the process (or a QEMU).
+
+    A ``StrEnum``: the value is the name ``SECUREMIG_CRASH_AT`` lists and
+    the message on stderr shows."""
+
+    DESTINATION_ADMITTED = "destination-admitted"  #: HELLO admitted and journaled, WELCOME not sent
+    DESTINATION_STREAMING = "destination-streaming"  #: past half of the first image
+    DESTINATION_PREPARED = "destination-prepared"  #: PREPARED journaled, not sent
+    #: COMMIT journaled, VM not moved into place
+    DESTINATION_COMMIT_JOURNALED = "destination-commit-journaled"
+    #: VM moved into place, not resumed (live: not continued)
+    DESTINATION_IN_PLACE = "destination-in-place"
+    DESTINATION_RESUMED = "destination-resumed"  #: VM moved and resumed, DONE not sent
+    #: PREPARED received, COMMITTED not journaled
+    SOURCE_PREPARED_RECEIVED = "source-prepared-received"
+    #: COMMITTED journaled, key and bundle still here, COMMIT not sent
+    SOURCE_COMMITTED = "source-committed"
+    SOURCE_RELEASED = "source-released"  #: key and bundle gone, COMMIT not sent
+    SOURCE_STREAMING = "source-streaming"  #: the first image bytes are written to the connection
+    #: secure: the destination's evidence arrived, not verified
+    SOURCE_ATTESTING = "source-attesting"
+    SOURCE_KEY_WRAPPED = "source-key-wrapped"  #: secure: WRAPPED_KEY about to be sent
+    # Live mode (issue 16):
+    #: its QEMU waits paused with the vTPM, LIVE_READY not sent
+    DESTINATION_INCOMING = "destination-incoming"
+    SOURCE_LIVE_STARTED = "source-live-started"  #: QEMU's pre-copy runs, the guest still runs here
+    #: DONE received, its paused QEMU and swtpm ended, key still here
+    SOURCE_LIVE_ENDED = "source-live-ended"
+    #: COMMIT received, its QEMU found ended, LOST not journaled
+    DESTINATION_LIVE_LOST = "destination-live-lost"
+    #: live: CONTINUING journaled (in place, its QEMU there), cont not sent
+    DESTINATION_CONTINUING = "destination-continuing"
+    # The source host's daemon (or a read command) settling a departure:
+    #: an uncommitted departure journaled aborted, its guest not continued
+    SOURCE_SETTLE_ABORTED = "source-settle-aborted"
+    #: committed: the copy here destroyed, done not journaled
+    SOURCE_SETTLE_RELEASED = "source-settle-released"
+    #: live: reclaimed journaled, its paused QEMU not continued
+    SOURCE_SETTLE_RECLAIMED = "source-settle-reclaimed"
+    # Live through the hypervisor's own migration (carried sockets, issue 23):
+    #: the hypervisor completed here (guest paused), PREPARED not journaled
+    DESTINATION_LOADED = "destination-loaded"
+    # libvirt domains (issue 23):
+    #: vm adopt: the sealed secret's bundle durable, libvirt's still defined
+    ADOPT_SEALED = "adopt-sealed"
 
 
-def reached(name: str, qemu: Path | None = None) -> None:
+#: Every point the product defines (each member is its name, a ``str``).
+POINTS: frozenset[CrashPoint] = frozenset(CrashPoint)
+
+
+def reached(point: CrashPoint, qemu: Path | None = None) -> None:
     """A crash point: die here if this test process was told to.
 
     With ``SECUREMIG_CRASH_KILL=guest`` as well (or the name listed as
@@ -67,7 +90,9 @@ def reached(name: str, qemu: Path | None = None) -> None:
     SIGKILLs instead the QEMU whose pid file ``qemu`` names (a point of a
     live migration passes its VM's), so that a test kills a QEMU at an exact
     step; a point reached without one does nothing then."""
-    assert name in POINTS, name
+    # Typed, and checked at run time too (an assert would be stripped by
+    # -O): a name that is no point raises ValueError.
+    name = CrashPoint(point)
     if os.environ.get("SECUREMIG_CRASH_POINTS") != "1":
         return
     at = os.environ.get("SECUREMIG_CRASH_AT", "").split(",")

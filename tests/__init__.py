@@ -20,3 +20,12 @@ if "SECUREMIG_TPM_LOCK_DIR" not in os.environ:
     _locks = tempfile.mkdtemp(prefix="securemig-test-locks-")
     os.environ["SECUREMIG_TPM_LOCK_DIR"] = _locks
     atexit.register(shutil.rmtree, _locks, ignore_errors=True)
+
+# The same for the runtime directory (securemig/runtime.py) of whatever the
+# test process starts itself (a QEMU of a backend test) and of the commands
+# that have no state directory; a command or daemon with one uses that
+# directory's own, as in production.
+if "SECUREMIG_RUNTIME_DIR" not in os.environ:
+    _run = tempfile.mkdtemp(prefix="securemig-test-run-")
+    os.environ["SECUREMIG_RUNTIME_DIR"] = _run
+    atexit.register(shutil.rmtree, _run, ignore_errors=True)

@@ -1,11 +1,12 @@
 """
 Every crash point has a cell: a test that kills a real process there.
 
-:data:`securemig.crashpoint.POINTS` lists every point the product defines.
+:class:`securemig.crashpoint.CrashPoint` names every point the product defines.
 A point no test kills at is a step whose crash nobody has checked, so this
 test reads the test suite's sources (with :mod:`ast`, nothing is run) and
-collects the names handed to the crash-point mechanism: a string literal in
-``SECUREMIG_CRASH_AT`` (an environment dict's value, comma-separated) or
+collects the names handed to the crash-point mechanism: a string literal (or
+a ``CrashPoint.NAME`` member) in ``SECUREMIG_CRASH_AT`` (an environment
+dict's value, comma-separated) or
 passed to a function that ends there (``crash_env(point)``, and, found by
 following the parameter, ``source_dies(point)``, ``destination_dies(point)``,
 ``cell(point, ...)`` and whatever helper comes next).
@@ -22,7 +23,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from securemig.crashpoint import POINTS
+from securemig import crashpoint
+from securemig.crashpoint import CrashPoint
 
 #: Points with no cell, each with the honest reason why.
 EXEMPT: dict[str, str] = {}
@@ -89,6 +91,16 @@ def collect(sources: Iterable[str]) -> set[str]:
         if isinstance(value, ast.Constant) and isinstance(value.value, str):
             points.update(_names(value.value))
             return False
+        if (
+            isinstance(value, ast.Attribute)
+            and isinstance(value.value, ast.Name)
+            and value.value.id == CrashPoint.__name__
+        ):
+            # ``CrashPoint.NAME``: its value (an unknown member stays visible
+            # as itself, and fails the check below).
+            member = CrashPoint.__members__.get(value.attr)
+            points.add(member.value if member is not None else f"CrashPoint.{value.attr}")
+            return False
         if isinstance(value, ast.Name):
             for function in reversed(enclosing):
                 params = _params(function)
@@ -140,19 +152,29 @@ def suite_sources() -> list[str]:
 
 class CrashPointCellTests(TestCase):
     def test_every_crash_point_has_a_cell(self) -> None:
-        """Each point in ``POINTS`` is killed at by some test, or exempt
-        with a reason; each exemption is still a real point."""
+        """Each ``CrashPoint`` is killed at by some test, or exempt with a
+        reason; each exemption is still a real point."""
+        points = {point.value for point in CrashPoint}
         killed = collect(suite_sources())
-        self.assertEqual(killed - POINTS, set(), "a test names a point the product lacks")
-        self.assertEqual(set(EXEMPT) - POINTS, set(), "an exemption names no point")
+        self.assertEqual(killed - points, set(), "a test names a point the product lacks")
+        self.assertEqual(set(EXEMPT) - points, set(), "an exemption names no point")
         self.assertTrue(all(reason.strip() for reason in EXEMPT.values()))
-        missing = POINTS - killed - set(EXEMPT)
+        missing = points - killed - set(EXEMPT)
         self.assertEqual(missing, set(), "crash points with no cell (add one, or exempt it)")
+
+    def test_unknown_point_refused(self) -> None:
+        """The product names a point by its member; a name that is no point
+        raises ValueError (the ``assert`` this replaces raised
+        AssertionError, and nothing at all under ``python -O``)."""
+        self.assertRaises(ValueError, crashpoint.reached, "source-comitted")  # type: ignore[arg-type]
+        crashpoint.reached(CrashPoint.SOURCE_COMMITTED)  # not armed here: nothing happens
+        self.assertEqual(crashpoint.POINTS, frozenset(CrashPoint))
 
     def test_collector_finds_names(self) -> None:
         """The collector sees a literal in ``SECUREMIG_CRASH_AT``, in
-        ``crash_env``, through helpers that forward their parameter, and in a
-        local name given a literal; not a string used otherwise."""
+        ``crash_env``, through helpers that forward their parameter, in a
+        local name given a literal, and a ``CrashPoint`` member by its value
+        (a member that does not exist as itself); not a string used otherwise."""
         sample = """
 def crash_env(point):
     return {"SECUREMIG_CRASH_POINTS": "1", "SECUREMIG_CRASH_AT": point}
@@ -180,6 +202,13 @@ class Cells:
     def test_e(self):
         point = "point-f,point-g:guest"
         self.dies("destination", point)
+
+    def test_f(self):
+        self.dies("source", CrashPoint.SOURCE_COMMITTED)
+        crash_env(CrashPoint.NO_SUCH_POINT)
 """
-        self.assertEqual(collect([sample]), {f"point-{c}" for c in "abcdefg"})
+        self.assertEqual(
+            collect([sample]),
+            {f"point-{c}" for c in "abcdefg"} | {"source-committed", "CrashPoint.NO_SUCH_POINT"},
+        )
         self.assertEqual(collect(['x = {"OTHER": "point-z"}']), set())

@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -35,10 +35,12 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from twisted.web.resource import Resource
-from twisted.web.server import Site
+
+if TYPE_CHECKING:
+    from twisted.web.server import Site
 
 from securemig import metrics
+from securemig.protocol.phases import Phase
 
 #: Upper bounds (s) of the migration duration histogram.
 DURATION_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -51,10 +53,12 @@ LABELS = ["role", "variant", "protocol", "mode"]
 _ROWS = """
 SELECT m.role, m.variant, m.protocol,
        EXISTS (SELECT 1 FROM events e WHERE e.migration = m.id
-               AND e.phase IN ('live', 'incoming')) AS live,
+               AND e.phase IN (?, ?)) AS live,
        m.phase, m.outcome, m.error, m.bytes, m.started, m.updated, m.downtime_ms
 FROM migrations m
 """
+#: The phases that mark a live migration, on either side (``_ROWS``'s parameters).
+_LIVE_PHASES = (Phase.LIVE, Phase.INCOMING)
 
 
 def _code(error: str | None) -> str:
@@ -111,7 +115,7 @@ class JournalCollector(Collector):
             return []
         db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
         try:
-            return db.execute(_ROWS).fetchall()
+            return db.execute(_ROWS, _LIVE_PHASES).fetchall()
         finally:
             db.close()
 
@@ -141,11 +145,11 @@ class JournalCollector(Collector):
             labels: tuple[str, ...] = (role, variant, protocol, "live" if live else "suspended")
             started[labels] += 1
             moved[labels] += nbytes or 0
-            if outcome == "in-doubt" or phase == "in-doubt":
+            if outcome == "in-doubt" or phase == Phase.IN_DOUBT:
                 in_doubt[role] += 1
                 oldest_doubt = max(oldest_doubt, now - begun)
             if outcome is None:
-                if phase != "in-doubt":
+                if phase != Phase.IN_DOUBT:
                     running[role] += 1
                 continue
             ended[(*labels, outcome, _code(error))] += 1
@@ -244,8 +248,12 @@ _registered: list[Collector] = []
 
 def metrics_site(state_dir: Path, limits: Any | None) -> Site:
     """The web site of the endpoint: ``/metrics`` (also ``/``)."""
-    # Imported here: it imports the global reactor (twistd installs its own first).
+    # Imported here: it imports the global reactor (twistd installs its own
+    # first); and twisted.web is a tenth of the daemon's start-up CPU (through
+    # twisted.spread, decimal), not paid without --metrics.
     from prometheus_client.twisted import MetricsResource
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
 
     # One site per process; a second (tests) replaces the first's collectors.
     for collector in _registered:

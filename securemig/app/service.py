@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python import usage
 
-from securemig import files
+from securemig import files, runtime
 from securemig.app import config, logformat
 from securemig.app.metrics_service import metrics_site
 from securemig.host import storage
@@ -368,6 +368,23 @@ class RecoveryService(service.Service):
         def failed(f: Any) -> None:
             log.failure("recovery of unfinished arrivals failed", f)
 
+        def clean(_: object) -> None:
+            # After recovery, which ended what it settled: what is left in the
+            # runtime directory and held by no running program is what a
+            # killed process (this daemon, a migrate, a QEMU) left behind.
+            run = runtime.for_state_dir(self.host.state_dir)
+            try:
+                removed = runtime.clean(run)
+            except OSError as e:
+                log.error("cleaning {run} failed: {e}", run=str(run), e=e)
+                return
+            if removed:
+                log.info(
+                    "removed {n} runtime files no program holds from {run}",
+                    n=len(removed),
+                    run=str(run),
+                )
+
         def resolve(_: object) -> None:
             if self.running:
                 self.resolver = Resolver(
@@ -376,13 +393,15 @@ class RecoveryService(service.Service):
                 self.resolver.start()
 
         d = Deferred.fromCoroutine(self.host.recover())
-        d.addCallbacks(report, failed).addBoth(resolve)
+        d.addCallbacks(report, failed).addBoth(clean).addBoth(resolve)
 
     def stopService(self) -> Any:
-        """No more resolver rounds."""
+        """No more resolver rounds; the runtime directory goes if nothing is
+        in it (twistd ends itself with its signal: no atexit runs)."""
         super().stopService()
         if self.resolver is not None:
             self.resolver.stop()
+        runtime.remove_if_empty(runtime.for_state_dir(self.host.state_dir))
         return None
 
 
@@ -495,6 +514,9 @@ def makeService(options: Options) -> service.MultiService:
     nofile = raise_descriptor_limit()
     log.info("descriptor limit (RLIMIT_NOFILE): {nofile}", nofile=nofile)
     host = DestinationHost(Path(options["state-dir"]), backend=options["backend"])
+    # The sockets and links of what this daemon starts (QEMUs, live streams)
+    # go to its state directory's runtime directory (securemig.runtime).
+    runtime.use(host.state_dir)
     top = service.MultiService()
     recovery = RecoveryService(host, options["resolve-interval"])
     recovery.setServiceParent(top)

@@ -42,6 +42,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from securemig import crashpoint, files
+from securemig.crashpoint import CrashPoint
 from securemig.host import storage
 from securemig.host.contract import KeySealer, KeyUnwrapper, VtpmKey
 from securemig.host.journal import Journal, MigrationRecord
@@ -49,10 +50,11 @@ from securemig.host.shareddisk import foreign_owner
 from securemig.hypervisor import backends
 from securemig.hypervisor.backends import backend_for, capabilities
 from securemig.hypervisor.bundle import VTPM_IMAGE, Bundle, Image, Manifest, image_file
-from securemig.hypervisor.contract import LiveSide
+from securemig.hypervisor.contract import BACKEND_INFO_FILE, LiveSide
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
+from securemig.protocol.phases import Phase
 from securemig.trust.keyrelease import DestinationSecurity, KeyTransferError
 from securemig.trust.vtpm import key_reader
 
@@ -143,18 +145,30 @@ class DestinationHost:
     def live_qemu(self, record: Any) -> bool | None:
         """A live arrival (it reached ``incoming``): whether its QEMU still
         runs, in staging or in place; None for an arrival that is not live."""
-        if not record.reached("incoming"):
+        if not record.reached(Phase.INCOMING):
             return None
         staging = self.staging / record.id
         path = staging if staging.exists() else self.vms / record.vm
         return backend_for(self.backend).has_process(Bundle(path, Manifest(name=record.vm)))
+
+    def arrived(self, record: Any) -> bool:
+        """A live arrival in staging that its hypervisor's own migration
+        completed here (``Backend.arrived``); blocks on the hypervisor."""
+        if not record.reached(Phase.INCOMING) or not capabilities(self.backend).carried:
+            return False
+        staging = self.staging / record.id
+        try:
+            return backend_for(self.backend).arrived(Bundle.load(staging))
+        except Exception as e:
+            log.warn("migration {mid}: cannot tell whether it arrived: {e}", mid=record.id, e=e)
+            return True  # unknown: kept, never lost by guessing
 
     async def _lose(self, record: Any, why: str) -> None:
         """A live arrival whose QEMU ended before CONTINUING was journaled
         here: it never ran here; journal LOST, remove staging (or the VM
         this migration moved into place: ``committed`` journaled, staging
         gone), journal aborted."""
-        self.journal.phase(record.id, "lost")
+        self.journal.phase(record.id, Phase.LOST)
         await self._discard_unrun(record)
         self.journal.finish(record.id, Outcome.ABORTED.value, error=f"LIVE_FAILED: {why}")
         log.warn("migration {mid}: VM {vm}: {why}: lost here", mid=record.id, vm=record.vm, why=why)
@@ -163,14 +177,14 @@ class DestinationHost:
         """A live arrival that never sent ``cont`` here (``protocol.recovery``
         ``_unrun``): prepared (staged), or COMMIT journaled and CONTINUING
         not (staged, or moved into place), and no outcome yet."""
-        if not record.reached("incoming") or record.reached("continuing"):
+        if not record.reached(Phase.INCOMING) or record.reached(Phase.CONTINUING):
             return False
-        if record.reached("resumed") or record.reached("lost") or record.outcome == "done":
+        if record.reached(Phase.RESUMED) or record.reached(Phase.LOST) or record.outcome == "done":
             return False
-        if record.reached("committed"):
+        if record.reached(Phase.COMMITTED):
             return (self.staging / record.id).exists() or (self.vms / record.vm).exists()
         staged = (self.staging / record.id).exists()
-        return staged and record.phase in ("prepared", "in-doubt")
+        return staged and record.phase in (Phase.PREPARED, Phase.IN_DOUBT)
 
     async def _discard_unrun(self, record: MigrationRecord) -> None:
         """Remove what a LOST arrival left: its staging, or, if its COMMIT
@@ -178,7 +192,7 @@ class DestinationHost:
         other arrival of that name can have come since: it kept the name's
         lock until LOST, and a LOST record is settled before any new one)."""
         staging = self.staging / record.id
-        if staging.exists() or not record.reached("committed"):
+        if staging.exists() or not record.reached(Phase.COMMITTED):
             await remove_staging(staging)
         else:
             await remove_staging(self.vms / record.vm)
@@ -186,8 +200,8 @@ class DestinationHost:
     async def _recover_one(self, record: Any) -> str:
         staging = self.staging / record.id
         in_place = (self.vms / record.vm).exists() and not staging.exists()
-        committed = record.reached("committed") or record.reached("resumed")
-        if record.reached("lost"):
+        committed = record.reached(Phase.COMMITTED) or record.reached(Phase.RESUMED)
+        if record.reached(Phase.LOST):
             await self._discard_unrun(record)
             if record.outcome is None:
                 self.journal.finish(record.id, Outcome.ABORTED.value, error="LIVE_FAILED: lost")
@@ -200,11 +214,21 @@ class DestinationHost:
             # (a live arrival's QEMU waits paused), and the rule
             # (protocol.recovery.destination_restart) is to resume it.
             return await self._roll_forward(record, "destination restarted after COMMIT")
-        if record.phase in ("prepared", "in-doubt") and staging.exists():
+        if record.phase in (Phase.PREPARED, Phase.IN_DOUBT) and staging.exists():
             self.journal.finish(
                 record.id, Outcome.IN_DOUBT.value, error="destination restarted after PREPARED"
             )
             return "prepared: held in doubt until the source resolves it"
+        if staging.exists() and self.arrived(record):
+            # Before PREPARED, yet the hypervisor's own migration completed
+            # here: the source's guest has ended, this is the only copy, and
+            # the source decides (it commits what its hypervisor moved).
+            self.journal.finish(
+                record.id,
+                Outcome.IN_DOUBT.value,
+                error="destination restarted after the hypervisor's migration completed here",
+            )
+            return "arrived (the hypervisor completed): held in doubt until the source resolves it"
         await remove_staging(staging)
         self.journal.finish(
             record.id,
@@ -217,8 +241,8 @@ class DestinationHost:
         """The source committed: move the staged VM into place (if it is not
         there yet), resume it and journal DONE.  Idempotent."""
         staging, target = self.staging / record.id, self.vms / record.vm
-        if not record.reached("committed"):
-            self.journal.phase(record.id, "committed")
+        if not record.reached(Phase.COMMITTED):
+            self.journal.phase(record.id, Phase.COMMITTED)
         if staging.exists():
             if target.exists():
                 raise ProtocolError(
@@ -228,8 +252,8 @@ class DestinationHost:
             files.rename_durably(staging, target)
         bundle = Bundle.load(target)
         # Live: from CONTINUING on, cont may have been sent (it may have run).
-        ran = record.reached("resumed") or record.reached("continuing")
-        if record.reached("incoming"):
+        ran = record.reached(Phase.RESUMED) or record.reached(Phase.CONTINUING)
+        if record.reached(Phase.INCOMING):
             gone = self.live_qemu(record) is False
         else:
             gone = self.backend_status(bundle) == "stopped"
@@ -247,14 +271,14 @@ class DestinationHost:
             self.backend_status(bundle) != "running"
             or capabilities(bundle.manifest.backend).resume_continues
         ):
-            if record.reached("incoming") and not record.reached("continuing"):
+            if record.reached(Phase.INCOMING) and not record.reached(Phase.CONTINUING):
                 # The last durable step before cont (its QEMU is there:
                 # an ended one was LOST before the roll forward).
-                self.journal.phase(record.id, "continuing")
+                self.journal.phase(record.id, Phase.CONTINUING)
             await self.resume(bundle)
-        self.journal.phase(record.id, "resumed")
+        self.journal.phase(record.id, Phase.RESUMED)
         self.journal.finish(record.id, Outcome.DONE.value)
-        self.journal.phase(record.id, "done")
+        self.journal.phase(record.id, Phase.DONE)
         log.info(
             "migration {mid}: {why}: VM {vm} rolled forward", mid=record.id, why=why, vm=record.vm
         )
@@ -288,7 +312,7 @@ class DestinationHost:
         if record.outcome == Outcome.DONE.value:
             return answer(wire.Settled.DONE, f"VM {record.vm} is in place here")
         lost = "its QEMU ended before the guest ran here; nothing kept"
-        if record.reached("lost"):
+        if record.reached(Phase.LOST):
             committed = message.decision is wire.Decision.COMMITTED
             return answer(wire.Settled.LOST if committed else wire.Settled.ABORTED, lost)
         if (
@@ -317,7 +341,7 @@ class DestinationHost:
             finally:
                 lock.release()
             return answer(wire.Settled.DONE, said.removeprefix("source committed: "))
-        if record.reached("committed"):
+        if record.reached(Phase.COMMITTED):
             return answer(wire.Settled.FAILED, "COMMIT was journaled here: the VM is ours")
         if staging.exists():
             # The name's lock, as for a commit: while this migration's own
@@ -364,7 +388,7 @@ class DestinationHost:
             if theirs is None:
                 actions.append((staging.name, "unknown to this source journal; left in doubt"))
                 continue
-            committed = "committed" in {phase for phase, _ in theirs.events}
+            committed = Phase.COMMITTED in {phase for phase, _ in theirs.events}
             if not committed and theirs.outcome is None:
                 actions.append((staging.name, "source has not decided yet; left in doubt"))
                 continue
@@ -388,11 +412,11 @@ class DestinationHost:
             return "source did not commit: staging discarded"
         if target.exists():
             return f"source committed, but {target} exists; left in doubt"
-        self.journal.phase(staging.name, "committed")
+        self.journal.phase(staging.name, Phase.COMMITTED)
         files.rename_durably(staging, target)
         bundle = Bundle.load(target)
         await self.resume(bundle)
-        self.journal.phase(staging.name, "resumed")
+        self.journal.phase(staging.name, Phase.RESUMED)
         self.journal.finish(staging.name, Outcome.DONE.value)
         return f"source committed: VM {record.vm} resumed here"
 
@@ -469,7 +493,7 @@ class DestinationHost:
                 total=sum(i.size for i in hello.images),
             )
             staging.mkdir()
-            self.journal.phase(migration_id.hex(), "admitted")
+            self.journal.phase(migration_id.hex(), Phase.ADMITTED)
         except BaseException:
             lock.release()
             raise
@@ -530,6 +554,9 @@ class Arrival:
         self.live: LiveSide | None = None
         #: Live mode: LOST journaled (its QEMU ended before the guest ran here).
         self.lost = False
+        #: Live, a carried backend: discarded before PREPARED, but the
+        #: hypervisor had completed: held in doubt (see :meth:`discard`).
+        self.held = False
         self.live_socket: Path | None = None
         self._file: Any = None
         self._behind: storage.WriteBehind | None = None
@@ -611,7 +638,10 @@ class Arrival:
         )
 
     def prepare(self) -> None:
-        """Write the bundle manifest in staging and make it all durable."""
+        """Write the bundle manifest in staging and make it all durable;
+        then, for a suspended arrival, let its backend make it ready to
+        resume (:meth:`Backend.ready_blocking`, given the released key: a
+        backend that loads the VM now needs it)."""
         if self.cancelled:
             return
         bundle = Bundle(self.staging, self.manifest())
@@ -619,24 +649,57 @@ class Arrival:
             files.write_durably(bundle.vtpm_key_path, self.sealed_vtpm_key, mode=0o600)
         bundle.save()
         files.fsync_dir(self.staging)
+        released = self.vtpm_key
+        if self.live is None:
+            key = None if released is None else (lambda b: released.secret)
+            backend_for(bundle.manifest.backend, vtpm_key=key).ready_blocking(bundle)
+        # Prepared: only the sealed key is kept from here on, not the clear one.
+        self.vtpm_key = None
 
     def discard(self) -> None:
-        """Remove staging (ending a live arrival's QEMU) and release the name."""
+        """Remove staging (ending a live arrival's QEMU) and release the name.
+        A live arrival the hypervisor's own migration completed here (the
+        source's guest has ended: this is the only copy) is held in doubt
+        instead, for the source's decision (RESOLVE)."""
         if self._file is not None:
             self._file.close()
             self._file = None
         if self.live_socket is not None:
             self.live_socket.unlink(missing_ok=True)
+        if self.live is not None and self.arrived_here():
+            self.held = True
+            log.warn(
+                "migration {mid}: VM {vm} arrived (the hypervisor completed) before the "
+                "commit: held in doubt until the source decides",
+                mid=self.id,
+                vm=self.hello.vm_name,
+            )
+            self.lock.release()
+            return
         remove_staging_blocking(self.staging)
         self.lock.release()
+
+    def arrived_here(self) -> bool:
+        """Whether this live arrival's guest was made complete here by the
+        hypervisor's own migration (``Backend.arrived``).  Blocks."""
+        if not capabilities(self.host.backend).carried:
+            return False
+        bundle = Bundle(self.staging, self.manifest())
+        try:
+            return backend_for(self.host.backend).arrived(bundle)
+        except Exception as e:
+            log.warn("migration {mid}: cannot tell whether it arrived: {e}", mid=self.id, e=e)
+            # Unknown: keep it rather than lose the only copy; recovery asks again.
+            return True
 
     # -- on the reactor thread
 
     def cancel(self) -> None:
         """Make queued disk jobs do nothing; a discard follows."""
         self.cancelled = True
+        self.vtpm_key = None
 
-    def journal_phase(self, phase: str, nbytes: int) -> None:
+    def journal_phase(self, phase: Phase, nbytes: int) -> None:
         """Record a phase of this arrival."""
         self.host.journal.phase(self.id, phase, nbytes=nbytes)
 
@@ -649,7 +712,7 @@ class Arrival:
         released only at the prepare, or when a live vTPM starts); journaled
         ``key-received``."""
         self.accepted_key = key
-        self.journal_phase("key-received", nbytes)
+        self.journal_phase(Phase.KEY_RECEIVED, nbytes)
 
     def key_expected(self, secure: bool) -> bool:
         """Whether a vTPM key is to be released, checked and re-sealed before
@@ -690,8 +753,8 @@ class Arrival:
 
     def prepared(self, nbytes: int) -> None:
         """Staging is durable: journal PREPARED."""
-        self.journal_phase("prepared", nbytes)
-        crashpoint.reached("destination-prepared", self.qemu_pidfile())
+        self.journal_phase(Phase.PREPARED, nbytes)
+        crashpoint.reached(CrashPoint.DESTINATION_PREPARED, self.qemu_pidfile())
 
     async def start_incoming(self, released: VtpmKey) -> None:
         """Live mode: start the VM's vTPM with its ``released`` key
@@ -702,6 +765,14 @@ class Arrival:
         key = released.secret
         # The vTPM device is part of the guest's machine: the manifest names it.
         self.vtpm_identity = released.identity.hex() or None
+        carried = capabilities(self.host.backend).carried
+        if carried:
+            # The hypervisor's own migration: the whole released material is
+            # its secret's value (libvirt's is 1 to 128 bytes, and no vTPM
+            # identity follows it); the key the prepare re-seals is that.
+            key = released.secret + released.identity
+            self.vtpm_key = VtpmKey(key, b"")
+            self.vtpm_identity = None
         if not capabilities(self.host.backend).live_destination:
             raise ProtocolError(
                 ErrorCode.POLICY_REFUSED,
@@ -710,16 +781,43 @@ class Arrival:
         bundle = Bundle(self.staging, self.manifest())
         bundle.save()
         backend = backend_for(self.host.backend, vtpm_key=lambda b: key)
+        if carried:
+            # The hypervisor's own migration makes the guest here, through
+            # sockets of this migration's id (the same name on both hosts);
+            # its backend learns what arrives from HELLO.  The key, sealed to
+            # this host's TPM, is in staging from now: once the hypervisor
+            # completed, this copy may have to be rolled forward before
+            # PREPARED (see discard).
+            if self.sealed_vtpm_key is not None:
+                files.write_durably(bundle.vtpm_key_path, self.sealed_vtpm_key, mode=0o600)
+            files.write_durably(self.staging / BACKEND_INFO_FILE, self.hello.backend_info)
+            self.live = await backend.live_destination(bundle, self.id)
+            self.host.journal.phase(self.id, Phase.INCOMING)
+            return
         # Per migration: a name from the bundle alone is the same for the
         # source of a VM and an arrival of it moved into place there.
         tag = f"{self.id}-d"
         self.live_socket = backend.live_socket(bundle, tag)
         self.live = await backend.live_destination(bundle, tag)
-        self.host.journal.phase(self.id, "incoming")
+        self.host.journal.phase(self.id, Phase.INCOMING)
+
+    @property
+    def carried(self) -> bool:
+        """Live through the hypervisor's own migration, its sockets carried
+        (``Capabilities.carried``), rather than one QEMU stream."""
+        return capabilities(self.host.backend).carried
+
+    def carried_sockets(self) -> dict[str, str]:
+        """Live, carried: the local sockets the carrier dials, by name."""
+        return backend_for(self.host.backend).carried_sockets(self.id, destination=True)
+
+    def loaded(self) -> None:
+        """Live, carried: the hypervisor completed here (the guest paused)."""
+        crashpoint.reached(CrashPoint.DESTINATION_LOADED, getattr(self.live, "pidfile", None))
 
     def incoming_started(self) -> None:
         """Live mode: the stream's receiver listens; the guest waits for it."""
-        crashpoint.reached("destination-incoming", self.qemu_pidfile())
+        crashpoint.reached(CrashPoint.DESTINATION_INCOMING, self.qemu_pidfile())
 
     async def wait_loaded(self) -> None:
         """Live mode: until the guest here has loaded the whole stream (paused,
@@ -755,30 +853,32 @@ class Arrival:
         the source (which kept its paused QEMU) continues the guest when it
         learns it."""
         if self.live is not None and not await self.live.waits_loaded():
-            crashpoint.reached("destination-live-lost")
+            crashpoint.reached(CrashPoint.DESTINATION_LIVE_LOST)
             await self.lose()
             raise self._lost()
-        self.host.journal.phase(self.id, "committed")
-        crashpoint.reached("destination-commit-journaled", self.qemu_pidfile())
+        self.host.journal.phase(self.id, Phase.COMMITTED)
+        crashpoint.reached(CrashPoint.DESTINATION_COMMIT_JOURNALED, self.qemu_pidfile())
         target = self.host.vms / self.hello.vm_name
         files.rename_durably(self.staging, target)
-        crashpoint.reached("destination-in-place", target / "qemu.pid" if self.live else None)
+        crashpoint.reached(
+            CrashPoint.DESTINATION_IN_PLACE, target / "qemu.pid" if self.live else None
+        )
         bundle = Bundle.load(target)
         if self.live is not None:
             self.live.release()  # the QMP socket moved with the bundle: reconnect there
             if not backend_for(bundle.manifest.backend).has_process(bundle):
                 await self.lose(target)
                 raise self._lost()
-            self.host.journal.phase(self.id, "continuing")
-            crashpoint.reached("destination-continuing", target / "qemu.pid")
+            self.host.journal.phase(self.id, Phase.CONTINUING)
+            crashpoint.reached(CrashPoint.DESTINATION_CONTINUING, target / "qemu.pid")
         try:
             await self.host.resume(bundle)
         finally:
             # Resumed or not (RESUME_FAILED), the VM stays in place: its name
             # is free for whatever an operator does next.
             self.lock.release()
-        self.host.journal.phase(self.id, "resumed")
-        crashpoint.reached("destination-resumed")
+        self.host.journal.phase(self.id, Phase.RESUMED)
+        crashpoint.reached(CrashPoint.DESTINATION_RESUMED)
 
     def qemu_pidfile(self) -> Path | None:
         """Live mode: the pid file of the arriving VM's QEMU (for crash points)."""
@@ -796,7 +896,7 @@ class Arrival:
         the guest never ran here; journal LOST, remove staging (or the VM
         this migration moved ``in_place``, which never ran), free the name."""
         self.lost = True
-        self.host.journal.phase(self.id, "lost")
+        self.host.journal.phase(self.id, Phase.LOST)
         if self.live is not None:
             self.live.release()
         await remove_staging(self.staging)
@@ -826,6 +926,8 @@ class Arrival:
         """Journal the outcome (a LOST arrival: aborted, nothing kept here)."""
         error = f"{effect.code.name}: {effect.reason}" if effect.code else None
         outcome = Outcome.ABORTED if self.lost else effect.outcome
+        if self.held:
+            outcome = Outcome.IN_DOUBT
         self.host.journal.finish(self.id, outcome.value, error=error, nbytes=nbytes)
         if effect.outcome is Outcome.DONE:
-            self.host.journal.phase(self.id, "done")
+            self.host.journal.phase(self.id, Phase.DONE)

@@ -38,6 +38,7 @@ from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished
+from securemig.protocol.phases import Phase
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class ArrivingVM(Protocol):
     #: Live mode: the unix socket the backend's guest takes the stream on.
     live_socket: Path | None
 
-    def journal_phase(self, phase: str, nbytes: int) -> None:
+    def journal_phase(self, phase: Phase, nbytes: int) -> None:
         """Record a phase of this arrival."""
         ...
 
@@ -146,6 +147,19 @@ class ArrivingVM(Protocol):
     async def start_incoming(self, released: VtpmKey) -> None:
         """Live mode: start the guest paused with its released vTPM key,
         waiting for the stream at :attr:`live_socket`."""
+        ...
+
+    @property
+    def carried(self) -> bool:
+        """Live through the hypervisor's own migration, its sockets carried."""
+        ...
+
+    def carried_sockets(self) -> dict[str, str]:
+        """Live, carried: the local sockets the carrier dials, by name."""
+        ...
+
+    def loaded(self) -> None:
+        """Live, carried: the hypervisor completed here (its guest paused)."""
         ...
 
     def incoming_started(self) -> None:
@@ -228,6 +242,15 @@ class LeavingVM(Protocol):
         """Live mode: where this host listens for its guest's stream."""
         ...
 
+    @property
+    def carried(self) -> bool:
+        """Live through the hypervisor's own migration, its sockets carried."""
+        ...
+
+    def carried_sockets(self, tag: str) -> dict[str, str]:
+        """Live, carried: the sockets to listen on for migration ``tag``."""
+        ...
+
     async def start_live(self, uri: str) -> None:
         """Live mode: start the guest's stream to ``uri`` while it runs."""
         ...
@@ -238,6 +261,11 @@ class LeavingVM(Protocol):
 
     async def commit(self) -> None:
         """The commit point: journal COMMITTED, then give the VM up."""
+        ...
+
+    def released(self) -> Deferred[None] | None:
+        """After the commit: the giving up of the VM here still under way
+        (it overlaps the destination's resume), else None."""
         ...
 
     def live_qemu_alive(self) -> bool:

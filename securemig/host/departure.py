@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from securemig import crashpoint, files
+from securemig.crashpoint import CrashPoint
 from securemig.host import storage
 from securemig.host.arrival import variant_name
 from securemig.host.journal import Journal
@@ -26,8 +27,9 @@ from securemig.hypervisor.bundle import Bundle, BundleError, set_disk_owner
 from securemig.hypervisor.contract import LiveSide
 from securemig.hypervisor.qemu import LIVE_DOWNTIME_LIMIT_MS, LIVE_MAX_BANDWIDTH, LiveStats
 from securemig.protocol import wire
-from securemig.protocol.effects import Finished
+from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
+from securemig.protocol.phases import Phase
 from securemig.trust import vtpm
 
 log = Logger()
@@ -74,6 +76,12 @@ class Departure:
             LIVE_DOWNTIME_LIMIT_MS,
             LIVE_MAX_BANDWIDTH,
         )
+        #: Live mode, a backend whose stream is carried sockets: copy the
+        #: disks too (non-shared storage), extra memory channels; and what
+        #: HELLO tells the destination's backend (``backend_info``).
+        self.copy_storage = False
+        self.parallel = 0
+        self.backend_info = b""
         # The vTPM key, unsealed before the VM is suspended, so a rollback
         # can restart the vTPM without the host TPM (busy with the session).
         self.backend: Backend = backend_for(
@@ -83,6 +91,9 @@ class Departure:
         self.lock: storage.VMLock | None = None
         self.was_running = False
         self.committed = False
+        #: After a suspended migration's commit: the removal of the bundle
+        #: here, overlapping the destination's resume (see :meth:`commit`).
+        self.releasing: Deferred[None] | None = None
         #: Secure shared-storage variant: the host the shared disk passes to.
         self.disk_successor: str | None = None
         self.id = ""
@@ -119,9 +130,18 @@ class Departure:
                         f"VM {self.bundle.name} is not running: live migration moves a "
                         "running guest (migrate it without --live)"
                     )
+                if capabilities(self.bundle.manifest.backend).carried:
+                    self.backend_info = await self.backend.live_info(
+                        self.bundle, self.copy_storage, self.parallel
+                    )
+                elif self.copy_storage or self.parallel:
+                    raise BundleError(
+                        f"VM {self.bundle.name}: --copy-storage and --parallel are for "
+                        "backends whose migration carries its own disk and memory channels"
+                    )
                 # Recovery continues the guest here if this migration never
                 # commits (its QEMU may be left paused, after the stream).
-                self.journal.phase(self.id, "live")
+                self.journal.phase(self.id, Phase.LIVE)
                 return
             if not capabilities(self.bundle.manifest.backend).suspend:
                 raise BundleError(
@@ -129,9 +149,12 @@ class Departure:
                     "backend does not migrate suspended"
                 )
             await self.backend.suspend(self.bundle)
+            # What the suspend wrote (a libvirt domain's save file and disks
+            # exist only now): the images HELLO announces.
+            self.images = self.bundle.streamed_images(self.variant)
             if self.was_running:
                 # Recovery resumes the VM here if this migration never commits.
-                self.journal.phase(self.id, "suspended")
+                self.journal.phase(self.id, Phase.SUSPENDED)
         except BaseException as e:
             await self.rollback()
             self.refused(e)
@@ -164,6 +187,7 @@ class Departure:
             mode=wire.Mode.LIVE if self.live else wire.Mode.SUSPENDED,
             backend=self.bundle.manifest.backend,
             vtpm=1 if self.bundle.manifest.vtpm else 0,
+            backend_info=self.backend_info,
         )
         return replace(hello, version=2) if wire.has_tail(hello) else hello
 
@@ -207,13 +231,13 @@ class Departure:
 
     def connected(self) -> None:
         """The connection is up."""
-        self.journal.phase(self.id, "connected")
+        self.journal.phase(self.id, Phase.CONNECTED)
 
     def streaming(self, migration_id: bytes | None) -> None:
         """The destination admitted us; images flow."""
         if migration_id is not None:
             self.journal.set_migration_id(self.id, migration_id.hex())
-        self.journal.phase(self.id, "streaming")
+        self.journal.phase(self.id, Phase.STREAMING)
 
     async def commit(self) -> None:
         """The commit point: journal COMMITTED, then give the VM up.
@@ -225,7 +249,7 @@ class Departure:
         bundle stay (and the lock) until the destination's guest runs
         (:meth:`hand_over`, on DONE): if the destination's QEMU ends before
         that, this one continues the guest (``protocol.recovery``)."""
-        crashpoint.reached("source-prepared-received", self.qemu_pidfile())
+        crashpoint.reached(CrashPoint.SOURCE_PREPARED_RECEIVED, self.qemu_pidfile())
         if self.live_migration is not None:
             try:
                 self.live_stats = await self.live_migration.wait(timeout=30.0)
@@ -237,10 +261,10 @@ class Departure:
                     "all (PREPARED): committing",
                     vm=self.bundle.name,
                 )
-        self.journal.phase(self.id, "prepared")
-        self.journal.phase(self.id, "committed")
+        self.journal.phase(self.id, Phase.PREPARED)
+        self.journal.phase(self.id, Phase.COMMITTED)
         self.committed = True
-        crashpoint.reached("source-committed", self.qemu_pidfile())
+        crashpoint.reached(CrashPoint.SOURCE_COMMITTED, self.qemu_pidfile())
         record = self.journal.get(self.id)
         shared = self.bundle.manifest.shared_disk
         if shared and self.disk_successor is not None:
@@ -249,9 +273,36 @@ class Departure:
             )
         if self.live_migration is not None and self.live_qemu_alive():
             return  # kept until DONE: hand_over()
+        # The vTPM key goes before the COMMIT is sent: without it this copy
+        # can never run again.  Removing the images (a GiB takes a tenth of
+        # a second or more) need not: it overlaps the destination's resume
+        # instead of delaying it; the command ends only once it is done
+        # (:meth:`released`), and recovery redoes it after a crash.
+        destroy_vtpm_key(self.bundle)
+        self.releasing = Deferred.fromCoroutine(self._release())
+
+    async def _release(self) -> None:
         await release(self.journal, self.id, self.bundle)
         self._unlock()
-        crashpoint.reached("source-released")
+        crashpoint.reached(CrashPoint.SOURCE_RELEASED)
+
+    def released(self) -> Deferred[None] | None:
+        """After a suspended migration's commit: fires once the VM is given
+        up here (its bundle removed, the lock released); None when nothing
+        is under way.  A failure to release is logged: committed is
+        committed."""
+        if self.releasing is None:
+            return None
+        d, self.releasing = self.releasing, None
+
+        def failed(f: Failure) -> None:
+            log.error(
+                "VM {vm} committed, but giving it up here failed: {e}",
+                vm=self.bundle.name,
+                e=f.getErrorMessage(),
+            )
+
+        return d.addErrback(failed)
 
     def live_socket(self, tag: str) -> Path:
         """Live mode: the unix socket securemig listens on for this VM's
@@ -260,11 +311,38 @@ class Departure:
         path.unlink(missing_ok=True)
         return path
 
+    @property
+    def carried(self) -> bool:
+        """Live through the hypervisor's own migration, its sockets carried
+        (``Capabilities.carried``), rather than one QEMU stream."""
+        return capabilities(self.bundle.manifest.backend).carried
+
+    def carried_sockets(self, tag: str) -> dict[str, str]:
+        """Live, carried: the sockets securemig listens on for migration
+        ``tag`` (its id), by name; none of them left from before."""
+        sockets = self.backend.carried_sockets(tag, destination=False)
+        for path in sockets.values():
+            Path(path).unlink(missing_ok=True)
+        return sockets
+
     async def start_live(self, uri: str) -> None:
         """Live mode: start the guest's own stream to ``uri`` while it runs,
-        with this migration's downtime limit and bandwidth."""
-        self.live_migration = await self.backend.live_source(self.bundle, uri, *self.live_options)
-        crashpoint.reached("source-live-started")
+        with this migration's downtime limit and bandwidth (carried: ``uri``
+        is the migration's tag, and the disks are copied and memory channels
+        added as asked)."""
+        if self.carried:
+            self.live_migration = await self.backend.live_source(
+                self.bundle,
+                uri,
+                *self.live_options,
+                copy_storage=self.copy_storage,  # type: ignore[call-arg]
+                parallel=self.parallel,
+            )
+        else:
+            self.live_migration = await self.backend.live_source(
+                self.bundle, uri, *self.live_options
+            )
+        crashpoint.reached(CrashPoint.SOURCE_LIVE_STARTED)
 
     async def live_sent(self) -> None:
         """Live mode: until the backend says the stream completed (its guest
@@ -306,7 +384,7 @@ class Departure:
                     vm=self.bundle.name,
                     e=e,
                 )
-            crashpoint.reached("source-live-ended")
+            crashpoint.reached(CrashPoint.SOURCE_LIVE_ENDED)
         if self.live_stats is not None:
             # Journaled only now, with the guest running there: nothing
             # written between QEMU's completion and the destination's cont.
@@ -317,7 +395,7 @@ class Departure:
             )  # fmt: skip
         await release(self.journal, self.id, self.bundle)
         self._unlock()
-        crashpoint.reached("source-released")
+        crashpoint.reached(CrashPoint.SOURCE_RELEASED)
 
     def keep_paused(self) -> None:
         """Live mode, after COMMITTED, the destination's DONE not seen: the
@@ -356,6 +434,8 @@ class Departure:
                 if self.live_migration is not None:
                     await self.live_migration.cancel()
                     self.live_migration.release()
+                    if self.moved_by_hypervisor():
+                        await self._committed_by_hypervisor()
             except Exception as e:
                 log.error("could not continue VM {vm} here: {e}", vm=self.bundle.name, e=e)
             finally:
@@ -363,11 +443,50 @@ class Departure:
 
         return Deferred.fromCoroutine(go_on())
 
+    def moved_by_hypervisor(self) -> bool:
+        """Live, a backend whose hypervisor migrates on its own (libvirt,
+        peer to peer): its migration completed, so the guest is no longer
+        here -- it waits paused at the destination, the only copy of its
+        memory -- and cancelling cannot bring it back."""
+        if self.live_migration is None or not capabilities(self.bundle.manifest.backend).carried:
+            return False
+        if getattr(self.live_migration, "completed", False):
+            return True
+        try:
+            return self.backend.moved_away(self.bundle)
+        except Exception as e:
+            log.warn("VM {vm}: cannot tell where it is: {e}", vm=self.bundle.name, e=e)
+            return False
+
+    async def _committed_by_hypervisor(self) -> None:
+        """The session failed after the hypervisor completed (before
+        PREPARED, or before COMMITTED was journaled): aborting would discard
+        the only copy at the destination.  The hypervisor decided: COMMITTED
+        is journaled here, this copy given up, and the destination owes
+        RESOLVE(committed) its roll forward (it holds the arrived guest in
+        doubt, ``DestinationHost``).  In doubt until it confirms."""
+        log.warn(
+            "VM {vm}: the hypervisor's migration completed before the commit; the guest "
+            "waits at the destination: committing",
+            vm=self.bundle.name,
+        )
+        self.journal.phase(self.id, Phase.COMMITTED)
+        self.committed = True
+        crashpoint.reached(CrashPoint.SOURCE_COMMITTED)
+        await release(self.journal, self.id, self.bundle)
+
     def finish(self, effect: Finished, nbytes: int, peer_settled: bool = False) -> None:
         """Journal the outcome; ``peer_settled``: the destination told us its
-        own (DONE, or its ABORT), so no RESOLVE is owed."""
+        own (DONE, or its ABORT), so no RESOLVE is owed.  A session that
+        failed after this side committed (the hypervisor moved the guest) is
+        in doubt, not aborted."""
         error = f"{effect.code.name}: {effect.reason}" if effect.code else None
-        self.journal.finish(self.id, effect.outcome.value, error=error, nbytes=nbytes)
+        outcome = effect.outcome
+        if self.committed and outcome is Outcome.ABORTED:
+            # Its ABORT said it discarded, but it holds the arrived guest:
+            # it is owed RESOLVE(committed) all the same.
+            outcome, peer_settled = Outcome.IN_DOUBT, False
+        self.journal.finish(self.id, outcome.value, error=error, nbytes=nbytes)
         if peer_settled:
             self.journal.set_peer_settled(self.id)
 
@@ -376,13 +495,19 @@ class Departure:
             self.lock.release()
 
 
+def destroy_vtpm_key(bundle: Bundle) -> None:
+    """After a durable COMMITTED: remove the vTPM key here, durably (this
+    copy of the VM can never run again).  Idempotent."""
+    if bundle.vtpm_key_path.exists():
+        bundle.vtpm_key_path.unlink()
+        files.fsync_dir(bundle.path)
+
+
 async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
     """After a durable COMMITTED: give the VM up here for good.  The vTPM
     key goes first (without it this copy can never run again), then the
     bundle; journaled ``released``.  Idempotent: recovery redoes it."""
-    if bundle.vtpm_key_path.exists():
-        bundle.vtpm_key_path.unlink()
-        files.fsync_dir(bundle.path)
+    destroy_vtpm_key(bundle)
     if bundle.path.exists():
         try:
             await backend_for(bundle.manifest.backend).discard(bundle)
@@ -392,8 +517,28 @@ async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
             # back; without its key it cannot run.
             log.error("committed, but discarding the local copy failed: {e}", e=e)
     record = journal.get(local_id)
-    if record is not None and not record.reached("released"):
-        journal.phase(local_id, "released")
+    if record is not None and not record.reached(Phase.RELEASED):
+        journal.phase(local_id, Phase.RELEASED)
+
+
+def check_keys(bundle: Bundle, *, secure: bool, live: bool, unseal_with: Path | None) -> None:
+    """Before anything is touched: refuse a migration whose vTPM key this
+    host cannot hand over as asked, saying how to ask.  Secure: the VM's key,
+    sealed to this host's TPM, is released to the destination (and live
+    migration is secure only); insecure: a VM with a vTPM needs the
+    identity (``unseal_with``) that unseals its key, sent in the clear."""
+    if live and not secure:
+        raise BundleError("live migration is secure only: give --identity, not --insecure")
+    if secure and not bundle.vtpm_key_path.exists():
+        raise BundleError(
+            f"VM {bundle.name} has no vTPM key ({bundle.vtpm_key_path}); "
+            "create it with --identity, or migrate it --insecure"
+        )
+    if not secure and bundle.manifest.vtpm and unseal_with is None:
+        raise BundleError(
+            f"VM {bundle.name} has a vTPM: give --identity to unseal its key (the insecure "
+            "variant then sends it in the clear)"
+        )
 
 
 def check_live(bundle: Bundle, variant: wire.Variant) -> None:

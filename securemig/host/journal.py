@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from securemig.protocol.phases import Phase, activity
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS migrations (
     id           TEXT PRIMARY KEY,   -- local id; equals migration_id on a destination
@@ -113,56 +115,6 @@ def owner_alive(owner: str | None) -> bool:
     return fields[0] != "Z" and fields[19] == started
 
 
-#: Phases both sides journal, in protocol order (see doc/protocol.rst).
-PHASES = (
-    "started",
-    "suspended",  # source: a running VM was suspended for this migration
-    "connected",
-    "admitted",
-    "peer-attested",  # secure: the peer's evidence passed every check
-    "key-offered",  # secure, source: the destination's certified migration key arrived
-    "key-received",  # secure, destination: the wrapped vTPM key arrived
-    "streaming",
-    "prepared",
-    "committed",
-    "released",  # source: after COMMITTED, the vTPM key and the bundle are gone
-    "resumed",
-    "done",
-    "aborted",
-    "in-doubt",
-    # Live mode (issue 16), appended: phase names are journaled data.
-    "live",  # source: a live migration of the running VM began (it keeps running)
-    "incoming",  # destination: the VM's vTPM and QEMU wait paused for the stream
-    # Issue 22, appended:
-    "lost",  # destination, live: its QEMU ended before CONTINUING was journaled (never ran)
-    "reclaimed",  # source, live: committed, the destination lost; the guest goes on here
-    "continuing",  # destination, live: in place, its QEMU there; the last step before cont
-)
-
-#: What happens between a phase and the next one journaled, for phase tables:
-#: by the pair (phase, next phase), else by the phase it starts from.
-ACTIVITY_BETWEEN = {
-    ("connected", "peer-attested"): "hello + attest destination",
-    ("peer-attested", "key-offered"): "attest source",
-    ("key-offered", "streaming"): "key transfer",
-    ("admitted", "peer-attested"): "attest both ways",
-    ("peer-attested", "key-received"): "key transfer",
-    ("key-received", "streaming"): "first stream",
-    ("committed", "released"): "release copy",  # source: vTPM key and bundle removed
-}
-ACTIVITY_AFTER = {
-    "started": "connect",  # source: TCP (and TLS) set-up
-    "connected": "hello",  # HELLO to WELCOME
-    "admitted": "hello",  # destination: WELCOME to the first stream
-    "streaming": "streams",  # every image sent, received, verified and fsynced
-    "prepared": "commit",  # source: journal COMMITTED, give the VM up
-    "committed": "resume",  # destination moves the VM into place and resumes it
-    "continuing": "resume",  # destination, live: cont
-    "resumed": "confirm",
-    "released": "resume",  # source: from giving the VM up to DONE
-}
-
-
 @dataclass
 class MigrationRecord:
     """One migration as the journal knows it."""
@@ -188,7 +140,7 @@ class MigrationRecord:
     total: int | None
     events: list[tuple[str, float]]
 
-    def reached(self, phase: str) -> bool:
+    def reached(self, phase: Phase) -> bool:
         """Whether this migration ever journaled ``phase``."""
         return any(p == phase for p, _ in self.events)
 
@@ -198,10 +150,10 @@ class MigrationRecord:
 
     def phase_times(self) -> dict[str, float]:
         """Seconds spent in each activity, from consecutive journaled phases
-        (see :data:`ACTIVITY_AFTER`)."""
+        (see :func:`securemig.protocol.phases.activity`)."""
         times: dict[str, float] = {}
         for (phase, at), (following, after) in zip(self.events, self.events[1:], strict=False):
-            name = ACTIVITY_BETWEEN.get((phase, following)) or ACTIVITY_AFTER.get(phase, phase)
+            name = activity(phase, following)
             times[name] = times.get(name, 0.0) + after - at
         return times
 
@@ -276,7 +228,7 @@ class Journal:
             self._db.execute(
                 "INSERT INTO migrations (id, migration_id, role, vm, peer, variant, protocol,"
                 " phase, started, updated, peer_name, bundle, owner, total)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     local_id,
                     id,
@@ -285,6 +237,7 @@ class Journal:
                     peer,
                     variant,
                     protocol,
+                    Phase.STARTED,
                     now,
                     now,
                     peer_name,
@@ -293,12 +246,14 @@ class Journal:
                     total,
                 ),
             )
-            self._db.execute("INSERT INTO events VALUES (?, 'started', ?)", (local_id, now))
+            self._db.execute("INSERT INTO events VALUES (?, ?, ?)", (local_id, Phase.STARTED, now))
         return local_id
 
-    def phase(self, local_id: str, phase: str, *, nbytes: int | None = None) -> None:
+    def phase(self, local_id: str, phase: Phase, *, nbytes: int | None = None) -> None:
         """Record that a migration reached ``phase``."""
-        assert phase in PHASES, phase
+        # Typed, and checked at run time too (no assert: -O strips those):
+        # a name that is no phase raises ValueError before anything is written.
+        phase = Phase(phase)
         now = time.time()
         with self._db:
             self._db.execute(
@@ -405,7 +360,7 @@ class Journal:
         self, local_id: str, outcome: str, *, error: str | None = None, nbytes: int | None = None
     ) -> None:
         """Record how a migration ended."""
-        phase = {"done": "done", "in-doubt": "in-doubt"}.get(outcome, "aborted")
+        phase = {"done": Phase.DONE, "in-doubt": Phase.IN_DOUBT}.get(outcome, Phase.ABORTED)
         now = time.time()
         with self._db:
             self._db.execute(
@@ -457,9 +412,9 @@ class Journal:
         for record in rows:
             if record.role == "destination" and record.outcome == "done":
                 return None
-            if record.role == "source" and record.reached("reclaimed"):
+            if record.role == "source" and record.reached(Phase.RECLAIMED):
                 return None  # the destination's QEMU ended before the guest ran there
-            if record.role == "source" and record.reached("committed"):
+            if record.role == "source" and record.reached(Phase.COMMITTED):
                 return record
         return None
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from securemig import crashpoint
+from securemig.crashpoint import CrashPoint
 from securemig.host import storage
 from securemig.host.departure import release
 from securemig.host.journal import Journal, MigrationRecord, owner_alive
@@ -36,6 +37,7 @@ from securemig.hypervisor.bundle import LOCK, Bundle, disk_owner, disk_owner_pat
 from securemig.protocol import wire
 from securemig.protocol.effects import Outcome
 from securemig.protocol.errors import MigrationError
+from securemig.protocol.phases import Phase
 from securemig.trust.vtpm import key_reader
 
 log = Logger()
@@ -77,10 +79,20 @@ async def settle_departures(
     for record in journal.departures():
         if record.outcome is None and owner_alive(record.owner):
             continue  # its `securemig migrate` still runs: not ours to settle
-        if record.reached("reclaimed"):
+        if record.reached(Phase.RECLAIMED):
             done += await reclaim(journal, record)
             continue
-        if record.reached("committed"):
+        if not record.reached(Phase.COMMITTED) and moved_away(record):
+            # Its hypervisor's own migration completed before COMMITTED was
+            # journaled: the guest left (it waits at the destination, the
+            # only copy), so aborting cannot bring it back.  Committed.
+            journal.phase(record.id, Phase.COMMITTED)
+            done.append(
+                f"VM {record.vm}: its hypervisor moved it to {record.peer} before the commit: "
+                "committed"
+            )
+            record = journal.get(record.id) or record
+        if record.reached(Phase.COMMITTED):
             done += await _finish_commit(journal, record)
             decision = wire.Decision.COMMITTED
         else:
@@ -97,16 +109,31 @@ async def settle_departures(
 def live_qemu(record: MigrationRecord) -> bool | None:
     """A live departure: whether its QEMU (the guest, running or paused)
     still runs here; None for one that is not live or has no bundle."""
-    if not record.reached("live") or not record.bundle or not Path(record.bundle).exists():
+    if not record.reached(Phase.LIVE) or not record.bundle or not Path(record.bundle).exists():
         return None
     bundle = Bundle.load(Path(record.bundle))
     backend = backend_for(bundle.manifest.backend)
     return backend.has_process(bundle)
 
 
+def moved_away(record: MigrationRecord) -> bool:
+    """A live departure whose hypervisor's own migration completed (the
+    guest left this host: ``Backend.moved_away``)."""
+    if not record.reached(Phase.LIVE) or not record.bundle or not Path(record.bundle).exists():
+        return False
+    bundle = Bundle.load(Path(record.bundle))
+    if not capabilities(bundle.manifest.backend).carried:
+        return False
+    try:
+        return backend_for(bundle.manifest.backend).moved_away(bundle)
+    except Exception as e:
+        log.warn("VM {vm}: cannot tell whether it moved: {e}", vm=record.vm, e=e)
+        return False
+
+
 async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]:
     said = []
-    if live_qemu(record) and not record.reached("released"):
+    if live_qemu(record) and not record.reached(Phase.RELEASED):
         # Kept paused until the destination says its guest runs (DONE), or
         # that its QEMU ended before it ran there (LOST): then it goes on here.
         if record.outcome is None:
@@ -119,12 +146,12 @@ async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]
             f"VM {record.vm}: committed to {record.peer}; its paused QEMU is kept here "
             "until the destination confirms"
         ]
-    if not record.reached("released") and record.bundle and Path(record.bundle).exists():
+    if not record.reached(Phase.RELEASED) and record.bundle and Path(record.bundle).exists():
         await release(journal, record.id, Bundle.load(Path(record.bundle)))
-        crashpoint.reached("source-settle-released")
+        crashpoint.reached(CrashPoint.SOURCE_SETTLE_RELEASED)
         said.append(f"VM {record.vm} was committed to {record.peer}: its copy here removed")
-    elif not record.reached("released"):
-        journal.phase(record.id, "released")
+    elif not record.reached(Phase.RELEASED):
+        journal.phase(record.id, Phase.RELEASED)
     if record.outcome is None:
         journal.finish(
             record.id,
@@ -157,7 +184,7 @@ async def _abort(
         ran = (
             bundle_dir is not None
             and bundle_dir.exists()
-            and (record.reached("suspended") or record.reached("live"))
+            and (record.reached(Phase.SUSPENDED) or record.reached(Phase.LIVE))
         )
         bundle = Bundle.load(bundle_dir) if ran and bundle_dir is not None else None
         if bundle is not None and defer and _needs_key(bundle, unseal):
@@ -170,7 +197,7 @@ async def _abort(
             error="CONNECTION_LOST: source restarted before COMMITTED",
         )
         said = [f"VM {record.vm}: migration to {record.peer} never committed: aborted"]
-        crashpoint.reached("source-settle-aborted")
+        crashpoint.reached(CrashPoint.SOURCE_SETTLE_ABORTED)
         if bundle is not None:
             said.append(await _resume(bundle, unseal))
         return said
@@ -249,16 +276,20 @@ async def acknowledge(journal: Journal, owed: Owed, answer: wire.Resolved) -> bo
     if answer.settled is wire.Settled.LOST:
         journal.set_peer_settled(record.id)
         if committed:
-            journal.phase(record.id, "reclaimed")
-            crashpoint.reached("source-settle-reclaimed")
+            journal.phase(record.id, Phase.RECLAIMED)
+            crashpoint.reached(CrashPoint.SOURCE_SETTLE_RECLAIMED)
             fresh = journal.get(record.id)
             await reclaim(journal, fresh if fresh is not None else record)
         return True
     if answer.settled in (wire.Settled.DONE, wire.Settled.ABORTED):
         if committed and answer.settled is wire.Settled.DONE:
-            if not record.reached("released") and record.bundle and Path(record.bundle).exists():
+            if (
+                not record.reached(Phase.RELEASED)
+                and record.bundle
+                and Path(record.bundle).exists()
+            ):
                 await release(journal, record.id, Bundle.load(Path(record.bundle)))
-                crashpoint.reached("source-settle-released")
+                crashpoint.reached(CrashPoint.SOURCE_SETTLE_RELEASED)
             journal.set_peer_settled(record.id)
             journal.finish(record.id, "done")
         else:

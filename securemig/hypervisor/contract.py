@@ -28,6 +28,11 @@ from twisted.internet.defer import Deferred, succeed
 
 from securemig.hypervisor.bundle import Bundle, BundleError
 
+#: The file of a live arrival's staging holding HELLO's ``backend_info``
+#: (written before :meth:`Backend.live_destination`; the backend's to read
+#: and rewrite).
+BACKEND_INFO_FILE = "backend-info.json"
+
 #: Returns the 32-byte state key of a bundle's vTPM (unsealed by this host's TPM).
 VTPMKey = Callable[[Bundle], bytes]
 
@@ -62,6 +67,13 @@ class Capabilities:
     #: live stream), and its ``resume`` continues such a guest and leaves a
     #: running one alone: recovery always asks it to resume.
     resume_continues: bool = False
+    #: Its live stream is several connections to per-migration UNIX sockets
+    #: (a hypervisor's RPC, memory and disk copy: libvirt's), each carried as
+    #: sealed records (:mod:`securemig.transport.carried`), rather than one
+    #: QEMU stream; its HELLO says what the destination needs
+    #: (:meth:`Backend.live_info`), and the destination's guest is made by
+    #: the hypervisor's own migration, not started by securemig.
+    carried: bool = False
     #: Guest kinds it runs (a manifest's ``guest``).
     guests: frozenset[str] = frozenset({"firmware"})
     #: Disk image formats it accepts.
@@ -150,6 +162,14 @@ class Backend(Protocol):
         synchronous stop).  Nothing by default."""
         return None
 
+    def ready_blocking(self, bundle: Bundle) -> None:
+        """Destination, a suspended arrival complete in staging, before
+        PREPARED, blocking the calling thread (the disk executor's, never
+        the reactor's): make the VM ready to resume (libvirt: restore it
+        paused), so a VM this host cannot run fails before the source
+        commits.  Nothing by default."""
+        return None
+
     def live_socket(self, bundle: Bundle, tag: str = "") -> Path:
         """The unix socket of a live stream of this VM: where the
         destination's guest listens, or where securemig listens for the
@@ -169,6 +189,35 @@ class Backend(Protocol):
         :meth:`live_socket` (with ``tag``); fires with its :class:`LiveSide`
         (``Capabilities.live_destination``)."""
         raise _unsupported(self, "take live migrations")
+
+    def live_info(self, bundle: Bundle, copy_storage: bool, parallel: int) -> Deferred[bytes]:
+        """Source, before HELLO (``Capabilities.carried``): what the
+        destination's backend needs to take this VM live (HELLO's
+        ``backend_info``); ``copy_storage``: its disks are copied too;
+        ``parallel``: extra connections for the memory stream."""
+        raise _unsupported(self, "migrate live over carried sockets")
+
+    def carried_sockets(self, tag: str, destination: bool) -> dict[str, str]:
+        """The UNIX sockets of one carried migration (``tag``: its id, the
+        same on both hosts), by name (:data:`securemig.transport.carried.SOCKETS`):
+        at the source where securemig listens, at the destination what it
+        dials (``Capabilities.carried``)."""
+        raise _unsupported(self, "migrate live over carried sockets")
+
+    def arrived(self, bundle: Bundle) -> bool:
+        """Destination, a live arrival in staging (``Capabilities.carried``):
+        whether the hypervisor's own migration completed here -- its guest
+        waits loaded and paused, and the source's has ended, so this copy
+        is the only one and must not be discarded before the source decides.
+        Blocks; False by default."""
+        return False
+
+    def moved_away(self, bundle: Bundle) -> bool:
+        """Source, a live departure (``Capabilities.carried``): whether the
+        hypervisor's own migration completed -- the guest left this host
+        (its process here ended because it moved), so the source's recovery
+        commits rather than aborts.  Blocks; False by default."""
+        return False
 
     def console(self, bundle: Bundle) -> Path | None:
         """The file this host keeps the VM's console in (its first serial

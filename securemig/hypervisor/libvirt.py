@@ -24,7 +24,13 @@ call ``secret-get-value`` (unless private).  Under securemig:
 - :meth:`LibvirtBackend.suspend` / :meth:`LibvirtBackend.resume` are
   libvirt's ``save`` into the bundle's RAM image (the vTPM blob inside is
   encrypted by the secret; guest RAM is not) and ``restore`` with the secret
-  defined only for the restore;
+  defined only for the restore.  ``save`` also puts the domain's file disks
+  in the bundle (hard links, no copy), so the suspended migration streams
+  them as the images ``disk``, ``disk2``, ...; at a destination the arrived
+  domain is restored paused from staging before PREPARED
+  (:meth:`LibvirtBackend.ready_blocking`: a save file this host cannot load
+  fails before the commit), its disks being the bundle's own files, and at
+  the commit it is resumed and only then defined (persistent) here;
 - status is libvirt's domain state.
 
 A bundle (``DIR/NAME/``, NAME the domain's name) holds the manifest
@@ -37,24 +43,32 @@ Every libvirt call blocks: they run on one dedicated thread
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import re
+import shutil
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager, suppress
+from dataclasses import MISSING, asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 from xml.sax.saxutils import escape
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from securemig import crashpoint, files
+from securemig.crashpoint import CrashPoint
 from securemig.hypervisor.bundle import Bundle, BundleError, Image, Manifest, check_vm_name
-from securemig.hypervisor.contract import Backend, Capabilities
+from securemig.hypervisor.contract import BACKEND_INFO_FILE, Backend, Capabilities
 from securemig.protocol.errors import ErrorCode, LocalFault
 
 #: What to install when libvirt-python is missing.
@@ -70,16 +84,44 @@ MAX_SECRET = 128
 RUN_DIR = Path("/run/libvirt")
 #: Per-migration socket directories live under RUN_DIR/MIGRATIONS/ID.
 MIGRATIONS = "securemig"
+#: libvirt's own clients' variable naming the URI to use when none is
+#: given: this host's libvirt for arrivals (:func:`default_uri`).
+CONNECT_ENV = "LIBVIRT_DEFAULT_URI"
+#: Where this process sees what libvirt sees as ``/run/libvirt`` (a lab host
+#: in its own mount namespace); default :data:`RUN_DIR`.
+RUN_DIR_ENV = "SECUREMIG_LIBVIRT_RUN_DIR"
+#: Set to 1 where both hosts share the disks' storage but libvirt cannot
+#: tell (the lab's hosts on one machine): libvirt's safety check waived
+#: (``VIR_MIGRATE_UNSAFE``) for a migration without ``--copy-storage``.
+UNSAFE_SHARED_ENV = "SECUREMIG_LIBVIRT_UNSAFE_SHARED"
+#: The file of an arrival's staging naming the domain that arrives (from
+#: HELLO's ``backend_info``) and the migration's socket tag.
+INCOMING_FILE = BACKEND_INFO_FILE
+#: An incoming domain waits this long at most for libvirt's migration.
+INCOMING_TIMEOUT = 3600.0
+#: How often the destination asks libvirt whether the domain arrived.
+INCOMING_POLL = 0.1
+#: libvirt's ``VIR_DOMAIN_PAUSED_USER``: paused by request (``PAUSED``
+#: migration flag at its Finish), as opposed to paused while it arrives.
+PAUSED_USER = 1
+#: libvirt's ``VIR_DOMAIN_SHUTOFF_MIGRATED``: shut off because it migrated.
+SHUTOFF_MIGRATED = 4
+#: At most this many disks, and QEMU multifd channels, per migration.
+MAX_DISKS = 8
+MAX_PARALLEL = 16
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
-#: What this backend can do (:mod:`securemig.hypervisor.backends`).  Not
-#: yet a source or destination of ``securemig migrate``, live or suspended:
-#: libvirt's migration with carried sockets exists below but the protocol
-#: does not drive it, and a saved domain's file alone does not make it
-#: elsewhere (its disks and vTPM state stay here; doc/backend-libvirt.rst).
-#: Its status says ``paused`` of a paused domain, so recovery does not
-#: count on resume_continues.
+#: What this backend can do (:mod:`securemig.hypervisor.backends`): the
+#: suspended migration (``save`` with the domain's disks, streamed, restored
+#: paused at the destination, resumed at the commit) and the live one
+#: through carried sockets (libvirt's own migration, peer to peer;
+#: doc/backend-libvirt.rst).  Its status says ``paused`` of a paused
+#: domain, so recovery does not count on resume_continues.
 CAPABILITIES = Capabilities(
-    suspend=False,
+    suspend=True,
+    live_source=True,
+    live_destination=True,
+    carried=True,
     runs_guest=True,
     startable=True,
     vtpm=True,
@@ -99,6 +141,16 @@ STATES = {
 }
 
 T = TypeVar("T")
+
+log = Logger()
+
+
+def default_uri() -> str:
+    """The libvirt a host's daemon works with when a domain names none (an
+    arriving one): ``LIBVIRT_DEFAULT_URI`` if set -- libvirt's own clients'
+    convention, how the lab points each daemon at its host's libvirtd --
+    else :data:`DEFAULT_URI`."""
+    return os.environ.get(CONNECT_ENV) or DEFAULT_URI
 
 
 class LibvirtError(LocalFault, RuntimeError):
@@ -134,13 +186,24 @@ class DomainRecord:
     domain_uuid: str
     secret_uuid: str
     connect: str
+    #: A domain that arrived suspended: the directory securemig made for its
+    #: disks (outside the bundle, whose directory is renamed at the commit
+    #: while QEMU, which reopens a disk by its path, runs on); removed with
+    #: the domain.  Empty for an adopted domain: its disks are the operator's.
+    disk_dir: str = ""
 
     @classmethod
     def load(cls, bundle: Bundle) -> DomainRecord:
         """The bundle's record, or a clear refusal."""
         try:
             data = json.loads((bundle.path / DOMAIN_FILE).read_bytes())
-            return cls(**{k: str(data[k]) for k in cls.__dataclass_fields__})
+            return cls(
+                **{
+                    k: str(data[k])
+                    for k, f in cls.__dataclass_fields__.items()
+                    if k in data or f.default is MISSING
+                }
+            )
         except FileNotFoundError:
             raise BundleError(f"VM {bundle.name} is no adopted libvirt domain") from None
         except (ValueError, TypeError, KeyError) as e:
@@ -163,6 +226,70 @@ def vtpm_secret_uuid(domain_xml: str) -> str | None:
         if encryption is not None and encryption.get("secret"):
             return encryption.get("secret")
     return None
+
+
+def file_disks(domain_xml: str) -> list[tuple[str, str]]:
+    """The domain's file-backed disks as (image name, path as libvirt sees
+    it), in the XML's order: ``disk``, ``disk2``, ``disk3``, ...  Both sides
+    of a suspended migration name them the same way from the same XML."""
+    found: list[tuple[str, str]] = []
+    for disk in ET.fromstring(domain_xml).iterfind("devices/disk"):
+        source = disk.find("source")
+        if disk.get("device", "disk") != "disk" or source is None or not source.get("file"):
+            continue
+        name = "disk" if not found else f"disk{len(found) + 1}"
+        found.append((name, str(source.get("file"))))
+    return found
+
+
+def with_disks(domain_xml: str, paths: dict[str, str]) -> str:
+    """``domain_xml`` with the source of each file disk named in ``paths``
+    (by its image name, :func:`file_disks`) set to the path given."""
+    root = ET.fromstring(domain_xml)
+    index = 0
+    for disk in root.iterfind("devices/disk"):
+        source = disk.find("source")
+        if disk.get("device", "disk") != "disk" or source is None or not source.get("file"):
+            continue
+        index += 1
+        name = "disk" if index == 1 else f"disk{index}"
+        if name in paths:
+            source.set("file", paths[name])
+    return ET.tostring(root, encoding="unicode")
+
+
+def arrival_disks(domain_xml: str, record: DomainRecord, bundle: Bundle) -> dict[str, str]:
+    """Where an arrived domain's disks are: its record's disk directory
+    (``NAME.img`` each), or, without one, the bundle's images."""
+    if record.disk_dir:
+        return {n: f"{record.disk_dir}/{n}.img" for n, _ in file_disks(domain_xml)}
+    return {n: str(bundle.image_path(n).absolute()) for n, _ in file_disks(domain_xml)}
+
+
+def record_from_xml(domain_xml: str, connect: str) -> DomainRecord:
+    """The record of a domain from its XML (an arrived save file's): its
+    name, UUID and vTPM secret; refused without an encrypted vTPM."""
+    root = ET.fromstring(domain_xml)
+    name, uuid_ = root.findtext("name"), root.findtext("uuid")
+    secret_uuid = vtpm_secret_uuid(domain_xml)
+    if not name or not uuid_ or secret_uuid is None:
+        raise BundleError(
+            "the arrived save file holds no domain with an emulator vTPM encrypted by a secret"
+        )
+    return DomainRecord(name, uuid_, secret_uuid, connect)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` the same file as ``source`` (a hard link: no copy, the
+    disk stays where the domain's definition says), or a copy across file
+    systems."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM):
+            raise
+        shutil.copyfile(source, target)
 
 
 def secret_xml(secret_uuid: str, domain: str) -> str:
@@ -276,6 +403,92 @@ class Outgoing:
     disks: tuple[Disk, ...]
 
 
+@dataclass(frozen=True)
+class Incoming:
+    """HELLO's ``backend_info`` of a libvirt domain: what arrives and how."""
+
+    outgoing: Outgoing
+    copy_storage: bool
+    parallel: int
+
+    def to_json(self) -> bytes:
+        """As HELLO carries it."""
+        o = self.outgoing
+        return json.dumps(
+            {
+                "domain": o.domain,
+                "domain_uuid": o.domain_uuid,
+                "secret_uuid": o.secret_uuid,
+                "disks": [[d.path, d.format, d.capacity] for d in o.disks],
+                "copy_storage": self.copy_storage,
+                "parallel": self.parallel,
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def parse(cls, data: bytes) -> Incoming:
+        """From a source's HELLO: every field checked (a source is attested,
+        not trusted to name paths freely); BundleError saying what is wrong."""
+        try:
+            raw = json.loads(data)
+            domain = str(raw["domain"])
+            check_vm_name(domain)
+            uuids = str(raw["domain_uuid"]), str(raw["secret_uuid"])
+            if not all(UUID_RE.fullmatch(u) for u in uuids):
+                raise ValueError("a UUID is malformed")
+            disks = []
+            if len(raw["disks"]) > MAX_DISKS:
+                raise ValueError(f"more than {MAX_DISKS} disks")
+            for path, fmt, capacity in raw["disks"]:
+                path, fmt = str(path), str(fmt)
+                if not os.path.isabs(path) or os.path.normpath(path) != path:
+                    raise ValueError(f"disk path {path!r} is not absolute and normalised")
+                if fmt not in ("raw", "qcow2"):
+                    raise ValueError(f"disk format {fmt!r}")
+                if not isinstance(capacity, int) or not 0 < capacity <= 1 << 44:
+                    raise ValueError(f"disk capacity {capacity!r}")
+                disks.append(Disk(path, fmt, capacity))
+            parallel = raw["parallel"]
+            if not isinstance(parallel, int) or not 0 <= parallel <= MAX_PARALLEL:
+                raise ValueError(f"parallel {parallel!r}")
+            return cls(
+                Outgoing(domain, uuids[0], uuids[1], tuple(disks)),
+                bool(raw["copy_storage"]),
+                parallel,
+            )
+        except BundleError as e:
+            raise BundleError(f"the arriving libvirt domain: {e}") from None
+        except (ValueError, TypeError, KeyError) as e:
+            raise BundleError(f"the arriving libvirt domain is described wrongly: {e}") from None
+
+
+@dataclass(frozen=True)
+class LibvirtStats:
+    """libvirt's numbers of a completed outgoing migration (its job
+    statistics at the source), named as QEMU's LiveStats are."""
+
+    status: str = "completed"
+    total_ms: int = 0
+    downtime_ms: int = 0
+    setup_ms: int = 0
+    transferred: int = 0
+    iterations: int = 0
+    dirty_pages_rate: int = 0
+
+    @classmethod
+    def of(cls, stats: dict[str, Any]) -> LibvirtStats:
+        """From ``virDomainGetJobStats(COMPLETED)``."""
+        return cls(
+            total_ms=int(stats.get("time_elapsed", 0)),
+            downtime_ms=int(stats.get("downtime", 0)),
+            setup_ms=int(stats.get("setup_time", 0)),
+            transferred=int(stats.get("data_processed", 0)),
+            iterations=int(stats.get("memory_iteration", 0)),
+            dirty_pages_rate=int(stats.get("memory_dirty_rate", 0)),
+        )
+
+
 def domain_disks(domain: Any) -> tuple[Disk, ...]:
     """The domain's file-backed disks with their format and capacity."""
     found = []
@@ -364,7 +577,7 @@ class LibvirtBackend(Backend):
         reactor: Any = None,
         vtpm_key: Callable[[Bundle], bytes] | None = None,
         connect: str | None = None,
-        run_dir: Path = RUN_DIR,
+        run_dir: Path | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -378,6 +591,8 @@ class LibvirtBackend(Backend):
         self.connect = connect
         #: Where securemig sees what libvirt sees as ``/run/libvirt`` (the
         #: same directory, except for a lab host in its mount namespace).
+        if run_dir is None:
+            run_dir = Path(os.environ.get(RUN_DIR_ENV) or RUN_DIR)
         self.run_dir = run_dir
         self._pool: ThreadPool | None = None
 
@@ -490,7 +705,7 @@ class LibvirtBackend(Backend):
             self._write_bundle(vm_dir, record, sealed, "running" if running else "stopped")
             # Only once the sealed copy is durable: libvirt's copy goes.  A
             # crash between the two is finished by adopting again.
-            crashpoint.reached("adopt-sealed")
+            crashpoint.reached(CrashPoint.ADOPT_SEALED)
             secret.undefine()
             return Bundle.find(vm_dir, domain_name)
 
@@ -547,7 +762,9 @@ class LibvirtBackend(Backend):
 
     def suspend(self, bundle: Bundle) -> Deferred[None]:
         """libvirt's ``save`` of the domain into the bundle's RAM image (the
-        domain stops; its vTPM blob inside is encrypted by the secret)."""
+        domain stops, still defined here; its vTPM blob inside is encrypted
+        by the secret), its file disks put in the bundle as images beside
+        it: what a suspended migration streams."""
         return self._call(self._suspend, bundle)
 
     def _suspend(self, bundle: Bundle) -> None:
@@ -556,20 +773,92 @@ class LibvirtBackend(Backend):
         ram = bundle.image_path("ram").absolute()
         with self._connection(self._uri(record)) as conn:
             domain = self._domain(conn, record)
+            # The definition's disks: a running arrival's live XML still
+            # names the staging directory its bundle was renamed from.
+            # A disk this process does not see at libvirt's path (a lab host's
+            # own tree) stays out: saved and restored here it needs no copy;
+            # a destination then cannot restore the domain and says so
+            # before the commit.
+            disks = [
+                (name, path)
+                for name, path in file_disks(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+                if Path(path).is_file()
+            ]
             try:
                 domain.save(str(ram))
             except libvirt.libvirtError as e:
                 raise LibvirtError(
                     f"libvirt did not save domain {record.domain}: {e.get_error_message()}"
                 ) from None
-        bundle.manifest.images = [Image("ram", ram.stat().st_size)]
+        images = [Image("ram", ram.stat().st_size)]
+        for name, path in disks:
+            target = bundle.image_path(name).absolute()
+            if Path(path).absolute() != target:
+                _link_or_copy(Path(path), target)
+            images.append(Image(name, target.stat().st_size))
+        bundle.manifest.images = images
         bundle.manifest.state = "suspended"
         bundle.save()
 
+    def ready_blocking(self, bundle: Bundle) -> None:
+        """Destination, a suspended arrival in staging, before PREPARED (off
+        the reactor thread): the domain restored from the arrived save file,
+        **paused**, the secret defined only for the restore.  A save file
+        this host cannot load (a wrong secret cannot open its vTPM blob, a
+        missing emulator...) fails here, before the source commits.  Its
+        disks move out of staging into a directory of their own beside it
+        (``disks/ID/``: staging is renamed at the commit, and QEMU reopens a
+        disk by its path when it saves).  The domain stays transient (not
+        defined here) until the commit (:meth:`resume`)."""
+        libvirt = require_libvirt()
+        ram = bundle.image_path("ram").absolute()
+        if bundle.manifest.state != "suspended" or not ram.exists():
+            return
+        uri = self.connect or default_uri()
+        with self._connection(uri) as conn:
+            try:
+                saved = conn.saveImageGetXMLDesc(str(ram), 0)
+            except libvirt.libvirtError as e:
+                raise LibvirtError(
+                    f"libvirt cannot read the arrived save file: {e.get_error_message()}"
+                ) from None
+            record = record_from_xml(saved, uri)
+            if record.domain != bundle.name:
+                raise BundleError(
+                    f"the arrived save file holds domain {record.domain}, not {bundle.name}"
+                )
+            if _lookup(conn, record.domain_uuid) is not None:
+                raise BundleError(f"domain {record.domain} is defined here already")
+            disk_dir = bundle.path.absolute().parent.parent / "disks" / bundle.path.name
+            record = replace(record, disk_dir=str(disk_dir))
+            # Written first: whoever removes staging ends the domain, and its
+            # disks, by it.
+            files.write_durably(bundle.path / DOMAIN_FILE, record.to_json())
+            disks = arrival_disks(saved, record, bundle)
+            disk_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for name, target in disks.items():
+                if bundle.image_path(name).exists():
+                    os.rename(bundle.image_path(name), target)
+            files.fsync_dir(disk_dir)
+            value = self._key(bundle)
+            with secret_held(conn, record.secret_uuid, record.domain, value):
+                try:
+                    conn.restoreFlags(
+                        str(ram), with_disks(saved, disks), libvirt.VIR_DOMAIN_SAVE_PAUSED
+                    )
+                except libvirt.libvirtError as e:
+                    raise LibvirtError(
+                        f"libvirt did not restore domain {record.domain} here: "
+                        f"{e.get_error_message()}"
+                    ) from None
+
     def resume(self, bundle: Bundle) -> Deferred[None]:
-        """libvirt's ``restore`` from the bundle's RAM image, the secret
-        defined only for it; a paused domain is resumed, a running one left
-        as it is."""
+        """Run the domain again: a paused one (restored paused at its
+        arrival, a live arrival waiting for its commit, the operator's
+        pause) continues, a running one is left as it is, a saved one is
+        restored from the bundle's RAM image with the secret defined only
+        for the restore.  A domain that is not defined here (an arrival) is
+        defined now, its disks the bundle's files."""
         return self._call(self._resume, bundle)
 
     def _resume(self, bundle: Bundle) -> None:
@@ -577,24 +866,58 @@ class LibvirtBackend(Backend):
         record = DomainRecord.load(bundle)
         ram = bundle.image_path("ram").absolute()
         with self._connection(self._uri(record)) as conn:
-            domain = self._domain(conn, record)
-            if domain.isActive():
-                # Paused (a live arrival waiting for its commit, or the
-                # operator's pause): it continues with the memory it has.
+            domain = _lookup(conn, record.domain_uuid)
+            if domain is not None and domain.isActive():
                 if domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
                     domain.resume()
+            elif not ram.exists():
+                raise BundleError(
+                    f"libvirt at {self._uri(record)} has no domain {record.domain} "
+                    f"(UUID {record.domain_uuid}) and the bundle no saved one"
+                )
             else:
+                # Defined here (the source after a rollback): the disks of its
+                # definition.  Not (an arrival whose QEMU ended): the bundle's.
+                saved = conn.saveImageGetXMLDesc(str(ram), 0)
+                if domain is None:
+                    dxml = with_disks(saved, arrival_disks(saved, record, bundle))
+                else:
+                    defined = domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                    dxml = with_disks(saved, dict(file_disks(defined)))
                 value = self._key(bundle)
                 with secret_held(conn, record.secret_uuid, record.domain, value):
                     try:
-                        conn.restore(str(ram))
+                        conn.restoreFlags(str(ram), dxml, 0)
                     except libvirt.libvirtError as e:
                         raise LibvirtError(
                             f"libvirt did not restore domain {record.domain}: "
                             f"{e.get_error_message()}"
                         ) from None
+            domain = self._domain(conn, record)
+            if not domain.isPersistent():
+                # An arrival: defined here only now, after the commit.
+                conn.defineXML(
+                    domain.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE)
+                )
+            used = {path for _, path in file_disks(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))}
         ram.unlink(missing_ok=True)
-        bundle.manifest.images = []
+        kept = []
+        for image in bundle.manifest.images:
+            path = bundle.image_path(image)
+            if image.name == "ram":
+                continue
+            if str(path.absolute()) in used:
+                kept.append(image)  # the domain's own disk (an arrival's)
+            else:
+                path.unlink(missing_ok=True)  # a link to the domain's disk, made by save
+        bundle.manifest.images = kept
+        # An arrival resumed (committed): no longer one to abort, and its
+        # secret (if a crash left it defined) goes.
+        if (bundle.path / INCOMING_FILE).exists():
+            with self._connection(self._uri(record)) as conn:
+                if secret_defined(conn, record.secret_uuid):
+                    conn.secretLookupByUUIDString(record.secret_uuid).undefine()
+            (bundle.path / INCOMING_FILE).unlink()
         bundle.manifest.state = "running"
         bundle.save()
 
@@ -617,6 +940,8 @@ class LibvirtBackend(Backend):
                     )
             if secret_defined(conn, record.secret_uuid):
                 conn.secretLookupByUUIDString(record.secret_uuid).undefine()
+        if record.disk_dir:
+            files.remove_tree(Path(record.disk_dir))
         files.remove_tree(bundle.path)
 
     def end(self, bundle: Bundle) -> Deferred[None]:
@@ -624,12 +949,22 @@ class LibvirtBackend(Backend):
         vTPM state stays), on the backend's own thread; nothing for a bundle
         that is no adopted domain (a staging directory another backend's VM
         left: answered at once, with no thread)."""
-        if not (bundle.path / DOMAIN_FILE).exists():
+        if not (bundle.path / DOMAIN_FILE).exists() and not (bundle.path / INCOMING_FILE).exists():
             return succeed(None)
         return self._call(self.end_blocking, bundle)
 
     def end_blocking(self, bundle: Bundle) -> None:
-        """:meth:`end`, blocking the calling thread (never the reactor's)."""
+        """:meth:`end`, blocking the calling thread (never the reactor's).
+        An arrival's staging (a live arrival not committed): the domain
+        libvirt made here destroyed and undefined with its new vTPM state,
+        the secret undefined (:meth:`abort_in`)."""
+        if (bundle.path / INCOMING_FILE).exists():
+            try:
+                incoming, tag = _read_incoming(bundle)
+            except BundleError:
+                return
+            self._abort_in(incoming.outgoing, socket_paths(self.run_dir, tag))
+            return
         try:
             record = DomainRecord.load(bundle)
         except BundleError:
@@ -638,6 +973,44 @@ class LibvirtBackend(Backend):
             domain = _lookup(conn, record.domain_uuid)
             if domain is not None and domain.isActive():
                 domain.destroy()
+        if record.disk_dir and Path(record.disk_dir).name == bundle.path.name:
+            # Still the staging directory the disks came from: an arrival
+            # that never committed, its transient domain gone with destroy;
+            # nothing will use these disks again.
+            files.remove_tree(Path(record.disk_dir))
+
+    def arrived(self, bundle: Bundle) -> bool:
+        """A live arrival in staging: libvirt's migration finished here (the
+        domain paused by request, persistent), the source's QEMU ended.
+        Blocks on libvirt."""
+        if not (bundle.path / INCOMING_FILE).exists():
+            return False
+        try:
+            incoming, _ = _read_incoming(bundle)
+        except BundleError:
+            return False
+        if self._incoming_state(incoming.outgoing) != (3, PAUSED_USER):
+            return False
+        # Its swtpm holds the key: libvirt's copy goes (a crash may have come
+        # between the arrival and end_in).
+        with self._connection(self.connect or default_uri()) as conn:
+            if secret_defined(conn, incoming.outgoing.secret_uuid):
+                conn.secretLookupByUUIDString(incoming.outgoing.secret_uuid).undefine()
+        return True
+
+    def moved_away(self, bundle: Bundle) -> bool:
+        """The domain is shut off here because libvirt migrated it
+        (``VIR_DOMAIN_SHUTOFF_MIGRATED``): its Confirm phase ended this
+        QEMU after the destination's Finish.  Blocks on libvirt."""
+        try:
+            record = DomainRecord.load(bundle)
+        except BundleError:
+            return False
+        with self._connection(self._uri(record)) as conn:
+            domain = _lookup(conn, record.domain_uuid)
+            state = None if domain is None else tuple(domain.state())
+            log.info("domain {d} at the source: libvirt state {s}", d=record.domain, s=state)
+            return state == (5, SHUTOFF_MIGRATED)
 
     def has_process(self, bundle: Bundle) -> bool:
         """Whether libvirt runs the domain here (running or paused); False
@@ -779,7 +1152,7 @@ class LibvirtBackend(Backend):
     ) -> None:
         require_libvirt()
         paths.local_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with self._connection(self.connect or DEFAULT_URI) as conn:
+        with self._connection(self.connect or default_uri()) as conn:
             if _lookup(conn, outgoing.domain_uuid) is not None:
                 raise BundleError(f"domain {outgoing.domain} is defined here already")
             if copy_storage:
@@ -796,7 +1169,7 @@ class LibvirtBackend(Backend):
         return self._call(self._end_in, outgoing, paths)
 
     def _end_in(self, outgoing: Outgoing, paths: SocketPaths) -> None:
-        with self._connection(self.connect or DEFAULT_URI) as conn:
+        with self._connection(self.connect or default_uri()) as conn:
             if secret_defined(conn, outgoing.secret_uuid):
                 conn.secretLookupByUUIDString(outgoing.secret_uuid).undefine()
         files.remove_tree(paths.local_dir)
@@ -806,7 +1179,7 @@ class LibvirtBackend(Backend):
         return self._call(self._arrived_state, outgoing)
 
     def _arrived_state(self, outgoing: Outgoing) -> str:
-        return self._state_at(self.connect or DEFAULT_URI, outgoing.domain_uuid)
+        return self._state_at(self.connect or default_uri(), outgoing.domain_uuid)
 
     def commit_in(self, vm_dir: Path, outgoing: Outgoing, sealed: bytes) -> Deferred[Bundle]:
         """Destination, at COMMIT: the bundle (the secret sealed to this
@@ -815,7 +1188,7 @@ class LibvirtBackend(Backend):
         return self._call(self._commit_in, vm_dir, outgoing, sealed)
 
     def _commit_in(self, vm_dir: Path, outgoing: Outgoing, sealed: bytes) -> Bundle:
-        uri = self.connect or DEFAULT_URI
+        uri = self.connect or default_uri()
         record = DomainRecord(outgoing.domain, outgoing.domain_uuid, outgoing.secret_uuid, uri)
         if not (vm_dir / record.domain).exists():
             self._write_bundle(vm_dir, record, sealed, "running")
@@ -831,7 +1204,7 @@ class LibvirtBackend(Backend):
 
     def _abort_in(self, outgoing: Outgoing, paths: SocketPaths) -> None:
         libvirt = require_libvirt()
-        with self._connection(self.connect or DEFAULT_URI) as conn:
+        with self._connection(self.connect or default_uri()) as conn:
             domain = _lookup(conn, outgoing.domain_uuid)
             if domain is not None:
                 if domain.isActive():
@@ -839,3 +1212,304 @@ class LibvirtBackend(Backend):
                 if domain.isPersistent():
                     domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
         self._end_in(outgoing, paths)
+
+    # -- securemig migrate --live (the backend contract's carried live migration)
+
+    def live_info(self, bundle: Bundle, copy_storage: bool, parallel: int) -> Deferred[bytes]:
+        """Source: HELLO's ``backend_info`` (:class:`Incoming`)."""
+        if not 0 <= parallel <= MAX_PARALLEL:
+            raise BundleError(f"--parallel: 0 to {MAX_PARALLEL} channels")
+
+        def info() -> bytes:
+            return Incoming(self._outgoing(bundle), copy_storage, parallel).to_json()
+
+        return self._call(info)
+
+    def carried_sockets(self, tag: str, destination: bool) -> dict[str, str]:
+        """The migration's sockets: at the source the paths securemig
+        listens on (their directory made, private), at the destination what
+        it dials (its libvirtd's socket for ``rpc``; the paths libvirt's
+        QEMU and NBD server listen on for ``memory`` and ``disk``)."""
+        paths = socket_paths(self.run_dir, tag)
+        names = ("rpc", "memory", "disk")
+        if destination:
+            sockets = {name: str(paths.local(name)) for name in names}
+            sockets["rpc"] = str(self.run_dir / "libvirt-sock")
+            return sockets
+        paths.local_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return {name: str(paths.local(name)) for name in names}
+
+    def live_source(
+        self,
+        bundle: Bundle,
+        uri: str,
+        downtime_limit_ms: int = 0,
+        max_bandwidth: int = 0,
+        copy_storage: bool = False,
+        parallel: int = 0,
+    ) -> Deferred[Any]:
+        """Source: start libvirt's migration of the domain through the
+        carried sockets of migration ``uri`` (its tag,
+        :meth:`carried_sockets`); fires at once with its
+        :class:`LibvirtOutgoing`.  (libvirt sets its own downtime limit and
+        bandwidth; the QEMU-only options are not passed.)"""
+        unsafe = not copy_storage and os.environ.get(UNSAFE_SHARED_ENV) == "1"
+        paths = socket_paths(self.run_dir, uri)
+        done = self._call(self._migrate_out_stats, bundle, paths, copy_storage, parallel, unsafe)
+        return succeed(LibvirtOutgoing(self, bundle, done))
+
+    def _migrate_out_stats(
+        self,
+        bundle: Bundle,
+        paths: SocketPaths,
+        copy_storage: bool,
+        parallel: int,
+        unsafe: bool,
+    ) -> LibvirtStats:
+        libvirt = require_libvirt()
+        self._migrate_out(bundle, paths, copy_storage, parallel, unsafe)
+        record = DomainRecord.load(bundle)
+        try:
+            with self._connection(self._uri(record)) as conn:
+                domain = self._domain(conn, record)
+                return LibvirtStats.of(domain.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED))
+        except (libvirt.libvirtError, BundleError):
+            return LibvirtStats()  # the numbers are a report only
+
+    def abort_job(self, bundle: Bundle) -> Deferred[None]:
+        """Source, before the commit: abort libvirt's running migration job
+        (on a thread of its own: the backend's is busy with the migration)."""
+
+        def abort() -> None:
+            libvirt = require_libvirt()
+            record = DomainRecord.load(bundle)
+            with self._connection(self._uri(record)) as conn:
+                domain = _lookup(conn, record.domain_uuid)
+                if domain is not None:
+                    # No job is no error: it ended meanwhile.
+                    with suppress(libvirt.libvirtError):
+                        domain.abortJob()
+
+        return deferToThread(abort)
+
+    def live_destination(self, bundle: Bundle, tag: str = "") -> Deferred[Any]:
+        """Destination, after attestation and key release: from the arrival's
+        ``INCOMING_FILE`` (HELLO's ``backend_info``) the bundle's record, the
+        disks to copy into and the secret with the released value
+        (:meth:`prepare_in`); fires with the :class:`LibvirtIncoming` that
+        waits for libvirt's migration."""
+        return self._call(self._live_destination, bundle, tag)
+
+    def _live_destination(self, bundle: Bundle, tag: str) -> LibvirtIncoming:
+        incoming = Incoming.parse((bundle.path / INCOMING_FILE).read_bytes())
+        outgoing = incoming.outgoing
+        if outgoing.domain != bundle.name:
+            raise BundleError(
+                f"the arriving domain is {outgoing.domain}, but HELLO named VM {bundle.name}"
+            )
+        files.write_durably(
+            bundle.path / INCOMING_FILE,
+            json.dumps({"info": incoming.to_json().decode(), "tag": tag}).encode(),
+        )
+        record = DomainRecord(
+            outgoing.domain,
+            outgoing.domain_uuid,
+            outgoing.secret_uuid,
+            self.connect or default_uri(),
+        )
+        files.write_durably(bundle.path / DOMAIN_FILE, record.to_json())
+        paths = socket_paths(self.run_dir, tag)
+        self._prepare_in(outgoing, self._key(bundle), paths, incoming.copy_storage)
+        return LibvirtIncoming(self, bundle, outgoing, paths)
+
+    def incoming_state(self, outgoing: Outgoing) -> Deferred[tuple[int, int] | None]:
+        """Destination: libvirt's (state, reason) of the arriving domain, or
+        None while (or once) it has none."""
+        return self._call(self._incoming_state, outgoing)
+
+    def _incoming_state(self, outgoing: Outgoing) -> tuple[int, int] | None:
+        with self._connection(self.connect or default_uri()) as conn:
+            domain = _lookup(conn, outgoing.domain_uuid)
+            if domain is None:
+                return None
+            state, reason = domain.state()
+            return int(state), int(reason)
+
+    def resume_domain(self, record_uri: str, domain_uuid: str) -> Deferred[None]:
+        """Resume a paused domain (left running if it runs)."""
+
+        def resume() -> None:
+            libvirt = require_libvirt()
+            with self._connection(record_uri) as conn:
+                domain = _lookup(conn, domain_uuid)
+                if domain is None or not domain.isActive():
+                    raise LibvirtError("the domain does not run here: nothing to continue")
+                if domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                    domain.resume()
+
+        return self._call(resume)
+
+
+def _read_incoming(bundle: Bundle) -> tuple[Incoming, str]:
+    """An arrival's incoming file: what arrives, and the migration's tag."""
+    try:
+        data = (bundle.path / INCOMING_FILE).read_bytes()
+        raw = json.loads(data)
+        if "tag" not in raw:
+            # As the arrival wrote it (HELLO's bytes), before live_destination
+            # added the tag: a staging directory is named by the migration id.
+            return Incoming.parse(data), bundle.path.name
+        return Incoming.parse(raw["info"].encode()), str(raw["tag"])
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise BundleError(f"{bundle.path / INCOMING_FILE}: {e}") from None
+
+
+class LibvirtOutgoing:
+    """The source's side of one libvirt migration (a LiveSide): libvirt's
+    ``migrateToURI3`` running on the backend's thread.
+
+    When it returns libvirt has completed: the destination holds the domain
+    paused, and the source's QEMU has ended (libvirt's Confirm phase ends it
+    in the same call; peer to peer, nothing lets the source keep it).  The
+    definition, vTPM state and sealed secret stay here until COMMITTED."""
+
+    def __init__(self, backend: LibvirtBackend, bundle: Bundle, done: Deferred[Any]) -> None:
+        self.backend = backend
+        self.bundle = bundle
+        self.stats: LibvirtStats | None = None
+        self.error: BaseException | None = None
+        self.ended = False
+
+        def ok(stats: LibvirtStats) -> None:
+            self.stats = stats
+            self.ended = True
+
+        def failed(f: Any) -> None:
+            self.error = f.value
+            self.ended = True
+
+        done.addCallbacks(ok, failed)
+
+    async def wait(self, timeout: float = INCOMING_TIMEOUT) -> LibvirtStats:
+        """Until libvirt's migration returned; its numbers, or its error."""
+        deadline = time.monotonic() + timeout
+        while not self.ended:
+            if time.monotonic() > deadline:
+                raise LibvirtError(
+                    f"libvirt's migration of domain {self.bundle.name} did not complete in time",
+                    ErrorCode.LIVE_FAILED,
+                )
+            await deferLater(self.backend.reactor, INCOMING_POLL, lambda: None)
+        if self.error is not None:
+            if isinstance(self.error, LibvirtError):
+                raise self.error
+            raise LibvirtError(str(self.error), ErrorCode.LIVE_FAILED)
+        assert self.stats is not None
+        return self.stats
+
+    async def cont(self) -> None:
+        """Let the guest run here (paused by libvirt after a failure)."""
+        record = DomainRecord.load(self.bundle)
+        await self.backend.resume_domain(self.backend._uri(record), record.domain_uuid)
+
+    @property
+    def completed(self) -> bool:
+        """libvirt's migration returned success: the destination holds the
+        guest (paused) and this QEMU has ended."""
+        return self.ended and self.error is None
+
+    async def cancel(self) -> None:
+        """Before the commit: abort libvirt's job if it still runs; the guest
+        goes on here.  A migration libvirt completed meanwhile cannot be
+        cancelled (this QEMU has ended): :attr:`completed` says so, and
+        nothing is continued here."""
+        if not self.ended:
+            await self.backend.abort_job(self.bundle)
+        # Cancelled, or failed: either way the guest is (still) here.
+        with suppress(LibvirtError):
+            await self.wait(timeout=120.0)
+        if not self.completed:
+            await self.cont()
+
+    def abandon(self) -> Deferred[None]:
+        """Nothing at the source."""
+        return succeed(None)
+
+    async def finish(self) -> None:
+        """After the commit: the definition and vTPM state removed here."""
+        await self.backend.finish_out(self.bundle)
+
+    def release(self) -> None:
+        """Nothing held (each call opens its own connection)."""
+
+
+class LibvirtIncoming:
+    """The destination's side of one libvirt migration (a LiveSide): the
+    domain libvirt makes here from the source's stream, paused until the
+    commit (``VIR_MIGRATE_PAUSED``)."""
+
+    def __init__(
+        self, backend: LibvirtBackend, bundle: Bundle, outgoing: Outgoing, paths: SocketPaths
+    ) -> None:
+        self.backend = backend
+        self.bundle = bundle
+        self.outgoing = outgoing
+        self.paths = paths
+        #: The pid file libvirt keeps of the domain's QEMU here (crash points).
+        self.pidfile = backend.run_dir / "qemu" / f"{outgoing.domain}.pid"
+
+    async def wait(self, timeout: float = INCOMING_TIMEOUT) -> None:
+        """Until libvirt's migration finished here (the domain paused by
+        request, not paused arriving); then the secret is undefined (swtpm
+        holds it).  LibvirtError if the domain, once seen, is gone (libvirt
+        failed the migration and removed it)."""
+        deadline = time.monotonic() + timeout
+        seen = False
+        while True:
+            state = await self.backend.incoming_state(self.outgoing)
+            if state is None and seen:
+                raise LibvirtError(
+                    f"libvirt's incoming migration of domain {self.outgoing.domain} failed "
+                    "(the domain is gone here)",
+                    ErrorCode.LIVE_FAILED,
+                )
+            if state is not None:
+                seen = True
+                if state == (3, PAUSED_USER):
+                    break
+                if state[0] != 3:
+                    raise LibvirtError(
+                        f"the arriving domain {self.outgoing.domain} is "
+                        f"{STATES.get(state[0], 'unknown')}, not paused",
+                        ErrorCode.LIVE_FAILED,
+                    )
+            if time.monotonic() > deadline:
+                raise LibvirtError(
+                    f"domain {self.outgoing.domain} did not arrive in time", ErrorCode.LIVE_FAILED
+                )
+            await deferLater(self.backend.reactor, INCOMING_POLL, lambda: None)
+        await self.backend.end_in(self.outgoing, self.paths)
+
+    async def waits_loaded(self) -> bool:
+        """Whether the arrived domain is still here, paused (never run)."""
+        state = await self.backend.incoming_state(self.outgoing)
+        return state is not None and state[0] == 3
+
+    async def cont(self) -> None:
+        """Let the guest run here."""
+        await self.backend.resume_domain(
+            self.backend.connect or default_uri(), self.outgoing.domain_uuid
+        )
+
+    async def cancel(self) -> None:
+        """Nothing to cancel at the destination (the source's job is)."""
+
+    def abandon(self) -> Deferred[None]:
+        """Before the commit: the domain libvirt made here goes (:meth:`abort_in`)."""
+        return self.backend.abort_in(self.outgoing, self.paths)
+
+    async def finish(self) -> None:
+        """Nothing at the destination."""
+
+    def release(self) -> None:
+        """Nothing held (each call opens its own connection)."""

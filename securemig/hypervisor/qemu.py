@@ -50,7 +50,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
-from securemig import files
+from securemig import files, runtime
 from securemig.hypervisor import guest as linux_guest
 from securemig.hypervisor import qmp
 from securemig.hypervisor.bundle import Bundle, BundleError
@@ -181,14 +181,20 @@ class QemuBackend(Backend):
 
     @staticmethod
     def _socket(bundle: Bundle, kind: str = "qmp", suffix: str = ".sock") -> Path:
-        # Unix socket paths are limited to 107 bytes: keep it short, derived
-        # from the bundle's path so every command finds it -- the path it
-        # had when its QEMU started (SOCKET_ID), so a bundle moved into place
-        # with its QEMU running (a live arrival) still finds its sockets.
+        # Unix socket paths are limited to 107 bytes: in the runtime
+        # directory (securemig.runtime), named by a digest of the bundle's
+        # path.  Both are recorded when its QEMU starts (SOCKET_ID), so every
+        # process finds them, and a bundle moved into place with its QEMU
+        # running (a live arrival) too.
         try:
-            digest = (bundle.path / SOCKET_ID).read_text().strip()
+            recorded = (bundle.path / SOCKET_ID).read_text().split("\n")
         except (FileNotFoundError, NotADirectoryError):
             digest = hashlib.sha256(str(bundle.path.absolute()).encode()).hexdigest()[:16]
+            return runtime.current() / f"{kind}-{digest}{suffix}"
+        digest = recorded[0].strip()
+        if len(recorded) > 1 and recorded[1].strip():
+            return Path(recorded[1].strip()) / f"{kind}-{digest}{suffix}"
+        # A QEMU started by an earlier release, whose sockets are in /tmp.
         return Path(tempfile.gettempdir()) / f"securemig-{kind}-{digest}{suffix}"
 
     def monitor(self, bundle: Bundle) -> Deferred[qmp.QMPProtocol]:
@@ -326,7 +332,7 @@ class QemuBackend(Backend):
         is left running."""
         (bundle.path / SOCKET_ID).unlink(missing_ok=True)
         digest = hashlib.sha256(str(bundle.path.absolute()).encode()).hexdigest()[:16]
-        (bundle.path / SOCKET_ID).write_text(digest + "\n")
+        (bundle.path / SOCKET_ID).write_text(f"{digest}\n{runtime.current()}\n")
         self._socket(bundle).unlink(missing_ok=True)
         argv = self._argv(bundle, incoming)
         argv += self._start_vtpm(bundle)
@@ -743,7 +749,7 @@ def live_socket(bundle: Bundle, tag: str = "") -> Path:
     name derived from the bundle alone is the same for the source of a VM
     and an arrival of it that was moved into place there."""
     if tag:
-        return Path(tempfile.gettempdir()) / f"securemig-live-{tag}.sock"
+        return runtime.current() / f"live-{tag}.sock"
     return QemuBackend._socket(bundle, "live")
 
 

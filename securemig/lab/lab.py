@@ -11,6 +11,7 @@ is ended by its pid when the lab stops.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from securemig import files
+from securemig import files, runtime
 from securemig.hypervisor import backends
 from securemig.hypervisor.bundle import Bundle, set_disk_owner
 from securemig.lab import processes
@@ -29,6 +30,7 @@ from securemig.trust.pca.core import PrivacyCA
 from securemig.trust.pki import Authority
 from securemig.trust.revocation import for_identity as revocation_for
 from securemig.trust.tpm import swtpm
+from securemig.trust.vtpm import CA_DIR as VTPM_CA_DIR
 
 SOURCE, DESTINATION = "source-a", "dest-b"
 
@@ -46,11 +48,15 @@ class Lab:
         self.link = link
         self.vm_dir = work / "vms"
         self._stops: list[Callable[[], object]] = []
+        #: The lab's TPMs are its own: their lock files go to its run
+        #: directory, not the machine's temporary directory (runtime.own_tpm_locks).
+        self._locks = contextlib.ExitStack()
 
     def start(self) -> None:
         """Site CA, two host TPMs, the privacy CA, both hosts enrolled."""
 
         work, started = self.work, time.monotonic()
+        self._locks.enter_context(runtime.own_tpm_locks(work))
         site = Authority.create("lab site CA")
         site.save(work / "site-ca")
         tctis = {host: self._host_tpm(host) for host in (SOURCE, DESTINATION)}
@@ -124,6 +130,11 @@ class Lab:
         self._stops.clear()
         for staged in sorted(self.work.glob("*/staging/*/")):
             backends.end_started_blocking(staged)
+        # The runtime directories of its hosts' state directories that are
+        # not inside them (a deep work directory): empty once all ended.
+        for journal in sorted(self.work.glob("**/journal.sqlite")):
+            runtime.remove_if_empty(runtime.for_state_dir(journal.parent))
+        self._locks.close()
 
     def start_destination(
         self,
@@ -132,10 +143,15 @@ class Lab:
         cipher: str | None = None,
         backend: str = backends.DEFAULT,
         extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        port: int = 0,
     ) -> processes.Destination:
         """A ``twistd securemig`` for ``host`` (dest-b by default), secure and
-        insecure listeners, ``extra`` options.  With ``keep`` the lab ends it
-        at :meth:`stop`; else the caller does."""
+        insecure listeners, ``extra`` options, ``env`` added to its
+        environment (a lab libvirt host's ``LIBVIRT_DEFAULT_URI``), its
+        secure listener on ``port`` (0: any; a daemon restarted after a
+        crash takes its old one).  With ``keep`` the lab ends it at
+        :meth:`stop`; else the caller does."""
         name = "destination" if host == DESTINATION else f"destination-{host}"
         if self._behind_link(host):
             # Behind the link the daemon cannot reach the privacy CA on this
@@ -156,7 +172,7 @@ class Lab:
             "--identity",
             str(self.work / host),
             "--listen",
-            f"tcp:0:interface={self.address_of(host)}",
+            f"tcp:{port}:interface={self.address_of(host)}",
             "--insecure-listen",
             f"tcp:0:interface={self.address_of(host)}",
             "--insecure-port-file",
@@ -169,6 +185,7 @@ class Lab:
             port_file=self.work / f"{name}.port",
             log_file=self.work / f"{name}.log",
             wrapper=self.link.wrapper if self._behind_link(host) else (),
+            env=env,
         )
         destination = processes.Destination(process, port, state, self.work / f"{name}.log")
         # The two listeners bind independently: wait for the second as well.
@@ -201,7 +218,7 @@ class Lab:
             key = os.urandom(32)
             with open_attestor(self.work / source, None, False) as attestor:
                 sealed = attestor.seal(key)
-            vtpm = (key, self.work / "vtpm-ca")
+            vtpm = (key, self.work / VTPM_CA_DIR)
         bundle = backends.create_vm(
             self.vm_dir_of(source),
             name,
@@ -239,10 +256,12 @@ class Lab:
         source: str = SOURCE,
         to: str = DESTINATION,
         extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> Any:
-        """Run ``securemig migrate`` as a process on behalf of ``source``;
-        returns (summary, usage).  The insecure variant gets the identity too,
-        to unseal a vTPM key it then sends in the clear."""
+        """Run ``securemig migrate`` as a process on behalf of ``source``
+        (``env`` added to its environment); returns (summary, usage).  The
+        insecure variant gets the identity too, to unseal a vTPM key it then
+        sends in the clear."""
         import subprocess
 
         port = destination.port if secure else destination.insecure_port
@@ -264,7 +283,13 @@ class Lab:
         args += ["--destination-name", to, "--tofu"] if secure else ["--insecure"]
         args += extra
         with tempfile.TemporaryFile() as errors:
-            process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=errors, text=True)
+            process = subprocess.Popen(
+                args,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+                env=None if env is None else {**os.environ, **env},
+            )
             assert process.stdout is not None
             out = process.stdout.read()
             usage = processes.wait_process(process)  # wait4: the source's CPU and peak RSS

@@ -94,6 +94,67 @@ migration_port_max = {port_max}
 """
 
 
+#: libvirtd's own TLS listener (``--listen``), for :class:`HostTLS`.
+TLS_LIBVIRTD_CONF = """\
+listen_addr = "127.0.0.1"
+tls_port = "{tls.port}"
+key_file = "{tls.directory}/serverkey.pem"
+cert_file = "{tls.directory}/servercert.pem"
+ca_file = "{tls.directory}/cacert.pem"
+tls_no_verify_certificate = 0
+"""
+
+#: QEMU's TLS migration (``virsh migrate --tls``), peer verified.  libvirt
+#: refuses a loopback ``migration_host`` or ``migration_address`` here: the
+#: caller's ``--migrateuri`` names the host, as its certificate does.
+TLS_QEMU_CONF = """\
+migrate_tls_x509_cert_dir = "{tls.directory}/qemu"
+migrate_tls_x509_verify = 1
+"""
+
+
+@dataclass(frozen=True)
+class HostTLS:
+    """A lab host's TLS for libvirt's own migration: its libvirtd listens on
+    ``127.0.0.1:port``; ``directory`` holds libvirt's files (``cacert.pem``,
+    ``servercert.pem``, ``serverkey.pem``, and ``clientcert.pem`` /
+    ``clientkey.pem`` for a client's ``pkipath``) and ``qemu/`` QEMU's
+    (``ca-cert.pem``, ``server-cert.pem``, ...), all for ``name`` from one
+    site CA (:func:`write_tls`)."""
+
+    directory: Path
+    port: int
+    name: str = "localhost"
+
+    def uri(self) -> str:
+        """The host's ``qemu+tls`` URI, the client's certificate in ``directory``."""
+        return f"qemu+tls://{self.name}:{self.port}/system?pkipath={self.directory}"
+
+
+def write_tls(directory: Path, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
+    """One host's certificate and key (server and client use, for
+    ``localhost``) and the site CA's certificate under the names libvirt and
+    QEMU look for."""
+    (directory / "qemu").mkdir(parents=True, exist_ok=True)
+    names = {
+        "cacert.pem": ca_pem,
+        "servercert.pem": cert_pem,
+        "serverkey.pem": key_pem,
+        "clientcert.pem": cert_pem,
+        "clientkey.pem": key_pem,
+        "qemu/ca-cert.pem": ca_pem,
+        "qemu/server-cert.pem": cert_pem,
+        "qemu/server-key.pem": key_pem,
+        "qemu/client-cert.pem": cert_pem,
+        "qemu/client-key.pem": key_pem,
+    }
+    for name, data in names.items():
+        path = directory / name
+        path.write_bytes(data)
+        if name.endswith("key.pem"):
+            path.chmod(0o600)
+
+
 def libvirtd_binary(search_path: str | None = None) -> str:
     """The ``libvirtd`` executable (on ``$PATH`` or in ``/usr/sbin``), or an
     error naming the Debian package."""
@@ -135,12 +196,21 @@ def _end_pid(pid: int, timeout: float) -> None:
 class LibvirtHost:
     """One lab host's ``libvirtd`` in its own mount namespace."""
 
-    def __init__(self, name: str, index: int = 0, directory: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        index: int = 0,
+        directory: Path | None = None,
+        tls: HostTLS | None = None,
+    ) -> None:
         self.name = name
         self.host_uuid = str(uuid.uuid4())
         # Short: the sockets libvirt makes under run/ must fit in 107 bytes.
         self.directory = directory or Path(tempfile.mkdtemp(prefix=f"smlv-{name}-", dir="/tmp"))
         self._index = index
+        #: libvirt's own TLS (the benchmark's baseline): its RPC on a loopback
+        #: port and QEMU's migration stream, certificates from a site CA.
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
 
     # -- where things are, seen from the root namespace
@@ -188,18 +258,23 @@ class LibvirtHost:
             Path(mount).mkdir(parents=True, exist_ok=True)
         for sub in ("lib/images", "lib/qemu", "lib/swtpm", "log/qemu", "cache/qemu"):
             (self.directory / sub).mkdir(parents=True, exist_ok=True)
-        (self.directory / "etc" / "libvirtd.conf").write_text(
-            LIBVIRTD_CONF.format(name=self.name, host_uuid=self.host_uuid)
-        )
+        libvirtd_conf = LIBVIRTD_CONF.format(name=self.name, host_uuid=self.host_uuid)
         port_min = 49152 + 100 * self._index
-        (self.directory / "etc" / "qemu.conf").write_text(
-            QEMU_CONF.format(name=self.name, port_min=port_min, port_max=port_min + 63)
-        )
+        qemu_conf = QEMU_CONF.format(name=self.name, port_min=port_min, port_max=port_min + 63)
+        listen = ""
+        if self.tls is not None:
+            libvirtd_conf = libvirtd_conf.replace("listen_tls = 0", "listen_tls = 1")
+            libvirtd_conf += TLS_LIBVIRTD_CONF.format(tls=self.tls)
+            qemu_conf += TLS_QEMU_CONF.format(tls=self.tls)
+            listen = " --listen"
+        (self.directory / "etc" / "libvirtd.conf").write_text(libvirtd_conf)
+        (self.directory / "etc" / "qemu.conf").write_text(qemu_conf)
         binds = " && ".join(
             f"mount --bind {self.directory / tree} {mount}" for tree, mount in MOUNTS
         )
         script = (
-            f"{binds} && exec {binary} -f /etc/libvirt/libvirtd.conf -p /run/libvirt/libvirtd.pid"
+            f"{binds} && exec {binary}{listen} -f /etc/libvirt/libvirtd.conf "
+            "-p /run/libvirt/libvirtd.pid"
         )
         out = open(self.directory / "libvirtd.out", "ab")  # noqa: SIM115 (outlives this call)
         try:
@@ -303,6 +378,8 @@ def guest_domain_xml(
     pcr16: str = linux_guest.DEFAULT_PCR16,
     nic: bool = True,
     vcpus: int = 1,
+    dirty_mib_s: int = 0,
+    wss_mib: int = 32,
 ) -> str:
     """The domain XML of the Linux guest on a lab host: heartbeat on its
     second serial port (``/var/log/libvirt/qemu/NAME-heartbeat.log``), a
@@ -338,7 +415,7 @@ def guest_domain_xml(
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{escape(str(built.kernel))}</kernel>
     <initrd>{escape(str(built.initrd))}</initrd>
-    <cmdline>{escape(linux_guest.cmdline(pcr16))}</cmdline>
+    <cmdline>{escape(linux_guest.cmdline(pcr16, dirty_mib_s, wss_mib))}</cmdline>
   </os>
   <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff>
@@ -371,6 +448,8 @@ def define_guest(
     vtpm: bool = True,
     persistent_secret: bool = False,
     disk: str | None = None,
+    dirty_mib_s: int = 0,
+    wss_mib: int = 32,
 ) -> GuestDomain:
     """Define the Linux guest on ``host`` the way an operator's domain
     would be before securemig adopts it: its disk created, its vTPM secret
@@ -390,7 +469,18 @@ def define_guest(
                 secret_xml(secret_uuid, name, ephemeral=not persistent_secret, private=False)
             )
             secret.setValue(os.urandom(32))
-        conn.defineXML(guest_domain_xml(name, secret_uuid, disk, disk_format, memory_mib, pcr16))
+        conn.defineXML(
+            guest_domain_xml(
+                name,
+                secret_uuid,
+                disk,
+                disk_format,
+                memory_mib,
+                pcr16,
+                dirty_mib_s=dirty_mib_s,
+                wss_mib=wss_mib,
+            )
+        )
     finally:
         conn.close()
     log = f"/var/log/libvirt/qemu/{name}"

@@ -14,7 +14,9 @@ Nothing orders the two streams on the wire: the source sends WRAPPED_KEY on
 the control connection and then, at once, the first record on the data
 channel, which can arrive first (a control segment retransmitted, or
 delayed by a proxy).  So the destination does not read the data channel
-while the wrapped key is pending (:func:`key_pending`); the bytes wait in
+while the wrapped key is pending (the predicate
+:attr:`securemig.protocol.destination.State.key_pending`, a column of the
+destination's state table); the bytes wait in
 the kernel, TCP's window pushes back on the source, and reading resumes the
 moment WRAPPED_KEY is accepted.  No round trip is added.
 
@@ -33,22 +35,6 @@ from securemig.protocol.errors import ErrorCode, PeerViolation
 #: The frames that carry images: on the data channel, and only there once
 #: one is offered.
 STREAM_MESSAGES = (wire.StreamBegin, wire.Data, wire.StreamEnd)
-
-#: Destination phases (secure variant) in which the wrapped vTPM key has not
-#: been accepted yet; the data channel is not read in any of them.  The data
-#: port opens during ``admitting``.
-KEY_PENDING = frozenset(
-    {
-        "admitting",
-        "awaitChallenge",
-        "attesting",
-        "awaitEvidence",
-        "verifyingPeer",
-        "offeringKey",
-        "awaitWrappedKey",
-    }
-)
-
 
 #: The first record of a data channel holds exactly one STREAM_BEGIN frame
 #: (the source seals one frame per record).  A connection is a stranger
@@ -76,11 +62,6 @@ def check_data_channel(message: wire.Message) -> None:
         raise PeerViolation(
             ErrorCode.UNEXPECTED_MESSAGE, f"{type(message).__name__} on the data channel"
         )
-
-
-def key_pending(phase: str) -> bool:
-    """True while a destination in ``phase`` must not read the data channel."""
-    return phase in KEY_PENDING
 
 
 class DataChannelReader:

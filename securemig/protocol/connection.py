@@ -59,7 +59,7 @@ from securemig.protocol.effects import (
     SourceEffect,
 )
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
-from securemig.protocol.session import Session
+from securemig.protocol.session import Session, SessionState
 from securemig.protocol.source import SourceSession
 
 # The data port's strangers follow the rules of every port anyone may
@@ -93,7 +93,10 @@ class MigrationConnection(Generic[E]):
     decoder, the session, the clocks.  See the module's documentation."""
 
     def __init__(
-        self, session: Session[E], idle_timeout: float = IDLE_TIMEOUT, deadline: float = DEADLINE
+        self,
+        session: Session[E, SessionState],
+        idle_timeout: float = IDLE_TIMEOUT,
+        deadline: float = DEADLINE,
     ) -> None:
         self.session = session
         self.idle_timeout = idle_timeout
@@ -366,7 +369,7 @@ class DestinationConnection(MigrationConnection[DestinationEffect]):
     def data_channel_held(self) -> bool:
         """True while no data connection may be read: the wrapped key is
         not accepted yet (see :mod:`securemig.protocol.channels`)."""
-        return channels.key_pending(self.session.phase)
+        return self.session.phase.key_pending
 
     def data_connection(
         self, tls_cipher: str, key: bytes, migration_id: bytes, now: float = 0.0

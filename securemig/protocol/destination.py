@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from automat import TypeMachineBuilder
 
@@ -64,12 +64,86 @@ from securemig.protocol.effects import (
 from securemig.protocol.errors import ErrorCode, PeerViolation
 from securemig.protocol.session import (
     Core,
+    Endings,
     Session,
+    SessionState,
+    Side,
     Transition,
     build,
-    ends_before_commit,
+    every_state,
     ignore_everything,
-    step,
+)
+
+
+class State(SessionState):
+    """A destination session's state; the first is where it starts."""
+
+    AWAIT_HELLO = "awaitHello"
+    SETTLING = "settling"  #: recovery: a RESOLVE is being carried out
+    ADMITTING = "admitting"
+    AWAIT_STREAM = "awaitStream"
+    # Secure variant only: between WELCOME and the first stream.
+    AWAIT_CHALLENGE = "awaitChallenge"
+    ATTESTING = "attesting"
+    AWAIT_EVIDENCE = "awaitEvidence"
+    VERIFYING_PEER = "verifyingPeer"
+    OFFERING_KEY = "offeringKey"
+    AWAIT_WRAPPED_KEY = "awaitWrappedKey"
+    RECEIVING = "receiving"
+    # Live mode only: between WRAPPED_KEY and PREPARED.
+    STARTING_INCOMING = "startingIncoming"
+    RECEIVING_LIVE = "receivingLive"
+    PREPARING = "preparing"
+    AWAIT_COMMIT = "awaitCommit"
+    COMMITTING = "committing"
+    DONE = "done"
+    FAILED = "failed"
+
+    @property
+    def side(self) -> Side:
+        """This state's side of the commit point."""
+        return _STATES[self].side
+
+    @property
+    def key_pending(self) -> bool:
+        """Secure variant: the wrapped vTPM key has not been accepted yet,
+        so the data channel is not read (:mod:`~securemig.protocol.channels`
+        says why; the data port opens during ``admitting``)."""
+        return _STATES[self].key_pending
+
+
+class _Row(NamedTuple):
+    side: Side
+    key_pending: bool = False
+
+
+_BEFORE, _PENDING = _Row(Side.BEFORE), _Row(Side.BEFORE, key_pending=True)
+
+#: Every state's columns.  A state is on the destination's side of the
+#: commit point ``BEFORE`` until PREPARED is sent, ``IN_DOUBT`` while a
+#: COMMIT may be in flight, ``AFTER`` once the COMMIT arrived.
+_STATES = every_state(
+    State,
+    {
+        State.AWAIT_HELLO: _BEFORE,
+        State.SETTLING: _BEFORE,
+        State.ADMITTING: _PENDING,
+        State.AWAIT_STREAM: _BEFORE,
+        State.AWAIT_CHALLENGE: _PENDING,
+        State.ATTESTING: _PENDING,
+        State.AWAIT_EVIDENCE: _PENDING,
+        State.VERIFYING_PEER: _PENDING,
+        State.OFFERING_KEY: _PENDING,
+        State.AWAIT_WRAPPED_KEY: _PENDING,
+        State.RECEIVING: _BEFORE,
+        State.STARTING_INCOMING: _BEFORE,
+        State.RECEIVING_LIVE: _BEFORE,
+        State.PREPARING: _BEFORE,
+        State.AWAIT_COMMIT: _Row(Side.IN_DOUBT),
+        State.COMMITTING: _Row(Side.AFTER),
+        State.DONE: _Row(Side.ENDED),
+        State.FAILED: _Row(Side.ENDED),
+    },
 )
 
 
@@ -104,11 +178,11 @@ class DestinationInputs(Protocol):
 
 
 @dataclass
-class DestinationCore(Core):
+class DestinationCore(Core[State]):
     """What a destination session remembers; its ``on_*`` methods are the
     behaviours that :func:`_destination_machine`'s table names."""
 
-    phase: str = "awaitHello"
+    phase: State = State.AWAIT_HELLO
     nonce: Callable[[], bytes] = field(default=lambda: os.urandom(wire.NONCE_SIZE))
     our_nonce: bytes = b""
     #: Secure variant: what to ask the source to quote (the destination's
@@ -289,80 +363,75 @@ def check_hello(message: wire.Hello) -> None:
 
 
 def _destination_machine(secure: bool) -> Any:
-    b = TypeMachineBuilder(DestinationInputs, DestinationCore)
     I = DestinationInputs  # noqa: E741
     C = DestinationCore
-    await_hello = b.state("awaitHello")
-    settling = b.state("settling")
-    admitting = b.state("admitting")
-    await_stream = b.state("awaitStream")
-    # Secure variant only: between WELCOME and the first stream.
-    await_challenge = b.state("awaitChallenge")
-    attesting = b.state("attesting")
-    await_evidence = b.state("awaitEvidence")
-    verifying = b.state("verifyingPeer")
-    offering = b.state("offeringKey")
-    await_key = b.state("awaitWrappedKey")
-    receiving = b.state("receiving")
-    # Live mode only: between WRAPPED_KEY and PREPARED.
-    starting_incoming = b.state("startingIncoming")
-    receiving_live = b.state("receivingLive")
-    preparing = b.state("preparing")
-    await_commit = b.state("awaitCommit")
-    committing = b.state("committing")
-    done = b.state("done")
-    failed = b.state("failed")
-    before_commit_point = [await_hello, admitting, await_stream, receiving, preparing, settling]
-    table: list[Transition] = [
-        (await_hello, I.hello, admitting, C.on_hello),
-        (await_hello, I.resolve, settling, C.on_resolve),
-        (settling, I.settled, done, C.on_settled),
-        (admitting, I.admitted, await_challenge if secure else await_stream, C.on_admitted),
-        (admitting, I.refused, failed, C.on_refused),
-        (await_stream, I.stream_begin, receiving, C.on_stream_begin),
-        (receiving, I.data, receiving, C.on_data),
-        (receiving, I.stream_end, await_stream, C.on_stream_end),
-        (receiving, I.last_stream_end, preparing, C.on_last_stream_end),
-        (preparing, I.prepared, await_commit, C.on_prepared),
-        (await_commit, I.commit, committing, C.on_commit),
-        (committing, I.resumed, done, C.on_resumed),
-        (await_commit, I.peer_abort, failed, C.on_peer_abort),
+    S = State
+    table: list[Transition[State]] = [
+        (S.AWAIT_HELLO, I.hello, S.ADMITTING, C.on_hello),
+        (S.AWAIT_HELLO, I.resolve, S.SETTLING, C.on_resolve),
+        (S.SETTLING, I.settled, S.DONE, C.on_settled),
+        (S.ADMITTING, I.admitted, S.AWAIT_CHALLENGE if secure else S.AWAIT_STREAM, C.on_admitted),
+        (S.ADMITTING, I.refused, S.FAILED, C.on_refused),
+        (S.AWAIT_STREAM, I.stream_begin, S.RECEIVING, C.on_stream_begin),
+        (S.RECEIVING, I.data, S.RECEIVING, C.on_data),
+        (S.RECEIVING, I.stream_end, S.AWAIT_STREAM, C.on_stream_end),
+        (S.RECEIVING, I.last_stream_end, S.PREPARING, C.on_last_stream_end),
+        (S.PREPARING, I.prepared, S.AWAIT_COMMIT, C.on_prepared),
+        (S.AWAIT_COMMIT, I.commit, S.COMMITTING, C.on_commit),
+        (S.COMMITTING, I.resumed, S.DONE, C.on_resumed),
     ]
     if secure:
         table += [
-            (await_challenge, I.challenge, attesting, C.on_challenge),
-            (attesting, I.attested, await_evidence, C.on_attested),
-            (await_evidence, I.evidence, verifying, C.on_evidence),
-            (verifying, I.peer_verified, offering, C.on_peer_verified),
-            (offering, I.key_offered, await_key, C.on_key_offered),
-            (await_key, I.wrapped_key, await_stream, C.on_wrapped_key),
-            (await_key, I.wrapped_key_live, starting_incoming, C.on_wrapped_key_live),
-            (starting_incoming, I.incoming_ready, receiving_live, C.on_incoming_ready),
-            (receiving_live, I.incoming_loaded, preparing, C.on_incoming_loaded),
+            (S.AWAIT_CHALLENGE, I.challenge, S.ATTESTING, C.on_challenge),
+            (S.ATTESTING, I.attested, S.AWAIT_EVIDENCE, C.on_attested),
+            (S.AWAIT_EVIDENCE, I.evidence, S.VERIFYING_PEER, C.on_evidence),
+            (S.VERIFYING_PEER, I.peer_verified, S.OFFERING_KEY, C.on_peer_verified),
+            (S.OFFERING_KEY, I.key_offered, S.AWAIT_WRAPPED_KEY, C.on_key_offered),
+            (S.AWAIT_WRAPPED_KEY, I.wrapped_key, S.AWAIT_STREAM, C.on_wrapped_key),
+            (S.AWAIT_WRAPPED_KEY, I.wrapped_key_live, S.STARTING_INCOMING, C.on_wrapped_key_live),
+            (S.STARTING_INCOMING, I.incoming_ready, S.RECEIVING_LIVE, C.on_incoming_ready),
+            (S.RECEIVING_LIVE, I.incoming_loaded, S.PREPARING, C.on_incoming_loaded),
         ]
-        # Every secure state is before the commit point.
-        before_commit_point += [state for state, _, _, _ in table[-9:-3]]
-        before_commit_point += [starting_incoming, receiving_live]
     else:
         # Insecure: the vTPM key may come in the clear, before the first stream.
-        table.append((await_stream, I.clear_key, await_stream, C.on_clear_key))
-        # Unreachable states still need a way out, for Automat's completeness.
-        before_commit_point += [await_challenge, starting_incoming, receiving_live]
-    table += ends_before_commit(before_commit_point, I, C, failed)
-    build(table)
-    await_commit.upon(I.fail).to(failed)(step(failed, C.on_fail_in_doubt))
-    await_commit.upon(I.connection_lost).to(failed)(step(failed, C.on_connection_lost_in_doubt))
-    committing.upon(I.fail).to(failed)(step(failed, C.on_fail_committed))
-    committing.upon(I.connection_lost).loop()(step(committing, C.on_ignore))
-    committing.upon(I.peer_abort).loop()(step(committing, C.on_ignore))
-    ignore_everything(I, [done, failed], C.on_ignore)
-    return b.build()
+        table.append((S.AWAIT_STREAM, I.clear_key, S.AWAIT_STREAM, C.on_clear_key))
+    return build(TypeMachineBuilder(I, C), State, table, _ENDINGS)
+
+
+#: What ABORT, a local failure and a lost connection do, by the side of the
+#: commit point the state is on (every state gets its side's three).
+_ENDINGS: Endings[State] = {
+    # Before PREPARED is sent, the destination discards its staging.
+    Side.BEFORE: (
+        (DestinationInputs.peer_abort, State.FAILED, DestinationCore.on_peer_abort),
+        (DestinationInputs.fail, State.FAILED, DestinationCore.on_fail),
+        (DestinationInputs.connection_lost, State.FAILED, DestinationCore.on_connection_lost),
+    ),
+    # After PREPARED was sent a COMMIT may be in flight: never discard on
+    # a failure (the source only ever ABORTs before it commits).
+    Side.IN_DOUBT: (
+        (DestinationInputs.peer_abort, State.FAILED, DestinationCore.on_peer_abort),
+        (DestinationInputs.fail, State.FAILED, DestinationCore.on_fail_in_doubt),
+        (
+            DestinationInputs.connection_lost,
+            State.FAILED,
+            DestinationCore.on_connection_lost_in_doubt,
+        ),
+    ),
+    # After COMMIT, the destination owns the VM whatever happens to the link.
+    Side.AFTER: (
+        (DestinationInputs.peer_abort, None, DestinationCore.on_ignore),
+        (DestinationInputs.fail, State.FAILED, DestinationCore.on_fail_committed),
+        (DestinationInputs.connection_lost, None, DestinationCore.on_ignore),
+    ),
+    Side.ENDED: ignore_everything(DestinationInputs, DestinationCore.on_ignore),
+}
 
 
 _DestinationMachines = {secure: _destination_machine(secure) for secure in (False, True)}
 
 
-class DestinationSession(Session[DestinationEffect]):
+class DestinationSession(Session[DestinationEffect, State]):
     """The destination's side of one migration."""
 
     _role = "destination"
@@ -400,33 +469,33 @@ class DestinationSession(Session[DestinationEffect]):
         m = self._machine
         match message:
             case wire.Hello():
-                return self._run("hello", lambda: m.hello(message))
+                return self._run(m.hello, message)
             case wire.Challenge():
-                return self._run("challenge", lambda: m.challenge(message))
+                return self._run(m.challenge, message)
             case wire.Evidence():
-                return self._run("evidence", lambda: m.evidence(message))
+                return self._run(m.evidence, message)
             case wire.WrappedKey() if self.live:
-                return self._run("wrapped_key", lambda: m.wrapped_key_live(message))
+                return self._run(m.wrapped_key_live, message)
             case wire.WrappedKey():
-                return self._run("wrapped_key", lambda: m.wrapped_key(message))
+                return self._run(m.wrapped_key, message)
             case wire.ClearKey():
-                return self._run("clear_key", lambda: m.clear_key(message))
+                return self._run(m.clear_key, message)
             case wire.StreamBegin():
-                return self._run("stream_begin", lambda: m.stream_begin(message))
+                return self._run(m.stream_begin, message)
             case wire.Data():
-                return self._run("data", lambda: m.data(message))
+                return self._run(m.data, message)
             case wire.StreamEnd() if self._is_last_stream():
                 # After the last stream the destination prepares instead of
                 # awaiting another one.
-                return self._run("last_stream_end", lambda: m.last_stream_end(message))
+                return self._run(m.last_stream_end, message)
             case wire.StreamEnd():
-                return self._run("stream_end", lambda: m.stream_end(message))
+                return self._run(m.stream_end, message)
             case wire.Commit():
-                return self._run("commit", lambda: m.commit(message))
+                return self._run(m.commit, message)
             case wire.Abort():
-                return self._run("peer_abort", lambda: m.peer_abort(message))
+                return self._run(m.peer_abort, message)
             case wire.Resolve():
-                return self._run("resolve", lambda: m.resolve(message))
+                return self._run(m.resolve, message)
             case _:
                 raise self._never_sent(message)
 
@@ -438,11 +507,11 @@ class DestinationSession(Session[DestinationEffect]):
 
     def incoming_ready(self, port: int) -> DestinationEffects:
         """Live: QEMU waits paused; the stream's records go to ``port``."""
-        return self._run("incoming_ready", lambda: self._machine.incoming_ready(port))
+        return self._run(self._machine.incoming_ready, port)
 
     def incoming_loaded(self) -> DestinationEffects:
         """Live: QEMU loaded the whole stream and waits paused."""
-        return self._run("incoming_loaded", self._machine.incoming_loaded)
+        return self._run(self._machine.incoming_loaded)
 
     def _is_last_stream(self) -> bool:
         hello = self._core.hello
@@ -450,41 +519,41 @@ class DestinationSession(Session[DestinationEffect]):
 
     def fail(self, code: ErrorCode, reason: str) -> DestinationEffects:
         """A local failure or a protocol violation ends the session."""
-        return self._run("fail", lambda: self._machine.fail(code, reason))
+        return self._run(self._machine.fail, code, reason)
 
     def connection_lost(self, detail: str = "") -> DestinationEffects:
         """The connection is gone; ``detail`` says why, if it was not a clean close."""
         why = f": {detail}" if detail else ""
-        return self._run("connection_lost", lambda: self._machine.connection_lost(why))
+        return self._run(self._machine.connection_lost, why)
 
     def admitted(self, migration_id: bytes) -> DestinationEffects:
         """The host accepted the HELLO and reserved what it needs."""
-        return self._run("admitted", lambda: self._machine.admitted(migration_id))
+        return self._run(self._machine.admitted, migration_id)
 
     def refused(self, code: ErrorCode, reason: str) -> DestinationEffects:
         """The host refused the HELLO."""
-        return self._run("refused", lambda: self._machine.refused(code, reason))
+        return self._run(self._machine.refused, code, reason)
 
     def attested(self, evidence: wire.Evidence) -> DestinationEffects:
         """Secure: our evidence for the peer's challenge is ready."""
-        return self._run("attested", lambda: self._machine.attested(evidence))
+        return self._run(self._machine.attested, evidence)
 
     def peer_verified(self) -> DestinationEffects:
         """Secure: the peer's evidence passed every check."""
-        return self._run("peer_verified", self._machine.peer_verified)
+        return self._run(self._machine.peer_verified)
 
     def key_offered(self, offer: wire.KeyOffer) -> DestinationEffects:
         """Secure: the migration key is certified for this session."""
-        return self._run("key_offered", lambda: self._machine.key_offered(offer))
+        return self._run(self._machine.key_offered, offer)
 
     def prepared(self) -> DestinationEffects:
         """Every stream is verified and durable; PREPARED is journaled."""
-        return self._run("prepared", self._machine.prepared)
+        return self._run(self._machine.prepared)
 
     def resumed(self) -> DestinationEffects:
         """The VM is in place and resumed here."""
-        return self._run("resumed", self._machine.resumed)
+        return self._run(self._machine.resumed)
 
     def settled(self, answer: wire.Resolved) -> DestinationEffects:
         """Recovery: the host carried out (or refused) a RESOLVE."""
-        return self._run("settled", lambda: self._machine.settled(answer))
+        return self._run(self._machine.settled, answer)

@@ -48,6 +48,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from securemig.protocol import wire
+from securemig.protocol.phases import Phase
 
 #: The coordinator's decision, as RESOLVE carries it (declared once, in wire).
 Decision = wire.Decision
@@ -56,15 +57,15 @@ Decision = wire.Decision
 class SourceState(enum.Enum):
     """The source's journal state of one migration (its last durable step)."""
 
-    STARTED = "started"  #: VM locked and suspended; no migration id yet
-    STREAMING = "streaming"  #: the destination's WELCOME (and id) journaled
-    PREPARED_RECEIVED = "prepared"  #: the destination's PREPARED arrived
-    COMMITTED = "committed"  #: the commit point; the copy here is garbage
-    DONE = "done"  #: the destination has the COMMIT durably
-    ABORTED = "aborted"  #: the VM stays here
+    STARTED = Phase.STARTED  #: VM locked and suspended; no migration id yet
+    STREAMING = Phase.STREAMING  #: the destination's WELCOME (and id) journaled
+    PREPARED_RECEIVED = Phase.PREPARED  #: the destination's PREPARED arrived
+    COMMITTED = Phase.COMMITTED  #: the commit point; the copy here is garbage
+    DONE = Phase.DONE  #: the destination has the COMMIT durably
+    ABORTED = Phase.ABORTED  #: the VM stays here
     #: Live: committed, then the destination journaled LOST (its QEMU ended
     #: before the guest ran there): the guest continues here.
-    RECLAIMED = "reclaimed"
+    RECLAIMED = Phase.RECLAIMED
 
     @classmethod
     def from_journal(cls, phases: Collection[str], outcome: str | None) -> SourceState:
@@ -75,15 +76,15 @@ class SourceState(enum.Enum):
         """
         if outcome == "done":
             return cls.DONE
-        if "reclaimed" in phases:
+        if Phase.RECLAIMED in phases:
             return cls.RECLAIMED
-        if "committed" in phases:
+        if Phase.COMMITTED in phases:
             return cls.COMMITTED
         if outcome is not None:  # aborted (an in-doubt source never committed)
             return cls.ABORTED
-        if "prepared" in phases:
+        if Phase.PREPARED in phases:
             return cls.PREPARED_RECEIVED
-        if "streaming" in phases:
+        if Phase.STREAMING in phases:
             return cls.STREAMING
         return cls.STARTED
 
@@ -91,20 +92,20 @@ class SourceState(enum.Enum):
 class DestinationState(enum.Enum):
     """The destination's journal state of one migration."""
 
-    ADMITTED = "admitted"  #: record and empty staging exist
-    STREAMING = "streaming"  #: images are being staged (partial staging)
-    PREPARED = "prepared"  #: staging complete and durable; PREPARED may be sent
-    COMMIT_RECEIVED = "committed"  #: the COMMIT journaled, before the move
+    ADMITTED = Phase.ADMITTED  #: record and empty staging exist
+    STREAMING = Phase.STREAMING  #: images are being staged (partial staging)
+    PREPARED = Phase.PREPARED  #: staging complete and durable; PREPARED may be sent
+    COMMIT_RECEIVED = Phase.COMMITTED  #: the COMMIT journaled, before the move
     #: Live: in place and its QEMU there, journaled just before ``cont``: from
     #: here the guest may have run here.
-    CONTINUING = "continuing"
-    RESUMED = "resumed"  #: the VM is in place and was resumed
-    DONE = "done"  #: finished here
-    ABORTED = "aborted"  #: staging discarded (or being discarded)
-    IN_DOUBT = "in-doubt"  #: prepared, and the source's decision is unknown here
+    CONTINUING = Phase.CONTINUING
+    RESUMED = Phase.RESUMED  #: the VM is in place and was resumed
+    DONE = Phase.DONE  #: finished here
+    ABORTED = Phase.ABORTED  #: staging discarded (or being discarded)
+    IN_DOUBT = Phase.IN_DOUBT  #: prepared, and the source's decision is unknown here
     #: Live: its QEMU ended before the COMMIT was journaled here (so before
     #: any ``cont``): the guest never ran here and never will; nothing kept.
-    LOST = "lost"
+    LOST = Phase.LOST
 
     @classmethod
     def from_journal(cls, phases: Collection[str], outcome: str | None) -> DestinationState:
@@ -115,21 +116,21 @@ class DestinationState(enum.Enum):
         """
         if outcome == "done":
             return cls.DONE
-        if "lost" in phases:
+        if Phase.LOST in phases:
             return cls.LOST
-        if "resumed" in phases:
+        if Phase.RESUMED in phases:
             return cls.RESUMED
-        if "continuing" in phases:
+        if Phase.CONTINUING in phases:
             return cls.CONTINUING
-        if "committed" in phases:
+        if Phase.COMMITTED in phases:
             return cls.COMMIT_RECEIVED
         if outcome == "in-doubt":
             return cls.IN_DOUBT
         if outcome is not None:
             return cls.ABORTED
-        if "prepared" in phases:
+        if Phase.PREPARED in phases:
             return cls.PREPARED
-        if "streaming" in phases:
+        if Phase.STREAMING in phases:
             return cls.STREAMING
         return cls.ADMITTED
 

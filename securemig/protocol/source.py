@@ -50,12 +50,66 @@ from securemig.protocol.effects import (
 from securemig.protocol.errors import ErrorCode
 from securemig.protocol.session import (
     Core,
+    Endings,
     Session,
+    SessionState,
+    Side,
     Transition,
     build,
-    ends_before_commit,
+    every_state,
     ignore_everything,
-    step,
+)
+
+
+class State(SessionState):
+    """A source session's state; the first is where it starts."""
+
+    IDLE = "idle"
+    AWAIT_WELCOME = "awaitWelcome"
+    # Secure variant only: between WELCOME and the streams.
+    AWAIT_EVIDENCE = "awaitEvidence"
+    VERIFYING_PEER = "verifyingPeer"
+    AWAIT_CHALLENGE = "awaitChallenge"
+    ATTESTING = "attesting"
+    AWAIT_KEY_OFFER = "awaitKeyOffer"
+    WRAPPING_KEY = "wrappingKey"
+    STREAMING = "streaming"
+    # Live mode only: between WRAPPED_KEY and PREPARED.
+    AWAIT_LIVE_READY = "awaitLiveReady"
+    AWAIT_PREPARED = "awaitPrepared"
+    COMMITTING = "committing"
+    AWAIT_DONE = "awaitDone"
+    DONE = "done"
+    FAILED = "failed"
+
+    @property
+    def side(self) -> Side:
+        """This state's side of the commit point."""
+        return _SIDE[self]
+
+
+#: Every state's side of the commit point: ``AFTER`` from ``committing``
+#: on, where COMMITTED may be durable (recovery settles a failure from the
+#: journal; the source never rolls back there).
+_SIDE = every_state(
+    State,
+    {
+        State.IDLE: Side.BEFORE,
+        State.AWAIT_WELCOME: Side.BEFORE,
+        State.AWAIT_EVIDENCE: Side.BEFORE,
+        State.VERIFYING_PEER: Side.BEFORE,
+        State.AWAIT_CHALLENGE: Side.BEFORE,
+        State.ATTESTING: Side.BEFORE,
+        State.AWAIT_KEY_OFFER: Side.BEFORE,
+        State.WRAPPING_KEY: Side.BEFORE,
+        State.STREAMING: Side.BEFORE,
+        State.AWAIT_LIVE_READY: Side.BEFORE,
+        State.AWAIT_PREPARED: Side.BEFORE,
+        State.COMMITTING: Side.AFTER,
+        State.AWAIT_DONE: Side.AFTER,
+        State.DONE: Side.ENDED,
+        State.FAILED: Side.ENDED,
+    },
 )
 
 
@@ -82,11 +136,11 @@ class SourceInputs(Protocol):
 
 
 @dataclass
-class SourceCore(Core):
+class SourceCore(Core[State]):
     """What a source session remembers; see :class:`DestinationCore`."""
 
     hello: wire.Hello
-    phase: str = "idle"
+    phase: State = State.IDLE
     migration_id: bytes | None = None
     nonce: Callable[[], bytes] = field(default=lambda: os.urandom(wire.NONCE_SIZE))
     our_nonce: bytes = b""
@@ -182,69 +236,59 @@ class SourceCore(Core):
 
 
 def _source_machine(secure: bool, live: bool = False) -> Any:
-    b = TypeMachineBuilder(SourceInputs, SourceCore)
     I = SourceInputs  # noqa: E741
     C = SourceCore
-    idle = b.state("idle")
-    await_welcome = b.state("awaitWelcome")
-    # Secure variant only: between WELCOME and the streams.
-    await_evidence = b.state("awaitEvidence")
-    verifying = b.state("verifyingPeer")
-    await_challenge = b.state("awaitChallenge")
-    attesting = b.state("attesting")
-    await_offer = b.state("awaitKeyOffer")
-    wrapping = b.state("wrappingKey")
-    streaming = b.state("streaming")
-    # Live mode only: between WRAPPED_KEY and PREPARED.
-    await_live_ready = b.state("awaitLiveReady")
-    await_prepared = b.state("awaitPrepared")
-    committing = b.state("committing")
-    await_done = b.state("awaitDone")
-    done = b.state("done")
-    failed = b.state("failed")
-    table: list[Transition] = [
-        (idle, I.start, await_welcome, C.on_start),
-        (streaming, I.streams_sent, await_prepared, C.on_streams_sent),
-        (await_prepared, I.prepared, committing, C.on_prepared),
-        (committing, I.committed_locally, await_done, C.on_committed_locally),
-        (await_done, I.done, done, C.on_done),
+    S = State
+    table: list[Transition[State]] = [
+        (S.IDLE, I.start, S.AWAIT_WELCOME, C.on_start),
+        (S.STREAMING, I.streams_sent, S.AWAIT_PREPARED, C.on_streams_sent),
+        (S.AWAIT_PREPARED, I.prepared, S.COMMITTING, C.on_prepared),
+        (S.COMMITTING, I.committed_locally, S.AWAIT_DONE, C.on_committed_locally),
+        # Only a commit whose journal write itself failed aborts after the
+        # local commit began: nothing was committed.
+        (S.COMMITTING, I.commit_failed, S.FAILED, C.on_fail),
+        (S.AWAIT_DONE, I.done, S.DONE, C.on_done),
     ]
-    before_commit_point = [idle, await_welcome, streaming, await_prepared]
     if secure:
-        await_welcome.upon(I.welcome).to(await_evidence)(step(await_evidence, C.on_welcome_secure))
         table += [
-            (await_evidence, I.evidence, verifying, C.on_evidence),
-            (verifying, I.peer_verified, await_challenge, C.on_peer_verified),
-            (await_challenge, I.challenge, attesting, C.on_challenge),
-            (attesting, I.attested, await_offer, C.on_attested),
-            (await_offer, I.key_offer, wrapping, C.on_key_offer),
+            (S.AWAIT_WELCOME, I.welcome, S.AWAIT_EVIDENCE, C.on_welcome_secure),
+            (S.AWAIT_EVIDENCE, I.evidence, S.VERIFYING_PEER, C.on_evidence),
+            (S.VERIFYING_PEER, I.peer_verified, S.AWAIT_CHALLENGE, C.on_peer_verified),
+            (S.AWAIT_CHALLENGE, I.challenge, S.ATTESTING, C.on_challenge),
+            (S.ATTESTING, I.attested, S.AWAIT_KEY_OFFER, C.on_attested),
+            (S.AWAIT_KEY_OFFER, I.key_offer, S.WRAPPING_KEY, C.on_key_offer),
         ]
         if live:
             table += [
-                (wrapping, I.key_wrapped, await_live_ready, C.on_key_wrapped_live),
-                (await_live_ready, I.live_ready, await_prepared, C.on_live_ready),
+                (S.WRAPPING_KEY, I.key_wrapped, S.AWAIT_LIVE_READY, C.on_key_wrapped_live),
+                (S.AWAIT_LIVE_READY, I.live_ready, S.AWAIT_PREPARED, C.on_live_ready),
             ]
         else:
-            table.append((wrapping, I.key_wrapped, streaming, C.on_key_wrapped))
-        before_commit_point += [await_evidence, verifying, await_challenge, attesting]
-        before_commit_point += [await_offer, wrapping]
+            table.append((S.WRAPPING_KEY, I.key_wrapped, S.STREAMING, C.on_key_wrapped))
     else:
-        table.append((await_welcome, I.welcome, streaming, C.on_welcome))
-        before_commit_point += [await_evidence]
-    # Unreachable in a machine without live mode, but it needs a way out.
-    before_commit_point.append(await_live_ready)
-    table += ends_before_commit(before_commit_point, I, C, failed)
-    build(table)
+        table.append((S.AWAIT_WELCOME, I.welcome, S.STREAMING, C.on_welcome))
+    return build(TypeMachineBuilder(I, C), State, table, _ENDINGS)
+
+
+#: What ABORT, a local failure and a lost connection do, by the side of the
+#: commit point the state is on (every state gets its side's three).
+_ENDINGS: Endings[State] = {
+    # Before COMMITTED is journaled every failure leaves the VM here.
+    Side.BEFORE: (
+        (SourceInputs.peer_abort, State.FAILED, SourceCore.on_peer_abort),
+        (SourceInputs.fail, State.FAILED, SourceCore.on_fail),
+        (SourceInputs.connection_lost, State.FAILED, SourceCore.on_connection_lost),
+    ),
     # From ``committing`` on, COMMITTED may be durable: a failure leaves the
-    # migration in doubt (recovery settles it from the journal), never rolls
-    # back; only a commit whose journal write itself failed aborts.
-    committing.upon(I.commit_failed).to(failed)(step(failed, C.on_fail))
-    for state in (committing, await_done):
-        state.upon(I.peer_abort).to(failed)(step(failed, C.on_peer_abort_committed))
-        state.upon(I.fail).to(failed)(step(failed, C.on_fail_committed))
-        state.upon(I.connection_lost).to(failed)(step(failed, C.on_connection_lost_committed))
-    ignore_everything(I, [done, failed], C.on_ignore)
-    return b.build()
+    # migration in doubt (recovery settles it from the journal), never
+    # rolls back.
+    Side.AFTER: (
+        (SourceInputs.peer_abort, State.FAILED, SourceCore.on_peer_abort_committed),
+        (SourceInputs.fail, State.FAILED, SourceCore.on_fail_committed),
+        (SourceInputs.connection_lost, State.FAILED, SourceCore.on_connection_lost_committed),
+    ),
+    Side.ENDED: ignore_everything(SourceInputs, SourceCore.on_ignore),
+}
 
 
 _SourceMachines = {
@@ -253,7 +297,7 @@ _SourceMachines = {
 }
 
 
-class SourceSession(Session[SourceEffect]):
+class SourceSession(Session[SourceEffect, State]):
     """The source's side of one migration, for the VM that ``hello`` announces."""
 
     _role = "source"
@@ -298,57 +342,57 @@ class SourceSession(Session[SourceEffect]):
         m = self._machine
         match message:
             case wire.Welcome():
-                return self._run("welcome", lambda: m.welcome(message))
+                return self._run(m.welcome, message)
             case wire.Evidence():
-                return self._run("evidence", lambda: m.evidence(message))
+                return self._run(m.evidence, message)
             case wire.Challenge():
-                return self._run("challenge", lambda: m.challenge(message))
+                return self._run(m.challenge, message)
             case wire.KeyOffer():
-                return self._run("key_offer", lambda: m.key_offer(message))
+                return self._run(m.key_offer, message)
             case wire.LiveReady():
-                return self._run("live_ready", lambda: m.live_ready(message))
+                return self._run(m.live_ready, message)
             case wire.Prepared():
-                return self._run("prepared", lambda: m.prepared(message))
+                return self._run(m.prepared, message)
             case wire.Done():
-                return self._run("done", lambda: m.done(message))
+                return self._run(m.done, message)
             case wire.Abort():
-                return self._run("peer_abort", lambda: m.peer_abort(message))
+                return self._run(m.peer_abort, message)
             case _:
                 raise self._never_sent(message)
 
     def fail(self, code: ErrorCode, reason: str) -> SourceEffects:
         """A local failure or a protocol violation ends the session."""
-        return self._run("fail", lambda: self._machine.fail(code, reason))
+        return self._run(self._machine.fail, code, reason)
 
     def connection_lost(self, detail: str = "") -> SourceEffects:
         """The connection is gone; ``detail`` says why, if it was not a clean close."""
         why = f": {detail}" if detail else ""
-        return self._run("connection_lost", lambda: self._machine.connection_lost(why))
+        return self._run(self._machine.connection_lost, why)
 
     def start(self) -> SourceEffects:
         """The connection is up: say HELLO."""
-        return self._run("start", self._machine.start)
+        return self._run(self._machine.start)
 
     def peer_verified(self) -> SourceEffects:
         """Secure: the destination's evidence passed every check."""
-        return self._run("peer_verified", self._machine.peer_verified)
+        return self._run(self._machine.peer_verified)
 
     def attested(self, evidence: wire.Evidence) -> SourceEffects:
         """Secure: our evidence for the destination's challenge is ready."""
-        return self._run("attested", lambda: self._machine.attested(evidence))
+        return self._run(self._machine.attested, evidence)
 
     def key_wrapped(self, wrapped: wire.WrappedKey) -> SourceEffects:
         """Secure: the vTPM key is wrapped to the certified migration key."""
-        return self._run("key_wrapped", lambda: self._machine.key_wrapped(wrapped))
+        return self._run(self._machine.key_wrapped, wrapped)
 
     def streams_sent(self) -> SourceEffects:
         """Every image was written to the connection."""
-        return self._run("streams_sent", self._machine.streams_sent)
+        return self._run(self._machine.streams_sent)
 
     def committed_locally(self) -> SourceEffects:
         """COMMITTED is journaled and the VM given up here."""
-        return self._run("committed_locally", self._machine.committed_locally)
+        return self._run(self._machine.committed_locally)
 
     def commit_failed(self, code: ErrorCode, reason: str) -> SourceEffects:
         """Journaling COMMITTED failed: nothing was committed, the VM stays here."""
-        return self._run("commit_failed", lambda: self._machine.commit_failed(code, reason))
+        return self._run(self._machine.commit_failed, code, reason)

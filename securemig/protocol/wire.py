@@ -37,7 +37,8 @@ from securemig.protocol.errors import ErrorCode, PeerViolation
 #: The newest protocol version; a destination speaks every one of :data:`VERSIONS`.
 #: Version 2 adds HELLO's tail (``guest``, ``guest_cmdline``, ``mode``, then
 #: ``backend`` and ``vtpm``: what the VM is and needs), live mode (LIVE_READY,
-#: ``LIVE_FAILED``) and ``BACKEND_MISMATCH``.  A tail may end early (the fields
+#: ``LIVE_FAILED``) and ``BACKEND_MISMATCH``; the tail's last field,
+#: ``backend_info``, came with libvirt domains (issue 23).  A tail may end early (the fields
 #: it leaves out take their defaults): the first version-2 sources sent no
 #: ``backend``.  A source that names its VM's backend says version 2.
 PROTOCOL_VERSION = 2
@@ -68,6 +69,8 @@ GUEST_RE = re.compile(r"|linux")
 #: A backend kind as HELLO names it ("" when the source does not say).
 BACKEND_RE = re.compile(r"|[a-z][a-z0-9_]{0,15}")
 NONCE_SIZE = 32
+#: Largest ``backend_info`` a HELLO may carry.
+MAX_BACKEND_INFO = 4096
 #: TPM structures (public areas, attestations, signatures) and certificates.
 MAX_TPM_BLOB = 2048
 MAX_CERTIFICATE = 8192
@@ -241,6 +244,13 @@ class Nested(Codec):
         for f in fields(value):
             if f.metadata.get("tail") and not has_tail(value):
                 break
+            if f.metadata.get("optional") and not any(
+                g.metadata.get("optional") and getattr(value, g.name) != g.default
+                for g in fields(value)
+            ):
+                # The tail's optional end, all defaults: not sent, so the
+                # message is byte for byte what a peer before them sent.
+                break
             f.metadata["codec"].encode(getattr(value, f.name), out)
 
     def decode(self, view: memoryview, offset: int) -> tuple[Any, int]:
@@ -279,11 +289,16 @@ class Sequence(Codec):
         return tuple(items), offset
 
 
-def wire(codec: Codec, tail: bool = False, **kwargs: Any) -> Any:
+def wire(codec: Codec, tail: bool = False, optional: bool = False, **kwargs: Any) -> Any:
     """Declare a dataclass field together with its wire codec.  ``tail``:
     one of a top-level message's last fields, sent only when one of them
-    differs from its default (what a version-1 peer never sends nor reads)."""
-    return field(metadata={"codec": codec, "tail": tail}, **kwargs)
+    differs from its default (what a version-1 peer never sends nor reads).
+    ``optional`` (the tail's very last fields, added later): sent only when
+    one of them differs from its default, so a message that needs none of
+    them is what an older peer of the same version reads."""
+    return field(
+        metadata={"codec": codec, "tail": tail or optional, "optional": optional}, **kwargs
+    )
 
 
 def has_tail(message: Any) -> bool:
@@ -330,6 +345,12 @@ class Hello:
     #: refuses a VM its backend cannot run (BACKEND_MISMATCH) at admission.
     backend: str = wire(Text(16, BACKEND_RE), tail=True, default="")
     vtpm: int = wire(UInt(1, 1), tail=True, default=0)
+    #: What the VM's backend says of it to the destination's, opaque here
+    #: (at most MAX_BACKEND_INFO bytes; empty for a backend that needs none):
+    #: a libvirt domain's name, UUIDs and disks.  The destination's backend
+    #: parses and checks it; a live migration of a backend that carries
+    #: several sockets needs it.
+    backend_info: bytes = wire(Blob(MAX_BACKEND_INFO), optional=True, default=b"")
 
 
 @dataclass(frozen=True)

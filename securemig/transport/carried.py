@@ -30,6 +30,7 @@ accepted connection) with the data channel's AEAD records in place of TLS:
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives.hashes import SHA256
@@ -172,6 +173,7 @@ class _Pair:
         if not end.wire:
             assert self.sealer is not None and self.wire is not None
             self.owner.carried[self.name] += len(data)
+            self.owner.on_progress(len(data))
             self.wire.transport.writeSequence(self.sealer.seal([data]))
             return
         if self.opener is None:
@@ -189,6 +191,7 @@ class _Pair:
         try:
             while (plain := self.opener.next_record()) is not None:
                 self.local.transport.write(plain)
+                self.owner.on_progress(len(plain))
         except Exception as e:  # refused: nothing more reaches the hypervisor
             self.fail(str(e))
             return
@@ -252,8 +255,12 @@ class CarrierSource:
         tls_cipher: str,
         key: bytes,
         migration_id: bytes,
+        on_progress: Callable[[int], None] = lambda n: None,
     ) -> None:
         self.reactor = reactor
+        #: Told the plaintext bytes of each piece carried, both ways (the
+        #: session's idle clock).
+        self.on_progress = on_progress
         self.host, self.port = host, port
         self.cipher, self.key, self.migration_id = tls_cipher, key, migration_id
         #: Plaintext bytes carried so far, by socket (source to destination).
@@ -344,8 +351,10 @@ class CarrierDestination:
         interface: str = "127.0.0.1",
         first_record_timeout: float = FIRST_RECORD_TIMEOUT,
         max_pending: int = MAX_PENDING_DATA_CONNECTIONS,
+        on_progress: Callable[[int], None] = lambda n: None,
     ) -> None:
         self.reactor = reactor
+        self.on_progress = on_progress
         self.targets = targets
         self.cipher, self.key, self.migration_id = tls_cipher, key, migration_id
         #: Connections waiting for their first record, and their clocks

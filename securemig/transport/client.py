@@ -18,10 +18,10 @@ from twisted.internet.endpoints import wrapClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from securemig.host.departure import Departure, unseal_vtpm_key
+from securemig.host.departure import Departure, check_keys, unseal_vtpm_key
 from securemig.host.journal import Journal
 from securemig.host.recovery import Owed, acknowledge
-from securemig.hypervisor.bundle import Bundle, BundleError
+from securemig.hypervisor.bundle import Bundle
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, LocalFault
@@ -63,18 +63,7 @@ async def migrate(
     to, variant, secure = options.to, options.variant, options.secure
     unseal_with, live = options.unseal_with, options.live
     host, port = parse_address(to)
-    if live is not None and secure is None:
-        raise BundleError("live migration is secure only: give --identity, not --insecure")
-    if secure is not None and not bundle.vtpm_key_path.exists():
-        raise BundleError(
-            f"VM {bundle.name} has no vTPM key ({bundle.vtpm_key_path}); "
-            "create it with --identity, or migrate it --insecure"
-        )
-    if secure is None and bundle.manifest.vtpm and unseal_with is None:
-        raise BundleError(
-            f"VM {bundle.name} has a vTPM: give --identity to unseal its key (the insecure "
-            "variant then sends it in the clear)"
-        )
+    check_keys(bundle, secure=secure is not None, live=live is not None, unseal_with=unseal_with)
     # Keys are unsealed before the VM is touched: nothing to undo if that fails.
     security = None if secure is None else secure.prepare(bundle, host)
     clear_key = None
@@ -92,6 +81,7 @@ async def migrate(
         live=live is not None,
         live_options=live,
     )
+    departure.copy_storage, departure.parallel = options.copy_storage, options.parallel
     await departure.acquire()
     if security is not None:
         try:
@@ -149,6 +139,10 @@ async def migrate(
     closed.addErrback(_late_close)
     await closed
     departure.wire_bytes = proto.wire_bytes
+    if departure.committed and result.outcome is Outcome.ABORTED:
+        # The hypervisor moved the guest before the session could commit
+        # (Departure.moved_by_hypervisor): committed here, in doubt there.
+        result = Finished(Outcome.IN_DOUBT, result.code, result.reason)
     if live is not None and departure.committed and result.outcome is not Outcome.DONE:
         assert secure is not None
         result = await _settle_live_now(reactor, departure, result, secure.identity)
@@ -163,7 +157,7 @@ async def _settle_live_now(
     until this host's daemon does: ``done`` (its guest runs) gives this copy
     up; ``lost`` (its QEMU ended before the guest ran there) continues the
     guest here.  Anything else: in doubt, for the daemon, as before."""
-    if not departure.live_qemu_alive():
+    if not departure.live_qemu_alive() and not departure.moved_by_hypervisor():
         return result
     record = departure.journal.get(departure.id)
     if record is None or record.migration_id is None:

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from securemig import crashpoint, logcontext
+from securemig.crashpoint import CrashPoint
 from securemig.protocol import records, wire
 
 # The clocks' defaults live with the clocks; re-exported for the services' options.
@@ -36,7 +37,8 @@ from securemig.protocol.connection import IDLE_TIMEOUT as IDLE_TIMEOUT
 from securemig.protocol.connection import CloseNow, MigrationConnection
 from securemig.protocol.effects import Attest, CommonEffect, Finished, Send, VerifyPeer
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError, io_error
-from securemig.protocol.session import Session
+from securemig.protocol.phases import Phase
+from securemig.protocol.session import Session, SessionState
 from securemig.transport import tls
 from securemig.transport.tcp import tune_transport
 from securemig.transport.tls import channel_binding
@@ -106,7 +108,7 @@ class FramedProtocol(Connection, Generic[E]):
         self._timer: Any = None  # IDelayedCall
 
     @property
-    def session(self) -> Session[E]:
+    def session(self) -> Session[E, SessionState]:
         """The session the connection object drives."""
         return self.connection.session
 
@@ -272,7 +274,7 @@ class FramedProtocol(Connection, Generic[E]):
         """This migration's id (known once the destination admitted it)."""
         raise NotImplementedError
 
-    def journal_phase(self, phase: str) -> None:
+    def journal_phase(self, phase: Phase) -> None:
         """Record a phase of this migration in this side's journal."""
         raise NotImplementedError
 
@@ -302,14 +304,14 @@ class FramedProtocol(Connection, Generic[E]):
 
     def _verify_peer(self, effect: VerifyPeer) -> None:
         if effect.role == "destination":
-            crashpoint.reached("source-attesting")
+            crashpoint.reached(CrashPoint.SOURCE_ATTESTING)
         qualifying = self.qualifying(effect.role, effect.nonce)
         self.peer_values = self.attestor().verify(
             effect.evidence, qualifying, self.peer_name(), effect.request
         )
         self.peer_ak = effect.evidence.ak_public
         self.log.info("{peer} attested", peer=self.peer_name())
-        self.journal_phase("peer-attested")
+        self.journal_phase(Phase.PEER_ATTESTED)
         self.run(self.session.peer_verified())
 
     def _close(self, effect: Finished) -> None:

@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securemig import crashpoint, metrics
+from securemig.crashpoint import CrashPoint
 from securemig.host.contract import ArrivalHost, ArrivingVM, KeySealer, VtpmKey
 from securemig.host.journal import PROGRESS_INTERVAL
 from securemig.protocol import destination as destination_session
@@ -59,6 +60,8 @@ from securemig.protocol.connection import (
 )
 from securemig.protocol.effects import DestinationEffect
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
+from securemig.protocol.phases import Phase
+from securemig.transport.carried import CARRIED_EXPORTER_LABEL, CarrierDestination
 from securemig.transport.control import Connection, FramedProtocol, failure_to_error
 from securemig.transport.executor import Executor, ThreadExecutor
 from securemig.transport.live import LIVE_RECORD_PLAINTEXT, LiveReceiver
@@ -113,6 +116,8 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         self.data_channel: DataChannelReceiver | None = None
         #: Live mode: the stream's receiver.
         self.live_receiver: LiveReceiver | None = None
+        #: Live, a carried backend: the carried sockets' destination end.
+        self.carrier: CarrierDestination | None = None
         #: A recovery connection: the RESOLVE and the answer it got.
         self.resolved: tuple[wire.Resolve, wire.Resolved] | None = None
         self.host = host
@@ -258,6 +263,10 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         def new_opener() -> records.Opener:
             return records.Opener(cipher, stream_key, migration_id, LIVE_RECORD_PLAINTEXT)
 
+        if arrival.carried:
+            self._start_carried(arrival, released)
+            return
+
         async def start() -> None:
             await arrival.start_incoming(released)
             if self.session.finished:
@@ -288,6 +297,50 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
 
         Deferred.fromCoroutine(start()).addErrback(failed)
 
+    def _start_carried(self, arrival: ArrivingVM, released: VtpmKey) -> None:
+        # The hypervisor's own migration: its backend takes the released
+        # material whole as its secret (libvirt's is 1 to 128 bytes, with no
+        # vTPM identity after it), sealed to our TPM at once (staging holds it
+        # from the start: a completed arrival may be rolled forward before
+        # PREPARED); then the carrier dials its sockets for what the source
+        # carries, keyed from this TLS session.
+        arrival.keep_key(
+            self.keeper_or_refuse(), VtpmKey(released.secret + released.identity, b""), None
+        )
+        cipher, key = self.data_channel_key(CARRIED_EXPORTER_LABEL)
+        migration_id = self.migration_id()
+
+        async def start() -> None:
+            await arrival.start_incoming(released)
+            if self.session.finished:
+                return  # ended meanwhile: the discard removes what the hypervisor made
+            carrier = CarrierDestination(
+                self.clock,
+                arrival.carried_sockets(),
+                cipher,
+                key,
+                migration_id,
+                interface=self.out.getHost().host,
+                on_progress=lambda n: self.touch(),
+            )
+            self.carrier = carrier
+            arrival.incoming_started()
+            self.run(self.session.incoming_ready(carrier.address[1]))
+            try:
+                await arrival.wait_loaded()
+            except MigrationError as e:
+                refused = f" ({'; '.join(carrier.errors)})" if carrier.errors else ""
+                raise ProtocolError(ErrorCode.LIVE_FAILED, f"{e}{refused}") from None
+            arrival.loaded()
+            if not self.session.finished:
+                self.run(self.session.incoming_loaded())
+
+        def failed(f: Failure) -> None:
+            if not self.session.finished:
+                self.fail(failure_to_error(f, "receiving the live migration"))
+
+        Deferred.fromCoroutine(start()).addErrback(failed)
+
     def _live_unbound(self, receiver: LiveReceiver) -> None:
         # No connection proved the key in time: QEMU's incoming socket was
         # never connected, so its migration would wait; the session ends.
@@ -297,7 +350,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _do_AcceptKey(self, effect: effects.AcceptKey) -> None:
         self.admitted().accept_key(effect.wrapped, self.session.bytes_received)
 
-    def journal_phase(self, phase: str) -> None:
+    def journal_phase(self, phase: Phase) -> None:
         """Record a phase in the destination's journal."""
         self.admitted().journal_phase(phase, self.session.bytes_received)
 
@@ -361,7 +414,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 port=port,
             )
             self.connection.offer_data_channel(port)
-        crashpoint.reached("destination-admitted")
+        crashpoint.reached(CrashPoint.DESTINATION_ADMITTED)
         self.run(self.session.admitted(arrival.migration_id))
 
     def _journal_refusal(self, vm: str | None, e: ProtocolError) -> None:
@@ -495,7 +548,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _do_OpenStream(self, effect: effects.OpenStream) -> None:
         arrival = self.admitted()
         if effect.index == 0:
-            arrival.journal_phase("streaming", 0)
+            arrival.journal_phase(Phase.STREAMING, 0)
         # Images on the data channel are authenticated by its records; the
         # insecure twin does no cryptography (its source sends no hash).
         hashed = self.data_channel is None and self.security is not None
@@ -504,7 +557,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _do_WriteChunk(self, effect: effects.WriteChunk) -> None:
         arrival = self.admitted()
         if self.session.bytes_received > arrival.hello.images[0].size // 2:
-            crashpoint.reached("destination-streaming")
+            crashpoint.reached(CrashPoint.DESTINATION_STREAMING)
         n = len(effect.data)
         self.queued += n
         now = self.clock.seconds()
@@ -585,6 +638,8 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _do_Discard(self, effect: effects.Discard) -> None:
         if self.live_receiver is not None:
             self.live_receiver.cut()
+        if self.carrier is not None:
+            self.carrier.close()
         if self.arrival is not None:
             self.arrival.cancel()
             self._submit("removing staging", self.arrival.discard)
@@ -594,6 +649,8 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
 
     def _do_Finished(self, effect: effects.Finished) -> None:
         self._close(effect)
+        if self.carrier is not None:
+            self.carrier.close()
         if self.reading_paused:
             self.stream_transport.resumeProducing()
         self._close_data_port()

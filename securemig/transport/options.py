@@ -90,6 +90,11 @@ class SourceOptions:
     bandwidth: float | None = None
     #: Live migration: (downtime limit in ms, QEMU's bandwidth in bytes/s).
     live: tuple[int, int] | None = None
+    #: Live, a backend whose migration carries its disks and channels
+    #: (``Capabilities.carried``): copy the disks (non-shared storage), and
+    #: this many extra memory channels (0: one stream).
+    copy_storage: bool = False
+    parallel: int = 0
 
 
 @dataclass(frozen=True)

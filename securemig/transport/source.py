@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securemig import crashpoint
+from securemig.crashpoint import CrashPoint
 from securemig.host.contract import LeavingVM
 from securemig.host.journal import PROGRESS_INTERVAL
 from securemig.protocol import effects, records
@@ -26,7 +27,9 @@ from securemig.protocol import source as source_session
 from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT, SourceConnection
 from securemig.protocol.effects import SourceEffect
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
+from securemig.protocol.phases import Phase
 from securemig.transport import tls
+from securemig.transport.carried import CARRIED_EXPORTER_LABEL, CarrierSource
 from securemig.transport.control import Connection, FramedProtocol, failure_to_error
 from securemig.transport.executor import Executor
 from securemig.transport.live import LiveSender
@@ -74,6 +77,8 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         self.bandwidth = bandwidth
         self.streamer: ImageStreamer | None = None
         self.live_sender: LiveSender | None = None
+        #: Live, a carried backend: the carried sockets' source end.
+        self.carrier: CarrierSource | None = None
         self.live_listen: Path | None = None
         self.finished: Deferred[effects.Finished] = Deferred()
         #: Fires when the control connection is closed: what was written
@@ -225,6 +230,9 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         # records keyed for this session's live stream, to the port it named.
         departure = self.departure
         departure.streaming(self.session.migration_id)
+        if departure.carried:
+            self._start_carried(effect)
+            return
         cipher, key = self.data_channel_key(records.LIVE_EXPORTER_LABEL)
         sealer = records.Sealer(cipher, key, self.migration_id())
         listen = departure.live_socket(f"{self.migration_id().hex()}-s")
@@ -246,6 +254,52 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             except MigrationError as e:
                 if not self.session.finished:
                     self.fail(ProtocolError(ErrorCode.LIVE_FAILED, str(e)))
+
+        def failed(f: Failure) -> None:
+            self.fail(ProtocolError(ErrorCode.LIVE_FAILED, f.getErrorMessage()))
+
+        Deferred.fromCoroutine(start()).addErrback(failed)
+
+    def _start_carried(self, effect: effects.StartLive) -> None:
+        # The destination's backend is ready (its secret defined, after key
+        # release): listen on this migration's sockets, carry each connection
+        # to the carrier port it named, keyed from this TLS session, and let
+        # the hypervisor's own migration run through them.
+        departure = self.departure
+        tag = self.migration_id().hex()
+        cipher, key = self.data_channel_key(CARRIED_EXPORTER_LABEL)
+
+        def progress(n: int) -> None:
+            self.bytes_sent += n
+            self.touch()
+            self.on_progress(n)
+
+        try:
+            listen = departure.carried_sockets(tag)
+            carrier = CarrierSource(
+                self.clock,
+                listen,
+                self.out.getPeer().host,
+                effect.port,
+                cipher,
+                key,
+                self.migration_id(),
+                on_progress=progress,
+            )
+        except Exception as e:
+            self.fail(ProtocolError(ErrorCode.LIVE_FAILED, f"cannot carry the migration: {e}"))
+            return
+        self.carrier = carrier
+
+        async def start() -> None:
+            await departure.start_live(tag)
+            try:
+                await departure.live_sent()
+            except MigrationError as e:
+                if not self.session.finished:
+                    errors = "; ".join(carrier.errors)
+                    why = f"{e} ({errors})" if errors else str(e)
+                    self.fail(ProtocolError(ErrorCode.LIVE_FAILED, why))
 
         def failed(f: Failure) -> None:
             self.fail(ProtocolError(ErrorCode.LIVE_FAILED, f.getErrorMessage()))
@@ -300,13 +354,13 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             raise ProtocolError(ErrorCode.INTERNAL, "the insecure variant wraps no key")
         return self.security
 
-    def journal_phase(self, phase: str) -> None:
+    def journal_phase(self, phase: Phase) -> None:
         """Record a phase in the source's journal."""
         self.departure.journal.phase(self.departure.id, phase)
 
     def _do_WrapKey(self, effect: effects.WrapKey) -> None:
 
-        self.journal_phase("key-offered")
+        self.journal_phase(Phase.KEY_OFFERED)
         key = check_offer(
             effect.offer,
             self.peer_ak,
@@ -315,7 +369,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self.peer_values,
         )
         wrapped = wrap(key, self.secure().key_material(), self.migration_id())
-        crashpoint.reached("source-key-wrapped")
+        crashpoint.reached(CrashPoint.SOURCE_KEY_WRAPPED)
         self.run(self.session.key_wrapped(wrapped))
 
     def _do_CommitLocally(self, effect: effects.CommitLocally) -> None:
@@ -353,6 +407,25 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
                 # (on DONE its copy goes even if that QEMU has ended since:
                 # the key and bundle must not outlive the hand-over).
                 self.rolled_back = self._settle_live(effect)
+            elif self.carrier is not None and self.rolled_back is not None:
+                # The rollback learns whether the hypervisor moved the guest
+                # anyway (then it commits): journal the outcome after it.
+                nbytes = self.bytes_sent
+                self.rolled_back.addBoth(
+                    lambda _: self.departure.finish(effect, nbytes, effect.peer_settled)
+                )
+            elif (releasing := self.departure.released()) is not None:
+                # After the commit the bundle's removal may still be under
+                # way (it overlapped the destination's resume): journal the
+                # outcome, and report it, once it is done.
+                departure, nbytes = self.departure, self.bytes_sent
+                self.rolled_back = releasing.addCallback(
+                    lambda _: departure.finish(effect, nbytes, effect.peer_settled)
+                ).addErrback(
+                    lambda f: self.log.error(
+                        "cannot journal the outcome: {e}", e=f.getErrorMessage()
+                    )
+                )
             else:
                 self.departure.finish(effect, self.bytes_sent, effect.peer_settled)
         finally:
@@ -385,6 +458,8 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self.streamer.stopProducing()
         if self.live_sender is not None and not self.departure.committed:
             self.live_sender.cut()
+        if self.carrier is not None and (self.session.finished or not self.departure.committed):
+            self.carrier.close()
         channel = self.data_channel
         if (
             channel is not None

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securemig import crashpoint
+from securemig.crashpoint import CrashPoint
 from securemig.protocol import records, wire
 from securemig.protocol.connection import IDLE_TIMEOUT
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
@@ -235,7 +236,7 @@ class ImageStreamer:
     def _sent_chunk(self, n: int) -> None:
         if not self.stopped:
             self.on_progress(n)
-            crashpoint.reached("source-streaming")
+            crashpoint.reached(CrashPoint.SOURCE_STREAMING)
 
     def _sent(self, _: object) -> None:
         # Every record is in the kernel's send buffer: the peer may answer
@@ -333,7 +334,7 @@ class ImageStreamer:
             self.transport.writeSequence(buffers)
             if n:
                 self.on_progress(n)
-                crashpoint.reached("source-streaming")
+                crashpoint.reached(CrashPoint.SOURCE_STREAMING)
             if ends_stream:
                 self._streams_sent += 1
                 if self._streams_sent == len(self.images):

@@ -30,9 +30,12 @@ from securemig.trust.tpm.tpm import TPM
 
 #: Bundle-relative directory of the vTPM state, and swtpm's state file in it.
 STATE_DIR = "vtpm"
-STATE_FILE = "tpm2-00.permall"
+STATE_FILE = swtpm.STATE_FILE
 #: The image name under which the state travels.
 IMAGE = "vtpm"
+#: The directory, in a host's identity directory (or a lab's), of the CA that
+#: signs the EK certificates of the vTPMs created there.
+CA_DIR = "vtpm-ca"
 
 
 #: HKDF label of the key swtpm encrypts its migration blobs with.

@@ -35,18 +35,12 @@ from securemig.hypervisor.bundle import Bundle
 from securemig.lab import processes
 from securemig.lab.processes import Destination
 from securemig.protocol import wire
-
-from ..helpers import CuttingProxy, bundle_digests
+from tests.support.bundles import bundle_digests
+from tests.support.commands import RESOLVE_INTERVAL, crash_env
+from tests.support.proxy import CuttingProxy
 
 #: Seconds a cell may take to settle itself once every process runs again.
 SETTLE_TIMEOUT = 30.0
-#: How often the source's daemon settles its departures in these tests.
-RESOLVE_INTERVAL = "0.3"
-
-
-def crash_env(point: str) -> dict[str, str]:
-    """The environment that makes a process die at ``point``."""
-    return {"SECUREMIG_CRASH_POINTS": "1", "SECUREMIG_CRASH_AT": point}
 
 
 class CrashBase(TestCase):
@@ -184,7 +178,8 @@ class CrashPointTests(CrashBase):
         self.source_dies("source-committed")
 
     def test_source_dies_released(self) -> None:
-        """The copy is gone, COMMIT not sent: RESOLVE commits at the destination."""
+        """The copy is gone, COMMIT sent or not (the copy's removal overlaps
+        it): RESOLVE, or the COMMIT, commits at the destination."""
         self.source_dies("source-released")
 
     def test_source_dies_streaming(self) -> None:

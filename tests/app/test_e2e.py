@@ -14,8 +14,7 @@ from twisted.trial.unittest import TestCase
 from securemig.host import storage
 from securemig.hypervisor.bundle import Bundle
 from securemig.lab import processes
-
-from ..helpers import bundle_digests
+from tests.support.bundles import bundle_digests
 
 
 def start_migrate(case: TestCase, vm_dir: Path, to: str) -> subprocess.Popen[str]:

@@ -8,8 +8,8 @@ import json
 import re
 
 from securemig.lab import processes
-from tests.helpers import bundle_digests
-from tests.transport.test_secure import SecureBase
+from tests.support.bundles import bundle_digests
+from tests.support.secure import SecureBase
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 LEVELS = {"debug", "info", "warning", "error", "critical"}

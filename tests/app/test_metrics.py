@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from securemig.app.metrics_service import JournalCollector
 from securemig.host.journal import Journal
 from securemig.lab import processes
-from tests.transport.test_secure import SecureBase
+from tests.support.secure import SecureBase
 
 
 def free_port() -> int:

@@ -26,10 +26,9 @@ from securemig.hypervisor.qemu import QemuBackend, qemu_binary
 from securemig.lab import processes
 from securemig.trust.pca.core import PrivacyCA
 from securemig.trust.pki import Authority
-
-from ..helpers import bundle_digests
-from ..hypervisor.test_qemu import under_tcg
-from ..transport.test_secure import SecureBase
+from tests.support.bundles import bundle_digests
+from tests.support.qemu import under_tcg
+from tests.support.secure import SecureBase
 
 
 class Scene:

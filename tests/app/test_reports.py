@@ -16,8 +16,9 @@ from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, create_image_vm, set_disk_owner
 from securemig.lab import processes
 from securemig.trust.pki import Authority
-from tests.helpers import bundle_digests, migrate_vm
-from tests.transport.test_secure import SecureBase
+from tests.support.bundles import bundle_digests
+from tests.support.commands import migrate_vm
+from tests.support.secure import SecureBase
 
 
 def closed_port() -> int:

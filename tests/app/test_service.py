@@ -18,25 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from securemig.app import pca_service, service
 from securemig.lab import processes
-
-
-def twistd(*args: str, log_file: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``twistd -n securemig ARGS`` to its end (it must not keep running)."""
-    return subprocess.run(
-        [
-            processes.script("twistd"),
-            "-n",
-            "--pidfile=",
-            "--logfile",
-            str(log_file),
-            "securemig",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+from tests.support.commands import twistd
 
 
 class ServiceTests(TestCase):

@@ -1,19 +1,31 @@
-"""The arrival's key operations (securemig.host.arrival): what the
-destination's shell asks of it, through host/contract.py, between the
-wrapped key's arrival and PREPARED.  Real files and journal; the secure
-variant's unwrapping in the host TPM is covered by tests/transport/test_secure.py."""
+"""The destination host (:mod:`securemig.host.arrival`): the key operations
+the shell asks of it through host/contract.py between the wrapped key's
+arrival and PREPARED, admission, and after a crash the staging it finds at
+start, RESOLVE from the source and ``securemig recover`` from the source's
+journal.  Real files and journal; the secure variant's unwrapping in the host
+TPM is covered by tests/transport/test_secure.py."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
+from securemig.host import storage
 from securemig.host.arrival import Arrival, DestinationHost
 from securemig.host.contract import VtpmKey
+from securemig.host.journal import Journal
+from securemig.hypervisor.bundle import Bundle, create_image_vm
 from securemig.protocol import wire
 from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.trust.attestor import Attestor
+from securemig.trust.identity import Identity
 from securemig.trust.keyrelease import KeyTransferError
+from securemig.trust.pki import Authority
+from securemig.trust.policy import PolicyStore
+from tests.support.tpm import shared_tpm
 
 SECRET = bytes(range(32))
 IDENTITY = bytes(range(32, 64))
@@ -63,6 +75,34 @@ class KeyTests(SynchronousTestCase):
         self.assertEqual((key.secret, key.identity), (SECRET, IDENTITY))
         arrival.accept_key(wire.ClearKey(bytes(64)), 8)
         self.assertIs(arrival.release_key(None), key)
+
+    def test_clear_key_resealed_then_dropped(self) -> None:
+        """The key is re-sealed to this host's TPM (a real swtpm: it unseals
+        to the same secret, and the sealed form does not contain it); the
+        prepare writes only the sealed key, and the arrival keeps no clear
+        key after it (a backend that loads the VM at the prepare had it)."""
+        _, tpm, _ = shared_tpm()
+        attestor = Attestor(
+            Identity(Path("unused"), "dest-b", "unused"),
+            tpm,
+            PolicyStore(Path(self.mktemp())),
+            Authority.create("test privacy CA").cert,
+            False,
+        )
+        arrival = self.admit("ram")
+        arrival.accept_key(wire.ClearKey(SECRET + IDENTITY), 0)
+        key = arrival.release_key(None)
+        arrival.keep_key(attestor, key, IDENTITY.hex())
+        sealed = arrival.sealed_vtpm_key
+        assert sealed is not None
+        self.assertNotIn(SECRET, sealed)
+        self.assertEqual(attestor.unseal(sealed), SECRET)
+        self.assertEqual(arrival.vtpm_identity, IDENTITY.hex())
+        self.assertIs(arrival.vtpm_key, key)
+        arrival.prepare()
+        written = Bundle.load(arrival.staging).vtpm_key_path.read_bytes()
+        self.assertEqual(written, sealed)
+        self.assertIsNone(arrival.vtpm_key)
 
     def test_unusable_keys_refused(self) -> None:
         """A clear key of the wrong length, a wrapped key without this
@@ -120,3 +160,227 @@ class AdmitTests(SynchronousTestCase):
         arrival.lock.release()
         # And a VM without a vTPM needs no key to keep.
         host.admit(hello("ram"), "peer", "insecure", keeps_keys=False).lock.release()
+
+
+class RecoveryTests(SynchronousTestCase):
+    """What a destination does at start with staging a crash left behind."""
+
+    def setUp(self) -> None:
+        self.state = Path(self.mktemp())
+        self.host = DestinationHost(self.state)
+
+    def stage(self, mid: str, phase: str) -> Path:
+        self.host.journal.begin(
+            role="destination", vm="vm1", peer="p", variant="full", protocol="insecure", id=mid
+        )
+        self.host.journal.phase(mid, phase)
+        path = self.host.staging / mid
+        path.mkdir()
+        (path / "ram.img").write_bytes(b"x")
+        return path
+
+    def recover(self, host: DestinationHost | None = None) -> list[tuple[str, str]]:
+        """Restart: what ``twistd securemig`` does first."""
+        host = host or DestinationHost(self.state)
+        result: list[tuple[str, str]] = self.successResultOf(Deferred.fromCoroutine(host.recover()))
+        return result
+
+    def test_unprepared_staging_removed(self) -> None:
+        """Never PREPARED: the source cannot have committed; remove it."""
+        path = self.stage("a" * 32, "streaming")
+        self.assertIn("staging removed", self.recover()[0][1])
+        self.assertFalse(path.exists())
+        self.assertEqual(self.host.journal.get("a" * 32).outcome, "aborted")  # type: ignore
+
+    def test_prepared_staging_held(self) -> None:
+        """PREPARED: the source may have committed; keep it, in doubt, and
+        refuse a new arrival of that VM until it is settled."""
+        path = self.stage("b" * 32, "prepared")
+        host = DestinationHost(self.state)
+        self.assertIn("held in doubt", self.recover(host)[0][1])
+        self.assertTrue(path.exists())
+        self.assertEqual(host.journal.get("b" * 32).outcome, "in-doubt")  # type: ignore
+        hello = wire.Hello(1, wire.Variant.FULL, "vm1", 4096, (wire.ImageInfo("ram", 1),), "")
+        with self.assertRaises(ProtocolError) as cm:
+            host.admit(hello, "p", "insecure")
+        self.assertEqual(cm.exception.code, ErrorCode.VM_BUSY)
+        self.assertIn("in doubt", cm.exception.reason)
+
+    def stage_vm(self, mid: str, *phases: str) -> Path:
+        """A real (image backend) VM staged by migration ``mid``."""
+        self.host.journal.begin(
+            role="destination", vm="vm1", peer="p", variant="full", protocol="insecure", id=mid
+        )
+        for phase in phases:
+            self.host.journal.phase(mid, phase)
+        bundle = create_image_vm(self.state / "tmp", "vm1", 1)
+        os.rename(bundle.path, self.host.staging / mid)
+        return self.host.staging / mid
+
+    def test_journaled_commit_rolled_forward(self) -> None:
+        """COMMIT journaled, crash before the move: the restart moves the VM
+        into place, resumes it and journals DONE (the old rule discarded it,
+        and the source had already given its copy up: the VM was lost)."""
+        ram = (self.stage_vm("d" * 32, "prepared", "committed") / "ram.img").read_bytes()
+        self.assertIn("resumed here", self.recover()[0][1])
+        self.assertEqual((self.host.vms / "vm1" / "ram.img").read_bytes(), ram)
+        self.assertEqual(list(self.host.staging.iterdir()), [])
+        record = self.host.journal.get("d" * 32)
+        assert record is not None
+        self.assertEqual(record.outcome, "done")
+
+    def test_resumed_before_done_is_done(self) -> None:
+        """Crash after the move and resume, before DONE: the VM is in place,
+        and the journal says done, not aborted."""
+        staged = self.stage_vm("e" * 32, "prepared", "committed")
+        os.rename(staged, self.host.vms / "vm1")
+        self.host.journal.phase("e" * 32, "resumed")
+        self.recover()
+        record = self.host.journal.get("e" * 32)
+        assert record is not None
+        self.assertEqual(record.outcome, "done")
+        self.assertTrue((self.host.vms / "vm1").exists())
+
+
+class ResolveTests(SynchronousTestCase):
+    """RESOLVE: the source's decision for an arrival held in doubt, accepted
+    only from the peer that started it."""
+
+    def setUp(self) -> None:
+        base = Path(self.mktemp())
+        self.host = DestinationHost(base / "dst")
+        self.mid = bytes.fromhex("f" * 32)
+        self.host.journal.begin(
+            role="destination",
+            vm="vm1",
+            peer="10.0.0.1:5555",
+            variant="full",
+            protocol="secure",
+            id=self.mid.hex(),
+            peer_name="src-a",
+        )
+        self.host.journal.phase(self.mid.hex(), "prepared")
+        bundle = create_image_vm(base / "tmp", "vm1", 1)
+        self.ram = bundle.image_path("ram").read_bytes()
+        os.rename(bundle.path, self.host.staging / self.mid.hex())
+        self.successResultOf(Deferred.fromCoroutine(self.host.recover()))
+
+    def resolve(
+        self, decision: wire.Decision, peer: str = "src-a", protocol: str = "secure"
+    ) -> wire.Resolved:
+        message = wire.Resolve(self.mid, decision)
+        answer: wire.Resolved = self.successResultOf(
+            Deferred.fromCoroutine(self.host.resolve(message, peer, protocol))
+        )
+        return answer
+
+    def test_committed_rolls_forward(self) -> None:
+        """COMMITTED: the VM is put in place and resumed; a repeat is idempotent."""
+        self.assertEqual(self.resolve(wire.Decision.COMMITTED).settled, wire.Settled.DONE)
+        self.assertEqual((self.host.vms / "vm1" / "ram.img").read_bytes(), self.ram)
+        self.assertEqual(list(self.host.staging.iterdir()), [])
+        self.assertEqual(self.resolve(wire.Decision.COMMITTED).settled, wire.Settled.DONE)
+        record = self.host.journal.get(self.mid.hex())
+        assert record is not None
+        self.assertEqual(record.outcome, "done")
+
+    def test_aborted_discards(self) -> None:
+        """ABORTED: staging is removed and the arrival journaled aborted."""
+        self.assertEqual(self.resolve(wire.Decision.ABORTED).settled, wire.Settled.ABORTED)
+        self.assertEqual(list(self.host.staging.iterdir()), [])
+        self.assertFalse((self.host.vms / "vm1").exists())
+        self.assertEqual(self.resolve(wire.Decision.ABORTED).settled, wire.Settled.ABORTED)
+
+    def test_not_under_a_running_session(self) -> None:
+        """While the name is locked (this migration's session still runs),
+        neither decision touches the staging: FAILED, try again."""
+        with storage.Lock(self.host.locks / "vm1.lock"):
+            for decision in (wire.Decision.ABORTED, wire.Decision.COMMITTED):
+                self.assertEqual(self.resolve(decision).settled, wire.Settled.FAILED)
+        self.assertTrue((self.host.staging / self.mid.hex()).exists())
+        self.assertEqual(self.resolve(wire.Decision.ABORTED).settled, wire.Settled.ABORTED)
+
+    def test_from_another_source_refused(self) -> None:
+        """Another (attested) host cannot decide this migration."""
+        self.assertEqual(
+            self.resolve(wire.Decision.ABORTED, peer="src-b").settled, wire.Settled.REFUSED
+        )
+        self.assertEqual(
+            self.resolve(wire.Decision.COMMITTED, protocol="insecure").settled,
+            wire.Settled.REFUSED,
+        )
+        self.assertTrue((self.host.staging / self.mid.hex()).exists())
+
+    def test_unknown_migration(self) -> None:
+        message = wire.Resolve(b"\0" * 16, wire.Decision.COMMITTED)
+        answer = self.successResultOf(
+            Deferred.fromCoroutine(self.host.resolve(message, "src-a", "secure"))
+        )
+        self.assertEqual(answer.settled, wire.Settled.UNKNOWN)
+
+
+class SettleTests(SynchronousTestCase):
+    """`securemig recover`: an in-doubt arrival settled from the source's
+    journal, never by guessing."""
+
+    def setUp(self) -> None:
+        from securemig.hypervisor.bundle import create_image_vm
+
+        base = Path(self.mktemp())
+        self.host = DestinationHost(base / "dst")
+        self.mid = "c" * 32
+        self.host.journal.begin(
+            role="destination", vm="vm1", peer="p", variant="full", protocol="secure", id=self.mid
+        )
+        self.host.journal.phase(self.mid, "prepared")
+        bundle = create_image_vm(base / "tmp", "vm1", 1)
+        os.rename(bundle.path, self.host.staging / self.mid)
+        # A restart: prepared staging is held in doubt.
+        self.successResultOf(Deferred.fromCoroutine(self.host.recover()))
+        self.source = Journal(base / "src.sqlite")
+        self.local = self.source.begin(
+            role="source", vm="vm1", peer="d", variant="full", protocol="secure"
+        )
+        self.source.set_migration_id(self.local, self.mid)
+
+    def settle(self) -> list[tuple[str, str]]:
+        from twisted.internet.defer import Deferred
+
+        result: list[tuple[str, str]] = self.successResultOf(
+            Deferred.fromCoroutine(self.host.settle(self.source))
+        )
+        return result
+
+    def test_source_committed(self) -> None:
+        """The source journaled COMMITTED: the VM is put in place here."""
+        self.source.phase(self.local, "committed")
+        self.source.finish(self.local, "in-doubt", error="CONNECTION_LOST")
+        self.assertIn("resumed here", self.settle()[0][1])
+        self.assertTrue((self.host.vms / "vm1" / "ram.img").exists())
+        self.assertFalse((self.host.staging / self.mid).exists())
+        self.assertEqual(self.host.journal.get(self.mid).outcome, "done")  # type: ignore
+
+    def test_source_did_not_commit(self) -> None:
+        """The source ended without committing: its VM is still there; discard."""
+        self.source.finish(self.local, "aborted", error="CONNECTION_LOST")
+        self.assertIn("discarded", self.settle()[0][1])
+        self.assertFalse((self.host.staging / self.mid).exists())
+        self.assertFalse((self.host.vms / "vm1").exists())
+
+    def test_source_undecided(self) -> None:
+        """No outcome and no commit at the source yet: nothing is done."""
+        self.assertIn("not decided", self.settle()[0][1])
+        self.assertTrue((self.host.staging / self.mid).exists())
+
+    def test_unknown_to_source(self) -> None:
+        other = Journal(Path(self.mktemp()))
+        self.source = other
+        self.assertIn("unknown", self.settle()[0][1])
+        self.assertTrue((self.host.staging / self.mid).exists())
+
+    def test_busy_name_left_alone(self) -> None:
+        """While something holds the VM's name here, nothing is moved."""
+        self.source.phase(self.local, "committed")
+        with storage.Lock(self.host.locks / "vm1.lock"):
+            self.assertIn("busy", self.settle()[0][1])
+        self.assertTrue((self.host.staging / self.mid).exists())

@@ -29,8 +29,8 @@ from securemig.hypervisor.bundle import Bundle, BundleError, Manifest
 from securemig.lab import processes
 from securemig.lab.lab import Lab
 from securemig.protocol.errors import ErrorCode
+from tests.support.commands import RESOLVE_INTERVAL, crash_env
 
-from ..app.test_crash import RESOLVE_INTERVAL, crash_env
 from . import toy
 
 #: Seconds a crashed migration may take to settle itself.
@@ -47,7 +47,9 @@ class RegistryTests(SynchronousTestCase):
         """The shipped kinds, what each can do, and a backend object that is
         the kind it was asked for."""
         self.assertEqual(backends.kinds()[:3], ("image", "qemu", "xen"))
-        self.assertEqual(backends.kinds(lambda c: c.live), ("qemu",))
+        self.assertEqual(backends.kinds(lambda c: c.live), ("qemu", "libvirt"))
+        # Only libvirt's live stream is several carried sockets.
+        self.assertEqual(backends.kinds(lambda c: c.carried), ("libvirt",))
         self.assertIn("toy", backends.kinds(lambda c: c.creatable))
         self.assertNotIn("xen", backends.kinds(lambda c: c.creatable))
         self.assertTrue(backends.capabilities("qemu").resume_continues)

@@ -5,7 +5,6 @@ elsewhere)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -18,8 +17,7 @@ from securemig.hypervisor.bundle import Bundle, Image, Manifest, image_file
 from securemig.hypervisor.heartbeat import GuestPanic, Watch
 from securemig.hypervisor.qemu import QemuBackend, alive, heartbeat_path, qemu_binary
 from securemig.trust import vtpm
-
-from .test_qemu import under_tcg
+from tests.support.qemu import extended, linux_bundle, under_tcg
 
 
 def read_cpio(archive: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
@@ -76,31 +74,6 @@ class CpioTests(SynchronousTestCase):
             linux_guest.cmdline("ab" * 31)
         with self.assertRaises(linux_guest.GuestError):
             linux_guest.cmdline("x" * 64)
-
-
-def extended(value: str) -> str:
-    """PCR 16 after one extend of a reset PCR with ``value``."""
-    return hashlib.sha256(bytes(32) + bytes.fromhex(value)).hexdigest()
-
-
-def linux_bundle(path: Path, key: bytes, pcr16: str, dirty: int = 0, memory: int = 128) -> Bundle:
-    """A stopped Linux-guest VM with a vTPM whose state key is ``key``."""
-    path.mkdir(parents=True)
-    identity = vtpm.create(path, key, path.parent / "vtpm-ca")
-    state = path / vtpm.STATE_DIR / vtpm.STATE_FILE
-    manifest = Manifest(
-        path.name,
-        "qemu",
-        [Image("ram", 0), Image("vtpm", state.stat().st_size)],
-        vtpm=identity,
-        memory_mib=memory,
-        state="stopped",
-        guest="linux",
-        guest_cmdline=linux_guest.cmdline(pcr16, dirty, 16),
-    )
-    bundle = Bundle(path, manifest)
-    bundle.save()
-    return bundle
 
 
 class LinuxGuestTests(TestCase):
@@ -203,7 +176,7 @@ class LinuxGuestMigrationTests(TestCase):
     async def test_heartbeat_goes_on_at_destination(self) -> None:
         """After the migration the heartbeat comes from the destination's
         QEMU and continues the source's sequence (no reboot)."""
-        from ..helpers import migrate_vm
+        from tests.support.commands import migrate_vm
 
         await self.qemu.start(self.bundle)
         watch = Watch(heartbeat_path(self.bundle))

@@ -15,12 +15,10 @@ libvirt domains yet (doc/backend-libvirt.rst, "Not yet done").
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,54 +37,10 @@ from securemig.hypervisor.libvirt import (
 )
 from securemig.lab.libvirt import LibvirtHost, create_disk, define_guest
 from securemig.transport.carried import SOCKETS, CarrierDestination, CarrierSource
-from tests.hypervisor.test_libvirt import extended, seal, unseal
+from tests.support.libvirt import SecretWatch, remove_domain, seal, shared_hosts, unseal
+from tests.support.qemu import extended
 
 CIPHER = "TLS_AES_128_GCM_SHA256"
-
-_hosts: list[LibvirtHost] = []
-
-
-def shared_hosts() -> list[LibvirtHost]:
-    """Two lab libvirtds for this module's tests (started once per test
-    process), stopped with what they started at exit."""
-    if not _hosts:
-        for name, index in (("ma", 3), ("mb", 4)):
-            host = LibvirtHost(name, index)
-            atexit.register(host.remove)
-            host.start()
-            _hosts.append(host)
-    return _hosts
-
-
-class SecretWatch:
-    """Asks ``virsh secret-get-value`` on every host, over and over, from a
-    thread, for the whole migration: what any root user could try.  Records
-    every answer that printed a value."""
-
-    def __init__(self, hosts: list[LibvirtHost], secret_uuid: str) -> None:
-        self.leaks: list[str] = []
-        self.asked = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(hosts, secret_uuid), daemon=True)
-        self._thread.start()
-
-    def _run(self, hosts: list[LibvirtHost], secret_uuid: str) -> None:
-        while not self._stop.is_set():
-            for host in hosts:
-                answer = subprocess.run(
-                    ["virsh", "-c", host.uri, "secret-get-value", secret_uuid],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-                self.asked += 1
-                if answer.returncode == 0 or answer.stdout.strip():
-                    self.leaks.append(f"{host.name}: {answer.stdout.strip()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 class MigrationCase(TestCase):
@@ -112,7 +66,7 @@ class MigrationCase(TestCase):
     async def running_guest(self, name: str, pcr16: str) -> Any:
         domain = define_guest(self.a, name, pcr16=pcr16, persistent_secret=True)
         for host in (self.a, self.b):
-            self.addCleanup(_remove_domain, host, name)
+            self.addCleanup(remove_domain, host, name)
         vm_dir = Path(self.mktemp())
         bundle = await self.source.adopt(vm_dir, name, self.a.uri, seal)
         await self.source.start(bundle)
@@ -219,7 +173,7 @@ class LiveMigrationTests(MigrationCase):
             disk=str(shared / "sharer.qcow2"),
         )
         for host in (self.a, self.b):
-            self.addCleanup(_remove_domain, host, "sharer")
+            self.addCleanup(remove_domain, host, "sharer")
         bundle = await self.source.adopt(Path(self.mktemp()), "sharer", self.a.uri, seal)
         await self.source.start(bundle)
         watch = Watch(self.a.path(domain.heartbeat))
@@ -349,20 +303,3 @@ def _qemu_alive(host: LibvirtHost, name: str) -> bool:
     except (FileNotFoundError, ValueError):
         return False
     return pid in host.children()
-
-
-def _remove_domain(host: LibvirtHost, name: str) -> None:
-    """Destroy and undefine a test's domain (with its vTPM state) if left,
-    over a fresh connection (the host's libvirtd may have been restarted)."""
-    libvirt = require_libvirt()
-    conn = libvirt.open(host.uri)
-    try:
-        try:
-            dom = conn.lookupByName(name)
-        except libvirt.libvirtError:
-            return
-        if dom.isActive():
-            dom.destroy()
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
-    finally:
-        conn.close()

@@ -25,10 +25,8 @@ from securemig.hypervisor.qemu import (
 )
 from securemig.protocol import records
 from securemig.transport.live import LIVE_RECORD_PLAINTEXT, LiveReceiver, LiveSender
-
-from .relay import Relay
-from .test_guest import extended, linux_bundle
-from .test_qemu import under_tcg
+from tests.support.qemu import extended, linux_bundle, under_tcg
+from tests.support.relay import Relay
 
 
 class LiveMigrationTests(TestCase):

@@ -29,23 +29,8 @@ from securemig.hypervisor.qemu import (
 from securemig.trust import vtpm
 from securemig.trust.tpm import swtpm
 from securemig.trust.tpm.tpm import TPM
-
-from ..helpers import migrate_vm
-
-
-def under_tcg(case: TestCase) -> None:
-    """Run QEMU under TCG in this test (and the processes it starts), as the
-    issue asks, even where KVM would be available."""
-    previous = os.environ.get("SECUREMIG_QEMU_ACCEL")
-    os.environ["SECUREMIG_QEMU_ACCEL"] = "tcg"
-
-    def restore() -> None:
-        if previous is None:
-            os.environ.pop("SECUREMIG_QEMU_ACCEL", None)
-        else:
-            os.environ["SECUREMIG_QEMU_ACCEL"] = previous
-
-    case.addCleanup(restore)
+from tests.support.commands import migrate_vm
+from tests.support.qemu import under_tcg
 
 
 async def read_marker(qemu: QemuBackend, bundle: Bundle, size: int, scratch: Path) -> bytes:

@@ -20,8 +20,7 @@ from securemig.lab.bench import report
 from securemig.lab.bench.provenance import provenance
 from securemig.lab.lab import Lab
 from securemig.trust.tpm import swtpm
-
-from ..hypervisor.test_qemu import under_tcg
+from tests.support.qemu import under_tcg
 
 PROVENANCE = {
     "securemig_version",

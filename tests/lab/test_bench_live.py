@@ -13,8 +13,7 @@ from twisted.trial.unittest import TestCase
 from securemig.hypervisor import guest
 from securemig.hypervisor.qemu import qemu_binary
 from securemig.lab import processes
-
-from ..hypervisor.test_qemu import under_tcg
+from tests.support.qemu import under_tcg
 
 
 class LiveBenchTests(TestCase):

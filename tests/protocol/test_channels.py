@@ -10,11 +10,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from securemig.protocol import channels, records, wire
 from securemig.protocol.channels import DataChannelReader
-from securemig.protocol.destination import DestinationSession
+from securemig.protocol.destination import DestinationSession, State
 from securemig.protocol.errors import ErrorCode, PeerViolation
 from securemig.protocol.records import Opener, Sealer
-
-from .test_session import EVIDENCE, OFFER, WRAPPED, make_hello
+from tests.support.messages import EVIDENCE, OFFER, WRAPPED, make_hello
 
 CIPHER = "TLS_AES_128_GCM_SHA256"
 CHUNK = wire.MIN_CHUNK_SIZE
@@ -78,13 +77,13 @@ class ChannelRuleTests(SynchronousTestCase):
         for step in steps:
             step()
             seen.append(d.phase)
-            self.assertTrue(channels.key_pending(d.phase), d.phase)
-        self.assertEqual(set(seen), channels.KEY_PENDING)
+            self.assertTrue(d.phase.key_pending, d.phase)
+        self.assertEqual(set(seen), {state for state in State if state.key_pending})
         d.receive(WRAPPED)
         self.assertEqual(d.phase, "awaitStream")
-        self.assertFalse(channels.key_pending(d.phase))
+        self.assertFalse(d.phase.key_pending)
         d.receive(wire.StreamBegin(0))
-        self.assertFalse(channels.key_pending(d.phase))
+        self.assertFalse(d.phase.key_pending)
 
 
 class DataChannelReaderTests(SynchronousTestCase):

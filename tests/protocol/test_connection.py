@@ -31,8 +31,7 @@ from securemig.protocol.destination import DestinationSession
 from securemig.protocol.errors import ErrorCode, ProtocolError
 from securemig.protocol.records import Sealer
 from securemig.protocol.source import SourceSession
-
-from .test_session import EVIDENCE, OFFER, WRAPPED, make_hello
+from tests.support.messages import EVIDENCE, OFFER, WRAPPED, make_hello
 
 CIPHER = "TLS_AES_256_GCM_SHA384"
 MID = b"M" * 16

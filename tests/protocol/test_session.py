@@ -17,22 +17,10 @@ from securemig.protocol import effects as fx
 from securemig.protocol import source as source_session
 from securemig.protocol import wire
 from securemig.protocol.errors import ErrorCode, ProtocolError
+from securemig.protocol.session import Side, every_state
+from tests.support.messages import EVIDENCE, OFFER, WRAPPED, make_hello
 
 MID = b"M" * 16
-
-
-def make_hello(sizes: tuple[int, ...] = (5, 3), **kw: Any) -> wire.Hello:
-    names = ["ram", "disk", "extra"]
-    args: dict[str, Any] = dict(
-        version=wire.PROTOCOL_VERSION,
-        variant=wire.Variant.FULL,
-        vm_name="vm1",
-        chunk_size=wire.MIN_CHUNK_SIZE,
-        images=tuple(wire.ImageInfo(names[i], n) for i, n in enumerate(sizes)),
-        shared_disk="",
-    )
-    args.update(kw)
-    return wire.Hello(**args)
 
 
 class Link:
@@ -420,11 +408,6 @@ class SourceTests(SynchronousTestCase):
             src.receive(wire.Commit())
 
 
-EVIDENCE = wire.Evidence(b"attest", b"sig", (), b"ak", b"cert")
-OFFER = wire.KeyOffer(b"public", b"attest", b"sig")
-WRAPPED = wire.WrappedKey(b"\x04" + b"e" * 64, b"n" * 12, b"ciphertext")
-
-
 class SecureSessionTests(SynchronousTestCase):
     """The secure variant's order: attestation both ways and key transfer
     before any image byte (the host checks are stood in by answers here)."""
@@ -608,3 +591,69 @@ class LiveSessionTests(SynchronousTestCase):
     def test_insecure_live_refused(self) -> None:
         with self.assertRaises(ValueError):
             source_session.SourceSession(live_hello())
+
+
+class StateTableTests(SynchronousTestCase):
+    """States are enums whose table columns the machines are built from."""
+
+    def test_commit_point_column(self) -> None:
+        """Each state's side of the commit point: the destination holds its
+        staging in doubt only in awaitCommit and owns the VM from committing
+        on; the source is past the commit point from committing on."""
+        D, S, side = destination_session.State, source_session.State, Side
+        dst = {state: state.side for state in D}
+        self.assertEqual(
+            {s for s, v in dst.items() if v is not side.BEFORE},
+            {D.AWAIT_COMMIT, D.COMMITTING, D.DONE, D.FAILED},
+        )
+        self.assertIs(dst[D.AWAIT_COMMIT], side.IN_DOUBT)
+        self.assertIs(dst[D.COMMITTING], side.AFTER)
+        src = {state: state.side for state in S}
+        self.assertEqual(
+            {s for s, v in src.items() if v is not side.BEFORE},
+            {S.COMMITTING, S.AWAIT_DONE, S.DONE, S.FAILED},
+        )
+        self.assertEqual({src[S.COMMITTING], src[S.AWAIT_DONE]}, {side.AFTER})
+        self.assertEqual({dst[D.DONE], dst[D.FAILED], src[S.DONE], src[S.FAILED]}, {side.ENDED})
+
+    def test_values_are_the_names_shown(self) -> None:
+        """A state formats as the name messages, logs and older tests use."""
+        d, _ = destination_in("awaitStream")
+        self.assertIs(d.phase, destination_session.State.AWAIT_STREAM)
+        self.assertEqual(f"in phase {d.phase}", "in phase awaitStream")
+
+    def test_every_state_needs_a_row(self) -> None:
+        """A state table without a row for some state is refused (at import,
+        so by every test), naming the state."""
+        D = destination_session.State
+        with self.assertRaises(TypeError) as cm:
+            every_state(D, {state: Side.BEFORE for state in D if state is not D.SETTLING})
+        self.assertIn("settling", str(cm.exception))
+
+    def test_endings_in_every_state(self) -> None:
+        """Every state of every machine takes ABORT, a local failure and a
+        lost connection: the endings come from the side column, so none is
+        missing for a state (Automat raises NoTransition for a missing one)."""
+        machines = [
+            *destination_session._DestinationMachines.values(),
+            *source_session._SourceMachines.values(),
+        ]
+        for machine in machines:
+            automaton = machine.__automat_automaton__
+            handled = {(s.name, i) for s, i, _, _ in automaton.allTransitions()}
+            names = {s.name for s in automaton.states()}
+            for name in names:
+                for ending in ("peer_abort", "fail", "connection_lost"):
+                    self.assertIn((name, ending), handled)
+
+    def test_refused_input_named(self) -> None:
+        """An input the state does not allow is a violation that names the
+        input and the state (the input's own name, from the machine)."""
+        d, _ = destination_in("receiving")
+        with self.assertRaises(ProtocolError) as cm:
+            d.receive(wire.Commit())
+        self.assertEqual(cm.exception.reason, "commit is not allowed in phase receiving")
+        src = source_session.SourceSession(make_hello())
+        with self.assertRaises(ProtocolError) as cm:
+            src.committed_locally()
+        self.assertEqual(cm.exception.reason, "committed_locally is not allowed in phase idle")

@@ -380,6 +380,26 @@ class HelloTailTests(SynchronousTestCase):
         old = wire.HEADER.pack(wire.TYPE_CODES[wire.Hello], len(payload)) + payload
         self.assertEqual(decode_all(old), [full])
 
+    def test_backend_info_round_trips_and_is_left_out_when_empty(self) -> None:
+        """``backend_info`` (a libvirt domain's description) comes last and
+        only when not empty: a HELLO without it is byte for byte what a
+        destination before it reads (ending with ``vtpm``), one with it
+        decodes to itself, and one over its bound is refused."""
+        plain = hello(version=2, backend="qemu", vtpm=1)
+        self.assertTrue(wire.encode(plain).endswith(b"qemu\x01"))
+        said = replace(plain, backend="libvirt", backend_info=b'{"domain": "d"}')
+        raw = wire.encode(said)
+        self.assertTrue(raw.endswith(b'\x00\x0f{"domain": "d"}'))
+        self.assertEqual(decode_all(raw), [said])
+        with self.assertRaises(ValueError):
+            wire.encode(replace(said, backend_info=b"x" * (wire.MAX_BACKEND_INFO + 1)))
+        over = raw[: -(2 + 15)] + struct.pack("!H", wire.MAX_BACKEND_INFO + 1)
+        over += b"x" * (wire.MAX_BACKEND_INFO + 1)
+        payload = over[wire.HEADER.size :]
+        with self.assertRaises(ProtocolError) as cm:
+            decode_all(wire.HEADER.pack(wire.TYPE_CODES[wire.Hello], len(payload)) + payload)
+        self.assertEqual(cm.exception.code, ErrorCode.BAD_PARAMETER)
+
     def test_backend_names_are_bounded(self) -> None:
         """A backend name is a short lowercase word, like a registered kind."""
         for bad in ("QEMU", "q" * 17, "../x", "1abc"):

@@ -7,6 +7,7 @@ first authenticated record are bounded."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -42,8 +43,11 @@ class LivePortTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
+        # In the temporary directory, for a short socket path; removed
+        # whatever is in it (an empty one used to stay: the cleanup's
+        # list of unlinks was false, so no rmdir).
         self.dir = Path(tempfile.mkdtemp(prefix="securemig-live-port-"))
-        self.addCleanup(lambda: [p.unlink() for p in self.dir.iterdir()] and self.dir.rmdir())
+        self.addCleanup(shutil.rmtree, self.dir, True)
         self.key, self.migration_id = os.urandom(16), os.urandom(16)
         self.got: list[bytes] = []
         self.qemu_closed: Deferred[None] = Deferred()

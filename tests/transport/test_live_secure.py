@@ -4,18 +4,23 @@ with its own swtpm host TPM, a real ``securemig migrate --live``."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
+import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import threads
 
+from securemig import runtime
 from securemig.host.journal import Journal
 from securemig.hypervisor import guest as linux_guest
 from securemig.hypervisor.bundle import Bundle
@@ -23,11 +28,9 @@ from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.qemu import QemuBackend, alive, heartbeat_path, qemu_binary
 from securemig.lab import processes
 from securemig.trust.policy import PolicyStore
-
-from ..app.test_crash import crash_env
-from ..hypervisor.test_guest import extended
-from ..hypervisor.test_qemu import under_tcg
-from .test_secure import SecureBase
+from tests.support.commands import crash_env
+from tests.support.qemu import extended, under_tcg
+from tests.support.secure import SecureBase
 
 
 class LiveSecureBase(SecureBase):
@@ -602,3 +605,85 @@ class LiveCrashPointTests(LiveSecureBase):
             ),
             "source",
         )
+
+    # A real process SIGKILLed mid-migration leaves its sockets and links
+    # only in the runtime directories of the state directories in play, and
+    # recovery removes those of the killed migration: nothing of it stays in
+    # the temporary directory, nothing in a runtime directory that no running
+    # program holds (securemig.runtime; before, QMP and live sockets and vTPM
+    # state links stayed in /tmp by the hundred).
+
+    def own_tmpdir(self) -> None:
+        """Every process this test starts puts its temporary files in a
+        directory of the test's own."""
+        # There they can be counted.  This process's own temporary directory
+        # was chosen before: what it makes itself is not counted.
+        self.tmp = Path(tempfile.mkdtemp(prefix="smk-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        previous = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = str(self.tmp)
+
+        def restore() -> None:
+            if previous is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = previous
+
+        self.addCleanup(restore)
+
+    def run_dirs(self) -> set[Path]:
+        """The runtime directories of this test's state directories."""
+        with patch_tempdir(self.tmp):
+            states = (self.base / "src-state", self.base / "dst", self.vm_dir / ".securemig")
+            return {runtime.for_state_dir(state) for state in states}
+
+    def assertNothingLeft(self) -> None:
+        """Only runtime directories in the temporary directory; in them only
+        what a running program holds, and nothing named by the migration."""
+        # The destination's record is named by the migration id.
+        journal = Journal(self.base / "dst" / "journal.sqlite")
+        mid = journal.records()[0].id
+        journal.close()
+        dirs = self.run_dirs()
+        self.assertTrue(any(run.exists() for run in dirs), "no runtime directory was used")
+        outside = sorted(str(p) for p in self.tmp.iterdir() if p not in dirs)
+        self.assertEqual(outside, [])
+        bound = runtime.bound_paths()
+        assert bound is not None
+        for run in dirs:
+            if not run.exists():
+                continue
+            for entry in run.iterdir():
+                self.assertNotIn(str(mid), entry.name)
+                if entry.is_symlink():
+                    self.assertTrue(entry.exists(), f"{entry} points at nothing")
+                else:
+                    self.assertIn(str(entry), bound, f"{entry} is held by no program")
+
+    async def test_source_killed_while_precopy_runs(self) -> None:
+        """``securemig migrate`` SIGKILLed while QEMU's pre-copy runs: its
+        live stream's socket stays until the source's daemon starts; the
+        daemon's recovery continues the guest and removes it."""
+        self.own_tmpdir()
+        self.assertEqual(await self.cell("source-live-started", "source"), "source")
+        self.assertNothingLeft()
+
+    async def test_destination_killed_while_its_qemu_waits(self) -> None:
+        """The destination's daemon SIGKILLed while its QEMU waits for the
+        stream: the restarted daemon ends that QEMU and removes the incoming
+        socket it listened on."""
+        self.own_tmpdir()
+        self.assertEqual(await self.cell("destination-incoming", "destination"), "source")
+        self.assertNothingLeft()
+
+
+@contextlib.contextmanager
+def patch_tempdir(directory: Path) -> Iterator[None]:
+    """While in the block, this process's temporary directory is
+    ``directory`` (what the processes of the test use)."""
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(directory)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous

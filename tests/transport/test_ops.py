@@ -15,8 +15,9 @@ from securemig.host import storage
 from securemig.hypervisor.bundle import Bundle
 from securemig.lab import processes
 from securemig.protocol import wire
-from tests.helpers import bundle_digests, migrate_vm
-from tests.transport.test_secure import SecureBase
+from tests.support.bundles import bundle_digests
+from tests.support.commands import migrate_vm
+from tests.support.secure import SecureBase
 
 
 def free_port() -> int:
@@ -62,7 +63,7 @@ class DataPortsTests(SecureBase):
         self.assertNoUnhandledError(destination)
 
     def test_bad_range_is_a_usage_error(self) -> None:
-        from tests.app.test_service import twistd
+        from tests.support.commands import twistd
 
         result = twistd(
             "--state-dir",

@@ -18,8 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from securemig.lab import processes
 from securemig.transport.limits import Caps, PendingConnections, raise_descriptor_limit
-
-from .test_secure import SecureBase
+from tests.support.secure import SecureBase
 
 
 class FakeGuard:

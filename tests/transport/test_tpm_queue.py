@@ -11,8 +11,7 @@ import threading
 from typing import Any
 
 from securemig.lab import processes
-
-from .test_secure import SecureBase
+from tests.support.secure import SecureBase
 
 #: Concurrent migrations from one source host to one destination (issue 12).
 CONCURRENT = 8

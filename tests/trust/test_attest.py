@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from tpm2_pytss import TPM2B_PUBLIC, TPMS_ATTEST, TPMT_SIGNATURE
+from tpm2_pytss import TPMS_ATTEST
 from tpm2_pytss.constants import TPM2_ALG, TPM2_ST, TPMA_OBJECT
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -25,44 +22,10 @@ from securemig.trust import attest
 from securemig.trust.attest import AttestationError, Check, ClockState
 from securemig.trust.pki import Authority
 from securemig.trust.tpm.tpm import AK_ATTRIBUTES, KeyBlob, TPMError, pcr_selection
-
-from ..helpers import shared_tpm
+from tests.support.tpm import shared_tpm
+from tests.support.trust import Forger
 
 PCRS = [0, 1, 2, 3, 7, 16]
-
-
-@dataclass
-class Forger:
-    """A software ECDSA key presented as an AK, to sign arbitrary structures."""
-
-    key: ec.EllipticCurvePrivateKey
-    public: bytes
-
-    @classmethod
-    def create(
-        cls,
-        attributes: int = int(AK_ATTRIBUTES | TPMA_OBJECT.USERWITHAUTH),
-        scheme: TPM2_ALG = TPM2_ALG.ECDSA,
-    ) -> Forger:
-        """A key whose public area claims what a genuine AK's does (its
-        signing scheme ECDSA-SHA256 unless told otherwise)."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        pem = key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        public = TPM2B_PUBLIC.from_pem(pem, objectAttributes=attributes)
-        ecc = public.publicArea.parameters.eccDetail
-        ecc.scheme.scheme = scheme
-        ecc.scheme.details.anySig.hashAlg = TPM2_ALG.SHA256
-        return cls(key, bytes(public.marshal()))
-
-    def sign(self, data: bytes, hash_alg: TPM2_ALG = TPM2_ALG.SHA256) -> bytes:
-        r, s = decode_dss_signature(self.key.sign(data, ec.ECDSA(hashes.SHA256())))
-        sig = TPMT_SIGNATURE(sigAlg=TPM2_ALG.ECDSA)
-        sig.signature.ecdsa.hash = hash_alg
-        sig.signature.ecdsa.signatureR = r.to_bytes(32, "big")
-        sig.signature.ecdsa.signatureS = s.to_bytes(32, "big")
-        return bytes(sig.marshal())
 
 
 class QuoteTests(SynchronousTestCase):

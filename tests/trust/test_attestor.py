@@ -30,9 +30,8 @@ from securemig.trust.attestor import (
 from securemig.trust.identity import Identity
 from securemig.trust.pki import Authority
 from securemig.trust.policy import PolicyStore
-
-from ..helpers import shared_tpm
-from .test_attest import Forger
+from tests.support.tpm import shared_tpm
+from tests.support.trust import Forger
 
 PEER = "host-b"
 

@@ -25,9 +25,8 @@ from securemig.trust.pki import Authority
 from securemig.trust.policy import Policy
 from securemig.trust.tpm import swtpm
 from securemig.trust.tpm.tpm import TPM
-
-from ..helpers import shared_tpm
-from .test_policy import attester, exchange
+from tests.support.tpm import shared_tpm
+from tests.support.trust import attester, exchange
 
 SHA256 = wire.HashAlg.SHA256
 BOOT_APP = EVENT_TYPES["EV_EFI_BOOT_SERVICES_APPLICATION"]

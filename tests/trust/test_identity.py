@@ -24,8 +24,7 @@ from securemig.trust.pca.core import Authorization, PrivacyCA
 from securemig.trust.pki import Authority
 from securemig.trust.tpm import swtpm
 from securemig.trust.tpm.tpm import TPM, KeyBlob
-
-from ..helpers import shared_tpm
+from tests.support.tpm import shared_tpm
 
 
 class Refused(Exception):

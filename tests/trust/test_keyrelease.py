@@ -14,8 +14,7 @@ from securemig.transport.control import failure_to_error
 from securemig.trust import keyrelease as secure
 from securemig.trust.keyrelease import DestinationSecurity, KeyTransferError, MigrationKey
 from securemig.trust.tpm.tpm import TPMError
-
-from ..helpers import shared_tpm
+from tests.support.tpm import shared_tpm
 
 PCRS = (0, 7, 16)
 MID = b"M" * 16

@@ -21,19 +21,8 @@ from securemig.trust.pca.core import Authorization, EnrollmentError, PrivacyCA, 
 from securemig.trust.pki import Authority
 from securemig.trust.tpm import swtpm
 from securemig.trust.tpm.tpm import TPM, KeyBlob, TPMError
-
-from ..helpers import shared_tpm
-from .test_attest import Forger
-
-
-class FakeTime:
-    """A clock for the PCA: ``time()`` is ``now``."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def time(self) -> float:
-        return self.now
+from tests.support.tpm import shared_tpm
+from tests.support.trust import FakeTime, Forger
 
 
 def new_pca(base: Path, vendors: list[Path]) -> PrivacyCA:

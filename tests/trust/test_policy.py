@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from securemig.lab import processes
@@ -16,8 +15,7 @@ from securemig.protocol import wire
 from securemig.protocol.errors import ErrorCode, PeerViolation
 from securemig.trust import attest
 from securemig.trust.attest import AttestationError, Check, ClockState
-from securemig.trust.attestor import Attestor, check_request
-from securemig.trust.identity import Identity
+from securemig.trust.attestor import check_request
 from securemig.trust.pki import Authority
 from securemig.trust.policy import (
     Golden,
@@ -28,8 +26,8 @@ from securemig.trust.policy import (
 )
 from securemig.trust.tpm import swtpm
 from securemig.trust.tpm.tpm import TPM, TPMError
-
-from ..helpers import shared_tpm
+from tests.support.tpm import shared_tpm
+from tests.support.trust import attester, exchange
 
 PCRS = [0, 7, 16]
 #: TPM names of two AKs (nameAlg SHA-256 || digest).
@@ -220,33 +218,6 @@ class PolicyDirectoryGoneTests(SynchronousTestCase):
 
 SHA256 = int(wire.HashAlg.SHA256)
 SHA1 = int(wire.HashAlg.SHA1)
-
-
-def attester(test: SynchronousTestCase, tpm: Any, name: str, pca: Authority) -> Attestor:
-    """A host's attestor on ``tpm``: a fresh AK certified for ``name``."""
-    directory = Path(test.mktemp())
-    directory.mkdir(parents=True)
-    ak = tpm.create_ak()
-    (directory / "ak.blob").write_bytes(ak.to_bytes())
-    cert = pca.issue(attest.check_ak(ak.public), name, tls=False)
-    (directory / "ak.der").write_bytes(cert.public_bytes(Encoding.DER))
-    return Attestor(
-        Identity(directory, name, tpm.tcti), tpm, PolicyStore(directory / "policy"), pca.cert
-    )
-
-
-def exchange(verifier: Attestor, host: Attestor) -> dict[int, bytes]:
-    """One attestation as the protocol carries it: the verifier's CHALLENGE
-    (its request for this peer) and the host's EVIDENCE, both through the
-    wire codec; returns what the verifier's checks return."""
-    nonce = os.urandom(32)
-    frame = wire.encode(wire.Challenge(nonce, verifier.request_for(host.identity.name)))
-    challenge = wire.decode_payload(frame[0], frame[wire.HEADER.size :])
-    assert isinstance(challenge, wire.Challenge)
-    frame = wire.encode(host.evidence(nonce, challenge.request))
-    evidence = wire.decode_payload(frame[0], frame[wire.HEADER.size :])
-    assert isinstance(evidence, wire.Evidence)
-    return verifier.verify(evidence, nonce, host.identity.name, challenge.request)
 
 
 class RecordedSelectionTests(TestCase):

@@ -16,10 +16,9 @@ from securemig.trust.attest import AttestationError, Check
 from securemig.trust.pca.core import CRL_RESIGN, Authorization, PrivacyCA
 from securemig.trust.revocation import CRLError, RevocationList
 from securemig.trust.tpm import swtpm
-
-from ..helpers import shared_tpm
-from .test_pca import FakeTime
-from .test_renewal import LabBase
+from tests.support.lab import LabBase
+from tests.support.tpm import shared_tpm
+from tests.support.trust import FakeTime
 
 
 class RevocationListTests(SynchronousTestCase):

@@ -10,8 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from securemig.trust.tpm import swtpm
 from securemig.trust.tpm.tpm import TPM
-
-from ..helpers import shared_tpm
+from tests.support.tpm import shared_tpm
 
 
 class OwnListenerTests(TestCase):

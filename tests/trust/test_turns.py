@@ -13,8 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from securemig.protocol.errors import ErrorCode, MigrationError
 from securemig.trust.tpm.tpm import TPM, TPMError, Turns, lock_path
-
-from ..helpers import shared_tpm
+from tests.support.tpm import shared_tpm
 
 
 class TurnsTests(TestCase):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from securemig import runtime
 from securemig.app.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -26,6 +27,7 @@ from securemig.app.cli.common import (
 from securemig.host.arrival import DestinationHost
 from securemig.host.journal import Journal, MigrationRecord, dumps, owner_alive
 from securemig.host.recovery import settle_departures
+from securemig.protocol.phases import Phase
 from securemig.trust import vtpm
 
 
@@ -133,7 +135,12 @@ def host_journal(vm_dir: Path, state_dir: Path | None) -> Journal:
     hold it (not writable, not a directory, a file that is no journal)."""
     directory = source_state_dir(vm_dir, state_dir)
     try:
-        return Journal(directory / "journal.sqlite")
+        journal = Journal(directory / "journal.sqlite")
+        # The sockets and links of the programs this command starts (a
+        # QEMU, a live stream's listener) go to this state directory's
+        # runtime directory, where its daemon cleans up after a crash.
+        runtime.use(directory)
+        return journal
     except (OSError, sqlite3.Error) as e:
         if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
             raise CommandError(
@@ -184,7 +191,7 @@ def given_away(journal: Journal, name: str, vm_dir: Path) -> str | None:
     record = journal.given_away(name)
     if record is None:
         return None
-    if (vm_dir / name).exists() and record.reached("released"):
+    if (vm_dir / name).exists() and record.reached(Phase.RELEASED):
         return None
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.updated))
     return (
@@ -255,7 +262,7 @@ def job_journals(args: argparse.Namespace) -> list[tuple[Path, Journal]]:
 
 def job(record: MigrationRecord, now: float) -> dict[str, Any]:
     """What ``jobs`` shows of a running migration."""
-    streaming = next((at for phase, at in record.events if phase == "streaming"), None)
+    streaming = next((at for phase, at in record.events if phase == Phase.STREAMING), None)
     rate = None
     if streaming is not None and record.updated > streaming and record.bytes:
         rate = record.bytes / (record.updated - streaming)
@@ -336,7 +343,7 @@ def cmd_abort(args: argparse.Namespace) -> int:
         )
     if record.outcome is not None:
         raise CommandError(f"{name} has already ended: {record.outcome}")
-    if record.reached("committed"):
+    if record.reached(Phase.COMMITTED):
         raise CommandError(f"{name} has committed: the VM belongs to {peer_of(record)} now")
     if not owner_alive(record.owner):
         raise CommandError(

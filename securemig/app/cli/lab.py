@@ -11,10 +11,16 @@ from pathlib import Path
 
 from securemig.app.cli.common import Subparsers, _mib, error, int_list, usage_error
 from securemig.hypervisor import backends
-from securemig.lab import bench, demo
-from securemig.lab.bench import live, qemu, tpm
-from securemig.lab.bench.link import LinkError
 from securemig.transport.tls import CIPHERS
+
+# The lab's modules (plots, statistics, the lab itself) are imported by the
+# commands that run them: every other command, `migrate` first, would pay
+# for them at each start (about a tenth of the CLI's import time).
+
+#: The backends whose demo is :mod:`securemig.lab.demo_libvirt`: their
+#: hypervisor's own daemons migrate the guest, its sockets carried (named by
+#: capability, so the parser imports no lab module).
+CARRIED_DEMOS = tuple(backends.kinds(lambda c: c.carried))
 
 
 def add_demo_parser(subparsers: Subparsers) -> None:
@@ -30,10 +36,11 @@ def add_demo_parser(subparsers: Subparsers) -> None:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument(
         "--backend",
-        choices=backends.kinds(lambda c: c.creatable),
+        choices=(*backends.kinds(lambda c: c.creatable), *CARRIED_DEMOS),
         default=backends.DEFAULT,
         help="image: a suspended VM of files (default); a backend that runs guests "
-        "(qemu): a running guest",
+        f"(qemu): a running guest; {'/'.join(CARRIED_DEMOS)}: two libvirtds, an adopted domain "
+        "with an encrypted vTPM, migrated there and back, and refused by a changed host",
     )
     p.add_argument(
         "--live",
@@ -76,7 +83,21 @@ def add_bench_parser(subparsers: Subparsers) -> None:
         "--dirty-mib-s",
         type=int,
         default=32,
-        help="--live: MiB per second the guest rewrites (default %(default)s)",
+        help="--live, --libvirt: MiB per second the guest rewrites (default %(default)s)",
+    )
+    p.add_argument(
+        "--libvirt",
+        action="store_true",
+        help="instead: one domain of two libvirtds migrated live, alternating securemig "
+        "(once its libvirt backend migrates live), `virsh migrate --tls` (certificates from "
+        "a site CA made for the bench, peers verified) and plain `virsh migrate` "
+        "(--repeat each; --libvirt-mib, --dirty-mib-s, --disk-mib: default 64)",
+    )
+    p.add_argument(
+        "--libvirt-mib",
+        type=int,
+        default=256,
+        help="--libvirt: the domain's memory (default %(default)s)",
     )
     p.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     p.add_argument(
@@ -146,17 +167,29 @@ def add_bench_parser(subparsers: Subparsers) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``securemig demo``: see :mod:`securemig.lab.demo`."""
+    """``securemig demo``: see :mod:`securemig.lab.demo` (and
+    :mod:`securemig.lab.demo_libvirt`)."""
+    if args.live and not backends.capabilities(args.backend).live:
+        able = " or ".join(backends.kinds(lambda c: c.live))
+        return usage_error(f"--live needs --backend {able} (a running guest)")
+    if args.backend in CARRIED_DEMOS:
+        from securemig.lab import demo_libvirt
+
+        return demo_libvirt.run(as_json=args.json, keep=args.keep, live=args.live)
+    from securemig.lab import demo
+
     if args.live:
-        if not backends.capabilities(args.backend).live:
-            able = " or ".join(backends.kinds(lambda c: c.live))
-            return usage_error(f"--live needs --backend {able} (a running guest)")
         return demo.run_live(as_json=args.json, keep=args.keep)
     return demo.run(size_mib=args.size_mib, as_json=args.json, keep=args.keep, backend=args.backend)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``securemig bench``: see :mod:`securemig.lab.bench`."""
+    from securemig.lab import bench
+    from securemig.lab.bench import libvirt as libvirt_bench
+    from securemig.lab.bench import live, qemu, tpm
+    from securemig.lab.bench.link import LinkError
+
     if args.repeat <= 0:
         return usage_error("--repeat must be a positive number")
     if not 1 <= args.concurrency <= MAX_CONCURRENCY:
@@ -167,6 +200,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.tcti is not None and not args.tcti.strip():
             return usage_error("--tcti takes a TCTI, e.g. device:/dev/tpmrm0")
         return tpm.run(repeat=args.repeat, json_path=args.json, tcti=args.tcti)
+    if args.libvirt:
+        if args.libvirt_mib < 64 or args.dirty_mib_s < 0 or args.disk_mib < 0:
+            return usage_error(
+                "--libvirt-mib must be at least 64, --dirty-mib-s and --disk-mib not negative"
+            )
+        return libvirt_bench.run(
+            args.libvirt_mib,
+            args.dirty_mib_s,
+            args.disk_mib or 64,
+            args.repeat,
+            json_path=args.json,
+        )
     sizes = int_list(args.sizes, "--sizes", minimum=1)
     if args.qemu:
         return qemu.run(sizes, args.repeat, json_path=args.json)

@@ -100,8 +100,24 @@ def add_parser(subparsers: Subparsers) -> None:
         "memory (pre-copy, inside securemig's sealed stream) and stops only for the last "
         "dirty pages (--downtime-ms).  Needs the secure variant (--identity), a running "
         "QEMU guest, twistd securemig --backend qemu at the destination and the disk on "
-        "storage both hosts mount (RAM and vTPM travel; implies --shared-storage).  Not "
-        "yet: copying a disk (block mirror), post-copy, other backends",
+        "storage both hosts mount (RAM and vTPM travel; implies --shared-storage).  An "
+        "adopted libvirt domain (twistd securemig --backend libvirt at the destination) "
+        "moves by libvirt's own migration, its sockets carried sealed (--copy-storage, "
+        "--parallel).  Not yet: post-copy",
+    )
+    mig.add_argument(
+        "--copy-storage",
+        action="store_true",
+        help="--live, a libvirt domain: copy its disks too (non-shared storage; NBD, "
+        "carried sealed); the destination creates them empty",
+    )
+    mig.add_argument(
+        "--parallel",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--live, a libvirt domain: N multifd channels for its memory (each carried "
+        "sealed; default: one stream)",
     )
     mig.add_argument(
         "--downtime-ms",
@@ -147,6 +163,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             return usage_error(problem)
     if args.live and args.insecure:
         return usage_error("--live is secure only: drop --insecure")
+    if (args.copy_storage or args.parallel) and not args.live:
+        return usage_error("--copy-storage and --parallel go with --live")
     if args.downtime_ms <= 0:
         return usage_error("--downtime-ms must be positive")
     try:
@@ -232,6 +250,8 @@ def source_options(args: argparse.Namespace) -> SourceOptions:
         unseal_with=args.identity if args.insecure else None,
         bandwidth=args.bandwidth * (1 << 20) if args.bandwidth else None,
         live=(args.downtime_ms, limit) if args.live else None,
+        copy_storage=args.copy_storage,
+        parallel=args.parallel,
     )
 
 

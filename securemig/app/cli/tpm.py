@@ -104,7 +104,7 @@ def _start(directory: Path, ca: Path, host: str, port: int | None, several: bool
     """Provision (once) and start the TPM in ``directory``; prints its TCTI
     (and, of several, its directory)."""
     state = directory / "state"
-    if not (state / "tpm2-00.permall").exists():
+    if not (state / swtpm.STATE_FILE).exists():
         swtpm.provision(state, ca)
         print(f"manufactured a TPM 2.0 in {state} (EK certificates from {ca})")
     # The TCTI names the port, and host init keeps the TCTI: keep the port too.

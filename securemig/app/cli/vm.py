@@ -219,7 +219,7 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
             )
         except ValueError as e:
             return error(f"cannot use the identity in {args.identity}: {e}")
-        key_and_ca = (key, args.identity / "vtpm-ca")
+        key_and_ca = (key, args.identity / vtpm.CA_DIR)
     try:
         bundle = backends.create_vm(
             args.dir,

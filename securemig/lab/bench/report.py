@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from securemig.lab.bench.provenance import header_lines
+from securemig.protocol.phases import Activity
 
 #: secure / insecure of the whole source command's wall time (interpreter
 #: start-up, CLI, migration, exit), medians, same size, variant and run.
@@ -389,9 +390,10 @@ def _phase_table(records: list[dict[str, Any]], sizes: list[int]) -> list[str]:
     return lines
 
 
-#: Phases that are not the fixed cost of a migration (the source's release
-#: of its copy removes the images, so it grows with them).
-VARIABLE_PHASES = ("streams", "commit", "release copy", "resume")
+#: Activities that are not the fixed cost of a migration (the source's
+#: release of its copy removes the images, so it grows with them): named by
+#: :class:`~securemig.protocol.phases.Activity` itself.
+VARIABLE_PHASES = frozenset(a for a in Activity if a.varies_with_size)
 
 
 def fixed_cost(record: dict[str, Any]) -> float:

@@ -17,6 +17,7 @@ certificate's CA the bench made: a given TPM's maker's CA is not at hand).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from securemig import runtime
 from securemig.lab.bench.provenance import one_line, provenance
 from securemig.trust import attest
 from securemig.trust.pca.core import Authorization, PrivacyCA
@@ -55,8 +57,12 @@ def run(repeat: int = 50, json_path: Path | None = None, tcti: str | None = None
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-tpm-"))
     rows: list[tuple[str, tuple[float, float, float]]] = []
     process = None
+    # A fresh swtpm is the bench's own: its lock file goes to the bench's run
+    # directory; a TPM given with --tcti is shared, its lock file is the host's.
+    locks = contextlib.ExitStack()
     try:
         if tcti is None:
+            locks.enter_context(runtime.own_tpm_locks(work))
             start = time.perf_counter()
             swtpm.provision(work / "tpm", work / "ca")
             provision = time.perf_counter() - start
@@ -130,6 +136,7 @@ def run(repeat: int = 50, json_path: Path | None = None, tcti: str | None = None
     finally:
         if process is not None:
             process.stop()
+        locks.close()
         shutil.rmtree(work, ignore_errors=True)
     return _report(rows, repeat, what, timed, info, json_path, enrolled=True)
 

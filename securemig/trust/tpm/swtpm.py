@@ -32,6 +32,8 @@ from securemig.trust.tpm.tpm import TPM, unmarshal_exact
 #: The Debian packages that provide what this module runs.
 PACKAGES = "swtpm swtpm-tools"
 START_TIMEOUT = 10.0
+#: The file of a TPM's state in a swtpm state directory: there once provisioned.
+STATE_FILE = "tpm2-00.permall"
 
 
 class SwtpmMissing(LocalFault, RuntimeError):

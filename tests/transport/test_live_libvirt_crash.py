@@ -1,0 +1,212 @@
+"""
+Crash cells of a libvirt domain's live migration (issue 23 item 3): a real
+process killed (SIGKILL) at a named step -- ``securemig migrate``, either
+``twistd securemig`` -- with real libvirtds, the Linux guest and its
+encrypted vTPM; killed daemons restart on their ports, and the cell settles
+with nothing done by hand.
+
+After each: the guest runs on exactly one host, the one the source's
+journal names (committed: the destination), with its memory (heartbeat in
+sequence, never restarted) and PCR 16 kept; its vTPM state on exactly that
+host; its secret defined in neither libvirt; both journals closed, nothing
+in staging.
+
+The cells that matter most are those after libvirt completed: peer to peer,
+``migrateToURI3`` returns only once the destination's Finish ran and the
+source's QEMU ended, so from then on the paused destination domain is the
+only copy of the guest's memory and aborting would lose it.  The source
+commits what its hypervisor moved (``Departure.moved_by_hypervisor``; its
+daemon's recovery: ``recovery.moved_away``) and the destination holds such
+an arrival in doubt, never discards it (``Arrival.discard``,
+``DestinationHost.arrived``).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from twisted.internet import threads
+
+from securemig.host.journal import Journal
+from securemig.lab import processes
+from tests.support.commands import crash_env
+from tests.support.libvirt_live import LibvirtLiveBase
+from tests.support.qemu import extended
+
+#: Seconds a cell may take to settle once every process runs again.
+SETTLE_TIMEOUT = 120.0
+
+
+class LibvirtCrashCells(LibvirtLiveBase):
+    """Each test is one cell: which process dies, and where."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.src_state = self.vm_dir / ".securemig"
+        self.dst_state = self.base / "dst"
+
+    def libvirt_daemon(
+        self,
+        state: Path,
+        identity: Path,
+        policy: Path,
+        env: dict[str, str],
+        port: int = 0,
+        crash: str | None = None,
+    ) -> processes.Destination:
+        """A ``twistd securemig --backend libvirt`` on ``state`` (restarted
+        on ``port``), dying at ``crash`` if given."""
+        state.mkdir(parents=True, exist_ok=True)
+        stamp = time.monotonic_ns()
+        log = self.base / f"{state.name}-{stamp}.log"
+        process, bound = processes.start_twistd(
+            "securemig",
+            "--state-dir", str(state),
+            "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--identity", str(identity),
+            "--policy-dir", str(policy),
+            "--tofu",
+            "--backend", "libvirt",
+            "--resolve-interval", "0.5",
+            port_file=self.base / f"port-{stamp}",
+            log_file=log,
+            env={**env, **(crash_env(crash) if crash else {})},
+        )  # fmt: skip
+        daemon = processes.Destination(process, bound, state, log)
+        self.addCleanup(daemon.stop)
+        return daemon
+
+    def destination_daemon(self, port: int = 0, crash: str | None = None) -> processes.Destination:
+        return self.libvirt_daemon(
+            self.dst_state, self.dst_id, self.dst_policy, self.env(self.b), port, crash
+        )
+
+    def source_daemon(self) -> processes.Destination:
+        return self.libvirt_daemon(self.src_state, self.src_id, self.src_policy, self.env(self.a))
+
+    def wait_dead(self, daemon: processes.Destination) -> None:
+        deadline = time.monotonic() + 300
+        while daemon.process.poll() is None:
+            self.assertLess(time.monotonic(), deadline, "the daemon did not reach its crash point")
+            time.sleep(0.1)
+        self.assertEqual(daemon.process.returncode, -signal.SIGKILL, daemon.log()[-3000:])
+
+    def settled(self, name: str) -> tuple[str, bool] | None:
+        """(the host the guest runs on, whether the source committed) once
+        both journals are closed and nothing is staged; else None."""
+        source = Journal(self.src_state / "journal.sqlite")
+        destination = Journal(self.dst_state / "journal.sqlite")
+        try:
+            mine = [r for r in source.records() if r.role == "source"]
+            theirs = [r for r in destination.records() if r.role == "destination"]
+            if not mine or any(r.outcome in (None, "in-doubt") for r in mine + theirs):
+                return None
+            committed = mine[0].reached("committed")
+            if committed and not mine[0].peer_settled:
+                return None
+        finally:
+            source.close()
+            destination.close()
+        staging = self.dst_state / "staging"
+        if staging.exists() and list(staging.iterdir()):
+            return None
+        running = [h.name for h in (self.a, self.b) if self.state_at(h, name) == "1"]
+        if len(running) != 1:
+            return None
+        return ("source" if running == [self.a.name] else "destination"), committed
+
+    async def crash_cell(self, name: str, kill: str, point: str) -> str:
+        """Migrate ``name`` live with ``kill`` (``migrate`` or
+        ``destination``) dying at ``point``; restart what died; check the
+        cell settles as it must.  Returns where the guest ended."""
+        self.source_daemon()
+        destination = self.destination_daemon(crash=point if kill == "destination" else None)
+        domain, bundle, watch = await threads.deferToThread(self.adopted_guest, name)
+        first = await threads.deferToThread(watch.wait, 3, 120.0)
+        self.assertEqual(first.pcr16, extended(self.pcr16))
+        watch.follow(self.b.path(domain.heartbeat))
+        result = await threads.deferToThread(
+            self.migrate_domain,
+            destination,
+            name,
+            "--copy-storage",
+            dying=crash_env(point) if kill == "migrate" else None,
+        )
+        if kill == "migrate":
+            self.assertEqual(result.returncode, -signal.SIGKILL, result.stderr)
+        else:
+            await threads.deferToThread(self.wait_dead, destination)
+            self.assertNotEqual(result.returncode, 0, result.stdout)
+            destination = self.destination_daemon(port=destination.port)
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while (found := await threads.deferToThread(self.settled, name)) is None:
+            if time.monotonic() > deadline:
+                self.fail(f"did not settle: {result.stderr}\n" + destination.log()[-4000:])
+            await threads.deferToThread(time.sleep, 0.5)
+        where, committed = found
+        self.assertEqual(where, "destination" if committed else "source")
+        last = await threads.deferToThread(watch.wait, 5, 120.0)
+        self.assertEqual(last.pcr16, extended(self.pcr16))
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats][-60:])
+        self.assertGreater(last.seq, first.seq)
+        here, there = (self.a, self.b) if where == "source" else (self.b, self.a)
+        self.assertEqual(self.state_at(there, name), "undefined")
+        uuid = self.domain_uuid(here, name)
+        self.assertTrue(here.path(f"/var/lib/libvirt/swtpm/{uuid}").exists())
+        self.assertFalse(there.path(f"/var/lib/libvirt/swtpm/{uuid}").exists())
+        self.assertEqual(bundle.path.exists(), where == "source")
+        self.assertEqual((self.dst_state / "vms" / name).exists(), where == "destination")
+        self.assertSecretNowhere(domain.secret_uuid)
+        return where
+
+    def domain_uuid(self, host: object, name: str) -> str:
+        conn = self.libvirt.open(host.uri)  # type: ignore[attr-defined]
+        try:
+            return str(conn.lookupByName(name).UUIDString())
+        finally:
+            conn.close()
+
+    # -- securemig migrate dies
+
+    async def test_migrate_dies_while_libvirt_migrates(self) -> None:
+        """``securemig migrate`` (and the carrier it runs) dies as libvirt's
+        migration starts: libvirt fails it, the guest runs on at the source;
+        the destination's libvirt is left nothing, its secret undefined."""
+        await self.crash_cell("lvc1", "migrate", "source-live-started")
+
+    async def test_migrate_dies_after_libvirt_completed(self) -> None:
+        """PREPARED received, COMMITTED not journaled -- but libvirt had
+        completed: the source's QEMU has ended and the paused destination is
+        the only copy.  The source's daemon commits what libvirt moved and
+        the destination rolls forward: the guest runs there, in sequence."""
+        self.assertEqual(
+            await self.crash_cell("lvc2", "migrate", "source-prepared-received"), "destination"
+        )
+
+    # -- the destination's daemon dies
+
+    async def test_destination_dies_with_secret_defined(self) -> None:
+        """The destination defined the secret and dies before LIVE_READY:
+        nothing moved; restarted, it undefines the secret; the guest runs on
+        at the source."""
+        self.assertEqual(
+            await self.crash_cell("lvc3", "destination", "destination-incoming"), "source"
+        )
+
+    async def test_destination_dies_after_libvirt_completed(self) -> None:
+        """libvirt completed at the destination, PREPARED not journaled
+        there: restarted, it holds the paused domain in doubt (not
+        discarded: the source's QEMU has ended); the source committed what
+        libvirt moved; RESOLVE rolls it forward."""
+        self.assertEqual(
+            await self.crash_cell("lvc4", "destination", "destination-loaded"), "destination"
+        )
+
+    async def test_destination_dies_prepared(self) -> None:
+        """PREPARED journaled at the destination, not sent: the same, from
+        its in-doubt staging."""
+        self.assertEqual(
+            await self.crash_cell("lvc5", "destination", "destination-prepared"), "destination"
+        )
