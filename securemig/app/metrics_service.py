@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -35,8 +35,9 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from twisted.web.resource import Resource
-from twisted.web.server import Site
+
+if TYPE_CHECKING:
+    from twisted.web.server import Site
 
 from securemig import metrics
 from securemig.protocol.phases import Phase
@@ -247,8 +248,12 @@ _registered: list[Collector] = []
 
 def metrics_site(state_dir: Path, limits: Any | None) -> Site:
     """The web site of the endpoint: ``/metrics`` (also ``/``)."""
-    # Imported here: it imports the global reactor (twistd installs its own first).
+    # Imported here: it imports the global reactor (twistd installs its own
+    # first); and twisted.web is a tenth of the daemon's start-up CPU (through
+    # twisted.spread, decimal), not paid without --metrics.
     from prometheus_client.twisted import MetricsResource
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
 
     # One site per process; a second (tests) replaces the first's collectors.
     for collector in _registered:

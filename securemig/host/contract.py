@@ -256,6 +256,15 @@ class LeavingVM(Protocol):
         """The commit point: journal COMMITTED, then give the VM up."""
         ...
 
+    def released(self) -> Deferred[None] | None:
+        """After the commit: the giving up of the VM here still under way
+        (it overlaps the destination's resume), else None."""
+        ...
+
+    def keeps_copy(self) -> bool:
+        """Live, after COMMITTED: whether a copy is kept here until DONE."""
+        ...
+
     def live_qemu_alive(self) -> bool:
         """Live mode: whether this VM's guest process still runs here."""
         ...

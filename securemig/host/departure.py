@@ -87,6 +87,9 @@ class Departure:
         self.lock: storage.VMLock | None = None
         self.was_running = False
         self.committed = False
+        #: After a suspended migration's commit: the removal of the bundle
+        #: here, overlapping the destination's resume (see :meth:`commit`).
+        self.releasing: Deferred[None] | None = None
         #: Secure shared-storage variant: the host the shared disk passes to.
         self.disk_successor: str | None = None
         self.id = ""
@@ -255,11 +258,38 @@ class Departure:
             set_disk_owner(
                 Path(shared), self.disk_successor, record.migration_id if record else None
             )
-        if self.live_migration is not None and self.live_qemu_alive():
+        if self.keeps_copy():
             return  # kept until DONE: hand_over()
+        # The vTPM key goes before the COMMIT is sent: without it this copy
+        # can never run again.  Removing the images (a GiB takes a tenth of
+        # a second or more) need not: it overlaps the destination's resume
+        # instead of delaying it; the command ends only once it is done
+        # (:meth:`released`), and recovery redoes it after a crash.
+        destroy_vtpm_key(self.bundle)
+        self.releasing = Deferred.fromCoroutine(self._release())
+
+    async def _release(self) -> None:
         await release(self.journal, self.id, self.bundle)
         self._unlock()
         crashpoint.reached(CrashPoint.SOURCE_RELEASED)
+
+    def released(self) -> Deferred[None] | None:
+        """After a suspended migration's commit: fires once the VM is given
+        up here (its bundle removed, the lock released); None when nothing
+        is under way.  A failure to release is logged: committed is
+        committed."""
+        if self.releasing is None:
+            return None
+        d, self.releasing = self.releasing, None
+
+        def failed(f: Failure) -> None:
+            log.error(
+                "VM {vm} committed, but giving it up here failed: {e}",
+                vm=self.bundle.name,
+                e=f.getErrorMessage(),
+            )
+
+        return d.addErrback(failed)
 
     def live_socket(self, tag: str) -> Path:
         """Live mode: the unix socket securemig listens on for this VM's
@@ -311,6 +341,16 @@ class Departure:
     def qemu_pidfile(self) -> Path | None:
         """Live mode: the pid file of this VM's QEMU (for crash points)."""
         return self.bundle.path / "qemu.pid" if self.live else None
+
+    def keeps_copy(self) -> bool:
+        """Live, after COMMITTED: what is kept here until the destination's
+        guest runs (DONE): QEMU's paused process, or -- a hypervisor that
+        ended its own (libvirt) -- the domain's definition, vTPM state and
+        sealed secret, so a guest whose destination QEMU dies before it ran
+        there (LOST) can at least be booted here again with its vTPM."""
+        return self.live_migration is not None and (
+            self.live_qemu_alive() or self.moved_by_hypervisor()
+        )
 
     def live_qemu_alive(self) -> bool:
         """Live mode: whether this VM's QEMU still runs here."""
@@ -407,7 +447,7 @@ class Departure:
         self.journal.phase(self.id, Phase.COMMITTED)
         self.committed = True
         crashpoint.reached(CrashPoint.SOURCE_COMMITTED)
-        await release(self.journal, self.id, self.bundle)
+        # Kept until the destination says its guest runs (RESOLVE: DONE).
 
     def finish(self, effect: Finished, nbytes: int, peer_settled: bool = False) -> None:
         """Journal the outcome; ``peer_settled``: the destination told us its
@@ -429,13 +469,19 @@ class Departure:
             self.lock.release()
 
 
+def destroy_vtpm_key(bundle: Bundle) -> None:
+    """After a durable COMMITTED: remove the vTPM key here, durably (this
+    copy of the VM can never run again).  Idempotent."""
+    if bundle.vtpm_key_path.exists():
+        bundle.vtpm_key_path.unlink()
+        files.fsync_dir(bundle.path)
+
+
 async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
     """After a durable COMMITTED: give the VM up here for good.  The vTPM
     key goes first (without it this copy can never run again), then the
     bundle; journaled ``released``.  Idempotent: recovery redoes it."""
-    if bundle.vtpm_key_path.exists():
-        bundle.vtpm_key_path.unlink()
-        files.fsync_dir(bundle.path)
+    destroy_vtpm_key(bundle)
     if bundle.path.exists():
         try:
             await backend_for(bundle.manifest.backend).discard(bundle)

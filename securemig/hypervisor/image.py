@@ -7,11 +7,19 @@ it.  QEMU and Xen backends do the same with a real VM around the images.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.threads import deferToThread
 
 from securemig import files
 from securemig.hypervisor.bundle import Bundle
 from securemig.hypervisor.contract import Backend
+
+#: Runs blocking file work off the reactor thread (tests without a reactor
+#: patch in ``maybeDeferred``, which runs it inline).
+run_blocking: Callable[..., Deferred[Any]] = deferToThread
 
 
 class ImageBackend(Backend):
@@ -34,8 +42,12 @@ class ImageBackend(Backend):
         return maybeDeferred(run)
 
     def discard(self, bundle: Bundle) -> Deferred[None]:
-        """Remove the bundle (not a shared disk, which the destination now owns)."""
-        return maybeDeferred(files.remove_tree, bundle.path)
+        """Remove the bundle (not a shared disk, which the destination now owns).
+
+        On a thread: unlinking a GiB image takes a tenth of a second or more
+        of the kernel's time, which must not hold up the reactor (after a
+        commit it overlaps the destination's resume)."""
+        return run_blocking(files.remove_tree, bundle.path)
 
     def status(self, bundle: Bundle) -> str:
         """The state the manifest records."""

@@ -402,7 +402,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self.wire_bytes = None if None in counts else sum(c or 0 for c in counts)
             self._stop_streaming()
             self._close(effect)
-            if self.departure.committed and self.departure.live_qemu_alive():
+            if self.departure.committed and self.departure.keeps_copy():
                 # Live, after COMMITTED: the paused QEMU was kept until now.
                 self.rolled_back = self._settle_live(effect)
             elif self.carrier is not None and self.rolled_back is not None:
@@ -411,6 +411,18 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
                 nbytes = self.bytes_sent
                 self.rolled_back.addBoth(
                     lambda _: self.departure.finish(effect, nbytes, effect.peer_settled)
+                )
+            elif (releasing := self.departure.released()) is not None:
+                # After the commit the bundle's removal may still be under
+                # way (it overlapped the destination's resume): journal the
+                # outcome, and report it, once it is done.
+                departure, nbytes = self.departure, self.bytes_sent
+                self.rolled_back = releasing.addCallback(
+                    lambda _: departure.finish(effect, nbytes, effect.peer_settled)
+                ).addErrback(
+                    lambda f: self.log.error(
+                        "cannot journal the outcome: {e}", e=f.getErrorMessage()
+                    )
                 )
             else:
                 self.departure.finish(effect, self.bytes_sent, effect.peer_settled)

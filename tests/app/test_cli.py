@@ -9,6 +9,7 @@ import io
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from cryptography import x509
@@ -91,6 +92,53 @@ class ParserTests(SynchronousTestCase):
             status = main(["status", "--state-dir", self.mktemp()])
         self.assertEqual(status, EXIT_FAILED)
         self.assertRegex(stderr.getvalue(), r"^securemig: error: no journal at \S+\n$")
+
+    def test_migrate_exits_at_once_keeping_exit_handlers_and_output(self) -> None:
+        """``migrate`` run as the program skips the interpreter's teardown
+        (``main`` does not return), but keeps its exit status, its buffered
+        output and the exit handlers."""
+        base = Path(self.mktemp()).absolute()
+        base.mkdir()
+        script = (
+            "import atexit, sys\n"
+            "atexit.register(lambda: print('handler ran', file=sys.stderr))\n"
+            "import securemig.app.cli.main as m\n"
+            "sys.stdout.write('buffered')\n"  # stdout is a pipe: block-buffered
+            "sys.argv = ['securemig', 'migrate', 'vm1', '--vm-dir', sys.argv[1], "
+            "'--state-dir', sys.argv[1], '--to', '127.0.0.1:1', '--insecure', '--no-progress']\n"
+            "status = m.main()\n"
+            "print('returned', status, file=sys.stderr)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(base)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+        )
+        self.assertEqual(result.returncode, EXIT_FAILED, result.stderr)
+        self.assertEqual(result.stdout, "buffered")
+        self.assertIn("securemig: error:", result.stderr)
+        self.assertIn("handler ran", result.stderr)
+        # main() did not return: the process ended in it.
+        self.assertNotIn("returned", result.stderr)
+
+    def test_start_up_leaves_out_what_it_does_not_run(self) -> None:
+        """What every start of ``securemig`` (above all ``migrate``) and of
+        the daemon pays for: not the lab and bench (plots, statistics),
+        nor twisted.web (the daemon's optional --metrics endpoint)."""
+        script = (
+            "import sys\n"
+            "import securemig.app.cli.main, securemig.app.service\n"
+            "print(sorted(m for m in sys.modules if m.startswith("
+            "('securemig.lab.bench', 'securemig.lab.demo', 'securemig.lab.lab', "
+            "'twisted.web', 'tqdm', 'statistics', 'decimal'))))\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=False
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), "[]")
 
     def test_help_lists_exit_statuses(self) -> None:
         """``securemig --help`` ends with the exit statuses."""

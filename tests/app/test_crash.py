@@ -178,7 +178,8 @@ class CrashPointTests(CrashBase):
         self.source_dies("source-committed")
 
     def test_source_dies_released(self) -> None:
-        """The copy is gone, COMMIT not sent: RESOLVE commits at the destination."""
+        """The copy is gone, COMMIT sent or not (the copy's removal overlaps
+        it): RESOLVE, or the COMMIT, commits at the destination."""
         self.source_dies("source-released")
 
     def test_source_dies_streaming(self) -> None:

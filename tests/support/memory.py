@@ -6,14 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase as TestCase
 
 from securemig.host.arrival import DestinationHost
 from securemig.host.departure import Departure
 from securemig.host.journal import Journal
+from securemig.hypervisor import image
 from securemig.hypervisor.bundle import Bundle, create_image_vm
 from securemig.protocol import wire
 from securemig.protocol.source import SourceSession
@@ -48,9 +50,11 @@ class Recorder(Protocol):
 
 class InMemory:
     """A destination host and a source VM directory in a test's temp dir,
-    connected over ``iosim`` with a shared :class:`Clock`."""
+    connected over ``iosim`` with a shared :class:`Clock`.  No reactor
+    runs: the image backend's file work is done inline (``test``'s patch)."""
 
-    def __init__(self, base: Path, **timers: float) -> None:
+    def __init__(self, base: Path, test: TestCase, **timers: float) -> None:
+        test.patch(image, "run_blocking", maybeDeferred)
         self.base = base
         self.clock = Clock()
         self.host = DestinationHost(base / "dst")

@@ -12,6 +12,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from securemig.host import storage
+from securemig.hypervisor import image
 from securemig.hypervisor.bundle import Bundle
 from securemig.protocol import wire
 from securemig.protocol.connection import CLOSE_GRACE
@@ -40,7 +41,7 @@ class InMemoryMigrationTests(SynchronousTestCase):
     """Whole migrations through both protocols, in memory."""
 
     def setUp(self) -> None:
-        self.env = InMemory(Path(self.mktemp()))
+        self.env = InMemory(Path(self.mktemp()), self)
 
     def test_full_variant(self) -> None:
         """RAM and disk arrive identical; the source copy is gone; both journals say done."""
@@ -62,6 +63,36 @@ class InMemoryMigrationTests(SynchronousTestCase):
             phases,
             ["started", "connected", "streaming", "prepared", "committed", "released", "done"],
         )
+
+    def test_commit_does_not_wait_for_the_copy_removal(self) -> None:
+        """After COMMITTED the removal of the source's copy overlaps the
+        destination's resume instead of delaying the COMMIT: the
+        destination resumes and says DONE while it is still under way, and
+        the source ends (journaling done) only once it finished."""
+        removals: list[Deferred[None]] = []
+
+        def held(function: Any, *args: Any) -> Deferred[None]:
+            removal: Deferred[None] = Deferred()
+            removal.addCallback(lambda _: function(*args))
+            removals.append(removal)
+            return removal
+
+        self.patch(image, "run_blocking", held)
+        bundle = self.env.vm(ram_mib=2)
+        src, _, departure = self.env.migrate(bundle)
+        # The destination committed and resumed; the source's copy is still
+        # there, and the source has not ended.
+        self.assertEqual(self.env.host.journal.records()[0].outcome, "done")
+        self.assertEqual(Bundle.load(self.env.host.vms / "vm1").manifest.state, "resumed")
+        self.assertEqual(len(removals), 1)
+        self.assertTrue(bundle.path.exists())
+        self.assertNoResult(src.finished)
+        self.assertIsNone(self.env.source_journal.get(departure.id).outcome)
+        removals[0].callback(None)
+        self.assertEqual(self.successResultOf(src.finished).outcome, Outcome.DONE)
+        self.assertFalse(bundle.path.exists())
+        phases = [p for p, _ in self.env.source_journal.get(departure.id).events]
+        self.assertEqual(phases[-3:], ["committed", "released", "done"])
 
     def test_shared_storage_variant(self) -> None:
         """Only RAM moves; the destination's manifest points at the shared disk."""
@@ -118,7 +149,7 @@ class HostilePeerTests(SynchronousTestCase):
     """A destination facing a hand-driven, misbehaving source."""
 
     def setUp(self) -> None:
-        self.env = InMemory(Path(self.mktemp()), idle_timeout=10.0, deadline=100.0)
+        self.env = InMemory(Path(self.mktemp()), self, idle_timeout=10.0, deadline=100.0)
         self.dst = self.env.destination()
         self.peer = Recorder()
         self.pump = self.env.connect(self.dst, self.peer)
@@ -263,7 +294,7 @@ class FlowControlTests(SynchronousTestCase):
     """The destination pauses reading while the disk lags, and resumes after."""
 
     def test_pause_above_high_water(self) -> None:
-        env = InMemory(Path(self.mktemp()))
+        env = InMemory(Path(self.mktemp()), self)
         executor = ManualExecutor()
         dst = DestinationProtocol(
             env.host, env.clock, lambda: executor, DestinationOptions(high_water=3 * 4096)
@@ -288,7 +319,7 @@ class SourceTimeoutTests(SynchronousTestCase):
     """The source gives up on a silent destination and keeps the VM."""
 
     def test_silent_destination(self) -> None:
-        env = InMemory(Path(self.mktemp()), idle_timeout=5.0)
+        env = InMemory(Path(self.mktemp()), self, idle_timeout=5.0)
         bundle = env.vm()
         src, departure = env.source(bundle)
         silent = Recorder()
@@ -306,7 +337,7 @@ class AdmissionPolicyTests(SynchronousTestCase):
     """Each admission check, fed the HELLO it exists to refuse."""
 
     def refused(self, hello: wire.Hello, sealer: Any = None) -> wire.Abort:
-        env = InMemory(Path(self.mktemp()))
+        env = InMemory(Path(self.mktemp()), self)
         env.factory.options = DestinationOptions(key_keeper=sealer)
         peer = Recorder()
         pump = env.connect(env.destination(), peer)
@@ -354,7 +385,7 @@ class ClearKeyRefusalTests(SynchronousTestCase):
     """The insecure variant's vTPM key: refused when missing or malformed."""
 
     def run_arrival(self, key: bytes | None, image: str = "ram") -> wire.Abort:
-        env = InMemory(Path(self.mktemp()))
+        env = InMemory(Path(self.mktemp()), self)
         env.factory.options = DestinationOptions(key_keeper=NeverSeals())
         peer = Recorder()
         pump = env.connect(env.destination(), peer)
@@ -391,7 +422,7 @@ class InsecureSourceTests(SynchronousTestCase):
     def test_sends_no_hash(self) -> None:
         """The insecure twin's source does no cryptography: every STREAM_END
         carries wire.UNHASHED."""
-        env = InMemory(Path(self.mktemp()))
+        env = InMemory(Path(self.mktemp()), self)
         src, _ = env.source(env.vm(ram_mib=1))
         peer = Recorder()
         pump = env.connect(peer, src)
@@ -408,7 +439,7 @@ class StreamEndRaceTests(SynchronousTestCase):
     the reader has not yet reported that there are no more frames."""
 
     def test_prepared_before_reader_reports_the_end(self) -> None:
-        env = InMemory(Path(self.mktemp()))
+        env = InMemory(Path(self.mktemp()), self)
         bundle = env.vm(ram_mib=1)
         reader = ManualExecutor()
         src, _ = env.source(bundle, chunk=1 << 20, executor=lambda: reader)
@@ -429,7 +460,7 @@ class EndDespiteFailureTests(SynchronousTestCase):
     """A session's end is carried out even when an effect before it raised."""
 
     def setUp(self) -> None:
-        self.env = InMemory(Path(self.mktemp()))
+        self.env = InMemory(Path(self.mktemp()), self)
 
     def test_hold_in_doubt_raises(self) -> None:
         """Destination: the connection drops after PREPARED and holding the

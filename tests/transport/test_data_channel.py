@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -29,6 +29,7 @@ from securemig.host import storage
 from securemig.host.arrival import DestinationHost
 from securemig.host.departure import Departure
 from securemig.host.journal import Journal
+from securemig.hypervisor import image
 from securemig.hypervisor.bundle import Bundle, create_image_vm
 from securemig.protocol import records, wire
 from securemig.protocol.connection import FIRST_RECORD_TIMEOUT, IDLE_TIMEOUT
@@ -150,7 +151,8 @@ class SecureInMemory:
     and dest-b, their TPMs opened in this process) joined by TLS over
     iosim, with the data channel on a :class:`DataLink`."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, test: SynchronousTestCase) -> None:
+        test.patch(image, "run_blocking", maybeDeferred)  # no reactor runs
         identities, _, _ = world()
         self.base = base
         self.clock = Clock()
@@ -247,7 +249,7 @@ class ChannelOrderTests(SynchronousTestCase):
     """The two orders a slow control connection produces, each deterministic."""
 
     def setUp(self) -> None:
-        self.env = SecureInMemory(Path(self.mktemp()).absolute())
+        self.env = SecureInMemory(Path(self.mktemp()).absolute(), self)
         self.addCleanup(self.env.close)
 
     def test_first_record_before_wrapped_key(self) -> None:
@@ -370,7 +372,7 @@ class StrangerTests(SynchronousTestCase):
     the channel binding, the migration's end) while the migration succeeds."""
 
     def setUp(self) -> None:
-        self.env = SecureInMemory(Path(self.mktemp()).absolute())
+        self.env = SecureInMemory(Path(self.mktemp()).absolute(), self)
         self.addCleanup(self.env.close)
         self.strangers: list[Stranger] = []
         listen = self.env.listen
@@ -443,7 +445,7 @@ class EndRecordTests(SynchronousTestCase):
     """The destination prepares only after the data channel's END record."""
 
     def setUp(self) -> None:
-        self.env = SecureInMemory(Path(self.mktemp()).absolute())
+        self.env = SecureInMemory(Path(self.mktemp()).absolute(), self)
         self.addCleanup(self.env.close)
 
     def assertStaysAtSource(self, bundle: Bundle, before: Any, code: ErrorCode) -> Finished:
@@ -492,7 +494,7 @@ class SourceRulesTests(SynchronousTestCase):
     decoder never sees a byte of a disallowed source."""
 
     def setUp(self) -> None:
-        self.env = SecureInMemory(Path(self.mktemp()).absolute())
+        self.env = SecureInMemory(Path(self.mktemp()).absolute(), self)
         self.addCleanup(self.env.close)
         self.events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(self.events.append)

@@ -11,11 +11,16 @@ from pathlib import Path
 
 from securemig.app.cli.common import Subparsers, _mib, error, int_list, usage_error
 from securemig.hypervisor import backends
-from securemig.lab import bench, demo, demo_libvirt
-from securemig.lab.bench import libvirt as libvirt_bench
-from securemig.lab.bench import live, qemu, tpm
-from securemig.lab.bench.link import LinkError
 from securemig.transport.tls import CIPHERS
+
+# The lab's modules (plots, statistics, the lab itself) are imported by the
+# commands that run them: every other command, `migrate` first, would pay
+# for them at each start (about a tenth of the CLI's import time).
+
+#: The backends whose demo is :mod:`securemig.lab.demo_libvirt`: their
+#: hypervisor's own daemons migrate the guest, its sockets carried (named by
+#: capability, so the parser imports no lab module).
+CARRIED_DEMOS = tuple(backends.kinds(lambda c: c.carried))
 
 
 def add_demo_parser(subparsers: Subparsers) -> None:
@@ -31,10 +36,10 @@ def add_demo_parser(subparsers: Subparsers) -> None:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument(
         "--backend",
-        choices=(*backends.kinds(lambda c: c.creatable), demo_libvirt.KIND),
+        choices=(*backends.kinds(lambda c: c.creatable), *CARRIED_DEMOS),
         default=backends.DEFAULT,
         help="image: a suspended VM of files (default); a backend that runs guests "
-        f"(qemu): a running guest; {demo_libvirt.KIND}: two libvirtds, an adopted domain "
+        f"(qemu): a running guest; {'/'.join(CARRIED_DEMOS)}: two libvirtds, an adopted domain "
         "with an encrypted vTPM, migrated there and back, and refused by a changed host",
     )
     p.add_argument(
@@ -42,7 +47,7 @@ def add_demo_parser(subparsers: Subparsers) -> None:
         action="store_true",
         help="with --backend qemu: a running Linux guest under load, migrated live, "
         "securely, there and back; its downtime, heartbeat and PCR 16; with --backend "
-        f"{demo_libvirt.KIND}: its domain migrated live",
+        f"{'/'.join(CARRIED_DEMOS)}: its domain migrated live",
     )
     p.set_defaults(func=cmd_demo)
 
@@ -168,8 +173,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.live and not backends.capabilities(args.backend).live:
         able = " or ".join(backends.kinds(lambda c: c.live))
         return usage_error(f"--live needs --backend {able} (a running guest)")
-    if args.backend == demo_libvirt.KIND:
+    if args.backend in CARRIED_DEMOS:
+        from securemig.lab import demo_libvirt
+
         return demo_libvirt.run(as_json=args.json, keep=args.keep, live=args.live)
+    from securemig.lab import demo
+
     if args.live:
         return demo.run_live(as_json=args.json, keep=args.keep)
     return demo.run(size_mib=args.size_mib, as_json=args.json, keep=args.keep, backend=args.backend)
@@ -177,6 +186,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``securemig bench``: see :mod:`securemig.lab.bench`."""
+    from securemig.lab import bench
+    from securemig.lab.bench import libvirt as libvirt_bench
+    from securemig.lab.bench import live, qemu, tpm
+    from securemig.lab.bench.link import LinkError
+
     if args.repeat <= 0:
         return usage_error("--repeat must be a positive number")
     if not 1 <= args.concurrency <= MAX_CONCURRENCY:
