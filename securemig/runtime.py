@@ -98,21 +98,28 @@ def remove_if_empty(run: Path) -> None:
 
 
 @contextlib.contextmanager
-def own_tpm_locks(work: Path) -> Iterator[None]:
+def own_run_dir(work: Path) -> Iterator[None]:
     """While in the block, the TPM lock files of this process and of the
     programs it starts go to ``work/run`` (a lab's, the demo's or a
-    benchmark's own TPMs: nobody else uses them), unless a lock directory
-    was chosen already (the test suite's, an operator's)."""
-    if os.environ.get(TPM_LOCK_ENV):
-        yield
-        return
-    run = work / "run"
-    run.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.environ[TPM_LOCK_ENV] = str(run)
+    benchmark's own TPMs: nobody else uses them), and so do the runtime
+    files of what this process starts itself (:func:`for_state_dir` of
+    ``work``), each unless a directory was chosen already (the test
+    suite's, an operator's)."""
+    chosen = {
+        TPM_LOCK_ENV: work / "run",
+        ENV: for_state_dir(work),
+    }
+    mine = [name for name in chosen if not os.environ.get(name)]
+    for name in mine:
+        chosen[name].mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.environ[name] = str(chosen[name])
     try:
         yield
     finally:
-        os.environ.pop(TPM_LOCK_ENV, None)
+        for name in mine:
+            os.environ.pop(name, None)
+        if ENV in mine:
+            remove_if_empty(chosen[ENV])
 
 
 def bound_paths() -> set[str] | None:

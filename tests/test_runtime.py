@@ -140,21 +140,26 @@ class CleanTests(SynchronousTestCase):
         self.assertEqual(runtime.clean(self.run / "none"), [])
 
 
-class OwnTpmLocksTests(SynchronousTestCase):
-    def test_lab_locks_in_its_run_dir_unless_chosen(self) -> None:
-        """A lab's TPM lock files go to its own run directory while it runs,
-        and the variable is as before afterwards; a directory chosen already
-        (the suite's, an operator's) is kept."""
-        chosen = os.environ.get(runtime.TPM_LOCK_ENV)
-        work = Path(self.mktemp()).absolute()
-        with runtime.own_tpm_locks(work):
-            self.assertEqual(os.environ.get(runtime.TPM_LOCK_ENV), chosen)
-        os.environ.pop(runtime.TPM_LOCK_ENV, None)
+class OwnRunDirTests(SynchronousTestCase):
+    def test_lab_files_in_its_run_dir_unless_chosen(self) -> None:
+        """A lab's TPM lock files and its own runtime files go to its run
+        directory while it runs, each variable as before afterwards; a
+        directory chosen already (the suite's, an operator's) is kept."""
+        names = (runtime.TPM_LOCK_ENV, runtime.ENV)
+        chosen = {name: os.environ.get(name) for name in names}
+        work = Path(tempfile.mkdtemp(prefix="smor-"))
+        self.addCleanup(shutil.rmtree, work, True)
+        with runtime.own_run_dir(work):
+            self.assertEqual({name: os.environ.get(name) for name in names}, chosen)
+        for name in names:
+            os.environ.pop(name, None)
         try:
-            with runtime.own_tpm_locks(work):
+            with runtime.own_run_dir(work):
                 self.assertEqual(os.environ[runtime.TPM_LOCK_ENV], str(work / "run"))
+                self.assertEqual(runtime.current(), work / "run")
                 self.assertTrue((work / "run").is_dir())
-            self.assertNotIn(runtime.TPM_LOCK_ENV, os.environ)
+            self.assertFalse(set(names) & set(os.environ))
         finally:
-            if chosen is not None:
-                os.environ[runtime.TPM_LOCK_ENV] = chosen
+            for name, value in chosen.items():
+                if value is not None:
+                    os.environ[name] = value

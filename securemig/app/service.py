@@ -356,6 +356,9 @@ class RecoveryService(service.Service):
         self.interval = interval
         self.identity: Path | None = None
         self.resolver: Resolver | None = None
+        #: Arrivals held in doubt because their hypervisor did not answer,
+        #: asked again every interval (DestinationHost.recheck_held).
+        self.recheck = LoopingCall(self._recheck)
 
     def startService(self) -> None:
         """Recover arrivals, then start the resolver."""
@@ -391,9 +394,21 @@ class RecoveryService(service.Service):
                     reactor, self.host.journal, self.identity, self.host.unseal, self.interval
                 )
                 self.resolver.start()
+                self.recheck.start(self.interval, now=False)
 
         d = Deferred.fromCoroutine(self.host.recover())
         d.addCallbacks(report, failed).addBoth(clean).addBoth(resolve)
+
+    def _recheck(self) -> Any:
+        """Arrivals held because their hypervisor did not answer: asked again."""
+
+        def report(actions: list[tuple[str, str]]) -> None:
+            for mid, what in actions:
+                log.info("recovery of migration {mid}: {what}", mid=mid, what=what)
+
+        d = Deferred.fromCoroutine(self.host.recheck_held())
+        d.addCallbacks(report, lambda f: log.warn("rechecking held arrivals: {e}", e=f.value))
+        return d
 
     def stopService(self) -> Any:
         """No more resolver rounds; the runtime directory goes if nothing is
@@ -401,6 +416,8 @@ class RecoveryService(service.Service):
         super().stopService()
         if self.resolver is not None:
             self.resolver.stop()
+        if self.recheck.running:
+            self.recheck.stop()
         runtime.remove_if_empty(runtime.for_state_dir(self.host.state_dir))
         return None
 

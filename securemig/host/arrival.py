@@ -151,6 +151,48 @@ class DestinationHost:
         path = staging if staging.exists() else self.vms / record.vm
         return backend_for(self.backend).has_process(Bundle(path, Manifest(name=record.vm)))
 
+    async def recheck_held(self) -> list[tuple[str, str]]:
+        """Live arrivals of a carried backend held in doubt before PREPARED
+        because whether the hypervisor completed here could not be told
+        (its daemon did not answer): asked again; one it did not complete is
+        discarded (the source cannot have committed it: its hypervisor
+        commits only after completing here), one it did stays for the
+        source's RESOLVE, one still unknown stays.  Returns (migration id,
+        what was done) pairs."""
+        actions: list[tuple[str, str]] = []
+        if not capabilities(self.backend).carried:
+            return actions
+        for record in self.journal.records(1000):
+            if (
+                record.role != "destination"
+                or record.outcome != Outcome.IN_DOUBT.value
+                or not record.reached(Phase.INCOMING)
+                or record.reached(Phase.PREPARED)
+            ):
+                continue
+            staging = self.staging / record.id
+            if not staging.exists():
+                continue
+            try:
+                if backend_for(self.backend).arrived(Bundle.load(staging)):
+                    continue
+            except Exception:
+                continue  # still unknown: kept
+            lock = self._try_lock(record.vm)
+            if lock is None:
+                continue
+            try:
+                await remove_staging(staging)
+            finally:
+                lock.release()
+            self.journal.finish(
+                record.id,
+                Outcome.ABORTED.value,
+                error="LIVE_FAILED: the hypervisor's migration did not complete here",
+            )
+            actions.append((record.id, "the hypervisor did not complete it here: discarded"))
+        return actions
+
     def arrived(self, record: Any) -> bool:
         """A live arrival in staging that its hypervisor's own migration
         completed here (``Backend.arrived``); blocks on the hypervisor."""

@@ -261,6 +261,10 @@ class LeavingVM(Protocol):
         (it overlaps the destination's resume), else None."""
         ...
 
+    def keeps_copy(self) -> bool:
+        """Live, after COMMITTED: whether a copy is kept here until DONE."""
+        ...
+
     def live_qemu_alive(self) -> bool:
         """Live mode: whether this VM's guest process still runs here."""
         ...

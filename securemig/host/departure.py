@@ -258,7 +258,7 @@ class Departure:
             set_disk_owner(
                 Path(shared), self.disk_successor, record.migration_id if record else None
             )
-        if self.live_migration is not None and self.live_qemu_alive():
+        if self.keeps_copy():
             return  # kept until DONE: hand_over()
         # The vTPM key goes before the COMMIT is sent: without it this copy
         # can never run again.  Removing the images (a GiB takes a tenth of
@@ -341,6 +341,16 @@ class Departure:
     def qemu_pidfile(self) -> Path | None:
         """Live mode: the pid file of this VM's QEMU (for crash points)."""
         return self.bundle.path / "qemu.pid" if self.live else None
+
+    def keeps_copy(self) -> bool:
+        """Live, after COMMITTED: what is kept here until the destination's
+        guest runs (DONE): QEMU's paused process, or -- a hypervisor that
+        ended its own (libvirt) -- the domain's definition, vTPM state and
+        sealed secret, so a guest whose destination QEMU dies before it ran
+        there (LOST) can at least be booted here again with its vTPM."""
+        return self.live_migration is not None and (
+            self.live_qemu_alive() or self.moved_by_hypervisor()
+        )
 
     def live_qemu_alive(self) -> bool:
         """Live mode: whether this VM's QEMU still runs here."""
@@ -437,7 +447,7 @@ class Departure:
         self.journal.phase(self.id, Phase.COMMITTED)
         self.committed = True
         crashpoint.reached(CrashPoint.SOURCE_COMMITTED)
-        await release(self.journal, self.id, self.bundle)
+        # Kept until the destination says its guest runs (RESOLVE: DONE).
 
     def finish(self, effect: Finished, nbytes: int, peer_settled: bool = False) -> None:
         """Journal the outcome; ``peer_settled``: the destination told us its

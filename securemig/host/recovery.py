@@ -131,7 +131,7 @@ def moved_away(record: MigrationRecord) -> bool:
 
 async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]:
     said = []
-    if live_qemu(record) and not record.reached(Phase.RELEASED):
+    if (live_qemu(record) or moved_away(record)) and not record.reached(Phase.RELEASED):
         # Kept paused until the destination says its guest runs (DONE), or
         # that its QEMU ended before it ran there (LOST): then it goes on here.
         if record.outcome is None:

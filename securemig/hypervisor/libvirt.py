@@ -870,6 +870,15 @@ class LibvirtBackend(Backend):
             if domain is not None and domain.isActive():
                 if domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
                     domain.resume()
+            elif domain is not None and not ram.exists():
+                # Shut off with no saved state (a live migration whose
+                # destination QEMU died after libvirt ended this one): its
+                # memory is gone; its disks and vTPM state are here.
+                raise BundleError(
+                    f"domain {record.domain} is shut off here with no saved state: its "
+                    f"memory is lost; `securemig vm start {record.domain}` boots it from its "
+                    "disks and vTPM state"
+                )
             elif not ram.exists():
                 raise BundleError(
                     f"libvirt at {self._uri(record)} has no domain {record.domain} "

@@ -14,8 +14,9 @@ start`` take it over, and it is migrated suspended to the destination and
 back.  Then the destination's PCR 7 is extended and the migration refused:
 that host never receives the secret, the domain runs on at the source.
 Every check is printed (``--json``: as JSON); every process is ended by its
-pid.  ``--live`` moves it live instead, once the libvirt backend migrates
-live.
+pid.  ``--live`` moves it live instead (libvirt's own migration, its
+sockets carried sealed by securemig; the disk is one file both lab hosts
+see, shared storage).
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from securemig.hypervisor.heartbeat import Watch
-from securemig.hypervisor.libvirt import require_libvirt
+from securemig.hypervisor.libvirt import (
+    CONNECT_ENV,
+    RUN_DIR_ENV,
+    UNSAFE_SHARED_ENV,
+    require_libvirt,
+)
 from securemig.lab import processes
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
 from securemig.lab.libvirt import LibvirtHost, define_guest
@@ -89,14 +95,21 @@ class _Demo:
         return done.stdout.strip()
 
     def migrate(self, destination: Any, vm_dir: Path, source: str, to: str) -> dict[str, Any]:
-        extra = ("--live",) if self.live else ()
+        env = _env(self.hosts[source])
+        extra: tuple[str, ...] = ()
+        if self.live:
+            extra = ("--live",)
+            # The demo's disk is one file both lab hosts see (one machine):
+            # shared storage, which libvirt cannot tell from a copy.
+            env[UNSAFE_SHARED_ENV] = "1"
         summary, _ = self.lab.migrate(
-            destination, DOMAIN, True, vm_dir=vm_dir, source=source, to=to, extra=extra
+            destination, DOMAIN, True, vm_dir=vm_dir, source=source, to=to, extra=extra, env=env
         )
         self.migrations.append(summary)
+        moved = summary.get("bytes") or summary.get("transferred") or 0
         self.say(
             f"   {summary.get('outcome')} in {summary.get('seconds', 0):.1f} s, "
-            f"{summary.get('bytes', 0) / 2**20:.0f} MiB streamed"
+            f"{moved / 2**20:.0f} MiB moved"
         )
         return summary
 
@@ -133,15 +146,18 @@ class _Demo:
         readable = {h.name: _secret_readable(h, guest.secret_uuid) for h in (a, b)}
         self.checks["secret_unreadable_after_adoption"] = not any(readable.values())
 
-        env_a = {"LIBVIRT_DEFAULT_URI": a.uri}
-        env_b = {"LIBVIRT_DEFAULT_URI": b.uri}
-        at_b = self.lab.start_destination(backend=KIND, env=env_b)
-        at_a = self.lab.start_destination(host=SOURCE, backend=KIND, env=env_a)
+        at_b = self.lab.start_destination(backend=KIND, env=_env(b))
+        at_a = self.lab.start_destination(host=SOURCE, backend=KIND, env=_env(a))
         say(f"   `twistd securemig --backend {KIND}` on both hosts")
         conn_a, conn_b = libvirt.open(a.uri), libvirt.open(b.uri)
         try:
             uuid_ = conn_a.lookupByName(DOMAIN).UUIDString()
-            how = "live" if self.live else "suspended (save streamed, restored paused there)"
+            how = (
+                "live (libvirt's migration, its sockets carried sealed, paused there until "
+                "the commit)"
+                if self.live
+                else "suspended (save streamed, restored paused there)"
+            )
             say(f"3. securemig migrate {DOMAIN} --to {DESTINATION}: {how}")
             self.migrate(at_b, vms, SOURCE, DESTINATION)
             watch.follow(b.path(guest.heartbeat))
@@ -196,6 +212,12 @@ class _Demo:
         for check, ok in self.checks.items():
             say(f"   {check.replace('_', ' ')}: {'yes' if ok else 'NO'}")
         return all(self.checks.values())
+
+
+def _env(host: LibvirtHost) -> dict[str, str]:
+    """What a securemig process of ``host`` is told of its libvirt: its URI
+    and where it sees libvirt's ``/run/libvirt`` (its own mount namespace's)."""
+    return {CONNECT_ENV: host.uri, RUN_DIR_ENV: str(host.run_dir)}
 
 
 def _defined(conn: Any, domain_uuid: str) -> bool:

@@ -49,14 +49,15 @@ class Lab:
         self.vm_dir = work / "vms"
         self._stops: list[Callable[[], object]] = []
         #: The lab's TPMs are its own: their lock files go to its run
-        #: directory, not the machine's temporary directory (runtime.own_tpm_locks).
+        #: directory, not the machine's temporary directory, and so do the
+        #: sockets of what the lab process starts itself (runtime.own_run_dir).
         self._locks = contextlib.ExitStack()
 
     def start(self) -> None:
         """Site CA, two host TPMs, the privacy CA, both hosts enrolled."""
 
         work, started = self.work, time.monotonic()
-        self._locks.enter_context(runtime.own_tpm_locks(work))
+        self._locks.enter_context(runtime.own_run_dir(work))
         site = Authority.create("lab site CA")
         site.save(work / "site-ca")
         tctis = {host: self._host_tpm(host) for host in (SOURCE, DESTINATION)}

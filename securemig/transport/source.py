@@ -402,7 +402,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self.wire_bytes = None if None in counts else sum(c or 0 for c in counts)
             self._stop_streaming()
             self._close(effect)
-            if self.departure.committed and self.departure.live_qemu_alive():
+            if self.departure.committed and self.departure.keeps_copy():
                 # Live, after COMMITTED: the paused QEMU was kept until now.
                 self.rolled_back = self._settle_live(effect)
             elif self.carrier is not None and self.rolled_back is not None:

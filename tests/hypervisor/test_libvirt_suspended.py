@@ -19,6 +19,7 @@ import atexit
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -478,6 +479,86 @@ class SuspendedCrashTests(TestCase):
             return None
         self.assertEqual(running[0], "destination" if committed else "source")
         return running[0]
+
+    def test_destination_libvirtd_killed_while_streaming(self) -> None:
+        """The destination's libvirtd killed (SIGKILL) while the save file
+        streams, started again after: the destination cannot restore the
+        domain before PREPARED, the source never commits and restores it
+        here with its memory; nothing is left at the destination and no
+        secret in either libvirt."""
+        name = "crashlvd"
+        pcr16 = os.urandom(32).hex()
+        disk = self.a.directory / "disks" / f"{name}.img"
+        guest = define_guest(self.a, name, pcr16=pcr16, persistent_secret=True, disk=str(disk))
+        for host in (self.a, self.b):
+            self.addCleanup(_remove_domain, host, name)
+        vms = self.work / "vms"
+        identity = ("--identity", str(self.work / SOURCE))
+        for args in (("adopt", name, "--dir", str(vms), "--connect", self.a.uri, *identity),
+                     ("start", name, "--dir", str(vms), *identity)):  # fmt: skip
+            done = processes.securemig("vm", *args)
+            self.assertEqual(done.returncode, 0, done.stderr)
+        watch = Watch(self.a.path(guest.heartbeat))
+        self.addCleanup(watch.stop)
+        first = watch.wait(3, 180)
+        uuid_ = self.libvirt.open(self.a.uri).lookupByName(name).UUIDString()
+        resolve = ("--resolve-interval", "0.3")
+        source_daemon = self.lab.start_destination(
+            host=SOURCE, backend="libvirt", env={"LIBVIRT_DEFAULT_URI": self.a.uri}, extra=resolve
+        )
+        destination = self.lab.start_destination(
+            backend="libvirt", env={"LIBVIRT_DEFAULT_URI": self.b.uri}, extra=resolve
+        )
+        outcome: list[BaseException | None] = []
+
+        def migrate() -> None:
+            try:
+                self.lab.migrate(
+                    destination,
+                    name,
+                    True,
+                    vm_dir=vms,
+                    extra=("--state-dir", str(source_daemon.state_dir)),
+                )
+                outcome.append(None)
+            except BaseException as e:
+                outcome.append(e)
+
+        mover = threading.Thread(target=migrate, daemon=True)
+        mover.start()
+        staging = destination.state_dir / "staging"
+        deadline = time.monotonic() + 120
+        while not any(p.is_file() for p in staging.rglob("ram.img")):
+            self.assertLess(time.monotonic(), deadline, "nothing streamed")
+            self.assertTrue(mover.is_alive(), outcome)
+            time.sleep(0.02)
+        self.b.kill_daemon()
+        mover.join(300)
+        self.assertEqual(len(outcome), 1)
+        self.assertIsInstance(outcome[0], RuntimeError)
+        # The destination said why, before any commit; the VM stayed here.
+        self.assertIn("cannot connect to libvirt", str(outcome[0]))
+        self.assertIn("still at the source", str(outcome[0]))
+        self.b.start()
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while (where := self.settled(name, uuid_, source_daemon, destination)) is None:
+            if time.monotonic() > deadline:
+                self.fail(f"did not settle:\n{destination.log()[-3000:]}")
+            time.sleep(0.5)
+        self.assertEqual(where, "source")
+        beat = watch.wait(3, 180, source=0)
+        self.assertEqual(beat.pcr16, extended(pcr16))
+        self.assertGreater(beat.seq, first.seq)
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+        for each in (self.a, self.b):
+            conn = self.libvirt.open(each.uri)
+            try:
+                self.assertEqual(conn.listSecrets(), [], each.name)
+                defined = [d.UUIDString() for d in conn.listAllDomains()]
+                self.assertEqual(uuid_ in defined, each is self.a, each.name)
+            finally:
+                conn.close()
+        self.assertEqual(list(staging.iterdir()), [])
 
     def test_destination_dies_prepared(self) -> None:
         """PREPARED journaled at the destination (the domain restored

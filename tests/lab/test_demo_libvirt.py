@@ -55,9 +55,13 @@ class LibvirtDemoTests(SynchronousTestCase):
         self.assertEqual(sorted(pids), ["dest-b", "source-a"])
         self.assertEqual([pid for pid in pids.values() if _alive(pid)], [])
 
-    def test_live_refused_until_the_backend_migrates_live(self) -> None:
-        """``--live`` with a backend that does not migrate live is a usage
-        error naming the backends that do, before anything starts."""
-        done = processes.securemig("demo", "--backend", "libvirt", "--live")
-        self.assertEqual(done.returncode, 2, done.stderr)
-        self.assertIn("--live needs --backend", done.stderr)
+    def test_live_demo(self) -> None:
+        """``--live``: the same checks hold with the live migration there
+        and back, and the same refusal."""
+        done = processes.securemig("demo", "--backend", "libvirt", "--live", "--json")
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        result = json.loads(done.stdout)
+        self.assertEqual(result["checks"], dict.fromkeys(CHECKS, True), done.stderr[-3000:])
+        self.assertEqual([m["mode"] for m in result["migrations"]], ["live", "live"])
+        self.assertIn("PCRs sha256:7 of dest-b differ", done.stderr)
+        self.assertNotIn("Traceback", done.stderr)

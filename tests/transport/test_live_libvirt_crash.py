@@ -31,6 +31,8 @@ from twisted.internet import threads
 
 from securemig.host.journal import Journal
 from securemig.lab import processes
+from securemig.lab.libvirt import LibvirtHost
+from securemig.protocol.phases import Phase
 from tests.support.commands import crash_env
 from tests.support.libvirt_live import LibvirtLiveBase
 from tests.support.qemu import extended
@@ -117,29 +119,56 @@ class LibvirtCrashCells(LibvirtLiveBase):
             return None
         return ("source" if running == [self.a.name] else "destination"), committed
 
-    async def crash_cell(self, name: str, kill: str, point: str) -> str:
+    def incoming(self) -> bool:
+        """Whether the destination's journal has a live arrival started."""
+        journal = Journal(self.dst_state / "journal.sqlite")
+        try:
+            return any(r.reached(Phase.INCOMING) for r in journal.records())
+        finally:
+            journal.close()
+
+    def kill_libvirtd_mid_stream(self, host: LibvirtHost) -> None:
+        """Once the arrival started and libvirt's copy has run a moment,
+        SIGKILL ``host``'s libvirtd, then start it again (its domains'
+        QEMUs run on; it settles their interrupted jobs)."""
+        deadline = time.monotonic() + 300
+        while not self.incoming():
+            self.assertLess(time.monotonic(), deadline, "the arrival never started")
+            time.sleep(0.1)
+        time.sleep(2.0)
+        host.kill_daemon()
+        host.start()
+
+    async def crash_cell(self, name: str, kill: str, point: str = "") -> str:
         """Migrate ``name`` live with ``kill`` (``migrate`` or
-        ``destination``) dying at ``point``; restart what died; check the
-        cell settles as it must.  Returns where the guest ended."""
+        ``destination`` dying at ``point``; ``libvirtd-a`` or ``libvirtd-b``
+        killed mid-stream); restart what died; check the cell settles as it
+        must.  Returns where the guest ended."""
         self.source_daemon()
         destination = self.destination_daemon(crash=point if kill == "destination" else None)
         domain, bundle, watch = await threads.deferToThread(self.adopted_guest, name)
         first = await threads.deferToThread(watch.wait, 3, 120.0)
         self.assertEqual(first.pcr16, extended(self.pcr16))
         watch.follow(self.b.path(domain.heartbeat))
-        result = await threads.deferToThread(
+        running = threads.deferToThread(
             self.migrate_domain,
             destination,
             name,
             "--copy-storage",
             dying=crash_env(point) if kill == "migrate" else None,
         )
+        if kill.startswith("libvirtd"):
+            victim = self.a if kill == "libvirtd-a" else self.b
+            await threads.deferToThread(self.kill_libvirtd_mid_stream, victim)
+        result = await running
         if kill == "migrate":
             self.assertEqual(result.returncode, -signal.SIGKILL, result.stderr)
-        else:
+        elif kill == "destination":
             await threads.deferToThread(self.wait_dead, destination)
             self.assertNotEqual(result.returncode, 0, result.stdout)
             destination = self.destination_daemon(port=destination.port)
+        else:
+            self.assertNotEqual(result.returncode, 0, result.stdout)
         deadline = time.monotonic() + SETTLE_TIMEOUT
         while (found := await threads.deferToThread(self.settled, name)) is None:
             if time.monotonic() > deadline:
@@ -210,3 +239,58 @@ class LibvirtCrashCells(LibvirtLiveBase):
         self.assertEqual(
             await self.crash_cell("lvc5", "destination", "destination-prepared"), "destination"
         )
+
+    # -- either libvirtd dies mid-stream, and is started again
+
+    async def test_destination_libvirtd_dies_mid_stream(self) -> None:
+        """The destination's libvirtd killed while libvirt copies: the
+        source's libvirt fails the migration, the guest runs on at the
+        source; the arrival is settled (its staging and any domain gone)."""
+        self.assertEqual(await self.crash_cell("lvc6", "libvirtd-b"), "source")
+
+    async def test_source_libvirtd_dies_mid_stream(self) -> None:
+        """The source's libvirtd killed while libvirt copies (its QEMU runs
+        on): the migration fails; started again, libvirt settles the
+        interrupted job and the guest runs on at the source."""
+        self.assertEqual(await self.crash_cell("lvc7", "libvirtd-a"), "source")
+
+    # -- the destination's QEMU dies after libvirt completed: the window
+
+    async def test_destination_qemu_dies_after_libvirt_completed(self) -> None:
+        """The window libvirt leaves (doc/backend-libvirt.rst): libvirt
+        completed, so the source's QEMU has ended, and the destination's
+        QEMU is killed before the commit resumes it.  Its memory is lost --
+        nothing runs the guest, on neither host -- and it is said so: the
+        destination journals LOST, the source's ``migrate`` fails.  What is
+        kept: the source's definition, vTPM state and sealed secret (given
+        up only at DONE), so ``securemig vm start`` boots the guest there
+        again with its vTPM; the secret is defined nowhere, the destination
+        has no domain and no vTPM state of it."""
+        self.source_daemon()
+        destination = self.destination_daemon(crash="destination-loaded:guest")
+        domain, bundle, watch = await threads.deferToThread(self.adopted_guest, "lvc8")
+        await threads.deferToThread(watch.wait, 3, 120.0)
+        result = await threads.deferToThread(
+            self.migrate_domain, destination, "lvc8", "--copy-storage"
+        )
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("LIVE_FAILED", result.stderr)
+        self.assertEqual(self.state_at(self.b, "lvc8"), "undefined")
+        self.assertEqual(self.state_at(self.a, "lvc8"), "5")  # shut off, still defined
+        uuid = self.domain_uuid(self.a, "lvc8")
+        self.assertTrue(self.a.path(f"/var/lib/libvirt/swtpm/{uuid}").exists())
+        self.assertFalse(self.b.path(f"/var/lib/libvirt/swtpm/{uuid}").exists())
+        self.assertTrue(bundle.vtpm_key_path.exists())
+        journal = Journal(self.dst_state / "journal.sqlite")
+        self.addCleanup(journal.close)
+        self.assertTrue(any(r.reached(Phase.LOST) for r in journal.records()))
+        self.assertSecretNowhere(domain.secret_uuid)
+        started = await threads.deferToThread(
+            processes.securemig,
+            "vm", "start", "lvc8", "--dir", str(self.vm_dir), "--identity", str(self.src_id),
+        )  # fmt: skip
+        self.assertEqual(started.returncode, 0, started.stderr)
+        again = await threads.deferToThread(watch.wait, 3, 120.0)
+        self.assertEqual(again.pcr16, extended(self.pcr16))
+        self.assertEqual(self.state_at(self.a, "lvc8"), "1")
+        self.assertSecretNowhere(domain.secret_uuid)

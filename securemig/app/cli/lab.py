@@ -46,7 +46,8 @@ def add_demo_parser(subparsers: Subparsers) -> None:
         "--live",
         action="store_true",
         help="with --backend qemu: a running Linux guest under load, migrated live, "
-        "securely, there and back; its downtime, heartbeat and PCR 16",
+        "securely, there and back; its downtime, heartbeat and PCR 16; with --backend "
+        f"{'/'.join(CARRIED_DEMOS)}: its domain migrated live",
     )
     p.set_defaults(func=cmd_demo)
 
@@ -88,8 +89,8 @@ def add_bench_parser(subparsers: Subparsers) -> None:
     p.add_argument(
         "--libvirt",
         action="store_true",
-        help="instead: one domain of two libvirtds migrated live, alternating securemig "
-        "(once its libvirt backend migrates live), `virsh migrate --tls` (certificates from "
+        help="instead: one adopted domain of two libvirtds migrated live, alternating "
+        "securemig migrate --live --copy-storage, `virsh migrate --tls` (certificates from "
         "a site CA made for the bench, peers verified) and plain `virsh migrate` "
         "(--repeat each; --libvirt-mib, --dirty-mib-s, --disk-mib: default 64)",
     )

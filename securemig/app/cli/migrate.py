@@ -103,7 +103,7 @@ def add_parser(subparsers: Subparsers) -> None:
         "storage both hosts mount (RAM and vTPM travel; implies --shared-storage).  An "
         "adopted libvirt domain (twistd securemig --backend libvirt at the destination) "
         "moves by libvirt's own migration, its sockets carried sealed (--copy-storage, "
-        "--parallel).  Not yet: post-copy",
+        "--parallel).  Not yet: post-copy, or copying a disk of a QEMU guest",
     )
     mig.add_argument(
         "--copy-storage",

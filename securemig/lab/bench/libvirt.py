@@ -1,7 +1,7 @@
 """
 ``securemig bench --libvirt``: a libvirt domain's live migration by
-libvirt's own means, with and without TLS, and (once the libvirt backend
-migrates live) by securemig.
+securemig (attested, libvirt's sockets carried sealed) and by libvirt's own
+means, with and without TLS.
 
 Two lab libvirt hosts (:class:`~securemig.lab.libvirt.LibvirtHost`, each a
 system-mode ``libvirtd`` in its own mount namespace) and one domain of the
@@ -18,23 +18,28 @@ forth between the hosts, the protocols alternating within one run:
 - ``libvirt-plain``: the same ``virsh migrate`` without ``--tls``: the RPC on
   the destination's UNIX socket, QEMU's stream and NBD on plain TCP on
   loopback;
-- ``secure-libvirt``: ``securemig migrate --live`` between two enrolled
-  hosts, attestation and key release included -- measured only when the
-  libvirt backend migrates live (issue 23 items 2-3); until then the report
-  says it was not run.
+- ``secure-libvirt``: ``securemig migrate DOMAIN --live --copy-storage``
+  between two enrolled hosts whose ``twistd securemig --backend libvirt``
+  carry libvirt's sockets sealed (attestation both ways and the key
+  release included in its time); skipped, and said so, where the libvirt
+  backend does not migrate live.
 
-The native baselines need the vTPM secret defined, with the same value, on
-both hosts before the migration: that is what libvirt requires and what
-securemig exists to replace (here it is defined ephemeral and private on
-both hosts, the copy a site would make out of band).
+The domain is adopted by securemig (its secret sealed, in neither
+libvirt).  The native baselines need the secret defined, with the same
+value, on both hosts before the migration -- libvirt's requirement, what
+securemig replaces -- so it is defined (ephemeral, private) on both hosts
+for each native move and its unmeasured move back, and undefined after;
+only securemig's arm moves the domain (and its bundle) for good, so the
+native moves of a run start from the host securemig's last left it.
 
 Each record has ``total_s`` (the wall clock of the ``virsh`` command),
 ``downtime_ms`` (libvirt's, from the destination's completed job),
 ``guest_downtime_ms`` (the largest gap between two heartbeats the host saw
 across both hosts' files), ``cpu_s`` (user + system seconds of every
-process of both sides over the move: both libvirtds, both QEMUs and swtpms,
-``virsh``; sampled every 0.1 s, so a process that ends -- the source QEMU
--- loses at most its last 0.1 s), ``memory_bytes`` (libvirt's
+process of both sides over the move: both libvirtds, both QEMUs and swtpms
+-- sampled every 0.1 s, so a process that ends, the source QEMU, loses at
+most its last 0.1 s -- plus ``virsh``'s or ``securemig migrate``'s own,
+and for securemig's arm both ``twistd securemig``), ``memory_bytes`` (libvirt's
 ``memory_processed``) and ``disk_bytes`` (``disk_processed``, when libvirt
 reports it: 9.0 does not at the destination), and whether the guest kept running (heartbeat in
 sequence).  The report gives medians and the ratios secure-libvirt /
@@ -43,6 +48,7 @@ libvirt-tls and libvirt-tls / libvirt-plain.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -62,8 +68,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from securemig.hypervisor.backends import capabilities
 from securemig.hypervisor.heartbeat import Watch
-from securemig.hypervisor.libvirt import LibvirtError, require_libvirt
+from securemig.hypervisor.libvirt import CONNECT_ENV, RUN_DIR_ENV, LibvirtError, require_libvirt
+from securemig.lab import processes
 from securemig.lab.bench.provenance import one_line, provenance
+from securemig.lab.lab import DESTINATION, SOURCE, Lab
 from securemig.lab.libvirt import (
     HostTLS,
     LibvirtHost,
@@ -174,8 +182,16 @@ class _Bench:
         self.memory_mib, self.dirty, self.disk_mib = memory_mib, dirty_mib_s, disk_mib
         self.hosts: list[LibvirtHost] = []
         self.libvirt = require_libvirt()
+        self.lab = Lab(work / "lab")
+        #: The secret's value: securemig keeps it sealed (the domain is
+        #: adopted); the native arms need it defined on both hosts.
+        self.value = os.urandom(32)
+        #: Where the domain's securemig bundle is, per host index.
+        self.homes: dict[int, Path] = {}
+        self.daemons: dict[int, Any] = {}
 
     def start(self) -> None:
+        self.lab.start()
         for directory, index, port, name in zip(
             _site_tls(self.work, ["a", "b"]), INDEXES, TLS_PORTS, ["ba", "bb"], strict=True
         ):
@@ -195,22 +211,27 @@ class _Bench:
             disk=disk,
         )
         create_disk(b, disk, "raw", self.disk_mib)
-        # libvirt's way: the same secret on every host, copied out of band.
-        value = os.urandom(32)
-        for host in self.hosts:
-            conn = self.libvirt.open(host.uri)
-            try:
-                try:
-                    secret = conn.secretLookupByUUIDString(self.guest.secret_uuid)
-                except self.libvirt.libvirtError:
-                    secret = conn.secretDefineXML(
-                        secret_xml(self.guest.secret_uuid, DOMAIN, ephemeral=True, private=True)
-                    )
-                secret.setValue(value)
-                if host is a:
-                    conn.lookupByName(DOMAIN).create()
-            finally:
-                conn.close()
+        conn = self.libvirt.open(a.uri)
+        try:
+            conn.secretLookupByUUIDString(self.guest.secret_uuid).setValue(self.value)
+        finally:
+            conn.close()
+        # Adopted and started by securemig, as its arm needs; the native arms
+        # get the secret defined on both hosts around each of their moves.
+        vms = self.lab.vm_dir
+        identity = str(self.lab.work / SOURCE)
+        for args in (
+            ("adopt", DOMAIN, "--dir", str(vms), "--connect", a.uri, "--identity", identity),
+            ("start", DOMAIN, "--dir", str(vms), "--identity", identity),
+        ):
+            done = processes.securemig("vm", *args)
+            if done.returncode != 0:
+                raise RuntimeError(f"securemig vm {args[0]}: {done.stderr.strip()}")
+        self.homes[0] = vms
+        for index, host, name in ((0, a, SOURCE), (1, b, DESTINATION)):
+            self.daemons[index] = self.lab.start_destination(
+                host=name, backend=KIND, env=_env(host)
+            )
         watch = Watch(a.path(self.guest.heartbeat))
         try:
             watch.wait(5, BEAT_TIMEOUT)
@@ -218,6 +239,7 @@ class _Bench:
             watch.stop()
 
     def stop(self) -> None:
+        self.lab.stop()
         for host in self.hosts:
             host.remove()
 
@@ -227,8 +249,60 @@ class _Bench:
             pids += host.children()
         return pids
 
+    def _secret(self, defined: bool) -> None:
+        """libvirt's way, for the native arms: the same secret on both
+        hosts (ephemeral, private), or on neither."""
+        for host in self.hosts:
+            conn = self.libvirt.open(host.uri)
+            try:
+                with contextlib.suppress(self.libvirt.libvirtError):
+                    conn.secretLookupByUUIDString(self.guest.secret_uuid).undefine()
+                if defined:
+                    secret = conn.secretDefineXML(
+                        secret_xml(self.guest.secret_uuid, DOMAIN, ephemeral=True, private=True)
+                    )
+                    secret.setValue(self.value)
+            finally:
+                conn.close()
+
     def move(self, protocol: str, where: int) -> dict[str, Any]:
-        """Move the domain from host ``where`` to the other by ``protocol``."""
+        """Move the domain from host ``where`` to the other by ``protocol``
+        and measure it.  A native move is followed by an unmeasured one
+        back (the domain's securemig bundle stays where it is), with the
+        secret defined on both hosts only for the two."""
+        if protocol == "secure-libvirt":
+            return self._measure(protocol, where, self._securemig)
+        self._secret(True)
+        try:
+            record = self._measure(protocol, where, self._virsh)
+            self._virsh("libvirt-plain", 1 - where)
+        finally:
+            self._secret(False)
+        return record
+
+    def _securemig(self, protocol: str, where: int) -> float:
+        """``securemig migrate DOMAIN --live --copy-storage``; the CPU
+        seconds of that process."""
+        other = 1 - where
+        names = (SOURCE, DESTINATION)
+        summary, usage = self.lab.migrate(
+            self.daemons[other],
+            DOMAIN,
+            True,
+            vm_dir=self.homes[where],
+            source=names[where],
+            to=names[other],
+            extra=("--live", "--copy-storage"),
+            env=_env(self.hosts[where]),
+        )
+        if summary.get("outcome") != "done":
+            raise RuntimeError(f"{protocol}: {summary}")
+        self.homes[other] = self.daemons[other].state_dir / "vms"
+        return float(usage.cpu_s)
+
+    def _virsh(self, protocol: str, where: int) -> float:
+        """``virsh migrate`` (``--tls`` for libvirt-tls); the CPU seconds
+        of ``virsh``."""
         src, dst = self.hosts[where], self.hosts[1 - where]
         index = INDEXES[1 - where]
         port = _free_port(49152 + 100 * index, 49152 + 100 * index + 63)
@@ -244,6 +318,19 @@ class _Bench:
             argv += ["--tls", DOMAIN, dst.tls.uri()]
         else:
             argv += [DOMAIN, dst.uri]
+        with tempfile.TemporaryFile() as errors:
+            process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errors)
+            usage = processes.wait_process(process, timeout=MIGRATE_TIMEOUT)
+            if usage.status != 0:
+                errors.seek(0)
+                raise RuntimeError(
+                    f"{protocol}: virsh migrate failed: "
+                    f"{errors.read().decode(errors='replace').strip()}"
+                )
+        return float(usage.cpu_s)
+
+    def _measure(self, protocol: str, where: int, mover: Any) -> dict[str, Any]:
+        src, dst = self.hosts[where], self.hosts[1 - where]
         # The destination's heartbeat file holds the previous visits' beats:
         # emptied (no QEMU writes it there now), then followed from its start.
         heartbeat = dst.path(self.guest.heartbeat)
@@ -251,26 +338,14 @@ class _Bench:
             heartbeat.write_bytes(b"")
         watch = Watch(src.path(self.guest.heartbeat))
         watch.follow(heartbeat)
-        extra: list[int] = []
-        sampler = CPUSampler(lambda: self.pids() + extra)
+        # securemig's daemons are processes of its arm only.
+        daemons = [d.process.pid for d in self.daemons.values()] if mover == self._securemig else []
+        sampler = CPUSampler(lambda: self.pids() + daemons)
         started = time.monotonic()
         try:
-            process = subprocess.Popen(
-                argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-            )
-            extra.append(process.pid)
-            try:
-                _, err = process.communicate(timeout=MIGRATE_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.communicate()
-                raise RuntimeError(
-                    f"{protocol}: virsh migrate took over {MIGRATE_TIMEOUT:.0f} s"
-                ) from None
+            own_cpu = mover(protocol, where)
             total = time.monotonic() - started
-            cpu = sampler.stop()
-            if process.returncode != 0:
-                raise RuntimeError(f"{protocol}: virsh migrate failed: {err.strip()}")
+            cpu = sampler.stop() + own_cpu
             watch.wait(3, BEAT_TIMEOUT, source=1)
         finally:
             sampler.stop()
@@ -282,7 +357,7 @@ class _Bench:
             "total_s": round(total, 3),
             "downtime_ms": stats.get("downtime"),
             "guest_downtime_ms": watch.largest_gap_ms(),
-            "cpu_s": cpu,
+            "cpu_s": round(cpu, 2),
             "memory_bytes": stats.get("memory_processed"),
             "disk_bytes": stats.get("disk_processed") or None,
             "guest_kept_running": watch.continuous(),
@@ -298,6 +373,11 @@ class _Bench:
             return {}
         finally:
             conn.close()
+
+
+def _env(host: LibvirtHost) -> dict[str, str]:
+    """What a securemig process of ``host`` is told of its libvirt."""
+    return {CONNECT_ENV: host.uri, RUN_DIR_ENV: str(host.run_dir)}
 
 
 def run(
@@ -320,20 +400,20 @@ def run(
         bench.start()
         where = 0
         for n in range(repeat):
-            # The domain changes hosts at every move: with an even number of
-            # protocols each would always go the same way; every other run
-            # takes them in reverse, so each goes both ways.
-            order = protocols if n % 2 == 0 or len(protocols) % 2 else protocols[::-1]
-            for protocol in order:
+            for protocol in protocols:
                 record = bench.move(protocol, where)
                 record["run"] = n
                 records.append(record)
                 say(
-                    f"   {protocol} #{n}: {record['total_s']:.2f} s, downtime "
-                    f"{record['downtime_ms']} ms, guest gap {record['guest_downtime_ms']:.0f} ms, "
-                    f"cpu {record['cpu_s']:.2f} s"
+                    f"   {protocol} #{n} from {record['from']}: {record['total_s']:.2f} s, "
+                    f"downtime {record['downtime_ms']} ms, guest gap "
+                    f"{record['guest_downtime_ms']:.0f} ms, cpu {record['cpu_s']:.2f} s"
                 )
-                where = 1 - where
+                if protocol == "secure-libvirt":
+                    # The domain (and its securemig bundle) moved; a native
+                    # move comes back unmeasured.  Without the securemig arm
+                    # every move starts from the first host.
+                    where = 1 - where
     except (RuntimeError, TimeoutError, LibvirtError, OSError) as e:
         say(f"bench --libvirt failed: {e}")
         return 1

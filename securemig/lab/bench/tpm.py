@@ -62,7 +62,7 @@ def run(repeat: int = 50, json_path: Path | None = None, tcti: str | None = None
     locks = contextlib.ExitStack()
     try:
         if tcti is None:
-            locks.enter_context(runtime.own_tpm_locks(work))
+            locks.enter_context(runtime.own_run_dir(work))
             start = time.perf_counter()
             swtpm.provision(work / "tpm", work / "ca")
             provision = time.perf_counter() - start
