@@ -476,6 +476,14 @@ class LibvirtStats:
     iterations: int = 0
     dirty_pages_rate: int = 0
 
+    def guest_downtime_ms(self, started: float, running: float) -> int:
+        """The guest's downtime as the source can bound it, as QEMU's
+        LiveStats does: from its stop (``started`` + libvirt's elapsed time,
+        less its downtime) to ``running`` (``time.monotonic()`` at DONE);
+        never below libvirt's own downtime."""
+        stopped = started + (self.total_ms - self.downtime_ms) / 1000
+        return max(self.downtime_ms, round((running - stopped) * 1000))
+
     @classmethod
     def of(cls, stats: dict[str, Any]) -> LibvirtStats:
         """From ``virDomainGetJobStats(COMPLETED)``."""
@@ -1385,6 +1393,8 @@ class LibvirtOutgoing:
     def __init__(self, backend: LibvirtBackend, bundle: Bundle, done: Deferred[Any]) -> None:
         self.backend = backend
         self.bundle = bundle
+        #: ``time.monotonic()`` when libvirt's migration was started.
+        self.started: float | None = time.monotonic()
         self.stats: LibvirtStats | None = None
         self.error: BaseException | None = None
         self.ended = False
@@ -1466,6 +1476,8 @@ class LibvirtIncoming:
         self.paths = paths
         #: The pid file libvirt keeps of the domain's QEMU here (crash points).
         self.pidfile = backend.run_dir / "qemu" / f"{outgoing.domain}.pid"
+        #: The source's start time only (LiveSide): None here.
+        self.started: float | None = None
 
     async def wait(self, timeout: float = INCOMING_TIMEOUT) -> None:
         """Until libvirt's migration finished here (the domain paused by

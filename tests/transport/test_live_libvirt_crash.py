@@ -206,13 +206,15 @@ class LibvirtCrashCells(LibvirtLiveBase):
         await self.crash_cell("lvc1", "migrate", "source-live-started")
 
     async def test_migrate_dies_after_libvirt_completed(self) -> None:
-        """PREPARED received, COMMITTED not journaled -- but libvirt had
-        completed: the source's QEMU has ended and the paused destination is
-        the only copy.  The source's daemon commits what libvirt moved and
-        the destination rolls forward: the guest runs there, in sequence."""
-        self.assertEqual(
-            await self.crash_cell("lvc2", "migrate", "source-prepared-received"), "destination"
-        )
+        """PREPARED received, COMMITTED not journaled -- libvirt completed at
+        the destination (Finish).  If the source's libvirt confirmed it, the
+        source's QEMU has ended and the paused destination is the only copy:
+        the source's daemon commits what libvirt moved and the destination
+        rolls forward.  If the carrier died (with ``migrate``) before Finish's
+        answer reached the source, libvirt cancelled there and the source's
+        guest runs on: the source aborts, the destination's copy goes.
+        Either way one copy runs, where the source's journal says."""
+        await self.crash_cell("lvc2", "migrate", "source-prepared-received")
 
     # -- the destination's daemon dies
 
@@ -226,19 +228,19 @@ class LibvirtCrashCells(LibvirtLiveBase):
 
     async def test_destination_dies_after_libvirt_completed(self) -> None:
         """libvirt completed at the destination, PREPARED not journaled
-        there: restarted, it holds the paused domain in doubt (not
-        discarded: the source's QEMU has ended); the source committed what
-        libvirt moved; RESOLVE rolls it forward."""
-        self.assertEqual(
-            await self.crash_cell("lvc4", "destination", "destination-loaded"), "destination"
-        )
+        there: restarted, it holds the paused domain in doubt (never
+        discarded on its own).  If the source's libvirt confirmed (its QEMU
+        ended) the source commits what libvirt moved and RESOLVE rolls it
+        forward; if the carrier died with the daemon before Finish's answer
+        reached the source, libvirt cancelled there (the guest runs on) and
+        RESOLVE(aborted) removes the destination's paused copy.  Either way
+        one copy runs, where the source's journal says."""
+        await self.crash_cell("lvc4", "destination", "destination-loaded")
 
     async def test_destination_dies_prepared(self) -> None:
         """PREPARED journaled at the destination, not sent: the same, from
         its in-doubt staging."""
-        self.assertEqual(
-            await self.crash_cell("lvc5", "destination", "destination-prepared"), "destination"
-        )
+        await self.crash_cell("lvc5", "destination", "destination-prepared")
 
     # -- either libvirtd dies mid-stream, and is started again
 
