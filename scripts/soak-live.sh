@@ -4,7 +4,10 @@
 # 10), one at a time, with two CPU burners beside them (busy loops, ended by
 # pid when the soak ends), and print how many runs of each cell passed.
 #
-#   scripts/soak-live.sh [N] [CELL-NAME-FILTER]
+#   scripts/soak-live.sh [N] [CELL-NAME-REGEX]
+#
+# CELL-NAME-REGEX picks the cells whose test name it matches (Python's
+# re.search: "source_daemon|continuing" runs those only).
 #
 # Each failed run's trial output is kept in $SOAK_DIR (default
 # /tmp/securemig-soak-live.XXXX): the guest's consoles are in the test's
@@ -19,10 +22,11 @@ SOAK_DIR=${SOAK_DIR:-$(mktemp -d /tmp/securemig-soak-live.XXXX)}
 cd "$HERE"
 
 cells=$("$HERE/.venv/bin/python" - "$FILTER" <<'EOF'
+import re
 import sys
 from tests.transport.test_live_secure import LiveCrashPointTests
 for name in sorted(dir(LiveCrashPointTests)):
-    if name.startswith("test_") and sys.argv[1] in name:
+    if name.startswith("test_") and re.search(sys.argv[1], name):
         print(name)
 EOF
 )

@@ -12,6 +12,11 @@ variables nothing happens; no configuration file or flag can set them.
 A name written ``NAME:guest`` kills, at that point only, the QEMU the point
 passes (as ``SECUREMIG_CRASH_KILL=guest`` does at every listed point), so
 that one run can kill a QEMU at one point and its process at a later one.
+
+A name written ``NAME:other`` kills, at that point, the process whose pid
+file ``SECUREMIG_CRASH_PIDFILE`` names instead: a destination's daemon can
+so kill the source's QEMU at an exact step of the destination (both run on
+one machine in the tests).
 """
 
 from __future__ import annotations
@@ -56,6 +61,15 @@ class CrashPoint(enum.StrEnum):
     SOURCE_LIVE_ENDED = "source-live-ended"
     #: COMMIT received, its QEMU found ended, LOST not journaled
     DESTINATION_LIVE_LOST = "destination-live-lost"
+    #: live: CONTINUING journaled (in place, its QEMU there), cont not sent
+    DESTINATION_CONTINUING = "destination-continuing"
+    # The source host's daemon (or a read command) settling a departure:
+    #: an uncommitted departure journaled aborted, its guest not continued
+    SOURCE_SETTLE_ABORTED = "source-settle-aborted"
+    #: committed: the copy here destroyed, done not journaled
+    SOURCE_SETTLE_RELEASED = "source-settle-released"
+    #: live: reclaimed journaled, its paused QEMU not continued
+    SOURCE_SETTLE_RECLAIMED = "source-settle-reclaimed"
     # Live through the hypervisor's own migration (carried sockets, issue 23):
     #: the hypervisor completed here (guest paused), PREPARED not journaled
     DESTINATION_LOADED = "destination-loaded"
@@ -84,6 +98,11 @@ def reached(point: CrashPoint, qemu: Path | None = None) -> None:
     at = os.environ.get("SECUREMIG_CRASH_AT", "").split(",")
     modes = dict(entry.partition(":")[::2] for entry in at)  # {name: mode}
     if name not in modes:
+        return
+    if modes[name] == "other":
+        other = os.environ.get("SECUREMIG_CRASH_PIDFILE")
+        if other:
+            _kill(Path(other), name)
         return
     if modes[name] == "guest" or os.environ.get("SECUREMIG_CRASH_KILL") == "guest":
         if qemu is not None:

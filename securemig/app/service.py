@@ -589,6 +589,7 @@ def makeService(options: Options) -> service.MultiService:
                 protocol_name="secure",
                 security=security,
                 data_listener=None if options["tls-data"] else data_listener,
+                live_listener=data_listener,
             ),
         )
         # TLS wraps the factory in code: endpoint strings cannot require client certs.

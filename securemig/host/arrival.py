@@ -45,7 +45,7 @@ from securemig import crashpoint, files
 from securemig.crashpoint import CrashPoint
 from securemig.host import storage
 from securemig.host.contract import KeySealer, KeyUnwrapper, VtpmKey
-from securemig.host.journal import Journal
+from securemig.host.journal import Journal, MigrationRecord
 from securemig.host.shareddisk import foreign_owner
 from securemig.hypervisor import backends
 from securemig.hypervisor.backends import backend_for, capabilities
@@ -206,28 +206,49 @@ class DestinationHost:
             return True  # unknown: kept, never lost by guessing
 
     async def _lose(self, record: Any, why: str) -> None:
-        """A live arrival whose QEMU ended before the COMMIT was journaled
-        here: it never ran here; journal LOST, remove staging, journal aborted."""
+        """A live arrival whose QEMU ended before CONTINUING was journaled
+        here: it never ran here; journal LOST, remove staging (or the VM
+        this migration moved into place: ``committed`` journaled, staging
+        gone), journal aborted."""
         self.journal.phase(record.id, Phase.LOST)
-        await remove_staging(self.staging / record.id)
+        await self._discard_unrun(record)
         self.journal.finish(record.id, Outcome.ABORTED.value, error=f"LIVE_FAILED: {why}")
         log.warn("migration {mid}: VM {vm}: {why}: lost here", mid=record.id, vm=record.vm, why=why)
+
+    def _unrun(self, record: MigrationRecord) -> bool:
+        """A live arrival that never sent ``cont`` here (``protocol.recovery``
+        ``_unrun``): prepared (staged), or COMMIT journaled and CONTINUING
+        not (staged, or moved into place), and no outcome yet."""
+        if not record.reached(Phase.INCOMING) or record.reached(Phase.CONTINUING):
+            return False
+        if record.reached(Phase.RESUMED) or record.reached(Phase.LOST) or record.outcome == "done":
+            return False
+        if record.reached(Phase.COMMITTED):
+            return (self.staging / record.id).exists() or (self.vms / record.vm).exists()
+        staged = (self.staging / record.id).exists()
+        return staged and record.phase in (Phase.PREPARED, Phase.IN_DOUBT)
+
+    async def _discard_unrun(self, record: MigrationRecord) -> None:
+        """Remove what a LOST arrival left: its staging, or, if its COMMIT
+        was journaled and staging is gone, the VM it moved into place (no
+        other arrival of that name can have come since: it kept the name's
+        lock until LOST, and a LOST record is settled before any new one)."""
+        staging = self.staging / record.id
+        if staging.exists() or not record.reached(Phase.COMMITTED):
+            await remove_staging(staging)
+        else:
+            await remove_staging(self.vms / record.vm)
 
     async def _recover_one(self, record: Any) -> str:
         staging = self.staging / record.id
         in_place = (self.vms / record.vm).exists() and not staging.exists()
         committed = record.reached(Phase.COMMITTED) or record.reached(Phase.RESUMED)
         if record.reached(Phase.LOST):
-            await remove_staging(staging)
+            await self._discard_unrun(record)
             if record.outcome is None:
                 self.journal.finish(record.id, Outcome.ABORTED.value, error="LIVE_FAILED: lost")
             return "lost here (its QEMU ended before the guest ran): staging removed"
-        if (
-            not committed
-            and record.phase in (Phase.PREPARED, Phase.IN_DOUBT)
-            and staging.exists()
-            and self.live_qemu(record) is False
-        ):
+        if self._unrun(record) and self.live_qemu(record) is False:
             await self._lose(record, "its QEMU ended before the guest ran here")
             return "its QEMU ended before the guest ran here: lost here; the source continues it"
         if committed and (staging.exists() or in_place):
@@ -272,7 +293,13 @@ class DestinationHost:
                 )
             files.rename_durably(staging, target)
         bundle = Bundle.load(target)
-        if record.reached(Phase.RESUMED) and self.backend_status(bundle) == "stopped":
+        # Live: from CONTINUING on, cont may have been sent (it may have run).
+        ran = record.reached(Phase.RESUMED) or record.reached(Phase.CONTINUING)
+        if record.reached(Phase.INCOMING):
+            gone = self.live_qemu(record) is False
+        else:
+            gone = self.backend_status(bundle) == "stopped"
+        if ran and gone:
             # It ran here and its guest has ended since: starting it again from
             # a saved state would run an older state of the guest a second time.
             log.error(
@@ -286,6 +313,10 @@ class DestinationHost:
             self.backend_status(bundle) != "running"
             or capabilities(bundle.manifest.backend).resume_continues
         ):
+            if record.reached(Phase.INCOMING) and not record.reached(Phase.CONTINUING):
+                # The last durable step before cont (its QEMU is there:
+                # an ended one was LOST before the roll forward).
+                self.journal.phase(record.id, Phase.CONTINUING)
             await self.resume(bundle)
         self.journal.phase(record.id, Phase.RESUMED)
         self.journal.finish(record.id, Outcome.DONE.value)
@@ -293,6 +324,8 @@ class DestinationHost:
         log.info(
             "migration {mid}: {why}: VM {vm} rolled forward", mid=record.id, why=why, vm=record.vm
         )
+        if ran and gone:
+            return f"source committed: VM {record.vm} ran here and its guest has ended since"
         return f"source committed: VM {record.vm} resumed here"
 
     def backend_status(self, bundle: Bundle) -> str:
@@ -326,8 +359,7 @@ class DestinationHost:
             return answer(wire.Settled.LOST if committed else wire.Settled.ABORTED, lost)
         if (
             message.decision is wire.Decision.COMMITTED
-            and not record.reached(Phase.COMMITTED)
-            and staging.exists()
+            and self._unrun(record)
             and self.live_qemu(record) is False
         ):
             lock = self._try_lock(record.vm)
@@ -347,10 +379,10 @@ class DestinationHost:
             if lock is None:
                 return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
             try:
-                await self._roll_forward(record, "RESOLVE committed")
+                said = await self._roll_forward(record, "RESOLVE committed")
             finally:
                 lock.release()
-            return answer(wire.Settled.DONE, f"VM {record.vm} resumed here")
+            return answer(wire.Settled.DONE, said.removeprefix("source committed: "))
         if record.reached(Phase.COMMITTED):
             return answer(wire.Settled.FAILED, "COMMIT was journaled here: the VM is ours")
         if staging.exists():
@@ -624,10 +656,11 @@ class Arrival:
         """Check the vTPM that arrived opens with ``key`` and is the one the
         source announced (a swtpm start); returns its identity (hex), None
         for a VM without a vTPM state.  A live arrival's vTPM state came in
-        its guest's stream, into the swtpm that runs with this key, and is
-        not in staging: its announced identity stands."""
-        if self.live is not None:
-            return key.identity.hex() or None
+        its guest's stream, into the swtpm that runs with this key, which
+        stored it in staging as it loaded it: checked there alike (on a
+        copy; a swtpm start on the switchover path, before PREPARED)."""
+        if self.live is not None and not key.identity:
+            return None  # no vTPM (its QEMU's empty state directory is no state)
         return DestinationSecurity.check_vtpm(self.staging, key.secret, key.identity)
 
     def manifest(self) -> Manifest:
@@ -853,27 +886,33 @@ class Arrival:
         """The source committed: move the VM into place and resume it (live
         mode: continue its loaded, paused QEMU).
 
-        Live mode: the COMMIT journaled here is the last durable step before
-        ``cont``.  If the QEMU that loaded the stream has ended before it,
-        the guest never ran here and never can (its state was only in that
-        QEMU): LOST is journaled instead, staging removed, and the source
-        (which kept its paused QEMU) continues the guest when it learns it."""
+        Live mode: CONTINUING, journaled once the VM is in place with its
+        QEMU still there, is the last durable step before ``cont``.  If the
+        QEMU that loaded the stream has ended before it (checked as the
+        COMMIT arrives and again just before CONTINUING), the guest never
+        ran here and never can (its state was only in that QEMU): LOST is
+        journaled instead, staging (or the VM moved into place) removed, and
+        the source (which kept its paused QEMU) continues the guest when it
+        learns it."""
         if self.live is not None and not await self.live.waits_loaded():
             crashpoint.reached(CrashPoint.DESTINATION_LIVE_LOST)
             await self.lose()
-            raise ProtocolError(
-                ErrorCode.RESUME_FAILED,
-                f"the QEMU of VM {self.hello.vm_name} ended before its guest ran here: "
-                "nothing kept here (LOST); the source continues it",
-            )
+            raise self._lost()
         self.host.journal.phase(self.id, Phase.COMMITTED)
-        crashpoint.reached(CrashPoint.DESTINATION_COMMIT_JOURNALED)
+        crashpoint.reached(CrashPoint.DESTINATION_COMMIT_JOURNALED, self.qemu_pidfile())
         target = self.host.vms / self.hello.vm_name
         files.rename_durably(self.staging, target)
-        crashpoint.reached(CrashPoint.DESTINATION_IN_PLACE)
+        crashpoint.reached(
+            CrashPoint.DESTINATION_IN_PLACE, target / "qemu.pid" if self.live else None
+        )
         bundle = Bundle.load(target)
         if self.live is not None:
             self.live.release()  # the QMP socket moved with the bundle: reconnect there
+            if not backend_for(bundle.manifest.backend).has_process(bundle):
+                await self.lose(target)
+                raise self._lost()
+            self.host.journal.phase(self.id, Phase.CONTINUING)
+            crashpoint.reached(CrashPoint.DESTINATION_CONTINUING, target / "qemu.pid")
         try:
             await self.host.resume(bundle)
         finally:
@@ -887,14 +926,24 @@ class Arrival:
         """Live mode: the pid file of the arriving VM's QEMU (for crash points)."""
         return self.staging / "qemu.pid" if self.live is not None else None
 
-    async def lose(self) -> None:
-        """Live mode, before the COMMIT is journaled here: its QEMU ended, so
-        the guest never ran here; journal LOST, remove staging, free the name."""
+    def _lost(self) -> ProtocolError:
+        return ProtocolError(
+            ErrorCode.RESUME_FAILED,
+            f"the QEMU of VM {self.hello.vm_name} ended before its guest ran here: "
+            "nothing kept here (LOST); the source continues it",
+        )
+
+    async def lose(self, in_place: Path | None = None) -> None:
+        """Live mode, before CONTINUING is journaled here: its QEMU ended, so
+        the guest never ran here; journal LOST, remove staging (or the VM
+        this migration moved ``in_place``, which never ran), free the name."""
         self.lost = True
         self.host.journal.phase(self.id, Phase.LOST)
         if self.live is not None:
             self.live.release()
         await remove_staging(self.staging)
+        if in_place is not None:
+            await remove_staging(in_place)
         self.lock.release()
         log.warn(
             "migration {mid}: the QEMU of VM {vm} ended before its guest ran here: lost here",

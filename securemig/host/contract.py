@@ -218,6 +218,13 @@ class LeavingVM(Protocol):
     journal: Journal
     #: Whether COMMITTED is journaled here (the VM is the destination's).
     committed: bool
+    #: Live mode: the guest's downtime bounded here, once DONE arrived (ms).
+    guest_downtime_ms: int | None
+
+    def live_started(self) -> bool:
+        """Live mode: whether the backend's migration was started (its QEMU,
+        paused after the stream, is kept after COMMITTED until DONE)."""
+        ...
 
     def connected(self) -> None:
         """The connection is up."""

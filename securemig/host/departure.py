@@ -8,6 +8,7 @@ after it, the VM belongs to the destination and this side discards its copy.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,6 +68,9 @@ class Departure:
         #: and QEMU's numbers when it completed.
         self.live_migration: LiveSide | None = None
         self.live_stats: LiveStats | None = None
+        #: Live mode: the guest's downtime bounded at the source (ms), from
+        #: its stop to the destination's DONE (``LiveStats.guest_downtime_ms``).
+        self.guest_downtime_ms: int | None = None
         #: Live mode: QEMU's downtime limit (ms) and bandwidth (bytes/s).
         self.live_options: tuple[int, int] = live_options or (
             LIVE_DOWNTIME_LIMIT_MS,
@@ -212,6 +216,15 @@ class Departure:
         """Bytes of image data this migration streams."""
         return sum(i.size for i in self.images)
 
+    @property
+    def expected_bytes(self) -> int:
+        """What a progress bar counts to: the images, or (live) the guest's
+        RAM once; QEMU sends the pages dirtied meanwhile again, so a live
+        migration may move more."""
+        if self.live:
+            return (self.bundle.manifest.memory_mib or 0) << 20
+        return self.total_bytes
+
     def stream_files(self) -> list[tuple[Path, int]]:
         """Paths and sizes of the images, in HELLO order."""
         return [(self.bundle.image_path(i), i.size) for i in self.images]
@@ -352,6 +365,11 @@ class Departure:
             self.live_qemu_alive() or self.moved_by_hypervisor()
         )
 
+    def live_started(self) -> bool:
+        """Live mode: whether the backend's migration was started (its QEMU,
+        paused after the stream, is kept after COMMITTED until DONE)."""
+        return self.live_migration is not None
+
     def live_qemu_alive(self) -> bool:
         """Live mode: whether this VM's QEMU still runs here."""
         return self.backend.has_process(self.bundle)
@@ -360,13 +378,31 @@ class Departure:
         """Live mode, after COMMITTED: the destination said DONE (its guest
         runs, QMP says so): end the paused QEMU and its swtpm here, then
         destroy the key and the bundle.  Idempotent (recovery redoes it)."""
+        running = time.monotonic()  # DONE just arrived: the guest runs there
+        live = self.live_migration
+        if live is not None and live.started is not None and self.live_stats is not None:
+            self.guest_downtime_ms = self.live_stats.guest_downtime_ms(live.started, running)
         if self.live_migration is not None:
-            await self.live_migration.finish()
+            try:
+                await self.live_migration.finish()
+            except Exception as e:
+                # Its QEMU may have ended already (killed, crashed): the guest
+                # runs there, and what is left here goes with the bundle
+                # (its discard ends any process of it) all the same.
+                log.warn(
+                    "VM {vm}: ending its paused QEMU here: {e}; removing its copy",
+                    vm=self.bundle.name,
+                    e=e,
+                )
             crashpoint.reached(CrashPoint.SOURCE_LIVE_ENDED)
         if self.live_stats is not None:
             # Journaled only now, with the guest running there: nothing
             # written between QEMU's completion and the destination's cont.
-            self.journal.set_downtime(self.id, self.live_stats.downtime_ms)
+            stats = self.live_stats
+            self.journal.set_live_numbers(
+                self.id, stats.downtime_ms, stats.total_ms, stats.transferred,
+                self.guest_downtime_ms,
+            )  # fmt: skip
         await release(self.journal, self.id, self.bundle)
         self._unlock()
         crashpoint.reached(CrashPoint.SOURCE_RELEASED)

@@ -71,6 +71,11 @@ ADDED_COLUMNS = {
     "total": "INTEGER",
     #: Live mode, source: QEMU's downtime of the migration (ms), once known.
     "downtime_ms": "INTEGER",
+    #: Live mode, source: QEMU's total time (ms) and bytes transferred, and
+    #: the guest's downtime bounded here (stop to the destination's DONE, ms).
+    "qemu_total_ms": "INTEGER",
+    "qemu_bytes": "INTEGER",
+    "guest_downtime_ms": "INTEGER",
 }
 
 #: How many refused arrivals the journal keeps (the newest): a source that
@@ -272,6 +277,24 @@ class Journal:
         with self._db:
             self._db.execute(
                 "UPDATE migrations SET downtime_ms = ? WHERE id = ?", (downtime_ms, local_id)
+            )
+
+    def set_live_numbers(
+        self,
+        local_id: str,
+        downtime_ms: int,
+        total_ms: int,
+        transferred: int,
+        guest_downtime_ms: int | None,
+    ) -> None:
+        """Record QEMU's numbers of a live migration (its downtime, total
+        time, bytes transferred) and the guest's downtime as the source
+        bounds it (source, once the destination's guest runs; no event)."""
+        with self._db:
+            self._db.execute(
+                "UPDATE migrations SET downtime_ms = ?, qemu_total_ms = ?, qemu_bytes = ?,"
+                " guest_downtime_ms = ? WHERE id = ?",
+                (downtime_ms, total_ms, transferred, guest_downtime_ms, local_id),
             )
 
     def request_abort(self, local_id: str) -> None:

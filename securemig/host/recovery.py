@@ -27,6 +27,8 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from securemig import crashpoint
+from securemig.crashpoint import CrashPoint
 from securemig.host import storage
 from securemig.host.departure import release
 from securemig.host.journal import Journal, MigrationRecord, owner_alive
@@ -146,6 +148,7 @@ async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]
         ]
     if not record.reached(Phase.RELEASED) and record.bundle and Path(record.bundle).exists():
         await release(journal, record.id, Bundle.load(Path(record.bundle)))
+        crashpoint.reached(CrashPoint.SOURCE_SETTLE_RELEASED)
         said.append(f"VM {record.vm} was committed to {record.peer}: its copy here removed")
     elif not record.reached(Phase.RELEASED):
         journal.phase(record.id, Phase.RELEASED)
@@ -166,7 +169,10 @@ async def _abort(
     defer: bool = False,
 ) -> list[str] | None:
     if record.outcome is not None:
-        return []  # aborted already; only the destination's confirmation is owed
+        # Aborted already; the destination's confirmation is owed, and a live
+        # guest's QEMU may still wait paused here (a crash came between the
+        # journal write and its ``cont``): the rule is to make it run again.
+        return await _continue_aborted(record)
     bundle_dir = Path(record.bundle) if record.bundle else None
     lock = None
     if bundle_dir is not None and bundle_dir.exists():
@@ -191,12 +197,34 @@ async def _abort(
             error="CONNECTION_LOST: source restarted before COMMITTED",
         )
         said = [f"VM {record.vm}: migration to {record.peer} never committed: aborted"]
+        crashpoint.reached(CrashPoint.SOURCE_SETTLE_ABORTED)
         if bundle is not None:
             said.append(await _resume(bundle, unseal))
         return said
     finally:
         if lock is not None:
             lock.release()
+
+
+async def _continue_aborted(record: MigrationRecord) -> list[str]:
+    """An aborted live departure whose QEMU still waits paused here (the
+    stream completed, or was cut, and the settling process died before
+    ``cont``): continue it, under the VM's lock; nothing for any other."""
+    if not live_qemu(record):
+        return []
+    assert record.bundle is not None
+    bundle_dir = Path(record.bundle)
+    bundle = Bundle.load(bundle_dir)
+    if backend_for(bundle.manifest.backend).status(bundle) != "paused":
+        return []
+    try:
+        lock = storage.VMLock(bundle_dir / LOCK)
+    except storage.LockBusy:
+        return []  # a migration or a command has it: asked again next round
+    try:
+        return [await _resume(bundle, None)]
+    finally:
+        lock.release()
 
 
 def _needs_key(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> bool:
@@ -249,6 +277,7 @@ async def acknowledge(journal: Journal, owed: Owed, answer: wire.Resolved) -> bo
         journal.set_peer_settled(record.id)
         if committed:
             journal.phase(record.id, Phase.RECLAIMED)
+            crashpoint.reached(CrashPoint.SOURCE_SETTLE_RECLAIMED)
             fresh = journal.get(record.id)
             await reclaim(journal, fresh if fresh is not None else record)
         return True
@@ -260,6 +289,7 @@ async def acknowledge(journal: Journal, owed: Owed, answer: wire.Resolved) -> bo
                 and Path(record.bundle).exists()
             ):
                 await release(journal, record.id, Bundle.load(Path(record.bundle)))
+                crashpoint.reached(CrashPoint.SOURCE_SETTLE_RELEASED)
             journal.set_peer_settled(record.id)
             journal.finish(record.id, "done")
         else:

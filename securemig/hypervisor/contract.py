@@ -90,6 +90,9 @@ class LiveSide(Protocol):
     (:meth:`Backend.live_source`, :meth:`Backend.live_destination`)."""
 
     bundle: Bundle
+    #: Source: ``time.monotonic()`` just before the backend was told to
+    #: migrate (its total time counts from then); None if it does not say.
+    started: float | None
 
     async def wait(self, timeout: float = ...) -> Any:
         """Until the backend says the stream completed; its numbers."""

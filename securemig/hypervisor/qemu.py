@@ -599,6 +599,17 @@ class LiveStats:
     iterations: int
     dirty_pages_rate: int
 
+    def guest_downtime_ms(self, started: float, running: float) -> int:
+        """The guest's downtime as the source can bound it: from when its
+        guest stopped (QEMU's completion, ``started`` + total time, less its
+        downtime) to ``running`` (``time.monotonic()`` when the destination
+        said its guest runs).  Never below the pause from its stop to the
+        destination's ``cont``: QEMU counts from a moment after ``started``,
+        and ``cont`` came before DONE.  (The guest's own view adds its first
+        steps after ``cont``.)"""
+        stopped = started + (self.total_ms - self.downtime_ms) / 1000
+        return max(self.downtime_ms, round((running - stopped) * 1000))
+
     @classmethod
     def of(cls, info: dict[str, Any]) -> LiveStats:
         """From ``query-migrate``'s answer at the source."""
@@ -635,6 +646,9 @@ class LiveMigration:
         self.monitor = monitor
         #: At the destination: the unix socket its QEMU listens on for the stream.
         self.socket: Path | None = None
+        #: At the source: ``time.monotonic()`` just before QEMU was told to
+        #: migrate (its total time counts from then), for the guest's downtime.
+        self.started: float | None = None
 
     async def query(self) -> dict[str, Any]:
         """``query-migrate``; a QEMU that exited says so."""
@@ -753,8 +767,11 @@ async def _live_source(
         "migrate-set-parameters",
         **{"downtime-limit": downtime_limit_ms, "max-bandwidth": max_bandwidth},
     )
+    started = time.monotonic()
     await monitor.execute("migrate", uri=uri)
-    return LiveMigration(backend, bundle, monitor)
+    live = LiveMigration(backend, bundle, monitor)
+    live.started = started
+    return live
 
 
 async def _live_destination(backend: QemuBackend, bundle: Bundle, tag: str) -> LiveMigration:

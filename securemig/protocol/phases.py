@@ -44,11 +44,13 @@ class Phase(enum.StrEnum):
     LIVE = "live"  #: source: a live migration of the running VM began (it keeps running)
     INCOMING = "incoming"  #: destination: the VM's vTPM and QEMU wait paused for the stream
     # Issue 22, appended:
-    #: destination, live: its QEMU ended before the COMMIT was journaled (never ran)
+    #: destination, live: its QEMU ended before CONTINUING was journaled (never ran)
     LOST = "lost"
     RECLAIMED = (
         "reclaimed"  #: source, live: committed, the destination lost; the guest goes on here
     )
+    #: destination, live: in place, its QEMU there; the last durable step before cont
+    CONTINUING = "continuing"
 
 
 class Activity(enum.StrEnum):
@@ -98,6 +100,7 @@ ACTIVITY_AFTER: dict[Phase, Activity] = {
     Phase.STREAMING: Activity.STREAMS,
     Phase.PREPARED: Activity.COMMIT,
     Phase.COMMITTED: Activity.RESUME,  # destination: into place and resumed
+    Phase.CONTINUING: Activity.RESUME,  # destination, live: cont
     Phase.RESUMED: Activity.CONFIRM,
     Phase.RELEASED: Activity.RESUME,  # source: from giving the VM up to DONE
 }

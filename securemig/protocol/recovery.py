@@ -23,14 +23,16 @@ The rules (``doc/protocol.rst``, "Journal states and recovery"):
 - live mode (the guest's memory is only in QEMU processes): the source keeps
   its paused QEMU, key and bundle after COMMITTED until the destination
   confirms its guest runs (DONE, sent after ``cont`` and QMP said running).
-  A destination whose QEMU ended before it journaled the COMMIT (the last
-  durable step before ``cont``) knows the guest never ran there: it journals
-  LOST and discards; told LOST, a committed source continues its own paused
-  QEMU (RECLAIMED).  So the guest never runs on both hosts (the destination
-  runs it only after journaling the COMMIT, never after LOST; the source
+  The destination journals CONTINUING (in place, its QEMU still there) as
+  the last durable step before ``cont``: a destination whose QEMU ended
+  before that knows the guest never ran there (with or without a journaled
+  COMMIT): it journals LOST and discards (staging, or the VM it moved into
+  place); told LOST, a committed source continues its own paused QEMU
+  (RECLAIMED).  So the guest never runs on both hosts (the destination runs
+  it only after journaling CONTINUING, never after LOST; the source
   continues it after COMMITTED only on LOST) and is lost only with the QEMU
   that runs it, or may run it: a source QEMU that dies before PREPARED
-  arrived, a destination QEMU that dies after its COMMIT was journaled;
+  arrived, a destination QEMU that dies after CONTINUING was journaled;
 - nothing is guessed: a question with no durable answer yet gets ``None``
   ("ask again"), never a default.
 
@@ -94,6 +96,9 @@ class DestinationState(enum.Enum):
     STREAMING = Phase.STREAMING  #: images are being staged (partial staging)
     PREPARED = Phase.PREPARED  #: staging complete and durable; PREPARED may be sent
     COMMIT_RECEIVED = Phase.COMMITTED  #: the COMMIT journaled, before the move
+    #: Live: in place and its QEMU there, journaled just before ``cont``: from
+    #: here the guest may have run here.
+    CONTINUING = Phase.CONTINUING
     RESUMED = Phase.RESUMED  #: the VM is in place and was resumed
     DONE = Phase.DONE  #: finished here
     ABORTED = Phase.ABORTED  #: staging discarded (or being discarded)
@@ -115,6 +120,8 @@ class DestinationState(enum.Enum):
             return cls.LOST
         if Phase.RESUMED in phases:
             return cls.RESUMED
+        if Phase.CONTINUING in phases:
+            return cls.CONTINUING
         if Phase.COMMITTED in phases:
             return cls.COMMIT_RECEIVED
         if outcome == "in-doubt":
@@ -154,9 +161,14 @@ class DestinationStep(enum.Enum):
     JOURNAL_COMMIT = "journal the COMMIT"
     #: Rename staging to ``vms/NAME``; nothing to do if it is there already.
     MOVE_INTO_PLACE = "move the VM into place"
+    #: Live: journal CONTINUING, the last durable step before ``cont``.
+    JOURNAL_CONTINUING = "journal continuing"
     RESUME = "resume the VM (if it is not running)"
     JOURNAL_DONE = "journal done"
     DISCARD_STAGING = "remove staging (if any) and release the name"
+    #: Live, LOST: remove the VM this migration moved into place, which never
+    #: ran here (no QEMU of it is left; CONTINUING was never journaled).
+    DISCARD_UNRUN = "remove the VM moved into place that never ran here"
     JOURNAL_ABORTED = "journal aborted"
     JOURNAL_IN_DOUBT = "journal in doubt"
     #: Ask the source for its decision (pull) until it answers.
@@ -186,7 +198,9 @@ _S = SourceStep
 _D = DestinationStep
 _ROLL_FORWARD = (_D.MOVE_INTO_PLACE, _D.RESUME, _D.JOURNAL_DONE)
 _DISCARD = (_D.DISCARD_STAGING, _D.JOURNAL_ABORTED)
-_LOSE = (_D.JOURNAL_LOST, _D.DISCARD_STAGING)
+_LOSE = (_D.JOURNAL_LOST, _D.DISCARD_STAGING, _D.DISCARD_UNRUN)
+#: Live: the roll forward with CONTINUING journaled before ``cont``.
+_ROLL_FORWARD_LIVE = (_D.MOVE_INTO_PLACE, _D.JOURNAL_CONTINUING, _D.RESUME, _D.JOURNAL_DONE)
 
 
 def source_decision(state: SourceState) -> Decision | None:
@@ -203,7 +217,12 @@ def destination_decision(state: DestinationState) -> Decision | None:
     """The decision a destination state has durably adopted, if any
     (``None`` while it may still go either way: in doubt or before; and
     LOST, which is no decision but a fact either decision accepts)."""
-    if state in (DestinationState.COMMIT_RECEIVED, DestinationState.RESUMED, DestinationState.DONE):
+    if state in (
+        DestinationState.COMMIT_RECEIVED,
+        DestinationState.CONTINUING,
+        DestinationState.RESUMED,
+        DestinationState.DONE,
+    ):
         return Decision.COMMITTED
     if state is DestinationState.ABORTED:
         return Decision.ABORTED
@@ -275,6 +294,16 @@ def acknowledged(state: SourceState, reply: Decision | None, lost: bool = False)
     return SourceAction((), "settled")
 
 
+def _unrun(state: DestinationState) -> bool:
+    """Live: a state in which no ``cont`` was ever sent here (CONTINUING,
+    the last durable step before it, not journaled yet)."""
+    return state in (
+        DestinationState.PREPARED,
+        DestinationState.IN_DOUBT,
+        DestinationState.COMMIT_RECEIVED,
+    )
+
+
 def destination_restart(
     state: DestinationState,
     vm_in_place: bool,
@@ -289,24 +318,30 @@ def destination_restart(
         # The source commits only after PREPARED, which was never sent.
         return DestinationAction(_DISCARD, "restarted before PREPARED")
     if state is DestinationState.LOST:
-        return DestinationAction((_D.DISCARD_STAGING,), "lost: clean up")
-    if state in (DestinationState.PREPARED, DestinationState.IN_DOUBT) and live_qemu is False:
-        # No COMMIT journaled, so no cont was ever sent: it never ran here.
+        return DestinationAction(_LOSE[1:], "lost: clean up")
+    if _unrun(state) and live_qemu is False:
+        # CONTINUING not journaled, so no cont was ever sent: it never ran here.
         return DestinationAction(_LOSE, "its QEMU ended before the guest ran here")
-    if state is DestinationState.COMMIT_RECEIVED and live_qemu is False:
-        return DestinationAction((), "committed, and its QEMU ended: an operator must look")
-    if state is DestinationState.RESUMED and live_qemu is False:
-        # It ran here; its QEMU has ended since (a crash of the running guest).
-        return DestinationAction((_D.JOURNAL_DONE,), "resumed; its QEMU has ended since")
+    if state in (DestinationState.CONTINUING, DestinationState.RESUMED) and live_qemu is False:
+        # It ran here (or may have: cont may have been sent); its QEMU has
+        # ended since, a crash of the guest: nothing runs it a second time.
+        return DestinationAction((_D.JOURNAL_DONE,), "continued; its QEMU has ended since")
     if state is DestinationState.PREPARED:
         return DestinationAction((_D.JOURNAL_IN_DOUBT, _D.ASK_SOURCE), "prepared: in doubt")
     if state is DestinationState.IN_DOUBT:
         return DestinationAction((_D.ASK_SOURCE,), "in doubt")
-    if state in (DestinationState.COMMIT_RECEIVED, DestinationState.RESUMED):
+    if state in (
+        DestinationState.COMMIT_RECEIVED,
+        DestinationState.CONTINUING,
+        DestinationState.RESUMED,
+    ):
+        forward = _ROLL_FORWARD if live_qemu is None else _ROLL_FORWARD_LIVE
+        if vm_in_place and state is not DestinationState.COMMIT_RECEIVED:
+            return DestinationAction((_D.RESUME, _D.JOURNAL_DONE), "continued: finish")
         if vm_in_place:
-            return DestinationAction(_ROLL_FORWARD[1:], "committed and in place: resume")
+            return DestinationAction(forward[1:], "committed and in place: resume")
         if staging_complete and state is DestinationState.COMMIT_RECEIVED:
-            return DestinationAction(_ROLL_FORWARD, "committed: roll forward")
+            return DestinationAction(forward, "committed: roll forward")
         return DestinationAction((), "committed, but neither staging nor VM: an operator must look")
     if state is DestinationState.ABORTED:
         return DestinationAction((_D.DISCARD_STAGING,), "aborted: clean up")
@@ -329,14 +364,15 @@ def resolve(
         return DestinationAction(_DISCARD if mine is None else (), "the source aborted")
     if state in (DestinationState.ADMITTED, DestinationState.STREAMING):
         return DestinationAction((), "committed before PREPARED: an operator must look")
+    if _unrun(state) and live_qemu is False:
+        return DestinationAction(_LOSE, "its QEMU ended before the guest ran here")
+    forward = _ROLL_FORWARD if live_qemu is None else _ROLL_FORWARD_LIVE
     if state in (DestinationState.PREPARED, DestinationState.IN_DOUBT):
-        if live_qemu is False:
-            return DestinationAction(_LOSE, "its QEMU ended before the guest ran here")
-        return DestinationAction((_D.JOURNAL_COMMIT, *_ROLL_FORWARD), "the source committed")
+        return DestinationAction((_D.JOURNAL_COMMIT, *forward), "the source committed")
     if state is DestinationState.COMMIT_RECEIVED:
+        return DestinationAction(forward, "the source committed: roll forward")
+    if state in (DestinationState.CONTINUING, DestinationState.RESUMED):
         if live_qemu is False:
-            return DestinationAction((), "committed, and its QEMU ended: an operator must look")
-        return DestinationAction(_ROLL_FORWARD, "the source committed: roll forward")
-    if state is DestinationState.RESUMED:
-        return DestinationAction(_ROLL_FORWARD[1:], "the source committed: finish")
+            return DestinationAction((_D.JOURNAL_DONE,), "continued; its QEMU has ended since")
+        return DestinationAction((_D.RESUME, _D.JOURNAL_DONE), "the source committed: finish")
     return DestinationAction((), "done")

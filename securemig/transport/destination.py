@@ -277,6 +277,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 new_opener,
                 interface=self.out.getHost().host,
                 on_progress=lambda n: self.touch(),
+                listen=self.options.live_listener,
             )
             self.live_receiver = receiver
             receiver.done.addCallback(lambda _: self._live_unbound(receiver))

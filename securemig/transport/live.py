@@ -215,6 +215,7 @@ class LiveReceiver:
         accept_timeout: float = LIVE_ACCEPT_TIMEOUT,
         first_record_timeout: float = FIRST_RECORD_TIMEOUT,
         max_pending: int = MAX_PENDING_DATA_CONNECTIONS,
+        listen: Callable[[str, Factory], Any] | None = None,
     ) -> None:
         self.on_progress = on_progress
         self.reactor = reactor
@@ -248,7 +249,11 @@ class LiveReceiver:
                     return None
                 return receiver._stranger()
 
-        self.port = reactor.listenTCP(0, FromSource(), interface=interface)
+        # ``listen(interface, factory)``: the destination's ``--data-ports``.
+        if listen is None:
+            self.port = reactor.listenTCP(0, FromSource(), interface=interface)
+        else:
+            self.port = listen(interface, FromSource())
         self._accept_timer = reactor.callLater(accept_timeout, self._accept_expired)
 
     @property

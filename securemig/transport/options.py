@@ -116,3 +116,6 @@ class DestinationOptions:
     #: Secure variant: opens a migration's data channel port (None: images
     #: inside TLS).
     data_listener: DataListener | None = None
+    #: Opens a live migration's stream port (``--data-ports`` applies to it
+    #: too, with or without ``--tls-data``); None: any free port.
+    live_listener: DataListener | None = None

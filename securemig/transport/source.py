@@ -402,8 +402,14 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self.wire_bytes = None if None in counts else sum(c or 0 for c in counts)
             self._stop_streaming()
             self._close(effect)
-            if self.departure.committed and self.departure.keeps_copy():
-                # Live, after COMMITTED: the paused QEMU was kept until now.
+            departure = self.departure
+            if departure.committed and (
+                departure.keeps_copy() or (departure.live_started() and not departure.carried)
+            ):
+                # Live, after COMMITTED: the paused QEMU (or, a hypervisor
+                # that ended its own, the domain's definition) was kept until
+                # now; on DONE a QEMU's copy goes even if that QEMU has ended
+                # since: the key and bundle must not outlive the hand-over.
                 self.rolled_back = self._settle_live(effect)
             elif self.carrier is not None and self.rolled_back is not None:
                 # The rollback learns whether the hypervisor moved the guest

@@ -230,3 +230,46 @@ class TpmSimulateTests(SynchronousTestCase):
         with TPM(tcti) as tpm:
             ek = x509.load_der_x509_certificate(tpm.ek_certificate("ecc"))
         self.assertEqual(ek.issuer, intermediate.subject)
+
+
+class _Terminal(io.StringIO):
+    """stderr as a terminal: the bar is drawn (into memory)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+class LiveProgressBarTests(SynchronousTestCase):
+    def test_live_bar_has_a_total(self) -> None:
+        """A live migration's bar counts to the guest's RAM (it had no
+        total: a live migration streams no image), and grows with the
+        pages QEMU sends again rather than overflowing."""
+        from securemig.app.cli.migrate import _ProgressBar
+        from securemig.host.departure import Departure
+        from securemig.host.journal import Journal
+        from securemig.hypervisor.bundle import Bundle
+        from securemig.protocol import wire
+
+        base = Path(self.mktemp()).absolute()
+        created = processes.securemig(
+            "vm", "create", "vm1", "--dir", str(base), "--backend", "qemu", "--ram-mib", "96"
+        )
+        self.assertEqual(created.returncode, 0, created.stderr)
+        journal = Journal(base / "journal.sqlite")
+        self.addCleanup(journal.close)
+        departure = Departure(
+            Bundle.find(base, "vm1"), wire.Variant.SHARED_STORAGE, "peer", "secure", journal,
+            live=True,
+        )  # fmt: skip
+        self.assertEqual(departure.total_bytes, 0)
+        self.assertEqual(departure.expected_bytes, 96 << 20)
+        terminal = _Terminal()
+        with contextlib.redirect_stderr(terminal):
+            bar = _ProgressBar("migrating vm1", shown=True)
+            bar.start(departure)
+            self.assertEqual(bar.bar.total, 96 << 20)
+            bar.update(90 << 20)
+            bar.update(16 << 20)  # the second round: pages dirtied meanwhile
+            self.assertEqual((bar.bar.n, bar.bar.total), (106 << 20, 106 << 20))
+            bar.close()
+        self.assertIn("106M", terminal.getvalue())

@@ -50,9 +50,13 @@ the guest never runs on both hosts from one switchover (the destination's
 QEMU continued and the source's continued after its stream), and some QEMU
 always holds it, unless the QEMU that died ran it or may have (the
 source's while it ran the guest, or before the source journaled PREPARED,
-or once it was chosen to go on; the destination's after its COMMIT was
-journaled, the last durable step before ``cont``): then the guest crashed,
-an operator looks, and only "never twice" is still checked.  Bound in
+or once it was chosen to go on; the destination's after it journaled
+CONTINUING, the last durable step before ``cont``): then the guest crashed,
+an operator looks, and only "never twice" is still checked.  A destination
+QEMU lost after the COMMIT was journaled and before CONTINUING is LOST: the
+source continues the guest (``test_live_destination_qemu_lost_after_commit_reclaimed``);
+the control ``Model(journal_continuing=False)`` shows the guest run twice
+without that journal write.  Bound in
 ``make test``: 1 crash per side, 1 network fault, 1 QEMU lost: 39,969
 states in about 12 s (``2,1``: 109,948 states in 29 s; none violates
 anything).  Its control ends the source's QEMU at COMMITTED, as before
@@ -123,6 +127,15 @@ COMMIT_DESTROY_FIRST = (
 )
 #: The destination's commit (``Arrival.commit``), then the session's resumed().
 COMMIT_IN_PLACE = (D.JOURNAL_COMMIT, D.MOVE_INTO_PLACE, D.RESUME, "journal-resumed", "resumed")
+#: Live: CONTINUING journaled (in place, its QEMU checked) just before ``cont``.
+COMMIT_IN_PLACE_LIVE = (
+    D.JOURNAL_COMMIT,
+    D.MOVE_INTO_PLACE,
+    D.JOURNAL_CONTINUING,
+    D.RESUME,
+    "journal-resumed",
+    "resumed",
+)
 #: Live: the source keeps its paused QEMU after COMMITTED (released at once
 #: only if it is gone), until DONE.
 COMMIT_LIVE = ("journal-prepared", "journal-committed", "release-if-gone", "committed-locally")
@@ -175,6 +188,8 @@ class World:
     #: COMMIT was journaled): the guest is lost by that crash, not by the protocol.
     crashed: bool = False
     qemu_faults: int = 0
+    #: The destination's journal state when its QEMU was lost (for tests' goals).
+    dst_qemu_lost_in: DestinationState | None = None
     # What is left of the bound.
     src_crashes: int = 0
     dst_crashes: int = 0
@@ -218,6 +233,7 @@ class World:
             self.src_went_on,
             self.crashed,
             self.qemu_faults,
+            self.dst_qemu_lost_in,
             self.src_crashes,
             self.dst_crashes,
             self.faults,
@@ -278,11 +294,15 @@ class Model:
         pull: bool = False,
         live: bool = False,
         keep_paused: bool = True,
+        journal_continuing: bool = True,
     ) -> None:
         #: Live mode: QEMU processes hold the guest; "QEMU lost" faults.
         self.live = live
         #: Live control: False ends the source's QEMU at COMMITTED (before issue 22).
         self.keep_paused = keep_paused
+        #: Live control: False sends ``cont`` with no CONTINUING journaled
+        #: first, so LOST after a journaled COMMIT cannot tell "never ran here".
+        self.journal_continuing = journal_continuing
         if live:
             commit = (
                 COMMIT_LIVE if keep_paused else (*COMMIT_LIVE[:2], S.DESTROY_COPY, COMMIT_LIVE[3])
@@ -371,7 +391,7 @@ class Model:
             elif isinstance(e, fx.Prepare):
                 w.dst_tasks.append("prepare")
             elif isinstance(e, fx.CommitInPlace):
-                w.dst_tasks += COMMIT_IN_PLACE
+                w.dst_tasks += COMMIT_IN_PLACE_LIVE if self.live else COMMIT_IN_PLACE
             elif isinstance(e, fx.Discard):
                 # Arrival.cancel(): queued disk work does nothing; then remove.
                 w.dst_tasks = [t for t in w.dst_tasks if t != "prepare"]
@@ -447,12 +467,19 @@ class Model:
                 w.dst_state, w.staging = DestinationState.ADMITTED, b""
                 assert w.dst is not None
                 self.feed(w, "dst", lambda: w.dst.admitted(MID))  # type: ignore[union-attr]
-        elif task is D.JOURNAL_COMMIT and self.live and w.dst_qemu is None:
-            # Live: checked as the COMMIT is journaled (Arrival.commit, and
-            # resolve): its QEMU ended before, so it never ran here: LOST.
-            rolling = (*COMMIT_IN_PLACE, D.JOURNAL_DONE)
+        elif task in (D.JOURNAL_COMMIT, D.JOURNAL_CONTINUING) and self.live and w.dst_qemu is None:
+            # Live: checked as the COMMIT is journaled and again just before
+            # CONTINUING (Arrival.commit, and resolve): its QEMU ended before,
+            # so it never ran here: LOST (the VM in place, if moved, goes).
+            rolling = (*COMMIT_IN_PLACE_LIVE, D.JOURNAL_DONE)
             w.dst_tasks = [t for t in w.dst_tasks if t not in rolling]
-            w.dst_tasks[:0] = [D.JOURNAL_LOST, D.DISCARD_STAGING, "lost-fail"]
+            w.dst_tasks[:0] = [D.JOURNAL_LOST, D.DISCARD_STAGING, D.DISCARD_UNRUN, "lost-fail"]
+        elif task is D.JOURNAL_CONTINUING:
+            if self.journal_continuing:
+                w.dst_state = DestinationState.CONTINUING
+        elif task is D.DISCARD_UNRUN:
+            if w.dst_state is DestinationState.LOST and w.in_place:
+                w.in_place, w.dst_qemu = False, None
         elif task == "lost-fail":
             if w.live("dst"):
                 assert w.dst is not None
@@ -488,6 +515,15 @@ class Model:
                 w.dst_running = w.dst_running or w.in_place
             elif w.in_place and w.dst_qemu is not None:
                 w.dst_qemu, w.dst_running, w.dst_ran = "running", True, True
+            elif w.in_place:
+                # ``cont`` to a QEMU that is gone fails (RESUME_FAILED): no
+                # RESUMED, no DONE; the journal stays where it was.
+                rolling = ("journal-resumed", "resumed", D.JOURNAL_DONE)
+                w.dst_tasks = [t for t in w.dst_tasks if t not in rolling]
+                if w.live("dst"):
+                    assert w.dst is not None
+                    dst = w.dst
+                    self.feed(w, "dst", lambda: dst.fail(ErrorCode.RESUME_FAILED, "gone"))
         elif task is D.JOURNAL_DONE:
             w.dst_state = DestinationState.DONE
         elif task is D.DISCARD_STAGING:
@@ -564,14 +600,14 @@ class Model:
             w.crashed = w.crashed or w.src_qemu == "running" or before_prepared or decided
             w.src_qemu, w.src_running = None, False
         else:
-            # After the COMMIT is journaled there, cont may have been sent.
+            # After CONTINUING is journaled there, cont may have been sent.
             ran = w.dst_state in (
-                DestinationState.COMMIT_RECEIVED,
+                DestinationState.CONTINUING,
                 DestinationState.RESUMED,
                 DestinationState.DONE,
             )
             w.crashed = w.crashed or w.dst_qemu == "running" or ran
-            w.dst_qemu, w.dst_running = None, False
+            w.dst_qemu, w.dst_running, w.dst_qemu_lost_in = None, False, w.dst_state
 
     # -- the network
 
@@ -599,8 +635,6 @@ class Model:
         migration it never admitted has nothing to settle there."""
         if w.dst_state is None:
             return Decision.ABORTED
-        if self.live and w.dst_state is DestinationState.COMMIT_RECEIVED and w.dst_qemu is None:
-            return None  # "failed": an operator must look (the guest crashed there)
         return destination_decision(w.dst_state)
 
     def dst_idle(self, w: World) -> bool:
@@ -633,7 +667,8 @@ class Model:
                 w.dst_state is not None
                 and resolve(w.dst_state, w.src_tell, self.dst_qemu_alive(w)).steps
             )
-            if w.crashed and not steps and self.reply(w) is None:
+            lost = w.dst_state is DestinationState.LOST
+            if w.crashed and not steps and self.reply(w) is None and not lost:
                 pass  # the guest crashed with a QEMU: an operator looks
             elif steps:
                 yield f"RESOLVE {w.src_tell.value} to dst", False, self._push
@@ -739,6 +774,10 @@ def violations(w: World, live: bool = False) -> Iterator[str]:
 
 def changed(before: World, after: World) -> Iterator[str]:
     """A journaled decision that a step changed."""
+    if after.dst_state is DestinationState.LOST:
+        # LOST is no decision but a fact (the guest never ran there) that
+        # either decision accepts, even after a journaled COMMIT.
+        after = dataclasses.replace(after, dst_state=before.dst_state)
     for name, a, b in (
         ("source", source_decision(before.src_state), source_decision(after.src_state)),
         (
@@ -788,16 +827,25 @@ class Result:
     #: violation -> the steps that reach it (the first found, the shortest).
     found: dict[str, tuple[str, ...]]
     anomalies: set[str]
+    #: The steps to the first state that met the exploration's ``goal``.
+    goal: tuple[str, ...] | None = None
 
 
-def explore(crashes: int, faults: int, model: Model | None = None, qemu_faults: int = 0) -> Result:
+def explore(
+    crashes: int,
+    faults: int,
+    model: Model | None = None,
+    qemu_faults: int = 0,
+    goal: Callable[[World], bool] | None = None,
+) -> Result:
     """Every state reachable with at most ``crashes`` per side and ``faults``
     network faults, breadth first.
 
     Besides the invariants of every state, two checks make "every run where
     messages eventually arrive ends settled": a state where only faults can
     happen must be settled, and from every state the steps that are not
-    faults must still lead to such a state (no run can go round for ever)."""
+    faults must still lead to such a state (no run can go round for ever).
+    ``goal``: a state a test wants reached (the path to it is returned)."""
     model = model or Model()
     w = World(
         source_session.SourceSession(HELLO), src_crashes=crashes, dst_crashes=crashes, faults=faults
@@ -812,6 +860,7 @@ def explore(crashes: int, faults: int, model: Model | None = None, qemu_faults: 
     settled: list[int] = []
     queue: deque[tuple[World, int]] = deque([(w, 0)])
     found: dict[str, tuple[str, ...]] = {}
+    reached: tuple[str, ...] | None = None
 
     def path(i: int, *last: str) -> tuple[str, ...]:
         labels = list(last)
@@ -844,6 +893,8 @@ def explore(crashes: int, faults: int, model: Model | None = None, qemu_faults: 
                 queue.append((after, ids[key]))
             if not is_fault:
                 came_from[ids[key]].append(me)
+            if goal is not None and reached is None and goal(after):
+                reached = path(me, label)
         if not progress:
             settled.append(me)
             for why in unsettled(w):
@@ -859,7 +910,7 @@ def explore(crashes: int, faults: int, model: Model | None = None, qemu_faults: 
     stuck = [i for i in range(len(parent)) if i not in can_settle and i not in crashed]
     if stuck:
         found["cannot settle without a fault"] = path(stuck[0])
-    return Result(len(parent), found, model.anomalies)
+    return Result(len(parent), found, model.anomalies, reached)
 
 
 def bound() -> tuple[int, int]:
@@ -900,6 +951,30 @@ class ExplorerTests(SynchronousTestCase):
         self.assertEqual(result.anomalies, set())
         self.assertGreater(result.states, 1000)
 
+    def test_live_destination_qemu_lost_after_commit_reclaimed(self) -> None:
+        """The window issue 22 left open: the destination's QEMU dies after
+        its COMMIT was journaled, before CONTINUING (so before ``cont``): the
+        destination journals LOST (the VM it moved into place goes) and the
+        source continues its paused QEMU; settled, no crash counted."""
+
+        def reclaimed_after_commit(w: World) -> bool:
+            return (
+                w.dst_qemu_lost_in is DestinationState.COMMIT_RECEIVED
+                and w.src_state is SourceState.RECLAIMED
+                and w.dst_state is DestinationState.LOST
+                and w.src_running
+                and not w.crashed
+                and not w.in_place
+                and not (w.src_tasks or w.dst_tasks or w.live("src") or w.live("dst"))
+            )
+
+        result = explore(0, 0, model=Model(live=True), qemu_faults=1, goal=reclaimed_after_commit)
+        self.assertEqual((result.found, result.anomalies), ({}, set()))
+        assert result.goal is not None
+        committed = result.goal.index("dst does journal the COMMIT")
+        lost = result.goal.index("dst QEMU lost (paused)")
+        self.assertGreater(lost, committed, result.goal)
+
     def test_live_happy_path_settles(self) -> None:
         """Live mode without crashes or faults commits and settles."""
         result = explore(crashes=0, faults=0, model=Model(live=True))
@@ -933,6 +1008,19 @@ class ControlTests(SynchronousTestCase):
         self.assertIsNotNone(path)
         assert path is not None
         self.assertIn("dst QEMU lost (paused)", path)
+
+    def test_live_cont_without_continuing_runs_twice(self) -> None:
+        """Without CONTINUING journaled before ``cont``, a destination whose
+        QEMU ended after the COMMIT cannot tell a guest that never ran there
+        from one that did: LOST then lets the source continue a guest that
+        ran at the destination (a crash of its daemon after ``cont``,
+        before RESUMED is journaled)."""
+        model = Model(live=True, journal_continuing=False)
+        result = explore(1, 0, model=model, qemu_faults=1)
+        path = result.found.get("VM ran on both hosts from the same switchover")
+        self.assertIsNotNone(path)
+        assert path is not None
+        self.assertIn("dst QEMU lost (running)", path)
 
     def test_destroy_before_committed_loses_the_vm(self) -> None:
         """A source destroying its copy before COMMITTED is durable loses the VM."""

@@ -46,6 +46,7 @@ JOURNALED = (
     "incoming",
     "lost",
     "reclaimed",
+    "continuing",
 )
 
 

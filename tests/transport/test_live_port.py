@@ -11,6 +11,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
@@ -20,6 +21,7 @@ from twisted.trial.unittest import TestCase
 
 from securemig.protocol import records
 from securemig.transport.live import LIVE_RECORD_PLAINTEXT, LiveReceiver, LiveSender
+from securemig.transport.tcp import NoFreePort, listen_in_range
 
 CIPHER = "TLS_AES_128_GCM_SHA256"
 
@@ -60,12 +62,12 @@ class LivePortTests(TestCase):
         qemu = reactor.listenUNIX(str(self.dir / "incoming.sock"), SinkFactory())
         self.addCleanup(qemu.stopListening)
 
-    def receiver(self, **limits: float) -> LiveReceiver:
+    def receiver(self, **limits: Any) -> LiveReceiver:
         receiver = LiveReceiver(
             reactor,
             str(self.dir / "incoming.sock"),
             lambda: records.Opener(CIPHER, self.key, self.migration_id, LIVE_RECORD_PLAINTEXT),
-            **limits,  # type: ignore[arg-type]
+            **limits,
         )
         self.addCleanup(receiver.cut)
         return receiver
@@ -97,6 +99,26 @@ class LivePortTests(TestCase):
         """A well-formed opening record sealed under another key."""
         sealer = records.Sealer(CIPHER, os.urandom(16), self.migration_id)
         return b"".join(sealer.seal([b""]))
+
+    def test_listens_in_data_ports(self) -> None:
+        """Given the destination's ``--data-ports`` listener, the live port
+        is one of that range (it used to be any free port, whatever the
+        firewall allowed); a range whose every port is taken is refused
+        with the sentence that names it."""
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        ports = range(port, port + 1)
+
+        def listen(interface: str, factory: Factory) -> object:
+            return listen_in_range(reactor, ports, factory, interface)
+
+        receiver = self.receiver(listen=listen)
+        self.assertEqual(receiver.address, ("127.0.0.1", port))
+        with self.assertRaises(NoFreePort) as caught:
+            self.receiver(listen=listen)
+        self.assertIn("--data-ports", str(caught.exception))
 
     async def test_source_gets_through_after_strangers(self) -> None:
         """A stranger sends a well-formed record under another key (closed

@@ -357,13 +357,14 @@ class _ProgressBar:
         self.bar: Any = None
 
     def start(self, departure: Any) -> None:
-        """The migration has started: ``departure.total_bytes`` will travel."""
+        """The migration has started: ``departure.expected_bytes`` will
+        travel (live: the guest's RAM, at least)."""
         if self.shown and sys.stderr.isatty():
             # tqdm is imported only when a bar is drawn.
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=departure.total_bytes or None,
+                total=departure.expected_bytes or None,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1024,
@@ -374,6 +375,9 @@ class _ProgressBar:
     def update(self, n: int) -> None:
         """``n`` more bytes have been sent."""
         if self.bar is not None:
+            if self.bar.total and self.bar.n + n > self.bar.total:
+                # Live: pages dirtied during the pre-copy travel again.
+                self.bar.total = self.bar.n + n
             self.bar.update(n)
 
     def close(self) -> None:
@@ -421,6 +425,8 @@ def _report(args: argparse.Namespace, journal: Journal, outcome: dict[str, Any])
             iterations=stats.iterations,
             dirty_pages_rate=stats.dirty_pages_rate,
             transferred=stats.transferred,
+            # The guest's own pause, bounded here: its stop to the DONE.
+            guest_downtime_ms=departure.guest_downtime_ms,
         )
     if args.json:
         print(json.dumps(summary, indent=2))
