@@ -476,6 +476,14 @@ class LibvirtStats:
     iterations: int = 0
     dirty_pages_rate: int = 0
 
+    def guest_downtime_ms(self, started: float, running: float) -> int:
+        """The guest's downtime as the source can bound it, as QEMU's
+        (:meth:`securemig.hypervisor.qemu.LiveStats.guest_downtime_ms`):
+        from its stop (``started`` + libvirt's elapsed time, less its
+        downtime) to ``running``, never below libvirt's downtime."""
+        stopped = started + (self.total_ms - self.downtime_ms) / 1000
+        return max(self.downtime_ms, round((running - stopped) * 1000))
+
     @classmethod
     def of(cls, stats: dict[str, Any]) -> LibvirtStats:
         """From ``virDomainGetJobStats(COMPLETED)``."""
@@ -1385,6 +1393,10 @@ class LibvirtOutgoing:
     def __init__(self, backend: LibvirtBackend, bundle: Bundle, done: Deferred[Any]) -> None:
         self.backend = backend
         self.bundle = bundle
+        #: ``time.monotonic()`` when libvirt's migration was asked for (the
+        #: contract's ``LiveSide.started``: the guest's downtime is bounded
+        #: from it, as for QEMU's own).
+        self.started: float | None = time.monotonic()
         self.stats: LibvirtStats | None = None
         self.error: BaseException | None = None
         self.ended = False
