@@ -172,6 +172,18 @@ async def _settle_live_now(
     if not settled:
         return result
     if answer.settled is wire.Settled.LOST:
+        if departure.moved_by_hypervisor():
+            # Its hypervisor ended the guest here when it completed: there is
+            # no paused copy to continue, only its disks and vTPM state.
+            name = departure.bundle.name
+            return Finished(
+                Outcome.ABORTED,
+                ErrorCode.LIVE_FAILED,
+                "the destination's QEMU ended before its guest ran there, after the "
+                "hypervisor had ended it here: its memory is lost; `securemig vm start "
+                f"{name}` boots it here from its disks and vTPM state",
+                peer_settled=True,
+            )
         return Finished(
             Outcome.ABORTED,
             ErrorCode.LIVE_FAILED,

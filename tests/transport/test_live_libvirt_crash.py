@@ -275,6 +275,7 @@ class LibvirtCrashCells(LibvirtLiveBase):
         )
         self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
         self.assertIn("LIVE_FAILED", result.stderr)
+        self.assertIn("its memory is lost; `securemig vm start lvc8`", result.stderr)
         self.assertEqual(self.state_at(self.b, "lvc8"), "undefined")
         self.assertEqual(self.state_at(self.a, "lvc8"), "5")  # shut off, still defined
         uuid = self.domain_uuid(self.a, "lvc8")
