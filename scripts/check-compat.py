@@ -92,7 +92,10 @@ def run_case(case: str) -> dict:
         if live:
             from securemig.hypervisor import guest
 
-            cmdline = guest.cmdline(os.urandom(32).hex(), 1, 8)
+            pcr16 = os.urandom(32).hex()
+            cmdline = guest.cmdline(pcr16, 1, 8)
+            # PCR 16 as the guest extended it at boot (SHA-256 bank).
+            expected_pcr16 = hashlib.sha256(bytes(32) + bytes.fromhex(pcr16)).hexdigest()
         args = ("vm1", 160 if live else (64 if backend != "image" else 32), None if live else 16)
         if src == "old" and backend == "qemu":
             # A guest the old release started (its sockets where it puts them).
@@ -140,6 +143,7 @@ def run_case(case: str) -> dict:
             out["heartbeat_continuous"] = watch.continuous()
             out["guest_gap_ms"] = watch.largest_gap_ms()
             out["last_heartbeat"] = last.seq
+            out["pcr16_kept"] = last.pcr16 == expected_pcr16
         out["seconds"] = round(time.monotonic() - t, 2)
         _role["who"] = "new"
         there = dest.state_dir / "vms" / "vm1"
