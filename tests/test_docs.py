@@ -164,6 +164,11 @@ class LiveFrontDoorTests(SynchronousTestCase):
             self.assertRegex(text, r"shared storage|storage both hosts mount")
             self.assertRegex(text, r"(?i)(does not|not yet)[^.]*(copy a disk|copying a disk)")
         self.assertNotIn("Move a suspended VM", main)
+        # Not only QEMU guests: an adopted libvirt domain moves live too,
+        # its disks copied with --copy-storage (issue 23).
+        self.assertIn("libvirt domain", main)
+        self.assertIn("--copy-storage", main)
+        self.assertNotIn("the QEMU backend on both hosts", main)
 
 
 class TroubleshootingTests(SynchronousTestCase):

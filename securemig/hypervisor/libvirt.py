@@ -478,9 +478,9 @@ class LibvirtStats:
 
     def guest_downtime_ms(self, started: float, running: float) -> int:
         """The guest's downtime as the source can bound it, as QEMU's
-        LiveStats does: from its stop (``started`` + libvirt's elapsed time,
-        less its downtime) to ``running`` (``time.monotonic()`` at DONE);
-        never below libvirt's own downtime."""
+        (:meth:`securemig.hypervisor.qemu.LiveStats.guest_downtime_ms`):
+        from its stop (``started`` + libvirt's elapsed time, less its
+        downtime) to ``running``, never below libvirt's downtime."""
         stopped = started + (self.total_ms - self.downtime_ms) / 1000
         return max(self.downtime_ms, round((running - stopped) * 1000))
 
@@ -1393,7 +1393,9 @@ class LibvirtOutgoing:
     def __init__(self, backend: LibvirtBackend, bundle: Bundle, done: Deferred[Any]) -> None:
         self.backend = backend
         self.bundle = bundle
-        #: ``time.monotonic()`` when libvirt's migration was started.
+        #: ``time.monotonic()`` when libvirt's migration was asked for (the
+        #: contract's ``LiveSide.started``: the guest's downtime is bounded
+        #: from it, as for QEMU's own).
         self.started: float | None = time.monotonic()
         self.stats: LibvirtStats | None = None
         self.error: BaseException | None = None
@@ -1476,8 +1478,6 @@ class LibvirtIncoming:
         self.paths = paths
         #: The pid file libvirt keeps of the domain's QEMU here (crash points).
         self.pidfile = backend.run_dir / "qemu" / f"{outgoing.domain}.pid"
-        #: The source's start time only (LiveSide): None here.
-        self.started: float | None = None
 
     async def wait(self, timeout: float = INCOMING_TIMEOUT) -> None:
         """Until libvirt's migration finished here (the domain paused by

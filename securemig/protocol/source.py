@@ -60,6 +60,15 @@ from securemig.protocol.session import (
     ignore_everything,
 )
 
+#: Added to the reason of an ABORT that answers HELLO with one of
+#: :data:`_OLDER_PEER_CODES`: what an older destination sends (doc/protocol.rst,
+#: HELLO, "Compatibility").
+OLDER_DESTINATION_HINT = (
+    "the destination may run an older release of securemig, which does not read "
+    "this HELLO: upgrade destinations first"
+)
+_OLDER_PEER_CODES = frozenset({ErrorCode.MALFORMED, ErrorCode.UNSUPPORTED_VERSION})
+
 
 class State(SessionState):
     """A source session's state; the first is where it starts."""
@@ -210,6 +219,10 @@ class SourceCore(Core[State]):
 
     def on_peer_abort(self, message: wire.Abort) -> SourceEffects:
         reason = f"destination: {message.reason}"
+        if self.phase is State.AWAIT_WELCOME and message.code in _OLDER_PEER_CODES:
+            # A destination of an older release refuses this HELLO so (a
+            # version-1 one reads the tail as trailing bytes): say what to do.
+            reason += f"; {OLDER_DESTINATION_HINT}"
         return [RollBack(), Finished(Outcome.ABORTED, message.code, reason, peer_settled=True)]
 
     def on_fail(self, code: ErrorCode, reason: str) -> SourceEffects:

@@ -362,6 +362,23 @@ class SourceTests(SynchronousTestCase):
                     self.assertIn("RollBack", kinds(effects))
                     self.assertEqual(finished(effects).outcome, fx.Outcome.ABORTED)
 
+    def test_hello_refused_as_by_an_older_destination_says_upgrade_first(self) -> None:
+        """An ABORT answering HELLO with MALFORMED or UNSUPPORTED_VERSION (what
+        a destination of an older release sends: doc/protocol.rst, HELLO)
+        tells the operator to upgrade destinations first; the same code later,
+        or another code then, does not."""
+        for code in (ErrorCode.MALFORMED, ErrorCode.UNSUPPORTED_VERSION):
+            src = self.source_in("awaitWelcome")
+            reason = finished(src.receive(wire.Abort(code, "9 trailing bytes in Hello"))).reason
+            self.assertIn("9 trailing bytes in Hello", reason)
+            self.assertIn(source_session.OLDER_DESTINATION_HINT, reason)
+        src = self.source_in("awaitWelcome")
+        reason = finished(src.receive(wire.Abort(ErrorCode.VM_BUSY, "here"))).reason
+        self.assertNotIn("older release", reason)
+        src = self.source_in("awaitPrepared")
+        reason = finished(src.receive(wire.Abort(ErrorCode.MALFORMED, "bad frame"))).reason
+        self.assertNotIn("older release", reason)
+
     def test_commit_whose_journal_write_failed_rolls_back(self) -> None:
         """Committing, the journal write of COMMITTED fails: nothing was
         committed, so the VM stays (ABORT, RollBack)."""

@@ -62,11 +62,13 @@ def build_parser(
         prog="securemig",
         description="Move a VM and its virtual TPM to another host, only to an attested "
         "one: suspended (stopped, streamed, resumed there), or live with `migrate --live` "
-        "(a running QEMU guest keeps running while its memory is copied and stops only "
-        "for the last dirty pages; needs the secure variant, the QEMU backend on both "
-        "hosts and the disk on shared storage; it does not copy a disk).  The destination "
-        "runs `twistd securemig`; this command drives the source, creates test VMs, shows "
-        "the journal and runs the demo and the benchmark.",
+        "(a running QEMU guest or adopted libvirt domain keeps running while its memory is "
+        "copied and stops only for the last dirty pages; needs the secure variant and the "
+        "VM's backend on both hosts; a QEMU guest's disk on shared storage, as it does not "
+        "yet copy a disk of a QEMU guest, a libvirt domain's disks shared or copied with "
+        "--copy-storage).  The destination runs `twistd securemig`; this command drives "
+        "the source, creates test VMs, adopts libvirt domains, shows the journal and runs "
+        "the demo and the benchmark.",
     )
     p.add_argument("--version", action="version", version=f"securemig {__version__}")
     p.add_argument(

@@ -38,7 +38,7 @@ from securemig.trust.tpm.tpm import TPMError
 
 def add_parser(subparsers: Subparsers) -> None:
     """Register ``securemig vm`` and its actions."""
-    vm = subparsers.add_parser("vm", help="create and inspect VM bundles")
+    vm = subparsers.add_parser("vm", help="create, adopt, start, stop and inspect VMs")
     vm_sub = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
     create = vm_sub.add_parser(
         "create",
