@@ -127,15 +127,28 @@ class LibvirtCrashCells(LibvirtLiveBase):
         finally:
             journal.close()
 
-    def kill_libvirtd_mid_stream(self, host: LibvirtHost) -> None:
-        """Once the arrival started and libvirt's copy has run a moment,
-        SIGKILL ``host``'s libvirtd, then start it again (its domains'
-        QEMUs run on; it settles their interrupted jobs)."""
+    def kill_libvirtd_mid_stream(self, host: LibvirtHost, name: str) -> None:
+        """Once the arrival started and the source's libvirt job for domain
+        ``name`` is copying (some bytes processed, not finished), SIGKILL
+        ``host``'s libvirtd, then start it again (its domains' QEMUs run on;
+        it settles their interrupted jobs).  Timed by libvirt's own job, not
+        by a sleep: on a quiet machine the whole copy takes a few seconds."""
         deadline = time.monotonic() + 300
         while not self.incoming():
             self.assertLess(time.monotonic(), deadline, "the arrival never started")
             time.sleep(0.1)
-        time.sleep(2.0)
+        conn = self.libvirt.open(self.a.uri)
+        try:
+            domain = conn.lookupByName(name)
+            while True:
+                self.assertLess(time.monotonic(), deadline, "libvirt's copy never started")
+                info = domain.jobInfo()
+                # [type, elapsed, remaining, data total, data processed, ...]
+                if info[0] == self.libvirt.VIR_DOMAIN_JOB_UNBOUNDED and info[4] > 1 << 20:
+                    break
+                time.sleep(0.05)
+        finally:
+            conn.close()
         host.kill_daemon()
         host.start()
 
@@ -159,7 +172,7 @@ class LibvirtCrashCells(LibvirtLiveBase):
         )
         if kill.startswith("libvirtd"):
             victim = self.a if kill == "libvirtd-a" else self.b
-            await threads.deferToThread(self.kill_libvirtd_mid_stream, victim)
+            await threads.deferToThread(self.kill_libvirtd_mid_stream, victim, name)
         result = await running
         if kill == "migrate":
             self.assertEqual(result.returncode, -signal.SIGKILL, result.stderr)
