@@ -12,6 +12,18 @@ from pathlib import Path
 # configuration; tests of the configuration file set their own.
 os.environ["SECUREMIG_CONFIG"] = str(Path(__file__).with_name("no-config.toml"))
 
+# Everything the suite and the programs it starts put in the temporary
+# directory (a runtime directory per long state directory, sockets, lock
+# files, the tests' own temporary trees, and what a SIGKILLed process left)
+# goes in one directory of the suite's own, removed when the suite ends: the
+# machine's /tmp keeps nothing of a run.  Short (``/tmp/smt-XXXXXXXX``): UNIX
+# socket paths are built in it.  Workers of ``trial -j`` inherit it.
+if "SECUREMIG_TEST_TMP" not in os.environ:
+    _tmp = tempfile.mkdtemp(prefix="smt-")
+    os.environ["SECUREMIG_TEST_TMP"] = os.environ["TMPDIR"] = _tmp
+    atexit.register(shutil.rmtree, _tmp, ignore_errors=True)
+tempfile.tempdir = os.environ["SECUREMIG_TEST_TMP"]
+
 # Each simulator the tests start has its own TCTI and so its own TPM lock file
 # (trust/tpm/tpm.py, lock_path); in the machine's temporary directory they
 # would stay by the thousand.  This test process and every process it starts
