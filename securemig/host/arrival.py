@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from securemig import crashpoint, files
@@ -228,6 +229,48 @@ class DestinationHost:
         staged = (self.staging / record.id).exists()
         return staged and record.phase in (Phase.PREPARED, Phase.IN_DOUBT)
 
+    async def vtpm_mismatch(self, record: MigrationRecord) -> str | None:
+        """A live arrival whose guest never ran here (:meth:`_unrun`): what
+        is wrong with the vTPM that arrived, checked against the one the
+        source announced (its EK, from the manifest; the key unsealed from
+        the bundle), or None if it is that one or there is none.  Its
+        session ran this check beside the commit (``Arrival.check_vtpm_beside``);
+        a restart may have cut it, so recovery runs it again before any
+        ``cont``."""
+        if capabilities(self.backend).carried or not self._unrun(record):
+            return None
+        staging = self.staging / record.id
+        bundle = Bundle.load(staging if staging.exists() else self.vms / record.vm)
+        if not bundle.manifest.vtpm:
+            return None
+        if self.unseal is None:
+            return "no TPM identity here to check the vTPM that arrived"
+        try:
+            key = self.unseal(bundle.vtpm_key_path.read_bytes())
+            await deferToThread(
+                DestinationSecurity.check_vtpm,
+                bundle.path,
+                key,
+                bytes.fromhex(bundle.manifest.vtpm),
+                self.staging,
+            )
+        except Exception as e:
+            return f"the vTPM check failed: {e}"
+        return None
+
+    async def _lose_if_vtpm_differs(self, record: MigrationRecord) -> str | None:
+        """:meth:`vtpm_mismatch`; if something is wrong, end this arrival's
+        QEMU (it never ran) and journal it LOST (the source continues the
+        guest); returns what was wrong."""
+        why = await self.vtpm_mismatch(record)
+        if why is None:
+            return None
+        staging = self.staging / record.id
+        path = staging if staging.exists() else self.vms / record.vm
+        await backend_for(self.backend).end(Bundle(path, Manifest(name=record.vm)))
+        await self._lose(record, why)
+        return why
+
     async def _discard_unrun(self, record: MigrationRecord) -> None:
         """Remove what a LOST arrival left: its staging, or, if its COMMIT
         was journaled and staging is gone, the VM it moved into place (no
@@ -252,6 +295,9 @@ class DestinationHost:
             await self._lose(record, "its QEMU ended before the guest ran here")
             return "its QEMU ended before the guest ran here: lost here; the source continues it"
         if committed and (staging.exists() or in_place):
+            why = await self._lose_if_vtpm_differs(record)
+            if why is not None:
+                return f"{why}: lost here; the source continues it"
             # In place is not done: the crash may have come before the resume
             # (a live arrival's QEMU waits paused), and the rule
             # (protocol.recovery.destination_restart) is to resume it.
@@ -379,9 +425,13 @@ class DestinationHost:
             if lock is None:
                 return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
             try:
-                said = await self._roll_forward(record, "RESOLVE committed")
+                why = await self._lose_if_vtpm_differs(record)
+                if why is None:
+                    said = await self._roll_forward(record, "RESOLVE committed")
             finally:
                 lock.release()
+            if why is not None:
+                return answer(wire.Settled.LOST, f"{why}; nothing kept")
             return answer(wire.Settled.DONE, said.removeprefix("source committed: "))
         if record.reached(Phase.COMMITTED):
             return answer(wire.Settled.FAILED, "COMMIT was journaled here: the VM is ours")
@@ -454,6 +504,9 @@ class DestinationHost:
             return "source did not commit: staging discarded"
         if target.exists():
             return f"source committed, but {target} exists; left in doubt"
+        why = await self._lose_if_vtpm_differs(record)
+        if why is not None:
+            return f"{why}: lost here; the source continues it"
         self.journal.phase(staging.name, Phase.COMMITTED)
         files.rename_durably(staging, target)
         bundle = Bundle.load(target)
@@ -600,6 +653,10 @@ class Arrival:
         #: hypervisor had completed: held in doubt (see :meth:`discard`).
         self.held = False
         self.live_socket: Path | None = None
+        #: Live mode: the EK check of the vTPM that arrived, running beside
+        #: PREPARED and the source's commit (:meth:`check_vtpm_beside`);
+        #: fires with None once it passed, or with what failed.
+        self.vtpm_checking: Deferred[str | None] | None = None
         self._file: Any = None
         self._behind: storage.WriteBehind | None = None
         self._hash: Any = hashlib.sha256()
@@ -657,11 +714,28 @@ class Arrival:
         source announced (a swtpm start); returns its identity (hex), None
         for a VM without a vTPM state.  A live arrival's vTPM state came in
         its guest's stream, into the swtpm that runs with this key, which
-        stored it in staging as it loaded it: checked there alike (on a
-        copy; a swtpm start on the switchover path, before PREPARED)."""
+        stored it in staging as it loaded it: checked there alike, on a copy
+        made outside staging (the check runs beside the commit, and staging
+        may be moved into place meanwhile: :meth:`check_vtpm_beside`)."""
         if self.live is not None and not key.identity:
             return None  # no vTPM (its QEMU's empty state directory is no state)
-        return DestinationSecurity.check_vtpm(self.staging, key.secret, key.identity)
+        scratch = self.host.staging if self.live is not None else None
+        return DestinationSecurity.check_vtpm(self.staging, key.secret, key.identity, scratch)
+
+    def check_vtpm_beside(self, checking: Deferred[str | None]) -> None:
+        """Live mode: keep the EK check (:meth:`check_vtpm`, ``checking`` on
+        a thread of its own) that runs beside PREPARED and the source's
+        commit instead of before them (a swtpm start: about a quarter of a
+        second the guest would wait paused).  It still gates the guest:
+        :meth:`commit` waits for it before anything else, and one that
+        failed ends this QEMU before ``cont``, so the guest never ran here
+        and the source, which kept its paused QEMU, continues it (LOST).
+        Recovery redoes it (:meth:`DestinationHost.vtpm_mismatch`)."""
+
+        def failed(failure: Any) -> str:
+            return str(failure.getErrorMessage())
+
+        self.vtpm_checking = checking.addCallbacks(lambda _: None, failed)
 
     def manifest(self) -> Manifest:
         """The arriving VM's manifest, from its HELLO."""
@@ -894,6 +968,26 @@ class Arrival:
         journaled instead, staging (or the VM moved into place) removed, and
         the source (which kept its paused QEMU) continues the guest when it
         learns it."""
+        if self.live is not None and self.vtpm_checking is not None:
+            why = await self.vtpm_checking
+            if why is not None:
+                # Not the vTPM announced: this copy must never run.  Its QEMU
+                # ends first, so that whatever happens next (the journal's
+                # LOST, or a crash before it and the restart) finds a guest
+                # that never ran here, which the source continues.
+                log.error(
+                    "migration {mid}: VM {vm}: {why}: its guest does not run here",
+                    mid=self.id,
+                    vm=self.hello.vm_name,
+                    why=why,
+                )
+                await self.live.abandon()
+                await self.lose()
+                raise ProtocolError(
+                    ErrorCode.RESUME_FAILED,
+                    f"{why}: nothing kept here (LOST); the source continues VM "
+                    f"{self.hello.vm_name}",
+                )
         if self.live is not None and not await self.live.waits_loaded():
             crashpoint.reached(CrashPoint.DESTINATION_LIVE_LOST)
             await self.lose()

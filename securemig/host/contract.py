@@ -136,6 +136,12 @@ class ArrivingVM(Protocol):
         """Re-seal the checked key to this host's TPM, for :meth:`prepare`."""
         ...
 
+    def check_vtpm_beside(self, checking: Deferred[str | None]) -> None:
+        """Live mode: the :meth:`check_vtpm` ``checking`` on a thread of its
+        own beside PREPARED and the commit; the commit waits for it before
+        the guest may run here."""
+        ...
+
     def prepared(self, nbytes: int) -> None:
         """Journal PREPARED (staging is durable)."""
         ...

@@ -261,8 +261,9 @@ class Departure:
                     "all (PREPARED): committing",
                     vm=self.bundle.name,
                 )
-        self.journal.phase(self.id, Phase.PREPARED)
-        self.journal.phase(self.id, Phase.COMMITTED)
+        # One durable write: PREPARED alone decides nothing here (recovery
+        # treats it as not committed), so the two need not be two fsyncs.
+        self.journal.phases(self.id, Phase.PREPARED, Phase.COMMITTED)
         self.committed = True
         crashpoint.reached(CrashPoint.SOURCE_COMMITTED, self.qemu_pidfile())
         record = self.journal.get(self.id)

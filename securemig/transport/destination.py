@@ -267,6 +267,11 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             self._start_carried(arrival, released)
             return
 
+        # Re-sealed to our TPM now, while the guest still runs at the source,
+        # not on the switchover path: the prepare writes what this seals.
+        announced = released.identity.hex() if released.identity else None
+        arrival.keep_key(self.keeper_or_refuse(), released, announced)
+
         async def start() -> None:
             await arrival.start_incoming(released)
             if self.session.finished:
@@ -604,7 +609,19 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 then=lambda identity: keep(key, identity),
             )
 
-        if arrival.key_expected(secure=self.security is not None):
+        if self.session.live and not arrival.carried:
+            # Live: the key was released and re-sealed as the vTPM started.
+            # Nothing but the decision is on the switchover path: the EK
+            # check (a swtpm start) runs on a thread of its own beside
+            # PREPARED and the source's commit, and gates ``cont``
+            # (Arrival.check_vtpm_beside).
+            checker = self.executor_factory()
+            arrival.check_vtpm_beside(
+                checker.submit(arrival.check_vtpm, arrival.release_key(self.security))
+            )
+            checker.shutdown()
+            self._submit("preparing the VM in staging", arrival.prepare, then=prepared)
+        elif arrival.key_expected(secure=self.security is not None):
             self._submit("closing the streams", lambda: None, then=release)
         else:
             self._submit("preparing the VM in staging", arrival.prepare, then=prepared)

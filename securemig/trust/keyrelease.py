@@ -112,10 +112,13 @@ class DestinationSecurity:
         return material[:32], material[32:]
 
     @staticmethod
-    def check_vtpm(staging: Path, secret: bytes, expected: bytes) -> str | None:
+    def check_vtpm(
+        staging: Path, secret: bytes, expected: bytes, scratch_in: Path | None = None
+    ) -> str | None:
         """If a vTPM state arrived, check it opens with the key and is the
         announced vTPM; returns its identity.  Uses only the vTPM's own swtpm,
-        so it may run off the reactor thread."""
+        so it may run off the reactor thread; its scratch copy goes in
+        ``scratch_in`` (default: beside the state)."""
         state = staging / vtpm.STATE_DIR
         if not expected:
             if state.exists():
@@ -124,7 +127,7 @@ class DestinationSecurity:
         if not state.exists():
             raise KeyTransferError("the vTPM's identity arrived without its state")
         try:
-            identity = vtpm.identity(state, secret)
+            identity = vtpm.identity(state, secret, scratch_in)
         except vtpm.VTPMError as e:
             raise KeyTransferError(str(e)) from None
         if not hmac.compare_digest(identity, expected.hex()):

@@ -65,17 +65,20 @@ def create(bundle_dir: Path, key: bytes, vendor_ca: Path) -> str:
     return identity(state, key)
 
 
-def identity(state: Path, key: bytes) -> str:
+def identity(state: Path, key: bytes, scratch_in: Path | None = None) -> str:
     """Start the vTPM with ``key`` and return SHA-256 of its EK public area.
     Fails if the key does not open the state.
 
-    It runs on a copy (still encrypted) beside the state: a started TPM
-    rewrites its state, and the state must stay exactly what was migrated."""
+    It runs on a copy (still encrypted) beside the state, or in
+    ``scratch_in``: a started TPM rewrites its state, and the state must
+    stay exactly what was migrated.  (A live arrival's check runs while
+    its staging may be moved into place: its copy is made outside it.)"""
     process = None
-    scratch = Path(tempfile.mkdtemp(prefix=".vtpm-check-", dir=state.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=".vtpm-check-", dir=scratch_in or state.parent))
     try:
         shutil.copytree(state, scratch / "state")
-        process = swtpm.start(scratch / "state", key)
+        # Killed with this process: a crash mid-check leaves no TPM running.
+        process = swtpm.start(scratch / "state", key, dies_with_parent=True)
         with TPM(process.tcti) as tpm:
             return hashlib.sha256(tpm.ek_public()).hexdigest()
     except Exception as e:

@@ -11,12 +11,14 @@ ended by its pid.  Used by the tests, the demo, and for vTPMs.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,6 +34,8 @@ from securemig.trust.tpm.tpm import TPM, unmarshal_exact
 #: The Debian packages that provide what this module runs.
 PACKAGES = "swtpm swtpm-tools"
 START_TIMEOUT = 10.0
+#: prctl(2): the signal a child gets when its parent thread ends.
+PR_SET_PDEATHSIG = 1
 #: The file of a TPM's state in a swtpm state directory: there once provisioned.
 STATE_FILE = "tpm2-00.permall"
 
@@ -288,13 +292,38 @@ def _socket_argv(state_dir: Path) -> list[str]:
     return [_tool("swtpm"), "socket", "--tpm2", "--tpmstate", f"dir={state_dir}"]
 
 
+def _killed_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when the thread
+    that started it ends (``PR_SET_PDEATHSIG``): a short-lived TPM must not
+    outlive a process that was killed while it ran.  Everything it needs
+    is looked up here, before the fork."""
+    parent = os.getpid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)  # the parent died before the signal was armed
+
+    return arm
+
+
 def start(
-    state_dir: Path, key: bytes | None = None, host: str = "127.0.0.1", port: int | None = None
+    state_dir: Path,
+    key: bytes | None = None,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    *,
+    dies_with_parent: bool = False,
 ) -> Swtpm:
     """Run the TPM in ``state_dir`` on free ports of ``host`` (loopback by
     default), or on ``port`` and ``port + 1``, until :meth:`Swtpm.stop`;
-    ``key`` decrypts an encrypted state."""
+    ``key`` decrypts an encrypted state.  ``dies_with_parent``: killed
+    when the starting thread (or its process) ends, for a TPM started for
+    one short check."""
     wanted = port
+    preexec = _killed_with_parent() if dies_with_parent else None
     # A port chosen free can be taken before swtpm binds it: choose again.
     for _ in range(1 if wanted else 5):
         port = wanted or _free_port_pair(host)
@@ -319,6 +348,9 @@ def start(
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 pass_fds=fds,
+                # Not thread-safe in general; this one calls only prctl and
+                # getppid, looked up before the fork.
+                preexec_fn=preexec,
             )
         finally:
             for fd in fds:
