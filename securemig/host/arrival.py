@@ -56,6 +56,7 @@ from securemig.protocol import wire
 from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.protocol.phases import Phase
+from securemig.trust import vtpm
 from securemig.trust.keyrelease import DestinationSecurity, KeyTransferError
 from securemig.trust.vtpm import key_reader
 
@@ -657,6 +658,9 @@ class Arrival:
         #: PREPARED and the source's commit (:meth:`check_vtpm_beside`);
         #: fires with None once it passed, or with what failed.
         self.vtpm_checking: Deferred[str | None] | None = None
+        #: Live mode: the swtpm of that check, started ahead (on the check's
+        #: own thread: :meth:`start_vtpm_check`).
+        self._vtpm_check: vtpm.IdentityCheck | None = None
         self._file: Any = None
         self._behind: storage.WriteBehind | None = None
         self._hash: Any = hashlib.sha256()
@@ -720,7 +724,25 @@ class Arrival:
         if self.live is not None and not key.identity:
             return None  # no vTPM (its QEMU's empty state directory is no state)
         scratch = self.host.staging if self.live is not None else None
-        return DestinationSecurity.check_vtpm(self.staging, key.secret, key.identity, scratch)
+        ahead, self._vtpm_check = self._vtpm_check, None
+        return DestinationSecurity.check_vtpm(
+            self.staging, key.secret, key.identity, scratch, ahead
+        )
+
+    def start_vtpm_check(self, key: VtpmKey) -> None:
+        """Live mode, before the stream: start the swtpm :meth:`check_vtpm`
+        will use (its process's start is most of the check's time, which is
+        then off the switchover path too).  Blocks: call it from the thread
+        that will run :meth:`check_vtpm` (or :meth:`drop_vtpm_check`), which
+        the swtpm dies with."""
+        if key.identity and self._vtpm_check is None:
+            self._vtpm_check = vtpm.IdentityCheck(key.secret, self.host.staging)
+
+    def drop_vtpm_check(self) -> None:
+        """End a swtpm :meth:`start_vtpm_check` started that no check used."""
+        ahead, self._vtpm_check = self._vtpm_check, None
+        if ahead is not None:
+            ahead.close()
 
     def check_vtpm_beside(self, checking: Deferred[str | None]) -> None:
         """Live mode: keep the EK check (:meth:`check_vtpm`, ``checking`` on

@@ -136,6 +136,15 @@ class ArrivingVM(Protocol):
         """Re-seal the checked key to this host's TPM, for :meth:`prepare`."""
         ...
 
+    def start_vtpm_check(self, key: VtpmKey) -> None:
+        """Live mode, before the stream: start what :meth:`check_vtpm` uses
+        (blocks; on the thread that will run the check)."""
+        ...
+
+    def drop_vtpm_check(self) -> None:
+        """End what :meth:`start_vtpm_check` started, if no check used it."""
+        ...
+
     def check_vtpm_beside(self, checking: Deferred[str | None]) -> None:
         """Live mode: the :meth:`check_vtpm` ``checking`` on a thread of its
         own beside PREPARED and the commit; the commit waits for it before

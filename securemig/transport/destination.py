@@ -126,6 +126,9 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         self.high_water = options.high_water
         self.arrival: ArrivingVM | None = None
         self.executor: Executor | None = None
+        #: Live: the thread of the vTPM's EK check (its swtpm, started
+        #: ahead there, dies with it).
+        self.vtpm_checker: Executor | None = None
         self.queued = 0
         self.reading_paused = False
         self.progress_journaled = 0.0
@@ -288,6 +291,16 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             receiver.done.addCallback(lambda _: self._live_unbound(receiver))
             arrival.incoming_started()
             self.run(self.session.incoming_ready(receiver.address[1]))
+            if not self.session.finished:
+                # The EK check's swtpm starts now, on a thread of its own,
+                # while the stream runs: at the switchover only its read of
+                # the state that arrived remains.
+                self.vtpm_checker = self.executor_factory()
+                self.vtpm_checker.submit(arrival.start_vtpm_check, released).addErrback(
+                    lambda f: self.log.warn(
+                        "vTPM check not started ahead: {e}", e=f.getErrorMessage()
+                    )
+                )
             try:
                 await arrival.wait_loaded()
             except MigrationError as e:
@@ -615,7 +628,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             # check (a swtpm start) runs on a thread of its own beside
             # PREPARED and the source's commit, and gates ``cont``
             # (Arrival.check_vtpm_beside).
-            checker = self.executor_factory()
+            checker = self.vtpm_checker or self.executor_factory()
             arrival.check_vtpm_beside(
                 checker.submit(arrival.check_vtpm, arrival.release_key(self.security))
             )
@@ -666,6 +679,10 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
 
     def _do_Finished(self, effect: effects.Finished) -> None:
         self._close(effect)
+        if self.vtpm_checker is not None and self.arrival is not None:
+            # A check started ahead that no prepare used ends with its thread.
+            self.vtpm_checker.submit(self.arrival.drop_vtpm_check)
+            self.vtpm_checker.shutdown()
         if self.carrier is not None:
             self.carrier.close()
         if self.reading_paused:

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from securemig.trust.tpm.tpm import TPM, unmarshal_exact
 #: The Debian packages that provide what this module runs.
 PACKAGES = "swtpm swtpm-tools"
 START_TIMEOUT = 10.0
+#: swtpm's control channel: initialize the TPM (read its state), no flags.
+CMD_INIT = 0x02
 #: prctl(2): the signal a child gets when its parent thread ends.
 PR_SET_PDEATHSIG = 1
 #: The file of a TPM's state in a swtpm state directory: there once provisioned.
@@ -276,6 +279,20 @@ class Swtpm:
         """The TCTI string to open this TPM with."""
         return f"swtpm:host={self.host},port={self.port}"
 
+    def init(self) -> None:
+        """Have a TPM started with ``initialized=False`` read its state now
+        (the control channel's CMD_INIT); then TPM2_Startup is the caller's."""
+        with socket.create_connection((self.host, self.ctrl_port), timeout=START_TIMEOUT) as c:
+            c.sendall(struct.pack(">II", CMD_INIT, 0))
+            answer = b""
+            while len(answer) < 4:
+                piece = c.recv(4 - len(answer))
+                if not piece:
+                    break
+                answer += piece
+        if len(answer) != 4 or struct.unpack(">I", answer)[0] != 0:
+            raise RuntimeError(f"swtpm did not initialize (answer {answer.hex() or 'none'})")
+
     def stop(self) -> None:
         """End the process by its pid (SIGTERM, then SIGKILL)."""
         if self.process.poll() is None:
@@ -316,12 +333,14 @@ def start(
     port: int | None = None,
     *,
     dies_with_parent: bool = False,
+    initialized: bool = True,
 ) -> Swtpm:
     """Run the TPM in ``state_dir`` on free ports of ``host`` (loopback by
     default), or on ``port`` and ``port + 1``, until :meth:`Swtpm.stop`;
     ``key`` decrypts an encrypted state.  ``dies_with_parent``: killed
     when the starting thread (or its process) ends, for a TPM started for
-    one short check."""
+    one short check.  ``initialized=False``: it reads its state only at
+    :meth:`Swtpm.init` (started ahead, before that state is there)."""
     wanted = port
     preexec = _killed_with_parent() if dies_with_parent else None
     # A port chosen free can be taken before swtpm binds it: choose again.
@@ -334,9 +353,9 @@ def start(
             f"type=tcp,port={port},bindaddr={host}",
             "--ctrl",
             f"type=tcp,port={ctrl},bindaddr={host}",
-            "--flags",
-            "not-need-init,startup-clear",
         ]
+        if initialized:
+            argv += ["--flags", "not-need-init,startup-clear"]
         fds: tuple[int, ...] = ()
         if key is not None:
             fds = (_key_pipe(key),)
