@@ -661,6 +661,9 @@ class Arrival:
         #: Live mode: the swtpm of that check, started ahead (on the check's
         #: own thread: :meth:`start_vtpm_check`).
         self._vtpm_check: vtpm.IdentityCheck | None = None
+        #: Live mode: what the prepare writes (manifest, sealed key) was made
+        #: durable when the guest started waiting here (:meth:`start_incoming`).
+        self.staged_ahead = False
         self._file: Any = None
         self._behind: storage.WriteBehind | None = None
         self._hash: Any = hashlib.sha256()
@@ -782,17 +785,22 @@ class Arrival:
         backend that loads the VM now needs it)."""
         if self.cancelled:
             return
+        if not self.staged_ahead:
+            self._stage_durably()
+        released = self.vtpm_key
+        if self.live is None:
+            bundle = Bundle(self.staging, self.manifest())
+            key = None if released is None else (lambda b: released.secret)
+            backend_for(bundle.manifest.backend, vtpm_key=key).ready_blocking(bundle)
+        # Prepared: only the sealed key is kept from here on, not the clear one.
+        self.vtpm_key = None
+
+    def _stage_durably(self) -> None:
         bundle = Bundle(self.staging, self.manifest())
         if self.sealed_vtpm_key is not None:
             files.write_durably(bundle.vtpm_key_path, self.sealed_vtpm_key, mode=0o600)
         bundle.save()
         files.fsync_dir(self.staging)
-        released = self.vtpm_key
-        if self.live is None:
-            key = None if released is None else (lambda b: released.secret)
-            backend_for(bundle.manifest.backend, vtpm_key=key).ready_blocking(bundle)
-        # Prepared: only the sealed key is kept from here on, not the clear one.
-        self.vtpm_key = None
 
     def discard(self) -> None:
         """Remove staging (ending a live arrival's QEMU) and release the name.
@@ -937,6 +945,13 @@ class Arrival:
         tag = f"{self.id}-d"
         self.live_socket = backend.live_socket(bundle, tag)
         self.live = await backend.live_destination(bundle, tag)
+        if self.sealed_vtpm_key is not None or not released.identity:
+            # What the prepare writes is known now (the key was re-sealed as
+            # it was released): durable before the stream, not on the
+            # switchover path.  (Before PREPARED, recovery removes staging
+            # whatever it holds.)
+            self._stage_durably()
+            self.staged_ahead = True
         self.host.journal.phase(self.id, Phase.INCOMING)
 
     @property

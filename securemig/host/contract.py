@@ -82,6 +82,9 @@ class ArrivingVM(Protocol):
     hello: wire.Hello
     #: Live mode: the unix socket the backend's guest takes the stream on.
     live_socket: Path | None
+    #: Live mode: what :meth:`prepare` writes was made durable before the
+    #: stream (then the prepare has nothing left to do).
+    staged_ahead: bool
 
     def journal_phase(self, phase: Phase, nbytes: int) -> None:
         """Record a phase of this arrival."""

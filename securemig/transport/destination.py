@@ -633,7 +633,11 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 checker.submit(arrival.check_vtpm, arrival.release_key(self.security))
             )
             checker.shutdown()
-            self._submit("preparing the VM in staging", arrival.prepare, then=prepared)
+            if arrival.staged_ahead:
+                arrival.prepare()  # nothing left to write: no disk thread's turn
+                prepared(None)
+            else:
+                self._submit("preparing the VM in staging", arrival.prepare, then=prepared)
         elif arrival.key_expected(secure=self.security is not None):
             self._submit("closing the streams", lambda: None, then=release)
         else:
