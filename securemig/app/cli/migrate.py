@@ -116,8 +116,10 @@ def add_parser(subparsers: Subparsers) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="--live, a libvirt domain: N multifd channels for its memory (each carried "
-        "sealed; default: one stream)",
+        help="--live: N multifd channels for the guest's memory, each carried as its own "
+        "sealed stream (its own key): a QEMU guest 1 to 8, a libvirt domain 1 to 16; "
+        "default 0: one stream.  A suspended migration ignores it (the [migrate] "
+        "parallel key of the configuration file too)",
     )
     mig.add_argument(
         "--downtime-ms",
@@ -158,13 +160,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             "(no TLS, no attestation)"
         )
     # The validators twistd securemig shares (app/config.py): one sentence each.
-    for option in ("chunk-kib", "idle-timeout", "deadline", "crl-max-age", "crl"):
+    for option in ("chunk-kib", "idle-timeout", "deadline", "parallel", "crl-max-age", "crl"):
         if problem := config.refusal_of("migrate", option, getattr(args, option.replace("-", "_"))):
             return usage_error(problem)
     if args.live and args.insecure:
         return usage_error("--live is secure only: drop --insecure")
-    if (args.copy_storage or args.parallel) and not args.live:
-        return usage_error("--copy-storage and --parallel go with --live")
+    if args.copy_storage and not args.live:
+        return usage_error("--copy-storage goes with --live")
+    if not args.live:
+        # Live only: a suspended migration's images have one data channel
+        # (the configuration file's default must not refuse them).
+        args.parallel = 0
     if args.downtime_ms <= 0:
         return usage_error("--downtime-ms must be positive")
     try:
@@ -425,6 +431,8 @@ def _report(args: argparse.Namespace, journal: Journal, outcome: dict[str, Any])
             iterations=stats.iterations,
             dirty_pages_rate=stats.dirty_pages_rate,
             transferred=stats.transferred,
+            # What QEMU sent on its multifd channels (0: one stream).
+            multifd_bytes=getattr(stats, "multifd_bytes", 0),
             # The guest's own pause, bounded here: its stop to the DONE.
             guest_downtime_ms=departure.guest_downtime_ms,
         )
