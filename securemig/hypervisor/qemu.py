@@ -820,7 +820,7 @@ def multifd_channels(backend_info: bytes) -> int:
     return channels
 
 
-async def _multifd(monitor: qmp.QMPProtocol, channels: int) -> None:
+async def set_multifd(monitor: qmp.QMPProtocol, channels: int) -> None:
     """Tell one QEMU to migrate with ``channels`` multifd channels, or none
     (0): both QEMUs must agree before ``migrate-incoming`` / ``migrate``.
     Set either way: a QEMU that arrived with multifd keeps the capability,
@@ -845,7 +845,7 @@ async def _live_source(
     if backend._pid(bundle) is None:
         raise BundleError(f"VM {bundle.name} is not running under QEMU")
     monitor = await backend.monitor(bundle)
-    await _multifd(monitor, multifd)
+    await set_multifd(monitor, multifd)
     await monitor.execute(
         "migrate-set-parameters",
         **{"downtime-limit": downtime_limit_ms, "max-bandwidth": max_bandwidth},
@@ -866,7 +866,7 @@ async def _live_destination(
     await backend._spawn(bundle, incoming=True)
     try:
         monitor = await backend.monitor(bundle)
-        await _multifd(monitor, multifd)
+        await set_multifd(monitor, multifd)
         await monitor.execute("migrate-incoming", uri=f"unix:{socket}")
     except BaseException:
         await backend.end(bundle)
