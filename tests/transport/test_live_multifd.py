@@ -6,11 +6,18 @@ machinery; its hostile cases are in ``tests/transport/test_carried.py``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import random
+import socket
+import time
+from typing import Any
 
 from twisted.internet import threads
 
 from securemig.hypervisor.qemu import QemuBackend, alive, heartbeat_path
+from securemig.transport.carried import PREAMBLE, SOCKETS
 from tests.support.qemu import extended
 from tests.transport.test_live_secure import LiveSecureBase
 
@@ -53,3 +60,60 @@ class LiveMultifdTests(LiveSecureBase):
         self.assertIn("1 to 8 multifd channels", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
         self.assertEqual(QemuBackend().status(bundle), "running")
+
+
+class LiveMultifdHostileTests(LiveSecureBase):
+    async def test_channel_beyond_n_refused_migration_goes_on(self) -> None:
+        """While a --parallel 2 migration's channels run, a stranger on the
+        destination's live port asks to be channel 3 (QEMU's main channel
+        and two multifd channels are 0 to 2): it is closed at its preamble,
+        the destination says why, and the migration completes with the
+        guest's heartbeat in sequence and PCR 16 kept."""
+        low = random.randrange(20000, 60000, 8)
+        destination = self.start_destination(
+            "--tofu", "--backend", "qemu", "--data-ports", f"{low}-{low + 7}"
+        )
+        _, watch = self.start_guest(dirty=16)
+        await threads.deferToThread(watch.wait, 3, 120.0)
+        arrived = self.arrived(destination)
+        watch.follow(heartbeat_path(arrived))
+        running = threads.deferToThread(
+            self.migrate_live, destination, "--parallel", "2", "--bandwidth", "16"
+        )
+        probed = await threads.deferToThread(self.probe_beyond, destination, low)
+        result = await running
+        self.assertEqual(result.returncode, 0, result.stderr + destination.log()[-3000:])
+        self.assertGreater(probed, 0)
+        self.assertIn("memory connection 3 is beyond the 3 it takes", destination.log())
+        summary = json.loads(result.stdout)
+        self.assertGreater(summary["multifd_bytes"], 0)
+        last = await threads.deferToThread(watch.wait, 5, 60.0, 1)
+        self.assertEqual(last.pcr16, extended(self.pcr16))
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+
+    def probe_beyond(self, destination: Any, low: int) -> int:
+        """From the moment the arrival's QEMU waits, knock on every port of
+        the destination's range until one takes the connection (the live
+        port, between LIVE_READY and the source's channels binding: after
+        that it no longer listens), and send it a preamble for channel 3;
+        how many took it."""
+        staging = destination.state_dir / "staging"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+            (staged / "qemu.pid").exists() for staged in staging.iterdir()
+        ):
+            time.sleep(0.01)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for port in range(low, low + 8):
+                try:
+                    s = socket.create_connection(("127.0.0.1", port), 1)
+                except OSError:
+                    continue
+                with s:
+                    s.sendall(PREAMBLE.pack(SOCKETS.index("memory"), 3) + os.urandom(64))
+                    s.settimeout(5)
+                    with contextlib.suppress(OSError):
+                        s.recv(1)  # until the destination closes it
+                return 1
+        return 0
