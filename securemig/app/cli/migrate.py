@@ -98,7 +98,8 @@ def add_parser(subparsers: Subparsers) -> None:
         action="store_true",
         help="live migration: the running guest keeps running while QEMU copies its "
         "memory (pre-copy, inside securemig's sealed stream) and stops only for the last "
-        "dirty pages (--downtime-ms).  Needs the secure variant (--identity), a running "
+        "dirty pages (--downtime-ms), on N multifd channels with --parallel N.  Needs "
+        "the secure variant (--identity), a running "
         "QEMU guest, twistd securemig --backend qemu at the destination and the disk on "
         "storage both hosts mount (RAM and vTPM travel; implies --shared-storage).  An "
         "adopted libvirt domain (twistd securemig --backend libvirt at the destination) "
