@@ -1668,9 +1668,10 @@ class LibvirtIncoming:
 
     async def wait(self, timeout: float = INCOMING_TIMEOUT) -> None:
         """Until libvirt's migration finished here (the domain paused by
-        request, not paused arriving); then the secret is undefined (swtpm
-        holds it).  LibvirtError if the domain, once seen, is gone (libvirt
-        failed the migration and removed it).  libvirt's state is asked
+        request, not paused arriving); then the secret's undefinition is
+        queued on the backend's thread (swtpm holds it).  LibvirtError if
+        the domain, once seen, is gone (libvirt failed the migration and
+        removed it).  libvirt's state is asked
         whenever libvirt rewrites the domain's status file (its Finish
         does; :class:`StatusWatch`), not on a timer: the guest waits paused
         from the Finish until the commit, and this is the first step of
@@ -1683,7 +1684,16 @@ class LibvirtIncoming:
             await self._arrived(waker, watch, timeout)
         finally:
             watch.close()
-        await self.backend.end_in(self.outgoing, self.paths)
+        # The secret goes on the backend's thread, before any later call of
+        # this arrival there (its commit's), but PREPARED need not wait for
+        # it: a crash before it is done leaves it to recovery (``arrived``).
+        self.backend.end_in(self.outgoing, self.paths).addErrback(
+            lambda f: log.warn(
+                "domain {d}: undefining its secret here: {e}",
+                d=self.outgoing.domain,
+                e=f.getErrorMessage(),
+            )
+        )
 
     async def _arrived(self, waker: Waker, watch: StatusWatch, timeout: float) -> None:
         deadline = time.monotonic() + timeout
