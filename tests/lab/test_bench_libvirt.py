@@ -6,6 +6,7 @@ does not migrate live."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from securemig.hypervisor.backends import capabilities
 from securemig.lab import processes
+from securemig.lab.bench import libvirt as libvirt_bench
 from securemig.lab.bench.libvirt import KIND, PROTOCOLS, CPUSampler, _report
 
 
@@ -49,12 +51,20 @@ class LibvirtBenchTests(TestCase):
             self.assertIn("git_commit", record["provenance"])
         for record in records:
             outside = record["outside_migration_s"]
+            self.assertGreater(record["own_cpu_s"], 0, record)
+            self.assertLess(record["own_cpu_s"], record["cpu_s"], record)
             if record["protocol"] == "secure-libvirt":
                 # securemig migrate's start-up and exit: some, not all, of it.
                 self.assertGreater(outside, 0, record)
                 self.assertLess(outside, record["total_s"], record)
+                self.assertGreater(record["daemons_cpu_s"], 0, record)
             else:
                 self.assertIsNone(outside, record)
+                self.assertIsNone(record["daemons_cpu_s"], record)
+        # securemig measured as installed: its modules byte-compiled first
+        # (a source tree run with PYTHONDONTWRITEBYTECODE compiles them in
+        # every `securemig migrate` otherwise).
+        self.assertTrue(Path(importlib.util.cache_from_source(libvirt_bench.__file__)).exists())
         # Each move went the other way: the domain alternates hosts.
         self.assertNotEqual(records[0]["from"], records[1]["from"])
         self.assertIn("libvirt-tls / libvirt-plain", report["ratios"])
@@ -154,3 +164,6 @@ class CPUSamplerTests(SynchronousTestCase):
         used = sampler.stop()
         self.assertGreater(used, 0.3)
         self.assertLess(used, 5.0)
+        # The part of one process: all of it here, none of a pid not seen.
+        self.assertEqual(sampler.used([child.pid]), used)
+        self.assertEqual(sampler.used([1 << 30]), 0)

@@ -42,7 +42,9 @@ most its last 0.1 s -- plus ``virsh``'s or ``securemig migrate``'s own,
 and for securemig's arm both ``twistd securemig``), ``memory_bytes`` (libvirt's
 ``memory_processed``) and ``disk_bytes`` (``disk_processed``, when libvirt
 reports it: 9.0 does not at the destination), and whether the guest kept running (heartbeat in
-sequence); securemig's arm also ``outside_migration_s``, the part of its
+sequence), ``own_cpu_s`` (of ``cpu_s``: ``virsh``'s or ``securemig
+migrate``'s own) and ``daemons_cpu_s`` (securemig's daemons', its arm
+only); securemig's arm also ``outside_migration_s``, the part of its
 ``total_s`` outside the migration ``securemig migrate`` reports (its
 ``seconds``): the process's start-up -- Python and its imports -- and exit,
 which ``virsh`` hardly has.  The report gives medians and the ratios
@@ -141,6 +143,10 @@ class CPUSampler:
         self._thread.join()
         self._sample()
         return round(sum(self._last[p] - self._first[p] for p in self._last), 2)
+
+    def used(self, pids: list[int]) -> float:
+        """The seconds used by those of ``pids`` seen (after :meth:`stop`)."""
+        return round(sum(self._last[p] - self._first[p] for p in pids if p in self._last), 2)
 
 
 def _free_port(lo: int, hi: int) -> int:
@@ -353,6 +359,7 @@ class _Bench:
             own_cpu = mover(protocol, where)
             total = time.monotonic() - started
             cpu = sampler.stop() + own_cpu
+            daemons_cpu = sampler.used(daemons)
             watch.wait(3, BEAT_TIMEOUT, source=1)
         finally:
             sampler.stop()
@@ -365,6 +372,9 @@ class _Bench:
             "downtime_ms": stats.get("downtime"),
             "guest_downtime_ms": watch.largest_gap_ms(),
             "cpu_s": round(cpu, 2),
+            # Of it: virsh's or securemig migrate's own, and securemig's daemons'.
+            "own_cpu_s": round(own_cpu, 2),
+            "daemons_cpu_s": daemons_cpu if daemons else None,
             "memory_bytes": stats.get("memory_processed"),
             "disk_bytes": stats.get("disk_processed") or None,
             "guest_kept_running": watch.continuous(),
@@ -398,6 +408,13 @@ def run(
     json_path: Path | None = None,
 ) -> int:
     """Run the bench and print its report; returns an exit status."""
+    from securemig.lab.bench import _byte_compile
+
+    # securemig as installed (byte-compiled): a source tree run with
+    # PYTHONDONTWRITEBYTECODE compiles its modules in every `securemig
+    # migrate` (about 1 s of a move's start-up under this machine's load),
+    # which virsh's arms do not pay.
+    _byte_compile()
     info = provenance()  # before the bench loads the machine
     say = partial(print, file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-libvirt-"))
@@ -435,6 +452,8 @@ def run(
 
 #: The measures the report takes medians and ratios of.
 MEASURES = ("total_s", "downtime_ms", "guest_downtime_ms", "cpu_s")
+#: Parts of them it gives medians of (None where an arm has no such part).
+PARTS = ("outside_migration_s", "own_cpu_s", "daemons_cpu_s")
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -459,7 +478,7 @@ def _report(
     medians = {
         p: {
             k: _median([r for r in records if r["protocol"] == p], k)
-            for k in (*MEASURES, "memory_bytes", "disk_bytes", "outside_migration_s")
+            for k in (*MEASURES, "memory_bytes", "disk_bytes", *PARTS)
         }
         for p in protocols
     }
@@ -512,6 +531,12 @@ def _report(
             print(
                 f"{protocol}: {m['outside_migration_s']:.2f} s of its total outside the "
                 "migration (securemig migrate's start-up and exit)"
+            )
+        if m["own_cpu_s"] is not None:
+            daemons = m["daemons_cpu_s"]
+            print(
+                f"{protocol}: cpu of its command {m['own_cpu_s']:.2f} s"
+                + ("" if daemons is None else f", of securemig's daemons {daemons:.2f} s")
             )
     for protocol in not_run:
         print(f"{protocol}: not run (the libvirt backend does not migrate live yet)")
