@@ -59,6 +59,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 from xml.sax.saxutils import escape
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
@@ -69,6 +70,7 @@ from securemig.crashpoint import CrashPoint
 from securemig.hypervisor.bundle import Bundle, BundleError, Image, Manifest, check_vm_name
 from securemig.hypervisor.contract import BACKEND_INFO_FILE, Backend, Capabilities
 from securemig.protocol.errors import ErrorCode, LocalFault
+from securemig.protocol.recovery import SourceGuest
 
 #: What to install when libvirt-python is missing.
 PYTHON_PACKAGE = "libvirt-python"
@@ -113,6 +115,12 @@ CONFIRMED_PHASE = "confirm3"
 #: tells of every change of libvirt's status files, else as often as
 #: :data:`INCOMING_POLL`.
 STATUS_FALLBACK = 1.0
+#: Seconds the source waits for its libvirt, failed after it confirmed a
+#: migration (its libvirtd died), to answer again and remove the domain.
+FINISH_TIMEOUT = 120.0
+#: Seconds a question to libvirt (``guest_here``, ``process_alive``) may
+#: take before the answer is "cannot be asked".
+QUERY_TIMEOUT = 30.0
 #: libvirt's ``VIR_DOMAIN_PAUSED_USER``: paused by request (``PAUSED``
 #: migration flag at its Finish), as opposed to paused while it arrives.
 PAUSED_USER = 1
@@ -605,11 +613,14 @@ class LibvirtStats:
     iterations: int = 0
     dirty_pages_rate: int = 0
 
-    def guest_downtime_ms(self, started: float, running: float) -> int:
+    def guest_downtime_ms(self, started: float, running: float) -> int | None:
         """The guest's downtime as the source can bound it, as QEMU's
         (:meth:`securemig.hypervisor.qemu.LiveStats.guest_downtime_ms`):
         from its stop (``started`` + libvirt's elapsed time, less its
-        downtime) to ``running``, never below libvirt's downtime."""
+        downtime) to ``running``, never below libvirt's downtime; None
+        without libvirt's numbers (its call failed after it confirmed)."""
+        if not self.total_ms:
+            return None
         stopped = started + (self.total_ms - self.downtime_ms) / 1000
         return max(self.downtime_ms, round((running - stopped) * 1000))
 
@@ -745,6 +756,22 @@ class LibvirtBackend(Backend):
             self._pool.start()
             self.reactor.addSystemEventTrigger("during", "shutdown", self.close)
         return deferToThreadPool(self.reactor, self._pool, fn, *args)
+
+    def _ask(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """A short question to libvirt (where is the guest?) on the
+        backend's thread, failing with :class:`LibvirtError` after
+        :data:`QUERY_TIMEOUT`: a stopped libvirtd never answers (the
+        backend's thread stays blocked until it does), and the caller must
+        go on knowing it could not ask."""
+        d = self._call(fn, *args)
+        d.addTimeout(QUERY_TIMEOUT, self.reactor)
+
+        def timed_out(f: Any) -> Any:
+            if f.check(defer.TimeoutError):
+                raise LibvirtError(f"libvirt did not answer in {QUERY_TIMEOUT:g} s")
+            return f
+
+        return d.addErrback(timed_out)
 
     def close(self) -> None:
         """Stop the backend's thread (when its queued calls are done)."""
@@ -1161,6 +1188,50 @@ class LibvirtBackend(Backend):
             state = None if domain is None else tuple(domain.state())
             log.info("domain {d} at the source: libvirt state {s}", d=record.domain, s=state)
             return state == (5, SHUTOFF_MIGRATED)
+
+    def guest_here(self, bundle: Bundle) -> Deferred[SourceGuest]:
+        """Source: where libvirt says the domain's guest is (off the reactor
+        thread): RUNS while it is active (running, or paused with its QEMU:
+        resumable with its memory), MOVED if shut off because libvirt
+        migrated it, GONE if shut off otherwise or undefined, UNKNOWN if
+        libvirt cannot be asked (not connected, no answer, an error other
+        than "no such domain")."""
+
+        def failed(f: Any) -> SourceGuest:
+            log.warn(
+                "domain {d}: cannot ask libvirt where it is: {e}",
+                d=bundle.name,
+                e=f.getErrorMessage(),
+            )
+            return SourceGuest.UNKNOWN
+
+        return self._ask(self._guest_here, bundle).addErrback(failed)
+
+    def _guest_here(self, bundle: Bundle) -> SourceGuest:
+        libvirt = require_libvirt()
+        try:
+            record = DomainRecord.load(bundle)
+        except BundleError:
+            return SourceGuest.GONE
+        with self._connection(self._uri(record)) as conn:
+            try:
+                domain = conn.lookupByUUIDString(record.domain_uuid)
+                state, reason = domain.state()
+                active = bool(domain.isActive())
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return SourceGuest.GONE
+                raise LibvirtError(f"libvirt did not say where it is: {e}") from None
+        log.info("domain {d} at the source: libvirt state {s}", d=record.domain, s=(state, reason))
+        if active:
+            return SourceGuest.RUNS
+        if (state, reason) == (5, SHUTOFF_MIGRATED):
+            return SourceGuest.MOVED
+        return SourceGuest.GONE
+
+    def process_alive(self, bundle: Bundle) -> Deferred[bool]:
+        """:meth:`has_process` off the reactor thread."""
+        return self._ask(self.has_process, bundle)
 
     def has_process(self, bundle: Bundle) -> bool:
         """Whether libvirt runs the domain here (running or paused); False
@@ -1640,12 +1711,28 @@ class LibvirtOutgoing:
         """Nothing at the source."""
         return succeed(None)
 
-    async def finish(self) -> None:
+    async def finish(self, timeout: float = FINISH_TIMEOUT) -> None:
         """After the commit: once libvirt's call returned (its QEMU here
         ended; :attr:`stats` filled), the definition and vTPM state removed
-        here."""
+        here.  A libvirt that failed after it confirmed (its libvirtd died
+        in Confirm: restarted, it ends the domain) is asked again every
+        second for up to ``timeout`` seconds: the source's copy must go
+        once libvirt is back, not stay as garbage with its vTPM state."""
         await self.returned()
-        await self.backend.finish_out(self.bundle)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self.backend.finish_out(self.bundle)
+                return
+            except LibvirtError as e:
+                if self.error is None or time.monotonic() > deadline:
+                    raise
+                log.warn(
+                    "domain {d}: removing it here after libvirt failed: {e}; asking again",
+                    d=self.bundle.name,
+                    e=e,
+                )
+            await self._waker.sleep(1.0)
 
     def release(self) -> None:
         """Nothing held (each call opens its own connection)."""
