@@ -159,6 +159,12 @@ class ArrivingVM(Protocol):
         """Live, carried: the local sockets the carrier dials, by name."""
         ...
 
+    @property
+    def multifd(self) -> int:
+        """Live, the backend's own stream: its multifd channels besides the
+        main one (0: one stream); each is carried as its own sealed stream."""
+        ...
+
     def loaded(self) -> None:
         """Live, carried: the hypervisor completed here (its guest paused)."""
         ...
@@ -254,6 +260,9 @@ class LeavingVM(Protocol):
     def carried_sockets(self, tag: str) -> dict[str, str]:
         """Live, carried: the sockets to listen on for migration ``tag``."""
         ...
+
+    #: Live, the backend's own stream: its multifd channels (0: one stream).
+    parallel: int
 
     async def start_live(self, uri: str) -> None:
         """Live mode: start the guest's stream to ``uri`` while it runs."""

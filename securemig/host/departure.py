@@ -148,14 +148,29 @@ class Departure:
                         f"VM {self.bundle.name} is not running: live migration moves a "
                         "running guest (migrate it without --live)"
                     )
-                if capabilities(self.bundle.manifest.backend).carried:
+                caps = capabilities(self.bundle.manifest.backend)
+                if caps.carried:
                     self.backend_info = await self.backend.live_info(
                         self.bundle, self.copy_storage, self.parallel
                     )
-                elif self.copy_storage or self.parallel:
+                elif self.copy_storage:
                     raise BundleError(
-                        f"VM {self.bundle.name}: --copy-storage and --parallel are for "
-                        "backends whose migration carries its own disk and memory channels"
+                        f"VM {self.bundle.name}: --copy-storage is for backends whose "
+                        "migration copies its own disks (libvirt domains)"
+                    )
+                elif self.parallel:
+                    if not 1 <= self.parallel <= caps.multifd:
+                        raise BundleError(
+                            f"VM {self.bundle.name}: --parallel: 1 to {caps.multifd} "
+                            f"multifd channels for a {self.bundle.manifest.backend} VM"
+                            if caps.multifd
+                            else f"VM {self.bundle.name}: its backend migrates on one "
+                            "stream (no --parallel)"
+                        )
+                    # Its own stream on multifd channels: HELLO tells the
+                    # destination's QEMU how many to expect.
+                    self.backend_info = await self.backend.live_info(
+                        self.bundle, False, self.parallel
                     )
                 # Recovery continues the guest here if this migration never
                 # commits (its QEMU may be left paused, after the stream).
@@ -372,6 +387,14 @@ class Departure:
                 *self.live_options,
                 copy_storage=self.copy_storage,  # type: ignore[call-arg]
                 parallel=self.parallel,
+            )
+        elif self.parallel:
+            # Its own stream on multifd channels, each carried on its own.
+            self.live_migration = await self.backend.live_source(
+                self.bundle,
+                uri,
+                *self.live_options,
+                multifd=self.parallel,  # type: ignore[call-arg]
             )
         else:
             self.live_migration = await self.backend.live_source(

@@ -75,6 +75,10 @@ class Capabilities:
     #: (:meth:`Backend.live_info`), and the destination's guest is made by
     #: the hypervisor's own migration, not started by securemig.
     carried: bool = False
+    #: Its own live stream (not ``carried``) may run on this many multifd
+    #: channels at most (``migrate --live --parallel N``), each carried as
+    #: its own sealed stream; 0: one stream only.
+    multifd: int = 0
     #: Guest kinds it runs (a manifest's ``guest``).
     guests: frozenset[str] = frozenset({"firmware"})
     #: Disk image formats it accepts.
@@ -197,6 +201,15 @@ class Backend(Protocol):
         ``backend_info``); ``copy_storage``: its disks are copied too;
         ``parallel``: extra connections for the memory stream."""
         raise _unsupported(self, "migrate live over carried sockets")
+
+    def live_channels(self, backend_info: bytes) -> int:
+        """Destination, a live arrival of a backend that is not ``carried``:
+        how many multifd channels its stream has besides the main one, from
+        HELLO's ``backend_info`` (``Capabilities.multifd``); BundleError for
+        a description it cannot use.  By default none may be described."""
+        if backend_info:
+            raise BundleError(f"the {self.name} backend takes no live parameters")
+        return 0
 
     def carried_sockets(self, tag: str, destination: bool) -> dict[str, str]:
         """The UNIX sockets of one carried migration (``tag``: its id, the
