@@ -602,16 +602,23 @@ def destroy_vtpm_key(bundle: Bundle) -> None:
 async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
     """After a durable COMMITTED: give the VM up here for good.  The vTPM
     key goes first (without it this copy can never run again), then the
-    bundle; journaled ``released``.  Idempotent: recovery redoes it."""
+    bundle; journaled ``released`` once both are gone.  Idempotent:
+    recovery redoes it, also for a migration journaled done whose copy
+    here could not be discarded then (a libvirtd down at DONE:
+    :func:`securemig.host.recovery.settle_departures`)."""
     destroy_vtpm_key(bundle)
     if bundle.path.exists():
         try:
             await backend_for(bundle.manifest.backend).discard(bundle)
         except Exception as e:
-            # Committed is committed: the VM is the destination's now.  What
-            # is left here is garbage for the operator, not a reason to roll
-            # back; without its key it cannot run.
+            # Committed is committed: the VM is the destination's now, and
+            # without its key this copy cannot run; not a reason to roll
+            # back.  Not journaled released: recovery discards it later (a
+            # libvirt domain's stale definition and vTPM state are a
+            # rollback copy to remove, not to leave to an operator).
             log.error("committed, but discarding the local copy failed: {e}", e=e)
+            if bundle.path.exists():
+                return
     record = journal.get(local_id)
     if record is not None and not record.reached(Phase.RELEASED):
         journal.phase(local_id, Phase.RELEASED)
