@@ -122,6 +122,8 @@ class LibvirtCompletionCells(LibvirtCellsBase):
         the source's domain shut off: the guest lost.)"""
         _, said = await self.libvirtd_cell("lvk1", self.a, "destination-prepared", "destination")
         self.assertIn('"outcome": "in-doubt"', said)
+        self.assertIn("is in doubt, neither committed nor aborted", said)
+        self.assertNotIn("Traceback", said)
         # Decided while libvirt could not be asked, it would be a guess.
         self.assertNotIn('"outcome": "aborted"', said)
 
