@@ -431,7 +431,10 @@ class DestinationHost:
                 actions.append((staging.name, "unknown to this source journal; left in doubt"))
                 continue
             committed = Phase.COMMITTED in {phase for phase, _ in theirs.events}
-            if not committed and theirs.outcome is None:
+            if not committed and theirs.outcome in (None, Outcome.IN_DOUBT.value):
+                # In doubt without COMMITTED: its hypervisor could not be
+                # asked where the guest is (protocol.recovery.carried_decision);
+                # this paused copy may be the only one.
                 actions.append((staging.name, "source has not decided yet; left in doubt"))
                 continue
             lock = self._try_lock(record.vm)

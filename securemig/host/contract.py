@@ -39,6 +39,7 @@ from securemig.hypervisor.bundle import Bundle
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished
 from securemig.protocol.phases import Phase
+from securemig.protocol.recovery import SourceGuest
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,9 @@ class LeavingVM(Protocol):
     journal: Journal
     #: Whether COMMITTED is journaled here (the VM is the destination's).
     committed: bool
+    #: Live, after COMMITTED: whether a copy is kept here until DONE
+    #: (decided at the commit, :meth:`keeps_copy`).
+    kept: bool
     #: Live mode: the guest's downtime bounded here, once DONE arrived (ms).
     guest_downtime_ms: int | None
 
@@ -277,12 +281,17 @@ class LeavingVM(Protocol):
         (it overlaps the destination's resume), else None."""
         ...
 
-    def keeps_copy(self) -> bool:
+    async def keeps_copy(self) -> bool:
         """Live, after COMMITTED: whether a copy is kept here until DONE."""
         ...
 
-    def live_qemu_alive(self) -> bool:
-        """Live mode: whether this VM's guest process still runs here."""
+    async def live_qemu_alive(self) -> bool:
+        """Live mode: whether this VM's guest process still runs here
+        (asked off the reactor thread)."""
+        ...
+
+    async def guest_here(self) -> SourceGuest:
+        """Live, carried: where the hypervisor says the guest is."""
         ...
 
     async def hand_over(self) -> None:

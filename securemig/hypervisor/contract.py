@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred, succeed
 
 from securemig.hypervisor.bundle import Bundle, BundleError
+from securemig.protocol.recovery import SourceGuest
 
 #: The file of a live arrival's staging holding HELLO's ``backend_info``
 #: (written before :meth:`Backend.live_destination`; the backend's to read
@@ -231,6 +232,19 @@ class Backend(Protocol):
         (its process here ended because it moved), so the source's recovery
         commits rather than aborts.  Blocks; False by default."""
         return False
+
+    def guest_here(self, bundle: Bundle) -> Deferred[SourceGuest]:
+        """Source, a live departure: where the hypervisor says its guest is
+        (``protocol.recovery.carried_decision`` decides on it): RUNS while a
+        process of it runs here, GONE otherwise; a carried backend tells
+        MOVED, and UNKNOWN when its hypervisor cannot be asked.  Never
+        blocks the reactor thread; never raises."""
+        return succeed(SourceGuest.RUNS if self.has_process(bundle) else SourceGuest.GONE)
+
+    def process_alive(self, bundle: Bundle) -> Deferred[bool]:
+        """:meth:`has_process`, for the reactor thread: a backend whose
+        answer blocks (libvirt asks its daemon) asks off it."""
+        return succeed(self.has_process(bundle))
 
     def console(self, bundle: Bundle) -> Path | None:
         """The file this host keeps the VM's console in (its first serial

@@ -28,6 +28,7 @@ from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT, SourceConnecti
 from securemig.protocol.effects import SourceEffect
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.protocol.phases import Phase
+from securemig.protocol.recovery import SourceGuest
 from securemig.transport import tls
 from securemig.transport.carried import CARRIED_EXPORTER_LABEL, CarrierSource
 from securemig.transport.control import Connection, FramedProtocol, failure_to_error
@@ -323,9 +324,24 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             try:
                 await departure.live_sent()
             except MigrationError as e:
+                if self.session.finished:
+                    return
+                errors = "; ".join(carrier.errors)
+                why = f"{e} ({errors})" if errors else str(e)
+                guest = await departure.guest_here()
+                if guest is not SourceGuest.RUNS and not self.session.finished:
+                    # The job failed, yet the guest does not demonstrably
+                    # run on here (its libvirtd died at completion, say):
+                    # the destination may hold it whole.  Its PREPARED, or
+                    # its ABORT, decides (carried_decision), not this error.
+                    self.log.warn(
+                        "the hypervisor's migration failed ({e}) and the guest is {where} "
+                        "here: waiting for the destination's word",
+                        e=why,
+                        where=guest.value,
+                    )
+                    return
                 if not self.session.finished:
-                    errors = "; ".join(carrier.errors)
-                    why = f"{e} ({errors})" if errors else str(e)
                     self.fail(ProtocolError(ErrorCode.LIVE_FAILED, why))
 
         def failed(f: Failure) -> None:
@@ -431,7 +447,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self._close(effect)
             departure = self.departure
             if departure.committed and (
-                departure.keeps_copy() or (departure.live_started() and not departure.carried)
+                departure.kept or (departure.live_started() and not departure.carried)
             ):
                 # Live, after COMMITTED: the paused QEMU (or, a hypervisor
                 # that ended its own, the domain's definition) was kept until
