@@ -619,6 +619,10 @@ async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
             log.error("committed, but discarding the local copy failed: {e}", e=e)
             if bundle.path.exists():
                 return
+    else:
+        # Redone after a crash between the bundle's rename and the journal's
+        # ``released``: what the killed remover left is removed now.
+        files.sweep_discarded(bundle.path.parent)
     record = journal.get(local_id)
     if record is not None and not record.reached(Phase.RELEASED):
         journal.phase(local_id, Phase.RELEASED)

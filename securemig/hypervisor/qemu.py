@@ -462,7 +462,8 @@ class QemuBackend(Backend):
 
     async def _discard(self, bundle: Bundle) -> None:
         await self.end(bundle)
-        files.remove_tree(bundle.path)
+        # Its images unlinked by a detached remover (files.discard_tree).
+        files.discard_tree(bundle.path)
 
     async def _ended(self, bundle: Bundle, program: str, pid: int | None) -> None:
         """Wait (without blocking the reactor) until ``program`` of this VM,
