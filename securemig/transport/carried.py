@@ -352,6 +352,7 @@ class CarrierDestination:
         first_record_timeout: float = FIRST_RECORD_TIMEOUT,
         max_pending: int = MAX_PENDING_DATA_CONNECTIONS,
         on_progress: Callable[[int], None] = lambda n: None,
+        listen: Callable[[str, Factory], Any] | None = None,
     ) -> None:
         self.reactor = reactor
         self.on_progress = on_progress
@@ -376,7 +377,12 @@ class CarrierDestination:
                 destination._pairs.add(pair)
                 return _End(pair, wire=True)
 
-        self.port = reactor.listenTCP(0, Accept(), interface=interface)
+        # ``listen(interface, factory)``: the destination's ``--data-ports``
+        # (a firewall opens those only), as for every data port.
+        if listen is None:
+            self.port = reactor.listenTCP(0, Accept(), interface=interface)
+        else:
+            self.port = listen(interface, Accept())
 
     @property
     def address(self) -> tuple[str, int]:
