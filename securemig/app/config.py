@@ -51,6 +51,12 @@ def chunk_kib(value: int) -> str | None:
     return None if low <= value <= high else f"must be between {low} and {high}"
 
 
+def channels(value: int) -> str | None:
+    """A validator: multifd channels of a live migration (``--parallel``;
+    each backend bounds it further: QEMU 8, libvirt 16)."""
+    return None if 0 <= value <= 16 else "must be between 0 (one stream) and 16"
+
+
 #: A validator: a problem with a value (``must be positive``), or None.
 Validator = Callable[[Any], str | None]
 
@@ -160,6 +166,12 @@ KEYS: dict[str, dict[str, Key]] = {
         ),
         "deadline": Key(
             "float", "seconds for a whole migration", {"migrate": "deadline"}, check=positive
+        ),
+        "parallel": Key(
+            "int",
+            "multifd channels of a live migration (0: one stream)",
+            {"migrate": "parallel"},
+            check=channels,
         ),
     },
     "service": {

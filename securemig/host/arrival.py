@@ -49,7 +49,7 @@ from securemig.host.journal import Journal, MigrationRecord
 from securemig.host.shareddisk import foreign_owner
 from securemig.hypervisor import backends
 from securemig.hypervisor.backends import backend_for, capabilities
-from securemig.hypervisor.bundle import VTPM_IMAGE, Bundle, Image, Manifest, image_file
+from securemig.hypervisor.bundle import VTPM_IMAGE, Bundle, BundleError, Image, Manifest, image_file
 from securemig.hypervisor.contract import BACKEND_INFO_FILE, LiveSide
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished, Outcome
@@ -431,7 +431,10 @@ class DestinationHost:
                 actions.append((staging.name, "unknown to this source journal; left in doubt"))
                 continue
             committed = Phase.COMMITTED in {phase for phase, _ in theirs.events}
-            if not committed and theirs.outcome is None:
+            if not committed and theirs.outcome in (None, Outcome.IN_DOUBT.value):
+                # In doubt without COMMITTED: its hypervisor could not be
+                # asked where the guest is (protocol.recovery.carried_decision);
+                # this paused copy may be the only one.
                 actions.append((staging.name, "source has not decided yet; left in doubt"))
                 continue
             lock = self._try_lock(record.vm)
@@ -492,6 +495,13 @@ class DestinationHost:
         )
         if mismatch is not None:
             raise ProtocolError(ErrorCode.BACKEND_MISMATCH, mismatch)
+        if hello.mode is wire.Mode.LIVE and not backends.capabilities(self.backend).carried:
+            # Its own stream, maybe on multifd channels: a count this
+            # destination will not run is refused before anything is held.
+            try:
+                backends.backend_for(self.backend).live_channels(hello.backend_info)
+            except BundleError as e:
+                raise ProtocolError(ErrorCode.BAD_PARAMETER, str(e)) from None
         if hello.variant is wire.Variant.SHARED_STORAGE and any(
             image.name == "disk" for image in hello.images
         ):
@@ -840,7 +850,14 @@ class Arrival:
         # source of a VM and an arrival of it moved into place there.
         tag = f"{self.id}-d"
         self.live_socket = backend.live_socket(bundle, tag)
-        self.live = await backend.live_destination(bundle, tag)
+        if self.multifd:
+            self.live = await backend.live_destination(
+                bundle,
+                tag,
+                multifd=self.multifd,  # type: ignore[call-arg]
+            )
+        else:
+            self.live = await backend.live_destination(bundle, tag)
         self.host.journal.phase(self.id, Phase.INCOMING)
 
     @property
@@ -848,6 +865,14 @@ class Arrival:
         """Live through the hypervisor's own migration, its sockets carried
         (``Capabilities.carried``), rather than one QEMU stream."""
         return capabilities(self.host.backend).carried
+
+    @property
+    def multifd(self) -> int:
+        """Live, the backend's own stream: its multifd channels besides the
+        main one (0: one stream), as HELLO asked and admission checked."""
+        if self.hello.mode is not wire.Mode.LIVE or self.carried:
+            return 0
+        return backend_for(self.host.backend).live_channels(self.hello.backend_info)
 
     def carried_sockets(self) -> dict[str, str]:
         """Live, carried: the local sockets the carrier dials, by name."""

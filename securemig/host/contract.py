@@ -39,6 +39,7 @@ from securemig.hypervisor.bundle import Bundle
 from securemig.protocol import wire
 from securemig.protocol.effects import Finished
 from securemig.protocol.phases import Phase
+from securemig.protocol.recovery import SourceGuest
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,12 @@ class ArrivingVM(Protocol):
         """Live, carried: the local sockets the carrier dials, by name."""
         ...
 
+    @property
+    def multifd(self) -> int:
+        """Live, the backend's own stream: its multifd channels besides the
+        main one (0: one stream); each is carried as its own sealed stream."""
+        ...
+
     def loaded(self) -> None:
         """Live, carried: the hypervisor completed here (its guest paused)."""
         ...
@@ -218,6 +225,9 @@ class LeavingVM(Protocol):
     journal: Journal
     #: Whether COMMITTED is journaled here (the VM is the destination's).
     committed: bool
+    #: Live, after COMMITTED: whether a copy is kept here until DONE
+    #: (decided at the commit, :meth:`keeps_copy`).
+    kept: bool
     #: Live mode: the guest's downtime bounded here, once DONE arrived (ms).
     guest_downtime_ms: int | None
 
@@ -251,6 +261,9 @@ class LeavingVM(Protocol):
         """Live, carried: the sockets to listen on for migration ``tag``."""
         ...
 
+    #: Live, the backend's own stream: its multifd channels (0: one stream).
+    parallel: int
+
     async def start_live(self, uri: str) -> None:
         """Live mode: start the guest's stream to ``uri`` while it runs."""
         ...
@@ -268,12 +281,17 @@ class LeavingVM(Protocol):
         (it overlaps the destination's resume), else None."""
         ...
 
-    def keeps_copy(self) -> bool:
+    async def keeps_copy(self) -> bool:
         """Live, after COMMITTED: whether a copy is kept here until DONE."""
         ...
 
-    def live_qemu_alive(self) -> bool:
-        """Live mode: whether this VM's guest process still runs here."""
+    async def live_qemu_alive(self) -> bool:
+        """Live mode: whether this VM's guest process still runs here
+        (asked off the reactor thread)."""
+        ...
+
+    async def guest_here(self) -> SourceGuest:
+        """Live, carried: where the hypervisor says the guest is."""
         ...
 
     async def hand_over(self) -> None:

@@ -30,6 +30,7 @@ from securemig.protocol import wire
 from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.protocol.phases import Phase
+from securemig.protocol.recovery import Decision, SourceGuest, carried_decision
 from securemig.trust import vtpm
 
 log = Logger()
@@ -39,6 +40,15 @@ class VMLocked(BundleError):
     """Another migration of this VM holds its lock."""
 
     default_code = ErrorCode.VM_BUSY
+
+
+class Undecided(MigrationError):
+    """A carried live departure whose hypervisor cannot be asked where the
+    guest is, after the destination may hold it whole: neither committed
+    nor aborted (``protocol.recovery.carried_decision``); this host's
+    daemon decides once the hypervisor answers."""
+
+    default_code = ErrorCode.LIVE_FAILED
 
 
 class Departure:
@@ -91,6 +101,14 @@ class Departure:
         self.lock: storage.VMLock | None = None
         self.was_running = False
         self.committed = False
+        #: Live, after COMMITTED: what the hypervisor left of the guest here
+        #: is kept until the destination's DONE (:meth:`keeps_copy`).
+        self.kept = False
+        #: Live, carried: the destination said PREPARED (journaled here).
+        self.prepared = False
+        #: Live, carried: ended with nothing decided (:class:`Undecided`):
+        #: journaled in doubt without COMMITTED, for the daemon.
+        self.undecided = False
         #: After a suspended migration's commit: the removal of the bundle
         #: here, overlapping the destination's resume (see :meth:`commit`).
         self.releasing: Deferred[None] | None = None
@@ -130,14 +148,29 @@ class Departure:
                         f"VM {self.bundle.name} is not running: live migration moves a "
                         "running guest (migrate it without --live)"
                     )
-                if capabilities(self.bundle.manifest.backend).carried:
+                caps = capabilities(self.bundle.manifest.backend)
+                if caps.carried:
                     self.backend_info = await self.backend.live_info(
                         self.bundle, self.copy_storage, self.parallel
                     )
-                elif self.copy_storage or self.parallel:
+                elif self.copy_storage:
                     raise BundleError(
-                        f"VM {self.bundle.name}: --copy-storage and --parallel are for "
-                        "backends whose migration carries its own disk and memory channels"
+                        f"VM {self.bundle.name}: --copy-storage is for backends whose "
+                        "migration copies its own disks (libvirt domains)"
+                    )
+                elif self.parallel:
+                    if not 1 <= self.parallel <= caps.multifd:
+                        raise BundleError(
+                            f"VM {self.bundle.name}: --parallel: 1 to {caps.multifd} "
+                            f"multifd channels for a {self.bundle.manifest.backend} VM"
+                            if caps.multifd
+                            else f"VM {self.bundle.name}: its backend migrates on one "
+                            "stream (no --parallel)"
+                        )
+                    # Its own stream on multifd channels: HELLO tells the
+                    # destination's QEMU how many to expect.
+                    self.backend_info = await self.backend.live_info(
+                        self.bundle, False, self.parallel
                     )
                 # Recovery continues the guest here if this migration never
                 # commits (its QEMU may be left paused, after the stream).
@@ -250,18 +283,34 @@ class Departure:
         (:meth:`hand_over`, on DONE): if the destination's QEMU ends before
         that, this one continues the guest (``protocol.recovery``)."""
         crashpoint.reached(CrashPoint.SOURCE_PREPARED_RECEIVED, self.qemu_pidfile())
+        if self.live_migration is not None and self.carried:
+            # Durable before anything is decided: recovery then knows the
+            # destination holds the whole guest (carried_decision).
+            self.prepared = True
+            self.journal.phase(self.id, Phase.PREPARED)
         if self.live_migration is not None:
             try:
                 self.live_stats = await self.live_migration.wait(timeout=30.0)
             except MigrationError as e:
-                if self.live_qemu_alive():
+                if self.carried:
+                    guest = await self.guest_here()
+                    decision = carried_decision(guest, prepared=True)
+                    if decision is None:
+                        raise Undecided(
+                            f"{e}; the source's hypervisor cannot be asked where the guest "
+                            "is: in doubt (this host's daemon decides once it answers)"
+                        ) from None
+                    if decision is Decision.ABORTED:
+                        raise ProtocolError(ErrorCode.LIVE_FAILED, str(e)) from None
+                elif await self.live_qemu_alive():
                     raise ProtocolError(ErrorCode.LIVE_FAILED, str(e)) from None
                 log.warn(
-                    "VM {vm}: its QEMU ended after the stream; the destination loaded it "
-                    "all (PREPARED): committing",
+                    "VM {vm}: its guest ended here after the stream; the destination loaded "
+                    "it all (PREPARED): committing",
                     vm=self.bundle.name,
                 )
-        self.journal.phase(self.id, Phase.PREPARED)
+        if not self.prepared:
+            self.journal.phase(self.id, Phase.PREPARED)
         self.journal.phase(self.id, Phase.COMMITTED)
         self.committed = True
         crashpoint.reached(CrashPoint.SOURCE_COMMITTED, self.qemu_pidfile())
@@ -271,7 +320,8 @@ class Departure:
             set_disk_owner(
                 Path(shared), self.disk_successor, record.migration_id if record else None
             )
-        if self.keeps_copy():
+        self.kept = await self.keeps_copy()
+        if self.kept:
             return  # kept until DONE: hand_over()
         # The vTPM key goes before the COMMIT is sent: without it this copy
         # can never run again.  Removing the images (a GiB takes a tenth of
@@ -338,6 +388,14 @@ class Departure:
                 copy_storage=self.copy_storage,  # type: ignore[call-arg]
                 parallel=self.parallel,
             )
+        elif self.parallel:
+            # Its own stream on multifd channels, each carried on its own.
+            self.live_migration = await self.backend.live_source(
+                self.bundle,
+                uri,
+                *self.live_options,
+                multifd=self.parallel,  # type: ignore[call-arg]
+            )
         else:
             self.live_migration = await self.backend.live_source(
                 self.bundle, uri, *self.live_options
@@ -355,24 +413,34 @@ class Departure:
         """Live mode: the pid file of this VM's QEMU (for crash points)."""
         return self.bundle.path / "qemu.pid" if self.live else None
 
-    def keeps_copy(self) -> bool:
-        """Live, after COMMITTED: what is kept here until the destination's
-        guest runs (DONE): QEMU's paused process, or -- a hypervisor that
-        ended its own (libvirt) -- the domain's definition, vTPM state and
+    async def keeps_copy(self) -> bool:
+        """Live, after COMMITTED: whether something is kept here until the
+        destination's guest runs (DONE): QEMU's paused process, or -- a
+        hypervisor that ended its own (libvirt: committed only once the
+        guest is not here) -- the domain's definition, vTPM state and
         sealed secret, so a guest whose destination QEMU dies before it ran
         there (LOST) can at least be booted here again with its vTPM."""
-        return self.live_migration is not None and (
-            self.live_qemu_alive() or self.moved_by_hypervisor()
-        )
+        if self.live_migration is None:
+            return False
+        return self.carried or await self.live_qemu_alive()
 
     def live_started(self) -> bool:
         """Live mode: whether the backend's migration was started (its QEMU,
         paused after the stream, is kept after COMMITTED until DONE)."""
         return self.live_migration is not None
 
-    def live_qemu_alive(self) -> bool:
-        """Live mode: whether this VM's QEMU still runs here."""
-        return self.backend.has_process(self.bundle)
+    async def live_qemu_alive(self) -> bool:
+        """Live mode: whether this VM's QEMU still runs here (asked off the
+        reactor thread: libvirt's answer blocks)."""
+        return await self.backend.process_alive(self.bundle)
+
+    async def guest_here(self) -> SourceGuest:
+        """Live, carried: where the hypervisor says the guest is
+        (``Backend.guest_here``, off the reactor thread); MOVED without
+        asking once the hypervisor's migration returned success."""
+        if self.live_migration is not None and getattr(self.live_migration, "completed", False):
+            return SourceGuest.MOVED
+        return await self.backend.guest_here(self.bundle)
 
     async def hand_over(self) -> None:
         """Live mode, after COMMITTED: the destination said DONE (its guest
@@ -442,31 +510,46 @@ class Departure:
         async def go_on() -> None:
             try:
                 if self.live_migration is not None:
-                    await self.live_migration.cancel()
-                    self.live_migration.release()
-                    if self.moved_by_hypervisor():
-                        await self._committed_by_hypervisor()
+                    try:
+                        await self.live_migration.cancel()
+                    finally:
+                        self.live_migration.release()
             except Exception as e:
                 log.error("could not continue VM {vm} here: {e}", vm=self.bundle.name, e=e)
+            try:
+                if self.live_migration is not None and self.carried:
+                    await self._decide_carried()
             finally:
                 self._unlock()
 
         return Deferred.fromCoroutine(go_on())
 
-    def moved_by_hypervisor(self) -> bool:
+    async def _decide_carried(self) -> None:
+        """Live, carried, the session failed before COMMITTED (the guest
+        continued here if it could be): decide from where the hypervisor
+        says the guest is (``protocol.recovery.carried_decision``): commit
+        what it moved, or what the destination holds whole (PREPARED) once
+        the guest is gone here; decide nothing while it cannot be asked."""
+        decision = carried_decision(await self.guest_here(), self.prepared)
+        if decision is Decision.COMMITTED:
+            await self._committed_by_hypervisor()
+        elif decision is None:
+            self.undecided = True
+            log.warn(
+                "VM {vm}: the hypervisor here cannot be asked where the guest is: in doubt, "
+                "neither committed nor aborted; this host's daemon decides once it answers",
+                vm=self.bundle.name,
+            )
+
+    async def moved_by_hypervisor(self) -> bool:
         """Live, a backend whose hypervisor migrates on its own (libvirt,
         peer to peer): its migration completed, so the guest is no longer
         here -- it waits paused at the destination, the only copy of its
-        memory -- and cancelling cannot bring it back."""
-        if self.live_migration is None or not capabilities(self.bundle.manifest.backend).carried:
+        memory -- and cancelling cannot bring it back.  Asked off the
+        reactor thread; False while the hypervisor cannot be asked."""
+        if self.live_migration is None or not self.carried:
             return False
-        if getattr(self.live_migration, "completed", False):
-            return True
-        try:
-            return self.backend.moved_away(self.bundle)
-        except Exception as e:
-            log.warn("VM {vm}: cannot tell where it is: {e}", vm=self.bundle.name, e=e)
-            return False
+        return await self.guest_here() is SourceGuest.MOVED
 
     async def _committed_by_hypervisor(self) -> None:
         """The session failed after the hypervisor completed (before
@@ -482,6 +565,7 @@ class Departure:
         )
         self.journal.phase(self.id, Phase.COMMITTED)
         self.committed = True
+        self.kept = True
         crashpoint.reached(CrashPoint.SOURCE_COMMITTED)
         # Kept until the destination says its guest runs (RESOLVE: DONE).
 
@@ -492,9 +576,11 @@ class Departure:
         in doubt, not aborted."""
         error = f"{effect.code.name}: {effect.reason}" if effect.code else None
         outcome = effect.outcome
-        if self.committed and outcome is Outcome.ABORTED:
-            # Its ABORT said it discarded, but it holds the arrived guest:
-            # it is owed RESOLVE(committed) all the same.
+        if (self.committed or self.undecided) and outcome is Outcome.ABORTED:
+            # Committed: its ABORT said it discarded, but it holds the
+            # arrived guest: it is owed RESOLVE(committed) all the same.
+            # Undecided: nothing is aborted on an unknown (the record stays
+            # in doubt without COMMITTED, for the daemon to decide).
             outcome, peer_settled = Outcome.IN_DOUBT, False
         self.journal.finish(self.id, outcome.value, error=error, nbytes=nbytes)
         if peer_settled:

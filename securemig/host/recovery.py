@@ -40,6 +40,7 @@ from securemig.protocol import wire
 from securemig.protocol.effects import Outcome
 from securemig.protocol.errors import MigrationError
 from securemig.protocol.phases import Phase
+from securemig.protocol.recovery import SourceGuest, carried_decision
 from securemig.trust.vtpm import key_reader
 
 log = Logger()
@@ -86,16 +87,15 @@ async def settle_departures(
         if record.reached(Phase.RECLAIMED):
             done += await reclaim(journal, record)
             continue
-        if not record.reached(Phase.COMMITTED) and moved_away(record):
-            # Its hypervisor's own migration completed before COMMITTED was
-            # journaled: the guest left (it waits at the destination, the
-            # only copy), so aborting cannot bring it back.  Committed.
-            journal.phase(record.id, Phase.COMMITTED)
-            done.append(
-                f"VM {record.vm}: its hypervisor moved it to {record.peer} before the commit: "
-                "committed"
-            )
+        if not record.reached(Phase.COMMITTED) and _carried_open(record):
+            # Live through the hypervisor's own migration, not decided:
+            # decided from where its hypervisor says the guest is
+            # (protocol.recovery.carried_decision), or not at all.
+            said = await _decide_carried(journal, record)
+            done += said
             record = journal.get(record.id) or record
+            if not record.reached(Phase.COMMITTED) and record.outcome in (None, "in-doubt"):
+                continue  # asked again next round: nothing decided, nothing owed
         if record.reached(Phase.COMMITTED):
             done += await _finish_commit(journal, record)
             decision = wire.Decision.COMMITTED
@@ -110,29 +110,97 @@ async def settle_departures(
     return done, owed
 
 
-def live_qemu(record: MigrationRecord) -> bool | None:
+async def live_qemu(record: MigrationRecord) -> bool | None:
     """A live departure: whether its QEMU (the guest, running or paused)
-    still runs here; None for one that is not live or has no bundle."""
+    still runs here (asked off the reactor thread); None for one that is
+    not live or has no bundle."""
     if not record.reached(Phase.LIVE) or not record.bundle or not Path(record.bundle).exists():
         return None
     bundle = Bundle.load(Path(record.bundle))
     backend = backend_for(bundle.manifest.backend)
-    return backend.has_process(bundle)
+    return await backend.process_alive(bundle)
 
 
-def moved_away(record: MigrationRecord) -> bool:
-    """A live departure whose hypervisor's own migration completed (the
-    guest left this host: ``Backend.moved_away``)."""
+def _carried_open(record: MigrationRecord) -> bool:
+    """A live departure through the hypervisor's own migration (carried)
+    with no decision journaled: no outcome, or in doubt without COMMITTED
+    (its hypervisor could not be asked)."""
+    if record.outcome not in (None, Outcome.IN_DOUBT.value) or not record.reached(Phase.LIVE):
+        return False
+    if not record.bundle or not Path(record.bundle).exists():
+        return False
+    return capabilities(Bundle.load(Path(record.bundle)).manifest.backend).carried
+
+
+async def _decide_carried(journal: Journal, record: MigrationRecord) -> list[str]:
+    """Decide a carried live departure (``protocol.recovery.carried_decision``):
+    commit when the guest is not here and its hypervisor moved it or the
+    destination said PREPARED; abort when it demonstrably runs here --
+    continued first (a paused QEMU resumed), asked again, and only then
+    journaled aborted; nothing while the hypervisor cannot be asked.
+    Under the VM's lock (a command or migration holding it: next round)."""
+    assert record.bundle is not None
+    bundle_dir = Path(record.bundle)
+    try:
+        lock = storage.VMLock(bundle_dir / LOCK)
+    except storage.LockBusy:
+        return []
+    try:
+        bundle = Bundle.load(bundle_dir)
+        backend = backend_for(bundle.manifest.backend)
+        prepared = record.reached(Phase.PREPARED)
+        guest = await backend.guest_here(bundle)
+        decision = carried_decision(guest, prepared)
+        if decision is wire.Decision.ABORTED and guest is SourceGuest.RUNS:
+            # Continued before the abort is journaled: a guest libvirt was
+            # about to end (a libvirtd restarted at completion) is not
+            # taken for one that runs on.
+            try:
+                await backend.resume(bundle)
+            except Exception as e:
+                log.warn("VM {vm}: could not continue it here: {e}", vm=record.vm, e=e)
+            guest = await backend.guest_here(bundle)
+            decision = carried_decision(guest, prepared)
+        if decision is None:
+            if record.outcome is None:
+                journal.finish(
+                    record.id,
+                    Outcome.IN_DOUBT.value,
+                    error="LIVE_FAILED: the hypervisor here cannot be asked where the guest is",
+                )
+            return [
+                f"VM {record.vm}: its hypervisor here cannot be asked where the guest is: "
+                "in doubt, asked again"
+            ]
+        if decision is wire.Decision.COMMITTED:
+            journal.phase(record.id, Phase.COMMITTED)
+            return [
+                f"VM {record.vm}: the guest is not here ({guest.value}) and {record.peer} "
+                "holds it: committed"
+            ]
+        journal.finish(
+            record.id,
+            Outcome.ABORTED.value,
+            error=f"LIVE_FAILED: the migration never committed; the guest is {guest.value} here",
+        )
+        crashpoint.reached(CrashPoint.SOURCE_SETTLE_ABORTED)
+        if guest is SourceGuest.RUNS:
+            return [f"VM {record.vm}: migration to {record.peer} never committed: it runs here"]
+        return [
+            f"VM {record.vm}: migration to {record.peer} never committed: aborted",
+            await _resume(bundle, None),
+        ]
+    finally:
+        lock.release()
+
+
+def _carried(record: MigrationRecord) -> bool:
+    """A live departure through the hypervisor's own migration whose bundle
+    is still here (committed: its definition, vTPM state and sealed secret
+    are kept until the destination's DONE)."""
     if not record.reached(Phase.LIVE) or not record.bundle or not Path(record.bundle).exists():
         return False
-    bundle = Bundle.load(Path(record.bundle))
-    if not capabilities(bundle.manifest.backend).carried:
-        return False
-    try:
-        return backend_for(bundle.manifest.backend).moved_away(bundle)
-    except Exception as e:
-        log.warn("VM {vm}: cannot tell whether it moved: {e}", vm=record.vm, e=e)
-        return False
+    return capabilities(Bundle.load(Path(record.bundle)).manifest.backend).carried
 
 
 async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]:
@@ -140,7 +208,7 @@ async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]
     done = record.outcome == Outcome.DONE.value  # the guest runs there: nothing kept here
     if (
         not done
-        and (live_qemu(record) or moved_away(record))
+        and (_carried(record) or await live_qemu(record))
         and not record.reached(Phase.RELEASED)
     ):
         # Kept paused until the destination says its guest runs (DONE), or
@@ -231,7 +299,7 @@ async def _continue_aborted(
     bundle_dir = Path(record.bundle) if record.bundle else None
     if bundle_dir is None or not bundle_dir.exists():
         return []
-    if live_qemu(record):
+    if await live_qemu(record):
         bundle = Bundle.load(bundle_dir)
         if backend_for(bundle.manifest.backend).status(bundle) != "paused":
             return []

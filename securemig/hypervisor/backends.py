@@ -38,7 +38,7 @@ from securemig.hypervisor.contract import Backend, Capabilities, LiveSide, Unsup
 from securemig.hypervisor.image import ImageBackend
 from securemig.hypervisor.libvirt import CAPABILITIES as LIBVIRT_CAPABILITIES
 from securemig.hypervisor.libvirt import LibvirtBackend
-from securemig.hypervisor.qemu import QemuBackend
+from securemig.hypervisor.qemu import MAX_MULTIFD_CHANNELS, QemuBackend
 from securemig.hypervisor.xen import XenBackend
 from securemig.protocol import wire
 
@@ -237,6 +237,7 @@ register(
         creatable=True,
         vtpm=True,
         resume_continues=True,
+        multifd=MAX_MULTIFD_CHANNELS,
         guests=frozenset({"firmware", "linux"}),
     ),
 )

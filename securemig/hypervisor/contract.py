@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred, succeed
 
 from securemig.hypervisor.bundle import Bundle, BundleError
+from securemig.protocol.recovery import SourceGuest
 
 #: The file of a live arrival's staging holding HELLO's ``backend_info``
 #: (written before :meth:`Backend.live_destination`; the backend's to read
@@ -74,6 +75,10 @@ class Capabilities:
     #: (:meth:`Backend.live_info`), and the destination's guest is made by
     #: the hypervisor's own migration, not started by securemig.
     carried: bool = False
+    #: Its own live stream (not ``carried``) may run on this many multifd
+    #: channels at most (``migrate --live --parallel N``), each carried as
+    #: its own sealed stream; 0: one stream only.
+    multifd: int = 0
     #: Guest kinds it runs (a manifest's ``guest``).
     guests: frozenset[str] = frozenset({"firmware"})
     #: Disk image formats it accepts.
@@ -197,6 +202,15 @@ class Backend(Protocol):
         ``parallel``: extra connections for the memory stream."""
         raise _unsupported(self, "migrate live over carried sockets")
 
+    def live_channels(self, backend_info: bytes) -> int:
+        """Destination, a live arrival of a backend that is not ``carried``:
+        how many multifd channels its stream has besides the main one, from
+        HELLO's ``backend_info`` (``Capabilities.multifd``); BundleError for
+        a description it cannot use.  By default none may be described."""
+        if backend_info:
+            raise BundleError(f"the {self.name} backend takes no live parameters")
+        return 0
+
     def carried_sockets(self, tag: str, destination: bool) -> dict[str, str]:
         """The UNIX sockets of one carried migration (``tag``: its id, the
         same on both hosts), by name (:data:`securemig.transport.carried.SOCKETS`):
@@ -218,6 +232,19 @@ class Backend(Protocol):
         (its process here ended because it moved), so the source's recovery
         commits rather than aborts.  Blocks; False by default."""
         return False
+
+    def guest_here(self, bundle: Bundle) -> Deferred[SourceGuest]:
+        """Source, a live departure: where the hypervisor says its guest is
+        (``protocol.recovery.carried_decision`` decides on it): RUNS while a
+        process of it runs here, GONE otherwise; a carried backend tells
+        MOVED, and UNKNOWN when its hypervisor cannot be asked.  Never
+        blocks the reactor thread; never raises."""
+        return succeed(SourceGuest.RUNS if self.has_process(bundle) else SourceGuest.GONE)
+
+    def process_alive(self, bundle: Bundle) -> Deferred[bool]:
+        """:meth:`has_process`, for the reactor thread: a backend whose
+        answer blocks (libvirt asks its daemon) asks off it."""
+        return succeed(self.has_process(bundle))
 
     def console(self, bundle: Bundle) -> Path | None:
         """The file this host keeps the VM's console in (its first serial

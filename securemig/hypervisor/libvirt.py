@@ -59,6 +59,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 from xml.sax.saxutils import escape
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread, deferToThreadPool
@@ -70,6 +71,7 @@ from securemig.crashpoint import CrashPoint
 from securemig.hypervisor.bundle import Bundle, BundleError, Image, Manifest, check_vm_name
 from securemig.hypervisor.contract import BACKEND_INFO_FILE, Backend, Capabilities
 from securemig.protocol.errors import ErrorCode, LocalFault
+from securemig.protocol.recovery import SourceGuest
 
 #: What to install when libvirt-python is missing.
 PYTHON_PACKAGE = "libvirt-python"
@@ -101,6 +103,9 @@ INCOMING_FILE = BACKEND_INFO_FILE
 INCOMING_TIMEOUT = 3600.0
 #: How often the destination asks libvirt whether the domain arrived.
 INCOMING_POLL = 0.1
+#: Seconds a question to libvirt (``guest_here``, ``process_alive``) may
+#: take before the answer is "cannot be asked".
+QUERY_TIMEOUT = 30.0
 #: libvirt's ``VIR_DOMAIN_PAUSED_USER``: paused by request (``PAUSED``
 #: migration flag at its Finish), as opposed to paused while it arrives.
 PAUSED_USER = 1
@@ -644,6 +649,22 @@ class LibvirtBackend(Backend):
             self.reactor.addSystemEventTrigger("during", "shutdown", self.close)
         return deferToThreadPool(self.reactor, self._pool, fn, *args)
 
+    def _ask(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """A short question to libvirt (where is the guest?) on the
+        backend's thread, failing with :class:`LibvirtError` after
+        :data:`QUERY_TIMEOUT`: a stopped libvirtd never answers (the
+        backend's thread stays blocked until it does), and the caller must
+        go on knowing it could not ask."""
+        d = self._call(fn, *args)
+        d.addTimeout(QUERY_TIMEOUT, self.reactor)
+
+        def timed_out(f: Any) -> Any:
+            if f.check(defer.TimeoutError):
+                raise LibvirtError(f"libvirt did not answer in {QUERY_TIMEOUT:g} s")
+            return f
+
+        return d.addErrback(timed_out)
+
     def close(self) -> None:
         """Stop the backend's thread (when its queued calls are done)."""
         if self._pool is not None:
@@ -1064,6 +1085,50 @@ class LibvirtBackend(Backend):
             state = None if domain is None else tuple(domain.state())
             log.info("domain {d} at the source: libvirt state {s}", d=record.domain, s=state)
             return state == (5, SHUTOFF_MIGRATED)
+
+    def guest_here(self, bundle: Bundle) -> Deferred[SourceGuest]:
+        """Source: where libvirt says the domain's guest is (off the reactor
+        thread): RUNS while it is active (running, or paused with its QEMU:
+        resumable with its memory), MOVED if shut off because libvirt
+        migrated it, GONE if shut off otherwise or undefined, UNKNOWN if
+        libvirt cannot be asked (not connected, no answer, an error other
+        than "no such domain")."""
+
+        def failed(f: Any) -> SourceGuest:
+            log.warn(
+                "domain {d}: cannot ask libvirt where it is: {e}",
+                d=bundle.name,
+                e=f.getErrorMessage(),
+            )
+            return SourceGuest.UNKNOWN
+
+        return self._ask(self._guest_here, bundle).addErrback(failed)
+
+    def _guest_here(self, bundle: Bundle) -> SourceGuest:
+        libvirt = require_libvirt()
+        try:
+            record = DomainRecord.load(bundle)
+        except BundleError:
+            return SourceGuest.GONE
+        with self._connection(self._uri(record)) as conn:
+            try:
+                domain = conn.lookupByUUIDString(record.domain_uuid)
+                state, reason = domain.state()
+                active = bool(domain.isActive())
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return SourceGuest.GONE
+                raise LibvirtError(f"libvirt did not say where it is: {e}") from None
+        log.info("domain {d} at the source: libvirt state {s}", d=record.domain, s=(state, reason))
+        if active:
+            return SourceGuest.RUNS
+        if (state, reason) == (5, SHUTOFF_MIGRATED):
+            return SourceGuest.MOVED
+        return SourceGuest.GONE
+
+    def process_alive(self, bundle: Bundle) -> Deferred[bool]:
+        """:meth:`has_process` off the reactor thread."""
+        return self._ask(self.has_process, bundle)
 
     def has_process(self, bundle: Bundle) -> bool:
         """Whether libvirt runs the domain here (running or paused); False

@@ -13,7 +13,12 @@ The QEMU backend: a VM is a QEMU process driven over QMP.
 - live (issue 16): :meth:`QemuBackend.live_destination` waits paused on a
   unix socket, :meth:`QemuBackend.live_source` sends QEMU's pre-copy
   stream to one securemig listens on; :class:`LiveMigration` then waits
-  for completion and continues the guest on exactly one side.
+  for completion and continues the guest on exactly one side.  With
+  ``multifd`` channels (``migrate --live --parallel N``, 1 to
+  :data:`MAX_MULTIFD_CHANNELS`) both QEMUs get the ``multifd`` capability
+  and ``multifd-channels`` N before ``migrate-incoming`` / ``migrate``:
+  QEMU then makes N + 1 connections to the same socket (its main channel
+  and one per multifd channel), each carried as its own sealed stream.
 
 A manifest's ``guest`` is ``firmware`` or ``linux``: the Linux guest of
 :mod:`securemig.hypervisor.guest` boots with its kernel command line and
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shlex
 import shutil
@@ -47,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 
 from securemig import files, runtime
@@ -74,6 +80,11 @@ STATUS_TIMEOUT = 3.0
 #: Defaults of a live migration's QEMU parameters.
 LIVE_DOWNTIME_LIMIT_MS = 300
 LIVE_MAX_BANDWIDTH = 1 << 30  # bytes per second: no practical limit on loopback
+
+#: Most multifd channels a live migration may ask for (``--parallel``): each
+#: is one more connection QEMU makes, one more sealed stream and one more
+#: thread on both sides; 8 already outruns a loopback's AEAD per core.
+MAX_MULTIFD_CHANNELS = 8
 
 #: The file in a bundle that names its running QEMU's sockets.
 SOCKET_ID = "sockets.id"
@@ -519,22 +530,44 @@ class QemuBackend(Backend):
         uri: str,
         downtime_limit_ms: int = LIVE_DOWNTIME_LIMIT_MS,
         max_bandwidth: int = LIVE_MAX_BANDWIDTH,
+        multifd: int = 0,
     ) -> Deferred[LiveMigration]:
         """Start a live migration of the running VM to ``uri`` (``unix:PATH``
         of a socket securemig listens on): QEMU's pre-copy begins, the guest
-        runs on."""
+        runs on.  ``multifd``: that many multifd channels (0: one stream),
+        as the destination's QEMU was told (:meth:`live_destination`)."""
         return Deferred.fromCoroutine(
-            _live_source(self, bundle, uri, downtime_limit_ms, max_bandwidth)
+            _live_source(self, bundle, uri, downtime_limit_ms, max_bandwidth, multifd)
         )
+
+    def live_info(self, bundle: Bundle, copy_storage: bool, parallel: int) -> Deferred[bytes]:
+        """Source, before HELLO: ``backend_info`` of a live migration with
+        ``parallel`` multifd channels (:func:`multifd_info`); a QEMU guest's
+        disk is on shared storage, never copied."""
+        if copy_storage:
+            raise BundleError(
+                f"VM {bundle.name}: --copy-storage is for libvirt domains; a QEMU "
+                "guest migrates live with its disk on storage both hosts mount"
+            )
+        return succeed(multifd_info(parallel))
+
+    def live_channels(self, backend_info: bytes) -> int:
+        """Destination: the multifd channels a live arrival's HELLO asks
+        for (:func:`multifd_channels`)."""
+        return multifd_channels(backend_info)
 
     def live_socket(self, bundle: Bundle, tag: str = "") -> Path:
         """The unix socket of this VM's live stream (:func:`live_socket`)."""
         return live_socket(bundle, tag)
 
-    def live_destination(self, bundle: Bundle, tag: str = "") -> Deferred[LiveMigration]:
+    def live_destination(
+        self, bundle: Bundle, tag: str = "", multifd: int = 0
+    ) -> Deferred[LiveMigration]:
         """Start the VM's swtpm (with the released key) and QEMU paused,
-        waiting for a live migration on :func:`live_socket` (``tag``: see there)."""
-        return Deferred.fromCoroutine(_live_destination(self, bundle, tag))
+        waiting for a live migration on :func:`live_socket` (``tag``: see
+        there); ``multifd``: with that many multifd channels besides its
+        main one (0: one stream)."""
+        return Deferred.fromCoroutine(_live_destination(self, bundle, tag, multifd))
 
     def query(self, bundle: Bundle, command: str, timeout: float = 30.0, **arguments: Any) -> Any:
         """Run one QMP command on the running VM over a plain blocking
@@ -598,6 +631,8 @@ class LiveStats:
     transferred: int
     iterations: int
     dirty_pages_rate: int
+    #: Bytes QEMU sent on its multifd channels (0: one stream, no multifd).
+    multifd_bytes: int = 0
 
     def guest_downtime_ms(self, started: float, running: float) -> int:
         """The guest's downtime as the source can bound it: from when its
@@ -622,6 +657,7 @@ class LiveStats:
             transferred=int(ram.get("transferred", 0)),
             iterations=int(ram.get("dirty-sync-count", 0)),
             dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
+            multifd_bytes=int(ram.get("multifd-bytes", 0)),
         )
 
 
@@ -753,16 +789,63 @@ def live_socket(bundle: Bundle, tag: str = "") -> Path:
     return QemuBackend._socket(bundle, "live")
 
 
+def multifd_info(channels: int) -> bytes:
+    """HELLO's ``backend_info`` of a QEMU live migration with ``channels``
+    multifd channels: empty for none (the HELLO earlier releases read),
+    else ``{"multifd": N}``.  BundleError for N outside 0 to
+    :data:`MAX_MULTIFD_CHANNELS`."""
+    if not 0 <= channels <= MAX_MULTIFD_CHANNELS:
+        raise BundleError(f"--parallel: 1 to {MAX_MULTIFD_CHANNELS} multifd channels")
+    return json.dumps({"multifd": channels}).encode() if channels else b""
+
+
+def multifd_channels(backend_info: bytes) -> int:
+    """The multifd channels a QEMU live arrival's HELLO asks for
+    (:func:`multifd_info`); BundleError for anything else (a source is
+    attested, not trusted to size the destination's threads and sockets)."""
+    if not backend_info:
+        return 0
+    try:
+        raw = json.loads(backend_info)
+        channels = raw["multifd"]
+        if set(raw) != {"multifd"}:
+            raise ValueError(f"unknown fields {sorted(set(raw) - {'multifd'})}")
+    except (ValueError, TypeError, KeyError) as e:
+        raise BundleError(f"the arriving QEMU guest's live parameters are malformed: {e}") from None
+    if type(channels) is not int or not 1 <= channels <= MAX_MULTIFD_CHANNELS:
+        raise BundleError(
+            f"the arriving QEMU guest asks for {channels!r} multifd channels "
+            f"(1 to {MAX_MULTIFD_CHANNELS})"
+        )
+    return channels
+
+
+async def set_multifd(monitor: qmp.QMPProtocol, channels: int) -> None:
+    """Tell one QEMU to migrate with ``channels`` multifd channels, or none
+    (0): both QEMUs must agree before ``migrate-incoming`` / ``migrate``.
+    Set either way: a QEMU that arrived with multifd keeps the capability,
+    and its next migration (one stream) would otherwise open channels the
+    other side does not expect."""
+    await monitor.execute(
+        "migrate-set-capabilities",
+        capabilities=[{"capability": "multifd", "state": bool(channels)}],
+    )
+    if channels:
+        await monitor.execute("migrate-set-parameters", **{"multifd-channels": channels})
+
+
 async def _live_source(
     backend: QemuBackend,
     bundle: Bundle,
     uri: str,
     downtime_limit_ms: int,
     max_bandwidth: int,
+    multifd: int = 0,
 ) -> LiveMigration:
     if backend._pid(bundle) is None:
         raise BundleError(f"VM {bundle.name} is not running under QEMU")
     monitor = await backend.monitor(bundle)
+    await set_multifd(monitor, multifd)
     await monitor.execute(
         "migrate-set-parameters",
         **{"downtime-limit": downtime_limit_ms, "max-bandwidth": max_bandwidth},
@@ -774,13 +857,16 @@ async def _live_source(
     return live
 
 
-async def _live_destination(backend: QemuBackend, bundle: Bundle, tag: str) -> LiveMigration:
+async def _live_destination(
+    backend: QemuBackend, bundle: Bundle, tag: str, multifd: int = 0
+) -> LiveMigration:
     (bundle.path / vtpm.STATE_DIR).mkdir(exist_ok=True)
     socket = live_socket(bundle, tag)
     socket.unlink(missing_ok=True)
     await backend._spawn(bundle, incoming=True)
     try:
         monitor = await backend.monitor(bundle)
+        await set_multifd(monitor, multifd)
         await monitor.execute("migrate-incoming", uri=f"unix:{socket}")
     except BaseException:
         await backend.end(bundle)

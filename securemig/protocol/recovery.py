@@ -33,6 +33,12 @@ The rules (``doc/protocol.rst``, "Journal states and recovery"):
   continues it after COMMITTED only on LOST) and is lost only with the QEMU
   that runs it, or may run it: a source QEMU that dies before PREPARED
   arrived, a destination QEMU that dies after CONTINUING was journaled;
+- live through the hypervisor's own migration (libvirt, peer to peer: its
+  QEMU here ends when it completes, before securemig's commit): a source
+  that has not journaled COMMITTED decides from where its hypervisor says
+  the guest is (:func:`carried_decision`): on once the destination said
+  PREPARED unless the guest demonstrably runs on here, and nothing at all
+  while the hypervisor cannot be asked;
 - nothing is guessed: a question with no durable answer yet gets ``None``
   ("ask again"), never a default.
 
@@ -80,8 +86,11 @@ class SourceState(enum.Enum):
             return cls.RECLAIMED
         if Phase.COMMITTED in phases:
             return cls.COMMITTED
-        if outcome is not None:  # aborted (an in-doubt source never committed)
+        if outcome is not None and outcome != "in-doubt":
             return cls.ABORTED
+        # In doubt without COMMITTED: a carried live departure whose
+        # hypervisor could not be asked (:func:`carried_decision`): nothing
+        # decided yet, as before its end.
         if Phase.PREPARED in phases:
             return cls.PREPARED_RECEIVED
         if Phase.STREAMING in phases:
@@ -133,6 +142,51 @@ class DestinationState(enum.Enum):
         if Phase.STREAMING in phases:
             return cls.STREAMING
         return cls.ADMITTED
+
+
+class SourceGuest(enum.Enum):
+    """A carried live departure's guest (libvirt: the domain), as the
+    source's hypervisor tells it -- the one fact :func:`carried_decision`
+    decides on."""
+
+    #: Its QEMU is alive: running, or paused and resumable with its memory.
+    RUNS = "runs"
+    #: Shut off because the hypervisor's migration completed (libvirt's
+    #: Confirm: ``VIR_DOMAIN_SHUTOFF_MIGRATED``).
+    MOVED = "moved"
+    #: Shut off for any other reason (a libvirtd restarted at completion
+    #: ends the QEMU with reason *unknown*), or not defined: its memory is
+    #: not here.
+    GONE = "gone"
+    #: The hypervisor cannot be asked (its daemon is down, or does not answer).
+    UNKNOWN = "unknown"
+
+
+def carried_decision(guest: SourceGuest, prepared: bool) -> Decision | None:
+    """The source's decision for a carried live departure (the hypervisor
+    migrates on its own, peer to peer) that has not journaled COMMITTED:
+    its session failed, or the source restarted.  ``prepared``: the
+    destination said PREPARED (journaled here when it arrived).
+
+    - the guest demonstrably runs on here (its QEMU alive, running or
+      paused): abort -- it continues here, and the destination's paused
+      copy, if any, is discarded;
+    - the hypervisor moved it (its Confirm ended it here): commit -- the
+      paused destination holds the only copy;
+    - it is gone here otherwise: once the destination said PREPARED it
+      holds the whole guest (paused), so roll *forward*; before that
+      nothing says the destination has it, and aborting keeps the domain's
+      definition and vTPM state here (to boot it again);
+    - the hypervisor cannot be asked: decide *nothing* (``None``): the
+      record stays open, in doubt, and is asked again; never abort on an
+      unknown, which would discard the only copy at the destination."""
+    if guest is SourceGuest.UNKNOWN:
+        return None
+    if guest is SourceGuest.RUNS:
+        return Decision.ABORTED
+    if guest is SourceGuest.MOVED or prepared:
+        return Decision.COMMITTED
+    return Decision.ABORTED
 
 
 class SourceStep(enum.Enum):
@@ -237,10 +291,30 @@ def answer(state: SourceState) -> Decision | None:
     return source_decision(state)
 
 
-def source_restart(state: SourceState, live_qemu: bool | None = None) -> SourceAction:
+def source_restart(
+    state: SourceState, live_qemu: bool | None = None, carried: SourceGuest | None = None
+) -> SourceAction:
     """What a restarting source does for a migration in ``state``.
     ``live_qemu``: a live migration, and whether its QEMU (the guest,
-    running or paused) is still there; None: not live."""
+    running or paused) is still there; None: not live.  ``carried``: a
+    live migration through the hypervisor's own (libvirt), and where its
+    guest is (:func:`carried_decision`)."""
+    if carried is not None and source_decision(state) is None:
+        decision = carried_decision(carried, state is SourceState.PREPARED_RECEIVED)
+        if decision is None:
+            return SourceAction((), "its hypervisor cannot be asked: in doubt, asked again")
+        if decision is Decision.COMMITTED:
+            # Its definition and vTPM state are kept until the destination
+            # confirms (DONE): a guest lost there can be booted here again.
+            return SourceAction(
+                (_S.JOURNAL_COMMITTED, _S.TELL_COMMITTED),
+                f"the guest is not here ({carried.value}) and the destination holds it: commit",
+            )
+        # It runs here: continued first, then journaled aborted, then told.
+        return SourceAction(
+            (_S.MAKE_RESUMABLE, _S.JOURNAL_ABORTED, _S.TELL_ABORTED),
+            "its guest runs on here: abort",
+        )
     if state is SourceState.COMMITTED:
         if live_qemu:
             # Kept paused until the destination's guest demonstrably runs:

@@ -25,6 +25,12 @@ accepted connection) with the data channel's AEAD records in place of TLS:
 - either side's close sends the authenticated END record; a connection cut
   without it (truncation) or a record that fails aborts both ends, so the
   hypervisor sees an error, never a clean end of a forged stream.
+
+The QEMU backend's live stream on multifd channels (``migrate --live
+--parallel N``) is the same machinery with one socket, ``memory``, and
+``limits`` of N + 1 connections (QEMU's main channel and its N multifd
+channels): the destination refuses a connection numbered beyond them and,
+once all N + 1 are bound, stops listening and closes every stranger.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 
@@ -256,8 +262,11 @@ class CarrierSource:
         key: bytes,
         migration_id: bytes,
         on_progress: Callable[[int], None] = lambda n: None,
+        limits: dict[str, int] | None = None,
     ) -> None:
         self.reactor = reactor
+        #: Connections accepted at most, by socket (default :data:`MAX_CONNECTIONS`).
+        self.limits = limits or {}
         #: Told the plaintext bytes of each piece carried, both ways (the
         #: session's idle clock).
         self.on_progress = on_progress
@@ -281,7 +290,7 @@ class CarrierSource:
         class Accept(Factory):
             def buildProtocol(self, addr: Any) -> _End | None:
                 number = source.accepted[name]
-                if number >= MAX_CONNECTIONS:
+                if number >= source.limits.get(name, MAX_CONNECTIONS):
                     return None
                 source.accepted[name] += 1
                 pair = _Pair(
@@ -352,11 +361,16 @@ class CarrierDestination:
         first_record_timeout: float = FIRST_RECORD_TIMEOUT,
         max_pending: int = MAX_PENDING_DATA_CONNECTIONS,
         on_progress: Callable[[int], None] = lambda n: None,
+        limits: dict[str, int] | None = None,
         listen: Callable[[str, Factory], Any] | None = None,
     ) -> None:
         self.reactor = reactor
         self.on_progress = on_progress
         self.targets = targets
+        #: Connections that may bind, by socket (default :data:`MAX_CONNECTIONS`):
+        #: numbers 0 to limit - 1.  When every socket named here has all of
+        #: its connections bound, the port closes and so does every stranger.
+        self.limits = limits or {}
         self.cipher, self.key, self.migration_id = tls_cipher, key, migration_id
         #: Connections waiting for their first record, and their clocks
         #: (the rules of every such port, :mod:`securemig.protocol.strangers`).
@@ -377,18 +391,20 @@ class CarrierDestination:
                 destination._pairs.add(pair)
                 return _End(pair, wire=True)
 
-        # ``listen(interface, factory)``: the destination's ``--data-ports``
-        # (a firewall opens those only), as for every data port.
+        # ``listen(interface, factory)``: the destination's ``--data-ports``.
         if listen is None:
             self.port = reactor.listenTCP(0, Accept(), interface=interface)
         else:
             self.port = listen(interface, Accept())
+        self._port_closed: Deferred[None] | None = None
+        host = self.port.getHost()
+        self._address: tuple[str, int] = (host.host, host.port)
 
     @property
     def address(self) -> tuple[str, int]:
-        """Where the source's :class:`CarrierSource` connects."""
-        host = self.port.getHost()
-        return host.host, host.port
+        """Where the source's :class:`CarrierSource` connects (also once
+        the port closed)."""
+        return self._address
 
     @property
     def strangers_closed(self) -> int:
@@ -414,8 +430,12 @@ class CarrierDestination:
             self._drop(pair, f"no carried socket number {index}")
             return
         name = SOCKETS[index]
-        if (name, number) in self.bound or number >= MAX_CONNECTIONS:
-            self._drop(pair, f"{name} connection {number} is bound already or out of range")
+        limit = self.limits.get(name, MAX_CONNECTIONS)
+        if number >= limit:
+            self._drop(pair, f"{name} connection {number} is beyond the {limit} it takes")
+            return
+        if (name, number) in self.bound:
+            self._drop(pair, f"{name} connection {number} is bound already")
             return
         pair.name = name
         pair.number = number
@@ -440,6 +460,13 @@ class CarrierDestination:
         self.bound.add(key)
         self.pool.record_received(pair)
         self._timer.schedule()
+        if self.limits and all(
+            sum(1 for bound in self.bound if bound[0] == name) >= limit
+            for name, limit in self.limits.items()
+        ):
+            # Every connection this migration takes is there: no more come.
+            self._timer.run(self.pool.close_all("every carried connection is bound"))
+            self._stop_listening()
         pair.opener.max_plaintext = CARRIED_RECORD_PLAINTEXT
         assert pair.wire is not None
         pair.wire.transport.pauseProducing()
@@ -470,9 +497,23 @@ class CarrierDestination:
         self._timer.schedule()
         self._pairs.discard(pair)
 
+    def _stop_listening(self) -> Deferred[None]:
+        # Once (the port may close when all are bound, then at the end);
+        # each caller gets its own Deferred of that one stop.
+        if self._port_closed is None:
+            self._port_closed = maybeDeferred(self.port.stopListening)
+        mine: Deferred[None] = Deferred()
+
+        def passed(result: object) -> object:
+            mine.callback(None)
+            return result
+
+        self._port_closed.addBoth(passed)
+        return mine
+
     def close(self) -> Deferred[None]:
         """Stop listening; abort what is still carried."""
         self._timer.run(self.pool.close_all("the migration ended"))
         for pair in list(self._pairs):
             pair.fail("the migration ended")
-        return self.port.stopListening()  # type: ignore[no-any-return]
+        return self._stop_listening()

@@ -143,6 +143,14 @@ async def migrate(
         # The hypervisor moved the guest before the session could commit
         # (Departure.moved_by_hypervisor): committed here, in doubt there.
         result = Finished(Outcome.IN_DOUBT, result.code, result.reason)
+    if departure.undecided and result.outcome is Outcome.ABORTED:
+        # Nothing decided (carried_decision): said as it is, never "aborted".
+        result = Finished(
+            Outcome.IN_DOUBT,
+            result.code,
+            f"{result.reason}; the hypervisor here could not be asked where the guest is: "
+            "neither committed nor aborted; this host's daemon decides once it answers",
+        )
     if live is not None and departure.committed and result.outcome is not Outcome.DONE:
         assert secure is not None
         result = await _settle_live_now(reactor, departure, result, secure.identity)
@@ -157,7 +165,8 @@ async def _settle_live_now(
     until this host's daemon does: ``done`` (its guest runs) gives this copy
     up; ``lost`` (its QEMU ended before the guest ran there) continues the
     guest here.  Anything else: in doubt, for the daemon, as before."""
-    if not departure.live_qemu_alive() and not departure.moved_by_hypervisor():
+    kept = departure.kept if departure.carried else await departure.live_qemu_alive()
+    if not kept:
         return result
     record = departure.journal.get(departure.id)
     if record is None or record.migration_id is None:
@@ -172,9 +181,10 @@ async def _settle_live_now(
     if not settled:
         return result
     if answer.settled is wire.Settled.LOST:
-        if departure.moved_by_hypervisor():
-            # Its hypervisor ended the guest here when it completed: there is
-            # no paused copy to continue, only its disks and vTPM state.
+        if departure.carried:
+            # Its hypervisor ended the guest here when it completed (it
+            # commits only then): there is no paused copy to continue, only
+            # its disks and vTPM state.
             name = departure.bundle.name
             return Finished(
                 Outcome.ABORTED,

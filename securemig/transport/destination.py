@@ -266,6 +266,9 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         if arrival.carried:
             self._start_carried(arrival, released)
             return
+        if arrival.multifd:
+            self._start_channels(arrival, released)
+            return
 
         async def start() -> None:
             await arrival.start_incoming(released)
@@ -287,6 +290,48 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 await arrival.wait_loaded()
             except MigrationError as e:
                 refused = f" ({receiver.error})" if receiver.error is not None else ""
+                raise ProtocolError(ErrorCode.LIVE_FAILED, f"{e}{refused}") from None
+            if not self.session.finished:
+                self.run(self.session.incoming_loaded())
+
+        def failed(f: Failure) -> None:
+            if not self.session.finished:
+                self.fail(failure_to_error(f, "receiving the live stream"))
+
+        Deferred.fromCoroutine(start()).addErrback(failed)
+
+    def _start_channels(self, arrival: ArrivingVM, released: VtpmKey) -> None:
+        # The backend's own stream on multifd channels: its QEMU waits for
+        # its main channel and every multifd channel on one socket; each of
+        # the source's connections is carried as its own sealed stream (the
+        # carried sockets' machinery, socket "memory"), exactly channels + 1
+        # of them, and only an authenticated one reaches QEMU.
+        cipher, key = self.data_channel_key(CARRIED_EXPORTER_LABEL)
+        migration_id = self.migration_id()
+
+        async def start() -> None:
+            await arrival.start_incoming(released)
+            if self.session.finished:
+                return  # ended meanwhile: the discard ends this guest too
+            assert arrival.live_socket is not None
+            carrier = CarrierDestination(
+                self.clock,
+                {"memory": str(arrival.live_socket)},
+                cipher,
+                key,
+                migration_id,
+                interface=self.out.getHost().host,
+                on_progress=lambda n: self.touch(),
+                limits={"memory": arrival.multifd + 1},
+                listen=self.options.live_listener,
+            )
+            self.carrier = carrier
+            arrival.incoming_started()
+            self.run(self.session.incoming_ready(carrier.address[1]))
+            try:
+                await arrival.wait_loaded()
+            except MigrationError as e:
+                refused = f" ({'; '.join(carrier.errors)})" if carrier.errors else ""
                 raise ProtocolError(ErrorCode.LIVE_FAILED, f"{e}{refused}") from None
             if not self.session.finished:
                 self.run(self.session.incoming_loaded())

@@ -28,6 +28,7 @@ from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT, SourceConnecti
 from securemig.protocol.effects import SourceEffect
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.protocol.phases import Phase
+from securemig.protocol.recovery import SourceGuest
 from securemig.transport import tls
 from securemig.transport.carried import CARRIED_EXPORTER_LABEL, CarrierSource
 from securemig.transport.control import Connection, FramedProtocol, failure_to_error
@@ -79,6 +80,9 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         self.live_sender: LiveSender | None = None
         #: Live, a carried backend: the carried sockets' source end.
         self.carrier: CarrierSource | None = None
+        #: Live, the backend's own stream on multifd channels: each of its
+        #: connections carried on its own (``--parallel``).
+        self.channels: CarrierSource | None = None
         self.live_listen: Path | None = None
         self.finished: Deferred[effects.Finished] = Deferred()
         #: Fires when the control connection is closed: what was written
@@ -233,8 +237,6 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
         if departure.carried:
             self._start_carried(effect)
             return
-        cipher, key = self.data_channel_key(records.LIVE_EXPORTER_LABEL)
-        sealer = records.Sealer(cipher, key, self.migration_id())
         listen = departure.live_socket(f"{self.migration_id().hex()}-s")
         self.live_listen = listen
 
@@ -243,9 +245,33 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self.touch()
             self.on_progress(n)
 
-        self.live_sender = LiveSender(
-            self.clock, str(listen), self.out.getPeer().host, effect.port, sealer, progress
-        )
+        if departure.parallel:
+            # QEMU's main channel and each multifd channel connect to the
+            # same socket: each is its own sealed stream (its own key from
+            # the carried-socket exporter), at most parallel + 1 of them.
+            cipher, key = self.data_channel_key(CARRIED_EXPORTER_LABEL)
+            try:
+                self.channels = CarrierSource(
+                    self.clock,
+                    {"memory": str(listen)},
+                    self.out.getPeer().host,
+                    effect.port,
+                    cipher,
+                    key,
+                    self.migration_id(),
+                    on_progress=progress,
+                    limits={"memory": departure.parallel + 1},
+                )
+            except Exception as e:
+                self.fail(ProtocolError(ErrorCode.LIVE_FAILED, f"cannot carry the stream: {e}"))
+                return
+        else:
+            cipher, key = self.data_channel_key(records.LIVE_EXPORTER_LABEL)
+            sealer = records.Sealer(cipher, key, self.migration_id())
+            self.live_sender = LiveSender(
+                self.clock, str(listen), self.out.getPeer().host, effect.port, sealer, progress
+            )
+        channels = self.channels
 
         async def start() -> None:
             await departure.start_live(f"unix:{listen}")
@@ -253,7 +279,9 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
                 await departure.live_sent()
             except MigrationError as e:
                 if not self.session.finished:
-                    self.fail(ProtocolError(ErrorCode.LIVE_FAILED, str(e)))
+                    errors = "; ".join(channels.errors) if channels is not None else ""
+                    why = f"{e} ({errors})" if errors else str(e)
+                    self.fail(ProtocolError(ErrorCode.LIVE_FAILED, why))
 
         def failed(f: Failure) -> None:
             self.fail(ProtocolError(ErrorCode.LIVE_FAILED, f.getErrorMessage()))
@@ -296,9 +324,24 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             try:
                 await departure.live_sent()
             except MigrationError as e:
+                if self.session.finished:
+                    return
+                errors = "; ".join(carrier.errors)
+                why = f"{e} ({errors})" if errors else str(e)
+                guest = await departure.guest_here()
+                if guest is not SourceGuest.RUNS and not self.session.finished:
+                    # The job failed, yet the guest does not demonstrably
+                    # run on here (its libvirtd died at completion, say):
+                    # the destination may hold it whole.  Its PREPARED, or
+                    # its ABORT, decides (carried_decision), not this error.
+                    self.log.warn(
+                        "the hypervisor's migration failed ({e}) and the guest is {where} "
+                        "here: waiting for the destination's word",
+                        e=why,
+                        where=guest.value,
+                    )
+                    return
                 if not self.session.finished:
-                    errors = "; ".join(carrier.errors)
-                    why = f"{e} ({errors})" if errors else str(e)
                     self.fail(ProtocolError(ErrorCode.LIVE_FAILED, why))
 
         def failed(f: Failure) -> None:
@@ -404,7 +447,7 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self._close(effect)
             departure = self.departure
             if departure.committed and (
-                departure.keeps_copy() or (departure.live_started() and not departure.carried)
+                departure.kept or (departure.live_started() and not departure.carried)
             ):
                 # Live, after COMMITTED: the paused QEMU (or, a hypervisor
                 # that ended its own, the domain's definition) was kept until
@@ -462,6 +505,8 @@ class SourceProtocol(FramedProtocol[SourceEffect]):
             self.streamer.stopProducing()
         if self.live_sender is not None and not self.departure.committed:
             self.live_sender.cut()
+        if self.channels is not None and (self.session.finished or not self.departure.committed):
+            self.channels.close()
         if self.carrier is not None and (self.session.finished or not self.departure.committed):
             self.carrier.close()
         channel = self.data_channel

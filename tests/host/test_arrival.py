@@ -8,6 +8,7 @@ TPM is covered by tests/transport/test_secure.py."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from twisted.internet.defer import Deferred
@@ -160,6 +161,32 @@ class AdmitTests(SynchronousTestCase):
         arrival.lock.release()
         # And a VM without a vTPM needs no key to keep.
         host.admit(hello("ram"), "peer", "insecure", keeps_keys=False).lock.release()
+
+    def test_multifd_channels_checked_at_admission(self) -> None:
+        """A live QEMU arrival asking for 2 multifd channels is admitted with
+        them; 9, 0, a count that is not an integer or a field QEMU's
+        description lacks is refused as BAD_PARAMETER before anything is
+        journaled, staged or locked."""
+        host = DestinationHost(Path(self.mktemp()), backend="qemu")
+        live = replace(
+            hello(),
+            version=2,
+            variant=wire.Variant.SHARED_STORAGE,
+            mode=wire.Mode.LIVE,
+            backend="qemu",
+        )
+        arrival = host.admit(replace(live, backend_info=b'{"multifd": 2}'), "peer", "secure")
+        self.assertEqual(arrival.multifd, 2)
+        arrival.lock.release()
+        host.journal.finish(arrival.id, "aborted")
+        for info in (b'{"multifd": 9}', b'{"multifd": 0}', b'{"multifd": "2"}',
+                     b'{"multifd": 2, "x": 1}', b"[2]", b"\xff"):  # fmt: skip
+            with self.assertRaises(ProtocolError) as cm:
+                host.admit(replace(live, backend_info=info), "peer", "secure")
+            self.assertEqual(cm.exception.code, ErrorCode.BAD_PARAMETER, info)
+        self.assertEqual(len(host.journal.records()), 1)
+        # One stream (no backend_info) is what earlier sources send.
+        host.admit(live, "peer", "secure").lock.release()
 
 
 class RecoveryTests(SynchronousTestCase):

@@ -170,3 +170,121 @@ class CarriedTests(TestCase):
         await deferLater(reactor, 0, lambda: None)
         self.assertEqual(self.echo.connections, 1)  # type: ignore[attr-defined]
         self.assertEqual(self.receiver.strangers_closed, 3)
+
+
+class Bound(Protocol):
+    """A connection that binds as channel ``number`` (its preamble and
+    first record under that channel's key), then sends ``then``."""
+
+    def __init__(self, key: bytes, mid: bytes, number: int, then: bytes = b"") -> None:
+        self.sealer = records.Sealer(
+            CIPHER,
+            connection_key(key, "memory", number, True),
+            b"%s/memory/%d/d" % (mid, number),
+        )
+        self.number, self.then = number, then
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(  # type: ignore[union-attr]
+            PREAMBLE.pack(SOCKETS.index("memory"), self.number)
+            + b"".join(self.sealer.seal([b""]))
+            + self.then
+        )
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(None)
+
+
+class MultifdChannelTests(TestCase):
+    """The QEMU backend's multifd stream: one socket, ``memory``, at most
+    N + 1 connections (``limits``), each its own sealed stream."""
+
+    def setUp(self) -> None:
+        base = Path(tempfile.mkdtemp(prefix="smc-"))
+        self.addCleanup(shutil.rmtree, base, True)
+        self.echo = Factory.forProtocol(Echo)
+        self.echo.connections = 0  # type: ignore[attr-defined]
+        self.echo.received = b""  # type: ignore[attr-defined]
+        port = reactor.listenUNIX(str(base / "qemu.sock"), self.echo)
+        self.addCleanup(port.stopListening)
+        self.key = os.urandom(16)
+        self.mid = os.urandom(8)
+        # Two multifd channels: QEMU's main channel and two more.
+        self.receiver = CarrierDestination(
+            reactor,
+            {"memory": str(base / "qemu.sock")},
+            CIPHER,
+            self.key,
+            self.mid,
+            first_record_timeout=2.0,
+            limits={"memory": 3},
+        )
+        self.addCleanup(self.receiver.close)
+
+    async def connect(self, proto: Protocol) -> None:
+        class F(ClientFactory):
+            def buildProtocol(self, addr: Any) -> Protocol:
+                return proto
+
+        reactor.connectTCP(*self.receiver.address, F())
+
+    def other_channel_record(self, number: int, data: bytes) -> bytes:
+        """A record a real source sealed for channel ``number`` (the key and
+        the associated data of that channel)."""
+        sealer = records.Sealer(
+            CIPHER,
+            connection_key(self.key, "memory", number, True),
+            b"%s/memory/%d/d" % (self.mid, number),
+        )
+        sealer.seal([b""])  # its opening record went first on its own connection
+        return b"".join(sealer.seal([data]))
+
+    async def test_channel_beyond_n_refused(self) -> None:
+        """Channel 3 of a migration that takes 3 connections (0 to 2), under
+        the right key: closed at its preamble; the QEMU socket never dialed."""
+        beyond = Bound(self.key, self.mid, 3)
+        await self.connect(beyond)
+        await beyond.closed
+        self.assertEqual(self.echo.connections, 0)  # type: ignore[attr-defined]
+        self.assertEqual(self.receiver.strangers_closed, 1)
+        self.assertEqual(self.receiver.bound, set())
+
+    async def test_record_of_another_channel_refused(self) -> None:
+        """Channel 1's record sent on bound channel 2's connection (its
+        sequence number right, as if channel 1's stream were spliced in):
+        it does not authenticate, both ends are aborted, and no byte of it
+        reaches QEMU's socket."""
+        spliced = Bound(self.key, self.mid, 2, self.other_channel_record(1, b"pages"))
+        await self.connect(spliced)
+        await spliced.closed
+        await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.echo.received, b"")  # type: ignore[attr-defined]
+        self.assertEqual(len(self.receiver.errors), 1, self.receiver.errors)
+        self.assertIn("memory", self.receiver.errors[0])
+
+    async def test_exactly_n_plus_one_then_port_closes(self) -> None:
+        """Channels 0, 1 and 2 bind and reach QEMU's socket; then the port
+        stops listening: a fourth connection is not accepted at all."""
+        channels = [Bound(self.key, self.mid, n) for n in range(3)]
+        for channel in channels:
+            await self.connect(channel)
+        for _ in range(200):
+            if self.echo.connections == 3:  # type: ignore[attr-defined]
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(self.echo.connections, 3)  # type: ignore[attr-defined]
+        self.assertEqual(self.receiver.bound, {("memory", n) for n in range(3)})
+        refused: Deferred[str] = Deferred()
+
+        class F(ClientFactory):
+            def buildProtocol(self, addr: Any) -> Protocol:
+                return Protocol()
+
+            def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+                refused.callback(reason.type.__name__)
+
+        reactor.connectTCP(*self.receiver.address, F())
+        self.assertEqual(await refused, "ConnectionRefusedError")
+        for channel in channels:
+            channel.transport.loseConnection()  # type: ignore[union-attr]

@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred
 from securemig.protocol.phases import Phase
 from tests.support.cable import Cable, free_ports
 from tests.support.commands import crash_env
-from tests.support.libvirt_live import LibvirtCellsBase
+from tests.support.libvirt_cells import LibvirtCellsBase
 from tests.support.qemu import extended
 
 #: When a cable cell cuts, as the journals (or libvirt's job) show it.

@@ -31,7 +31,7 @@ from securemig.host.journal import Journal
 from securemig.lab import processes
 from securemig.protocol.phases import Phase
 from tests.support.commands import crash_env
-from tests.support.libvirt_live import LibvirtCellsBase
+from tests.support.libvirt_cells import LibvirtCellsBase
 from tests.support.qemu import extended
 
 

@@ -237,6 +237,7 @@ class LiveCrashPointTests(LiveSecureBase):
         dies: str,
         settle_env: dict[str, str] | None = None,
         destination_env: dict[str, str] | None = None,
+        migrate_extra: tuple[str, ...] = (),
     ) -> str:
         """``dies``: ``source`` (its ``securemig migrate``), ``destination``
         (its daemon, then restarted on its port), ``source-qemu`` or
@@ -245,7 +246,8 @@ class LiveCrashPointTests(LiveSecureBase):
         destination's point is killed by the destination's daemon).
         ``settle_env``: the source host's daemon, settling what ``migrate``
         left, dies as that says, and is started again; ``destination_env``:
-        the destination daemon's own crash points besides."""
+        the destination daemon's own crash points besides; ``migrate_extra``:
+        more options of ``securemig migrate`` (``--parallel 2``)."""
         env = crash_env(point)
         if dies.endswith("-qemu"):
             env["SECUREMIG_CRASH_KILL"] = "guest"
@@ -263,7 +265,7 @@ class LiveCrashPointTests(LiveSecureBase):
         watch.follow(heartbeat_path(arrived))
         state = ("--state-dir", str(self.base / "src-state"))
         result = await threads.deferToThread(
-            self.migrate, destination, "--live", "--tofu", *state,
+            self.migrate, destination, "--live", "--tofu", *state, *migrate_extra,
             env={**os.environ, **env} if at == "source" else None,
         )  # fmt: skip
         if dies == "source":
@@ -411,6 +413,23 @@ class LiveCrashPointTests(LiveSecureBase):
         daemon cancels it and the guest goes on; the destination ends its
         QEMU on RESOLVE (aborted)."""
         self.assertEqual(await self.cell("source-live-started", "source"), "source")
+
+    async def test_source_dies_live_started_multifd(self) -> None:
+        """As above with --parallel 2 (QEMU's main channel and two multifd
+        channels, each carried sealed, are cut with the source): the guest
+        goes on here, the destination ends its QEMU."""
+        self.assertEqual(
+            await self.cell("source-live-started", "source", migrate_extra=("--parallel", "2")),
+            "source",
+        )
+
+    async def test_source_dies_committed_multifd(self) -> None:
+        """Killed after COMMITTED with --parallel 2: the destination's QEMU
+        loaded the stream from all three channels and is continued there."""
+        self.assertEqual(
+            await self.cell("source-committed", "source", migrate_extra=("--parallel", "2")),
+            "destination",
+        )
 
     async def test_source_dies_live_ended(self) -> None:
         """DONE received (the destination's guest runs), its paused QEMU and

@@ -81,6 +81,15 @@ def add_bench_parser(subparsers: Subparsers) -> None:
         "--live-mib", type=int, default=512, help="--live: guest memory (default %(default)s)"
     )
     p.add_argument(
+        "--parallel",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--live: every protocol on N multifd channels (secure-live: migrate --live "
+        "--parallel N; qemu-tls and qemu-plain: multifd-channels N on both QEMUs); "
+        "default 0: one stream",
+    )
+    p.add_argument(
         "--dirty-mib-s",
         type=int,
         default=32,
@@ -219,7 +228,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.live:
         if args.live_mib < 64 or args.dirty_mib_s < 0:
             return usage_error("--live-mib must be at least 64 and --dirty-mib-s not negative")
-        return live.run(args.live_mib, args.dirty_mib_s, args.repeat, json_path=args.json)
+        if not 0 <= args.parallel <= live.MAX_PARALLEL:
+            return usage_error(f"--parallel takes 0 to {live.MAX_PARALLEL} multifd channels")
+        return live.run(
+            args.live_mib,
+            args.dirty_mib_s,
+            args.repeat,
+            json_path=args.json,
+            parallel=args.parallel,
+        )
 
     protocols = _items(args.protocols)
     ciphers: tuple[str | None, ...] = _items(args.ciphers) or (None,)

@@ -98,7 +98,8 @@ def add_parser(subparsers: Subparsers) -> None:
         action="store_true",
         help="live migration: the running guest keeps running while QEMU copies its "
         "memory (pre-copy, inside securemig's sealed stream) and stops only for the last "
-        "dirty pages (--downtime-ms).  Needs the secure variant (--identity), a running "
+        "dirty pages (--downtime-ms), on N multifd channels with --parallel N.  Needs "
+        "the secure variant (--identity), a running "
         "QEMU guest, twistd securemig --backend qemu at the destination and the disk on "
         "storage both hosts mount (RAM and vTPM travel; implies --shared-storage).  An "
         "adopted libvirt domain (twistd securemig --backend libvirt at the destination) "
@@ -116,8 +117,10 @@ def add_parser(subparsers: Subparsers) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="--live, a libvirt domain: N multifd channels for its memory (each carried "
-        "sealed; default: one stream)",
+        help="--live: N multifd channels for the guest's memory, each carried as its own "
+        "sealed stream (its own key): a QEMU guest 1 to 8, a libvirt domain 1 to 16; "
+        "default 0: one stream.  A suspended migration ignores it (the [migrate] "
+        "parallel key of the configuration file too)",
     )
     mig.add_argument(
         "--downtime-ms",
@@ -158,13 +161,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             "(no TLS, no attestation)"
         )
     # The validators twistd securemig shares (app/config.py): one sentence each.
-    for option in ("chunk-kib", "idle-timeout", "deadline", "crl-max-age", "crl"):
+    for option in ("chunk-kib", "idle-timeout", "deadline", "parallel", "crl-max-age", "crl"):
         if problem := config.refusal_of("migrate", option, getattr(args, option.replace("-", "_"))):
             return usage_error(problem)
     if args.live and args.insecure:
         return usage_error("--live is secure only: drop --insecure")
-    if (args.copy_storage or args.parallel) and not args.live:
-        return usage_error("--copy-storage and --parallel go with --live")
+    if args.copy_storage and not args.live:
+        return usage_error("--copy-storage goes with --live")
+    if not args.live:
+        # Live only: a suspended migration's images have one data channel
+        # (the configuration file's default must not refuse them).
+        args.parallel = 0
     if args.downtime_ms <= 0:
         return usage_error("--downtime-ms must be positive")
     try:
@@ -425,6 +432,8 @@ def _report(args: argparse.Namespace, journal: Journal, outcome: dict[str, Any])
             iterations=stats.iterations,
             dirty_pages_rate=stats.dirty_pages_rate,
             transferred=stats.transferred,
+            # What QEMU sent on its multifd channels (0: one stream).
+            multifd_bytes=getattr(stats, "multifd_bytes", 0),
             # The guest's own pause, bounded here: its stop to the DONE.
             guest_downtime_ms=departure.guest_downtime_ms,
         )

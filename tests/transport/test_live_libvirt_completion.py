@@ -1,0 +1,126 @@
+"""
+Crash cells of a libvirt domain's live migration at and after libvirt's
+completion (issue 23 item 3), where a ``libvirtd`` dies: the known way the
+guest was lost (``doc/backend-libvirt.rst``) and the cells after COMMITTED.
+
+Each kills a real ``libvirtd`` (SIGKILL) at an exact step of a real
+securemig process -- the crash point's ``NAME:other`` mode: the process
+that reaches the point kills the one a pid file names -- and starts it
+again as an operator would, once ``securemig migrate`` has returned (so
+the source decides while its libvirtd cannot be asked).  After each: the
+guest runs on exactly one host, with its memory (heartbeat in sequence,
+never restarted) and PCR 16 kept; its vTPM state on exactly that host; its
+secret defined in neither libvirt; both journals closed, nothing staged.
+
+The helpers (daemons restarted on their ports, ``settled``) are
+``tests/support/libvirt_cells.py``'s.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from twisted.internet import threads
+
+from securemig.lab.libvirt import LibvirtHost
+from tests.support.commands import crash_env
+from tests.support.libvirt_cells import LibvirtCellsBase
+from tests.support.qemu import extended
+
+#: Seconds a cell may take to settle once every process runs again.
+SETTLE_TIMEOUT = 180.0
+
+
+class LibvirtCompletionCells(LibvirtCellsBase):
+    """A libvirtd killed at libvirt's completion, or after COMMITTED."""
+
+    def pidfile(self, host: LibvirtHost) -> Path:
+        """A pid file naming ``host``'s libvirtd, for ``NAME:other``."""
+        assert host.process is not None
+        path = self.base / f"libvirtd-{host.name}-{time.monotonic_ns()}.pid"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(host.process.pid))
+        return path
+
+    def restart_when_killed(self, host: LibvirtHost) -> None:
+        """Once ``host``'s libvirtd is dead (killed by the crash point),
+        start it again with the same trees, as an operator would."""
+        assert host.process is not None
+        deadline = time.monotonic() + 300
+        while host.process.poll() is None:
+            self.assertLess(time.monotonic(), deadline, "libvirtd was never killed")
+            time.sleep(0.1)
+        host.start()
+
+    async def libvirtd_cell(
+        self, name: str, victim: LibvirtHost, point: str, killer: str
+    ) -> tuple[str, str]:
+        """Migrate ``name`` live; ``killer`` (``destination``'s daemon or
+        ``migrate``) SIGKILLs ``victim``'s libvirtd at crash point
+        ``point``; once ``migrate`` returned, ``victim``'s libvirtd is
+        started again; the cell must settle as the module says.  Returns
+        where the guest ended and ``migrate``'s output."""
+        dying = {**crash_env(f"{point}:other"), "SECUREMIG_CRASH_PIDFILE": ""}
+        self.source_daemon()
+        domain, bundle, watch = await threads.deferToThread(self.adopted_guest, name)
+        dying["SECUREMIG_CRASH_PIDFILE"] = str(self.pidfile(victim))
+        # Whatever happens, the next test finds the host's libvirtd running.
+        self.addCleanup(
+            lambda: victim.process is None or victim.process.poll() is None or victim.start()
+        )
+        destination = self.libvirt_daemon(
+            self.dst_state,
+            self.dst_id,
+            self.dst_policy,
+            {**self.env(self.b), **(dying if killer == "destination" else {})},
+        )
+        first = await threads.deferToThread(watch.wait, 3, 120.0)
+        self.assertEqual(first.pcr16, extended(self.pcr16))
+        watch.follow(self.b.path(domain.heartbeat))
+        result = await threads.deferToThread(
+            self.migrate_domain,
+            destination,
+            name,
+            "--copy-storage",
+            dying=dying if killer == "migrate" else None,
+        )
+        said = result.stdout + result.stderr
+        self.assertNotEqual(result.returncode, 0, said)
+        await threads.deferToThread(self.restart_when_killed, victim)
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while (found := await threads.deferToThread(self.settled, name)) is None:
+            if time.monotonic() > deadline:
+                self.fail(f"did not settle: {said}\n" + destination.log()[-4000:])
+            await threads.deferToThread(time.sleep, 0.5)
+        where, committed = found
+        self.assertEqual(where, "destination" if committed else "source", said)
+        last = await threads.deferToThread(watch.wait, 5, 120.0)
+        self.assertEqual(last.pcr16, extended(self.pcr16))
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats][-60:])
+        self.assertGreater(last.seq, first.seq)
+        here, there = (self.a, self.b) if where == "source" else (self.b, self.a)
+        self.assertEqual(self.state_at(there, name), "undefined")
+        uuid = self.domain_uuid(here, name)
+        self.assertTrue(here.path(f"/var/lib/libvirt/swtpm/{uuid}").exists())
+        self.assertFalse(there.path(f"/var/lib/libvirt/swtpm/{uuid}").exists())
+        self.assertEqual(bundle.path.exists(), where == "source")
+        self.assertEqual((self.dst_state / "vms" / name).exists(), where == "destination")
+        self.assertSecretNowhere(domain.secret_uuid)
+        return where, said
+
+    async def test_source_libvirtd_dies_at_completion(self) -> None:
+        """The source's libvirtd killed the moment the destination journaled
+        PREPARED (libvirt's Finish ran there: its domain paused, the only
+        complete copy unless the source's QEMU runs on).  The source's job
+        fails with end of file and its libvirt cannot be asked: nothing is
+        decided (``migrate`` says so, no ``aborted``, no RESOLVE(aborted));
+        the destination holds its paused copy; once libvirtd is back the
+        source's daemon decides from the domain -- forward unless it
+        demonstrably runs on -- and the guest runs on exactly one host
+        with its memory.  (Before the fix: the source aborted, the
+        destination removed its paused copy, and libvirt, restarted, left
+        the source's domain shut off: the guest lost.)"""
+        _, said = await self.libvirtd_cell("lvk1", self.a, "destination-prepared", "destination")
+        # Decided while libvirt could not be asked, it would be a guess.
+        self.assertNotIn('"outcome": "aborted"', said)

@@ -1,0 +1,160 @@
+"""Attested live migration on QEMU multifd channels (issue 22, item 3):
+``securemig migrate --live --parallel N`` with a real Linux guest, a real
+``twistd securemig --backend qemu`` destination and both QEMUs told to
+use multifd; each channel is its own sealed stream (the carried sockets'
+machinery; its hostile cases are in ``tests/transport/test_carried.py``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import socket
+import time
+from typing import Any
+
+from twisted.internet import threads
+
+from securemig.hypervisor import guest as linux_guest
+from securemig.hypervisor.bundle import Bundle
+from securemig.hypervisor.heartbeat import Watch
+from securemig.hypervisor.qemu import QemuBackend, alive, heartbeat_path, qemu_binary
+from securemig.lab import processes
+from securemig.transport.carried import PREAMBLE, SOCKETS
+from tests.support.qemu import extended, under_tcg
+from tests.support.secure import SecureBase
+
+
+class LiveSecureBase(SecureBase):
+    """A running Linux guest with a vTPM at source-a, dest-b running QEMU
+    (as in tests/transport/test_live_secure.py)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        qemu_binary()
+        linux_guest.find()
+        under_tcg(self)
+        self.pcr16 = os.urandom(32).hex()
+
+    def start_guest(self, dirty: int = 8) -> tuple[Bundle, Watch]:
+        bundle = self.create_vm(
+            "--backend", "qemu", "--guest", "linux", "--ram-mib", "128",
+            "--pcr16", self.pcr16, "--dirty-mib-s", str(dirty), "--wss-mib", "16",
+        )  # fmt: skip
+        self.addCleanup(QemuBackend().end, bundle)
+        result = processes.securemig(
+            "vm", "start", "vm1", "--dir", str(self.vm_dir), "--identity", str(self.src_id)
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        watch = Watch(heartbeat_path(bundle))
+        self.addCleanup(watch.stop)
+        # Kept (in the test's temporary directory) whatever happens to the bundles.
+        self.addCleanup(watch.save, self.base / "consoles")
+        return bundle, watch
+
+    def arrived(self, destination: processes.Destination) -> Bundle:
+        path = destination.state_dir / "vms" / "vm1"
+        bundle = Bundle(path, Bundle.load(self.vm_dir / "vm1").manifest)
+        self.addCleanup(QemuBackend().end, bundle)
+        return bundle
+
+    def migrate_live(self, destination: processes.Destination, *extra: str) -> Any:
+        return self.migrate(destination, "--live", "--tofu", *extra)
+
+
+class LiveMultifdTests(LiveSecureBase):
+    async def test_parallel_two_keeps_guest_running_on_multifd(self) -> None:
+        """--parallel 2: QEMU says it sent the guest's pages on its multifd
+        channels (a QEMU told nothing, or a carrier that lets only one
+        connection through, sends none or fails); the heartbeat goes on at
+        the destination in sequence, PCR 16 is the value it extended, and
+        the source's QEMU is gone."""
+        destination = self.start_destination("--tofu", "--backend", "qemu")
+        bundle, watch = self.start_guest()
+        first = await threads.deferToThread(watch.wait, 5, 120.0)
+        self.assertEqual(first.pcr16, extended(self.pcr16))
+        arrived = self.arrived(destination)
+        watch.follow(heartbeat_path(arrived))
+        source_pid = int((bundle.path / "qemu.pid").read_text())
+        result = await threads.deferToThread(self.migrate_live, destination, "--parallel", "2")
+        self.assertEqual(result.returncode, 0, result.stderr + destination.log()[-3000:])
+        summary = json.loads(result.stdout)
+        self.assertEqual((summary["outcome"], summary["mode"]), ("done", "live"))
+        # The guest's RAM went mostly over the multifd channels.
+        self.assertGreater(summary["multifd_bytes"], 16 << 20)
+        last = await threads.deferToThread(watch.wait, 5, 60.0, 1)
+        self.assertEqual(last.pcr16, extended(self.pcr16))
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+        self.assertFalse(alive(source_pid))
+        self.assertEqual(QemuBackend().status(arrived), "running")
+        self.assertNoUnhandledError(destination)
+
+    async def test_parallel_beyond_bound_refused_before_anything_moves(self) -> None:
+        """--parallel 9 (QEMU takes 1 to 8): refused at the source before
+        HELLO; the guest runs on there, unlocked."""
+        destination = self.start_destination("--tofu", "--backend", "qemu")
+        bundle, watch = self.start_guest()
+        await threads.deferToThread(watch.wait, 2, 120.0)
+        result = await threads.deferToThread(self.migrate_live, destination, "--parallel", "9")
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("1 to 8 multifd channels", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertEqual(QemuBackend().status(bundle), "running")
+
+
+class LiveMultifdHostileTests(LiveSecureBase):
+    async def test_channel_beyond_n_refused_migration_goes_on(self) -> None:
+        """While a --parallel 2 migration's channels run, a stranger on the
+        destination's live port asks to be channel 3 (QEMU's main channel
+        and two multifd channels are 0 to 2): it is closed at its preamble,
+        the destination says why, and the migration completes with the
+        guest's heartbeat in sequence and PCR 16 kept."""
+        low = random.randrange(20000, 60000, 8)
+        destination = self.start_destination(
+            "--tofu", "--backend", "qemu", "--data-ports", f"{low}-{low + 7}"
+        )
+        _, watch = self.start_guest(dirty=16)
+        await threads.deferToThread(watch.wait, 3, 120.0)
+        arrived = self.arrived(destination)
+        watch.follow(heartbeat_path(arrived))
+        running = threads.deferToThread(
+            self.migrate_live, destination, "--parallel", "2", "--bandwidth", "16"
+        )
+        probed = await threads.deferToThread(self.probe_beyond, destination, low)
+        result = await running
+        self.assertEqual(result.returncode, 0, result.stderr + destination.log()[-3000:])
+        self.assertGreater(probed, 0)
+        self.assertIn("memory connection 3 is beyond the 3 it takes", destination.log())
+        summary = json.loads(result.stdout)
+        self.assertGreater(summary["multifd_bytes"], 0)
+        last = await threads.deferToThread(watch.wait, 5, 60.0, 1)
+        self.assertEqual(last.pcr16, extended(self.pcr16))
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+
+    def probe_beyond(self, destination: Any, low: int) -> int:
+        """From the moment the arrival's QEMU waits, knock on every port of
+        the destination's range until one takes the connection (the live
+        port, between LIVE_READY and the source's channels binding: after
+        that it no longer listens), and send it a preamble for channel 3;
+        how many took it."""
+        staging = destination.state_dir / "staging"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+            (staged / "qemu.pid").exists() for staged in staging.iterdir()
+        ):
+            time.sleep(0.01)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for port in range(low, low + 8):
+                try:
+                    s = socket.create_connection(("127.0.0.1", port), 1)
+                except OSError:
+                    continue
+                with s:
+                    s.sendall(PREAMBLE.pack(SOCKETS.index("memory"), 3) + os.urandom(64))
+                    s.settimeout(5)
+                    with contextlib.suppress(OSError):
+                        s.recv(1)  # until the destination closes it
+                return 1
+        return 0
