@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -34,11 +33,10 @@ from securemig.protocol.phases import Phase
 from securemig.trust.attestor import open_attestor
 from tests.support.cable import Cable, free_ports
 from tests.support.commands import crash_env
-from tests.support.libvirt import SecretWatch, seal, unseal
+from tests.support.libvirt import SecretWatch, remove_domain, seal, unseal
 from tests.support.libvirt_suspended import (
     SETTLE_TIMEOUT,
     LabCase,
-    remove_domain,
     shared_hosts,
 )
 from tests.support.qemu import extended
@@ -287,14 +285,7 @@ class SuspendedCrashTests(LabCase):
         daemon_dies = point.startswith("destination-")
         dying = self.daemon_at(self.b, crash_env(point) if daemon_dies else None)
         with self.assertRaises(RuntimeError) as failed:
-            self.lab.migrate(
-                dying,
-                domain.name,
-                True,
-                vm_dir=domain.vms,
-                extra=("--state-dir", str(source_daemon.state_dir)),
-                env=None if daemon_dies else crash_env(point),
-            )
+            self.send(domain, dying, source_daemon, env=None if daemon_dies else crash_env(point))
         if not daemon_dies:
             self.assertIn("exited with -9", str(failed.exception))
             again = dying
@@ -317,36 +308,20 @@ class SuspendedCrashTests(LabCase):
         domain = self.adopt("crashlvd")
         source_daemon = self.daemon_at(self.a)
         destination = self.daemon_at(self.b)
-        outcome: list[BaseException | None] = []
-
-        def migrate() -> None:
-            try:
-                self.lab.migrate(
-                    destination,
-                    domain.name,
-                    True,
-                    vm_dir=domain.vms,
-                    extra=("--state-dir", str(source_daemon.state_dir)),
-                )
-                outcome.append(None)
-            except BaseException as e:
-                outcome.append(e)
-
-        mover = threading.Thread(target=migrate, daemon=True)
-        mover.start()
+        mover = self.migrate_behind(domain, destination, source_daemon)
         staging = destination.state_dir / "staging"
         deadline = time.monotonic() + 120
         while not any(p.is_file() for p in staging.rglob("ram.img")):
             self.assertLess(time.monotonic(), deadline, "nothing streamed")
-            self.assertTrue(mover.is_alive(), outcome)
+            self.assertTrue(mover.is_alive(), mover.outcome)
             time.sleep(0.02)
         self.b.kill_daemon()
         mover.join(300)
-        self.assertEqual(len(outcome), 1)
-        self.assertIsInstance(outcome[0], RuntimeError)
+        self.assertEqual(len(mover.outcome), 1)
+        self.assertIsInstance(mover.outcome[0], RuntimeError)
         # The destination said why, before any commit; the VM stayed here.
-        self.assertIn("cannot connect to libvirt", str(outcome[0]))
-        self.assertIn("still at the source", str(outcome[0]))
+        self.assertIn("cannot connect to libvirt", str(mover.outcome[0]))
+        self.assertIn("still at the source", str(mover.outcome[0]))
         self.b.start()
         self.assertEqual(self.wait_settled(domain, source_daemon, destination), "source")
         self.assert_settled_at(domain, "source", destination)
@@ -457,13 +432,8 @@ class SuspendedCrashTests(LabCase):
         source_daemon = self.daemon_at(self.a)
         destination = self.daemon_at(self.b)
         other = {"SECUREMIG_CRASH_PIDFILE": str(self.a.run_dir / "libvirtd.pid")}
-        summary, _ = self.lab.migrate(
-            destination,
-            domain.name,
-            True,
-            vm_dir=domain.vms,
-            extra=("--state-dir", str(source_daemon.state_dir)),
-            env={**crash_env("source-committed:other"), **other},
+        summary, _ = self.send(
+            domain, destination, source_daemon, env={**crash_env("source-committed:other"), **other}
         )
         self.assertEqual(summary["outcome"], "done", summary)
         self.assertIsNotNone(self.a.process)
@@ -501,13 +471,7 @@ class SuspendedCrashTests(LabCase):
         destination = self.daemon_at(self.b, {**crash_env("destination-prepared:other"), **other})
         # The commit's resume may fail (in doubt): settled below either way.
         with contextlib.suppress(RuntimeError):
-            self.lab.migrate(
-                destination,
-                domain.name,
-                True,
-                vm_dir=domain.vms,
-                extra=("--state-dir", str(source_daemon.state_dir)),
-            )
+            self.send(domain, destination, source_daemon)
         assert self.b.process is not None
         self.assertIsNotNone(self.b.process.poll(), "the destination's libvirtd was not killed")
         self.b.start()
@@ -526,13 +490,7 @@ class SuspendedCrashTests(LabCase):
             self.b,
             {**crash_env("destination-prepared:other"), "SECUREMIG_CRASH_PIDFILE": str(qemu)},
         )
-        summary, _ = self.lab.migrate(
-            destination,
-            domain.name,
-            True,
-            vm_dir=domain.vms,
-            extra=("--state-dir", str(source_daemon.state_dir)),
-        )
+        summary, _ = self.send(domain, destination, source_daemon)
         self.assertEqual(summary["outcome"], "done", summary)
         self.assertIn("killing QEMU", destination.log())
         self.assertEqual(self.wait_settled(domain, source_daemon, destination), "destination")
@@ -556,31 +514,14 @@ class SuspendedCrashTests(LabCase):
         self.assertEqual(destination.port, ports[0])
         cable = Cable(ports)
         self.addCleanup(cable.close)
-        outcome: list[BaseException | None] = []
-
-        def migrate() -> None:
-            try:
-                self.lab.migrate(
-                    destination,
-                    domain.name,
-                    True,
-                    vm_dir=domain.vms,
-                    extra=(
-                        "--state-dir", str(source_daemon.state_dir),
-                        "--to", cable.address(destination.port),
-                    ),
-                )  # fmt: skip
-                outcome.append(None)
-            except BaseException as e:
-                outcome.append(e)
-
-        mover = threading.Thread(target=migrate, daemon=True)
-        mover.start()
+        mover = self.migrate_behind(
+            domain, destination, source_daemon, "--to", cable.address(destination.port)
+        )
         staging = destination.state_dir / "staging"
         deadline = time.monotonic() + 180
         while True:
             self.assertLess(time.monotonic(), deadline, f"never reached {when}")
-            self.assertTrue(mover.is_alive(), outcome)
+            self.assertTrue(mover.is_alive(), mover.outcome)
             if when == "streaming":
                 reached = any(p.is_file() for p in staging.rglob("ram.img"))
             elif when == "prepared":
@@ -592,7 +533,7 @@ class SuspendedCrashTests(LabCase):
             time.sleep(0.02)
         self.assertGreater(cable.cut(), 0)
         mover.join(300)
-        self.assertEqual(len(outcome), 1)
+        self.assertEqual(len(mover.outcome), 1)
         where = self.wait_settled(domain, source_daemon, destination)
         self.assert_settled_at(domain, where, destination)
         return where

@@ -85,6 +85,16 @@ class LibvirtCellsBase(LibvirtLiveBase):
             self.src_state, self.src_id, self.src_policy, self.env(self.a), port, crash
         )
 
+    def watched_guest(self, name: str) -> tuple[Any, Bundle, Watch, Beat]:
+        """:meth:`adopted_guest` ``name``, its first beats seen (PCR 16 as
+        given), its heartbeat followed at the destination too: the domain,
+        its bundle, the watch and the first beat."""
+        domain, bundle, watch = self.adopted_guest(name)
+        first = watch.wait(3, 120.0)
+        self.assertEqual(first.pcr16, extended(self.pcr16))
+        watch.follow(self.b.path(domain.heartbeat))
+        return domain, bundle, watch, first
+
     def wait_dead(self, daemon: processes.Destination) -> None:
         """Until ``daemon`` died of SIGKILL (its crash point)."""
         deadline = time.monotonic() + 300
@@ -187,6 +197,21 @@ class LibvirtCellsBase(LibvirtLiveBase):
         self.assertEqual(bundle.path.exists(), where == "source")
         self.assertEqual((self.dst_state / "vms" / name).exists(), where == "destination")
         self.assertSecretNowhere(domain.secret_uuid)
+
+    def settled_once(
+        self,
+        name: str,
+        guest: tuple[Any, Bundle, Watch, Beat],
+        *logs: processes.Destination,
+    ) -> str:
+        """Until the cell settled (:meth:`wait_settled`, ``logs`` shown if
+        it does not), where the source's journal says; then the checks of
+        :meth:`assert_one_copy` on ``guest`` (:meth:`watched_guest`'s).
+        Returns where the guest runs."""
+        where, committed = self.wait_settled(name, *logs)
+        self.assertEqual(where, "destination" if committed else "source")
+        self.assert_one_copy(name, where, *guest)
+        return where
 
     def domain_uuid(self, host: LibvirtHost, name: str) -> str:
         """libvirt's UUID of domain ``name`` at ``host``."""

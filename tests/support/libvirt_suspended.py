@@ -6,10 +6,11 @@ settled, with its memory, and that no secret is left in either libvirt."""
 
 from __future__ import annotations
 
-import atexit
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from securemig.lab.lab import SOURCE, Lab
 from securemig.lab.libvirt import GuestDomain, LibvirtHost, define_guest
 from securemig.protocol.phases import Phase
 
-from .libvirt import virsh_secret_value
+from .libvirt import remove_domain, virsh_secret_value
+from .libvirt import shared_hosts as libvirt_hosts
 from .qemu import extended
 
 #: How long a crash cell may take to settle once every process runs again.
@@ -32,36 +34,11 @@ SETTLE_TIMEOUT = 120.0
 #: The source's daemon settles and resolves this often (seconds).
 RESOLVE = ("--resolve-interval", "0.3")
 
-_hosts: list[LibvirtHost] = []
-
 
 def shared_hosts() -> list[LibvirtHost]:
-    """Two lab libvirtds for the suspended tests (started once per test
-    process), stopped with what they started at exit."""
-    if not _hosts:
-        for name, index in (("sa", 5), ("sb", 6)):
-            host = LibvirtHost(name, index)
-            atexit.register(host.remove)
-            host.start()
-            _hosts.append(host)
-    return _hosts
-
-
-def remove_domain(host: LibvirtHost, name: str) -> None:
-    """Destroy and undefine a test's domain (with its vTPM state) if left
-    (a transient one goes with destroy), over a fresh connection."""
-    libvirt = require_libvirt()
-    conn = libvirt.open(host.uri)
-    try:
-        domain = conn.lookupByName(name)
-        if domain.isActive():
-            domain.destroy()
-        if domain.isPersistent():
-            domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
-    except libvirt.libvirtError:
-        pass
-    finally:
-        conn.close()
+    """Two lab libvirtds for the suspended tests, their own pair (started
+    once per test process), stopped with what they started at exit."""
+    return libvirt_hosts((("sa", 5), ("sb", 6)))
 
 
 @dataclass
@@ -76,6 +53,24 @@ class Adopted:
     watch: Watch  #: its heartbeat, followed from A
     first: Beat  #: its first beats, before any migration
     uuid: str  #: libvirt's UUID of the domain
+
+
+class Migrating(threading.Thread):
+    """A migration run on its own thread; ``outcome`` holds, once it
+    ended, None (it succeeded) or what it raised."""
+
+    def __init__(self, run: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self._run = run
+        self.outcome: list[BaseException | None] = []
+
+    def run(self) -> None:
+        """Migrate; record how it ended."""
+        try:
+            self._run()
+            self.outcome.append(None)
+        except BaseException as e:
+            self.outcome.append(e)
 
 
 class LabCase(TestCase):
@@ -154,6 +149,38 @@ class LabCase(TestCase):
         return self.lab.start_destination(
             backend="libvirt", env=libvirt_env, extra=extra, port=port, **kw
         )
+
+    def send(
+        self,
+        domain: Adopted,
+        destination: Any,
+        source: Any,
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ) -> Any:
+        """``securemig migrate`` of ``domain`` from A to ``destination``
+        (``extra`` options, ``env`` added), journaled in ``source``'s state
+        directory (the source's daemon settles it); returns (summary,
+        usage), raises RuntimeError if it failed."""
+        return self.lab.migrate(
+            destination,
+            domain.name,
+            True,
+            vm_dir=domain.vms,
+            extra=("--state-dir", str(source.state_dir), *extra),
+            env=env,
+        )
+
+    def migrate_behind(
+        self, domain: Adopted, destination: Any, source: Any, *extra: str
+    ) -> Migrating:
+        """``securemig migrate`` of ``domain`` to ``destination`` (``extra``
+        options; journaled in ``source``'s state directory) on a thread of
+        its own, started."""
+
+        mover = Migrating(lambda: self.send(domain, destination, source, *extra))
+        mover.start()
+        return mover
 
     def revive(self, host: LibvirtHost) -> None:
         """Start ``host``'s libvirtd again if a test killed it (the hosts

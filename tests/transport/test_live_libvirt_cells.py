@@ -32,7 +32,6 @@ from securemig.protocol.phases import Phase
 from tests.support.cable import Cable, free_ports
 from tests.support.commands import crash_env
 from tests.support.libvirt_cells import LibvirtCellsBase
-from tests.support.qemu import extended
 
 #: When a cable cell cuts, as the journals (or libvirt's job) show it.
 CUTS = ("before-key-release", "mid-copy", "destination-prepared", "source-committed")
@@ -72,10 +71,7 @@ class LibvirtLiveCells(LibvirtCellsBase):
         self.assertEqual(destination.port, ports[0])
         cable = Cable(ports)
         self.addCleanup(cable.close)
-        domain, bundle, watch = await threads.deferToThread(self.adopted_guest, name)
-        first = await threads.deferToThread(watch.wait, 3, 120.0)
-        self.assertEqual(first.pcr16, extended(self.pcr16))
-        watch.follow(self.b.path(domain.heartbeat))
+        domain, bundle, watch, first = await threads.deferToThread(self.watched_guest, name)
         running = threads.deferToThread(
             self.migrate_domain,
             destination,
@@ -93,10 +89,9 @@ class LibvirtLiveCells(LibvirtCellsBase):
             self.assertFalse(self.journal_reached(self.dst_state, Phase.INCOMING))
         if when in ("before-key-release", "mid-copy"):
             self.assertNotEqual(result.returncode, 0, result.stdout)
-        where, committed = await threads.deferToThread(self.wait_settled, name, destination)
-        self.assertEqual(where, "destination" if committed else "source")
-        await threads.deferToThread(self.assert_one_copy, name, where, domain, bundle, watch, first)
-        return where
+        return await threads.deferToThread(
+            self.settled_once, name, (domain, bundle, watch, first), destination
+        )
 
     async def test_cut_before_key_release(self) -> None:
         """Cut once the destination admitted the migration, before the
@@ -132,10 +127,7 @@ class LibvirtLiveCells(LibvirtCellsBase):
         restarted on its port; check the cell settles as it must."""
         source = self.source_daemon(crash=settle_at)
         destination = self.destination_daemon()
-        domain, bundle, watch = await threads.deferToThread(self.adopted_guest, name)
-        first = await threads.deferToThread(watch.wait, 3, 120.0)
-        self.assertEqual(first.pcr16, extended(self.pcr16))
-        watch.follow(self.b.path(domain.heartbeat))
+        domain, bundle, watch, first = await threads.deferToThread(self.watched_guest, name)
         result = await threads.deferToThread(
             self.migrate_domain, destination, name, "--copy-storage", dying=crash_env(migrate_at)
         )

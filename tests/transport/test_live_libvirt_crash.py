@@ -45,10 +45,7 @@ class LibvirtCrashCells(LibvirtCellsBase):
         must.  Returns where the guest ended."""
         self.source_daemon()
         destination = self.destination_daemon(crash=point if kill == "destination" else None)
-        domain, bundle, watch = await threads.deferToThread(self.adopted_guest, name)
-        first = await threads.deferToThread(watch.wait, 3, 120.0)
-        self.assertEqual(first.pcr16, extended(self.pcr16))
-        watch.follow(self.b.path(domain.heartbeat))
+        domain, bundle, watch, first = await threads.deferToThread(self.watched_guest, name)
         running = threads.deferToThread(
             self.migrate_domain,
             destination,
@@ -68,10 +65,9 @@ class LibvirtCrashCells(LibvirtCellsBase):
             destination = self.destination_daemon(port=destination.port)
         else:
             self.assertNotEqual(result.returncode, 0, result.stdout)
-        where, committed = await threads.deferToThread(self.wait_settled, name, destination)
-        self.assertEqual(where, "destination" if committed else "source")
-        await threads.deferToThread(self.assert_one_copy, name, where, domain, bundle, watch, first)
-        return where
+        return await threads.deferToThread(
+            self.settled_once, name, (domain, bundle, watch, first), destination
+        )
 
     # -- securemig migrate dies
 
