@@ -599,26 +599,30 @@ def destroy_vtpm_key(bundle: Bundle) -> None:
         files.fsync_dir(bundle.path)
 
 
-async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
+async def release(journal: Journal, local_id: str, bundle: Bundle) -> bool:
     """After a durable COMMITTED: give the VM up here for good.  The vTPM
     key goes first (without it this copy can never run again), then the
-    bundle; journaled ``released`` once both are gone.  Idempotent:
-    recovery redoes it, also for a migration journaled done whose copy
-    here could not be discarded then (a libvirtd down at DONE:
-    :func:`securemig.host.recovery.settle_departures`)."""
+    bundle; journaled ``released``.  Idempotent: recovery redoes it.
+
+    Returns whether the copy here is gone.  A discard that failed (a
+    libvirt domain whose libvirtd is down) is not journaled ``released``:
+    the durable COMMITTED without it is what tells this host's daemon to
+    redo the release (``Journal.departures``, ``recovery``) until it is."""
     destroy_vtpm_key(bundle)
     if bundle.path.exists():
         try:
             await backend_for(bundle.manifest.backend).discard(bundle)
         except Exception as e:
             # Committed is committed: the VM is the destination's now, and
-            # without its key this copy cannot run; not a reason to roll
-            # back.  Not journaled released: recovery discards it later (a
-            # libvirt domain's stale definition and vTPM state are a
-            # rollback copy to remove, not to leave to an operator).
-            log.error("committed, but discarding the local copy failed: {e}", e=e)
-            if bundle.path.exists():
-                return
+            # without its key this copy cannot run; what is left here is
+            # removed later, never a reason to roll back.
+            log.error(
+                "VM {vm} committed, but removing its copy here failed ({e}); "
+                "this host's daemon removes it later",
+                vm=bundle.name,
+                e=e,
+            )
+            return False
     else:
         # Redone after a crash between the bundle's rename and the journal's
         # ``released``: what the killed remover left is removed now.
@@ -626,6 +630,7 @@ async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
     record = journal.get(local_id)
     if record is not None and not record.reached(Phase.RELEASED):
         journal.phase(local_id, Phase.RELEASED)
+    return True
 
 
 def check_keys(bundle: Bundle, *, secure: bool, live: bool, unseal_with: Path | None) -> None:

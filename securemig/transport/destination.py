@@ -367,6 +367,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 migration_id,
                 interface=self.out.getHost().host,
                 on_progress=lambda n: self.touch(),
+                listen=self.options.live_listener,
             )
             self.carrier = carrier
             arrival.incoming_started()
