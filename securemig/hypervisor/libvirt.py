@@ -115,9 +115,6 @@ CONFIRMED_PHASE = "confirm3"
 #: tells of every change of libvirt's status files, else as often as
 #: :data:`INCOMING_POLL`.
 STATUS_FALLBACK = 1.0
-#: Seconds the source waits for its libvirt, failed after it confirmed a
-#: migration (its libvirtd died), to answer again and remove the domain.
-FINISH_TIMEOUT = 120.0
 #: Seconds a question to libvirt (``guest_here``, ``process_alive``) may
 #: take before the answer is "cannot be asked".
 QUERY_TIMEOUT = 30.0
@@ -329,6 +326,37 @@ def _lookup(conn: Any, domain_uuid: str) -> Any | None:
         return conn.lookupByUUIDString(domain_uuid)
     except libvirt.libvirtError:
         return None
+
+
+#: Seconds libvirt may take to notice that a domain's QEMU ended.
+QEMU_GONE_TIMEOUT = 10.0
+
+
+def _resumed_or_gone(conn: Any, domain: Any, domain_uuid: str) -> Any | None:
+    """Continue ``domain`` if it runs paused.  If that fails because its
+    QEMU died (a paused arrival whose process was killed: libvirt answers
+    ``Unable to read from monitor``, or has just dropped the transient
+    domain), wait until libvirt says it is no longer active and return it
+    as libvirt now has it (None: transient, gone), so that the caller
+    restores it from its save file.  Any other failure is raised."""
+    libvirt = require_libvirt()
+    try:
+        if domain.isActive() and domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+            domain.resume()
+        return domain
+    except libvirt.libvirtError:
+        deadline = time.monotonic() + QEMU_GONE_TIMEOUT
+        while True:
+            now = _lookup(conn, domain_uuid)
+            try:
+                if now is None or not now.isActive():
+                    log.warn("domain {d}: its QEMU ended while paused", d=domain_uuid)
+                    return now
+            except libvirt.libvirtError:
+                pass  # dropped between the lookup and the question: asked again
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def secret_defined(conn: Any, secret_uuid: str) -> bool:
@@ -1035,6 +1063,11 @@ class LibvirtBackend(Backend):
         ram = bundle.image_path("ram").absolute()
         with self._connection(self._uri(record)) as conn:
             domain = _lookup(conn, record.domain_uuid)
+            if domain is not None and ram.exists():
+                # A paused arrival whose QEMU may have just died (libvirt
+                # not yet told): then it is restored from the save file
+                # below, memory intact.
+                domain = _resumed_or_gone(conn, domain, record.domain_uuid)
             if domain is not None and domain.isActive():
                 if domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
                     domain.resume()
@@ -1711,28 +1744,14 @@ class LibvirtOutgoing:
         """Nothing at the source."""
         return succeed(None)
 
-    async def finish(self, timeout: float = FINISH_TIMEOUT) -> None:
+    async def finish(self) -> None:
         """After the commit: once libvirt's call returned (its QEMU here
         ended; :attr:`stats` filled), the definition and vTPM state removed
-        here.  A libvirt that failed after it confirmed (its libvirtd died
-        in Confirm: restarted, it ends the domain) is asked again every
-        second for up to ``timeout`` seconds: the source's copy must go
-        once libvirt is back, not stay as garbage with its vTPM state."""
+        here.  A libvirt that cannot be asked then (its libvirtd died after
+        it confirmed) fails it: the release leaves the removal to this
+        host's daemon (``departure.release``)."""
         await self.returned()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                await self.backend.finish_out(self.bundle)
-                return
-            except LibvirtError as e:
-                if self.error is None or time.monotonic() > deadline:
-                    raise
-                log.warn(
-                    "domain {d}: removing it here after libvirt failed: {e}; asking again",
-                    d=self.bundle.name,
-                    e=e,
-                )
-            await self._waker.sleep(1.0)
+        await self.backend.finish_out(self.bundle)
 
     def release(self) -> None:
         """Nothing held (each call opens its own connection)."""
