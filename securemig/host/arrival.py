@@ -1029,7 +1029,19 @@ class Arrival:
         ran here and never can (its state was only in that QEMU): LOST is
         journaled instead, staging (or the VM moved into place) removed, and
         the source (which kept its paused QEMU) continues the guest when it
-        learns it."""
+        learns it.
+
+        A failure here (its hypervisor cannot be asked: a libvirtd down)
+        frees the name as a failed resume does: the source owes RESOLVE
+        (committed), which rolls the arrival forward once the hypervisor
+        answers; a name held until a restart would refuse it ("busy")."""
+        try:
+            await self._commit()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    async def _commit(self) -> None:
         if self.live is not None and self.vtpm_checking is not None:
             why = await self.vtpm_checking
             if why is not None:
@@ -1064,7 +1076,7 @@ class Arrival:
         bundle = Bundle.load(target)
         if self.live is not None:
             self.live.release()  # the QMP socket moved with the bundle: reconnect there
-            if not backend_for(bundle.manifest.backend).has_process(bundle):
+            if not await backend_for(bundle.manifest.backend).process_alive(bundle):
                 await self.lose(target)
                 raise self._lost()
             self.host.journal.phase(self.id, Phase.CONTINUING)

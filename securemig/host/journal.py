@@ -413,12 +413,16 @@ class Journal:
 
     def departures(self) -> list[MigrationRecord]:
         """Source records recovery may still have work for: no outcome yet,
-        in doubt, or admitted by a destination that has not confirmed how it
+        in doubt, admitted by a destination that has not confirmed how it
         ended (it may hold staging in doubt: it sent PREPARED, which a cut
-        connection may have lost)."""
+        connection may have lost), or done but not yet ``released`` (the
+        copy here could not be removed at the commit: its hypervisor was
+        down)."""
         return self._query(
             "WHERE role = 'source' AND (outcome IS NULL OR outcome = 'in-doubt'"
-            " OR (peer_settled = 0 AND migration_id IS NOT NULL AND outcome != 'done'))"
+            " OR (peer_settled = 0 AND migration_id IS NOT NULL AND outcome != 'done')"
+            " OR (outcome = 'done' AND NOT EXISTS (SELECT 1 FROM events"
+            "     WHERE events.migration = migrations.id AND events.phase = 'released')))"
             " ORDER BY started",
             (),
         )

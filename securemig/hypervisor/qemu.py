@@ -465,7 +465,8 @@ class QemuBackend(Backend):
 
     async def _discard(self, bundle: Bundle) -> None:
         await self.end(bundle)
-        files.remove_tree(bundle.path)
+        # Its images unlinked by a detached remover (files.discard_tree).
+        files.discard_tree(bundle.path)
 
     async def _ended(self, bundle: Bundle, program: str, pid: int | None) -> None:
         """Wait (without blocking the reactor) until ``program`` of this VM,
@@ -899,8 +900,8 @@ async def _live_destination(
     await backend._spawn(bundle, incoming=True)
     try:
         monitor = await backend.monitor(bundle)
-        await _migration_events(monitor)
         await set_multifd(monitor, multifd)
+        await _migration_events(monitor)
         await monitor.execute("migrate-incoming", uri=f"unix:{socket}")
     except BaseException:
         await backend.end(bundle)

@@ -419,6 +419,17 @@ class LiveCrashPointTests(LiveSecureBase):
         paused QEMU and its staging."""
         self.assertEqual(await self.cell("destination-incoming", "destination"), "source")
 
+    async def test_destination_dies_incoming_multifd(self) -> None:
+        """As above with --parallel 2: its QEMU waits for three channels, its
+        carrier port listens; the restarted destination ends that QEMU and
+        the staging, and the guest never stopped at the source."""
+        self.assertEqual(
+            await self.cell(
+                "destination-incoming", "destination", migrate_extra=("--parallel", "2")
+            ),
+            "source",
+        )
+
     async def test_source_dies_live_started(self) -> None:
         """QEMU's pre-copy runs, the guest still runs here: the source's
         daemon cancels it and the guest goes on; the destination ends its
