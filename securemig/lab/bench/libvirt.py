@@ -75,7 +75,7 @@ from securemig.hypervisor.backends import capabilities
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.libvirt import CONNECT_ENV, RUN_DIR_ENV, LibvirtError, require_libvirt
 from securemig.lab import processes
-from securemig.lab.bench.provenance import one_line, provenance
+from securemig.lab.bench.provenance import byte_compile, one_line, provenance
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
 from securemig.lab.libvirt import (
     HostTLS,
@@ -408,13 +408,11 @@ def run(
     json_path: Path | None = None,
 ) -> int:
     """Run the bench and print its report; returns an exit status."""
-    from securemig.lab.bench import _byte_compile
-
     # securemig as installed (byte-compiled): a source tree run with
     # PYTHONDONTWRITEBYTECODE compiles its modules in every `securemig
     # migrate` (about 1 s of a move's start-up under this machine's load),
     # which virsh's arms do not pay.
-    _byte_compile()
+    byte_compile()
     info = provenance()  # before the bench loads the machine
     say = partial(print, file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-libvirt-"))
