@@ -8,6 +8,7 @@ host TPM.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import signal
 import subprocess
@@ -487,6 +488,10 @@ class ReactorFreeTests(TestCase):
         """SIGSTOP the host's libvirtd; continued at the test's end at the latest."""
         assert self.host.process is not None
         pid = self.host.process.pid
+        # A libvirt connection an earlier test dropped in a reference cycle
+        # would be closed by the collector on whatever thread allocates --
+        # here the reactor's, blocking on the stopped libvirtd: collected now.
+        gc.collect()
         os.kill(pid, signal.SIGSTOP)
         self.addCleanup(os.kill, pid, signal.SIGCONT)
         return pid
