@@ -279,7 +279,10 @@ class SuspendedCrashTests(LabCase):
         migrate``) there -- and, with ``settling``, the source's daemon at
         that point of its recovery, restarted too; returns where the domain
         settled (``source`` or ``destination``)."""
+        # One name per cell: the hosts are shared by the module's tests, and
+        # a heartbeat file of an earlier cell's domain stays there.
         name = "crash" + "".join(word[:3] for word in point.split("-"))[:12]
+        name += "".join(word[0] for word in settling.split("-")) if settling else ""
         domain = self.adopt(name)
         source_daemon = self.daemon_at(self.a, crash_env(settling) if settling else None)
         daemon_dies = point.startswith("destination-")
