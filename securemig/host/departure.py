@@ -309,9 +309,13 @@ class Departure:
                     "it all (PREPARED): committing",
                     vm=self.bundle.name,
                 )
-        if not self.prepared:
-            self.journal.phase(self.id, Phase.PREPARED)
-        self.journal.phase(self.id, Phase.COMMITTED)
+        if self.prepared:
+            self.journal.phase(self.id, Phase.COMMITTED)
+        else:
+            # One durable write: PREPARED alone decides nothing here
+            # (recovery treats it as not committed), so the two need not be
+            # two fsyncs.
+            self.journal.phases(self.id, Phase.PREPARED, Phase.COMMITTED)
         self.committed = True
         crashpoint.reached(CrashPoint.SOURCE_COMMITTED, self.qemu_pidfile())
         record = self.journal.get(self.id)
@@ -448,8 +452,6 @@ class Departure:
         destroy the key and the bundle.  Idempotent (recovery redoes it)."""
         running = time.monotonic()  # DONE just arrived: the guest runs there
         live = self.live_migration
-        if live is not None and live.started is not None and self.live_stats is not None:
-            self.guest_downtime_ms = self.live_stats.guest_downtime_ms(live.started, running)
         if self.live_migration is not None:
             try:
                 await self.live_migration.finish()
@@ -463,6 +465,10 @@ class Departure:
                     e=e,
                 )
             crashpoint.reached(CrashPoint.SOURCE_LIVE_ENDED)
+        if live is not None and live.started is not None and self.live_stats is not None:
+            # After finish: a hypervisor that committed before its own call
+            # returned (libvirt) has its numbers only then.
+            self.guest_downtime_ms = self.live_stats.guest_downtime_ms(live.started, running)
         if self.live_stats is not None:
             # Journaled only now, with the guest running there: nothing
             # written between QEMU's completion and the destination's cont.
@@ -623,6 +629,10 @@ async def release(journal: Journal, local_id: str, bundle: Bundle) -> bool:
                 e=e,
             )
             return False
+    else:
+        # Redone after a crash between the bundle's rename and the journal's
+        # ``released``: what the killed remover left is removed now.
+        files.sweep_discarded(bundle.path.parent)
     record = journal.get(local_id)
     if record is not None and not record.reached(Phase.RELEASED):
         journal.phase(local_id, Phase.RELEASED)

@@ -263,6 +263,24 @@ class Journal:
             )
             self._db.execute("INSERT INTO events VALUES (?, ?, ?)", (local_id, phase, now))
 
+    def phases(self, local_id: str, *phases: Phase) -> None:
+        """Record that a migration reached each of ``phases``, in order, in
+        one durable write: one fsync, where consecutive :meth:`phase` calls
+        take one each (the source's PREPARED and COMMITTED sit on a live
+        guest's switchover path).  All or none of them survive a crash."""
+        checked = [Phase(phase) for phase in phases]  # all checked before any write
+        if not checked:
+            return
+        now = time.time()
+        with self._db:
+            self._db.execute(
+                "UPDATE migrations SET phase = ?, updated = ? WHERE id = ?",
+                (checked[-1], now, local_id),
+            )
+            self._db.executemany(
+                "INSERT INTO events VALUES (?, ?, ?)", [(local_id, p, now) for p in checked]
+            )
+
     def progress(self, local_id: str, nbytes: int) -> None:
         """Record the bytes a running migration has streamed so far (at most
         every :data:`PROGRESS_INTERVAL`; no event)."""

@@ -196,10 +196,11 @@ class Backend(Protocol):
         raise _unsupported(self, "take live migrations")
 
     def live_info(self, bundle: Bundle, copy_storage: bool, parallel: int) -> Deferred[bytes]:
-        """Source, before HELLO (``Capabilities.carried``): what the
-        destination's backend needs to take this VM live (HELLO's
-        ``backend_info``); ``copy_storage``: its disks are copied too;
-        ``parallel``: extra connections for the memory stream."""
+        """Source, before HELLO (``Capabilities.carried``, or
+        ``Capabilities.multifd`` with ``parallel``): what the destination's
+        backend needs to take this VM live (HELLO's ``backend_info``);
+        ``copy_storage``: its disks are copied too; ``parallel``: extra
+        connections (multifd channels) for the memory stream."""
         raise _unsupported(self, "migrate live over carried sockets")
 
     def live_channels(self, backend_info: bytes) -> int:

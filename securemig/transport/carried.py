@@ -24,7 +24,10 @@ accepted connection) with the data channel's AEAD records in place of TLS:
   socket of that name: no stranger's byte reaches libvirt, QEMU or NBD;
 - either side's close sends the authenticated END record; a connection cut
   without it (truncation) or a record that fails aborts both ends, so the
-  hypervisor sees an error, never a clean end of a forged stream.
+  hypervisor sees an error, never a clean end of a forged stream;
+- ``memory``'s connection 0 (QEMU's main migration channel) reaches the
+  destination's socket before any other of that socket (:data:`MAIN_FIRST`):
+  the others, bound, wait for it.
 
 The QEMU backend's live stream on multifd channels (``migrate --live
 --parallel N``) is the same machinery with one socket, ``memory``, and
@@ -69,6 +72,13 @@ PREAMBLE = struct.Struct("!BI")
 CARRIED_RECORD_PLAINTEXT = 1 << 20
 #: Connections per socket name and migration (multifd channels, disks).
 MAX_CONNECTIONS = 64
+#: Sockets whose connection 0 must reach the destination's socket before
+#: any other does: QEMU's incoming migration (before QEMU 8.0) takes the
+#: first connection it accepts for its main channel, and each carried
+#: connection's wire authenticates in its own time, so the source's order
+#: (QEMU's main channel is connected before its multifd channels) is not
+#: the order the destination's dials would otherwise arrive in.
+MAIN_FIRST = frozenset({"memory"})
 
 
 def connection_key(key: bytes, name: str, number: int, to_destination: bool) -> bytes:
@@ -382,6 +392,10 @@ class CarrierDestination:
         self.errors: list[str] = []
         #: (socket, number) pairs that authenticated: each binds once.
         self.bound: set[tuple[str, int]] = set()
+        #: (socket, number) pairs whose local socket answered.
+        self._made_local: set[tuple[str, int]] = set()
+        #: Bound, waiting for connection 0 of their socket (:data:`MAIN_FIRST`).
+        self._waiting: list[_Pair] = []
         self._pairs: set[_Pair] = set()
         destination = self
 
@@ -417,7 +431,13 @@ class CarrierDestination:
             self._timer.run(self.pool.admit(pair, self.reactor.seconds()))
             return
         # The local socket answered: carry both ways.
+        self._made_local.add((pair.name, pair.number))
         pair.join()
+        if pair.number == 0 and pair.name in MAIN_FIRST:
+            waiting, self._waiting = self._waiting, []
+            for other in waiting:
+                if not other.ended:
+                    self._dial(other)
 
     def _preamble(self, pair: _Pair, data: bytes) -> None:
         buffered = pair.buffer + data
@@ -470,6 +490,15 @@ class CarrierDestination:
         pair.opener.max_plaintext = CARRIED_RECORD_PLAINTEXT
         assert pair.wire is not None
         pair.wire.transport.pauseProducing()
+        if pair.name in MAIN_FIRST and pair.number > 0 and (pair.name, 0) not in self._made_local:
+            # QEMU (before 8.0) takes the first connection to its incoming
+            # socket for its main channel: a multifd channel whose wire
+            # authenticated first waits until connection 0 reached it.
+            self._waiting.append(pair)
+            return
+        self._dial(pair)
+
+    def _dial(self, pair: _Pair) -> None:
         destination = self
 
         class Dial(ClientFactory):

@@ -118,6 +118,9 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         self.live_receiver: LiveReceiver | None = None
         #: Live, a carried backend: the carried sockets' destination end.
         self.carrier: CarrierDestination | None = None
+        #: Live, carried: the released key was sealed into staging at the
+        #: start (the prepare need not release, check or seal it again).
+        self.carried_key_kept = False
         #: A recovery connection: the RESOLVE and the answer it got.
         self.resolved: tuple[wire.Resolve, wire.Resolved] | None = None
         self.host = host
@@ -126,6 +129,9 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         self.high_water = options.high_water
         self.arrival: ArrivingVM | None = None
         self.executor: Executor | None = None
+        #: Live: the thread of the vTPM's EK check (its swtpm, started
+        #: ahead there, dies with it).
+        self.vtpm_checker: Executor | None = None
         self.queued = 0
         self.reading_paused = False
         self.progress_journaled = 0.0
@@ -270,6 +276,11 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             self._start_channels(arrival, released)
             return
 
+        # Re-sealed to our TPM now, while the guest still runs at the source,
+        # not on the switchover path: the prepare writes what this seals.
+        announced = released.identity.hex() if released.identity else None
+        arrival.keep_key(self.keeper_or_refuse(), released, announced)
+
         async def start() -> None:
             await arrival.start_incoming(released)
             if self.session.finished:
@@ -286,6 +297,16 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             receiver.done.addCallback(lambda _: self._live_unbound(receiver))
             arrival.incoming_started()
             self.run(self.session.incoming_ready(receiver.address[1]))
+            if not self.session.finished:
+                # The EK check's swtpm starts now, on a thread of its own,
+                # while the stream runs: at the switchover only its read of
+                # the state that arrived remains.
+                self.vtpm_checker = self.executor_factory()
+                self.vtpm_checker.submit(arrival.start_vtpm_check, released).addErrback(
+                    lambda f: self.log.warn(
+                        "vTPM check not started ahead: {e}", e=f.getErrorMessage()
+                    )
+                )
             try:
                 await arrival.wait_loaded()
             except MigrationError as e:
@@ -352,6 +373,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         arrival.keep_key(
             self.keeper_or_refuse(), VtpmKey(released.secret + released.identity, b""), None
         )
+        self.carried_key_kept = True
         cipher, key = self.data_channel_key(CARRIED_EXPORTER_LABEL)
         migration_id = self.migration_id()
 
@@ -650,7 +672,30 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 then=lambda identity: keep(key, identity),
             )
 
-        if arrival.key_expected(secure=self.security is not None):
+        if self.carried_key_kept:
+            # The hypervisor's own migration (libvirt): its key was released,
+            # sealed to our TPM and made durable in staging when it started
+            # (_start_carried), and its vTPM state is the hypervisor's to
+            # load; nothing to check or seal again while the guest waits
+            # paused for the commit.
+            self._submit("preparing the VM in staging", arrival.prepare, then=prepared)
+        elif self.session.live and not arrival.carried:
+            # Live: the key was released and re-sealed as the vTPM started.
+            # Nothing but the decision is on the switchover path: the EK
+            # check (a swtpm start) runs on a thread of its own beside
+            # PREPARED and the source's commit, and gates ``cont``
+            # (Arrival.check_vtpm_beside).
+            checker = self.vtpm_checker or self.executor_factory()
+            arrival.check_vtpm_beside(
+                checker.submit(arrival.check_vtpm, arrival.release_key(self.security))
+            )
+            checker.shutdown()
+            if arrival.staged_ahead:
+                arrival.prepare()  # nothing left to write: no disk thread's turn
+                prepared(None)
+            else:
+                self._submit("preparing the VM in staging", arrival.prepare, then=prepared)
+        elif arrival.key_expected(secure=self.security is not None):
             self._submit("closing the streams", lambda: None, then=release)
         else:
             self._submit("preparing the VM in staging", arrival.prepare, then=prepared)
@@ -695,6 +740,10 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
 
     def _do_Finished(self, effect: effects.Finished) -> None:
         self._close(effect)
+        if self.vtpm_checker is not None and self.arrival is not None:
+            # A check started ahead that no prepare used ends with its thread.
+            self.vtpm_checker.submit(self.arrival.drop_vtpm_check)
+            self.vtpm_checker.shutdown()
         if self.carrier is not None:
             self.carrier.close()
         if self.reading_paused:

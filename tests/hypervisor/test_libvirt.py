@@ -9,26 +9,41 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import subprocess
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.trial.unittest import TestCase
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from securemig.hypervisor.bundle import BundleError
+from securemig.host.departure import Departure
+from securemig.host.journal import Journal
+from securemig.hypervisor import libvirt as libvirt_backend
+from securemig.hypervisor.bundle import Bundle, BundleError, Manifest
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.libvirt import (
     DOMAIN_FILE,
     LibvirtBackend,
     LibvirtError,
+    LibvirtOutgoing,
+    LibvirtStats,
+    Waker,
+    confirmed_out,
     require_libvirt,
     secret_held,
 )
 from securemig.lab import processes
 from securemig.lab.lab import SOURCE, Lab
 from securemig.lab.libvirt import LibvirtHost, define_guest, guest_domain_xml
+from securemig.protocol import wire
+from securemig.protocol.recovery import SourceGuest, carried_decision
 from tests.support.libvirt import seal, unseal, virsh_secret_value
 from tests.support.qemu import extended
 
@@ -308,6 +323,246 @@ class AdoptCommandTests(TestCase):
             conn.lookupByName("cli-guest")
         self.assertFalse(self.host.path(f"/var/lib/libvirt/swtpm/{uuid_}").exists())
         self.assertFalse((self.work / "vms" / "cli-guest").exists())
+
+
+def _status(phase: str | None, job: str = "migration out") -> bytes:
+    """A domain's status file as libvirt 9.0 writes it (``/run/libvirt/qemu/
+    NAME.xml``), with its async job in ``phase`` (None: no job)."""
+    element = (
+        ""
+        if phase is None
+        else f"<job type='none' async='{job}' phase='{phase}' flags='0x6b' "
+        "asyncStarted='1796612771607'>\n    <migParams/>\n  </job>\n  "
+    )
+    return (
+        "<domstatus state='paused' reason='migration' pid='7233'>\n  "
+        "<monitor path='/var/lib/libvirt/qemu/domain-1-d/monitor.sock' type='unix'/>\n  "
+        f"{element}<domain type='qemu' id='1'><name>d</name></domain>\n</domstatus>\n"
+    ).encode()
+
+
+def _write_status(directory: Path, name: str, data: bytes) -> None:
+    """As libvirt saves a status: a new file renamed over the old one."""
+    new = directory / f"{name}.xml.new"
+    new.write_bytes(data)
+    os.rename(new, directory / f"{name}.xml")
+
+
+class ConfirmedPhaseTests(SynchronousTestCase):
+    """:func:`confirmed_out`: only libvirt's source in phase ``confirm3`` of
+    an outgoing migration is a completed migration."""
+
+    def test_confirm3_is_completed(self) -> None:
+        """The phase libvirt saves after the destination's Finish succeeded."""
+        self.assertTrue(confirmed_out(_status("confirm3")))
+
+    def test_anything_else_is_not(self) -> None:
+        """The Finish's answer lost (``confirm3_cancelled``: libvirt resumes
+        the guest here), the copy done but the Finish not answered, an
+        incoming job, no job, a file cut short or not libvirt's: no."""
+        for data in (
+            _status("confirm3_cancelled"),
+            _status("perform3_done"),
+            _status("perform3"),
+            _status("confirm3", job="migration in"),
+            _status("finish3", job="migration in"),
+            _status(None),
+            _status("confirm3")[:120],
+            b"",
+            b"<domain><job async='migration out' phase='confirm3'/></domain>"[:-3],
+        ):
+            self.assertFalse(confirmed_out(data), data)
+
+
+class WakerTests(SynchronousTestCase):
+    """:class:`Waker`: a wake wakes the sleeper, or the next one."""
+
+    def test_wake_before_sleep_is_kept(self) -> None:
+        """A change told while nobody slept (the waiter was asking libvirt)
+        wakes the next sleep at once, not after its timeout."""
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        waker = Waker(clock)
+        waker.wake()
+        self.assertIsNone(self.successResultOf(waker.sleep(3600)))
+        later = waker.sleep(3600)
+        self.assertNoResult(later)
+        waker.wake()
+        self.successResultOf(later)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class OutgoingCompletionTests(TestCase):
+    """The source's side of a libvirt migration completes on libvirt's
+    confirmed phase, told by inotify as libvirt saves it, while its
+    ``migrateToURI3`` still runs (libvirt ending its QEMU); never on any
+    earlier phase."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.run_dir = Path(self.mktemp())
+        self.status_dir = self.run_dir / libvirt_backend.STATUS_DIR
+        self.status_dir.mkdir(parents=True)
+        # Only inotify can wake a waiter within this test's timeout.
+        self.patch(libvirt_backend, "STATUS_FALLBACK", 3600.0)
+        self.backend = LibvirtBackend(reactor, run_dir=self.run_dir)
+        bundle = Bundle(
+            Path(self.mktemp()), Manifest(name="d", backend="libvirt", images=[], state="running")
+        )
+        self.call: Deferred[LibvirtStats] = Deferred()
+        self.outgoing = LibvirtOutgoing(self.backend, bundle, self.call)
+        self.addCleanup(self.outgoing._watch.close)
+        self.assertTrue(self.outgoing._watch.active, "inotify watches libvirt's status directory")
+
+    async def test_completes_on_confirm3_before_the_call_returns(self) -> None:
+        """perform3_done does not complete it; confirm3 does, at once; the
+        numbers returned are filled when the call returns; ``returned``
+        waits for that return."""
+        _write_status(self.status_dir, "d", _status("perform3_done"))
+        # wait() reads the status before it first sleeps.
+        waiting = Deferred.fromCoroutine(self.outgoing.wait(timeout=30))
+        self.assertNoResult(waiting)
+        _write_status(self.status_dir, "d", _status("confirm3"))
+        stats = await waiting
+        self.assertTrue(self.outgoing.completed)
+        self.assertFalse(self.outgoing.ended)
+        self.assertEqual(stats.total_ms, 0)
+        returned = Deferred.fromCoroutine(self.outgoing.returned())
+        self.assertNoResult(returned)
+        self.call.callback(LibvirtStats(total_ms=4200, downtime_ms=180))
+        await returned
+        self.assertEqual((stats.total_ms, stats.downtime_ms), (4200, 180))
+
+    async def test_cancelled_confirm_fails(self) -> None:
+        """``confirm3_cancelled`` (the destination's answer lost: libvirt runs
+        the guest on here) is no completion: the call's error is."""
+        _write_status(self.status_dir, "d", _status("confirm3_cancelled"))
+        waiting = Deferred.fromCoroutine(self.outgoing.wait(timeout=30))
+        self.assertNoResult(waiting)
+        self.call.errback(LibvirtError("job 'migration out' failed"))
+        with self.assertRaises(LibvirtError):
+            await waiting
+        self.assertFalse(self.outgoing.completed)
+
+
+class _Started:
+    """A live departure's libvirt side, started and not returned yet."""
+
+    completed = False
+
+
+class ReactorFreeTests(TestCase):
+    """What the source asks libvirt at the commit and after it
+    (``Departure.live_qemu_alive``, ``moved_by_hypervisor``,
+    ``guest_here``) is asked off the reactor thread: a stopped libvirtd
+    (SIGSTOP: it accepts connections and never answers) does not stop the
+    reactor."""
+
+    timeout = 300
+
+    def setUp(self) -> None:
+        self.host = shared_host()
+        self.libvirt = require_libvirt()
+        self.conn = self.libvirt.open(self.host.uri)
+        self.addCleanup(self.conn.close)
+        self.vm_dir = Path(self.mktemp())
+        self.backend = LibvirtBackend(reactor, vtpm_key=unseal)
+        self.addCleanup(self.backend.close)
+
+    async def departure(self, name: str) -> Departure:
+        """An adopted domain (defined, shut off) leaving live: its libvirt
+        migration started (not returned)."""
+        define_guest(self.host, name, persistent_secret=True)
+        self.addCleanup(_remove_domain, self.conn, name)
+        bundle = await self.backend.adopt(self.vm_dir, name, self.host.uri, seal)
+        journal = Journal(self.vm_dir / "journal.sqlite")
+        self.addCleanup(journal.close)
+        departure = Departure(bundle, wire.Variant.SHARED_STORAGE, "127.0.0.1:1", "secure", journal)
+        departure.live_migration = _Started()  # type: ignore[assignment]
+        return departure
+
+    def stop_libvirtd(self) -> int:
+        """SIGSTOP the host's libvirtd; continued at the test's end at the latest."""
+        assert self.host.process is not None
+        pid = self.host.process.pid
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, pid, signal.SIGCONT)
+        return pid
+
+    def continue_later(self, pid: int, seconds: float) -> None:
+        """SIGCONT ``pid`` after ``seconds``, from a thread of its own: a
+        reactor blocked on the stopped libvirtd would never run a timer of
+        its own (the test would hang, not fail)."""
+        timer = threading.Timer(seconds, os.kill, (pid, signal.SIGCONT))
+        timer.start()
+        self.addCleanup(timer.join)
+
+    async def watched(self, ask: Callable[[], Deferred[Any]]) -> tuple[Any, float, float]:
+        """What ``ask()`` fires with, how long it took from the call, and
+        the longest the reactor was away meanwhile (a 10 ms LoopingCall
+        watches it from before the call)."""
+        last = time.monotonic()
+        gaps: list[float] = [0.0]
+
+        def tick() -> None:
+            nonlocal last
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+        loop = LoopingCall(tick)
+        loop.clock = reactor
+        started = time.monotonic()
+        loop.start(0.01)
+        try:
+            result = await ask()
+            took = time.monotonic() - started
+            await deferLater(reactor, 0.03, lambda: None)  # its next tick sees the last gap
+        finally:
+            loop.stop()
+        return result, took, max(gaps)
+
+    async def test_questions_leave_the_reactor_free(self) -> None:
+        """libvirtd stopped for 1.5 s while the source asks whether its QEMU
+        runs, whether libvirt moved the guest, and where it is: the reactor
+        ran every 10 ms throughout (never away 0.5 s: asked on its thread,
+        the answers took the whole 1.5 s), and once libvirtd continues the
+        answers are right (a shut-off domain: no QEMU, not moved, gone)."""
+        departure = await self.departure("askee")
+        pid = self.stop_libvirtd()
+        self.continue_later(pid, 1.5)
+        answers, took, gap = await self.watched(
+            lambda: gatherResults(
+                [
+                    Deferred.fromCoroutine(departure.live_qemu_alive()),
+                    Deferred.fromCoroutine(departure.moved_by_hypervisor()),
+                    Deferred.fromCoroutine(departure.guest_here()),
+                ]
+            )
+        )
+        self.assertEqual(answers, [False, False, SourceGuest.GONE])
+        self.assertGreater(took, 1.2)
+        self.assertLess(gap, 0.5)
+
+    async def test_unanswered_question_is_unknown(self) -> None:
+        """libvirtd stopped for longer than the question may take: the
+        answer is "cannot be asked" (UNKNOWN, on which nothing is decided),
+        in time, the reactor free meanwhile -- not a guess, not a hang."""
+        departure = await self.departure("askee2")
+        self.patch(libvirt_backend, "QUERY_TIMEOUT", 1.0)
+        pid = self.stop_libvirtd()
+        self.continue_later(pid, 4.0)
+        where, took, gap = await self.watched(
+            lambda: Deferred.fromCoroutine(departure.guest_here())
+        )
+        self.assertIs(where, SourceGuest.UNKNOWN)
+        self.assertLess(took, 3.5)
+        self.assertLess(gap, 0.5)
+        self.assertFalse(
+            carried_decision(where, prepared=True) is not None, "decided on an unknown"
+        )
 
 
 def _remove_domain(conn: Any, name: str) -> None:

@@ -172,6 +172,18 @@ class CarriedTests(TestCase):
         self.assertEqual(self.receiver.strangers_closed, 3)
 
 
+class Accepted(Protocol):
+    """QEMU's incoming socket: remembers, in the order it accepted them,
+    what each connection sent."""
+
+    def connectionMade(self) -> None:
+        self.got = b""
+        self.factory.order.append(self)  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got += data
+
+
 class Bound(Protocol):
     """A connection that binds as channel ``number`` (its preamble and
     first record under that channel's key), then sends ``then``."""
@@ -184,6 +196,10 @@ class Bound(Protocol):
         )
         self.number, self.then = number, then
         self.closed: Deferred[None] = Deferred()
+
+    def send(self, data: bytes) -> None:
+        """One more record of this channel."""
+        self.transport.write(b"".join(self.sealer.seal([data])))  # type: ignore[union-attr]
 
     def connectionMade(self) -> None:
         self.transport.write(  # type: ignore[union-attr]
@@ -255,13 +271,21 @@ class MultifdChannelTests(TestCase):
         sequence number right, as if channel 1's stream were spliced in):
         it does not authenticate, both ends are aborted, and no byte of it
         reaches QEMU's socket."""
+        main = Bound(self.key, self.mid, 0)  # QEMU's main channel reaches it first
+        await self.connect(main)
+        for _ in range(300):
+            if self.echo.connections:  # type: ignore[attr-defined]
+                break
+            await deferLater(reactor, 0.01, lambda: None)
         spliced = Bound(self.key, self.mid, 2, self.other_channel_record(1, b"pages"))
         await self.connect(spliced)
         await spliced.closed
         await deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(self.echo.received, b"")  # type: ignore[attr-defined]
         self.assertEqual(len(self.receiver.errors), 1, self.receiver.errors)
-        self.assertIn("memory", self.receiver.errors[0])
+        self.assertIn("memory: RECORD_REFUSED: data record 1 does not", self.receiver.errors[0])
+        self.assertEqual(self.echo.connections, 2)  # type: ignore[attr-defined]
+        main.transport.loseConnection()  # type: ignore[union-attr]
 
     async def test_exactly_n_plus_one_then_port_closes(self) -> None:
         """Channels 0, 1 and 2 bind and reach QEMU's socket; then the port
@@ -286,5 +310,59 @@ class MultifdChannelTests(TestCase):
 
         reactor.connectTCP(*self.receiver.address, F())
         self.assertEqual(await refused, "ConnectionRefusedError")
+        for channel in channels:
+            channel.transport.loseConnection()  # type: ignore[union-attr]
+
+    async def test_main_channel_reaches_qemu_first(self) -> None:
+        """Channels 2 and 1 authenticate before channel 0 (QEMU's main
+        channel): they wait, bound, and QEMU's socket accepts channel 0
+        first, then them (QEMU before 8.0 takes its first connection for
+        the main channel)."""
+        order = Factory.forProtocol(Accepted)
+        order.order = []  # type: ignore[attr-defined]
+        base = Path(tempfile.mkdtemp(prefix="smc-"))
+        self.addCleanup(shutil.rmtree, base, True)
+        port = reactor.listenUNIX(str(base / "qemu.sock"), order)
+        self.addCleanup(port.stopListening)
+        receiver = CarrierDestination(
+            reactor,
+            {"memory": str(base / "qemu.sock")},
+            CIPHER,
+            self.key,
+            self.mid,
+            limits={"memory": 3},
+        )
+        self.addCleanup(receiver.close)
+        channels = [Bound(self.key, self.mid, n) for n in range(3)]
+
+        async def connect(channel: Bound) -> None:
+            class F(ClientFactory):
+                def buildProtocol(self, addr: Any) -> Protocol:
+                    return channel
+
+            reactor.connectTCP(*receiver.address, F())
+
+        async def until(check: Any) -> None:
+            for _ in range(300):
+                if check():
+                    return
+                await deferLater(reactor, 0.01, lambda: None)
+            self.fail("timed out")
+
+        for n in (2, 1):
+            await connect(channels[n])
+        await until(lambda: receiver.bound == {("memory", 2), ("memory", 1)})
+        await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(order.order, [])  # type: ignore[attr-defined]
+        await connect(channels[0])
+        await until(lambda: len(order.order) == 3)  # type: ignore[attr-defined]
+        for n, channel in enumerate(channels):
+            channel.send(b"ch%d" % n)
+        await until(lambda: all(a.got for a in order.order))  # type: ignore[attr-defined]
+        self.assertEqual(order.order[0].got, b"ch0")  # type: ignore[attr-defined]
+        self.assertEqual(
+            sorted(a.got for a in order.order),  # type: ignore[attr-defined]
+            [b"ch0", b"ch1", b"ch2"],
+        )
         for channel in channels:
             channel.transport.loseConnection()  # type: ignore[union-attr]
