@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -48,3 +49,48 @@ class DurableFileTests(SynchronousTestCase):
         self.assertRaises(TypeError, files.write_durably, path, "not bytes")  # type: ignore[arg-type]
         self.assertEqual(path.read_bytes(), b"old")
         self.assertEqual([p.name for p in path.parent.iterdir()], [path.name])
+
+
+class DiscardTreeTests(SynchronousTestCase):
+    """:func:`files.discard_tree`: the name is free at once, the tree is
+    unlinked by a detached remover, and what a killed remover left goes with
+    the next one."""
+
+    def tree(self, parent: Path, name: str) -> Path:
+        path = parent / name
+        (path / "sub").mkdir(parents=True)
+        (path / "ram.img").write_bytes(os.urandom(1 << 16))
+        (path / "sub" / "f").write_bytes(b"x")
+        return path
+
+    def wait_removed(self, parent: Path) -> None:
+        # The remover is not ours to wait for: wait for what it does.
+        deadline = time.monotonic() + 30
+        while files.discarding(parent) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertFalse(files.discarding(parent), "the detached remover did not finish")
+
+    def test_name_free_at_once_tree_removed_after(self) -> None:
+        parent = Path(self.mktemp())
+        path = self.tree(parent, "vm1")
+        files.discard_tree(path)
+        self.assertFalse(path.exists())
+        self.assertEqual(sorted(p.name for p in parent.iterdir()), [files.DISCARDED])
+        self.wait_removed(parent)
+        self.assertEqual(list((parent / files.DISCARDED).iterdir()), [])
+
+    def test_leftover_of_a_killed_remover_swept(self) -> None:
+        """A remover killed half-way leaves part of a tree in DISCARDED: the
+        next discard (or a recovery's sweep, with nothing to discard) removes
+        it as well."""
+        parent = Path(self.mktemp())
+        trash = parent / files.DISCARDED
+        left = self.tree(trash, "vm0.0123456789abcdef")
+        files.discard_tree(self.tree(parent, "vm1"))
+        self.wait_removed(parent)
+        self.assertFalse(left.exists())
+        left = self.tree(trash, "vm2.0123456789abcdef")
+        files.discard_tree(parent / "absent")
+        self.wait_removed(parent)
+        self.assertFalse(left.exists())
+        self.assertEqual(list(trash.iterdir()), [])

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from securemig import crashpoint, files
@@ -55,6 +56,7 @@ from securemig.protocol import wire
 from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.protocol.phases import Phase
+from securemig.trust import vtpm
 from securemig.trust.keyrelease import DestinationSecurity, KeyTransferError
 from securemig.trust.vtpm import key_reader
 
@@ -228,6 +230,48 @@ class DestinationHost:
         staged = (self.staging / record.id).exists()
         return staged and record.phase in (Phase.PREPARED, Phase.IN_DOUBT)
 
+    async def vtpm_mismatch(self, record: MigrationRecord) -> str | None:
+        """A live arrival whose guest never ran here (:meth:`_unrun`): what
+        is wrong with the vTPM that arrived, checked against the one the
+        source announced (its EK, from the manifest; the key unsealed from
+        the bundle), or None if it is that one or there is none.  Its
+        session ran this check beside the commit (``Arrival.check_vtpm_beside``);
+        a restart may have cut it, so recovery runs it again before any
+        ``cont``."""
+        if capabilities(self.backend).carried or not self._unrun(record):
+            return None
+        staging = self.staging / record.id
+        bundle = Bundle.load(staging if staging.exists() else self.vms / record.vm)
+        if not bundle.manifest.vtpm:
+            return None
+        if self.unseal is None:
+            return "no TPM identity here to check the vTPM that arrived"
+        try:
+            key = self.unseal(bundle.vtpm_key_path.read_bytes())
+            await deferToThread(
+                DestinationSecurity.check_vtpm,
+                bundle.path,
+                key,
+                bytes.fromhex(bundle.manifest.vtpm),
+                self.staging,
+            )
+        except Exception as e:
+            return f"the vTPM check failed: {e}"
+        return None
+
+    async def _lose_if_vtpm_differs(self, record: MigrationRecord) -> str | None:
+        """:meth:`vtpm_mismatch`; if something is wrong, end this arrival's
+        QEMU (it never ran) and journal it LOST (the source continues the
+        guest); returns what was wrong."""
+        why = await self.vtpm_mismatch(record)
+        if why is None:
+            return None
+        staging = self.staging / record.id
+        path = staging if staging.exists() else self.vms / record.vm
+        await backend_for(self.backend).end(Bundle(path, Manifest(name=record.vm)))
+        await self._lose(record, why)
+        return why
+
     async def _discard_unrun(self, record: MigrationRecord) -> None:
         """Remove what a LOST arrival left: its staging, or, if its COMMIT
         was journaled and staging is gone, the VM it moved into place (no
@@ -252,6 +296,9 @@ class DestinationHost:
             await self._lose(record, "its QEMU ended before the guest ran here")
             return "its QEMU ended before the guest ran here: lost here; the source continues it"
         if committed and (staging.exists() or in_place):
+            why = await self._lose_if_vtpm_differs(record)
+            if why is not None:
+                return f"{why}: lost here; the source continues it"
             # In place is not done: the crash may have come before the resume
             # (a live arrival's QEMU waits paused), and the rule
             # (protocol.recovery.destination_restart) is to resume it.
@@ -379,9 +426,13 @@ class DestinationHost:
             if lock is None:
                 return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
             try:
-                said = await self._roll_forward(record, "RESOLVE committed")
+                why = await self._lose_if_vtpm_differs(record)
+                if why is None:
+                    said = await self._roll_forward(record, "RESOLVE committed")
             finally:
                 lock.release()
+            if why is not None:
+                return answer(wire.Settled.LOST, f"{why}; nothing kept")
             return answer(wire.Settled.DONE, said.removeprefix("source committed: "))
         if record.reached(Phase.COMMITTED):
             return answer(wire.Settled.FAILED, "COMMIT was journaled here: the VM is ours")
@@ -457,6 +508,9 @@ class DestinationHost:
             return "source did not commit: staging discarded"
         if target.exists():
             return f"source committed, but {target} exists; left in doubt"
+        why = await self._lose_if_vtpm_differs(record)
+        if why is not None:
+            return f"{why}: lost here; the source continues it"
         self.journal.phase(staging.name, Phase.COMMITTED)
         files.rename_durably(staging, target)
         bundle = Bundle.load(target)
@@ -610,6 +664,16 @@ class Arrival:
         #: hypervisor had completed: held in doubt (see :meth:`discard`).
         self.held = False
         self.live_socket: Path | None = None
+        #: Live mode: the EK check of the vTPM that arrived, running beside
+        #: PREPARED and the source's commit (:meth:`check_vtpm_beside`);
+        #: fires with None once it passed, or with what failed.
+        self.vtpm_checking: Deferred[str | None] | None = None
+        #: Live mode: the swtpm of that check, started ahead (on the check's
+        #: own thread: :meth:`start_vtpm_check`).
+        self._vtpm_check: vtpm.IdentityCheck | None = None
+        #: Live mode: what the prepare writes (manifest, sealed key) was made
+        #: durable when the guest started waiting here (:meth:`start_incoming`).
+        self.staged_ahead = False
         self._file: Any = None
         self._behind: storage.WriteBehind | None = None
         self._hash: Any = hashlib.sha256()
@@ -667,11 +731,46 @@ class Arrival:
         source announced (a swtpm start); returns its identity (hex), None
         for a VM without a vTPM state.  A live arrival's vTPM state came in
         its guest's stream, into the swtpm that runs with this key, which
-        stored it in staging as it loaded it: checked there alike (on a
-        copy; a swtpm start on the switchover path, before PREPARED)."""
+        stored it in staging as it loaded it: checked there alike, on a copy
+        made outside staging (the check runs beside the commit, and staging
+        may be moved into place meanwhile: :meth:`check_vtpm_beside`)."""
         if self.live is not None and not key.identity:
             return None  # no vTPM (its QEMU's empty state directory is no state)
-        return DestinationSecurity.check_vtpm(self.staging, key.secret, key.identity)
+        scratch = self.host.staging if self.live is not None else None
+        ahead, self._vtpm_check = self._vtpm_check, None
+        return DestinationSecurity.check_vtpm(
+            self.staging, key.secret, key.identity, scratch, ahead
+        )
+
+    def start_vtpm_check(self, key: VtpmKey) -> None:
+        """Live mode, before the stream: start the swtpm :meth:`check_vtpm`
+        will use (its process's start is most of the check's time, which is
+        then off the switchover path too).  Blocks: call it from the thread
+        that will run :meth:`check_vtpm` (or :meth:`drop_vtpm_check`), which
+        the swtpm dies with."""
+        if key.identity and self._vtpm_check is None:
+            self._vtpm_check = vtpm.IdentityCheck(key.secret, self.host.staging)
+
+    def drop_vtpm_check(self) -> None:
+        """End a swtpm :meth:`start_vtpm_check` started that no check used."""
+        ahead, self._vtpm_check = self._vtpm_check, None
+        if ahead is not None:
+            ahead.close()
+
+    def check_vtpm_beside(self, checking: Deferred[str | None]) -> None:
+        """Live mode: keep the EK check (:meth:`check_vtpm`, ``checking`` on
+        a thread of its own) that runs beside PREPARED and the source's
+        commit instead of before them (a swtpm start: about a quarter of a
+        second the guest would wait paused).  It still gates the guest:
+        :meth:`commit` waits for it before anything else, and one that
+        failed ends this QEMU before ``cont``, so the guest never ran here
+        and the source, which kept its paused QEMU, continues it (LOST).
+        Recovery redoes it (:meth:`DestinationHost.vtpm_mismatch`)."""
+
+        def failed(failure: Any) -> str:
+            return str(failure.getErrorMessage())
+
+        self.vtpm_checking = checking.addCallbacks(lambda _: None, failed)
 
     def manifest(self) -> Manifest:
         """The arriving VM's manifest, from its HELLO."""
@@ -696,17 +795,22 @@ class Arrival:
         backend that loads the VM now needs it)."""
         if self.cancelled:
             return
+        if not self.staged_ahead:
+            self._stage_durably()
+        released = self.vtpm_key
+        if self.live is None:
+            bundle = Bundle(self.staging, self.manifest())
+            key = None if released is None else (lambda b: released.secret)
+            backend_for(bundle.manifest.backend, vtpm_key=key).ready_blocking(bundle)
+        # Prepared: only the sealed key is kept from here on, not the clear one.
+        self.vtpm_key = None
+
+    def _stage_durably(self) -> None:
         bundle = Bundle(self.staging, self.manifest())
         if self.sealed_vtpm_key is not None:
             files.write_durably(bundle.vtpm_key_path, self.sealed_vtpm_key, mode=0o600)
         bundle.save()
         files.fsync_dir(self.staging)
-        released = self.vtpm_key
-        if self.live is None:
-            key = None if released is None else (lambda b: released.secret)
-            backend_for(bundle.manifest.backend, vtpm_key=key).ready_blocking(bundle)
-        # Prepared: only the sealed key is kept from here on, not the clear one.
-        self.vtpm_key = None
 
     def discard(self) -> None:
         """Remove staging (ending a live arrival's QEMU) and release the name.
@@ -858,6 +962,13 @@ class Arrival:
             )
         else:
             self.live = await backend.live_destination(bundle, tag)
+        if self.sealed_vtpm_key is not None or not released.identity:
+            # What the prepare writes is known now (the key was re-sealed as
+            # it was released): durable before the stream, not on the
+            # switchover path.  (Before PREPARED, recovery removes staging
+            # whatever it holds.)
+            self._stage_durably()
+            self.staged_ahead = True
         self.host.journal.phase(self.id, Phase.INCOMING)
 
     @property
@@ -918,7 +1029,39 @@ class Arrival:
         ran here and never can (its state was only in that QEMU): LOST is
         journaled instead, staging (or the VM moved into place) removed, and
         the source (which kept its paused QEMU) continues the guest when it
-        learns it."""
+        learns it.
+
+        A failure here (its hypervisor cannot be asked: a libvirtd down)
+        frees the name as a failed resume does: the source owes RESOLVE
+        (committed), which rolls the arrival forward once the hypervisor
+        answers; a name held until a restart would refuse it ("busy")."""
+        try:
+            await self._commit()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    async def _commit(self) -> None:
+        if self.live is not None and self.vtpm_checking is not None:
+            why = await self.vtpm_checking
+            if why is not None:
+                # Not the vTPM announced: this copy must never run.  Its QEMU
+                # ends first, so that whatever happens next (the journal's
+                # LOST, or a crash before it and the restart) finds a guest
+                # that never ran here, which the source continues.
+                log.error(
+                    "migration {mid}: VM {vm}: {why}: its guest does not run here",
+                    mid=self.id,
+                    vm=self.hello.vm_name,
+                    why=why,
+                )
+                await self.live.abandon()
+                await self.lose()
+                raise ProtocolError(
+                    ErrorCode.RESUME_FAILED,
+                    f"{why}: nothing kept here (LOST); the source continues VM "
+                    f"{self.hello.vm_name}",
+                )
         if self.live is not None and not await self.live.waits_loaded():
             crashpoint.reached(CrashPoint.DESTINATION_LIVE_LOST)
             await self.lose()
@@ -933,7 +1076,7 @@ class Arrival:
         bundle = Bundle.load(target)
         if self.live is not None:
             self.live.release()  # the QMP socket moved with the bundle: reconnect there
-            if not backend_for(bundle.manifest.backend).has_process(bundle):
+            if not await backend_for(bundle.manifest.backend).process_alive(bundle):
                 await self.lose(target)
                 raise self._lost()
             self.host.journal.phase(self.id, Phase.CONTINUING)

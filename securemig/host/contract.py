@@ -83,6 +83,9 @@ class ArrivingVM(Protocol):
     hello: wire.Hello
     #: Live mode: the unix socket the backend's guest takes the stream on.
     live_socket: Path | None
+    #: Live mode: what :meth:`prepare` writes was made durable before the
+    #: stream (then the prepare has nothing left to do).
+    staged_ahead: bool
 
     def journal_phase(self, phase: Phase, nbytes: int) -> None:
         """Record a phase of this arrival."""
@@ -135,6 +138,21 @@ class ArrivingVM(Protocol):
 
     def keep_key(self, sealer: KeySealer, key: VtpmKey, identity: str | None) -> None:
         """Re-seal the checked key to this host's TPM, for :meth:`prepare`."""
+        ...
+
+    def start_vtpm_check(self, key: VtpmKey) -> None:
+        """Live mode, before the stream: start what :meth:`check_vtpm` uses
+        (blocks; on the thread that will run the check)."""
+        ...
+
+    def drop_vtpm_check(self) -> None:
+        """End what :meth:`start_vtpm_check` started, if no check used it."""
+        ...
+
+    def check_vtpm_beside(self, checking: Deferred[str | None]) -> None:
+        """Live mode: the :meth:`check_vtpm` ``checking`` on a thread of its
+        own beside PREPARED and the commit; the commit waits for it before
+        the guest may run here."""
         ...
 
     def prepared(self, nbytes: int) -> None:

@@ -309,9 +309,13 @@ class Departure:
                     "it all (PREPARED): committing",
                     vm=self.bundle.name,
                 )
-        if not self.prepared:
-            self.journal.phase(self.id, Phase.PREPARED)
-        self.journal.phase(self.id, Phase.COMMITTED)
+        if self.prepared:
+            self.journal.phase(self.id, Phase.COMMITTED)
+        else:
+            # One durable write: PREPARED alone decides nothing here
+            # (recovery treats it as not committed), so the two need not be
+            # two fsyncs.
+            self.journal.phases(self.id, Phase.PREPARED, Phase.COMMITTED)
         self.committed = True
         crashpoint.reached(CrashPoint.SOURCE_COMMITTED, self.qemu_pidfile())
         record = self.journal.get(self.id)
@@ -599,22 +603,38 @@ def destroy_vtpm_key(bundle: Bundle) -> None:
         files.fsync_dir(bundle.path)
 
 
-async def release(journal: Journal, local_id: str, bundle: Bundle) -> None:
+async def release(journal: Journal, local_id: str, bundle: Bundle) -> bool:
     """After a durable COMMITTED: give the VM up here for good.  The vTPM
     key goes first (without it this copy can never run again), then the
-    bundle; journaled ``released``.  Idempotent: recovery redoes it."""
+    bundle; journaled ``released``.  Idempotent: recovery redoes it.
+
+    Returns whether the copy here is gone.  A discard that failed (a
+    libvirt domain whose libvirtd is down) is not journaled ``released``:
+    the durable COMMITTED without it is what tells this host's daemon to
+    redo the release (``Journal.departures``, ``recovery``) until it is."""
     destroy_vtpm_key(bundle)
     if bundle.path.exists():
         try:
             await backend_for(bundle.manifest.backend).discard(bundle)
         except Exception as e:
-            # Committed is committed: the VM is the destination's now.  What
-            # is left here is garbage for the operator, not a reason to roll
-            # back; without its key it cannot run.
-            log.error("committed, but discarding the local copy failed: {e}", e=e)
+            # Committed is committed: the VM is the destination's now, and
+            # without its key this copy cannot run; what is left here is
+            # removed later, never a reason to roll back.
+            log.error(
+                "VM {vm} committed, but removing its copy here failed ({e}); "
+                "this host's daemon removes it later",
+                vm=bundle.name,
+                e=e,
+            )
+            return False
+    else:
+        # Redone after a crash between the bundle's rename and the journal's
+        # ``released``: what the killed remover left is removed now.
+        files.sweep_discarded(bundle.path.parent)
     record = journal.get(local_id)
     if record is not None and not record.reached(Phase.RELEASED):
         journal.phase(local_id, Phase.RELEASED)
+    return True
 
 
 def check_keys(bundle: Bundle, *, secure: bool, live: bool, unseal_with: Path | None) -> None:

@@ -263,6 +263,24 @@ class Journal:
             )
             self._db.execute("INSERT INTO events VALUES (?, ?, ?)", (local_id, phase, now))
 
+    def phases(self, local_id: str, *phases: Phase) -> None:
+        """Record that a migration reached each of ``phases``, in order, in
+        one durable write: one fsync, where consecutive :meth:`phase` calls
+        take one each (the source's PREPARED and COMMITTED sit on a live
+        guest's switchover path).  All or none of them survive a crash."""
+        checked = [Phase(phase) for phase in phases]  # all checked before any write
+        if not checked:
+            return
+        now = time.time()
+        with self._db:
+            self._db.execute(
+                "UPDATE migrations SET phase = ?, updated = ? WHERE id = ?",
+                (checked[-1], now, local_id),
+            )
+            self._db.executemany(
+                "INSERT INTO events VALUES (?, ?, ?)", [(local_id, p, now) for p in checked]
+            )
+
     def progress(self, local_id: str, nbytes: int) -> None:
         """Record the bytes a running migration has streamed so far (at most
         every :data:`PROGRESS_INTERVAL`; no event)."""
@@ -395,12 +413,16 @@ class Journal:
 
     def departures(self) -> list[MigrationRecord]:
         """Source records recovery may still have work for: no outcome yet,
-        in doubt, or admitted by a destination that has not confirmed how it
+        in doubt, admitted by a destination that has not confirmed how it
         ended (it may hold staging in doubt: it sent PREPARED, which a cut
-        connection may have lost)."""
+        connection may have lost), or done but not yet ``released`` (the
+        copy here could not be removed at the commit: its hypervisor was
+        down)."""
         return self._query(
             "WHERE role = 'source' AND (outcome IS NULL OR outcome = 'in-doubt'"
-            " OR (peer_settled = 0 AND migration_id IS NOT NULL AND outcome != 'done'))"
+            " OR (peer_settled = 0 AND migration_id IS NOT NULL AND outcome != 'done')"
+            " OR (outcome = 'done' AND NOT EXISTS (SELECT 1 FROM events"
+            "     WHERE events.migration = migrations.id AND events.phase = 'released')))"
             " ORDER BY started",
             (),
         )

@@ -7,8 +7,10 @@ The source coordinates the commit, so its journal decides (``doc/protocol.rst``,
 work for:
 
 - COMMITTED is durable: the VM is the destination's.  The vTPM key and the
-  bundle are destroyed here (again, if a crash came in between), and the
-  destination is owed RESOLVE(committed) until it confirms.
+  bundle are destroyed here (again, if a crash came in between, or if the
+  hypervisor was down when the commit tried: a migration done but not
+  ``released``), and the destination is owed RESOLVE(committed) until it
+  confirms.
 - COMMITTED never happened, and no process holds the VM's lock any more (the
   ``securemig migrate`` that drove it is gone): the migration is aborted and
   the VM made resumable here; a VM that ran before it is resumed from its
@@ -77,9 +79,12 @@ async def settle_departures(
     """
     done: list[str] = []
     owed: list[Owed] = []
+    done += await _release_leftovers(journal)
     for record in journal.departures():
-        if record.outcome is None and owner_alive(record.owner):
-            continue  # its `securemig migrate` still runs: not ours to settle
+        if record.outcome in (None, Outcome.DONE.value) and owner_alive(record.owner):
+            # Its `securemig migrate` still runs (done: it may be removing
+            # the copy here right now): not ours to settle.
+            continue
         if record.reached(Phase.RECLAIMED):
             done += await reclaim(journal, record)
             continue
@@ -104,6 +109,37 @@ async def settle_departures(
         if record.migration_id is not None and not record.peer_settled:
             owed.append(Owed(record, decision))
     return done, owed
+
+
+async def _release_leftovers(journal: Journal) -> list[str]:
+    """Departures journaled done whose copy here could not be discarded at
+    the time (``release`` does not journal ``released`` then: a libvirtd
+    down at DONE left the domain's definition and vTPM state): discarded
+    now, under the VM's lock; one that still fails waits for the next round."""
+    said: list[str] = []
+    for record in journal.records(1000):
+        if (
+            record.role != "source"
+            or record.outcome != Outcome.DONE.value
+            or not record.reached(Phase.COMMITTED)
+            or record.reached(Phase.RELEASED)
+            or not record.bundle
+            or not Path(record.bundle).exists()
+        ):
+            continue
+        bundle_dir = Path(record.bundle)
+        try:
+            lock = storage.VMLock(bundle_dir / LOCK)
+        except storage.LockBusy:
+            continue
+        try:
+            await release(journal, record.id, Bundle.load(bundle_dir))
+        finally:
+            lock.release()
+        if not bundle_dir.exists():
+            crashpoint.reached(CrashPoint.SOURCE_SETTLE_RELEASED)
+            said.append(f"VM {record.vm} was committed to {record.peer}: its copy here removed")
+    return said
 
 
 async def live_qemu(record: MigrationRecord) -> bool | None:
@@ -201,7 +237,12 @@ def _carried(record: MigrationRecord) -> bool:
 
 async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]:
     said = []
-    if (_carried(record) or await live_qemu(record)) and not record.reached(Phase.RELEASED):
+    done = record.outcome == Outcome.DONE.value  # the guest runs there: nothing kept here
+    if (
+        not done
+        and (_carried(record) or await live_qemu(record))
+        and not record.reached(Phase.RELEASED)
+    ):
         # Kept paused until the destination says its guest runs (DONE), or
         # that its QEMU ended before it ran there (LOST): then it goes on here.
         if record.outcome is None:
@@ -215,7 +256,9 @@ async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]
             "until the destination confirms"
         ]
     if not record.reached(Phase.RELEASED) and record.bundle and Path(record.bundle).exists():
-        await release(journal, record.id, Bundle.load(Path(record.bundle)))
+        if not await release(journal, record.id, Bundle.load(Path(record.bundle))):
+            # Its hypervisor is still down: asked again next round.
+            return [f"VM {record.vm} was committed to {record.peer}: its copy here not yet removed"]
         crashpoint.reached(CrashPoint.SOURCE_SETTLE_RELEASED)
         said.append(f"VM {record.vm} was committed to {record.peer}: its copy here removed")
     elif not record.reached(Phase.RELEASED):
@@ -237,10 +280,11 @@ async def _abort(
     defer: bool = False,
 ) -> list[str] | None:
     if record.outcome is not None:
-        # Aborted already; the destination's confirmation is owed, and a live
-        # guest's QEMU may still wait paused here (a crash came between the
-        # journal write and its ``cont``): the rule is to make it run again.
-        return await _continue_aborted(record)
+        # Aborted already; the destination's confirmation is owed, and the
+        # guest may not run yet: a live guest's QEMU waiting paused here, or
+        # a suspended one still saved (a crash came between the journal
+        # write and its resume).  The rule is to make it run again.
+        return await _continue_aborted(record, unseal, defer)
     bundle_dir = Path(record.bundle) if record.bundle else None
     lock = None
     if bundle_dir is not None and bundle_dir.exists():
@@ -274,23 +318,39 @@ async def _abort(
             lock.release()
 
 
-async def _continue_aborted(record: MigrationRecord) -> list[str]:
-    """An aborted live departure whose QEMU still waits paused here (the
-    stream completed, or was cut, and the settling process died before
-    ``cont``): continue it, under the VM's lock; nothing for any other."""
-    if not await live_qemu(record):
+async def _continue_aborted(
+    record: MigrationRecord,
+    unseal: Callable[[bytes], bytes] | None = None,
+    defer: bool = False,
+) -> list[str]:
+    """An aborted departure whose guest does not run again yet, the process
+    that settled it having died before its resume: a live one's QEMU still
+    waiting paused here (the stream completed, or was cut), or a VM that
+    ran and was suspended for the migration and is still saved in its
+    bundle.  Run it again, under the VM's lock; nothing for any other."""
+    bundle_dir = Path(record.bundle) if record.bundle else None
+    if bundle_dir is None or not bundle_dir.exists():
         return []
-    assert record.bundle is not None
-    bundle_dir = Path(record.bundle)
-    bundle = Bundle.load(bundle_dir)
-    if backend_for(bundle.manifest.backend).status(bundle) != "paused":
+    if await live_qemu(record):
+        bundle = Bundle.load(bundle_dir)
+        if backend_for(bundle.manifest.backend).status(bundle) != "paused":
+            return []
+        key: Callable[[bytes], bytes] | None = None
+    elif not record.reached(Phase.LIVE) and record.reached(Phase.SUSPENDED):
+        bundle = Bundle.load(bundle_dir)
+        if bundle.manifest.state != "suspended":
+            return []  # resumed already (by the migration's rollback, or here)
+        if defer and _needs_key(bundle, unseal):
+            return []  # left for this host's daemon, which has the key
+        key = unseal
+    else:
         return []
     try:
         lock = storage.VMLock(bundle_dir / LOCK)
     except storage.LockBusy:
         return []  # a migration or a command has it: asked again next round
     try:
-        return [await _resume(bundle, None)]
+        return [await _resume(bundle, key)]
     finally:
         lock.release()
 

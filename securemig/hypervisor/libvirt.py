@@ -316,6 +316,37 @@ def _lookup(conn: Any, domain_uuid: str) -> Any | None:
         return None
 
 
+#: Seconds libvirt may take to notice that a domain's QEMU ended.
+QEMU_GONE_TIMEOUT = 10.0
+
+
+def _resumed_or_gone(conn: Any, domain: Any, domain_uuid: str) -> Any | None:
+    """Continue ``domain`` if it runs paused.  If that fails because its
+    QEMU died (a paused arrival whose process was killed: libvirt answers
+    ``Unable to read from monitor``, or has just dropped the transient
+    domain), wait until libvirt says it is no longer active and return it
+    as libvirt now has it (None: transient, gone), so that the caller
+    restores it from its save file.  Any other failure is raised."""
+    libvirt = require_libvirt()
+    try:
+        if domain.isActive() and domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+            domain.resume()
+        return domain
+    except libvirt.libvirtError:
+        deadline = time.monotonic() + QEMU_GONE_TIMEOUT
+        while True:
+            now = _lookup(conn, domain_uuid)
+            try:
+                if now is None or not now.isActive():
+                    log.warn("domain {d}: its QEMU ended while paused", d=domain_uuid)
+                    return now
+            except libvirt.libvirtError:
+                pass  # dropped between the lookup and the question: asked again
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def secret_defined(conn: Any, secret_uuid: str) -> bool:
     """Whether libvirt on ``conn`` has a secret of this UUID."""
     libvirt = require_libvirt()
@@ -896,6 +927,11 @@ class LibvirtBackend(Backend):
         ram = bundle.image_path("ram").absolute()
         with self._connection(self._uri(record)) as conn:
             domain = _lookup(conn, record.domain_uuid)
+            if domain is not None and ram.exists():
+                # A paused arrival whose QEMU may have just died (libvirt
+                # not yet told): then it is restored from the save file
+                # below, memory intact.
+                domain = _resumed_or_gone(conn, domain, record.domain_uuid)
             if domain is not None and domain.isActive():
                 if domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
                     domain.resume()

@@ -68,6 +68,9 @@ from securemig.trust.tpm import swtpm
 MARKER_ADDRESS = 0x200000
 PACKAGE = "qemu-system-x86"
 MIGRATION_TIMEOUT = 300.0
+#: Seconds between two ``query-migrate`` while a live migration runs, when no
+#: MIGRATION event comes first.
+LIVE_POLL = 0.02
 #: How long swtpm may take to end after its QEMU did.
 SWTPM_EXIT_TIMEOUT = 5.0
 #: How long QEMU or swtpm may take to end after SIGTERM before SIGKILL.
@@ -462,7 +465,8 @@ class QemuBackend(Backend):
 
     async def _discard(self, bundle: Bundle) -> None:
         await self.end(bundle)
-        files.remove_tree(bundle.path)
+        # Its images unlinked by a detached remover (files.discard_tree).
+        files.discard_tree(bundle.path)
 
     async def _ended(self, bundle: Bundle, program: str, pid: int | None) -> None:
         """Wait (without blocking the reactor) until ``program`` of this VM,
@@ -700,6 +704,19 @@ class LiveMigration:
         """Until QEMU says the migration completed; its numbers.  QemuError
         if it failed, was cancelled, or QEMU exited."""
         deadline = time.monotonic() + timeout
+        reactor = self.backend.reactor
+        # Woken by QEMU's MIGRATION event (its status changed; the "events"
+        # capability is on) as soon as it comes, else after LIVE_POLL: the
+        # completion is on the guest's switchover path, a poll's wait is not.
+        sleepers: list[Deferred[None]] = []
+
+        def wake(_: object = None) -> None:
+            for sleeper in sleepers:
+                if not sleeper.called:
+                    sleeper.callback(None)
+            sleepers.clear()
+
+        event: Deferred[Any] | None = None
         while True:
             info = await self.query()
             status = info.get("status")
@@ -712,7 +729,15 @@ class LiveMigration:
                 raise QemuError(
                     f"QEMU live migration of VM {self.bundle.name} did not complete in time"
                 )
-            await deferLater(self.backend.reactor, 0.02, lambda: None)
+            if event is None or event.called:
+                event = self.monitor.event("MIGRATION")
+                event.addBoth(wake)
+            sleeper: Deferred[None] = Deferred()
+            sleepers.append(sleeper)
+            call = reactor.callLater(LIVE_POLL, wake)
+            await sleeper
+            if call.active():
+                call.cancel()
 
     async def run_state(self) -> str:
         """QEMU's run state: ``running``, ``paused``, ``postmigrate``, ..."""
@@ -850,11 +875,20 @@ async def _live_source(
         "migrate-set-parameters",
         **{"downtime-limit": downtime_limit_ms, "max-bandwidth": max_bandwidth},
     )
+    await _migration_events(monitor)
     started = time.monotonic()
     await monitor.execute("migrate", uri=uri)
     live = LiveMigration(backend, bundle, monitor)
     live.started = started
     return live
+
+
+async def _migration_events(monitor: qmp.QMPProtocol) -> None:
+    """Have QEMU send a MIGRATION event at each change of its migration's
+    status (:meth:`LiveMigration.wait` wakes on it rather than polling)."""
+    await monitor.execute(
+        "migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}]
+    )
 
 
 async def _live_destination(
@@ -867,6 +901,7 @@ async def _live_destination(
     try:
         monitor = await backend.monitor(bundle)
         await set_multifd(monitor, multifd)
+        await _migration_events(monitor)
         await monitor.execute("migrate-incoming", uri=f"unix:{socket}")
     except BaseException:
         await backend.end(bundle)

@@ -126,6 +126,9 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         self.high_water = options.high_water
         self.arrival: ArrivingVM | None = None
         self.executor: Executor | None = None
+        #: Live: the thread of the vTPM's EK check (its swtpm, started
+        #: ahead there, dies with it).
+        self.vtpm_checker: Executor | None = None
         self.queued = 0
         self.reading_paused = False
         self.progress_journaled = 0.0
@@ -270,6 +273,11 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             self._start_channels(arrival, released)
             return
 
+        # Re-sealed to our TPM now, while the guest still runs at the source,
+        # not on the switchover path: the prepare writes what this seals.
+        announced = released.identity.hex() if released.identity else None
+        arrival.keep_key(self.keeper_or_refuse(), released, announced)
+
         async def start() -> None:
             await arrival.start_incoming(released)
             if self.session.finished:
@@ -286,6 +294,16 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             receiver.done.addCallback(lambda _: self._live_unbound(receiver))
             arrival.incoming_started()
             self.run(self.session.incoming_ready(receiver.address[1]))
+            if not self.session.finished:
+                # The EK check's swtpm starts now, on a thread of its own,
+                # while the stream runs: at the switchover only its read of
+                # the state that arrived remains.
+                self.vtpm_checker = self.executor_factory()
+                self.vtpm_checker.submit(arrival.start_vtpm_check, released).addErrback(
+                    lambda f: self.log.warn(
+                        "vTPM check not started ahead: {e}", e=f.getErrorMessage()
+                    )
+                )
             try:
                 await arrival.wait_loaded()
             except MigrationError as e:
@@ -367,6 +385,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 migration_id,
                 interface=self.out.getHost().host,
                 on_progress=lambda n: self.touch(),
+                listen=self.options.live_listener,
             )
             self.carrier = carrier
             arrival.incoming_started()
@@ -649,7 +668,23 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 then=lambda identity: keep(key, identity),
             )
 
-        if arrival.key_expected(secure=self.security is not None):
+        if self.session.live and not arrival.carried:
+            # Live: the key was released and re-sealed as the vTPM started.
+            # Nothing but the decision is on the switchover path: the EK
+            # check (a swtpm start) runs on a thread of its own beside
+            # PREPARED and the source's commit, and gates ``cont``
+            # (Arrival.check_vtpm_beside).
+            checker = self.vtpm_checker or self.executor_factory()
+            arrival.check_vtpm_beside(
+                checker.submit(arrival.check_vtpm, arrival.release_key(self.security))
+            )
+            checker.shutdown()
+            if arrival.staged_ahead:
+                arrival.prepare()  # nothing left to write: no disk thread's turn
+                prepared(None)
+            else:
+                self._submit("preparing the VM in staging", arrival.prepare, then=prepared)
+        elif arrival.key_expected(secure=self.security is not None):
             self._submit("closing the streams", lambda: None, then=release)
         else:
             self._submit("preparing the VM in staging", arrival.prepare, then=prepared)
@@ -694,6 +729,10 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
 
     def _do_Finished(self, effect: effects.Finished) -> None:
         self._close(effect)
+        if self.vtpm_checker is not None and self.arrival is not None:
+            # A check started ahead that no prepare used ends with its thread.
+            self.vtpm_checker.submit(self.arrival.drop_vtpm_check)
+            self.vtpm_checker.shutdown()
         if self.carrier is not None:
             self.carrier.close()
         if self.reading_paused:

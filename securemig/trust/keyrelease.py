@@ -112,11 +112,21 @@ class DestinationSecurity:
         return material[:32], material[32:]
 
     @staticmethod
-    def check_vtpm(staging: Path, secret: bytes, expected: bytes) -> str | None:
+    def check_vtpm(
+        staging: Path,
+        secret: bytes,
+        expected: bytes,
+        scratch_in: Path | None = None,
+        ahead: vtpm.IdentityCheck | None = None,
+    ) -> str | None:
         """If a vTPM state arrived, check it opens with the key and is the
         announced vTPM; returns its identity.  Uses only the vTPM's own swtpm,
-        so it may run off the reactor thread."""
+        so it may run off the reactor thread; its scratch copy goes in
+        ``scratch_in`` (default: beside the state); ``ahead``: that swtpm,
+        started before the state arrived (ended here either way)."""
         state = staging / vtpm.STATE_DIR
+        if (not expected or not state.exists()) and ahead is not None:
+            ahead.close()
         if not expected:
             if state.exists():
                 raise KeyTransferError("a vTPM state arrived without its identity")
@@ -124,7 +134,7 @@ class DestinationSecurity:
         if not state.exists():
             raise KeyTransferError("the vTPM's identity arrived without its state")
         try:
-            identity = vtpm.identity(state, secret)
+            identity = vtpm.identity(state, secret, scratch_in, ahead)
         except vtpm.VTPMError as e:
             raise KeyTransferError(str(e)) from None
         if not hmac.compare_digest(identity, expected.hex()):

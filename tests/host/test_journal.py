@@ -11,6 +11,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from securemig.host.journal import ADDED_COLUMNS, SCHEMA, Journal
+from securemig.protocol.phases import Phase
 
 
 class JournalTests(SynchronousTestCase):
@@ -75,6 +76,27 @@ class JournalTests(SynchronousTestCase):
         self.assertEqual(
             set(record.phase_times()), {"connect", "hello", "streams", "commit", "resume"}
         )
+
+    def test_phases_in_one_write(self) -> None:
+        """``phases`` journals several phases in order in one transaction
+        (one fsync: the source's PREPARED and COMMITTED): both are there,
+        with one time, and the record's phase is the last; a name that is no
+        phase writes none of them."""
+        path = Path(self.mktemp())
+        journal = Journal(path)
+        mid = journal.begin(role="source", vm="vm1", peer="h:1", variant="full", protocol="x")
+        with self.assertRaises(ValueError):
+            journal.phases(mid, Phase.PREPARED, "no-such-phase")  # type: ignore[arg-type]
+        changes = journal._db.total_changes
+        journal.phases(mid, Phase.PREPARED, Phase.COMMITTED)
+        # One UPDATE and two INSERTs, all in the one transaction.
+        self.assertEqual(journal._db.total_changes - changes, 3)
+        journal.close()
+        record = Journal(path).get(mid)
+        assert record is not None
+        self.assertEqual([p for p, _ in record.events], ["started", "prepared", "committed"])
+        self.assertEqual(record.events[1][1], record.events[2][1])
+        self.assertEqual(record.phase, "committed")
 
     def test_unfinished(self) -> None:
         journal = Journal(Path(self.mktemp()))

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import subprocess
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.trial.unittest import TestCase
 
+from securemig.host.departure import Departure
+from securemig.host.journal import Journal
+from securemig.hypervisor import libvirt as libvirt_backend
 from securemig.hypervisor.bundle import BundleError
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.libvirt import (
@@ -29,6 +38,8 @@ from securemig.hypervisor.libvirt import (
 from securemig.lab import processes
 from securemig.lab.lab import SOURCE, Lab
 from securemig.lab.libvirt import LibvirtHost, define_guest, guest_domain_xml
+from securemig.protocol import wire
+from securemig.protocol.recovery import SourceGuest, carried_decision
 from tests.support.libvirt import seal, unseal, virsh_secret_value
 from tests.support.qemu import extended
 
@@ -308,6 +319,124 @@ class AdoptCommandTests(TestCase):
             conn.lookupByName("cli-guest")
         self.assertFalse(self.host.path(f"/var/lib/libvirt/swtpm/{uuid_}").exists())
         self.assertFalse((self.work / "vms" / "cli-guest").exists())
+
+
+class _Started:
+    """A live departure's libvirt side, started and not returned yet."""
+
+    completed = False
+
+
+class ReactorFreeTests(TestCase):
+    """What the source asks libvirt at the commit and after it
+    (``Departure.live_qemu_alive``, ``moved_by_hypervisor``,
+    ``guest_here``) is asked off the reactor thread: a stopped libvirtd
+    (SIGSTOP: it accepts connections and never answers) does not stop the
+    reactor."""
+
+    timeout = 300
+
+    def setUp(self) -> None:
+        self.host = shared_host()
+        self.libvirt = require_libvirt()
+        self.conn = self.libvirt.open(self.host.uri)
+        self.addCleanup(self.conn.close)
+        self.vm_dir = Path(self.mktemp())
+        self.backend = LibvirtBackend(reactor, vtpm_key=unseal)
+        self.addCleanup(self.backend.close)
+
+    async def departure(self, name: str) -> Departure:
+        """An adopted domain (defined, shut off) leaving live: its libvirt
+        migration started (not returned)."""
+        define_guest(self.host, name, persistent_secret=True)
+        self.addCleanup(_remove_domain, self.conn, name)
+        bundle = await self.backend.adopt(self.vm_dir, name, self.host.uri, seal)
+        journal = Journal(self.vm_dir / "journal.sqlite")
+        self.addCleanup(journal.close)
+        departure = Departure(bundle, wire.Variant.SHARED_STORAGE, "127.0.0.1:1", "secure", journal)
+        departure.live_migration = _Started()  # type: ignore[assignment]
+        return departure
+
+    def stop_libvirtd(self) -> int:
+        """SIGSTOP the host's libvirtd; continued at the test's end at the latest."""
+        assert self.host.process is not None
+        pid = self.host.process.pid
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, pid, signal.SIGCONT)
+        return pid
+
+    def continue_later(self, pid: int, seconds: float) -> None:
+        """SIGCONT ``pid`` after ``seconds``, from a thread of its own: a
+        reactor blocked on the stopped libvirtd would never run a timer of
+        its own (the test would hang, not fail)."""
+        timer = threading.Timer(seconds, os.kill, (pid, signal.SIGCONT))
+        timer.start()
+        self.addCleanup(timer.join)
+
+    async def watched(self, ask: Callable[[], Deferred[Any]]) -> tuple[Any, float, float]:
+        """What ``ask()`` fires with, how long it took from the call, and
+        the longest the reactor was away meanwhile (a 10 ms LoopingCall
+        watches it from before the call)."""
+        last = time.monotonic()
+        gaps: list[float] = [0.0]
+
+        def tick() -> None:
+            nonlocal last
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+        loop = LoopingCall(tick)
+        loop.clock = reactor
+        started = time.monotonic()
+        loop.start(0.01)
+        try:
+            result = await ask()
+            took = time.monotonic() - started
+            await deferLater(reactor, 0.03, lambda: None)  # its next tick sees the last gap
+        finally:
+            loop.stop()
+        return result, took, max(gaps)
+
+    async def test_questions_leave_the_reactor_free(self) -> None:
+        """libvirtd stopped for 1.5 s while the source asks whether its QEMU
+        runs, whether libvirt moved the guest, and where it is: the reactor
+        ran every 10 ms throughout (never away 0.5 s: asked on its thread,
+        the answers took the whole 1.5 s), and once libvirtd continues the
+        answers are right (a shut-off domain: no QEMU, not moved, gone)."""
+        departure = await self.departure("askee")
+        pid = self.stop_libvirtd()
+        self.continue_later(pid, 1.5)
+        answers, took, gap = await self.watched(
+            lambda: gatherResults(
+                [
+                    Deferred.fromCoroutine(departure.live_qemu_alive()),
+                    Deferred.fromCoroutine(departure.moved_by_hypervisor()),
+                    Deferred.fromCoroutine(departure.guest_here()),
+                ]
+            )
+        )
+        self.assertEqual(answers, [False, False, SourceGuest.GONE])
+        self.assertGreater(took, 1.2)
+        self.assertLess(gap, 0.5)
+
+    async def test_unanswered_question_is_unknown(self) -> None:
+        """libvirtd stopped for longer than the question may take: the
+        answer is "cannot be asked" (UNKNOWN, on which nothing is decided),
+        in time, the reactor free meanwhile -- not a guess, not a hang."""
+        departure = await self.departure("askee2")
+        self.patch(libvirt_backend, "QUERY_TIMEOUT", 1.0)
+        pid = self.stop_libvirtd()
+        self.continue_later(pid, 4.0)
+        where, took, gap = await self.watched(
+            lambda: Deferred.fromCoroutine(departure.guest_here())
+        )
+        self.assertIs(where, SourceGuest.UNKNOWN)
+        self.assertLess(took, 3.5)
+        self.assertLess(gap, 0.5)
+        self.assertFalse(
+            carried_decision(where, prepared=True) is not None, "decided on an unknown"
+        )
 
 
 def _remove_domain(conn: Any, name: str) -> None:

@@ -15,73 +15,31 @@ secret and the domain runs on at the source.
 
 from __future__ import annotations
 
-import atexit
+import contextlib
 import os
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.libvirt import LibvirtBackend, LibvirtError, require_libvirt
-from securemig.lab import processes
-from securemig.lab.lab import DESTINATION, SOURCE, Lab
-from securemig.lab.libvirt import LibvirtHost, define_guest
+from securemig.lab.lab import DESTINATION, SOURCE
+from securemig.lab.libvirt import define_guest
 from securemig.protocol.phases import Phase
 from securemig.trust.attestor import open_attestor
-from tests.support.libvirt import SecretWatch, seal, unseal, virsh_secret_value
+from tests.support.cable import Cable, free_ports
+from tests.support.commands import crash_env
+from tests.support.libvirt import SecretWatch, remove_domain, seal, unseal
+from tests.support.libvirt_suspended import (
+    SETTLE_TIMEOUT,
+    LabCase,
+    shared_hosts,
+)
 from tests.support.qemu import extended
-
-_hosts: list[LibvirtHost] = []
-
-
-def shared_hosts() -> list[LibvirtHost]:
-    """Two lab libvirtds for this module (started once per test process),
-    stopped with what they started at exit."""
-    if not _hosts:
-        for name, index in (("sa", 5), ("sb", 6)):
-            host = LibvirtHost(name, index)
-            atexit.register(host.remove)
-            host.start()
-            _hosts.append(host)
-    return _hosts
-
-
-class LabCase(TestCase):
-    """Two lab libvirtds, two enrolled hosts, and the checks of the secret."""
-
-    timeout = 1200
-
-    def setUp(self) -> None:
-        self.a, self.b = shared_hosts()
-        self.libvirt = require_libvirt()
-        self.work = Path(self.mktemp()).absolute()
-        self.work.mkdir(parents=True)
-        self.lab = Lab(self.work)
-        self.addCleanup(self.lab.stop)
-        self.lab.start()
-
-    def on_host(self, host: LibvirtHost) -> Any:
-        conn = self.libvirt.open(host.uri)
-        self.addCleanup(conn.close)
-        return conn
-
-    def assert_no_secret(self, secret_uuid: str) -> None:
-        """Neither libvirt holds the secret: not defined, no file, and
-        ``virsh secret-get-value`` finds nothing."""
-        for host in (self.a, self.b):
-            conn = self.on_host(host)
-            with self.assertRaises(self.libvirt.libvirtError, msg=host.name):
-                conn.secretLookupByUUIDString(secret_uuid)
-            self.assertEqual(list((host.directory / "etc" / "secrets").glob("*")), [])
-            self.assertNotEqual(virsh_secret_value(host, secret_uuid).returncode, 0)
 
 
 class SuspendedMigrationTests(LabCase):
@@ -96,40 +54,19 @@ class SuspendedMigrationTests(LabCase):
         moves back B -> A the same way.  Then B's PCR 7 is extended and a
         migration A -> B is refused: B never had the secret defined, the
         domain runs on at A with its memory."""
-        name = "susp"
-        pcr16 = os.urandom(32).hex()
         # The disk outside the hosts' bind-mounted trees: the same path in
         # both namespaces, each migration copies it into the arrival's bundle.
-        disk = self.a.directory / "disks" / f"{name}.img"
-        guest = define_guest(self.a, name, pcr16=pcr16, persistent_secret=True, disk=str(disk))
-        for host in (self.a, self.b):
-            self.addCleanup(_remove_domain, host, name)
-        vms = self.work / "vms"
-        adopted = processes.securemig(
-            "vm", "adopt", name, "--dir", str(vms), "--connect", self.a.uri,
-            "--identity", str(self.work / SOURCE),
+        domain = self.adopt("susp")
+        name, pcr16, guest, watch, first = (
+            domain.name, domain.pcr16, domain.guest, domain.watch, domain.first,
         )  # fmt: skip
-        self.assertEqual(adopted.returncode, 0, adopted.stderr)
-        started = processes.securemig(
-            "vm", "start", name, "--dir", str(vms), "--identity", str(self.work / SOURCE)
-        )
-        self.assertEqual(started.returncode, 0, started.stderr)
-        watch = Watch(self.a.path(guest.heartbeat))
-        self.addCleanup(watch.stop)
-        first = watch.wait(3, 180)
-        self.assertEqual(first.pcr16, extended(pcr16))
+        disk, vms, domain_uuid = domain.disk, domain.vms, domain.uuid
         self.assert_no_secret(guest.secret_uuid)
         conn_a, conn_b = self.on_host(self.a), self.on_host(self.b)
-        domain_uuid = conn_a.lookupByName(name).UUIDString()
         with open_attestor(self.work / SOURCE, None, False) as a_tpm:
             value = a_tpm.unseal((vms / name / "vtpm-key.sealed").read_bytes())
 
-        at_b = self.lab.start_destination(
-            backend="libvirt", env={"LIBVIRT_DEFAULT_URI": self.b.uri}
-        )
-        at_a = self.lab.start_destination(
-            host=SOURCE, backend="libvirt", env={"LIBVIRT_DEFAULT_URI": self.a.uri}
-        )
+        at_b, at_a = self.daemon_at(self.b), self.daemon_at(self.a)
 
         # A -> B, while every host is asked for the secret's value over and over.
         secrets = SecretWatch([self.a, self.b], guest.secret_uuid)
@@ -216,35 +153,15 @@ class Qcow2Tests(LabCase):
         moves A -> B suspended: it runs there with its memory, its disk
         arrives as the same qcow2 image (format kept in its definition),
         its vCPUs and NIC kept."""
-        name = "qcow"
-        pcr16 = os.urandom(32).hex()
-        disk = self.a.directory / "disks" / f"{name}.qcow2"
-        guest = define_guest(
-            self.a, name, pcr16=pcr16, persistent_secret=True, disk=str(disk), disk_format="qcow2"
-        )
-        for host in (self.a, self.b):
-            self.addCleanup(_remove_domain, host, name)
-        conn_a, conn_b = self.on_host(self.a), self.on_host(self.b)
         # Two vCPUs: as the operator would set them, in the definition.
-        xml = (
-            conn_a.lookupByName(name)
-            .XMLDesc(0)
-            .replace("<vcpu placement='static'>1</vcpu>", "<vcpu placement='static'>2</vcpu>")
-        )
-        conn_a.defineXML(xml)
-        vms = self.work / "vms"
-        identity = ("--identity", str(self.work / SOURCE))
-        for args in (("adopt", name, "--dir", str(vms), "--connect", self.a.uri, *identity),
-                     ("start", name, "--dir", str(vms), *identity)):  # fmt: skip
-            done = processes.securemig("vm", *args)
-            self.assertEqual(done.returncode, 0, done.stderr)
-        watch = Watch(self.a.path(guest.heartbeat))
-        self.addCleanup(watch.stop)
-        first = watch.wait(3, 180)
+        domain = self.adopt("qcow", disk_format="qcow2", vcpus=2)
+        name, pcr16, guest, watch, first = (
+            domain.name, domain.pcr16, domain.guest, domain.watch, domain.first,
+        )  # fmt: skip
+        disk, vms = domain.disk, domain.vms
+        conn_b = self.on_host(self.b)
         before = disk.read_bytes()
-        at_b = self.lab.start_destination(
-            backend="libvirt", env={"LIBVIRT_DEFAULT_URI": self.b.uri}
-        )
+        at_b = self.daemon_at(self.b)
         summary, _ = self.lab.migrate(at_b, name, True, vm_dir=vms)
         self.assertEqual(summary["outcome"], "done", summary)
         watch.follow(self.b.path(guest.heartbeat))
@@ -285,7 +202,7 @@ class ArrivalReadyTests(TestCase):
         disk = a.directory / "disks" / f"{name}.img"
         guest = define_guest(a, name, pcr16=pcr16, persistent_secret=True, disk=str(disk))
         for host in (a, b):
-            self.addCleanup(_remove_domain, host, name)
+            self.addCleanup(remove_domain, host, name)
         source = LibvirtBackend(reactor, vtpm_key=unseal)
         destination = LibvirtBackend(reactor, connect=b.uri, vtpm_key=lambda _: os.urandom(32))
         for backend in (source, destination):
@@ -343,142 +260,44 @@ class ArrivalReadyTests(TestCase):
         self.assertEqual(sorted(p.name for p in bundle.path.iterdir() if p.suffix == ".img"), [])
 
 
-#: How long a crash cell may take to settle once every process runs again.
-SETTLE_TIMEOUT = 120.0
-
-
-class SuspendedCrashTests(TestCase):
-    """Crash cells of the suspended migration of a libvirt domain: the
-    destination's ``twistd securemig`` killed (SIGKILL) at a step of the
-    commit, restarted on its port as an operator would; the source host's
-    daemon shares ``securemig migrate``'s state directory and settles its
-    departures.  After each: the domain runs on exactly one host -- the one
-    the source's journal names -- with its memory (heartbeat in sequence,
-    PCR 16 kept), is defined there only, no secret is defined in either
-    libvirt, nothing is left in the destination's staging or disk
+class SuspendedCrashTests(LabCase):
+    """Crash cells of the suspended migration of a libvirt domain: a real
+    process killed (SIGKILL) at a named step -- the destination's ``twistd
+    securemig`` (restarted on its port as an operator would), ``securemig
+    migrate``, the source host's daemon while it settles (it shares
+    ``securemig migrate``'s state directory; restarted too), either
+    ``libvirtd`` or the destination's QEMU -- or the connection cut.  After
+    each: the domain runs on exactly one host -- the one the source's
+    journal names -- with its memory (heartbeat in sequence, PCR 16 kept),
+    is defined there only with its vTPM state, no secret is defined in
+    either libvirt, nothing is left in the destination's staging or disk
     directory."""
 
-    timeout = 1200
-
-    def setUp(self) -> None:
-        self.a, self.b = shared_hosts()
-        self.libvirt = require_libvirt()
-        self.work = Path(self.mktemp()).absolute()
-        self.work.mkdir(parents=True)
-        self.lab = Lab(self.work)
-        self.addCleanup(self.lab.stop)
-        self.lab.start()
-
-    def cell(self, point: str) -> str:
+    def cell(self, point: str, *, settling: str | None = None) -> str:
         """Kill the process ``point`` names (``destination-*``: the
         destination's daemon, restarted on its port; ``source-*``: ``securemig
-        migrate``) there; returns where the domain settled (``source`` or
-        ``destination``)."""
+        migrate``) there -- and, with ``settling``, the source's daemon at
+        that point of its recovery, restarted too; returns where the domain
+        settled (``source`` or ``destination``)."""
         name = "crash" + "".join(word[:3] for word in point.split("-"))[:12]
-        pcr16 = os.urandom(32).hex()
-        disk = self.a.directory / "disks" / f"{name}.img"
-        guest = define_guest(self.a, name, pcr16=pcr16, persistent_secret=True, disk=str(disk))
-        for host in (self.a, self.b):
-            self.addCleanup(_remove_domain, host, name)
-        vms = self.work / "vms"
-        identity = ("--identity", str(self.work / SOURCE))
-        for args in (("adopt", name, "--dir", str(vms), "--connect", self.a.uri, *identity),
-                     ("start", name, "--dir", str(vms), *identity)):  # fmt: skip
-            done = processes.securemig("vm", *args)
-            self.assertEqual(done.returncode, 0, done.stderr)
-        watch = Watch(self.a.path(guest.heartbeat))
-        self.addCleanup(watch.stop)
-        first = watch.wait(3, 180)
-        uuid_ = self.libvirt.open(self.a.uri).lookupByName(name).UUIDString()
-
-        resolve = ("--resolve-interval", "0.3")
-        source_daemon = self.lab.start_destination(
-            host=SOURCE, backend="libvirt", env={"LIBVIRT_DEFAULT_URI": self.a.uri}, extra=resolve
-        )
-        env_b = {"LIBVIRT_DEFAULT_URI": self.b.uri}
-        crash = {"SECUREMIG_CRASH_POINTS": "1", "SECUREMIG_CRASH_AT": point}
+        domain = self.adopt(name)
+        source_daemon = self.daemon_at(self.a, crash_env(settling) if settling else None)
         daemon_dies = point.startswith("destination-")
-        dying = self.lab.start_destination(
-            backend="libvirt", env={**env_b, **crash} if daemon_dies else env_b, extra=resolve
-        )
+        dying = self.daemon_at(self.b, crash_env(point) if daemon_dies else None)
         with self.assertRaises(RuntimeError) as failed:
-            self.lab.migrate(
-                dying,
-                name,
-                True,
-                vm_dir=vms,
-                extra=("--state-dir", str(source_daemon.state_dir)),
-                env=None if daemon_dies else crash,
-            )
+            self.send(domain, dying, source_daemon, env=None if daemon_dies else crash_env(point))
         if not daemon_dies:
             self.assertIn("exited with -9", str(failed.exception))
             again = dying
         else:
-            deadline = time.monotonic() + 60
-            while dying.process.poll() is None:
-                self.assertLess(time.monotonic(), deadline, "the daemon did not reach " + point)
-                time.sleep(0.1)
-            self.assertEqual(dying.process.returncode, -signal.SIGKILL, dying.log()[-2000:])
-            again = self.lab.start_destination(
-                backend="libvirt", env=env_b, extra=resolve, port=dying.port
-            )
-
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        while (where := self.settled(name, uuid_, source_daemon, again)) is None:
-            if time.monotonic() > deadline:
-                self.fail(f"did not settle:\n{again.log()[-3000:]}\n{source_daemon.log()[-3000:]}")
-            time.sleep(0.5)
-        host = self.a if where == "source" else self.b
-        if where == "destination":
-            watch.follow(self.b.path(guest.heartbeat))
-        beat = watch.wait(3, 180, source=0 if where == "source" else 1)
-        self.assertEqual(beat.pcr16, extended(pcr16))
-        self.assertGreater(beat.seq, first.seq)
-        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
-        for each in (self.a, self.b):
-            conn = self.libvirt.open(each.uri)
-            try:
-                self.assertEqual(conn.listSecrets(), [], each.name)
-                defined = [d.UUIDString() for d in conn.listAllDomains()]
-                self.assertEqual(uuid_ in defined, each is host, each.name)
-            finally:
-                conn.close()
-        self.assertEqual(list((again.state_dir / "staging").iterdir()), [])
-        disks = again.state_dir / "disks"
-        held = [d for d in disks.iterdir() if any(d.iterdir())] if disks.exists() else []
-        self.assertEqual(len(held), 1 if where == "destination" else 0, held)
+            self.wait_killed(dying, point)
+            again = self.daemon_at(self.b, port=dying.port)
+        if settling is not None:
+            self.wait_killed(source_daemon, settling)
+            source_daemon = self.daemon_at(self.a, port=source_daemon.port)
+        where = self.wait_settled(domain, source_daemon, again)
+        self.assert_settled_at(domain, where, again)
         return where
-
-    def settled(self, name: str, uuid_: str, source: Any, destination: Any) -> str | None:
-        """Where the domain is once both journals have an outcome and it
-        runs on one host, else None."""
-        source_journal = Journal(source.state_dir / "journal.sqlite")
-        dest_journal = Journal(destination.state_dir / "journal.sqlite")
-        try:
-            mine = [r for r in source_journal.records() if r.role == "source" and r.vm == name]
-            theirs = [r for r in dest_journal.records() if r.role == "destination"]
-            if not mine or any(r.outcome in (None, "in-doubt") for r in mine + theirs):
-                return None
-            committed = mine[-1].reached(Phase.COMMITTED)
-        finally:
-            source_journal.close()
-            dest_journal.close()
-        running = []
-        for where, host in (("source", self.a), ("destination", self.b)):
-            conn = self.libvirt.open(host.uri)
-            try:
-                domain = conn.lookupByUUIDString(uuid_)
-                if domain.state()[0] == self.libvirt.VIR_DOMAIN_RUNNING:
-                    running.append(where)
-            except self.libvirt.libvirtError:
-                pass
-            finally:
-                conn.close()
-        if len(running) != 1:
-            self.assertLess(len(running), 2, "the domain runs on both hosts")
-            return None
-        self.assertEqual(running[0], "destination" if committed else "source")
-        return running[0]
 
     def test_destination_libvirtd_killed_while_streaming(self) -> None:
         """The destination's libvirtd killed (SIGKILL) while the save file
@@ -486,79 +305,39 @@ class SuspendedCrashTests(TestCase):
         domain before PREPARED, the source never commits and restores it
         here with its memory; nothing is left at the destination and no
         secret in either libvirt."""
-        name = "crashlvd"
-        pcr16 = os.urandom(32).hex()
-        disk = self.a.directory / "disks" / f"{name}.img"
-        guest = define_guest(self.a, name, pcr16=pcr16, persistent_secret=True, disk=str(disk))
-        for host in (self.a, self.b):
-            self.addCleanup(_remove_domain, host, name)
-        vms = self.work / "vms"
-        identity = ("--identity", str(self.work / SOURCE))
-        for args in (("adopt", name, "--dir", str(vms), "--connect", self.a.uri, *identity),
-                     ("start", name, "--dir", str(vms), *identity)):  # fmt: skip
-            done = processes.securemig("vm", *args)
-            self.assertEqual(done.returncode, 0, done.stderr)
-        watch = Watch(self.a.path(guest.heartbeat))
-        self.addCleanup(watch.stop)
-        first = watch.wait(3, 180)
-        uuid_ = self.libvirt.open(self.a.uri).lookupByName(name).UUIDString()
-        resolve = ("--resolve-interval", "0.3")
-        source_daemon = self.lab.start_destination(
-            host=SOURCE, backend="libvirt", env={"LIBVIRT_DEFAULT_URI": self.a.uri}, extra=resolve
-        )
-        destination = self.lab.start_destination(
-            backend="libvirt", env={"LIBVIRT_DEFAULT_URI": self.b.uri}, extra=resolve
-        )
-        outcome: list[BaseException | None] = []
-
-        def migrate() -> None:
-            try:
-                self.lab.migrate(
-                    destination,
-                    name,
-                    True,
-                    vm_dir=vms,
-                    extra=("--state-dir", str(source_daemon.state_dir)),
-                )
-                outcome.append(None)
-            except BaseException as e:
-                outcome.append(e)
-
-        mover = threading.Thread(target=migrate, daemon=True)
-        mover.start()
+        domain = self.adopt("crashlvd")
+        source_daemon = self.daemon_at(self.a)
+        destination = self.daemon_at(self.b)
+        mover = self.migrate_behind(domain, destination, source_daemon)
         staging = destination.state_dir / "staging"
         deadline = time.monotonic() + 120
         while not any(p.is_file() for p in staging.rglob("ram.img")):
             self.assertLess(time.monotonic(), deadline, "nothing streamed")
-            self.assertTrue(mover.is_alive(), outcome)
+            self.assertTrue(mover.is_alive(), mover.outcome)
             time.sleep(0.02)
         self.b.kill_daemon()
         mover.join(300)
-        self.assertEqual(len(outcome), 1)
-        self.assertIsInstance(outcome[0], RuntimeError)
+        self.assertEqual(len(mover.outcome), 1)
+        self.assertIsInstance(mover.outcome[0], RuntimeError)
         # The destination said why, before any commit; the VM stayed here.
-        self.assertIn("cannot connect to libvirt", str(outcome[0]))
-        self.assertIn("still at the source", str(outcome[0]))
+        self.assertIn("cannot connect to libvirt", str(mover.outcome[0]))
+        self.assertIn("still at the source", str(mover.outcome[0]))
         self.b.start()
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        while (where := self.settled(name, uuid_, source_daemon, destination)) is None:
-            if time.monotonic() > deadline:
-                self.fail(f"did not settle:\n{destination.log()[-3000:]}")
-            time.sleep(0.5)
-        self.assertEqual(where, "source")
-        beat = watch.wait(3, 180, source=0)
-        self.assertEqual(beat.pcr16, extended(pcr16))
-        self.assertGreater(beat.seq, first.seq)
-        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
-        for each in (self.a, self.b):
-            conn = self.libvirt.open(each.uri)
-            try:
-                self.assertEqual(conn.listSecrets(), [], each.name)
-                defined = [d.UUIDString() for d in conn.listAllDomains()]
-                self.assertEqual(uuid_ in defined, each is self.a, each.name)
-            finally:
-                conn.close()
-        self.assertEqual(list(staging.iterdir()), [])
+        self.assertEqual(self.wait_settled(domain, source_daemon, destination), "source")
+        self.assert_settled_at(domain, "source", destination)
+
+    # -- the destination's daemon dies
+
+    def test_destination_dies_admitted(self) -> None:
+        """HELLO admitted and journaled at the destination, nothing sent
+        yet: the source fails before any key release and resumes the
+        domain; the restarted destination has nothing to keep."""
+        self.assertEqual(self.cell("destination-admitted"), "source")
+
+    def test_destination_dies_streaming(self) -> None:
+        """Past half of the save file: the source resumes the domain from
+        it; the restarted destination removes its staging."""
+        self.assertEqual(self.cell("destination-streaming"), "source")
 
     def test_destination_dies_prepared(self) -> None:
         """PREPARED journaled at the destination (the domain restored
@@ -566,6 +345,38 @@ class SuspendedCrashTests(TestCase):
         restores the domain; the restarted destination learns it was
         aborted and ends its paused copy and disks."""
         self.assertEqual(self.cell("destination-prepared"), "source")
+
+    def test_destination_dies_commit_journaled(self) -> None:
+        """COMMIT journaled at the destination, staging not yet in place:
+        the restart rolls it forward (the paused domain resumed and defined
+        there); the source undefined its copy after COMMITTED."""
+        self.assertEqual(self.cell("destination-commit-journaled"), "destination")
+
+    def test_destination_dies_in_place(self) -> None:
+        """Moved into place, not resumed: the restart resumes the paused
+        domain there (defined there only now) and says DONE to RESOLVE."""
+        self.assertEqual(self.cell("destination-in-place"), "destination")
+
+    def test_destination_dies_resumed(self) -> None:
+        """Resumed, DONE not sent: the restart finds it done; the source,
+        in doubt, learns DONE from RESOLVE."""
+        self.assertEqual(self.cell("destination-resumed"), "destination")
+
+    # -- securemig migrate dies
+
+    def test_source_dies_attesting(self) -> None:
+        """The destination's evidence arrived, not verified: nothing was
+        released; the source's daemon restores the domain here."""
+        self.assertEqual(self.cell("source-attesting"), "source")
+
+    def test_source_dies_key_wrapped(self) -> None:
+        """The vTPM key wrapped, not sent: the source's daemon restores the
+        domain here; the destination, told it was aborted, keeps nothing."""
+        self.assertEqual(self.cell("source-key-wrapped"), "source")
+
+    def test_source_dies_streaming(self) -> None:
+        """The first bytes of the save file on the wire: aborted, restored here."""
+        self.assertEqual(self.cell("source-streaming"), "source")
 
     def test_source_dies_prepared_received(self) -> None:
         """``securemig migrate`` killed once PREPARED arrived, COMMITTED not
@@ -581,24 +392,166 @@ class SuspendedCrashTests(TestCase):
         which resumes the paused domain and defines it there."""
         self.assertEqual(self.cell("source-committed"), "destination")
 
-    def test_destination_dies_commit_journaled(self) -> None:
-        """COMMIT journaled at the destination, staging not yet in place:
-        the restart rolls it forward (the paused domain resumed and defined
-        there); the source undefined its copy after COMMITTED."""
-        self.assertEqual(self.cell("destination-commit-journaled"), "destination")
+    def test_source_dies_released(self) -> None:
+        """The copy here removed, COMMIT not sent: RESOLVE(committed) from
+        the source's daemon resumes the domain at the destination."""
+        self.assertEqual(self.cell("source-released"), "destination")
 
+    # -- the source's daemon dies while it settles
 
-def _remove_domain(host: LibvirtHost, name: str) -> None:
-    """Destroy and undefine a test's domain (with its vTPM state) if left."""
-    libvirt = require_libvirt()
-    conn = libvirt.open(host.uri)
-    try:
-        domain = conn.lookupByName(name)
-        if domain.isActive():
-            domain.destroy()
-        if domain.isPersistent():
-            domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
-    except libvirt.libvirtError:
-        pass
-    finally:
-        conn.close()
+    def test_source_daemon_dies_settling_aborted(self) -> None:
+        """``securemig migrate`` dies once PREPARED arrived; the source's
+        daemon journals the migration aborted and dies before restoring the
+        domain: restarted, it restores it from its save file (an aborted
+        migration never leaves its guest stopped)."""
+        self.assertEqual(
+            self.cell("source-prepared-received", settling="source-settle-aborted"), "source"
+        )
+
+    def test_source_daemon_dies_settling_released(self) -> None:
+        """``securemig migrate`` dies once COMMITTED is journaled; the
+        source's daemon removes the copy here and dies before journaling
+        it: restarted, it finishes (idempotently) and RESOLVE resumes the
+        domain at the destination."""
+        self.assertEqual(
+            self.cell("source-committed", settling="source-settle-released"), "destination"
+        )
+
+    # -- a libvirtd or the destination's QEMU killed at a step
+
+    def test_source_libvirtd_down_at_release(self) -> None:
+        """The source's libvirtd killed right after COMMITTED is journaled
+        (before the commit releases the domain here): the domain runs at
+        the destination, but the source still has its shut-off definition
+        and encrypted vTPM state, and its journal says so (committed, not
+        ``released``).  Started again, libvirtd is found by the source's
+        daemon, which removes the definition, the vTPM state and the bundle
+        and journals ``released``."""
+        domain = self.adopt("crashrel")
+        self.addCleanup(self.revive, self.a)
+        source_daemon = self.daemon_at(self.a)
+        destination = self.daemon_at(self.b)
+        other = {"SECUREMIG_CRASH_PIDFILE": str(self.a.run_dir / "libvirtd.pid")}
+        summary, _ = self.send(
+            domain, destination, source_daemon, env={**crash_env("source-committed:other"), **other}
+        )
+        self.assertEqual(summary["outcome"], "done", summary)
+        self.assertIsNotNone(self.a.process)
+        assert self.a.process is not None
+        self.assertIsNotNone(self.a.process.poll(), "the source's libvirtd was not killed")
+        bundle = domain.vms / domain.name
+        # libvirtd down: nothing could be removed, and the journal says so;
+        # its key went first (this copy can never run again).
+        self.assertTrue(bundle.exists())
+        self.assertFalse((bundle / "vtpm-key.sealed").exists())
+        self.assertTrue(self.journal_reached(source_daemon, "source", Phase.COMMITTED))
+        time.sleep(2)  # rounds of the source's daemon, its libvirtd still down
+        self.assertFalse(self.journal_reached(source_daemon, "source", Phase.RELEASED))
+        self.assertTrue(bundle.exists())
+        self.assertTrue(self.a.path(f"/var/lib/libvirt/swtpm/{domain.uuid}").exists())
+        self.a.start()
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while not self.journal_reached(source_daemon, "source", Phase.RELEASED):
+            self.assertLess(time.monotonic(), deadline, source_daemon.log()[-3000:])
+            time.sleep(0.3)
+        self.assertFalse(bundle.exists())
+        self.assertEqual(self.wait_settled(domain, source_daemon, destination), "destination")
+        self.assert_settled_at(domain, "destination", destination)
+
+    def test_destination_libvirtd_killed_prepared(self) -> None:
+        """The destination's libvirtd killed once PREPARED is journaled
+        there (the domain restored paused, its QEMU runs on), started again
+        once ``securemig migrate`` returned: the commit's resume could not
+        reach libvirt; the domain ends on exactly one host, where the
+        source's journal says, with its memory."""
+        domain = self.adopt("crashlvp")
+        self.addCleanup(self.revive, self.b)
+        source_daemon = self.daemon_at(self.a)
+        other = {"SECUREMIG_CRASH_PIDFILE": str(self.b.run_dir / "libvirtd.pid")}
+        destination = self.daemon_at(self.b, {**crash_env("destination-prepared:other"), **other})
+        # The commit's resume may fail (in doubt): settled below either way.
+        with contextlib.suppress(RuntimeError):
+            self.send(domain, destination, source_daemon)
+        assert self.b.process is not None
+        self.assertIsNotNone(self.b.process.poll(), "the destination's libvirtd was not killed")
+        self.b.start()
+        where = self.wait_settled(domain, source_daemon, destination)
+        self.assert_settled_at(domain, where, destination)
+
+    def test_destination_qemu_killed_prepared(self) -> None:
+        """The destination's QEMU (the domain restored paused) killed once
+        PREPARED is journaled there: the commit's resume finds no domain
+        and restores it again from the save file still in the arrival, so
+        the domain runs there with its memory."""
+        domain = self.adopt("crashqem")
+        source_daemon = self.daemon_at(self.a)
+        qemu = self.b.run_dir / "qemu" / f"{domain.name}.pid"
+        destination = self.daemon_at(
+            self.b,
+            {**crash_env("destination-prepared:other"), "SECUREMIG_CRASH_PIDFILE": str(qemu)},
+        )
+        summary, _ = self.send(domain, destination, source_daemon)
+        self.assertEqual(summary["outcome"], "done", summary)
+        self.assertIn("killing QEMU", destination.log())
+        self.assertEqual(self.wait_settled(domain, source_daemon, destination), "destination")
+        self.assert_settled_at(domain, "destination", destination)
+
+    # -- the connection cut
+
+    def cut_cell(self, when: str) -> str:
+        """Migrate through a :class:`Cable` (control connection, data
+        channel and later RESOLVEs all cross it) and cut it ``when`` the
+        save file streams (``streaming``), once the destination journaled
+        PREPARED (``prepared``) or the source COMMITTED (``committed``); the
+        network then heals (new connections pass).  Returns where the
+        domain settled."""
+        domain = self.adopt("cut" + when[:6])
+        source_daemon = self.daemon_at(self.a)
+        ports = free_ports(4)
+        destination = self.daemon_at(
+            self.b, port=ports[0], extra=("--data-ports", f"{ports[1]}-{ports[-1]}")
+        )
+        self.assertEqual(destination.port, ports[0])
+        cable = Cable(ports)
+        self.addCleanup(cable.close)
+        mover = self.migrate_behind(
+            domain, destination, source_daemon, "--to", cable.address(destination.port)
+        )
+        staging = destination.state_dir / "staging"
+        deadline = time.monotonic() + 180
+        while True:
+            self.assertLess(time.monotonic(), deadline, f"never reached {when}")
+            self.assertTrue(mover.is_alive(), mover.outcome)
+            if when == "streaming":
+                reached = any(p.is_file() for p in staging.rglob("ram.img"))
+            elif when == "prepared":
+                reached = self.journal_reached(destination, "destination", Phase.PREPARED)
+            else:
+                reached = self.journal_reached(source_daemon, "source", Phase.COMMITTED)
+            if reached:
+                break
+            time.sleep(0.02)
+        self.assertGreater(cable.cut(), 0)
+        mover.join(300)
+        self.assertEqual(len(mover.outcome), 1)
+        where = self.wait_settled(domain, source_daemon, destination)
+        self.assert_settled_at(domain, where, destination)
+        return where
+
+    def test_cut_while_streaming(self) -> None:
+        """Cut while the save file streams: the source restores the domain
+        here; the destination removes its staging."""
+        self.assertEqual(self.cut_cell("streaming"), "source")
+
+    def test_cut_after_destination_prepared(self) -> None:
+        """Cut once the destination journaled PREPARED (the domain restored
+        paused there): one copy runs, where the source's journal says (its
+        COMMITTED decides; RESOLVE through the healed network tells the
+        destination)."""
+        self.cut_cell("prepared")
+
+    def test_cut_after_source_committed(self) -> None:
+        """Cut once the source journaled COMMITTED: the domain is the
+        destination's; RESOLVE(committed) through the healed network rolls
+        it forward there, and the source's copy is gone."""
+        self.assertEqual(self.cut_cell("committed"), "destination")

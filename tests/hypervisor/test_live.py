@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 from twisted.internet import reactor, threads
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from securemig.hypervisor import guest as linux_guest
+from securemig.hypervisor import qemu
 from securemig.hypervisor.bundle import Bundle
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.qemu import (
@@ -91,6 +94,26 @@ class LiveMigrationTests(TestCase):
         # The guest saw at least QEMU's downtime, and far less than a suspend's.
         self.assertGreaterEqual(watch.largest_gap_ms() + 25, stats.downtime_ms)
         self.assertLess(watch.largest_gap_ms(), 5000)
+
+    async def test_completion_wakes_the_wait(self) -> None:
+        """Both sides learn of the completion from QEMU's MIGRATION event,
+        not at the next poll: with polls a minute apart the destination's
+        wait still returns within a second of the source's (its stream
+        completed: the switchover path waits for no poll)."""
+        self.patch(qemu, "LIVE_POLL", 60.0)
+        await self.boot()
+        incoming = await self.qemu.live_destination(self.destination)
+        _, uri = self.relay()
+        outgoing = await self.qemu.live_source(self.source, uri, downtime_limit_ms=100)
+        waited = Deferred.fromCoroutine(incoming.wait())
+        await outgoing.wait()
+        sent = time.monotonic()
+        await waited
+        self.assertLess(time.monotonic() - sent, 1.0)
+        self.assertEqual(await incoming.run_state(), "paused")
+        await incoming.cont()
+        await outgoing.finish()
+        incoming.release()
 
     def sealed(
         self, receiver_key: bytes | None = None, accept_timeout: float = 30.0, stranger: bytes = b""

@@ -71,24 +71,27 @@ class SecretWatch:
         self._thread.join()
 
 
-_hosts: list[LibvirtHost] = []
+_hosts: dict[tuple[tuple[str, int], ...], list[LibvirtHost]] = {}
 
 
-def shared_hosts() -> list[LibvirtHost]:
-    """Two lab libvirtds for the migration tests (started once per test
-    process), stopped with what they started at exit."""
-    if not _hosts:
-        for name, index in (("ma", 3), ("mb", 4)):
+def shared_hosts(pair: tuple[tuple[str, int], ...] = (("ma", 3), ("mb", 4))) -> list[LibvirtHost]:
+    """Two lab libvirtds (``pair``: their names and indexes) for the
+    migration tests, started once per test process and stopped with what
+    they started at exit."""
+    if pair not in _hosts:
+        hosts = _hosts[pair] = []
+        for name, index in pair:
             host = LibvirtHost(name, index)
             atexit.register(host.remove)
             host.start()
-            _hosts.append(host)
-    return _hosts
+            hosts.append(host)
+    return _hosts[pair]
 
 
 def remove_domain(host: LibvirtHost, name: str) -> None:
-    """Destroy and undefine a test's domain (with its vTPM state) if left,
-    over a fresh connection (the host's libvirtd may have been restarted)."""
+    """Destroy and undefine a test's domain (with its vTPM state) if left
+    (a transient one goes with destroy), over a fresh connection (the
+    host's libvirtd may have been restarted)."""
     libvirt = require_libvirt()
     conn = libvirt.open(host.uri)
     try:
@@ -96,8 +99,10 @@ def remove_domain(host: LibvirtHost, name: str) -> None:
             dom = conn.lookupByName(name)
         except libvirt.libvirtError:
             return
+        persistent = dom.isPersistent()  # a transient one goes with destroy
         if dom.isActive():
             dom.destroy()
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
+        if persistent:
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
     finally:
         conn.close()

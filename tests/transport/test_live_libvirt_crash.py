@@ -24,133 +24,19 @@ an arrival in doubt, never discards it (``Arrival.discard``,
 from __future__ import annotations
 
 import signal
-import time
-from pathlib import Path
 
 from twisted.internet import threads
 
 from securemig.host.journal import Journal
 from securemig.lab import processes
-from securemig.lab.libvirt import LibvirtHost
 from securemig.protocol.phases import Phase
 from tests.support.commands import crash_env
-from tests.support.libvirt_live import LibvirtLiveBase
+from tests.support.libvirt_cells import LibvirtCellsBase
 from tests.support.qemu import extended
 
-#: Seconds a cell may take to settle once every process runs again.
-SETTLE_TIMEOUT = 120.0
 
-
-class LibvirtCrashCells(LibvirtLiveBase):
+class LibvirtCrashCells(LibvirtCellsBase):
     """Each test is one cell: which process dies, and where."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.src_state = self.vm_dir / ".securemig"
-        self.dst_state = self.base / "dst"
-
-    def libvirt_daemon(
-        self,
-        state: Path,
-        identity: Path,
-        policy: Path,
-        env: dict[str, str],
-        port: int = 0,
-        crash: str | None = None,
-    ) -> processes.Destination:
-        """A ``twistd securemig --backend libvirt`` on ``state`` (restarted
-        on ``port``), dying at ``crash`` if given."""
-        state.mkdir(parents=True, exist_ok=True)
-        stamp = time.monotonic_ns()
-        log = self.base / f"{state.name}-{stamp}.log"
-        process, bound = processes.start_twistd(
-            "securemig",
-            "--state-dir", str(state),
-            "--listen", f"tcp:{port}:interface=127.0.0.1",
-            "--identity", str(identity),
-            "--policy-dir", str(policy),
-            "--tofu",
-            "--backend", "libvirt",
-            "--resolve-interval", "0.5",
-            port_file=self.base / f"port-{stamp}",
-            log_file=log,
-            env={**env, **(crash_env(crash) if crash else {})},
-        )  # fmt: skip
-        daemon = processes.Destination(process, bound, state, log)
-        self.addCleanup(daemon.stop)
-        return daemon
-
-    def destination_daemon(self, port: int = 0, crash: str | None = None) -> processes.Destination:
-        return self.libvirt_daemon(
-            self.dst_state, self.dst_id, self.dst_policy, self.env(self.b), port, crash
-        )
-
-    def source_daemon(self) -> processes.Destination:
-        return self.libvirt_daemon(self.src_state, self.src_id, self.src_policy, self.env(self.a))
-
-    def wait_dead(self, daemon: processes.Destination) -> None:
-        deadline = time.monotonic() + 300
-        while daemon.process.poll() is None:
-            self.assertLess(time.monotonic(), deadline, "the daemon did not reach its crash point")
-            time.sleep(0.1)
-        self.assertEqual(daemon.process.returncode, -signal.SIGKILL, daemon.log()[-3000:])
-
-    def settled(self, name: str) -> tuple[str, bool] | None:
-        """(the host the guest runs on, whether the source committed) once
-        both journals are closed and nothing is staged; else None."""
-        source = Journal(self.src_state / "journal.sqlite")
-        destination = Journal(self.dst_state / "journal.sqlite")
-        try:
-            mine = [r for r in source.records() if r.role == "source"]
-            theirs = [r for r in destination.records() if r.role == "destination"]
-            if not mine or any(r.outcome in (None, "in-doubt") for r in mine + theirs):
-                return None
-            committed = mine[0].reached("committed")
-            if committed and not mine[0].peer_settled:
-                return None
-        finally:
-            source.close()
-            destination.close()
-        staging = self.dst_state / "staging"
-        if staging.exists() and list(staging.iterdir()):
-            return None
-        running = [h.name for h in (self.a, self.b) if self.state_at(h, name) == "1"]
-        if len(running) != 1:
-            return None
-        return ("source" if running == [self.a.name] else "destination"), committed
-
-    def incoming(self) -> bool:
-        """Whether the destination's journal has a live arrival started."""
-        journal = Journal(self.dst_state / "journal.sqlite")
-        try:
-            return any(r.reached(Phase.INCOMING) for r in journal.records())
-        finally:
-            journal.close()
-
-    def kill_libvirtd_mid_stream(self, host: LibvirtHost, name: str) -> None:
-        """Once the arrival started and the source's libvirt job for domain
-        ``name`` is copying (some bytes processed, not finished), SIGKILL
-        ``host``'s libvirtd, then start it again (its domains' QEMUs run on;
-        it settles their interrupted jobs).  Timed by libvirt's own job, not
-        by a sleep: on a quiet machine the whole copy takes a few seconds."""
-        deadline = time.monotonic() + 300
-        while not self.incoming():
-            self.assertLess(time.monotonic(), deadline, "the arrival never started")
-            time.sleep(0.1)
-        conn = self.libvirt.open(self.a.uri)
-        try:
-            domain = conn.lookupByName(name)
-            while True:
-                self.assertLess(time.monotonic(), deadline, "libvirt's copy never started")
-                info = domain.jobInfo()
-                # [type, elapsed, remaining, data total, data processed, ...]
-                if info[0] == self.libvirt.VIR_DOMAIN_JOB_UNBOUNDED and info[4] > 1 << 20:
-                    break
-                time.sleep(0.05)
-        finally:
-            conn.close()
-        host.kill_daemon()
-        host.start()
 
     async def crash_cell(self, name: str, kill: str, point: str = "") -> str:
         """Migrate ``name`` live with ``kill`` (``migrate`` or
@@ -159,10 +45,7 @@ class LibvirtCrashCells(LibvirtLiveBase):
         must.  Returns where the guest ended."""
         self.source_daemon()
         destination = self.destination_daemon(crash=point if kill == "destination" else None)
-        domain, bundle, watch = await threads.deferToThread(self.adopted_guest, name)
-        first = await threads.deferToThread(watch.wait, 3, 120.0)
-        self.assertEqual(first.pcr16, extended(self.pcr16))
-        watch.follow(self.b.path(domain.heartbeat))
+        domain, bundle, watch, first = await threads.deferToThread(self.watched_guest, name)
         running = threads.deferToThread(
             self.migrate_domain,
             destination,
@@ -182,33 +65,9 @@ class LibvirtCrashCells(LibvirtLiveBase):
             destination = self.destination_daemon(port=destination.port)
         else:
             self.assertNotEqual(result.returncode, 0, result.stdout)
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        while (found := await threads.deferToThread(self.settled, name)) is None:
-            if time.monotonic() > deadline:
-                self.fail(f"did not settle: {result.stderr}\n" + destination.log()[-4000:])
-            await threads.deferToThread(time.sleep, 0.5)
-        where, committed = found
-        self.assertEqual(where, "destination" if committed else "source")
-        last = await threads.deferToThread(watch.wait, 5, 120.0)
-        self.assertEqual(last.pcr16, extended(self.pcr16))
-        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats][-60:])
-        self.assertGreater(last.seq, first.seq)
-        here, there = (self.a, self.b) if where == "source" else (self.b, self.a)
-        self.assertEqual(self.state_at(there, name), "undefined")
-        uuid = self.domain_uuid(here, name)
-        self.assertTrue(here.path(f"/var/lib/libvirt/swtpm/{uuid}").exists())
-        self.assertFalse(there.path(f"/var/lib/libvirt/swtpm/{uuid}").exists())
-        self.assertEqual(bundle.path.exists(), where == "source")
-        self.assertEqual((self.dst_state / "vms" / name).exists(), where == "destination")
-        self.assertSecretNowhere(domain.secret_uuid)
-        return where
-
-    def domain_uuid(self, host: object, name: str) -> str:
-        conn = self.libvirt.open(host.uri)  # type: ignore[attr-defined]
-        try:
-            return str(conn.lookupByName(name).UUIDString())
-        finally:
-            conn.close()
+        return await threads.deferToThread(
+            self.settled_once, name, (domain, bundle, watch, first), destination
+        )
 
     # -- securemig migrate dies
 

@@ -143,9 +143,10 @@ class LiveSecureFailureTests(LiveSecureBase):
     async def test_vtpm_other_than_announced_refused(self) -> None:
         """The source announces (with the released key) a vTPM EK other than
         the one its guest's vTPM has: the destination checks the state its
-        swtpm stored from QEMU's stream (on a copy, before PREPARED), refuses
-        it, and the guest goes on at the source, never restarted (a live
-        arrival used to take the announced identity on trust)."""
+        swtpm stored from QEMU's stream (on a copy, beside PREPARED and the
+        source's commit, before ``cont``), ends its QEMU unrun and says LOST,
+        and the guest goes on at the source, never restarted (a live arrival
+        used to take the announced identity on trust)."""
         destination = self.start_destination("--tofu", "--backend", "qemu")
         bundle, watch = self.start_guest()
         await threads.deferToThread(watch.wait, 3, 120.0)
@@ -157,6 +158,16 @@ class LiveSecureFailureTests(LiveSecureBase):
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertIn("EK differs", result.stderr + destination.log())
         self.assertEqual(json.loads(result.stdout)["outcome"], "aborted")
+        # Checked beside the commit: the source had committed, and continued
+        # its paused copy when the destination said LOST; no cont there.
+        journal = Journal(self.vm_dir / ".securemig" / "journal.sqlite")
+        self.addCleanup(journal.close)
+        record = journal.records()[0]
+        self.assertTrue(record.reached("committed") and record.reached("reclaimed"), record)
+        arrivals = Journal(destination.state_dir / "journal.sqlite")
+        self.addCleanup(arrivals.close)
+        arrival = arrivals.records()[0]
+        self.assertTrue(arrival.reached("lost") and not arrival.reached("continuing"), arrival)
         self.assertFalse((destination.state_dir / "vms" / "vm1").exists())
         self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
         await threads.deferToThread(watch.wait, 5, 30.0)

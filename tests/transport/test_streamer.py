@@ -110,6 +110,25 @@ class SealedSenderTests(TestCase):
             pass
         self.assertTrue(opener.ended)
 
+    async def test_progress_in_batches(self) -> None:
+        """The sending thread reports progress in batches, not per record
+        (each report wakes the reactor thread): the first record at once,
+        then at most one report per ``PROGRESS_BATCH`` bytes (no time limit
+        here), the rest at the image's end; every byte counted once."""
+        images = [os.urandom(40 * CHUNK + 7)]
+        key = os.urandom(16)
+        server, client = await self.connected()
+        paths = [(self.image("p", images[0]), len(images[0]))]
+        streamer, done, progress = self.streamer(client.transport, paths, key)
+        streamer.PROGRESS_BATCH = 16 * CHUNK
+        streamer.PROGRESS_EVERY = 3600.0
+        streamer.start()
+        await done
+        client.transport.loseConnection()
+        await server.lost
+        self.assertEqual(progress, [CHUNK, 16 * CHUNK, 16 * CHUNK, 7 * CHUNK + 7])
+        self.assertEqual(bytes(server.data), expected(key, images))
+
     async def test_image_shorter_than_announced_fails_without_end(self) -> None:
         """An image that shrank fails with IO_ERROR and the channel gets no
         END record, so the destination cannot take it for complete."""

@@ -177,3 +177,36 @@ class VTPMIdentityTests(SynchronousTestCase):
         with self.assertRaises(KeyTransferError) as cm:
             DestinationSecurity.check_vtpm(empty, self.key, bytes.fromhex(self.identity))
         self.assertIn("without its state", str(cm.exception))
+
+    def test_started_ahead(self) -> None:
+        """The check's swtpm started before the state is there (a live
+        arrival's, during the stream) reads it when asked: the announced
+        vTPM passes, another EK or a wrong key is refused, and each time the
+        swtpm ends and its scratch copy goes (outside the staging it
+        checked)."""
+        from pathlib import Path
+
+        from securemig.trust import vtpm
+
+        scratch = Path(self.mktemp())
+        scratch.mkdir()
+
+        def ahead(key: bytes) -> vtpm.IdentityCheck:
+            check = vtpm.IdentityCheck(key, scratch)
+            self.assertEqual(list(check.scratch.glob("state/*.permall")), [])
+            return check
+
+        check = ahead(self.key)
+        got = DestinationSecurity.check_vtpm(
+            self.staging, self.key, bytes.fromhex(self.identity), scratch, check
+        )
+        self.assertEqual(got, self.identity)
+        self.assertIsNotNone(check.process.process.poll())
+        for key, expected in ((self.key, os.urandom(32)), (os.urandom(32), b"")):
+            check = ahead(key)
+            with self.assertRaises(KeyTransferError):
+                DestinationSecurity.check_vtpm(
+                    self.staging, key, expected or bytes.fromhex(self.identity), scratch, check
+                )
+            self.assertIsNotNone(check.process.process.poll())
+        self.assertEqual(list(scratch.iterdir()), [])

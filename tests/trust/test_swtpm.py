@@ -3,8 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
@@ -47,3 +53,43 @@ class OwnListenerTests(TestCase):
         process, _, _ = shared_tpm()
         with TPM(process.tcti) as tpm:
             self.assertTrue(tpm.ek_public())
+
+    def test_check_tpm_dies_with_its_process(self) -> None:
+        """A swtpm started ``dies_with_parent`` (the one a vTPM check starts)
+        ends when the process that started it is SIGKILLed mid-check; one
+        started without it outlives it (the orphan a killed daemon left)."""
+        base = Path(self.mktemp())
+        script = (
+            "import sys, time; from pathlib import Path; from securemig.trust.tpm import swtpm\n"
+            "for i, dies in enumerate((True, False)):\n"
+            "    (state := Path(sys.argv[1]) / f'tpm-{i}').mkdir(parents=True)\n"
+            "    p = swtpm.start(state, dies_with_parent=dies)\n"
+            "    print(p.process.pid, flush=True)\n"
+            "time.sleep(60)\n"
+        )
+        child = subprocess.Popen(
+            [sys.executable, "-c", script, str(base)], stdout=subprocess.PIPE, text=True
+        )
+        assert child.stdout is not None
+        dying, staying = (int(child.stdout.readline()) for _ in range(2))
+        self.addCleanup(lambda: _kill(staying))
+        child.kill()
+        child.wait()
+        deadline = time.monotonic() + 10
+        while _alive(dying) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertFalse(_alive(dying))
+        self.assertTrue(_alive(staying))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)

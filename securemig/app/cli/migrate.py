@@ -463,6 +463,16 @@ def _report(args: argparse.Namespace, journal: Journal, outcome: dict[str, Any])
             file=sys.stderr,
         )
         return EXIT_FAILED
+    if departure.undecided:
+        # Live through libvirt, its libvirtd not answering where the guest
+        # is: nothing was decided (protocol.recovery.carried_decision).
+        print(
+            f"securemig: migration of VM {args.name} to {args.to} is in doubt, neither "
+            f"committed nor aborted: {summary['error']}; this host's daemon decides once "
+            "libvirt answers here (`securemig status` shows it)",
+            file=sys.stderr,
+        )
+        return EXIT_IN_DOUBT
     print(
         f"securemig: VM {args.name} was committed to {args.to} but the destination did not "
         f"confirm: {summary['error']}; check `securemig status` there",

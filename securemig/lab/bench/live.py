@@ -36,6 +36,7 @@ N on both QEMUs (qemu-tls then runs TLS on every channel, as libvirt's
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ from typing import Any
 
 from twisted.internet.task import deferLater
 
+from securemig.host.journal import Journal
 from securemig.hypervisor import guest as linux_guest
 from securemig.hypervisor.bundle import Bundle
 from securemig.hypervisor.heartbeat import Watch
@@ -61,6 +63,7 @@ from securemig.hypervisor.qemu import (
 )
 from securemig.lab.bench.provenance import one_line, provenance
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
+from securemig.protocol.phases import Phase
 from securemig.transport.reactor import run_reactor
 from securemig.trust.attestor import open_attestor
 
@@ -250,7 +253,7 @@ async def _measure(
                 watch = Watch(heartbeat_path(bundle), heartbeat_path(target))
                 pids = [*_pids(bundle), hosts[other].process.pid, hosts[where].process.pid]
                 before = _cpu(pids)
-                started = time.monotonic()
+                started, wall = time.monotonic(), time.time()
                 summary, usage = lab.migrate(
                     hosts[other], "bench-vm", secure=True, vm_dir=homes[where],
                     source=where, to=other,
@@ -260,6 +263,10 @@ async def _measure(
                 cpu = _cpu(pids + _pids(target)) - before + usage.cpu_s
                 await deferLater(reactor, 0.5, lambda: None)
                 watch.stop()
+                journals = (
+                    lab.work / f"{where}-state" / "journal.sqlite",
+                    hosts[other].state_dir / "journal.sqlite",
+                )
                 records.append(
                     {
                         "protocol": protocol,
@@ -272,6 +279,8 @@ async def _measure(
                         "wire_bytes": summary["transferred"],
                         "multifd_bytes": summary.get("multifd_bytes", 0),
                         "guest_kept_running": watch.continuous(),
+                        "switchover_ms": _switchover(watch, *journals),
+                        "phases_s": _phases(wall, *journals),
                     }
                 )
                 where = other
@@ -314,6 +323,68 @@ async def _qemu_move_back(
     await _qemu_move(reactor, scratch, bundle, key, port, None)
     bundle.vtpm_key_path.write_bytes(sealed)
     shutil.rmtree(scratch.path, ignore_errors=True)
+
+
+#: The phases of the commit each side journals on the switchover path, in
+#: the order they come: (report name, role, phase).
+SWITCHOVER = (
+    ("dst_prepared", "destination", Phase.PREPARED),
+    ("src_committed", "source", Phase.COMMITTED),
+    ("dst_committed", "destination", Phase.COMMITTED),
+    ("dst_continuing", "destination", Phase.CONTINUING),
+    ("dst_resumed", "destination", Phase.RESUMED),
+)
+
+
+def _switchover(watch: Watch, source_journal: Path, destination_journal: Path) -> dict[str, float]:
+    """Where the guest's pause went: milliseconds from the source's last
+    heartbeat before the largest gap (the guest stopped within one
+    heartbeat after it) to each phase of the commit the two journals
+    recorded (each stamped as its write began), and to the destination's
+    first heartbeat (``first_beat``: the guest runs again).  Empty if the
+    gap or a record is missing."""
+    beats = watch.beats
+    gaps = [(b.at - a.at, a, b) for a, b in itertools.pairwise(beats)]
+    if not gaps:
+        return {}
+    _, last, first = max(gaps, key=lambda g: g[0])
+    # Journals stamp wall-clock time, the watch monotonic time.
+    offset = time.time() - time.monotonic()
+    stopped = last.at + offset
+    events: dict[str, dict[Phase, float]] = {}
+    for role, path in (("source", source_journal), ("destination", destination_journal)):
+        journal = Journal(path)
+        try:
+            record = next((r for r in journal.records(5) if r.role == role), None)
+        finally:
+            journal.close()
+        if record is None:
+            return {}
+        events[role] = {Phase(p): at for p, at in record.events}
+    times = {
+        name: round((events[role][phase] - stopped) * 1000, 1)
+        for name, role, phase in SWITCHOVER
+        if phase in events[role]
+    }
+    times["first_beat"] = round((first.at - last.at) * 1000, 1)
+    return times
+
+
+def _phases(started: float, source_journal: Path, destination_journal: Path) -> dict[str, float]:
+    """When each side journaled each phase of the last migration, in seconds
+    after the bench started ``securemig migrate`` (wall clock ``started``):
+    where secure-live's total time goes.  Keys are ``src:PHASE`` and
+    ``dst:PHASE`` (a phase journaled twice: its first time)."""
+    times: dict[str, float] = {}
+    for role, path in (("source", source_journal), ("destination", destination_journal)):
+        journal = Journal(path)
+        try:
+            record = next((r for r in journal.records(5) if r.role == role), None)
+        finally:
+            journal.close()
+        for phase, at in record.events if record is not None else ():
+            times.setdefault(f"{role[:3]}:{phase}", round(at - started, 3))
+    return times
 
 
 def _free_port() -> int:
@@ -365,6 +436,7 @@ def _report(
         "records": records,
         "medians": medians,
         "secure_live_vs_qemu_tls": ratios,
+        "secure_live_switchover_ms": _switchover_medians(records),
     }
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -394,4 +466,21 @@ def _report(
         + ", ".join(f"{k} {v}" for k, v in ratios.items())
         + " (secure-live's total includes both attestations and the key release)"
     )
+    switchover = _switchover_medians(records)
+    if switchover:
+        print(
+            "secure-live switchover, ms after the source's last heartbeat (medians): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in switchover.items())
+        )
     return 0
+
+
+def _switchover_medians(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Median of each :func:`_switchover` time over the secure-live records."""
+    rows = [r.get("switchover_ms") or {} for r in records if r["protocol"] == "secure-live"]
+    names = [name for name, _, _ in SWITCHOVER] + ["first_beat"]
+    return {
+        name: statistics.median(r[name] for r in rows if name in r)
+        for name in names
+        if any(name in r for r in rows)
+    }

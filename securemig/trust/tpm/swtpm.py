@@ -11,12 +11,15 @@ ended by its pid.  Used by the tests, the demo, and for vTPMs.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,6 +35,10 @@ from securemig.trust.tpm.tpm import TPM, unmarshal_exact
 #: The Debian packages that provide what this module runs.
 PACKAGES = "swtpm swtpm-tools"
 START_TIMEOUT = 10.0
+#: swtpm's control channel: initialize the TPM (read its state), no flags.
+CMD_INIT = 0x02
+#: prctl(2): the signal a child gets when its parent thread ends.
+PR_SET_PDEATHSIG = 1
 #: The file of a TPM's state in a swtpm state directory: there once provisioned.
 STATE_FILE = "tpm2-00.permall"
 
@@ -272,6 +279,20 @@ class Swtpm:
         """The TCTI string to open this TPM with."""
         return f"swtpm:host={self.host},port={self.port}"
 
+    def init(self) -> None:
+        """Have a TPM started with ``initialized=False`` read its state now
+        (the control channel's CMD_INIT); then TPM2_Startup is the caller's."""
+        with socket.create_connection((self.host, self.ctrl_port), timeout=START_TIMEOUT) as c:
+            c.sendall(struct.pack(">II", CMD_INIT, 0))
+            answer = b""
+            while len(answer) < 4:
+                piece = c.recv(4 - len(answer))
+                if not piece:
+                    break
+                answer += piece
+        if len(answer) != 4 or struct.unpack(">I", answer)[0] != 0:
+            raise RuntimeError(f"swtpm did not initialize (answer {answer.hex() or 'none'})")
+
     def stop(self) -> None:
         """End the process by its pid (SIGTERM, then SIGKILL)."""
         if self.process.poll() is None:
@@ -288,13 +309,40 @@ def _socket_argv(state_dir: Path) -> list[str]:
     return [_tool("swtpm"), "socket", "--tpm2", "--tpmstate", f"dir={state_dir}"]
 
 
+def _killed_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when the thread
+    that started it ends (``PR_SET_PDEATHSIG``): a short-lived TPM must not
+    outlive a process that was killed while it ran.  Everything it needs
+    is looked up here, before the fork."""
+    parent = os.getpid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)  # the parent died before the signal was armed
+
+    return arm
+
+
 def start(
-    state_dir: Path, key: bytes | None = None, host: str = "127.0.0.1", port: int | None = None
+    state_dir: Path,
+    key: bytes | None = None,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    *,
+    dies_with_parent: bool = False,
+    initialized: bool = True,
 ) -> Swtpm:
     """Run the TPM in ``state_dir`` on free ports of ``host`` (loopback by
     default), or on ``port`` and ``port + 1``, until :meth:`Swtpm.stop`;
-    ``key`` decrypts an encrypted state."""
+    ``key`` decrypts an encrypted state.  ``dies_with_parent``: killed
+    when the starting thread (or its process) ends, for a TPM started for
+    one short check.  ``initialized=False``: it reads its state only at
+    :meth:`Swtpm.init` (started ahead, before that state is there)."""
     wanted = port
+    preexec = _killed_with_parent() if dies_with_parent else None
     # A port chosen free can be taken before swtpm binds it: choose again.
     for _ in range(1 if wanted else 5):
         port = wanted or _free_port_pair(host)
@@ -305,9 +353,9 @@ def start(
             f"type=tcp,port={port},bindaddr={host}",
             "--ctrl",
             f"type=tcp,port={ctrl},bindaddr={host}",
-            "--flags",
-            "not-need-init,startup-clear",
         ]
+        if initialized:
+            argv += ["--flags", "not-need-init,startup-clear"]
         fds: tuple[int, ...] = ()
         if key is not None:
             fds = (_key_pipe(key),)
@@ -319,6 +367,9 @@ def start(
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 pass_fds=fds,
+                # Not thread-safe in general; this one calls only prctl and
+                # getppid, looked up before the fork.
+                preexec_fn=preexec,
             )
         finally:
             for fd in fds:

@@ -71,6 +71,7 @@ from tpm2_pytss.constants import (
     TPM2_ALG,
     TPM2_CC,
     TPM2_SE,
+    TPM2_SU,
     TPMA_NV,
     TPMA_OBJECT,
 )
@@ -385,6 +386,12 @@ class TPM:
             data += bytes(self.esapi.nv_read(handle, min(768, size - len(data)), len(data)))
         # NV areas may be padded: keep exactly the DER SEQUENCE.
         return data[: _der_length(data)]
+
+    @operation("to start up (TPM2_Startup)")
+    def startup(self) -> None:
+        """TPM2_Startup(CLEAR): for a TPM initialized by its owner, as a
+        platform does at boot (swtpm started to read its state later)."""
+        self.esapi.startup(TPM2_SU.CLEAR)
 
     @operation("to recreate the EK")
     def ek_public(self, kind: str = "rsa") -> bytes:

@@ -1,0 +1,160 @@
+"""
+More crash cells of a libvirt domain's live migration (issue 23 item 3),
+with real libvirtds, the Linux guest and its encrypted vTPM:
+
+- the network between the source and the destination cut (a
+  :class:`~tests.support.cable.Cable` every connection crosses: control,
+  the carried sockets' carrier, later RESOLVEs) before the key release,
+  while libvirt copies, once the destination journaled PREPARED, and once
+  the source journaled COMMITTED; the network then heals;
+- the source host's daemon (``twistd securemig``) killed (SIGKILL) while it
+  settles the departures a killed ``securemig migrate`` left, then
+  restarted on its port.
+
+After each: the guest runs on exactly one host, the one the source's
+journal names, with its memory (heartbeat in sequence, never restarted) and
+PCR 16 kept; its vTPM state on exactly that host; its secret defined in
+neither libvirt; both journals closed, nothing in the destination's staging.
+(libvirt's own race -- whether Finish's answer reached the source before
+the cut -- decides some of them either way; the journal always says which.)
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+from twisted.internet import threads
+from twisted.internet.defer import Deferred
+
+from securemig.protocol.phases import Phase
+from tests.support.cable import Cable, free_ports
+from tests.support.commands import crash_env
+from tests.support.libvirt_cells import LibvirtCellsBase
+
+#: When a cable cell cuts, as the journals (or libvirt's job) show it.
+CUTS = ("before-key-release", "mid-copy", "destination-prepared", "source-committed")
+
+
+class LibvirtLiveCells(LibvirtCellsBase):
+    """Each test is one cell: where the network is cut, or where the
+    source's daemon dies."""
+
+    def cut_when(self, when: str, name: str, cable: Cable, running: Deferred[Any]) -> None:
+        """Wait (on this thread) until the migration of ``name`` reaches
+        ``when`` (one of :data:`CUTS`), then cut ``cable``; fail at once if
+        the migration (``running``) ended before."""
+        deadline = time.monotonic() + 300
+        if when == "mid-copy":
+            self.wait_copying(name)
+        else:
+            state, phase = {
+                "before-key-release": (self.dst_state, Phase.ADMITTED),
+                "destination-prepared": (self.dst_state, Phase.PREPARED),
+                "source-committed": (self.src_state, Phase.COMMITTED),
+            }[when]
+            while not self.journal_reached(state, phase):
+                self.assertLess(time.monotonic(), deadline, f"never reached {when}")
+                self.assertFalse(running.called, f"the migration ended before {when}")
+                time.sleep(0.02)
+        self.assertGreater(cable.cut(), 0, "the cable carried nothing to cut")
+
+    async def cut_cell(self, name: str, when: str) -> str:
+        """Migrate ``name`` live through a cable cut at ``when``; check the
+        cell settles as it must.  Returns where the guest ended."""
+        self.source_daemon()
+        ports = free_ports(5)
+        destination = self.destination_daemon(
+            port=ports[0], extra=("--data-ports", f"{ports[1]}-{ports[-1]}")
+        )
+        self.assertEqual(destination.port, ports[0])
+        cable = Cable(ports)
+        self.addCleanup(cable.close)
+        domain, bundle, watch, first = await threads.deferToThread(self.watched_guest, name)
+        running = threads.deferToThread(
+            self.migrate_domain,
+            destination,
+            name,
+            "--copy-storage",
+            "--to",
+            cable.address(destination.port),
+        )
+        await threads.deferToThread(self.cut_when, when, name, cable, running)
+        result = await running
+        if when == "before-key-release":
+            # Cut before the wrapped key crossed: the destination never
+            # received it, so its libvirt never had the secret.
+            self.assertFalse(self.journal_reached(self.dst_state, Phase.KEY_RECEIVED))
+            self.assertFalse(self.journal_reached(self.dst_state, Phase.INCOMING))
+        if when in ("before-key-release", "mid-copy"):
+            self.assertNotEqual(result.returncode, 0, result.stdout)
+        return await threads.deferToThread(
+            self.settled_once, name, (domain, bundle, watch, first), destination
+        )
+
+    async def test_cut_before_key_release(self) -> None:
+        """Cut once the destination admitted the migration, before the
+        vTPM secret was released: nothing was defined there; the guest runs
+        on at the source, the migration aborted on both sides."""
+        self.assertEqual(await self.cut_cell("lcut1", "before-key-release"), "source")
+
+    async def test_cut_mid_copy(self) -> None:
+        """Cut while libvirt copies memory and disk: libvirt fails its
+        migration, the guest runs on at the source; the destination's
+        domain, vTPM state and secret go with its arrival."""
+        self.assertEqual(await self.cut_cell("lcut2", "mid-copy"), "source")
+
+    async def test_cut_after_destination_prepared(self) -> None:
+        """Cut once the destination journaled PREPARED (libvirt completed
+        there, the guest paused): the source commits what libvirt moved, or
+        -- libvirt's race -- cancelled and runs on; RESOLVE through the
+        healed network settles the destination accordingly.  One copy,
+        where the source's journal says."""
+        await self.cut_cell("lcut3", "destination-prepared")
+
+    async def test_cut_after_source_committed(self) -> None:
+        """Cut once the source journaled COMMITTED: the guest is the
+        destination's; RESOLVE(committed) through the healed network rolls
+        it forward there, and the source's definition and vTPM state go."""
+        self.assertEqual(await self.cut_cell("lcut4", "source-committed"), "destination")
+
+    # -- the source's daemon dies while it settles
+
+    async def daemon_cell(self, name: str, migrate_at: str, settle_at: str) -> str:
+        """``securemig migrate`` of ``name`` killed at ``migrate_at``; the
+        source's daemon, settling what it left, killed at ``settle_at`` and
+        restarted on its port; check the cell settles as it must."""
+        source = self.source_daemon(crash=settle_at)
+        destination = self.destination_daemon()
+        domain, bundle, watch, first = await threads.deferToThread(self.watched_guest, name)
+        result = await threads.deferToThread(
+            self.migrate_domain, destination, name, "--copy-storage", dying=crash_env(migrate_at)
+        )
+        self.assertEqual(result.returncode, -signal.SIGKILL, result.stderr)
+        await threads.deferToThread(self.wait_dead, source)
+        source = self.source_daemon(port=source.port)
+        where, committed = await threads.deferToThread(self.wait_settled, name, destination, source)
+        self.assertEqual(where, "destination" if committed else "source")
+        await threads.deferToThread(self.assert_one_copy, name, where, domain, bundle, watch, first)
+        return where
+
+    async def test_source_daemon_dies_settling_aborted(self) -> None:
+        """``securemig migrate`` dies as libvirt's migration starts; the
+        source's daemon journals it aborted and dies before making sure the
+        guest runs on: restarted, it finishes (the guest never stopped), and
+        RESOLVE(aborted) clears the destination."""
+        self.assertEqual(
+            await self.daemon_cell("ldae1", "source-live-started", "source-settle-aborted"),
+            "source",
+        )
+
+    async def test_source_daemon_dies_settling_released(self) -> None:
+        """``securemig migrate`` dies right after journaling COMMITTED; the
+        source's daemon, told DONE by the destination it resolved, removes
+        the copy here and dies before journaling done: restarted, it
+        finishes idempotently; the guest runs at the destination."""
+        self.assertEqual(
+            await self.daemon_cell("ldae2", "source-committed", "source-settle-released"),
+            "destination",
+        )
