@@ -272,14 +272,14 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         if arrival.carried:
             self._start_carried(arrival, released)
             return
-        if arrival.multifd:
-            self._start_channels(arrival, released)
-            return
 
         # Re-sealed to our TPM now, while the guest still runs at the source,
         # not on the switchover path: the prepare writes what this seals.
         announced = released.identity.hex() if released.identity else None
         arrival.keep_key(self.keeper_or_refuse(), released, announced)
+        if arrival.multifd:
+            self._start_channels(arrival, released)
+            return
 
         async def start() -> None:
             await arrival.start_incoming(released)
@@ -349,6 +349,15 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             self.carrier = carrier
             arrival.incoming_started()
             self.run(self.session.incoming_ready(carrier.address[1]))
+            if not self.session.finished:
+                # As on one stream: the EK check's swtpm starts while the
+                # channels run, off the switchover path.
+                self.vtpm_checker = self.executor_factory()
+                self.vtpm_checker.submit(arrival.start_vtpm_check, released).addErrback(
+                    lambda f: self.log.warn(
+                        "vTPM check not started ahead: {e}", e=f.getErrorMessage()
+                    )
+                )
             try:
                 await arrival.wait_loaded()
             except MigrationError as e:
