@@ -13,7 +13,7 @@ control window, since no more chunks than that are alive at once.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import platform
 
 #: glibc's mallopt parameter numbers (malloc.h).
@@ -24,12 +24,20 @@ MMAP_THRESHOLD = 8 * 1024 * 1024
 TRIM_THRESHOLD = 8 * 1024 * 1024
 
 
+@functools.cache
 def glibc() -> ctypes.CDLL | None:
-    """The C library, where it is glibc (for calls Python does not wrap)."""
+    """The C library, where it is glibc (for calls Python does not wrap).
+
+    The symbols of the process itself (``dlopen(NULL)``), which hold the C
+    library the interpreter runs on, not a library found by name:
+    ``ctypes.util.find_library`` runs ``ldconfig -p`` in a child process,
+    which every ``securemig migrate`` and daemon then paid for at start-up,
+    twice (doc/performance.rst, "Start-up").  Asked once per process
+    (``platform.libc_ver`` asks ``confstr``, no file is read)."""
     if platform.libc_ver()[0] != "glibc":
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return ctypes.CDLL(None)
     except OSError:
         return None
 

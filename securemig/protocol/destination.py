@@ -31,6 +31,7 @@ that means for the VM depends on which side of the commit point it happens:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -428,7 +429,13 @@ _ENDINGS: Endings[State] = {
 }
 
 
-_DestinationMachines = {secure: _destination_machine(secure) for secure in (False, True)}
+@functools.cache
+def destination_machine(secure: bool) -> Any:
+    """The machine of one variant, built when the first session of it starts:
+    a ``securemig migrate`` imports this module and never needs it, and a
+    daemon needs only the variants it is asked for (doc/performance.rst,
+    "Start-up")."""
+    return _destination_machine(secure)
 
 
 class DestinationSession(Session[DestinationEffect, State]):
@@ -442,7 +449,7 @@ class DestinationSession(Session[DestinationEffect, State]):
         self._core: DestinationCore = DestinationCore()
         if request is not None:
             self._core.request = request
-        self._machine: DestinationInputs = _DestinationMachines[secure](self._core)
+        self._machine: DestinationInputs = destination_machine(secure)(self._core)
         self.secure = secure
 
     @property

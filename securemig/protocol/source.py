@@ -24,6 +24,7 @@ by recovery, never by rolling back.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -304,10 +305,17 @@ _ENDINGS: Endings[State] = {
 }
 
 
-_SourceMachines = {
-    (secure, live): _source_machine(secure, live)
-    for secure, live in ((False, False), (True, False), (True, True))
-}
+#: The (secure, live) variants a source session can be.
+VARIANTS = ((False, False), (True, False), (True, True))
+
+
+@functools.cache
+def source_machine(secure: bool, live: bool = False) -> Any:
+    """The machine of one variant, built when the first session of it starts:
+    building one costs tens of milliseconds of CPU (Automat inspects every
+    behaviour's signature), and a ``securemig migrate`` needs one of the
+    three (doc/performance.rst, "Start-up")."""
+    return _source_machine(secure, live)
 
 
 class SourceSession(Session[SourceEffect, State]):
@@ -330,7 +338,7 @@ class SourceSession(Session[SourceEffect, State]):
         self._core: SourceCore = SourceCore(hello, clear_key=clear_key)
         if request is not None:
             self._core.request = request
-        self._machine: SourceInputs = _SourceMachines[secure, live](self._core)
+        self._machine: SourceInputs = source_machine(secure, live)(self._core)
         self.secure = secure
 
     @property

@@ -140,6 +140,34 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout.strip(), "[]")
 
+    def test_start_up_starts_no_process_and_builds_no_machine(self) -> None:
+        """Importing the command and the daemon and tuning malloc, as both
+        do before their first byte, start no child process (once two
+        ``ldconfig -p`` runs of ``ctypes.util.find_library``) and build no
+        session state machine (each is built when its first session starts);
+        yet the C library's calls are found and the tuning applies."""
+        script = (
+            "import sys\n"
+            "spawned = []\n"
+            "def hook(event, args):\n"
+            "    if event in ('subprocess.Popen', 'os.posix_spawn', 'os.fork', 'os.exec',\n"
+            "                 'os.system', 'os.spawn'):\n"
+            "        spawned.append(event)\n"
+            "sys.addaudithook(hook)\n"
+            "import securemig.app.cli.main, securemig.app.service\n"
+            "from securemig.host import glibc, storage\n"
+            "from securemig.protocol import destination, source\n"
+            "tuned = glibc.tune_malloc()\n"
+            "built = source.source_machine.cache_info().currsize"
+            " + destination.destination_machine.cache_info().currsize\n"
+            "print(spawned, built, tuned, storage._SYNC_FILE_RANGE is not None)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=False
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), "[] 0 True True")
+
     def test_help_lists_exit_statuses(self) -> None:
         """``securemig --help`` ends with the exit statuses."""
         text = build_parser().format_help()

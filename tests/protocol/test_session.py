@@ -652,8 +652,8 @@ class StateTableTests(SynchronousTestCase):
         lost connection: the endings come from the side column, so none is
         missing for a state (Automat raises NoTransition for a missing one)."""
         machines = [
-            *destination_session._DestinationMachines.values(),
-            *source_session._SourceMachines.values(),
+            *(destination_session.destination_machine(secure) for secure in (False, True)),
+            *(source_session.source_machine(*variant) for variant in source_session.VARIANTS),
         ]
         for machine in machines:
             automaton = machine.__automat_automaton__
