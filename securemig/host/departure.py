@@ -452,8 +452,6 @@ class Departure:
         destroy the key and the bundle.  Idempotent (recovery redoes it)."""
         running = time.monotonic()  # DONE just arrived: the guest runs there
         live = self.live_migration
-        if live is not None and live.started is not None and self.live_stats is not None:
-            self.guest_downtime_ms = self.live_stats.guest_downtime_ms(live.started, running)
         if self.live_migration is not None:
             try:
                 await self.live_migration.finish()
@@ -467,6 +465,10 @@ class Departure:
                     e=e,
                 )
             crashpoint.reached(CrashPoint.SOURCE_LIVE_ENDED)
+        if live is not None and live.started is not None and self.live_stats is not None:
+            # After finish: a hypervisor that committed before its own call
+            # returned (libvirt) has its numbers only then.
+            self.guest_downtime_ms = self.live_stats.guest_downtime_ms(live.started, running)
         if self.live_stats is not None:
             # Journaled only now, with the guest running there: nothing
             # written between QEMU's completion and the destination's cont.

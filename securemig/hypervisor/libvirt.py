@@ -61,7 +61,6 @@ from xml.sax.saxutils import escape
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -103,6 +102,19 @@ INCOMING_FILE = BACKEND_INFO_FILE
 INCOMING_TIMEOUT = 3600.0
 #: How often the destination asks libvirt whether the domain arrived.
 INCOMING_POLL = 0.1
+#: Where libvirt keeps each running domain's status (``NAME.xml``, its own
+#: journal: a migration job's phase is saved there before libvirt acts on
+#: it) and pid file, under its runtime directory.
+STATUS_DIR = "qemu"
+#: The phase libvirt's source saves once the destination's Finish succeeded
+#: and before it ends its QEMU: from then on it never runs the guest again
+#: (a libvirtd restarted in this phase kills the domain: "migration
+#: completed"), where ``confirm3_cancelled`` resumes it.
+CONFIRMED_PHASE = "confirm3"
+#: How long a waiter sleeps when nothing woke it: seldom where inotify
+#: tells of every change of libvirt's status files, else as often as
+#: :data:`INCOMING_POLL`.
+STATUS_FALLBACK = 1.0
 #: Seconds a question to libvirt (``guest_here``, ``process_alive``) may
 #: take before the answer is "cannot be asked".
 QUERY_TIMEOUT = 30.0
@@ -384,6 +396,121 @@ def secret_held(conn: Any, secret_uuid: str, domain: str, value: bytes) -> Itera
 # -- live migration (issue 23): libvirt's own, its sockets carried by securemig
 
 
+def confirmed_out(status_xml: bytes) -> bool:
+    """Whether libvirt's status of a domain (``STATUS_DIR/NAME.xml``) says
+    its outgoing migration completed: the async job ``migration out`` in
+    phase :data:`CONFIRMED_PHASE`, which libvirt saves before ending its
+    QEMU and never takes back.  Anything else (no job, another phase, a
+    file being replaced, not libvirt's format) is no."""
+    try:
+        root = ET.fromstring(status_xml)
+    except ET.ParseError:
+        return False
+    job = root.find("job")
+    return (
+        job is not None
+        and job.get("async") == "migration out"
+        and job.get("phase") == CONFIRMED_PHASE
+    )
+
+
+class StatusWatch:
+    """Calls ``on_change`` whenever libvirt writes a file of domain ``name``
+    in its status directory ``directory`` (its status XML, saved at each
+    step of a job, or its pid file) -- inotify, through the reactor -- so a
+    waiter looks at libvirt's state when it changes rather than on a
+    timer.  :attr:`active` is False where inotify cannot watch (no such
+    directory, a reactor without file descriptors): the waiter then looks
+    every :data:`INCOMING_POLL` seconds."""
+
+    def __init__(
+        self, reactor: Any, directory: Path, name: str, on_change: Callable[[], None]
+    ) -> None:
+        self.on_change = on_change
+        self._prefix = name + "."
+        self._notifier: Any = None
+        notifier: Any = None
+        try:
+            from twisted.internet import inotify
+            from twisted.python.filepath import FilePath
+
+            notifier = inotify.INotify(reactor)
+            notifier.startReading()
+            notifier.watch(
+                FilePath(str(directory)),
+                mask=inotify.IN_MOVED_TO | inotify.IN_CLOSE_WRITE | inotify.IN_DELETE,
+                callbacks=[self._event],
+            )
+        except Exception as e:
+            log.debug("no inotify watch of {d}: {e}", d=str(directory), e=e)
+            if notifier is not None:
+                with suppress(Exception):
+                    notifier.loseConnection()
+            return
+        self._notifier = notifier
+
+    @property
+    def active(self) -> bool:
+        """Whether changes are told (else the waiter polls)."""
+        return self._notifier is not None
+
+    @property
+    def interval(self) -> float:
+        """How long a waiter sleeps when nothing woke it."""
+        return STATUS_FALLBACK if self.active else INCOMING_POLL
+
+    def _event(self, _: object, path: Any, mask: int) -> None:
+        name = path.basename()  # bytes: inotify's FilePath is of bytes
+        if isinstance(name, bytes):
+            name = name.decode(errors="replace")
+        if name.startswith(self._prefix):
+            self.on_change()
+
+    def close(self) -> None:
+        """Stop watching."""
+        if self._notifier is not None:
+            notifier, self._notifier = self._notifier, None
+            notifier.loseConnection()
+
+
+class Waker:
+    """Wakes whoever sleeps on it (``sleep``) when ``wake`` is called or the
+    time given has passed, whichever comes first.  A wake with no sleeper
+    is kept for the next one: a change told while the waiter was looking
+    (on a thread) is not lost."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self._sleepers: list[Deferred[None]] = []
+        self._pending = False
+
+    def wake(self) -> None:
+        """Wake every sleeper now (or the next one)."""
+        sleepers, self._sleepers = self._sleepers, []
+        if not sleepers:
+            self._pending = True
+        for d in sleepers:
+            if not d.called:
+                d.callback(None)
+
+    def sleep(self, seconds: float) -> Deferred[None]:
+        """Fires on the next :meth:`wake` (at once if one came since the last
+        sleep), or after ``seconds``."""
+        if self._pending:
+            self._pending = False
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._sleepers.append(d)
+        call = self.reactor.callLater(seconds, lambda: None if d.called else d.callback(None))
+
+        def stop(result: None) -> None:
+            if call.active():
+                call.cancel()
+            return result
+
+        return d.addBoth(stop)
+
+
 @dataclass(frozen=True)
 class SocketPaths:
     """A migration's UNIX socket paths: the same path names on both hosts
@@ -499,10 +626,12 @@ class Incoming:
             raise BundleError(f"the arriving libvirt domain is described wrongly: {e}") from None
 
 
-@dataclass(frozen=True)
+@dataclass
 class LibvirtStats:
     """libvirt's numbers of a completed outgoing migration (its job
-    statistics at the source), named as QEMU's LiveStats are."""
+    statistics at the source), named as QEMU's LiveStats are.  Filled in
+    place (:meth:`fill`) when libvirt's call returns, which may be after
+    the commit (:class:`LibvirtOutgoing`)."""
 
     status: str = "completed"
     total_ms: int = 0
@@ -512,13 +641,20 @@ class LibvirtStats:
     iterations: int = 0
     dirty_pages_rate: int = 0
 
-    def guest_downtime_ms(self, started: float, running: float) -> int:
+    def guest_downtime_ms(self, started: float, running: float) -> int | None:
         """The guest's downtime as the source can bound it, as QEMU's
         (:meth:`securemig.hypervisor.qemu.LiveStats.guest_downtime_ms`):
         from its stop (``started`` + libvirt's elapsed time, less its
-        downtime) to ``running``, never below libvirt's downtime."""
+        downtime) to ``running``, never below libvirt's downtime; None
+        without libvirt's numbers (its call failed after it confirmed)."""
+        if not self.total_ms:
+            return None
         stopped = started + (self.total_ms - self.downtime_ms) / 1000
         return max(self.downtime_ms, round((running - stopped) * 1000))
+
+    def fill(self, other: LibvirtStats) -> None:
+        """Take ``other``'s numbers."""
+        self.__dict__.update(asdict(other))
 
     @classmethod
     def of(cls, stats: dict[str, Any]) -> LibvirtStats:
@@ -1486,10 +1622,18 @@ class LibvirtOutgoing:
     """The source's side of one libvirt migration (a LiveSide): libvirt's
     ``migrateToURI3`` running on the backend's thread.
 
-    When it returns libvirt has completed: the destination holds the domain
-    paused, and the source's QEMU has ended (libvirt's Confirm phase ends it
-    in the same call; peer to peer, nothing lets the source keep it).  The
-    definition, vTPM state and sealed secret stay here until COMMITTED."""
+    libvirt has completed once its source saved the job's phase
+    :data:`CONFIRMED_PHASE` in the domain's status file (seen through
+    :class:`StatusWatch`): the destination's Finish succeeded, the domain
+    waits there paused, and libvirt here only ends its QEMU (a libvirtd
+    restarted meanwhile kills it too).  That end takes a second or more
+    (QEMU's exit, polled by libvirt) before ``migrateToURI3`` returns; the
+    commit need not wait for it, and the guest, paused at the destination
+    until the commit, does not.  Before that phase (the Finish's answer
+    lost, the carrier cut) libvirt cancels and runs the guest on here, so
+    nothing else counts as completion.  The definition, vTPM state and
+    sealed secret stay here until COMMITTED; :meth:`finish` waits for the
+    call's return."""
 
     def __init__(self, backend: LibvirtBackend, bundle: Bundle, done: Deferred[Any]) -> None:
         self.backend = backend
@@ -1498,36 +1642,78 @@ class LibvirtOutgoing:
         #: contract's ``LiveSide.started``: the guest's downtime is bounded
         #: from it, as for QEMU's own).
         self.started: float | None = time.monotonic()
-        self.stats: LibvirtStats | None = None
+        #: libvirt's numbers, filled when its call returns.
+        self.stats = LibvirtStats()
         self.error: BaseException | None = None
+        #: libvirt's call returned (with :attr:`stats` or :attr:`error`).
         self.ended = False
+        #: libvirt's source saved the confirmed phase: the migration completed.
+        self.decided = False
+        self._status = backend.run_dir / STATUS_DIR / f"{bundle.name}.xml"
+        self._waker = Waker(backend.reactor)
+        self._watch = StatusWatch(
+            backend.reactor, self._status.parent, bundle.name, self._waker.wake
+        )
 
         def ok(stats: LibvirtStats) -> None:
-            self.stats = stats
-            self.ended = True
+            self.stats.fill(stats)
+            self._ended()
 
         def failed(f: Any) -> None:
             self.error = f.value
-            self.ended = True
+            self._ended()
 
         done.addCallbacks(ok, failed)
 
+    def _ended(self) -> None:
+        self.ended = True
+        self._watch.close()
+        self._waker.wake()
+
+    def _confirmed(self) -> bool:
+        """Whether libvirt's source saved the confirmed phase (read from its
+        status file: a small file in its runtime directory, no libvirt call)."""
+        if not self.decided and not self.ended:
+            try:
+                self.decided = confirmed_out(self._status.read_bytes())
+            except OSError:
+                return False
+            if self.decided:
+                log.info("domain {d}: libvirt's source confirmed the migration", d=self.bundle.name)
+        return self.decided
+
     async def wait(self, timeout: float = INCOMING_TIMEOUT) -> LibvirtStats:
-        """Until libvirt's migration returned; its numbers, or its error."""
+        """Until libvirt's migration completed (the confirmed phase) or its
+        call returned; its numbers (filled in place once the call returns),
+        or its error."""
         deadline = time.monotonic() + timeout
-        while not self.ended:
+        while not self.ended and not self._confirmed():
             if time.monotonic() > deadline:
                 raise LibvirtError(
                     f"libvirt's migration of domain {self.bundle.name} did not complete in time",
                     ErrorCode.LIVE_FAILED,
                 )
-            await deferLater(self.backend.reactor, INCOMING_POLL, lambda: None)
+            await self._waker.sleep(self._watch.interval)
+        if self.decided:
+            return self.stats
         if self.error is not None:
             if isinstance(self.error, LibvirtError):
                 raise self.error
             raise LibvirtError(str(self.error), ErrorCode.LIVE_FAILED)
-        assert self.stats is not None
         return self.stats
+
+    async def returned(self, timeout: float = INCOMING_TIMEOUT) -> None:
+        """Until libvirt's call returned (its QEMU here ended, or the
+        migration failed), whatever it returned."""
+        deadline = time.monotonic() + timeout
+        while not self.ended:
+            if time.monotonic() > deadline:
+                raise LibvirtError(
+                    f"libvirt's migration call for domain {self.bundle.name} did not return "
+                    "in time",
+                    ErrorCode.LIVE_FAILED,
+                )
+            await self._waker.sleep(STATUS_FALLBACK)
 
     async def cont(self) -> None:
         """Let the guest run here (paused by libvirt after a failure)."""
@@ -1536,16 +1722,17 @@ class LibvirtOutgoing:
 
     @property
     def completed(self) -> bool:
-        """libvirt's migration returned success: the destination holds the
-        guest (paused) and this QEMU has ended."""
-        return self.ended and self.error is None
+        """libvirt's migration completed (the confirmed phase, or its call
+        returned success): the destination holds the guest (paused) and
+        this QEMU ends, or has ended."""
+        return self.decided or (self.ended and self.error is None)
 
     async def cancel(self) -> None:
         """Before the commit: abort libvirt's job if it still runs; the guest
         goes on here.  A migration libvirt completed meanwhile cannot be
-        cancelled (this QEMU has ended): :attr:`completed` says so, and
+        cancelled (this QEMU ends): :attr:`completed` says so, and
         nothing is continued here."""
-        if not self.ended:
+        if not self.ended and not self._confirmed():
             await self.backend.abort_job(self.bundle)
         # Cancelled, or failed: either way the guest is (still) here.
         with suppress(LibvirtError):
@@ -1558,7 +1745,12 @@ class LibvirtOutgoing:
         return succeed(None)
 
     async def finish(self) -> None:
-        """After the commit: the definition and vTPM state removed here."""
+        """After the commit: once libvirt's call returned (its QEMU here
+        ended; :attr:`stats` filled), the definition and vTPM state removed
+        here.  A libvirt that cannot be asked then (its libvirtd died after
+        it confirmed) fails it: the release leaves the removal to this
+        host's daemon (``departure.release``)."""
+        await self.returned()
         await self.backend.finish_out(self.bundle)
 
     def release(self) -> None:
@@ -1578,13 +1770,38 @@ class LibvirtIncoming:
         self.outgoing = outgoing
         self.paths = paths
         #: The pid file libvirt keeps of the domain's QEMU here (crash points).
-        self.pidfile = backend.run_dir / "qemu" / f"{outgoing.domain}.pid"
+        self.pidfile = backend.run_dir / STATUS_DIR / f"{outgoing.domain}.pid"
 
     async def wait(self, timeout: float = INCOMING_TIMEOUT) -> None:
         """Until libvirt's migration finished here (the domain paused by
-        request, not paused arriving); then the secret is undefined (swtpm
-        holds it).  LibvirtError if the domain, once seen, is gone (libvirt
-        failed the migration and removed it)."""
+        request, not paused arriving); then the secret's undefinition is
+        queued on the backend's thread (swtpm holds it).  LibvirtError if
+        the domain, once seen, is gone (libvirt failed the migration and
+        removed it).  libvirt's state is asked
+        whenever libvirt rewrites the domain's status file (its Finish
+        does; :class:`StatusWatch`), not on a timer: the guest waits paused
+        from the Finish until the commit, and this is the first step of
+        that wait."""
+        waker = Waker(self.backend.reactor)
+        watch = StatusWatch(
+            self.backend.reactor, self.pidfile.parent, self.outgoing.domain, waker.wake
+        )
+        try:
+            await self._arrived(waker, watch, timeout)
+        finally:
+            watch.close()
+        # The secret goes on the backend's thread, before any later call of
+        # this arrival there (its commit's), but PREPARED need not wait for
+        # it: a crash before it is done leaves it to recovery (``arrived``).
+        self.backend.end_in(self.outgoing, self.paths).addErrback(
+            lambda f: log.warn(
+                "domain {d}: undefining its secret here: {e}",
+                d=self.outgoing.domain,
+                e=f.getErrorMessage(),
+            )
+        )
+
+    async def _arrived(self, waker: Waker, watch: StatusWatch, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         seen = False
         while True:
@@ -1598,7 +1815,7 @@ class LibvirtIncoming:
             if state is not None:
                 seen = True
                 if state == (3, PAUSED_USER):
-                    break
+                    return
                 if state[0] != 3:
                     raise LibvirtError(
                         f"the arriving domain {self.outgoing.domain} is "
@@ -1609,8 +1826,7 @@ class LibvirtIncoming:
                 raise LibvirtError(
                     f"domain {self.outgoing.domain} did not arrive in time", ErrorCode.LIVE_FAILED
                 )
-            await deferLater(self.backend.reactor, INCOMING_POLL, lambda: None)
-        await self.backend.end_in(self.outgoing, self.paths)
+            await waker.sleep(watch.interval)
 
     async def waits_loaded(self) -> bool:
         """Whether the arrived domain is still here, paused (never run)."""

@@ -721,7 +721,7 @@ class LiveMigration:
             info = await self.query()
             status = info.get("status")
             if status == "completed":
-                return LiveStats.of(info)
+                return await self._completed(info)
             if status in ("failed", "cancelled"):
                 reason = info.get("error-desc", status)
                 raise QemuError(f"QEMU live migration of VM {self.bundle.name} {status}: {reason}")
@@ -738,6 +738,19 @@ class LiveMigration:
             await sleeper
             if call.active():
                 call.cancel()
+
+    async def _completed(self, info: dict[str, Any]) -> LiveStats:
+        """The numbers of a completed migration.  At the source QEMU says
+        ``completed`` (and sends its MIGRATION event) a moment before it has
+        stored the total time and downtime: woken by that event, the first
+        ``query-migrate`` read both as 0 (seen in bench --live's qemu-tls
+        moves).  So a source's answer without them is asked again, briefly."""
+        for _ in range(50):
+            if "ram" not in info or info.get("total-time"):
+                break  # the destination's has none to wait for
+            await deferLater(self.backend.reactor, 0.002, lambda: None)
+            info = await self.query()
+        return LiveStats.of(info)
 
     async def run_state(self) -> str:
         """QEMU's run state: ``running``, ``paused``, ``postmigrate``, ..."""

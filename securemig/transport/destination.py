@@ -118,6 +118,9 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         self.live_receiver: LiveReceiver | None = None
         #: Live, a carried backend: the carried sockets' destination end.
         self.carrier: CarrierDestination | None = None
+        #: Live, carried: the released key was sealed into staging at the
+        #: start (the prepare need not release, check or seal it again).
+        self.carried_key_kept = False
         #: A recovery connection: the RESOLVE and the answer it got.
         self.resolved: tuple[wire.Resolve, wire.Resolved] | None = None
         self.host = host
@@ -269,14 +272,14 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         if arrival.carried:
             self._start_carried(arrival, released)
             return
-        if arrival.multifd:
-            self._start_channels(arrival, released)
-            return
 
         # Re-sealed to our TPM now, while the guest still runs at the source,
         # not on the switchover path: the prepare writes what this seals.
         announced = released.identity.hex() if released.identity else None
         arrival.keep_key(self.keeper_or_refuse(), released, announced)
+        if arrival.multifd:
+            self._start_channels(arrival, released)
+            return
 
         async def start() -> None:
             await arrival.start_incoming(released)
@@ -346,6 +349,15 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             self.carrier = carrier
             arrival.incoming_started()
             self.run(self.session.incoming_ready(carrier.address[1]))
+            if not self.session.finished:
+                # As on one stream: the EK check's swtpm starts while the
+                # channels run, off the switchover path.
+                self.vtpm_checker = self.executor_factory()
+                self.vtpm_checker.submit(arrival.start_vtpm_check, released).addErrback(
+                    lambda f: self.log.warn(
+                        "vTPM check not started ahead: {e}", e=f.getErrorMessage()
+                    )
+                )
             try:
                 await arrival.wait_loaded()
             except MigrationError as e:
@@ -370,6 +382,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         arrival.keep_key(
             self.keeper_or_refuse(), VtpmKey(released.secret + released.identity, b""), None
         )
+        self.carried_key_kept = True
         cipher, key = self.data_channel_key(CARRIED_EXPORTER_LABEL)
         migration_id = self.migration_id()
 
@@ -668,7 +681,14 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 then=lambda identity: keep(key, identity),
             )
 
-        if self.session.live and not arrival.carried:
+        if self.carried_key_kept:
+            # The hypervisor's own migration (libvirt): its key was released,
+            # sealed to our TPM and made durable in staging when it started
+            # (_start_carried), and its vTPM state is the hypervisor's to
+            # load; nothing to check or seal again while the guest waits
+            # paused for the commit.
+            self._submit("preparing the VM in staging", arrival.prepare, then=prepared)
+        elif self.session.live and not arrival.carried:
             # Live: the key was released and re-sealed as the vTPM started.
             # Nothing but the decision is on the switchover path: the EK
             # check (a swtpm start) runs on a thread of its own beside

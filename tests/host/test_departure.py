@@ -66,15 +66,17 @@ class ReleaseTests(SynchronousTestCase):
         self.bundle.vtpm_key_path.write_bytes(b"sealed")
         self.journal = Journal(Path(self.mktemp()))
         self.addCleanup(self.journal.close)
-        self.id = self.journal.begin(
+        self.local_id = self.journal.begin(
             role="source", vm="vm1", peer="h:1", variant="full", protocol="secure"
         )
-        self.journal.phase(self.id, Phase.COMMITTED)
+        self.journal.phase(self.local_id, Phase.COMMITTED)
 
     def released(self) -> None:
-        self.successResultOf(Deferred.fromCoroutine(release(self.journal, self.id, self.bundle)))
+        self.successResultOf(
+            Deferred.fromCoroutine(release(self.journal, self.local_id, self.bundle))
+        )
         self.assertFalse(self.bundle.path.exists())
-        record = self.journal.get(self.id)
+        record = self.journal.get(self.local_id)
         assert record is not None
         self.assertTrue(record.reached(Phase.RELEASED))
         deadline = time.monotonic() + 30

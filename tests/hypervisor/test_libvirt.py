@@ -8,6 +8,7 @@ host TPM.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import signal
 import subprocess
@@ -21,17 +22,21 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import LoopingCall, deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from securemig.host.departure import Departure
 from securemig.host.journal import Journal
 from securemig.hypervisor import libvirt as libvirt_backend
-from securemig.hypervisor.bundle import BundleError
+from securemig.hypervisor.bundle import Bundle, BundleError, Manifest
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.libvirt import (
     DOMAIN_FILE,
     LibvirtBackend,
     LibvirtError,
+    LibvirtOutgoing,
+    LibvirtStats,
+    Waker,
+    confirmed_out,
     require_libvirt,
     secret_held,
 )
@@ -321,6 +326,128 @@ class AdoptCommandTests(TestCase):
         self.assertFalse((self.work / "vms" / "cli-guest").exists())
 
 
+def _status(phase: str | None, job: str = "migration out") -> bytes:
+    """A domain's status file as libvirt 9.0 writes it (``/run/libvirt/qemu/
+    NAME.xml``), with its async job in ``phase`` (None: no job)."""
+    element = (
+        ""
+        if phase is None
+        else f"<job type='none' async='{job}' phase='{phase}' flags='0x6b' "
+        "asyncStarted='1796612771607'>\n    <migParams/>\n  </job>\n  "
+    )
+    return (
+        "<domstatus state='paused' reason='migration' pid='7233'>\n  "
+        "<monitor path='/var/lib/libvirt/qemu/domain-1-d/monitor.sock' type='unix'/>\n  "
+        f"{element}<domain type='qemu' id='1'><name>d</name></domain>\n</domstatus>\n"
+    ).encode()
+
+
+def _write_status(directory: Path, name: str, data: bytes) -> None:
+    """As libvirt saves a status: a new file renamed over the old one."""
+    new = directory / f"{name}.xml.new"
+    new.write_bytes(data)
+    os.rename(new, directory / f"{name}.xml")
+
+
+class ConfirmedPhaseTests(SynchronousTestCase):
+    """:func:`confirmed_out`: only libvirt's source in phase ``confirm3`` of
+    an outgoing migration is a completed migration."""
+
+    def test_confirm3_is_completed(self) -> None:
+        """The phase libvirt saves after the destination's Finish succeeded."""
+        self.assertTrue(confirmed_out(_status("confirm3")))
+
+    def test_anything_else_is_not(self) -> None:
+        """The Finish's answer lost (``confirm3_cancelled``: libvirt resumes
+        the guest here), the copy done but the Finish not answered, an
+        incoming job, no job, a file cut short or not libvirt's: no."""
+        for data in (
+            _status("confirm3_cancelled"),
+            _status("perform3_done"),
+            _status("perform3"),
+            _status("confirm3", job="migration in"),
+            _status("finish3", job="migration in"),
+            _status(None),
+            _status("confirm3")[:120],
+            b"",
+            b"<domain><job async='migration out' phase='confirm3'/></domain>"[:-3],
+        ):
+            self.assertFalse(confirmed_out(data), data)
+
+
+class WakerTests(SynchronousTestCase):
+    """:class:`Waker`: a wake wakes the sleeper, or the next one."""
+
+    def test_wake_before_sleep_is_kept(self) -> None:
+        """A change told while nobody slept (the waiter was asking libvirt)
+        wakes the next sleep at once, not after its timeout."""
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        waker = Waker(clock)
+        waker.wake()
+        self.assertIsNone(self.successResultOf(waker.sleep(3600)))
+        later = waker.sleep(3600)
+        self.assertNoResult(later)
+        waker.wake()
+        self.successResultOf(later)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class OutgoingCompletionTests(TestCase):
+    """The source's side of a libvirt migration completes on libvirt's
+    confirmed phase, told by inotify as libvirt saves it, while its
+    ``migrateToURI3`` still runs (libvirt ending its QEMU); never on any
+    earlier phase."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.run_dir = Path(self.mktemp())
+        self.status_dir = self.run_dir / libvirt_backend.STATUS_DIR
+        self.status_dir.mkdir(parents=True)
+        # Only inotify can wake a waiter within this test's timeout.
+        self.patch(libvirt_backend, "STATUS_FALLBACK", 3600.0)
+        self.backend = LibvirtBackend(reactor, run_dir=self.run_dir)
+        bundle = Bundle(
+            Path(self.mktemp()), Manifest(name="d", backend="libvirt", images=[], state="running")
+        )
+        self.call: Deferred[LibvirtStats] = Deferred()
+        self.outgoing = LibvirtOutgoing(self.backend, bundle, self.call)
+        self.addCleanup(self.outgoing._watch.close)
+        self.assertTrue(self.outgoing._watch.active, "inotify watches libvirt's status directory")
+
+    async def test_completes_on_confirm3_before_the_call_returns(self) -> None:
+        """perform3_done does not complete it; confirm3 does, at once; the
+        numbers returned are filled when the call returns; ``returned``
+        waits for that return."""
+        _write_status(self.status_dir, "d", _status("perform3_done"))
+        # wait() reads the status before it first sleeps.
+        waiting = Deferred.fromCoroutine(self.outgoing.wait(timeout=30))
+        self.assertNoResult(waiting)
+        _write_status(self.status_dir, "d", _status("confirm3"))
+        stats = await waiting
+        self.assertTrue(self.outgoing.completed)
+        self.assertFalse(self.outgoing.ended)
+        self.assertEqual(stats.total_ms, 0)
+        returned = Deferred.fromCoroutine(self.outgoing.returned())
+        self.assertNoResult(returned)
+        self.call.callback(LibvirtStats(total_ms=4200, downtime_ms=180))
+        await returned
+        self.assertEqual((stats.total_ms, stats.downtime_ms), (4200, 180))
+
+    async def test_cancelled_confirm_fails(self) -> None:
+        """``confirm3_cancelled`` (the destination's answer lost: libvirt runs
+        the guest on here) is no completion: the call's error is."""
+        _write_status(self.status_dir, "d", _status("confirm3_cancelled"))
+        waiting = Deferred.fromCoroutine(self.outgoing.wait(timeout=30))
+        self.assertNoResult(waiting)
+        self.call.errback(LibvirtError("job 'migration out' failed"))
+        with self.assertRaises(LibvirtError):
+            await waiting
+        self.assertFalse(self.outgoing.completed)
+
+
 class _Started:
     """A live departure's libvirt side, started and not returned yet."""
 
@@ -361,6 +488,10 @@ class ReactorFreeTests(TestCase):
         """SIGSTOP the host's libvirtd; continued at the test's end at the latest."""
         assert self.host.process is not None
         pid = self.host.process.pid
+        # A libvirt connection an earlier test dropped in a reference cycle
+        # would be closed by the collector on whatever thread allocates --
+        # here the reactor's, blocking on the stopped libvirtd: collected now.
+        gc.collect()
         os.kill(pid, signal.SIGSTOP)
         self.addCleanup(os.kill, pid, signal.SIGCONT)
         return pid

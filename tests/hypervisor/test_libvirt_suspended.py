@@ -31,7 +31,7 @@ from securemig.lab.lab import DESTINATION, SOURCE
 from securemig.lab.libvirt import define_guest
 from securemig.protocol.phases import Phase
 from securemig.trust.attestor import open_attestor
-from tests.support.cable import Cable, free_ports
+from tests.support.cable import CableProcess, free_ports
 from tests.support.commands import crash_env
 from tests.support.libvirt import SecretWatch, remove_domain, seal, unseal
 from tests.support.libvirt_suspended import (
@@ -279,7 +279,10 @@ class SuspendedCrashTests(LabCase):
         migrate``) there -- and, with ``settling``, the source's daemon at
         that point of its recovery, restarted too; returns where the domain
         settled (``source`` or ``destination``)."""
+        # One name per cell: the hosts are shared by the module's tests, and
+        # a heartbeat file of an earlier cell's domain stays there.
         name = "crash" + "".join(word[:3] for word in point.split("-"))[:12]
+        name += "".join(word[0] for word in settling.split("-")) if settling else ""
         domain = self.adopt(name)
         source_daemon = self.daemon_at(self.a, crash_env(settling) if settling else None)
         daemon_dies = point.startswith("destination-")
@@ -499,41 +502,45 @@ class SuspendedCrashTests(LabCase):
     # -- the connection cut
 
     def cut_cell(self, when: str) -> str:
-        """Migrate through a :class:`Cable` (control connection, data
-        channel and later RESOLVEs all cross it) and cut it ``when`` the
-        save file streams (``streaming``), once the destination journaled
-        PREPARED (``prepared``) or the source COMMITTED (``committed``); the
-        network then heals (new connections pass).  Returns where the
-        domain settled."""
+        """Migrate through a :class:`CableProcess` (control connection,
+        data channel and later RESOLVEs all cross it) and cut it while the
+        save file streams (``streaming``: by the test), or exactly as the
+        destination journaled PREPARED (``prepared``) or the source
+        COMMITTED (``committed``), before the message crossed (by that
+        process, at its crash point); the network heals once ``migrate``
+        returned.  Returns where the domain settled."""
         domain = self.adopt("cut" + when[:6])
         source_daemon = self.daemon_at(self.a)
         ports = free_ports(4)
+        cable = CableProcess(ports, self.work)
+        self.addCleanup(cable.close)
         destination = self.daemon_at(
-            self.b, port=ports[0], extra=("--data-ports", f"{ports[1]}-{ports[-1]}")
+            self.b,
+            cable.cut_at("destination-prepared") if when == "prepared" else None,
+            port=ports[0],
+            extra=("--data-ports", f"{ports[1]}-{ports[-1]}"),
         )
         self.assertEqual(destination.port, ports[0])
-        cable = Cable(ports)
-        self.addCleanup(cable.close)
         mover = self.migrate_behind(
-            domain, destination, source_daemon, "--to", cable.address(destination.port)
+            domain,
+            destination,
+            source_daemon,
+            "--to",
+            cable.address(destination.port),
+            env=cable.cut_at("source-committed") if when == "committed" else None,
         )
-        staging = destination.state_dir / "staging"
-        deadline = time.monotonic() + 180
-        while True:
-            self.assertLess(time.monotonic(), deadline, f"never reached {when}")
-            self.assertTrue(mover.is_alive(), mover.outcome)
-            if when == "streaming":
-                reached = any(p.is_file() for p in staging.rglob("ram.img"))
-            elif when == "prepared":
-                reached = self.journal_reached(destination, "destination", Phase.PREPARED)
-            else:
-                reached = self.journal_reached(source_daemon, "source", Phase.COMMITTED)
-            if reached:
-                break
-            time.sleep(0.02)
-        self.assertGreater(cable.cut(), 0)
+        if when == "streaming":
+            staging = destination.state_dir / "staging"
+            deadline = time.monotonic() + 180
+            while not any(p.is_file() for p in staging.rglob("ram.img")):
+                self.assertLess(time.monotonic(), deadline, "nothing streamed")
+                self.assertTrue(mover.is_alive(), mover.outcome)
+                time.sleep(0.02)
+            cable.cut_now()
         mover.join(300)
         self.assertEqual(len(mover.outcome), 1)
+        self.assertTrue(cable.cut, f"the cable was not cut {when}: {mover.outcome}")
+        cable.heal()
         where = self.wait_settled(domain, source_daemon, destination)
         self.assert_settled_at(domain, where, destination)
         return where
@@ -544,14 +551,14 @@ class SuspendedCrashTests(LabCase):
         self.assertEqual(self.cut_cell("streaming"), "source")
 
     def test_cut_after_destination_prepared(self) -> None:
-        """Cut once the destination journaled PREPARED (the domain restored
-        paused there): one copy runs, where the source's journal says (its
+        """Cut as the destination journaled PREPARED (the domain restored
+        paused there), before it was sent: one copy runs, where the source's journal says (its
         COMMITTED decides; RESOLVE through the healed network tells the
         destination)."""
         self.cut_cell("prepared")
 
     def test_cut_after_source_committed(self) -> None:
-        """Cut once the source journaled COMMITTED: the domain is the
-        destination's; RESOLVE(committed) through the healed network rolls
+        """Cut as the source journaled COMMITTED, before COMMIT was sent:
+        the domain is the destination's; RESOLVE(committed) through the healed network rolls
         it forward there, and the source's copy is gone."""
         self.assertEqual(self.cut_cell("committed"), "destination")

@@ -6,6 +6,7 @@ does not migrate live."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from securemig.hypervisor.backends import capabilities
 from securemig.lab import processes
-from securemig.lab.bench.libvirt import KIND, CPUSampler, _report
+from securemig.lab.bench import libvirt as libvirt_bench
+from securemig.lab.bench.libvirt import KIND, PROTOCOLS, CPUSampler, _report
 
 
 class LibvirtBenchTests(TestCase):
@@ -47,6 +49,22 @@ class LibvirtBenchTests(TestCase):
                 self.assertGreater(record[field], 0, (field, record))
             self.assertTrue(record["guest_kept_running"], record)
             self.assertIn("git_commit", record["provenance"])
+        for record in records:
+            outside = record["outside_migration_s"]
+            self.assertGreater(record["own_cpu_s"], 0, record)
+            self.assertLess(record["own_cpu_s"], record["cpu_s"], record)
+            if record["protocol"] == "secure-libvirt":
+                # securemig migrate's start-up and exit: some, not all, of it.
+                self.assertGreater(outside, 0, record)
+                self.assertLess(outside, record["total_s"], record)
+                self.assertGreater(record["daemons_cpu_s"], 0, record)
+            else:
+                self.assertIsNone(outside, record)
+                self.assertIsNone(record["daemons_cpu_s"], record)
+        # securemig measured as installed: its modules byte-compiled first
+        # (a source tree run with PYTHONDONTWRITEBYTECODE compiles them in
+        # every `securemig migrate` otherwise).
+        self.assertTrue(Path(importlib.util.cache_from_source(libvirt_bench.__file__)).exists())
         # Each move went the other way: the domain alternates hosts.
         self.assertNotEqual(records[0]["from"], records[1]["from"])
         self.assertIn("libvirt-tls / libvirt-plain", report["ratios"])
@@ -95,6 +113,35 @@ class ReportTests(SynchronousTestCase):
         )
         self.assertIn("secure-libvirt", report["not_run"])
 
+    def test_time_outside_the_migration(self) -> None:
+        """securemig's arm: the median of the time its process spent outside
+        the migration, reported and said; the native arms have none."""
+        records = [
+            {
+                "protocol": p,
+                "total_s": t,
+                "downtime_ms": 100,
+                "guest_downtime_ms": 300,
+                "cpu_s": 2.0,
+                "memory_bytes": 1 << 20,
+                "disk_bytes": None,
+                "outside_migration_s": o,
+            }
+            for p, t, o in (
+                ("secure-libvirt", 9.0, 3.0),
+                ("secure-libvirt", 8.0, 2.0),
+                ("secure-libvirt", 10.0, 4.5),
+                ("libvirt-tls", 6.0, None),
+                ("libvirt-plain", 4.0, None),
+            )
+        ]
+        out = Path(self.mktemp())
+        info = {"git_commit": "x", "load_average": [1.0, 1.0, 1.0]}
+        _report(records, PROTOCOLS, 128, 8, 16, 3, out, info)
+        medians = json.loads(out.read_text())["medians"]
+        self.assertEqual(medians["secure-libvirt"]["outside_migration_s"], 3.0)
+        self.assertIsNone(medians["libvirt-tls"]["outside_migration_s"])
+
 
 class CPUSamplerTests(SynchronousTestCase):
     """CPU of processes that come and go during the interval."""
@@ -117,3 +164,6 @@ class CPUSamplerTests(SynchronousTestCase):
         used = sampler.stop()
         self.assertGreater(used, 0.3)
         self.assertLess(used, 5.0)
+        # The part of one process: all of it here, none of a pid not seen.
+        self.assertEqual(sampler.used([child.pid]), used)
+        self.assertEqual(sampler.used([1 << 30]), 0)

@@ -68,3 +68,62 @@ class LiveBenchTests(TestCase):
             self.assertGreater(record["multifd_bytes"], 16 << 20, record)
             self.assertTrue(record["guest_kept_running"], record)
         self.assertIn("2 multifd channels each", result.stdout)
+
+
+class SwitchoverTests(TestCase):
+    def test_switchover_from_journals_and_heartbeats(self) -> None:
+        """Each commit step's time is counted from the source's last
+        heartbeat before the largest gap (monotonic, turned into the
+        journals' wall clock), by role and phase; the destination's first
+        heartbeat ends it; a missing record gives nothing."""
+        import time
+
+        from securemig.host.journal import Journal
+        from securemig.hypervisor.heartbeat import Beat
+        from securemig.lab.bench.live import _switchover
+
+        base = Path(self.mktemp())
+        base.mkdir()
+        journals = {role: Journal(base / f"{role}.sqlite") for role in ("source", "destination")}
+        now = time.monotonic()
+        beats = [Beat(now - 2 + i * 0.02, i, "00", 0) for i in range(10)]
+        last = beats[-1]
+        beats.append(Beat(last.at + 0.5, 10, "00", 1))
+        stopped = last.at + time.time() - time.monotonic()
+        steps = {
+            ("destination", "prepared"): 0.1,
+            ("source", "committed"): 0.15,
+            ("destination", "committed"): 0.2,
+            ("destination", "continuing"): 0.25,
+            ("destination", "resumed"): 0.3,
+            ("source", "prepared"): 9.0,  # not a step of the switchover
+        }
+        for role, journal in journals.items():
+            mid = journal.begin(role=role, vm="vm1", peer="h:1", variant="full", protocol="x")
+            for (who, phase), after in steps.items():
+                if who == role:
+                    journal._db.execute(
+                        "INSERT INTO events VALUES (?, ?, ?)", (mid, phase, stopped + after)
+                    )
+            journal.close()
+
+        class Watched:
+            def __init__(self, beats: list[Beat]) -> None:
+                self.beats = beats
+
+        got = _switchover(Watched(beats), base / "source.sqlite", base / "destination.sqlite")  # type: ignore[arg-type]
+        want = {
+            "dst_prepared": 100,
+            "src_committed": 150,
+            "dst_committed": 200,
+            "dst_continuing": 250,
+            "dst_resumed": 300,
+            "first_beat": 500,
+        }
+        self.assertEqual(set(got), set(want))
+        for name, ms in want.items():
+            self.assertAlmostEqual(got[name], ms, delta=5, msg=name)
+        self.assertEqual(
+            _switchover(Watched(beats), base / "source.sqlite", base / "none.sqlite"),
+            {},  # type: ignore[arg-type]
+        )

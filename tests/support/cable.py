@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 #: The address a source dials to reach the destination through the cable
 #: (loopback too: all of 127/8 is; the destination listens on 127.0.0.1).
@@ -114,3 +117,72 @@ class Cable:
             if not dead.is_set():
                 with contextlib.suppress(OSError):
                     dst.shutdown(socket.SHUT_WR)
+
+
+class CableProcess:
+    """A :class:`Cable` in a process of its own, so that a crash point's
+    ``NAME:other`` mode (``SECUREMIG_CRASH_PIDFILE``, :mod:`securemig.crashpoint`)
+    cuts it at an exact step of a securemig process: SIGKILLed, every
+    connection it carries dies at once.  :meth:`heal` starts it again on
+    the same ports (the network back, as an operator's would come back)."""
+
+    def __init__(self, ports: list[int], directory: Path) -> None:
+        self.ports = ports
+        self.pidfile = directory / "cable.pid"
+        self.process: subprocess.Popen[str] | None = None
+        self.heal()
+
+    def address(self, port: int) -> str:
+        """``HOST:PORT`` a source dials to reach ``port`` through the cable."""
+        return f"{NEAR}:{port}"
+
+    def cut_at(self, point: str) -> dict[str, str]:
+        """The environment that makes a securemig process cut the cable
+        when it reaches crash point ``point`` (and live on)."""
+        return {
+            "SECUREMIG_CRASH_POINTS": "1",
+            "SECUREMIG_CRASH_AT": f"{point}:other",
+            "SECUREMIG_CRASH_PIDFILE": str(self.pidfile),
+        }
+
+    @property
+    def cut(self) -> bool:
+        """Whether the cable was cut (its process is gone)."""
+        return self.process is None or self.process.poll() is not None
+
+    def cut_now(self) -> None:
+        """Cut it from here (SIGKILL), at once."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def heal(self) -> None:
+        """(Re)start the cable on its ports once it is cut; returns when it
+        listens."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                return
+            self.process.wait()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.cable", *map(str, self.ports)],
+            cwd=Path(__file__).resolve().parents[2],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        ready = self.process.stdout.readline()
+        if ready.strip() != "ready":
+            self.process.kill()
+            raise RuntimeError(f"the cable did not start: {ready!r}")
+        self.pidfile.write_text(f"{self.process.pid}\n")
+
+    def close(self) -> None:
+        """End it."""
+        self.cut_now()
+
+
+if __name__ == "__main__":
+    # python -m tests.support.cable PORT...: a Cable until killed.
+    Cable([int(port) for port in sys.argv[1:]])
+    print("ready", flush=True)
+    threading.Event().wait()

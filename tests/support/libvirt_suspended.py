@@ -172,13 +172,15 @@ class LabCase(TestCase):
         )
 
     def migrate_behind(
-        self, domain: Adopted, destination: Any, source: Any, *extra: str
+        self,
+        domain: Adopted,
+        destination: Any,
+        source: Any,
+        *extra: str,
+        env: dict[str, str] | None = None,
     ) -> Migrating:
-        """``securemig migrate`` of ``domain`` to ``destination`` (``extra``
-        options; journaled in ``source``'s state directory) on a thread of
-        its own, started."""
-
-        mover = Migrating(lambda: self.send(domain, destination, source, *extra))
+        """:meth:`send` on a thread of its own, started."""
+        mover = Migrating(lambda: self.send(domain, destination, source, *extra, env=env))
         mover.start()
         return mover
 

@@ -3,10 +3,12 @@ More crash cells of a libvirt domain's live migration (issue 23 item 3),
 with real libvirtds, the Linux guest and its encrypted vTPM:
 
 - the network between the source and the destination cut (a
-  :class:`~tests.support.cable.Cable` every connection crosses: control,
-  the carried sockets' carrier, later RESOLVEs) before the key release,
-  while libvirt copies, once the destination journaled PREPARED, and once
-  the source journaled COMMITTED; the network then heals;
+  :class:`~tests.support.cable.CableProcess` every connection crosses:
+  control, the carried sockets' carrier, later RESOLVEs; SIGKILLed by a
+  securemig process at its crash point, ``NAME:other``) as the source is
+  about to send the wrapped key, while libvirt copies, as the destination
+  journaled PREPARED and as the source journaled COMMITTED (each before
+  the message crossed); the network then heals;
 - the source host's daemon (``twistd securemig``) killed (SIGKILL) while it
   settles the departures a killed ``securemig migrate`` left, then
   restarted on its port.
@@ -22,55 +24,51 @@ the cut -- decides some of them either way; the journal always says which.)
 from __future__ import annotations
 
 import signal
-import time
-from typing import Any
 
 from twisted.internet import threads
-from twisted.internet.defer import Deferred
 
 from securemig.protocol.phases import Phase
-from tests.support.cable import Cable, free_ports
+from tests.support.cable import CableProcess, free_ports
 from tests.support.commands import crash_env
 from tests.support.libvirt_cells import LibvirtCellsBase
 
-#: When a cable cell cuts, as the journals (or libvirt's job) show it.
-CUTS = ("before-key-release", "mid-copy", "destination-prepared", "source-committed")
+#: Where a cable cell cuts: which process cuts the cable at which of its
+#: crash points (``NAME:other``: it SIGKILLs the cable's process and lives
+#: on), or, mid-copy, the test once libvirt's job is copying.
+CUTS = {
+    # WRAPPED_KEY about to be sent: the secret not yet released.
+    "before-key-release": ("migrate", "source-key-wrapped"),
+    "mid-copy": ("test", ""),
+    # PREPARED journaled (libvirt completed there), not yet sent.
+    "destination-prepared": ("destination", "destination-prepared"),
+    # COMMITTED journaled, COMMIT not yet sent.
+    "source-committed": ("migrate", "source-committed"),
+}
 
 
 class LibvirtLiveCells(LibvirtCellsBase):
     """Each test is one cell: where the network is cut, or where the
     source's daemon dies."""
 
-    def cut_when(self, when: str, name: str, cable: Cable, running: Deferred[Any]) -> None:
-        """Wait (on this thread) until the migration of ``name`` reaches
-        ``when`` (one of :data:`CUTS`), then cut ``cable``; fail at once if
-        the migration (``running``) ended before."""
-        deadline = time.monotonic() + 300
-        if when == "mid-copy":
-            self.wait_copying(name)
-        else:
-            state, phase = {
-                "before-key-release": (self.dst_state, Phase.ADMITTED),
-                "destination-prepared": (self.dst_state, Phase.PREPARED),
-                "source-committed": (self.src_state, Phase.COMMITTED),
-            }[when]
-            while not self.journal_reached(state, phase):
-                self.assertLess(time.monotonic(), deadline, f"never reached {when}")
-                self.assertFalse(running.called, f"the migration ended before {when}")
-                time.sleep(0.02)
-        self.assertGreater(cable.cut(), 0, "the cable carried nothing to cut")
-
     async def cut_cell(self, name: str, when: str) -> str:
-        """Migrate ``name`` live through a cable cut at ``when``; check the
-        cell settles as it must.  Returns where the guest ended."""
+        """Migrate ``name`` live through a cable (in a process of its own)
+        cut at ``when`` (:data:`CUTS`), healed once ``migrate`` returned;
+        check the cell settles as it must.  Returns where the guest ended."""
+        cutter, point = CUTS[when]
         self.source_daemon()
         ports = free_ports(5)
-        destination = self.destination_daemon(
-            port=ports[0], extra=("--data-ports", f"{ports[1]}-{ports[-1]}")
+        cable = CableProcess(ports, self.base)
+        self.addCleanup(cable.close)
+        destination = self.libvirt_daemon(
+            self.dst_state,
+            self.dst_id,
+            self.dst_policy,
+            {**self.env(self.b), **(cable.cut_at(point) if cutter == "destination" else {})},
+            ports[0],
+            None,
+            ("--data-ports", f"{ports[1]}-{ports[-1]}"),
         )
         self.assertEqual(destination.port, ports[0])
-        cable = Cable(ports)
-        self.addCleanup(cable.close)
         domain, bundle, watch, first = await threads.deferToThread(self.watched_guest, name)
         running = threads.deferToThread(
             self.migrate_domain,
@@ -79,9 +77,14 @@ class LibvirtLiveCells(LibvirtCellsBase):
             "--copy-storage",
             "--to",
             cable.address(destination.port),
+            dying=cable.cut_at(point) if cutter == "migrate" else None,
         )
-        await threads.deferToThread(self.cut_when, when, name, cable, running)
+        if cutter == "test":
+            await threads.deferToThread(self.wait_copying, name)
+            cable.cut_now()
         result = await running
+        self.assertTrue(cable.cut, f"the cable was not cut {when}: {result.stderr}")
+        cable.heal()
         if when == "before-key-release":
             # Cut before the wrapped key crossed: the destination never
             # received it, so its libvirt never had the secret.
@@ -94,9 +97,10 @@ class LibvirtLiveCells(LibvirtCellsBase):
         )
 
     async def test_cut_before_key_release(self) -> None:
-        """Cut once the destination admitted the migration, before the
-        vTPM secret was released: nothing was defined there; the guest runs
-        on at the source, the migration aborted on both sides."""
+        """Cut as the source is about to send the wrapped vTPM secret (its
+        crash point ``source-key-wrapped``): never released, nothing was
+        defined at the destination; the guest runs on at the source, the
+        migration aborted on both sides."""
         self.assertEqual(await self.cut_cell("lcut1", "before-key-release"), "source")
 
     async def test_cut_mid_copy(self) -> None:
@@ -106,17 +110,18 @@ class LibvirtLiveCells(LibvirtCellsBase):
         self.assertEqual(await self.cut_cell("lcut2", "mid-copy"), "source")
 
     async def test_cut_after_destination_prepared(self) -> None:
-        """Cut once the destination journaled PREPARED (libvirt completed
-        there, the guest paused): the source commits what libvirt moved, or
-        -- libvirt's race -- cancelled and runs on; RESOLVE through the
-        healed network settles the destination accordingly.  One copy,
-        where the source's journal says."""
+        """Cut as the destination journaled PREPARED, before sending it
+        (libvirt completed there, the guest paused): the source commits what
+        libvirt moved, or -- libvirt's race -- cancelled and runs on;
+        RESOLVE through the healed network settles the destination
+        accordingly.  One copy, where the source's journal says."""
         await self.cut_cell("lcut3", "destination-prepared")
 
     async def test_cut_after_source_committed(self) -> None:
-        """Cut once the source journaled COMMITTED: the guest is the
-        destination's; RESOLVE(committed) through the healed network rolls
-        it forward there, and the source's definition and vTPM state go."""
+        """Cut as the source journaled COMMITTED, before COMMIT was sent:
+        the guest is the destination's; RESOLVE(committed) through the
+        healed network rolls it forward there, and the source's definition
+        and vTPM state go."""
         self.assertEqual(await self.cut_cell("lcut4", "source-committed"), "destination")
 
     # -- the source's daemon dies while it settles

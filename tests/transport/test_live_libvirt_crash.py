@@ -88,6 +88,16 @@ class LibvirtCrashCells(LibvirtCellsBase):
         Either way one copy runs, where the source's journal says."""
         await self.crash_cell("lvc2", "migrate", "source-prepared-received")
 
+    async def test_migrate_dies_committed_while_libvirt_ends_its_qemu(self) -> None:
+        """COMMITTED journaled on libvirt's confirmed phase, while libvirt's
+        source still ends its QEMU (``migrateToURI3`` not returned) and
+        before COMMIT was sent: the source's daemon finds the committed
+        departure, keeps the definition until the destination confirms, and
+        RESOLVE(committed) rolls the paused destination forward; one copy,
+        at the destination."""
+        where = await self.crash_cell("lvc9", "migrate", "source-committed")
+        self.assertEqual(where, "destination")
+
     # -- the destination's daemon dies
 
     async def test_destination_dies_with_secret_defined(self) -> None:

@@ -68,8 +68,8 @@ class LiveMultifdTests(LiveSecureBase):
         """--parallel 2: QEMU says it sent the guest's pages on its multifd
         channels (a QEMU told nothing, or a carrier that lets only one
         connection through, sends none or fails); the heartbeat goes on at
-        the destination in sequence, PCR 16 is the value it extended, and
-        the source's QEMU is gone."""
+        the destination in sequence, PCR 16 is the value it extended, its
+        sealed vTPM key is there, and the source's QEMU and bundle are gone."""
         destination = self.start_destination("--tofu", "--backend", "qemu")
         bundle, watch = self.start_guest()
         first = await threads.deferToThread(watch.wait, 5, 120.0)
@@ -88,6 +88,10 @@ class LiveMultifdTests(LiveSecureBase):
         self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
         self.assertFalse(alive(source_pid))
         self.assertEqual(QemuBackend().status(arrived), "running")
+        # Its vTPM key, sealed to the destination's TPM, came with it (and
+        # went from the source): the guest can be stopped and started there.
+        self.assertTrue(arrived.vtpm_key_path.exists())
+        self.assertFalse(bundle.path.exists())
         self.assertNoUnhandledError(destination)
 
     async def test_parallel_beyond_bound_refused_before_anything_moves(self) -> None:

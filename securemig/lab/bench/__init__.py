@@ -53,7 +53,7 @@ from securemig import files
 from securemig.hypervisor.bundle import create_image_vm
 from securemig.lab import processes
 from securemig.lab.bench.link import Link
-from securemig.lab.bench.provenance import one_line, provenance
+from securemig.lab.bench.provenance import byte_compile, one_line, provenance
 from securemig.lab.bench.report import (
     FLOOR,
     IN_PROCESS,
@@ -259,20 +259,6 @@ def _summarise(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _byte_compile() -> None:
-    """Measure securemig as installed: byte-compiled, as pip leaves it.
-
-    A source tree (an editable install) run with PYTHONDONTWRITEBYTECODE,
-    as development shells often are, compiles its ~90 modules from source
-    in every process: 0.15 CPU-s and more per ``securemig migrate`` and per
-    daemon, measured as part of each migration.  Where the package cannot
-    be written (a system install) it is compiled already; nothing is said.
-    """
-    import compileall
-
-    compileall.compile_dir(Path(__file__).parents[2], quiet=2)
-
-
 def _discarded(vm_dir: Path, timeout: float = 60.0) -> None:
     """Wait (outside the timing) until the source's copy of a migrated VM
     is unlinked: a detached remover does it after the command ended
@@ -404,7 +390,7 @@ def run(
             f"{link_mbit} Mbit/s veth link (tbf)",
             file=sys.stderr,
         )
-    _byte_compile()
+    byte_compile()
     info = provenance()
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-", dir=work_dir))
     records: list[dict[str, Any]] = []

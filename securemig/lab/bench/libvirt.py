@@ -42,8 +42,13 @@ most its last 0.1 s -- plus ``virsh``'s or ``securemig migrate``'s own,
 and for securemig's arm both ``twistd securemig``), ``memory_bytes`` (libvirt's
 ``memory_processed``) and ``disk_bytes`` (``disk_processed``, when libvirt
 reports it: 9.0 does not at the destination), and whether the guest kept running (heartbeat in
-sequence).  The report gives medians and the ratios secure-libvirt /
-libvirt-tls and libvirt-tls / libvirt-plain.
+sequence), ``own_cpu_s`` (of ``cpu_s``: ``virsh``'s or ``securemig
+migrate``'s own) and ``daemons_cpu_s`` (securemig's daemons', its arm
+only); securemig's arm also ``outside_migration_s``, the part of its
+``total_s`` outside the migration ``securemig migrate`` reports (its
+``seconds``): the process's start-up -- Python and its imports -- and exit,
+which ``virsh`` hardly has.  The report gives medians and the ratios
+secure-libvirt / libvirt-tls and libvirt-tls / libvirt-plain.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ from securemig.hypervisor.backends import capabilities
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.libvirt import CONNECT_ENV, RUN_DIR_ENV, LibvirtError, require_libvirt
 from securemig.lab import processes
-from securemig.lab.bench.provenance import one_line, provenance
+from securemig.lab.bench.provenance import byte_compile, one_line, provenance
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
 from securemig.lab.libvirt import (
     HostTLS,
@@ -139,6 +144,10 @@ class CPUSampler:
         self._sample()
         return round(sum(self._last[p] - self._first[p] for p in self._last), 2)
 
+    def used(self, pids: list[int]) -> float:
+        """The seconds used by those of ``pids`` seen (after :meth:`stop`)."""
+        return round(sum(self._last[p] - self._first[p] for p in pids if p in self._last), 2)
+
 
 def _free_port(lo: int, hi: int) -> int:
     """A port of ``lo..hi`` free on loopback now (a destination QEMU's
@@ -186,6 +195,8 @@ class _Bench:
         #: The secret's value: securemig keeps it sealed (the domain is
         #: adopted); the native arms need it defined on both hosts.
         self.value = os.urandom(32)
+        #: The last ``securemig migrate``'s own migration seconds.
+        self.last_seconds: float | None = None
         #: Where the domain's securemig bundle is, per host index.
         self.homes: dict[int, Path] = {}
         self.daemons: dict[int, Any] = {}
@@ -297,6 +308,7 @@ class _Bench:
         )
         if summary.get("outcome") != "done":
             raise RuntimeError(f"{protocol}: {summary}")
+        self.last_seconds = float(summary["seconds"])
         self.homes[other] = self.daemons[other].state_dir / "vms"
         return float(usage.cpu_s)
 
@@ -342,10 +354,12 @@ class _Bench:
         daemons = [d.process.pid for d in self.daemons.values()] if mover == self._securemig else []
         sampler = CPUSampler(lambda: self.pids() + daemons)
         started = time.monotonic()
+        self.last_seconds = None
         try:
             own_cpu = mover(protocol, where)
             total = time.monotonic() - started
             cpu = sampler.stop() + own_cpu
+            daemons_cpu = sampler.used(daemons)
             watch.wait(3, BEAT_TIMEOUT, source=1)
         finally:
             sampler.stop()
@@ -358,9 +372,15 @@ class _Bench:
             "downtime_ms": stats.get("downtime"),
             "guest_downtime_ms": watch.largest_gap_ms(),
             "cpu_s": round(cpu, 2),
+            # Of it: virsh's or securemig migrate's own, and securemig's daemons'.
+            "own_cpu_s": round(own_cpu, 2),
+            "daemons_cpu_s": daemons_cpu if daemons else None,
             "memory_bytes": stats.get("memory_processed"),
             "disk_bytes": stats.get("disk_processed") or None,
             "guest_kept_running": watch.continuous(),
+            "outside_migration_s": (
+                None if self.last_seconds is None else round(total - self.last_seconds, 3)
+            ),
         }
 
     def _completed(self, host: LibvirtHost) -> dict[str, Any]:
@@ -388,6 +408,11 @@ def run(
     json_path: Path | None = None,
 ) -> int:
     """Run the bench and print its report; returns an exit status."""
+    # securemig as installed (byte-compiled): a source tree run with
+    # PYTHONDONTWRITEBYTECODE compiles its modules in every `securemig
+    # migrate` (about 1 s of a move's start-up under this machine's load),
+    # which virsh's arms do not pay.
+    byte_compile()
     info = provenance()  # before the bench loads the machine
     say = partial(print, file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-libvirt-"))
@@ -425,6 +450,8 @@ def run(
 
 #: The measures the report takes medians and ratios of.
 MEASURES = ("total_s", "downtime_ms", "guest_downtime_ms", "cpu_s")
+#: Parts of them it gives medians of (None where an arm has no such part).
+PARTS = ("outside_migration_s", "own_cpu_s", "daemons_cpu_s")
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -449,7 +476,7 @@ def _report(
     medians = {
         p: {
             k: _median([r for r in records if r["protocol"] == p], k)
-            for k in (*MEASURES, "memory_bytes", "disk_bytes")
+            for k in (*MEASURES, "memory_bytes", "disk_bytes", *PARTS)
         }
         for p in protocols
     }
@@ -497,6 +524,18 @@ def _report(
         )
     for name, values in ratios.items():
         print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in values.items()))
+    for protocol, m in medians.items():
+        if m["outside_migration_s"] is not None:
+            print(
+                f"{protocol}: {m['outside_migration_s']:.2f} s of its total outside the "
+                "migration (securemig migrate's start-up and exit)"
+            )
+        if m["own_cpu_s"] is not None:
+            daemons = m["daemons_cpu_s"]
+            print(
+                f"{protocol}: cpu of its command {m['own_cpu_s']:.2f} s"
+                + ("" if daemons is None else f", of securemig's daemons {daemons:.2f} s")
+            )
     for protocol in not_run:
         print(f"{protocol}: not run (the libvirt backend does not migrate live yet)")
     print("(MiB: guest memory libvirt sent; the disk copy is on top of it)")
