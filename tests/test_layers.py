@@ -198,7 +198,15 @@ def find_cycles(edges: dict[str, set[str]]) -> list[str]:
 #: lab in their command functions so that every other command (``migrate``
 #: first, whose start-up the benchmark measures) does not pay for it
 #: (about a tenth of the CLI's import time; tests/app/test_cli.py checks it).
-LAZY_IMPORTS = (("securemig.app.cli.lab", "securemig.lab"),)
+#: The libvirt backend's module likewise (tens of milliseconds of CPU): the
+#: registry and ``vm adopt`` import it when a libvirt backend is first made,
+#: knowing its capabilities and default URI from hypervisor/libvirt_info.py
+#: until then (tests/app/test_cli.py checks it is not imported at start).
+LAZY_IMPORTS = (
+    ("securemig.app.cli.lab", "securemig.lab"),
+    ("securemig.hypervisor.backends", "securemig.hypervisor.libvirt"),
+    ("securemig.app.cli.vm_libvirt", "securemig.hypervisor.libvirt"),
+)
 
 
 class LayerTests(SynchronousTestCase):

@@ -36,8 +36,7 @@ from securemig.hypervisor.bundle import (
 )
 from securemig.hypervisor.contract import Backend, Capabilities, LiveSide, Unsupported, VTPMKey
 from securemig.hypervisor.image import ImageBackend
-from securemig.hypervisor.libvirt import CAPABILITIES as LIBVIRT_CAPABILITIES
-from securemig.hypervisor.libvirt import LibvirtBackend
+from securemig.hypervisor.libvirt_info import CAPABILITIES as LIBVIRT_CAPABILITIES
 from securemig.hypervisor.qemu import MAX_MULTIFD_CHANNELS, QemuBackend
 from securemig.hypervisor.xen import XenBackend
 from securemig.protocol import wire
@@ -224,6 +223,15 @@ def end_started_blocking(path: Path) -> None:
         backend.end_blocking(bundle)
 
 
+def _libvirt_backend(key: VTPMKey | None) -> Backend:
+    # Imported when the first libvirt backend is made, not with the
+    # registry: a command or daemon that never handles a libvirt domain
+    # does not pay for the module at start-up (hypervisor/libvirt_info.py).
+    from securemig.hypervisor.libvirt import LibvirtBackend
+
+    return LibvirtBackend(vtpm_key=key)
+
+
 # The shipped backends.  A new one: its module, and one line here.
 register("image", lambda key: ImageBackend(), Capabilities(creatable=True))
 register(
@@ -242,4 +250,4 @@ register(
     ),
 )
 register("xen", lambda key: XenBackend(), Capabilities(runs_guest=True))
-register("libvirt", lambda key: LibvirtBackend(vtpm_key=key), LIBVIRT_CAPABILITIES)
+register("libvirt", _libvirt_backend, LIBVIRT_CAPABILITIES)

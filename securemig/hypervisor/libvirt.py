@@ -68,15 +68,19 @@ from twisted.python.threadpool import ThreadPool
 from securemig import crashpoint, files
 from securemig.crashpoint import CrashPoint
 from securemig.hypervisor.bundle import Bundle, BundleError, Image, Manifest, check_vm_name
-from securemig.hypervisor.contract import BACKEND_INFO_FILE, Backend, Capabilities
+from securemig.hypervisor.contract import BACKEND_INFO_FILE, Backend
+from securemig.hypervisor.libvirt_info import CAPABILITIES as CAPABILITIES
+from securemig.hypervisor.libvirt_info import DEFAULT_URI as DEFAULT_URI
 from securemig.protocol.errors import ErrorCode, LocalFault
 from securemig.protocol.recovery import SourceGuest
+
+# CAPABILITIES and DEFAULT_URI are defined in libvirt_info, which the
+# registry and the command line read without importing this module; they
+# are this module's names too.
 
 #: What to install when libvirt-python is missing.
 PYTHON_PACKAGE = "libvirt-python"
 DEV_PACKAGE = "libvirt-dev"
-#: libvirt's default system connection.
-DEFAULT_URI = "qemu:///system"
 #: The file in a bundle naming its domain, secret and connection.
 DOMAIN_FILE = "libvirt.json"
 #: A TPM sealed object holds at most 128 bytes.
@@ -127,23 +131,6 @@ SHUTOFF_MIGRATED = 4
 MAX_DISKS = 8
 MAX_PARALLEL = 16
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-#: What this backend can do (:mod:`securemig.hypervisor.backends`): the
-#: suspended migration (``save`` with the domain's disks, streamed, restored
-#: paused at the destination, resumed at the commit) and the live one
-#: through carried sockets (libvirt's own migration, peer to peer;
-#: doc/backend-libvirt.rst).  Its status says ``paused`` of a paused
-#: domain, so recovery does not count on resume_continues.
-CAPABILITIES = Capabilities(
-    suspend=True,
-    live_source=True,
-    live_destination=True,
-    carried=True,
-    runs_guest=True,
-    startable=True,
-    vtpm=True,
-    disks=frozenset({"raw", "qcow2"}),
-)
 
 #: libvirt's domain states (``virDomainState``) as operators read them.
 STATES = {

@@ -281,10 +281,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             self._start_channels(arrival, released)
             return
 
-        async def start() -> None:
-            await arrival.start_incoming(released)
-            if self.session.finished:
-                return  # ended meanwhile: the discard ends this guest too
+        def open_stream() -> tuple[int, Callable[[], str]]:
             receiver = LiveReceiver(
                 self.clock,
                 str(arrival.live_socket),
@@ -295,31 +292,11 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             )
             self.live_receiver = receiver
             receiver.done.addCallback(lambda _: self._live_unbound(receiver))
-            arrival.incoming_started()
-            self.run(self.session.incoming_ready(receiver.address[1]))
-            if not self.session.finished:
-                # The EK check's swtpm starts now, on a thread of its own,
-                # while the stream runs: at the switchover only its read of
-                # the state that arrived remains.
-                self.vtpm_checker = self.executor_factory()
-                self.vtpm_checker.submit(arrival.start_vtpm_check, released).addErrback(
-                    lambda f: self.log.warn(
-                        "vTPM check not started ahead: {e}", e=f.getErrorMessage()
-                    )
-                )
-            try:
-                await arrival.wait_loaded()
-            except MigrationError as e:
-                refused = f" ({receiver.error})" if receiver.error is not None else ""
-                raise ProtocolError(ErrorCode.LIVE_FAILED, f"{e}{refused}") from None
-            if not self.session.finished:
-                self.run(self.session.incoming_loaded())
+            return receiver.address[
+                1
+            ], lambda: f" ({receiver.error})" if receiver.error is not None else ""
 
-        def failed(f: Failure) -> None:
-            if not self.session.finished:
-                self.fail(failure_to_error(f, "receiving the live stream"))
-
-        Deferred.fromCoroutine(start()).addErrback(failed)
+        self._receive_live(arrival, released, open_stream)
 
     def _start_channels(self, arrival: ArrivingVM, released: VtpmKey) -> None:
         # The backend's own stream on multifd channels: its QEMU waits for
@@ -330,10 +307,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         cipher, key = self.data_channel_key(CARRIED_EXPORTER_LABEL)
         migration_id = self.migration_id()
 
-        async def start() -> None:
-            await arrival.start_incoming(released)
-            if self.session.finished:
-                return  # ended meanwhile: the discard ends this guest too
+        def open_stream() -> tuple[int, Callable[[], str]]:
             assert arrival.live_socket is not None
             carrier = CarrierDestination(
                 self.clock,
@@ -347,11 +321,33 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 listen=self.options.live_listener,
             )
             self.carrier = carrier
+            return carrier.address[
+                1
+            ], lambda: f" ({'; '.join(carrier.errors)})" if carrier.errors else ""
+
+        self._receive_live(arrival, released, open_stream)
+
+    def _receive_live(
+        self,
+        arrival: ArrivingVM,
+        released: VtpmKey,
+        open_stream: Callable[[], tuple[int, Callable[[], str]]],
+    ) -> None:
+        """Start the backend's incoming QEMU, open what carries its stream
+        (``open_stream``: the port it listens on, and what its refusals
+        were), and announce it; then wait until the whole stream loaded."""
+
+        async def start() -> None:
+            await arrival.start_incoming(released)
+            if self.session.finished:
+                return  # ended meanwhile: the discard ends this guest too
+            port, refusals = open_stream()
             arrival.incoming_started()
-            self.run(self.session.incoming_ready(carrier.address[1]))
+            self.run(self.session.incoming_ready(port))
             if not self.session.finished:
-                # As on one stream: the EK check's swtpm starts while the
-                # channels run, off the switchover path.
+                # The EK check's swtpm starts now, on a thread of its own,
+                # while the stream runs: at the switchover only its read of
+                # the state that arrived remains.
                 self.vtpm_checker = self.executor_factory()
                 self.vtpm_checker.submit(arrival.start_vtpm_check, released).addErrback(
                     lambda f: self.log.warn(
@@ -361,8 +357,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             try:
                 await arrival.wait_loaded()
             except MigrationError as e:
-                refused = f" ({'; '.join(carrier.errors)})" if carrier.errors else ""
-                raise ProtocolError(ErrorCode.LIVE_FAILED, f"{e}{refused}") from None
+                raise ProtocolError(ErrorCode.LIVE_FAILED, f"{e}{refusals()}") from None
             if not self.session.finished:
                 self.run(self.session.incoming_loaded())
 

@@ -126,13 +126,15 @@ class ParserTests(SynchronousTestCase):
     def test_start_up_leaves_out_what_it_does_not_run(self) -> None:
         """What every start of ``securemig`` (above all ``migrate``) and of
         the daemon pays for: not the lab and bench (plots, statistics),
-        nor twisted.web (the daemon's optional --metrics endpoint)."""
+        nor twisted.web (the daemon's optional --metrics endpoint), nor
+        the libvirt backend's module (and its XML parser)."""
         script = (
             "import sys\n"
             "import securemig.app.cli.main, securemig.app.service\n"
             "print(sorted(m for m in sys.modules if m.startswith("
             "('securemig.lab.bench', 'securemig.lab.demo', 'securemig.lab.lab', "
-            "'twisted.web', 'tqdm', 'statistics', 'decimal'))))\n"
+            "'twisted.web', 'tqdm', 'statistics', 'decimal', 'xml.etree'))"
+            " or m == 'securemig.hypervisor.libvirt'))\n"
         )
         result = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, check=False

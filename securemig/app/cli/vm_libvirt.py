@@ -14,7 +14,7 @@ from securemig.app.cli.common import (
     error,
     run_interruptible,
 )
-from securemig.hypervisor.libvirt import DEFAULT_URI, LibvirtBackend
+from securemig.hypervisor.libvirt_info import DEFAULT_URI
 from securemig.protocol.errors import MigrationError
 from securemig.trust.attestor import open_attestor
 from securemig.trust.tpm.tpm import TPMError
@@ -53,6 +53,10 @@ def cmd_vm_adopt(args: argparse.Namespace) -> int:
             return attestor.seal(value)
 
     async def adopt(reactor: Any) -> Any:
+        # Here, not at the top: every other command starts without the
+        # libvirt backend's module (hypervisor/libvirt_info.py).
+        from securemig.hypervisor.libvirt import LibvirtBackend
+
         backend = LibvirtBackend(reactor)
         try:
             return await backend.adopt(args.dir, args.name, args.connect, seal)
