@@ -18,7 +18,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import threads
+from twisted.internet import reactor, threads
+from twisted.internet.task import deferLater
 
 from securemig import runtime
 from securemig.host.journal import Journal
@@ -95,6 +96,15 @@ class LiveSecureFailureTests(LiveSecureBase):
         self.assertIn("golden-values", result.stderr)
         journal = Journal(destination.state_dir / "journal.sqlite")
         self.addCleanup(journal.close)
+        # migrate exits as soon as it refused; the destination ends its side
+        # on the ABORT that follows (staging removed, then the outcome
+        # journaled after it): wait for that outcome, not for a time.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+            r.outcome is not None for r in journal.records()
+        ):
+            await deferLater(reactor, 0.05)
+        self.assertEqual([r.outcome for r in journal.records()], ["aborted"])
         self.assertFalse(any(r.reached("incoming") for r in journal.records()))
         self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
         await threads.deferToThread(watch.wait, 5, 30.0)
