@@ -32,6 +32,18 @@ from tests.support.secure import SecureBase
 _booted_b: list[bool] = []
 
 
+def staging_left(destination: Any, timeout: float = 30.0) -> list[Path]:
+    """What the destination's staging still holds once it ended its side:
+    ``migrate`` exits as soon as it refuses, and the destination removes
+    staging on the ABORT that follows, so wait (up to ``timeout``) for it to
+    empty rather than read it at once."""
+    staging = destination.state_dir / "staging"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(staging.iterdir()):
+        time.sleep(0.05)
+    return list(staging.iterdir())
+
+
 class SecureMigrationTests(SecureBase):
     """Secure migrations and their refusals, each leaving the VM at the source."""
 
@@ -119,7 +131,7 @@ class SecureMigrationTests(SecureBase):
         before = bundle_digests(bundle)
         result = self.migrate(destination, "--tofu")
         self.assertStaysAtSource(bundle, before, result, "KEY_TRANSFER_FAILED")
-        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertEqual(staging_left(destination), [])
 
     def test_vtpm_vm_over_insecure_variant_needs_identity(self) -> None:
         """Without --identity the source cannot unseal the vTPM key to send it."""
@@ -187,7 +199,7 @@ class SecureMigrationTests(SecureBase):
         before = bundle_digests(bundle)
         result = self.migrate(destination)
         self.assertStaysAtSource(bundle, before, result, "golden-values")
-        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertEqual(staging_left(destination), [])
 
     def test_source_pcr_changed(self) -> None:
         """The destination refuses a source whose PCRs left its golden values."""
@@ -408,7 +420,7 @@ class UnauthenticatedClientTests(SecureBase):
         self.assertEqual(destination.log().count("refused source"), 6, destination.log())
         time.sleep(0.5)
         self.assertNoUnhandledError(destination)
-        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertEqual(staging_left(destination), [])
 
     def test_disallowed_client_sending_data_with_its_handshake(self) -> None:
         """A disallowed source whose application data comes in the same
@@ -446,7 +458,7 @@ class UnauthenticatedClientTests(SecureBase):
     def test_no_client_certificate(self) -> None:
         destination = self.start_destination("--tofu")
         self.assertIn("CERTIFICATE_REQUIRED", self.handshake(destination, None).upper())
-        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertEqual(staging_left(destination), [])
 
     def test_certificate_from_another_ca(self) -> None:
         destination = self.start_destination("--tofu")
@@ -455,7 +467,7 @@ class UnauthenticatedClientTests(SecureBase):
 
         issue_tls(Authority.create("rogue CA"), "source-a", rogue)
         self.assertIn("UNKNOWN_CA", self.handshake(destination, rogue).upper())
-        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertEqual(staging_left(destination), [])
 
 
 class SecureCrashPointTests(SecureBase):
