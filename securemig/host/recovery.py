@@ -79,7 +79,6 @@ async def settle_departures(
     """
     done: list[str] = []
     owed: list[Owed] = []
-    done += await _release_leftovers(journal)
     for record in journal.departures():
         if record.outcome in (None, Outcome.DONE.value) and owner_alive(record.owner):
             # Its `securemig migrate` still runs (done: it may be removing
@@ -109,37 +108,6 @@ async def settle_departures(
         if record.migration_id is not None and not record.peer_settled:
             owed.append(Owed(record, decision))
     return done, owed
-
-
-async def _release_leftovers(journal: Journal) -> list[str]:
-    """Departures journaled done whose copy here could not be discarded at
-    the time (``release`` does not journal ``released`` then: a libvirtd
-    down at DONE left the domain's definition and vTPM state): discarded
-    now, under the VM's lock; one that still fails waits for the next round."""
-    said: list[str] = []
-    for record in journal.records(1000):
-        if (
-            record.role != "source"
-            or record.outcome != Outcome.DONE.value
-            or not record.reached(Phase.COMMITTED)
-            or record.reached(Phase.RELEASED)
-            or not record.bundle
-            or not Path(record.bundle).exists()
-        ):
-            continue
-        bundle_dir = Path(record.bundle)
-        try:
-            lock = storage.VMLock(bundle_dir / LOCK)
-        except storage.LockBusy:
-            continue
-        try:
-            await release(journal, record.id, Bundle.load(bundle_dir))
-        finally:
-            lock.release()
-        if not bundle_dir.exists():
-            crashpoint.reached(CrashPoint.SOURCE_SETTLE_RELEASED)
-            said.append(f"VM {record.vm} was committed to {record.peer}: its copy here removed")
-    return said
 
 
 async def live_qemu(record: MigrationRecord) -> bool | None:
@@ -256,7 +224,19 @@ async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]
             "until the destination confirms"
         ]
     if not record.reached(Phase.RELEASED) and record.bundle and Path(record.bundle).exists():
-        if not await release(journal, record.id, Bundle.load(Path(record.bundle))):
+        # Also a departure journaled done whose copy here could not be
+        # removed then (``release`` does not journal ``released`` while, say,
+        # its libvirtd is down): removed now, under the VM's lock.
+        bundle_dir = Path(record.bundle)
+        try:
+            lock = storage.VMLock(bundle_dir / LOCK)
+        except storage.LockBusy:
+            return [f"VM {record.vm} was committed to {record.peer}: its lock is busy, next round"]
+        try:
+            gone = await release(journal, record.id, Bundle.load(bundle_dir))
+        finally:
+            lock.release()
+        if not gone:
             # Its hypervisor is still down: asked again next round.
             return [f"VM {record.vm} was committed to {record.peer}: its copy here not yet removed"]
         crashpoint.reached(CrashPoint.SOURCE_SETTLE_RELEASED)
