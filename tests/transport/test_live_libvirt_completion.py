@@ -94,18 +94,7 @@ class LibvirtCompletionCells(LibvirtCellsBase):
             await threads.deferToThread(time.sleep, 0.5)
         where, committed = found
         self.assertEqual(where, "destination" if committed else "source", said)
-        last = await threads.deferToThread(watch.wait, 5, 120.0)
-        self.assertEqual(last.pcr16, extended(self.pcr16))
-        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats][-60:])
-        self.assertGreater(last.seq, first.seq)
-        here, there = (self.a, self.b) if where == "source" else (self.b, self.a)
-        self.assertEqual(self.state_at(there, name), "undefined")
-        uuid = self.domain_uuid(here, name)
-        self.assertTrue(here.path(f"/var/lib/libvirt/swtpm/{uuid}").exists())
-        self.assertFalse(there.path(f"/var/lib/libvirt/swtpm/{uuid}").exists())
-        self.assertEqual(bundle.path.exists(), where == "source")
-        self.assertEqual((self.dst_state / "vms" / name).exists(), where == "destination")
-        self.assertSecretNowhere(domain.secret_uuid)
+        await threads.deferToThread(self.assert_one_copy, name, where, domain, bundle, watch, first)
         return where, said
 
     async def test_source_libvirtd_dies_at_completion(self) -> None:
