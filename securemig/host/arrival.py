@@ -549,13 +549,16 @@ class DestinationHost:
         )
         if mismatch is not None:
             raise ProtocolError(ErrorCode.BACKEND_MISMATCH, mismatch)
-        if hello.mode is wire.Mode.LIVE and not backends.capabilities(self.backend).carried:
-            # Its own stream, maybe on multifd channels: a count this
-            # destination will not run is refused before anything is held.
+        if hello.mode is wire.Mode.LIVE:
+            # Its own stream, maybe on multifd channels, or the hypervisor's
+            # own migration: a description (a channel count, a disk to
+            # create) this destination will not take is refused before
+            # anything is held.
             try:
                 backends.backend_for(self.backend).live_channels(hello.backend_info)
             except BundleError as e:
-                raise ProtocolError(ErrorCode.BAD_PARAMETER, str(e)) from None
+                code = e.code if e.code is ErrorCode.POLICY_REFUSED else ErrorCode.BAD_PARAMETER
+                raise ProtocolError(code, str(e)) from None
         if hello.variant is wire.Variant.SHARED_STORAGE and any(
             image.name == "disk" for image in hello.images
         ):

@@ -211,10 +211,12 @@ class Backend(Protocol):
         raise _unsupported(self, "migrate live over carried sockets")
 
     def live_channels(self, backend_info: bytes) -> int:
-        """Destination, a live arrival of a backend that is not ``carried``:
-        how many multifd channels its stream has besides the main one, from
-        HELLO's ``backend_info`` (``Capabilities.multifd``); BundleError for
-        a description it cannot use.  By default none may be described."""
+        """Destination, admitting a live arrival: HELLO's ``backend_info``
+        checked (BundleError for a description it cannot use or, with
+        ``POLICY_REFUSED``, will not), and for a backend that is not
+        ``carried`` how many multifd channels its stream has besides the
+        main one (``Capabilities.multifd``).  By default none may be
+        described."""
         if backend_info:
             raise BundleError(f"the {self.name} backend takes no live parameters")
         return 0
