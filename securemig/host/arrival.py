@@ -895,12 +895,21 @@ class Arrival:
         key = self.accepted_key
         if live and not isinstance(key, wire.WrappedKey):
             raise KeyTransferError("live mode needs the wrapped vTPM key")
+        # A hypervisor that keeps the vTPM's secret itself (libvirt's, 1 to
+        # 128 bytes, suspended or live): the whole material is that secret,
+        # and no vTPM identity follows it.
+        whole = capabilities(self.host.backend).carried
+        sizes = range(1, 129) if whole else (32, 64)
         if isinstance(key, wire.WrappedKey) and unwrapper is not None:
             secret, identity = unwrapper.unwrap(key, self.migration_id)
-        elif isinstance(key, wire.ClearKey) and len(key.material) in (32, 64):
+        elif isinstance(key, wire.ClearKey) and len(key.material) in sizes:
             secret, identity = key.material[:32], key.material[32:]
         else:
             raise KeyTransferError("no usable vTPM key arrived")
+        if whole:
+            secret, identity = secret + identity, b""
+            if len(secret) not in sizes:
+                raise KeyTransferError(f"a vTPM secret of {len(secret)} bytes (1 to 128 are kept)")
         self.vtpm_key = VtpmKey(secret, identity)
         return self.vtpm_key
 

@@ -450,11 +450,13 @@ def define_guest(
     disk: str | None = None,
     dirty_mib_s: int = 0,
     wss_mib: int = 32,
+    secret_bytes: int = 32,
 ) -> GuestDomain:
     """Define the Linux guest on ``host`` the way an operator's domain
     would be before securemig adopts it: its disk created, its vTPM secret
-    defined with a fresh random value (``persistent_secret``: non-ephemeral,
-    written to ``/etc/libvirt/secrets`` as libvirt does by default).  The
+    defined with a fresh random value of ``secret_bytes`` (libvirt takes
+    any length; ``persistent_secret``: non-ephemeral, written to
+    ``/etc/libvirt/secrets`` as libvirt does by default).  The
     disk is the host's own unless ``disk`` names a path outside its trees
     (storage every lab host sees).  Not started."""
     libvirt = require_libvirt()
@@ -468,7 +470,7 @@ def define_guest(
             secret = conn.secretDefineXML(
                 secret_xml(secret_uuid, name, ephemeral=not persistent_secret, private=False)
             )
-            secret.setValue(os.urandom(32))
+            secret.setValue(os.urandom(secret_bytes))
         conn.defineXML(
             guest_domain_xml(
                 name,

@@ -180,6 +180,29 @@ class Qcow2Tests(LabCase):
         self.assertEqual(copied[0].read_bytes(), before)
         self.assert_no_secret(guest.secret_uuid)
 
+    def test_secret_longer_than_a_vtpm_key(self) -> None:
+        """libvirt takes a vTPM secret of any length (adoption seals 1 to
+        128 bytes): one of 48 bytes moves suspended whole -- the
+        destination keeps all of it, not the first 32 as a vTPM key and
+        the rest as an identity -- and the guest runs there with its
+        vTPM (PCR 16 kept), the secret defined on neither host."""
+        domain = self.adopt("long", secret_bytes=48)
+        with open_attestor(self.work / SOURCE, None, False) as a_tpm:
+            value = a_tpm.unseal((domain.vms / "long" / "vtpm-key.sealed").read_bytes())
+        self.assertEqual(len(value), 48)
+        at_b = self.daemon_at(self.b)
+        summary, _ = self.lab.migrate(at_b, domain.name, True, vm_dir=domain.vms)
+        self.assertEqual(summary["outcome"], "done", summary)
+        domain.watch.follow(self.b.path(domain.guest.heartbeat))
+        there = domain.watch.wait(3, 180, source=1)
+        self.assertEqual(there.pcr16, extended(domain.pcr16))
+        self.assertGreater(there.seq, domain.first.seq)
+        self.assertTrue(domain.watch.continuous(), [b.seq for b in domain.watch.beats])
+        sealed = (at_b.state_dir / "vms" / domain.name / "vtpm-key.sealed").read_bytes()
+        with open_attestor(self.work / DESTINATION, None, False) as b_tpm:
+            self.assertEqual(b_tpm.unseal(sealed), value)
+        self.assert_no_secret(domain.guest.secret_uuid)
+
 
 class ArrivalReadyTests(TestCase):
     """The destination's restore before PREPARED (``ready_blocking``), at

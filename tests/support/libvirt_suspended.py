@@ -102,15 +102,19 @@ class LabCase(TestCase):
             self.assertEqual(list((host.directory / "etc" / "secrets").glob("*")), [])
             self.assertNotEqual(virsh_secret_value(host, secret_uuid).returncode, 0)
 
-    def adopt(self, name: str, disk_format: str = "raw", vcpus: int = 1) -> Adopted:
+    def adopt(
+        self, name: str, disk_format: str = "raw", vcpus: int = 1, secret_bytes: int = 32
+    ) -> Adopted:
         """The Linux guest defined at A (its disk outside the hosts' own
         trees: the same path in both namespaces; ``vcpus`` set in its
-        definition, as an operator would), adopted with A's identity,
-        started; its first beats seen, PCR 16 as given."""
+        definition, as an operator would; its vTPM secret ``secret_bytes``
+        long), adopted with A's identity, started; its first beats seen,
+        PCR 16 as given."""
         pcr16 = os.urandom(32).hex()
         suffix = "qcow2" if disk_format == "qcow2" else "img"
         disk = self.a.directory / "disks" / f"{name}.{suffix}"
         options: dict[str, Any] = {"disk_format": "qcow2"} if disk_format == "qcow2" else {}
+        options["secret_bytes"] = secret_bytes
         guest = define_guest(
             self.a, name, pcr16=pcr16, persistent_secret=True, disk=str(disk), **options
         )
