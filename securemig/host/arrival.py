@@ -159,9 +159,10 @@ class DestinationHost:
         (its daemon did not answer): asked again; one it did not complete is
         discarded (the source cannot have committed it: its hypervisor
         commits only after completing here), one it did stays for the
-        source's RESOLVE, one still unknown stays.  Returns (migration id,
-        what was done) pairs."""
-        actions: list[tuple[str, str]] = []
+        source's RESOLVE, one still unknown stays.  First, staging that
+        aborted arrivals left (:meth:`_remove_aborted_leftovers`).  Returns
+        (migration id, what was done) pairs."""
+        actions = await self._remove_aborted_leftovers()
         if not capabilities(self.backend).carried:
             return actions
         for record in self.journal.records(1000):
@@ -193,6 +194,39 @@ class DestinationHost:
                 error="LIVE_FAILED: the hypervisor's migration did not complete here",
             )
             actions.append((record.id, "the hypervisor did not complete it here: discarded"))
+        return actions
+
+    async def _remove_aborted_leftovers(self) -> list[tuple[str, str]]:
+        """Staging of arrivals journaled aborted that their session could
+        not remove (its hypervisor failed or did not answer then:
+        :meth:`Arrival.discard`), removed now under the name's lock, so
+        that it goes even if the source never resolves it again.  Aborted
+        is decided: nothing there is the guest's only copy.  One that
+        fails again stays for the next round."""
+        actions: list[tuple[str, str]] = []
+        for record in self.journal.records(1000):
+            staging = self.staging / record.id
+            if (
+                record.role != "destination"
+                or record.outcome != Outcome.ABORTED.value
+                or not staging.exists()
+            ):
+                continue
+            lock = self._try_lock(record.vm)
+            if lock is None:
+                continue
+            try:
+                await remove_staging(staging)
+            except Exception as e:
+                log.warn(
+                    "migration {mid}: its aborted staging is not removed yet: {e}",
+                    mid=record.id,
+                    e=e,
+                )
+                continue
+            finally:
+                lock.release()
+            actions.append((record.id, "aborted: its staging, left by the discard, removed"))
         return actions
 
     def arrived(self, record: Any) -> bool:
@@ -816,7 +850,9 @@ class Arrival:
         """Remove staging (ending a live arrival's QEMU) and release the name.
         A live arrival the hypervisor's own migration completed here (the
         source's guest has ended: this is the only copy) is held in doubt
-        instead, for the source's decision (RESOLVE)."""
+        instead, for the source's decision (RESOLVE).  The name is released
+        whatever happens: a removal that fails (the hypervisor refused or
+        lost its connection) is logged and left to recovery."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -832,8 +868,25 @@ class Arrival:
             )
             self.lock.release()
             return
-        remove_staging_blocking(self.staging)
-        self.lock.release()
+        crashpoint.reached(CrashPoint.DESTINATION_DISCARDING, self.qemu_pidfile())
+        try:
+            remove_staging_blocking(self.staging)
+        except Exception as e:
+            # The session has ended: nobody else would report this, and the
+            # name must not stay held by an arrival that is over.  What is
+            # left in staging (perhaps a domain the hypervisor still has) is
+            # this aborted migration's: the source's RESOLVE, or this
+            # host's recheck (DestinationHost.recheck_held), removes it
+            # under the name's lock.
+            log.warn(
+                "migration {mid}: could not discard the arrival of VM {vm} yet ({e}): "
+                "its staging is left for recovery",
+                mid=self.id,
+                vm=self.hello.vm_name,
+                e=e,
+            )
+        finally:
+            self.lock.release()
 
     def arrived_here(self) -> bool:
         """Whether this live arrival's guest was made complete here by the
