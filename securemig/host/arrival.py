@@ -216,7 +216,10 @@ class DestinationHost:
             if lock is None:
                 continue
             try:
-                await remove_staging(staging)
+                # On the reactor's bounded pool, not a backend's own thread
+                # (each backend object starts one): a libvirtd that stays
+                # down is asked again every round without a thread more.
+                await deferToThread(remove_staging_blocking, staging)
             except Exception as e:
                 log.warn(
                     "migration {mid}: its aborted staging is not removed yet: {e}",
