@@ -105,6 +105,10 @@ class DestinationHost:
         #: Unseals a vTPM key sealed to this host's TPM; None without a TPM
         #: identity (then VMs with a vTPM cannot be resumed here).
         self.unseal = unseal
+        #: Names of VMs whose ended arrival is being discarded (on a disk
+        #: thread; read on the reactor's: a set's add, discard and ``in``
+        #: are each atomic), for RESOLVE's answer meanwhile (:meth:`busy`).
+        self.discarding: set[str] = set()
 
     def resume(self, bundle: Bundle) -> Deferred[None]:
         """Resume an arrived VM with the backend its manifest names."""
@@ -448,7 +452,7 @@ class DestinationHost:
         ):
             lock = self._try_lock(record.vm)
             if lock is None:
-                return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
+                return answer(wire.Settled.FAILED, self.busy(record.vm))
             try:
                 await self._lose(record, "its QEMU ended before the guest ran here")
             finally:
@@ -461,7 +465,7 @@ class DestinationHost:
                 return answer(wire.Settled.FAILED, "aborted here before PREPARED; nothing kept")
             lock = self._try_lock(record.vm)
             if lock is None:
-                return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
+                return answer(wire.Settled.FAILED, self.busy(record.vm))
             try:
                 why = await self._lose_if_vtpm_differs(record)
                 if why is None:
@@ -479,7 +483,7 @@ class DestinationHost:
             # staging in doubt) its staging is not removed under it.
             lock = self._try_lock(record.vm)
             if lock is None:
-                return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
+                return answer(wire.Settled.FAILED, self.busy(record.vm))
             try:
                 await remove_staging(staging)
             finally:
@@ -489,6 +493,17 @@ class DestinationHost:
                 record.id, Outcome.ABORTED.value, error="resolved: the source did not commit"
             )
         return answer(wire.Settled.ABORTED, "staging discarded")
+
+    def busy(self, vm: str) -> str:
+        """RESOLVE's answer while VM ``vm``'s name is held here: busy, and,
+        while an ended arrival of it is still being discarded (its
+        hypervisor has not answered yet), that; the source asks again."""
+        if vm in self.discarding:
+            return (
+                f"VM {vm} is busy here: its aborted arrival is still being removed "
+                "(the hypervisor has not answered yet); try again"
+            )
+        return f"VM {vm} is busy here; try again"
 
     def _try_lock(self, vm: str) -> storage.Lock | None:
         """VM ``vm``'s name here, or None while something (an arrival of it,
@@ -855,12 +870,21 @@ class Arrival:
         source's guest has ended: this is the only copy) is held in doubt
         instead, for the source's decision (RESOLVE).  The name is released
         whatever happens: a removal that fails (the hypervisor refused or
-        lost its connection) is logged and left to recovery."""
+        lost its connection) is logged and left to recovery.  While the
+        hypervisor is asked, RESOLVE says so (:meth:`DestinationHost.busy`)."""
         if self._file is not None:
             self._file.close()
             self._file = None
         if self.live_socket is not None:
             self.live_socket.unlink(missing_ok=True)
+        self.host.discarding.add(self.hello.vm_name)
+        try:
+            self._discard()
+        finally:
+            self.host.discarding.discard(self.hello.vm_name)
+            self.lock.release()
+
+    def _discard(self) -> None:
         if self.live is not None and self.arrived_here():
             self.held = True
             log.warn(
@@ -869,7 +893,6 @@ class Arrival:
                 mid=self.id,
                 vm=self.hello.vm_name,
             )
-            self.lock.release()
             return
         crashpoint.reached(CrashPoint.DESTINATION_DISCARDING, self.qemu_pidfile())
         try:
@@ -888,8 +911,6 @@ class Arrival:
                 vm=self.hello.vm_name,
                 e=e,
             )
-        finally:
-            self.lock.release()
 
     def arrived_here(self) -> bool:
         """Whether this live arrival's guest was made complete here by the
