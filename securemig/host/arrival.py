@@ -601,13 +601,16 @@ class DestinationHost:
         )
         if mismatch is not None:
             raise ProtocolError(ErrorCode.BACKEND_MISMATCH, mismatch)
-        if hello.mode is wire.Mode.LIVE and not backends.capabilities(self.backend).carried:
-            # Its own stream, maybe on multifd channels: a count this
-            # destination will not run is refused before anything is held.
+        if hello.mode is wire.Mode.LIVE:
+            # Its own stream, maybe on multifd channels, or the hypervisor's
+            # own migration: a description (a channel count, a disk to
+            # create) this destination will not take is refused before
+            # anything is held.
             try:
                 backends.backend_for(self.backend).live_channels(hello.backend_info)
             except BundleError as e:
-                raise ProtocolError(ErrorCode.BAD_PARAMETER, str(e)) from None
+                code = e.code if e.code is ErrorCode.POLICY_REFUSED else ErrorCode.BAD_PARAMETER
+                raise ProtocolError(code, str(e)) from None
         if hello.variant is wire.Variant.SHARED_STORAGE and any(
             image.name == "disk" for image in hello.images
         ):
@@ -1152,14 +1155,18 @@ class Arrival:
         )
         bundle = Bundle.load(target)
         if self.live is not None:
-            self.live.release()  # the QMP socket moved with the bundle: reconnect there
             if not await backend_for(bundle.manifest.backend).process_alive(bundle):
                 await self.lose(target)
                 raise self._lost()
             self.host.journal.phase(self.id, Phase.CONTINUING)
             crashpoint.reached(CrashPoint.DESTINATION_CONTINUING, target / "qemu.pid")
         try:
-            await self.host.resume(bundle)
+            # Live: continued on the connection held since the stream (the
+            # guest waits paused for this); else, and after a restart, resumed.
+            if self.live is None or not await self.live.continue_moved(bundle):
+                if self.live is not None:
+                    self.live.release()
+                await self.host.resume(bundle)
         finally:
             # Resumed or not (RESUME_FAILED), the VM stays in place: its name
             # is free for whatever an operator does next.

@@ -109,6 +109,13 @@ class LiveSide(Protocol):
         """Destination, after the stream: whether the guest still waits here,
         loaded and paused (False: its process has ended)."""
 
+    async def continue_moved(self, bundle: Bundle) -> bool:
+        """Destination, after the commit, its bundle moved into place at
+        ``bundle``: let the guest run on the control connection held since
+        the stream (no reconnect on the guest's switchover path), then let
+        the connection go; True once it runs.  False: this side holds none,
+        the caller resumes the VM as :meth:`Backend.resume` does."""
+
     async def cancel(self) -> None:
         """Source, before the commit: stop sending, the guest goes on here."""
 
@@ -204,10 +211,12 @@ class Backend(Protocol):
         raise _unsupported(self, "migrate live over carried sockets")
 
     def live_channels(self, backend_info: bytes) -> int:
-        """Destination, a live arrival of a backend that is not ``carried``:
-        how many multifd channels its stream has besides the main one, from
-        HELLO's ``backend_info`` (``Capabilities.multifd``); BundleError for
-        a description it cannot use.  By default none may be described."""
+        """Destination, admitting a live arrival: HELLO's ``backend_info``
+        checked (BundleError for a description it cannot use or, with
+        ``POLICY_REFUSED``, will not), and for a backend that is not
+        ``carried`` how many multifd channels its stream has besides the
+        main one (``Capabilities.multifd``).  By default none may be
+        described."""
         if backend_info:
             raise BundleError(f"the {self.name} backend takes no live parameters")
         return 0

@@ -99,6 +99,13 @@ RUN_DIR_ENV = "SECUREMIG_LIBVIRT_RUN_DIR"
 #: tell (the lab's hosts on one machine): libvirt's safety check waived
 #: (``VIR_MIGRATE_UNSAFE``) for a migration without ``--copy-storage``.
 UNSAFE_SHARED_ENV = "SECUREMIG_LIBVIRT_UNSAFE_SHARED"
+#: The directories (as libvirt sees them, separated by ``:``) in which a
+#: destination creates the disks of an arriving domain whose disks are
+#: copied (``--copy-storage``): an attested source still names the paths,
+#: and must not make this host's libvirt create files anywhere else.
+DISK_DIRS_ENV = "SECUREMIG_LIBVIRT_DISK_DIRS"
+#: Where libvirt keeps its images by default.
+DEFAULT_DISK_DIRS = ("/var/lib/libvirt/images",)
 #: The file of an arrival's staging naming the domain that arrives (from
 #: HELLO's ``backend_info``) and the migration's socket tag.
 INCOMING_FILE = BACKEND_INFO_FILE
@@ -757,6 +764,30 @@ def _migration_flags(
         # (the lab's, one machine) needs its check waived.
         flags |= libvirt.VIR_MIGRATE_UNSAFE
     return int(flags)
+
+
+def disk_dirs() -> tuple[str, ...]:
+    """The directories copied disks may be created in (:data:`DISK_DIRS_ENV`,
+    else :data:`DEFAULT_DISK_DIRS`); relative entries count for nothing."""
+    raw = os.environ.get(DISK_DIRS_ENV)
+    if not raw:
+        return DEFAULT_DISK_DIRS
+    return tuple(os.path.normpath(d) for d in raw.split(":") if os.path.isabs(d))
+
+
+def check_disk_dirs(disks: tuple[Disk, ...], allowed: tuple[str, ...]) -> None:
+    """Refuse (``POLICY_REFUSED``) a disk to copy whose path is not inside
+    one of the ``allowed`` directories.  The paths were checked absolute
+    and normalised (:meth:`Incoming.parse`), so a prefix test on whole
+    path components decides (``/images-x`` is not inside ``/images``)."""
+    for disk in disks:
+        if not any(disk.path.startswith(d.rstrip("/") + "/") for d in allowed):
+            raise BundleError(
+                f"disk {disk.path} would be created outside the directories this host "
+                f"creates copied disks in ({', '.join(allowed) or 'none'}; "
+                f"{DISK_DIRS_ENV} names them)",
+                ErrorCode.POLICY_REFUSED,
+            )
 
 
 def _create_volume(conn: Any, disk: Disk) -> None:
@@ -1459,6 +1490,7 @@ class LibvirtBackend(Backend):
             if _lookup(conn, outgoing.domain_uuid) is not None:
                 raise BundleError(f"domain {outgoing.domain} is defined here already")
             if copy_storage:
+                check_disk_dirs(outgoing.disks, disk_dirs())
                 for disk in outgoing.disks:
                     _create_volume(conn, disk)
             if secret_defined(conn, outgoing.secret_uuid):
@@ -1513,6 +1545,17 @@ class LibvirtBackend(Backend):
         self._end_in(outgoing, paths)
 
     # -- securemig migrate --live (the backend contract's carried live migration)
+
+    def live_channels(self, backend_info: bytes) -> int:
+        """Destination, at admission: the arriving domain's description
+        checked (:meth:`Incoming.parse`), and the disks it would have this
+        host create checked against :func:`disk_dirs`, before anything is
+        held or released.  libvirt's multifd channels are carried sockets of
+        its own: none counted here."""
+        incoming = Incoming.parse(backend_info)
+        if incoming.copy_storage:
+            check_disk_dirs(incoming.outgoing.disks, disk_dirs())
+        return 0
 
     def live_info(self, bundle: Bundle, copy_storage: bool, parallel: int) -> Deferred[bytes]:
         """Source: HELLO's ``backend_info`` (:class:`Incoming`)."""
@@ -1886,6 +1929,11 @@ class LibvirtIncoming:
         """Whether the arrived domain is still here, paused (never run)."""
         state = await self.backend.incoming_state(self.outgoing)
         return state is not None and state[0] == 3
+
+    async def continue_moved(self, bundle: Bundle) -> bool:
+        """No connection is held here (each libvirt call opens its own):
+        the VM is resumed as :meth:`LibvirtBackend.resume` does."""
+        return False
 
     async def cont(self) -> None:
         """Let the guest run here."""

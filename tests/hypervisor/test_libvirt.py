@@ -375,6 +375,52 @@ class ConfirmedPhaseTests(SynchronousTestCase):
             self.assertFalse(confirmed_out(data), data)
 
 
+class DiskDirsTests(SynchronousTestCase):
+    """The directories a destination creates copied disks in: what an
+    attested source may name is checked before anything is held."""
+
+    def info(self, *paths: str, copy_storage: bool = True) -> bytes:
+        disks = tuple(libvirt_backend.Disk(p, "raw", 1 << 20) for p in paths)
+        outgoing = libvirt_backend.Outgoing("vm1", str(uuid.uuid4()), str(uuid.uuid4()), disks)
+        return libvirt_backend.Incoming(outgoing, copy_storage, 0).to_json()
+
+    def refusal(self, info: bytes) -> BundleError:
+        with self.assertRaises(BundleError) as cm:
+            LibvirtBackend(reactor).live_channels(info)
+        return cm.exception
+
+    def test_default_is_libvirts_images(self) -> None:
+        os.environ.pop(libvirt_backend.DISK_DIRS_ENV, None)
+        self.assertEqual(
+            LibvirtBackend(reactor).live_channels(self.info("/var/lib/libvirt/images/a.img")), 0
+        )
+        for outside in (
+            "/etc/cron.d/a.img",
+            "/var/lib/libvirt/images-x/a.img",  # a prefix, not the directory
+            "/var/lib/libvirt/a.img",
+        ):
+            e = self.refusal(self.info("/var/lib/libvirt/images/ok.img", outside))
+            self.assertEqual(e.code, wire.ErrorCode.POLICY_REFUSED)
+            self.assertIn(outside, str(e))
+        # A path that climbs out is refused as malformed, before any policy.
+        e = self.refusal(self.info("/var/lib/libvirt/images/../../../etc/a.img"))
+        self.assertNotEqual(e.code, wire.ErrorCode.POLICY_REFUSED)
+
+    def test_configured_directories(self) -> None:
+        self.patch(
+            os, "environ", {**os.environ, libvirt_backend.DISK_DIRS_ENV: "/srv/vm:relative:/data/"}
+        )
+        backend = LibvirtBackend(reactor)
+        for inside in ("/srv/vm/a.qcow2", "/data/b/c.img"):
+            self.assertEqual(backend.live_channels(self.info(inside)), 0)
+        for outside in ("/var/lib/libvirt/images/a.img", "relative/a.img", "/srv/vmx/a.img"):
+            self.refusal(self.info(outside))
+        # Disks on shared storage (nothing created here) are not its business.
+        self.assertEqual(
+            backend.live_channels(self.info("/elsewhere/a.img", copy_storage=False)), 0
+        )
+
+
 class WakerTests(SynchronousTestCase):
     """:class:`Waker`: a wake wakes the sleeper, or the next one."""
 

@@ -39,7 +39,9 @@ class LibvirtLiveBase(SecureBase):
         """What a securemig process of ``host`` is told of its libvirt."""
         return {CONNECT_ENV: host.uri, RUN_DIR_ENV: str(host.run_dir)}
 
-    def start_libvirt_destination(self) -> processes.Destination:
+    def start_libvirt_destination(self, **env: str) -> processes.Destination:
+        """dest-b's ``twistd securemig --backend libvirt`` (``env`` added to
+        what it is told of its libvirt)."""
         state = self.base / "dst"
         state.mkdir(parents=True, exist_ok=True)
         process, port = processes.start_twistd(
@@ -52,7 +54,7 @@ class LibvirtLiveBase(SecureBase):
             "--backend", "libvirt",
             port_file=self.base / "port",
             log_file=self.base / "dst.log",
-            env=self.env(self.b),
+            env={**self.env(self.b), **env},
         )  # fmt: skip
         destination = processes.Destination(process, port, state, self.base / "dst.log")
         self.addCleanup(destination.stop)

@@ -25,6 +25,7 @@ from pathlib import Path
 from twisted.internet import threads
 
 from securemig.host.journal import Journal
+from securemig.hypervisor.libvirt import DISK_DIRS_ENV
 from securemig.trust.policy import PolicyStore
 from tests.support.libvirt import SecretWatch
 from tests.support.libvirt_live import LibvirtLiveBase
@@ -124,6 +125,37 @@ class LibvirtLiveRefusalTests(LibvirtLiveBase):
         self.assertFalse(any(r.reached("incoming") for r in journal.records()))
         self.assertEqual(self.state_at(self.b, "lvm2"), "undefined")
         self.assertEqual(self.state_at(self.a, "lvm2"), "1")
+        after = await threads.deferToThread(watch.wait, 5, 60.0)
+        self.assertEqual(after.pcr16, extended(self.pcr16))
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats][-40:])
+        self.assertTrue(bundle.vtpm_key_path.exists())
+        self.assertSecretNowhere(domain.secret_uuid)
+        self.assertNoUnhandledError(destination)
+
+    async def test_copied_disk_outside_allowed_directories_refused(self) -> None:
+        """dest-b creates copied disks only in the directories it names
+        (here one the domain's disk is not in): the migration is refused at
+        admission with POLICY_REFUSED, before attestation and key release;
+        nothing is created, defined or journaled there and the guest beats
+        on at source-a in sequence."""
+        destination = self.start_libvirt_destination(
+            **{DISK_DIRS_ENV: "/var/lib/libvirt/images/only-here"}
+        )
+        domain, bundle, watch = await threads.deferToThread(self.adopted_guest, "lvm4")
+        await threads.deferToThread(watch.wait, 3, 120.0)
+        result = await threads.deferToThread(
+            self.migrate_domain, destination, "lvm4", "--copy-storage"
+        )
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("POLICY_REFUSED", result.stderr)
+        self.assertIn(f"disk {domain.disk} would be created outside", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertFalse(self.b.path(domain.disk).exists())
+        journal = Journal(destination.state_dir / "journal.sqlite")
+        self.addCleanup(journal.close)
+        self.assertEqual(journal.records(), [])
+        self.assertEqual(self.state_at(self.b, "lvm4"), "undefined")
+        self.assertEqual(self.state_at(self.a, "lvm4"), "1")
         after = await threads.deferToThread(watch.wait, 5, 60.0)
         self.assertEqual(after.pcr16, extended(self.pcr16))
         self.assertTrue(watch.continuous(), [b.seq for b in watch.beats][-40:])
