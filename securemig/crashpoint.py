@@ -73,6 +73,9 @@ class CrashPoint(enum.StrEnum):
     # Live through the hypervisor's own migration (carried sockets, issue 23):
     #: the hypervisor completed here (guest paused), PREPARED not journaled
     DESTINATION_LOADED = "destination-loaded"
+    #: an arrival ended before PREPARED, not completed here, its staging
+    #: (and what the hypervisor made of it) not yet removed
+    DESTINATION_DISCARDING = "destination-discarding"
     # libvirt domains (issue 23):
     #: vm adopt: the sealed secret's bundle durable, libvirt's still defined
     ADOPT_SEALED = "adopt-sealed"

@@ -105,6 +105,10 @@ class DestinationHost:
         #: Unseals a vTPM key sealed to this host's TPM; None without a TPM
         #: identity (then VMs with a vTPM cannot be resumed here).
         self.unseal = unseal
+        #: Names of VMs whose ended arrival is being discarded (on a disk
+        #: thread; read on the reactor's: a set's add, discard and ``in``
+        #: are each atomic), for RESOLVE's answer meanwhile (:meth:`busy`).
+        self.discarding: set[str] = set()
 
     def resume(self, bundle: Bundle) -> Deferred[None]:
         """Resume an arrived VM with the backend its manifest names."""
@@ -159,9 +163,10 @@ class DestinationHost:
         (its daemon did not answer): asked again; one it did not complete is
         discarded (the source cannot have committed it: its hypervisor
         commits only after completing here), one it did stays for the
-        source's RESOLVE, one still unknown stays.  Returns (migration id,
-        what was done) pairs."""
-        actions: list[tuple[str, str]] = []
+        source's RESOLVE, one still unknown stays.  First, staging that
+        aborted arrivals left (:meth:`_remove_aborted_leftovers`).  Returns
+        (migration id, what was done) pairs."""
+        actions = await self._remove_aborted_leftovers()
         if not capabilities(self.backend).carried:
             return actions
         for record in self.journal.records(1000):
@@ -193,6 +198,42 @@ class DestinationHost:
                 error="LIVE_FAILED: the hypervisor's migration did not complete here",
             )
             actions.append((record.id, "the hypervisor did not complete it here: discarded"))
+        return actions
+
+    async def _remove_aborted_leftovers(self) -> list[tuple[str, str]]:
+        """Staging of arrivals journaled aborted that their session could
+        not remove (its hypervisor failed or did not answer then:
+        :meth:`Arrival.discard`), removed now under the name's lock, so
+        that it goes even if the source never resolves it again.  Aborted
+        is decided: nothing there is the guest's only copy.  One that
+        fails again stays for the next round."""
+        actions: list[tuple[str, str]] = []
+        for record in self.journal.records(1000):
+            staging = self.staging / record.id
+            if (
+                record.role != "destination"
+                or record.outcome != Outcome.ABORTED.value
+                or not staging.exists()
+            ):
+                continue
+            lock = self._try_lock(record.vm)
+            if lock is None:
+                continue
+            try:
+                # On the reactor's bounded pool, not a backend's own thread
+                # (each backend object starts one): a libvirtd that stays
+                # down is asked again every round without a thread more.
+                await deferToThread(remove_staging_blocking, staging)
+            except Exception as e:
+                log.warn(
+                    "migration {mid}: its aborted staging is not removed yet: {e}",
+                    mid=record.id,
+                    e=e,
+                )
+                continue
+            finally:
+                lock.release()
+            actions.append((record.id, "aborted: its staging, left by the discard, removed"))
         return actions
 
     def arrived(self, record: Any) -> bool:
@@ -411,7 +452,7 @@ class DestinationHost:
         ):
             lock = self._try_lock(record.vm)
             if lock is None:
-                return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
+                return answer(wire.Settled.FAILED, self.busy(record.vm))
             try:
                 await self._lose(record, "its QEMU ended before the guest ran here")
             finally:
@@ -424,7 +465,7 @@ class DestinationHost:
                 return answer(wire.Settled.FAILED, "aborted here before PREPARED; nothing kept")
             lock = self._try_lock(record.vm)
             if lock is None:
-                return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
+                return answer(wire.Settled.FAILED, self.busy(record.vm))
             try:
                 why = await self._lose_if_vtpm_differs(record)
                 if why is None:
@@ -442,7 +483,7 @@ class DestinationHost:
             # staging in doubt) its staging is not removed under it.
             lock = self._try_lock(record.vm)
             if lock is None:
-                return answer(wire.Settled.FAILED, f"VM {record.vm} is busy here; try again")
+                return answer(wire.Settled.FAILED, self.busy(record.vm))
             try:
                 await remove_staging(staging)
             finally:
@@ -452,6 +493,17 @@ class DestinationHost:
                 record.id, Outcome.ABORTED.value, error="resolved: the source did not commit"
             )
         return answer(wire.Settled.ABORTED, "staging discarded")
+
+    def busy(self, vm: str) -> str:
+        """RESOLVE's answer while VM ``vm``'s name is held here: busy, and,
+        while an ended arrival of it is still being discarded (its
+        hypervisor has not answered yet), that; the source asks again."""
+        if vm in self.discarding:
+            return (
+                f"VM {vm} is busy here: its aborted arrival is still being removed "
+                "(the hypervisor has not answered yet); try again"
+            )
+        return f"VM {vm} is busy here; try again"
 
     def _try_lock(self, vm: str) -> storage.Lock | None:
         """VM ``vm``'s name here, or None while something (an arrival of it,
@@ -819,12 +871,23 @@ class Arrival:
         """Remove staging (ending a live arrival's QEMU) and release the name.
         A live arrival the hypervisor's own migration completed here (the
         source's guest has ended: this is the only copy) is held in doubt
-        instead, for the source's decision (RESOLVE)."""
+        instead, for the source's decision (RESOLVE).  The name is released
+        whatever happens: a removal that fails (the hypervisor refused or
+        lost its connection) is logged and left to recovery.  While the
+        hypervisor is asked, RESOLVE says so (:meth:`DestinationHost.busy`)."""
         if self._file is not None:
             self._file.close()
             self._file = None
         if self.live_socket is not None:
             self.live_socket.unlink(missing_ok=True)
+        self.host.discarding.add(self.hello.vm_name)
+        try:
+            self._discard()
+        finally:
+            self.host.discarding.discard(self.hello.vm_name)
+            self.lock.release()
+
+    def _discard(self) -> None:
         if self.live is not None and self.arrived_here():
             self.held = True
             log.warn(
@@ -833,10 +896,24 @@ class Arrival:
                 mid=self.id,
                 vm=self.hello.vm_name,
             )
-            self.lock.release()
             return
-        remove_staging_blocking(self.staging)
-        self.lock.release()
+        crashpoint.reached(CrashPoint.DESTINATION_DISCARDING, self.qemu_pidfile())
+        try:
+            remove_staging_blocking(self.staging)
+        except Exception as e:
+            # The session has ended: nobody else would report this, and the
+            # name must not stay held by an arrival that is over.  What is
+            # left in staging (perhaps a domain the hypervisor still has) is
+            # this aborted migration's: the source's RESOLVE, or this
+            # host's recheck (DestinationHost.recheck_held), removes it
+            # under the name's lock.
+            log.warn(
+                "migration {mid}: could not discard the arrival of VM {vm} yet ({e}): "
+                "its staging is left for recovery",
+                mid=self.id,
+                vm=self.hello.vm_name,
+                e=e,
+            )
 
     def arrived_here(self) -> bool:
         """Whether this live arrival's guest was made complete here by the

@@ -119,7 +119,8 @@ class ArrivingVM(Protocol):
         ...
 
     def discard(self) -> None:
-        """Remove staging and release the VM's name."""
+        """Remove staging and release the VM's name (released even if the
+        removal fails: what is left is recovery's)."""
         ...
 
     # -- on the reactor thread

@@ -324,6 +324,68 @@ def _lookup(conn: Any, domain_uuid: str) -> Any | None:
 
 #: Seconds libvirt may take to notice that a domain's QEMU ended.
 QEMU_GONE_TIMEOUT = 10.0
+#: Seconds :func:`_remove_domain` asks again while libvirt's own teardown of
+#: the domain (or its migration job) is under way.
+REMOVE_TIMEOUT = 120.0
+
+
+def _removing_meanwhile(error: Any) -> bool:
+    """Whether a libvirt ``error`` of a destroy or undefine means libvirt
+    itself stopped or dropped the domain meanwhile, or still holds its job
+    (its own teardown under way), so that the call is to be asked again
+    rather than failed."""
+    libvirt = require_libvirt()
+    return bool(
+        error.get_error_code()
+        in (
+            libvirt.VIR_ERR_NO_DOMAIN,
+            libvirt.VIR_ERR_OPERATION_INVALID,
+            libvirt.VIR_ERR_OPERATION_TIMEOUT,
+        )
+    )
+
+
+def _remove_domain(conn: Any, domain_uuid: str, undefine_flags: int) -> None:
+    """The domain of this UUID on ``conn`` (if libvirt has it) destroyed,
+    and undefined with ``undefine_flags`` if persistent.
+
+    libvirt may be removing it at the same moment: an incoming migration
+    cut mid-copy ends there on its own (its QEMU exits on the broken
+    stream, the connection that prepared it closes), and libvirt stops and
+    drops the transient domain between any two of our calls -- a domain
+    looked up and seen active answers ``destroy`` with "domain is not
+    running", or ``isPersistent`` with "no domain".  Such a call (and a
+    job libvirt still holds: "cannot acquire state change lock") is asked
+    again from a fresh lookup, for at most :data:`REMOVE_TIMEOUT`; any other
+    failure is raised."""
+    libvirt = require_libvirt()
+    deadline = time.monotonic() + REMOVE_TIMEOUT
+    while (domain := _lookup(conn, domain_uuid)) is not None:
+        try:
+            if domain.isActive():
+                domain.destroy()
+            if domain.isPersistent():
+                domain.undefineFlags(undefine_flags)
+            return
+        except libvirt.libvirtError as e:
+            if not _removing_meanwhile(e) or time.monotonic() > deadline:
+                raise
+            log.info(
+                "domain {d}: libvirt is removing it too ({e}); asking again",
+                d=domain_uuid,
+                e=e.get_error_message(),
+            )
+            time.sleep(0.1)
+
+
+def _undefine_secret(conn: Any, secret_uuid: str) -> None:
+    """The secret of this UUID undefined on ``conn``, if libvirt has it."""
+    libvirt = require_libvirt()
+    try:
+        conn.secretLookupByUUIDString(secret_uuid).undefine()
+    except libvirt.libvirtError as e:
+        if e.get_error_code() != libvirt.VIR_ERR_NO_SECRET or secret_defined(conn, secret_uuid):
+            raise
 
 
 def _resumed_or_gone(conn: Any, domain: Any, domain_uuid: str) -> Any | None:
@@ -1443,8 +1505,7 @@ class LibvirtBackend(Backend):
 
     def _end_in(self, outgoing: Outgoing, paths: SocketPaths) -> None:
         with self._connection(self.connect or default_uri()) as conn:
-            if secret_defined(conn, outgoing.secret_uuid):
-                conn.secretLookupByUUIDString(outgoing.secret_uuid).undefine()
+            _undefine_secret(conn, outgoing.secret_uuid)
         files.remove_tree(paths.local_dir)
 
     def arrived_state(self, outgoing: Outgoing) -> Deferred[str]:
@@ -1478,12 +1539,9 @@ class LibvirtBackend(Backend):
     def _abort_in(self, outgoing: Outgoing, paths: SocketPaths) -> None:
         libvirt = require_libvirt()
         with self._connection(self.connect or default_uri()) as conn:
-            domain = _lookup(conn, outgoing.domain_uuid)
-            if domain is not None:
-                if domain.isActive():
-                    domain.destroy()
-                if domain.isPersistent():
-                    domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
+            # libvirt may be failing its incoming migration meanwhile (the
+            # cut stream): _remove_domain asks again as it drops the domain.
+            _remove_domain(conn, outgoing.domain_uuid, libvirt.VIR_DOMAIN_UNDEFINE_TPM)
         self._end_in(outgoing, paths)
 
     # -- securemig migrate --live (the backend contract's carried live migration)
@@ -1612,11 +1670,20 @@ class LibvirtBackend(Backend):
         return self._call(self._incoming_state, outgoing)
 
     def _incoming_state(self, outgoing: Outgoing) -> tuple[int, int] | None:
+        libvirt = require_libvirt()
         with self._connection(self.connect or default_uri()) as conn:
             domain = _lookup(conn, outgoing.domain_uuid)
             if domain is None:
                 return None
-            state, reason = domain.state()
+            try:
+                state, reason = domain.state()
+            except libvirt.libvirtError as e:
+                # A failed incoming migration's transient domain, dropped by
+                # libvirt between the lookup and the question: gone, not
+                # "cannot tell" (which would hold a cut arrival in doubt).
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
             return int(state), int(reason)
 
     def resume_domain(self, record_uri: str, domain_uuid: str) -> Deferred[None]:

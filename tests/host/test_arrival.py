@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from securemig.host import storage
 from securemig.host.arrival import Arrival, DestinationHost
@@ -327,6 +327,20 @@ class ResolveTests(SynchronousTestCase):
         self.assertTrue((self.host.staging / self.mid.hex()).exists())
         self.assertEqual(self.resolve(wire.Decision.ABORTED).settled, wire.Settled.ABORTED)
 
+    def test_told_why_while_discarding(self) -> None:
+        """While the session's discard still waits on its hypervisor (the
+        name held), RESOLVE is told so, not only "busy"; nothing is touched,
+        and once the name is free the decision is carried out."""
+        with storage.Lock(self.host.locks / "vm1.lock"):
+            self.host.discarding.add("vm1")
+            answer = self.resolve(wire.Decision.ABORTED)
+            self.host.discarding.discard("vm1")
+            self.assertEqual(answer.settled, wire.Settled.FAILED)
+            self.assertIn("still being removed", answer.reason)
+            self.assertNotIn("still being removed", self.resolve(wire.Decision.ABORTED).reason)
+        self.assertTrue((self.host.staging / self.mid.hex()).exists())
+        self.assertEqual(self.resolve(wire.Decision.ABORTED).settled, wire.Settled.ABORTED)
+
     def test_from_another_source_refused(self) -> None:
         """Another (attested) host cannot decide this migration."""
         self.assertEqual(
@@ -411,3 +425,32 @@ class SettleTests(SynchronousTestCase):
         with storage.Lock(self.host.locks / "vm1.lock"):
             self.assertIn("busy", self.settle()[0][1])
         self.assertTrue((self.host.staging / self.mid).exists())
+
+
+class LeftoverTests(TestCase):
+    """Staging an aborted arrival's discard could not remove (its
+    hypervisor failed then): the daemon's recheck removes it."""
+
+    async def test_removed_once_the_name_is_free(self) -> None:
+        """An arrival journaled aborted whose staging is still there: left
+        alone while its VM's name is held (a session of it runs), removed
+        by the next recheck once the name is free; other staging (in doubt)
+        is never touched."""
+        host = DestinationHost(Path(self.mktemp()))
+        staged = {}
+        for mid, outcome in (("a" * 32, "aborted"), ("b" * 32, "in-doubt")):
+            host.journal.begin(
+                role="destination", vm="vm1", peer="p", variant="full", protocol="insecure", id=mid
+            )
+            host.journal.phase(mid, "prepared")
+            host.journal.finish(mid, outcome)
+            staged[outcome] = host.staging / mid
+            staged[outcome].mkdir()
+            (staged[outcome] / "ram.img").write_bytes(b"x")
+        with storage.Lock(host.locks / "vm1.lock"):
+            self.assertEqual(await host.recheck_held(), [])
+            self.assertTrue(staged["aborted"].exists())
+        actions = await host.recheck_held()
+        self.assertEqual([mid for mid, _ in actions], ["a" * 32])
+        self.assertFalse(staged["aborted"].exists())
+        self.assertTrue(staged["in-doubt"].exists())

@@ -32,6 +32,7 @@ from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.libvirt import (
     LibvirtBackend,
     LibvirtError,
+    _remove_domain,
     require_libvirt,
     socket_paths,
 )
@@ -303,3 +304,61 @@ def _qemu_alive(host: LibvirtHost, name: str) -> bool:
     except (FileNotFoundError, ValueError):
         return False
     return pid in host.children()
+
+
+#: A transient domain with nothing in it (firmware only): what a failed
+#: arrival's transient domain is to libvirt, without the guest's cost.
+EMPTY_DOMAIN = (
+    "<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory>"
+    "<os><type arch='x86_64'>hvm</type></os>"
+    "<devices><emulator>/usr/bin/qemu-system-x86_64</emulator></devices></domain>"
+)
+
+
+class TeardownRaceTests(MigrationCase):
+    """The destination removing a domain libvirt removes at the same moment
+    (a cut incoming migration: its QEMU exits on the broken stream and
+    libvirt drops the transient domain, between any two of our calls)."""
+
+    async def test_domain_dropped_between_lookup_and_destroy(self) -> None:
+        """A transient domain is looked up, then libvirt stops and drops it
+        (here through another connection) before the removal's next call:
+        the stale handle answers "no domain", which the removal reads as
+        gone and finishes (it used to fail, and the failed discard kept the
+        VM's name held); a domain libvirt keeps is still destroyed."""
+        libvirt = self.libvirt
+        conn = self.conns[1]
+        name = f"racer-{self.migration_id[:6]}"
+        domain = await deferToThread(conn.createXML, EMPTY_DOMAIN.format(name=name), 0)
+        self.addCleanup(remove_domain, self.b, name)
+        uuid = domain.UUIDString()
+        uri = self.b.uri
+        stale: list[Any] = []
+
+        class Racing:
+            """``conn``, with libvirt dropping the domain right after the
+            first lookup returned it."""
+
+            def lookupByUUIDString(self, domain_uuid: str) -> Any:
+                found = conn.lookupByUUIDString(domain_uuid)
+                if not stale:
+                    stale.append(found)
+                    other = libvirt.open(uri)
+                    try:
+                        other.lookupByUUIDString(domain_uuid).destroy()
+                    finally:
+                        other.close()
+                return found
+
+        await deferToThread(_remove_domain, Racing(), uuid, 0)
+        # The race was real: the handle the removal held had gone stale.
+        with self.assertRaises(libvirt.libvirtError) as caught:
+            stale[0].isActive()
+        self.assertEqual(caught.exception.get_error_code(), libvirt.VIR_ERR_NO_DOMAIN)
+        with self.assertRaises(libvirt.libvirtError):
+            conn.lookupByUUIDString(uuid)
+        # Without a race, the same call destroys a running transient domain.
+        again = await deferToThread(conn.createXML, EMPTY_DOMAIN.format(name=name), 0)
+        await deferToThread(_remove_domain, conn, again.UUIDString(), 0)
+        with self.assertRaises(libvirt.libvirtError):
+            conn.lookupByUUIDString(again.UUIDString())

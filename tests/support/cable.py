@@ -5,6 +5,7 @@ a test can cut: every TCP connection the source opens to the destination
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import subprocess
 import sys
@@ -17,11 +18,20 @@ NEAR = "127.0.0.2"
 FAR = "127.0.0.1"
 
 
+#: Where :func:`free_ports` looks: below Linux's ephemeral range (32768 up),
+#: where no outgoing connection takes a port between the probe and the bind.
+PORT_BASES = range(23000, 32768 - 64, 97)
+
+
 def free_ports(count: int) -> list[int]:
     """``count`` consecutive TCP ports free on both ends of the cable (for a
     destination's ``--data-ports``: the source dials the data port it is
-    told at the address it reached, so the cable must carry them too)."""
-    for base in range(23000, 60000, 97):
+    told at the address it reached, so the cable must carry them too).
+    Probed from a random base: two test processes (``trial -j2``) probing
+    at once would otherwise both find the same free ports and both bind
+    them later (one cable failed "Address already in use")."""
+    start = random.randrange(len(PORT_BASES))
+    for base in (*PORT_BASES[start:], *PORT_BASES[:start]):
         probes: list[socket.socket] = []
         try:
             for port in range(base, base + count):

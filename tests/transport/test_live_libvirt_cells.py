@@ -23,7 +23,11 @@ the cut -- decides some of them either way; the journal always says which.)
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import time
+from collections.abc import Callable
 
 from twisted.internet import threads
 
@@ -50,10 +54,21 @@ class LibvirtLiveCells(LibvirtCellsBase):
     """Each test is one cell: where the network is cut, or where the
     source's daemon dies."""
 
-    async def cut_cell(self, name: str, when: str) -> str:
+    async def cut_cell(
+        self,
+        name: str,
+        when: str,
+        dying: dict[str, str] | None = None,
+        healed: Callable[[], None] | None = None,
+        with_cut: Callable[[], None] | None = None,
+    ) -> str:
         """Migrate ``name`` live through a cable (in a process of its own)
         cut at ``when`` (:data:`CUTS`), healed once ``migrate`` returned;
-        check the cell settles as it must.  Returns where the guest ended."""
+        check the cell settles as it must.  Returns where the guest ended.
+        ``dying``: more of the destination daemon's environment (a crash
+        point of its own); ``healed``: run (in a thread) once the cable
+        healed, before the cell must settle; ``with_cut``: run as the test
+        cuts (mid-copy), right after it."""
         cutter, point = CUTS[when]
         self.source_daemon()
         ports = free_ports(5)
@@ -63,7 +78,11 @@ class LibvirtLiveCells(LibvirtCellsBase):
             self.dst_state,
             self.dst_id,
             self.dst_policy,
-            {**self.env(self.b), **(cable.cut_at(point) if cutter == "destination" else {})},
+            {
+                **self.env(self.b),
+                **(cable.cut_at(point) if cutter == "destination" else {}),
+                **(dying or {}),
+            },
             ports[0],
             None,
             ("--data-ports", f"{ports[1]}-{ports[-1]}"),
@@ -82,6 +101,8 @@ class LibvirtLiveCells(LibvirtCellsBase):
         if cutter == "test":
             await threads.deferToThread(self.wait_copying, name)
             cable.cut_now()
+            if with_cut is not None:
+                with_cut()
         result = await running
         self.assertTrue(cable.cut, f"the cable was not cut {when}: {result.stderr}")
         cable.heal()
@@ -92,6 +113,8 @@ class LibvirtLiveCells(LibvirtCellsBase):
             self.assertFalse(self.journal_reached(self.dst_state, Phase.INCOMING))
         if when in ("before-key-release", "mid-copy"):
             self.assertNotEqual(result.returncode, 0, result.stdout)
+        if healed is not None:
+            await threads.deferToThread(healed)
         return await threads.deferToThread(
             self.settled_once, name, (domain, bundle, watch, first), destination
         )
@@ -108,6 +131,78 @@ class LibvirtLiveCells(LibvirtCellsBase):
         migration, the guest runs on at the source; the destination's
         domain, vTPM state and secret go with its arrival."""
         self.assertEqual(await self.cut_cell("lcut2", "mid-copy"), "source")
+
+    async def test_cut_mid_copy_libvirtd_dies_discarding(self) -> None:
+        """Cut while libvirt copies; the destination's libvirtd SIGKILLed as
+        the destination discards the cut arrival (crash point
+        ``destination-discarding``, after libvirt said it did not complete
+        there, before its domain and secret are removed), started again
+        once ``migrate`` returned.  The discard cannot reach libvirt: the
+        name of the VM is freed all the same, the staging left for the
+        source's RESOLVE(aborted), which removes it once libvirt is back
+        (before, the failed discard kept the name held until a restart and
+        every RESOLVE was answered "busy").  The guest runs on at the
+        source."""
+        libvirtd = self.b.path("/run/libvirt/libvirtd.pid")
+
+        def restarted() -> None:
+            # Killed by the destination's daemon at its crash point (the
+            # cut came before migrate returned, so the discard has begun).
+            deadline = time.monotonic() + 120
+            while self.b.process is not None and self.b.process.poll() is None:
+                self.assertLess(time.monotonic(), deadline, "the discard was never reached")
+                time.sleep(0.1)
+            self.b.restart()
+
+        dying = {
+            **crash_env("destination-discarding:other"),
+            "SECUREMIG_CRASH_PIDFILE": str(libvirtd),
+        }
+        self.assertEqual(await self.cut_cell("lcut5", "mid-copy", dying, restarted), "source")
+        # The discard did meet the dead libvirtd (the cell is about that path).
+        self.assertIn("its staging is left for recovery", self.destination_logs())
+
+    async def test_cut_mid_copy_libvirtd_stopped_discarding(self) -> None:
+        """Cut while libvirt copies, the destination's libvirtd stopped
+        (SIGSTOP) as the cut lands: the discard of the cut arrival waits on
+        it, so the VM's name stays held there; meanwhile the source's
+        RESOLVE(aborted) is answered that the aborted arrival is still
+        being removed (and asked again), and the guest runs on at the
+        source.  Continued (SIGCONT), libvirt answers, the discard
+        finishes and the cell settles with the guest at the source."""
+        assert self.b.process is not None
+        libvirtd = self.b.process.pid
+
+        def resume() -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(libvirtd, signal.SIGCONT)
+
+        # Whatever happens, the shared libvirtd runs again after this test.
+        self.addCleanup(resume)
+
+        def stopped_then_continued() -> None:
+            deadline = time.monotonic() + 120
+            while "is still being removed" not in self.destination_logs():
+                self.assertLess(time.monotonic(), deadline, "RESOLVE was not told why")
+                time.sleep(0.2)
+            # The name held: nothing settled, the guest runs on at the source.
+            self.assertIsNone(self.settled("lcut6"))
+            self.assertEqual(self.state_at(self.a, "lcut6"), "1")
+            resume()
+
+        self.assertEqual(
+            await self.cut_cell(
+                "lcut6",
+                "mid-copy",
+                healed=stopped_then_continued,
+                with_cut=lambda: os.kill(libvirtd, signal.SIGSTOP),
+            ),
+            "source",
+        )
+
+    def destination_logs(self) -> str:
+        """What the destination's daemons logged in this test."""
+        return "".join(p.read_text() for p in self.base.glob(f"{self.dst_state.name}-*.log"))
 
     async def test_cut_after_destination_prepared(self) -> None:
         """Cut as the destination journaled PREPARED, before sending it
