@@ -379,9 +379,12 @@ class DestinationHost:
         """The VM's state as its backend reports it."""
         return backend_for(bundle.manifest.backend).status(bundle)
 
-    async def resolve(self, message: wire.Resolve, peer_name: str, protocol: str) -> wire.Resolved:
+    async def resolve(
+        self, message: wire.Resolve | wire.Ask, peer_name: str, protocol: str
+    ) -> wire.Resolved:
         """Carry out the source's decision for one of our arrivals (RESOLVE),
-        accepted only from the peer that started it, over the same variant."""
+        or say what is held here of it (ASK, :meth:`held`); accepted only
+        from the peer that started it, over the same variant."""
         mid = message.migration_id
 
         def answer(settled: wire.Settled, reason: str) -> wire.Resolved:
@@ -397,6 +400,8 @@ class DestinationHost:
                 peer=peer_name,
             )
             return answer(wire.Settled.REFUSED, "this migration was started by another source")
+        if isinstance(message, wire.Ask):
+            return answer(*await self.held(record))
         staging = self.staging / record.id
         if record.outcome == Outcome.DONE.value:
             return answer(wire.Settled.DONE, f"VM {record.vm} is in place here")
@@ -452,6 +457,61 @@ class DestinationHost:
                 record.id, Outcome.ABORTED.value, error="resolved: the source did not commit"
             )
         return answer(wire.Settled.ABORTED, "staging discarded")
+
+    async def held(self, record: MigrationRecord) -> tuple[wire.Settled, str]:
+        """The answer to ASK: what this host holds of arrival ``record``,
+        for a source that cannot decide alone (``protocol.recovery.
+        asks_destination``: its guest gone there, PREPARED never seen).
+
+        HELD: the whole guest, paused -- PREPARED journaled, or its
+        hypervisor completed the migration here (libvirt's Finish ran;
+        PREPARED was lost with the connection or never journaled) -- kept
+        in doubt for the source's decision; DONE or HELD once rolled
+        forward; ABORTED or LOST: nothing complete is kept; FAILED ("ask
+        again"): its session still runs, or its hypervisor cannot say.
+        Nothing is decided here; only a QEMU that ended before the guest
+        ever ran here is journaled LOST, as a restart would."""
+        if record.outcome == Outcome.DONE.value:
+            return wire.Settled.DONE, f"VM {record.vm} is in place here"
+        if record.reached(Phase.LOST):
+            return wire.Settled.LOST, "its QEMU ended before the guest ran here; nothing kept"
+        if record.reached(Phase.COMMITTED):
+            return wire.Settled.HELD, "COMMIT was journaled here: the VM is rolled forward here"
+        staging = self.staging / record.id
+        if record.outcome == Outcome.ABORTED.value:
+            return wire.Settled.ABORTED, "aborted here; nothing kept"
+        if record.outcome is None:
+            # Its session still runs (libvirt may still complete here), or
+            # this host has not recovered it yet: no answer is final yet.
+            return wire.Settled.FAILED, f"VM {record.vm} is still arriving here; ask again"
+        if not staging.exists():
+            return wire.Settled.ABORTED, "nothing kept here"
+        lock = self._try_lock(record.vm)
+        if lock is None:
+            return wire.Settled.FAILED, f"VM {record.vm} is busy here; ask again"
+        try:
+            if self._unrun(record) and self.live_qemu(record) is False:
+                await self._lose(record, "its QEMU ended before the guest ran here")
+                return wire.Settled.LOST, "its QEMU ended before the guest ran here; nothing kept"
+            if record.reached(Phase.PREPARED):
+                return wire.Settled.HELD, "prepared: the whole guest, paused, held in doubt"
+            if not capabilities(self.backend).carried or not record.reached(Phase.INCOMING):
+                return wire.Settled.ABORTED, "not prepared: nothing complete here"
+            try:
+                arrived = await deferToThread(
+                    backend_for(self.backend).arrived, Bundle.load(staging)
+                )
+            except Exception as e:
+                log.warn("migration {mid}: cannot tell whether it arrived: {e}", mid=record.id, e=e)
+                return wire.Settled.FAILED, "its hypervisor here cannot say; ask again"
+            if arrived:
+                return wire.Settled.HELD, (
+                    "its hypervisor completed the migration here: the whole guest, paused, "
+                    "held in doubt"
+                )
+            return wire.Settled.ABORTED, "its hypervisor did not complete it here: nothing whole"
+        finally:
+            lock.release()
 
     def _try_lock(self, vm: str) -> storage.Lock | None:
         """VM ``vm``'s name here, or None while something (an arrival of it,

@@ -17,6 +17,11 @@ work for:
   saved state (a QEMU guest from its RAM image, never cold-booted).  The
   destination is owed RESOLVE(aborted) so it discards any staging it holds.
 
+- COMMITTED never happened, the migration went live through the
+  hypervisor's own (libvirt), and its guest is gone here before PREPARED
+  arrived: only the destination can say whether it holds the whole guest
+  (:class:`Ask`); until it answers nothing is decided.
+
 Nothing is guessed: a record whose VM is still locked belongs to a migration
 in progress and is left alone.
 """
@@ -40,7 +45,13 @@ from securemig.protocol import wire
 from securemig.protocol.effects import Outcome
 from securemig.protocol.errors import MigrationError
 from securemig.protocol.phases import Phase
-from securemig.protocol.recovery import SourceGuest, carried_decision
+from securemig.protocol.recovery import (
+    DestinationHolds,
+    SourceGuest,
+    asks_destination,
+    carried_decision,
+    holds,
+)
 from securemig.trust.vtpm import key_reader
 
 log = Logger()
@@ -60,9 +71,24 @@ class Owed:
         return bytes.fromhex(self.record.migration_id)
 
 
+@dataclass(frozen=True)
+class Ask:
+    """A carried live departure whose source cannot decide alone
+    (``protocol.recovery.asks_destination``): the destination is asked
+    what it holds (ASK), and :func:`decide_asked` decides on its answer."""
+
+    record: MigrationRecord
+
+    @property
+    def migration_id(self) -> bytes:
+        """The destination's id of the migration."""
+        assert self.record.migration_id is not None
+        return bytes.fromhex(self.record.migration_id)
+
+
 async def settle_departures(
     journal: Journal, unseal: Callable[[bytes], bytes] | None = None, defer: bool = False
-) -> tuple[list[str], list[Owed]]:
+) -> tuple[list[str], list[Owed | Ask]]:
     """Settle this host's unfinished departures.  ``unseal`` opens a vTPM key
     sealed to this host's TPM (to resume a VM with a vTPM from its saved
     state; continuing a QEMU that still runs, paused, needs no key).
@@ -75,10 +101,11 @@ async def settle_departures(
     resume it.  Never is a guest left paused by settling.
 
     Returns what was done (sentences for the log and the operator) and the
-    decisions still owed to destinations.
+    decisions still owed to destinations, and the questions (:class:`Ask`)
+    to put to them.
     """
     done: list[str] = []
-    owed: list[Owed] = []
+    owed: list[Owed | Ask] = []
     for record in journal.departures():
         if record.outcome in (None, Outcome.DONE.value) and owner_alive(record.owner):
             # Its `securemig migrate` still runs (done: it may be removing
@@ -91,10 +118,12 @@ async def settle_departures(
             # Live through the hypervisor's own migration, not decided:
             # decided from where its hypervisor says the guest is
             # (protocol.recovery.carried_decision), or not at all.
-            said = await _decide_carried(journal, record)
+            said, ask = await _decide_carried(journal, record)
             done += said
             record = journal.get(record.id) or record
             if not record.reached(Phase.COMMITTED) and record.outcome in (None, "in-doubt"):
+                if ask and record.migration_id is not None:
+                    owed.append(Ask(record))
                 continue  # asked again next round: nothing decided, nothing owed
         if record.reached(Phase.COMMITTED):
             done += await _finish_commit(journal, record)
@@ -132,25 +161,33 @@ def _carried_open(record: MigrationRecord) -> bool:
     return capabilities(Bundle.load(Path(record.bundle)).manifest.backend).carried
 
 
-async def _decide_carried(journal: Journal, record: MigrationRecord) -> list[str]:
+async def _decide_carried(
+    journal: Journal,
+    record: MigrationRecord,
+    there: DestinationHolds = DestinationHolds.UNKNOWN,
+) -> tuple[list[str], bool]:
     """Decide a carried live departure (``protocol.recovery.carried_decision``):
     commit when the guest is not here and its hypervisor moved it or the
-    destination said PREPARED; abort when it demonstrably runs here --
-    continued first (a paused QEMU resumed), asked again, and only then
-    journaled aborted; nothing while the hypervisor cannot be asked.
-    Under the VM's lock (a command or migration holding it: next round)."""
+    destination said PREPARED -- or, gone here before PREPARED arrived,
+    the destination says it holds the whole guest (``there``, its answer to
+    ASK); abort when it demonstrably runs here -- continued first (a paused
+    QEMU resumed), asked again, and only then journaled aborted -- or is
+    gone here and the destination holds nothing; nothing while the
+    hypervisor, or the destination, cannot be asked.  Under the VM's lock
+    (a command or migration holding it: next round).  Returns what was
+    done, and whether the destination must be asked (ASK)."""
     assert record.bundle is not None
     bundle_dir = Path(record.bundle)
     try:
         lock = storage.VMLock(bundle_dir / LOCK)
     except storage.LockBusy:
-        return []
+        return [], False
     try:
         bundle = Bundle.load(bundle_dir)
         backend = backend_for(bundle.manifest.backend)
         prepared = record.reached(Phase.PREPARED)
         guest = await backend.guest_here(bundle)
-        decision = carried_decision(guest, prepared)
+        decision = carried_decision(guest, prepared, there)
         if decision is wire.Decision.ABORTED and guest is SourceGuest.RUNS:
             # Continued before the abort is journaled: a guest libvirt was
             # about to end (a libvirtd restarted at completion) is not
@@ -160,7 +197,19 @@ async def _decide_carried(journal: Journal, record: MigrationRecord) -> list[str
             except Exception as e:
                 log.warn("VM {vm}: could not continue it here: {e}", vm=record.vm, e=e)
             guest = await backend.guest_here(bundle)
-            decision = carried_decision(guest, prepared)
+            decision = carried_decision(guest, prepared, there)
+        if decision is None and asks_destination(guest, prepared):
+            if record.outcome is None:
+                journal.finish(
+                    record.id,
+                    Outcome.IN_DOUBT.value,
+                    error="LIVE_FAILED: the guest is gone here and PREPARED never arrived: "
+                    "the destination is asked what it holds",
+                )
+            return [
+                f"VM {record.vm}: the guest is gone here and PREPARED never arrived: "
+                f"asking {record.peer} what it holds"
+            ], True
         if decision is None:
             if record.outcome is None:
                 journal.finish(
@@ -171,13 +220,14 @@ async def _decide_carried(journal: Journal, record: MigrationRecord) -> list[str
             return [
                 f"VM {record.vm}: its hypervisor here cannot be asked where the guest is: "
                 "in doubt, asked again"
-            ]
+            ], False
         if decision is wire.Decision.COMMITTED:
             journal.phase(record.id, Phase.COMMITTED)
+            holder = "holds it" if prepared or guest is not SourceGuest.GONE else "says it holds it"
             return [
                 f"VM {record.vm}: the guest is not here ({guest.value}) and {record.peer} "
-                "holds it: committed"
-            ]
+                f"{holder}: committed"
+            ], False
         journal.finish(
             record.id,
             Outcome.ABORTED.value,
@@ -185,13 +235,29 @@ async def _decide_carried(journal: Journal, record: MigrationRecord) -> list[str
         )
         crashpoint.reached(CrashPoint.SOURCE_SETTLE_ABORTED)
         if guest is SourceGuest.RUNS:
-            return [f"VM {record.vm}: migration to {record.peer} never committed: it runs here"]
+            return [
+                f"VM {record.vm}: migration to {record.peer} never committed: it runs here"
+            ], False
         return [
             f"VM {record.vm}: migration to {record.peer} never committed: aborted",
             await _resume(bundle, None),
-        ]
+        ], False
     finally:
         lock.release()
+
+
+async def decide_asked(journal: Journal, ask: Ask, answer: wire.Resolved) -> list[str]:
+    """Decide a carried departure the destination was asked about (ASK) on
+    its answer (``protocol.recovery.holds``): the hypervisor is asked
+    again first (the guest may have changed), then the rule decides --
+    commit if the destination holds the whole guest, abort if nothing;
+    an answer that says neither decides nothing (asked again).  Returns
+    what was done."""
+    record = journal.get(ask.record.id) or ask.record
+    if record.reached(Phase.COMMITTED) or not _carried_open(record):
+        return []  # decided meanwhile (another round, a command)
+    said, _ = await _decide_carried(journal, record, holds(answer.settled))
+    return said
 
 
 def _carried(record: MigrationRecord) -> bool:
