@@ -28,8 +28,9 @@ in progress and is left alone.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from twisted.logger import Logger
@@ -71,6 +72,40 @@ class Owed:
         return bytes.fromhex(self.record.migration_id)
 
 
+#: A failed release (its hypervisor down) is tried again after this many
+#: seconds, twice as long after each failure, at most the last.
+RELEASE_FIRST_RETRY, RELEASE_LAST_RETRY = 1.0, 60.0
+
+
+@dataclass
+class Backoff:
+    """When each committed departure whose copy here could not be removed
+    (``release`` failed: a libvirt domain whose libvirtd is down) may be
+    tried again: after :data:`RELEASE_FIRST_RETRY` seconds, twice as long
+    after each further failure, at most :data:`RELEASE_LAST_RETRY`;
+    forgotten once it succeeds.  The daemon keeps one across its rounds
+    (``--resolve-interval``), so a host whose libvirtd stays down is not
+    asked -- and its failure logged -- every round.  ``clock``: seconds."""
+
+    clock: Callable[[], float] = time.monotonic
+    #: record id -> (when it is due, the delay after its next failure)
+    due_at: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def due(self, key: str) -> bool:
+        """Whether ``key`` may be tried now."""
+        return self.due_at.get(key, (0.0, 0.0))[0] <= self.clock()
+
+    def failed(self, key: str) -> float:
+        """``key`` failed now: the seconds until it is due again."""
+        _, delay = self.due_at.get(key, (0.0, RELEASE_FIRST_RETRY))
+        self.due_at[key] = (self.clock() + delay, min(delay * 2, RELEASE_LAST_RETRY))
+        return delay
+
+    def succeeded(self, key: str) -> None:
+        """``key`` is done: forgotten."""
+        self.due_at.pop(key, None)
+
+
 @dataclass(frozen=True)
 class Ask:
     """A carried live departure whose source cannot decide alone
@@ -87,7 +122,10 @@ class Ask:
 
 
 async def settle_departures(
-    journal: Journal, unseal: Callable[[bytes], bytes] | None = None, defer: bool = False
+    journal: Journal,
+    unseal: Callable[[bytes], bytes] | None = None,
+    defer: bool = False,
+    backoff: Backoff | None = None,
 ) -> tuple[list[str], list[Owed | Ask]]:
     """Settle this host's unfinished departures.  ``unseal`` opens a vTPM key
     sealed to this host's TPM (to resume a VM with a vTPM from its saved
@@ -98,7 +136,9 @@ async def settle_departures(
     ``securemig status``) its record is left unsettled for this host's
     daemon or ``securemig vm start --identity``; without it (a daemon with
     no TPM identity) the migration is aborted and the operator told how to
-    resume it.  Never is a guest left paused by settling.
+    resume it.  Never is a guest left paused by settling.  ``backoff``: when
+    a committed departure's failed release is tried again (without: every
+    call).
 
     Returns what was done (sentences for the log and the operator) and the
     decisions still owed to destinations, and the questions (:class:`Ask`)
@@ -126,7 +166,7 @@ async def settle_departures(
                     owed.append(Ask(record))
                 continue  # asked again next round: nothing decided, nothing owed
         if record.reached(Phase.COMMITTED):
-            done += await _finish_commit(journal, record)
+            done += await _finish_commit(journal, record, backoff)
             decision = wire.Decision.COMMITTED
         else:
             did = await _abort(journal, record, unseal, defer)
@@ -269,7 +309,9 @@ def _carried(record: MigrationRecord) -> bool:
     return capabilities(Bundle.load(Path(record.bundle)).manifest.backend).carried
 
 
-async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]:
+async def _finish_commit(
+    journal: Journal, record: MigrationRecord, backoff: Backoff | None = None
+) -> list[str]:
     said = []
     done = record.outcome == Outcome.DONE.value  # the guest runs there: nothing kept here
     if (
@@ -294,6 +336,8 @@ async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]
         # removed then (``release`` does not journal ``released`` while, say,
         # its libvirtd is down): removed now, under the VM's lock.
         bundle_dir = Path(record.bundle)
+        if backoff is not None and not backoff.due(record.id):
+            return []  # it failed a moment ago: tried again once due
         try:
             lock = storage.VMLock(bundle_dir / LOCK)
         except storage.LockBusy:
@@ -303,8 +347,14 @@ async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]
         finally:
             lock.release()
         if not gone:
-            # Its hypervisor is still down: asked again next round.
-            return [f"VM {record.vm} was committed to {record.peer}: its copy here not yet removed"]
+            # Its hypervisor is still down: asked again, backing off.
+            later = "next round" if backoff is None else f"in {backoff.failed(record.id):g} s"
+            return [
+                f"VM {record.vm} was committed to {record.peer}: its copy here not yet "
+                f"removed; tried again {later}"
+            ]
+        if backoff is not None:
+            backoff.succeeded(record.id)
         crashpoint.reached(CrashPoint.SOURCE_SETTLE_RELEASED)
         said.append(f"VM {record.vm} was committed to {record.peer}: its copy here removed")
     elif not record.reached(Phase.RELEASED):

@@ -23,7 +23,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from securemig.host.journal import Journal, MigrationRecord
-from securemig.host.recovery import Ask, Owed, acknowledge, decide_asked, settle_departures
+from securemig.host.recovery import (
+    Ask,
+    Backoff,
+    Owed,
+    acknowledge,
+    decide_asked,
+    settle_departures,
+)
 from securemig.protocol import wire
 from securemig.protocol.errors import ErrorCode, PeerViolation, ProtocolError
 from securemig.protocol.phases import Phase
@@ -137,8 +144,10 @@ async def confirmed(journal: Journal, owed: Owed, answer: wire.Resolved) -> bool
 class Resolver:
     """The daemon's side of recovery as a source: settle this host's
     departures at start and every ``interval`` seconds (a ``securemig
-    migrate`` may die at any time), and send each owed decision until its
-    destination confirms, backing off from 1 s to 60 s per migration."""
+    migrate`` may die at any time), and send each owed decision (and
+    question) until its destination confirms, backing off from 1 s to 60 s
+    per migration; a failed release of a committed copy here is retried
+    backing off the same way."""
 
     def __init__(
         self,
@@ -154,6 +163,9 @@ class Resolver:
         self.unseal = unseal
         self.interval = interval
         self._next: dict[str, tuple[float, float]] = {}  # record id -> (when, delay)
+        #: A committed departure whose copy here could not be removed (its
+        #: hypervisor down) is tried again backing off, not every round.
+        self.backoff = Backoff(clock=reactor.seconds)
         self._busy = False
         self._call: Any = None
 
@@ -183,7 +195,7 @@ class Resolver:
 
     async def run_once(self) -> None:
         """One round: settle locally, then send what is due."""
-        did, owed = await settle_departures(self.journal, self.unseal)
+        did, owed = await settle_departures(self.journal, self.unseal, backoff=self.backoff)
         for sentence in did:
             log.info("recovery: {what}", what=sentence)
         now = self.reactor.seconds()
