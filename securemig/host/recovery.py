@@ -395,7 +395,7 @@ async def _abort(
             and (record.reached(Phase.SUSPENDED) or record.reached(Phase.LIVE))
         )
         bundle = Bundle.load(bundle_dir) if ran and bundle_dir is not None else None
-        if bundle is not None and defer and _needs_key(bundle, unseal):
+        if bundle is not None and defer and await _needs_key(bundle, unseal):
             # Aborting here would leave it stopped, and the daemon skips an
             # aborted record: leave it unsettled for one that has the key.
             return None
@@ -429,14 +429,15 @@ async def _continue_aborted(
         return []
     if await live_qemu(record):
         bundle = Bundle.load(bundle_dir)
-        if backend_for(bundle.manifest.backend).status(bundle) != "paused":
+        backend = backend_for(bundle.manifest.backend)
+        if await backend.ask(backend.status, bundle) != "paused":
             return []
         key: Callable[[bytes], bytes] | None = None
     elif not record.reached(Phase.LIVE) and record.reached(Phase.SUSPENDED):
         bundle = Bundle.load(bundle_dir)
         if bundle.manifest.state != "suspended":
             return []  # resumed already (by the migration's rollback, or here)
-        if defer and _needs_key(bundle, unseal):
+        if defer and await _needs_key(bundle, unseal):
             return []  # left for this host's daemon, which has the key
         key = unseal
     else:
@@ -451,20 +452,20 @@ async def _continue_aborted(
         lock.release()
 
 
-def _needs_key(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> bool:
+async def _needs_key(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> bool:
     """Whether running ``bundle`` again here needs its vTPM key, which
     ``unseal`` cannot give: it has a vTPM and no process of it is left to
     continue (a QEMU paused after a live stream is continued without it)."""
     if not bundle.manifest.vtpm or unseal is not None:
         return False
     backend = backend_for(bundle.manifest.backend)
-    return not backend.has_process(bundle)
+    return not await backend.ask(backend.has_process, bundle)
 
 
 async def _resume(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> str:
     """Run a VM again from its saved state, as it ran before the migration
     (a QEMU that still runs, paused after a live stream, is continued)."""
-    if _needs_key(bundle, unseal):
+    if await _needs_key(bundle, unseal):
         return (
             f"VM {bundle.name} has a vTPM: resume it with "
             "`securemig vm start --identity DIR` (from its saved state)"
@@ -474,12 +475,12 @@ async def _resume(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> st
     # A guest that runs may be paused after a live stream (or still sending
     # it): a backend whose resume continues it (and cancels the stream) is
     # always asked.
-    if (
-        backend.status(bundle) == "running"
-        and not capabilities(bundle.manifest.backend).resume_continues
-    ):
-        return f"VM {bundle.name} runs here"
     try:
+        if (
+            await backend.ask(backend.status, bundle) == "running"
+            and not capabilities(bundle.manifest.backend).resume_continues
+        ):
+            return f"VM {bundle.name} runs here"
         await backend.resume(bundle)
     except (MigrationError, OSError) as e:
         log.error("could not resume VM {vm}: {e}", vm=bundle.name, e=e)
