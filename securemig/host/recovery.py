@@ -226,6 +226,10 @@ async def _decide_carried(
         bundle = Bundle.load(bundle_dir)
         backend = backend_for(bundle.manifest.backend)
         prepared = record.reached(Phase.PREPARED)
+        if record.migration_id is None:
+            # No WELCOME ever came: no destination admitted it, so none
+            # holds anything of it, and there is nobody to ask.
+            there = DestinationHolds.NOTHING
         guest = await backend.guest_here(bundle)
         decision = carried_decision(guest, prepared, there)
         if decision is wire.Decision.ABORTED and guest is SourceGuest.RUNS:
