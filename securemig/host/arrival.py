@@ -1149,14 +1149,18 @@ class Arrival:
         )
         bundle = Bundle.load(target)
         if self.live is not None:
-            self.live.release()  # the QMP socket moved with the bundle: reconnect there
             if not await backend_for(bundle.manifest.backend).process_alive(bundle):
                 await self.lose(target)
                 raise self._lost()
             self.host.journal.phase(self.id, Phase.CONTINUING)
             crashpoint.reached(CrashPoint.DESTINATION_CONTINUING, target / "qemu.pid")
         try:
-            await self.host.resume(bundle)
+            # Live: continued on the connection held since the stream (the
+            # guest waits paused for this); else, and after a restart, resumed.
+            if self.live is None or not await self.live.continue_moved(bundle):
+                if self.live is not None:
+                    self.live.release()
+                await self.host.resume(bundle)
         finally:
             # Resumed or not (RESUME_FAILED), the VM stays in place: its name
             # is free for whatever an operator does next.

@@ -111,6 +111,13 @@ class LiveSide(Protocol):
         """Destination, after the stream: whether the guest still waits here,
         loaded and paused (False: its process has ended)."""
 
+    async def continue_moved(self, bundle: Bundle) -> bool:
+        """Destination, after the commit, its bundle moved into place at
+        ``bundle``: let the guest run on the control connection held since
+        the stream (no reconnect on the guest's switchover path), then let
+        the connection go; True once it runs.  False: this side holds none,
+        the caller resumes the VM as :meth:`Backend.resume` does."""
+
     async def cancel(self) -> None:
         """Source, before the commit: stop sending, the guest goes on here."""
 

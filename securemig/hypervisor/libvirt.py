@@ -1827,6 +1827,11 @@ class LibvirtIncoming:
         state = await self.backend.incoming_state(self.outgoing)
         return state is not None and state[0] == 3
 
+    async def continue_moved(self, bundle: Bundle) -> bool:
+        """No connection is held here (each libvirt call opens its own):
+        the VM is resumed as :meth:`LibvirtBackend.resume` does."""
+        return False
+
     async def cont(self) -> None:
         """Let the guest run here."""
         await self.backend.resume_domain(

@@ -777,6 +777,23 @@ class LiveMigration:
         self.bundle.manifest.state = "running"
         self.bundle.save()
 
+    async def continue_moved(self, bundle: Bundle) -> bool:
+        """At the destination, after the commit: the bundle moved into
+        place.  Its QMP connection, opened when the stream started, outlived
+        the move (a connected socket does not care that its file was
+        renamed): the vTPM link is pointed at the moved state before any TPM
+        command can write it, then ``cont`` on that connection; a reconnect
+        (greeting, capabilities) and a migration query would be on the
+        guest's switchover path."""
+        self.bundle = bundle
+        if bundle.manifest.vtpm:
+            self.backend._point_vtpm_link(bundle)
+        try:
+            await self.cont()
+        finally:
+            self.release()
+        return True
+
     async def cancel(self) -> None:
         """At the source, before the commit: stop sending (if QEMU still is)
         and let the guest go on here."""

@@ -115,7 +115,7 @@ def run(
             "images": state_of(there) == before,
             "key": released == secret,
             "vtpm": there.manifest.vtpm == identity
-            and vtpm.identity(there.path / vtpm.STATE_DIR, released) == identity,
+            and vtpm.identity(there.path / vtpm.STATE_DIR, released, expected=identity) == identity,
             "source_copy_removed": not vm.path.exists(),
         }
         say(

@@ -134,7 +134,7 @@ class DestinationSecurity:
         if not state.exists():
             raise KeyTransferError("the vTPM's identity arrived without its state")
         try:
-            identity = vtpm.identity(state, secret, scratch_in, ahead)
+            identity = vtpm.identity(state, secret, scratch_in, ahead, expected.hex())
         except vtpm.VTPMError as e:
             raise KeyTransferError(str(e)) from None
         if not hmac.compare_digest(identity, expected.hex()):

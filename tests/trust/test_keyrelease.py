@@ -152,6 +152,43 @@ class VTPMIdentityTests(SynchronousTestCase):
         got = DestinationSecurity.check_vtpm(self.staging, self.key, bytes.fromhex(self.identity))
         self.assertEqual(got, self.identity)
 
+    def _ek_digests(self) -> tuple[str, str]:
+        """SHA-256 of the vTPM's ECC and RSA EK public areas, recreated here
+        from a copy of its state (tpm2-pytss, apart from the code checked)."""
+        import hashlib
+        import shutil
+        from pathlib import Path
+
+        from securemig.trust import vtpm
+        from securemig.trust.tpm import swtpm
+        from securemig.trust.tpm.tpm import TPM
+
+        copy = Path(self.mktemp())
+        shutil.copytree(self.staging / vtpm.STATE_DIR, copy)
+        process = swtpm.start(copy, self.key, dies_with_parent=True)
+        try:
+            with TPM(process.tcti) as tpm:
+                tpm.startup()
+                return (
+                    hashlib.sha256(tpm.ek_public("ecc")).hexdigest(),
+                    hashlib.sha256(tpm.ek_public("rsa")).hexdigest(),
+                )
+        finally:
+            process.stop()
+
+    def test_identity_is_the_ecc_ek(self) -> None:
+        """A vTPM's identity is the digest of its ECC P-256 EK (fast to
+        recreate on a live arrival's switchover path), and a bundle that
+        announces its RSA EK's digest (made before) still passes as itself;
+        neither digest of another vTPM does."""
+        ecc, rsa = self._ek_digests()
+        self.assertEqual(self.identity, ecc)
+        self.assertNotEqual(ecc, rsa)
+        got = DestinationSecurity.check_vtpm(self.staging, self.key, bytes.fromhex(rsa))
+        self.assertEqual(got, rsa)
+        with self.assertRaises(KeyTransferError):
+            DestinationSecurity.check_vtpm(self.staging, self.key, bytes.fromhex(rsa)[::-1])
+
     def test_other_identity(self) -> None:
         """A state that opens but is another vTPM (another EK) is refused."""
         with self.assertRaises(KeyTransferError) as cm:
