@@ -16,7 +16,9 @@ that one run can kill a QEMU at one point and its process at a later one.
 A name written ``NAME:other`` kills, at that point, the process whose pid
 file ``SECUREMIG_CRASH_PIDFILE`` names instead: a destination's daemon can
 so kill the source's QEMU at an exact step of the destination (both run on
-one machine in the tests).
+one machine in the tests).  A pid file may name several processes (one pid
+per line): all are killed at once, in that order (the source host's
+``migrate``, libvirtd and QEMU, say, as a crash of that host would).
 """
 
 from __future__ import annotations
@@ -117,15 +119,26 @@ def reached(point: CrashPoint, qemu: Path | None = None) -> None:
 
 
 def _kill(pidfile: Path, name: str) -> None:
-    """SIGKILL the process ``pidfile`` names and wait until it is gone."""
+    """SIGKILL the processes ``pidfile`` names (one pid per line), all
+    first, then wait until each is gone."""
     try:
-        pid = int(pidfile.read_text())
+        pids = [int(word) for word in pidfile.read_text().split()]
     except (OSError, ValueError):
         return
-    sys.stderr.write(f"securemig: crash point {name} reached; killing QEMU {pid}\n")
+    if not pids:
+        return
+    what = f"QEMU {pids[0]}" if len(pids) == 1 else "processes " + ", ".join(map(str, pids))
+    sys.stderr.write(f"securemig: crash point {name} reached; killing {what}\n")
     sys.stderr.flush()
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        _wait_gone(pid)
+
+
+def _wait_gone(pid: int) -> None:
+    """Until process ``pid`` is gone or a zombie (at most 5 s)."""
     for _ in range(500):
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

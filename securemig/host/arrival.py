@@ -148,14 +148,17 @@ class DestinationHost:
                 actions.append((path.name, "unknown staging removed"))
         return actions
 
-    def live_qemu(self, record: Any) -> bool | None:
+    async def live_qemu(self, record: Any) -> bool | None:
         """A live arrival (it reached ``incoming``): whether its QEMU still
-        runs, in staging or in place; None for an arrival that is not live."""
+        runs, in staging or in place; None for an arrival that is not live.
+        Asked off the reactor thread (``Backend.ask``); a hypervisor that
+        does not answer in time raises -- never taken for "gone"."""
         if not record.reached(Phase.INCOMING):
             return None
         staging = self.staging / record.id
         path = staging if staging.exists() else self.vms / record.vm
-        return backend_for(self.backend).has_process(Bundle(path, Manifest(name=record.vm)))
+        backend = backend_for(self.backend)
+        return await backend.ask(backend.has_process, Bundle(path, Manifest(name=record.vm)))
 
     async def recheck_held(self) -> list[tuple[str, str]]:
         """Live arrivals of a carried backend held in doubt before PREPARED
@@ -180,8 +183,9 @@ class DestinationHost:
             staging = self.staging / record.id
             if not staging.exists():
                 continue
+            backend = backend_for(self.backend)
             try:
-                if backend_for(self.backend).arrived(Bundle.load(staging)):
+                if await backend.ask(backend.arrived, Bundle.load(staging)):
                     continue
             except Exception:
                 continue  # still unknown: kept
@@ -236,14 +240,15 @@ class DestinationHost:
             actions.append((record.id, "aborted: its staging, left by the discard, removed"))
         return actions
 
-    def arrived(self, record: Any) -> bool:
+    async def arrived(self, record: Any) -> bool:
         """A live arrival in staging that its hypervisor's own migration
-        completed here (``Backend.arrived``); blocks on the hypervisor."""
+        completed here (``Backend.arrived``, asked off the reactor thread)."""
         if not record.reached(Phase.INCOMING) or not capabilities(self.backend).carried:
             return False
         staging = self.staging / record.id
+        backend = backend_for(self.backend)
         try:
-            return backend_for(self.backend).arrived(Bundle.load(staging))
+            return await backend.ask(backend.arrived, Bundle.load(staging))
         except Exception as e:
             log.warn("migration {mid}: cannot tell whether it arrived: {e}", mid=record.id, e=e)
             return True  # unknown: kept, never lost by guessing
@@ -333,7 +338,7 @@ class DestinationHost:
             if record.outcome is None:
                 self.journal.finish(record.id, Outcome.ABORTED.value, error="LIVE_FAILED: lost")
             return "lost here (its QEMU ended before the guest ran): staging removed"
-        if self._unrun(record) and self.live_qemu(record) is False:
+        if self._unrun(record) and await self.live_qemu(record) is False:
             await self._lose(record, "its QEMU ended before the guest ran here")
             return "its QEMU ended before the guest ran here: lost here; the source continues it"
         if committed and (staging.exists() or in_place):
@@ -349,7 +354,7 @@ class DestinationHost:
                 record.id, Outcome.IN_DOUBT.value, error="destination restarted after PREPARED"
             )
             return "prepared: held in doubt until the source resolves it"
-        if staging.exists() and self.arrived(record):
+        if staging.exists() and await self.arrived(record):
             # Before PREPARED, yet the hypervisor's own migration completed
             # here: the source's guest has ended, this is the only copy, and
             # the source decides (it commits what its hypervisor moved).
@@ -384,9 +389,9 @@ class DestinationHost:
         # Live: from CONTINUING on, cont may have been sent (it may have run).
         ran = record.reached(Phase.RESUMED) or record.reached(Phase.CONTINUING)
         if record.reached(Phase.INCOMING):
-            gone = self.live_qemu(record) is False
+            gone = await self.live_qemu(record) is False
         else:
-            gone = self.backend_status(bundle) == "stopped"
+            gone = await self.backend_status(bundle) == "stopped"
         if ran and gone:
             # It ran here and its guest has ended since: starting it again from
             # a saved state would run an older state of the guest a second time.
@@ -398,7 +403,7 @@ class DestinationHost:
         # A guest that runs may wait paused after a live stream: a backend
         # whose resume continues it (and leaves a running one alone) is asked.
         elif (
-            self.backend_status(bundle) != "running"
+            await self.backend_status(bundle) != "running"
             or capabilities(bundle.manifest.backend).resume_continues
         ):
             if record.reached(Phase.INCOMING) and not record.reached(Phase.CONTINUING):
@@ -416,13 +421,18 @@ class DestinationHost:
             return f"source committed: VM {record.vm} ran here and its guest has ended since"
         return f"source committed: VM {record.vm} resumed here"
 
-    def backend_status(self, bundle: Bundle) -> str:
-        """The VM's state as its backend reports it."""
-        return backend_for(bundle.manifest.backend).status(bundle)
+    async def backend_status(self, bundle: Bundle) -> str:
+        """The VM's state as its backend reports it (asked off the reactor
+        thread: ``Backend.ask``)."""
+        backend = backend_for(bundle.manifest.backend)
+        return await backend.ask(backend.status, bundle)
 
-    async def resolve(self, message: wire.Resolve, peer_name: str, protocol: str) -> wire.Resolved:
+    async def resolve(
+        self, message: wire.Resolve | wire.Ask, peer_name: str, protocol: str
+    ) -> wire.Resolved:
         """Carry out the source's decision for one of our arrivals (RESOLVE),
-        accepted only from the peer that started it, over the same variant."""
+        or say what is held here of it (ASK, :meth:`held`); accepted only
+        from the peer that started it, over the same variant."""
         mid = message.migration_id
 
         def answer(settled: wire.Settled, reason: str) -> wire.Resolved:
@@ -438,6 +448,8 @@ class DestinationHost:
                 peer=peer_name,
             )
             return answer(wire.Settled.REFUSED, "this migration was started by another source")
+        if isinstance(message, wire.Ask):
+            return answer(*await self.held(record))
         staging = self.staging / record.id
         if record.outcome == Outcome.DONE.value:
             return answer(wire.Settled.DONE, f"VM {record.vm} is in place here")
@@ -448,7 +460,7 @@ class DestinationHost:
         if (
             message.decision is wire.Decision.COMMITTED
             and self._unrun(record)
-            and self.live_qemu(record) is False
+            and await self.live_qemu(record) is False
         ):
             lock = self._try_lock(record.vm)
             if lock is None:
@@ -504,6 +516,68 @@ class DestinationHost:
                 "(the hypervisor has not answered yet); try again"
             )
         return f"VM {vm} is busy here; try again"
+
+    async def held(self, record: MigrationRecord) -> tuple[wire.Settled, str]:
+        """The answer to ASK: what this host holds of arrival ``record``,
+        for a source that cannot decide alone (``protocol.recovery.
+        asks_destination``: its guest gone there, PREPARED never seen).
+
+        HELD: the whole guest, paused -- PREPARED journaled, or its
+        hypervisor completed the migration here (libvirt's Finish ran;
+        PREPARED was lost with the connection or never journaled) -- kept
+        in doubt for the source's decision; DONE or HELD once rolled
+        forward; ABORTED or LOST: nothing complete is kept; FAILED ("ask
+        again"): its session still runs, or its hypervisor cannot say.
+        Nothing is decided here; only a QEMU that ended before the guest
+        ever ran here is journaled LOST, as a restart would."""
+        if record.outcome == Outcome.DONE.value:
+            return wire.Settled.DONE, f"VM {record.vm} is in place here"
+        if record.reached(Phase.LOST):
+            return wire.Settled.LOST, "its QEMU ended before the guest ran here; nothing kept"
+        if record.reached(Phase.COMMITTED):
+            return wire.Settled.HELD, "COMMIT was journaled here: the VM is rolled forward here"
+        staging = self.staging / record.id
+        if record.outcome == Outcome.ABORTED.value:
+            return wire.Settled.ABORTED, "aborted here; nothing kept"
+        if record.outcome is None:
+            # Its session still runs (libvirt may still complete here), or
+            # this host has not recovered it yet: no answer is final yet.
+            return wire.Settled.FAILED, f"VM {record.vm} is still arriving here; ask again"
+        if not staging.exists():
+            return wire.Settled.ABORTED, "nothing kept here"
+        lock = self._try_lock(record.vm)
+        if lock is None:
+            return wire.Settled.FAILED, f"VM {record.vm} is busy here; ask again"
+        cannot = wire.Settled.FAILED, "its hypervisor here cannot say; ask again"
+        try:
+            try:
+                qemu = await self.live_qemu(record)
+            except Exception as e:
+                log.warn(
+                    "migration {mid}: cannot tell whether its QEMU runs: {e}", mid=record.id, e=e
+                )
+                return cannot
+            if self._unrun(record) and qemu is False:
+                await self._lose(record, "its QEMU ended before the guest ran here")
+                return wire.Settled.LOST, "its QEMU ended before the guest ran here; nothing kept"
+            if record.reached(Phase.PREPARED):
+                return wire.Settled.HELD, "prepared: the whole guest, paused, held in doubt"
+            if not capabilities(self.backend).carried or not record.reached(Phase.INCOMING):
+                return wire.Settled.ABORTED, "not prepared: nothing complete here"
+            backend = backend_for(self.backend)
+            try:
+                arrived = await backend.ask(backend.arrived, Bundle.load(staging))
+            except Exception as e:
+                log.warn("migration {mid}: cannot tell whether it arrived: {e}", mid=record.id, e=e)
+                return cannot
+            if arrived:
+                return wire.Settled.HELD, (
+                    "its hypervisor completed the migration here: the whole guest, paused, "
+                    "held in doubt"
+                )
+            return wire.Settled.ABORTED, "its hypervisor did not complete it here: nothing whole"
+        finally:
+            lock.release()
 
     def _try_lock(self, vm: str) -> storage.Lock | None:
         """VM ``vm``'s name here, or None while something (an arrival of it,

@@ -230,8 +230,11 @@ class ArrivalHost(Protocol):
         """Accept a HELLO or raise a coded refusal saying why not."""
         ...
 
-    async def resolve(self, message: wire.Resolve, peer_name: str, protocol: str) -> wire.Resolved:
-        """Carry out the source's decision for one of our arrivals."""
+    async def resolve(
+        self, message: wire.Resolve | wire.Ask, peer_name: str, protocol: str
+    ) -> wire.Resolved:
+        """Carry out the source's decision for one of our arrivals (RESOLVE),
+        or say what this host holds of it (ASK)."""
         ...
 
 

@@ -30,7 +30,7 @@ from securemig.protocol import wire
 from securemig.protocol.effects import Finished, Outcome
 from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.protocol.phases import Phase
-from securemig.protocol.recovery import Decision, SourceGuest, carried_decision
+from securemig.protocol.recovery import Decision, SourceGuest, asks_destination, carried_decision
 from securemig.trust import vtpm
 
 log = Logger()
@@ -107,8 +107,10 @@ class Departure:
         #: Live, carried: the destination said PREPARED (journaled here).
         self.prepared = False
         #: Live, carried: ended with nothing decided (:class:`Undecided`):
-        #: journaled in doubt without COMMITTED, for the daemon.
+        #: journaled in doubt without COMMITTED, for the daemon; and why
+        #: (who cannot be asked yet: the hypervisor here, or the destination).
         self.undecided = False
+        self.undecided_why = ""
         #: After a suspended migration's commit: the removal of the bundle
         #: here, overlapping the destination's resume (see :meth:`commit`).
         self.releasing: Deferred[None] | None = None
@@ -536,15 +538,29 @@ class Departure:
         says the guest is (``protocol.recovery.carried_decision``): commit
         what it moved, or what the destination holds whole (PREPARED) once
         the guest is gone here; decide nothing while it cannot be asked."""
-        decision = carried_decision(await self.guest_here(), self.prepared)
+        guest = await self.guest_here()
+        decision = carried_decision(guest, self.prepared)
         if decision is Decision.COMMITTED:
             await self._committed_by_hypervisor()
         elif decision is None:
             self.undecided = True
+            if asks_destination(guest, self.prepared):
+                # Gone here, PREPARED never seen: the destination may hold the
+                # whole guest (its hypervisor's Finish ran) or nothing; this
+                # host's daemon asks it (ASK) and decides on its answer.
+                self.undecided_why = (
+                    "the guest is gone here and the destination never said PREPARED: "
+                    "this host's daemon asks the destination what it holds"
+                )
+            else:
+                self.undecided_why = (
+                    "the hypervisor here could not be asked where the guest is: "
+                    "this host's daemon decides once it answers"
+                )
             log.warn(
-                "VM {vm}: the hypervisor here cannot be asked where the guest is: in doubt, "
-                "neither committed nor aborted; this host's daemon decides once it answers",
+                "VM {vm}: {why}; in doubt, neither committed nor aborted",
                 vm=self.bundle.name,
+                why=self.undecided_why,
             )
 
     async def moved_by_hypervisor(self) -> bool:

@@ -17,14 +17,20 @@ work for:
   saved state (a QEMU guest from its RAM image, never cold-booted).  The
   destination is owed RESOLVE(aborted) so it discards any staging it holds.
 
+- COMMITTED never happened, the migration went live through the
+  hypervisor's own (libvirt), and its guest is gone here before PREPARED
+  arrived: only the destination can say whether it holds the whole guest
+  (:class:`Ask`); until it answers nothing is decided.
+
 Nothing is guessed: a record whose VM is still locked belongs to a migration
 in progress and is left alone.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from twisted.logger import Logger
@@ -40,7 +46,13 @@ from securemig.protocol import wire
 from securemig.protocol.effects import Outcome
 from securemig.protocol.errors import MigrationError
 from securemig.protocol.phases import Phase
-from securemig.protocol.recovery import SourceGuest, carried_decision
+from securemig.protocol.recovery import (
+    DestinationHolds,
+    SourceGuest,
+    asks_destination,
+    carried_decision,
+    holds,
+)
 from securemig.trust.vtpm import key_reader
 
 log = Logger()
@@ -60,9 +72,61 @@ class Owed:
         return bytes.fromhex(self.record.migration_id)
 
 
+#: A failed release (its hypervisor down) is tried again after this many
+#: seconds, twice as long after each failure, at most the last.
+RELEASE_FIRST_RETRY, RELEASE_LAST_RETRY = 1.0, 60.0
+
+
+@dataclass
+class Backoff:
+    """When each committed departure whose copy here could not be removed
+    (``release`` failed: a libvirt domain whose libvirtd is down) may be
+    tried again: after :data:`RELEASE_FIRST_RETRY` seconds, twice as long
+    after each further failure, at most :data:`RELEASE_LAST_RETRY`;
+    forgotten once it succeeds.  The daemon keeps one across its rounds
+    (``--resolve-interval``), so a host whose libvirtd stays down is not
+    asked -- and its failure logged -- every round.  ``clock``: seconds."""
+
+    clock: Callable[[], float] = time.monotonic
+    #: record id -> (when it is due, the delay after its next failure)
+    due_at: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def due(self, key: str) -> bool:
+        """Whether ``key`` may be tried now."""
+        return self.due_at.get(key, (0.0, 0.0))[0] <= self.clock()
+
+    def failed(self, key: str) -> float:
+        """``key`` failed now: the seconds until it is due again."""
+        _, delay = self.due_at.get(key, (0.0, RELEASE_FIRST_RETRY))
+        self.due_at[key] = (self.clock() + delay, min(delay * 2, RELEASE_LAST_RETRY))
+        return delay
+
+    def succeeded(self, key: str) -> None:
+        """``key`` is done: forgotten."""
+        self.due_at.pop(key, None)
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A carried live departure whose source cannot decide alone
+    (``protocol.recovery.asks_destination``): the destination is asked
+    what it holds (ASK), and :func:`decide_asked` decides on its answer."""
+
+    record: MigrationRecord
+
+    @property
+    def migration_id(self) -> bytes:
+        """The destination's id of the migration."""
+        assert self.record.migration_id is not None
+        return bytes.fromhex(self.record.migration_id)
+
+
 async def settle_departures(
-    journal: Journal, unseal: Callable[[bytes], bytes] | None = None, defer: bool = False
-) -> tuple[list[str], list[Owed]]:
+    journal: Journal,
+    unseal: Callable[[bytes], bytes] | None = None,
+    defer: bool = False,
+    backoff: Backoff | None = None,
+) -> tuple[list[str], list[Owed | Ask]]:
     """Settle this host's unfinished departures.  ``unseal`` opens a vTPM key
     sealed to this host's TPM (to resume a VM with a vTPM from its saved
     state; continuing a QEMU that still runs, paused, needs no key).
@@ -72,13 +136,16 @@ async def settle_departures(
     ``securemig status``) its record is left unsettled for this host's
     daemon or ``securemig vm start --identity``; without it (a daemon with
     no TPM identity) the migration is aborted and the operator told how to
-    resume it.  Never is a guest left paused by settling.
+    resume it.  Never is a guest left paused by settling.  ``backoff``: when
+    a committed departure's failed release is tried again (without: every
+    call).
 
     Returns what was done (sentences for the log and the operator) and the
-    decisions still owed to destinations.
+    decisions still owed to destinations, and the questions (:class:`Ask`)
+    to put to them.
     """
     done: list[str] = []
-    owed: list[Owed] = []
+    owed: list[Owed | Ask] = []
     for record in journal.departures():
         if record.outcome in (None, Outcome.DONE.value) and owner_alive(record.owner):
             # Its `securemig migrate` still runs (done: it may be removing
@@ -91,13 +158,15 @@ async def settle_departures(
             # Live through the hypervisor's own migration, not decided:
             # decided from where its hypervisor says the guest is
             # (protocol.recovery.carried_decision), or not at all.
-            said = await _decide_carried(journal, record)
+            said, ask = await _decide_carried(journal, record)
             done += said
             record = journal.get(record.id) or record
             if not record.reached(Phase.COMMITTED) and record.outcome in (None, "in-doubt"):
+                if ask and record.migration_id is not None:
+                    owed.append(Ask(record))
                 continue  # asked again next round: nothing decided, nothing owed
         if record.reached(Phase.COMMITTED):
-            done += await _finish_commit(journal, record)
+            done += await _finish_commit(journal, record, backoff)
             decision = wire.Decision.COMMITTED
         else:
             did = await _abort(journal, record, unseal, defer)
@@ -132,25 +201,37 @@ def _carried_open(record: MigrationRecord) -> bool:
     return capabilities(Bundle.load(Path(record.bundle)).manifest.backend).carried
 
 
-async def _decide_carried(journal: Journal, record: MigrationRecord) -> list[str]:
+async def _decide_carried(
+    journal: Journal,
+    record: MigrationRecord,
+    there: DestinationHolds = DestinationHolds.UNKNOWN,
+) -> tuple[list[str], bool]:
     """Decide a carried live departure (``protocol.recovery.carried_decision``):
     commit when the guest is not here and its hypervisor moved it or the
-    destination said PREPARED; abort when it demonstrably runs here --
-    continued first (a paused QEMU resumed), asked again, and only then
-    journaled aborted; nothing while the hypervisor cannot be asked.
-    Under the VM's lock (a command or migration holding it: next round)."""
+    destination said PREPARED -- or, gone here before PREPARED arrived,
+    the destination says it holds the whole guest (``there``, its answer to
+    ASK); abort when it demonstrably runs here -- continued first (a paused
+    QEMU resumed), asked again, and only then journaled aborted -- or is
+    gone here and the destination holds nothing; nothing while the
+    hypervisor, or the destination, cannot be asked.  Under the VM's lock
+    (a command or migration holding it: next round).  Returns what was
+    done, and whether the destination must be asked (ASK)."""
     assert record.bundle is not None
     bundle_dir = Path(record.bundle)
     try:
         lock = storage.VMLock(bundle_dir / LOCK)
     except storage.LockBusy:
-        return []
+        return [], False
     try:
         bundle = Bundle.load(bundle_dir)
         backend = backend_for(bundle.manifest.backend)
         prepared = record.reached(Phase.PREPARED)
+        if record.migration_id is None:
+            # No WELCOME ever came: no destination admitted it, so none
+            # holds anything of it, and there is nobody to ask.
+            there = DestinationHolds.NOTHING
         guest = await backend.guest_here(bundle)
-        decision = carried_decision(guest, prepared)
+        decision = carried_decision(guest, prepared, there)
         if decision is wire.Decision.ABORTED and guest is SourceGuest.RUNS:
             # Continued before the abort is journaled: a guest libvirt was
             # about to end (a libvirtd restarted at completion) is not
@@ -160,7 +241,19 @@ async def _decide_carried(journal: Journal, record: MigrationRecord) -> list[str
             except Exception as e:
                 log.warn("VM {vm}: could not continue it here: {e}", vm=record.vm, e=e)
             guest = await backend.guest_here(bundle)
-            decision = carried_decision(guest, prepared)
+            decision = carried_decision(guest, prepared, there)
+        if decision is None and asks_destination(guest, prepared):
+            if record.outcome is None:
+                journal.finish(
+                    record.id,
+                    Outcome.IN_DOUBT.value,
+                    error="LIVE_FAILED: the guest is gone here and PREPARED never arrived: "
+                    "the destination is asked what it holds",
+                )
+            return [
+                f"VM {record.vm}: the guest is gone here and PREPARED never arrived: "
+                f"asking {record.peer} what it holds"
+            ], True
         if decision is None:
             if record.outcome is None:
                 journal.finish(
@@ -171,13 +264,14 @@ async def _decide_carried(journal: Journal, record: MigrationRecord) -> list[str
             return [
                 f"VM {record.vm}: its hypervisor here cannot be asked where the guest is: "
                 "in doubt, asked again"
-            ]
+            ], False
         if decision is wire.Decision.COMMITTED:
             journal.phase(record.id, Phase.COMMITTED)
+            holder = "holds it" if prepared or guest is not SourceGuest.GONE else "says it holds it"
             return [
                 f"VM {record.vm}: the guest is not here ({guest.value}) and {record.peer} "
-                "holds it: committed"
-            ]
+                f"{holder}: committed"
+            ], False
         journal.finish(
             record.id,
             Outcome.ABORTED.value,
@@ -185,13 +279,29 @@ async def _decide_carried(journal: Journal, record: MigrationRecord) -> list[str
         )
         crashpoint.reached(CrashPoint.SOURCE_SETTLE_ABORTED)
         if guest is SourceGuest.RUNS:
-            return [f"VM {record.vm}: migration to {record.peer} never committed: it runs here"]
+            return [
+                f"VM {record.vm}: migration to {record.peer} never committed: it runs here"
+            ], False
         return [
             f"VM {record.vm}: migration to {record.peer} never committed: aborted",
             await _resume(bundle, None),
-        ]
+        ], False
     finally:
         lock.release()
+
+
+async def decide_asked(journal: Journal, ask: Ask, answer: wire.Resolved) -> list[str]:
+    """Decide a carried departure the destination was asked about (ASK) on
+    its answer (``protocol.recovery.holds``): the hypervisor is asked
+    again first (the guest may have changed), then the rule decides --
+    commit if the destination holds the whole guest, abort if nothing;
+    an answer that says neither decides nothing (asked again).  Returns
+    what was done."""
+    record = journal.get(ask.record.id) or ask.record
+    if record.reached(Phase.COMMITTED) or not _carried_open(record):
+        return []  # decided meanwhile (another round, a command)
+    said, _ = await _decide_carried(journal, record, holds(answer.settled))
+    return said
 
 
 def _carried(record: MigrationRecord) -> bool:
@@ -203,7 +313,9 @@ def _carried(record: MigrationRecord) -> bool:
     return capabilities(Bundle.load(Path(record.bundle)).manifest.backend).carried
 
 
-async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]:
+async def _finish_commit(
+    journal: Journal, record: MigrationRecord, backoff: Backoff | None = None
+) -> list[str]:
     said = []
     done = record.outcome == Outcome.DONE.value  # the guest runs there: nothing kept here
     if (
@@ -228,6 +340,8 @@ async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]
         # removed then (``release`` does not journal ``released`` while, say,
         # its libvirtd is down): removed now, under the VM's lock.
         bundle_dir = Path(record.bundle)
+        if backoff is not None and not backoff.due(record.id):
+            return []  # it failed a moment ago: tried again once due
         try:
             lock = storage.VMLock(bundle_dir / LOCK)
         except storage.LockBusy:
@@ -237,8 +351,14 @@ async def _finish_commit(journal: Journal, record: MigrationRecord) -> list[str]
         finally:
             lock.release()
         if not gone:
-            # Its hypervisor is still down: asked again next round.
-            return [f"VM {record.vm} was committed to {record.peer}: its copy here not yet removed"]
+            # Its hypervisor is still down: asked again, backing off.
+            later = "next round" if backoff is None else f"in {backoff.failed(record.id):g} s"
+            return [
+                f"VM {record.vm} was committed to {record.peer}: its copy here not yet "
+                f"removed; tried again {later}"
+            ]
+        if backoff is not None:
+            backoff.succeeded(record.id)
         crashpoint.reached(CrashPoint.SOURCE_SETTLE_RELEASED)
         said.append(f"VM {record.vm} was committed to {record.peer}: its copy here removed")
     elif not record.reached(Phase.RELEASED):
@@ -279,7 +399,7 @@ async def _abort(
             and (record.reached(Phase.SUSPENDED) or record.reached(Phase.LIVE))
         )
         bundle = Bundle.load(bundle_dir) if ran and bundle_dir is not None else None
-        if bundle is not None and defer and _needs_key(bundle, unseal):
+        if bundle is not None and defer and await _needs_key(bundle, unseal):
             # Aborting here would leave it stopped, and the daemon skips an
             # aborted record: leave it unsettled for one that has the key.
             return None
@@ -313,14 +433,15 @@ async def _continue_aborted(
         return []
     if await live_qemu(record):
         bundle = Bundle.load(bundle_dir)
-        if backend_for(bundle.manifest.backend).status(bundle) != "paused":
+        backend = backend_for(bundle.manifest.backend)
+        if await backend.ask(backend.status, bundle) != "paused":
             return []
         key: Callable[[bytes], bytes] | None = None
     elif not record.reached(Phase.LIVE) and record.reached(Phase.SUSPENDED):
         bundle = Bundle.load(bundle_dir)
         if bundle.manifest.state != "suspended":
             return []  # resumed already (by the migration's rollback, or here)
-        if defer and _needs_key(bundle, unseal):
+        if defer and await _needs_key(bundle, unseal):
             return []  # left for this host's daemon, which has the key
         key = unseal
     else:
@@ -335,20 +456,20 @@ async def _continue_aborted(
         lock.release()
 
 
-def _needs_key(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> bool:
+async def _needs_key(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> bool:
     """Whether running ``bundle`` again here needs its vTPM key, which
     ``unseal`` cannot give: it has a vTPM and no process of it is left to
     continue (a QEMU paused after a live stream is continued without it)."""
     if not bundle.manifest.vtpm or unseal is not None:
         return False
     backend = backend_for(bundle.manifest.backend)
-    return not backend.has_process(bundle)
+    return not await backend.ask(backend.has_process, bundle)
 
 
 async def _resume(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> str:
     """Run a VM again from its saved state, as it ran before the migration
     (a QEMU that still runs, paused after a live stream, is continued)."""
-    if _needs_key(bundle, unseal):
+    if await _needs_key(bundle, unseal):
         return (
             f"VM {bundle.name} has a vTPM: resume it with "
             "`securemig vm start --identity DIR` (from its saved state)"
@@ -358,12 +479,12 @@ async def _resume(bundle: Bundle, unseal: Callable[[bytes], bytes] | None) -> st
     # A guest that runs may be paused after a live stream (or still sending
     # it): a backend whose resume continues it (and cancels the stream) is
     # always asked.
-    if (
-        backend.status(bundle) == "running"
-        and not capabilities(bundle.manifest.backend).resume_continues
-    ):
-        return f"VM {bundle.name} runs here"
     try:
+        if (
+            await backend.ask(backend.status, bundle) == "running"
+            and not capabilities(bundle.manifest.backend).resume_continues
+        ):
+            return f"VM {bundle.name} runs here"
         await backend.resume(bundle)
     except (MigrationError, OSError) as e:
         log.error("could not resume VM {vm}: {e}", vm=bundle.name, e=e)

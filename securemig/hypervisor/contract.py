@@ -22,12 +22,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
 from securemig.hypervisor.bundle import Bundle, BundleError
 from securemig.protocol.recovery import SourceGuest
+
+T = TypeVar("T")
 
 #: The file of a live arrival's staging holding HELLO's ``backend_info``
 #: (written before :meth:`Backend.live_destination`; the backend's to read
@@ -255,6 +257,14 @@ class Backend(Protocol):
         """:meth:`has_process`, for the reactor thread: a backend whose
         answer blocks (libvirt asks its daemon) asks off it."""
         return succeed(self.has_process(bundle))
+
+    def ask(self, question: Callable[..., T], *args: Any) -> Deferred[T]:
+        """``question(*args)``, one of this backend's blocking questions
+        (:meth:`arrived`, :meth:`has_process`, :meth:`status`), for the
+        reactor thread: answered at once by a backend whose answers do not
+        block; one whose answers block (libvirt asks its daemon) asks on
+        its own thread and fails after a timeout rather than hang."""
+        return maybeDeferred(question, *args)
 
     def console(self, bundle: Bundle) -> Path | None:
         """The file this host keeps the VM's console in (its first serial

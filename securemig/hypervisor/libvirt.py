@@ -1346,6 +1346,13 @@ class LibvirtBackend(Backend):
         """:meth:`has_process` off the reactor thread."""
         return self._ask(self.has_process, bundle)
 
+    def ask(self, question: Callable[..., T], *args: Any) -> Deferred[T]:
+        """A blocking question (:meth:`arrived`, :meth:`has_process`,
+        :meth:`status`) on the backend's thread, failing with
+        :class:`LibvirtError` after :data:`QUERY_TIMEOUT` (a stopped
+        libvirtd never answers)."""
+        return self._ask(question, *args)
+
     def has_process(self, bundle: Bundle) -> bool:
         """Whether libvirt runs the domain here (running or paused); False
         for a bundle that is no adopted domain.  Blocks on libvirt."""

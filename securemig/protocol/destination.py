@@ -153,6 +153,7 @@ class DestinationInputs(Protocol):
 
     def hello(self, message: wire.Hello) -> DestinationEffects: ...
     def resolve(self, message: wire.Resolve) -> DestinationEffects: ...
+    def ask(self, message: wire.Ask) -> DestinationEffects: ...
     def settled(self, answer: wire.Resolved) -> DestinationEffects: ...
     def admitted(self, migration_id: bytes) -> DestinationEffects: ...
     def refused(self, code: ErrorCode, reason: str) -> DestinationEffects: ...
@@ -204,12 +205,18 @@ class DestinationCore(Core[State]):
         self.hello = message
         return [Admit(message)]
 
-    # Recovery: a fresh connection that carries only the source's decision.
-    def on_resolve(self, message: wire.Resolve) -> DestinationEffects:
+    # Recovery: a fresh connection that carries only the source's decision
+    # (RESOLVE), or its question (ASK: what is held here).
+    def on_resolve(self, message: wire.Resolve | wire.Ask) -> DestinationEffects:
         return [Settle(message)]
 
     def on_settled(self, answer: wire.Resolved) -> DestinationEffects:
-        ok = answer.settled in (wire.Settled.DONE, wire.Settled.ABORTED, wire.Settled.LOST)
+        ok = answer.settled in (
+            wire.Settled.DONE,
+            wire.Settled.ABORTED,
+            wire.Settled.LOST,
+            wire.Settled.HELD,
+        )
         outcome = Outcome.DONE if answer.settled is wire.Settled.DONE else Outcome.ABORTED
         code = None if ok else ErrorCode.POLICY_REFUSED
         return [Send(answer), Finished(outcome, code, f"resolve: {answer.reason}")]
@@ -370,6 +377,7 @@ def _destination_machine(secure: bool) -> Any:
     table: list[Transition[State]] = [
         (S.AWAIT_HELLO, I.hello, S.ADMITTING, C.on_hello),
         (S.AWAIT_HELLO, I.resolve, S.SETTLING, C.on_resolve),
+        (S.AWAIT_HELLO, I.ask, S.SETTLING, C.on_resolve),
         (S.SETTLING, I.settled, S.DONE, C.on_settled),
         (S.ADMITTING, I.admitted, S.AWAIT_CHALLENGE if secure else S.AWAIT_STREAM, C.on_admitted),
         (S.ADMITTING, I.refused, S.FAILED, C.on_refused),
@@ -503,6 +511,8 @@ class DestinationSession(Session[DestinationEffect, State]):
                 return self._run(m.peer_abort, message)
             case wire.Resolve():
                 return self._run(m.resolve, message)
+            case wire.Ask():
+                return self._run(m.ask, message)
             case _:
                 raise self._never_sent(message)
 

@@ -174,9 +174,10 @@ class AcceptKey:
 @dataclass(frozen=True)
 class Settle:
     """Destination, recovery: carry out the source's decision for a migration
-    (roll a commit forward, or discard), then call ``settled(answer)``."""
+    (roll a commit forward, or discard), or say what it holds of it (ASK:
+    nothing changed), then call ``settled(answer)``."""
 
-    resolve: wire.Resolve
+    resolve: wire.Resolve | wire.Ask
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,9 @@ The rules (``doc/protocol.rst``, "Journal states and recovery"):
   QEMU here ends when it completes, before securemig's commit): a source
   that has not journaled COMMITTED decides from where its hypervisor says
   the guest is (:func:`carried_decision`): on once the destination said
-  PREPARED unless the guest demonstrably runs on here, and nothing at all
-  while the hypervisor cannot be asked;
+  PREPARED unless the guest demonstrably runs on here; a guest gone here
+  before PREPARED arrived, from what the destination says it holds (ASK);
+  and nothing at all while either cannot be asked;
 - nothing is guessed: a question with no durable answer yet gets ``None``
   ("ask again"), never a default.
 
@@ -162,7 +163,48 @@ class SourceGuest(enum.Enum):
     UNKNOWN = "unknown"
 
 
-def carried_decision(guest: SourceGuest, prepared: bool) -> Decision | None:
+class DestinationHolds(enum.Enum):
+    """What the destination of a carried live departure says it holds, in
+    answer to ASK -- asked only when the source cannot decide alone
+    (:func:`asks_destination`)."""
+
+    #: The whole guest: its hypervisor completed the migration there (the
+    #: guest paused, PREPARED journaled or the arrival held in doubt), or
+    #: the guest was rolled forward there already.
+    WHOLE = "whole"
+    #: No complete copy: no record, discarded, aborted, or its QEMU ended
+    #: before the guest ever ran there (LOST).
+    NOTHING = "nothing"
+    #: Not asked yet, no answer (unreachable, busy), or it cannot tell
+    #: (its hypervisor does not answer).
+    UNKNOWN = "unknown"
+
+
+def holds(settled: wire.Settled) -> DestinationHolds:
+    """What a destination's RESOLVED answer to ASK says it holds: HELD (in
+    doubt, the whole guest paused) or DONE (it runs there) is the whole
+    guest; ABORTED, UNKNOWN (no record) and LOST are nothing; FAILED and
+    REFUSED say nothing (asked again)."""
+    if settled in (wire.Settled.HELD, wire.Settled.DONE):
+        return DestinationHolds.WHOLE
+    if settled in (wire.Settled.ABORTED, wire.Settled.UNKNOWN, wire.Settled.LOST):
+        return DestinationHolds.NOTHING
+    return DestinationHolds.UNKNOWN
+
+
+def asks_destination(guest: SourceGuest, prepared: bool) -> bool:
+    """Whether the source of a carried live departure must ask the
+    destination what it holds before deciding: its guest is gone here
+    (shut off for a reason other than *migrated*, or undefined) and
+    PREPARED never arrived -- the destination may hold the whole guest,
+    paused (its hypervisor's Finish ran there; PREPARED was lost with the
+    connection, or the source died before journaling it), or nothing."""
+    return guest is SourceGuest.GONE and not prepared
+
+
+def carried_decision(
+    guest: SourceGuest, prepared: bool, there: DestinationHolds = DestinationHolds.UNKNOWN
+) -> Decision | None:
     """The source's decision for a carried live departure (the hypervisor
     migrates on its own, peer to peer) that has not journaled COMMITTED:
     its session failed, or the source restarted.  ``prepared``: the
@@ -174,9 +216,11 @@ def carried_decision(guest: SourceGuest, prepared: bool) -> Decision | None:
     - the hypervisor moved it (its Confirm ended it here): commit -- the
       paused destination holds the only copy;
     - it is gone here otherwise: once the destination said PREPARED it
-      holds the whole guest (paused), so roll *forward*; before that
-      nothing says the destination has it, and aborting keeps the domain's
-      definition and vTPM state here (to boot it again);
+      holds the whole guest (paused), so roll *forward*; before that only
+      the destination can say (``there``, its answer to ASK): commit if it
+      holds the whole guest, abort if it holds nothing (the domain's
+      definition and vTPM state are kept here, to boot it again), nothing
+      while it has not answered;
     - the hypervisor cannot be asked: decide *nothing* (``None``): the
       record stays open, in doubt, and is asked again; never abort on an
       unknown, which would discard the only copy at the destination."""
@@ -186,7 +230,11 @@ def carried_decision(guest: SourceGuest, prepared: bool) -> Decision | None:
         return Decision.ABORTED
     if guest is SourceGuest.MOVED or prepared:
         return Decision.COMMITTED
-    return Decision.ABORTED
+    if there is DestinationHolds.WHOLE:
+        return Decision.COMMITTED
+    if there is DestinationHolds.NOTHING:
+        return Decision.ABORTED
+    return None
 
 
 class SourceStep(enum.Enum):
@@ -207,6 +255,8 @@ class SourceStep(enum.Enum):
     JOURNAL_COMMITTED = "journal committed"
     #: Live: the destination journaled LOST; the guest is this host's again.
     JOURNAL_RECLAIMED = "journal reclaimed"
+    #: Carried live: ask the destination what it holds (ASK) until it answers.
+    ASK_DESTINATION = "ask the destination what it holds"
 
 
 class DestinationStep(enum.Enum):
@@ -292,15 +342,25 @@ def answer(state: SourceState) -> Decision | None:
 
 
 def source_restart(
-    state: SourceState, live_qemu: bool | None = None, carried: SourceGuest | None = None
+    state: SourceState,
+    live_qemu: bool | None = None,
+    carried: SourceGuest | None = None,
+    there: DestinationHolds = DestinationHolds.UNKNOWN,
 ) -> SourceAction:
     """What a restarting source does for a migration in ``state``.
     ``live_qemu``: a live migration, and whether its QEMU (the guest,
     running or paused) is still there; None: not live.  ``carried``: a
     live migration through the hypervisor's own (libvirt), and where its
-    guest is (:func:`carried_decision`)."""
+    guest is (:func:`carried_decision`); ``there``: what the destination
+    said it holds, if it was asked (:func:`asks_destination`)."""
     if carried is not None and source_decision(state) is None:
-        decision = carried_decision(carried, state is SourceState.PREPARED_RECEIVED)
+        prepared = state is SourceState.PREPARED_RECEIVED
+        decision = carried_decision(carried, prepared, there)
+        if decision is None and asks_destination(carried, prepared):
+            return SourceAction(
+                (_S.ASK_DESTINATION,),
+                "its guest is gone here and PREPARED never arrived: ask the destination",
+            )
         if decision is None:
             return SourceAction((), "its hypervisor cannot be asked: in doubt, asked again")
         if decision is Decision.COMMITTED:

@@ -583,6 +583,9 @@ class Settled(enum.IntEnum):
     #: here: nothing is kept and the guest never runs here (the source, which
     #: kept its paused QEMU, continues it).
     LOST = 6
+    #: To ASK only: a live arrival its hypervisor completed here (the whole
+    #: guest, paused), held in doubt until the source decides.
+    HELD = 7
 
 
 @dataclass(frozen=True)
@@ -595,8 +598,19 @@ class Resolve:
 
 
 @dataclass(frozen=True)
+class Ask:
+    """Source → destination, alone on a fresh connection (recovery): a
+    carried live departure the source cannot decide alone (its guest gone
+    there, PREPARED never seen): what does the destination hold?  Answered
+    with RESOLVED, and nothing is changed there."""
+
+    migration_id: bytes = wire(Fixed(MIGRATION_ID_SIZE))
+
+
+@dataclass(frozen=True)
 class Resolved:
-    """Destination → source, the answer to RESOLVE: what it did."""
+    """Destination → source, the answer to RESOLVE (what it did) or to ASK
+    (what it holds)."""
 
     migration_id: bytes = wire(Fixed(MIGRATION_ID_SIZE))
     settled: Settled = wire(Enum(Settled))
@@ -620,6 +634,7 @@ Message: TypeAlias = (
     | Abort
     | Resolve
     | Resolved
+    | Ask
     | LiveReady
 )
 
@@ -642,6 +657,7 @@ MESSAGES: dict[int, type] = {
     0x3F: Abort,
     0x40: Resolve,
     0x41: Resolved,
+    0x42: Ask,
     0x50: LiveReady,
 }
 TYPE_CODES: dict[type, int] = {cls: code for code, cls in MESSAGES.items()}

@@ -148,8 +148,7 @@ async def migrate(
         result = Finished(
             Outcome.IN_DOUBT,
             result.code,
-            f"{result.reason}; the hypervisor here could not be asked where the guest is: "
-            "neither committed nor aborted; this host's daemon decides once it answers",
+            f"{result.reason}; {departure.undecided_why}: neither committed nor aborted",
         )
     if live is not None and departure.committed and result.outcome is not Outcome.DONE:
         assert secure is not None

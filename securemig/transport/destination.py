@@ -122,7 +122,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
         #: start (the prepare need not release, check or seal it again).
         self.carried_key_kept = False
         #: A recovery connection: the RESOLVE and the answer it got.
-        self.resolved: tuple[wire.Resolve, wire.Resolved] | None = None
+        self.resolved: tuple[wire.Resolve | wire.Ask, wire.Resolved] | None = None
         self.host = host
         self.protocol_name = options.protocol_name
         self.executor_factory = executor_factory
@@ -770,8 +770,12 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             # of a migration ("busy, try again" is no abort).
             asked, answer = self.resolved
             self.log.info(
-                "RESOLVE {decision} of migration {mid} from {peer}: answered {settled} ({why})",
-                decision=asked.decision.name.lower(),
+                "{what} of migration {mid} from {peer}: answered {settled} ({why})",
+                what=(
+                    f"RESOLVE {asked.decision.name.lower()}"
+                    if isinstance(asked, wire.Resolve)
+                    else "ASK"
+                ),
                 mid=asked.migration_id.hex(),
                 peer=self._peer(),
                 settled=answer.settled.name.lower(),

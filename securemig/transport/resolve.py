@@ -1,11 +1,13 @@
 """
 Telling a destination the coordinator's decision: RESOLVE on a fresh
 connection, over the variant (and, secure, the mutual TLS identities) of the
-migration it settles; the answer is RESOLVED.
+migration it settles; the answer is RESOLVED.  ASK, on such a connection,
+asks what it holds of a carried live departure the source cannot decide
+alone; the answer is RESOLVED too.
 
-:func:`resolve` sends one; :class:`Resolver` is the daemon's loop that sends
-every decision this host's journal still owes, with back-off, until each
-destination confirms.
+:func:`resolve` sends one RESOLVE, :func:`ask` one ASK; :class:`Resolver` is
+the daemon's loop that sends every decision this host's journal still owes,
+and every question, with back-off, until each destination confirms.
 """
 
 from __future__ import annotations
@@ -20,10 +22,18 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from securemig.host.journal import Journal
-from securemig.host.recovery import Owed, acknowledge, settle_departures
+from securemig.host.journal import Journal, MigrationRecord
+from securemig.host.recovery import (
+    Ask,
+    Backoff,
+    Owed,
+    acknowledge,
+    decide_asked,
+    settle_departures,
+)
 from securemig.protocol import wire
 from securemig.protocol.errors import ErrorCode, PeerViolation, ProtocolError
+from securemig.protocol.phases import Phase
 from securemig.transport import tls
 from securemig.transport.control import Connection
 from securemig.transport.tcp import client_endpoint, connect
@@ -37,9 +47,10 @@ FIRST_RETRY, LAST_RETRY = 1.0, 60.0
 
 
 class ResolveProtocol(Connection):
-    """Sends one RESOLVE and fires ``answer`` with the RESOLVED it gets."""
+    """Sends one RESOLVE (or ASK) and fires ``answer`` with the RESOLVED it
+    gets."""
 
-    def __init__(self, message: wire.Resolve) -> None:
+    def __init__(self, message: wire.Resolve | wire.Ask) -> None:
         self.message = message
         self.decoder = wire.FrameDecoder()
         self.answer: Deferred[wire.Resolved] = Deferred()
@@ -84,7 +95,27 @@ async def resolve(
     A secure migration is resolved over mutual TLS with ``identity`` (this
     host's), checking the destination's name as the migration did.
     """
-    record = owed.record
+    return await _send(
+        reactor, owed.record, wire.Resolve(owed.migration_id, owed.decision), identity, timeout
+    )
+
+
+async def ask(
+    reactor: Any, question: Ask, identity: Path | None, timeout: float = RESOLVE_TIMEOUT
+) -> wire.Resolved:
+    """Ask the destination the journal names what it holds of a carried
+    live departure (ASK), as :func:`resolve` sends a decision; returns its
+    answer."""
+    return await _send(reactor, question.record, wire.Ask(question.migration_id), identity, timeout)
+
+
+async def _send(
+    reactor: Any,
+    record: MigrationRecord,
+    message: wire.Resolve | wire.Ask,
+    identity: Path | None,
+    timeout: float,
+) -> wire.Resolved:
     host, _, port = record.peer.rpartition(":")
     host = host.strip("[]")
     endpoint: Any = client_endpoint(reactor, host, int(port), timeout=timeout)
@@ -94,7 +125,7 @@ async def resolve(
                 ErrorCode.BAD_PARAMETER, "a secure migration is resolved with --identity"
             )
         endpoint = wrapClientTLS(tls.client_options(identity, record.peer_name or host), endpoint)
-    proto = ResolveProtocol(wire.Resolve(owed.migration_id, owed.decision))
+    proto = ResolveProtocol(message)
     await connect(endpoint, proto)
     timer = reactor.callLater(timeout, proto.out.abortConnection)
     try:
@@ -113,8 +144,10 @@ async def confirmed(journal: Journal, owed: Owed, answer: wire.Resolved) -> bool
 class Resolver:
     """The daemon's side of recovery as a source: settle this host's
     departures at start and every ``interval`` seconds (a ``securemig
-    migrate`` may die at any time), and send each owed decision until its
-    destination confirms, backing off from 1 s to 60 s per migration."""
+    migrate`` may die at any time), and send each owed decision (and
+    question) until its destination confirms, backing off from 1 s to 60 s
+    per migration; a failed release of a committed copy here is retried
+    backing off the same way."""
 
     def __init__(
         self,
@@ -130,6 +163,9 @@ class Resolver:
         self.unseal = unseal
         self.interval = interval
         self._next: dict[str, tuple[float, float]] = {}  # record id -> (when, delay)
+        #: A committed departure whose copy here could not be removed (its
+        #: hypervisor down) is tried again backing off, not every round.
+        self.backoff = Backoff(clock=reactor.seconds)
         self._busy = False
         self._call: Any = None
 
@@ -159,13 +195,16 @@ class Resolver:
 
     async def run_once(self) -> None:
         """One round: settle locally, then send what is due."""
-        did, owed = await settle_departures(self.journal, self.unseal)
+        did, owed = await settle_departures(self.journal, self.unseal, backoff=self.backoff)
         for sentence in did:
             log.info("recovery: {what}", what=sentence)
         now = self.reactor.seconds()
         for item in owed:
             when, delay = self._next.get(item.record.id, (0.0, FIRST_RETRY))
             if when > now:
+                continue
+            if isinstance(item, Ask):
+                await self._ask(item, now, delay)
                 continue
             try:
                 answer = await resolve(self.reactor, item, self.identity)
@@ -197,3 +236,35 @@ class Resolver:
                     mid=item.record.migration_id,
                     how=f"{answer.settled.name} ({answer.reason})",
                 )
+
+    async def _ask(self, item: Ask, now: float, delay: float) -> None:
+        """Ask a destination what it holds (ASK) and decide on its answer
+        (:func:`securemig.host.recovery.decide_asked`); unreachable, or an
+        answer that says neither: asked again, backing off."""
+        try:
+            answer = await ask(self.reactor, item, self.identity)
+        except Exception as e:
+            self._next[item.record.id] = (now + delay, min(delay * 2, LAST_RETRY))
+            log.warn(
+                "ASK of migration {mid} to {peer} failed ({e}); in doubt, asking again in "
+                "{delay:g} s",
+                mid=item.record.migration_id,
+                peer=item.record.peer,
+                e=e,
+                delay=delay,
+            )
+            return
+        log.info(
+            "migration {mid} of VM {vm}: destination {peer} holds: {how}",
+            mid=item.record.migration_id,
+            vm=item.record.vm,
+            peer=item.record.peer,
+            how=f"{answer.settled.name.lower()} ({answer.reason})",
+        )
+        for sentence in await decide_asked(self.journal, item, answer):
+            log.info("recovery: {what}", what=sentence)
+        fresh = self.journal.get(item.record.id)
+        if fresh is not None and fresh.outcome == "in-doubt" and not fresh.reached(Phase.COMMITTED):
+            self._next[item.record.id] = (now + delay, min(delay * 2, LAST_RETRY))
+        else:
+            self._next.pop(item.record.id, None)

@@ -269,9 +269,9 @@ class RecoveryTests(SynchronousTestCase):
         self.assertTrue((self.host.vms / "vm1").exists())
 
 
-class ResolveTests(SynchronousTestCase):
-    """RESOLVE: the source's decision for an arrival held in doubt, accepted
-    only from the peer that started it."""
+class InDoubtArrival(SynchronousTestCase):
+    """An arrival of VM ``vm1`` from ``src-a``, prepared and held in doubt
+    after a restart, for RESOLVE and ASK."""
 
     def setUp(self) -> None:
         base = Path(self.mktemp())
@@ -300,6 +300,11 @@ class ResolveTests(SynchronousTestCase):
             Deferred.fromCoroutine(self.host.resolve(message, peer, protocol))
         )
         return answer
+
+
+class ResolveTests(InDoubtArrival):
+    """RESOLVE: the source's decision for an arrival held in doubt, accepted
+    only from the peer that started it."""
 
     def test_committed_rolls_forward(self) -> None:
         """COMMITTED: the VM is put in place and resumed; a repeat is idempotent."""
@@ -358,6 +363,66 @@ class ResolveTests(SynchronousTestCase):
             Deferred.fromCoroutine(self.host.resolve(message, "src-a", "secure"))
         )
         self.assertEqual(answer.settled, wire.Settled.UNKNOWN)
+
+
+class AskTests(InDoubtArrival):
+    """ASK: what the destination holds of an arrival, for a source that
+    cannot decide alone; nothing is decided or removed here."""
+
+    def ask(
+        self, peer: str = "src-a", protocol: str = "secure", mid: bytes | None = None
+    ) -> wire.Resolved:
+        message = wire.Ask(self.mid if mid is None else mid)
+        answer: wire.Resolved = self.successResultOf(
+            Deferred.fromCoroutine(self.host.resolve(message, peer, protocol))
+        )
+        return answer
+
+    def test_prepared_is_held_and_kept(self) -> None:
+        """Held in doubt after PREPARED: HELD (the whole guest), and the
+        staging and the record stay as they were, however often asked."""
+        for _ in range(2):
+            self.assertEqual(self.ask().settled, wire.Settled.HELD)
+        self.assertTrue((self.host.staging / self.mid.hex()).exists())
+        record = self.host.journal.get(self.mid.hex())
+        assert record is not None
+        self.assertEqual(record.outcome, "in-doubt")
+        # The source may still decide either way.
+        self.assertEqual(self.resolve(wire.Decision.COMMITTED).settled, wire.Settled.DONE)
+
+    def test_after_the_decision(self) -> None:
+        """Rolled forward: DONE (the whole guest, there); discarded:
+        ABORTED (nothing)."""
+        self.resolve(wire.Decision.ABORTED)
+        self.assertEqual(self.ask().settled, wire.Settled.ABORTED)
+
+    def test_rolled_forward(self) -> None:
+        """Once RESOLVE(committed) rolled it forward: DONE."""
+        self.resolve(wire.Decision.COMMITTED)
+        self.assertEqual(self.ask().settled, wire.Settled.DONE)
+
+    def test_not_final_while_busy(self) -> None:
+        """While the name is locked, or the arrival's session still runs
+        (no outcome yet): FAILED, ask again -- never "nothing"."""
+        with storage.Lock(self.host.locks / "vm1.lock"):
+            self.assertEqual(self.ask().settled, wire.Settled.FAILED)
+        other = "9" * 32
+        self.host.journal.begin(
+            role="destination",
+            vm="vm2",
+            peer="10.0.0.1:5555",
+            variant="full",
+            protocol="secure",
+            id=other,
+            peer_name="src-a",
+        )
+        self.host.journal.phase(other, "streaming")
+        self.assertEqual(self.ask(mid=bytes.fromhex(other)).settled, wire.Settled.FAILED)
+
+    def test_only_its_source_asks(self) -> None:
+        """Another host is refused; an unknown migration is UNKNOWN."""
+        self.assertEqual(self.ask(peer="src-b").settled, wire.Settled.REFUSED)
+        self.assertEqual(self.ask(mid=b"\0" * 16).settled, wire.Settled.UNKNOWN)
 
 
 class SettleTests(SynchronousTestCase):

@@ -24,8 +24,9 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from securemig.host.arrival import DestinationHost
 from securemig.host.departure import Departure
-from securemig.host.journal import Journal
+from securemig.host.journal import Journal, MigrationRecord
 from securemig.hypervisor import libvirt as libvirt_backend
 from securemig.hypervisor.bundle import Bundle, BundleError, Manifest
 from securemig.hypervisor.heartbeat import Watch
@@ -44,6 +45,7 @@ from securemig.lab import processes
 from securemig.lab.lab import SOURCE, Lab
 from securemig.lab.libvirt import LibvirtHost, define_guest, guest_domain_xml
 from securemig.protocol import wire
+from securemig.protocol.phases import Phase
 from securemig.protocol.recovery import SourceGuest, carried_decision
 from tests.support.libvirt import seal, unseal, virsh_secret_value
 from tests.support.qemu import extended
@@ -614,6 +616,69 @@ class ReactorFreeTests(TestCase):
         self.assertFalse(
             carried_decision(where, prepared=True) is not None, "decided on an unknown"
         )
+
+    async def arrived_here(self, name: str) -> tuple[DestinationHost, MigrationRecord, Bundle]:
+        """A destination host (libvirt backend) holding domain ``name``,
+        adopted here, as a live arrival it moved into place (journaled
+        ``incoming`` and ``committed``): what its recovery asks libvirt
+        about.  Returns the host, the record and the bundle."""
+        departure = await self.departure(name)
+        host = DestinationHost(Path(self.mktemp()), backend="libvirt")
+        self.addCleanup(host.journal.close)
+        mid = "ab" * 16
+        host.journal.begin(
+            role="destination", vm=name, peer="127.0.0.1:1", variant="shared-storage",
+            protocol="secure", id=mid, peer_name="source-a",
+        )  # fmt: skip
+        host.journal.phase(mid, Phase.INCOMING)
+        host.journal.phase(mid, Phase.COMMITTED)
+        departure.bundle.path.rename(host.vms / name)
+        record = host.journal.get(mid)
+        assert record is not None
+        return host, record, Bundle.load(host.vms / name)
+
+    async def test_destination_questions_leave_the_reactor_free(self) -> None:
+        """The destination's recovery questions -- whether an arrival's QEMU
+        runs, the VM's state (``Backend.ask``, as the read commands' settling
+        asks it too) -- with libvirtd stopped for 1.5 s: the reactor ran
+        every 10 ms throughout, the answers took the whole 1.5 s and are
+        right once libvirtd continues (shut off: no QEMU)."""
+        host, record, bundle = await self.arrived_here("askee3")
+        pid = self.stop_libvirtd()
+        self.continue_later(pid, 1.5)
+        answers, took, gap = await self.watched(
+            lambda: gatherResults(
+                [
+                    Deferred.fromCoroutine(host.live_qemu(record)),
+                    Deferred.fromCoroutine(host.backend_status(bundle)),
+                ]
+            )
+        )
+        self.assertEqual(answers, [False, "shutoff"])
+        self.assertGreater(took, 1.2)
+        self.assertLess(gap, 0.5)
+
+    async def test_unanswered_destination_question_fails(self) -> None:
+        """libvirtd stopped for longer than a question may take: whether an
+        arrival's QEMU runs fails in time ("cannot say"), never answered
+        "gone" (on which it would be journaled LOST and discarded), and
+        the reactor stays free meanwhile."""
+        host, record, _ = await self.arrived_here("askee4")
+        self.patch(libvirt_backend, "QUERY_TIMEOUT", 1.0)
+        pid = self.stop_libvirtd()
+        self.continue_later(pid, 4.0)
+
+        async def ask() -> BaseException | None:
+            try:
+                await host.live_qemu(record)
+            except LibvirtError as e:
+                return e
+            return None
+
+        failed, took, gap = await self.watched(lambda: Deferred.fromCoroutine(ask()))
+        self.assertIsInstance(failed, LibvirtError)
+        self.assertLess(took, 3.5)
+        self.assertLess(gap, 0.5)
 
 
 def _remove_domain(conn: Any, name: str) -> None:

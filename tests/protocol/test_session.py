@@ -200,6 +200,31 @@ class DestinationOrderTests(SynchronousTestCase):
             self.assertUnexpected(d, message)
 
 
+class RecoveryConnectionTests(SynchronousTestCase):
+    """A recovery connection: RESOLVE or ASK instead of HELLO, answered
+    once with what the host said, then the end."""
+
+    def test_ask_is_answered_and_ends(self) -> None:
+        """ASK asks the host (Settle, carrying the ASK), sends its RESOLVED
+        and ends; HELD is an answer, not a refusal (no error code)."""
+        d = destination_session.DestinationSession()
+        effects = d.receive(wire.Ask(MID))
+        self.assertEqual(effects, [fx.Settle(wire.Ask(MID))])
+        self.assertEqual(d.phase, "settling")
+        held = wire.Resolved(MID, wire.Settled.HELD, "the whole guest, paused")
+        effects = d.settled(held)
+        self.assertEqual(effects[0], fx.Send(held))
+        done = finished(effects)
+        self.assertIsNone(done.code)
+        self.assertEqual(d.phase, "done")
+
+    def test_ask_only_first(self) -> None:
+        """ASK after HELLO is no recovery connection: refused."""
+        d, _ = destination_in("awaitStream")
+        with self.assertRaises(ProtocolError):
+            d.receive(wire.Ask(MID))
+
+
 class DestinationStreamTests(SynchronousTestCase):
     """Stream sizes are enforced as the bytes arrive."""
 

@@ -269,13 +269,14 @@ class VersionOneStabilityTests(SynchronousTestCase):
         self.assertEqual(ErrorCode.BACKEND_MISMATCH, 22)
 
     def test_message_types_of_a_migration_are_version_one(self) -> None:
-        """A migration uses only version-1 types; RESOLVE/RESOLVED (0x40-0x41)
-        travel only on recovery connections, which an older destination
-        refuses as an unknown first frame without harm; LIVE_READY (0x50)
-        only in live mode (version 2)."""
+        """A migration uses only version-1 types; RESOLVE/RESOLVED/ASK
+        (0x40-0x42) travel only on recovery connections, which an older
+        destination refuses as an unknown first frame without harm (ASK is
+        sent only for a libvirt live migration, which no older release
+        makes); LIVE_READY (0x50) only in live mode (version 2)."""
         self.assertEqual(
             sorted(wire.MESSAGES),
-            [1, 2, 16, 17, 18, 19, 20, 32, 33, 34, 48, 49, 50, 63, 64, 65, 80],
+            [1, 2, 16, 17, 18, 19, 20, 32, 33, 34, 48, 49, 50, 63, 64, 65, 66, 80],
         )
 
     def test_version_one_hello_is_unchanged(self) -> None:

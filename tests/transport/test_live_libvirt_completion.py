@@ -18,12 +18,15 @@ The helpers (daemons restarted on their ports, ``settled``) are
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
 from twisted.internet import threads
 
+from securemig.host.journal import Journal
 from securemig.lab.libvirt import LibvirtHost
+from securemig.protocol.phases import Phase
 from tests.support.commands import crash_env
 from tests.support.libvirt_cells import LibvirtCellsBase
 from tests.support.qemu import extended
@@ -145,3 +148,79 @@ class LibvirtCompletionCells(LibvirtCellsBase):
         source's RESOLVE) and the guest runs there with its memory."""
         where, _ = await self.libvirtd_cell("lvk3", self.b, "source-committed", "migrate")
         self.assertEqual(where, "destination")
+
+    def name_victims(self, pidfile: Path, name: str) -> None:
+        """Once ``securemig migrate`` journaled its departure (its pid is
+        the record's owner), write into ``pidfile`` the source's processes
+        a crash of that host would take: ``migrate``, its libvirtd and
+        domain ``name``'s QEMU (``NAME:other`` kills them all)."""
+        deadline = time.monotonic() + 120
+        while True:
+            journal = Journal(self.src_state / "journal.sqlite")
+            try:
+                owners = [r.owner for r in journal.records() if r.role == "source" and r.owner]
+            finally:
+                journal.close()
+            if owners:
+                break
+            self.assertLess(time.monotonic(), deadline, "migrate never journaled its departure")
+            time.sleep(0.05)
+        assert self.a.process is not None
+        qemu = self.a.path(f"/run/libvirt/qemu/{name}.pid").read_text().strip()
+        migrate = owners[0].partition(":")[0]
+        pidfile.write_text(f"{migrate}\n{self.a.process.pid}\n{qemu}\n")
+
+    async def test_source_dies_after_finish_before_prepared(self) -> None:
+        """libvirt's Finish ran at the destination (its domain paused: the
+        whole guest), and there its daemon SIGKILLs, at once, the source's
+        ``securemig migrate``, libvirtd and QEMU (``destination-loaded:
+        other``: a crash of the source host's processes) -- before
+        PREPARED reached the source, whether or not the Finish's answer
+        did.  Nothing is decided at the source while its libvirtd is down;
+        started again, libvirt finds the domain shut off for a reason other
+        than *migrated* (its QEMU is gone).  The source's daemon asks the
+        destination what it holds (ASK): the whole guest, held in doubt --
+        so it commits, and the guest runs on at the destination with its
+        memory.  (Before the rule: the source aborted -- shut off, not
+        migrated, PREPARED never seen -- and its RESOLVE(aborted)
+        discarded the only copy: the guest lost.)"""
+        name = "lvk4"
+        self.source_daemon()
+        domain, bundle, watch = await threads.deferToThread(self.adopted_guest, name)
+        pidfile = self.base / "source-host.pids"
+        pidfile.write_text("")
+        dying = {
+            **crash_env("destination-loaded:other"),
+            "SECUREMIG_CRASH_PIDFILE": str(pidfile),
+        }
+        # Whatever happens, the next test finds the host's libvirtd running.
+        self.addCleanup(
+            lambda: self.a.process is None or self.a.process.poll() is None or self.a.start()
+        )
+        destination = self.libvirt_daemon(
+            self.dst_state, self.dst_id, self.dst_policy, {**self.env(self.b), **dying}
+        )
+        first = await threads.deferToThread(watch.wait, 3, 120.0)
+        self.assertEqual(first.pcr16, extended(self.pcr16))
+        watch.follow(self.b.path(domain.heartbeat))
+        running = threads.deferToThread(self.migrate_domain, destination, name, "--copy-storage")
+        await threads.deferToThread(self.name_victims, pidfile, name)
+        result = await running
+        self.assertEqual(result.returncode, -signal.SIGKILL, result.stderr)
+        assert self.a.process is not None
+        await threads.deferToThread(self.a.process.wait, 60)
+        # The state this cell is about: the destination holds the whole
+        # guest; the source never saw PREPARED and decided nothing.
+        self.assertTrue(self.journal_reached(self.dst_state, Phase.INCOMING))
+        self.assertFalse(self.journal_reached(self.src_state, Phase.PREPARED))
+        self.assertFalse(self.journal_reached(self.src_state, Phase.COMMITTED))
+        self.a.start()
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while (found := await threads.deferToThread(self.settled, name)) is None:
+            if time.monotonic() > deadline:
+                self.fail("did not settle:\n" + destination.log()[-4000:])
+            await threads.deferToThread(time.sleep, 0.5)
+        self.assertEqual(found, ("destination", True))
+        await threads.deferToThread(
+            self.assert_one_copy, name, "destination", domain, bundle, watch, first
+        )

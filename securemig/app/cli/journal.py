@@ -177,8 +177,8 @@ async def settle_here(journal: Journal, identity: Path | None) -> None:
         print(f"recovery: {sentence}", file=sys.stderr)
     if owed:
         print(
-            f"recovery: {len(owed)} decision(s) still owed to destinations; this host's "
-            "twistd securemig (same --state-dir) sends them",
+            f"recovery: {len(owed)} decision(s) or question(s) still owed to destinations; "
+            "this host's twistd securemig (same --state-dir) sends them",
             file=sys.stderr,
         )
 

@@ -465,11 +465,11 @@ def _report(args: argparse.Namespace, journal: Journal, outcome: dict[str, Any])
         return EXIT_FAILED
     if departure.undecided:
         # Live through libvirt, its libvirtd not answering where the guest
-        # is: nothing was decided (protocol.recovery.carried_decision).
+        # is, or the guest gone here before PREPARED: nothing was decided
+        # (protocol.recovery.carried_decision); the reason says who decides.
         print(
             f"securemig: migration of VM {args.name} to {args.to} is in doubt, neither "
-            f"committed nor aborted: {summary['error']}; this host's daemon decides once "
-            "libvirt answers here (`securemig status` shows it)",
+            f"committed nor aborted: {summary['error']} (`securemig status` shows it)",
             file=sys.stderr,
         )
         return EXIT_IN_DOUBT
