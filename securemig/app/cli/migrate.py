@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from securemig.app import config
+from securemig.app import config, control_client
 from securemig.app.cli.common import (
     EXIT_FAILED,
     EXIT_IN_DOUBT,
@@ -23,7 +23,7 @@ from securemig.app.cli.common import (
     run_interruptible,
     usage_error,
 )
-from securemig.app.cli.journal import given_away, host_journal, settle_here
+from securemig.app.cli.journal import given_away, host_journal, settle_here, source_state_dir
 from securemig.host.departure import Departure
 from securemig.host.glibc import tune_malloc
 from securemig.host.journal import Journal
@@ -150,6 +150,14 @@ def add_parser(subparsers: Subparsers) -> None:
         help="send at most this many MiB of images a second (with --live: QEMU's "
         "max-bandwidth for its stream; default: no limit)",
     )
+    mig.add_argument(
+        "--daemon",
+        action="store_true",
+        help="have this host's twistd securemig (the one of the same --state-dir) drive "
+        "the migration: this command only asks it over its control socket and shows the "
+        "progress, and starts faster (no interpreter full of TLS and TPM code).  Ctrl-C "
+        "cancels it; a client that goes away does not",
+    )
     mig.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     mig.add_argument("--no-progress", action="store_true", help="no progress bar")
     mig.set_defaults(func=cmd_migrate)
@@ -160,6 +168,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     tune_malloc()
     if (status := check(args)) is not None:
         return status
+    if args.daemon:
+        # The line as typed goes to the daemon, which parses it the same way.
+        line = getattr(args, "_argv", None) or sys.argv[1:]
+        return control_client.ask(source_state_dir(args.vm_dir, args.state_dir), line)
     options = prepare(args)
     journal = host_journal(args.vm_dir, args.state_dir)
     outcome: dict[str, Any] = {}
