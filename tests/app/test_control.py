@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import threads
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from securemig.app import config, control_client
@@ -27,8 +28,11 @@ from securemig.app.control_client import MAX_CONNECTIONS, MAX_LINE, REQUEST_TIME
 from securemig.host import storage
 from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle
+from securemig.hypervisor.qemu import QemuBackend, alive, heartbeat_path
 from securemig.lab import processes
 from tests.support.bundles import bundle_digests
+from tests.support.live_qemu import LiveSecureBase
+from tests.support.qemu import extended
 from tests.support.secure import SecureBase
 
 #: The state directory of a VM directory /v (source_state_dir's default).
@@ -258,6 +262,27 @@ class DaemonMigrateTests(DaemonBase):
         self.assertEqual(json.loads(result.stdout)["outcome"], "done")
         self.assertFalse(bundle.path.exists())
 
+    def test_configuration_file_asks_the_daemon(self) -> None:
+        """``[migrate] daemon = true`` and ``[paths] state-dir``: a line with
+        neither ``--daemon`` nor ``--state-dir`` goes through the full
+        command to the daemon (the journal says the daemon drove it)."""
+        bundle = self.create_vm("vm1", 1)
+        conf = self.base / "securemig.toml"
+        conf.write_text(f'[paths]\nstate-dir = "{self.src_state}"\n[migrate]\ndaemon = true\n')
+        argv = self.argv("vm1", "--json")
+        del argv[argv.index("--state-dir") : argv.index("--state-dir") + 2]
+        result = subprocess.run(
+            [argv[0], "--config", str(conf), *argv[1:]],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=90,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["outcome"], "done")
+        self.assertFalse(bundle.path.exists())
+        self.assertEqual(self.record("vm1").owner.split(":")[0], str(self.source.process.pid))
+
     def test_cancel_ends_only_that_migration(self) -> None:
         """Two migrations driven by one daemon; Ctrl-C at one client cancels
         that one (CANCELLED, the VM intact here and unlocked, journaled
@@ -451,6 +476,45 @@ class SecureDaemonTests(SecureBase):
         arrived = Bundle.load(destination.state_dir / "vms" / "vm1")
         self.assertEqual(bundle_digests(arrived), before)
         self.assertFalse(bundle.path.exists())
+
+
+class LiveDaemonTests(LiveSecureBase):
+    """A running QEMU guest migrated live through the daemon: the daemon's
+    reactor drives QEMU's pre-copy, relays the stream and decides the commit."""
+
+    timeout = 300
+
+    async def test_live_through_the_daemon(self) -> None:
+        """The guest's heartbeat goes on at the destination in sequence, its
+        vTPM's PCR 16 with it, no QEMU of it left here; ``--json`` says live
+        with QEMU's downtime, and the daemon journaled it."""
+        destination = self.start_destination("--tofu", "--backend", "qemu")
+        bundle, watch = self.start_guest()
+        state = self.vm_dir / ".securemig"
+        source = processes.start_destination(state, log_file=self.base / "src.log")
+        self.addCleanup(source.stop)
+        first = await threads.deferToThread(watch.wait, 5, 120.0)
+        self.assertEqual(first.pcr16, extended(self.pcr16))
+        arrived = self.arrived(destination)
+        watch.follow(heartbeat_path(arrived))
+        source_pid = int((bundle.path / "qemu.pid").read_text())
+        result = await threads.deferToThread(self.migrate_live, destination, "--daemon")
+        self.assertEqual(result.returncode, 0, result.stderr + source.log()[-3000:])
+        summary = json.loads(result.stdout)
+        self.assertEqual((summary["outcome"], summary["mode"]), ("done", "live"))
+        self.assertIsInstance(summary["downtime_ms"], int)
+        last = await threads.deferToThread(watch.wait, 5, 60.0, 1)
+        self.assertEqual(last.pcr16, extended(self.pcr16))
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+        self.assertFalse(alive(source_pid))
+        self.assertFalse(bundle.path.exists())
+        self.assertEqual(QemuBackend().status(arrived), "running")
+        journal = Journal(state / "journal.sqlite")
+        self.addCleanup(journal.close)
+        [record] = journal.records()
+        self.assertEqual(
+            (record.outcome, record.owner.split(":")[0]), ("done", str(source.process.pid))
+        )
 
 
 def _read_all(sock: socket.socket) -> bytes:
