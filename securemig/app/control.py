@@ -81,6 +81,8 @@ class ControlProtocol(Protocol):
         self.buffer = bytearray()
         self.request_timer: Any = None
         self.asked = False
+        #: The connection is being dropped (its later lines are not read).
+        self.dropped = False
         self.gone = False
         self.vm = "?"
         #: Set while a migration runs for this client.
@@ -107,6 +109,10 @@ class ControlProtocol(Protocol):
             return
         self.request_timer = factory.reactor.callLater(REQUEST_TIMEOUT, self._too_slow)
 
+    def _drop(self) -> None:
+        self.dropped = True
+        self.transport.abortConnection()
+
     def _too_slow(self) -> None:
         self.request_timer = None
         log.warn(
@@ -119,20 +125,20 @@ class ControlProtocol(Protocol):
         """Lines: first the request, then at most ``cancel``."""
         if len(self.buffer) + len(data) > MAX_LINE and b"\n" not in data:
             log.warn("control socket: a line over {n} bytes; dropped", n=MAX_LINE)
-            self.transport.abortConnection()
+            self._drop()
             return
         self.buffer += data
-        while (end := self.buffer.find(b"\n")) >= 0:
+        while not self.dropped and (end := self.buffer.find(b"\n")) >= 0:
             if end > MAX_LINE:
                 log.warn("control socket: a line over {n} bytes; dropped", n=MAX_LINE)
-                self.transport.abortConnection()
+                self._drop()
                 return
             line = bytes(self.buffer[:end])
             del self.buffer[: end + 1]
             self._line(line)
         if len(self.buffer) > MAX_LINE:
             log.warn("control socket: a line over {n} bytes; dropped", n=MAX_LINE)
-            self.transport.abortConnection()
+            self._drop()
 
     def _line(self, line: bytes) -> None:
         try:
@@ -146,7 +152,9 @@ class ControlProtocol(Protocol):
                 self.request_timer.cancel()
             self.request_timer = None
             if command != "migrate" or not isinstance(message, dict):
-                self._refuse(f"the daemon accepts only migrate, not {command!r}")
+                # The client's word, bounded (it goes to the log).
+                named = repr(command)[:40] if isinstance(command, str) else "that"
+                self._refuse(f"the daemon accepts only migrate, not {named}")
                 return
             Deferred.fromCoroutine(self._migrate(message)).addErrback(self._failed)
         elif command == "cancel" and self.outcome is not None:
@@ -155,7 +163,14 @@ class ControlProtocol(Protocol):
             )
             migrate_cmd.cancel(self.factory.reactor, self.outcome, self.sessions)
         else:
-            log.warn("control socket: {command!r} after the request; ignored", command=command)
+            # Only cancel follows a request: anything else ends this client's
+            # connection (not its migration), so a client cannot fill the log.
+            log.warn(
+                "control socket: the client of the migration of VM {vm} sent something "
+                "other than cancel; disconnected",
+                vm=self.vm,
+            )
+            self._drop()
 
     def _refuse(self, sentence: str) -> None:
         said = f"securemig: error: {sentence}\n"

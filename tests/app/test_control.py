@@ -431,6 +431,25 @@ class ControlSocketTests(DaemonBase):
             held[0].recv(1)
         self.assertIn("connections already; refused one more", self.source.log())
 
+    def test_only_cancel_follows_the_request(self) -> None:
+        """After its request a client may send only ``cancel``: anything
+        else disconnects it (one log line, not one per line sent), and its
+        migration goes on to the end."""
+        bundle = self.create_vm("vm1", 8)
+        sock = self.connect()
+        argv = self.argv("vm1", "--daemon", "--bandwidth", "4")[1:]
+        sock.sendall(control_client.encode({"command": "migrate", "argv": argv, "cwd": "/"}))
+        self.wait_for("streaming", lambda: self.streaming("vm1"))
+        with _suppress_reset():
+            sock.sendall(b"junk\n" * 1000)
+        sock.settimeout(30)
+        events = _read_all(sock).splitlines()
+        self.assertNotIn("result", b" ".join(events).decode())
+        self.wait_for("done", lambda: (r := self.record("vm1")) is not None and r.outcome)
+        self.assertEqual(self.record("vm1").outcome, "done")
+        self.assertFalse(bundle.path.exists())
+        self.assertEqual(self.source.log().count("other than cancel; disconnected"), 1)
+
     def test_only_migrate(self) -> None:
         """Any command but migrate is refused with a usage status; so is a
         migrate line naming another command."""
@@ -518,19 +537,19 @@ class LiveDaemonTests(LiveSecureBase):
 
 
 def _read_all(sock: socket.socket) -> bytes:
-    """Everything until the daemon closes."""
+    """Everything until the daemon closes (or resets) the connection."""
     sock.settimeout(30)
     data = b""
-    while chunk := sock.recv(65536):
+    while chunk := _recv_or_reset(sock, 65536):
         data += chunk
     return data
 
 
-def _recv_or_reset(sock: socket.socket) -> bytes:
+def _recv_or_reset(sock: socket.socket, size: int = 100) -> bytes:
     """What a recv gives once the peer dropped us: b"" (or a reset, the
     same thing here)."""
     try:
-        return sock.recv(100)
+        return sock.recv(size)
     except ConnectionResetError:
         return b""
 
