@@ -175,7 +175,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     options = prepare(args)
     journal = host_journal(args.vm_dir, args.state_dir)
     outcome: dict[str, Any] = {}
-    bar = _ProgressBar(f"migrating {args.name}", shown=not args.no_progress)
+    bar = control_client.ProgressBar(f"migrating {args.name}", shown=not args.no_progress)
     sessions: list[SourceProtocol] = []
 
     async def run(reactor: Any) -> None:
@@ -185,7 +185,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             options,
             journal,
             outcome,
-            on_start=bar.start,
+            on_start=lambda departure: bar.start(departure.expected_bytes or 0),
             on_progress=bar.update,
             on_protocol=sessions.append,
         )
@@ -435,45 +435,6 @@ def cancel(reactor: Any, outcome: dict[str, Any], sessions: list[SourceProtocol]
             proto.fail(ProtocolError(ErrorCode.CANCELLED, INTERRUPTED))
     if not sessions and not outcome.get("over"):
         reactor.callLater(0.1, cancel, reactor, outcome, sessions)
-
-
-class _ProgressBar:
-    """A progress bar of the bytes sent on stderr, if it is a terminal and
-    the bar is wanted; otherwise nothing."""
-
-    def __init__(self, description: str, shown: bool) -> None:
-        self.description = description
-        self.shown = shown
-        self.bar: Any = None
-
-    def start(self, departure: Any) -> None:
-        """The migration has started: ``departure.expected_bytes`` will
-        travel (live: the guest's RAM, at least)."""
-        if self.shown and sys.stderr.isatty():
-            # tqdm is imported only when a bar is drawn.
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=departure.expected_bytes or None,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=self.description,
-                file=sys.stderr,
-            )
-
-    def update(self, n: int) -> None:
-        """``n`` more bytes have been sent."""
-        if self.bar is not None:
-            if self.bar.total and self.bar.n + n > self.bar.total:
-                # Live: pages dirtied during the pre-copy travel again.
-                self.bar.total = self.bar.n + n
-            self.bar.update(n)
-
-    def close(self) -> None:
-        """The migration has ended."""
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _report(
