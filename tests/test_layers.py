@@ -206,6 +206,9 @@ LAZY_IMPORTS = (
     ("securemig.app.cli.lab", "securemig.lab"),
     ("securemig.hypervisor.backends", "securemig.hypervisor.libvirt"),
     ("securemig.app.cli.vm_libvirt", "securemig.hypervisor.libvirt"),
+    # The console script's entry: `migrate --daemon` must start without the
+    # full command's imports (Twisted, cryptography, the TSS).
+    ("securemig.app.cli.entry", "securemig.app.cli.main"),
 )
 
 

@@ -131,7 +131,7 @@ class WheelTests(SynchronousTestCase):
             entry_points = whl.read(ep).decode()
         self.assertEqual(metadata["Version"], securemig.__version__)
         self.assertEqual(metadata["License-Expression"], "MIT")
-        self.assertIn("securemig = securemig.app.cli.main:main", entry_points)
+        self.assertIn("securemig = securemig.app.cli.entry:main", entry_points)
         self.assertIn("bench", metadata.get_all("Provides-Extra") or [])
         matplotlib = [
             r for r in metadata.get_all("Requires-Dist") or [] if r.startswith("matplotlib")

@@ -173,6 +173,9 @@ KEYS: dict[str, dict[str, Key]] = {
             {"migrate": "parallel"},
             check=channels,
         ),
+        "daemon": Key(
+            "bool", "have this host's twistd securemig drive the migration", {"migrate": "daemon"}
+        ),
     },
     "service": {
         "listen": Key("str", "endpoint of the secure variant", {"service": "listen"}),

@@ -23,6 +23,7 @@ from twisted.python import usage
 
 from securemig import files, runtime
 from securemig.app import config, logformat
+from securemig.app.control import ControlService
 from securemig.app.metrics_service import metrics_site
 from securemig.host import storage
 from securemig.host.arrival import DestinationHost
@@ -537,6 +538,9 @@ def makeService(options: Options) -> service.MultiService:
     top = service.MultiService()
     recovery = RecoveryService(host, options["resolve-interval"])
     recovery.setServiceParent(top)
+    # `securemig migrate --daemon`: local clients ask this daemon to drive
+    # their migrations (app/control.py).
+    ControlService(host, reactor).setServiceParent(top)
     # What every incoming migration is told, built once; each listener adds its variant's part.
     base = DestinationOptions(idle_timeout=options["idle-timeout"], deadline=options["deadline"])
     port_file = Path(options["port-file"]) if options["port-file"] else None

@@ -199,6 +199,29 @@ class Lab:
             self._stops.append(destination.stop)
         return destination
 
+    def start_source_daemon(self, source: str = SOURCE) -> processes.Destination:
+        """The source host's own ``twistd securemig`` on the state directory
+        :meth:`migrate` journals in, with its identity: the daemon that
+        ``migrate --daemon`` asks to drive the migration.  The caller ends it."""
+        name = f"{source}-daemon"
+        port_file = self.work / f"{name}.port"
+        process, port = processes.start_twistd(
+            "securemig",
+            "--state-dir",
+            str(self.work / f"{source}-state"),
+            "--identity",
+            str(self.work / source),
+            "--insecure-listen",
+            "tcp:0:interface=127.0.0.1",
+            "--insecure-port-file",
+            str(port_file),
+            port_file=port_file,
+            log_file=self.work / f"{name}.log",
+        )
+        return processes.Destination(
+            process, port, self.work / f"{source}-state", self.work / f"{name}.log"
+        )
+
     def create_vm(
         self,
         name: str,

@@ -45,6 +45,19 @@ def peak_rss_mib(pid: int | str = "self") -> float | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user + system) a live process has used so far
+    (``/proc/PID/stat`` utime + stime); None once it is gone.  A daemon's
+    share of one run is the difference over it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    # Fields 14 and 15 of proc(5), counted after the command's ")".
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Rusage:
     """CPU seconds and peak memory of one ended child process."""

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -35,6 +36,8 @@ from securemig.transport.tcp import client_endpoint, connect
 
 log = Logger()
 
+T = TypeVar("T")
+
 
 class ConnectFailed(LocalFault):
     """The destination could not be reached; nothing was sent."""
@@ -50,6 +53,8 @@ async def migrate(
     journal: Journal,
     on_progress: Callable[[int], None] = lambda n: None,
     on_start: Callable[[Departure], None] = lambda d: None,
+    on_protocol: Callable[[SourceProtocol], None] = lambda p: None,
+    off_reactor: bool = False,
 ) -> tuple[Departure, Finished]:
     """Migrate ``bundle`` to ``options.to`` (``HOST:PORT``): over mutual TLS
     with attestation and vTPM key release when ``options.secure`` is given,
@@ -59,16 +64,24 @@ async def migrate(
     :class:`VMLocked` or :class:`~securemig.hypervisor.bundle.BundleError` before
     anything is sent, :class:`ConnectFailed` if the destination cannot be
     reached (the VM stays here in every one of those cases).
+
+    ``on_protocol`` is handed the session's protocol once it is connected:
+    the handle that cancels this migration and no other
+    (``SourceProtocol.fail``).  With ``off_reactor`` the blocking
+    preparation (the TPM's unseal of the vTPM key) runs in a thread, for a
+    caller whose reactor serves other work (the daemon).
     """
     to, variant, secure = options.to, options.variant, options.secure
     unseal_with, live = options.unseal_with, options.live
     host, port = parse_address(to)
     check_keys(bundle, secure=secure is not None, live=live is not None, unseal_with=unseal_with)
     # Keys are unsealed before the VM is touched: nothing to undo if that fails.
-    security = None if secure is None else secure.prepare(bundle, host)
+    security = None
+    if secure is not None:
+        security = await _blocking(reactor, off_reactor, secure.prepare, bundle, host)
     clear_key = None
     if secure is None and bundle.manifest.vtpm and unseal_with is not None:
-        clear_key = unseal_vtpm_key(bundle, unseal_with)
+        clear_key = await _blocking(reactor, off_reactor, unseal_vtpm_key, bundle, unseal_with)
     vtpm_key = security.secret if security is not None else clear_key and clear_key[:32]
     departure = Departure(
         bundle,
@@ -128,6 +141,7 @@ async def migrate(
             departure.id, "aborted", error=f"CONNECTION_LOST: cannot connect to {to}: {e}"
         )
         raise ConnectFailed(f"cannot connect to {to}: {e}") from None
+    on_protocol(proto)
     result = await proto.finished
     # Twisted sends what was written on a later turn of the reactor: a
     # caller that stops it at once (securemig migrate) would lose an ABORT
@@ -201,6 +215,14 @@ async def _settle_live_now(
         )
     if answer.settled is wire.Settled.DONE:
         return Finished(Outcome.DONE, peer_settled=True)
+    return result
+
+
+async def _blocking(reactor: Any, off_reactor: bool, f: Callable[..., T], *args: Any) -> T:
+    """``f(*args)``: in the reactor's thread pool with ``off_reactor``, else here."""
+    if not off_reactor:
+        return f(*args)
+    result: T = await deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
     return result
 
 

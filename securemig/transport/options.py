@@ -23,7 +23,7 @@ from securemig.host.contract import KeySealer
 from securemig.hypervisor.bundle import Bundle
 from securemig.protocol import wire
 from securemig.protocol.connection import DEADLINE, IDLE_TIMEOUT
-from securemig.trust.attestor import open_attestor, warn_on_stderr
+from securemig.trust.attestor import FirstUse, open_attestor, warn_on_stderr
 from securemig.trust.keyrelease import DestinationSecurity, SourceSecurity
 from securemig.trust.revocation import RevocationList
 
@@ -61,12 +61,15 @@ class SecureOptions:
     #: The revocation list the destination's AK certificate is checked
     #: against (:func:`securemig.trust.revocation.for_identity`).
     revocation: RevocationList | None = None
+    #: Says a trust on first use where the operator sees it (the source's
+    #: terminal, or the client of the daemon driving the migration).
+    on_first_use: Callable[[FirstUse], None] = warn_on_stderr
 
     def prepare(self, bundle: Bundle, host: str) -> SourceSecurity:
         """Open the TPM, unseal the VM's vTPM key for this migration."""
         # The source runs on the operator's terminal: trust on first use says so there.
         attestor = open_attestor(
-            self.identity, self.policy_dir, self.tofu, warn_on_stderr, self.revocation
+            self.identity, self.policy_dir, self.tofu, self.on_first_use, self.revocation
         )
         secret = attestor.unseal(bundle.vtpm_key_path.read_bytes())
         return SourceSecurity(attestor, secret, self.destination_name or host, bundle.manifest.vtpm)

@@ -274,7 +274,7 @@ class LiveProgressBarTests(SynchronousTestCase):
         """A live migration's bar counts to the guest's RAM (it had no
         total: a live migration streams no image), and grows with the
         pages QEMU sends again rather than overflowing."""
-        from securemig.app.cli.migrate import _ProgressBar
+        from securemig.app.control_client import ProgressBar
         from securemig.host.departure import Departure
         from securemig.host.journal import Journal
         from securemig.hypervisor.bundle import Bundle
@@ -295,8 +295,8 @@ class LiveProgressBarTests(SynchronousTestCase):
         self.assertEqual(departure.expected_bytes, 96 << 20)
         terminal = _Terminal()
         with contextlib.redirect_stderr(terminal):
-            bar = _ProgressBar("migrating vm1", shown=True)
-            bar.start(departure)
+            bar = ProgressBar("migrating vm1", shown=True)
+            bar.start(departure.expected_bytes)
             self.assertEqual(bar.bar.total, 96 << 20)
             bar.update(90 << 20)
             bar.update(16 << 20)  # the second round: pages dirtied meanwhile

@@ -257,6 +257,52 @@ class CrashPointTests(CrashBase):
         self.connection_cut(wire.Done, "to-source")
 
 
+class DaemonDrivesCrashTests(CrashBase):
+    """Cells where the source host's daemon drives the migration
+    (``securemig migrate --daemon``) and is itself killed at the point: its
+    client is told the daemon went away; the daemon, restarted on its port,
+    settles what it had journaled as any source does."""
+
+    def daemon_dies(self, point: str) -> str:
+        destination = self.daemon(self.dst_state)
+        self.source_daemon.stop()
+        crashing = self.daemon(self.src_state, crash_env(point))
+        result = processes.securemig(
+            "migrate",
+            "vm1",
+            "--vm-dir",
+            str(self.vm_dir),
+            "--state-dir",
+            str(self.src_state),
+            "--to",
+            destination.address,
+            "--insecure",
+            "--json",
+            "--no-progress",
+            "--daemon",
+        )
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("closed the connection before the migration ended", result.stderr)
+        self.wait_dead(crashing)
+        self.source_daemon = self.daemon(self.src_state, port=crashing.port)
+        where = self.assertSettles(destination, self.source_daemon)
+        self.assertNextMigrationSucceeds(where, destination)
+        return where
+
+    def test_daemon_dies_streaming(self) -> None:
+        """Mid-stream: the restarted daemon aborts; the VM stays at the source."""
+        self.assertEqual(self.daemon_dies("source-streaming"), "source")
+
+    def test_daemon_dies_committed(self) -> None:
+        """COMMITTED journaled, COMMIT not sent: the restarted daemon removes
+        the copy here and RESOLVE rolls the destination forward."""
+        self.assertEqual(self.daemon_dies("source-committed"), "destination")
+
+    def test_daemon_dies_prepared_received(self) -> None:
+        """PREPARED arrived, COMMITTED not journaled: the VM stays at the source."""
+        self.assertEqual(self.daemon_dies("source-prepared-received"), "source")
+
+
 class ManualRecoveryTests(CrashBase):
     """The source host is gone for good (no daemon will ever RESOLVE): the
     operator exports its journal and settles the destination by hand; and a

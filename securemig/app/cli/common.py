@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TextIO, TypeAlias, TypeVar
 
 from securemig.transport.reactor import run_reactor
 
@@ -85,17 +85,17 @@ class UsageError(CommandError):
     status = EXIT_USAGE
 
 
-def error(message: str) -> int:
-    """Tell the operator what went wrong, on stderr; returns ``EXIT_FAILED``
-    for a command to return."""
-    print(f"securemig: error: {message}", file=sys.stderr)
+def error(message: str, err: TextIO | None = None) -> int:
+    """Tell the operator what went wrong, on ``err`` (default: stderr);
+    returns ``EXIT_FAILED`` for a command to return."""
+    print(f"securemig: error: {message}", file=err or sys.stderr)
     return EXIT_FAILED
 
 
-def usage_error(message: str) -> int:
-    """Tell the operator their command line is wrong, on stderr; returns
-    ``EXIT_USAGE`` for a command to return."""
-    print(f"securemig: error: {message}", file=sys.stderr)
+def usage_error(message: str, err: TextIO | None = None) -> int:
+    """Tell the operator their command line is wrong, on ``err`` (default:
+    stderr); returns ``EXIT_USAGE`` for a command to return."""
+    print(f"securemig: error: {message}", file=err or sys.stderr)
     return EXIT_USAGE
 
 

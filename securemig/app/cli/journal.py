@@ -10,7 +10,7 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from securemig import runtime
 from securemig.app.cli.common import (
@@ -166,20 +166,22 @@ def source_state_dir(vm_dir: Path, state_dir: Path | None) -> Path:
     return vm_dir / ".securemig"
 
 
-async def settle_here(journal: Journal, identity: Path | None) -> None:
+async def settle_here(journal: Journal, identity: Path | None, err: TextIO | None = None) -> None:
     """Settle this host's unfinished departures before a command acts (see
-    :mod:`securemig.host.recovery`), saying what was done on stderr."""
+    :mod:`securemig.host.recovery`), saying what was done on ``err``
+    (default: stderr)."""
+    err = err or sys.stderr
     unseal = vtpm.unsealer(identity) if identity is not None else None
     # Without the host's TPM a VM that needs its key is left for the daemon,
     # never aborted and left stopped (a paused QEMU is continued: no key).
     did, owed = await settle_departures(journal, unseal, defer=unseal is None)
     for sentence in did:
-        print(f"recovery: {sentence}", file=sys.stderr)
+        print(f"recovery: {sentence}", file=err)
     if owed:
         print(
             f"recovery: {len(owed)} decision(s) or question(s) still owed to destinations; "
             "this host's twistd securemig (same --state-dir) sends them",
-            file=sys.stderr,
+            file=err,
         )
 
 

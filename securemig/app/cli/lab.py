@@ -147,7 +147,8 @@ def add_bench_parser(subparsers: Subparsers) -> None:
         "--protocols",
         default="insecure,secure",
         help="measured besides the plain copy: insecure, secure (data channel), secure-tls "
-        "(images inside TLS, as before the data channel); default %(default)s",
+        "(images inside TLS, as before the data channel), secure-daemon (secure, driven by "
+        "the source host's daemon: migrate --daemon); default %(default)s",
     )
     p.add_argument(
         "--concurrency",

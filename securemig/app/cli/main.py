@@ -30,6 +30,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
+from typing import TextIO
 
 from tpm2_pytss import TSS2_Exception
 
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args, origins = parse(argv)
     args._config, args._config_given, args._origins, args._parse = loaded, given, origins, parse
+    # `migrate --daemon` hands the line as given to this host's daemon.
+    args._argv = argv
     status = _run(args)
     if as_program and args.command in EXIT_AT_ONCE:
         _exit_at_once(status)
@@ -160,30 +163,74 @@ def _run(args: argparse.Namespace) -> int:
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)
-    except CommandError as e:
-        _debug(args)
-        print(f"securemig: error: {e}", file=sys.stderr)
-        return e.status
-    except (MigrationError, OSError, sqlite3.Error) as e:
-        _debug(args)
-        return error(describe(e))
-    except TSS2_Exception as e:
-        _debug(args)
-        return error(
-            f"the TPM refused: {e}; a key made by another TPM does not load here: is "
-            "--identity this host's own identity directory?"
-        )
     except KeyboardInterrupt:
         _debug(args)
         print("securemig: interrupted", file=sys.stderr)
         return EXIT_FAILED
     except Exception as e:
-        # Not an operator's mistake but a bug: still no traceback unless asked.
         _debug(args)
+        return exit_status(e, sys.stderr)
+
+
+def exit_status(e: Exception, err: TextIO) -> int:
+    """What a command raised, said as one error line on ``err``; returns
+    the exit status it ends the command with.  (The daemon reports a
+    ``migrate --daemon`` it ran the same way: ``app/control.py``.)"""
+    if isinstance(e, CommandError):
+        print(f"securemig: error: {e}", file=err)
+        return e.status
+    if isinstance(e, MigrationError | OSError | sqlite3.Error):
+        return error(describe(e), err)
+    if isinstance(e, TSS2_Exception):
         return error(
-            f"internal error: {type(e).__name__}: {e} (run again with --debug for the "
-            "traceback, and report it)"
+            f"the TPM refused: {e}; a key made by another TPM does not load here: is "
+            "--identity this host's own identity directory?",
+            err,
         )
+    # Not an operator's mistake but a bug: still no traceback unless asked.
+    return error(
+        f"internal error: {type(e).__name__}: {e} (run again with --debug for the "
+        "traceback, and report it)",
+        err,
+    )
+
+
+def parse_for_daemon(
+    argv: list[str], config_path: str | None, out: TextIO, err: TextIO
+) -> argparse.Namespace | int:
+    """The command line ``argv`` a client of the daemon gave, parsed as
+    :func:`main` parses it (the configuration file ``--config`` names, else
+    ``config_path``, else the default one), with what argparse would print
+    written to ``out`` and ``err``; an exit status instead of the namespace
+    when it ends there (a usage error: 2, ``--help``: 0)."""
+    given = _config_option(argv) or config_path
+    try:
+        loaded = config.load(given)
+    except config.ConfigError as e:
+        print(f"securemig: error: {e}", file=err)
+        return EXIT_USAGE
+    parser = build_parser(loaded)
+    for each in walk_parsers(parser):
+        # argparse prints its usage errors and help to sys.stderr and
+        # sys.stdout, the daemon's: these go to the client instead.
+        each._print_message = _printer(out, err)  # type: ignore[method-assign,assignment]
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    args._config, args._config_given, args._argv = loaded, given, argv
+    return args
+
+
+def _printer(out: TextIO, err: TextIO) -> Callable[[str, object], None]:
+    """argparse's ``_print_message``, to ``out`` for what it would print on
+    stdout (help, version) and to ``err`` for the rest."""
+
+    def print_message(message: str, file: object = None) -> None:
+        if message:
+            (out if file is sys.stdout else err).write(message)
+
+    return print_message
 
 
 def _config_option(argv: list[str]) -> str | None:

@@ -7,10 +7,11 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from securemig.app import config
+from securemig.app import config, control_client
 from securemig.app.cli.common import (
     EXIT_FAILED,
     EXIT_IN_DOUBT,
@@ -22,7 +23,8 @@ from securemig.app.cli.common import (
     run_interruptible,
     usage_error,
 )
-from securemig.app.cli.journal import given_away, host_journal, settle_here
+from securemig.app.cli.journal import given_away, host_journal, settle_here, source_state_dir
+from securemig.host.departure import Departure
 from securemig.host.glibc import tune_malloc
 from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, BundleError, check_vm_name
@@ -35,6 +37,7 @@ from securemig.protocol.errors import ErrorCode, MigrationError, ProtocolError
 from securemig.transport.client import migrate, parse_address
 from securemig.transport.options import SecureOptions, SourceOptions
 from securemig.transport.source import SourceProtocol
+from securemig.trust.attestor import FirstUse, log_first_use, warn_on_stderr
 from securemig.trust.identity import Identity
 from securemig.trust.revocation import CRL_MAX_AGE, CRLError, RevocationList
 from securemig.trust.revocation import for_identity as revocation_for
@@ -147,6 +150,14 @@ def add_parser(subparsers: Subparsers) -> None:
         help="send at most this many MiB of images a second (with --live: QEMU's "
         "max-bandwidth for its stream; default: no limit)",
     )
+    mig.add_argument(
+        "--daemon",
+        action="store_true",
+        help="have this host's twistd securemig (the one of the same --state-dir) drive "
+        "the migration: this command only asks it over its control socket and shows the "
+        "progress, and starts faster (no interpreter full of TLS and TPM code).  Ctrl-C "
+        "cancels it; a client that goes away does not",
+    )
     mig.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     mig.add_argument("--no-progress", action="store_true", help="no progress bar")
     mig.set_defaults(func=cmd_migrate)
@@ -155,66 +166,29 @@ def add_parser(subparsers: Subparsers) -> None:
 def cmd_migrate(args: argparse.Namespace) -> int:
     """``securemig migrate``: drive one migration from the source."""
     tune_malloc()
-    if not args.insecure and not args.identity:
-        return usage_error(
-            "choose the variant: --identity DIR for the secure one, or --insecure "
-            "(no TLS, no attestation)"
-        )
-    # The validators twistd securemig shares (app/config.py): one sentence each.
-    for option in ("chunk-kib", "idle-timeout", "deadline", "parallel", "crl-max-age", "crl"):
-        if problem := config.refusal_of("migrate", option, getattr(args, option.replace("-", "_"))):
-            return usage_error(problem)
-    if args.live and args.insecure:
-        return usage_error("--live is secure only: drop --insecure")
-    if args.copy_storage and not args.live:
-        return usage_error("--copy-storage goes with --live")
-    if not args.live:
-        # Live only: a suspended migration's images have one data channel
-        # (the configuration file's default must not refuse them).
-        args.parallel = 0
-    if args.downtime_ms <= 0:
-        return usage_error("--downtime-ms must be positive")
-    try:
-        parse_address(args.to)
-        check_vm_name(args.name)
-    except (ValueError, BundleError) as e:
-        return usage_error(str(e))
-    if args.identity:
-        check_identity(args.identity)
-    options = source_options(args)
+    if (status := check(args)) is not None:
+        return status
+    if args.daemon:
+        # The line as typed goes to the daemon, which parses it the same way.
+        line = getattr(args, "_argv", None) or sys.argv[1:]
+        return control_client.ask(source_state_dir(args.vm_dir, args.state_dir), line)
+    options = prepare(args)
     journal = host_journal(args.vm_dir, args.state_dir)
     outcome: dict[str, Any] = {}
-    bar = _ProgressBar(f"migrating {args.name}", shown=not args.no_progress)
+    bar = control_client.ProgressBar(f"migrating {args.name}", shown=not args.no_progress)
+    sessions: list[SourceProtocol] = []
 
     async def run(reactor: Any) -> None:
-        started = time.monotonic()
-        try:
-            # What an earlier migrate that died left unfinished comes first:
-            # it may give this VM back, or show that it was given away.
-            await settle_here(journal, args.identity)
-            gone = given_away(journal, args.name, args.vm_dir)
-            if gone is not None:
-                raise BundleError(gone)
-            bundle = Bundle.find(args.vm_dir, args.name)
-            # From here on a failure leaves the VM here, unlocked.
-            outcome["stays"] = True
-            departure, finished = await migrate(
-                reactor,
-                bundle,
-                options,
-                journal=journal,
-                on_progress=bar.update,
-                on_start=bar.start,
-            )
-        except (MigrationError, OSError) as e:
-            outcome["error"] = describe(e)
-            outcome["code"] = e.code.name if isinstance(e, MigrationError) else "IO_ERROR"
-            return
-        finally:
-            outcome["over"] = True
-        outcome["departure"] = departure
-        outcome["finished"] = finished
-        outcome["seconds"] = time.monotonic() - started
+        await drive(
+            reactor,
+            args,
+            options,
+            journal,
+            outcome,
+            on_start=lambda departure: bar.start(departure.expected_bytes or 0),
+            on_progress=bar.update,
+            on_protocol=sessions.append,
+        )
 
     def interrupted(reactor: Any) -> None:
         print(
@@ -222,18 +196,128 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             "(Ctrl-C again to exit at once)",
             file=sys.stderr,
         )
-        _cancel(reactor, outcome)
+        cancel(reactor, outcome, sessions)
 
     run_interruptible(run, interrupted)
     bar.close()
+    return conclude(args, journal, outcome)
+
+
+# The shared core: ``securemig migrate`` runs it in its own process, and
+# ``twistd securemig`` for ``migrate --daemon`` (app/control.py) in the
+# daemon; each step writes its sentences to the streams it is given, so that
+# both print exactly the same.
+
+
+def check(args: argparse.Namespace, err: TextIO | None = None) -> int | None:
+    """The checks the parser cannot make: None when the command line makes
+    a migration, else the usage error's exit status (its sentence said on
+    ``err``, default stderr).  Nothing is touched."""
+    if not args.insecure and not args.identity:
+        return usage_error(
+            "choose the variant: --identity DIR for the secure one, or --insecure "
+            "(no TLS, no attestation)",
+            err,
+        )
+    # The validators twistd securemig shares (app/config.py): one sentence each.
+    for option in ("chunk-kib", "idle-timeout", "deadline", "parallel", "crl-max-age", "crl"):
+        if problem := config.refusal_of("migrate", option, getattr(args, option.replace("-", "_"))):
+            return usage_error(problem, err)
+    if args.live and args.insecure:
+        return usage_error("--live is secure only: drop --insecure", err)
+    if args.copy_storage and not args.live:
+        return usage_error("--copy-storage goes with --live", err)
+    if not args.live:
+        # Live only: a suspended migration's images have one data channel
+        # (the configuration file's default must not refuse them).
+        args.parallel = 0
+    if args.downtime_ms <= 0:
+        return usage_error("--downtime-ms must be positive", err)
+    try:
+        parse_address(args.to)
+        check_vm_name(args.name)
+    except (ValueError, BundleError) as e:
+        return usage_error(str(e), err)
+    return None
+
+
+def prepare(args: argparse.Namespace, err: TextIO | None = None) -> SourceOptions:
+    """The checked command line's migration options (the identity checked,
+    the revocation list fetched: blocking); :class:`~.common.CommandError`
+    for an identity that cannot serve."""
+    if args.identity:
+        check_identity(args.identity)
+    return source_options(args, err)
+
+
+async def drive(
+    reactor: Any,
+    args: argparse.Namespace,
+    options: SourceOptions,
+    journal: Journal,
+    outcome: dict[str, Any],
+    *,
+    err: TextIO | None = None,
+    on_start: Callable[[Departure], None] = lambda d: None,
+    on_progress: Callable[[int], None] = lambda n: None,
+    on_protocol: Callable[[SourceProtocol], None] = lambda p: None,
+    off_reactor: bool = False,
+) -> None:
+    """Run the migration the checked ``args`` ask for, recording in
+    ``outcome`` how it ended (for :func:`conclude`): first what an earlier
+    migrate that died left unfinished, then the migration itself
+    (:func:`~securemig.transport.client.migrate`, its hooks passed on)."""
+    started = time.monotonic()
+    try:
+        # What an earlier migrate that died left unfinished comes first:
+        # it may give this VM back, or show that it was given away.
+        await settle_here(journal, args.identity, err)
+        gone = given_away(journal, args.name, args.vm_dir)
+        if gone is not None:
+            raise BundleError(gone)
+        bundle = Bundle.find(args.vm_dir, args.name)
+        # From here on a failure leaves the VM here, unlocked.
+        outcome["stays"] = True
+        departure, finished = await migrate(
+            reactor,
+            bundle,
+            options,
+            journal=journal,
+            on_progress=on_progress,
+            on_start=on_start,
+            on_protocol=on_protocol,
+            off_reactor=off_reactor,
+        )
+    except (MigrationError, OSError) as e:
+        outcome["error"] = describe(e)
+        outcome["code"] = e.code.name if isinstance(e, MigrationError) else "IO_ERROR"
+        return
+    finally:
+        outcome["over"] = True
+    outcome["departure"] = departure
+    outcome["finished"] = finished
+    outcome["seconds"] = time.monotonic() - started
+
+
+def conclude(
+    args: argparse.Namespace,
+    journal: Journal,
+    outcome: dict[str, Any],
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Say how the migration :func:`drive` ran ended, on ``out`` and
+    ``err`` (default: stdout and stderr), and return its exit status."""
+    out, err = out or sys.stdout, err or sys.stderr
     if "error" in outcome:
-        return _report_refused(args, outcome)
-    return _report(args, journal, outcome)
+        return _report_refused(args, outcome, out, err)
+    return _report(args, journal, outcome, out, err)
 
 
-def source_options(args: argparse.Namespace) -> SourceOptions:
+def source_options(args: argparse.Namespace, err: TextIO | None = None) -> SourceOptions:
     """The migration the checked command line (and configuration file) asks
-    for, built once (the revocation list is fetched here)."""
+    for, built once (the revocation list is fetched here); its warnings
+    said on ``err`` (default: stderr)."""
     secure = None
     if args.identity and not args.insecure:
         secure = SecureOptions(
@@ -241,7 +325,8 @@ def source_options(args: argparse.Namespace) -> SourceOptions:
             args.policy_dir,
             args.tofu,
             args.destination_name,
-            _revocation(args),
+            _revocation(args, err),
+            on_first_use=_first_use_on(err),
         )
     # Live migration moves RAM only (the disk, if any, stays on shared storage).
     shared = args.shared_storage or args.live
@@ -262,7 +347,23 @@ def source_options(args: argparse.Namespace) -> SourceOptions:
     )
 
 
-def _report_refused(args: argparse.Namespace, outcome: dict[str, Any]) -> int:
+def _first_use_on(err: TextIO | None) -> Callable[[FirstUse], None]:
+    """What says a trust on first use: on the terminal's stderr (as the
+    attestor does), or on the stream ``err`` and in the log."""
+    if err is None:
+        return warn_on_stderr
+
+    def warn(first_use: FirstUse) -> None:
+        for line in first_use.lines():
+            print(f"securemig: WARNING: {line}", file=err)
+        log_first_use(first_use)
+
+    return warn
+
+
+def _report_refused(
+    args: argparse.Namespace, outcome: dict[str, Any], out: TextIO, err: TextIO
+) -> int:
     """A migration that failed before anything was sent (a key that does
     not unseal, a locked VM, no destination): said on stderr, where the VM
     is, and with ``--json`` also the summary (nothing moved)."""
@@ -282,8 +383,8 @@ def _report_refused(args: argparse.Namespace, outcome: dict[str, Any]) -> int:
             "bytes": 0,
             "seconds": 0,
         }
-        print(json.dumps(summary, indent=2))
-    return error(message)
+        print(json.dumps(summary, indent=2), file=out)
+    return error(message, err)
 
 
 def _bandwidth(text: str) -> float:
@@ -297,7 +398,7 @@ def _bandwidth(text: str) -> float:
     return value
 
 
-def _revocation(args: argparse.Namespace) -> RevocationList | None:
+def _revocation(args: argparse.Namespace, err: TextIO | None) -> RevocationList | None:
     """The revocation list to judge the destination by, fetched now; a
     failed fetch is said on stderr, and the list held (IDENTITY/crl.der)
     is used while it is not older than --crl-max-age."""
@@ -308,13 +409,13 @@ def _revocation(args: argparse.Namespace) -> RevocationList | None:
         print(
             f"securemig: WARNING: {args.identity} names no privacy CA URL: the destination's "
             "AK certificate is NOT checked for revocation (give --crl URL)",
-            file=sys.stderr,
+            file=err or sys.stderr,
         )
         return None
     try:
         revocation.fetch()
     except CRLError as e:
-        print(f"securemig: WARNING: revocation list: {e}", file=sys.stderr)
+        print(f"securemig: WARNING: revocation list: {e}", file=err or sys.stderr)
     return revocation
 
 
@@ -322,78 +423,23 @@ def _revocation(args: argparse.Namespace) -> RevocationList | None:
 INTERRUPTED = "interrupted by the operator (Ctrl-C)"
 
 
-def _cancel(reactor: Any, outcome: dict[str, Any]) -> None:
-    """Cancel the migration this process runs, as a timeout would end it:
-    the session fails with CANCELLED, tells the destination (ABORT), rolls
-    back and is journaled.  Not connected yet: try again shortly, until the
-    migration is over."""
-    sessions = _control_connections(reactor)
+def cancel(reactor: Any, outcome: dict[str, Any], sessions: list[SourceProtocol]) -> None:
+    """Cancel the migration :func:`drive` runs, whose connected session
+    ``on_protocol`` put in ``sessions``, as a timeout would end it: the
+    session fails with CANCELLED, tells the destination (ABORT), rolls back
+    and is journaled.  Not connected yet: try again shortly, until the
+    migration is over.  (Only this migration's session: a daemon drives
+    others on the same reactor.)"""
     for proto in sessions:
-        proto.fail(ProtocolError(ErrorCode.CANCELLED, INTERRUPTED))
+        if not proto.session.finished:
+            proto.fail(ProtocolError(ErrorCode.CANCELLED, INTERRUPTED))
     if not sessions and not outcome.get("over"):
-        reactor.callLater(0.1, _cancel, reactor, outcome)
+        reactor.callLater(0.1, cancel, reactor, outcome, sessions)
 
 
-def _control_connections(reactor: Any) -> list[SourceProtocol]:
-    """The unfinished source sessions on this reactor's connections: the
-    protocol inside the TLS layer (``wrappedProtocol``) and inside the
-    endpoint's wrapper (``_wrappedProtocol``, Twisted's own name for it).
-    (:func:`~securemig.transport.client.migrate` gives no handle on its
-    session; ``test_misuse`` checks this still finds it.)"""
-    found = []
-    for selectable in {*reactor.getReaders(), *reactor.getWriters()}:
-        proto = getattr(selectable, "protocol", None)
-        for _ in range(4):
-            if proto is None or isinstance(proto, SourceProtocol):
-                break
-            proto = getattr(proto, "wrappedProtocol", None) or getattr(
-                proto, "_wrappedProtocol", None
-            )
-        if isinstance(proto, SourceProtocol) and not proto.session.finished:
-            found.append(proto)
-    return found
-
-
-class _ProgressBar:
-    """A progress bar of the bytes sent on stderr, if it is a terminal and
-    the bar is wanted; otherwise nothing."""
-
-    def __init__(self, description: str, shown: bool) -> None:
-        self.description = description
-        self.shown = shown
-        self.bar: Any = None
-
-    def start(self, departure: Any) -> None:
-        """The migration has started: ``departure.expected_bytes`` will
-        travel (live: the guest's RAM, at least)."""
-        if self.shown and sys.stderr.isatty():
-            # tqdm is imported only when a bar is drawn.
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=departure.expected_bytes or None,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=self.description,
-                file=sys.stderr,
-            )
-
-    def update(self, n: int) -> None:
-        """``n`` more bytes have been sent."""
-        if self.bar is not None:
-            if self.bar.total and self.bar.n + n > self.bar.total:
-                # Live: pages dirtied during the pre-copy travel again.
-                self.bar.total = self.bar.n + n
-            self.bar.update(n)
-
-    def close(self) -> None:
-        """The migration has ended."""
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _report(args: argparse.Namespace, journal: Journal, outcome: dict[str, Any]) -> int:
+def _report(
+    args: argparse.Namespace, journal: Journal, outcome: dict[str, Any], out: TextIO, err: TextIO
+) -> int:
     """Say how the migration ended (a line, or the summary as JSON with
     ``--json``) and return the exit status that tells it."""
     departure, finished = outcome["departure"], outcome["finished"]
@@ -438,7 +484,7 @@ def _report(args: argparse.Namespace, journal: Journal, outcome: dict[str, Any])
             guest_downtime_ms=departure.guest_downtime_ms,
         )
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2), file=out)
     if finished.outcome is Outcome.DONE:
         if not args.json:
             if departure.live_stats is not None:
@@ -447,20 +493,22 @@ def _report(args: argparse.Namespace, journal: Journal, outcome: dict[str, Any])
                     f"securemig: VM {args.name} migrated live to {args.to} (secure): "
                     f"{stats.transferred / (1 << 20):.0f} MiB in {seconds:.2f} s, downtime "
                     f"{stats.downtime_ms} ms (QEMU), {stats.iterations} rounds, migration "
-                    f"{summary['migration_id']}"
+                    f"{summary['migration_id']}",
+                    file=out,
                 )
                 return EXIT_OK
             print(
                 f"securemig: VM {args.name} migrated to {args.to} ({summary['variant']}, "
                 f"{summary['protocol']}): {mib:.0f} MiB in {seconds:.2f} s "
-                f"({summary['throughput_mibps']} MiB/s), migration {summary['migration_id']}"
+                f"({summary['throughput_mibps']} MiB/s), migration {summary['migration_id']}",
+                file=out,
             )
         return EXIT_OK
     if finished.outcome is Outcome.ABORTED:
         print(
             f"securemig: migration of VM {args.name} failed: {summary['error']}; "
             f"the VM is still at the source, unlocked",
-            file=sys.stderr,
+            file=err,
         )
         return EXIT_FAILED
     if departure.undecided:
@@ -470,12 +518,12 @@ def _report(args: argparse.Namespace, journal: Journal, outcome: dict[str, Any])
         print(
             f"securemig: migration of VM {args.name} to {args.to} is in doubt, neither "
             f"committed nor aborted: {summary['error']} (`securemig status` shows it)",
-            file=sys.stderr,
+            file=err,
         )
         return EXIT_IN_DOUBT
     print(
         f"securemig: VM {args.name} was committed to {args.to} but the destination did not "
         f"confirm: {summary['error']}; check `securemig status` there",
-        file=sys.stderr,
+        file=err,
     )
     return EXIT_IN_DOUBT

@@ -96,7 +96,7 @@ def protocols_of(records: list[dict[str, Any]]) -> list[str]:
     OpenSSH), insecure, secure (``secure-CIPHER`` after it), each variant
     in turn."""
     present = {series(r) for r in records if r["size_mib"] and concurrency(r) == 1}
-    migrations = ["insecure", "secure", "secure-tls"]
+    migrations = ["insecure", "secure", "secure-daemon", "secure-tls"]
     order = ["plain-copy", *SSH_SERIES, *migrations, *(f"{p}/shared" for p in migrations)]
     return [p for p in order if p in present] + sorted(present - set(order))
 

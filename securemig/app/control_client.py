@@ -1,0 +1,259 @@
+"""
+The client's side of the daemon's control socket: ``securemig migrate
+--daemon`` asks this host's ``twistd securemig`` to drive a migration and
+shows its progress.
+
+Standard library only (and tqdm when a bar is drawn): the thin console
+entry (:mod:`securemig.app.cli.entry`) imports this module and nothing
+heavier, so asking the daemon costs no interpreter full of Twisted,
+cryptography and the TSS.
+
+The wire, one JSON object a line (newline-delimited JSON) on a UNIX stream
+socket, ``STATE_DIR/control.sock`` (:func:`socket_path`)::
+
+    client                                   daemon
+    {"command": "migrate", "argv": [...],
+     "cwd": "/...", "env": {...}}     -->
+                                      <--    {"event": "start", "vm": ..., "expected": N,
+                                              "bar": true}
+                                      <--    {"event": "progress", "bytes": N}   (batched)
+    {"command": "cancel"}             -->    (Ctrl-C: this migration only)
+                                      <--    {"event": "result", "status": S,
+                                              "stdout": "...", "stderr": "..."}
+
+``argv`` is the command line as typed after ``securemig`` (global options
+such as ``--config`` included); the daemon parses it with the same parser
+and resolves relative paths against ``cwd``.  ``result`` carries exactly
+what the in-process command would have printed and its exit status.  A
+client that goes away does not cancel: the daemon finishes the migration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+#: The control socket's name in the daemon's state directory.
+SOCKET_NAME = "control.sock"
+#: The longest line either side accepts (a request, an event): checked
+#: before more is buffered.
+MAX_LINE = 64 * 1024
+#: The longest event the client accepts (a result carries the command's
+#: whole output).
+MAX_EVENT = 1 << 20
+#: Seconds a client has, once connected, to send its whole request.
+REQUEST_TIMEOUT = 5.0
+#: Control connections the daemon holds at once; more are closed at once.
+MAX_CONNECTIONS = 16
+#: The client's environment variables that change what ``migrate`` does
+#: (``securemig.app.config.CONFIG_ENV``, ``...cli.journal.STATE_DIR_ENV``).
+PASSED_ENV = ("SECUREMIG_CONFIG", "SECUREMIG_STATE_DIR")
+#: The bytes of a UNIX socket path, its terminating NUL excluded.
+_SOCKET_PATH_MAX = 107
+
+#: Exit statuses (as :mod:`securemig.app.cli.common`'s).
+EXIT_FAILED = 1
+
+
+def socket_path(state_dir: Path) -> Path:
+    """The daemon's control socket for the host state directory
+    ``state_dir``: ``STATE_DIR/control.sock`` when that fits in a UNIX
+    socket address, else ``TMP/securemig-control-DIGEST.sock`` (DIGEST a
+    hash of the state directory's absolute path)."""
+    state = Path(os.path.abspath(state_dir))
+    path = state / SOCKET_NAME
+    if len(os.fsencode(path)) <= _SOCKET_PATH_MAX:
+        return path
+    digest = hashlib.sha256(os.fsencode(state)).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"securemig-control-{digest}.sock"
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One message as its line."""
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+class ProgressBar:
+    """A progress bar of the bytes sent on stderr, if it is a terminal and
+    the bar is wanted; otherwise nothing."""
+
+    def __init__(self, description: str, shown: bool) -> None:
+        self.description = description
+        self.shown = shown
+        self.bar: Any = None
+
+    def start(self, expected: int) -> None:
+        """The migration has started: ``expected`` bytes will travel (live:
+        the guest's RAM, at least; 0: not known)."""
+        if self.shown and sys.stderr.isatty():
+            # tqdm is imported only when a bar is drawn.
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=expected or None,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=self.description,
+                file=sys.stderr,
+            )
+
+    def update(self, n: int) -> None:
+        """``n`` more bytes have been sent."""
+        if self.bar is not None:
+            if self.bar.total and self.bar.n + n > self.bar.total:
+                # Live: pages dirtied during the pre-copy travel again.
+                self.bar.total = self.bar.n + n
+            self.bar.update(n)
+
+    def close(self) -> None:
+        """The migration has ended."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+class DaemonGone(Exception):
+    """The daemon cannot be asked, or stopped answering; the message says
+    what to do."""
+
+
+def ask(
+    state_dir: Path,
+    argv: list[str],
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    connect: Callable[[Path, Path], socket.socket] | None = None,
+) -> int:
+    """Ask the daemon of ``state_dir`` to run ``securemig ARGV`` (a
+    ``migrate``), show its progress, print what it printed and return its
+    exit status.  Ctrl-C cancels the migration (Ctrl-C again: this client
+    exits; the daemon ends the cancelled migration)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    path = socket_path(state_dir)
+    try:
+        sock = (connect or _connect)(path, state_dir)
+    except DaemonGone as e:
+        print(f"securemig: error: {e}", file=err)
+        return EXIT_FAILED
+    request = {
+        "command": "migrate",
+        "argv": argv,
+        "cwd": os.getcwd(),
+        "env": {k: os.environ[k] for k in PASSED_ENV if k in os.environ},
+    }
+    interrupts = 0
+
+    def interrupted(signum: int, frame: object) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1:
+            print(
+                "securemig: interrupted again: exiting now; the daemon ends the cancelled "
+                "migration (see `securemig status`)",
+                file=err,
+            )
+            err.flush()
+            os._exit(EXIT_FAILED)
+        print(
+            "securemig: interrupted: cancelling the migration; the VM stays here "
+            "(Ctrl-C again to exit at once)",
+            file=err,
+        )
+        with contextlib.suppress(OSError):
+            sock.sendall(encode({"command": "cancel"}))
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    bar: ProgressBar | None = None
+    try:
+        sock.sendall(encode(request))
+        for event in _events(sock, path):
+            kind = event.get("event")
+            if kind == "start":
+                bar = ProgressBar(f"migrating {event.get('vm', '')}", bool(event.get("bar")))
+                bar.start(int(event.get("expected") or 0))
+            elif kind == "progress" and bar is not None:
+                bar.update(int(event.get("bytes") or 0))
+            elif kind == "result":
+                if bar is not None:
+                    bar.close()
+                out.write(str(event.get("stdout", "")))
+                err.write(str(event.get("stderr", "")))
+                status = event.get("status")
+                return status if isinstance(status, int) else EXIT_FAILED
+        raise DaemonGone(
+            f"the daemon on {path} closed the connection before the migration ended; "
+            "`securemig status` with the same --state-dir shows where it is"
+        )
+    except (DaemonGone, OSError) as e:
+        if bar is not None:
+            bar.close()
+        message = e if isinstance(e, DaemonGone) else f"the daemon on {path}: {e.strerror or e}"
+        print(f"securemig: error: {message}", file=err)
+        return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sock.close()
+
+
+def _connect(path: Path, state_dir: Path) -> socket.socket:
+    """A connection to the control socket at ``path`` of the daemon of
+    ``state_dir``, or :class:`DaemonGone` saying why not."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(os.fsencode(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise DaemonGone(
+            f"no daemon listens on {path}: start this host's daemon "
+            f"(twistd securemig --state-dir {state_dir} ...), or run migrate without --daemon"
+        ) from None
+    except PermissionError:
+        sock.close()
+        raise DaemonGone(
+            f"may not use the daemon's control socket {path}: only root and the user the "
+            "daemon runs as may"
+        ) from None
+    except OSError as e:
+        sock.close()
+        raise DaemonGone(f"cannot reach the daemon on {path}: {e.strerror or e}") from None
+    # Only a daemon of root or of this user is asked (a socket in a shared
+    # temporary directory could be anyone's).
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    uid = struct.unpack("3i", raw)[1]
+    if uid not in (0, os.geteuid()):
+        sock.close()
+        raise DaemonGone(
+            f"the process on {path} runs as uid {uid}, neither root nor this user: not asking it"
+        )
+    return sock
+
+
+def _events(sock: socket.socket, path: Path) -> Any:
+    """The daemon's events, one JSON object a line, until it closes."""
+    buffer = bytearray()
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return
+        buffer += data
+        while (end := buffer.find(b"\n")) >= 0:
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            try:
+                event = json.loads(line)
+            except ValueError:
+                raise DaemonGone(f"the daemon on {path} sent something that is no event") from None
+            if isinstance(event, dict):
+                yield event
+        if len(buffer) > MAX_EVENT:
+            raise DaemonGone(f"the daemon on {path} sent a line over {MAX_EVENT} bytes")

@@ -1,0 +1,564 @@
+"""``securemig migrate --daemon``: the source host's daemon drives the
+migration over its control socket (``securemig/app/control.py``), the thin
+console entry (``securemig/app/cli/entry.py``) only asks it.
+
+Real daemons (a source host's ``twistd securemig`` and a destination's),
+real ``securemig`` processes, real sockets; the secure case with the real
+swtpm host TPMs of ``tests/support/secure.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import threads
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from securemig.app import config, control_client
+from securemig.app.cli import entry
+from securemig.app.cli.journal import STATE_DIR_ENV
+from securemig.app.control_client import MAX_CONNECTIONS, MAX_LINE, REQUEST_TIMEOUT
+from securemig.host import storage
+from securemig.host.journal import Journal
+from securemig.hypervisor.bundle import Bundle
+from securemig.hypervisor.qemu import QemuBackend, alive, heartbeat_path
+from securemig.lab import processes
+from tests.support.bundles import bundle_digests
+from tests.support.live_qemu import LiveSecureBase
+from tests.support.qemu import extended
+from tests.support.secure import SecureBase
+
+#: The state directory of a VM directory /v (source_state_dir's default).
+DEFAULT_STATE = Path("/v/.securemig")
+
+#: The modules the thin path must not import.
+HEAVY = ("twisted", "cryptography", "tpm2_pytss", "OpenSSL")
+
+
+class EntryTests(SynchronousTestCase):
+    """The thin entry decides only what the line alone tells."""
+
+    def test_state_dir_from_the_line(self) -> None:
+        """``--state-dir`` wins; else ``$SECUREMIG_STATE_DIR``; else
+        ``VM_DIR/.securemig``; anything unsure (a configuration file, help,
+        an abbreviation, another command, no ``--daemon``) goes to the full
+        command."""
+        none: dict[str, str] = {}
+        cases: list[tuple[list[str], dict[str, str], Path | None]] = [
+            (["migrate", "v", "--daemon", "--state-dir", "/s"], none, Path("/s")),
+            (["migrate", "v", "--daemon", "--state-dir=/s", "--vm-dir", "/v"], none, Path("/s")),
+            (
+                ["--debug", "migrate", "v", "--vm-dir", "/v", "--daemon"],
+                none,
+                Path("/v/.securemig"),
+            ),
+            (["migrate", "v", "--vm-dir", "/v", "--daemon"], {STATE_DIR_ENV: "/e"}, Path("/e")),
+            (["migrate", "v", "--vm-dir", "/v", "--daemon"], {config.CONFIG_ENV: "/c"}, None),
+            (["migrate", "v", "--state-dir", "/s"], none, None),
+            (["migrate", "v", "--daemon", "--state", "/s"], none, None),
+            (["migrate", "v", "--daemon", "--state-dir", "/s", "--help"], none, None),
+            (["--config", "/c", "migrate", "v", "--daemon", "--state-dir", "/s"], none, None),
+            (["status", "--daemon", "--state-dir", "/s"], none, None),
+            (["migrate", "v", "--daemon", "--state-dir"], none, None),
+        ]
+        for argv, env, expected in cases:
+            self.assertEqual(entry.daemon_state_dir(argv, env), expected, argv)
+
+    def test_constants_agree(self) -> None:
+        """The thin side's copies of the full side's names are the same."""
+        self.assertEqual(entry.CONFIG_DEFAULT_PATH, config.DEFAULT_PATH)
+        self.assertEqual(set(control_client.PASSED_ENV), {config.CONFIG_ENV, STATE_DIR_ENV})
+
+    def test_long_state_dir_socket_fits(self) -> None:
+        """A state directory too deep for a socket address gets its socket
+        in the temporary directory, one per state directory."""
+        short = control_client.socket_path(Path("/srv/state"))
+        self.assertEqual(short, Path("/srv/state/control.sock"))
+        deep = [control_client.socket_path(Path("/" + "d" * 120 + str(i))) for i in (1, 2)]
+        self.assertNotEqual(deep[0], deep[1])
+        self.assertTrue(all(len(os.fsencode(p)) <= 107 for p in deep))
+
+    def test_thin_path_imports_nothing_heavy(self) -> None:
+        """``migrate --daemon`` with no daemon listening: one sentence naming
+        how to start it, exit 1, nothing touched, and none of Twisted,
+        cryptography or the TSS imported (the point of the thin entry)."""
+        base = Path(self.mktemp()).absolute()
+        state = base / "state"
+        code = (
+            "import sys\n"
+            "from securemig.app.cli import entry\n"
+            f"sys.argv = ['securemig', 'migrate', 'vm1', '--vm-dir', {str(base)!r}, "
+            f"'--to', '127.0.0.1:1', '--insecure', '--state-dir', {str(state)!r}, '--daemon']\n"
+            "status = entry.main()\n"
+            f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
+            "print(status, heavy)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=False
+        )
+        self.assertEqual(result.stdout.strip(), "1 []", result.stderr)
+        self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+        self.assertIn(f"twistd securemig --state-dir {state}", result.stderr)
+        self.assertFalse(base.exists())
+
+
+class DaemonBase(TestCase):
+    """A destination daemon, the source host's daemon, VMs at the source."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).absolute()
+        self.vm_dir = self.base / "src-vms"
+        self.src_state = self.base / "src-state"
+        self.destination = processes.start_destination(self.base / "dst-state")
+        self.addCleanup(self.destination.stop)
+        self.source = processes.start_destination(
+            self.src_state, "--resolve-interval", "0.3", log_file=self.base / "src.log"
+        )
+        self.addCleanup(self.source.stop)
+
+    def create_vm(self, name: str, ram_mib: int = 4, *extra: str) -> Bundle:
+        result = processes.securemig(
+            "vm", "create", name, "--dir", str(self.vm_dir), "--ram-mib", str(ram_mib), *extra
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return Bundle.find(self.vm_dir, name)
+
+    def argv(self, name: str, *extra: str) -> list[str]:
+        """``securemig migrate NAME`` (insecure) through the source's daemon."""
+        return [
+            processes.script("securemig"),
+            "migrate",
+            name,
+            "--vm-dir",
+            str(self.vm_dir),
+            "--state-dir",
+            str(self.src_state),
+            "--to",
+            self.destination.address,
+            "--insecure",
+            "--no-progress",
+            *extra,
+        ]
+
+    def run_migrate(self, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(name, *extra), capture_output=True, text=True, check=False, timeout=90
+        )
+
+    def start_migrate(self, name: str, *extra: str) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            self.argv(name, "--daemon", *extra),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        return process
+
+    def record(self, vm: str) -> Any:
+        """The source journal's newest record of ``vm`` (None: none yet)."""
+        path = self.src_state / "journal.sqlite"
+        if not path.exists():
+            return None
+        journal = Journal(path)
+        try:
+            return next((r for r in journal.records() if r.vm == vm), None)
+        finally:
+            journal.close()
+
+    def wait_for(self, what: str, ready: Any, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if time.monotonic() > deadline:
+                self.fail(f"{what} did not happen:\n{self.source.log()[-3000:]}")
+            time.sleep(0.05)
+
+    def streaming(self, vm: str) -> bool:
+        record = self.record(vm)
+        return record is not None and record.phase == "streaming"
+
+    def connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(control_client.socket_path(self.src_state)))
+        self.addCleanup(sock.close)
+        return sock
+
+
+class DaemonMigrateTests(DaemonBase):
+    """What the operator sees is what the in-process command shows."""
+
+    def test_same_summary_and_journal(self) -> None:
+        """One VM through the daemon, one in process: the same ``--json``
+        summary (keys, outcome, bytes), exit 0, the VM byte-identical at the
+        destination and gone here, journaled done by the daemon's process."""
+        one, two = self.create_vm("vm1", 4, "--disk-mib", "2"), self.create_vm("vm2", 4)
+        before = bundle_digests(one)
+        via = self.run_migrate("vm1", "--json", "--daemon")
+        direct = self.run_migrate("vm2", "--json")
+        self.assertEqual((via.returncode, direct.returncode), (0, 0), via.stderr + direct.stderr)
+        a, b = json.loads(via.stdout), json.loads(direct.stdout)
+        self.assertEqual(sorted(a), sorted(b))
+        self.assertEqual((a["outcome"], a["bytes"], a["vm"]), ("done", 6 << 20, "vm1"))
+        self.assertEqual((via.stderr, direct.stderr), ("", ""))
+        arrived = Bundle.load(self.destination.state_dir / "vms" / "vm1")
+        self.assertEqual(bundle_digests(arrived), before)
+        self.assertFalse(one.path.exists() or two.path.exists())
+        record = self.record("vm1")
+        self.assertEqual((record.outcome, record.migration_id), ("done", a["migration_id"]))
+        self.assertEqual(record.owner.split(":")[0], str(self.source.process.pid))
+
+    def test_refusals_as_in_process(self) -> None:
+        """A usage error (argparse's and one argparse cannot see) and a
+        refused migration (no such VM): the same exit status and the same
+        words through the daemon as in process."""
+        self.create_vm("vm1", 1)
+        for extra in (("--chunk-kib", "0"), ("--parallel", "abc"), ("--name-typo",)):
+            via = self.run_migrate("vm1", *extra, "--daemon")
+            direct = self.run_migrate("vm1", *extra)
+            self.assertEqual(via.returncode, 2, via.stderr)
+            self.assertEqual((via.returncode, via.stderr), (direct.returncode, direct.stderr))
+        via = self.run_migrate("nosuchvm", "--daemon", "--json")
+        direct = self.run_migrate("nosuchvm", "--json")
+        self.assertEqual(via.returncode, 1, via.stderr)
+        self.assertEqual((via.returncode, via.stderr), (direct.returncode, direct.stderr))
+        self.assertEqual(json.loads(via.stdout), json.loads(direct.stdout))
+        self.assertTrue((self.vm_dir / "vm1").exists())
+
+    def test_other_state_dir_refused(self) -> None:
+        """A journal other than the daemon's is refused (a usage error),
+        before anything is touched."""
+        self.create_vm("vm1", 1)
+        sock = self.connect()
+        argv = self.argv("vm1", "--daemon")[1:]
+        argv[argv.index("--state-dir") + 1] = str(self.base / "elsewhere")
+        request = {"command": "migrate", "argv": argv, "cwd": "/", "env": {}}
+        sock.sendall(control_client.encode(request))
+        result = json.loads(_read_all(sock))
+        self.assertEqual(result["status"], 2)
+        self.assertIn(f"this daemon keeps its journal in {self.src_state}", result["stderr"])
+        self.assertIsNone(self.record("vm1"))
+        self.assertFalse((self.base / "elsewhere").exists())
+
+    def test_relative_paths_against_the_clients_directory(self) -> None:
+        """Relative ``--vm-dir`` and ``--state-dir`` mean the client's
+        working directory, not the daemon's."""
+        bundle = self.create_vm("vm1", 1)
+        argv = self.argv("vm1", "--daemon", "--json")
+        argv[argv.index("--vm-dir") + 1] = "src-vms"
+        argv[argv.index("--state-dir") + 1] = "src-state"
+        result = subprocess.run(
+            argv, capture_output=True, text=True, check=False, timeout=90, cwd=self.base
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["outcome"], "done")
+        self.assertFalse(bundle.path.exists())
+
+    def test_configuration_file_asks_the_daemon(self) -> None:
+        """``[migrate] daemon = true`` and ``[paths] state-dir``: a line with
+        neither ``--daemon`` nor ``--state-dir`` goes through the full
+        command to the daemon (the journal says the daemon drove it)."""
+        bundle = self.create_vm("vm1", 1)
+        conf = self.base / "securemig.toml"
+        conf.write_text(f'[paths]\nstate-dir = "{self.src_state}"\n[migrate]\ndaemon = true\n')
+        argv = self.argv("vm1", "--json")
+        del argv[argv.index("--state-dir") : argv.index("--state-dir") + 2]
+        result = subprocess.run(
+            [argv[0], "--config", str(conf), *argv[1:]],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=90,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["outcome"], "done")
+        self.assertFalse(bundle.path.exists())
+        self.assertEqual(self.record("vm1").owner.split(":")[0], str(self.source.process.pid))
+
+    def test_cancel_ends_only_that_migration(self) -> None:
+        """Two migrations driven by one daemon; Ctrl-C at one client cancels
+        that one (CANCELLED, the VM intact here and unlocked, journaled
+        aborted); the other one completes."""
+        big = self.create_vm("big", 24)
+        other = self.create_vm("other", 24)
+        digests = bundle_digests(big)
+        first = self.start_migrate("big", "--bandwidth", "6")
+        second = self.start_migrate("other", "--bandwidth", "6", "--json")
+        self.wait_for("streaming", lambda: self.streaming("big") and self.streaming("other"))
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=60)
+        self.assertIn("interrupted: cancelling the migration", err)
+        self.assertIn("CANCELLED: interrupted by the operator (Ctrl-C)", err)
+        self.assertIn("the VM is still at the source, unlocked", err)
+        self.assertEqual(first.returncode, 1, err)
+        self.assertEqual(bundle_digests(Bundle.load(big.path)), digests)
+        self.assertFalse(storage.is_locked(big.lock_path))
+        self.assertEqual(self.record("big").outcome, "aborted")
+        out, err = second.communicate(timeout=90)
+        self.assertEqual(second.returncode, 0, err)
+        self.assertEqual(json.loads(out)["outcome"], "done")
+        self.assertFalse(other.path.exists())
+
+    def test_client_killed_migration_completes(self) -> None:
+        """The client SIGKILLed mid-stream: the daemon finishes the migration
+        (journaled done, the VM byte-identical at the destination) and logs
+        that its client left."""
+        bundle = self.create_vm("vm1", 24)
+        before = bundle_digests(bundle)
+        client = self.start_migrate("vm1", "--bandwidth", "8")
+        self.wait_for("streaming", lambda: self.streaming("vm1"))
+        client.kill()
+        client.wait()
+        self.wait_for("done", lambda: (r := self.record("vm1")) is not None and r.outcome)
+        self.assertEqual(self.record("vm1").outcome, "done")
+        arrived = Bundle.load(self.destination.state_dir / "vms" / "vm1")
+        self.assertEqual(bundle_digests(arrived), before)
+        self.assertFalse(bundle.path.exists())
+        self.wait_for("the log line", lambda: "after its client left" in self.source.log())
+        self.assertIn("left; the migration goes on", self.source.log())
+
+
+class ControlSocketTests(DaemonBase):
+    """The control socket is a trust boundary: local, bounded."""
+
+    def test_socket_private(self) -> None:
+        """The socket is this user's only (0600), created fresh: a stale file
+        left there is replaced at start."""
+        path = control_client.socket_path(self.src_state)
+        self.assertEqual(path.stat().st_mode & 0o777, 0o600)
+        self.source.stop(signal.SIGKILL)
+        self.assertTrue(path.exists())  # a killed daemon leaves it
+        again = processes.start_destination(self.src_state, log_file=self.base / "src2.log")
+        self.addCleanup(again.stop)
+        sock = self.connect()
+        sock.sendall(control_client.encode({"command": "status"}))
+        self.assertEqual(json.loads(_read_all(sock))["status"], 2)
+
+    def test_other_uid_refused(self) -> None:
+        """A process of another uid (nobody) cannot open the socket (0600);
+        with the file opened up, the daemon itself refuses it by its
+        SO_PEERCRED uid and says so in its log."""
+        path = str(control_client.socket_path(self.src_state))
+        if os.geteuid() != 0:
+            self.fail("this test needs root, to run a child as another uid (nobody)")
+
+        def as_nobody() -> str:
+            # A forked child that drops to nobody and tries the socket.
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: only socket calls, then _exit
+                said = b"?"
+                try:
+                    # Entered as root: the test's own directories above it
+                    # need not be open to nobody, only the socket is tried.
+                    os.chdir(os.path.dirname(path))
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    try:
+                        s.connect(os.path.basename(path))
+                    except PermissionError:
+                        said = b"EACCES"
+                    else:
+                        s.settimeout(10)
+                        try:
+                            s.sendall(b'{"command": "migrate", "argv": [], "cwd": "/"}\n')
+                            said = b"closed" if s.recv(100) == b"" else b"answered"
+                        except (BrokenPipeError, ConnectionResetError):
+                            said = b"closed"  # dropped before (or while) it asked
+                except BaseException as e:
+                    said = repr(e).encode()
+                finally:
+                    os.write(write, said)
+                    os._exit(0)
+            os.close(write)
+            with os.fdopen(read, "rb") as f:
+                answer = f.read().decode()
+            os.waitpid(pid, 0)
+            return answer
+
+        # The directory holding the socket (the test's private temporary
+        # directory when its path is long) is made searchable meanwhile:
+        # only the socket's own mode is under test.
+        parent = os.path.dirname(path)
+        mode = os.stat(parent).st_mode & 0o777
+        os.chmod(parent, mode | 0o011)
+        self.addCleanup(os.chmod, parent, mode)
+        self.assertEqual(as_nobody(), "EACCES")
+        os.chmod(path, 0o666)
+        self.assertEqual(as_nobody(), "closed")
+        self.wait_for("the log line", lambda: "refused a client of uid 65534" in self.source.log())
+
+    def test_oversized_request_dropped(self) -> None:
+        """A request over the line limit is dropped before it is buffered
+        whole: without its newline, and with it."""
+        for tail in (b"", b"\n"):
+            sock = self.connect()
+            sock.settimeout(10)
+            with _suppress_reset():
+                sock.sendall(b"x" * (MAX_LINE + 1) + tail)
+            self.assertEqual(_recv_or_reset(sock), b"")
+        self.assertIn(f"a line over {MAX_LINE} bytes; dropped", self.source.log())
+
+    def test_slow_request_dropped(self) -> None:
+        """A client that does not finish its request within the request
+        timeout is dropped then (not before, not never)."""
+        sock = self.connect()
+        sock.settimeout(REQUEST_TIMEOUT * 4)
+        started = time.monotonic()
+        sock.sendall(b'{"command": "mig')
+        self.assertEqual(_recv_or_reset(sock), b"")
+        self.assertGreaterEqual(time.monotonic() - started, REQUEST_TIMEOUT - 0.5)
+        self.assertIn("no whole request within", self.source.log())
+
+    def test_connections_capped(self) -> None:
+        """Above the cap of open control connections a new one is closed at
+        once, while those before it stay open."""
+        held = [self.connect() for _ in range(MAX_CONNECTIONS)]
+        extra = self.connect()
+        extra.settimeout(REQUEST_TIMEOUT / 2)
+        self.assertEqual(_recv_or_reset(extra), b"")
+        held[0].setblocking(False)
+        with self.assertRaises(BlockingIOError):
+            held[0].recv(1)
+        self.assertIn("connections already; refused one more", self.source.log())
+
+    def test_only_cancel_follows_the_request(self) -> None:
+        """After its request a client may send only ``cancel``: anything
+        else disconnects it (one log line, not one per line sent), and its
+        migration goes on to the end."""
+        bundle = self.create_vm("vm1", 8)
+        sock = self.connect()
+        argv = self.argv("vm1", "--daemon", "--bandwidth", "4")[1:]
+        sock.sendall(control_client.encode({"command": "migrate", "argv": argv, "cwd": "/"}))
+        self.wait_for("streaming", lambda: self.streaming("vm1"))
+        with _suppress_reset():
+            sock.sendall(b"junk\n" * 1000)
+        sock.settimeout(30)
+        events = _read_all(sock).splitlines()
+        self.assertNotIn("result", b" ".join(events).decode())
+        self.wait_for("done", lambda: (r := self.record("vm1")) is not None and r.outcome)
+        self.assertEqual(self.record("vm1").outcome, "done")
+        self.assertFalse(bundle.path.exists())
+        self.assertEqual(self.source.log().count("other than cancel; disconnected"), 1)
+
+    def test_only_migrate(self) -> None:
+        """Any command but migrate is refused with a usage status; so is a
+        migrate line naming another command."""
+        sock = self.connect()
+        sock.sendall(control_client.encode({"command": "shutdown"}))
+        self.assertEqual(json.loads(_read_all(sock))["status"], 2)
+        sock = self.connect()
+        argv = ["status", "--state-dir", str(self.src_state)]
+        request = {"command": "migrate", "argv": argv, "cwd": "/", "env": {}}
+        sock.sendall(control_client.encode(request))
+        result = json.loads(_read_all(sock))
+        self.assertEqual(result["status"], 2)
+        self.assertIn("the daemon runs only migrate, not status", result["stderr"])
+
+
+class SecureDaemonTests(SecureBase):
+    """The secure variant through the daemon: attestation, key release,
+    the vTPM key unsealed by the daemon (off its reactor), real swtpm."""
+
+    timeout = 180
+
+    def test_secure_same_as_in_process(self) -> None:
+        """Done through the daemon, summary shaped as in process; a refused
+        destination name ends alike (exit 1, the VM here, unlocked)."""
+        destination = self.start_destination("--tofu")
+        src_state = self.base / "src-state"
+        source = processes.start_destination(src_state, log_file=self.base / "src.log")
+        self.addCleanup(source.stop)
+        bundle = self.create_vm()
+        before = bundle_digests(bundle)
+        via = ["--state-dir", str(src_state), "--tofu"]
+        refused = self.migrate(destination, *via, "--daemon", name="not-dest-b")
+        direct = self.migrate(destination, *via, name="not-dest-b")
+        self.assertEqual((refused.returncode, direct.returncode), (1, 1), refused.stderr)
+        self.assertEqual(sorted(json.loads(refused.stdout)), sorted(json.loads(direct.stdout)))
+        self.assertEqual(bundle_digests(Bundle.load(bundle.path)), before)
+        self.assertFalse(storage.is_locked(bundle.lock_path))
+        result = self.migrate(destination, *via, "--daemon")
+        self.assertEqual(result.returncode, 0, result.stderr + source.log()[-3000:])
+        summary = json.loads(result.stdout)
+        self.assertEqual((summary["protocol"], summary["outcome"]), ("secure", "done"))
+        self.assertIn("key transfer", summary["phases"])
+        arrived = Bundle.load(destination.state_dir / "vms" / "vm1")
+        self.assertEqual(bundle_digests(arrived), before)
+        self.assertFalse(bundle.path.exists())
+
+
+class LiveDaemonTests(LiveSecureBase):
+    """A running QEMU guest migrated live through the daemon: the daemon's
+    reactor drives QEMU's pre-copy, relays the stream and decides the commit."""
+
+    timeout = 300
+
+    async def test_live_through_the_daemon(self) -> None:
+        """The guest's heartbeat goes on at the destination in sequence, its
+        vTPM's PCR 16 with it, no QEMU of it left here; ``--json`` says live
+        with QEMU's downtime, and the daemon journaled it."""
+        destination = self.start_destination("--tofu", "--backend", "qemu")
+        bundle, watch = self.start_guest()
+        state = self.vm_dir / ".securemig"
+        source = processes.start_destination(state, log_file=self.base / "src.log")
+        self.addCleanup(source.stop)
+        first = await threads.deferToThread(watch.wait, 5, 120.0)
+        self.assertEqual(first.pcr16, extended(self.pcr16))
+        arrived = self.arrived(destination)
+        watch.follow(heartbeat_path(arrived))
+        source_pid = int((bundle.path / "qemu.pid").read_text())
+        result = await threads.deferToThread(self.migrate_live, destination, "--daemon")
+        self.assertEqual(result.returncode, 0, result.stderr + source.log()[-3000:])
+        summary = json.loads(result.stdout)
+        self.assertEqual((summary["outcome"], summary["mode"]), ("done", "live"))
+        self.assertIsInstance(summary["downtime_ms"], int)
+        last = await threads.deferToThread(watch.wait, 5, 60.0, 1)
+        self.assertEqual(last.pcr16, extended(self.pcr16))
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
+        self.assertFalse(alive(source_pid))
+        self.assertFalse(bundle.path.exists())
+        self.assertEqual(QemuBackend().status(arrived), "running")
+        journal = Journal(state / "journal.sqlite")
+        self.addCleanup(journal.close)
+        [record] = journal.records()
+        self.assertEqual(
+            (record.outcome, record.owner.split(":")[0]), ("done", str(source.process.pid))
+        )
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """Everything until the daemon closes (or resets) the connection."""
+    sock.settimeout(30)
+    data = b""
+    while chunk := _recv_or_reset(sock, 65536):
+        data += chunk
+    return data
+
+
+def _recv_or_reset(sock: socket.socket, size: int = 100) -> bytes:
+    """What a recv gives once the peer dropped us: b"" (or a reset, the
+    same thing here)."""
+    try:
+        return sock.recv(size)
+    except ConnectionResetError:
+        return b""
+
+
+class _suppress_reset:
+    """A send the peer cuts short (it dropped us) is not an error here."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, t: Any, v: Any, tb: Any) -> bool:
+        return t is not None and issubclass(t, BrokenPipeError | ConnectionResetError)
