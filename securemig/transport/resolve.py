@@ -209,7 +209,7 @@ class Resolver:
             try:
                 answer = await resolve(self.reactor, item, self.identity)
             except Exception as e:
-                self._next[item.record.id] = (now + delay, min(delay * 2, LAST_RETRY))
+                self._later(item.record.id, now, delay)
                 log.warn(
                     "RESOLVE {decision} of migration {mid} to {peer} failed ({e}); "
                     "retrying in {delay:g} s",
@@ -230,12 +230,17 @@ class Resolver:
                     how=f"{answer.settled.name.lower()} ({answer.reason})",
                 )
             else:
-                self._next[item.record.id] = (now + delay, min(delay * 2, LAST_RETRY))
+                self._later(item.record.id, now, delay)
                 log.warn(
                     "migration {mid}: destination answered {how}; retrying",
                     mid=item.record.migration_id,
                     how=f"{answer.settled.name} ({answer.reason})",
                 )
+
+    def _later(self, local_id: str, now: float, delay: float) -> None:
+        """Ask or resolve record ``local_id`` again in ``delay`` seconds,
+        and back off: the next wait doubles, up to ``LAST_RETRY``."""
+        self._next[local_id] = (now + delay, min(delay * 2, LAST_RETRY))
 
     async def _ask(self, item: Ask, now: float, delay: float) -> None:
         """Ask a destination what it holds (ASK) and decide on its answer
@@ -244,7 +249,7 @@ class Resolver:
         try:
             answer = await ask(self.reactor, item, self.identity)
         except Exception as e:
-            self._next[item.record.id] = (now + delay, min(delay * 2, LAST_RETRY))
+            self._later(item.record.id, now, delay)
             log.warn(
                 "ASK of migration {mid} to {peer} failed ({e}); in doubt, asking again in "
                 "{delay:g} s",
@@ -265,6 +270,6 @@ class Resolver:
             log.info("recovery: {what}", what=sentence)
         fresh = self.journal.get(item.record.id)
         if fresh is not None and fresh.outcome == "in-doubt" and not fresh.reached(Phase.COMMITTED):
-            self._next[item.record.id] = (now + delay, min(delay * 2, LAST_RETRY))
+            self._later(item.record.id, now, delay)
         else:
             self._next.pop(item.record.id, None)

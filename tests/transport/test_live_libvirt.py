@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import threads
 
@@ -105,6 +106,21 @@ class LibvirtLiveMigrationTests(LibvirtLiveBase):
 
 
 class LibvirtLiveRefusalTests(LibvirtLiveBase):
+    async def assertRunsOnAtSource(
+        self, name: str, domain: Any, bundle: Any, watch: Any, destination: Any
+    ) -> None:
+        """A refused migration of ``name`` left nothing at dest-b and the
+        guest beats on at source-a in sequence, PCR 16 kept, its sealed
+        secret there and its libvirt secret defined nowhere."""
+        self.assertEqual(self.state_at(self.b, name), "undefined")
+        self.assertEqual(self.state_at(self.a, name), "1")
+        after = await threads.deferToThread(watch.wait, 5, 60.0)
+        self.assertEqual(after.pcr16, extended(self.pcr16))
+        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats][-40:])
+        self.assertTrue(bundle.vtpm_key_path.exists())
+        self.assertSecretNowhere(domain.secret_uuid)
+        self.assertNoUnhandledError(destination)
+
     async def test_destination_with_extended_pcr_never_gets_the_secret(self) -> None:
         """dest-b's golden values recorded, then its PCR 7 extended: refused
         at attestation, before its libvirt was given anything: no secret
@@ -123,14 +139,7 @@ class LibvirtLiveRefusalTests(LibvirtLiveBase):
         journal = Journal(destination.state_dir / "journal.sqlite")
         self.addCleanup(journal.close)
         self.assertFalse(any(r.reached("incoming") for r in journal.records()))
-        self.assertEqual(self.state_at(self.b, "lvm2"), "undefined")
-        self.assertEqual(self.state_at(self.a, "lvm2"), "1")
-        after = await threads.deferToThread(watch.wait, 5, 60.0)
-        self.assertEqual(after.pcr16, extended(self.pcr16))
-        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats][-40:])
-        self.assertTrue(bundle.vtpm_key_path.exists())
-        self.assertSecretNowhere(domain.secret_uuid)
-        self.assertNoUnhandledError(destination)
+        await self.assertRunsOnAtSource("lvm2", domain, bundle, watch, destination)
 
     async def test_copied_disk_outside_allowed_directories_refused(self) -> None:
         """dest-b creates copied disks only in the directories it names
@@ -154,11 +163,4 @@ class LibvirtLiveRefusalTests(LibvirtLiveBase):
         journal = Journal(destination.state_dir / "journal.sqlite")
         self.addCleanup(journal.close)
         self.assertEqual(journal.records(), [])
-        self.assertEqual(self.state_at(self.b, "lvm4"), "undefined")
-        self.assertEqual(self.state_at(self.a, "lvm4"), "1")
-        after = await threads.deferToThread(watch.wait, 5, 60.0)
-        self.assertEqual(after.pcr16, extended(self.pcr16))
-        self.assertTrue(watch.continuous(), [b.seq for b in watch.beats][-40:])
-        self.assertTrue(bundle.vtpm_key_path.exists())
-        self.assertSecretNowhere(domain.secret_uuid)
-        self.assertNoUnhandledError(destination)
+        await self.assertRunsOnAtSource("lvm4", domain, bundle, watch, destination)
