@@ -70,8 +70,9 @@ class LiveMultifdHostileTests(LiveSecureBase):
     async def test_channel_beyond_n_refused_migration_goes_on(self) -> None:
         """While a --parallel 2 migration's channels run, a stranger on the
         destination's live port asks to be channel 3 (QEMU's main channel
-        and two multifd channels are 0 to 2): it is closed at its preamble,
-        the destination says why, and the migration completes with the
+        and two multifd channels are 0 to 2): it is closed (at its preamble,
+        or with the other strangers once every channel is bound), the
+        destination says why, and the migration completes with the
         guest's heartbeat in sequence and PCR 16 kept."""
         low = random.randrange(20000, 60000, 8)
         destination = self.start_destination(
@@ -88,7 +89,16 @@ class LiveMultifdHostileTests(LiveSecureBase):
         result = await running
         self.assertEqual(result.returncode, 0, result.stderr + destination.log()[-3000:])
         self.assertGreater(probed, 0)
-        self.assertIn("memory connection 3 is beyond the 3 it takes", destination.log())
+        # Refused at its preamble, or -- when the last real channel bound
+        # between its accept and its preamble's read -- closed with every
+        # other stranger (test_carried's test_channel_beyond_n_refused
+        # feeds exactly the preamble, without that race).
+        log = destination.log()
+        self.assertTrue(
+            "memory connection 3 is beyond the 3 it takes" in log
+            or "closed a carrier connection: every carried connection is bound" in log,
+            log[-3000:],
+        )
         summary = json.loads(result.stdout)
         self.assertGreater(summary["multifd_bytes"], 0)
         last = await threads.deferToThread(watch.wait, 5, 60.0, 1)
