@@ -336,3 +336,18 @@ class TestTreeTests(SynchronousTestCase):
         self.assertIn("tests.support.qemu", found)
         self.assertTrue(is_test_module("tests.app.test_crash"))
         self.assertFalse(is_test_module("tests.support.qemu"))
+
+
+class TestCaseAttributeTests(SynchronousTestCase):
+    def test_no_test_assigns_its_id(self) -> None:
+        """No test sets ``self.id``: it shadows ``TestCase.id()``, and under
+        ``trial -j`` the worker then crashes reporting the test, erroring
+        every later test it runs (twice seen in full runs).  A broken test
+        module that assigns it makes this list non-empty."""
+        found = [
+            f"{path.relative_to(TESTS.parent)}:{number}"
+            for path in sorted(TESTS.rglob("*.py"))
+            for number, line in enumerate(path.read_text().splitlines(), 1)
+            if re.search(r"\bself\.id\s*(:[^=]*)?=[^=]", line)
+        ]
+        self.assertEqual(found, [])

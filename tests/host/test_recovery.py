@@ -93,7 +93,7 @@ class ReleaseBackoffTests(TestCase):
             text=True,
             check=True,
         )
-        self.id = made.stdout.strip()
+        self.local_id = made.stdout.strip()
         self.journal = Journal(path)
         self.addCleanup(self.journal.close)
         self.failures: list[LogEvent] = []
@@ -125,7 +125,7 @@ class ReleaseBackoffTests(TestCase):
         self.assertEqual(len(self.failures), 2)
         self.assertTrue(any("tried again in 2 s" in s for s in said), said)
         # Still committed and not released: the copy is removed once libvirt answers.
-        record = self.journal.get(self.id)
+        record = self.journal.get(self.local_id)
         assert record is not None
         self.assertTrue(record.reached(Phase.COMMITTED))
         self.assertFalse(record.reached(Phase.RELEASED))
