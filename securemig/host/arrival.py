@@ -712,6 +712,23 @@ class DestinationHost:
                     f"an earlier migration of VM {name} ({held[0]}) is in doubt here; "
                     "settle it first (securemig status)",
                 )
+            # An aborted arrival whose removal failed (its hypervisor did not
+            # answer) is removed later, by the domain's UUID for libvirt: a
+            # new arrival of the same VM admitted meanwhile could commit and
+            # then be destroyed by that removal.  Refused until it is gone.
+            leftover = [
+                r.id
+                for r in self.journal.records(1000)
+                if r.vm == name
+                and r.outcome == Outcome.ABORTED.value
+                and (self.staging / r.id).exists()
+            ]
+            if leftover:
+                raise ProtocolError(
+                    ErrorCode.VM_BUSY,
+                    f"an aborted arrival of VM {name} ({leftover[0]}) is still being removed "
+                    "here (its hypervisor has not answered yet); try again",
+                )
             storage.check_free_space(self.state_dir, sum(i.size for i in hello.images))
             migration_id = os.urandom(wire.MIGRATION_ID_SIZE)
             staging = self.staging / migration_id.hex()

@@ -42,7 +42,7 @@ class ErrorCode(enum.IntEnum):
     UNSUPPORTED_VERSION = 5  #: HELLO with a protocol version we do not speak
     BAD_PARAMETER = 6  #: a field out of its allowed range (chunk size, names, ...)
     POLICY_REFUSED = 7  #: the destination's policy does not allow this migration
-    VM_BUSY = 8  #: the VM is locked by another migration, or already present
+    VM_BUSY = 8  #: the VM is arriving, present, held in doubt, or being removed here
     INSUFFICIENT_SPACE = 9  #: not enough free space for the announced images
     STREAM_MISMATCH = 10  #: a stream's size or SHA-256 differs from what was announced
     TIMEOUT = 11  #: the peer stalled (idle) or the migration ran past its deadline

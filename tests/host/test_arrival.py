@@ -179,6 +179,7 @@ class AdmitTests(SynchronousTestCase):
         self.assertEqual(arrival.multifd, 2)
         arrival.lock.release()
         host.journal.finish(arrival.id, "aborted")
+        arrival.staging.rmdir()  # as its discard does
         for info in (b'{"multifd": 9}', b'{"multifd": 0}', b'{"multifd": "2"}',
                      b'{"multifd": 2, "x": 1}', b"[2]", b"\xff"):  # fmt: skip
             with self.assertRaises(ProtocolError) as cm:
@@ -187,6 +188,28 @@ class AdmitTests(SynchronousTestCase):
         self.assertEqual(len(host.journal.records()), 1)
         # One stream (no backend_info) is what earlier sources send.
         host.admit(live, "peer", "secure").lock.release()
+
+    def test_vm_with_a_leftover_arrival_refused(self) -> None:
+        """An earlier arrival of vm1 whose staging is still here -- in doubt,
+        or aborted but not yet removed (its hypervisor did not answer the
+        discard; a libvirt leftover is removed by the domain's UUID, which
+        would hit a new arrival of the same VM) -- refuses a new arrival of
+        vm1 as VM_BUSY saying why; once the leftover is gone it is admitted,
+        and another VM is admitted meanwhile."""
+        for outcome, why in (("in-doubt", "is in doubt here"), ("aborted", "still being removed")):
+            host = DestinationHost(Path(self.mktemp()))
+            earlier = host.admit(hello("ram"), "peer", "insecure")
+            earlier.lock.release()
+            host.journal.finish(earlier.id, outcome)
+            with self.assertRaises(ProtocolError) as cm:
+                host.admit(hello("ram"), "peer", "insecure")
+            self.assertEqual(cm.exception.code, ErrorCode.VM_BUSY)
+            self.assertIn(why, cm.exception.reason)
+            self.assertEqual(len(host.journal.records()), 1)
+            other = replace(hello("ram"), vm_name="vm2")
+            host.admit(other, "peer", "insecure").lock.release()
+            earlier.staging.rmdir()
+            host.admit(hello("ram"), "peer", "insecure").lock.release()
 
 
 class RecoveryTests(SynchronousTestCase):
