@@ -129,6 +129,34 @@ STATUS_FALLBACK = 1.0
 #: Seconds a question to libvirt (``guest_here``, ``process_alive``) may
 #: take before the answer is "cannot be asked".
 QUERY_TIMEOUT = 30.0
+
+#: Threads asking libvirt questions, shared by every backend object of the
+#: process: recovery makes a backend per round and record, and a libvirtd
+#: that stays stopped blocks each thread that asked it until it answers;
+#: shared and bounded, a stopped libvirtd holds at most this many threads
+#: (later questions queue and time out) instead of one more per question.
+QUESTION_THREADS = 8
+_question_pool: ThreadPool | None = None
+
+
+def _questions(reactor: Any) -> ThreadPool:
+    """The process's pool for :meth:`LibvirtBackend._ask`, started on first
+    use and stopped when the reactor shuts down."""
+    global _question_pool
+    if _question_pool is None:
+        pool = ThreadPool(minthreads=0, maxthreads=QUESTION_THREADS, name="securemig-libvirt-ask")
+        pool.start()
+        _question_pool = pool
+
+        def stop() -> None:
+            global _question_pool
+            _question_pool = None
+            pool.stop()
+
+        reactor.addSystemEventTrigger("during", "shutdown", stop)
+    return _question_pool
+
+
 #: libvirt's ``VIR_DOMAIN_PAUSED_USER``: paused by request (``PAUSED``
 #: migration flag at its Finish), as opposed to paused while it arrives.
 PAUSED_USER = 1
@@ -790,6 +818,33 @@ def check_disk_dirs(disks: tuple[Disk, ...], allowed: tuple[str, ...]) -> None:
             )
 
 
+def disks_in_use(conn: Any) -> dict[str, str]:
+    """Every file a domain defined (or running) on ``conn`` uses as a disk,
+    with that domain's name."""
+    used: dict[str, str] = {}
+    for domain in conn.listAllDomains(0):
+        for disk in ET.fromstring(domain.XMLDesc(0)).iterfind("devices/disk"):
+            source = disk.find("source")
+            if source is not None and source.get("file"):
+                used[os.path.normpath(str(source.get("file")))] = domain.name()
+    return used
+
+
+def check_disks_unused(disks: tuple[Disk, ...], used: dict[str, str]) -> None:
+    """Refuse a copied disk whose path a domain here uses (``used``:
+    :func:`disks_in_use`): the copy would overwrite that domain's disk.  A
+    file no domain uses (the VM's own disk, left when it moved away
+    earlier) is written over, as a retried copy is."""
+    for disk in disks:
+        other = used.get(os.path.normpath(disk.path))
+        if other is not None:
+            raise BundleError(
+                f"disk {disk.path} is used by domain {other} here: a copied disk never "
+                "overwrites another domain's",
+                ErrorCode.POLICY_REFUSED,
+            )
+
+
 def _create_volume(conn: Any, disk: Disk) -> None:
     """An empty disk at ``disk.path`` (libvirt's view) through a transient
     libvirt storage pool, so libvirt creates it where it sees it."""
@@ -867,15 +922,24 @@ class LibvirtBackend(Backend):
 
     def _ask(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """A short question to libvirt (where is the guest?) on the
-        backend's thread, failing with :class:`LibvirtError` after
-        :data:`QUERY_TIMEOUT`: a stopped libvirtd never answers (the
-        backend's thread stays blocked until it does), and the caller must
-        go on knowing it could not ask."""
-        d = self._call(fn, *args)
+        process's question threads (:data:`QUESTION_THREADS`), failing with
+        :class:`LibvirtError` after :data:`QUERY_TIMEOUT`: a stopped
+        libvirtd never answers (the thread that asked stays blocked until it
+        does), and the caller must go on knowing it could not ask."""
+        given_up = False
+
+        def question() -> T:
+            if given_up:  # timed out while queued behind blocked ones
+                raise LibvirtError("libvirt was not asked: an earlier question blocks")
+            return fn(*args)
+
+        d = deferToThreadPool(self.reactor, _questions(self.reactor), question)
         d.addTimeout(QUERY_TIMEOUT, self.reactor)
 
         def timed_out(f: Any) -> Any:
+            nonlocal given_up
             if f.check(defer.TimeoutError):
+                given_up = True
                 raise LibvirtError(f"libvirt did not answer in {QUERY_TIMEOUT:g} s")
             return f
 
@@ -1348,7 +1412,7 @@ class LibvirtBackend(Backend):
 
     def ask(self, question: Callable[..., T], *args: Any) -> Deferred[T]:
         """A blocking question (:meth:`arrived`, :meth:`has_process`,
-        :meth:`status`) on the backend's thread, failing with
+        :meth:`status`) on the process's question threads, failing with
         :class:`LibvirtError` after :data:`QUERY_TIMEOUT` (a stopped
         libvirtd never answers)."""
         return self._ask(question, *args)
@@ -1498,6 +1562,7 @@ class LibvirtBackend(Backend):
                 raise BundleError(f"domain {outgoing.domain} is defined here already")
             if copy_storage:
                 check_disk_dirs(outgoing.disks, disk_dirs())
+                check_disks_unused(outgoing.disks, disks_in_use(conn))
                 for disk in outgoing.disks:
                     _create_volume(conn, disk)
             if secret_defined(conn, outgoing.secret_uuid):

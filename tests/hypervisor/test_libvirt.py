@@ -79,6 +79,22 @@ class LibvirtBackendTests(TestCase):
         self.backend = LibvirtBackend(reactor, vtpm_key=unseal)
         self.addCleanup(self.backend.close)
 
+    def test_copied_disk_never_overwrites_a_domains_disk(self) -> None:
+        """A disk a domain defined here uses (shut off, as an operator's
+        other VM waits) is refused as the target of a copied disk with
+        POLICY_REFUSED naming that domain; a path no domain uses passes."""
+        domain = define_guest(self.host, "diskowner", vtpm=False)
+        self.addCleanup(_remove_domain, self.conn, "diskowner")
+        used = libvirt_backend.disks_in_use(self.conn)
+        self.assertEqual(used.get(domain.disk), "diskowner")
+        mine = libvirt_backend.Disk(domain.disk, "raw", 1 << 20)
+        with self.assertRaises(BundleError) as cm:
+            libvirt_backend.check_disks_unused((mine,), used)
+        self.assertEqual(cm.exception.code, wire.ErrorCode.POLICY_REFUSED)
+        self.assertIn("used by domain diskowner", str(cm.exception))
+        free = libvirt_backend.Disk("/var/lib/libvirt/images/nobody-uses.img", "raw", 1 << 20)
+        libvirt_backend.check_disks_unused((free,), used)
+
     def _secret_files(self, secret_uuid: str) -> list[Path]:
         return [p for p in (self.host.directory / "etc").rglob("*") if secret_uuid in p.name]
 
@@ -421,6 +437,40 @@ class DiskDirsTests(SynchronousTestCase):
         self.assertEqual(
             backend.live_channels(self.info("/elsewhere/a.img", copy_storage=False)), 0
         )
+
+
+class QuestionThreadsTests(TestCase):
+    async def test_questions_share_a_bounded_pool(self) -> None:
+        """Recovery makes a backend object per round and record: questions
+        through 30 fresh backends are answered, then 12 that block as on a
+        stopped libvirtd fail with LibvirtError after the timeout, and all
+        of it holds at most QUESTION_THREADS threads (not one per backend);
+        once libvirt answers again, so does a new question."""
+        self.patch(libvirt_backend, "QUERY_TIMEOUT", 0.5)
+        release = threading.Event()
+        self.addCleanup(release.set)
+        before = {t.ident for t in threading.enumerate()}
+
+        def blocked() -> str:
+            release.wait(30)
+            return "late"
+
+        def timeout(f: Any) -> str:
+            f.trap(libvirt_backend.LibvirtError)
+            return "timeout"
+
+        answers = await gatherResults(
+            [libvirt_backend.LibvirtBackend().ask(lambda: "here") for _ in range(30)]
+        )
+        self.assertEqual(answers, ["here"] * 30)
+        answers = await gatherResults(
+            [libvirt_backend.LibvirtBackend().ask(blocked).addErrback(timeout) for _ in range(12)]
+        )
+        self.assertEqual(answers, ["timeout"] * 12)
+        added = [t for t in threading.enumerate() if t.ident not in before]
+        self.assertLessEqual(len(added), libvirt_backend.QUESTION_THREADS, added)
+        release.set()
+        self.assertEqual(await libvirt_backend.LibvirtBackend().ask(lambda: "again"), "again")
 
 
 class WakerTests(SynchronousTestCase):
