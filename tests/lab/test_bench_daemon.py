@@ -50,8 +50,11 @@ class BenchDaemonTests(TestCase):
     def test_secure_daemon_record(self) -> None:
         """A secure-daemon record beside the secure one: the VM moved, the
         source's CPU and memory are the daemon's that drove it (its peak RSS
-        a whole securemig process's, not the thin client's), compared with
-        the insecure twin in the summary."""
+        a whole securemig process's, not the thin client's; the source's
+        journal names the daemon as the driver), the destination's CPU is
+        its daemon's over the run only (less than the idle destination's
+        start and stop, which the secure series' includes), the records and
+        the summary say so, compared with the insecure twin."""
         out = Path(self.mktemp()).absolute()
         result = processes.securemig(
             "bench",
@@ -74,3 +77,12 @@ class BenchDaemonTests(TestCase):
         # The daemon's VmHWM: Twisted, cryptography and the TSS loaded.
         self.assertGreater(daemon["peak_rss_mib"]["source"], 30)
         self.assertIn("secure-daemon vs insecure", result.stdout)
+        self.assertEqual(daemon["driven_by"], "daemon")
+        self.assertNotIn("driven_by", secure)
+        [idle] = [r for r in records if r["protocol"] == "idle-destination"]
+        self.assertGreater(daemon["cpu_s"]["destination"], 0)
+        self.assertLess(daemon["cpu_s"]["destination"], idle["cpu_s"]["destination"])
+        self.assertIn("over the run only", daemon["cpu_counted"])
+        self.assertNotIn("cpu_counted", secure)
+        self.assertIn("secure-daemon: CPU of the command (wait4) plus", result.stdout)
+        self.assertIn("secure-daemon: CPU of the command", (out / "b-report.md").read_text())
