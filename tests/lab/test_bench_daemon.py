@@ -5,6 +5,7 @@ the daemon's share of CPU and its memory; real processes, tiny sizes."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,7 +13,9 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
+from securemig.host.journal import Journal
 from securemig.lab import processes
+from securemig.lab.bench.driven import driver
 
 #: A child that burns about this much CPU, then waits to be read and ended.
 BURN = 0.3
@@ -42,6 +45,64 @@ class CpuSecondsTests(TestCase):
         self.assertGreaterEqual(live, BURN - 0.02)
         self.assertLess(abs(live - usage.cpu_s), 0.05)
         self.assertIsNone(processes.cpu_seconds(child.pid))
+
+
+class CpuShareTests(TestCase):
+    def test_counts_only_what_follows(self) -> None:
+        """A process's share over an interval leaves out what it used
+        before (a daemon's start-up before the clock), and a process gone
+        by then counts nothing rather than a negative figure."""
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys, time\n"
+                "def burn():\n"
+                "    t = time.process_time()\n"
+                f"    while time.process_time() - t < {BURN}:\n"
+                "        pass\n"
+                "    print('burnt', flush=True)\n"
+                "burn()\n"
+                "sys.stdin.readline()\n"
+                "burn()\n"
+                "time.sleep(60)\n",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.addCleanup(lambda: child.poll() is None and child.kill())
+        assert child.stdin is not None and child.stdout is not None
+        self.assertEqual(child.stdout.readline().strip(), "burnt")
+        time.sleep(0.05)
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        share = processes.CpuShare([child.pid, gone.pid])
+        gone.wait()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        self.assertEqual(child.stdout.readline().strip(), "burnt")
+        time.sleep(0.05)
+        used = share.used()
+        processes.end_process(child)
+        self.assertGreaterEqual(used, BURN - 0.02)
+        self.assertLess(used, 2 * BURN - 0.1)
+
+
+class DriverTests(TestCase):
+    def test_the_journal_names_the_driver(self) -> None:
+        """Who drove a migration is read from the source's journal: the
+        process that began its newest source record (a daemon there, with
+        the daemon's pid), never a destination record."""
+        path = Path(self.mktemp()) / "journal.sqlite"
+        journal = Journal(path)
+        self.addCleanup(journal.close)
+        self.assertEqual(driver(path, os.getpid()), "none")
+        journal.begin(role="destination", vm="vm1", peer="a", variant="full", protocol="secure")
+        self.assertEqual(driver(path, os.getpid()), "none")
+        journal.begin(role="source", vm="vm1", peer="b", variant="full", protocol="secure")
+        # Begun by this process: the daemon if it is this pid, else another.
+        self.assertEqual(driver(path, os.getpid()), "daemon")
+        self.assertEqual(driver(path, os.getpid() + 1), "command")
 
 
 class BenchDaemonTests(TestCase):
