@@ -281,11 +281,14 @@ class Lab:
         to: str = DESTINATION,
         extra: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        state_dir: Path | None = None,
     ) -> Any:
         """Run ``securemig migrate`` as a process on behalf of ``source``
-        (``env`` added to its environment); returns (summary, usage).  The
-        insecure variant gets the identity too, to unseal a vTPM key it then
-        sends in the clear."""
+        (``env`` added to its environment), journaling in ``state_dir``
+        (default: the source's own, as :meth:`start_source_daemon`'s; with
+        ``--daemon`` in ``extra``, the directory of the daemon to ask);
+        returns (summary, usage).  The insecure variant gets the identity
+        too, to unseal a vTPM key it then sends in the clear."""
         import subprocess
 
         port = destination.port if secure else destination.insecure_port
@@ -300,7 +303,7 @@ class Lab:
             "--json",
             "--no-progress",
             "--state-dir",
-            str(self.work / f"{source}-state"),
+            str(state_dir or self.work / f"{source}-state"),
             "--identity",
             str(self.work / source),
         ]

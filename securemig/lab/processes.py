@@ -58,6 +58,26 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class CpuShare:
+    """What processes that already run (daemons started before a bench's
+    clock) spend over an interval: their CPU seconds (:func:`cpu_seconds`)
+    when :meth:`used` is asked, less what they had used when this was made.
+    Their start-up before it is not counted, as a deployed host's daemon
+    has long started; one gone by either look counts nothing."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self._before = {pid: cpu_seconds(pid) for pid in pids}
+
+    def used(self) -> float:
+        """CPU seconds the processes used since this was made."""
+        total = 0.0
+        for pid, before in self._before.items():
+            now = cpu_seconds(pid)
+            if before is not None and now is not None:
+                total += now - before
+        return total
+
+
 @dataclass
 class Rusage:
     """CPU seconds and peak memory of one ended child process."""

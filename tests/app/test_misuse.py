@@ -359,6 +359,25 @@ ROWS = [
         "--repeat must be a positive number",
     ),
     Row(
+        "bench_live_series_of_another_bench",
+        lambda s: ["bench", "--live", "--protocols", "secure-live,secure-daemon"],
+        2,
+        "unknown series secure-daemon: --protocols takes secure-live, secure-live-daemon, "
+        "qemu-tls, qemu-plain here",
+    ),
+    Row(
+        "bench_libvirt_no_series",
+        lambda s: ["bench", "--libvirt", "--protocols", ","],
+        2,
+        "--protocols takes secure-libvirt, secure-libvirt-daemon, libvirt-tls, libvirt-plain",
+    ),
+    Row(
+        "bench_protocols_with_tpm",
+        lambda s: ["bench", "--tpm", "--protocols", "secure"],
+        2,
+        "--protocols goes with the migration benches, not --tpm or --qemu",
+    ),
+    Row(
         "policy_pcrs_not_numbers",
         lambda s: [*policy_record(s), "--pcrs", "a"],
         2,

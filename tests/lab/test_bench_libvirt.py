@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from securemig.hypervisor.backends import capabilities
 from securemig.lab import processes
@@ -72,6 +72,42 @@ class LibvirtBenchTests(TestCase):
         if not capabilities(KIND).live:
             self.assertIn("secure-libvirt", report["not_run"])
             self.assertIn("secure-libvirt: not run", result.stdout)
+
+    def test_daemon_series(self) -> None:
+        """--protocols secure-libvirt,secure-libvirt-daemon,libvirt-tls: the
+        daemon's series moved the domain through the source host's daemon
+        (its journal names the daemon, the in-process series' the command),
+        the command itself cost a bare interpreter's CPU and the daemons'
+        share over the move is in the series' CPU; both against
+        libvirt-tls, and what their CPU counts said."""
+        if not capabilities(KIND).live:
+            raise SkipTest("the libvirt backend does not migrate live")
+        out = Path(self.mktemp()).absolute()
+        result = processes.securemig(
+            "bench", "--libvirt", "--repeat", "1", "--libvirt-mib", "128",
+            "--dirty-mib-s", "8", "--disk-mib", "16", "--json", str(out),
+            "--protocols", "secure-libvirt,secure-libvirt-daemon,libvirt-tls",
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        report = json.loads(out.read_text())
+        by = {r["protocol"]: r for r in report["records"]}
+        self.assertEqual(list(by), ["secure-libvirt", "secure-libvirt-daemon", "libvirt-tls"])
+        daemon, alone = by["secure-libvirt-daemon"], by["secure-libvirt"]
+        self.assertEqual(daemon["driven_by"], "daemon")
+        self.assertEqual(alone["driven_by"], "command")
+        self.assertIsNone(by["libvirt-tls"]["driven_by"])
+        # The domain went on alternating hosts: each move the other way.
+        self.assertNotEqual(daemon["from"], alone["from"])
+        for record in (daemon, alone):
+            self.assertTrue(record["guest_kept_running"], record)
+            self.assertGreaterEqual(
+                record["cpu_s"] + 0.02, record["own_cpu_s"] + record["daemons_cpu_s"], record
+            )
+        self.assertLess(daemon["own_cpu_s"], alone["own_cpu_s"] / 2, (daemon, alone))
+        self.assertGreater(daemon["daemons_cpu_s"], 2 * daemon["own_cpu_s"], daemon)
+        self.assertIn("secure-libvirt-daemon / libvirt-tls", report["ratios"])
+        self.assertIn("over the run only", report["cpu_counted"]["secure-libvirt-daemon"])
+        self.assertIn("secure-libvirt-daemon / libvirt-tls: total_s", result.stdout)
 
 
 class ReportTests(SynchronousTestCase):

@@ -69,6 +69,49 @@ class LiveBenchTests(TestCase):
             self.assertTrue(record["guest_kept_running"], record)
         self.assertIn("2 multifd channels each", result.stdout)
 
+    def test_daemon_series(self) -> None:
+        """--protocols secure-live,secure-live-daemon,qemu-tls: the daemon's
+        series moved the guest live through the source host's daemon (its
+        journal names the daemon as the driver; the in-process series' the
+        command), the command itself used a bare interpreter's CPU while
+        the daemons' share over the move is counted in its CPU, and the
+        report has its ratios against qemu-tls and says what its CPU
+        counts."""
+        qemu_binary()
+        guest.find()
+        under_tcg(self)
+        out = Path(self.mktemp()).absolute()
+        result = processes.securemig(
+            "bench", "--live", "--repeat", "1", "--live-mib", "128", "--dirty-mib-s", "8",
+            "--protocols", "secure-live-daemon,qemu-tls,secure-live", "--json", str(out),
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        report = json.loads(out.read_text())
+        # In the bench's own order, whatever the order asked.
+        by = {r["protocol"]: r for r in report["records"]}
+        self.assertEqual(list(by), ["secure-live", "secure-live-daemon", "qemu-tls"])
+        daemon, alone = by["secure-live-daemon"], by["secure-live"]
+        self.assertEqual(daemon["driven_by"], "daemon")
+        self.assertEqual(alone["driven_by"], "command")
+        for record in (daemon, alone):
+            self.assertTrue(record["guest_kept_running"], record)
+            self.assertGreater(record["wire_bytes"], 16 << 20, record)
+            # cpu_s has the command's and the daemons' in it.
+            self.assertGreaterEqual(
+                record["cpu_s"] + 0.02, record["own_cpu_s"] + record["daemons_cpu_s"], record
+            )
+        # The client imports no Twisted, TLS or TSS: a fraction of the
+        # in-process command's CPU; the daemon that did the work is counted.
+        self.assertLess(daemon["own_cpu_s"], alone["own_cpu_s"] / 2, (daemon, alone))
+        self.assertGreater(daemon["daemons_cpu_s"], 2 * daemon["own_cpu_s"], daemon)
+        self.assertEqual(
+            set(report["secure_live_daemon_vs_qemu_tls"]),
+            {"total_s", "qemu_total_ms", "downtime_ms", "guest_downtime_ms", "cpu_s"},
+        )
+        self.assertIn("over the run only", report["cpu_counted"]["secure-live-daemon"])
+        self.assertIn("secure-live-daemon / qemu-tls", result.stdout)
+        self.assertNotIn("qemu-plain", result.stdout)
+
 
 class SwitchoverTests(TestCase):
     def test_switchover_from_journals_and_heartbeats(self) -> None:

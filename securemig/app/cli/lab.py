@@ -75,7 +75,8 @@ def add_bench_parser(subparsers: Subparsers) -> None:
         "--live",
         action="store_true",
         help="instead: a running Linux guest migrated live, alternating securemig's secure "
-        "live migration, QEMU's own TLS migration and QEMU's plain one (--repeat each)",
+        "live migration, QEMU's own TLS migration and QEMU's plain one (--repeat each; "
+        "--protocols may add secure-live-daemon, driven by the source host's daemon)",
     )
     p.add_argument(
         "--live-mib", type=int, default=512, help="--live: guest memory (default %(default)s)"
@@ -101,7 +102,8 @@ def add_bench_parser(subparsers: Subparsers) -> None:
         help="instead: one adopted domain of two libvirtds migrated live, alternating "
         "securemig migrate --live --copy-storage, `virsh migrate --tls` (certificates from "
         "a site CA made for the bench, peers verified) and plain `virsh migrate` "
-        "(--repeat each; --libvirt-mib, --dirty-mib-s, --disk-mib: default 64)",
+        "(--repeat each; --libvirt-mib, --dirty-mib-s, --disk-mib: default 64; "
+        "--protocols may add secure-libvirt-daemon, driven by the source host's daemon)",
     )
     p.add_argument(
         "--libvirt-mib",
@@ -145,10 +147,14 @@ def add_bench_parser(subparsers: Subparsers) -> None:
     )
     p.add_argument(
         "--protocols",
-        default="insecure,secure",
-        help="measured besides the plain copy: insecure, secure (data channel), secure-tls "
+        help="the series to run, alternating.  Suspended (default insecure,secure; the "
+        "plain copy and ssh always run): insecure, secure (data channel), secure-tls "
         "(images inside TLS, as before the data channel), secure-daemon (secure, driven by "
-        "the source host's daemon: migrate --daemon); default %(default)s",
+        "the source host's daemon: migrate --daemon).  --live (default "
+        "secure-live,qemu-tls,qemu-plain): also secure-live-daemon (migrate --live "
+        "--daemon).  --libvirt (default secure-libvirt,libvirt-tls,libvirt-plain): also "
+        "secure-libvirt-daemon.  A -daemon series counts the CPU of both securemig daemons "
+        "over the run only, each started before the clock",
     )
     p.add_argument(
         "--concurrency",
@@ -207,6 +213,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return usage_error(f"--concurrency takes 1 to {MAX_CONCURRENCY}")
     if args.tcti is not None and not args.tpm:
         return usage_error("--tcti goes with --tpm")
+    if args.protocols is not None and (args.tpm or args.qemu):
+        return usage_error("--protocols goes with the migration benches, not --tpm or --qemu")
     if args.tpm:
         if args.tcti is not None and not args.tcti.strip():
             return usage_error("--tcti takes a TCTI, e.g. device:/dev/tpmrm0")
@@ -216,12 +224,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return usage_error(
                 "--libvirt-mib must be at least 64, --dirty-mib-s and --disk-mib not negative"
             )
+        chosen = _series(args.protocols, libvirt_bench.PROTOCOLS, libvirt_bench.SERIES)
+        if isinstance(chosen, int):
+            return chosen
         return libvirt_bench.run(
             args.libvirt_mib,
             args.dirty_mib_s,
             args.disk_mib or 64,
             args.repeat,
             json_path=args.json,
+            protocols=chosen,
         )
     sizes = int_list(args.sizes, "--sizes", minimum=1)
     if args.qemu:
@@ -231,15 +243,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return usage_error("--live-mib must be at least 64 and --dirty-mib-s not negative")
         if not 0 <= args.parallel <= live.MAX_PARALLEL:
             return usage_error(f"--parallel takes 0 to {live.MAX_PARALLEL} multifd channels")
+        chosen = _series(args.protocols, live.PROTOCOLS, live.SERIES)
+        if isinstance(chosen, int):
+            return chosen
         return live.run(
             args.live_mib,
             args.dirty_mib_s,
             args.repeat,
             json_path=args.json,
             parallel=args.parallel,
+            protocols=chosen,
         )
 
-    protocols = _items(args.protocols)
+    protocols = _items(args.protocols if args.protocols is not None else "insecure,secure")
     ciphers: tuple[str | None, ...] = _items(args.ciphers) or (None,)
     if set(ciphers) - set(CIPHERS) - {None}:
         return usage_error(f"--ciphers takes {', '.join(CIPHERS)}")
@@ -272,6 +288,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     except LinkError as e:
         return error(str(e))
+
+
+def _series(
+    text: str | None, default: tuple[str, ...], known: tuple[str, ...]
+) -> tuple[str, ...] | int:
+    """The series ``--protocols`` names for a bench whose series are
+    ``known`` (``default`` without the option), or the usage error's exit
+    status."""
+    if text is None:
+        return default
+    chosen = _items(text)
+    unknown = set(chosen) - set(known)
+    if not chosen or unknown:
+        what = f"unknown series {', '.join(sorted(unknown))}: " if unknown else ""
+        return usage_error(f"{what}--protocols takes {', '.join(known)} here")
+    return chosen
 
 
 def _items(text: str) -> tuple[str, ...]:

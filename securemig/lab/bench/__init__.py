@@ -21,9 +21,12 @@ destination per run.  For each size, variant and repeat, in one run:
   before the data channel existed;
 - ``secure-daemon`` (on request): ``secure``, driven by the source host's
   own daemon (``securemig migrate --daemon``: the command only asks it),
-  that daemon started before the clock as the destination's is; the
-  source's CPU is the client's (wait4) plus the daemon's over the run
-  (``/proc/PID/stat``), its peak RSS the daemon's (VmHWM);
+  that daemon started before the clock as the destination's is; the CPU
+  of both daemons is what they spend over the run (``/proc/PID/stat``
+  before and after: :mod:`securemig.lab.bench.driven`), the source's plus
+  the client's (wait4), so neither daemon's start and stop is in it (the
+  other series' destination CPU includes its fresh daemon's, as it always
+  did); the peak RSS of each side its daemon's (VmHWM);
 - with ``--concurrency N``, also ``secure xN``: N secure migrations of
   distinct VMs at once into one destination (:func:`_concurrent_migrations`),
   against one alone.
@@ -57,6 +60,7 @@ from tqdm import tqdm
 from securemig import files
 from securemig.hypervisor.bundle import create_image_vm
 from securemig.lab import processes
+from securemig.lab.bench.driven import CPU_COUNTED, daemon_driven, driver
 from securemig.lab.bench.link import Link
 from securemig.lab.bench.provenance import byte_compile, one_line, provenance
 from securemig.lab.bench.report import (
@@ -279,17 +283,24 @@ def _lab_migration(
     lab: Any, name: str, size: int, protocol: str, cipher: str | None, variant: str
 ) -> dict[str, Any]:
     """One migration between the lab's two hosts, with a fresh destination
-    process (so its CPU and peak RSS are this migration's)."""
+    process (so its CPU and peak RSS are this migration's: with its start
+    and stop, or for a daemon-driven series over the run only)."""
     secure = protocol != "insecure"
     extra = ("--tls-data",) if protocol == "secure-tls" else ()
     _warm(lab.vm_dir / name)
     destination = lab.start_destination(keep=False, cipher=cipher, extra=extra)
     daemon = None
+    dst_cpu = None
     try:
-        if protocol == "secure-daemon":
-            # Started before the clock, as the destination's daemon is.
+        shares = None
+        if daemon_driven(protocol):
+            # Started before the clock, as the destination's daemon is; both
+            # counted over the run, as a deployed host's running daemons.
             daemon = lab.start_source_daemon()
-        daemon_cpu = processes.cpu_seconds(daemon.process.pid) if daemon else None
+            shares = (
+                processes.CpuShare([daemon.process.pid]),
+                processes.CpuShare([destination.process.pid]),
+            )
         asked = ("--daemon",) if daemon is not None else ()
         started = time.monotonic()
         summary, src_usage = lab.migrate(
@@ -302,13 +313,22 @@ def _lab_migration(
         # The summary's peak RSS is the process that ran the migration (the
         # daemon's VmHWM with --daemon, its own start-up included).
         src_usage.peak_rss_mib = summary["peak_rss_mib"]
-        if daemon is not None and daemon_cpu is not None:
+        if shares is not None and daemon is not None:
             # The daemon's share: its CPU over the run (it drove the migration).
-            src_usage.cpu_s += (processes.cpu_seconds(daemon.process.pid) or 0.0) - daemon_cpu
+            src_usage.cpu_s += shares[0].used()
+            dst_cpu = shares[1].used()
+            driven_by = driver(daemon.state_dir / "journal.sqlite", daemon.process.pid)
+            if driven_by != "daemon":
+                raise RuntimeError(
+                    f"{protocol}: the source's journal says the migration was driven by "
+                    f"{driven_by!r}"
+                )
     finally:
         dst_usage = destination.stop()
         if daemon is not None:
             daemon.stop()
+    if dst_cpu is not None:
+        dst_usage.cpu_s = dst_cpu
     _discarded(lab.vm_dir)
     lab.return_vm(destination, name)
     label = f"{protocol}-{cipher}" if cipher else protocol
@@ -324,6 +344,8 @@ def _lab_migration(
     streams = summary["phases"].get("streams")
     if streams:
         record["stream_mibps"] = round(summary["bytes"] / (1 << 20) / streams, 1)
+    if daemon is not None:
+        record.update(driven_by="daemon", cpu_counted=CPU_COUNTED)
     return record
 
 
@@ -529,4 +551,6 @@ def run(
         "medians; same size, same variant, same run.\n"
         f"{FLOOR}."
     )
+    if any(r.get("cpu_counted") for r in records):
+        print(f"secure-daemon: {CPU_COUNTED}; RSS: each daemon's VmHWM.")
     return 0

@@ -22,7 +22,16 @@ forth between the hosts, the protocols alternating within one run:
   between two enrolled hosts whose ``twistd securemig --backend libvirt``
   carry libvirt's sockets sealed (attestation both ways and the key
   release included in its time); skipped, and said so, where the libvirt
-  backend does not migrate live.
+  backend does not migrate live;
+- ``secure-libvirt-daemon`` (on request: ``--protocols``, see
+  :data:`SERIES`): ``secure-libvirt`` driven by the source host's daemon,
+  ``securemig migrate --live --copy-storage --daemon`` only asking it
+  (:mod:`securemig.lab.bench.driven`); checked in the source's journal
+  (``driven_by``).
+
+Both hosts' ``twistd securemig`` run for the whole bench, started before
+any clock, so in both securemig series their CPU is what they spend over
+the move, as for libvirtd.
 
 The domain is adopted by securemig (its secret sealed, in neither
 libvirt).  The native baselines need the secret defined, with the same
@@ -39,7 +48,7 @@ across both hosts' files), ``cpu_s`` (user + system seconds of every
 process of both sides over the move: both libvirtds, both QEMUs and swtpms
 -- sampled every 0.1 s, so a process that ends, the source QEMU, loses at
 most its last 0.1 s -- plus ``virsh``'s or ``securemig migrate``'s own,
-and for securemig's arm both ``twistd securemig``), ``memory_bytes`` (libvirt's
+and for securemig's arms both ``twistd securemig``), ``memory_bytes`` (libvirt's
 ``memory_processed``) and ``disk_bytes`` (``disk_processed``, when libvirt
 reports it: 9.0 does not at the destination), and whether the guest kept running (heartbeat in
 sequence), ``own_cpu_s`` (of ``cpu_s``: ``virsh``'s or ``securemig
@@ -75,6 +84,7 @@ from securemig.hypervisor.backends import capabilities
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.libvirt import CONNECT_ENV, RUN_DIR_ENV, LibvirtError, require_libvirt
 from securemig.lab import processes
+from securemig.lab.bench.driven import CPU_COUNTED, daemon_driven, driver
 from securemig.lab.bench.provenance import byte_compile, one_line, provenance
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
 from securemig.lab.libvirt import (
@@ -88,9 +98,14 @@ from securemig.lab.libvirt import (
 from securemig.trust.pki import Authority
 
 KIND = "libvirt"
+#: The series run by default, in the order they alternate.
 PROTOCOLS = ("secure-libvirt", "libvirt-tls", "libvirt-plain")
+#: Every series ``--protocols`` may name with ``--libvirt``, in the order
+#: they alternate.
+SERIES = ("secure-libvirt", "secure-libvirt-daemon", "libvirt-tls", "libvirt-plain")
+#: The series that are securemig's own (run where the backend migrates live).
+SECUREMIG = ("secure-libvirt", "secure-libvirt-daemon")
 DOMAIN = "bench-domain"
-TICKS = os.sysconf("SC_CLK_TCK")
 #: Loopback TLS ports of the two libvirtds (libvirt's own is 16514).
 TLS_PORTS = (16614, 16615)
 #: Lab host indexes: their QEMU migration port ranges (49152 + 100 * index).
@@ -99,15 +114,6 @@ INDEXES = (12, 13)
 BEAT_TIMEOUT = 240.0
 #: How long one ``virsh migrate`` may take.
 MIGRATE_TIMEOUT = 600.0
-
-
-def _cpu_of(pid: int) -> float | None:
-    """User + system seconds of process ``pid``, None if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 class CPUSampler:
@@ -127,7 +133,7 @@ class CPUSampler:
 
     def _sample(self, baseline: bool = False) -> None:
         for pid in self._pids():
-            value = _cpu_of(pid)
+            value = processes.cpu_seconds(pid)
             if value is None:
                 continue
             self._first.setdefault(pid, value if baseline else 0.0)
@@ -197,6 +203,8 @@ class _Bench:
         self.value = os.urandom(32)
         #: The last ``securemig migrate``'s own migration seconds.
         self.last_seconds: float | None = None
+        #: Who drove the last securemig move, by the source's journal.
+        self.last_driver: str | None = None
         #: Where the domain's securemig bundle is, per host index.
         self.homes: dict[int, Path] = {}
         self.daemons: dict[int, Any] = {}
@@ -281,7 +289,7 @@ class _Bench:
         and measure it.  A native move is followed by an unmeasured one
         back (the domain's securemig bundle stays where it is), with the
         secret defined on both hosts only for the two."""
-        if protocol == "secure-libvirt":
+        if protocol in SECUREMIG:
             return self._measure(protocol, where, self._securemig)
         self._secret(True)
         try:
@@ -292,10 +300,16 @@ class _Bench:
         return record
 
     def _securemig(self, protocol: str, where: int) -> float:
-        """``securemig migrate DOMAIN --live --copy-storage``; the CPU
-        seconds of that process."""
+        """``securemig migrate DOMAIN --live --copy-storage`` (``--daemon``
+        for the daemon's series, asking the source host's); the CPU seconds
+        of that process."""
         other = 1 - where
         names = (SOURCE, DESTINATION)
+        asked = daemon_driven(protocol)
+        # Driven by the daemon, the source's journal is its own.
+        state_dir = (
+            self.daemons[where].state_dir if asked else self.lab.work / f"{names[where]}-state"
+        )
         summary, usage = self.lab.migrate(
             self.daemons[other],
             DOMAIN,
@@ -303,11 +317,18 @@ class _Bench:
             vm_dir=self.homes[where],
             source=names[where],
             to=names[other],
-            extra=("--live", "--copy-storage"),
+            extra=("--live", "--copy-storage", *(("--daemon",) if asked else ())),
             env=_env(self.hosts[where]),
+            state_dir=state_dir,
         )
         if summary.get("outcome") != "done":
             raise RuntimeError(f"{protocol}: {summary}")
+        self.last_driver = driver(state_dir / "journal.sqlite", self.daemons[where].process.pid)
+        if self.last_driver != ("daemon" if asked else "command"):
+            raise RuntimeError(
+                f"{protocol}: the source's journal says the migration was driven by "
+                f"{self.last_driver!r}"
+            )
         self.last_seconds = float(summary["seconds"])
         self.homes[other] = self.daemons[other].state_dir / "vms"
         return float(usage.cpu_s)
@@ -354,7 +375,7 @@ class _Bench:
         daemons = [d.process.pid for d in self.daemons.values()] if mover == self._securemig else []
         sampler = CPUSampler(lambda: self.pids() + daemons)
         started = time.monotonic()
-        self.last_seconds = None
+        self.last_seconds = self.last_driver = None
         try:
             own_cpu = mover(protocol, where)
             total = time.monotonic() - started
@@ -381,6 +402,7 @@ class _Bench:
             "outside_migration_s": (
                 None if self.last_seconds is None else round(total - self.last_seconds, 3)
             ),
+            "driven_by": self.last_driver,
         }
 
     def _completed(self, host: LibvirtHost) -> dict[str, Any]:
@@ -406,8 +428,11 @@ def run(
     disk_mib: int,
     repeat: int,
     json_path: Path | None = None,
+    protocols: tuple[str, ...] = PROTOCOLS,
 ) -> int:
-    """Run the bench and print its report; returns an exit status."""
+    """Run the bench and print its report; returns an exit status.
+    ``protocols``: the series of :data:`SERIES` to run, alternating in that
+    order (securemig's only where the libvirt backend migrates live)."""
     # securemig as installed (byte-compiled): a source tree run with
     # PYTHONDONTWRITEBYTECODE compiles its modules in every `securemig
     # migrate` (about 1 s of a move's start-up under this machine's load),
@@ -418,7 +443,14 @@ def run(
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-libvirt-"))
     bench = _Bench(work, memory_mib, dirty_mib_s, disk_mib)
     live = capabilities(KIND).live
-    protocols = PROTOCOLS if live else PROTOCOLS[1:]
+    asked = tuple(p for p in SERIES if p in protocols)
+    protocols = asked if live else tuple(p for p in asked if p not in SECUREMIG)
+    if not protocols:
+        say(
+            f"bench --libvirt: nothing to run ({', '.join(asked)}: the libvirt backend "
+            "does not migrate live yet)"
+        )
+        return 1
     records: list[dict[str, Any]] = []
     try:
         say(f"bench --libvirt in {work}: two libvirtds, a {memory_mib} MiB domain")
@@ -434,7 +466,7 @@ def run(
                     f"downtime {record['downtime_ms']} ms, guest gap "
                     f"{record['guest_downtime_ms']:.0f} ms, cpu {record['cpu_s']:.2f} s"
                 )
-                if protocol == "secure-libvirt":
+                if protocol in SECUREMIG:
                     # The domain (and its securemig bundle) moved; a native
                     # move comes back unmeasured.  Without the securemig arm
                     # every move starts from the first host.
@@ -445,7 +477,10 @@ def run(
     finally:
         bench.stop()
         shutil.rmtree(work, ignore_errors=True)
-    return _report(records, protocols, memory_mib, dirty_mib_s, disk_mib, repeat, json_path, info)
+    not_run = tuple(p for p in asked if p not in protocols)
+    return _report(
+        records, protocols, memory_mib, dirty_mib_s, disk_mib, repeat, json_path, info, not_run
+    )
 
 
 #: The measures the report takes medians and ratios of.
@@ -472,7 +507,11 @@ def _report(
     repeat: int,
     json_path: Path | None,
     info: dict[str, Any],
+    not_run: tuple[str, ...] | None = None,
 ) -> int:
+    """Print the medians and ratios of ``records`` (and write them with the
+    records to ``json_path``); ``not_run``: the series asked for that the
+    backend could not run (default: securemig's default one, when absent)."""
     medians = {
         p: {
             k: _median([r for r in records if r["protocol"] == p], k)
@@ -481,14 +520,18 @@ def _report(
         for p in protocols
     }
     ratios: dict[str, dict[str, float | None]] = {}
-    if "secure-libvirt" in medians:
-        ratios["secure-libvirt / libvirt-tls"] = {
-            k: _ratio(medians["secure-libvirt"][k], medians["libvirt-tls"][k]) for k in MEASURES
+    # Each securemig series against libvirt-tls (the goal's base), when both ran.
+    for protocol in SECUREMIG:
+        if protocol in medians and "libvirt-tls" in medians:
+            ratios[f"{protocol} / libvirt-tls"] = {
+                k: _ratio(medians[protocol][k], medians["libvirt-tls"][k]) for k in MEASURES
+            }
+    if "libvirt-tls" in medians and "libvirt-plain" in medians:
+        ratios["libvirt-tls / libvirt-plain"] = {
+            k: _ratio(medians["libvirt-tls"][k], medians["libvirt-plain"][k]) for k in MEASURES
         }
-    ratios["libvirt-tls / libvirt-plain"] = {
-        k: _ratio(medians["libvirt-tls"][k], medians["libvirt-plain"][k]) for k in MEASURES
-    }
-    not_run = [p for p in PROTOCOLS if p not in protocols]
+    if not_run is None:
+        not_run = tuple(p for p in PROTOCOLS if p not in protocols)
     for record in records:
         record["provenance"] = info
     report = {
@@ -501,6 +544,7 @@ def _report(
         "medians": medians,
         "ratios": ratios,
         "not_run": {p: "the libvirt backend does not migrate live yet" for p in not_run},
+        "cpu_counted": {p: CPU_COUNTED for p in protocols if p in SECUREMIG},
     }
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -510,7 +554,8 @@ def _report(
         f"{disk_mib} MiB disk copied (NBD), medians of {repeat}"
     )
     header = ("total s", 8), ("downtime ms", 12), ("guest ms", 9), ("cpu s", 7), ("MiB", 7)
-    print(f"{'protocol':<15} " + " ".join(f"{name:>{width}}" for name, width in header))
+    name_width = max([15, *(len(p) for p in protocols)])
+    print(f"{'protocol':<{name_width}} " + " ".join(f"{name:>{width}}" for name, width in header))
 
     def cell(value: float | None, width: int, form: str) -> str:
         return f"{'-' if value is None else format(value, form):>{width}}"
@@ -518,7 +563,8 @@ def _report(
     for protocol, m in medians.items():
         mib = None if m["memory_bytes"] is None else m["memory_bytes"] / (1 << 20)
         print(
-            f"{protocol:<15} {cell(m['total_s'], 8, '.2f')} {cell(m['downtime_ms'], 12, '.0f')} "
+            f"{protocol:<{name_width}} {cell(m['total_s'], 8, '.2f')} "
+            f"{cell(m['downtime_ms'], 12, '.0f')} "
             f"{cell(m['guest_downtime_ms'], 9, '.0f')} {cell(m['cpu_s'], 7, '.2f')} "
             f"{cell(mib, 7, '.0f')}"
         )
@@ -538,5 +584,10 @@ def _report(
             )
     for protocol in not_run:
         print(f"{protocol}: not run (the libvirt backend does not migrate live yet)")
+    if any(p in SECUREMIG for p in protocols):
+        print(
+            "cpu s: both libvirtds, QEMUs and swtpms over the move, plus virsh's own; for "
+            f"securemig's series the {CPU_COUNTED}"
+        )
     print("(MiB: guest memory libvirt sent; the disk copy is on top of it)")
     return 0

@@ -8,7 +8,18 @@ One Linux guest (``--live-mib`` of memory, its workload rewriting
   (both attestations and the key release included in its time);
 - ``qemu-tls``: QEMU to QEMU over TCP with ``tls-creds-x509`` on both
   (the hosts' site-CA certificates, peer verified: what libvirt does);
-- ``qemu-plain``: QEMU to QEMU over plain TCP.
+- ``qemu-plain``: QEMU to QEMU over plain TCP;
+- ``secure-live-daemon`` (on request: ``--protocols``, see :data:`SERIES`):
+  ``secure-live`` driven by the source host's daemon, ``securemig migrate
+  --live --daemon`` only asking it (:mod:`securemig.lab.bench.driven`).
+
+Both hosts' ``twistd securemig`` run for the whole bench, started before
+any clock (the guest moves back and forth, so each is in turn the source's
+and the destination's): in both securemig series their CPU is what they
+spend over the move (``/proc/PID/stat`` before and after), never their
+start-up, and the command's own is its ``wait4``.  The daemon series
+checks in the source's journal that its daemon, not the command, drove it
+(``driven_by``).
 
 The two QEMU baselines move the guest from its bundle into a scratch copy
 on the other side and back (only the first leg is measured); their swtpm
@@ -23,8 +34,10 @@ piece of up to 1 MiB on top), ``qemu_total_ms`` (QEMU's own total time
 of the migration at the source, "stream s" in the table: from ``migrate``
 to its completion, without secure-live's attestation and key release
 before it and its commit after), and ``multifd_bytes`` (what QEMU says it
-sent on multifd channels).  The report gives medians and secure-live's
-ratios against qemu-tls.
+sent on multifd channels).  securemig's records add ``own_cpu_s`` (of
+``cpu_s``: the command's own) and ``daemons_cpu_s`` (both daemons' over the
+move).  The report gives medians and each securemig series' ratios against
+qemu-tls.
 
 ``--parallel N`` runs all three with N multifd channels: secure-live is
 ``migrate --live --parallel N`` (each channel its own sealed stream), and
@@ -38,7 +51,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -61,28 +73,28 @@ from securemig.hypervisor.qemu import (
     heartbeat_path,
     set_multifd,
 )
+from securemig.lab import processes
+from securemig.lab.bench.driven import CPU_COUNTED, daemon_driven, driver
 from securemig.lab.bench.provenance import one_line, provenance
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
 from securemig.protocol.phases import Phase
 from securemig.transport.reactor import run_reactor
 from securemig.trust.attestor import open_attestor
 
+#: The series run by default, in the order they alternate.
 PROTOCOLS = ("secure-live", "qemu-tls", "qemu-plain")
+#: Every series ``--protocols`` may name with ``--live``, in the order
+#: they alternate (the ratios' base, qemu-tls, is then optional).
+SERIES = ("secure-live", "secure-live-daemon", "qemu-tls", "qemu-plain")
+#: The series that are securemig's own.
+SECUREMIG = ("secure-live", "secure-live-daemon")
 #: ``--parallel`` takes 0 (one stream) to this many multifd channels.
 MAX_PARALLEL = MAX_MULTIFD_CHANNELS
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _cpu(pids: list[int]) -> float:
     """User+system seconds of these processes so far (0 for one that is gone)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / TICKS
+    return sum(processes.cpu_seconds(pid) or 0.0 for pid in pids)
 
 
 def _pids(bundle: Bundle) -> list[int]:
@@ -181,9 +193,13 @@ def run(
     repeat: int,
     json_path: Path | None = None,
     parallel: int = 0,
+    protocols: tuple[str, ...] = PROTOCOLS,
 ) -> int:
     """Run the live bench and print its report; returns an exit status.
-    ``parallel``: every protocol on that many multifd channels."""
+    ``parallel``: every protocol on that many multifd channels;
+    ``protocols``: the series of :data:`SERIES` to run, alternating in that
+    order."""
+    protocols = tuple(p for p in SERIES if p in protocols)
     linux_guest.find()
     info = provenance()  # before the bench loads the machine
     work = Path(tempfile.mkdtemp(prefix="securemig-bench-live-"))
@@ -192,9 +208,11 @@ def run(
     try:
         lab.start()
         records = run_reactor(
-            partial(_measure, lab, work, memory_mib, dirty_mib_s, repeat, parallel)
+            partial(_measure, lab, work, memory_mib, dirty_mib_s, repeat, parallel, protocols)
         )
-        return _report(records, memory_mib, dirty_mib_s, repeat, json_path, info, parallel)
+        return _report(
+            records, memory_mib, dirty_mib_s, repeat, json_path, info, parallel, protocols
+        )
     except (RuntimeError, TimeoutError) as e:
         say(f"bench --live failed: {e}")
         return 1
@@ -210,6 +228,7 @@ async def _measure(
     dirty_mib_s: int,
     repeat: int,
     parallel: int,
+    protocols: tuple[str, ...],
     reactor: Any,
 ) -> list[dict[str, Any]]:
     """Every record, alternating protocols ``repeat`` times.  (The lab's
@@ -244,29 +263,45 @@ async def _measure(
     first.stop()
     where = SOURCE
     for n in range(repeat):
-        for protocol in PROTOCOLS:
+        for protocol in protocols:
             other = DESTINATION if where == SOURCE else SOURCE
             bundle = Bundle.load(homes[where] / "bench-vm")
-            if protocol == "secure-live":
+            if protocol in SECUREMIG:
                 homes[other] = hosts[other].state_dir / "vms"
                 target = Bundle(homes[other] / "bench-vm", vm.manifest)
                 watch = Watch(heartbeat_path(bundle), heartbeat_path(target))
-                pids = [*_pids(bundle), hosts[other].process.pid, hosts[where].process.pid]
+                # Both hosts' daemons run since before the clock (each is the
+                # destination of the moves the other way): either series
+                # counts what they spend over the move, the command its own.
+                daemons = [hosts[other].process.pid, hosts[where].process.pid]
+                pids = _pids(bundle)
                 before = _cpu(pids)
+                share = processes.CpuShare(daemons)
+                # Driven by the daemon, the source's journal is its own.
+                asked = daemon_driven(protocol)
+                ask = ("--daemon",) if asked else ()
+                state_dir = hosts[where].state_dir if asked else lab.work / f"{where}-state"
                 started, wall = time.monotonic(), time.time()
                 summary, usage = lab.migrate(
                     hosts[other], "bench-vm", secure=True, vm_dir=homes[where],
-                    source=where, to=other,
-                    extra=("--live", "--parallel", str(parallel)),
+                    source=where, to=other, state_dir=state_dir,
+                    extra=("--live", "--parallel", str(parallel), *ask),
                 )  # fmt: skip
                 total = time.monotonic() - started
-                cpu = _cpu(pids + _pids(target)) - before + usage.cpu_s
+                daemons_cpu = share.used()
+                cpu = _cpu(pids + _pids(target)) - before + daemons_cpu + usage.cpu_s
                 await deferLater(reactor, 0.5, lambda: None)
                 watch.stop()
                 journals = (
-                    lab.work / f"{where}-state" / "journal.sqlite",
+                    state_dir / "journal.sqlite",
                     hosts[other].state_dir / "journal.sqlite",
                 )
+                driven_by = driver(journals[0], hosts[where].process.pid)
+                if driven_by != ("daemon" if asked else "command"):
+                    raise RuntimeError(
+                        f"{protocol}: the source's journal says the migration was driven "
+                        f"by {driven_by!r}"
+                    )
                 records.append(
                     {
                         "protocol": protocol,
@@ -276,6 +311,9 @@ async def _measure(
                         "qemu_total_ms": summary["qemu_total_ms"],
                         "guest_downtime_ms": watch.largest_gap_ms(),
                         "cpu_s": round(cpu, 2),
+                        "own_cpu_s": round(usage.cpu_s, 3),
+                        "daemons_cpu_s": round(daemons_cpu, 3),
+                        "driven_by": driven_by,
                         "wire_bytes": summary["transferred"],
                         "multifd_bytes": summary.get("multifd_bytes", 0),
                         "guest_kept_running": watch.continuous(),
@@ -395,6 +433,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _key(protocol: str) -> str:
+    """A series' name as a JSON key: ``secure-live-daemon``, ``secure_live_daemon``."""
+    return protocol.replace("-", "_")
+
+
 def _report(
     records: list[dict[str, Any]],
     memory_mib: int,
@@ -403,9 +446,10 @@ def _report(
     json_path: Path | None,
     info: dict[str, Any] | None = None,
     parallel: int = 0,
+    protocols: tuple[str, ...] = PROTOCOLS,
 ) -> int:
     medians: dict[str, dict[str, float]] = {}
-    for protocol in PROTOCOLS:
+    for protocol in protocols:
         rows = [r for r in records if r["protocol"] == protocol]
         medians[protocol] = {
             k: statistics.median(r[k] for r in rows)
@@ -418,26 +462,37 @@ def _report(
                 "wire_bytes",
             )
         }
-    tls = medians["qemu-tls"]
-    secure = medians["secure-live"]
-    ratios = {
-        k: round(secure[k] / tls[k], 2) if tls[k] else None
-        for k in ("total_s", "qemu_total_ms", "downtime_ms", "guest_downtime_ms", "cpu_s")
-    }
+        for k in ("own_cpu_s", "daemons_cpu_s"):
+            if rows and all(k in r for r in rows):
+                medians[protocol][k] = statistics.median(r[k] for r in rows)
+    # Each securemig series against qemu-tls (the goal's base), when both ran.
+    ratios: dict[str, dict[str, float | None]] = {}
+    tls = medians.get("qemu-tls")
+    for protocol in SECUREMIG:
+        if protocol in medians and tls is not None:
+            ratios[protocol] = {
+                k: round(medians[protocol][k] / tls[k], 2) if tls[k] else None
+                for k in ("total_s", "qemu_total_ms", "downtime_ms", "guest_downtime_ms", "cpu_s")
+            }
     info = info or provenance()
     for record in records:
         record["provenance"] = info
-    report = {
+    report: dict[str, Any] = {
         "provenance": info,
         "memory_mib": memory_mib,
         "dirty_mib_s": dirty,
         "repeat": repeat,
         "parallel": parallel,
+        "protocols": list(protocols),
         "records": records,
         "medians": medians,
-        "secure_live_vs_qemu_tls": ratios,
-        "secure_live_switchover_ms": _switchover_medians(records),
+        "cpu_counted": {p: CPU_COUNTED for p in protocols if p in SECUREMIG},
     }
+    for protocol, values in ratios.items():
+        report[f"{_key(protocol)}_vs_qemu_tls"] = values
+    for protocol in SECUREMIG:
+        if protocol in medians:
+            report[f"{_key(protocol)}_switchover_ms"] = _switchover_medians(records, protocol)
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
     print(one_line(info))
@@ -454,30 +509,47 @@ def _report(
         ("cpu s", 7),
         ("MiB", 7),
     )
-    print(f"{'protocol':<12} " + " ".join(f"{name:>{width}}" for name, width in header))
+    width = max([12, *(len(p) for p in protocols)])
+    print(f"{'protocol':<{width}} " + " ".join(f"{name:>{w}}" for name, w in header))
     for protocol, m in medians.items():
         print(
-            f"{protocol:<12} {m['total_s']:>8.2f} {m['qemu_total_ms'] / 1000:>9.2f} "
+            f"{protocol:<{width}} {m['total_s']:>8.2f} {m['qemu_total_ms'] / 1000:>9.2f} "
             f"{m['downtime_ms']:>12.0f} "
             f"{m['guest_downtime_ms']:>9.0f} {m['cpu_s']:>7.2f} {m['wire_bytes'] / (1 << 20):>7.0f}"
         )
-    print(
-        "secure-live / qemu-tls: total "
-        + ", ".join(f"{k} {v}" for k, v in ratios.items())
-        + " (secure-live's total includes both attestations and the key release)"
-    )
-    switchover = _switchover_medians(records)
-    if switchover:
+    for protocol, values in ratios.items():
         print(
-            "secure-live switchover, ms after the source's last heartbeat (medians): "
-            + ", ".join(f"{k} {v:.0f}" for k, v in switchover.items())
+            f"{protocol} / qemu-tls: total "
+            + ", ".join(f"{k} {v}" for k, v in values.items())
+            + f" ({protocol}'s total includes both attestations and the key release)"
         )
+    for protocol in SECUREMIG:
+        m = medians.get(protocol, {})
+        if "own_cpu_s" in m:
+            print(
+                f"{protocol}: cpu of its command {m['own_cpu_s']:.2f} s, of securemig's "
+                f"daemons over the move {m['daemons_cpu_s']:.2f} s"
+            )
+    if any(p in SECUREMIG for p in protocols):
+        print(
+            "cpu s: every QEMU and swtpm of both sides over the move; for securemig's series "
+            f"also the {CPU_COUNTED}"
+        )
+    for protocol in SECUREMIG:
+        switchover = _switchover_medians(records, protocol) if protocol in medians else {}
+        if switchover:
+            print(
+                f"{protocol} switchover, ms after the source's last heartbeat (medians): "
+                + ", ".join(f"{k} {v:.0f}" for k, v in switchover.items())
+            )
     return 0
 
 
-def _switchover_medians(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Median of each :func:`_switchover` time over the secure-live records."""
-    rows = [r.get("switchover_ms") or {} for r in records if r["protocol"] == "secure-live"]
+def _switchover_medians(
+    records: list[dict[str, Any]], protocol: str = "secure-live"
+) -> dict[str, float]:
+    """Median of each :func:`_switchover` time over ``protocol``'s records."""
+    rows = [r.get("switchover_ms") or {} for r in records if r["protocol"] == protocol]
     names = [name for name, _, _ in SWITCHOVER] + ["first_beat"]
     return {
         name: statistics.median(r[name] for r in rows if name in r)

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from securemig.lab.bench.driven import CPU_COUNTED
 from securemig.lab.bench.provenance import header_lines
 from securemig.protocol.phases import Activity
 
@@ -145,6 +146,11 @@ def report(records: list[dict[str, Any]]) -> str:
         "Medians over the repeats, (min-max).  Time: wall seconds of the whole source",
         "command.  CPU: user+system seconds per process.  RSS: peak resident MiB per",
         "process.  The destination's CPU and RSS include its own start-up.",
+        *(
+            ["", f"secure-daemon: {CPU_COUNTED}; RSS: each daemon's VmHWM (its start-up in it)."]
+            if any(r.get("cpu_counted") for r in records)
+            else []
+        ),
         "",
         "| size MiB | protocol | time s | CPU source s | CPU destination s "
         "| CPU s/GiB (both) | RSS source | RSS destination | MiB/s | wire MiB |",
