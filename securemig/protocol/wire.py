@@ -559,9 +559,10 @@ class WrappedKey:
 class ClearKey:
     """Insecure variant only, source → destination, before the first stream:
     the vTPM key and the vTPM's identity, in the clear (what the secure
-    variant wraps; the insecure twin exists to measure what that costs)."""
+    variant wraps; the insecure twin exists to measure what that costs), or
+    a libvirt domain's whole secret (1 to 128 bytes)."""
 
-    material: bytes = wire(Blob(64))
+    material: bytes = wire(Blob(128))
 
 
 class Decision(enum.IntEnum):

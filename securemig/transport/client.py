@@ -82,7 +82,14 @@ async def migrate(
     clear_key = None
     if secure is None and bundle.manifest.vtpm and unseal_with is not None:
         clear_key = await _blocking(reactor, off_reactor, unseal_vtpm_key, bundle, unseal_with)
-    vtpm_key = security.secret if security is not None else clear_key and clear_key[:32]
+    vtpm_key: bytes | None = None
+    if security is not None:
+        vtpm_key = security.secret
+    else:
+        # The key without the identity after it (a libvirt domain's secret,
+        # of any length, has none): the whole key, for the rollback.
+        identity = len(bytes.fromhex(bundle.manifest.vtpm or ""))
+        vtpm_key = clear_key and clear_key[: len(clear_key) - identity]
     departure = Departure(
         bundle,
         variant,

@@ -362,6 +362,16 @@ class QuoteRequestWireTests(SynchronousTestCase):
             wire.encode(wire.Evidence(b"", b"", (), b"", b"", b"x" * (wire.MAX_EVENT_LOG + 1)))
 
 
+    def test_clear_key_takes_a_whole_libvirt_secret(self) -> None:
+        """CLEAR_KEY carries up to 128 bytes (a libvirt domain's secret, or
+        a vTPM key and identity); a length field over that is refused."""
+        key = wire.ClearKey(bytes(range(128)))
+        self.assertEqual(decode_all(wire.encode(key)), [key])
+        payload = struct.pack("!H", 129) + b"k" * 129
+        self.assertRefused(ErrorCode.BAD_PARAMETER, frame(0x14, payload))
+        with self.assertRaises(ValueError):
+            wire.encode(wire.ClearKey(b"k" * 129))
+
 class HelloTailTests(SynchronousTestCase):
     """HELLO's version-2 tail says what the VM is (backend, vTPM); a tail that
     ends early (the first version-2 sources) leaves them at their defaults."""
