@@ -44,6 +44,7 @@ from securemig.app.control_client import (
     PASSED_ENV,
     REQUEST_TIMEOUT,
     encode,
+    socket_address,
     socket_path,
 )
 from securemig.host.arrival import DestinationHost
@@ -337,10 +338,13 @@ class ControlService(service.Service):
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         previous = os.umask(0o177)
+        # A state directory too long for a socket address is bound through
+        # /proc/self/fd (socket_address): the socket file is still here.
         try:
-            self.port = self.reactor.listenUNIX(
-                str(self.path), ControlFactory(self.host, self.reactor), mode=0o600
-            )
+            with socket_address(self.path) as address:
+                self.port = self.reactor.listenUNIX(
+                    address, ControlFactory(self.host, self.reactor), mode=0o600
+                )
         finally:
             os.umask(previous)
         log.info(

@@ -31,15 +31,13 @@ client that goes away does not cancel: the daemon finishes the migration.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
 import socket
 import struct
 import sys
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -67,15 +65,29 @@ EXIT_FAILED = 1
 
 def socket_path(state_dir: Path) -> Path:
     """The daemon's control socket for the host state directory
-    ``state_dir``: ``STATE_DIR/control.sock`` when that fits in a UNIX
-    socket address, else ``TMP/securemig-control-DIGEST.sock`` (DIGEST a
-    hash of the state directory's absolute path)."""
-    state = Path(os.path.abspath(state_dir))
-    path = state / SOCKET_NAME
+    ``state_dir``: always ``STATE_DIR/control.sock`` (reached through
+    :func:`socket_address` when that path is too long for a UNIX socket
+    address)."""
+    return Path(os.path.abspath(state_dir)) / SOCKET_NAME
+
+
+@contextlib.contextmanager
+def socket_address(path: Path) -> Iterator[str]:
+    """The address to bind or connect for the socket file ``path``: the
+    path itself when it fits in a UNIX socket address (107 bytes), else
+    ``/proc/self/fd/N/NAME`` through a descriptor of its directory, held
+    open while the block runs (the kernel resolves that link at bind and
+    connect; the socket is the same file, in the same state directory, so
+    nothing lands in a shared temporary directory and a killed daemon
+    leaves nothing outside its state)."""
     if len(os.fsencode(path)) <= _SOCKET_PATH_MAX:
-        return path
-    digest = hashlib.sha256(os.fsencode(state)).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"securemig-control-{digest}.sock"
+        yield str(path)
+        return
+    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{directory}/{path.name}"
+    finally:
+        os.close(directory)
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -210,8 +222,9 @@ def _connect(path: Path, state_dir: Path) -> socket.socket:
     ``state_dir``, or :class:`DaemonGone` saying why not."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(os.fsencode(path))
-    except (FileNotFoundError, ConnectionRefusedError):
+        with socket_address(path) as address:
+            sock.connect(address)
+    except (FileNotFoundError, NotADirectoryError, ConnectionRefusedError):
         sock.close()
         raise DaemonGone(
             f"no daemon listens on {path}: start this host's daemon "

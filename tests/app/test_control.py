@@ -77,13 +77,26 @@ class EntryTests(SynchronousTestCase):
         self.assertEqual(set(control_client.PASSED_ENV), {config.CONFIG_ENV, STATE_DIR_ENV})
 
     def test_long_state_dir_socket_fits(self) -> None:
-        """A state directory too deep for a socket address gets its socket
-        in the temporary directory, one per state directory."""
+        """The socket is always STATE_DIR/control.sock; a state directory
+        too deep for a socket address is bound and connected through a
+        descriptor of it (/proc/self/fd), so the socket file is still there
+        and nothing lands in the shared temporary directory (where a killed
+        daemon's socket once stayed behind)."""
         short = control_client.socket_path(Path("/srv/state"))
         self.assertEqual(short, Path("/srv/state/control.sock"))
-        deep = [control_client.socket_path(Path("/" + "d" * 120 + str(i))) for i in (1, 2)]
-        self.assertNotEqual(deep[0], deep[1])
-        self.assertTrue(all(len(os.fsencode(p)) <= 107 for p in deep))
+        deep = Path(self.mktemp()).absolute() / ("d" * 120)
+        deep.mkdir(parents=True)
+        path = control_client.socket_path(deep)
+        self.assertEqual(path, deep / "control.sock")
+        self.assertGreater(len(os.fsencode(path)), 107)
+        with socket.socket(socket.AF_UNIX) as server, socket.socket(socket.AF_UNIX) as client:
+            with control_client.socket_address(path) as address:
+                self.assertLessEqual(len(address), 107)
+                server.bind(address)
+            server.listen()
+            with control_client.socket_address(path) as address:
+                client.connect(address)
+            self.assertTrue(path.is_socket())
 
     def test_thin_path_imports_nothing_heavy(self) -> None:
         """``migrate --daemon`` with no daemon listening: one sentence naming
@@ -188,7 +201,8 @@ class DaemonBase(TestCase):
 
     def connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(str(control_client.socket_path(self.src_state)))
+        with control_client.socket_address(control_client.socket_path(self.src_state)) as address:
+            sock.connect(address)
         self.addCleanup(sock.close)
         return sock
 
