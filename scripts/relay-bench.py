@@ -99,6 +99,12 @@ def child(role: str, mode: str, path: str, key: bytes, mid: bytes, port: int, k:
                     "voluntary_switches": end[2] - start[2],
                     "involuntary_switches": end[3] - start[3],
                     "errors": [e for e in errors if e],
+                    # Records sealed or opened (the live stream's only).
+                    "records": getattr(
+                        getattr(keep[0], "sealer", None) or getattr(keep[0], "opener", None),
+                        "sequence",
+                        None,
+                    ),
                 }
             ),
             flush=True,
@@ -241,6 +247,8 @@ def one_run(
         record[f"{side}_cpu_s_per_gib"] = round(cpu / gib, 3)
         record[f"{side}_user_system"] = [round(usage["user"], 3), round(usage["system"], 3)]
         record[f"{side}_switches"] = [usage["voluntary_switches"], usage["involuntary_switches"]]
+        if usage.get("records"):
+            record[f"{side}_records"] = usage["records"]
         if usage["errors"]:
             record[f"{side}_errors"] = usage["errors"]
     return record

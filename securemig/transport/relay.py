@@ -43,9 +43,10 @@ from securemig.transport.tcp import dup_socket
 #: reactor thread, which then contends for the GIL with the relays.
 PROGRESS_BATCH = 4 << 20
 PROGRESS_EVERY = 0.25
-#: The opening direction reads into a buffer of this many records' worth,
-#: so a record that straddles reads is moved to the front seldom.
-READ_RECORDS = 4
+#: The opening direction reads into a buffer of this many records' worth:
+#: a record that straddles reads is moved to the front at most once per
+#: record's worth of bytes (a memory copy, cheap beside the system calls).
+READ_RECORDS = 2
 
 
 def blocking_dup(transport: Any) -> socket.socket:
