@@ -27,7 +27,11 @@ accepted connection) with the data channel's AEAD records in place of TLS:
   hypervisor sees an error, never a clean end of a forged stream;
 - ``memory``'s connection 0 (QEMU's main migration channel) reaches the
   destination's socket before any other of that socket (:data:`MAIN_FIRST`):
-  the others, bound, wait for it.
+  the others, bound, wait for it;
+- once a connection is bound and both its ends are there, each direction
+  runs on a relay thread of its own (:mod:`securemig.transport.relay`): the
+  channels of one migration are sealed and opened side by side, not in
+  turn on the reactor thread.
 
 The QEMU backend's live stream on multifd channels (``migrate --live
 --parallel N``) is the same machinery with one socket, ``memory``, and

@@ -3,9 +3,10 @@ A live migration's sealed stream: QEMU at the source connects to a unix
 socket securemig listens on (:func:`securemig.hypervisor.qemu.live_socket`);
 :class:`LiveSender` seals every byte it sends into the data channel's AEAD
 records, and the destination's :class:`LiveReceiver` opens them and passes
-them on to where the destination's QEMU listens, with producer/consumer
-flow control both ways (a slow destination pauses the source's QEMU, never
-grows a buffer).
+them on to where the destination's QEMU listens.  Twisted accepts, connects
+and keeps strangers out; the bytes themselves move on a relay thread per
+side (:mod:`securemig.transport.relay`), blocking on a full socket, so a
+slow destination pauses the source's QEMU and never grows a buffer.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ log = Logger()
 
 # -- the sealed stream: QEMU's bytes in the data channel's AEAD records
 
-#: QEMU reads and writes its stream in pieces of at most this size here
-#: (Twisted's unix read size); a record holds one such piece.
+#: The source's relay reads QEMU's stream in pieces of at most this size
+#: (what one read returns: QEMU writes in smaller ones); a record holds one
+#: piece, and the receiver refuses a longer one from its header.
 LIVE_RECORD_PLAINTEXT = 1 << 20
 #: The sender's first record is empty: it only proves the key.  Until it
 #: authenticates, a connection to the live port may send no longer record
