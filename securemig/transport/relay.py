@@ -199,6 +199,9 @@ class SealingRelay(Relay):
             self._progress(n)
         if self.aborted:
             return  # shut down by abort(): not the source's end
+        # Every byte is counted before END leaves: once the receiver has
+        # it, this side's count is whole.
+        self._flush(time.monotonic())
         sink.sendall(out[: sealer.seal_into(plain[:0], out, records.Kind.END)])
         sink.shutdown(socket.SHUT_WR)
 
