@@ -235,7 +235,10 @@ class OpeningRelay(Relay):
         opener, source, sink = self.opener, self.source, self.sink
         header = records.RECORD_HEADER.size
         largest = header + opener.max_plaintext + records.TAG
-        buffer = memoryview(bytearray(max(READ_RECORDS * largest, len(self.leftover))))
+        # Room for the leftover and a whole record behind it, so a read
+        # never gets an empty buffer (which would read as an end of file).
+        size = max(READ_RECORDS * largest, len(self.leftover) + largest)
+        buffer = memoryview(bytearray(size))
         out = memoryview(bytearray(opener.max_plaintext))
         end = len(self.leftover)
         buffer[:end] = self.leftover
