@@ -168,6 +168,58 @@ class Opener(_Channel):
         parts = self._queue.take(n)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def take_buffered(self) -> bytes:
+        """Remove and return every received byte not yet opened (a record
+        header already read included), for a reader that goes on with this
+        opener's sequence through :meth:`header` and :meth:`open_into`."""
+        head = b"" if self._header is None else RECORD_HEADER.pack(*self._header)
+        self._header = None
+        return head + b"".join(self._queue.take(self._queue.available))
+
+    def header(self, raw: bytes | memoryview) -> tuple[Kind, int]:
+        """Check a record's header (its first :data:`RECORD_HEADER` bytes)
+        before anything of the record is buffered: its kind, and the length
+        of what follows it (within ``max_plaintext`` plus the tag)."""
+        if self.ended:
+            raise PeerViolation(ErrorCode.RECORD_REFUSED, "data after the END record")
+        raw_kind, length = RECORD_HEADER.unpack(raw)
+        if raw_kind not in (Kind.FRAMES, Kind.END):
+            raise PeerViolation(ErrorCode.RECORD_REFUSED, f"unknown record kind {raw_kind}")
+        if not TAG <= length <= self.max_plaintext + TAG:
+            raise PeerViolation(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"data record of {length} bytes (at most {self.max_plaintext + TAG})",
+            )
+        return Kind(raw_kind), length
+
+    def open_into(self, kind: Kind, sealed: bytes | memoryview, out: memoryview) -> int:
+        """Authenticate and decrypt the record after a :meth:`header` of
+        ``kind`` (``sealed``: its ciphertext and tag) into ``out`` (at least
+        ``len(sealed) - TAG`` bytes, not overlapping ``sealed``); the
+        plaintext's length.  An END record sets :attr:`ended` (and must be
+        empty).  A record that fails to authenticate raises
+        ``RECORD_REFUSED``, and what ``out`` then holds is not to be used
+        (GCM writes the plaintext before it checks the tag)."""
+        try:
+            n: int = self.aead.decrypt_into(
+                _nonce(self.sequence),
+                sealed,
+                _ad(self.migration_id, kind, self.sequence),
+                out[: len(sealed) - TAG],
+            )
+        except InvalidTag:
+            raise PeerViolation(
+                ErrorCode.RECORD_REFUSED,
+                f"data record {self.sequence} does not authenticate (altered, out of order, "
+                "repeated or from another session)",
+            ) from None
+        self.sequence += 1
+        if kind is Kind.END:
+            if n:
+                raise PeerViolation(ErrorCode.RECORD_REFUSED, "data after the END record")
+            self.ended = True
+        return n
+
     def next_record(self) -> bytes | None:
         """The plaintext of the next FRAMES record, or None (more bytes
         needed, or the END record was read: see :attr:`ended`)."""
@@ -178,15 +230,7 @@ class Opener(_Channel):
         if self._header is None:
             if self._queue.available < RECORD_HEADER.size:
                 return None
-            raw_kind, length = RECORD_HEADER.unpack(self._take(RECORD_HEADER.size))
-            if raw_kind not in (Kind.FRAMES, Kind.END):
-                raise PeerViolation(ErrorCode.RECORD_REFUSED, f"unknown record kind {raw_kind}")
-            if not TAG <= length <= self.max_plaintext + TAG:
-                raise PeerViolation(
-                    ErrorCode.FRAME_TOO_LARGE,
-                    f"data record of {length} bytes (at most {self.max_plaintext + TAG})",
-                )
-            self._header = (Kind(raw_kind), length)
+            self._header = self.header(self._take(RECORD_HEADER.size))
         kind, length = self._header
         if self._queue.available < length:
             return None

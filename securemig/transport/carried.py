@@ -27,7 +27,11 @@ accepted connection) with the data channel's AEAD records in place of TLS:
   hypervisor sees an error, never a clean end of a forged stream;
 - ``memory``'s connection 0 (QEMU's main migration channel) reaches the
   destination's socket before any other of that socket (:data:`MAIN_FIRST`):
-  the others, bound, wait for it.
+  the others, bound, wait for it;
+- once a connection is bound and both its ends are there, each direction
+  runs on a relay thread of its own (:mod:`securemig.transport.relay`): the
+  channels of one migration are sealed and opened side by side, not in
+  turn on the reactor thread.
 
 The QEMU backend's live stream on multifd channels (``migrate --live
 --parallel N``) is the same machinery with one socket, ``memory``, and
@@ -55,6 +59,7 @@ from securemig.protocol.strangers import (
     CloseStranger,
     StrangerPool,
 )
+from securemig.transport.relay import OpeningRelay, SealingRelay, blocking_dup
 from securemig.transport.strangers import PoolTimer
 
 log = Logger()
@@ -137,7 +142,12 @@ class _End(Protocol):
 
 class _Pair:
     """A carried connection: a local UNIX end and a TCP wire end, sealing
-    what goes onto the wire and opening what comes off it."""
+    what goes onto the wire and opening what comes off it.
+
+    Until both ends are there and the wire authenticated, Twisted reads
+    them (the preamble, the first record); then :meth:`join` hands each
+    direction to a relay thread (:mod:`securemig.transport.relay`) and
+    Twisted only closes the two ends once both relays are done."""
 
     def __init__(
         self,
@@ -154,11 +164,17 @@ class _Pair:
         self.wire: _End | None = None
         self.bound = False
         self.ended = False
-        self.pending: list[bytes] = []
+        self.failed = False
         #: The connection's number among its socket's (from the preamble).
         self.number = 0
         #: Preamble bytes received so far (destination).
         self.buffer = b""
+        #: Clear bytes the source sends before its first record: the preamble.
+        self.preface = b""
+        #: The relays of both directions (once joined), and how many still run.
+        self.up: SealingRelay | None = None
+        self.down: OpeningRelay | None = None
+        self.running = 0
 
     # -- wiring
 
@@ -170,79 +186,118 @@ class _Pair:
         self.owner._made(self, end)
 
     def join(self) -> None:
-        """Both ends are there and the wire authenticated: flow both ways,
-        each side's full buffer pausing the other's reads."""
+        """Both ends are there and the wire authenticated: a relay thread
+        for each direction, each blocking on a full socket (so a slow
+        reader pauses the other end's writer, as producers did)."""
         assert self.local is not None and self.wire is not None
+        assert self.sealer is not None and self.opener is not None
         self.bound = True
-        self.local.transport.registerProducer(self.wire.transport, True)
-        self.wire.transport.registerProducer(self.local.transport, True)
-        for data in self.pending:
-            self.local.transport.write(data)
-        self.pending = []
-        self.local.transport.resumeProducing()
-        self.wire.transport.resumeProducing()
-        self.deliver()
+        local, wire = self.local.transport, self.wire.transport
+        local.stopReading()
+        wire.stopReading()
+        reactor = self.owner.reactor
+        tag = f"securemig-carried-{self.name}-{self.number}"
+        try:
+            self.up = SealingRelay(
+                reactor,
+                blocking_dup(local),
+                blocking_dup(wire),
+                self.sealer,
+                CARRIED_RECORD_PLAINTEXT,
+                self._sent,
+                self._up_done,
+                f"{tag}-seal",
+                opening=bool(self.preface),
+                preface=self.preface,
+            )
+            self.down = OpeningRelay(
+                reactor,
+                blocking_dup(wire),
+                blocking_dup(local),
+                self.opener,
+                self.owner.on_progress,
+                self._down_done,
+                f"{tag}-open",
+                leftover=self.opener.take_buffered(),
+            )
+        except (OSError, RuntimeError) as e:
+            self.fail(f"cannot relay: {e}")
+            return
+        self.running = 2
+        self.up.start()
+        self.down.start()
 
     # -- data
 
     def received(self, end: _End, data: bytes) -> None:
+        # Only before the relays start: the destination's preamble and
+        # first record (the source's ends are not read until then).
         if not end.wire:
-            assert self.sealer is not None and self.wire is not None
-            self.owner.carried[self.name] += len(data)
-            self.owner.on_progress(len(data))
-            self.wire.transport.writeSequence(self.sealer.seal([data]))
             return
         if self.opener is None:
             self.owner._preamble(self, data)
             return
         self.opener.feed(data)
-        if self.bound:
-            self.deliver()
-        else:
+        if not self.bound:
             self.owner._first_record(self)
 
-    def deliver(self) -> None:
-        """Open what arrived and write it to the local socket."""
-        assert self.opener is not None and self.local is not None
-        try:
-            while (plain := self.opener.next_record()) is not None:
-                self.local.transport.write(plain)
-                self.owner.on_progress(len(plain))
-        except Exception as e:  # refused: nothing more reaches the hypervisor
-            self.fail(str(e))
+    def _sent(self, n: int) -> None:
+        self.owner.carried[self.name] += n
+        self.owner.on_progress(n)
+
+    # -- the relays' ends (on the reactor thread)
+
+    def _up_done(self, error: Exception | None) -> None:
+        self.running -= 1
+        if error is not None and not self.ended:
+            self.fail(str(error))
             return
-        if self.opener.ended:
-            self.close()
+        if not self.ended:
+            # The hypervisor closed its socket and END went onto the wire:
+            # the connection ends both ways, as it did on one thread.
+            self.ended = True
+            assert self.down is not None
+            self.down.abort()
+        self._settle()
+
+    def _down_done(self, error: Exception | None) -> None:
+        self.running -= 1
+        if error is not None and not self.ended:
+            self.fail(str(error))
+            return
+        if not self.ended:
+            # END arrived (and the hypervisor's socket got its end of file):
+            # our END follows on the wire once what was read is sealed.
+            self.ended = True
+            assert self.up is not None
+            self.up.finish()
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.running or self.failed:
+            return
+        for end in (self.wire, self.local):
+            if end is not None and end.transport is not None:
+                end.transport.loseConnection()
+        self.owner._ended(self)
 
     # -- ends
 
     def lost(self, end: _End) -> None:
-        if self.ended:
+        # Twisted sees an end go only before the relays start (after, it
+        # does not read them) or when this pair closes them itself.
+        if self.ended or self.bound:
             return
-        if end.wire:
-            if self.opener is not None and self.bound:
-                try:
-                    self.opener.closed()
-                except Exception as e:
-                    self.fail(str(e))
-                    return
-            self.close()
-        else:
-            self.close()
+        self.close()
 
     def close(self) -> None:
-        """An orderly end: END onto the wire if it is still open, both closed."""
+        """An orderly end before the relays started: both ends closed."""
         if self.ended:
             return
         self.ended = True
-        if self.wire is not None and self.wire.transport is not None:
-            if self.sealer is not None and self.bound:
-                self.wire.transport.unregisterProducer()
-                self.wire.transport.writeSequence(self.sealer.end())
-            self.wire.transport.loseConnection()
-        if self.local is not None and self.local.transport is not None:
-            self.local.transport.unregisterProducer()
-            self.local.transport.loseConnection()
+        for end in (self.wire, self.local):
+            if end is not None and end.transport is not None:
+                end.transport.loseConnection()
         self.owner._ended(self)
 
     def fail(self, reason: str) -> None:
@@ -251,6 +306,10 @@ class _Pair:
             log.warn("carried {name} connection refused: {reason}", name=self.name, reason=reason)
             self.owner.errors.append(f"{self.name}: {reason}")
         self.ended = True
+        self.failed = True
+        for relay in (self.up, self.down):
+            if relay is not None:
+                relay.abort()
         for end in (self.wire, self.local):
             if end is not None and end.transport is not None:
                 end.transport.abortConnection()
@@ -330,10 +389,8 @@ class CarrierSource:
 
             self.reactor.connectTCP(self.host, self.port, Dial(), timeout=30)
             return
-        number = pair.number
-        end.transport.write(PREAMBLE.pack(SOCKETS.index(pair.name), number))
-        assert pair.sealer is not None
-        end.transport.writeSequence(pair.sealer.seal([b""]))
+        # The preamble and the opening record go first, from the relay.
+        pair.preface = PREAMBLE.pack(SOCKETS.index(pair.name), pair.number)
         pair.join()
 
     def _preamble(self, pair: _Pair, data: bytes) -> None:

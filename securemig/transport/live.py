@@ -3,9 +3,10 @@ A live migration's sealed stream: QEMU at the source connects to a unix
 socket securemig listens on (:func:`securemig.hypervisor.qemu.live_socket`);
 :class:`LiveSender` seals every byte it sends into the data channel's AEAD
 records, and the destination's :class:`LiveReceiver` opens them and passes
-them on to where the destination's QEMU listens, with producer/consumer
-flow control both ways (a slow destination pauses the source's QEMU, never
-grows a buffer).
+them on to where the destination's QEMU listens.  Twisted accepts, connects
+and keeps strangers out; the bytes themselves move on a relay thread per
+side (:mod:`securemig.transport.relay`), blocking on a full socket, so a
+slow destination pauses the source's QEMU and never grows a buffer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from securemig.protocol.strangers import (
     CloseStranger,
     StrangerPool,
 )
+from securemig.transport.relay import OpeningRelay, SealingRelay, blocking_dup
 from securemig.transport.strangers import PoolTimer
 
 log = Logger()
@@ -31,8 +33,9 @@ log = Logger()
 
 # -- the sealed stream: QEMU's bytes in the data channel's AEAD records
 
-#: QEMU reads and writes its stream in pieces of at most this size here
-#: (Twisted's unix read size); a record holds one such piece.
+#: The source's relay reads QEMU's stream in pieces of at most this size
+#: (what one read returns: QEMU writes in smaller ones); a record holds one
+#: piece, and the receiver refuses a longer one from its header.
 LIVE_RECORD_PLAINTEXT = 1 << 20
 #: The sender's first record is empty: it only proves the key.  Until it
 #: authenticates, a connection to the live port may send no longer record
@@ -44,7 +47,7 @@ LIVE_ACCEPT_TIMEOUT = 30.0
 
 
 class _SealingSide(Protocol):
-    """Source: QEMU's stream in (a unix connection), sealed records out."""
+    """Source: QEMU's stream in (a unix connection), read by the relay."""
 
     transport: Any
 
@@ -54,15 +57,13 @@ class _SealingSide(Protocol):
     def connectionMade(self) -> None:
         self.sender._qemu_connected(self)
 
-    def dataReceived(self, data: bytes) -> None:
-        self.sender._from_qemu(data)
-
     def connectionLost(self, reason: Any = None) -> None:
         self.sender._qemu_closed()
 
 
 class _WireSide(Protocol):
-    """One TCP end of the sealed stream."""
+    """One end of the sealed stream that Twisted reads: before its relay
+    starts, or the direction nothing should come from (a peer's close)."""
 
     transport: Any
 
@@ -85,8 +86,10 @@ class LiveSender:
     for its QEMU (``migrate uri=unix:...``), connects to the destination's
     :class:`LiveReceiver` at ``host:port`` and seals every piece of QEMU's
     stream into one record with ``sealer``; when QEMU closes the stream
-    (it completed) the END record follows.  Flow control end to end: a full
-    socket to the destination pauses the reads from QEMU."""
+    (it completed) the END record follows.  Once both are connected, a
+    relay thread (:class:`~securemig.transport.relay.SealingRelay`) does
+    the reading, sealing and sending, blocking on a full socket to the
+    destination (so QEMU's writes block: flow control end to end)."""
 
     def __init__(
         self,
@@ -102,11 +105,11 @@ class LiveSender:
         self.on_progress = on_progress
         self.sent = 0
         self.done: Deferred[None] = Deferred()
+        #: Why the relay ended early (None: it did not).
+        self.error: Exception | None = None
         self._qemu: _SealingSide | None = None
         self._out: _WireSide | None = None
-        # The opening record goes first: it proves the key to the receiver.
-        self._pending: list[list[bytes]] = [sealer.seal([b""])]
-        self._qemu_ended = False
+        self._relay: SealingRelay | None = None
         sender = self
 
         class FromQemu(Factory):
@@ -126,45 +129,65 @@ class LiveSender:
 
     def _wired(self, out: _WireSide) -> None:
         self._out = out
-        for data in self._pending:
-            out.transport.writeSequence(data)
-        self._pending = []
-        if self._qemu is not None:
-            out.transport.registerProducer(self._qemu.transport, True)
-        if self._qemu_ended:
-            self._end()
+        self._start()
 
     def _qemu_connected(self, side: _SealingSide) -> None:
         self._qemu = side
         self.port.stopListening()
-        if self._out is not None:
-            self._out.transport.registerProducer(side.transport, True)
+        # Nothing is read from QEMU but by the relay.
+        side.transport.stopReading()
+        self._start()
 
-    def _from_qemu(self, data: bytes) -> None:
-        self.sent += len(data)
-        self.on_progress(len(data))
-        sealed = self.sealer.seal([data])
-        if self._out is None:
-            self._pending.append(sealed)
-        else:
-            self._out.transport.writeSequence(sealed)
+    def _start(self) -> None:
+        # The relay sends the opening record first: it proves the key.
+        if self._qemu is None or self._out is None or self._relay is not None:
+            return
+        try:
+            qemu = blocking_dup(self._qemu.transport)
+            wire = blocking_dup(self._out.transport)
+        except (OSError, RuntimeError) as e:
+            self.error = e
+            self.cut()
+            return
+        self._relay = SealingRelay(
+            self.reactor,
+            qemu,
+            wire,
+            self.sealer,
+            LIVE_RECORD_PLAINTEXT,
+            self._sent,
+            self._relayed,
+            "securemig-live-seal",
+            opening=True,
+        )
+        self._relay.start()
+
+    def _sent(self, n: int) -> None:
+        self.sent += n
+        self.on_progress(n)
+
+    def _relayed(self, error: Exception | None) -> None:
+        if error is not None:
+            if self.error is None and not self.done.called:
+                self.error = error
+            self.cut()
+            return
+        # QEMU ended its stream and END went after it: close both.
+        for side in (self._qemu, self._out):
+            if side is not None and side.transport is not None:
+                side.transport.loseConnection()
 
     def _qemu_closed(self) -> None:
-        self._qemu_ended = True
-        if self._out is not None:
-            self._end()
-
-    def _end(self) -> None:
-        assert self._out is not None
-        self._out.transport.unregisterProducer()
-        self._out.transport.writeSequence(self.sealer.end())
-        self._out.transport.loseConnection()
+        # Twisted does not read QEMU's socket: this is our own close.
+        pass
 
     def _from_destination(self, data: bytes) -> None:
         # The destination never sends on this stream.
         self.cut()
 
     def _destination_lost(self, reason: Any) -> None:
+        if self._relay is not None:
+            self._relay.abort()
         if self._qemu is not None and self._qemu.transport is not None:
             self._qemu.transport.abortConnection()
         if not self.done.called:
@@ -172,6 +195,8 @@ class LiveSender:
 
     def cut(self) -> None:
         """Break the stream both ways."""
+        if self._relay is not None:
+            self._relay.abort()
         for side in (self._qemu, self._out):
             if side is not None and side.transport is not None:
                 side.transport.abortConnection()
@@ -236,6 +261,8 @@ class LiveReceiver:
         self.done: Deferred[None] = Deferred()
         self._in: _WireSide | None = None
         self._qemu: _WireSide | None = None
+        self._relay: OpeningRelay | None = None
+        self._qemu_gone = False
         # Each stranger's opener.
         self._openers: dict[_WireSide, records.Opener] = {}
         self._listening = True
@@ -300,8 +327,8 @@ class LiveReceiver:
 
     def _from_source(self, side: _WireSide, data: bytes) -> None:
         if side is self._in:
+            # Read with the opening record, before the wire was paused.
             self._opener().feed(data)
-            self._deliver()
             return
         if side not in self.pool:
             return  # closed already
@@ -346,27 +373,45 @@ class LiveReceiver:
         self.reactor.connectUNIX(self.qemu_path, ToQemu())
 
     def _qemu_made(self, side: _WireSide) -> None:
+        # QEMU's socket is there: a relay thread opens the records (those
+        # that came with the opening record first) and writes their
+        # plaintext to it.  Twisted goes on reading QEMU's side only to see
+        # it close (QEMU sends nothing on an incoming migration).
         self._qemu = side
         assert self._in is not None
-        side.transport.registerProducer(self._in.transport, True)
-        self._in.transport.resumeProducing()
-        self._deliver()  # what arrived with the opening record
-
-    def _deliver(self) -> None:
-        if self._qemu is None:
-            return  # held in the opener until QEMU's socket is connected
+        opener = self._opener()
         try:
-            while (plain := self._opener().next_record()) is not None:
-                self.delivered += len(plain)
-                self.on_progress(len(plain))
-                self._qemu.transport.write(plain)
-        except Exception as e:  # a refused record: nothing more reaches QEMU
+            wire = blocking_dup(self._in.transport)
+            qemu = blocking_dup(side.transport)
+        except (OSError, RuntimeError) as e:
             self._refuse(e)
             return
-        if self._opener().ended:
-            # Nothing more comes: a registered producer would hold the close.
-            self._qemu.transport.unregisterProducer()
-            self._qemu.transport.loseConnection()
+        self._relay = OpeningRelay(
+            self.reactor,
+            wire,
+            qemu,
+            opener,
+            self._delivered,
+            self._relayed,
+            "securemig-live-open",
+            leftover=opener.take_buffered(),
+        )
+        self._relay.start()
+
+    def _delivered(self, n: int) -> None:
+        self.delivered += n
+        self.on_progress(n)
+
+    def _relayed(self, error: Exception | None) -> None:
+        if error is not None:
+            if not self._qemu_gone:
+                # A refused record, a truncation: nothing more reached QEMU.
+                self._refuse(error)
+            return
+        # END: QEMU got its end of file; close both.
+        for side in (self._qemu, self._in):
+            if side is not None and side.transport is not None:
+                side.transport.loseConnection()
 
     def _source_lost(self, side: _WireSide, reason: Any) -> None:
         if side is not self._in:
@@ -374,7 +419,8 @@ class LiveReceiver:
             self._openers.pop(side, None)
             self._timer.schedule()
             return
-        if not self._opener().ended:
+        if self._relay is None and not self._opener().ended:
+            # Cut before QEMU's socket answered.
             try:
                 self._opener().closed()
             except Exception as e:
@@ -383,6 +429,9 @@ class LiveReceiver:
         self._finish()
 
     def _qemu_lost(self, reason: Any) -> None:
+        self._qemu_gone = True
+        if self._relay is not None:
+            self._relay.abort()
         if self._in is not None and self._in.transport is not None and not self._opener().ended:
             self._in.transport.abortConnection()
         self._finish()
@@ -421,6 +470,8 @@ class LiveReceiver:
     def cut(self) -> None:
         """Break the stream both ways; close the port and every stranger."""
         self._timer.run(self.pool.close_all("the live stream ended"))
+        if self._relay is not None:
+            self._relay.abort()
         for side in (self._in, self._qemu):
             if side is not None and side.transport is not None:
                 side.transport.abortConnection()
