@@ -87,6 +87,8 @@ class ControlProtocol(Protocol):
         self.vm = "?"
         #: Set while a migration runs for this client.
         self.outcome: dict[str, Any] | None = None
+        #: The client cancelled (Ctrl-C), at any time after its request.
+        self.cancelled = False
         self.sessions: list[SourceProtocol] = []
         self.pending = 0
         self.flush_call: Any = None
@@ -157,11 +159,16 @@ class ControlProtocol(Protocol):
                 self._refuse(f"the daemon accepts only migrate, not {named}")
                 return
             Deferred.fromCoroutine(self._migrate(message)).addErrback(self._failed)
-        elif command == "cancel" and self.outcome is not None:
+        elif command == "cancel":
+            # Honoured from the moment the request is taken: before the
+            # migration starts it is not started (see _run); once it runs,
+            # its session is cancelled (as soon as it exists).
+            self.cancelled = True
             log.info(
                 "control socket: the client of the migration of VM {vm} cancels it", vm=self.vm
             )
-            migrate_cmd.cancel(self.factory.reactor, self.outcome, self.sessions)
+            if self.outcome is not None:
+                migrate_cmd.cancel(self.factory.reactor, self.outcome, self.sessions)
         else:
             # Only cancel follows a request: anything else ends this client's
             # connection (not its migration), so a client cannot fill the log.
@@ -232,14 +239,25 @@ class ControlProtocol(Protocol):
                     f"{wanted}: give migrate --state-dir {host.state_dir}",
                     err,
                 )
+            if self.cancelled:
+                return migrate_cmd.conclude(
+                    args, host.journal, migrate_cmd.CANCELLED_EARLY, out, err
+                )
             # Blocking (the identity read, the revocation list fetched over
             # HTTPS): off the reactor, which also serves arrivals.
             options = await deferToThread(migrate_cmd.prepare, args, err)
+            if self.cancelled:
+                return migrate_cmd.conclude(
+                    args, host.journal, migrate_cmd.CANCELLED_EARLY, out, err
+                )
             log.info(
                 "control socket: migrating VM {vm} to {to} for a local client",
                 vm=args.name,
                 to=args.to,
             )
+            # From here on a cancel reaches the migration through its
+            # outcome (drive checks it before anything is touched) and its
+            # session, once there is one.
             self.outcome = {}
             await migrate_cmd.drive(
                 self.factory.reactor,

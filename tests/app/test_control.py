@@ -307,6 +307,32 @@ class DaemonMigrateTests(DaemonBase):
         self.assertEqual(json.loads(out)["outcome"], "done")
         self.assertFalse(other.path.exists())
 
+    def test_cancel_with_the_request(self) -> None:
+        """Ctrl-C at once: the cancel sent together with the request (before
+        the daemon has checked it and prepared the migration) stops it
+        before anything is sent: exit 1 saying so, the VM intact here and
+        unlocked, nothing journaled done; the daemon serves the next one."""
+        bundle = self.create_vm("vm1", 8)
+        digests = bundle_digests(bundle)
+        sock = self.connect()
+        argv = self.argv("vm1", "--daemon", "--bandwidth", "4")[1:]
+        request = {"command": "migrate", "argv": argv, "cwd": "/", "env": {}}
+        sock.sendall(control_client.encode(request) + control_client.encode({"command": "cancel"}))
+        sock.settimeout(60)
+        result = json.loads(_read_all(sock).splitlines()[-1])
+        self.assertEqual(result["status"], 1, result)
+        self.assertIn("cancelled: interrupted by the operator (Ctrl-C)", result["stderr"])
+        self.assertIn("the VM is still here, unlocked", result["stderr"])
+        self.assertEqual(bundle_digests(Bundle.load(bundle.path)), digests)
+        self.assertFalse(storage.is_locked(bundle.lock_path))
+        record = self.record("vm1")
+        self.assertTrue(record is None or record.outcome != "done", record)
+        self.assertFalse((self.destination.state_dir / "vms" / "vm1").exists())
+        # Nothing left running: the same VM migrates through the daemon next.
+        done = self.run_migrate("vm1", "--daemon", "--json")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(json.loads(done.stdout)["outcome"], "done")
+
     def test_client_killed_migration_completes(self) -> None:
         """The client SIGKILLed mid-stream: the daemon finishes the migration
         (journaled done, the VM byte-identical at the destination) and logs

@@ -278,6 +278,10 @@ async def drive(
         bundle = Bundle.find(args.vm_dir, args.name)
         # From here on a failure leaves the VM here, unlocked.
         outcome["stays"] = True
+        if outcome.get("cancelled"):
+            # Cancelled before anything was touched (an early Ctrl-C).
+            outcome.update(CANCELLED_EARLY)
+            return
         departure, finished = await migrate(
             reactor,
             bundle,
@@ -422,14 +426,24 @@ def _revocation(args: argparse.Namespace, err: TextIO | None) -> RevocationList 
 #: The reason a migration cancelled with Ctrl-C ends with.
 INTERRUPTED = "interrupted by the operator (Ctrl-C)"
 
+#: :func:`conclude`'s ``outcome`` of a migration cancelled before it was
+#: started: nothing touched, nothing sent, the VM here.
+CANCELLED_EARLY: dict[str, Any] = {
+    "error": f"cancelled: {INTERRUPTED} before anything was sent",
+    "code": ErrorCode.CANCELLED.name,
+    "stays": True,
+}
+
 
 def cancel(reactor: Any, outcome: dict[str, Any], sessions: list[SourceProtocol]) -> None:
     """Cancel the migration :func:`drive` runs, whose connected session
     ``on_protocol`` put in ``sessions``, as a timeout would end it: the
     session fails with CANCELLED, tells the destination (ABORT), rolls back
     and is journaled.  Not connected yet: try again shortly, until the
-    migration is over.  (Only this migration's session: a daemon drives
-    others on the same reactor.)"""
+    migration is over; not started yet: :func:`drive` does not start it.
+    (Only this migration's session: a daemon drives others on the same
+    reactor.)"""
+    outcome["cancelled"] = True
     for proto in sessions:
         if not proto.session.finished:
             proto.fail(ProtocolError(ErrorCode.CANCELLED, INTERRUPTED))
