@@ -145,7 +145,9 @@ class ControlProtocol(Protocol):
     def _line(self, line: bytes) -> None:
         try:
             message = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
+            # RecursionError: brackets nested deeper than the parser goes
+            # (a line of "[" fits in MAX_LINE): as malformed as any.
             message = None
         command = message.get("command") if isinstance(message, dict) else None
         if not self.asked:
@@ -162,7 +164,10 @@ class ControlProtocol(Protocol):
         elif command == "cancel":
             # Honoured from the moment the request is taken: before the
             # migration starts it is not started (see _run); once it runs,
-            # its session is cancelled (as soon as it exists).
+            # its session is cancelled (as soon as it exists).  Only the
+            # first: the rest are ignored, unlogged.
+            if self.cancelled:
+                return
             self.cancelled = True
             log.info(
                 "control socket: the client of the migration of VM {vm} cancels it", vm=self.vm

@@ -251,7 +251,7 @@ def _events(sock: socket.socket, path: Path) -> Any:
             del buffer[: end + 1]
             try:
                 event = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise DaemonGone(f"the daemon on {path} sent something that is no event") from None
             if isinstance(event, dict):
                 yield event

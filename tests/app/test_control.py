@@ -476,6 +476,44 @@ class ControlSocketTests(DaemonBase):
         self.assertFalse(bundle.path.exists())
         self.assertEqual(self.source.log().count("other than cancel; disconnected"), 1)
 
+    def test_repeated_cancel_honoured_once(self) -> None:
+        """A client that sends ``cancel`` a thousand times (before its
+        migration has a session): the first cancels it, the rest are
+        ignored -- one log line, not a thousand, the client not dropped."""
+        bundle = self.create_vm("vm1", 4)
+        sock = self.connect()
+        argv = self.argv("vm1", "--daemon")[1:]
+        request = {"command": "migrate", "argv": argv, "cwd": "/", "env": {}}
+        cancel = control_client.encode({"command": "cancel"})
+        sock.sendall(control_client.encode(request) + cancel * 1000)
+        sock.settimeout(60)
+        result = json.loads(_read_all(sock).splitlines()[-1])
+        self.assertEqual(result["status"], 1, result)
+        self.assertIn("interrupted by the operator (Ctrl-C)", result["stderr"])
+        self.assertTrue(bundle.path.exists())
+        log = self.source.log()
+        self.assertEqual(log.count("cancels it"), 1, log[-2000:])
+        self.assertNotIn("other than cancel", log)
+
+    def test_deeply_nested_request_malformed(self) -> None:
+        """A line of 64 KiB of ``[`` (deeper than the JSON parser recurses)
+        is a malformed request like any other: refused with a usage status,
+        no traceback in the daemon's log."""
+        sock = self.connect()
+        sock.settimeout(30)
+        sock.sendall(b"[" * MAX_LINE + b"\n")
+        result = json.loads(_read_all(sock))
+        self.assertEqual(result["status"], 2)
+        self.assertIn("the daemon accepts only migrate", result["stderr"])
+        # The daemon still answers.
+        again = self.connect()
+        again.sendall(control_client.encode({"command": "shutdown"}))
+        self.assertEqual(json.loads(_read_all(again))["status"], 2)
+        log = self.source.log()
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("Unhandled", log)
+        self.assertNotIn("RecursionError", log)
+
     def test_only_migrate(self) -> None:
         """Any command but migrate is refused with a usage status; so is a
         migrate line naming another command."""

@@ -442,13 +442,19 @@ def cancel(reactor: Any, outcome: dict[str, Any], sessions: list[SourceProtocol]
     and is journaled.  Not connected yet: try again shortly, until the
     migration is over; not started yet: :func:`drive` does not start it.
     (Only this migration's session: a daemon drives others on the same
-    reactor.)"""
+    reactor.)  Only the first call acts: one attempt chain a migration."""
+    if outcome.get("cancelled"):
+        return
     outcome["cancelled"] = True
+    _cancel_sessions(reactor, outcome, sessions)
+
+
+def _cancel_sessions(reactor: Any, outcome: dict[str, Any], sessions: list[SourceProtocol]) -> None:
     for proto in sessions:
         if not proto.session.finished:
             proto.fail(ProtocolError(ErrorCode.CANCELLED, INTERRUPTED))
     if not sessions and not outcome.get("over"):
-        reactor.callLater(0.1, cancel, reactor, outcome, sessions)
+        reactor.callLater(0.1, _cancel_sessions, reactor, outcome, sessions)
 
 
 def _report(
