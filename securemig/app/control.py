@@ -43,6 +43,8 @@ from securemig.app.control_client import (
     MAX_LINE,
     PASSED_ENV,
     REQUEST_TIMEOUT,
+    NotForTheDaemon,
+    client_paths,
     encode,
     socket_path,
 )
@@ -221,6 +223,12 @@ class ControlProtocol(Protocol):
             or not all(k in PASSED_ENV and isinstance(v, str) for k, v in env.items())
         ):
             return usage_error("a malformed request to the daemon", err)
+        try:
+            # The client made its --config absolute; an older or other
+            # client's relative one means its directory too, never ours.
+            argv = client_paths(argv, env, cwd)
+        except NotForTheDaemon as e:
+            return usage_error(str(e), err)
         parsed = parse_for_daemon(argv, _absolute(env.get("SECUREMIG_CONFIG"), cwd), out, err)
         if isinstance(parsed, int):
             return parsed

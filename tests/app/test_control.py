@@ -71,6 +71,31 @@ class EntryTests(SynchronousTestCase):
         for argv, env, expected in cases:
             self.assertEqual(entry.daemon_state_dir(argv, env), expected, argv)
 
+    def test_client_paths(self) -> None:
+        """The global ``--config`` made absolute against the client's
+        directory (both spellings; the command's own words untouched); a
+        file only the client's process can open refused, named directly,
+        by ``SECUREMIG_CONFIG`` or through a link."""
+        line = ["--debug", "--config", "a.toml", "migrate", "vm1", "--vm-dir", "v"]
+        self.assertEqual(
+            control_client.client_paths(line, {}, "/w"),
+            ["--debug", "--config", "/w/a.toml", "migrate", "vm1", "--vm-dir", "v"],
+        )
+        self.assertEqual(
+            control_client.client_paths(["--config=../b.toml", "migrate"], {}, "/w/x"),
+            ["--config=/w/b.toml", "migrate"],
+        )
+        link = Path(self.mktemp()).absolute()
+        link.symlink_to("/dev/stdin")
+        for argv, env in (
+            (["--config", "/dev/fd/3", "migrate"], {}),
+            (["--config=/proc/self/fd/0", "migrate"], {}),
+            (["--config", str(link), "migrate"], {}),
+            (["migrate"], {"SECUREMIG_CONFIG": "/dev/stdin"}),
+        ):
+            with self.assertRaises(control_client.NotForTheDaemon):
+                control_client.client_paths(argv, env, "/w")
+
     def test_constants_agree(self) -> None:
         """The thin side's copies of the full side's names are the same."""
         self.assertEqual(entry.CONFIG_DEFAULT_PATH, config.DEFAULT_PATH)
@@ -261,6 +286,43 @@ class DaemonMigrateTests(DaemonBase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(json.loads(result.stdout)["outcome"], "done")
         self.assertFalse(bundle.path.exists())
+
+    def test_relative_configuration_file(self) -> None:
+        """``securemig --config my.toml migrate ... --daemon`` from the file's
+        directory reads the client's ``my.toml`` (which names the
+        destination), as without ``--daemon``; ``--config /dev/stdin``
+        is refused (the daemon would read its own stdin), nothing touched."""
+        one, two = self.create_vm("vm1", 1), self.create_vm("vm2", 1)
+        text = f'[migrate]\ndestination = "{self.destination.address}"\n'
+        (self.base / "my.toml").write_text(text)
+
+        def run(name: str, *extra: str, config: str = "my.toml") -> Any:
+            argv = [processes.script("securemig"), "--config", config, "migrate", name]
+            argv += ["--vm-dir", "src-vms", "--state-dir", "src-state", "--insecure"]
+            argv += ["--no-progress", "--json", *extra]
+            return subprocess.run(
+                argv,
+                input=text,  # for /dev/stdin
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=90,
+                cwd=self.base,
+            )
+
+        via, direct = run("vm1", "--daemon"), run("vm2")
+        self.assertEqual((via.returncode, direct.returncode), (0, 0), via.stderr + direct.stderr)
+        self.assertEqual(json.loads(via.stdout)["outcome"], "done")
+        self.assertEqual(json.loads(via.stdout)["to"], json.loads(direct.stdout)["to"])
+        self.assertFalse(one.path.exists() or two.path.exists())
+        self.assertEqual(self.record("vm1").owner.split(":")[0], str(self.source.process.pid))
+        three = self.create_vm("vm3", 1)
+        refused = run("vm3", "--daemon", config="/dev/stdin")
+        self.assertEqual(refused.returncode, 2, refused.stderr)
+        self.assertIn("/dev/stdin is this command's own open file", refused.stderr)
+        self.assertNotIn("Traceback", refused.stderr)
+        self.assertTrue(three.path.exists())
+        self.assertIsNone(self.record("vm3"))
 
     def test_configuration_file_asks_the_daemon(self) -> None:
         """``[migrate] daemon = true`` and ``[paths] state-dir``: a line with
