@@ -183,11 +183,13 @@ def ask(
     out: TextIO | None = None,
     err: TextIO | None = None,
     connect: Callable[[Path, Path], socket.socket] | None = None,
+    hint: str | None = None,
 ) -> int:
     """Ask the daemon of ``state_dir`` to run ``securemig ARGV`` (a
     ``migrate``), show its progress, print what it printed and return its
     exit status.  Ctrl-C cancels the migration (Ctrl-C again: this client
-    exits; the daemon ends the cancelled migration)."""
+    exits; the daemon ends the cancelled migration).  ``hint``: said after
+    the reason when the daemon cannot be reached (why it was asked)."""
     out, err = out or sys.stdout, err or sys.stderr
     cwd = os.getcwd()
     env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
@@ -200,7 +202,7 @@ def ask(
     try:
         sock = (connect or _connect)(path, state_dir)
     except DaemonGone as e:
-        print(f"securemig: error: {e}", file=err)
+        print(f"securemig: error: {e}" + (f"; {hint}" if hint else ""), file=err)
         return EXIT_FAILED
     request = {"command": "migrate", "argv": argv, "cwd": cwd, "env": env}
     interrupts = 0

@@ -96,6 +96,14 @@ class EntryTests(SynchronousTestCase):
             with self.assertRaises(control_client.NotForTheDaemon):
                 control_client.client_paths(argv, env, "/w")
 
+    def test_no_daemon_goes_the_full_way(self) -> None:
+        """``--no-daemon`` (or an abbreviation of it) after ``--daemon``: the
+        thin entry does not ask the daemon, the full command decides."""
+        base = ["migrate", "vm1", "--vm-dir", "/v", "--state-dir", "/s", "--daemon"]
+        self.assertEqual(entry.daemon_state_dir(base, {}), Path("/s"))
+        for word in ("--no-daemon", "--no-d"):
+            self.assertIsNone(entry.daemon_state_dir([*base, word], {}))
+
     def test_constants_agree(self) -> None:
         """The thin side's copies of the full side's names are the same."""
         self.assertEqual(entry.CONFIG_DEFAULT_PATH, config.DEFAULT_PATH)
@@ -344,6 +352,45 @@ class DaemonMigrateTests(DaemonBase):
         self.assertEqual(json.loads(result.stdout)["outcome"], "done")
         self.assertFalse(bundle.path.exists())
         self.assertEqual(self.record("vm1").owner.split(":")[0], str(self.source.process.pid))
+
+    def test_no_daemon_overrides_the_file(self) -> None:
+        """``[migrate] daemon = true`` in the file and no daemon on the state
+        directory: the error names the key and ``--no-daemon``;
+        ``--no-daemon`` migrates in this process (journaled by it, not a
+        daemon); a daemon named on the line is not blamed on the file."""
+        bundle = self.create_vm("vm1", 1)
+        other = self.base / "no-daemon-state"
+        conf = self.base / "securemig.toml"
+        conf.write_text("[migrate]\ndaemon = true\n")
+        argv = self.argv("vm1", "--json")
+        argv[argv.index("--state-dir") + 1] = str(other)
+
+        def run(*extra: str) -> Any:
+            line = [argv[0], "--config", str(conf), *argv[1:], *extra]
+            return subprocess.run(line, capture_output=True, text=True, check=False, timeout=90)
+
+        unreachable = run()
+        self.assertEqual(unreachable.returncode, 1, unreachable.stderr)
+        self.assertIn("no daemon listens on", unreachable.stderr)
+        self.assertIn(f"[migrate] daemon = true ({conf})", unreachable.stderr)
+        self.assertIn("give --no-daemon", unreachable.stderr)
+        self.assertNotIn("Traceback", unreachable.stderr)
+        self.assertTrue(bundle.path.exists())
+        flagged = run("--daemon")
+        self.assertEqual(flagged.returncode, 1, flagged.stderr)
+        self.assertNotIn("[migrate] daemon", flagged.stderr)
+        # The last of --daemon / --no-daemon wins, the thin entry too.
+        done = run("--daemon", "--no-daemon")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(json.loads(done.stdout)["outcome"], "done")
+        self.assertFalse(bundle.path.exists())
+        journal = Journal(other / "journal.sqlite")
+        try:
+            record = journal.records()[0]
+        finally:
+            journal.close()
+        self.assertEqual(record.outcome, "done")
+        self.assertNotEqual(record.owner.split(":")[0], str(self.source.process.pid))
 
     def test_cancel_ends_only_that_migration(self) -> None:
         """Two migrations driven by one daemon; Ctrl-C at one client cancels

@@ -152,11 +152,13 @@ def add_parser(subparsers: Subparsers) -> None:
     )
     mig.add_argument(
         "--daemon",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="have this host's twistd securemig (the one of the same --state-dir) drive "
         "the migration: this command only asks it over its control socket and shows the "
         "progress, and starts faster (no interpreter full of TLS and TPM code).  Ctrl-C "
-        "cancels it; a client that goes away does not",
+        "cancels it; a client that goes away does not.  --no-daemon: migrate in this "
+        "process even when the configuration file says [migrate] daemon = true",
     )
     mig.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     mig.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -171,7 +173,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if args.daemon:
         # The line as typed goes to the daemon, which parses it the same way.
         line = getattr(args, "_argv", None) or sys.argv[1:]
-        return control_client.ask(source_state_dir(args.vm_dir, args.state_dir), line)
+        origin = getattr(args, "_origins", {}).get("daemon", "")
+        hint = None
+        if origin.startswith("file"):
+            # Not asked for on this command line: say where it came from.
+            hint = (
+                f"the configuration file's [migrate] daemon = true ({origin[5:]}) asks for "
+                "the daemon: give --no-daemon to migrate in this process"
+            )
+        return control_client.ask(source_state_dir(args.vm_dir, args.state_dir), line, hint=hint)
     options = prepare(args)
     journal = host_journal(args.vm_dir, args.state_dir)
     outcome: dict[str, Any] = {}
