@@ -30,6 +30,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -46,6 +47,7 @@ from securemig.app.control_client import (
     NotForTheDaemon,
     client_paths,
     encode,
+    private_dir_problem,
     socket_path,
 )
 from securemig.host.arrival import DestinationHost
@@ -354,7 +356,9 @@ class ControlFactory(Factory):
 class ControlService(service.Service):
     """Listen on the control socket of ``host``'s state directory, created
     fresh (a stale one, left by a killed daemon, removed: the daemon's lock
-    on the state directory says no other daemon uses it)."""
+    on the state directory says no other daemon uses it).  A socket that
+    cannot be made costs ``migrate --daemon`` only, never the daemon: one
+    error line in the log, and the daemon runs on without it."""
 
     def __init__(self, host: DestinationHost, reactor: Any) -> None:
         self.host = host
@@ -363,8 +367,37 @@ class ControlService(service.Service):
         self.port: Any = None
 
     def startService(self) -> None:
-        """Listen, mode 0600 from the start (umask), on a fresh socket."""
+        """Listen, mode 0600 from the start (umask), on a fresh socket; or
+        say why not and go on without."""
         super().startService()
+        try:
+            self._listen()
+        except (OSError, CannotListenError, _NotPrivate) as e:
+            why = e.socketError if isinstance(e, CannotListenError) else e
+            if isinstance(why, OSError):
+                why = why.strerror or why
+            log.error(
+                "control socket {path}: cannot listen: {why}; migrate --daemon cannot ask "
+                "this daemon (it runs on without it: arrivals, recovery)",
+                path=str(self.path),
+                why=str(why),
+            )
+            return
+        log.info(
+            "control socket {path}: migrate --daemon for uid {uid} and root",
+            path=str(self.path),
+            uid=os.geteuid(),
+        )
+
+    def _listen(self) -> None:
+        if self.path.parent != Path(os.path.abspath(self.host.state_dir)):
+            # The temporary directory's fallback: only in a directory of
+            # our own, private (anyone may have made the name first).
+            uid = os.geteuid()
+            with contextlib.suppress(FileExistsError):
+                self.path.parent.mkdir(mode=0o700)
+            if (problem := private_dir_problem(self.path.parent, uid)) is not None:
+                raise _NotPrivate(problem)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         previous = os.umask(0o177)
@@ -374,21 +407,20 @@ class ControlService(service.Service):
             )
         finally:
             os.umask(previous)
-        log.info(
-            "control socket {path}: migrate --daemon for uid {uid} and root",
-            path=str(self.path),
-            uid=os.geteuid(),
-        )
 
     def stopService(self) -> Any:
-        """Stop listening and remove the socket."""
+        """Stop listening and remove the socket (only one it made)."""
         super().stopService()
         port, self.port = self.port, None
+        if port is None:
+            return None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        if port is not None:
-            return port.stopListening()
-        return None
+        return port.stopListening()
+
+
+class _NotPrivate(Exception):
+    """The fallback directory of the control socket is not ours alone."""
 
 
 def _absolute(path: str | None, cwd: str) -> str | None:

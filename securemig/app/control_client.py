@@ -36,6 +36,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import struct
 import sys
 import tempfile
@@ -66,17 +67,56 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-def socket_path(state_dir: Path) -> Path:
+def socket_path(state_dir: Path, uid: int | None = None) -> Path:
     """The daemon's control socket for the host state directory
     ``state_dir``: ``STATE_DIR/control.sock`` when that fits in a UNIX
-    socket address, else ``TMP/securemig-control-DIGEST.sock`` (DIGEST a
-    hash of the state directory's absolute path)."""
+    socket address, else ``TMP/securemig-UID/control-DIGEST.sock`` (UID
+    the daemon's user, default this process's; DIGEST a hash of the state
+    directory's absolute path) in a directory private to that user
+    (:func:`private_dir_problem`)."""
     state = Path(os.path.abspath(state_dir))
     path = state / SOCKET_NAME
     if len(os.fsencode(path)) <= _SOCKET_PATH_MAX:
         return path
     digest = hashlib.sha256(os.fsencode(state)).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"securemig-control-{digest}.sock"
+    return private_dir(os.geteuid() if uid is None else uid) / f"control-{digest}.sock"
+
+
+def private_dir(uid: int) -> Path:
+    """The directory of user ``uid``'s control sockets whose state
+    directory is too deep for a socket address: ``TMP/securemig-UID``."""
+    return Path(tempfile.gettempdir()) / f"securemig-{uid}"
+
+
+def private_dir_problem(path: Path, uid: int) -> str | None:
+    """Why ``path`` is not a directory private to ``uid`` -- a directory
+    (not a link to one) owned by ``uid`` of mode 0700 -- or None when it
+    is.  In a temporary directory anyone may have made the name first."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link, not the directory of uid {uid}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
+    if st.st_uid != uid:
+        return f"{path} is owned by uid {st.st_uid}, not by uid {uid}"
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        return f"{path} has mode {stat.S_IMODE(st.st_mode):04o}, not 0700"
+    return None
+
+
+def daemon_socket_path(state_dir: Path) -> Path:
+    """The control socket a client asks for the daemon of ``state_dir``:
+    :func:`socket_path` for the daemon's user, taken to be the state
+    directory's owner, else this user (the one of the two whose socket
+    exists)."""
+    uids = [os.geteuid()]
+    with contextlib.suppress(OSError):
+        uids.insert(0, os.stat(state_dir).st_uid)
+    paths = [socket_path(state_dir, uid) for uid in dict.fromkeys(uids)]
+    return next((p for p in paths if os.path.lexists(p)), paths[0])
 
 
 #: Paths that name a file of the process that opens them (its own file
@@ -198,7 +238,7 @@ def ask(
     except NotForTheDaemon as e:
         print(f"securemig: error: {e}", file=err)
         return EXIT_USAGE
-    path = socket_path(state_dir)
+    path = daemon_socket_path(state_dir)
     try:
         sock = (connect or _connect)(path, state_dir)
     except DaemonGone as e:
@@ -262,6 +302,18 @@ def ask(
 def _connect(path: Path, state_dir: Path) -> socket.socket:
     """A connection to the control socket at ``path`` of the daemon of
     ``state_dir``, or :class:`DaemonGone` saying why not."""
+    owner = path.parent.name.removeprefix("securemig-")
+    if path.parent != Path(os.path.abspath(state_dir)) and owner.isdigit():
+        # In the temporary directory (a state directory too deep for a
+        # socket address): only in a directory private to the daemon's user.
+        problem = private_dir_problem(path.parent, int(owner))
+        if problem is not None and os.path.lexists(path.parent):
+            raise DaemonGone(
+                f"not asking the daemon on {path}: {problem}, and anyone may make a name "
+                "in the temporary directory first.  The daemon does not listen there either "
+                "(its log says so): remove it and restart the daemon, or run migrate "
+                "without --daemon"
+            )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(os.fsencode(path))

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import threads
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from securemig.app import config, control_client
@@ -636,6 +639,180 @@ class ControlSocketTests(DaemonBase):
         result = json.loads(_read_all(sock))
         self.assertEqual(result["status"], 2)
         self.assertIn("the daemon runs only migrate, not status", result["stderr"])
+
+
+class DeepStateDirTests(TestCase):
+    """A state directory too deep for a socket address: the daemon's
+    control socket goes to ``TMP/securemig-UID/``, a directory private to
+    its user, checked -- a name another user made there first costs
+    ``migrate --daemon`` only, never the daemon."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).absolute()
+        # A temporary directory of the source's and the clients' own (short:
+        # sockets go there); the destination's daemon uses the suite's.
+        self.tmp = Path(tempfile.mkdtemp(prefix="smc-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.env = {**os.environ, "TMPDIR": str(self.tmp)}
+        self.state = self.base / ("d" * 110) / "state"
+        self.vm_dir = self.base / "vms"
+        self.private = self.tmp / f"securemig-{os.geteuid()}"
+        self.destination = processes.start_destination(
+            self.base / "dst-state", log_file=self.base / "dst.log"
+        )
+        self.addCleanup(self.destination.stop)
+
+    def start_source(self, name: str = "src") -> processes.Destination:
+        source = processes.start_destination(
+            self.state,
+            log_file=self.base / f"{name}.log",
+            port_file=self.base / f"{name}.port",
+            env=self.env,
+        )
+        self.addCleanup(source.stop)
+        return source
+
+    def migrate(self, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        created = processes.securemig(
+            "vm", "create", name, "--dir", str(self.vm_dir), "--ram-mib", "1"
+        )
+        self.assertEqual(created.returncode, 0, created.stderr)
+        return processes.securemig(
+            "migrate",
+            name,
+            "--vm-dir",
+            str(self.vm_dir),
+            "--state-dir",
+            str(self.state),
+            "--insecure",
+            "--no-progress",
+            "--to",
+            self.destination.address,
+            *extra,
+            env=self.env,
+            timeout=90,
+        )
+
+    def test_private_directory(self) -> None:
+        """Nobody there first: the socket is made in ``TMP/securemig-UID``
+        (mode 0700, ours) and ``migrate --daemon`` works through it."""
+        source = self.start_source()
+        self.assertEqual(len(list(self.private.glob("control-*.sock"))), 1)
+        self.assertIsNone(control_client.private_dir_problem(self.private, os.geteuid()))
+        result = self.migrate("vm1", "--daemon")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("control socket", source.log())
+
+    def test_squatted_directory(self) -> None:
+        """Another user made ``TMP/securemig-UID`` first (or a link there):
+        the daemon starts all the same, says in one log line why it has no
+        control socket, and serves arrivals; a client says why it does not
+        ask it.  Nothing of the other user's is touched."""
+        for squat in ("dir", "link"):
+            with self.subTest(squat=squat):
+                if squat == "dir":
+                    self.private.mkdir(mode=0o700)
+                    os.chown(self.private, 65534, 65534)
+                else:
+                    shutil.rmtree(self.private)
+                    (self.tmp / "elsewhere").mkdir(mode=0o700)
+                    self.private.symlink_to(self.tmp / "elsewhere")
+                source = self.start_source(squat)
+                log = source.log()
+                self.assertEqual(log.count("cannot listen"), 1, log[-2000:])
+                self.assertIn("migrate --daemon cannot ask this daemon", log)
+                self.assertNotIn("Traceback", log)
+                # It serves arrivals: a VM migrates to it.
+                arrival = processes.securemig(
+                    "vm",
+                    "create",
+                    f"in-{squat}",
+                    "--dir",
+                    str(self.base / "other"),
+                    "--ram-mib",
+                    "1",
+                )
+                self.assertEqual(arrival.returncode, 0, arrival.stderr)
+                moved = processes.securemig(
+                    "migrate",
+                    f"in-{squat}",
+                    "--vm-dir",
+                    str(self.base / "other"),
+                    "--insecure",
+                    "--no-progress",
+                    "--to",
+                    source.address,
+                    env=self.env,
+                    timeout=90,
+                )
+                self.assertEqual(moved.returncode, 0, moved.stderr)
+                self.assertTrue((self.state / "vms" / f"in-{squat}").exists())
+                asked = self.migrate(f"vm-{squat}", "--daemon")
+                self.assertEqual(asked.returncode, 1, asked.stderr)
+                self.assertIn("not asking the daemon", asked.stderr)
+                word = "owned by uid 65534" if squat == "dir" else "is a symbolic link"
+                self.assertIn(word, asked.stderr)
+                self.assertNotIn("Traceback", asked.stderr)
+                self.assertTrue((self.vm_dir / f"vm-{squat}").exists())
+                self.assertFalse(
+                    any((self.tmp / "elsewhere").iterdir())
+                    if squat == "link"
+                    else any(self.private.iterdir())
+                )
+                source.stop()
+
+
+class PrivateDirTests(SynchronousTestCase):
+    """:func:`control_client.private_dir_problem`: only a directory, not a
+    link, owned by the user, mode 0700."""
+
+    def test_problems(self) -> None:
+        base = Path(self.mktemp())
+        base.mkdir()
+        uid = os.geteuid()
+        good = base / "good"
+        good.mkdir(mode=0o700)
+        self.assertIsNone(control_client.private_dir_problem(good, uid))
+        (base / "link").symlink_to(good)
+        self.assertIn("symbolic link", control_client.private_dir_problem(base / "link", uid))
+        self.assertIn("not by uid", control_client.private_dir_problem(good, uid + 1))
+        good.chmod(0o755)
+        self.assertIn("mode 0755", control_client.private_dir_problem(good, uid))
+        (base / "file").write_text("")
+        self.assertIn("not a directory", control_client.private_dir_problem(base / "file", uid))
+
+
+class ControlServiceTests(SynchronousTestCase):
+    """A control socket that cannot be made does not stop the daemon: the
+    service starts (one error line), stops, and removes nothing of what
+    it did not make."""
+
+    def test_cannot_listen(self) -> None:
+        from twisted.internet import reactor
+
+        from securemig.app.control import ControlService
+
+        # Short: the socket would be STATE/control.sock, a directory here.
+        state = Path(tempfile.mkdtemp(prefix="st-"))
+        self.addCleanup(shutil.rmtree, state, True)
+        (state / control_client.SOCKET_NAME / "in-the-way").mkdir(parents=True)
+        errors: list[LogEvent] = []
+        globalLogPublisher.addObserver(errors.append)
+        self.addCleanup(globalLogPublisher.removeObserver, errors.append)
+
+        class Host:
+            state_dir = state
+
+        control = ControlService(Host(), reactor)  # type: ignore[arg-type]
+        control.startService()
+        self.assertIsNone(control.port)
+        said = [formatEvent(e) for e in errors if "cannot listen" in e.get("log_format", "")]
+        self.assertEqual(len(said), 1, said)
+        self.assertIn("migrate --daemon cannot ask this daemon", said[0])
+        control.stopService()
+        self.assertTrue((state / control_client.SOCKET_NAME / "in-the-way").is_dir())
 
 
 class SecureDaemonTests(SecureBase):
