@@ -22,8 +22,10 @@ socket, ``STATE_DIR/control.sock`` (:func:`socket_path`)::
                                               "stdout": "...", "stderr": "..."}
 
 ``argv`` is the command line as typed after ``securemig`` (global options
-such as ``--config`` included); the daemon parses it with the same parser
-and resolves relative paths against ``cwd``.  ``result`` carries exactly
+such as ``--config`` included, that one made absolute: :func:`client_paths`);
+the daemon parses it with the same parser and resolves relative paths
+against ``cwd``.  ``cancel`` may follow at once: it is honoured from the
+moment the request is taken, once.  ``result`` carries exactly
 what the in-process command would have printed and its exit status.  A
 client that goes away does not cancel: the daemon finishes the migration.
 """
