@@ -30,6 +30,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -43,6 +44,8 @@ from securemig.app.control_client import (
     MAX_LINE,
     PASSED_ENV,
     REQUEST_TIMEOUT,
+    NotForTheDaemon,
+    client_paths,
     encode,
     socket_address,
     socket_path,
@@ -88,6 +91,8 @@ class ControlProtocol(Protocol):
         self.vm = "?"
         #: Set while a migration runs for this client.
         self.outcome: dict[str, Any] | None = None
+        #: The client cancelled (Ctrl-C), at any time after its request.
+        self.cancelled = False
         self.sessions: list[SourceProtocol] = []
         self.pending = 0
         self.flush_call: Any = None
@@ -144,7 +149,9 @@ class ControlProtocol(Protocol):
     def _line(self, line: bytes) -> None:
         try:
             message = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
+            # RecursionError: brackets nested deeper than the parser goes
+            # (a line of "[" fits in MAX_LINE): as malformed as any.
             message = None
         command = message.get("command") if isinstance(message, dict) else None
         if not self.asked:
@@ -158,11 +165,19 @@ class ControlProtocol(Protocol):
                 self._refuse(f"the daemon accepts only migrate, not {named}")
                 return
             Deferred.fromCoroutine(self._migrate(message)).addErrback(self._failed)
-        elif command == "cancel" and self.outcome is not None:
+        elif command == "cancel":
+            # Honoured from the moment the request is taken: before the
+            # migration starts it is not started (see _run); once it runs,
+            # its session is cancelled (as soon as it exists).  Only the
+            # first: the rest are ignored, unlogged.
+            if self.cancelled:
+                return
+            self.cancelled = True
             log.info(
                 "control socket: the client of the migration of VM {vm} cancels it", vm=self.vm
             )
-            migrate_cmd.cancel(self.factory.reactor, self.outcome, self.sessions)
+            if self.outcome is not None:
+                migrate_cmd.cancel(self.factory.reactor, self.outcome, self.sessions)
         else:
             # Only cancel follows a request: anything else ends this client's
             # connection (not its migration), so a client cannot fill the log.
@@ -210,6 +225,12 @@ class ControlProtocol(Protocol):
             or not all(k in PASSED_ENV and isinstance(v, str) for k, v in env.items())
         ):
             return usage_error("a malformed request to the daemon", err)
+        try:
+            # The client made its --config absolute; an older or other
+            # client's relative one means its directory too, never ours.
+            argv = client_paths(argv, env, cwd)
+        except NotForTheDaemon as e:
+            return usage_error(str(e), err)
         parsed = parse_for_daemon(argv, _absolute(env.get("SECUREMIG_CONFIG"), cwd), out, err)
         if isinstance(parsed, int):
             return parsed
@@ -233,14 +254,25 @@ class ControlProtocol(Protocol):
                     f"{wanted}: give migrate --state-dir {host.state_dir}",
                     err,
                 )
+            if self.cancelled:
+                return migrate_cmd.conclude(
+                    args, host.journal, migrate_cmd.CANCELLED_EARLY, out, err
+                )
             # Blocking (the identity read, the revocation list fetched over
             # HTTPS): off the reactor, which also serves arrivals.
             options = await deferToThread(migrate_cmd.prepare, args, err)
+            if self.cancelled:
+                return migrate_cmd.conclude(
+                    args, host.journal, migrate_cmd.CANCELLED_EARLY, out, err
+                )
             log.info(
                 "control socket: migrating VM {vm} to {to} for a local client",
                 vm=args.name,
                 to=args.to,
             )
+            # From here on a cancel reaches the migration through its
+            # outcome (drive checks it before anything is touched) and its
+            # session, once there is one.
             self.outcome = {}
             await migrate_cmd.drive(
                 self.factory.reactor,
@@ -324,7 +356,9 @@ class ControlFactory(Factory):
 class ControlService(service.Service):
     """Listen on the control socket of ``host``'s state directory, created
     fresh (a stale one, left by a killed daemon, removed: the daemon's lock
-    on the state directory says no other daemon uses it)."""
+    on the state directory says no other daemon uses it).  A socket that
+    cannot be made costs ``migrate --daemon`` only, never the daemon: one
+    error line in the log, and the daemon runs on without it."""
 
     def __init__(self, host: DestinationHost, reactor: Any) -> None:
         self.host = host
@@ -333,8 +367,29 @@ class ControlService(service.Service):
         self.port: Any = None
 
     def startService(self) -> None:
-        """Listen, mode 0600 from the start (umask), on a fresh socket."""
+        """Listen, mode 0600 from the start (umask), on a fresh socket; or
+        say why not and go on without."""
         super().startService()
+        try:
+            self._listen()
+        except (OSError, CannotListenError) as e:
+            why = e.socketError if isinstance(e, CannotListenError) else e
+            if isinstance(why, OSError):
+                why = why.strerror or why
+            log.error(
+                "control socket {path}: cannot listen: {why}; migrate --daemon cannot ask "
+                "this daemon (it runs on without it: arrivals, recovery)",
+                path=str(self.path),
+                why=str(why),
+            )
+            return
+        log.info(
+            "control socket {path}: migrate --daemon for uid {uid} and root",
+            path=str(self.path),
+            uid=os.geteuid(),
+        )
+
+    def _listen(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         previous = os.umask(0o177)
@@ -347,21 +402,16 @@ class ControlService(service.Service):
                 )
         finally:
             os.umask(previous)
-        log.info(
-            "control socket {path}: migrate --daemon for uid {uid} and root",
-            path=str(self.path),
-            uid=os.geteuid(),
-        )
 
     def stopService(self) -> Any:
-        """Stop listening and remove the socket."""
+        """Stop listening and remove the socket (only one it made)."""
         super().stopService()
         port, self.port = self.port, None
+        if port is None:
+            return None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        if port is not None:
-            return port.stopListening()
-        return None
+        return port.stopListening()
 
 
 def _absolute(path: str | None, cwd: str) -> str | None:

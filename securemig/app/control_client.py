@@ -22,8 +22,10 @@ socket, ``STATE_DIR/control.sock`` (:func:`socket_path`)::
                                               "stdout": "...", "stderr": "..."}
 
 ``argv`` is the command line as typed after ``securemig`` (global options
-such as ``--config`` included); the daemon parses it with the same parser
-and resolves relative paths against ``cwd``.  ``result`` carries exactly
+such as ``--config`` included, that one made absolute: :func:`client_paths`);
+the daemon parses it with the same parser and resolves relative paths
+against ``cwd``.  ``cancel`` may follow at once: it is honoured from the
+moment the request is taken, once.  ``result`` carries exactly
 what the in-process command would have printed and its exit status.  A
 client that goes away does not cancel: the daemon finishes the migration.
 """
@@ -61,6 +63,7 @@ _SOCKET_PATH_MAX = 107
 
 #: Exit statuses (as :mod:`securemig.app.cli.common`'s).
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -88,6 +91,55 @@ def socket_address(path: Path) -> Iterator[str]:
         yield f"/proc/self/fd/{directory}/{path.name}"
     finally:
         os.close(directory)
+
+
+#: Paths that name a file of the process that opens them (its own file
+#: descriptors): the daemon would open its own, not the client's.
+_OWN_FILES = ("/dev/fd/", "/dev/stdin", "/dev/stdout", "/dev/stderr", "/proc/self/")
+
+
+class NotForTheDaemon(Exception):
+    """The command line names something only this process can open."""
+
+
+def client_paths(argv: list[str], env: dict[str, str], cwd: str) -> list[str]:
+    """``argv`` with its configuration file (the global ``--config PATH``,
+    before the command) made absolute against the client's ``cwd``: the
+    daemon reads it from there, not from its own working directory
+    (``SECUREMIG_CONFIG`` in ``env`` the daemon makes absolute itself).
+    :class:`NotForTheDaemon` for a file the daemon cannot open as the
+    client meant it (``/dev/fd/N``, ``/dev/stdin``, ``/proc/self/...``)."""
+    out = list(argv)
+    i = 0
+    while i < len(out) and out[i].startswith("-"):
+        word = out[i]
+        if word == "--config" and i + 1 < len(out):
+            out[i + 1] = _config_for_daemon(out[i + 1], cwd)
+            i += 2
+            continue
+        if word.startswith("--config="):
+            out[i] = "--config=" + _config_for_daemon(word.partition("=")[2], cwd)
+        i += 1
+    if env.get("SECUREMIG_CONFIG"):
+        _config_for_daemon(env["SECUREMIG_CONFIG"], cwd)
+    return out
+
+
+def _config_for_daemon(path: str, cwd: str) -> str:
+    absolute = os.path.normpath(os.path.join(cwd, path))
+    mine = (*_OWN_FILES, "/proc/thread-self/", f"/proc/{os.getpid()}/")
+    # The path, each link it follows (my.toml -> /dev/stdin), where it ends.
+    seen, link = [absolute], absolute
+    while len(seen) < 40 and os.path.islink(link):
+        link = os.path.normpath(os.path.join(os.path.dirname(link), os.readlink(link)))
+        seen.append(link)
+    seen.append(os.path.realpath(absolute))
+    if any(p.startswith(mine) for p in seen):
+        raise NotForTheDaemon(
+            f"the configuration file {path} is this command's own open file, which the "
+            "daemon cannot read: give the path of a file, or run migrate without --daemon"
+        )
+    return absolute
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -145,24 +197,28 @@ def ask(
     out: TextIO | None = None,
     err: TextIO | None = None,
     connect: Callable[[Path, Path], socket.socket] | None = None,
+    hint: str | None = None,
 ) -> int:
     """Ask the daemon of ``state_dir`` to run ``securemig ARGV`` (a
     ``migrate``), show its progress, print what it printed and return its
     exit status.  Ctrl-C cancels the migration (Ctrl-C again: this client
-    exits; the daemon ends the cancelled migration)."""
+    exits; the daemon ends the cancelled migration).  ``hint``: said after
+    the reason when the daemon cannot be reached (why it was asked)."""
     out, err = out or sys.stdout, err or sys.stderr
+    cwd = os.getcwd()
+    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    try:
+        argv = client_paths(argv, env, cwd)
+    except NotForTheDaemon as e:
+        print(f"securemig: error: {e}", file=err)
+        return EXIT_USAGE
     path = socket_path(state_dir)
     try:
         sock = (connect or _connect)(path, state_dir)
     except DaemonGone as e:
-        print(f"securemig: error: {e}", file=err)
+        print(f"securemig: error: {e}" + (f"; {hint}" if hint else ""), file=err)
         return EXIT_FAILED
-    request = {
-        "command": "migrate",
-        "argv": argv,
-        "cwd": os.getcwd(),
-        "env": {k: os.environ[k] for k in PASSED_ENV if k in os.environ},
-    }
+    request = {"command": "migrate", "argv": argv, "cwd": cwd, "env": env}
     interrupts = 0
 
     def interrupted(signum: int, frame: object) -> None:
@@ -264,7 +320,7 @@ def _events(sock: socket.socket, path: Path) -> Any:
             del buffer[: end + 1]
             try:
                 event = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise DaemonGone(f"the daemon on {path} sent something that is no event") from None
             if isinstance(event, dict):
                 yield event

@@ -20,7 +20,7 @@ from securemig import crashpoint, files
 from securemig.crashpoint import CrashPoint
 from securemig.host import storage
 from securemig.host.arrival import variant_name
-from securemig.host.journal import Journal
+from securemig.host.journal import Journal, driving
 from securemig.host.shareddisk import foreign_owner
 from securemig.hypervisor.backends import Backend, backend_for, capabilities
 from securemig.hypervisor.bundle import Bundle, BundleError, set_disk_owner
@@ -142,6 +142,9 @@ class Departure:
             bundle=str(self.bundle.path),
             total=self.total_bytes,
         )
+        # Until transport.client.migrate ends: recovery in this process
+        # (the daemon's, for migrate --daemon) leaves the record alone.
+        driving(self.id)
         try:
             self.was_running = self.backend.status(self.bundle) == "running"
             if self.live:

@@ -102,6 +102,36 @@ def _start_time(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+#: The records this process is driving right now (a departure between its
+#: ``begin`` and the end of its session, its release included): see
+#: :func:`driven_now`.
+_DRIVING: set[str] = set()
+
+
+def driving(local_id: str) -> None:
+    """This process drives the migration ``local_id`` from now on (until
+    :func:`driven`): recovery in this process leaves it alone."""
+    _DRIVING.add(local_id)
+
+
+def driven(local_id: str) -> None:
+    """This process no longer drives the migration ``local_id``: whatever
+    its session left unfinished is recovery's, in this process too."""
+    _DRIVING.discard(local_id)
+
+
+def driven_now(record: MigrationRecord) -> bool:
+    """Whether a process drives ``record`` right now: another process that
+    journaled it and still runs (it may be at any step), or this process
+    with the record in a session under way.  A record this process
+    journaled but no longer drives (a daemon's ``migrate --daemon`` that
+    ended, its copy here not yet removed) is not: this process's recovery
+    settles it as it settles a dead process's."""
+    if record.owner is not None and record.owner == this_process():
+        return record.id in _DRIVING
+    return owner_alive(record.owner)
+
+
 def owner_alive(owner: str | None) -> bool:
     """Whether the process that journaled ``owner`` still runs (not a zombie)."""
     if not owner:

@@ -39,7 +39,7 @@ from securemig import crashpoint
 from securemig.crashpoint import CrashPoint
 from securemig.host import storage
 from securemig.host.departure import release
-from securemig.host.journal import Journal, MigrationRecord, owner_alive
+from securemig.host.journal import Journal, MigrationRecord, driven_now
 from securemig.hypervisor.backends import backend_for, capabilities
 from securemig.hypervisor.bundle import LOCK, Bundle, disk_owner, disk_owner_path
 from securemig.protocol import wire
@@ -147,9 +147,11 @@ async def settle_departures(
     done: list[str] = []
     owed: list[Owed | Ask] = []
     for record in journal.departures():
-        if record.outcome in (None, Outcome.DONE.value) and owner_alive(record.owner):
-            # Its `securemig migrate` still runs (done: it may be removing
-            # the copy here right now): not ours to settle.
+        if record.outcome in (None, Outcome.DONE.value) and driven_now(record):
+            # Its `securemig migrate` still runs, or this process drives it
+            # now (done: it may be removing the copy here right now): not
+            # ours to settle.  One this process drove and has ended (the
+            # daemon's migrate --daemon) is.
             continue
         if record.reached(Phase.RECLAIMED):
             done += await reclaim(journal, record)

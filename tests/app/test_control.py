@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import threads
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from securemig.app import config, control_client
@@ -70,6 +73,39 @@ class EntryTests(SynchronousTestCase):
         ]
         for argv, env, expected in cases:
             self.assertEqual(entry.daemon_state_dir(argv, env), expected, argv)
+
+    def test_client_paths(self) -> None:
+        """The global ``--config`` made absolute against the client's
+        directory (both spellings; the command's own words untouched); a
+        file only the client's process can open refused, named directly,
+        by ``SECUREMIG_CONFIG`` or through a link."""
+        line = ["--debug", "--config", "a.toml", "migrate", "vm1", "--vm-dir", "v"]
+        self.assertEqual(
+            control_client.client_paths(line, {}, "/w"),
+            ["--debug", "--config", "/w/a.toml", "migrate", "vm1", "--vm-dir", "v"],
+        )
+        self.assertEqual(
+            control_client.client_paths(["--config=../b.toml", "migrate"], {}, "/w/x"),
+            ["--config=/w/b.toml", "migrate"],
+        )
+        link = Path(self.mktemp()).absolute()
+        link.symlink_to("/dev/stdin")
+        for argv, env in (
+            (["--config", "/dev/fd/3", "migrate"], {}),
+            (["--config=/proc/self/fd/0", "migrate"], {}),
+            (["--config", str(link), "migrate"], {}),
+            (["migrate"], {"SECUREMIG_CONFIG": "/dev/stdin"}),
+        ):
+            with self.assertRaises(control_client.NotForTheDaemon):
+                control_client.client_paths(argv, env, "/w")
+
+    def test_no_daemon_goes_the_full_way(self) -> None:
+        """``--no-daemon`` (or an abbreviation of it) after ``--daemon``: the
+        thin entry does not ask the daemon, the full command decides."""
+        base = ["migrate", "vm1", "--vm-dir", "/v", "--state-dir", "/s", "--daemon"]
+        self.assertEqual(entry.daemon_state_dir(base, {}), Path("/s"))
+        for word in ("--no-daemon", "--no-d"):
+            self.assertIsNone(entry.daemon_state_dir([*base, word], {}))
 
     def test_constants_agree(self) -> None:
         """The thin side's copies of the full side's names are the same."""
@@ -276,6 +312,43 @@ class DaemonMigrateTests(DaemonBase):
         self.assertEqual(json.loads(result.stdout)["outcome"], "done")
         self.assertFalse(bundle.path.exists())
 
+    def test_relative_configuration_file(self) -> None:
+        """``securemig --config my.toml migrate ... --daemon`` from the file's
+        directory reads the client's ``my.toml`` (which names the
+        destination), as without ``--daemon``; ``--config /dev/stdin``
+        is refused (the daemon would read its own stdin), nothing touched."""
+        one, two = self.create_vm("vm1", 1), self.create_vm("vm2", 1)
+        text = f'[migrate]\ndestination = "{self.destination.address}"\n'
+        (self.base / "my.toml").write_text(text)
+
+        def run(name: str, *extra: str, config: str = "my.toml") -> Any:
+            argv = [processes.script("securemig"), "--config", config, "migrate", name]
+            argv += ["--vm-dir", "src-vms", "--state-dir", "src-state", "--insecure"]
+            argv += ["--no-progress", "--json", *extra]
+            return subprocess.run(
+                argv,
+                input=text,  # for /dev/stdin
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=90,
+                cwd=self.base,
+            )
+
+        via, direct = run("vm1", "--daemon"), run("vm2")
+        self.assertEqual((via.returncode, direct.returncode), (0, 0), via.stderr + direct.stderr)
+        self.assertEqual(json.loads(via.stdout)["outcome"], "done")
+        self.assertEqual(json.loads(via.stdout)["to"], json.loads(direct.stdout)["to"])
+        self.assertFalse(one.path.exists() or two.path.exists())
+        self.assertEqual(self.record("vm1").owner.split(":")[0], str(self.source.process.pid))
+        three = self.create_vm("vm3", 1)
+        refused = run("vm3", "--daemon", config="/dev/stdin")
+        self.assertEqual(refused.returncode, 2, refused.stderr)
+        self.assertIn("/dev/stdin is this command's own open file", refused.stderr)
+        self.assertNotIn("Traceback", refused.stderr)
+        self.assertTrue(three.path.exists())
+        self.assertIsNone(self.record("vm3"))
+
     def test_configuration_file_asks_the_daemon(self) -> None:
         """``[migrate] daemon = true`` and ``[paths] state-dir``: a line with
         neither ``--daemon`` nor ``--state-dir`` goes through the full
@@ -296,6 +369,45 @@ class DaemonMigrateTests(DaemonBase):
         self.assertEqual(json.loads(result.stdout)["outcome"], "done")
         self.assertFalse(bundle.path.exists())
         self.assertEqual(self.record("vm1").owner.split(":")[0], str(self.source.process.pid))
+
+    def test_no_daemon_overrides_the_file(self) -> None:
+        """``[migrate] daemon = true`` in the file and no daemon on the state
+        directory: the error names the key and ``--no-daemon``;
+        ``--no-daemon`` migrates in this process (journaled by it, not a
+        daemon); a daemon named on the line is not blamed on the file."""
+        bundle = self.create_vm("vm1", 1)
+        other = self.base / "no-daemon-state"
+        conf = self.base / "securemig.toml"
+        conf.write_text("[migrate]\ndaemon = true\n")
+        argv = self.argv("vm1", "--json")
+        argv[argv.index("--state-dir") + 1] = str(other)
+
+        def run(*extra: str) -> Any:
+            line = [argv[0], "--config", str(conf), *argv[1:], *extra]
+            return subprocess.run(line, capture_output=True, text=True, check=False, timeout=90)
+
+        unreachable = run()
+        self.assertEqual(unreachable.returncode, 1, unreachable.stderr)
+        self.assertIn("no daemon listens on", unreachable.stderr)
+        self.assertIn(f"[migrate] daemon = true ({conf})", unreachable.stderr)
+        self.assertIn("give --no-daemon", unreachable.stderr)
+        self.assertNotIn("Traceback", unreachable.stderr)
+        self.assertTrue(bundle.path.exists())
+        flagged = run("--daemon")
+        self.assertEqual(flagged.returncode, 1, flagged.stderr)
+        self.assertNotIn("[migrate] daemon", flagged.stderr)
+        # The last of --daemon / --no-daemon wins, the thin entry too.
+        done = run("--daemon", "--no-daemon")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(json.loads(done.stdout)["outcome"], "done")
+        self.assertFalse(bundle.path.exists())
+        journal = Journal(other / "journal.sqlite")
+        try:
+            record = journal.records()[0]
+        finally:
+            journal.close()
+        self.assertEqual(record.outcome, "done")
+        self.assertNotEqual(record.owner.split(":")[0], str(self.source.process.pid))
 
     def test_cancel_ends_only_that_migration(self) -> None:
         """Two migrations driven by one daemon; Ctrl-C at one client cancels
@@ -320,6 +432,32 @@ class DaemonMigrateTests(DaemonBase):
         self.assertEqual(second.returncode, 0, err)
         self.assertEqual(json.loads(out)["outcome"], "done")
         self.assertFalse(other.path.exists())
+
+    def test_cancel_with_the_request(self) -> None:
+        """Ctrl-C at once: the cancel sent together with the request (before
+        the daemon has checked it and prepared the migration) stops it
+        before anything is sent: exit 1 saying so, the VM intact here and
+        unlocked, nothing journaled done; the daemon serves the next one."""
+        bundle = self.create_vm("vm1", 8)
+        digests = bundle_digests(bundle)
+        sock = self.connect()
+        argv = self.argv("vm1", "--daemon", "--bandwidth", "4")[1:]
+        request = {"command": "migrate", "argv": argv, "cwd": "/", "env": {}}
+        sock.sendall(control_client.encode(request) + control_client.encode({"command": "cancel"}))
+        sock.settimeout(60)
+        result = json.loads(_read_all(sock).splitlines()[-1])
+        self.assertEqual(result["status"], 1, result)
+        self.assertIn("cancelled: interrupted by the operator (Ctrl-C)", result["stderr"])
+        self.assertIn("the VM is still here, unlocked", result["stderr"])
+        self.assertEqual(bundle_digests(Bundle.load(bundle.path)), digests)
+        self.assertFalse(storage.is_locked(bundle.lock_path))
+        record = self.record("vm1")
+        self.assertTrue(record is None or record.outcome != "done", record)
+        self.assertFalse((self.destination.state_dir / "vms" / "vm1").exists())
+        # Nothing left running: the same VM migrates through the daemon next.
+        done = self.run_migrate("vm1", "--daemon", "--json")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(json.loads(done.stdout)["outcome"], "done")
 
     def test_client_killed_migration_completes(self) -> None:
         """The client SIGKILLed mid-stream: the daemon finishes the migration
@@ -464,6 +602,44 @@ class ControlSocketTests(DaemonBase):
         self.assertFalse(bundle.path.exists())
         self.assertEqual(self.source.log().count("other than cancel; disconnected"), 1)
 
+    def test_repeated_cancel_honoured_once(self) -> None:
+        """A client that sends ``cancel`` a thousand times (before its
+        migration has a session): the first cancels it, the rest are
+        ignored -- one log line, not a thousand, the client not dropped."""
+        bundle = self.create_vm("vm1", 4)
+        sock = self.connect()
+        argv = self.argv("vm1", "--daemon")[1:]
+        request = {"command": "migrate", "argv": argv, "cwd": "/", "env": {}}
+        cancel = control_client.encode({"command": "cancel"})
+        sock.sendall(control_client.encode(request) + cancel * 1000)
+        sock.settimeout(60)
+        result = json.loads(_read_all(sock).splitlines()[-1])
+        self.assertEqual(result["status"], 1, result)
+        self.assertIn("interrupted by the operator (Ctrl-C)", result["stderr"])
+        self.assertTrue(bundle.path.exists())
+        log = self.source.log()
+        self.assertEqual(log.count("cancels it"), 1, log[-2000:])
+        self.assertNotIn("other than cancel", log)
+
+    def test_deeply_nested_request_malformed(self) -> None:
+        """A line of 64 KiB of ``[`` (deeper than the JSON parser recurses)
+        is a malformed request like any other: refused with a usage status,
+        no traceback in the daemon's log."""
+        sock = self.connect()
+        sock.settimeout(30)
+        sock.sendall(b"[" * MAX_LINE + b"\n")
+        result = json.loads(_read_all(sock))
+        self.assertEqual(result["status"], 2)
+        self.assertIn("the daemon accepts only migrate", result["stderr"])
+        # The daemon still answers.
+        again = self.connect()
+        again.sendall(control_client.encode({"command": "shutdown"}))
+        self.assertEqual(json.loads(_read_all(again))["status"], 2)
+        log = self.source.log()
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("Unhandled", log)
+        self.assertNotIn("RecursionError", log)
+
     def test_only_migrate(self) -> None:
         """Any command but migrate is refused with a usage status; so is a
         migrate line naming another command."""
@@ -477,6 +653,145 @@ class ControlSocketTests(DaemonBase):
         result = json.loads(_read_all(sock))
         self.assertEqual(result["status"], 2)
         self.assertIn("the daemon runs only migrate, not status", result["stderr"])
+
+
+class DeepStateDirTests(TestCase):
+    """A state directory too deep for a socket address: the daemon's
+    control socket is still ``STATE/control.sock`` (bound and reached
+    through /proc/self/fd), nothing lands in the temporary directory; a
+    socket that cannot be made costs ``migrate --daemon`` only, never the
+    daemon."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).absolute()
+        # A temporary directory of the source's and the clients' own (short:
+        # sockets go there); the destination's daemon uses the suite's.
+        self.tmp = Path(tempfile.mkdtemp(prefix="smc-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.env = {**os.environ, "TMPDIR": str(self.tmp)}
+        self.state = self.base / ("d" * 110) / "state"
+        self.vm_dir = self.base / "vms"
+        self.destination = processes.start_destination(
+            self.base / "dst-state", log_file=self.base / "dst.log"
+        )
+        self.addCleanup(self.destination.stop)
+
+    def start_source(self, name: str = "src") -> processes.Destination:
+        source = processes.start_destination(
+            self.state,
+            log_file=self.base / f"{name}.log",
+            port_file=self.base / f"{name}.port",
+            env=self.env,
+        )
+        self.addCleanup(source.stop)
+        return source
+
+    def migrate(self, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        created = processes.securemig(
+            "vm", "create", name, "--dir", str(self.vm_dir), "--ram-mib", "1"
+        )
+        self.assertEqual(created.returncode, 0, created.stderr)
+        return processes.securemig(
+            "migrate",
+            name,
+            "--vm-dir",
+            str(self.vm_dir),
+            "--state-dir",
+            str(self.state),
+            "--insecure",
+            "--no-progress",
+            "--to",
+            self.destination.address,
+            *extra,
+            env=self.env,
+            timeout=90,
+        )
+
+    def test_socket_in_the_state_directory(self) -> None:
+        """The socket is made in the deep state directory (mode 0600) and
+        ``migrate --daemon`` works through it; the temporary directory the
+        daemon and client share holds nothing of it."""
+        source = self.start_source()
+        path = self.state / "control.sock"
+        self.assertGreater(len(os.fsencode(path)), 107)
+        self.assertTrue(path.is_socket())
+        self.assertEqual(path.stat().st_mode & 0o777, 0o600)
+        result = self.migrate("vm1", "--daemon")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("control socket", source.log())
+        self.assertEqual(list(self.tmp.glob("*control*")), [])
+
+    def test_socket_cannot_be_made(self) -> None:
+        """Something not a socket sits where the socket goes (here a
+        directory with a file in it): the daemon starts all the same, says
+        in one log line why it has no control socket, and serves arrivals;
+        a client says no daemon listens there, without a traceback, and
+        nothing there is touched."""
+        blocker = self.state / "control.sock"
+        blocker.mkdir(parents=True)
+        (blocker / "keep").write_text("operator's")
+        source = self.start_source()
+        log = source.log()
+        self.assertEqual(log.count("cannot listen"), 1, log[-2000:])
+        self.assertIn("migrate --daemon cannot ask this daemon", log)
+        self.assertNotIn("Traceback", log)
+        created = processes.securemig(
+            "vm", "create", "arriving", "--dir", str(self.base / "other"), "--ram-mib", "1"
+        )
+        self.assertEqual(created.returncode, 0, created.stderr)
+        moved = processes.securemig(
+            "migrate",
+            "arriving",
+            "--vm-dir",
+            str(self.base / "other"),
+            "--insecure",
+            "--no-progress",
+            "--to",
+            source.address,
+            env=self.env,
+            timeout=90,
+        )
+        self.assertEqual(moved.returncode, 0, moved.stderr)
+        self.assertTrue((self.state / "vms" / "arriving").exists())
+        asked = self.migrate("vm2", "--daemon")
+        self.assertEqual(asked.returncode, 1, asked.stderr)
+        self.assertIn("no daemon listens", asked.stderr)
+        self.assertNotIn("Traceback", asked.stderr)
+        self.assertTrue((self.vm_dir / "vm2").exists())
+        self.assertEqual((blocker / "keep").read_text(), "operator's")
+
+
+class ControlServiceTests(SynchronousTestCase):
+    """A control socket that cannot be made does not stop the daemon: the
+    service starts (one error line), stops, and removes nothing of what
+    it did not make."""
+
+    def test_cannot_listen(self) -> None:
+        from twisted.internet import reactor
+
+        from securemig.app.control import ControlService
+
+        # Short: the socket would be STATE/control.sock, a directory here.
+        state = Path(tempfile.mkdtemp(prefix="st-"))
+        self.addCleanup(shutil.rmtree, state, True)
+        (state / control_client.SOCKET_NAME / "in-the-way").mkdir(parents=True)
+        errors: list[LogEvent] = []
+        globalLogPublisher.addObserver(errors.append)
+        self.addCleanup(globalLogPublisher.removeObserver, errors.append)
+
+        class Host:
+            state_dir = state
+
+        control = ControlService(Host(), reactor)  # type: ignore[arg-type]
+        control.startService()
+        self.assertIsNone(control.port)
+        said = [formatEvent(e) for e in errors if "cannot listen" in e.get("log_format", "")]
+        self.assertEqual(len(said), 1, said)
+        self.assertIn("migrate --daemon cannot ask this daemon", said[0])
+        control.stopService()
+        self.assertTrue((state / control_client.SOCKET_NAME / "in-the-way").is_dir())
 
 
 class SecureDaemonTests(SecureBase):

@@ -11,7 +11,7 @@ from pathlib import Path
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from securemig.host.journal import Journal
+from securemig.host.journal import Journal, driven, driving
 from securemig.host.recovery import (
     RELEASE_FIRST_RETRY,
     RELEASE_LAST_RETRY,
@@ -56,7 +56,7 @@ class BackoffTests(SynchronousTestCase):
 _JOURNAL = """
 import sys
 from pathlib import Path
-from securemig.host.journal import Journal
+from securemig.host.journal import Journal, driven, driving
 journal = Journal(Path(sys.argv[1]))
 mid = journal.begin(role="source", vm="vm1", peer="127.0.0.1:1", variant="shared-storage",
                     protocol="secure", bundle=sys.argv[2])
@@ -125,6 +125,64 @@ class ReleaseBackoffTests(TestCase):
         self.assertEqual(len(self.failures), 2)
         self.assertTrue(any("tried again in 2 s" in s for s in said), said)
         # Still committed and not released: the copy is removed once libvirt answers.
+        record = self.journal.get(self.local_id)
+        assert record is not None
+        self.assertTrue(record.reached(Phase.COMMITTED))
+        self.assertFalse(record.reached(Phase.RELEASED))
+        self.assertTrue(self.bundle.path.exists())
+
+
+class DaemonOwnedTests(TestCase):
+    """A departure journaled by this very process -- the daemon, driving a
+    ``migrate --daemon`` -- committed and done but whose copy here could
+    not be removed: once its session is over the daemon's own settling
+    round tries the release again (backing off), not only after a restart;
+    while its session is under way it is left alone."""
+
+    def setUp(self) -> None:
+        base = Path(self.mktemp())
+        base.mkdir()
+        self.bundle = Bundle(base / "vms" / "vm1", Manifest(name="vm1", backend="libvirt"))
+        self.bundle.path.mkdir(parents=True)
+        self.bundle.save()
+        record = DomainRecord(
+            "vm1",
+            "7b1c6e2a-3f1d-4d5e-9a6b-0c1d2e3f4a5b",
+            "0d9c8b7a-6f5e-4d3c-2b1a-0f9e8d7c6b5a",
+            f"qemu+unix:///system?socket={base / 'libvirt-sock'}",
+        )
+        (self.bundle.path / DOMAIN_FILE).write_bytes(record.to_json())
+        self.journal = Journal(base / "journal.sqlite")
+        self.addCleanup(self.journal.close)
+        # Journaled in this process, as the daemon's migrate --daemon does.
+        self.local_id = self.journal.begin(
+            role="source",
+            vm="vm1",
+            peer="127.0.0.1:1",
+            variant="shared-storage",
+            protocol="secure",
+            bundle=str(self.bundle.path),
+        )
+        self.journal.phase(self.local_id, "committed")
+        self.journal.finish(self.local_id, "done")
+        self.journal.set_peer_settled(self.local_id)
+
+    async def test_released_once_not_driven(self) -> None:
+        now = [0.0]
+        backoff = Backoff(clock=lambda: now[0])
+        driving(self.local_id)
+        self.addCleanup(driven, self.local_id)
+        # Its session still runs here: not recovery's.
+        did, _ = await settle_departures(self.journal, None, backoff=backoff)
+        self.assertEqual(did, [])
+        self.assertFalse(backoff.due_at)
+        driven(self.local_id)
+        did, _ = await settle_departures(self.journal, None, backoff=backoff)
+        self.assertTrue(any(f"tried again in {RELEASE_FIRST_RETRY:g} s" in s for s in did), did)
+        # The daemon's backoff applies: not tried again before it is due.
+        now[0] += RELEASE_FIRST_RETRY / 2
+        did, _ = await settle_departures(self.journal, None, backoff=backoff)
+        self.assertEqual(did, [])
         record = self.journal.get(self.local_id)
         assert record is not None
         self.assertTrue(record.reached(Phase.COMMITTED))

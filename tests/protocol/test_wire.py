@@ -361,7 +361,6 @@ class QuoteRequestWireTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             wire.encode(wire.Evidence(b"", b"", (), b"", b"", b"x" * (wire.MAX_EVENT_LOG + 1)))
 
-
     def test_clear_key_takes_a_whole_libvirt_secret(self) -> None:
         """CLEAR_KEY carries up to 128 bytes (a libvirt domain's secret, or
         a vTPM key and identity); a length field over that is refused."""
@@ -371,6 +370,7 @@ class QuoteRequestWireTests(SynchronousTestCase):
         self.assertRefused(ErrorCode.BAD_PARAMETER, frame(0x14, payload))
         with self.assertRaises(ValueError):
             wire.encode(wire.ClearKey(b"k" * 129))
+
 
 class HelloTailTests(SynchronousTestCase):
     """HELLO's version-2 tail says what the VM is (backend, vTPM); a tail that

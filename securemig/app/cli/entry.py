@@ -49,7 +49,8 @@ def daemon_state_dir(argv: list[str], env: os._Environ[str] | dict[str, str]) ->
     if i >= len(argv) or argv[i] != "migrate":
         return None
     rest = argv[i + 1 :]
-    if "--daemon" not in rest:
+    if "--daemon" not in rest or any(w.startswith("--no-d") for w in rest):
+        # --no-daemon (or its abbreviation) anywhere: the full command decides.
         return None
     values: dict[str, str] = {}
     j = 0

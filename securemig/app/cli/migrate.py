@@ -152,11 +152,13 @@ def add_parser(subparsers: Subparsers) -> None:
     )
     mig.add_argument(
         "--daemon",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="have this host's twistd securemig (the one of the same --state-dir) drive "
         "the migration: this command only asks it over its control socket and shows the "
         "progress, and starts faster (no interpreter full of TLS and TPM code).  Ctrl-C "
-        "cancels it; a client that goes away does not",
+        "cancels it; a client that goes away does not.  --no-daemon: migrate in this "
+        "process even when the configuration file says [migrate] daemon = true",
     )
     mig.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     mig.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -171,7 +173,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if args.daemon:
         # The line as typed goes to the daemon, which parses it the same way.
         line = getattr(args, "_argv", None) or sys.argv[1:]
-        return control_client.ask(source_state_dir(args.vm_dir, args.state_dir), line)
+        origin = getattr(args, "_origins", {}).get("daemon", "")
+        hint = None
+        if origin.startswith("file"):
+            # Not asked for on this command line: say where it came from.
+            hint = (
+                f"the configuration file's [migrate] daemon = true ({origin[5:]}) asks for "
+                "the daemon: give --no-daemon to migrate in this process"
+            )
+        return control_client.ask(source_state_dir(args.vm_dir, args.state_dir), line, hint=hint)
     options = prepare(args)
     journal = host_journal(args.vm_dir, args.state_dir)
     outcome: dict[str, Any] = {}
@@ -278,6 +288,10 @@ async def drive(
         bundle = Bundle.find(args.vm_dir, args.name)
         # From here on a failure leaves the VM here, unlocked.
         outcome["stays"] = True
+        if outcome.get("cancelled"):
+            # Cancelled before anything was touched (an early Ctrl-C).
+            outcome.update(CANCELLED_EARLY)
+            return
         departure, finished = await migrate(
             reactor,
             bundle,
@@ -422,19 +436,35 @@ def _revocation(args: argparse.Namespace, err: TextIO | None) -> RevocationList 
 #: The reason a migration cancelled with Ctrl-C ends with.
 INTERRUPTED = "interrupted by the operator (Ctrl-C)"
 
+#: :func:`conclude`'s ``outcome`` of a migration cancelled before it was
+#: started: nothing touched, nothing sent, the VM here.
+CANCELLED_EARLY: dict[str, Any] = {
+    "error": f"cancelled: {INTERRUPTED} before anything was sent",
+    "code": ErrorCode.CANCELLED.name,
+    "stays": True,
+}
+
 
 def cancel(reactor: Any, outcome: dict[str, Any], sessions: list[SourceProtocol]) -> None:
     """Cancel the migration :func:`drive` runs, whose connected session
     ``on_protocol`` put in ``sessions``, as a timeout would end it: the
     session fails with CANCELLED, tells the destination (ABORT), rolls back
     and is journaled.  Not connected yet: try again shortly, until the
-    migration is over.  (Only this migration's session: a daemon drives
-    others on the same reactor.)"""
+    migration is over; not started yet: :func:`drive` does not start it.
+    (Only this migration's session: a daemon drives others on the same
+    reactor.)  Only the first call acts: one attempt chain a migration."""
+    if outcome.get("cancelled"):
+        return
+    outcome["cancelled"] = True
+    _cancel_sessions(reactor, outcome, sessions)
+
+
+def _cancel_sessions(reactor: Any, outcome: dict[str, Any], sessions: list[SourceProtocol]) -> None:
     for proto in sessions:
         if not proto.session.finished:
             proto.fail(ProtocolError(ErrorCode.CANCELLED, INTERRUPTED))
     if not sessions and not outcome.get("over"):
-        reactor.callLater(0.1, cancel, reactor, outcome, sessions)
+        reactor.callLater(0.1, _cancel_sessions, reactor, outcome, sessions)
 
 
 def _report(
