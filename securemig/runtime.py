@@ -10,7 +10,8 @@ directory, and live in one directory of their own, its *runtime directory*:
 - ``STATE/run`` when its longest socket path fits in a UNIX socket address
   (107 bytes: the limit that sent these files to ``/tmp`` before);
 - otherwise ``TMP/securemig-run-DIGEST``, DIGEST a hash of the state
-  directory's absolute path, TMP the temporary directory (``$TMPDIR``).
+  directory's absolute path, TMP the temporary directory (``$TMPDIR``),
+  used only if it is this user's own directory (:func:`private`).
 
 A process that works for a state directory (the daemon, ``securemig
 migrate``, ``vm start``) makes its runtime directory its own with :func:`use`
@@ -33,6 +34,7 @@ import contextlib
 import hashlib
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,8 +69,7 @@ def use(state: Path) -> Path:
     """Make ``state``'s runtime directory this process's (and the programs'
     it starts); creates it, private to this user, and removes it at exit if
     nothing is left in it."""
-    run = for_state_dir(state)
-    run.mkdir(mode=0o700, parents=True, exist_ok=True)
+    run = private(for_state_dir(state))
     os.environ[ENV] = str(run)
     if run not in _used:
         _used.add(run)
@@ -86,7 +87,37 @@ def current() -> Path:
     run = (
         Path(chosen) if chosen else Path(tempfile.gettempdir()) / f"securemig-run-uid{os.getuid()}"
     )
+    return private(run)
+
+
+class NotPrivate(OSError):
+    """A runtime directory another user could reach into: its sockets
+    (QEMU's monitor, its vTPM's, a live stream's plaintext) would be theirs
+    to replace.  The message says whose it is and what to do."""
+
+
+def private(run: Path) -> Path:
+    """``run``, created mode 0700 if missing, checked to be a directory of
+    this user's own, not a link, mode 0700 (one of ours with a looser mode
+    is tightened).  In the temporary directory anyone may have made the
+    name first: :class:`NotPrivate` then, never a socket in it."""
     run.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(run)
+    problem = None
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory"
+    elif st.st_uid != os.geteuid():
+        problem = f"belongs to uid {st.st_uid}, not to uid {os.geteuid()}"
+    if problem is not None:
+        raise NotPrivate(
+            f"runtime directory {run} {problem}: another user may have made it to reach "
+            "this host's sockets; remove it, or choose another with "
+            f"{ENV} or a shorter --state-dir"
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(run, 0o700)
     return run
 
 

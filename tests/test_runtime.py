@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -57,6 +59,61 @@ class ForStateDirTests(SynchronousTestCase):
         self.assertEqual(run.stat().st_mode & 0o777, 0o700)
         runtime.remove_if_empty(run)
         self.assertFalse(run.exists())
+
+
+class PrivateTests(SynchronousTestCase):
+    def test_squatted_runtime_directory_refused(self) -> None:
+        """The name of a long state directory's runtime directory is
+        predictable, in a temporary directory anyone writes: made first by
+        another user (here nobody's, mode 0777), or a link to elsewhere,
+        it is refused with a sentence saying whose it is, and nothing is
+        put in it; one of ours with a loose mode is tightened to 0700."""
+        if os.geteuid() != 0:
+            self.fail("this test needs root, to make a directory another uid owns")
+        base = Path(self.mktemp()).absolute()
+        base.mkdir()
+        squatted = base / "theirs"
+        squatted.mkdir()
+        os.chmod(squatted, 0o777)
+        os.chown(squatted, 65534, 65534)
+        with self.assertRaises(runtime.NotPrivate) as cm:
+            runtime.private(squatted)
+        self.assertIn("belongs to uid 65534", str(cm.exception))
+        self.assertEqual(list(squatted.iterdir()), [])
+        (base / "link").symlink_to(base / "elsewhere")
+        (base / "elsewhere").mkdir(mode=0o700)
+        with self.assertRaises(runtime.NotPrivate) as cm:
+            runtime.private(base / "link")
+        self.assertIn("is a symbolic link", str(cm.exception))
+        loose = base / "ours"
+        loose.mkdir(mode=0o755)
+        os.chmod(loose, 0o755)
+        self.assertEqual(runtime.private(loose), loose)
+        self.assertEqual(loose.stat().st_mode & 0o777, 0o700)
+
+    def test_daemon_refuses_a_squatted_runtime_directory(self) -> None:
+        """``twistd securemig`` on a long state directory whose runtime
+        directory another user made first: a usage error naming it, exit
+        1, no traceback."""
+        if os.geteuid() != 0:
+            self.fail("this test needs root, to make a directory another uid owns")
+        tmp = Path(self.mktemp()).absolute()
+        tmp.mkdir()
+        state = tmp / ("d" * 100) / "state"
+        env = {**os.environ, "TMPDIR": str(tmp)}
+        env.pop(runtime.ENV, None)
+        squatted = tmp / runtime.for_state_dir(state).name
+        squatted.mkdir()
+        os.chown(squatted, 65534, 65534)
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("twistd")), "-n", "securemig",
+             "--state-dir", str(state), "--insecure-listen", "tcp:0:interface=127.0.0.1"],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        self.assertEqual(done.returncode, 1, done.stdout + done.stderr)
+        said = done.stdout + done.stderr
+        self.assertIn(f"runtime directory {squatted} belongs to uid 65534", said)
+        self.assertNotIn("Traceback", said)
 
 
 class CleanTests(SynchronousTestCase):

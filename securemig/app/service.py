@@ -281,6 +281,10 @@ class Options(ServiceOptions):
             ) from None
         except OSError as e:
             raise usage.UsageError(f"cannot use --state-dir {state}: {e.strerror or e}") from None
+        try:
+            runtime.private(runtime.for_state_dir(state))
+        except runtime.NotPrivate as e:
+            raise usage.UsageError(str(e)) from None
         if self["listen"] and not self["identity"]:
             raise usage.UsageError("--listen (the secure variant) needs --identity DIR")
         if self["identity"] and not (Path(self["identity"]) / "host.json").exists():

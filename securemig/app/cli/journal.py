@@ -141,6 +141,8 @@ def host_journal(vm_dir: Path, state_dir: Path | None) -> Journal:
         # runtime directory, where its daemon cleans up after a crash.
         runtime.use(directory)
         return journal
+    except runtime.NotPrivate as e:
+        raise CommandError(str(e)) from None
     except (OSError, sqlite3.Error) as e:
         if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
             raise CommandError(
