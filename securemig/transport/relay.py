@@ -36,7 +36,7 @@ from typing import Any
 
 from securemig.protocol import records
 from securemig.protocol.errors import ErrorCode, PeerViolation
-from securemig.transport.tcp import dup_socket
+from securemig.transport.tcp import dup_socket, no_delay
 
 #: A relay reports progress to the reactor thread once per this many bytes,
 #: or once this many seconds passed (and at its end): each report wakes the
@@ -58,6 +58,7 @@ def blocking_dup(transport: Any) -> socket.socket:
     if sock is None:
         raise RuntimeError(f"no socket to relay on: {transport!r}")
     sock.settimeout(None)
+    no_delay(sock)
     return sock
 
 
