@@ -106,8 +106,6 @@ SERIES = ("secure-libvirt", "secure-libvirt-daemon", "libvirt-tls", "libvirt-pla
 #: The series that are securemig's own (run where the backend migrates live).
 SECUREMIG = ("secure-libvirt", "secure-libvirt-daemon")
 DOMAIN = "bench-domain"
-#: Loopback TLS ports of the two libvirtds (libvirt's own is 16514).
-TLS_PORTS = (16614, 16615)
 #: Lab host indexes: their QEMU migration port ranges (49152 + 100 * index).
 INDEXES = (12, 13)
 #: How long the guest may take to boot or to beat after a move.
@@ -169,6 +167,16 @@ def _free_port(lo: int, hi: int) -> int:
     raise RuntimeError(f"no free port in {lo}..{hi}")
 
 
+def _tls_ports() -> tuple[int, int]:
+    """Loopback TLS ports for the two libvirtds, the kernel's choice of
+    free ones (fixed ports collided when two benches ran at once: a test
+    runner's two workers; libvirtd then would not start)."""
+    with socket.socket() as a, socket.socket() as b:  # both held: two ports
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        return a.getsockname()[1], b.getsockname()[1]
+
+
 def _site_tls(work: Path, names: list[str]) -> list[Path]:
     """A site CA made for the bench and, per host, its libvirt and QEMU TLS
     files (a certificate for ``localhost``, server and client use)."""
@@ -212,7 +220,7 @@ class _Bench:
     def start(self) -> None:
         self.lab.start()
         for directory, index, port, name in zip(
-            _site_tls(self.work, ["a", "b"]), INDEXES, TLS_PORTS, ["ba", "bb"], strict=True
+            _site_tls(self.work, ["a", "b"]), INDEXES, _tls_ports(), ["ba", "bb"], strict=True
         ):
             host = LibvirtHost(name, index, tls=HostTLS(directory, port))
             self.hosts.append(host)
