@@ -16,10 +16,12 @@ observed, within the polling interval).
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 #: How often the files are polled: the resolution of the observed gap.
 POLL_INTERVAL = 0.005
@@ -62,6 +64,8 @@ class Watch:
         #: kept here: a bundle given up after a migration takes its files along.
         self._consoles: dict[Path, bytes] = {}
         self._console_offsets: dict[Path, int] = {}
+        #: Each file's descriptor, held once it was opened (:meth:`_read`).
+        self._files: dict[int, BinaryIO] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="heartbeat")
@@ -82,6 +86,10 @@ class Watch:
         """Stop polling (after one last look)."""
         self._stop.set()
         self._thread.join()
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -133,12 +141,7 @@ class Watch:
             if int(now / POLL_INTERVAL) % 100 == 0:
                 self._poll_consoles()
             for i, path in enumerate(self._paths):
-                try:
-                    with open(path, "rb") as f:
-                        f.seek(self._offsets[i])
-                        chunk = f.read(1 << 20)
-                except FileNotFoundError:
-                    continue
+                chunk = self._read(i, path)
                 if not chunk:
                     continue
                 self._offsets[i] += len(chunk)
@@ -151,6 +154,37 @@ class Watch:
                     beat = _parse(line, now, i)
                     if beat is not None:
                         self._beats.append(beat)
+
+    def _read(self, i: int, path: Path) -> bytes:
+        """What file ``i`` gained.  Read through a descriptor held once the
+        file is there: a migrated-away bundle is renamed aside and removed
+        right after the commit, and a watch that looked again only after
+        that (a loaded machine) would lose the beats written just before --
+        a sequence that seems to skip.  A path that now names another file
+        (a QEMU started again) is followed into it, from its start, once
+        the old one is read to its end."""
+        f = self._files.get(i)
+        if f is not None:
+            chunk = f.read(1 << 20)
+            if chunk:
+                return chunk
+            try:
+                now = os.stat(path)
+            except OSError:
+                return b""
+            held = os.fstat(f.fileno())
+            if (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev):
+                return b""
+            f.close()
+            del self._files[i]
+            self._offsets[i] = 0
+        try:
+            f = open(path, "rb")  # noqa: SIM115 -- held across polls, closed in stop()
+        except OSError:
+            return b""
+        f.seek(self._offsets[i])
+        self._files[i] = f
+        return f.read(1 << 20)
 
     @property
     def beats(self) -> list[Beat]:

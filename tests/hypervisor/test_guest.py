@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 from twisted.internet import reactor, threads
@@ -206,3 +207,39 @@ class LinuxGuestMigrationTests(TestCase):
             self.assertEqual(result.returncode, 2, result.stderr)
             self.assertNotIn("Traceback", result.stderr)
             self.assertFalse((self.base / "cli" / "vmx").exists())
+
+
+class WatchFileTests(SynchronousTestCase):
+    def until(self, watch: Watch, seq: int) -> None:
+        deadline = time.monotonic() + 10
+        while seq not in [b.seq for b in watch.beats]:
+            if time.monotonic() > deadline:
+                self.fail(f"beat {seq} not seen: {[b.seq for b in watch.beats]}")
+            time.sleep(0.01)
+
+    def test_beats_written_before_a_rename_aside_are_seen(self) -> None:
+        """A migrated-away bundle is renamed aside and removed right after
+        the commit; beats its QEMU wrote just before, which the watch had
+        not read yet (a loaded machine), are still seen: no false gap in
+        the sequence.  A file made again at the same path (a QEMU started
+        again) is then followed from its start."""
+        base = Path(self.mktemp())
+        base.mkdir()
+        path = base / "heartbeat.log"
+        path.write_bytes(b"hb 1 none\n")
+        watch = Watch(path)
+        self.addCleanup(watch.stop)
+        with open(path, "ab") as qemu:
+            qemu.write(b"hb 2 none\n")
+            qemu.flush()
+            self.until(watch, 2)
+            with watch._lock:  # the watch does not look meanwhile
+                qemu.write(b"hb 3 none\nhb 4 none\n")
+                qemu.flush()
+                path.rename(base / "aside.log")
+                (base / "aside.log").unlink()
+        self.until(watch, 4)
+        path.write_bytes(b"hb 5 none\n")
+        self.until(watch, 5)
+        self.assertEqual([b.seq for b in watch.beats], [2, 3, 4, 5])
+        self.assertTrue(watch.continuous())
