@@ -137,6 +137,15 @@ class Sealer(_Channel):
         return self.seal([b""], Kind.END)
 
 
+def _unauthentic(sequence: int) -> PeerViolation:
+    """What a data record that fails its tag is refused as."""
+    return PeerViolation(
+        ErrorCode.RECORD_REFUSED,
+        f"data record {sequence} does not authenticate (altered, out of order, "
+        "repeated or from another session)",
+    )
+
+
 class Opener(_Channel):
     """The receiving end: bytes in, the frames of authentic records out.
 
@@ -208,11 +217,7 @@ class Opener(_Channel):
                 out[: len(sealed) - TAG],
             )
         except InvalidTag:
-            raise PeerViolation(
-                ErrorCode.RECORD_REFUSED,
-                f"data record {self.sequence} does not authenticate (altered, out of order, "
-                "repeated or from another session)",
-            ) from None
+            raise _unauthentic(self.sequence) from None
         self.sequence += 1
         if kind is Kind.END:
             if n:
@@ -241,11 +246,7 @@ class Opener(_Channel):
                 _nonce(self.sequence), sealed, _ad(self.migration_id, kind, self.sequence)
             )
         except InvalidTag:
-            raise PeerViolation(
-                ErrorCode.RECORD_REFUSED,
-                f"data record {self.sequence} does not authenticate (altered, out of order, "
-                "repeated or from another session)",
-            ) from None
+            raise _unauthentic(self.sequence) from None
         self.sequence += 1
         if kind is Kind.END:
             if plain or self._queue.available:

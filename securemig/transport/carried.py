@@ -248,29 +248,25 @@ class _Pair:
     # -- the relays' ends (on the reactor thread)
 
     def _up_done(self, error: Exception | None) -> None:
-        self.running -= 1
-        if error is not None and not self.ended:
-            self.fail(str(error))
-            return
-        if not self.ended:
-            # The hypervisor closed its socket and END went onto the wire:
-            # the connection ends both ways, as it did on one thread.
-            self.ended = True
-            assert self.down is not None
-            self.down.abort()
-        self._settle()
+        # The hypervisor closed its socket and END went onto the wire: the
+        # connection ends both ways, as it did on one thread.
+        self._relay_done(error, lambda: self.down.abort() if self.down else None)
 
     def _down_done(self, error: Exception | None) -> None:
+        # END arrived (and the hypervisor's socket got its end of file): our
+        # END follows on the wire once what was read is sealed.
+        self._relay_done(error, lambda: self.up.finish() if self.up else None)
+
+    def _relay_done(self, error: Exception | None, other_end: Callable[[], None]) -> None:
+        """One direction's relay ended: a failure fails the pair; the first
+        to end cleanly ends the other direction (``other_end``)."""
         self.running -= 1
         if error is not None and not self.ended:
             self.fail(str(error))
             return
         if not self.ended:
-            # END arrived (and the hypervisor's socket got its end of file):
-            # our END follows on the wire once what was read is sealed.
             self.ended = True
-            assert self.up is not None
-            self.up.finish()
+            other_end()
         self._settle()
 
     def _settle(self) -> None:

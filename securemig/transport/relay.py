@@ -62,6 +62,14 @@ def blocking_dup(transport: Any) -> socket.socket:
     return sock
 
 
+def _end_of_file(sink: socket.socket) -> None:
+    """Tell ``sink``'s peer the stream ended, once all of it was sent.  A
+    peer that already closed its end (a hypervisor done with its socket:
+    ENOTCONN) has everything: not an error of the stream."""
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
 class Relay:
     """One direction of a relayed connection, on its own thread: reads
     ``source``, writes ``sink`` (both sockets of its own, closed at its
@@ -204,7 +212,7 @@ class SealingRelay(Relay):
         # it, this side's count is whole.
         self._flush(time.monotonic())
         sink.sendall(out[: sealer.seal_into(plain[:0], out, records.Kind.END)])
-        sink.shutdown(socket.SHUT_WR)
+        _end_of_file(sink)
 
 
 class OpeningRelay(Relay):
@@ -258,7 +266,7 @@ class OpeningRelay(Relay):
                 if opener.ended:
                     if end > start:
                         raise PeerViolation(ErrorCode.RECORD_REFUSED, "data after the END record")
-                    sink.shutdown(socket.SHUT_WR)
+                    _end_of_file(sink)
                     return
                 sink.sendall(out[:n])
                 self._progress(n)
