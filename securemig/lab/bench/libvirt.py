@@ -63,6 +63,7 @@ secure-libvirt / libvirt-tls and libvirt-tls / libvirt-plain.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -151,6 +152,18 @@ class CPUSampler:
     def used(self, pids: list[int]) -> float:
         """The seconds used by those of ``pids`` seen (after :meth:`stop`)."""
         return round(sum(self._last[p] - self._first[p] for p in pids if p in self._last), 2)
+
+
+#: Held while a libvirt bench runs (:func:`run`): one per machine.
+MACHINE_LOCK = "/tmp/securemig-bench-libvirt.lock"
+
+
+def _try_lock(f: Any) -> bool:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _free_port(lo: int, hi: int) -> int:
@@ -460,6 +473,13 @@ def run(
         )
         return 1
     records: list[dict[str, Any]] = []
+    # Its lab hosts' QEMU migration ports are fixed ranges of the machine:
+    # a second bench at once (a test runner's other worker) would take the
+    # same ports.  One at a time, the next waits.
+    machine_lock = open(MACHINE_LOCK, "a")  # noqa: SIM115 -- held for the run
+    if not _try_lock(machine_lock):
+        say(f"bench --libvirt: waiting for another one on this machine ({MACHINE_LOCK})")
+        fcntl.flock(machine_lock, fcntl.LOCK_EX)
     try:
         say(f"bench --libvirt in {work}: two libvirtds, a {memory_mib} MiB domain")
         bench.start()
@@ -485,6 +505,7 @@ def run(
     finally:
         bench.stop()
         shutil.rmtree(work, ignore_errors=True)
+        machine_lock.close()
     not_run = tuple(p for p in asked if p not in protocols)
     return _report(
         records, protocols, memory_mib, dirty_mib_s, disk_mib, repeat, json_path, info, not_run
