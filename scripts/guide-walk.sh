@@ -19,8 +19,12 @@ done
 [ "$PORT" != "$PCA_PORT" ] || fail "PORT and PCA_PORT must differ (both $PORT)"
 W=$(mktemp -d -t securemig-walk-XXXXXX)
 cleanup() {
-  for f in host-b pca tpm; do [ -f "$W/$f.pid" ] && kill "$(cat "$W/$f.pid")" 2>/dev/null; done
-  wait
+  # `|| true`: under set -e a kill of one already gone (a daemon that failed
+  # to start) would end the cleanup there and leave the others running.
+  for f in host-b pca tpm; do
+    if [ -f "$W/$f.pid" ]; then kill "$(cat "$W/$f.pid")" 2>/dev/null || true; fi
+  done
+  wait || true
   cd /
   if [ -n "$KEEP" ]; then echo "guide-walk: kept $W" >&2; else rm -rf "$W"; fi
 }
