@@ -28,7 +28,7 @@ from securemig.trust.pca.core import PrivacyCA
 from securemig.trust.pki import Authority
 from tests.support.bundles import bundle_digests
 from tests.support.qemu import under_tcg
-from tests.support.secure import SecureBase
+from tests.support.secure import SecureBase, staging_left
 
 
 class Scene:
@@ -762,7 +762,7 @@ class BackendMismatchTests(SecureBase):
         [mine] = source.records()
         self.assertEqual(mine.outcome, "aborted")
         self.assertFalse(mine.reached("prepared"))
-        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertEqual(staging_left(destination), [])
         self.assertFalse((destination.state_dir / "vms" / "vm1").exists())
         theirs = Journal(destination.state_dir / "journal.sqlite")
         self.addCleanup(theirs.close)

@@ -28,6 +28,7 @@ from securemig.protocol.phases import Phase
 from .libvirt import remove_domain, virsh_secret_value
 from .libvirt import shared_hosts as libvirt_hosts
 from .qemu import extended
+from .secure import staging_left
 
 #: How long a crash cell may take to settle once every process runs again.
 SETTLE_TIMEOUT = 120.0
@@ -274,7 +275,7 @@ class LabCase(TestCase):
                 self.assertEqual(domain.uuid in defined, each is host, each.name)
             finally:
                 conn.close()
-        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertEqual(staging_left(destination), [])
         disks = destination.state_dir / "disks"
         held = [d for d in disks.iterdir() if any(d.iterdir())] if disks.exists() else []
         self.assertEqual(len(held), 1 if where == "destination" else 0, held)

@@ -4,6 +4,7 @@ run the secure variant with real processes."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,15 @@ class SecureBase(TestCase):
         self.assertEqual(bundle_digests(Bundle.load(bundle.path)), before)
         self.assertTrue(bundle.vtpm_key_path.exists())
         self.assertFalse(storage.is_locked(bundle.lock_path))
+
+
+def staging_left(destination: Any, timeout: float = 30.0) -> list[Path]:
+    """What the destination's staging still holds once it ended its side:
+    ``migrate`` exits as soon as it refuses, and the destination removes
+    staging on the ABORT that follows, so wait (up to ``timeout``) for it to
+    empty rather than read it at once."""
+    staging = destination.state_dir / "staging"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(staging.iterdir()):
+        time.sleep(0.05)
+    return list(staging.iterdir())

@@ -71,8 +71,8 @@ class LiveMultifdHostileTests(LiveSecureBase):
         """While a --parallel 2 migration's channels run, a stranger on the
         destination's live port asks to be channel 3 (QEMU's main channel
         and two multifd channels are 0 to 2): it is closed (at its preamble,
-        or with the other strangers once every channel is bound), the
-        destination says why, and the migration completes with the
+        with the other strangers once every channel is bound, or by the port
+        closing), and the migration completes with the
         guest's heartbeat in sequence and PCR 16 kept."""
         low = random.randrange(20000, 60000, 8)
         destination = self.start_destination(
@@ -89,16 +89,14 @@ class LiveMultifdHostileTests(LiveSecureBase):
         result = await running
         self.assertEqual(result.returncode, 0, result.stderr + destination.log()[-3000:])
         self.assertGreater(probed, 0)
-        # Refused at its preamble, or -- when the last real channel bound
-        # between its accept and its preamble's read -- closed with every
-        # other stranger (test_carried's test_channel_beyond_n_refused
-        # feeds exactly the preamble, without that race).
-        log = destination.log()
-        self.assertTrue(
-            "memory connection 3 is beyond the 3 it takes" in log
-            or "closed a carrier connection: every carried connection is bound" in log,
-            log[-3000:],
-        )
+        # How it was closed depends on when it came: at its preamble
+        # ("memory connection 3 is beyond the 3 it takes"), with the other
+        # strangers once every channel bound, or by the port closing before
+        # the daemon accepted it (nothing is logged then).  The preamble
+        # check itself is test_carried's test_channel_beyond_n_refused,
+        # without these races; here what counts is that it never reached
+        # QEMU: the migration completes, the guest beating in sequence.
+        self.assertNotIn("Unhandled", destination.log())
         summary = json.loads(result.stdout)
         self.assertGreater(summary["multifd_bytes"], 0)
         last = await threads.deferToThread(watch.wait, 5, 60.0, 1)

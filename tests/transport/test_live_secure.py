@@ -30,6 +30,7 @@ from securemig.trust.policy import PolicyStore
 from tests.support.commands import crash_env
 from tests.support.live_qemu import LiveSecureBase
 from tests.support.qemu import extended
+from tests.support.secure import staging_left
 
 
 class LiveSecureMigrationTests(LiveSecureBase):
@@ -106,7 +107,7 @@ class LiveSecureFailureTests(LiveSecureBase):
             await deferLater(reactor, 0.05)
         self.assertEqual([r.outcome for r in journal.records()], ["aborted"])
         self.assertFalse(any(r.reached("incoming") for r in journal.records()))
-        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertEqual(staging_left(destination), [])
         await threads.deferToThread(watch.wait, 5, 30.0)
         self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
         self.assertEqual(QemuBackend().status(Bundle.load(bundle.path)), "running")
@@ -141,7 +142,7 @@ class LiveSecureFailureTests(LiveSecureBase):
         arrival = arrivals.records()[0]
         self.assertTrue(arrival.reached("lost") and not arrival.reached("continuing"), arrival)
         self.assertFalse((destination.state_dir / "vms" / "vm1").exists())
-        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertEqual(staging_left(destination), [])
         await threads.deferToThread(watch.wait, 5, 30.0)
         self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
         self.assertEqual(QemuBackend().status(Bundle.load(bundle.path)), "running")
@@ -286,7 +287,7 @@ class LiveCrashPointTests(LiveSecureBase):
             self.assertFalse(arrived.path.exists())
             self.assertEqual(QemuBackend().status(Bundle.load(bundle.path)), "stopped")
             self.assertTrue(bundle.vtpm_key_path.exists())
-            self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+            self.assertEqual(staging_left(destination), [])
             self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
             self.assertNoUnhandledError(destination)
             return "nowhere"
@@ -298,7 +299,7 @@ class LiveCrashPointTests(LiveSecureBase):
             self.assertFalse(record.reached("reclaimed"))
             self.assertFalse(bundle.path.exists())
             self.assertIsNone(QemuBackend()._pid(arrived))
-            self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+            self.assertEqual(staging_left(destination), [])
             self.assertTrue(watch.continuous(), [b.seq for b in watch.beats])
             self.assertNoUnhandledError(destination)
             return "nowhere"
@@ -321,7 +322,7 @@ class LiveCrashPointTests(LiveSecureBase):
         self.assertIsNone(QemuBackend()._pid(other) if other.path.exists() else None)
         self.assertTrue(here.vtpm_key_path.exists())
         self.assertFalse(other.vtpm_key_path.exists())
-        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertEqual(staging_left(destination), [])
         return "destination" if at_destination else "source"
 
     def settle(self, destination: processes.Destination) -> Any:
@@ -376,7 +377,7 @@ class LiveCrashPointTests(LiveSecureBase):
         self.source_daemon()
         record = await threads.deferToThread(self.settle, destination)
         self.assertFalse(record.reached("committed"))
-        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertEqual(staging_left(destination), [])
         self.assertFalse((destination.state_dir / "vms" / "vm1").exists())
         self.assertTrue(bundle.vtpm_key_path.exists())
 

@@ -17,7 +17,7 @@ from securemig.lab import processes
 from securemig.protocol import wire
 from tests.support.bundles import bundle_digests
 from tests.support.commands import migrate_vm
-from tests.support.secure import SecureBase
+from tests.support.secure import SecureBase, staging_left
 
 
 def free_port() -> int:
@@ -59,7 +59,7 @@ class DataPortsTests(SecureBase):
         self.assertStaysAtSource(
             bundle, before, result, f"all of {port}-{port} (--data-ports) are in use"
         )
-        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertEqual(staging_left(destination), [])
         self.assertNoUnhandledError(destination)
 
     def test_bad_range_is_a_usage_error(self) -> None:
@@ -203,7 +203,7 @@ class JobControlTests(SecureBase):
             time.sleep(0.2)
         self.assertEqual(arrival["outcome"], "aborted")
         self.assertIn("CANCELLED", arrival["error"])
-        self.assertEqual(list((destination.state_dir / "staging").iterdir()), [])
+        self.assertEqual(staging_left(destination), [])
         self.assertFalse((destination.state_dir / "vms" / "vm1").exists())
         self.assertEqual(jobs_of("--state-dir", str(state)), [])
         again = processes.securemig("abort", job["id"], "--state-dir", str(state))

@@ -26,22 +26,10 @@ from securemig.trust.pki import Authority
 from securemig.trust.policy import Policy, PolicyStore
 from tests.support.bundles import bundle_digests
 from tests.support.commands import crash_env, migrate_vm
-from tests.support.secure import SecureBase
+from tests.support.secure import SecureBase, staging_left
 
 #: Whether dest-b's TPM was extended with test_event_log_policy's events.
 _booted_b: list[bool] = []
-
-
-def staging_left(destination: Any, timeout: float = 30.0) -> list[Path]:
-    """What the destination's staging still holds once it ended its side:
-    ``migrate`` exits as soon as it refuses, and the destination removes
-    staging on the ABORT that follows, so wait (up to ``timeout``) for it to
-    empty rather than read it at once."""
-    staging = destination.state_dir / "staging"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(staging.iterdir()):
-        time.sleep(0.05)
-    return list(staging.iterdir())
 
 
 class SecureMigrationTests(SecureBase):
