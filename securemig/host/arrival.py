@@ -699,13 +699,7 @@ class DestinationHost:
         try:
             if (self.vms / name).exists():
                 raise ProtocolError(ErrorCode.VM_BUSY, f"VM {name} is already present here")
-            held = [
-                r.id
-                for r in self.journal.records(1000)
-                if r.vm == name
-                and r.outcome == Outcome.IN_DOUBT.value
-                and (self.staging / r.id).exists()
-            ]
+            held = self._staged(name, Outcome.IN_DOUBT)
             if held:
                 raise ProtocolError(
                     ErrorCode.VM_BUSY,
@@ -716,13 +710,7 @@ class DestinationHost:
             # answer) is removed later, by the domain's UUID for libvirt: a
             # new arrival of the same VM admitted meanwhile could commit and
             # then be destroyed by that removal.  Refused until it is gone.
-            leftover = [
-                r.id
-                for r in self.journal.records(1000)
-                if r.vm == name
-                and r.outcome == Outcome.ABORTED.value
-                and (self.staging / r.id).exists()
-            ]
+            leftover = self._staged(name, Outcome.ABORTED)
             if leftover:
                 raise ProtocolError(
                     ErrorCode.VM_BUSY,
@@ -756,6 +744,15 @@ class DestinationHost:
             mid=migration_id.hex(),
         )
         return Arrival(self, hello, migration_id, lock, staging)
+
+    def _staged(self, name: str, outcome: Outcome) -> list[str]:
+        """Earlier arrivals of VM ``name`` that ended ``outcome`` and whose
+        staging is still here."""
+        return [
+            r.id
+            for r in self.journal.records(1000)
+            if r.vm == name and r.outcome == outcome.value and (self.staging / r.id).exists()
+        ]
 
     @staticmethod
     def _check_shared_disk(hello: wire.Hello) -> None:
