@@ -4,7 +4,9 @@ nothing behind, whether it fails or succeeds (issue 24 item 8)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -55,3 +57,66 @@ class GuideWalkTests(TestCase):
         self.assertIn("VM vm1 migrated to", done.stdout + done.stderr)
         self.assertIn("### 9: securemig", done.stdout)
         self.assertEqual(list(self.tmp.iterdir()), [])
+
+    def test_failed_walk_ends_what_it_started(self) -> None:
+        """host-b's daemon dies before it listens (SIGKILLed here, as a
+        daemon that fails to start): the walk fails saying so, and its
+        cleanup still ends the privacy CA and the TPM simulators it started
+        (the kill of the dead daemon once ended the cleanup early) and
+        removes its directory."""
+        self.tmp = Path(self.mktemp()).absolute()
+        self.tmp.mkdir()
+        env = {
+            **os.environ,
+            "TMPDIR": str(self.tmp),
+            "PORT": str(free_port()),
+            "PCA_PORT": str(free_port()),
+        }
+        env.pop("KEEP", None)
+        walk = subprocess.Popen(
+            ["bash", str(WALK)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.addCleanup(walk.kill)
+        started: dict[str, int] = {}
+        deadline = time.monotonic() + 180
+        while "host-b" not in started:
+            self.assertIsNone(walk.poll(), "the walk ended before host-b's daemon started")
+            self.assertLess(time.monotonic(), deadline, "host-b's daemon never started")
+            for pidfile in self.tmp.glob("securemig-walk-*/*.pid"):
+                with contextlib.suppress(OSError, ValueError):
+                    started.setdefault(pidfile.stem, int(pidfile.read_text()))
+            time.sleep(0.01)
+        for pid in started.values():
+            # Should the walk leave one running (the bug), the test ends it.
+            self.addCleanup(_end, pid)
+        os.kill(started["host-b"], signal.SIGKILL)
+        out, err = walk.communicate(timeout=120)
+        self.assertEqual(walk.returncode, 1, out[-3000:] + err[-3000:])
+        self.assertIn("host-b exited before it said", err)
+        self.assertEqual(set(started), {"tpm", "pca", "host-b"})
+        for name, pid in started.items():
+            for _ in range(200):
+                if not _alive(pid):
+                    break
+                time.sleep(0.05)
+            self.assertFalse(_alive(pid), f"the walk left {name} (pid {pid}) running")
+        self.assertEqual(list(self.tmp.iterdir()), [])
+
+
+def _end(pid: int) -> None:
+    """SIGTERM ``pid`` (a process of the walk) if it still runs."""
+    if _alive(pid):
+        os.kill(pid, signal.SIGTERM)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

@@ -635,8 +635,10 @@ async def release(journal: Journal, local_id: str, bundle: Bundle) -> bool:
     redo the release (``Journal.departures``, ``recovery``) until it is."""
     destroy_vtpm_key(bundle)
     if bundle.path.exists():
+        record = journal.get(local_id)
+        moved = record.migration_id if record is not None and record.migration_id else ""
         try:
-            await backend_for(bundle.manifest.backend).discard(bundle)
+            await backend_for(bundle.manifest.backend).discard_moved(bundle, moved)
         except Exception as e:
             # Committed is committed: the VM is the destination's now, and
             # without its key this copy cannot run; what is left here is
@@ -671,7 +673,7 @@ def check_keys(bundle: Bundle, *, secure: bool, live: bool, unseal_with: Path | 
             f"VM {bundle.name} has no vTPM key ({bundle.vtpm_key_path}); "
             "create it with --identity, or migrate it --insecure"
         )
-    if not secure and bundle.manifest.vtpm and unseal_with is None:
+    if not secure and has_vtpm_key(bundle) and unseal_with is None:
         raise BundleError(
             f"VM {bundle.name} has a vTPM: give --identity to unseal its key (the insecure "
             "variant then sends it in the clear)"
@@ -694,6 +696,15 @@ def check_live(bundle: Bundle, variant: wire.Variant) -> None:
             f"VM {bundle.name}: live migration moves RAM only; its disk must be on shared "
             "storage (--shared-storage, a VM created with --shared-disk or without a disk)"
         )
+
+
+def has_vtpm_key(bundle: Bundle) -> bool:
+    """Whether the VM has a vTPM key to hand over: its manifest names a vTPM
+    (QEMU's), or its backend keeps the vTPM's secret itself and the bundle
+    holds it sealed (a libvirt domain's secret, which has no identity)."""
+    if bundle.manifest.vtpm:
+        return True
+    return capabilities(bundle.manifest.backend).carried and bundle.vtpm_key_path.exists()
 
 
 def unseal_vtpm_key(bundle: Bundle, identity: Path) -> bytes:

@@ -156,6 +156,13 @@ class Backend(Protocol):
         """Remove the VM from this host; it has moved elsewhere."""
         ...
 
+    def discard_moved(self, bundle: Bundle, moved: str) -> Deferred[None]:
+        """Remove the VM from this host once committed migration ``moved``
+        (its id in hex) took it elsewhere: :meth:`discard`, and for a backend
+        that copied the VM's storage in that migration, the copies left
+        here too."""
+        return self.discard(bundle)
+
     def status(self, bundle: Bundle) -> str:
         """A short word for operators: ``suspended``, ``running``, ..."""
         ...

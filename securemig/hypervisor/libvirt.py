@@ -49,6 +49,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -95,6 +96,9 @@ CONNECT_ENV = "LIBVIRT_DEFAULT_URI"
 #: Where this process sees what libvirt sees as ``/run/libvirt`` (a lab host
 #: in its own mount namespace); default :data:`RUN_DIR`.
 RUN_DIR_ENV = "SECUREMIG_LIBVIRT_RUN_DIR"
+#: Held from the check that a copied disk's path is free to its creation
+#: (:meth:`LibvirtBackend._prepare_in`), across this process's arrivals.
+_CREATING = threading.Lock()
 #: Set to 1 where both hosts share the disks' storage but libvirt cannot
 #: tell (the lab's hosts on one machine): libvirt's safety check waived
 #: (``VIR_MIGRATE_UNSAFE``) for a migration without ``--copy-storage``.
@@ -109,6 +113,15 @@ DEFAULT_DISK_DIRS = ("/var/lib/libvirt/images",)
 #: The file of an arrival's staging naming the domain that arrives (from
 #: HELLO's ``backend_info``) and the migration's socket tag.
 INCOMING_FILE = BACKEND_INFO_FILE
+#: The file of an arrival's staging listing the disks this migration
+#: creates here (``--copy-storage``), written durably before the first is
+#: created: an arrival that does not commit removes exactly these.
+CREATED_DISKS_FILE = "created-disks.json"
+#: The file of a source's bundle naming the migration (its tag) that copies
+#: the domain's disks and their paths, written durably before libvirt's
+#: migration starts (and removed before one that copies nothing): once that
+#: migration committed, the copies left here are removed with the domain.
+COPIED_DISKS_FILE = "copied-disks.json"
 #: An incoming domain waits this long at most for libvirt's migration.
 INCOMING_TIMEOUT = 3600.0
 #: How often the destination asks libvirt whether the domain arrived.
@@ -753,13 +766,20 @@ class LibvirtStats:
         )
 
 
-def domain_disks(domain: Any) -> tuple[Disk, ...]:
-    """The domain's file-backed disks with their format and capacity."""
+def copied_disks(domain: Any) -> tuple[Disk, ...]:
+    """The domain's file-backed disks that libvirt copies with
+    ``NON_SHARED_DISK`` (not ``<readonly/>``, not ``<shareable/>``: those
+    must be at the destination already, as for libvirt's own migration),
+    with their format and capacity: the disks a destination creates for a
+    ``--copy-storage`` migration, and those a committed one leaves stale
+    copies of at the source."""
     found = []
     for disk in ET.fromstring(domain.XMLDesc(0)).iterfind("devices/disk"):
         source = disk.find("source")
         driver = disk.find("driver")
         if disk.get("device", "disk") != "disk" or source is None or not source.get("file"):
+            continue
+        if disk.find("readonly") is not None or disk.find("shareable") is not None:
             continue
         path = str(source.get("file"))
         fmt = driver.get("type", "raw") if driver is not None else "raw"
@@ -845,18 +865,17 @@ def check_disks_unused(disks: tuple[Disk, ...], used: dict[str, str]) -> None:
             )
 
 
-def _create_volume(conn: Any, disk: Disk) -> None:
-    """An empty disk at ``disk.path`` (libvirt's view) through a transient
-    libvirt storage pool, so libvirt creates it where it sees it."""
-    libvirt = require_libvirt()
-    directory, _, name = disk.path.rpartition("/")
-    if disk.format not in ("raw", "qcow2"):
-        raise BundleError(f"disk {disk.path}: format {disk.format} (raw or qcow2 are copied)")
+@contextmanager
+def _directory_pool(conn: Any, directory: str) -> Iterator[Any]:
+    """A libvirt storage pool of ``directory`` (as libvirt sees it),
+    refreshed: one running there already (an operator's ``default`` pool of
+    ``/var/lib/libvirt/images``: libvirt refuses a second pool of the same
+    directory), else a transient one made for the call and destroyed after
+    it."""
     pool_name = "securemig-" + hashlib.sha256(directory.encode()).hexdigest()[:16]
-    try:
-        pool = conn.storagePoolLookupByName(pool_name)
-        created = False
-    except libvirt.libvirtError:
+    pool = _running_pool(conn, directory)
+    created = False
+    if pool is None:
         pool = conn.storagePoolCreateXML(
             f"<pool type='dir'><name>{pool_name}</name>"
             f"<target><path>{escape(directory)}</path></target></pool>",
@@ -865,20 +884,140 @@ def _create_volume(conn: Any, disk: Disk) -> None:
         created = True
     try:
         pool.refresh(0)
-        try:
-            pool.storageVolLookupByName(name)
-            return  # there already (shared storage, or a retried migration)
-        except libvirt.libvirtError:
-            pass
-        pool.createXML(
-            f"<volume><name>{escape(name)}</name><capacity unit='bytes'>{disk.capacity}"
-            f"</capacity><allocation>0</allocation><target><format type='{disk.format}'/>"
-            "</target></volume>",
-            0,
-        )
+        yield pool
     finally:
         if created:
             pool.destroy()
+
+
+def _running_pool(conn: Any, directory: str) -> Any:
+    """The running directory pool whose target is ``directory``, or None."""
+    libvirt = require_libvirt()
+    for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+        try:
+            root = ET.fromstring(pool.XMLDesc(0))
+        except (libvirt.libvirtError, ET.ParseError):
+            continue  # stopped or dropped meanwhile
+        target = root.findtext("target/path")
+        if root.get("type") == "dir" and target and os.path.normpath(target) == directory:
+            return pool
+    return None
+
+
+def _volume(pool: Any, name: str) -> Any:
+    """The volume ``name`` of ``pool``, or None."""
+    libvirt = require_libvirt()
+    try:
+        return pool.storageVolLookupByName(name)
+    except libvirt.libvirtError:
+        return None
+
+
+def _refuse_existing(pool: Any, disk: Disk) -> None:
+    """Refuse (``POLICY_REFUSED``) a disk to copy whose path names a file
+    here already -- an operator's, another VM's, a symbolic link to
+    anything: the attested source names the path, and a copied disk is
+    written only into a file its migration created."""
+    if _volume(pool, disk.path.rpartition("/")[2]) is not None:
+        raise BundleError(
+            f"disk {disk.path} exists here already: a copied disk is only written "
+            "into a file the migration creates (remove it, or migrate without "
+            "--copy-storage if both hosts share the storage)",
+            ErrorCode.POLICY_REFUSED,
+        )
+
+
+def check_disks_new(conn: Any, disks: tuple[Disk, ...]) -> None:
+    """:func:`_refuse_existing` for each of ``disks`` (paths as libvirt on
+    ``conn`` sees them), and their formats checked."""
+    for disk in disks:
+        if disk.format not in ("raw", "qcow2"):
+            raise BundleError(f"disk {disk.path}: format {disk.format} (raw or qcow2 are copied)")
+        with _directory_pool(conn, disk.path.rpartition("/")[0]) as pool:
+            _refuse_existing(pool, disk)
+
+
+def _create_volume(conn: Any, disk: Disk) -> None:
+    """An empty disk at ``disk.path`` (libvirt's view) through a libvirt
+    storage pool, so libvirt creates it where it sees it; never over a file
+    (:func:`_refuse_existing`), nor through a symbolic link to nothing.
+
+    libvirt creates a raw file with ``O_EXCL`` (which refuses any link),
+    but a qcow2 one with ``qemu-img create``, which follows a dangling link
+    and creates its target, wherever that is: so the path is claimed first
+    as an empty raw file, which then makes way for the qcow2 image."""
+    libvirt = require_libvirt()
+    directory, _, name = disk.path.rpartition("/")
+    with _directory_pool(conn, directory) as pool:
+        _refuse_existing(pool, disk)
+        try:
+            claim = pool.createXML(_volume_xml(name, 0, "raw"), 0)
+        except libvirt.libvirtError as e:
+            # A dangling symbolic link is no volume to libvirt's refresh,
+            # but the create refuses it: refused as any file there.
+            if os.strerror(errno.EEXIST) not in str(e.get_error_message()):
+                raise
+            raise BundleError(
+                f"disk {disk.path} exists here already (a symbolic link to nothing): "
+                "a copied disk is only written into a file the migration creates",
+                ErrorCode.POLICY_REFUSED,
+            ) from None
+        claim.delete(0)
+        pool.createXML(_volume_xml(name, disk.capacity, disk.format), 0)
+
+
+def _volume_xml(name: str, capacity: int, fmt: str) -> str:
+    """A storage volume's definition: ``name`` in its pool, empty."""
+    return (
+        f"<volume><name>{escape(name)}</name><capacity unit='bytes'>{capacity}"
+        f"</capacity><allocation>0</allocation><target><format type='{fmt}'/>"
+        "</target></volume>"
+    )
+
+
+def _delete_volumes(conn: Any, paths: list[str]) -> None:
+    """The files at ``paths`` (libvirt's view) deleted through libvirt;
+    those already gone are skipped (a redone removal), and so is any a
+    domain here uses (:func:`disks_in_use`: once its own domain went, a
+    listed path another domain took since is that domain's)."""
+    used = disks_in_use(conn)
+    for path in paths:
+        if os.path.normpath(path) in used:
+            log.warn(
+                "copied disk {p} is left: domain {d} uses it",
+                p=path,
+                d=used[os.path.normpath(path)],
+            )
+            continue
+        directory, _, name = path.rpartition("/")
+        with _directory_pool(conn, directory) as pool:
+            volume = _volume(pool, name)
+            if volume is not None:
+                volume.delete(0)
+                log.info("copied disk {p} removed", p=path)
+
+
+def _listed_disks(path: Path, migration: str | None = None) -> list[str]:
+    """The disk paths a :data:`CREATED_DISKS_FILE` or
+    :data:`COPIED_DISKS_FILE` lists (only if it names ``migration``, when
+    given); none if there is no such file."""
+    try:
+        raw = json.loads(path.read_bytes())
+        if migration is not None and raw["migration"] != migration:
+            return []
+        return [str(p) for p in raw["disks"]]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise BundleError(f"{path}: {e}") from None
+
+
+def _list_disks(path: Path, migration: str, disks: tuple[Disk, ...]) -> None:
+    """Journal ``disks`` of ``migration`` in ``path`` (durably), before
+    they are created or copied."""
+    files.write_durably(
+        path, json.dumps({"migration": migration, "disks": [d.path for d in disks]}).encode()
+    )
 
 
 class LibvirtBackend(Backend):
@@ -1204,6 +1343,12 @@ class LibvirtBackend(Backend):
     def _resume(self, bundle: Bundle) -> None:
         libvirt = require_libvirt()
         record = DomainRecord.load(bundle)
+        created = bundle.path / CREATED_DISKS_FILE
+        if created.exists():
+            # Before the guest runs: from now on its disks are the VM's own,
+            # never an aborted arrival's to delete.
+            created.unlink()
+            files.fsync_dir(bundle.path)
         ram = bundle.image_path("ram").absolute()
         with self._connection(self._uri(record)) as conn:
             domain = _lookup(conn, record.domain_uuid)
@@ -1280,7 +1425,12 @@ class LibvirtBackend(Backend):
         state, and the bundle (with the sealed secret) removed."""
         return self._call(self._discard, bundle)
 
-    def _discard(self, bundle: Bundle) -> None:
+    def discard_moved(self, bundle: Bundle, moved: str) -> Deferred[None]:
+        """:meth:`discard`, and if committed migration ``moved`` copied the
+        domain's disks (``--copy-storage``), the stale copies left here."""
+        return self._call(self._discard, bundle, moved)
+
+    def _discard(self, bundle: Bundle, moved: str = "") -> None:
         libvirt = require_libvirt()
         record = DomainRecord.load(bundle)
         with self._connection(self._uri(record)) as conn:
@@ -1294,6 +1444,8 @@ class LibvirtBackend(Backend):
                     )
             if secret_defined(conn, record.secret_uuid):
                 conn.secretLookupByUUIDString(record.secret_uuid).undefine()
+            if moved:
+                _delete_volumes(conn, _listed_disks(bundle.path / COPIED_DISKS_FILE, moved))
         if record.disk_dir:
             files.remove_tree(Path(record.disk_dir))
         files.remove_tree(bundle.path)
@@ -1317,7 +1469,7 @@ class LibvirtBackend(Backend):
                 incoming, tag = _read_incoming(bundle)
             except BundleError:
                 return
-            self._abort_in(incoming.outgoing, socket_paths(self.run_dir, tag))
+            self._abort_in(incoming.outgoing, socket_paths(self.run_dir, tag), bundle.path)
             return
         try:
             record = DomainRecord.load(bundle)
@@ -1462,7 +1614,7 @@ class LibvirtBackend(Backend):
             if not domain.isActive():
                 raise BundleError(f"domain {record.domain} does not run: nothing to migrate live")
             return Outgoing(
-                record.domain, record.domain_uuid, record.secret_uuid, domain_disks(domain)
+                record.domain, record.domain_uuid, record.secret_uuid, copied_disks(domain)
             )
 
     def migrate_out(
@@ -1505,6 +1657,16 @@ class LibvirtBackend(Backend):
             params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = parallel
         with self._connection(self._uri(record)) as conn:
             domain = self._domain(conn, record)
+            copied = bundle.path / COPIED_DISKS_FILE
+            if copy_storage:
+                # Before the copy starts: once this migration committed, the
+                # copies left here go (_finish_out, or discard after a crash).
+                _list_disks(copied, paths.local_dir.name, copied_disks(domain))
+            elif copied.exists():
+                # An earlier migration's list, which must never remove the
+                # disks this one leaves where they are.
+                copied.unlink()
+                files.fsync_dir(bundle.path)
             try:
                 domain.migrateToURI3(
                     "qemu+unix:///system?socket=" + paths.libvirt("rpc"),
@@ -1518,14 +1680,15 @@ class LibvirtBackend(Backend):
                     ErrorCode.LIVE_FAILED,
                 ) from None
 
-    def finish_out(self, bundle: Bundle) -> Deferred[None]:
-        """Source, after COMMITTED: the domain's definition and vTPM state
-        (the rollback copy) undefined here, the bundle with its sealed
-        secret removed.  A domain that runs here again is left alone (it
-        did not move)."""
-        return self._call(self._finish_out, bundle)
+    def finish_out(self, bundle: Bundle, tag: str) -> Deferred[None]:
+        """Source, after migration ``tag`` (its id in hex) COMMITTED: the
+        domain's definition and vTPM state (the rollback copy) undefined
+        here, the disks it copied deleted here (the stale copies), the
+        bundle with its sealed secret removed.  A domain that runs here
+        again is left alone (it did not move)."""
+        return self._call(self._finish_out, bundle, tag)
 
-    def _finish_out(self, bundle: Bundle) -> None:
+    def _finish_out(self, bundle: Bundle, tag: str) -> None:
         libvirt = require_libvirt()
         record = DomainRecord.load(bundle)
         with self._connection(self._uri(record)) as conn:
@@ -1538,22 +1701,36 @@ class LibvirtBackend(Backend):
                 domain.undefineFlags(
                     libvirt.VIR_DOMAIN_UNDEFINE_TPM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                 )
+            _delete_volumes(conn, _listed_disks(bundle.path / COPIED_DISKS_FILE, tag))
         files.remove_tree(bundle.path)
 
     # -- destination
 
     def prepare_in(
-        self, outgoing: Outgoing, value: bytes, paths: SocketPaths, copy_storage: bool
+        self,
+        outgoing: Outgoing,
+        value: bytes,
+        paths: SocketPaths,
+        copy_storage: bool,
+        staging: Path | None = None,
     ) -> Deferred[None]:
         """Destination, after attestation and key release: the socket
         directory, the disks to copy into (empty, same size and format) and
         the secret -- same UUID, the released value, ephemeral and private --
         which libvirt's Prepare needs to start swtpm.  The secret stays
-        defined until :meth:`end_in` (the migration's end, whatever it was)."""
-        return self._call(self._prepare_in, outgoing, value, paths, copy_storage)
+        defined until :meth:`end_in` (the migration's end, whatever it was).
+        The disks created are first listed in ``staging``'s
+        :data:`CREATED_DISKS_FILE`, so that an arrival that does not commit
+        removes them (:meth:`abort_in`)."""
+        return self._call(self._prepare_in, outgoing, value, paths, copy_storage, staging)
 
     def _prepare_in(
-        self, outgoing: Outgoing, value: bytes, paths: SocketPaths, copy_storage: bool
+        self,
+        outgoing: Outgoing,
+        value: bytes,
+        paths: SocketPaths,
+        copy_storage: bool,
+        staging: Path | None = None,
     ) -> None:
         require_libvirt()
         paths.local_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -1563,12 +1740,35 @@ class LibvirtBackend(Backend):
             if copy_storage:
                 check_disk_dirs(outgoing.disks, disk_dirs())
                 check_disks_unused(outgoing.disks, disks_in_use(conn))
-                for disk in outgoing.disks:
-                    _create_volume(conn, disk)
+                # All checked before any is listed: the list is what an abort
+                # deletes, so it never names a file that was there before.
+                with _CREATING:
+                    # One arrival at a time from the check to the last
+                    # create: two arrivals naming one path cannot both pass.
+                    check_disks_new(conn, outgoing.disks)
+                    self._create_listed(conn, outgoing.disks, paths.local_dir.name, staging)
             if secret_defined(conn, outgoing.secret_uuid):
                 conn.secretLookupByUUIDString(outgoing.secret_uuid).undefine()
             secret = conn.secretDefineXML(secret_xml(outgoing.secret_uuid, outgoing.domain))
             secret.setValue(value)
+
+    @staticmethod
+    def _create_listed(conn: Any, disks: tuple[Disk, ...], tag: str, staging: Path | None) -> None:
+        """Create ``disks``, listed first in ``staging``'s
+        :data:`CREATED_DISKS_FILE` (journaled before acted on); if one
+        cannot be created, the list is cut back to those that were."""
+        listed = staging / CREATED_DISKS_FILE if staging is not None else None
+        if listed is not None:
+            _list_disks(listed, tag, disks)
+        made: list[Disk] = []
+        try:
+            for disk in disks:
+                _create_volume(conn, disk)
+                made.append(disk)
+        except BaseException:
+            if listed is not None:
+                _list_disks(listed, tag, tuple(made))
+            raise
 
     def end_in(self, outgoing: Outgoing, paths: SocketPaths) -> Deferred[None]:
         """Destination, once libvirt's migration ended (swtpm holds the key,
@@ -1602,18 +1802,32 @@ class LibvirtBackend(Backend):
         self._resume(bundle)
         return bundle
 
-    def abort_in(self, outgoing: Outgoing, paths: SocketPaths) -> Deferred[None]:
+    def abort_in(
+        self, outgoing: Outgoing, paths: SocketPaths, staging: Path | None = None
+    ) -> Deferred[None]:
         """Destination, before COMMIT: a domain libvirt left here (paused,
-        half-defined) destroyed and undefined with its new vTPM state; the
-        secret undefined."""
-        return self._call(self._abort_in, outgoing, paths)
+        half-defined) destroyed and undefined with its new vTPM state, then
+        the disks this migration created (``staging``'s
+        :data:`CREATED_DISKS_FILE`) deleted; the secret undefined."""
+        return self._call(self._abort_in, outgoing, paths, staging)
 
-    def _abort_in(self, outgoing: Outgoing, paths: SocketPaths) -> None:
+    def _abort_in(
+        self, outgoing: Outgoing, paths: SocketPaths, staging: Path | None = None
+    ) -> None:
         libvirt = require_libvirt()
         with self._connection(self.connect or default_uri()) as conn:
             # libvirt may be failing its incoming migration meanwhile (the
             # cut stream): _remove_domain asks again as it drops the domain.
             _remove_domain(conn, outgoing.domain_uuid, libvirt.VIR_DOMAIN_UNDEFINE_TPM)
+            if staging is not None:
+                # No domain uses them now: a half-copied disk never stays.
+                created = staging / CREATED_DISKS_FILE
+                _delete_volumes(conn, _listed_disks(created))
+                # Deleted: a redone abort must not delete what another
+                # arrival may create at these paths from now on.
+                if created.exists():
+                    created.unlink()
+                    files.fsync_dir(staging)
         self._end_in(outgoing, paths)
 
     # -- securemig migrate --live (the backend contract's carried live migration)
@@ -1670,7 +1884,7 @@ class LibvirtBackend(Backend):
         unsafe = not copy_storage and os.environ.get(UNSAFE_SHARED_ENV) == "1"
         paths = socket_paths(self.run_dir, uri)
         done = self._call(self._migrate_out_stats, bundle, paths, copy_storage, parallel, unsafe)
-        return succeed(LibvirtOutgoing(self, bundle, done))
+        return succeed(LibvirtOutgoing(self, bundle, done, paths.local_dir.name))
 
     def _migrate_out_stats(
         self,
@@ -1733,7 +1947,7 @@ class LibvirtBackend(Backend):
         )
         files.write_durably(bundle.path / DOMAIN_FILE, record.to_json())
         paths = socket_paths(self.run_dir, tag)
-        self._prepare_in(outgoing, self._key(bundle), paths, incoming.copy_storage)
+        self._prepare_in(outgoing, self._key(bundle), paths, incoming.copy_storage, bundle.path)
         return LibvirtIncoming(self, bundle, outgoing, paths)
 
     def incoming_state(self, outgoing: Outgoing) -> Deferred[tuple[int, int] | None]:
@@ -1804,9 +2018,13 @@ class LibvirtOutgoing:
     sealed secret stay here until COMMITTED; :meth:`finish` waits for the
     call's return."""
 
-    def __init__(self, backend: LibvirtBackend, bundle: Bundle, done: Deferred[Any]) -> None:
+    def __init__(
+        self, backend: LibvirtBackend, bundle: Bundle, done: Deferred[Any], tag: str = ""
+    ) -> None:
         self.backend = backend
         self.bundle = bundle
+        #: The migration's tag (its id in hex): the copies its finish removes.
+        self.tag = tag
         #: ``time.monotonic()`` when libvirt's migration was asked for (the
         #: contract's ``LiveSide.started``: the guest's downtime is bounded
         #: from it, as for QEMU's own).
@@ -1920,7 +2138,7 @@ class LibvirtOutgoing:
         it confirmed) fails it: the release leaves the removal to this
         host's daemon (``departure.release``)."""
         await self.returned()
-        await self.backend.finish_out(self.bundle)
+        await self.backend.finish_out(self.bundle, self.tag)
 
     def release(self) -> None:
         """Nothing held (each call opens its own connection)."""
@@ -2017,8 +2235,9 @@ class LibvirtIncoming:
         """Nothing to cancel at the destination (the source's job is)."""
 
     def abandon(self) -> Deferred[None]:
-        """Before the commit: the domain libvirt made here goes (:meth:`abort_in`)."""
-        return self.backend.abort_in(self.outgoing, self.paths)
+        """Before the commit: the domain libvirt made here goes, with the
+        disks this migration created (:meth:`abort_in`)."""
+        return self.backend.abort_in(self.outgoing, self.paths, self.bundle.path)
 
     async def finish(self) -> None:
         """Nothing at the destination."""

@@ -19,7 +19,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from securemig.host.departure import Departure, check_keys, unseal_vtpm_key
+from securemig.host.departure import Departure, check_keys, has_vtpm_key, unseal_vtpm_key
 from securemig.host.journal import Journal, driven
 from securemig.host.recovery import Owed, acknowledge
 from securemig.hypervisor.bundle import Bundle
@@ -80,7 +80,7 @@ async def migrate(
     if secure is not None:
         security = await _blocking(reactor, off_reactor, secure.prepare, bundle, host)
     clear_key = None
-    if secure is None and bundle.manifest.vtpm and unseal_with is not None:
+    if secure is None and has_vtpm_key(bundle) and unseal_with is not None:
         clear_key = await _blocking(reactor, off_reactor, unseal_vtpm_key, bundle, unseal_with)
     vtpm_key: bytes | None = None
     if security is not None:

@@ -397,6 +397,34 @@ class DiskDirsTests(SynchronousTestCase):
     """The directories a destination creates copied disks in: what an
     attested source may name is checked before anything is held."""
 
+    def test_only_copied_disks_are_created_or_removed(self) -> None:
+        """A source announces (for the destination to create) and lists
+        (for removal here after the commit) only the disks libvirt copies
+        (``NON_SHARED_DISK`` skips ``<readonly/>`` and ``<shareable/>``
+        ones, which stay in use here and must be there already): a
+        read-only image and a shared one are neither created empty there
+        nor deleted here; a CD-ROM is no disk."""
+
+        class Domain:
+            def XMLDesc(self, flags: int) -> str:
+                return (
+                    "<domain><devices>"
+                    "<disk type='file' device='disk'><driver type='qcow2'/>"
+                    "<source file='/images/own.qcow2'/></disk>"
+                    "<disk type='file' device='disk'><source file='/images/base.iso'/>"
+                    "<readonly/></disk>"
+                    "<disk type='file' device='disk'><source file='/images/cluster.img'/>"
+                    "<shareable/></disk>"
+                    "<disk type='file' device='cdrom'><source file='/images/cd.iso'/></disk>"
+                    "</devices></domain>"
+                )
+
+            def blockInfo(self, path: str) -> tuple[int, int, int]:
+                return (1 << 20, 0, 0)
+
+        copied = libvirt_backend.copied_disks(Domain())
+        self.assertEqual(copied, (libvirt_backend.Disk("/images/own.qcow2", "qcow2", 1 << 20),))
+
     def info(self, *paths: str, copy_storage: bool = True) -> bytes:
         disks = tuple(libvirt_backend.Disk(p, "raw", 1 << 20) for p in paths)
         outgoing = libvirt_backend.Outgoing("vm1", str(uuid.uuid4()), str(uuid.uuid4()), disks)

@@ -15,11 +15,14 @@ libvirt domains yet (doc/backend-libvirt.rst, "Not yet done").
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +31,20 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from securemig.hypervisor.bundle import BundleError
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.libvirt import (
+    CREATED_DISKS_FILE,
+    Disk,
     LibvirtBackend,
     LibvirtError,
+    Outgoing,
     _remove_domain,
     require_libvirt,
     socket_paths,
 )
 from securemig.lab.libvirt import LibvirtHost, create_disk, define_guest
+from securemig.protocol.wire import ErrorCode
 from securemig.transport.carried import SOCKETS, CarrierDestination, CarrierSource
 from tests.support.libvirt import SecretWatch, remove_domain, seal, shared_hosts, unseal
 from tests.support.qemu import extended
@@ -135,8 +143,11 @@ class LiveMigrationTests(MigrationCase):
         arrived = await self.destination.commit_in(Path(self.mktemp()), outgoing, seal(value))
         self.assertEqual(arrived.manifest.backend, "libvirt")
         last = await deferToThread(watch.wait, 10, 120.0, 1)
-        await self.source.finish_out(bundle)
+        await self.source.finish_out(bundle, self.migration_id)
         secrets.stop()
+        # The stale copy left at the source went after the commit.
+        self.assertFalse(self.a.path(domain.disk).exists())
+        self.assertTrue(self.b.path(domain.disk).exists())
 
         self.assertEqual(last.pcr16, extended(pcr16))
         self.assertTrue(watch.continuous(), [b.seq for b in watch.beats][-40:])
@@ -197,8 +208,10 @@ class LiveMigrationTests(MigrationCase):
         watch.follow(self.b.path(domain.heartbeat))
         await self.destination.commit_in(Path(self.mktemp()), outgoing, seal(value))
         last = await deferToThread(watch.wait, 10, 120.0, 1)
-        await self.source.finish_out(bundle)
+        await self.source.finish_out(bundle, self.migration_id)
         self.assertEqual(last.pcr16, extended(pcr16))
+        # Nothing was copied, so nothing is deleted: the one shared disk stays.
+        self.assertTrue(self.a.path(domain.disk).exists())
         self.assertTrue(watch.continuous(), [b.seq for b in watch.beats][-40:])
         for conn in self.conns:
             with self.assertRaises(self.libvirt.libvirtError):
@@ -362,3 +375,118 @@ class TeardownRaceTests(MigrationCase):
         await deferToThread(_remove_domain, conn, again.UUIDString(), 0)
         with self.assertRaises(libvirt.libvirtError):
             conn.lookupByUUIDString(again.UUIDString())
+
+
+class CopiedDiskTests(MigrationCase):
+    """The disks a destination creates for ``--copy-storage``: only new
+    files, and removed again when the arrival does not commit."""
+
+    def arriving(self, name: str) -> Outgoing:
+        """What a source would announce for domain ``name``: one raw 1 MiB
+        disk in the lab's image directory."""
+        return Outgoing(
+            name,
+            str(uuid.uuid4()),
+            str(uuid.uuid4()),
+            (Disk(f"/var/lib/libvirt/images/{name}.img", "raw", 1 << 20),),
+        )
+
+    def assertSecretUndefined(self, outgoing: Outgoing) -> None:
+        with self.assertRaises(self.libvirt.libvirtError):
+            self.conns[1].secretLookupByUUIDString(outgoing.secret_uuid)
+
+    async def test_never_written_over_a_file(self) -> None:
+        """A file at the path of a disk to copy (an operator's, which no
+        domain uses), a symbolic link there to another file, and a dangling
+        one: each is refused with POLICY_REFUSED before the secret is
+        defined, and no file changed (the link's target neither)."""
+        outgoing = self.arriving(f"keeper-{self.migration_id[:6]}")
+        disk = self.b.path(outgoing.disks[0].path)
+        precious = self.b.path(f"/var/lib/libvirt/precious-{self.migration_id[:6]}")
+        for path in (disk, precious):
+            self.addCleanup(path.unlink, missing_ok=True)
+        staging = Path(self.mktemp())
+        staging.mkdir()
+
+        disk.write_bytes(b"an operator's file")
+        with self.assertRaises(BundleError) as caught:
+            await self.destination.prepare_in(
+                outgoing, self.key, self.dst_paths, copy_storage=True, staging=staging
+            )
+        self.assertEqual(caught.exception.code, ErrorCode.POLICY_REFUSED)
+        self.assertIn("exists here already", str(caught.exception))
+        self.assertEqual(disk.read_bytes(), b"an operator's file")
+        self.assertSecretUndefined(outgoing)
+
+        disk.unlink()
+        precious.write_bytes(b"what the link leads to")
+        disk.symlink_to(f"/var/lib/libvirt/{precious.name}")
+        with self.assertRaises(BundleError) as caught:
+            await self.destination.prepare_in(
+                outgoing, self.key, self.dst_paths, copy_storage=True, staging=staging
+            )
+        self.assertEqual(caught.exception.code, ErrorCode.POLICY_REFUSED)
+        self.assertEqual(precious.read_bytes(), b"what the link leads to")
+        self.assertTrue(disk.is_symlink())
+        self.assertSecretUndefined(outgoing)
+        # The refused attempts listed nothing an abort would delete.
+        self.assertFalse((staging / CREATED_DISKS_FILE).exists())
+
+        precious.unlink()
+        for fmt in ("raw", "qcow2"):
+            arriving = dataclasses.replace(
+                outgoing, disks=(Disk(outgoing.disks[0].path, fmt, 1 << 20),)
+            )
+            with self.assertRaises(BundleError) as caught:
+                await self.destination.prepare_in(
+                    arriving, self.key, self.dst_paths, copy_storage=True, staging=staging
+                )
+            self.assertEqual(caught.exception.code, ErrorCode.POLICY_REFUSED, fmt)
+            self.assertFalse(precious.exists(), f"{fmt}: a dangling link's target was created")
+            self.assertSecretUndefined(outgoing)
+            # The list was cut back to what was created (nothing), so the
+            # abort that follows leaves the operator's link alone.
+            listed = json.loads((staging / CREATED_DISKS_FILE).read_text())
+            self.assertEqual(listed["disks"], [], fmt)
+            await self.destination.abort_in(arriving, self.dst_paths, staging)
+            self.assertTrue(disk.is_symlink(), fmt)
+
+    async def test_created_disks_go_with_an_aborted_arrival(self) -> None:
+        """The disk an arrival created (listed in its staging before it was
+        created) is deleted when the arrival aborts, so a half-copied disk
+        never stays and the same migration can be tried again; a second
+        abort (recovery redoing it) finds nothing left to do.  The
+        directory is an operator's running storage pool (as libvirt's
+        ``default`` pool is): libvirt refuses a second pool of it, so
+        securemig works through that one."""
+        pool = self.conns[1].storagePoolDefineXML(
+            f"<pool type='dir'><name>operators-{self.migration_id[:6]}</name>"
+            "<target><path>/var/lib/libvirt/images</path></target></pool>",
+            0,
+        )
+        self.addCleanup(pool.undefine)
+        pool.create(0)
+        self.addCleanup(pool.destroy)
+        outgoing = self.arriving(f"retry-{self.migration_id[:6]}")
+        disk = self.b.path(outgoing.disks[0].path)
+        self.addCleanup(disk.unlink, missing_ok=True)
+        staging = Path(self.mktemp())
+        staging.mkdir()
+        await self.destination.prepare_in(
+            outgoing, self.key, self.dst_paths, copy_storage=True, staging=staging
+        )
+        self.assertTrue(disk.exists())
+        listed = json.loads((staging / CREATED_DISKS_FILE).read_text())
+        self.assertEqual(listed["disks"], [outgoing.disks[0].path])
+        await self.destination.abort_in(outgoing, self.dst_paths, staging)
+        self.assertFalse(disk.exists())
+        self.assertSecretUndefined(outgoing)
+        await self.destination.abort_in(outgoing, self.dst_paths, staging)
+        # Tried again: created anew, and gone again.
+        await self.destination.prepare_in(
+            outgoing, self.key, self.dst_paths, copy_storage=True, staging=staging
+        )
+        self.assertTrue(disk.exists())
+        await self.destination.abort_in(outgoing, self.dst_paths, staging)
+        self.assertFalse(disk.exists())
+        self.assertTrue(pool.isActive())

@@ -585,3 +585,33 @@ class SuspendedCrashTests(LabCase):
         the domain is the destination's; RESOLVE(committed) through the healed network rolls
         it forward there, and the source's copy is gone."""
         self.assertEqual(self.cut_cell("committed"), "destination")
+
+
+class InsecureTests(LabCase):
+    """The insecure variant (no TLS, no attestation: the measurement twin)
+    moves a libvirt domain too."""
+
+    def test_insecure_variant_moves_a_domain(self) -> None:
+        """``securemig migrate --insecure`` of an adopted domain to B's
+        insecure listener: it runs at B with its memory (heartbeat in
+        sequence, never restarted, PCR 16 kept: the whole secret crossed,
+        in the clear as the variant says), is gone from A with its vTPM
+        state, and neither libvirt holds the secret afterwards."""
+        domain = self.adopt("insec")
+        at_b = self.daemon_at(self.b)
+        summary, _ = self.lab.migrate(at_b, domain.name, False, vm_dir=domain.vms)
+        self.assertEqual((summary["outcome"], summary["protocol"]), ("done", "insecure"), summary)
+        domain.watch.follow(self.b.path(domain.guest.heartbeat))
+        there = domain.watch.wait(3, 180, source=1)
+        self.assertEqual(there.pcr16, extended(domain.pcr16))
+        self.assertGreater(there.seq, domain.first.seq)
+        self.assertTrue(domain.watch.continuous(), [b.seq for b in domain.watch.beats])
+        conn_a, conn_b = self.on_host(self.a), self.on_host(self.b)
+        arrived = conn_b.lookupByUUIDString(domain.uuid)
+        self.assertEqual(arrived.state()[0], self.libvirt.VIR_DOMAIN_RUNNING)
+        self.assertTrue(arrived.isPersistent())
+        with self.assertRaises(self.libvirt.libvirtError):
+            conn_a.lookupByUUIDString(domain.uuid)
+        self.assertFalse(self.a.path(f"/var/lib/libvirt/swtpm/{domain.uuid}").exists())
+        self.assertFalse((domain.vms / domain.name).exists())
+        self.assert_no_secret(domain.guest.secret_uuid)

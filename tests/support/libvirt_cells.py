@@ -184,7 +184,9 @@ class LibvirtCellsBase(LibvirtLiveBase):
         """After a cell settled at ``where``: the guest runs there with its
         memory (heartbeat in sequence, never restarted, PCR 16 kept), is
         undefined at the other host, its vTPM state on that host only, the
-        bundle where the guest is, its secret defined in neither libvirt."""
+        bundle where the guest is, its secret defined in neither libvirt,
+        and its disk (copied) on that host only: a copy left at the other
+        host is gone (an aborted arrival's, or the source's once committed)."""
         last = watch.wait(5, 120.0)
         self.assertEqual(last.pcr16, extended(self.pcr16))
         self.assertTrue(watch.continuous(), [b.seq for b in watch.beats][-60:])
@@ -196,6 +198,8 @@ class LibvirtCellsBase(LibvirtLiveBase):
         self.assertFalse(there.path(f"/var/lib/libvirt/swtpm/{uuid}").exists())
         self.assertEqual(bundle.path.exists(), where == "source")
         self.assertEqual((self.dst_state / "vms" / name).exists(), where == "destination")
+        self.assertTrue(here.path(domain.disk).exists())
+        self.assertFalse(there.path(domain.disk).exists(), f"a copy of the disk is left {there}")
         self.assertSecretNowhere(domain.secret_uuid)
 
     def settled_once(

@@ -37,7 +37,8 @@ class LibvirtLiveMigrationTests(LibvirtLiveBase):
     async def test_live_migration_with_disk_copy(self) -> None:
         """Attested, the secret released, every socket carried sealed: the
         guest runs on at dest-b in sequence (never restarted) with PCR 16 as
-        it extended it; source-a has no domain, no vTPM state and no bundle;
+        it extended it; source-a has no domain, no vTPM state, no bundle and
+        no copy of the disk;
         virsh never read the secret on either host and neither defines it."""
         destination = self.start_libvirt_destination()
         domain, bundle, watch = await threads.deferToThread(self.adopted_guest, "lvm1")
@@ -63,6 +64,8 @@ class LibvirtLiveMigrationTests(LibvirtLiveBase):
         self.assertFalse(self.a.path(f"/var/lib/libvirt/swtpm/{record['domain_uuid']}").exists())
         self.assertTrue(self.b.path(f"/var/lib/libvirt/swtpm/{record['domain_uuid']}").exists())
         self.assertTrue(self.b.path(domain.disk).exists())
+        # The copy left at the source went with the domain after COMMITTED.
+        self.assertFalse(self.a.path(domain.disk).exists())
         self.assertFalse(bundle.path.exists())
         self.assertTrue((destination.state_dir / "vms" / "lvm1" / "vtpm-key.sealed").exists())
         self.assertEqual(secrets.leaks, [])
