@@ -99,6 +99,9 @@ RUN_DIR_ENV = "SECUREMIG_LIBVIRT_RUN_DIR"
 #: Held from the check that a copied disk's path is free to its creation
 #: (:meth:`LibvirtBackend._prepare_in`), across this process's arrivals.
 _CREATING = threading.Lock()
+#: Held while a storage pool is made, used and destroyed
+#: (:func:`_directory_pool`), across this process's libvirt threads.
+_POOLS = threading.Lock()
 #: Set to 1 where both hosts share the disks' storage but libvirt cannot
 #: tell (the lab's hosts on one machine): libvirt's safety check waived
 #: (``VIR_MIGRATE_UNSAFE``) for a migration without ``--copy-storage``.
@@ -871,23 +874,25 @@ def _directory_pool(conn: Any, directory: str) -> Iterator[Any]:
     refreshed: one running there already (an operator's ``default`` pool of
     ``/var/lib/libvirt/images``: libvirt refuses a second pool of the same
     directory), else a transient one made for the call and destroyed after
-    it."""
+    it.  One call at a time in this process: another's transient pool
+    would otherwise be found here and destroyed under this one."""
     pool_name = "securemig-" + hashlib.sha256(directory.encode()).hexdigest()[:16]
-    pool = _running_pool(conn, directory)
-    created = False
-    if pool is None:
-        pool = conn.storagePoolCreateXML(
-            f"<pool type='dir'><name>{pool_name}</name>"
-            f"<target><path>{escape(directory)}</path></target></pool>",
-            0,
-        )
-        created = True
-    try:
-        pool.refresh(0)
-        yield pool
-    finally:
-        if created:
-            pool.destroy()
+    with _POOLS:
+        pool = _running_pool(conn, directory)
+        created = False
+        if pool is None:
+            pool = conn.storagePoolCreateXML(
+                f"<pool type='dir'><name>{pool_name}</name>"
+                f"<target><path>{escape(directory)}</path></target></pool>",
+                0,
+            )
+            created = True
+        try:
+            pool.refresh(0)
+            yield pool
+        finally:
+            if created:
+                pool.destroy()
 
 
 def _running_pool(conn: Any, directory: str) -> Any:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -40,6 +41,7 @@ from securemig.hypervisor.libvirt import (
     LibvirtError,
     Outgoing,
     _remove_domain,
+    check_disks_new,
     require_libvirt,
     socket_paths,
 )
@@ -490,3 +492,20 @@ class CopiedDiskTests(MigrationCase):
         await self.destination.abort_in(outgoing, self.dst_paths, staging)
         self.assertFalse(disk.exists())
         self.assertTrue(pool.isActive())
+
+    async def test_pool_of_one_directory_across_threads(self) -> None:
+        """Arrivals ask libvirt from several threads at once: checks of
+        disks in one directory (each making, using and destroying a
+        transient pool of it) never find another call's pool and lose it
+        under them (libvirt: "storage pool not found", "already exists")."""
+        disks = (Disk(f"/var/lib/libvirt/images/free-{self.migration_id[:6]}.img", "raw", 1),)
+
+        def check() -> None:
+            conn = self.libvirt.open(self.b.uri)
+            try:
+                for _ in range(15):
+                    check_disks_new(conn, disks)
+            finally:
+                conn.close()
+
+        await gatherResults([deferToThread(check) for _ in range(4)])
