@@ -400,6 +400,14 @@ class DestinationHost:
                 mid=record.id,
                 vm=record.vm,
             )
+            # Not resumed, so its backend never put the arrival's record
+            # away: it goes here, or a later end (``vm stop --force``) would
+            # take the VM for an arrival that never committed and remove it
+            # with what was made for it (libvirt: its domain and disks).
+            arrived = target / BACKEND_INFO_FILE
+            if arrived.exists():
+                arrived.unlink()
+                files.fsync_dir(target)
         # A guest that runs may wait paused after a live stream: a backend
         # whose resume continues it (and leaves a running one alone) is asked.
         elif (

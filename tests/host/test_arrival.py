@@ -19,6 +19,7 @@ from securemig.host.arrival import Arrival, DestinationHost
 from securemig.host.contract import VtpmKey
 from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, create_image_vm
+from securemig.hypervisor.contract import BACKEND_INFO_FILE
 from securemig.protocol import wire
 from securemig.protocol.errors import ErrorCode, ProtocolError
 from securemig.trust.attestor import Attestor
@@ -276,6 +277,23 @@ class RecoveryTests(SynchronousTestCase):
         self.assertEqual((self.host.vms / "vm1" / "ram.img").read_bytes(), ram)
         self.assertEqual(list(self.host.staging.iterdir()), [])
         record = self.host.journal.get("d" * 32)
+        assert record is not None
+        self.assertEqual(record.outcome, "done")
+
+    def test_ran_and_ended_is_no_arrival_any_more(self) -> None:
+        """Committed and continued here (RESUMED), and the guest has ended
+        since: done, not resumed again, and the arrival's record of what
+        arrived (``backend-info.json``) goes, so that nothing takes the VM
+        for an arrival to abort later."""
+        staged = self.stage_vm("c" * 32, "prepared", "committed", "resumed")
+        (staged / BACKEND_INFO_FILE).write_bytes(b"{}")
+        bundle = Bundle.load(staged)
+        bundle.manifest.state = "stopped"
+        bundle.save()
+        self.assertIn("its guest has ended since", self.recover()[0][1])
+        self.assertFalse((self.host.vms / "vm1" / BACKEND_INFO_FILE).exists())
+        self.assertTrue((self.host.vms / "vm1" / "ram.img").exists())
+        record = self.host.journal.get("c" * 32)
         assert record is not None
         self.assertEqual(record.outcome, "done")
 
