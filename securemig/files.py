@@ -63,7 +63,7 @@ def remove_stale_temporaries(path: Path) -> int:
         if not (name.startswith(prefix) and name.endswith(".tmp")):
             continue
         pid_text = name[len(prefix) :].split(".", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
+        if not pid_text.isdigit() or process_alive(int(pid_text)):
             continue
         try:
             os.unlink(path.parent / name)
@@ -73,7 +73,8 @@ def remove_stale_temporaries(path: Path) -> int:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (a zombie counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

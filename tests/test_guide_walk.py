@@ -79,8 +79,11 @@ class GuideWalkTests(TestCase):
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            start_new_session=True,
         )
-        self.addCleanup(walk.kill)
+        # Whatever happens to the test, every process of the walk (its own
+        # group) is ended; SIGTERM lets the walk's cleanup run first.
+        self.addCleanup(_end_group, walk)
         started: dict[str, int] = {}
         deadline = time.monotonic() + 180
         while "host-b" not in started:
@@ -88,11 +91,11 @@ class GuideWalkTests(TestCase):
             self.assertLess(time.monotonic(), deadline, "host-b's daemon never started")
             for pidfile in self.tmp.glob("securemig-walk-*/*.pid"):
                 with contextlib.suppress(OSError, ValueError):
-                    started.setdefault(pidfile.stem, int(pidfile.read_text()))
+                    if pidfile.stem not in started:
+                        started[pidfile.stem] = int(pidfile.read_text())
+                        # Should the walk leave it running (the bug), ended.
+                        self.addCleanup(_end, started[pidfile.stem])
             time.sleep(0.01)
-        for pid in started.values():
-            # Should the walk leave one running (the bug), the test ends it.
-            self.addCleanup(_end, pid)
         os.kill(started["host-b"], signal.SIGKILL)
         out, err = walk.communicate(timeout=120)
         self.assertEqual(walk.returncode, 1, out[-3000:] + err[-3000:])
@@ -105,6 +108,18 @@ class GuideWalkTests(TestCase):
                 time.sleep(0.05)
             self.assertFalse(_alive(pid), f"the walk left {name} (pid {pid}) running")
         self.assertEqual(list(self.tmp.iterdir()), [])
+
+
+def _end_group(walk: subprocess.Popen[str]) -> None:
+    """SIGTERM the walk's process group, then SIGKILL what is left of it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(walk.pid, sig)
+        try:
+            walk.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _end(pid: int) -> None:

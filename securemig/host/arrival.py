@@ -666,7 +666,12 @@ class DestinationHost:
         ``keeps_keys``: the listener has a TPM identity to re-seal a vTPM key
         to (the secure variant's attestor; the insecure one's ``--identity``)."""
         name = hello.vm_name
-        if not keeps_keys and any(i.name == VTPM_IMAGE for i in hello.images):
+        # A vTPM state arrives, or a domain whose hypervisor keeps the
+        # vTPM's secret itself (libvirt: its domains all have one).
+        if not keeps_keys and (
+            any(i.name == VTPM_IMAGE for i in hello.images)
+            or (hello.backend == self.backend and capabilities(self.backend).carried)
+        ):
             raise ProtocolError(
                 ErrorCode.POLICY_REFUSED,
                 "this destination has no TPM "

@@ -44,10 +44,10 @@ Every libvirt call blocks: they run on one dedicated thread
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import threading
 import time
@@ -55,6 +55,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import MISSING, asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -102,6 +103,9 @@ _CREATING = threading.Lock()
 #: Held while a storage pool is made, used and destroyed
 #: (:func:`_directory_pool`), across this process's libvirt threads.
 _POOLS = threading.Lock()
+#: How long a storage pool call waits for another process's pool of the
+#: same directory to go.
+POOL_WAIT = 30.0
 #: Set to 1 where both hosts share the disks' storage but libvirt cannot
 #: tell (the lab's hosts on one machine): libvirt's safety check waived
 #: (``VIR_MIGRATE_UNSAFE``) for a migration without ``--copy-storage``.
@@ -855,9 +859,9 @@ def disks_in_use(conn: Any) -> dict[str, str]:
 
 def check_disks_unused(disks: tuple[Disk, ...], used: dict[str, str]) -> None:
     """Refuse a copied disk whose path a domain here uses (``used``:
-    :func:`disks_in_use`): the copy would overwrite that domain's disk.  A
-    file no domain uses (the VM's own disk, left when it moved away
-    earlier) is written over, as a retried copy is."""
+    :func:`disks_in_use`): the copy would overwrite that domain's disk.  (A
+    file no domain uses is refused too, by :func:`check_disks_new`; this
+    check names the domain.)"""
     for disk in disks:
         other = used.get(os.path.normpath(disk.path))
         if other is not None:
@@ -871,41 +875,78 @@ def check_disks_unused(disks: tuple[Disk, ...], used: dict[str, str]) -> None:
 @contextmanager
 def _directory_pool(conn: Any, directory: str) -> Iterator[Any]:
     """A libvirt storage pool of ``directory`` (as libvirt sees it),
-    refreshed: one running there already (an operator's ``default`` pool of
-    ``/var/lib/libvirt/images``: libvirt refuses a second pool of the same
-    directory), else a transient one made for the call and destroyed after
-    it.  One call at a time in this process: another's transient pool
-    would otherwise be found here and destroyed under this one."""
-    pool_name = "securemig-" + hashlib.sha256(directory.encode()).hexdigest()[:16]
+    refreshed: an operator's pool of it if there is one (libvirt refuses a
+    second pool of one directory, even beside a stopped one: the usual
+    ``default`` pool of ``/var/lib/libvirt/images``), started for the call
+    if it was stopped, else a transient one made for the call; either is
+    stopped again after it (a transient one then goes).
+
+    One call at a time in this process.  Another live process's call (the
+    ``securemig migrate`` command beside the daemon) may hold its transient
+    pool of the directory: this call waits for it (:data:`POOL_WAIT`).  One
+    a killed process left is taken over, and goes after the call."""
+    libvirt = require_libvirt()
+    directory = os.path.normpath(directory)
+    deadline = time.monotonic() + POOL_WAIT
     with _POOLS:
-        pool = _running_pool(conn, directory)
-        created = False
-        if pool is None:
-            pool = conn.storagePoolCreateXML(
-                f"<pool type='dir'><name>{pool_name}</name>"
-                f"<target><path>{escape(directory)}</path></target></pool>",
-                0,
-            )
-            created = True
+        while True:
+            pool = _existing_pool(conn, directory)
+            # Stopped after the call unless it is an operator's pool that
+            # was running (one made, started or taken over here goes).
+            stop = pool is None or pool is _BUSY or str(pool.name()).startswith("securemig-")
+            try:
+                if pool is None:
+                    pool = conn.storagePoolCreateXML(
+                        f"<pool type='dir'><name>securemig-{os.getpid()}-"
+                        f"{secrets.token_hex(4)}</name>"
+                        f"<target><path>{escape(directory)}</path></target></pool>",
+                        0,
+                    )
+                elif pool is not _BUSY and not pool.isActive():
+                    pool.create(0)
+                    stop = True
+                if pool is not _BUSY:
+                    break
+            except libvirt.libvirtError:
+                pass  # made or started meanwhile by another process: asked again
+            if time.monotonic() > deadline:
+                raise LibvirtError(
+                    f"libvirt's storage pool of {directory} stayed busy for {POOL_WAIT:g} s "
+                    "(another securemig process holds it)"
+                )
+            time.sleep(0.1)
         try:
             pool.refresh(0)
             yield pool
         finally:
-            if created:
-                pool.destroy()
+            if stop:
+                with suppress(libvirt.libvirtError):
+                    pool.destroy()
 
 
-def _running_pool(conn: Any, directory: str) -> Any:
-    """The running directory pool whose target is ``directory``, or None."""
+#: :func:`_existing_pool`'s answer for a pool another live process holds.
+_BUSY = object()
+
+
+def _existing_pool(conn: Any, directory: str) -> Any:
+    """The directory pool (running or not) whose target is ``directory``:
+    an operator's, or a transient one of securemig's that a killed process
+    left; :data:`_BUSY` if it is one a live securemig process holds now;
+    None if there is none."""
     libvirt = require_libvirt()
-    for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+    for pool in conn.listAllStoragePools(0):
         try:
             root = ET.fromstring(pool.XMLDesc(0))
+            name = str(pool.name())
         except (libvirt.libvirtError, ET.ParseError):
-            continue  # stopped or dropped meanwhile
+            continue  # dropped meanwhile
         target = root.findtext("target/path")
-        if root.get("type") == "dir" and target and os.path.normpath(target) == directory:
-            return pool
+        if root.get("type") != "dir" or not target or os.path.normpath(target) != directory:
+            continue
+        owner = name.split("-")[1] if name.startswith("securemig-") else ""
+        if owner.isdigit() and int(owner) != os.getpid() and files.process_alive(int(owner)):
+            return _BUSY
+        return pool
     return None
 
 
@@ -942,7 +983,7 @@ def check_disks_new(conn: Any, disks: tuple[Disk, ...]) -> None:
             _refuse_existing(pool, disk)
 
 
-def _create_volume(conn: Any, disk: Disk) -> None:
+def _create_volume(conn: Any, disk: Disk, claimed: Callable[[], None] = lambda: None) -> None:
     """An empty disk at ``disk.path`` (libvirt's view) through a libvirt
     storage pool, so libvirt creates it where it sees it; never over a file
     (:func:`_refuse_existing`), nor through a symbolic link to nothing.
@@ -950,7 +991,9 @@ def _create_volume(conn: Any, disk: Disk) -> None:
     libvirt creates a raw file with ``O_EXCL`` (which refuses any link),
     but a qcow2 one with ``qemu-img create``, which follows a dangling link
     and creates its target, wherever that is: so the path is claimed first
-    as an empty raw file, which then makes way for the qcow2 image."""
+    as an empty raw file, which then makes way for the qcow2 image.
+    ``claimed`` is called once the path is this migration's (the claim
+    made): from then on the file is one to delete should anything fail."""
     libvirt = require_libvirt()
     directory, _, name = disk.path.rpartition("/")
     with _directory_pool(conn, directory) as pool:
@@ -967,6 +1010,7 @@ def _create_volume(conn: Any, disk: Disk) -> None:
                 "a copied disk is only written into a file the migration creates",
                 ErrorCode.POLICY_REFUSED,
             ) from None
+        claimed()
         claim.delete(0)
         pool.createXML(_volume_xml(name, disk.capacity, disk.format), 0)
 
@@ -980,12 +1024,14 @@ def _volume_xml(name: str, capacity: int, fmt: str) -> str:
     )
 
 
-def _delete_volumes(conn: Any, paths: list[str]) -> None:
+def _delete_volumes(conn: Any, paths: list[str]) -> list[str]:
     """The files at ``paths`` (libvirt's view) deleted through libvirt;
     those already gone are skipped (a redone removal), and so is any a
     domain here uses (:func:`disks_in_use`: once its own domain went, a
-    listed path another domain took since is that domain's)."""
+    listed path another domain took since is that domain's).  Returns the
+    paths left that way."""
     used = disks_in_use(conn)
+    left = []
     for path in paths:
         if os.path.normpath(path) in used:
             log.warn(
@@ -993,6 +1039,7 @@ def _delete_volumes(conn: Any, paths: list[str]) -> None:
                 p=path,
                 d=used[os.path.normpath(path)],
             )
+            left.append(path)
             continue
         directory, _, name = path.rpartition("/")
         with _directory_pool(conn, directory) as pool:
@@ -1000,6 +1047,7 @@ def _delete_volumes(conn: Any, paths: list[str]) -> None:
             if volume is not None:
                 volume.delete(0)
                 log.info("copied disk {p} removed", p=path)
+    return left
 
 
 def _listed_disks(path: Path, migration: str | None = None) -> list[str]:
@@ -1017,12 +1065,10 @@ def _listed_disks(path: Path, migration: str | None = None) -> list[str]:
         raise BundleError(f"{path}: {e}") from None
 
 
-def _list_disks(path: Path, migration: str, disks: tuple[Disk, ...]) -> None:
-    """Journal ``disks`` of ``migration`` in ``path`` (durably), before
-    they are created or copied."""
-    files.write_durably(
-        path, json.dumps({"migration": migration, "disks": [d.path for d in disks]}).encode()
-    )
+def _list_disks(path: Path, migration: str, disks: list[str]) -> None:
+    """Journal the disk paths ``disks`` of ``migration`` in ``path``
+    (durably), before they are created or copied."""
+    files.write_durably(path, json.dumps({"migration": migration, "disks": disks}).encode())
 
 
 class LibvirtBackend(Backend):
@@ -1440,8 +1486,10 @@ class LibvirtBackend(Backend):
         record = DomainRecord.load(bundle)
         with self._connection(self._uri(record)) as conn:
             domain = _lookup(conn, record.domain_uuid)
+            ran = False
             if domain is not None:
                 if domain.isActive():
+                    ran = True
                     domain.destroy()
                 if domain.isPersistent():
                     domain.undefineFlags(
@@ -1449,7 +1497,14 @@ class LibvirtBackend(Backend):
                     )
             if secret_defined(conn, record.secret_uuid):
                 conn.secretLookupByUUIDString(record.secret_uuid).undefine()
-            if moved:
+            if moved and ran:
+                # It ran here after all: its disks are not known to be mere
+                # copies of what moved; left for the operator.
+                log.warn(
+                    "domain {d} ran here when its move was released: its disks are left",
+                    d=record.domain,
+                )
+            elif moved:
                 _delete_volumes(conn, _listed_disks(bundle.path / COPIED_DISKS_FILE, moved))
         if record.disk_dir:
             files.remove_tree(Path(record.disk_dir))
@@ -1666,7 +1721,7 @@ class LibvirtBackend(Backend):
             if copy_storage:
                 # Before the copy starts: once this migration committed, the
                 # copies left here go (_finish_out, or discard after a crash).
-                _list_disks(copied, paths.local_dir.name, copied_disks(domain))
+                _list_disks(copied, paths.local_dir.name, [d.path for d in copied_disks(domain)])
             elif copied.exists():
                 # An earlier migration's list, which must never remove the
                 # disks this one leaves where they are.
@@ -1761,18 +1816,18 @@ class LibvirtBackend(Backend):
     def _create_listed(conn: Any, disks: tuple[Disk, ...], tag: str, staging: Path | None) -> None:
         """Create ``disks``, listed first in ``staging``'s
         :data:`CREATED_DISKS_FILE` (journaled before acted on); if one
-        cannot be created, the list is cut back to those that were."""
+        cannot be created, the list is cut back to those whose path was
+        claimed (:func:`_create_volume`)."""
         listed = staging / CREATED_DISKS_FILE if staging is not None else None
         if listed is not None:
-            _list_disks(listed, tag, disks)
+            _list_disks(listed, tag, [d.path for d in disks])
         made: list[Disk] = []
         try:
             for disk in disks:
-                _create_volume(conn, disk)
-                made.append(disk)
+                _create_volume(conn, disk, partial(made.append, disk))
         except BaseException:
             if listed is not None:
-                _list_disks(listed, tag, tuple(made))
+                _list_disks(listed, tag, [d.path for d in made])
             raise
 
     def end_in(self, outgoing: Outgoing, paths: SocketPaths) -> Deferred[None]:
@@ -1827,10 +1882,13 @@ class LibvirtBackend(Backend):
             if staging is not None:
                 # No domain uses them now: a half-copied disk never stays.
                 created = staging / CREATED_DISKS_FILE
-                _delete_volumes(conn, _listed_disks(created))
+                left = _delete_volumes(conn, _listed_disks(created))
                 # Deleted: a redone abort must not delete what another
-                # arrival may create at these paths from now on.
-                if created.exists():
+                # arrival may create at these paths from now on (one a
+                # domain uses now stays listed: asked again next time).
+                if left:
+                    _list_disks(created, paths.local_dir.name, left)
+                elif created.exists():
                     created.unlink()
                     files.fsync_dir(staging)
         self._end_in(outgoing, paths)

@@ -163,6 +163,19 @@ class AdmitTests(SynchronousTestCase):
         # And a VM without a vTPM needs no key to keep.
         host.admit(hello("ram"), "peer", "insecure", keeps_keys=False).lock.release()
 
+    def test_libvirt_domain_refused_where_no_key_can_be_kept(self) -> None:
+        """A libvirt domain always comes with its vTPM's secret (libvirt
+        keeps the vTPM state itself: no vTPM image names it): a libvirt
+        listener without a TPM identity refuses it at admission, not after
+        the whole stream (where its restore needed the secret)."""
+        host = DestinationHost(Path(self.mktemp()), backend="libvirt")
+        domain = replace(hello("ram", "disk"), backend="libvirt")
+        with self.assertRaises(ProtocolError) as cm:
+            host.admit(domain, "peer", "insecure", keeps_keys=False)
+        self.assertEqual(cm.exception.code, ErrorCode.POLICY_REFUSED)
+        self.assertIn("no TPM identity to keep a vTPM key", cm.exception.reason)
+        self.assertEqual(host.journal.records(), [])
+
     def test_multifd_channels_checked_at_admission(self) -> None:
         """A live QEMU arrival asking for 2 multifd channels is admitted with
         them; 9, 0, a count that is not an integer or a field QEMU's

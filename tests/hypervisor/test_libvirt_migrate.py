@@ -509,3 +509,28 @@ class CopiedDiskTests(MigrationCase):
                 conn.close()
 
         await gatherResults([deferToThread(check) for _ in range(4)])
+
+    async def test_stopped_operators_pool(self) -> None:
+        """The directory is an operator's storage pool that is defined but
+        stopped (libvirt refuses a second pool of it all the same): the
+        arrival's disk is created and deleted through that pool, started
+        for each call and stopped again after."""
+        pool = self.conns[1].storagePoolDefineXML(
+            f"<pool type='dir'><name>stopped-{self.migration_id[:6]}</name>"
+            "<target><path>/var/lib/libvirt/images/</path></target></pool>",
+            0,
+        )
+        self.addCleanup(pool.undefine)
+        outgoing = self.arriving(f"stopped-{self.migration_id[:6]}")
+        disk = self.b.path(outgoing.disks[0].path)
+        self.addCleanup(disk.unlink, missing_ok=True)
+        staging = Path(self.mktemp())
+        staging.mkdir()
+        await self.destination.prepare_in(
+            outgoing, self.key, self.dst_paths, copy_storage=True, staging=staging
+        )
+        self.assertTrue(disk.exists())
+        self.assertFalse(pool.isActive())
+        await self.destination.abort_in(outgoing, self.dst_paths, staging)
+        self.assertFalse(disk.exists())
+        self.assertFalse(pool.isActive())
