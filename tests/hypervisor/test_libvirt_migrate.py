@@ -393,6 +393,31 @@ class CopiedDiskTests(MigrationCase):
             (Disk(f"/var/lib/libvirt/images/{name}.img", "raw", 1 << 20),),
         )
 
+    def operators_pool(self, name: str, directory: str) -> Any:
+        """An operator's directory pool of ``directory`` at dest-b, defined
+        (not started) for the test."""
+        pool = self.conns[1].storagePoolDefineXML(
+            f"<pool type='dir'><name>{name}-{self.migration_id[:6]}</name>"
+            f"<target><path>{directory}</path></target></pool>",
+            0,
+        )
+        self.addCleanup(pool.undefine)
+        return pool
+
+    async def arrive(self, name: str) -> tuple[Outgoing, Path, Path]:
+        """An arrival of ``name`` prepared at dest-b (its disk created):
+        what arrives, the disk (root namespace's path) and the staging."""
+        outgoing = self.arriving(f"{name}-{self.migration_id[:6]}")
+        disk = self.b.path(outgoing.disks[0].path)
+        self.addCleanup(disk.unlink, missing_ok=True)
+        staging = Path(self.mktemp())
+        staging.mkdir()
+        await self.destination.prepare_in(
+            outgoing, self.key, self.dst_paths, copy_storage=True, staging=staging
+        )
+        self.assertTrue(disk.exists())
+        return outgoing, disk, staging
+
     def assertSecretUndefined(self, outgoing: Outgoing) -> None:
         with self.assertRaises(self.libvirt.libvirtError):
             self.conns[1].secretLookupByUUIDString(outgoing.secret_uuid)
@@ -461,23 +486,10 @@ class CopiedDiskTests(MigrationCase):
         directory is an operator's running storage pool (as libvirt's
         ``default`` pool is): libvirt refuses a second pool of it, so
         securemig works through that one."""
-        pool = self.conns[1].storagePoolDefineXML(
-            f"<pool type='dir'><name>operators-{self.migration_id[:6]}</name>"
-            "<target><path>/var/lib/libvirt/images</path></target></pool>",
-            0,
-        )
-        self.addCleanup(pool.undefine)
+        pool = self.operators_pool("operators", "/var/lib/libvirt/images")
         pool.create(0)
         self.addCleanup(pool.destroy)
-        outgoing = self.arriving(f"retry-{self.migration_id[:6]}")
-        disk = self.b.path(outgoing.disks[0].path)
-        self.addCleanup(disk.unlink, missing_ok=True)
-        staging = Path(self.mktemp())
-        staging.mkdir()
-        await self.destination.prepare_in(
-            outgoing, self.key, self.dst_paths, copy_storage=True, staging=staging
-        )
-        self.assertTrue(disk.exists())
+        outgoing, disk, staging = await self.arrive("retry")
         listed = json.loads((staging / CREATED_DISKS_FILE).read_text())
         self.assertEqual(listed["disks"], [outgoing.disks[0].path])
         await self.destination.abort_in(outgoing, self.dst_paths, staging)
@@ -515,21 +527,8 @@ class CopiedDiskTests(MigrationCase):
         stopped (libvirt refuses a second pool of it all the same): the
         arrival's disk is created and deleted through that pool, started
         for each call and stopped again after."""
-        pool = self.conns[1].storagePoolDefineXML(
-            f"<pool type='dir'><name>stopped-{self.migration_id[:6]}</name>"
-            "<target><path>/var/lib/libvirt/images/</path></target></pool>",
-            0,
-        )
-        self.addCleanup(pool.undefine)
-        outgoing = self.arriving(f"stopped-{self.migration_id[:6]}")
-        disk = self.b.path(outgoing.disks[0].path)
-        self.addCleanup(disk.unlink, missing_ok=True)
-        staging = Path(self.mktemp())
-        staging.mkdir()
-        await self.destination.prepare_in(
-            outgoing, self.key, self.dst_paths, copy_storage=True, staging=staging
-        )
-        self.assertTrue(disk.exists())
+        pool = self.operators_pool("stopped", "/var/lib/libvirt/images/")
+        outgoing, disk, staging = await self.arrive("stopped")
         self.assertFalse(pool.isActive())
         await self.destination.abort_in(outgoing, self.dst_paths, staging)
         self.assertFalse(disk.exists())
