@@ -81,6 +81,11 @@ class CrashPoint(enum.StrEnum):
     # libvirt domains (issue 23):
     #: vm adopt: the sealed secret's bundle durable, libvirt's still defined
     ADOPT_SEALED = "adopt-sealed"
+    #: --copy-storage: the disks to create listed in staging, none created
+    DESTINATION_DISKS_LISTED = "destination-disks-listed"
+    #: committed: the domain undefined and its stale disk copies deleted
+    #: here, the bundle (with the sealed secret) not yet removed
+    SOURCE_COPIES_REMOVED = "source-copies-removed"
 
 
 #: Every point the product defines (each member is its name, a ``str``).

@@ -92,6 +92,20 @@ def rename_durably(src: Path, dst: Path) -> None:
         fsync_dir(src.parent)
 
 
+def remove_durably(path: Path) -> bool:
+    """Remove a file if it exists, then make the removal durable; False if
+    there was none.
+
+    For keys, lists and markers whose absence a recovery reads as a
+    decision: the unlink must survive a crash before the next step acts.
+    """
+    if not path.exists():
+        return False
+    path.unlink()
+    fsync_dir(path.parent)
+    return True
+
+
 def remove_tree(path: Path) -> None:
     """Remove a directory tree if it exists, then make the removal durable."""
     if path.exists():

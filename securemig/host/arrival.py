@@ -404,10 +404,7 @@ class DestinationHost:
             # away: it goes here, or a later end (``vm stop --force``) would
             # take the VM for an arrival that never committed and remove it
             # with what was made for it (libvirt: its domain and disks).
-            arrived = target / BACKEND_INFO_FILE
-            if arrived.exists():
-                arrived.unlink()
-                files.fsync_dir(target)
+            files.remove_durably(target / BACKEND_INFO_FILE)
         # A guest that runs may wait paused after a live stream: a backend
         # whose resume continues it (and leaves a running one alone) is asked.
         elif (

@@ -619,9 +619,7 @@ class Departure:
 def destroy_vtpm_key(bundle: Bundle) -> None:
     """After a durable COMMITTED: remove the vTPM key here, durably (this
     copy of the VM can never run again).  Idempotent."""
-    if bundle.vtpm_key_path.exists():
-        bundle.vtpm_key_path.unlink()
-        files.fsync_dir(bundle.path)
+    files.remove_durably(bundle.vtpm_key_path)
 
 
 async def release(journal: Journal, local_id: str, bundle: Bundle) -> bool:

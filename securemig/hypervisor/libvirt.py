@@ -1395,11 +1395,9 @@ class LibvirtBackend(Backend):
         libvirt = require_libvirt()
         record = DomainRecord.load(bundle)
         created = bundle.path / CREATED_DISKS_FILE
-        if created.exists():
-            # Before the guest runs: from now on its disks are the VM's own,
-            # never an aborted arrival's to delete.
-            created.unlink()
-            files.fsync_dir(bundle.path)
+        # Before the guest runs: from now on its disks are the VM's own,
+        # never an aborted arrival's to delete.
+        files.remove_durably(created)
         ram = bundle.image_path("ram").absolute()
         with self._connection(self._uri(record)) as conn:
             domain = _lookup(conn, record.domain_uuid)
@@ -1506,6 +1504,7 @@ class LibvirtBackend(Backend):
                 )
             elif moved:
                 _delete_volumes(conn, _listed_disks(bundle.path / COPIED_DISKS_FILE, moved))
+                crashpoint.reached(CrashPoint.SOURCE_COPIES_REMOVED)
         if record.disk_dir:
             files.remove_tree(Path(record.disk_dir))
         files.remove_tree(bundle.path)
@@ -1722,11 +1721,10 @@ class LibvirtBackend(Backend):
                 # Before the copy starts: once this migration committed, the
                 # copies left here go (_finish_out, or discard after a crash).
                 _list_disks(copied, paths.local_dir.name, [d.path for d in copied_disks(domain)])
-            elif copied.exists():
+            else:
                 # An earlier migration's list, which must never remove the
                 # disks this one leaves where they are.
-                copied.unlink()
-                files.fsync_dir(bundle.path)
+                files.remove_durably(copied)
             try:
                 domain.migrateToURI3(
                     "qemu+unix:///system?socket=" + paths.libvirt("rpc"),
@@ -1762,6 +1760,7 @@ class LibvirtBackend(Backend):
                     libvirt.VIR_DOMAIN_UNDEFINE_TPM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                 )
             _delete_volumes(conn, _listed_disks(bundle.path / COPIED_DISKS_FILE, tag))
+        crashpoint.reached(CrashPoint.SOURCE_COPIES_REMOVED)
         files.remove_tree(bundle.path)
 
     # -- destination
@@ -1821,6 +1820,7 @@ class LibvirtBackend(Backend):
         listed = staging / CREATED_DISKS_FILE if staging is not None else None
         if listed is not None:
             _list_disks(listed, tag, [d.path for d in disks])
+            crashpoint.reached(CrashPoint.DESTINATION_DISKS_LISTED)
         made: list[Disk] = []
         try:
             for disk in disks:
@@ -1888,9 +1888,8 @@ class LibvirtBackend(Backend):
                 # domain uses now stays listed: asked again next time).
                 if left:
                     _list_disks(created, paths.local_dir.name, left)
-                elif created.exists():
-                    created.unlink()
-                    files.fsync_dir(staging)
+                else:
+                    files.remove_durably(created)
         self._end_in(outgoing, paths)
 
     # -- securemig migrate --live (the backend contract's carried live migration)

@@ -417,12 +417,7 @@ class PolicyStore:
 
     def forget_class(self, name: str) -> bool:
         """Remove a class policy; False if there was none."""
-        path = self.classes_dir / f"{_class_name(name)}.json"
-        if not path.exists():
-            return False
-        path.unlink()
-        files.fsync_dir(self.classes_dir)
-        return True
+        return files.remove_durably(self.classes_dir / f"{_class_name(name)}.json")
 
     def labels(self, host: str) -> tuple[str, ...]:
         """The labels ``labels.json`` gives ``host``."""
@@ -484,12 +479,7 @@ class PolicyStore:
 
     def forget(self, host: str) -> bool:
         """Remove ``host``'s values; False if there were none."""
-        path = self._path(host)
-        if not path.exists():
-            return False
-        path.unlink()
-        files.fsync_dir(self.directory)
-        return True
+        return files.remove_durably(self._path(host))
 
     def expected(self, host: str, tofu: bool) -> Policy | None:
         """The policy ``host`` must satisfy, or None when none applies and

@@ -98,6 +98,15 @@ class LibvirtCrashCells(LibvirtCellsBase):
         where = await self.crash_cell("lvc9", "migrate", "source-committed")
         self.assertEqual(where, "destination")
 
+    async def test_migrate_dies_after_removing_the_stale_copies(self) -> None:
+        """After DONE, the source's definition undefined and the disk copies
+        libvirt left here deleted, the bundle (with the sealed secret) not
+        yet removed: the source's daemon redoes the release (deleting what
+        is left, once) and the guest runs on at the destination, its disk
+        there only."""
+        where = await self.crash_cell("lvc10", "migrate", "source-copies-removed")
+        self.assertEqual(where, "destination")
+
     # -- the destination's daemon dies
 
     async def test_destination_dies_with_secret_defined(self) -> None:
@@ -106,6 +115,15 @@ class LibvirtCrashCells(LibvirtCellsBase):
         at the source."""
         self.assertEqual(
             await self.crash_cell("lvc3", "destination", "destination-incoming"), "source"
+        )
+
+    async def test_destination_dies_with_disks_listed(self) -> None:
+        """``--copy-storage``: the disks to create listed in the arrival's
+        staging, none created yet: restarted, the destination settles the
+        arrival (deleting listed disks that are there, none here) and the
+        guest runs on at the source; no disk is left at the destination."""
+        self.assertEqual(
+            await self.crash_cell("lvc11", "destination", "destination-disks-listed"), "source"
         )
 
     async def test_destination_dies_after_libvirt_completed(self) -> None:
