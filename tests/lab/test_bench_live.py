@@ -123,7 +123,7 @@ class SwitchoverTests(TestCase):
 
         from securemig.host.journal import Journal
         from securemig.hypervisor.heartbeat import Beat
-        from securemig.lab.bench.live import _switchover
+        from securemig.lab.bench.live import switchover_times
 
         base = Path(self.mktemp())
         base.mkdir()
@@ -154,7 +154,7 @@ class SwitchoverTests(TestCase):
             def __init__(self, beats: list[Beat]) -> None:
                 self.beats = beats
 
-        got = _switchover(Watched(beats), base / "source.sqlite", base / "destination.sqlite")  # type: ignore[arg-type]
+        got = switchover_times(Watched(beats), base / "source.sqlite", base / "destination.sqlite")  # type: ignore[arg-type]
         want = {
             "dst_prepared": 100,
             "src_committed": 150,
@@ -167,6 +167,6 @@ class SwitchoverTests(TestCase):
         for name, ms in want.items():
             self.assertAlmostEqual(got[name], ms, delta=5, msg=name)
         self.assertEqual(
-            _switchover(Watched(beats), base / "source.sqlite", base / "none.sqlite"),
+            switchover_times(Watched(beats), base / "source.sqlite", base / "none.sqlite"),
             {},  # type: ignore[arg-type]
         )

@@ -86,6 +86,7 @@ from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.libvirt import CONNECT_ENV, RUN_DIR_ENV, LibvirtError, require_libvirt
 from securemig.lab import processes
 from securemig.lab.bench.driven import CPU_COUNTED, daemon_driven, driver
+from securemig.lab.bench.live import print_switchover, switchover_times
 from securemig.lab.bench.provenance import byte_compile, one_line, provenance
 from securemig.lab.lab import DESTINATION, SOURCE, Lab
 from securemig.lab.libvirt import (
@@ -226,6 +227,8 @@ class _Bench:
         self.last_seconds: float | None = None
         #: Who drove the last securemig move, by the source's journal.
         self.last_driver: str | None = None
+        #: The last securemig move's journals: the source's, the destination's.
+        self.last_journals: tuple[Path, Path] | None = None
         #: Where the domain's securemig bundle is, per host index.
         self.homes: dict[int, Path] = {}
         self.daemons: dict[int, Any] = {}
@@ -363,6 +366,10 @@ class _Bench:
         if summary.get("outcome") != "done":
             raise RuntimeError(f"{protocol}: {summary}")
         self.last_driver = driver(state_dir / "journal.sqlite", self.daemons[where].process.pid)
+        self.last_journals = (
+            state_dir / "journal.sqlite",
+            self.daemons[other].state_dir / "journal.sqlite",
+        )
         if self.last_driver != ("daemon" if asked else "command"):
             raise RuntimeError(
                 f"{protocol}: the source's journal says the migration was driven by "
@@ -414,7 +421,7 @@ class _Bench:
         daemons = [d.process.pid for d in self.daemons.values()] if mover == self._securemig else []
         sampler = CPUSampler(lambda: self.pids() + daemons)
         started = time.monotonic()
-        self.last_seconds = self.last_driver = None
+        self.last_seconds = self.last_driver = self.last_journals = None
         try:
             own_cpu = mover(protocol, where)
             total = time.monotonic() - started
@@ -442,6 +449,10 @@ class _Bench:
                 None if self.last_seconds is None else round(total - self.last_seconds, 3)
             ),
             "driven_by": self.last_driver,
+            # securemig's moves: where the guest's pause went (its commit).
+            "switchover_ms": (
+                None if self.last_journals is None else switchover_times(watch, *self.last_journals)
+            ),
         }
 
     def _completed(self, host: LibvirtHost) -> dict[str, Any]:
@@ -629,6 +640,7 @@ def _report(
                 f"{protocol}: cpu of its command {m['own_cpu_s']:.2f} s"
                 + ("" if daemons is None else f", of securemig's daemons {daemons:.2f} s")
             )
+    print_switchover(records, tuple(p for p in SECUREMIG if p in medians))
     for protocol in not_run:
         print(f"{protocol}: not run (the libvirt backend does not migrate live yet)")
     if any(p in SECUREMIG for p in protocols):

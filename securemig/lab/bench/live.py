@@ -317,7 +317,7 @@ async def _measure(
                         "wire_bytes": summary["transferred"],
                         "multifd_bytes": summary.get("multifd_bytes", 0),
                         "guest_kept_running": watch.continuous(),
-                        "switchover_ms": _switchover(watch, *journals),
+                        "switchover_ms": switchover_times(watch, *journals),
                         "phases_s": _phases(wall, *journals),
                     }
                 )
@@ -374,7 +374,9 @@ SWITCHOVER = (
 )
 
 
-def _switchover(watch: Watch, source_journal: Path, destination_journal: Path) -> dict[str, float]:
+def switchover_times(
+    watch: Watch, source_journal: Path, destination_journal: Path
+) -> dict[str, float]:
     """Where the guest's pause went: milliseconds from the source's last
     heartbeat before the largest gap (the guest stopped within one
     heartbeat after it) to each phase of the commit the two journals
@@ -535,20 +537,26 @@ def _report(
             "cpu s: every QEMU and swtpm of both sides over the move; for securemig's series "
             f"also the {CPU_COUNTED}"
         )
-    for protocol in SECUREMIG:
-        switchover = _switchover_medians(records, protocol) if protocol in medians else {}
+    print_switchover(records, tuple(p for p in SECUREMIG if p in medians))
+    return 0
+
+
+def print_switchover(records: list[dict[str, Any]], protocols: tuple[str, ...]) -> None:
+    """One line per securemig series of ``protocols``: the medians of its
+    records' :func:`switchover_times` times (where the guest's pause went)."""
+    for protocol in protocols:
+        switchover = _switchover_medians(records, protocol)
         if switchover:
             print(
                 f"{protocol} switchover, ms after the source's last heartbeat (medians): "
                 + ", ".join(f"{k} {v:.0f}" for k, v in switchover.items())
             )
-    return 0
 
 
 def _switchover_medians(
     records: list[dict[str, Any]], protocol: str = "secure-live"
 ) -> dict[str, float]:
-    """Median of each :func:`_switchover` time over ``protocol``'s records."""
+    """Median of each :func:`switchover_times` time over ``protocol``'s records."""
     rows = [r.get("switchover_ms") or {} for r in records if r["protocol"] == protocol]
     names = [name for name, _, _ in SWITCHOVER] + ["first_beat"]
     return {
