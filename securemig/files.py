@@ -84,6 +84,22 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def pid_file_alive(path: Path) -> bool | None:
+    """Whether the process whose pid the file ``path`` holds runs (a
+    zombie, dead but not yet reaped, does not); None if there is no such
+    file or it holds no pid."""
+    try:
+        pid = int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the command name, which may hold spaces: after ')'.
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
 def rename_durably(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst`` (files or directories) and fsync both parents."""
     os.rename(src, dst)

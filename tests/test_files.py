@@ -94,3 +94,37 @@ class DiscardTreeTests(SynchronousTestCase):
         self.wait_removed(parent)
         self.assertFalse(left.exists())
         self.assertEqual(list(trash.iterdir()), [])
+
+
+class PidFileTests(SynchronousTestCase):
+    """:func:`files.pid_file_alive`, which the commit of a libvirt arrival
+    asks instead of libvirtd: a process that ended, even one not yet
+    reaped, is dead; a file that names none leaves the question open."""
+
+    def setUp(self) -> None:
+        self.path = Path(self.mktemp())
+
+    def test_running_process(self) -> None:
+        self.path.write_text(f"{os.getpid()}\n")
+        self.assertIs(files.pid_file_alive(self.path), True)
+
+    def test_no_file_or_no_pid_tells_nothing(self) -> None:
+        self.assertIsNone(files.pid_file_alive(self.path))
+        self.path.write_text("")
+        self.assertIsNone(files.pid_file_alive(self.path))
+        self.path.write_text("not a pid\n")
+        self.assertIsNone(files.pid_file_alive(self.path))
+
+    def test_ended_and_zombie_are_dead(self) -> None:
+        child = subprocess.Popen(["true"])
+        self.addCleanup(child.wait)
+        self.path.write_text(f"{child.pid}\n")
+        # Not waited for: a zombie, which kill(pid, 0) still finds.
+        deadline = time.monotonic() + 10
+        while "Z" not in Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2][:3]:
+            self.assertLess(time.monotonic(), deadline, "the child never ended")
+            time.sleep(0.01)
+        self.assertTrue(files.process_alive(child.pid))
+        self.assertIs(files.pid_file_alive(self.path), False)
+        child.wait()
+        self.assertIs(files.pid_file_alive(self.path), False)

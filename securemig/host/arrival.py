@@ -1135,6 +1135,10 @@ class Arrival:
                 files.write_durably(bundle.vtpm_key_path, self.sealed_vtpm_key, mode=0o600)
             files.write_durably(self.staging / BACKEND_INFO_FILE, self.hello.backend_info)
             self.live = await backend.live_destination(bundle, self.id)
+            # All the prepare writes is known now: durable before the
+            # stream, not between the hypervisor's completion and PREPARED.
+            self._stage_durably()
+            self.staged_ahead = True
             self.host.journal.phase(self.id, Phase.INCOMING)
             return
         # Per migration: a name from the bundle alone is the same for the
@@ -1262,7 +1266,15 @@ class Arrival:
         )
         bundle = Bundle.load(target)
         if self.live is not None:
-            if not await backend_for(bundle.manifest.backend).process_alive(bundle):
+            # The hypervisor's own migration: its live side still knows the
+            # domain's process after the move (libvirt's pid file, no call
+            # to libvirtd on the switchover path); QEMU's looked in staging.
+            alive = (
+                self.live.waits_loaded()
+                if self.carried
+                else backend_for(bundle.manifest.backend).process_alive(bundle)
+            )
+            if not await alive:
                 await self.lose(target)
                 raise self._lost()
             self.host.journal.phase(self.id, Phase.CONTINUING)

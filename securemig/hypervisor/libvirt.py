@@ -2278,7 +2278,17 @@ class LibvirtIncoming:
             await waker.sleep(watch.interval)
 
     async def waits_loaded(self) -> bool:
-        """Whether the arrived domain is still here, paused (never run)."""
+        """Whether the arrived domain is still here, paused (never run).
+
+        Asked on the switchover path (the guest waits paused for it), so
+        its QEMU's pid file answers first, on the reactor thread: a QEMU
+        that ended (or is a zombie) is the loss the commit must see; one
+        that runs is the domain libvirt left paused (``VIR_MIGRATE_PAUSED``:
+        only the commit resumes it).  libvirt is asked only where the pid
+        file does not tell."""
+        alive = files.pid_file_alive(self.pidfile)
+        if alive is not None:
+            return alive
         state = await self.backend.incoming_state(self.outgoing)
         return state is not None and state[0] == 3
 

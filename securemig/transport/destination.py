@@ -663,6 +663,13 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             arrival.prepared(self.session.bytes_received)
             self.run(self.session.prepared())
 
+        def stage() -> None:
+            if arrival.staged_ahead:
+                arrival.prepare()  # nothing left to write: no disk thread's turn
+                prepared(None)
+            else:
+                self._submit("preparing the VM in staging", arrival.prepare, then=prepared)
+
         def keep(key: VtpmKey, identity: str | None) -> None:
             arrival.keep_key(self.keeper_or_refuse(), key, identity)
             self._submit("preparing the VM in staging", arrival.prepare, then=prepared)
@@ -682,7 +689,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
             # (_start_carried), and its vTPM state is the hypervisor's to
             # load; nothing to check or seal again while the guest waits
             # paused for the commit.
-            self._submit("preparing the VM in staging", arrival.prepare, then=prepared)
+            stage()
         elif self.session.live and not arrival.carried:
             # Live: the key was released and re-sealed as the vTPM started.
             # Nothing but the decision is on the switchover path: the EK
@@ -694,11 +701,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 checker.submit(arrival.check_vtpm, arrival.release_key(self.security))
             )
             checker.shutdown()
-            if arrival.staged_ahead:
-                arrival.prepare()  # nothing left to write: no disk thread's turn
-                prepared(None)
-            else:
-                self._submit("preparing the VM in staging", arrival.prepare, then=prepared)
+            stage()
         elif arrival.key_expected(secure=self.security is not None):
             self._submit("closing the streams", lambda: None, then=release)
         else:

@@ -105,7 +105,8 @@ class LibvirtCellsBase(LibvirtLiveBase):
 
     def settled(self, name: str) -> tuple[str, bool] | None:
         """(the host the guest runs on, whether the source committed) once
-        both journals are closed and nothing is staged; else None."""
+        both journals are closed (a committed source released its copy) and
+        nothing is staged; else None."""
         source = Journal(self.src_state / "journal.sqlite")
         destination = Journal(self.dst_state / "journal.sqlite")
         try:
@@ -114,7 +115,10 @@ class LibvirtCellsBase(LibvirtLiveBase):
             if not mine or any(r.outcome in (None, "in-doubt") for r in mine + theirs):
                 return None
             committed = mine[0].reached(Phase.COMMITTED)
-            if committed and not mine[0].peer_settled:
+            # Committed: settled once the destination confirmed and this
+            # host gave its copy up (``released``: after a libvirtd that was
+            # down, its daemon's redone release may still be deleting).
+            if committed and not (mine[0].peer_settled and mine[0].reached(Phase.RELEASED)):
                 return None
         finally:
             source.close()
