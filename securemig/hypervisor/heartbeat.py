@@ -60,7 +60,7 @@ class Watch:
         #: Files followed but not yet written to: the guest's first bytes
         #: there may end a line it began on the previous host.
         self._fresh: set[int] = set()
-        #: The end of the console next to each heartbeat file (``console.log``),
+        #: The end of the console next to each heartbeat file (:func:`console_beside`),
         #: kept here: a bundle given up after a migration takes its files along.
         self._consoles: dict[Path, bytes] = {}
         self._console_offsets: dict[Path, int] = {}
@@ -99,7 +99,7 @@ class Watch:
 
     def _poll_consoles(self) -> None:
         for path in self._paths:
-            console = path.with_name("console.log")
+            console = console_beside(path)
             offset = self._console_offsets.get(console, 0)
             try:
                 with open(console, "rb") as f:
@@ -225,6 +225,13 @@ class Watch:
         beats = self.beats
         gaps = [b.at - a.at for a, b in itertools.pairwise(beats)]
         return round(max(gaps, default=0.0) * 1000, 1)
+
+
+def console_beside(heartbeat: Path) -> Path:
+    """The guest's console file beside its heartbeat file: ``console.log``
+    beside a QEMU bundle's ``heartbeat.log``, ``NAME-console.log`` beside a
+    lab libvirt domain's ``NAME-heartbeat.log``."""
+    return heartbeat.with_name(heartbeat.name.removesuffix("heartbeat.log") + "console.log")
 
 
 def _parse(line: bytes, now: float, source: int) -> Beat | None:

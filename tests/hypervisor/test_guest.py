@@ -243,3 +243,21 @@ class WatchFileTests(SynchronousTestCase):
         self.until(watch, 5)
         self.assertEqual([b.seq for b in watch.beats], [2, 3, 4, 5])
         self.assertTrue(watch.continuous())
+
+    def test_consoles_kept_beside_either_heartbeat_file(self) -> None:
+        """The console the watch keeps (and a failed test saves) is found
+        beside a QEMU bundle's ``heartbeat.log`` and beside a lab libvirt
+        domain's ``NAME-heartbeat.log``; a panic in either is told."""
+        base = Path(self.mktemp())
+        base.mkdir()
+        qemu, libvirt = base / "heartbeat.log", base / "lvc2-heartbeat.log"
+        (base / "console.log").write_bytes(b"booted\n")
+        (base / "lvc2-console.log").write_bytes(b"Kernel panic - not syncing: test\n")
+        for path in (qemu, libvirt):
+            path.write_bytes(b"hb 1 none\n")
+        watch = Watch(qemu, libvirt)
+        self.addCleanup(watch.stop)
+        self.assertEqual(set(watch.consoles()), {base / "console.log", base / "lvc2-console.log"})
+        self.assertEqual(watch.panic(), "Kernel panic - not syncing: test")
+        watch.save(base / "kept")
+        self.assertEqual(len(list((base / "kept").iterdir())), 2)

@@ -88,6 +88,9 @@ class LibvirtLiveBase(SecureBase):
         self.assertEqual(start.returncode, 0, start.stderr)
         watch = Watch(self.a.path(domain.heartbeat))
         self.addCleanup(watch.stop)
+        # Kept (in the test's temporary directory): the lab hosts and their
+        # domains' files go when the test process ends.
+        self.addCleanup(watch.save, self.base / "consoles")
         return domain, Bundle.find(self.vm_dir, name), watch
 
     def migrate_domain(

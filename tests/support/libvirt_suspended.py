@@ -135,6 +135,7 @@ class LabCase(TestCase):
             self.assertEqual(done.returncode, 0, done.stderr)
         watch = Watch(self.a.path(guest.heartbeat))
         self.addCleanup(watch.stop)
+        self.addCleanup(watch.save, self.work / "consoles")
         first = watch.wait(3, 180)
         self.assertEqual(first.pcr16, extended(pcr16))
         uuid_ = str(conn_a.lookupByName(name).UUIDString())
