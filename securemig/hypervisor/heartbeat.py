@@ -216,8 +216,13 @@ class Watch:
     def continuous(self) -> bool:
         """Whether the sequence only ever went up by one (no beat lost, none
         repeated, no restart) across all the files followed."""
+        return not self.breaks()
+
+    def breaks(self) -> list[tuple[int, int]]:
+        """Where the sequence did not go up by one: (a beat, the next one
+        seen) pairs, in order -- a lost beat, a repeated one, a restart."""
         seqs = [b.seq for b in self.beats]
-        return all(b == a + 1 for a, b in itertools.pairwise(seqs))
+        return [(a, b) for a, b in itertools.pairwise(seqs) if b != a + 1]
 
     def largest_gap_ms(self) -> float:
         """The longest time between two consecutive heartbeats the host saw,

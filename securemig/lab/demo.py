@@ -313,6 +313,8 @@ def run_live(as_json: bool = False, keep: bool = False) -> int:
             last = watch.wait(5, timeout=60.0, source=1)
             summary["guest_downtime_ms"] = watch.largest_gap_ms()
             summary["guest_kept_running"] = watch.continuous()
+            # Where it broke, if it did: a beat lost, repeated, or a restart.
+            summary["heartbeat_breaks"] = watch.breaks()[:5]
             summary["guest_vtpm_preserved"] = last.pcr16 == expected
             moves.append(summary)
             say(
@@ -320,7 +322,8 @@ def run_live(as_json: bool = False, keep: bool = False) -> int:
                 f"(QEMU), {summary['guest_downtime_ms']} ms (largest heartbeat gap seen here), "
                 f"{summary['iterations']} rounds, {summary['transferred'] >> 20} MiB; heartbeat "
                 f"{'went on' if summary['guest_kept_running'] else 'DID NOT go on'} "
-                f"(now {last.seq}), PCR 16 "
+                + "".join(f"({a} then {b}) " for a, b in summary["heartbeat_breaks"])
+                + f"(now {last.seq}), PCR 16 "
                 f"{'the same' if summary['guest_vtpm_preserved'] else 'CHANGED'}"
             )
         attested = _say_attested(say, work, tofu_note=False)

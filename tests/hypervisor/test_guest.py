@@ -261,3 +261,22 @@ class WatchFileTests(SynchronousTestCase):
         self.assertEqual(watch.panic(), "Kernel panic - not syncing: test")
         watch.save(base / "kept")
         self.assertEqual(len(list((base / "kept").iterdir())), 2)
+
+    def test_breaks_say_where_the_sequence_broke(self) -> None:
+        """A lost beat, a repeated one and a restart are each a break, in
+        order; a sequence that goes up by one has none."""
+        base = Path(self.mktemp())
+        base.mkdir()
+        path = base / "heartbeat.log"
+        path.write_bytes(b"")
+        watch = Watch(path)
+        self.addCleanup(watch.stop)
+        with open(path, "ab") as qemu:
+            qemu.write(b"".join(b"hb %d none\n" % n for n in (1, 2, 4, 4, 1, 2, 3)))
+        self.until(watch, 3)
+        self.assertEqual(watch.breaks(), [(2, 4), (4, 4), (4, 1)])
+        self.assertFalse(watch.continuous())
+        with open(path, "ab") as qemu:
+            qemu.write(b"hb 4 none\n")
+        self.until(watch, 4)
+        self.assertEqual(len(watch.breaks()), 3)  # going on by one adds none
