@@ -210,6 +210,17 @@ class LinuxGuestMigrationTests(TestCase):
 
 
 class WatchFileTests(SynchronousTestCase):
+    def watched(self, first: bytes) -> tuple[Path, Watch]:
+        """A ``heartbeat.log`` holding ``first`` in a fresh directory, and
+        a watch of it (read from its end on)."""
+        base = Path(self.mktemp())
+        base.mkdir()
+        path = base / "heartbeat.log"
+        path.write_bytes(first)
+        watch = Watch(path)
+        self.addCleanup(watch.stop)
+        return path, watch
+
     def until(self, watch: Watch, seq: int) -> None:
         deadline = time.monotonic() + 10
         while seq not in [b.seq for b in watch.beats]:
@@ -223,12 +234,8 @@ class WatchFileTests(SynchronousTestCase):
         not read yet (a loaded machine), are still seen: no false gap in
         the sequence.  A file made again at the same path (a QEMU started
         again) is then followed from its start."""
-        base = Path(self.mktemp())
-        base.mkdir()
-        path = base / "heartbeat.log"
-        path.write_bytes(b"hb 1 none\n")
-        watch = Watch(path)
-        self.addCleanup(watch.stop)
+        path, watch = self.watched(b"hb 1 none\n")
+        base = path.parent
         with open(path, "ab") as qemu:
             qemu.write(b"hb 2 none\n")
             qemu.flush()
@@ -265,12 +272,7 @@ class WatchFileTests(SynchronousTestCase):
     def test_breaks_say_where_the_sequence_broke(self) -> None:
         """A lost beat, a repeated one and a restart are each a break, in
         order; a sequence that goes up by one has none."""
-        base = Path(self.mktemp())
-        base.mkdir()
-        path = base / "heartbeat.log"
-        path.write_bytes(b"")
-        watch = Watch(path)
-        self.addCleanup(watch.stop)
+        path, watch = self.watched(b"")
         with open(path, "ab") as qemu:
             qemu.write(b"".join(b"hb %d none\n" % n for n in (1, 2, 4, 4, 1, 2, 3)))
         self.until(watch, 3)
