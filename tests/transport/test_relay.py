@@ -197,3 +197,52 @@ class RelayTests(TestCase):
         self.assertIsNone(opener.next_record())
         self.assertEqual(opener.sequence, 1)
         self.assertRaises(PeerViolation, opener.closed)
+
+    async def test_every_byte_counted_before_the_sinks_end_of_file(self) -> None:
+        """The opening relay reports all it wrote before it shuts the sink's
+        writing side: a receiver that ends when the hypervisor closes in
+        answer then counts the whole stream (it counted short, now and
+        then, when the last report came after the end of file)."""
+        shut = []
+
+        class Sink(socket.socket):
+            def shutdown(self, how: int) -> None:
+                shut.append(how)
+                super().shutdown(how)
+
+        class Reactor:
+            """The real reactor, told whether the sink was shut at each report."""
+
+            def callFromThread(self, f: Any, *args: Any) -> None:
+                reports.append((args, bool(shut)))
+                reactor.callFromThread(f, *args)
+
+        reports: list[tuple[Any, bool]] = []
+        far, near = self.pair()
+        sink_far, sink = self.pair()
+        done: Deferred[Exception | None] = Deferred()
+        progress: list[int] = []
+        relay = OpeningRelay(
+            Reactor(),
+            near.dup(),
+            Sink(fileno=os.dup(sink.fileno())),
+            records.Opener(CIPHER, self.key, self.mid, MAX),
+            progress.append,
+            done.callback,
+            "test-open",
+        )
+        near.close()
+        sink.close()
+        relay.start()
+        got = threads.deferToThread(read_all, sink_far)
+        sealer = self.sealer()
+        # Small records, quickly: the last ones are left in the relay's
+        # batch (PROGRESS_BATCH, PROGRESS_EVERY) when END comes.
+        pieces = [b"".join(sealer.seal([b""]))]
+        pieces += [b"".join(sealer.seal([bytes([i]) * 1000])) for i in range(50)]
+        far.sendall(b"".join(pieces) + b"".join(sealer.end()))
+        self.assertEqual(len(await got), 50_000)
+        self.assertIsNone(await done)
+        self.assertEqual(sum(progress), 50_000)
+        counted_before_end = sum(args[0] for args, after in reports if args and not after)
+        self.assertEqual(counted_before_end, 50_000)
