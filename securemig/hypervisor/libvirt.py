@@ -518,6 +518,36 @@ def confirmed_out(status_xml: bytes) -> bool:
     )
 
 
+#: What libvirt's status of an arriving domain says (:func:`arrival_status`).
+ARRIVED, ARRIVING = "arrived", "arriving"
+#: libvirt's reasons of the paused state, as its status file names them.
+PAUSED_REASONS = {"user": ARRIVED, "migration": ARRIVING}
+
+
+def arrival_status(status_xml: bytes, domain_uuid: str) -> str | None:
+    """What libvirt's status of a domain arriving here
+    (``STATUS_DIR/NAME.xml``) says of domain ``domain_uuid``:
+    :data:`ARRIVED` once its Finish paused it by request
+    (``VIR_MIGRATE_PAUSED``: state ``paused``, reason ``user``),
+    :data:`ARRIVING` while the incoming migration holds it paused (reason
+    ``migration``), None for anything else (another domain, another
+    state, a file being replaced, not libvirt's format): then libvirt
+    itself is asked.  The state is the one libvirt's own ``state()``
+    answers, read without a connection to libvirtd: the guest waits
+    paused from the Finish until the commit, and this is that wait's
+    first step."""
+    try:
+        root = ET.fromstring(status_xml)
+    except ET.ParseError:
+        return None
+    uuid = root.findtext("domain/uuid")
+    if root.tag != "domstatus" or uuid is None or uuid.strip().lower() != domain_uuid.lower():
+        return None
+    if root.get("state") != "paused":
+        return None
+    return PAUSED_REASONS.get(root.get("reason", ""))
+
+
 class StatusWatch:
     """Calls ``on_change`` whenever libvirt writes a file of domain ``name``
     in its status directory ``directory`` (its status XML, saved at each
@@ -2220,6 +2250,8 @@ class LibvirtIncoming:
         self.paths = paths
         #: The pid file libvirt keeps of the domain's QEMU here (crash points).
         self.pidfile = backend.run_dir / STATUS_DIR / f"{outgoing.domain}.pid"
+        #: libvirt's status of the domain here (its state, saved at each step).
+        self.statusfile = self.pidfile.with_suffix(".xml")
 
     async def wait(self, timeout: float = INCOMING_TIMEOUT) -> None:
         """Until libvirt's migration finished here (the domain paused by
@@ -2250,10 +2282,27 @@ class LibvirtIncoming:
             )
         )
 
+    def _status(self) -> str | None:
+        """What libvirt's status file of the arriving domain says (None:
+        it does not tell; see :func:`arrival_status`)."""
+        try:
+            data = self.statusfile.read_bytes()
+        except OSError:
+            return None
+        return arrival_status(data, self.outgoing.domain_uuid)
+
     async def _arrived(self, waker: Waker, watch: StatusWatch, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         seen = False
         while True:
+            # libvirt's status file first: once it says the domain arrived,
+            # libvirtd is not asked (each question is a connection of its
+            # own, and the last one stood between the Finish and PREPARED).
+            # Until then libvirtd is, as its status changes: a libvirtd that
+            # died or a domain it removed (a failed migration) must end the
+            # wait, and a file left by a dead libvirtd would not tell.
+            if self._status() == ARRIVED:
+                return
             state = await self.backend.incoming_state(self.outgoing)
             if state is None and seen:
                 raise LibvirtError(

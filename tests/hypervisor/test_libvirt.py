@@ -31,12 +31,15 @@ from securemig.hypervisor import libvirt as libvirt_backend
 from securemig.hypervisor.bundle import Bundle, BundleError, Manifest
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.libvirt import (
+    ARRIVED,
+    ARRIVING,
     DOMAIN_FILE,
     LibvirtBackend,
     LibvirtError,
     LibvirtOutgoing,
     LibvirtStats,
     Waker,
+    arrival_status,
     confirmed_out,
     require_libvirt,
     secret_held,
@@ -129,6 +132,15 @@ class LibvirtBackendTests(TestCase):
         self.assert_no_secret(domain.secret_uuid)
         beat = await self.beat(watch, 3)
         self.assertEqual(beat.pcr16, extended(pcr16))
+        # Paused by request, the domain reads as arrived in libvirt's own
+        # status file (what a live arrival looks for after libvirt's Finish,
+        # with no question to libvirtd); resumed, it does not.
+        status = self.host.run_dir / "qemu" / "adoptee.xml"
+        dom = self.conn.lookupByName("adoptee")
+        dom.suspend()
+        self.assertEqual(arrival_status(status.read_bytes(), dom.UUIDString()), ARRIVED)
+        dom.resume()
+        self.assertIsNone(arrival_status(status.read_bytes(), dom.UUIDString()))
 
         await self.backend.suspend(bundle)
         self.assertEqual(await self.backend.state(bundle), "shutoff")
@@ -391,6 +403,50 @@ class ConfirmedPhaseTests(SynchronousTestCase):
             b"<domain><job async='migration out' phase='confirm3'/></domain>"[:-3],
         ):
             self.assertFalse(confirmed_out(data), data)
+
+
+UUID = "7c1d9a4e-2b7f-4f0e-9a55-0d6c1e2f3a4b"
+
+
+def _arriving(state: str, reason: str, uuid: str = UUID) -> bytes:
+    """An arriving domain's status file, in ``state`` for ``reason``."""
+    return (
+        f"<domstatus state='{state}' reason='{reason}' pid='7233'>\n  "
+        "<job type='none' async='migration in' phase='finish3'/>\n  "
+        f"<domain type='qemu' id='1'><name>d</name><uuid>{uuid}</uuid></domain>\n"
+        "</domstatus>\n"
+    ).encode()
+
+
+class ArrivalStatusTests(SynchronousTestCase):
+    """:func:`arrival_status`: the destination takes the domain for arrived
+    from libvirt's status file only where it says the Finish paused it by
+    request, for the domain this migration brings."""
+
+    def test_paused_by_request_is_arrived(self) -> None:
+        """``VIR_MIGRATE_PAUSED``'s Finish: paused, reason user."""
+        self.assertEqual(arrival_status(_arriving("paused", "user"), UUID), ARRIVED)
+        self.assertEqual(arrival_status(_arriving("paused", "user"), UUID.upper()), ARRIVED)
+
+    def test_paused_arriving(self) -> None:
+        """The incoming migration's own pause is not the arrival."""
+        self.assertEqual(arrival_status(_arriving("paused", "migration"), UUID), ARRIVING)
+
+    def test_anything_else_does_not_tell(self) -> None:
+        """Running (resumed by someone else), shut off, another domain's
+        UUID, no UUID, a file cut short, not libvirt's format: libvirt is
+        asked instead."""
+        for data in (
+            _arriving("running", "migrated"),
+            _arriving("shutoff", "failed"),
+            _arriving("paused", "ioerror"),
+            _arriving("paused", "user", uuid="0" * 8 + UUID[8:]),
+            _arriving("paused", "user").replace(f"<uuid>{UUID}</uuid>".encode(), b""),
+            _arriving("paused", "user")[:100],
+            b"",
+            f"<domain state='paused' reason='user'><uuid>{UUID}</uuid></domain>".encode(),
+        ):
+            self.assertIsNone(arrival_status(data, UUID), data)
 
 
 class DiskDirsTests(SynchronousTestCase):
