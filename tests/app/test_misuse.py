@@ -378,6 +378,12 @@ ROWS = [
         "--protocols goes with the migration benches, not --tpm or --qemu",
     ),
     Row(
+        "bench_json_in_no_directory",
+        lambda s: ["bench", "--libvirt", "--json", str(s.missing / "out.json")],
+        2,
+        "--json: there is no directory",
+    ),
+    Row(
         "policy_pcrs_not_numbers",
         lambda s: [*policy_record(s), "--pcrs", "a"],
         2,

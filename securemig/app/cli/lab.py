@@ -215,6 +215,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return usage_error("--tcti goes with --tpm")
     if args.protocols is not None and (args.tpm or args.qemu):
         return usage_error("--protocols goes with the migration benches, not --tpm or --qemu")
+    if args.json is not None and not Path(args.json).parent.is_dir():
+        # Said before the runs, not after minutes of them.
+        return usage_error(f"--json: there is no directory {Path(args.json).parent}")
     if args.tpm:
         if args.tcti is not None and not args.tcti.strip():
             return usage_error("--tcti takes a TCTI, e.g. device:/dev/tpmrm0")
