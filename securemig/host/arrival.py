@@ -1266,15 +1266,11 @@ class Arrival:
         )
         bundle = Bundle.load(target)
         if self.live is not None:
-            # The hypervisor's own migration: its live side still knows the
-            # domain's process after the move (libvirt's pid file, no call
-            # to libvirtd on the switchover path); QEMU's looked in staging.
-            alive = (
-                self.live.waits_loaded()
-                if self.carried
-                else backend_for(bundle.manifest.backend).process_alive(bundle)
-            )
-            if not await alive:
+            # Asked of the live side: it knows where the guest's process is
+            # after the move (QEMU's pid file moved with the bundle;
+            # libvirt's stays in libvirt's run directory), with no call to
+            # a daemon on the switchover path.
+            if not await self.live.alive_moved(bundle):
                 await self.lose(target)
                 raise self._lost()
             self.host.journal.phase(self.id, Phase.CONTINUING)

@@ -111,6 +111,12 @@ class LiveSide(Protocol):
         """Destination, after the stream: whether the guest still waits here,
         loaded and paused (False: its process has ended)."""
 
+    async def alive_moved(self, bundle: Bundle) -> bool:
+        """Destination, after the commit, its bundle moved into place at
+        ``bundle`` and before CONTINUING: whether the process holding the
+        loaded guest still runs, asked without a call that could block on
+        the switchover path (False: it ended; the guest never ran here)."""
+
     async def continue_moved(self, bundle: Bundle) -> bool:
         """Destination, after the commit, its bundle moved into place at
         ``bundle``: let the guest run on the control connection held since

@@ -2341,6 +2341,11 @@ class LibvirtIncoming:
         state = await self.backend.incoming_state(self.outgoing)
         return state is not None and state[0] == 3
 
+    async def alive_moved(self, bundle: Bundle) -> bool:
+        """The pid file libvirt keeps of the domain's QEMU answers: the move
+        into place was the bundle's, not libvirt's (:meth:`waits_loaded`)."""
+        return await self.waits_loaded()
+
     async def continue_moved(self, bundle: Bundle) -> bool:
         """No connection is held here (each libvirt call opens its own):
         the VM is resumed as :meth:`LibvirtBackend.resume` does."""

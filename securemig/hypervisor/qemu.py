@@ -777,6 +777,11 @@ class LiveMigration:
         self.bundle.manifest.state = "running"
         self.bundle.save()
 
+    async def alive_moved(self, bundle: Bundle) -> bool:
+        """At the destination, after the move into place: whether its QEMU
+        (the pid file the move carried along) still runs."""
+        return await self.backend.process_alive(bundle)
+
     async def continue_moved(self, bundle: Bundle) -> bool:
         """At the destination, after the commit: the bundle moved into
         place.  Its QMP connection, opened when the stream started, outlived
