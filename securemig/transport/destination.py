@@ -66,7 +66,7 @@ from securemig.transport.control import Connection, FramedProtocol, failure_to_e
 from securemig.transport.executor import Executor, ThreadExecutor
 from securemig.transport.live import LIVE_RECORD_PLAINTEXT, LiveReceiver
 from securemig.transport.options import DestinationOptions, ListeningPort
-from securemig.transport.tcp import tune_transport
+from securemig.transport.tcp import BOUND_DATA_READ_SIZE, tune_transport
 from securemig.transport.tls import peer_names
 from securemig.trust.keyrelease import MIGRATION_KEY_ROLE, DestinationSecurity
 
@@ -590,6 +590,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
     def _bind(self, receiver: DataChannelReceiver) -> None:
         # It proved it holds the key: it is the channel; the port closes.
         self.data_channel = receiver
+        tune_transport(receiver.transport, read_size=BOUND_DATA_READ_SIZE)
         self._close_data_port()
         self.log.info(
             "migration {mid}: data channel from {peer} authenticated",

@@ -20,6 +20,13 @@ from securemig.protocol.errors import ErrorCode, LocalFault
 
 #: Bytes a TCP transport reads or sends per system call (Twisted: 64 KiB / 128 KiB).
 TRANSPORT_IO_SIZE = 1024 * 1024
+#: Bytes a bound data channel reads per system call: several of its records
+#: (a record is a chunk and a few dozen bytes more), so that most arrive
+#: whole in one read and are decrypted where they are; at
+#: :data:`TRANSPORT_IO_SIZE` every one spanned two reads and was first
+#: joined, a copy of each byte on the destination's reactor thread.  Only
+#: once the channel authenticated: a stranger's reads stay small.
+BOUND_DATA_READ_SIZE = 4 * 1024 * 1024
 #: How long a TCP connection may take to be established.
 CONNECT_TIMEOUT = 30.0
 
@@ -57,8 +64,9 @@ def _with_tcp(transport: Any) -> tuple[Any, ...]:
     return tuple(chain)
 
 
-def tune_transport(transport: Any) -> None:
-    """Read and send in 1 MiB pieces instead of Twisted's 64 and 128 KiB.
+def tune_transport(transport: Any, read_size: int = TRANSPORT_IO_SIZE) -> None:
+    """Read (``read_size``) and send in 1 MiB pieces instead of Twisted's 64
+    and 128 KiB.
 
     Each read is one trip around the reactor with its Python overhead; at
     64 KiB a GiB costs 16,384 of them.  ``bufferSize`` and ``SEND_LIMIT`` are
@@ -67,7 +75,7 @@ def tune_transport(transport: Any) -> None:
     """
     for candidate in _with_tcp(transport):
         if hasattr(candidate, "SEND_LIMIT") and hasattr(candidate, "bufferSize"):
-            candidate.bufferSize = TRANSPORT_IO_SIZE
+            candidate.bufferSize = read_size
             candidate.SEND_LIMIT = TRANSPORT_IO_SIZE
         if isinstance(candidate, tcp.Connection):
             no_delay(candidate.getHandle())

@@ -41,6 +41,7 @@ from securemig.transport.destination import DestinationProtocol
 from securemig.transport.executor import InlineExecutor
 from securemig.transport.options import DestinationOptions
 from securemig.transport.source import DataChannelSender, SourceProtocol
+from securemig.transport.tcp import BOUND_DATA_READ_SIZE, TRANSPORT_IO_SIZE
 from securemig.trust.attestor import open_attestor
 from securemig.trust.keyrelease import DestinationSecurity, MigrationKey, SourceSecurity
 from tests.support.bundles import bundle_digests
@@ -61,6 +62,9 @@ class PausableTransport(iosim.FakeTransport):
 
     paused = False
     producer_paused = False
+    # As Twisted's TCP transports have them (tune_transport sets them).
+    bufferSize = 64 * 1024
+    SEND_LIMIT = 128 * 1024
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -347,12 +351,20 @@ class DataChannelSenderTests(SynchronousTestCase):
         self.assertEqual(len(control.lost), 1)
 
 
+class TCPStringTransport(StringTransport):
+    """A StringTransport with the read and send sizes of Twisted's TCP
+    transports (what tune_transport sets)."""
+
+    bufferSize = 64 * 1024
+    SEND_LIMIT = 128 * 1024
+
+
 class Stranger(Protocol):
     """Someone who connects to a data port and does not hold the key."""
 
     def __init__(self, port: FakePort, first: bytes = b"") -> None:
         self.receiver = port.factory.buildProtocol(None)
-        self.transport_ = StringTransport(peerAddress=IPv4Address("TCP", LOOPBACK, 50999))
+        self.transport_ = TCPStringTransport(peerAddress=IPv4Address("TCP", LOOPBACK, 50999))
         self.receiver.makeConnection(self.transport_)
         if first:
             self.receiver.dataReceived(first)
@@ -405,6 +417,11 @@ class StrangerTests(SynchronousTestCase):
         self.assertDone()
         self.assertEqual(len(self.strangers), 3)
         self.assertEqual([s.closed for s in self.strangers], [True, True, True])
+        # Only the bound channel reads several records at once; what a
+        # stranger may make the destination read stays at the usual size.
+        self.assertEqual([s.transport_.bufferSize for s in self.strangers], [TRANSPORT_IO_SIZE] * 3)
+        assert self.env.link is not None
+        self.assertEqual(self.env.link.server.bufferSize, BOUND_DATA_READ_SIZE)
         self.assertEqual(self.env.dst.data_receivers, [])
         self.assertEqual(self.env.dst.connection.strangers, [])
         self.assertEqual(bundle_digests(Bundle.load(self.env.host.vms / "vm1")), before)
