@@ -12,6 +12,9 @@ import os
 import shutil
 import subprocess
 import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +152,51 @@ def discard_tree(path: Path) -> None:
         trash = path.parent / DISCARDED
         trash.mkdir(mode=0o700, exist_ok=True)
         rename_durably(path, trash / f"{path.name}.{os.urandom(8).hex()}")
-    sweep_discarded(path.parent)
+    if not removals_deferred_in(path.parent):
+        sweep_discarded(path.parent)
+
+
+#: Directories whose removers wait (:func:`removals_deferred`), and how many
+#: blocks defer them.
+_deferred: Counter[str] = Counter()
+_deferred_lock = threading.Lock()
+
+
+def removals_deferred_in(directory: Path) -> bool:
+    """Whether :func:`discard_tree` in ``directory`` only sets trees aside."""
+    with _deferred_lock:
+        return _deferred[os.path.abspath(directory)] > 0
+
+
+@contextmanager
+def removals_deferred(directory: Path) -> Iterator[None]:
+    """While the block runs (a migration from ``directory``),
+    :func:`discard_tree` there only sets trees aside in :data:`DISCARDED`
+    (the name is free, the rename durable); their remover starts when the
+    block ends.
+
+    Why: a remover unlinking a GiB on a filesystem mounted with
+    ``discard`` trims the freed blocks in the journal's next commit, and
+    every ``fsync`` meanwhile waits for it (10 to 60 ms each, for a quarter
+    of a second, measured here).  A committed source gives its copy up
+    while the migration's last steps are still journaled -- its own
+    ``released`` and outcome, and, on one filesystem, the destination's
+    move into place and resume -- each an ``fsync``.  A process killed in
+    the block leaves the trees set aside: the next discard in the
+    directory, or the recovery of that migration, starts their remover.
+    Each block's end starts the remover, whatever other blocks of the
+    directory still run (a live migration's may run for minutes)."""
+    key = os.path.abspath(directory)
+    with _deferred_lock:
+        _deferred[key] += 1
+    try:
+        yield
+    finally:
+        with _deferred_lock:
+            _deferred[key] -= 1
+            if _deferred[key] <= 0:
+                del _deferred[key]
+        sweep_discarded(directory)
 
 
 def sweep_discarded(directory: Path) -> None:

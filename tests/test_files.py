@@ -95,6 +95,28 @@ class DiscardTreeTests(SynchronousTestCase):
         self.assertFalse(left.exists())
         self.assertEqual(list(trash.iterdir()), [])
 
+    def test_removal_deferred_until_the_block_ends(self) -> None:
+        """In a :func:`files.removals_deferred` block (a migration's), a
+        discarded tree is only set aside: its name is free, and it is still
+        there after a while; a block of another directory does not defer
+        it; it goes once the block ends (each block's end starts the
+        remover: another migration's may run much longer)."""
+        parent = Path(self.mktemp())
+        other = Path(self.mktemp())
+        path = self.tree(parent, "vm1")
+        with files.removals_deferred(parent):
+            with files.removals_deferred(other):
+                files.discard_tree(path)
+            self.assertFalse(path.exists())
+            self.assertTrue(files.removals_deferred_in(parent))
+            self.assertFalse(files.removals_deferred_in(other))
+            time.sleep(0.5)  # a remover, had one started, would be done
+            (kept,) = (parent / files.DISCARDED).iterdir()
+            self.assertEqual((kept / "sub" / "f").read_bytes(), b"x")
+        self.assertFalse(files.removals_deferred_in(parent))
+        self.wait_removed(parent)
+        self.assertFalse(kept.exists())
+
 
 class PidFileTests(SynchronousTestCase):
     """:func:`files.pid_file_alive`, which the commit of a libvirt arrival

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from securemig import crashpoint
+from securemig import crashpoint, files
 from securemig.crashpoint import CrashPoint
 from securemig.host import storage
 from securemig.host.departure import release
@@ -365,6 +365,10 @@ async def _finish_commit(
         said.append(f"VM {record.vm} was committed to {record.peer}: its copy here removed")
     elif not record.reached(Phase.RELEASED):
         journal.phase(record.id, Phase.RELEASED)
+    elif record.bundle:
+        # Released by a process killed before its remover started
+        # (files.removals_deferred): the copy set aside goes now.
+        files.sweep_discarded(Path(record.bundle).parent)
     if record.outcome is None:
         journal.finish(
             record.id,

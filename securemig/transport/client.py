@@ -19,6 +19,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from securemig import files
 from securemig.host.departure import Departure, check_keys, has_vtpm_key, unseal_vtpm_key
 from securemig.host.journal import Journal, driven
 from securemig.host.recovery import Owed, acknowledge
@@ -102,87 +103,90 @@ async def migrate(
         live_options=live,
     )
     departure.copy_storage, departure.parallel = options.copy_storage, options.parallel
-    try:
-        await departure.acquire()
-        if security is not None:
-            try:
-                departure.hand_shared_disk(
-                    security.attestor.identity.name, security.destination_name
-                )
-            except BaseException as e:
-                await departure.rollback()
-                departure.refused(e)
-                raise
-        on_start(departure)
-        session = SourceSession(
-            departure.hello(options.chunk_size),
-            secure=security is not None,
-            clear_key=clear_key,
-            # What to ask the destination to quote: the source's policy for it,
-            # and the PCRs its migration key is bound to.
-            request=(
-                (lambda: security.attestor.request_for(security.destination_name, binding=True))
-                if security is not None
-                else None
-            ),
-        )
-        proto = SourceProtocol(
-            session,
-            departure,
-            reactor,  # type: ignore[arg-type]
-            lambda: ThreadExecutor(reactor),  # type: ignore[arg-type]
-            on_progress,
-            idle_timeout=options.idle_timeout,
-            deadline=options.deadline,
-            security=security,
-            bandwidth=options.bandwidth,
-        )
-        endpoint: Any = client_endpoint(reactor, host, port)
-        if security is not None:
-            assert secure is not None
-            endpoint = wrapClientTLS(
-                tls.client_options(secure.identity, security.destination_name), endpoint
-            )
+    # The copy given up here is removed once the last journal write is
+    # done (files.removals_deferred): its unlinking stalls every fsync.
+    with files.removals_deferred(bundle.path.parent):
         try:
-            await connect(endpoint, proto)
-        except Exception as e:
-            await departure.rollback()
-            departure.journal.finish(
-                departure.id, "aborted", error=f"CONNECTION_LOST: cannot connect to {to}: {e}"
+            await departure.acquire()
+            if security is not None:
+                try:
+                    departure.hand_shared_disk(
+                        security.attestor.identity.name, security.destination_name
+                    )
+                except BaseException as e:
+                    await departure.rollback()
+                    departure.refused(e)
+                    raise
+            on_start(departure)
+            session = SourceSession(
+                departure.hello(options.chunk_size),
+                secure=security is not None,
+                clear_key=clear_key,
+                # What to ask the destination to quote: the source's policy for it,
+                # and the PCRs its migration key is bound to.
+                request=(
+                    (lambda: security.attestor.request_for(security.destination_name, binding=True))
+                    if security is not None
+                    else None
+                ),
             )
-            raise ConnectFailed(f"cannot connect to {to}: {e}") from None
-        on_protocol(proto)
-        result = await proto.finished
-        # Twisted sends what was written on a later turn of the reactor: a
-        # caller that stops it at once (securemig migrate) would lose an ABORT
-        # from a timer (securemig abort, Ctrl-C) or the last COMMIT.  The
-        # connection is closed once they are out; not waiting longer than
-        # CLOSE_WAIT for a peer that does not close.
-        closed = proto.closed
-        closed.addTimeout(CLOSE_WAIT, reactor)  # type: ignore[arg-type]
-        closed.addErrback(_late_close)
-        await closed
-        departure.wire_bytes = proto.wire_bytes
-        if departure.committed and result.outcome is Outcome.ABORTED:
-            # The hypervisor moved the guest before the session could commit
-            # (Departure.moved_by_hypervisor): committed here, in doubt there.
-            result = Finished(Outcome.IN_DOUBT, result.code, result.reason)
-        if departure.undecided and result.outcome is Outcome.ABORTED:
-            # Nothing decided (carried_decision): said as it is, never "aborted".
-            result = Finished(
-                Outcome.IN_DOUBT,
-                result.code,
-                f"{result.reason}; {departure.undecided_why}: neither committed nor aborted",
+            proto = SourceProtocol(
+                session,
+                departure,
+                reactor,  # type: ignore[arg-type]
+                lambda: ThreadExecutor(reactor),  # type: ignore[arg-type]
+                on_progress,
+                idle_timeout=options.idle_timeout,
+                deadline=options.deadline,
+                security=security,
+                bandwidth=options.bandwidth,
             )
-        if live is not None and departure.committed and result.outcome is not Outcome.DONE:
-            assert secure is not None
-            result = await _settle_live_now(reactor, departure, result, secure.identity)
-        return departure, result
-    finally:
-        # Over (its release, if any, done or failed): what it left unfinished
-        # is recovery's now, in this process too (a daemon drives migrate --daemon).
-        if departure.id:
-            driven(departure.id)
+            endpoint: Any = client_endpoint(reactor, host, port)
+            if security is not None:
+                assert secure is not None
+                endpoint = wrapClientTLS(
+                    tls.client_options(secure.identity, security.destination_name), endpoint
+                )
+            try:
+                await connect(endpoint, proto)
+            except Exception as e:
+                await departure.rollback()
+                departure.journal.finish(
+                    departure.id, "aborted", error=f"CONNECTION_LOST: cannot connect to {to}: {e}"
+                )
+                raise ConnectFailed(f"cannot connect to {to}: {e}") from None
+            on_protocol(proto)
+            result = await proto.finished
+            # Twisted sends what was written on a later turn of the reactor: a
+            # caller that stops it at once (securemig migrate) would lose an ABORT
+            # from a timer (securemig abort, Ctrl-C) or the last COMMIT.  The
+            # connection is closed once they are out; not waiting longer than
+            # CLOSE_WAIT for a peer that does not close.
+            closed = proto.closed
+            closed.addTimeout(CLOSE_WAIT, reactor)  # type: ignore[arg-type]
+            closed.addErrback(_late_close)
+            await closed
+            departure.wire_bytes = proto.wire_bytes
+            if departure.committed and result.outcome is Outcome.ABORTED:
+                # The hypervisor moved the guest before the session could commit
+                # (Departure.moved_by_hypervisor): committed here, in doubt there.
+                result = Finished(Outcome.IN_DOUBT, result.code, result.reason)
+            if departure.undecided and result.outcome is Outcome.ABORTED:
+                # Nothing decided (carried_decision): said as it is, never "aborted".
+                result = Finished(
+                    Outcome.IN_DOUBT,
+                    result.code,
+                    f"{result.reason}; {departure.undecided_why}: neither committed nor aborted",
+                )
+            if live is not None and departure.committed and result.outcome is not Outcome.DONE:
+                assert secure is not None
+                result = await _settle_live_now(reactor, departure, result, secure.identity)
+            return departure, result
+        finally:
+            # Over (its release, if any, done or failed): what it left unfinished
+            # is recovery's now, in this process too (a daemon drives migrate --daemon).
+            if departure.id:
+                driven(departure.id)
 
 
 async def _settle_live_now(

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
+from securemig import files
 from securemig.host import storage
 from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle
@@ -119,6 +120,10 @@ class CrashBase(TestCase):
             destination.close()
         if list((self.dst_state / "staging").iterdir()):
             return None
+        if committed and files.discarding(self.vm_dir):
+            # The source's copy, set aside, is not yet removed (a migrate
+            # killed before its remover started leaves it to recovery).
+            return None
         at_source = (self.vm_dir / "vm1").exists()
         at_destination = (self.dst_state / "vms" / "vm1").exists()
         self.assertFalse(at_source and at_destination, "the VM is on both hosts")
@@ -179,7 +184,9 @@ class CrashPointTests(CrashBase):
 
     def test_source_dies_released(self) -> None:
         """The copy is gone, COMMIT sent or not (the copy's removal overlaps
-        it): RESOLVE, or the COMMIT, commits at the destination."""
+        it): RESOLVE, or the COMMIT, commits at the destination.  The copy
+        was only set aside (its remover waits for the migration's end):
+        the source's daemon removes it as it settles the migration."""
         self.source_dies("source-released")
 
     def test_source_dies_streaming(self) -> None:
