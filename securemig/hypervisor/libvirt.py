@@ -2297,11 +2297,17 @@ class LibvirtIncoming:
         while True:
             # libvirt's status file first: once it says the domain arrived,
             # libvirtd is not asked (each question is a connection of its
-            # own, and the last one stood between the Finish and PREPARED).
-            # Until then libvirtd is, as its status changes: a libvirtd that
-            # died or a domain it removed (a failed migration) must end the
-            # wait, and a file left by a dead libvirtd would not tell.
+            # own).  Until then libvirtd is, as its status changes: a
+            # libvirtd that died or a domain it removed (a failed migration)
+            # must end the wait, and a file left by a dead libvirtd would
+            # not tell.  (libvirt's Finish changes the state before it saves
+            # the file: the question after the save before often sees the
+            # arrival first; the file answers when it came too early.)
             if self._status() == ARRIVED:
+                log.info(
+                    "domain {d}: arrived here, paused (libvirt's status file)",
+                    d=self.outgoing.domain,
+                )
                 return
             state = await self.backend.incoming_state(self.outgoing)
             if state is None and seen:
