@@ -378,10 +378,10 @@ ROWS = [
         "--protocols goes with the migration benches, not --tpm or --qemu",
     ),
     Row(
-        "bench_json_in_no_directory",
-        lambda s: ["bench", "--libvirt", "--json", str(s.missing / "out.json")],
+        "bench_json_under_a_file",
+        lambda s: ["bench", "--libvirt", "--json", str(s.a_file / "out.json")],
         2,
-        "--json: there is no directory",
+        "--json: cannot make directory",
     ),
     Row(
         "policy_pcrs_not_numbers",

@@ -215,9 +215,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return usage_error("--tcti goes with --tpm")
     if args.protocols is not None and (args.tpm or args.qemu):
         return usage_error("--protocols goes with the migration benches, not --tpm or --qemu")
-    if args.json is not None and not Path(args.json).parent.is_dir():
-        # Said before the runs, not after minutes of them.
-        return usage_error(f"--json: there is no directory {Path(args.json).parent}")
+    if args.json is not None:
+        # Made (or refused) before the runs, not after minutes of them: the
+        # libvirt bench failed there on a directory that did not exist.
+        where = Path(args.json).parent
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return usage_error(f"--json: cannot make directory {where}: {e.strerror}")
     if args.tpm:
         if args.tcti is not None and not args.tcti.strip():
             return usage_error("--tcti takes a TCTI, e.g. device:/dev/tpmrm0")
