@@ -518,34 +518,27 @@ def confirmed_out(status_xml: bytes) -> bool:
     )
 
 
-#: What libvirt's status of an arriving domain says (:func:`arrival_status`).
-ARRIVED, ARRIVING = "arrived", "arriving"
-#: libvirt's reasons of the paused state, as its status file names them.
-PAUSED_REASONS = {"user": ARRIVED, "migration": ARRIVING}
-
-
-def arrival_status(status_xml: bytes, domain_uuid: str) -> str | None:
-    """What libvirt's status of a domain arriving here
-    (``STATUS_DIR/NAME.xml``) says of domain ``domain_uuid``:
-    :data:`ARRIVED` once its Finish paused it by request
-    (``VIR_MIGRATE_PAUSED``: state ``paused``, reason ``user``),
-    :data:`ARRIVING` while the incoming migration holds it paused (reason
-    ``migration``), None for anything else (another domain, another
-    state, a file being replaced, not libvirt's format): then libvirt
-    itself is asked.  The state is the one libvirt's own ``state()``
+def arrived_paused(status_xml: bytes, domain_uuid: str) -> bool:
+    """Whether libvirt's status of a domain arriving here
+    (``STATUS_DIR/NAME.xml``) says domain ``domain_uuid`` arrived: its
+    Finish paused it by request (``VIR_MIGRATE_PAUSED``: state ``paused``,
+    reason ``user``).  Anything else (paused while it arrives, another
+    domain, another state, a file being replaced, not libvirt's format) is
+    no: then libvirt itself is asked.  The state is the one libvirt's own ``state()``
     answers, read without a connection to libvirtd: the guest waits
     paused from the Finish until the commit, and this is that wait's
     first step."""
     try:
         root = ET.fromstring(status_xml)
     except ET.ParseError:
-        return None
+        return False
     uuid = root.findtext("domain/uuid")
-    if root.tag != "domstatus" or uuid is None or uuid.strip().lower() != domain_uuid.lower():
-        return None
-    if root.get("state") != "paused":
-        return None
-    return PAUSED_REASONS.get(root.get("reason", ""))
+    return (
+        root.tag == "domstatus"
+        and uuid is not None
+        and uuid.strip().lower() == domain_uuid.lower()
+        and (root.get("state"), root.get("reason")) == ("paused", "user")
+    )
 
 
 class StatusWatch:
@@ -2282,14 +2275,14 @@ class LibvirtIncoming:
             )
         )
 
-    def _status(self) -> str | None:
-        """What libvirt's status file of the arriving domain says (None:
-        it does not tell; see :func:`arrival_status`)."""
+    def _arrived_in_status(self) -> bool:
+        """Whether libvirt's status file says the domain arrived
+        (:func:`arrived_paused`; no file: no)."""
         try:
             data = self.statusfile.read_bytes()
         except OSError:
-            return None
-        return arrival_status(data, self.outgoing.domain_uuid)
+            return False
+        return arrived_paused(data, self.outgoing.domain_uuid)
 
     async def _arrived(self, waker: Waker, watch: StatusWatch, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -2303,7 +2296,7 @@ class LibvirtIncoming:
             # not tell.  (libvirt's Finish changes the state before it saves
             # the file: the question after the save before often sees the
             # arrival first; the file answers when it came too early.)
-            if self._status() == ARRIVED:
+            if self._arrived_in_status():
                 log.info(
                     "domain {d}: arrived here, paused (libvirt's status file)",
                     d=self.outgoing.domain,

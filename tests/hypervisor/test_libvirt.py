@@ -31,15 +31,13 @@ from securemig.hypervisor import libvirt as libvirt_backend
 from securemig.hypervisor.bundle import Bundle, BundleError, Manifest
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.libvirt import (
-    ARRIVED,
-    ARRIVING,
     DOMAIN_FILE,
     LibvirtBackend,
     LibvirtError,
     LibvirtOutgoing,
     LibvirtStats,
     Waker,
-    arrival_status,
+    arrived_paused,
     confirmed_out,
     require_libvirt,
     secret_held,
@@ -138,9 +136,9 @@ class LibvirtBackendTests(TestCase):
         status = self.host.run_dir / "qemu" / "adoptee.xml"
         dom = self.conn.lookupByName("adoptee")
         dom.suspend()
-        self.assertEqual(arrival_status(status.read_bytes(), dom.UUIDString()), ARRIVED)
+        self.assertTrue(arrived_paused(status.read_bytes(), dom.UUIDString()))
         dom.resume()
-        self.assertIsNone(arrival_status(status.read_bytes(), dom.UUIDString()))
+        self.assertFalse(arrived_paused(status.read_bytes(), dom.UUIDString()))
 
         await self.backend.suspend(bundle)
         self.assertEqual(await self.backend.state(bundle), "shutoff")
@@ -419,24 +417,21 @@ def _arriving(state: str, reason: str, uuid: str = UUID) -> bytes:
 
 
 class ArrivalStatusTests(SynchronousTestCase):
-    """:func:`arrival_status`: the destination takes the domain for arrived
+    """:func:`arrived_paused`: the destination takes the domain for arrived
     from libvirt's status file only where it says the Finish paused it by
     request, for the domain this migration brings."""
 
     def test_paused_by_request_is_arrived(self) -> None:
         """``VIR_MIGRATE_PAUSED``'s Finish: paused, reason user."""
-        self.assertEqual(arrival_status(_arriving("paused", "user"), UUID), ARRIVED)
-        self.assertEqual(arrival_status(_arriving("paused", "user"), UUID.upper()), ARRIVED)
-
-    def test_paused_arriving(self) -> None:
-        """The incoming migration's own pause is not the arrival."""
-        self.assertEqual(arrival_status(_arriving("paused", "migration"), UUID), ARRIVING)
+        self.assertTrue(arrived_paused(_arriving("paused", "user"), UUID))
+        self.assertTrue(arrived_paused(_arriving("paused", "user"), UUID.upper()))
 
     def test_anything_else_does_not_tell(self) -> None:
-        """Running (resumed by someone else), shut off, another domain's
-        UUID, no UUID, a file cut short, not libvirt's format: libvirt is
-        asked instead."""
+        """The incoming migration's own pause, running (resumed by someone
+        else), shut off, another domain's UUID, no UUID, a file cut short,
+        not libvirt's format: libvirt is asked instead."""
         for data in (
+            _arriving("paused", "migration"),
             _arriving("running", "migrated"),
             _arriving("shutoff", "failed"),
             _arriving("paused", "ioerror"),
@@ -446,7 +441,7 @@ class ArrivalStatusTests(SynchronousTestCase):
             b"",
             f"<domain state='paused' reason='user'><uuid>{UUID}</uuid></domain>".encode(),
         ):
-            self.assertIsNone(arrival_status(data, UUID), data)
+            self.assertFalse(arrived_paused(data, UUID), data)
 
 
 class DiskDirsTests(SynchronousTestCase):
