@@ -233,8 +233,9 @@ def ask(
             err.flush()
             os._exit(EXIT_FAILED)
         print(
-            "securemig: interrupted: cancelling the migration; the VM stays here "
-            "(Ctrl-C again to exit at once)",
+            "securemig: interrupted: cancelling the migration, unless it already committed "
+            "or its hypervisor already completed it (its result below says where the VM is; "
+            "Ctrl-C again to exit at once)",
             file=err,
         )
         with contextlib.suppress(OSError):

@@ -161,7 +161,7 @@ class Options(ServiceOptions):
             None,
             None,
             "Secure variant: START:RATE:FULL for connections not yet through the TLS "
-            "handshake: above START, each new one closes a random pending one with "
+            "handshake: above START, each new one closes the oldest pending one with "
             "probability RATE %, rising to 100 % at FULL (default: derived from the "
             "descriptor limit, FULL = a quarter of it, at most 1000; START = FULL/2; RATE 30).",
         ],

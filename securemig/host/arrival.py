@@ -1180,6 +1180,12 @@ class Arrival:
         """Live, carried: the local sockets the carrier dials, by name."""
         return backend_for(self.host.backend).carried_sockets(self.id, destination=True)
 
+    @property
+    def carried_connections(self) -> int:
+        """Live, carried: how many connections the source's hypervisor may
+        open at once on them (its multifd channels, its disks)."""
+        return backend_for(self.host.backend).carried_connections(self.hello.backend_info)
+
     def loaded(self) -> None:
         """Live, carried: the hypervisor completed here (the guest paused)."""
         crashpoint.reached(CrashPoint.DESTINATION_LOADED, getattr(self.live, "pidfile", None))

@@ -179,6 +179,12 @@ class ArrivingVM(Protocol):
         ...
 
     @property
+    def carried_connections(self) -> int:
+        """Live, carried: how many connections the source's hypervisor may
+        open at once on them (its carrier lets each wait beside strangers)."""
+        ...
+
+    @property
     def multifd(self) -> int:
         """Live, the backend's own stream: its multifd channels besides the
         main one (0: one stream); each is carried as its own sealed stream."""

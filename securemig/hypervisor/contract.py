@@ -36,6 +36,13 @@ T = TypeVar("T")
 #: and rewrite).
 BACKEND_INFO_FILE = "backend-info.json"
 
+#: Defaults of a live migration's parameters (``migrate --downtime-ms``,
+#: ``--bandwidth``): QEMU's downtime limit, and its bandwidth in bytes per
+#: second (this one: no practical limit on loopback; a libvirt domain is
+#: then left at libvirt's own).
+LIVE_DOWNTIME_LIMIT_MS = 300
+LIVE_MAX_BANDWIDTH = 1 << 30
+
 #: Returns the 32-byte state key of a bundle's vTPM (unsealed by this host's TPM).
 VTPMKey = Callable[[Bundle], bytes]
 
@@ -235,6 +242,16 @@ class Backend(Protocol):
         if backend_info:
             raise BundleError(f"the {self.name} backend takes no live parameters")
         return 0
+
+    def carried_connections(self, backend_info: bytes) -> int:
+        """Destination, a carried arrival (``Capabilities.carried``): how
+        many connections the source's hypervisor may open at once on the
+        carried sockets (HELLO's ``backend_info``, checked at admission).
+        The carrier's port lets each of them wait for its first record
+        beside the strangers it allows, so that a burst of the hypervisor's
+        own (a main channel and its multifd channels) never closes one of
+        them.  One per socket by default (``rpc``, ``memory``, ``disk``)."""
+        return 3
 
     def carried_sockets(self, tag: str, destination: bool) -> dict[str, str]:
         """The UNIX sockets of one carried migration (``tag``: its id, the

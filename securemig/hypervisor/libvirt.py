@@ -70,7 +70,7 @@ from twisted.python.threadpool import ThreadPool
 from securemig import crashpoint, files
 from securemig.crashpoint import CrashPoint
 from securemig.hypervisor.bundle import Bundle, BundleError, Image, Manifest, check_vm_name
-from securemig.hypervisor.contract import BACKEND_INFO_FILE, Backend
+from securemig.hypervisor.contract import BACKEND_INFO_FILE, LIVE_MAX_BANDWIDTH, Backend
 from securemig.hypervisor.libvirt_info import CAPABILITIES as CAPABILITIES
 from securemig.hypervisor.libvirt_info import DEFAULT_URI as DEFAULT_URI
 from securemig.protocol.errors import ErrorCode, LocalFault
@@ -815,6 +815,15 @@ def copied_disks(domain: Any) -> tuple[Disk, ...]:
         fmt = driver.get("type", "raw") if driver is not None else "raw"
         found.append(Disk(path, fmt, int(domain.blockInfo(path)[0])))
     return tuple(found)
+
+
+def migration_bandwidth(max_bandwidth: int) -> int:
+    """libvirt's bandwidth for a migration (MiB/s, at least 1) from
+    ``--bandwidth`` in bytes per second; 0 (libvirt's own) for the default
+    :data:`LIVE_MAX_BANDWIDTH`, which means no limit."""
+    if not 0 < max_bandwidth < LIVE_MAX_BANDWIDTH:
+        return 0
+    return max(1, max_bandwidth >> 20)
 
 
 def _migration_flags(
@@ -1727,6 +1736,8 @@ class LibvirtBackend(Backend):
         copy_storage: bool,
         parallel: int,
         unchecked_shared: bool,
+        downtime_ms: int = 0,
+        bandwidth_mib: int = 0,
     ) -> None:
         libvirt = require_libvirt()
         record = DomainRecord.load(bundle)
@@ -1737,8 +1748,21 @@ class LibvirtBackend(Backend):
             params[libvirt.VIR_MIGRATE_PARAM_DISKS_URI] = "unix://" + paths.libvirt("disk")
         if parallel:
             params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = parallel
+        if bandwidth_mib:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib
         with self._connection(self._uri(record)) as conn:
             domain = self._domain(conn, record)
+            if downtime_ms:
+                # QEMU's downtime-limit of this domain (libvirt allows it
+                # before the job; its migration keeps it).
+                try:
+                    domain.migrateSetMaxDowntime(downtime_ms, 0)
+                except libvirt.libvirtError as e:
+                    raise LibvirtError(
+                        f"cannot set the downtime limit of domain {record.domain}: "
+                        f"{e.get_error_message()}",
+                        ErrorCode.LIVE_FAILED,
+                    ) from None
             copied = bundle.path / COPIED_DISKS_FILE
             if copy_storage:
                 # Before the copy starts: once this migration committed, the
@@ -1928,6 +1952,13 @@ class LibvirtBackend(Backend):
             check_disk_dirs(incoming.outgoing.disks, disk_dirs())
         return 0
 
+    def carried_connections(self, backend_info: bytes) -> int:
+        """Destination: libvirt's RPC connection, QEMU's main channel and
+        each multifd channel, and an NBD connection per disk copied."""
+        incoming = Incoming.parse(backend_info)
+        disks = len(incoming.outgoing.disks) if incoming.copy_storage else 0
+        return 2 + incoming.parallel + disks
+
     def live_info(self, bundle: Bundle, copy_storage: bool, parallel: int) -> Deferred[bytes]:
         """Source: HELLO's ``backend_info`` (:class:`Incoming`)."""
         if not 0 <= parallel <= MAX_PARALLEL:
@@ -1964,11 +1995,22 @@ class LibvirtBackend(Backend):
         """Source: start libvirt's migration of the domain through the
         carried sockets of migration ``uri`` (its tag,
         :meth:`carried_sockets`); fires at once with its
-        :class:`LibvirtOutgoing`.  (libvirt sets its own downtime limit and
-        bandwidth; the QEMU-only options are not passed.)"""
+        :class:`LibvirtOutgoing`.  The downtime limit is set on the domain
+        (``migrateSetMaxDowntime``) before it starts, and a bandwidth below
+        :data:`LIVE_MAX_BANDWIDTH` (``--bandwidth``) is libvirt's for it, in
+        MiB/s (:func:`migration_bandwidth`)."""
         unsafe = not copy_storage and os.environ.get(UNSAFE_SHARED_ENV) == "1"
         paths = socket_paths(self.run_dir, uri)
-        done = self._call(self._migrate_out_stats, bundle, paths, copy_storage, parallel, unsafe)
+        done = self._call(
+            self._migrate_out_stats,
+            bundle,
+            paths,
+            copy_storage,
+            parallel,
+            unsafe,
+            downtime_limit_ms,
+            migration_bandwidth(max_bandwidth),
+        )
         return succeed(LibvirtOutgoing(self, bundle, done, paths.local_dir.name))
 
     def _migrate_out_stats(
@@ -1978,9 +2020,11 @@ class LibvirtBackend(Backend):
         copy_storage: bool,
         parallel: int,
         unsafe: bool,
+        downtime_ms: int = 0,
+        bandwidth_mib: int = 0,
     ) -> LibvirtStats:
         libvirt = require_libvirt()
-        self._migrate_out(bundle, paths, copy_storage, parallel, unsafe)
+        self._migrate_out(bundle, paths, copy_storage, parallel, unsafe, downtime_ms, bandwidth_mib)
         record = DomainRecord.load(bundle)
         try:
             with self._connection(self._uri(record)) as conn:

@@ -60,6 +60,8 @@ from securemig import files, runtime
 from securemig.hypervisor import guest as linux_guest
 from securemig.hypervisor import qmp
 from securemig.hypervisor.bundle import Bundle, BundleError
+from securemig.hypervisor.contract import LIVE_DOWNTIME_LIMIT_MS as LIVE_DOWNTIME_LIMIT_MS
+from securemig.hypervisor.contract import LIVE_MAX_BANDWIDTH as LIVE_MAX_BANDWIDTH
 from securemig.hypervisor.contract import Backend
 from securemig.protocol.errors import ErrorCode, LocalFault
 from securemig.trust import vtpm
@@ -80,9 +82,6 @@ END_POLL = 0.02
 #: How long :meth:`QemuBackend.status` waits for QMP's answer.
 STATUS_TIMEOUT = 3.0
 
-#: Defaults of a live migration's QEMU parameters.
-LIVE_DOWNTIME_LIMIT_MS = 300
-LIVE_MAX_BANDWIDTH = 1 << 30  # bytes per second: no practical limit on loopback
 
 #: Most multifd channels a live migration may ask for (``--parallel``): each
 #: is one more connection QEMU makes, one more sealed stream and one more

@@ -86,6 +86,28 @@ MAX_CONNECTIONS = 64
 MAIN_FIRST = frozenset({"memory"})
 
 
+class Progress:
+    """What a carrier tells the session's idle clock (``on_progress``):
+    every byte of the hypervisor's stream and disk copy; libvirt's RPC only
+    until one of those has moved.  From then on the migration progresses
+    only if they do: libvirt's keepalives (every 5 s) on its RPC connection
+    would otherwise hold a migration whose stream stalled open for ever
+    (``--idle-timeout`` never firing)."""
+
+    def __init__(self, on_progress: Callable[[int], None]) -> None:
+        self.on_progress = on_progress
+        #: The stream or the disk copy has moved a byte.
+        self.streaming = False
+
+    def carried(self, name: str, n: int) -> None:
+        """``n`` bytes carried on a connection of socket ``name``."""
+        if name != "rpc":
+            self.streaming = True
+        elif self.streaming:
+            return
+        self.on_progress(n)
+
+
 def connection_key(key: bytes, name: str, number: int, to_destination: bool) -> bytes:
     """The key of one direction of one carried connection."""
     info = b"securemig carried socket %s %d %s" % (
@@ -215,7 +237,7 @@ class _Pair:
                 blocking_dup(wire),
                 blocking_dup(local),
                 self.opener,
-                self.owner.on_progress,
+                lambda n: self.owner.progress.carried(self.name, n),
                 self._down_done,
                 f"{tag}-open",
                 leftover=self.opener.take_buffered(),
@@ -243,7 +265,7 @@ class _Pair:
 
     def _sent(self, n: int) -> None:
         self.owner.carried[self.name] += n
-        self.owner.on_progress(n)
+        self.owner.progress.carried(self.name, n)
 
     # -- the relays' ends (on the reactor thread)
 
@@ -333,8 +355,8 @@ class CarrierSource:
         #: Connections accepted at most, by socket (default :data:`MAX_CONNECTIONS`).
         self.limits = limits or {}
         #: Told the plaintext bytes of each piece carried, both ways (the
-        #: session's idle clock).
-        self.on_progress = on_progress
+        #: session's idle clock), as :class:`Progress` counts them.
+        self.progress = Progress(on_progress)
         self.host, self.port = host, port
         self.cipher, self.key, self.migration_id = tls_cipher, key, migration_id
         #: Plaintext bytes carried so far, by socket (source to destination).
@@ -426,9 +448,10 @@ class CarrierDestination:
         on_progress: Callable[[int], None] = lambda n: None,
         limits: dict[str, int] | None = None,
         listen: Callable[[str, Factory], Any] | None = None,
+        expected: int = 0,
     ) -> None:
         self.reactor = reactor
-        self.on_progress = on_progress
+        self.progress = Progress(on_progress)
         self.targets = targets
         #: Connections that may bind, by socket (default :data:`MAX_CONNECTIONS`):
         #: numbers 0 to limit - 1.  When every socket named here has all of
@@ -437,8 +460,12 @@ class CarrierDestination:
         self.cipher, self.key, self.migration_id = tls_cipher, key, migration_id
         #: Connections waiting for their first record, and their clocks
         #: (the rules of every such port, :mod:`securemig.protocol.strangers`).
+        #: The source's own connections may arrive all at once (QEMU opens
+        #: its multifd channels together, ``expected`` of them in all), each
+        #: before its first record is read: each may wait beside the
+        #: ``max_pending`` strangers, or the burst would close its oldest.
         self.pool: StrangerPool[_Pair] = StrangerPool(
-            "carrier connections", first_record_timeout, max_pending
+            "carrier connections", first_record_timeout, max_pending + expected
         )
         self._timer = PoolTimer(reactor, self.pool, self._close_stranger)
         self.carried: dict[str, int] = dict.fromkeys(SOCKETS, 0)

@@ -319,6 +319,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 on_progress=lambda n: self.touch(),
                 limits={"memory": arrival.multifd + 1},
                 listen=self.options.live_listener,
+                expected=arrival.multifd + 1,
             )
             self.carrier = carrier
             return carrier.address[
@@ -394,6 +395,7 @@ class DestinationProtocol(FramedProtocol[DestinationEffect]):
                 interface=self.out.getHost().host,
                 on_progress=lambda n: self.touch(),
                 listen=self.options.live_listener,
+                expected=arrival.carried_connections,
             )
             self.carrier = carrier
             arrival.incoming_started()

@@ -222,6 +222,27 @@ ROWS = [
     ),
     Row("migrate_unknown_vm", lambda s: s.migrate("--insecure", name="vm9"), 1, "no VM bundle at"),
     Row(
+        "migrate_missing_vm_dir",
+        lambda s: ["migrate", "vm1", "--vm-dir", str(s.missing), "--to", s.closed, "--insecure"],
+        1,
+        "no directory",
+        # Nothing made where the mistyped directory would be.
+        then=lambda s, r: not s.missing.exists(),
+    ),
+    Row(
+        "vm_status_missing_dir",
+        lambda s: ["vm", "status", "vm1", "--dir", str(s.missing)],
+        1,
+        "no directory",
+        then=lambda s, r: not s.missing.exists(),
+    ),
+    Row(
+        "vm_list_missing_dir",
+        lambda s: ["vm", "list", "--dir", str(s.missing)],
+        1,
+        "no directory",
+    ),
+    Row(
         "migrate_state_dir_not_writable",
         lambda s: s.migrate("--insecure", "--state-dir", str(s.a_file / "state")),
         1,

@@ -29,6 +29,7 @@ from securemig.host.departure import Departure
 from securemig.host.journal import Journal, MigrationRecord
 from securemig.hypervisor import libvirt as libvirt_backend
 from securemig.hypervisor.bundle import Bundle, BundleError, Manifest
+from securemig.hypervisor.contract import LIVE_MAX_BANDWIDTH
 from securemig.hypervisor.heartbeat import Watch
 from securemig.hypervisor.libvirt import (
     DOMAIN_FILE,
@@ -39,6 +40,7 @@ from securemig.hypervisor.libvirt import (
     Waker,
     arrived_paused,
     confirmed_out,
+    migration_bandwidth,
     require_libvirt,
     secret_held,
 )
@@ -139,6 +141,10 @@ class LibvirtBackendTests(TestCase):
         self.assertTrue(arrived_paused(status.read_bytes(), dom.UUIDString()))
         dom.resume()
         self.assertFalse(arrived_paused(status.read_bytes(), dom.UUIDString()))
+        # What a live migration's --downtime-ms relies on: libvirt takes the
+        # downtime limit of a domain that is not being migrated, and keeps it.
+        dom.migrateSetMaxDowntime(123, 0)
+        self.assertEqual(dom.migrateGetMaxDowntime(0), 123)
 
         await self.backend.suspend(bundle)
         self.assertEqual(await self.backend.state(bundle), "shutoff")
@@ -820,3 +826,17 @@ def _remove_domain(conn: Any, name: str) -> None:
     if dom.isActive():
         dom.destroy()
     dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
+
+
+class MigrationBandwidthTests(SynchronousTestCase):
+    """``migrate --bandwidth`` (bytes per second) as libvirt's bandwidth."""
+
+    def test_in_mib_per_second(self) -> None:
+        """2 MiB/s is 2 for libvirt; less than 1 MiB/s is its least, 1."""
+        self.assertEqual(migration_bandwidth(2 << 20), 2)
+        self.assertEqual(migration_bandwidth(1000), 1)
+
+    def test_default_is_libvirts_own(self) -> None:
+        """The default (no --bandwidth: LIVE_MAX_BANDWIDTH) sets none."""
+        self.assertEqual(migration_bandwidth(LIVE_MAX_BANDWIDTH), 0)
+        self.assertEqual(migration_bandwidth(0), 0)

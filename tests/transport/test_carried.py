@@ -25,6 +25,7 @@ from securemig.transport.carried import (
     SOCKETS,
     CarrierDestination,
     CarrierSource,
+    Progress,
     connection_key,
 )
 
@@ -76,6 +77,32 @@ class Raw(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.closed.callback(None)
+
+
+class ProgressTests(TestCase):
+    """What a carrier counts as progress for the session's idle clock."""
+
+    def test_rpc_counts_only_until_the_stream_moves(self) -> None:
+        """libvirt's RPC (its Prepare, before any page moves) is progress;
+        once the stream or the disk copy moved a byte, RPC alone (its
+        keepalives while a stalled stream waits) is not, so the idle
+        timeout can end a migration whose stream stalled."""
+        told: list[int] = []
+        progress = Progress(told.append)
+        progress.carried("rpc", 100)
+        progress.carried("disk", 7)
+        progress.carried("rpc", 28)
+        progress.carried("memory", 5)
+        progress.carried("rpc", 28)
+        self.assertEqual(told, [100, 7, 5])
+
+    def test_memory_first(self) -> None:
+        """QEMU's own multifd stream (one socket, ``memory``): every byte."""
+        told: list[int] = []
+        progress = Progress(told.append)
+        for n in (1, 2, 3):
+            progress.carried("memory", n)
+        self.assertEqual(told, [1, 2, 3])
 
 
 class CarriedTests(TestCase):
@@ -186,15 +213,19 @@ class Accepted(Protocol):
 
 class Bound(Protocol):
     """A connection that binds as channel ``number`` (its preamble and
-    first record under that channel's key), then sends ``then``."""
+    first record under that channel's key), then sends ``then``; with
+    ``hold``, only when :meth:`bind` says so (connected, silent until then)."""
 
-    def __init__(self, key: bytes, mid: bytes, number: int, then: bytes = b"") -> None:
+    def __init__(
+        self, key: bytes, mid: bytes, number: int, then: bytes = b"", hold: bool = False
+    ) -> None:
         self.sealer = records.Sealer(
             CIPHER,
             connection_key(key, "memory", number, True),
             b"%s/memory/%d/d" % (mid, number),
         )
-        self.number, self.then = number, then
+        self.number, self.then, self.hold = number, then, hold
+        self.connected = False
         self.closed: Deferred[None] = Deferred()
 
     def send(self, data: bytes) -> None:
@@ -202,6 +233,12 @@ class Bound(Protocol):
         self.transport.write(b"".join(self.sealer.seal([data])))  # type: ignore[union-attr]
 
     def connectionMade(self) -> None:
+        self.connected = True
+        if not self.hold:
+            self.bind()
+
+    def bind(self) -> None:
+        """Send the preamble and the first record (and ``then``)."""
         self.transport.write(  # type: ignore[union-attr]
             PREAMBLE.pack(SOCKETS.index("memory"), self.number)
             + b"".join(self.sealer.seal([b""]))
@@ -310,6 +347,56 @@ class MultifdChannelTests(TestCase):
 
         reactor.connectTCP(*self.receiver.address, F())
         self.assertEqual(await refused, "ConnectionRefusedError")
+        for channel in channels:
+            channel.transport.loseConnection()  # type: ignore[union-attr]
+
+    async def test_a_burst_of_channels_all_wait(self) -> None:
+        """QEMU opens its main channel and 16 multifd channels at once: all
+        17 are connected, none yet read, more than the 8 strangers a port
+        lets wait (MAX_PENDING_DATA_CONNECTIONS).  None is closed as the
+        oldest stranger (a hang: QEMU waits for that channel for ever), and
+        each binds once it sends its first record."""
+        base = Path(tempfile.mkdtemp(prefix="smc-"))
+        self.addCleanup(shutil.rmtree, base, True)
+        echo = Factory.forProtocol(Echo)
+        echo.connections = 0  # type: ignore[attr-defined]
+        echo.received = b""  # type: ignore[attr-defined]
+        port = reactor.listenUNIX(str(base / "qemu.sock"), echo)
+        self.addCleanup(port.stopListening)
+        n = 17
+        receiver = CarrierDestination(
+            reactor,
+            {"memory": str(base / "qemu.sock")},
+            CIPHER,
+            self.key,
+            self.mid,
+            limits={"memory": n},
+            expected=n,
+        )
+        self.addCleanup(receiver.close)
+        channels = [Bound(self.key, self.mid, i, hold=True) for i in range(n)]
+        for channel in channels:
+
+            class F(ClientFactory):
+                def buildProtocol(self, addr: Any, channel: Bound = channel) -> Protocol:
+                    return channel
+
+            reactor.connectTCP(*receiver.address, F())
+
+        async def until(check: Any) -> None:
+            for _ in range(500):
+                if check():
+                    return
+                await deferLater(reactor, 0.01, lambda: None)
+            self.fail("timed out")
+
+        await until(lambda: all(c.connected for c in channels) and len(receiver.pool) == n)
+        self.assertEqual(receiver.strangers_closed, 0)
+        for channel in channels:
+            channel.bind()
+        await until(lambda: echo.connections == n)  # type: ignore[attr-defined]
+        self.assertEqual(receiver.bound, {("memory", i) for i in range(n)})
+        self.assertEqual([c.closed.called for c in channels], [False] * n)
         for channel in channels:
             channel.transport.loseConnection()  # type: ignore[union-attr]
 

@@ -104,7 +104,8 @@ def add_parser(subparsers: Subparsers) -> None:
         "--source-journal",
         type=Path,
         required=True,
-        help="the source's journal.sqlite (VM_DIR/.securemig/journal.sqlite there)",
+        help="a copy of the source's journal, made there with `securemig journal export` "
+        "(copying journal.sqlite alone may miss what its write-ahead log holds)",
     )
     rec.set_defaults(func=cmd_recover)
 
@@ -131,8 +132,13 @@ STATE_DIR_ENV = "SECUREMIG_STATE_DIR"
 
 def host_journal(vm_dir: Path, state_dir: Path | None) -> Journal:
     """This host's journal in :func:`source_state_dir`, created if need be;
-    :class:`~securemig.app.cli.common.CommandError` if that directory cannot
-    hold it (not writable, not a directory, a file that is no journal)."""
+    :class:`~securemig.app.cli.common.CommandError` if ``vm_dir`` is no
+    directory, or that directory cannot hold it (not writable, not a
+    directory, a file that is no journal)."""
+    if not vm_dir.is_dir():
+        # A mistyped directory: said, and nothing made there (the journal
+        # would go to VM_DIR/.securemig, making it).
+        raise CommandError(f"no directory {vm_dir} (the directory holding VM bundles)")
     directory = source_state_dir(vm_dir, state_dir)
     try:
         journal = Journal(directory / "journal.sqlite")

@@ -24,7 +24,7 @@ from securemig.app.cli.common import (
     usage_error,
 )
 from securemig.app.cli.journal import given_away, host_journal, settle_here, source_state_dir
-from securemig.host.departure import Departure
+from securemig.host.departure import Departure, VMLocked
 from securemig.host.glibc import tune_malloc
 from securemig.host.journal import Journal
 from securemig.hypervisor.bundle import Bundle, BundleError, check_vm_name
@@ -130,7 +130,7 @@ def add_parser(subparsers: Subparsers) -> None:
         type=int,
         default=LIVE_DOWNTIME_LIMIT_MS,
         help="--live: the downtime QEMU aims for (migrate-set-parameters "
-        "downtime-limit; default %(default)s)",
+        "downtime-limit; a libvirt domain's migrate-setmaxdowntime; default %(default)s)",
     )
     mig.add_argument(
         "--chunk-kib",
@@ -139,7 +139,10 @@ def add_parser(subparsers: Subparsers) -> None:
         help="DATA frame size in KiB (default %(default)s)",
     )
     mig.add_argument(
-        "--state-dir", type=Path, help="where the source journal lives (default: VM_DIR/.securemig)"
+        "--state-dir",
+        type=Path,
+        help="where the source journal lives (default: $SECUREMIG_STATE_DIR, else "
+        "VM_DIR/.securemig)",
     )
     mig.add_argument("--idle-timeout", type=float, help="seconds without progress (default 60)")
     mig.add_argument("--deadline", type=float, help="seconds for the whole migration (3600)")
@@ -148,7 +151,8 @@ def add_parser(subparsers: Subparsers) -> None:
         type=_bandwidth,
         metavar="MIB/S",
         help="send at most this many MiB of images a second (with --live: QEMU's "
-        "max-bandwidth for its stream; default: no limit)",
+        "max-bandwidth for its stream, libvirt's migration bandwidth for a domain; "
+        "default: no limit)",
     )
     mig.add_argument(
         "--daemon",
@@ -202,8 +206,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     def interrupted(reactor: Any) -> None:
         print(
-            "securemig: interrupted: cancelling the migration; the VM stays here "
-            "(Ctrl-C again to exit at once)",
+            "securemig: interrupted: cancelling the migration, unless it already committed "
+            "or its hypervisor already completed it (its result below says where the VM is; "
+            "Ctrl-C again to exit at once)",
             file=sys.stderr,
         )
         cancel(reactor, outcome, sessions)
@@ -303,6 +308,8 @@ async def drive(
             off_reactor=off_reactor,
         )
     except (MigrationError, OSError) as e:
+        # Another migration holds the VM: here, but not unlocked.
+        outcome["locked"] = isinstance(e, VMLocked)
         outcome["error"] = describe(e)
         outcome["code"] = e.code.name if isinstance(e, MigrationError) else "IO_ERROR"
         return
@@ -382,7 +389,10 @@ def _report_refused(
     not unseal, a locked VM, no destination): said on stderr, where the VM
     is, and with ``--json`` also the summary (nothing moved)."""
     stays = outcome.get("stays", False)
-    message = outcome["error"] + ("; the VM is still here, unlocked" if stays else "")
+    if outcome.get("locked"):
+        message = outcome["error"] + "; the VM is still here, held by that migration"
+    else:
+        message = outcome["error"] + ("; the VM is still here, unlocked" if stays else "")
     if args.json:
         summary = {
             "vm": args.name,

@@ -251,11 +251,14 @@ def _pcr16(text: str) -> str:
 
 
 def cmd_vm_list(args: argparse.Namespace) -> int:
-    """``securemig vm list``: the VM bundles in ``--dir`` (none if it is no
-    directory), as a table or JSON; a bundle whose manifest is unusable is
-    left out, saying why on stderr."""
+    """``securemig vm list``: the VM bundles in ``--dir``, as a table or
+    JSON; a bundle whose manifest is unusable is left out, saying why on
+    stderr; a ``--dir`` that is no directory is an error (a mistyped one
+    would otherwise look empty)."""
+    if not args.dir.is_dir():
+        return error(f"no directory {args.dir} (the directory holding VM bundles)")
     rows: list[dict[str, Any]] = []
-    for path in sorted(args.dir.iterdir()) if args.dir.is_dir() else []:
+    for path in sorted(args.dir.iterdir()):
         if not (path / MANIFEST).exists():
             continue  # not a bundle (the journal's .securemig, say)
         try:
