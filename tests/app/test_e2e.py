@@ -219,8 +219,10 @@ class CommandLineTests(TestCase):
         self.assertIn("bad VM name", result.stderr)
 
     def test_unknown_vm(self) -> None:
+        vm_dir = Path(self.mktemp())
+        vm_dir.mkdir()
         result = processes.securemig(
-            "migrate", "nope", "--vm-dir", self.mktemp(), "--to", "127.0.0.1:1", "--insecure"
+            "migrate", "nope", "--vm-dir", str(vm_dir), "--to", "127.0.0.1:1", "--insecure"
         )
         self.assertEqual(result.returncode, 1)
         self.assertIn("no VM bundle", result.stderr)

@@ -269,6 +269,30 @@ ROWS = [
         1,
         "cannot connect to 127.0.0.1:",
         vm=True,
+        # One sentence: no full stop before what follows the reason.
+        then=lambda s, r: ".;" not in r.stderr and "still here, unlocked" in r.stderr,
+    ),
+    Row(
+        "host_init_site_ca_missing",
+        lambda s: [
+            "host",
+            "init",
+            "--dir",
+            str(s.base / "new-identity"),
+            "--name",
+            "host-a",
+            "--tpm",
+            "device:/dev/tpmrm0",
+            "--site-ca",
+            str(s.missing),
+            "--pca",
+            "https://localhost:1",
+            "--pca-ca",
+            str(s.a_file),
+        ],
+        1,
+        "not a site CA directory (no ca.key there",
+        then=lambda s, r: not (s.base / "new-identity").exists(),
     ),
     # -- vm
     Row(

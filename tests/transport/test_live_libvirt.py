@@ -79,9 +79,12 @@ class LibvirtLiveMigrationTests(LibvirtLiveBase):
 
     async def test_live_parallel_shared_storage(self) -> None:
         """A qcow2 disk on storage both hosts see (nothing copied) and
-        ``--parallel 2``: QEMU's multifd channels each carried sealed; the
-        guest runs on at dest-b in sequence with PCR 16 kept, the disk the
-        same file, the secret defined nowhere."""
+        ``--parallel 16``, the most: QEMU's 17 channels, each carried
+        sealed, connect at once, more than the strangers a carrier port
+        lets wait (a carrier that counted them as strangers closed one, and
+        libvirt's migration failed or hung); the guest runs on at dest-b in
+        sequence with PCR 16 kept, the disk the same file, the secret
+        defined nowhere."""
         shared = Path(tempfile.mkdtemp(prefix="smlv-shared-", dir="/tmp"))
         self.addCleanup(shutil.rmtree, shared, True)
         destination = self.start_libvirt_destination()
@@ -91,7 +94,7 @@ class LibvirtLiveMigrationTests(LibvirtLiveBase):
         first = await threads.deferToThread(watch.wait, 3, 120.0)
         watch.follow(self.b.path(domain.heartbeat))
         result = await threads.deferToThread(
-            self.migrate_domain, destination, "lvm3", "--parallel", "2", unsafe_shared=True
+            self.migrate_domain, destination, "lvm3", "--parallel", "16", unsafe_shared=True
         )
         self.assertEqual(result.returncode, 0, result.stderr + destination.log()[-4000:])
         self.assertEqual(json.loads(result.stdout)["outcome"], "done")

@@ -422,6 +422,17 @@ def cmd_host_init(args: argparse.Namespace) -> int:
     enrolled with the privacy CA; refuses an existing identity without
     ``--force``."""
     earlier = set(kept_aside(args.dir))
+    # What the operator names is checked first, each with a sentence (not
+    # an errno naming a file inside it).
+    if not (args.site_ca / "ca.key").is_file():
+        return error(
+            f"--site-ca {args.site_ca}: not a site CA directory (no ca.key there; "
+            "securemig ca init makes one)"
+        )
+    if not args.pca_ca.is_file():
+        return error(
+            f"--pca-ca {args.pca_ca}: no such file (the privacy CA's certificate, PCA_DIR/ca.pem)"
+        )
     if args.ek_chain is not None:
         try:
             check_vendor_ca(args.ek_chain)

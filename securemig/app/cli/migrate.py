@@ -389,10 +389,13 @@ def _report_refused(
     not unseal, a locked VM, no destination): said on stderr, where the VM
     is, and with ``--json`` also the summary (nothing moved)."""
     stays = outcome.get("stays", False)
+    # A reason may end with a full stop (Twisted's "Connection refused."):
+    # what follows it is part of the same sentence.
+    reason = outcome["error"].rstrip(".") if stays else outcome["error"]
     if outcome.get("locked"):
-        message = outcome["error"] + "; the VM is still here, held by that migration"
+        message = reason + "; the VM is still here, held by that migration"
     else:
-        message = outcome["error"] + ("; the VM is still here, unlocked" if stays else "")
+        message = reason + ("; the VM is still here, unlocked" if stays else "")
     if args.json:
         summary = {
             "vm": args.name,
