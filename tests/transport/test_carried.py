@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,26 @@ class Accepted(Protocol):
         self.got += data
 
 
+def dial(address: tuple[str, int], proto: Protocol) -> None:
+    """Connect ``proto`` to a carrier port."""
+
+    class F(ClientFactory):
+        def buildProtocol(self, addr: Any) -> Protocol:
+            return proto
+
+    reactor.connectTCP(*address, F())
+
+
+async def until(case: TestCase, check: Callable[[], bool], tries: int = 500) -> None:
+    """Until ``check()`` holds, looking every 10 ms; the test fails after
+    ``tries`` looks."""
+    for _ in range(tries):
+        if check():
+            return
+        await deferLater(reactor, 0.01, lambda: None)
+    case.fail("timed out")
+
+
 class Bound(Protocol):
     """A connection that binds as channel ``number`` (its preamble and
     first record under that channel's key), then sends ``then``; with
@@ -274,6 +295,25 @@ class MultifdChannelTests(TestCase):
             limits={"memory": 3},
         )
         self.addCleanup(self.receiver.close)
+
+    def carrier_to(self, qemu: Factory, channels: int, **options: Any) -> CarrierDestination:
+        """A QEMU socket of its own (``qemu`` answers it) and a carrier to it
+        that takes ``channels`` connections."""
+        base = Path(tempfile.mkdtemp(prefix="smc-"))
+        self.addCleanup(shutil.rmtree, base, True)
+        port = reactor.listenUNIX(str(base / "qemu.sock"), qemu)
+        self.addCleanup(port.stopListening)
+        receiver = CarrierDestination(
+            reactor,
+            {"memory": str(base / "qemu.sock")},
+            CIPHER,
+            self.key,
+            self.mid,
+            limits={"memory": channels},
+            **options,
+        )
+        self.addCleanup(receiver.close)
+        return receiver
 
     async def connect(self, proto: Protocol) -> None:
         class F(ClientFactory):
@@ -356,45 +396,19 @@ class MultifdChannelTests(TestCase):
         lets wait (MAX_PENDING_DATA_CONNECTIONS).  None is closed as the
         oldest stranger (a hang: QEMU waits for that channel for ever), and
         each binds once it sends its first record."""
-        base = Path(tempfile.mkdtemp(prefix="smc-"))
-        self.addCleanup(shutil.rmtree, base, True)
         echo = Factory.forProtocol(Echo)
         echo.connections = 0  # type: ignore[attr-defined]
         echo.received = b""  # type: ignore[attr-defined]
-        port = reactor.listenUNIX(str(base / "qemu.sock"), echo)
-        self.addCleanup(port.stopListening)
         n = 17
-        receiver = CarrierDestination(
-            reactor,
-            {"memory": str(base / "qemu.sock")},
-            CIPHER,
-            self.key,
-            self.mid,
-            limits={"memory": n},
-            expected=n,
-        )
-        self.addCleanup(receiver.close)
+        receiver = self.carrier_to(echo, n, expected=n)
         channels = [Bound(self.key, self.mid, i, hold=True) for i in range(n)]
         for channel in channels:
-
-            class F(ClientFactory):
-                def buildProtocol(self, addr: Any, channel: Bound = channel) -> Protocol:
-                    return channel
-
-            reactor.connectTCP(*receiver.address, F())
-
-        async def until(check: Any) -> None:
-            for _ in range(500):
-                if check():
-                    return
-                await deferLater(reactor, 0.01, lambda: None)
-            self.fail("timed out")
-
-        await until(lambda: all(c.connected for c in channels) and len(receiver.pool) == n)
+            dial(receiver.address, channel)
+        await until(self, lambda: all(c.connected for c in channels) and len(receiver.pool) == n)
         self.assertEqual(receiver.strangers_closed, 0)
         for channel in channels:
             channel.bind()
-        await until(lambda: echo.connections == n)  # type: ignore[attr-defined]
+        await until(self, lambda: echo.connections == n)  # type: ignore[attr-defined]
         self.assertEqual(receiver.bound, {("memory", i) for i in range(n)})
         self.assertEqual([c.closed.called for c in channels], [False] * n)
         for channel in channels:
@@ -407,45 +421,22 @@ class MultifdChannelTests(TestCase):
         the main channel)."""
         order = Factory.forProtocol(Accepted)
         order.order = []  # type: ignore[attr-defined]
-        base = Path(tempfile.mkdtemp(prefix="smc-"))
-        self.addCleanup(shutil.rmtree, base, True)
-        port = reactor.listenUNIX(str(base / "qemu.sock"), order)
-        self.addCleanup(port.stopListening)
-        receiver = CarrierDestination(
-            reactor,
-            {"memory": str(base / "qemu.sock")},
-            CIPHER,
-            self.key,
-            self.mid,
-            limits={"memory": 3},
-        )
-        self.addCleanup(receiver.close)
+        receiver = self.carrier_to(order, 3)
         channels = [Bound(self.key, self.mid, n) for n in range(3)]
 
         async def connect(channel: Bound) -> None:
-            class F(ClientFactory):
-                def buildProtocol(self, addr: Any) -> Protocol:
-                    return channel
-
-            reactor.connectTCP(*receiver.address, F())
-
-        async def until(check: Any) -> None:
-            for _ in range(300):
-                if check():
-                    return
-                await deferLater(reactor, 0.01, lambda: None)
-            self.fail("timed out")
+            dial(receiver.address, channel)
 
         for n in (2, 1):
             await connect(channels[n])
-        await until(lambda: receiver.bound == {("memory", 2), ("memory", 1)})
+        await until(self, lambda: receiver.bound == {("memory", 2), ("memory", 1)})
         await deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(order.order, [])  # type: ignore[attr-defined]
         await connect(channels[0])
-        await until(lambda: len(order.order) == 3)  # type: ignore[attr-defined]
+        await until(self, lambda: len(order.order) == 3)  # type: ignore[attr-defined]
         for n, channel in enumerate(channels):
             channel.send(b"ch%d" % n)
-        await until(lambda: all(a.got for a in order.order))  # type: ignore[attr-defined]
+        await until(self, lambda: all(a.got for a in order.order))  # type: ignore[attr-defined]
         self.assertEqual(order.order[0].got, b"ch0")  # type: ignore[attr-defined]
         self.assertEqual(
             sorted(a.got for a in order.order),  # type: ignore[attr-defined]
