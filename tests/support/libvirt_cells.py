@@ -6,6 +6,7 @@ module of such cells (a test module imports no other)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -172,6 +173,16 @@ class LibvirtCellsBase(LibvirtLiveBase):
         self.wait_copying(name)
         host.kill_daemon()
         host.start()
+
+    def kill_destination_qemu_mid_stream(self, name: str, sig: int = signal.SIGKILL) -> int:
+        """Once the source's libvirt job for domain ``name`` is copying,
+        send ``sig`` to the QEMU the destination's libvirt started for it
+        (by the pid in that libvirt's run directory: a process of this
+        lab); its pid."""
+        self.wait_copying(name)
+        pid = int((self.b.run_dir / "qemu" / f"{name}.pid").read_text())
+        os.kill(pid, sig)
+        return pid
 
     def wait_settled(self, name: str, *logs: processes.Destination) -> tuple[str, bool]:
         """:meth:`settled`, waited for (at most :data:`SETTLE_TIMEOUT`)."""

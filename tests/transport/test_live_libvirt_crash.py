@@ -23,11 +23,14 @@ an arrival in doubt, never discards it (``Arrival.discard``,
 
 from __future__ import annotations
 
+import os
 import signal
+from typing import Any
 
 from twisted.internet import threads
 
 from securemig.host.journal import Journal
+from securemig.hypervisor.qemu import alive
 from securemig.lab import processes
 from securemig.protocol.phases import Phase
 from tests.support.commands import crash_env
@@ -38,7 +41,10 @@ from tests.support.qemu import extended
 class LibvirtCrashCells(LibvirtCellsBase):
     """Each test is one cell: which process dies, and where."""
 
-    async def crash_cell(self, name: str, kill: str, point: str = "") -> str:
+    #: The last cell's ``securemig migrate``, as it ended.
+    result: Any = None
+
+    async def crash_cell(self, name: str, kill: str, point: str = "", *extra: str) -> str:
         """Migrate ``name`` live with ``kill`` (``migrate`` or
         ``destination`` dying at ``point``; ``libvirtd-a`` or ``libvirtd-b``
         killed mid-stream); restart what died; check the cell settles as it
@@ -51,12 +57,26 @@ class LibvirtCrashCells(LibvirtCellsBase):
             destination,
             name,
             "--copy-storage",
+            *extra,
             dying=crash_env(point) if kill == "migrate" else None,
         )
         if kill.startswith("libvirtd"):
             victim = self.a if kill == "libvirtd-a" else self.b
             await threads.deferToThread(self.kill_libvirtd_mid_stream, victim, name)
-        result = await running
+        elif kill == "qemu-b":
+            await threads.deferToThread(self.kill_destination_qemu_mid_stream, name)
+        elif kill == "stop-qemu-b":
+            pid = await threads.deferToThread(
+                self.kill_destination_qemu_mid_stream, name, signal.SIGSTOP
+            )
+
+            def go_on() -> None:
+                # Whatever ends it (the arrival's discard), never left stopped.
+                if alive(pid):
+                    os.kill(pid, signal.SIGCONT)
+
+            self.addCleanup(go_on)
+        result = self.result = await running
         if kill == "migrate":
             self.assertEqual(result.returncode, -signal.SIGKILL, result.stderr)
         elif kill == "destination":
@@ -155,6 +175,25 @@ class LibvirtCrashCells(LibvirtCellsBase):
         on): the migration fails; started again, libvirt settles the
         interrupted job and the guest runs on at the source."""
         self.assertEqual(await self.crash_cell("lvc7", "libvirtd-a"), "source")
+
+    async def test_destination_qemu_dies_mid_stream(self) -> None:
+        """The QEMU the destination's libvirt started for the arriving
+        domain killed while libvirt copies: libvirt fails the migration, the
+        guest runs on at the source with its memory; the arrival is settled
+        (its staging, the domain and its secret gone there)."""
+        self.assertEqual(await self.crash_cell("lvc9", "qemu-b"), "source")
+
+    async def test_destination_qemu_stalls_mid_stream(self) -> None:
+        """The destination's QEMU stopped (SIGSTOP) while libvirt copies:
+        the stream stalls while both libvirtds go on exchanging keepalives
+        on the carried RPC connection.  Those are not progress: after
+        ``--idle-timeout`` the migration ends (TIMEOUT), libvirt's job is
+        cancelled, and the guest runs on at the source (a carrier that
+        counted them would have held the migration until its one-hour
+        deadline)."""
+        where = await self.crash_cell("lvc10", "stop-qemu-b", "", "--idle-timeout", "12")
+        self.assertIn("TIMEOUT", self.result.stderr)
+        self.assertEqual(where, "source")
 
     # -- the destination's QEMU dies after libvirt completed: the window
 

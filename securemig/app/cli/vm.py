@@ -297,7 +297,11 @@ def cmd_vm_status(args: argparse.Namespace) -> int:
     except BundleError as e:
         gone = given_away(_journal(args), args.name, args.dir)
         return error(gone or str(e))
-    print(f"{bundle.name}: {backend.status(bundle)} ({bundle.manifest.backend})")
+    state = backend.status(bundle)
+    if state == "shutoff" and bundle.manifest.state == "suspended":
+        # libvirt's word for a domain whose memory securemig saved (vm stop).
+        state = "shutoff, its memory saved (securemig vm start resumes it)"
+    print(f"{bundle.name}: {state} ({bundle.manifest.backend})")
     return EXIT_OK
 
 
