@@ -417,22 +417,27 @@ def certificates_in(directory: Path) -> list[Path]:
     ]
 
 
+def _missing_input(args: argparse.Namespace, e: FileNotFoundError) -> str:
+    """A file ``host init`` reads that is not there, said as what the
+    operator named (not an errno naming a file inside it)."""
+    missing = Path(e.filename or "")
+    if missing.parent == args.site_ca:
+        return (
+            f"--site-ca {args.site_ca}: not a site CA directory (no {missing.name} there; "
+            "securemig ca init makes one)"
+        )
+    if missing == args.pca_ca:
+        return (
+            f"--pca-ca {args.pca_ca}: no such file (the privacy CA's certificate, PCA_DIR/ca.pem)"
+        )
+    return describe(e)
+
+
 def cmd_host_init(args: argparse.Namespace) -> int:
     """``securemig host init``: this host's TLS identity and attestation key,
     enrolled with the privacy CA; refuses an existing identity without
     ``--force``."""
     earlier = set(kept_aside(args.dir))
-    # What the operator names is checked first, each with a sentence (not
-    # an errno naming a file inside it).
-    if not (args.site_ca / "ca.key").is_file():
-        return error(
-            f"--site-ca {args.site_ca}: not a site CA directory (no ca.key there; "
-            "securemig ca init makes one)"
-        )
-    if not args.pca_ca.is_file():
-        return error(
-            f"--pca-ca {args.pca_ca}: no such file (the privacy CA's certificate, PCA_DIR/ca.pem)"
-        )
     if args.ek_chain is not None:
         try:
             check_vendor_ca(args.ek_chain)
@@ -456,6 +461,8 @@ def cmd_host_init(args: argparse.Namespace) -> int:
         return error(str(e))
     except EnrollmentRefused as e:
         return error(f"the privacy CA refused the enrollment: {e}")
+    except FileNotFoundError as e:
+        return error(_missing_input(args, e))
     except (TPMError, OSError, ValueError) as e:
         return error(str(e))
     replaced = sorted(set(kept_aside(identity.directory)) - earlier)
