@@ -33,6 +33,7 @@ FILTER=${2:-}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 TRIAL="$HERE/.venv/bin/trial"
 SOAK_DIR=${SOAK_DIR:-$(mktemp -d /tmp/securemig-soak-live.XXXX)}
+mkdir -p "$SOAK_DIR"
 cd "$HERE"
 
 cells=$("$HERE/.venv/bin/python" - "$MODULE" "$CLASS" "$FILTER" <<'PYTHON'
