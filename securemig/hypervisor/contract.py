@@ -247,10 +247,10 @@ class Backend(Protocol):
         """Destination, a carried arrival (``Capabilities.carried``): how
         many connections the source's hypervisor may open at once on the
         carried sockets (HELLO's ``backend_info``, checked at admission).
-        The carrier's port lets each of them wait for its first record
-        beside the strangers it allows, so that a burst of the hypervisor's
-        own (a main channel and its multifd channels) never closes one of
-        them.  One per socket by default (``rpc``, ``memory``, ``disk``)."""
+        The carrier's port lets that many more connections wait for their
+        first record at once, so that a burst of the hypervisor's own (a
+        main channel and its multifd channels) fits beside the strangers
+        it allows.  One per socket by default (``rpc``, ``memory``, ``disk``)."""
         return 3
 
     def carried_sockets(self, tag: str, destination: bool) -> dict[str, str]:

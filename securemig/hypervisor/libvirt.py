@@ -70,7 +70,12 @@ from twisted.python.threadpool import ThreadPool
 from securemig import crashpoint, files
 from securemig.crashpoint import CrashPoint
 from securemig.hypervisor.bundle import Bundle, BundleError, Image, Manifest, check_vm_name
-from securemig.hypervisor.contract import BACKEND_INFO_FILE, LIVE_MAX_BANDWIDTH, Backend
+from securemig.hypervisor.contract import (
+    BACKEND_INFO_FILE,
+    LIVE_DOWNTIME_LIMIT_MS,
+    LIVE_MAX_BANDWIDTH,
+    Backend,
+)
 from securemig.hypervisor.libvirt_info import CAPABILITIES as CAPABILITIES
 from securemig.hypervisor.libvirt_info import DEFAULT_URI as DEFAULT_URI
 from securemig.protocol.errors import ErrorCode, LocalFault
@@ -1995,10 +2000,11 @@ class LibvirtBackend(Backend):
         """Source: start libvirt's migration of the domain through the
         carried sockets of migration ``uri`` (its tag,
         :meth:`carried_sockets`); fires at once with its
-        :class:`LibvirtOutgoing`.  The downtime limit is set on the domain
-        (``migrateSetMaxDowntime``) before it starts, and a bandwidth below
-        :data:`LIVE_MAX_BANDWIDTH` (``--bandwidth``) is libvirt's for it, in
-        MiB/s (:func:`migration_bandwidth`)."""
+        :class:`LibvirtOutgoing`.  A downtime limit other than the default
+        is set on the domain (``migrateSetMaxDowntime``) before it starts
+        (and stays with its QEMU), and a bandwidth below
+        :data:`LIVE_MAX_BANDWIDTH` (``--bandwidth`` under 1024 MiB/s) is
+        libvirt's for it, in whole MiB/s (:func:`migration_bandwidth`)."""
         unsafe = not copy_storage and os.environ.get(UNSAFE_SHARED_ENV) == "1"
         paths = socket_paths(self.run_dir, uri)
         done = self._call(
@@ -2008,7 +2014,10 @@ class LibvirtBackend(Backend):
             copy_storage,
             parallel,
             unsafe,
-            downtime_limit_ms,
+            # The default leaves the domain's own (QEMU's 300 ms, or what an
+            # operator set with virsh migrate-setmaxdowntime): the value set
+            # stays with the domain's QEMU after the migration.
+            0 if downtime_limit_ms == LIVE_DOWNTIME_LIMIT_MS else downtime_limit_ms,
             migration_bandwidth(max_bandwidth),
         )
         return succeed(LibvirtOutgoing(self, bundle, done, paths.local_dir.name))

@@ -462,8 +462,10 @@ class CarrierDestination:
         #: (the rules of every such port, :mod:`securemig.protocol.strangers`).
         #: The source's own connections may arrive all at once (QEMU opens
         #: its multifd channels together, ``expected`` of them in all), each
-        #: before its first record is read: each may wait beside the
-        #: ``max_pending`` strangers, or the burst would close its oldest.
+        #: before its first record is read: the pool holds that many more
+        #: than ``max_pending``, so the burst fits beside as many strangers
+        #: (one pool: strangers alone may fill it, still bounded, oldest
+        #: closed first).
         self.pool: StrangerPool[_Pair] = StrangerPool(
             "carrier connections", first_record_timeout, max_pending + expected
         )

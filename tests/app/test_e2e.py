@@ -124,7 +124,7 @@ class EndToEndTests(TestCase):
         self.assertEqual(result.returncode, 1)
         self.assertIn("locked by another migration", result.stderr)
         # Held by that migration: never said to be unlocked.
-        self.assertIn("still here, held by that migration", result.stderr)
+        self.assertIn("still here, untouched", result.stderr)
         self.assertNotIn("unlocked", result.stderr)
         self.assertEqual(list((self.state_dir / "vms").iterdir()), [])
         self.assertEqual(self.status("--state-dir", str(self.state_dir)), [])

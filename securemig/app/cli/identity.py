@@ -421,7 +421,7 @@ def _missing_input(args: argparse.Namespace, e: FileNotFoundError) -> str:
     """A file ``host init`` reads that is not there, said as what the
     operator named (not an errno naming a file inside it)."""
     missing = Path(e.filename or "")
-    if missing.parent == args.site_ca:
+    if e.filename and missing.parent == args.site_ca:
         return (
             f"--site-ca {args.site_ca}: not a site CA directory (no {missing.name} there; "
             "securemig ca init makes one)"

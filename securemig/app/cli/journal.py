@@ -133,13 +133,14 @@ STATE_DIR_ENV = "SECUREMIG_STATE_DIR"
 def host_journal(vm_dir: Path, state_dir: Path | None) -> Journal:
     """This host's journal in :func:`source_state_dir`, created if need be;
     :class:`~securemig.app.cli.common.CommandError` if ``vm_dir`` is no
-    directory, or that directory cannot hold it (not writable, not a
+    directory and would hold it, or that directory cannot hold it (not writable, not a
     directory, a file that is no journal)."""
-    if not vm_dir.is_dir():
-        # A mistyped directory: said, and nothing made there (the journal
-        # would go to VM_DIR/.securemig, making it).
-        raise CommandError(f"no directory {vm_dir} (the directory holding VM bundles)")
     directory = source_state_dir(vm_dir, state_dir)
+    if directory == vm_dir / ".securemig" and not vm_dir.is_dir():
+        # A mistyped directory: said, and nothing made there (the journal
+        # would go to VM_DIR/.securemig, making it).  With a state directory
+        # of its own the journal may still say the VM was given away.
+        raise CommandError(f"no directory {vm_dir} (the directory holding VM bundles)")
     try:
         journal = Journal(directory / "journal.sqlite")
         # The sockets and links of the programs this command starts (a

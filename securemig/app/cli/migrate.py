@@ -130,7 +130,8 @@ def add_parser(subparsers: Subparsers) -> None:
         type=int,
         default=LIVE_DOWNTIME_LIMIT_MS,
         help="--live: the downtime QEMU aims for (migrate-set-parameters "
-        "downtime-limit; a libvirt domain's migrate-setmaxdowntime; default %(default)s)",
+        "downtime-limit; for a libvirt domain, other than the default, its "
+        "migrate-setmaxdowntime, which stays with it; default %(default)s)",
     )
     mig.add_argument(
         "--chunk-kib",
@@ -151,8 +152,8 @@ def add_parser(subparsers: Subparsers) -> None:
         type=_bandwidth,
         metavar="MIB/S",
         help="send at most this many MiB of images a second (with --live: QEMU's "
-        "max-bandwidth for its stream, libvirt's migration bandwidth for a domain; "
-        "default: no limit)",
+        "max-bandwidth for its stream; for a libvirt domain libvirt's migration "
+        "bandwidth, in whole MiB/s, 1024 or more: no limit; default: no limit)",
     )
     mig.add_argument(
         "--daemon",
@@ -393,7 +394,7 @@ def _report_refused(
     # what follows it is part of the same sentence.
     reason = outcome["error"].rstrip(".") if stays else outcome["error"]
     if outcome.get("locked"):
-        message = reason + "; the VM is still here, held by that migration"
+        message = reason + "; the VM is still here, untouched (securemig jobs shows what holds it)"
     else:
         message = reason + ("; the VM is still here, unlocked" if stays else "")
     if args.json:

@@ -298,7 +298,11 @@ def cmd_vm_status(args: argparse.Namespace) -> int:
         gone = given_away(_journal(args), args.name, args.dir)
         return error(gone or str(e))
     state = backend.status(bundle)
-    if state == "shutoff" and bundle.manifest.state == "suspended":
+    if (
+        state == "shutoff"
+        and bundle.manifest.state == "suspended"
+        and bundle.image_path("ram").exists()
+    ):
         # libvirt's word for a domain whose memory securemig saved (vm stop).
         state = "shutoff, its memory saved (securemig vm start resumes it)"
     print(f"{bundle.name}: {state} ({bundle.manifest.backend})")
