@@ -182,6 +182,9 @@ async def _qemu_move(
             "wire_bytes": stats.transferred,
             "multifd_bytes": stats.multifd_bytes,
             "guest_kept_running": watch.continuous(),
+            # Where the heartbeat's sequence broke, if it did (a lost beat,
+            # a repeated one, a restart): what a failed run is read by.
+            "heartbeat_breaks": watch.breaks()[:5],
         }
     finally:
         watch.stop()
@@ -317,6 +320,7 @@ async def _measure(
                         "wire_bytes": summary["transferred"],
                         "multifd_bytes": summary.get("multifd_bytes", 0),
                         "guest_kept_running": watch.continuous(),
+                        "heartbeat_breaks": watch.breaks()[:5],
                         "switchover_ms": switchover_times(watch, *journals),
                         "phases_s": _phases(wall, *journals),
                     }
